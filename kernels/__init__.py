@@ -1,0 +1,1 @@
+"""Optional fused Triton kernels, each beside a plain PyTorch reference (not yet written)."""

@@ -1,0 +1,37 @@
+"""kontext_core: FLUX.1 Kontext [dev] on a self-contained core (no ComfyUI import anywhere here)."""
+
+from .attention import get_attention_backend, set_attention_backend
+from .autoencoder import Autoencoder
+from .checkpoints import CheckpointError, load_autoencoder, load_transformer, save_autoencoder, save_transformer
+from .config import AutoencoderConfig, TransformerConfig
+from .tokens import (
+    PLACEMENTS,
+    context_tokens,
+    pack_latent,
+    position_ids,
+    reference_placements,
+    text_position_ids,
+    unpack_tokens,
+)
+from .transformer import KontextTransformer
+
+__all__ = [
+    "PLACEMENTS",
+    "Autoencoder",
+    "AutoencoderConfig",
+    "CheckpointError",
+    "KontextTransformer",
+    "TransformerConfig",
+    "context_tokens",
+    "get_attention_backend",
+    "load_autoencoder",
+    "load_transformer",
+    "pack_latent",
+    "position_ids",
+    "reference_placements",
+    "save_autoencoder",
+    "save_transformer",
+    "set_attention_backend",
+    "text_position_ids",
+    "unpack_tokens",
+]

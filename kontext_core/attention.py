@@ -1,0 +1,52 @@
+"""The one attention entry point of the transformer; backends sit behind it."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_BACKENDS = ("auto", "sdpa", "math", "flash-attn")
+_backend = "auto"
+
+
+def set_attention_backend(name: str) -> None:
+    """Choose how attention runs: 'auto' (fastest available), 'sdpa', 'math' or 'flash-attn'."""
+    global _backend
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(_BACKENDS)}")
+    if name == "flash-attn" and _flash_attn_func() is None:
+        raise RuntimeError(
+            "attention backend 'flash-attn' was requested but the flash-attn package is not "
+            "installed; install flash-attn or choose 'auto'"
+        )
+    _backend = name
+
+
+def get_attention_backend() -> str:
+    return _backend
+
+
+def _flash_attn_func():
+    try:
+        from flash_attn import flash_attn_func  # type: ignore
+    except Exception:
+        return None
+    return flash_attn_func
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Scaled dot-product attention over [B, H, L, D] inputs, returned as [B, L, H*D]."""
+    batch, heads, length, head_dim = q.shape
+    use_flash = _backend == "flash-attn" or (
+        _backend == "auto" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+        and _flash_attn_func() is not None
+    )
+    if use_flash:
+        out = _flash_attn_func()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return out.reshape(batch, length, heads * head_dim)
+    if _backend == "math":
+        scores = (q @ k.transpose(-1, -2)) * head_dim**-0.5
+        out = scores.softmax(dim=-1) @ v
+    else:
+        out = F.scaled_dot_product_attention(q, k, v)
+    return out.transpose(1, 2).reshape(batch, length, heads * head_dim)

@@ -1,0 +1,187 @@
+"""The FLUX autoencoder: 16 latent channels, 8x downsampling; names follow BFL's `ae.safetensors`."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import AutoencoderConfig
+
+
+def _group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all pixels, with 1x1-conv projections."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = _group_norm(channels)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.k = nn.Conv2d(channels, channels, 1)
+        self.v = nn.Conv2d(channels, channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = x.shape
+        h = self.norm(x)
+
+        def as_sequence(t: torch.Tensor) -> torch.Tensor:  # [B, 1, H*W, C]
+            return t.reshape(batch, 1, channels, height * width).transpose(-1, -2)
+
+        out = F.scaled_dot_product_attention(as_sequence(self.q(h)), as_sequence(self.k(h)), as_sequence(self.v(h)))
+        out = out.transpose(-1, -2).reshape(batch, channels, height, width)
+        return x + self.proj_out(out)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.norm1 = _group_norm(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = _group_norm(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        if in_channels != out_channels:
+            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        shortcut = self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x
+        return shortcut + h
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Asymmetric padding (right and bottom only) as the original LDM autoencoder.
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class _Level(nn.Module):
+    """One resolution level: `block` (res blocks), `attn` (always empty in FLUX), optional resampler."""
+
+    def __init__(self, blocks: list[ResnetBlock]):
+        super().__init__()
+        self.block = nn.ModuleList(blocks)
+        self.attn = nn.ModuleList()
+
+
+class _Mid(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.block_1 = ResnetBlock(channels, channels)
+        self.attn_1 = AttnBlock(channels)
+        self.block_2 = ResnetBlock(channels, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block_2(self.attn_1(self.block_1(x)))
+
+
+class Encoder(nn.Module):
+    def __init__(self, config: AutoencoderConfig):
+        super().__init__()
+        ch, mult = config.ch, config.ch_mult
+        self.conv_in = nn.Conv2d(config.in_channels, ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        block_in = ch
+        for level, level_mult in enumerate(mult):
+            block_out = ch * level_mult
+            blocks = []
+            for _ in range(config.num_res_blocks):
+                blocks.append(ResnetBlock(block_in, block_out))
+                block_in = block_out
+            down = _Level(blocks)
+            if level != len(mult) - 1:
+                down.downsample = Downsample(block_in)
+            self.down.append(down)
+        self.mid = _Mid(block_in)
+        self.norm_out = _group_norm(block_in)
+        self.conv_out = nn.Conv2d(block_in, 2 * config.z_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        for down in self.down:
+            for block in down.block:
+                h = block(h)
+            if hasattr(down, "downsample"):
+                h = down.downsample(h)
+        h = self.mid(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: AutoencoderConfig):
+        super().__init__()
+        ch, mult = config.ch, config.ch_mult
+        block_in = ch * mult[-1]
+        self.conv_in = nn.Conv2d(config.z_channels, block_in, 3, padding=1)
+        self.mid = _Mid(block_in)
+        levels: list[_Level] = []
+        for level in reversed(range(len(mult))):
+            block_out = ch * mult[level]
+            blocks = []
+            for _ in range(config.num_res_blocks + 1):
+                blocks.append(ResnetBlock(block_in, block_out))
+                block_in = block_out
+            up = _Level(blocks)
+            if level != 0:
+                up.upsample = Upsample(block_in)
+            levels.insert(0, up)
+        # Indexed by resolution level (0 = full resolution), run from the coarsest.
+        self.up = nn.ModuleList(levels)
+        self.norm_out = _group_norm(block_in)
+        self.conv_out = nn.Conv2d(block_in, config.out_ch, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.mid(self.conv_in(z))
+        for up in reversed(self.up):
+            for block in up.block:
+                h = block(h)
+            if hasattr(up, "upsample"):
+                h = up.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Autoencoder(nn.Module):
+    def __init__(self, config: AutoencoderConfig | None = None):
+        super().__init__()
+        self.config = config = config or AutoencoderConfig()
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.encoder.conv_in.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.encoder.conv_in.weight.device
+
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        """Image [B, 3, H, W] in [-1, 1] -> scaled latent [B, 16, H/8, W/8] (posterior mean)."""
+        moments = self.encoder(image.to(self.dtype))
+        mean = moments[:, : self.config.z_channels]
+        return self.config.scale_factor * (mean - self.config.shift_factor)
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """Scaled latent -> image in about [-1, 1]."""
+        z = latent.to(self.dtype) / self.config.scale_factor + self.config.shift_factor
+        return self.decoder(z)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(image))

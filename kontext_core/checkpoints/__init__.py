@@ -1,0 +1,14 @@
+"""Every checkpoint format in, one canonical model out (and back out again)."""
+
+from .files import CheckpointError
+from .loading import load_autoencoder, load_transformer, resolve_dtype
+from .saving import save_autoencoder, save_transformer
+
+__all__ = [
+    "CheckpointError",
+    "load_autoencoder",
+    "load_transformer",
+    "resolve_dtype",
+    "save_autoencoder",
+    "save_transformer",
+]

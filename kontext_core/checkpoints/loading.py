@@ -1,0 +1,257 @@
+"""Load the transformer and the autoencoder from the files users have, and save them back.
+
+Models are built on the meta device and filled tensor by tensor, each read from the memory-mapped
+file and converted straight to the target device and dtype, so a 24 GB file is never held twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+import torch
+from torch import nn
+
+from ..autoencoder import Autoencoder
+from ..config import AutoencoderConfig, TransformerConfig
+from ..quant import FP8_DTYPES, Fp8Linear, quantize_weight, replace_linears_with_fp8
+from ..transformer import KontextTransformer
+from .canonical import (
+    CanonicalTensors,
+    canonical_autoencoder,
+    canonical_transformer,
+    infer_autoencoder_config,
+    infer_transformer_config,
+)
+from .files import CheckpointError, TensorSource, open_file, open_sharded
+from .layouts import describe_file, find_autoencoder, find_transformer
+
+_DTYPES = {
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+    "fp32": torch.float32, "float32": torch.float32, "fp64": torch.float64, "float64": torch.float64,
+}
+FP8_CHOICES = ("fp8", "fp8_e4m3fn", "fp8_e5m2")
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> tuple[torch.dtype, torch.dtype | None]:
+    """(compute dtype, fp8 storage dtype or None) for a user's dtype choice."""
+    if dtype is None:
+        return torch.bfloat16, None
+    if isinstance(dtype, torch.dtype):
+        if dtype in FP8_DTYPES:
+            return torch.bfloat16, dtype
+        if dtype in _DTYPES.values():
+            return dtype, None
+    elif dtype in _DTYPES:
+        return _DTYPES[dtype], None
+    elif dtype in FP8_CHOICES:
+        return torch.bfloat16, torch.float8_e5m2 if dtype == "fp8_e5m2" else torch.float8_e4m3fn
+    raise CheckpointError(
+        f"unsupported dtype {dtype!r}; choose one of bf16, fp16, fp32, fp8 (fp8 keeps float8 weights and "
+        "computes in bf16)"
+    )
+
+
+def _model_files(path: Path, component: str) -> TensorSource:
+    """The safetensors source for `component` ('transformer' or 'vae') at a file or folder path."""
+    if not path.exists():
+        raise CheckpointError(f"model path not found: {path}")
+    if path.is_file():
+        return open_file(path)
+    folder = path / component if (path / component).is_dir() else path
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if indexes:
+        return open_sharded(indexes[0])
+    files = sorted(folder.glob("*.safetensors"))
+    if len(files) == 1:
+        return open_file(files[0])
+    found = ", ".join(sorted(p.name for p in folder.iterdir())[:8]) or "nothing"
+    raise CheckpointError(
+        f"no {component} weights in the folder {folder.name}: expected one .safetensors file or a sharded set "
+        f"with its .safetensors.index.json (found: {found})"
+    )
+
+
+def _first(items, count: int = 5) -> str:
+    items = sorted(items)
+    more = f" and {len(items) - count} more" if len(items) > count else ""
+    return ", ".join(items[:count]) + more
+
+
+def _check_keys(view: CanonicalTensors, expected: set[str], what: str, optional: set[str]) -> None:
+    missing = sorted((expected - view.keys()) | set(view.missing))
+    unexpected = sorted(set(view.unused) | (view.keys() - expected - optional))
+    if missing:
+        raise CheckpointError(
+            f"{view.name} is missing {len(missing)} tensors a {what} needs (first: {_first(missing)}). "
+            f"{describe_file(view.keys(), view.name)}; the file may be truncated or a different model. "
+            "Download the file again or pick the right one."
+        )
+    if unexpected:
+        raise CheckpointError(
+            f"{view.name} has {len(unexpected)} tensors a {what} does not have (first: {_first(unexpected)}); "
+            "it is a different model variant. Pick a FLUX.1 Kontext [dev] or FLUX.1 [dev] file."
+        )
+
+
+def _convert(view: CanonicalTensors, model: nn.Module, compute_dtype: torch.dtype,
+             device: torch.device, fp8_names: set[str]) -> dict[str, torch.Tensor]:
+    """Read every tensor the model needs, converted for it; fp8 layers get fp8 weights and scales."""
+    state: dict[str, torch.Tensor] = {}
+    for key in model.state_dict().keys():
+        layer, _, param = key.rpartition(".")
+        if layer in fp8_names:
+            if param == "weight_scale":
+                continue  # written with the weight
+            if param == "weight":
+                weight, scale = _fp8_weight(view, layer, model.get_submodule(layer).weight.dtype)
+                state[key] = weight.to(device)
+                state[f"{layer}.weight_scale"] = scale.to(device)
+                continue
+        tensor = view.get(key)
+        if tensor.dtype in FP8_DTYPES:
+            scale = view.get(f"{layer}.weight_scale").float() if f"{layer}.weight_scale" in view.shapes else None
+            tensor = tensor.float() * (_rows(scale) if scale is not None else 1.0)
+        state[key] = tensor.to(device=device, dtype=compute_dtype)
+    return state
+
+
+def _rows(scale: torch.Tensor) -> torch.Tensor:
+    scale = scale.reshape(-1) if scale.numel() > 1 else scale.reshape(())
+    return scale[:, None] if scale.ndim == 1 else scale
+
+
+def _fp8_weight(view: CanonicalTensors, layer: str, fp8_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    weight = view.get(f"{layer}.weight")
+    if weight.dtype in FP8_DTYPES:
+        scale_key = f"{layer}.weight_scale"
+        scale = view.get(scale_key).float() if scale_key in view.shapes else torch.ones(())
+        scale = scale.reshape(-1) if scale.numel() > 1 else scale.reshape(())
+        return weight, scale
+    return quantize_weight(weight, fp8_dtype)
+
+
+def _build(model_cls, config, fp8: torch.dtype | None, fp8_names: set[str], view: CanonicalTensors,
+           compute_dtype: torch.dtype) -> nn.Module:
+    with torch.device("meta"):
+        model = model_cls(config)
+    if fp8 is not None:
+        dtypes = {name: view.dtypes.get(f"{name}.weight") for name in fp8_names}
+        dtypes = {name: (d if d in FP8_DTYPES else fp8) for name, d in dtypes.items()}
+        replace_linears_with_fp8(model, fp8_names, dtypes, compute_dtype)
+    return model
+
+
+def _fp8_layers(model: nn.Module, view: CanonicalTensors, quantize_blocks: bool) -> set[str]:
+    """Linear layers to keep in fp8: those stored fp8, plus every block linear when quantizing a bf16 file."""
+    names = set()
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        stored_fp8 = view.dtypes.get(f"{name}.weight") in FP8_DTYPES
+        in_blocks = name.startswith(("double_blocks.", "single_blocks."))
+        if stored_fp8 or (quantize_blocks and in_blocks):
+            names.add(name)
+    return names
+
+
+def load_transformer(path: str | os.PathLike, *, config: TransformerConfig | None = None,
+                     dtype: str | torch.dtype | None = "bf16", device: str | torch.device = "cpu") -> KontextTransformer:
+    """A FLUX.1 Kontext (or FLUX.1 [dev]) transformer from a BFL, ComfyUI (incl. fp8) or diffusers file/folder.
+
+    dtype: bf16, fp16, fp32, or fp8 (float8 weights kept, upcast per layer, bf16 compute).
+    """
+    path = Path(path)
+    compute_dtype, fp8 = resolve_dtype(dtype)
+    source = _model_files(path, "transformer")
+    keys = set(source.keys())
+    layout = find_transformer(keys)
+    if layout is None:
+        hint = ""
+        if find_autoencoder(keys):
+            hint = " Load it with load_autoencoder (in ComfyUI it belongs in models/vae)."
+        raise CheckpointError(
+            f"{describe_file(keys, path.name)}, not a FLUX transformer.{hint} "
+            "Expected flux1-kontext-dev.safetensors (or an fp8 / diffusers version of it)."
+        )
+    view = canonical_transformer(source, layout, path.name, _transformer_shapes)
+    config = config or infer_transformer_config(view.shapes, path.name)
+    model = _load(KontextTransformer, config, view, compute_dtype, fp8, torch.device(device), "FLUX transformer")
+    return model
+
+
+def _transformer_shapes(config: TransformerConfig) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in KontextTransformer(config).state_dict().items()}
+
+
+def _autoencoder_shapes(config: AutoencoderConfig) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in Autoencoder(config).state_dict().items()}
+
+
+def _load(model_cls, config, view: CanonicalTensors, compute_dtype: torch.dtype, fp8: torch.dtype | None,
+          device: torch.device, what: str) -> nn.Module:
+    with torch.device("meta"):
+        plain = model_cls(config)
+    scales = {f"{name}.weight_scale" for name, m in plain.named_modules() if isinstance(m, nn.Linear)}
+    _check_keys(view, set(plain.state_dict().keys()), what, optional=scales)
+    fp8_names = _fp8_layers(plain, view, quantize_blocks=True) if fp8 is not None else set()
+    model = _build(model_cls, config, fp8, fp8_names, view, compute_dtype)
+    for name, shape in _shapes_of(model).items():
+        stored = view.shapes.get(name)
+        if stored is not None and tuple(stored) != shape and not name.endswith("weight_scale"):
+            raise CheckpointError(
+                f"{view.name}: tensor {name} has shape {list(stored)} but the config needs {list(shape)}; "
+                "the explicit config does not match this file (leave config unset to infer it)."
+            )
+    state = _convert(view, model, compute_dtype, device, fp8_names)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def _shapes_of(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _diffusers_vae_factors(path: Path) -> tuple[float | None, float | None]:
+    folder = path / "vae" if (path / "vae").is_dir() else path
+    config_file = folder / "config.json" if folder.is_dir() else None
+    if config_file is None or not config_file.exists():
+        return None, None
+    values = json.loads(config_file.read_text())
+    return values.get("scaling_factor"), values.get("shift_factor")
+
+
+def load_autoencoder(path: str | os.PathLike, *, config: AutoencoderConfig | None = None,
+                     dtype: str | torch.dtype | None = "fp32", device: str | torch.device = "cpu") -> Autoencoder:
+    """The FLUX autoencoder from `ae.safetensors`, a diffusers `vae/` folder, or a bundled checkpoint."""
+    path = Path(path)
+    compute_dtype, fp8 = resolve_dtype(dtype)
+    if fp8 is not None:
+        raise CheckpointError("the autoencoder does not run in fp8; choose bf16, fp16 or fp32")
+    source = _model_files(path, "vae")
+    keys = set(source.keys())
+    layout = find_autoencoder(keys)
+    if layout is None:
+        hint = " Load it with load_transformer (in ComfyUI it belongs in models/diffusion_models)." \
+            if find_transformer(keys) else ""
+        raise CheckpointError(
+            f"{describe_file(keys, path.name)}, not a FLUX autoencoder.{hint} Expected ae.safetensors "
+            "(the FLUX VAE) or a diffusers vae/ folder."
+        )
+    view = canonical_autoencoder(source, layout, path.name, _autoencoder_shapes)
+    if config is None:
+        scale, shift = _diffusers_vae_factors(path) if path.is_dir() else (None, None)
+        config = infer_autoencoder_config(view.shapes, path.name, scale, shift)
+    if config.z_channels != 16:
+        raise CheckpointError(
+            f"{path.name} is an autoencoder with {config.z_channels} latent channels; FLUX needs the 16-channel "
+            "FLUX VAE (ae.safetensors), not an SD/SDXL VAE."
+        )
+    return _load(Autoencoder, config, view, compute_dtype, None, torch.device(device), "FLUX autoencoder")
+
+

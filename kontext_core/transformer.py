@@ -1,0 +1,108 @@
+"""The FLUX.1 Kontext transformer: 19 double-stream blocks, 38 single-stream blocks, 3D RoPE."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import TransformerConfig
+from .layers import (
+    DoubleStreamBlock,
+    LastLayer,
+    MLPEmbedder,
+    RopeFrequencies,
+    SingleStreamBlock,
+    rope_frequencies,
+    timestep_embedding,
+)
+
+
+class KontextTransformer(nn.Module):
+    def __init__(self, config: TransformerConfig | None = None):
+        super().__init__()
+        self.config = config = config or TransformerConfig()
+        hidden = config.hidden_size
+        self.img_in = nn.Linear(config.in_channels, hidden)
+        self.time_in = MLPEmbedder(256, hidden)
+        self.vector_in = MLPEmbedder(config.vec_in_dim, hidden)
+        if config.guidance_embed:
+            self.guidance_in = MLPEmbedder(256, hidden)
+        self.txt_in = nn.Linear(config.context_in_dim, hidden)
+        self.double_blocks = nn.ModuleList(
+            DoubleStreamBlock(hidden, config.num_heads, config.mlp_hidden_dim, config.qkv_bias)
+            for _ in range(config.depth)
+        )
+        self.single_blocks = nn.ModuleList(
+            SingleStreamBlock(hidden, config.num_heads, config.mlp_hidden_dim)
+            for _ in range(config.depth_single_blocks)
+        )
+        self.final_layer = LastLayer(hidden, config.out_channels)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.img_in.bias.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.img_in.bias.device
+
+    def forward(
+        self,
+        img: torch.Tensor,  # [B, L_img, 64] packed latent tokens (target, then any context)
+        img_ids: torch.Tensor,  # [B, L_img, 3] (index, row, col)
+        txt: torch.Tensor,  # [B, L_txt, 4096] T5 hidden states
+        txt_ids: torch.Tensor,  # [B, L_txt, 3], zeros
+        timesteps: torch.Tensor,  # [B] in [0, 1]
+        y: torch.Tensor,  # [B, 768] CLIP pooled
+        guidance: torch.Tensor | None = None,  # [B] distilled guidance scale
+    ) -> torch.Tensor:
+        """Velocity for every image token, [B, L_img, 64]; same meaning as the BFL forward."""
+        config = self.config
+        dtype = self.dtype
+        img = self.img_in(img.to(dtype))
+        vec = self.time_in(timestep_embedding(timesteps, 256).to(dtype))
+        if config.guidance_embed:
+            if guidance is None:
+                raise ValueError(
+                    "this model is guidance-distilled ([dev]) and needs a guidance value; "
+                    "pass guidance (Kontext [dev] default: 2.5)"
+                )
+            vec = vec + self.guidance_in(timestep_embedding(guidance, 256).to(dtype))
+        vec = vec + self.vector_in(y.to(dtype))
+        txt = self.txt_in(txt.to(dtype))
+
+        ids = torch.cat((txt_ids, img_ids), dim=1)
+        # RoPE tables in float32 (float64 when the model runs in float64), as the reference does.
+        rope_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        rope = RopeFrequencies(*rope_frequencies(ids, config.axes_dim, config.theta, rope_dtype))
+
+        for block in self.double_blocks:
+            img, txt = block(img, txt, vec, rope)
+        joint = torch.cat((txt, img), dim=1)
+        for block in self.single_blocks:
+            joint = block(joint, vec, rope)
+        return self.final_layer(joint[:, txt.shape[1]:], vec)
+
+    def velocity(
+        self,
+        target: torch.Tensor,  # [B, L_target, 64]
+        target_ids: torch.Tensor,
+        txt: torch.Tensor,
+        txt_ids: torch.Tensor,
+        timesteps: torch.Tensor,
+        y: torch.Tensor,
+        guidance: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,  # [B, L_context, 64] reference-image tokens
+        context_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Velocity of the target tokens, with context tokens appended after them when given."""
+        if context is None:
+            return self.forward(target, target_ids, txt, txt_ids, timesteps, y, guidance)
+        if context_ids is None:
+            raise ValueError("context tokens were given without their position ids (context_ids)")
+        out = self.forward(
+            torch.cat((target, context.to(target.dtype)), dim=1),
+            torch.cat((target_ids, context_ids.to(target_ids.dtype)), dim=1),
+            txt, txt_ids, timesteps, y, guidance,
+        )
+        return out[:, : target.shape[1]]

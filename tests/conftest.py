@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny random models, the golden vectors, relative-error helper."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from kontext_core.autoencoder import Autoencoder
+from kontext_core.config import AutoencoderConfig, TransformerConfig
+from kontext_core.transformer import KontextTransformer
+
+REPO = Path(__file__).resolve().parents[1]
+GOLDEN = Path(os.environ.get("KONTEXT_GOLDEN_DIR", REPO.parent / "shared" / "reference" / "golden"))
+REFERENCE = GOLDEN.parent
+
+
+def rel_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    """max|ours - reference| / max|reference|, the golden README's measure."""
+    ours, reference = ours.double(), reference.double()
+    return ((ours - reference).abs().max() / reference.abs().max()).item()
+
+
+def randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Non-trivial norms and biases, matrices at a scale that keeps activations O(1)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
+            if param.ndim == 1 and ("scale" in name or "norm" in name) and name.endswith(("scale", "weight")):
+                param.copy_(1.0 + 0.2 * noise)
+            elif param.ndim == 1:
+                param.copy_(0.05 * noise)
+            else:
+                fan_in = param[0].numel()
+                param.copy_(noise / fan_in**0.5)
+    return model
+
+
+@pytest.fixture
+def tiny_transformer() -> KontextTransformer:
+    return randomize_(KontextTransformer(TransformerConfig.tiny()), seed=1).eval()
+
+
+@pytest.fixture
+def tiny_autoencoder() -> Autoencoder:
+    return randomize_(Autoencoder(AutoencoderConfig.tiny()), seed=2).eval()
+
+
+def golden_dir() -> Path:
+    if not (GOLDEN / "meta.json").exists():
+        pytest.skip(f"golden vectors not found at {GOLDEN} (set KONTEXT_GOLDEN_DIR)")
+    return GOLDEN
+
+
+@pytest.fixture(scope="session")
+def golden_meta() -> dict:
+    return json.loads((golden_dir() / "meta.json").read_text())
