@@ -98,8 +98,11 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         )
     size = path.stat().st_size
     with open(path, "rb") as handle:
-        head = handle.read(8)
-        _refuse_other_formats(path, head)
+        head = handle.read(9)
+        # Every safetensors header is JSON, so byte 9 is "{"; anything else is another format.
+        if head[8:9] != b"{":
+            _refuse_other_formats(path, head)
+        head = head[:8]
         if len(head) < 8:
             raise CheckpointError(f"{path.name} is empty or truncated ({size} bytes); download it again.")
         (header_len,) = struct.unpack("<Q", head)
@@ -110,6 +113,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
                 "Download it again."
             )
         try:
+            handle.seek(8)
             header = json.loads(handle.read(header_len))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise CheckpointError(f"{path.name} has a corrupt safetensors header ({exc}); download it again.") from exc

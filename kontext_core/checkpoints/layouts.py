@@ -67,7 +67,7 @@ def describe(keys: set[str]) -> str:
     layout = find_autoencoder(keys)
     if layout:
         return "an autoencoder (VAE) file"
-    return "not a FLUX model"
+    return "an unrecognised model (not FLUX)"
 
 
 def describe_file(keys: set[str], name: str) -> str:

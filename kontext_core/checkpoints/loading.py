@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 
@@ -33,6 +34,7 @@ _DTYPES = {
     "fp32": torch.float32, "float32": torch.float32, "fp64": torch.float64, "float64": torch.float64,
 }
 FP8_CHOICES = ("fp8", "fp8_e4m3fn", "fp8_e5m2")
+_SHARD_NAME = re.compile(r"-\d{5}-of-\d{5}\.safetensors$")
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> tuple[torch.dtype, torch.dtype | None]:
@@ -74,6 +76,14 @@ def _model_files(path: Path, component: str) -> TensorSource:
     )
 
 
+def _refuse_lone_shard(name: str) -> None:
+    if _SHARD_NAME.search(name):
+        raise CheckpointError(
+            f"{name} is one shard of a sharded diffusers model; the other shards hold the rest of it. "
+            "Pass the folder that holds all shards and the .safetensors.index.json instead."
+        )
+
+
 def _first(items, count: int = 5) -> str:
     items = sorted(items)
     more = f" and {len(items) - count} more" if len(items) > count else ""
@@ -83,6 +93,8 @@ def _first(items, count: int = 5) -> str:
 def _check_keys(view: CanonicalTensors, expected: set[str], what: str, optional: set[str]) -> None:
     missing = sorted((expected - view.keys()) | set(view.missing))
     unexpected = sorted(set(view.unused) | (view.keys() - expected - optional))
+    if missing:
+        _refuse_lone_shard(view.name)
     if missing:
         raise CheckpointError(
             f"{view.name} is missing {len(missing)} tensors a {what} needs (first: {_first(missing)}). "
@@ -107,15 +119,21 @@ def _convert(view: CanonicalTensors, model: nn.Module, compute_dtype: torch.dtyp
                 continue  # written with the weight
             if param == "weight":
                 weight, scale = _fp8_weight(view, layer, model.get_submodule(layer).weight.dtype)
-                state[key] = weight.to(device)
-                state[f"{layer}.weight_scale"] = scale.to(device)
+                state[key] = _owned(weight, weight.to(device))
+                state[f"{layer}.weight_scale"] = _owned(scale, scale.to(device))
                 continue
         tensor = view.get(key)
         if tensor.dtype in FP8_DTYPES:
             scale = view.get(f"{layer}.weight_scale").float() if f"{layer}.weight_scale" in view.shapes else None
             tensor = tensor.float() * (_rows(scale) if scale is not None else 1.0)
-        state[key] = tensor.to(device=device, dtype=compute_dtype)
+        state[key] = _owned(tensor, tensor.to(device=device, dtype=compute_dtype))
     return state
+
+
+def _owned(source: torch.Tensor, converted: torch.Tensor) -> torch.Tensor:
+    """The reader's buffers are not 64-byte aligned, which changes CPU kernels' summation order
+    (and speed); a tensor that needed no conversion gets its own aligned copy."""
+    return converted.clone() if converted.data_ptr() == source.data_ptr() else converted
 
 
 def _rows(scale: torch.Tensor) -> torch.Tensor:
@@ -169,6 +187,7 @@ def load_transformer(path: str | os.PathLike, *, config: TransformerConfig | Non
     keys = set(source.keys())
     layout = find_transformer(keys)
     if layout is None:
+        _refuse_lone_shard(path.name)
         hint = ""
         if find_autoencoder(keys):
             hint = " Load it with load_autoencoder (in ComfyUI it belongs in models/vae)."
@@ -237,6 +256,7 @@ def load_autoencoder(path: str | os.PathLike, *, config: AutoencoderConfig | Non
     keys = set(source.keys())
     layout = find_autoencoder(keys)
     if layout is None:
+        _refuse_lone_shard(path.name)
         hint = " Load it with load_transformer (in ComfyUI it belongs in models/diffusion_models)." \
             if find_transformer(keys) else ""
         raise CheckpointError(
