@@ -275,3 +275,28 @@ def load_autoencoder(path: str | os.PathLike, *, config: AutoencoderConfig | Non
     return _load(Autoencoder, config, view, compute_dtype, None, torch.device(device), "FLUX autoencoder")
 
 
+
+
+def inspect_model(path: str | os.PathLike) -> dict:
+    """What a model file or folder holds, read from its headers only (nothing is loaded)."""
+    path = Path(path)
+    component = "vae" if path.is_dir() and not (path / "transformer").is_dir() and (path / "vae").is_dir() else "transformer"
+    source = _model_files(path, component)
+    keys = set(source.keys())
+    storage: dict[str, int] = {}
+    for info in source.tensors.values():
+        storage[info.dtype] = storage.get(info.dtype, 0) + 1
+    report = {"file": path.name, "tensors": len(keys), "storage_dtypes": storage, "what": describe_file(keys, path.name)}
+    transformer, autoencoder = find_transformer(keys), find_autoencoder(keys)
+    if transformer:
+        view = canonical_transformer(source, transformer, path.name, _transformer_shapes)
+        report.update(kind="transformer", layout=transformer.style, prefix=transformer.prefix,
+                      config=infer_transformer_config(view.shapes, path.name).to_dict(),
+                      scaled_fp8=any(k.endswith(".weight_scale") for k in view.keys()))
+    if autoencoder:
+        view = canonical_autoencoder(source, autoencoder, path.name, _autoencoder_shapes)
+        report.update(bundled_autoencoder=bool(transformer)) if transformer else report.update(
+            kind="autoencoder", layout=autoencoder.style, prefix=autoencoder.prefix,
+            config=infer_autoencoder_config(view.shapes, path.name).to_dict())
+    report["parameters"] = sum(int(torch.Size(i.shape).numel()) for i in source.tensors.values())
+    return report

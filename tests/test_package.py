@@ -1,0 +1,39 @@
+"""Guards on the core package: self-contained, and never unpickling or evaluating anything."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+CORE = Path(__file__).resolve().parents[1] / "kontext_core"
+FORBIDDEN_MODULES = {"comfy", "comfy_extras", "comfy_api", "folder_paths", "nodes", "server", "pickle"}
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+def test_core_imports_nothing_from_comfyui_or_the_nodes():
+    files = sorted(CORE.rglob("*.py"))
+    assert len(files) > 5
+    for path in files:
+        assert not (_imports(path) & FORBIDDEN_MODULES), path
+
+
+def test_core_never_unpickles_or_evaluates():
+    for path in CORE.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call):
+                func = node.func
+                name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+                owner = getattr(func.value, "id", "") if isinstance(func, ast.Attribute) else ""
+                assert not (isinstance(func, ast.Name) and name in {"eval", "exec"}), f"{path}: {name}()"
+                assert not (owner == "torch" and name == "load"), f"{path}: torch.load unpickles"
