@@ -74,7 +74,7 @@ def test_autoencoder_round_trip_is_exact(tiny_autoencoder, tmp_path, layout):
 def test_comfyui_full_checkpoint_bundle(tiny_transformer, tiny_autoencoder, tmp_path):
     """A ComfyUI checkpoint: transformer, AE and text encoders in one file under their prefixes."""
     bundle = {f"model.diffusion_model.{k}": v for k, v in tiny_transformer.state_dict().items()}
-    bundle.update({f"first_stage_model.{k}": v for k, v in tiny_autoencoder.state_dict().items()})
+    bundle.update({f"vae.{k}": v for k, v in tiny_autoencoder.state_dict().items()})
     bundle["text_encoders.t5xxl.transformer.shared.weight"] = torch.randn(8, 4)
     save_file(bundle, tmp_path / "kontext_full.safetensors")
     model = load_transformer(tmp_path / "kontext_full.safetensors", dtype="fp32")
@@ -130,6 +130,25 @@ def test_fp8_kept_in_memory_matches_upcast_load(tiny_transformer, tmp_path, weig
     # Both compute in bf16 from the same fp8 values; only the order of bf16 roundings differs.
     assert rel_error(_velocity(kept), _velocity(upcast)) < 2e-2
     assert rel_error(_velocity(kept), _velocity(tiny_transformer)) < FP8_TOLERANCE[weights]
+
+
+def test_comfyui_mixed_precision_quant_format(tiny_transformer, tmp_path):
+    """ComfyUI 0.8's newer layout: `<layer>.weight_scale`, `<layer>.input_scale` and a `<layer>.comfy_quant` JSON."""
+    state = {k: v.clone() for k, v in tiny_transformer.state_dict().items()}
+    quant_json = torch.tensor(list(json.dumps({"format": "float8_e4m3fn"}).encode()), dtype=torch.uint8)
+    for name, module in tiny_transformer.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.startswith("single_blocks."):
+            scale = module.weight.abs().max() / 448
+            state[f"{name}.weight"] = (module.weight / scale).to(torch.float8_e4m3fn)
+            state[f"{name}.weight_scale"] = scale.float()
+            state[f"{name}.input_scale"] = torch.tensor(1.0)
+            state[f"{name}.comfy_quant"] = quant_json.clone()
+    save_file({f"model.diffusion_model.{k}": v for k, v in state.items()}, tmp_path / "mixed.safetensors")
+    upcast = load_transformer(tmp_path / "mixed.safetensors", dtype="fp32")
+    assert rel_error(_velocity(upcast), _velocity(tiny_transformer)) < FP8_TOLERANCE["fp8_e4m3fn"]
+    kept = load_transformer(tmp_path / "mixed.safetensors", dtype="fp8")
+    assert isinstance(kept.single_blocks[0].linear1, Fp8Linear)
+    assert torch.equal(kept.single_blocks[0].linear1.weight_scale, state["single_blocks.0.linear1.weight_scale"])
 
 
 def test_bf16_file_quantized_to_fp8_on_load_and_saved_as_scaled(tiny_transformer, tmp_path):
