@@ -1,0 +1,78 @@
+"""Full sampling runs against diffusers' FluxKontextPipeline and the reference's golden trajectory."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import golden_dir, rel_error
+from kontext_core import load_transformer, save_autoencoder, save_transformer
+from kontext_core.pipeline import GenerationSettings, KontextPipeline
+from kontext_core.sampling import TextConditioning, flux_schedule, sample_euler
+from kontext_core.tokens import context_tokens, pack_latent
+
+diffusers = pytest.importorskip("diffusers", reason="diffusers is the test-time reference (pip install diffusers)")
+
+
+def test_schedules_equal_the_reference_for_several_resolutions(golden_meta):
+    for tokens, reference in golden_meta["schedules_28_steps_by_target_tokens"].items():
+        assert flux_schedule(28, int(tokens)) == pytest.approx(reference, abs=1e-7), tokens
+
+
+def test_golden_sampling_trajectory_is_reproduced():
+    directory = golden_dir()
+    sampling = load_file(directory / "sampling.safetensors")
+    forward = load_file(directory / "forward.safetensors")
+    model = load_transformer(directory / "transformer_tiny.safetensors", dtype="fp64")
+    schedule = flux_schedule(4, 24)
+    assert schedule == pytest.approx(sampling["schedule"].tolist(), abs=1e-12)
+    ctx, ctx_ids = context_tokens([forward["context_latent"]], (8, 12), "kontext", torch.float64)
+    with torch.no_grad():
+        out = sample_euler(model, sampling["noise_packed"], forward["img_ids"],
+                           TextConditioning(forward["txt"], forward["y"]), schedule, guidance=2.5,
+                           context=ctx, context_ids=ctx_ids)
+    assert rel_error(out, sampling["final_packed"]) <= 1e-6
+
+
+@pytest.fixture
+def pipelines(tiny_transformer, tiny_autoencoder, tmp_path):
+    save_transformer(tiny_transformer, tmp_path / "transformer", layout="diffusers")
+    save_autoencoder(tiny_autoencoder, tmp_path / "vae", layout="diffusers")
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096)
+    theirs = diffusers.FluxKontextPipeline(
+        scheduler=scheduler,
+        vae=diffusers.AutoencoderKL.from_pretrained(tmp_path / "vae").eval(),
+        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+        transformer=diffusers.FluxTransformer2DModel.from_pretrained(tmp_path / "transformer").eval(),
+    )
+    return KontextPipeline(tiny_transformer, tiny_autoencoder), theirs
+
+
+@pytest.mark.parametrize("with_image", [True, False], ids=["edit", "t2i"])
+def test_full_sampling_matches_flux_kontext_pipeline(pipelines, with_image):
+    ours, theirs = pipelines
+    generator = torch.Generator().manual_seed(torch.seed() % 2**31)
+    width, height, steps, guidance = 48, 32, 4, 2.5  # tiny AE: 2x downsampling, so latent 16x24
+    txt = torch.randn(1, 7, 48, generator=generator)
+    pooled = torch.randn(1, 32, generator=generator)
+    noise = torch.randn(1, 16, height // 2, width // 2, generator=generator)
+    image = Image.fromarray((torch.rand(height, width, 3, generator=generator).numpy() * 255).astype(np.uint8))
+    settings = GenerationSettings(steps=steps, guidance=guidance)
+    context = [ours.encode_image(image, resize="keep")] if with_image else []
+    with torch.no_grad():
+        latent = ours.generate(TextConditioning(txt, pooled), settings, context_latents=context,
+                               latent_size=(height // 2, width // 2), noise=noise)
+        reference = theirs(
+            image=image if with_image else None, prompt_embeds=txt, pooled_prompt_embeds=pooled,
+            height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
+            latents=pack_latent(noise), max_area=height * width, _auto_resize=False, output_type="latent",
+        ).images
+    assert reference.shape == (1, 8 * 12, 64)
+    assert rel_error(pack_latent(latent), reference) < 1e-4
