@@ -1,0 +1,159 @@
+"""Pipeline behaviour on tiny random models: sessions, branching, determinism, settings, images."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kontext_core.image import preferred_size, prepare_image, to_rgb_array
+from kontext_core.pipeline import GenerationSettings, KontextPipeline, make_noise
+from kontext_core.sampling import TextConditioning, denoise_schedule, flux_schedule
+
+
+class FakeEncoders:
+    """Deterministic embeddings per prompt, so tests need no T5/CLIP; counts calls."""
+
+    def __init__(self, txt_dim: int, pooled_dim: int):
+        self.txt_dim, self.pooled_dim, self.calls = txt_dim, pooled_dim, 0
+
+    def encode(self, prompts):
+        self.calls += 1
+        out_txt, out_y = [], []
+        for prompt in prompts:
+            generator = torch.Generator().manual_seed(sum(map(ord, prompt)) + 7)
+            out_txt.append(torch.randn(1, 6, self.txt_dim, generator=generator))
+            out_y.append(torch.randn(1, self.pooled_dim, generator=generator))
+        return torch.cat(out_txt), torch.cat(out_y)
+
+
+@pytest.fixture
+def pipeline(tiny_transformer, tiny_autoencoder):
+    config = tiny_transformer.config
+    return KontextPipeline(tiny_transformer, tiny_autoencoder, FakeEncoders(config.context_in_dim, config.vec_in_dim))
+
+
+def _image(seed: int, size=(40, 24)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+FAST = dict(steps=3)
+
+
+def test_three_turn_session_equals_manual_chaining(pipeline):
+    start = _image(1)
+    session = pipeline.session(start, resize="keep", settings=GenerationSettings(**FAST))
+    prompts = ["make it red", "add a hat", "night time"]
+    for seed, prompt in enumerate(prompts):
+        session.edit(prompt, seed=seed)
+
+    latent = pipeline.encode_image(start, resize="keep")
+    for seed, prompt in enumerate(prompts):
+        latent = pipeline.edit(None, prompt, context_latents=[latent], seed=seed, decode=False, **FAST).latents
+    assert torch.equal(session.latent, latent)
+    assert [t.prompt for t in session.turns] == ["", *prompts]
+    assert [t.parent for t in session.turns] == [None, 0, 1, 2]
+
+
+def test_branching_edits_from_an_earlier_turn(pipeline):
+    session = pipeline.session(_image(2), resize="keep", settings=GenerationSettings(**FAST))
+    first = session.edit("a", seed=1)
+    session.edit("b", seed=2)
+    session.branch(first.index)
+    branched = session.edit("c", seed=3)
+    assert branched.parent == first.index and len(session.turns) == 4
+    direct = pipeline.edit(None, "c", context_latents=[first.latent], seed=3, decode=False, **FAST).latents
+    assert torch.equal(branched.latent, direct)
+    with pytest.raises(IndexError, match="no turn 9"):
+        session.branch(9)
+
+
+def test_session_export_writes_images_and_history(pipeline, tmp_path):
+    session = pipeline.session(_image(3), resize="keep", settings=GenerationSettings(**FAST))
+    session.edit("one", seed=5)
+    paths = session.export(tmp_path / "out")
+    assert [p.name for p in paths] == ["turn_00.png", "turn_01.png"]
+    history = json.loads((tmp_path / "out" / "session.json").read_text())
+    assert history["turns"][1]["prompt"] == "one" and history["turns"][1]["settings"]["seed"] == 5
+    assert Image.open(paths[1]).text["kontext"]
+    assert not list((tmp_path / "out").glob("*.tmp"))
+
+
+def test_same_seed_same_bytes_on_cpu(pipeline):
+    runs = [pipeline.edit(_image(4), "x", seed=11, resize="keep", **FAST) for _ in range(2)]
+    assert torch.equal(runs[0].latents, runs[1].latents)
+    assert runs[0].images[0].tobytes() == runs[1].images[0].tobytes()
+    other = pipeline.edit(_image(4), "x", seed=12, resize="keep", **FAST)
+    assert not torch.equal(other.latents, runs[0].latents)
+
+
+def test_noise_comes_from_the_cpu_generator():
+    expected = torch.randn(2, 16, 4, 6, generator=torch.Generator().manual_seed(42))
+    assert torch.equal(make_noise(42, 2, 16, 4, 6), expected)
+
+
+def test_denoise_starts_from_the_noised_image(pipeline):
+    image = _image(5)
+    start = pipeline.encode_image(image, resize="keep")
+    # A tiny denoise barely moves the image; full denoise ignores where it started.
+    gentle = pipeline.edit(image, "x", resize="keep", denoise=0.05, decode=False, **FAST).latents
+    full = pipeline.edit(image, "x", resize="keep", denoise=1.0, decode=False, **FAST).latents
+    assert (gentle - start).abs().mean() < 0.5 * (full - start).abs().mean()
+    schedule = denoise_schedule(3, 100, 0.5)
+    assert len(schedule) == 4 and schedule == flux_schedule(6, 100)[-4:]
+
+
+def test_distilled_sampler_uses_the_unshifted_schedule(pipeline, monkeypatch):
+    seen = {}
+    import kontext_core.pipeline as module
+
+    original = module.sample_euler
+
+    def spy(*args, **kwargs):
+        seen["timesteps"] = args[4]
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, "sample_euler", spy)
+    pipeline.text_to_image("x", width=32, height=32, sampler="distilled", steps=4, decode=False)
+    assert seen["timesteps"] == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
+
+
+def test_true_cfg_batches_positive_and_negative(pipeline, tiny_transformer, monkeypatch):
+    batches = []
+    original = tiny_transformer.forward
+    monkeypatch.setattr(tiny_transformer, "forward", lambda img, *a, **k: batches.append(img.shape[0]) or original(img, *a, **k))
+    cfg = pipeline.text_to_image("x", width=32, height=32, sampler="true_cfg", true_cfg=3.0,
+                                 negative_prompt="blurry", steps=2, decode=False).latents
+    assert batches == [2, 2]
+    plain = pipeline.text_to_image("x", width=32, height=32, steps=2, decode=False).latents
+    assert not torch.allclose(cfg, plain)
+
+
+def test_bad_settings_are_explained(pipeline):
+    with pytest.raises(ValueError, match="unknown sampler 'ddim'"):
+        GenerationSettings(sampler="ddim")
+    with pytest.raises(TypeError, match="unknown setting.*stepz"):
+        pipeline.text_to_image("x", stepz=3)
+    with pytest.raises(ValueError, match="at least 4x4 pixels"):
+        pipeline.text_to_image("x", width=2, height=2)
+    with pytest.raises(ValueError, match="denoise must be in"):
+        denoise_schedule(4, 100, 1.5)
+
+
+def test_preferred_resolution_and_image_modes():
+    assert preferred_size(1920, 1080) == (1392, 752)
+    assert preferred_size(1000, 1000) == (1024, 1024)
+    assert prepare_image(_image(6, (1920, 1080))).shape == (1, 3, 752, 1392)
+    assert prepare_image(_image(6, (70, 50)), mode="keep").shape == (1, 3, 48, 64)
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
+    assert to_rgb_array(rgba)[0, 0].tolist() == [1.0, 1.0, 1.0]  # transparent -> white
+    gray16 = Image.fromarray(np.full((4, 4), 65535, dtype=np.uint16))
+    assert to_rgb_array(gray16.convert("I;16"))[0, 0].tolist() == [1.0, 1.0, 1.0]
+    palette = Image.new("P", (4, 4))
+    palette.putpalette([0, 255, 0] * 256)
+    assert to_rgb_array(palette)[0, 0].tolist() == [0.0, 1.0, 0.0]
+    assert to_rgb_array(Image.new("L", (2, 2), 128))[0, 0].tolist() == pytest.approx([128 / 255] * 3)
