@@ -1,0 +1,366 @@
+"""LoRA files in every key format, merged or on the fly, stacked and removed; parity with diffusers + peft.
+
+References: the hand-computed weight W + strength * alpha / rank * B @ A (float32, rel < 1e-6), and
+diffusers' FluxTransformer2DModel with the same LoRA loaded by peft (float32, rel < 1e-5).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from conftest import rel_error
+from kontext_core import CheckpointError, load_transformer, pack_latent, position_ids, save_transformer
+from kontext_core.checkpoints.key_maps import transformer_links
+from kontext_core.lora import (
+    LoraError,
+    active_loras,
+    apply_lora,
+    load_lora,
+    lora_from_state_dict,
+    remove_all_loras,
+)
+from kontext_core.quant import Fp8Linear
+
+RANK, ALPHA = 4, 6.0  # scale alpha / rank = 1.5
+
+
+def _inputs(config, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    img = pack_latent(torch.randn(1, 16, 4, 6, generator=generator))
+    txt = torch.randn(1, 5, config.context_in_dim, generator=generator)
+    y = torch.randn(1, config.vec_in_dim, generator=generator)
+    return img, position_ids(4, 6), txt, torch.zeros(1, 5, 3), torch.tensor([0.6]), y, torch.tensor([2.5])
+
+
+def _velocity(model, seed: int = 0) -> torch.Tensor:
+    img, img_ids, txt, txt_ids, t, y, g = _inputs(model.config, seed)
+    dtype = model.dtype
+    with torch.no_grad():
+        return model(img.to(dtype), img_ids, txt.to(dtype), txt_ids, t, y.to(dtype), g).float()
+
+
+def _random_lora(model: nn.Module, seed: int, rank: int = RANK) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(A [rank, in], B [out, rank]) for every linear layer, in our fused layout; delta ~ 0.45 W."""
+    generator = torch.Generator().manual_seed(seed)
+    lora = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, Fp8Linear)):
+            down = torch.randn(rank, module.in_features, generator=generator) / module.in_features**0.5
+            up = 0.3 * torch.randn(module.out_features, rank, generator=generator) / rank**0.5
+            lora[name] = (down, up)
+    return lora
+
+
+def _hand_merged(model: nn.Module, lora, strength: float) -> dict[str, torch.Tensor]:
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for name, (down, up) in lora.items():
+        state[f"{name}.weight"] += strength * (ALPHA / RANK) * (up @ down)
+    return state
+
+
+# --- writers: one LoRA, every key format --------------------------------------------------------
+
+def _bfl(lora, prefix: str = "diffusion_model.", names=("lora_A", "lora_B")) -> dict[str, torch.Tensor]:
+    out = {}
+    for layer, (down, up) in lora.items():
+        out[f"{prefix}{layer}.{names[0]}.weight"] = down
+        out[f"{prefix}{layer}.{names[1]}.weight"] = up
+        out[f"{prefix}{layer}.alpha"] = torch.tensor(ALPHA)
+    return out
+
+
+def _kohya(lora) -> dict[str, torch.Tensor]:
+    out = {}
+    for layer, (down, up) in lora.items():
+        stem = "lora_unet_" + layer.replace(".", "_")
+        out.update({f"{stem}.lora_down.weight": down, f"{stem}.lora_up.weight": up,
+                    f"{stem}.alpha": torch.tensor(ALPHA)})
+    return out
+
+
+def _diffusers_modules(lora, config, fold_alpha: bool) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Our fused LoRA in diffusers' module names: A shared by q/k/v, B split; norm_out halves swapped."""
+    links = {link.ours: link for link in transformer_links(config)}
+    out = {}
+    for layer, (down, up) in lora.items():
+        link = links[f"{layer}.weight"]
+        up = up * (ALPHA / RANK) if fold_alpha else up
+        theirs = [t.removesuffix(".weight") for t in link.theirs]
+        if link.kind == "concat":
+            out.update({t: (down, part) for t, part in zip(theirs, up.split(list(link.split)))})
+        elif link.kind == "swap_halves":
+            shift, scale = up.chunk(2)
+            out[theirs[0]] = (down, torch.cat((scale, shift)))
+        else:
+            out[theirs[0]] = (down, up)
+    return out
+
+
+def _diffusers(lora, config) -> dict[str, torch.Tensor]:
+    out = {}
+    for module, (down, up) in _diffusers_modules(lora, config, fold_alpha=True).items():
+        out[f"transformer.{module}.lora_A.weight"] = down
+        out[f"transformer.{module}.lora_B.weight"] = up
+    return out
+
+
+def _peft_metadata(lora, config) -> dict[str, str]:
+    modules = sorted(_diffusers_modules(lora, config, fold_alpha=False))
+    adapter = {"r": RANK, "lora_alpha": ALPHA, "target_modules": modules, "lora_dropout": 0.0,
+               "init_lora_weights": True, "use_dora": False, "use_rslora": False, "bias": "none"}
+    return {"format": "pt", "lora_adapter_metadata": json.dumps({f"transformer.{k}": v for k, v in adapter.items()})}
+
+
+def _diffusers_with_alpha_metadata(lora, config) -> dict[str, torch.Tensor]:
+    out = {}
+    for module, (down, up) in _diffusers_modules(lora, config, fold_alpha=False).items():
+        out[f"transformer.{module}.lora_A.weight"] = down
+        out[f"transformer.{module}.lora_B.weight"] = up
+    return out
+
+
+def _kohya_diffusers(lora, config) -> dict[str, torch.Tensor]:
+    out = {}
+    for module, (down, up) in _diffusers_modules(lora, config, fold_alpha=False).items():
+        stem = "lora_transformer_" + module.replace(".", "_")
+        out.update({f"{stem}.lora_down.weight": down, f"{stem}.lora_up.weight": up,
+                    f"{stem}.alpha": torch.tensor(ALPHA)})
+    return out
+
+
+FORMATS = {
+    "bfl": lambda lora, config: _bfl(lora),
+    "comfy": lambda lora, config: _bfl(lora, "model.diffusion_model.", ("lora_down", "lora_up")),
+    "bfl_transformer_prefix": lambda lora, config: _bfl(lora, "transformer."),
+    "bfl_no_prefix": lambda lora, config: _bfl(lora, ""),
+    "kohya": lambda lora, config: _kohya(lora),
+    "diffusers": _diffusers,
+    "diffusers_alpha_metadata": _diffusers_with_alpha_metadata,
+    "kohya_diffusers": _kohya_diffusers,
+}
+
+
+def _write(tmp_path, fmt: str, lora, config, name: str = "lora") -> str:
+    path = tmp_path / f"{name}_{fmt}.safetensors"
+    metadata = _peft_metadata(lora, config) if fmt == "diffusers_alpha_metadata" else None
+    save_file({k: v.clone().contiguous() for k, v in FORMATS[fmt](lora, config).items()}, str(path), metadata=metadata)
+    return str(path)
+
+
+# --- (a) every format, one merged model --------------------------------------------------------
+
+def test_every_format_gives_the_same_merged_weights(tiny_transformer, tmp_path):
+    lora = _random_lora(tiny_transformer, seed=3)
+    hand = _hand_merged(tiny_transformer, lora, strength=0.8)
+    merged = {}
+    for fmt in FORMATS:
+        loaded = load_lora(_write(tmp_path, fmt, lora, tiny_transformer.config))
+        assert set(loaded.targets) == set(lora), fmt
+        model = copy.deepcopy(tiny_transformer)
+        apply_lora(model, loaded, strength=0.8)
+        merged[fmt] = model.state_dict()
+    for fmt, state in merged.items():
+        for key, value in state.items():
+            assert torch.equal(value, merged["bfl"][key]), (fmt, key)
+            assert rel_error(value, hand[key]) < 1e-6, (fmt, key)
+
+
+# --- (b) merged == on the fly == by hand ----------------------------------------------------------
+
+def test_merged_equals_on_the_fly_and_hand_reference(tiny_transformer, tmp_path):
+    lora = _random_lora(tiny_transformer, seed=4)
+    loaded = load_lora(_write(tmp_path, "diffusers", lora, tiny_transformer.config))
+    base = _velocity(tiny_transformer)
+
+    merged = copy.deepcopy(tiny_transformer)
+    apply_lora(merged, loaded, strength=0.8, mode="merge")
+    on_the_fly = copy.deepcopy(tiny_transformer)
+    handle = apply_lora(on_the_fly, loaded, strength=0.8, mode="on_the_fly")
+    by_hand = copy.deepcopy(tiny_transformer)
+    by_hand.load_state_dict(_hand_merged(tiny_transformer, lora, strength=0.8))
+
+    reference = _velocity(by_hand)
+    assert rel_error(reference, base) > 0.05  # the LoRA changes the output visibly
+    assert rel_error(_velocity(merged), reference) < 1e-5
+    assert rel_error(_velocity(on_the_fly), reference) < 1e-5
+    assert handle.mode == "on_the_fly" and active_loras(on_the_fly) == [handle]
+    for key, value in on_the_fly.state_dict().items():
+        assert torch.equal(value, tiny_transformer.state_dict()[key])  # on the fly never touches weights
+
+
+# --- (c) parity with diffusers + peft ------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", ["diffusers", "diffusers_alpha_metadata"])
+def test_matches_diffusers_with_peft(tiny_transformer, tmp_path, fmt):
+    diffusers = pytest.importorskip("diffusers", reason="diffusers is the reference (pip install diffusers)")
+    pytest.importorskip("peft", reason="peft loads the LoRA into diffusers (pip install peft)")
+    lora = _random_lora(tiny_transformer, seed=5)
+    path = _write(tmp_path, fmt, lora, tiny_transformer.config)
+    save_transformer(tiny_transformer, tmp_path / "transformer", layout="diffusers")
+    theirs_model = diffusers.FluxTransformer2DModel.from_pretrained(tmp_path / "transformer").eval()
+    # Folder + weight_name: the way diffusers reads the file's adapter metadata (lora_alpha).
+    theirs_model.load_lora_adapter(str(tmp_path), weight_name=f"lora_{fmt}.safetensors", prefix="transformer",
+                                   adapter_name="edit")
+    assert theirs_model.peft_config["edit"].lora_alpha == (ALPHA if fmt == "diffusers_alpha_metadata" else RANK)
+    theirs_model.set_adapters(["edit"], weights=[0.7])
+
+    ours_model = copy.deepcopy(tiny_transformer)
+    apply_lora(ours_model, path, strength=0.7)
+    img, img_ids, txt, txt_ids, t, y, g = _inputs(tiny_transformer.config)
+    with torch.no_grad():
+        ours = ours_model(img, img_ids, txt, txt_ids, t, y, g)
+        theirs = theirs_model(hidden_states=img, encoder_hidden_states=txt, pooled_projections=y, timestep=t,
+                              img_ids=img_ids[0], txt_ids=txt_ids[0], guidance=g).sample
+    assert rel_error(ours, _velocity(tiny_transformer)) > 0.05
+    assert rel_error(ours, theirs) < 1e-5
+
+
+# --- (d) stacking and removal --------------------------------------------------------------------
+
+def test_stacked_merges_unmerge_to_the_exact_original(tiny_transformer, tmp_path):
+    original = {k: v.clone() for k, v in tiny_transformer.state_dict().items()}
+    base = _velocity(tiny_transformer)
+    first = load_lora(_write(tmp_path, "kohya", _random_lora(tiny_transformer, seed=6), tiny_transformer.config))
+    second = load_lora(_write(tmp_path, "diffusers", _random_lora(tiny_transformer, seed=7, rank=2),
+                              tiny_transformer.config))
+
+    stacked_on_the_fly = copy.deepcopy(tiny_transformer)
+    apply_lora(stacked_on_the_fly, first, 0.6, mode="on_the_fly")
+    apply_lora(stacked_on_the_fly, second, -0.4, mode="on_the_fly")
+
+    model = tiny_transformer
+    only_second = copy.deepcopy(model)
+    a = apply_lora(model, first, 0.6)
+    b = apply_lora(model, second, -0.4)
+    assert rel_error(_velocity(model), _velocity(stacked_on_the_fly)) < 1e-5
+    remove_all_loras(stacked_on_the_fly)
+    assert active_loras(stacked_on_the_fly) == [] and torch.equal(_velocity(stacked_on_the_fly), base)
+
+    a.remove()  # not the last one applied: the second must stay, alone, as if merged by itself
+    apply_lora(only_second, second, -0.4)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, only_second.state_dict()[key]), key
+
+    b.remove()  # removing twice is harmless
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, original[key]), key
+    assert torch.equal(_velocity(model), base)
+
+
+def test_on_the_fly_removal_and_context_manager_restore_outputs(tiny_transformer, tmp_path):
+    base = _velocity(tiny_transformer)
+    lora = load_lora(_write(tmp_path, "bfl", _random_lora(tiny_transformer, seed=8), tiny_transformer.config))
+    with apply_lora(tiny_transformer, lora, mode="on_the_fly"):
+        assert rel_error(_velocity(tiny_transformer), base) > 0.05
+    assert torch.equal(_velocity(tiny_transformer), base)
+
+
+# --- (e) strength ----------------------------------------------------------------------------------
+
+def test_half_strength_halves_the_delta(tiny_transformer, tmp_path):
+    lora = load_lora(_write(tmp_path, "comfy", _random_lora(tiny_transformer, seed=9), tiny_transformer.config))
+    original = {k: v.clone() for k, v in tiny_transformer.state_dict().items()}
+    full, half = copy.deepcopy(tiny_transformer), copy.deepcopy(tiny_transformer)
+    apply_lora(full, lora, 1.0)
+    handle = apply_lora(half, lora, 1.0)
+    handle.set_strength(0.5)
+    for key in original:
+        full_delta = full.state_dict()[key] - original[key]
+        half_delta = half.state_dict()[key] - original[key]
+        if full_delta.abs().max() > 0:
+            assert rel_error(half_delta, 0.5 * full_delta) < 1e-5, key
+
+    on_the_fly = copy.deepcopy(tiny_transformer)
+    apply_lora(on_the_fly, lora, 2.0, mode="on_the_fly").set_strength(0.5)
+    assert rel_error(_velocity(on_the_fly), _velocity(half)) < 1e-5
+
+
+# --- (f) fp8 models ------------------------------------------------------------------------------
+
+def test_fp8_model_on_the_fly_and_merged(tiny_transformer, tmp_path):
+    save_transformer(tiny_transformer, tmp_path / "fp8.safetensors", weights="fp8_e4m3fn_scaled")
+    kept = load_transformer(tmp_path / "fp8.safetensors", dtype="fp8")
+    upcast = load_transformer(tmp_path / "fp8.safetensors", dtype="bf16")  # the same fp8 values, in bf16
+    assert isinstance(kept.double_blocks[0].img_attn.qkv, Fp8Linear)
+    original = {k: v.clone() for k, v in kept.state_dict().items()}
+    base = _velocity(kept)
+    lora = load_lora(_write(tmp_path, "diffusers", _random_lora(tiny_transformer, seed=10), tiny_transformer.config))
+
+    handle = apply_lora(kept, lora, mode="on_the_fly")
+    apply_lora(upcast, lora, mode="on_the_fly")
+    with_lora = _velocity(kept)
+    assert rel_error(with_lora, base) > 0.05
+    # Both compute in bf16 from the same fp8 values and LoRA; only the order of bf16 roundings differs.
+    assert rel_error(with_lora, _velocity(upcast)) < 2e-2
+    handle.remove()
+    assert torch.equal(_velocity(kept), base)
+
+    # Merged into fp8: dequantize, add, requantize; close to on the fly within fp8 resolution.
+    handle = apply_lora(kept, lora)
+    assert kept.double_blocks[0].img_attn.qkv.weight.dtype == torch.float8_e4m3fn
+    assert rel_error(_velocity(kept), with_lora) < 0.1
+    handle.remove()
+    for key, value in kept.state_dict().items():
+        assert torch.equal(value, original[key]), key
+
+
+# --- (g) bad files and skipped keys ------------------------------------------------------------
+
+def _expect(pattern: str, path, error: type = LoraError):
+    with pytest.raises(error, match=pattern):
+        load_lora(path)
+
+
+def test_bad_files_are_explained(tiny_transformer, tmp_path):
+    pickle = tmp_path / "lora.ckpt"
+    pickle.write_bytes(b"\x80\x02}q\x00.")
+    _expect("pickled PyTorch file.*only .safetensors", pickle, CheckpointError)
+
+    sdxl = tmp_path / "sdxl.safetensors"
+    save_file({"lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight": torch.zeros(4, 8),
+               "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_up.weight": torch.zeros(8, 4),
+               "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 8),
+               "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(8, 4)}, str(sdxl))
+    _expect("input_blocks_4_1.*Stable Diffusion XL LoRA", sdxl)
+
+    model_file = tmp_path / "flux1-kontext-dev.safetensors"
+    save_transformer(tiny_transformer, model_file)
+    _expect("looks like a FLUX transformer, not a LoRA.*load_transformer", model_file)
+
+    lora = _random_lora(tiny_transformer, seed=11)
+    tensors = _bfl(lora)
+    del tensors["diffusion_model.img_in.lora_B.weight"]
+    save_file(tensors, str(tmp_path / "half.safetensors"))
+    _expect("img_in has no up weight.*incomplete", tmp_path / "half.safetensors")
+
+    loha = {f"diffusion_model.img_in.hada_w1_{n}": torch.zeros(4, 4) for n in "ab"}
+    save_file(loha, str(tmp_path / "loha.safetensors"))
+    _expect("LyCORIS LoHa.*plain LoRA", tmp_path / "loha.safetensors")
+
+    # A LoRA for the full-size model (or another model) does not fit the tiny one.
+    wide = {f"transformer.transformer_blocks.0.attn.to_q.lora_{n}.weight": torch.zeros(s) for n, s in
+            (("A", (4, 3072)), ("B", (3072, 4)))}
+    with pytest.raises(LoraError, match="does not fit this model.*hidden size is 128"):
+        apply_lora(tiny_transformer, lora_from_state_dict(wide, "wide"))
+    deep = {f"transformer.single_transformer_blocks.30.proj_out.lora_{n}.weight": torch.zeros(4, 4) for n in "AB"}
+    with pytest.raises(LoraError, match="layers this model does not have.*single_blocks.30.linear2"):
+        apply_lora(tiny_transformer, lora_from_state_dict(deep, "deep"))
+    with pytest.raises(ValueError, match="unknown LoRA mode"):
+        apply_lora(tiny_transformer, lora_from_state_dict(deep, "deep"), mode="patch")
+
+
+def test_text_encoder_keys_are_skipped_with_a_warning(tiny_transformer, tmp_path):
+    tensors = _kohya(_random_lora(tiny_transformer, seed=12))
+    tensors["lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"] = torch.zeros(4, 8)
+    tensors["lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight"] = torch.zeros(8, 4)
+    save_file(tensors, str(tmp_path / "with_te.safetensors"))
+    with pytest.warns(UserWarning, match="1 text-encoder LoRA modules skipped"):
+        lora = load_lora(tmp_path / "with_te.safetensors")
+    assert lora.skipped == ["lora_te1_text_model_encoder_layers_0_mlp_fc1"]
+    assert lora.format == "kohya" and lora.rank == RANK
