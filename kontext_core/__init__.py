@@ -14,8 +14,28 @@ from .tokens import (
     unpack_tokens,
 )
 from .transformer import KontextTransformer
+from .sampling import TextConditioning, flux_schedule, sample_euler
+from .pipeline import EditResult, EditSession, GenerationSettings, KontextPipeline
+from .model_files import ModelFiles, find_model_files
+from .build import load_pipeline
+from .text_encoders import TextEncoders, load_text_encoders
+from .lora import apply_lora, load_lora
 
 __all__ = [
+    "EditResult",
+    "EditSession",
+    "GenerationSettings",
+    "KontextPipeline",
+    "ModelFiles",
+    "TextConditioning",
+    "TextEncoders",
+    "apply_lora",
+    "find_model_files",
+    "flux_schedule",
+    "load_lora",
+    "load_pipeline",
+    "load_text_encoders",
+    "sample_euler",
     "PLACEMENTS",
     "Autoencoder",
     "AutoencoderConfig",

@@ -1,15 +1,28 @@
-"""Command line: argument parsing only; the work is done by the package's public functions."""
+"""Command line: argument parsing only; the work is done by the package's public functions.
+
+    python -m kontext_core edit photo.png --prompt "make it night" -o night.png --models ~/ComfyUI/models
+    python -m kontext_core edit photo.png --turns prompts.txt -o session/ --models ...
+    python -m kontext_core t2i --prompt "a red fox" -o fox.png --models ...
+    python -m kontext_core inspect flux1-kontext-dev.safetensors
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from dataclasses import asdict, replace
+from pathlib import Path
 
 import torch
+from PIL import Image, UnidentifiedImageError
 
 from .checkpoints import CheckpointError, inspect_model, load_autoencoder, load_transformer
-from .tokens import context_tokens, pack_latent, position_ids, text_position_ids
+from .files_out import write_json_atomic, write_png_atomic
+from .image import FIT_MODES, RESIZE_MODES
+from .model_files import ModelFiles, ModelFilesNotFound, find_model_files
+from .sampling import SAMPLER_MODES, StepInfo
+from .tokens import PLACEMENTS, context_tokens, pack_latent, position_ids, text_position_ids
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -47,9 +60,172 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0 if finite else 1
 
 
+def _files(args: argparse.Namespace) -> ModelFiles:
+    explicit = {"transformer": args.transformer, "autoencoder": args.ae, "t5": args.t5, "clip": args.clip}
+    if all(explicit.values()):
+        return ModelFiles(Path(args.transformer), Path(args.ae), Path(args.t5), Path(args.clip),
+                          args.t5_tokenizer, args.clip_tokenizer)
+    found = find_model_files(*args.models, allow_download=args.download)
+    for name, value in explicit.items():
+        if value:
+            setattr(found, name, Path(value))
+    found.t5_tokenizer = args.t5_tokenizer or found.t5_tokenizer
+    found.clip_tokenizer = args.clip_tokenizer or found.clip_tokenizer
+    return found
+
+
+def _settings(args: argparse.Namespace):
+    from .pipeline import GenerationSettings
+
+    return GenerationSettings(steps=args.steps, guidance=args.guidance, seed=args.seed, denoise=args.denoise,
+                              sampler=args.sampler, true_cfg=args.true_cfg, negative_prompt=args.negative,
+                              placement=args.placement)
+
+
+def _progress(total_label: str):
+    from tqdm import tqdm
+
+    bar = tqdm(desc=total_label, unit="step", leave=False)
+
+    def on_step(info: StepInfo) -> None:
+        bar.total = info.total
+        bar.update(1)
+        if info.step + 1 == info.total:
+            bar.close()
+
+    return on_step
+
+
+def _pipeline(args: argparse.Namespace):
+    from .build import load_pipeline
+    from .lora import apply_lora, load_lora
+
+    files = _files(args)
+    pipeline = load_pipeline(files, dtype=args.dtype, device=args.device, allow_download=args.download)
+    for spec in args.lora:
+        path, _, strength = spec.partition(":")
+        apply_lora(pipeline.transformer, load_lora(path), strength=float(strength or 1.0), mode="merge")
+    return pipeline, files
+
+
+def _metadata(prompt: str, settings, files: ModelFiles, extra: dict | None = None) -> dict[str, str]:
+    record = {"prompt": prompt, **asdict(settings), "transformer": files.transformer.name,
+              "autoencoder": files.autoencoder.name, **(extra or {})}
+    return {"parameters": json.dumps(record)}
+
+
+def _open_images(paths: list[str]) -> list[Image.Image]:
+    images = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                image.load()
+                images.append(image.copy())
+        except FileNotFoundError:
+            raise SystemExit(f"error: input image not found: {path}")
+        except (UnidentifiedImageError, OSError) as exc:
+            raise SystemExit(f"error: {path} is not a readable image ({exc}); use a PNG, JPEG or WebP file")
+    return images
+
+
+def _edit(args: argparse.Namespace) -> int:
+    if bool(args.prompt) == bool(args.turns):
+        raise SystemExit("error: give either --prompt (one edit) or --turns FILE (one prompt per line)")
+    images = _open_images(args.images)
+    size = (args.width, args.height) if args.width and args.height else None
+    pipeline, files = _pipeline(args)
+    settings = _settings(args)
+    output = Path(args.output)
+    if args.turns:
+        prompts = [line.strip() for line in Path(args.turns).read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise SystemExit(f"error: {args.turns} holds no prompts (one per line)")
+        session = pipeline.session(images[0], resize=args.resize, settings=settings)
+        extra = [pipeline.encode_image(i, args.resize, None, args.fit) for i in images[1:]]
+        output.mkdir(parents=True, exist_ok=True)
+        for number, prompt in enumerate(prompts, start=1):
+            turn = session.edit(prompt, seed=settings.seed + number - 1, extra_references=extra,
+                                callback=_progress(f"turn {number}/{len(prompts)}"))
+            image = pipeline.decode(turn.latent)[0]
+            write_png_atomic(image, output / f"turn_{number:02d}.png", _metadata(prompt, turn.settings, files))
+            write_json_atomic({"turns": session.history(), "current": session.current}, output / "session.json")
+            print(output / f"turn_{number:02d}.png")
+        return 0
+    result = pipeline.edit(images, args.prompt, settings=settings, size=size, resize=args.resize, fit=args.fit,
+                           batch_size=args.batch, callback=_progress("edit"))
+    for path, image in zip(_outputs(output, len(result.images)), result.images):
+        write_png_atomic(image, path, _metadata(args.prompt, result.settings, files))
+        print(path)
+    return 0
+
+
+def _outputs(output: Path, count: int) -> list[Path]:
+    if count == 1:
+        return [output]
+    return [output.with_name(f"{output.stem}_{i:02d}{output.suffix or '.png'}") for i in range(count)]
+
+
+def _t2i(args: argparse.Namespace) -> int:
+    pipeline, files = _pipeline(args)
+    settings = replace(_settings(args), placement="kontext")
+    result = pipeline.text_to_image(args.prompt, width=args.width or 1024, height=args.height or 1024,
+                                    settings=settings, batch_size=args.batch, callback=_progress("t2i"))
+    for path, image in zip(_outputs(Path(args.output), len(result.images)), result.images):
+        write_png_atomic(image, path, _metadata(args.prompt, result.settings, files))
+        print(path)
+    return 0
+
+
+def _add_generation_options(parser: argparse.ArgumentParser) -> None:
+    models = parser.add_argument_group("model files")
+    models.add_argument("--models", action="append", default=[],
+                        help="folder to search: flat, a ComfyUI install or models/ folder, or a diffusers repo")
+    models.add_argument("--transformer", help="the transformer file or folder (overrides the search)")
+    models.add_argument("--ae", help="the autoencoder file (ae.safetensors)")
+    models.add_argument("--t5", help="T5-XXL file (t5xxl_fp16.safetensors) or diffusers text_encoder_2/")
+    models.add_argument("--clip", help="CLIP-L file (clip_l.safetensors) or diffusers text_encoder/")
+    models.add_argument("--t5-tokenizer", help="folder of the T5 tokenizer")
+    models.add_argument("--clip-tokenizer", help="folder of the CLIP tokenizer")
+    models.add_argument("--download", action="store_true", help="download missing files from the Hugging Face hub")
+    models.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH]", help="apply a LoRA")
+    gen = parser.add_argument_group("generation")
+    gen.add_argument("--steps", type=int, default=28)
+    gen.add_argument("--guidance", type=float, default=2.5, help="distilled guidance (Kontext [dev]: 2.5)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--width", type=int)
+    gen.add_argument("--height", type=int)
+    gen.add_argument("--denoise", type=float, default=1.0, help="below 1 starts from the noised input image")
+    gen.add_argument("--sampler", choices=SAMPLER_MODES, default="dev")
+    gen.add_argument("--true-cfg", type=float, default=1.0, help="true CFG scale (with --sampler true_cfg)")
+    gen.add_argument("--negative", default="", help="negative prompt (with --sampler true_cfg)")
+    gen.add_argument("--placement", choices=PLACEMENTS, default="kontext", help="how reference images are placed")
+    gen.add_argument("--batch", type=int, default=1)
+    run = parser.add_argument_group("runtime")
+    run.add_argument("--dtype", default="bf16", help="bf16, fp16, fp32 or fp8")
+    run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kontext_core", description="FLUX.1 Kontext on kontext_core")
+    parser = argparse.ArgumentParser(prog="kontext", description="FLUX.1 Kontext on kontext_core")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    edit = commands.add_parser("edit", help="edit an image with an instruction (more images: extra references)")
+    edit.add_argument("images", nargs="+")
+    edit.add_argument("--prompt")
+    edit.add_argument("--turns", help="a text file with one prompt per line, applied turn after turn")
+    edit.add_argument("-o", "--output", required=True, help="output PNG (a folder with --turns)")
+    edit.add_argument("--resize", choices=RESIZE_MODES[:2], default="preferred",
+                      help="preferred: nearest Kontext training resolution; keep: the input size, snapped to 16")
+    edit.add_argument("--fit", choices=FIT_MODES, default="stretch")
+    _add_generation_options(edit)
+    edit.set_defaults(handler=_edit)
+
+    t2i = commands.add_parser("t2i", help="generate an image from text")
+    t2i.add_argument("--prompt", required=True)
+    t2i.add_argument("-o", "--output", required=True)
+    _add_generation_options(t2i)
+    t2i.set_defaults(handler=_t2i)
+
     inspect = commands.add_parser("inspect", help="say what a model file or folder is; --run evaluates it once")
     inspect.add_argument("path")
     inspect.add_argument("--run", action="store_true", help="load the model and evaluate it once on random inputs")
@@ -63,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except CheckpointError as exc:
+    except (CheckpointError, ModelFilesNotFound) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

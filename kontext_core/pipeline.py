@@ -7,6 +7,7 @@ returns). Noise is drawn on the CPU from the seed, so a seed gives the same nois
 from __future__ import annotations
 
 import json
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, Sequence
@@ -15,12 +16,15 @@ import torch
 from PIL import Image
 
 from .autoencoder import Autoencoder
+from .lora import apply_lora
 from .image import FIT_MODES, RESIZE_MODES, prepare_image, to_pil
 from .sampling import SAMPLER_MODES, StepCallback, TextConditioning, denoise_schedule, noise_latent, sample_euler
 from .tokens import PLACEMENTS, context_tokens, pack_latent, position_ids, unpack_tokens
 from .transformer import KontextTransformer
 
 DEFAULT_GUIDANCE = 2.5  # Kontext [dev]'s recommended distilled guidance
+
+LoraSpec = tuple[Any, float]  # (path or LoraWeights, strength)
 
 
 class PromptEncoder(Protocol):
@@ -124,8 +128,12 @@ class KontextPipeline:
         negative: TextConditioning | None = None,
         noise: torch.Tensor | None = None,
         callback: StepCallback | None = None,
+        loras: Sequence[LoraSpec] = (),
     ) -> torch.Tensor:
-        """The sampled target latent [B, 16, h, w]; batch size is the conditioning's."""
+        """The sampled target latent [B, 16, h, w]; batch size is the conditioning's.
+
+        `loras` are applied on the fly for this call only and removed afterwards.
+        """
         batch = conditioning.txt.shape[0]
         if latent_size is None:
             if not context_latents and init_latent is None:
@@ -156,12 +164,21 @@ class KontextPipeline:
         use_cfg = settings.sampler == "true_cfg"
         if use_cfg and negative is None:
             raise ValueError("the true_cfg sampler needs a negative conditioning (negative prompt)")
-        out = sample_euler(
+        with ExitStack() as applied:
+            for lora, strength in loras:
+                applied.enter_context(apply_lora(self.transformer, lora, strength, mode="on_the_fly"))
+            out = self._sample(start, height, width, batch, conditioning, timesteps, settings, ctx, ctx_ids,
+                               negative if use_cfg else None, callback)
+        return unpack_tokens(out, height, width).float()
+
+    def _sample(self, start, height, width, batch, conditioning, timesteps, settings, ctx, ctx_ids, negative,
+                callback) -> torch.Tensor:
+        device = self.device
+        return sample_euler(
             self.transformer, pack_latent(start).to(device), position_ids(height, width, batch=batch, device=device),
             conditioning, timesteps, guidance=settings.guidance, context=ctx, context_ids=ctx_ids,
-            negative=negative if use_cfg else None, true_cfg=settings.true_cfg if use_cfg else 1.0, callback=callback,
+            negative=negative, true_cfg=settings.true_cfg if negative is not None else 1.0, callback=callback,
         )
-        return unpack_tokens(out, height, width).float()
 
     def _conditioning(self, prompt: str | list[str], conditioning: TextConditioning | None,
                       settings: GenerationSettings, batch: int) -> tuple[TextConditioning, TextConditioning | None]:
@@ -187,6 +204,7 @@ class KontextPipeline:
         batch_size: int = 1,
         callback: StepCallback | None = None,
         decode: bool = True,
+        loras: Sequence[LoraSpec] = (),
         **overrides: Any,
     ) -> EditResult:
         """Edit `images` (the first is the one edited; more are extra references) with `prompt`.
@@ -208,17 +226,18 @@ class KontextPipeline:
         latent_size = self.latent_size(*size) if size is not None else None
         latents = self.generate(cond, settings, context_latents=context_latents, latent_size=latent_size,
                                 init_latent=context_latents[0] if settings.denoise < 1 else None,
-                                negative=negative, callback=callback)
+                                negative=negative, callback=callback, loras=loras)
         return EditResult(latents, self.decode(latents) if decode else [], settings, _prompt_text(prompt))
 
     def text_to_image(self, prompt: str = "", *, width: int = 1024, height: int = 1024,
                       settings: GenerationSettings | None = None, conditioning: TextConditioning | None = None,
                       batch_size: int = 1, callback: StepCallback | None = None, decode: bool = True,
-                      **overrides: Any) -> EditResult:
+                      loras: Sequence[LoraSpec] = (), **overrides: Any) -> EditResult:
         settings = _with_overrides(settings, overrides)
         latent_size = self.latent_size(width, height)
         cond, negative = self._conditioning(prompt, conditioning, settings, batch_size)
-        latents = self.generate(cond, settings, latent_size=latent_size, negative=negative, callback=callback)
+        latents = self.generate(cond, settings, latent_size=latent_size, negative=negative, callback=callback,
+                                loras=loras)
         return EditResult(latents, self.decode(latents) if decode else [], settings, _prompt_text(prompt))
 
     def session(self, image: Image.Image | None = None, *, latent: torch.Tensor | None = None,

@@ -31,3 +31,77 @@ def test_inspect_bad_file_exits_2_with_the_reason(tmp_path, capsys):
     (tmp_path / "x.gguf").write_bytes(b"GGUF" + bytes(32))
     assert main(["inspect", str(tmp_path / "x.gguf")]) == 2
     assert "GGUF file" in capsys.readouterr().err
+
+
+# --- edit / t2i end to end on tiny models in a ComfyUI models tree ----------------------------------
+
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from test_text_encoders import clip_tensors, clip_tokenizer_dir, t5_tensors, t5_tokenizer_dir, tiny_clip, tiny_t5  # noqa: E402
+
+
+@pytest.fixture
+def models_tree(tiny_transformer, tiny_autoencoder, tmp_path):
+    models = tmp_path / "ComfyUI" / "models"
+    config = tiny_transformer.config
+    save_transformer(tiny_transformer, models / "diffusion_models" / "flux1-kontext-dev.safetensors", layout="comfy")
+    save_autoencoder(tiny_autoencoder, models / "vae" / "ae.safetensors")
+    (models / "text_encoders").mkdir(parents=True)
+    save_file(t5_tensors(tiny_t5(d_model=config.context_in_dim)), models / "text_encoders" / "t5xxl_fp16.safetensors")
+    save_file(clip_tensors(tiny_clip(hidden_size=config.vec_in_dim)), models / "text_encoders" / "clip_l.safetensors")
+    tokenizers = ["--t5-tokenizer", str(t5_tokenizer_dir(tmp_path / "t5tok")),
+                  "--clip-tokenizer", str(clip_tokenizer_dir(tmp_path / "cliptok"))]
+    image = tmp_path / "photo.png"
+    Image.new("RGB", (40, 24), (200, 30, 90)).save(image)
+    common = ["--models", str(tmp_path / "ComfyUI"), *tokenizers, "--steps", "2", "--dtype", "fp32", "--device", "cpu"]
+    return tmp_path, image, common
+
+
+def test_edit_end_to_end_writes_png_with_parameters_deterministically(models_tree, capsys):
+    tmp_path, image, common = models_tree
+    outputs = [tmp_path / "a.png", tmp_path / "b.png"]
+    for out in outputs:
+        args = ["edit", str(image), "--prompt", "make the cat red", "-o", str(out), "--resize", "keep", "--seed", "7"]
+        assert main(args + common) == 0
+    first, second = (Image.open(p) for p in outputs)
+    assert first.size == (40, 24)
+    assert first.tobytes() == second.tobytes()
+    parameters = json.loads(first.text["parameters"])
+    assert parameters["prompt"] == "make the cat red" and parameters["seed"] == 7 and parameters["steps"] == 2
+
+
+def test_turns_file_saves_every_turn(models_tree):
+    tmp_path, image, common = models_tree
+    (tmp_path / "turns.txt").write_text("make it red\n\nadd a hat\nturn it into a painting\n")
+    assert main(["edit", str(image), "--turns", str(tmp_path / "turns.txt"), "-o", str(tmp_path / "session"),
+                 "--resize", "keep", *common]) == 0
+    assert sorted(p.name for p in (tmp_path / "session").iterdir()) == [
+        "session.json", "turn_01.png", "turn_02.png", "turn_03.png"]
+    history = json.loads((tmp_path / "session" / "session.json").read_text())
+    assert [t["prompt"] for t in history["turns"]] == ["", "make it red", "add a hat", "turn it into a painting"]
+
+
+def test_t2i_end_to_end(models_tree):
+    tmp_path, _, common = models_tree
+    assert main(["t2i", "--prompt", "a photo of a dog", "-o", str(tmp_path / "t.png"),
+                 "--width", "32", "--height", "48", *common]) == 0
+    assert Image.open(tmp_path / "t.png").size == (32, 48)
+
+
+def test_missing_model_files_fail_clearly(tmp_path, capsys):
+    (tmp_path / "models").mkdir()
+    Image.new("RGB", (16, 16)).save(tmp_path / "x.png")
+    code = main(["edit", str(tmp_path / "x.png"), "--prompt", "p", "-o", str(tmp_path / "o.png"),
+                 "--models", str(tmp_path / "models")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "could not find the transformer, autoencoder, t5, clip" in err and "flux1-kontext-dev.safetensors" in err
+
+
+def test_unreadable_input_image(models_tree):
+    tmp_path, _, common = models_tree
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(SystemExit, match="bad.png is not a readable image"):
+        main(["edit", str(tmp_path / "bad.png"), "--prompt", "p", "-o", str(tmp_path / "o.png"), *common])

@@ -1,0 +1,421 @@
+"""T5 and CLIP text encoders: every file layout users have, against transformers' own models.
+
+Reference: `transformers.T5EncoderModel` / `CLIPTextModel` holding the very weights we wrote to disk.
+Tolerances: relative error (max |ours - reference| / max |reference|) < 1e-5 in float32: same weights,
+same math. The fp8 files are exact against their dequantized weights (< 1e-5); the scaled one is also
+compared with the float32 original: e4m3 moves these weights by 2.7 % (Frobenius) and this tiny random T5
+amplifies weight error about 6x (fp16 rounding, 5e-4, gives 3e-3 at the output), so its output may differ
+by up to 25 % (Frobenius; 16 % measured).
+"""
+
+from __future__ import annotations
+
+import json
+import string
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+from kontext_core.checkpoints.files import CheckpointError, save_sharded
+from kontext_core.quant import quantize_weight
+from kontext_core import text_encoders
+from kontext_core.text_encoders import (
+    TextEncoders,
+    clip_l_config,
+    load_clip_encoder,
+    load_clip_tokenizer,
+    load_t5_encoder,
+    load_t5_tokenizer,
+    load_text_encoders,
+    t5_xxl_config,
+)
+
+from conftest import randomize_, rel_error
+
+T5_TINY = dict(vocab_size=40, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu",
+               relative_attention_num_buckets=32, relative_attention_max_distance=128, dropout_rate=0.0)
+CLIP_TINY = dict(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=1,
+                 max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=0, eos_token_id=2, pad_token_id=1)
+WORDS = "a photo of cat dog the red blue sky make it into painting turn city over green hat on".split()
+PROMPTS = ["a photo of a cat", "make the dog red", "turn it into a painting"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tiny models, files and tokenizers
+
+
+def tiny_t5(seed: int = 3, **overrides) -> T5EncoderModel:
+    return randomize_(T5EncoderModel(T5Config(**{**T5_TINY, **overrides})), seed).eval()
+
+
+def tiny_clip(seed: int = 4, **overrides) -> CLIPTextModel:
+    return randomize_(CLIPTextModel(CLIPTextConfig(**{**CLIP_TINY, **overrides})), seed).eval()
+
+
+def t5_tensors(model: T5EncoderModel, prefix: str = "", embed_tokens: bool = True) -> dict[str, torch.Tensor]:
+    """The HF key layout of t5xxl_fp16.safetensors (tied embeddings written twice, as the release does)."""
+    tensors = {prefix + k: v.detach().clone() for k, v in model.state_dict().items()}
+    if not embed_tokens:
+        del tensors[prefix + "encoder.embed_tokens.weight"]
+    return tensors
+
+
+def clip_tensors(model: CLIPTextModel, prefix: str = "") -> dict[str, torch.Tensor]:
+    """clip_l.safetensors: `text_model.` names, plus the tensors such files carry that the text model has not."""
+    tensors = {f"{prefix}text_model.{k}": v.detach().clone() for k, v in model.state_dict().items()}
+    hidden = model.config.hidden_size
+    tensors[f"{prefix}text_projection.weight"] = torch.randn(hidden, hidden)
+    tensors[f"{prefix}logit_scale"] = torch.tensor(4.6)
+    tensors[f"{prefix}text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    return tensors
+
+
+def scaled_fp8(tensors: dict[str, torch.Tensor], scaled: bool = True) -> dict[str, torch.Tensor]:
+    """ComfyUI's t5xxl_fp8_e4m3fn(_scaled): linear weights in e4m3 (with `scale_weight`), the rest fp16."""
+    out = {}
+    kept = ("shared.weight", "embed_tokens.weight", "relative_attention_bias.weight")
+    for key, tensor in tensors.items():
+        if tensor.ndim == 2 and not key.endswith(kept):
+            weight, scale = quantize_weight(tensor) if scaled else (tensor.to(torch.float8_e4m3fn), None)
+            out[key] = weight
+            if scale is not None:
+                out[key[: -len("weight")] + "scale_weight"] = scale
+                out[key[: -len("weight")] + "scale_input"] = torch.ones(())
+        else:
+            out[key] = tensor.half()
+    if scaled:
+        out["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    return out
+
+
+def dequantized(tensors: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    """What a file's weights are in float32 (the model keys, prefix removed)."""
+    out = {}
+    for key, tensor in tensors.items():
+        if not key.startswith(prefix) or key.endswith(("scale_weight", "scale_input")) or key == "scaled_fp8":
+            continue
+        scale_key = key[: -len("weight")] + "scale_weight"
+        scale = tensors[scale_key] if scale_key in tensors else 1.0
+        out[key[len(prefix):]] = tensor.float() * scale
+    return out
+
+
+def with_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
+    model.load_state_dict(weights, strict=False)
+    return model
+
+
+def t5_tokenizer_dir(folder):
+    """A T5-like tokenizer: pad 0, </s> 1 appended to every sequence, unk 2."""
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(str(folder))
+    return folder
+
+
+def clip_tokenizer_dir(folder):
+    """A CLIP BPE tokenizer in the diffusers `tokenizer/` files (vocab.json, merges.txt); end-of-text is the
+    highest id, as in CLIP, since the pooled output is taken at the highest id."""
+    letters = list(string.ascii_lowercase)
+    merges = ["c a", "ca t</w>", "p h", "ph o", "pho t", "phot o</w>"]
+    vocab = letters + [c + "</w>" for c in letters] + ["ca", "cat</w>", "ph", "pho", "phot", "photo</w>"]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Tiny T5 and CLIP, their files in every layout, and a diffusers folder with tokenizers."""
+    root = tmp_path_factory.mktemp("text_encoders")
+    t5, clip = tiny_t5(), tiny_clip()
+    save_file(t5_tensors(t5), root / "t5xxl_fp16.safetensors")
+    save_file(clip_tensors(clip), root / "clip_l.safetensors")
+    t5_tok, clip_tok = t5_tokenizer_dir(root / "t5_tok"), clip_tokenizer_dir(root / "clip_tok")
+
+    # diffusers: CLIP with 4 heads (only its config.json says so), T5 sharded
+    diffusers = root / "FLUX.1-Kontext-dev"
+    clip4 = tiny_clip(seed=5, num_attention_heads=4)
+    (diffusers / "text_encoder").mkdir(parents=True)
+    clip4.config.to_json_file(diffusers / "text_encoder" / "config.json")
+    save_file({f"text_model.{k}": v.clone() for k, v in clip4.state_dict().items()},
+              diffusers / "text_encoder" / "model.safetensors")
+    (diffusers / "text_encoder_2").mkdir()
+    t5.config.to_json_file(diffusers / "text_encoder_2" / "config.json")
+    save_sharded(t5_tensors(t5, embed_tokens=False), diffusers / "text_encoder_2", "model", max_shard_bytes=20_000)
+    t5_tokenizer_dir(diffusers / "tokenizer_2")
+    clip_tokenizer_dir(diffusers / "tokenizer")
+    return dict(root=root, t5=t5, clip=clip, clip4=clip4, t5_tok=t5_tok, clip_tok=clip_tok, diffusers=diffusers)
+
+
+def t5_ids(vocab: int = 40) -> torch.Tensor:
+    return torch.randint(0, vocab, (2, 19), generator=torch.Generator().manual_seed(0))
+
+
+def clip_ids(vocab: int = 64) -> torch.Tensor:
+    ids = torch.randint(0, vocab - 1, (2, 77), generator=torch.Generator().manual_seed(1))
+    ids[0, 9], ids[1, 40] = vocab - 1, vocab - 1  # end of text, where the pooled output is taken
+    return ids
+
+
+@torch.no_grad()
+def t5_out(model, ids=None):
+    return model(input_ids=t5_ids() if ids is None else ids).last_hidden_state
+
+
+@torch.no_grad()
+def clip_out(model, ids=None):
+    out = model(input_ids=clip_ids() if ids is None else ids)
+    return out.pooler_output, out.last_hidden_state
+
+
+def tiny_encoders(files, cache_size: int = 16, device: str = "cpu") -> TextEncoders:
+    t5 = load_t5_encoder(files["root"] / "t5xxl_fp16.safetensors", dtype="fp32", device=device)
+    clip = load_clip_encoder(files["root"] / "clip_l.safetensors", dtype="fp32", device=device)
+    return TextEncoders(t5, clip, load_t5_tokenizer(files["t5_tok"]), load_clip_tokenizer(files["clip_tok"]),
+                        cache_size=cache_size, device=device)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Configs
+
+
+def test_default_configs_are_t5_xxl_and_clip_l():
+    with torch.device("meta"):
+        t5, clip = T5EncoderModel(t5_xxl_config()), CLIPTextModel(clip_l_config())
+    # google/t5-v1_1-xxl's encoder and openai/clip-vit-large-patch14's text model
+    assert sum(p.numel() for p in t5.parameters()) == 4_762_310_656
+    assert sum(p.numel() for p in clip.parameters()) == 123_060_480
+    assert t5.config.is_gated_act and t5.config.dense_act_fn == "gelu_new"
+    assert (clip.config.hidden_act, clip.config.eos_token_id, clip.config.pad_token_id) == ("quick_gelu", 2, 1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Parity with transformers, file by file
+
+
+@pytest.mark.parametrize("prefix", ["", "text_encoders.t5xxl.transformer.", "transformer."])
+@pytest.mark.parametrize("embed_tokens", [True, False])
+def test_t5_file_matches_transformers(tmp_path, files, prefix, embed_tokens):
+    path = tmp_path / "t5xxl_fp32.safetensors"
+    save_file(t5_tensors(files["t5"], prefix, embed_tokens), path)
+    ours = load_t5_encoder(path, dtype="fp32")
+    assert ours.config.num_layers == 2 and ours.config.num_heads == 4 and ours.config.d_kv == 8
+    assert ours.shared.weight is ours.encoder.embed_tokens.weight
+    assert rel_error(t5_out(ours), t5_out(files["t5"])) < 1e-5
+
+
+@pytest.mark.parametrize("prefix", ["", "text_encoders.clip_l.transformer."])
+def test_clip_file_matches_transformers(tmp_path, files, prefix):
+    path = tmp_path / "clip_l.safetensors"
+    save_file(clip_tensors(files["clip"], prefix), path)
+    ours = load_clip_encoder(path, dtype="fp32")
+    (pooled, hidden), (ref_pooled, ref_hidden) = clip_out(ours), clip_out(files["clip"])
+    assert pooled.shape == (2, 64)
+    assert rel_error(pooled, ref_pooled) < 1e-5 and rel_error(hidden, ref_hidden) < 1e-5
+
+
+def test_fp16_file_loads_in_float16_with_wo_in_float32(files):
+    ours = load_t5_encoder(files["root"] / "t5xxl_fp16.safetensors", dtype="fp16")
+    wo = ours.encoder.block[0].layer[1].DenseReluDense.wo.weight
+    assert wo.dtype == torch.float32 and ours.shared.weight.dtype == torch.float16
+    assert torch.isfinite(t5_out(ours)).all()
+
+
+@pytest.mark.parametrize("scaled", [True, False], ids=["fp8_e4m3fn_scaled", "fp8_e4m3fn"])
+def test_fp8_t5_file(tmp_path, files, scaled):
+    stored = scaled_fp8(t5_tensors(files["t5"], "text_encoders.t5xxl.transformer."), scaled)
+    path = tmp_path / "t5xxl_fp8_e4m3fn.safetensors"
+    save_file(stored, path)
+    ours = t5_out(load_t5_encoder(path, dtype="fp32"))
+    reference = with_weights(tiny_t5(), dequantized(stored, "text_encoders.t5xxl.transformer."))
+    assert rel_error(ours, t5_out(reference)) < 1e-5
+    if scaled:  # unscaled e4m3 of these small weights is mostly subnormal, far from the original
+        original = t5_out(files["t5"])
+        assert ((ours - original).norm() / original.norm()).item() < 0.25
+
+
+def test_diffusers_folder_encodes_like_transformers(files):
+    encoders = load_text_encoders(files["diffusers"], dtype="fp32")
+    assert encoders.clip.config.num_attention_heads == 4  # from text_encoder/config.json, not the shapes
+    t5_embeddings, clip_pooled = encoders.encode(PROMPTS)
+    assert t5_embeddings.shape == (3, 512, 32) and clip_pooled.shape == (3, 64)
+
+    t5_ids_, clip_ids_ = encoders.tokenize(PROMPTS)
+    assert rel_error(t5_embeddings, t5_out(files["t5"], t5_ids_)) < 1e-5
+    assert rel_error(clip_pooled, clip_out(files["clip4"], clip_ids_)[0]) < 1e-5
+
+
+def test_bundled_checkpoint_holds_both(tmp_path, files):
+    bundle = {**t5_tensors(files["t5"], "text_encoders.t5xxl.transformer."),
+              **clip_tensors(files["clip"], "text_encoders.clip_l.transformer."),
+              "model.diffusion_model.img_in.weight": torch.zeros(4, 4)}
+    save_file(bundle, tmp_path / "flux1-kontext-dev-bundle.safetensors")
+    encoders = load_text_encoders(tmp_path / "flux1-kontext-dev-bundle.safetensors", dtype="fp32",
+                                  t5_tokenizer=files["t5_tok"], clip_tokenizer=files["clip_tok"])
+    assert rel_error(t5_out(encoders.t5), t5_out(files["t5"])) < 1e-5
+    assert rel_error(clip_out(encoders.clip)[0], clip_out(files["clip"])[0]) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tokens, cache, offload
+
+
+def test_padding_and_truncation(files):
+    encoders = tiny_encoders(files)
+    long_prompt = " ".join(WORDS * 40)  # > 512 T5 tokens, > 77 CLIP tokens
+    t5_ids_, clip_ids_ = encoders.tokenize(["a cat", long_prompt])
+    assert t5_ids_.shape == (2, 512) and clip_ids_.shape == (2, 77)
+    eos = encoders.t5_tokenizer.eos_token_id
+    assert t5_ids_[0, :3].tolist() == [3, 6, eos] and (t5_ids_[0, 3:] == 0).all()  # "a cat </s>" then padding
+    assert t5_ids_[1, -1] == eos and (t5_ids_[1] != 0).all()  # truncated, still ends with </s>
+    bos, end = encoders.clip_tokenizer.bos_token_id, encoders.clip_tokenizer.eos_token_id
+    assert clip_ids_[0, 0] == bos and clip_ids_[1, 0] == bos and clip_ids_[1, -1] == end
+    assert (clip_ids_[0, 3:] == end).all()  # "<bos> a cat" (cat is one token), then end of text as padding
+
+
+def test_cache_returns_the_same_tensors_without_running_the_models(files):
+    encoders = tiny_encoders(files, cache_size=2)
+    calls = []
+    encoders.t5.register_forward_hook(lambda *_: calls.append("t5"))
+    encoders.clip.register_forward_hook(lambda *_: calls.append("clip"))
+
+    first = encoders.encode(PROMPTS[:2])
+    assert calls == ["t5", "clip"]
+    again = encoders.encode(list(reversed(PROMPTS[:2])))
+    assert calls == ["t5", "clip"] and encoders.cache_hits == 2
+    assert torch.equal(again[0], first[0].flip(0)) and torch.equal(again[1], first[1].flip(0))
+
+    # A batch with one new prompt (twice) runs the models once, on that prompt only; the LRU entry goes.
+    t5_embeddings, _ = encoders.encode([PROMPTS[2], PROMPTS[0], PROMPTS[2]])
+    assert calls == ["t5", "clip"] * 2 and torch.equal(t5_embeddings[0], t5_embeddings[2])
+    assert list(encoders._cache) == [PROMPTS[0], PROMPTS[2]]  # least recently used first
+    encoders.encode(PROMPTS[1])
+    assert calls == ["t5", "clip"] * 3
+
+    uncached = tiny_encoders(files, cache_size=0)
+    assert torch.equal(uncached.encode(PROMPTS[:2])[0], first[0]) and not uncached._cache
+
+
+def test_offload_on_a_cpu_only_machine_is_harmless(files):
+    encoders = tiny_encoders(files)
+    first = encoders.encode(PROMPTS[0])[0]
+    encoders.offload()
+    assert encoders.t5.device.type == "cpu" and torch.equal(encoders.encode(PROMPTS[0])[0], first)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="moving the encoders off the GPU needs a CUDA device")
+def test_offload_frees_the_gpu_and_encode_brings_the_models_back(files):
+    encoders = tiny_encoders(files, device="cuda")
+    reference = tiny_encoders(files).encode(PROMPTS)
+    t5_embeddings, clip_pooled = encoders.encode(PROMPTS[:2])
+    assert t5_embeddings.device.type == "cuda" and clip_pooled.device.type == "cuda"
+    encoders.offload()
+    assert encoders.t5.device.type == "cpu" and encoders.clip.device.type == "cpu"
+    encoders.encode(PROMPTS[0])  # cached: the models stay off the GPU
+    assert encoders.t5.device.type == "cpu"
+    t5_embeddings, clip_pooled = encoders.encode(PROMPTS)
+    assert encoders.t5.device.type == "cuda" and encoders.clip.device.type == "cuda"
+    assert rel_error(t5_embeddings.cpu(), reference[0]) < 1e-4 and rel_error(clip_pooled.cpu(), reference[1]) < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Errors that speak to the person
+
+
+def test_t5_and_clip_swapped(files):
+    with pytest.raises(CheckpointError, match=r"clip_l.safetensors is a CLIP text encoder, not T5-XXL.*clip_path"):
+        load_t5_encoder(files["root"] / "clip_l.safetensors")
+    with pytest.raises(CheckpointError, match=r"t5xxl_fp16.safetensors is a T5 text encoder, not CLIP-L.*t5_path"):
+        load_clip_encoder(files["root"] / "t5xxl_fp16.safetensors")
+
+
+@pytest.mark.parametrize("keys, what", [
+    (["img_in.weight", "double_blocks.0.img_attn.qkv.weight"], "a FLUX transformer"),
+    (["decoder.conv_in.weight", "encoder.conv_in.weight"], "an autoencoder"),
+])
+def test_not_a_text_encoder(tmp_path, keys, what):
+    path = tmp_path / "model.safetensors"
+    save_file({k: torch.zeros(2, 2) for k in keys}, path)
+    for load, expected in ((load_t5_encoder, "not a T5-XXL text encoder"), (load_clip_encoder, "not a CLIP-L")):
+        with pytest.raises(CheckpointError, match=rf"model.safetensors looks like {what}.*{expected}"):
+            load(path)
+
+
+def test_missing_tensors_are_named(tmp_path, files):
+    tensors = t5_tensors(files["t5"])
+    del tensors["encoder.block.1.layer.1.DenseReluDense.wo.weight"], tensors["encoder.final_layer_norm.weight"]
+    save_file(tensors, tmp_path / "t5xxl_fp16.safetensors")
+    with pytest.raises(CheckpointError, match=r"missing 2 tensors .*first: encoder.block.1.layer.1.DenseReluDense"
+                                              r".wo.weight, encoder.final_layer_norm.weight"):
+        load_t5_encoder(tmp_path / "t5xxl_fp16.safetensors")
+    last_shard = sorted((files["diffusers"] / "text_encoder_2").glob("model-0*.safetensors"))[-1]
+    with pytest.raises(CheckpointError, match=rf"{last_shard.name} is one shard .*Pass the folder"):
+        load_t5_encoder(last_shard)
+
+
+def test_unsupported_dtypes(tmp_path, files):
+    tensors = clip_tensors(files["clip"])
+    tensors["text_model.encoder.layers.0.mlp.fc1.weight"] = torch.zeros(128, 64, dtype=torch.int8)
+    save_file(tensors, tmp_path / "clip_l_int8.safetensors")
+    with pytest.raises(CheckpointError, match=r"fc1.weight is stored as I8.*clip_l.safetensors"):
+        load_clip_encoder(tmp_path / "clip_l_int8.safetensors")
+    for dtype in ("fp8", "int4", torch.int8):
+        with pytest.raises(CheckpointError, match=r"unsupported dtype .* choose bf16, fp16 or fp32"):
+            load_t5_encoder(files["root"] / "t5xxl_fp16.safetensors", dtype=dtype)
+
+
+def test_config_that_does_not_match_the_file(files):
+    with pytest.raises(CheckpointError, match=r"tensors the config does not have .*encoder.block.1"):
+        load_t5_encoder(files["root"] / "t5xxl_fp16.safetensors", config=T5Config(**{**T5_TINY, "num_layers": 1}))
+    with pytest.raises(CheckpointError, match=r"has shape \[64, 64\] but the CLIP text encoder config needs"):
+        load_clip_encoder(files["root"] / "clip_l.safetensors",
+                          config=CLIPTextConfig(**{**CLIP_TINY, "hidden_size": 32}))
+
+
+def test_missing_tokenizer_says_where_it_looked(tmp_path, files, monkeypatch):
+    monkeypatch.setattr(text_encoders, "T5_TOKENIZER_REPO", "kontext-tests/no-such-tokenizer")
+    with pytest.raises(CheckpointError, match=r"no T5 tokenizer found \(looked in: .*tokenizer_2; .*Hugging Face cache "
+                                              r"for kontext-tests/no-such-tokenizer.*allow_download=True"):
+        load_t5_tokenizer(weights_path=files["root"] / "t5xxl_fp16.safetensors")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match=r"no CLIP tokenizer in .*empty: expected tokenizer.json"):
+        load_clip_tokenizer(tmp_path / "empty")
+
+
+def test_tokenizer_of_another_model_is_refused(files):
+    t5 = load_t5_encoder(files["root"] / "t5xxl_fp16.safetensors", dtype="fp32")
+    clip = load_clip_encoder(files["root"] / "clip_l.safetensors", dtype="fp32")
+    clip_tokenizer = load_clip_tokenizer(files["clip_tok"])
+    with pytest.raises(CheckpointError, match=r"T5 tokenizer has 60 tokens but the T5 model only 40"):
+        TextEncoders(t5, clip, clip_tokenizer, clip_tokenizer)
+
+
+def test_spiece_model_folder(tmp_path):
+    """A folder holding only spiece.model, as google/t5-v1_1-xxl ships it (reading it needs protobuf)."""
+    sentencepiece = pytest.importorskip("sentencepiece")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(" ".join(PROMPTS) + "\n" * 2 + "\n".join(WORDS) * 20)
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(tmp_path / "spiece"), vocab_size=30, hard_vocab_limit=False,
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
+    folder = tmp_path / "t5_tokenizer"
+    folder.mkdir()
+    (tmp_path / "spiece.model").rename(folder / "spiece.model")
+    try:
+        import google.protobuf  # noqa: F401
+    except ImportError:
+        with pytest.raises(CheckpointError, match=r"spiece.model needs the protobuf package"):
+            load_t5_tokenizer(folder)
+        return
+    tokenizer = load_t5_tokenizer(folder)
+    ids = tokenizer(["a photo of a cat"], padding="max_length", max_length=16, truncation=True).input_ids[0]
+    assert len(ids) == 16 and 1 in ids and ids[-1] == 0
