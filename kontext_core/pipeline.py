@@ -183,6 +183,8 @@ class KontextPipeline:
     def _conditioning(self, prompt: str | list[str], conditioning: TextConditioning | None,
                       settings: GenerationSettings, batch: int) -> tuple[TextConditioning, TextConditioning | None]:
         cond = conditioning or self.encode_prompt(prompt)
+        if cond.txt.shape[0] not in (1, batch):
+            raise ValueError(f"{cond.txt.shape[0]} prompts for a batch of {batch}; give one prompt or one per item")
         if cond.txt.shape[0] != batch:
             cond = TextConditioning(cond.txt.expand(batch, -1, -1), cond.y.expand(batch, -1))
         negative = None
@@ -214,6 +216,8 @@ class KontextPipeline:
         update `settings`.
         """
         settings = _with_overrides(settings, overrides)
+        batch_size = _batch(prompt, conditioning, batch_size)
+        cond, negative = self._conditioning(prompt, conditioning, settings, batch_size)
         if context_latents is None:
             if images is None:
                 raise ValueError("edit needs images or context_latents")
@@ -222,7 +226,6 @@ class KontextPipeline:
         context_latents = list(context_latents)
         if len(context_latents) > 1 and settings.placement == "kontext":
             settings = _with_overrides(settings, {"placement": "offset"})
-        cond, negative = self._conditioning(prompt, conditioning, settings, batch_size)
         latent_size = self.latent_size(*size) if size is not None else None
         latents = self.generate(cond, settings, context_latents=context_latents, latent_size=latent_size,
                                 init_latent=context_latents[0] if settings.denoise < 1 else None,
@@ -235,6 +238,7 @@ class KontextPipeline:
                       loras: Sequence[LoraSpec] = (), **overrides: Any) -> EditResult:
         settings = _with_overrides(settings, overrides)
         latent_size = self.latent_size(width, height)
+        batch_size = _batch(prompt, conditioning, batch_size)
         cond, negative = self._conditioning(prompt, conditioning, settings, batch_size)
         latents = self.generate(cond, settings, latent_size=latent_size, negative=negative, callback=callback,
                                 loras=loras)
@@ -247,6 +251,15 @@ class KontextPipeline:
                 raise ValueError("a session starts from an image or a latent")
             latent = self.encode_image(image, resize)
         return EditSession(self, latent, settings or GenerationSettings())
+
+
+def _batch(prompt: str | list[str], conditioning: TextConditioning | None, batch_size: int) -> int:
+    """A list of prompts (or batched conditioning) sets the batch; one prompt is repeated batch_size times."""
+    count = conditioning.txt.shape[0] if conditioning is not None else (
+        len(prompt) if isinstance(prompt, list) else 1)
+    if count > 1 and batch_size not in (1, count):
+        raise ValueError(f"{count} prompts for a batch of {batch_size}; give one prompt or one per item")
+    return max(count, batch_size)
 
 
 def _prompt_text(prompt: str | list[str]) -> str:

@@ -157,3 +157,37 @@ def test_preferred_resolution_and_image_modes():
     palette.putpalette([0, 255, 0] * 256)
     assert to_rgb_array(palette)[0, 0].tolist() == [0.0, 1.0, 0.0]
     assert to_rgb_array(Image.new("L", (2, 2), 128))[0, 0].tolist() == pytest.approx([128 / 255] * 3)
+
+
+def test_batch_of_prompts_equals_one_call_per_prompt(pipeline):
+    prompts = ["make it red", "add a hat"]
+    image = _image(7)
+    batched = pipeline.edit(image, prompts, resize="keep", seed=3, decode=False, **FAST).latents
+    assert batched.shape[0] == 2
+    # One noise tensor [2, ...] from the seed, as ComfyUI batches; item i uses row i of it.
+    noise = make_noise(3, 2, 16, *batched.shape[-2:])
+    context = [pipeline.encode_image(image, resize="keep")]
+    for i, prompt in enumerate(prompts):
+        single = pipeline.generate(pipeline.encode_prompt(prompt), GenerationSettings(seed=3, **FAST),
+                                   context_latents=context, noise=noise[i:i + 1])
+        assert torch.allclose(batched[i:i + 1], single, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="2 prompts for a batch of 3"):
+        pipeline.edit(image, "x", conditioning=pipeline.encode_prompt(prompts), batch_size=3, decode=False)
+
+
+def test_loras_apply_for_one_call_only(pipeline, tiny_transformer, tmp_path):
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(0)
+    down = torch.randn(4, 128, generator=generator) * 0.3
+    up = torch.randn(384, 4, generator=generator) * 0.3
+    save_file({"diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight": down,
+               "diffusion_model.double_blocks.0.img_attn.qkv.lora_B.weight": up}, tmp_path / "style.safetensors")
+    before = {k: v.clone() for k, v in tiny_transformer.state_dict().items()}
+    plain = pipeline.text_to_image("x", width=32, height=32, decode=False, **FAST).latents
+    styled = pipeline.text_to_image("x", width=32, height=32, decode=False,
+                                    loras=[(tmp_path / "style.safetensors", 1.0)], **FAST).latents
+    assert not torch.allclose(plain, styled)
+    again = pipeline.text_to_image("x", width=32, height=32, decode=False, **FAST).latents
+    assert torch.equal(plain, again)
+    assert all(torch.equal(v, before[k]) for k, v in tiny_transformer.state_dict().items())
