@@ -191,3 +191,15 @@ def test_loras_apply_for_one_call_only(pipeline, tiny_transformer, tmp_path):
     again = pipeline.text_to_image("x", width=32, height=32, decode=False, **FAST).latents
     assert torch.equal(plain, again)
     assert all(torch.equal(v, before[k]) for k, v in tiny_transformer.state_dict().items())
+
+
+def test_roundtrip_option_reencodes_the_decoded_turn(pipeline):
+    session = pipeline.session(_image(8), resize="keep", settings=GenerationSettings(**FAST))
+    chained = session.edit("a", seed=1)
+    session.branch(chained.index)
+    roundtrip = session.edit("b", seed=2, roundtrip=True)
+    reencoded = pipeline.encode_image(pipeline.decode(chained.latent)[0], resize="keep")
+    direct = pipeline.edit(None, "b", context_latents=[reencoded], seed=2, decode=False, **FAST).latents
+    assert torch.equal(roundtrip.latent, direct)
+    latent_chained = pipeline.edit(None, "b", context_latents=[chained.latent], seed=2, decode=False, **FAST).latents
+    assert not torch.equal(roundtrip.latent, latent_chained)
