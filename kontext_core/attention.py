@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 _BACKENDS = ("auto", "sdpa", "math", "flash-attn")
 _backend = "auto"
@@ -26,12 +29,20 @@ def get_attention_backend() -> str:
     return _backend
 
 
-def _flash_attn_func():
+def _load_flash_attn():
     try:
         from flash_attn import flash_attn_func  # type: ignore
     except Exception:
         return None
     return flash_attn_func
+
+
+# Resolved once at import: torch.compile cannot trace an import inside the attention call.
+_FLASH_ATTN = _load_flash_attn()
+
+
+def _flash_attn_func():
+    return _FLASH_ATTN
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -50,3 +61,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     else:
         out = F.scaled_dot_product_attention(q, k, v)
     return out.transpose(1, 2).reshape(batch, length, heads * head_dim)
+
+
+# On Hopper, cuDNN's fused attention runs FLUX's shapes at about twice the rate of PyTorch's flash
+# backend (measured 654 vs 344 TFLOP/s on an H100), but SDPA does not prefer it by default.
+_CUDA_PRIORITY = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                  SDPBackend.MATH]
+
+
+def attention_scope(device: torch.device) -> contextlib.AbstractContextManager:
+    """Wrap a whole forward: on CUDA, SDPA tries cuDNN first, then flash, then the others."""
+    if device.type != "cuda" or _backend not in ("auto", "sdpa"):
+        return contextlib.nullcontext()
+    return sdpa_kernel(_CUDA_PRIORITY, set_priority=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .attention import attention_scope
 from .config import TransformerConfig
 from .layers import (
     DoubleStreamBlock,
@@ -76,11 +77,12 @@ class KontextTransformer(nn.Module):
         rope_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         rope = RopeFrequencies(*rope_frequencies(ids, config.axes_dim, config.theta, rope_dtype))
 
-        for block in self.double_blocks:
-            img, txt = block(img, txt, vec, rope)
-        joint = torch.cat((txt, img), dim=1)
-        for block in self.single_blocks:
-            joint = block(joint, vec, rope)
+        with attention_scope(img.device):
+            for block in self.double_blocks:
+                img, txt = block(img, txt, vec, rope)
+            joint = torch.cat((txt, img), dim=1)
+            for block in self.single_blocks:
+                joint = block(joint, vec, rope)
         return self.final_layer(joint[:, txt.shape[1]:], vec)
 
     def velocity(

@@ -1,0 +1,253 @@
+"""Speed of one Kontext transformer step on a CUDA GPU: ours vs diffusers, against the compute floor.
+
+    python3 bench/bench_step.py --impls ours diffusers --workloads edit t2i [--e2e] [--out DIR]
+
+Random weights at full size (bf16). Workloads: edit = 1024x1024 target + one 1024x1024 context + 512
+text tokens (8704 tokens); t2i = 1024x1024 + 512 text (4608). The floor is the step's FLOPs divided by
+the bf16 matmul rate measured in the same run. Every number of one run comes from the same process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kontext_core import Autoencoder, KontextTransformer, TransformerConfig  # noqa: E402
+from kontext_core.checkpoints.key_maps import to_theirs, transformer_links  # noqa: E402
+from kontext_core.pipeline import GenerationSettings, KontextPipeline  # noqa: E402
+from kontext_core.sampling import TextConditioning  # noqa: E402
+from kontext_core.tokens import context_tokens, pack_latent, position_ids, text_position_ids  # noqa: E402
+
+WORKLOADS = {"edit": {"latent": 128, "context": True, "text": 512}, "t2i": {"latent": 128, "context": False, "text": 512}}
+
+
+def step_flops(config: TransformerConfig, image_tokens: int, text_tokens: int) -> dict[str, float]:
+    """FLOPs of one forward: every block's linears (24 h^2 per token) and attention (4 N^2 h per block)."""
+    h, blocks = config.hidden_size, config.depth + config.depth_single_blocks
+    tokens = image_tokens + text_tokens
+    linear = 24 * h * h * tokens * blocks
+    linear += 2 * image_tokens * h * (config.in_channels + config.out_channels) + 2 * text_tokens * h * config.context_in_dim
+    attention = 4 * tokens * tokens * h * blocks
+    return {"linear": float(linear), "attention": float(attention), "total": float(linear + attention)}
+
+
+def cuda_time(fn, warmup: int = 2, iterations: int = 5) -> float:
+    """Median seconds of `fn` over CUDA-event-timed iterations."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iterations):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    return statistics.median(times)
+
+
+def matmul_rate(m: int = 8192, n: int = 8192, k: int = 8192) -> float:
+    a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(k, n, device="cuda", dtype=torch.bfloat16)
+    seconds = cuda_time(lambda: a @ b, warmup=3, iterations=10)
+    return 2 * m * n * k / seconds
+
+
+def attention_rate(tokens: int, config: TransformerConfig) -> float:
+    from kontext_core.attention import attention, attention_scope
+
+    q, k, v = (torch.randn(1, config.num_heads, tokens, config.head_dim, device="cuda", dtype=torch.bfloat16)
+               for _ in range(3))
+    with attention_scope(q.device):
+        seconds = cuda_time(lambda: attention(q, k, v), warmup=3, iterations=10)
+    return 4 * tokens * tokens * config.hidden_size / seconds
+
+
+def random_transformer(config: TransformerConfig) -> KontextTransformer:
+    """Full-size model with weights at a realistic scale (1/sqrt(fan_in)), norms near 1."""
+    with torch.device("meta"):
+        model = KontextTransformer(config)
+    model = model.to_empty(device="cuda").to(torch.bfloat16)
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.ndim == 2:
+                param.normal_(0, param.shape[1] ** -0.5, generator=generator)
+            elif name.endswith("scale"):
+                param.fill_(1.0)
+            else:
+                param.normal_(0, 0.02, generator=generator)
+    return model.eval().requires_grad_(False)
+
+
+def diffusers_twin(model: KontextTransformer):
+    """diffusers' FluxTransformer2DModel sharing our weights (converted by our key map)."""
+    from diffusers import FluxTransformer2DModel
+
+    c = model.config
+    with torch.device("meta"):
+        twin = FluxTransformer2DModel(
+            patch_size=1, in_channels=c.in_channels, out_channels=c.out_channels, num_layers=c.depth,
+            num_single_layers=c.depth_single_blocks, attention_head_dim=c.head_dim, num_attention_heads=c.num_heads,
+            joint_attention_dim=c.context_in_dim, pooled_projection_dim=c.vec_in_dim,
+            guidance_embeds=c.guidance_embed, axes_dims_rope=list(c.axes_dim))
+    ours = model.state_dict()
+    state = {}
+    for link in transformer_links(c):
+        state.update({k: v.contiguous() for k, v in to_theirs(link, ours[link.ours], lambda n, t: tuple(t.shape)).items()})
+    twin.load_state_dict(state, assign=True, strict=True)
+    return twin.eval().requires_grad_(False)
+
+
+def inputs(config: TransformerConfig, workload: dict, seed: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    side = workload["latent"]
+    dev = "cuda"
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator).to(dev, torch.bfloat16)
+
+    data = {
+        "img": pack_latent(randn(1, 16, side, side)), "img_ids": position_ids(side, side, device=dev),
+        "txt": randn(1, workload["text"], config.context_in_dim),
+        "txt_ids": text_position_ids(1, workload["text"], device=dev),
+        # t and guidance exact after diffusers' bf16 rounding of t*1000 and g*1000, so the check compares models.
+        "t": torch.tensor([0.5], device=dev), "y": randn(1, config.vec_in_dim), "g": torch.tensor([4.0], device=dev),
+        "ctx": None, "ctx_ids": None,
+    }
+    if workload["context"]:
+        data["ctx"], data["ctx_ids"] = context_tokens([randn(1, 16, side, side)], (side, side), "kontext")
+    return data
+
+
+def ours_step(model: KontextTransformer, x: dict):
+    return lambda: model.velocity(x["img"], x["img_ids"], x["txt"], x["txt_ids"], x["t"], x["y"], x["g"],
+                                  x["ctx"], x["ctx_ids"])
+
+
+def diffusers_step(twin, x: dict):
+    img = x["img"] if x["ctx"] is None else torch.cat([x["img"], x["ctx"]], 1)
+    ids = x["img_ids"][0] if x["ctx"] is None else torch.cat([x["img_ids"], x["ctx_ids"]], 1)[0]
+    n = x["img"].shape[1]
+    return lambda: twin(hidden_states=img, encoder_hidden_states=x["txt"], pooled_projections=x["y"],
+                        timestep=x["t"].to(torch.bfloat16), img_ids=ids, txt_ids=x["txt_ids"][0],
+                        guidance=x["g"].to(torch.bfloat16), return_dict=False)[0][:, :n]
+
+
+def compile_blocks(model, impl: str) -> None:
+    if impl.startswith("diffusers"):
+        model.compile_repeated_blocks(fullgraph=True)
+        return
+    for block in list(model.double_blocks) + list(model.single_blocks):
+        block.compile(fullgraph=True)
+
+
+def uncompile(model) -> None:
+    for module in model.modules():
+        if getattr(module, "_compiled_call_impl", None) is not None:
+            module._compiled_call_impl = None
+
+
+def end_to_end(model: KontextTransformer, steps: int = 28) -> float:
+    """1024x1024 edit: AE encode of the context, `steps` steps, AE decode (prompt embeddings given)."""
+    with torch.device("meta"):
+        ae = Autoencoder()
+    ae = ae.to_empty(device="cuda").to(torch.bfloat16)
+    with torch.no_grad():
+        for name, p in ae.named_parameters():
+            p.normal_(0, (p[0].numel() ** -0.5) if p.ndim > 1 else 0.02)
+            if "norm" in name and name.endswith("weight"):
+                p.fill_(1.0)
+    pipe = KontextPipeline(model, ae.eval())
+    config = model.config
+    cond = TextConditioning(torch.randn(1, 512, config.context_in_dim, device="cuda"),
+                            torch.randn(1, config.vec_in_dim, device="cuda"))
+    image = torch.rand(1, 3, 1024, 1024, device="cuda", dtype=torch.bfloat16) * 2 - 1
+
+    def run():
+        with torch.no_grad():
+            context = ae.encode(image).float()
+            latent = pipe.generate(cond, GenerationSettings(steps=steps), context_latents=[context])
+            return ae.decode(latent.to(torch.bfloat16))
+
+    run()  # warm-up (compilation, cuDNN plans)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    run()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--impls", nargs="+", default=["ours", "diffusers"],
+                        choices=["ours", "ours-compiled", "diffusers", "diffusers-compiled"])
+    parser.add_argument("--workloads", nargs="+", default=["edit", "t2i"], choices=list(WORKLOADS))
+    parser.add_argument("--e2e", action="store_true", help="also time a full 28-step 1024x1024 edit")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+
+    torch.backends.cuda.matmul.allow_tf32 = True
+    config = TransformerConfig()
+    gpu = torch.cuda.get_device_name()
+    rate = matmul_rate()
+    record = {"gpu": gpu, "torch": torch.__version__, "matmul_tflops": rate / 1e12, "results": []}
+    print(f"{gpu}, torch {torch.__version__}: bf16 matmul 8192^3 at {rate / 1e12:.0f} TFLOP/s", flush=True)
+
+    model = random_transformer(config)
+    twin = diffusers_twin(model) if any(i.startswith("diffusers") for i in args.impls) else None
+    for name in args.workloads:
+        workload = WORKLOADS[name]
+        x = inputs(config, workload)
+        image_tokens = x["img"].shape[1] + (x["ctx"].shape[1] if x["ctx"] is not None else 0)
+        flops = step_flops(config, image_tokens, workload["text"])
+        floor = flops["total"] / rate
+        attn_rate = attention_rate(image_tokens + workload["text"], config)
+        print(f"[{name}] {image_tokens + workload['text']} tokens, {flops['total'] / 1e12:.1f} TFLOP, "
+              f"floor {floor * 1e3:.1f} ms; attention alone at {attn_rate / 1e12:.0f} TFLOP/s", flush=True)
+        reference = None
+        for impl in args.impls:
+            target = model if impl.startswith("ours") else twin
+            if impl.endswith("compiled"):
+                compile_blocks(target, impl)
+            fn = ours_step(target, x) if impl.startswith("ours") else diffusers_step(target, x)
+            torch.cuda.reset_peak_memory_stats()
+            with torch.no_grad():
+                out = fn()
+                if reference is None:
+                    reference = out.float()
+                error = ((out.float() - reference).abs().max() / reference.abs().max()).item()
+                seconds = cuda_time(fn)
+            peak = torch.cuda.max_memory_allocated() / 2**30
+            row = {"workload": name, "impl": impl, "ms": seconds * 1e3, "floor_ms": floor * 1e3,
+                   "x_floor": seconds / floor, "tflops": flops["total"] / seconds / 1e12, "peak_gib": peak,
+                   "rel_err_vs_first": error, "attention_tflops": attn_rate / 1e12}
+            record["results"].append(row)
+            print(f"  {impl:20s} {seconds * 1e3:8.1f} ms  {seconds / floor:5.2f}x floor  "
+                  f"{row['tflops']:5.0f} TFLOP/s  peak {peak:5.1f} GiB  rel.err vs {args.impls[0]}: {error:.2e}",
+                  flush=True)
+            if impl.endswith("compiled"):
+                uncompile(target)
+                torch._dynamo.reset()
+    if args.e2e:
+        if "ours-compiled" in args.impls:
+            compile_blocks(model, "ours-compiled")
+        record["e2e_edit_28_steps_s"] = end_to_end(model)
+        print(f"end-to-end 1024x1024 edit, 28 steps, AE encode+decode: {record['e2e_edit_28_steps_s']:.2f} s")
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "bench.json").write_text(json.dumps(record, indent=2))
+
+
+if __name__ == "__main__":
+    main()
