@@ -191,7 +191,8 @@ def end_to_end(model: KontextTransformer, steps: int = 28) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--impls", nargs="+", default=["ours", "diffusers"],
-                        choices=["ours", "ours-compiled", "diffusers", "diffusers-compiled"])
+                        choices=["ours", "ours-compiled", "ours-fp8", "ours-fp8-compiled", "diffusers",
+                                 "diffusers-compiled"])
     parser.add_argument("--workloads", nargs="+", default=["edit", "t2i"], choices=list(WORKLOADS))
     parser.add_argument("--e2e", action="store_true", help="also time a full 28-step 1024x1024 edit")
     parser.add_argument("--out", default=None)
@@ -206,6 +207,11 @@ def main() -> None:
 
     model = random_transformer(config)
     twin = diffusers_twin(model) if any(i.startswith("diffusers") for i in args.impls) else None
+    fp8_model = None
+    if any(i.startswith("ours-fp8") for i in args.impls):
+        from kontext_core.quant import quantize_model_fp8
+
+        fp8_model = quantize_model_fp8(random_transformer(config))  # same seed: the same weights, then e4m3
     for name in args.workloads:
         workload = WORKLOADS[name]
         x = inputs(config, workload)
@@ -217,7 +223,7 @@ def main() -> None:
               f"floor {floor * 1e3:.1f} ms; attention alone at {attn_rate / 1e12:.0f} TFLOP/s", flush=True)
         reference = None
         for impl in args.impls:
-            target = model if impl.startswith("ours") else twin
+            target = fp8_model if impl.startswith("ours-fp8") else model if impl.startswith("ours") else twin
             if impl.endswith("compiled"):
                 compile_blocks(target, impl)
             fn = ours_step(target, x) if impl.startswith("ours") else diffusers_step(target, x)
@@ -240,10 +246,16 @@ def main() -> None:
                 uncompile(target)
                 torch._dynamo.reset()
     if args.e2e:
-        if "ours-compiled" in args.impls:
-            compile_blocks(model, "ours-compiled")
-        record["e2e_edit_28_steps_s"] = end_to_end(model)
-        print(f"end-to-end 1024x1024 edit, 28 steps, AE encode+decode: {record['e2e_edit_28_steps_s']:.2f} s")
+        for label, target in (("bf16", model), ("fp8", fp8_model)):
+            if target is None:
+                continue
+            if any(i.endswith("compiled") for i in args.impls):
+                compile_blocks(target, "ours-compiled")
+            seconds = end_to_end(target)
+            record[f"e2e_edit_28_steps_{label}_s"] = seconds
+            print(f"end-to-end 1024x1024 edit, 28 steps, AE encode+decode, {label}: {seconds:.2f} s", flush=True)
+            uncompile(target)
+            torch._dynamo.reset()
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "bench.json").write_text(json.dumps(record, indent=2))

@@ -7,6 +7,40 @@ import torch.nn.functional as F
 from torch import nn
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max
+
+_fp8_matmul = True
+
+
+def set_fp8_matmul(enabled: bool) -> None:
+    """On GPUs with fp8 tensor cores (Ada, Hopper), Fp8Linear multiplies in fp8; off: upcast weights."""
+    global _fp8_matmul
+    _fp8_matmul = bool(enabled)
+
+
+def _fp8_matmul_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    if not (_fp8_matmul and x.is_cuda and weight.dtype == torch.float8_e4m3fn):
+        return False
+    if x.dtype not in (torch.bfloat16, torch.float16) or weight.shape[0] % 16 or weight.shape[1] % 16:
+        return False
+    return torch.cuda.get_device_capability(x.device) >= (8, 9)
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+               bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ (weight * weight_scale).T + bias on fp8 tensor cores.
+
+    Activations are quantized per token (row) with a dynamic scale amax/448, weights carry their
+    per-tensor or per-row scale; the product accumulates in fp32 and is written in x's dtype.
+    """
+    shape = x.shape
+    rows = x.reshape(-1, shape[-1])
+    x_scale = rows.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / E4M3_MAX
+    x_fp8 = (rows.float() / x_scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    w_scale = weight_scale.float().reshape(1, -1).expand(1, weight.shape[0]).contiguous()
+    out = torch._scaled_mm(x_fp8, weight.t(), scale_a=x_scale, scale_b=w_scale,
+                           bias=bias.to(x.dtype) if bias is not None else None, out_dtype=x.dtype)
+    return out.reshape(*shape[:-1], weight.shape[0])
 
 
 class Fp8Linear(nn.Module):
@@ -35,6 +69,8 @@ class Fp8Linear(nn.Module):
         return (self.weight.float() * scale).to(dtype or self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _fp8_matmul_ok(x, self.weight):
+            return fp8_linear(x, self.weight, self.weight_scale, self.bias)
         weight = self.dequantized_weight(x.dtype)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return F.linear(x, weight, bias)
@@ -44,12 +80,37 @@ class Fp8Linear(nn.Module):
                 f"weight={self.weight.dtype}, compute={self.compute_dtype}")
 
 
-def quantize_weight(weight: torch.Tensor, fp8_dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-tensor scaled float8: returns (weight_fp8, scale) with weight ~= weight_fp8 * scale."""
+def quantize_weight(weight: torch.Tensor, fp8_dtype: torch.dtype = torch.float8_e4m3fn,
+                    per_row: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled float8: (weight_fp8, scale) with weight ~= weight_fp8 * scale.
+
+    Per-tensor scales are what ComfyUI's scaled-fp8 files hold; per-row scales ([out_features])
+    follow each output channel's range and lose less.
+    """
     max_value = torch.finfo(fp8_dtype).max
-    amax = weight.detach().float().abs().max().clamp(min=1e-12)
-    scale = (amax / max_value).to(torch.float32)
-    return (weight.float() / scale).clamp(-max_value, max_value).to(fp8_dtype), scale
+    magnitude = weight.detach().float().abs()
+    amax = magnitude.amax(dim=1) if per_row else magnitude.max()
+    scale = (amax.clamp(min=1e-12) / max_value).to(torch.float32)
+    divisor = scale[:, None] if per_row else scale
+    return (weight.float() / divisor).clamp(-max_value, max_value).to(fp8_dtype), scale
+
+
+def quantize_model_fp8(model: nn.Module, prefixes: tuple[str, ...] = ("double_blocks.", "single_blocks."),
+                       per_row: bool = True) -> nn.Module:
+    """Replace the model's block linears, in place, by Fp8Linear layers with e4m3 weights."""
+    for name, module in list(model.named_modules()):
+        if not (isinstance(module, nn.Linear) and name.startswith(prefixes)):
+            continue
+        weight, scale = quantize_weight(module.weight, per_row=per_row)
+        fp8 = Fp8Linear(module.in_features, module.out_features, module.bias is not None,
+                        compute_dtype=module.weight.dtype, device="meta")
+        fp8.weight = nn.Parameter(weight, requires_grad=False)
+        fp8.weight_scale = nn.Parameter(scale, requires_grad=False)
+        if module.bias is not None:
+            fp8.bias = nn.Parameter(module.bias.detach(), requires_grad=False)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, fp8)
+    return model
 
 
 def replace_linears_with_fp8(model: nn.Module, names: set[str], weight_dtypes: dict[str, torch.dtype],

@@ -257,3 +257,15 @@ def test_folder_without_weights_and_bad_dtype(tiny_transformer, tmp_path):
     _expect(tmp_path / "empty", "no transformer weights in the folder.*README.md")
     save_transformer(tiny_transformer, tmp_path / "m.safetensors")
     _expect(tmp_path / "m.safetensors", "unsupported dtype 'int8'.*bf16, fp16, fp32, fp8", dtype="int8")
+
+
+def test_quantize_model_fp8_per_row(tiny_transformer):
+    import copy
+
+    from kontext_core.quant import quantize_model_fp8
+
+    quantized = quantize_model_fp8(copy.deepcopy(tiny_transformer))
+    qkv = quantized.double_blocks[0].img_attn.qkv
+    assert isinstance(qkv, Fp8Linear) and qkv.weight_scale.shape == (qkv.out_features,)
+    assert rel_error(qkv.dequantized_weight(torch.float32), tiny_transformer.double_blocks[0].img_attn.qkv.weight) < 0.07
+    assert rel_error(_velocity(quantized), _velocity(tiny_transformer)) < FP8_TOLERANCE["fp8_e4m3fn"]
