@@ -233,14 +233,15 @@ def main() -> None:
                 if reference is None:
                     reference = out.float()
                 error = ((out.float() - reference).abs().max() / reference.abs().max()).item()
+                l2_error = ((out.float() - reference).norm() / reference.norm()).item()
                 seconds = cuda_time(fn)
             peak = torch.cuda.max_memory_allocated() / 2**30
             row = {"workload": name, "impl": impl, "ms": seconds * 1e3, "floor_ms": floor * 1e3,
                    "x_floor": seconds / floor, "tflops": flops["total"] / seconds / 1e12, "peak_gib": peak,
-                   "rel_err_vs_first": error, "attention_tflops": attn_rate / 1e12}
+                   "rel_err_vs_first": error, "rel_l2_vs_first": l2_error, "attention_tflops": attn_rate / 1e12}
             record["results"].append(row)
             print(f"  {impl:20s} {seconds * 1e3:8.1f} ms  {seconds / floor:5.2f}x floor  "
-                  f"{row['tflops']:5.0f} TFLOP/s  peak {peak:5.1f} GiB  rel.err vs {args.impls[0]}: {error:.2e}",
+                  f"{row['tflops']:5.0f} TFLOP/s  peak {peak:5.1f} GiB  vs {args.impls[0]}: max {error:.2e} L2 {l2_error:.2e}",
                   flush=True)
             if impl.endswith("compiled"):
                 uncompile(target)
