@@ -152,13 +152,29 @@ def compile_blocks(model, impl: str) -> None:
         block.compile(fullgraph=True)
 
 
+def profile_step(fn, impl: str, workload: str, top: int = 12) -> None:
+    """GPU time of one step grouped by kernel name: where the milliseconds above the floor go."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    totals: dict[str, float] = {}
+    for event in prof.events():
+        if event.device_type.name == "CUDA":
+            totals[event.name[:70]] = totals.get(event.name[:70], 0.0) + event.device_time / 1e3
+    print(f"    profile {impl} [{workload}]: {sum(totals.values()):.1f} ms of GPU time", flush=True)
+    for kernel, ms in sorted(totals.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"      {ms:7.2f} ms  {kernel}", flush=True)
+
+
 def uncompile(model) -> None:
     for module in model.modules():
         if getattr(module, "_compiled_call_impl", None) is not None:
             module._compiled_call_impl = None
 
 
-def end_to_end(model: KontextTransformer, steps: int = 28) -> float:
+def end_to_end(model: KontextTransformer, steps: int = 28, cuda_graphs: bool = False) -> float:
     """1024x1024 edit: AE encode of the context, `steps` steps, AE decode (prompt embeddings given)."""
     with torch.device("meta"):
         ae = Autoencoder()
@@ -168,7 +184,7 @@ def end_to_end(model: KontextTransformer, steps: int = 28) -> float:
             p.normal_(0, (p[0].numel() ** -0.5) if p.ndim > 1 else 0.02)
             if "norm" in name and name.endswith("weight"):
                 p.fill_(1.0)
-    pipe = KontextPipeline(model, ae.eval())
+    pipe = KontextPipeline(model, ae.eval(), cuda_graphs=cuda_graphs)
     config = model.config
     cond = TextConditioning(torch.randn(1, 512, config.context_in_dim, device="cuda"),
                             torch.randn(1, config.vec_in_dim, device="cuda"))
@@ -196,6 +212,7 @@ def main() -> None:
     parser.add_argument("--workloads", nargs="+", default=["edit", "t2i"], choices=list(WORKLOADS))
     parser.add_argument("--e2e", action="store_true", help="also time a full 28-step 1024x1024 edit")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--profile", action="store_true", help="print the GPU time per kernel kind of one step")
     args = parser.parse_args()
 
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -236,6 +253,8 @@ def main() -> None:
                 l2_error = ((out.float() - reference).norm() / reference.norm()).item()
                 seconds = cuda_time(fn)
             peak = torch.cuda.max_memory_allocated() / 2**30
+            if args.profile:
+                profile_step(fn, impl, name)
             row = {"workload": name, "impl": impl, "ms": seconds * 1e3, "floor_ms": floor * 1e3,
                    "x_floor": seconds / floor, "tflops": flops["total"] / seconds / 1e12, "peak_gib": peak,
                    "rel_err_vs_first": error, "rel_l2_vs_first": l2_error, "attention_tflops": attn_rate / 1e12}
@@ -252,9 +271,11 @@ def main() -> None:
                 continue
             if any(i.endswith("compiled") for i in args.impls):
                 compile_blocks(target, "ours-compiled")
-            seconds = end_to_end(target)
-            record[f"e2e_edit_28_steps_{label}_s"] = seconds
-            print(f"end-to-end 1024x1024 edit, 28 steps, AE encode+decode, {label}: {seconds:.2f} s", flush=True)
+            for graphs in (False, True):
+                seconds = end_to_end(target, cuda_graphs=graphs)
+                tag = f"{label}{'+cuda-graphs' if graphs else ''}"
+                record[f"e2e_edit_28_steps_{tag}_s"] = seconds
+                print(f"end-to-end 1024x1024 edit, 28 steps, AE encode+decode, {tag}: {seconds:.2f} s", flush=True)
             uncompile(target)
             torch._dynamo.reset()
     if args.out:
