@@ -16,8 +16,7 @@ import torch
 from PIL import Image
 
 from .autoencoder import Autoencoder
-from .cuda_graph import GraphedVelocity
-from .lora import active_loras, apply_lora
+from .lora import apply_lora
 from .image import FIT_MODES, RESIZE_MODES, prepare_image, to_pil
 from .sampling import SAMPLER_MODES, StepCallback, TextConditioning, denoise_schedule, noise_latent, sample_euler
 from .tokens import PLACEMENTS, context_tokens, pack_latent, position_ids, unpack_tokens
@@ -68,12 +67,10 @@ class EditResult:
 
 class KontextPipeline:
     def __init__(self, transformer: KontextTransformer, autoencoder: Autoencoder,
-                 text_encoders: PromptEncoder | None = None, cuda_graphs: bool = False):
+                 text_encoders: PromptEncoder | None = None):
         self.transformer = transformer
         self.autoencoder = autoencoder
         self.text_encoders = text_encoders
-        # One launch per step instead of thousands (CUDA only); graphs are kept per input shape.
-        self._graphed = GraphedVelocity(transformer.velocity) if cuda_graphs else None
 
     @property
     def device(self) -> torch.device:
@@ -177,18 +174,10 @@ class KontextPipeline:
     def _sample(self, start, height, width, batch, conditioning, timesteps, settings, ctx, ctx_ids, negative,
                 callback) -> torch.Tensor:
         device = self.device
-        velocity_fn = None
-        if self._graphed is not None:
-            # A graph replays the kernels it captured: LoRA hooks or merges made since would be missed.
-            if device.type == "cuda" and not active_loras(self.transformer):
-                velocity_fn = self._graphed
-            else:
-                self._graphed.reset()
         return sample_euler(
             self.transformer, pack_latent(start).to(device), position_ids(height, width, batch=batch, device=device),
             conditioning, timesteps, guidance=settings.guidance, context=ctx, context_ids=ctx_ids,
             negative=negative, true_cfg=settings.true_cfg if negative is not None else 1.0, callback=callback,
-            velocity_fn=velocity_fn,
         )
 
     def _conditioning(self, prompt: str | list[str], conditioning: TextConditioning | None,

@@ -101,13 +101,11 @@ def sample_euler(
     negative: TextConditioning | None = None,
     true_cfg: float = 1.0,
     callback: StepCallback | None = None,
-    velocity_fn: Callable[..., torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Euler integration of the flow; the latent is kept in float32 (or float64) between steps.
 
     With `negative` and true_cfg > 1, positive and negative predictions come from one batched forward
-    and are combined as v_neg + true_cfg * (v_pos - v_neg). `velocity_fn` replaces `model.velocity`
-    (same arguments), e.g. by a CUDA-graphed version of it.
+    and are combined as v_neg + true_cfg * (v_pos - v_neg).
     """
     batch = x.shape[0]
     device, dtype = model.device, model.dtype
@@ -128,8 +126,7 @@ def sample_euler(
     for step, (t, t_next) in enumerate(zip(timesteps[:-1], timesteps[1:])):
         t_vec = torch.full((batch * copies,), t, device=device)
         model_in = x.to(dtype).repeat(copies, 1, 1)
-        velocity = (velocity_fn or model.velocity)(model_in, ids, txt, txt_ids, t_vec, y, guidance_vec, ctx,
-                                                   ctx_ids).to(state_dtype)
+        velocity = model.velocity(model_in, ids, txt, txt_ids, t_vec, y, guidance_vec, ctx, ctx_ids).to(state_dtype)
         if use_cfg:
             positive, negative_v = velocity.chunk(2)
             velocity = negative_v + true_cfg * (positive - negative_v)

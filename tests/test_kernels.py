@@ -1,0 +1,303 @@
+"""The fused Triton kernels (kernels/) against their PyTorch references (`*_reference`, same module).
+
+On the CPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1) on small, awkward
+shapes; every test checks the launch counter so that a silent fallback to the reference cannot
+pass. Tolerance: rel_error (max|ours - reference| / max|reference|) <= 1e-4 in float32, 2e-2 in
+bfloat16 (the kernels round once at the end, the references after every step). On a CUDA GPU,
+the compiled kernels are checked at the full FLUX sizes in bfloat16.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import kernels
+from conftest import rel_error
+from kernels.runtime import launches, triton_available
+
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+DTYPES = [torch.float32, torch.bfloat16]
+# Modules whose @triton.jit decorators read TRITON_INTERPRET when they run, i.e. at import.
+KERNEL_MODULES = ("kernels.modulation", "kernels.qk_norm_rope", "kernels.ffn")
+NO_TRITON = "triton is not installed (pip install triton==3.6.0); the kernels fall back to their references"
+
+
+def _reload_kernel_modules() -> None:
+    for name in KERNEL_MODULES:
+        importlib.reload(importlib.import_module(name))
+
+
+@pytest.fixture(scope="class", params=["interpreter", "cuda"])
+def device(request) -> str:
+    """Where the awkward-size checks run: Triton's CPU interpreter, and the compiled kernels on a GPU.
+
+    The kernel modules are rebuilt for the mode (their @triton.jit reads TRITON_INTERPRET at
+    import) and put back as they were afterwards.
+    """
+    if not triton_available():
+        pytest.skip(NO_TRITON)
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    with pytest.MonkeyPatch.context() as patch:
+        if request.param == "interpreter":
+            patch.setenv("TRITON_INTERPRET", "1")
+        else:
+            patch.delenv("TRITON_INTERPRET", raising=False)
+        patch.delenv("KONTEXT_KERNELS", raising=False)
+        _reload_kernel_modules()
+        kernels.set_enabled(True)
+        yield "cpu" if request.param == "interpreter" else "cuda"
+    _reload_kernel_modules()
+
+
+@pytest.fixture(scope="class")
+def compiled():
+    """Kernel modules built for the GPU, even if an interpreted build was loaded before."""
+    if not triton_available():
+        pytest.skip(NO_TRITON)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("TRITON_INTERPRET", raising=False)
+        patch.delenv("KONTEXT_KERNELS", raising=False)
+        _reload_kernel_modules()
+        kernels.set_enabled(True)
+        yield
+    _reload_kernel_modules()
+
+
+def _assert_launched(name: str, before: int) -> None:
+    assert launches[name] > before, f"{name} fell back to its reference instead of running the Triton kernel"
+
+
+def _modulation_chunks(batch: int, channels: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """shift and scale as the model has them: strided chunks of one [B, 1, 3C] projection."""
+    projection = torch.randn(batch, 1, 3 * channels, dtype=dtype)
+    shift, scale, _gate = projection.chunk(3, dim=-1)
+    return shift, scale
+
+
+def _rope_tables(batch: int, length: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    angle = torch.randn(batch, 1, length, head_dim // 2) * 3.0
+    return torch.cos(angle), torch.sin(angle)
+
+
+@pytest.mark.usefixtures("interpreter")
+class TestInterpreted:
+    @pytest.mark.parametrize("dtype", DTYPES)
+    @pytest.mark.parametrize("channels", [100, 129])
+    def test_layernorm_modulate(self, dtype, channels):
+        from kernels import modulation
+
+        x = torch.randn(2, 37, channels, dtype=dtype) * 2.0 + 0.5
+        shift, scale = _modulation_chunks(2, channels, dtype)
+        before = launches["layernorm_modulate"]
+        out = modulation.layernorm_modulate(x, shift, scale)
+        _assert_launched("layernorm_modulate", before)
+        assert out.dtype == dtype and out.shape == x.shape
+        assert rel_error(out, modulation.layernorm_modulate_reference(x, shift, scale)) <= TOLERANCE[dtype]
+
+    def test_layernorm_modulate_strided_rows_and_batch_one_modulation(self):
+        from kernels import modulation
+
+        # x as a slice of a wider tensor (rows not contiguous), shift/scale shared by the batch.
+        x = torch.randn(3, 21, 160)[..., 30:130]
+        shift, scale = _modulation_chunks(1, 100, torch.float32)
+        before = launches["layernorm_modulate"]
+        out = modulation.layernorm_modulate(x, shift, scale)
+        _assert_launched("layernorm_modulate", before)
+        assert rel_error(out, modulation.layernorm_modulate_reference(x, shift, scale)) <= TOLERANCE[torch.float32]
+
+    @pytest.mark.parametrize("dtype", DTYPES)
+    @pytest.mark.parametrize("rope_batch", [1, 2], ids=["rope-batch-1", "rope-batch-B"])
+    def test_qkv_norm_rope(self, dtype, rope_batch):
+        from kernels import qk_norm_rope
+
+        batch, length, heads, head_dim = 2, 37, 2, 64
+        qkv = torch.randn(batch, length, 3 * heads * head_dim, dtype=dtype) * 1.5
+        q_scale = (1.0 + 0.2 * torch.randn(head_dim)).to(dtype)
+        k_scale = (1.0 + 0.2 * torch.randn(head_dim)).to(dtype)
+        cos, sin = _rope_tables(rope_batch, length, head_dim)
+        before = launches["qkv_norm_rope"]
+        outs = qk_norm_rope.qkv_norm_rope(qkv, q_scale, k_scale, cos, sin, heads)
+        _assert_launched("qkv_norm_rope", before)
+        references = qk_norm_rope.qkv_norm_rope_reference(qkv, q_scale, k_scale, cos, sin, heads)
+        for name, out, reference in zip("qkv", outs, references):
+            assert out.shape == (batch, heads, length, head_dim) and out.is_contiguous(), name
+            assert out.dtype == dtype, name
+            assert rel_error(out, reference) <= TOLERANCE[dtype], name
+
+    def test_qkv_norm_rope_padded_head_dim_and_strided_views(self):
+        from kernels import qk_norm_rope
+
+        # head_dim 24 pads to a 32-wide tile; qkv is the front of a wider projection (the single
+        # block's split) and cos/sin a slice along L (one stream of the joint sequence).
+        batch, length, heads, head_dim = 2, 19, 3, 24
+        qkv = torch.randn(batch, length, 3 * heads * head_dim + 40)[..., : 3 * heads * head_dim]
+        q_scale, k_scale = torch.randn(head_dim), torch.randn(head_dim)
+        cos, sin = _rope_tables(batch, length + 11, head_dim)
+        cos, sin = cos[:, :, 11:], sin[:, :, 11:]
+        before = launches["qkv_norm_rope"]
+        outs = qk_norm_rope.qkv_norm_rope(qkv, q_scale, k_scale, cos, sin, heads)
+        _assert_launched("qkv_norm_rope", before)
+        references = qk_norm_rope.qkv_norm_rope_reference(qkv, q_scale, k_scale, cos, sin, heads)
+        for name, out, reference in zip("qkv", outs, references):
+            assert rel_error(out, reference) <= TOLERANCE[torch.float32], name
+
+    @pytest.mark.parametrize("dtype", DTYPES)
+    def test_linear_gelu(self, dtype):
+        from kernels import ffn
+
+        # M = 75, N = 129, K = 100: no dimension a multiple of the 32-wide interpreter tiles.
+        x = torch.randn(3, 25, 100, dtype=dtype)
+        weight = (torch.randn(129, 100) / 10.0).to(dtype)
+        bias = torch.randn(129, dtype=dtype)
+        before = launches["linear_gelu"]
+        out = ffn.linear_gelu(x, weight, bias)
+        _assert_launched("linear_gelu", before)
+        assert out.shape == (3, 25, 129) and out.dtype == dtype
+        assert rel_error(out, ffn.linear_gelu_reference(x, weight, bias)) <= TOLERANCE[dtype]
+
+    def test_linear_gelu_even_k_transposed_weight_no_bias(self):
+        from kernels import ffn
+
+        # K = 64 takes the unmasked loop; a transposed weight view must be made contiguous.
+        x = torch.randn(75, 64)
+        weight = (torch.randn(64, 129) / 8.0).t()
+        before = launches["linear_gelu"]
+        out = ffn.linear_gelu(x, weight, None)
+        _assert_launched("linear_gelu", before)
+        assert rel_error(out, ffn.linear_gelu_reference(x, weight, None)) <= TOLERANCE[torch.float32]
+
+    @pytest.mark.parametrize("dtype", DTYPES)
+    @pytest.mark.parametrize("gate_batch", [1, 3], ids=["gate-batch-1", "gate-batch-B"])
+    def test_linear_gated_residual(self, dtype, gate_batch):
+        from kernels import ffn
+
+        x = torch.randn(3, 25, 100, dtype=dtype)
+        weight = (torch.randn(129, 100) / 10.0).to(dtype)
+        bias = torch.randn(129, dtype=dtype)
+        gate = torch.randn(gate_batch, 1, 129, dtype=dtype)
+        residual = torch.randn(3, 25, 129, dtype=dtype)
+        before = launches["linear_gated_residual"]
+        out = ffn.linear_gated_residual(x, weight, bias, gate, residual)
+        _assert_launched("linear_gated_residual", before)
+        assert out.shape == residual.shape and out.dtype == dtype
+        reference = ffn.linear_gated_residual_reference(x, weight, bias, gate, residual)
+        assert rel_error(out, reference) <= TOLERANCE[dtype]
+
+    def test_linear_gated_residual_strided_inputs(self):
+        from kernels import ffn
+
+        # x and residual as slices of wider tensors, gate a chunk of the modulation projection.
+        x = torch.randn(2, 33, 150)[..., 10:110]
+        weight = torch.randn(129, 100) / 10.0
+        bias = torch.randn(129)
+        gate = torch.randn(2, 1, 3 * 129).chunk(3, dim=-1)[2]
+        residual = torch.randn(2, 33, 200)[..., 50:179]
+        before = launches["linear_gated_residual"]
+        out = ffn.linear_gated_residual(x, weight, bias, gate, residual)
+        _assert_launched("linear_gated_residual", before)
+        reference = ffn.linear_gated_residual_reference(x, weight, bias, gate, residual)
+        assert rel_error(out, reference) <= TOLERANCE[torch.float32]
+
+    def test_switched_off_runs_the_reference(self, monkeypatch):
+        from kernels import modulation
+
+        x = torch.randn(2, 5, 100)
+        shift, scale = _modulation_chunks(2, 100, torch.float32)
+        before = launches["layernorm_modulate"]
+        try:
+            kernels.set_enabled(False)
+            assert not kernels.enabled_for(x)
+            out = modulation.layernorm_modulate(x, shift, scale)
+        finally:
+            kernels.set_enabled(True)
+        monkeypatch.setenv("KONTEXT_KERNELS", "0")
+        assert not kernels.enabled_for(x)
+        modulation.layernorm_modulate(x, shift, scale)
+        assert launches["layernorm_modulate"] == before
+        torch.testing.assert_close(out, modulation.layernorm_modulate_reference(x, shift, scale), rtol=0, atol=0)
+
+
+def test_cpu_tensors_use_the_references_without_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert not kernels.enabled_for(torch.randn(4))
+
+
+def test_import_and_fallback_without_triton():
+    # A fresh interpreter where `import triton` fails, as on a machine without it.
+    script = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, kernels\n"
+        "assert not kernels.triton_available()\n"
+        "x = torch.randn(2, 7, 16); shift, scale = torch.randn(2, 1, 16), torch.randn(2, 1, 16)\n"
+        "assert not kernels.enabled_for(x)\n"
+        "torch.testing.assert_close(kernels.layernorm_modulate(x, shift, scale),\n"
+        "                           kernels.layernorm_modulate_reference(x, shift, scale))\n"
+        "w, b = torch.randn(24, 16), torch.randn(24)\n"
+        "torch.testing.assert_close(kernels.linear_gelu(x, w, b), kernels.linear_gelu_reference(x, w, b))\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.usefixtures("compiled")
+class TestFullSizeCuda:
+    """FLUX.1 [dev] sizes: hidden 3072, 24 heads of 128, MLP 12288, 8704 joint tokens."""
+
+    DTYPE = torch.bfloat16
+
+    def test_layernorm_modulate(self):
+        x = torch.randn(1, 8704, 3072, device="cuda", dtype=self.DTYPE)
+        projection = torch.randn(1, 1, 3 * 3072, device="cuda", dtype=self.DTYPE)
+        shift, scale, _gate = projection.chunk(3, dim=-1)
+        assert kernels.enabled_for(x)
+        before = launches["layernorm_modulate"]
+        out = kernels.layernorm_modulate(x, shift, scale)
+        _assert_launched("layernorm_modulate", before)
+        assert rel_error(out, kernels.layernorm_modulate_reference(x, shift, scale)) <= TOLERANCE[self.DTYPE]
+
+    def test_qkv_norm_rope(self):
+        heads, head_dim, length = 24, 128, 8704
+        qkv = torch.randn(1, length, 3 * heads * head_dim, device="cuda", dtype=self.DTYPE)
+        q_scale = (1.0 + 0.2 * torch.randn(head_dim, device="cuda")).to(self.DTYPE)
+        k_scale = (1.0 + 0.2 * torch.randn(head_dim, device="cuda")).to(self.DTYPE)
+        angle = torch.randn(1, 1, length, head_dim // 2, device="cuda") * 3.0
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        before = launches["qkv_norm_rope"]
+        outs = kernels.qkv_norm_rope(qkv, q_scale, k_scale, cos, sin, heads)
+        _assert_launched("qkv_norm_rope", before)
+        references = kernels.qkv_norm_rope_reference(qkv, q_scale, k_scale, cos, sin, heads)
+        for name, out, reference in zip("qkv", outs, references):
+            assert out.is_contiguous() and out.shape == (1, heads, length, head_dim), name
+            assert rel_error(out, reference) <= TOLERANCE[self.DTYPE], name
+
+    def test_linear_gelu(self):
+        x = torch.randn(1, 8704, 3072, device="cuda", dtype=self.DTYPE)
+        weight = (torch.randn(12288, 3072, device="cuda") / 3072**0.5).to(self.DTYPE)
+        bias = (0.05 * torch.randn(12288, device="cuda")).to(self.DTYPE)
+        before = launches["linear_gelu"]
+        out = kernels.linear_gelu(x, weight, bias)
+        _assert_launched("linear_gelu", before)
+        assert rel_error(out, kernels.linear_gelu_reference(x, weight, bias)) <= TOLERANCE[self.DTYPE]
+
+    def test_linear_gated_residual(self):
+        x = torch.randn(1, 8704, 12288, device="cuda", dtype=self.DTYPE)
+        weight = (torch.randn(3072, 12288, device="cuda") / 12288**0.5).to(self.DTYPE)
+        bias = (0.05 * torch.randn(3072, device="cuda")).to(self.DTYPE)
+        gate = torch.randn(1, 1, 3072, device="cuda", dtype=self.DTYPE)
+        residual = torch.randn(1, 8704, 3072, device="cuda", dtype=self.DTYPE)
+        before = launches["linear_gated_residual"]
+        out = kernels.linear_gated_residual(x, weight, bias, gate, residual)
+        _assert_launched("linear_gated_residual", before)
+        reference = kernels.linear_gated_residual_reference(x, weight, bias, gate, residual)
+        assert rel_error(out, reference) <= TOLERANCE[self.DTYPE]
