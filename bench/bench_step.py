@@ -148,8 +148,7 @@ def compile_blocks(model, impl: str) -> None:
     if impl.startswith("diffusers"):
         model.compile_repeated_blocks(fullgraph=True)
         return
-    for block in list(model.double_blocks) + list(model.single_blocks):
-        block.compile(fullgraph=True)
+    model.compile_blocks()
 
 
 def profile_step(fn, impl: str, workload: str, top: int = 12) -> None:

@@ -30,6 +30,17 @@ def get_attention_backend() -> str:
 
 
 def _load_flash_attn():
+    """FlashAttention-3's Hopper interface when installed, else FlashAttention-2, else None."""
+    try:
+        from flash_attn_interface import flash_attn_func as fa3  # type: ignore
+
+        def flash3(q, k, v):
+            out = fa3(q, k, v)
+            return out[0] if isinstance(out, tuple) else out  # some FA3 builds also return the LSE
+
+        return flash3
+    except Exception:
+        pass
     try:
         from flash_attn import flash_attn_func  # type: ignore
     except Exception:

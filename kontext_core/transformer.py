@@ -39,6 +39,17 @@ class KontextTransformer(nn.Module):
         )
         self.final_layer = LastLayer(hidden, config.out_channels)
 
+    def compile_blocks(self, **options) -> "KontextTransformer":
+        """Regional compilation: each block is compiled once and reused by its 18/37 siblings.
+
+        Fuses the norms, RoPE and GELU between the GEMMs (1.4x faster per step on an H100, see
+        bench/RESULTS.md) at the cost of a minute of compilation on the first step.
+        """
+        options.setdefault("fullgraph", True)
+        for block in (*self.double_blocks, *self.single_blocks):
+            block.compile(**options)
+        return self
+
     @property
     def dtype(self) -> torch.dtype:
         return self.img_in.bias.dtype

@@ -203,3 +203,17 @@ def test_roundtrip_option_reencodes_the_decoded_turn(pipeline):
     assert torch.equal(roundtrip.latent, direct)
     latent_chained = pipeline.edit(None, "b", context_latents=[chained.latent], seed=2, decode=False, **FAST).latents
     assert not torch.equal(roundtrip.latent, latent_chained)
+
+
+def test_compiled_blocks_give_the_eager_result(tiny_transformer):
+    from kontext_core.tokens import pack_latent, position_ids
+
+    generator = torch.Generator().manual_seed(0)
+    args = (pack_latent(torch.randn(1, 16, 4, 4, generator=generator)), position_ids(4, 4),
+            torch.randn(1, 3, 48, generator=generator), torch.zeros(1, 3, 3), torch.tensor([0.5]),
+            torch.randn(1, 32, generator=generator), torch.tensor([2.5]))
+    with torch.no_grad():
+        eager = tiny_transformer(*args)
+        tiny_transformer.single_blocks[0].compile(fullgraph=True, backend="eager")
+        compiled = tiny_transformer(*args)
+    assert torch.allclose(compiled, eager, atol=1e-5)
