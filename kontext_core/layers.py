@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fused
 from .attention import attention
+from .fused import apply_rope, layer_norm  # noqa: F401  (part of this module's vocabulary)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0,
@@ -38,14 +40,6 @@ def rope_frequencies(position_ids: torch.Tensor, axes_dim: tuple[int, ...], thet
         angles.append(position_ids[..., axis].to(torch.float64)[..., None] * inv_freq)
     angle = torch.cat(angles, dim=-1).unsqueeze(1)
     return torch.cos(angle).to(dtype), torch.sin(angle).to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs (x[2i], x[2i+1]) of the head dim by the position angles."""
-    pairs = x.to(cos.dtype).unflatten(-1, (-1, 2))
-    even, odd = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack((cos * even - sin * odd, sin * even + cos * odd), dim=-1)
-    return rotated.flatten(-2).to(x.dtype)
 
 
 class MLPEmbedder(nn.Module):
@@ -77,14 +71,6 @@ class QKNorm(nn.Module):
         self.query_norm = RMSNorm(head_dim)
         self.key_norm = RMSNorm(head_dim)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.query_norm(q).to(dtype), self.key_norm(k).to(dtype)
-
-
-def layer_norm(x: torch.Tensor) -> torch.Tensor:
-    """LayerNorm without affine parameters, eps 1e-6 as in every FLUX norm."""
-    return F.layer_norm(x, (x.shape[-1],), eps=1e-6)
-
 
 @dataclass
 class ModulationParams:
@@ -93,7 +79,7 @@ class ModulationParams:
     gate: torch.Tensor
 
     def modulate(self, x: torch.Tensor) -> torch.Tensor:
-        return (1 + self.scale) * layer_norm(x) + self.shift
+        return fused.modulate(x, self.shift, self.scale)
 
 
 class Modulation(nn.Module):
@@ -118,13 +104,6 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
 
-def split_heads(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """[B, L, 3*H*D] -> three [B, H, L, D] tensors."""
-    batch, length, _ = qkv.shape
-    q, k, v = qkv.view(batch, length, 3, num_heads, -1).permute(2, 0, 3, 1, 4)
-    return q, k, v
-
-
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
@@ -142,8 +121,9 @@ class RopeFrequencies:
     def __init__(self, cos: torch.Tensor, sin: torch.Tensor):
         self.cos, self.sin = cos, sin
 
-    def rotate(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return apply_rope(q, self.cos, self.sin), apply_rope(k, self.cos, self.sin)
+    def part(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tables of positions start..end of the joint sequence (views, no copy)."""
+        return self.cos[:, :, start:end], self.sin[:, :, start:end]
 
 
 class DoubleStreamBlock(nn.Module):
@@ -160,25 +140,29 @@ class DoubleStreamBlock(nn.Module):
         self.txt_mlp = MLP(hidden_size, mlp_hidden_dim)
 
     def forward(self, img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor,
-                rope: RopeFrequencies) -> tuple[torch.Tensor, torch.Tensor]:
+                 rope: RopeFrequencies) -> tuple[torch.Tensor, torch.Tensor]:
         img_attn_mod, img_mlp_mod = self.img_mod(vec)
         txt_attn_mod, txt_mlp_mod = self.txt_mod(vec)
-
-        img_q, img_k, img_v = split_heads(self.img_attn.qkv(img_attn_mod.modulate(img)), self.num_heads)
-        txt_q, txt_k, txt_v = split_heads(self.txt_attn.qkv(txt_attn_mod.modulate(txt)), self.num_heads)
-        img_q, img_k = self.img_attn.norm(img_q, img_k, img_v.dtype)
-        txt_q, txt_k = self.txt_attn.norm(txt_q, txt_k, txt_v.dtype)
+        text_length = txt.shape[1]
 
         # Text tokens come first in the joint sequence, as in the reference.
-        q, k = rope.rotate(torch.cat((txt_q, img_q), dim=2), torch.cat((txt_k, img_k), dim=2))
-        joint = attention(q, k, torch.cat((txt_v, img_v), dim=2))
-        txt_out, img_out = joint[:, : txt.shape[1]], joint[:, txt.shape[1]:]
+        txt_q, txt_k, txt_v = self._heads(self.txt_attn, txt_attn_mod.modulate(txt), rope.part(0, text_length))
+        img_q, img_k, img_v = self._heads(self.img_attn, img_attn_mod.modulate(img),
+                                          rope.part(text_length, text_length + img.shape[1]))
+        joint = attention(torch.cat((txt_q, img_q), dim=2), torch.cat((txt_k, img_k), dim=2),
+                          torch.cat((txt_v, img_v), dim=2))
+        txt_out, img_out = joint[:, :text_length], joint[:, text_length:]
 
-        img = img + img_attn_mod.gate * self.img_attn.proj(img_out)
-        img = img + img_mlp_mod.gate * self.img_mlp(img_mlp_mod.modulate(img))
-        txt = txt + txt_attn_mod.gate * self.txt_attn.proj(txt_out)
-        txt = txt + txt_mlp_mod.gate * self.txt_mlp(txt_mlp_mod.modulate(txt))
+        img = fused.gated_residual(img, img_attn_mod.gate, img_out, self.img_attn.proj)
+        img = fused.gated_residual(img, img_mlp_mod.gate, fused.linear_gelu(img_mlp_mod.modulate(img), self.img_mlp[0]),
+                                   self.img_mlp[2])
+        txt = fused.gated_residual(txt, txt_attn_mod.gate, txt_out, self.txt_attn.proj)
+        txt = fused.gated_residual(txt, txt_mlp_mod.gate, fused.linear_gelu(txt_mlp_mod.modulate(txt), self.txt_mlp[0]),
+                                   self.txt_mlp[2])
         return img, txt
+
+    def _heads(self, stream: SelfAttention, x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]):
+        return fused.qkv_heads(stream.qkv(x), stream.norm.query_norm, stream.norm.key_norm, *tables, self.num_heads)
 
 
 class SingleStreamBlock(nn.Module):
@@ -197,10 +181,8 @@ class SingleStreamBlock(nn.Module):
     def forward(self, x: torch.Tensor, vec: torch.Tensor, rope: RopeFrequencies) -> torch.Tensor:
         (mod,) = self.modulation(vec)
         qkv, mlp = self.linear1(mod.modulate(x)).split([3 * self.hidden_size, self.mlp_hidden_dim], dim=-1)
-        q, k, v = split_heads(qkv, self.num_heads)
-        q, k = rope.rotate(*self.norm(q, k, v.dtype))
-        out = self.linear2(torch.cat((attention(q, k, v), gelu_tanh(mlp)), dim=2))
-        return x + mod.gate * out
+        q, k, v = fused.qkv_heads(qkv, self.norm.query_norm, self.norm.key_norm, rope.cos, rope.sin, self.num_heads)
+        return fused.gated_residual(x, mod.gate, torch.cat((attention(q, k, v), gelu_tanh(mlp)), dim=2), self.linear2)
 
 
 class LastLayer(nn.Module):
@@ -211,4 +193,4 @@ class LastLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(vec).chunk(2, dim=1)
-        return self.linear((1 + scale[:, None, :]) * layer_norm(x) + shift[:, None, :])
+        return self.linear(fused.modulate(x, shift[:, None, :], scale[:, None, :]))

@@ -1,7 +1,7 @@
 """The fused Triton kernels (kernels/) against their PyTorch references (`*_reference`, same module).
 
 On the CPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1) on small, awkward
-shapes; every test checks the launch counter so that a silent fallback to the reference cannot
+shapes (few tokens: the interpreter reduces rows one element at a time); every test checks the launch counter so that a silent fallback to the reference cannot
 pass. Tolerance: rel_error (max|ours - reference| / max|reference|) <= 1e-4 in float32, 2e-2 in
 bfloat16 (the kernels round once at the end, the references after every step). On a CUDA GPU,
 the compiled kernels are checked at the full FLUX sizes in bfloat16.
@@ -75,54 +75,57 @@ def _assert_launched(name: str, before: int) -> None:
     assert launches[name] > before, f"{name} fell back to its reference instead of running the Triton kernel"
 
 
-def _modulation_chunks(batch: int, channels: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _randn(*shape: int, dtype: torch.dtype = torch.float32, device: str = "cpu", scale: float = 1.0,
+           offset: float = 0.0) -> torch.Tensor:
+    return (torch.randn(*shape) * scale + offset).to(device=device, dtype=dtype)
+
+
+def _modulation_chunks(batch: int, channels: int, dtype: torch.dtype, device: str) -> tuple[torch.Tensor, torch.Tensor]:
     """shift and scale as the model has them: strided chunks of one [B, 1, 3C] projection."""
-    projection = torch.randn(batch, 1, 3 * channels, dtype=dtype)
-    shift, scale, _gate = projection.chunk(3, dim=-1)
+    shift, scale, _gate = _randn(batch, 1, 3 * channels, dtype=dtype, device=device).chunk(3, dim=-1)
     return shift, scale
 
 
-def _rope_tables(batch: int, length: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    angle = torch.randn(batch, 1, length, head_dim // 2) * 3.0
+def _rope_tables(batch: int, length: int, head_dim: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    angle = _randn(batch, 1, length, head_dim // 2, device=device, scale=3.0)
     return torch.cos(angle), torch.sin(angle)
 
 
-@pytest.mark.usefixtures("interpreter")
-class TestInterpreted:
-    @pytest.mark.parametrize("dtype", DTYPES)
+class TestAwkwardSizes:
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
     @pytest.mark.parametrize("channels", [100, 129])
-    def test_layernorm_modulate(self, dtype, channels):
+    def test_layernorm_modulate(self, device, dtype, channels):
         from kernels import modulation
 
-        x = torch.randn(2, 37, channels, dtype=dtype) * 2.0 + 0.5
-        shift, scale = _modulation_chunks(2, channels, dtype)
+        x = _randn(2, 13, channels, dtype=dtype, device=device, scale=2.0, offset=0.5)
+        shift, scale = _modulation_chunks(2, channels, dtype, device)
         before = launches["layernorm_modulate"]
         out = modulation.layernorm_modulate(x, shift, scale)
         _assert_launched("layernorm_modulate", before)
         assert out.dtype == dtype and out.shape == x.shape
         assert rel_error(out, modulation.layernorm_modulate_reference(x, shift, scale)) <= TOLERANCE[dtype]
 
-    def test_layernorm_modulate_strided_rows_and_batch_one_modulation(self):
+    def test_layernorm_modulate_strided_rows_and_batch_one_modulation(self, device):
         from kernels import modulation
 
         # x as a slice of a wider tensor (rows not contiguous), shift/scale shared by the batch.
-        x = torch.randn(3, 21, 160)[..., 30:130]
-        shift, scale = _modulation_chunks(1, 100, torch.float32)
+        x = _randn(3, 5, 160, device=device)[..., 30:130]
+        shift, scale = _modulation_chunks(1, 100, torch.float32, device)
         before = launches["layernorm_modulate"]
         out = modulation.layernorm_modulate(x, shift, scale)
         _assert_launched("layernorm_modulate", before)
         assert rel_error(out, modulation.layernorm_modulate_reference(x, shift, scale)) <= TOLERANCE[torch.float32]
 
-    @pytest.mark.parametrize("dtype", DTYPES)
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
     @pytest.mark.parametrize("rope_batch", [1, 2], ids=["rope-batch-1", "rope-batch-B"])
-    def test_qkv_norm_rope(self, dtype, rope_batch):
+    def test_qkv_norm_rope(self, device, dtype, rope_batch):
         from kernels import qk_norm_rope
 
-        batch, length, heads, head_dim = 2, 37, 2, 64
-        qkv = torch.randn(batch, length, 3 * heads * head_dim, dtype=dtype) * 1.5
-        q_scale = (1.0 + 0.2 * torch.randn(head_dim)).to(dtype)
-        k_scale = (1.0 + 0.2 * torch.randn(head_dim)).to(dtype)
-        cos, sin = _rope_tables(rope_batch, length, head_dim)
+        batch, length, heads, head_dim = 2, 13, 2, 64
+        qkv = _randn(batch, length, 3 * heads * head_dim, dtype=dtype, device=device, scale=1.5)
+        q_scale = _randn(head_dim, dtype=dtype, device=device, scale=0.2, offset=1.0)
+        k_scale = _randn(head_dim, dtype=dtype, device=device, scale=0.2, offset=1.0)
+        cos, sin = _rope_tables(rope_batch, length, head_dim, device)
         before = launches["qkv_norm_rope"]
         outs = qk_norm_rope.qkv_norm_rope(qkv, q_scale, k_scale, cos, sin, heads)
         _assert_launched("qkv_norm_rope", before)
@@ -132,15 +135,15 @@ class TestInterpreted:
             assert out.dtype == dtype, name
             assert rel_error(out, reference) <= TOLERANCE[dtype], name
 
-    def test_qkv_norm_rope_padded_head_dim_and_strided_views(self):
+    def test_qkv_norm_rope_padded_head_dim_and_strided_views(self, device):
         from kernels import qk_norm_rope
 
         # head_dim 24 pads to a 32-wide tile; qkv is the front of a wider projection (the single
         # block's split) and cos/sin a slice along L (one stream of the joint sequence).
-        batch, length, heads, head_dim = 2, 19, 3, 24
-        qkv = torch.randn(batch, length, 3 * heads * head_dim + 40)[..., : 3 * heads * head_dim]
-        q_scale, k_scale = torch.randn(head_dim), torch.randn(head_dim)
-        cos, sin = _rope_tables(batch, length + 11, head_dim)
+        batch, length, heads, head_dim = 2, 9, 3, 24
+        qkv = _randn(batch, length, 3 * heads * head_dim + 40, device=device)[..., : 3 * heads * head_dim]
+        q_scale, k_scale = _randn(head_dim, device=device), _randn(head_dim, device=device)
+        cos, sin = _rope_tables(batch, length + 11, head_dim, device)
         cos, sin = cos[:, :, 11:], sin[:, :, 11:]
         before = launches["qkv_norm_rope"]
         outs = qk_norm_rope.qkv_norm_rope(qkv, q_scale, k_scale, cos, sin, heads)
@@ -149,41 +152,41 @@ class TestInterpreted:
         for name, out, reference in zip("qkv", outs, references):
             assert rel_error(out, reference) <= TOLERANCE[torch.float32], name
 
-    @pytest.mark.parametrize("dtype", DTYPES)
-    def test_linear_gelu(self, dtype):
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+    def test_linear_gelu(self, device, dtype):
         from kernels import ffn
 
-        # M = 75, N = 129, K = 100: no dimension a multiple of the 32-wide interpreter tiles.
-        x = torch.randn(3, 25, 100, dtype=dtype)
-        weight = (torch.randn(129, 100) / 10.0).to(dtype)
-        bias = torch.randn(129, dtype=dtype)
+        # M = 75, N = 129, K = 100: no dimension a multiple of any tile size.
+        x = _randn(3, 25, 100, dtype=dtype, device=device)
+        weight = _randn(129, 100, dtype=dtype, device=device, scale=0.1)
+        bias = _randn(129, dtype=dtype, device=device)
         before = launches["linear_gelu"]
         out = ffn.linear_gelu(x, weight, bias)
         _assert_launched("linear_gelu", before)
         assert out.shape == (3, 25, 129) and out.dtype == dtype
         assert rel_error(out, ffn.linear_gelu_reference(x, weight, bias)) <= TOLERANCE[dtype]
 
-    def test_linear_gelu_even_k_transposed_weight_no_bias(self):
+    def test_linear_gelu_even_k_transposed_weight_no_bias(self, device):
         from kernels import ffn
 
         # K = 64 takes the unmasked loop; a transposed weight view must be made contiguous.
-        x = torch.randn(75, 64)
-        weight = (torch.randn(64, 129) / 8.0).t()
+        x = _randn(75, 64, device=device)
+        weight = _randn(64, 129, device=device, scale=0.125).t()
         before = launches["linear_gelu"]
         out = ffn.linear_gelu(x, weight, None)
         _assert_launched("linear_gelu", before)
         assert rel_error(out, ffn.linear_gelu_reference(x, weight, None)) <= TOLERANCE[torch.float32]
 
-    @pytest.mark.parametrize("dtype", DTYPES)
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
     @pytest.mark.parametrize("gate_batch", [1, 3], ids=["gate-batch-1", "gate-batch-B"])
-    def test_linear_gated_residual(self, dtype, gate_batch):
+    def test_linear_gated_residual(self, device, dtype, gate_batch):
         from kernels import ffn
 
-        x = torch.randn(3, 25, 100, dtype=dtype)
-        weight = (torch.randn(129, 100) / 10.0).to(dtype)
-        bias = torch.randn(129, dtype=dtype)
-        gate = torch.randn(gate_batch, 1, 129, dtype=dtype)
-        residual = torch.randn(3, 25, 129, dtype=dtype)
+        x = _randn(3, 25, 100, dtype=dtype, device=device)
+        weight = _randn(129, 100, dtype=dtype, device=device, scale=0.1)
+        bias = _randn(129, dtype=dtype, device=device)
+        gate = _randn(gate_batch, 1, 129, dtype=dtype, device=device)
+        residual = _randn(3, 25, 129, dtype=dtype, device=device)
         before = launches["linear_gated_residual"]
         out = ffn.linear_gated_residual(x, weight, bias, gate, residual)
         _assert_launched("linear_gated_residual", before)
@@ -191,26 +194,26 @@ class TestInterpreted:
         reference = ffn.linear_gated_residual_reference(x, weight, bias, gate, residual)
         assert rel_error(out, reference) <= TOLERANCE[dtype]
 
-    def test_linear_gated_residual_strided_inputs(self):
+    def test_linear_gated_residual_strided_inputs(self, device):
         from kernels import ffn
 
         # x and residual as slices of wider tensors, gate a chunk of the modulation projection.
-        x = torch.randn(2, 33, 150)[..., 10:110]
-        weight = torch.randn(129, 100) / 10.0
-        bias = torch.randn(129)
-        gate = torch.randn(2, 1, 3 * 129).chunk(3, dim=-1)[2]
-        residual = torch.randn(2, 33, 200)[..., 50:179]
+        x = _randn(2, 33, 150, device=device)[..., 10:110]
+        weight = _randn(129, 100, device=device, scale=0.1)
+        bias = _randn(129, device=device)
+        gate = _randn(2, 1, 3 * 129, device=device).chunk(3, dim=-1)[2]
+        residual = _randn(2, 33, 200, device=device)[..., 50:179]
         before = launches["linear_gated_residual"]
         out = ffn.linear_gated_residual(x, weight, bias, gate, residual)
         _assert_launched("linear_gated_residual", before)
         reference = ffn.linear_gated_residual_reference(x, weight, bias, gate, residual)
         assert rel_error(out, reference) <= TOLERANCE[torch.float32]
 
-    def test_switched_off_runs_the_reference(self, monkeypatch):
+    def test_switched_off_runs_the_reference(self, device, monkeypatch):
         from kernels import modulation
 
-        x = torch.randn(2, 5, 100)
-        shift, scale = _modulation_chunks(2, 100, torch.float32)
+        x = _randn(2, 5, 100, device=device)
+        shift, scale = _modulation_chunks(2, 100, torch.float32, device)
         before = launches["layernorm_modulate"]
         try:
             kernels.set_enabled(False)

@@ -1,0 +1,145 @@
+"""Split the fused qkv projection into heads, RMS-normalise q and k, rotate them, in one pass.
+
+Unfused this is a permute, two norms (each a float32 round trip), two RoPE passes and the copies
+that make the attention inputs contiguous; the kernel reads qkv once and writes q, k, v once,
+already in the [B, H, L, D] layout that attention wants.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .runtime import enabled_for, import_triton, launches
+
+triton, tl = import_triton()
+
+RMS_EPS = 1e-6
+
+# Sums go through tl.reduce and this combine rather than tl.sum: see kernels/modulation.py.
+
+
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+def qkv_norm_rope_reference(qkv: torch.Tensor, q_scale: torch.Tensor, k_scale: torch.Tensor,
+                            cos: torch.Tensor, sin: torch.Tensor,
+                            num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """qkv [B, L, 3*H*D]; q_scale, k_scale [D]; cos, sin [B or 1, 1, L, D/2] -> q, k, v [B, H, L, D].
+
+    The model's own steps: split into heads, RMSNorm (float32 statistics) on q and k, then RoPE on
+    adjacent pairs computed in float32. All three outputs are contiguous, in qkv.dtype.
+    """
+    batch, length, _ = qkv.shape
+    q, k, v = qkv.view(batch, length, 3, num_heads, -1).permute(2, 0, 3, 1, 4)
+
+    def rms_norm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + RMS_EPS)
+        return normed.to(x.dtype) * weight.to(x.dtype)
+
+    def rope(x: torch.Tensor) -> torch.Tensor:
+        pairs = x.float().unflatten(-1, (-1, 2))
+        even, odd = pairs[..., 0], pairs[..., 1]
+        cos32, sin32 = cos.float(), sin.float()
+        rotated = torch.stack((cos32 * even - sin32 * odd, sin32 * even + cos32 * odd), dim=-1)
+        return rotated.flatten(-2).to(x.dtype)
+
+    q = rope(rms_norm(q, q_scale))
+    k = rope(rms_norm(k, k_scale))
+    return q.contiguous(), k.contiguous(), v.contiguous()
+
+
+def qkv_norm_rope(qkv: torch.Tensor, q_scale: torch.Tensor, k_scale: torch.Tensor,
+                  cos: torch.Tensor, sin: torch.Tensor,
+                  num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Same contract as `qkv_norm_rope_reference`; the Triton kernel where it can run."""
+    if enabled_for(qkv) and qkv.dim() == 3 and qkv.numel() > 0 and (qkv.shape[-1] // (3 * num_heads)) % 2 == 0:
+        return _qkv_norm_rope_triton(qkv, q_scale, k_scale, cos, sin, num_heads)
+    return qkv_norm_rope_reference(qkv, q_scale, k_scale, cos, sin, num_heads)
+
+
+@triton.jit
+def _norm_rope_tile(x, scale, cos, sin, head_dim, eps,
+                    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    """RMSNorm then RoPE on a [BLOCK_L, BLOCK_D] float32 tile (padding columns are zero)."""
+    rstd = tl.rsqrt(tl.reduce(x * x, 1, _add) / head_dim + eps)
+    normed = x * rstd[:, None] * scale[None, :]
+    even, odd = tl.split(tl.reshape(normed, (BLOCK_L, BLOCK_D // 2, 2)))
+    rotated = tl.join(cos * even - sin * odd, sin * even + cos * odd)
+    return tl.reshape(rotated, (BLOCK_L, BLOCK_D))
+
+
+@triton.jit
+def _qkv_norm_rope_kernel(
+    qkv_ptr, q_scale_ptr, k_scale_ptr, cos_ptr, sin_ptr, out_ptr,
+    batch_size, length, num_heads, head_dim, eps,
+    stride_qkv_b, stride_qkv_l, stride_cos_b, stride_cos_l, stride_sin_b, stride_sin_l,
+    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # One program per (block of tokens, head, batch): q, k and v of that head for those tokens.
+    block_l = tl.program_id(0)
+    head = tl.program_id(1)
+    batch = tl.program_id(2).to(tl.int64)
+
+    tokens = block_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    dims = tl.arange(0, BLOCK_D)
+    pairs = tl.arange(0, BLOCK_D // 2)
+    token_inside = tokens < length
+    tile_inside = token_inside[:, None] & (dims[None, :] < head_dim)
+    pair_inside = token_inside[:, None] & (pairs[None, :] < head_dim // 2)
+
+    row = qkv_ptr + batch * stride_qkv_b + tokens[:, None].to(tl.int64) * stride_qkv_l + dims[None, :]
+    q = tl.load(row + head * head_dim, mask=tile_inside, other=0.0).to(tl.float32)
+    k = tl.load(row + (num_heads + head) * head_dim, mask=tile_inside, other=0.0).to(tl.float32)
+    v = tl.load(row + (2 * num_heads + head) * head_dim, mask=tile_inside, other=0.0)
+
+    cos = tl.load(cos_ptr + batch * stride_cos_b + tokens[:, None] * stride_cos_l + pairs[None, :],
+                  mask=pair_inside, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + batch * stride_sin_b + tokens[:, None] * stride_sin_l + pairs[None, :],
+                  mask=pair_inside, other=0.0).to(tl.float32)
+    dim_inside = dims < head_dim
+    q_scale = tl.load(q_scale_ptr + dims, mask=dim_inside, other=0.0).to(tl.float32)
+    k_scale = tl.load(k_scale_ptr + dims, mask=dim_inside, other=0.0).to(tl.float32)
+
+    q = _norm_rope_tile(q, q_scale, cos, sin, head_dim, eps, BLOCK_L, BLOCK_D)
+    k = _norm_rope_tile(k, k_scale, cos, sin, head_dim, eps, BLOCK_L, BLOCK_D)
+
+    # out is [3, B, H, L, D]: q, k, v each contiguous in the attention layout.
+    plane = batch_size * num_heads * length * head_dim
+    tile = (batch * num_heads + head) * length * head_dim + tokens[:, None] * head_dim + dims[None, :]
+    element = out_ptr.dtype.element_ty
+    tl.store(out_ptr + tile, q.to(element), mask=tile_inside)
+    tl.store(out_ptr + plane + tile, k.to(element), mask=tile_inside)
+    tl.store(out_ptr + 2 * plane + tile, v.to(element), mask=tile_inside)
+
+
+def _qkv_norm_rope_triton(qkv: torch.Tensor, q_scale: torch.Tensor, k_scale: torch.Tensor,
+                          cos: torch.Tensor, sin: torch.Tensor,
+                          num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    batch, length, width = qkv.shape
+    head_dim = width // (3 * num_heads)
+    if qkv.stride(-1) != 1:
+        qkv = qkv.contiguous()
+    # Batch-1 tables broadcast through a zero batch stride; slices along L keep their strides.
+    cos = cos.expand(batch, 1, length, head_dim // 2)
+    sin = sin.expand(batch, 1, length, head_dim // 2)
+    cos = cos if cos.stride(-1) == 1 else cos.contiguous()
+    sin = sin if sin.stride(-1) == 1 else sin.contiguous()
+    q_scale, k_scale = q_scale.contiguous(), k_scale.contiguous()
+    out = torch.empty((3, batch, num_heads, length, head_dim), dtype=qkv.dtype, device=qkv.device)
+
+    block_d = triton.next_power_of_2(head_dim)
+    # 32 tokens x 128 dims per tensor is 32 float32 registers a thread at 4 warps: three such
+    # tiles live at once, well under the register budget; measured neither way yet on Hopper.
+    block_l = max(1, min(32, 4096 // block_d))
+    grid = (triton.cdiv(length, block_l), num_heads, batch)
+    _qkv_norm_rope_kernel[grid](
+        qkv, q_scale, k_scale, cos, sin, out,
+        batch, length, num_heads, head_dim, RMS_EPS,
+        qkv.stride(0), qkv.stride(1), cos.stride(0), cos.stride(2), sin.stride(0), sin.stride(2),
+        BLOCK_L=block_l, BLOCK_D=block_d, num_warps=4,
+    )
+    launches["qkv_norm_rope"] += 1
+    return out[0], out[1], out[2]

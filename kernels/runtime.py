@@ -1,0 +1,82 @@
+"""When the fused kernels run, and the Triton modules they are written against.
+
+A kernel runs only where it can: Triton importable, not switched off (`set_enabled(False)` or the
+environment variable `KONTEXT_KERNELS=0`), and a tensor on a CUDA GPU of compute capability 8.0 or
+newer (bf16 tensor-core dots need Ampere). With `TRITON_INTERPRET=1` the kernels also run on CPU
+tensors through Triton's interpreter: that is how the tests exercise them on a machine with no GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections import Counter
+from types import SimpleNamespace
+
+import torch
+
+_enabled = True
+
+# Kernel name -> number of launches, so that tests can tell the Triton path really ran.
+launches: Counter[str] = Counter()
+
+
+@functools.cache
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # a broken install can fail with more than ImportError
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def set_enabled(flag: bool) -> None:
+    """Switch every fused kernel on or off for this process; off means the PyTorch references run."""
+    global _enabled
+    _enabled = bool(flag)
+
+
+@functools.cache
+def _capable(device_index: int) -> bool:
+    if torch.version.hip is not None:
+        return True
+    return torch.cuda.get_device_capability(device_index) >= (8, 0)
+
+
+def enabled_for(tensor: torch.Tensor) -> bool:
+    """True when the fused kernels should handle `tensor` rather than the PyTorch references."""
+    if not _enabled or os.environ.get("KONTEXT_KERNELS", "1") == "0" or not triton_available():
+        return False
+    if interpreting():
+        return True
+    return tensor.is_cuda and _capable(tensor.device.index if tensor.device.index is not None
+                                       else torch.cuda.current_device())
+
+
+def _inert_triton() -> tuple[SimpleNamespace, SimpleNamespace]:
+    """Stand-ins that let the kernel definitions parse without Triton; `enabled_for` keeps them unlaunched."""
+
+    def decorator(*args, **kwargs):
+        if len(args) == 1 and callable(args[0]) and not kwargs:
+            return args[0]
+        return lambda fn: fn
+
+    triton = SimpleNamespace(jit=decorator, autotune=decorator, heuristics=decorator,
+                             Config=lambda *args, **kwargs: None, cdiv=lambda a, b: -(-a // b),
+                             next_power_of_2=lambda n: 1 << max(0, n - 1).bit_length())
+    language = SimpleNamespace(constexpr=None)
+    return triton, language
+
+
+def import_triton():
+    """(triton, triton.language), or inert stand-ins when Triton is missing."""
+    if triton_available():
+        import triton
+        import triton.language as tl
+        return triton, tl
+    return _inert_triton()

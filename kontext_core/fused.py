@@ -1,0 +1,72 @@
+"""The blocks' fusable operations: the Triton kernels of `kernels/` where they run, PyTorch elsewhere.
+
+Each function here has one meaning; which implementation computes it is decided per call. The
+kernels stay out of torch.compile'd graphs (the compiler fuses the PyTorch form itself).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:  # kernels/ is optional; a foreign package of the same name is ignored
+    import kernels as _kernels
+
+    if not hasattr(_kernels, "qkv_norm_rope"):
+        _kernels = None
+except Exception:  # pragma: no cover - absent or broken Triton install
+    _kernels = None
+
+
+def _active(x: torch.Tensor) -> bool:
+    return _kernels is not None and not torch.compiler.is_compiling() and _kernels.enabled_for(x)
+
+
+def layer_norm(x: torch.Tensor) -> torch.Tensor:
+    """LayerNorm without affine parameters, eps 1e-6 as in every FLUX norm."""
+    return F.layer_norm(x, (x.shape[-1],), eps=1e-6)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """(1 + scale) * LayerNorm(x) + shift."""
+    if _active(x):
+        return _kernels.layernorm_modulate(x, shift, scale)
+    return (1 + scale) * layer_norm(x) + shift
+
+
+def _plain_linear(layer: nn.Module) -> bool:
+    return type(layer) is nn.Linear
+
+
+def linear_gelu(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """GELU(tanh)(layer(x)), the bias and GELU in the GEMM's epilogue when fused."""
+    if _plain_linear(layer) and _active(x):
+        return _kernels.linear_gelu(x, layer.weight, layer.bias)
+    return F.gelu(layer(x), approximate="tanh")
+
+
+def gated_residual(residual: torch.Tensor, gate: torch.Tensor, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """residual + gate * layer(x), the gated add in the GEMM's epilogue when fused."""
+    if _plain_linear(layer) and _active(x):
+        return _kernels.linear_gated_residual(x, layer.weight, layer.bias, gate, residual)
+    return residual + gate * layer(x)
+
+
+def qkv_heads(qkv: torch.Tensor, query_norm: nn.Module, key_norm: nn.Module, cos: torch.Tensor, sin: torch.Tensor,
+              num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[B, L, 3*H*D] -> q, k, v [B, H, L, D]: q and k RMS-normalised and rotated by RoPE."""
+    if _active(qkv):
+        return _kernels.qkv_norm_rope(qkv, query_norm.scale, key_norm.scale, cos, sin, num_heads)
+    batch, length, _ = qkv.shape
+    q, k, v = qkv.view(batch, length, 3, num_heads, -1).permute(2, 0, 3, 1, 4)
+    q, k = query_norm(q).to(v.dtype), key_norm(k).to(v.dtype)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (x[2i], x[2i+1]) of the head dim by the position angles."""
+    pairs = x.to(cos.dtype).unflatten(-1, (-1, 2))
+    even, odd = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack((cos * even - sin * odd, sin * even + cos * odd), dim=-1)
+    return rotated.flatten(-2).to(x.dtype)
