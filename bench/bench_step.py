@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import kernels  # noqa: E402
+from kontext_core import fused  # noqa: E402
 from kontext_core import Autoencoder, KontextTransformer, TransformerConfig  # noqa: E402
 from kontext_core.checkpoints.key_maps import to_theirs, transformer_links  # noqa: E402
 from kontext_core.pipeline import GenerationSettings, KontextPipeline  # noqa: E402
@@ -207,8 +208,8 @@ def end_to_end(model: KontextTransformer, steps: int = 28) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--impls", nargs="+", default=["ours", "diffusers"],
-                        choices=["ours", "ours-kernels", "ours-compiled", "ours-fp8", "ours-fp8-kernels",
-                                 "ours-fp8-compiled", "diffusers", "diffusers-compiled"])
+                        choices=["ours", "ours-kernels", "ours-rowkernels", "ours-compiled", "ours-fp8",
+                                 "ours-fp8-kernels", "ours-fp8-compiled", "diffusers", "diffusers-compiled"])
     parser.add_argument("--workloads", nargs="+", default=["edit", "t2i"], choices=list(WORKLOADS))
     parser.add_argument("--e2e", action="store_true", help="also time a full 28-step 1024x1024 edit")
     parser.add_argument("--out", default=None)
@@ -240,7 +241,9 @@ def main() -> None:
               f"floor {floor * 1e3:.1f} ms; attention alone at {attn_rate / 1e12:.0f} TFLOP/s", flush=True)
         reference = None
         for impl in args.impls:
-            kernels.set_enabled(impl.endswith("kernels"))  # our Triton kernels only in the "-kernels" rows
+            # Our Triton kernels only in the "kernels" rows; "rowkernels": norms/RoPE fused, GEMMs by cuBLAS.
+            kernels.set_enabled(impl.endswith("kernels"))
+            fused.set_fused_gemms(not impl.endswith("rowkernels"))
             target = fp8_model if impl.startswith("ours-fp8") else model if impl.startswith("ours") else twin
             if impl.endswith("compiled"):
                 compile_blocks(target, impl)

@@ -19,6 +19,17 @@ except Exception:  # pragma: no cover - absent or broken Triton install
     _kernels = None
 
 
+# The Triton FFN GEMMs fuse their epilogues but multiply about 30% slower than cuBLAS on an H100
+# (bench/RESULTS.md); the row kernels (norms, RoPE) are a clear gain. Both are on by default.
+_fused_gemms = True
+
+
+def set_fused_gemms(enabled: bool) -> None:
+    """Use the Triton GEMMs with fused epilogues (True) or cuBLAS plus separate elementwise ops."""
+    global _fused_gemms
+    _fused_gemms = bool(enabled)
+
+
 def _active(x: torch.Tensor) -> bool:
     return _kernels is not None and not torch.compiler.is_compiling() and _kernels.enabled_for(x)
 
@@ -41,14 +52,14 @@ def _plain_linear(layer: nn.Module) -> bool:
 
 def linear_gelu(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     """GELU(tanh)(layer(x)), the bias and GELU in the GEMM's epilogue when fused."""
-    if _plain_linear(layer) and _active(x):
+    if _fused_gemms and _plain_linear(layer) and _active(x):
         return _kernels.linear_gelu(x, layer.weight, layer.bias)
     return F.gelu(layer(x), approximate="tanh")
 
 
 def gated_residual(residual: torch.Tensor, gate: torch.Tensor, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     """residual + gate * layer(x), the gated add in the GEMM's epilogue when fused."""
-    if _plain_linear(layer) and _active(x):
+    if _fused_gemms and _plain_linear(layer) and _active(x):
         return _kernels.linear_gated_residual(x, layer.weight, layer.bias, gate, residual)
     return residual + gate * layer(x)
 
