@@ -19,9 +19,10 @@ except Exception:  # pragma: no cover - absent or broken Triton install
     _kernels = None
 
 
-# The Triton FFN GEMMs fuse their epilogues but multiply about 30% slower than cuBLAS on an H100
-# (bench/RESULTS.md); the row kernels (norms, RoPE) are a clear gain. Both are on by default.
-_fused_gemms = True
+# The Triton FFN GEMMs fuse their epilogues but multiply about 30% slower than cuBLAS on an H100, a
+# net loss (bench/RESULTS.md: 319.8 vs 306.9 ms per edit step); so cuBLAS GEMMs by default, the row
+# kernels (norm + modulation, QK-norm + RoPE) fused.
+_fused_gemms = False
 
 
 def set_fused_gemms(enabled: bool) -> None:

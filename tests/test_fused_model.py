@@ -17,8 +17,17 @@ pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and triton_availa
                                 reason="needs a CUDA GPU with Triton")
 
 
+@pytest.fixture(params=[False, True], ids=["row-kernels", "all-kernels"])
+def fused_gemms(request):
+    from kontext_core import fused
+
+    fused.set_fused_gemms(request.param)
+    yield request.param
+    fused.set_fused_gemms(False)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_blocks_with_kernels_equal_plain_pytorch(dtype):
+def test_blocks_with_kernels_equal_plain_pytorch(dtype, fused_gemms):
     # Sizes the GEMM tiles do not divide: 20x12 target, 6x10 context, 7 text tokens, batch 2.
     model = randomize_(KontextTransformer(TransformerConfig.tiny()), seed=5).to("cuda", dtype).eval()
     generator = torch.Generator().manual_seed(torch.seed() % 2**31)
