@@ -130,7 +130,10 @@ def _linear_epilogue_kernel(
              acc.to(out_ptr.dtype.element_ty), mask=inside)
 
 
-# Target: Hopper (H100/H200, sm_90, 228 KB shared memory per SM); not yet timed on one.
+# Target: Hopper (H100/H200, sm_90, 228 KB shared memory per SM). Timed on an H100 on 2026-11-23
+# (bench/RESULTS.md): the autotuned best of these reaches ~520 TFLOP/s on the FLUX FFN shapes, below
+# cuBLAS's ~741, which is why the model uses cuBLAS GEMMs by default. A TMA / warp-specialised
+# persistent kernel would be needed to beat it.
 # Triton lowers tl.dot to wgmma there for 4- and 8-warp programs. The 128x256 and 256x128 tiles
 # with 8 warps are the usual winners for the FLUX shapes (M ~ 4-9k tokens, N/K 3072 or 12288);
 # the smaller tiles cover the 512-token text stream and Ampere/Ada (99-163 KB shared memory),
