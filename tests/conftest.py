@@ -40,6 +40,22 @@ def randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     return model
 
 
+class FakeEncoders:
+    """Deterministic embeddings per prompt, so tests need no T5/CLIP; counts calls."""
+
+    def __init__(self, txt_dim: int, pooled_dim: int):
+        self.txt_dim, self.pooled_dim, self.calls = txt_dim, pooled_dim, 0
+
+    def encode(self, prompts):
+        self.calls += 1
+        txt, pooled = [], []
+        for prompt in prompts:
+            generator = torch.Generator().manual_seed(sum(map(ord, prompt)) + 7)
+            txt.append(torch.randn(1, 6, self.txt_dim, generator=generator))
+            pooled.append(torch.randn(1, self.pooled_dim, generator=generator))
+        return torch.cat(txt), torch.cat(pooled)
+
+
 @pytest.fixture
 def tiny_transformer() -> KontextTransformer:
     return randomize_(KontextTransformer(TransformerConfig.tiny()), seed=1).eval()

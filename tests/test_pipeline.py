@@ -9,25 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import FakeEncoders
 from kontext_core.image import preferred_size, prepare_image, to_rgb_array
 from kontext_core.pipeline import GenerationSettings, KontextPipeline, make_noise
 from kontext_core.sampling import TextConditioning, denoise_schedule, flux_schedule
-
-
-class FakeEncoders:
-    """Deterministic embeddings per prompt, so tests need no T5/CLIP; counts calls."""
-
-    def __init__(self, txt_dim: int, pooled_dim: int):
-        self.txt_dim, self.pooled_dim, self.calls = txt_dim, pooled_dim, 0
-
-    def encode(self, prompts):
-        self.calls += 1
-        out_txt, out_y = [], []
-        for prompt in prompts:
-            generator = torch.Generator().manual_seed(sum(map(ord, prompt)) + 7)
-            out_txt.append(torch.randn(1, 6, self.txt_dim, generator=generator))
-            out_y.append(torch.randn(1, self.pooled_dim, generator=generator))
-        return torch.cat(out_txt), torch.cat(out_y)
 
 
 @pytest.fixture

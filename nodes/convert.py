@@ -1,0 +1,175 @@
+"""ComfyUI's types <-> kontext_core's, and nothing else: no models, no ComfyUI import.
+
+IMAGE: float [B, H, W, C] in [0, 1].  Core pixels: float [B, 3, H, W] in [-1, 1].
+LATENT: {"samples": [B, 16, h, w]} in ComfyUI's raw FLUX VAE space; the core works on the scaled
+latent the AE's `encode` returns. ComfyUI's `latent_formats.Flux.process_in` maps raw to scaled as
+(raw - 0.1159) * 0.3611, so every LATENT crossing the boundary goes through that formula.
+CONDITIONING: [[t5_embeddings [B, L, 4096], {"pooled_output": [B, 768], "guidance": float,
+"reference_latents": [raw latents], "reference_latents_method": str}], ...].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from kontext_core import PLACEMENTS, TextConditioning
+
+# ComfyUI's latent_formats.Flux (not the AE config: a LATENT wire always carries this convention).
+COMFY_FLUX_SCALE = 0.3611
+COMFY_FLUX_SHIFT = 0.1159
+LATENT_CHANNELS = 16
+# ComfyUI's FluxKontextMultiReferenceLatentMethod names -> our placements.
+_METHOD_ALIASES = {"uxo/uno": "uxo", "uno": "uxo"}
+
+
+# --- IMAGE ---------------------------------------------------------------------------------------
+
+def check_image(image: Any, what: str = "image") -> torch.Tensor:
+    if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[-1] not in (1, 3, 4):
+        shape = list(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise ValueError(f"{what}: expected a ComfyUI IMAGE [batch, height, width, channels], got {shape}")
+    return image
+
+
+def image_to_pil(image: torch.Tensor) -> list[Image.Image]:
+    """Each item of an IMAGE batch as an 8-bit Pillow image (RGB, RGBA or L as its channels say).
+
+    8-bit values (what Load Image produces) survive the trip exactly: round(255 * k / 255) = k.
+    """
+    check_image(image)
+    array = (image.detach().float().cpu().clamp(0, 1) * 255.0).round().to(torch.uint8).numpy()
+    if array.shape[-1] == 1:
+        return [Image.fromarray(a[..., 0], "L") for a in array]
+    return [Image.fromarray(a, "RGBA" if a.shape[-1] == 4 else "RGB") for a in array]
+
+
+def pil_to_image(images: list[Image.Image]) -> torch.Tensor:
+    """Pillow images of one size -> IMAGE [B, H, W, 3]."""
+    arrays = [np.asarray(i.convert("RGB"), dtype=np.float32) / 255.0 for i in images]
+    if len({a.shape for a in arrays}) > 1:
+        raise ValueError("images of different sizes cannot share one IMAGE batch")
+    return torch.from_numpy(np.stack(arrays))
+
+
+def pixels_to_image(pixels: torch.Tensor) -> torch.Tensor:
+    """Core pixels [B, 3, H, W] in about [-1, 1] -> IMAGE [B, H, W, 3] in [0, 1] (float, not quantized)."""
+    return ((pixels.detach().float().cpu().clamp(-1, 1) + 1.0) / 2.0).permute(0, 2, 3, 1).contiguous()
+
+
+def image_to_pixels(image: torch.Tensor) -> torch.Tensor:
+    """IMAGE [B, H, W, C] -> core pixels [B, 3, H, W] in [-1, 1] (gray repeated, alpha dropped)."""
+    check_image(image)
+    rgb = image[..., :3] if image.shape[-1] >= 3 else image.expand(-1, -1, -1, 3)
+    return rgb.float().permute(0, 3, 1, 2) * 2.0 - 1.0
+
+
+# --- LATENT --------------------------------------------------------------------------------------
+
+def raw_to_scaled(raw: torch.Tensor) -> torch.Tensor:
+    """ComfyUI's raw FLUX latent -> the core's scaled latent (ComfyUI's Flux.process_in)."""
+    return (raw.float() - COMFY_FLUX_SHIFT) * COMFY_FLUX_SCALE
+
+
+def scaled_to_raw(scaled: torch.Tensor) -> torch.Tensor:
+    """The core's scaled latent -> ComfyUI's raw FLUX latent (ComfyUI's Flux.process_out)."""
+    return scaled.float() / COMFY_FLUX_SCALE + COMFY_FLUX_SHIFT
+
+
+def check_latent_tensor(samples: Any, what: str = "latent") -> torch.Tensor:
+    if not isinstance(samples, torch.Tensor) or samples.ndim != 4:
+        shape = list(samples.shape) if isinstance(samples, torch.Tensor) else type(samples).__name__
+        raise ValueError(f"{what}: expected latents [batch, 16, height, width], got {shape}")
+    if samples.shape[1] != LATENT_CHANNELS:
+        raise ValueError(
+            f"{what} has {samples.shape[1]} channels; FLUX latents have 16. It comes from a node made for another "
+            "model family (Empty Latent Image makes 4-channel SD latents): use Empty SD3 Latent Image, VAE Encode "
+            "with the FLUX VAE, or Kontext Encode Image."
+        )
+    return samples
+
+
+def latent_from_comfy(latent: Any, what: str = "latent") -> torch.Tensor:
+    """A LATENT dict -> scaled latents [B, 16, h, w] (float32, on the CPU)."""
+    if not isinstance(latent, dict) or "samples" not in latent:
+        raise ValueError(f"{what}: expected a ComfyUI LATENT (a dict with 'samples'), got {type(latent).__name__}")
+    return raw_to_scaled(check_latent_tensor(latent["samples"], what).detach().cpu())
+
+
+def latent_to_comfy(scaled: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Scaled latents -> a LATENT dict that ComfyUI's own VAE Decode and samplers read correctly."""
+    return {"samples": scaled_to_raw(scaled.detach().cpu())}
+
+
+def split_batch(latents: torch.Tensor) -> list[torch.Tensor]:
+    """[B, ...] -> B tensors [1, ...]: each item of a batch is one more reference."""
+    return [latents[i:i + 1] for i in range(latents.shape[0])]
+
+
+# --- CONDITIONING --------------------------------------------------------------------------------
+
+@dataclass
+class Conditioning:
+    """What the core needs from a CONDITIONING: text, and what ComfyUI's Flux nodes attach to it."""
+
+    text: TextConditioning
+    guidance: float | None = None  # set by FluxGuidance / CLIPTextEncodeFlux; None: the sampler's widget
+    reference_latents: list[torch.Tensor] = field(default_factory=list)  # scaled, [1, 16, h, w] each
+    reference_method: str | None = None  # a core placement name
+
+
+def conditioning_from_comfy(conditioning: Any, what: str = "conditioning",
+                            text_features: int | None = None) -> Conditioning:
+    """ComfyUI CONDITIONING (from our prompt node or CLIPTextEncodeFlux / FluxGuidance / ReferenceLatent)."""
+    if not isinstance(conditioning, list) or not conditioning:
+        raise ValueError(f"{what}: expected a ComfyUI CONDITIONING (a non-empty list), "
+                         f"got {type(conditioning).__name__}")
+    if len(conditioning) > 1:
+        raise ValueError(
+            f"{what} holds {len(conditioning)} conditionings (Conditioning Combine or area nodes); Kontext nodes take "
+            "one. Encode the prompts as one text instead."
+        )
+    entry = conditioning[0]
+    if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[1], dict)):
+        raise ValueError(f"{what}: malformed CONDITIONING entry (expected [tensor, dict])")
+    txt, extras = entry
+    if "pooled_output" not in extras or extras["pooled_output"] is None:
+        raise ValueError(
+            f"{what} has no pooled CLIP output; FLUX needs T5-XXL and CLIP-L together. Encode with Kontext Prompt, "
+            "or CLIP Text Encode (Flux) with a DualCLIPLoader of type flux."
+        )
+    if text_features is not None and txt.shape[-1] != text_features:
+        raise ValueError(
+            f"{what} has text features of width {txt.shape[-1]}, the model expects {text_features} (T5-XXL). "
+            "It was encoded for another model: use a FLUX text encoder (t5xxl + clip_l)."
+        )
+    pooled = extras["pooled_output"]
+    if pooled.ndim == 1:
+        pooled = pooled[None]
+    guidance = extras.get("guidance")
+    method = extras.get("reference_latents_method")
+    if method is not None:
+        method = _METHOD_ALIASES.get(method, method)
+        if method not in PLACEMENTS:
+            raise ValueError(
+                f"{what}: reference method {extras['reference_latents_method']!r} is not supported here; choose "
+                f"one of {', '.join(p for p in PLACEMENTS if p != 'kontext')} in Edit Model Reference Method."
+            )
+    references = []
+    for index, raw in enumerate(extras.get("reference_latents") or []):
+        scaled = raw_to_scaled(check_latent_tensor(raw, f"{what}: reference latent {index + 1}").detach().cpu())
+        references.extend(split_batch(scaled))
+    return Conditioning(TextConditioning(txt.detach(), pooled.detach()),
+                        None if guidance is None else float(guidance), references, method)
+
+
+def conditioning_to_comfy(text: TextConditioning, guidance: float | None = None) -> list:
+    """TextConditioning -> CONDITIONING that ComfyUI's own samplers also accept."""
+    extras: dict[str, Any] = {"pooled_output": text.y.detach().cpu()}
+    if guidance is not None:
+        extras["guidance"] = float(guidance)
+    return [[text.txt.detach().cpu(), extras]]

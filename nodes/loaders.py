@@ -1,0 +1,127 @@
+"""Loader nodes: the Kontext transformer, the FLUX VAE, T5-XXL + CLIP-L, LoRAs.
+
+Each loads (or finds in the cache) right away, so a bad file is reported on the loader node, and
+outputs a reference that the sampling nodes resolve through the cache.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kontext_core import set_attention_backend
+
+from . import comfy_adapter, model_cache, resolve
+from .model_cache import (AE_DTYPES, ATTENTION_BACKENDS, WEIGHT_DTYPES, AutoencoderRef, LoraRef, TextEncodersRef,
+                          TransformerRef)
+from .schema import MODEL, TEXT_ENCODERS, VAE, Combo, Float, KontextNode, NodeResult, Output, Socket, node_spec
+
+
+def _files(folder: str):
+    return lambda: comfy_adapter.filenames(folder)
+
+
+class KontextModelLoader(KontextNode):
+    @classmethod
+    def spec(cls):
+        return node_spec(
+            "KontextModelLoader", "Load Kontext Model",
+            "Loads FLUX.1 Kontext [dev] (any of its files: BFL, ComfyUI fp8 / scaled fp8, full checkpoints) from "
+            "models/diffusion_models. It stays loaded between runs.",
+            [
+                Combo("model_name", _files("diffusion_models"),
+                      tooltip="flux1-kontext-dev.safetensors or an fp8 version of it, in models/diffusion_models."),
+                Combo("weight_dtype", WEIGHT_DTYPES, "default",
+                      tooltip="default: fp8 for fp8 files, else bf16 on a GPU (fp32 on the CPU). fp8 halves memory."),
+                Combo("attention", ATTENTION_BACKENDS, "auto",
+                      tooltip="auto picks the fastest available; flash-attn needs the flash-attn package."),
+            ],
+            [Output(MODEL, "model")],
+        )
+
+    @classmethod
+    def run(cls, model_name: str, weight_dtype: str = "default", attention: str = "auto") -> NodeResult:
+        path = comfy_adapter.full_path("diffusion_models", model_name)
+        set_attention_backend(attention)  # refuses flash-attn when it is not installed, here rather than later
+        device = comfy_adapter.compute_device()
+        dtype = model_cache.resolve_weight_dtype(weight_dtype, path, device)
+        ref = TransformerRef(path, dtype, str(device), attention)
+        resolve.transformer(ref)
+        return NodeResult((ref,))
+
+
+class KontextVAELoader(KontextNode):
+    @classmethod
+    def spec(cls):
+        return node_spec(
+            "KontextVAELoader", "Load Kontext VAE",
+            "Loads the FLUX VAE (ae.safetensors) from models/vae for the Kontext nodes. ComfyUI's own Load VAE "
+            "works with them too.",
+            [
+                Combo("vae_name", _files("vae"), tooltip="ae.safetensors (the FLUX VAE), in models/vae."),
+                Combo("dtype", AE_DTYPES, "default", tooltip="default: bf16 on a GPU, fp32 on the CPU."),
+            ],
+            [Output(VAE, "vae")],
+        )
+
+    @classmethod
+    def run(cls, vae_name: str, dtype: str = "default") -> NodeResult:
+        path = comfy_adapter.full_path("vae", vae_name)
+        device = comfy_adapter.compute_device()
+        ref = AutoencoderRef(path, model_cache.resolve_ae_dtype(dtype, device), str(device))
+        resolve.autoencoder(ref)
+        return NodeResult((ref,))
+
+
+class KontextTextEncodersLoader(KontextNode):
+    @classmethod
+    def spec(cls):
+        return node_spec(
+            "KontextTextEncodersLoader", "Load Kontext Text Encoders",
+            "Loads T5-XXL and CLIP-L from models/text_encoders for Kontext Prompt and the session nodes. Prompts "
+            "already encoded are remembered.",
+            [
+                Combo("t5_name", _files("text_encoders"),
+                      tooltip="t5xxl_fp16.safetensors or t5xxl_fp8_e4m3fn(_scaled).safetensors."),
+                Combo("clip_name", _files("text_encoders"), tooltip="clip_l.safetensors."),
+                Combo("dtype", AE_DTYPES, "default", tooltip="default: bf16 on a GPU, fp32 on the CPU."),
+            ],
+            [Output(TEXT_ENCODERS, "text_encoders")],
+        )
+
+    @classmethod
+    def run(cls, t5_name: str, clip_name: str, dtype: str = "default") -> NodeResult:
+        t5 = comfy_adapter.full_path("text_encoders", t5_name)
+        clip = comfy_adapter.full_path("text_encoders", clip_name)
+        if Path(t5).resolve() == Path(clip).resolve():
+            raise ValueError("t5_name and clip_name are the same file; pick the T5-XXL file and the CLIP-L file.")
+        device = comfy_adapter.compute_device()
+        t5_tokenizer, clip_tokenizer = comfy_adapter.tokenizer_folders()
+        ref = TextEncodersRef(t5, clip, model_cache.resolve_ae_dtype(dtype, device), str(device),
+                              str(t5_tokenizer) if t5_tokenizer else None,
+                              str(clip_tokenizer) if clip_tokenizer else None)
+        model_cache.text_encoders(ref)
+        return NodeResult((ref,))
+
+
+class KontextLoRA(KontextNode):
+    @classmethod
+    def spec(cls):
+        return node_spec(
+            "KontextLoRA", "Kontext LoRA",
+            "Adds a LoRA (BFL/ComfyUI, diffusers or kohya format) to a Kontext model. It is applied on the fly while "
+            "sampling and removed afterwards, so changing the strength reloads nothing. Chain several to stack them.",
+            [
+                Socket("model", MODEL),
+                Combo("lora_name", _files("loras"), tooltip="A FLUX / Kontext LoRA in models/loras."),
+                Float("strength", 1.0, -10.0, 10.0, tooltip="1 applies the LoRA as trained; negative subtracts it."),
+            ],
+            [Output(MODEL, "model")],
+        )
+
+    @classmethod
+    def run(cls, model: TransformerRef, lora_name: str, strength: float = 1.0) -> NodeResult:
+        if not isinstance(model, TransformerRef):
+            resolve.transformer(model)  # raises the explanatory TypeError
+        ref = LoraRef(comfy_adapter.full_path("loras", lora_name), float(strength))
+        model_cache.lora(ref)  # a bad file is reported on this node
+        return NodeResult((model.with_lora(ref),))

@@ -1,0 +1,106 @@
+"""Wire values -> ready core objects: references to loaded models, ComfyUI's VAE, prompts to conditioning."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any, Sequence
+
+import torch
+
+from kontext_core import KontextPipeline, TextConditioning, set_attention_backend
+from kontext_core.image import prepare_image
+
+from . import convert, model_cache
+from .model_cache import AutoencoderRef, TextEncodersRef, TransformerRef
+
+
+class ComfyVae:
+    """ComfyUI's own VAE seen through the core Autoencoder's interface (pixels in [-1, 1], scaled latents),
+    so `KontextPipeline` encodes and decodes with it unchanged."""
+
+    dtype = torch.float32
+    device = torch.device("cpu")  # ComfyUI's VAE moves its inputs to its own device
+
+    def __init__(self, vae: Any):
+        channels = getattr(vae, "latent_channels", None)
+        if channels != convert.LATENT_CHANNELS:
+            raise ValueError(
+                f"this VAE makes {channels}-channel latents; Kontext needs the FLUX VAE (ae.safetensors, 16 channels). "
+                "Load it with Load VAE or Load Kontext VAE."
+            )
+        ratio = getattr(vae, "downscale_ratio", 8)
+        if not isinstance(ratio, int):
+            raise ValueError(f"this VAE has a downscale ratio of {ratio!r}; Kontext needs the FLUX VAE (8x).")
+        self.vae = vae
+        self.config = SimpleNamespace(downsample_factor=ratio)
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        return convert.raw_to_scaled(self.vae.encode(convert.pixels_to_image(pixels)).float().cpu())
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        return convert.image_to_pixels(self.decode_image(latent))
+
+    def decode_image(self, latent: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> IMAGE, without a detour through [-1, 1]."""
+        return self.vae.decode(convert.scaled_to_raw(latent))[..., :3].float().cpu()
+
+
+def autoencoder(vae: Any):
+    """A KONTEXT_VAE reference or a ComfyUI VAE -> something with the core Autoencoder's interface."""
+    if isinstance(vae, AutoencoderRef):
+        return model_cache.autoencoder(vae)
+    if isinstance(vae, ComfyVae):
+        return vae
+    if all(hasattr(vae, name) for name in ("encode", "decode", "latent_channels")):
+        return ComfyVae(vae)
+    raise TypeError(f"expected a Kontext VAE or a ComfyUI VAE, got {type(vae).__name__}")
+
+
+def transformer(ref: TransformerRef):
+    if not isinstance(ref, TransformerRef):
+        raise TypeError(
+            f"expected a model from Load Kontext Model, got {type(ref).__name__}. ComfyUI's MODEL (Load Diffusion "
+            "Model) runs on ComfyUI's own samplers; Kontext nodes load the transformer themselves."
+        )
+    set_attention_backend(ref.attention)
+    return model_cache.transformer(ref)
+
+
+def loras(ref: TransformerRef) -> list[tuple[Any, float]]:
+    return [(model_cache.lora(lora), lora.strength) for lora in ref.loras]
+
+
+def pipeline(model: TransformerRef, vae: Any, text: TextEncodersRef | None = None) -> KontextPipeline:
+    encoders = model_cache.text_encoders(text) if text is not None else None
+    return KontextPipeline(transformer(model), autoencoder(vae), encoders)
+
+
+def encode_prompts(text: TextEncodersRef, prompts: Sequence[str]) -> TextConditioning:
+    """Prompts -> T5 / CLIP conditioning; on a GPU the encoders leave it afterwards to make room for the transformer."""
+    if not isinstance(text, TextEncodersRef):
+        raise TypeError(f"expected text encoders from Load Kontext Text Encoders, got {type(text).__name__}")
+    encoders = model_cache.text_encoders(text)
+    txt, pooled = encoders.encode(list(prompts))
+    if torch.device(text.device).type == "cuda" and hasattr(encoders, "offload"):
+        encoders.offload("cpu")
+    return TextConditioning(txt, pooled)
+
+
+def decode_image(ae: Any, scaled: torch.Tensor) -> torch.Tensor:
+    """Scaled latents -> IMAGE [B, H, W, 3]."""
+    if isinstance(ae, ComfyVae):
+        return ae.decode_image(scaled)
+    with torch.no_grad():
+        return convert.pixels_to_image(ae.decode(scaled.to(device=ae.device, dtype=ae.dtype)))
+
+
+def encode_images(ae: Any, images: Sequence[torch.Tensor], resize: str) -> list[torch.Tensor]:
+    """Every item of every IMAGE -> its scaled latent [1, 16, h, w], prepared as `KontextPipeline.encode_image`
+    prepares a file (so a node and the CLI given the same picture encode the same latent)."""
+    latents = []
+    for image in images:
+        for picture in convert.image_to_pil(convert.check_image(image)):
+            pixels = prepare_image(picture, resize, None, "stretch", ae.config.downsample_factor * 2)
+            with torch.no_grad():
+                latents.append(ae.encode(pixels.to(device=ae.device, dtype=ae.dtype)).float().cpu())
+    return latents

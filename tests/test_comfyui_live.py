@@ -1,0 +1,356 @@
+"""The pack inside a real ComfyUI 0.8 (on the CPU, on loopback only): registration through the V3 entry
+point, the node definitions ComfyUI serves, and the example workflows queued through its API and run
+on tiny models saved under the real file names.
+
+Needs ComfyUI's source with its own environment: ~/ComfyUI (or $COMFYUI_DIR) and its .venv holding
+ComfyUI's requirements.txt and this pack's requirements.txt. Skipped, saying why, without them.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from conftest import randomize_
+from kontext_core import Autoencoder, AutoencoderConfig, KontextTransformer, TransformerConfig
+from kontext_core import save_autoencoder, save_transformer
+from node_pack import COMFYUI, REPO, nodes_module
+from test_workflows import CORE_NODES, UI_ONLY_WIDGETS, WORKFLOWS
+
+PYTHON = COMFYUI / ".venv" / "bin" / "python"
+STARTUP_SECONDS = 240
+RUN_SECONDS = 300
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tiny_text_encoder_files(folder: Path, config: TransformerConfig) -> None:
+    """t5xxl_fp16 / clip_l stand-ins: the real tokenizers' vocabularies, tiny widths (the tiny model's)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    t5 = randomize_(T5EncoderModel(T5Config(
+        vocab_size=32128, d_model=config.context_in_dim, d_kv=8, d_ff=64, num_layers=1,
+        num_heads=config.context_in_dim // 8, feed_forward_proj="gated-gelu", dropout_rate=0.0)), 3).eval()
+    clip = randomize_(CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=config.vec_in_dim, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=1, max_position_embeddings=77)), 4).eval()
+    save_file({k: v.detach().clone().contiguous() for k, v in t5.state_dict().items()},
+              str(folder / "t5xxl_fp16.safetensors"))
+    save_file({f"text_model.{k}": v.detach().clone().contiguous() for k, v in clip.state_dict().items()},
+              str(folder / "clip_l.safetensors"))
+
+
+def _request(url: str, payload: dict | None = None) -> dict:
+    data = json.dumps(payload).encode() if payload is not None else None
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return json.loads(error.read() or b"{}") | {"http_status": error.code}
+
+
+@pytest.fixture(scope="module")
+def comfyui(tmp_path_factory):
+    if not (COMFYUI / "main.py").exists():
+        pytest.skip(f"needs ComfyUI's source at {COMFYUI} (set COMFYUI_DIR)")
+    if not PYTHON.exists():
+        pytest.skip(f"needs ComfyUI's own environment at {PYTHON}: python3 -m venv {COMFYUI}/.venv, then pip install "
+                    "torch torchvision, ComfyUI's requirements.txt and this pack's requirements.txt into it")
+    base = tmp_path_factory.mktemp("comfyui")
+    (base / "custom_nodes").mkdir()
+    (base / "custom_nodes" / "comfyui-kontext").symlink_to(REPO, target_is_directory=True)
+    models = base / "models"
+    for folder in ("diffusion_models", "vae", "text_encoders", "loras"):
+        (models / folder).mkdir(parents=True)
+    config = TransformerConfig.tiny()
+    save_transformer(randomize_(KontextTransformer(config), 1),
+                     models / "diffusion_models" / "flux1-kontext-dev.safetensors")
+    save_autoencoder(randomize_(Autoencoder(AutoencoderConfig.tiny()), 2), models / "vae" / "ae.safetensors")
+    # A full-size (random) FLUX AE, the only kind ComfyUI's own Load VAE reads.
+    full_ae = randomize_(Autoencoder(AutoencoderConfig()), 5).to(torch.bfloat16)
+    save_autoencoder(full_ae, models / "vae" / "flux_ae_full.safetensors")
+    del full_ae
+    _tiny_text_encoder_files(models / "text_encoders", config)
+    (base / "input").mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)).save(base / "input" / "example.png")
+
+    port = _free_port()
+    log = open(base / "comfyui.log", "w")
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    process = subprocess.Popen(
+        [str(PYTHON), str(COMFYUI / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+         "--base-directory", str(base), "--disable-auto-launch", "--database-url", "sqlite:///:memory:",
+         "--preview-method", "latent2rgb"],
+        cwd=base, stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + STARTUP_SECONDS
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"ComfyUI exited at start:\n{(base / 'comfyui.log').read_text()[-3000:]}")
+            try:
+                _request(f"{url}/system_stats")
+                break
+            except (urllib.error.URLError, ConnectionError, OSError):
+                if time.time() > deadline:
+                    pytest.fail(f"ComfyUI did not answer in {STARTUP_SECONDS} s")
+                time.sleep(1)
+        yield {"url": url, "base": base, "object_info": _request(f"{url}/object_info"),
+               "log": base / "comfyui.log"}
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+def _queue(comfyui, prompt: dict) -> dict:
+    """Queue an API-format prompt and wait for its history entry (or the validation error)."""
+    answer = _request(f"{comfyui['url']}/prompt", {"prompt": prompt, "client_id": "kontext-tests"})
+    if "prompt_id" not in answer:
+        return {"validation": answer}
+    prompt_id = answer["prompt_id"]
+    deadline = time.time() + RUN_SECONDS
+    while time.time() < deadline:
+        history = _request(f"{comfyui['url']}/history/{prompt_id}")
+        if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
+            return history[prompt_id]
+        time.sleep(0.5)
+    pytest.fail(f"the prompt did not finish in {RUN_SECONDS} s; log:\n{comfyui['log'].read_text()[-3000:]}")
+
+
+def _for_tiny_models(prompt: dict) -> dict:
+    """Kontext's preferred ~1 MP sizes are far too big for a CPU test: keep the images' own sizes, 2 steps."""
+    prompt = copy.deepcopy(prompt)
+    for node in prompt.values():
+        inputs = node["inputs"]
+        if "resize" in inputs:
+            inputs["resize"] = "keep"
+        if "steps" in inputs:
+            inputs["steps"] = 2
+        if node["class_type"] == "EmptySD3LatentImage":
+            inputs.update(width=64, height=48)
+    return prompt
+
+
+def _widget_names(info: dict) -> list[str]:
+    names = []
+    for group in ("required", "optional"):
+        for name in info["input_order"].get(group, []):
+            kind = info["input"][group][name][0]
+            if isinstance(kind, list) or kind in WIDGET_TYPES:
+                names.append(name)
+    return names
+
+
+def test_comfyui_registers_every_node_as_declared(comfyui):
+    info = comfyui["object_info"]
+    for node in nodes_module().NODES:
+        spec = node.spec()
+        assert spec.node_id in info, f"{spec.node_id} is not registered; log:\n{comfyui['log'].read_text()[-2000:]}"
+        served = info[spec.node_id]
+        assert served["category"] == "Kontext" and served["display_name"] == spec.display_name
+        assert served["output"] == [o.type for o in spec.outputs]
+        assert served["output_name"] == [o.name for o in spec.outputs]
+        for item in spec.inputs:
+            group = "optional" if item.optional else "required"
+            kind = served["input"][group][item.name][0]
+            assert kind == ",".join(item.accepted_types), (spec.node_id, item.name, kind)
+        assert _widget_names(served) == [i.name for i in spec.widget_order()], spec.node_id
+
+
+def test_core_node_table_matches_comfyui(comfyui):
+    info = comfyui["object_info"]
+    for name, core in CORE_NODES.items():
+        served = info[name]
+        sockets = {k: v[0] for group in ("required", "optional") for k, v in served["input"].get(group, {}).items()
+                   if not isinstance(v[0], list) and v[0] not in WIDGET_TYPES}
+        assert sockets == core["sockets"], name
+        assert served["output"] == core["outputs"], name
+        widgets = [w for w in core["widgets"] if w not in UI_ONLY_WIDGETS.get(name, set())]
+        assert _widget_names(served) == widgets, name
+
+
+RUNNABLE = ["kontext_edit", "kontext_edit_chain", "kontext_multi_reference", "kontext_text_to_image",
+            "kontext_edit_loop"]
+
+
+@pytest.mark.parametrize("name", RUNNABLE)
+def test_example_workflow_runs(comfyui, name):
+    prompt = _for_tiny_models(json.loads((WORKFLOWS / "api" / f"{name}_api.json").read_text()))
+    result = _queue(comfyui, prompt)
+    assert "validation" not in result, result
+    status = result["status"]
+    assert status["status_str"] == "success", (status, comfyui["log"].read_text()[-4000:])
+    saved = [image for output in result["outputs"].values() for image in output.get("images", [])
+             if image.get("type") == "output"]
+    assert saved and all((comfyui["base"] / "output" / i["subfolder"] / i["filename"]).exists() for i in saved)
+    if name in ("kontext_edit_chain", "kontext_edit_loop"):
+        turns = [o["kontext_turns"] for o in result["outputs"].values() if "kontext_turns" in o]
+        assert turns and max(len(t) for t in turns) == (4 if name == "kontext_edit_chain" else 5)
+        assert any(o.get("kontext_images") for o in result["outputs"].values())
+
+
+def test_native_text_encoder_workflow_validates(comfyui):
+    """ComfyUI accepts the graph (types, links, values); its own loaders cannot read the tiny stand-in files,
+    so the run may stop there, but never at a Kontext node."""
+    prompt = _for_tiny_models(json.loads((WORKFLOWS / "api" / "kontext_native_text_encoders_api.json").read_text()))
+    result = _queue(comfyui, prompt)
+    assert "validation" not in result, result
+    if result["status"]["status_str"] != "success":
+        errors = [m for m in result["status"]["messages"] if m[0] == "execution_error"]
+        assert errors and not errors[0][1]["node_type"].startswith("Kontext"), errors
+
+
+def test_errors_reach_the_page(comfyui):
+    prompt = _for_tiny_models(json.loads((WORKFLOWS / "api" / "kontext_edit_api.json").read_text()))
+    edit = next(k for k, v in prompt.items() if v["class_type"] == "KontextEdit")
+    del prompt[edit]["inputs"]["image"]  # nothing sets the size any more
+    result = _queue(comfyui, prompt)
+    errors = [m for m in result["status"]["messages"] if m[0] == "execution_error"]
+    assert errors and "nothing sets the output size" in errors[0][1]["exception_message"]
+
+
+def _defaults(node_id: str, **values) -> dict:
+    spec = next(n.spec() for n in nodes_module().NODES if n.spec().node_id == node_id)
+    inputs = {i.name: i.default for i in spec.inputs if i.is_widget and i.default is not None}
+    return {"class_type": node_id, "inputs": {**inputs, **values}}
+
+
+def test_comfyuis_vae_and_vae_decode_work_with_kontext_nodes(comfyui):
+    """Kontext Edit with ComfyUI's Load VAE; ComfyUI's VAE Decode reads Kontext Edit's LATENT as the same image."""
+    prompt = {
+        "1": _defaults("KontextModelLoader", model_name="flux1-kontext-dev.safetensors"),
+        "2": {"class_type": "VAELoader", "inputs": {"vae_name": "flux_ae_full.safetensors"}},
+        "3": _defaults("KontextTextEncodersLoader", t5_name="t5xxl_fp16.safetensors", clip_name="clip_l.safetensors"),
+        "4": _defaults("KontextPrompt", text_encoders=["3", 0], prompt="make it red"),
+        "5": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
+        "6": _defaults("KontextEdit", model=["1", 0], vae=["2", 0], conditioning=["4", 0], image=["5", 0], seed=1,
+                       steps=2, resize="keep"),
+        "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["2", 0]}},
+        "8": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": "native_decode"}},
+        "9": {"class_type": "SaveImage", "inputs": {"images": ["6", 1], "filename_prefix": "kontext_decode"}},
+    }
+    result = _queue(comfyui, prompt)
+    assert "validation" not in result, result
+    assert result["status"]["status_str"] == "success", (result["status"], comfyui["log"].read_text()[-4000:])
+    native, ours = (np.asarray(Image.open(comfyui["base"] / "output" / result["outputs"][k]["images"][0]["filename"]),
+                               dtype=np.int16) for k in ("8", "9"))
+    assert native.shape == ours.shape == (16, 32, 3)  # 40x24 kept, snapped to the AE's 16
+    assert np.abs(native - ours).max() <= 2
+
+
+def test_frontend_extension_is_served(comfyui):
+    listed = _request(f"{comfyui['url']}/extensions")
+    path = next((p for p in listed if p.endswith("/kontext_turns.js")), None)
+    assert path is not None, listed
+    with urllib.request.urlopen(f"{comfyui['url']}{path}", timeout=30) as response:
+        assert b"registerExtension" in response.read()
+
+
+# --- in the browser: ComfyUI's own frontend (needs selenium and Chromium with chromedriver) -----------------
+
+@pytest.fixture(scope="module")
+def page(comfyui):
+    webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium to drive ComfyUI's frontend")
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    chromium = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
+                     if Path(p).exists()), None)
+    driver_path = next((p for p in ("/usr/bin/chromedriver",) if Path(p).exists()), None)
+    if chromium is None or driver_path is None:
+        pytest.skip("needs Chromium and chromedriver (Debian: apt-get install chromium chromium-driver)")
+    options = Options()
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1600,1000"):
+        options.add_argument(argument)
+    options.binary_location = chromium
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    driver.set_script_timeout(120)
+    try:
+        driver.get(comfyui["url"] + "/")
+        deadline = time.time() + 120
+        while not driver.execute_script("return !!(window.app && window.app.graph)"):
+            if time.time() > deadline:
+                pytest.fail("ComfyUI's page did not start")
+            time.sleep(0.5)
+        yield driver
+    finally:
+        driver.quit()
+
+
+_LOAD_AND_CONVERT = """
+const [workflow, done] = arguments;
+(async () => {
+  try {
+    await window.app.loadGraphData(workflow);
+    done({output: (await window.app.graphToPrompt()).output});
+  } catch (error) { done({error: String(error)}); }
+})();
+"""
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in WORKFLOWS.glob("*.json")))
+def test_frontend_turns_each_ui_workflow_into_its_api_twin(page, name):
+    """ComfyUI's frontend loads the UI file and writes exactly the API twin when it queues it."""
+    result = page.execute_async_script(_LOAD_AND_CONVERT, json.loads((WORKFLOWS / f"{name}.json").read_text()))
+    assert "error" not in result, result
+    assert result["output"] == json.loads((WORKFLOWS / "api" / f"{name}_api.json").read_text())
+
+
+_RUN_LOOP = """
+const [workflow, done] = arguments;
+(async () => {
+  const app = window.app;
+  await app.loadGraphData(workflow);
+  for (const node of app.graph._nodes) {
+    for (const widget of node.widgets ?? []) {
+      if (widget.name === "resize") widget.value = "keep";
+      if (widget.name === "steps") widget.value = 2;
+    }
+  }
+  await app.queuePrompt(0, 1);
+  const loop = app.graph._nodes.find((n) => n.comfyClass === "KontextEditLoop");
+  const pick = app.graph._nodes.find((n) => n.comfyClass === "KontextPickTurn");
+  const strip = () => loop.widgets.find((w) => w.name === "kontext_turn_strip");
+  for (let i = 0; i < 600 && !(strip() && strip().element.children.length); i++) {
+    await new Promise((r) => setTimeout(r, 200));
+  }
+  if (!strip()) { done({error: "no strip"}); return; }
+  const figures = [...strip().element.querySelectorAll("figure")];
+  figures[3].click();
+  done({count: figures.length, images: figures.map((f) => !!f.querySelector("img")),
+        current: figures.map((f) => f.classList.contains("current")),
+        turn: pick.widgets.find((w) => w.name === "turn").value});
+})();
+"""
+
+
+def test_turn_strip_in_the_page_picks_a_turn(page):
+    result = page.execute_async_script(_RUN_LOOP, json.loads((WORKFLOWS / "kontext_edit_loop.json").read_text()))
+    assert "error" not in result, result
+    assert result["count"] == 5 and all(result["images"])  # turn 0 and the four prompts
+    assert result["current"] == [False, False, False, False, True]
+    assert result["turn"] == 3  # the click set Kontext Pick Turn's widget

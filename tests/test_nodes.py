@@ -1,0 +1,629 @@
+"""The ComfyUI nodes without ComfyUI: type conversions, the model cache, and every node's run() on tiny models.
+
+ComfyUI's side (model folders, progress bar, Cancel, previews) is the `comfy` fixture, which replaces the
+functions of nodes/comfy_adapter.py. References: the core's KontextPipeline and EditSession run on the
+same loaded models (bit-exact on the CPU), ComfyUI's latent_formats.Flux for the LATENT scaling.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import sys
+import types
+import weakref
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import FakeEncoders, rel_error
+from kontext_core import GenerationSettings, KontextPipeline, TextConditioning, save_autoencoder, save_transformer
+from kontext_core import set_attention_backend
+from kontext_core.image import prepare_image
+from kontext_core.lora import active_loras
+from kontext_core.sampling import StepInfo
+from kontext_core.tokens import pack_latent
+from node_pack import COMFYUI, load_pack, nodes_module
+
+nodes = nodes_module()
+convert = nodes_module("convert")
+adapter = nodes_module("comfy_adapter")
+model_cache = nodes_module("model_cache")
+resolve = nodes_module("resolve")
+progress = nodes_module("progress")
+
+FAST = dict(steps=2, resize="keep")
+
+
+class Interrupted(Exception):
+    pass
+
+
+class FakeComfyVae:
+    """ComfyUI's VAE interface (IMAGE in, raw latents out) around our tiny AE."""
+
+    latent_channels = 16
+    downscale_ratio = 2
+
+    def __init__(self, ae):
+        self.ae = ae
+
+    def encode(self, image):
+        with torch.no_grad():
+            return convert.scaled_to_raw(self.ae.encode(convert.image_to_pixels(image)))
+
+    def decode(self, raw):
+        with torch.no_grad():
+            return convert.pixels_to_image(self.ae.decode(convert.raw_to_scaled(raw)))
+
+
+@pytest.fixture
+def comfy(tmp_path, monkeypatch):
+    """ComfyUI as the nodes see it: model folders under tmp_path, a recording progress bar and previews."""
+    host = SimpleNamespace(root=tmp_path / "models", bars=[], checks=0, interrupt_at=None)
+    for folder in ("diffusion_models", "vae", "text_encoders", "loras"):
+        (host.root / folder).mkdir(parents=True)
+
+    def full_path(folder, name):
+        path = host.root / folder / name
+        if not path.exists():
+            raise FileNotFoundError(f"{name} is not in {folder}")
+        return str(path)
+
+    def check_interrupted():
+        host.checks += 1
+        if host.interrupt_at is not None and host.checks >= host.interrupt_at:
+            raise Interrupted()
+
+    class Bar:
+        def __init__(self, total):
+            self.total = total
+
+        def update_absolute(self, value, total=None, preview=None):
+            host.bars.append((value, total, preview))
+
+    monkeypatch.setattr(adapter, "filenames", lambda folder: sorted(p.name for p in (host.root / folder).iterdir()))
+    monkeypatch.setattr(adapter, "full_path", full_path)
+    monkeypatch.setattr(adapter, "compute_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(adapter, "check_interrupted", check_interrupted)
+    monkeypatch.setattr(adapter, "progress_bar", Bar)
+    monkeypatch.setattr(adapter, "latent_previewer", lambda: (lambda latent: tuple(latent.shape)))
+    monkeypatch.setattr(adapter, "preview_images",
+                        lambda images: {"images": [f"preview_{i}" for i in range(images.shape[0])]})
+    monkeypatch.setattr(adapter, "tokenizer_folders", lambda: (None, None))
+    yield host
+    model_cache.CACHE.release()
+    set_attention_backend("auto")
+
+
+@pytest.fixture
+def models(comfy, tiny_transformer, tiny_autoencoder):
+    """The tiny models saved as files in the model folders and loaded by the loader nodes."""
+    save_transformer(tiny_transformer, comfy.root / "diffusion_models" / "kontext_tiny.safetensors")
+    save_autoencoder(tiny_autoencoder, comfy.root / "vae" / "ae_tiny.safetensors")
+    model = nodes.KontextModelLoader.run("kontext_tiny.safetensors").outputs[0]
+    vae = nodes.KontextVAELoader.run("ae_tiny.safetensors").outputs[0]
+    config = tiny_transformer.config
+    encoders = FakeEncoders(config.context_in_dim, config.vec_in_dim)
+    text = model_cache.TextEncodersRef("t5.safetensors", "clip.safetensors", "fp32", "cpu")
+    model_cache.CACHE.put(text.key, encoders)
+    pipeline = KontextPipeline(resolve.transformer(model), resolve.autoencoder(vae), encoders)
+    return SimpleNamespace(model=model, vae=vae, text=text, encoders=encoders, pipeline=pipeline)
+
+
+def _image(seed: int, size=(40, 24), batch: int = 1) -> torch.Tensor:
+    """An 8-bit IMAGE [B, H, W, 3], as Load Image gives."""
+    rng = np.random.default_rng(seed)
+    return torch.from_numpy(rng.integers(0, 256, (batch, size[1], size[0], 3)).astype(np.float32) / 255.0)
+
+
+def _pil(image: torch.Tensor):
+    return convert.image_to_pil(image)[0]
+
+
+def _prompt(models, text: str):
+    return nodes.KontextPrompt.run(models.text, text).outputs[0]
+
+
+def _comfy_flux_format():
+    """ComfyUI's own latent_formats.Flux when ~/ComfyUI is there (the file imports only torch)."""
+    path = COMFYUI / "comfy" / "latent_formats.py"
+    if not path.exists():
+        return None
+    spec = importlib.util.spec_from_file_location("comfy_latent_formats_for_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.Flux()
+
+
+# --- conversions ---------------------------------------------------------------------------------
+
+def test_image_to_pil_and_back_is_exact_for_8bit_images():
+    image = _image(1, batch=2)
+    pictures = convert.image_to_pil(image)
+    assert len(pictures) == 2 and pictures[0].size == (40, 24) and pictures[0].mode == "RGB"
+    assert torch.equal(convert.pil_to_image(pictures), image)
+
+
+def test_image_to_pil_keeps_alpha_and_gray():
+    rgba = torch.rand(1, 8, 8, 4)
+    assert convert.image_to_pil(rgba)[0].mode == "RGBA"
+    assert convert.image_to_pil(torch.rand(1, 8, 8, 1))[0].mode == "L"
+    with pytest.raises(ValueError, match="ComfyUI IMAGE"):
+        convert.image_to_pil(torch.rand(3, 8, 8))
+
+
+def test_pixels_and_image_invert_each_other():
+    image = torch.rand(2, 6, 10, 3)
+    pixels = convert.image_to_pixels(image)
+    assert pixels.shape == (2, 3, 6, 10) and pixels.min() >= -1 and pixels.max() <= 1
+    assert (convert.pixels_to_image(pixels) - image).abs().max() < 1e-6
+    assert convert.image_to_pixels(torch.rand(1, 4, 4, 1)).shape == (1, 3, 4, 4)
+
+
+def test_latent_scaling_is_comfyuis_flux_formula_and_inverts():
+    raw = torch.randn(2, 16, 5, 7) * 3
+    scaled = convert.raw_to_scaled(raw)
+    assert torch.equal(scaled, (raw - 0.1159) * 0.3611)
+    comfy_flux = _comfy_flux_format()
+    if comfy_flux is not None:  # the formula as ComfyUI 0.8 computes it
+        assert torch.equal(scaled, comfy_flux.process_in(raw))
+        assert torch.equal(convert.scaled_to_raw(scaled), comfy_flux.process_out(scaled))
+    assert (convert.scaled_to_raw(scaled) - raw).abs().max() < 1e-5
+    latent = convert.latent_to_comfy(scaled)
+    assert set(latent) == {"samples"}
+    assert (convert.latent_from_comfy(latent) - scaled).abs().max() < 1e-6
+
+
+def test_latent_from_comfy_explains_wrong_latents():
+    with pytest.raises(ValueError, match="4 channels.*Empty SD3 Latent Image"):
+        convert.latent_from_comfy({"samples": torch.zeros(1, 4, 8, 8)}, "target")
+    with pytest.raises(ValueError, match="LATENT"):
+        convert.latent_from_comfy(torch.zeros(1, 16, 8, 8))
+
+
+def test_conditioning_round_trip_and_comfyui_extras():
+    txt, pooled = torch.randn(1, 6, 48), torch.randn(1, 32)
+    comfy_cond = convert.conditioning_to_comfy(TextConditioning(txt, pooled))
+    assert "guidance" not in comfy_cond[0][1]
+    parsed = convert.conditioning_from_comfy(comfy_cond, text_features=48)
+    assert torch.equal(parsed.text.txt, txt) and torch.equal(parsed.text.y, pooled)
+    assert parsed.guidance is None and parsed.reference_latents == [] and parsed.reference_method is None
+
+    # What FluxGuidance, ReferenceLatent (chained twice, one a batch of 2) and the reference-method node add.
+    refs = [torch.randn(1, 16, 4, 6), torch.randn(2, 16, 6, 4)]
+    native = [[txt, {"pooled_output": pooled, "guidance": 4.0, "reference_latents": refs,
+                     "reference_latents_method": "uxo/uno"}]]
+    parsed = convert.conditioning_from_comfy(native)
+    assert parsed.guidance == 4.0 and parsed.reference_method == "uxo"
+    assert len(parsed.reference_latents) == 3
+    assert torch.equal(parsed.reference_latents[0], convert.raw_to_scaled(refs[0]))
+    assert torch.equal(parsed.reference_latents[2], convert.raw_to_scaled(refs[1][1:]))
+
+
+@pytest.mark.parametrize("conditioning, message", [
+    ([], "non-empty"),
+    ([[torch.zeros(1, 6, 48), {"pooled_output": torch.zeros(1, 32)}]] * 2, "Conditioning Combine"),
+    ([[torch.zeros(1, 6, 48), {}]], "pooled CLIP"),
+    ([[torch.zeros(1, 6, 2048), {"pooled_output": torch.zeros(1, 32)}]], "width 2048.*T5-XXL"),
+    ([[torch.zeros(1, 6, 48), {"pooled_output": torch.zeros(1, 32),
+                                "reference_latents_method": "index_timestep_zero"}]],
+     "not supported"),
+])
+def test_conditioning_errors_name_the_problem(conditioning, message):
+    with pytest.raises(ValueError, match=message):
+        convert.conditioning_from_comfy(conditioning, text_features=48)
+
+
+def test_preview_latent_is_the_denoised_guess():
+    x0, noise = torch.randn(1, 16, 4, 6), torch.randn(1, 16, 4, 6)
+    t = 0.3
+    info = StepInfo(0, 3, 0.5, t, pack_latent((1 - t) * x0 + t * noise), pack_latent(noise - x0))
+    assert (progress.denoised_latent(info, 4, 6) - x0).abs().max() < 1e-5
+
+
+# --- the model cache -----------------------------------------------------------------------------
+
+def test_cache_returns_the_same_object_and_releases():
+    cache = model_cache.ModelCache()
+    loads = []
+
+    def load():
+        loads.append(1)
+        return torch.nn.Linear(2, 2)
+
+    first = cache.get(("a",), load)
+    assert cache.get(("a",), load) is first and len(loads) == 1
+    assert cache.release(("a",)) == 1 and ("a",) not in cache
+    assert cache.get(("a",), load) is not first and len(loads) == 2
+    cache.get(("b",), load)
+    assert cache.release() == 2 and not cache.models
+
+
+def test_loader_node_caches_across_runs_and_release_frees_the_model(models, comfy):
+    again = nodes.KontextModelLoader.run("kontext_tiny.safetensors").outputs[0]
+    assert again == models.model  # the wire value: a small reference, equal run to run
+    loaded = resolve.transformer(again)
+    assert loaded is resolve.transformer(models.model)
+    gone = weakref.ref(loaded)
+    del loaded
+    models.pipeline = None
+    model_cache.CACHE.release(models.model.key)
+    assert gone() is None  # nothing else (no wire, no node output) held it
+    assert resolve.transformer(models.model) is not None  # and the next use loads it again
+
+
+def test_loader_nodes_read_the_files(models, tiny_transformer, tiny_autoencoder):
+    assert models.model.dtype == "fp32" and models.model.device == "cpu"  # 'default' on the CPU
+    loaded = resolve.transformer(models.model)
+    for name, tensor in tiny_transformer.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    assert models.vae.dtype == "fp32"
+    conv_out = resolve.autoencoder(models.vae).decoder.conv_out.weight
+    assert torch.equal(conv_out, tiny_autoencoder.decoder.conv_out.weight)
+
+
+def test_default_weight_dtype_keeps_fp8_files_in_fp8(comfy, tiny_transformer):
+    save_transformer(tiny_transformer, comfy.root / "diffusion_models" / "tiny_fp8.safetensors", layout="comfy",
+                     weights="fp8_e4m3fn")
+    ref = nodes.KontextModelLoader.run("tiny_fp8.safetensors").outputs[0]
+    assert ref.dtype == "fp8"
+    assert nodes.KontextModelLoader.run("tiny_fp8.safetensors", weight_dtype="fp32").outputs[0].dtype == "fp32"
+
+
+def test_loader_errors_speak_to_the_person(comfy):
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        nodes.KontextModelLoader.run("missing.safetensors")
+    (comfy.root / "diffusion_models" / "x.safetensors").write_bytes(b"")
+    if importlib.util.find_spec("flash_attn") is None:
+        with pytest.raises(RuntimeError, match="flash-attn"):
+            nodes.KontextModelLoader.run("x.safetensors", attention="flash-attn")
+
+
+def test_text_encoders_loader(comfy, monkeypatch):
+    for name in ("t5xxl_fp16.safetensors", "clip_l.safetensors"):
+        (comfy.root / "text_encoders" / name).write_bytes(b"0")
+    monkeypatch.setattr(adapter, "tokenizer_folders", lambda: (comfy.root / "t5_tok", comfy.root / "clip_tok"))
+    calls = []
+
+    def fake_load(t5, clip, **kwargs):
+        calls.append((t5, clip, kwargs))
+        return FakeEncoders(48, 32)
+
+    monkeypatch.setattr(model_cache, "load_text_encoders", fake_load)
+    ref = nodes.KontextTextEncodersLoader.run("t5xxl_fp16.safetensors", "clip_l.safetensors").outputs[0]
+    nodes.KontextTextEncodersLoader.run("t5xxl_fp16.safetensors", "clip_l.safetensors")
+    assert len(calls) == 1  # cached across runs
+    t5, clip, kwargs = calls[0]
+    assert t5.endswith("t5xxl_fp16.safetensors") and clip.endswith("clip_l.safetensors")
+    assert kwargs["dtype"] == "fp32" and kwargs["t5_tokenizer"].endswith("t5_tok")
+    assert ref.clip_tokenizer.endswith("clip_tok")
+    with pytest.raises(ValueError, match="same file"):
+        nodes.KontextTextEncodersLoader.run("clip_l.safetensors", "clip_l.safetensors")
+
+
+# --- prompt, image prep, encode / decode ---------------------------------------------------------
+
+def test_prompt_node_makes_comfyui_conditioning(models):
+    conditioning = _prompt(models, "make it red")
+    txt, pooled = FakeEncoders(48, 32).encode(["make it red"])
+    assert len(conditioning) == 1 and torch.equal(conditioning[0][0], txt)
+    assert torch.equal(conditioning[0][1]["pooled_output"], pooled) and "guidance" not in conditioning[0][1]
+
+
+def test_image_prep_picks_kontext_sizes_and_reports_them():
+    image, second = _image(1), _image(2, size=(30, 30))
+    result = nodes.KontextImagePrep.run(image, resize="preferred", fit="crop", image_2=second)
+    prepared, prepared_2, prepared_3, width, height = result.outputs
+    assert (width, height) == (1328, 800) and prepared.shape == (1, 800, 1328, 3)
+    assert prepared_2.shape == (1, 1024, 1024, 3) and prepared_3 is None
+    expected = convert.pixels_to_image(prepare_image(_pil(image), "preferred", None, "crop"))
+    assert torch.equal(prepared, expected)
+    assert "40x24 -> 1328x800" in result.ui["text"][0] and "image_2: 30x30 -> 1024x1024" in result.ui["text"][0]
+    kept = nodes.KontextImagePrep.run(_image(3, size=(41, 35)), resize="keep", fit="stretch").outputs
+    assert kept[0].shape == (1, 32, 32, 3)
+
+
+def test_encode_and_decode_nodes_match_the_core(models):
+    image = _image(4)
+    latent = nodes.KontextEncode.run(models.vae, image, resize="keep").outputs[0]
+    expected = models.pipeline.encode_image(_pil(image), resize="keep")
+    assert torch.equal(latent["samples"], convert.scaled_to_raw(expected))
+    decoded = nodes.KontextDecode.run(models.vae, latent).outputs[0]
+    with torch.no_grad():
+        reference = convert.pixels_to_image(models.pipeline.autoencoder.decode(convert.latent_from_comfy(latent)))
+    assert decoded.shape == (1, 24, 40, 3) and torch.equal(decoded, reference)
+
+
+# --- Kontext Edit --------------------------------------------------------------------------------
+
+def test_edit_node_equals_the_pipeline_and_reports_progress(models, comfy):
+    image = _image(1)
+    latent, out_image = nodes.KontextEdit.run(models.model, models.vae, _prompt(models, "make it red"), seed=3,
+                                              image=image, steps=3, resize="keep").outputs
+    expected = models.pipeline.edit(_pil(image), "make it red", seed=3, steps=3, resize="keep", decode=False).latents
+    assert torch.equal(latent["samples"], convert.scaled_to_raw(expected))
+    assert torch.equal(out_image, resolve.decode_image(models.pipeline.autoencoder, expected))
+    h, w = expected.shape[-2:]
+    assert comfy.bars == [(1, 3, (1, 16, h, w)), (2, 3, (1, 16, h, w)), (3, 3, (1, 16, h, w))]
+    assert comfy.checks == 3  # Cancel is looked at every step
+
+
+def test_edit_node_takes_native_flux_conditioning(models):
+    """CLIPTextEncodeFlux / FluxGuidance / ReferenceLatent output: guidance and reference latents are used."""
+    image, style = _image(1), _image(2, size=(24, 24))
+    txt, pooled = models.encoders.encode(["in this style"])
+    style_raw = convert.scaled_to_raw(models.pipeline.encode_image(_pil(style), resize="keep"))
+    native = [[txt, {"pooled_output": pooled, "guidance": 4.0, "reference_latents": [style_raw]}]]
+    latent = nodes.KontextEdit.run(models.model, models.vae, native, seed=1, guidance=2.5, image=image,
+                                   **FAST).outputs[0]
+    context = [models.pipeline.encode_image(_pil(image), resize="keep"), convert.raw_to_scaled(style_raw)]
+    expected = models.pipeline.generate(TextConditioning(txt, pooled),
+                                        GenerationSettings(steps=2, guidance=4.0, seed=1, placement="offset"),
+                                        context_latents=context, latent_size=tuple(context[0].shape[-2:]))
+    assert torch.equal(latent["samples"], convert.scaled_to_raw(expected))
+
+
+def test_edit_node_text_to_image_from_an_empty_latent(models):
+    target = {"samples": torch.zeros(2, 16, 6, 8)}  # what Empty SD3 Latent Image makes (batch 2)
+    latent, image = nodes.KontextEdit.run(models.model, models.vae, _prompt(models, "a fox"), seed=5, target=target,
+                                          **FAST).outputs
+    cond = models.pipeline.encode_prompt("a fox")
+    expected = models.pipeline.generate(TextConditioning(cond.txt.expand(2, -1, -1), cond.y.expand(2, -1)),
+                                        GenerationSettings(steps=2, seed=5), latent_size=(6, 8))
+    assert torch.equal(latent["samples"], convert.scaled_to_raw(expected)) and image.shape == (2, 12, 16, 3)
+
+
+def test_edit_node_denoise_starts_from_the_target(models):
+    start = models.pipeline.encode_image(_pil(_image(6)), resize="keep")
+    target = convert.latent_to_comfy(start)
+    latent = nodes.KontextEdit.run(models.model, models.vae, _prompt(models, "sharper"), seed=2, denoise=0.5,
+                                   target=target, image=_image(6), **FAST).outputs[0]
+    init = convert.latent_from_comfy(target)
+    expected = models.pipeline.generate(models.pipeline.encode_prompt("sharper"),
+                                        GenerationSettings(steps=2, seed=2, denoise=0.5),
+                                        context_latents=[start], latent_size=tuple(init.shape[-2:]), init_latent=init)
+    assert torch.equal(latent["samples"], convert.scaled_to_raw(expected))
+
+
+def test_edit_node_true_cfg_uses_the_negative(models):
+    image = _image(1)
+    positive, negative = _prompt(models, "red"), _prompt(models, "blurry")
+    latent = nodes.KontextEdit.run(models.model, models.vae, positive, seed=1, sampler="true_cfg", true_cfg=3.0,
+                                   negative=negative, image=image, **FAST).outputs[0]
+    context = models.pipeline.encode_image(_pil(image), resize="keep")
+    expected = models.pipeline.generate(models.pipeline.encode_prompt("red"),
+                                        GenerationSettings(steps=2, seed=1, sampler="true_cfg", true_cfg=3.0),
+                                        context_latents=[context], latent_size=tuple(context.shape[-2:]),
+                                        negative=models.pipeline.encode_prompt("blurry"))
+    assert torch.equal(latent["samples"], convert.scaled_to_raw(expected))
+    with pytest.raises(ValueError, match="true_cfg needs a negative"):
+        nodes.KontextEdit.run(models.model, models.vae, positive, sampler="true_cfg", image=image, **FAST)
+
+
+def test_edit_node_context_latents_are_references(models):
+    image, other = _image(1), _image(7)
+    context = nodes.KontextEncode.run(models.vae, other, resize="keep").outputs[0]
+    with_latent = nodes.KontextEdit.run(models.model, models.vae, _prompt(models, "mix"), seed=1, image=image,
+                                        context=context, **FAST).outputs[0]
+    with_image = nodes.KontextEdit.run(models.model, models.vae, _prompt(models, "mix"), seed=1, image=image,
+                                       image_2=other, **FAST).outputs[0]
+    assert rel_error(with_latent["samples"], with_image["samples"]) < 1e-5
+
+
+def test_edit_node_errors_name_the_fix(models):
+    cond = _prompt(models, "x")
+    with pytest.raises(ValueError, match="nothing sets the output size"):
+        nodes.KontextEdit.run(models.model, models.vae, cond, **FAST)
+    with pytest.raises(ValueError, match="Empty SD3 Latent Image"):
+        nodes.KontextEdit.run(models.model, models.vae, cond, target={"samples": torch.zeros(1, 4, 8, 8)}, **FAST)
+    with pytest.raises(TypeError, match="Load Kontext Model"):
+        nodes.KontextEdit.run(object(), models.vae, cond, image=_image(1), **FAST)
+
+
+def test_cancel_stops_sampling_between_steps(models, comfy):
+    comfy.interrupt_at = 2
+    with pytest.raises(Interrupted):
+        nodes.KontextEdit.run(models.model, models.vae, _prompt(models, "x"), image=_image(1), steps=4, resize="keep")
+    assert [value for value, _, _ in comfy.bars] == [1]
+
+
+def test_edit_node_accepts_comfyuis_vae(models):
+    image = _image(1)
+    cond = _prompt(models, "make it red")
+    ours = nodes.KontextEdit.run(models.model, models.vae, cond, seed=3, image=image, **FAST).outputs
+    theirs = nodes.KontextEdit.run(models.model, FakeComfyVae(models.pipeline.autoencoder), cond, seed=3,
+                                   image=image, **FAST).outputs
+    assert rel_error(theirs[0]["samples"], ours[0]["samples"]) < 1e-4
+    assert (theirs[1] - ours[1]).abs().max() < 1e-4
+    wrong = FakeComfyVae(models.pipeline.autoencoder)
+    wrong.latent_channels = 4
+    with pytest.raises(ValueError, match="FLUX VAE"):
+        nodes.KontextDecode.run(wrong, {"samples": torch.zeros(1, 16, 4, 4)})
+
+
+def _lora_file(model, path, seed: int = 5):
+    """A BFL-format LoRA on a few layers of the tiny model."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in ("img_in", "double_blocks.0.img_attn.qkv", "single_blocks.0.linear1"):
+        module = model.get_submodule(layer)
+        tensors[f"diffusion_model.{layer}.lora_A.weight"] = torch.randn(4, module.in_features, generator=generator)
+        tensors[f"diffusion_model.{layer}.lora_B.weight"] = 0.1 * torch.randn(module.out_features, 4,
+                                                                               generator=generator)
+        tensors[f"diffusion_model.{layer}.alpha"] = torch.tensor(4.0)
+    save_file(tensors, str(path))
+
+
+def test_lora_node_applies_on_the_fly_for_the_run(models, comfy):
+    transformer = models.pipeline.transformer
+    _lora_file(transformer, comfy.root / "loras" / "style.safetensors")
+    with_lora = nodes.KontextLoRA.run(models.model, "style.safetensors", strength=0.8).outputs[0]
+    assert with_lora.loras[0].strength == 0.8 and models.model.loras == ()
+    before = {k: v.clone() for k, v in transformer.state_dict().items()}
+    image, cond = _image(1), _prompt(models, "x")
+    latent = nodes.KontextEdit.run(with_lora, models.vae, cond, seed=1, image=image, **FAST).outputs[0]
+    expected = models.pipeline.edit(_pil(image), "x", seed=1, steps=2, resize="keep", decode=False,
+                                    loras=[(with_lora.loras[0].path, 0.8)]).latents
+    assert torch.equal(latent["samples"], convert.scaled_to_raw(expected))
+    plain = nodes.KontextEdit.run(models.model, models.vae, cond, seed=1, image=image, **FAST).outputs[0]
+    assert not torch.equal(plain["samples"], latent["samples"])
+    assert active_loras(transformer) == []
+    assert all(torch.equal(v, before[k]) for k, v in transformer.state_dict().items())
+    with pytest.raises(FileNotFoundError):
+        nodes.KontextLoRA.run(models.model, "missing.safetensors")
+
+
+# --- sessions ------------------------------------------------------------------------------------
+
+def _start(models, image=None, **kwargs):
+    kwargs.setdefault("text_encoders", models.text)
+    return nodes.KontextStartSession.run(models.model, models.vae, image if image is not None else _image(1),
+                                         resize="keep", **kwargs)
+
+
+def test_two_turns_through_the_nodes_equal_edit_session(models):
+    image = _image(1)
+    start = _start(models, image)
+    state0, image0, latent0 = start.outputs
+    first = nodes.KontextEditTurn.run(state0, "add a hat", seed=1, steps=2).outputs[0]
+    second = nodes.KontextEditTurn.run(first, "night time", seed=2, steps=2)
+    state2, image2, latent2 = second.outputs
+
+    session = models.pipeline.session(_pil(image), resize="keep")
+    session.edit("add a hat", seed=1, steps=2)
+    session.edit("night time", seed=2, steps=2)
+    assert torch.equal(state2.turns[-1].latent, session.latent)
+    assert torch.equal(latent2["samples"], convert.scaled_to_raw(session.latent))
+    assert torch.equal(image2, resolve.decode_image(models.pipeline.autoencoder, session.latent))
+    assert [t.prompt for t in state2.turns] == ["", "add a hat", "night time"]
+    assert [t.parent for t in state2.turns] == [None, 0, 1] and state2.current == 2
+    assert torch.equal(image0, resolve.decode_image(models.pipeline.autoencoder, session.turns[0].latent))
+    # Nodes never change a state they were given: ComfyUI may hand it to several nodes.
+    assert len(state0.turns) == 1 and len(first.turns) == 2
+    assert second.ui["kontext_turns"][2] == {"turn": 2, "parent": 1, "prompt": "night time", "current": True}
+    assert second.ui["kontext_images"] == ["preview_0", "preview_1", "preview_2"]
+
+
+def test_pick_turn_branches_like_edit_session(models):
+    image = _image(2)
+    state = _start(models, image).outputs[0]
+    state = nodes.KontextEditTurn.run(state, "a", seed=1, steps=2).outputs[0]
+    state = nodes.KontextEditTurn.run(state, "b", seed=2, steps=2).outputs[0]
+    picked, picked_image, _ = nodes.KontextPickTurn.run(state, turn=1).outputs
+    assert picked.current == 1 and torch.equal(picked_image, state.images[1])
+    branched = nodes.KontextEditTurn.run(picked, "c", seed=3, steps=2).outputs[0]
+
+    session = models.pipeline.session(_pil(image), resize="keep")
+    session.edit("a", seed=1, steps=2)
+    session.edit("b", seed=2, steps=2)
+    session.branch(1)
+    session.edit("c", seed=3, steps=2)
+    assert torch.equal(branched.turns[-1].latent, session.latent)
+    assert branched.turns[-1].parent == 1 and len(branched.turns) == 4
+    with pytest.raises(ValueError, match="no turn 7.*0 to 2"):
+        nodes.KontextPickTurn.run(state, turn=7)
+
+
+def test_loop_node_returns_every_turn(models, comfy):
+    state0 = _start(models).outputs[0]
+    comfy.bars.clear()
+    result = nodes.KontextEditLoop.run(state0, "add a hat\n\n  night time  \nsnow", seed=10, steps=2)
+    state, images = result.outputs
+    assert images.shape[0] == 4 and len(state.turns) == 4  # the start and one turn per line
+    # One progress bar over all turns.
+    assert [value for value, _, _ in comfy.bars] == [1, 2, 3, 4, 5, 6] and {t for _, t, _ in comfy.bars} == {6}
+    chained = state0
+    for number, prompt in enumerate(["add a hat", "night time", "snow"]):
+        chained = nodes.KontextEditTurn.run(chained, prompt, seed=10 + number, steps=2).outputs[0]
+    for ours, reference in zip(state.turns, chained.turns):
+        assert torch.equal(ours.latent, reference.latent)
+    assert torch.equal(images, torch.cat(chained.images))
+    assert [t["turn"] for t in result.ui["kontext_turns"]] == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="one instruction per line"):
+        nodes.KontextEditLoop.run(state0, " \n ")
+
+
+def test_turn_with_conditioning_and_without_text_encoders(models):
+    state = _start(models, text_encoders=None).outputs[0]
+    with pytest.raises(ValueError, match="Load Kontext Text Encoders"):
+        nodes.KontextEditTurn.run(state, "a", steps=2)
+    by_prompt = nodes.KontextEditTurn.run(state, "a", seed=1, steps=2, text_encoders=models.text).outputs[0]
+    by_cond = nodes.KontextEditTurn.run(state, "", seed=1, steps=2, conditioning=_prompt(models, "a")).outputs[0]
+    assert torch.equal(by_prompt.turns[-1].latent, by_cond.turns[-1].latent)
+
+
+def test_session_turns_use_the_models_loras(models, comfy):
+    transformer = models.pipeline.transformer
+    _lora_file(transformer, comfy.root / "loras" / "style.safetensors")
+    with_lora = nodes.KontextLoRA.run(models.model, "style.safetensors", strength=1.0).outputs[0]
+    image = _image(3)
+    state = nodes.KontextStartSession.run(with_lora, models.vae, image, resize="keep",
+                                          text_encoders=models.text).outputs[0]
+    turn = nodes.KontextEditTurn.run(state, "a", seed=1, steps=2).outputs[0]
+    expected = models.pipeline.edit(_pil(image), "a", seed=1, steps=2, resize="keep", decode=False,
+                                    loras=[(with_lora.loras[0].path, 1.0)]).latents
+    assert torch.equal(turn.turns[-1].latent, expected) and active_loras(transformer) == []
+
+
+# --- declarations, package, ComfyUI adapter ------------------------------------------------------
+
+def test_every_node_declares_what_its_run_takes():
+    ids = [node.spec().node_id for node in nodes.NODES]
+    assert len(set(ids)) == len(ids) == 13 and all(i.startswith("Kontext") for i in ids)
+    for node in nodes.NODES:
+        spec = node.spec()
+        assert spec.category == "Kontext" and spec.display_name and spec.description
+        parameters = inspect.signature(node.run).parameters
+        assert set(parameters) == {i.name for i in spec.inputs}, spec.node_id  # V3 passes inputs by name
+        for item in spec.inputs:
+            default = parameters[item.name].default
+            if item.optional:
+                assert default is None, (spec.node_id, item.name)
+            elif item.is_widget and default is not inspect.Parameter.empty:
+                assert default == item.default, (spec.node_id, item.name)
+            if item.type == "COMBO" and not callable(item.options) and item.default is not None:
+                assert item.default in item.choices(), (spec.node_id, item.name)
+        assert len({o.name for o in spec.outputs}) == len(spec.outputs)
+
+
+def test_pack_root_is_a_v3_entry_point_without_importing_comfyui():
+    root = load_pack()
+    assert root.WEB_DIRECTORY == "./js" and inspect.iscoroutinefunction(root.comfy_entrypoint)
+    assert not hasattr(root, "NODE_CLASS_MAPPINGS")  # ComfyUI would prefer it over comfy_entrypoint
+    assert "comfy_api" not in sys.modules and "folder_paths" not in sys.modules
+
+
+@pytest.mark.skipif(adapter.available(), reason="checks the fallbacks used when ComfyUI is not importable")
+def test_adapter_without_comfyui(tmp_path):
+    assert adapter.compute_device().type in ("cpu", "cuda")
+    assert adapter.filenames("vae") == [] and adapter.latent_previewer() is None
+    assert adapter.preview_images(torch.zeros(1, 4, 4, 3)) is None
+    assert adapter.tokenizer_folders() == (None, None)
+    adapter.check_interrupted()
+    adapter.progress_bar(3).update_absolute(1, 3, None)
+    existing = tmp_path / "model.safetensors"
+    existing.write_bytes(b"")
+    assert adapter.full_path("vae", str(existing)) == str(existing)
+    with pytest.raises(FileNotFoundError, match="not in the vae folder"):
+        adapter.full_path("vae", "ae.safetensors")
+
+
+def test_unload_models_in_comfyui_releases_our_cache(monkeypatch):
+    calls = []
+    fake = types.ModuleType("comfy.model_management")
+    fake.unload_all_models = lambda: calls.append("comfy")
+    package = types.ModuleType("comfy")
+    package.model_management = fake
+    monkeypatch.setitem(sys.modules, "comfy", package)
+    monkeypatch.setitem(sys.modules, "comfy.model_management", fake)
+    monkeypatch.setattr(adapter, "_unload_callbacks", [])
+    cache = model_cache.ModelCache()
+    cache.put(("x",), object())
+    adapter.on_unload_models(cache.release)
+    adapter.on_unload_models(lambda: calls.append("second"))  # wraps only once
+    fake.unload_all_models()
+    assert calls == ["comfy", "second"] and not cache.models
