@@ -11,7 +11,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PACK = "comfyui_kontext_pack"
-COMFYUI = Path(os.environ.get("COMFYUI_DIR", Path.home() / "ComfyUI"))
+COMFYUI = Path(os.environ.get("COMFYUI_PATH") or os.environ.get("COMFYUI_DIR") or Path.home() / "ComfyUI")
 
 
 def load_pack():

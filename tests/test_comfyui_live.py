@@ -2,7 +2,7 @@
 point, the node definitions ComfyUI serves, and the example workflows queued through its API and run
 on tiny models saved under the real file names.
 
-Needs ComfyUI's source with its own environment: ~/ComfyUI (or $COMFYUI_DIR) and its .venv holding
+Needs ComfyUI's source with its own environment: ~/ComfyUI (or $COMFYUI_PATH) and its .venv holding
 ComfyUI's requirements.txt and this pack's requirements.txt. Skipped, saying why, without them.
 """
 
@@ -71,7 +71,7 @@ def _request(url: str, payload: dict | None = None) -> dict:
 @pytest.fixture(scope="module")
 def comfyui(tmp_path_factory):
     if not (COMFYUI / "main.py").exists():
-        pytest.skip(f"needs ComfyUI's source at {COMFYUI} (set COMFYUI_DIR)")
+        pytest.skip(f"needs ComfyUI's source at {COMFYUI} (set COMFYUI_PATH)")
     if not PYTHON.exists():
         pytest.skip(f"needs ComfyUI's own environment at {PYTHON}: python3 -m venv {COMFYUI}/.venv, then pip install "
                     "torch torchvision, ComfyUI's requirements.txt and this pack's requirements.txt into it")

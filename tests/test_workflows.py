@@ -1,7 +1,7 @@
 """The example workflows: every node exists, every link joins matching types, widget values fit their nodes,
 each UI workflow and its API twin are the same graph, and the files are what build.py writes.
 
-Core node names are checked against ComfyUI's source when it is at ~/ComfyUI (or $COMFYUI_DIR), else
+Core node names are checked against ComfyUI's source when it is at ~/ComfyUI (or $COMFYUI_PATH), else
 against CORE_NODES below; CORE_NODES' types are checked against a running ComfyUI in
 test_comfyui_live.py.
 """
@@ -97,7 +97,7 @@ def test_the_examples_are_there_each_with_its_api_twin():
 def test_core_node_table_names_exist_in_comfyui():
     names = _comfyui_node_names()
     if names is None:
-        pytest.skip(f"ComfyUI's source is not at {COMFYUI} (set COMFYUI_DIR); checked against CORE_NODES only")
+        pytest.skip(f"ComfyUI's source is not at {COMFYUI} (set COMFYUI_PATH); checked against CORE_NODES only")
     assert set(CORE_NODES) <= names, set(CORE_NODES) - names
     assert not set(_pack_specs()) & names, "a pack node id clashes with a ComfyUI node"
 
