@@ -48,7 +48,7 @@ class KontextEdit(KontextNode):
                                "below 1 the sampler starts from it. Without it the output has the first image's size."),
                 Socket("negative", "CONDITIONING", optional=True, tooltip="The negative prompt, for sampler true_cfg."),
                 Seed(),
-                Int("steps", 28, 1, 200, tooltip="28 for Kontext [dev]; 4-8 with a turbo LoRA and sampler distilled."),
+                Int("steps", 28, 1, 10000, tooltip="28 for Kontext [dev]; 4-8 with a turbo LoRA and sampler distilled."),
                 Float("guidance", DEFAULT_GUIDANCE, 0.0, 100.0, step=0.1, tooltip=GUIDANCE_TOOLTIP),
                 Float("denoise", 1.0, 0.01, 1.0,
                       tooltip="Below 1 the sampler starts from the noised image instead of pure noise: keeps more "

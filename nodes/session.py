@@ -136,7 +136,7 @@ _SESSION_OUTPUTS = [Output(SESSION, "session"), Output("IMAGE", "image"), Output
 
 
 def _turn_widgets() -> list:
-    return [Seed(), Int("steps", 28, 1, 200), Float("guidance", DEFAULT_GUIDANCE, 0.0, 100.0, step=0.1,
+    return [Seed(), Int("steps", 28, 1, 10000), Float("guidance", DEFAULT_GUIDANCE, 0.0, 100.0, step=0.1,
                                                     tooltip=GUIDANCE_TOOLTIP)]
 
 

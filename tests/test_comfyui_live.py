@@ -12,6 +12,7 @@ import copy
 import json
 import os
 import socket
+import shutil
 import subprocess
 import time
 import urllib.error
@@ -354,3 +355,45 @@ def test_turn_strip_in_the_page_picks_a_turn(page):
     assert result["count"] == 5 and all(result["images"])  # turn 0 and the four prompts
     assert result["current"] == [False, False, False, False, True]
     assert result["turn"] == 3  # the click set Kontext Pick Turn's widget
+
+
+def test_wrong_model_file_gives_a_clear_node_error(comfyui):
+    """An autoencoder file put among the diffusion models: the loader names what it is and where it belongs."""
+    shutil.copy(comfyui["base"] / "models" / "vae" / "ae.safetensors",
+                comfyui["base"] / "models" / "diffusion_models" / "not_a_transformer.safetensors")
+    prompt = _for_tiny_models(json.loads((WORKFLOWS / "api" / "kontext_edit_api.json").read_text()))
+    loader = next(k for k, v in prompt.items() if v["class_type"] == "KontextModelLoader")
+    name_input = next(k for k, v in prompt[loader]["inputs"].items() if isinstance(v, str) and v.endswith(".safetensors"))
+    prompt[loader]["inputs"][name_input] = "not_a_transformer.safetensors"
+    result = _queue(comfyui, prompt)
+    assert "validation" not in result, result
+    errors = [m for m in result["status"]["messages"] if m[0] == "execution_error"]
+    assert errors and errors[0][1]["node_type"] == "KontextModelLoader"
+    assert "autoencoder (VAE)" in errors[0][1]["exception_message"]
+
+
+def test_interrupt_stops_sampling_mid_run(comfyui):
+    prompt = _for_tiny_models(json.loads((WORKFLOWS / "api" / "kontext_edit_api.json").read_text()))
+    edit = next(k for k, v in prompt.items() if v["class_type"] == "KontextEdit")
+    prompt[edit]["inputs"]["steps"] = 5000  # far longer than the test waits
+    prompt[edit]["inputs"]["seed"] = 12345  # not cached from an earlier run
+    answer = _request(f"{comfyui['url']}/prompt", {"prompt": prompt, "client_id": "kontext-tests"})
+    prompt_id = answer["prompt_id"]
+    deadline = time.time() + RUN_SECONDS
+    while not _request(f"{comfyui['url']}/queue")["queue_running"]:
+        assert time.time() < deadline, "the prompt never started"
+        time.sleep(0.2)
+    time.sleep(2.0)  # well inside the sampling loop
+    started = time.time()
+    interrupt = urllib.request.Request(f"{comfyui['url']}/interrupt", data=b"{}", method="POST",
+                                       headers={"Content-Type": "application/json"})
+    urllib.request.urlopen(interrupt, timeout=30).close()  # answers with an empty body
+    while True:
+        history = _request(f"{comfyui['url']}/history/{prompt_id}")
+        if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
+            break
+        assert time.time() - started < 30, "sampling did not stop after the interrupt"
+        time.sleep(0.2)
+    status = history[prompt_id]["status"]
+    assert status["status_str"] == "error"
+    assert any(m[0] == "execution_interrupted" for m in status["messages"]), status["messages"]
