@@ -23,7 +23,7 @@ from torch import nn
 from transformers import (AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel,
                           T5Tokenizer)
 
-from .checkpoints.files import CheckpointError, TensorSource, open_file, open_sharded
+from .checkpoints.files import CheckpointError, TensorSource, open_file, open_sharded, refuse_lone_shard
 from .checkpoints.layouts import describe, describe_file
 from .checkpoints.loading import resolve_dtype
 
@@ -35,7 +35,6 @@ CLIP_TOKENIZER_REPO = "openai/clip-vit-large-patch14"
 _FLOAT_STORAGE = {"F16", "BF16", "F32", "F64"}
 _FP8_STORAGE = {"F8_E4M3", "F8_E5M2"}
 _SCALE_SUFFIXES = ("scale_weight", "weight_scale")  # ComfyUI's scaled fp8, and newer files
-_SHARD_NAME = re.compile(r"-\d{5}-of-\d{5}\.safetensors$")
 _T5_BLOCK = re.compile(r"^(?P<prefix>(?:.*\.)?)encoder\.block\.(?P<index>\d+)\.layer\.")
 _CLIP_LAYER = re.compile(r"^(?P<prefix>(?:.*\.)?)encoder\.layers\.(?P<index>\d+)\.layer_norm1\.weight$")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model", "vocab.json")
@@ -131,7 +130,7 @@ def _t5_prefix(weights: _Weights, path: Path) -> str:
             f"{weights.name} is a CLIP text encoder, not T5-XXL. Pass it as the CLIP file (clip_path); "
             f"the T5 file is {_T5_FILES} (in ComfyUI's models/text_encoders), or a diffusers text_encoder_2/ folder."
         )
-    _refuse_lone_shard(path.name)
+    refuse_lone_shard(path.name, "text encoder")
     raise CheckpointError(
         f"{describe_file(keys, weights.name)}, not a T5-XXL text encoder. Expected {_T5_FILES} "
         "(in ComfyUI's models/text_encoders or models/clip), or a diffusers text_encoder_2/ folder."
@@ -149,19 +148,11 @@ def _clip_prefix(weights: _Weights, path: Path) -> str:
             f"{weights.name} is a T5 text encoder, not CLIP-L. Pass it as the T5 file (t5_path); "
             f"the CLIP file is {_CLIP_FILES} (in ComfyUI's models/text_encoders), or a diffusers text_encoder/ folder."
         )
-    _refuse_lone_shard(path.name)
+    refuse_lone_shard(path.name, "text encoder")
     raise CheckpointError(
         f"{describe_file(keys, weights.name)}, not a CLIP-L text encoder. Expected {_CLIP_FILES} "
         "(in ComfyUI's models/text_encoders or models/clip), or a diffusers text_encoder/ folder."
     )
-
-
-def _refuse_lone_shard(name: str) -> None:
-    if _SHARD_NAME.search(name):
-        raise CheckpointError(
-            f"{name} is one shard of a sharded diffusers text encoder; the other shards hold the rest of it. "
-            "Pass the folder that holds all shards and the .safetensors.index.json instead."
-        )
 
 
 def _folder_config(weights: _Weights, config_cls):
@@ -267,7 +258,7 @@ def _sources_for(weights: _Weights, model: nn.Module,
 def _validate(weights: _Weights, model: nn.Module, needed: dict[str, str], missing: list[str], known: set[str],
               what: str, usual_files: str) -> None:
     if missing:
-        _refuse_lone_shard(weights.name)
+        refuse_lone_shard(weights.name, "text encoder")
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise CheckpointError(
             f"{weights.name} is missing {len(missing)} tensors a {what} needs (first: {', '.join(missing[:5])}{more}); "

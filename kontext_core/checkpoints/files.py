@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import tempfile
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ class CheckpointError(ValueError):
 
 
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
+_SHARD_NAME = re.compile(r"-\d{5}-of-\d{5}\.safetensors$")
 
 _DTYPE_SIZES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
@@ -41,6 +43,15 @@ def _refuse_other_formats(path: Path, head: bytes) -> None:
         raise CheckpointError(
             f"{name} is a pickled PyTorch file (.ckpt/.pt/.bin); for safety only .safetensors files "
             "are loaded. Convert it to safetensors or download the .safetensors release."
+        )
+
+
+def refuse_lone_shard(name: str, what: str = "model") -> None:
+    """A file named like one shard of a sharded set cannot be loaded alone: say to pass the folder."""
+    if _SHARD_NAME.search(name):
+        raise CheckpointError(
+            f"{name} is one shard of a sharded diffusers {what}; the other shards hold the rest of it. "
+            "Pass the folder that holds all shards and the .safetensors.index.json instead."
         )
 
 

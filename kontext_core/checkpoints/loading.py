@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 
 
@@ -26,7 +25,7 @@ from .canonical import (
     infer_autoencoder_config,
     infer_transformer_config,
 )
-from .files import CheckpointError, TensorSource, open_file, open_sharded
+from .files import CheckpointError, TensorSource, open_file, open_sharded, refuse_lone_shard
 from .layouts import describe_file, find_autoencoder, find_transformer
 
 _DTYPES = {
@@ -34,7 +33,6 @@ _DTYPES = {
     "fp32": torch.float32, "float32": torch.float32, "fp64": torch.float64, "float64": torch.float64,
 }
 FP8_CHOICES = ("fp8", "fp8_e4m3fn", "fp8_e5m2")
-_SHARD_NAME = re.compile(r"-\d{5}-of-\d{5}\.safetensors$")
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> tuple[torch.dtype, torch.dtype | None]:
@@ -76,14 +74,6 @@ def _model_files(path: Path, component: str) -> TensorSource:
     )
 
 
-def _refuse_lone_shard(name: str) -> None:
-    if _SHARD_NAME.search(name):
-        raise CheckpointError(
-            f"{name} is one shard of a sharded diffusers model; the other shards hold the rest of it. "
-            "Pass the folder that holds all shards and the .safetensors.index.json instead."
-        )
-
-
 def _first(items, count: int = 5) -> str:
     items = sorted(items)
     more = f" and {len(items) - count} more" if len(items) > count else ""
@@ -94,7 +84,7 @@ def _check_keys(view: CanonicalTensors, expected: set[str], what: str, optional:
     missing = sorted((expected - view.keys()) | set(view.missing))
     unexpected = sorted(set(view.unused) | (view.keys() - expected - optional))
     if missing:
-        _refuse_lone_shard(view.name)
+        refuse_lone_shard(view.name)
     if missing:
         raise CheckpointError(
             f"{view.name} is missing {len(missing)} tensors a {what} needs (first: {_first(missing)}). "
@@ -187,7 +177,7 @@ def load_transformer(path: str | os.PathLike, *, config: TransformerConfig | Non
     keys = set(source.keys())
     layout = find_transformer(keys)
     if layout is None:
-        _refuse_lone_shard(path.name)
+        refuse_lone_shard(path.name)
         hint = ""
         if find_autoencoder(keys):
             hint = " Load it with load_autoencoder (in ComfyUI it belongs in models/vae)."
@@ -256,7 +246,7 @@ def load_autoencoder(path: str | os.PathLike, *, config: AutoencoderConfig | Non
     keys = set(source.keys())
     layout = find_autoencoder(keys)
     if layout is None:
-        _refuse_lone_shard(path.name)
+        refuse_lone_shard(path.name)
         hint = " Load it with load_transformer (in ComfyUI it belongs in models/diffusion_models)." \
             if find_transformer(keys) else ""
         raise CheckpointError(
