@@ -55,6 +55,109 @@ def empty_cache() -> None:
         torch.cuda.empty_cache()
 
 
+# --- ComfyUI's memory manager --------------------------------------------------------------------
+#
+# Each loaded model is wrapped in a ComfyUI ModelPatcher (the way ComfyUI wraps its CLIP vision or
+# upscale models), so it sits in `comfy.model_management.current_loaded_models` beside ComfyUI's
+# own models: ComfyUI counts it, moves it to its offload device (the CPU) when another model needs
+# the memory, and `load_models` brings it back before each use.
+
+_OFFLOAD_DEVICES = {"transformer": "unet_offload_device", "autoencoder": "vae_offload_device",
+                    "text_encoders": "text_encoder_offload_device"}
+
+
+def storage_device(device: torch.device, kind: str) -> torch.device:
+    """Where a model's weights are first loaded: ComfyUI's offload device for this kind of model (ComfyUI
+    moves them to `device` when they are used), or `device` itself without ComfyUI."""
+    mm = _module("comfy.model_management")
+    if mm is None:
+        return device
+    return torch.device(getattr(mm, _OFFLOAD_DEVICES[kind])())
+
+
+class _ManagedModel(torch.nn.Module):
+    """The module ComfyUI's ModelPatcher moves: our model(s) as children, and the plain `device` attribute
+    the patcher keeps up to date (our models' own `device` is a read-only property)."""
+
+    def __init__(self, modules: dict[str, torch.nn.Module], device: torch.device):
+        super().__init__()
+        for name, module in modules.items():
+            self.add_module(name, module)
+        self.device = device
+
+
+_managed_classes: dict[str, type] = {}
+
+
+def _managed_class(name: str) -> type:
+    """A subclass per model kind, so ComfyUI's log ("Requested to load KontextTransformer") says which."""
+    if name not in _managed_classes:
+        _managed_classes[name] = type(name, (_ManagedModel,), {"__module__": __name__})
+    return _managed_classes[name]
+
+
+def _weight_bytes(module: torch.nn.Module) -> int:
+    tensors = {id(t): t for t in (*module.parameters(), *module.buffers())}  # shared weights once (T5)
+    return sum(t.nbytes for t in tensors.values())
+
+
+def manage(modules: dict[str, torch.nn.Module], device: torch.device, kind: str, name: str) -> Any | None:
+    """Hand a loaded model (its nn.Modules, on `storage_device`) to ComfyUI's memory manager.
+
+    Returns the handle that `load_models` and `forget` take (a ModelPatcher), or None without ComfyUI.
+    """
+    mm = _module("comfy.model_management")
+    patching = _module("comfy.model_patcher")
+    patcher_type = getattr(patching, "ModelPatcher", None)
+    if mm is None or patcher_type is None or not modules:
+        return None
+    offload = storage_device(device, kind)
+    wrapper = _managed_class(name)(modules, offload)
+    patcher = patcher_type(wrapper, load_device=device, offload_device=offload, size=_weight_bytes(wrapper))
+
+    def detached(patcher, unpatch_all=True):
+        if unpatch_all:  # ComfyUI unloading it to free memory (not the patcher being garbage-collected)
+            log.info("comfyui-kontext: ComfyUI unloaded %s (%.1f MB) to %s", name, patcher.model_size() / 2**20,
+                     patcher.offload_device)
+
+    callbacks = getattr(patching, "CallbacksMP", None)
+    if callbacks is not None:
+        patcher.add_callback(callbacks.ON_DETACH, detached)
+    return patcher
+
+
+def load_models(handles: list[Any], memory_required: int = 0) -> None:
+    """Have ComfyUI put these models on their device now (together), freeing memory from other models
+    first if needed; a model it already holds there is left as it is. Without ComfyUI, nothing to do.
+
+    Fully loaded (`force_full_load`): our layers are plain torch layers, not ComfyUI's cast layers, so they
+    cannot run with part of their weights left on the CPU.
+    """
+    handles = [h for h in handles if h is not None]
+    mm = _module("comfy.model_management")
+    if handles and mm is not None:
+        mm.load_models_gpu(handles, memory_required=memory_required, force_full_load=True)
+
+
+def forget(handle: Any) -> None:
+    """Take a model out of ComfyUI's list of loaded models (before we drop it)."""
+    mm = _module("comfy.model_management")
+    if handle is None or mm is None:
+        return
+    loaded = mm.current_loaded_models
+    for index in range(len(loaded) - 1, -1, -1):
+        if loaded[index].model is handle:
+            entry = loaded.pop(index)
+            if entry.model_finalizer is not None:
+                entry.model_finalizer.detach()
+
+
+def loaded_handles() -> list[Any]:
+    """The models ComfyUI holds loaded now ([] without ComfyUI)."""
+    mm = _module("comfy.model_management")
+    return list(mm.loaded_models()) if mm is not None else []
+
+
 _unload_callbacks: list[Callable[[], None]] = []
 
 

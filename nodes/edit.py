@@ -99,6 +99,7 @@ class KontextEdit(KontextNode):
                                       seed=seed, denoise=denoise, sampler=sampler, true_cfg=true_cfg,
                                       placement=placement)
         latent_size = tuple(start.shape[-2:])
+        resolve.ready(pipe.transformer)  # encoding (with ComfyUI's VAE, say) may have moved it out
         latents = pipe.generate(text, settings, context_latents=references, latent_size=latent_size,
                                 init_latent=start if denoise < 1 else None, negative=negative_text,
                                 callback=step_callback(latent_size), loras=resolve.loras(model))

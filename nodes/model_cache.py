@@ -4,6 +4,11 @@ A loader node outputs a reference (file, dtype, device), not the model: ComfyUI 
 in its own cache, so a wire holding the model itself would keep it in memory after a release. The
 one strong reference to each loaded model lives in `CACHE`; releasing an entry frees it, and the
 next run that needs it loads it again.
+
+Inside ComfyUI each loaded transformer, autoencoder and text-encoder pair is also handed to ComfyUI's
+memory manager (`comfy_adapter.manage`): ComfyUI counts it among its loaded models, may move it to
+the CPU when its own models need the memory, and `ready` has it moved back before each use. Without
+ComfyUI there is no manager: the models stay where they were loaded, and `ready` does nothing.
 """
 
 from __future__ import annotations
@@ -81,29 +86,52 @@ class TextEncodersRef:
 
 @dataclass
 class ModelCache:
-    """Loaded models by key; `get` loads once, `release` lets go (of one key, or of all)."""
+    """Loaded models by key; `get` loads once, `release` lets go (of one key, or of all).
+
+    `handles` holds, for the models handed to ComfyUI's memory manager, the manager's handle.
+    """
 
     models: dict[Hashable, Any] = field(default_factory=dict)
+    handles: dict[Hashable, Any] = field(default_factory=dict)
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
-    def get(self, key: Hashable, load: Callable[[], Any]) -> Any:
+    def get(self, key: Hashable, load: Callable[[], Any], manage: Callable[[Any], Any] | None = None) -> Any:
+        """The model under `key`, loaded by `load()` the first time; `manage(model)` then gives its handle."""
         with self._lock:
             if key not in self.models:
-                self.models[key] = load()
+                model = load()
+                handle = manage(model) if manage is not None else None
+                self.models[key] = model
+                if handle is not None:
+                    self.handles[key] = handle
             return self.models[key]
 
-    def put(self, key: Hashable, model: Any) -> None:
+    def put(self, key: Hashable, model: Any, handle: Any = None) -> None:
         with self._lock:
+            self._forget(key)
             self.models[key] = model
+            if handle is not None:
+                self.handles[key] = handle
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self.models
+
+    def handle_of(self, model: Any) -> Any:
+        """The memory manager's handle of a model in this cache, or None (not managed, or not ours)."""
+        with self._lock:
+            return next((self.handles.get(k) for k, m in self.models.items() if m is model), None)
+
+    def _forget(self, key: Hashable) -> None:
+        handle = self.handles.pop(key, None)
+        if handle is not None:
+            comfy_adapter.forget(handle)
 
     def release(self, key: Hashable | None = None) -> int:
         """Drop one entry (or every entry when `key` is None) and return the memory; the count dropped."""
         with self._lock:
             keys = list(self.models) if key is None else [key] if key in self.models else []
             for k in keys:
+                self._forget(k)
                 del self.models[k]
         if keys:
             comfy_adapter.empty_cache()
@@ -140,27 +168,60 @@ def resolve_ae_dtype(choice: str, device: torch.device) -> str:
     return "bf16" if device.type == "cuda" else "fp32"
 
 
+def _parts(model: Any) -> dict[str, torch.nn.Module]:
+    """The nn.Modules that hold a model's weights: the model itself, or a TextEncoders' t5 and clip."""
+    if isinstance(model, torch.nn.Module):
+        return {"model": model}
+    return {name: part for name in ("t5", "clip") if isinstance(part := getattr(model, name, None), torch.nn.Module)}
+
+
+def _managed(device: torch.device, kind: str, name: str) -> Callable[[Any], Any]:
+    return lambda model: comfy_adapter.manage(_parts(model), device, kind, name)
+
+
 def transformer(ref: TransformerRef, cache: ModelCache | None = None):
+    device = torch.device(ref.device)
+
     def load():
-        comfy_adapter.free_memory(_file_bytes(ref.path), torch.device(ref.device))
-        return load_transformer(ref.path, dtype=ref.dtype, device=ref.device)
-    return (cache or CACHE).get(ref.key, load)
+        home = comfy_adapter.storage_device(device, "transformer")
+        comfy_adapter.free_memory(_file_bytes(ref.path), home)
+        return load_transformer(ref.path, dtype=ref.dtype, device=home)
+    return (cache or CACHE).get(ref.key, load, _managed(device, "transformer", "KontextTransformer"))
 
 
 def autoencoder(ref: AutoencoderRef, cache: ModelCache | None = None):
+    device = torch.device(ref.device)
+
     def load():
-        comfy_adapter.free_memory(_file_bytes(ref.path), torch.device(ref.device))
-        return load_autoencoder(ref.path, dtype=ref.dtype, device=ref.device)
-    return (cache or CACHE).get(ref.key, load)
+        home = comfy_adapter.storage_device(device, "autoencoder")
+        comfy_adapter.free_memory(_file_bytes(ref.path), home)
+        return load_autoencoder(ref.path, dtype=ref.dtype, device=home)
+    return (cache or CACHE).get(ref.key, load, _managed(device, "autoencoder", "KontextAutoencoder"))
 
 
 def text_encoders(ref: TextEncodersRef, cache: ModelCache | None = None):
+    device = torch.device(ref.device)
+
     def load():
-        device = torch.device(ref.device)
-        comfy_adapter.free_memory(_file_bytes(ref.t5) + _file_bytes(ref.clip), device)
-        return load_text_encoders(ref.t5, ref.clip, t5_tokenizer=ref.t5_tokenizer,
-                                  clip_tokenizer=ref.clip_tokenizer, dtype=ref.dtype, device=device)
-    return (cache or CACHE).get(ref.key, load)
+        home = comfy_adapter.storage_device(device, "text_encoders")
+        comfy_adapter.free_memory(_file_bytes(ref.t5) + _file_bytes(ref.clip), home)
+        encoders = load_text_encoders(ref.t5, ref.clip, t5_tokenizer=ref.t5_tokenizer,
+                                      clip_tokenizer=ref.clip_tokenizer, dtype=ref.dtype, device=home)
+        if home != device:
+            encoders.device = device  # they encode on `device`; ComfyUI moves the weights there first (`ready`)
+        return encoders
+    return (cache or CACHE).get(ref.key, load, _managed(device, "text_encoders", "KontextTextEncoders"))
+
+
+def ready(*models: Any, cache: ModelCache | None = None) -> None:
+    """Before using cached models: ComfyUI's memory manager puts them (together) on their device, freeing
+    memory from other models first; it may have moved them to the CPU since. No-op for unmanaged models."""
+    cache = cache or CACHE
+    comfy_adapter.load_models([h for h in (cache.handle_of(m) for m in models) if h is not None])
+
+
+def is_managed(model: Any, cache: ModelCache | None = None) -> bool:
+    return (cache or CACHE).handle_of(model) is not None
 
 
 def lora(ref: LoraRef, cache: ModelCache | None = None):

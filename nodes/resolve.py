@@ -66,6 +66,12 @@ def transformer(ref: TransformerRef):
     return model_cache.transformer(ref)
 
 
+def ready(*models: Any) -> None:
+    """Right before a model computes: ComfyUI moves it back to its device if it lent the memory to another
+    model since (ComfyUI's own VAE, another checkpoint). Only our cached models; others pass through."""
+    model_cache.ready(*models)
+
+
 def loras(ref: TransformerRef) -> list[tuple[Any, float]]:
     return [(model_cache.lora(lora), lora.strength) for lora in ref.loras]
 
@@ -76,12 +82,16 @@ def pipeline(model: TransformerRef, vae: Any, text: TextEncodersRef | None = Non
 
 
 def encode_prompts(text: TextEncodersRef, prompts: Sequence[str]) -> TextConditioning:
-    """Prompts -> T5 / CLIP conditioning; on a GPU the encoders leave it afterwards to make room for the transformer."""
+    """Prompts -> T5 / CLIP conditioning; on a GPU the encoders make room for the transformer afterwards (ComfyUI
+    moves them out when it needs the memory; without ComfyUI they leave at once)."""
     if not isinstance(text, TextEncodersRef):
         raise TypeError(f"expected text encoders from Load Kontext Text Encoders, got {type(text).__name__}")
     encoders = model_cache.text_encoders(text)
+    ready(encoders)
     txt, pooled = encoders.encode(list(prompts))
-    if torch.device(text.device).type == "cuda" and hasattr(encoders, "offload"):
+    # ComfyUI moves managed encoders out when the memory is needed; unmanaged ones (no ComfyUI) leave now.
+    managed = model_cache.is_managed(encoders)
+    if torch.device(text.device).type == "cuda" and hasattr(encoders, "offload") and not managed:
         encoders.offload("cpu")
     return TextConditioning(txt, pooled)
 
@@ -90,6 +100,7 @@ def decode_image(ae: Any, scaled: torch.Tensor) -> torch.Tensor:
     """Scaled latents -> IMAGE [B, H, W, 3]."""
     if isinstance(ae, ComfyVae):
         return ae.decode_image(scaled)
+    ready(ae)
     with torch.no_grad():
         return convert.pixels_to_image(ae.decode(scaled.to(device=ae.device, dtype=ae.dtype)))
 
@@ -98,6 +109,8 @@ def encode_images(ae: Any, images: Sequence[torch.Tensor], resize: str) -> list[
     """Every item of every IMAGE -> its scaled latent [1, 16, h, w], prepared as `KontextPipeline.encode_image`
     prepares a file (so a node and the CLI given the same picture encode the same latent)."""
     latents = []
+    if images:
+        ready(ae)
     for image in images:
         for picture in convert.image_to_pil(convert.check_image(image)):
             pixels = prepare_image(picture, resize, None, "stretch", ae.config.downsample_factor * 2)

@@ -89,6 +89,7 @@ def edit(state: SessionState, prompt: str = "", *, seed: int = 0, steps: int = 2
     session = EditSession(pipe, state.turns[0].latent, state.settings, turns=list(state.turns), current=state.current)
     offset, total = progress if progress is not None else (0, None)
     callback = step_callback(tuple(state.turns[state.current].latent.shape[-2:]), offset=offset, total=total)
+    resolve.ready(pipe.transformer)
     with ExitStack() as applied:
         # EditSession.edit takes no LoRAs, so they go on for the call here, on the fly, and come off after.
         for weights, strength in resolve.loras(state.model):

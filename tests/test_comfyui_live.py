@@ -97,7 +97,7 @@ def comfyui(tmp_path_factory):
 
     port = _free_port()
     log = open(base / "comfyui.log", "w")
-    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"}  # the log is read as it grows
     process = subprocess.Popen(
         [str(PYTHON), str(COMFYUI / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(port),
          "--base-directory", str(base), "--disable-auto-launch", "--database-url", "sqlite:///:memory:",
@@ -261,6 +261,98 @@ def test_comfyuis_vae_and_vae_decode_work_with_kontext_nodes(comfyui):
                                dtype=np.int16) for k in ("8", "9"))
     assert native.shape == ours.shape == (16, 32, 3)  # 40x24 kept, snapped to the AE's 16
     assert np.abs(native - ours).max() <= 2
+
+
+def _log_since(comfyui, offset: int) -> str:
+    return comfyui["log"].read_text(errors="replace")[offset:]
+
+
+def _wait_for_log(comfyui, offset: int, text: str, seconds: float = 60) -> str:
+    deadline = time.time() + seconds
+    while text not in (log := _log_since(comfyui, offset)):
+        assert time.time() < deadline, f"no '{text}' in the log within {seconds} s:\n{log[-3000:]}"
+        time.sleep(0.2)
+    return log
+
+
+def test_comfyui_unloads_our_models_and_we_reload_them(comfyui):
+    """Our models sit in ComfyUI's list of loaded models: ComfyUI loads them for a run (its log says
+    "Requested to load KontextTransformer"), keeps them across runs, unloads them when it frees memory
+    (/free, like the Unload Models button: our patcher reports it), and the next run loads them again."""
+    prompt = _for_tiny_models(json.loads((WORKFLOWS / "api" / "kontext_edit_api.json").read_text()))
+    edit = next(k for k, v in prompt.items() if v["class_type"] == "KontextEdit")
+
+    def run(seed: int) -> str:
+        prompt[edit]["inputs"]["seed"] = seed  # a new seed: Kontext Edit runs again (not from ComfyUI's cache)
+        offset = len(comfyui["log"].read_text(errors="replace"))
+        result = _queue(comfyui, prompt)
+        assert result.get("status", {}).get("status_str") == "success", (result, _log_since(comfyui, offset))
+        return _log_since(comfyui, offset)
+
+    run(9001)  # our models are loaded (and, with the integration, among ComfyUI's loaded models)
+    offset = len(comfyui["log"].read_text(errors="replace"))
+    free = urllib.request.Request(f"{comfyui['url']}/free", data=json.dumps({"unload_models": True}).encode(),
+                                  method="POST", headers={"Content-Type": "application/json"})
+    urllib.request.urlopen(free, timeout=30).close()  # answers with an empty body
+    freed = _wait_for_log(comfyui, offset, "ComfyUI unloaded KontextTransformer")
+    assert "ComfyUI unloaded KontextAutoencoder" in freed
+    again = run(9002)  # released from our cache too: loaded from the file and handed to ComfyUI again
+    assert "Requested to load KontextTransformer" in again and "Requested to load KontextAutoencoder" in again
+    kept = run(9003)  # still loaded: ComfyUI finds it among its loaded models, nothing is requested
+    assert "Requested to load Kontext" not in kept and "ComfyUI unloaded Kontext" not in kept
+
+
+def test_comfyuis_memory_manager_moves_our_models(tmp_path):
+    """ComfyUI's own load_models_gpu / free_memory / unload_all_models (in ComfyUI's environment, no server)
+    on our cached models: counted at their real size, unloaded without leaving our cache, loaded back for
+    the next use (working), and released from our cache by Unload Models."""
+    if not (COMFYUI / "main.py").exists() or not PYTHON.exists():
+        pytest.skip(f"needs ComfyUI's source and environment at {COMFYUI}")
+    script = tmp_path / "memory.py"
+    script.write_text(f"""
+import sys
+sys.path[:0] = [{str(COMFYUI)!r}, {str(REPO / "tests")!r}, {str(REPO)!r}]
+import comfy.options
+comfy.options.enable_args_parsing()
+sys.argv = ["memory-test", "--cpu"]
+import torch
+import comfy.model_management as mm
+from node_pack import nodes_module
+from kontext_core import KontextTransformer, TransformerConfig, save_transformer
+
+model_cache, adapter = nodes_module("model_cache"), nodes_module("comfy_adapter")
+path = {str(tmp_path / "kontext.safetensors")!r}
+save_transformer(KontextTransformer(TransformerConfig.tiny()), path)
+ref = model_cache.TransformerRef(path, "fp32", str(mm.get_torch_device()))
+model = model_cache.transformer(ref)
+handle = model_cache.CACHE.handle_of(model)
+assert handle is not None and handle not in mm.loaded_models()
+model_cache.ready(model)
+assert handle in mm.loaded_models(), "not among ComfyUI's loaded models"
+weights = sum(p.nbytes for p in model.parameters()) + sum(b.nbytes for b in model.buffers())
+assert handle.model_size() == handle.loaded_size() == weights, (handle.model_size(), handle.loaded_size(), weights)
+
+unloaded = mm.free_memory(1e30, mm.get_torch_device())  # ComfyUI needs all the memory for another model
+assert handle not in mm.loaded_models() and any(m.model is handle for m in unloaded)
+assert handle.loaded_size() == 0 and model_cache.CACHE.handle_of(model) is handle  # still cached
+model_cache.ready(model)
+assert handle in mm.loaded_models() and handle.loaded_size() == weights
+with torch.no_grad():  # it still works after the round trip
+    model.img_in(torch.zeros(1, model.img_in.in_features))
+
+adapter.on_unload_models(model_cache.CACHE.release)
+mm.unload_all_models()  # "Unload Models"
+assert handle not in mm.loaded_models() and not model_cache.CACHE.models and not model_cache.CACHE.handles
+again = model_cache.transformer(ref)
+model_cache.ready(again)
+assert again is not model and model_cache.CACHE.handle_of(again) in mm.loaded_models()
+model_cache.CACHE.release()
+assert not mm.loaded_models(), "a released model stayed in ComfyUI's list"
+print("memory integration ok")
+""")
+    done = subprocess.run([str(PYTHON), str(script)], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=RUN_SECONDS, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    assert done.returncode == 0 and "memory integration ok" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
 
 
 def test_frontend_extension_is_served(comfyui):
