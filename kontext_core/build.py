@@ -1,31 +1,79 @@
-"""Assemble a ready pipeline from located model files."""
+"""Assemble a ready pipeline from located model files, placed by a memory plan."""
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
-from .checkpoints import load_autoencoder, load_transformer
+from .checkpoints import inspect_model, load_autoencoder, load_transformer
+from .config import TransformerConfig
+from .memory import (EDIT_TOKENS, TEXT_ENCODER_ACTIVATION_BYTES, TEXT_ENCODER_BYTES, MemoryPlan,
+                     OffloadedTextEncoders, choose_plan, free_device_memory)
 from .model_files import ModelFiles
+from .offload import BlockOffloader
 from .pipeline import KontextPipeline
 from .text_encoders import load_text_encoders
 
 
-def load_pipeline(files: ModelFiles, *, dtype: str = "bf16", device: str | torch.device = "cpu",
-                  text_dtype: str | None = None, ae_dtype: str | None = None,
-                  allow_download: bool = False) -> KontextPipeline:
-    """Transformer, autoencoder and (when their files are known) the text encoders, on `device`.
+def plan_memory(files: ModelFiles, device: str | torch.device, memory: str = "auto", dtype: str | None = None,
+                tokens: int = EDIT_TOKENS) -> MemoryPlan:
+    """The memory plan for these files on `device` now: chosen from its free memory, or the one named.
 
-    The AE runs in bf16 on CUDA and float32 on the CPU unless told otherwise; the text encoders use
-    the transformer's dtype (fp8 weights are upcast to bf16 there).
+    dtype None lets the plan choose the transformer's storage (fp8 for an fp8 file); a dtype restricts it.
     """
     device = torch.device(device)
-    transformer = load_transformer(files.transformer, dtype=dtype, device=device)
+    report = inspect_model(files.transformer)
+    config = TransformerConfig.from_dict(report["config"]) if "config" in report else TransformerConfig()
+    if dtype is None and any(kind.startswith("F8") for kind in report.get("storage_dtypes", {})):
+        dtype = "fp8"  # its weights are float8 already: bf16 storage would double the memory, not the quality
+    storage = {"fp8_e4m3fn": "fp8", "fp8_e5m2": "fp8"}.get(dtype, dtype)
+    text_bytes = TEXT_ENCODER_BYTES if files.t5 is not None else 0
+    return choose_plan(free_device_memory(device), config, tokens, name=memory, storage=storage,
+                       device=str(device), text_encoder_bytes=text_bytes)
+
+
+def load_pipeline(files: ModelFiles, *, dtype: str | None = None, device: str | torch.device = "cpu",
+                  text_dtype: str | None = None, ae_dtype: str | None = None, allow_download: bool = False,
+                  memory: str | MemoryPlan = "auto", ae_tiling: str = "auto",
+                  log: Callable[[str], None] | None = print) -> KontextPipeline:
+    """Transformer, autoencoder and (when their files are known) the text encoders, placed on `device`.
+
+    memory: "auto" chooses a plan from the device's free memory (see kontext_core.memory), a plan name
+        (resident-bf16, resident-fp8, offload-bf16, offload-fp8) forces one, or a MemoryPlan.
+    dtype: the transformer's storage; None lets the plan choose (bf16 when it fits, else fp8).
+    ae_tiling: "auto" (tiles only when a full-size AE pass would not fit), "always" or "never".
+    log: receives the one-line plan description (None: silent).
+
+    The AE runs in bf16 on CUDA and float32 on the CPU unless told otherwise; the text encoders use the
+    transformer's dtype (bf16 for fp8). The pipeline carries the plan as `memory_plan` and, when blocks
+    are offloaded, the BlockOffloader as `offloader`.
+    """
+    device = torch.device(device)
+    plan = memory if isinstance(memory, MemoryPlan) else plan_memory(files, device, memory, dtype)
+    if log is not None:
+        log(plan.describe())
+    storage = plan.storage
+    weights = dtype if storage == "fp8" and dtype in ("fp8_e4m3fn", "fp8_e5m2") else storage
+    offloader = None
+    if plan.offload:
+        transformer = load_transformer(files.transformer, dtype=weights, device="cpu")
+        offloader = BlockOffloader(transformer, device, prefetch=plan.prefetch, resident=plan.resident_blocks)
+    else:
+        transformer = load_transformer(files.transformer, dtype=weights, device=device)
     ae_dtype = ae_dtype or ("bf16" if device.type == "cuda" else "fp32")
     autoencoder = load_autoencoder(files.autoencoder, dtype=ae_dtype, device=device)
     encoders = None
     if files.t5 is not None:
+        resting = device if plan.text_encoders == "device" else torch.device("cpu")
         encoders = load_text_encoders(files.t5, files.clip, t5_tokenizer=files.t5_tokenizer,
                                       clip_tokenizer=files.clip_tokenizer,
-                                      dtype=text_dtype or ("bf16" if dtype == "fp8" else dtype),
-                                      device=device, allow_download=allow_download)
-    return KontextPipeline(transformer, autoencoder, encoders)
+                                      dtype=text_dtype or ("bf16" if storage == "fp8" else storage),
+                                      device=resting, allow_download=allow_download)
+        if plan.text_encoders == "offload":
+            encoders = OffloadedTextEncoders(encoders, device, TEXT_ENCODER_BYTES + TEXT_ENCODER_ACTIVATION_BYTES)
+    pipeline = KontextPipeline(transformer, autoencoder, encoders)
+    pipeline.ae_tiling = ae_tiling
+    pipeline.memory_plan = plan
+    pipeline.offloader = offloader
+    return pipeline

@@ -15,6 +15,7 @@ from typing import Any, Protocol, Sequence
 import torch
 from PIL import Image
 
+from . import tiling
 from .autoencoder import Autoencoder
 from .lora import apply_lora
 from .image import FIT_MODES, RESIZE_MODES, prepare_image, to_pil
@@ -71,6 +72,7 @@ class KontextPipeline:
         self.transformer = transformer
         self.autoencoder = autoencoder
         self.text_encoders = text_encoders
+        self.ae_tiling = "auto"  # auto: tiles only when a full-size AE pass would not fit; always; never
 
     @property
     def device(self) -> torch.device:
@@ -108,12 +110,12 @@ class KontextPipeline:
         pixels = prepare_image(image, resize, size, fit, self.image_multiple)
         ae = self.autoencoder
         with torch.no_grad():
-            return ae.encode(pixels.to(device=ae.device, dtype=ae.dtype)).float()
+            return tiling.encode(ae, pixels.to(device=ae.device, dtype=ae.dtype), self.ae_tiling).float()
 
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
         ae = self.autoencoder
         with torch.no_grad():
-            return to_pil(ae.decode(latents.to(device=ae.device, dtype=ae.dtype)))
+            return to_pil(tiling.decode(ae, latents.to(device=ae.device, dtype=ae.dtype), self.ae_tiling))
 
     # --- sampling ------------------------------------------------------------------------------
 
