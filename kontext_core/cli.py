@@ -101,7 +101,8 @@ def _pipeline(args: argparse.Namespace):
     from .lora import apply_lora, load_lora
 
     files = _files(args)
-    pipeline = load_pipeline(files, dtype=args.dtype, device=args.device, allow_download=args.download)
+    pipeline = load_pipeline(files, dtype=args.dtype, device=args.device, allow_download=args.download,
+                             memory=args.memory, ae_tiling=args.ae_tiling)
     if args.compile:
         pipeline.transformer.compile_blocks()
     for spec in args.lora:
@@ -203,7 +204,11 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
     gen.add_argument("--placement", choices=PLACEMENTS, default="kontext", help="how reference images are placed")
     gen.add_argument("--batch", type=int, default=1)
     run = parser.add_argument_group("runtime")
-    run.add_argument("--dtype", default="bf16", help="bf16, fp16, fp32 or fp8")
+    run.add_argument("--dtype", default=None,
+                     help="transformer weights: bf16, fp16, fp32 or fp8 (default: what the memory plan picks)")
+    run.add_argument("--memory", default="auto",
+                     help="auto (from free VRAM), resident-bf16, resident-fp8, offload-bf16 or offload-fp8")
+    run.add_argument("--ae-tiling", choices=("auto", "always", "never"), default="auto")
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     run.add_argument("--compile", action="store_true",
                      help="compile each transformer block (faster steps after a minute of compilation)")
