@@ -214,6 +214,8 @@ def main() -> None:
     parser.add_argument("--e2e", action="store_true", help="also time a full 28-step 1024x1024 edit")
     parser.add_argument("--out", default=None)
     parser.add_argument("--profile", action="store_true", help="print the GPU time per kernel kind of one step")
+    parser.add_argument("--append-results", metavar="MARKDOWN", default=None,
+                        help="append this run's rows to a results file (e.g. bench/RESULTS.md)")
     args = parser.parse_args()
 
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -283,6 +285,42 @@ def main() -> None:
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "bench.json").write_text(json.dumps(record, indent=2))
+    if args.append_results:
+        with open(args.append_results, "a") as results:
+            results.write(results_markdown(record, " ".join(sys.argv)))
+
+
+def _commit() -> str:
+    """The checkout's commit, or $KONTEXT_COMMIT where the tree was copied without its .git."""
+    import os
+    import subprocess
+
+    if os.environ.get("KONTEXT_COMMIT"):
+        return os.environ["KONTEXT_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def results_markdown(record: dict, command: str) -> str:
+    """One run as a RESULTS.md section: date, GPU, command, commit, then a row per measurement."""
+    import datetime
+
+    lines = [f"\n## {datetime.date.today().isoformat()} — {record['gpu']}, torch {record['torch']}\n",
+             f"Command: `python3 bench/{Path(command.split()[0]).name} {' '.join(command.split()[1:])}` at commit "
+             f"{_commit()}; bf16 matmul {record['matmul_tflops']:.0f} TFLOP/s.\n",
+             "| workload | implementation | ms / step | x floor | TFLOP/s | peak GiB | rel. error vs first (max / L2) |",
+             "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+    for row in record["results"]:
+        lines.append(f"| {row['workload']} | {row['impl']} | {row['ms']:.1f} | {row['x_floor']:.2f} | "
+                     f"{row['tflops']:.0f} | {row['peak_gib']:.1f} | {row['rel_err_vs_first']:.1e} / "
+                     f"{row['rel_l2_vs_first']:.1e} |")
+    for key, value in record.items():
+        if key.startswith("e2e_"):
+            lines.append(f"\n{key}: {value:.2f} s")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
