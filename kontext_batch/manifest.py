@@ -1,0 +1,86 @@
+"""The batch's JSONL manifest: one line per event, appended and synced as it happens.
+
+Events: `queued` (a turn went to ComfyUI, with its prompt id), `done` (its outputs are on disk) and
+`error` (it failed for good, with ComfyUI's error text). A re-run reads the manifest and skips turns that
+are done; a turn that was queued but never finished is looked up in ComfyUI's history by its prompt id,
+so work ComfyUI finished after we stopped listening is collected instead of redone. Appending one synced
+line per event means a crash loses at most the line being written, which is ignored on reading.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+class Manifest:
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        self.records: list[dict] = []
+        self._last: dict[tuple[str, int], dict] = {}  # (job key, turn) -> latest record
+        if self.path.exists():
+            self._load()
+
+    def _load(self) -> None:
+        lines = self.path.read_bytes().splitlines()
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                # Only the last line can be torn (a crash mid-append); anything else is damage worth saying.
+                where = "its last line (cut off by an interrupted write)" if number == len(lines) else f"line {number}"
+                print(f"kontext-batch: ignoring {where} of {self.path}: not JSON", file=sys.stderr)
+                continue
+            self._index(record)
+
+    def _index(self, record: dict) -> None:
+        self.records.append(record)
+        if "key" in record and "turn" in record:
+            self._last[(record["key"], record["turn"])] = record
+
+    def append(self, event: str, **fields: Any) -> dict:
+        record = {"event": event, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **fields}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        line = (json.dumps(record, ensure_ascii=False) + "\n").encode()
+        with open(self.path, "ab") as handle:
+            if handle.tell() > 0 and not self._ends_with_newline():
+                handle.write(b"\n")  # a torn last line from a crash must not swallow this record
+            handle.write(line)
+            handle.flush()
+            os.fsync(handle.fileno())
+        self._index(record)
+        return record
+
+    def _ends_with_newline(self) -> bool:
+        with open(self.path, "rb") as handle:
+            handle.seek(-1, os.SEEK_END)
+            return handle.read(1) == b"\n"
+
+    def last(self, key: str, turn: int) -> dict | None:
+        return self._last.get((key, turn))
+
+    def turn_done(self, key: str, turn: int) -> dict | None:
+        record = self.last(key, turn)
+        return record if record and record["event"] == "done" else None
+
+    def turn_failed(self, key: str, turn: int) -> dict | None:
+        record = self.last(key, turn)
+        return record if record and record["event"] == "error" else None
+
+    def unfinished_prompt(self, key: str, turn: int) -> str | None:
+        """The prompt id of a turn that was queued and never recorded as done or failed."""
+        record = self.last(key, turn)
+        return record["prompt_id"] if record and record["event"] == "queued" else None
+
+    def next_turn(self, key: str, turns: int) -> int:
+        """The first turn of a job that is not done (== turns when the job is complete)."""
+        turn = 0
+        while turn < turns and self.turn_done(key, turn):
+            turn += 1
+        return turn

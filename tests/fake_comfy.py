@@ -1,0 +1,154 @@
+"""An in-process stand-in for ComfyUI's queue API with the client's interface, for the runner's unit tests.
+
+It runs one queued prompt per event call, in queue order, and emits what ComfyUI sends (execution_start,
+progress, execution_success / execution_error), writing history one poll after success as ComfyUI can.
+What a prompt produces is decided by `behavior(graph, attempt_of_that_input) -> bytes | Exception text`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from collections import deque
+
+from kontext_batch.client import QueueRejected
+from kontext_batch.workflow import load_workflow
+
+STEPS = 3
+
+
+def object_info_for(*workflow_names: str) -> dict:
+    """Node definitions with ComfyUI's shapes for every node type of the named workflows."""
+    known = {
+        "seed": ["INT", {"min": 0, "max": 2**64 - 1}], "noise_seed": ["INT", {"min": 0, "max": 2**64 - 1}],
+        "steps": ["INT", {"min": 1, "max": 10000}], "guidance": ["FLOAT", {"min": 0.0, "max": 100.0}],
+        "denoise": ["FLOAT", {"min": 0.0, "max": 1.0}], "sampler": [["dev", "distilled", "true_cfg"]],
+        "image": [["example.png"], {"image_upload": True}], "prompt": ["STRING", {"multiline": True}],
+    }
+    info = {}
+    for name in workflow_names:
+        for node in load_workflow(name).graph.values():
+            entry = info.setdefault(node["class_type"], {"input": {"required": {}, "optional": {}},
+                                                         "output_node": node["class_type"] in ("SaveImage", "PreviewImage")})
+            for input_name, value in node["inputs"].items():
+                spec = ["LINK"] if isinstance(value, list) else known.get(input_name, ["STRING", {}])
+                entry["input"]["required"][input_name] = spec
+    return info
+
+
+def output_bytes(input_content: bytes, prompt: str) -> bytes:
+    return b"PNG:" + hashlib.sha1(input_content + prompt.encode()).hexdigest().encode()
+
+
+class FakeComfy:
+    def __init__(self, object_info: dict, behavior=None, history_lag: int = 1):
+        self.info = object_info
+        self.behavior = behavior or (lambda graph, attempt, inputs: None)
+        self.history_lag = history_lag
+        self.uploads: dict[str, bytes] = {}
+        self.files: dict[str, bytes] = {}
+        self.queue: deque[tuple[str, dict]] = deque()
+        self.running: str | None = None
+        self.histories: dict[str, dict] = {}
+        self._pending_history: list[list] = []   # [polls left, prompt id, entry]
+        self._events: deque[dict] = deque()
+        self.queued: list[tuple[str, dict]] = []  # every prompt ever queued
+        self.max_in_queue = 0
+        self.deleted: list[str] = []
+        self.interrupted: list[str] = []
+        self.attempts: dict[str, int] = {}
+        self.has_events = True
+        self.on_event = None                      # hook: called before each event is returned
+        self._ids = (f"pid-{i}" for i in itertools.count(1))
+        self.rejection = None                     # an answer dict /prompt refuses with
+
+    # the client's interface
+    def object_info(self):
+        return self.info
+
+    def upload_image(self, content: bytes, filename: str, subfolder: str = "kontext-batch") -> str:
+        name = f"{subfolder}/{filename}"
+        self.uploads[name] = content
+        return name
+
+    def queue_prompt(self, graph: dict) -> str:
+        if self.rejection is not None:
+            raise QueueRejected(self.rejection)
+        prompt_id = next(self._ids)
+        self.queue.append((prompt_id, graph))
+        self.queued.append((prompt_id, graph))
+        self.max_in_queue = max(self.max_in_queue, len(self.queue) + (self.running is not None))
+        return prompt_id
+
+    def history(self, prompt_id: str):
+        if not self.has_events:  # no socket: a poll is when the fake gets to run the queue
+            self._run_next()
+            self._events.clear()
+            self.running = None
+        for item in self._pending_history:
+            item[0] -= 1
+        for polls, pid, entry in [i for i in self._pending_history if i[0] < 0]:
+            self.histories[pid] = entry
+        self._pending_history = [i for i in self._pending_history if i[0] >= 0]
+        return self.histories.get(prompt_id)
+
+    def queued_ids(self):
+        return ([self.running] if self.running else [], [pid for pid, _ in self.queue])
+
+    def view(self, filename: str, subfolder: str, folder_type: str) -> bytes:
+        return self.files[f"{folder_type}/{subfolder}/{filename}"]
+
+    def delete_queued(self, prompt_ids):
+        self.deleted += list(prompt_ids)
+        self.queue = deque(item for item in self.queue if item[0] not in prompt_ids)
+
+    def interrupt(self, prompt_id):
+        self.interrupted.append(prompt_id)
+
+    def connect_events(self):
+        return self.has_events
+
+    def close(self):
+        pass
+
+    def next_event(self, timeout: float):
+        if not self._events:
+            self._run_next()
+        if not self._events:
+            return None
+        event = self._events.popleft()
+        if event["type"] in ("execution_success", "execution_error"):
+            self.running = None
+        if self.on_event is not None:
+            self.on_event(event)
+        return event if self.has_events else None
+
+    # running a prompt
+    def _run_next(self) -> None:
+        if not self.queue:
+            return
+        prompt_id, graph = self.queue.popleft()
+        self.running = prompt_id
+        image_value = next((n["inputs"]["image"] for n in graph.values() if n["class_type"] == "LoadImage"), None)
+        content = self.uploads.get(image_value, b"workflow-default-image")
+        prompt = next((n["inputs"]["prompt"] for n in graph.values() if n["class_type"] == "KontextPrompt"), "")
+        key = hashlib.sha1(content + prompt.encode()).hexdigest()
+        self.attempts[key] = self.attempts.get(key, 0) + 1
+        self._events.append({"type": "execution_start", "data": {"prompt_id": prompt_id}})
+        for step in range(1, STEPS + 1):
+            self._events.append({"type": "progress", "data": {"prompt_id": prompt_id, "value": step, "max": STEPS}})
+        error = self.behavior(graph, self.attempts[key], content)
+        if error:
+            data = {"prompt_id": prompt_id, "node_id": "5", "node_type": "LoadImage",
+                    "exception_type": "PIL.UnidentifiedImageError", "exception_message": error}
+            self._events.append({"type": "execution_error", "data": data})
+            entry = {"status": {"status_str": "error", "completed": False,
+                                "messages": [["execution_error", data]]}, "outputs": {}}
+        else:
+            filename = f"kontext_edit_{prompt_id}.png"
+            self.files[f"output//{filename}"] = output_bytes(content, prompt)
+            self._events.append({"type": "execution_success", "data": {"prompt_id": prompt_id}})
+            save_id = next(i for i, n in graph.items() if n["class_type"] == "SaveImage")
+            entry = {"status": {"status_str": "success", "completed": True, "messages": []},
+                     "outputs": {save_id: {"images": [{"filename": filename, "subfolder": "", "type": "output"}]}}}
+        self._pending_history.append([self.history_lag, prompt_id, entry])

@@ -1,0 +1,210 @@
+"""kontext-batch's runner against an in-process fake of ComfyUI's queue API (tests/fake_comfy.py): outputs and
+manifest, resume, retries, the bounded queue, Ctrl-C, multi-turn chaining, rejected prompts, polling."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from fake_comfy import FakeComfy, object_info_for, output_bytes
+from kontext_batch.errors import BatchError
+from kontext_batch.jobs import load_jobs
+from kontext_batch.manifest import Manifest
+from kontext_batch.runner import BatchRunner
+from kontext_batch.workflow import FieldMap, load_workflow
+
+BAD = b"not an image"
+
+
+@pytest.fixture
+def photos(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for index in range(4):
+        (folder / f"img{index}.png").write_bytes(f"image {index} ".encode() + bytes(range(index, index + 40)))
+    return folder
+
+
+def corrupt_fails(graph, attempt, content):
+    return "cannot identify image file" if content == BAD else None
+
+
+def make_runner(server, jobs, out, workflow="kontext_edit", needed=("image", "prompt", "seed"), **options):
+    fields = FieldMap(load_workflow(workflow), server.object_info(), {}, set(needed))
+    return BatchRunner(server, fields, jobs, Manifest(out / "manifest.jsonl"), out, **options)
+
+
+def done_records(out):
+    return [r for r in Manifest(out / "manifest.jsonl").records if r["event"] == "done"]
+
+
+def test_batch_writes_outputs_and_manifest_then_a_rerun_does_nothing(photos, tmp_path):
+    out = tmp_path / "out"
+    server = FakeComfy(object_info_for("kontext_edit"))
+    jobs = load_jobs([photos], prompts=["make it night"], seed=11)
+    summary = make_runner(server, jobs, out).run()
+    assert summary.done == 4 and summary.failed == 0 and not summary.interrupted
+    for job in jobs:
+        assert (out / f"{job.image.stem}.png").read_bytes() == output_bytes(job.image.read_bytes(), "make it night")
+    records = done_records(out)
+    assert {r["input"] for r in records} == {str(j.image) for j in jobs}
+    assert all(r["prompt"] == "make it night" and r["seed"] == 11 and r["prompt_id"].startswith("pid-")
+               and set(r["timings"]) == {"upload_s", "queue_wait_s", "run_s", "download_s", "total_s"} for r in records)
+    graph = server.queued[0][1]
+    assert graph["6"]["inputs"]["prompt"] == "make it night" and graph["7"]["inputs"]["seed"] == 11
+    assert graph["5"]["inputs"]["image"].startswith("kontext-batch/img")
+
+    again = FakeComfy(object_info_for("kontext_edit"))
+    summary = make_runner(again, jobs, out).run()
+    assert again.queued == [] and summary.done == 0 and summary.skipped_done == 4
+
+
+def test_failing_job_is_retried_then_recorded_with_comfyuis_error(photos, tmp_path):
+    (photos / "img2.png").write_bytes(BAD)
+    out = tmp_path / "out"
+    server = FakeComfy(object_info_for("kontext_edit"), behavior=corrupt_fails)
+    jobs = load_jobs([photos], prompts=["x"])
+    summary = make_runner(server, jobs, out, retries=2).run()
+    assert summary.done == 3 and summary.failed == 1
+    bad_key = hashlib.sha1(BAD + b"x").hexdigest()
+    assert server.attempts[bad_key] == 3  # first try + 2 retries
+    errors = [r for r in Manifest(out / "manifest.jsonl").records if r["event"] == "error"]
+    assert len(errors) == 1 and errors[0]["input"].endswith("img2.png") and errors[0]["attempt"] == 3
+    assert "cannot identify image file" in errors[0]["error"] and "LoadImage" in errors[0]["error"]
+    assert not (out / "img2.png").exists() and len(list(out.glob("*.png"))) == 3
+
+    again = FakeComfy(object_info_for("kontext_edit"), behavior=corrupt_fails)
+    summary = make_runner(again, jobs, out).run()
+    assert again.queued == [] and summary.skipped_failed == 1 and summary.skipped_done == 3
+
+    (photos / "img2.png").write_bytes(b"a fixed image")
+    fixed = FakeComfy(object_info_for("kontext_edit"))
+    summary = make_runner(fixed, jobs, out, retry_failed=True).run()
+    assert len(fixed.queued) == 1 and summary.done == 1 and (out / "img2.png").exists()
+
+
+def test_a_flaky_failure_recovers_on_retry(photos, tmp_path):
+    out = tmp_path / "out"
+    server = FakeComfy(object_info_for("kontext_edit"), behavior=lambda g, attempt, c: "CUDA hiccup" if attempt == 1 else None)
+    summary = make_runner(server, load_jobs([photos], prompts=["x"]), out, retries=1).run()
+    assert summary.done == 4 and summary.failed == 0
+    assert sorted(r["attempt"] for r in done_records(out)) == [2, 2, 2, 2]
+
+
+@pytest.mark.parametrize("max_queued", [1, 3])
+def test_the_queue_holds_at_most_max_queued_of_our_jobs(photos, tmp_path, max_queued):
+    server = FakeComfy(object_info_for("kontext_edit"))
+    summary = make_runner(server, load_jobs([photos], prompts=["x"]), tmp_path / "out", max_queued=max_queued).run()
+    assert summary.done == 4 and server.max_in_queue == max_queued
+
+
+def test_ctrl_c_interrupts_ours_records_what_finished_and_resumes(photos, tmp_path):
+    out = tmp_path / "out"
+    server = FakeComfy(object_info_for("kontext_edit"))
+    finished = []
+
+    def press_ctrl_c(event):
+        if event["type"] == "execution_success":
+            finished.append(event)
+        if event["type"] == "execution_start" and len(finished) == 2:
+            raise KeyboardInterrupt
+
+    server.on_event = press_ctrl_c
+    jobs = load_jobs([photos], prompts=["x"])
+    summary = make_runner(server, jobs, out, max_queued=2).run()
+    assert summary.interrupted and summary.done == 2 and summary.remaining == 2
+    assert len(done_records(out)) == 2
+    assert server.interrupted == [server.queued[2][0]]  # the third job, running when Ctrl-C came
+    assert not server.queue and set(server.deleted) <= {pid for pid, _ in server.queued[3:]}  # none left waiting
+
+    resumed = FakeComfy(object_info_for("kontext_edit"))
+    summary = make_runner(resumed, jobs, out).run()
+    assert summary.done == 2 and summary.skipped_done == 2 and len(resumed.queued) == 2
+    assert sorted(p.name for p in out.glob("*.png")) == [f"img{i}.png" for i in range(4)]
+
+
+def test_resume_collects_a_turn_comfyui_finished_after_we_stopped(photos, tmp_path):
+    out = tmp_path / "out"
+    jobs = load_jobs([photos], prompts=["x"])
+    server = FakeComfy(object_info_for("kontext_edit"), history_lag=0)
+    # An earlier run queued job 0 and died before its result came back; ComfyUI finished it meanwhile.
+    Manifest(out / "manifest.jsonl").append("queued", key=jobs[0].key, turn=0, prompt_id="old-1", attempt=1)
+    server.files["output//old.png"] = b"finished while we were away"
+    server.histories["old-1"] = {"status": {"status_str": "success", "completed": True, "messages": []},
+                                 "outputs": {"8": {"images": [{"filename": "old.png", "subfolder": "", "type": "output"}]}}}
+    summary = make_runner(server, jobs, out).run()
+    assert summary.done == 4 and len(server.queued) == 3
+    assert (out / "img0.png").read_bytes() == b"finished while we were away"
+
+
+def test_multi_turn_feeds_each_output_into_the_next_turn(photos, tmp_path):
+    out = tmp_path / "out"
+    server = FakeComfy(object_info_for("kontext_edit"))
+    turns = ["add a hat", "make it winter", "watercolor"]
+    jobs = load_jobs([photos / "img1.png", photos / "img3.png"], prompts=turns)
+    summary = make_runner(server, jobs, out).run()
+    assert summary.done == 6
+    for job in jobs:
+        expected = job.image.read_bytes()
+        for turn, prompt in enumerate(turns):
+            expected = output_bytes(expected, prompt)
+            assert (out / f"{job.image.stem}_turn{turn + 1}.png").read_bytes() == expected
+    assert [r["turn"] for r in done_records(out) if r["input"].endswith("img1.png")] == [0, 1, 2]
+
+
+def test_multi_turn_resumes_from_the_last_finished_turn(photos, tmp_path):
+    out = tmp_path / "out"
+    turns = ["one", "two", "three"]
+    jobs = load_jobs([photos / "img0.png"], prompts=turns)
+    server = FakeComfy(object_info_for("kontext_edit"))
+    server.on_event = lambda e: (_ for _ in ()).throw(KeyboardInterrupt) if (
+        e["type"] == "execution_start" and len(server.queued) == 2) else None
+    summary = make_runner(server, jobs, out).run()
+    assert summary.interrupted and summary.done == 1
+    resumed = FakeComfy(object_info_for("kontext_edit"))
+    summary = make_runner(resumed, jobs, out).run()
+    assert summary.done == 2 and [g["6"]["inputs"]["prompt"] for _, g in resumed.queued] == ["two", "three"]
+    expected = output_bytes(output_bytes(output_bytes((photos / "img0.png").read_bytes(), "one"), "two"), "three")
+    assert (out / "img0_turn3.png").read_bytes() == expected
+
+
+def test_a_rejected_job_is_recorded_and_a_rejected_workflow_stops_the_run(photos, tmp_path):
+    jobs = load_jobs([photos / "img0.png"], prompts=["x"], seed=3)
+    server = FakeComfy(object_info_for("kontext_edit"))
+    server.rejection = {"error": {"message": "Prompt outputs failed validation"},
+                        "node_errors": {"7": {"class_type": "KontextEdit",
+                                              "errors": [{"message": "Value too big", "details": "seed"}]}}}
+    summary = make_runner(server, jobs, tmp_path / "a").run()
+    assert summary.failed == 1 and "node 7 (KontextEdit): Value too big (seed)" in summary.errors[0]
+
+    server.rejection = {"error": {"message": "Prompt outputs failed validation"},
+                        "node_errors": {"2": {"class_type": "KontextModelLoader",
+                                              "errors": [{"message": "Value not in list", "details": "model_name"}]}}}
+    with pytest.raises(BatchError, match="not a problem of one job"):
+        make_runner(server, jobs, tmp_path / "b").run()
+
+
+def test_values_are_checked_for_every_job_before_anything_is_queued(photos, tmp_path):
+    table = tmp_path / "jobs.csv"
+    table.write_text("image,prompt,Kontext Edit.denoise\nphotos/img0.png,a,0.5\nphotos/img1.png,b,1.5\n")
+    server = FakeComfy(object_info_for("kontext_edit"))
+    with pytest.raises(BatchError, match="jobs.csv line 3: Kontext Edit \\(node 7\\).denoise must be between 0.0 and 1.0"):
+        make_runner(server, load_jobs([table]), tmp_path / "out")
+    assert server.queued == []
+
+
+def test_without_a_websocket_jobs_are_followed_by_polling(photos, tmp_path):
+    server = FakeComfy(object_info_for("kontext_edit"))
+    server.has_events = False
+    summary = make_runner(server, load_jobs([photos], prompts=["x"]), tmp_path / "out").run()
+    assert summary.done == 4 and len(list((tmp_path / "out").glob("*.png"))) == 4
+
+
+def test_same_image_name_in_two_rows_gets_distinct_outputs(photos, tmp_path):
+    table = tmp_path / "jobs.csv"
+    table.write_text("image,prompt\nphotos/img0.png,red\nphotos/img0.png,blue\n")
+    server = FakeComfy(object_info_for("kontext_edit"))
+    make_runner(server, load_jobs([table]), tmp_path / "out").run()
+    names = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
+    assert len(names) == 2 and all(n.startswith("img0-") for n in names)
