@@ -75,3 +75,7 @@ def golden_dir() -> Path:
 @pytest.fixture(scope="session")
 def golden_meta() -> dict:
     return json.loads((golden_dir() / "meta.json").read_text())
+
+
+# The live ComfyUI server (skips without one), one per session for every live test module.
+from comfyui_server import comfyui  # noqa: E402,F401

@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import socket
 import shutil
 import subprocess
 import time
@@ -21,121 +20,25 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
-from safetensors.torch import save_file
 
-from conftest import randomize_
-from kontext_core import Autoencoder, AutoencoderConfig, KontextTransformer, TransformerConfig
-from kontext_core import save_autoencoder, save_transformer
+from comfyui_server import PYTHON, request_json
 from node_pack import COMFYUI, REPO, nodes_module
 from test_workflows import CORE_NODES, UI_ONLY_WIDGETS, WORKFLOWS
 
-PYTHON = COMFYUI / ".venv" / "bin" / "python"
-STARTUP_SECONDS = 240
 RUN_SECONDS = 300
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _tiny_text_encoder_files(folder: Path, config: TransformerConfig) -> None:
-    """t5xxl_fp16 / clip_l stand-ins: the real tokenizers' vocabularies, tiny widths (the tiny model's)."""
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
-
-    t5 = randomize_(T5EncoderModel(T5Config(
-        vocab_size=32128, d_model=config.context_in_dim, d_kv=8, d_ff=64, num_layers=1,
-        num_heads=config.context_in_dim // 8, feed_forward_proj="gated-gelu", dropout_rate=0.0)), 3).eval()
-    clip = randomize_(CLIPTextModel(CLIPTextConfig(
-        vocab_size=49408, hidden_size=config.vec_in_dim, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=1, max_position_embeddings=77)), 4).eval()
-    save_file({k: v.detach().clone().contiguous() for k, v in t5.state_dict().items()},
-              str(folder / "t5xxl_fp16.safetensors"))
-    save_file({f"text_model.{k}": v.detach().clone().contiguous() for k, v in clip.state_dict().items()},
-              str(folder / "clip_l.safetensors"))
-
-
-def _request(url: str, payload: dict | None = None) -> dict:
-    data = json.dumps(payload).encode() if payload is not None else None
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return json.loads(error.read() or b"{}") | {"http_status": error.code}
-
-
-@pytest.fixture(scope="module")
-def comfyui(tmp_path_factory):
-    if not (COMFYUI / "main.py").exists():
-        pytest.skip(f"needs ComfyUI's source at {COMFYUI} (set COMFYUI_PATH)")
-    if not PYTHON.exists():
-        pytest.skip(f"needs ComfyUI's own environment at {PYTHON}: python3 -m venv {COMFYUI}/.venv, then pip install "
-                    "torch torchvision, ComfyUI's requirements.txt and this pack's requirements.txt into it")
-    base = tmp_path_factory.mktemp("comfyui")
-    (base / "custom_nodes").mkdir()
-    (base / "custom_nodes" / "comfyui-kontext").symlink_to(REPO, target_is_directory=True)
-    models = base / "models"
-    for folder in ("diffusion_models", "vae", "text_encoders", "loras"):
-        (models / folder).mkdir(parents=True)
-    config = TransformerConfig.tiny()
-    save_transformer(randomize_(KontextTransformer(config), 1),
-                     models / "diffusion_models" / "flux1-kontext-dev.safetensors")
-    save_autoencoder(randomize_(Autoencoder(AutoencoderConfig.tiny()), 2), models / "vae" / "ae.safetensors")
-    # A full-size (random) FLUX AE, the only kind ComfyUI's own Load VAE reads.
-    full_ae = randomize_(Autoencoder(AutoencoderConfig()), 5).to(torch.bfloat16)
-    save_autoencoder(full_ae, models / "vae" / "flux_ae_full.safetensors")
-    del full_ae
-    _tiny_text_encoder_files(models / "text_encoders", config)
-    (base / "input").mkdir()
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)).save(base / "input" / "example.png")
-
-    port = _free_port()
-    log = open(base / "comfyui.log", "w")
-    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"}  # the log is read as it grows
-    process = subprocess.Popen(
-        [str(PYTHON), str(COMFYUI / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-         "--base-directory", str(base), "--disable-auto-launch", "--database-url", "sqlite:///:memory:",
-         "--preview-method", "latent2rgb"],
-        cwd=base, stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + STARTUP_SECONDS
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"ComfyUI exited at start:\n{(base / 'comfyui.log').read_text()[-3000:]}")
-            try:
-                _request(f"{url}/system_stats")
-                break
-            except (urllib.error.URLError, ConnectionError, OSError):
-                if time.time() > deadline:
-                    pytest.fail(f"ComfyUI did not answer in {STARTUP_SECONDS} s")
-                time.sleep(1)
-        yield {"url": url, "base": base, "object_info": _request(f"{url}/object_info"),
-               "log": base / "comfyui.log"}
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
-
-
 def _queue(comfyui, prompt: dict) -> dict:
     """Queue an API-format prompt and wait for its history entry (or the validation error)."""
-    answer = _request(f"{comfyui['url']}/prompt", {"prompt": prompt, "client_id": "kontext-tests"})
+    answer = request_json(f"{comfyui['url']}/prompt", {"prompt": prompt, "client_id": "kontext-tests"})
     if "prompt_id" not in answer:
         return {"validation": answer}
     prompt_id = answer["prompt_id"]
     deadline = time.time() + RUN_SECONDS
     while time.time() < deadline:
-        history = _request(f"{comfyui['url']}/history/{prompt_id}")
+        history = request_json(f"{comfyui['url']}/history/{prompt_id}")
         if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
             return history[prompt_id]
         time.sleep(0.5)
@@ -356,7 +259,7 @@ print("memory integration ok")
 
 
 def test_frontend_extension_is_served(comfyui):
-    listed = _request(f"{comfyui['url']}/extensions")
+    listed = request_json(f"{comfyui['url']}/extensions")
     path = next((p for p in listed if p.endswith("/kontext_turns.js")), None)
     assert path is not None, listed
     with urllib.request.urlopen(f"{comfyui['url']}{path}", timeout=30) as response:
@@ -469,10 +372,10 @@ def test_interrupt_stops_sampling_mid_run(comfyui):
     edit = next(k for k, v in prompt.items() if v["class_type"] == "KontextEdit")
     prompt[edit]["inputs"]["steps"] = 5000  # far longer than the test waits
     prompt[edit]["inputs"]["seed"] = 12345  # not cached from an earlier run
-    answer = _request(f"{comfyui['url']}/prompt", {"prompt": prompt, "client_id": "kontext-tests"})
+    answer = request_json(f"{comfyui['url']}/prompt", {"prompt": prompt, "client_id": "kontext-tests"})
     prompt_id = answer["prompt_id"]
     deadline = time.time() + RUN_SECONDS
-    while not _request(f"{comfyui['url']}/queue")["queue_running"]:
+    while not request_json(f"{comfyui['url']}/queue")["queue_running"]:
         assert time.time() < deadline, "the prompt never started"
         time.sleep(0.2)
     time.sleep(2.0)  # well inside the sampling loop
@@ -481,7 +384,7 @@ def test_interrupt_stops_sampling_mid_run(comfyui):
                                        headers={"Content-Type": "application/json"})
     urllib.request.urlopen(interrupt, timeout=30).close()  # answers with an empty body
     while True:
-        history = _request(f"{comfyui['url']}/history/{prompt_id}")
+        history = request_json(f"{comfyui['url']}/history/{prompt_id}")
         if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
             break
         assert time.time() - started < 30, "sampling did not stop after the interrupt"

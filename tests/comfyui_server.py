@@ -1,0 +1,123 @@
+"""A real ComfyUI 0.8 for live tests, started once per session on loopback with `--cpu`, with this pack
+linked into its custom_nodes and tiny random models saved under the real file names.
+
+Needs ComfyUI's source at ~/ComfyUI (or $COMFYUI_PATH) with its own environment in .venv (ComfyUI's
+requirements.txt and this pack's requirements.txt); the fixture skips, saying why, without them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from kontext_core import Autoencoder, AutoencoderConfig, KontextTransformer, TransformerConfig
+from kontext_core import save_autoencoder, save_transformer
+from node_pack import COMFYUI, REPO
+
+PYTHON = COMFYUI / ".venv" / "bin" / "python"
+STARTUP_SECONDS = 240
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_text_encoder_files(folder: Path, config: TransformerConfig) -> None:
+    """t5xxl_fp16 / clip_l stand-ins: the real tokenizers' vocabularies, tiny widths (the tiny model's)."""
+    from conftest import randomize_
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    t5 = randomize_(T5EncoderModel(T5Config(
+        vocab_size=32128, d_model=config.context_in_dim, d_kv=8, d_ff=64, num_layers=1,
+        num_heads=config.context_in_dim // 8, feed_forward_proj="gated-gelu", dropout_rate=0.0)), 3).eval()
+    clip = randomize_(CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=config.vec_in_dim, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=1, max_position_embeddings=77)), 4).eval()
+    save_file({k: v.detach().clone().contiguous() for k, v in t5.state_dict().items()},
+              str(folder / "t5xxl_fp16.safetensors"))
+    save_file({f"text_model.{k}": v.detach().clone().contiguous() for k, v in clip.state_dict().items()},
+              str(folder / "clip_l.safetensors"))
+
+
+def request_json(url: str, payload: dict | None = None) -> dict:
+    data = json.dumps(payload).encode() if payload is not None else None
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return json.loads(error.read() or b"{}") | {"http_status": error.code}
+
+
+@pytest.fixture(scope="session")
+def comfyui(tmp_path_factory):
+    if not (COMFYUI / "main.py").exists():
+        pytest.skip(f"needs ComfyUI's source at {COMFYUI} (set COMFYUI_PATH)")
+    if not PYTHON.exists():
+        pytest.skip(f"needs ComfyUI's own environment at {PYTHON}: python3 -m venv {COMFYUI}/.venv, then pip install "
+                    "torch torchvision, ComfyUI's requirements.txt and this pack's requirements.txt into it")
+    from conftest import randomize_
+
+    base = tmp_path_factory.mktemp("comfyui")
+    (base / "custom_nodes").mkdir()
+    (base / "custom_nodes" / "comfyui-kontext").symlink_to(REPO, target_is_directory=True)
+    models = base / "models"
+    for folder in ("diffusion_models", "vae", "text_encoders", "loras"):
+        (models / folder).mkdir(parents=True)
+    config = TransformerConfig.tiny()
+    save_transformer(randomize_(KontextTransformer(config), 1),
+                     models / "diffusion_models" / "flux1-kontext-dev.safetensors")
+    save_autoencoder(randomize_(Autoencoder(AutoencoderConfig.tiny()), 2), models / "vae" / "ae.safetensors")
+    # A full-size (random) FLUX AE, the only kind ComfyUI's own Load VAE reads.
+    full_ae = randomize_(Autoencoder(AutoencoderConfig()), 5).to(torch.bfloat16)
+    save_autoencoder(full_ae, models / "vae" / "flux_ae_full.safetensors")
+    del full_ae
+    tiny_text_encoder_files(models / "text_encoders", config)
+    (base / "input").mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)).save(base / "input" / "example.png")
+
+    port = free_port()
+    log = open(base / "comfyui.log", "w")
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"}  # the log is read as it grows
+    process = subprocess.Popen(
+        [str(PYTHON), str(COMFYUI / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+         "--base-directory", str(base), "--disable-auto-launch", "--database-url", "sqlite:///:memory:",
+         "--preview-method", "latent2rgb"],
+        cwd=base, stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + STARTUP_SECONDS
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"ComfyUI exited at start:\n{(base / 'comfyui.log').read_text()[-3000:]}")
+            try:
+                request_json(f"{url}/system_stats")
+                break
+            except (urllib.error.URLError, ConnectionError, OSError):
+                if time.time() > deadline:
+                    pytest.fail(f"ComfyUI did not answer in {STARTUP_SECONDS} s")
+                time.sleep(1)
+        yield {"url": url, "base": base, "object_info": request_json(f"{url}/object_info"),
+               "log": base / "comfyui.log"}
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
