@@ -208,3 +208,40 @@ def test_same_image_name_in_two_rows_gets_distinct_outputs(photos, tmp_path):
     make_runner(server, load_jobs([table]), tmp_path / "out").run()
     names = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
     assert len(names) == 2 and all(n.startswith("img0-") for n in names)
+
+
+class RecordingProgress:
+    def __init__(self):
+        self.calls = []
+
+    def start(self, total, already):
+        self.calls.append(("start", total, already))
+
+    def turn_started(self, label):
+        self.calls.append(("turn", label))
+
+    def step(self, value, maximum):
+        self.calls.append(("step", value, maximum))
+
+    def message(self, text):
+        self.calls.append(("message", text))
+
+    def turn_finished(self, text, turns):
+        self.calls.append(("finished", turns))
+
+    def close(self):
+        self.calls.append(("close",))
+
+
+def test_progress_gets_the_overall_count_and_each_turns_steps(photos, tmp_path):
+    out = tmp_path / "out"
+    jobs = load_jobs([photos / "img0.png", photos / "img1.png"], prompts=["a", "b"])
+    Manifest(out / "manifest.jsonl").append("done", key=jobs[0].key, turn=0, outputs=["img0_turn1.png"])
+    (out / "img0_turn1.png").write_bytes(b"turn 1 of an earlier run")
+    progress = RecordingProgress()
+    make_runner(FakeComfy(object_info_for("kontext_edit")), jobs, out, progress=progress).run()
+    assert progress.calls[0] == ("start", 4, 1)  # 4 turns, 1 done by an earlier run
+    assert [c[1] for c in progress.calls if c[0] == "turn"] == ["img0 turn 2/2", "img1 turn 1/2", "img1 turn 2/2"]
+    steps = [c[1:] for c in progress.calls if c[0] == "step"]
+    assert steps == [(1, 3), (2, 3), (3, 3)] * 3
+    assert sum(c[1] for c in progress.calls if c[0] == "finished") == 3 and progress.calls[-1] == ("close",)
