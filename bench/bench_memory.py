@@ -205,13 +205,24 @@ def bench_autoencoder(args, record) -> None:
                 seconds = step_time(lambda: fn(source), 1, 3)
             rows[kind] = (out.float(), seconds, (torch.cuda.max_memory_allocated() - base) / GIB)
         error = rel_error(rows["tiled"][0], rows["full"][0])
+        # The same in fp32: what tiling itself changes, apart from bf16's rounding (which a random,
+        # untrained network can amplify), and bf16's own distance from fp32 as the yardstick.
+        ae.float()
+        with torch.no_grad():
+            full32 = full(source.float()).float()  # `full` and `tiled` are bound to `ae`, now in fp32
+            tiled32 = tiled(source.float()).float()
+        ae.to(torch.bfloat16)
         row = {"ae": label, "full_ms": rows["full"][1] * 1e3, "tiled_ms": rows["tiled"][1] * 1e3,
                "full_peak_gib": rows["full"][2], "tiled_peak_gib": rows["tiled"][2],
-               "estimated_full_gib": estimate / GIB, "tiled_rel_err": error}
+               "estimated_full_gib": estimate / GIB, "tiled_rel_err": error,
+               "bf16_vs_fp32_rel_err": rel_error(rows["full"][0], full32),
+               "tiled_fp32_rel_err": rel_error(tiled32, full32)}
         record["autoencoder"].append(row)
         print(f"AE {label} 1024x1024 bf16: full {row['full_ms']:.0f} ms peak {row['full_peak_gib']:.2f} GiB "
               f"(estimated {row['estimated_full_gib']:.2f}); tiled 64/16 {row['tiled_ms']:.0f} ms peak "
-              f"{row['tiled_peak_gib']:.2f} GiB; tiled vs full {error:.2e} (random weights)", flush=True)
+              f"{row['tiled_peak_gib']:.2f} GiB; tiled vs full {error:.2e}; bf16 full vs fp32 full "
+              f"{row['bf16_vs_fp32_rel_err']:.2e}; in fp32, tiled vs full {row['tiled_fp32_rel_err']:.2e} "
+              "(random weights)", flush=True)
 
 
 def main() -> None:
@@ -221,6 +232,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--prefetch", type=int, default=2)
     parser.add_argument("--ae", action="store_true", help="also time untiled vs tiled AE decode/encode")
+    parser.add_argument("--ae-only", action="store_true", help="only the AE rows (no transformer plans)")
     parser.add_argument("--out", default=None, help="folder for memory.json")
     args = parser.parse_args()
 
@@ -229,8 +241,9 @@ def main() -> None:
     bandwidth = h2d_bandwidth()
     record = {"gpu": gpu, "torch": torch.__version__, "h2d_pinned_gbps": bandwidth, "results": [], "autoencoder": []}
     print(f"{gpu}, torch {torch.__version__}: pinned host-to-device {bandwidth:.1f} GB/s", flush=True)
-    bench_transformer(args, record)
-    if args.ae:
+    if not args.ae_only:
+        bench_transformer(args, record)
+    if args.ae or args.ae_only:
         bench_autoencoder(args, record)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
