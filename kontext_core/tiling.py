@@ -7,11 +7,9 @@ weights are divided by their sum, so they add up to exactly 1 everywhere.
 Only the full-resolution part is tiled. The mid block (whose attention is global) runs once on the whole
 latent-resolution feature map: decoding runs conv_in and the mid block untiled and tiles the upsampling
 path; encoding tiles the downsampling path, blends its latent-resolution features and runs the mid block
-and the output layers untiled. GroupNorm statistics are made global too: a first pass over the tiles
-sums every norm's input per group (over the part of the tile it owns), a second pass normalises every tile
-with those sums. What remains
-different from the untiled pass is the zero padding at tile edges, which the feathering fades out
-(tests/test_tiling.py states the tolerance).
+and the output layers untiled. GroupNorm statistics are made whole-image too, gathered norm by norm over
+the tiles (see _GlobalGroupNorm). What remains different from the untiled pass is the zero padding at
+tile edges, which the feathering fades out (tests/test_tiling.py states the tolerance).
 
 `encode` / `decode` pick: the full-size pass when its estimated memory fits (after asking reclaimable
 caches, such as offloaded transformer blocks, to make room), tiles otherwise, or as asked.
@@ -104,17 +102,28 @@ def blend_tiles(run: Callable[[torch.Tensor], torch.Tensor], source: torch.Tenso
 # --- global GroupNorm statistics -----------------------------------------------------------------
 
 
-class _GlobalGroupNorm:
-    """Swaps a network's GroupNorm forwards: plain, summing their inputs per group, or normalising with those sums.
+class _StopPass(Exception):
+    """Ends a tile's forward at the norm whose statistics are being gathered: nothing after it is needed."""
 
-    While summing, only the part of each tile that it owns is counted (`region`: the tile cut at the middle of
-    its overlaps, as fractions of the tile), so overlaps count once and zero-padded tile edges stay out.
+
+class _GlobalGroupNorm:
+    """Swaps a network's GroupNorm forwards for ones that use whole-image statistics.
+
+    A norm's input depends on the norms before it, so whole-image statistics are exact only when they are
+    gathered norm by norm: `gather(norm)` makes the next pass over the tiles normalise the earlier norms
+    with their (already exact) statistics, sum the input of `norm` over the part of each tile that the
+    tile owns (`region`: the tile cut at the middle of its overlaps, as fractions of the tile, so overlaps
+    count once and zero-padded tile edges stay out), and stop there. After every norm is gathered, `apply()`
+    makes the forwards use the statistics. Gathering one norm per pass matters on images whose tiles differ
+    a lot (a gradient, a sky over a street): statistics gathered all in one pass, with the earlier norms
+    still tile-local, were measured 50% off at the encoder's output.
     """
 
-    def __init__(self, network: nn.Module):
-        self.norms = [m for m in network.modules() if isinstance(m, nn.GroupNorm)]
-        self.sums: dict[nn.GroupNorm, list] = {}
-        self.mode = "plain"
+    def __init__(self, norms: list[nn.GroupNorm]):
+        self.norms = norms  # in the order the tiled path runs them
+        self.stats: dict[nn.GroupNorm, tuple[torch.Tensor, torch.Tensor]] = {}  # (mean, inv_std) [B, groups]
+        self.target: nn.GroupNorm | None = None
+        self.sums: list = []
         self.region = (0.0, 1.0, 0.0, 1.0)  # (top, bottom, left, right)
 
     @contextmanager
@@ -127,25 +136,32 @@ class _GlobalGroupNorm:
             for norm in self.norms:
                 del norm.forward
 
+    def gather(self, norm: nn.GroupNorm) -> None:
+        self.target, self.sums = norm, [0.0, 0.0, 0]
+
+    def finish(self) -> None:
+        total, squares, count = self.sums
+        mean = total / count
+        self.stats[self.target] = (mean, torch.rsqrt((squares / count - mean.square()).clamp(min=0) + self.target.eps))
+        self.target = None
+
     def _collect(self, norm: nn.GroupNorm, x: torch.Tensor) -> None:
         top, bottom, left, right = self.region
         height, width = x.shape[-2:]
         owned = x.detach()[..., round(top * height):round(bottom * height), round(left * width):round(right * width)]
         groups = owned.reshape(x.shape[0], norm.num_groups, -1).double()
-        sums = self.sums.setdefault(norm, [0.0, 0.0, 0])
-        sums[0] = sums[0] + groups.sum(-1)
-        sums[1] = sums[1] + groups.square().sum(-1)
-        sums[2] += groups.shape[-1]
+        self.sums[0] = self.sums[0] + groups.sum(-1)
+        self.sums[1] = self.sums[1] + groups.square().sum(-1)
+        self.sums[2] += groups.shape[-1]
 
     def _forward_for(self, norm: nn.GroupNorm):
         def forward(x: torch.Tensor) -> torch.Tensor:
-            if self.mode == "collect":
+            if norm is self.target:
                 self._collect(norm, x)
-            if self.mode != "apply":
+                raise _StopPass
+            if norm not in self.stats:
                 return F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
-            total, squares, count = self.sums[norm]
-            mean = total / count
-            inv_std = torch.rsqrt((squares / count - mean.square()).clamp(min=0) + norm.eps)
+            mean, inv_std = self.stats[norm]
             groups = x.reshape(x.shape[0], norm.num_groups, -1).float()
             normed = ((groups - mean[..., None].float()) * inv_std[..., None].float()).reshape(x.shape)
             if norm.affine:
@@ -161,22 +177,45 @@ def _owned(starts: list[int], length: int, size: int) -> list[tuple[float, float
     return [((cuts[i] - start) / length, (cuts[i + 1] - start) / length) for i, start in enumerate(starts)]
 
 
-def _two_pass(network: nn.Module, run: Callable[[torch.Tensor], torch.Tensor], source: torch.Tensor, tile: int,
-              overlap: int, scale_in: int, scale_out: int) -> torch.Tensor:
-    """blend_tiles twice: the first pass sums the GroupNorm inputs, the second normalises with those sums."""
+def _gather_statistics(norms: _GlobalGroupNorm, run: Callable[[torch.Tensor], torch.Tensor],
+                       pieces: list[tuple[torch.Tensor, tuple[float, float, float, float]]]) -> None:
+    """One pass over the tiles per norm, each stopping at that norm (see _GlobalGroupNorm)."""
+    for norm in norms.norms:
+        norms.gather(norm)
+        for piece, region in pieces:
+            norms.region = region
+            try:
+                run(piece)
+            except _StopPass:
+                pass
+        norms.finish()
+
+
+def _tiles(source: torch.Tensor, tile: int, overlap: int, scale_in: int):
+    """(piece, owned region) for each tile of `source` (`scale_in` pixels per latent pixel), row by row."""
+    latent_h, latent_w = source.shape[-2] // scale_in, source.shape[-1] // scale_in
+    tile_h, tile_w = min(tile, latent_h), min(tile, latent_w)
+    rows, cols = tile_starts(latent_h, tile, overlap), tile_starts(latent_w, tile, overlap)
+    return [(source[..., row * scale_in:(row + tile_h) * scale_in, col * scale_in:(col + tile_w) * scale_in],
+             (top, bottom, left, right))
+            for row, (top, bottom) in zip(rows, _owned(rows, tile_h, latent_h))
+            for col, (left, right) in zip(cols, _owned(cols, tile_w, latent_w))]
+
+
+def _group_norms(*modules: nn.Module) -> list[nn.GroupNorm]:
+    """The GroupNorms of `modules`, in the modules' order (within a level, registration order is run order)."""
+    return [m for module in modules for m in module.modules() if isinstance(m, nn.GroupNorm)]
+
+
+def _with_global_norms(norm_list: list[nn.GroupNorm], run: Callable[[torch.Tensor], torch.Tensor], source: torch.Tensor,
+                       tile: int, overlap: int, scale_in: int, scale_out: int) -> torch.Tensor:
+    """blend_tiles with the GroupNorms of `norm_list` (in run order) normalising by whole-image statistics."""
     latent_h, latent_w = source.shape[-2] // scale_in, source.shape[-1] // scale_in
     if latent_h <= tile and latent_w <= tile:
         return run(source)  # one tile: the plain pass is the untiled pass
-    tile_h, tile_w = min(tile, latent_h), min(tile, latent_w)
-    rows, cols = tile_starts(latent_h, tile, overlap), tile_starts(latent_w, tile, overlap)
-    norms = _GlobalGroupNorm(network)
+    norms = _GlobalGroupNorm(norm_list)
     with norms.installed():
-        norms.mode = "collect"
-        for row, (top, bottom) in zip(rows, _owned(rows, tile_h, latent_h)):
-            for col, (left, right) in zip(cols, _owned(cols, tile_w, latent_w)):
-                norms.region = (top, bottom, left, right)
-                run(source[..., row * scale_in:(row + tile_h) * scale_in, col * scale_in:(col + tile_w) * scale_in])
-        norms.mode = "apply"
+        _gather_statistics(norms, run, _tiles(source, tile, overlap, scale_in))
         return blend_tiles(run, source, tile, overlap, scale_in, scale_out)
 
 
@@ -218,22 +257,52 @@ def decode_tiled(ae: Autoencoder, latent: torch.Tensor, tile: int = DEFAULT_TILE
     decoder = ae.decoder
     z = latent.to(ae.dtype) / ae.config.scale_factor + ae.config.shift_factor
     h = decoder.mid(decoder.conv_in(z))  # [B, C, h, w]: small, and the attention sees the whole image
-    return _two_pass(decoder, lambda piece: _decoder_up(decoder, piece), h, tile, overlap,
-                     1, ae.config.downsample_factor)
+    norm_list = _group_norms(*reversed(decoder.up), decoder.norm_out)  # the up path runs the deepest level first
+    return _with_global_norms(norm_list, lambda piece: _decoder_up(decoder, piece), h, tile, overlap,
+                              1, ae.config.downsample_factor)
+
+
+def _encoder_stages(encoder: Encoder) -> list[tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]]:
+    """The downsampling path as (level, stage) pairs; each stage ends at its level's downsampling."""
+
+    def stage_for(index: int, down: nn.Module):
+        def stage(h: torch.Tensor) -> torch.Tensor:
+            if index == 0:
+                h = encoder.conv_in(h)
+            for block in down.block:
+                h = block(h)
+            return down.downsample(h) if hasattr(down, "downsample") else h
+
+        return stage
+
+    return [(down, stage_for(index, down)) for index, down in enumerate(encoder.down)]
 
 
 def encode_tiled(ae: Autoencoder, image: torch.Tensor, tile: int = DEFAULT_TILE,
                  overlap: int = DEFAULT_OVERLAP) -> torch.Tensor:
     """Image [B, 3, H, W] in [-1, 1] -> scaled latent; the downsampling path runs tile by tile.
 
-    H and W must be multiples of the AE's downsampling; tile and overlap are in latent pixels.
+    H and W must be multiples of the AE's downsampling; tile and overlap are in latent pixels. The path runs
+    level by level, keeping every tile's output of a level (downsampled, so small beside the full-resolution
+    activations tiling avoids): a level's statistics passes then start from those instead of from the image.
     """
     factor = ae.config.downsample_factor
     if image.shape[-2] % factor or image.shape[-1] % factor:
         raise ValueError(f"tiled encoding needs image sides that are multiples of {factor}, got {list(image.shape[-2:])}")
     encoder = ae.encoder
-    features = _two_pass(encoder.down, lambda piece: _encoder_down(encoder, piece), image.to(ae.dtype), tile,
-                         overlap, factor, 1)  # [B, C, h, w], blended at the latent resolution
+    image = image.to(ae.dtype)
+    if image.shape[-2] // factor <= tile and image.shape[-1] // factor <= tile:
+        features = _encoder_down(encoder, image)  # one tile: the plain pass is the untiled pass
+    else:
+        pieces = _tiles(image, tile, overlap, factor)
+        for level, stage in _encoder_stages(encoder):
+            norms = _GlobalGroupNorm(_group_norms(level))
+            with norms.installed():
+                _gather_statistics(norms, stage, pieces)
+                pieces = [(stage(piece), region) for piece, region in pieces]
+        # blend_tiles visits tiles in _tiles' order (row by row), so it can take the finished pieces in turn.
+        finished = iter([piece for piece, _ in pieces])
+        features = blend_tiles(lambda _: next(finished), image, tile, overlap, factor, 1)  # [B, C, h, w]
     moments = _encoder_out(encoder, features)
     mean = moments[:, : ae.config.z_channels]
     return ae.config.scale_factor * (mean - ae.config.shift_factor)
