@@ -146,8 +146,7 @@ class BatchRunner:
                     POLL_WITH_EVENTS_S if self.client.has_events else POLL_WITHOUT_EVENTS_S)
                 if time.monotonic() - last_poll > interval:
                     last_poll = time.monotonic()
-                    for prompt_id in list(self.flights):
-                        self._check_history(prompt_id)
+                    self._poll()
         except KeyboardInterrupt:
             self._interrupt()
         finally:
@@ -239,13 +238,26 @@ class BatchRunner:
             flight.finishing = True
             self._check_history(flight.prompt_id)
 
-    def _check_history(self, prompt_id: str) -> None:
+    def _poll(self) -> None:
+        """Looks up every flight in ComfyUI's history; one in neither the queue nor the history was lost
+        (ComfyUI restarted, or someone cleared its queue) and is queued again."""
+        running, pending = self.client.queued_ids()  # before the history: a prompt leaves the queue and
+        waiting = set(running) | set(pending)          # enters the history at once, so none slips between
+        for prompt_id in list(self.flights):
+            if not self._check_history(prompt_id) and prompt_id not in waiting and prompt_id in self.flights:
+                flight = self.flights.pop(prompt_id)
+                self.progress.message(f"ComfyUI no longer has {self._label(flight)} (restarted, or its queue was "
+                                      "cleared); queueing it again")
+                self.ready.appendleft((flight.job, flight.turn, flight.attempt))
+
+    def _check_history(self, prompt_id: str) -> bool:
+        """Acts on the prompt's history entry; False when ComfyUI has none (yet)."""
         flight = self.flights.get(prompt_id)
         if flight is None:
-            return
+            return True
         history = self.client.history(prompt_id)
         if history is None:
-            return
+            return False
         status = history.get("status", {})
         if status.get("status_str") == "success" and status.get("completed"):
             self._collect(flight, history)
@@ -257,6 +269,7 @@ class BatchRunner:
                                       f"{data.get('exception_type', 'error')}: {str(data.get('exception_message', '')).strip()}")
             elif not self._interrupting:
                 self._failure(flight, "interrupted in ComfyUI (Cancel was pressed, or another client interrupted it)")
+        return True
 
     def _collect(self, flight: Flight, history: dict) -> None:
         del self.flights[flight.prompt_id]

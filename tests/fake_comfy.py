@@ -48,7 +48,7 @@ class FakeComfy:
         self.uploads: dict[str, bytes] = {}
         self.files: dict[str, bytes] = {}
         self.queue: deque[tuple[str, dict]] = deque()
-        self.running: str | None = None
+        self.active: list[str] = []               # executing, or finished without a history entry yet
         self.histories: dict[str, dict] = {}
         self._pending_history: list[list] = []   # [polls left, prompt id, entry]
         self._events: deque[dict] = deque()
@@ -77,23 +77,30 @@ class FakeComfy:
         prompt_id = next(self._ids)
         self.queue.append((prompt_id, graph))
         self.queued.append((prompt_id, graph))
-        self.max_in_queue = max(self.max_in_queue, len(self.queue) + (self.running is not None))
+        self.max_in_queue = max(self.max_in_queue, len(self.queue) + len(self.active))
         return prompt_id
 
     def history(self, prompt_id: str):
         if not self.has_events:  # no socket: a poll is when the fake gets to run the queue
             self._run_next()
             self._events.clear()
-            self.running = None
         for item in self._pending_history:
             item[0] -= 1
         for polls, pid, entry in [i for i in self._pending_history if i[0] < 0]:
-            self.histories[pid] = entry
+            self.histories[pid] = entry  # as in ComfyUI, leaving the queue and entering the history is one step
+            self.active.remove(pid)
         self._pending_history = [i for i in self._pending_history if i[0] >= 0]
         return self.histories.get(prompt_id)
 
     def queued_ids(self):
-        return ([self.running] if self.running else [], [pid for pid, _ in self.queue])
+        return (list(self.active), [pid for pid, _ in self.queue])
+
+    def restart(self):
+        """ComfyUI restarted: its queue and running prompts are gone, its history kept (on disk here)."""
+        self.queue.clear()
+        self.active.clear()
+        self._pending_history.clear()
+        self._events.clear()
 
     def view(self, filename: str, subfolder: str, folder_type: str) -> bytes:
         return self.files[f"{folder_type}/{subfolder}/{filename}"]
@@ -117,8 +124,6 @@ class FakeComfy:
         if not self._events:
             return None
         event = self._events.popleft()
-        if event["type"] in ("execution_success", "execution_error"):
-            self.running = None
         if self.on_event is not None:
             self.on_event(event)
         return event if self.has_events else None
@@ -128,7 +133,7 @@ class FakeComfy:
         if not self.queue:
             return
         prompt_id, graph = self.queue.popleft()
-        self.running = prompt_id
+        self.active.append(prompt_id)
         image_value = next((n["inputs"]["image"] for n in graph.values() if n["class_type"] == "LoadImage"), None)
         content = self.uploads.get(image_value, b"workflow-default-image")
         prompt = next((n["inputs"]["prompt"] for n in graph.values() if n["class_type"] == "KontextPrompt"), "")

@@ -115,7 +115,7 @@ def test_ctrl_c_interrupts_ours_records_what_finished_and_resumes(photos, tmp_pa
     summary = make_runner(server, jobs, out, max_queued=2).run()
     assert summary.interrupted and summary.done == 2 and summary.remaining == 2
     assert len(done_records(out)) == 2
-    assert server.interrupted == [server.queued[2][0]]  # the third job, running when Ctrl-C came
+    assert server.queued[2][0] in server.interrupted  # the third job, running when Ctrl-C came
     assert not server.queue and set(server.deleted) <= {pid for pid, _ in server.queued[3:]}  # none left waiting
 
     resumed = FakeComfy(object_info_for("kontext_edit"))
@@ -192,6 +192,23 @@ def test_values_are_checked_for_every_job_before_anything_is_queued(photos, tmp_
     with pytest.raises(BatchError, match="jobs.csv line 3: Kontext Edit \\(node 7\\).denoise must be between 0.0 and 1.0"):
         make_runner(server, load_jobs([table]), tmp_path / "out")
     assert server.queued == []
+
+
+def test_prompts_lost_by_a_comfyui_restart_are_queued_again(photos, tmp_path):
+    out = tmp_path / "out"
+    server = FakeComfy(object_info_for("kontext_edit"))
+    restarted = []
+
+    def restart_once(event):
+        if event["type"] == "execution_start" and len(server.queued) == 3 and not restarted:
+            restarted.append(True)
+            server.restart()  # the running prompt and the waiting one vanish; their ids never reach the history
+
+    server.on_event = restart_once
+    summary = make_runner(server, load_jobs([photos], prompts=["x"]), out, max_queued=2).run()
+    assert restarted and summary.done == 4 and summary.failed == 0
+    assert sorted(p.name for p in out.glob("*.png")) == [f"img{i}.png" for i in range(4)]
+    assert len(server.queued) > 4  # the lost ones went to the queue again
 
 
 def test_without_a_websocket_jobs_are_followed_by_polling(photos, tmp_path):
