@@ -13,6 +13,12 @@ def _group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
 
 
+# Scores held at once by the AE's attention. Its single 512-wide head is beyond the fused SDPA kernels, so
+# PyTorch runs it as plain matmuls: unchunked, a 1024x1024 image's 16384x16384 scores took ~2.3 GiB, more
+# than the rest of the AE, tiled or not (measured on an H100).
+ATTENTION_SCORE_BUDGET = 1 << 24
+
+
 class AttnBlock(nn.Module):
     """Single-head self-attention over all pixels, with 1x1-conv projections."""
 
@@ -31,7 +37,11 @@ class AttnBlock(nn.Module):
         def as_sequence(t: torch.Tensor) -> torch.Tensor:  # [B, 1, H*W, C]
             return t.reshape(batch, 1, channels, height * width).transpose(-1, -2)
 
-        out = F.scaled_dot_product_attention(as_sequence(self.q(h)), as_sequence(self.k(h)), as_sequence(self.v(h)))
+        q, k, v = as_sequence(self.q(h)), as_sequence(self.k(h)), as_sequence(self.v(h))
+        # Query rows are independent, so chunks of them give the same result in bounded memory.
+        chunk = max(1, ATTENTION_SCORE_BUDGET // k.shape[-2])
+        out = torch.cat([F.scaled_dot_product_attention(q[..., start:start + chunk, :], k, v)
+                         for start in range(0, q.shape[-2], chunk)], dim=-2)
         out = out.transpose(-1, -2).reshape(batch, channels, height, width)
         return x + self.proj_out(out)
 

@@ -1,0 +1,26 @@
+"""The AE's own mechanics beyond the golden vectors: its attention in query chunks equals the whole."""
+
+from __future__ import annotations
+
+import torch
+
+import kontext_core.autoencoder as autoencoder
+
+
+def test_attention_in_query_chunks_equals_unchunked(monkeypatch):
+    torch.manual_seed(0)
+    block = autoencoder.AttnBlock(64).eval()
+    with torch.no_grad():
+        for name, param in block.named_parameters():
+            param.copy_(torch.randn_like(param) * (0.2 if param.ndim > 1 else 0.05) + (1.0 if "norm.weight" in name else 0))
+    x = torch.randn(2, 64, 40, 48)
+    with torch.no_grad():
+        whole = block(x)  # 1920 x 1920 scores: one chunk under the default budget
+        monkeypatch.setattr(autoencoder, "ATTENTION_SCORE_BUDGET", 1920 * 100)  # 100 query rows, last chunk partial
+        chunked = block(x)
+        reference = x + block.proj_out(torch.nn.functional.scaled_dot_product_attention(
+            *(t.reshape(2, 1, 64, -1).transpose(-1, -2) for t in (block.q(block.norm(x)), block.k(block.norm(x)),
+                                                                 block.v(block.norm(x))))
+        ).transpose(-1, -2).reshape(2, 64, 40, 48))
+    assert torch.allclose(chunked, whole, rtol=0, atol=1e-6)
+    assert torch.allclose(whole, reference, rtol=0, atol=1e-6)
