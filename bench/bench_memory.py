@@ -29,8 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_step import WORKLOADS, inputs, ours_step, random_transformer  # noqa: E402
-from kontext_core import Autoencoder, TransformerConfig  # noqa: E402
+from bench_step import WORKLOADS, inputs, ours_step, random_autoencoder, random_transformer  # noqa: E402
+from kontext_core import TransformerConfig  # noqa: E402
 from kontext_core.memory import EDIT_TOKENS, GIB, PLAN_NAMES, choose_plan  # noqa: E402
 from kontext_core.offload import BlockOffloader  # noqa: E402
 from kontext_core.quant import quantize_model_fp8  # noqa: E402
@@ -168,18 +168,6 @@ def bench_transformer(args, record) -> None:
                   flush=True)
     del models
     clean()
-
-
-def random_autoencoder() -> Autoencoder:
-    with torch.device("meta"):
-        ae = Autoencoder()
-    ae = ae.to_empty(device="cuda").to(torch.bfloat16)
-    with torch.no_grad():
-        for name, p in ae.named_parameters():
-            p.normal_(0, (p[0].numel() ** -0.5) if p.ndim > 1 else 0.02)
-            if "norm" in name and name.endswith("weight"):
-                p.fill_(1.0)
-    return ae.eval()
 
 
 def bench_autoencoder(args, record) -> None:

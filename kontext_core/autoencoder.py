@@ -40,8 +40,11 @@ class AttnBlock(nn.Module):
         q, k, v = as_sequence(self.q(h)), as_sequence(self.k(h)), as_sequence(self.v(h))
         # Query rows are independent, so chunks of them give the same result in bounded memory.
         chunk = max(1, ATTENTION_SCORE_BUDGET // k.shape[-2])
-        out = torch.cat([F.scaled_dot_product_attention(q[..., start:start + chunk, :], k, v)
-                         for start in range(0, q.shape[-2], chunk)], dim=-2)
+        if chunk >= q.shape[-2]:
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            out = torch.cat([F.scaled_dot_product_attention(q[..., start:start + chunk, :], k, v)
+                             for start in range(0, q.shape[-2], chunk)], dim=-2)
         out = out.transpose(-1, -2).reshape(batch, channels, height, width)
         return x + self.proj_out(out)
 
@@ -83,12 +86,19 @@ class Upsample(nn.Module):
 
 
 class _Level(nn.Module):
-    """One resolution level: `block` (res blocks), `attn` (always empty in FLUX), optional resampler."""
+    """One resolution level: `block` (res blocks), `attn` (always empty in FLUX), optional resampler
+    (`downsample` in the encoder, `upsample` in the decoder; the names are the checkpoints' keys)."""
 
     def __init__(self, blocks: list[ResnetBlock]):
         super().__init__()
         self.block = nn.ModuleList(blocks)
         self.attn = nn.ModuleList()
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        for block in self.block:
+            h = block(h)
+        resample = getattr(self, "downsample", None) or getattr(self, "upsample", None)
+        return resample(h) if resample is not None else h
 
 
 class _Mid(nn.Module):
@@ -123,15 +133,19 @@ class Encoder(nn.Module):
         self.norm_out = _group_norm(block_in)
         self.conv_out = nn.Conv2d(block_in, 2 * config.z_channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The downsampling path: image -> latent-resolution features (what tiled encoding splits)."""
         h = self.conv_in(x)
         for down in self.down:
-            for block in down.block:
-                h = block(h)
-            if hasattr(down, "downsample"):
-                h = down.downsample(h)
-        h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+            h = down(h)
+        return h
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Mid block (global attention) and output layers: features -> moments."""
+        return self.conv_out(F.silu(self.norm_out(self.mid(h))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
 
 
 class Decoder(nn.Module):
@@ -157,14 +171,18 @@ class Decoder(nn.Module):
         self.norm_out = _group_norm(block_in)
         self.conv_out = nn.Conv2d(block_in, config.out_ch, 3, padding=1)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.mid(self.conv_in(z))
+    def body(self, z: torch.Tensor) -> torch.Tensor:
+        """conv_in and the mid block (global attention), at the latent resolution."""
+        return self.mid(self.conv_in(z))
+
+    def upsampling(self, h: torch.Tensor) -> torch.Tensor:
+        """The upsampling path and output layers (what tiled decoding splits)."""
         for up in reversed(self.up):
-            for block in up.block:
-                h = block(h)
-            if hasattr(up, "upsample"):
-                h = up.upsample(h)
+            h = up(h)
         return self.conv_out(F.silu(self.norm_out(h)))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.upsampling(self.body(z))
 
 
 class Autoencoder(nn.Module):
@@ -184,14 +202,20 @@ class Autoencoder(nn.Module):
 
     def encode(self, image: torch.Tensor) -> torch.Tensor:
         """Image [B, 3, H, W] in [-1, 1] -> scaled latent [B, 16, H/8, W/8] (posterior mean)."""
-        moments = self.encoder(image.to(self.dtype))
-        mean = moments[:, : self.config.z_channels]
-        return self.config.scale_factor * (mean - self.config.shift_factor)
+        return self.latent_from_moments(self.encoder(image.to(self.dtype)))
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """Scaled latent -> image in about [-1, 1]."""
-        z = latent.to(self.dtype) / self.config.scale_factor + self.config.shift_factor
-        return self.decoder(z)
+        return self.decoder(self.unscale(latent))
+
+    def latent_from_moments(self, moments: torch.Tensor) -> torch.Tensor:
+        """The encoder's moments -> scaled latent (the posterior mean)."""
+        mean = moments[:, : self.config.z_channels]
+        return self.config.scale_factor * (mean - self.config.shift_factor)
+
+    def unscale(self, latent: torch.Tensor) -> torch.Tensor:
+        """Scaled latent -> what the decoder takes."""
+        return latent.to(self.dtype) / self.config.scale_factor + self.config.shift_factor
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(image))

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .autoencoder import Autoencoder, Decoder, Encoder
+from .autoencoder import Autoencoder
 from .memory import ae_decode_bytes, ae_encode_bytes, make_room
 
 TILING_MODES = ("auto", "always", "never")
@@ -219,35 +219,6 @@ def _with_global_norms(norm_list: list[nn.GroupNorm], run: Callable[[torch.Tenso
         return blend_tiles(run, source, tile, overlap, scale_in, scale_out)
 
 
-# --- the AE's halves, split at the mid block -------------------------------------------------------
-# These mirror Encoder.forward and Decoder.forward; with a single tile the tiled functions reduce to them
-# exactly (tests/test_tiling.py checks it).
-
-
-def _encoder_down(encoder: Encoder, image: torch.Tensor) -> torch.Tensor:
-    h = encoder.conv_in(image)
-    for down in encoder.down:
-        for block in down.block:
-            h = block(h)
-        if hasattr(down, "downsample"):
-            h = down.downsample(h)
-    return h
-
-
-def _encoder_out(encoder: Encoder, h: torch.Tensor) -> torch.Tensor:
-    h = encoder.mid(h)
-    return encoder.conv_out(F.silu(encoder.norm_out(h)))
-
-
-def _decoder_up(decoder: Decoder, h: torch.Tensor) -> torch.Tensor:
-    for up in reversed(decoder.up):
-        for block in up.block:
-            h = block(h)
-        if hasattr(up, "upsample"):
-            h = up.upsample(h)
-    return decoder.conv_out(F.silu(decoder.norm_out(h)))
-
-
 def decode_tiled(ae: Autoencoder, latent: torch.Tensor, tile: int = DEFAULT_TILE,
                  overlap: int = DEFAULT_OVERLAP) -> torch.Tensor:
     """Scaled latent [B, 16, h, w] -> image [B, 3, 8h, 8w]; the upsampling path runs tile by tile.
@@ -255,27 +226,9 @@ def decode_tiled(ae: Autoencoder, latent: torch.Tensor, tile: int = DEFAULT_TILE
     tile and overlap are in latent pixels.
     """
     decoder = ae.decoder
-    z = latent.to(ae.dtype) / ae.config.scale_factor + ae.config.shift_factor
-    h = decoder.mid(decoder.conv_in(z))  # [B, C, h, w]: small, and the attention sees the whole image
+    h = decoder.body(ae.unscale(latent))  # [B, C, h, w]: small, and the attention sees the whole image
     norm_list = _group_norms(*reversed(decoder.up), decoder.norm_out)  # the up path runs the deepest level first
-    return _with_global_norms(norm_list, lambda piece: _decoder_up(decoder, piece), h, tile, overlap,
-                              1, ae.config.downsample_factor)
-
-
-def _encoder_stages(encoder: Encoder) -> list[tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]]:
-    """The downsampling path as (level, stage) pairs; each stage ends at its level's downsampling."""
-
-    def stage_for(index: int, down: nn.Module):
-        def stage(h: torch.Tensor) -> torch.Tensor:
-            if index == 0:
-                h = encoder.conv_in(h)
-            for block in down.block:
-                h = block(h)
-            return down.downsample(h) if hasattr(down, "downsample") else h
-
-        return stage
-
-    return [(down, stage_for(index, down)) for index, down in enumerate(encoder.down)]
+    return _with_global_norms(norm_list, decoder.upsampling, h, tile, overlap, 1, ae.config.downsample_factor)
 
 
 def encode_tiled(ae: Autoencoder, image: torch.Tensor, tile: int = DEFAULT_TILE,
@@ -292,10 +245,11 @@ def encode_tiled(ae: Autoencoder, image: torch.Tensor, tile: int = DEFAULT_TILE,
     encoder = ae.encoder
     image = image.to(ae.dtype)
     if image.shape[-2] // factor <= tile and image.shape[-1] // factor <= tile:
-        features = _encoder_down(encoder, image)  # one tile: the plain pass is the untiled pass
+        features = encoder.features(image)  # one tile: the plain pass is the untiled pass
     else:
         pieces = _tiles(image, tile, overlap, factor)
-        for level, stage in _encoder_stages(encoder):
+        for index, level in enumerate(encoder.down):
+            stage = level if index else lambda h, level=level: level(encoder.conv_in(h))
             norms = _GlobalGroupNorm(_group_norms(level))
             with norms.installed():
                 _gather_statistics(norms, stage, pieces)
@@ -303,9 +257,7 @@ def encode_tiled(ae: Autoencoder, image: torch.Tensor, tile: int = DEFAULT_TILE,
         # blend_tiles visits tiles in _tiles' order (row by row), so it can take the finished pieces in turn.
         finished = iter([piece for piece, _ in pieces])
         features = blend_tiles(lambda _: next(finished), image, tile, overlap, factor, 1)  # [B, C, h, w]
-    moments = _encoder_out(encoder, features)
-    mean = moments[:, : ae.config.z_channels]
-    return ae.config.scale_factor * (mean - ae.config.shift_factor)
+    return ae.latent_from_moments(encoder.head(features))
 
 
 # --- choosing ------------------------------------------------------------------------------------
@@ -324,37 +276,33 @@ def _element_bytes(ae: Autoencoder) -> int:
 def decode(ae: Autoencoder, latent: torch.Tensor, tiling: str = "auto", tile: int | None = None,
            overlap: int = DEFAULT_OVERLAP) -> torch.Tensor:
     """ae.decode, tiled when asked ("always") or when the full decode would not fit ("auto")."""
-    _check_mode(tiling)
-    factor, batch = ae.config.downsample_factor, latent.shape[0]
-
-    def need(h: int, w: int) -> int:
-        return ae_decode_bytes(ae.config, h * factor, w * factor, _element_bytes(ae), batch)
-
-    height, width = latent.shape[-2:]
-    if tiling == "never" or (tiling == "auto" and fits(need(height, width), ae.device)):
-        return ae.decode(latent)
-    if tile is None:
-        tile = _fitting_tile(need, ae.device, max(height, width))
-        overlap = min(overlap, tile // 4)
-    return decode_tiled(ae, latent, tile, overlap)
+    return _full_or_tiled(ae, latent, tuple(latent.shape[-2:]), ae_decode_bytes, ae.decode, decode_tiled,
+                          tiling, tile, overlap)
 
 
 def encode(ae: Autoencoder, image: torch.Tensor, tiling: str = "auto", tile: int | None = None,
            overlap: int = DEFAULT_OVERLAP) -> torch.Tensor:
     """ae.encode, tiled when asked ("always") or when the full encode would not fit ("auto")."""
+    factor = ae.config.downsample_factor
+    return _full_or_tiled(ae, image, (image.shape[-2] // factor, image.shape[-1] // factor), ae_encode_bytes,
+                          ae.encode, encode_tiled, tiling, tile, overlap)
+
+
+def _full_or_tiled(ae: Autoencoder, source: torch.Tensor, latent_size: tuple[int, int], bytes_for: Callable,
+                   full: Callable, tiled: Callable, tiling: str, tile: int | None, overlap: int) -> torch.Tensor:
     _check_mode(tiling)
-    factor, batch = ae.config.downsample_factor, image.shape[0]
+    factor, batch = ae.config.downsample_factor, source.shape[0]
 
     def need(h: int, w: int) -> int:
-        return ae_encode_bytes(ae.config, h * factor, w * factor, _element_bytes(ae), batch)
+        return bytes_for(ae.config, h * factor, w * factor, _element_bytes(ae), batch)
 
-    height, width = image.shape[-2] // factor, image.shape[-1] // factor
+    height, width = latent_size
     if tiling == "never" or (tiling == "auto" and fits(need(height, width), ae.device)):
-        return ae.encode(image)
+        return full(source)
     if tile is None:
         tile = _fitting_tile(need, ae.device, max(height, width))
         overlap = min(overlap, tile // 4)
-    return encode_tiled(ae, image, tile, overlap)
+    return tiled(ae, source, tile, overlap)
 
 
 def _fitting_tile(need: Callable[[int, int], int], device: torch.device, longest: int) -> int:
