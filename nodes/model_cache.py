@@ -179,38 +179,37 @@ def _managed(device: torch.device, kind: str, name: str) -> Callable[[Any], Any]
     return lambda model: comfy_adapter.manage(_parts(model), device, kind, name)
 
 
-def transformer(ref: TransformerRef, cache: ModelCache | None = None):
-    device = torch.device(ref.device)
+def _get(cache: ModelCache | None, key, device: torch.device, kind: str, name: str, paths: list,
+         load_at: Callable[[torch.device], Any]):
+    """The cached model, or load it where ComfyUI keeps models of this kind (room made first), managed."""
 
     def load():
-        home = comfy_adapter.storage_device(device, "transformer")
-        comfy_adapter.free_memory(_file_bytes(ref.path), home)
-        return load_transformer(ref.path, dtype=ref.dtype, device=home)
-    return (cache or CACHE).get(ref.key, load, _managed(device, "transformer", "KontextTransformer"))
+        home = comfy_adapter.storage_device(device, kind)
+        comfy_adapter.free_memory(sum(_file_bytes(p) for p in paths), home)
+        return load_at(home)
+    return (cache or CACHE).get(key, load, _managed(device, kind, name))
+
+
+def transformer(ref: TransformerRef, cache: ModelCache | None = None):
+    return _get(cache, ref.key, torch.device(ref.device), "transformer", "KontextTransformer", [ref.path],
+                lambda home: load_transformer(ref.path, dtype=ref.dtype, device=home))
 
 
 def autoencoder(ref: AutoencoderRef, cache: ModelCache | None = None):
-    device = torch.device(ref.device)
-
-    def load():
-        home = comfy_adapter.storage_device(device, "autoencoder")
-        comfy_adapter.free_memory(_file_bytes(ref.path), home)
-        return load_autoencoder(ref.path, dtype=ref.dtype, device=home)
-    return (cache or CACHE).get(ref.key, load, _managed(device, "autoencoder", "KontextAutoencoder"))
+    return _get(cache, ref.key, torch.device(ref.device), "autoencoder", "KontextAutoencoder", [ref.path],
+                lambda home: load_autoencoder(ref.path, dtype=ref.dtype, device=home))
 
 
 def text_encoders(ref: TextEncodersRef, cache: ModelCache | None = None):
     device = torch.device(ref.device)
 
-    def load():
-        home = comfy_adapter.storage_device(device, "text_encoders")
-        comfy_adapter.free_memory(_file_bytes(ref.t5) + _file_bytes(ref.clip), home)
+    def load_at(home: torch.device):
         encoders = load_text_encoders(ref.t5, ref.clip, t5_tokenizer=ref.t5_tokenizer,
                                       clip_tokenizer=ref.clip_tokenizer, dtype=ref.dtype, device=home)
         if home != device:
             encoders.device = device  # they encode on `device`; ComfyUI moves the weights there first (`ready`)
         return encoders
-    return (cache or CACHE).get(ref.key, load, _managed(device, "text_encoders", "KontextTextEncoders"))
+    return _get(cache, ref.key, device, "text_encoders", "KontextTextEncoders", [ref.t5, ref.clip], load_at)
 
 
 def ready(*models: Any, cache: ModelCache | None = None) -> None:
