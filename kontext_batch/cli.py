@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from .client import ComfyClient, server_url
@@ -87,9 +88,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             _print_plan(fields, jobs)
             return 0
-        if not client.connect_events():
-            print("kontext-batch: no websocket to ComfyUI (install websocket-client); following jobs by polling",
-                  file=sys.stderr)
+        problem = client.connect_events()
+        if problem:
+            print(f"kontext-batch: no websocket to ComfyUI ({problem}); following jobs by polling its history, "
+                  "without step progress", file=sys.stderr)
         summary = runner.run()
     except BatchError as error:
         print(f"kontext-batch: error: {error}", file=sys.stderr)
@@ -114,8 +116,6 @@ def _parse_setting(text: str) -> tuple[str, object]:
 
 
 def _with_overrides(job, settings):
-    from dataclasses import replace
-
     given = {k for k, _ in job.overrides}
     return replace(job, overrides=tuple(s for s in settings if s[0] not in given) + job.overrides)
 

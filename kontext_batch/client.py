@@ -125,20 +125,21 @@ class ComfyClient:
         self._call("/interrupt", {"prompt_id": prompt_id})
 
     # --- websocket ----------------------------------------------------------------------------------
-    def connect_events(self) -> bool:
-        """Opens the event socket; False (and polling instead) when it cannot be opened."""
+    def connect_events(self) -> str | None:
+        """Opens the event socket; None when open, else why not (the runner then polls history)."""
         try:
             import websocket  # websocket-client
         except ImportError:
-            return False
+            return "the websocket-client package is missing: pip install websocket-client"
         parts = urllib.parse.urlsplit(self.base_url)
         scheme = "wss" if parts.scheme == "https" else "ws"
         try:
             self._socket = websocket.create_connection(
                 f"{scheme}://{parts.netloc}{parts.path}/ws?clientId={self.client_id}", timeout=self.timeout)
-        except (OSError, websocket.WebSocketException):
+        except (OSError, websocket.WebSocketException) as error:
             self._socket = None
-        return self._socket is not None
+            return f"{scheme}://{parts.netloc}/ws refused: {error}; a proxy in between may need websockets enabled"
+        return None
 
     def next_event(self, timeout: float) -> dict | None:
         """The next JSON event, or None after `timeout` s without one (binary preview frames are skipped)."""

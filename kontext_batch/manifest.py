@@ -22,11 +22,14 @@ class Manifest:
         self.path = Path(path)
         self.records: list[dict] = []
         self._last: dict[tuple[str, int], dict] = {}  # (job key, turn) -> latest record
+        self._torn = False  # the file ends without a newline: a crash cut its last line
         if self.path.exists():
             self._load()
 
     def _load(self) -> None:
-        lines = self.path.read_bytes().splitlines()
+        content = self.path.read_bytes()
+        self._torn = bool(content) and not content.endswith(b"\n")
+        lines = content.splitlines()
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
@@ -49,18 +52,13 @@ class Manifest:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         line = (json.dumps(record, ensure_ascii=False) + "\n").encode()
         with open(self.path, "ab") as handle:
-            if handle.tell() > 0 and not self._ends_with_newline():
-                handle.write(b"\n")  # a torn last line from a crash must not swallow this record
-            handle.write(line)
+            # A torn last line from a crash must not swallow this record.
+            handle.write((b"\n" if self._torn else b"") + line)
             handle.flush()
             os.fsync(handle.fileno())
+        self._torn = False
         self._index(record)
         return record
-
-    def _ends_with_newline(self) -> bool:
-        with open(self.path, "rb") as handle:
-            handle.seek(-1, os.SEEK_END)
-            return handle.read(1) == b"\n"
 
     def last(self, key: str, turn: int) -> dict | None:
         return self._last.get((key, turn))

@@ -101,8 +101,7 @@ class BatchRunner:
                 for target in targets[name]:
                     values[target] = coerce(target, value, job.source)
                 continue
-            target = self.workflow.parse_target(name)
-            self.fields._check_fillable(target)
+            target = self.fields.override_target(name, job.source)
             if self.workflow.is_image_input(target):
                 path = Path(str(value)).expanduser()
                 path = path if path.is_absolute() else job.base_dir / path

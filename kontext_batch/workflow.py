@@ -88,7 +88,7 @@ class Workflow:
         node_id = self.find_node(node_ref) if dot else None
         if node_id is None:
             raise BatchError(f"no node '{node_ref if dot else spec}' in {self.source}; its nodes are: "
-                             f"{self._node_list()}")
+                             f"{self.node_list()}")
         if input_name not in self.graph[node_id]["inputs"]:
             raise BatchError(f"node {self.title(node_id)} (id {node_id}, {self.class_type(node_id)}) has no input "
                              f"'{input_name}'; its inputs are: {', '.join(self.graph[node_id]['inputs'])}")
@@ -103,7 +103,7 @@ class Workflow:
                              f"{spec}.INPUT (its inputs: {', '.join(inputs)})")
         return found[0]
 
-    def _node_list(self) -> str:
+    def node_list(self) -> str:
         return "; ".join(f"{i} {self.title(i)} ({self.class_type(i)})" for i in self.graph)
 
     def auto_targets(self, field: str) -> list[Target]:
@@ -180,7 +180,7 @@ class FieldMap:
                 raise BatchError(f"{workflow.source} has no node to take the {field} (looked for {looked}); "
                                  f"name one with --{field}-field NODE.INPUT")
             for target in targets:
-                self._check_fillable(target)
+                self.check_fillable(target)
             self.targets[field] = targets
         image_targets = self.targets.get("image", [])
         if len(image_targets) > 1:
@@ -197,10 +197,19 @@ class FieldMap:
         node_id = self.workflow.find_node(spec)
         if node_id is None:
             raise BatchError(f"--output-node takes a node title or id of {self.workflow.source}; its nodes are: "
-                             f"{self.workflow._node_list()}")
+                             f"{self.workflow.node_list()}")
         return node_id
 
-    def _check_fillable(self, target: Target) -> None:
+    def override_target(self, spec: str, where: str) -> Target:
+        """The input a NODE.INPUT column (or --set) names, checked to take a value; errors name the row."""
+        try:
+            target = self.workflow.parse_target(spec)
+            self.check_fillable(target)
+        except BatchError as error:
+            raise BatchError(f"{where}: {spec}: {error}") from None
+        return target
+
+    def check_fillable(self, target: Target) -> None:
         value = self.workflow.graph[target.node_id]["inputs"].get(target.input)
         if isinstance(value, list) and len(value) == 2 and isinstance(value[1], int):
             raise BatchError(f"{self.workflow.describe(target)} is wired to node {value[0]}; a batch can only fill "
@@ -221,38 +230,38 @@ class FieldMap:
         spec = self.input_spec(target)
         kind, options = spec[0], (spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {})
         choices = kind if isinstance(kind, list) else (options.get("options") if kind == "COMBO" else None)
-        label = self.workflow.describe(target)
+        if self.workflow.is_image_input(target):
+            choices = None  # an uploaded image is not among the files the server listed
+        parsed, expected = _parse(value, "COMBO" if choices is not None else kind, choices)
+        if expected is None and isinstance(parsed, (int, float)) and not isinstance(parsed, bool):
+            low, high = options.get("min"), options.get("max")
+            if (low is not None and parsed < low) or (high is not None and parsed > high):
+                expected = f"between {low} and {high}"
+        if expected is not None:
+            raise BatchError(f"{where}: {self.workflow.describe(target)} must be {expected}, found {value!r}")
+        return parsed
+
+
+def _parse(value: Any, kind: str, choices: list | None) -> tuple[Any, str | None]:
+    """(value as `kind`, None), or (None, what was expected)."""
+    if kind == "COMBO":
+        if value in choices:
+            return value, None
+        return None, f"one of {', '.join(map(str, choices[:12]))}{' ...' if len(choices) > 12 else ''}"
+    if kind in ("INT", "FLOAT"):
         try:
-            if choices is not None and not self.workflow.is_image_input(target):
-                if value not in choices:
-                    raise ValueError(f"one of {', '.join(map(str, choices[:12]))}{' ...' if len(choices) > 12 else ''}")
-                return value
-            if kind == "INT":
-                number = float(value)
-                if not number.is_integer() or isinstance(value, bool):
-                    raise ValueError("a whole number")
-                number = int(number)
-            elif kind == "FLOAT":
-                if isinstance(value, bool):
-                    raise ValueError("a number")
-                number = float(value)
-            elif kind == "BOOLEAN":
-                if isinstance(value, bool):
-                    return value
-                if str(value).strip().lower() in ("true", "1", "yes"):
-                    return True
-                if str(value).strip().lower() in ("false", "0", "no"):
-                    return False
-                raise ValueError("true or false")
-            else:
-                return value if isinstance(value, str) else json.dumps(value)
-        except (TypeError, ValueError) as error:
-            reason = str(error) if str(error).startswith(("one of", "a ", "true")) else f"a {kind.lower()}"
-            raise BatchError(f"{where}: {label} must be {reason}, found {value!r}") from None
-        low, high = options.get("min"), options.get("max")
-        if (low is not None and number < low) or (high is not None and number > high):
-            raise BatchError(f"{where}: {label} must be between {low} and {high}, found {value!r}")
-        return number
+            number = float(value) if not isinstance(value, bool) else None
+        except (TypeError, ValueError):
+            number = None
+        if kind == "INT":
+            return (int(number), None) if number is not None and number.is_integer() else (None, "a whole number")
+        return (number, None) if number is not None else (None, "a number")
+    if kind == "BOOLEAN":
+        word = str(value).strip().lower()
+        if isinstance(value, bool) or word in ("true", "1", "yes", "false", "0", "no"):
+            return (value if isinstance(value, bool) else word in ("true", "1", "yes")), None
+        return None, "true or false"
+    return (value if isinstance(value, str) else json.dumps(value)), None
 
 
 def check_node_types(workflow: Workflow, object_info: Mapping) -> None:

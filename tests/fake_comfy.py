@@ -113,7 +113,7 @@ class FakeComfy:
         self.interrupted.append(prompt_id)
 
     def connect_events(self):
-        return self.has_events
+        return None if self.has_events else "the fake has no websocket"
 
     def close(self):
         pass

@@ -262,3 +262,10 @@ def test_progress_gets_the_overall_count_and_each_turns_steps(photos, tmp_path):
     steps = [c[1:] for c in progress.calls if c[0] == "step"]
     assert steps == [(1, 3), (2, 3), (3, 3)] * 3
     assert sum(c[1] for c in progress.calls if c[0] == "finished") == 3 and progress.calls[-1] == ("close",)
+
+
+def test_a_column_naming_no_input_is_reported_with_its_row(photos, tmp_path):
+    table = tmp_path / "jobs.csv"
+    table.write_text("image,prompt,Kontext Edit.strength\nphotos/img0.png,a,0.5\n")
+    with pytest.raises(BatchError, match="jobs.csv line 2: Kontext Edit.strength: .*has no input 'strength'"):
+        make_runner(FakeComfy(object_info_for("kontext_edit")), load_jobs([table]), tmp_path / "out")
