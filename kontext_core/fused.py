@@ -31,6 +31,17 @@ def set_fused_gemms(enabled: bool) -> None:
     _fused_gemms = bool(enabled)
 
 
+# cuBLASLt's GELU epilogue instead of a separate elementwise pass; off gives the plain PyTorch
+# formulation, the reference the tests compare against.
+_cublas_epilogues = True
+
+
+def set_cublas_epilogues(enabled: bool) -> None:
+    """GELU in cuBLASLt's epilogue (True), or GEMM then a separate GELU."""
+    global _cublas_epilogues
+    _cublas_epilogues = bool(enabled)
+
+
 def _active(x: torch.Tensor) -> bool:
     return _kernels is not None and not torch.compiler.is_compiling() and _kernels.enabled_for(x)
 
@@ -48,14 +59,42 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 def _plain_linear(layer: nn.Module) -> bool:
-    return type(layer) is nn.Linear
+    # Hooks (on-the-fly LoRA) must see the call: a layer that has them is called, not bypassed.
+    return type(layer) is nn.Linear and not layer._forward_hooks and not layer._forward_pre_hooks
+
+
+def _cublaslt_gelu(x: torch.Tensor, layer: nn.Module) -> bool:
+    # cuBLASLt's bias+GELU(tanh) epilogue (torch._addmm_activation) saves a read and a write of the
+    # 4x-wide MLP activation. CUDA only: on the CPU that op computes the exact (erf) GELU instead.
+    return (_cublas_epilogues and x.is_cuda and _plain_linear(layer) and layer.bias is not None
+            and x.dtype in (torch.float16, torch.bfloat16) and layer.weight.dtype == x.dtype)
+
+
+def _linear_gelu_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    rows = x.reshape(-1, x.shape[-1])
+    return torch._addmm_activation(bias, rows, weight.t(), use_gelu=True).view(*x.shape[:-1], weight.shape[0])
 
 
 def linear_gelu(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
-    """GELU(tanh)(layer(x)), the bias and GELU in the GEMM's epilogue when fused."""
+    """GELU(tanh)(layer(x)), the bias and GELU in the GEMM's epilogue where one can hold them."""
     if _fused_gemms and _plain_linear(layer) and _active(x):
         return _kernels.linear_gelu(x, layer.weight, layer.bias)
+    if _cublaslt_gelu(x, layer):
+        return _linear_gelu_rows(x, layer.weight, layer.bias)
     return F.gelu(layer(x), approximate="tanh")
+
+
+def linear_then_gelu_part(x: torch.Tensor, layer: nn.Module, split: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y[..., :split], GELU(tanh)(y[..., split:])) for y = layer(x), the single block's linear1.
+
+    On CUDA the two output ranges are two GEMMs over row slices of the weight (views, no copy), so
+    the GELU half runs in cuBLASLt's epilogue and the first half comes out contiguous.
+    """
+    if _cublaslt_gelu(x, layer):
+        weight, bias = layer.weight, layer.bias
+        return F.linear(x, weight[:split], bias[:split]), _linear_gelu_rows(x, weight[split:], bias[split:])
+    first, second = layer(x).split([split, layer.out_features - split], dim=-1)
+    return first, F.gelu(second, approximate="tanh")
 
 
 def gated_residual(residual: torch.Tensor, gate: torch.Tensor, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:

@@ -104,10 +104,6 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
 
-def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    return F.gelu(x, approximate="tanh")
-
-
 class MLP(nn.Sequential):
     """Linear -> GELU(tanh) -> Linear; indices 0 and 2 match the checkpoint's `img_mlp.0/2`."""
 
@@ -180,9 +176,9 @@ class SingleStreamBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, vec: torch.Tensor, rope: RopeFrequencies) -> torch.Tensor:
         (mod,) = self.modulation(vec)
-        qkv, mlp = self.linear1(mod.modulate(x)).split([3 * self.hidden_size, self.mlp_hidden_dim], dim=-1)
+        qkv, mlp = fused.linear_then_gelu_part(mod.modulate(x), self.linear1, 3 * self.hidden_size)
         q, k, v = fused.qkv_heads(qkv, self.norm.query_norm, self.norm.key_norm, rope.cos, rope.sin, self.num_heads)
-        return fused.gated_residual(x, mod.gate, torch.cat((attention(q, k, v), gelu_tanh(mlp)), dim=2), self.linear2)
+        return fused.gated_residual(x, mod.gate, torch.cat((attention(q, k, v), mlp), dim=2), self.linear2)
 
 
 class LastLayer(nn.Module):

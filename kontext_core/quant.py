@@ -18,6 +18,18 @@ def set_fp8_matmul(enabled: bool) -> None:
     _fp8_matmul = bool(enabled)
 
 
+# Fast accumulation skips the periodic promotion of the fp8 tensor cores' partial sums to fp32: on an
+# H100 the block GEMMs run ~1.35x faster and the step's error vs bf16 did not move (8.50e-2 vs 8.56e-2
+# L2, bench/RESULTS.md), e4m3's own rounding dominating.
+_fast_accumulation = True
+
+
+def set_fp8_fast_accumulation(enabled: bool) -> None:
+    """fp8 GEMMs with the tensor cores' fast (less precise) accumulation."""
+    global _fast_accumulation
+    _fast_accumulation = bool(enabled)
+
+
 def _fp8_matmul_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     if not (_fp8_matmul and x.is_cuda and weight.dtype == torch.float8_e4m3fn):
         return False
@@ -39,7 +51,8 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     x_fp8 = (rows.float() / x_scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
     w_scale = weight_scale.float().reshape(1, -1).expand(1, weight.shape[0]).contiguous()
     out = torch._scaled_mm(x_fp8, weight.t(), scale_a=x_scale, scale_b=w_scale,
-                           bias=bias.to(x.dtype) if bias is not None else None, out_dtype=x.dtype)
+                           bias=bias.to(x.dtype) if bias is not None else None, out_dtype=x.dtype,
+                           use_fast_accum=_fast_accumulation)
     return out.reshape(*shape[:-1], weight.shape[0])
 
 

@@ -1,0 +1,101 @@
+"""The FFN's GEMMs in their candidate forms, timed alone on a CUDA GPU (edit workload, 8704 tokens).
+
+    python3 bench/gemm_variants.py
+
+bf16: GEMM then GELU vs cuBLASLt's GELU epilogue; the single block's linear1 as one GEMM vs two;
+its linear2 over a concat vs two accumulating GEMMs. fp8: torch._scaled_mm with per-row/per-token
+scales vs per-tensor scales, each with and without fast accumulation. Prints ms and TFLOP/s.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_step import cuda_time  # noqa: E402
+
+TOKENS, HIDDEN, MLP = 8704, 3072, 12288
+
+
+def report(label: str, flops: float, fn) -> float:
+    seconds = cuda_time(fn, warmup=3, iterations=20)
+    print(f"  {label:58s} {seconds * 1e3:7.3f} ms  {flops / seconds / 1e12:6.0f} TFLOP/s", flush=True)
+    return seconds
+
+
+def bf16_variants() -> None:
+    dtype, dev = torch.bfloat16, "cuda"
+    x = torch.randn(TOKENS, HIDDEN, device=dev, dtype=dtype)
+    w1 = torch.randn(3 * HIDDEN + MLP, HIDDEN, device=dev, dtype=dtype) * HIDDEN**-0.5
+    b1 = torch.randn(3 * HIDDEN + MLP, device=dev, dtype=dtype)
+    w_mlp, b_mlp = w1[3 * HIDDEN:], b1[3 * HIDDEN:]
+    print("bf16, MLP up-projection 3072 -> 12288:")
+    flops = 2 * TOKENS * HIDDEN * MLP
+    report("F.linear", flops, lambda: F.linear(x, w_mlp, b_mlp))
+    report("F.linear + F.gelu(tanh)", flops, lambda: F.gelu(F.linear(x, w_mlp, b_mlp), approximate="tanh"))
+    report("torch._addmm_activation(use_gelu)", flops,
+           lambda: torch._addmm_activation(b_mlp, x, w_mlp.t(), use_gelu=True))
+    print("bf16, single block linear1 3072 -> 9216 + 12288:")
+    flops = 2 * TOKENS * HIDDEN * (3 * HIDDEN + MLP)
+    report("one GEMM + split + gelu", flops,
+           lambda: F.gelu(F.linear(x, w1, b1)[:, 3 * HIDDEN:], approximate="tanh"))
+    report("two GEMMs, GELU epilogue", flops,
+           lambda: (F.linear(x, w1[:3 * HIDDEN], b1[:3 * HIDDEN]),
+                    torch._addmm_activation(b_mlp, x, w_mlp.t(), use_gelu=True)))
+    attn = torch.randn(TOKENS, HIDDEN, device=dev, dtype=dtype)
+
+    def wide(x, attn):
+        qkv, mlp = F.linear(x, w1, b1).split([3 * HIDDEN, MLP], dim=-1)
+        return qkv, torch.cat((attn, F.gelu(mlp, approximate="tanh")), -1)
+
+    def split(x, attn):
+        qkv = F.linear(x, w1[:3 * HIDDEN], b1[:3 * HIDDEN])
+        return qkv, torch.cat((attn, torch._addmm_activation(b_mlp, x, w_mlp.t(), use_gelu=True)), -1)
+
+    flops = 2 * TOKENS * HIDDEN * (3 * HIDDEN + MLP)
+    for label, fn in (("compiled: one GEMM, GELU fused into the concat", wide),
+                      ("compiled: two GEMMs, GELU epilogue, then the concat", split)):
+        compiled = torch.compile(fn, fullgraph=True)
+        report(label, flops, lambda: compiled(x, attn))
+    print("bf16, single block linear2 (3072 + 12288) -> 3072:")
+    mlp = torch.randn(TOKENS, MLP, device=dev, dtype=dtype)
+    w2 = torch.randn(HIDDEN, HIDDEN + MLP, device=dev, dtype=dtype) * (HIDDEN + MLP) ** -0.5
+    b2 = torch.randn(HIDDEN, device=dev, dtype=dtype)
+    flops = 2 * TOKENS * (HIDDEN + MLP) * HIDDEN
+    report("cat + GEMM", flops, lambda: F.linear(torch.cat((attn, mlp), -1), w2, b2))
+    joined = torch.cat((attn, mlp), -1)
+    report("GEMM alone over an already concatenated input", flops, lambda: F.linear(joined, w2, b2))
+    report("two GEMMs over weight column slices (addmm)", flops,
+           lambda: torch.addmm(F.linear(mlp, w2[:, HIDDEN:], b2), attn, w2[:, :HIDDEN].t()))
+
+
+def fp8_variants() -> None:
+    e4m3 = torch.float8_e4m3fn
+    dev = "cuda"
+    for k, n in ((HIDDEN, MLP), (HIDDEN + MLP, HIDDEN), (HIDDEN, 3 * HIDDEN + MLP)):
+        print(f"fp8 e4m3, {k} -> {n}:")
+        a = torch.randn(TOKENS, k, device=dev).to(e4m3)
+        b = (torch.randn(n, k, device=dev) * 0.5).to(e4m3).t()
+        bias = torch.randn(n, device=dev, dtype=torch.bfloat16)
+        flops = 2 * TOKENS * k * n
+        row_a, row_b = torch.rand(TOKENS, 1, device=dev) + 0.5, torch.rand(1, n, device=dev) + 0.5
+        one = torch.ones((), device=dev)
+        for fast in (False, True):
+            report(f"per-token x per-row scales, fast_accum={fast}", flops,
+                   lambda: torch._scaled_mm(a, b, scale_a=row_a, scale_b=row_b, bias=bias, out_dtype=torch.bfloat16,
+                                            use_fast_accum=fast))
+            report(f"per-tensor scales, fast_accum={fast}", flops,
+                   lambda: torch._scaled_mm(a, b, scale_a=one, scale_b=one, bias=bias, out_dtype=torch.bfloat16,
+                                            use_fast_accum=fast))
+
+
+if __name__ == "__main__":
+    torch.backends.cuda.matmul.allow_tf32 = True
+    print(torch.cuda.get_device_name(), torch.__version__, flush=True)
+    bf16_variants()
+    fp8_variants()
