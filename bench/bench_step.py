@@ -1,6 +1,7 @@
 """Speed of one Kontext transformer step on a CUDA GPU: ours vs diffusers, against the compute floor.
 
     python3 bench/bench_step.py --impls ours diffusers --workloads edit t2i [--e2e] [--out DIR]
+    python3 bench/bench_step.py --impls ours comfyui --comfyui ~/ComfyUI  # ComfyUI's own FLUX code (comfyui_native.py)
 
 Random weights at full size (bf16). Workloads: edit = 1024x1024 target + one 1024x1024 context + 512
 text tokens (8704 tokens); t2i = 1024x1024 + 512 text (4608). The floor is the step's FLOPs divided by
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -21,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import kernels  # noqa: E402
-from kontext_core import fused  # noqa: E402
+from kontext_core import fused, quant  # noqa: E402
 from kontext_core import Autoencoder, KontextTransformer, TransformerConfig  # noqa: E402
 from kontext_core.checkpoints.key_maps import to_theirs, transformer_links  # noqa: E402
 from kontext_core.pipeline import GenerationSettings, KontextPipeline  # noqa: E402
@@ -145,7 +147,29 @@ def diffusers_step(twin, x: dict):
                         guidance=x["g"].to(torch.bfloat16), return_dict=False)[0][:, :n]
 
 
+IMPLS = ("ours", "ours-kernels", "ours-rowkernels", "ours-compiled", "ours-fp8", "ours-fp8-kernels",
+         "ours-fp8-compiled", "diffusers", "diffusers-compiled", "comfyui", "comfyui-compiled")
+MODIFIERS = {
+    "noepilogues": "GELU as its own pass, not in cuBLASLt's epilogue",
+    "exactaccum": "fp8 GEMMs without fast accumulation",
+    "nokernels": "compiled blocks without our QK-norm+RoPE kernel (the compiler's own fusion)",
+}
+
+
+def implementation(name: str) -> str:
+    base, *modifiers = name.split("+")
+    if base not in IMPLS or any(m not in MODIFIERS for m in modifiers):
+        raise argparse.ArgumentTypeError(f"{name!r}: choose one of {', '.join(IMPLS)}, plus any of "
+                                         f"{', '.join('+' + m for m in MODIFIERS)}")
+    return name
+
+
 def compile_blocks(model, impl: str) -> None:
+    if impl.startswith("comfyui"):
+        from comfyui_native import compile_blocks as compile_comfy_blocks
+
+        compile_comfy_blocks(model)
+        return
     if impl.startswith("diffusers"):
         model.compile_repeated_blocks(fullgraph=True)
         return
@@ -166,6 +190,24 @@ def profile_step(fn, impl: str, workload: str, top: int = 12) -> None:
     print(f"    profile {impl} [{workload}]: {sum(totals.values()):.1f} ms of GPU time", flush=True)
     for kernel, ms in sorted(totals.items(), key=lambda kv: -kv[1])[:top]:
         print(f"      {ms:7.2f} ms  {kernel}", flush=True)
+    _print_gaps(prof)
+
+
+def _print_gaps(prof, top: int = 6) -> None:
+    """Idle GPU time between consecutive kernels, grouped by the kernel that follows the gap."""
+    spans = sorted((e.time_range.start, e.time_range.end, e.name[:60]) for e in prof.events()
+                   if e.device_type.name == "CUDA")
+    if not spans:
+        return
+    gaps: dict[str, list[float]] = {}
+    for (_, end, _), (start, _, name) in zip(spans, spans[1:]):
+        if start > end:
+            gaps.setdefault(name, []).append((start - end) / 1e3)
+    total = sum(sum(v) for v in gaps.values())
+    wall = (spans[-1][1] - spans[0][0]) / 1e3
+    print(f"    GPU span {wall:.1f} ms, idle between kernels {total:.1f} ms", flush=True)
+    for name, values in sorted(gaps.items(), key=lambda kv: -sum(kv[1]))[:top]:
+        print(f"      {sum(values):7.2f} ms idle in {len(values)} gaps before {name}", flush=True)
 
 
 def uncompile(model) -> None:
@@ -212,11 +254,13 @@ def end_to_end(model: KontextTransformer, steps: int = 28) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--impls", nargs="+", default=["ours", "diffusers"],
-                        choices=["ours", "ours-kernels", "ours-rowkernels", "ours-compiled", "ours-fp8",
-                                 "ours-fp8-kernels", "ours-fp8-compiled", "diffusers", "diffusers-compiled"])
+    parser.add_argument("--impls", nargs="+", default=["ours", "diffusers"], type=implementation,
+                        help=f"each one of {', '.join(IMPLS)}, optionally with +MODIFIER suffixes: "
+                             f"{'; '.join(f'+{k}: {v}' for k, v in MODIFIERS.items())}")
     parser.add_argument("--workloads", nargs="+", default=["edit", "t2i"], choices=list(WORKLOADS))
     parser.add_argument("--e2e", action="store_true", help="also time a full 28-step 1024x1024 edit")
+    parser.add_argument("--comfyui", metavar="PATH", default=os.environ.get("COMFYUI_PATH"),
+                        help="ComfyUI checkout or bench/stage_comfyui.sh copy, for the comfyui rows ($COMFYUI_PATH)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--profile", action="store_true", help="print the GPU time per kernel kind of one step")
     parser.add_argument("--append-results", metavar="MARKDOWN", default=None,
@@ -232,6 +276,18 @@ def main() -> None:
 
     model = random_transformer(config)
     twin = diffusers_twin(model) if any(i.startswith("diffusers") for i in args.impls) else None
+    comfy = None
+    if any(i.startswith("comfyui") for i in args.impls):
+        if args.comfyui and Path(args.comfyui).expanduser().is_dir():
+            from comfyui_native import comfy_step, comfy_twin
+
+            comfy = comfy_twin(model, args.comfyui)
+            print(f"ComfyUI {comfy.comfy.version} at {comfy.comfy.path}: {comfy.comfy_operations}, "
+                  f"attention {comfy.comfy.attention}, RoPE {comfy.comfy.apply_rope}", flush=True)
+        else:
+            print(f"skipping the comfyui rows: no ComfyUI at {args.comfyui!r} (--comfyui PATH or $COMFYUI_PATH)",
+                  flush=True)
+            args.impls = [i for i in args.impls if not i.startswith("comfyui")]
     fp8_model = None
     if any(i.startswith("ours-fp8") for i in args.impls):
         from kontext_core.quant import quantize_model_fp8
@@ -248,13 +304,19 @@ def main() -> None:
               f"floor {floor * 1e3:.1f} ms; attention alone at {attn_rate / 1e12:.0f} TFLOP/s", flush=True)
         reference = None
         for impl in args.impls:
-            # Our Triton kernels only in the "kernels" rows; "rowkernels": norms/RoPE fused, GEMMs by cuBLAS.
-            kernels.set_enabled(impl.endswith("kernels"))
-            fused.set_fused_gemms(not impl.endswith("rowkernels"))
-            target = fp8_model if impl.startswith("ours-fp8") else model if impl.startswith("ours") else twin
-            if impl.endswith("compiled"):
+            # Our Triton kernels in the "kernels" rows ("rowkernels": norms/RoPE fused, GEMMs by cuBLAS) and,
+            # as the product does, in compiled blocks; plain "ours" / "ours-fp8" rows are PyTorch alone.
+            base, *modifiers = impl.split("+")
+            kernels.set_enabled((base.endswith("kernels") or base.endswith("-compiled")) and "nokernels" not in modifiers)
+            fused.set_fused_gemms(not base.endswith("rowkernels"))
+            fused.set_cublas_epilogues("noepilogues" not in modifiers)
+            quant.set_fp8_fast_accumulation("exactaccum" not in modifiers)
+            target = (fp8_model if impl.startswith("ours-fp8") else model if impl.startswith("ours")
+                      else comfy if impl.startswith("comfyui") else twin)
+            if "-compiled" in impl:
                 compile_blocks(target, impl)
-            fn = ours_step(target, x) if impl.startswith("ours") else diffusers_step(target, x)
+            fn = (ours_step(target, x) if impl.startswith("ours") else comfy_step(target, x)
+                  if impl.startswith("comfyui") else diffusers_step(target, x))
             torch.cuda.reset_peak_memory_stats()
             with torch.no_grad():
                 out = fn()
@@ -263,24 +325,33 @@ def main() -> None:
                 error = ((out.float() - reference).abs().max() / reference.abs().max()).item()
                 l2_error = ((out.float() - reference).norm() / reference.norm()).item()
                 seconds = cuda_time(fn)
+                torch.cuda.synchronize()
+                started = time.perf_counter()
+                fn()  # host time to enqueue one step: near the GPU time means launch-bound
+                host_seconds = time.perf_counter() - started
+                torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated() / 2**30
             if args.profile:
                 profile_step(fn, impl, name)
             row = {"workload": name, "impl": impl, "ms": seconds * 1e3, "floor_ms": floor * 1e3,
                    "x_floor": seconds / floor, "tflops": flops["total"] / seconds / 1e12, "peak_gib": peak,
-                   "rel_err_vs_first": error, "rel_l2_vs_first": l2_error, "attention_tflops": attn_rate / 1e12}
+                   "host_ms": host_seconds * 1e3, "rel_err_vs_first": error, "rel_l2_vs_first": l2_error, "attention_tflops": attn_rate / 1e12}
             record["results"].append(row)
-            print(f"  {impl:20s} {seconds * 1e3:8.1f} ms  {seconds / floor:5.2f}x floor  "
-                  f"{row['tflops']:5.0f} TFLOP/s  peak {peak:5.1f} GiB  vs {args.impls[0]}: max {error:.2e} L2 {l2_error:.2e}",
+            print(f"  {impl:28s} {seconds * 1e3:8.1f} ms  {seconds / floor:5.2f}x floor  "
+                  f"{row['tflops']:5.0f} TFLOP/s  host {host_seconds * 1e3:5.1f} ms  peak {peak:5.1f} GiB  vs {args.impls[0]}: max {error:.2e} L2 {l2_error:.2e}",
                   flush=True)
-            if impl.endswith("compiled"):
+            if "-compiled" in impl:
                 uncompile(target)
                 torch._dynamo.reset()
     if args.e2e:
         for label, target in (("bf16", model), ("fp8", fp8_model)):
             if target is None:
                 continue
-            if any(i.endswith("compiled") for i in args.impls):
+            kernels.set_enabled(True)  # the product's defaults
+            fused.set_fused_gemms(False)
+            fused.set_cublas_epilogues(True)
+            quant.set_fp8_fast_accumulation(True)
+            if any("-compiled" in i for i in args.impls):
                 compile_blocks(target, "ours-compiled")
             seconds = end_to_end(target)
             record[f"e2e_edit_28_steps_{label}_s"] = seconds

@@ -8,11 +8,12 @@ Importing this package never needs Triton.
 
 from .ffn import linear_gated_residual, linear_gated_residual_reference, linear_gelu, linear_gelu_reference
 from .modulation import layernorm_modulate, layernorm_modulate_reference
-from .qk_norm_rope import qkv_norm_rope, qkv_norm_rope_reference
+from .qk_norm_rope import joint_qkv_norm_rope, qkv_norm_rope, qkv_norm_rope_reference
 from .runtime import enabled_for, set_enabled, triton_available
 
 __all__ = [
     "enabled_for",
+    "joint_qkv_norm_rope",
     "layernorm_modulate",
     "layernorm_modulate_reference",
     "linear_gated_residual",

@@ -73,7 +73,7 @@ def _norm_rope_tile(x, scale, cos, sin, head_dim, eps,
 
 @triton.jit
 def _qkv_norm_rope_kernel(
-    qkv_ptr, q_scale_ptr, k_scale_ptr, cos_ptr, sin_ptr, out_ptr,
+    qkv_ptr, q_scale_ptr, k_scale_ptr, cos_ptr, sin_ptr, out_ptr, out_length,
     batch_size, length, num_heads, head_dim, eps,
     stride_qkv_b, stride_qkv_l, stride_cos_b, stride_cos_l, stride_sin_b, stride_sin_l,
     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -106,9 +106,9 @@ def _qkv_norm_rope_kernel(
     q = _norm_rope_tile(q, q_scale, cos, sin, head_dim, eps, BLOCK_L, BLOCK_D)
     k = _norm_rope_tile(k, k_scale, cos, sin, head_dim, eps, BLOCK_L, BLOCK_D)
 
-    # out is [3, B, H, L, D]: q, k, v each contiguous in the attention layout.
-    plane = batch_size * num_heads * length * head_dim
-    tile = (batch * num_heads + head) * length * head_dim + tokens[:, None] * head_dim + dims[None, :]
+    # out is [3, B, H, out_length, D] from this stream's first token: q, k, v in the attention layout.
+    plane = batch_size * num_heads * out_length * head_dim
+    tile = (batch * num_heads + head) * out_length * head_dim + tokens[:, None] * head_dim + dims[None, :]
     element = out_ptr.dtype.element_ty
     tl.store(out_ptr + tile, q.to(element), mask=tile_inside)
     tl.store(out_ptr + plane + tile, k.to(element), mask=tile_inside)
@@ -119,6 +119,40 @@ def _qkv_norm_rope_triton(qkv: torch.Tensor, q_scale: torch.Tensor, k_scale: tor
                           cos: torch.Tensor, sin: torch.Tensor,
                           num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     batch, length, width = qkv.shape
+    out = torch.empty((3, batch, num_heads, length, width // (3 * num_heads)), dtype=qkv.dtype, device=qkv.device)
+    _launch(qkv, q_scale, k_scale, cos, sin, num_heads, out, 0)
+    return out[0], out[1], out[2]
+
+
+def joint_qkv_norm_rope(streams: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], cos: torch.Tensor,
+                        sin: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Several streams' (qkv, q_scale, k_scale) -> one [3, B, H, sum L, D] tensor: q, k, v of the joint sequence.
+
+    Each stream is written at its offset along L, so the joint attention needs no concatenation;
+    cos/sin are the joint sequence's tables [B or 1, 1, sum L, D/2]. The Triton kernel where it can
+    run, else the reference per stream.
+    """
+    batch = streams[0][0].shape[0]
+    lengths = [qkv.shape[1] for qkv, _, _ in streams]
+    head_dim = streams[0][0].shape[-1] // (3 * num_heads)
+    first = streams[0][0]
+    out = torch.empty((3, batch, num_heads, sum(lengths), head_dim), dtype=first.dtype, device=first.device)
+    offset = 0
+    for (qkv, q_scale, k_scale), length in zip(streams, lengths):
+        tables = cos[:, :, offset:offset + length], sin[:, :, offset:offset + length]
+        if enabled_for(qkv) and qkv.numel() > 0 and head_dim % 2 == 0:
+            _launch(qkv, q_scale, k_scale, *tables, num_heads, out, offset)
+        else:
+            out[:, :, :, offset:offset + length] = torch.stack(
+                qkv_norm_rope_reference(qkv, q_scale, k_scale, *tables, num_heads))
+        offset += length
+    return out
+
+
+def _launch(qkv: torch.Tensor, q_scale: torch.Tensor, k_scale: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+            num_heads: int, out: torch.Tensor, offset: int) -> None:
+    """Write q, k, v of qkv's tokens into out [3, B, H, L_out, D] at tokens offset..offset+L."""
+    batch, length, width = qkv.shape
     head_dim = width // (3 * num_heads)
     if qkv.stride(-1) != 1:
         qkv = qkv.contiguous()
@@ -128,7 +162,6 @@ def _qkv_norm_rope_triton(qkv: torch.Tensor, q_scale: torch.Tensor, k_scale: tor
     cos = cos if cos.stride(-1) == 1 else cos.contiguous()
     sin = sin if sin.stride(-1) == 1 else sin.contiguous()
     q_scale, k_scale = q_scale.contiguous(), k_scale.contiguous()
-    out = torch.empty((3, batch, num_heads, length, head_dim), dtype=qkv.dtype, device=qkv.device)
 
     block_d = triton.next_power_of_2(head_dim)
     # 32 tokens x 128 dims per tensor is 32 float32 registers a thread at 4 warps: three such
@@ -136,10 +169,9 @@ def _qkv_norm_rope_triton(qkv: torch.Tensor, q_scale: torch.Tensor, k_scale: tor
     block_l = max(1, min(32, 4096 // block_d))
     grid = (triton.cdiv(length, block_l), num_heads, batch)
     _qkv_norm_rope_kernel[grid](
-        qkv, q_scale, k_scale, cos, sin, out,
+        qkv, q_scale, k_scale, cos, sin, out[:, :, :, offset:], out.shape[3],
         batch, length, num_heads, head_dim, RMS_EPS,
         qkv.stride(0), qkv.stride(1), cos.stride(0), cos.stride(2), sin.stride(0), sin.stride(2),
         BLOCK_L=block_l, BLOCK_D=block_d, num_warps=4,
     )
     launches["qkv_norm_rope"] += 1
-    return out[0], out[1], out[2]

@@ -80,3 +80,17 @@ def import_triton():
         import triton.language as tl
         return triton, tl
     return _inert_triton()
+
+
+
+def enabled_for_traced(tensor: torch.Tensor) -> bool:
+    """Whether to hand `tensor` to a kernel op, from state that torch.compile's tracing can read.
+
+    Coarser than `enabled_for` (no capability check, which is cached): the ops decide per call with
+    `enabled_for` and run the reference where the kernel cannot.
+    """
+    return (_enabled and os.environ.get("KONTEXT_KERNELS", "1") != "0" and TRITON_PRESENT
+            and (tensor.is_cuda or interpreting()))
+
+
+TRITON_PRESENT = triton_available()

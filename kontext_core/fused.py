@@ -104,6 +104,50 @@ def gated_residual(residual: torch.Tensor, gate: torch.Tensor, x: torch.Tensor, 
     return residual + gate * layer(x)
 
 
+if _kernels is not None:
+    # The QK-norm + RoPE kernel as an opaque op, so compiled blocks call it too: it writes q, k, v once,
+    # in the attention layout and at each stream's offset of the joint sequence, where the compiler's
+    # own fusion needed ~2.5x its time plus layout copies and the concatenation (bench/RESULTS.md).
+    @torch.library.custom_op("kontext::joint_qkv_norm_rope", mutates_args=())
+    def _joint_qkv_norm_rope(qkvs: list[torch.Tensor], query_scales: list[torch.Tensor],
+                             key_scales: list[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor,
+                             num_heads: int) -> torch.Tensor:
+        return _kernels.joint_qkv_norm_rope(list(zip(qkvs, query_scales, key_scales)), cos, sin, num_heads)
+
+    @_joint_qkv_norm_rope.register_fake
+    def _(qkvs, query_scales, key_scales, cos, sin, num_heads):
+        first = qkvs[0]
+        return first.new_empty((3, first.shape[0], num_heads, sum(qkv.shape[1] for qkv in qkvs),
+                                first.shape[-1] // (3 * num_heads)))
+
+
+def _qk_kernel_active(x: torch.Tensor) -> bool:
+    return _kernels is not None and _kernels.runtime.enabled_for_traced(x)
+
+
+def joint_qkv_heads(streams: list[tuple[torch.Tensor, nn.Module, nn.Module]], cos: torch.Tensor, sin: torch.Tensor,
+                    num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Streams of (qkv [B, L_i, 3*H*D], query_norm, key_norm) -> joint q, k, v [B, H, sum L_i, D].
+
+    Each stream's q and k are RMS-normalised with its own norms and rotated by RoPE with the joint
+    tables (cos, sin over the whole joint sequence, streams in order).
+    """
+    if _qk_kernel_active(streams[0][0]):
+        joint = torch.ops.kontext.joint_qkv_norm_rope([qkv for qkv, _, _ in streams],
+                                                      [norm.scale for _, norm, _ in streams],
+                                                      [norm.scale for _, _, norm in streams], cos, sin, num_heads)
+        return joint[0], joint[1], joint[2]
+    parts, offset = [], 0
+    for qkv, query_norm, key_norm in streams:
+        length = qkv.shape[1]
+        parts.append(qkv_heads(qkv, query_norm, key_norm, cos[:, :, offset:offset + length],
+                               sin[:, :, offset:offset + length], num_heads))
+        offset += length
+    if len(parts) == 1:
+        return parts[0]
+    return tuple(torch.cat(tensors, dim=2) for tensors in zip(*parts))
+
+
 def qkv_heads(qkv: torch.Tensor, query_norm: nn.Module, key_norm: nn.Module, cos: torch.Tensor, sin: torch.Tensor,
               num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """[B, L, 3*H*D] -> q, k, v [B, H, L, D]: q and k RMS-normalised and rotated by RoPE."""

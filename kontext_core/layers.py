@@ -142,11 +142,9 @@ class DoubleStreamBlock(nn.Module):
         text_length = txt.shape[1]
 
         # Text tokens come first in the joint sequence, as in the reference.
-        txt_q, txt_k, txt_v = self._heads(self.txt_attn, txt_attn_mod.modulate(txt), rope.part(0, text_length))
-        img_q, img_k, img_v = self._heads(self.img_attn, img_attn_mod.modulate(img),
-                                          rope.part(text_length, text_length + img.shape[1]))
-        joint = attention(torch.cat((txt_q, img_q), dim=2), torch.cat((txt_k, img_k), dim=2),
-                          torch.cat((txt_v, img_v), dim=2))
+        streams = [(stream.qkv(mod.modulate(x)), stream.norm.query_norm, stream.norm.key_norm)
+                   for stream, mod, x in ((self.txt_attn, txt_attn_mod, txt), (self.img_attn, img_attn_mod, img))]
+        joint = attention(*fused.joint_qkv_heads(streams, rope.cos, rope.sin, self.num_heads))
         txt_out, img_out = joint[:, :text_length], joint[:, text_length:]
 
         img = fused.gated_residual(img, img_attn_mod.gate, img_out, self.img_attn.proj)
@@ -156,9 +154,6 @@ class DoubleStreamBlock(nn.Module):
         txt = fused.gated_residual(txt, txt_mlp_mod.gate, fused.linear_gelu(txt_mlp_mod.modulate(txt), self.txt_mlp[0]),
                                    self.txt_mlp[2])
         return img, txt
-
-    def _heads(self, stream: SelfAttention, x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]):
-        return fused.qkv_heads(stream.qkv(x), stream.norm.query_norm, stream.norm.key_norm, *tables, self.num_heads)
 
 
 class SingleStreamBlock(nn.Module):
@@ -177,7 +172,8 @@ class SingleStreamBlock(nn.Module):
     def forward(self, x: torch.Tensor, vec: torch.Tensor, rope: RopeFrequencies) -> torch.Tensor:
         (mod,) = self.modulation(vec)
         qkv, mlp = fused.linear_then_gelu_part(mod.modulate(x), self.linear1, 3 * self.hidden_size)
-        q, k, v = fused.qkv_heads(qkv, self.norm.query_norm, self.norm.key_norm, rope.cos, rope.sin, self.num_heads)
+        q, k, v = fused.joint_qkv_heads([(qkv, self.norm.query_norm, self.norm.key_norm)], rope.cos, rope.sin,
+                                        self.num_heads)
         return fused.gated_residual(x, mod.gate, torch.cat((attention(q, k, v), mlp), dim=2), self.linear2)
 
 

@@ -48,3 +48,30 @@ def test_blocks_with_kernels_equal_plain_pytorch(dtype, fused_gemms):
     if before is not None:
         assert sum(launches.values()) > before
     assert rel_error(fused, plain) <= (1e-4 if dtype == torch.float32 else 2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_compiled_blocks_call_the_qk_kernel(dtype):
+    # Regional torch.compile with the kernels on: the QK-norm + RoPE kernel runs inside the compiled
+    # blocks (as an opaque op) and the result equals the plain eager model.
+    torch._dynamo.reset()
+    model = randomize_(KontextTransformer(TransformerConfig.tiny()), seed=6).to("cuda", dtype).eval()
+    generator = torch.Generator().manual_seed(torch.seed() % 2**31)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator).to("cuda", dtype)
+
+    img, ids = pack_latent(randn(1, 16, 20, 12)), position_ids(20, 12, batch=1, device="cuda")
+    ctx, ctx_ids = context_tokens([randn(1, 16, 6, 10)], (20, 12), "kontext")
+    args = (img, ids, randn(1, 7, 48), torch.zeros(1, 7, 3, device="cuda"), torch.rand(1, device="cuda"),
+            randn(1, 32), torch.full((1,), 2.5, device="cuda"), ctx, ctx_ids)
+    with torch.no_grad():
+        kernels.set_enabled(False)
+        plain = model.velocity(*args)
+        kernels.set_enabled(True)
+        model.compile_blocks()
+        before = launches["qkv_norm_rope"]
+        compiled = model.velocity(*args)
+        assert launches["qkv_norm_rope"] - before == 2 * len(model.double_blocks) + len(model.single_blocks)
+    torch._dynamo.reset()
+    assert rel_error(compiled, plain) <= (1e-4 if dtype == torch.float32 else 2e-2)

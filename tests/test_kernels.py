@@ -153,6 +153,28 @@ class TestAwkwardSizes:
             assert rel_error(out, reference) <= TOLERANCE[torch.float32], name
 
     @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+    def test_joint_qkv_norm_rope_writes_each_stream_at_its_offset(self, device, dtype):
+        from kernels import qk_norm_rope
+
+        # Two streams (text 5 tokens, image 11) with their own norm scales, batch 2, one RoPE table
+        # over the joint 16 tokens: the result is the two streams' references concatenated along L.
+        batch, heads, head_dim, lengths = 2, 2, 32, (5, 11)
+        streams = [(_randn(batch, length, 3 * heads * head_dim, dtype=dtype, device=device, scale=1.5),
+                    _randn(head_dim, dtype=dtype, device=device, scale=0.2, offset=1.0),
+                    _randn(head_dim, dtype=dtype, device=device, scale=0.2, offset=1.0)) for length in lengths]
+        cos, sin = _rope_tables(1, sum(lengths), head_dim, device)
+        before = launches["qkv_norm_rope"]
+        joint = qk_norm_rope.joint_qkv_norm_rope(streams, cos, sin, heads)
+        assert launches["qkv_norm_rope"] == before + 2
+        assert joint.shape == (3, batch, heads, sum(lengths), head_dim) and joint.dtype == dtype
+        parts = [qk_norm_rope.qkv_norm_rope_reference(*stream, cos[:, :, start:start + length],
+                                                      sin[:, :, start:start + length], heads)
+                 for stream, start, length in zip(streams, (0, lengths[0]), lengths)]
+        for index, name in enumerate("qkv"):
+            reference = torch.cat([part[index] for part in parts], dim=2)
+            assert rel_error(joint[index], reference) <= TOLERANCE[dtype], name
+
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
     def test_linear_gelu(self, device, dtype):
         from kernels import ffn
 
