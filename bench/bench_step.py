@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import kernels  # noqa: E402
 from kontext_core import fused, quant  # noqa: E402
-from kontext_core import Autoencoder, KontextTransformer, TransformerConfig  # noqa: E402
+from kontext_core import Autoencoder, KontextTransformer, TransformerConfig, set_attention_backend  # noqa: E402
 from kontext_core.checkpoints.key_maps import to_theirs, transformer_links  # noqa: E402
 from kontext_core.pipeline import GenerationSettings, KontextPipeline  # noqa: E402
 from kontext_core.sampling import TextConditioning  # noqa: E402
@@ -153,6 +153,7 @@ MODIFIERS = {
     "noepilogues": "GELU as its own pass, not in cuBLASLt's epilogue",
     "exactaccum": "fp8 GEMMs without fast accumulation",
     "nokernels": "compiled blocks without our QK-norm+RoPE kernel (the compiler's own fusion)",
+    "fp8attention": "attention through cuDNN's fp8 graph (needs nvidia-cudnn-frontend)",
 }
 
 
@@ -311,6 +312,7 @@ def main() -> None:
             fused.set_fused_gemms(not base.endswith("rowkernels"))
             fused.set_cublas_epilogues("noepilogues" not in modifiers)
             quant.set_fp8_fast_accumulation("exactaccum" not in modifiers)
+            set_attention_backend("cudnn-fp8" if "fp8attention" in modifiers else "auto")
             target = (fp8_model if impl.startswith("ours-fp8") else model if impl.startswith("ours")
                       else comfy if impl.startswith("comfyui") else twin)
             if "-compiled" in impl:
@@ -344,9 +346,11 @@ def main() -> None:
                 uncompile(target)
                 torch._dynamo.reset()
     if args.e2e:
-        for label, target in (("bf16", model), ("fp8", fp8_model)):
-            if target is None:
+        fp8_attention_too = any("+fp8attention" in i for i in args.impls)
+        for label, target in (("bf16", model), ("fp8", fp8_model), ("fp8+fp8attention", fp8_model)):
+            if target is None or (label.endswith("fp8attention") and not fp8_attention_too):
                 continue
+            set_attention_backend("cudnn-fp8" if label.endswith("fp8attention") else "auto")
             kernels.set_enabled(True)  # the product's defaults
             fused.set_fused_gemms(False)
             fused.set_cublas_epilogues(True)

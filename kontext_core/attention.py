@@ -8,12 +8,15 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-_BACKENDS = ("auto", "sdpa", "math", "flash-attn")
+from . import fp8_attention as _fp8
+
+_BACKENDS = ("auto", "sdpa", "math", "flash-attn", "cudnn-fp8")
 _backend = "auto"
 
 
 def set_attention_backend(name: str) -> None:
-    """Choose how attention runs: 'auto' (fastest available), 'sdpa', 'math' or 'flash-attn'."""
+    """Choose how attention runs: 'auto' (fastest available), 'sdpa', 'math', 'flash-attn', or
+    'cudnn-fp8' (opt-in: cuDNN's fp8 flash attention on Hopper, ~1.2x faster, ~6% error per call)."""
     global _backend
     if name not in _BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(_BACKENDS)}")
@@ -21,6 +24,11 @@ def set_attention_backend(name: str) -> None:
         raise RuntimeError(
             "attention backend 'flash-attn' was requested but the flash-attn package is not "
             "installed; install flash-attn or choose 'auto'"
+        )
+    if name == "cudnn-fp8" and not _fp8.available():
+        raise RuntimeError(
+            f"attention backend 'cudnn-fp8' cannot run here: {_fp8.unavailable_reason()}; it needs a Hopper GPU "
+            "and `pip install nvidia-cudnn-frontend==1.23.0`; or choose 'auto'"
         )
     _backend = name
 
@@ -66,6 +74,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     if use_flash:
         out = _flash_attn_func()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return out.reshape(batch, length, heads * head_dim)
+    if _backend == "cudnn-fp8" and q.is_cuda:
+        out = _fp8.fp8_attention(q, k, v)
+        return out.transpose(1, 2).reshape(batch, length, heads * head_dim)
     if _backend == "math":
         scores = (q @ k.transpose(-1, -2)) * head_dim**-0.5
         out = scores.softmax(dim=-1) @ v

@@ -1,0 +1,208 @@
+"""Probe cuDNN's fp8 attention against bf16 SDPA (cuDNN backend) at FLUX Kontext's shape.
+
+    python bench/fp8_attention_probe.py [--batch 1 --heads 24 --length 8704 --head-dim 128]
+
+Prints versions, then for each path ms per call and TFLOP/s (4*L*L*H*D flops per batch): bf16 SDPA
+on cuDNN, fp8_attention (quantization + cuDNN fp8 graph + conversion back to bf16), and its parts
+alone; then the relative L2 error of fp8 against bf16 SDPA and both against float32 SDPA.
+Every failure is printed in full and the probe goes on with what is left.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from kontext_core import fp8_attention as fa  # noqa: E402
+
+
+def timed(fn, warmup: int = 3, iters: int = 20, repeats: int = 3) -> float:
+    """Best mean ms per call over `repeats` runs of `iters` back-to-back calls."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        best = min(best, start.elapsed_time(end) / iters)
+    return best
+
+
+def rel_l2(ours, reference) -> float:
+    return ((ours.double() - reference.double()).norm() / reference.double().norm()).item()
+
+
+def attempt(label, fn):
+    try:
+        return fn()
+    except Exception:
+        print(f"!! {label} failed:")
+        traceback.print_exc()
+        sys.stdout.flush()
+        return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--heads", type=int, default=24)
+    parser.add_argument("--length", type=int, default=8704)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--blocks", type=int, default=57, help="attention calls per model step, for the total")
+    args = parser.parse_args()
+    b, h, l, d = args.batch, args.heads, args.length, args.head_dim
+    flops = 4 * b * l * l * h * d
+
+    print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, torch's cuDNN {torch.backends.cudnn.version()}")
+    print(f"GPU {torch.cuda.get_device_name()} capability {torch.cuda.get_device_capability()}")
+    try:
+        t0 = time.perf_counter()
+        cudnn = fa._import_cudnn()
+        print(f"cudnn frontend {getattr(cudnn, '__version__', '?')} from {os.path.dirname(cudnn.__file__)}, "
+              f"backend {cudnn.backend_version()} ({cudnn.backend_version_string()}), "
+              f"libcudnn {fa._cudnn_state.get('libpath')}, import {1e3 * (time.perf_counter() - t0):.0f} ms")
+    except Exception:
+        traceback.print_exc()
+    print(f"available: {fa.available('cuda')}  reason: {fa.unavailable_reason('cuda')}")
+    sys.stdout.flush()
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def unit_rms(x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True))
+
+    q = unit_rms(torch.randn(b, h, l, d, generator=gen, device="cuda")).bfloat16()
+    k = unit_rms(torch.randn(b, h, l, d, generator=gen, device="cuda")).bfloat16()
+    v = torch.randn(b, h, l, d, generator=gen, device="cuda").bfloat16()
+
+    def report(label, ms):
+        if ms is not None:
+            print(f"{label:<42s} {ms:8.3f} ms  {flops / ms / 1e9:7.1f} TFLOP/s  "
+                  f"x{args.blocks}: {ms * args.blocks:6.1f} ms")
+            sys.stdout.flush()
+
+    def bf16_sdpa():
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            return F.scaled_dot_product_attention(q, k, v)
+
+    ref_bf16 = attempt("bf16 SDPA", bf16_sdpa)
+    report("bf16 SDPA (cuDNN backend)", attempt("bf16 SDPA timing", lambda: timed(bf16_sdpa)))
+
+    t0 = time.perf_counter()
+    out = attempt("fp8_attention first call", lambda: fa.fp8_attention(q, k, v))
+    torch.cuda.synchronize()
+    print(f"fp8_attention first call (graph build) {time.perf_counter() - t0:.2f} s")
+    if out is not None:
+        def time_part(label, fn):
+            report(label, attempt(label, lambda: timed(fn)))
+
+        time_part("fp8_attention (quantize+graph+convert)", lambda: fa.fp8_attention(q, k, v))
+        q8, k8, v8, work = fa.quantize_qkv(q, k, v)
+        o8 = fa.sdpa_fp8_graph(q8, k8, v8, work)
+        time_part("  quantize q, k, v alone", lambda: fa.quantize_qkv(q, k, v))
+        time_part("  cuDNN fp8 graph alone", lambda: fa.sdpa_fp8_graph(q8, k8, v8, work))
+        time_part("  fp8 O -> bf16 alone", lambda: fa.dequantize_output(o8, work, torch.bfloat16))
+        print("scales (amax q k v | descale q k v | s scale/descale | o scale/descale | amax s, o):",
+              [round(x, 6) for x in work[::4].tolist()])
+        entry = next(iter(fa._graphs.values()))
+        print(f"graph: generate_stats={entry.generate_stats}, workspace {entry.workspace_size} B, "
+              f"plans {attempt('plan count', entry.graph.get_execution_plan_count)}")
+
+    def errors():
+        ref32 = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+        if ref_bf16 is not None:
+            print(f"rel L2 bf16 SDPA vs fp32: {rel_l2(ref_bf16, ref32):.5f}")
+        if out is not None:
+            print(f"rel L2 fp8 vs fp32:       {rel_l2(out, ref32):.5f}")
+            if ref_bf16 is not None:
+                print(f"rel L2 fp8 vs bf16 SDPA:  {rel_l2(out, ref_bf16):.5f}")
+            print(f"max abs err fp8 vs fp32 {(out.float() - ref32).abs().max().item():.4f}, "
+                  f"max |ref| {ref32.abs().max().item():.4f}, rms ref {ref32.pow(2).mean().sqrt().item():.4f}")
+
+    attempt("errors", errors)
+    sys.stdout.flush()
+
+    if out is not None:
+        attempt("profile", lambda: profile_kernels(lambda: fa.fp8_attention(q, k, v)))
+        saved = fa._triton_kernels
+        fa._triton_kernels = lambda: None
+        print("quantize_qkv in plain PyTorch ops:")
+        attempt("profile torch quant", lambda: profile_kernels(lambda: fa.quantize_qkv(q, k, v), top=12))
+        fa._triton_kernels = saved
+
+    if out is not None and os.environ.get("PROBE_ALL_PLANS", "1") == "1":  # heuristics' pick was fastest
+        attempt("all plans", lambda: time_all_plans(cudnn, q, k, v, flops))
+
+
+def profile_kernels(fn, calls: int = 10, top: int = 12) -> None:
+    """GPU time per kernel of `fn` (CPU launch overhead excluded), from the PyTorch profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    rows = []
+    for event in prof.key_averages():
+        total = getattr(event, "self_device_time_total", None)
+        if total is None:
+            total = getattr(event, "self_cuda_time_total", 0)
+        if total > 0:
+            rows.append((total / calls, event.count // calls, event.key))
+    rows.sort(reverse=True)
+    print(f"GPU time per call, by kernel (sum {sum(r[0] for r in rows) / 1e3:.3f} ms):")
+    for us, count, key in rows[:top]:
+        print(f"  {us / 1e3:8.4f} ms  x{count}  {key[:110]}")
+
+
+def time_all_plans(cudnn, q, k, v, flops) -> None:
+    """Build every engine config cuDNN offers for this graph and time each."""
+    q8, k8, v8, work = fa.quantize_qkv(q, k, v)
+    entry = next(iter(fa._graphs.values()))
+    handle = fa._handle(cudnn, q.device)[0]
+    t0 = time.perf_counter()
+    graph = fa._build_graph(cudnn, handle, q8, k8, v8, entry.generate_stats).graph
+    graph.build_plans(cudnn.build_plan_policy.ALL)
+    count = graph.get_execution_plan_count()
+    print(f"{count} plans built in {time.perf_counter() - t0:.1f} s")
+    b, h, l, d = q.shape
+    o8 = torch.empty((b, l, h, d), dtype=torch.float8_e4m3fn, device="cuda").transpose(1, 2)
+    base = work.data_ptr()
+    U = fa._Uid
+    pack = {U.Q: q8.data_ptr(), U.K: k8.data_ptr(), U.V: v8.data_ptr(), U.O: o8.data_ptr(),
+            U.DESCALE_Q: base + 4 * fa._DESCALE_Q, U.DESCALE_K: base + 4 * fa._DESCALE_K,
+            U.DESCALE_V: base + 4 * fa._DESCALE_V, U.DESCALE_S: base + 4 * fa._DESCALE_S,
+            U.SCALE_S: base + 4 * fa._SCALE_S, U.SCALE_O: base + 4 * fa._SCALE_O,
+            U.AMAX_S: base + 4 * fa._AMAX_S_OUT, U.AMAX_O: base + 4 * fa._AMAX_O_OUT}
+    stats = None
+    if entry.generate_stats:
+        stats = torch.empty(entry.stats_shape, dtype=torch.float32, device="cuda")
+        pack[U.STATS] = stats.data_ptr()
+    for index in range(count):
+        try:
+            size = graph.get_workspace_size_plan_at_index(index)
+            workspace = torch.empty(max(size, 1), dtype=torch.uint8, device="cuda")
+            ms = timed(lambda: graph.execute_plan_at_index(pack, workspace.data_ptr(), index, handle=handle))
+            print(f"  plan {index} {graph.get_plan_name_at_index(index)}: {ms:.3f} ms, {flops / ms / 1e9:.1f} TFLOP/s")
+        except Exception as error:
+            print(f"  plan {index}: {type(error).__name__}: {error}")
+
+
+if __name__ == "__main__":
+    main()
