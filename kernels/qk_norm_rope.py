@@ -55,9 +55,8 @@ def qkv_norm_rope(qkv: torch.Tensor, q_scale: torch.Tensor, k_scale: torch.Tenso
                   cos: torch.Tensor, sin: torch.Tensor,
                   num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Same contract as `qkv_norm_rope_reference`; the Triton kernel where it can run."""
-    if enabled_for(qkv) and qkv.dim() == 3 and qkv.numel() > 0 and (qkv.shape[-1] // (3 * num_heads)) % 2 == 0:
-        return _qkv_norm_rope_triton(qkv, q_scale, k_scale, cos, sin, num_heads)
-    return qkv_norm_rope_reference(qkv, q_scale, k_scale, cos, sin, num_heads)
+    q, k, v = joint_qkv_norm_rope([(qkv, q_scale, k_scale)], cos, sin, num_heads)
+    return q, k, v
 
 
 @triton.jit
@@ -113,15 +112,6 @@ def _qkv_norm_rope_kernel(
     tl.store(out_ptr + tile, q.to(element), mask=tile_inside)
     tl.store(out_ptr + plane + tile, k.to(element), mask=tile_inside)
     tl.store(out_ptr + 2 * plane + tile, v.to(element), mask=tile_inside)
-
-
-def _qkv_norm_rope_triton(qkv: torch.Tensor, q_scale: torch.Tensor, k_scale: torch.Tensor,
-                          cos: torch.Tensor, sin: torch.Tensor,
-                          num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    batch, length, width = qkv.shape
-    out = torch.empty((3, batch, num_heads, length, width // (3 * num_heads)), dtype=qkv.dtype, device=qkv.device)
-    _launch(qkv, q_scale, k_scale, cos, sin, num_heads, out, 0)
-    return out[0], out[1], out[2]
 
 
 def joint_qkv_norm_rope(streams: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], cos: torch.Tensor,

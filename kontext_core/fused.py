@@ -140,19 +140,18 @@ def joint_qkv_heads(streams: list[tuple[torch.Tensor, nn.Module, nn.Module]], co
     parts, offset = [], 0
     for qkv, query_norm, key_norm in streams:
         length = qkv.shape[1]
-        parts.append(qkv_heads(qkv, query_norm, key_norm, cos[:, :, offset:offset + length],
-                               sin[:, :, offset:offset + length], num_heads))
+        parts.append(_plain_qkv_heads(qkv, query_norm, key_norm, cos[:, :, offset:offset + length],
+                                      sin[:, :, offset:offset + length], num_heads))
         offset += length
     if len(parts) == 1:
         return parts[0]
     return tuple(torch.cat(tensors, dim=2) for tensors in zip(*parts))
 
 
-def qkv_heads(qkv: torch.Tensor, query_norm: nn.Module, key_norm: nn.Module, cos: torch.Tensor, sin: torch.Tensor,
-              num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """[B, L, 3*H*D] -> q, k, v [B, H, L, D]: q and k RMS-normalised and rotated by RoPE."""
-    if _active(qkv):
-        return _kernels.qkv_norm_rope(qkv, query_norm.scale, key_norm.scale, cos, sin, num_heads)
+def _plain_qkv_heads(qkv: torch.Tensor, query_norm: nn.Module, key_norm: nn.Module, cos: torch.Tensor,
+                     sin: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[B, L, 3*H*D] -> q, k, v [B, H, L, D]: q and k RMS-normalised and rotated by RoPE (plain PyTorch;
+    `joint_qkv_heads` takes the kernel where it runs)."""
     batch, length, _ = qkv.shape
     q, k, v = qkv.view(batch, length, 3, num_heads, -1).permute(2, 0, 3, 1, 4)
     q, k = query_norm(q).to(v.dtype), key_norm(k).to(v.dtype)
