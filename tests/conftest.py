@@ -24,6 +24,22 @@ def rel_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
     return ((ours - reference).abs().max() / reference.abs().max()).item()
 
 
+def tiny_edit_args(batch: int, dtype: torch.dtype, device: str) -> tuple:
+    """Fresh random `velocity` arguments for TransformerConfig.tiny(): a 20x12 target, a 6x10 context and
+    7 text tokens (sizes no tile divides)."""
+    from kontext_core import context_tokens, pack_latent, position_ids
+
+    generator = torch.Generator().manual_seed(torch.seed() % 2**31)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator).to(device, dtype)
+
+    img, ids = pack_latent(randn(batch, 16, 20, 12)), position_ids(20, 12, batch=batch, device=device)
+    ctx, ctx_ids = context_tokens([randn(batch, 16, 6, 10)], (20, 12), "kontext")
+    return (img, ids, randn(batch, 7, 48), torch.zeros(batch, 7, 3, device=device), torch.rand(batch, device=device),
+            randn(batch, 32), torch.full((batch,), 2.5, device=device), ctx, ctx_ids)
+
+
 def randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     """Non-trivial norms and biases, matrices at a scale that keeps activations O(1)."""
     generator = torch.Generator().manual_seed(seed)

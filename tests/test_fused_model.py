@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import kernels
-from conftest import randomize_, rel_error
+from conftest import randomize_, rel_error, tiny_edit_args
 from kernels.runtime import launches, triton_available
-from kontext_core import KontextTransformer, TransformerConfig, context_tokens, pack_latent, position_ids
+from kontext_core import KontextTransformer, TransformerConfig
 
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and triton_available()),
                                 reason="needs a CUDA GPU with Triton")
@@ -28,25 +28,15 @@ def fused_gemms(request):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_blocks_with_kernels_equal_plain_pytorch(dtype, fused_gemms):
-    # Sizes the GEMM tiles do not divide: 20x12 target, 6x10 context, 7 text tokens, batch 2.
     model = randomize_(KontextTransformer(TransformerConfig.tiny()), seed=5).to("cuda", dtype).eval()
-    generator = torch.Generator().manual_seed(torch.seed() % 2**31)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=generator).to("cuda", dtype)
-
-    img, ids = pack_latent(randn(2, 16, 20, 12)), position_ids(20, 12, batch=2, device="cuda")
-    ctx, ctx_ids = context_tokens([randn(2, 16, 6, 10)], (20, 12), "kontext")
-    args = (img, ids, randn(2, 7, 48), torch.zeros(2, 7, 3, device="cuda"), torch.rand(2, device="cuda"),
-            randn(2, 32), torch.full((2,), 2.5, device="cuda"), ctx, ctx_ids)
+    args = tiny_edit_args(2, dtype, "cuda")
     with torch.no_grad():
         kernels.set_enabled(False)
         plain = model.velocity(*args)
         kernels.set_enabled(True)
-        before = sum(launches.values()) if isinstance(launches, dict) else None
+        before = sum(launches.values())
         fused = model.velocity(*args)
-    if before is not None:
-        assert sum(launches.values()) > before
+    assert sum(launches.values()) > before
     assert rel_error(fused, plain) <= (1e-4 if dtype == torch.float32 else 2e-2)
 
 
@@ -56,15 +46,7 @@ def test_compiled_blocks_call_the_qk_kernel(dtype):
     # blocks (as an opaque op) and the result equals the plain eager model.
     torch._dynamo.reset()
     model = randomize_(KontextTransformer(TransformerConfig.tiny()), seed=6).to("cuda", dtype).eval()
-    generator = torch.Generator().manual_seed(torch.seed() % 2**31)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=generator).to("cuda", dtype)
-
-    img, ids = pack_latent(randn(1, 16, 20, 12)), position_ids(20, 12, batch=1, device="cuda")
-    ctx, ctx_ids = context_tokens([randn(1, 16, 6, 10)], (20, 12), "kontext")
-    args = (img, ids, randn(1, 7, 48), torch.zeros(1, 7, 3, device="cuda"), torch.rand(1, device="cuda"),
-            randn(1, 32), torch.full((1,), 2.5, device="cuda"), ctx, ctx_ids)
+    args = tiny_edit_args(1, dtype, "cuda")
     with torch.no_grad():
         kernels.set_enabled(False)
         plain = model.velocity(*args)

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import randomize_, rel_error
-from kontext_core import KontextTransformer, TransformerConfig, context_tokens, fused, pack_latent, position_ids
+from conftest import randomize_, rel_error, tiny_edit_args
+from kontext_core import KontextTransformer, TransformerConfig, fused
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (cuBLASLt epilogues)")
 
@@ -70,15 +70,7 @@ def test_linear_gelu_epilogue_is_tanh_gelu(shape):
 @cuda_only
 def test_model_with_epilogues_equals_plain_pytorch():
     model = randomize_(KontextTransformer(TransformerConfig.tiny()), seed=7).to("cuda", torch.bfloat16).eval()
-    generator = _fresh_generator()
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=generator).to("cuda", torch.bfloat16)
-
-    img, ids = pack_latent(randn(2, 16, 20, 12)), position_ids(20, 12, batch=2, device="cuda")
-    ctx, ctx_ids = context_tokens([randn(2, 16, 6, 10)], (20, 12), "kontext")
-    args = (img, ids, randn(2, 7, 48), torch.zeros(2, 7, 3, device="cuda"), torch.rand(2, device="cuda"),
-            randn(2, 32), torch.full((2,), 2.5, device="cuda"), ctx, ctx_ids)
+    args = tiny_edit_args(2, torch.bfloat16, "cuda")
     with torch.no_grad():
         with_epilogues = model.velocity(*args)
         fused.set_cublas_epilogues(False)
