@@ -22,6 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from kernels import fp8_qkv  # noqa: E402
 from kontext_core import fp8_attention as fa  # noqa: E402
 
 
@@ -111,11 +112,11 @@ def main() -> None:
             report(label, attempt(label, lambda: timed(fn)))
 
         time_part("fp8_attention (quantize+graph+convert)", lambda: fa.fp8_attention(q, k, v))
-        q8, k8, v8, work = fa.quantize_qkv(q, k, v)
+        q8, k8, v8, work = fp8_qkv.quantize_qkv(q, k, v)
         o8 = fa.sdpa_fp8_graph(q8, k8, v8, work)
-        time_part("  quantize q, k, v alone", lambda: fa.quantize_qkv(q, k, v))
+        time_part("  quantize q, k, v alone", lambda: fp8_qkv.quantize_qkv(q, k, v))
         time_part("  cuDNN fp8 graph alone", lambda: fa.sdpa_fp8_graph(q8, k8, v8, work))
-        time_part("  fp8 O -> bf16 alone", lambda: fa.dequantize_output(o8, work, torch.bfloat16))
+        time_part("  fp8 O -> bf16 alone", lambda: fp8_qkv.dequantize_output(o8, work, torch.bfloat16))
         print("scales (amax q k v | descale q k v | s scale/descale | o scale/descale | amax s, o):",
               [round(x, 6) for x in work[::4].tolist()])
         entry = next(iter(fa._graphs.values()))
@@ -138,14 +139,9 @@ def main() -> None:
 
     if out is not None:
         attempt("profile", lambda: profile_kernels(lambda: fa.fp8_attention(q, k, v)))
-        saved = fa._triton_kernels
-        fa._triton_kernels = lambda: None
         print("quantize_qkv in plain PyTorch ops:")
-        attempt("profile torch quant", lambda: profile_kernels(lambda: fa.quantize_qkv(q, k, v), top=12))
-        fa._triton_kernels = saved
-
-    if out is not None and os.environ.get("PROBE_ALL_PLANS", "1") == "1":  # heuristics' pick was fastest
-        attempt("all plans", lambda: time_all_plans(cudnn, q, k, v, flops))
+        attempt("profile torch quant",
+                lambda: profile_kernels(lambda: fp8_qkv.quantize_qkv_reference(q, k, v), top=12))
 
 
 def profile_kernels(fn, calls: int = 10, top: int = 12) -> None:
@@ -169,39 +165,6 @@ def profile_kernels(fn, calls: int = 10, top: int = 12) -> None:
     print(f"GPU time per call, by kernel (sum {sum(r[0] for r in rows) / 1e3:.3f} ms):")
     for us, count, key in rows[:top]:
         print(f"  {us / 1e3:8.4f} ms  x{count}  {key[:110]}")
-
-
-def time_all_plans(cudnn, q, k, v, flops) -> None:
-    """Build every engine config cuDNN offers for this graph and time each."""
-    q8, k8, v8, work = fa.quantize_qkv(q, k, v)
-    entry = next(iter(fa._graphs.values()))
-    handle = fa._handle(cudnn, q.device)[0]
-    t0 = time.perf_counter()
-    graph = fa._build_graph(cudnn, handle, q8, k8, v8, entry.generate_stats).graph
-    graph.build_plans(cudnn.build_plan_policy.ALL)
-    count = graph.get_execution_plan_count()
-    print(f"{count} plans built in {time.perf_counter() - t0:.1f} s")
-    b, h, l, d = q.shape
-    o8 = torch.empty((b, l, h, d), dtype=torch.float8_e4m3fn, device="cuda").transpose(1, 2)
-    base = work.data_ptr()
-    U = fa._Uid
-    pack = {U.Q: q8.data_ptr(), U.K: k8.data_ptr(), U.V: v8.data_ptr(), U.O: o8.data_ptr(),
-            U.DESCALE_Q: base + 4 * fa._DESCALE_Q, U.DESCALE_K: base + 4 * fa._DESCALE_K,
-            U.DESCALE_V: base + 4 * fa._DESCALE_V, U.DESCALE_S: base + 4 * fa._DESCALE_S,
-            U.SCALE_S: base + 4 * fa._SCALE_S, U.SCALE_O: base + 4 * fa._SCALE_O,
-            U.AMAX_S: base + 4 * fa._AMAX_S_OUT, U.AMAX_O: base + 4 * fa._AMAX_O_OUT}
-    stats = None
-    if entry.generate_stats:
-        stats = torch.empty(entry.stats_shape, dtype=torch.float32, device="cuda")
-        pack[U.STATS] = stats.data_ptr()
-    for index in range(count):
-        try:
-            size = graph.get_workspace_size_plan_at_index(index)
-            workspace = torch.empty(max(size, 1), dtype=torch.uint8, device="cuda")
-            ms = timed(lambda: graph.execute_plan_at_index(pack, workspace.data_ptr(), index, handle=handle))
-            print(f"  plan {index} {graph.get_plan_name_at_index(index)}: {ms:.3f} ms, {flops / ms / 1e9:.1f} TFLOP/s")
-        except Exception as error:
-            print(f"  plan {index}: {type(error).__name__}: {error}")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from kernels.runtime import launches, triton_available
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 DTYPES = [torch.float32, torch.bfloat16]
 # Modules whose @triton.jit decorators read TRITON_INTERPRET when they run, i.e. at import.
-KERNEL_MODULES = ("kernels.modulation", "kernels.qk_norm_rope", "kernels.ffn")
+KERNEL_MODULES = ("kernels.modulation", "kernels.qk_norm_rope", "kernels.ffn", "kernels.fp8_qkv")
 NO_TRITON = "triton is not installed (pip install triton==3.6.0); the kernels fall back to their references"
 
 
@@ -173,6 +173,40 @@ class TestAwkwardSizes:
         for index, name in enumerate("qkv"):
             reference = torch.cat([part[index] for part in parts], dim=2)
             assert rel_error(joint[index], reference) <= TOLERANCE[dtype], name
+
+    def test_quantize_qkv_for_fp8_attention(self, device):
+        from kernels import fp8_qkv
+
+        # q contiguous, k a [B, L, H, D]-ordered view, v a gapped view of a packed projection; head dim 48
+        # pads to a 64-wide tile, 2 x 3 x 37 rows fill no 16-row tile.
+        batch, heads, length, head_dim = 2, 3, 37, 48
+        packed = _randn(batch, length, 3, heads, head_dim, dtype=torch.bfloat16, device=device, scale=2.0)
+        q = packed[:, :, 0].transpose(1, 2).contiguous()
+        k = packed[:, :, 1].contiguous().transpose(1, 2)
+        v = packed.permute(2, 0, 3, 1, 4)[2] * 5
+        before = launches["quantize_qkv"]
+        *ours, work = fp8_qkv.quantize_qkv(q, k, v)
+        _assert_launched("quantize_qkv", before)
+        *reference, reference_work = fp8_qkv.quantize_qkv_reference(q, k, v)
+        written = [slot for slot in range(0, fp8_qkv.AMAX_S_OUT, 4)]  # the slots cuDNN reads; it writes the rest
+        assert torch.allclose(work[written], reference_work[written], rtol=1e-6, atol=0)
+        for name, x8, r8 in zip("qkv", ours, reference):
+            assert x8.dtype == torch.float8_e4m3fn and x8.is_contiguous() and x8.shape == (batch, heads, length, head_dim)
+            if device == "cuda":  # Triton 3.6's interpreter mis-rounds e4m3 casts that carry into the next
+                # power of two (7.99 -> 4, not 8), so the bytes are compared on the GPU only.
+                assert torch.equal(x8.view(torch.uint8), r8.view(torch.uint8)), name
+
+    def test_dequantize_output(self, device):
+        from kernels import fp8_qkv
+
+        o8 = _randn(2, 9, 3, 32, device=device, scale=100.0).to(torch.float8_e4m3fn).transpose(1, 2)
+        work = torch.zeros(fp8_qkv.WORK_FLOATS, device=device)
+        work[fp8_qkv.DESCALE_O] = 0.37
+        before = launches["dequantize_output"]
+        out = fp8_qkv.dequantize_output(o8, work, torch.bfloat16)
+        _assert_launched("dequantize_output", before)
+        reference = fp8_qkv.dequantize_output_reference(o8, work, torch.bfloat16)
+        assert out.stride() == o8.stride() and rel_error(out, reference) <= TOLERANCE[torch.bfloat16]
 
     @pytest.mark.parametrize("dtype", DTYPES, ids=str)
     def test_linear_gelu(self, device, dtype):
