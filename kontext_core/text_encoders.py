@@ -119,39 +119,38 @@ def _clip_prefixes(keys: set[str]) -> list[str]:
     return sorted(text, key=lambda p: ("clip_l" not in p, len(p), p))
 
 
-def _t5_prefix(weights: _Weights, path: Path) -> str:
-    """Where the T5 encoder sits in the file; what the file is instead, if it holds none."""
+@dataclass(frozen=True)
+class _EncoderKind:
+    """What the loaders need to find one text encoder in a file and to name the other when it is that."""
+
+    name: str  # "T5-XXL"
+    short: str  # "T5"
+    prefixes: Callable[[set[str]], list[str]]
+    files: str
+    argument: str
+    diffusers_folder: str
+
+
+_T5 = _EncoderKind("T5-XXL", "T5", _t5_prefixes, _T5_FILES, "t5_path", "text_encoder_2")
+_CLIP = _EncoderKind("CLIP-L", "CLIP", _clip_prefixes, _CLIP_FILES, "clip_path", "text_encoder")
+
+
+def _encoder_prefix(weights: _Weights, path: Path, wanted: _EncoderKind, other: _EncoderKind) -> str:
+    """Where the `wanted` encoder sits in the file (for CLIP `text_model.` included); what the file is, if none."""
     keys = weights.keys()
-    prefixes = _t5_prefixes(keys)
+    prefixes = wanted.prefixes(keys)
     if prefixes:
         return prefixes[0]
-    if _clip_prefixes(keys) and describe(keys) == "a CLIP text encoder":
+    if other.prefixes(keys) and describe(keys) == f"a {other.short} text encoder":
         raise CheckpointError(
-            f"{weights.name} is a CLIP text encoder, not T5-XXL. Pass it as the CLIP file (clip_path); "
-            f"the T5 file is {_T5_FILES} (in ComfyUI's models/text_encoders), or a diffusers text_encoder_2/ folder."
+            f"{weights.name} is a {other.short} text encoder, not {wanted.name}. Pass it as the {other.short} file "
+            f"({other.argument}); the {wanted.short} file is {wanted.files} (in ComfyUI's models/text_encoders), "
+            f"or a diffusers {wanted.diffusers_folder}/ folder."
         )
     refuse_lone_shard(path.name, "text encoder")
     raise CheckpointError(
-        f"{describe_file(keys, weights.name)}, not a T5-XXL text encoder. Expected {_T5_FILES} "
-        "(in ComfyUI's models/text_encoders or models/clip), or a diffusers text_encoder_2/ folder."
-    )
-
-
-def _clip_prefix(weights: _Weights, path: Path) -> str:
-    """Where the CLIP text model sits in the file (`text_model.` included); what the file is, if none."""
-    keys = weights.keys()
-    prefixes = _clip_prefixes(keys)
-    if prefixes:
-        return prefixes[0]
-    if _t5_prefixes(keys) and describe(keys) == "a T5 text encoder":
-        raise CheckpointError(
-            f"{weights.name} is a T5 text encoder, not CLIP-L. Pass it as the T5 file (t5_path); "
-            f"the CLIP file is {_CLIP_FILES} (in ComfyUI's models/text_encoders), or a diffusers text_encoder/ folder."
-        )
-    refuse_lone_shard(path.name, "text encoder")
-    raise CheckpointError(
-        f"{describe_file(keys, weights.name)}, not a CLIP-L text encoder. Expected {_CLIP_FILES} "
-        "(in ComfyUI's models/text_encoders or models/clip), or a diffusers text_encoder/ folder."
+        f"{describe_file(keys, weights.name)}, not a {wanted.name} text encoder. Expected {wanted.files} "
+        f"(in ComfyUI's models/text_encoders or models/clip), or a diffusers {wanted.diffusers_folder}/ folder."
     )
 
 
@@ -361,7 +360,7 @@ def load_t5_encoder(path: str | os.PathLike, *, config: T5Config | None = None,
     path = Path(path)
     compute_dtype = _check_dtype(dtype)
     weights = _open_weights(path, "text_encoder_2")
-    weights.prefix = _t5_prefix(weights, path)
+    weights.prefix = _encoder_prefix(weights, path, _T5, _CLIP)
     config = config or _folder_config(weights, T5Config) or _infer_t5_config(weights)
     # Some files store only `shared.weight`, others only `encoder.embed_tokens.weight`: they are one tensor.
     embedding = ("shared.weight", "encoder.embed_tokens.weight")
@@ -380,7 +379,7 @@ def load_clip_encoder(path: str | os.PathLike, *, config: CLIPTextConfig | None 
     path = Path(path)
     compute_dtype = _check_dtype(dtype)
     weights = _open_weights(path, "text_encoder")
-    weights.prefix = _clip_prefix(weights, path)
+    weights.prefix = _encoder_prefix(weights, path, _CLIP, _T5)
     config = config or _folder_config(weights, CLIPTextConfig) or _infer_clip_config(weights)
     # transformers 4 nested the model under `text_model.`; files keep that name, and the prefix holds it.
     return _fill(CLIPTextModel, config, weights, lambda key: (key.removeprefix("text_model."),),
