@@ -125,7 +125,9 @@ def sample_euler(
 
     for step, (t, t_next) in enumerate(zip(timesteps[:-1], timesteps[1:])):
         t_vec = torch.full((batch * copies,), t, device=device)
-        model_in = x.to(dtype).repeat(copies, 1, 1)
+        model_in = x.to(dtype)
+        if copies > 1:  # true CFG: positive and negative rows in one batch
+            model_in = model_in.repeat(copies, 1, 1)
         velocity = model.velocity(model_in, ids, txt, txt_ids, t_vec, y, guidance_vec, ctx, ctx_ids).to(state_dtype)
         if use_cfg:
             positive, negative_v = velocity.chunk(2)
