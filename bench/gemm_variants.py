@@ -1,10 +1,12 @@
 """The FFN's GEMMs in their candidate forms, timed alone on a CUDA GPU (edit workload, 8704 tokens).
 
-    python3 bench/gemm_variants.py
+    python3 bench/gemm_variants.py [bf16] [fp8] [quantization]
 
 bf16: GEMM then GELU vs cuBLASLt's GELU epilogue; the single block's linear1 as one GEMM vs two;
 its linear2 over a concat vs two accumulating GEMMs. fp8: torch._scaled_mm with per-row/per-token
-scales vs per-tensor scales, each with and without fast accumulation. Prints ms and TFLOP/s.
+scales vs per-tensor scales, each with and without fast accumulation; the fp8 path's activation
+quantizers (kernels/fp8_rows.py) vs the compiler's fusion of their references. Prints ms and TFLOP/s
+(TB/s for the quantizers).
 """
 
 from __future__ import annotations
@@ -26,6 +28,16 @@ def report(label: str, flops: float, fn) -> float:
     seconds = cuda_time(fn, warmup=3, iterations=20)
     print(f"  {label:58s} {seconds * 1e3:7.3f} ms  {flops / seconds / 1e12:6.0f} TFLOP/s", flush=True)
     return seconds
+
+
+def kernel_names(fn) -> str:
+    """The GPU kernels one call launches (to see whether a variant adds copies or separate passes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return ", ".join(e.name[:48] for e in prof.events() if e.device_type.name == "CUDA")
 
 
 def bf16_variants() -> None:
@@ -62,6 +74,21 @@ def bf16_variants() -> None:
                       ("compiled: two GEMMs, GELU epilogue, then the concat", split)):
         compiled = torch.compile(fn, fullgraph=True)
         report(label, flops, lambda: compiled(x, attn))
+    buffer = torch.empty(TOKENS, HIDDEN + MLP, device=dev, dtype=dtype)
+
+    def into_buffer(x, attn):
+        # The GELU GEMM writes its columns of linear2's input in place (a strided out=), the attention
+        # output is copied beside them: no concatenation of the 12288-wide part.
+        qkv = F.linear(x, w1[:3 * HIDDEN], b1[:3 * HIDDEN])
+        torch._addmm_activation(b_mlp, x, w_mlp.t(), use_gelu=True, out=buffer[:, HIDDEN:])
+        buffer[:, :HIDDEN].copy_(attn)
+        return qkv, buffer
+
+    expected = split(x, attn)[1]
+    error = ((into_buffer(x, attn)[1].float() - expected.float()).norm() / expected.float().norm()).item()
+    print(f"  (GEMM into the buffer vs concat: relative L2 {error:.1e}; kernels: {kernel_names(lambda: into_buffer(x, attn))})")
+    report("eager: two GEMMs, the GELU one into linear2's input buffer", flops, lambda: into_buffer(x, attn))
+    report("eager: two GEMMs, GELU epilogue, then the concat", flops, lambda: split(x, attn))
     print("bf16, single block linear2 (3072 + 12288) -> 3072:")
     mlp = torch.randn(TOKENS, MLP, device=dev, dtype=dtype)
     w2 = torch.randn(HIDDEN, HIDDEN + MLP, device=dev, dtype=dtype) * (HIDDEN + MLP) ** -0.5
@@ -94,8 +121,34 @@ def fp8_variants() -> None:
                                             use_fast_accum=fast))
 
 
+def fp8_quantization_variants() -> None:
+    """The fp8 path's activation quantizers: our row kernels vs the compiler's fusion of the references."""
+    from kernels import fp8_rows
+
+    dev, dtype = "cuda", torch.bfloat16
+    x = torch.randn(1, TOKENS, HIDDEN, device=dev, dtype=dtype)
+    shift, scale = torch.randn(2, 1, 1, HIDDEN, device=dev, dtype=dtype)
+    wide = torch.randn(1, TOKENS, 3 * HIDDEN + MLP, device=dev, dtype=dtype)[..., 3 * HIDDEN:]
+    cases = {"quantize_rows": (x,), "gelu_quantize_rows": (wide,), "concat_gelu_quantize_rows": (x, wide),
+             "layernorm_modulate_quantize": (x, shift, scale)}
+    print("fp8 activation quantization (reads bf16, writes e4m3 + row scales):")
+    for name, args in cases.items():
+        rows_in = args if name == "concat_gelu_quantize_rows" else args[:1]
+        moved = sum(a.numel() for a in rows_in) * 3  # 2 bytes of bf16 read, 1 of e4m3 written
+        for label, fn in (("kernel", getattr(fp8_rows, name)),
+                          ("compiled reference", torch.compile(getattr(fp8_rows, name + "_reference")))):
+            seconds = cuda_time(lambda: fn(*args), warmup=3, iterations=20)
+            print(f"  {name:28s} {label:20s} {seconds * 1e6:8.1f} us  {moved / seconds / 1e12:5.2f} TB/s",
+                  flush=True)
+
+
 if __name__ == "__main__":
     torch.backends.cuda.matmul.allow_tf32 = True
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
-    bf16_variants()
-    fp8_variants()
+    sections = sys.argv[1:] or ["bf16", "fp8", "quantization"]
+    if "bf16" in sections:
+        bf16_variants()
+    if "fp8" in sections:
+        fp8_variants()
+    if "quantization" in sections:
+        fp8_quantization_variants()

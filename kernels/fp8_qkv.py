@@ -5,8 +5,8 @@ and every scale cuDNN's fp8 attention graph reads (slots below), and writes cont
 e4m3 copies of q, k, v whatever their strides. `dequantize_output` turns the graph's fp8 O back
 into bf16/fp16 with O's descale. Each has a plain PyTorch `*_reference` of the same contract.
 
-Numerics: scale = 448 / amax per tensor. The softmax numerator P in [0, 1] is stored in fp8 with a
-fixed scale of 256. O is a convex combination of v's rows, so |O| <= amax(v); its range gets 17/16
+Numerics: descale = amax / 448 per tensor, values divided by it. The softmax numerator P in [0, 1]
+is stored in fp8 with a fixed scale of 256. O is a convex combination of v's rows, so |O| <= amax(v); its range gets 17/16
 of that to cover P's own rounding (at most 1/16 relative).
 """
 
@@ -16,11 +16,11 @@ import math
 
 import torch
 
-from .runtime import enabled_for, import_triton, launches
+from .e4m3 import E4M3_MAX, to_e4m3
+from .runtime import enabled_for, import_triton, launches, reduction_combines
 
 triton, tl = import_triton()
 
-E4M3_MAX = 448.0
 P_SCALE = 256.0
 O_MARGIN = 17.0 / 16.0
 
@@ -34,10 +34,8 @@ WORK_FLOATS = 48
 _STREAMS = ((AMAX_Q, DESCALE_Q), (AMAX_K, DESCALE_K), (AMAX_V, DESCALE_V))
 
 
-# Reductions through tl.reduce and this combine rather than tl.max: see kernels/modulation.py.
-@triton.jit
-def _max(a, b):
-    return tl.maximum(a, b)
+# tl.reduce with Triton's own combines (runtime.reduction_combines says why).
+_max, _ = reduction_combines()
 
 
 def _new_work(device: torch.device) -> torch.Tensor:
@@ -51,8 +49,9 @@ def quantize_qkv_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     for x, (amax_slot, descale_slot) in zip((q, k, v), _STREAMS):
         amax = torch.linalg.vector_norm(x, ord=math.inf, dtype=torch.float32).clamp_min(1e-30)
         work[amax_slot] = amax
-        work[descale_slot] = amax / E4M3_MAX
-        scaled = (x.float() * (E4M3_MAX / amax)).clamp(-E4M3_MAX, E4M3_MAX)
+        descale = amax / E4M3_MAX
+        work[descale_slot] = descale
+        scaled = (x.float() / descale).clamp(-E4M3_MAX, E4M3_MAX)
         quantized.append(scaled.to(torch.float8_e4m3fn).contiguous())
     o_range = work[AMAX_V] * O_MARGIN
     work[SCALE_O] = E4M3_MAX / o_range
@@ -120,11 +119,11 @@ def _quantize_kernel(x_ptr, y_ptr, work_ptr, amax_slot, descale_slot, n_rows, he
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     x, mask = _tile(x_ptr, rows, n_rows, heads, length, stride_b, stride_h, stride_l, stride_d, head_dim, BLOCK_D)
-    y = tl.minimum(tl.maximum(x * (E4M3 / amax), -E4M3), E4M3)
+    descale = tl.math.div_rn(amax, E4M3)
     cols = tl.arange(0, BLOCK_D)
-    tl.store(y_ptr + rows[:, None] * head_dim + cols[None, :], y.to(tl.float8e4nv), mask=mask)
+    tl.store(y_ptr + rows[:, None] * head_dim + cols[None, :], to_e4m3(x, descale), mask=mask)
     if pid == 0:
-        tl.store(work_ptr + descale_slot, amax / E4M3)
+        tl.store(work_ptr + descale_slot, descale)
         if IS_V:
             o_range = amax * O_MARGIN_
             tl.store(work_ptr + scale_o_slot, E4M3 / o_range)

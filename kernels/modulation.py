@@ -9,19 +9,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .runtime import enabled_for, import_triton, launches
+from .runtime import enabled_for, import_triton, launches, reduction_combines
 
 triton, tl = import_triton()
 
-# The kernels call only Triton builtins and jit functions of this package, never library jit
-# functions such as tl.sum: those are built for the interpreter or the compiler once, when triton
-# is first imported, while ours are rebuilt with their module (the tests reload it under
-# TRITON_INTERPRET=1), so the interpreter works whenever triton was imported.
-
-
-@triton.jit
-def _add(a, b):
-    return a + b
+# tl.reduce with Triton's own combines (runtime.reduction_combines says why).
+_, _add = reduction_combines()
 
 
 def layernorm_modulate_reference(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,

@@ -9,18 +9,14 @@ from __future__ import annotations
 
 import torch
 
-from .runtime import enabled_for, import_triton, launches
+from .runtime import enabled_for, import_triton, launches, reduction_combines
 
 triton, tl = import_triton()
 
 RMS_EPS = 1e-6
 
-# Sums go through tl.reduce and this combine rather than tl.sum: see kernels/modulation.py.
-
-
-@triton.jit
-def _add(a, b):
-    return a + b
+# tl.reduce with Triton's own combines (runtime.reduction_combines says why).
+_, _add = reduction_combines()
 
 
 def qkv_norm_rope_reference(qkv: torch.Tensor, q_scale: torch.Tensor, k_scale: torch.Tensor,

@@ -94,3 +94,19 @@ def enabled_for_traced(tensor: torch.Tensor) -> bool:
 
 
 TRITON_PRESENT = triton_available()
+
+
+def reduction_combines():
+    """(max, sum) combine functions for `tl.reduce`: Triton's own, those tl.max and tl.sum use.
+
+    Kernels call tl.reduce with these rather than tl.max / tl.sum, which are jit functions built for
+    the interpreter or the compiler once, when triton is first imported (the tests rebuild the kernel
+    modules under TRITON_INTERPRET=1 later); and rather than combines of their own, which the
+    interpreter would apply one element at a time where it maps these two onto numpy.
+    """
+    if not triton_available():
+        return None, None
+    import triton.language as tl
+
+    return tl.standard._elementwise_max, tl.standard._sum_combine
+

@@ -1,7 +1,13 @@
 """The blocks' fusable operations: the Triton kernels of `kernels/` where they run, PyTorch elsewhere.
 
-Each function here has one meaning; which implementation computes it is decided per call. The
-kernels stay out of torch.compile'd graphs (the compiler fuses the PyTorch form itself).
+Each function here has one meaning; which implementation computes it is decided per call. Inside
+torch.compile'd blocks the compiler fuses the PyTorch forms itself, except where a kernel beats its
+fusion: those kernels enter the graph as opaque custom ops (`kontext::*`).
+
+For fp8 layers (`Fp8Linear`) the activations a GEMM needs are e4m3 rows with per-row scales
+(`QuantizedRows`); the functions that produce a layer's input produce them in that form directly,
+the quantization fused with the producing op (kernels/fp8_rows.py), so no bf16 copy is written only
+to be read back and quantized.
 """
 
 from __future__ import annotations
@@ -9,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .quant import Fp8Linear, QuantizedRows, fp8_matmul_ok
 
 try:  # kernels/ is optional; a foreign package of the same name is ignored
     import kernels as _kernels
@@ -58,9 +66,27 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return (1 + scale) * layer_norm(x) + shift
 
 
+def modulated_input(layer: nn.Module, x: torch.Tensor, shift: torch.Tensor,
+                    scale: torch.Tensor) -> torch.Tensor | QuantizedRows:
+    """(1 + scale) * LayerNorm(x) + shift, as `layer`'s input: e4m3 rows for an fp8 layer."""
+    if _takes_fp8_rows(layer, x):
+        return QuantizedRows(*torch.ops.kontext.layernorm_modulate_quantize(x, shift, scale))
+    return modulate(x, shift, scale)
+
+
+def _unhooked(layer: nn.Module) -> bool:
+    return not layer._forward_hooks and not layer._forward_pre_hooks
+
+
+def _takes_fp8_rows(layer: nn.Module, x: torch.Tensor) -> bool:
+    # Hooked layers (on-the-fly LoRA) see bf16 inputs: their hooks read them.
+    return (type(layer) is Fp8Linear and _unhooked(layer) and _kernels is not None
+            and _kernels.runtime.enabled_for_traced(x) and fp8_matmul_ok(x, layer.weight))
+
+
 def _plain_linear(layer: nn.Module) -> bool:
     # Hooks (on-the-fly LoRA) must see the call: a layer that has them is called, not bypassed.
-    return type(layer) is nn.Linear and not layer._forward_hooks and not layer._forward_pre_hooks
+    return type(layer) is nn.Linear and _unhooked(layer)
 
 
 def _cublaslt_gelu(x: torch.Tensor, layer: nn.Module) -> bool:
@@ -97,10 +123,39 @@ def linear_then_gelu_part(x: torch.Tensor, layer: nn.Module, split: int) -> tupl
     return first, F.gelu(second, approximate="tanh")
 
 
-def gated_residual(residual: torch.Tensor, gate: torch.Tensor, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+def mlp_hidden(x: torch.Tensor | QuantizedRows, up: nn.Module, down: nn.Module) -> torch.Tensor | QuantizedRows:
+    """GELU(tanh)(up(x)), as the input of the down-projection `down`: e4m3 rows for an fp8 layer."""
+    if isinstance(x, QuantizedRows):
+        hidden = up(x)
+        if _takes_fp8_rows(down, hidden):
+            return QuantizedRows(*torch.ops.kontext.gelu_quantize_rows(hidden))
+        return F.gelu(hidden, approximate="tanh")
+    return linear_gelu(x, up)
+
+
+def parallel_attention_mlp(x: torch.Tensor | QuantizedRows, linear1: nn.Module, linear2: nn.Module, split: int,
+                           attend) -> torch.Tensor | QuantizedRows:
+    """The single block's middle: y = linear1(x); [attend(y[..., :split]), GELU(tanh)(y[..., split:])] as
+    linear2's input (e4m3 rows for an fp8 linear2, without the bf16 concatenation)."""
+    if isinstance(x, QuantizedRows):
+        # One fp8 GEMM; the attention and the quantizing concat read their parts of it as strided views.
+        qkv, mlp = linear1(x).split([split, linear1.out_features - split], dim=-1)
+        attended = attend(qkv)
+        if _takes_fp8_rows(linear2, attended):
+            return QuantizedRows(*torch.ops.kontext.concat_gelu_quantize_rows(attended, mlp))
+        return torch.cat((attended, F.gelu(mlp, approximate="tanh")), dim=-1)
+    qkv, mlp = linear_then_gelu_part(x, linear1, split)
+    return torch.cat((attend(qkv), mlp), dim=-1)
+
+
+def gated_residual(residual: torch.Tensor, gate: torch.Tensor, x: torch.Tensor | QuantizedRows,
+                   layer: nn.Module) -> torch.Tensor:
     """residual + gate * layer(x), the gated add in the GEMM's epilogue when fused."""
-    if _fused_gemms and _plain_linear(layer) and _active(x):
-        return _kernels.linear_gated_residual(x, layer.weight, layer.bias, gate, residual)
+    if isinstance(x, torch.Tensor):
+        if _fused_gemms and _plain_linear(layer) and _active(x):
+            return _kernels.linear_gated_residual(x, layer.weight, layer.bias, gate, residual)
+        if _takes_fp8_rows(layer, x):
+            x = QuantizedRows(*torch.ops.kontext.quantize_rows(x))
     return residual + gate * layer(x)
 
 
@@ -119,6 +174,37 @@ if _kernels is not None:
         first = qkvs[0]
         return first.new_empty((3, first.shape[0], num_heads, sum(qkv.shape[1] for qkv in qkvs),
                                 first.shape[-1] // (3 * num_heads)))
+
+
+    # The fp8 row quantizers (kernels/fp8_rows.py), opaque to the compiler for the same reason: its
+    # reductions read each row twice and run apart from the op producing the row.
+    def _quantized_fake(x: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        return (x.new_empty((*x.shape[:-1], width), dtype=torch.float8_e4m3fn),
+                x.new_empty((rows, 1), dtype=torch.float32))
+
+    @torch.library.custom_op("kontext::quantize_rows", mutates_args=())
+    def _quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _kernels.fp8_rows.quantize_rows(x)
+
+    @torch.library.custom_op("kontext::gelu_quantize_rows", mutates_args=())
+    def _gelu_quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _kernels.fp8_rows.gelu_quantize_rows(x)
+
+    @torch.library.custom_op("kontext::concat_gelu_quantize_rows", mutates_args=())
+    def _concat_gelu_quantize_rows(first: torch.Tensor, second: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _kernels.fp8_rows.concat_gelu_quantize_rows(first, second)
+
+    @torch.library.custom_op("kontext::layernorm_modulate_quantize", mutates_args=())
+    def _layernorm_modulate_quantize(x: torch.Tensor, shift: torch.Tensor,
+                                     scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _kernels.fp8_rows.layernorm_modulate_quantize(x, shift, scale)
+
+    _quantize_rows.register_fake(lambda x: _quantized_fake(x, x.shape[-1]))
+    _gelu_quantize_rows.register_fake(lambda x: _quantized_fake(x, x.shape[-1]))
+    _concat_gelu_quantize_rows.register_fake(lambda first, second: _quantized_fake(second, first.shape[-1]
+                                                                                   + second.shape[-1]))
+    _layernorm_modulate_quantize.register_fake(lambda x, shift, scale: _quantized_fake(x, x.shape[-1]))
 
 
 def _qk_kernel_active(x: torch.Tensor) -> bool:

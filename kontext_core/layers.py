@@ -15,6 +15,7 @@ from torch import nn
 from . import fused
 from .attention import attention
 from .fused import apply_rope, layer_norm  # noqa: F401  (part of this module's vocabulary)
+from .quant import QuantizedRows
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0,
@@ -81,6 +82,10 @@ class ModulationParams:
     def modulate(self, x: torch.Tensor) -> torch.Tensor:
         return fused.modulate(x, self.shift, self.scale)
 
+    def input_for(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | QuantizedRows:
+        """modulate(x) as `layer`'s input (e4m3 rows with scales when layer is an fp8 layer)."""
+        return fused.modulated_input(layer, x, self.shift, self.scale)
+
 
 class Modulation(nn.Module):
     def __init__(self, dim: int, double: bool):
@@ -142,18 +147,21 @@ class DoubleStreamBlock(nn.Module):
         text_length = txt.shape[1]
 
         # Text tokens come first in the joint sequence, as in the reference.
-        streams = [(stream.qkv(mod.modulate(x)), stream.norm.query_norm, stream.norm.key_norm)
+        streams = [(stream.qkv(mod.input_for(stream.qkv, x)), stream.norm.query_norm, stream.norm.key_norm)
                    for stream, mod, x in ((self.txt_attn, txt_attn_mod, txt), (self.img_attn, img_attn_mod, img))]
         joint = attention(*fused.joint_qkv_heads(streams, rope.cos, rope.sin, self.num_heads))
         txt_out, img_out = joint[:, :text_length], joint[:, text_length:]
 
         img = fused.gated_residual(img, img_attn_mod.gate, img_out, self.img_attn.proj)
-        img = fused.gated_residual(img, img_mlp_mod.gate, fused.linear_gelu(img_mlp_mod.modulate(img), self.img_mlp[0]),
-                                   self.img_mlp[2])
+        img = self._mlp_residual(img, img_mlp_mod, self.img_mlp)
         txt = fused.gated_residual(txt, txt_attn_mod.gate, txt_out, self.txt_attn.proj)
-        txt = fused.gated_residual(txt, txt_mlp_mod.gate, fused.linear_gelu(txt_mlp_mod.modulate(txt), self.txt_mlp[0]),
-                                   self.txt_mlp[2])
+        txt = self._mlp_residual(txt, txt_mlp_mod, self.txt_mlp)
         return img, txt
+
+    @staticmethod
+    def _mlp_residual(x: torch.Tensor, mod: ModulationParams, mlp: MLP) -> torch.Tensor:
+        up, down = mlp[0], mlp[2]
+        return fused.gated_residual(x, mod.gate, fused.mlp_hidden(mod.input_for(up, x), up, down), down)
 
 
 class SingleStreamBlock(nn.Module):
@@ -171,10 +179,14 @@ class SingleStreamBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, vec: torch.Tensor, rope: RopeFrequencies) -> torch.Tensor:
         (mod,) = self.modulation(vec)
-        qkv, mlp = fused.linear_then_gelu_part(mod.modulate(x), self.linear1, 3 * self.hidden_size)
-        q, k, v = fused.joint_qkv_heads([(qkv, self.norm.query_norm, self.norm.key_norm)], rope.cos, rope.sin,
-                                        self.num_heads)
-        return fused.gated_residual(x, mod.gate, torch.cat((attention(q, k, v), mlp), dim=2), self.linear2)
+
+        def attend(qkv: torch.Tensor) -> torch.Tensor:
+            return attention(*fused.joint_qkv_heads([(qkv, self.norm.query_norm, self.norm.key_norm)], rope.cos,
+                                                    rope.sin, self.num_heads))
+
+        hidden = fused.parallel_attention_mlp(mod.input_for(self.linear1, x), self.linear1, self.linear2,
+                                              3 * self.hidden_size, attend)
+        return fused.gated_residual(x, mod.gate, hidden, self.linear2)
 
 
 class LastLayer(nn.Module):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -10,12 +12,18 @@ FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max
 
 _fp8_matmul = True
+_fp8_matmul_on_cpu = False
 
 
-def set_fp8_matmul(enabled: bool) -> None:
-    """On GPUs with fp8 tensor cores (Ada, Hopper), Fp8Linear multiplies in fp8; off: upcast weights."""
-    global _fp8_matmul
+def set_fp8_matmul(enabled: bool, on_cpu: bool = False) -> None:
+    """On GPUs with fp8 tensor cores (Ada, Hopper), Fp8Linear multiplies in fp8; off: upcast weights.
+
+    on_cpu: also multiply in fp8 on the CPU (PyTorch's slow reference GEMM), so that a machine
+    without a GPU can run and test the fp8 path itself.
+    """
+    global _fp8_matmul, _fp8_matmul_on_cpu
     _fp8_matmul = bool(enabled)
+    _fp8_matmul_on_cpu = bool(on_cpu)
 
 
 # Fast accumulation skips the periodic promotion of the fp8 tensor cores' partial sums to fp32: on an
@@ -30,12 +38,42 @@ def set_fp8_fast_accumulation(enabled: bool) -> None:
     _fast_accumulation = bool(enabled)
 
 
-def _fp8_matmul_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    if not (_fp8_matmul and x.is_cuda and weight.dtype == torch.float8_e4m3fn):
+def fp8_matmul_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether activations like x multiply with this weight on fp8 tensor cores (`torch._scaled_mm`)."""
+    if not (_fp8_matmul and weight.dtype == torch.float8_e4m3fn and x.device.type == weight.device.type):
         return False
     if x.dtype not in (torch.bfloat16, torch.float16) or weight.shape[0] % 16 or weight.shape[1] % 16:
         return False
-    return torch.cuda.get_device_capability(x.device) >= (8, 9)
+    if x.device.type == "cpu":
+        return _fp8_matmul_on_cpu
+    return x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 9)
+
+
+class QuantizedRows(NamedTuple):
+    """Activations ready for an fp8 GEMM: e4m3 `data` [..., K] ~= float rows / `scale` [rows, 1]."""
+
+    data: torch.Tensor
+    scale: torch.Tensor
+
+
+def quantize_rows(x: torch.Tensor) -> QuantizedRows:
+    """Per-token (row) dynamic scales amax/448, the rows then in e4m3 (kernels/fp8_rows.py fuses this
+    with the op producing x; this is the plain form)."""
+    rows = x.reshape(-1, x.shape[-1]).float()
+    scale = rows.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / E4M3_MAX
+    data = (rows / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return QuantizedRows(data.view(x.shape), scale)
+
+
+def fp8_linear_rows(rows: QuantizedRows, weight: torch.Tensor, weight_scale: torch.Tensor,
+                    bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """rows @ (weight * weight_scale).T + bias on fp8 tensor cores, accumulated in fp32, in out_dtype."""
+    shape = rows.data.shape
+    w_scale = weight_scale.float().reshape(1, -1).expand(1, weight.shape[0]).contiguous()
+    out = torch._scaled_mm(rows.data.reshape(-1, shape[-1]), weight.t(), scale_a=rows.scale, scale_b=w_scale,
+                           bias=bias.to(out_dtype) if bias is not None else None, out_dtype=out_dtype,
+                           use_fast_accum=_fast_accumulation)
+    return out.reshape(*shape[:-1], weight.shape[0])
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
@@ -45,15 +83,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     Activations are quantized per token (row) with a dynamic scale amax/448, weights carry their
     per-tensor or per-row scale; the product accumulates in fp32 and is written in x's dtype.
     """
-    shape = x.shape
-    rows = x.reshape(-1, shape[-1])
-    x_scale = rows.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / E4M3_MAX
-    x_fp8 = (rows.float() / x_scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-    w_scale = weight_scale.float().reshape(1, -1).expand(1, weight.shape[0]).contiguous()
-    out = torch._scaled_mm(x_fp8, weight.t(), scale_a=x_scale, scale_b=w_scale,
-                           bias=bias.to(x.dtype) if bias is not None else None, out_dtype=x.dtype,
-                           use_fast_accum=_fast_accumulation)
-    return out.reshape(*shape[:-1], weight.shape[0])
+    return fp8_linear_rows(quantize_rows(x), weight, weight_scale, bias, x.dtype)
 
 
 class Fp8Linear(nn.Module):
@@ -81,8 +111,10 @@ class Fp8Linear(nn.Module):
             scale = scale[:, None]
         return (self.weight.float() * scale).to(dtype or self.compute_dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _fp8_matmul_ok(x, self.weight):
+    def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
+        if isinstance(x, QuantizedRows):  # already quantized by a fused kernel (kontext_core/fused.py)
+            return fp8_linear_rows(x, self.weight, self.weight_scale, self.bias, self.compute_dtype)
+        if fp8_matmul_ok(x, self.weight):
             return fp8_linear(x, self.weight, self.weight_scale, self.bias)
         weight = self.dequantized_weight(x.dtype)
         bias = self.bias.to(x.dtype) if self.bias is not None else None

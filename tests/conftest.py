@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 import os
 from pathlib import Path
@@ -16,6 +18,37 @@ from kontext_core.transformer import KontextTransformer
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = Path(os.environ.get("KONTEXT_GOLDEN_DIR", REPO.parent / "shared" / "reference" / "golden"))
 REFERENCE = GOLDEN.parent
+
+
+# Modules whose @triton.jit decorators read TRITON_INTERPRET when they run, i.e. at import; helpers first.
+KERNEL_MODULES = ("kernels.e4m3", "kernels.modulation", "kernels.qk_norm_rope", "kernels.ffn", "kernels.fp8_qkv",
+                  "kernels.fp8_rows")
+
+
+def reload_kernel_modules() -> None:
+    for name in KERNEL_MODULES:
+        importlib.reload(importlib.import_module(name))
+
+
+@contextlib.contextmanager
+def kernels_built_for(mode: str):
+    """The kernel modules rebuilt for Triton's CPU interpreter ("interpreter") or the GPU ("cuda"),
+    switched on; put back as they were afterwards."""
+    import kernels
+
+    with pytest.MonkeyPatch.context() as patch:
+        if mode == "interpreter":
+            patch.setenv("TRITON_INTERPRET", "1")
+        else:
+            patch.delenv("TRITON_INTERPRET", raising=False)
+        patch.delenv("KONTEXT_KERNELS", raising=False)
+        reload_kernel_modules()
+        kernels.set_enabled(True)
+        try:
+            yield
+        finally:
+            patch.undo()
+            reload_kernel_modules()
 
 
 def rel_error(ours: torch.Tensor, reference: torch.Tensor) -> float:

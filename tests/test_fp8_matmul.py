@@ -41,7 +41,7 @@ def test_scaled_mm_matches_the_dequantized_layer(fast, per_row, shape):
         linear.bias.copy_(torch.randn(out_features, generator=generator) * 0.1)
     model = quant.quantize_model_fp8(nn.Sequential(linear), prefixes=("0",), per_row=per_row)
     layer = model[0]
-    assert isinstance(layer, quant.Fp8Linear) and quant._fp8_matmul_ok(torch.empty(1, device="cuda",
+    assert isinstance(layer, quant.Fp8Linear) and quant.fp8_matmul_ok(torch.empty(1, device="cuda",
                                                                                   dtype=torch.bfloat16), layer.weight)
     x = torch.randn(batch, tokens, in_features, generator=generator).to("cuda", torch.bfloat16)
     quant.set_fp8_fast_accumulation(fast)

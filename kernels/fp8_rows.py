@@ -1,0 +1,241 @@
+"""Activations to e4m3 for the fp8 GEMMs, in one pass with the operation that produces them.
+
+An fp8 GEMM (`torch._scaled_mm`) takes its activations as e4m3 rows, each with a float32 scale
+amax(row) / 448. Quantizing is a row reduction (the amax) and a rewrite; left to the compiler it
+reads the row twice and runs apart from its producer. These kernels hold each row in registers, so
+the producer's output is read once and written once, as fp8:
+
+- `quantize_rows(x)`: rows of x (an attention output before its projection);
+- `gelu_quantize_rows(h)`: GELU(tanh) of the MLP's up-projection, before its down-projection;
+- `concat_gelu_quantize_rows(a, h)`: [a, GELU(h)] per row, the single block's linear2 input, with no
+  concatenated bf16 copy;
+- `layernorm_modulate_quantize(x, shift, scale)`: (1 + scale) * LayerNorm(x) + shift, the input of
+  every block's first GEMMs.
+
+Each returns (data, scale): data e4m3 of x's leading shape and the row width, scale float32
+[rows, 1], data * scale ~= the float32 result. The `*_reference` functions compute the same in
+PyTorch, in float32 throughout; the kernels round to e4m3 exactly as PyTorch's conversion does
+(kernels/e4m3.py), so only the GELU's last float32 bits can tell them apart.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .e4m3 import E4M3_MAX, to_e4m3
+from .runtime import enabled_for, import_triton, launches, reduction_combines
+
+triton, tl = import_triton()
+
+Quantized = tuple[torch.Tensor, torch.Tensor]
+
+
+def _quantize_reference(values: torch.Tensor) -> Quantized:
+    """float32 [..., K] -> (e4m3 [..., K], float32 [rows, 1]): per-row amax / 448 scales."""
+    rows = values.reshape(-1, values.shape[-1])
+    scale = rows.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / E4M3_MAX
+    data = (rows / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return data.view(values.shape), scale
+
+
+def _gelu(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x.float(), approximate="tanh")
+
+
+def quantize_rows_reference(x: torch.Tensor) -> Quantized:
+    """x [..., K] -> its rows in e4m3 with per-row scales."""
+    return _quantize_reference(x.float())
+
+
+def gelu_quantize_rows_reference(x: torch.Tensor) -> Quantized:
+    """x [..., K] -> GELU(tanh)(x) in e4m3 with per-row scales."""
+    return _quantize_reference(_gelu(x))
+
+
+def concat_gelu_quantize_rows_reference(first: torch.Tensor, second: torch.Tensor) -> Quantized:
+    """first [..., K1], second [..., K2] -> [first, GELU(tanh)(second)] [..., K1 + K2] in e4m3, per-row scales."""
+    return _quantize_reference(torch.cat((first.float(), _gelu(second)), dim=-1))
+
+
+def layernorm_modulate_quantize_reference(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                                          eps: float = 1e-6) -> Quantized:
+    """x [B, L, C], shift and scale [B or 1, 1, C] -> (1 + scale) * layer_norm(x) + shift in e4m3, per-row scales."""
+    normed = F.layer_norm(x.float(), (x.shape[-1],), eps=eps)
+    return _quantize_reference((1 + scale.float()) * normed + shift.float())
+
+
+def quantize_rows(x: torch.Tensor) -> Quantized:
+    """Same contract as `quantize_rows_reference`; the Triton kernel where it can run."""
+    if enabled_for(x) and x.numel() > 0:
+        return _concat_quantize_triton(None, x, gelu=False)
+    return quantize_rows_reference(x)
+
+
+def gelu_quantize_rows(x: torch.Tensor) -> Quantized:
+    """Same contract as `gelu_quantize_rows_reference`; the Triton kernel where it can run."""
+    if enabled_for(x) and x.numel() > 0:
+        return _concat_quantize_triton(None, x, gelu=True)
+    return gelu_quantize_rows_reference(x)
+
+
+def concat_gelu_quantize_rows(first: torch.Tensor, second: torch.Tensor) -> Quantized:
+    """Same contract as `concat_gelu_quantize_rows_reference`; the Triton kernel where it can run."""
+    if enabled_for(second) and second.numel() > 0 and first.shape[-1] > 0:
+        return _concat_quantize_triton(first, second, gelu=True)
+    return concat_gelu_quantize_rows_reference(first, second)
+
+
+def layernorm_modulate_quantize(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                                eps: float = 1e-6) -> Quantized:
+    """Same contract as `layernorm_modulate_quantize_reference`; the Triton kernel where it can run."""
+    if enabled_for(x) and x.dim() == 3 and x.numel() > 0:
+        return _layernorm_modulate_quantize_triton(x, shift, scale, eps)
+    return layernorm_modulate_quantize_reference(x, shift, scale, eps)
+
+
+# tl.reduce with Triton's own combines (runtime.reduction_combines says why).
+_max, _add = reduction_combines()
+
+
+@triton.jit
+def _gelu_tanh(x):
+    # 0.5 x (1 + tanh(u)) = x * sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3): no tanh intrinsic needed.
+    inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+    return x / (1.0 + tl.exp(-2.0 * inner))
+
+
+@triton.jit
+def _row_scale(amax):
+    return tl.math.div_rn(tl.maximum(amax, 1e-12), 448.0)
+
+
+@triton.jit
+def _row_tile(ptr, rows, n_rows, stride, width, BLOCK: tl.constexpr):
+    """A [ROWS, BLOCK] float32 tile of a [M, width] matrix (row stride `stride`), its column offsets and mask."""
+    cols = tl.arange(0, BLOCK)
+    mask = (rows < n_rows)[:, None] & (cols < width)[None, :]
+    tile = tl.load(ptr + rows[:, None] * stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    return tile, cols, mask
+
+
+@triton.jit
+def _concat_quantize_kernel(
+    first_ptr, second_ptr, out_ptr, scale_ptr,
+    n_rows, first_width, second_width, stride_first, stride_second,
+    HAS_FIRST: tl.constexpr, GELU_SECOND: tl.constexpr, BLOCK_FIRST: tl.constexpr, BLOCK_SECOND: tl.constexpr,
+    ROWS: tl.constexpr,
+):
+    # ROWS rows per program (one for FLUX's widths); each row stays in registers between the amax
+    # and the rewrite.
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    width = first_width + second_width
+    second, cols, mask = _row_tile(second_ptr, rows, n_rows, stride_second, second_width, BLOCK_SECOND)
+    if GELU_SECOND:
+        second = _gelu_tanh(second)
+    amax = tl.reduce(tl.abs(second), 1, _max)
+    if HAS_FIRST:
+        first, first_cols, first_mask = _row_tile(first_ptr, rows, n_rows, stride_first, first_width, BLOCK_FIRST)
+        amax = tl.maximum(amax, tl.reduce(tl.abs(first), 1, _max))
+        scale = _row_scale(amax)[:, None]
+        tl.store(out_ptr + rows[:, None] * width + first_cols[None, :], to_e4m3(first, scale), mask=first_mask)
+    else:
+        scale = _row_scale(amax)[:, None]
+    tl.store(out_ptr + rows[:, None] * width + first_width + cols[None, :], to_e4m3(second, scale), mask=mask)
+    tl.store(scale_ptr + rows[:, None], scale, mask=(rows < n_rows)[:, None])
+
+
+def _as_rows(x: torch.Tensor) -> torch.Tensor:
+    """[..., K] -> [M, K] with unit column stride (a view where the strides allow)."""
+    rows = x.reshape(-1, x.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def _warps(block: int) -> int:
+    # About 16 float32 values a thread per tensor; at most 16 warps.
+    return max(1, min(16, block // 512))
+
+
+def _rows_per_program(block: int, device: torch.device) -> int:
+    # Narrow rows share a program; FLUX's (3072 and wider) get one each. Triton's interpreter pays per
+    # program, so on the CPU (tests) programs take as many rows as fit 16k values.
+    fit = max(1, (16384 if device.type == "cpu" else 2048) // block)
+    return 1 << (fit.bit_length() - 1)  # a power of two, as tl.arange needs
+
+
+def _concat_quantize_triton(first: torch.Tensor | None, second: torch.Tensor, gelu: bool) -> Quantized:
+    second_rows = _as_rows(second)
+    first_rows = _as_rows(first) if first is not None else second_rows
+    first_width = first.shape[-1] if first is not None else 0
+    if first is not None and first_rows.shape[0] != second_rows.shape[0]:
+        raise ValueError(f"concat_gelu_quantize_rows: {first_rows.shape[0]} rows in first, "
+                         f"{second_rows.shape[0]} in second")
+    n_rows, second_width = second_rows.shape
+    width = first_width + second_width
+    data = torch.empty((*second.shape[:-1], width), dtype=torch.float8_e4m3fn, device=second.device)
+    scale = torch.empty((n_rows, 1), dtype=torch.float32, device=second.device)
+    block_second = triton.next_power_of_2(second_width)
+    block_first = triton.next_power_of_2(max(first_width, 1))
+    block = block_second + (block_first if first is not None else 0)
+    rows = _rows_per_program(block, second.device)
+    _concat_quantize_kernel[(triton.cdiv(n_rows, rows),)](
+        first_rows, second_rows, data, scale,
+        n_rows, first_width, second_width, first_rows.stride(0), second_rows.stride(0),
+        HAS_FIRST=first is not None, GELU_SECOND=gelu, BLOCK_FIRST=block_first, BLOCK_SECOND=block_second,
+        ROWS=rows, num_warps=_warps(rows * block),
+    )
+    launches["concat_gelu_quantize_rows" if first is not None else
+             "gelu_quantize_rows" if gelu else "quantize_rows"] += 1
+    return data, scale
+
+
+@triton.jit
+def _layernorm_modulate_quantize_kernel(
+    x_ptr, shift_ptr, scale_ptr, out_ptr, row_scale_ptr,
+    n_rows, length, channels, eps,
+    stride_xb, stride_xl, stride_shift_b, stride_scale_b,
+    BLOCK_C: tl.constexpr, ROWS: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    batch = rows // length
+    token = rows % length
+    cols = tl.arange(0, BLOCK_C)
+    row_inside = rows < n_rows
+    mask = row_inside[:, None] & (cols < channels)[None, :]
+
+    x = tl.load(x_ptr + (batch * stride_xb + token * stride_xl)[:, None] + cols[None, :], mask=mask,
+                other=0.0).to(tl.float32)
+    mean = tl.reduce(x, 1, _add) / channels
+    centred = tl.where(mask, x - mean[:, None], 0.0)
+    variance = tl.reduce(centred * centred, 1, _add) / channels
+    normed = centred * tl.rsqrt(variance + eps)[:, None]
+    shift = tl.load(shift_ptr + (batch * stride_shift_b)[:, None] + cols[None, :], mask=mask, other=0.0)
+    scale = tl.load(scale_ptr + (batch * stride_scale_b)[:, None] + cols[None, :], mask=mask, other=0.0)
+    out = tl.where(mask, (1.0 + scale.to(tl.float32)) * normed + shift.to(tl.float32), 0.0)
+
+    row_scale = _row_scale(tl.reduce(tl.abs(out), 1, _max))[:, None]
+    tl.store(out_ptr + rows[:, None] * channels + cols[None, :], to_e4m3(out, row_scale), mask=mask)
+    tl.store(row_scale_ptr + rows[:, None], row_scale, mask=row_inside[:, None])
+
+
+def _layernorm_modulate_quantize_triton(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                                        eps: float) -> Quantized:
+    batch, length, channels = x.shape
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    # Batch-1 modulation broadcasts through a zero batch stride; chunked views keep their strides.
+    shift = shift.expand(batch, 1, channels)
+    scale = scale.expand(batch, 1, channels)
+    shift = shift if shift.stride(-1) == 1 else shift.contiguous()
+    scale = scale if scale.stride(-1) == 1 else scale.contiguous()
+    data = torch.empty((batch, length, channels), dtype=torch.float8_e4m3fn, device=x.device)
+    row_scale = torch.empty((batch * length, 1), dtype=torch.float32, device=x.device)
+    block = triton.next_power_of_2(channels)
+    rows = _rows_per_program(block, x.device)
+    _layernorm_modulate_quantize_kernel[(triton.cdiv(batch * length, rows),)](
+        x, shift, scale, data, row_scale,
+        batch * length, length, channels, eps,
+        x.stride(0), x.stride(1), shift.stride(0), scale.stride(0),
+        BLOCK_C=block, ROWS=rows, num_warps=_warps(rows * block),
+    )
+    launches["layernorm_modulate_quantize"] += 1
+    return data, row_scale
