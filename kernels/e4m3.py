@@ -1,10 +1,13 @@
-"""Rounding to float8 e4m3 inside Triton kernels, bit-exact with PyTorch's conversion.
+"""Conversion to float8 e4m3 inside Triton kernels, bit-exact with PyTorch's.
 
-Kernels that quantize round their float32 values to the e4m3 grid here (round to nearest, ties to
-even, as `tensor.to(torch.float8_e4m3fn)` does) and only then convert: the conversion of a value
-already on the grid is exact everywhere, on the GPU and in Triton 3.6's interpreter, which mis-rounds
-conversions that carry into the next power of two (7.99 -> 4, not 8). So the kernels' bytes can be
-compared with their references on the CPU too.
+Quantizing kernels scale by a reciprocal (one IEEE division per row or tensor, then a multiply per
+value: an IEEE division per value cost the row quantizers 2-3x their memory time on an H100) and
+convert with round to nearest, ties to even, as `tensor.to(torch.float8_e4m3fn)` does; their
+PyTorch references compute the same products, so the bytes agree.
+
+Under Triton 3.6's interpreter the conversion mis-rounds values that carry into the next power of
+two (7.99 -> 4, not 8), so there (EXACT_ROUNDING) the values are first rounded to the e4m3 grid in
+float32, which leaves the conversion nothing to round; on the GPU the hardware conversion does it.
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ def round_to_e4m3(v):
 
 
 @triton.jit
-def to_e4m3(values, scale):
-    """values / scale, saturated to e4m3's range and rounded; as float8e4nv. IEEE division, as PyTorch's."""
-    scaled = tl.minimum(tl.maximum(tl.math.div_rn(values, scale), -448.0), 448.0)
-    return round_to_e4m3(scaled).to(tl.float8e4nv)
+def to_e4m3(values, inv_scale, EXACT_ROUNDING: tl.constexpr):
+    """values * inv_scale, saturated to e4m3's range, as float8e4nv (round to nearest even)."""
+    scaled = tl.minimum(tl.maximum(values * inv_scale, -448.0), 448.0)
+    if EXACT_ROUNDING:
+        scaled = round_to_e4m3(scaled)
+    return scaled.to(tl.float8e4nv)

@@ -5,8 +5,8 @@ and every scale cuDNN's fp8 attention graph reads (slots below), and writes cont
 e4m3 copies of q, k, v whatever their strides. `dequantize_output` turns the graph's fp8 O back
 into bf16/fp16 with O's descale. Each has a plain PyTorch `*_reference` of the same contract.
 
-Numerics: descale = amax / 448 per tensor, values divided by it. The softmax numerator P in [0, 1]
-is stored in fp8 with a fixed scale of 256. O is a convex combination of v's rows, so |O| <= amax(v); its range gets 17/16
+Numerics: scale = 448 / amax per tensor. The softmax numerator P in [0, 1] is stored in fp8 with a
+fixed scale of 256. O is a convex combination of v's rows, so |O| <= amax(v); its range gets 17/16
 of that to cover P's own rounding (at most 1/16 relative).
 """
 
@@ -17,7 +17,7 @@ import math
 import torch
 
 from .e4m3 import E4M3_MAX, to_e4m3
-from .runtime import enabled_for, import_triton, launches, reduction_combines
+from .runtime import enabled_for, import_triton, interpreting, launches, reduction_combines
 
 triton, tl = import_triton()
 
@@ -49,9 +49,8 @@ def quantize_qkv_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     for x, (amax_slot, descale_slot) in zip((q, k, v), _STREAMS):
         amax = torch.linalg.vector_norm(x, ord=math.inf, dtype=torch.float32).clamp_min(1e-30)
         work[amax_slot] = amax
-        descale = amax / E4M3_MAX
-        work[descale_slot] = descale
-        scaled = (x.float() / descale).clamp(-E4M3_MAX, E4M3_MAX)
+        work[descale_slot] = amax / E4M3_MAX
+        scaled = (x.float() * (amax.new_tensor(E4M3_MAX) / amax)).clamp(-E4M3_MAX, E4M3_MAX)  # a true division
         quantized.append(scaled.to(torch.float8_e4m3fn).contiguous())
     o_range = work[AMAX_V] * O_MARGIN
     work[SCALE_O] = E4M3_MAX / o_range
@@ -114,16 +113,17 @@ def _quantize_kernel(x_ptr, y_ptr, work_ptr, amax_slot, descale_slot, n_rows, he
                      stride_b, stride_h, stride_l, stride_d, head_dim,
                      scale_s_slot, descale_s_slot, scale_o_slot, descale_o_slot,
                      E4M3: tl.constexpr, P_SCALE_: tl.constexpr, O_MARGIN_: tl.constexpr,
-                     IS_V: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+                     IS_V: tl.constexpr, EXACT_ROUNDING: tl.constexpr, BLOCK_R: tl.constexpr,
+                     BLOCK_D: tl.constexpr):
     amax = tl.maximum(tl.load(work_ptr + amax_slot), 1e-30)
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     x, mask = _tile(x_ptr, rows, n_rows, heads, length, stride_b, stride_h, stride_l, stride_d, head_dim, BLOCK_D)
-    descale = tl.math.div_rn(amax, E4M3)
     cols = tl.arange(0, BLOCK_D)
-    tl.store(y_ptr + rows[:, None] * head_dim + cols[None, :], to_e4m3(x, descale), mask=mask)
+    tl.store(y_ptr + rows[:, None] * head_dim + cols[None, :], to_e4m3(x, tl.math.div_rn(E4M3, amax), EXACT_ROUNDING),
+             mask=mask)
     if pid == 0:
-        tl.store(work_ptr + descale_slot, descale)
+        tl.store(work_ptr + descale_slot, tl.math.div_rn(amax, E4M3))
         if IS_V:
             o_range = amax * O_MARGIN_
             tl.store(work_ptr + scale_o_slot, E4M3 / o_range)
@@ -174,6 +174,7 @@ def _quantize_qkv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         _quantize_kernel[(grid,)](x, y, work, amax_slot, descale_slot, n_rows, x.shape[1], x.shape[2], *x.stride(),
                                   x.shape[3], SCALE_S, DESCALE_S, SCALE_O, DESCALE_O,
                                   E4M3=E4M3_MAX, P_SCALE_=P_SCALE, O_MARGIN_=O_MARGIN, IS_V=amax_slot == AMAX_V,
+                                  EXACT_ROUNDING=interpreting(),
                                   BLOCK_R=_BLOCK_ROWS, BLOCK_D=triton.next_power_of_2(x.shape[3]), num_warps=_WARPS)
         quantized.append(y)
     launches["quantize_qkv"] += 1

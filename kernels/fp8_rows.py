@@ -14,8 +14,8 @@ the producer's output is read once and written once, as fp8:
 
 Each returns (data, scale): data e4m3 of x's leading shape and the row width, scale float32
 [rows, 1], data * scale ~= the float32 result. The `*_reference` functions compute the same in
-PyTorch, in float32 throughout; the kernels round to e4m3 exactly as PyTorch's conversion does
-(kernels/e4m3.py), so only the GELU's last float32 bits can tell them apart.
+PyTorch, in float32 throughout; the kernels scale and round as they do (kernels/e4m3.py), so only
+the last float32 bits of GELU and LayerNorm can tell them apart.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .e4m3 import E4M3_MAX, to_e4m3
-from .runtime import enabled_for, import_triton, launches, reduction_combines
+from .runtime import enabled_for, import_triton, interpreting, launches, reduction_combines
 
 triton, tl = import_triton()
 
@@ -34,9 +34,10 @@ Quantized = tuple[torch.Tensor, torch.Tensor]
 def _quantize_reference(values: torch.Tensor) -> Quantized:
     """float32 [..., K] -> (e4m3 [..., K], float32 [rows, 1]): per-row amax / 448 scales."""
     rows = values.reshape(-1, values.shape[-1])
-    scale = rows.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / E4M3_MAX
-    data = (rows / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-    return data.view(values.shape), scale
+    amax = rows.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12)
+    # A true division (python_float / tensor would multiply by a rounded reciprocal): as the kernels.
+    data = (rows * (amax.new_tensor(E4M3_MAX) / amax)).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return data.view(values.shape), amax / E4M3_MAX
 
 
 def _gelu(x: torch.Tensor) -> torch.Tensor:
@@ -106,8 +107,10 @@ def _gelu_tanh(x):
 
 
 @triton.jit
-def _row_scale(amax):
-    return tl.math.div_rn(tl.maximum(amax, 1e-12), 448.0)
+def _row_scales(amax):
+    """(amax / 448, 448 / amax) as [ROWS, 1] columns, IEEE divisions as PyTorch's."""
+    amax = tl.maximum(amax, 1e-12)
+    return tl.math.div_rn(amax, 448.0)[:, None], tl.math.div_rn(448.0, amax)[:, None]
 
 
 @triton.jit
@@ -124,7 +127,7 @@ def _concat_quantize_kernel(
     first_ptr, second_ptr, out_ptr, scale_ptr,
     n_rows, first_width, second_width, stride_first, stride_second,
     HAS_FIRST: tl.constexpr, GELU_SECOND: tl.constexpr, BLOCK_FIRST: tl.constexpr, BLOCK_SECOND: tl.constexpr,
-    ROWS: tl.constexpr,
+    ROWS: tl.constexpr, EXACT_ROUNDING: tl.constexpr,
 ):
     # ROWS rows per program (one for FLUX's widths); each row stays in registers between the amax
     # and the rewrite.
@@ -137,11 +140,13 @@ def _concat_quantize_kernel(
     if HAS_FIRST:
         first, first_cols, first_mask = _row_tile(first_ptr, rows, n_rows, stride_first, first_width, BLOCK_FIRST)
         amax = tl.maximum(amax, tl.reduce(tl.abs(first), 1, _max))
-        scale = _row_scale(amax)[:, None]
-        tl.store(out_ptr + rows[:, None] * width + first_cols[None, :], to_e4m3(first, scale), mask=first_mask)
+        scale, inv_scale = _row_scales(amax)
+        tl.store(out_ptr + rows[:, None] * width + first_cols[None, :], to_e4m3(first, inv_scale, EXACT_ROUNDING),
+                 mask=first_mask)
     else:
-        scale = _row_scale(amax)[:, None]
-    tl.store(out_ptr + rows[:, None] * width + first_width + cols[None, :], to_e4m3(second, scale), mask=mask)
+        scale, inv_scale = _row_scales(amax)
+    tl.store(out_ptr + rows[:, None] * width + first_width + cols[None, :],
+             to_e4m3(second, inv_scale, EXACT_ROUNDING), mask=mask)
     tl.store(scale_ptr + rows[:, None], scale, mask=(rows < n_rows)[:, None])
 
 
@@ -152,8 +157,9 @@ def _as_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def _warps(block: int) -> int:
-    # About 16 float32 values a thread per tensor; at most 16 warps.
-    return max(1, min(16, block // 512))
+    # About 16 float32 values a thread, at most 8 warps: on an H100 8 warps beat 4 and 16 for FLUX's
+    # 3072- and 12288-wide rows.
+    return max(1, min(8, block // 512))
 
 
 def _rows_per_program(block: int, device: torch.device) -> int:
@@ -182,7 +188,7 @@ def _concat_quantize_triton(first: torch.Tensor | None, second: torch.Tensor, ge
         first_rows, second_rows, data, scale,
         n_rows, first_width, second_width, first_rows.stride(0), second_rows.stride(0),
         HAS_FIRST=first is not None, GELU_SECOND=gelu, BLOCK_FIRST=block_first, BLOCK_SECOND=block_second,
-        ROWS=rows, num_warps=_warps(rows * block),
+        ROWS=rows, EXACT_ROUNDING=interpreting(), num_warps=_warps(rows * block),
     )
     launches["concat_gelu_quantize_rows" if first is not None else
              "gelu_quantize_rows" if gelu else "quantize_rows"] += 1
@@ -194,7 +200,7 @@ def _layernorm_modulate_quantize_kernel(
     x_ptr, shift_ptr, scale_ptr, out_ptr, row_scale_ptr,
     n_rows, length, channels, eps,
     stride_xb, stride_xl, stride_shift_b, stride_scale_b,
-    BLOCK_C: tl.constexpr, ROWS: tl.constexpr,
+    BLOCK_C: tl.constexpr, ROWS: tl.constexpr, EXACT_ROUNDING: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     batch = rows // length
@@ -213,8 +219,8 @@ def _layernorm_modulate_quantize_kernel(
     scale = tl.load(scale_ptr + (batch * stride_scale_b)[:, None] + cols[None, :], mask=mask, other=0.0)
     out = tl.where(mask, (1.0 + scale.to(tl.float32)) * normed + shift.to(tl.float32), 0.0)
 
-    row_scale = _row_scale(tl.reduce(tl.abs(out), 1, _max))[:, None]
-    tl.store(out_ptr + rows[:, None] * channels + cols[None, :], to_e4m3(out, row_scale), mask=mask)
+    row_scale, inv_scale = _row_scales(tl.reduce(tl.abs(out), 1, _max))
+    tl.store(out_ptr + rows[:, None] * channels + cols[None, :], to_e4m3(out, inv_scale, EXACT_ROUNDING), mask=mask)
     tl.store(row_scale_ptr + rows[:, None], row_scale, mask=row_inside[:, None])
 
 
@@ -235,7 +241,7 @@ def _layernorm_modulate_quantize_triton(x: torch.Tensor, shift: torch.Tensor, sc
         x, shift, scale, data, row_scale,
         batch * length, length, channels, eps,
         x.stride(0), x.stride(1), shift.stride(0), scale.stride(0),
-        BLOCK_C=block, ROWS=rows, num_warps=_warps(rows * block),
+        BLOCK_C=block, ROWS=rows, EXACT_ROUNDING=interpreting(), num_warps=_warps(rows * block),
     )
     launches["layernorm_modulate_quantize"] += 1
     return data, row_scale

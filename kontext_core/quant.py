@@ -18,8 +18,8 @@ _fp8_matmul_on_cpu = False
 def set_fp8_matmul(enabled: bool, on_cpu: bool = False) -> None:
     """On GPUs with fp8 tensor cores (Ada, Hopper), Fp8Linear multiplies in fp8; off: upcast weights.
 
-    on_cpu: also multiply in fp8 on the CPU (PyTorch's slow reference GEMM), so that a machine
-    without a GPU can run and test the fp8 path itself.
+    on_cpu: also take the fp8 path on the CPU (e4m3 operands, float32 products), so that a machine
+    without a GPU can run and test it.
     """
     global _fp8_matmul, _fp8_matmul_on_cpu
     _fp8_matmul = bool(enabled)
@@ -60,19 +60,26 @@ def quantize_rows(x: torch.Tensor) -> QuantizedRows:
     """Per-token (row) dynamic scales amax/448, the rows then in e4m3 (kernels/fp8_rows.py fuses this
     with the op producing x; this is the plain form)."""
     rows = x.reshape(-1, x.shape[-1]).float()
-    scale = rows.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / E4M3_MAX
-    data = (rows / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-    return QuantizedRows(data.view(x.shape), scale)
+    amax = rows.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12)
+    data = (rows * (amax.new_tensor(E4M3_MAX) / amax)).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return QuantizedRows(data.view(x.shape), amax / E4M3_MAX)
 
 
 def fp8_linear_rows(rows: QuantizedRows, weight: torch.Tensor, weight_scale: torch.Tensor,
                     bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     """rows @ (weight * weight_scale).T + bias on fp8 tensor cores, accumulated in fp32, in out_dtype."""
     shape = rows.data.shape
+    data = rows.data.reshape(-1, shape[-1])
     w_scale = weight_scale.float().reshape(1, -1).expand(1, weight.shape[0]).contiguous()
-    out = torch._scaled_mm(rows.data.reshape(-1, shape[-1]), weight.t(), scale_a=rows.scale, scale_b=w_scale,
-                           bias=bias.to(out_dtype) if bias is not None else None, out_dtype=out_dtype,
-                           use_fast_accum=_fast_accumulation)
+    if data.device.type == "cpu":
+        # The same products on the CPU, whose _scaled_mm takes per-tensor scales only in some releases:
+        # e4m3 times e4m3 is exact in float32, which also accumulates.
+        out = F.linear(data.float() * rows.scale, weight.float() * w_scale.t(),
+                       bias.float() if bias is not None else None).to(out_dtype)
+    else:
+        out = torch._scaled_mm(data, weight.t(), scale_a=rows.scale, scale_b=w_scale,
+                               bias=bias.to(out_dtype) if bias is not None else None, out_dtype=out_dtype,
+                               use_fast_accum=_fast_accumulation)
     return out.reshape(*shape[:-1], weight.shape[0])
 
 

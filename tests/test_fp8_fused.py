@@ -88,15 +88,20 @@ def test_hooked_fp8_layers_get_bf16_inputs(device):
 
 def test_compiled_blocks_trace_the_row_kernels(device):
     # Regional compilation traces the row quantizers as opaque ops (their fake shapes must be right);
-    # "aot_eager" traces as the compiler does without generating code, so it runs on the CPU too.
+    # "aot_eager" traces as the compiler does without generating code, so it runs on the CPU too. The
+    # compiler's own fusions round differently from eager bf16, which moves some e4m3 roundings: so, as
+    # above, compiled and eager are each measured against the float32 model.
     torch._dynamo.reset()
-    _, fp8 = _models(device)
+    model, fp8 = _models(device)
     args = tiny_edit_args(1, torch.bfloat16, device)
     with torch.no_grad():
+        exact = model.velocity(*[a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args])
         eager = fp8.velocity(*args)
         fp8.compile_blocks(backend="aot_eager" if device == "cpu" else "inductor")
         before = launches["concat_gelu_quantize_rows"]
         compiled = fp8.velocity(*args)
         assert launches["concat_gelu_quantize_rows"] - before == len(fp8.single_blocks)
     torch._dynamo.reset()
-    assert _relative_l2(compiled, eager) <= 1e-2
+    eager_error = _relative_l2(eager, exact)
+    assert _relative_l2(compiled, exact) <= 1.15 * eager_error
+    assert _relative_l2(compiled, eager) <= eager_error
