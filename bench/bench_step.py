@@ -26,6 +26,7 @@ import kernels  # noqa: E402
 from kontext_core import fused, quant  # noqa: E402
 from kontext_core import Autoencoder, KontextTransformer, TransformerConfig, set_attention_backend  # noqa: E402
 from kontext_core.checkpoints.key_maps import to_theirs, transformer_links  # noqa: E402
+from kontext_core.cuda_graph import GraphedVelocity  # noqa: E402
 from kontext_core.pipeline import GenerationSettings, KontextPipeline  # noqa: E402
 from kontext_core.sampling import TextConditioning  # noqa: E402
 from kontext_core.tokens import context_tokens, pack_latent, position_ids, text_position_ids  # noqa: E402
@@ -133,9 +134,10 @@ def inputs(config: TransformerConfig, workload: dict, seed: int = 0) -> dict[str
     return data
 
 
-def ours_step(model: KontextTransformer, x: dict):
-    return lambda: model.velocity(x["img"], x["img_ids"], x["txt"], x["txt_ids"], x["t"], x["y"], x["g"],
-                                  x["ctx"], x["ctx_ids"])
+def ours_step(model: KontextTransformer, x: dict, graphed: bool = False):
+    velocity = GraphedVelocity(model) if graphed else model.velocity
+    return lambda: velocity(x["img"], x["img_ids"], x["txt"], x["txt_ids"], x["t"], x["y"], x["g"],
+                            x["ctx"], x["ctx_ids"])
 
 
 def diffusers_step(twin, x: dict):
@@ -154,6 +156,7 @@ MODIFIERS = {
     "exactaccum": "fp8 GEMMs without fast accumulation",
     "nokernels": "compiled blocks without our QK-norm+RoPE kernel (the compiler's own fusion)",
     "fp8attention": "attention through cuDNN's fp8 graph (needs nvidia-cudnn-frontend)",
+    "graphs": "each step replayed from a CUDA graph (kontext_core/cuda_graph.py)",
 }
 
 
@@ -230,10 +233,10 @@ def random_autoencoder() -> Autoencoder:
     return ae.eval()
 
 
-def end_to_end(model: KontextTransformer, steps: int = 28) -> float:
+def end_to_end(model: KontextTransformer, steps: int = 28, cuda_graphs: bool = False) -> float:
     """1024x1024 edit: AE encode of the context, `steps` steps, AE decode (prompt embeddings given)."""
     ae = random_autoencoder()
-    pipe = KontextPipeline(model, ae)
+    pipe = KontextPipeline(model, ae, cuda_graphs=cuda_graphs)
     config = model.config
     cond = TextConditioning(torch.randn(1, 512, config.context_in_dim, device="cuda"),
                             torch.randn(1, config.vec_in_dim, device="cuda"))
@@ -317,7 +320,7 @@ def main() -> None:
                       else comfy if impl.startswith("comfyui") else twin)
             if "-compiled" in impl:
                 compile_blocks(target, impl)
-            fn = (ours_step(target, x) if impl.startswith("ours") else comfy_step(target, x)
+            fn = (ours_step(target, x, "graphs" in modifiers) if impl.startswith("ours") else comfy_step(target, x)
                   if impl.startswith("comfyui") else diffusers_step(target, x))
             torch.cuda.reset_peak_memory_stats()
             with torch.no_grad():
@@ -347,17 +350,22 @@ def main() -> None:
                 torch._dynamo.reset()
     if args.e2e:
         fp8_attention_too = any("+fp8attention" in i for i in args.impls)
-        for label, target in (("bf16", model), ("fp8", fp8_model), ("fp8+fp8attention", fp8_model)):
+        graphs_too = any("+graphs" in i for i in args.impls)
+        runs = [(label, target, graphs) for label, target in (("bf16", model), ("fp8", fp8_model),
+                                                               ("fp8+fp8attention", fp8_model))
+                for graphs in ((False, True) if graphs_too else (False,))]
+        for label, target, graphs in runs:
             if target is None or (label.endswith("fp8attention") and not fp8_attention_too):
                 continue
-            set_attention_backend("cudnn-fp8" if label.endswith("fp8attention") else "auto")
+            label += "+graphs" if graphs else ""
+            set_attention_backend("cudnn-fp8" if "fp8attention" in label else "auto")
             kernels.set_enabled(True)  # the product's defaults
             fused.set_fused_gemms(False)
             fused.set_cublas_epilogues(True)
             quant.set_fp8_fast_accumulation(True)
             if any("-compiled" in i for i in args.impls):
                 compile_blocks(target, "ours-compiled")
-            seconds = end_to_end(target)
+            seconds = end_to_end(target, cuda_graphs=graphs)
             record[f"e2e_edit_28_steps_{label}_s"] = seconds
             print(f"end-to-end 1024x1024 edit, 28 steps, AE encode+decode, {label}: {seconds:.2f} s", flush=True)
             uncompile(target)

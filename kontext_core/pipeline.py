@@ -17,6 +17,7 @@ from PIL import Image
 
 from . import tiling
 from .autoencoder import Autoencoder
+from .cuda_graph import GraphedVelocity
 from .lora import apply_lora
 from .image import FIT_MODES, RESIZE_MODES, prepare_image, to_pil
 from .sampling import SAMPLER_MODES, StepCallback, TextConditioning, denoise_schedule, noise_latent, sample_euler
@@ -68,10 +69,12 @@ class EditResult:
 
 class KontextPipeline:
     def __init__(self, transformer: KontextTransformer, autoencoder: Autoencoder,
-                 text_encoders: PromptEncoder | None = None):
+                 text_encoders: PromptEncoder | None = None, cuda_graphs: bool = False):
         self.transformer = transformer
         self.autoencoder = autoencoder
         self.text_encoders = text_encoders
+        # Steps replayed from a CUDA graph where the model allows (CUDA, no hooks): for launch-bound steps.
+        self._graphed = GraphedVelocity(transformer) if cuda_graphs else None
         self.ae_tiling = "auto"  # auto: tiles only when a full-size AE pass would not fit; always; never
 
     @property
@@ -180,6 +183,7 @@ class KontextPipeline:
             self.transformer, pack_latent(start).to(device), position_ids(height, width, batch=batch, device=device),
             conditioning, timesteps, guidance=settings.guidance, context=ctx, context_ids=ctx_ids,
             negative=negative, true_cfg=settings.true_cfg if negative is not None else 1.0, callback=callback,
+            velocity_fn=self._graphed,
         )
 
     def _conditioning(self, prompt: str | list[str], conditioning: TextConditioning | None,

@@ -101,11 +101,13 @@ def sample_euler(
     negative: TextConditioning | None = None,
     true_cfg: float = 1.0,
     callback: StepCallback | None = None,
+    velocity_fn: Callable[..., torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Euler integration of the flow; the latent is kept in float32 (or float64) between steps.
 
     With `negative` and true_cfg > 1, positive and negative predictions come from one batched forward
-    and are combined as v_neg + true_cfg * (v_pos - v_neg).
+    and are combined as v_neg + true_cfg * (v_pos - v_neg). `velocity_fn` stands in for
+    `model.velocity` (same arguments), e.g. a CUDA-graphed one.
     """
     batch = x.shape[0]
     device, dtype = model.device, model.dtype
@@ -128,7 +130,8 @@ def sample_euler(
         model_in = x.to(dtype)
         if copies > 1:  # true CFG: positive and negative rows in one batch
             model_in = model_in.repeat(copies, 1, 1)
-        velocity = model.velocity(model_in, ids, txt, txt_ids, t_vec, y, guidance_vec, ctx, ctx_ids).to(state_dtype)
+        velocity = (velocity_fn or model.velocity)(model_in, ids, txt, txt_ids, t_vec, y, guidance_vec, ctx,
+                                                   ctx_ids).to(state_dtype)
         if use_cfg:
             positive, negative_v = velocity.chunk(2)
             velocity = negative_v + true_cfg * (positive - negative_v)

@@ -1,0 +1,60 @@
+"""CUDA-graph replay of a step (kontext_core/cuda_graph.py) against the plain step.
+
+On the GPU: replays equal eager steps for changing inputs with one capture, a new shape or a replaced
+weight captures again, a hooked model is never captured. On the CPU: the wrapper is the plain call.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import randomize_, rel_error, tiny_edit_args
+from kontext_core import KontextTransformer, TransformerConfig
+from kontext_core.cuda_graph import GraphedVelocity
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _model(device: str) -> KontextTransformer:
+    return randomize_(KontextTransformer(TransformerConfig.tiny()), seed=3).to(device).eval()
+
+
+def test_without_cuda_the_plain_step_runs():
+    model = _model("cpu")
+    graphed = GraphedVelocity(model)
+    args = tiny_edit_args(1, torch.float32, "cpu")
+    with torch.no_grad():
+        assert torch.equal(graphed(*args), model.velocity(*args))
+    assert graphed.captures == 0
+
+
+@needs_cuda
+def test_replays_equal_eager_steps_with_one_capture():
+    model = _model("cuda")
+    graphed = GraphedVelocity(model)
+    with torch.no_grad():
+        for _ in range(3):
+            args = tiny_edit_args(1, torch.float32, "cuda")  # fresh inputs, same shapes
+            assert rel_error(graphed(*args), model.velocity(*args)) < 1e-5
+        assert graphed.captures == 1
+        args = tiny_edit_args(2, torch.float32, "cuda")  # a new batch size: a new graph
+        assert rel_error(graphed(*args), model.velocity(*args)) < 1e-5
+        assert graphed.captures == 2
+
+
+@needs_cuda
+def test_replaced_weights_and_hooks_are_respected():
+    model = _model("cuda")
+    graphed = GraphedVelocity(model)
+    args = tiny_edit_args(1, torch.float32, "cuda")
+    with torch.no_grad():
+        graphed(*args)
+        layer = model.single_blocks[0].linear2
+        layer.weight = torch.nn.Parameter(layer.weight * 2, requires_grad=False)  # a new tensor, a new address
+        assert rel_error(graphed(*args), model.velocity(*args)) < 1e-5
+        assert graphed.captures == 2
+        handle = layer.register_forward_hook(lambda module, inputs, output: output * 0.5)
+        assert rel_error(graphed(*args), model.velocity(*args)) < 1e-5  # the hook ran: no replay
+        handle.remove()
+    assert graphed.captures == 2
