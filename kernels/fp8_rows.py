@@ -156,17 +156,21 @@ def _as_rows(x: torch.Tensor) -> torch.Tensor:
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
-def _warps(block: int) -> int:
-    # About 16 float32 values a thread, at most 8 warps: on an H100 8 warps beat 4 and 16 for FLUX's
-    # 3072- and 12288-wide rows.
-    return max(1, min(8, block // 512))
+def _power_of_two_at_most(n: int) -> int:
+    return 1 << (max(1, n).bit_length() - 1)
+
+
+def _warps(values: int) -> int:
+    # About 16 float32 values a thread, at most 8 warps (on an H100 8 warps beat 4 and 16 for FLUX's
+    # 3072- and 12288-wide rows); a power of two, as Triton needs.
+    return _power_of_two_at_most(min(8, values // 512))
 
 
 def _rows_per_program(block: int, device: torch.device) -> int:
     # Narrow rows share a program; FLUX's (3072 and wider) get one each. Triton's interpreter pays per
-    # program, so on the CPU (tests) programs take as many rows as fit 16k values.
-    fit = max(1, (16384 if device.type == "cpu" else 2048) // block)
-    return 1 << (fit.bit_length() - 1)  # a power of two, as tl.arange needs
+    # program, so on the CPU (tests) programs take as many rows as fit 16k values. A power of two, as
+    # tl.arange needs.
+    return _power_of_two_at_most((16384 if device.type == "cpu" else 2048) // block)
 
 
 def _concat_quantize_triton(first: torch.Tensor | None, second: torch.Tensor, gelu: bool) -> Quantized:

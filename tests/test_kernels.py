@@ -296,6 +296,20 @@ class TestAwkwardSizes:
         torch.testing.assert_close(out, modulation.layernorm_modulate_reference(x, shift, scale), rtol=0, atol=0)
 
 
+def test_fp8_row_launch_shapes_are_powers_of_two():
+    # The interpreter ignores num_warps, so only a GPU would reveal a 3-warp launch: checked here instead,
+    # for every row layout (widths of one or two inputs, FLUX's and the tests' awkward ones).
+    from kernels import fp8_rows
+
+    def power_of_two(n: int) -> bool:
+        return n >= 1 and n & (n - 1) == 0
+
+    for block in (64, 128, 192, 4096, 4096 + 16384, 16384, 64 + 128):
+        for device in (torch.device("cpu"), torch.device("cuda")):
+            rows = fp8_rows._rows_per_program(block, device)
+            assert power_of_two(rows) and power_of_two(fp8_rows._warps(rows * block)), (block, device)
+
+
 def test_cpu_tensors_use_the_references_without_the_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert not kernels.enabled_for(torch.randn(4))
