@@ -105,6 +105,7 @@ def _pipeline(args: argparse.Namespace):
                              memory=args.memory, ae_tiling=args.ae_tiling)
     if args.compile:
         pipeline.transformer.compile_blocks()
+    pipeline.cuda_graphs = args.cuda_graphs
     for spec in args.lora:
         path, _, strength = spec.partition(":")
         apply_lora(pipeline.transformer, load_lora(path), strength=float(strength or 1.0), mode="merge")
@@ -212,6 +213,9 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     run.add_argument("--compile", action="store_true",
                      help="compile each transformer block (faster steps after a minute of compilation)")
+    run.add_argument("--cuda-graphs", action="store_true",
+                     help="replay each step from a CUDA graph (CUDA only; for steps the CPU cannot launch fast enough, "
+                          "e.g. fp8 with fp8 attention)")
 
 
 def build_parser() -> argparse.ArgumentParser:

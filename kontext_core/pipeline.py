@@ -74,7 +74,8 @@ class KontextPipeline:
         self.autoencoder = autoencoder
         self.text_encoders = text_encoders
         # Steps replayed from a CUDA graph where the model allows (CUDA, no hooks): for launch-bound steps.
-        self._graphed = GraphedVelocity(transformer) if cuda_graphs else None
+        self.cuda_graphs = cuda_graphs
+        self._graphed: GraphedVelocity | None = None
         self.ae_tiling = "auto"  # auto: tiles only when a full-size AE pass would not fit; always; never
 
     @property
@@ -183,8 +184,16 @@ class KontextPipeline:
             self.transformer, pack_latent(start).to(device), position_ids(height, width, batch=batch, device=device),
             conditioning, timesteps, guidance=settings.guidance, context=ctx, context_ids=ctx_ids,
             negative=negative, true_cfg=settings.true_cfg if negative is not None else 1.0, callback=callback,
-            velocity_fn=self._graphed,
+            velocity_fn=self._graphed_velocity(),
         )
+
+    def _graphed_velocity(self) -> GraphedVelocity | None:
+        if not self.cuda_graphs:
+            self._graphed = None  # frees the graph's memory
+            return None
+        if self._graphed is None or self._graphed.model is not self.transformer:
+            self._graphed = GraphedVelocity(self.transformer)
+        return self._graphed
 
     def _conditioning(self, prompt: str | list[str], conditioning: TextConditioning | None,
                       settings: GenerationSettings, batch: int) -> tuple[TextConditioning, TextConditioning | None]:
