@@ -215,6 +215,9 @@ def _print_gaps(prof, top: int = 6) -> None:
 
 
 def uncompile(model) -> None:
+    if isinstance(model, KontextTransformer):
+        model.uncompile_blocks()
+        return
     for module in model.modules():
         if getattr(module, "_compiled_call_impl", None) is not None:
             module._compiled_call_impl = None

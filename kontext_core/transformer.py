@@ -44,10 +44,19 @@ class KontextTransformer(nn.Module):
 
         Fuses the norms, RoPE and GELU between the GEMMs (1.4x faster per step on an H100, see
         bench/RESULTS.md) at the cost of a minute of compilation on the first step.
+
+        A block whose layers carry forward hooks (LoRAs applied on the fly) runs uncompiled while they are
+        there: the compiled graph does not see hooks added after it was traced.
         """
         options.setdefault("fullgraph", True)
         for block in (*self.double_blocks, *self.single_blocks):
             block.compile(**options)
+        return self
+
+    def uncompile_blocks(self) -> "KontextTransformer":
+        """Back to eager blocks (the compiled code stays in torch.compile's cache)."""
+        for block in (*self.double_blocks, *self.single_blocks):
+            block._compiled_call_impl = None
         return self
 
     @property
@@ -90,10 +99,10 @@ class KontextTransformer(nn.Module):
 
         with attention_scope(img.device):
             for block in self.double_blocks:
-                img, txt = block(img, txt, vec, rope)
+                img, txt = _run_block(block, img, txt, vec, rope)
             joint = torch.cat((txt, img), dim=1)
             for block in self.single_blocks:
-                joint = block(joint, vec, rope)
+                joint = _run_block(block, joint, vec, rope)
         return self.final_layer(joint[:, txt.shape[1]:], vec)
 
     def velocity(
@@ -119,3 +128,13 @@ class KontextTransformer(nn.Module):
             txt, txt_ids, timesteps, y, guidance,
         )
         return out[:, : target.shape[1]]
+
+
+def _run_block(block: nn.Module, *args):
+    # torch.compile does not guard on submodules' hooks (torch._dynamo.config.skip_nnmodule_hook_guards),
+    # so a compiled block would silently skip an on-the-fly LoRA's hooks: such a block runs eagerly.
+    if block._compiled_call_impl is not None and any(m._forward_hooks or m._forward_pre_hooks
+                                                    for m in block.modules()):
+        return block._call_impl(*args)
+    return block(*args)
+

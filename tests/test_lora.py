@@ -194,6 +194,28 @@ def test_merged_equals_on_the_fly_and_hand_reference(tiny_transformer, tmp_path)
         assert torch.equal(value, tiny_transformer.state_dict()[key])  # on the fly never touches weights
 
 
+def test_compiled_blocks_apply_loras_on_the_fly_and_merged(tiny_transformer, tmp_path):
+    # torch.compile does not guard on the hooks of a block's layers: without care a compiled block would
+    # skip an on-the-fly LoRA added after compilation. "aot_eager" traces as the compiler does, on the CPU.
+    lora = load_lora(_write(tmp_path, "diffusers", _random_lora(tiny_transformer, seed=5), tiny_transformer.config))
+    base = _velocity(tiny_transformer)
+    reference = copy.deepcopy(tiny_transformer)
+    apply_lora(reference, lora, strength=0.7, mode="merge")
+    expected = _velocity(reference)
+    assert rel_error(expected, base) > 0.05
+
+    torch._dynamo.reset()
+    compiled = copy.deepcopy(tiny_transformer).compile_blocks(backend="aot_eager")
+    assert rel_error(_velocity(compiled), base) < 1e-5
+    with apply_lora(compiled, lora, strength=0.7, mode="on_the_fly"):
+        assert rel_error(_velocity(compiled), expected) < 1e-5
+    assert rel_error(_velocity(compiled), base) < 1e-5
+    with apply_lora(compiled, lora, strength=0.7, mode="merge"):
+        assert rel_error(_velocity(compiled), expected) < 1e-5
+    assert rel_error(_velocity(compiled), base) < 1e-5
+    torch._dynamo.reset()
+
+
 # --- (c) parity with diffusers + peft ------------------------------------------------------------
 
 @pytest.mark.parametrize("fmt", ["diffusers", "diffusers_alpha_metadata"])
