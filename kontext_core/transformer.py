@@ -53,6 +53,10 @@ class KontextTransformer(nn.Module):
             block.compile(**options)
         return self
 
+    @property
+    def blocks_compiled(self) -> bool:
+        return any(block._compiled_call_impl is not None for block in (*self.double_blocks, *self.single_blocks))
+
     def uncompile_blocks(self) -> "KontextTransformer":
         """Back to eager blocks (the compiled code stays in torch.compile's cache)."""
         for block in (*self.double_blocks, *self.single_blocks):

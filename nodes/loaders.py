@@ -6,6 +6,7 @@ outputs a reference that the sampling nodes resolve through the cache.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 from kontext_core import set_attention_backend
@@ -34,19 +35,37 @@ class KontextModelLoader(KontextNode):
                       tooltip="default: fp8 for fp8 files, else bf16 on a GPU (fp32 on the CPU). fp8 halves memory."),
                 Combo("attention", ATTENTION_BACKENDS, "auto",
                       tooltip="auto picks the fastest available; flash-attn needs the flash-attn package."),
+                Combo("compile", COMPILE_MODES, "off",
+                      tooltip="on: torch.compile each transformer block (needs a CUDA GPU and Triton). The first "
+                              "run takes about a minute longer, then steps are ~1.4x faster; LoRAs still apply.",
+                      optional=True),  # optional: API prompts written before this input still validate
             ],
             [Output(MODEL, "model")],
         )
 
     @classmethod
-    def run(cls, model_name: str, weight_dtype: str = "default", attention: str = "auto") -> NodeResult:
+    def run(cls, model_name: str, weight_dtype: str = "default", attention: str = "auto",
+            compile: str = "off") -> NodeResult:
         path = comfy_adapter.full_path("diffusion_models", model_name)
         set_attention_backend(attention)  # refuses flash-attn when it is not installed, here rather than later
         device = comfy_adapter.compute_device()
+        if compile == "on":
+            _check_compile(device)
         dtype = model_cache.resolve_weight_dtype(weight_dtype, path, device)
-        ref = TransformerRef(path, dtype, str(device), attention)
+        ref = TransformerRef(path, dtype, str(device), attention, compile=compile == "on")
         resolve.transformer(ref)
         return NodeResult((ref,))
+
+
+COMPILE_MODES = ("off", "on")
+
+
+def _check_compile(device) -> None:
+    """Refuse compile=on here, on the loader, where it cannot work (rather than failing at the first step)."""
+    if getattr(device, "type", str(device)) != "cuda":
+        raise RuntimeError(f"compile needs a CUDA GPU and ComfyUI runs this model on {device}; set compile to off")
+    if importlib.util.find_spec("triton") is None:  # torch.compile's GPU code generator
+        raise RuntimeError("compile needs Triton (pip install triton; on Windows triton-windows); set compile to off")
 
 
 class KontextVAELoader(KontextNode):

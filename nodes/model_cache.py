@@ -46,6 +46,7 @@ class TransformerRef:
     device: str
     attention: str = "auto"
     loras: tuple[LoraRef, ...] = ()
+    compile: bool = False  # regional torch.compile of the blocks; not part of the key: the weights are shared
 
     @property
     def key(self) -> tuple:

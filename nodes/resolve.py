@@ -63,7 +63,10 @@ def transformer(ref: TransformerRef):
             "Model) runs on ComfyUI's own samplers; Kontext nodes load the transformer themselves."
         )
     set_attention_backend(ref.attention)
-    return model_cache.transformer(ref)
+    model = model_cache.transformer(ref)
+    if ref.compile != model.blocks_compiled:  # the cached model serves loaders with either setting
+        model.compile_blocks() if ref.compile else model.uncompile_blocks()
+    return model
 
 
 def ready(*models: Any) -> None:

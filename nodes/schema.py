@@ -117,9 +117,9 @@ def String(name: str, default: str = "", *, multiline: bool = False, tooltip: st
 
 
 def Combo(name: str, options: Sequence[str] | Callable[[], Sequence[str]], default: str | None = None, *,
-          tooltip: str | None = None) -> Input:
+          tooltip: str | None = None, optional: bool = False) -> Input:
     return Input(name, "COMBO", options=options if callable(options) else tuple(options), default=default,
-                 tooltip=tooltip)
+                 tooltip=tooltip, optional=optional)
 
 
 def Seed(name: str = "seed") -> Input:

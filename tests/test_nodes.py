@@ -283,6 +283,20 @@ def test_loader_errors_speak_to_the_person(comfy):
             nodes.KontextModelLoader.run("x.safetensors", attention="flash-attn")
 
 
+def test_compile_option_is_checked_on_the_loader_and_applied_to_the_shared_model(comfy, tiny_transformer):
+    from dataclasses import replace
+
+    save_transformer(tiny_transformer, comfy.root / "diffusion_models" / "tiny.safetensors", layout="comfy")
+    with pytest.raises(RuntimeError, match="compile needs a CUDA GPU.*set compile to off"):
+        nodes.KontextModelLoader.run("tiny.safetensors", compile="on")  # ComfyUI runs on the CPU here
+    ref = nodes.KontextModelLoader.run("tiny.safetensors").outputs[0]
+    assert ref.compile is False
+    model = resolve.transformer(ref)
+    assert not model.blocks_compiled
+    assert resolve.transformer(replace(ref, compile=True)) is model and model.blocks_compiled
+    assert resolve.transformer(ref) is model and not model.blocks_compiled
+
+
 def test_text_encoders_loader(comfy, monkeypatch):
     for name in ("t5xxl_fp16.safetensors", "clip_l.safetensors"):
         (comfy.root / "text_encoders" / name).write_bytes(b"0")
