@@ -45,7 +45,7 @@ class KontextModelLoader(KontextNode):
 
     @classmethod
     def run(cls, model_name: str, weight_dtype: str = "default", attention: str = "auto",
-            compile: str = "off") -> NodeResult:
+            compile: str | None = None) -> NodeResult:
         path = comfy_adapter.full_path("diffusion_models", model_name)
         set_attention_backend(attention)  # refuses flash-attn when it is not installed, here rather than later
         device = comfy_adapter.compute_device()
