@@ -134,8 +134,8 @@ class BlockOffloader:
         for module in self._modules:
             if getattr(module, "_compiled_call_impl", None) is not None:
                 raise RuntimeError(
-                    "a block was compiled (compile_blocks) before offloading; attach the offloader first and "
-                    "compile with fullgraph=False, since the offload hooks run outside the compiled graph"
+                    "a block was compiled with Module.compile() before offloading, which would trace the offload "
+                    "hooks; use KontextTransformer.compile_blocks(), which compiles the blocks' forward only"
                 )
         self.blocks = [self._pack(index, module) for index, module in enumerate(self._modules)]
         for block in self.blocks:

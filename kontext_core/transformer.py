@@ -43,24 +43,30 @@ class KontextTransformer(nn.Module):
         """Regional compilation: each block is compiled once and reused by its 18/37 siblings.
 
         Fuses the norms, RoPE and GELU between the GEMMs (1.4x faster per step on an H100, see
-        bench/RESULTS.md) at the cost of a minute of compilation on the first step.
-
-        A block whose layers carry forward hooks (LoRAs applied on the fly) runs uncompiled while they are
-        there: the compiled graph does not see hooks added after it was traced.
+        bench/RESULTS.md) at the cost of a minute of compilation on the first step. Only the blocks'
+        forward is compiled: hooks on the blocks themselves (block offload) run around it; a block whose
+        layers carry hooks (LoRAs applied on the fly) runs uncompiled while they are there, since the
+        compiled graph would not see hooks added after it was traced.
         """
         options.setdefault("fullgraph", True)
+        compiled = {}
         for block in (*self.double_blocks, *self.single_blocks):
-            block.compile(**options)
+            kind = type(block)
+            if kind not in compiled:  # one compiled function per block class, shared by its instances
+                compiled[kind] = torch.compile(kind.forward, **options)
+            block.forward = _CompiledForward(block, compiled[kind])
         return self
 
     @property
     def blocks_compiled(self) -> bool:
-        return any(block._compiled_call_impl is not None for block in (*self.double_blocks, *self.single_blocks))
+        return any(isinstance(block.__dict__.get("forward"), _CompiledForward)
+                   for block in (*self.double_blocks, *self.single_blocks))
 
     def uncompile_blocks(self) -> "KontextTransformer":
         """Back to eager blocks (the compiled code stays in torch.compile's cache)."""
         for block in (*self.double_blocks, *self.single_blocks):
-            block._compiled_call_impl = None
+            if isinstance(block.__dict__.get("forward"), _CompiledForward):
+                del block.forward
         return self
 
     @property
@@ -103,10 +109,10 @@ class KontextTransformer(nn.Module):
 
         with attention_scope(img.device):
             for block in self.double_blocks:
-                img, txt = _run_block(block, img, txt, vec, rope)
+                img, txt = block(img, txt, vec, rope)
             joint = torch.cat((txt, img), dim=1)
             for block in self.single_blocks:
-                joint = _run_block(block, joint, vec, rope)
+                joint = block(joint, vec, rope)
         return self.final_layer(joint[:, txt.shape[1]:], vec)
 
     def velocity(
@@ -134,11 +140,21 @@ class KontextTransformer(nn.Module):
         return out[:, : target.shape[1]]
 
 
-def _run_block(block: nn.Module, *args):
-    # torch.compile does not guard on submodules' hooks (torch._dynamo.config.skip_nnmodule_hook_guards),
-    # so a compiled block would silently skip an on-the-fly LoRA's hooks: such a block runs eagerly.
-    if block._compiled_call_impl is not None and any(m._forward_hooks or m._forward_pre_hooks
-                                                    for m in block.modules()):
-        return block._call_impl(*args)
-    return block(*args)
 
+class _CompiledForward:
+    """A block's forward through its class's compiled function, or eagerly while a layer inside has hooks.
+
+    It holds the block and the compiled *unbound* function (never a bound method), so a deep copy of the
+    model runs its own weights through the shared compiled code.
+    """
+
+    def __init__(self, block: nn.Module, compiled):
+        self.block = block
+        self.compiled = compiled
+
+    def __call__(self, *args, **kwargs):
+        block = self.block
+        # torch.compile does not guard on submodules' hooks (torch._dynamo.config.skip_nnmodule_hook_guards).
+        if any(m._forward_hooks or m._forward_pre_hooks for m in block.modules() if m is not block):
+            return type(block).forward(block, *args, **kwargs)
+        return self.compiled(block, *args, **kwargs)

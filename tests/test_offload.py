@@ -52,6 +52,21 @@ def test_offloaded_forward_equals_the_resident_model_exactly(model, prefetch):
     assert offloader.bytes_copied >= 3 * sum(offloader.block_bytes) - (prefetch * max(offloader.block_bytes))
 
 
+def test_compiled_blocks_run_under_the_offloader(model):
+    # compile_blocks compiles the blocks' forward only; the offload hooks on the blocks run around it.
+    # "aot_eager" traces as the compiler does without generating code, so this runs on the CPU.
+    reference = copy.deepcopy(model)
+    torch._dynamo.reset()
+    offloader = BlockOffloader(model, "cpu", prefetch=1)
+    model.compile_blocks(backend="aot_eager")
+    with torch.no_grad():
+        for seed in (1, 2):
+            inputs = _inputs(model.config, seed)
+            assert torch.allclose(model(*inputs), reference(*inputs), rtol=1e-5, atol=1e-6)
+    assert offloader.bytes_copied > 0
+    torch._dynamo.reset()
+
+
 def test_next_block_is_prefetched_before_the_current_one_computes(model):
     offloader = BlockOffloader(model, "cpu", prefetch=1, trace=True)
     with torch.no_grad():
