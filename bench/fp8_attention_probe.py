@@ -72,10 +72,9 @@ def main() -> None:
     print(f"GPU {torch.cuda.get_device_name()} capability {torch.cuda.get_device_capability()}")
     try:
         t0 = time.perf_counter()
-        cudnn = fa._import_cudnn()
-        print(f"cudnn frontend {getattr(cudnn, '__version__', '?')} from {os.path.dirname(cudnn.__file__)}, "
-              f"backend {cudnn.backend_version()} ({cudnn.backend_version_string()}), "
-              f"libcudnn {fa._cudnn_state.get('libpath')}, import {1e3 * (time.perf_counter() - t0):.0f} ms")
+        info = fa.describe()
+        print(f"cudnn frontend {info['frontend']} from {info['frontend_path']}, backend {info['backend']}, "
+              f"libcudnn {info['libcudnn']}, import {1e3 * (time.perf_counter() - t0):.0f} ms")
     except Exception:
         traceback.print_exc()
     print(f"available: {fa.available('cuda')}  reason: {fa.unavailable_reason('cuda')}")
@@ -119,9 +118,9 @@ def main() -> None:
         time_part("  fp8 O -> bf16 alone", lambda: fp8_qkv.dequantize_output(o8, work, torch.bfloat16))
         print("scales (amax q k v | descale q k v | s scale/descale | o scale/descale | amax s, o):",
               [round(x, 6) for x in work[::4].tolist()])
-        entry = next(iter(fa._graphs.values()))
-        print(f"graph: generate_stats={entry.generate_stats}, workspace {entry.workspace_size} B, "
-              f"plans {attempt('plan count', entry.graph.get_execution_plan_count)}")
+        for graph in attempt("graphs", lambda: fa.describe()["graphs"]) or []:
+            print(f"graph: generate_stats={graph['generate_stats']}, workspace {graph['workspace_bytes']} B, "
+                  f"plans {graph['plans']}")
 
     def errors():
         ref32 = F.scaled_dot_product_attention(q.float(), k.float(), v.float())

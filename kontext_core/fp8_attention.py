@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import threading
 
 import torch
@@ -98,6 +99,20 @@ def _import_cudnn():
             raise wrapped from error
         _cudnn_state["module"] = cudnn
         return cudnn
+
+
+def describe() -> dict:
+    """What this process runs fp8 attention with, for reports: the frontend's version and location, the
+    cuDNN backend and library, and each graph built so far (raises where the frontend cannot load)."""
+    cudnn = _import_cudnn()
+    return {
+        "frontend": getattr(cudnn, "__version__", "?"),
+        "frontend_path": os.path.dirname(cudnn.__file__),
+        "backend": f"{cudnn.backend_version()} ({cudnn.backend_version_string()})",
+        "libcudnn": _cudnn_state.get("libpath"),
+        "graphs": [{"generate_stats": entry.generate_stats, "workspace_bytes": entry.workspace_size,
+                    "plans": entry.graph.get_execution_plan_count()} for entry in list(_graphs.values())],
+    }
 
 
 @functools.cache

@@ -139,3 +139,11 @@ def test_model_with_fp8_attention_backend():
     print(f"tiny model, fp8 attention vs default: rel L2 {error:.4f}")
     assert 1e-3 < error < MODEL_REL_L2_BOUND
     assert _rel_l2(compiled, eager) < 2e-2
+
+
+def test_describe_reports_versions_and_graphs():
+    q, k, v = _inputs(1, 2, 64, 64, "contiguous", seed=9)
+    fa.fp8_attention(q, k, v)
+    info = fa.describe()
+    assert info["frontend"] != "?" and info["backend"] and info["graphs"]
+    assert all(graph["plans"] >= 1 and graph["workspace_bytes"] >= 0 for graph in info["graphs"])
