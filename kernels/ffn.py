@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .runtime import enabled_for, import_triton, interpreting, launches
+from .runtime import cdiv, enabled_for, import_triton, interpreting, launches
 
 triton, tl = import_triton()
 
@@ -189,11 +189,11 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ep
 
     if interpreting():
         config = _INTERPRETER_CONFIG
-        grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]),)
+        grid = (cdiv(M, config["BLOCK_M"]) * cdiv(N, config["BLOCK_N"]),)
         _linear_epilogue_kernel[grid](*args, **flags, **config)
     else:
         def grid(meta):
-            return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+            return (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
         _linear_epilogue_tuned[grid](*args, **flags)
     launches["linear_gelu" if epilogue == _GELU else "linear_gated_residual"] += 1
     return out

@@ -17,7 +17,8 @@ import math
 import torch
 
 from .e4m3 import E4M3_MAX, to_e4m3
-from .runtime import enabled_for, import_triton, interpreting, launches, reduction_combines
+from .runtime import (cdiv, enabled_for, import_triton, interpreting, launches, next_power_of_2,
+                      reduction_combines)
 
 triton, tl = import_triton()
 
@@ -162,11 +163,11 @@ def _quantize_qkv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     for x, (amax_slot, _) in zip((q, k, v), _STREAMS):
         batch, heads, length, head_dim = x.shape
         n_rows = batch * heads * length
-        grid = triton.cdiv(n_rows, _BLOCK_ROWS)
+        grid = cdiv(n_rows, _BLOCK_ROWS)
         programs = min(grid, _programs_for_amax(x.device))
         _amax_kernel[(programs,)](x, work, amax_slot, n_rows, heads, length, *x.stride(), head_dim,
-                                  TILES_PER_PROGRAM=triton.cdiv(grid, programs), BLOCK_R=_BLOCK_ROWS,
-                                  BLOCK_D=triton.next_power_of_2(head_dim), num_warps=_WARPS)
+                                  TILES_PER_PROGRAM=cdiv(grid, programs), BLOCK_R=_BLOCK_ROWS,
+                                  BLOCK_D=next_power_of_2(head_dim), num_warps=_WARPS)
         tiles.append((n_rows, grid))
     quantized = []
     for x, (amax_slot, descale_slot), (n_rows, grid) in zip((q, k, v), _STREAMS, tiles):
@@ -175,7 +176,7 @@ def _quantize_qkv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
                                   x.shape[3], SCALE_S, DESCALE_S, SCALE_O, DESCALE_O,
                                   E4M3=E4M3_MAX, P_SCALE_=P_SCALE, O_MARGIN_=O_MARGIN, IS_V=amax_slot == AMAX_V,
                                   EXACT_ROUNDING=interpreting(),
-                                  BLOCK_R=_BLOCK_ROWS, BLOCK_D=triton.next_power_of_2(x.shape[3]), num_warps=_WARPS)
+                                  BLOCK_R=_BLOCK_ROWS, BLOCK_D=next_power_of_2(x.shape[3]), num_warps=_WARPS)
         quantized.append(y)
     launches["quantize_qkv"] += 1
     return (*quantized, work)
@@ -184,7 +185,7 @@ def _quantize_qkv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
 def _dequantize_output_triton(o8: torch.Tensor, work: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     out = torch.empty_strided(o8.shape, o8.stride(), dtype=dtype, device=o8.device)
     n = o8.numel()
-    _dequantize_kernel[(triton.cdiv(n, _DEQUANT_BLOCK),)](o8, out, work, DESCALE_O, n, BLOCK=_DEQUANT_BLOCK,
+    _dequantize_kernel[(cdiv(n, _DEQUANT_BLOCK),)](o8, out, work, DESCALE_O, n, BLOCK=_DEQUANT_BLOCK,
                                                           num_warps=8)
     launches["dequantize_output"] += 1
     return out

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from .e4m3 import E4M3_MAX, to_e4m3
-from .runtime import enabled_for, import_triton, interpreting, launches, reduction_combines
+from .runtime import (cdiv, enabled_for, import_triton, interpreting, launches, next_power_of_2,
+                      reduction_combines)
 
 triton, tl = import_triton()
 
@@ -184,11 +185,11 @@ def _concat_quantize_triton(first: torch.Tensor | None, second: torch.Tensor, ge
     width = first_width + second_width
     data = torch.empty((*second.shape[:-1], width), dtype=torch.float8_e4m3fn, device=second.device)
     scale = torch.empty((n_rows, 1), dtype=torch.float32, device=second.device)
-    block_second = triton.next_power_of_2(second_width)
-    block_first = triton.next_power_of_2(max(first_width, 1))
+    block_second = next_power_of_2(second_width)
+    block_first = next_power_of_2(max(first_width, 1))
     block = block_second + (block_first if first is not None else 0)
     rows = _rows_per_program(block, second.device)
-    _concat_quantize_kernel[(triton.cdiv(n_rows, rows),)](
+    _concat_quantize_kernel[(cdiv(n_rows, rows),)](
         first_rows, second_rows, data, scale,
         n_rows, first_width, second_width, first_rows.stride(0), second_rows.stride(0),
         HAS_FIRST=first is not None, GELU_SECOND=gelu, BLOCK_FIRST=block_first, BLOCK_SECOND=block_second,
@@ -239,9 +240,9 @@ def _layernorm_modulate_quantize_triton(x: torch.Tensor, shift: torch.Tensor, sc
     scale = scale if scale.stride(-1) == 1 else scale.contiguous()
     data = torch.empty((batch, length, channels), dtype=torch.float8_e4m3fn, device=x.device)
     row_scale = torch.empty((batch * length, 1), dtype=torch.float32, device=x.device)
-    block = triton.next_power_of_2(channels)
+    block = next_power_of_2(channels)
     rows = _rows_per_program(block, x.device)
-    _layernorm_modulate_quantize_kernel[(triton.cdiv(batch * length, rows),)](
+    _layernorm_modulate_quantize_kernel[(cdiv(batch * length, rows),)](
         x, shift, scale, data, row_scale,
         batch * length, length, channels, eps,
         x.stride(0), x.stride(1), shift.stride(0), scale.stride(0),

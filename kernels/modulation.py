@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .runtime import enabled_for, import_triton, launches, reduction_combines
+from .runtime import enabled_for, import_triton, launches, next_power_of_2, reduction_combines
 
 triton, tl = import_triton()
 
@@ -70,7 +70,7 @@ def _layernorm_modulate_triton(x: torch.Tensor, shift: torch.Tensor, scale: torc
     scale = _last_dim_contiguous(scale.expand(batch, 1, channels))
     out = torch.empty((batch, length, channels), dtype=x.dtype, device=x.device)
 
-    block = triton.next_power_of_2(channels)
+    block = next_power_of_2(channels)
     # 16 elements per thread: two 16-byte loads of bf16; 8 warps for the real 3072 channels.
     num_warps = max(1, min(16, block // 512))
     _layernorm_modulate_kernel[(batch * length,)](

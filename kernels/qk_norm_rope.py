@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .runtime import enabled_for, import_triton, launches, reduction_combines
+from .runtime import cdiv, enabled_for, import_triton, launches, next_power_of_2, reduction_combines
 
 triton, tl = import_triton()
 
@@ -149,11 +149,11 @@ def _launch(qkv: torch.Tensor, q_scale: torch.Tensor, k_scale: torch.Tensor, cos
     sin = sin if sin.stride(-1) == 1 else sin.contiguous()
     q_scale, k_scale = q_scale.contiguous(), k_scale.contiguous()
 
-    block_d = triton.next_power_of_2(head_dim)
+    block_d = next_power_of_2(head_dim)
     # 32 tokens x 128 dims per tensor is 32 float32 registers a thread at 4 warps: three such
     # tiles live at once, well under the register budget; measured neither way yet on Hopper.
     block_l = max(1, min(32, 4096 // block_d))
-    grid = (triton.cdiv(length, block_l), num_heads, batch)
+    grid = (cdiv(length, block_l), num_heads, batch)
     _qkv_norm_rope_kernel[grid](
         qkv, q_scale, k_scale, cos, sin, out[:, :, :, offset:], out.shape[3],
         batch, length, num_heads, head_dim, RMS_EPS,

@@ -67,8 +67,7 @@ def _inert_triton() -> tuple[SimpleNamespace, SimpleNamespace]:
         return lambda fn: fn
 
     triton = SimpleNamespace(jit=decorator, autotune=decorator, heuristics=decorator,
-                             Config=lambda *args, **kwargs: None, cdiv=lambda a, b: -(-a // b),
-                             next_power_of_2=lambda n: 1 << max(0, n - 1).bit_length())
+                             Config=lambda *args, **kwargs: None)
     language = SimpleNamespace(constexpr=None)
     return triton, language
 
@@ -109,4 +108,15 @@ def reduction_combines():
     import triton.language as tl
 
     return tl.standard._elementwise_max, tl.standard._sum_combine
+
+
+# Host-side grid and block arithmetic in plain Python: triton.cdiv and triton.next_power_of_2 are
+# constexpr functions whose call wrapper costs microseconds, paid per launch on the step's critical
+# path once the GPU outruns the CPU.
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
 
