@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from types import SimpleNamespace
 from typing import Any, Sequence
 
@@ -67,6 +68,22 @@ def transformer(ref: TransformerRef):
     if ref.compile != model.blocks_compiled:  # the cached model serves loaders with either setting
         model.compile_blocks() if ref.compile else model.uncompile_blocks()
     return model
+
+
+@contextmanager
+def compile_failures_explained(ref: TransformerRef):
+    """A model loaded with compile=on whose blocks torch.compile cannot build: say so and how to go on,
+    instead of the compiler's traceback alone."""
+    try:
+        yield
+    except torch._dynamo.exc.BackendCompilerFailed as error:
+        if not ref.compile:
+            raise
+        cause = getattr(error, "inner_exception", None) or error
+        raise RuntimeError(
+            f"torch.compile could not build the Kontext blocks ({type(cause).__name__}: {str(cause)[:300]}); "
+            "set compile to off on Load Kontext Model (the model then runs uncompiled, ~1.4x slower steps)"
+        ) from error
 
 
 def ready(*models: Any) -> None:

@@ -91,6 +91,7 @@ def edit(state: SessionState, prompt: str = "", *, seed: int = 0, steps: int = 2
     callback = step_callback(tuple(state.turns[state.current].latent.shape[-2:]), offset=offset, total=total)
     resolve.ready(pipe.transformer)
     with ExitStack() as applied:
+        applied.enter_context(resolve.compile_failures_explained(state.model))
         # EditSession.edit takes no LoRAs, so they go on for the call here, on the fly, and come off after.
         for weights, strength in resolve.loras(state.model):
             applied.enter_context(apply_lora(pipe.transformer, weights, strength, mode="on_the_fly"))

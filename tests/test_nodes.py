@@ -366,6 +366,27 @@ def test_edit_node_equals_the_pipeline_and_reports_progress(models, comfy):
     assert comfy.checks == 3  # Cancel is looked at every step
 
 
+def test_a_failed_compile_says_to_set_compile_off(models, monkeypatch):
+    from dataclasses import replace
+
+    from kontext_core import KontextTransformer
+
+    def broken_backend(graph_module, example_inputs):
+        raise OSError("no C compiler found")  # what a machine without a toolchain gives inductor
+
+    compile_blocks = KontextTransformer.compile_blocks
+    monkeypatch.setattr(KontextTransformer, "compile_blocks", lambda self: compile_blocks(self, backend=broken_backend))
+    compiled_ref = replace(models.model, compile=True)  # as the loader makes it on a CUDA machine with Triton
+    torch._dynamo.reset()
+    try:
+        with pytest.raises(RuntimeError, match="no C compiler found.*set compile to off on Load Kontext Model"):
+            nodes.KontextEdit.run(compiled_ref, models.vae, _prompt(models, "red"), image=_image(1), **FAST)
+        resolve.transformer(models.model)  # compile off again: the shared model runs uncompiled
+        nodes.KontextEdit.run(models.model, models.vae, _prompt(models, "red"), image=_image(1), **FAST)
+    finally:
+        torch._dynamo.reset()
+
+
 def test_edit_node_takes_native_flux_conditioning(models):
     """CLIPTextEncodeFlux / FluxGuidance / ReferenceLatent output: guidance and reference latents are used."""
     image, style = _image(1), _image(2, size=(24, 24))
