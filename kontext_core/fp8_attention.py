@@ -21,7 +21,7 @@ Speed (H100, cuDNN 9.19, [1, 24, 8704, 128]): the cuDNN fp8 kernel runs in 0.94 
 against 1.40 ms for bf16 SDPA on cuDNN; quantizing q, k, v (an amax pass and a cast pass each)
 and converting O back add ~0.18 ms of GPU time: 1.12 ms in all (bench/fp8_attention_probe.py).
 
-`torch.compile`: the whole thing is one opaque custom op, `torch.ops.kontext.fp8_attention`, with
+`torch.compile`: the whole thing is one opaque operator (kontext_core/ops.py), `torch.ops.kontext.fp8_attention`, with
 a fake implementation giving the output's shape and strides.
 
 cuDNN is reached through the cuDNN frontend's Python package (`pip install nvidia-cudnn-frontend`);
@@ -37,6 +37,8 @@ import os
 import threading
 
 import torch
+
+from . import ops
 
 try:  # this project's kernels/ (a foreign package of that name lacks fp8_qkv)
     from kernels import fp8_qkv as _qkv
@@ -293,14 +295,13 @@ def _fake_output(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Ten
     return q.new_empty((batch, length_q, heads, v.shape[3])).transpose(1, 2)
 
 
-@torch.library.custom_op("kontext::fp8_attention", mutates_args=())
 def _fp8_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     with torch.cuda.device(q.device):
         q8, k8, v8, work = _qkv.quantize_qkv(q, k, v)
         return _qkv.dequantize_output(sdpa_fp8_graph(q8, k8, v8, work), work, q.dtype)
 
 
-_fp8_attention_op.register_fake(_fake_output)
+ops.define("fp8_attention(Tensor q, Tensor k, Tensor v) -> Tensor", _fp8_attention_op, _fake_output)
 
 
 def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import ops
 from .quant import Fp8Linear, QuantizedRows, fp8_matmul_ok
 
 try:  # kernels/ is optional; a foreign package of the same name is ignored
@@ -163,18 +164,16 @@ if _kernels is not None:
     # The QK-norm + RoPE kernel as an opaque op, so compiled blocks call it too: it writes q, k, v once,
     # in the attention layout and at each stream's offset of the joint sequence, where the compiler's
     # own fusion needed ~2.5x its time plus layout copies and the concatenation (bench/RESULTS.md).
-    @torch.library.custom_op("kontext::joint_qkv_norm_rope", mutates_args=())
-    def _joint_qkv_norm_rope(qkvs: list[torch.Tensor], query_scales: list[torch.Tensor],
-                             key_scales: list[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor,
-                             num_heads: int) -> torch.Tensor:
-        return _kernels.joint_qkv_norm_rope(list(zip(qkvs, query_scales, key_scales)), cos, sin, num_heads)
-
-    @_joint_qkv_norm_rope.register_fake
-    def _(qkvs, query_scales, key_scales, cos, sin, num_heads):
+    def _joint_qkv_norm_rope_fake(qkvs, query_scales, key_scales, cos, sin, num_heads):
         first = qkvs[0]
         return first.new_empty((3, first.shape[0], num_heads, sum(qkv.shape[1] for qkv in qkvs),
                                 first.shape[-1] // (3 * num_heads)))
 
+    ops.define("joint_qkv_norm_rope(Tensor[] qkvs, Tensor[] query_scales, Tensor[] key_scales, Tensor cos, "
+               "Tensor sin, int num_heads) -> Tensor",
+               lambda qkvs, query_scales, key_scales, cos, sin, num_heads: _kernels.joint_qkv_norm_rope(
+                   list(zip(qkvs, query_scales, key_scales)), cos, sin, num_heads),
+               _joint_qkv_norm_rope_fake)
 
     # The fp8 row quantizers (kernels/fp8_rows.py), opaque for the same reason: the compiler's fusion of
     # their references ran at ~0.8 TB/s on an H100 (a division per value, a second read of each row),
@@ -184,28 +183,16 @@ if _kernels is not None:
         return (x.new_empty((*x.shape[:-1], width), dtype=torch.float8_e4m3fn),
                 x.new_empty((rows, 1), dtype=torch.float32))
 
-    @torch.library.custom_op("kontext::quantize_rows", mutates_args=())
-    def _quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return _kernels.fp8_rows.quantize_rows(x)
-
-    @torch.library.custom_op("kontext::gelu_quantize_rows", mutates_args=())
-    def _gelu_quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return _kernels.fp8_rows.gelu_quantize_rows(x)
-
-    @torch.library.custom_op("kontext::concat_gelu_quantize_rows", mutates_args=())
-    def _concat_gelu_quantize_rows(first: torch.Tensor, second: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return _kernels.fp8_rows.concat_gelu_quantize_rows(first, second)
-
-    @torch.library.custom_op("kontext::layernorm_modulate_quantize", mutates_args=())
-    def _layernorm_modulate_quantize(x: torch.Tensor, shift: torch.Tensor,
-                                     scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return _kernels.fp8_rows.layernorm_modulate_quantize(x, shift, scale)
-
-    _quantize_rows.register_fake(lambda x: _quantized_fake(x, x.shape[-1]))
-    _gelu_quantize_rows.register_fake(lambda x: _quantized_fake(x, x.shape[-1]))
-    _concat_gelu_quantize_rows.register_fake(lambda first, second: _quantized_fake(second, first.shape[-1]
-                                                                                   + second.shape[-1]))
-    _layernorm_modulate_quantize.register_fake(lambda x, shift, scale: _quantized_fake(x, x.shape[-1]))
+    ops.define("quantize_rows(Tensor x) -> (Tensor, Tensor)", lambda x: _kernels.fp8_rows.quantize_rows(x),
+               lambda x: _quantized_fake(x, x.shape[-1]))
+    ops.define("gelu_quantize_rows(Tensor x) -> (Tensor, Tensor)",
+               lambda x: _kernels.fp8_rows.gelu_quantize_rows(x), lambda x: _quantized_fake(x, x.shape[-1]))
+    ops.define("concat_gelu_quantize_rows(Tensor first, Tensor second) -> (Tensor, Tensor)",
+               lambda first, second: _kernels.fp8_rows.concat_gelu_quantize_rows(first, second),
+               lambda first, second: _quantized_fake(second, first.shape[-1] + second.shape[-1]))
+    ops.define("layernorm_modulate_quantize(Tensor x, Tensor shift, Tensor scale) -> (Tensor, Tensor)",
+               lambda x, shift, scale: _kernels.fp8_rows.layernorm_modulate_quantize(x, shift, scale),
+               lambda x, shift, scale: _quantized_fake(x, x.shape[-1]))
 
 
 def _qk_kernel_active(x: torch.Tensor) -> bool:
