@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,13 +131,19 @@ class BatchRunner:
 
     # --- the loop ---------------------------------------------------------------------------------
     def run(self) -> Summary:
+        with _ctrl_c_between_steps() as ctrl_c:
+            return self._run(ctrl_c)
+
+    def _run(self, ctrl_c: "_CtrlC") -> Summary:
         try:
             self._plan()
             self.progress.start(sum(j.turns for j in self.jobs), already=self._turns_already_done())
             last_poll = 0.0
             while self.ready or self.flights:
+                ctrl_c.check()
                 while self.ready and len(self.flights) < self.max_queued:
                     self._submit(*self.ready.popleft())
+                    ctrl_c.check()
                 event = self.client.next_event(timeout=0.5) if self.client.has_events else None
                 if event is not None:
                     self._on_event(event)
@@ -349,6 +358,39 @@ class BatchRunner:
             for flight in [f for f in self.flights.values() if f.finishing]:
                 self._check_history(flight.prompt_id)
             time.sleep(FINISHING_POLL_S)
+
+
+class _CtrlC:
+    """Ctrl-C noted by the signal handler, raised as KeyboardInterrupt only where the loop checks for it."""
+
+    def __init__(self):
+        self.pressed = False
+
+    def check(self) -> None:
+        if self.pressed:
+            raise KeyboardInterrupt
+
+
+@contextmanager
+def _ctrl_c_between_steps():
+    """While the runner works, a first Ctrl-C waits for the step under way (queueing a prompt and recording
+    it are one step: a prompt queued but not yet known as ours could not be taken out of ComfyUI's queue);
+    a second one stops at once. Outside the main thread signals cannot be caught: KeyboardInterrupt as usual."""
+    ctrl_c = _CtrlC()
+    if threading.current_thread() is not threading.main_thread():
+        yield ctrl_c
+        return
+
+    def note(signum, frame):
+        if ctrl_c.pressed:
+            raise KeyboardInterrupt
+        ctrl_c.pressed = True
+
+    previous = signal.signal(signal.SIGINT, note)
+    try:
+        yield ctrl_c
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def write_atomic(path: Path, content: bytes) -> None:

@@ -4,6 +4,8 @@ manifest, resume, retries, the bounded queue, Ctrl-C, multi-turn chaining, rejec
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
 
 import pytest
 
@@ -122,6 +124,30 @@ def test_ctrl_c_interrupts_ours_records_what_finished_and_resumes(photos, tmp_pa
     summary = make_runner(resumed, jobs, out).run()
     assert summary.done == 2 and summary.skipped_done == 2 and len(resumed.queued) == 2
     assert sorted(p.name for p in out.glob("*.png")) == [f"img{i}.png" for i in range(4)]
+
+
+def test_ctrl_c_while_a_prompt_is_being_queued_still_takes_it_out(photos, tmp_path):
+    # The signal arrives inside the call that queues the third prompt: the runner finishes that step
+    # (so the prompt is known as ours and recorded), then stops and takes it out of ComfyUI's queue.
+    out = tmp_path / "out"
+    server = FakeComfy(object_info_for("kontext_edit"))
+    queue_prompt = server.queue_prompt
+
+    def queue_then_ctrl_c(graph):
+        prompt_id = queue_prompt(graph)
+        if len(server.queued) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return prompt_id
+
+    server.queue_prompt = queue_then_ctrl_c
+    summary = make_runner(server, load_jobs([photos], prompts=["x"]), out, max_queued=4).run()
+    third = server.queued[2][0]
+    assert summary.interrupted and len(server.queued) == 3
+    assert third in server.deleted or third in server.interrupted
+    assert not server.queue  # nothing of ours left waiting
+    queued = [r["prompt_id"] for r in Manifest(out / "manifest.jsonl").records if r["event"] == "queued"]
+    assert third in queued
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the runner's handler is gone
 
 
 def test_resume_collects_a_turn_comfyui_finished_after_we_stopped(photos, tmp_path):
