@@ -72,10 +72,10 @@ def fp8_linear_rows(rows: QuantizedRows, weight: torch.Tensor, weight_scale: tor
     data = rows.data.reshape(-1, shape[-1])
     w_scale = weight_scale.float().reshape(1, -1).expand(1, weight.shape[0]).contiguous()
     if data.device.type == "cpu":
-        # The same products on the CPU, whose _scaled_mm takes per-tensor scales only in some releases:
-        # e4m3 times e4m3 is exact in float32, which also accumulates.
-        out = F.linear(data.float() * rows.scale, weight.float() * w_scale.t(),
-                       bias.float() if bias is not None else None).to(out_dtype)
+        # The same arithmetic on the CPU, whose _scaled_mm takes per-tensor scales only in some releases:
+        # e4m3 times e4m3 is exact in float32, which accumulates; the scales apply to the sums.
+        out = (data.float() @ weight.float().t()) * rows.scale * w_scale
+        out = (out + bias.float() if bias is not None else out).to(out_dtype)
     else:
         out = torch._scaled_mm(data, weight.t(), scale_a=rows.scale, scale_b=w_scale,
                                bias=bias.to(out_dtype) if bias is not None else None, out_dtype=out_dtype,
