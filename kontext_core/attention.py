@@ -25,11 +25,8 @@ def set_attention_backend(name: str) -> None:
             "attention backend 'flash-attn' was requested but the flash-attn package is not "
             "installed; install flash-attn or choose 'auto'"
         )
-    if name == "cudnn-fp8" and not _fp8.available():
-        raise RuntimeError(
-            f"attention backend 'cudnn-fp8' cannot run here: {_fp8.unavailable_reason()}; it needs a Hopper GPU "
-            "and `pip install nvidia-cudnn-frontend==1.23.0`; or choose 'auto'"
-        )
+    if name == "cudnn-fp8" and (reason := _fp8.unavailable_reason()) is not None:
+        raise RuntimeError(f"attention backend 'cudnn-fp8' cannot run here: {reason}; or choose 'auto'")
     _backend = name
 
 

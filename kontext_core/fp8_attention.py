@@ -42,8 +42,10 @@ from . import ops
 
 try:  # this project's kernels/ (a foreign package of that name lacks fp8_qkv)
     from kernels import fp8_qkv as _qkv
-except Exception:  # pragma: no cover
+    _QKV_IMPORT_ERROR = None
+except Exception as error:  # pragma: no cover
     _qkv = None
+    _QKV_IMPORT_ERROR = f"{type(error).__name__}: {error}"
 
 __all__ = ["available", "fp8_attention", "unavailable_reason"]
 
@@ -73,6 +75,9 @@ def _loaded_libcudnn_path() -> str | None:
 
 def _import_cudnn():
     """The `cudnn` frontend module bound to PyTorch's libcudnn, or raise with the reason."""
+    module = _cudnn_state.get("module")
+    if module is not None:  # every attention call asks: no lock once loaded
+        return module
     with _lock:
         if "module" in _cudnn_state:
             return _cudnn_state["module"]
@@ -120,26 +125,28 @@ def describe() -> dict:
 @functools.cache
 def _device_reason(index: int) -> str | None:
     if torch.version.hip is not None:
-        return "ROCm build"
+        return "this is a ROCm build of PyTorch; cuDNN's fp8 attention needs an NVIDIA Hopper GPU"
     if _qkv is None:
-        return "this package's kernels/ (kernels.fp8_qkv) is not importable"
+        return (f"this project's kernels/ package cannot be imported ({_QKV_IMPORT_ERROR}); reinstall "
+                "comfyui-kontext, or check that no other package named `kernels` shadows it")
     major, minor = torch.cuda.get_device_capability(index)
     if major < 9:
-        return f"GPU capability {major}.{minor} < 9.0 (fp8 SDPA needs Hopper or newer)"
+        return f"this GPU is compute capability {major}.{minor}; fp8 attention needs a Hopper (9.0) or newer GPU"
     try:
         cudnn = _import_cudnn()
     except RuntimeError as error:
-        return str(error)
+        return f"{error}; install it with `pip install nvidia-cudnn-frontend==1.23.0`"
     version = cudnn.backend_version()
     if version < _MIN_CUDNN or version == 91000:
-        return f"cuDNN {cudnn.backend_version_string()} has no fp8 SDPA forward (needs >= 9.1.0, not 9.10.0)"
+        return (f"PyTorch's cuDNN {cudnn.backend_version_string()} has no fp8 attention (it needs >= 9.1.0, not "
+                "9.10.0); a newer PyTorch brings a newer cuDNN")
     return None
 
 
 def unavailable_reason(device: torch.device | str | int | None = None) -> str | None:
     """None when `fp8_attention` can run on `device`, else why not (one line)."""
     if not torch.cuda.is_available():
-        return "no CUDA"
+        return "no CUDA GPU here; fp8 attention needs an NVIDIA Hopper GPU"
     device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device or "cuda")
     if device.type != "cuda":
         return f"device {device} is not CUDA"
@@ -242,13 +249,17 @@ def _graph_for(cudnn, handle: int, q8, k8, v8) -> _Fp8Graph:
     return entry
 
 
+# The graph's scalar tensors: which slot of the work buffer (kernels/fp8_qkv.py) each one is.
+_SCALAR_SLOTS = {} if _qkv is None else {
+    _Uid.DESCALE_Q: _qkv.DESCALE_Q, _Uid.DESCALE_K: _qkv.DESCALE_K, _Uid.DESCALE_V: _qkv.DESCALE_V,
+    _Uid.DESCALE_S: _qkv.DESCALE_S, _Uid.SCALE_S: _qkv.SCALE_S, _Uid.SCALE_O: _qkv.SCALE_O,
+    _Uid.AMAX_S: _qkv.AMAX_S_OUT, _Uid.AMAX_O: _qkv.AMAX_O_OUT}
+
+
 def _variant_pack(q8, k8, v8, o8, work: torch.Tensor) -> dict[int, int]:
     """Device addresses of the graph's tensors: q, k, v, O and the scalars in `work`'s slots."""
     base, size = work.data_ptr(), work.element_size()
-    slots = {_Uid.DESCALE_Q: _qkv.DESCALE_Q, _Uid.DESCALE_K: _qkv.DESCALE_K, _Uid.DESCALE_V: _qkv.DESCALE_V,
-             _Uid.DESCALE_S: _qkv.DESCALE_S, _Uid.SCALE_S: _qkv.SCALE_S, _Uid.SCALE_O: _qkv.SCALE_O,
-             _Uid.AMAX_S: _qkv.AMAX_S_OUT, _Uid.AMAX_O: _qkv.AMAX_O_OUT}
-    pack = {uid: base + size * slot for uid, slot in slots.items()}
+    pack = {uid: base + size * slot for uid, slot in _SCALAR_SLOTS.items()}
     pack.update({_Uid.Q: q8.data_ptr(), _Uid.K: k8.data_ptr(), _Uid.V: v8.data_ptr(), _Uid.O: o8.data_ptr()})
     return pack
 
@@ -283,9 +294,11 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3] or q.shape[3] != k.shape[3]:
         raise ValueError(f"fp8_attention: mismatched shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if q.shape[3] % 16 or v.shape[3] % 16 or q.shape[3] > 256:
-        raise ValueError(f"fp8_attention: head dims must be multiples of 16 and at most 256, got {q.shape[3]}")
+        raise ValueError(f"fp8_attention: head dims must be multiples of 16 and at most 256, got q/k {q.shape[3]}, "
+                         f"v {v.shape[3]}")
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.bfloat16, torch.float16):
-        raise ValueError(f"fp8_attention takes bf16/fp16 inputs of one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise ValueError(f"fp8_attention takes bf16/fp16 inputs of one dtype, got {q.dtype}, {k.dtype}, {v.dtype}; "
+                         "run the model in bf16 or fp16, or choose attention backend 'auto'")
     if not (q.is_cuda and q.device == k.device == v.device):
         raise ValueError("fp8_attention needs q, k, v on one CUDA device")
 
@@ -309,4 +322,4 @@ def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Te
     returns [B, H, Lq, Dv] in q's dtype, as `F.scaled_dot_product_attention(q, k, v)` would.
     Check `available(q.device)` first. Inference only (no backward)."""
     _check(q, k, v)
-    return _fp8_attention_op(q, k, v)
+    return torch.ops.kontext.fp8_attention(q, k, v)  # the registered op: opaque inside compiled blocks

@@ -11,8 +11,8 @@ norm over 10^5..10^7 elements it barely moves between seeds, so the bound of 8% 
 still catches any real fault: a wrong scale (a factor 2 anywhere gives 50%+) or a wrong layout
 (~140%).
 
-Skips without CUDA, without the cuDNN frontend package (`nvidia-cudnn-frontend`) or on a GPU
-older than Hopper.
+The GPU tests skip without CUDA, without the cuDNN frontend package (`nvidia-cudnn-frontend`) or on a
+GPU older than Hopper; the dispatch and refusal tests at the end run anywhere.
 """
 
 from __future__ import annotations
@@ -28,13 +28,8 @@ REL_L2_BOUND = 0.08
 MODEL_REL_L2_BOUND = 0.04
 
 
-def _skip_reason() -> str | None:
-    if not torch.cuda.is_available():
-        return "needs CUDA"
-    return fa.unavailable_reason("cuda")
-
-
-pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=f"fp8 attention unavailable: {_skip_reason()}")
+_UNAVAILABLE = fa.unavailable_reason("cuda")
+needs_fp8_attention = pytest.mark.skipif(_UNAVAILABLE is not None, reason=f"fp8 attention unavailable: {_UNAVAILABLE}")
 
 
 def _rel_l2(ours: torch.Tensor, reference: torch.Tensor) -> float:
@@ -67,6 +62,7 @@ def _reference(q, k, v) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "bshd", "packed"])
+@needs_fp8_attention
 def test_awkward_shape(layout):
     q, k, v = _inputs(2, 3, 333, 128, layout, seed=torch.seed() % 2**31)
     out = fa.fp8_attention(q, k, v)
@@ -77,6 +73,7 @@ def test_awkward_shape(layout):
     assert error < REL_L2_BOUND
 
 
+@needs_fp8_attention
 def test_head_dim_64_and_cross_lengths():
     generator = torch.Generator(device="cuda").manual_seed(torch.seed() % 2**31)
     q = _unit_rms(torch.randn(1, 4, 200, 64, generator=generator, device="cuda")).bfloat16()
@@ -89,6 +86,7 @@ def test_head_dim_64_and_cross_lengths():
     assert error < REL_L2_BOUND
 
 
+@needs_fp8_attention
 def test_full_flux_shape():
     q, k, v = _inputs(1, 24, 8704, 128, "contiguous", seed=torch.seed() % 2**31)
     out = fa.fp8_attention(q, k, v)
@@ -102,6 +100,7 @@ def test_full_flux_shape():
     assert _rel_l2(scaled, out) < 1e-3
 
 
+@needs_fp8_attention
 def test_compiled_block_equals_eager():
     q, k, v = _inputs(2, 3, 333, 128, "packed", seed=1234)
     batch, heads, length, head_dim = q.shape
@@ -116,6 +115,7 @@ def test_compiled_block_equals_eager():
     assert torch.equal(compiled(q, k, v), eager)
 
 
+@needs_fp8_attention
 def test_model_with_fp8_attention_backend():
     # The whole (tiny, head dim 64) model with attention backend "cudnn-fp8", blocks compiled, against the
     # default backend: the fp8 path really runs (the outputs differ) and stays near bf16 (bound: see print).
@@ -141,9 +141,31 @@ def test_model_with_fp8_attention_backend():
     assert _rel_l2(compiled, eager) < 2e-2
 
 
+@needs_fp8_attention
 def test_describe_reports_versions_and_graphs():
     q, k, v = _inputs(1, 2, 64, 64, "contiguous", seed=9)
     fa.fp8_attention(q, k, v)
     info = fa.describe()
     assert info["frontend"] != "?" and info["backend"] and info["graphs"]
     assert all(graph["plans"] >= 1 and graph["workspace_bytes"] >= 0 for graph in info["graphs"])
+
+
+def test_fp8_attention_calls_the_registered_op(monkeypatch):
+    # The public function must go through `kontext::fp8_attention`, so compiled blocks see one opaque op
+    # rather than tracing into the quantization and the cuDNN graph (which torch.compile cannot trace).
+    calls = []
+    monkeypatch.setattr(fa, "_check", lambda q, k, v: None)
+    monkeypatch.setattr(torch.ops.kontext, "fp8_attention", lambda q, k, v: calls.append((q, k, v)) or q)
+    q, k, v = (torch.randn(1, 2, 16, 16) for _ in range(3))
+    assert fa.fp8_attention(q, k, v) is q and calls == [(q, k, v)]
+
+
+@pytest.mark.skipif(_UNAVAILABLE is None, reason="fp8 attention runs here")
+def test_unavailable_backend_is_refused_with_the_reason_and_a_way_out():
+    from kontext_core import get_attention_backend, set_attention_backend
+
+    before = get_attention_backend()
+    with pytest.raises(RuntimeError, match="cannot run here: .*(GPU|install|reinstall|PyTorch).*; or choose 'auto'"):
+        set_attention_backend("cudnn-fp8")
+    assert get_attention_backend() == before
+
