@@ -35,7 +35,7 @@ def plan_memory(files: ModelFiles, device: str | torch.device, memory: str = "au
 
 def load_pipeline(files: ModelFiles, *, dtype: str | None = None, device: str | torch.device = "cpu",
                   text_dtype: str | None = None, ae_dtype: str | None = None, allow_download: bool = False,
-                  memory: str | MemoryPlan = "auto", ae_tiling: str = "auto",
+                  memory: str | MemoryPlan = "auto", ae_tiling: str = "auto", cuda_graphs: bool = False,
                   log: Callable[[str], None] | None = print) -> KontextPipeline:
     """Transformer, autoencoder and (when their files are known) the text encoders, placed on `device`.
 
@@ -43,6 +43,7 @@ def load_pipeline(files: ModelFiles, *, dtype: str | None = None, device: str | 
         (resident-bf16, resident-fp8, offload-bf16, offload-fp8) forces one, or a MemoryPlan.
     dtype: the transformer's storage; None lets the plan choose (bf16 when it fits, else fp8).
     ae_tiling: "auto" (tiles only when a full-size AE pass would not fit), "always" or "never".
+    cuda_graphs: replay each sampling step from a CUDA graph (CUDA only; not with offloaded blocks).
     log: receives the one-line plan description (None: silent).
 
     The AE runs in bf16 on CUDA and float32 on the CPU unless told otherwise; the text encoders use the
@@ -50,6 +51,8 @@ def load_pipeline(files: ModelFiles, *, dtype: str | None = None, device: str | 
     are offloaded, the BlockOffloader as `offloader`.
     """
     device = torch.device(device)
+    if cuda_graphs and device.type != "cuda":
+        raise ValueError(f"CUDA graphs need a CUDA device, not {device}; drop cuda_graphs (CLI: --cuda-graphs)")
     plan = memory if isinstance(memory, MemoryPlan) else plan_memory(files, device, memory, dtype)
     if log is not None:
         log(plan.describe())
@@ -72,7 +75,9 @@ def load_pipeline(files: ModelFiles, *, dtype: str | None = None, device: str | 
                                       device=resting, allow_download=allow_download)
         if plan.text_encoders == "offload":
             encoders = OffloadedTextEncoders(encoders, device, TEXT_ENCODER_BYTES + TEXT_ENCODER_ACTIVATION_BYTES)
-    pipeline = KontextPipeline(transformer, autoencoder, encoders)
+    if cuda_graphs and plan.offload and log is not None:
+        log("CUDA graphs: not used, the transformer's blocks stream from CPU memory in this plan")
+    pipeline = KontextPipeline(transformer, autoencoder, encoders, cuda_graphs=cuda_graphs)
     pipeline.ae_tiling = ae_tiling
     pipeline.memory_plan = plan
     pipeline.offloader = offloader

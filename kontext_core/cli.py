@@ -102,10 +102,9 @@ def _pipeline(args: argparse.Namespace):
 
     files = _files(args)
     pipeline = load_pipeline(files, dtype=args.dtype, device=args.device, allow_download=args.download,
-                             memory=args.memory, ae_tiling=args.ae_tiling)
+                             memory=args.memory, ae_tiling=args.ae_tiling, cuda_graphs=args.cuda_graphs)
     if args.compile:
         pipeline.transformer.compile_blocks()
-    pipeline.cuda_graphs = args.cuda_graphs
     for spec in args.lora:
         path, _, strength = spec.partition(":")
         apply_lora(pipeline.transformer, load_lora(path), strength=float(strength or 1.0), mode="merge")
@@ -250,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "cuda_graphs", False) and torch.device(args.device).type != "cuda":
+        print(f"error: --cuda-graphs needs a CUDA device, not {args.device}; drop it to run there", file=sys.stderr)
+        return 2
     try:
         return args.handler(args)
     except (CheckpointError, ModelFilesNotFound) as exc:

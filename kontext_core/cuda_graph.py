@@ -8,6 +8,8 @@ its GPU time, so a graph gains it nothing.)
 Inputs are copied into static buffers, so every step of a sampling run (new latent, new timestep)
 replays one graph; a new shape, a moved or replaced weight captures a new one. A model with forward
 hooks (on-the-fly LoRA, block offload) is never captured: hooks run Python that a replay would skip.
+The model is checked once per sampling run (`prepare`), not per step: host time per step is what
+the graph is for.
 """
 
 from __future__ import annotations
@@ -15,14 +17,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
-def hooked(model: nn.Module) -> bool:
-    """Whether any module of `model` has forward hooks (which a graph replay would not run)."""
-    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+from .fused import hooked
 
 
 class GraphedVelocity:
-    """`model.velocity` with the same arguments, replayed from a CUDA graph where it can be."""
+    """`model.velocity` with the same arguments, replayed from a CUDA graph.
+
+    Call `prepare()` before each sampling run: it says whether the model can be replayed at all (no
+    hooks) and forgets a graph whose weights moved. Steps then only compare their inputs' shapes.
+    """
 
     def __init__(self, model: nn.Module, warmup: int = 2):
         self.model = model
@@ -32,14 +35,25 @@ class GraphedVelocity:
 
     def reset(self) -> None:
         """Forget the captured graph and its memory."""
-        self._signature = self._graph = self._output = None
+        self._signature = self._graph = self._output = self._weights = None
         self._inputs: list = []
 
-    def _signature_of(self, args) -> tuple:
-        described = tuple((tuple(a.shape), a.dtype, a.device) if isinstance(a, torch.Tensor) else ("const", a)
-                          for a in args)
-        # The graph reads weights by address: a replaced or moved parameter needs a new capture.
-        return described, tuple(p.data_ptr() for p in self.model.parameters())
+    def _weight_addresses(self) -> tuple[int, ...]:
+        return tuple(p.data_ptr() for p in self.model.parameters())
+
+    def prepare(self) -> str | None:
+        """None when steps can be replayed now, else why not (the plain model then runs)."""
+        if hooked(self.model):
+            self.reset()
+            return "forward hooks (a LoRA applied on the fly, or block offload) run Python a replay would skip"
+        if self._weights is not None and self._weights != self._weight_addresses():
+            self.reset()  # the graph reads weights by address: replaced or moved ones need a new capture
+        return None
+
+    @staticmethod
+    def _signature_of(args) -> tuple:
+        return tuple((tuple(a.shape), a.dtype, a.device) if isinstance(a, torch.Tensor) else ("const", a)
+                     for a in args)
 
     def _capture(self, args) -> None:
         self.reset()
@@ -53,13 +67,11 @@ class GraphedVelocity:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             self._output = self.model.velocity(*self._inputs)
-        self._graph = graph
+        self._graph, self._weights = graph, self._weight_addresses()
         self.captures += 1
 
     def __call__(self, *args) -> torch.Tensor:
-        tensors = [a for a in args if isinstance(a, torch.Tensor)]
-        if not all(t.is_cuda for t in tensors) or hooked(self.model) or torch.is_grad_enabled():
-            self.reset()
+        if torch.is_grad_enabled() or not all(a.is_cuda for a in args if isinstance(a, torch.Tensor)):
             return self.model.velocity(*args)
         signature = self._signature_of(args)
         if signature != self._signature:

@@ -79,6 +79,12 @@ def _unhooked(layer: nn.Module) -> bool:
     return not layer._forward_hooks and not layer._forward_pre_hooks
 
 
+def hooked(module: nn.Module) -> bool:
+    """Whether `module` or any module inside it has forward hooks (LoRAs on the fly, block offload): code
+    that replaces the modules' calls (compiled blocks, CUDA graphs) must then let them run."""
+    return not all(_unhooked(m) for m in module.modules())
+
+
 def _takes_fp8_rows(layer: nn.Module, x: torch.Tensor) -> bool:
     # Hooked layers (on-the-fly LoRA) see bf16 inputs: their hooks read them.
     return (type(layer) is Fp8Linear and _unhooked(layer) and _kernels is not None

@@ -7,6 +7,7 @@ returns). Noise is drawn on the CPU from the seed, so a seed gives the same nois
 from __future__ import annotations
 
 import json
+import warnings
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -188,11 +189,14 @@ class KontextPipeline:
         )
 
     def _graphed_velocity(self) -> GraphedVelocity | None:
-        if not self.cuda_graphs:
+        if not self.cuda_graphs or self.device.type != "cuda":
             self._graphed = None  # frees the graph's memory
             return None
         if self._graphed is None or self._graphed.model is not self.transformer:
             self._graphed = GraphedVelocity(self.transformer)
+        if (reason := self._graphed.prepare()) is not None:
+            warnings.warn(f"CUDA graphs not used for this run: {reason}", stacklevel=3)
+            return None
         return self._graphed
 
     def _conditioning(self, prompt: str | list[str], conditioning: TextConditioning | None,

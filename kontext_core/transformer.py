@@ -7,6 +7,7 @@ from torch import nn
 
 from .attention import attention_scope
 from .config import TransformerConfig
+from .fused import hooked
 from .layers import (
     DoubleStreamBlock,
     LastLayer,
@@ -140,7 +141,6 @@ class KontextTransformer(nn.Module):
         return out[:, : target.shape[1]]
 
 
-
 class _CompiledForward:
     """A block's forward through its class's compiled function, or eagerly while a layer inside has hooks.
 
@@ -154,7 +154,8 @@ class _CompiledForward:
 
     def __call__(self, *args, **kwargs):
         block = self.block
-        # torch.compile does not guard on submodules' hooks (torch._dynamo.config.skip_nnmodule_hook_guards).
-        if any(m._forward_hooks or m._forward_pre_hooks for m in block.modules() if m is not block):
+        # torch.compile does not guard on submodules' hooks (torch._dynamo.config.skip_nnmodule_hook_guards);
+        # the block's own hooks run around this call.
+        if any(hooked(child) for child in block.children()):
             return type(block).forward(block, *args, **kwargs)
         return self.compiled(block, *args, **kwargs)

@@ -62,14 +62,21 @@ def models_tree(tiny_transformer, tiny_autoencoder, tmp_path):
 def test_edit_end_to_end_writes_png_with_parameters_deterministically(models_tree, capsys):
     tmp_path, image, common = models_tree
     outputs = [tmp_path / "a.png", tmp_path / "b.png"]
-    for out, extra in zip(outputs, ([], ["--cuda-graphs"])):  # graphs need CUDA: on the CPU the same plain steps
+    for out in outputs:
         args = ["edit", str(image), "--prompt", "make the cat red", "-o", str(out), "--resize", "keep", "--seed", "7"]
-        assert main(args + common + extra) == 0
+        assert main(args + common) == 0
     first, second = (Image.open(p) for p in outputs)
     assert first.size == (40, 24)
     assert first.tobytes() == second.tobytes()
     parameters = json.loads(first.text["parameters"])
     assert parameters["prompt"] == "make the cat red" and parameters["seed"] == 7 and parameters["steps"] == 2
+
+
+def test_cuda_graphs_on_the_cpu_are_refused_with_the_fix(models_tree, capsys):
+    tmp_path, image, common = models_tree
+    assert main(["edit", str(image), "--prompt", "x", "-o", str(tmp_path / "c.png"), "--cuda-graphs", *common]) == 2
+    assert "--cuda-graphs needs a CUDA device, not cpu; drop it" in capsys.readouterr().err
+    assert not (tmp_path / "c.png").exists()
 
 
 def test_turns_file_saves_every_turn(models_tree):

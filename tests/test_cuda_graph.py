@@ -1,7 +1,8 @@
 """CUDA-graph replay of a step (kontext_core/cuda_graph.py) against the plain step.
 
 On the GPU: replays equal eager steps for changing inputs with one capture, a new shape or a replaced
-weight captures again, a hooked model is never captured. On the CPU: the wrapper is the plain call.
+weight captures again. Anywhere: a hooked model is refused by `prepare`, and off CUDA the wrapper is
+the plain call.
 """
 
 from __future__ import annotations
@@ -29,6 +30,16 @@ def test_without_cuda_the_plain_step_runs():
     assert graphed.captures == 0
 
 
+def test_prepare_refuses_a_hooked_model_with_the_reason():
+    model = _model("cpu")
+    graphed = GraphedVelocity(model)
+    assert graphed.prepare() is None
+    handle = model.single_blocks[0].linear2.register_forward_hook(lambda module, inputs, output: output)
+    assert "forward hooks" in graphed.prepare()
+    handle.remove()
+    assert graphed.prepare() is None
+
+
 @needs_cuda
 def test_replays_equal_eager_steps_with_one_capture():
     model = _model("cuda")
@@ -52,9 +63,10 @@ def test_replaced_weights_and_hooks_are_respected():
         graphed(*args)
         layer = model.single_blocks[0].linear2
         layer.weight = torch.nn.Parameter(layer.weight * 2, requires_grad=False)  # a new tensor, a new address
+        assert graphed.prepare() is None
         assert rel_error(graphed(*args), model.velocity(*args)) < 1e-5
         assert graphed.captures == 2
         handle = layer.register_forward_hook(lambda module, inputs, output: output * 0.5)
-        assert rel_error(graphed(*args), model.velocity(*args)) < 1e-5  # the hook ran: no replay
+        assert graphed.prepare() is not None  # the caller then runs the plain model
         handle.remove()
     assert graphed.captures == 2
