@@ -36,6 +36,7 @@ def kernels_built_for(mode: str):
     switched on; put back as they were afterwards."""
     import kernels
 
+    was_enabled = kernels.runtime._enabled
     with pytest.MonkeyPatch.context() as patch:
         if mode == "interpreter":
             patch.setenv("TRITON_INTERPRET", "1")
@@ -49,6 +50,48 @@ def kernels_built_for(mode: str):
         finally:
             patch.undo()
             reload_kernel_modules()
+            kernels.set_enabled(was_enabled)
+
+
+@contextlib.contextmanager
+def kernels_off():
+    """The PyTorch references instead of the kernels, for the block; the switch restored even on failure."""
+    import kernels
+
+    was_enabled = kernels.runtime._enabled
+    kernels.set_enabled(False)
+    try:
+        yield
+    finally:
+        kernels.set_enabled(was_enabled)
+
+
+def compiled_graphs() -> int:
+    """How many graphs torch.compile has built in this process: a test compares it before and after, to
+    tell that compilation really happened (and how many graphs it took)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def fp8_tensor_cores() -> bool:
+    """A CUDA GPU with fp8 tensor cores (Ada, Hopper or newer)."""
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+
+
+def fresh_generator() -> torch.Generator:
+    """A CPU generator on a fresh random seed: new inputs every run, reproducible from the seed."""
+    return torch.Generator().manual_seed(torch.seed() % 2**31)
+
+
+def random_linear(in_features: int, out_features: int, dtype: torch.dtype, device: str,
+                  generator: torch.Generator, bias_scale: float = 1.0) -> torch.nn.Linear:
+    """nn.Linear with weights ~ N(0, 1/in_features) and biases ~ N(0, bias_scale^2)."""
+    layer = torch.nn.Linear(in_features, out_features).to(device, dtype)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(out_features, in_features, generator=generator) * in_features**-0.5)
+        layer.bias.copy_(torch.randn(out_features, generator=generator) * bias_scale)
+    return layer
 
 
 def rel_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
@@ -57,12 +100,23 @@ def rel_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
     return ((ours - reference).abs().max() / reference.abs().max()).item()
 
 
+def rel_l2(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    """||ours - reference|| / ||reference||, in float64."""
+    ours, reference = ours.double(), reference.double()
+    return ((ours - reference).norm() / reference.norm()).item()
+
+
+def as_float32(args: tuple) -> tuple:
+    """`velocity` arguments with every floating-point tensor in float32 (for a float32 reference model)."""
+    return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+
 def tiny_edit_args(batch: int, dtype: torch.dtype, device: str) -> tuple:
     """Fresh random `velocity` arguments for TransformerConfig.tiny(): a 20x12 target, a 6x10 context and
     7 text tokens (sizes no tile divides)."""
     from kontext_core import context_tokens, pack_latent, position_ids
 
-    generator = torch.Generator().manual_seed(torch.seed() % 2**31)
+    generator = fresh_generator()
 
     def randn(*shape):
         return torch.randn(*shape, generator=generator).to(device, dtype)

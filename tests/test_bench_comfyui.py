@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
+
 COMFYUI = Path(os.environ.get("COMFYUI_PATH", "~/ComfyUI")).expanduser()
 TOLERANCE = 1e-4
 

@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import rel_l2
 from kontext_core import fp8_attention as fa
 
 REL_L2_BOUND = 0.08
@@ -30,10 +31,6 @@ MODEL_REL_L2_BOUND = 0.04
 
 _UNAVAILABLE = fa.unavailable_reason("cuda")
 needs_fp8_attention = pytest.mark.skipif(_UNAVAILABLE is not None, reason=f"fp8 attention unavailable: {_UNAVAILABLE}")
-
-
-def _rel_l2(ours: torch.Tensor, reference: torch.Tensor) -> float:
-    return ((ours.double() - reference.double()).norm() / reference.double().norm()).item()
 
 
 def _unit_rms(x: torch.Tensor) -> torch.Tensor:
@@ -68,7 +65,7 @@ def test_awkward_shape(layout):
     out = fa.fp8_attention(q, k, v)
     assert out.shape == q.shape and out.dtype == torch.bfloat16
     assert out.transpose(1, 2).is_contiguous()
-    error = _rel_l2(out, _reference(q, k, v))
+    error = rel_l2(out, _reference(q, k, v))
     print(f"awkward {layout}: rel L2 {error:.4f}")
     assert error < REL_L2_BOUND
 
@@ -81,7 +78,7 @@ def test_head_dim_64_and_cross_lengths():
     v = torch.randn(1, 4, 517, 64, generator=generator, device="cuda").bfloat16()
     out = fa.fp8_attention(q, k, v)
     assert out.shape == (1, 4, 200, 64)
-    error = _rel_l2(out, _reference(q, k, v))
+    error = rel_l2(out, _reference(q, k, v))
     print(f"d64, 200x517: rel L2 {error:.4f}")
     assert error < REL_L2_BOUND
 
@@ -91,13 +88,13 @@ def test_full_flux_shape():
     q, k, v = _inputs(1, 24, 8704, 128, "contiguous", seed=torch.seed() % 2**31)
     out = fa.fp8_attention(q, k, v)
     reference = _reference(q, k, v)
-    error = _rel_l2(out, reference)
-    bf16_error = _rel_l2(F.scaled_dot_product_attention(q, k, v), reference)
+    error = rel_l2(out, reference)
+    bf16_error = rel_l2(F.scaled_dot_product_attention(q, k, v), reference)
     print(f"full shape: fp8 rel L2 {error:.4f}, bf16 SDPA rel L2 {bf16_error:.4f}")
     assert error < REL_L2_BOUND
     # Scales are per call: v 64x larger (exact in bf16) quantizes to the same fp8 values.
     scaled = fa.fp8_attention(q, k, v * 64) / 64
-    assert _rel_l2(scaled, out) < 1e-3
+    assert rel_l2(scaled, out) < 1e-3
 
 
 @needs_fp8_attention
@@ -135,10 +132,10 @@ def test_model_with_fp8_attention_backend():
     finally:
         set_attention_backend("auto")
         torch._dynamo.reset()
-    error = _rel_l2(eager, reference)
+    error = rel_l2(eager, reference)
     print(f"tiny model, fp8 attention vs default: rel L2 {error:.4f}")
     assert 1e-3 < error < MODEL_REL_L2_BOUND
-    assert _rel_l2(compiled, eager) < 2e-2
+    assert rel_l2(compiled, eager) < 2e-2
 
 
 @needs_fp8_attention

@@ -17,23 +17,19 @@ import copy
 import pytest
 import torch
 
-import kernels
-from conftest import kernels_built_for, randomize_, tiny_edit_args
+from conftest import (as_float32, compiled_graphs, fp8_tensor_cores, kernels_built_for, kernels_off, randomize_,
+                      rel_l2, tiny_edit_args)
 from kernels.runtime import launches, triton_available
 from kontext_core import KontextTransformer, TransformerConfig, quant
 
 ROW_KERNELS = ("layernorm_modulate_quantize", "gelu_quantize_rows", "concat_gelu_quantize_rows", "quantize_rows")
 
 
-def _fp8_tensor_cores() -> bool:
-    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
-
-
 @pytest.fixture(params=["interpreter", "cuda"])
 def device(request):
     if not triton_available():
         pytest.skip("needs Triton")
-    if request.param == "cuda" and not _fp8_tensor_cores():
+    if request.param == "cuda" and not fp8_tensor_cores():
         pytest.skip("needs a GPU with fp8 tensor cores (Ada or Hopper)")
     with kernels_built_for(request.param):
         quant.set_fp8_matmul(True, on_cpu=request.param == "interpreter")
@@ -44,23 +40,19 @@ def device(request):
 
 
 def _models(device: str) -> tuple[KontextTransformer, KontextTransformer]:
-    """(float32 model, its fp8 copy computing in bf16)."""
-    model = randomize_(KontextTransformer(TransformerConfig.tiny()), seed=11).to(device).eval()
+    """(float32 model, its fp8 copy computing in bf16): one block of each kind keeps the interpreter quick."""
+    config = TransformerConfig.tiny(depth=1, depth_single_blocks=1)
+    model = randomize_(KontextTransformer(config), seed=11).to(device).eval()
     return model, quant.quantize_model_fp8(copy.deepcopy(model).to(torch.bfloat16))
-
-
-def _relative_l2(ours: torch.Tensor, reference: torch.Tensor) -> float:
-    return ((ours.float() - reference.float()).norm() / reference.float().norm()).item()
 
 
 def test_fused_quantization_is_as_accurate_as_the_plain_fp8_path(device):
     model, fp8 = _models(device)
     args = tiny_edit_args(2, torch.bfloat16, device)
     with torch.no_grad():
-        exact = model.velocity(*[a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args])
-        kernels.set_enabled(False)
-        plain = fp8.velocity(*args)
-        kernels.set_enabled(True)
+        exact = model.velocity(*as_float32(args))
+        with kernels_off():
+            plain = fp8.velocity(*args)
         before = {name: launches[name] for name in ROW_KERNELS}
         fused = fp8.velocity(*args)
     blocks = len(fp8.double_blocks), len(fp8.single_blocks)
@@ -68,10 +60,10 @@ def test_fused_quantization_is_as_accurate_as_the_plain_fp8_path(device):
     assert launches["gelu_quantize_rows"] - before["gelu_quantize_rows"] == 2 * blocks[0]
     assert launches["concat_gelu_quantize_rows"] - before["concat_gelu_quantize_rows"] == blocks[1]
     assert launches["quantize_rows"] - before["quantize_rows"] == 2 * blocks[0]
-    plain_error, fused_error = _relative_l2(plain, exact), _relative_l2(fused, exact)
+    plain_error, fused_error = rel_l2(plain, exact), rel_l2(fused, exact)
     assert plain_error < 0.15  # the fp8 path still computes the model
     assert fused_error <= 1.15 * plain_error
-    assert _relative_l2(fused, plain) <= plain_error
+    assert rel_l2(fused, plain) <= plain_error
 
 
 def test_hooked_fp8_layers_get_bf16_inputs(device):
@@ -79,11 +71,12 @@ def test_hooked_fp8_layers_get_bf16_inputs(device):
     _, fp8 = _models(device)
     seen = []
     layer = fp8.single_blocks[0].linear1
-    handle = layer.register_forward_hook(lambda module, inputs, output: seen.append(type(inputs[0])))
+    handle = layer.register_forward_hook(lambda module, inputs, output: seen.append((type(inputs[0]),
+                                                                                      inputs[0].dtype)))
     with torch.no_grad():
         fp8.velocity(*tiny_edit_args(1, torch.bfloat16, device))
     handle.remove()
-    assert seen == [torch.Tensor]
+    assert seen == [(torch.Tensor, torch.bfloat16)]
 
 
 def test_compiled_blocks_trace_the_row_kernels(device):
@@ -94,14 +87,18 @@ def test_compiled_blocks_trace_the_row_kernels(device):
     torch._dynamo.reset()
     model, fp8 = _models(device)
     args = tiny_edit_args(1, torch.bfloat16, device)
-    with torch.no_grad():
-        exact = model.velocity(*[a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args])
-        eager = fp8.velocity(*args)
-        fp8.compile_blocks(backend="aot_eager" if device == "cpu" else "inductor")
-        before = launches["concat_gelu_quantize_rows"]
-        compiled = fp8.velocity(*args)
+    graphs = compiled_graphs()
+    try:
+        with torch.no_grad():
+            exact = model.velocity(*as_float32(args))
+            eager = fp8.velocity(*args)
+            fp8.compile_blocks(backend="aot_eager" if device == "cpu" else "inductor")
+            before = launches["concat_gelu_quantize_rows"]
+            compiled = fp8.velocity(*args)
+        assert compiled_graphs() - graphs == 2  # the blocks really ran compiled, the row kernels inside
         assert launches["concat_gelu_quantize_rows"] - before == len(fp8.single_blocks)
-    torch._dynamo.reset()
-    eager_error = _relative_l2(eager, exact)
-    assert _relative_l2(compiled, exact) <= 1.15 * eager_error
-    assert _relative_l2(compiled, eager) <= eager_error
+    finally:
+        torch._dynamo.reset()
+    eager_error = rel_l2(eager, exact)
+    assert rel_l2(compiled, exact) <= 1.15 * eager_error
+    assert rel_l2(compiled, eager) <= eager_error

@@ -12,15 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import fp8_tensor_cores, fresh_generator, random_linear, rel_l2
 from kontext_core import quant
 
-pytestmark = pytest.mark.skipif(
-    not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)),
-    reason="needs a GPU with fp8 tensor cores (Ada or Hopper)")
-
-
-def _rel_l2(ours: torch.Tensor, reference: torch.Tensor) -> float:
-    return ((ours.double() - reference.double()).norm() / reference.double().norm()).item()
+pytestmark = pytest.mark.skipif(not fp8_tensor_cores(), reason="needs a GPU with fp8 tensor cores (Ada or Hopper)")
 
 
 @pytest.fixture(autouse=True)
@@ -34,11 +29,8 @@ def restore_accumulation():
 @pytest.mark.parametrize("shape", [(2, 13, 96, 48), (1, 4096, 3072, 3072)], ids=["awkward", "flux"])
 def test_scaled_mm_matches_the_dequantized_layer(fast, per_row, shape):
     batch, tokens, in_features, out_features = shape
-    generator = torch.Generator().manual_seed(torch.seed() % 2**31)
-    linear = nn.Linear(in_features, out_features).to("cuda", torch.bfloat16)
-    with torch.no_grad():
-        linear.weight.copy_(torch.randn(out_features, in_features, generator=generator) * in_features**-0.5)
-        linear.bias.copy_(torch.randn(out_features, generator=generator) * 0.1)
+    generator = fresh_generator()
+    linear = random_linear(in_features, out_features, torch.bfloat16, "cuda", generator, bias_scale=0.1)
     model = quant.quantize_model_fp8(nn.Sequential(linear), prefixes=("0",), per_row=per_row)
     layer = model[0]
     assert isinstance(layer, quant.Fp8Linear) and quant.fp8_matmul_ok(torch.empty(1, device="cuda",
@@ -49,4 +41,4 @@ def test_scaled_mm_matches_the_dequantized_layer(fast, per_row, shape):
         ours = layer(x)
         reference = F.linear(x.double(), layer.dequantized_weight(torch.float64), layer.bias.double())
     assert ours.shape == (batch, tokens, out_features) and ours.dtype == torch.bfloat16
-    assert _rel_l2(ours, reference) < 0.06
+    assert rel_l2(ours, reference) < 0.06

@@ -10,9 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from conftest import randomize_, rel_error, tiny_edit_args
+from conftest import fresh_generator, random_linear, randomize_, rel_error, tiny_edit_args
 from kontext_core import KontextTransformer, TransformerConfig, fused
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (cuBLASLt epilogues)")
@@ -25,42 +24,46 @@ def epilogues_on():
     fused.set_cublas_epilogues(True)
 
 
-def test_cpu_keeps_the_tanh_gelu():
-    generator = _fresh_generator()
-    layer = _linear(24, 72, torch.float64, "cpu", generator)
-    x = torch.randn(2, 5, 24, generator=generator, dtype=torch.float64) * 3
+def test_cpu_keeps_the_tanh_gelu(monkeypatch):
+    # bf16 on the CPU is where the epilogue could wrongly be taken (the dtype qualifies, the device not):
+    # there torch._addmm_activation computes the erf GELU, so it must never be called.
+    def no_epilogue_on_the_cpu(*args, **kwargs):
+        raise AssertionError("torch._addmm_activation called for a CPU tensor")
+
+    monkeypatch.setattr(torch, "_addmm_activation", no_epilogue_on_the_cpu)
+    generator = fresh_generator()
+    layer = random_linear(24, 72, torch.bfloat16, "cpu", generator)
+    x = (torch.randn(2, 5, 24, generator=generator) * 3).bfloat16()
     with torch.no_grad():
         exact = F.gelu(layer(x), approximate="tanh")
         first, second = fused.linear_then_gelu_part(x, layer, 40)
-        assert rel_error(fused.linear_gelu(x, layer), exact) <= 1e-12
-    assert rel_error(first, layer(x)[..., :40]) <= 1e-12
-    assert rel_error(second, exact[..., 40:]) <= 1e-12
+        assert torch.equal(fused.linear_gelu(x, layer), exact)
+        assert torch.equal(first, layer(x)[..., :40])
+    assert torch.equal(second, exact[..., 40:])
 
 
-def _fresh_generator() -> torch.Generator:
-    return torch.Generator().manual_seed(torch.seed() % 2**31)
-
-
-def _linear(in_features: int, out_features: int, dtype: torch.dtype, device: str, generator) -> nn.Linear:
-    layer = nn.Linear(in_features, out_features).to(device, dtype)
-    with torch.no_grad():
-        layer.weight.copy_(torch.randn(out_features, in_features, generator=generator) * in_features**-0.5)
-        layer.bias.copy_(torch.randn(out_features, generator=generator))
-    return layer
+@pytest.fixture
+def epilogue_calls(monkeypatch):
+    """How many times the cuBLASLt epilogue path runs (so a test can tell it was taken)."""
+    calls = []
+    epilogue = fused._linear_gelu_rows
+    monkeypatch.setattr(fused, "_linear_gelu_rows", lambda *args: calls.append(1) or epilogue(*args))
+    return calls
 
 
 @cuda_only
 @pytest.mark.parametrize("shape", [(2, 13, 64), (1, 4096, 3072)], ids=["awkward", "flux-width"])
-def test_linear_gelu_epilogue_is_tanh_gelu(shape):
-    generator = _fresh_generator()
+def test_linear_gelu_epilogue_is_tanh_gelu(shape, epilogue_calls):
+    generator = fresh_generator()
     width = shape[-1]
-    layer = _linear(width, 4 * width - 8, torch.bfloat16, "cuda", generator)
+    layer = random_linear(width, 4 * width - 8, torch.bfloat16, "cuda", generator)
     x = torch.randn(*shape, generator=generator).to("cuda", torch.bfloat16)
     with torch.no_grad():
         ours = fused.linear_gelu(x, layer)
         first, gelu_part = fused.linear_then_gelu_part(x, layer, 3 * width)
         exact = F.gelu(F.linear(x.double(), layer.weight.double(), layer.bias.double()), approximate="tanh")
         exact_linear = F.linear(x.double(), layer.weight.double(), layer.bias.double())
+    assert len(epilogue_calls) == 2  # both functions took the epilogue
     assert ours.shape == exact.shape and ours.dtype == torch.bfloat16
     assert rel_error(ours, exact) <= 2e-2
     assert rel_error(first, exact_linear[..., :3 * width]) <= 2e-2
@@ -68,11 +71,14 @@ def test_linear_gelu_epilogue_is_tanh_gelu(shape):
 
 
 @cuda_only
-def test_model_with_epilogues_equals_plain_pytorch():
+def test_model_with_epilogues_equals_plain_pytorch(epilogue_calls):
     model = randomize_(KontextTransformer(TransformerConfig.tiny()), seed=7).to("cuda", torch.bfloat16).eval()
     args = tiny_edit_args(2, torch.bfloat16, "cuda")
     with torch.no_grad():
         with_epilogues = model.velocity(*args)
+        # Each double block's two MLPs and each single block's linear1 take the epilogue.
+        assert len(epilogue_calls) == 2 * len(model.double_blocks) + len(model.single_blocks)
         fused.set_cublas_epilogues(False)
         plain = model.velocity(*args)
+    assert len(epilogue_calls) == 2 * len(model.double_blocks) + len(model.single_blocks)  # none while off
     assert rel_error(with_epilogues, plain) <= 2e-2

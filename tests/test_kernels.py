@@ -81,6 +81,21 @@ def _assert_e4m3_close(ours: torch.Tensor, reference: torch.Tensor, exact: bool)
     assert (ours != reference).float().mean().item() < 1e-2
 
 
+def _check_fp8_rows(variant: str, args: tuple, rows: int, exact: bool) -> None:
+    """kernels.fp8_rows.<variant> launches its kernel and agrees with <variant>_reference: scales to 1e-5,
+    e4m3 values exactly (or, where `exact` is False, as `_assert_e4m3_close` allows)."""
+    from kernels import fp8_rows
+
+    before = launches[variant]
+    data, row_scale = getattr(fp8_rows, variant)(*args)
+    _assert_launched(variant, before)
+    ref_data, ref_scale = getattr(fp8_rows, variant + "_reference")(*args)
+    assert data.dtype == torch.float8_e4m3fn and data.shape == ref_data.shape
+    assert row_scale.dtype == torch.float32 and row_scale.shape == (rows, 1)
+    assert torch.allclose(row_scale, ref_scale, rtol=1e-5, atol=0)
+    _assert_e4m3_close(data.float(), ref_data.float(), exact=exact)
+
+
 class TestAwkwardSizes:
     @pytest.mark.parametrize("dtype", DTYPES, ids=str)
     @pytest.mark.parametrize("channels", [100, 129])
@@ -187,8 +202,6 @@ class TestAwkwardSizes:
     @pytest.mark.parametrize("variant", ["quantize_rows", "gelu_quantize_rows", "concat_gelu_quantize_rows",
                                          "layernorm_modulate_quantize"])
     def test_fp8_row_quantization(self, device, variant):
-        from kernels import fp8_rows
-
         # Rows of 100 and 37 + 100 values (no power of two), batch 2, the second input a column slice of a
         # wider projection as in the single block; one row far larger than the rest, one all zero.
         projection = _randn(2, 13, 160, dtype=torch.bfloat16, device=device, scale=3.0)
@@ -199,14 +212,7 @@ class TestAwkwardSizes:
         args = {"quantize_rows": (x,), "gelu_quantize_rows": (x,),
                 "concat_gelu_quantize_rows": (_randn(2, 13, 37, dtype=torch.bfloat16, device=device), x),
                 "layernorm_modulate_quantize": (x, shift, scale)}[variant]
-        before = launches[variant]
-        data, row_scale = getattr(fp8_rows, variant)(*args)
-        _assert_launched(variant, before)
-        ref_data, ref_scale = getattr(fp8_rows, variant + "_reference")(*args)
-        assert data.dtype == torch.float8_e4m3fn and data.shape == ref_data.shape
-        assert row_scale.dtype == torch.float32 and row_scale.shape == (26, 1)
-        assert torch.allclose(row_scale, ref_scale, rtol=1e-5, atol=0)
-        _assert_e4m3_close(data.float(), ref_data.float(), exact=variant == "quantize_rows")
+        _check_fp8_rows(variant, args, rows=26, exact=variant == "quantize_rows")
 
     def test_dequantize_output(self, device):
         from kernels import fp8_qkv
@@ -296,18 +302,16 @@ class TestAwkwardSizes:
         torch.testing.assert_close(out, modulation.layernorm_modulate_reference(x, shift, scale), rtol=0, atol=0)
 
 
-def test_fp8_row_launch_shapes_are_powers_of_two():
-    # The interpreter ignores num_warps, so only a GPU would reveal a 3-warp launch: checked here instead,
-    # for every row layout (widths of one or two inputs, FLUX's and the tests' awkward ones).
+def test_fp8_row_launch_shapes():
+    # The interpreter ignores num_warps, so only a GPU would reveal a bad launch (3 warps once): the
+    # shapes chosen for each row layout are checked here. (block width, device) -> (rows, warps).
     from kernels import fp8_rows
 
-    def power_of_two(n: int) -> bool:
-        return n >= 1 and n & (n - 1) == 0
-
-    for block in (64, 128, 192, 4096, 4096 + 16384, 16384, 64 + 128):
-        for device in (torch.device("cpu"), torch.device("cuda")):
-            rows = fp8_rows._rows_per_program(block, device)
-            assert power_of_two(rows) and power_of_two(fp8_rows._warps(rows * block)), (block, device)
+    expected = {(64, "cuda"): (32, 4), (192, "cuda"): (8, 2), (4096, "cuda"): (1, 8), (20480, "cuda"): (1, 8),
+                (16384, "cuda"): (1, 8), (192, "cpu"): (64, 8), (20480, "cpu"): (1, 8)}
+    for (block, device), (rows, warps) in expected.items():
+        got = fp8_rows._rows_per_program(block, torch.device(device))
+        assert (got, fp8_rows._warps(got * block)) == (rows, warps), (block, device)
 
 
 def test_cpu_tensors_use_the_references_without_the_interpreter(monkeypatch):
@@ -369,20 +373,13 @@ class TestFullSizeCuda:
     @pytest.mark.parametrize("variant", ["gelu_quantize_rows", "concat_gelu_quantize_rows",
                                          "layernorm_modulate_quantize"])
     def test_fp8_row_quantization(self, variant):
-        from kernels import fp8_rows
-
         x = torch.randn(1, 8704, 3072, device="cuda", dtype=self.DTYPE)
         shift, scale, _gate = torch.randn(1, 1, 3 * 3072, device="cuda", dtype=self.DTYPE).chunk(3, dim=-1)
         # The single block's linear1 output: q, k, v then the MLP's 12288, of which the kernels read the MLP part.
         mlp = torch.randn(1, 8704, 9216 + 12288, device="cuda", dtype=self.DTYPE)[..., 9216:]
         args = {"gelu_quantize_rows": (mlp,), "concat_gelu_quantize_rows": (x, mlp),
                 "layernorm_modulate_quantize": (x, shift, scale)}[variant]
-        before = launches[variant]
-        data, row_scale = getattr(fp8_rows, variant)(*args)
-        _assert_launched(variant, before)
-        ref_data, ref_scale = getattr(fp8_rows, variant + "_reference")(*args)
-        assert torch.allclose(row_scale, ref_scale, rtol=1e-5, atol=0)
-        _assert_e4m3_close(data.float(), ref_data.float(), exact=False)
+        _check_fp8_rows(variant, args, rows=8704, exact=False)
 
     def test_linear_gelu(self):
         x = torch.randn(1, 8704, 3072, device="cuda", dtype=self.DTYPE)

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from conftest import rel_error
+from conftest import compiled_graphs, rel_error
 from kontext_core import CheckpointError, load_transformer, pack_latent, position_ids, save_transformer
 from kontext_core.checkpoints.key_maps import transformer_links
 from kontext_core.lora import (
@@ -205,15 +205,19 @@ def test_compiled_blocks_apply_loras_on_the_fly_and_merged(tiny_transformer, tmp
     assert rel_error(expected, base) > 0.05
 
     torch._dynamo.reset()
-    compiled = copy.deepcopy(tiny_transformer).compile_blocks(backend="aot_eager")
-    assert rel_error(_velocity(compiled), base) < 1e-5
-    with apply_lora(compiled, lora, strength=0.7, mode="on_the_fly"):
-        assert rel_error(_velocity(compiled), expected) < 1e-5
-    assert rel_error(_velocity(compiled), base) < 1e-5
-    with apply_lora(compiled, lora, strength=0.7, mode="merge"):
-        assert rel_error(_velocity(compiled), expected) < 1e-5
-    assert rel_error(_velocity(compiled), base) < 1e-5
-    torch._dynamo.reset()
+    graphs = compiled_graphs()
+    try:
+        compiled = copy.deepcopy(tiny_transformer).compile_blocks(backend="aot_eager")
+        assert rel_error(_velocity(compiled), base) < 1e-5
+        assert compiled_graphs() - graphs == 2  # really compiled
+        with apply_lora(compiled, lora, strength=0.7, mode="on_the_fly"):
+            assert rel_error(_velocity(compiled), expected) < 1e-5
+        assert rel_error(_velocity(compiled), base) < 1e-5
+        with apply_lora(compiled, lora, strength=0.7, mode="merge"):
+            assert rel_error(_velocity(compiled), expected) < 1e-5
+        assert rel_error(_velocity(compiled), base) < 1e-5
+    finally:
+        torch._dynamo.reset()
 
 
 # --- (c) parity with diffusers + peft ------------------------------------------------------------

@@ -12,7 +12,7 @@ import copy
 import pytest
 import torch
 
-from conftest import randomize_
+from conftest import compiled_graphs, randomize_
 from kontext_core.config import TransformerConfig
 from kontext_core.offload import BlockOffloader
 from kontext_core.quant import quantize_model_fp8
@@ -57,14 +57,18 @@ def test_compiled_blocks_run_under_the_offloader(model):
     # "aot_eager" traces as the compiler does without generating code, so this runs on the CPU.
     reference = copy.deepcopy(model)
     torch._dynamo.reset()
-    offloader = BlockOffloader(model, "cpu", prefetch=1)
-    model.compile_blocks(backend="aot_eager")
-    with torch.no_grad():
-        for seed in (1, 2):
-            inputs = _inputs(model.config, seed)
-            assert torch.allclose(model(*inputs), reference(*inputs), rtol=1e-5, atol=1e-6)
-    assert offloader.bytes_copied > 0
-    torch._dynamo.reset()
+    graphs = compiled_graphs()
+    try:
+        offloader = BlockOffloader(model, "cpu", prefetch=1)
+        model.compile_blocks(backend="aot_eager")
+        with torch.no_grad():
+            for seed in (1, 2):
+                inputs = _inputs(model.config, seed)
+                assert torch.allclose(model(*inputs), reference(*inputs), rtol=1e-5, atol=1e-6)
+        assert compiled_graphs() - graphs == 2  # compiled, not run eagerly around the hooks
+        assert offloader.bytes_copied > 0
+    finally:
+        torch._dynamo.reset()
 
 
 def test_next_block_is_prefetched_before_the_current_one_computes(model):
