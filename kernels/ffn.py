@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .runtime import cdiv, enabled_for, import_triton, interpreting, launches
+from .runtime import cdiv, enabled_for, import_triton, interpreting, last_dim_contiguous, launches
 
 triton, tl = import_triton()
 
@@ -160,8 +160,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ep
             out_dtype: torch.dtype, gate: torch.Tensor | None = None, residual: torch.Tensor | None = None,
             rows_per_batch: int = 1) -> torch.Tensor:
     """out [M, N] = epilogue(x [M, K] @ weight[N, K].T + bias)."""
-    if x.stride(-1) != 1:
-        x = x.contiguous()
+    x = last_dim_contiguous(x)
     weight = weight.contiguous()
     M, K = x.shape
     N = weight.shape[0]
@@ -169,8 +168,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ep
     if bias is not None:
         bias = bias.contiguous()
     if epilogue == _GATED_RESIDUAL:
-        gate = gate if gate.stride(-1) == 1 else gate.contiguous()
-        residual = residual if residual.stride(-1) == 1 else residual.contiguous()
+        gate, residual = last_dim_contiguous(gate), last_dim_contiguous(residual)
     # Unused pointers still need a tensor to point at; the constexpr flags keep them unread.
     placeholder = out
     args = (

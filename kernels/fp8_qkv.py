@@ -12,6 +12,7 @@ of that to cover P's own rounding (at most 1/16 relative).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -151,9 +152,15 @@ _DEQUANT_BLOCK = 4096
 
 
 def _programs_for_amax(device: torch.device) -> int:
-    if device.type != "cuda":  # Triton's interpreter on CPU tensors (tests)
+    if interpreting():  # CPU tensors in tests
         return 4
-    return _AMAX_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    return _AMAX_PROGRAMS_PER_SM * _multiprocessors(device.index if device.index is not None
+                                                    else torch.cuda.current_device())
+
+
+@functools.cache
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def _quantize_qkv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):

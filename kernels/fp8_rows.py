@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from .e4m3 import E4M3_MAX, to_e4m3
-from .runtime import (cdiv, enabled_for, import_triton, interpreting, launches, next_power_of_2,
-                      reduction_combines)
+from .modulation import layernorm_modulate_rows, modulation_operands
+from .runtime import (cdiv, enabled_for, import_triton, interpreting, last_dim_contiguous, launches,
+                      next_power_of_2, reduction_combines, row_warps, rows_per_program)
 
 triton, tl = import_triton()
 
@@ -98,7 +99,7 @@ def layernorm_modulate_quantize(x: torch.Tensor, shift: torch.Tensor, scale: tor
 
 
 # tl.reduce with Triton's own combines (runtime.reduction_combines says why).
-_max, _add = reduction_combines()
+_max, _ = reduction_combines()
 
 
 @triton.jit
@@ -154,25 +155,7 @@ def _concat_quantize_kernel(
 
 def _as_rows(x: torch.Tensor) -> torch.Tensor:
     """[..., K] -> [M, K] with unit column stride (a view where the strides allow)."""
-    rows = x.reshape(-1, x.shape[-1])
-    return rows if rows.stride(-1) == 1 else rows.contiguous()
-
-
-def _power_of_two_at_most(n: int) -> int:
-    return 1 << (max(1, n).bit_length() - 1)
-
-
-def _warps(values: int) -> int:
-    # About 16 float32 values a thread, at most 8 warps (on an H100 8 warps beat 4 and 16 for FLUX's
-    # 3072- and 12288-wide rows); a power of two, as Triton needs.
-    return _power_of_two_at_most(min(8, values // 512))
-
-
-def _rows_per_program(block: int, device: torch.device) -> int:
-    # Narrow rows share a program; FLUX's (3072 and wider) get one each. Triton's interpreter pays per
-    # program, so on the CPU (tests) programs take as many rows as fit 16k values. A power of two, as
-    # tl.arange needs.
-    return _power_of_two_at_most((16384 if device.type == "cpu" else 2048) // block)
+    return last_dim_contiguous(x.reshape(-1, x.shape[-1]))
 
 
 def _concat_quantize_triton(first: torch.Tensor | None, second: torch.Tensor, gelu: bool) -> Quantized:
@@ -189,12 +172,12 @@ def _concat_quantize_triton(first: torch.Tensor | None, second: torch.Tensor, ge
     block_second = next_power_of_2(second_width)
     block_first = next_power_of_2(max(first_width, 1))
     block = block_second + (block_first if first is not None else 0)
-    rows = _rows_per_program(block, second.device)
+    rows = rows_per_program(block)
     _concat_quantize_kernel[(cdiv(n_rows, rows),)](
         first_rows, second_rows, data, scale,
         n_rows, first_width, second_width, first_rows.stride(0), second_rows.stride(0),
         HAS_FIRST=first is not None, GELU_SECOND=gelu, BLOCK_FIRST=block_first, BLOCK_SECOND=block_second,
-        ROWS=rows, EXACT_ROUNDING=interpreting(), num_warps=_warps(rows * block),
+        ROWS=rows, EXACT_ROUNDING=interpreting(), num_warps=row_warps(rows * block),
     )
     launches["concat_gelu_quantize_rows" if first is not None else
              "gelu_quantize_rows" if gelu else "quantize_rows"] += 1
@@ -209,45 +192,26 @@ def _layernorm_modulate_quantize_kernel(
     BLOCK_C: tl.constexpr, ROWS: tl.constexpr, EXACT_ROUNDING: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    batch = rows // length
-    token = rows % length
-    cols = tl.arange(0, BLOCK_C)
-    row_inside = rows < n_rows
-    mask = row_inside[:, None] & (cols < channels)[None, :]
-
-    x = tl.load(x_ptr + (batch * stride_xb + token * stride_xl)[:, None] + cols[None, :], mask=mask,
-                other=0.0).to(tl.float32)
-    mean = tl.reduce(x, 1, _add) / channels
-    centred = tl.where(mask, x - mean[:, None], 0.0)
-    variance = tl.reduce(centred * centred, 1, _add) / channels
-    normed = centred * tl.rsqrt(variance + eps)[:, None]
-    shift = tl.load(shift_ptr + (batch * stride_shift_b)[:, None] + cols[None, :], mask=mask, other=0.0)
-    scale = tl.load(scale_ptr + (batch * stride_scale_b)[:, None] + cols[None, :], mask=mask, other=0.0)
-    out = tl.where(mask, (1.0 + scale.to(tl.float32)) * normed + shift.to(tl.float32), 0.0)
-
+    out, cols, mask = layernorm_modulate_rows(x_ptr, shift_ptr, scale_ptr, rows, n_rows, length, channels, eps,
+                                              stride_xb, stride_xl, stride_shift_b, stride_scale_b, BLOCK_C)
     row_scale, inv_scale = _row_scales(tl.reduce(tl.abs(out), 1, _max))
     tl.store(out_ptr + rows[:, None] * channels + cols[None, :], to_e4m3(out, inv_scale, EXACT_ROUNDING), mask=mask)
-    tl.store(row_scale_ptr + rows[:, None], row_scale, mask=row_inside[:, None])
+    tl.store(row_scale_ptr + rows[:, None], row_scale, mask=(rows < n_rows)[:, None])
 
 
 def _layernorm_modulate_quantize_triton(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
                                         eps: float) -> Quantized:
     batch, length, channels = x.shape
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    # Batch-1 modulation broadcasts through a zero batch stride; chunked views keep their strides.
-    shift = shift.expand(batch, 1, channels)
-    scale = scale.expand(batch, 1, channels)
-    shift = shift if shift.stride(-1) == 1 else shift.contiguous()
-    scale = scale if scale.stride(-1) == 1 else scale.contiguous()
+    x, shift, scale = modulation_operands(x, shift, scale)
     data = torch.empty((batch, length, channels), dtype=torch.float8_e4m3fn, device=x.device)
     row_scale = torch.empty((batch * length, 1), dtype=torch.float32, device=x.device)
     block = next_power_of_2(channels)
-    rows = _rows_per_program(block, x.device)
+    rows = rows_per_program(block)
     _layernorm_modulate_quantize_kernel[(cdiv(batch * length, rows),)](
         x, shift, scale, data, row_scale,
         batch * length, length, channels, eps,
         x.stride(0), x.stride(1), shift.stride(0), scale.stride(0),
-        BLOCK_C=block, ROWS=rows, EXACT_ROUNDING=interpreting(), num_warps=_warps(rows * block),
+        BLOCK_C=block, ROWS=rows, EXACT_ROUNDING=interpreting(), num_warps=row_warps(rows * block),
     )
     launches["layernorm_modulate_quantize"] += 1
     return data, row_scale

@@ -1,7 +1,8 @@
 """LayerNorm (no affine) followed by the adaLN modulation, in one pass over each token.
 
 Unfused, `(1 + scale) * layer_norm(x) + shift` reads and writes the activations three times; the
-kernel reads each row once, keeps it in registers for both statistics, and writes it once.
+kernel reads each row once, keeps it in registers for both statistics, and writes it once. The row
+arithmetic (`layernorm_modulate_rows`) is shared with the fp8 quantizer of kernels/fp8_rows.py.
 """
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .runtime import enabled_for, import_triton, launches, next_power_of_2, reduction_combines
+from .runtime import (cdiv, enabled_for, import_triton, last_dim_contiguous, launches, next_power_of_2,
+                      reduction_combines, row_warps, rows_per_program)
 
 triton, tl = import_triton()
 
@@ -32,52 +34,61 @@ def layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
 
 
 @triton.jit
+def layernorm_modulate_rows(x_ptr, shift_ptr, scale_ptr, rows, n_rows, length, channels, eps,
+                            stride_xb, stride_xl, stride_shift_b, stride_scale_b, BLOCK_C: tl.constexpr):
+    """(1 + scale) * LayerNorm(x) + shift for `rows` (flat b * L + l) of x [B, L, C], in float32:
+    ([ROWS, BLOCK_C] tile, zero outside the rows and channels; its column offsets; its mask). Each row
+    is read once and stays in registers for both statistics."""
+    batch = rows // length
+    token = rows % length
+    cols = tl.arange(0, BLOCK_C)
+    mask = (rows < n_rows)[:, None] & (cols < channels)[None, :]
+
+    x = tl.load(x_ptr + (batch * stride_xb + token * stride_xl)[:, None] + cols[None, :], mask=mask,
+                other=0.0).to(tl.float32)
+    mean = tl.reduce(x, 1, _add) / channels
+    centred = tl.where(mask, x - mean[:, None], 0.0)
+    variance = tl.reduce(centred * centred, 1, _add) / channels
+    normed = centred * tl.rsqrt(variance + eps)[:, None]
+    shift = tl.load(shift_ptr + (batch * stride_shift_b)[:, None] + cols[None, :], mask=mask, other=0.0)
+    scale = tl.load(scale_ptr + (batch * stride_scale_b)[:, None] + cols[None, :], mask=mask, other=0.0)
+    out = tl.where(mask, (1.0 + scale.to(tl.float32)) * normed + shift.to(tl.float32), 0.0)
+    return out, cols, mask
+
+
+@triton.jit
 def _layernorm_modulate_kernel(
     x_ptr, shift_ptr, scale_ptr, out_ptr,
-    length, channels, eps,
+    n_rows, length, channels, eps,
     stride_xb, stride_xl, stride_shift_b, stride_scale_b,
-    BLOCK_C: tl.constexpr,
+    BLOCK_C: tl.constexpr, ROWS: tl.constexpr,
 ):
-    # One program per token; the whole row (up to 3072 channels in FLUX) sits in registers.
-    row = tl.program_id(0)
-    batch = (row // length).to(tl.int64)
-    token = (row % length).to(tl.int64)
-    cols = tl.arange(0, BLOCK_C)
-    inside = cols < channels
-
-    x = tl.load(x_ptr + batch * stride_xb + token * stride_xl + cols, mask=inside, other=0.0).to(tl.float32)
-    mean = tl.reduce(x, 0, _add) / channels
-    centred = tl.where(inside, x - mean, 0.0)
-    variance = tl.reduce(centred * centred, 0, _add) / channels
-    normed = centred * tl.rsqrt(variance + eps)
-
-    shift = tl.load(shift_ptr + batch * stride_shift_b + cols, mask=inside, other=0.0).to(tl.float32)
-    scale = tl.load(scale_ptr + batch * stride_scale_b + cols, mask=inside, other=0.0).to(tl.float32)
-    out = (1.0 + scale) * normed + shift
-    tl.store(out_ptr + row.to(tl.int64) * channels + cols, out.to(out_ptr.dtype.element_ty), mask=inside)
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    out, cols, mask = layernorm_modulate_rows(x_ptr, shift_ptr, scale_ptr, rows, n_rows, length, channels, eps,
+                                              stride_xb, stride_xl, stride_shift_b, stride_scale_b, BLOCK_C)
+    tl.store(out_ptr + rows[:, None] * channels + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _last_dim_contiguous(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
+def modulation_operands(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor):
+    """x [B, L, C] and shift, scale [B or 1, 1, C] as the row kernels take them: unit last-dim strides,
+    batch-1 modulation broadcast through a zero batch stride (chunked views keep their strides)."""
+    batch, _, channels = x.shape
+    return (last_dim_contiguous(x), last_dim_contiguous(shift.expand(batch, 1, channels)),
+            last_dim_contiguous(scale.expand(batch, 1, channels)))
 
 
 def _layernorm_modulate_triton(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
                                eps: float) -> torch.Tensor:
     batch, length, channels = x.shape
-    x = _last_dim_contiguous(x)
-    # Batch-1 modulation broadcasts through a zero batch stride; chunked views keep their strides.
-    shift = _last_dim_contiguous(shift.expand(batch, 1, channels))
-    scale = _last_dim_contiguous(scale.expand(batch, 1, channels))
+    x, shift, scale = modulation_operands(x, shift, scale)
     out = torch.empty((batch, length, channels), dtype=x.dtype, device=x.device)
-
     block = next_power_of_2(channels)
-    # 16 elements per thread: two 16-byte loads of bf16; 8 warps for the real 3072 channels.
-    num_warps = max(1, min(16, block // 512))
-    _layernorm_modulate_kernel[(batch * length,)](
+    rows = rows_per_program(block)
+    _layernorm_modulate_kernel[(cdiv(batch * length, rows),)](
         x, shift, scale, out,
-        length, channels, eps,
+        batch * length, length, channels, eps,
         x.stride(0), x.stride(1), shift.stride(0), scale.stride(0),
-        BLOCK_C=block, num_warps=num_warps,
+        BLOCK_C=block, ROWS=rows, num_warps=row_warps(rows * block),
     )
     launches["layernorm_modulate"] += 1
     return out

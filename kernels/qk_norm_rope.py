@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from .runtime import cdiv, enabled_for, import_triton, launches, next_power_of_2, reduction_combines
+from .runtime import (cdiv, enabled_for, import_triton, last_dim_contiguous, launches, next_power_of_2,
+                      reduction_combines)
 
 triton, tl = import_triton()
 
@@ -140,13 +141,10 @@ def _launch(qkv: torch.Tensor, q_scale: torch.Tensor, k_scale: torch.Tensor, cos
     """Write q, k, v of qkv's tokens into out [3, B, H, L_out, D] at tokens offset..offset+L."""
     batch, length, width = qkv.shape
     head_dim = width // (3 * num_heads)
-    if qkv.stride(-1) != 1:
-        qkv = qkv.contiguous()
+    qkv = last_dim_contiguous(qkv)
     # Batch-1 tables broadcast through a zero batch stride; slices along L keep their strides.
-    cos = cos.expand(batch, 1, length, head_dim // 2)
-    sin = sin.expand(batch, 1, length, head_dim // 2)
-    cos = cos if cos.stride(-1) == 1 else cos.contiguous()
-    sin = sin if sin.stride(-1) == 1 else sin.contiguous()
+    cos = last_dim_contiguous(cos.expand(batch, 1, length, head_dim // 2))
+    sin = last_dim_contiguous(sin.expand(batch, 1, length, head_dim // 2))
     q_scale, k_scale = q_scale.contiguous(), k_scale.contiguous()
 
     block_d = next_power_of_2(head_dim)

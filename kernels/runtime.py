@@ -31,6 +31,9 @@ def triton_available() -> bool:
     return True
 
 
+TRITON_PRESENT = triton_available()
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -48,9 +51,14 @@ def _capable(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index) >= (8, 0)
 
 
+def _switched_on() -> bool:
+    # Plain reads only (TRITON_PRESENT, not the cached triton_available()): torch.compile traces this.
+    return _enabled and os.environ.get("KONTEXT_KERNELS", "1") != "0" and TRITON_PRESENT
+
+
 def enabled_for(tensor: torch.Tensor) -> bool:
     """True when the fused kernels should handle `tensor` rather than the PyTorch references."""
-    if not _enabled or os.environ.get("KONTEXT_KERNELS", "1") == "0" or not triton_available():
+    if not _switched_on():
         return False
     if interpreting():
         return True
@@ -81,18 +89,13 @@ def import_triton():
     return _inert_triton()
 
 
-
 def enabled_for_traced(tensor: torch.Tensor) -> bool:
     """Whether to hand `tensor` to a kernel op, from state that torch.compile's tracing can read.
 
     Coarser than `enabled_for` (no capability check, which is cached): the ops decide per call with
     `enabled_for` and run the reference where the kernel cannot.
     """
-    return (_enabled and os.environ.get("KONTEXT_KERNELS", "1") != "0" and TRITON_PRESENT
-            and (tensor.is_cuda or interpreting()))
-
-
-TRITON_PRESENT = triton_available()
+    return _switched_on() and (tensor.is_cuda or interpreting())
 
 
 def reduction_combines():
@@ -119,4 +122,26 @@ def cdiv(a: int, b: int) -> int:
 
 def next_power_of_2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
+
+
+def last_dim_contiguous(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor`, copied only if its last dimension is strided (the kernels take any other strides)."""
+    return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
+
+
+def _power_of_two_at_most(n: int) -> int:
+    return 1 << (max(1, n).bit_length() - 1)
+
+
+def rows_per_program(block: int) -> int:
+    """Rows a row-kernel program takes, for rows padded to `block` values: narrow rows share a program,
+    FLUX's (3072 and wider) get one each. Triton's interpreter pays per program, so under it programs
+    take as many rows as fit 16k values. A power of two, as tl.arange needs."""
+    return _power_of_two_at_most((16384 if interpreting() else 2048) // block)
+
+
+def row_warps(values: int) -> int:
+    """Warps for a program holding `values` float32 values: about 16 a thread, at most 8 (on an H100 8
+    beat 4 and 16 for FLUX's 3072- and 12288-wide rows); a power of two, as Triton needs."""
+    return _power_of_two_at_most(min(8, values // 512))
 

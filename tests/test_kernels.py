@@ -302,16 +302,17 @@ class TestAwkwardSizes:
         torch.testing.assert_close(out, modulation.layernorm_modulate_reference(x, shift, scale), rtol=0, atol=0)
 
 
-def test_fp8_row_launch_shapes():
+def test_row_kernel_launch_shapes(monkeypatch):
     # The interpreter ignores num_warps, so only a GPU would reveal a bad launch (3 warps once): the
-    # shapes chosen for each row layout are checked here. (block width, device) -> (rows, warps).
-    from kernels import fp8_rows
+    # shapes chosen for each row width are checked here. (block width, interpreting) -> (rows, warps).
+    from kernels import runtime
 
-    expected = {(64, "cuda"): (32, 4), (192, "cuda"): (8, 2), (4096, "cuda"): (1, 8), (20480, "cuda"): (1, 8),
-                (16384, "cuda"): (1, 8), (192, "cpu"): (64, 8), (20480, "cpu"): (1, 8)}
-    for (block, device), (rows, warps) in expected.items():
-        got = fp8_rows._rows_per_program(block, torch.device(device))
-        assert (got, fp8_rows._warps(got * block)) == (rows, warps), (block, device)
+    expected = {(64, False): (32, 4), (192, False): (8, 2), (4096, False): (1, 8), (20480, False): (1, 8),
+                (16384, False): (1, 8), (192, True): (64, 8), (20480, True): (1, 8)}
+    for (block, interpreted), (rows, warps) in expected.items():
+        monkeypatch.setenv("TRITON_INTERPRET", "1" if interpreted else "0")
+        got = runtime.rows_per_program(block)
+        assert (got, runtime.row_warps(got * block)) == (rows, warps), (block, interpreted)
 
 
 def test_cpu_tensors_use_the_references_without_the_interpreter(monkeypatch):
