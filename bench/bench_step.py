@@ -44,6 +44,11 @@ def step_flops(config: TransformerConfig, image_tokens: int, text_tokens: int) -
     return {"linear": float(linear), "attention": float(attention), "total": float(linear + attention)}
 
 
+def rel_l2(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    """||ours - reference|| / ||reference||, in float64."""
+    return ((ours.double() - reference.double()).norm() / reference.double().norm()).item()
+
+
 def cuda_time(fn, warmup: int = 2, iterations: int = 5) -> float:
     """Median seconds of `fn` over CUDA-event-timed iterations."""
     for _ in range(warmup):
@@ -166,6 +171,18 @@ def implementation(name: str) -> str:
         raise argparse.ArgumentTypeError(f"{name!r}: choose one of {', '.join(IMPLS)}, plus any of "
                                          f"{', '.join('+' + m for m in MODIFIERS)}")
     return name
+
+
+def configure(impl: str) -> None:
+    """The switches of one implementation row. Our Triton kernels run in the "kernels" rows (the Triton
+    GEMMs too; "rowkernels": norms and RoPE fused, GEMMs by cuBLAS) and, as the product does, in compiled
+    blocks; plain "ours" / "ours-fp8" rows are PyTorch alone. Modifiers: MODIFIERS."""
+    base, *modifiers = impl.split("+")
+    kernels.set_enabled((base.endswith("kernels") or base.endswith("-compiled")) and "nokernels" not in modifiers)
+    fused.set_fused_gemms(base.endswith("-kernels"))
+    fused.set_cublas_epilogues("noepilogues" not in modifiers)
+    quant.set_fp8_fast_accumulation("exactaccum" not in modifiers)
+    set_attention_backend("cudnn-fp8" if "fp8attention" in modifiers else "auto")
 
 
 def compile_blocks(model, impl: str) -> None:
@@ -311,14 +328,8 @@ def main() -> None:
               f"floor {floor * 1e3:.1f} ms; attention alone at {attn_rate / 1e12:.0f} TFLOP/s", flush=True)
         reference = None
         for impl in args.impls:
-            # Our Triton kernels in the "kernels" rows ("rowkernels": norms/RoPE fused, GEMMs by cuBLAS) and,
-            # as the product does, in compiled blocks; plain "ours" / "ours-fp8" rows are PyTorch alone.
-            base, *modifiers = impl.split("+")
-            kernels.set_enabled((base.endswith("kernels") or base.endswith("-compiled")) and "nokernels" not in modifiers)
-            fused.set_fused_gemms(not base.endswith("rowkernels"))
-            fused.set_cublas_epilogues("noepilogues" not in modifiers)
-            quant.set_fp8_fast_accumulation("exactaccum" not in modifiers)
-            set_attention_backend("cudnn-fp8" if "fp8attention" in modifiers else "auto")
+            configure(impl)
+            modifiers = impl.split("+")[1:]
             target = (fp8_model if impl.startswith("ours-fp8") else model if impl.startswith("ours")
                       else comfy if impl.startswith("comfyui") else twin)
             if "-compiled" in impl:
@@ -331,7 +342,7 @@ def main() -> None:
                 if reference is None:
                     reference = out.float()
                 error = ((out.float() - reference).abs().max() / reference.abs().max()).item()
-                l2_error = ((out.float() - reference).norm() / reference.norm()).item()
+                l2_error = rel_l2(out, reference)
                 seconds = cuda_time(fn)
                 torch.cuda.synchronize()
                 started = time.perf_counter()
@@ -361,12 +372,11 @@ def main() -> None:
             if target is None or (label.endswith("fp8attention") and not fp8_attention_too):
                 continue
             label += "+graphs" if graphs else ""
-            set_attention_backend("cudnn-fp8" if "fp8attention" in label else "auto")
-            kernels.set_enabled(True)  # the product's defaults
-            fused.set_fused_gemms(False)
-            fused.set_cublas_epilogues(True)
-            quant.set_fp8_fast_accumulation(True)
-            if any("-compiled" in i for i in args.impls):
+            compiled = any("-compiled" in i for i in args.impls)
+            # The product's settings: the kernels on, cuBLAS GEMMs, blocks compiled when any row was.
+            configure(("ours-compiled" if compiled else "ours-rowkernels")
+                      + ("+fp8attention" if "fp8attention" in label else ""))
+            if compiled:
                 compile_blocks(target, "ours-compiled")
             seconds = end_to_end(target, cuda_graphs=graphs)
             record[f"e2e_edit_28_steps_{label}_s"] = seconds
@@ -383,7 +393,6 @@ def main() -> None:
 
 def _commit() -> str:
     """The checkout's commit, or $KONTEXT_COMMIT where the tree was copied without its .git."""
-    import os
     import subprocess
 
     if os.environ.get("KONTEXT_COMMIT"):
@@ -402,12 +411,13 @@ def results_markdown(record: dict, command: str) -> str:
     lines = [f"\n## {datetime.date.today().isoformat()} — {record['gpu']}, torch {record['torch']}\n",
              f"Command: `python3 bench/{Path(command.split()[0]).name} {' '.join(command.split()[1:])}` at commit "
              f"{_commit()}; bf16 matmul {record['matmul_tflops']:.0f} TFLOP/s.\n",
-             "| workload | implementation | ms / step | x floor | TFLOP/s | peak GiB | rel. error vs first (max / L2) |",
-             "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+             "| workload | implementation | ms / step | x floor | TFLOP/s | host enqueue ms | peak GiB "
+             "| rel. error vs first (max / L2) |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for row in record["results"]:
         lines.append(f"| {row['workload']} | {row['impl']} | {row['ms']:.1f} | {row['x_floor']:.2f} | "
-                     f"{row['tflops']:.0f} | {row['peak_gib']:.1f} | {row['rel_err_vs_first']:.1e} / "
-                     f"{row['rel_l2_vs_first']:.1e} |")
+                     f"{row['tflops']:.0f} | {row['host_ms']:.1f} | {row['peak_gib']:.1f} | "
+                     f"{row['rel_err_vs_first']:.1e} / {row['rel_l2_vs_first']:.1e} |")
     for key, value in record.items():
         if key.startswith("e2e_"):
             lines.append(f"\n{key}: {value:.2f} s")

@@ -87,9 +87,7 @@ def comfy_twin(model, comfyui_path):
     operations = comfy.ops.pick_operations(dtype, manual_cast)
     twin = comfy.flux.Flux(dtype=dtype, device="meta", operations=operations, **unet_config)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    result = twin.load_state_dict(state, strict=True, assign=True)
-    if result.missing_keys or result.unexpected_keys:  # strict=True raises first; kept for clarity
-        raise RuntimeError(f"state dict mismatch: {result}")
+    twin.load_state_dict(state, strict=True, assign=True)  # raises on any missing or unexpected key
     on_meta = [n for n, t in [*twin.named_parameters(), *twin.named_buffers()] if t.device.type == "meta"]
     if on_meta:
         raise RuntimeError(f"ComfyUI Flux tensors left without weights: {on_meta[:5]}")

@@ -22,29 +22,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench_step import cuda_time, profile_step, rel_l2  # noqa: E402
 from kernels import fp8_qkv  # noqa: E402
 from kontext_core import fp8_attention as fa  # noqa: E402
 
 
-def timed(fn, warmup: int = 3, iters: int = 20, repeats: int = 3) -> float:
-    """Best mean ms per call over `repeats` runs of `iters` back-to-back calls."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        best = min(best, start.elapsed_time(end) / iters)
-    return best
-
-
-def rel_l2(ours, reference) -> float:
-    return ((ours.double() - reference.double()).norm() / reference.double().norm()).item()
+def timed(fn) -> float:
+    """Milliseconds per call, timed as bench_step times everything (median of CUDA-event-timed calls)."""
+    return 1e3 * cuda_time(fn, warmup=3, iterations=20)
 
 
 def attempt(label, fn):
@@ -137,33 +122,10 @@ def main() -> None:
     sys.stdout.flush()
 
     if out is not None:
-        attempt("profile", lambda: profile_kernels(lambda: fa.fp8_attention(q, k, v)))
+        attempt("profile", lambda: profile_step(lambda: fa.fp8_attention(q, k, v), "fp8_attention", "probe"))
         print("quantize_qkv in plain PyTorch ops:")
         attempt("profile torch quant",
-                lambda: profile_kernels(lambda: fp8_qkv.quantize_qkv_reference(q, k, v), top=12))
-
-
-def profile_kernels(fn, calls: int = 10, top: int = 12) -> None:
-    """GPU time per kernel of `fn` (CPU launch overhead excluded), from the PyTorch profiler."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    rows = []
-    for event in prof.key_averages():
-        total = getattr(event, "self_device_time_total", None)
-        if total is None:
-            total = getattr(event, "self_cuda_time_total", 0)
-        if total > 0:
-            rows.append((total / calls, event.count // calls, event.key))
-    rows.sort(reverse=True)
-    print(f"GPU time per call, by kernel (sum {sum(r[0] for r in rows) / 1e3:.3f} ms):")
-    for us, count, key in rows[:top]:
-        print(f"  {us / 1e3:8.4f} ms  x{count}  {key[:110]}")
+                lambda: profile_step(lambda: fp8_qkv.quantize_qkv_reference(q, k, v), "quantize_qkv_reference", "probe"))
 
 
 if __name__ == "__main__":
