@@ -133,12 +133,13 @@ class ComfyClient:
             return "the websocket-client package is missing: pip install websocket-client"
         parts = urllib.parse.urlsplit(self.base_url)
         scheme = "wss" if parts.scheme == "https" else "ws"
+        address = f"{scheme}://{parts.netloc}{parts.path}/ws"
         try:
-            self._socket = websocket.create_connection(
-                f"{scheme}://{parts.netloc}{parts.path}/ws?clientId={self.client_id}", timeout=self.timeout)
+            self._socket = websocket.create_connection(f"{address}?clientId={self.client_id}", timeout=self.timeout)
         except (OSError, websocket.WebSocketException) as error:
             self._socket = None
-            return f"{scheme}://{parts.netloc}/ws refused: {error}; a proxy in between may need websockets enabled"
+            return (f"no event socket at {address} ({type(error).__name__}: {error}); a proxy in between may need "
+                    "websockets enabled")
         return None
 
     def next_event(self, timeout: float) -> dict | None:

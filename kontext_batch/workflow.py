@@ -180,7 +180,7 @@ class FieldMap:
                 raise BatchError(f"{workflow.source} has no node to take the {field} (looked for {looked}); "
                                  f"name one with --{field}-field NODE.INPUT")
             for target in targets:
-                self.check_fillable(target)
+                self._check_fillable(target)
             self.targets[field] = targets
         image_targets = self.targets.get("image", [])
         if len(image_targets) > 1:
@@ -204,12 +204,12 @@ class FieldMap:
         """The input a NODE.INPUT column (or --set) names, checked to take a value; errors name the row."""
         try:
             target = self.workflow.parse_target(spec)
-            self.check_fillable(target)
+            self._check_fillable(target)
         except BatchError as error:
             raise BatchError(f"{where}: {spec}: {error}") from None
         return target
 
-    def check_fillable(self, target: Target) -> None:
+    def _check_fillable(self, target: Target) -> None:
         value = self.workflow.graph[target.node_id]["inputs"].get(target.input)
         if isinstance(value, list) and len(value) == 2 and isinstance(value[1], int):
             raise BatchError(f"{self.workflow.describe(target)} is wired to node {value[0]}; a batch can only fill "
@@ -248,12 +248,17 @@ def _parse(value: Any, kind: str, choices: list | None) -> tuple[Any, str | None
         if value in choices:
             return value, None
         return None, f"one of {', '.join(map(str, choices[:12]))}{' ...' if len(choices) > 12 else ''}"
+    if kind == "INT" and not isinstance(value, bool):
+        try:  # exactly, first: seeds go up to 2**64 - 1, beyond float's 53 bits
+            return int(str(value).strip()), None
+        except ValueError:
+            pass
     if kind in ("INT", "FLOAT"):
         try:
             number = float(value) if not isinstance(value, bool) else None
         except (TypeError, ValueError):
             number = None
-        if kind == "INT":
+        if kind == "INT":  # "5.0" from a spreadsheet
             return (int(number), None) if number is not None and number.is_integer() else (None, "a whole number")
         return (number, None) if number is not None else (None, "a number")
     if kind == "BOOLEAN":

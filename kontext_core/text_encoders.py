@@ -359,13 +359,13 @@ def load_t5_encoder(path: str | os.PathLike, *, config: T5Config | None = None,
     """
     path = Path(path)
     compute_dtype = _check_dtype(dtype)
-    weights = _open_weights(path, "text_encoder_2")
+    weights = _open_weights(path, _T5.diffusers_folder)
     weights.prefix = _encoder_prefix(weights, path, _T5, _CLIP)
     config = config or _folder_config(weights, T5Config) or _infer_t5_config(weights)
     # Some files store only `shared.weight`, others only `encoder.embed_tokens.weight`: they are one tensor.
     embedding = ("shared.weight", "encoder.embed_tokens.weight")
     model = _fill(T5EncoderModel, config, weights, lambda key: embedding if key in embedding else (key,),
-                  compute_dtype, torch.device(device), "T5 text encoder", _T5_FILES)
+                  compute_dtype, torch.device(device), f"{_T5.short} text encoder", _T5.files)
     model.set_input_embeddings(model.shared)
     return model
 
@@ -378,12 +378,12 @@ def load_clip_encoder(path: str | os.PathLike, *, config: CLIPTextConfig | None 
     """
     path = Path(path)
     compute_dtype = _check_dtype(dtype)
-    weights = _open_weights(path, "text_encoder")
+    weights = _open_weights(path, _CLIP.diffusers_folder)
     weights.prefix = _encoder_prefix(weights, path, _CLIP, _T5)
     config = config or _folder_config(weights, CLIPTextConfig) or _infer_clip_config(weights)
     # transformers 4 nested the model under `text_model.`; files keep that name, and the prefix holds it.
     return _fill(CLIPTextModel, config, weights, lambda key: (key.removeprefix("text_model."),),
-                 compute_dtype, torch.device(device), "CLIP text encoder", _CLIP_FILES)
+                 compute_dtype, torch.device(device), f"{_CLIP.short} text encoder", _CLIP.files)
 
 
 # ---------------------------------------------------------------------------------------------------------

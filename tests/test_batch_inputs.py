@@ -161,6 +161,15 @@ def test_values_are_checked_against_the_declared_types():
         fields.coerce(steps, 0, "row 2")
     with pytest.raises(BatchError, match="must be one of dev, distilled, true_cfg"):
         fields.coerce(Target("7", "sampler"), "euler", "row 2")
+    assert fields.coerce(steps, "12.0", "row 2") == 12  # a spreadsheet's whole number
+
+
+def test_seeds_keep_every_digit():
+    fields = FieldMap(load_workflow("kontext_edit"), object_info_for("kontext_edit"), {}, {"seed"})
+    seed = fields.targets["seed"][0]
+    for value in (2**53 + 1, 2**64 - 1):  # beyond float's 53 bits: a float detour would change them
+        assert fields.coerce(seed, str(value), "row 2") == value
+        assert fields.coerce(seed, value, "row 2") == value
 
 
 def test_ui_format_workflow_is_refused_with_the_fix(tmp_path):
