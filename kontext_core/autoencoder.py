@@ -13,7 +13,7 @@ def _group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
 
 
-# Scores held at once by the AE's attention. Its single 512-wide head is beyond the fused SDPA kernels, so
+# Scores held at once by the AE's attention, over the whole batch. Its single 512-wide head is beyond the fused SDPA kernels, so
 # PyTorch runs it as plain matmuls: unchunked, a 1024x1024 image's 16384x16384 scores took ~2.3 GiB, more
 # than the rest of the AE, tiled or not (measured on an H100).
 ATTENTION_SCORE_BUDGET = 1 << 24
@@ -39,7 +39,7 @@ class AttnBlock(nn.Module):
 
         q, k, v = as_sequence(self.q(h)), as_sequence(self.k(h)), as_sequence(self.v(h))
         # Query rows are independent, so chunks of them give the same result in bounded memory.
-        chunk = max(1, ATTENTION_SCORE_BUDGET // k.shape[-2])
+        chunk = max(1, ATTENTION_SCORE_BUDGET // (batch * k.shape[-2]))
         if chunk >= q.shape[-2]:
             out = F.scaled_dot_product_attention(q, k, v)
         else:

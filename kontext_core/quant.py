@@ -57,8 +57,9 @@ class QuantizedRows(NamedTuple):
 
 
 def quantize_rows(x: torch.Tensor) -> QuantizedRows:
-    """Per-token (row) dynamic scales amax/448, the rows then in e4m3 (kernels/fp8_rows.py fuses this
-    with the op producing x; this is the plain form)."""
+    """Per-token (row) dynamic scales amax/448, the rows then in e4m3: the plain form of what
+    kernels/fp8_rows.py fuses with the op producing x. The same arithmetic as its
+    `quantize_rows_reference` (kontext_core runs without kernels/; tests/test_fp8_matmul.py holds them equal)."""
     rows = x.reshape(-1, x.shape[-1]).float()
     amax = rows.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12)
     data = (rows * (amax.new_tensor(E4M3_MAX) / amax)).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)

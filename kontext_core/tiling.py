@@ -249,7 +249,7 @@ def encode_tiled(ae: Autoencoder, image: torch.Tensor, tile: int = DEFAULT_TILE,
     else:
         pieces = _tiles(image, tile, overlap, factor)
         for index, level in enumerate(encoder.down):
-            stage = level if index else lambda h, level=level: level(encoder.conv_in(h))
+            stage = level if index else lambda h: encoder.down[0](encoder.conv_in(h))
             norms = _GlobalGroupNorm(_group_norms(level))
             with norms.installed():
                 _gather_statistics(norms, stage, pieces)

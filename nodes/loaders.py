@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import torch
+
 from kontext_core import set_attention_backend
 
 from . import comfy_adapter, model_cache, resolve
@@ -62,7 +64,7 @@ COMPILE_MODES = ("off", "on")
 
 def _check_compile(device) -> None:
     """Refuse compile=on here, on the loader, where it cannot work (rather than failing at the first step)."""
-    if getattr(device, "type", str(device)) != "cuda":
+    if torch.device(device).type != "cuda":
         raise RuntimeError(f"compile needs a CUDA GPU and ComfyUI runs this model on {device}; set compile to off")
     if importlib.util.find_spec("triton") is None:  # torch.compile's GPU code generator
         raise RuntimeError("compile needs Triton (pip install triton; on Windows triton-windows); set compile to off")

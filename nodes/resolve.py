@@ -65,8 +65,11 @@ def transformer(ref: TransformerRef):
         )
     set_attention_backend(ref.attention)
     model = model_cache.transformer(ref)
-    if ref.compile != model.blocks_compiled:  # the cached model serves loaders with either setting
-        model.compile_blocks() if ref.compile else model.uncompile_blocks()
+    # The cached model serves loaders with either setting.
+    if ref.compile and not model.blocks_compiled:
+        model.compile_blocks()
+    elif not ref.compile and model.blocks_compiled:
+        model.uncompile_blocks()
     return model
 
 

@@ -15,7 +15,19 @@ from torch import nn
 from conftest import fp8_tensor_cores, fresh_generator, random_linear, rel_l2
 from kontext_core import quant
 
-pytestmark = pytest.mark.skipif(not fp8_tensor_cores(), reason="needs a GPU with fp8 tensor cores (Ada or Hopper)")
+needs_fp8_tensor_cores = pytest.mark.skipif(not fp8_tensor_cores(),
+                                            reason="needs a GPU with fp8 tensor cores (Ada or Hopper)")
+
+
+def test_plain_row_quantization_is_the_kernels_reference():
+    # kontext_core.quant.quantize_rows (the unfused path, no kernels/ needed) and the row kernels' reference
+    # must quantize alike: the fused and plain fp8 paths are compared on that assumption.
+    from kernels.fp8_rows import quantize_rows_reference
+
+    x = (torch.randn(3, 17, 96, generator=fresh_generator()) * 5).bfloat16()
+    x[1, 4] = 0  # an all-zero row
+    ours, reference = quant.quantize_rows(x), quantize_rows_reference(x)
+    assert torch.equal(ours.data.float(), reference[0].float()) and torch.equal(ours.scale, reference[1])
 
 
 @pytest.fixture(autouse=True)
@@ -24,6 +36,7 @@ def restore_accumulation():
     quant.set_fp8_fast_accumulation(True)
 
 
+@needs_fp8_tensor_cores
 @pytest.mark.parametrize("fast", [True, False], ids=["fast-accum", "exact-accum"])
 @pytest.mark.parametrize("per_row", [True, False], ids=["per-row", "per-tensor"])
 @pytest.mark.parametrize("shape", [(2, 13, 96, 48), (1, 4096, 3072, 3072)], ids=["awkward", "flux"])
