@@ -1,13 +1,21 @@
-"""Quantization around fp8 attention: q, k, v to e4m3 with per-tensor dynamic scales, fp8 O back.
+"""Quantization around fp8 attention: q, k, v to e4m3 with per-tensor scales, fp8 O back.
 
 `quantize_qkv` fills a small float32 work buffer on the GPU (no host sync) with each tensor's amax
 and every scale cuDNN's fp8 attention graph reads (slots below), and writes contiguous [B, H, L, D]
 e4m3 copies of q, k, v whatever their strides. `dequantize_output` turns the graph's fp8 O back
-into bf16/fp16 with O's descale. Each has a plain PyTorch `*_reference` of the same contract.
+into bf16/fp16 with O's descale. `joint_qkv_norm_rope_fp8` makes q8, k8, v8 and the scales straight
+from the blocks' qkv projections, in the QK-norm + RoPE kernel's pass (kernels/qk_norm_rope.py). Each
+has a plain PyTorch `*_reference` of the same contract.
 
 Numerics: scale = 448 / amax per tensor. The softmax numerator P in [0, 1] is stored in fp8 with a
 fixed scale of 256. O is a convex combination of v's rows, so |O| <= amax(v); its range gets 17/16
 of that to cover P's own rounding (at most 1/16 relative).
+
+From the projections, q and k need no amax pass: RMSNorm leaves a row of D values whose squares sum
+to at most D, so |x_i| <= sqrt(D) before the norm's weight w, and RoPE rotates pairs without changing
+their length, so |q| <= sqrt(D) * max|w_q| (likewise k), the static range their scales cover. e4m3 is
+floating point: a range a few times wider than the values costs only the tiny values' precision (those
+below 2**-6 of the scale's unit). v has no such bound: it keeps its amax, taken in that same pass.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import math
 
 import torch
 
+from . import qk_norm_rope
 from .e4m3 import E4M3_MAX, to_e4m3
 from .runtime import (cdiv, enabled_for, import_triton, interpreting, launches, next_power_of_2,
                       reduction_combines)
@@ -66,6 +75,53 @@ def dequantize_output_reference(o8: torch.Tensor, work: torch.Tensor, dtype: tor
     """fp8 O (any dense layout) -> `dtype`, same strides, times O's descale."""
     out = torch.empty_strided(o8.shape, o8.stride(), dtype=dtype, device=o8.device)
     return out.copy_(o8.float() * work[DESCALE_O])
+
+
+def _qk_bounds(streams) -> torch.Tensor:
+    """[max|w_q|, max|w_k|] over every stream's norm weights, float32 (times sqrt(D): the q, k ranges)."""
+    weights = torch.cat([scale for _, scale, _ in streams] + [scale for _, _, scale in streams])
+    return torch.linalg.vector_norm(weights.view(2, -1), ord=math.inf, dim=1, dtype=torch.float32)
+
+
+def joint_qkv_norm_rope_fp8_reference(streams, cos: torch.Tensor, sin: torch.Tensor, num_heads: int):
+    """Streams of (qkv [B, L_i, 3*H*D], q_scale, k_scale) -> (q8, k8, v8, work) over the joint sequence, as
+    `quantize_qkv` returns them, q and k at the static scales of their norms' bounds (module docstring)."""
+    # q and k in float32 throughout, as the kernel computes them before its one rounding, to e4m3.
+    q, k, _ = qk_norm_rope.joint_qkv_norm_rope_reference(
+        [tuple(tensor.float() for tensor in stream) for stream in streams], cos, sin, num_heads)
+    v = torch.cat([qkv.unflatten(-1, (3, num_heads, -1))[:, :, 2].transpose(1, 2) for qkv, _, _ in streams], dim=2)
+    work = _new_work(q.device)
+    root_d = torch.tensor(math.sqrt(q.shape[-1]), dtype=torch.float32, device=q.device)
+    quantized = []
+    for x, bound, descale_slot in zip((q, k), _qk_bounds(streams) * root_d, (DESCALE_Q, DESCALE_K)):
+        work[descale_slot] = bound / E4M3_MAX
+        scaled = (x.float() * (bound.new_tensor(E4M3_MAX) / bound)).clamp(-E4M3_MAX, E4M3_MAX)
+        quantized.append(scaled.to(torch.float8_e4m3fn))
+    *_, v8, v_work = quantize_qkv_reference(v, v, v)
+    for slot in (AMAX_V, DESCALE_V, SCALE_S, DESCALE_S, SCALE_O, DESCALE_O):
+        work[slot] = v_work[slot]
+    return (*quantized, v8, work)
+
+
+def joint_qkv_norm_rope_fp8(streams, cos: torch.Tensor, sin: torch.Tensor, num_heads: int):
+    """Same contract as `joint_qkv_norm_rope_fp8_reference`: the QK-norm + RoPE kernel writes q8 and k8 and
+    takes v's amax, then one cast pass quantizes v; the reference where the kernels cannot run."""
+    first = streams[0][0]
+    head_dim = first.shape[-1] // (3 * num_heads)
+    if not (enabled_for(first) and head_dim % 2 == 0 and all(qkv.numel() > 0 for qkv, _, _ in streams)):
+        return joint_qkv_norm_rope_fp8_reference(streams, cos, sin, num_heads)
+    batch, total = first.shape[0], sum(qkv.shape[1] for qkv, _, _ in streams)
+    qk8 = torch.empty((2, batch, num_heads, total, head_dim), dtype=torch.float8_e4m3fn, device=first.device)
+    v = torch.empty((batch, num_heads, total, head_dim), dtype=first.dtype, device=first.device)
+    work = _new_work(first.device)
+    bounds = _qk_bounds(streams)
+    for (qkv, q_scale, k_scale), offset, cos_part, sin_part in qk_norm_rope.stream_parts(streams, cos, sin):
+        qk_norm_rope._launch(qkv, q_scale, k_scale, cos_part, sin_part, num_heads, qk8, v, offset,
+                             fp8=(bounds, work, AMAX_V, DESCALE_Q, DESCALE_K))
+    v8 = torch.empty(v.shape, dtype=torch.float8_e4m3fn, device=v.device)
+    _launch_quantize(v, v8, work, AMAX_V, DESCALE_V)
+    launches["joint_qkv_norm_rope_fp8"] += 1
+    return qk8[0], qk8[1], v8, work
 
 
 def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
@@ -166,7 +222,6 @@ def _multiprocessors(device_index: int) -> int:
 def _quantize_qkv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     work = _new_work(q.device)
     # Every amax first: v's quantize program also writes the scales cuDNN reads, all from finished amaxes.
-    tiles = []
     for x, (amax_slot, _) in zip((q, k, v), _STREAMS):
         batch, heads, length, head_dim = x.shape
         n_rows = batch * heads * length
@@ -175,18 +230,25 @@ def _quantize_qkv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         _amax_kernel[(programs,)](x, work, amax_slot, n_rows, heads, length, *x.stride(), head_dim,
                                   TILES_PER_PROGRAM=cdiv(grid, programs), BLOCK_R=_BLOCK_ROWS,
                                   BLOCK_D=next_power_of_2(head_dim), num_warps=_WARPS)
-        tiles.append((n_rows, grid))
     quantized = []
-    for x, (amax_slot, descale_slot), (n_rows, grid) in zip((q, k, v), _STREAMS, tiles):
+    for x, (amax_slot, descale_slot) in zip((q, k, v), _STREAMS):
         y = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
-        _quantize_kernel[(grid,)](x, y, work, amax_slot, descale_slot, n_rows, x.shape[1], x.shape[2], *x.stride(),
-                                  x.shape[3], SCALE_S, DESCALE_S, SCALE_O, DESCALE_O,
-                                  E4M3=E4M3_MAX, P_SCALE_=P_SCALE, O_MARGIN_=O_MARGIN, IS_V=amax_slot == AMAX_V,
-                                  EXACT_ROUNDING=interpreting(),
-                                  BLOCK_R=_BLOCK_ROWS, BLOCK_D=next_power_of_2(x.shape[3]), num_warps=_WARPS)
+        _launch_quantize(x, y, work, amax_slot, descale_slot)
         quantized.append(y)
     launches["quantize_qkv"] += 1
     return (*quantized, work)
+
+
+def _launch_quantize(x: torch.Tensor, y: torch.Tensor, work: torch.Tensor, amax_slot: int, descale_slot: int) -> None:
+    """x [B, H, L, D] (any strides) -> contiguous e4m3 y at the scale of work's finished amax slot; v's
+    launch (amax_slot AMAX_V) also writes the scales of the softmax and of O."""
+    batch, heads, length, head_dim = x.shape
+    n_rows = batch * heads * length
+    _quantize_kernel[(cdiv(n_rows, _BLOCK_ROWS),)](
+        x, y, work, amax_slot, descale_slot, n_rows, heads, length, *x.stride(), head_dim,
+        SCALE_S, DESCALE_S, SCALE_O, DESCALE_O, E4M3=E4M3_MAX, P_SCALE_=P_SCALE, O_MARGIN_=O_MARGIN,
+        IS_V=amax_slot == AMAX_V, EXACT_ROUNDING=interpreting(), BLOCK_R=_BLOCK_ROWS,
+        BLOCK_D=next_power_of_2(head_dim), num_warps=_WARPS)
 
 
 def _dequantize_output_triton(o8: torch.Tensor, work: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

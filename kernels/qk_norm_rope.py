@@ -7,17 +7,20 @@ already in the [B, H, L, D] layout that attention wants.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from .runtime import (cdiv, enabled_for, import_triton, last_dim_contiguous, launches, next_power_of_2,
-                      reduction_combines)
+from .e4m3 import to_e4m3
+from .runtime import (cdiv, enabled_for, import_triton, interpreting, last_dim_contiguous, launches,
+                      next_power_of_2, reduction_combines)
 
 triton, tl = import_triton()
 
 RMS_EPS = 1e-6
 
 # tl.reduce with Triton's own combines (runtime.reduction_combines says why).
-_, _add = reduction_combines()
+_max, _add = reduction_combines()
 
 
 def qkv_norm_rope_reference(qkv: torch.Tensor, q_scale: torch.Tensor, k_scale: torch.Tensor,
@@ -69,10 +72,11 @@ def _norm_rope_tile(x, scale, cos, sin, head_dim, eps,
 
 @triton.jit
 def _qkv_norm_rope_kernel(
-    qkv_ptr, q_scale_ptr, k_scale_ptr, cos_ptr, sin_ptr, out_ptr, out_length,
+    qkv_ptr, q_scale_ptr, k_scale_ptr, cos_ptr, sin_ptr, qk_ptr, v_ptr, out_length,
     batch_size, length, num_heads, head_dim, eps,
     stride_qkv_b, stride_qkv_l, stride_cos_b, stride_cos_l, stride_sin_b, stride_sin_l,
-    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+    bounds_ptr, work_ptr, amax_v_slot, descale_q_slot, descale_k_slot, sqrt_head_dim,
+    QK_FP8: tl.constexpr, EXACT_ROUNDING: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # One program per (block of tokens, head, batch): q, k and v of that head for those tokens.
     block_l = tl.program_id(0)
@@ -102,13 +106,46 @@ def _qkv_norm_rope_kernel(
     q = _norm_rope_tile(q, q_scale, cos, sin, head_dim, eps, BLOCK_L, BLOCK_D)
     k = _norm_rope_tile(k, k_scale, cos, sin, head_dim, eps, BLOCK_L, BLOCK_D)
 
-    # out is [3, B, H, out_length, D] from this stream's first token: q, k, v in the attention layout.
+    # qk is [2, B, H, out_length, D] and v [B, H, out_length, D] from this stream's first token: the
+    # attention layout.
     plane = batch_size * num_heads * out_length * head_dim
     tile = (batch * num_heads + head) * out_length * head_dim + tokens[:, None] * head_dim + dims[None, :]
-    element = out_ptr.dtype.element_ty
-    tl.store(out_ptr + tile, q.to(element), mask=tile_inside)
-    tl.store(out_ptr + plane + tile, k.to(element), mask=tile_inside)
-    tl.store(out_ptr + 2 * plane + tile, v.to(element), mask=tile_inside)
+    if QK_FP8:
+        # Static per-tensor scales from the bounds (kernels/fp8_qkv.py derives them); v's amax for
+        # its own quantization pass, which needs the whole tensor's.
+        bound_q = tl.load(bounds_ptr) * sqrt_head_dim
+        bound_k = tl.load(bounds_ptr + 1) * sqrt_head_dim
+        tl.store(qk_ptr + tile, to_e4m3(q, tl.math.div_rn(448.0, bound_q), EXACT_ROUNDING), mask=tile_inside)
+        tl.store(qk_ptr + plane + tile, to_e4m3(k, tl.math.div_rn(448.0, bound_k), EXACT_ROUNDING),
+                 mask=tile_inside)
+        tl.atomic_max(work_ptr + amax_v_slot, tl.reduce(tl.reduce(tl.abs(v.to(tl.float32)), 1, _max), 0, _max))
+        if (block_l == 0) & (head == 0) & (batch == 0):
+            tl.store(work_ptr + descale_q_slot, tl.math.div_rn(bound_q, 448.0))
+            tl.store(work_ptr + descale_k_slot, tl.math.div_rn(bound_k, 448.0))
+    else:
+        element = qk_ptr.dtype.element_ty
+        tl.store(qk_ptr + tile, q.to(element), mask=tile_inside)
+        tl.store(qk_ptr + plane + tile, k.to(element), mask=tile_inside)
+    tl.store(v_ptr + tile, v, mask=tile_inside)
+
+
+def stream_parts(streams: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], cos: torch.Tensor, sin: torch.Tensor):
+    """Each stream of a joint sequence with its offset along L and its part of the joint cos/sin tables:
+    (stream, offset, cos part, sin part)."""
+    offset = 0
+    for stream in streams:
+        length = stream[0].shape[1]
+        yield stream, offset, cos[:, :, offset:offset + length], sin[:, :, offset:offset + length]
+        offset += length
+
+
+def joint_qkv_norm_rope_reference(streams: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], cos: torch.Tensor,
+                                  sin: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The joint sequence's q, k, v [B, H, sum L, D] by `qkv_norm_rope_reference` per stream, each with its
+    part of the joint cos/sin tables."""
+    parts = [qkv_norm_rope_reference(*stream, cos_part, sin_part, num_heads)
+             for stream, _, cos_part, sin_part in stream_parts(streams, cos, sin)]
+    return tuple(torch.cat(tensors, dim=2) for tensors in zip(*parts))
 
 
 def joint_qkv_norm_rope(streams: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], cos: torch.Tensor,
@@ -124,21 +161,20 @@ def joint_qkv_norm_rope(streams: list[tuple[torch.Tensor, torch.Tensor, torch.Te
     head_dim = streams[0][0].shape[-1] // (3 * num_heads)
     first = streams[0][0]
     out = torch.empty((3, batch, num_heads, sum(lengths), head_dim), dtype=first.dtype, device=first.device)
-    offset = 0
-    for (qkv, q_scale, k_scale), length in zip(streams, lengths):
-        tables = cos[:, :, offset:offset + length], sin[:, :, offset:offset + length]
+    for (qkv, q_scale, k_scale), offset, cos_part, sin_part in stream_parts(streams, cos, sin):
         if enabled_for(qkv) and qkv.numel() > 0 and head_dim % 2 == 0:
-            _launch(qkv, q_scale, k_scale, *tables, num_heads, out, offset)
+            _launch(qkv, q_scale, k_scale, cos_part, sin_part, num_heads, out[:2], out[2], offset)
         else:
-            out[:, :, :, offset:offset + length] = torch.stack(
-                qkv_norm_rope_reference(qkv, q_scale, k_scale, *tables, num_heads))
-        offset += length
+            out[:, :, :, offset:offset + qkv.shape[1]] = torch.stack(
+                qkv_norm_rope_reference(qkv, q_scale, k_scale, cos_part, sin_part, num_heads))
     return out
 
 
 def _launch(qkv: torch.Tensor, q_scale: torch.Tensor, k_scale: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-            num_heads: int, out: torch.Tensor, offset: int) -> None:
-    """Write q, k, v of qkv's tokens into out [3, B, H, L_out, D] at tokens offset..offset+L."""
+            num_heads: int, qk: torch.Tensor, v: torch.Tensor, offset: int, fp8: tuple | None = None) -> None:
+    """Write q, k (into qk [2, B, H, L_out, D]) and v ([B, H, L_out, D]) of qkv's tokens at tokens
+    offset..offset+L. With `fp8` = (bounds, work, amax_v_slot, descale_q_slot, descale_k_slot), qk is
+    e4m3 at the static scales of `bounds` and v's amax goes to work's slot (kernels/fp8_qkv.py)."""
     batch, length, width = qkv.shape
     head_dim = width // (3 * num_heads)
     qkv = last_dim_contiguous(qkv)
@@ -146,6 +182,7 @@ def _launch(qkv: torch.Tensor, q_scale: torch.Tensor, k_scale: torch.Tensor, cos
     cos = last_dim_contiguous(cos.expand(batch, 1, length, head_dim // 2))
     sin = last_dim_contiguous(sin.expand(batch, 1, length, head_dim // 2))
     q_scale, k_scale = q_scale.contiguous(), k_scale.contiguous()
+    bounds, work, *slots = fp8 if fp8 is not None else (q_scale, q_scale, 0, 0, 0)
 
     block_d = next_power_of_2(head_dim)
     # 32 tokens x 128 dims per tensor is 32 float32 registers a thread at 4 warps: three such
@@ -153,9 +190,10 @@ def _launch(qkv: torch.Tensor, q_scale: torch.Tensor, k_scale: torch.Tensor, cos
     block_l = max(1, min(32, 4096 // block_d))
     grid = (cdiv(length, block_l), num_heads, batch)
     _qkv_norm_rope_kernel[grid](
-        qkv, q_scale, k_scale, cos, sin, out[:, :, :, offset:], out.shape[3],
+        qkv, q_scale, k_scale, cos, sin, qk[:, :, :, offset:], v[:, :, offset:], qk.shape[3],
         batch, length, num_heads, head_dim, RMS_EPS,
         qkv.stride(0), qkv.stride(1), cos.stride(0), cos.stride(2), sin.stride(0), sin.stride(2),
-        BLOCK_L=block_l, BLOCK_D=block_d, num_warps=4,
+        bounds, work, *slots, math.sqrt(head_dim),
+        QK_FP8=fp8 is not None, EXACT_ROUNDING=interpreting(), BLOCK_L=block_l, BLOCK_D=block_d, num_warps=4,
     )
     launches["qkv_norm_rope"] += 1

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import fp8_attention as _fp8
+from . import fused
 
 _BACKENDS = ("auto", "sdpa", "math", "flash-attn", "cudnn-fp8")
 _backend = "auto"
@@ -80,6 +81,22 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     else:
         out = F.scaled_dot_product_attention(q, k, v)
     return out.transpose(1, 2).reshape(batch, length, heads * head_dim)
+
+
+def joint_attention(streams: list[tuple[torch.Tensor, torch.nn.Module, torch.nn.Module]], cos: torch.Tensor,
+                    sin: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Attention over the joint sequence of streams (qkv [B, L_i, 3*H*D], query_norm, key_norm), q and k
+    normalised and rotated as `fused.joint_qkv_heads` does: [B, sum L_i, H*D].
+
+    With 'cudnn-fp8' and the kernels on, q, k and v go to fp8 in the QK-norm + RoPE pass itself (no
+    bf16 copies, no amax passes for q and k)."""
+    first = streams[0][0]
+    if _backend == "cudnn-fp8" and first.is_cuda and fused.qk_kernel_active(first):
+        tensors = [(qkv, query_norm.scale, key_norm.scale) for qkv, query_norm, key_norm in streams]
+        out = _fp8.fp8_joint_attention(tensors, cos, sin, num_heads)
+        batch, heads, length, head_dim = out.shape
+        return out.transpose(1, 2).reshape(batch, length, heads * head_dim)
+    return attention(*fused.joint_qkv_heads(streams, cos, sin, num_heads))
 
 
 # On Hopper, cuDNN's fused attention runs FLUX's shapes at about twice the rate of PyTorch's flash

@@ -47,7 +47,7 @@ except Exception as error:  # pragma: no cover
     _qkv = None
     _QKV_IMPORT_ERROR = f"{type(error).__name__}: {error}"
 
-__all__ = ["available", "fp8_attention", "unavailable_reason"]
+__all__ = ["available", "fp8_attention", "fp8_joint_attention", "unavailable_reason"]
 
 _MIN_CUDNN = 90100  # fp8 SDPA forward: cuDNN 9.1.0 on Hopper (9.10.0 excluded by the frontend)
 
@@ -315,6 +315,38 @@ def _fp8_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
 
 
 ops.define("fp8_attention(Tensor q, Tensor k, Tensor v) -> Tensor", _fp8_attention_op, _fake_output)
+
+
+def _fp8_joint_attention_op(qkvs: list[torch.Tensor], query_scales: list[torch.Tensor], key_scales: list[torch.Tensor],
+                            cos: torch.Tensor, sin: torch.Tensor, num_heads: int) -> torch.Tensor:
+    with torch.cuda.device(qkvs[0].device):
+        q8, k8, v8, work = _qkv.joint_qkv_norm_rope_fp8(list(zip(qkvs, query_scales, key_scales)), cos, sin,
+                                                        num_heads)
+        return _qkv.dequantize_output(sdpa_fp8_graph(q8, k8, v8, work), work, qkvs[0].dtype)
+
+
+def _fake_joint_output(qkvs, query_scales, key_scales, cos, sin, num_heads):
+    first = qkvs[0]
+    length, head_dim = sum(qkv.shape[1] for qkv in qkvs), first.shape[-1] // (3 * num_heads)
+    return first.new_empty((first.shape[0], length, num_heads, head_dim)).transpose(1, 2)
+
+
+ops.define("fp8_joint_attention(Tensor[] qkvs, Tensor[] query_scales, Tensor[] key_scales, Tensor cos, Tensor sin, "
+           "int num_heads) -> Tensor", _fp8_joint_attention_op, _fake_joint_output)
+
+
+def fp8_joint_attention(streams: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], cos: torch.Tensor,
+                        sin: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """fp8 attention over the joint sequence of several streams' (qkv [B, L_i, 3*H*D], q_scale, k_scale), their
+    q and k RMS-normalised and rotated as kernels/qk_norm_rope.py does, quantized in that same pass
+    (kernels.fp8_qkv.joint_qkv_norm_rope_fp8): [B, H, sum L_i, D] in qkv's dtype, laid out as `fp8_attention`'s
+    output. Needs the Triton kernels and a CUDA device where `available()` holds."""
+    head_dim = streams[0][0].shape[-1] // (3 * num_heads)
+    if head_dim % 16 or head_dim > 256 or streams[0][0].dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"fp8_joint_attention takes bf16/fp16 projections with head dims a multiple of 16 up to "
+                         f"256, got {streams[0][0].dtype} and {head_dim}; choose attention backend 'auto'")
+    return torch.ops.kontext.fp8_joint_attention([qkv for qkv, _, _ in streams], [q for _, q, _ in streams],
+                                                 [k for _, _, k in streams], cos, sin, num_heads)
 
 
 def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

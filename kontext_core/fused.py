@@ -201,7 +201,8 @@ if _kernels is not None:
                lambda x, shift, scale: _quantized_fake(x, x.shape[-1]))
 
 
-def _qk_kernel_active(x: torch.Tensor) -> bool:
+def qk_kernel_active(x: torch.Tensor) -> bool:
+    """Whether the QK-norm + RoPE kernel makes the attention inputs from projections like `x`."""
     return _kernels is not None and _kernels.runtime.enabled_for_traced(x)
 
 
@@ -212,7 +213,7 @@ def joint_qkv_heads(streams: list[tuple[torch.Tensor, nn.Module, nn.Module]], co
     Each stream's q and k are RMS-normalised with its own norms and rotated by RoPE with the joint
     tables (cos, sin over the whole joint sequence, streams in order).
     """
-    if _qk_kernel_active(streams[0][0]):
+    if qk_kernel_active(streams[0][0]):
         joint = torch.ops.kontext.joint_qkv_norm_rope([qkv for qkv, _, _ in streams],
                                                       [norm.scale for _, norm, _ in streams],
                                                       [norm.scale for _, _, norm in streams], cos, sin, num_heads)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import fused
-from .attention import attention
+from .attention import joint_attention
 from .fused import apply_rope, layer_norm  # noqa: F401  (part of this module's vocabulary)
 from .quant import QuantizedRows
 
@@ -149,7 +149,7 @@ class DoubleStreamBlock(nn.Module):
         # Text tokens come first in the joint sequence, as in the reference.
         streams = [(stream.qkv(mod.input_for(stream.qkv, x)), stream.norm.query_norm, stream.norm.key_norm)
                    for stream, mod, x in ((self.txt_attn, txt_attn_mod, txt), (self.img_attn, img_attn_mod, img))]
-        joint = attention(*fused.joint_qkv_heads(streams, rope.cos, rope.sin, self.num_heads))
+        joint = joint_attention(streams, rope.cos, rope.sin, self.num_heads)
         txt_out, img_out = joint[:, :text_length], joint[:, text_length:]
 
         img = fused.gated_residual(img, img_attn_mod.gate, img_out, self.img_attn.proj)
@@ -181,8 +181,8 @@ class SingleStreamBlock(nn.Module):
         (mod,) = self.modulation(vec)
 
         def attend(qkv: torch.Tensor) -> torch.Tensor:
-            return attention(*fused.joint_qkv_heads([(qkv, self.norm.query_norm, self.norm.key_norm)], rope.cos,
-                                                    rope.sin, self.num_heads))
+            return joint_attention([(qkv, self.norm.query_norm, self.norm.key_norm)], rope.cos, rope.sin,
+                                   self.num_heads)
 
         hidden = fused.parallel_attention_mlp(mod.input_for(self.linear1, x), self.linear1, self.linear2,
                                               3 * self.hidden_size, attend)

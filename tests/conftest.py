@@ -30,12 +30,24 @@ def reload_kernel_modules() -> None:
         importlib.reload(importlib.import_module(name))
 
 
+def _import_inductor_helpers() -> None:
+    """Import inductor's @triton.jit helpers while TRITON_INTERPRET is unset: imported first inside an
+    interpreter block, they would stay interpreter functions for the process, and a later GPU test's
+    inductor kernels, which call them, would fail to compile."""
+    from kernels.runtime import triton_available
+
+    if triton_available():
+        importlib.import_module("torch._inductor.runtime.triton_helpers")
+
+
 @contextlib.contextmanager
 def kernels_built_for(mode: str):
     """The kernel modules rebuilt for Triton's CPU interpreter ("interpreter") or the GPU ("cuda"),
     switched on; put back as they were afterwards."""
     import kernels
 
+    if mode == "interpreter":
+        _import_inductor_helpers()
     was_enabled = kernels.runtime._enabled
     with pytest.MonkeyPatch.context() as patch:
         if mode == "interpreter":

@@ -97,6 +97,33 @@ def test_full_flux_shape():
     assert rel_l2(scaled, out) < 1e-3
 
 
+@pytest.mark.parametrize("lengths, heads, head_dim", [((512, 8192), 24, 128), ((7, 333), 3, 64)])
+@needs_fp8_attention
+def test_joint_attention_from_projections(lengths, heads, head_dim):
+    # Two streams' packed projections (text, image) with their own norm weights straight to fp8 attention,
+    # q and k at the static scales of their norm bounds: as accurate as quantizing the finished bf16 q, k, v
+    # with their amaxes (within 10%), and within the same bound of exact attention.
+    from kernels import fp8_qkv
+    from kernels.runtime import launches
+
+    generator = torch.Generator(device="cuda").manual_seed(torch.seed() % 2**31)
+    width = 3 * heads * head_dim
+    streams = [(torch.randn(1, length, width, generator=generator, device="cuda").bfloat16(),
+                (1 + 0.3 * torch.randn(head_dim, generator=generator, device="cuda")).bfloat16(),
+                (1 + 0.3 * torch.randn(head_dim, generator=generator, device="cuda")).bfloat16()) for length in lengths]
+    angles = torch.rand(1, 1, sum(lengths), head_dim // 2, generator=generator, device="cuda") * 6.3
+    cos, sin = angles.cos(), angles.sin()
+    q, k, v = fp8_qkv.qk_norm_rope.joint_qkv_norm_rope_reference(streams, cos, sin, heads)
+    reference = _reference(q, k, v)
+    before = launches["joint_qkv_norm_rope_fp8"]
+    out = fa.fp8_joint_attention(streams, cos, sin, heads)
+    assert launches["joint_qkv_norm_rope_fp8"] == before + 1
+    assert out.shape == q.shape and out.dtype == torch.bfloat16 and out.transpose(1, 2).is_contiguous()
+    error, dynamic_error = rel_l2(out, reference), rel_l2(fa.fp8_attention(q, k, v), reference)
+    print(f"joint {lengths}: static q/k scales rel L2 {error:.4f}, amax scales {dynamic_error:.4f}")
+    assert error < REL_L2_BOUND and error < 1.1 * dynamic_error
+
+
 @needs_fp8_attention
 def test_compiled_block_equals_eager():
     q, k, v = _inputs(2, 3, 333, 128, "packed", seed=1234)
@@ -119,6 +146,8 @@ def test_model_with_fp8_attention_backend():
     from conftest import randomize_, tiny_edit_args
     from kontext_core import KontextTransformer, TransformerConfig, set_attention_backend
 
+    from kernels.runtime import launches
+
     torch._dynamo.reset()
     model = randomize_(KontextTransformer(TransformerConfig.tiny()), seed=8).to("cuda", torch.bfloat16).eval()
     args = tiny_edit_args(1, torch.bfloat16, "cuda")
@@ -126,7 +155,10 @@ def test_model_with_fp8_attention_backend():
         with torch.no_grad():
             reference = model.velocity(*args)
             set_attention_backend("cudnn-fp8")
+            before = launches["joint_qkv_norm_rope_fp8"]
             eager = model.velocity(*args)
+            # Every block quantizes in the QK-norm + RoPE pass (the kernels are on by default on CUDA).
+            assert launches["joint_qkv_norm_rope_fp8"] - before == len(model.double_blocks) + len(model.single_blocks)
             model.compile_blocks()
             compiled = model.velocity(*args)
     finally:
