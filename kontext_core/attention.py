@@ -11,7 +11,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from . import fp8_attention as _fp8
 from . import fused
 
-_BACKENDS = ("auto", "sdpa", "math", "flash-attn", "cudnn-fp8")
+ATTENTION_BACKENDS = ("auto", "sdpa", "math", "flash-attn", "cudnn-fp8")
 _backend = "auto"
 
 
@@ -19,8 +19,8 @@ def set_attention_backend(name: str) -> None:
     """Choose how attention runs: 'auto' (fastest available), 'sdpa', 'math', 'flash-attn', or
     'cudnn-fp8' (opt-in: cuDNN's fp8 flash attention on Hopper, ~1.2x faster, ~6% error per call)."""
     global _backend
-    if name not in _BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(_BACKENDS)}")
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(ATTENTION_BACKENDS)}")
     if name == "flash-attn" and _flash_attn_func() is None:
         raise RuntimeError(
             "attention backend 'flash-attn' was requested but the flash-attn package is not "

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .attention import ATTENTION_BACKENDS, get_attention_backend, set_attention_backend
 from .checkpoints import CheckpointError, inspect_model, load_autoencoder, load_transformer
 from .files_out import write_json_atomic, write_png_atomic
 from .image import FIT_MODES, RESIZE_MODES
@@ -212,6 +213,8 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     run.add_argument("--compile", action="store_true",
                      help="compile each transformer block (faster steps after a minute of compilation)")
+    run.add_argument("--attention", choices=ATTENTION_BACKENDS, default="auto",
+                     help="attention backend; cudnn-fp8 (Hopper, nvidia-cudnn-frontend) is faster with fp8 error")
     run.add_argument("--cuda-graphs", action="store_true",
                      help="replay each step from a CUDA graph (CUDA only; for steps the CPU cannot launch fast enough, "
                           "e.g. fp8 with fp8 attention)")
@@ -252,11 +255,19 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "cuda_graphs", False) and torch.device(args.device).type != "cuda":
         print(f"error: --cuda-graphs needs a CUDA device, not {args.device}; drop it to run there", file=sys.stderr)
         return 2
+    backend_before = get_attention_backend()
+    try:
+        set_attention_backend(getattr(args, "attention", backend_before))
+    except RuntimeError as exc:  # a backend this machine cannot run: the message says why and what to do
+        print(f"error: --attention {args.attention}: {exc}", file=sys.stderr)
+        return 2
     try:
         return args.handler(args)
     except (CheckpointError, ModelFilesNotFound) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        set_attention_backend(backend_before)  # main() is also called in-process (tests, scripts)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ def test_inspect_bad_file_exits_2_with_the_reason(tmp_path, capsys):
 # --- edit / t2i end to end on tiny models in a ComfyUI models tree ----------------------------------
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
@@ -70,6 +71,28 @@ def test_edit_end_to_end_writes_png_with_parameters_deterministically(models_tre
     assert first.tobytes() == second.tobytes()
     parameters = json.loads(first.text["parameters"])
     assert parameters["prompt"] == "make the cat red" and parameters["seed"] == 7 and parameters["steps"] == 2
+
+
+def test_attention_backend_is_applied_for_the_run_and_restored(models_tree, monkeypatch):
+    from kontext_core import attention, get_attention_backend
+
+    tmp_path, image, common = models_tree
+    seen = []
+    plain = attention.attention
+    monkeypatch.setattr(attention, "attention", lambda q, k, v: seen.append(get_attention_backend()) or plain(q, k, v))
+    assert main(["edit", str(image), "--prompt", "x", "-o", str(tmp_path / "m.png"), "--resize", "keep", "--attention", "math",
+                 *common]) == 0
+    assert seen and set(seen) == {"math"}
+    assert get_attention_backend() == "auto"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines where cudnn-fp8 cannot run")
+def test_unavailable_attention_backend_is_refused_with_the_reason(models_tree, capsys):
+    tmp_path, image, common = models_tree
+    assert main(["edit", str(image), "--prompt", "x", "-o", str(tmp_path / "f.png"), "--resize", "keep", "--attention", "cudnn-fp8",
+                 *common]) == 2
+    assert "error: --attention cudnn-fp8: attention backend 'cudnn-fp8' cannot run here" in capsys.readouterr().err
+    assert not (tmp_path / "f.png").exists()
 
 
 def test_cuda_graphs_on_the_cpu_are_refused_with_the_fix(models_tree, capsys):

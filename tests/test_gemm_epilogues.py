@@ -39,7 +39,9 @@ def test_cpu_keeps_the_tanh_gelu(monkeypatch):
         first, second = fused.linear_then_gelu_part(x, layer, 40)
         assert torch.equal(fused.linear_gelu(x, layer), exact)
         assert torch.equal(first, layer(x)[..., :40])
-    assert torch.equal(second, exact[..., 40:])
+    # GELU of a strided slice may take another vector path than of the whole tensor (on AVX-512 CPUs the
+    # last bit differs): within one bf16 step. The forbidden epilogue above is what keeps the erf GELU out.
+    torch.testing.assert_close(second, exact[..., 40:], rtol=2**-7, atol=1e-5)
 
 
 @pytest.fixture
