@@ -137,7 +137,7 @@ def fp8_quantization_variants() -> None:
         moved = sum(a.numel() for a in rows_in) * 3  # 2 bytes of bf16 read, 1 of e4m3 written
         for label, fn in (("kernel", getattr(fp8_rows, name)),
                           ("compiled reference", torch.compile(getattr(fp8_rows, name + "_reference")))):
-            seconds = cuda_time(lambda: fn(*args), warmup=3, iterations=20)
+            seconds = cuda_time(lambda: fn(*args), warmup=3, iterations=20, repeat=10, graphed=True)
             print(f"  {name:28s} {label:20s} {seconds * 1e6:8.1f} us  {moved / seconds / 1e12:5.2f} TB/s",
                   flush=True)
 
