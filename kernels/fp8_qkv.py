@@ -78,9 +78,10 @@ def dequantize_output_reference(o8: torch.Tensor, work: torch.Tensor, dtype: tor
 
 
 def _qk_bounds(streams) -> torch.Tensor:
-    """[max|w_q|, max|w_k|] over every stream's norm weights, float32 (times sqrt(D): the q, k ranges)."""
+    """[max|w_q|, max|w_k|] over every stream's norm weights, float32 (times sqrt(D): the q, k ranges); never
+    zero (all-zero weights make all-zero q or k, which any scale keeps finite)."""
     weights = torch.cat([scale for _, scale, _ in streams] + [scale for _, _, scale in streams])
-    return torch.linalg.vector_norm(weights.view(2, -1), ord=math.inf, dim=1, dtype=torch.float32)
+    return torch.linalg.vector_norm(weights.view(2, -1), ord=math.inf, dim=1, dtype=torch.float32).clamp_min(1e-30)
 
 
 def joint_qkv_norm_rope_fp8_reference(streams, cos: torch.Tensor, sin: torch.Tensor, num_heads: int):

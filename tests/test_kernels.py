@@ -218,6 +218,21 @@ class TestAwkwardSizes:
             # And the dequantized values are the attention inputs to e4m3's precision (~2.6% RMS).
             assert rel_l2(ours_values * work[slot], x.float()) < 0.04, name
 
+    def test_joint_qkv_norm_rope_fp8_zero_key_norm(self, device):
+        # All-zero key-norm weights (k all zero): finite scales, k8 all zero, q unaffected.
+        from kernels import fp8_qkv
+
+        heads, head_dim = 2, 32
+        qkv = _randn(1, 9, 3 * heads * head_dim, dtype=torch.bfloat16, device=device)
+        query_norm = _randn(head_dim, dtype=torch.bfloat16, device=device, scale=0.2, offset=1.0)
+        key_norm = torch.zeros(head_dim, dtype=torch.bfloat16, device=device)
+        cos, sin = _rope_tables(1, 9, head_dim, device)
+        before = launches["joint_qkv_norm_rope_fp8"]
+        q8, k8, v8, work = fp8_qkv.joint_qkv_norm_rope_fp8([(qkv, query_norm, key_norm)], cos, sin, heads)
+        _assert_launched("joint_qkv_norm_rope_fp8", before)
+        assert torch.isfinite(work[: fp8_qkv.AMAX_S_OUT]).all()
+        assert not k8.float().any() and q8.float().abs().max() > 1
+
     def test_quantize_qkv_for_fp8_attention(self, device):
         from kernels import fp8_qkv
 
