@@ -156,7 +156,11 @@ def inputs(config: TransformerConfig, workload: dict, seed: int = 0) -> dict[str
 
 
 def ours_step(model: KontextTransformer, x: dict, graphed: bool = False):
-    velocity = GraphedVelocity(model) if graphed else model.velocity
+    velocity = model.velocity
+    if graphed:
+        velocity = GraphedVelocity(model)
+        if (reason := velocity.prepare()) is not None:
+            raise RuntimeError(f"+graphs: this model cannot be replayed: {reason}")
     return lambda: velocity(x["img"], x["img_ids"], x["txt"], x["txt_ids"], x["t"], x["y"], x["g"],
                             x["ctx"], x["ctx_ids"])
 

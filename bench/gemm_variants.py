@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_step import cuda_time  # noqa: E402
+from bench_step import cuda_time, rel_l2  # noqa: E402
 
 TOKENS, HIDDEN, MLP = 8704, 3072, 12288
 
@@ -85,7 +85,7 @@ def bf16_variants() -> None:
         return qkv, buffer
 
     expected = split(x, attn)[1]
-    error = ((into_buffer(x, attn)[1].float() - expected.float()).norm() / expected.float().norm()).item()
+    error = rel_l2(into_buffer(x, attn)[1], expected)
     print(f"  (GEMM into the buffer vs concat: relative L2 {error:.1e}; kernels: {kernel_names(lambda: into_buffer(x, attn))})")
     report("eager: two GEMMs, the GELU one into linear2's input buffer", flops, lambda: into_buffer(x, attn))
     report("eager: two GEMMs, GELU epilogue, then the concat", flops, lambda: split(x, attn))

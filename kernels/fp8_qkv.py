@@ -117,7 +117,7 @@ def joint_qkv_norm_rope_fp8(streams, cos: torch.Tensor, sin: torch.Tensor, num_h
     work = _new_work(first.device)
     bounds = _qk_bounds(streams)
     for (qkv, q_scale, k_scale), offset, cos_part, sin_part in qk_norm_rope.stream_parts(streams, cos, sin):
-        qk_norm_rope._launch(qkv, q_scale, k_scale, cos_part, sin_part, num_heads, qk8, v, offset,
+        qk_norm_rope.launch_stream(qkv, q_scale, k_scale, cos_part, sin_part, num_heads, qk8, v, offset,
                              fp8=(bounds, work, AMAX_V, DESCALE_Q, DESCALE_K))
     v8 = torch.empty(v.shape, dtype=torch.float8_e4m3fn, device=v.device)
     _launch_quantize(v, v8, work, AMAX_V, DESCALE_V)

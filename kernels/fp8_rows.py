@@ -2,9 +2,9 @@
 
 An fp8 GEMM (`torch._scaled_mm`) takes its activations as e4m3 rows, each with a float32 scale
 amax(row) / 448. Quantizing is a row reduction (the amax) and a rewrite; left to the compiler it
-reads the row twice and divides every value (at ~0.8 TB/s on an H100). These kernels hold each row in
+reads the row twice and divides every value (0.75-1.7 TB/s on an H100). These kernels hold each row in
 registers and multiply by one reciprocal per row, so the producer's output is read once and written
-once, as fp8 (~2 TB/s):
+once, as fp8 (1.8-2.9 TB/s; bench/RESULTS.md, "The row quantizers timed without the host in the way"):
 
 - `quantize_rows(x)`: rows of x (an attention output before its projection);
 - `gelu_quantize_rows(h)`: GELU(tanh) of the MLP's up-projection, before its down-projection;

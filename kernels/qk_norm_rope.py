@@ -163,16 +163,17 @@ def joint_qkv_norm_rope(streams: list[tuple[torch.Tensor, torch.Tensor, torch.Te
     out = torch.empty((3, batch, num_heads, sum(lengths), head_dim), dtype=first.dtype, device=first.device)
     for (qkv, q_scale, k_scale), offset, cos_part, sin_part in stream_parts(streams, cos, sin):
         if enabled_for(qkv) and qkv.numel() > 0 and head_dim % 2 == 0:
-            _launch(qkv, q_scale, k_scale, cos_part, sin_part, num_heads, out[:2], out[2], offset)
+            launch_stream(qkv, q_scale, k_scale, cos_part, sin_part, num_heads, out[:2], out[2], offset)
         else:
             out[:, :, :, offset:offset + qkv.shape[1]] = torch.stack(
                 qkv_norm_rope_reference(qkv, q_scale, k_scale, cos_part, sin_part, num_heads))
     return out
 
 
-def _launch(qkv: torch.Tensor, q_scale: torch.Tensor, k_scale: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-            num_heads: int, qk: torch.Tensor, v: torch.Tensor, offset: int, fp8: tuple | None = None) -> None:
-    """Write q, k (into qk [2, B, H, L_out, D]) and v ([B, H, L_out, D]) of qkv's tokens at tokens
+def launch_stream(qkv: torch.Tensor, q_scale: torch.Tensor, k_scale: torch.Tensor, cos: torch.Tensor,
+                  sin: torch.Tensor, num_heads: int, qk: torch.Tensor, v: torch.Tensor, offset: int,
+                  fp8: tuple | None = None) -> None:
+    """The kernel on one stream of a joint sequence: write q, k (into qk [2, B, H, L_out, D]) and v ([B, H, L_out, D]) of qkv's tokens at tokens
     offset..offset+L. With `fp8` = (bounds, work, amax_v_slot, descale_q_slot, descale_k_slot), qk is
     e4m3 at the static scales of `bounds` and v's amax goes to work's slot (kernels/fp8_qkv.py)."""
     batch, length, width = qkv.shape

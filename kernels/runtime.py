@@ -142,6 +142,7 @@ def rows_per_program(block: int) -> int:
 
 def row_warps(values: int) -> int:
     """Warps for a program holding `values` float32 values: about 16 a thread, at most 8 (on an H100 8
-    beat 4 and 16 for FLUX's 3072- and 12288-wide rows); a power of two, as Triton needs."""
+    beat 4 and 16 for FLUX's 3072- and 12288-wide rows, timed call by call, launch included: not yet
+    re-timed from CUDA graphs); a power of two, as Triton needs."""
     return _power_of_two_at_most(min(8, values // 512))
 

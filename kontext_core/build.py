@@ -43,7 +43,8 @@ def load_pipeline(files: ModelFiles, *, dtype: str | None = None, device: str | 
         (resident-bf16, resident-fp8, offload-bf16, offload-fp8) forces one, or a MemoryPlan.
     dtype: the transformer's storage; None lets the plan choose (bf16 when it fits, else fp8).
     ae_tiling: "auto" (tiles only when a full-size AE pass would not fit), "always" or "never".
-    cuda_graphs: replay each sampling step from a CUDA graph (CUDA only; not with offloaded blocks).
+    cuda_graphs: replay each sampling step from a CUDA graph (CUDA only; a run whose model carries hooks,
+        such as offloaded blocks, runs plainly and says why: KontextPipeline).
     log: receives the one-line plan description (None: silent).
 
     The AE runs in bf16 on CUDA and float32 on the CPU unless told otherwise; the text encoders use the
@@ -75,8 +76,6 @@ def load_pipeline(files: ModelFiles, *, dtype: str | None = None, device: str | 
                                       device=resting, allow_download=allow_download)
         if plan.text_encoders == "offload":
             encoders = OffloadedTextEncoders(encoders, device, TEXT_ENCODER_BYTES + TEXT_ENCODER_ACTIVATION_BYTES)
-    if cuda_graphs and plan.offload and log is not None:
-        log("CUDA graphs: not used, the transformer's blocks stream from CPU memory in this plan")
     pipeline = KontextPipeline(transformer, autoencoder, encoders, cuda_graphs=cuda_graphs)
     pipeline.ae_tiling = ae_tiling
     pipeline.memory_plan = plan

@@ -1,9 +1,10 @@
 """Replaying a whole transformer step as one CUDA graph.
 
-A compiled fp8 step with fp8 attention runs in ~174 ms of GPU time on an H100 at 1024x1024 edit size,
-but its ~1,500 launches take the CPU ~200 ms to issue (bench/RESULTS.md): the step is launch-bound, and
-a captured graph replays every launch at once. (The bf16 step is not: its CPU side is far shorter than
-its GPU time, so a graph gains it nothing.)
+A step makes ~1,500 kernel launches; a captured graph replays them all at once, so the CPU's share of a
+step drops to about a millisecond. Where the CPU issues the launches slower than the GPU runs them
+(a slow CPU, or the fp8 step with fp8 attention before the host-side work in kernels/ and ops.py) that
+is the step's time; on the H100 of bench/RESULTS.md the host is now ahead, and graphs save 2-4 ms a
+step.
 
 Inputs are copied into static buffers, so every step of a sampling run (new latent, new timestep)
 replays one graph; a new shape, a moved or replaced weight captures a new one. A model with forward

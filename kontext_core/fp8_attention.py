@@ -296,14 +296,22 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
                          f"{tuple(v.shape)}")
     if q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3] or q.shape[3] != k.shape[3]:
         raise ValueError(f"fp8_attention: mismatched shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if q.shape[3] % 16 or v.shape[3] % 16 or q.shape[3] > 256:
-        raise ValueError(f"fp8_attention: head dims must be multiples of 16 and at most 256, got q/k {q.shape[3]}, "
-                         f"v {v.shape[3]}")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.bfloat16, torch.float16):
-        raise ValueError(f"fp8_attention takes bf16/fp16 inputs of one dtype, got {q.dtype}, {k.dtype}, {v.dtype}; "
-                         "run the model in bf16 or fp16, or choose attention backend 'auto'")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"fp8_attention takes q, k, v of one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    _check_supported("fp8_attention", q.shape[3], v.shape[3], q.dtype)
     if not (q.is_cuda and q.device == k.device == v.device):
-        raise ValueError("fp8_attention needs q, k, v on one CUDA device")
+        raise ValueError("fp8_attention needs q, k, v on one CUDA device; run the model on a CUDA GPU, or choose "
+                         "attention backend 'auto'")
+
+
+def _check_supported(caller: str, head_dim_qk: int, head_dim_v: int, dtype: torch.dtype) -> None:
+    """What cuDNN's fp8 graph takes: head dims multiples of 16 (q/k at most 256), bf16/fp16 inputs."""
+    if head_dim_qk % 16 or head_dim_v % 16 or head_dim_qk > 256:
+        raise ValueError(f"{caller}: head dims must be multiples of 16 and at most 256, got q/k {head_dim_qk}, "
+                         f"v {head_dim_v}; choose attention backend 'auto' for this model")
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"{caller} takes bf16/fp16 inputs, got {dtype}; run the model in bf16 or fp16, or choose "
+                         "attention backend 'auto'")
 
 
 def _fake_output(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -345,9 +353,7 @@ def fp8_joint_attention(streams: list[tuple[torch.Tensor, torch.Tensor, torch.Te
     (kernels.fp8_qkv.joint_qkv_norm_rope_fp8): [B, H, sum L_i, D] in qkv's dtype, laid out as `fp8_attention`'s
     output. Needs the Triton kernels and a CUDA device where `available()` holds."""
     head_dim = streams[0][0].shape[-1] // (3 * num_heads)
-    if head_dim % 16 or head_dim > 256 or streams[0][0].dtype not in (torch.bfloat16, torch.float16):
-        raise ValueError(f"fp8_joint_attention takes bf16/fp16 projections with head dims a multiple of 16 up to "
-                         f"256, got {streams[0][0].dtype} and {head_dim}; choose attention backend 'auto'")
+    _check_supported("fp8_joint_attention", head_dim, head_dim, streams[0][0].dtype)
     return torch.ops.kontext.fp8_joint_attention([qkv for qkv, _, _ in streams], [q for _, q, _ in streams],
                                                  [k for _, _, k in streams], cos, sin, num_heads)
 

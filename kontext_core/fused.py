@@ -182,8 +182,8 @@ if _kernels is not None:
                _joint_qkv_norm_rope_fake)
 
     # The fp8 row quantizers (kernels/fp8_rows.py), opaque for the same reason: the compiler's fusion of
-    # their references ran at ~0.8 TB/s on an H100 (a division per value, a second read of each row),
-    # the kernels at ~2 TB/s (bench/RESULTS.md).
+    # their references ran at 0.75-1.7 TB/s on an H100 (a division per value, a second read of each row),
+    # the kernels at 1.8-2.9 TB/s (bench/RESULTS.md).
     def _quantized_fake(x: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         return (x.new_empty((*x.shape[:-1], width), dtype=torch.float8_e4m3fn),

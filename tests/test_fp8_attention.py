@@ -189,6 +189,19 @@ def test_fp8_attention_calls_the_registered_op(monkeypatch):
     assert fa.fp8_attention(q, k, v) is q and calls == [(q, k, v)]
 
 
+def test_unsupported_inputs_are_refused_with_the_way_out():
+    # Checked before any GPU work, so on any machine: float32 projections, a head dim cuDNN's graph refuses.
+    cos = sin = torch.zeros(1, 1, 8, 16)
+    with pytest.raises(ValueError, match="takes bf16/fp16 inputs, got torch.float32; run the model in bf16"):
+        fa.fp8_joint_attention([(torch.randn(1, 8, 3 * 2 * 32), torch.ones(32), torch.ones(32))], cos, sin, 2)
+    with pytest.raises(ValueError, match="head dims must be multiples of 16 .* got q/k 24, v 24; choose attention"):
+        fa.fp8_joint_attention([(torch.randn(1, 8, 3 * 2 * 24).bfloat16(), torch.ones(24), torch.ones(24))],
+                               cos, sin, 2)
+    q = torch.randn(1, 2, 8, 32)
+    with pytest.raises(ValueError, match="one CUDA device; run the model on a CUDA GPU"):
+        fa.fp8_attention(q.bfloat16(), q.bfloat16(), q.bfloat16())
+
+
 @pytest.mark.skipif(_UNAVAILABLE is None, reason="fp8 attention runs here")
 def test_unavailable_backend_is_refused_with_the_reason_and_a_way_out():
     from kontext_core import get_attention_backend, set_attention_backend
