@@ -70,3 +70,21 @@ def test_replaced_weights_and_hooks_are_respected():
         assert graphed.prepare() is not None  # the caller then runs the plain model
         handle.remove()
     assert graphed.captures == 2
+
+
+def test_pipeline_runs_plainly_and_says_why_when_the_model_has_hooks(tiny_transformer, tiny_autoencoder, monkeypatch):
+    # The pipeline's choice per sampling run, on the CPU: the device is made to read as CUDA, so the
+    # choice is taken as on a GPU; no graph is captured here (that needs CUDA, tests above).
+    from kontext_core.pipeline import KontextPipeline
+
+    monkeypatch.setattr(KontextPipeline, "device", property(lambda self: torch.device("cuda")))
+    pipe = KontextPipeline(tiny_transformer, tiny_autoencoder, cuda_graphs=True)
+    graphed = pipe._graphed_velocity()
+    assert isinstance(graphed, GraphedVelocity) and graphed.model is tiny_transformer
+    handle = tiny_transformer.double_blocks[0].img_attn.qkv.register_forward_hook(lambda m, i, o: o)
+    with pytest.warns(UserWarning, match="CUDA graphs not used for this run: forward hooks"):
+        assert pipe._graphed_velocity() is None
+    handle.remove()
+    assert pipe._graphed_velocity() is graphed  # the same wrapper again once the hooks are gone
+    pipe.cuda_graphs = False
+    assert pipe._graphed_velocity() is None and pipe._graphed is None  # switched off: the graph's memory freed
