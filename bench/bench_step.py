@@ -1,11 +1,15 @@
-"""Speed of one Kontext transformer step on a CUDA GPU: ours vs diffusers, against the compute floor.
+"""Speed of one Kontext transformer step on a CUDA GPU: ours vs the reference implementations, against the
+compute floor.
 
     python3 bench/bench_step.py --impls ours diffusers --workloads edit t2i [--e2e] [--out DIR]
     python3 bench/bench_step.py --impls ours comfyui --comfyui ~/ComfyUI  # ComfyUI's own FLUX code (comfyui_native.py)
+    python3 bench/bench_step.py --impls ours bfl --bfl build/bfl          # BFL's reference code (bfl_native.py)
 
 Random weights at full size (bf16). Workloads: edit = 1024x1024 target + one 1024x1024 context + 512
 text tokens (8704 tokens); t2i = 1024x1024 + 512 text (4608). The floor is the step's FLOPs divided by
 the bf16 matmul rate measured in the same run. Every number of one run comes from the same process.
+The reference rows run as their code does (PyTorch's SDPA in its default backend order, flash first);
+their `+cudnn` variants put cuDNN's attention first, as ours does, to separate attention from the rest.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -98,6 +103,22 @@ def attention_rate(tokens: int, config: TransformerConfig) -> float:
     return 4 * tokens * tokens * config.hidden_size / seconds
 
 
+def default_sdpa(tokens: int, config: TransformerConfig) -> tuple[float, str]:
+    """Rate and kernel of PyTorch's SDPA in its default backend order: what the reference rows get."""
+    from torch.nn.functional import scaled_dot_product_attention
+    from torch.profiler import ProfilerActivity, profile
+
+    q, k, v = (torch.randn(1, config.num_heads, tokens, config.head_dim, device="cuda", dtype=torch.bfloat16)
+               for _ in range(3))
+    seconds = cuda_time(lambda: scaled_dot_product_attention(q, k, v), warmup=3, iterations=10)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        scaled_dot_product_attention(q, k, v)
+        torch.cuda.synchronize()
+    kernels_run = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    kernel = max(kernels_run, key=lambda e: e.device_time).name[:60] if kernels_run else "unknown"
+    return 4 * tokens * tokens * config.hidden_size / seconds, kernel
+
+
 def random_transformer(config: TransformerConfig) -> KontextTransformer:
     """Full-size model with weights at a realistic scale (1/sqrt(fan_in)), norms near 1."""
     with torch.device("meta"):
@@ -175,14 +196,19 @@ def diffusers_step(twin, x: dict):
 
 
 IMPLS = ("ours", "ours-kernels", "ours-rowkernels", "ours-compiled", "ours-fp8", "ours-fp8-kernels",
-         "ours-fp8-compiled", "diffusers", "diffusers-compiled", "comfyui", "comfyui-compiled")
+         "ours-fp8-compiled", "diffusers", "diffusers-compiled", "comfyui", "comfyui-compiled", "bfl",
+         "bfl-compiled")
 MODIFIERS = {
     "noepilogues": "GELU as its own pass, not in cuBLASLt's epilogue",
     "exactaccum": "fp8 GEMMs without fast accumulation",
     "nokernels": "compiled blocks without our QK-norm+RoPE kernel (the compiler's own fusion)",
     "fp8attention": "attention through cuDNN's fp8 graph (needs nvidia-cudnn-frontend)",
     "graphs": "each step replayed from a CUDA graph (kontext_core/cuda_graph.py)",
+    "cudnn": "a reference row with PyTorch's SDPA priority cuDNN first (ours always is; default: flash first)",
 }
+# The priority ours uses (kontext_core.attention), for the reference rows' "+cudnn" variants.
+CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+               SDPBackend.MATH]
 
 
 def implementation(name: str) -> str:
@@ -190,6 +216,8 @@ def implementation(name: str) -> str:
     if base not in IMPLS or any(m not in MODIFIERS for m in modifiers):
         raise argparse.ArgumentTypeError(f"{name!r}: choose one of {', '.join(IMPLS)}, plus any of "
                                          f"{', '.join('+' + m for m in MODIFIERS)}")
+    if "cudnn" in modifiers and base.startswith("ours"):
+        raise argparse.ArgumentTypeError(f"{name!r}: +cudnn is for the reference rows; ours always puts cuDNN first")
     return name
 
 
@@ -211,10 +239,23 @@ def compile_blocks(model, impl: str) -> None:
 
         compile_comfy_blocks(model)
         return
+    if impl.startswith("bfl"):
+        from bfl_native import compile_blocks as compile_bfl_blocks
+
+        compile_bfl_blocks(model)
+        return
     if impl.startswith("diffusers"):
         model.compile_repeated_blocks(fullgraph=True)
         return
     model.compile_blocks()
+
+
+def cudnn_first(fn):
+    """`fn` with SDPA's priority cuDNN first for its calls (and for the compiler tracing them)."""
+    def run():
+        with sdpa_kernel(CUDNN_FIRST, set_priority=True):
+            return fn()
+    return run
 
 
 def profile_step(fn, impl: str, workload: str, top: int = 12) -> None:
@@ -305,6 +346,10 @@ def main() -> None:
     parser.add_argument("--e2e", action="store_true", help="also time a full 28-step 1024x1024 edit")
     parser.add_argument("--comfyui", metavar="PATH", default=os.environ.get("COMFYUI_PATH"),
                         help="ComfyUI checkout or bench/stage_comfyui.sh copy, for the comfyui rows ($COMFYUI_PATH)")
+    parser.add_argument("--bfl", metavar="PATH",
+                        default=os.environ.get("KONTEXT_BFL_PATH", str(Path(__file__).parents[1] / "build" / "bfl")),
+                        help="BFL's code staged by bench/stage_bfl.sh, for the bfl rows ($KONTEXT_BFL_PATH; "
+                             "default build/bfl)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--profile", action="store_true", help="print the GPU time per kernel kind of one step")
     parser.add_argument("--append-results", metavar="MARKDOWN", default=None,
@@ -332,6 +377,16 @@ def main() -> None:
             print(f"skipping the comfyui rows: no ComfyUI at {args.comfyui!r} (--comfyui PATH or $COMFYUI_PATH)",
                   flush=True)
             args.impls = [i for i in args.impls if not i.startswith("comfyui")]
+    bfl = None
+    if any(i.startswith("bfl") for i in args.impls):
+        if (Path(args.bfl).expanduser() / "flux" / "model.py").is_file():
+            from bfl_native import bfl_twin
+
+            bfl = bfl_twin(model, args.bfl)
+            print(f"BFL reference code at {bfl.bfl.path}", flush=True)
+        else:
+            print(f"skipping the bfl rows: no BFL code at {args.bfl!r} (bench/stage_bfl.sh; --bfl PATH)", flush=True)
+            args.impls = [i for i in args.impls if not i.startswith("bfl")]
     fp8_model = None
     if any(i.startswith("ours-fp8") for i in args.impls):
         from kontext_core.quant import quantize_model_fp8
@@ -344,18 +399,31 @@ def main() -> None:
         flops = step_flops(config, image_tokens, workload["text"])
         floor = flops["total"] / rate
         attn_rate = attention_rate(image_tokens + workload["text"], config)
+        default_rate, default_kernel = default_sdpa(image_tokens + workload["text"], config)
+        record.setdefault("default_sdpa", {})[name] = {"tflops": default_rate / 1e12, "kernel": default_kernel}
         print(f"[{name}] {image_tokens + workload['text']} tokens, {flops['total'] / 1e12:.1f} TFLOP, "
-              f"floor {floor * 1e3:.1f} ms; attention alone at {attn_rate / 1e12:.0f} TFLOP/s", flush=True)
+              f"floor {floor * 1e3:.1f} ms; attention alone at {attn_rate / 1e12:.0f} TFLOP/s (cuDNN first), "
+              f"{default_rate / 1e12:.0f} TFLOP/s in PyTorch's default order ({default_kernel})", flush=True)
         reference = None
         for impl in args.impls:
             configure(impl)
             modifiers = impl.split("+")[1:]
             target = (fp8_model if impl.startswith("ours-fp8") else model if impl.startswith("ours")
-                      else comfy if impl.startswith("comfyui") else twin)
+                      else comfy if impl.startswith("comfyui") else bfl if impl.startswith("bfl") else twin)
             if "-compiled" in impl:
                 compile_blocks(target, impl)
-            fn = (ours_step(target, x, "graphs" in modifiers) if impl.startswith("ours") else comfy_step(target, x)
-                  if impl.startswith("comfyui") else diffusers_step(target, x))
+            if impl.startswith("ours"):
+                fn = ours_step(target, x, "graphs" in modifiers)
+            elif impl.startswith("comfyui"):
+                fn = comfy_step(target, x)
+            elif impl.startswith("bfl"):
+                from bfl_native import bfl_step
+
+                fn = bfl_step(target, x)
+            else:
+                fn = diffusers_step(target, x)
+            if "cudnn" in modifiers:
+                fn = cudnn_first(fn)
             torch.cuda.reset_peak_memory_stats()
             with torch.no_grad():
                 out = fn()
@@ -431,6 +499,9 @@ def results_markdown(record: dict, command: str) -> str:
     lines = [f"\n## {datetime.date.today().isoformat()} — {record['gpu']}, torch {record['torch']}\n",
              f"Command: `python3 bench/{Path(command.split()[0]).name} {' '.join(command.split()[1:])}` at commit "
              f"{_commit()}; bf16 matmul {record['matmul_tflops']:.0f} TFLOP/s.\n",
+             *[f"Attention alone [{workload}]: {r['tflops']:.0f} TFLOP/s in PyTorch's default SDPA order "
+               f"(`{r['kernel']}`), the reference rows' backend unless `+cudnn`.\n"
+               for workload, r in record.get("default_sdpa", {}).items()],
              "| workload | implementation | ms / step | x floor | TFLOP/s | host enqueue ms | peak GiB "
              "| rel. error vs first (max / L2) |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
