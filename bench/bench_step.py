@@ -199,7 +199,7 @@ IMPLS = ("ours", "ours-kernels", "ours-rowkernels", "ours-compiled", "ours-fp8",
          "ours-fp8-compiled", "diffusers", "diffusers-compiled", "comfyui", "comfyui-compiled", "bfl",
          "bfl-compiled")
 MODIFIERS = {
-    "noepilogues": "GELU as its own pass, not in cuBLASLt's epilogue",
+    "noepilogues": "GELU as its own pass, not in cuBLASLt's epilogue; the single block's linear2 over a concatenation",
     "exactaccum": "fp8 GEMMs without fast accumulation",
     "nokernels": "compiled blocks without our QK-norm+RoPE kernel (the compiler's own fusion)",
     "fp8attention": "attention through cuDNN's fp8 graph (needs nvidia-cudnn-frontend)",

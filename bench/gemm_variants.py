@@ -1,9 +1,10 @@
 """The FFN's GEMMs in their candidate forms, timed alone on a CUDA GPU (edit workload, 8704 tokens).
 
-    python3 bench/gemm_variants.py [bf16] [fp8] [quantization]
+    python3 bench/gemm_variants.py [bf16] [shapes] [attention] [fp8] [quantization]
 
 bf16: GEMM then GELU vs cuBLASLt's GELU epilogue; the single block's linear1 as one GEMM vs two;
-its linear2 over a concat vs two accumulating GEMMs. fp8: torch._scaled_mm with per-row/per-token
+its linear2 over a concat vs two accumulating GEMMs. shapes: every bf16 linear of an edit step at its own
+shape. attention: cuDNN's attention over [B, H, L, D] vs [B, L, H, D] inputs. fp8: torch._scaled_mm with per-row/per-token
 scales vs per-tensor scales, each with and without fast accumulation; the fp8 path's activation
 quantizers (kernels/fp8_rows.py) vs the compiler's fusion of their references. Prints ms and TFLOP/s
 (TB/s for the quantizers).
@@ -69,9 +70,14 @@ def bf16_variants() -> None:
         qkv = F.linear(x, w1[:3 * HIDDEN], b1[:3 * HIDDEN])
         return qkv, torch.cat((attn, torch._addmm_activation(b_mlp, x, w_mlp.t(), use_gelu=True)), -1)
 
+    def split_plain(x, attn):
+        qkv = F.linear(x, w1[:3 * HIDDEN], b1[:3 * HIDDEN])
+        return qkv, torch.cat((attn, F.gelu(F.linear(x, w_mlp, b_mlp), approximate="tanh")), -1)
+
     flops = 2 * TOKENS * HIDDEN * (3 * HIDDEN + MLP)
     for label, fn in (("compiled: one GEMM, GELU fused into the concat", wide),
-                      ("compiled: two GEMMs, GELU epilogue, then the concat", split)):
+                      ("compiled: two GEMMs, GELU epilogue, then the concat", split),
+                      ("compiled: two plain GEMMs, GELU fused into the concat", split_plain)):
         compiled = torch.compile(fn, fullgraph=True)
         report(label, flops, lambda: compiled(x, attn))
     buffer = torch.empty(TOKENS, HIDDEN + MLP, device=dev, dtype=dtype)
@@ -99,6 +105,62 @@ def bf16_variants() -> None:
     report("GEMM alone over an already concatenated input", flops, lambda: F.linear(joined, w2, b2))
     report("two GEMMs over weight column slices (addmm)", flops,
            lambda: torch.addmm(F.linear(mlp, w2[:, HIDDEN:], b2), attn, w2[:, :HIDDEN].t()))
+
+
+def model_shapes() -> None:
+    """Every bf16 linear of one edit step at its own shape (F.linear with bias): where the GEMM time goes."""
+    dev, dtype = "cuda", torch.bfloat16
+    image, text, joint = 8192, 512, TOKENS
+    double, single = 19, 38
+    # (label, rows, in, out, calls per step, GELU epilogue)
+    shapes = [("double img qkv", image, HIDDEN, 3 * HIDDEN, double, False),
+              ("double img proj", image, HIDDEN, HIDDEN, double, False),
+              ("double img mlp up (GELU epilogue)", image, HIDDEN, MLP, double, True),
+              ("double img mlp down", image, MLP, HIDDEN, double, False),
+              ("double txt qkv", text, HIDDEN, 3 * HIDDEN, double, False),
+              ("double txt proj", text, HIDDEN, HIDDEN, double, False),
+              ("double txt mlp up (GELU epilogue)", text, HIDDEN, MLP, double, True),
+              ("double txt mlp down", text, MLP, HIDDEN, double, False),
+              ("single linear1 qkv part", joint, HIDDEN, 3 * HIDDEN, single, False),
+              ("single linear1 mlp part (GELU epilogue)", joint, HIDDEN, MLP, single, True),
+              ("single linear2", joint, HIDDEN + MLP, HIDDEN, single, False),
+              ("double modulation (x2 streams)", 1, HIDDEN, 6 * HIDDEN, 2 * double, False),
+              ("single modulation", 1, HIDDEN, 3 * HIDDEN, single, False)]
+    total = 0.0
+    print("bf16 linears of one edit step (F.linear with bias; ms per call, ms per step):")
+    for label, rows, k, n, calls, gelu in shapes:
+        x = torch.randn(rows, k, device=dev, dtype=dtype)
+        w = torch.randn(n, k, device=dev, dtype=dtype) * k**-0.5
+        b = torch.randn(n, device=dev, dtype=dtype)
+        fn = ((lambda: torch._addmm_activation(b, x, w.t(), use_gelu=True)) if gelu
+              else (lambda: F.linear(x, w, b)))
+        seconds = cuda_time(fn, warmup=3, iterations=20, repeat=10, graphed=True)
+        total += seconds * calls
+        print(f"  {label:42s} {rows:5d}x{k:5d}->{n:5d} {seconds * 1e3:7.3f} ms  "
+              f"{2 * rows * k * n / seconds / 1e12:5.0f} TFLOP/s  x{calls} = {seconds * calls * 1e3:6.1f} ms", flush=True)
+    print(f"  all linears of a step: {total * 1e3:.1f} ms", flush=True)
+
+
+def attention_layouts() -> None:
+    """cuDNN attention over q, k, v as [B, H, L, D] tensors vs [B, L, H, D] ones viewed so: the second gives
+    an output whose [B, L, H*D] view needs no copy."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    dev, dtype, heads, dim = "cuda", torch.bfloat16, 24, 128
+    flops = 4 * TOKENS * TOKENS * heads * dim
+    bhld = [torch.randn(1, heads, TOKENS, dim, device=dev, dtype=dtype) for _ in range(3)]
+    blhd = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in bhld]
+    print("cuDNN attention, 8704 tokens, 24 heads of 128:")
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        for label, (q, k, v) in (("q, k, v [B, H, L, D]", bhld), ("q, k, v [B, L, H, D] (transposed views)", blhd)):
+            out = F.scaled_dot_product_attention(q, k, v)
+            report(f"{label}: out strides {tuple(out.stride())}", flops,
+                   lambda: F.scaled_dot_product_attention(q, k, v))
+            seconds = cuda_time(lambda: out.transpose(1, 2).reshape(1, TOKENS, heads * dim), warmup=3,
+                                iterations=20, repeat=10, graphed=True)
+            print(f"    then [B, L, H*D]: {seconds * 1e6:.1f} us", flush=True)
+        error = rel_l2(F.scaled_dot_product_attention(*blhd), F.scaled_dot_product_attention(*bhld))
+        print(f"  the two layouts' outputs differ by relative L2 {error:.1e}", flush=True)
 
 
 def fp8_variants() -> None:
@@ -145,9 +207,13 @@ def fp8_quantization_variants() -> None:
 if __name__ == "__main__":
     torch.backends.cuda.matmul.allow_tf32 = True
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
-    sections = sys.argv[1:] or ["bf16", "fp8", "quantization"]
+    sections = sys.argv[1:] or ["bf16", "shapes", "attention", "fp8", "quantization"]
     if "bf16" in sections:
         bf16_variants()
+    if "shapes" in sections:
+        model_shapes()
+    if "attention" in sections:
+        attention_layouts()
     if "fp8" in sections:
         fp8_variants()
     if "quantization" in sections:

@@ -2,7 +2,9 @@
 
 Unfused this is a permute, two norms (each a float32 round trip), two RoPE passes and the copies
 that make the attention inputs contiguous; the kernel reads qkv once and writes q, k, v once,
-already in the [B, H, L, D] layout that attention wants.
+as [B, H, L, D] tensors for attention. The joint entry point lays them out [B, L, H, D] in memory:
+attention then returns its output in that order too, so its [B, L, H*D] view for the projection
+after it is free rather than a transposing copy (cuDNN runs both layouts at the same rate).
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ def qkv_norm_rope_reference(qkv: torch.Tensor, q_scale: torch.Tensor, k_scale: t
 def qkv_norm_rope(qkv: torch.Tensor, q_scale: torch.Tensor, k_scale: torch.Tensor,
                   cos: torch.Tensor, sin: torch.Tensor,
                   num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Same contract as `qkv_norm_rope_reference`; the Triton kernel where it can run."""
+    """`qkv_norm_rope_reference`'s values, the Triton kernel where it can run; q, k, v laid out
+    [B, L, H, D] in memory, as `joint_qkv_norm_rope` writes them."""
     q, k, v = joint_qkv_norm_rope([(qkv, q_scale, k_scale)], cos, sin, num_heads)
     return q, k, v
 
@@ -72,8 +75,9 @@ def _norm_rope_tile(x, scale, cos, sin, head_dim, eps,
 
 @triton.jit
 def _qkv_norm_rope_kernel(
-    qkv_ptr, q_scale_ptr, k_scale_ptr, cos_ptr, sin_ptr, qk_ptr, v_ptr, out_length,
-    batch_size, length, num_heads, head_dim, eps,
+    qkv_ptr, q_scale_ptr, k_scale_ptr, cos_ptr, sin_ptr, qk_ptr, v_ptr,
+    stride_out_plane, stride_out_b, stride_out_h, stride_out_l, stride_v_b, stride_v_h, stride_v_l,
+    length, num_heads, head_dim, eps,
     stride_qkv_b, stride_qkv_l, stride_cos_b, stride_cos_l, stride_sin_b, stride_sin_l,
     bounds_ptr, work_ptr, amax_v_slot, descale_q_slot, descale_k_slot, sqrt_head_dim,
     QK_FP8: tl.constexpr, EXACT_ROUNDING: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -106,10 +110,12 @@ def _qkv_norm_rope_kernel(
     q = _norm_rope_tile(q, q_scale, cos, sin, head_dim, eps, BLOCK_L, BLOCK_D)
     k = _norm_rope_tile(k, k_scale, cos, sin, head_dim, eps, BLOCK_L, BLOCK_D)
 
-    # qk is [2, B, H, out_length, D] and v [B, H, out_length, D] from this stream's first token: the
-    # attention layout.
-    plane = batch_size * num_heads * out_length * head_dim
-    tile = (batch * num_heads + head) * out_length * head_dim + tokens[:, None] * head_dim + dims[None, :]
+    # qk is [2, B, H, L_out, D] and v [B, H, L_out, D] from this stream's first token, head dims
+    # contiguous, the other strides as given.
+    plane = stride_out_plane
+    token_rows = tokens[:, None].to(tl.int64)
+    tile = batch * stride_out_b + head * stride_out_h + token_rows * stride_out_l + dims[None, :]
+    v_tile = batch * stride_v_b + head * stride_v_h + token_rows * stride_v_l + dims[None, :]
     if QK_FP8:
         # Static per-tensor scales from the bounds (kernels/fp8_qkv.py derives them); v's amax for
         # its own quantization pass, which needs the whole tensor's.
@@ -126,7 +132,7 @@ def _qkv_norm_rope_kernel(
         element = qk_ptr.dtype.element_ty
         tl.store(qk_ptr + tile, q.to(element), mask=tile_inside)
         tl.store(qk_ptr + plane + tile, k.to(element), mask=tile_inside)
-    tl.store(v_ptr + tile, v, mask=tile_inside)
+    tl.store(v_ptr + v_tile, v, mask=tile_inside)
 
 
 def stream_parts(streams: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], cos: torch.Tensor, sin: torch.Tensor):
@@ -150,7 +156,8 @@ def joint_qkv_norm_rope_reference(streams: list[tuple[torch.Tensor, torch.Tensor
 
 def joint_qkv_norm_rope(streams: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], cos: torch.Tensor,
                         sin: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Several streams' (qkv, q_scale, k_scale) -> one [3, B, H, sum L, D] tensor: q, k, v of the joint sequence.
+    """Several streams' (qkv, q_scale, k_scale) -> one [3, B, H, sum L, D] tensor: q, k, v of the joint sequence,
+    laid out [3, B, sum L, H, D] in memory (`joint_layout`).
 
     Each stream is written at its offset along L, so the joint attention needs no concatenation;
     cos/sin are the joint sequence's tables [B or 1, 1, sum L, D/2]. The Triton kernel where it can
@@ -160,7 +167,7 @@ def joint_qkv_norm_rope(streams: list[tuple[torch.Tensor, torch.Tensor, torch.Te
     lengths = [qkv.shape[1] for qkv, _, _ in streams]
     head_dim = streams[0][0].shape[-1] // (3 * num_heads)
     first = streams[0][0]
-    out = torch.empty((3, batch, num_heads, sum(lengths), head_dim), dtype=first.dtype, device=first.device)
+    out = joint_layout(first.new_empty((3, batch, sum(lengths), num_heads, head_dim)))
     for (qkv, q_scale, k_scale), offset, cos_part, sin_part in stream_parts(streams, cos, sin):
         if enabled_for(qkv) and qkv.numel() > 0 and head_dim % 2 == 0:
             launch_stream(qkv, q_scale, k_scale, cos_part, sin_part, num_heads, out[:2], out[2], offset)
@@ -170,10 +177,16 @@ def joint_qkv_norm_rope(streams: list[tuple[torch.Tensor, torch.Tensor, torch.Te
     return out
 
 
+def joint_layout(tokens_major: torch.Tensor) -> torch.Tensor:
+    """[3, B, L, H, D] memory viewed as q, k, v [3, B, H, L, D]: the joint entry point's output layout."""
+    return tokens_major.permute(0, 1, 3, 2, 4)
+
+
 def launch_stream(qkv: torch.Tensor, q_scale: torch.Tensor, k_scale: torch.Tensor, cos: torch.Tensor,
                   sin: torch.Tensor, num_heads: int, qk: torch.Tensor, v: torch.Tensor, offset: int,
                   fp8: tuple | None = None) -> None:
-    """The kernel on one stream of a joint sequence: write q, k (into qk [2, B, H, L_out, D]) and v ([B, H, L_out, D]) of qkv's tokens at tokens
+    """The kernel on one stream of a joint sequence: write q, k (into qk [2, B, H, L_out, D]) and v
+    ([B, H, L_out, D]), any strides with the head dims contiguous, of qkv's tokens at tokens
     offset..offset+L. With `fp8` = (bounds, work, amax_v_slot, descale_q_slot, descale_k_slot), qk is
     e4m3 at the static scales of `bounds` and v's amax goes to work's slot (kernels/fp8_qkv.py)."""
     batch, length, width = qkv.shape
@@ -185,14 +198,17 @@ def launch_stream(qkv: torch.Tensor, q_scale: torch.Tensor, k_scale: torch.Tenso
     q_scale, k_scale = q_scale.contiguous(), k_scale.contiguous()
     bounds, work, *slots = fp8 if fp8 is not None else (q_scale, q_scale, 0, 0, 0)
 
+    if qk.stride(-1) != 1 or v.stride(-1) != 1:
+        raise ValueError("launch_stream writes q, k, v with their head dims contiguous")
     block_d = next_power_of_2(head_dim)
     # 32 tokens x 128 dims per tensor is 32 float32 registers a thread at 4 warps: three such
     # tiles live at once, well under the register budget; measured neither way yet on Hopper.
     block_l = max(1, min(32, 4096 // block_d))
     grid = (cdiv(length, block_l), num_heads, batch)
     _qkv_norm_rope_kernel[grid](
-        qkv, q_scale, k_scale, cos, sin, qk[:, :, :, offset:], v[:, :, offset:], qk.shape[3],
-        batch, length, num_heads, head_dim, RMS_EPS,
+        qkv, q_scale, k_scale, cos, sin, qk[:, :, :, offset:], v[:, :, offset:],
+        qk.stride(0), qk.stride(1), qk.stride(2), qk.stride(3), v.stride(0), v.stride(1), v.stride(2),
+        length, num_heads, head_dim, RMS_EPS,
         qkv.stride(0), qkv.stride(1), cos.stride(0), cos.stride(2), sin.stride(0), sin.stride(2),
         bounds, work, *slots, math.sqrt(head_dim),
         QK_FP8=fp8 is not None, EXACT_ROUNDING=interpreting(), BLOCK_L=block_l, BLOCK_D=block_d, num_warps=4,

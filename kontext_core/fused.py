@@ -12,6 +12,8 @@ to be read back and quantized.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,13 +42,15 @@ def set_fused_gemms(enabled: bool) -> None:
     _fused_gemms = bool(enabled)
 
 
-# cuBLASLt's GELU epilogue instead of a separate elementwise pass; off gives the plain PyTorch
-# formulation, the reference the tests compare against.
+# cuBLASLt's GELU epilogue instead of a separate elementwise pass, and the single block's linear2
+# accumulated over its input's two parts instead of over their concatenation; off gives the plain
+# PyTorch formulation, the reference the tests compare against.
 _cublas_epilogues = True
 
 
 def set_cublas_epilogues(enabled: bool) -> None:
-    """GELU in cuBLASLt's epilogue (True), or GEMM then a separate GELU."""
+    """GELU in cuBLASLt's epilogue and the single block's linear2 as two accumulating GEMMs (True), or
+    GEMM then a separate GELU, and linear2 over a concatenation."""
     global _cublas_epilogues
     _cublas_epilogues = bool(enabled)
 
@@ -103,6 +107,23 @@ def _cublaslt_gelu(x: torch.Tensor, layer: nn.Module) -> bool:
             and x.dtype in (torch.float16, torch.bfloat16) and layer.weight.dtype == x.dtype)
 
 
+class ColumnParts(NamedTuple):
+    """A linear's input [..., K] kept as its column blocks, first [..., S] and second [..., K - S], never
+    concatenated: the linear runs as two GEMMs over the matching column slices of its weight."""
+    first: torch.Tensor
+    second: torch.Tensor
+
+
+def linear_over_parts(parts: ColumnParts, layer: nn.Module) -> torch.Tensor:
+    """layer(cat(parts)): the wide part's GEMM with the bias, the narrow part's accumulated onto it (cuBLAS's
+    beta = 1). Saves the concatenation's read and write of the whole input (bench/RESULTS.md)."""
+    split = parts.first.shape[-1]
+    weight = layer.weight
+    out = F.linear(parts.second, weight[:, split:], layer.bias)
+    rows = torch.addmm(out.reshape(-1, out.shape[-1]), parts.first.reshape(-1, split), weight[:, :split].t())
+    return rows.view(out.shape)
+
+
 def _linear_gelu_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     rows = x.reshape(-1, x.shape[-1])
     return torch._addmm_activation(bias, rows, weight.t(), use_gelu=True).view(*x.shape[:-1], weight.shape[0])
@@ -141,9 +162,10 @@ def mlp_hidden(x: torch.Tensor | QuantizedRows, up: nn.Module, down: nn.Module) 
 
 
 def parallel_attention_mlp(x: torch.Tensor | QuantizedRows, linear1: nn.Module, linear2: nn.Module, split: int,
-                           attend) -> torch.Tensor | QuantizedRows:
+                           attend) -> torch.Tensor | QuantizedRows | ColumnParts:
     """The single block's middle: y = linear1(x); [attend(y[..., :split]), GELU(tanh)(y[..., split:])] as
-    linear2's input (e4m3 rows for an fp8 linear2, without the bf16 concatenation)."""
+    linear2's input: e4m3 rows for an fp8 linear2, the two parts unconcatenated where cuBLAS runs linear2,
+    else their concatenation."""
     if isinstance(x, QuantizedRows):
         # One fp8 GEMM; the attention and the quantizing concat read their parts of it as strided views.
         qkv, mlp = linear1(x).split([split, linear1.out_features - split], dim=-1)
@@ -152,12 +174,17 @@ def parallel_attention_mlp(x: torch.Tensor | QuantizedRows, linear1: nn.Module, 
             return QuantizedRows(*torch.ops.kontext.concat_gelu_quantize_rows(attended, mlp))
         return torch.cat((attended, F.gelu(mlp, approximate="tanh")), dim=-1)
     qkv, mlp = linear_then_gelu_part(x, linear1, split)
-    return torch.cat((attend(qkv), mlp), dim=-1)
+    attended = attend(qkv)
+    if _cublaslt_gelu(attended, linear2) and not (_fused_gemms and _active(attended)):
+        return ColumnParts(attended, mlp)
+    return torch.cat((attended, mlp), dim=-1)
 
 
-def gated_residual(residual: torch.Tensor, gate: torch.Tensor, x: torch.Tensor | QuantizedRows,
+def gated_residual(residual: torch.Tensor, gate: torch.Tensor, x: torch.Tensor | QuantizedRows | ColumnParts,
                    layer: nn.Module) -> torch.Tensor:
     """residual + gate * layer(x), the gated add in the GEMM's epilogue when fused."""
+    if isinstance(x, ColumnParts):
+        return residual + gate * linear_over_parts(x, layer)
     if isinstance(x, torch.Tensor):
         if _fused_gemms and _plain_linear(layer) and _active(x):
             return _kernels.linear_gated_residual(x, layer.weight, layer.bias, gate, residual)
@@ -172,8 +199,8 @@ if _kernels is not None:
     # own fusion needed ~2.5x its time plus layout copies and the concatenation (bench/RESULTS.md).
     def _joint_qkv_norm_rope_fake(qkvs, query_scales, key_scales, cos, sin, num_heads):
         first = qkvs[0]
-        return first.new_empty((3, first.shape[0], num_heads, sum(qkv.shape[1] for qkv in qkvs),
-                                first.shape[-1] // (3 * num_heads)))
+        return _kernels.qk_norm_rope.joint_layout(first.new_empty(
+            (3, first.shape[0], sum(qkv.shape[1] for qkv in qkvs), num_heads, first.shape[-1] // (3 * num_heads))))
 
     ops.define("joint_qkv_norm_rope(Tensor[] qkvs, Tensor[] query_scales, Tensor[] key_scales, Tensor cos, "
                "Tensor sin, int num_heads) -> Tensor",

@@ -136,7 +136,8 @@ class TestAwkwardSizes:
         _assert_launched("qkv_norm_rope", before)
         references = qk_norm_rope.qkv_norm_rope_reference(qkv, q_scale, k_scale, cos, sin, heads)
         for name, out, reference in zip("qkv", outs, references):
-            assert out.shape == (batch, heads, length, head_dim) and out.is_contiguous(), name
+            # [B, L, H, D] memory: attention's output then views as [B, L, H*D] without a copy.
+            assert out.shape == (batch, heads, length, head_dim) and out.transpose(1, 2).is_contiguous(), name
             assert out.dtype == dtype, name
             assert rel_error(out, reference) <= TOLERANCE[dtype], name
 
@@ -178,6 +179,28 @@ class TestAwkwardSizes:
         for index, name in enumerate("qkv"):
             reference = torch.cat([part[index] for part in parts], dim=2)
             assert rel_error(joint[index], reference) <= TOLERANCE[dtype], name
+
+    def test_joint_qkv_norm_rope_op_fake_has_the_real_layout(self, device):
+        # Compiled blocks plan their buffers from the op's fake: its strides must be the real output's
+        # ([B, L, H, D] memory), or the attention after it would read a wrong layout.
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        from kontext_core import fused
+
+        if fused._kernels is None:
+            pytest.skip("the kontext ops are registered only where Triton imports")
+        batch, heads, head_dim, lengths = 2, 3, 16, (4, 9)
+        qkvs = [_randn(batch, length, 3 * heads * head_dim, device=device) for length in lengths]
+        scales = [_randn(head_dim, device=device, scale=0.2, offset=1.0) for _ in range(4)]
+        cos, sin = _rope_tables(1, sum(lengths), head_dim, device)
+        real = torch.ops.kontext.joint_qkv_norm_rope(qkvs, scales[:2], scales[2:], cos, sin, heads)
+        with FakeTensorMode() as mode:
+            fake = torch.ops.kontext.joint_qkv_norm_rope([mode.from_tensor(t) for t in qkvs],
+                                                         [mode.from_tensor(t) for t in scales[:2]],
+                                                         [mode.from_tensor(t) for t in scales[2:]],
+                                                         mode.from_tensor(cos), mode.from_tensor(sin), heads)
+        assert real.shape == fake.shape == (3, batch, heads, sum(lengths), head_dim)
+        assert real.stride() == fake.stride() and real[0].transpose(1, 2).is_contiguous()
 
     def test_joint_qkv_norm_rope_fp8(self, device):
         from kernels import fp8_qkv
@@ -422,7 +445,7 @@ class TestFullSizeCuda:
         _assert_launched("qkv_norm_rope", before)
         references = kernels.qkv_norm_rope_reference(qkv, q_scale, k_scale, cos, sin, heads)
         for name, out, reference in zip("qkv", outs, references):
-            assert out.is_contiguous() and out.shape == (1, heads, length, head_dim), name
+            assert out.transpose(1, 2).is_contiguous() and out.shape == (1, heads, length, head_dim), name
             assert rel_error(out, reference) <= TOLERANCE[self.DTYPE], name
 
     @pytest.mark.parametrize("variant", ["gelu_quantize_rows", "concat_gelu_quantize_rows",
