@@ -204,6 +204,7 @@ MODIFIERS = {
     "nokernels": "compiled blocks without our QK-norm+RoPE kernel (the compiler's own fusion)",
     "fp8attention": "attention through cuDNN's fp8 graph (needs nvidia-cudnn-frontend)",
     "graphs": "each step replayed from a CUDA graph (kontext_core/cuda_graph.py)",
+    "concat": "the single block's linear2 over a concatenation of its input's parts (not two GEMMs)",
     "cudnn": "a reference row with PyTorch's SDPA priority cuDNN first (ours always is; default: flash first)",
 }
 # The priority ours uses (kontext_core.attention), for the reference rows' "+cudnn" variants.
@@ -229,6 +230,7 @@ def configure(impl: str) -> None:
     kernels.set_enabled((base.endswith("kernels") or base.endswith("-compiled")) and "nokernels" not in modifiers)
     fused.set_fused_gemms(base.endswith("-kernels"))
     fused.set_cublas_epilogues("noepilogues" not in modifiers)
+    fused.set_linear2_parts("concat" not in modifiers)
     quant.set_fp8_fast_accumulation("exactaccum" not in modifiers)
     set_attention_backend("cudnn-fp8" if "fp8attention" in modifiers else "auto")
 

@@ -55,6 +55,17 @@ def set_cublas_epilogues(enabled: bool) -> None:
     _cublas_epilogues = bool(enabled)
 
 
+# The single block's linear2 as two GEMMs over its input's parts (where cuBLAS runs it) rather than
+# over their concatenation; a separate switch so the bench can time the two forms in one run.
+_linear2_parts = True
+
+
+def set_linear2_parts(enabled: bool) -> None:
+    """The single block's linear2 over its input's two parts (True) or over their concatenation."""
+    global _linear2_parts
+    _linear2_parts = bool(enabled)
+
+
 def _active(x: torch.Tensor) -> bool:
     return _kernels is not None and not torch.compiler.is_compiling() and _kernels.enabled_for(x)
 
@@ -175,7 +186,7 @@ def parallel_attention_mlp(x: torch.Tensor | QuantizedRows, linear1: nn.Module, 
         return torch.cat((attended, F.gelu(mlp, approximate="tanh")), dim=-1)
     qkv, mlp = linear_then_gelu_part(x, linear1, split)
     attended = attend(qkv)
-    if _cublaslt_gelu(attended, linear2) and not (_fused_gemms and _active(attended)):
+    if _linear2_parts and _cublaslt_gelu(attended, linear2) and not (_fused_gemms and _active(attended)):
         return ColumnParts(attended, mlp)
     return torch.cat((attended, mlp), dim=-1)
 
