@@ -58,6 +58,15 @@ def test_linear_over_parts_equals_the_linear_of_the_concatenation(device):
         reference = F.linear(torch.cat((first, second), -1).double(), layer.weight.double(), layer.bias.double())
     assert ours.shape == (2, 11, 36) and ours.dtype == torch.float32
     assert rel_error(ours, reference) <= 1e-5
+    # Traced, it is the opaque kontext::linear_over_parts op (its fake gives the shape the graph plans for).
+    torch._dynamo.reset()
+    try:
+        traced = torch.compile(lambda a, b: fused.linear_over_parts(fused.ColumnParts(a, b), layer),
+                               backend="aot_eager", fullgraph=True)
+        with torch.no_grad():
+            assert rel_error(traced(first, second), reference) <= 1e-5
+    finally:
+        torch._dynamo.reset()
 
 
 def test_cpu_single_block_concatenates(monkeypatch):
