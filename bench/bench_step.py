@@ -235,6 +235,22 @@ def configure(impl: str) -> None:
     set_attention_backend("cudnn-fp8" if "fp8attention" in modifiers else "auto")
 
 
+def check_kernels() -> list[dict]:
+    """The check step: every Triton kernel against its PyTorch reference at the edit workload's full size
+    (kernels/check.py). A failure stops the run: timings of wrong kernels mean nothing."""
+    from kernels import check
+
+    kernels.set_enabled(True)
+    results = check.run("cuda", check.FULL)
+    print(f"check step: {len(results)} kernels against their references at full size", flush=True)
+    for result in results:
+        print(f"  {result}", flush=True)
+    failed = [r.name for r in results if not r.passed]
+    if failed:
+        raise SystemExit(f"check step failed for {', '.join(failed)}: not timing wrong kernels")
+    return [{"name": r.name, "error": r.error, "tolerance": r.tolerance} for r in results]
+
+
 def compile_blocks(model, impl: str) -> None:
     if impl.startswith("comfyui"):
         from comfyui_native import compile_blocks as compile_comfy_blocks
@@ -352,6 +368,8 @@ def main() -> None:
                         default=os.environ.get("KONTEXT_BFL_PATH", str(Path(__file__).parents[1] / "build" / "bfl")),
                         help="BFL's code staged by bench/stage_bfl.sh, for the bfl rows ($KONTEXT_BFL_PATH; "
                              "default build/bfl)")
+    parser.add_argument("--no-check", action="store_true",
+                        help="skip the check step (every Triton kernel against its reference at full size)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--profile", action="store_true", help="print the GPU time per kernel kind of one step")
     parser.add_argument("--append-results", metavar="MARKDOWN", default=None,
@@ -364,6 +382,8 @@ def main() -> None:
     rate = matmul_rate()
     record = {"gpu": gpu, "torch": torch.__version__, "matmul_tflops": rate / 1e12, "results": []}
     print(f"{gpu}, torch {torch.__version__}: bf16 matmul 8192^3 at {rate / 1e12:.0f} TFLOP/s", flush=True)
+    if not args.no_check:
+        record["check"] = check_kernels()
 
     model = random_transformer(config)
     twin = diffusers_twin(model) if any(i.startswith("diffusers") for i in args.impls) else None
@@ -498,9 +518,14 @@ def results_markdown(record: dict, command: str) -> str:
     """One run as a RESULTS.md section: date, GPU, command, commit, then a row per measurement."""
     import datetime
 
+    checked = record.get("check") or []
+    errors = ", ".join(f"{c['name']} {c['error']:.1e}" for c in checked)
+    check_line = (f"Check step: {len(checked)} kernels within tolerance of their references at full size "
+                  f"(errors: {errors}).\n") if checked else ""
     lines = [f"\n## {datetime.date.today().isoformat()} — {record['gpu']}, torch {record['torch']}\n",
              f"Command: `python3 bench/{Path(command.split()[0]).name} {' '.join(command.split()[1:])}` at commit "
              f"{_commit()}; bf16 matmul {record['matmul_tflops']:.0f} TFLOP/s.\n",
+             *([check_line] if check_line else []),
              *[f"Attention alone [{workload}]: {r['tflops']:.0f} TFLOP/s in PyTorch's default SDPA order "
                f"(`{r['kernel']}`), the reference rows' backend unless `+cudnn`.\n"
                for workload, r in record.get("default_sdpa", {}).items()],

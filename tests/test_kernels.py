@@ -4,7 +4,8 @@ On the CPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1) on sm
 shapes (few tokens: the interpreter reduces rows one element at a time); every test checks the launch counter so that a silent fallback to the reference cannot
 pass. Tolerance: rel_error (max|ours - reference| / max|reference|) <= 1e-4 in float32, 2e-2 in
 bfloat16 (the kernels round once at the end, the references after every step). On a CUDA GPU,
-the compiled kernels are checked at the full FLUX sizes in bfloat16.
+the compiled kernels are checked at the full FLUX sizes in bfloat16 by the benchmark's check step
+(kernels/check.py), which also runs here at small sizes.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 
 import kernels
 from conftest import kernels_built_for, rel_error, rel_l2
+from kernels import check as kernel_check
 from kernels.runtime import launches, triton_available
 
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
@@ -360,6 +362,28 @@ class TestAwkwardSizes:
         reference = ffn.linear_gated_residual_reference(x, weight, bias, gate, residual)
         assert rel_error(out, reference) <= TOLERANCE[torch.float32]
 
+    def test_check_step_passes_at_small_sizes(self, device):
+        results = kernel_check.run(device, kernel_check.SMALL)
+        assert [r.name for r in results] == list(kernel_check.CASES)
+        failed = [str(r) for r in results if not r.passed]
+        assert not failed, failed
+
+    def test_check_step_reports_wrong_kernels_and_fallbacks(self, device, monkeypatch):
+        from kernels import ffn, fp8_rows, modulation
+
+        # A kernel 5% off, a row quantizer with scales 1% off, and a "kernel" that is really its reference.
+        real_modulate, real_quantize = modulation.layernorm_modulate, fp8_rows.quantize_rows
+        monkeypatch.setattr(modulation, "layernorm_modulate", lambda *args: real_modulate(*args) * 1.05)
+        monkeypatch.setattr(fp8_rows, "quantize_rows",
+                            lambda x: (lambda data, scales: (data, scales * 1.01))(*real_quantize(x)))
+        monkeypatch.setattr(ffn, "linear_gelu", ffn.linear_gelu_reference)
+        results = {r.name: r for r in kernel_check.run(device, kernel_check.SMALL,
+                                                       only=["layernorm_modulate", "quantize_rows", "linear_gelu"])}
+        assert results["layernorm_modulate"].launched and results["layernorm_modulate"].error > 0.03
+        assert results["quantize_rows"].launched and results["quantize_rows"].error == float("inf")
+        assert not results["linear_gelu"].launched and results["linear_gelu"].error == 0
+        assert not any(r.passed for r in results.values())
+
     def test_switched_off_runs_the_reference(self, device, monkeypatch):
         from kernels import modulation
 
@@ -418,64 +442,8 @@ def test_import_and_fallback_without_triton():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.usefixtures("compiled")
-class TestFullSizeCuda:
-    """FLUX.1 [dev] sizes: hidden 3072, 24 heads of 128, MLP 12288, 8704 joint tokens."""
-
-    DTYPE = torch.bfloat16
-
-    def test_layernorm_modulate(self):
-        x = torch.randn(1, 8704, 3072, device="cuda", dtype=self.DTYPE)
-        projection = torch.randn(1, 1, 3 * 3072, device="cuda", dtype=self.DTYPE)
-        shift, scale, _gate = projection.chunk(3, dim=-1)
-        assert kernels.enabled_for(x)
-        before = launches["layernorm_modulate"]
-        out = kernels.layernorm_modulate(x, shift, scale)
-        _assert_launched("layernorm_modulate", before)
-        assert rel_error(out, kernels.layernorm_modulate_reference(x, shift, scale)) <= TOLERANCE[self.DTYPE]
-
-    def test_qkv_norm_rope(self):
-        heads, head_dim, length = 24, 128, 8704
-        qkv = torch.randn(1, length, 3 * heads * head_dim, device="cuda", dtype=self.DTYPE)
-        q_scale = (1.0 + 0.2 * torch.randn(head_dim, device="cuda")).to(self.DTYPE)
-        k_scale = (1.0 + 0.2 * torch.randn(head_dim, device="cuda")).to(self.DTYPE)
-        angle = torch.randn(1, 1, length, head_dim // 2, device="cuda") * 3.0
-        cos, sin = torch.cos(angle), torch.sin(angle)
-        before = launches["qkv_norm_rope"]
-        outs = kernels.qkv_norm_rope(qkv, q_scale, k_scale, cos, sin, heads)
-        _assert_launched("qkv_norm_rope", before)
-        references = kernels.qkv_norm_rope_reference(qkv, q_scale, k_scale, cos, sin, heads)
-        for name, out, reference in zip("qkv", outs, references):
-            assert out.transpose(1, 2).is_contiguous() and out.shape == (1, heads, length, head_dim), name
-            assert rel_error(out, reference) <= TOLERANCE[self.DTYPE], name
-
-    @pytest.mark.parametrize("variant", ["gelu_quantize_rows", "concat_gelu_quantize_rows",
-                                         "layernorm_modulate_quantize"])
-    def test_fp8_row_quantization(self, variant):
-        x = torch.randn(1, 8704, 3072, device="cuda", dtype=self.DTYPE)
-        shift, scale, _gate = torch.randn(1, 1, 3 * 3072, device="cuda", dtype=self.DTYPE).chunk(3, dim=-1)
-        # The single block's linear1 output: q, k, v then the MLP's 12288, of which the kernels read the MLP part.
-        mlp = torch.randn(1, 8704, 9216 + 12288, device="cuda", dtype=self.DTYPE)[..., 9216:]
-        args = {"gelu_quantize_rows": (mlp,), "concat_gelu_quantize_rows": (x, mlp),
-                "layernorm_modulate_quantize": (x, shift, scale)}[variant]
-        _check_fp8_rows(variant, args, rows=8704, exact=False)
-
-    def test_linear_gelu(self):
-        x = torch.randn(1, 8704, 3072, device="cuda", dtype=self.DTYPE)
-        weight = (torch.randn(12288, 3072, device="cuda") / 3072**0.5).to(self.DTYPE)
-        bias = (0.05 * torch.randn(12288, device="cuda")).to(self.DTYPE)
-        before = launches["linear_gelu"]
-        out = kernels.linear_gelu(x, weight, bias)
-        _assert_launched("linear_gelu", before)
-        assert rel_error(out, kernels.linear_gelu_reference(x, weight, bias)) <= TOLERANCE[self.DTYPE]
-
-    def test_linear_gated_residual(self):
-        x = torch.randn(1, 8704, 12288, device="cuda", dtype=self.DTYPE)
-        weight = (torch.randn(3072, 12288, device="cuda") / 12288**0.5).to(self.DTYPE)
-        bias = (0.05 * torch.randn(3072, device="cuda")).to(self.DTYPE)
-        gate = torch.randn(1, 1, 3072, device="cuda", dtype=self.DTYPE)
-        residual = torch.randn(1, 8704, 3072, device="cuda", dtype=self.DTYPE)
-        before = launches["linear_gated_residual"]
-        out = kernels.linear_gated_residual(x, weight, bias, gate, residual)
-        _assert_launched("linear_gated_residual", before)
-        reference = kernels.linear_gated_residual_reference(x, weight, bias, gate, residual)
-        assert rel_error(out, reference) <= TOLERANCE[self.DTYPE]
+@pytest.mark.parametrize("case", list(kernel_check.CASES))
+def test_full_size_on_the_gpu(case):
+    # The benchmark's check step for one kernel at FLUX.1 [dev]'s sizes (kernels/check.py states the measures).
+    (result,) = kernel_check.run("cuda", kernel_check.FULL, only=[case])
+    assert result.passed, str(result)
