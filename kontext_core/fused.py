@@ -111,9 +111,11 @@ def _plain_linear(layer: nn.Module) -> bool:
     return type(layer) is nn.Linear and _unhooked(layer)
 
 
-def _cublaslt_gelu(x: torch.Tensor, layer: nn.Module) -> bool:
-    # cuBLASLt's bias+GELU(tanh) epilogue (torch._addmm_activation) saves a read and a write of the
-    # 4x-wide MLP activation. CUDA only: on the CPU that op computes the exact (erf) GELU instead.
+def _cublas_forms(x: torch.Tensor, layer: nn.Module) -> bool:
+    # Where the cuBLAS-specific forms apply: a plain fp16/bf16 linear with a bias, on CUDA. cuBLASLt's
+    # bias+GELU(tanh) epilogue (torch._addmm_activation) saves a read and a write of the 4x-wide MLP
+    # activation; on the CPU that op computes the exact (erf) GELU instead. The accumulating GEMMs of
+    # linear_over_parts are a measured cuBLAS win, not known elsewhere.
     return (_cublas_epilogues and x.is_cuda and _plain_linear(layer) and layer.bias is not None
             and x.dtype in (torch.float16, torch.bfloat16) and layer.weight.dtype == x.dtype)
 
@@ -158,7 +160,7 @@ def linear_gelu(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     """GELU(tanh)(layer(x)), the bias and GELU in the GEMM's epilogue where one can hold them."""
     if _fused_gemms and _plain_linear(layer) and _active(x):
         return _kernels.linear_gelu(x, layer.weight, layer.bias)
-    if _cublaslt_gelu(x, layer):
+    if _cublas_forms(x, layer):
         return _linear_gelu_rows(x, layer.weight, layer.bias)
     return F.gelu(layer(x), approximate="tanh")
 
@@ -169,7 +171,7 @@ def linear_then_gelu_part(x: torch.Tensor, layer: nn.Module, split: int) -> tupl
     On CUDA the two output ranges are two GEMMs over row slices of the weight (views, no copy), so
     the GELU half runs in cuBLASLt's epilogue and the first half comes out contiguous.
     """
-    if _cublaslt_gelu(x, layer):
+    if _cublas_forms(x, layer):
         weight, bias = layer.weight, layer.bias
         return F.linear(x, weight[:split], bias[:split]), _linear_gelu_rows(x, weight[split:], bias[split:])
     first, second = layer(x).split([split, layer.out_features - split], dim=-1)
@@ -200,7 +202,7 @@ def parallel_attention_mlp(x: torch.Tensor | QuantizedRows, linear1: nn.Module, 
         return torch.cat((attended, F.gelu(mlp, approximate="tanh")), dim=-1)
     qkv, mlp = linear_then_gelu_part(x, linear1, split)
     attended = attend(qkv)
-    if _linear2_parts and _cublaslt_gelu(attended, linear2) and not (_fused_gemms and _active(attended)):
+    if _linear2_parts and _cublas_forms(attended, linear2) and not (_fused_gemms and _active(attended)):
         return ColumnParts(attended, mlp)
     return torch.cat((attended, mlp), dim=-1)
 
