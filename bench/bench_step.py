@@ -252,15 +252,10 @@ def check_kernels() -> list[dict]:
 
 
 def compile_blocks(model, impl: str) -> None:
-    if impl.startswith("comfyui"):
-        from comfyui_native import compile_blocks as compile_comfy_blocks
+    if impl.startswith(("comfyui", "bfl")):
+        from twin_check import compile_each_block
 
-        compile_comfy_blocks(model)
-        return
-    if impl.startswith("bfl"):
-        from bfl_native import compile_blocks as compile_bfl_blocks
-
-        compile_bfl_blocks(model)
+        compile_each_block(model)
         return
     if impl.startswith("diffusers"):
         model.compile_repeated_blocks(fullgraph=True)

@@ -11,8 +11,6 @@ tokens, timestep and guidance vectors in the image's dtype, the prediction cut b
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import types
 from pathlib import Path
@@ -20,6 +18,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from twin_check import compare_with_ours, self_check_main  # noqa: E402
 
 _MODEL_FILE = Path("flux") / "model.py"
 
@@ -76,61 +76,12 @@ def bfl_step(twin, x: dict):
     return lambda: twin(img=img, img_ids=ids, txt=txt, txt_ids=x["txt_ids"], timesteps=t, y=y, guidance=g)[:, :n]
 
 
-def compile_blocks(twin) -> None:
-    """Regional compilation like ours: each double/single block compiled."""
-    for block in (*twin.double_blocks, *twin.single_blocks):
-        block.compile()
-
-
 def self_check(bfl_path, seed: int = 0) -> dict:
     """Tiny float32 model on the CPU: BFL's forward vs our velocity, with and without a context image."""
-    from kontext_core import KontextTransformer, TransformerConfig
-    from kontext_core.tokens import context_tokens, pack_latent, position_ids, text_position_ids
-
-    torch.manual_seed(seed)
-    config = TransformerConfig.tiny()
-    model = KontextTransformer(config)
-    with torch.no_grad():  # non-trivial norms and biases, matrices at a scale that keeps activations O(1)
-        for name, p in model.named_parameters():
-            if p.ndim > 1:
-                p.normal_(0, p[0].numel() ** -0.5)
-            elif name.endswith("scale"):
-                p.normal_(1.0, 0.2)
-            else:
-                p.normal_(0, 0.05)
-    model.eval().requires_grad_(False)
-    twin = bfl_twin(model, bfl_path)
-    generator = torch.Generator().manual_seed(seed)
-    batch, (th, tw), (ch, cw) = 2, (6, 10), (8, 6)  # a non-square target and a context of another size
-    x = {"img": pack_latent(torch.randn(batch, 16, th, tw, generator=generator)),
-         "img_ids": position_ids(th, tw, batch=batch),
-         "txt": torch.randn(batch, 7, config.context_in_dim, generator=generator),
-         "txt_ids": text_position_ids(batch, 7), "t": torch.rand(batch, generator=generator),
-         "y": torch.randn(batch, config.vec_in_dim, generator=generator),
-         "g": 1.0 + 3.0 * torch.rand(batch, generator=generator)}
-    ctx, ctx_ids = context_tokens([torch.randn(batch, 16, ch, cw, generator=generator)], (th, tw), "kontext")
-    errors = {}
-    with torch.no_grad():
-        for case, (c, c_ids) in {"edit": (ctx, ctx_ids), "t2i": (None, None)}.items():
-            x.update(ctx=c, ctx_ids=c_ids)
-            ours = model.velocity(x["img"], x["img_ids"], x["txt"], x["txt_ids"], x["t"], x["y"], x["g"], c, c_ids)
-            theirs = bfl_step(twin, x)()
-            assert theirs.shape == ours.shape, (theirs.shape, ours.shape)
-            errors[case] = ((theirs - ours).abs().max() / ours.abs().max()).item()
+    twin, errors = compare_with_ours(lambda model: bfl_twin(model, bfl_path), bfl_step, seed)
     return {"rel_err": errors, "bfl": str(twin.bfl.path), "torch": torch.__version__, "python": sys.executable}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bfl", required=True, help="BFL's code staged by stage_bfl.sh (or a checkout)")
-    args = parser.parse_args()
-    try:
-        load_bfl(args.bfl)
-    except ImportError as error:  # a package BFL's code imports (einops) is missing in this environment
-        print(json.dumps({"import_error": f"{type(error).__name__}: {error}", "missing": error.name}))
-        sys.exit(3)
-    print(json.dumps(self_check(args.bfl)))
-
-
 if __name__ == "__main__":
-    main()
+    # A package BFL's code imports (einops) may be missing here: exit status 3 names it.
+    self_check_main(__doc__, "bfl", "BFL's code staged by stage_bfl.sh (or a checkout)", load_bfl, self_check)

@@ -11,8 +11,6 @@ the timestep, the reference latents as `ref_latents` (ComfyUI patchifies and pla
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import types
 from pathlib import Path
@@ -22,6 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kontext_core.tokens import pack_latent, unpack_tokens  # noqa: E402
+from twin_check import compare_with_ours, self_check_main  # noqa: E402
 
 _FLUX_FILE = Path("comfy") / "ldm" / "flux" / "model.py"
 
@@ -97,13 +96,6 @@ def comfy_twin(model, comfyui_path):
     return twin.eval().requires_grad_(False)
 
 
-def compile_blocks(twin) -> None:
-    """Regional compilation like ours: each double/single block compiled (fullgraph=False, as ComfyUI's
-    TorchCompileModel node compiles; that node compiles the whole diffusion model instead)."""
-    for block in (*twin.double_blocks, *twin.single_blocks):
-        block.compile()
-
-
 def _latent_size(ids: torch.Tensor) -> tuple[int, int]:
     """Latent height and width of a packed image from its (index, row, col) ids."""
     rows = ids[0, :, 1].max() - ids[0, :, 1].min() + 1
@@ -134,39 +126,7 @@ def comfy_step(twin, x: dict):
 
 def self_check(comfyui_path, seed: int = 0) -> dict:
     """Tiny float32 model on the CPU: ComfyUI's forward vs our velocity, with and without a context image."""
-    from kontext_core import KontextTransformer, TransformerConfig
-    from kontext_core.tokens import context_tokens, position_ids, text_position_ids
-
-    torch.manual_seed(seed)
-    config = TransformerConfig.tiny()
-    model = KontextTransformer(config)
-    with torch.no_grad():  # non-trivial norms and biases, matrices at a scale that keeps activations O(1)
-        for name, p in model.named_parameters():
-            if p.ndim > 1:
-                p.normal_(0, p[0].numel() ** -0.5)
-            elif name.endswith("scale"):
-                p.normal_(1.0, 0.2)
-            else:
-                p.normal_(0, 0.05)
-    model.eval().requires_grad_(False)
-    twin = comfy_twin(model, comfyui_path)
-    generator = torch.Generator().manual_seed(seed)
-    batch, (th, tw), (ch, cw) = 2, (6, 10), (8, 6)  # a non-square target and a context of another size
-    x = {"img": pack_latent(torch.randn(batch, 16, th, tw, generator=generator)),
-         "img_ids": position_ids(th, tw, batch=batch),
-         "txt": torch.randn(batch, 7, config.context_in_dim, generator=generator),
-         "txt_ids": text_position_ids(batch, 7), "t": torch.rand(batch, generator=generator),
-         "y": torch.randn(batch, config.vec_in_dim, generator=generator),
-         "g": 1.0 + 3.0 * torch.rand(batch, generator=generator)}
-    ctx, ctx_ids = context_tokens([torch.randn(batch, 16, ch, cw, generator=generator)], (th, tw), "kontext")
-    errors = {}
-    with torch.no_grad():
-        for case, (c, c_ids) in {"edit": (ctx, ctx_ids), "t2i": (None, None)}.items():
-            x.update(ctx=c, ctx_ids=c_ids)
-            ours = model.velocity(x["img"], x["img_ids"], x["txt"], x["txt_ids"], x["t"], x["y"], x["g"], c, c_ids)
-            theirs = comfy_step(twin, x)()
-            assert theirs.shape == ours.shape, (theirs.shape, ours.shape)
-            errors[case] = ((theirs - ours).abs().max() / ours.abs().max()).item()
+    twin, errors = compare_with_ours(lambda model: comfy_twin(model, comfyui_path), comfy_step, seed)
     comfy = twin.comfy
     return {"rel_err": errors, "comfyui": str(comfy.path), "comfyui_version": comfy.version,
             "operations": twin.comfy_operations, "manual_cast": str(twin.comfy_manual_cast),
@@ -174,17 +134,7 @@ def self_check(comfyui_path, seed: int = 0) -> dict:
             "python": sys.executable}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--comfyui", required=True, help="a ComfyUI checkout or a copy staged by stage_comfyui.sh")
-    args = parser.parse_args()
-    try:
-        load_comfy(args.comfyui)
-    except ImportError as error:  # a package ComfyUI imports is missing in this environment
-        print(json.dumps({"import_error": f"{type(error).__name__}: {error}", "missing": error.name}))
-        sys.exit(3)
-    print(json.dumps(self_check(args.comfyui)))
-
-
 if __name__ == "__main__":
-    main()
+    # A package ComfyUI imports may be missing in this environment: exit status 3 names it.
+    self_check_main(__doc__, "comfyui", "a ComfyUI checkout or a copy staged by stage_comfyui.sh", load_comfy,
+                    self_check)
