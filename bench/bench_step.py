@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -93,30 +92,30 @@ def matmul_rate(m: int = 8192, n: int = 8192, k: int = 8192) -> float:
     return 2 * m * n * k / seconds
 
 
-def attention_rate(tokens: int, config: TransformerConfig) -> float:
-    from kontext_core.attention import attention, attention_scope
-
-    q, k, v = (torch.randn(1, config.num_heads, tokens, config.head_dim, device="cuda", dtype=torch.bfloat16)
-               for _ in range(3))
-    with attention_scope(q.device):
-        seconds = cuda_time(lambda: attention(q, k, v), warmup=3, iterations=10)
-    return 4 * tokens * tokens * config.hidden_size / seconds
-
-
-def default_sdpa(tokens: int, config: TransformerConfig) -> tuple[float, str]:
-    """Rate and kernel of PyTorch's SDPA in its default backend order: what the reference rows get."""
+def attention_rates(tokens: int, config: TransformerConfig) -> tuple[float, float, str]:
+    """SDPA alone at the workload's shape: FLOP/s in our order (cuDNN first), FLOP/s in PyTorch's default order
+    and that order's kernel (what the reference rows get unless "+cudnn")."""
     from torch.nn.functional import scaled_dot_product_attention
     from torch.profiler import ProfilerActivity, profile
 
+    from kontext_core.attention import cudnn_first
+
     q, k, v = (torch.randn(1, config.num_heads, tokens, config.head_dim, device="cuda", dtype=torch.bfloat16)
                for _ in range(3))
-    seconds = cuda_time(lambda: scaled_dot_product_attention(q, k, v), warmup=3, iterations=10)
+    flops = 4 * tokens * tokens * config.hidden_size
+
+    def call():
+        return scaled_dot_product_attention(q, k, v)
+
+    with cudnn_first():
+        ours = cuda_time(call, warmup=3, iterations=10)
+    default = cuda_time(call, warmup=3, iterations=10)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        scaled_dot_product_attention(q, k, v)
+        call()
         torch.cuda.synchronize()
     kernels_run = [e for e in prof.events() if e.device_type.name == "CUDA"]
     kernel = max(kernels_run, key=lambda e: e.device_time).name[:60] if kernels_run else "unknown"
-    return 4 * tokens * tokens * config.hidden_size / seconds, kernel
+    return flops / ours, flops / default, kernel
 
 
 def random_transformer(config: TransformerConfig) -> KontextTransformer:
@@ -207,9 +206,6 @@ MODIFIERS = {
     "concat": "the single block's linear2 over a concatenation of its input's parts (not two GEMMs)",
     "cudnn": "a reference row with PyTorch's SDPA priority cuDNN first (ours always is; default: flash first)",
 }
-# The priority ours uses (kontext_core.attention), for the reference rows' "+cudnn" variants.
-CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-               SDPBackend.MATH]
 
 
 def implementation(name: str) -> str:
@@ -263,10 +259,12 @@ def compile_blocks(model, impl: str) -> None:
     model.compile_blocks()
 
 
-def cudnn_first(fn):
-    """`fn` with SDPA's priority cuDNN first for its calls (and for the compiler tracing them)."""
+def with_cudnn_first(fn):
+    """`fn` with SDPA's priority as ours has it, cuDNN first, for its calls (and for the compiler tracing them)."""
+    from kontext_core.attention import cudnn_first
+
     def run():
-        with sdpa_kernel(CUDNN_FIRST, set_priority=True):
+        with cudnn_first():
             return fn()
     return run
 
@@ -415,8 +413,7 @@ def main() -> None:
         image_tokens = x["img"].shape[1] + (x["ctx"].shape[1] if x["ctx"] is not None else 0)
         flops = step_flops(config, image_tokens, workload["text"])
         floor = flops["total"] / rate
-        attn_rate = attention_rate(image_tokens + workload["text"], config)
-        default_rate, default_kernel = default_sdpa(image_tokens + workload["text"], config)
+        attn_rate, default_rate, default_kernel = attention_rates(image_tokens + workload["text"], config)
         record.setdefault("default_sdpa", {})[name] = {"tflops": default_rate / 1e12, "kernel": default_kernel}
         print(f"[{name}] {image_tokens + workload['text']} tokens, {flops['total'] / 1e12:.1f} TFLOP, "
               f"floor {floor * 1e3:.1f} ms; attention alone at {attn_rate / 1e12:.0f} TFLOP/s (cuDNN first), "
@@ -440,7 +437,7 @@ def main() -> None:
             else:
                 fn = diffusers_step(target, x)
             if "cudnn" in modifiers:
-                fn = cudnn_first(fn)
+                fn = with_cudnn_first(fn)
             torch.cuda.reset_peak_memory_stats()
             with torch.no_grad():
                 out = fn()

@@ -105,8 +105,14 @@ _CUDA_PRIORITY = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBac
                   SDPBackend.MATH]
 
 
+def cudnn_first() -> contextlib.AbstractContextManager:
+    """SDPA tries cuDNN first, then flash, then the others, inside the block (the bench gives the reference
+    implementations the same order)."""
+    return sdpa_kernel(_CUDA_PRIORITY, set_priority=True)
+
+
 def attention_scope(device: torch.device) -> contextlib.AbstractContextManager:
-    """Wrap a whole forward: on CUDA, SDPA tries cuDNN first, then flash, then the others."""
+    """Wrap a whole forward: on CUDA with the SDPA backends, `cudnn_first`."""
     if device.type != "cuda" or _backend not in ("auto", "sdpa"):
         return contextlib.nullcontext()
-    return sdpa_kernel(_CUDA_PRIORITY, set_priority=True)
+    return cudnn_first()
