@@ -199,7 +199,8 @@ def launch_stream(qkv: torch.Tensor, q_scale: torch.Tensor, k_scale: torch.Tenso
     bounds, work, *slots = fp8 if fp8 is not None else (q_scale, q_scale, 0, 0, 0)
 
     if qk.stride(-1) != 1 or v.stride(-1) != 1:
-        raise ValueError("launch_stream writes q, k, v with their head dims contiguous")
+        raise ValueError("launch_stream writes q, k, v with their head dims contiguous: allocate qk and v "
+                         "contiguous or through joint_layout")
     block_d = next_power_of_2(head_dim)
     # 32 tokens x 128 dims per tensor is 32 float32 registers a thread at 4 warps: three such
     # tiles live at once, well under the register budget; measured neither way yet on Hopper.
