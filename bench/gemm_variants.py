@@ -1,10 +1,12 @@
 """The FFN's GEMMs in their candidate forms, timed alone on a CUDA GPU (edit workload, 8704 tokens).
 
-    python3 bench/gemm_variants.py [bf16] [shapes] [attention] [fp8] [quantization]
+    python3 bench/gemm_variants.py [bf16] [shapes] [qkv] [attention] [fp8] [quantization]
 
 bf16: GEMM then GELU vs cuBLASLt's GELU epilogue; the single block's linear1 as one GEMM vs two;
 its linear2 over a concat vs two accumulating GEMMs. shapes: every bf16 linear of an edit step at its own
-shape. attention: cuDNN's attention over [B, H, L, D] vs [B, L, H, D] inputs. fp8: torch._scaled_mm with per-row/per-token
+shape. qkv: the qkv projections (3072 -> 9216, the step's slowest large GEMMs) in the forms cuBLAS
+might run faster: without the bias (which the QK-norm kernel could add), weight stored transposed,
+output transposed, per projection, under either cuBLAS library. attention: cuDNN's attention over [B, H, L, D] vs [B, L, H, D] inputs. fp8: torch._scaled_mm with per-row/per-token
 scales vs per-tensor scales, each with and without fast accumulation; the fp8 path's activation
 quantizers (kernels/fp8_rows.py) vs the compiler's fusion of their references. Prints ms and TFLOP/s
 (TB/s for the quantizers).
@@ -141,6 +143,37 @@ def model_shapes() -> None:
     print(f"  all linears of a step: {total * 1e3:.1f} ms", flush=True)
 
 
+def qkv_forms() -> None:
+    """The qkv projections in other forms of the same product, to find one cuBLAS runs nearer its peak."""
+    dev, dtype = "cuda", torch.bfloat16
+    n = 3 * HIDDEN
+    for rows in (TOKENS, 8192):
+        x = torch.randn(rows, HIDDEN, device=dev, dtype=dtype)
+        w = torch.randn(n, HIDDEN, device=dev, dtype=dtype) * HIDDEN**-0.5
+        b = torch.randn(n, device=dev, dtype=dtype)
+        w_t = w.t().contiguous()
+        wide = torch.randn(n + MLP, HIDDEN, device=dev, dtype=dtype) * HIDDEN**-0.5
+        flops = 2 * rows * HIDDEN * n
+        print(f"bf16 qkv projection {rows}x{HIDDEN}->{n} (graphed, ms per call):")
+        forms = [("F.linear with bias (as the step runs it)", lambda: F.linear(x, w, b)),
+                 ("mm without bias", lambda: torch.mm(x, w.t())),
+                 ("mm, weight stored [in, out]", lambda: torch.mm(x, w_t)),
+                 ("mm, output transposed (w @ x^T)", lambda: torch.mm(w, x.t())),
+                 ("three mms, one per projection", lambda: [torch.mm(x, w[i * HIDDEN:(i + 1) * HIDDEN].t())
+                                                            for i in range(3)])]
+        for label, fn in forms:
+            for library in ("cublaslt", "cublas"):
+                torch.backends.cuda.preferred_blas_library(library)
+                seconds = cuda_time(fn, warmup=3, iterations=20, repeat=10, graphed=True)
+                print(f"  {label:44s} [{library:8s}] {seconds * 1e3:7.3f} ms  {flops / seconds / 1e12:5.0f} TFLOP/s",
+                      flush=True)
+            torch.backends.cuda.preferred_blas_library("default")
+        wide_flops = 2 * rows * HIDDEN * (n + MLP)
+        seconds = cuda_time(lambda: torch.mm(x, wide.t()), warmup=3, iterations=20, repeat=10, graphed=True)
+        print(f"  (reference: the whole linear1 {HIDDEN}->{n + MLP}, mm: {seconds * 1e3:.3f} ms, "
+              f"{wide_flops / seconds / 1e12:.0f} TFLOP/s)", flush=True)
+
+
 def attention_layouts() -> None:
     """cuDNN attention over q, k, v as [B, H, L, D] tensors vs [B, L, H, D] ones viewed so: the second gives
     an output whose [B, L, H*D] view needs no copy."""
@@ -207,11 +240,13 @@ def fp8_quantization_variants() -> None:
 if __name__ == "__main__":
     torch.backends.cuda.matmul.allow_tf32 = True
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
-    sections = sys.argv[1:] or ["bf16", "shapes", "attention", "fp8", "quantization"]
+    sections = sys.argv[1:] or ["bf16", "shapes", "qkv", "attention", "fp8", "quantization"]
     if "bf16" in sections:
         bf16_variants()
     if "shapes" in sections:
         model_shapes()
+    if "qkv" in sections:
+        qkv_forms()
     if "attention" in sections:
         attention_layouts()
     if "fp8" in sections:
