@@ -205,6 +205,8 @@ MODIFIERS = {
     "graphs": "each step replayed from a CUDA graph (kontext_core/cuda_graph.py)",
     "concat": "the single block's linear2 over a concatenation of its input's parts (not two GEMMs)",
     "cudnn": "a reference row with PyTorch's SDPA priority cuDNN first (ours always is; default: flash first)",
+    "autotune": "compiled blocks in inductor's max-autotune mode: each GEMM timed against Triton templates "
+                "(persistent TMA ones too) that can take the elementwise work after it into their epilogue",
 }
 
 
@@ -229,6 +231,9 @@ def configure(impl: str) -> None:
     fused.set_linear2_parts("concat" not in modifiers)
     quant.set_fp8_fast_accumulation("exactaccum" not in modifiers)
     set_attention_backend("cudnn-fp8" if "fp8attention" in modifiers else "auto")
+    import torch._inductor.config
+
+    torch._inductor.config.triton.enable_persistent_tma_matmul = "autotune" in modifiers
 
 
 def check_kernels() -> list[dict]:
@@ -260,6 +265,9 @@ def compile_blocks(model, impl: str) -> None:
         return
     if impl.startswith("diffusers"):
         model.compile_repeated_blocks(fullgraph=True)
+        return
+    if "autotune" in impl.split("+"):
+        model.compile_blocks(mode="max-autotune-no-cudagraphs")
         return
     model.compile_blocks()
 
