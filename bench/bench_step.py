@@ -205,6 +205,9 @@ MODIFIERS = {
     "graphs": "each step replayed from a CUDA graph (kontext_core/cuda_graph.py)",
     "concat": "the single block's linear2 over a concatenation of its input's parts (not two GEMMs)",
     "cudnn": "a reference row with PyTorch's SDPA priority cuDNN first (ours always is; default: flash first)",
+    "lora": "a random rank-32 LoRA on every linear of every block, merged into the weights (as the nodes "
+            "apply LoRAs to bf16 models); the row reports the merge's time",
+    "lorafly": "the same LoRA applied on the fly (forward hooks: the blocks run uncompiled, no CUDA graphs)",
     "autotune": "compiled blocks in inductor's max-autotune mode: each GEMM timed against Triton templates "
                 "(persistent TMA ones too) that can take the elementwise work after it into their epilogue",
 }
@@ -255,6 +258,40 @@ def check_kernels() -> list[dict]:
         raise SystemExit(f"check step failed for {', '.join(failed)}: not timing wrong kernels (--no-check times "
                          "them anyway; KONTEXT_KERNELS=0 times every row on the PyTorch references instead)")
     return [{"name": r.name, "error": r.error, "tolerance": r.tolerance} for r in results]
+
+
+def random_lora(model: KontextTransformer, rank: int = 32):
+    """A LoRA in BFL's key layout on every linear of every block, deltas ~1% of the weights (LoRA-sized)."""
+    from kontext_core.lora import lora_from_state_dict
+
+    generator = torch.Generator(device="cuda").manual_seed(1)
+    tensors = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.startswith(("double_blocks.", "single_blocks.")):
+            tensors[f"diffusion_model.{name}.lora_A.weight"] = torch.randn(
+                rank, module.in_features, device="cuda", generator=generator, dtype=torch.bfloat16)
+            tensors[f"diffusion_model.{name}.lora_B.weight"] = torch.randn(
+                module.out_features, rank, device="cuda", generator=generator, dtype=torch.bfloat16) * (
+                    0.01 / (module.in_features * rank) ** 0.5)
+    return lora_from_state_dict(tensors, name=f"random rank-{rank}")
+
+
+def apply_row_lora(model, impl: str):
+    """The row's LoRA (+lora merged, +lorafly on the fly), or None; prints how long applying it took."""
+    from kontext_core import apply_lora
+
+    modifiers = impl.split("+")[1:]
+    mode = "merge" if "lora" in modifiers else "on_the_fly" if "lorafly" in modifiers else None
+    if mode is None:
+        return None
+    weights = random_lora(model)
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    handle = apply_lora(model, weights, 1.0, mode=mode)
+    torch.cuda.synchronize()
+    print(f"  ({impl}: {len(weights.targets)} layers, LoRA applied ({mode}) in {time.perf_counter() - started:.2f} s)",
+          flush=True)
+    return handle
 
 
 def compile_blocks(model, impl: str) -> None:
@@ -437,6 +474,7 @@ def main() -> None:
             modifiers = impl.split("+")[1:]
             target = (fp8_model if impl.startswith("ours-fp8") else model if impl.startswith("ours")
                       else comfy if impl.startswith("comfyui") else bfl if impl.startswith("bfl") else twin)
+            lora = apply_row_lora(target, impl) if impl.startswith("ours") else None
             if "-compiled" in impl:
                 compile_blocks(target, impl)
             if impl.startswith("ours"):
@@ -476,6 +514,11 @@ def main() -> None:
                   flush=True)
             if "-compiled" in impl:
                 uncompile(target)
+            if lora is not None:
+                started = time.perf_counter()
+                lora.remove()
+                torch.cuda.synchronize()
+                print(f"  ({impl}: LoRA removed in {time.perf_counter() - started:.2f} s)", flush=True)
                 torch._dynamo.reset()
     if args.e2e:
         fp8_attention_too = any("+fp8attention" in i for i in args.impls)

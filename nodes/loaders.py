@@ -131,8 +131,10 @@ class KontextLoRA(KontextNode):
     def spec(cls):
         return node_spec(
             "KontextLoRA", "Kontext LoRA",
-            "Adds a LoRA (BFL/ComfyUI, diffusers or kohya format) to a Kontext model. It is applied on the fly while "
-            "sampling and removed afterwards, so changing the strength reloads nothing. Chain several to stack them.",
+            "Adds a LoRA (BFL/ComfyUI, diffusers or kohya format) to a Kontext model. Merged into bf16/fp16 "
+            "weights when a run first uses it and kept until a run asks for other LoRAs, so steps run at full "
+            "speed (compiled blocks stay compiled); on fp8 weights it is added on the fly instead (fp8 would round a "
+            "LoRA's small changes away), which runs the blocks uncompiled. Chain several to stack them.",
             [
                 Socket("model", MODEL),
                 Combo("lora_name", _files("loras"), tooltip="A FLUX / Kontext LoRA in models/loras."),

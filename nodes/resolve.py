@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+import weakref
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
-from kontext_core import KontextPipeline, TextConditioning, set_attention_backend
+from kontext_core import KontextPipeline, TextConditioning, apply_lora, set_attention_backend
 from kontext_core.image import prepare_image
+from kontext_core.quant import Fp8Linear
 
 from . import convert, model_cache
 from .model_cache import AutoencoderRef, TextEncodersRef, TransformerRef
@@ -97,6 +100,63 @@ def ready(*models: Any) -> None:
 
 def loras(ref: TransformerRef) -> list[tuple[Any, float]]:
     return [(model_cache.lora(lora), lora.strength) for lora in ref.loras]
+
+
+@dataclass
+class _MergedLoras:
+    key: tuple  # ((path, strength), ...) as the model reference asked for them
+    handles: list
+
+
+# The LoRAs merged into each cached transformer, kept between runs (weakly: a dropped model takes its entry along).
+_merged: "weakref.WeakKeyDictionary[torch.nn.Module, _MergedLoras]" = weakref.WeakKeyDictionary()
+
+
+def _mergeable(model: torch.nn.Module) -> bool:
+    # e4m3 keeps 3 mantissa bits: a LoRA's small delta merged into fp8 weights would mostly round away.
+    return not any(isinstance(module, Fp8Linear) for module in model.modules())
+
+
+@contextmanager
+def loras_applied(model: torch.nn.Module, ref: TransformerRef) -> Iterator[None]:
+    """The model with `ref`'s LoRAs (and no others) for one run; every node that samples goes through here.
+
+    bf16/fp16/fp32 weights: the LoRAs are merged into the weights and stay merged after the run, until a run
+    asks for other LoRAs, other strengths or none. Compiled blocks stay compiled (hooks would run them
+    uncompiled) and the fused GEMM forms stay in use, so a LoRA costs nothing per step; the merge (the
+    touched layers' originals copied to the CPU, the deltas added in float64) is paid once per change, not
+    per run. Removing the LoRAs restores the original weights bit for bit.
+    fp8 weights: applied on the fly for the run and taken off after (the blocks then run uncompiled).
+    """
+    key = tuple((lora.path, lora.strength) for lora in ref.loras)
+    merge = bool(key) and _mergeable(model)
+    current = _merged.get(model)
+    if current is not None and (current.key != key or not merge):
+        _unmerge(model, current)
+        current = None
+    if merge:
+        if current is None:
+            handles: list = []
+            try:
+                for weights, strength in loras(ref):
+                    handles.append(apply_lora(model, weights, strength, mode="merge"))
+            except BaseException:
+                _unmerge(model, _MergedLoras(key, handles))
+                raise
+            _merged[model] = _MergedLoras(key, handles)
+        yield
+        return
+    with ExitStack() as applied:
+        for weights, strength in loras(ref):
+            applied.enter_context(apply_lora(model, weights, strength, mode="on_the_fly"))
+        yield
+
+
+def _unmerge(model: torch.nn.Module, merged: _MergedLoras) -> None:
+    for handle in reversed(merged.handles):
+        handle.remove()
+    if _merged.get(model) is merged:
+        del _merged[model]
 
 
 def pipeline(model: TransformerRef, vae: Any, text: TextEncodersRef | None = None) -> KontextPipeline:

@@ -9,13 +9,12 @@ Each edit runs through the core's `EditSession`, so a chain of nodes equals a ch
 
 from __future__ import annotations
 
-from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import torch
 
-from kontext_core import EditSession, GenerationSettings, apply_lora
+from kontext_core import EditSession, GenerationSettings
 from kontext_core.pipeline import DEFAULT_GUIDANCE, Turn
 
 from . import comfy_adapter, convert, resolve
@@ -90,11 +89,7 @@ def edit(state: SessionState, prompt: str = "", *, seed: int = 0, steps: int = 2
     offset, total = progress if progress is not None else (0, None)
     callback = step_callback(tuple(state.turns[state.current].latent.shape[-2:]), offset=offset, total=total)
     resolve.ready(pipe.transformer)
-    with ExitStack() as applied:
-        applied.enter_context(resolve.compile_failures_explained(state.model))
-        # EditSession.edit takes no LoRAs, so they go on for the call here, on the fly, and come off after.
-        for weights, strength in resolve.loras(state.model):
-            applied.enter_context(apply_lora(pipe.transformer, weights, strength, mode="on_the_fly"))
+    with resolve.compile_failures_explained(state.model), resolve.loras_applied(pipe.transformer, state.model):
         turn = session.edit(prompt, conditioning=text, extra_references=extra, callback=callback, **overrides)
     image = resolve.decode_image(pipe.autoencoder, turn.latent)
     return replace(state, turns=(*state.turns, turn), current=turn.index, images=(*state.images, image))

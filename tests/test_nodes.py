@@ -23,6 +23,7 @@ from conftest import FakeEncoders, rel_error
 from kontext_core import GenerationSettings, KontextPipeline, TextConditioning, save_autoencoder, save_transformer
 from kontext_core import set_attention_backend
 from kontext_core.image import prepare_image
+from kontext_core.fused import hooked
 from kontext_core.lora import active_loras
 from kontext_core.sampling import StepInfo
 from kontext_core.tokens import pack_latent
@@ -493,23 +494,72 @@ def _lora_file(model, path, seed: int = 5):
     save_file(tensors, str(path))
 
 
-def test_lora_node_applies_on_the_fly_for_the_run(models, comfy):
+def test_lora_node_merges_the_lora_and_keeps_it_until_a_run_asks_for_others(models, comfy):
     transformer = models.pipeline.transformer
     _lora_file(transformer, comfy.root / "loras" / "style.safetensors")
     with_lora = nodes.KontextLoRA.run(models.model, "style.safetensors", strength=0.8).outputs[0]
     assert with_lora.loras[0].strength == 0.8 and models.model.loras == ()
     before = {k: v.clone() for k, v in transformer.state_dict().items()}
     image, cond = _image(1), _prompt(models, "x")
-    latent = nodes.KontextEdit.run(with_lora, models.vae, cond, seed=1, image=image, **FAST).outputs[0]
+    # The references, from the core with the LoRA on the fly, before any node has merged anything.
     expected = models.pipeline.edit(_pil(image), "x", seed=1, steps=2, resize="keep", decode=False,
                                     loras=[(with_lora.loras[0].path, 0.8)]).latents
-    assert torch.equal(latent["samples"], convert.scaled_to_raw(expected))
+    stronger = models.pipeline.edit(_pil(image), "x", seed=1, steps=2, resize="keep", decode=False,
+                                    loras=[(with_lora.loras[0].path, 1.0)]).latents
+    without = models.pipeline.edit(_pil(image), "x", seed=1, steps=2, resize="keep", decode=False).latents
+    assert all(torch.equal(v, before[k]) for k, v in transformer.state_dict().items())
+    assert rel_error(expected, without) > 1e-2  # the LoRA's effect, far above the tolerances below
+
+    latent = nodes.KontextEdit.run(with_lora, models.vae, cond, seed=1, image=image, **FAST).outputs[0]["samples"]
+    # Merged (float64 sum, rounded once) vs on the fly (a separate float32 GEMM): rounding apart.
+    assert rel_error(latent, convert.scaled_to_raw(expected)) < 1e-5
+    merged = active_loras(transformer)
+    assert [h.mode for h in merged] == ["merge"] and not hooked(transformer)
+    assert not torch.equal(transformer.state_dict()["single_blocks.0.linear1.weight"],
+                           before["single_blocks.0.linear1.weight"])
+
+    # The same LoRAs again: nothing merged anew, the same result.
+    again = nodes.KontextEdit.run(with_lora, models.vae, cond, seed=1, image=image, **FAST).outputs[0]["samples"]
+    assert active_loras(transformer) == merged and torch.equal(again, latent)
+
+    # Another strength: the old merge comes off, the new one goes on.
+    at_one = nodes.KontextLoRA.run(models.model, "style.safetensors", strength=1.0).outputs[0]
+    stronger_latent = nodes.KontextEdit.run(at_one, models.vae, cond, seed=1, image=image, **FAST).outputs[0]
+    assert rel_error(stronger_latent["samples"], convert.scaled_to_raw(stronger)) < 1e-5
+    assert len(active_loras(transformer)) == 1 and active_loras(transformer)[0].strength == 1.0
+
+    # A run without LoRAs gets the original weights back, bit for bit.
     plain = nodes.KontextEdit.run(models.model, models.vae, cond, seed=1, image=image, **FAST).outputs[0]
-    assert not torch.equal(plain["samples"], latent["samples"])
+    assert torch.equal(plain["samples"], convert.scaled_to_raw(without))
     assert active_loras(transformer) == []
     assert all(torch.equal(v, before[k]) for k, v in transformer.state_dict().items())
     with pytest.raises(FileNotFoundError):
         nodes.KontextLoRA.run(models.model, "missing.safetensors")
+
+
+def test_lora_node_on_fp8_weights_applies_on_the_fly_for_the_run(models, comfy, tiny_transformer):
+    save_transformer(tiny_transformer, comfy.root / "diffusion_models" / "tiny_fp8.safetensors", layout="comfy",
+                     weights="fp8_e4m3fn")
+    fp8 = nodes.KontextModelLoader.run("tiny_fp8.safetensors").outputs[0]
+    transformer = resolve.transformer(fp8)
+    _lora_file(transformer, comfy.root / "loras" / "style.safetensors")
+    with_lora = nodes.KontextLoRA.run(fp8, "style.safetensors", strength=1.0).outputs[0]
+    before = {k: v.clone() for k, v in transformer.state_dict().items()}
+    image, cond = _image(1), _prompt(models, "x")
+    seen = []
+    original_generate = KontextPipeline.generate
+
+    def generate(self, *args, **kwargs):
+        seen.append([h.mode for h in active_loras(self.transformer)])
+        return original_generate(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(KontextPipeline, "generate", generate)
+        latent = nodes.KontextEdit.run(with_lora, models.vae, cond, seed=1, image=image, **FAST).outputs[0]
+    plain = nodes.KontextEdit.run(fp8, models.vae, cond, seed=1, image=image, **FAST).outputs[0]
+    assert seen == [["on_the_fly"]] and active_loras(transformer) == []
+    assert not torch.equal(latent["samples"], plain["samples"])
+    assert all(torch.equal(v, before[k]) for k, v in transformer.state_dict().items())
 
 
 # --- sessions ------------------------------------------------------------------------------------
@@ -598,10 +648,12 @@ def test_session_turns_use_the_models_loras(models, comfy):
     image = _image(3)
     state = nodes.KontextStartSession.run(with_lora, models.vae, image, resize="keep",
                                           text_encoders=models.text).outputs[0]
-    turn = nodes.KontextEditTurn.run(state, "a", seed=1, steps=2).outputs[0]
+    # The reference first: once a turn has run, the LoRA stays merged into the shared model.
     expected = models.pipeline.edit(_pil(image), "a", seed=1, steps=2, resize="keep", decode=False,
                                     loras=[(with_lora.loras[0].path, 1.0)]).latents
-    assert torch.equal(turn.turns[-1].latent, expected) and active_loras(transformer) == []
+    turn = nodes.KontextEditTurn.run(state, "a", seed=1, steps=2).outputs[0]
+    assert rel_error(turn.turns[-1].latent, expected) < 1e-5
+    assert [h.mode for h in active_loras(transformer)] == ["merge"]
 
 
 # --- declarations, package, ComfyUI adapter ------------------------------------------------------
