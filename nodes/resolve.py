@@ -131,7 +131,13 @@ def loras_applied(model: torch.nn.Module, ref: TransformerRef) -> Iterator[None]
     key = tuple((lora.path, lora.strength) for lora in ref.loras)
     merge = bool(key) and _mergeable(model)
     current = _merged.get(model)
-    if current is not None and (current.key != key or not merge):
+    if current is not None and merge and [path for path, _ in current.key] == [path for path, _ in key]:
+        # Only strengths changed: each changed LoRA is re-merged from the originals already kept.
+        for handle, (_, strength) in zip(current.handles, key):
+            if handle.strength != strength:
+                handle.set_strength(strength)
+        current.key = key
+    elif current is not None and (current.key != key or not merge):
         _unmerge(model, current)
         current = None
     if merge:

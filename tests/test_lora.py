@@ -390,3 +390,23 @@ def test_text_encoder_keys_are_skipped_with_a_warning(tiny_transformer, tmp_path
         lora = load_lora(tmp_path / "with_te.safetensors")
     assert lora.skipped == ["lora_te1_text_model_encoder_layers_0_mlp_fc1"]
     assert lora.format == "kohya" and lora.rank == RANK
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU <-> CPU copies need a CUDA GPU")
+def test_merges_on_the_gpu_back_up_and_restore_through_the_staging_buffer_exactly(tiny_transformer, tmp_path,
+                                                                                  monkeypatch):
+    from kontext_core import lora as lora_module
+
+    # A staging buffer smaller than most weights, of an odd size: every copy takes several chunks and a remainder.
+    monkeypatch.setattr(lora_module, "_STAGING_BYTES", 1000)
+    monkeypatch.setattr(lora_module, "_staging", [])
+    model = tiny_transformer.to("cuda", torch.bfloat16)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    handle = apply_lora(model, load_lora(_write(tmp_path, "kohya", _random_lora(model, seed=6), model.config)), 0.7)
+    backups = [record.weight for record in lora_module._MERGED.values()]
+    assert backups and all(b.device.type == "cpu" for b in backups)
+    assert any(not torch.equal(v, original[k]) for k, v in model.state_dict().items())
+    handle.set_strength(0.3)
+    handle.remove()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, original[key]), key
