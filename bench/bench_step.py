@@ -263,11 +263,12 @@ def check_kernels() -> list[dict]:
 def random_lora(model: KontextTransformer, rank: int = 32):
     """A LoRA in BFL's key layout on every linear of every block, deltas ~1% of the weights (LoRA-sized)."""
     from kontext_core.lora import lora_from_state_dict
+    from kontext_core.quant import Fp8Linear
 
     generator = torch.Generator(device="cuda").manual_seed(1)
     tensors = {}
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and name.startswith(("double_blocks.", "single_blocks.")):
+        if isinstance(module, (torch.nn.Linear, Fp8Linear)) and name.startswith(("double_blocks.", "single_blocks.")):
             tensors[f"diffusion_model.{name}.lora_A.weight"] = torch.randn(
                 rank, module.in_features, device="cuda", generator=generator, dtype=torch.bfloat16)
             tensors[f"diffusion_model.{name}.lora_B.weight"] = torch.randn(
