@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from twin_check import compare_with_ours, self_check_main  # noqa: E402
+from twin_check import assign_weights, compare_with_ours, self_check_main  # noqa: E402
 
 _MODEL_FILE = Path("flux") / "model.py"
 
@@ -55,11 +55,7 @@ def bfl_twin(model, bfl_path):
         qkv_bias=c.qkv_bias, guidance_embed=c.guidance_embed)
     with torch.device("meta"):
         twin = bfl.model.Flux(params)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    twin.load_state_dict(state, strict=True, assign=True)  # raises on any missing or unexpected key
-    on_meta = [n for n, t in [*twin.named_parameters(), *twin.named_buffers()] if t.device.type == "meta"]
-    if on_meta:
-        raise RuntimeError(f"BFL Flux tensors left without weights: {on_meta[:5]}")
+    assign_weights(twin, model.state_dict(), "BFL Flux")
     twin.bfl = bfl
     return twin.eval().requires_grad_(False)
 

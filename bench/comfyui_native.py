@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kontext_core.tokens import pack_latent, unpack_tokens  # noqa: E402
-from twin_check import compare_with_ours, self_check_main  # noqa: E402
+from twin_check import assign_weights, compare_with_ours, self_check_main  # noqa: E402
 
 _FLUX_FILE = Path("comfy") / "ldm" / "flux" / "model.py"
 
@@ -85,11 +85,7 @@ def comfy_twin(model, comfyui_path):
     manual_cast = comfy.model_management.unet_manual_cast(dtype, device)
     operations = comfy.ops.pick_operations(dtype, manual_cast)
     twin = comfy.flux.Flux(dtype=dtype, device="meta", operations=operations, **unet_config)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    twin.load_state_dict(state, strict=True, assign=True)  # raises on any missing or unexpected key
-    on_meta = [n for n, t in [*twin.named_parameters(), *twin.named_buffers()] if t.device.type == "meta"]
-    if on_meta:
-        raise RuntimeError(f"ComfyUI Flux tensors left without weights: {on_meta[:5]}")
+    assign_weights(twin, model.state_dict(), "ComfyUI Flux")
     twin.comfy = comfy
     twin.comfy_operations = f"{operations.__module__}.{operations.__qualname__}"
     twin.comfy_manual_cast = manual_cast

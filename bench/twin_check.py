@@ -14,6 +14,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+def assign_weights(twin: torch.nn.Module, state: dict[str, torch.Tensor], name: str) -> None:
+    """Load `state` into a twin built on the meta device, by assignment (no copy); raise on a missing or unexpected
+    key, or on any tensor the state left on the meta device."""
+    twin.load_state_dict({k: v.contiguous() for k, v in state.items()}, strict=True, assign=True)
+    on_meta = [n for n, t in [*twin.named_parameters(), *twin.named_buffers()] if t.device.type == "meta"]
+    if on_meta:
+        raise RuntimeError(f"{name} tensors left without weights: {on_meta[:5]}")
+
+
 def compile_each_block(twin) -> None:
     """Regional compilation like ours: each double/single block compiled (fullgraph=False)."""
     for block in (*twin.double_blocks, *twin.single_blocks):
