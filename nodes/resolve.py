@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import weakref
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, Iterator, Sequence
 
@@ -12,9 +10,10 @@ import torch
 
 from kontext_core import KontextPipeline, TextConditioning, apply_lora, set_attention_backend
 from kontext_core.image import prepare_image
+from kontext_core.lora import active_loras, remove_all_loras
 from kontext_core.quant import Fp8Linear
 
-from . import convert, model_cache
+from . import comfy_adapter, convert, model_cache
 from .model_cache import AutoencoderRef, TextEncodersRef, TransformerRef
 
 
@@ -102,19 +101,35 @@ def loras(ref: TransformerRef) -> list[tuple[Any, float]]:
     return [(model_cache.lora(lora), lora.strength) for lora in ref.loras]
 
 
-@dataclass
-class _MergedLoras:
-    key: tuple  # ((path, strength), ...) as the model reference asked for them
-    handles: list
-
-
-# The LoRAs merged into each cached transformer, kept between runs (weakly: a dropped model takes its entry along).
-_merged: "weakref.WeakKeyDictionary[torch.nn.Module, _MergedLoras]" = weakref.WeakKeyDictionary()
-
-
 def _mergeable(model: torch.nn.Module) -> bool:
     # e4m3 keeps 3 mantissa bits: a LoRA's small delta merged into fp8 weights would mostly round away.
     return not any(isinstance(module, Fp8Linear) for module in model.modules())
+
+
+def _merge(model: torch.nn.Module, wanted: list[tuple[Any, float]]) -> bool:
+    """Make the LoRAs merged into `model` exactly `wanted` (LoRA files parsed once by model_cache, so the same
+    file is the same object); False, with nothing merged, when the memory for the merge cannot be had."""
+    merged = [handle for handle in active_loras(model) if handle.mode == "merge"]
+    if len(merged) == len(wanted) and all(h.lora is weights for h, (weights, _) in zip(merged, wanted)):
+        for handle, (_, strength) in zip(merged, wanted):
+            if handle.strength != strength:
+                handle.set_strength(strength)  # re-merged from the originals already kept
+        return True
+    for handle in reversed(merged):
+        handle.remove()
+    if not wanted:
+        return True
+    try:
+        for weights, strength in wanted:
+            apply_lora(model, weights, strength, mode="merge")
+    except (MemoryError, RuntimeError) as error:  # torch's allocators raise RuntimeErrors naming the memory
+        if not isinstance(error, MemoryError) and "memory" not in str(error).lower():
+            raise
+        remove_all_loras(model)
+        comfy_adapter.log.warning("comfyui-kontext: no memory to merge the LoRAs (%s); they run on the fly for "
+                                  "now, uncompiled and slower. Free CPU memory to have them merged.", error)
+        return False
+    return True
 
 
 @contextmanager
@@ -126,43 +141,15 @@ def loras_applied(model: torch.nn.Module, ref: TransformerRef) -> Iterator[None]
     uncompiled) and the fused GEMM forms stay in use, so a LoRA costs nothing per step; the merge (the
     touched layers' originals copied to the CPU, the deltas added in float64) is paid once per change, not
     per run. Removing the LoRAs restores the original weights bit for bit.
-    fp8 weights: applied on the fly for the run and taken off after (the blocks then run uncompiled).
+    fp8 weights, or no memory for the merge: applied on the fly for the run and taken off after (the blocks
+    then run uncompiled).
     """
-    key = tuple((lora.path, lora.strength) for lora in ref.loras)
-    merge = bool(key) and _mergeable(model)
-    current = _merged.get(model)
-    if current is not None and merge and [path for path, _ in current.key] == [path for path, _ in key]:
-        # Only strengths changed: each changed LoRA is re-merged from the originals already kept.
-        for handle, (_, strength) in zip(current.handles, key):
-            if handle.strength != strength:
-                handle.set_strength(strength)
-        current.key = key
-    elif current is not None and (current.key != key or not merge):
-        _unmerge(model, current)
-        current = None
-    if merge:
-        if current is None:
-            handles: list = []
-            try:
-                for weights, strength in loras(ref):
-                    handles.append(apply_lora(model, weights, strength, mode="merge"))
-            except BaseException:
-                _unmerge(model, _MergedLoras(key, handles))
-                raise
-            _merged[model] = _MergedLoras(key, handles)
-        yield
-        return
+    wanted = loras(ref)
+    on_the_fly = wanted if not _mergeable(model) or not _merge(model, wanted) else []
     with ExitStack() as applied:
-        for weights, strength in loras(ref):
+        for weights, strength in on_the_fly:
             applied.enter_context(apply_lora(model, weights, strength, mode="on_the_fly"))
         yield
-
-
-def _unmerge(model: torch.nn.Module, merged: _MergedLoras) -> None:
-    for handle in reversed(merged.handles):
-        handle.remove()
-    if _merged.get(model) is merged:
-        del _merged[model]
 
 
 def pipeline(model: TransformerRef, vae: Any, text: TextEncodersRef | None = None) -> KontextPipeline:

@@ -537,6 +537,35 @@ def test_lora_node_merges_the_lora_and_keeps_it_until_a_run_asks_for_others(mode
         nodes.KontextLoRA.run(models.model, "missing.safetensors")
 
 
+def test_lora_without_memory_for_the_merge_runs_on_the_fly(models, comfy, monkeypatch, caplog):
+    transformer = models.pipeline.transformer
+    _lora_file(transformer, comfy.root / "loras" / "style.safetensors")
+    with_lora = nodes.KontextLoRA.run(models.model, "style.safetensors", strength=1.0).outputs[0]
+    before = {k: v.clone() for k, v in transformer.state_dict().items()}
+    image, cond = _image(1), _prompt(models, "x")
+    expected = models.pipeline.edit(_pil(image), "x", seed=1, steps=2, resize="keep", decode=False,
+                                    loras=[(with_lora.loras[0].path, 1.0)]).latents
+    real_apply = resolve.apply_lora
+
+    def apply(model, weights, strength, mode):
+        if mode == "merge":  # as the CPU allocator says it when the originals' copy does not fit
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 24 GB")
+        return real_apply(model, weights, strength, mode=mode)
+
+    monkeypatch.setattr(resolve, "apply_lora", apply)
+    latent = nodes.KontextEdit.run(with_lora, models.vae, cond, seed=1, image=image, **FAST).outputs[0]
+    assert torch.equal(latent["samples"], convert.scaled_to_raw(expected))  # on the fly, as the core does
+    assert active_loras(transformer) == [] and "no memory to merge" in caplog.text
+    assert all(torch.equal(v, before[k]) for k, v in transformer.state_dict().items())
+
+    def broken(model, weights, strength, mode):
+        raise RuntimeError("a bug, not memory")
+
+    monkeypatch.setattr(resolve, "apply_lora", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        nodes.KontextEdit.run(with_lora, models.vae, cond, seed=1, image=image, **FAST)
+
+
 def test_lora_node_on_fp8_weights_applies_on_the_fly_for_the_run(models, comfy, tiny_transformer):
     save_transformer(tiny_transformer, comfy.root / "diffusion_models" / "tiny_fp8.safetensors", layout="comfy",
                      weights="fp8_e4m3fn")
