@@ -399,7 +399,6 @@ def test_merges_on_the_gpu_back_up_and_restore_through_the_staging_buffer_exactl
 
     # A staging buffer smaller than most weights, of an odd size: every copy takes several chunks and a remainder.
     monkeypatch.setattr(lora_module, "_STAGING_BYTES", 1000)
-    monkeypatch.setattr(lora_module, "_staging", [])
     model = tiny_transformer.to("cuda", torch.bfloat16)
     original = {k: v.clone() for k, v in model.state_dict().items()}
     handle = apply_lora(model, load_lora(_write(tmp_path, "kohya", _random_lora(model, seed=6), model.config)), 0.7)
