@@ -220,6 +220,13 @@ def implementation(name: str) -> str:
                                          f"{', '.join('+' + m for m in MODIFIERS)}")
     if "cudnn" in modifiers and base.startswith("ours"):
         raise argparse.ArgumentTypeError(f"{name!r}: +cudnn is for the reference rows; ours always puts cuDNN first")
+    ours_only = [m for m in modifiers if m in ("lora", "lorafly", "autotune")]
+    if ours_only and not base.startswith("ours"):
+        raise argparse.ArgumentTypeError(f"{name!r}: +{ours_only[0]} applies to our rows only")
+    if "autotune" in modifiers and not base.endswith("-compiled"):
+        raise argparse.ArgumentTypeError(f"{name!r}: +autotune is a compilation mode; use it on a -compiled row")
+    if "lora" in modifiers and "lorafly" in modifiers:
+        raise argparse.ArgumentTypeError(f"{name!r}: a row applies its LoRA merged (+lora) or on the fly (+lorafly)")
     return name
 
 
