@@ -207,7 +207,8 @@ MODIFIERS = {
     "cudnn": "a reference row with PyTorch's SDPA priority cuDNN first (ours always is; default: flash first)",
     "lora": "a random rank-32 LoRA on every linear of every block, merged into the weights (as the nodes "
             "apply LoRAs to bf16 models); the row reports the merge's time",
-    "lorafly": "the same LoRA applied on the fly (forward hooks: the blocks run uncompiled, no CUDA graphs)",
+    "lorafly": "the same LoRA applied on the fly (two thin GEMMs more per layer, traced into compiled blocks "
+               "and replayed by CUDA graphs; as the nodes apply LoRAs to fp8 models)",
     "autotune": "compiled blocks in inductor's max-autotune mode: each GEMM timed against Triton templates "
                 "(persistent TMA ones too) that can take the elementwise work after it into their epilogue",
 }

@@ -7,8 +7,9 @@ is the step's time; on the H100 of bench/RESULTS.md the host is now ahead, and g
 step.
 
 Inputs are copied into static buffers, so every step of a sampling run (new latent, new timestep)
-replays one graph; a new shape, a moved or replaced weight captures a new one. A model with forward
-hooks (on-the-fly LoRA, block offload) is never captured: hooks run Python that a replay would skip.
+replays one graph; a new shape, a moved or replaced weight (or on-the-fly LoRA factors) captures a new
+one. A model with forward hooks (block offload) is never captured: hooks run Python that a replay would
+skip.
 The model is checked once per sampling run (`prepare`), not per step: host time per step is what
 the graph is for.
 """
@@ -18,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .fused import hooked
+from .fused import hooked, lora_factors
 
 
 class GraphedVelocity:
@@ -39,14 +40,17 @@ class GraphedVelocity:
         self._signature = self._graph = self._output = self._weights = None
         self._inputs: list = []
 
-    def _weight_addresses(self) -> tuple[int, ...]:
-        return tuple(p.data_ptr() for p in self.model.parameters())
+    def _weight_addresses(self) -> tuple:
+        # LoRA factors with their shapes: freed factors' memory may be reused by new ones of another rank.
+        factors = tuple((tensor.data_ptr(), tuple(tensor.shape)) for module in self.model.modules()
+                        if (pair := lora_factors(module)) is not None for tensor in pair)
+        return tuple(p.data_ptr() for p in self.model.parameters()) + factors
 
     def prepare(self) -> str | None:
         """None when steps can be replayed now, else why not (the plain model then runs)."""
         if hooked(self.model):
             self.reset()
-            return "forward hooks (a LoRA applied on the fly, or block offload) run Python a replay would skip"
+            return "forward hooks (block offload) run Python a replay would skip"
         if self._weights is not None and self._weights != self._weight_addresses():
             self.reset()  # the graph reads weights by address: replaced or moved ones need a new capture
         return None

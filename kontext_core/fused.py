@@ -90,6 +90,96 @@ def modulated_input(layer: nn.Module, x: torch.Tensor, shift: torch.Tensor,
     return modulate(x, shift, scale)
 
 
+# --- LoRAs on the fly ---------------------------------------------------------------------------
+# A layer with on-the-fly LoRAs carries their low-rank factors as a plain attribute (kontext_core/lora.py
+# sets it): every LoRA on the layer stacked into one `down` [R, in] and one `up` [out, R] (strengths folded
+# into `up`, rows a LoRA does not touch zero). The functions here add `up @ (down @ x)` where they compute
+# the layer, so compiled blocks trace the LoRA into their graph and CUDA graphs replay it; forward hooks
+# did neither (a compiled block ran uncompiled while its layers had hooks).
+LORA_FACTORS = "kontext_lora_factors"
+
+
+class LoraFactors(NamedTuple):
+    """A layer's on-the-fly LoRAs stacked. For fp8 layers also `down` in e4m3 with one scale per row
+    (`down_scales` [1, R], R padded to a multiple of 16 for the fp8 GEMM), so that the down-projection reads
+    the layer's own e4m3 input rows instead of a bf16 copy written for it."""
+    down: torch.Tensor
+    up: torch.Tensor
+    down_e4m3: torch.Tensor | None = None
+    down_scales: torch.Tensor | None = None
+
+
+def lora_factors(layer: nn.Module) -> LoraFactors | None:
+    """The stacked factors of the LoRAs applied on the fly to `layer`, or None."""
+    return getattr(layer, LORA_FACTORS, None)
+
+
+def _lora_low(factors: LoraFactors, x: torch.Tensor | QuantizedRows | ColumnParts) -> torch.Tensor:
+    """down @ x for every row of x: [..., R]."""
+    down = factors.down
+    if isinstance(x, QuantizedRows):
+        rows = x.data.reshape(-1, x.data.shape[-1])
+        if factors.down_e4m3 is not None and rows.is_cuda and fp8_matmul_ok(down, factors.down_e4m3):
+            low = torch._scaled_mm(rows, factors.down_e4m3.t(), scale_a=x.scale, scale_b=factors.down_scales,
+                                   out_dtype=down.dtype)
+        else:
+            # x = data * scale row by row; e4m3 values are exact in bf16, so the scale is applied after.
+            low = (F.linear(rows.to(down.dtype), down).float() * x.scale).to(down.dtype)
+        return low.view(*x.data.shape[:-1], low.shape[-1])
+    if isinstance(x, ColumnParts):
+        split = x.first.shape[-1]
+        return F.linear(x.first, down[:, :split]) + F.linear(x.second, down[:, split:])
+    return F.linear(x.to(down.dtype), down)
+
+
+def _on_device(factors: LoraFactors, x) -> LoraFactors:
+    device = (x.data if isinstance(x, QuantizedRows) else x.first if isinstance(x, ColumnParts) else x).device
+    if factors.down.device == device:
+        return factors
+    # The layer's weights were elsewhere when the LoRA was applied (block offload).
+    return LoraFactors(*(None if tensor is None else tensor.to(device) for tensor in factors))
+
+
+def lora_delta(layer: nn.Module, x: torch.Tensor | QuantizedRows | ColumnParts) -> torch.Tensor | None:
+    """up @ (down @ x) for `layer`'s on-the-fly LoRAs, in the layer's compute dtype; None without any."""
+    factors = lora_factors(layer)
+    if factors is None:
+        return None
+    factors = _on_device(factors, x)
+    return F.linear(_lora_low(factors, x), factors.up)
+
+
+def _add_low_rank(out: torch.Tensor, low: torch.Tensor, up: torch.Tensor) -> None:
+    # In place, the sum in the GEMM's epilogue (cuBLAS's beta = 1): the delta is never written out, and the
+    # output is read and written once instead of a delta written, then both read and the sum written.
+    out.view(-1, out.shape[-1]).addmm_(low.reshape(-1, low.shape[-1]), up.t())
+
+
+# A mutating operator, so compiled graphs call cuBLAS in place too (the compiler's functional addmm would
+# copy the output first).
+ops.define("add_low_rank_(Tensor(a!) out, Tensor low, Tensor up) -> ()", _add_low_rank,
+           lambda out, low, up: None)
+
+
+def _plus_lora(out: torch.Tensor, layer: nn.Module, x) -> torch.Tensor:
+    """out (= layer(x), a fresh contiguous tensor) plus the layer's on-the-fly LoRAs."""
+    factors = lora_factors(layer)
+    if factors is None:
+        return out
+    factors = _on_device(factors, x)
+    low = _lora_low(factors, x)
+    if torch.compiler.is_compiling():
+        torch.ops.kontext.add_low_rank_(out, low, factors.up)
+    else:
+        _add_low_rank(out, low, factors.up)
+    return out
+
+
+def linear(layer: nn.Module, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
+    """layer(x), with the layer's on-the-fly LoRAs."""
+    return _plus_lora(layer(x), layer, x)
+
+
 def _unhooked(layer: nn.Module) -> bool:
     return not layer._forward_hooks and not layer._forward_pre_hooks
 
@@ -101,14 +191,20 @@ def hooked(module: nn.Module) -> bool:
 
 
 def _takes_fp8_rows(layer: nn.Module, x: torch.Tensor) -> bool:
-    # Hooked layers (on-the-fly LoRA) see bf16 inputs: their hooks read them.
+    # Hooked layers see bf16 inputs: their hooks read them.
     return (type(layer) is Fp8Linear and _unhooked(layer) and _kernels is not None
             and _kernels.runtime.enabled_for_traced(x) and fp8_matmul_ok(x, layer.weight))
 
 
 def _plain_linear(layer: nn.Module) -> bool:
-    # Hooks (on-the-fly LoRA) must see the call: a layer that has them is called, not bypassed.
+    # Hooks must see the call: a layer that has them is called, not bypassed.
     return type(layer) is nn.Linear and _unhooked(layer)
+
+
+def _epilogue_free(layer: nn.Module) -> bool:
+    # A LoRA's delta is added before the GELU or the gated residual, so the forms that fuse those into
+    # the layer's GEMM epilogue are for layers without one.
+    return lora_factors(layer) is None
 
 
 def _cublas_forms(x: torch.Tensor, layer: nn.Module) -> bool:
@@ -158,11 +254,12 @@ def _linear_gelu_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor)
 
 def linear_gelu(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     """GELU(tanh)(layer(x)), the bias and GELU in the GEMM's epilogue where one can hold them."""
-    if _fused_gemms and _plain_linear(layer) and _active(x):
-        return _kernels.linear_gelu(x, layer.weight, layer.bias)
-    if _cublas_forms(x, layer):
-        return _linear_gelu_rows(x, layer.weight, layer.bias)
-    return F.gelu(layer(x), approximate="tanh")
+    if _epilogue_free(layer):
+        if _fused_gemms and _plain_linear(layer) and _active(x):
+            return _kernels.linear_gelu(x, layer.weight, layer.bias)
+        if _cublas_forms(x, layer):
+            return _linear_gelu_rows(x, layer.weight, layer.bias)
+    return F.gelu(linear(layer, x), approximate="tanh")
 
 
 def linear_then_gelu_part(x: torch.Tensor, layer: nn.Module, split: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,17 +268,17 @@ def linear_then_gelu_part(x: torch.Tensor, layer: nn.Module, split: int) -> tupl
     On CUDA the two output ranges are two GEMMs over row slices of the weight (views, no copy), so
     the GELU half runs in cuBLASLt's epilogue and the first half comes out contiguous.
     """
-    if _cublas_forms(x, layer):
+    if _cublas_forms(x, layer) and _epilogue_free(layer):
         weight, bias = layer.weight, layer.bias
         return F.linear(x, weight[:split], bias[:split]), _linear_gelu_rows(x, weight[split:], bias[split:])
-    first, second = layer(x).split([split, layer.out_features - split], dim=-1)
+    first, second = linear(layer, x).split([split, layer.out_features - split], dim=-1)
     return first, F.gelu(second, approximate="tanh")
 
 
 def mlp_hidden(x: torch.Tensor | QuantizedRows, up: nn.Module, down: nn.Module) -> torch.Tensor | QuantizedRows:
     """GELU(tanh)(up(x)), as the input of the down-projection `down`: e4m3 rows for an fp8 layer."""
     if isinstance(x, QuantizedRows):
-        hidden = up(x)
+        hidden = linear(up, x)
         if _takes_fp8_rows(down, hidden):
             return QuantizedRows(*torch.ops.kontext.gelu_quantize_rows(hidden))
         return F.gelu(hidden, approximate="tanh")
@@ -195,7 +292,7 @@ def parallel_attention_mlp(x: torch.Tensor | QuantizedRows, linear1: nn.Module, 
     else their concatenation."""
     if isinstance(x, QuantizedRows):
         # One fp8 GEMM; the attention and the quantizing concat read their parts of it as strided views.
-        qkv, mlp = linear1(x).split([split, linear1.out_features - split], dim=-1)
+        qkv, mlp = linear(linear1, x).split([split, linear1.out_features - split], dim=-1)
         attended = attend(qkv)
         if _takes_fp8_rows(linear2, attended):
             return QuantizedRows(*torch.ops.kontext.concat_gelu_quantize_rows(attended, mlp))
@@ -211,13 +308,13 @@ def gated_residual(residual: torch.Tensor, gate: torch.Tensor, x: torch.Tensor |
                    layer: nn.Module) -> torch.Tensor:
     """residual + gate * layer(x), the gated add in the GEMM's epilogue when fused."""
     if isinstance(x, ColumnParts):
-        return residual + gate * linear_over_parts(x, layer)
+        return residual + gate * _plus_lora(linear_over_parts(x, layer), layer, x)
     if isinstance(x, torch.Tensor):
-        if _fused_gemms and _plain_linear(layer) and _active(x):
+        if _fused_gemms and _plain_linear(layer) and _epilogue_free(layer) and _active(x):
             return _kernels.linear_gated_residual(x, layer.weight, layer.bias, gate, residual)
         if _takes_fp8_rows(layer, x):
             x = QuantizedRows(*torch.ops.kontext.quantize_rows(x))
-    return residual + gate * layer(x)
+    return residual + gate * linear(layer, x)
 
 
 if _kernels is not None:

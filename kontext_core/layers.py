@@ -50,7 +50,7 @@ class MLPEmbedder(nn.Module):
         self.out_layer = nn.Linear(hidden_dim, hidden_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out_layer(F.silu(self.in_layer(x)))
+        return fused.linear(self.out_layer, F.silu(fused.linear(self.in_layer, x)))
 
 
 class RMSNorm(nn.Module):
@@ -94,7 +94,7 @@ class Modulation(nn.Module):
         self.lin = nn.Linear(dim, self.count * dim)
 
     def forward(self, vec: torch.Tensor) -> list[ModulationParams]:
-        chunks = self.lin(F.silu(vec))[:, None, :].chunk(self.count, dim=-1)
+        chunks = fused.linear(self.lin, F.silu(vec))[:, None, :].chunk(self.count, dim=-1)
         return [ModulationParams(*chunks[i:i + 3]) for i in range(0, self.count, 3)]
 
 
@@ -147,7 +147,7 @@ class DoubleStreamBlock(nn.Module):
         text_length = txt.shape[1]
 
         # Text tokens come first in the joint sequence, as in the reference.
-        streams = [(stream.qkv(mod.input_for(stream.qkv, x)), stream.norm.query_norm, stream.norm.key_norm)
+        streams = [(fused.linear(stream.qkv, mod.input_for(stream.qkv, x)), stream.norm.query_norm, stream.norm.key_norm)
                    for stream, mod, x in ((self.txt_attn, txt_attn_mod, txt), (self.img_attn, img_attn_mod, img))]
         joint = joint_attention(streams, rope.cos, rope.sin, self.num_heads)
         txt_out, img_out = joint[:, :text_length], joint[:, text_length:]
@@ -196,5 +196,5 @@ class LastLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
     def forward(self, x: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(vec).chunk(2, dim=1)
-        return self.linear(fused.modulate(x, shift[:, None, :], scale[:, None, :]))
+        shift, scale = fused.linear(self.adaLN_modulation[1], F.silu(vec)).chunk(2, dim=1)
+        return fused.linear(self.linear, fused.modulate(x, shift[:, None, :], scale[:, None, :]))

@@ -26,11 +26,15 @@ Two ways to apply (`apply_lora`), both stackable and removable through the retur
   once to the weight's dtype. For `Fp8Linear` layers the weight is dequantized, the delta added and the
   result requantized (per-tensor, or per-row when the layer has per-row scales): small LoRA deltas can
   fall below float8 resolution, so prefer "on_the_fly" for fp8 models.
-- "on_the_fly": a forward hook adds `x @ down.T @ up.T * strength` to the layer's output rows; the
-  weights are never touched. Works for `nn.Linear` and `Fp8Linear` alike.
+- "on_the_fly": `up @ (down @ x) * strength` is added to the layer's output rows where the model computes
+  the layer (kontext_core/fused.py); the weights are never touched. All on-the-fly LoRAs of a layer are
+  stacked into one pair of factors, so a layer costs two thin GEMMs more however many LoRAs it has; being
+  part of the model's own code, they run inside compiled blocks and CUDA graphs. Strength changes rewrite
+  the factors in place (no recompilation, no new graph capture). Works for `nn.Linear` and `Fp8Linear`
+  alike; on fp8 layers the LoRA reads the same e4m3 activations as the layer's GEMM.
 
 A model saved while LoRAs are merged is saved with them baked in. Apply LoRAs after copying a model
-(`copy.deepcopy` carries on-the-fly hooks over to the copy, but not the handles that remove them).
+(`copy.deepcopy` carries on-the-fly factors over to the copy, but not the handles that remove them).
 """
 
 from __future__ import annotations
@@ -47,13 +51,13 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .checkpoints.files import CheckpointError, open_file
 from .checkpoints.key_maps import transformer_links
 from .checkpoints.layouts import describe_file
 from .config import TransformerConfig
+from .fused import LORA_FACTORS, LoraFactors, lora_factors
 from .quant import Fp8Linear, quantize_weight
 
 MODES = ("merge", "on_the_fly")
@@ -535,7 +539,50 @@ class _MergedLayer:
 
 
 _MERGED: "weakref.WeakKeyDictionary[nn.Module, _MergedLayer]" = weakref.WeakKeyDictionary()
+# The handles applied on the fly to each layer, in order.
+_ON_THE_FLY: "weakref.WeakKeyDictionary[nn.Module, list[LoraHandle]]" = weakref.WeakKeyDictionary()
 _HANDLES: "weakref.WeakKeyDictionary[nn.Module, list[LoraHandle]]" = weakref.WeakKeyDictionary()
+
+
+def _stack_factors(module: nn.Module, name: str) -> None:
+    """Set `module`'s on-the-fly factors (kontext_core/fused.py) from the handles on it: their downs stacked
+    [R, in], their ups times their strengths side by side [out, R], zero outside each part's rows.
+
+    Factors of the same shapes as the present ones are overwritten in place: compiled blocks then run on
+    unchanged and a captured CUDA graph (which reads them by address) replays the new strengths."""
+    downs, ups = [], []
+    for handle in _ON_THE_FLY.get(module, []):
+        if handle._strength == 0.0:
+            continue
+        for span in handle._spans[name]:
+            up = span.up * handle._strength
+            if (span.start, span.stop) != (0, module.out_features):
+                up = torch.zeros((module.out_features, up.shape[1]), dtype=up.dtype, device=up.device
+                                 ).index_copy_(0, torch.arange(span.start, span.stop, device=up.device), up)
+            downs.append(span.down)
+            ups.append(up)
+    if not downs:
+        if hasattr(module, LORA_FACTORS):
+            delattr(module, LORA_FACTORS)
+        return
+    down, up = torch.cat(downs), torch.cat(ups, dim=1)
+    factors = LoraFactors(down, up)
+    if isinstance(module, Fp8Linear):
+        # Zero rows pad the rank to the fp8 GEMM's multiple of 16; they add nothing.
+        padded = -down.shape[0] % 16
+        down = torch.cat((down, down.new_zeros(padded, down.shape[1])))
+        up = torch.cat((up, up.new_zeros(up.shape[0], padded)), dim=1)
+        down_e4m3, scales = quantize_weight(down, per_row=True)
+        factors = LoraFactors(down, up, down_e4m3, scales[None, :])
+    present = lora_factors(module)
+    if present is not None and all(
+            (old is None) == (new is None) and (old is None or (old.shape == new.shape and old.device == new.device))
+            for old, new in zip(present, factors)):
+        for old, new in zip(present, factors):
+            if old is not None:
+                old.copy_(new)
+    else:
+        setattr(module, LORA_FACTORS, factors)
 
 
 class LoraHandle:
@@ -553,7 +600,6 @@ class LoraHandle:
         self._strength = strength
         self._spans = spans
         self._backup_device = backup_device
-        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self.active = False
 
     @property
@@ -574,9 +620,10 @@ class LoraHandle:
     def _attach(self) -> None:
         model = self.model_ref()
         if self.mode == "on_the_fly":
-            for name, spans in self._spans.items():
+            for name in self._spans:
                 module = model.get_submodule(name)
-                self._hooks.append(module.register_forward_hook(self._hook(spans, module.out_features)))
+                _ON_THE_FLY.setdefault(module, []).append(self)
+                _stack_factors(module, name)
         else:
             for name, spans in self._spans.items():
                 module = model.get_submodule(name)
@@ -590,26 +637,6 @@ class LoraHandle:
                 _merge_into(module, spans, self._strength)
         self.active = True
         _HANDLES.setdefault(model, []).append(self)
-
-    def _hook(self, spans: list[_Span], out_features: int):
-        def add_lora(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            x = args[0]
-            strength = self._strength
-            if strength == 0.0:
-                return output
-            for span in spans:
-                down, up = span.down, span.up
-                if down.dtype != x.dtype or down.device != x.device:
-                    down, up = down.to(x.device, x.dtype), up.to(x.device, x.dtype)
-                delta = F.linear(F.linear(x, down), up) * strength
-                if span.start == 0 and span.stop == out_features:
-                    output = output + delta
-                else:
-                    # The linear's output is a fresh tensor that its backward does not need.
-                    output[..., span.start:span.stop] += delta
-            return output
-
-        return add_lora
 
     @torch.no_grad()
     def _rebuild(self, model: nn.Module) -> None:
@@ -630,8 +657,14 @@ class LoraHandle:
             raise RuntimeError(f"{self!r} was removed; apply the LoRA again instead")
         self._strength = strength
         model = self.model_ref()
-        if self.mode == "merge" and model is not None:
+        if model is None:
+            return
+        if self.mode == "merge":
             self._rebuild(model)
+        else:
+            with torch.no_grad():
+                for name in self._spans:
+                    _stack_factors(model.get_submodule(name), name)
 
     def remove(self) -> None:
         """Take this LoRA off the model; removing every LoRA restores the original weights exactly."""
@@ -640,9 +673,13 @@ class LoraHandle:
             self.active = False
             return
         if self.mode == "on_the_fly":
-            for hook in self._hooks:
-                hook.remove()
-            self._hooks = []
+            with torch.no_grad():
+                for name in self._spans:
+                    module = model.get_submodule(name)
+                    _ON_THE_FLY[module].remove(self)
+                    _stack_factors(module, name)
+                    if not _ON_THE_FLY[module]:
+                        del _ON_THE_FLY[module]
         else:
             for name in self._spans:
                 _MERGED[model.get_submodule(name)].handles.remove(self)

@@ -7,7 +7,7 @@ from torch import nn
 
 from .attention import attention_scope
 from .config import TransformerConfig
-from .fused import hooked
+from .fused import hooked, linear
 from .layers import (
     DoubleStreamBlock,
     LastLayer,
@@ -46,8 +46,9 @@ class KontextTransformer(nn.Module):
         Fuses the norms, RoPE and GELU between the GEMMs (1.4x faster per step on an H100, see
         bench/RESULTS.md) at the cost of a minute of compilation on the first step. Only the blocks'
         forward is compiled: hooks on the blocks themselves (block offload) run around it; a block whose
-        layers carry hooks (LoRAs applied on the fly) runs uncompiled while they are there, since the
-        compiled graph would not see hooks added after it was traced.
+        layers carry forward hooks runs uncompiled while they are there, since the compiled graph would
+        not see hooks added after it was traced. LoRAs applied on the fly are not hooks: they are traced
+        into the compiled graph (a recompilation when they first appear or change rank).
         """
         options.setdefault("fullgraph", True)
         compiled = {}
@@ -91,7 +92,7 @@ class KontextTransformer(nn.Module):
         """Velocity for every image token, [B, L_img, 64]; same meaning as the BFL forward."""
         config = self.config
         dtype = self.dtype
-        img = self.img_in(img.to(dtype))
+        img = linear(self.img_in, img.to(dtype))
         vec = self.time_in(timestep_embedding(timesteps, 256).to(dtype))
         if config.guidance_embed:
             if guidance is None:
@@ -101,7 +102,7 @@ class KontextTransformer(nn.Module):
                 )
             vec = vec + self.guidance_in(timestep_embedding(guidance, 256).to(dtype))
         vec = vec + self.vector_in(y.to(dtype))
-        txt = self.txt_in(txt.to(dtype))
+        txt = linear(self.txt_in, txt.to(dtype))
 
         ids = torch.cat((txt_ids, img_ids), dim=1)
         # RoPE tables in float32 (float64 when the model runs in float64), as the reference does.

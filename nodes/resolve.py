@@ -127,7 +127,7 @@ def _merge(model: torch.nn.Module, wanted: list[tuple[Any, float]]) -> bool:
             raise
         remove_all_loras(model)
         comfy_adapter.log.warning("comfyui-kontext: no memory to merge the LoRAs (%s); they run on the fly for "
-                                  "now, uncompiled and slower. Free CPU memory to have them merged.", error)
+                                  "now, a few percent slower a step. Free CPU memory to have them merged.", error)
         return False
     return True
 
@@ -141,8 +141,8 @@ def loras_applied(model: torch.nn.Module, ref: TransformerRef) -> Iterator[None]
     uncompiled) and the fused GEMM forms stay in use, so a LoRA costs nothing per step; the merge (the
     touched layers' originals copied to the CPU, the deltas added in float64) is paid once per change, not
     per run. Removing the LoRAs restores the original weights bit for bit.
-    fp8 weights, or no memory for the merge: applied on the fly for the run and taken off after (the blocks
-    then run uncompiled).
+    fp8 weights, or no memory for the merge: applied on the fly for the run and taken off after (two thin
+    GEMMs more per layer, traced into compiled blocks like the rest of the model).
     """
     wanted = loras(ref)
     on_the_fly = wanted if not _mergeable(model) or not _merge(model, wanted) else []

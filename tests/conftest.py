@@ -106,6 +106,23 @@ def random_linear(in_features: int, out_features: int, dtype: torch.dtype, devic
     return layer
 
 
+def random_block_lora(model: torch.nn.Module, seed: int, rank: int = 8, scale: float = 0.5):
+    """A LoRA in BFL's key layout on every linear of the blocks (nn.Linear or Fp8Linear), its delta ~`scale`
+    times a unit-variance layer's weight."""
+    from kontext_core.lora import lora_from_state_dict
+    from kontext_core.quant import Fp8Linear
+
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Linear, Fp8Linear)) and name.startswith(("double_blocks.", "single_blocks.")):
+            tensors[f"diffusion_model.{name}.lora_A.weight"] = (
+                torch.randn(rank, module.in_features, generator=generator) / module.in_features**0.5)
+            tensors[f"diffusion_model.{name}.lora_B.weight"] = (
+                scale * torch.randn(module.out_features, rank, generator=generator) / rank**0.5)
+    return lora_from_state_dict(tensors, name=f"random rank-{rank}")
+
+
 def rel_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
     """max|ours - reference| / max|reference|, the golden README's measure."""
     ours, reference = ours.double(), reference.double()

@@ -1,8 +1,8 @@
 """CUDA-graph replay of a step (kontext_core/cuda_graph.py) against the plain step.
 
 On the GPU: replays equal eager steps for changing inputs with one capture, a new shape or a replaced
-weight captures again. Anywhere: a hooked model is refused by `prepare`, and off CUDA the wrapper is
-the plain call.
+weight captures again; LoRAs on the fly replay, a strength change without a new capture. Anywhere: a
+hooked model is refused by `prepare`, and off CUDA the wrapper is the plain call.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import randomize_, rel_error, tiny_edit_args
-from kontext_core import KontextTransformer, TransformerConfig
+from conftest import random_block_lora, randomize_, rel_error, tiny_edit_args
+from kontext_core import KontextTransformer, TransformerConfig, apply_lora
 from kontext_core.cuda_graph import GraphedVelocity
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -70,6 +70,35 @@ def test_replaced_weights_and_hooks_are_respected():
         assert graphed.prepare() is not None  # the caller then runs the plain model
         handle.remove()
     assert graphed.captures == 2
+
+
+def test_prepare_accepts_loras_on_the_fly():
+    model = _model("cpu")
+    graphed = GraphedVelocity(model)
+    with apply_lora(model, random_block_lora(model, seed=4), mode="on_the_fly"):
+        assert graphed.prepare() is None
+
+
+@needs_cuda
+def test_loras_on_the_fly_replay_and_a_new_strength_needs_no_capture():
+    model = _model("cuda")
+    graphed = GraphedVelocity(model)
+    args = tiny_edit_args(1, torch.float32, "cuda")
+    with torch.no_grad():
+        plain = model.velocity(*args)
+        handle = apply_lora(model, random_block_lora(model, seed=5), 0.7, mode="on_the_fly")
+        assert graphed.prepare() is None
+        with_lora = graphed(*args)
+        assert rel_error(with_lora, model.velocity(*args)) < 1e-5 and rel_error(with_lora, plain) > 0.05
+        handle.set_strength(-0.4)  # the factors are rewritten in place: the captured graph reads them
+        assert graphed.prepare() is None
+        assert rel_error(graphed(*args), model.velocity(*args)) < 1e-5
+        assert graphed.captures == 1
+        handle.remove()
+        apply_lora(model, random_block_lora(model, seed=6, rank=4), 0.7, mode="on_the_fly")
+        assert graphed.prepare() is None  # other factors (another rank): a new capture
+        assert rel_error(graphed(*args), model.velocity(*args)) < 1e-5
+        assert graphed.captures == 2
 
 
 def test_pipeline_runs_plainly_and_says_why_when_the_model_has_hooks(tiny_transformer, tiny_autoencoder, monkeypatch):

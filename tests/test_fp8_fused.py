@@ -17,8 +17,8 @@ import copy
 import pytest
 import torch
 
-from conftest import (as_float32, compiled_graphs, fp8_tensor_cores, kernels_built_for, kernels_off, randomize_,
-                      rel_l2, tiny_edit_args)
+from conftest import (as_float32, compiled_graphs, fp8_tensor_cores, kernels_built_for, kernels_off,
+                      random_block_lora, randomize_, rel_l2, tiny_edit_args)
 from kernels.runtime import launches, triton_available
 from kontext_core import KontextTransformer, TransformerConfig, quant
 
@@ -66,8 +66,33 @@ def test_fused_quantization_is_as_accurate_as_the_plain_fp8_path(device):
     assert rel_l2(fused, plain) <= plain_error
 
 
+def test_a_lora_on_the_fly_reads_the_fused_e4m3_rows(device):
+    # On-the-fly LoRAs on fp8 layers take their input from the same e4m3 rows as the layer's GEMM, so the
+    # fused quantizers keep running; the result must carry the LoRA as accurately as fp8 carries the model.
+    from kontext_core.lora import apply_lora
+
+    model, fp8 = _models(device)
+    lora = random_block_lora(model, seed=21)
+    args = tiny_edit_args(2, torch.bfloat16, device)
+    with torch.no_grad():
+        exact = model.velocity(*as_float32(args))
+        fp8_plain = fp8.velocity(*args)
+        with apply_lora(model, lora, 0.8, mode="merge"):
+            exact_lora = model.velocity(*as_float32(args))
+        before = {name: launches[name] for name in ROW_KERNELS}
+        with apply_lora(fp8, lora, 0.8, mode="on_the_fly"):
+            fp8_lora = fp8.velocity(*args)
+        during = {name: launches[name] - before[name] for name in ROW_KERNELS}
+        fp8.velocity(*args)
+    assert during == {name: launches[name] - before[name] - during[name] for name in ROW_KERNELS}
+    assert all(during.values())  # the fused quantizers ran with the LoRA as without it
+    fp8_error = rel_l2(fp8_plain, exact)
+    assert rel_l2(exact_lora, exact) > 5 * fp8_error  # the LoRA's effect stands well above fp8's noise
+    assert rel_l2(fp8_lora, exact_lora) <= 1.3 * fp8_error
+
+
 def test_hooked_fp8_layers_get_bf16_inputs(device):
-    # An on-the-fly LoRA hook reads its layer's input: that layer must be called with bf16 activations.
+    # A forward hook may read its layer's input: that layer must be called with bf16 activations.
     _, fp8 = _models(device)
     seen = []
     layer = fp8.single_blocks[0].linear1

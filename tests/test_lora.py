@@ -195,14 +195,17 @@ def test_merged_equals_on_the_fly_and_hand_reference(tiny_transformer, tmp_path)
 
 
 def test_compiled_blocks_apply_loras_on_the_fly_and_merged(tiny_transformer, tmp_path):
-    # torch.compile does not guard on the hooks of a block's layers: without care a compiled block would
-    # skip an on-the-fly LoRA added after compilation. "aot_eager" traces as the compiler does, on the CPU.
+    # An on-the-fly LoRA added after compilation must reach the compiled blocks, traced into their graphs
+    # (not run around them eagerly), and a strength change must not recompile. "aot_eager" traces as the
+    # compiler does, on the CPU.
     lora = load_lora(_write(tmp_path, "diffusers", _random_lora(tiny_transformer, seed=5), tiny_transformer.config))
     base = _velocity(tiny_transformer)
     reference = copy.deepcopy(tiny_transformer)
-    apply_lora(reference, lora, strength=0.7, mode="merge")
+    handle = apply_lora(reference, lora, strength=0.7, mode="merge")
     expected = _velocity(reference)
-    assert rel_error(expected, base) > 0.05
+    handle.set_strength(-0.3)
+    expected_weaker = _velocity(reference)
+    assert rel_error(expected, base) > 0.05 and rel_error(expected_weaker, expected) > 0.05
 
     torch._dynamo.reset()
     graphs = compiled_graphs()
@@ -210,14 +213,79 @@ def test_compiled_blocks_apply_loras_on_the_fly_and_merged(tiny_transformer, tmp
         compiled = copy.deepcopy(tiny_transformer).compile_blocks(backend="aot_eager")
         assert rel_error(_velocity(compiled), base) < 1e-5
         assert compiled_graphs() - graphs == 2  # really compiled
-        with apply_lora(compiled, lora, strength=0.7, mode="on_the_fly"):
+        with apply_lora(compiled, lora, strength=0.7, mode="on_the_fly") as on_the_fly:
             assert rel_error(_velocity(compiled), expected) < 1e-5
+            assert compiled_graphs() - graphs == 4  # each block kind traced once more, with the LoRA inside
+            on_the_fly.set_strength(-0.3)
+            assert rel_error(_velocity(compiled), expected_weaker) < 1e-5
+            assert compiled_graphs() - graphs == 4  # the factors were rewritten in place: no recompilation
         assert rel_error(_velocity(compiled), base) < 1e-5
         with apply_lora(compiled, lora, strength=0.7, mode="merge"):
             assert rel_error(_velocity(compiled), expected) < 1e-5
         assert rel_error(_velocity(compiled), base) < 1e-5
     finally:
         torch._dynamo.reset()
+
+
+def test_lora_delta_reads_every_input_form_of_a_layer(tiny_transformer, tmp_path):
+    # The blocks hand a layer its input as a tensor, as e4m3 rows with per-row scales (fp8 layers) or as two
+    # column parts never concatenated (the single block's linear2); the LoRA's delta must be the same from each.
+    from kontext_core.fused import ColumnParts, lora_delta, lora_factors
+    from kontext_core.quant import quantize_rows
+
+    model = tiny_transformer.to(torch.bfloat16)
+    lora = load_lora(_write(tmp_path, "diffusers", _random_lora(model, seed=8), model.config))
+    layer = model.single_blocks[0].linear2
+    assert lora_delta(layer, torch.randn(2, 3, layer.in_features, dtype=torch.bfloat16)) is None
+    apply_lora(model, lora, strength=0.9, mode="on_the_fly")
+    down, up = lora_factors(layer)[:2]
+    x = torch.randn(2, 7, layer.in_features, dtype=torch.bfloat16)
+    expected = (x.double() @ down.double().t() @ up.double().t())
+    assert rel_error(lora_delta(layer, x), expected) < 2e-2  # bf16 products
+    split = 5
+    parts = ColumnParts(x[..., :split], x[..., split:])
+    assert rel_error(lora_delta(layer, parts), expected) < 2e-2
+    rows = quantize_rows(x)
+    dequantized = (rows.data.double().reshape(-1, x.shape[-1]) * rows.scale.double()).view(x.shape)
+    from_rows = dequantized @ down.double().t() @ up.double().t()
+    assert rel_error(lora_delta(layer, rows), from_rows) < 2e-2  # the same e4m3 values the GEMM reads
+    assert rel_error(from_rows, expected) < 0.1  # and those are x within e4m3 rounding
+
+
+def test_on_the_fly_factors_stack_part_loras_and_change_in_place(tiny_transformer, tmp_path):
+    # diffusers LoRAs on to_q / to_k / to_v are row ranges of our fused qkv: stacked into one pair of
+    # factors, zero outside each part's rows; a strength change rewrites them in place (what keeps a
+    # compiled graph and a captured CUDA graph valid), a removal drops them.
+    from kontext_core.fused import lora_factors
+
+    lora = load_lora(_write(tmp_path, "diffusers", _random_lora(tiny_transformer, seed=9), tiny_transformer.config))
+    second = load_lora(_write(tmp_path, "bfl", _random_lora(tiny_transformer, seed=10, rank=2),
+                              tiny_transformer.config))
+    layer = tiny_transformer.double_blocks[0].img_attn.qkv
+    first_handle = apply_lora(tiny_transformer, lora, strength=0.5, mode="on_the_fly")
+    down, up = lora_factors(layer)[:2]
+    parts = len(lora.layers["double_blocks.0.img_attn.qkv"])
+    assert parts == 3 and down.shape == (3 * RANK, layer.in_features) and up.shape == (layer.out_features, 3 * RANK)
+    hidden = layer.in_features
+    for index, part in enumerate(lora.layers["double_blocks.0.img_attn.qkv"]):
+        columns = slice(index * RANK, (index + 1) * RANK)
+        rows = slice(part.part * hidden, (part.part + 1) * hidden)
+        assert torch.equal(up[rows, columns], part.up * 0.5)
+        assert torch.count_nonzero(up[:, columns]) == torch.count_nonzero(up[rows, columns])
+    first_handle.set_strength(-1.5)
+    down_after, up_after = lora_factors(layer)[:2]
+    assert up_after is up and down_after is down  # the same tensors, rewritten
+    first_part = lora.layers["double_blocks.0.img_attn.qkv"][0]
+    rows = slice(first_part.part * hidden, (first_part.part + 1) * hidden)
+    assert torch.equal(up[rows, :RANK], first_part.up * -1.5)
+    second_handle = apply_lora(tiny_transformer, second, strength=1.0, mode="on_the_fly")
+    assert lora_factors(layer)[0].shape == (3 * RANK + 2, layer.in_features)
+    first_handle.remove()
+    assert lora_factors(layer)[0].shape == (2, layer.in_features)
+    second_handle.set_strength(0.0)
+    assert lora_factors(layer) is None  # nothing to add: no thin GEMMs at all
+    second_handle.remove()
+    assert lora_factors(layer) is None and active_loras(tiny_transformer) == []
 
 
 # --- (c) parity with diffusers + peft ------------------------------------------------------------
