@@ -43,7 +43,7 @@ class GraphedVelocity:
     def _weight_addresses(self) -> tuple:
         # LoRA factors with their shapes: freed factors' memory may be reused by new ones of another rank.
         factors = tuple((tensor.data_ptr(), tuple(tensor.shape)) for module in self.model.modules()
-                        if (pair := lora_factors(module)) is not None for tensor in pair)
+                        if (factors := lora_factors(module)) is not None for tensor in factors if tensor is not None)
         return tuple(p.data_ptr() for p in self.model.parameters()) + factors
 
     def prepare(self) -> str | None:
