@@ -62,7 +62,8 @@ def quantize_rows(x: torch.Tensor) -> QuantizedRows:
     `quantize_rows_reference` (kontext_core runs without kernels/; tests/test_fp8_matmul.py holds them equal)."""
     rows = x.reshape(-1, x.shape[-1]).float()
     amax = rows.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12)
-    data = (rows * (amax.new_tensor(E4M3_MAX) / amax)).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    # full_like, not new_tensor: a host-to-device copy could not be captured in a CUDA graph.
+    data = (rows * (torch.full_like(amax, E4M3_MAX) / amax)).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
     return QuantizedRows(data.view(x.shape), amax / E4M3_MAX)
 
 

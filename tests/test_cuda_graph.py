@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import random_block_lora, randomize_, rel_error, tiny_edit_args
-from kontext_core import KontextTransformer, TransformerConfig, apply_lora
+from conftest import fp8_tensor_cores, random_block_lora, randomize_, rel_error, tiny_edit_args
+from kontext_core import KontextTransformer, TransformerConfig, apply_lora, quant
 from kontext_core.cuda_graph import GraphedVelocity
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -99,6 +99,20 @@ def test_loras_on_the_fly_replay_and_a_new_strength_needs_no_capture():
         assert graphed.prepare() is None  # other factors (another rank): a new capture
         assert rel_error(graphed(*args), model.velocity(*args)) < 1e-5
         assert graphed.captures == 2
+
+
+@pytest.mark.skipif(not fp8_tensor_cores(), reason="needs a GPU with fp8 tensor cores (Ada or Hopper)")
+def test_an_eager_fp8_model_with_a_lora_replays():
+    # Eager, every fp8 layer quantizes its activations on the GPU (the modulation's one-row inputs in PyTorch):
+    # nothing there may copy from the host, which a capture refuses.
+    model = quant.quantize_model_fp8(_model("cuda").to(torch.bfloat16))
+    apply_lora(model, random_block_lora(model, seed=7), 0.7, mode="on_the_fly")
+    graphed = GraphedVelocity(model)
+    args = tiny_edit_args(1, torch.bfloat16, "cuda")
+    with torch.no_grad():
+        assert graphed.prepare() is None
+        assert rel_error(graphed(*args), model.velocity(*args)) < 1e-3  # the same kernels, replayed
+        assert graphed.captures == 1
 
 
 def test_pipeline_runs_plainly_and_says_why_when_the_model_has_hooks(tiny_transformer, tiny_autoencoder, monkeypatch):
