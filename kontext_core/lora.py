@@ -546,7 +546,8 @@ _HANDLES: "weakref.WeakKeyDictionary[nn.Module, list[LoraHandle]]" = weakref.Wea
 
 def _stack_factors(module: nn.Module, name: str) -> None:
     """Set `module`'s on-the-fly factors (kontext_core/fused.py) from the handles on it: their downs stacked
-    [R, in], their ups times their strengths side by side [out, R], zero outside each part's rows.
+    [R, in], their ups times their strengths side by side [out, R], zero outside each part's rows (R padded
+    with zeros, below).
 
     Factors of the same shapes as the present ones are overwritten in place: compiled blocks then run on
     unchanged and a captured CUDA graph (which reads them by address) replays the new strengths."""
@@ -565,13 +566,15 @@ def _stack_factors(module: nn.Module, name: str) -> None:
         if hasattr(module, LORA_FACTORS):
             delattr(module, LORA_FACTORS)
         return
-    down, up = torch.cat(downs), torch.cat(ups, dim=1)
+    # Zero rows pad the stacked rank to a power of two from 16: compiled blocks are specialised to the factors'
+    # shapes, so LoRAs of ranks 4, 8 and 16 share one compilation (a new shape recompiles the blocks, a
+    # minute for inductor), and the fp8 GEMM gets the multiple of 16 it needs. The zeros add nothing.
+    rank = sum(down.shape[0] for down in downs)
+    padding = max(16, 1 << (rank - 1).bit_length()) - rank
+    down = torch.cat((*downs, downs[0].new_zeros(padding, downs[0].shape[1])))
+    up = torch.cat((*ups, ups[0].new_zeros(ups[0].shape[0], padding)), dim=1)
     factors = LoraFactors(down, up)
     if isinstance(module, Fp8Linear):
-        # Zero rows pad the rank to the fp8 GEMM's multiple of 16; they add nothing.
-        padded = -down.shape[0] % 16
-        down = torch.cat((down, down.new_zeros(padded, down.shape[1])))
-        up = torch.cat((up, up.new_zeros(up.shape[0], padded)), dim=1)
         down_e4m3, scales = quantize_weight(down, per_row=True)
         factors = LoraFactors(down, up, down_e4m3, scales[None, :])
     present = lora_factors(module)

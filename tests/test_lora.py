@@ -220,6 +220,14 @@ def test_compiled_blocks_apply_loras_on_the_fly_and_merged(tiny_transformer, tmp
             assert rel_error(_velocity(compiled), expected_weaker) < 1e-5
             assert compiled_graphs() - graphs == 4  # the factors were rewritten in place: no recompilation
         assert rel_error(_velocity(compiled), base) < 1e-5
+        other_rank = load_lora(_write(tmp_path, "bfl", _random_lora(tiny_transformer, seed=6, rank=2),
+                                      tiny_transformer.config))
+        with apply_lora(compiled, other_rank, strength=0.7, mode="on_the_fly"):
+            by_hand = copy.deepcopy(tiny_transformer)
+            by_hand.load_state_dict(_hand_merged(tiny_transformer, _random_lora(tiny_transformer, seed=6, rank=2),
+                                                 strength=0.7 * RANK / 2))
+            assert rel_error(_velocity(compiled), _velocity(by_hand)) < 1e-5
+        assert compiled_graphs() - graphs == 4  # ranks 4 and 2 both padded to 16: the same compiled blocks
         with apply_lora(compiled, lora, strength=0.7, mode="merge"):
             assert rel_error(_velocity(compiled), expected) < 1e-5
         assert rel_error(_velocity(compiled), base) < 1e-5
@@ -265,7 +273,9 @@ def test_on_the_fly_factors_stack_part_loras_and_change_in_place(tiny_transforme
     first_handle = apply_lora(tiny_transformer, lora, strength=0.5, mode="on_the_fly")
     down, up = lora_factors(layer)[:2]
     parts = len(lora.layers["double_blocks.0.img_attn.qkv"])
-    assert parts == 3 and down.shape == (3 * RANK, layer.in_features) and up.shape == (layer.out_features, 3 * RANK)
+    # 3 parts of rank 4: 12, padded with zeros to 16 (ranks share a compilation up to a power of two)
+    assert parts == 3 and down.shape == (16, layer.in_features) and up.shape == (layer.out_features, 16)
+    assert not down[3 * RANK:].any() and not up[:, 3 * RANK:].any()
     hidden = layer.in_features
     for index, part in enumerate(lora.layers["double_blocks.0.img_attn.qkv"]):
         columns = slice(index * RANK, (index + 1) * RANK)
@@ -279,9 +289,9 @@ def test_on_the_fly_factors_stack_part_loras_and_change_in_place(tiny_transforme
     rows = slice(first_part.part * hidden, (first_part.part + 1) * hidden)
     assert torch.equal(up[rows, :RANK], first_part.up * -1.5)
     second_handle = apply_lora(tiny_transformer, second, strength=1.0, mode="on_the_fly")
-    assert lora_factors(layer)[0].shape == (3 * RANK + 2, layer.in_features)
+    assert lora_factors(layer)[0].shape == (16, layer.in_features)  # 3 * 4 + 2 = 14 -> 16
     first_handle.remove()
-    assert lora_factors(layer)[0].shape == (2, layer.in_features)
+    assert lora_factors(layer)[0].shape == (16, layer.in_features)  # 2 -> 16
     second_handle.set_strength(0.0)
     assert lora_factors(layer) is None  # nothing to add: no thin GEMMs at all
     second_handle.remove()
