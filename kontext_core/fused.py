@@ -100,9 +100,9 @@ LORA_FACTORS = "kontext_lora_factors"
 
 
 class LoraFactors(NamedTuple):
-    """A layer's on-the-fly LoRAs stacked. For fp8 layers also `down` in e4m3 with one scale per row
-    (`down_scales` [1, R], R padded to a multiple of 16 for the fp8 GEMM), so that the down-projection reads
-    the layer's own e4m3 input rows instead of a bf16 copy written for it."""
+    """A layer's on-the-fly LoRAs stacked (R padded with zeros, kontext_core/lora.py says why). For fp8
+    layers also `down` in e4m3 with one scale per row (`down_scales` [1, R]), so that the down-projection
+    reads the layer's own e4m3 input rows instead of a bf16 copy written for it."""
     down: torch.Tensor
     up: torch.Tensor
     down_e4m3: torch.Tensor | None = None
@@ -162,10 +162,11 @@ ops.define("add_low_rank_(Tensor(a!) out, Tensor low, Tensor up) -> ()", _add_lo
 
 
 def _plus_lora(out: torch.Tensor, layer: nn.Module, x) -> torch.Tensor:
-    """out (= layer(x), a fresh contiguous tensor) plus the layer's on-the-fly LoRAs."""
+    """out (= layer(x), a fresh tensor: updated in place) plus the layer's on-the-fly LoRAs."""
     factors = lora_factors(layer)
     if factors is None:
         return out
+    out = out if out.is_contiguous() else out.contiguous()
     factors = _on_device(factors, x)
     low = _lora_low(factors, x)
     if torch.compiler.is_compiling():
