@@ -147,7 +147,8 @@ class DoubleStreamBlock(nn.Module):
         text_length = txt.shape[1]
 
         # Text tokens come first in the joint sequence, as in the reference.
-        streams = [(fused.linear(stream.qkv, mod.input_for(stream.qkv, x)), stream.norm.query_norm, stream.norm.key_norm)
+        streams = [(fused.linear(stream.qkv, mod.input_for(stream.qkv, x)), stream.norm.query_norm,
+                    stream.norm.key_norm)
                    for stream, mod, x in ((self.txt_attn, txt_attn_mod, txt), (self.img_attn, img_attn_mod, img))]
         joint = joint_attention(streams, rope.cos, rope.sin, self.num_heads)
         txt_out, img_out = joint[:, :text_length], joint[:, text_length:]

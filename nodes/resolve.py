@@ -87,7 +87,7 @@ def compile_failures_explained(ref: TransformerRef):
         cause = getattr(error, "inner_exception", None) or error
         raise RuntimeError(
             f"torch.compile could not build the Kontext blocks ({type(cause).__name__}: {str(cause)[:300]}); "
-            "set compile to off on Load Kontext Model (the model then runs uncompiled, ~1.4x slower steps)"
+            "set compile to off on Load Kontext Model (the model then runs uncompiled, steps 4-20% slower)"
         ) from error
 
 
