@@ -108,7 +108,8 @@ def _pipeline(args: argparse.Namespace):
         pipeline.transformer.compile_blocks()
     for spec in args.lora:
         path, _, strength = spec.partition(":")
-        apply_lora(pipeline.transformer, load_lora(path), strength=float(strength or 1.0), mode="merge")
+        # Merged, except into fp8 weights (they would round most of its delta away): on the fly there.
+        apply_lora(pipeline.transformer, load_lora(path), strength=float(strength or 1.0), mode="auto")
     return pipeline, files
 
 

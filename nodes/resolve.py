@@ -10,8 +10,7 @@ import torch
 
 from kontext_core import KontextPipeline, TextConditioning, apply_lora, set_attention_backend
 from kontext_core.image import prepare_image
-from kontext_core.lora import active_loras, remove_all_loras
-from kontext_core.quant import Fp8Linear
+from kontext_core.lora import active_loras, preferred_mode, remove_all_loras
 
 from . import comfy_adapter, convert, model_cache
 from .model_cache import AutoencoderRef, TextEncodersRef, TransformerRef
@@ -102,8 +101,7 @@ def loras(ref: TransformerRef) -> list[tuple[Any, float]]:
 
 
 def _mergeable(model: torch.nn.Module) -> bool:
-    # e4m3 keeps 3 mantissa bits: a LoRA's small delta merged into fp8 weights would mostly round away.
-    return not any(isinstance(module, Fp8Linear) for module in model.modules())
+    return preferred_mode(model) == "merge"  # not into fp8 weights: they would round the delta away
 
 
 def _merge(model: torch.nn.Module, wanted: list[tuple[Any, float]]) -> bool:

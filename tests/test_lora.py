@@ -23,6 +23,7 @@ from kontext_core.lora import (
     apply_lora,
     load_lora,
     lora_from_state_dict,
+    preferred_mode,
     remove_all_loras,
 )
 from kontext_core.quant import Fp8Linear
@@ -405,8 +406,16 @@ def test_fp8_model_on_the_fly_and_merged(tiny_transformer, tmp_path):
     handle.remove()
     assert torch.equal(_velocity(kept), base)
 
-    # Merged into fp8: dequantize, add, requantize; close to on the fly within fp8 resolution.
+    # The default ("auto") keeps fp8 weights untouched and merges into others.
     handle = apply_lora(kept, lora)
+    assert handle.mode == "on_the_fly" and preferred_mode(kept) == "on_the_fly"
+    assert rel_error(_velocity(kept), with_lora) < 1e-6
+    handle.remove()
+    merged_upcast = load_transformer(tmp_path / "fp8.safetensors", dtype="bf16")
+    assert apply_lora(merged_upcast, lora).mode == "merge" and preferred_mode(merged_upcast) == "merge"
+
+    # Merged into fp8 on request: dequantize, add, requantize; close to on the fly within fp8 resolution.
+    handle = apply_lora(kept, lora, mode="merge")
     assert kept.double_blocks[0].img_attn.qkv.weight.dtype == torch.float8_e4m3fn
     assert rel_error(_velocity(kept), with_lora) < 0.1
     handle.remove()
