@@ -100,7 +100,8 @@ class KontextEdit(KontextNode):
                                       placement=placement)
         latent_size = tuple(start.shape[-2:])
         resolve.ready(pipe.transformer)  # encoding (with ComfyUI's VAE, say) may have moved it out
-        with resolve.compile_failures_explained(model), resolve.loras_applied(pipe.transformer, model):
+        resolve.set_loras(pipe.transformer, model)
+        with resolve.compile_failures_explained(model):
             latents = pipe.generate(text, settings, context_latents=references, latent_size=latent_size,
                                     init_latent=start if denoise < 1 else None, negative=negative_text,
                                     callback=step_callback(latent_size))

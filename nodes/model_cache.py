@@ -39,7 +39,7 @@ class LoraRef:
 
 @dataclass(frozen=True)
 class TransformerRef:
-    """KONTEXT_MODEL: the transformer file as loaded, with the LoRAs its runs apply (resolve.loras_applied)."""
+    """KONTEXT_MODEL: the transformer file as loaded, with the LoRAs its runs apply (resolve.set_loras)."""
 
     path: str
     dtype: str

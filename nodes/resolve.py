@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from types import SimpleNamespace
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -100,54 +100,43 @@ def loras(ref: TransformerRef) -> list[tuple[Any, float]]:
     return [(model_cache.lora(lora), lora.strength) for lora in ref.loras]
 
 
-def _mergeable(model: torch.nn.Module) -> bool:
-    return preferred_mode(model) == "merge"  # not into fp8 weights: they would round the delta away
-
-
-def _merge(model: torch.nn.Module, wanted: list[tuple[Any, float]]) -> bool:
-    """Make the LoRAs merged into `model` exactly `wanted` (LoRA files parsed once by model_cache, so the same
-    file is the same object); False, with nothing merged, when the memory for the merge cannot be had."""
-    merged = [handle for handle in active_loras(model) if handle.mode == "merge"]
-    if len(merged) == len(wanted) and all(h.lora is weights for h, (weights, _) in zip(merged, wanted)):
-        for handle, (_, strength) in zip(merged, wanted):
+def _keep(model: torch.nn.Module, wanted: list[tuple[Any, float]], mode: str) -> None:
+    """Make the LoRAs on `model` exactly `wanted`, applied in `mode` (LoRA files are parsed once by model_cache,
+    so the same file is the same object): kept as they are when they already are, strengths changed in place."""
+    applied = active_loras(model)
+    if len(applied) == len(wanted) and all(handle.mode == mode and handle.lora is weights
+                                           for handle, (weights, _) in zip(applied, wanted)):
+        for handle, (_, strength) in zip(applied, wanted):
             if handle.strength != strength:
-                handle.set_strength(strength)  # re-merged from the originals already kept
-        return True
-    for handle in reversed(merged):
-        handle.remove()
-    if not wanted:
-        return True
+                handle.set_strength(strength)  # merged: re-merged from the originals already kept
+        return
+    remove_all_loras(model)
+    for weights, strength in wanted:
+        apply_lora(model, weights, strength, mode=mode)
+
+
+def set_loras(model: torch.nn.Module, ref: TransformerRef) -> None:
+    """Give the model `ref`'s LoRAs (and no others) before a run; every node that samples calls this.
+
+    They stay applied after the run, until a run asks for other LoRAs, other strengths or none, so a change is
+    paid once, not per run. bf16/fp16/fp32 weights get them merged: the fused GEMM forms (GELU in cuBLAS's
+    epilogue) stay in use and a LoRA costs nothing per step; the merge (the touched layers' originals copied
+    to the CPU, the deltas added in float64) takes seconds, and removing the LoRAs restores the original
+    weights bit for bit. fp8 weights (which would round a LoRA's delta away), or no memory for the merge's
+    copies: on the fly, two thin GEMMs more per layer traced into compiled blocks like the rest of the model
+    (~13-15% a step for a rank-32 LoRA on every layer).
+    """
+    wanted = loras(ref)
+    mode = preferred_mode(model)
     try:
-        for weights, strength in wanted:
-            apply_lora(model, weights, strength, mode="merge")
+        _keep(model, wanted, mode)
     except (MemoryError, RuntimeError) as error:  # torch's allocators raise RuntimeErrors naming the memory
-        if not isinstance(error, MemoryError) and "memory" not in str(error).lower():
+        if mode != "merge" or (not isinstance(error, MemoryError) and "memory" not in str(error).lower()):
             raise
         remove_all_loras(model)
         comfy_adapter.log.warning("comfyui-kontext: no memory to merge the LoRAs (%s); they run on the fly for "
                                   "now, ~13%% slower a step. Free CPU memory to have them merged.", error)
-        return False
-    return True
-
-
-@contextmanager
-def loras_applied(model: torch.nn.Module, ref: TransformerRef) -> Iterator[None]:
-    """The model with `ref`'s LoRAs (and no others) for one run; every node that samples goes through here.
-
-    bf16/fp16/fp32 weights: the LoRAs are merged into the weights and stay merged after the run, until a run
-    asks for other LoRAs, other strengths or none. The fused GEMM forms (GELU in cuBLAS's epilogue) stay in
-    use, so a LoRA costs nothing per step (on the fly: ~13% in bf16); the merge (the
-    touched layers' originals copied to the CPU, the deltas added in float64) is paid once per change, not
-    per run. Removing the LoRAs restores the original weights bit for bit.
-    fp8 weights, or no memory for the merge: applied on the fly for the run and taken off after (two thin
-    GEMMs more per layer, traced into compiled blocks like the rest of the model).
-    """
-    wanted = loras(ref)
-    on_the_fly = wanted if not _mergeable(model) or not _merge(model, wanted) else []
-    with ExitStack() as applied:
-        for weights, strength in on_the_fly:
-            applied.enter_context(apply_lora(model, weights, strength, mode="on_the_fly"))
-        yield
+        _keep(model, wanted, "on_the_fly")
 
 
 def pipeline(model: TransformerRef, vae: Any, text: TextEncodersRef | None = None) -> KontextPipeline:

@@ -89,7 +89,8 @@ def edit(state: SessionState, prompt: str = "", *, seed: int = 0, steps: int = 2
     offset, total = progress if progress is not None else (0, None)
     callback = step_callback(tuple(state.turns[state.current].latent.shape[-2:]), offset=offset, total=total)
     resolve.ready(pipe.transformer)
-    with resolve.compile_failures_explained(state.model), resolve.loras_applied(pipe.transformer, state.model):
+    resolve.set_loras(pipe.transformer, state.model)
+    with resolve.compile_failures_explained(state.model):
         turn = session.edit(prompt, conditioning=text, extra_references=extra, callback=callback, **overrides)
     image = resolve.decode_image(pipe.autoencoder, turn.latent)
     return replace(state, turns=(*state.turns, turn), current=turn.index, images=(*state.images, image))

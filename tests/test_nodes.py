@@ -555,7 +555,7 @@ def test_lora_without_memory_for_the_merge_runs_on_the_fly(models, comfy, monkey
     monkeypatch.setattr(resolve, "apply_lora", apply)
     latent = nodes.KontextEdit.run(with_lora, models.vae, cond, seed=1, image=image, **FAST).outputs[0]
     assert torch.equal(latent["samples"], convert.scaled_to_raw(expected))  # on the fly, as the core does
-    assert active_loras(transformer) == [] and "no memory to merge" in caplog.text
+    assert [h.mode for h in active_loras(transformer)] == ["on_the_fly"] and "no memory to merge" in caplog.text
     assert all(torch.equal(v, before[k]) for k, v in transformer.state_dict().items())
 
     def broken(model, weights, strength, mode):
@@ -566,7 +566,7 @@ def test_lora_without_memory_for_the_merge_runs_on_the_fly(models, comfy, monkey
         nodes.KontextEdit.run(with_lora, models.vae, cond, seed=1, image=image, **FAST)
 
 
-def test_lora_node_on_fp8_weights_applies_on_the_fly_for_the_run(models, comfy, tiny_transformer):
+def test_lora_node_on_fp8_weights_applies_on_the_fly_and_keeps_it(models, comfy, tiny_transformer):
     save_transformer(tiny_transformer, comfy.root / "diffusion_models" / "tiny_fp8.safetensors", layout="comfy",
                      weights="fp8_e4m3fn")
     fp8 = nodes.KontextModelLoader.run("tiny_fp8.safetensors").outputs[0]
@@ -585,8 +585,15 @@ def test_lora_node_on_fp8_weights_applies_on_the_fly_for_the_run(models, comfy, 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(KontextPipeline, "generate", generate)
         latent = nodes.KontextEdit.run(with_lora, models.vae, cond, seed=1, image=image, **FAST).outputs[0]
+    kept = active_loras(transformer)
+    assert seen == [["on_the_fly"]] and [h.mode for h in kept] == ["on_the_fly"]  # kept for the next run
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(KontextPipeline, "generate", generate)
+        again = nodes.KontextEdit.run(with_lora, models.vae, cond, seed=1, image=image, **FAST).outputs[0]
+    assert active_loras(transformer) == kept and seen[-1] == ["on_the_fly"]  # the same handle, not re-applied
+    assert torch.equal(again["samples"], latent["samples"])
     plain = nodes.KontextEdit.run(fp8, models.vae, cond, seed=1, image=image, **FAST).outputs[0]
-    assert seen == [["on_the_fly"]] and active_loras(transformer) == []
+    assert active_loras(transformer) == []
     assert not torch.equal(latent["samples"], plain["samples"])
     assert all(torch.equal(v, before[k]) for k, v in transformer.state_dict().items())
 
