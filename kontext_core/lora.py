@@ -410,8 +410,8 @@ def _fused_splits(config: TransformerConfig) -> dict[str, tuple[int, ...]]:
             if link.kind == "concat" and link.ours.endswith(".weight")}
 
 
-def _resolve(model: nn.Module, lora: LoraWeights, dtype_for: Callable[[nn.Module], torch.dtype]
-             ) -> dict[str, list[_Span]]:
+def _resolve(model: nn.Module, lora: LoraWeights, dtype_for: Callable[[nn.Module], torch.dtype],
+             device_for: Callable[[nn.Module], torch.device]) -> dict[str, list[_Span]]:
     """Check every target against the model and place the parts on its layers' devices."""
     splits = _fused_splits(model.config)
     missing, mismatched = [], []
@@ -440,7 +440,7 @@ def _resolve(model: nn.Module, lora: LoraWeights, dtype_for: Callable[[nn.Module
                 mismatched.append(f"{part.key}: LoRA {part.up.shape[0]}x{part.down.shape[1]}, layer {layer_name} "
                                   f"rows {start}:{stop} of {module.out_features}x{module.in_features}")
                 continue
-            device, dtype = module.weight.device, dtype_for(module)
+            device, dtype = device_for(module), dtype_for(module)
             spans.append(_Span(start, stop, part.down.to(device, dtype), part.up.to(device, dtype)))
         resolved[layer_name] = spans
     if missing:
@@ -737,7 +737,15 @@ def apply_lora(model: nn.Module, lora: LoraWeights | str | os.PathLike, strength
             return torch.float32  # merged in float64 anyway; float32 keeps the LoRA's precision
         return module.compute_dtype if isinstance(module, Fp8Linear) else module.weight.dtype
 
-    spans = _resolve(model, lora, dtype_for)
+    def device_for(module: nn.Module) -> torch.device:
+        if mode == "merge":
+            return module.weight.device
+        # Where the model computes: with its blocks offloaded (kontext_core/offload.py) their weights live on
+        # the host while the rest of the model, and every layer's arithmetic, is on the GPU; factors left on
+        # the host would be copied over, synchronously, at every call.
+        return model.device
+
+    spans = _resolve(model, lora, dtype_for, device_for)
     handle = LoraHandle(model, lora, spans, strength, mode,
                         torch.device(backup_device) if backup_device is not None else None)
     handle._attach()

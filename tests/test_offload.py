@@ -240,3 +240,22 @@ def test_side_stream_offload_equals_the_resident_model_on_cuda(model, prefetch):
         for seed in (1, 2):
             inputs = tuple(t.cuda() for t in _inputs(model.config, seed))
             assert torch.equal(model(*inputs), reference(*inputs))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (side-stream copies from pinned memory)")
+def test_a_lora_on_the_fly_on_an_offloaded_model_keeps_its_factors_on_the_gpu(model):
+    from conftest import random_block_lora
+    from kontext_core import apply_lora
+    from kontext_core.fused import lora_factors
+
+    model = model.to(torch.bfloat16)
+    reference = copy.deepcopy(model).cuda()
+    BlockOffloader(model, "cuda", prefetch=1)
+    lora = random_block_lora(model, seed=3)
+    apply_lora(model, lora, 0.7, mode="on_the_fly")
+    apply_lora(reference, lora, 0.7, mode="on_the_fly")
+    layer = model.single_blocks[0].linear1
+    assert layer.weight.device.type == "cpu" and lora_factors(layer).down.is_cuda  # not copied at every call
+    with torch.no_grad():
+        inputs = tuple(t.cuda() for t in _inputs(model.config, 1))
+        assert torch.equal(model(*inputs), reference(*inputs))
