@@ -135,8 +135,9 @@ class KontextLoRA(KontextNode):
             "Adds a LoRA (BFL/ComfyUI, diffusers or kohya format) to a Kontext model. Merged into bf16/fp16 "
             "weights when a run first uses it and kept until a run asks for other LoRAs, so steps run at full "
             "speed (compiled blocks stay compiled). On fp8 weights it is added on the fly instead (fp8 would "
-            "round a LoRA's small changes away): two thin matrix products per layer, ~15% a step. Chain several "
-            "to stack them.",
+            "round a LoRA's small changes away): two thin matrix products per layer, ~15% a step; with compile "
+            "on, the first run with such a LoRA (or one of a much larger rank) compiles the blocks again. Chain "
+            "several to stack them.",
             [
                 Socket("model", MODEL),
                 Combo("lora_name", _files("loras"), tooltip="A FLUX / Kontext LoRA in models/loras."),
