@@ -1,6 +1,6 @@
 """The FFN's GEMMs in their candidate forms, timed alone on a CUDA GPU (edit workload, 8704 tokens).
 
-    python3 bench/gemm_variants.py [bf16] [shapes] [qkv] [attention] [fp8] [quantization]
+    python3 bench/gemm_variants.py [bf16] [shapes] [qkv] [attention] [fp8] [quantization] [lorafp8]
 
 bf16: GEMM then GELU vs cuBLASLt's GELU epilogue; the single block's linear1 as one GEMM vs two;
 its linear2 over a concat vs two accumulating GEMMs. shapes: every bf16 linear of an edit step at its own
@@ -8,8 +8,9 @@ shape. qkv: the qkv projections (3072 -> 9216, the step's slowest large GEMMs) i
 might run faster: without the bias (which the QK-norm kernel could add), weight stored transposed,
 output transposed, per projection, under either cuBLAS library. attention: cuDNN's attention over [B, H, L, D] vs [B, L, H, D] inputs. fp8: torch._scaled_mm with per-row/per-token
 scales vs per-tensor scales, each with and without fast accumulation; the fp8 path's activation
-quantizers (kernels/fp8_rows.py) vs the compiler's fusion of their references. Prints ms and TFLOP/s
-(TB/s for the quantizers).
+quantizers (kernels/fp8_rows.py) vs the compiler's fusion of their references. lorafp8 (not in the
+default set): an fp8 layer with a LoRA on the fly as the model runs it vs the LoRA as extra K columns of the
+layer's GEMM. Prints ms and TFLOP/s (TB/s for the quantizers).
 """
 
 from __future__ import annotations
@@ -216,6 +217,45 @@ def fp8_variants() -> None:
                                             use_fast_accum=fast))
 
 
+def fp8_lora_variants(rank: int = 32) -> None:
+    """An fp8 layer with a LoRA on the fly: the layer's GEMM alone; as the model runs it now (plus an fp8
+    down-projection and the up-projection accumulated in place); and as extra K columns of the layer's own
+    GEMM ([x | x.D] against [W | U] in e4m3), with both operands contiguous and as views of wider buffers
+    (row stride K + R, what the weight and the quantizers' output would be), if cuBLAS takes them."""
+    e4m3, bf16, dev = torch.float8_e4m3fn, torch.bfloat16, "cuda"
+    for k, n in ((HIDDEN, 3 * HIDDEN), (HIDDEN, MLP), (HIDDEN + MLP, HIDDEN), (HIDDEN, 3 * HIDDEN + MLP)):
+        print(f"fp8 e4m3 {k} -> {n}, rank-{rank} LoRA:")
+        wide_a = torch.randn(TOKENS, k + rank, device=dev).to(e4m3)
+        wide_w = (torch.randn(n, k + rank, device=dev) * 0.5).to(e4m3)
+        a, w = wide_a[:, :k].contiguous(), wide_w[:, :k].contiguous()
+        down = (torch.randn(rank, k, device=dev) * 0.5).to(e4m3)
+        up = torch.randn(n, rank, device=dev, dtype=bf16) * 0.01
+        bias = torch.randn(n, device=dev, dtype=bf16)
+        row_a, row_b = torch.rand(TOKENS, 1, device=dev) + 0.5, torch.rand(1, n, device=dev) + 0.5
+        ones_r = torch.ones(1, rank, device=dev)
+        flops = 2 * TOKENS * k * n
+
+        def layer(a=a, w=w):
+            return torch._scaled_mm(a, w.t(), scale_a=row_a, scale_b=row_b, bias=bias, out_dtype=bf16,
+                                    use_fast_accum=True)
+
+        def with_lora_now():
+            out = layer()
+            low = torch._scaled_mm(a, down.t(), scale_a=row_a, scale_b=ones_r, out_dtype=bf16)
+            return out.addmm_(low, up.t())
+
+        report("layer GEMM alone", flops, layer)
+        report("+ LoRA as run now (fp8 down GEMM, up accumulated in place)", flops, with_lora_now)
+        report("LoRA as K columns, contiguous [N, K+R] x [M, K+R]", flops, lambda: layer(wide_a, wide_w))
+        try:
+            strided = layer(wide_a[:, :k], wide_w[:, :k])
+            same = torch.equal(strided, layer())
+            report(f"layer GEMM over views with row stride K+R (same result: {same})", flops,
+                   lambda: layer(wide_a[:, :k], wide_w[:, :k]))
+        except RuntimeError as error:
+            print(f"  views with row stride K+R refused: {str(error)[:120]}", flush=True)
+
+
 def fp8_quantization_variants() -> None:
     """The fp8 path's activation quantizers: our row kernels vs the compiler's fusion of the references."""
     from kernels import fp8_rows
@@ -253,3 +293,5 @@ if __name__ == "__main__":
         fp8_variants()
     if "quantization" in sections:
         fp8_quantization_variants()
+    if "lorafp8" in sections:
+        fp8_lora_variants()
