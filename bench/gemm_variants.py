@@ -294,4 +294,5 @@ if __name__ == "__main__":
     if "quantization" in sections:
         fp8_quantization_variants()
     if "lorafp8" in sections:
-        fp8_lora_variants()
+        for rank in (32, 128):
+            fp8_lora_variants(rank)
