@@ -224,6 +224,27 @@ def single_edit(g: Graph, note: str) -> None:
     g.link(edit, "image", save, "images")
 
 
+def lora_edit(g: Graph, note: str) -> None:
+    g.note((-500, 0), note + "\n\nAn edit with a LoRA: Kontext LoRA sits between the model loader and Kontext Edit; "
+           "chain more of them to stack LoRAs. On bf16 weights the LoRA is merged the first time a run uses it (a "
+           "few seconds) and kept until a run asks for other LoRAs or strengths, so steps run at full speed; on fp8 "
+           "weights it is added on the fly (~15% a step), since fp8 would round its small changes away.\n\n"
+           + MODELS_NOTE + "\n- loras/: your FLUX.1 Kontext LoRA (BFL/ComfyUI, diffusers or kohya format)")
+    model, vae, encoders = _loaders(g)
+    photo = g.add("LoadImage", (0, 450))
+    lora = g.add("KontextLoRA", (400, 300), lora_name="kontext_lora.safetensors", strength=1.0)
+    prompt = g.add("KontextPrompt", (400, 0), prompt="restyle the photo in the LoRA's style, keep the composition")
+    edit = g.add("KontextEdit", (800, 0), seed=5)
+    save = g.add("SaveImage", (1200, 0), size=(500, 540), filename_prefix="kontext_lora")
+    g.link(encoders, "text_encoders", prompt, "text_encoders")
+    g.link(model, "model", lora, "model")
+    g.link(lora, "model", edit, "model")
+    g.link(vae, "vae", edit, "vae")
+    g.link(prompt, "conditioning", edit, "conditioning")
+    g.link(photo, "IMAGE", edit, "image")
+    g.link(edit, "image", save, "images")
+
+
 def edit_chain(g: Graph, note: str) -> None:
     g.note((-500, 0), note + "\n\nThree edits in a row. Each Kontext Edit Turn edits the turn before it directly in "
            "latent space (no VAE round trip between turns). To branch, put a Kontext Pick Turn between two turns.\n\n"
@@ -345,6 +366,7 @@ def native_text_encoders(g: Graph, note: str) -> None:
 
 WORKFLOWS = {
     "kontext_edit": (single_edit, "Kontext: single edit"),
+    "kontext_edit_lora": (lora_edit, "Kontext: an edit with a LoRA"),
     "kontext_edit_chain": (edit_chain, "Kontext: three-turn edit chain"),
     "kontext_multi_reference": (multi_reference, "Kontext: character + style references"),
     "kontext_text_to_image": (text_to_image, "Kontext: text to image"),

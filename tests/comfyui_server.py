@@ -70,7 +70,7 @@ def comfyui(tmp_path_factory):
     if not PYTHON.exists():
         pytest.skip(f"needs ComfyUI's own environment at {PYTHON}: python3 -m venv {COMFYUI}/.venv, then pip install "
                     "torch torchvision, ComfyUI's requirements.txt and this pack's requirements.txt into it")
-    from conftest import randomize_
+    from conftest import random_block_lora_file, randomize_
 
     base = tmp_path_factory.mktemp("comfyui")
     (base / "custom_nodes").mkdir()
@@ -79,8 +79,9 @@ def comfyui(tmp_path_factory):
     for folder in ("diffusion_models", "vae", "text_encoders", "loras"):
         (models / folder).mkdir(parents=True)
     config = TransformerConfig.tiny()
-    save_transformer(randomize_(KontextTransformer(config), 1),
-                     models / "diffusion_models" / "flux1-kontext-dev.safetensors")
+    transformer = randomize_(KontextTransformer(config), 1)
+    save_transformer(transformer, models / "diffusion_models" / "flux1-kontext-dev.safetensors")
+    save_file(random_block_lora_file(transformer, seed=3), str(models / "loras" / "kontext_lora.safetensors"))
     save_autoencoder(randomize_(Autoencoder(AutoencoderConfig.tiny()), 2), models / "vae" / "ae.safetensors")
     # A full-size (random) FLUX AE, the only kind ComfyUI's own Load VAE reads.
     full_ae = randomize_(Autoencoder(AutoencoderConfig()), 5).to(torch.bfloat16)

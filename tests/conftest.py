@@ -107,9 +107,16 @@ def random_linear(in_features: int, out_features: int, dtype: torch.dtype, devic
 
 
 def random_block_lora(model: torch.nn.Module, seed: int, rank: int = 8, scale: float = 0.5):
-    """A LoRA in BFL's key layout on every linear of the blocks (nn.Linear or Fp8Linear), its delta ~`scale`
-    times a unit-variance layer's weight."""
+    """`random_block_lora_file`'s tensors as a LoraWeights."""
     from kontext_core.lora import lora_from_state_dict
+
+    return lora_from_state_dict(random_block_lora_file(model, seed, rank, scale), name=f"random rank-{rank}")
+
+
+def random_block_lora_file(model: torch.nn.Module, seed: int, rank: int = 8, scale: float = 0.5
+                           ) -> dict[str, torch.Tensor]:
+    """A LoRA file's tensors in BFL's key layout on every linear of the blocks (nn.Linear or Fp8Linear), its
+    delta ~`scale` times a unit-variance layer's weight."""
     from kontext_core.quant import Fp8Linear
 
     generator = torch.Generator().manual_seed(seed)
@@ -120,7 +127,7 @@ def random_block_lora(model: torch.nn.Module, seed: int, rank: int = 8, scale: f
                 torch.randn(rank, module.in_features, generator=generator) / module.in_features**0.5)
             tensors[f"diffusion_model.{name}.lora_B.weight"] = (
                 scale * torch.randn(module.out_features, rank, generator=generator) / rank**0.5)
-    return lora_from_state_dict(tensors, name=f"random rank-{rank}")
+    return tensors
 
 
 def rel_error(ours: torch.Tensor, reference: torch.Tensor) -> float:

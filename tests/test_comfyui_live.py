@@ -97,8 +97,8 @@ def test_core_node_table_matches_comfyui(comfyui):
         assert _widget_names(served) == widgets, name
 
 
-RUNNABLE = ["kontext_edit", "kontext_edit_chain", "kontext_multi_reference", "kontext_text_to_image",
-            "kontext_edit_loop"]
+RUNNABLE = ["kontext_edit", "kontext_edit_lora", "kontext_edit_chain", "kontext_multi_reference",
+            "kontext_text_to_image", "kontext_edit_loop"]
 
 
 @pytest.mark.parametrize("name", RUNNABLE)
