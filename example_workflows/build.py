@@ -208,20 +208,27 @@ def _loaders(g: Graph, text: bool = True):
     return model, vae, encoders
 
 
-def single_edit(g: Graph, note: str) -> None:
-    g.note((-500, 0), note + "\n\nOne edit: load a photo, say what to change. Kontext Edit resizes it to the Kontext "
-           "size nearest its aspect ratio.\n\n" + MODELS_NOTE)
-    model, vae, encoders = _loaders(g)
+def _photo_edit(g: Graph, model: Node, model_output: str, encoders: Node, vae: Node, prompt_text: str, seed: int,
+                prefix: str) -> None:
+    """Photo + prompt -> Kontext Edit (on `model`'s `model_output`) -> Save Image."""
     photo = g.add("LoadImage", (0, 450))
-    prompt = g.add("KontextPrompt", (400, 0), prompt="make it a snowy winter night, keep everything else the same")
-    edit = g.add("KontextEdit", (800, 0), seed=42)
-    save = g.add("SaveImage", (1200, 0), size=(500, 540), filename_prefix="kontext_edit")
+    prompt = g.add("KontextPrompt", (400, 0), prompt=prompt_text)
+    edit = g.add("KontextEdit", (800, 0), seed=seed)
+    save = g.add("SaveImage", (1200, 0), size=(500, 540), filename_prefix=prefix)
     g.link(encoders, "text_encoders", prompt, "text_encoders")
-    g.link(model, "model", edit, "model")
+    g.link(model, model_output, edit, "model")
     g.link(vae, "vae", edit, "vae")
     g.link(prompt, "conditioning", edit, "conditioning")
     g.link(photo, "IMAGE", edit, "image")
     g.link(edit, "image", save, "images")
+
+
+def single_edit(g: Graph, note: str) -> None:
+    g.note((-500, 0), note + "\n\nOne edit: load a photo, say what to change. Kontext Edit resizes it to the Kontext "
+           "size nearest its aspect ratio.\n\n" + MODELS_NOTE)
+    model, vae, encoders = _loaders(g)
+    _photo_edit(g, model, "model", encoders, vae, "make it a snowy winter night, keep everything else the same", 42,
+                "kontext_edit")
 
 
 def lora_edit(g: Graph, note: str) -> None:
@@ -231,18 +238,10 @@ def lora_edit(g: Graph, note: str) -> None:
            "weights it is added on the fly (~15% a step), since fp8 would round its small changes away.\n\n"
            + MODELS_NOTE + "\n- loras/: your FLUX.1 Kontext LoRA (BFL/ComfyUI, diffusers or kohya format)")
     model, vae, encoders = _loaders(g)
-    photo = g.add("LoadImage", (0, 450))
     lora = g.add("KontextLoRA", (400, 300), lora_name="kontext_lora.safetensors", strength=1.0)
-    prompt = g.add("KontextPrompt", (400, 0), prompt="restyle the photo in the LoRA's style, keep the composition")
-    edit = g.add("KontextEdit", (800, 0), seed=5)
-    save = g.add("SaveImage", (1200, 0), size=(500, 540), filename_prefix="kontext_lora")
-    g.link(encoders, "text_encoders", prompt, "text_encoders")
     g.link(model, "model", lora, "model")
-    g.link(lora, "model", edit, "model")
-    g.link(vae, "vae", edit, "vae")
-    g.link(prompt, "conditioning", edit, "conditioning")
-    g.link(photo, "IMAGE", edit, "image")
-    g.link(edit, "image", save, "images")
+    _photo_edit(g, lora, "model", encoders, vae, "restyle the photo in the LoRA's style, keep the composition", 5,
+                "kontext_lora")
 
 
 def edit_chain(g: Graph, note: str) -> None:
