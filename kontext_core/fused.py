@@ -118,6 +118,15 @@ def lora_factors(layer: nn.Module) -> LoraFactors | None:
     return layer.__dict__.get(LORA_FACTORS)
 
 
+def apply_to_lora_factors(model: nn.Module, fn) -> None:
+    """Apply `fn` (what `Module._apply` passes: a move or a cast) to every layer's LoRA factors, so that they
+    follow the model's `.to()` (ComfyUI moving it off the GPU and back, say) as its weights do."""
+    for module in model.modules():
+        factors = lora_factors(module)
+        if factors is not None:
+            setattr(module, LORA_FACTORS, LoraFactors(*(None if t is None else fn(t) for t in factors)))
+
+
 def _lora_low(factors: LoraFactors, x: torch.Tensor | QuantizedRows | ColumnParts) -> torch.Tensor:
     """down @ x for every row of x: [..., R]."""
     down = factors.down

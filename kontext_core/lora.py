@@ -546,12 +546,13 @@ _ON_THE_FLY: "weakref.WeakKeyDictionary[nn.Module, list[LoraHandle]]" = weakref.
 _HANDLES: "weakref.WeakKeyDictionary[nn.Module, list[LoraHandle]]" = weakref.WeakKeyDictionary()
 
 
-def _stack_factors(module: nn.Module, name: str) -> None:
+def _stack_factors(module: nn.Module, name: str, device: torch.device) -> None:
     """Set `module`'s on-the-fly factors (kontext_core/fused.py) from the handles on it: their downs stacked
     [R, in], their ups times their strengths side by side [out, R], zero outside each part's rows (R padded
     with zeros, below).
 
-    Factors of the same shapes as the present ones are overwritten in place: compiled blocks then run on
+    They are made on `device`, where the model computes, in the layer's compute dtype (the parts may have
+    stayed where, and as what, the model was when the LoRA was applied). Factors of the same shapes as the present ones are overwritten in place: compiled blocks then run on
     unchanged and a captured CUDA graph (which reads them by address) replays the new strengths."""
     downs, ups = [], []
     for handle in _ON_THE_FLY.get(module, []):
@@ -573,8 +574,9 @@ def _stack_factors(module: nn.Module, name: str) -> None:
     # minute for inductor), and the fp8 GEMM gets the multiple of 16 it needs. The zeros add nothing.
     rank = sum(down.shape[0] for down in downs)
     padding = max(16, 1 << (rank - 1).bit_length()) - rank
-    down = torch.cat((*downs, downs[0].new_zeros(padding, downs[0].shape[1])))
-    up = torch.cat((*ups, ups[0].new_zeros(ups[0].shape[0], padding)), dim=1)
+    dtype = module.compute_dtype if isinstance(module, Fp8Linear) else module.weight.dtype
+    down = torch.cat((*downs, downs[0].new_zeros(padding, downs[0].shape[1]))).to(device, dtype)
+    up = torch.cat((*ups, ups[0].new_zeros(ups[0].shape[0], padding)), dim=1).to(device, dtype)
     factors = LoraFactors(down, up)
     if isinstance(module, Fp8Linear):
         down_e4m3, scales = quantize_weight(down, per_row=True)
@@ -628,7 +630,7 @@ class LoraHandle:
             for name in self._spans:
                 module = model.get_submodule(name)
                 _ON_THE_FLY.setdefault(module, []).append(self)
-                _stack_factors(module, name)
+                _stack_factors(module, name, model.device)
         else:
             for name, spans in self._spans.items():
                 module = model.get_submodule(name)
@@ -669,7 +671,7 @@ class LoraHandle:
         else:
             with torch.no_grad():
                 for name in self._spans:
-                    _stack_factors(model.get_submodule(name), name)
+                    _stack_factors(model.get_submodule(name), name, model.device)
 
     def remove(self) -> None:
         """Take this LoRA off the model; removing every LoRA restores the original weights exactly."""
@@ -682,7 +684,7 @@ class LoraHandle:
                 for name in self._spans:
                     module = model.get_submodule(name)
                     _ON_THE_FLY[module].remove(self)
-                    _stack_factors(module, name)
+                    _stack_factors(module, name, model.device)
                     if not _ON_THE_FLY[module]:
                         del _ON_THE_FLY[module]
         else:

@@ -7,7 +7,7 @@ from torch import nn
 
 from .attention import attention_scope
 from .config import TransformerConfig
-from .fused import hooked, linear
+from .fused import apply_to_lora_factors, hooked, linear
 from .layers import (
     DoubleStreamBlock,
     LastLayer,
@@ -69,6 +69,13 @@ class KontextTransformer(nn.Module):
         for block in (*self.double_blocks, *self.single_blocks):
             if isinstance(block.__dict__.get("forward"), _CompiledForward):
                 del block.forward
+        return self
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(), .cuda(), .double() ...: LoRA factors applied on the fly (plain attributes, not parameters)
+        # move and cast with the weights.
+        super()._apply(fn, *args, **kwargs)
+        apply_to_lora_factors(self, fn)
         return self
 
     @property

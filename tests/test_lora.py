@@ -236,6 +236,30 @@ def test_compiled_blocks_apply_loras_on_the_fly_and_merged(tiny_transformer, tmp
         torch._dynamo.reset()
 
 
+def test_on_the_fly_factors_follow_the_model_to_another_dtype_and_device(tiny_transformer, tmp_path):
+    # ComfyUI moves a model off the GPU and back with .to(); the factors must go with the weights.
+    from kontext_core.fused import lora_factors
+
+    lora = load_lora(_write(tmp_path, "diffusers", _random_lora(tiny_transformer, seed=12), tiny_transformer.config))
+    reference = copy.deepcopy(tiny_transformer).double()
+    apply_lora(reference, lora, strength=0.6, mode="on_the_fly")
+    apply_lora(tiny_transformer, lora, strength=0.6, mode="on_the_fly")
+    expected = _velocity(tiny_transformer)
+    moved = tiny_transformer.double()
+    layer = moved.single_blocks[0].linear1
+    assert lora_factors(layer).down.dtype == torch.float64 and lora_factors(layer).up.dtype == torch.float64
+    assert rel_error(_velocity(moved), _velocity(reference)) < 1e-6  # factors made in float32, then cast
+    assert rel_error(_velocity(moved), expected) < 1e-5
+    second = load_lora(_write(tmp_path, "bfl", _random_lora(tiny_transformer, seed=13, rank=20),
+                              tiny_transformer.config))
+    apply_lora(moved, second, strength=0.5, mode="on_the_fly")  # new shapes: re-stacked from parts kept in float32
+    assert lora_factors(layer).down.dtype == torch.float64 and lora_factors(layer).down.shape[0] == 64
+    apply_lora(reference, second, strength=0.5, mode="on_the_fly")
+    assert rel_error(_velocity(moved), _velocity(reference)) < 1e-6
+    moved.to("meta")
+    assert lora_factors(layer).down.device.type == "meta"
+
+
 def test_lora_delta_reads_every_input_form_of_a_layer(tiny_transformer, tmp_path):
     # The blocks hand a layer its input as a tensor, as e4m3 rows with per-row scales (fp8 layers) or as two
     # column parts never concatenated (the single block's linear2); the LoRA's delta must be the same from each.
