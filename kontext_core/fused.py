@@ -145,23 +145,6 @@ def _lora_low(factors: LoraFactors, x: torch.Tensor | QuantizedRows | ColumnPart
     return F.linear(x.to(down.dtype), down)
 
 
-def _on_device(factors: LoraFactors, x) -> LoraFactors:
-    device = (x.data if isinstance(x, QuantizedRows) else x.first if isinstance(x, ColumnParts) else x).device
-    if factors.down.device == device:
-        return factors
-    # The layer's weights were elsewhere when the LoRA was applied (block offload).
-    return LoraFactors(*(None if tensor is None else tensor.to(device) for tensor in factors))
-
-
-def lora_delta(layer: nn.Module, x: torch.Tensor | QuantizedRows | ColumnParts) -> torch.Tensor | None:
-    """up @ (down @ x) for `layer`'s on-the-fly LoRAs, in the layer's compute dtype; None without any."""
-    factors = lora_factors(layer)
-    if factors is None:
-        return None
-    factors = _on_device(factors, x)
-    return F.linear(_lora_low(factors, x), factors.up)
-
-
 def _add_low_rank(out: torch.Tensor, low: torch.Tensor, up: torch.Tensor) -> None:
     # In place, the sum in the GEMM's epilogue (cuBLAS's beta = 1): the delta is never written out, and the
     # output is read and written once instead of a delta written, then both read and the sum written.
@@ -180,7 +163,6 @@ def _plus_lora(out: torch.Tensor, layer: nn.Module, x) -> torch.Tensor:
     if factors is None:
         return out
     out = out if out.is_contiguous() else out.contiguous()
-    factors = _on_device(factors, x)
     low = _lora_low(factors, x)
     if torch.compiler.is_compiling():
         torch.ops.kontext.add_low_rank_(out, low, factors.up)

@@ -59,7 +59,7 @@ from .checkpoints.key_maps import transformer_links
 from .checkpoints.layouts import describe_file
 from .config import TransformerConfig
 from .fused import LORA_FACTORS, LoraFactors, lora_factors
-from .quant import Fp8Linear, quantize_weight
+from .quant import FP8_DTYPES, Fp8Linear, quantize_weight
 
 MODES = ("auto", "merge", "on_the_fly")
 
@@ -411,8 +411,9 @@ def _fused_splits(config: TransformerConfig) -> dict[str, tuple[int, ...]]:
 
 
 def _resolve(model: nn.Module, lora: LoraWeights, dtype_for: Callable[[nn.Module], torch.dtype],
-             device_for: Callable[[nn.Module], torch.device]) -> dict[str, list[_Span]]:
-    """Check every target against the model and place the parts on its layers' devices."""
+             on_layer_devices: bool) -> dict[str, list[_Span]]:
+    """Check every target against the model; the parts in `dtype_for` their layer, on its device or left where
+    they are (on-the-fly ones: `_stack_factors` puts the stacked factors where the model computes)."""
     splits = _fused_splits(model.config)
     missing, mismatched = [], []
     resolved: dict[str, list[_Span]] = {}
@@ -440,7 +441,7 @@ def _resolve(model: nn.Module, lora: LoraWeights, dtype_for: Callable[[nn.Module
                 mismatched.append(f"{part.key}: LoRA {part.up.shape[0]}x{part.down.shape[1]}, layer {layer_name} "
                                   f"rows {start}:{stop} of {module.out_features}x{module.in_features}")
                 continue
-            device, dtype = device_for(module), dtype_for(module)
+            device, dtype = module.weight.device if on_layer_devices else part.down.device, dtype_for(module)
             spans.append(_Span(start, stop, part.down.to(device, dtype), part.up.to(device, dtype)))
         resolved[layer_name] = spans
     if missing:
@@ -551,9 +552,10 @@ def _stack_factors(module: nn.Module, name: str, device: torch.device) -> None:
     [R, in], their ups times their strengths side by side [out, R], zero outside each part's rows (R padded
     with zeros, below).
 
-    They are made on `device`, where the model computes, in the layer's compute dtype (the parts may have
-    stayed where, and as what, the model was when the LoRA was applied). Factors of the same shapes as the present ones are overwritten in place: compiled blocks then run on
-    unchanged and a captured CUDA graph (which reads them by address) replays the new strengths."""
+    They are made on `device`, where the model computes, in the layer's compute dtype: with blocks offloaded
+    (kontext_core/offload.py) a layer's weights live on the host while its arithmetic runs on the GPU. Factors
+    laid out as the present ones are overwritten in place: compiled blocks then run on unchanged and a captured
+    CUDA graph (which reads them by address) replays the new strengths."""
     downs, ups = [], []
     for handle in _ON_THE_FLY.get(module, []):
         if handle._strength == 0.0:
@@ -582,14 +584,16 @@ def _stack_factors(module: nn.Module, name: str, device: torch.device) -> None:
         down_e4m3, scales = quantize_weight(down, per_row=True)
         factors = LoraFactors(down, up, down_e4m3, scales[None, :])
     present = lora_factors(module)
-    if present is not None and all(
-            (old is None) == (new is None) and (old is None or (old.shape == new.shape and old.device == new.device))
-            for old, new in zip(present, factors)):
+    if present is not None and _layout(present) == _layout(factors):
         for old, new in zip(present, factors):
             if old is not None:
                 old.copy_(new)
     else:
         setattr(module, LORA_FACTORS, factors)
+
+
+def _layout(factors: LoraFactors) -> list:
+    return [None if t is None else (t.shape, t.dtype, t.device) for t in factors]
 
 
 class LoraHandle:
@@ -706,8 +710,7 @@ def _check_strength(strength: float) -> float:
 def preferred_mode(model: nn.Module) -> str:
     """"on_the_fly" for a model with float8 weights (e4m3's 3 mantissa bits would round most of a LoRA's
     delta away if merged), "merge" for any other (no cost per step)."""
-    fp8 = any(isinstance(module, Fp8Linear) and module.weight.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
-              for module in model.modules())
+    fp8 = any(isinstance(module, Fp8Linear) and module.weight.dtype in FP8_DTYPES for module in model.modules())
     return "on_the_fly" if fp8 else "merge"
 
 
@@ -739,15 +742,7 @@ def apply_lora(model: nn.Module, lora: LoraWeights | str | os.PathLike, strength
             return torch.float32  # merged in float64 anyway; float32 keeps the LoRA's precision
         return module.compute_dtype if isinstance(module, Fp8Linear) else module.weight.dtype
 
-    def device_for(module: nn.Module) -> torch.device:
-        if mode == "merge":
-            return module.weight.device
-        # Where the model computes: with its blocks offloaded (kontext_core/offload.py) their weights live on
-        # the host while the rest of the model, and every layer's arithmetic, is on the GPU; factors left on
-        # the host would be copied over, synchronously, at every call.
-        return model.device
-
-    spans = _resolve(model, lora, dtype_for, device_for)
+    spans = _resolve(model, lora, dtype_for, on_layer_devices=mode == "merge")
     handle = LoraHandle(model, lora, spans, strength, mode,
                         torch.device(backup_device) if backup_device is not None else None)
     handle._attach()

@@ -260,28 +260,33 @@ def test_on_the_fly_factors_follow_the_model_to_another_dtype_and_device(tiny_tr
     assert lora_factors(layer).down.device.type == "meta"
 
 
-def test_lora_delta_reads_every_input_form_of_a_layer(tiny_transformer, tmp_path):
+def test_the_lora_is_added_from_every_input_form_of_a_layer(tiny_transformer, tmp_path):
     # The blocks hand a layer its input as a tensor, as e4m3 rows with per-row scales (fp8 layers) or as two
-    # column parts never concatenated (the single block's linear2); the LoRA's delta must be the same from each.
-    from kontext_core.fused import ColumnParts, lora_delta, lora_factors
+    # column parts never concatenated (the single block's linear2); the LoRA's delta, accumulated into the
+    # layer's output in place, must be the same from each.
+    from kontext_core.fused import ColumnParts, _plus_lora, lora_factors
     from kontext_core.quant import quantize_rows
 
-    model = tiny_transformer.to(torch.bfloat16)
+    model = tiny_transformer
     lora = load_lora(_write(tmp_path, "diffusers", _random_lora(model, seed=8), model.config))
     layer = model.single_blocks[0].linear2
-    assert lora_delta(layer, torch.randn(2, 3, layer.in_features, dtype=torch.bfloat16)) is None
+    x = torch.randn(2, 7, layer.in_features)
+    out = torch.randn(2, 7, layer.out_features)
+
+    def delta(layer_input) -> torch.Tensor:
+        return _plus_lora(out.clone(), layer, layer_input) - out
+
+    assert torch.equal(delta(x), torch.zeros_like(out))  # no LoRA: the output untouched
     apply_lora(model, lora, strength=0.9, mode="on_the_fly")
     down, up = lora_factors(layer)[:2]
-    x = torch.randn(2, 7, layer.in_features, dtype=torch.bfloat16)
-    expected = (x.double() @ down.double().t() @ up.double().t())
-    assert rel_error(lora_delta(layer, x), expected) < 2e-2  # bf16 products
+    expected = x.double() @ down.double().t() @ up.double().t()
+    assert rel_error(delta(x), expected) < 1e-4
     split = 5
-    parts = ColumnParts(x[..., :split], x[..., split:])
-    assert rel_error(lora_delta(layer, parts), expected) < 2e-2
+    assert rel_error(delta(ColumnParts(x[..., :split], x[..., split:])), expected) < 1e-4
     rows = quantize_rows(x)
     dequantized = (rows.data.double().reshape(-1, x.shape[-1]) * rows.scale.double()).view(x.shape)
     from_rows = dequantized @ down.double().t() @ up.double().t()
-    assert rel_error(lora_delta(layer, rows), from_rows) < 2e-2  # the same e4m3 values the GEMM reads
+    assert rel_error(delta(rows), from_rows) < 1e-4  # from the same e4m3 values the layer's GEMM reads
     assert rel_error(from_rows, expected) < 0.1  # and those are x within e4m3 rounding
 
 
