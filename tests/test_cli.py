@@ -135,3 +135,21 @@ def test_unreadable_input_image(models_tree):
     (tmp_path / "bad.png").write_bytes(b"not an image")
     with pytest.raises(SystemExit, match="bad.png is not a readable image"):
         main(["edit", str(tmp_path / "bad.png"), "--prompt", "p", "-o", str(tmp_path / "o.png"), *common])
+
+
+@pytest.mark.parametrize("dtype, mode", [("fp32", "merge"), ("fp8", "on_the_fly")])
+def test_lora_is_merged_except_into_fp8_weights(models_tree, tiny_transformer, monkeypatch, dtype, mode):
+    # e4m3 would round most of a LoRA's delta away if merged: fp8 weights get it on the fly.
+    from conftest import random_block_lora_file
+    from kontext_core import lora
+
+    tmp_path, image, common = models_tree
+    save_file(random_block_lora_file(tiny_transformer, seed=2), tmp_path / "style.safetensors")
+    applied = []
+    real_apply = lora.apply_lora
+    monkeypatch.setattr(lora, "apply_lora", lambda *args, **kwargs: applied.append(real_apply(*args, **kwargs))
+                        or applied[-1])
+    common = [*common[:common.index("--dtype")], "--dtype", dtype, "--device", "cpu"]
+    assert main(["edit", str(image), "--prompt", "x", "-o", str(tmp_path / "l.png"), "--resize", "keep",
+                 "--lora", f"{tmp_path / 'style.safetensors'}:0.8", *common]) == 0
+    assert [(handle.mode, handle.strength) for handle in applied] == [(mode, 0.8)]

@@ -21,6 +21,16 @@ def _model(device: str) -> KontextTransformer:
     return randomize_(KontextTransformer(TransformerConfig.tiny()), seed=3).to(device).eval()
 
 
+def _replays_eager(graphed: GraphedVelocity, args, tolerance: float = 1e-5) -> bool:
+    """The graph's step equals the plain model's on the same inputs."""
+    return rel_error(graphed(*args), graphed.model.velocity(*args)) < tolerance
+
+
+def _graphed_cuda_model() -> tuple[KontextTransformer, GraphedVelocity, tuple]:
+    model = _model("cuda")
+    return model, GraphedVelocity(model), tiny_edit_args(1, torch.float32, "cuda")
+
+
 def test_without_cuda_the_plain_step_runs():
     model = _model("cpu")
     graphed = GraphedVelocity(model)
@@ -47,24 +57,22 @@ def test_replays_equal_eager_steps_with_one_capture():
     with torch.no_grad():
         for _ in range(3):
             args = tiny_edit_args(1, torch.float32, "cuda")  # fresh inputs, same shapes
-            assert rel_error(graphed(*args), model.velocity(*args)) < 1e-5
+            assert _replays_eager(graphed, args)
         assert graphed.captures == 1
         args = tiny_edit_args(2, torch.float32, "cuda")  # a new batch size: a new graph
-        assert rel_error(graphed(*args), model.velocity(*args)) < 1e-5
+        assert _replays_eager(graphed, args)
         assert graphed.captures == 2
 
 
 @needs_cuda
 def test_replaced_weights_and_hooks_are_respected():
-    model = _model("cuda")
-    graphed = GraphedVelocity(model)
-    args = tiny_edit_args(1, torch.float32, "cuda")
+    model, graphed, args = _graphed_cuda_model()
     with torch.no_grad():
         graphed(*args)
         layer = model.single_blocks[0].linear2
         layer.weight = torch.nn.Parameter(layer.weight * 2, requires_grad=False)  # a new tensor, a new address
         assert graphed.prepare() is None
-        assert rel_error(graphed(*args), model.velocity(*args)) < 1e-5
+        assert _replays_eager(graphed, args)
         assert graphed.captures == 2
         handle = layer.register_forward_hook(lambda module, inputs, output: output * 0.5)
         assert graphed.prepare() is not None  # the caller then runs the plain model
@@ -81,9 +89,7 @@ def test_prepare_accepts_loras_on_the_fly():
 
 @needs_cuda
 def test_loras_on_the_fly_replay_and_a_new_strength_needs_no_capture():
-    model = _model("cuda")
-    graphed = GraphedVelocity(model)
-    args = tiny_edit_args(1, torch.float32, "cuda")
+    model, graphed, args = _graphed_cuda_model()
     with torch.no_grad():
         plain = model.velocity(*args)
         handle = apply_lora(model, random_block_lora(model, seed=5), 0.7, mode="on_the_fly")
@@ -92,12 +98,12 @@ def test_loras_on_the_fly_replay_and_a_new_strength_needs_no_capture():
         assert rel_error(with_lora, model.velocity(*args)) < 1e-5 and rel_error(with_lora, plain) > 0.05
         handle.set_strength(-0.4)  # the factors are rewritten in place: the captured graph reads them
         assert graphed.prepare() is None
-        assert rel_error(graphed(*args), model.velocity(*args)) < 1e-5
+        assert _replays_eager(graphed, args)
         assert graphed.captures == 1
         handle.remove()
         apply_lora(model, random_block_lora(model, seed=6, rank=40), 0.7, mode="on_the_fly")
         assert graphed.prepare() is None  # factors of another shape (rank 40, padded to 64): a new capture
-        assert rel_error(graphed(*args), model.velocity(*args)) < 1e-5
+        assert _replays_eager(graphed, args)
         assert graphed.captures == 2
 
 
@@ -111,7 +117,7 @@ def test_an_eager_fp8_model_with_a_lora_replays():
     args = tiny_edit_args(1, torch.bfloat16, "cuda")
     with torch.no_grad():
         assert graphed.prepare() is None
-        assert rel_error(graphed(*args), model.velocity(*args)) < 1e-3  # the same kernels, replayed
+        assert _replays_eager(graphed, args, tolerance=1e-3)  # the same kernels, replayed
         assert graphed.captures == 1
 
 
