@@ -71,8 +71,10 @@ __all__ = [
     "LoraWeights",
     "active_loras",
     "apply_lora",
+    "factor_bytes",
     "load_lora",
     "lora_from_state_dict",
+    "on_the_fly_bytes",
     "preferred_mode",
     "remove_all_loras",
 ]
@@ -575,7 +577,7 @@ def _stack_factors(module: nn.Module, name: str, device: torch.device) -> None:
     # shapes, so LoRAs of ranks 4, 8 and 16 share one compilation (a new shape recompiles the blocks, a
     # minute for inductor), and the fp8 GEMM gets the multiple of 16 it needs. The zeros add nothing.
     rank = sum(down.shape[0] for down in downs)
-    padding = max(16, 1 << (rank - 1).bit_length()) - rank
+    padding = _stacked_rank(rank) - rank
     dtype = module.compute_dtype if isinstance(module, Fp8Linear) else module.weight.dtype
     down = torch.cat((*downs, downs[0].new_zeros(padding, downs[0].shape[1]))).to(device, dtype)
     up = torch.cat((*ups, ups[0].new_zeros(ups[0].shape[0], padding)), dim=1).to(device, dtype)
@@ -594,6 +596,41 @@ def _stack_factors(module: nn.Module, name: str, device: torch.device) -> None:
 
 def _layout(factors: LoraFactors) -> list:
     return [None if t is None else (t.shape, t.dtype, t.device) for t in factors]
+
+
+def _stacked_rank(rank: int) -> int:
+    return max(16, 1 << (rank - 1).bit_length())
+
+
+def factor_bytes(model: nn.Module) -> int:
+    """The bytes that the on-the-fly LoRA factors on `model` take where it computes: memory beside its weights
+    that moves with it (`.to()`), which a memory manager counting only parameters and buffers would miss."""
+    return sum(t.nbytes for module in model.modules() if (factors := lora_factors(module)) is not None
+               for t in factors if t is not None)
+
+
+def on_the_fly_bytes(model: nn.Module, loras: Iterable[LoraWeights]) -> int:
+    """What `factor_bytes(model)` will be with `loras` (and no others) applied on the fly: room to make before
+    applying them. Layers `model` lacks are left out (applying such a LoRA raises)."""
+    ranks: dict[str, int] = {}
+    for lora in loras:
+        for name, parts in lora.layers.items():
+            ranks[name] = ranks.get(name, 0) + sum(part.down.shape[0] for part in parts)
+    total = 0
+    for name, rank in ranks.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            continue
+        if not isinstance(module, (nn.Linear, Fp8Linear)) or rank == 0:
+            continue
+        stacked = _stacked_rank(rank)
+        fp8 = isinstance(module, Fp8Linear)
+        element = (module.compute_dtype if fp8 else module.weight.dtype).itemsize
+        total += stacked * (module.in_features + module.out_features) * element
+        if fp8:  # the down factor again in e4m3, with one float32 scale per rank row
+            total += stacked * module.in_features + stacked * 4
+    return total
 
 
 class LoraHandle:

@@ -126,6 +126,22 @@ def manage(modules: dict[str, torch.nn.Module], device: torch.device, kind: str,
     return patcher
 
 
+def count_extra_bytes(handle: Any, extra: int) -> None:
+    """Have ComfyUI count `extra` bytes beside the managed model's weights: on-the-fly LoRA factors, plain
+    tensors (not parameters or buffers) that move with the model. Its memory manager then frees room for them
+    when it loads the model and counts them when it unloads it. No-op without ComfyUI."""
+    if handle is None or not hasattr(handle, "size"):
+        return
+    size = _weight_bytes(handle.model) + extra
+    if handle.size == size:
+        return
+    model = handle.model
+    fully_loaded = not getattr(model, "model_lowvram", False) and getattr(model, "model_loaded_weight_memory", 0) > 0
+    handle.size = size
+    if fully_loaded:  # the factors were made on the device: loaded with the rest, not to be loaded again
+        model.model_loaded_weight_memory = size
+
+
 def load_models(handles: list[Any], memory_required: int = 0) -> None:
     """Have ComfyUI put these models on their device now (together), freeing memory from other models
     first if needed; a model it already holds there is left as it is. Without ComfyUI, nothing to do.

@@ -213,11 +213,13 @@ def text_encoders(ref: TextEncodersRef, cache: ModelCache | None = None):
     return _get(cache, ref.key, device, "text_encoders", "KontextTextEncoders", [ref.t5, ref.clip], load_at)
 
 
-def ready(*models: Any, cache: ModelCache | None = None) -> None:
+def ready(*models: Any, cache: ModelCache | None = None, memory_required: int = 0) -> None:
     """Before using cached models: ComfyUI's memory manager puts them (together) on their device, freeing
-    memory from other models first; it may have moved them to the CPU since. No-op for unmanaged models."""
+    memory from other models first (`memory_required` bytes more); it may have moved them to the CPU since.
+    No-op for unmanaged models."""
     cache = cache or CACHE
-    comfy_adapter.load_models([h for h in (cache.handle_of(m) for m in models) if h is not None])
+    comfy_adapter.load_models([h for h in (cache.handle_of(m) for m in models) if h is not None],
+                              memory_required=memory_required)
 
 
 def is_managed(model: Any, cache: ModelCache | None = None) -> bool:

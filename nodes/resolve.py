@@ -10,7 +10,7 @@ import torch
 
 from kontext_core import KontextPipeline, TextConditioning, apply_lora, set_attention_backend
 from kontext_core.image import prepare_image
-from kontext_core.lora import active_loras, preferred_mode, remove_all_loras
+from kontext_core.lora import active_loras, factor_bytes, on_the_fly_bytes, preferred_mode, remove_all_loras
 
 from . import comfy_adapter, convert, model_cache
 from .model_cache import AutoencoderRef, TextEncodersRef, TransformerRef
@@ -115,6 +115,19 @@ def _keep(model: torch.nn.Module, wanted: list[tuple[Any, float]], mode: str) ->
         apply_lora(model, weights, strength, mode=mode)
 
 
+def _keep_counted(model: torch.nn.Module, wanted: list[tuple[Any, float]], mode: str) -> None:
+    """`_keep`, with ComfyUI told about the GPU memory on-the-fly factors take (~0.3 GB for a rank-32 LoRA on
+    every layer): room is made for them before they are made, and the model is counted with them after."""
+    if mode == "on_the_fly":
+        needed = on_the_fly_bytes(model, [weights for weights, _ in wanted]) - factor_bytes(model)
+        if needed > 0:
+            model_cache.ready(model, memory_required=needed)
+    try:
+        _keep(model, wanted, mode)
+    finally:
+        comfy_adapter.count_extra_bytes(model_cache.CACHE.handle_of(model), factor_bytes(model))
+
+
 def set_loras(model: torch.nn.Module, ref: TransformerRef) -> None:
     """Give the model `ref`'s LoRAs (and no others) before a run; every node that samples calls this.
 
@@ -129,14 +142,14 @@ def set_loras(model: torch.nn.Module, ref: TransformerRef) -> None:
     wanted = loras(ref)
     mode = preferred_mode(model)
     try:
-        _keep(model, wanted, mode)
+        _keep_counted(model, wanted, mode)
     except (MemoryError, RuntimeError) as error:  # torch's allocators raise RuntimeErrors naming the memory
         if mode != "merge" or (not isinstance(error, MemoryError) and "memory" not in str(error).lower()):
             raise
         remove_all_loras(model)
         comfy_adapter.log.warning("comfyui-kontext: no memory to merge the LoRAs (%s); they run on the fly for "
                                   "now, ~13%% slower a step. Free CPU memory to have them merged.", error)
-        _keep(model, wanted, "on_the_fly")
+        _keep_counted(model, wanted, "on_the_fly")
 
 
 def pipeline(model: TransformerRef, vae: Any, text: TextEncodersRef | None = None) -> KontextPipeline:

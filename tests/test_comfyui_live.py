@@ -243,6 +243,31 @@ assert handle in mm.loaded_models() and handle.loaded_size() == weights
 with torch.no_grad():  # it still works after the round trip
     model.img_in(torch.zeros(1, model.img_in.in_features))
 
+# fp8 weights take a LoRA on the fly: ComfyUI counts its factors with the model, loaded, and without them after.
+from safetensors.torch import save_file
+resolve = nodes_module("resolve")
+fp8_path = {str(tmp_path / "kontext_fp8.safetensors")!r}
+save_transformer(KontextTransformer(TransformerConfig.tiny()), fp8_path, weights="fp8_e4m3fn_scaled")
+fp8_ref = model_cache.TransformerRef(fp8_path, "fp8", str(mm.get_torch_device()))
+fp8_model = model_cache.transformer(fp8_ref)
+layer = fp8_model.double_blocks[0].img_attn.qkv
+lora_path = {str(tmp_path / "lora.safetensors")!r}
+save_file({{"diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight": torch.randn(8, layer.in_features),
+           "diffusion_model.double_blocks.0.img_attn.qkv.lora_B.weight": torch.randn(layer.out_features, 8)}},
+          lora_path)
+fp8_handle = model_cache.CACHE.handle_of(fp8_model)
+model_cache.ready(fp8_model)
+fp8_weights = fp8_handle.model_size()
+resolve.set_loras(fp8_model, fp8_ref.with_lora(model_cache.LoraRef(lora_path, 1.0)))
+from kontext_core.lora import factor_bytes
+extra = factor_bytes(fp8_model)
+assert extra > 0 and fp8_handle.model_size() == fp8_handle.loaded_size() == fp8_weights + extra, (
+    fp8_handle.model_size(), fp8_handle.loaded_size(), fp8_weights, extra)
+model_cache.ready(fp8_model)
+assert fp8_handle.loaded_size() == fp8_weights + extra
+resolve.set_loras(fp8_model, fp8_ref)
+assert factor_bytes(fp8_model) == 0 and fp8_handle.model_size() == fp8_handle.loaded_size() == fp8_weights
+
 adapter.on_unload_models(model_cache.CACHE.release)
 mm.unload_all_models()  # "Unload Models"
 assert handle not in mm.loaded_models() and not model_cache.CACHE.models and not model_cache.CACHE.handles

@@ -21,8 +21,10 @@ from kontext_core.lora import (
     LoraError,
     active_loras,
     apply_lora,
+    factor_bytes,
     load_lora,
     lora_from_state_dict,
+    on_the_fly_bytes,
     preferred_mode,
     remove_all_loras,
 )
@@ -450,6 +452,28 @@ def test_fp8_model_on_the_fly_and_merged(tiny_transformer, tmp_path):
     handle.remove()
     for key, value in kept.state_dict().items():
         assert torch.equal(value, original[key]), key
+
+
+def test_on_the_fly_bytes_foretells_the_factors_memory(tiny_transformer, tmp_path):
+    # The nodes make room for on-the-fly factors before making them (ComfyUI counts them with the model):
+    # the estimate must equal what is then allocated, in bf16 and fp8, for part LoRAs and stacked ones.
+    save_transformer(tiny_transformer, tmp_path / "fp8.safetensors", weights="fp8_e4m3fn_scaled")
+    parts = load_lora(_write(tmp_path, "diffusers", _random_lora(tiny_transformer, seed=11), tiny_transformer.config))
+    whole = load_lora(_write(tmp_path, "bfl", _random_lora(tiny_transformer, seed=12, rank=24),
+                             tiny_transformer.config, name="whole"))
+    for dtype in ("bf16", "fp8"):
+        model = load_transformer(tmp_path / "fp8.safetensors", dtype=dtype)
+        assert factor_bytes(model) == 0
+        handles = []
+        for applied in ([parts], [parts, whole]):
+            handles.append(apply_lora(model, applied[-1], mode="on_the_fly"))
+            measured = factor_bytes(model)
+            assert measured > 0 and on_the_fly_bytes(model, applied) == measured, (dtype, len(applied))
+        assert on_the_fly_bytes(model, [whole]) < factor_bytes(model)
+        remove_all_loras(model)
+        assert factor_bytes(model) == 0
+        apply_lora(model, whole, mode="merge")
+        assert factor_bytes(model) == 0  # merged: nothing beside the weights
 
 
 # --- (g) bad files and skipped keys ------------------------------------------------------------

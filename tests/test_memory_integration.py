@@ -14,7 +14,8 @@ import torch
 
 from conftest import FakeEncoders
 from node_pack import nodes_module
-from test_nodes import FAST, FakeComfyVae, _image, _prompt, comfy, models  # noqa: F401 (fixtures)
+from kontext_core.lora import factor_bytes, on_the_fly_bytes
+from test_nodes import FAST, FakeComfyVae, _image, _prompt, comfy, fp8_model_with_lora, models  # noqa: F401
 
 nodes = nodes_module()
 adapter = nodes_module("comfy_adapter")
@@ -51,8 +52,15 @@ class FakeMemoryManager:
 
     def load_models(self, handles, memory_required=0):
         self.events.append(("load", *sorted(h.name for h in handles)))
+        if memory_required:
+            self.events.append(("room", memory_required))
         for handle in handles:
             handle.loaded = True
+
+    def count_extra_bytes(self, handle, extra):  # as ComfyUI's patcher: only a change of size is news
+        if handle is not None and getattr(handle, "extra", 0) != extra:
+            handle.extra = extra
+            self.events.append(("count", handle.name, extra))
 
     def forget(self, handle):
         self.forgotten.append(handle)
@@ -70,7 +78,7 @@ class FakeMemoryManager:
 @pytest.fixture
 def manager(monkeypatch):
     fake = FakeMemoryManager()
-    for name in ("storage_device", "manage", "load_models", "forget"):
+    for name in ("storage_device", "manage", "load_models", "forget", "count_extra_bytes"):
         monkeypatch.setattr(adapter, name, getattr(fake, name))
     return fake
 
@@ -128,6 +136,28 @@ def test_models_comfyui_moved_out_come_back_before_they_run(managed, manager, ti
     manager.evict()  # between two queue runs, another checkpoint took the memory
     state = nodes.KontextEditTurn.run(state, "b", seed=2, steps=2).outputs[0]
     assert len(state.turns) == 3
+
+
+def test_room_is_made_for_on_the_fly_lora_factors_and_they_are_counted(managed, manager, comfy, tiny_transformer):
+    """fp8 weights take LoRAs on the fly: their factors (GPU memory beside the weights, moving with the model)
+    get room made before they are made and are counted with the model after; dropping the LoRA uncounts them."""
+    fp8, transformer, with_lora = fp8_model_with_lora(comfy, tiny_transformer)
+    cond = _prompt(managed, "x")
+    expected = on_the_fly_bytes(transformer, [model_cache.lora(with_lora.loras[0])])
+    assert expected > 0
+
+    manager.events.clear()
+    nodes.KontextEdit.run(with_lora, managed.vae, cond, seed=1, image=_image(1), **FAST)
+    assert factor_bytes(transformer) == expected
+    sampling = manager.events[manager.events.index(("load", "KontextTransformer")):]
+    assert sampling[:5] == [("load", "KontextTransformer"), ("load", "KontextTransformer"), ("room", expected),
+                            ("count", "KontextTransformer", expected), ("run", "KontextTransformer")], sampling
+
+    manager.events.clear()  # the same LoRA again: kept, no room to make
+    nodes.KontextEdit.run(with_lora, managed.vae, cond, seed=1, image=_image(1), **FAST)
+    assert not any(event[0] == "room" for event in manager.events)
+    nodes.KontextEdit.run(fp8, managed.vae, cond, seed=1, image=_image(1), **FAST)
+    assert factor_bytes(transformer) == 0 and ("count", "KontextTransformer", 0) in manager.events
 
 
 def test_without_the_manager_models_would_run_moved_out(managed, manager):

@@ -566,13 +566,18 @@ def test_lora_without_memory_for_the_merge_runs_on_the_fly(models, comfy, monkey
         nodes.KontextEdit.run(with_lora, models.vae, cond, seed=1, image=image, **FAST)
 
 
-def test_lora_node_on_fp8_weights_applies_on_the_fly_and_keeps_it(models, comfy, tiny_transformer):
+def fp8_model_with_lora(comfy, tiny_transformer):
+    """An fp8 file loaded by the loader node -> (its reference, the transformer, the reference with a LoRA)."""
     save_transformer(tiny_transformer, comfy.root / "diffusion_models" / "tiny_fp8.safetensors", layout="comfy",
                      weights="fp8_e4m3fn")
     fp8 = nodes.KontextModelLoader.run("tiny_fp8.safetensors").outputs[0]
     transformer = resolve.transformer(fp8)
     _lora_file(transformer, comfy.root / "loras" / "style.safetensors")
-    with_lora = nodes.KontextLoRA.run(fp8, "style.safetensors", strength=1.0).outputs[0]
+    return fp8, transformer, nodes.KontextLoRA.run(fp8, "style.safetensors", strength=1.0).outputs[0]
+
+
+def test_lora_node_on_fp8_weights_applies_on_the_fly_and_keeps_it(models, comfy, tiny_transformer):
+    fp8, transformer, with_lora = fp8_model_with_lora(comfy, tiny_transformer)
     before = {k: v.clone() for k, v in transformer.state_dict().items()}
     image, cond = _image(1), _prompt(models, "x")
     seen = []
