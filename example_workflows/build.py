@@ -59,15 +59,24 @@ CORE = {
 FRONTEND_ONLY = {"Note", "MarkdownNote"}
 
 
-def _pack_nodes():
-    name = "comfyui_kontext_pack"
+PACK = "comfyui_kontext_pack"
+
+
+def load_pack(name: str = PACK):
+    """The node pack imported as ComfyUI imports it: the repository folder as a package under a name of its own
+    (a plain `import nodes` would be ambiguous: ComfyUI has a top-level module of that name)."""
     if name not in sys.modules:
         spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py",
                                                       submodule_search_locations=[str(REPO)])
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
-    return {node.spec().node_id: node.spec() for node in importlib.import_module(f"{name}.nodes").NODES}
+    return sys.modules[name]
+
+
+def _pack_nodes():
+    load_pack()
+    return {node.spec().node_id: node.spec() for node in importlib.import_module(f"{PACK}.nodes").NODES}
 
 
 @dataclass

@@ -1,5 +1,5 @@
-"""The node pack imported the way ComfyUI imports it: the repository folder as a package under a name of
-its own. (A plain `import nodes` would be ambiguous: ComfyUI has a top-level module of that name.)"""
+"""The node pack imported the way ComfyUI imports it (example_workflows/build.py's `load_pack`, one place for
+both): the repository folder as a package under a name of its own."""
 
 from __future__ import annotations
 
@@ -10,19 +10,25 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PACK = "comfyui_kontext_pack"
 COMFYUI = Path(os.environ.get("COMFYUI_PATH") or os.environ.get("COMFYUI_DIR") or Path.home() / "ComfyUI")
+
+
+def workflow_builder():
+    name = "example_workflows_build"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "example_workflows" / "build.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # its dataclasses look themselves up there
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+PACK = workflow_builder().PACK
 
 
 def load_pack():
     """The pack's root module (what ComfyUI's load_custom_node executes)."""
-    if PACK not in sys.modules:
-        spec = importlib.util.spec_from_file_location(PACK, REPO / "__init__.py",
-                                                      submodule_search_locations=[str(REPO)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[PACK] = module
-        spec.loader.exec_module(module)
-    return sys.modules[PACK]
+    return workflow_builder().load_pack()
 
 
 def nodes_module(name: str = ""):

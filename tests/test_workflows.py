@@ -8,15 +8,13 @@ test_comfyui_live.py.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
 
-from node_pack import COMFYUI, REPO, nodes_module
+from node_pack import COMFYUI, REPO, nodes_module, workflow_builder
 
 WORKFLOWS = REPO / "example_workflows"
 UI_FILES = sorted(WORKFLOWS.glob("*.json"))
@@ -194,10 +192,7 @@ def test_ui_workflow_and_api_twin_are_the_same_graph(path):
 
 
 def test_files_are_what_build_py_writes():
-    spec = importlib.util.spec_from_file_location("example_workflows_build", WORKFLOWS / "build.py")
-    build = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = build  # its dataclasses look themselves up there
-    spec.loader.exec_module(build)
+    build = workflow_builder()
     for name, (ui, api) in build.build().items():
-        assert _load(WORKFLOWS / f"{name}.json") == json.loads(json.dumps(ui)), f"run python {spec.origin}"
+        assert _load(WORKFLOWS / f"{name}.json") == json.loads(json.dumps(ui)), f"run python {build.__file__}"
         assert _load(WORKFLOWS / "api" / f"{name}_api.json") == json.loads(json.dumps(api))
