@@ -207,8 +207,10 @@ MODIFIERS = {
     "cudnn": "a reference row with PyTorch's SDPA priority cuDNN first (ours always is; default: flash first)",
     "lora": "a random rank-32 LoRA on every linear of every block, merged into the weights (as the nodes "
             "apply LoRAs to bf16 models); the row reports the merge's time",
-    "lorafly": "the same LoRA applied on the fly (two thin GEMMs more per layer, traced into compiled blocks "
-               "and replayed by CUDA graphs; as the nodes apply LoRAs to fp8 models)",
+    "lorafly": "the same LoRA applied on the fly (as the nodes apply LoRAs to fp8 models): on fp8 layers fed "
+               "by the fused quantizers as extra K columns of their own GEMM (kontext_core/wide_lora.py), "
+               "elsewhere two thin GEMMs more; traced into compiled blocks and replayed by CUDA graphs",
+    "thinlora": "with +lorafly: the LoRA as two thin GEMMs on every layer, fp8 ones too (before GEMM columns)",
     "autotune": "compiled blocks in inductor's max-autotune mode: each GEMM timed against Triton templates "
                 "(persistent TMA ones too) that can take the elementwise work after it into their epilogue",
 }
@@ -221,7 +223,7 @@ def implementation(name: str) -> str:
                                          f"{', '.join('+' + m for m in MODIFIERS)}")
     if "cudnn" in modifiers and base.startswith("ours"):
         raise argparse.ArgumentTypeError(f"{name!r}: +cudnn is for the reference rows; ours always puts cuDNN first")
-    ours_only = [m for m in modifiers if m in ("lora", "lorafly", "autotune")]
+    ours_only = [m for m in modifiers if m in ("lora", "lorafly", "thinlora", "autotune")]
     if ours_only and not base.startswith("ours"):
         raise argparse.ArgumentTypeError(f"{name!r}: +{ours_only[0]} applies to our rows only")
     if "autotune" in modifiers and not base.endswith("-compiled"):
@@ -293,13 +295,22 @@ def apply_row_lora(model, impl: str):
     mode = "merge" if "lora" in modifiers else "on_the_fly" if "lorafly" in modifiers else None
     if mode is None:
         return None
+    from kontext_core import wide_lora
+
     weights = random_lora(model)
     torch.cuda.synchronize()
     started = time.perf_counter()
-    handle = apply_lora(model, weights, 1.0, mode=mode)
+    wide_lora.set_enabled("thinlora" not in modifiers)
+    try:
+        handle = apply_lora(model, weights, 1.0, mode=mode)
+    finally:
+        wide_lora.set_enabled(True)
     torch.cuda.synchronize()
-    print(f"  ({impl}: {len(weights.targets)} layers, LoRA applied ({mode}) in {time.perf_counter() - started:.2f} s)",
-          flush=True)
+    from kontext_core.fused import lora_factors
+
+    columns = sum(1 for layer in model.modules() if (f := lora_factors(layer)) is not None and f.wide is not None)
+    print(f"  ({impl}: {len(weights.targets)} layers, LoRA applied ({mode}) in {time.perf_counter() - started:.2f} s; "
+          f"{columns} as columns of their fp8 GEMM)", flush=True)
     return handle
 
 

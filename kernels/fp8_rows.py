@@ -14,7 +14,9 @@ once, as fp8 (1.8-2.9 TB/s; bench/RESULTS.md, "The row quantizers timed without 
   every block's first GEMMs.
 
 Each returns (data, scale): data e4m3 of x's leading shape and the row width, scale float32
-[rows, 1], data * scale ~= the float32 result. The `*_reference` functions compute the same in
+[rows, 1], data * scale ~= the float32 result. With `spare` > 0 each row of data has that many
+columns more, left unwritten, after the quantized values: room for a LoRA's columns that the layer's
+fp8 GEMM multiplies in the same pass (kontext_core/wide_lora.py). The `*_reference` functions compute the same in
 PyTorch, in float32 throughout; the kernels scale and round as they do (kernels/e4m3.py), so only
 the last float32 bits of GELU and LayerNorm can tell them apart.
 """
@@ -34,68 +36,72 @@ triton, tl = import_triton()
 Quantized = tuple[torch.Tensor, torch.Tensor]
 
 
-def _quantize_reference(values: torch.Tensor) -> Quantized:
-    """float32 [..., K] -> (e4m3 [..., K], float32 [rows, 1]): per-row amax / 448 scales."""
+def _quantize_reference(values: torch.Tensor, spare: int = 0) -> Quantized:
+    """float32 [..., K] -> (e4m3 [..., K + spare], float32 [rows, 1]): per-row amax / 448 scales."""
     rows = values.reshape(-1, values.shape[-1])
     amax = rows.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12)
     # A true division (python_float / tensor would multiply by a rounded reciprocal): as the kernels.
     data = (rows * (amax.new_tensor(E4M3_MAX) / amax)).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-    return data.view(values.shape), amax / E4M3_MAX
+    if spare:
+        wide = data.new_empty((data.shape[0], data.shape[1] + spare))
+        wide[:, :data.shape[1]] = data
+        data = wide
+    return data.view(*values.shape[:-1], data.shape[-1]), amax / E4M3_MAX
 
 
 def _gelu(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x.float(), approximate="tanh")
 
 
-def quantize_rows_reference(x: torch.Tensor) -> Quantized:
+def quantize_rows_reference(x: torch.Tensor, spare: int = 0) -> Quantized:
     """x [..., K] -> its rows in e4m3 with per-row scales."""
-    return _quantize_reference(x.float())
+    return _quantize_reference(x.float(), spare)
 
 
-def gelu_quantize_rows_reference(x: torch.Tensor) -> Quantized:
+def gelu_quantize_rows_reference(x: torch.Tensor, spare: int = 0) -> Quantized:
     """x [..., K] -> GELU(tanh)(x) in e4m3 with per-row scales."""
-    return _quantize_reference(_gelu(x))
+    return _quantize_reference(_gelu(x), spare)
 
 
-def concat_gelu_quantize_rows_reference(first: torch.Tensor, second: torch.Tensor) -> Quantized:
+def concat_gelu_quantize_rows_reference(first: torch.Tensor, second: torch.Tensor, spare: int = 0) -> Quantized:
     """first [..., K1], second [..., K2] -> [first, GELU(tanh)(second)] [..., K1 + K2] in e4m3, per-row scales."""
-    return _quantize_reference(torch.cat((first.float(), _gelu(second)), dim=-1))
+    return _quantize_reference(torch.cat((first.float(), _gelu(second)), dim=-1), spare)
 
 
 def layernorm_modulate_quantize_reference(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
-                                          eps: float = 1e-6) -> Quantized:
+                                          eps: float = 1e-6, spare: int = 0) -> Quantized:
     """x [B, L, C], shift and scale [B or 1, 1, C] -> (1 + scale) * layer_norm(x) + shift in e4m3, per-row scales."""
     normed = F.layer_norm(x.float(), (x.shape[-1],), eps=eps)
-    return _quantize_reference((1 + scale.float()) * normed + shift.float())
+    return _quantize_reference((1 + scale.float()) * normed + shift.float(), spare)
 
 
-def quantize_rows(x: torch.Tensor) -> Quantized:
+def quantize_rows(x: torch.Tensor, spare: int = 0) -> Quantized:
     """Same contract as `quantize_rows_reference`; the Triton kernel where it can run."""
     if enabled_for(x) and x.numel() > 0:
-        return _concat_quantize_triton(None, x, gelu=False)
-    return quantize_rows_reference(x)
+        return _concat_quantize_triton(None, x, gelu=False, spare=spare)
+    return quantize_rows_reference(x, spare)
 
 
-def gelu_quantize_rows(x: torch.Tensor) -> Quantized:
+def gelu_quantize_rows(x: torch.Tensor, spare: int = 0) -> Quantized:
     """Same contract as `gelu_quantize_rows_reference`; the Triton kernel where it can run."""
     if enabled_for(x) and x.numel() > 0:
-        return _concat_quantize_triton(None, x, gelu=True)
-    return gelu_quantize_rows_reference(x)
+        return _concat_quantize_triton(None, x, gelu=True, spare=spare)
+    return gelu_quantize_rows_reference(x, spare)
 
 
-def concat_gelu_quantize_rows(first: torch.Tensor, second: torch.Tensor) -> Quantized:
+def concat_gelu_quantize_rows(first: torch.Tensor, second: torch.Tensor, spare: int = 0) -> Quantized:
     """Same contract as `concat_gelu_quantize_rows_reference`; the Triton kernel where it can run."""
     if enabled_for(second) and second.numel() > 0 and first.shape[-1] > 0:
-        return _concat_quantize_triton(first, second, gelu=True)
-    return concat_gelu_quantize_rows_reference(first, second)
+        return _concat_quantize_triton(first, second, gelu=True, spare=spare)
+    return concat_gelu_quantize_rows_reference(first, second, spare)
 
 
 def layernorm_modulate_quantize(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
-                                eps: float = 1e-6) -> Quantized:
+                                eps: float = 1e-6, spare: int = 0) -> Quantized:
     """Same contract as `layernorm_modulate_quantize_reference`; the Triton kernel where it can run."""
     if enabled_for(x) and x.dim() == 3 and x.numel() > 0:
-        return _layernorm_modulate_quantize_triton(x, shift, scale, eps)
-    return layernorm_modulate_quantize_reference(x, shift, scale, eps)
+        return _layernorm_modulate_quantize_triton(x, shift, scale, eps, spare)
+    return layernorm_modulate_quantize_reference(x, shift, scale, eps, spare)
 
 
 # tl.reduce with Triton's own combines (runtime.reduction_combines says why).
@@ -128,14 +134,13 @@ def _row_tile(ptr, rows, n_rows, stride, width, BLOCK: tl.constexpr):
 @triton.jit
 def _concat_quantize_kernel(
     first_ptr, second_ptr, out_ptr, scale_ptr,
-    n_rows, first_width, second_width, stride_first, stride_second,
+    n_rows, first_width, second_width, stride_first, stride_second, stride_out,
     HAS_FIRST: tl.constexpr, GELU_SECOND: tl.constexpr, BLOCK_FIRST: tl.constexpr, BLOCK_SECOND: tl.constexpr,
     ROWS: tl.constexpr, EXACT_ROUNDING: tl.constexpr,
 ):
     # ROWS rows per program (one for FLUX's widths); each row stays in registers between the amax
     # and the rewrite.
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    width = first_width + second_width
     second, cols, mask = _row_tile(second_ptr, rows, n_rows, stride_second, second_width, BLOCK_SECOND)
     if GELU_SECOND:
         second = _gelu_tanh(second)
@@ -144,11 +149,11 @@ def _concat_quantize_kernel(
         first, first_cols, first_mask = _row_tile(first_ptr, rows, n_rows, stride_first, first_width, BLOCK_FIRST)
         amax = tl.maximum(amax, tl.reduce(tl.abs(first), 1, _max))
         scale, inv_scale = _row_scales(amax)
-        tl.store(out_ptr + rows[:, None] * width + first_cols[None, :], to_e4m3(first, inv_scale, EXACT_ROUNDING),
+        tl.store(out_ptr + rows[:, None] * stride_out + first_cols[None, :], to_e4m3(first, inv_scale, EXACT_ROUNDING),
                  mask=first_mask)
     else:
         scale, inv_scale = _row_scales(amax)
-    tl.store(out_ptr + rows[:, None] * width + first_width + cols[None, :],
+    tl.store(out_ptr + rows[:, None] * stride_out + first_width + cols[None, :],
              to_e4m3(second, inv_scale, EXACT_ROUNDING), mask=mask)
     tl.store(scale_ptr + rows[:, None], scale, mask=(rows < n_rows)[:, None])
 
@@ -158,7 +163,7 @@ def _as_rows(x: torch.Tensor) -> torch.Tensor:
     return last_dim_contiguous(x.reshape(-1, x.shape[-1]))
 
 
-def _concat_quantize_triton(first: torch.Tensor | None, second: torch.Tensor, gelu: bool) -> Quantized:
+def _concat_quantize_triton(first: torch.Tensor | None, second: torch.Tensor, gelu: bool, spare: int) -> Quantized:
     second_rows = _as_rows(second)
     first_rows = _as_rows(first) if first is not None else second_rows
     first_width = first.shape[-1] if first is not None else 0
@@ -166,7 +171,7 @@ def _concat_quantize_triton(first: torch.Tensor | None, second: torch.Tensor, ge
         raise ValueError(f"concat_gelu_quantize_rows: {first_rows.shape[0]} rows in first, "
                          f"{second_rows.shape[0]} in second")
     n_rows, second_width = second_rows.shape
-    width = first_width + second_width
+    width = first_width + second_width + spare
     data = torch.empty((*second.shape[:-1], width), dtype=torch.float8_e4m3fn, device=second.device)
     scale = torch.empty((n_rows, 1), dtype=torch.float32, device=second.device)
     block_second = next_power_of_2(second_width)
@@ -175,7 +180,7 @@ def _concat_quantize_triton(first: torch.Tensor | None, second: torch.Tensor, ge
     rows = rows_per_program(block)
     _concat_quantize_kernel[(cdiv(n_rows, rows),)](
         first_rows, second_rows, data, scale,
-        n_rows, first_width, second_width, first_rows.stride(0), second_rows.stride(0),
+        n_rows, first_width, second_width, first_rows.stride(0), second_rows.stride(0), width,
         HAS_FIRST=first is not None, GELU_SECOND=gelu, BLOCK_FIRST=block_first, BLOCK_SECOND=block_second,
         ROWS=rows, EXACT_ROUNDING=interpreting(), num_warps=row_warps(rows * block),
     )
@@ -188,29 +193,30 @@ def _concat_quantize_triton(first: torch.Tensor | None, second: torch.Tensor, ge
 def _layernorm_modulate_quantize_kernel(
     x_ptr, shift_ptr, scale_ptr, out_ptr, row_scale_ptr,
     n_rows, length, channels, eps,
-    stride_xb, stride_xl, stride_shift_b, stride_scale_b,
+    stride_xb, stride_xl, stride_shift_b, stride_scale_b, stride_out,
     BLOCK_C: tl.constexpr, ROWS: tl.constexpr, EXACT_ROUNDING: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     out, cols, mask = layernorm_modulate_rows(x_ptr, shift_ptr, scale_ptr, rows, n_rows, length, channels, eps,
                                               stride_xb, stride_xl, stride_shift_b, stride_scale_b, BLOCK_C)
     row_scale, inv_scale = _row_scales(tl.reduce(tl.abs(out), 1, _max))
-    tl.store(out_ptr + rows[:, None] * channels + cols[None, :], to_e4m3(out, inv_scale, EXACT_ROUNDING), mask=mask)
+    tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], to_e4m3(out, inv_scale, EXACT_ROUNDING),
+             mask=mask)
     tl.store(row_scale_ptr + rows[:, None], row_scale, mask=(rows < n_rows)[:, None])
 
 
 def _layernorm_modulate_quantize_triton(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
-                                        eps: float) -> Quantized:
+                                        eps: float, spare: int) -> Quantized:
     batch, length, channels = x.shape
     x, shift, scale = modulation_operands(x, shift, scale)
-    data = torch.empty((batch, length, channels), dtype=torch.float8_e4m3fn, device=x.device)
+    data = torch.empty((batch, length, channels + spare), dtype=torch.float8_e4m3fn, device=x.device)
     row_scale = torch.empty((batch * length, 1), dtype=torch.float32, device=x.device)
     block = next_power_of_2(channels)
     rows = rows_per_program(block)
     _layernorm_modulate_quantize_kernel[(cdiv(batch * length, rows),)](
         x, shift, scale, data, row_scale,
         batch * length, length, channels, eps,
-        x.stride(0), x.stride(1), shift.stride(0), scale.stride(0),
+        x.stride(0), x.stride(1), shift.stride(0), scale.stride(0), channels + spare,
         BLOCK_C=block, ROWS=rows, EXACT_ROUNDING=interpreting(), num_warps=row_warps(rows * block),
     )
     launches["layernorm_modulate_quantize"] += 1

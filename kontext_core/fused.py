@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from .quant import Fp8Linear, QuantizedRows, fp8_matmul_ok
+from .quant import E4M3_MAX, Fp8Linear, QuantizedRows, fp8_linear_rows, fp8_matmul_ok
 
 try:  # kernels/ is optional; a foreign package of the same name is ignored
     import kernels as _kernels
@@ -86,7 +86,7 @@ def modulated_input(layer: nn.Module, x: torch.Tensor, shift: torch.Tensor,
                     scale: torch.Tensor) -> torch.Tensor | QuantizedRows:
     """(1 + scale) * LayerNorm(x) + shift, as `layer`'s input: e4m3 rows for an fp8 layer."""
     if _takes_fp8_rows(layer, x):
-        return QuantizedRows(*torch.ops.kontext.layernorm_modulate_quantize(x, shift, scale))
+        return QuantizedRows(*torch.ops.kontext.layernorm_modulate_quantize(x, shift, scale, lora_columns(layer)))
     return modulate(x, shift, scale)
 
 
@@ -102,11 +102,15 @@ LORA_FACTORS = "kontext_lora_factors"
 class LoraFactors(NamedTuple):
     """A layer's on-the-fly LoRAs stacked (R padded with zeros, kontext_core/lora.py says why). For fp8
     layers also `down` in e4m3 with one scale per row (`down_scales` [1, R]), so that the down-projection
-    reads the layer's own e4m3 input rows instead of a bf16 copy written for it."""
+    reads the layer's own e4m3 input rows instead of a bf16 copy written for it. In the wide layout
+    (kontext_core/wide_lora.py) also `tail_scale` [1, R] and `wide`, the [N, K + R] e4m3 buffer holding the
+    layer's weight and the LoRA's columns."""
     down: torch.Tensor
     up: torch.Tensor
     down_e4m3: torch.Tensor | None = None
     down_scales: torch.Tensor | None = None
+    tail_scale: torch.Tensor | None = None
+    wide: torch.Tensor | None = None
 
 
 def lora_factors(layer: nn.Module) -> LoraFactors | None:
@@ -171,8 +175,40 @@ def _plus_lora(out: torch.Tensor, layer: nn.Module, x) -> torch.Tensor:
     return out
 
 
+def _fill_lora_columns(data: torch.Tensor, scale: torch.Tensor, down: torch.Tensor, tail_scale: torch.Tensor) -> None:
+    # The spare columns of e4m3 rows [M, K + R] <- x @ down.T / c in the rows' own scale (the wide layout's
+    # `a`): the row scale cancels out of x = data * scale, so a = (data @ down_e4m3.T) * tail_scale.
+    rows = data.view(-1, data.shape[-1])
+    width = down.shape[1]
+    inputs = rows[:, :width]
+    if rows.is_cuda:
+        low = torch._scaled_mm(inputs, down.t(), scale_a=scale, scale_b=tail_scale, out_dtype=torch.bfloat16)
+        columns = low.float() / scale
+    else:  # e4m3 products are exact in float32
+        columns = (inputs.float() @ down.float().t()) * tail_scale
+    rows[:, width:].copy_(columns.clamp(-E4M3_MAX, E4M3_MAX))
+
+
+ops.define("lora_columns_(Tensor(a!) data, Tensor scale, Tensor down, Tensor tail_scale) -> ()",
+           _fill_lora_columns, lambda data, scale, down, tail_scale: None)
+
+
+def lora_columns(layer: nn.Module) -> int:
+    """The spare columns the layer's input rows need for its LoRAs (0: none, or not in the wide layout)."""
+    factors = lora_factors(layer)
+    return 0 if factors is None or factors.wide is None else factors.tail_scale.shape[1]
+
+
 def linear(layer: nn.Module, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
     """layer(x), with the layer's on-the-fly LoRAs."""
+    factors = lora_factors(layer)
+    if factors is not None and factors.wide is not None and isinstance(x, QuantizedRows):
+        # e4m3 rows made with the spare columns: one GEMM over [x | a] and [W | b] (kontext_core/wide_lora.py).
+        if torch.compiler.is_compiling():
+            torch.ops.kontext.lora_columns_(x.data, x.scale, factors.down_e4m3, factors.tail_scale)
+        else:
+            _fill_lora_columns(x.data, x.scale, factors.down_e4m3, factors.tail_scale)
+        return fp8_linear_rows(x, factors.wide, layer.weight_scale, layer.bias, layer.compute_dtype)
     return _plus_lora(layer(x), layer, x)
 
 
@@ -276,7 +312,7 @@ def mlp_hidden(x: torch.Tensor | QuantizedRows, up: nn.Module, down: nn.Module) 
     if isinstance(x, QuantizedRows):
         hidden = linear(up, x)
         if _takes_fp8_rows(down, hidden):
-            return QuantizedRows(*torch.ops.kontext.gelu_quantize_rows(hidden))
+            return QuantizedRows(*torch.ops.kontext.gelu_quantize_rows(hidden, lora_columns(down)))
         return F.gelu(hidden, approximate="tanh")
     return linear_gelu(x, up)
 
@@ -291,7 +327,7 @@ def parallel_attention_mlp(x: torch.Tensor | QuantizedRows, linear1: nn.Module, 
         qkv, mlp = linear(linear1, x).split([split, linear1.out_features - split], dim=-1)
         attended = attend(qkv)
         if _takes_fp8_rows(linear2, attended):
-            return QuantizedRows(*torch.ops.kontext.concat_gelu_quantize_rows(attended, mlp))
+            return QuantizedRows(*torch.ops.kontext.concat_gelu_quantize_rows(attended, mlp, lora_columns(linear2)))
         return torch.cat((attended, F.gelu(mlp, approximate="tanh")), dim=-1)
     qkv, mlp = linear_then_gelu_part(x, linear1, split)
     attended = attend(qkv)
@@ -309,7 +345,7 @@ def gated_residual(residual: torch.Tensor, gate: torch.Tensor, x: torch.Tensor |
         if _fused_gemms and _plain_linear(layer) and _epilogue_free(layer) and _active(x):
             return _kernels.linear_gated_residual(x, layer.weight, layer.bias, gate, residual)
         if _takes_fp8_rows(layer, x):
-            x = QuantizedRows(*torch.ops.kontext.quantize_rows(x))
+            x = QuantizedRows(*torch.ops.kontext.quantize_rows(x, lora_columns(layer)))
     return residual + gate * linear(layer, x)
 
 
@@ -336,16 +372,20 @@ if _kernels is not None:
         return (x.new_empty((*x.shape[:-1], width), dtype=torch.float8_e4m3fn),
                 x.new_empty((rows, 1), dtype=torch.float32))
 
-    ops.define("quantize_rows(Tensor x) -> (Tensor, Tensor)", lambda x: _kernels.fp8_rows.quantize_rows(x),
-               lambda x: _quantized_fake(x, x.shape[-1]))
-    ops.define("gelu_quantize_rows(Tensor x) -> (Tensor, Tensor)",
-               lambda x: _kernels.fp8_rows.gelu_quantize_rows(x), lambda x: _quantized_fake(x, x.shape[-1]))
-    ops.define("concat_gelu_quantize_rows(Tensor first, Tensor second) -> (Tensor, Tensor)",
-               lambda first, second: _kernels.fp8_rows.concat_gelu_quantize_rows(first, second),
-               lambda first, second: _quantized_fake(second, first.shape[-1] + second.shape[-1]))
-    ops.define("layernorm_modulate_quantize(Tensor x, Tensor shift, Tensor scale) -> (Tensor, Tensor)",
-               lambda x, shift, scale: _kernels.fp8_rows.layernorm_modulate_quantize(x, shift, scale),
-               lambda x, shift, scale: _quantized_fake(x, x.shape[-1]))
+    # `spare`: columns left after each row for a LoRA's (kontext_core/wide_lora.py).
+    ops.define("quantize_rows(Tensor x, int spare=0) -> (Tensor, Tensor)",
+               lambda x, spare=0: _kernels.fp8_rows.quantize_rows(x, spare=spare),
+               lambda x, spare=0: _quantized_fake(x, x.shape[-1] + spare))
+    ops.define("gelu_quantize_rows(Tensor x, int spare=0) -> (Tensor, Tensor)",
+               lambda x, spare=0: _kernels.fp8_rows.gelu_quantize_rows(x, spare=spare),
+               lambda x, spare=0: _quantized_fake(x, x.shape[-1] + spare))
+    ops.define("concat_gelu_quantize_rows(Tensor first, Tensor second, int spare=0) -> (Tensor, Tensor)",
+               lambda first, second, spare=0: _kernels.fp8_rows.concat_gelu_quantize_rows(first, second, spare=spare),
+               lambda first, second, spare=0: _quantized_fake(second, first.shape[-1] + second.shape[-1] + spare))
+    ops.define("layernorm_modulate_quantize(Tensor x, Tensor shift, Tensor scale, int spare=0) -> (Tensor, Tensor)",
+               lambda x, shift, scale, spare=0: _kernels.fp8_rows.layernorm_modulate_quantize(x, shift, scale,
+                                                                                               spare=spare),
+               lambda x, shift, scale, spare=0: _quantized_fake(x, x.shape[-1] + spare))
 
 
 def qk_kernel_active(x: torch.Tensor) -> bool:

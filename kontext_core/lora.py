@@ -59,6 +59,7 @@ from .checkpoints.key_maps import transformer_links
 from .checkpoints.layouts import describe_file
 from .config import TransformerConfig
 from .fused import LORA_FACTORS, LoraFactors, lora_factors
+from . import wide_lora
 from .quant import FP8_DTYPES, Fp8Linear, quantize_weight
 
 MODES = ("auto", "merge", "on_the_fly")
@@ -549,15 +550,17 @@ _ON_THE_FLY: "weakref.WeakKeyDictionary[nn.Module, list[LoraHandle]]" = weakref.
 _HANDLES: "weakref.WeakKeyDictionary[nn.Module, list[LoraHandle]]" = weakref.WeakKeyDictionary()
 
 
-def _stack_factors(module: nn.Module, name: str, device: torch.device) -> None:
+def _stack_factors(module: nn.Module, name: str, model: nn.Module) -> None:
     """Set `module`'s on-the-fly factors (kontext_core/fused.py) from the handles on it: their downs stacked
     [R, in], their ups times their strengths side by side [out, R], zero outside each part's rows (R padded
     with zeros, below).
 
-    They are made on `device`, where the model computes, in the layer's compute dtype: with blocks offloaded
+    They are made where the model computes, in the layer's compute dtype: with blocks offloaded
     (kontext_core/offload.py) a layer's weights live on the host while its arithmetic runs on the GPU. Factors
     laid out as the present ones are overwritten in place: compiled blocks then run on unchanged and a captured
-    CUDA graph (which reads them by address) replays the new strengths."""
+    CUDA graph (which reads them by address) replays the new strengths. fp8 layers that can take them as
+    columns of their own GEMM get the wide layout (kontext_core/wide_lora.py)."""
+    device = model.device
     downs, ups = [], []
     for handle in _ON_THE_FLY.get(module, []):
         if handle._strength == 0.0:
@@ -570,14 +573,23 @@ def _stack_factors(module: nn.Module, name: str, device: torch.device) -> None:
             downs.append(span.down)
             ups.append(up)
     if not downs:
+        wide_lora.narrow(module)
         if hasattr(module, LORA_FACTORS):
             delattr(module, LORA_FACTORS)
         return
+    wide = wide_lora.eligible(module, name, _block_of(model, name))
     # Zero rows pad the stacked rank to a power of two from 16: compiled blocks are specialised to the factors'
     # shapes, so LoRAs of ranks 4, 8 and 16 share one compilation (a new shape recompiles the blocks, a
     # minute for inductor), and the fp8 GEMM gets the multiple of 16 it needs. The zeros add nothing.
     rank = sum(down.shape[0] for down in downs)
-    padding = _stacked_rank(rank) - rank
+    if wide:
+        # As GEMM columns the padding holds copies of the LoRA instead of zeros, each up divided by their
+        # count: the same sum, with each column's share of the product k times smaller, which widens the
+        # range the columns can carry in e4m3 by k (kontext_core/wide_lora.py).
+        copies = _stacked_rank(rank, wide) // rank
+        downs, ups = downs * copies, [up / copies for up in ups] * copies
+        rank *= copies
+    padding = _stacked_rank(rank, wide) - rank
     dtype = module.compute_dtype if isinstance(module, Fp8Linear) else module.weight.dtype
     down = torch.cat((*downs, downs[0].new_zeros(padding, downs[0].shape[1]))).to(device, dtype)
     up = torch.cat((*ups, ups[0].new_zeros(ups[0].shape[0], padding)), dim=1).to(device, dtype)
@@ -585,6 +597,9 @@ def _stack_factors(module: nn.Module, name: str, device: torch.device) -> None:
     if isinstance(module, Fp8Linear):
         down_e4m3, scales = quantize_weight(down, per_row=True)
         factors = LoraFactors(down, up, down_e4m3, scales[None, :])
+    if wide and wide_lora.install(module, factors):
+        return
+    wide_lora.narrow(module)
     present = lora_factors(module)
     if present is not None and _layout(present) == _layout(factors):
         for old, new in zip(present, factors):
@@ -598,20 +613,35 @@ def _layout(factors: LoraFactors) -> list:
     return [None if t is None else (t.shape, t.dtype, t.device) for t in factors]
 
 
-def _stacked_rank(rank: int) -> int:
-    return max(16, 1 << (rank - 1).bit_length())
+def _stacked_rank(rank: int, wide: bool = False) -> int:
+    stacked = max(16, 1 << (rank - 1).bit_length())
+    return wide_lora.columns(stacked) if wide else stacked
+
+
+def _block_of(model: nn.Module, name: str) -> nn.Module | None:
+    parts = name.split(".")
+    if len(parts) > 2 and parts[0] in ("double_blocks", "single_blocks"):
+        return model.get_submodule(".".join(parts[:2]))
+    return None
 
 
 def factor_bytes(model: nn.Module) -> int:
     """The bytes that the on-the-fly LoRA factors on `model` take where it computes: memory beside its weights
     that moves with it (`.to()`), which a memory manager counting only parameters and buffers would miss."""
-    return sum(t.nbytes for module in model.modules() if (factors := lora_factors(module)) is not None
-               for t in factors if t is not None)
+    total = 0
+    for module in model.modules():
+        factors = lora_factors(module)
+        if factors is not None:
+            total += sum(t.nbytes for t in factors if t is not None)
+            if factors.wide is not None:  # its first columns are the weight, counted as the model's
+                total -= module.weight.nbytes
+    return total
 
 
 def on_the_fly_bytes(model: nn.Module, loras: Iterable[LoraWeights]) -> int:
     """What `factor_bytes(model)` will be with `loras` (and no others) applied on the fly: room to make before
-    applying them. Layers `model` lacks are left out (applying such a LoRA raises)."""
+    applying them. Layers `model` lacks are left out (applying such a LoRA raises). fp8 layers are counted
+    with GEMM columns (kontext_core/wide_lora.py); one whose LoRAs turn out too strong for them takes less."""
     ranks: dict[str, int] = {}
     for lora in loras:
         for name, parts in lora.layers.items():
@@ -624,12 +654,15 @@ def on_the_fly_bytes(model: nn.Module, loras: Iterable[LoraWeights]) -> int:
             continue
         if not isinstance(module, (nn.Linear, Fp8Linear)) or rank == 0:
             continue
-        stacked = _stacked_rank(rank)
+        wide = wide_lora.eligible(module, name, _block_of(model, name))
+        stacked = _stacked_rank(rank, wide)
         fp8 = isinstance(module, Fp8Linear)
         element = (module.compute_dtype if fp8 else module.weight.dtype).itemsize
         total += stacked * (module.in_features + module.out_features) * element
         if fp8:  # the down factor again in e4m3, with one float32 scale per rank row
             total += stacked * module.in_features + stacked * 4
+        if wide:  # the LoRA's e4m3 columns beside the weight's, and their GEMM's scales
+            total += module.out_features * stacked + stacked * 4
     return total
 
 
@@ -671,7 +704,7 @@ class LoraHandle:
             for name in self._spans:
                 module = model.get_submodule(name)
                 _ON_THE_FLY.setdefault(module, []).append(self)
-                _stack_factors(module, name, model.device)
+                _stack_factors(module, name, model)
         else:
             for name, spans in self._spans.items():
                 module = model.get_submodule(name)
@@ -712,7 +745,7 @@ class LoraHandle:
         else:
             with torch.no_grad():
                 for name in self._spans:
-                    _stack_factors(model.get_submodule(name), name, model.device)
+                    _stack_factors(model.get_submodule(name), name, model)
 
     def remove(self) -> None:
         """Take this LoRA off the model; removing every LoRA restores the original weights exactly."""
@@ -725,7 +758,7 @@ class LoraHandle:
                 for name in self._spans:
                     module = model.get_submodule(name)
                     _ON_THE_FLY[module].remove(self)
-                    _stack_factors(module, name, model.device)
+                    _stack_factors(module, name, model)
                     if not _ON_THE_FLY[module]:
                         del _ON_THE_FLY[module]
         else:

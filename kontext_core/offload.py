@@ -27,6 +27,8 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
+from .wide_lora import narrow_all
+
 _ALIGN = 256  # bytes; every tensor in a block buffer starts on this boundary (cuBLAS, _scaled_mm, CPU SIMD)
 
 
@@ -137,6 +139,8 @@ class BlockOffloader:
                     "a block was compiled with Module.compile() before offloading, which would trace the offload "
                     "hooks; use KontextTransformer.compile_blocks(), which compiles the blocks' forward only"
                 )
+        for module in self._modules:  # packed weights are copies: a wide LoRA layout's views would be stale
+            narrow_all(module)
         self.blocks = [self._pack(index, module) for index, module in enumerate(self._modules)]
         for block in self.blocks:
             block.resident = block.index in self._resident

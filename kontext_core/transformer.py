@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .attention import attention_scope
+from . import wide_lora
 from .config import TransformerConfig
 from .fused import apply_to_lora_factors, hooked, linear
 from .layers import (
@@ -73,9 +74,12 @@ class KontextTransformer(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         # .to(), .cuda(), .double() ...: LoRA factors applied on the fly (plain attributes, not parameters)
-        # move and cast with the weights.
+        # move and cast with the weights. Weights in the wide LoRA layout (views of a wider buffer) that
+        # move are narrowed first, so each moves as itself, and the layout is rebuilt where it holds after.
+        wide_lora.narrow_changing(self, fn)
         super()._apply(fn, *args, **kwargs)
         apply_to_lora_factors(self, fn)
+        wide_lora.widen_all(self)
         return self
 
     @property

@@ -127,3 +127,164 @@ def test_compiled_blocks_trace_the_row_kernels(device):
     eager_error = rel_l2(eager, exact)
     assert rel_l2(compiled, exact) <= 1.15 * eager_error
     assert rel_l2(compiled, eager) <= eager_error
+
+
+def _row_fed_layers(model) -> list:
+    from kontext_core.wide_lora import ROW_FED
+
+    return [(name, layer) for name, layer in model.named_modules() if name.endswith(ROW_FED)]
+
+
+def test_loras_as_columns_of_the_fp8_gemm(device, monkeypatch):
+    # fp8 layers fed by the fused quantizers take their on-the-fly LoRAs as extra K columns of their own GEMM
+    # (kontext_core/wide_lora.py): one GEMM, the weight a view of the wide buffer, the result as accurate as
+    # the two thin GEMMs'; strength changes rewrite the columns in place; removal restores the weights.
+    from kontext_core import fused, wide_lora
+    from kontext_core.fused import lora_factors
+    from kontext_core.lora import apply_lora
+
+    model, fp8 = _models(device)
+    original = {k: v.clone() for k, v in fp8.state_dict().items()}
+    lora = random_block_lora(model, seed=23)
+    args = tiny_edit_args(2, torch.bfloat16, device)
+    filled = []
+    real_fill = fused._fill_lora_columns
+    monkeypatch.setattr(fused, "_fill_lora_columns", lambda *a: (filled.append(a[0].shape), real_fill(*a))[1])
+    with torch.no_grad():
+        with apply_lora(model, lora, 0.8, mode="merge"):
+            exact_lora = model.velocity(*as_float32(args))
+        handle = apply_lora(fp8, lora, 0.8, mode="on_the_fly")
+        layers = _row_fed_layers(fp8)
+        for name, layer in layers:
+            factors = lora_factors(layer)
+            assert factors.wide is not None, name
+            assert layer.weight.data_ptr() == factors.wide.data_ptr() and layer.weight.stride(0) == factors.wide.shape[1]
+            assert factors.wide.shape[1] == layer.in_features + wide_lora.TILE  # rank 8 -> one 128-wide tile
+        assert lora_factors(fp8.double_blocks[0].img_mod.lin).wide is None  # one row: the thin GEMMs
+        wide = fp8.velocity(*args)
+        assert len(filled) == len(layers)  # every row-fed layer ran its LoRA as columns
+        wide_lora.narrow_all(fp8)  # the same factors as two thin GEMMs
+        filled.clear()
+        narrow = fp8.velocity(*args)
+        assert not filled
+        narrow_error, wide_error = rel_l2(narrow, exact_lora), rel_l2(wide, exact_lora)
+        assert wide_error <= 1.15 * narrow_error, (wide_error, narrow_error)
+
+        wide_lora.widen_all(fp8)
+        buffers = {name: lora_factors(layer).wide for name, layer in layers}
+        handle.set_strength(-0.5)  # in place: the same buffers, new columns
+        assert all(lora_factors(layer).wide is buffers[name] for name, layer in layers)
+        changed = fp8.velocity(*args)
+        with apply_lora(model, lora, -0.5, mode="merge"):
+            exact_changed = model.velocity(*as_float32(args))
+        assert rel_l2(changed, exact_changed) <= 1.15 * narrow_error
+        handle.remove()
+    for name, layer in layers:
+        assert lora_factors(layer) is None and layer.weight.is_contiguous(), name
+    for key, value in fp8.state_dict().items():
+        assert torch.equal(value, original[key]), key
+
+
+@pytest.mark.parametrize("scale", [1.0, 6.0])
+def test_lora_columns_carry_a_strong_lora_without_clamping(device, scale):
+    # A LoRA whose rank columns each carry more than the weight's range could: the padding's copies share
+    # the product (each up divided by their count), so neither side of the columns saturates e4m3. One far
+    # stronger than its layer (delta 6x the weight) stays in the two thin GEMMs.
+    from kontext_core.fused import _fill_lora_columns, lora_factors
+    from kontext_core.lora import apply_lora
+    from kontext_core.quant import QuantizedRows, quantize_rows
+
+    model, fp8 = _models(device)
+    lora = random_block_lora(model, seed=24, rank=8, scale=scale)  # delta ~scale x the layer's weight
+    with torch.no_grad(), apply_lora(fp8, lora, 1.0, mode="on_the_fly"):
+        layer = fp8.double_blocks[0].img_mlp[2]
+        factors = lora_factors(layer)
+        if scale > 2:
+            assert factors.wide is None and layer.weight.is_contiguous()
+            return
+        inputs = torch.randn(96, layer.in_features, generator=torch.Generator().manual_seed(5)).to(device, torch.bfloat16)
+        inputs[3] *= 30  # an outlier row
+        rows = quantize_rows(inputs)
+        data = torch.zeros((96, factors.wide.shape[1]), dtype=torch.float8_e4m3fn, device=device)
+        data[:, :layer.in_features] = rows.data
+        _fill_lora_columns(data, rows.scale, factors.down_e4m3, factors.tail_scale)
+        columns, tail = data[:, layer.in_features:].float(), factors.wide[:, layer.in_features:].float()
+        assert columns.abs().max() < 448 and tail.abs().max() <= 448 and columns.abs().max() > 4
+        values = rows.data.float() * rows.scale
+        exact = (values @ layer.dequantized_weight(torch.float32).t() + layer.bias.float()
+                 + (values @ factors.down.float().t()) @ factors.up.float().t())
+        ours = fused_linear(layer, QuantizedRows(data, rows.scale)).float()
+    lora_part = (values @ factors.down.float().t()) @ factors.up.float().t()
+    assert lora_part.norm() > 0.5 * (exact - lora_part).norm()  # strong indeed
+    assert rel_l2(ours, exact) < 0.05  # e4m3's rounding of the columns, nothing clamped
+
+
+def fused_linear(layer, x):
+    from kontext_core.fused import linear
+
+    return linear(layer, x)
+
+
+def test_lora_columns_follow_moves_and_give_way_to_the_block_offloader(device):
+    # A move narrows the layout and rebuilds it where the model lands (a no-op move keeps the buffers); the
+    # block offloader packs weights into its own buffers, so it narrows them first and LoRAs applied to
+    # streamed blocks keep thin GEMMs.
+    from kontext_core.fused import lora_factors
+    from kontext_core.lora import apply_lora
+    from kontext_core.offload import BlockOffloader
+
+    model, fp8 = _models(device)
+    original = {k: v.clone() for k, v in fp8.state_dict().items()}
+    args = tiny_edit_args(1, torch.bfloat16, device)
+    handle = apply_lora(fp8, random_block_lora(model, seed=25), 0.7, mode="on_the_fly")
+    layers = _row_fed_layers(fp8)
+    buffers = [lora_factors(layer).wide for _, layer in layers]
+    with torch.no_grad():
+        before = fp8.velocity(*args)
+        fp8.to(device)
+        assert [lora_factors(layer).wide for _, layer in layers] == buffers  # the same tensors
+        if device == "cuda":
+            fp8.cpu()
+            assert all(lora_factors(layer).wide is None and layer.weight.is_contiguous() for _, layer in layers)
+            fp8.cuda()
+            assert all(lora_factors(layer).wide is not None for _, layer in layers)
+            assert torch.equal(fp8.velocity(*args), before)
+        offloader = BlockOffloader(fp8, device, prefetch=1)
+        assert all(lora_factors(layer).wide is None for _, layer in layers)
+        handle.set_strength(0.9)  # restacked on streamed blocks: thin GEMMs still
+        assert all(lora_factors(layer).wide is None for _, layer in layers)
+        handle.set_strength(0.7)
+        offloaded = fp8.velocity(*args)
+        offloader.detach(device)
+    assert rel_l2(offloaded, before) < 0.05  # the same LoRA through the thin GEMMs' roundings
+    handle.remove()
+    for key, value in fp8.state_dict().items():
+        assert torch.equal(value.to(original[key].device), original[key]), key
+
+
+def test_compiled_blocks_trace_the_lora_columns(device):
+    # The columns' fill is an opaque mutating op on the e4m3 rows; a new strength rewrites the columns in
+    # place and needs no recompilation.
+    from kontext_core.lora import apply_lora
+
+    torch._dynamo.reset()
+    model, fp8 = _models(device)
+    args = tiny_edit_args(1, torch.bfloat16, device)
+    handle = apply_lora(fp8, random_block_lora(model, seed=26), 0.6, mode="on_the_fly")
+    try:
+        with torch.no_grad():
+            eager = fp8.velocity(*args)
+            handle.set_strength(0.3)
+            eager_changed = fp8.velocity(*args)
+            handle.set_strength(0.6)
+            fp8.compile_blocks(backend="aot_eager" if device == "cpu" else "inductor")
+            graphs = compiled_graphs()
+            compiled = fp8.velocity(*args)
+            assert compiled_graphs() - graphs == 2
+            handle.set_strength(0.3)
+            compiled_changed = fp8.velocity(*args)
+            assert compiled_graphs() - graphs == 2  # no recompilation for a new strength
+    finally:
+        torch._dynamo.reset()
+    assert rel_l2(compiled, eager) < 0.03 and rel_l2(compiled_changed, eager_changed) < 0.03
+    assert rel_l2(compiled_changed, compiled) > 0.05

@@ -81,19 +81,30 @@ def _assert_e4m3_close(ours: torch.Tensor, reference: torch.Tensor, exact: bool)
     assert kernel_check.e4m3_error(ours, reference) <= kernel_check.E4M3_MISMATCH_TOLERANCE
 
 
-def _check_fp8_rows(variant: str, args: tuple, rows: int, exact: bool) -> None:
+def _check_fp8_rows(variant: str, args: tuple, rows: int, exact: bool, spare: int = 0) -> None:
     """kernels.fp8_rows.<variant> launches its kernel and agrees with <variant>_reference: scales to 1e-5,
-    e4m3 values exactly (or, where `exact` is False, as `_assert_e4m3_close` allows)."""
+    e4m3 values exactly (or, where `exact` is False, as `_assert_e4m3_close` allows). With `spare` columns
+    after each row, the kernel leaves them as they were (filled with a sentinel here)."""
     from kernels import fp8_rows
 
     before = launches[variant]
-    data, row_scale = getattr(fp8_rows, variant)(*args)
+    sentinel = torch.full((), 7.0).to(torch.float8_e4m3fn)
+    real_empty = torch.empty
+    with pytest.MonkeyPatch.context() as patch:  # the kernel's output buffer, pre-filled to see what it writes
+        patch.setattr(torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(sentinel)
+                      if k.get("dtype") == torch.float8_e4m3fn else real_empty(*a, **k))
+        data, row_scale = getattr(fp8_rows, variant)(*args, spare=spare)
     _assert_launched(variant, before)
     ref_data, ref_scale = getattr(fp8_rows, variant + "_reference")(*args)
-    assert data.dtype == torch.float8_e4m3fn and data.shape == ref_data.shape
+    width = ref_data.shape[-1]
+    assert data.dtype == torch.float8_e4m3fn and data.shape == (*ref_data.shape[:-1], width + spare)
     assert row_scale.dtype == torch.float32 and row_scale.shape == (rows, 1)
     assert torch.allclose(row_scale, ref_scale, rtol=1e-5, atol=0)
-    _assert_e4m3_close(data.float(), ref_data.float(), exact=exact)
+    _assert_e4m3_close(data[..., :width].float(), ref_data.float(), exact=exact)
+    assert bool((data[..., width:].float() == 7.0).all())
+    if spare:
+        ref_wide, _ = getattr(fp8_rows, variant + "_reference")(*args, spare=spare)
+        assert ref_wide.shape == data.shape and torch.equal(ref_wide[..., :width].float(), ref_data.float())
 
 
 class TestAwkwardSizes:
@@ -275,9 +286,10 @@ class TestAwkwardSizes:
             assert x8.dtype == torch.float8_e4m3fn and x8.is_contiguous() and x8.shape == (batch, heads, length, head_dim)
             assert torch.equal(x8.float(), r8.float()), name  # +0 and -0 alike
 
+    @pytest.mark.parametrize("spare", [0, 24])
     @pytest.mark.parametrize("variant", ["quantize_rows", "gelu_quantize_rows", "concat_gelu_quantize_rows",
                                          "layernorm_modulate_quantize"])
-    def test_fp8_row_quantization(self, device, variant):
+    def test_fp8_row_quantization(self, device, variant, spare):
         # Rows of 100 and 37 + 100 values (no power of two), batch 2, the second input a column slice of a
         # wider projection as in the single block; one row far larger than the rest, one all zero.
         projection = _randn(2, 13, 160, dtype=torch.bfloat16, device=device, scale=3.0)
@@ -288,7 +300,7 @@ class TestAwkwardSizes:
         args = {"quantize_rows": (x,), "gelu_quantize_rows": (x,),
                 "concat_gelu_quantize_rows": (_randn(2, 13, 37, dtype=torch.bfloat16, device=device), x),
                 "layernorm_modulate_quantize": (x, shift, scale)}[variant]
-        _check_fp8_rows(variant, args, rows=26, exact=variant == "quantize_rows")
+        _check_fp8_rows(variant, args, rows=26, exact=variant == "quantize_rows", spare=spare)
 
     def test_dequantize_output(self, device):
         from kernels import fp8_qkv

@@ -454,9 +454,15 @@ def test_fp8_model_on_the_fly_and_merged(tiny_transformer, tmp_path):
         assert torch.equal(value, original[key]), key
 
 
-def test_on_the_fly_bytes_foretells_the_factors_memory(tiny_transformer, tmp_path):
+@pytest.mark.parametrize("fp8_gemms", [False, True], ids=["upcast", "fp8-gemms"])
+def test_on_the_fly_bytes_foretells_the_factors_memory(tiny_transformer, tmp_path, fp8_gemms, monkeypatch):
     # The nodes make room for on-the-fly factors before making them (ComfyUI counts them with the model):
-    # the estimate must equal what is then allocated, in bf16 and fp8, for part LoRAs and stacked ones.
+    # the estimate must equal what is then allocated, in bf16 and fp8, for part LoRAs and stacked ones; with
+    # fp8 GEMMs (here through PyTorch's CPU _scaled_mm) fp8 layers take them as GEMM columns.
+    from kontext_core import quant, wide_lora
+    from kontext_core.fused import lora_factors
+
+    monkeypatch.setattr(quant, "_fp8_matmul_on_cpu", fp8_gemms)
     save_transformer(tiny_transformer, tmp_path / "fp8.safetensors", weights="fp8_e4m3fn_scaled")
     parts = load_lora(_write(tmp_path, "diffusers", _random_lora(tiny_transformer, seed=11), tiny_transformer.config))
     whole = load_lora(_write(tmp_path, "bfl", _random_lora(tiny_transformer, seed=12, rank=24),
@@ -468,8 +474,17 @@ def test_on_the_fly_bytes_foretells_the_factors_memory(tiny_transformer, tmp_pat
         for applied in ([parts], [parts, whole]):
             handles.append(apply_lora(model, applied[-1], mode="on_the_fly"))
             measured = factor_bytes(model)
-            assert measured > 0 and on_the_fly_bytes(model, applied) == measured, (dtype, len(applied))
-        assert on_the_fly_bytes(model, [whole]) < factor_bytes(model)
+            # Layers whose LoRAs are too strong for GEMM columns keep thin GEMMs: the estimate counted columns.
+            kept_thin = sum(layer.out_features * factors.down.shape[0] + factors.down.shape[0] * 4
+                            for name, layer in model.named_modules()
+                            if (factors := lora_factors(layer)) is not None and factors.wide is None
+                            and wide_lora.eligible(layer, name, model.get_submodule(".".join(name.split(".")[:2]))))
+            assert measured > 0 and on_the_fly_bytes(model, applied) == measured + kept_thin, (dtype, len(applied))
+            assert kept_thin == 0 or len(applied) == 2  # the two together are strong (~0.9x the weights)
+        wide = lora_factors(model.double_blocks[0].img_attn.qkv).wide is not None
+        assert wide == (fp8_gemms and dtype == "fp8")
+        if not wide:  # (as GEMM columns both stacks pad to one 128-wide tile)
+            assert on_the_fly_bytes(model, [whole]) < factor_bytes(model)
         remove_all_loras(model)
         assert factor_bytes(model) == 0
         apply_lora(model, whole, mode="merge")

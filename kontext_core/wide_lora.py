@@ -1,0 +1,158 @@
+"""LoRAs on fp8 layers as extra K columns of the layer's own fp8 GEMM.
+
+On the fly, a LoRA adds `up @ (down @ x)` to a layer's output. As two more GEMMs, the second re-reads and
+re-writes the whole output (~15% of an fp8 step for a rank-32 LoRA on every layer, bench/RESULTS.md). Here
+the product joins the layer's GEMM instead: with R more columns on both operands,
+
+    [x | a] @ [W | b].T = x @ W.T + a @ b.T,   a = x @ down.T / c,   b = up * c
+
+(`c` one divisor per rank column), so the layer's single fp8 GEMM over K + R columns computes both, R
+padded to a multiple of the GEMM's 128-wide K tile (~0-9% on those GEMMs instead of 20-50%). The e4m3 rows
+of x come from the fused quantizers with R spare columns after each row (kernels/fp8_rows.py); `a` fills
+them (kontext_core/fused.py, `kontext::lora_columns_`). The weight lives in a wide [N, K + R] buffer whose
+first K columns are the layer's weight parameter (a view, no second copy); `b` is the rest.
+
+Both tails share the row scales of their operands (x's per-row activation scale, W's per-row weight scale),
+so `c` must keep both in e4m3's range: |a| <= 448 for every possible x needs c >= ||down_r||_1 (x's rows
+are at most 448 times their scale), |b| <= 448 needs c <= min_n 448 s_w[n] / |up[n, r]|. c takes the
+smaller bound. When the b bound is the smaller, a clamps only for a row x with |x . down_r| above
+c * max|x|; the L1 bound is loose by ~sqrt(K) for rows that are not aligned with down_r (Gaussian rows of
+3072 reach ~1/40 of it), so a layer takes the columns only while the b bound is at least 1/16 of the L1
+one, and keeps the two thin GEMMs otherwise (a LoRA far stronger than its layer's weights). The padding
+columns hold copies of the LoRA, each up divided by their count (kontext_core/lora.py), which multiplies
+the b bound by that count.
+
+Only where the layout holds: float8_e4m3fn weights where fp8 GEMMs run, in layers the fused quantizers
+feed, not in blocks streamed by the block offloader (it repacks weights). A move or cast (`.to()`) narrows
+the layout first and rebuilds it after (KontextTransformer._apply).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .fused import LORA_FACTORS, LoraFactors, lora_factors
+from .quant import E4M3_MAX, Fp8Linear, fp8_matmul_ok
+
+# Layers whose input the fused quantizers produce (kontext_core/fused.py); the modulation layers take
+# one row each and keep the two thin GEMMs.
+ROW_FED = ("img_attn.qkv", "txt_attn.qkv", "img_attn.proj", "txt_attn.proj", "img_mlp.0", "img_mlp.2",
+           "txt_mlp.0", "txt_mlp.2", "linear1", "linear2")
+TILE = 128  # the fp8 GEMM's K tile: the wide K stays a multiple of it
+
+
+_enabled = True
+
+
+def set_enabled(enabled: bool) -> None:
+    """LoRAs applied from now on take GEMM columns where they can (True) or two thin GEMMs everywhere."""
+    global _enabled
+    _enabled = bool(enabled)
+
+
+def columns(rank: int) -> int:
+    """The wide layout's extra columns for a stacked rank: padded to the K tile."""
+    return -(-rank // TILE) * TILE
+
+
+def eligible(layer: nn.Module, name: str, block: nn.Module | None) -> bool:
+    """Whether `layer` (called `name` in the model, inside `block`) takes its LoRAs as GEMM columns."""
+    if not _enabled or type(layer) is not Fp8Linear or not name.endswith(ROW_FED):
+        return False
+    if block is not None and (block._forward_pre_hooks or block._forward_hooks):
+        return False  # streamed by the block offloader
+    probe = torch.empty((), dtype=layer.compute_dtype, device=layer.weight.device)
+    return fp8_matmul_ok(probe, layer.weight)
+
+
+def _weight_row_scales(layer: Fp8Linear) -> torch.Tensor:
+    return layer.weight_scale.detach().float().reshape(-1).expand(layer.out_features)
+
+
+ALIGNMENT_MARGIN = 16  # how far below the L1 bound the b bound may be (module docstring)
+
+
+def tail_operands(layer: Fp8Linear, down: torch.Tensor, up: torch.Tensor,
+                  down_scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(b in e4m3 [N, R], the scale of a's GEMM [1, R]: down's e4m3 row scales over c) for stacked factors,
+    or None where the LoRA is too strong for the columns (module docstring)."""
+    weight_scales = _weight_row_scales(layer).to(up.device)
+    magnitude = up.detach().float().abs()
+    no_clamp_for_a = down.detach().float().abs().sum(dim=1)
+    no_clamp_for_b = (E4M3_MAX * weight_scales[:, None] / magnitude.clamp(min=1e-30)).amin(dim=0)
+    if bool((no_clamp_for_b * ALIGNMENT_MARGIN < no_clamp_for_a).any()):
+        return None
+    divisors = torch.minimum(no_clamp_for_a, no_clamp_for_b)
+    divisors = torch.where((divisors > 0) & torch.isfinite(divisors), divisors, torch.ones_like(divisors))
+    tail = (up.float() * divisors / weight_scales[:, None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return tail, (down_scales.float().reshape(-1) / divisors)[None, :]
+
+
+def install(layer: Fp8Linear, factors: LoraFactors) -> bool:
+    """Give `layer` these stacked factors (down_e4m3 and down_scales set) in the wide layout; a wide buffer of
+    the same size is rewritten in place (compiled blocks and captured CUDA graphs stay valid). False, and
+    nothing changed, where the LoRA is too strong for the columns."""
+    operands = tail_operands(layer, factors.down, factors.up, factors.down_scales)
+    if operands is None:
+        return False
+    tail, tail_scale = operands
+    factors = factors._replace(tail_scale=tail_scale)
+    present = lora_factors(layer)
+    width = layer.in_features + tail.shape[1]
+    if present is not None and present.wide is not None and present.wide.shape[1] == width and all(
+            old.shape == new.shape and old.dtype == new.dtype and old.device == new.device
+            for old, new in zip(present[:5], factors[:5])):
+        for old, new in zip(present[:5], factors[:5]):
+            old.copy_(new)
+        present.wide[:, layer.in_features:].copy_(tail)
+        return True
+    narrow(layer)
+    weight = layer.weight.detach()
+    wide = torch.empty((layer.out_features, width), dtype=weight.dtype, device=weight.device)
+    wide[:, :layer.in_features].copy_(weight)
+    wide[:, layer.in_features:].copy_(tail)
+    layer.weight = nn.Parameter(wide[:, :layer.in_features], requires_grad=False)
+    setattr(layer, LORA_FACTORS, factors._replace(wide=wide))
+    return True
+
+
+def narrow(layer: nn.Module) -> None:
+    """The layer's weight back in its own contiguous storage, the wide buffer dropped; its factors stay (the
+    two thin GEMMs take over)."""
+    factors = lora_factors(layer)
+    if factors is None or factors.wide is None:
+        return
+    layer.weight = nn.Parameter(layer.weight.detach().contiguous(), requires_grad=False)
+    setattr(layer, LORA_FACTORS, factors._replace(wide=None))
+
+
+def _blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(f"{kind}.{index}", block) for kind in ("double_blocks", "single_blocks")
+            for index, block in enumerate(getattr(model, kind, ()))]
+
+
+def narrow_all(module: nn.Module) -> None:
+    for layer in module.modules():
+        narrow(layer)
+
+
+def narrow_changing(module: nn.Module, fn) -> None:
+    """Narrow the layers whose wide buffer `fn` (what `Module._apply` passes: a move or a cast) would change;
+    an empty probe tells, without copying anything."""
+    for layer in module.modules():
+        factors = lora_factors(layer)
+        if factors is not None and factors.wide is not None:
+            probe = fn(factors.wide.new_empty(0))
+            if probe.device != factors.wide.device or probe.dtype != factors.wide.dtype:
+                narrow(layer)
+
+
+def widen_all(model: nn.Module) -> None:
+    """Rebuild the wide layout of every layer whose factors were made for it (after a move, say)."""
+    for prefix, block in _blocks(model):
+        for name, layer in block.named_modules():
+            factors = lora_factors(layer)
+            if (factors is not None and factors.tail_scale is not None and factors.wide is None
+                    and eligible(layer, f"{prefix}.{name}", block)):
+                install(layer, factors)
