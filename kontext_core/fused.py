@@ -103,13 +103,15 @@ class LoraFactors(NamedTuple):
     """A layer's on-the-fly LoRAs stacked (R padded with zeros, kontext_core/lora.py says why). For fp8
     layers also `down` in e4m3 with one scale per row (`down_scales` [1, R]), so that the down-projection
     reads the layer's own e4m3 input rows instead of a bf16 copy written for it. In the wide layout
-    (kontext_core/wide_lora.py) also `tail_scale` [1, R] and `wide`, the [N, K + R] e4m3 buffer holding the
-    layer's weight and the LoRA's columns."""
+    (kontext_core/wide_lora.py) also the columns' down factor in e4m3 `column_down` [C, in] and its GEMM's
+    scales `column_scale` [1, C], and `wide`, the [N, K + C] e4m3 buffer holding the layer's weight and the
+    LoRA's columns."""
     down: torch.Tensor
     up: torch.Tensor
     down_e4m3: torch.Tensor | None = None
     down_scales: torch.Tensor | None = None
-    tail_scale: torch.Tensor | None = None
+    column_down: torch.Tensor | None = None
+    column_scale: torch.Tensor | None = None
     wide: torch.Tensor | None = None
 
 
@@ -175,28 +177,28 @@ def _plus_lora(out: torch.Tensor, layer: nn.Module, x) -> torch.Tensor:
     return out
 
 
-def _fill_lora_columns(data: torch.Tensor, scale: torch.Tensor, down: torch.Tensor, tail_scale: torch.Tensor) -> None:
-    # The spare columns of e4m3 rows [M, K + R] <- x @ down.T / c in the rows' own scale (the wide layout's
-    # `a`): the row scale cancels out of x = data * scale, so a = (data @ down_e4m3.T) * tail_scale.
+def _fill_lora_columns(data: torch.Tensor, scale: torch.Tensor, down: torch.Tensor, column_scale: torch.Tensor) -> None:
+    # The spare columns of e4m3 rows [M, K + C] <- x @ down.T / c in the rows' own scale (the wide layout's
+    # `a`): the row scale cancels out of x = data * scale, so a = (data @ column_down.T) * column_scale.
     rows = data.view(-1, data.shape[-1])
     width = down.shape[1]
     inputs = rows[:, :width]
     if rows.is_cuda:
-        low = torch._scaled_mm(inputs, down.t(), scale_a=scale, scale_b=tail_scale, out_dtype=torch.bfloat16)
+        low = torch._scaled_mm(inputs, down.t(), scale_a=scale, scale_b=column_scale, out_dtype=torch.bfloat16)
         columns = low.float() / scale
     else:  # e4m3 products are exact in float32
-        columns = (inputs.float() @ down.float().t()) * tail_scale
+        columns = (inputs.float() @ down.float().t()) * column_scale
     rows[:, width:].copy_(columns.clamp(-E4M3_MAX, E4M3_MAX))
 
 
-ops.define("lora_columns_(Tensor(a!) data, Tensor scale, Tensor down, Tensor tail_scale) -> ()",
-           _fill_lora_columns, lambda data, scale, down, tail_scale: None)
+ops.define("lora_columns_(Tensor(a!) data, Tensor scale, Tensor down, Tensor column_scale) -> ()",
+           _fill_lora_columns, lambda data, scale, down, column_scale: None)
 
 
 def lora_columns(layer: nn.Module) -> int:
     """The spare columns the layer's input rows need for its LoRAs (0: none, or not in the wide layout)."""
     factors = lora_factors(layer)
-    return 0 if factors is None or factors.wide is None else factors.tail_scale.shape[1]
+    return 0 if factors is None or factors.wide is None else factors.column_scale.shape[1]
 
 
 def linear(layer: nn.Module, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
@@ -205,9 +207,9 @@ def linear(layer: nn.Module, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
     if factors is not None and factors.wide is not None and isinstance(x, QuantizedRows):
         # e4m3 rows made with the spare columns: one GEMM over [x | a] and [W | b] (kontext_core/wide_lora.py).
         if torch.compiler.is_compiling():
-            torch.ops.kontext.lora_columns_(x.data, x.scale, factors.down_e4m3, factors.tail_scale)
+            torch.ops.kontext.lora_columns_(x.data, x.scale, factors.column_down, factors.column_scale)
         else:
-            _fill_lora_columns(x.data, x.scale, factors.down_e4m3, factors.tail_scale)
+            _fill_lora_columns(x.data, x.scale, factors.column_down, factors.column_scale)
         return fp8_linear_rows(x, factors.wide, layer.weight_scale, layer.bias, layer.compute_dtype)
     return _plus_lora(layer(x), layer, x)
 

@@ -582,14 +582,7 @@ def _stack_factors(module: nn.Module, name: str, model: nn.Module) -> None:
     # shapes, so LoRAs of ranks 4, 8 and 16 share one compilation (a new shape recompiles the blocks, a
     # minute for inductor), and the fp8 GEMM gets the multiple of 16 it needs. The zeros add nothing.
     rank = sum(down.shape[0] for down in downs)
-    if wide:
-        # As GEMM columns the padding holds copies of the LoRA instead of zeros, each up divided by their
-        # count: the same sum, with each column's share of the product k times smaller, which widens the
-        # range the columns can carry in e4m3 by k (kontext_core/wide_lora.py).
-        copies = _stacked_rank(rank, wide) // rank
-        downs, ups = downs * copies, [up / copies for up in ups] * copies
-        rank *= copies
-    padding = _stacked_rank(rank, wide) - rank
+    padding = _stacked_rank(rank) - rank
     dtype = module.compute_dtype if isinstance(module, Fp8Linear) else module.weight.dtype
     down = torch.cat((*downs, downs[0].new_zeros(padding, downs[0].shape[1]))).to(device, dtype)
     up = torch.cat((*ups, ups[0].new_zeros(ups[0].shape[0], padding)), dim=1).to(device, dtype)
@@ -613,9 +606,8 @@ def _layout(factors: LoraFactors) -> list:
     return [None if t is None else (t.shape, t.dtype, t.device) for t in factors]
 
 
-def _stacked_rank(rank: int, wide: bool = False) -> int:
-    stacked = max(16, 1 << (rank - 1).bit_length())
-    return wide_lora.columns(stacked) if wide else stacked
+def _stacked_rank(rank: int) -> int:
+    return max(16, 1 << (rank - 1).bit_length())
 
 
 def _block_of(model: nn.Module, name: str) -> nn.Module | None:
@@ -654,15 +646,14 @@ def on_the_fly_bytes(model: nn.Module, loras: Iterable[LoraWeights]) -> int:
             continue
         if not isinstance(module, (nn.Linear, Fp8Linear)) or rank == 0:
             continue
-        wide = wide_lora.eligible(module, name, _block_of(model, name))
-        stacked = _stacked_rank(rank, wide)
+        stacked = _stacked_rank(rank)
         fp8 = isinstance(module, Fp8Linear)
         element = (module.compute_dtype if fp8 else module.weight.dtype).itemsize
         total += stacked * (module.in_features + module.out_features) * element
         if fp8:  # the down factor again in e4m3, with one float32 scale per rank row
             total += stacked * module.in_features + stacked * 4
-        if wide:  # the LoRA's e4m3 columns beside the weight's, and their GEMM's scales
-            total += module.out_features * stacked + stacked * 4
+        if wide_lora.eligible(module, name, _block_of(model, name)):
+            total += wide_lora.column_bytes(module, stacked)
     return total
 
 

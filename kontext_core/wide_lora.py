@@ -19,7 +19,7 @@ smaller bound. When the b bound is the smaller, a clamps only for a row x with |
 c * max|x|; the L1 bound is loose by ~sqrt(K) for rows that are not aligned with down_r (Gaussian rows of
 3072 reach ~1/40 of it), so a layer takes the columns only while the b bound is at least 1/16 of the L1
 one, and keeps the two thin GEMMs otherwise (a LoRA far stronger than its layer's weights). The padding
-columns hold copies of the LoRA, each up divided by their count (kontext_core/lora.py), which multiplies
+columns hold copies of the LoRA, each up divided by their count (`install`), which multiplies
 the b bound by that count.
 
 Only where the layout holds: float8_e4m3fn weights where fp8 GEMMs run, in layers the fused quantizers
@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .fused import LORA_FACTORS, LoraFactors, lora_factors
-from .quant import E4M3_MAX, Fp8Linear, fp8_matmul_ok
+from .quant import E4M3_MAX, Fp8Linear, fp8_matmul_ok, quantize_weight
 
 # Layers whose input the fused quantizers produce (kontext_core/fused.py); the modulation layers take
 # one row each and keep the two thin GEMMs.
@@ -73,10 +73,17 @@ def _weight_row_scales(layer: Fp8Linear) -> torch.Tensor:
 ALIGNMENT_MARGIN = 16  # how far below the L1 bound the b bound may be (module docstring)
 
 
+def column_bytes(layer: Fp8Linear, rank: int) -> int:
+    """What the wide layout adds for stacked factors of `rank`: the columns' e4m3 down factor and scales, and
+    the weight buffer's extra columns."""
+    width = columns(rank)
+    return width * layer.in_features + width * 4 + layer.out_features * width
+
+
 def tail_operands(layer: Fp8Linear, down: torch.Tensor, up: torch.Tensor,
                   down_scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(b in e4m3 [N, R], the scale of a's GEMM [1, R]: down's e4m3 row scales over c) for stacked factors,
-    or None where the LoRA is too strong for the columns (module docstring)."""
+    """(b in e4m3 [N, C], the scale of a's GEMM [1, C]: down's e4m3 row scales over c) for the columns'
+    factors, or None where the LoRA is too strong for them (module docstring)."""
     weight_scales = _weight_row_scales(layer).to(up.device)
     magnitude = up.detach().float().abs()
     no_clamp_for_a = down.detach().float().abs().sum(dim=1)
@@ -90,26 +97,38 @@ def tail_operands(layer: Fp8Linear, down: torch.Tensor, up: torch.Tensor,
 
 
 def install(layer: Fp8Linear, factors: LoraFactors) -> bool:
-    """Give `layer` these stacked factors (down_e4m3 and down_scales set) in the wide layout; a wide buffer of
-    the same size is rewritten in place (compiled blocks and captured CUDA graphs stay valid). False, and
-    nothing changed, where the LoRA is too strong for the columns."""
-    operands = tail_operands(layer, factors.down, factors.up, factors.down_scales)
+    """Give `layer` these stacked factors in the wide layout; a wide buffer of the same size is rewritten in
+    place (compiled blocks and captured CUDA graphs stay valid). False, and nothing changed, where the LoRA is
+    too strong for the columns.
+
+    The C columns hold copies of the stacked factors, each up divided by their count: the same product, each
+    column's share of it smaller by that count, which multiplies the b bound by it (module docstring)."""
+    width = columns(factors.down.shape[0])
+    nonzero = factors.down.detach().abs().amax(dim=1).nonzero()
+    used = int(nonzero[-1]) + 1 if len(nonzero) else 1  # the stacked rank before its zero padding
+    copies = width // used
+    down = torch.cat((factors.down[:used].repeat(copies, 1),
+                      factors.down.new_zeros(width - used * copies, factors.down.shape[1])))
+    up = torch.cat((factors.up[:, :used].repeat(1, copies) / copies,
+                    factors.up.new_zeros(factors.up.shape[0], width - used * copies)), dim=1)
+    column_down, column_scales = quantize_weight(down, per_row=True)
+    operands = tail_operands(layer, down, up, column_scales)
     if operands is None:
         return False
-    tail, tail_scale = operands
-    factors = factors._replace(tail_scale=tail_scale)
+    tail, column_scale = operands
+    factors = factors._replace(column_down=column_down, column_scale=column_scale)
     present = lora_factors(layer)
-    width = layer.in_features + tail.shape[1]
-    if present is not None and present.wide is not None and present.wide.shape[1] == width and all(
+    wide_shape = (layer.out_features, layer.in_features + width)
+    if present is not None and present.wide is not None and present.wide.shape == wide_shape and all(
             old.shape == new.shape and old.dtype == new.dtype and old.device == new.device
-            for old, new in zip(present[:5], factors[:5])):
-        for old, new in zip(present[:5], factors[:5]):
+            for old, new in zip(present[:6], factors[:6])):
+        for old, new in zip(present[:6], factors[:6]):
             old.copy_(new)
         present.wide[:, layer.in_features:].copy_(tail)
         return True
     narrow(layer)
     weight = layer.weight.detach()
-    wide = torch.empty((layer.out_features, width), dtype=weight.dtype, device=weight.device)
+    wide = torch.empty(wide_shape, dtype=weight.dtype, device=weight.device)
     wide[:, :layer.in_features].copy_(weight)
     wide[:, layer.in_features:].copy_(tail)
     layer.weight = nn.Parameter(wide[:, :layer.in_features], requires_grad=False)
@@ -124,7 +143,7 @@ def narrow(layer: nn.Module) -> None:
     if factors is None or factors.wide is None:
         return
     layer.weight = nn.Parameter(layer.weight.detach().contiguous(), requires_grad=False)
-    setattr(layer, LORA_FACTORS, factors._replace(wide=None))
+    setattr(layer, LORA_FACTORS, factors._replace(column_down=None, column_scale=None, wide=None))
 
 
 def _blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -153,6 +172,5 @@ def widen_all(model: nn.Module) -> None:
     for prefix, block in _blocks(model):
         for name, layer in block.named_modules():
             factors = lora_factors(layer)
-            if (factors is not None and factors.tail_scale is not None and factors.wide is None
-                    and eligible(layer, f"{prefix}.{name}", block)):
+            if factors is not None and factors.wide is None and eligible(layer, f"{prefix}.{name}", block):
                 install(layer, factors)

@@ -187,7 +187,7 @@ def test_loras_as_columns_of_the_fp8_gemm(device, monkeypatch):
 
 @pytest.mark.parametrize("scale", [1.0, 6.0])
 def test_lora_columns_carry_a_strong_lora_without_clamping(device, scale):
-    # A LoRA whose rank columns each carry more than the weight's range could: the padding's copies share
+    # A LoRA whose rank columns each carry more than the weight's range could: the columns' copies share
     # the product (each up divided by their count), so neither side of the columns saturates e4m3. One far
     # stronger than its layer (delta 6x the weight) stays in the two thin GEMMs.
     from kontext_core.fused import _fill_lora_columns, lora_factors
@@ -207,7 +207,7 @@ def test_lora_columns_carry_a_strong_lora_without_clamping(device, scale):
         rows = quantize_rows(inputs)
         data = torch.zeros((96, factors.wide.shape[1]), dtype=torch.float8_e4m3fn, device=device)
         data[:, :layer.in_features] = rows.data
-        _fill_lora_columns(data, rows.scale, factors.down_e4m3, factors.tail_scale)
+        _fill_lora_columns(data, rows.scale, factors.column_down, factors.column_scale)
         columns, tail = data[:, layer.in_features:].float(), factors.wide[:, layer.in_features:].float()
         assert columns.abs().max() < 448 and tail.abs().max() <= 448 and columns.abs().max() > 4
         values = rows.data.float() * rows.scale

@@ -475,7 +475,7 @@ def test_on_the_fly_bytes_foretells_the_factors_memory(tiny_transformer, tmp_pat
             handles.append(apply_lora(model, applied[-1], mode="on_the_fly"))
             measured = factor_bytes(model)
             # Layers whose LoRAs are too strong for GEMM columns keep thin GEMMs: the estimate counted columns.
-            kept_thin = sum(layer.out_features * factors.down.shape[0] + factors.down.shape[0] * 4
+            kept_thin = sum(wide_lora.column_bytes(layer, factors.down.shape[0])
                             for name, layer in model.named_modules()
                             if (factors := lora_factors(layer)) is not None and factors.wide is None
                             and wide_lora.eligible(layer, name, model.get_submodule(".".join(name.split(".")[:2]))))
