@@ -244,7 +244,7 @@ def lora_edit(g: Graph, note: str) -> None:
     g.note((-500, 0), note + "\n\nAn edit with a LoRA: Kontext LoRA sits between the model loader and Kontext Edit; "
            "chain more of them to stack LoRAs. On bf16 weights the LoRA is merged the first time a run uses it (a "
            "few seconds) and kept until a run asks for other LoRAs or strengths, so steps run at full speed; on fp8 "
-           "weights it is added on the fly (~15% a step), since fp8 would round its small changes away.\n\n"
+           "weights it is added on the fly (~7% a step), since fp8 would round its small changes away.\n\n"
            + MODELS_NOTE + "\n- loras/: your FLUX.1 Kontext LoRA (BFL/ComfyUI, diffusers or kohya format)")
     model, vae, encoders = _loaders(g)
     lora = g.add("KontextLoRA", (400, 300), lora_name="kontext_lora.safetensors", strength=1.0)

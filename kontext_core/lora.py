@@ -32,7 +32,8 @@ removable through the returned `LoraHandle`:
   stacked into one pair of factors, so a layer costs two thin GEMMs more however many LoRAs it has; being
   part of the model's own code, they run inside compiled blocks and CUDA graphs. Strength changes rewrite
   the factors in place (no recompilation, no new graph capture). Works for `nn.Linear` and `Fp8Linear`
-  alike; on fp8 layers the LoRA reads the same e4m3 activations as the layer's GEMM.
+  alike; on fp8 layers the LoRA reads the same e4m3 activations as the layer's GEMM, and where fp8 GEMMs
+  run it joins that GEMM as extra K columns instead of two GEMMs more (kontext_core/wide_lora.py).
 
 A model saved while LoRAs are merged is saved with them baked in. Apply LoRAs after copying a model
 (`copy.deepcopy` carries on-the-fly factors over to the copy, but not the handles that remove them).
@@ -784,7 +785,8 @@ def apply_lora(model: nn.Module, lora: LoraWeights | str | os.PathLike, strength
     mode: "merge" adds the delta into the weights (no cost per step; removal restores a saved copy of each
         touched layer, kept on `backup_device`, None for the layer's own device); "on_the_fly" adds
         `up @ (down @ x) * strength` where the model computes the layer (weights untouched, strength changes
-        free; two thin GEMMs per layer, ~13% of a step for a rank-32 LoRA on every layer); "auto"
+        free; two thin GEMMs per layer, ~13% of a step for a rank-32 LoRA on every layer, ~7% on fp8 layers
+        where it joins the layer's fp8 GEMM as extra columns); "auto"
         (`preferred_mode`) merges, except into fp8 weights.
     Several LoRAs stack in any mode. Apply after moving the model to its device and dtype.
     """

@@ -136,8 +136,9 @@ def set_loras(model: torch.nn.Module, ref: TransformerRef) -> None:
     epilogue) stay in use and a LoRA costs nothing per step; the merge (the touched layers' originals copied
     to the CPU, the deltas added in float64) takes seconds, and removing the LoRAs restores the original
     weights bit for bit. fp8 weights (which would round a LoRA's delta away), or no memory for the merge's
-    copies: on the fly, two thin GEMMs more per layer traced into compiled blocks like the rest of the model
-    (~13-15% a step for a rank-32 LoRA on every layer).
+    copies: on the fly, traced into compiled blocks like the rest of the model (fp8 layers take them as extra
+    columns of their own fp8 GEMM, kontext_core/wide_lora.py: ~7% a step for a rank-32 LoRA on every layer;
+    others as two thin GEMMs more, ~13-15%).
     """
     wanted = loras(ref)
     mode = preferred_mode(model)
