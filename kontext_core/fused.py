@@ -185,10 +185,10 @@ def _fill_lora_columns(data: torch.Tensor, scale: torch.Tensor, down: torch.Tens
     inputs = rows[:, :width]
     if rows.is_cuda:
         low = torch._scaled_mm(inputs, down.t(), scale_a=scale, scale_b=column_scale, out_dtype=torch.bfloat16)
-        columns = low.float() / scale
+        columns = low / scale  # float32 (the scale's dtype)
     else:  # e4m3 products are exact in float32
         columns = (inputs.float() @ down.float().t()) * column_scale
-    rows[:, width:].copy_(columns.clamp(-E4M3_MAX, E4M3_MAX))
+    rows[:, width:].copy_(columns.clamp_(-E4M3_MAX, E4M3_MAX))
 
 
 ops.define("lora_columns_(Tensor(a!) data, Tensor scale, Tensor down, Tensor column_scale) -> ()",

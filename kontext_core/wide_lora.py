@@ -156,10 +156,19 @@ def narrow_all(module: nn.Module) -> None:
         narrow(layer)
 
 
+def _drop_stale(layer: nn.Module) -> None:
+    # A weight moved on its own (ComfyUI moves single layers when it frees part of a model) is no longer a
+    # view of the wide buffer: the buffer is dropped (the weight is whole), `widen_all` rebuilds it.
+    factors = lora_factors(layer)
+    if factors is not None and factors.wide is not None and layer.weight.data_ptr() != factors.wide.data_ptr():
+        setattr(layer, LORA_FACTORS, factors._replace(column_down=None, column_scale=None, wide=None))
+
+
 def narrow_changing(module: nn.Module, fn) -> None:
     """Narrow the layers whose wide buffer `fn` (what `Module._apply` passes: a move or a cast) would change;
     an empty probe tells, without copying anything."""
     for layer in module.modules():
+        _drop_stale(layer)
         factors = lora_factors(layer)
         if factors is not None and factors.wide is not None:
             probe = fn(factors.wide.new_empty(0))
@@ -171,6 +180,7 @@ def widen_all(model: nn.Module) -> None:
     """Rebuild the wide layout of every layer whose factors were made for it (after a move, say)."""
     for prefix, block in _blocks(model):
         for name, layer in block.named_modules():
+            _drop_stale(layer)
             factors = lora_factors(layer)
             if factors is not None and factors.wide is None and eligible(layer, f"{prefix}.{name}", block):
                 install(layer, factors)

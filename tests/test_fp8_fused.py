@@ -249,6 +249,12 @@ def test_lora_columns_follow_moves_and_give_way_to_the_block_offloader(device):
             fp8.cuda()
             assert all(lora_factors(layer).wide is not None for _, layer in layers)
             assert torch.equal(fp8.velocity(*args), before)
+            # ComfyUI freeing part of a model moves single layers, then brings the whole model back.
+            for _, layer in layers[:3]:
+                layer.cpu()
+            fp8.cuda()
+            assert all(layer.weight.data_ptr() == lora_factors(layer).wide.data_ptr() for _, layer in layers)
+            assert torch.equal(fp8.velocity(*args), before)
         offloader = BlockOffloader(fp8, device, prefetch=1)
         assert all(lora_factors(layer).wide is None for _, layer in layers)
         handle.set_strength(0.9)  # restacked on streamed blocks: thin GEMMs still
