@@ -603,6 +603,14 @@ def _stack_factors(module: nn.Module, name: str, model: nn.Module) -> None:
         setattr(module, LORA_FACTORS, factors)
 
 
+def _refresh_columns(module: nn.Module, name: str, model: nn.Module) -> None:
+    # Merging into fp8 weights changes their row scales, which the wide layout's columns are made against
+    # (kontext_core/wide_lora.py): on-the-fly LoRAs in that layout are stacked again.
+    factors = lora_factors(module)
+    if factors is not None and factors.wide is not None:
+        _stack_factors(module, name, model)
+
+
 def _layout(factors: LoraFactors) -> list:
     return [None if t is None else (t.shape, t.dtype, t.device) for t in factors]
 
@@ -708,6 +716,7 @@ class LoraHandle:
                     record = _MERGED[module] = _MergedLayer(_copy_to(module.weight.detach(), backup), scale)
                 record.handles.append(self)
                 _merge_into(module, spans, self._strength)
+                _refresh_columns(module, name, model)
         self.active = True
         _HANDLES.setdefault(model, []).append(self)
 
@@ -720,6 +729,7 @@ class LoraHandle:
             record.restore(module)
             for handle in record.handles:
                 _merge_into(module, handle._spans[name], handle._strength)
+            _refresh_columns(module, name, model)
             if not record.handles:
                 del _MERGED[module]
 

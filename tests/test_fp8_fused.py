@@ -294,3 +294,26 @@ def test_compiled_blocks_trace_the_lora_columns(device):
         torch._dynamo.reset()
     assert rel_l2(compiled, eager) < 0.03 and rel_l2(compiled_changed, eager_changed) < 0.03
     assert rel_l2(compiled_changed, compiled) > 0.05
+
+
+def test_lora_columns_follow_a_lora_merged_into_the_same_fp8_layers(device):
+    # Merging into fp8 weights requantizes them with new row scales; the columns of a LoRA on the fly on the
+    # same layers are made against those scales, so they are made again: both LoRAs count, as in float32.
+    from kontext_core.lora import apply_lora
+
+    model, fp8 = _models(device)
+    on_the_fly, merged = random_block_lora(model, seed=27, scale=0.3), random_block_lora(model, seed=28, scale=0.3)
+    args = tiny_edit_args(1, torch.bfloat16, device)
+    with torch.no_grad():
+        plain_error = rel_l2(fp8.velocity(*args), model.velocity(*as_float32(args)))
+        with apply_lora(model, on_the_fly, 1.0, mode="merge"), apply_lora(model, merged, 1.0, mode="merge"):
+            exact = model.velocity(*as_float32(args))
+        with apply_lora(fp8, on_the_fly, 1.0, mode="on_the_fly"):
+            with apply_lora(fp8, merged, 1.0, mode="merge"):
+                both = fp8.velocity(*args)
+            only_first = fp8.velocity(*args)
+            with apply_lora(model, on_the_fly, 1.0, mode="merge"):
+                exact_first = model.velocity(*as_float32(args))
+    assert rel_l2(both, exact) <= 1.5 * plain_error
+    assert rel_l2(only_first, exact_first) <= 1.5 * plain_error
+
