@@ -190,9 +190,8 @@ def test_lora_columns_carry_a_strong_lora_without_clamping(device, scale):
     # A LoRA whose rank columns each carry more than the weight's range could: the columns' copies share
     # the product (each up divided by their count), so neither side of the columns saturates e4m3. One far
     # stronger than its layer (delta 6x the weight) stays in the two thin GEMMs.
-    from kontext_core.fused import _fill_lora_columns, lora_factors
+    from kontext_core.fused import lora_factors
     from kontext_core.lora import apply_lora
-    from kontext_core.quant import QuantizedRows, quantize_rows
 
     model, fp8 = _models(device)
     lora = random_block_lora(model, seed=24, rank=8, scale=scale)  # delta ~scale x the layer's weight
@@ -204,17 +203,9 @@ def test_lora_columns_carry_a_strong_lora_without_clamping(device, scale):
             return
         inputs = torch.randn(96, layer.in_features, generator=torch.Generator().manual_seed(5)).to(device, torch.bfloat16)
         inputs[3] *= 30  # an outlier row
-        rows = quantize_rows(inputs)
-        data = torch.zeros((96, factors.wide.shape[1]), dtype=torch.float8_e4m3fn, device=device)
-        data[:, :layer.in_features] = rows.data
-        _fill_lora_columns(data, rows.scale, factors.column_down, factors.column_scale)
-        columns, tail = data[:, layer.in_features:].float(), factors.wide[:, layer.in_features:].float()
-        assert columns.abs().max() < 448 and tail.abs().max() <= 448 and columns.abs().max() > 4
-        values = rows.data.float() * rows.scale
-        exact = (values @ layer.dequantized_weight(torch.float32).t() + layer.bias.float()
-                 + (values @ factors.down.float().t()) @ factors.up.float().t())
-        ours = fused_linear(layer, QuantizedRows(data, rows.scale)).float()
-    lora_part = (values @ factors.down.float().t()) @ factors.up.float().t()
+        ours, exact, columns, lora_part = _columns_output(layer, inputs)
+        tail = factors.wide[:, layer.in_features:].float()
+    assert columns.abs().max() < 448 and tail.abs().max() <= 448 and columns.abs().max() > 4
     assert lora_part.norm() > 0.5 * (exact - lora_part).norm()  # strong indeed
     assert rel_l2(ours, exact) < 0.05  # e4m3's rounding of the columns, nothing clamped
 
@@ -296,24 +287,37 @@ def test_compiled_blocks_trace_the_lora_columns(device):
     assert rel_l2(compiled_changed, compiled) > 0.05
 
 
+def _columns_output(layer, inputs):
+    """`layer`'s output for `inputs` through its LoRA columns, the same in float32 from its factors, the
+    columns the fill wrote, and the LoRA's part of the float32 output."""
+    from kontext_core.fused import _fill_lora_columns, lora_factors
+    from kontext_core.quant import QuantizedRows, quantize_rows
+
+    factors = lora_factors(layer)
+    rows = quantize_rows(inputs)
+    data = torch.zeros((inputs.shape[0], factors.wide.shape[1]), dtype=torch.float8_e4m3fn, device=inputs.device)
+    data[:, :layer.in_features] = rows.data
+    _fill_lora_columns(data, rows.scale, factors.column_down, factors.column_scale)
+    values = rows.data.float() * rows.scale
+    lora_part = (values @ factors.down.float().t()) @ factors.up.float().t()
+    exact = values @ layer.dequantized_weight(torch.float32).t() + layer.bias.float() + lora_part
+    ours = fused_linear(layer, QuantizedRows(data, rows.scale)).float()
+    return ours, exact, data[:, layer.in_features:].float(), lora_part
+
+
 def test_lora_columns_follow_a_lora_merged_into_the_same_fp8_layers(device):
     # Merging into fp8 weights requantizes them with new row scales; the columns of a LoRA on the fly on the
-    # same layers are made against those scales, so they are made again: both LoRAs count, as in float32.
+    # same layers are made against those scales, so they are made again.
     from kontext_core.lora import apply_lora
 
     model, fp8 = _models(device)
-    on_the_fly, merged = random_block_lora(model, seed=27, scale=0.3), random_block_lora(model, seed=28, scale=0.3)
-    args = tiny_edit_args(1, torch.bfloat16, device)
-    with torch.no_grad():
-        plain_error = rel_l2(fp8.velocity(*args), model.velocity(*as_float32(args)))
-        with apply_lora(model, on_the_fly, 1.0, mode="merge"), apply_lora(model, merged, 1.0, mode="merge"):
-            exact = model.velocity(*as_float32(args))
-        with apply_lora(fp8, on_the_fly, 1.0, mode="on_the_fly"):
-            with apply_lora(fp8, merged, 1.0, mode="merge"):
-                both = fp8.velocity(*args)
-            only_first = fp8.velocity(*args)
-            with apply_lora(model, on_the_fly, 1.0, mode="merge"):
-                exact_first = model.velocity(*as_float32(args))
-    assert rel_l2(both, exact) <= 1.5 * plain_error
-    assert rel_l2(only_first, exact_first) <= 1.5 * plain_error
-
+    on_the_fly, merged = random_block_lora(model, seed=27, scale=0.3), random_block_lora(model, seed=28, scale=1.0)
+    layer = fp8.double_blocks[0].img_mlp[0]
+    inputs = torch.randn(64, layer.in_features, generator=torch.Generator().manual_seed(6)).to(device, torch.bfloat16)
+    with torch.no_grad(), apply_lora(fp8, on_the_fly, 1.0, mode="on_the_fly"):
+        before = rel_l2(*_columns_output(layer, inputs)[:2])
+        with apply_lora(fp8, merged, 1.0, mode="merge"):
+            merged_error = rel_l2(*_columns_output(layer, inputs)[:2])
+        after = rel_l2(*_columns_output(layer, inputs)[:2])
+    # e4m3 rounding of the columns (~1%); made against stale scales they were off by ~11% here
+    assert before < 0.03 and merged_error < 0.03 and after < 0.03, (before, merged_error, after)
