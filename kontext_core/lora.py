@@ -284,7 +284,8 @@ def _parse(keys: list[str], get: Callable[[str], torch.Tensor], metadata: Mappin
     if not pairs:
         raise LoraError(
             f"{describe_file(set(keys), name)}, not a LoRA (no lora_A/lora_B or lora_down/lora_up tensors). "
-            "Load models with load_transformer; LoRAs go through load_lora."
+            "Model files load with Load Kontext Model (core: load_transformer); a LoRA file holds lora_A/lora_B "
+            "pairs and goes in models/loras."
         )
     if others:
         raise LoraError(

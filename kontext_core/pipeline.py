@@ -7,6 +7,7 @@ returns). Noise is drawn on the CPU from the seed, so a seed gives the same nois
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
@@ -58,6 +59,11 @@ class GenerationSettings:
             raise ValueError(f"unknown placement {self.placement!r}; choose one of {', '.join(PLACEMENTS)}")
         if self.steps < 1:
             raise ValueError(f"steps must be at least 1, got {self.steps}")
+        for name in ("guidance", "true_cfg"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
+        if not -(2**63) <= int(self.seed) < 2**64:
+            raise ValueError(f"seed must be an integer from 0 to 2^64 - 1, got {self.seed}")
 
 
 @dataclass

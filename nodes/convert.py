@@ -10,6 +10,7 @@ CONDITIONING: [[t5_embeddings [B, L, 4096], {"pooled_output": [B, 768], "guidanc
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +33,17 @@ _METHOD_ALIASES = {"uxo/uno": "uxo", "uno": "uxo"}
 def check_image(image: Any, what: str = "image") -> torch.Tensor:
     if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[-1] not in (1, 3, 4):
         shape = list(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
-        raise ValueError(f"{what}: expected a ComfyUI IMAGE [batch, height, width, channels], got {shape}")
+        raise ValueError(f"{what}: expected a ComfyUI IMAGE [batch, height, width, channels] with 1, 3 or 4 "
+                         f"channels, got {shape}")
+    if image.numel() == 0:
+        raise ValueError(f"{what} is empty ({list(image.shape)}): the node before it gave no image")
+    if not image.is_floating_point():
+        raise ValueError(f"{what} holds {image.dtype} values; ComfyUI images are floats from 0 to 1")
+    if not bool(torch.isfinite(image).all()):
+        raise ValueError(f"{what} holds NaN or infinite values: the node before it failed to make an image")
+    if image.is_floating_point() and float(image.max()) > 1.5:
+        raise ValueError(f"{what} has values up to {float(image.max()):.0f}; ComfyUI images hold 0..1 (not 0..255): "
+                         "divide by 255 or load it with Load Image")
     return image
 
 
@@ -81,9 +92,9 @@ def scaled_to_raw(scaled: torch.Tensor) -> torch.Tensor:
 
 
 def check_latent_tensor(samples: Any, what: str = "latent") -> torch.Tensor:
-    if not isinstance(samples, torch.Tensor) or samples.ndim != 4:
+    if not isinstance(samples, torch.Tensor) or samples.ndim != 4 or samples.numel() == 0:
         shape = list(samples.shape) if isinstance(samples, torch.Tensor) else type(samples).__name__
-        raise ValueError(f"{what}: expected latents [batch, 16, height, width], got {shape}")
+        raise ValueError(f"{what}: expected latents [batch, 16, height, width], none of them 0, got {shape}")
     if samples.shape[1] != LATENT_CHANNELS:
         raise ValueError(
             f"{what} has {samples.shape[1]} channels; FLUX latents have 16. It comes from a node made for another "
@@ -122,8 +133,8 @@ class Conditioning:
     reference_method: str | None = None  # a core placement name
 
 
-def conditioning_from_comfy(conditioning: Any, what: str = "conditioning",
-                            text_features: int | None = None) -> Conditioning:
+def conditioning_from_comfy(conditioning: Any, what: str = "conditioning", text_features: int | None = None,
+                            pooled_features: int | None = None) -> Conditioning:
     """ComfyUI CONDITIONING (from our prompt node or CLIPTextEncodeFlux / FluxGuidance / ReferenceLatent)."""
     if not isinstance(conditioning, list) or not conditioning:
         raise ValueError(f"{what}: expected a ComfyUI CONDITIONING (a non-empty list), "
@@ -142,6 +153,9 @@ def conditioning_from_comfy(conditioning: Any, what: str = "conditioning",
             f"{what} has no pooled CLIP output; FLUX needs T5-XXL and CLIP-L together. Encode with Kontext Prompt, "
             "or CLIP Text Encode (Flux) with a DualCLIPLoader of type flux."
         )
+    if not isinstance(txt, torch.Tensor) or txt.ndim != 3 or txt.shape[1] == 0:
+        shape = list(txt.shape) if isinstance(txt, torch.Tensor) else type(txt).__name__
+        raise ValueError(f"{what}: expected text features [batch, tokens, width] with at least one token, got {shape}")
     if text_features is not None and txt.shape[-1] != text_features:
         raise ValueError(
             f"{what} has text features of width {txt.shape[-1]}, the model expects {text_features} (T5-XXL). "
@@ -150,7 +164,19 @@ def conditioning_from_comfy(conditioning: Any, what: str = "conditioning",
     pooled = extras["pooled_output"]
     if pooled.ndim == 1:
         pooled = pooled[None]
+    if pooled_features is not None and (pooled.ndim != 2 or pooled.shape[-1] != pooled_features):
+        raise ValueError(
+            f"{what} has a pooled CLIP output of shape {list(pooled.shape)}, the model expects width {pooled_features} "
+            "(CLIP-L). It was encoded with another CLIP (CLIP-G, or SD3's triple loader): use clip_l with t5xxl."
+        )
+    if pooled.shape[0] not in (1, txt.shape[0]):
+        raise ValueError(f"{what}: {pooled.shape[0]} pooled outputs for {txt.shape[0]} texts; they must match")
     guidance = extras.get("guidance")
+    if guidance is not None and not math.isfinite(float(guidance)):
+        raise ValueError(f"{what} carries guidance {guidance}; set a finite guidance (FluxGuidance)")
+    if not (bool(torch.isfinite(txt).all()) and bool(torch.isfinite(pooled).all())):
+        raise ValueError(f"{what} holds NaN or infinite values: the text encoder produced them (an fp16 overflow?); "
+                         "encode the prompt again in bf16 or fp32")
     method = extras.get("reference_latents_method")
     if method is not None:
         method = _METHOD_ALIASES.get(method, method)

@@ -68,8 +68,8 @@ class KontextEdit(KontextNode):
             denoise: float = 1.0, sampler: str = "dev", true_cfg: float = 4.0, resize: str = "preferred",
             image=None, image_2=None, image_3=None, context=None, target=None, negative=None) -> NodeResult:
         pipe = resolve.pipeline(model, vae)
-        features = pipe.transformer.config.context_in_dim
-        cond = convert.conditioning_from_comfy(conditioning, "conditioning", features)
+        features = pipe.transformer.config.context_in_dim, pipe.transformer.config.vec_in_dim
+        cond = convert.conditioning_from_comfy(conditioning, "conditioning", *features)
 
         references = resolve.encode_images(pipe.autoencoder, [i for i in (image, image_2, image_3) if i is not None],
                                            resize)
@@ -91,7 +91,7 @@ class KontextEdit(KontextNode):
             if negative is None:
                 raise ValueError("sampler true_cfg needs a negative: connect a Kontext Prompt (its text may be empty) "
                                  "to negative, or choose sampler dev.")
-            negative_text = _batched(convert.conditioning_from_comfy(negative, "negative", features).text, batch,
+            negative_text = _batched(convert.conditioning_from_comfy(negative, "negative", *features).text, batch,
                                      "the negative")
 
         placement = cond.reference_method or ("kontext" if len(references) <= 1 else "offset")

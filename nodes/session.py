@@ -71,7 +71,8 @@ def edit(state: SessionState, prompt: str = "", *, seed: int = 0, steps: int = 2
     overrides: dict[str, Any] = dict(seed=seed, steps=steps, guidance=guidance)
     extra = resolve.encode_images(pipe.autoencoder, references, "preferred")
     if conditioning is not None:
-        cond = convert.conditioning_from_comfy(conditioning, "conditioning", pipe.transformer.config.context_in_dim)
+        config = pipe.transformer.config
+        cond = convert.conditioning_from_comfy(conditioning, "conditioning", config.context_in_dim, config.vec_in_dim)
         text = cond.text
         extra += cond.reference_latents
         if cond.guidance is not None:

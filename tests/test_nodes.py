@@ -12,6 +12,7 @@ import inspect
 import sys
 import types
 import weakref
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -21,7 +22,7 @@ from safetensors.torch import save_file
 
 from conftest import FakeEncoders, rel_error
 from kontext_core import GenerationSettings, KontextPipeline, TextConditioning, save_autoencoder, save_transformer
-from kontext_core import set_attention_backend
+from kontext_core import CheckpointError, KontextTransformer, TransformerConfig, set_attention_backend
 from kontext_core.image import prepare_image
 from kontext_core.fused import hooked
 from kontext_core.lora import active_loras
@@ -213,10 +214,41 @@ def test_conditioning_round_trip_and_comfyui_extras():
     ([[torch.zeros(1, 6, 48), {"pooled_output": torch.zeros(1, 32),
                                 "reference_latents_method": "index_timestep_zero"}]],
      "not supported"),
+    # SD3's triple CLIP loader: T5 text of the right width, CLIP-G's 1280-wide (here 64) pooled output
+    ([[torch.randn(1, 6, 48), {"pooled_output": torch.randn(1, 64)}]], "pooled CLIP output of shape.*CLIP-L"),
+    ([[torch.randn(1, 0, 48), {"pooled_output": torch.randn(1, 32)}]], "at least one token"),
+    ([[torch.randn(6, 48), {"pooled_output": torch.randn(1, 32)}]], r"\[batch, tokens, width\]"),
+    ([[torch.randn(1, 6, 48), {"pooled_output": torch.randn(2, 32)}]], "2 pooled outputs for 1 texts"),
+    ([[torch.full((1, 6, 48), float("nan")), {"pooled_output": torch.randn(1, 32)}]], "NaN"),
+    ([[torch.randn(1, 6, 48), {"pooled_output": torch.randn(1, 32), "guidance": float("nan")}]], "finite guidance"),
 ])
 def test_conditioning_errors_name_the_problem(conditioning, message):
     with pytest.raises(ValueError, match=message):
-        convert.conditioning_from_comfy(conditioning, text_features=48)
+        convert.conditioning_from_comfy(conditioning, text_features=48, pooled_features=32)
+
+
+@pytest.mark.parametrize("image, message", [
+    (torch.zeros(0, 8, 8, 3), "empty"),
+    (torch.full((1, 8, 8, 3), float("nan")), "NaN"),
+    (torch.full((1, 8, 8, 3), 200.0), "0..255"),
+    (torch.full((1, 8, 8, 3), 200, dtype=torch.uint8), "floats from 0 to 1"),
+    (torch.zeros(1, 8, 8, 2), "1, 3 or 4"),
+])
+def test_image_errors_name_the_problem(image, message):
+    with pytest.raises(ValueError, match=message):
+        convert.check_image(image, "image")
+
+
+def test_bad_settings_and_zero_size_latents_are_refused(models):
+    cond = _prompt(models, "x")
+    with pytest.raises(ValueError, match="none of them 0"):
+        nodes.KontextEdit.run(models.model, models.vae, cond, target={"samples": torch.zeros(1, 16, 0, 0)}, **FAST)
+    with pytest.raises(ValueError, match="guidance must be a finite"):
+        nodes.KontextEdit.run(models.model, models.vae, cond, image=_image(1), **{**FAST, "guidance": float("nan")})
+    with pytest.raises(ValueError, match="seed must be an integer from 0 to 2"):
+        nodes.KontextEdit.run(models.model, models.vae, cond, image=_image(1), **{**FAST, "seed": 2**64})
+    with pytest.raises(ValueError, match="empty"):
+        nodes.KontextStartSession.run(models.model, models.vae, torch.zeros(0, 8, 8, 3), resize="keep")
 
 
 def test_preview_latent_is_the_denoised_guess():
@@ -278,6 +310,18 @@ def test_default_weight_dtype_keeps_fp8_files_in_fp8(comfy, tiny_transformer):
 def test_loader_errors_speak_to_the_person(comfy):
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):
         nodes.KontextModelLoader.run("missing.safetensors")
+    # FLUX Fill (384 input channels for 64 out) is a FLUX transformer Kontext cannot run: refused at the loader.
+    fill = KontextTransformer(replace(TransformerConfig.tiny(), in_channels=384))
+    save_transformer(fill, comfy.root / "diffusion_models" / "flux_fill.safetensors")
+    with pytest.raises(CheckpointError, match="Fill, Depth or Canny.*flux1-kontext-dev"):
+        nodes.KontextModelLoader.run("flux_fill.safetensors")
+    # A whole SD checkpoint (UNet + VAE in one file) goes to ComfyUI's Load Checkpoint, not to models/vae.
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3),
+               "first_stage_model.encoder.conv_in.weight": torch.zeros(4, 3, 3, 3)},
+              str(comfy.root / "diffusion_models" / "sd15.safetensors"))
+    with pytest.raises(CheckpointError, match="models/checkpoints") as refused:
+        nodes.KontextModelLoader.run("sd15.safetensors")
+    assert "models/vae" not in str(refused.value)
     (comfy.root / "diffusion_models" / "x.safetensors").write_bytes(b"")
     if importlib.util.find_spec("flash_attn") is None:
         with pytest.raises(RuntimeError, match="flash-attn"):

@@ -95,12 +95,27 @@ def _count(keys, prefix: str) -> int:
     return max(indices) + 1 if indices else 0
 
 
-def _shape(shapes: dict, key: str, name: str) -> tuple[int, ...]:
+def _shape(shapes: dict, key: str, name: str, kind: str = "FLUX transformer") -> tuple[int, ...]:
     if key not in shapes:
         raise CheckpointError(
-            f"{name} lacks {key!r}, which every FLUX transformer has; the file is incomplete or not a FLUX model."
+            f"{name} lacks {key!r}, which every {kind} has; the file is incomplete or not a {kind}."
         )
     return shapes[key]
+
+
+def _ae_shape(shapes: dict, key: str, name: str) -> tuple[int, ...]:
+    return _shape(shapes, key, name, "FLUX autoencoder")
+
+
+def _check_image_channels(config: TransformerConfig, name: str) -> TransformerConfig:
+    # FLUX Fill, Depth and Canny take extra conditioning channels beside the latent's (384 / 128 in, 64 out).
+    if config.in_channels != config.out_channels:
+        raise CheckpointError(
+            f"{name} is a FLUX model whose image input takes {config.in_channels} channels for {config.out_channels} "
+            "out (FLUX.1 Fill, Depth or Canny, which condition on a mask or control image); Kontext needs "
+            "flux1-kontext-dev (64 in, 64 out). Load that file instead."
+        )
+    return config
 
 
 def default_axes_dim(head_dim: int) -> tuple[int, int, int]:
@@ -117,7 +132,7 @@ def infer_transformer_config(shapes: dict[str, tuple[int, ...]], name: str) -> T
     mlp_hidden = _shape(shapes, "double_blocks.0.img_mlp.0.weight", name)[0] \
         if "double_blocks.0.img_mlp.0.weight" in shapes \
         else _shape(shapes, "single_blocks.0.linear1.weight", name)[0] - 3 * hidden
-    return TransformerConfig(
+    return _check_image_channels(TransformerConfig(
         in_channels=in_channels,
         out_channels=_shape(shapes, "final_layer.linear.weight", name)[0],
         vec_in_dim=_shape(shapes, "vector_in.in_layer.weight", name)[1],
@@ -130,7 +145,7 @@ def infer_transformer_config(shapes: dict[str, tuple[int, ...]], name: str) -> T
         axes_dim=default_axes_dim(head_dim),
         qkv_bias="double_blocks.0.img_attn.qkv.bias" in shapes,
         guidance_embed="guidance_in.in_layer.weight" in shapes,
-    )
+    ), name)
 
 
 def _diffusers_transformer_config(source: TensorSource, name: str) -> TransformerConfig:
@@ -142,7 +157,7 @@ def _diffusers_transformer_config(source: TensorSource, name: str) -> Transforme
     mlp_hidden = _shape(shapes, "single_transformer_blocks.0.proj_mlp.weight", name)[0] \
         if "single_transformer_blocks.0.proj_mlp.weight" in shapes \
         else _shape(shapes, "transformer_blocks.0.ff.net.0.proj.weight", name)[0]
-    return TransformerConfig(
+    return _check_image_channels(TransformerConfig(
         in_channels=in_channels,
         out_channels=_shape(shapes, "proj_out.weight", name)[0],
         vec_in_dim=_shape(shapes, "time_text_embed.text_embedder.linear_1.weight", name)[1],
@@ -155,22 +170,22 @@ def _diffusers_transformer_config(source: TensorSource, name: str) -> Transforme
         axes_dim=default_axes_dim(head_dim),
         qkv_bias=True,
         guidance_embed="time_text_embed.guidance_embedder.linear_1.weight" in shapes,
-    )
+    ), name)
 
 
 def infer_autoencoder_config(shapes: dict[str, tuple[int, ...]], name: str,
                              scale_factor: float | None = None, shift_factor: float | None = None) -> AutoencoderConfig:
-    ch, in_channels = _shape(shapes, "encoder.conv_in.weight", name)[:2]
+    ch, in_channels = _ae_shape(shapes, "encoder.conv_in.weight", name)[:2]
     levels = _count(shapes, "encoder.down.")
-    mult = tuple(_shape(shapes, f"encoder.down.{i}.block.0.conv1.weight", name)[0] // ch for i in range(levels))
+    mult = tuple(_ae_shape(shapes, f"encoder.down.{i}.block.0.conv1.weight", name)[0] // ch for i in range(levels))
     defaults = AutoencoderConfig()
     return AutoencoderConfig(
         in_channels=in_channels,
         ch=ch,
-        out_ch=_shape(shapes, "decoder.conv_out.weight", name)[0],
+        out_ch=_ae_shape(shapes, "decoder.conv_out.weight", name)[0],
         ch_mult=mult,
         num_res_blocks=_count(shapes, "encoder.down.0.block."),
-        z_channels=_shape(shapes, "decoder.conv_in.weight", name)[1],
+        z_channels=_ae_shape(shapes, "decoder.conv_in.weight", name)[1],
         scale_factor=defaults.scale_factor if scale_factor is None else scale_factor,
         shift_factor=defaults.shift_factor if shift_factor is None else shift_factor,
     )
@@ -178,14 +193,14 @@ def infer_autoencoder_config(shapes: dict[str, tuple[int, ...]], name: str,
 
 def _diffusers_autoencoder_config(source: TensorSource, name: str) -> AutoencoderConfig:
     shapes = {k: source.shape(k) for k in source.keys()}
-    ch, in_channels = _shape(shapes, "encoder.conv_in.weight", name)[:2]
+    ch, in_channels = _ae_shape(shapes, "encoder.conv_in.weight", name)[:2]
     levels = _count(shapes, "encoder.down_blocks.")
-    mult = tuple(_shape(shapes, f"encoder.down_blocks.{i}.resnets.0.conv1.weight", name)[0] // ch
+    mult = tuple(_ae_shape(shapes, f"encoder.down_blocks.{i}.resnets.0.conv1.weight", name)[0] // ch
                  for i in range(levels))
     return AutoencoderConfig(
-        in_channels=in_channels, ch=ch, out_ch=_shape(shapes, "decoder.conv_out.weight", name)[0], ch_mult=mult,
+        in_channels=in_channels, ch=ch, out_ch=_ae_shape(shapes, "decoder.conv_out.weight", name)[0], ch_mult=mult,
         num_res_blocks=_count(shapes, "encoder.down_blocks.0.resnets."),
-        z_channels=_shape(shapes, "decoder.conv_in.weight", name)[1],
+        z_channels=_ae_shape(shapes, "decoder.conv_in.weight", name)[1],
     )
 
 

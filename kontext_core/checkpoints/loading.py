@@ -179,8 +179,11 @@ def load_transformer(path: str | os.PathLike, *, config: TransformerConfig | Non
     if layout is None:
         refuse_lone_shard(path.name)
         hint = ""
-        if find_autoencoder(keys):
-            hint = " Load it with load_autoencoder (in ComfyUI it belongs in models/vae)."
+        if any(key.startswith("model.diffusion_model.") for key in keys):
+            hint = (" It is a whole checkpoint of another model (UNet, VAE and text encoders in one file): it goes in "
+                    "ComfyUI's models/checkpoints, for Load Checkpoint.")
+        elif find_autoencoder(keys):
+            hint = " Load it with load_autoencoder (in ComfyUI it belongs in models/vae, for Load Kontext VAE)."
         raise CheckpointError(
             f"{describe_file(keys, path.name)}, not a FLUX transformer.{hint} "
             "Expected flux1-kontext-dev.safetensors (or an fp8 / diffusers version of it)."
@@ -283,10 +286,14 @@ def inspect_model(path: str | os.PathLike) -> dict:
         report.update(kind="transformer", layout=transformer.style, prefix=transformer.prefix,
                       config=infer_transformer_config(view.shapes, path.name).to_dict(),
                       scaled_fp8=any(k.endswith(".weight_scale") for k in view.keys()))
-    if autoencoder:
-        view = canonical_autoencoder(source, autoencoder, path.name, _autoencoder_shapes)
-        report.update(bundled_autoencoder=bool(transformer)) if transformer else report.update(
-            kind="autoencoder", layout=autoencoder.style, prefix=autoencoder.prefix,
-            config=infer_autoencoder_config(view.shapes, path.name).to_dict())
+    if autoencoder and transformer:
+        report.update(bundled_autoencoder=True)
+    elif autoencoder:
+        try:
+            view = canonical_autoencoder(source, autoencoder, path.name, _autoencoder_shapes)
+            report.update(kind="autoencoder", layout=autoencoder.style, prefix=autoencoder.prefix,
+                          config=infer_autoencoder_config(view.shapes, path.name).to_dict())
+        except CheckpointError as error:  # part of another kind of file (an SD checkpoint's VAE): say so, go on
+            report.update(kind="unknown", problem=str(error))
     report["parameters"] = sum(int(torch.Size(i.shape).numel()) for i in source.tensors.values())
     return report
