@@ -7,6 +7,7 @@ outputs a reference that the sampling nodes resolve through the cache.
 from __future__ import annotations
 
 import importlib.util
+import math
 from pathlib import Path
 
 import torch
@@ -151,6 +152,8 @@ class KontextLoRA(KontextNode):
     def run(cls, model: TransformerRef, lora_name: str, strength: float = 1.0) -> NodeResult:
         if not isinstance(model, TransformerRef):
             resolve.transformer(model)  # raises the explanatory TypeError
+        if not math.isfinite(float(strength)):
+            raise ValueError(f"LoRA strength must be a finite number, got {strength}")
         ref = LoraRef(comfy_adapter.full_path("loras", lora_name), float(strength))
-        model_cache.lora(ref)  # a bad file is reported on this node
+        model_cache.lora(ref)  # a bad file is reported on this node (one made for another model: on the first run)
         return NodeResult((model.with_lora(ref),))

@@ -541,6 +541,8 @@ def _lora_file(model, path, seed: int = 5):
 def test_lora_node_merges_the_lora_and_keeps_it_until_a_run_asks_for_others(models, comfy):
     transformer = models.pipeline.transformer
     _lora_file(transformer, comfy.root / "loras" / "style.safetensors")
+    with pytest.raises(ValueError, match="finite"):  # through the queue API: refused on this node, not later
+        nodes.KontextLoRA.run(models.model, "style.safetensors", strength=float("nan"))
     with_lora = nodes.KontextLoRA.run(models.model, "style.safetensors", strength=0.8).outputs[0]
     assert with_lora.loras[0].strength == 0.8 and models.model.loras == ()
     before = {k: v.clone() for k, v in transformer.state_dict().items()}
