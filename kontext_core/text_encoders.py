@@ -381,6 +381,11 @@ def load_clip_encoder(path: str | os.PathLike, *, config: CLIPTextConfig | None 
     weights = _open_weights(path, _CLIP.diffusers_folder)
     weights.prefix = _encoder_prefix(weights, path, _CLIP, _T5)
     config = config or _folder_config(weights, CLIPTextConfig) or _infer_clip_config(weights)
+    if config.hidden_size == 1280:  # OpenCLIP ViT-bigG's text tower
+        raise CheckpointError(
+            f"{path.name} is CLIP-G (SDXL's / SD3's larger CLIP, 1280 wide); FLUX pairs T5-XXL with CLIP-L "
+            "(clip_l.safetensors, 768 wide). Choose the CLIP-L file."
+        )
     # transformers 4 nested the model under `text_model.`; files keep that name, and the prefix holds it.
     return _fill(CLIPTextModel, config, weights, lambda key: (key.removeprefix("text_model."),),
                  compute_dtype, torch.device(device), f"{_CLIP.short} text encoder", _CLIP.files)

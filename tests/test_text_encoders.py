@@ -338,6 +338,18 @@ def test_t5_and_clip_swapped(files):
         load_clip_encoder(files["root"] / "t5xxl_fp16.safetensors")
 
 
+def test_clip_g_is_refused_for_clip_l(tmp_path):
+    # SDXL's / SD3's clip_g file, picked as the CLIP: the shapes say 1280 wide (a small vocabulary keeps it light).
+    path = tmp_path / "clip_g.safetensors"
+    prefix = "text_model."
+    save_file({f"{prefix}embeddings.token_embedding.weight": torch.zeros(10, 1280),
+               f"{prefix}embeddings.position_embedding.weight": torch.zeros(77, 1280),
+               f"{prefix}encoder.layers.0.mlp.fc1.weight": torch.zeros(16, 1280),
+               f"{prefix}encoder.layers.0.layer_norm1.weight": torch.zeros(1280)}, path)
+    with pytest.raises(CheckpointError, match="clip_g.safetensors is CLIP-G.*CLIP-L"):
+        load_clip_encoder(path)
+
+
 @pytest.mark.parametrize("keys, what", [
     (["img_in.weight", "double_blocks.0.img_attn.qkv.weight"], "a FLUX transformer"),
     (["decoder.conv_in.weight", "encoder.conv_in.weight"], "an autoencoder"),
