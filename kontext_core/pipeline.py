@@ -182,6 +182,11 @@ class KontextPipeline:
                 applied.enter_context(apply_lora(self.transformer, lora, strength, mode="on_the_fly"))
             out = self._sample(start, height, width, batch, conditioning, timesteps, settings, ctx, ctx_ids,
                                negative if use_cfg else None, callback)
+        if not bool(torch.isfinite(out).all()):  # one check per generation: a black image would say nothing
+            raise FloatingPointError(
+                f"sampling produced NaN or infinite values (transformer in {self.transformer.dtype}). fp16 overflows "
+                "in FLUX's activations: load the model in bf16 or fp8; a LoRA at a very high strength does the same."
+            )
         return unpack_tokens(out, height, width).float()
 
     def _sample(self, start, height, width, batch, conditioning, timesteps, settings, ctx, ctx_ids, negative,

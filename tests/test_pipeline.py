@@ -127,6 +127,16 @@ def test_bad_settings_are_explained(pipeline):
         pipeline.text_to_image("x", width=2, height=2)
     with pytest.raises(ValueError, match="denoise must be in"):
         denoise_schedule(4, 100, 1.5)
+    with pytest.raises(ValueError, match="true_cfg must be a finite"):
+        GenerationSettings(true_cfg=float("inf"))
+
+
+def test_a_non_finite_result_is_an_error_not_a_black_image(pipeline):
+    # A transformer that overflows (fp16 activations, say): its output goes non-finite mid-way.
+    with torch.no_grad():
+        pipeline.transformer.final_layer.linear.bias.fill_(float("inf"))
+    with pytest.raises(FloatingPointError, match="NaN or infinite.*bf16 or fp8"):
+        pipeline.text_to_image("x", width=32, height=32, steps=2)
 
 
 def test_preferred_resolution_and_image_modes():
