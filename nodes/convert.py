@@ -10,6 +10,7 @@ CONDITIONING: [[t5_embeddings [B, L, 4096], {"pooled_output": [B, 768], "guidanc
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -108,6 +109,10 @@ def latent_from_comfy(latent: Any, what: str = "latent") -> torch.Tensor:
     """A LATENT dict -> scaled latents [B, 16, h, w] (float32, on the CPU)."""
     if not isinstance(latent, dict) or "samples" not in latent:
         raise ValueError(f"{what}: expected a ComfyUI LATENT (a dict with 'samples'), got {type(latent).__name__}")
+    if latent.get("noise_mask") is not None:
+        logging.getLogger("comfyui-kontext").warning(
+            "comfyui-kontext: the %s LATENT carries a noise mask (Set Latent Noise Mask); Kontext nodes edit the "
+            "whole image and ignore it: describe the region in the prompt instead", what)
     return raw_to_scaled(check_latent_tensor(latent["samples"], what).detach().cpu())
 
 

@@ -180,6 +180,13 @@ def test_latent_scaling_is_comfyuis_flux_formula_and_inverts():
     assert (convert.latent_from_comfy(latent) - scaled).abs().max() < 1e-6
 
 
+def test_a_latent_noise_mask_is_reported_as_ignored(caplog):
+    latent = {"samples": torch.randn(1, 16, 4, 4), "noise_mask": torch.ones(1, 1, 32, 32)}
+    with caplog.at_level("WARNING", logger="comfyui-kontext"):
+        assert torch.equal(convert.latent_from_comfy(latent, "target"), convert.raw_to_scaled(latent["samples"]))
+    assert "noise mask" in caplog.text and "ignore" in caplog.text
+
+
 def test_latent_from_comfy_explains_wrong_latents():
     with pytest.raises(ValueError, match="4 channels.*Empty SD3 Latent Image"):
         convert.latent_from_comfy({"samples": torch.zeros(1, 4, 8, 8)}, "target")
