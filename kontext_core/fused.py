@@ -115,6 +115,11 @@ class LoraFactors(NamedTuple):
     wide: torch.Tensor | None = None
 
 
+def factors_layout(factors: LoraFactors) -> list:
+    """What must match for new factors to be written into the present ones in place."""
+    return [None if t is None else (t.shape, t.dtype, t.device) for t in factors]
+
+
 def lora_factors(layer: nn.Module) -> LoraFactors | None:
     """The stacked factors of the LoRAs applied on the fly to `layer`, or None."""
     if torch.compiler.is_compiling():
@@ -163,9 +168,8 @@ ops.define("add_low_rank_(Tensor(a!) out, Tensor low, Tensor up) -> ()", _add_lo
            lambda out, low, up: None)
 
 
-def _plus_lora(out: torch.Tensor, layer: nn.Module, x) -> torch.Tensor:
-    """out (= layer(x), a fresh tensor: updated in place) plus the layer's on-the-fly LoRAs."""
-    factors = lora_factors(layer)
+def _plus_lora(out: torch.Tensor, factors: LoraFactors | None, x) -> torch.Tensor:
+    """out (= layer(x), a fresh tensor: updated in place) plus the layer's on-the-fly LoRAs `factors`."""
     if factors is None:
         return out
     out = out if out.is_contiguous() else out.contiguous()
@@ -211,7 +215,7 @@ def linear(layer: nn.Module, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
         else:
             _fill_lora_columns(x.data, x.scale, factors.column_down, factors.column_scale)
         return fp8_linear_rows(x, factors.wide, layer.weight_scale, layer.bias, layer.compute_dtype)
-    return _plus_lora(layer(x), layer, x)
+    return _plus_lora(layer(x), factors, x)
 
 
 def _unhooked(layer: nn.Module) -> bool:
@@ -342,7 +346,7 @@ def gated_residual(residual: torch.Tensor, gate: torch.Tensor, x: torch.Tensor |
                    layer: nn.Module) -> torch.Tensor:
     """residual + gate * layer(x), the gated add in the GEMM's epilogue when fused."""
     if isinstance(x, ColumnParts):
-        return residual + gate * _plus_lora(linear_over_parts(x, layer), layer, x)
+        return residual + gate * _plus_lora(linear_over_parts(x, layer), lora_factors(layer), x)
     if isinstance(x, torch.Tensor):
         if _fused_gemms and _plain_linear(layer) and _epilogue_free(layer) and _active(x):
             return _kernels.linear_gated_residual(x, layer.weight, layer.bias, gate, residual)

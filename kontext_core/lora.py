@@ -59,7 +59,7 @@ from .checkpoints.files import CheckpointError, open_file
 from .checkpoints.key_maps import transformer_links
 from .checkpoints.layouts import describe_file
 from .config import TransformerConfig
-from .fused import LORA_FACTORS, LoraFactors, lora_factors
+from .fused import LORA_FACTORS, LoraFactors, factors_layout, lora_factors
 from . import wide_lora
 from .quant import FP8_DTYPES, Fp8Linear, quantize_weight
 
@@ -579,7 +579,7 @@ def _stack_factors(module: nn.Module, name: str, model: nn.Module) -> None:
         if hasattr(module, LORA_FACTORS):
             delattr(module, LORA_FACTORS)
         return
-    wide = wide_lora.eligible(module, name, _block_of(model, name))
+    wide = wide_lora.eligible(model, name)
     # Zero rows pad the stacked rank to a power of two from 16: compiled blocks are specialised to the factors'
     # shapes, so LoRAs of ranks 4, 8 and 16 share one compilation (a new shape recompiles the blocks, a
     # minute for inductor), and the fp8 GEMM gets the multiple of 16 it needs. The zeros add nothing.
@@ -596,7 +596,7 @@ def _stack_factors(module: nn.Module, name: str, model: nn.Module) -> None:
         return
     wide_lora.narrow(module)
     present = lora_factors(module)
-    if present is not None and _layout(present) == _layout(factors):
+    if present is not None and factors_layout(present) == factors_layout(factors):
         for old, new in zip(present, factors):
             if old is not None:
                 old.copy_(new)
@@ -612,19 +612,8 @@ def _refresh_columns(module: nn.Module, name: str, model: nn.Module) -> None:
         _stack_factors(module, name, model)
 
 
-def _layout(factors: LoraFactors) -> list:
-    return [None if t is None else (t.shape, t.dtype, t.device) for t in factors]
-
-
 def _stacked_rank(rank: int) -> int:
     return max(16, 1 << (rank - 1).bit_length())
-
-
-def _block_of(model: nn.Module, name: str) -> nn.Module | None:
-    parts = name.split(".")
-    if len(parts) > 2 and parts[0] in ("double_blocks", "single_blocks"):
-        return model.get_submodule(".".join(parts[:2]))
-    return None
 
 
 def factor_bytes(model: nn.Module) -> int:
@@ -662,7 +651,7 @@ def on_the_fly_bytes(model: nn.Module, loras: Iterable[LoraWeights]) -> int:
         total += stacked * (module.in_features + module.out_features) * element
         if fp8:  # the down factor again in e4m3, with one float32 scale per rank row
             total += stacked * module.in_features + stacked * 4
-        if wide_lora.eligible(module, name, _block_of(model, name)):
+        if wide_lora.eligible(model, name):
             total += wide_lora.column_bytes(module, stacked)
     return total
 

@@ -63,7 +63,7 @@ class GenerationSettings:
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         if not -(2**63) <= int(self.seed) < 2**64:
-            raise ValueError(f"seed must be an integer from 0 to 2^64 - 1, got {self.seed}")
+            raise ValueError(f"seed must be an integer from 0 to 2^64 - 1 (or down to -2^63), got {self.seed}")
 
 
 @dataclass

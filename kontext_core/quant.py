@@ -40,13 +40,18 @@ def set_fp8_fast_accumulation(enabled: bool) -> None:
 
 def fp8_matmul_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether activations like x multiply with this weight on fp8 tensor cores (`torch._scaled_mm`)."""
-    if not (_fp8_matmul and weight.dtype == torch.float8_e4m3fn and x.device.type == weight.device.type):
+    return x.device.type == weight.device.type and fp8_weight_ok(weight, x.dtype)
+
+
+def fp8_weight_ok(weight: torch.Tensor, compute_dtype: torch.dtype) -> bool:
+    """Whether `compute_dtype` activations on the weight's device multiply with it on fp8 tensor cores."""
+    if not (_fp8_matmul and weight.dtype == torch.float8_e4m3fn):
         return False
-    if x.dtype not in (torch.bfloat16, torch.float16) or weight.shape[0] % 16 or weight.shape[1] % 16:
+    if compute_dtype not in (torch.bfloat16, torch.float16) or weight.shape[0] % 16 or weight.shape[1] % 16:
         return False
-    if x.device.type == "cpu":
+    if weight.device.type == "cpu":
         return _fp8_matmul_on_cpu
-    return x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 9)
+    return weight.is_cuda and torch.cuda.get_device_capability(weight.device) >= (8, 9)
 
 
 class QuantizedRows(NamedTuple):

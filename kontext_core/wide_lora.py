@@ -32,8 +32,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .fused import LORA_FACTORS, LoraFactors, lora_factors
-from .quant import E4M3_MAX, Fp8Linear, fp8_matmul_ok, quantize_weight
+from .fused import LORA_FACTORS, LoraFactors, factors_layout, hooked, lora_factors
+from .quant import E4M3_MAX, Fp8Linear, fp8_weight_ok, quantize_weight
 
 # Layers whose input the fused quantizers produce (kontext_core/fused.py); the modulation layers take
 # one row each and keep the two thin GEMMs.
@@ -56,14 +56,13 @@ def columns(rank: int) -> int:
     return -(-rank // TILE) * TILE
 
 
-def eligible(layer: nn.Module, name: str, block: nn.Module | None) -> bool:
-    """Whether `layer` (called `name` in the model, inside `block`) takes its LoRAs as GEMM columns."""
-    if not _enabled or type(layer) is not Fp8Linear or not name.endswith(ROW_FED):
+def eligible(model: nn.Module, name: str) -> bool:
+    """Whether the model's layer `name` (in a block) takes its LoRAs as GEMM columns."""
+    if not _enabled or not name.endswith(ROW_FED):
         return False
-    if block is not None and (block._forward_pre_hooks or block._forward_hooks):
-        return False  # streamed by the block offloader
-    probe = torch.empty((), dtype=layer.compute_dtype, device=layer.weight.device)
-    return fp8_matmul_ok(probe, layer.weight)
+    layer, block = model.get_submodule(name), model.get_submodule(".".join(name.split(".")[:2]))
+    # A block with hooks is streamed by the block offloader, which repacks its weights.
+    return type(layer) is Fp8Linear and not hooked(block) and fp8_weight_ok(layer.weight, layer.compute_dtype)
 
 
 def _weight_row_scales(layer: Fp8Linear) -> torch.Tensor:
@@ -119,11 +118,11 @@ def install(layer: Fp8Linear, factors: LoraFactors) -> bool:
     factors = factors._replace(column_down=column_down, column_scale=column_scale)
     present = lora_factors(layer)
     wide_shape = (layer.out_features, layer.in_features + width)
-    if present is not None and present.wide is not None and present.wide.shape == wide_shape and all(
-            old.shape == new.shape and old.dtype == new.dtype and old.device == new.device
-            for old, new in zip(present[:6], factors[:6])):
-        for old, new in zip(present[:6], factors[:6]):
-            old.copy_(new)
+    if (present is not None and present.wide is not None and present.wide.shape == wide_shape
+            and factors_layout(present._replace(wide=None)) == factors_layout(factors)):
+        for old, new in zip(present, factors):
+            if new is not None:
+                old.copy_(new)
         present.wide[:, layer.in_features:].copy_(tail)
         return True
     narrow(layer)
@@ -144,11 +143,6 @@ def narrow(layer: nn.Module) -> None:
         return
     layer.weight = nn.Parameter(layer.weight.detach().contiguous(), requires_grad=False)
     setattr(layer, LORA_FACTORS, factors._replace(column_down=None, column_scale=None, wide=None))
-
-
-def _blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(f"{kind}.{index}", block) for kind in ("double_blocks", "single_blocks")
-            for index, block in enumerate(getattr(model, kind, ()))]
 
 
 def narrow_all(module: nn.Module) -> None:
@@ -177,10 +171,9 @@ def narrow_changing(module: nn.Module, fn) -> None:
 
 
 def widen_all(model: nn.Module) -> None:
-    """Rebuild the wide layout of every layer whose factors were made for it (after a move, say)."""
-    for prefix, block in _blocks(model):
-        for name, layer in block.named_modules():
-            _drop_stale(layer)
-            factors = lora_factors(layer)
-            if factors is not None and factors.wide is None and eligible(layer, f"{prefix}.{name}", block):
-                install(layer, factors)
+    """Rebuild the wide layout of every layer whose factors can take it (after a move, say)."""
+    for name, layer in model.named_modules():
+        _drop_stale(layer)
+        factors = lora_factors(layer)
+        if factors is not None and factors.wide is None and eligible(model, name):
+            install(layer, factors)

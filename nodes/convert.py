@@ -48,12 +48,12 @@ def check_image(image: Any, what: str = "image") -> torch.Tensor:
     return image
 
 
-def image_to_pil(image: torch.Tensor) -> list[Image.Image]:
+def image_to_pil(image: torch.Tensor, what: str = "image") -> list[Image.Image]:
     """Each item of an IMAGE batch as an 8-bit Pillow image (RGB, RGBA or L as its channels say).
 
     8-bit values (what Load Image produces) survive the trip exactly: round(255 * k / 255) = k.
     """
-    check_image(image)
+    check_image(image, what)
     array = (image.detach().float().cpu().clamp(0, 1) * 255.0).round().to(torch.uint8).numpy()
     if array.shape[-1] == 1:
         return [Image.fromarray(a[..., 0], "L") for a in array]

@@ -18,8 +18,8 @@ def _vae_socket() -> Socket:
     return Socket("vae", VAE, also=("VAE",), tooltip="Load Kontext VAE, or ComfyUI's Load VAE with the FLUX VAE.")
 
 
-def _prepare(image: torch.Tensor, resize: str, fit: str) -> torch.Tensor:
-    prepared = [prepare_image(p, resize, None, fit) for p in convert.image_to_pil(image)]
+def _prepare(image: torch.Tensor, resize: str, fit: str, what: str = "image") -> torch.Tensor:
+    prepared = [prepare_image(p, resize, None, fit) for p in convert.image_to_pil(image, what)]
     return convert.pixels_to_image(torch.cat(prepared))
 
 
@@ -50,8 +50,7 @@ class KontextImagePrep(KontextNode):
             if given is None:
                 outputs.append(None)
                 continue
-            convert.check_image(given, name)
-            prepared = _prepare(given, resize, fit)
+            prepared = _prepare(given, resize, fit, name)
             outputs.append(prepared)
             sizes.append(f"{name}: {given.shape[2]}x{given.shape[1]} -> {prepared.shape[2]}x{prepared.shape[1]}")
         first = outputs[0]

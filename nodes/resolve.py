@@ -189,7 +189,7 @@ def encode_images(ae: Any, images: Sequence[torch.Tensor], resize: str) -> list[
     if images:
         ready(ae)
     for image in images:
-        for picture in convert.image_to_pil(convert.check_image(image)):
+        for picture in convert.image_to_pil(image):
             pixels = prepare_image(picture, resize, None, "stretch", ae.config.downsample_factor * 2)
             with torch.no_grad():
                 latents.append(ae.encode(pixels.to(device=ae.device, dtype=ae.dtype)).float().cpu())

@@ -276,7 +276,7 @@ def test_the_lora_is_added_from_every_input_form_of_a_layer(tiny_transformer, tm
     out = torch.randn(2, 7, layer.out_features)
 
     def delta(layer_input) -> torch.Tensor:
-        return _plus_lora(out.clone(), layer, layer_input) - out
+        return _plus_lora(out.clone(), lora_factors(layer), layer_input) - out
 
     assert torch.equal(delta(x), torch.zeros_like(out))  # no LoRA: the output untouched
     apply_lora(model, lora, strength=0.9, mode="on_the_fly")
@@ -478,7 +478,7 @@ def test_on_the_fly_bytes_foretells_the_factors_memory(tiny_transformer, tmp_pat
             kept_thin = sum(wide_lora.column_bytes(layer, factors.down.shape[0])
                             for name, layer in model.named_modules()
                             if (factors := lora_factors(layer)) is not None and factors.wide is None
-                            and wide_lora.eligible(layer, name, model.get_submodule(".".join(name.split(".")[:2]))))
+                            and wide_lora.eligible(model, name))
             assert measured > 0 and on_the_fly_bytes(model, applied) == measured + kept_thin, (dtype, len(applied))
             assert kept_thin == 0 or len(applied) == 2  # the two together are strong (~0.9x the weights)
         wide = lora_factors(model.double_blocks[0].img_attn.qkv).wide is not None
