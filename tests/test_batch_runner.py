@@ -140,6 +140,8 @@ def test_ctrl_c_while_a_prompt_is_being_queued_still_takes_it_out(photos, tmp_pa
         return prompt_id
 
     server.queue_prompt = queue_then_ctrl_c
+    # Whatever handled SIGINT before (SIG_IGN when the suite runs as a background job) is put back.
+    handler_before = signal.getsignal(signal.SIGINT)
     summary = make_runner(server, load_jobs([photos], prompts=["x"]), out, max_queued=4).run()
     third = server.queued[2][0]
     assert summary.interrupted and len(server.queued) == 3
@@ -147,7 +149,7 @@ def test_ctrl_c_while_a_prompt_is_being_queued_still_takes_it_out(photos, tmp_pa
     assert not server.queue  # nothing of ours left waiting
     queued = [r["prompt_id"] for r in Manifest(out / "manifest.jsonl").records if r["event"] == "queued"]
     assert third in queued
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the runner's handler is gone
+    assert signal.getsignal(signal.SIGINT) is handler_before  # the runner's handler is gone
 
 
 def test_resume_collects_a_turn_comfyui_finished_after_we_stopped(photos, tmp_path):
