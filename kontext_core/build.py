@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Callable
+import os
+from typing import Callable, Sequence
 
 import torch
 
 from .checkpoints import inspect_model, load_autoencoder, load_transformer
 from .config import TransformerConfig
+from .lora import LoraWeights, apply_lora, load_lora
 from .memory import (EDIT_TOKENS, TEXT_ENCODER_ACTIVATION_BYTES, TEXT_ENCODER_BYTES, MemoryPlan,
                      OffloadedTextEncoders, choose_plan, free_device_memory)
 from .model_files import ModelFiles
@@ -17,10 +19,11 @@ from .text_encoders import load_text_encoders
 
 
 def plan_memory(files: ModelFiles, device: str | torch.device, memory: str = "auto", dtype: str | None = None,
-                tokens: int = EDIT_TOKENS) -> MemoryPlan:
+                tokens: int = EDIT_TOKENS, loras: Sequence[LoraWeights] = ()) -> MemoryPlan:
     """The memory plan for these files on `device` now: chosen from its free memory, or the one named.
 
     dtype None lets the plan choose the transformer's storage (fp8 for an fp8 file); a dtype restricts it.
+    loras: the LoRAs to be applied, counted where they will hold device memory (on fp8 weights).
     """
     device = torch.device(device)
     report = inspect_model(files.transformer)
@@ -30,12 +33,13 @@ def plan_memory(files: ModelFiles, device: str | torch.device, memory: str = "au
     storage = {"fp8_e4m3fn": "fp8", "fp8_e5m2": "fp8"}.get(dtype, dtype)
     text_bytes = TEXT_ENCODER_BYTES if files.t5 is not None else 0
     return choose_plan(free_device_memory(device), config, tokens, name=memory, storage=storage,
-                       device=str(device), text_encoder_bytes=text_bytes)
+                       device=str(device), text_encoder_bytes=text_bytes, loras=loras)
 
 
 def load_pipeline(files: ModelFiles, *, dtype: str | None = None, device: str | torch.device = "cpu",
                   text_dtype: str | None = None, ae_dtype: str | None = None, allow_download: bool = False,
                   memory: str | MemoryPlan = "auto", ae_tiling: str = "auto", cuda_graphs: bool = False,
+                  loras: Sequence[tuple[LoraWeights | str | os.PathLike, float]] = (),
                   log: Callable[[str], None] | None = print) -> KontextPipeline:
     """Transformer, autoencoder and (when their files are known) the text encoders, placed on `device`.
 
@@ -45,6 +49,9 @@ def load_pipeline(files: ModelFiles, *, dtype: str | None = None, device: str | 
     ae_tiling: "auto" (tiles only when a full-size AE pass would not fit), "always" or "never".
     cuda_graphs: replay each sampling step from a CUDA graph (CUDA only; a run whose model carries hooks,
         such as offloaded blocks, runs plainly and says why: KontextPipeline).
+    loras: (LoRA or its file, strength) pairs applied to the transformer as `apply_lora`'s "auto" mode does
+        (merged, on the fly into fp8 weights); read before the model so a bad file fails first, and counted
+        by the memory plan.
     log: receives the one-line plan description (None: silent).
 
     The AE runs in bf16 on CUDA and float32 on the CPU unless told otherwise; the text encoders use the
@@ -54,7 +61,9 @@ def load_pipeline(files: ModelFiles, *, dtype: str | None = None, device: str | 
     device = torch.device(device)
     if cuda_graphs and device.type != "cuda":
         raise ValueError(f"CUDA graphs need a CUDA device, not {device}; drop cuda_graphs (CLI: --cuda-graphs)")
-    plan = memory if isinstance(memory, MemoryPlan) else plan_memory(files, device, memory, dtype)
+    loras = [(lora if isinstance(lora, LoraWeights) else load_lora(lora), strength) for lora, strength in loras]
+    plan = memory if isinstance(memory, MemoryPlan) else plan_memory(files, device, memory, dtype,
+                                                                     loras=[lora for lora, _ in loras])
     if log is not None:
         log(plan.describe())
     storage = plan.storage
@@ -76,6 +85,8 @@ def load_pipeline(files: ModelFiles, *, dtype: str | None = None, device: str | 
                                       device=resting, allow_download=allow_download)
         if plan.text_encoders == "offload":
             encoders = OffloadedTextEncoders(encoders, device, TEXT_ENCODER_BYTES + TEXT_ENCODER_ACTIVATION_BYTES)
+    for lora, strength in loras:
+        apply_lora(transformer, lora, strength=strength, mode="auto")
     pipeline = KontextPipeline(transformer, autoencoder, encoders, cuda_graphs=cuda_graphs)
     pipeline.ae_tiling = ae_tiling
     pipeline.memory_plan = plan

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -97,19 +98,32 @@ def _progress(total_label: str):
     return on_step
 
 
+def _lora_spec(spec: str) -> tuple[str, float]:
+    """PATH[:STRENGTH] -> (path, strength); a path may itself hold colons (only a number after the last one
+    is read as the strength)."""
+    path, colon, strength = spec.rpartition(":")
+    if colon:
+        try:
+            value = float(strength)
+        except ValueError:
+            return spec, 1.0
+        if not math.isfinite(value):
+            raise SystemExit(f"error: --lora {spec}: the strength must be a finite number (e.g. 0.8)")
+        return path, value
+    return spec, 1.0
+
+
 def _pipeline(args: argparse.Namespace):
     from .build import load_pipeline
-    from .lora import apply_lora, load_lora
 
     files = _files(args)
+    # Merged, except into fp8 weights (they would round most of a delta away): on the fly there, with the
+    # memory that takes counted in the plan.
     pipeline = load_pipeline(files, dtype=args.dtype, device=args.device, allow_download=args.download,
-                             memory=args.memory, ae_tiling=args.ae_tiling, cuda_graphs=args.cuda_graphs)
+                             memory=args.memory, ae_tiling=args.ae_tiling, cuda_graphs=args.cuda_graphs,
+                             loras=[_lora_spec(spec) for spec in args.lora])
     if args.compile:
         pipeline.transformer.compile_blocks()
-    for spec in args.lora:
-        path, _, strength = spec.partition(":")
-        # Merged, except into fp8 weights (they would round most of its delta away): on the fly there.
-        apply_lora(pipeline.transformer, load_lora(path), strength=float(strength or 1.0), mode="auto")
     return pipeline, files
 
 

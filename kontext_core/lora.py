@@ -629,10 +629,13 @@ def factor_bytes(model: nn.Module) -> int:
     return total
 
 
-def on_the_fly_bytes(model: nn.Module, loras: Iterable[LoraWeights]) -> int:
+def on_the_fly_bytes(model: nn.Module, loras: Iterable[LoraWeights], columns: bool | None = None) -> int:
     """What `factor_bytes(model)` will be with `loras` (and no others) applied on the fly: room to make before
     applying them. Layers `model` lacks are left out (applying such a LoRA raises). fp8 layers are counted
-    with GEMM columns (kontext_core/wide_lora.py); one whose LoRAs turn out too strong for them takes less."""
+    with GEMM columns (kontext_core/wide_lora.py); one whose LoRAs turn out too strong for them takes less.
+
+    columns: None counts the columns where the layer takes them now; True wherever a layer of that kind can
+    (for a model not yet on its device, e.g. built on the meta device to plan memory: an upper bound)."""
     ranks: dict[str, int] = {}
     for lora in loras:
         for name, parts in lora.layers.items():
@@ -651,7 +654,7 @@ def on_the_fly_bytes(model: nn.Module, loras: Iterable[LoraWeights]) -> int:
         total += stacked * (module.in_features + module.out_features) * element
         if fp8:  # the down factor again in e4m3, with one float32 scale per rank row
             total += stacked * module.in_features + stacked * 4
-        if wide_lora.eligible(model, name):
+        if wide_lora.eligible(model, name) if columns is None else (columns and wide_lora.row_fed(model, name)):
             total += wide_lora.column_bytes(module, stacked)
     return total
 

@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import functools
 import weakref
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol, Sequence
 
 import torch
 from torch import nn
 
 from .config import AutoencoderConfig, TransformerConfig
+
+if TYPE_CHECKING:
+    from .lora import LoraWeights
 
 GIB = 1024**3
 MIB = 1024**2
@@ -159,6 +162,25 @@ def transformer_bytes(config: TransformerConfig, storage: str) -> tuple[int, tup
     return size(model, False) - sum(size(block, False) for block in blocks), block_bytes
 
 
+def lora_bytes(config: TransformerConfig, storage: str, loras: Sequence[LoraWeights]) -> int:
+    """Device bytes that `loras`, applied as the loaders apply them (mode "auto"), hold beside a transformer
+    stored in `storage`: none when merged (bf16, fp16, fp32 weights), their on-the-fly factors and GEMM
+    columns on fp8 weights (kontext_core/lora.py; every layer that can take columns counted with them)."""
+    _check_storage(storage)
+    if storage != "fp8" or not loras:
+        return 0
+    from .lora import on_the_fly_bytes
+    from .quant import replace_linears_with_fp8
+    from .transformer import KontextTransformer
+
+    with torch.device("meta"):
+        model = KontextTransformer(config).to(torch.bfloat16)  # what fp8 loading keeps outside the blocks
+    in_blocks = {name for name, module in model.named_modules()
+                 if isinstance(module, nn.Linear) and name.startswith(("double_blocks.", "single_blocks."))}
+    replace_linears_with_fp8(model, in_blocks, {}, torch.bfloat16)
+    return on_the_fly_bytes(model, loras, columns=True)
+
+
 def activation_bytes(config: TransformerConfig, tokens: int, storage: str, batch: int = 1) -> int:
     """Peak activation bytes of one forward over `tokens` (text + image) tokens: see ACTIVATION_ROWS.
 
@@ -270,7 +292,8 @@ def choose_plan(free_bytes: int | None, config: TransformerConfig | None = None,
                 name: str = "auto", storage: str | None = None, device: str = "cuda", prefetch: int = 2,
                 text_encoder_bytes: int = TEXT_ENCODER_BYTES, ae_config: AutoencoderConfig | None = None,
                 image_size: tuple[int, int] = (1024, 1024), batch: int = 1,
-                reserve_bytes: int | None = None, strict: bool = False) -> MemoryPlan:
+                reserve_bytes: int | None = None, strict: bool = False,
+                loras: Sequence[LoraWeights] = ()) -> MemoryPlan:
     """The plan for a workload of `tokens` (text + target + context) on a device with `free_bytes` free.
 
     free_bytes: None for a device without a limit (the CPU): everything resident.
@@ -279,6 +302,7 @@ def choose_plan(free_bytes: int | None, config: TransformerConfig | None = None,
     storage: None to choose, or the dtype the user asked for (bf16, fp8, fp16, fp32): only its plans.
     text_encoder_bytes: the T5 + CLIP weights on the device while encoding (0: no text encoders here).
     image_size: (height, width) of the decoded image, for the AE's needs.
+    loras: LoRAs to be applied after loading: what they hold on the device counts as weights (lora_bytes).
     """
     config = config or TransformerConfig()
     ae_config = ae_config or AutoencoderConfig()
@@ -293,7 +317,7 @@ def choose_plan(free_bytes: int | None, config: TransformerConfig | None = None,
                           reason="no device memory limit")
     reserve = default_reserve(free_bytes) if reserve_bytes is None else reserve_bytes
     sizing = _Sizing(config, tokens, batch, free_bytes - reserve, free_bytes, device, prefetch,
-                     text_encoder_bytes, ae_config, image_size)
+                     text_encoder_bytes, ae_config, image_size, tuple(loras))
     if name != "auto":
         mode, forced_storage = _parse_name(name)
         if storage is not None and storage != forced_storage:
@@ -353,10 +377,20 @@ class _Sizing:
     text_encoder_bytes: int
     ae_config: AutoencoderConfig
     image_size: tuple[int, int]
+    loras: tuple[LoraWeights, ...] = ()
+    _lora_bytes: dict[str, int] = field(default_factory=dict)
+
+    def _weights(self, storage: str) -> tuple[int, tuple[int, ...]]:
+        """transformer_bytes, with what the LoRAs hold counted outside the blocks (on the device whatever
+        the plan: an offloaded block's factors stay where it computes)."""
+        outside, blocks = transformer_bytes(self.config, storage)
+        if storage not in self._lora_bytes:
+            self._lora_bytes[storage] = lora_bytes(self.config, storage, self.loras)
+        return outside + self._lora_bytes[storage], blocks
 
     def need(self, mode: str, storage: str) -> int:
         """Peak bytes of the plan with every block on the device (resident) or only the minimum (offload)."""
-        outside, blocks = transformer_bytes(self.config, storage)
+        outside, blocks = self._weights(storage)
         sampling = activation_bytes(self.config, self.tokens, storage, self.batch) + WORKSPACE_BYTES
         if mode == "resident":
             return outside + sum(blocks) + max(sampling, self._encoding_extra())
@@ -378,7 +412,7 @@ class _Sizing:
         return weights, full
 
     def plan(self, mode: str, storage: str, forced: bool = False) -> MemoryPlan | None:
-        outside, blocks = transformer_bytes(self.config, storage)
+        outside, blocks = self._weights(storage)
         sampling = activation_bytes(self.config, self.tokens, storage, self.batch) + WORKSPACE_BYTES
         if mode == "offload":
             sampling += OFFLOAD_SLACK_BYTES

@@ -56,13 +56,19 @@ def columns(rank: int) -> int:
     return -(-rank // TILE) * TILE
 
 
+def row_fed(model: nn.Module, name: str) -> bool:
+    """Whether the model's layer `name` is an fp8 block layer of a kind that can take columns (fed by the
+    fused quantizers), wherever it is now."""
+    return _enabled and name.endswith(ROW_FED) and type(model.get_submodule(name)) is Fp8Linear
+
+
 def eligible(model: nn.Module, name: str) -> bool:
     """Whether the model's layer `name` (in a block) takes its LoRAs as GEMM columns."""
-    if not _enabled or not name.endswith(ROW_FED):
+    if not row_fed(model, name):
         return False
     layer, block = model.get_submodule(name), model.get_submodule(".".join(name.split(".")[:2]))
     # A block with hooks is streamed by the block offloader, which repacks its weights.
-    return type(layer) is Fp8Linear and not hooked(block) and fp8_weight_ok(layer.weight, layer.compute_dtype)
+    return not hooked(block) and fp8_weight_ok(layer.weight, layer.compute_dtype)
 
 
 def _weight_row_scales(layer: Fp8Linear) -> torch.Tensor:

@@ -141,15 +141,28 @@ def test_unreadable_input_image(models_tree):
 def test_lora_is_merged_except_into_fp8_weights(models_tree, tiny_transformer, monkeypatch, dtype, mode):
     # e4m3 would round most of a LoRA's delta away if merged: fp8 weights get it on the fly.
     from conftest import random_block_lora_file
-    from kontext_core import lora
+    from kontext_core import build
 
     tmp_path, image, common = models_tree
     save_file(random_block_lora_file(tiny_transformer, seed=2), tmp_path / "style.safetensors")
     applied = []
-    real_apply = lora.apply_lora
-    monkeypatch.setattr(lora, "apply_lora", lambda *args, **kwargs: applied.append(real_apply(*args, **kwargs))
+    real_apply = build.apply_lora
+    monkeypatch.setattr(build, "apply_lora", lambda *args, **kwargs: applied.append(real_apply(*args, **kwargs))
                         or applied[-1])
     common = [*common[:common.index("--dtype")], "--dtype", dtype, "--device", "cpu"]
     assert main(["edit", str(image), "--prompt", "x", "-o", str(tmp_path / "l.png"), "--resize", "keep",
                  "--lora", f"{tmp_path / 'style.safetensors'}:0.8", *common]) == 0
     assert [(handle.mode, handle.strength) for handle in applied] == [(mode, 0.8)]
+
+
+def test_lora_spec_reads_a_strength_only_after_the_last_colon():
+    from kontext_core.cli import _lora_spec
+
+    assert _lora_spec("style.safetensors") == ("style.safetensors", 1.0)
+    assert _lora_spec("style.safetensors:0.8") == ("style.safetensors", 0.8)
+    assert _lora_spec("C:/loras/style.safetensors") == ("C:/loras/style.safetensors", 1.0)
+    assert _lora_spec("C:/loras/style.safetensors:-1.5") == ("C:/loras/style.safetensors", -1.5)
+    assert _lora_spec("runs/12:30/style.safetensors") == ("runs/12:30/style.safetensors", 1.0)
+    for bad in ("nan", "inf"):
+        with pytest.raises(SystemExit, match="strength must be a finite number"):
+            _lora_spec(f"style.safetensors:{bad}")

@@ -459,7 +459,7 @@ def test_on_the_fly_bytes_foretells_the_factors_memory(tiny_transformer, tmp_pat
     # The nodes make room for on-the-fly factors before making them (ComfyUI counts them with the model):
     # the estimate must equal what is then allocated, in bf16 and fp8, for part LoRAs and stacked ones; with
     # fp8 GEMMs (here through PyTorch's CPU _scaled_mm) fp8 layers take them as GEMM columns.
-    from kontext_core import quant, wide_lora
+    from kontext_core import memory, quant, wide_lora
     from kontext_core.fused import lora_factors
 
     monkeypatch.setattr(quant, "_fp8_matmul_on_cpu", fp8_gemms)
@@ -483,6 +483,8 @@ def test_on_the_fly_bytes_foretells_the_factors_memory(tiny_transformer, tmp_pat
             assert kept_thin == 0 or len(applied) == 2  # the two together are strong (~0.9x the weights)
         wide = lora_factors(model.double_blocks[0].img_attn.qkv).wide is not None
         assert wide == (fp8_gemms and dtype == "fp8")
+        if wide:  # the memory plan's estimate from the config alone (a meta model) counts the same bytes
+            assert memory.lora_bytes(model.config, "fp8", [parts, whole]) == on_the_fly_bytes(model, [parts, whole])
         if not wide:  # (as GEMM columns both stacks pad to one 128-wide tile)
             assert on_the_fly_bytes(model, [whole]) < factor_bytes(model)
         remove_all_loras(model)

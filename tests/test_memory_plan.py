@@ -84,6 +84,41 @@ def test_overrides_by_name_and_dtype():
         choose_plan(2 * GIB, DEV)
 
 
+def _meta_lora(config: TransformerConfig, rank: int):
+    """A LoRA of `rank` on every block linear of a full-size model, its factors on the meta device (only
+    their shapes matter to the plan)."""
+    from kontext_core.lora import LoraPart, LoraWeights
+    from kontext_core.transformer import KontextTransformer
+
+    with torch.device("meta"):
+        model = KontextTransformer(config)
+    layers = {name: [LoraPart(torch.empty(rank, module.in_features, device="meta"),
+                              torch.empty(module.out_features, rank, device="meta"), None, name)]
+              for name, module in model.named_modules()
+              if isinstance(module, torch.nn.Linear) and name.startswith(("double_blocks.", "single_blocks."))}
+    return LoraWeights(layers, name=f"rank {rank}")
+
+
+def test_loras_on_fp8_weights_count_as_less_free_memory():
+    # The CLI applies LoRAs on the fly to fp8 weights (factors and GEMM columns beside the weights) and
+    # merges them into others: the plan must count the first and not the second.
+    lora = _meta_lora(DEV, 64)
+    held = memory.lora_bytes(DEV, "fp8", [lora])
+    assert memory.lora_bytes(DEV, "bf16", [lora]) == 0 and memory.lora_bytes(DEV, "fp8", []) == 0
+    assert 1 * GIB < held < 2 * GIB  # rank 64 on all 304 block linears, each row-fed one as a 128-wide tile
+    assert memory.lora_bytes(DEV, "fp8", [lora, lora]) > held  # stacked ranks widen the columns
+    reserve = 1 * GIB
+    for free_gib in (12, 16, 20, 23, 24, 26):
+        free = free_gib * GIB
+        with_lora = choose_plan(free, DEV, reserve_bytes=reserve, loras=[lora])
+        smaller_card = choose_plan(free - held, DEV, reserve_bytes=reserve)
+        assert (with_lora.name, with_lora.resident_blocks) == (smaller_card.name, smaller_card.resident_blocks)
+        assert with_lora.expected_peak_bytes == smaller_card.expected_peak_bytes + held
+    # Where the LoRA tips the choice: resident-fp8 without it, blocks offloaded with it.
+    assert choose_plan(23 * GIB, DEV, reserve_bytes=reserve).name == "resident-fp8"
+    assert choose_plan(23 * GIB, DEV, reserve_bytes=reserve, loras=[_meta_lora(DEV, 256)]).name == "offload-fp8"
+
+
 def test_ae_tiling_is_planned_when_the_full_decode_cannot_fit():
     big = choose_plan(24 * GIB, DEV, text_encoder_bytes=0)
     assert not big.ae_tiling
@@ -177,3 +212,35 @@ def test_load_pipeline_follows_a_plan_and_reports_it_once(tiny_transformer, tiny
     pipe = load_pipeline(files, device="cpu", memory=plan, log=lines.append)
     assert isinstance(pipe.offloader, BlockOffloader) and pipe.memory_plan is plan and len(lines) == 2
     assert pipe.offloader.blocks[0].resident and not pipe.offloader.blocks[1].resident
+
+
+def test_load_pipeline_applies_loras_after_reading_them_first(tiny_transformer, tiny_autoencoder, tmp_path):
+    from safetensors.torch import save_file
+
+    from conftest import random_block_lora_file
+    from kontext_core import save_autoencoder, save_transformer
+    from kontext_core.build import load_pipeline
+    from kontext_core.checkpoints import CheckpointError
+    from kontext_core.lora import active_loras, load_lora
+    from kontext_core.model_files import ModelFiles
+
+    save_transformer(tiny_transformer, tmp_path / "k.safetensors")
+    save_autoencoder(tiny_autoencoder, tmp_path / "ae.safetensors")
+    save_file(random_block_lora_file(tiny_transformer, seed=3), tmp_path / "style.safetensors")
+    files = ModelFiles(tmp_path / "k.safetensors", tmp_path / "ae.safetensors")
+    lora = load_lora(tmp_path / "style.safetensors")
+    for dtype, mode in (("fp32", "merge"), ("fp8", "on_the_fly")):
+        pipe = load_pipeline(files, device="cpu", dtype=dtype, log=None,
+                             loras=[(tmp_path / "style.safetensors", 0.8), (lora, -0.5)])
+        assert [(h.mode, h.strength) for h in active_loras(pipe.transformer)] == [(mode, 0.8), (mode, -0.5)]
+    # A file that is no LoRA fails before the model is read (the transformer file given twice by mistake).
+    read = []
+    import kontext_core.build as build
+    real_load = build.load_transformer
+    build.load_transformer = lambda *args, **kwargs: read.append(args) or real_load(*args, **kwargs)
+    try:
+        with pytest.raises(CheckpointError, match="not a LoRA|LoRA"):
+            load_pipeline(files, device="cpu", log=None, loras=[(tmp_path / "k.safetensors", 1.0)])
+    finally:
+        build.load_transformer = real_load
+    assert read == []
