@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kernels  # noqa: E402
 from kontext_core import fused, quant  # noqa: E402
 from kontext_core import Autoencoder, KontextTransformer, TransformerConfig, set_attention_backend  # noqa: E402
+from kontext_core.attention import flash_attn_variant  # noqa: E402
 from kontext_core.checkpoints.key_maps import to_theirs, transformer_links  # noqa: E402
 from kontext_core.cuda_graph import GraphedVelocity  # noqa: E402
 from kontext_core.pipeline import GenerationSettings, KontextPipeline  # noqa: E402
@@ -202,6 +203,7 @@ MODIFIERS = {
     "exactaccum": "fp8 GEMMs without fast accumulation",
     "nokernels": "compiled blocks without our QK-norm+RoPE kernel (the compiler's own fusion)",
     "fp8attention": "attention through cuDNN's fp8 graph (needs nvidia-cudnn-frontend)",
+    "sdpa": "attention through PyTorch's SDPA (cuDNN first) even where flash-attn is installed (auto takes it)",
     "graphs": "each step replayed from a CUDA graph (kontext_core/cuda_graph.py)",
     "concat": "the single block's linear2 over a concatenation of its input's parts (not two GEMMs)",
     "cudnn": "a reference row with PyTorch's SDPA priority cuDNN first (ours always is; default: flash first)",
@@ -223,7 +225,7 @@ def implementation(name: str) -> str:
                                          f"{', '.join('+' + m for m in MODIFIERS)}")
     if "cudnn" in modifiers and base.startswith("ours"):
         raise argparse.ArgumentTypeError(f"{name!r}: +cudnn is for the reference rows; ours always puts cuDNN first")
-    ours_only = [m for m in modifiers if m in ("lora", "lorafly", "thinlora", "autotune")]
+    ours_only = [m for m in modifiers if m in ("lora", "lorafly", "thinlora", "autotune", "sdpa")]
     if ours_only and not base.startswith("ours"):
         raise argparse.ArgumentTypeError(f"{name!r}: +{ours_only[0]} applies to our rows only")
     if "autotune" in modifiers and not base.endswith("-compiled"):
@@ -243,7 +245,7 @@ def configure(impl: str) -> None:
     fused.set_cublas_epilogues("noepilogues" not in modifiers)
     fused.set_linear2_parts("concat" not in modifiers)
     quant.set_fp8_fast_accumulation("exactaccum" not in modifiers)
-    set_attention_backend("cudnn-fp8" if "fp8attention" in modifiers else "auto")
+    set_attention_backend("cudnn-fp8" if "fp8attention" in modifiers else "sdpa" if "sdpa" in modifiers else "auto")
     import torch._inductor.config
 
     torch._inductor.config.triton.enable_persistent_tma_matmul = "autotune" in modifiers
@@ -444,7 +446,8 @@ def main() -> None:
     gpu = torch.cuda.get_device_name()
     rate = matmul_rate()
     record = {"gpu": gpu, "torch": torch.__version__, "matmul_tflops": rate / 1e12, "results": []}
-    print(f"{gpu}, torch {torch.__version__}: bf16 matmul 8192^3 at {rate / 1e12:.0f} TFLOP/s", flush=True)
+    print(f"{gpu}, torch {torch.__version__}: bf16 matmul 8192^3 at {rate / 1e12:.0f} TFLOP/s; our rows' attention "
+          f"(auto): {flash_attn_variant() or 'SDPA, cuDNN first'}", flush=True)
     if not args.no_check:
         record["check"] = check_kernels()
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import fp8_attention as _fp8
-from . import fused
+from . import fused, ops
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "math", "flash-attn", "cudnn-fp8")
 _backend = "auto"
@@ -35,31 +35,65 @@ def get_attention_backend() -> str:
     return _backend
 
 
-def _load_flash_attn():
-    """FlashAttention-3's Hopper interface when installed, else FlashAttention-2, else None."""
-    try:
-        from flash_attn_interface import flash_attn_func as fa3  # type: ignore
+def _first_tensor(out):
+    return out[0] if isinstance(out, tuple) else out  # some builds also return the log-sum-exp
 
-        def flash3(q, k, v):
-            out = fa3(q, k, v)
-            return out[0] if isinstance(out, tuple) else out  # some FA3 builds also return the LSE
 
-        return flash3
-    except Exception:
-        pass
-    try:
-        from flash_attn import flash_attn_func  # type: ignore
-    except Exception:
-        return None
+def _flash3():
+    from flash_attn_interface import flash_attn_func  # type: ignore
+
+    return lambda q, k, v: _first_tensor(flash_attn_func(q, k, v))
+
+
+def _flash4():
+    from flash_attn.cute import flash_attn_func  # type: ignore
+
+    def call(q, k, v):
+        return _first_tensor(flash_attn_func(q, k, v))
+
+    # The CuTe DSL compiles its kernels when first called and runs them through its own runtime, which
+    # torch.compile cannot trace: the compiled blocks call it as an opaque operator instead.
+    ops.define("flash_attention_4(Tensor q, Tensor k, Tensor v) -> Tensor", call,
+               lambda q, k, v: torch.empty_like(q))
+    return torch.ops.kontext.flash_attention_4
+
+
+def _flash2():
+    from flash_attn import flash_attn_func  # type: ignore
+
     return flash_attn_func
 
 
+# In order of preference on the GPUs each serves: FA3 (Hopper), FA4 (Hopper and Blackwell), FA2 (any).
+_FLASH_VARIANTS = (("FlashAttention-3", _flash3), ("FlashAttention-4", _flash4), ("FlashAttention-2", _flash2))
+
+
+def _load_flash_attn() -> tuple[str | None, object]:
+    for name, loader in _FLASH_VARIANTS:
+        try:
+            return name, loader()
+        except Exception:
+            continue
+    return None, None
+
+
 # Resolved once at import: torch.compile cannot trace an import inside the attention call.
-_FLASH_ATTN = _load_flash_attn()
+_FLASH_NAME, _FLASH_ATTN = _load_flash_attn()
 
 
 def _flash_attn_func():
     return _FLASH_ATTN
+
+
+def load_flash_attn():
+    """The installed FlashAttention as a function of q, k, v laid out [B, L, H, D] (bf16 / fp16 on CUDA),
+    returning [B, L, H, D]; None when none is installed."""
+    return _FLASH_ATTN
+
+
+def flash_attn_variant() -> str | None:
+    """Which FlashAttention `load_flash_attn` found ("FlashAttention-3", -4 or -2), or None."""
+    return _FLASH_NAME
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
