@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +17,8 @@ _backend = "auto"
 
 
 def set_attention_backend(name: str) -> None:
-    """Choose how attention runs: 'auto' (fastest available), 'sdpa', 'math', 'flash-attn', or
+    """Choose how attention runs: 'auto' (fastest available: FlashAttention 3 or 4 on Hopper and newer where
+    installed, else SDPA with cuDNN first), 'sdpa', 'math', 'flash-attn' (any installed version), or
     'cudnn-fp8' (opt-in: cuDNN's fp8 flash attention on Hopper, ~1.4x faster in the model, ~6% error per call)."""
     global _backend
     if name not in ATTENTION_BACKENDS:
@@ -96,12 +98,26 @@ def flash_attn_variant() -> str | None:
     return _FLASH_NAME
 
 
+# Whether "auto" takes FlashAttention in the forward under way: set by attention_scope outside the compiled
+# blocks (they read a plain flag, which torch.compile guards on, instead of querying the device).
+_auto_flash = False
+
+
+@functools.cache
+def _flash_beats_cudnn(device_index: int) -> bool:
+    # On Hopper and newer, FA3 / FA4 run FLUX's attention faster than SDPA's cuDNN kernel (H100: 693 vs 647
+    # TFLOP/s at the edit shape, bench/RESULTS.md); FA2 runs it at about half cuDNN's rate on Hopper and
+    # like SDPA's own flash kernel before it, so "auto" takes it nowhere (choose 'flash-attn' for it).
+    return _FLASH_NAME in ("FlashAttention-3", "FlashAttention-4") and \
+        torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Scaled dot-product attention over [B, H, L, D] inputs, returned as [B, L, H*D]."""
     batch, heads, length, head_dim = q.shape
     use_flash = _backend == "flash-attn" or (
         _backend == "auto" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-        and _flash_attn_func() is not None
+        and _auto_flash
     )
     if use_flash:
         out = _flash_attn_func()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
@@ -146,7 +162,11 @@ def cudnn_first() -> contextlib.AbstractContextManager:
 
 
 def attention_scope(device: torch.device) -> contextlib.AbstractContextManager:
-    """Wrap a whole forward: on CUDA with the SDPA backends, `cudnn_first`."""
+    """Wrap a whole forward: with 'auto', take FlashAttention where it beats cuDNN on this device; on CUDA with
+    the SDPA backends, `cudnn_first`."""
+    global _auto_flash
+    _auto_flash = (device.type == "cuda" and _FLASH_ATTN is not None
+                   and _flash_beats_cudnn(torch.cuda.current_device() if device.index is None else device.index))
     if device.type != "cuda" or _backend not in ("auto", "sdpa"):
         return contextlib.nullcontext()
     return cudnn_first()
