@@ -15,6 +15,7 @@ their `+cudnn` variants put cuDNN's attention first, as ours does, to separate a
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -52,6 +53,22 @@ def step_flops(config: TransformerConfig, image_tokens: int, text_tokens: int) -
 def rel_l2(ours: torch.Tensor, reference: torch.Tensor) -> float:
     """||ours - reference|| / ||reference||, in float64."""
     return ((ours.double() - reference.double()).norm() / reference.double().norm()).item()
+
+
+def _cuda_storages(module) -> dict[int, int]:
+    if not isinstance(module, torch.nn.Module):
+        return {}
+    tensors = itertools.chain(module.parameters(), module.buffers())
+    return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t.is_cuda}
+
+
+def others_bytes(target, candidates) -> int:
+    """GPU bytes of the candidates' parameters and buffers that `target` does not share."""
+    own, other = _cuda_storages(target), {}
+    for candidate in candidates:
+        if candidate is not None and candidate is not target:
+            other.update(_cuda_storages(candidate))
+    return sum(size for pointer, size in other.items() if pointer not in own)
 
 
 def cuda_time(fn, warmup: int = 2, iterations: int = 5, repeat: int = 1, graphed: bool = False) -> float:
@@ -512,6 +529,8 @@ def main() -> None:
                 fn = diffusers_step(target, x)
             if "cudnn" in modifiers:
                 fn = with_cudnn_first(fn)
+            # Other models held for other rows are in max_memory_allocated too: the row reports its own.
+            others = others_bytes(target, (model, fp8_model, twin, comfy, bfl))
             torch.cuda.reset_peak_memory_stats()
             with torch.no_grad():
                 out = fn()
@@ -525,7 +544,7 @@ def main() -> None:
                 fn()  # host time to enqueue one step: near the GPU time means launch-bound
                 host_seconds = time.perf_counter() - started
                 torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated() / 2**30
+            peak = (torch.cuda.max_memory_allocated() - others) / 2**30
             if args.profile:
                 profile_step(fn, impl, name)
             row = {"workload": name, "impl": impl, "ms": seconds * 1e3, "floor_ms": floor * 1e3,
