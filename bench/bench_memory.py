@@ -33,7 +33,7 @@ from bench_step import WORKLOADS, inputs, ours_step, random_autoencoder, random_
 from kontext_core import TransformerConfig  # noqa: E402
 from kontext_core.memory import EDIT_TOKENS, GIB, PLAN_NAMES, choose_plan  # noqa: E402
 from kontext_core.offload import BlockOffloader  # noqa: E402
-from kontext_core.quant import quantize_model_fp8  # noqa: E402
+from kontext_core.quant import quantize_model  # noqa: E402
 
 
 def rel_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
@@ -109,7 +109,7 @@ def bench_transformer(args, record) -> None:
     references, baselines = {}, {}
     for storage in ("bf16", "fp8"):
         if storage == "fp8":
-            models["fp8"] = quantize_model_fp8(random_transformer(config))  # same seed: the same weights, in e4m3
+            models["fp8"] = quantize_model(random_transformer(config))  # same seed: the same weights, in e4m3
         model = models[storage]
         torch.cuda.reset_peak_memory_stats()
         with torch.no_grad():

@@ -213,8 +213,8 @@ def diffusers_step(twin, x: dict):
 
 
 IMPLS = ("ours", "ours-kernels", "ours-rowkernels", "ours-compiled", "ours-fp8", "ours-fp8-kernels",
-         "ours-fp8-compiled", "diffusers", "diffusers-compiled", "comfyui", "comfyui-compiled", "bfl",
-         "bfl-compiled")
+         "ours-fp8-compiled", "ours-int8-rowkernels", "ours-int8-compiled", "diffusers", "diffusers-compiled",
+         "comfyui", "comfyui-compiled", "bfl", "bfl-compiled")
 MODIFIERS = {
     "noepilogues": "GELU as its own pass, not in cuBLASLt's epilogue; the single block's linear2 over a concatenation",
     "exactaccum": "fp8 GEMMs without fast accumulation",
@@ -255,7 +255,8 @@ def implementation(name: str) -> str:
 def configure(impl: str) -> None:
     """The switches of one implementation row. Our Triton kernels run in the "kernels" rows (the Triton
     GEMMs too; "rowkernels": norms and RoPE fused, GEMMs by cuBLAS) and, as the product does, in compiled
-    blocks; plain "ours" / "ours-fp8" rows are PyTorch alone. Modifiers: MODIFIERS."""
+    blocks; plain "ours" / "ours-fp8" rows are PyTorch alone (the int8 rows always have the kernels: without
+    them int8 weights are upcast). Modifiers: MODIFIERS."""
     base, *modifiers = impl.split("+")
     kernels.set_enabled((base.endswith("kernels") or base.endswith("-compiled")) and "nokernels" not in modifiers)
     fused.set_fused_gemms(base.endswith("-kernels"))
@@ -292,12 +293,12 @@ def check_kernels() -> list[dict]:
 def random_lora(model: KontextTransformer, rank: int = 32):
     """A LoRA in BFL's key layout on every linear of every block, deltas ~1% of the weights (LoRA-sized)."""
     from kontext_core.lora import lora_from_state_dict
-    from kontext_core.quant import Fp8Linear
+    from kontext_core.quant import QuantizedLinear
 
     generator = torch.Generator(device="cuda").manual_seed(1)
     tensors = {}
     for name, module in model.named_modules():
-        if isinstance(module, (torch.nn.Linear, Fp8Linear)) and name.startswith(("double_blocks.", "single_blocks.")):
+        if isinstance(module, (torch.nn.Linear, QuantizedLinear)) and name.startswith(("double_blocks.", "single_blocks.")):
             tensors[f"diffusion_model.{name}.lora_A.weight"] = torch.randn(
                 rank, module.in_features, device="cuda", generator=generator, dtype=torch.bfloat16)
             tensors[f"diffusion_model.{name}.lora_B.weight"] = torch.randn(
@@ -492,11 +493,15 @@ def main() -> None:
         else:
             print(f"skipping the bfl rows: no BFL code at {args.bfl!r} (bench/stage_bfl.sh; --bfl PATH)", flush=True)
             args.impls = [i for i in args.impls if not i.startswith("bfl")]
-    fp8_model = None
+    fp8_model = int8_model = None
     if any(i.startswith("ours-fp8") for i in args.impls):
-        from kontext_core.quant import quantize_model_fp8
+        from kontext_core.quant import quantize_model
 
-        fp8_model = quantize_model_fp8(random_transformer(config))  # same seed: the same weights, then e4m3
+        fp8_model = quantize_model(random_transformer(config))  # same seed: the same weights, then e4m3
+    if any(i.startswith("ours-int8") for i in args.impls):
+        from kontext_core.quant import quantize_model
+
+        int8_model = quantize_model(random_transformer(config), torch.int8)  # the same weights, int8 per row
     for name in args.workloads:
         workload = WORKLOADS[name]
         x = inputs(config, workload)
@@ -512,7 +517,8 @@ def main() -> None:
         for impl in args.impls:
             configure(impl)
             modifiers = impl.split("+")[1:]
-            target = (fp8_model if impl.startswith("ours-fp8") else model if impl.startswith("ours")
+            target = (fp8_model if impl.startswith("ours-fp8") else int8_model if impl.startswith("ours-int8")
+                      else model if impl.startswith("ours")
                       else comfy if impl.startswith("comfyui") else bfl if impl.startswith("bfl") else twin)
             lora = apply_row_lora(target, impl) if impl.startswith("ours") else None
             if "-compiled" in impl:
@@ -530,7 +536,7 @@ def main() -> None:
             if "cudnn" in modifiers:
                 fn = with_cudnn_first(fn)
             # Other models held for other rows are in max_memory_allocated too: the row reports its own.
-            others = others_bytes(target, (model, fp8_model, twin, comfy, bfl))
+            others = others_bytes(target, (model, fp8_model, int8_model, twin, comfy, bfl))
             torch.cuda.reset_peak_memory_stats()
             with torch.no_grad():
                 out = fn()
@@ -566,7 +572,7 @@ def main() -> None:
         fp8_attention_too = any("+fp8attention" in i for i in args.impls)
         graphs_too = any("+graphs" in i for i in args.impls)
         runs = [(label, target, graphs) for label, target in (("bf16", model), ("fp8", fp8_model),
-                                                               ("fp8+fp8attention", fp8_model))
+                                                               ("fp8+fp8attention", fp8_model), ("int8", int8_model))
                 for graphs in ((False, True) if graphs_too else (False,))]
         for label, target, graphs in runs:
             if target is None or (label.endswith("fp8attention") and not fp8_attention_too):

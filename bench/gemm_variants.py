@@ -8,7 +8,7 @@ shape. qkv: the qkv projections (3072 -> 9216, the step's slowest large GEMMs) i
 might run faster: without the bias (which the QK-norm kernel could add), weight stored transposed,
 output transposed, per projection, under either cuBLAS library. attention: cuDNN's attention over [B, H, L, D] vs [B, L, H, D] inputs. fp8: torch._scaled_mm with per-row/per-token
 scales vs per-tensor scales, each with and without fast accumulation; the fp8 path's activation
-quantizers (kernels/fp8_rows.py) vs the compiler's fusion of their references. lorafp8 (not in the
+quantizers (kernels/row_quant.py) vs the compiler's fusion of their references. lorafp8 (not in the
 default set): an fp8 layer with a LoRA on the fly as the model runs it vs the LoRA as extra K columns of the
 layer's GEMM. Prints ms and TFLOP/s (TB/s for the quantizers).
 """
@@ -258,7 +258,7 @@ def fp8_lora_variants(rank: int = 32) -> None:
 
 def fp8_quantization_variants() -> None:
     """The fp8 path's activation quantizers: our row kernels vs the compiler's fusion of the references."""
-    from kernels import fp8_rows
+    from kernels import row_quant
 
     dev, dtype = "cuda", torch.bfloat16
     x = torch.randn(1, TOKENS, HIDDEN, device=dev, dtype=dtype)
@@ -270,8 +270,8 @@ def fp8_quantization_variants() -> None:
     for name, args in cases.items():
         rows_in = args if name == "concat_gelu_quantize_rows" else args[:1]
         moved = sum(a.numel() for a in rows_in) * 3  # 2 bytes of bf16 read, 1 of e4m3 written
-        for label, fn in (("kernel", getattr(fp8_rows, name)),
-                          ("compiled reference", torch.compile(getattr(fp8_rows, name + "_reference")))):
+        for label, fn in (("kernel", getattr(row_quant, name)),
+                          ("compiled reference", torch.compile(getattr(row_quant, name + "_reference")))):
             seconds = cuda_time(lambda: fn(*args), warmup=3, iterations=20, repeat=10, graphed=True)
             print(f"  {name:28s} {label:20s} {seconds * 1e6:8.1f} us  {moved / seconds / 1e12:5.2f} TB/s",
                   flush=True)

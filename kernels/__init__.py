@@ -6,7 +6,7 @@ of compute capability 8.0+, Triton importable, not switched off by `set_enabled(
 Importing this package never needs Triton.
 """
 
-from . import fp8_rows
+from . import int8_gemm, row_quant
 from .ffn import linear_gated_residual, linear_gated_residual_reference, linear_gelu, linear_gelu_reference
 from .modulation import layernorm_modulate, layernorm_modulate_reference
 from .qk_norm_rope import joint_qkv_norm_rope, qkv_norm_rope, qkv_norm_rope_reference
@@ -14,7 +14,8 @@ from .runtime import enabled_for, set_enabled, triton_available
 
 __all__ = [
     "enabled_for",
-    "fp8_rows",
+    "int8_gemm",
+    "row_quant",
     "joint_qkv_norm_rope",
     "layernorm_modulate",
     "layernorm_modulate_reference",

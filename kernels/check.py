@@ -9,7 +9,8 @@ measures its output against the reference's:
   the references after every step);
 - e4m3 outputs (the fp8 path): the fraction of values that differ from the reference's, at most 1e-2, with
   none more than one e4m3 step away and the scales equal to 1e-5 (both quantize float32 values computed in
-  another order, so a rare value lands on the neighbouring e4m3 number).
+  another order, so a rare value lands on the neighbouring e4m3 number); int8 outputs (the int8 path) alike,
+  one int8 step at most.
 
 bench/bench_step.py runs it before timing anything; tests run it at `SMALL` sizes under Triton's
 interpreter and at `FULL` size on a GPU.
@@ -24,7 +25,7 @@ from typing import Callable
 import torch
 
 # Modules, not their functions: tests rebuild the kernel modules in place for the interpreter or the GPU.
-from . import ffn, fp8_qkv, fp8_rows, modulation, qk_norm_rope, runtime
+from . import ffn, fp8_qkv, int8_gemm, modulation, qk_norm_rope, row_quant, runtime
 
 FLOAT_TOLERANCE = 2e-2
 E4M3_MISMATCH_TOLERANCE = 1e-2
@@ -80,6 +81,14 @@ def e4m3_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
     if not bool(((ours - reference).abs() <= step).all()):
         return math.inf
     return (ours != reference).float().mean().item()
+
+
+def int8_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    """Fraction of int8 values differing from the reference's; inf when any is more than one step away."""
+    difference = (ours.int() - reference.int()).abs()
+    if int(difference.max()) > 1:
+        return math.inf
+    return (difference > 0).float().mean().item()
 
 
 def _scales_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
@@ -150,16 +159,30 @@ def _linear_gated_residual(inputs: _Inputs) -> tuple[float, float]:
     return float_error(out, reference), FLOAT_TOLERANCE
 
 
-def _row_quantizer(variant: str) -> Callable[[_Inputs], tuple[float, float]]:
+def _row_quantizer(variant: str, dtype: torch.dtype = torch.float8_e4m3fn) -> Callable[[_Inputs], tuple[float, float]]:
     def check(inputs: _Inputs) -> tuple[float, float]:
         x = inputs.randn(1, inputs.sizes.tokens, inputs.sizes.hidden)
         args = {"quantize_rows": lambda: (x,), "gelu_quantize_rows": lambda: (inputs.mlp_part(),),
                 "concat_gelu_quantize_rows": lambda: (x, inputs.mlp_part()),
                 "layernorm_modulate_quantize": lambda: (x, *inputs.modulation())}[variant]()
-        data, scales = getattr(fp8_rows, variant)(*args)
-        reference_data, reference_scales = getattr(fp8_rows, variant + "_reference")(*args)
-        return max(_scales_error(scales, reference_scales), e4m3_error(data, reference_data)), E4M3_MISMATCH_TOLERANCE
+        data, scales = getattr(row_quant, variant)(*args, dtype=dtype)
+        reference_data, reference_scales = getattr(row_quant, variant + "_reference")(*args, dtype=dtype)
+        values_error = (int8_error if dtype == torch.int8 else e4m3_error)(data, reference_data)
+        return max(_scales_error(scales, reference_scales), values_error), E4M3_MISMATCH_TOLERANCE
     return check
+
+
+def _int8_linear(inputs: _Inputs) -> tuple[float, float]:
+    # The MLP's up-projection of the joint sequence, in int8 rows and weights as the int8 path feeds it.
+    s = inputs.sizes
+    data = torch.randint(-127, 128, (s.tokens, s.hidden), dtype=torch.int8, device=inputs.device)
+    weight = torch.randint(-127, 128, (s.mlp, s.hidden), dtype=torch.int8, device=inputs.device)
+    scale = torch.rand(s.tokens, 1, device=inputs.device) * 1e-3 + 1e-5
+    weight_scale = torch.rand(s.mlp, device=inputs.device) * 1e-3 + 1e-5
+    bias = inputs.randn(s.mlp)
+    out = int8_gemm.int8_linear(data, scale, weight, weight_scale, bias, torch.bfloat16)
+    reference = int8_gemm.int8_linear_reference(data, scale, weight, weight_scale, bias, torch.float32)
+    return float_error(out, reference), FLOAT_TOLERANCE
 
 
 def _joint_qkv_norm_rope_fp8(inputs: _Inputs) -> tuple[float, float]:
@@ -206,6 +229,9 @@ CASES: dict[str, tuple[str, Callable[[_Inputs], tuple[float, float]]]] = {
     "linear_gated_residual": ("linear_gated_residual", _linear_gated_residual),
     **{variant: (variant, _row_quantizer(variant)) for variant in
        ("quantize_rows", "gelu_quantize_rows", "concat_gelu_quantize_rows", "layernorm_modulate_quantize")},
+    **{f"{variant} (int8)": (variant, _row_quantizer(variant, torch.int8)) for variant in
+       ("quantize_rows", "gelu_quantize_rows", "concat_gelu_quantize_rows", "layernorm_modulate_quantize")},
+    "int8_linear": ("int8_linear", _int8_linear),
     "joint_qkv_norm_rope_fp8": ("joint_qkv_norm_rope_fp8", _joint_qkv_norm_rope_fp8),
     "quantize_qkv": ("quantize_qkv", _quantize_qkv),
     "dequantize_output": ("dequantize_output", _dequantize_output),

@@ -45,7 +45,8 @@ def load_pipeline(files: ModelFiles, *, dtype: str | None = None, device: str | 
 
     memory: "auto" chooses a plan from the device's free memory (see kontext_core.memory), a plan name
         (resident-bf16, resident-fp8, offload-bf16, offload-fp8) forces one, or a MemoryPlan.
-    dtype: the transformer's storage; None lets the plan choose (bf16 when it fits, else fp8).
+    dtype: the transformer's storage (bf16, fp16, fp32, fp8, int8); None lets the plan choose (bf16 when it fits,
+        else fp8).
     ae_tiling: "auto" (tiles only when a full-size AE pass would not fit), "always" or "never".
     cuda_graphs: replay each sampling step from a CUDA graph (CUDA only; a run whose model carries hooks,
         such as offloaded blocks, runs plainly and says why: KontextPipeline).
@@ -55,7 +56,7 @@ def load_pipeline(files: ModelFiles, *, dtype: str | None = None, device: str | 
     log: receives the one-line plan description (None: silent).
 
     The AE runs in bf16 on CUDA and float32 on the CPU unless told otherwise; the text encoders use the
-    transformer's dtype (bf16 for fp8). The pipeline carries the plan as `memory_plan` and, when blocks
+    transformer's dtype (bf16 for fp8 and int8). The pipeline carries the plan as `memory_plan` and, when blocks
     are offloaded, the BlockOffloader as `offloader`.
     """
     device = torch.device(device)
@@ -81,7 +82,7 @@ def load_pipeline(files: ModelFiles, *, dtype: str | None = None, device: str | 
         resting = device if plan.text_encoders == "device" else torch.device("cpu")
         encoders = load_text_encoders(files.t5, files.clip, t5_tokenizer=files.t5_tokenizer,
                                       clip_tokenizer=files.clip_tokenizer,
-                                      dtype=text_dtype or ("bf16" if storage == "fp8" else storage),
+                                      dtype=text_dtype or ("bf16" if storage in ("fp8", "int8") else storage),
                                       device=resting, allow_download=allow_download)
         if plan.text_encoders == "offload":
             encoders = OffloadedTextEncoders(encoders, device, TEXT_ENCODER_BYTES + TEXT_ENCODER_ACTIVATION_BYTES)

@@ -4,9 +4,9 @@ Each function here has one meaning; which implementation computes it is decided 
 torch.compile'd blocks the compiler fuses the PyTorch forms itself, except where a kernel beats its
 fusion: those kernels enter the graph as opaque custom ops (`kontext::*`).
 
-For fp8 layers (`Fp8Linear`) the activations a GEMM needs are e4m3 rows with per-row scales
-(`QuantizedRows`); the functions that produce a layer's input produce them in that form directly,
-the quantization fused with the producing op (kernels/fp8_rows.py), so no bf16 copy is written only
+For 8-bit layers (`QuantizedLinear`) the activations a GEMM needs are e4m3 or int8 rows with per-row
+scales (`QuantizedRows`); the functions that produce a layer's input produce them in that form directly,
+the quantization fused with the producing op (kernels/row_quant.py), so no bf16 copy is written only
 to be read back and quantized.
 """
 
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from .quant import E4M3_MAX, Fp8Linear, QuantizedRows, fp8_linear_rows, fp8_matmul_ok
+from .quant import E4M3_MAX, QuantizedLinear, QuantizedRows, fp8_linear_rows, fp8_matmul_ok, rows_format
 
 try:  # kernels/ is optional; a foreign package of the same name is ignored
     import kernels as _kernels
@@ -84,9 +84,11 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 def modulated_input(layer: nn.Module, x: torch.Tensor, shift: torch.Tensor,
                     scale: torch.Tensor) -> torch.Tensor | QuantizedRows:
-    """(1 + scale) * LayerNorm(x) + shift, as `layer`'s input: e4m3 rows for an fp8 layer."""
-    if _takes_fp8_rows(layer, x):
-        return QuantizedRows(*torch.ops.kontext.layernorm_modulate_quantize(x, shift, scale, lora_columns(layer)))
+    """(1 + scale) * LayerNorm(x) + shift, as `layer`'s input: e4m3 or int8 rows for an 8-bit layer."""
+    form = _row_format(layer, x)
+    if form is not None:
+        return QuantizedRows(*torch.ops.kontext.layernorm_modulate_quantize(x, shift, scale, lora_columns(layer),
+                                                                           form == torch.int8))
     return modulate(x, shift, scale)
 
 
@@ -147,7 +149,7 @@ def _lora_low(factors: LoraFactors, x: torch.Tensor | QuantizedRows | ColumnPart
             low = torch._scaled_mm(rows, factors.down_e4m3.t(), scale_a=x.scale, scale_b=factors.down_scales,
                                    out_dtype=down.dtype)
         else:
-            # x = data * scale row by row; e4m3 values are exact in bf16, so the scale is applied after.
+            # x = data * scale row by row; e4m3 and int8 values are exact in bf16, so the scale is applied after.
             low = (F.linear(rows.to(down.dtype), down).float() * x.scale).to(down.dtype)
         return low.view(*x.data.shape[:-1], low.shape[-1])
     if isinstance(x, ColumnParts):
@@ -228,10 +230,13 @@ def hooked(module: nn.Module) -> bool:
     return not all(_unhooked(m) for m in module.modules())
 
 
-def _takes_fp8_rows(layer: nn.Module, x: torch.Tensor) -> bool:
+def _row_format(layer: nn.Module, x: torch.Tensor) -> torch.dtype | None:
+    """The 8-bit rows (e4m3 or int8) the fused quantizers make for `layer`'s input x, or None (x as it is)."""
     # Hooked layers see bf16 inputs: their hooks read them.
-    return (type(layer) is Fp8Linear and _unhooked(layer) and _kernels is not None
-            and _kernels.runtime.enabled_for_traced(x) and fp8_matmul_ok(x, layer.weight))
+    if type(layer) is QuantizedLinear and _unhooked(layer) and _kernels is not None and \
+            _kernels.runtime.enabled_for_traced(x):
+        return rows_format(x, layer.weight)
+    return None
 
 
 def _plain_linear(layer: nn.Module) -> bool:
@@ -317,8 +322,9 @@ def mlp_hidden(x: torch.Tensor | QuantizedRows, up: nn.Module, down: nn.Module) 
     """GELU(tanh)(up(x)), as the input of the down-projection `down`: e4m3 rows for an fp8 layer."""
     if isinstance(x, QuantizedRows):
         hidden = linear(up, x)
-        if _takes_fp8_rows(down, hidden):
-            return QuantizedRows(*torch.ops.kontext.gelu_quantize_rows(hidden, lora_columns(down)))
+        form = _row_format(down, hidden)
+        if form is not None:
+            return QuantizedRows(*torch.ops.kontext.gelu_quantize_rows(hidden, lora_columns(down), form == torch.int8))
         return F.gelu(hidden, approximate="tanh")
     return linear_gelu(x, up)
 
@@ -326,14 +332,16 @@ def mlp_hidden(x: torch.Tensor | QuantizedRows, up: nn.Module, down: nn.Module) 
 def parallel_attention_mlp(x: torch.Tensor | QuantizedRows, linear1: nn.Module, linear2: nn.Module, split: int,
                            attend) -> torch.Tensor | QuantizedRows | ColumnParts:
     """The single block's middle: y = linear1(x); [attend(y[..., :split]), GELU(tanh)(y[..., split:])] as
-    linear2's input: e4m3 rows for an fp8 linear2, the two parts unconcatenated where cuBLAS runs linear2,
+    linear2's input: 8-bit rows for an 8-bit linear2, the two parts unconcatenated where cuBLAS runs linear2,
     else their concatenation."""
     if isinstance(x, QuantizedRows):
-        # One fp8 GEMM; the attention and the quantizing concat read their parts of it as strided views.
+        # One 8-bit GEMM; the attention and the quantizing concat read their parts of it as strided views.
         qkv, mlp = linear(linear1, x).split([split, linear1.out_features - split], dim=-1)
         attended = attend(qkv)
-        if _takes_fp8_rows(linear2, attended):
-            return QuantizedRows(*torch.ops.kontext.concat_gelu_quantize_rows(attended, mlp, lora_columns(linear2)))
+        form = _row_format(linear2, attended)
+        if form is not None:
+            return QuantizedRows(*torch.ops.kontext.concat_gelu_quantize_rows(attended, mlp, lora_columns(linear2),
+                                                                             form == torch.int8))
         return torch.cat((attended, F.gelu(mlp, approximate="tanh")), dim=-1)
     qkv, mlp = linear_then_gelu_part(x, linear1, split)
     attended = attend(qkv)
@@ -350,8 +358,9 @@ def gated_residual(residual: torch.Tensor, gate: torch.Tensor, x: torch.Tensor |
     if isinstance(x, torch.Tensor):
         if _fused_gemms and _plain_linear(layer) and _epilogue_free(layer) and _active(x):
             return _kernels.linear_gated_residual(x, layer.weight, layer.bias, gate, residual)
-        if _takes_fp8_rows(layer, x):
-            x = QuantizedRows(*torch.ops.kontext.quantize_rows(x, lora_columns(layer)))
+        form = _row_format(layer, x)
+        if form is not None:
+            x = QuantizedRows(*torch.ops.kontext.quantize_rows(x, lora_columns(layer), form == torch.int8))
     return residual + gate * linear(layer, x)
 
 
@@ -370,28 +379,36 @@ if _kernels is not None:
                    list(zip(qkvs, query_scales, key_scales)), cos, sin, num_heads),
                _joint_qkv_norm_rope_fake)
 
-    # The fp8 row quantizers (kernels/fp8_rows.py), opaque for the same reason: the compiler's fusion of
+    # The 8-bit row quantizers (kernels/row_quant.py), opaque for the same reason: the compiler's fusion of
     # their references ran at 0.75-1.7 TB/s on an H100 (a division per value, a second read of each row),
     # the kernels at 1.8-2.9 TB/s (bench/RESULTS.md).
-    def _quantized_fake(x: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _format(int8: bool) -> torch.dtype:
+        return torch.int8 if int8 else torch.float8_e4m3fn
+
+    def _quantized_fake(x: torch.Tensor, width: int, int8: bool) -> tuple[torch.Tensor, torch.Tensor]:
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        return (x.new_empty((*x.shape[:-1], width), dtype=torch.float8_e4m3fn),
+        return (x.new_empty((*x.shape[:-1], width), dtype=_format(int8)),
                 x.new_empty((rows, 1), dtype=torch.float32))
 
-    # `spare`: columns left after each row for a LoRA's (kontext_core/wide_lora.py).
-    ops.define("quantize_rows(Tensor x, int spare=0) -> (Tensor, Tensor)",
-               lambda x, spare=0: _kernels.fp8_rows.quantize_rows(x, spare=spare),
-               lambda x, spare=0: _quantized_fake(x, x.shape[-1] + spare))
-    ops.define("gelu_quantize_rows(Tensor x, int spare=0) -> (Tensor, Tensor)",
-               lambda x, spare=0: _kernels.fp8_rows.gelu_quantize_rows(x, spare=spare),
-               lambda x, spare=0: _quantized_fake(x, x.shape[-1] + spare))
-    ops.define("concat_gelu_quantize_rows(Tensor first, Tensor second, int spare=0) -> (Tensor, Tensor)",
-               lambda first, second, spare=0: _kernels.fp8_rows.concat_gelu_quantize_rows(first, second, spare=spare),
-               lambda first, second, spare=0: _quantized_fake(second, first.shape[-1] + second.shape[-1] + spare))
-    ops.define("layernorm_modulate_quantize(Tensor x, Tensor shift, Tensor scale, int spare=0) -> (Tensor, Tensor)",
-               lambda x, shift, scale, spare=0: _kernels.fp8_rows.layernorm_modulate_quantize(x, shift, scale,
-                                                                                               spare=spare),
-               lambda x, shift, scale, spare=0: _quantized_fake(x, x.shape[-1] + spare))
+    # `spare`: columns left after each row for a LoRA's (kontext_core/wide_lora.py); `int8`: int8 rows, not e4m3.
+    ops.define("quantize_rows(Tensor x, int spare=0, bool int8=False) -> (Tensor, Tensor)",
+               lambda x, spare=0, int8=False: _kernels.row_quant.quantize_rows(x, spare=spare, dtype=_format(int8)),
+               lambda x, spare=0, int8=False: _quantized_fake(x, x.shape[-1] + spare, int8))
+    ops.define("gelu_quantize_rows(Tensor x, int spare=0, bool int8=False) -> (Tensor, Tensor)",
+               lambda x, spare=0, int8=False: _kernels.row_quant.gelu_quantize_rows(x, spare=spare,
+                                                                                     dtype=_format(int8)),
+               lambda x, spare=0, int8=False: _quantized_fake(x, x.shape[-1] + spare, int8))
+    ops.define("concat_gelu_quantize_rows(Tensor first, Tensor second, int spare=0, bool int8=False) "
+               "-> (Tensor, Tensor)",
+               lambda first, second, spare=0, int8=False: _kernels.row_quant.concat_gelu_quantize_rows(
+                   first, second, spare=spare, dtype=_format(int8)),
+               lambda first, second, spare=0, int8=False: _quantized_fake(
+                   second, first.shape[-1] + second.shape[-1] + spare, int8))
+    ops.define("layernorm_modulate_quantize(Tensor x, Tensor shift, Tensor scale, int spare=0, bool int8=False) "
+               "-> (Tensor, Tensor)",
+               lambda x, shift, scale, spare=0, int8=False: _kernels.row_quant.layernorm_modulate_quantize(
+                   x, shift, scale, spare=spare, dtype=_format(int8)),
+               lambda x, shift, scale, spare=0, int8=False: _quantized_fake(x, x.shape[-1] + spare, int8))
 
 
 def qk_kernel_active(x: torch.Tensor) -> bool:

@@ -17,23 +17,23 @@ Each part's update is `up @ down * alpha / rank` (scale 1 without alpha); `alpha
 into `up` at load, and the strength is applied when the LoRA is applied. Text-encoder keys are skipped
 with a warning and listed in `LoraWeights.skipped`.
 
-Two ways to apply (`apply_lora`; by default merged, except into fp8 weights), both stackable and
+Two ways to apply (`apply_lora`; by default merged, except into 8-bit weights), both stackable and
 removable through the returned `LoraHandle`:
 
 - "merge": the delta is added into the weights (no cost per step). The first merge into a layer keeps
   a copy of the layer's original weight (on `backup_device`, CPU by default); removing a LoRA restores
   that copy and re-merges the LoRAs still applied, in their order, so removing them all gives back the
   original weights bit for bit. The sum `W + delta` is formed in float64 (float32 on MPS) and rounded
-  once to the weight's dtype. For `Fp8Linear` layers the weight is dequantized, the delta added and the
+  once to the weight's dtype. For `QuantizedLinear` layers the weight is dequantized, the delta added and the
   result requantized (per-tensor, or per-row when the layer has per-row scales): small LoRA deltas can
-  fall below float8 resolution, so fp8 models get "on_the_fly" unless "merge" is asked for.
+  fall below 8-bit resolution, so fp8 and int8 models get "on_the_fly" unless "merge" is asked for.
 - "on_the_fly": `up @ (down @ x) * strength` is added to the layer's output rows where the model computes
   the layer (kontext_core/fused.py); the weights are never touched. All on-the-fly LoRAs of a layer are
   stacked into one pair of factors, so a layer costs two thin GEMMs more however many LoRAs it has; being
   part of the model's own code, they run inside compiled blocks and CUDA graphs. Strength changes rewrite
-  the factors in place (no recompilation, no new graph capture). Works for `nn.Linear` and `Fp8Linear`
-  alike; on fp8 layers the LoRA reads the same e4m3 activations as the layer's GEMM, and where fp8 GEMMs
-  run it joins that GEMM as extra K columns instead of two GEMMs more (kontext_core/wide_lora.py).
+  the factors in place (no recompilation, no new graph capture). Works for `nn.Linear` and `QuantizedLinear`
+  alike; on 8-bit layers the LoRA reads the same e4m3 or int8 activations as the layer's GEMM, and where
+  fp8 GEMMs run it joins that GEMM as extra K columns instead of two GEMMs more (kontext_core/wide_lora.py).
 
 A model saved while LoRAs are merged is saved with them baked in. Apply LoRAs after copying a model
 (`copy.deepcopy` carries on-the-fly factors over to the copy, but not the handles that remove them).
@@ -61,7 +61,7 @@ from .checkpoints.layouts import describe_file
 from .config import TransformerConfig
 from .fused import LORA_FACTORS, LoraFactors, factors_layout, lora_factors
 from . import wide_lora
-from .quant import FP8_DTYPES, Fp8Linear, quantize_weight
+from .quant import QuantizedLinear, quantize_weight
 
 MODES = ("auto", "merge", "on_the_fly")
 
@@ -428,7 +428,7 @@ def _resolve(model: nn.Module, lora: LoraWeights, dtype_for: Callable[[nn.Module
         except AttributeError:
             missing.append(layer_name)
             continue
-        if not isinstance(module, (nn.Linear, Fp8Linear)):
+        if not isinstance(module, (nn.Linear, QuantizedLinear)):
             missing.append(layer_name)
             continue
         spans = []
@@ -470,11 +470,11 @@ def _accumulate_dtype(device: torch.device) -> torch.dtype:
 
 def _merge_into(module: nn.Module, spans: list[_Span], strength: float) -> None:
     """weight[rows] += strength * up @ down, rounded once to the weight's storage."""
-    if isinstance(module, Fp8Linear):
+    if isinstance(module, QuantizedLinear):
         weight = module.dequantized_weight(torch.float32)
         for span in spans:
             weight[span.start:span.stop] += strength * (span.up.float() @ span.down.float())
-        quantized, scale = _requantize(weight, module.weight.dtype, per_row=module.weight_scale.ndim == 1)
+        quantized, scale = quantize_weight(weight, module.weight.dtype, per_row=module.weight_scale.ndim == 1)
         module.weight.copy_(quantized)
         module.weight_scale.copy_(scale)
         return
@@ -488,14 +488,6 @@ def _merge_into(module: nn.Module, spans: list[_Span], strength: float) -> None:
             delta = span.up[first - span.start:last - span.start].to(compute) @ down
             rows = weight[first:last]
             rows.copy_((rows.to(compute) + strength * delta).to(weight.dtype))
-
-
-def _requantize(weight: torch.Tensor, fp8_dtype: torch.dtype, per_row: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    if not per_row:
-        return quantize_weight(weight, fp8_dtype)
-    max_value = torch.finfo(fp8_dtype).max
-    scale = (weight.abs().amax(dim=1).clamp(min=1e-12) / max_value).float()
-    return (weight / scale[:, None]).clamp(-max_value, max_value).to(fp8_dtype), scale
 
 
 _STAGING_BYTES = 64 << 20
@@ -585,11 +577,11 @@ def _stack_factors(module: nn.Module, name: str, model: nn.Module) -> None:
     # minute for inductor), and the fp8 GEMM gets the multiple of 16 it needs. The zeros add nothing.
     rank = sum(down.shape[0] for down in downs)
     padding = _stacked_rank(rank) - rank
-    dtype = module.compute_dtype if isinstance(module, Fp8Linear) else module.weight.dtype
+    dtype = module.compute_dtype if isinstance(module, QuantizedLinear) else module.weight.dtype
     down = torch.cat((*downs, downs[0].new_zeros(padding, downs[0].shape[1]))).to(device, dtype)
     up = torch.cat((*ups, ups[0].new_zeros(ups[0].shape[0], padding)), dim=1).to(device, dtype)
     factors = LoraFactors(down, up)
-    if isinstance(module, Fp8Linear):
+    if isinstance(module, QuantizedLinear) and module.weight.dtype == torch.float8_e4m3fn:
         down_e4m3, scales = quantize_weight(down, per_row=True)
         factors = LoraFactors(down, up, down_e4m3, scales[None, :])
     if wide and wide_lora.install(module, factors):
@@ -646,13 +638,14 @@ def on_the_fly_bytes(model: nn.Module, loras: Iterable[LoraWeights], columns: bo
             module = model.get_submodule(name)
         except AttributeError:
             continue
-        if not isinstance(module, (nn.Linear, Fp8Linear)) or rank == 0:
+        if not isinstance(module, (nn.Linear, QuantizedLinear)) or rank == 0:
             continue
         stacked = _stacked_rank(rank)
-        fp8 = isinstance(module, Fp8Linear)
-        element = (module.compute_dtype if fp8 else module.weight.dtype).itemsize
+        quantized = isinstance(module, QuantizedLinear)
+        element = (module.compute_dtype if quantized else module.weight.dtype).itemsize
         total += stacked * (module.in_features + module.out_features) * element
-        if fp8:  # the down factor again in e4m3, with one float32 scale per rank row
+        if quantized and module.weight.dtype == torch.float8_e4m3fn:
+            # the down factor again in e4m3, with one float32 scale per rank row
             total += stacked * module.in_features + stacked * 4
         if wide_lora.eligible(model, name) if columns is None else (columns and wide_lora.row_fed(model, name)):
             total += wide_lora.column_bytes(module, stacked)
@@ -705,7 +698,7 @@ class LoraHandle:
                 if record is None:
                     backup = self._backup_device or module.weight.device
                     scale = (module.weight_scale.detach().to(backup, copy=True)
-                             if isinstance(module, Fp8Linear) else None)
+                             if isinstance(module, QuantizedLinear) else None)
                     record = _MERGED[module] = _MergedLayer(_copy_to(module.weight.detach(), backup), scale)
                 record.handles.append(self)
                 _merge_into(module, spans, self._strength)
@@ -773,10 +766,10 @@ def _check_strength(strength: float) -> float:
 
 
 def preferred_mode(model: nn.Module) -> str:
-    """"on_the_fly" for a model with float8 weights (e4m3's 3 mantissa bits would round most of a LoRA's
-    delta away if merged), "merge" for any other (no cost per step)."""
-    fp8 = any(isinstance(module, Fp8Linear) and module.weight.dtype in FP8_DTYPES for module in model.modules())
-    return "on_the_fly" if fp8 else "merge"
+    """"on_the_fly" for a model with 8-bit weights (e4m3's 3 mantissa bits, or int8's steps of a row's
+    amax / 127, would round most of a LoRA's delta away if merged), "merge" for any other (no cost per step)."""
+    eight_bit = any(isinstance(module, QuantizedLinear) for module in model.modules())
+    return "on_the_fly" if eight_bit else "merge"
 
 
 def apply_lora(model: nn.Module, lora: LoraWeights | str | os.PathLike, strength: float = 1.0,
@@ -790,7 +783,7 @@ def apply_lora(model: nn.Module, lora: LoraWeights | str | os.PathLike, strength
         `up @ (down @ x) * strength` where the model computes the layer (weights untouched, strength changes
         free; two thin GEMMs per layer, ~13% of a step for a rank-32 LoRA on every layer, ~7% on fp8 layers
         where it joins the layer's fp8 GEMM as extra columns); "auto"
-        (`preferred_mode`) merges, except into fp8 weights.
+        (`preferred_mode`) merges, except into 8-bit weights.
     Several LoRAs stack in any mode. Apply after moving the model to its device and dtype.
     """
     if mode not in MODES:
@@ -806,7 +799,7 @@ def apply_lora(model: nn.Module, lora: LoraWeights | str | os.PathLike, strength
     def dtype_for(module: nn.Module) -> torch.dtype:
         if mode == "merge":
             return torch.float32  # merged in float64 anyway; float32 keeps the LoRA's precision
-        return module.compute_dtype if isinstance(module, Fp8Linear) else module.weight.dtype
+        return module.compute_dtype if isinstance(module, QuantizedLinear) else module.weight.dtype
 
     spans = _resolve(model, lora, dtype_for, on_layer_devices=mode == "merge")
     handle = LoraHandle(model, lora, spans, strength, mode,

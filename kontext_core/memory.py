@@ -1,8 +1,8 @@
 """Device memory: what each part needs, which plan fits the free VRAM, and who can give memory back.
 
 A plan says where the transformer's weights live (resident on the GPU, or in pinned host memory with
-blocks streamed), in which storage (bf16, or fp8 upcast per layer), where the text encoders wait between
-prompts, and whether the AE decodes in tiles. `choose_plan` picks the first that fits, in this order:
+blocks streamed), in which storage (bf16, fp8, or int8 when asked for), where the text encoders wait
+between prompts, and whether the AE decodes in tiles. `choose_plan` picks the first that fits, in this order:
 
     resident-bf16   everything on the GPU (23.8 GB of transformer weights for [dev])
     resident-fp8    float8 weights, upcast per layer (12 GB)
@@ -35,15 +35,15 @@ MIB = 1024**2
 EDIT_TOKENS = 512 + 4096 + 4096
 
 PLAN_NAMES = ("resident-bf16", "resident-fp8", "offload-bf16", "offload-fp8")
-STORAGES = ("bf16", "fp8", "fp16", "fp32")
+STORAGES = ("bf16", "fp8", "fp16", "fp32", "int8")
 
 # Activations at the peak of one block, in hidden-sized rows per token (elements of the compute dtype).
 # The single-stream block holds its input, the fused linear1 output (7 rows), q and k, the attention
 # output, GELU(mlp) (4 rows) and their concatenation (5 rows) at once, about 22 rows, plus the stream
 # tensors the forward keeps (img, txt, joint: 2 rows) = 24; the QK-norm/RoPE float32 temporaries peak
 # lower. fp8 matmuls quantize activations through float32 copies of linear2's 5-row input (+10 rows).
-# Rounded up by a third for the allocator's fragmentation: 32 rows (bf16), 48 rows (fp8).
-ACTIVATION_ROWS = {"bf16": 32, "fp16": 32, "fp32": 32, "fp8": 48}
+# Rounded up by a third for the allocator's fragmentation: 32 rows (bf16), 48 rows (fp8; int8 alike).
+ACTIVATION_ROWS = {"bf16": 32, "fp16": 32, "fp32": 32, "fp8": 48, "int8": 48}
 # Streaming blocks through the ring fragments the allocator's pool: on an H100 under a 12 GiB cap the
 # offload-fp8 plan sized without this ran out of memory with ~3 GiB reserved but unallocated
 # (bench/RESULTS.md, 2026-11-23). Offload plans keep this much more aside.
@@ -128,8 +128,11 @@ def make_room(device: str | torch.device, needed_bytes: int) -> int | None:
 # --- estimates ---------------------------------------------------------------------------------------
 
 
+EIGHT_BIT_STORAGES = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
+
+
 def compute_bytes(storage: str) -> int:
-    """Bytes per element of the compute dtype (fp8 storage computes in bf16)."""
+    """Bytes per element of the compute dtype (8-bit storage computes in bf16)."""
     return 4 if storage == "fp32" else 2
 
 
@@ -137,21 +140,25 @@ def compute_bytes(storage: str) -> int:
 def transformer_bytes(config: TransformerConfig, storage: str) -> tuple[int, tuple[int, ...]]:
     """(bytes outside the blocks, bytes of each block in execution order) for a storage dtype.
 
-    fp8 storage keeps the blocks' linear weights in one byte with a float32 scale per row (the loader's
-    per-tensor scale is smaller); biases, norms and everything outside the blocks stay in bf16.
+    8-bit storage keeps the blocks' linear weights (for int8 all but the modulation's, quant.INT8_KEPT) in one
+    byte with a float32 scale per row (the loader's per-tensor fp8 scale is smaller); biases, norms and
+    everything outside the blocks stay in bf16.
     """
     _check_storage(storage)
+    from .quant import quantized_layers
     from .transformer import KontextTransformer
 
     with torch.device("meta"):
         model = KontextTransformer(config)
     element = compute_bytes(storage)
+    eight_bit = set(quantized_layers(model, EIGHT_BIT_STORAGES[storage])) if storage in EIGHT_BIT_STORAGES else set()
+    eight_bit_modules = {id(model.get_submodule(name)) for name in eight_bit}
 
     def size(module: nn.Module, in_block: bool) -> int:
         total = 0
         for sub in module.modules():
             for name, param in sub.named_parameters(recurse=False):
-                if storage == "fp8" and in_block and isinstance(sub, nn.Linear) and name == "weight":
+                if in_block and id(sub) in eight_bit_modules and name == "weight":
                     total += param.numel() + 4 * param.shape[0]
                 else:
                     total += param.numel() * element
@@ -164,20 +171,21 @@ def transformer_bytes(config: TransformerConfig, storage: str) -> tuple[int, tup
 
 def lora_bytes(config: TransformerConfig, storage: str, loras: Sequence[LoraWeights]) -> int:
     """Device bytes that `loras`, applied as the loaders apply them (mode "auto"), hold beside a transformer
-    stored in `storage`: none when merged (bf16, fp16, fp32 weights), their on-the-fly factors and GEMM
-    columns on fp8 weights (kontext_core/lora.py; every layer that can take columns counted with them)."""
+    stored in `storage`: none when merged (bf16, fp16, fp32 weights), their on-the-fly factors on 8-bit weights
+    and, on fp8 ones, their GEMM columns (kontext_core/lora.py; every layer that can take columns counted with
+    them)."""
     _check_storage(storage)
-    if storage != "fp8" or not loras:
+    if storage not in EIGHT_BIT_STORAGES or not loras:
         return 0
     from .lora import on_the_fly_bytes
-    from .quant import replace_linears_with_fp8
+    from .quant import quantized_layers, replace_linears_with_quantized
     from .transformer import KontextTransformer
 
+    weight_dtype = EIGHT_BIT_STORAGES[storage]
     with torch.device("meta"):
-        model = KontextTransformer(config).to(torch.bfloat16)  # what fp8 loading keeps outside the blocks
-    in_blocks = {name for name, module in model.named_modules()
-                 if isinstance(module, nn.Linear) and name.startswith(("double_blocks.", "single_blocks."))}
-    replace_linears_with_fp8(model, in_blocks, {}, torch.bfloat16)
+        model = KontextTransformer(config).to(torch.bfloat16)  # what 8-bit loading keeps outside the blocks
+    names = set(quantized_layers(model, weight_dtype))
+    replace_linears_with_quantized(model, names, dict.fromkeys(names, weight_dtype), torch.bfloat16)
     return on_the_fly_bytes(model, loras, columns=True)
 
 
@@ -244,7 +252,7 @@ class MemoryPlan:
 
     def describe(self) -> str:
         """One line for people: what was chosen, what it costs, and why."""
-        weights = {"fp8": "fp8 weights (upcast per layer)"}.get(self.storage, f"{self.storage} weights")
+        weights = {"fp8": "fp8 weights", "int8": "int8 block weights"}.get(self.storage, f"{self.storage} weights")
         if not self.offload:
             where = f"transformer resident on {self.device} in {weights}"
         elif self.streamed_blocks == 0:

@@ -1,4 +1,16 @@
-"""FP8 weight storage: linear layers that keep float8 weights and upcast them per call."""
+"""8-bit weight storage and 8-bit GEMMs: linear layers that keep float8 (e4m3, e5m2) or int8 weights.
+
+Where the GPU has the units, a layer multiplies in 8 bits: e4m3 weights with e4m3 activation rows on fp8
+tensor cores (`torch._scaled_mm`, Ada and Hopper), int8 weights with int8 activation rows on int8 tensor
+cores (our Triton kernel, kernels/int8_gemm.py: Ampere and newer). Activations are quantized per token
+with dynamic scales, weights per output row. Elsewhere the weights are upcast per call and the
+arithmetic stays in the compute dtype.
+
+int8 rounds ~3x less than e4m3 on FLUX's roughly Gaussian activations and weights (7 bits of uniform
+steps against 3 mantissa bits): on random full-size weights the velocity's error vs bf16 is 2.9% with
+int8 blocks against 8.6% with e4m3 ones (bench/RESULTS.md, "An int8 path"). e4m3 keeps its place for
+the fp8 files users have and for activations with strong outliers, where its floating steps fare better.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +20,34 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import ops
+
+try:  # kernels/ is optional (its int8 GEMM is the only int8 one): without it int8 weights are upcast
+    from kernels import int8_gemm as _int8_gemm
+    from kernels import runtime as _kernel_runtime
+
+    if not hasattr(_int8_gemm, "int8_linear"):
+        _int8_gemm = None
+except Exception:  # pragma: no cover - absent or broken Triton install
+    _int8_gemm = None
+
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+WEIGHT_DTYPES = (*FP8_DTYPES, torch.int8)
 E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max
+INT8_MAX = 127.0
+
+# The int8 path keeps the blocks' modulation linears in the compute dtype: on random full-size weights,
+# rounding their operands alone took the velocity's error from 2.9% to 3.6% (their outputs scale and gate
+# every token of a block, so the error does not average out), for 0.8 ms a step in bf16 (they are
+# one-row products, memory-bound) and 3.2 GB more weights (bench/RESULTS.md, "An int8 path").
+INT8_KEPT = ("_mod.lin", "modulation.lin")
 
 _fp8_matmul = True
 _fp8_matmul_on_cpu = False
 
 
 def set_fp8_matmul(enabled: bool, on_cpu: bool = False) -> None:
-    """On GPUs with fp8 tensor cores (Ada, Hopper), Fp8Linear multiplies in fp8; off: upcast weights.
+    """On GPUs with fp8 tensor cores (Ada, Hopper), QuantizedLinear multiplies in fp8; off: upcast weights.
 
     on_cpu: also take the fp8 path on the CPU (e4m3 operands, float32 products), so that a machine
     without a GPU can run and test it.
@@ -54,22 +85,67 @@ def fp8_weight_ok(weight: torch.Tensor, compute_dtype: torch.dtype) -> bool:
     return weight.is_cuda and torch.cuda.get_device_capability(weight.device) >= (8, 9)
 
 
+def int8_weight_ok(weight: torch.Tensor, compute_dtype: torch.dtype) -> bool:
+    """Whether `compute_dtype` activations multiply with this int8 weight on int8 tensor cores (our Triton
+    kernel: a CUDA GPU of compute capability 8.0+, or the CPU under Triton's interpreter)."""
+    if weight.dtype != torch.int8 or compute_dtype not in (torch.bfloat16, torch.float16) or _int8_gemm is None:
+        return False
+    if not _kernel_runtime.enabled_for_traced(weight):
+        return False
+    return not weight.is_cuda or torch.cuda.get_device_capability(weight.device) >= (8, 0)
+
+
+def rows_format(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
+    """The 8-bit form (e4m3 or int8) in which activations like x multiply with `weight`, or None: upcast."""
+    if x.device.type != weight.device.type:
+        return None
+    if fp8_weight_ok(weight, x.dtype):
+        return torch.float8_e4m3fn
+    return torch.int8 if int8_weight_ok(weight, x.dtype) else None
+
+
 class QuantizedRows(NamedTuple):
-    """Activations ready for an fp8 GEMM: e4m3 `data` [..., K] ~= float rows / `scale` [rows, 1]."""
+    """Activations ready for an 8-bit GEMM: `data` [..., K] (e4m3 or int8) ~= float rows / `scale` [rows, 1]."""
 
     data: torch.Tensor
     scale: torch.Tensor
 
 
-def quantize_rows(x: torch.Tensor) -> QuantizedRows:
-    """Per-token (row) dynamic scales amax/448, the rows then in e4m3: the plain form of what
-    kernels/fp8_rows.py fuses with the op producing x. The same arithmetic as its
-    `quantize_rows_reference` (kontext_core runs without kernels/; tests/test_fp8_matmul.py holds them equal)."""
+def quantize_rows(x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> QuantizedRows:
+    """Per-token (row) dynamic scales amax/448 (e4m3) or amax/127 (int8, rounded to nearest), the rows then
+    in `dtype`: the plain form of what kernels/row_quant.py fuses with the op producing x. The same arithmetic
+    as its `quantize_rows_reference` (kontext_core runs without kernels/; tests/test_fp8_matmul.py holds them
+    equal)."""
+    top = INT8_MAX if dtype == torch.int8 else E4M3_MAX
     rows = x.reshape(-1, x.shape[-1]).float()
     amax = rows.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12)
     # full_like, not new_tensor: a host-to-device copy could not be captured in a CUDA graph.
-    data = (rows * (torch.full_like(amax, E4M3_MAX) / amax)).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-    return QuantizedRows(data.view(x.shape), amax / E4M3_MAX)
+    scaled = (rows * (torch.full_like(amax, top) / amax)).clamp(-top, top)
+    data = scaled.round().to(torch.int8) if dtype == torch.int8 else scaled.to(torch.float8_e4m3fn)
+    return QuantizedRows(data.view(x.shape), amax / top)
+
+
+def _int8_linear(data: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                 bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    return _int8_gemm.int8_linear(data, scale, weight, weight_scale, bias, out_dtype)
+
+
+if _int8_gemm is not None:
+    # Opaque to the compiler, which would otherwise trace into the kernel's autotuner and descriptors.
+    ops.define("int8_linear(Tensor data, Tensor scale, Tensor weight, Tensor weight_scale, Tensor? bias, "
+               "ScalarType out_dtype) -> Tensor", _int8_linear,
+               lambda data, scale, weight, weight_scale, bias, out_dtype: data.new_empty(
+                   (*data.shape[:-1], weight.shape[0]), dtype=out_dtype))
+
+
+def linear_rows(rows: QuantizedRows, weight: torch.Tensor, weight_scale: torch.Tensor,
+                bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """rows @ (weight * weight_scale).T + bias on the 8-bit tensor cores of rows' format, in out_dtype."""
+    if rows.data.dtype == torch.int8:
+        if torch.compiler.is_compiling():
+            return torch.ops.kontext.int8_linear(rows.data, rows.scale, weight, weight_scale, bias, out_dtype)
+        return _int8_linear(rows.data, rows.scale, weight, weight_scale, bias, out_dtype)
+    return fp8_linear_rows(rows, weight, weight_scale, bias, out_dtype)
 
 
 def fp8_linear_rows(rows: QuantizedRows, weight: torch.Tensor, weight_scale: torch.Tensor,
@@ -90,21 +166,12 @@ def fp8_linear_rows(rows: QuantizedRows, weight: torch.Tensor, weight_scale: tor
     return out.reshape(*shape[:-1], weight.shape[0])
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-               bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ (weight * weight_scale).T + bias on fp8 tensor cores.
+class QuantizedLinear(nn.Module):
+    """A Linear whose weight is stored in 8 bits (float8 e4m3 / e5m2, or int8) times `weight_scale` (a scalar
+    or one per row): half the bytes of a bf16 layer.
 
-    Activations are quantized per token (row) with a dynamic scale amax/448, weights carry their
-    per-tensor or per-row scale; the product accumulates in fp32 and is written in x's dtype.
-    """
-    return fp8_linear_rows(quantize_rows(x), weight, weight_scale, bias, x.dtype)
-
-
-class Fp8Linear(nn.Module):
-    """A Linear whose weight is stored as float8 times `weight_scale` (a scalar or one per row).
-
-    The weight is upcast to the compute dtype for each call, so the model holds half the bytes
-    of a bf16 model while the arithmetic stays in bf16.
+    It multiplies on 8-bit tensor cores where `rows_format` finds them (activations quantized per token),
+    otherwise the weight is upcast to the compute dtype for the call.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
@@ -115,7 +182,10 @@ class Fp8Linear(nn.Module):
         self.compute_dtype = compute_dtype
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=weight_dtype, device=device),
                                    requires_grad=False)
-        self.weight_scale = nn.Parameter(torch.ones((), dtype=torch.float32, device=device), requires_grad=False)
+        # int8 weights always have a scale per row (its uniform steps need them); float8 ones as their file has.
+        scale_shape = (out_features,) if weight_dtype == torch.int8 else ()
+        self.weight_scale = nn.Parameter(torch.ones(scale_shape, dtype=torch.float32, device=device),
+                                         requires_grad=False)
         self.bias = (nn.Parameter(torch.empty(out_features, dtype=compute_dtype, device=device), requires_grad=False)
                      if bias else None)
 
@@ -127,9 +197,10 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
         if isinstance(x, QuantizedRows):  # already quantized by a fused kernel (kontext_core/fused.py)
-            return fp8_linear_rows(x, self.weight, self.weight_scale, self.bias, self.compute_dtype)
-        if fp8_matmul_ok(x, self.weight):
-            return fp8_linear(x, self.weight, self.weight_scale, self.bias)
+            return linear_rows(x, self.weight, self.weight_scale, self.bias, self.compute_dtype)
+        form = rows_format(x, self.weight)
+        if form is not None:
+            return linear_rows(quantize_rows(x, form), self.weight, self.weight_scale, self.bias, x.dtype)
         weight = self.dequantized_weight(x.dtype)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return F.linear(x, weight, bias)
@@ -139,46 +210,58 @@ class Fp8Linear(nn.Module):
                 f"weight={self.weight.dtype}, compute={self.compute_dtype}")
 
 
-def quantize_weight(weight: torch.Tensor, fp8_dtype: torch.dtype = torch.float8_e4m3fn,
+def quantize_weight(weight: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn,
                     per_row: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scaled float8: (weight_fp8, scale) with weight ~= weight_fp8 * scale.
+    """Scaled 8-bit weights: (weight_8bit, scale) with weight ~= weight_8bit * scale; int8 rounded to nearest.
 
     Per-tensor scales are what ComfyUI's scaled-fp8 files hold; per-row scales ([out_features])
-    follow each output channel's range and lose less.
+    follow each output channel's range and lose less (int8's uniform steps need them).
     """
-    max_value = torch.finfo(fp8_dtype).max
+    max_value = INT8_MAX if dtype == torch.int8 else torch.finfo(dtype).max
     magnitude = weight.detach().float().abs()
     amax = magnitude.amax(dim=1) if per_row else magnitude.max()
     scale = (amax.clamp(min=1e-12) / max_value).to(torch.float32)
     divisor = scale[:, None] if per_row else scale
-    return (weight.float() / divisor).clamp(-max_value, max_value).to(fp8_dtype), scale
+    scaled = (weight.float() / divisor).clamp(-max_value, max_value)
+    return (scaled.round() if dtype == torch.int8 else scaled).to(dtype), scale
 
 
-def quantize_model_fp8(model: nn.Module, prefixes: tuple[str, ...] = ("double_blocks.", "single_blocks."),
-                       per_row: bool = True) -> nn.Module:
-    """Replace the model's block linears, in place, by Fp8Linear layers with e4m3 weights."""
-    for name, module in list(model.named_modules()):
-        if not (isinstance(module, nn.Linear) and name.startswith(prefixes)):
-            continue
-        weight, scale = quantize_weight(module.weight, per_row=per_row)
-        fp8 = Fp8Linear(module.in_features, module.out_features, module.bias is not None,
-                        compute_dtype=module.weight.dtype, device="meta")
-        fp8.weight = nn.Parameter(weight, requires_grad=False)
-        fp8.weight_scale = nn.Parameter(scale, requires_grad=False)
+BLOCKS = ("double_blocks.", "single_blocks.")
+
+
+def quantized_layers(model: nn.Module, dtype: torch.dtype, prefixes: tuple[str, ...] = BLOCKS) -> list[str]:
+    """The linears an 8-bit `dtype` model keeps in 8 bits: every linear under `prefixes` (the blocks), but for
+    int8 not the modulation linears (INT8_KEPT)."""
+    return [name for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and name.startswith(prefixes)
+            and not (dtype == torch.int8 and name.endswith(INT8_KEPT))]
+
+
+def quantize_model(model: nn.Module, dtype: torch.dtype = torch.float8_e4m3fn, prefixes: tuple[str, ...] = BLOCKS,
+                   per_row: bool = True) -> nn.Module:
+    """Replace the model's block linears (`quantized_layers`), in place, by QuantizedLinear layers with `dtype`
+    weights (e4m3, e5m2 or int8; int8 always per row)."""
+    for name in quantized_layers(model, dtype, prefixes):
+        module = model.get_submodule(name)
+        weight, scale = quantize_weight(module.weight, dtype, per_row=per_row or dtype == torch.int8)
+        layer = QuantizedLinear(module.in_features, module.out_features, module.bias is not None, weight_dtype=dtype,
+                                compute_dtype=module.weight.dtype, device="meta")
+        layer.weight = nn.Parameter(weight, requires_grad=False)
+        layer.weight_scale = nn.Parameter(scale, requires_grad=False)
         if module.bias is not None:
-            fp8.bias = nn.Parameter(module.bias.detach(), requires_grad=False)
+            layer.bias = nn.Parameter(module.bias.detach(), requires_grad=False)
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, fp8)
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
     return model
 
 
-def replace_linears_with_fp8(model: nn.Module, names: set[str], weight_dtypes: dict[str, torch.dtype],
-                             compute_dtype: torch.dtype) -> None:
-    """Swap the named nn.Linear modules (on the meta device) for Fp8Linear ones."""
+def replace_linears_with_quantized(model: nn.Module, names: set[str], weight_dtypes: dict[str, torch.dtype],
+                                   compute_dtype: torch.dtype) -> None:
+    """Swap the named nn.Linear modules (on the meta device) for QuantizedLinear ones."""
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         linear = getattr(parent, child)
-        fp8 = Fp8Linear(linear.in_features, linear.out_features, linear.bias is not None,
-                        weight_dtypes.get(name, torch.float8_e4m3fn), compute_dtype, device="meta")
-        setattr(parent, child, fp8)
+        layer = QuantizedLinear(linear.in_features, linear.out_features, linear.bias is not None,
+                                weight_dtypes.get(name, torch.float8_e4m3fn), compute_dtype, device="meta")
+        setattr(parent, child, layer)

@@ -8,7 +8,7 @@ the product joins the layer's GEMM instead: with R more columns on both operands
 
 (`c` one divisor per rank column), so the layer's single fp8 GEMM over K + R columns computes both, R
 padded to a multiple of the GEMM's 128-wide K tile (~0-9% on those GEMMs instead of 20-50%). The e4m3 rows
-of x come from the fused quantizers with R spare columns after each row (kernels/fp8_rows.py); `a` fills
+of x come from the fused quantizers with R spare columns after each row (kernels/row_quant.py); `a` fills
 them (kontext_core/fused.py, `kontext::lora_columns_`). The weight lives in a wide [N, K + R] buffer whose
 first K columns are the layer's weight parameter (a view, no second copy); `b` is the rest.
 
@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .fused import LORA_FACTORS, LoraFactors, factors_layout, hooked, lora_factors
-from .quant import E4M3_MAX, Fp8Linear, fp8_weight_ok, quantize_weight
+from .quant import E4M3_MAX, QuantizedLinear, fp8_weight_ok, quantize_weight
 
 # Layers whose input the fused quantizers produce (kontext_core/fused.py); the modulation layers take
 # one row each and keep the two thin GEMMs.
@@ -57,9 +57,12 @@ def columns(rank: int) -> int:
 
 
 def row_fed(model: nn.Module, name: str) -> bool:
-    """Whether the model's layer `name` is an fp8 block layer of a kind that can take columns (fed by the
+    """Whether the model's layer `name` is an e4m3 block layer of a kind that can take columns (fed by the
     fused quantizers), wherever it is now."""
-    return _enabled and name.endswith(ROW_FED) and type(model.get_submodule(name)) is Fp8Linear
+    if not (_enabled and name.endswith(ROW_FED)):
+        return False
+    layer = model.get_submodule(name)
+    return type(layer) is QuantizedLinear and layer.weight.dtype == torch.float8_e4m3fn
 
 
 def eligible(model: nn.Module, name: str) -> bool:
@@ -71,21 +74,21 @@ def eligible(model: nn.Module, name: str) -> bool:
     return not hooked(block) and fp8_weight_ok(layer.weight, layer.compute_dtype)
 
 
-def _weight_row_scales(layer: Fp8Linear) -> torch.Tensor:
+def _weight_row_scales(layer: QuantizedLinear) -> torch.Tensor:
     return layer.weight_scale.detach().float().reshape(-1).expand(layer.out_features)
 
 
 ALIGNMENT_MARGIN = 16  # how far below the L1 bound the b bound may be (module docstring)
 
 
-def column_bytes(layer: Fp8Linear, rank: int) -> int:
+def column_bytes(layer: QuantizedLinear, rank: int) -> int:
     """What the wide layout adds for stacked factors of `rank`: the columns' e4m3 down factor and scales, and
     the weight buffer's extra columns."""
     width = columns(rank)
     return width * layer.in_features + width * 4 + layer.out_features * width
 
 
-def tail_operands(layer: Fp8Linear, down: torch.Tensor, up: torch.Tensor,
+def tail_operands(layer: QuantizedLinear, down: torch.Tensor, up: torch.Tensor,
                   down_scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(b in e4m3 [N, C], the scale of a's GEMM [1, C]: down's e4m3 row scales over c) for the columns'
     factors, or None where the LoRA is too strong for them (module docstring)."""
@@ -101,7 +104,7 @@ def tail_operands(layer: Fp8Linear, down: torch.Tensor, up: torch.Tensor,
     return tail, (down_scales.float().reshape(-1) / divisors)[None, :]
 
 
-def install(layer: Fp8Linear, factors: LoraFactors) -> bool:
+def install(layer: QuantizedLinear, factors: LoraFactors) -> bool:
     """Give `layer` these stacked factors in the wide layout; a wide buffer of the same size is rewritten in
     place (compiled blocks and captured CUDA graphs stay valid). False, and nothing changed, where the LoRA is
     too strong for the columns.

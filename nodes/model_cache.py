@@ -26,7 +26,7 @@ from kontext_core.checkpoints import inspect_model
 
 from . import comfy_adapter
 
-WEIGHT_DTYPES = ("default", "bf16", "fp16", "fp8", "fp32")
+WEIGHT_DTYPES = ("default", "bf16", "fp16", "fp8", "int8", "fp32")
 AE_DTYPES = ("default", "bf16", "fp16", "fp32")
 ATTENTION_BACKENDS = ("auto", "sdpa", "flash-attn", "cudnn-fp8")
 

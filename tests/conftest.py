@@ -22,7 +22,7 @@ REFERENCE = GOLDEN.parent
 
 # Modules whose @triton.jit decorators read TRITON_INTERPRET when they run, i.e. at import; helpers first.
 KERNEL_MODULES = ("kernels.e4m3", "kernels.modulation", "kernels.qk_norm_rope", "kernels.ffn", "kernels.fp8_qkv",
-                  "kernels.fp8_rows")
+                  "kernels.row_quant", "kernels.int8_gemm")
 
 
 def reload_kernel_modules() -> None:
@@ -115,14 +115,14 @@ def random_block_lora(model: torch.nn.Module, seed: int, rank: int = 8, scale: f
 
 def random_block_lora_file(model: torch.nn.Module, seed: int, rank: int = 8, scale: float = 0.5
                            ) -> dict[str, torch.Tensor]:
-    """A LoRA file's tensors in BFL's key layout on every linear of the blocks (nn.Linear or Fp8Linear), its
+    """A LoRA file's tensors in BFL's key layout on every linear of the blocks (nn.Linear or QuantizedLinear), its
     delta ~`scale` times a unit-variance layer's weight."""
-    from kontext_core.quant import Fp8Linear
+    from kontext_core.quant import QuantizedLinear
 
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
     for name, module in model.named_modules():
-        if isinstance(module, (torch.nn.Linear, Fp8Linear)) and name.startswith(("double_blocks.", "single_blocks.")):
+        if isinstance(module, (torch.nn.Linear, QuantizedLinear)) and name.startswith(("double_blocks.", "single_blocks.")):
             tensors[f"diffusion_model.{name}.lora_A.weight"] = (
                 torch.randn(rank, module.in_features, generator=generator) / module.in_features**0.5)
             tensors[f"diffusion_model.{name}.lora_B.weight"] = (

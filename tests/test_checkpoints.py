@@ -22,7 +22,7 @@ from kontext_core import (
     save_autoencoder,
     save_transformer,
 )
-from kontext_core.quant import Fp8Linear
+from kontext_core.quant import QuantizedLinear
 
 
 def _velocity(model: KontextTransformer, seed: int = 0) -> torch.Tensor:
@@ -114,7 +114,7 @@ def test_fp8_file_dequantizes_close_to_fp32_model(tiny_transformer, tmp_path, we
     path = tmp_path / "fp8.safetensors"
     save_transformer(tiny_transformer, path, layout="comfy", weights=weights)
     upcast = load_transformer(path, dtype="fp32")
-    assert not any(isinstance(m, Fp8Linear) for m in upcast.modules())
+    assert not any(isinstance(m, QuantizedLinear) for m in upcast.modules())
     assert rel_error(_velocity(upcast), _velocity(tiny_transformer)) < FP8_TOLERANCE[weights]
 
 
@@ -124,7 +124,7 @@ def test_fp8_kept_in_memory_matches_upcast_load(tiny_transformer, tmp_path, weig
     save_transformer(tiny_transformer, path, layout="comfy", weights=weights)
     kept = load_transformer(path, dtype="fp8")
     qkv = kept.double_blocks[0].img_attn.qkv
-    assert isinstance(qkv, Fp8Linear) and qkv.weight.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+    assert isinstance(qkv, QuantizedLinear) and qkv.weight.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
     assert kept.img_in.weight.dtype == torch.bfloat16
     upcast = load_transformer(path, dtype="bf16")
     # Both compute in bf16 from the same fp8 values; only the order of bf16 roundings differs.
@@ -147,14 +147,14 @@ def test_comfyui_mixed_precision_quant_format(tiny_transformer, tmp_path):
     upcast = load_transformer(tmp_path / "mixed.safetensors", dtype="fp32")
     assert rel_error(_velocity(upcast), _velocity(tiny_transformer)) < FP8_TOLERANCE["fp8_e4m3fn"]
     kept = load_transformer(tmp_path / "mixed.safetensors", dtype="fp8")
-    assert isinstance(kept.single_blocks[0].linear1, Fp8Linear)
+    assert isinstance(kept.single_blocks[0].linear1, QuantizedLinear)
     assert torch.equal(kept.single_blocks[0].linear1.weight_scale, state["single_blocks.0.linear1.weight_scale"])
 
 
 def test_bf16_file_quantized_to_fp8_on_load_and_saved_as_scaled(tiny_transformer, tmp_path):
     save_transformer(tiny_transformer, tmp_path / "m.safetensors")
     kept = load_transformer(tmp_path / "m.safetensors", dtype="fp8")
-    linears = [m for m in kept.modules() if isinstance(m, Fp8Linear)]
+    linears = [m for m in kept.modules() if isinstance(m, QuantizedLinear)]
     assert len(linears) == 2 * 10 + 2 * 3  # every block linear, modulation included
     assert rel_error(_velocity(kept), _velocity(tiny_transformer)) < FP8_TOLERANCE["fp8_e4m3fn"]
     save_transformer(kept, tmp_path / "again.safetensors", layout="comfy")
@@ -256,16 +256,16 @@ def test_folder_without_weights_and_bad_dtype(tiny_transformer, tmp_path):
     (tmp_path / "empty" / "README.md").write_text("x")
     _expect(tmp_path / "empty", "no transformer weights in the folder.*README.md")
     save_transformer(tiny_transformer, tmp_path / "m.safetensors")
-    _expect(tmp_path / "m.safetensors", "unsupported dtype 'int8'.*bf16, fp16, fp32, fp8", dtype="int8")
+    _expect(tmp_path / "m.safetensors", "unsupported dtype 'int4'.*bf16, fp16, fp32, fp8.*int8", dtype="int4")
 
 
 def test_quantize_model_fp8_per_row(tiny_transformer):
     import copy
 
-    from kontext_core.quant import quantize_model_fp8
+    from kontext_core.quant import quantize_model
 
-    quantized = quantize_model_fp8(copy.deepcopy(tiny_transformer))
+    quantized = quantize_model(copy.deepcopy(tiny_transformer))
     qkv = quantized.double_blocks[0].img_attn.qkv
-    assert isinstance(qkv, Fp8Linear) and qkv.weight_scale.shape == (qkv.out_features,)
+    assert isinstance(qkv, QuantizedLinear) and qkv.weight_scale.shape == (qkv.out_features,)
     assert rel_error(qkv.dequantized_weight(torch.float32), tiny_transformer.double_blocks[0].img_attn.qkv.weight) < 0.07
     assert rel_error(_velocity(quantized), _velocity(tiny_transformer)) < FP8_TOLERANCE["fp8_e4m3fn"]

@@ -137,9 +137,9 @@ def test_unreadable_input_image(models_tree):
         main(["edit", str(tmp_path / "bad.png"), "--prompt", "p", "-o", str(tmp_path / "o.png"), *common])
 
 
-@pytest.mark.parametrize("dtype, mode", [("fp32", "merge"), ("fp8", "on_the_fly")])
-def test_lora_is_merged_except_into_fp8_weights(models_tree, tiny_transformer, monkeypatch, dtype, mode):
-    # e4m3 would round most of a LoRA's delta away if merged: fp8 weights get it on the fly.
+@pytest.mark.parametrize("dtype, mode", [("fp32", "merge"), ("fp8", "on_the_fly"), ("int8", "on_the_fly")])
+def test_lora_is_merged_except_into_8bit_weights(models_tree, tiny_transformer, monkeypatch, dtype, mode):
+    # e4m3 or int8 would round most of a LoRA's delta away if merged: 8-bit weights get it on the fly.
     from conftest import random_block_lora_file
     from kontext_core import build
 

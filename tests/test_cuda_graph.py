@@ -111,7 +111,7 @@ def test_loras_on_the_fly_replay_and_a_new_strength_needs_no_capture():
 def test_an_eager_fp8_model_with_a_lora_replays():
     # Eager, every fp8 layer quantizes its activations on the GPU (the modulation's one-row inputs in PyTorch):
     # nothing there may copy from the host, which a capture refuses.
-    model = quant.quantize_model_fp8(_model("cuda").to(torch.bfloat16))
+    model = quant.quantize_model(_model("cuda").to(torch.bfloat16))
     apply_lora(model, random_block_lora(model, seed=7), 0.7, mode="on_the_fly")
     graphed = GraphedVelocity(model)
     args = tiny_edit_args(1, torch.bfloat16, "cuda")

@@ -43,7 +43,7 @@ def _models(device: str) -> tuple[KontextTransformer, KontextTransformer]:
     """(float32 model, its fp8 copy computing in bf16): one block of each kind keeps the interpreter quick."""
     config = TransformerConfig.tiny(depth=1, depth_single_blocks=1)
     model = randomize_(KontextTransformer(config), seed=11).to(device).eval()
-    return model, quant.quantize_model_fp8(copy.deepcopy(model).to(torch.bfloat16))
+    return model, quant.quantize_model(copy.deepcopy(model).to(torch.bfloat16))
 
 
 def test_fused_quantization_is_as_accurate_as_the_plain_fp8_path(device):

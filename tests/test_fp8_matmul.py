@@ -1,4 +1,4 @@
-"""Fp8Linear on fp8 tensor cores (torch._scaled_mm) against its own dequantized weights (needs Ada/Hopper).
+"""QuantizedLinear on fp8 tensor cores (torch._scaled_mm) against its own dequantized weights (needs Ada/Hopper).
 
 The reference is F.linear in float64 with the dequantized weight, so the only error measured is the
 per-token e4m3 quantization of the activations (and the accumulation): for one Gaussian layer that is
@@ -22,7 +22,7 @@ needs_fp8_tensor_cores = pytest.mark.skipif(not fp8_tensor_cores(),
 def test_plain_row_quantization_is_the_kernels_reference():
     # kontext_core.quant.quantize_rows (the unfused path, no kernels/ needed) and the row kernels' reference
     # must quantize alike: the fused and plain fp8 paths are compared on that assumption.
-    from kernels.fp8_rows import quantize_rows_reference
+    from kernels.row_quant import quantize_rows_reference
 
     x = (torch.randn(3, 17, 96, generator=fresh_generator()) * 5).bfloat16()
     x[1, 4] = 0  # an all-zero row
@@ -44,9 +44,9 @@ def test_scaled_mm_matches_the_dequantized_layer(fast, per_row, shape):
     batch, tokens, in_features, out_features = shape
     generator = fresh_generator()
     linear = random_linear(in_features, out_features, torch.bfloat16, "cuda", generator, bias_scale=0.1)
-    model = quant.quantize_model_fp8(nn.Sequential(linear), prefixes=("0",), per_row=per_row)
+    model = quant.quantize_model(nn.Sequential(linear), prefixes=("0",), per_row=per_row)
     layer = model[0]
-    assert isinstance(layer, quant.Fp8Linear) and quant.fp8_matmul_ok(torch.empty(1, device="cuda",
+    assert isinstance(layer, quant.QuantizedLinear) and quant.fp8_matmul_ok(torch.empty(1, device="cuda",
                                                                                   dtype=torch.bfloat16), layer.weight)
     x = torch.randn(batch, tokens, in_features, generator=generator).to("cuda", torch.bfloat16)
     quant.set_fp8_fast_accumulation(fast)

@@ -81,29 +81,41 @@ def _assert_e4m3_close(ours: torch.Tensor, reference: torch.Tensor, exact: bool)
     assert kernel_check.e4m3_error(ours, reference) <= kernel_check.E4M3_MISMATCH_TOLERANCE
 
 
-def _check_fp8_rows(variant: str, args: tuple, rows: int, exact: bool, spare: int = 0) -> None:
-    """kernels.fp8_rows.<variant> launches its kernel and agrees with <variant>_reference: scales to 1e-5,
-    e4m3 values exactly (or, where `exact` is False, as `_assert_e4m3_close` allows). With `spare` columns
-    after each row, the kernel leaves them as they were (filled with a sentinel here)."""
-    from kernels import fp8_rows
+def _assert_int8_close(ours: torch.Tensor, reference: torch.Tensor, exact: bool) -> None:
+    """int8 values equal, or (float32 GELU / rsqrt differing in their last bits) one step apart in under 1%."""
+    difference = (ours.int() - reference.int()).abs()
+    if exact:
+        assert int(difference.max()) == 0
+        return
+    assert int(difference.max()) <= 1 and float((difference > 0).float().mean()) <= kernel_check.E4M3_MISMATCH_TOLERANCE
+
+
+def _check_rows(variant: str, args: tuple, rows: int, exact: bool, spare: int = 0,
+                dtype: torch.dtype = torch.float8_e4m3fn) -> None:
+    """kernels.row_quant.<variant> launches its kernel and agrees with <variant>_reference: scales to 1e-5,
+    8-bit values (e4m3 or int8) exactly (or, where `exact` is False, as `_assert_e4m3_close` /
+    `_assert_int8_close` allow). With `spare` columns after each row, the kernel leaves them as they were
+    (filled with a sentinel here)."""
+    from kernels import row_quant
 
     before = launches[variant]
-    sentinel = torch.full((), 7.0).to(torch.float8_e4m3fn)
+    sentinel = torch.full((), 7.0).to(dtype)
     real_empty = torch.empty
     with pytest.MonkeyPatch.context() as patch:  # the kernel's output buffer, pre-filled to see what it writes
         patch.setattr(torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(sentinel)
-                      if k.get("dtype") == torch.float8_e4m3fn else real_empty(*a, **k))
-        data, row_scale = getattr(fp8_rows, variant)(*args, spare=spare)
+                      if k.get("dtype") == dtype else real_empty(*a, **k))
+        data, row_scale = getattr(row_quant, variant)(*args, spare=spare, dtype=dtype)
     _assert_launched(variant, before)
-    ref_data, ref_scale = getattr(fp8_rows, variant + "_reference")(*args)
+    ref_data, ref_scale = getattr(row_quant, variant + "_reference")(*args, dtype=dtype)
     width = ref_data.shape[-1]
-    assert data.dtype == torch.float8_e4m3fn and data.shape == (*ref_data.shape[:-1], width + spare)
+    assert data.dtype == dtype and data.shape == (*ref_data.shape[:-1], width + spare)
     assert row_scale.dtype == torch.float32 and row_scale.shape == (rows, 1)
     assert torch.allclose(row_scale, ref_scale, rtol=1e-5, atol=0)
-    _assert_e4m3_close(data[..., :width].float(), ref_data.float(), exact=exact)
+    close = _assert_int8_close if dtype == torch.int8 else _assert_e4m3_close
+    close(data[..., :width].float(), ref_data.float(), exact=exact)
     assert bool((data[..., width:].float() == 7.0).all())
     if spare:
-        ref_wide, _ = getattr(fp8_rows, variant + "_reference")(*args, spare=spare)
+        ref_wide, _ = getattr(row_quant, variant + "_reference")(*args, spare=spare, dtype=dtype)
         assert ref_wide.shape == data.shape and torch.equal(ref_wide[..., :width].float(), ref_data.float())
 
 
@@ -286,10 +298,11 @@ class TestAwkwardSizes:
             assert x8.dtype == torch.float8_e4m3fn and x8.is_contiguous() and x8.shape == (batch, heads, length, head_dim)
             assert torch.equal(x8.float(), r8.float()), name  # +0 and -0 alike
 
+    @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.int8], ids=["e4m3", "int8"])
     @pytest.mark.parametrize("spare", [0, 24])
     @pytest.mark.parametrize("variant", ["quantize_rows", "gelu_quantize_rows", "concat_gelu_quantize_rows",
                                          "layernorm_modulate_quantize"])
-    def test_fp8_row_quantization(self, device, variant, spare):
+    def test_row_quantization(self, device, variant, spare, dtype):
         # Rows of 100 and 37 + 100 values (no power of two), batch 2, the second input a column slice of a
         # wider projection as in the single block; one row far larger than the rest, one all zero.
         projection = _randn(2, 13, 160, dtype=torch.bfloat16, device=device, scale=3.0)
@@ -300,7 +313,52 @@ class TestAwkwardSizes:
         args = {"quantize_rows": (x,), "gelu_quantize_rows": (x,),
                 "concat_gelu_quantize_rows": (_randn(2, 13, 37, dtype=torch.bfloat16, device=device), x),
                 "layernorm_modulate_quantize": (x, shift, scale)}[variant]
-        _check_fp8_rows(variant, args, rows=26, exact=variant == "quantize_rows", spare=spare)
+        _check_rows(variant, args, rows=26, exact=variant == "quantize_rows", spare=spare, dtype=dtype)
+
+    def test_int8_rounding_ties_to_even(self, device):
+        # Rows whose scaled values land exactly on .5 (amax 127 makes the scale 1): rounded as torch.round.
+        from kernels import row_quant
+
+        x = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5, -126.5, 3.49, -3.51, 0.0]],
+                         device=device)
+        data, scale = row_quant.quantize_rows(x, dtype=torch.int8)
+        assert float(scale) == 1.0
+        assert data.tolist() == [[127, 0, 2, 2, 0, -2, -2, 126, -126, 3, -4, 0]]
+
+    @pytest.mark.parametrize("bias", [True, False])
+    @pytest.mark.parametrize("shape", [(75, 100, 129), (3, 64, 200), (130, 48, 16), (300, 208, 520)], ids=str)
+    def test_int8_linear(self, device, shape, bias):
+        # No dimension a multiple of the tiles (M 75, N 129, K 100), a K that takes the unmasked loop, rows
+        # fewer than a tile, and (on Hopper) partial TMA tiles in every dimension (K 208 = 128 + 80); against
+        # the exact reference, bf16 out, fresh random operands.
+        from kernels import int8_gemm
+
+        rows, k, n = shape
+        data = torch.randint(-127, 128, (rows, k), dtype=torch.int8).to(device)
+        weight = torch.randint(-127, 128, (n, k), dtype=torch.int8).to(device)
+        scale = (torch.rand(rows, 1) * 1e-2 + 1e-4).to(device)
+        weight_scale = (torch.rand(n) * 1e-2 + 1e-4).to(device)
+        bias_values = _randn(n, dtype=torch.bfloat16, device=device) if bias else None
+        before = launches["int8_linear"]
+        out = int8_gemm.int8_linear(data, scale, weight, weight_scale, bias_values, torch.bfloat16)
+        _assert_launched("int8_linear", before)
+        reference = int8_gemm.int8_linear_reference(data, scale, weight, weight_scale, bias_values, torch.float32)
+        assert out.shape == (rows, n) and out.dtype == torch.bfloat16
+        assert rel_error(out, reference) <= TOLERANCE[torch.bfloat16]
+        exact = int8_gemm.int8_linear(data, scale, weight, weight_scale, bias_values, torch.float32)
+        assert rel_error(exact, reference) <= TOLERANCE[torch.float32]
+
+    def test_int8_linear_batched_rows_and_strided_weight(self, device):
+        # [B, L, K] activations, a weight given as a column slice (made contiguous), per-tensor weight scale.
+        from kernels import int8_gemm
+
+        data = torch.randint(-127, 128, (2, 21, 96), dtype=torch.int8).to(device)
+        weight = torch.randint(-127, 128, (40, 120), dtype=torch.int8).to(device)[:, 10:106]
+        scale = (torch.rand(42, 1) * 1e-2).to(device)
+        weight_scale = torch.tensor(3e-3, device=device)
+        out = int8_gemm.int8_linear(data, scale, weight, weight_scale, None, torch.float32)
+        reference = int8_gemm.int8_linear_reference(data, scale, weight, weight_scale, None, torch.float32)
+        assert out.shape == (2, 21, 40) and rel_error(out, reference) <= TOLERANCE[torch.float32]
 
     def test_dequantize_output(self, device):
         from kernels import fp8_qkv
@@ -378,13 +436,13 @@ class TestAwkwardSizes:
         assert not failed, failed
 
     def test_check_step_reports_wrong_kernels_and_fallbacks(self, device, monkeypatch):
-        from kernels import ffn, fp8_rows, modulation
+        from kernels import ffn, modulation, row_quant
 
         # A kernel 5% off, a row quantizer with scales 1% off, and a "kernel" that is really its reference.
-        real_modulate, real_quantize = modulation.layernorm_modulate, fp8_rows.quantize_rows
+        real_modulate, real_quantize = modulation.layernorm_modulate, row_quant.quantize_rows
         monkeypatch.setattr(modulation, "layernorm_modulate", lambda *args: real_modulate(*args) * 1.05)
-        monkeypatch.setattr(fp8_rows, "quantize_rows",
-                            lambda x: (lambda data, scales: (data, scales * 1.01))(*real_quantize(x)))
+        monkeypatch.setattr(row_quant, "quantize_rows",
+                            lambda x, **kw: (lambda data, scales: (data, scales * 1.01))(*real_quantize(x, **kw)))
         monkeypatch.setattr(ffn, "linear_gelu", ffn.linear_gelu_reference)
         results = {r.name: r for r in kernel_check.run(device, kernel_check.SMALL,
                                                        only=["layernorm_modulate", "quantize_rows", "linear_gelu"])}

@@ -28,7 +28,7 @@ from kontext_core.lora import (
     preferred_mode,
     remove_all_loras,
 )
-from kontext_core.quant import Fp8Linear
+from kontext_core.quant import QuantizedLinear
 
 RANK, ALPHA = 4, 6.0  # scale alpha / rank = 1.5
 
@@ -53,7 +53,7 @@ def _random_lora(model: nn.Module, seed: int, rank: int = RANK) -> dict[str, tup
     generator = torch.Generator().manual_seed(seed)
     lora = {}
     for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, Fp8Linear)):
+        if isinstance(module, (nn.Linear, QuantizedLinear)):
             down = torch.randn(rank, module.in_features, generator=generator) / module.in_features**0.5
             up = 0.3 * torch.randn(module.out_features, rank, generator=generator) / rank**0.5
             lora[name] = (down, up)
@@ -423,7 +423,7 @@ def test_fp8_model_on_the_fly_and_merged(tiny_transformer, tmp_path):
     save_transformer(tiny_transformer, tmp_path / "fp8.safetensors", weights="fp8_e4m3fn_scaled")
     kept = load_transformer(tmp_path / "fp8.safetensors", dtype="fp8")
     upcast = load_transformer(tmp_path / "fp8.safetensors", dtype="bf16")  # the same fp8 values, in bf16
-    assert isinstance(kept.double_blocks[0].img_attn.qkv, Fp8Linear)
+    assert isinstance(kept.double_blocks[0].img_attn.qkv, QuantizedLinear)
     original = {k: v.clone() for k, v in kept.state_dict().items()}
     base = _velocity(kept)
     lora = load_lora(_write(tmp_path, "diffusers", _random_lora(tiny_transformer, seed=10), tiny_transformer.config))

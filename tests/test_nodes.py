@@ -314,6 +314,18 @@ def test_default_weight_dtype_keeps_fp8_files_in_fp8(comfy, tiny_transformer):
     assert nodes.KontextModelLoader.run("tiny_fp8.safetensors", weight_dtype="fp32").outputs[0].dtype == "fp32"
 
 
+def test_int8_weight_dtype_loads_int8_block_weights(comfy, tiny_transformer):
+    from kontext_core.quant import QuantizedLinear
+
+    save_transformer(tiny_transformer, comfy.root / "diffusion_models" / "tiny.safetensors")
+    ref = nodes.KontextModelLoader.run("tiny.safetensors", weight_dtype="int8").outputs[0]
+    assert ref.dtype == "int8"
+    loaded = resolve.transformer(ref)
+    assert isinstance(loaded.single_blocks[0].linear1, QuantizedLinear)
+    assert loaded.single_blocks[0].linear1.weight.dtype == torch.int8
+    assert type(loaded.single_blocks[0].modulation.lin) is torch.nn.Linear  # kept in the compute dtype
+
+
 def test_loader_errors_speak_to_the_person(comfy):
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):
         nodes.KontextModelLoader.run("missing.safetensors")

@@ -15,7 +15,7 @@ import torch
 from conftest import compiled_graphs, randomize_
 from kontext_core.config import TransformerConfig
 from kontext_core.offload import BlockOffloader
-from kontext_core.quant import quantize_model_fp8
+from kontext_core.quant import quantize_model
 from kontext_core.tokens import pack_latent, position_ids, text_position_ids
 from kontext_core.transformer import KontextTransformer
 
@@ -179,7 +179,7 @@ def test_weights_changed_on_the_host_are_copied_again(model):
 
 
 def test_fp8_storage_offloads_too(model):
-    quantize_model_fp8(model)
+    quantize_model(model)
     reference = copy.deepcopy(model)
     offloader = BlockOffloader(model, "cpu", prefetch=1, resident=(1,))
     assert {e.dtype for b in offloader.blocks for e in b.entries} >= {torch.float8_e4m3fn, torch.float32}

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..autoencoder import Autoencoder
 from ..config import AutoencoderConfig, TransformerConfig
-from ..quant import FP8_DTYPES, Fp8Linear, quantize_weight, replace_linears_with_fp8
+from ..quant import FP8_DTYPES, quantize_weight, quantized_layers, replace_linears_with_quantized
 from ..transformer import KontextTransformer
 from .canonical import (
     CanonicalTensors,
@@ -33,24 +33,26 @@ _DTYPES = {
     "fp32": torch.float32, "float32": torch.float32, "fp64": torch.float64, "float64": torch.float64,
 }
 FP8_CHOICES = ("fp8", "fp8_e4m3fn", "fp8_e5m2")
+EIGHT_BIT = {"fp8": torch.float8_e4m3fn, "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2,
+             "int8": torch.int8}
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> tuple[torch.dtype, torch.dtype | None]:
-    """(compute dtype, fp8 storage dtype or None) for a user's dtype choice."""
+    """(compute dtype, 8-bit weight storage dtype or None) for a user's dtype choice."""
     if dtype is None:
         return torch.bfloat16, None
     if isinstance(dtype, torch.dtype):
-        if dtype in FP8_DTYPES:
+        if dtype in EIGHT_BIT.values():
             return torch.bfloat16, dtype
         if dtype in _DTYPES.values():
             return dtype, None
     elif dtype in _DTYPES:
         return _DTYPES[dtype], None
-    elif dtype in FP8_CHOICES:
-        return torch.bfloat16, torch.float8_e5m2 if dtype == "fp8_e5m2" else torch.float8_e4m3fn
+    elif dtype in EIGHT_BIT:
+        return torch.bfloat16, EIGHT_BIT[dtype]
     raise CheckpointError(
-        f"unsupported dtype {dtype!r}; choose one of bf16, fp16, fp32, fp8 (fp8 keeps float8 weights and "
-        "computes in bf16)"
+        f"unsupported dtype {dtype!r}; choose one of bf16, fp16, fp32, fp8 (float8 weights, bf16 compute) or int8 "
+        "(int8 block weights and int8 GEMMs where the GPU has them, bf16 compute)"
     )
 
 
@@ -99,16 +101,16 @@ def _check_keys(view: CanonicalTensors, expected: set[str], what: str, optional:
 
 
 def _convert(view: CanonicalTensors, model: nn.Module, compute_dtype: torch.dtype,
-             device: torch.device, fp8_names: set[str]) -> dict[str, torch.Tensor]:
-    """Read every tensor the model needs, converted for it; fp8 layers get fp8 weights and scales."""
+             device: torch.device, quantized_names: set[str]) -> dict[str, torch.Tensor]:
+    """Read every tensor the model needs, converted for it; 8-bit layers get 8-bit weights and scales."""
     state: dict[str, torch.Tensor] = {}
     for key in model.state_dict().keys():
         layer, _, param = key.rpartition(".")
-        if layer in fp8_names:
+        if layer in quantized_names:
             if param == "weight_scale":
                 continue  # written with the weight
             if param == "weight":
-                weight, scale = _fp8_weight(view, layer, model.get_submodule(layer).weight.dtype)
+                weight, scale = _quantized_weight(view, layer, model.get_submodule(layer).weight.dtype)
                 state[key] = _owned(weight, weight.to(device))
                 state[f"{layer}.weight_scale"] = _owned(scale, scale.to(device))
                 continue
@@ -131,37 +133,39 @@ def _rows(scale: torch.Tensor) -> torch.Tensor:
     return scale[:, None] if scale.ndim == 1 else scale
 
 
-def _fp8_weight(view: CanonicalTensors, layer: str, fp8_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _quantized_weight(view: CanonicalTensors, layer: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's weight in the 8-bit `dtype` with its scale: float8 weights as stored for float8 layers;
+    anything else quantized (int8 per row, from float8 weights dequantized first)."""
     weight = view.get(f"{layer}.weight")
     if weight.dtype in FP8_DTYPES:
         scale_key = f"{layer}.weight_scale"
         scale = view.get(scale_key).float() if scale_key in view.shapes else torch.ones(())
         scale = scale.reshape(-1) if scale.numel() > 1 else scale.reshape(())
-        return weight, scale
-    return quantize_weight(weight, fp8_dtype)
+        if dtype != torch.int8:
+            return weight, scale
+        weight = weight.float() * _rows(scale)
+    return quantize_weight(weight, dtype, per_row=dtype == torch.int8)
 
 
-def _build(model_cls, config, fp8: torch.dtype | None, fp8_names: set[str], view: CanonicalTensors,
+def _build(model_cls, config, storage: torch.dtype | None, quantized_names: set[str], view: CanonicalTensors,
            compute_dtype: torch.dtype) -> nn.Module:
     with torch.device("meta"):
         model = model_cls(config)
-    if fp8 is not None:
-        dtypes = {name: view.dtypes.get(f"{name}.weight") for name in fp8_names}
-        dtypes = {name: (d if d in FP8_DTYPES else fp8) for name, d in dtypes.items()}
-        replace_linears_with_fp8(model, fp8_names, dtypes, compute_dtype)
+    if storage is not None:
+        dtypes = {name: view.dtypes.get(f"{name}.weight") for name in quantized_names}
+        # A float8 file keeps its own float8 dtype in an fp8 model; an int8 model is int8 throughout.
+        dtypes = {name: (d if d in FP8_DTYPES and storage != torch.int8 else storage) for name, d in dtypes.items()}
+        replace_linears_with_quantized(model, quantized_names, dtypes, compute_dtype)
     return model
 
 
-def _fp8_layers(model: nn.Module, view: CanonicalTensors, quantize_blocks: bool) -> set[str]:
-    """Linear layers to keep in fp8: those stored fp8, plus every block linear when quantizing a bf16 file."""
-    names = set()
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
-            continue
-        stored_fp8 = view.dtypes.get(f"{name}.weight") in FP8_DTYPES
-        in_blocks = name.startswith(("double_blocks.", "single_blocks."))
-        if stored_fp8 or (quantize_blocks and in_blocks):
-            names.add(name)
+def _quantized_layers(model: nn.Module, view: CanonicalTensors, storage: torch.dtype) -> set[str]:
+    """Linear layers to keep in 8 bits: the block linears `quantize.quantized_layers` names for `storage`, plus,
+    for fp8, any other layer the file stores in float8."""
+    names = set(quantized_layers(model, storage))
+    if storage != torch.int8:
+        names |= {name for name, module in model.named_modules()
+                  if isinstance(module, nn.Linear) and view.dtypes.get(f"{name}.weight") in FP8_DTYPES}
     return names
 
 
@@ -169,10 +173,12 @@ def load_transformer(path: str | os.PathLike, *, config: TransformerConfig | Non
                      dtype: str | torch.dtype | None = "bf16", device: str | torch.device = "cpu") -> KontextTransformer:
     """A FLUX.1 Kontext (or FLUX.1 [dev]) transformer from a BFL, ComfyUI (incl. fp8) or diffusers file/folder.
 
-    dtype: bf16, fp16, fp32, or fp8 (float8 weights kept, upcast per layer, bf16 compute).
+    dtype: bf16, fp16, fp32, fp8 (float8 weights kept; fp8 GEMMs on Ada/Hopper, else upcast per layer; bf16
+    compute) or int8 (block linears but the modulation quantized to int8 per row; int8 GEMMs where our Triton
+    kernel runs, Ampere and newer, else upcast per layer; bf16 compute).
     """
     path = Path(path)
-    compute_dtype, fp8 = resolve_dtype(dtype)
+    compute_dtype, storage = resolve_dtype(dtype)
     source = _model_files(path, "transformer")
     keys = set(source.keys())
     layout = find_transformer(keys)
@@ -190,7 +196,7 @@ def load_transformer(path: str | os.PathLike, *, config: TransformerConfig | Non
         )
     view = canonical_transformer(source, layout, path.name, _transformer_shapes)
     config = config or infer_transformer_config(view.shapes, path.name)
-    model = _load(KontextTransformer, config, view, compute_dtype, fp8, torch.device(device), "FLUX transformer")
+    model = _load(KontextTransformer, config, view, compute_dtype, storage, torch.device(device), "FLUX transformer")
     return model
 
 
@@ -204,14 +210,14 @@ def _autoencoder_shapes(config: AutoencoderConfig) -> dict[str, tuple[int, ...]]
         return {k: tuple(v.shape) for k, v in Autoencoder(config).state_dict().items()}
 
 
-def _load(model_cls, config, view: CanonicalTensors, compute_dtype: torch.dtype, fp8: torch.dtype | None,
+def _load(model_cls, config, view: CanonicalTensors, compute_dtype: torch.dtype, storage: torch.dtype | None,
           device: torch.device, what: str) -> nn.Module:
     with torch.device("meta"):
         plain = model_cls(config)
     scales = {f"{name}.weight_scale" for name, m in plain.named_modules() if isinstance(m, nn.Linear)}
     _check_keys(view, set(plain.state_dict().keys()), what, optional=scales)
-    fp8_names = _fp8_layers(plain, view, quantize_blocks=True) if fp8 is not None else set()
-    model = _build(model_cls, config, fp8, fp8_names, view, compute_dtype)
+    quantized_names = _quantized_layers(plain, view, storage) if storage is not None else set()
+    model = _build(model_cls, config, storage, quantized_names, view, compute_dtype)
     for name, shape in _shapes_of(model).items():
         stored = view.shapes.get(name)
         if stored is not None and tuple(stored) != shape and not name.endswith("weight_scale"):
@@ -219,7 +225,7 @@ def _load(model_cls, config, view: CanonicalTensors, compute_dtype: torch.dtype,
                 f"{view.name}: tensor {name} has shape {list(stored)} but the config needs {list(shape)}; "
                 "the explicit config does not match this file (leave config unset to infer it)."
             )
-    state = _convert(view, model, compute_dtype, device, fp8_names)
+    state = _convert(view, model, compute_dtype, device, quantized_names)
     model.load_state_dict(state, strict=True, assign=True)
     model.requires_grad_(False)
     return model.eval()
@@ -242,9 +248,9 @@ def load_autoencoder(path: str | os.PathLike, *, config: AutoencoderConfig | Non
                      dtype: str | torch.dtype | None = "fp32", device: str | torch.device = "cpu") -> Autoencoder:
     """The FLUX autoencoder from `ae.safetensors`, a diffusers `vae/` folder, or a bundled checkpoint."""
     path = Path(path)
-    compute_dtype, fp8 = resolve_dtype(dtype)
-    if fp8 is not None:
-        raise CheckpointError("the autoencoder does not run in fp8; choose bf16, fp16 or fp32")
+    compute_dtype, storage = resolve_dtype(dtype)
+    if storage is not None:
+        raise CheckpointError(f"the autoencoder does not run in {dtype}; choose bf16, fp16 or fp32")
     source = _model_files(path, "vae")
     keys = set(source.keys())
     layout = find_autoencoder(keys)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..autoencoder import Autoencoder
-from ..quant import Fp8Linear, quantize_weight
+from ..quant import FP8_DTYPES, QuantizedLinear, quantize_weight
 from ..transformer import KontextTransformer
 from .files import CheckpointError, save_atomic, save_sharded, write_text_atomic
 from .key_maps import autoencoder_links, to_theirs, transformer_links
@@ -22,14 +22,14 @@ _COMFY_PREFIX = "model.diffusion_model."
 
 def _block_linears(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules()
-            if isinstance(m, (nn.Linear, Fp8Linear)) and name.startswith(("double_blocks.", "single_blocks."))]
+            if isinstance(m, (nn.Linear, QuantizedLinear)) and name.startswith(("double_blocks.", "single_blocks."))]
 
 
-def _plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Our state dict with fp8 layers dequantized to their compute dtype."""
+def _plain_state(model: nn.Module, keep: tuple[torch.dtype, ...] = ()) -> dict[str, torch.Tensor]:
+    """Our state dict with 8-bit layers dequantized to their compute dtype, except those stored in `keep`."""
     state = {k: v.detach() for k, v in model.state_dict().items() if not k.endswith(".weight_scale")}
     for name, module in model.named_modules():
-        if isinstance(module, Fp8Linear):
+        if isinstance(module, QuantizedLinear) and module.weight.dtype not in keep:
             state[f"{name}.weight"] = module.dequantized_weight()
     return state
 
@@ -37,8 +37,11 @@ def _plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def _fp8_state(model: nn.Module, weights: str | None) -> dict[str, torch.Tensor]:
     """The BFL-named state with block linears in float8 as ComfyUI stores them."""
     if weights is None:
-        state = {k: v.detach() for k, v in model.state_dict().items() if not k.endswith(".weight_scale")}
-        fp8_layers = [n for n, m in model.named_modules() if isinstance(m, Fp8Linear)]
+        # float8 layers stay as they are; int8 ones are written dequantized: no file format users exchange
+        # holds int8 FLUX weights, and loading quantizes them again (dtype="int8").
+        state = _plain_state(model, keep=FP8_DTYPES)
+        fp8_layers = [n for n, m in model.named_modules()
+                      if isinstance(m, QuantizedLinear) and m.weight.dtype in FP8_DTYPES]
         for name in fp8_layers:
             state[f"{name}.scale_weight"] = model.get_submodule(name).weight_scale.detach().float()
         if fp8_layers:
@@ -90,8 +93,8 @@ def save_transformer(model: KontextTransformer, path: str | os.PathLike, *, layo
                      weights: str | None = None, max_shard_bytes: int = 10 * 1024**3) -> None:
     """Save in `layout` ('bfl' file, 'comfy' file with ComfyUI's prefix, 'diffusers' folder).
 
-    weights: None keeps the model's own storage (fp8 layers as scaled fp8); 'fp8_e4m3fn' / 'fp8_e5m2'
-    cast the block linears, 'fp8_e4m3fn_scaled' stores them with per-tensor scales (ComfyUI scaled fp8).
+    weights: None keeps the model's own storage (fp8 layers as scaled fp8; int8 layers dequantized to the compute
+    dtype); 'fp8_e4m3fn' / 'fp8_e5m2' cast the block linears, 'fp8_e4m3fn_scaled' stores them with per-tensor scales (ComfyUI scaled fp8).
     """
     if layout not in TRANSFORMER_LAYOUTS:
         raise CheckpointError(f"unknown layout {layout!r}; choose one of {', '.join(TRANSFORMER_LAYOUTS)}")

@@ -1,10 +1,12 @@
-"""Activations to e4m3 for the fp8 GEMMs, in one pass with the operation that produces them.
+"""Activations to 8-bit rows for the 8-bit GEMMs, in one pass with the operation that produces them.
 
 An fp8 GEMM (`torch._scaled_mm`) takes its activations as e4m3 rows, each with a float32 scale
-amax(row) / 448. Quantizing is a row reduction (the amax) and a rewrite; left to the compiler it
-reads the row twice and divides every value (0.75-1.7 TB/s on an H100). These kernels hold each row in
-registers and multiply by one reciprocal per row, so the producer's output is read once and written
-once, as fp8 (1.8-2.9 TB/s; bench/RESULTS.md, "The row quantizers timed without the host in the way"):
+amax(row) / 448; the int8 GEMM (kernels/int8_gemm.py) as int8 rows with scales amax(row) / 127 (`dtype`
+torch.int8, rounded to nearest, ties to even, as torch.round). Quantizing is a row reduction (the amax)
+and a rewrite; left to the compiler it reads the row twice and divides every value (0.75-1.7 TB/s on an
+H100). These kernels hold each row in registers and multiply by one reciprocal per row, so the producer's
+output is read once and written once, in 8 bits (1.8-2.9 TB/s; bench/RESULTS.md, "The row quantizers
+timed without the host in the way"):
 
 - `quantize_rows(x)`: rows of x (an attention output before its projection);
 - `gelu_quantize_rows(h)`: GELU(tanh) of the MLP's up-projection, before its down-projection;
@@ -13,7 +15,7 @@ once, as fp8 (1.8-2.9 TB/s; bench/RESULTS.md, "The row quantizers timed without 
 - `layernorm_modulate_quantize(x, shift, scale)`: (1 + scale) * LayerNorm(x) + shift, the input of
   every block's first GEMMs.
 
-Each returns (data, scale): data e4m3 of x's leading shape and the row width, scale float32
+Each returns (data, scale): data (e4m3 or int8) of x's leading shape and the row width, scale float32
 [rows, 1], data * scale ~= the float32 result. With `spare` > 0 each row of data has that many
 columns more, left unwritten, after the quantized values: room for a LoRA's columns that the layer's
 fp8 GEMM multiplies in the same pass (kontext_core/wide_lora.py). The `*_reference` functions compute the same in
@@ -35,73 +37,89 @@ triton, tl = import_triton()
 
 Quantized = tuple[torch.Tensor, torch.Tensor]
 
+E4M3 = torch.float8_e4m3fn
+INT8_MAX = 127.0
+FORMATS = (E4M3, torch.int8)
 
-def _quantize_reference(values: torch.Tensor, spare: int = 0) -> Quantized:
-    """float32 [..., K] -> (e4m3 [..., K + spare], float32 [rows, 1]): per-row amax / 448 scales."""
+
+def format_max(dtype: torch.dtype) -> float:
+    """The largest magnitude of an 8-bit row format: what a row's amax is scaled to."""
+    if dtype not in FORMATS:
+        raise ValueError(f"8-bit rows are float8_e4m3fn or int8, not {dtype}")
+    return INT8_MAX if dtype == torch.int8 else E4M3_MAX
+
+
+def _quantize_reference(values: torch.Tensor, spare: int = 0, dtype: torch.dtype = E4M3) -> Quantized:
+    """float32 [..., K] -> (8-bit [..., K + spare], float32 [rows, 1]): per-row amax / format_max(dtype) scales."""
+    top = format_max(dtype)
     rows = values.reshape(-1, values.shape[-1])
     amax = rows.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12)
     # A true division (python_float / tensor would multiply by a rounded reciprocal): as the kernels.
-    data = (rows * (amax.new_tensor(E4M3_MAX) / amax)).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    scaled = (rows * (amax.new_tensor(top) / amax)).clamp(-top, top)
+    data = scaled.round().to(torch.int8) if dtype == torch.int8 else scaled.to(E4M3)
     if spare:
         wide = data.new_empty((data.shape[0], data.shape[1] + spare))
         wide[:, :data.shape[1]] = data
         data = wide
-    return data.view(*values.shape[:-1], data.shape[-1]), amax / E4M3_MAX
+    return data.view(*values.shape[:-1], data.shape[-1]), amax / top
 
 
 def _gelu(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x.float(), approximate="tanh")
 
 
-def quantize_rows_reference(x: torch.Tensor, spare: int = 0) -> Quantized:
-    """x [..., K] -> its rows in e4m3 with per-row scales."""
-    return _quantize_reference(x.float(), spare)
+def quantize_rows_reference(x: torch.Tensor, spare: int = 0, dtype: torch.dtype = E4M3) -> Quantized:
+    """x [..., K] -> its rows in `dtype` (e4m3 or int8) with per-row scales."""
+    return _quantize_reference(x.float(), spare, dtype)
 
 
-def gelu_quantize_rows_reference(x: torch.Tensor, spare: int = 0) -> Quantized:
-    """x [..., K] -> GELU(tanh)(x) in e4m3 with per-row scales."""
-    return _quantize_reference(_gelu(x), spare)
+def gelu_quantize_rows_reference(x: torch.Tensor, spare: int = 0, dtype: torch.dtype = E4M3) -> Quantized:
+    """x [..., K] -> GELU(tanh)(x) in `dtype` with per-row scales."""
+    return _quantize_reference(_gelu(x), spare, dtype)
 
 
-def concat_gelu_quantize_rows_reference(first: torch.Tensor, second: torch.Tensor, spare: int = 0) -> Quantized:
-    """first [..., K1], second [..., K2] -> [first, GELU(tanh)(second)] [..., K1 + K2] in e4m3, per-row scales."""
-    return _quantize_reference(torch.cat((first.float(), _gelu(second)), dim=-1), spare)
+def concat_gelu_quantize_rows_reference(first: torch.Tensor, second: torch.Tensor, spare: int = 0,
+                                        dtype: torch.dtype = E4M3) -> Quantized:
+    """first [..., K1], second [..., K2] -> [first, GELU(tanh)(second)] [..., K1 + K2] in `dtype`, per-row scales."""
+    return _quantize_reference(torch.cat((first.float(), _gelu(second)), dim=-1), spare, dtype)
 
 
 def layernorm_modulate_quantize_reference(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
-                                          eps: float = 1e-6, spare: int = 0) -> Quantized:
-    """x [B, L, C], shift and scale [B or 1, 1, C] -> (1 + scale) * layer_norm(x) + shift in e4m3, per-row scales."""
+                                          eps: float = 1e-6, spare: int = 0, dtype: torch.dtype = E4M3) -> Quantized:
+    """x [B, L, C], shift and scale [B or 1, 1, C] -> (1 + scale) * layer_norm(x) + shift in `dtype`, per-row
+    scales."""
     normed = F.layer_norm(x.float(), (x.shape[-1],), eps=eps)
-    return _quantize_reference((1 + scale.float()) * normed + shift.float(), spare)
+    return _quantize_reference((1 + scale.float()) * normed + shift.float(), spare, dtype)
 
 
-def quantize_rows(x: torch.Tensor, spare: int = 0) -> Quantized:
+def quantize_rows(x: torch.Tensor, spare: int = 0, dtype: torch.dtype = E4M3) -> Quantized:
     """Same contract as `quantize_rows_reference`; the Triton kernel where it can run."""
     if enabled_for(x) and x.numel() > 0:
-        return _concat_quantize_triton(None, x, gelu=False, spare=spare)
-    return quantize_rows_reference(x, spare)
+        return _concat_quantize_triton(None, x, gelu=False, spare=spare, dtype=dtype)
+    return quantize_rows_reference(x, spare, dtype)
 
 
-def gelu_quantize_rows(x: torch.Tensor, spare: int = 0) -> Quantized:
+def gelu_quantize_rows(x: torch.Tensor, spare: int = 0, dtype: torch.dtype = E4M3) -> Quantized:
     """Same contract as `gelu_quantize_rows_reference`; the Triton kernel where it can run."""
     if enabled_for(x) and x.numel() > 0:
-        return _concat_quantize_triton(None, x, gelu=True, spare=spare)
-    return gelu_quantize_rows_reference(x, spare)
+        return _concat_quantize_triton(None, x, gelu=True, spare=spare, dtype=dtype)
+    return gelu_quantize_rows_reference(x, spare, dtype)
 
 
-def concat_gelu_quantize_rows(first: torch.Tensor, second: torch.Tensor, spare: int = 0) -> Quantized:
+def concat_gelu_quantize_rows(first: torch.Tensor, second: torch.Tensor, spare: int = 0,
+                              dtype: torch.dtype = E4M3) -> Quantized:
     """Same contract as `concat_gelu_quantize_rows_reference`; the Triton kernel where it can run."""
     if enabled_for(second) and second.numel() > 0 and first.shape[-1] > 0:
-        return _concat_quantize_triton(first, second, gelu=True, spare=spare)
-    return concat_gelu_quantize_rows_reference(first, second, spare)
+        return _concat_quantize_triton(first, second, gelu=True, spare=spare, dtype=dtype)
+    return concat_gelu_quantize_rows_reference(first, second, spare, dtype)
 
 
 def layernorm_modulate_quantize(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
-                                eps: float = 1e-6, spare: int = 0) -> Quantized:
+                                eps: float = 1e-6, spare: int = 0, dtype: torch.dtype = E4M3) -> Quantized:
     """Same contract as `layernorm_modulate_quantize_reference`; the Triton kernel where it can run."""
     if enabled_for(x) and x.dim() == 3 and x.numel() > 0:
-        return _layernorm_modulate_quantize_triton(x, shift, scale, eps, spare)
-    return layernorm_modulate_quantize_reference(x, shift, scale, eps, spare)
+        return _layernorm_modulate_quantize_triton(x, shift, scale, eps, spare, dtype)
+    return layernorm_modulate_quantize_reference(x, shift, scale, eps, spare, dtype)
 
 
 # tl.reduce with Triton's own combines (runtime.reduction_combines says why).
@@ -116,10 +134,26 @@ def _gelu_tanh(x):
 
 
 @triton.jit
-def _row_scales(amax):
-    """(amax / 448, 448 / amax) as [ROWS, 1] columns, IEEE divisions as PyTorch's."""
+def _row_scales(amax, INT8: tl.constexpr):
+    """(amax / top, top / amax) as [ROWS, 1] columns, top = 127 (int8) or 448 (e4m3); IEEE divisions as
+    PyTorch's."""
     amax = tl.maximum(amax, 1e-12)
+    if INT8:
+        return tl.math.div_rn(amax, 127.0)[:, None], tl.math.div_rn(127.0, amax)[:, None]
     return tl.math.div_rn(amax, 448.0)[:, None], tl.math.div_rn(448.0, amax)[:, None]
+
+
+@triton.jit
+def _store_8bit(ptr, values, inv_scale, mask, INT8: tl.constexpr, EXACT_ROUNDING: tl.constexpr):
+    """Store values * inv_scale in the row format: int8 rounded to nearest, ties to even, or e4m3
+    (kernels/e4m3.py). (A store, not a returned value: Triton wants one return type from both branches.)"""
+    if INT8:
+        scaled = tl.minimum(tl.maximum(values * inv_scale, -127.0), 127.0)
+        # Adding and removing 1.5 * 2**23 (whose float32 spacing is 1) rounds |v| <= 2**22 to an integer,
+        # ties to even, as torch.round; the clamp before it keeps the multiply from fusing into the add.
+        tl.store(ptr, ((scaled + 12582912.0) - 12582912.0).to(tl.int8), mask=mask)
+    else:
+        tl.store(ptr, to_e4m3(values, inv_scale, EXACT_ROUNDING), mask=mask)
 
 
 @triton.jit
@@ -136,7 +170,7 @@ def _concat_quantize_kernel(
     first_ptr, second_ptr, out_ptr, scale_ptr,
     n_rows, first_width, second_width, stride_first, stride_second, stride_out,
     HAS_FIRST: tl.constexpr, GELU_SECOND: tl.constexpr, BLOCK_FIRST: tl.constexpr, BLOCK_SECOND: tl.constexpr,
-    ROWS: tl.constexpr, EXACT_ROUNDING: tl.constexpr,
+    ROWS: tl.constexpr, INT8: tl.constexpr, EXACT_ROUNDING: tl.constexpr,
 ):
     # ROWS rows per program (one for FLUX's widths); each row stays in registers between the amax
     # and the rewrite.
@@ -148,13 +182,13 @@ def _concat_quantize_kernel(
     if HAS_FIRST:
         first, first_cols, first_mask = _row_tile(first_ptr, rows, n_rows, stride_first, first_width, BLOCK_FIRST)
         amax = tl.maximum(amax, tl.reduce(tl.abs(first), 1, _max))
-        scale, inv_scale = _row_scales(amax)
-        tl.store(out_ptr + rows[:, None] * stride_out + first_cols[None, :], to_e4m3(first, inv_scale, EXACT_ROUNDING),
-                 mask=first_mask)
+        scale, inv_scale = _row_scales(amax, INT8)
+        _store_8bit(out_ptr + rows[:, None] * stride_out + first_cols[None, :], first, inv_scale, first_mask, INT8,
+                    EXACT_ROUNDING)
     else:
-        scale, inv_scale = _row_scales(amax)
-    tl.store(out_ptr + rows[:, None] * stride_out + first_width + cols[None, :],
-             to_e4m3(second, inv_scale, EXACT_ROUNDING), mask=mask)
+        scale, inv_scale = _row_scales(amax, INT8)
+    _store_8bit(out_ptr + rows[:, None] * stride_out + first_width + cols[None, :], second, inv_scale, mask, INT8,
+                EXACT_ROUNDING)
     tl.store(scale_ptr + rows[:, None], scale, mask=(rows < n_rows)[:, None])
 
 
@@ -163,7 +197,9 @@ def _as_rows(x: torch.Tensor) -> torch.Tensor:
     return last_dim_contiguous(x.reshape(-1, x.shape[-1]))
 
 
-def _concat_quantize_triton(first: torch.Tensor | None, second: torch.Tensor, gelu: bool, spare: int) -> Quantized:
+def _concat_quantize_triton(first: torch.Tensor | None, second: torch.Tensor, gelu: bool, spare: int,
+                            dtype: torch.dtype) -> Quantized:
+    format_max(dtype)  # refuses other dtypes
     second_rows = _as_rows(second)
     first_rows = _as_rows(first) if first is not None else second_rows
     first_width = first.shape[-1] if first is not None else 0
@@ -172,7 +208,7 @@ def _concat_quantize_triton(first: torch.Tensor | None, second: torch.Tensor, ge
                          f"{second_rows.shape[0]} in second")
     n_rows, second_width = second_rows.shape
     width = first_width + second_width + spare
-    data = torch.empty((*second.shape[:-1], width), dtype=torch.float8_e4m3fn, device=second.device)
+    data = torch.empty((*second.shape[:-1], width), dtype=dtype, device=second.device)
     scale = torch.empty((n_rows, 1), dtype=torch.float32, device=second.device)
     block_second = next_power_of_2(second_width)
     block_first = next_power_of_2(max(first_width, 1))
@@ -182,7 +218,7 @@ def _concat_quantize_triton(first: torch.Tensor | None, second: torch.Tensor, ge
         first_rows, second_rows, data, scale,
         n_rows, first_width, second_width, first_rows.stride(0), second_rows.stride(0), width,
         HAS_FIRST=first is not None, GELU_SECOND=gelu, BLOCK_FIRST=block_first, BLOCK_SECOND=block_second,
-        ROWS=rows, EXACT_ROUNDING=interpreting(), num_warps=row_warps(rows * block),
+        ROWS=rows, INT8=dtype == torch.int8, EXACT_ROUNDING=interpreting(), num_warps=row_warps(rows * block),
     )
     launches["concat_gelu_quantize_rows" if first is not None else
              "gelu_quantize_rows" if gelu else "quantize_rows"] += 1
@@ -194,22 +230,22 @@ def _layernorm_modulate_quantize_kernel(
     x_ptr, shift_ptr, scale_ptr, out_ptr, row_scale_ptr,
     n_rows, length, channels, eps,
     stride_xb, stride_xl, stride_shift_b, stride_scale_b, stride_out,
-    BLOCK_C: tl.constexpr, ROWS: tl.constexpr, EXACT_ROUNDING: tl.constexpr,
+    BLOCK_C: tl.constexpr, ROWS: tl.constexpr, INT8: tl.constexpr, EXACT_ROUNDING: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     out, cols, mask = layernorm_modulate_rows(x_ptr, shift_ptr, scale_ptr, rows, n_rows, length, channels, eps,
                                               stride_xb, stride_xl, stride_shift_b, stride_scale_b, BLOCK_C)
-    row_scale, inv_scale = _row_scales(tl.reduce(tl.abs(out), 1, _max))
-    tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], to_e4m3(out, inv_scale, EXACT_ROUNDING),
-             mask=mask)
+    row_scale, inv_scale = _row_scales(tl.reduce(tl.abs(out), 1, _max), INT8)
+    _store_8bit(out_ptr + rows[:, None] * stride_out + cols[None, :], out, inv_scale, mask, INT8, EXACT_ROUNDING)
     tl.store(row_scale_ptr + rows[:, None], row_scale, mask=(rows < n_rows)[:, None])
 
 
 def _layernorm_modulate_quantize_triton(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
-                                        eps: float, spare: int) -> Quantized:
+                                        eps: float, spare: int, dtype: torch.dtype) -> Quantized:
+    format_max(dtype)  # refuses other dtypes
     batch, length, channels = x.shape
     x, shift, scale = modulation_operands(x, shift, scale)
-    data = torch.empty((batch, length, channels + spare), dtype=torch.float8_e4m3fn, device=x.device)
+    data = torch.empty((batch, length, channels + spare), dtype=dtype, device=x.device)
     row_scale = torch.empty((batch * length, 1), dtype=torch.float32, device=x.device)
     block = next_power_of_2(channels)
     rows = rows_per_program(block)
@@ -217,7 +253,8 @@ def _layernorm_modulate_quantize_triton(x: torch.Tensor, shift: torch.Tensor, sc
         x, shift, scale, data, row_scale,
         batch * length, length, channels, eps,
         x.stride(0), x.stride(1), shift.stride(0), scale.stride(0), channels + spare,
-        BLOCK_C=block, ROWS=rows, EXACT_ROUNDING=interpreting(), num_warps=row_warps(rows * block),
+        BLOCK_C=block, ROWS=rows, INT8=dtype == torch.int8, EXACT_ROUNDING=interpreting(),
+        num_warps=row_warps(rows * block),
     )
     launches["layernorm_modulate_quantize"] += 1
     return data, row_scale

@@ -1,0 +1,240 @@
+"""Would an int8 path beat the fp8 one? Its GEMMs' speed and the whole model's error, on a CUDA GPU.
+
+    python3 bench/int8_probe.py [--gemms] [--accuracy]
+
+--gemms: at the edit step's shapes (8704 tokens), one layer's GEMM as bf16 (cuBLAS), fp8 (`torch._scaled_mm`,
+rowwise scales, fast accumulation, as our fp8 path runs), cuBLAS's int8 GEMM (`torch._int_mm`, int32 out, no
+scaling: a lower bound of what it would cost), our int8 kernel as the model calls it (kernels/int8_gemm.py,
+autotuned), and a sweep of persistent TMA variants of it (tiles, stages, warp specialisation).
+
+--accuracy: the full-size model on random weights (bench_step's), the edit workload; the velocity's relative L2
+error vs bf16 when every block linear's operands are rounded to int8 or e4m3 with per-row scales (simulated:
+float32 GEMMs of the rounded values), and of the real fp8 path, which the e4m3
+simulation should reproduce. The simulation's GEMMs run in float32 (TF32 off), as exact as the 8-bit GEMMs' own
+accumulators.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_step import cuda_time, inputs, matmul_rate, random_transformer, rel_l2, WORKLOADS  # noqa: E402
+
+import kernels  # noqa: E402
+from kernels import int8_gemm  # noqa: E402
+from kontext_core import TransformerConfig, quant  # noqa: E402
+
+SHAPES = {"qkv": (3072, 9216), "proj": (3072, 3072), "mlp up": (3072, 12288), "mlp down": (12288, 3072),
+          "linear1": (3072, 21504), "linear2": (15360, 3072)}
+TOKENS = 8704
+
+
+def int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = x.float().abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127
+    return (x.float() / scale).round().clamp(-127, 127).to(torch.int8), scale
+
+
+# --- a persistent TMA variant of the int8 kernel (GPU only), to compare with the pointer-based one --------
+triton, tl = kernels.runtime.import_triton()
+
+
+@triton.jit
+def _int8_tma_kernel(a_desc, b_desc, scale_ptr, weight_scale_ptr, bias_ptr, out_ptr, M, N, K, stride_out,
+                     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, FLATTEN: tl.constexpr,
+                     WARP_SPECIALIZE: tl.constexpr):
+    start = tl.program_id(0)
+    blocks_m = tl.cdiv(M, BLOCK_M)
+    blocks_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    per_group = GROUP_M * blocks_n
+    for tile in tl.range(start, blocks_m * blocks_n, NUM_SMS, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
+        first_m = (tile // per_group) * GROUP_M
+        group_rows = min(blocks_m - first_m, GROUP_M)
+        pid_m = first_m + (tile % group_rows)
+        pid_n = (tile % per_group) // group_rows
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for ki in range(k_tiles):
+            a = a_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])
+            b = b_desc.load([pid_n * BLOCK_N, ki * BLOCK_K])
+            acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        out = int8_gemm._scaled_tile(acc, offs_m, offs_n, M, N, scale_ptr, weight_scale_ptr, bias_ptr, HAS_BIAS)
+        inside = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_out + offs_n[None, :], out.to(tl.bfloat16),
+                 mask=inside)
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps, persistent, warp-specialised); the first two won the first probe.
+TMA_CONFIGS = [(256, 128, 128, 3, 8, True, False), (128, 256, 128, 3, 8, True, False),
+               (256, 128, 128, 4, 8, True, False), (128, 256, 128, 4, 8, True, False),
+               (256, 128, 128, 3, 8, False, False), (128, 256, 128, 3, 8, False, False),
+               (256, 128, 128, 3, 8, True, True), (128, 256, 128, 3, 8, True, True),
+               (128, 128, 128, 4, 4, True, False)]
+
+
+def int8_tma(data, scale, weight, weight_scale, bias, config):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    block_m, block_n, block_k, stages, warps, persistent, warp_specialize = config
+    M, K = data.shape
+    N = weight.shape[0]
+    out = torch.empty((M, N), dtype=torch.bfloat16, device=data.device)
+    tiles = -(-M // block_m) * -(-N // block_n)
+    programs = min(torch.cuda.get_device_properties(data.device).multi_processor_count, tiles) if persistent else tiles
+    a_desc = TensorDescriptor.from_tensor(data, [block_m, block_k])
+    b_desc = TensorDescriptor.from_tensor(weight, [block_n, block_k])
+    _int8_tma_kernel[(programs,)](a_desc, b_desc, scale, weight_scale, bias, out, M, N, K, out.stride(0),
+                                  HAS_BIAS=True, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                                  GROUP_M=8, NUM_SMS=programs, FLATTEN=persistent, WARP_SPECIALIZE=warp_specialize,
+                                  num_stages=stages, num_warps=warps)
+    return out
+
+
+def gemms() -> None:
+    print(f"bf16 matmul rate (8192^3): {matmul_rate() / 1e12:.0f} TFLOP/s", flush=True)
+    rows = []
+    for name, (k, n) in SHAPES.items():
+        x = torch.randn(TOKENS, k, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k ** -0.5
+        bias = torch.randn(n, device="cuda", dtype=torch.bfloat16) * 0.02
+        flops = 2 * TOKENS * k * n
+        data, scale = int8_rows(x)
+        w_data, w_scale = int8_rows(w)
+        w_scale = w_scale.reshape(-1).contiguous()
+        scale = scale.contiguous()
+        reference = int8_gemm.int8_linear_reference(data, scale, w_data, w_scale, bias, torch.bfloat16)
+        x8 = quant.quantize_rows(x)
+        w8, w8_scale = quant.quantize_weight(w, per_row=True)
+        w8_scale_row = w8_scale.reshape(1, -1).contiguous()
+        candidates = {
+            "bf16 cuBLAS": lambda: F.linear(x, w, bias),
+            "fp8 _scaled_mm": lambda: torch._scaled_mm(x8.data, w8.t(), scale_a=x8.scale, scale_b=w8_scale_row,
+                                                       bias=bias, out_dtype=torch.bfloat16, use_fast_accum=True),
+            "int8 _int_mm (int32 out, unscaled)": lambda: torch._int_mm(data, w_data.t()),
+            "int8 ours (kernels/int8_gemm.py, autotuned)": lambda: int8_gemm.int8_linear(
+                data, scale, w_data, w_scale, bias, torch.bfloat16),
+        }
+        for config in TMA_CONFIGS:
+            candidates[f"int8 ours (TMA {config})"] = (
+                lambda config=config: int8_tma(data, scale, w_data, w_scale, bias, config))
+        for label, fn in candidates.items():
+            try:
+                seconds = cuda_time(fn, warmup=2, iterations=7, repeat=10, graphed=True)
+                error = ""
+                if label.startswith("int8 ours"):
+                    error = f"{rel_l2(fn(), reference):.1e}"
+                rows.append((name, label, seconds * 1e3, flops / seconds / 1e12, error))
+            except Exception as exc:  # a variant that does not compile here is reported, not fatal
+                rows.append((name, label, float("nan"), float("nan"), f"{type(exc).__name__}: {str(exc)[:80]}"))
+            print(f"  {rows[-1][0]:16s} {rows[-1][1]:40s} {rows[-1][2]:7.3f} ms {rows[-1][3]:7.0f} T/s  {rows[-1][4]}",
+                  flush=True)
+    print("\n| shape | GEMM | ms | TFLOP/s (TOP/s) | rel. L2 error vs exact |\n| --- | --- | ---: | ---: | ---: |")
+    for row in rows:
+        print(f"| {row[0]} | {row[1]} | {row[2]:.3f} | {row[3]:.0f} | {row[4]} |")
+
+
+GROUPS = {"modulation": ("_mod.lin", "modulation.lin"), "qkv": ("attn.qkv",), "proj": ("attn.proj",),
+          "mlp up": ("mlp.0",), "mlp down": ("mlp.2",), "linear1": ("linear1",), "linear2": ("linear2",)}
+
+
+class RoundedLinear(torch.nn.Module):
+    """A block linear whose input rows and weight rows are rounded to `fmt` (per-row scales) before a float32 GEMM.
+
+    Class-wide switches: `mode` ("off", "int8", "e4m3"); layers of the groups in `exact` keep both operands
+    unrounded, those in `weight_only` round their weights only."""
+
+    mode = "off"
+    exact: set[str] = set()
+    weight_only: set[str] = set()
+
+    def __init__(self, name: str, inner: torch.nn.Linear):
+        super().__init__()
+        self.inner = inner
+        self.group = next((g for g, suffixes in GROUPS.items() if name.endswith(suffixes)), "other")
+        self.in_features, self.out_features = inner.in_features, inner.out_features
+        self.weight, self.bias = inner.weight, inner.bias
+
+    @staticmethod
+    def rounded(t: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = t.reshape(-1, t.shape[-1]).float()
+        if mode == "off":
+            return rows, torch.ones_like(rows[:, :1])
+        if mode == "int8":
+            scale = rows.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127
+            return (rows / scale).round().clamp(-127, 127), scale
+        scale = rows.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 448
+        return (rows / scale).clamp(-448, 448).to(torch.float8_e4m3fn).float(), scale
+
+    def forward(self, x):
+        mode = "off" if self.group in RoundedLinear.exact else RoundedLinear.mode
+        data, scale = self.rounded(x, "off" if self.group in RoundedLinear.weight_only else mode)
+        w_data, w_scale = self.rounded(self.weight, mode)
+        out = (data @ w_data.t()) * scale * w_scale.reshape(1, -1)  # float32, TF32 off
+        if self.bias is not None:
+            out = out + self.bias.float()
+        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+
+def accuracy(sensitivity: bool) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = False
+    config = TransformerConfig()
+    x = inputs(config, WORKLOADS["edit"])
+    kernels.set_enabled(True)
+    model = random_transformer(config)
+
+    def velocity(m):
+        with torch.no_grad():
+            return m.velocity(x["img"], x["img_ids"], x["txt"], x["txt_ids"], x["t"], x["y"], x["g"], x["ctx"],
+                              x["ctx_ids"]).float()
+
+    reference = velocity(model)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, torch.nn.Linear) and name.startswith(("double_blocks.", "single_blocks.")):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, RoundedLinear(name, module))
+    runs = [("off", set(), set()), ("int8", set(), set()), ("e4m3", set(), set())]
+    if sensitivity:
+        runs += [("int8", {group}, set()) for group in GROUPS]
+        runs += [("int8", set(), {"modulation"}), ("e4m3", {"modulation"}, set()), ("e4m3", set(), {"modulation"})]
+    results = {}
+    for mode, exact, weight_only in runs:
+        RoundedLinear.mode, RoundedLinear.exact, RoundedLinear.weight_only = mode, exact, weight_only
+        label = f"simulated {mode}" + (f", {'/'.join(sorted(exact))} unrounded" if exact else "") + (
+            f", {'/'.join(sorted(weight_only))} weights only" if weight_only else "")
+        results[label] = rel_l2(velocity(model), reference)
+        print(f"  {label}: {results[label]:.3e}", flush=True)
+    del model
+    torch.cuda.empty_cache()
+    fp8 = quant.quantize_model(random_transformer(config))
+    results["real fp8 path (kernels, _scaled_mm)"] = rel_l2(velocity(fp8), reference)
+    print("\n| block linears' operands | velocity rel. L2 error vs bf16 |\n| --- | ---: |")
+    for name, error in results.items():
+        print(f"| {name} | {error:.2e} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gemms", action="store_true")
+    parser.add_argument("--accuracy", action="store_true")
+    parser.add_argument("--sensitivity", action="store_true",
+                        help="with --accuracy: also each group of block linears left unrounded, one at a time")
+    args = parser.parse_args()
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
+    if args.accuracy:
+        accuracy(args.sensitivity)
+    if args.gemms:
+        gemms()
+
+
+if __name__ == "__main__":
+    main()

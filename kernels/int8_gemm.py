@@ -1,0 +1,229 @@
+"""The int8 GEMM of the int8 path: int8 activation rows times int8 weight rows, the scales and the bias
+applied to the int32 accumulator before it leaves registers.
+
+    out[m, n] = (sum_k data[m, k] * weight[n, k]) * scale[m] * weight_scale[n] + bias[n]
+
+Activations come quantized per row (per token, `scale` [M, 1], kernels/row_quant.py), weights per output
+row (`weight_scale` [N]); the products are exact in the int32 accumulator, so the only rounding is the
+quantization itself and the final cast. On the roughly Gaussian activations and weights of FLUX's blocks
+int8 with per-row scales rounds ~3x less than e4m3 (3 mantissa bits), at the tensor cores' same 8-bit
+rate (bench/RESULTS.md, "An int8 path").
+
+cuBLAS's int8 GEMM (`torch._int_mm`) writes the int32 accumulator out and leaves the scaling to a second
+pass, and on an H200 it ran at 580-790 TOP/s, under bf16's rate: hence a kernel of our own. On Hopper it
+is a persistent kernel reading its tiles through the tensor memory accelerator (TMA); elsewhere (Ampere,
+Ada, Triton's interpreter) a pointer-based one.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .runtime import cdiv, enabled_for, import_triton, interpreting, last_dim_contiguous, launches
+
+triton, tl = import_triton()
+
+
+def int8_linear_reference(data: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                          bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """data int8 [..., K], scale float32 [rows, 1], weight int8 [N, K], weight_scale float32 [N] (or a scalar),
+    bias [N] -> data @ weight.T * scale * weight_scale + bias [..., N] in out_dtype."""
+    rows = data.reshape(-1, data.shape[-1])
+    # float64 holds every int8 dot product of K < 2**38 terms exactly, as the int32 accumulator does.
+    sums = rows.double() @ weight.double().t()
+    out = sums.float() * scale.float().reshape(-1, 1) * weight_scale.float().reshape(1, -1).expand(1, weight.shape[0])
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(out_dtype).reshape(*data.shape[:-1], weight.shape[0])
+
+
+def _runs(data: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (enabled_for(data) and data.dtype == torch.int8 and weight.dtype == torch.int8 and weight.dim() == 2
+            and data.shape[-1] == weight.shape[1] and data.numel() > 0 and weight.numel() > 0)
+
+
+def int8_linear(data: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """Same contract as `int8_linear_reference`; the Triton kernel where it can run."""
+    if not _runs(data, weight):
+        return int8_linear_reference(data, scale, weight, weight_scale, bias, out_dtype)
+    rows = last_dim_contiguous(data.reshape(-1, data.shape[-1]))
+    out = _launch(rows, scale.reshape(-1).float().contiguous(), weight.contiguous(),
+                  weight_scale.float().reshape(-1).expand(weight.shape[0]).contiguous(),
+                  None if bias is None else bias.contiguous(), out_dtype)
+    return out.view(*data.shape[:-1], weight.shape[0])
+
+
+@triton.jit
+def _scaled_tile(acc, offs_m, offs_n, M, N, scale_ptr, weight_scale_ptr, bias_ptr, HAS_BIAS: tl.constexpr):
+    """The int32 accumulator tile as float32 with the row, column and bias terms applied."""
+    row_scale = tl.load(scale_ptr + offs_m, mask=offs_m < M, other=0.0)
+    column_scale = tl.load(weight_scale_ptr + offs_n, mask=offs_n < N, other=0.0)
+    out = acc.to(tl.float32) * row_scale[:, None] * column_scale[None, :]
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    return out
+
+
+@triton.jit
+def _int8_linear_kernel(
+    data_ptr, weight_ptr, scale_ptr, weight_scale_ptr, bias_ptr, out_ptr,
+    M, N, K: tl.constexpr, stride_data, stride_weight, stride_out,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # The tile walk of kernels/ffn.py: GROUP_M row blocks down one column band, so the weight tiles a
+    # group shares stay in L2; edge tiles read wrapped-around valid rows and the store drops them.
+    pid = tl.program_id(0)
+    blocks_m = (M + BLOCK_M - 1) // BLOCK_M
+    blocks_n = (N + BLOCK_N - 1) // BLOCK_N
+    programs_per_group = GROUP_M * blocks_n
+    first_m = (pid // programs_per_group) * GROUP_M
+    group_rows = min(blocks_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % programs_per_group) % group_rows
+    pid_n = (pid % programs_per_group) // group_rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    rows = (offs_m % M).to(tl.int64)
+    cols = (offs_n % N).to(tl.int64)
+    data_ptrs = data_ptr + rows[:, None] * stride_data + offs_k[None, :]          # [BLOCK_M, BLOCK_K]
+    weight_ptrs = weight_ptr + cols[None, :] * stride_weight + offs_k[:, None]    # [BLOCK_K, BLOCK_N], K-major
+
+    acc = tl.full((BLOCK_M, BLOCK_N), 0, tl.int32)
+    for k_start in range(0, K, BLOCK_K):
+        if K % BLOCK_K == 0:
+            a = tl.load(data_ptrs)
+            b = tl.load(weight_ptrs)
+        else:
+            k_left = K - k_start
+            a = tl.load(data_ptrs, mask=offs_k[None, :] < k_left, other=0)
+            b = tl.load(weight_ptrs, mask=offs_k[:, None] < k_left, other=0)
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+        data_ptrs += BLOCK_K
+        weight_ptrs += BLOCK_K
+
+    out = _scaled_tile(acc, offs_m, offs_n, M, N, scale_ptr, weight_scale_ptr, bias_ptr, HAS_BIAS)
+    inside = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_out + offs_n[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _int8_linear_tma_kernel(
+    data_desc, weight_desc, scale_ptr, weight_scale_ptr, bias_ptr, out_ptr, M, N, K, stride_out,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # Persistent: one program per SM walks the output tiles (grouped as above), so a tile's epilogue
+    # overlaps the next tile's first loads; the TMA engine fetches the tiles (out-of-range parts as zeros).
+    blocks_m = tl.cdiv(M, BLOCK_M)
+    blocks_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    per_group = GROUP_M * blocks_n
+    for tile in tl.range(tl.program_id(0), blocks_m * blocks_n, tl.num_programs(0), flatten=True):
+        first_m = (tile // per_group) * GROUP_M
+        group_rows = min(blocks_m - first_m, GROUP_M)
+        pid_m = first_m + (tile % group_rows)
+        pid_n = (tile % per_group) // group_rows
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for ki in range(k_tiles):
+            a = data_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])
+            b = weight_desc.load([pid_n * BLOCK_N, ki * BLOCK_K])
+            acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        out = _scaled_tile(acc, offs_m, offs_n, M, N, scale_ptr, weight_scale_ptr, bias_ptr, HAS_BIAS)
+        inside = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_out + offs_n[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+# Ampere / Ada (99-163 KB of shared memory; configs that do not fit are skipped by the autotuner) and
+# Hopper without TMA. Not yet timed on those GPUs (the device tool lends H200s only).
+_POINTER_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 8}, num_stages=3, num_warps=8),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_stages=3, num_warps=8),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=4),
+]
+
+
+def _tma_block_shapes(nargs: dict) -> None:
+    # The descriptors are made before a config is chosen; each config sets the tile it loads.
+    nargs["data_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
+    nargs["weight_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
+
+
+# Hopper (sm_90: 228 KB of shared memory, 8-bit wgmma taking K in steps of 32). Timed on an H200 on
+# 2026-12-03 with bench/int8_probe.py at FLUX's shapes (8704 tokens): these three persistent configs
+# were the fastest of nine (1040-1215 TOP/s; cuBLAS's fp8 GEMM 1380-1440 TFLOP/s on the same shapes).
+_TMA_CONFIGS = [
+    triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_stages=4, num_warps=8,
+                  pre_hook=_tma_block_shapes),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 8}, num_stages=4, num_warps=8,
+                  pre_hook=_tma_block_shapes),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 8}, num_stages=3, num_warps=8,
+                  pre_hook=_tma_block_shapes),
+]
+
+_int8_linear_tuned = triton.autotune(configs=_POINTER_CONFIGS, key=["M", "N", "K"])(_int8_linear_kernel)
+_int8_linear_tma_tuned = triton.autotune(configs=_TMA_CONFIGS, key=["M", "N", "K"])(_int8_linear_tma_kernel)
+
+_INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
+
+
+@functools.cache
+def _hopper(device_index: int) -> bool:
+    return torch.version.hip is None and torch.cuda.get_device_capability(device_index) >= (9, 0)
+
+
+@functools.cache
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+_TMA_MIN_K = 128  # the configs' K tile
+
+
+def _tma_ready(data: torch.Tensor, weight: torch.Tensor) -> bool:
+    # TMA descriptors need 16-byte aligned bases and row strides. Rows narrower than the K tile (no FLUX
+    # layer has them) failed on an H200 (tiles wider than the tensor): the pointer kernel takes those.
+    index = data.device.index if data.device.index is not None else torch.cuda.current_device()
+    return (_hopper(index) and data.shape[1] >= _TMA_MIN_K and data.stride(0) % 16 == 0
+            and weight.stride(0) % 16 == 0 and data.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0)
+
+
+def _launch(data: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+            bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    M, K = data.shape
+    N = weight.shape[0]
+    out = torch.empty((M, N), dtype=out_dtype, device=data.device)
+    bias_arg = out if bias is None else bias  # unread when HAS_BIAS is False
+    if interpreting():
+        config = _INTERPRETER_CONFIG
+        _int8_linear_kernel[(cdiv(M, config["BLOCK_M"]) * cdiv(N, config["BLOCK_N"]),)](
+            data, weight, scale, weight_scale, bias_arg, out, M, N, K, data.stride(0), weight.stride(0), out.stride(0),
+            HAS_BIAS=bias is not None, **config)
+    elif _tma_ready(data, weight):
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        programs = _multiprocessors(data.device.index if data.device.index is not None else torch.cuda.current_device())
+
+        def grid(meta):
+            return (min(programs, cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])),)
+        _int8_linear_tma_tuned[grid](
+            TensorDescriptor.from_tensor(data, [128, 128]), TensorDescriptor.from_tensor(weight, [128, 128]),
+            scale, weight_scale, bias_arg, out, M, N, K, out.stride(0), HAS_BIAS=bias is not None)
+    else:
+        def grid(meta):
+            return (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
+        _int8_linear_tuned[grid](data, weight, scale, weight_scale, bias_arg, out, M, N, K, data.stride(0),
+                                 weight.stride(0), out.stride(0), HAS_BIAS=bias is not None)
+    launches["int8_linear"] += 1
+    return out

@@ -1,0 +1,216 @@
+"""The int8 path: int8 block weights (per row) and int8 activation rows (per token) through our int8 GEMM.
+
+On the CPU the kernels (row quantizers and the int8 GEMM) run under Triton's interpreter; on a CUDA GPU
+(compute capability 8.0+) compiled. References: the float32 model (accuracy), the fp8 (e4m3) path on the
+same weights (int8 must round less), the upcast int8 path with kernels off (same weights, float activations).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import (as_float32, compiled_graphs, fp8_tensor_cores, kernels_built_for, kernels_off,
+                      random_block_lora, randomize_, rel_l2, tiny_edit_args)
+from kernels.runtime import launches, triton_available
+from kontext_core import KontextTransformer, TransformerConfig, load_transformer, quant, save_transformer
+from kontext_core.quant import INT8_KEPT, QuantizedLinear
+
+INT8_ROW_KERNELS = ("layernorm_modulate_quantize", "gelu_quantize_rows", "concat_gelu_quantize_rows", "quantize_rows")
+
+
+@pytest.fixture(params=["interpreter", "cuda"])
+def device(request):
+    if not triton_available():
+        pytest.skip("needs Triton (pip install triton==3.6.0)")
+    if request.param == "cuda" and not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)):
+        pytest.skip("needs a CUDA GPU with int8 tensor cores (Ampere or newer)")
+    with kernels_built_for(request.param):
+        # The fp8 comparison runs through PyTorch's CPU _scaled_mm under the interpreter.
+        quant.set_fp8_matmul(True, on_cpu=request.param == "interpreter")
+        try:
+            yield "cpu" if request.param == "interpreter" else "cuda"
+        finally:
+            quant.set_fp8_matmul(True)
+
+
+def _models(device: str) -> tuple[KontextTransformer, KontextTransformer]:
+    """(float32 model, its int8 copy computing in bf16): one block of each kind keeps the interpreter quick."""
+    config = TransformerConfig.tiny(depth=1, depth_single_blocks=1)
+    model = randomize_(KontextTransformer(config), seed=11).to(device).eval()
+    return model, quant.quantize_model(copy.deepcopy(model).to(torch.bfloat16), torch.int8)
+
+
+def _int8_layers(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if isinstance(m, QuantizedLinear) and m.weight.dtype == torch.int8]
+
+
+def test_int8_model_keeps_modulation_and_scales_rows(tiny_transformer):
+    int8 = quant.quantize_model(copy.deepcopy(tiny_transformer).to(torch.bfloat16), torch.int8)
+    for name, module in int8.named_modules():
+        in_block = name.startswith(("double_blocks.", "single_blocks."))
+        if in_block and name.endswith(INT8_KEPT):
+            assert type(module) is nn.Linear and module.weight.dtype == torch.bfloat16, name
+        elif in_block and isinstance(module, (nn.Linear, QuantizedLinear)):
+            assert isinstance(module, QuantizedLinear) and module.weight.dtype == torch.int8, name
+            assert module.weight_scale.shape == (module.out_features,), name
+            original = tiny_transformer.get_submodule(name).weight.detach().bfloat16().float()
+            # Round to nearest: within half a step (the row's amax / 127) of the bf16 weight.
+            step = original.abs().amax(dim=1, keepdim=True) / 127
+            assert bool(((module.dequantized_weight(torch.float32) - original).abs() <= 0.501 * step).all()), name
+    assert not any(isinstance(m, QuantizedLinear) for n, m in int8.named_modules()
+                   if not n.startswith(("double_blocks.", "single_blocks.")))
+
+
+def test_int8_path_rounds_less_than_fp8(device):
+    model, int8 = _models(device)
+    fp8 = quant.quantize_model(copy.deepcopy(model).to(torch.bfloat16))
+    args = tiny_edit_args(2, torch.bfloat16, device)
+    with torch.no_grad():
+        exact = model.velocity(*as_float32(args))
+        before = launches["int8_linear"]
+        rows_before = {name: launches[name] for name in INT8_ROW_KERNELS}
+        int8_velocity = int8.velocity(*args)
+        gemms = launches["int8_linear"] - before
+        fp8_velocity = fp8.velocity(*args)
+    # Every int8 layer ran on the int8 GEMM, its input rows from the fused quantizers.
+    assert gemms == len(_int8_layers(int8))
+    assert all(launches[name] > rows_before[name] for name in INT8_ROW_KERNELS)
+    int8_error, fp8_error = rel_l2(int8_velocity, exact), rel_l2(fp8_velocity, exact)
+    # Gaussian-like operands: int8's uniform steps round ~3x less than e4m3's 3 mantissa bits (seen 0.3-0.4x).
+    assert int8_error < 0.03
+    assert int8_error < 0.6 * fp8_error
+
+
+def test_int8_weights_upcast_without_the_kernels(device):
+    # Kernels off: the int8 weights are dequantized per call and the activations stay in bf16, so only the
+    # weights' rounding is left: closer to float32 than the full int8 path, and no int8 GEMM runs.
+    model, int8 = _models(device)
+    args = tiny_edit_args(1, torch.bfloat16, device)
+    with torch.no_grad():
+        exact = model.velocity(*as_float32(args))
+        fused = int8.velocity(*args)
+        before = launches["int8_linear"]
+        with kernels_off():
+            upcast = int8.velocity(*args)
+        assert launches["int8_linear"] == before
+    assert rel_l2(upcast, exact) < rel_l2(fused, exact) < 0.03
+
+
+def test_hooked_int8_layers_get_bf16_inputs(device):
+    _, int8 = _models(device)
+    seen = []
+    layer = int8.single_blocks[0].linear1
+    handle = layer.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].dtype))
+    with torch.no_grad():
+        int8.velocity(*tiny_edit_args(1, torch.bfloat16, device))
+    handle.remove()
+    assert seen == [torch.bfloat16]
+
+
+def test_a_lora_on_int8_weights_runs_on_the_fly(device):
+    from kontext_core.lora import apply_lora
+
+    model, int8 = _models(device)
+    lora = random_block_lora(model, seed=21)
+    args = tiny_edit_args(2, torch.bfloat16, device)
+    with torch.no_grad():
+        exact = model.velocity(*as_float32(args))
+        plain = int8.velocity(*args)
+        with apply_lora(model, lora, 0.8, mode="merge"):
+            exact_lora = model.velocity(*as_float32(args))
+        weights = {name: p.clone() for name, p in int8.state_dict().items()}
+        with apply_lora(int8, lora, 0.8) as handle:  # "auto": on the fly into 8-bit weights
+            assert handle.mode == "on_the_fly"
+            before = launches["int8_linear"]
+            with_lora = int8.velocity(*args)
+            assert launches["int8_linear"] - before == len(_int8_layers(int8))
+        after = int8.state_dict()
+    assert all(torch.equal(after[name], value) for name, value in weights.items())
+    int8_error = rel_l2(plain, exact)
+    assert rel_l2(exact_lora, exact) > 5 * int8_error  # the LoRA's effect stands well above int8's noise
+    assert rel_l2(with_lora, exact_lora) <= 1.5 * int8_error
+
+
+def test_compiled_blocks_trace_the_int8_gemm(device):
+    # The int8 GEMM enters compiled blocks as the opaque kontext::int8_linear ("aot_eager" traces as the
+    # compiler does without generating code, so it runs on the CPU too).
+    torch._dynamo.reset()
+    model, int8 = _models(device)
+    args = tiny_edit_args(1, torch.bfloat16, device)
+    graphs = compiled_graphs()
+    try:
+        with torch.no_grad():
+            exact = model.velocity(*as_float32(args))
+            eager = int8.velocity(*args)
+            int8.compile_blocks(backend="aot_eager" if device == "cpu" else "inductor")
+            before = launches["int8_linear"]
+            compiled = int8.velocity(*args)
+        assert compiled_graphs() - graphs == 2
+        assert launches["int8_linear"] - before == len(_int8_layers(int8))
+    finally:
+        torch._dynamo.reset()
+    eager_error = rel_l2(eager, exact)
+    assert rel_l2(compiled, exact) <= 1.15 * eager_error
+    assert rel_l2(compiled, eager) <= eager_error
+
+
+def test_load_int8_from_a_bf16_file(tiny_transformer, tmp_path):
+    bf16 = copy.deepcopy(tiny_transformer).to(torch.bfloat16)
+    save_transformer(bf16, tmp_path / "flux1-kontext-dev.safetensors")
+    loaded = load_transformer(tmp_path / "flux1-kontext-dev.safetensors", dtype="int8")
+    expected = quant.quantize_model(copy.deepcopy(bf16), torch.int8)
+    assert _int8_layers(loaded) == _int8_layers(expected) and _int8_layers(loaded)
+    loaded_state, expected_state = loaded.state_dict(), expected.state_dict()
+    assert loaded_state.keys() == expected_state.keys()
+    for name, tensor in expected_state.items():
+        assert loaded_state[name].dtype == tensor.dtype and torch.equal(loaded_state[name], tensor), name
+
+
+def test_load_int8_from_an_fp8_file(tiny_transformer, tmp_path):
+    # ComfyUI's scaled-fp8 file: its e4m3 weights dequantized, then each row quantized to int8; the modulation
+    # linears come out in bf16 (their e4m3 values exactly).
+    path = tmp_path / "flux1-kontext-dev-fp8.safetensors"
+    save_transformer(tiny_transformer, path, layout="comfy", weights="fp8_e4m3fn_scaled")
+    fp8 = load_transformer(path, dtype="fp8")
+    int8 = load_transformer(path, dtype="int8")
+    assert _int8_layers(int8) == [n for n in _int8_layers(quant.quantize_model(
+        copy.deepcopy(tiny_transformer).to(torch.bfloat16), torch.int8))]
+    for name, module in int8.named_modules():
+        if name.endswith(INT8_KEPT) and name.startswith(("double_blocks.", "single_blocks.")):
+            stored = fp8.get_submodule(name)
+            assert torch.equal(module.weight, stored.dequantized_weight(torch.bfloat16)), name
+        elif isinstance(module, QuantizedLinear):
+            stored = fp8.get_submodule(name).dequantized_weight(torch.float32)
+            step = stored.abs().amax(dim=1, keepdim=True) / 127
+            assert bool(((module.dequantized_weight(torch.float32) - stored).abs() <= 0.501 * step).all()), name
+
+
+def test_saving_an_int8_model_writes_its_weights_dequantized(tiny_transformer, tmp_path):
+    int8 = quant.quantize_model(copy.deepcopy(tiny_transformer).to(torch.bfloat16), torch.int8)
+    save_transformer(int8, tmp_path / "saved.safetensors")
+    back = load_transformer(tmp_path / "saved.safetensors", dtype="bf16")
+    for name in _int8_layers(int8):
+        assert torch.equal(back.get_submodule(name).weight, int8.get_submodule(name).dequantized_weight()), name
+    # Loaded as int8 again, each row requantizes to the same int8 values (its amax is a grid point).
+    again = load_transformer(tmp_path / "saved.safetensors", dtype="int8")
+    for name in _int8_layers(int8):
+        assert torch.equal(again.get_submodule(name).weight, int8.get_submodule(name).weight), name
+
+
+def test_memory_estimate_counts_modulation_in_bf16():
+    from kontext_core.memory import transformer_bytes
+
+    dev = TransformerConfig()
+    outside, int8_blocks = transformer_bytes(dev, "int8")
+    fp8_outside, fp8_blocks = transformer_bytes(dev, "fp8")
+    assert outside == fp8_outside
+    # The modulation linears (img_mod and txt_mod of each double block, one per single block; no bias in
+    # these sums) at 2 bytes a weight instead of 1 byte and a float32 scale per row.
+    h = dev.hidden_size
+    modulation = [(6 * h, h)] * 2 * dev.depth + [(3 * h, h)] * dev.depth_single_blocks
+    extra = sum(rows * columns - 4 * rows for rows, columns in modulation)
+    assert sum(int8_blocks) - sum(fp8_blocks) == extra
