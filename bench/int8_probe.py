@@ -5,7 +5,7 @@
 --gemms: at the edit step's shapes (8704 tokens), one layer's GEMM as bf16 (cuBLAS), fp8 (`torch._scaled_mm`,
 rowwise scales, fast accumulation, as our fp8 path runs), cuBLAS's int8 GEMM (`torch._int_mm`, int32 out, no
 scaling: a lower bound of what it would cost), our int8 kernel as the model calls it (kernels/int8_gemm.py,
-autotuned), and a sweep of persistent TMA variants of it (tiles, stages, warp specialisation).
+autotuned), and its persistent TMA kernel at each of a few tile / stage / warp configs.
 
 --accuracy: the full-size model on random weights (bench_step's), the edit workload; the velocity's relative L2
 error vs bf16 when every block linear's operands are rounded to int8 or e4m3 with per-row scales (simulated:
@@ -42,61 +42,26 @@ def int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x.float() / scale).round().clamp(-127, 127).to(torch.int8), scale
 
 
-# --- a persistent TMA variant of the int8 kernel (GPU only), to compare with the pointer-based one --------
-triton, tl = kernels.runtime.import_triton()
-
-
-@triton.jit
-def _int8_tma_kernel(a_desc, b_desc, scale_ptr, weight_scale_ptr, bias_ptr, out_ptr, M, N, K, stride_out,
-                     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, FLATTEN: tl.constexpr,
-                     WARP_SPECIALIZE: tl.constexpr):
-    start = tl.program_id(0)
-    blocks_m = tl.cdiv(M, BLOCK_M)
-    blocks_n = tl.cdiv(N, BLOCK_N)
-    k_tiles = tl.cdiv(K, BLOCK_K)
-    per_group = GROUP_M * blocks_n
-    for tile in tl.range(start, blocks_m * blocks_n, NUM_SMS, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
-        first_m = (tile // per_group) * GROUP_M
-        group_rows = min(blocks_m - first_m, GROUP_M)
-        pid_m = first_m + (tile % group_rows)
-        pid_n = (tile % per_group) // group_rows
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-        for ki in range(k_tiles):
-            a = a_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])
-            b = b_desc.load([pid_n * BLOCK_N, ki * BLOCK_K])
-            acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        out = int8_gemm._scaled_tile(acc, offs_m, offs_n, M, N, scale_ptr, weight_scale_ptr, bias_ptr, HAS_BIAS)
-        inside = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-        tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_out + offs_n[None, :], out.to(tl.bfloat16),
-                 mask=inside)
-
-
-# (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps, persistent, warp-specialised); the first two won the first probe.
-TMA_CONFIGS = [(256, 128, 128, 3, 8, True, False), (128, 256, 128, 3, 8, True, False),
-               (256, 128, 128, 4, 8, True, False), (128, 256, 128, 4, 8, True, False),
-               (256, 128, 128, 3, 8, False, False), (128, 256, 128, 3, 8, False, False),
-               (256, 128, 128, 3, 8, True, True), (128, 256, 128, 3, 8, True, True),
-               (128, 128, 128, 4, 4, True, False)]
+# --- the persistent TMA kernel of kernels/int8_gemm.py launched at chosen configs, past its autotuner ----------
+# (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps). At 94d41b8 this probe also swept non-persistent and warp-specialised
+# variants of the kernel (bench/RESULTS.md, "An int8 path"): no faster.
+TMA_CONFIGS = [(256, 128, 128, 3, 8), (128, 256, 128, 3, 8), (256, 128, 128, 4, 8), (128, 256, 128, 4, 8),
+               (128, 128, 128, 4, 4)]
 
 
 def int8_tma(data, scale, weight, weight_scale, bias, config):
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    block_m, block_n, block_k, stages, warps, persistent, warp_specialize = config
+    block_m, block_n, block_k, stages, warps = config
     M, K = data.shape
     N = weight.shape[0]
     out = torch.empty((M, N), dtype=torch.bfloat16, device=data.device)
     tiles = -(-M // block_m) * -(-N // block_n)
-    programs = min(torch.cuda.get_device_properties(data.device).multi_processor_count, tiles) if persistent else tiles
-    a_desc = TensorDescriptor.from_tensor(data, [block_m, block_k])
-    b_desc = TensorDescriptor.from_tensor(weight, [block_n, block_k])
-    _int8_tma_kernel[(programs,)](a_desc, b_desc, scale, weight_scale, bias, out, M, N, K, out.stride(0),
-                                  HAS_BIAS=True, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                                  GROUP_M=8, NUM_SMS=programs, FLATTEN=persistent, WARP_SPECIALIZE=warp_specialize,
-                                  num_stages=stages, num_warps=warps)
+    programs = min(torch.cuda.get_device_properties(data.device).multi_processor_count, tiles)
+    int8_gemm._int8_linear_tma_kernel[(programs,)](
+        TensorDescriptor.from_tensor(data, [block_m, block_k]), TensorDescriptor.from_tensor(weight, [block_n, block_k]),
+        scale, weight_scale, bias, out, M, N, K, out.stride(0), HAS_BIAS=True, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_K=block_k, GROUP_M=8, num_stages=stages, num_warps=warps)
     return out
 
 
@@ -229,6 +194,8 @@ def main() -> None:
     parser.add_argument("--sensitivity", action="store_true",
                         help="with --accuracy: also each group of block linears left unrounded, one at a time")
     args = parser.parse_args()
+    import triton
+
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
     if args.accuracy:
         accuracy(args.sensitivity)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .runtime import cdiv, enabled_for, import_triton, interpreting, last_dim_contiguous, launches
+from .tiles import grouped_tile
 
 triton, tl = import_triton()
 
@@ -70,17 +71,8 @@ def _linear_epilogue_kernel(
     # K is a compile-time constant (3072 or 12288 in FLUX): the loop's trip count is known, the
     # tail mask disappears when BLOCK_K divides it, and the interpreter gets a plain Python range.
 
-    # Programs walk GROUP_M row blocks down one column band before moving right, so the weight
-    # tiles a group shares are still in L2 when its next member asks for them.
-    pid = tl.program_id(0)
-    # Builtins only, not tl.cdiv / tl.zeros / tl.sigmoid: see the note in kernels/modulation.py.
-    blocks_m = (M + BLOCK_M - 1) // BLOCK_M
-    blocks_n = (N + BLOCK_N - 1) // BLOCK_N
-    programs_per_group = GROUP_M * blocks_n
-    first_m = (pid // programs_per_group) * GROUP_M
-    group_rows = min(blocks_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % programs_per_group) % group_rows
-    pid_n = (pid % programs_per_group) // group_rows
+    # Builtins only, not tl.zeros / tl.sigmoid: see the note in kernels/modulation.py.
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -22,6 +22,7 @@ import functools
 import torch
 
 from .runtime import cdiv, enabled_for, import_triton, interpreting, last_dim_contiguous, launches
+from .tiles import grouped_tile
 
 triton, tl = import_triton()
 
@@ -74,16 +75,8 @@ def _int8_linear_kernel(
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    # The tile walk of kernels/ffn.py: GROUP_M row blocks down one column band, so the weight tiles a
-    # group shares stay in L2; edge tiles read wrapped-around valid rows and the store drops them.
-    pid = tl.program_id(0)
-    blocks_m = (M + BLOCK_M - 1) // BLOCK_M
-    blocks_n = (N + BLOCK_N - 1) // BLOCK_N
-    programs_per_group = GROUP_M * blocks_n
-    first_m = (pid // programs_per_group) * GROUP_M
-    group_rows = min(blocks_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % programs_per_group) % group_rows
-    pid_n = (pid % programs_per_group) // group_rows
+    # Edge tiles read wrapped-around valid rows and columns, and the store drops them.
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -118,17 +111,12 @@ def _int8_linear_tma_kernel(
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    # Persistent: one program per SM walks the output tiles (grouped as above), so a tile's epilogue
-    # overlaps the next tile's first loads; the TMA engine fetches the tiles (out-of-range parts as zeros).
-    blocks_m = tl.cdiv(M, BLOCK_M)
-    blocks_n = tl.cdiv(N, BLOCK_N)
+    # Persistent: one program per SM walks the output tiles, so a tile's epilogue overlaps the next tile's
+    # first loads; the TMA engine fetches the tiles (out-of-range parts as zeros).
+    tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
-    per_group = GROUP_M * blocks_n
-    for tile in tl.range(tl.program_id(0), blocks_m * blocks_n, tl.num_programs(0), flatten=True):
-        first_m = (tile // per_group) * GROUP_M
-        group_rows = min(blocks_m - first_m, GROUP_M)
-        pid_m = first_m + (tile % group_rows)
-        pid_n = (tile % per_group) // group_rows
+    for tile in tl.range(tl.program_id(0), tiles, tl.num_programs(0), flatten=True):
+        pid_m, pid_n = grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
         for ki in range(k_tiles):
             a = data_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])

@@ -21,7 +21,7 @@ REFERENCE = GOLDEN.parent
 
 
 # Modules whose @triton.jit decorators read TRITON_INTERPRET when they run, i.e. at import; helpers first.
-KERNEL_MODULES = ("kernels.e4m3", "kernels.modulation", "kernels.qk_norm_rope", "kernels.ffn", "kernels.fp8_qkv",
+KERNEL_MODULES = ("kernels.e4m3", "kernels.tiles", "kernels.modulation", "kernels.qk_norm_rope", "kernels.ffn", "kernels.fp8_qkv",
                   "kernels.row_quant", "kernels.int8_gemm")
 
 
@@ -63,6 +63,32 @@ def kernels_built_for(mode: str):
             patch.undo()
             reload_kernel_modules()
             kernels.set_enabled(was_enabled)
+
+
+@contextlib.contextmanager
+def eight_bit_kernels(mode: str):
+    """`kernels_built_for(mode)` with fp8 GEMMs on, through PyTorch's CPU `_scaled_mm` under the interpreter;
+    yields the device the tests run on."""
+    from kontext_core import quant
+
+    with kernels_built_for(mode):
+        quant.set_fp8_matmul(True, on_cpu=mode == "interpreter")
+        try:
+            yield "cpu" if mode == "interpreter" else "cuda"
+        finally:
+            quant.set_fp8_matmul(True)
+
+
+def tiny_quantized_pair(device: str, dtype: torch.dtype = torch.float8_e4m3fn):
+    """(float32 model, its copy with 8-bit `dtype` block weights computing in bf16): one block of each kind keeps
+    the interpreter quick."""
+    import copy
+
+    from kontext_core import quant
+
+    config = TransformerConfig.tiny(depth=1, depth_single_blocks=1)
+    model = randomize_(KontextTransformer(config), seed=11).to(device).eval()
+    return model, quant.quantize_model(copy.deepcopy(model).to(torch.bfloat16), dtype)
 
 
 @contextlib.contextmanager

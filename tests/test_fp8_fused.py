@@ -12,15 +12,13 @@ must agree better than either agrees with float32.
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
-from conftest import (as_float32, compiled_graphs, fp8_tensor_cores, kernels_built_for, kernels_off,
-                      random_block_lora, randomize_, rel_l2, tiny_edit_args)
+from conftest import (as_float32, compiled_graphs, eight_bit_kernels, fp8_tensor_cores, kernels_off,
+                      random_block_lora, rel_l2, tiny_edit_args, tiny_quantized_pair)
 from kernels.runtime import launches, triton_available
-from kontext_core import KontextTransformer, TransformerConfig, quant
+from kontext_core import KontextTransformer
 
 ROW_KERNELS = ("layernorm_modulate_quantize", "gelu_quantize_rows", "concat_gelu_quantize_rows", "quantize_rows")
 
@@ -31,19 +29,13 @@ def device(request):
         pytest.skip("needs Triton")
     if request.param == "cuda" and not fp8_tensor_cores():
         pytest.skip("needs a GPU with fp8 tensor cores (Ada or Hopper)")
-    with kernels_built_for(request.param):
-        quant.set_fp8_matmul(True, on_cpu=request.param == "interpreter")
-        try:
-            yield "cpu" if request.param == "interpreter" else "cuda"
-        finally:
-            quant.set_fp8_matmul(True)
+    with eight_bit_kernels(request.param) as device:
+        yield device
 
 
 def _models(device: str) -> tuple[KontextTransformer, KontextTransformer]:
-    """(float32 model, its fp8 copy computing in bf16): one block of each kind keeps the interpreter quick."""
-    config = TransformerConfig.tiny(depth=1, depth_single_blocks=1)
-    model = randomize_(KontextTransformer(config), seed=11).to(device).eval()
-    return model, quant.quantize_model(copy.deepcopy(model).to(torch.bfloat16))
+    """(float32 model, its fp8 copy computing in bf16)."""
+    return tiny_quantized_pair(device)
 
 
 def test_fused_quantization_is_as_accurate_as_the_plain_fp8_path(device):

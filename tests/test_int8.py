@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import (as_float32, compiled_graphs, fp8_tensor_cores, kernels_built_for, kernels_off,
-                      random_block_lora, randomize_, rel_l2, tiny_edit_args)
+from conftest import (as_float32, compiled_graphs, eight_bit_kernels, kernels_off, random_block_lora, rel_l2,
+                      tiny_edit_args, tiny_quantized_pair)
 from kernels.runtime import launches, triton_available
 from kontext_core import KontextTransformer, TransformerConfig, load_transformer, quant, save_transformer
 from kontext_core.quant import INT8_KEPT, QuantizedLinear
@@ -28,20 +28,13 @@ def device(request):
         pytest.skip("needs Triton (pip install triton==3.6.0)")
     if request.param == "cuda" and not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)):
         pytest.skip("needs a CUDA GPU with int8 tensor cores (Ampere or newer)")
-    with kernels_built_for(request.param):
-        # The fp8 comparison runs through PyTorch's CPU _scaled_mm under the interpreter.
-        quant.set_fp8_matmul(True, on_cpu=request.param == "interpreter")
-        try:
-            yield "cpu" if request.param == "interpreter" else "cuda"
-        finally:
-            quant.set_fp8_matmul(True)
+    with eight_bit_kernels(request.param) as device:  # the fp8 path too: the int8 one is measured against it
+        yield device
 
 
 def _models(device: str) -> tuple[KontextTransformer, KontextTransformer]:
-    """(float32 model, its int8 copy computing in bf16): one block of each kind keeps the interpreter quick."""
-    config = TransformerConfig.tiny(depth=1, depth_single_blocks=1)
-    model = randomize_(KontextTransformer(config), seed=11).to(device).eval()
-    return model, quant.quantize_model(copy.deepcopy(model).to(torch.bfloat16), torch.int8)
+    """(float32 model, its int8 copy computing in bf16)."""
+    return tiny_quantized_pair(device, torch.int8)
 
 
 def _int8_layers(model: nn.Module) -> list[str]:

@@ -348,6 +348,22 @@ class TestAwkwardSizes:
         exact = int8_gemm.int8_linear(data, scale, weight, weight_scale, bias_values, torch.float32)
         assert rel_error(exact, reference) <= TOLERANCE[torch.float32]
 
+    def test_int8_linear_partial_last_tile_group(self, device):
+        # 2700 rows make 22 row blocks of 128 (11 of 256): the last group of 8 row blocks is partial (6 or 3
+        # rows), with 8 or 4 column blocks, which a walk that indexes the group from the tile number alone
+        # gets wrong. GPU only: the interpreter's 32-row tiles would take minutes.
+        from kernels import int8_gemm
+
+        if device == "cpu":
+            pytest.skip("a GPU-sized problem (the interpreter runs the same pointer kernel at small sizes above)")
+        data = torch.randint(-127, 128, (2700, 256), dtype=torch.int8, device=device)
+        weight = torch.randint(-127, 128, (1000, 256), dtype=torch.int8, device=device)
+        scale = torch.rand(2700, 1, device=device) * 1e-2 + 1e-4
+        weight_scale = torch.rand(1000, device=device) * 1e-2 + 1e-4
+        out = int8_gemm.int8_linear(data, scale, weight, weight_scale, None, torch.float32)
+        reference = int8_gemm.int8_linear_reference(data, scale, weight, weight_scale, None, torch.float32)
+        assert rel_error(out, reference) <= TOLERANCE[torch.float32]
+
     def test_int8_linear_batched_rows_and_strided_weight(self, device):
         # [B, L, K] activations, a weight given as a column slice (made contiguous), per-tensor weight scale.
         from kernels import int8_gemm
