@@ -444,7 +444,10 @@ def main() -> None:
                         help=f"each one of {', '.join(IMPLS)}, optionally with +MODIFIER suffixes: "
                              f"{'; '.join(f'+{k}: {v}' for k, v in MODIFIERS.items())}")
     parser.add_argument("--workloads", nargs="+", default=["edit", "t2i"], choices=list(WORKLOADS))
-    parser.add_argument("--e2e", action="store_true", help="also time a full 28-step 1024x1024 edit")
+    parser.add_argument("--e2e", nargs="*", metavar="RUN", default=None,
+                        help="also time a full 28-step 1024x1024 edit; alone: with every model the rows hold (bf16, "
+                             "fp8, fp8+fp8attention, int8; each also +graphs when a row has +graphs), or only the "
+                             "runs named (e.g. --e2e int8+graphs bf16)")
     parser.add_argument("--comfyui", metavar="PATH", default=os.environ.get("COMFYUI_PATH"),
                         help="ComfyUI checkout or bench/stage_comfyui.sh copy, for the comfyui rows ($COMFYUI_PATH)")
     parser.add_argument("--bfl", metavar="PATH",
@@ -568,16 +571,18 @@ def main() -> None:
                 torch.cuda.synchronize()
                 print(f"  ({impl}: LoRA removed in {time.perf_counter() - started:.2f} s)", flush=True)
                 torch._dynamo.reset()
-    if args.e2e:
+    if args.e2e is not None:
         fp8_attention_too = any("+fp8attention" in i for i in args.impls)
         graphs_too = any("+graphs" in i for i in args.impls)
         runs = [(label, target, graphs) for label, target in (("bf16", model), ("fp8", fp8_model),
                                                                ("fp8+fp8attention", fp8_model), ("int8", int8_model))
-                for graphs in ((False, True) if graphs_too else (False,))]
+                for graphs in ((False, True) if graphs_too or args.e2e else (False,))]
         for label, target, graphs in runs:
-            if target is None or (label.endswith("fp8attention") and not fp8_attention_too):
-                continue
             label += "+graphs" if graphs else ""
+            if args.e2e and label not in args.e2e:
+                continue
+            if target is None or (not args.e2e and "fp8attention" in label and not fp8_attention_too):
+                continue
             compiled = any("-compiled" in i for i in args.impls)
             # The product's settings: the kernels on, cuBLAS GEMMs, blocks compiled when any row was.
             configure(("ours-compiled" if compiled else "ours-rowkernels")

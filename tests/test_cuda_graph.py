@@ -121,6 +121,21 @@ def test_an_eager_fp8_model_with_a_lora_replays():
         assert graphed.captures == 1
 
 
+@pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)),
+                    reason="needs a CUDA GPU with int8 tensor cores (Ampere or newer)")
+def test_an_eager_int8_model_with_a_lora_replays():
+    # The int8 GEMM's autotuning and its TMA descriptors are host work: done before the capture (warm-up),
+    # the descriptors' addresses then fixed in the graph like every other kernel argument.
+    model = quant.quantize_model(_model("cuda").to(torch.bfloat16), torch.int8)
+    apply_lora(model, random_block_lora(model, seed=7), 0.7, mode="on_the_fly")
+    graphed = GraphedVelocity(model)
+    args = tiny_edit_args(1, torch.bfloat16, "cuda")
+    with torch.no_grad():
+        assert graphed.prepare() is None
+        assert _replays_eager(graphed, args, tolerance=1e-3)
+        assert graphed.captures == 1
+
+
 def test_pipeline_runs_plainly_and_says_why_when_the_model_has_hooks(tiny_transformer, tiny_autoencoder, monkeypatch):
     # The pipeline's choice per sampling run, on the CPU: the device is made to read as CUDA, so the
     # choice is taken as on a GPU; no graph is captured here (that needs CUDA, tests above).

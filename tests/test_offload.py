@@ -178,11 +178,12 @@ def test_weights_changed_on_the_host_are_copied_again(model):
     assert offloader.blocks[1].home.data_ptr() <= model.double_blocks[1].txt_mlp[0].weight.data_ptr()
 
 
-def test_fp8_storage_offloads_too(model):
-    quantize_model(model)
+@pytest.mark.parametrize("weights", [torch.float8_e4m3fn, torch.int8], ids=["fp8", "int8"])
+def test_8bit_storage_offloads_too(model, weights):
+    quantize_model(model, weights)
     reference = copy.deepcopy(model)
     offloader = BlockOffloader(model, "cpu", prefetch=1, resident=(1,))
-    assert {e.dtype for b in offloader.blocks for e in b.entries} >= {torch.float8_e4m3fn, torch.float32}
+    assert {e.dtype for b in offloader.blocks for e in b.entries} >= {weights, torch.float32}
     inputs = _inputs(model.config, 6)
     with torch.no_grad():
         assert torch.equal(model(*inputs), reference(*inputs))
