@@ -135,7 +135,7 @@ def set_loras(model: torch.nn.Module, ref: TransformerRef) -> None:
     paid once, not per run. bf16/fp16/fp32 weights get them merged: the fused GEMM forms (GELU in cuBLAS's
     epilogue) stay in use and a LoRA costs nothing per step; the merge (the touched layers' originals copied
     to the CPU, the deltas added in float64) takes seconds, and removing the LoRAs restores the original
-    weights bit for bit. fp8 weights (which would round a LoRA's delta away), or no memory for the merge's
+    weights bit for bit. fp8 or int8 weights (which would round a LoRA's delta away), or no memory for the merge's
     copies: on the fly, traced into compiled blocks like the rest of the model (fp8 layers take them as extra
     columns of their own fp8 GEMM, kontext_core/wide_lora.py: ~7% a step for a rank-32 LoRA on every layer;
     others as two thin GEMMs more, ~13-15%).
