@@ -179,11 +179,13 @@ def _multiprocessors(device_index: int) -> int:
 _TMA_MIN_K = 128  # the configs' K tile
 
 
-def _tma_ready(data: torch.Tensor, weight: torch.Tensor) -> bool:
+def _tma_ready(data: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype) -> bool:
     # TMA descriptors need 16-byte aligned bases and row strides. Rows narrower than the K tile (no FLUX
-    # layer has them) failed on an H200 (tiles wider than the tensor): the pointer kernel takes those.
+    # layer has them) failed on an H200 (tiles wider than the tensor), and the configs' shared memory is sized
+    # for 2-byte outputs (float32 ones, which only tests ask for, need more than an SM has): the pointer
+    # kernel takes those.
     index = data.device.index if data.device.index is not None else torch.cuda.current_device()
-    return (_hopper(index) and data.shape[1] >= _TMA_MIN_K and data.stride(0) % 16 == 0
+    return (_hopper(index) and out_dtype.itemsize == 2 and data.shape[1] >= _TMA_MIN_K and data.stride(0) % 16 == 0
             and weight.stride(0) % 16 == 0 and data.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0)
 
 
@@ -198,7 +200,7 @@ def _launch(data: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, weigh
         _int8_linear_kernel[(cdiv(M, config["BLOCK_M"]) * cdiv(N, config["BLOCK_N"]),)](
             data, weight, scale, weight_scale, bias_arg, out, M, N, K, data.stride(0), weight.stride(0), out.stride(0),
             HAS_BIAS=bias is not None, **config)
-    elif _tma_ready(data, weight):
+    elif _tma_ready(data, weight, out_dtype):
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         programs = _multiprocessors(data.device.index if data.device.index is not None else torch.cuda.current_device())
