@@ -59,7 +59,8 @@ def int8_tma(data, scale, weight, weight_scale, bias, config):
     tiles = -(-M // block_m) * -(-N // block_n)
     programs = min(torch.cuda.get_device_properties(data.device).multi_processor_count, tiles)
     int8_gemm._int8_linear_tma_kernel[(programs,)](
-        TensorDescriptor.from_tensor(data, [block_m, block_k]), TensorDescriptor.from_tensor(weight, [block_n, block_k]),
+        TensorDescriptor.from_tensor(data, [block_m, block_k]),
+        TensorDescriptor.from_tensor(weight, [block_n, block_k]),
         scale, weight_scale, bias, out, M, N, K, out.stride(0), HAS_BIAS=True, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_K=block_k, GROUP_M=8, num_stages=stages, num_warps=warps)
     return out

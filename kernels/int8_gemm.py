@@ -6,8 +6,8 @@ applied to the int32 accumulator before it leaves registers.
 Activations come quantized per row (per token, `scale` [M, 1], kernels/row_quant.py), weights per output
 row (`weight_scale` [N]); the products are exact in the int32 accumulator, so the only rounding is the
 quantization itself and the final cast. On the roughly Gaussian activations and weights of FLUX's blocks
-int8 with per-row scales rounds ~3x less than e4m3 (3 mantissa bits), at the tensor cores' same 8-bit
-rate (bench/RESULTS.md, "An int8 path").
+int8 with per-row scales rounds ~3x less than e4m3 (3 mantissa bits), on tensor cores of the same 8-bit
+rate; this kernel reaches 80-85% of cuBLAS's fp8 GEMM on an H200 (bench/RESULTS.md, "An int8 path").
 
 cuBLAS's int8 GEMM (`torch._int_mm`) writes the int32 accumulator out and leaves the scaling to a second
 pass, and on an H200 it ran at 580-790 TOP/s, under bf16's rate: hence a kernel of our own. On Hopper it

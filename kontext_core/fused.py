@@ -233,10 +233,9 @@ def hooked(module: nn.Module) -> bool:
 def _row_format(layer: nn.Module, x: torch.Tensor) -> torch.dtype | None:
     """The 8-bit rows (e4m3 or int8) the fused quantizers make for `layer`'s input x, or None (x as it is)."""
     # Hooked layers see bf16 inputs: their hooks read them.
-    if type(layer) is QuantizedLinear and _unhooked(layer) and _kernels is not None and \
-            _kernels.runtime.enabled_for_traced(x):
-        return rows_format(x, layer.weight)
-    return None
+    fused = (type(layer) is QuantizedLinear and _unhooked(layer) and _kernels is not None
+             and _kernels.runtime.enabled_for_traced(x))
+    return rows_format(x, layer.weight) if fused else None
 
 
 def _plain_linear(layer: nn.Module) -> bool:

@@ -8,7 +8,8 @@ arithmetic stays in the compute dtype.
 
 int8 rounds ~3x less than e4m3 on FLUX's roughly Gaussian activations and weights (7 bits of uniform
 steps against 3 mantissa bits): on random full-size weights the velocity's error vs bf16 is 2.9% with
-int8 blocks against 8.6% with e4m3 ones (bench/RESULTS.md, "An int8 path"). e4m3 keeps its place for
+int8 blocks against 8.5% with e4m3 ones, at 95% of the fp8 step's speed on an H200 (bench/RESULTS.md, "An
+int8 path"). e4m3 keeps its place for
 the fp8 files users have and for activations with strong outliers, where its floating steps fare better.
 """
 
@@ -32,7 +33,6 @@ except Exception:  # pragma: no cover - absent or broken Triton install
     _int8_gemm = None
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
-WEIGHT_DTYPES = (*FP8_DTYPES, torch.int8)
 E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max
 INT8_MAX = 127.0
 

@@ -19,14 +19,16 @@ needs_fp8_tensor_cores = pytest.mark.skipif(not fp8_tensor_cores(),
                                             reason="needs a GPU with fp8 tensor cores (Ada or Hopper)")
 
 
-def test_plain_row_quantization_is_the_kernels_reference():
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.int8], ids=["e4m3", "int8"])
+def test_plain_row_quantization_is_the_kernels_reference(dtype):
     # kontext_core.quant.quantize_rows (the unfused path, no kernels/ needed) and the row kernels' reference
-    # must quantize alike: the fused and plain fp8 paths are compared on that assumption.
+    # must quantize alike: the fused and plain 8-bit paths are compared on that assumption.
     from kernels.row_quant import quantize_rows_reference
 
     x = (torch.randn(3, 17, 96, generator=fresh_generator()) * 5).bfloat16()
     x[1, 4] = 0  # an all-zero row
-    ours, reference = quant.quantize_rows(x), quantize_rows_reference(x)
+    ours, reference = quant.quantize_rows(x, dtype), quantize_rows_reference(x, dtype=dtype)
+    assert ours.data.dtype == dtype
     assert torch.equal(ours.data.float(), reference[0].float()) and torch.equal(ours.scale, reference[1])
 
 

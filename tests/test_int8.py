@@ -38,7 +38,8 @@ def _models(device: str) -> tuple[KontextTransformer, KontextTransformer]:
 
 
 def _int8_layers(model: nn.Module) -> list[str]:
-    return [name for name, m in model.named_modules() if isinstance(m, QuantizedLinear) and m.weight.dtype == torch.int8]
+    return [name for name, m in model.named_modules()
+            if isinstance(m, QuantizedLinear) and m.weight.dtype == torch.int8]
 
 
 def test_int8_model_keeps_modulation_and_scales_rows(tiny_transformer):

@@ -32,7 +32,6 @@ _DTYPES = {
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
     "fp32": torch.float32, "float32": torch.float32, "fp64": torch.float64, "float64": torch.float64,
 }
-FP8_CHOICES = ("fp8", "fp8_e4m3fn", "fp8_e5m2")
 EIGHT_BIT = {"fp8": torch.float8_e4m3fn, "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2,
              "int8": torch.int8}
 
@@ -160,7 +159,7 @@ def _build(model_cls, config, storage: torch.dtype | None, quantized_names: set[
 
 
 def _quantized_layers(model: nn.Module, view: CanonicalTensors, storage: torch.dtype) -> set[str]:
-    """Linear layers to keep in 8 bits: the block linears `quantize.quantized_layers` names for `storage`, plus,
+    """Linear layers to keep in 8 bits: the block linears `quant.quantized_layers` names for `storage`, plus,
     for fp8, any other layer the file stores in float8."""
     names = set(quantized_layers(model, storage))
     if storage != torch.int8:

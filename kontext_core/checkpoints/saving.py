@@ -94,7 +94,8 @@ def save_transformer(model: KontextTransformer, path: str | os.PathLike, *, layo
     """Save in `layout` ('bfl' file, 'comfy' file with ComfyUI's prefix, 'diffusers' folder).
 
     weights: None keeps the model's own storage (fp8 layers as scaled fp8; int8 layers dequantized to the compute
-    dtype); 'fp8_e4m3fn' / 'fp8_e5m2' cast the block linears, 'fp8_e4m3fn_scaled' stores them with per-tensor scales (ComfyUI scaled fp8).
+    dtype); 'fp8_e4m3fn' / 'fp8_e5m2' cast the block linears, 'fp8_e4m3fn_scaled' stores them with per-tensor
+    scales (ComfyUI scaled fp8).
     """
     if layout not in TRANSFORMER_LAYOUTS:
         raise CheckpointError(f"unknown layout {layout!r}; choose one of {', '.join(TRANSFORMER_LAYOUTS)}")
