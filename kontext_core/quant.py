@@ -15,6 +15,7 @@ the fp8 files users have and for activations with strong outliers, where its flo
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -166,6 +167,23 @@ def fp8_linear_rows(rows: QuantizedRows, weight: torch.Tensor, weight_scale: tor
     return out.reshape(*shape[:-1], weight.shape[0])
 
 
+_int8_upcast_warned = False
+
+
+def _warn_int8_upcast(device: torch.device) -> None:
+    """Once per process: int8 weights on an accelerator without our int8 GEMM are upcast per layer, which is
+    slower than plain bf16 weights; say why and what to do."""
+    global _int8_upcast_warned
+    if _int8_upcast_warned:
+        return
+    _int8_upcast_warned = True
+    warnings.warn(
+        f"int8 weights are upcast to bf16 for every layer on {device}: int8 matrix products need our Triton "
+        "kernel, i.e. Triton installed (pip install triton; triton-windows on Windows), an NVIDIA GPU of the "
+        "Ampere generation or newer, and the kernels on (KONTEXT_KERNELS unset). This way steps run slower than "
+        "with bf16 weights: install Triton, or load the model in bf16 or fp8.", RuntimeWarning, stacklevel=3)
+
+
 class QuantizedLinear(nn.Module):
     """A Linear whose weight is stored in 8 bits (float8 e4m3 / e5m2, or int8) times `weight_scale` (a scalar
     or one per row): half the bytes of a bf16 layer.
@@ -201,6 +219,8 @@ class QuantizedLinear(nn.Module):
         form = rows_format(x, self.weight)
         if form is not None:
             return linear_rows(quantize_rows(x, form), self.weight, self.weight_scale, self.bias, x.dtype)
+        if self.weight.dtype == torch.int8 and x.device.type != "cpu" and not torch.compiler.is_compiling():
+            _warn_int8_upcast(x.device)
         weight = self.dequantized_weight(x.dtype)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return F.linear(x, weight, bias)

@@ -208,3 +208,19 @@ def test_memory_estimate_counts_modulation_in_bf16():
     modulation = [(6 * h, h)] * 2 * dev.depth + [(3 * h, h)] * dev.depth_single_blocks
     extra = sum(rows * columns - 4 * rows for rows, columns in modulation)
     assert sum(int8_blocks) - sum(fp8_blocks) == extra
+
+
+def test_int8_weights_upcast_on_an_accelerator_say_why_once(monkeypatch):
+    # Where the int8 GEMM cannot run (no Triton, a pre-Ampere GPU, kernels off), an accelerator upcasts the int8
+    # weights per layer, slower than bf16 weights: the first such call warns with the fix, later ones are quiet.
+    # The meta device stands in for the accelerator (no CUDA here, and nothing to compute).
+    monkeypatch.setattr(quant, "_int8_upcast_warned", False)
+    layer = QuantizedLinear(64, 32, weight_dtype=torch.int8, device="meta")
+    x = torch.empty(2, 64, dtype=torch.bfloat16, device="meta")
+    with pytest.warns(RuntimeWarning, match="int8 weights are upcast.*install Triton, or load the model in bf16"):
+        assert layer(x).shape == (2, 32)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer(x)
