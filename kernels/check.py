@@ -28,7 +28,7 @@ import torch
 from . import ffn, fp8_qkv, int8_gemm, modulation, qk_norm_rope, row_quant, runtime
 
 FLOAT_TOLERANCE = 2e-2
-E4M3_MISMATCH_TOLERANCE = 1e-2
+EIGHT_BIT_MISMATCH_TOLERANCE = 1e-2
 SCALE_TOLERANCE = 1e-5
 
 
@@ -168,7 +168,7 @@ def _row_quantizer(variant: str, dtype: torch.dtype = torch.float8_e4m3fn) -> Ca
         data, scales = getattr(row_quant, variant)(*args, dtype=dtype)
         reference_data, reference_scales = getattr(row_quant, variant + "_reference")(*args, dtype=dtype)
         values_error = (int8_error if dtype == torch.int8 else e4m3_error)(data, reference_data)
-        return max(_scales_error(scales, reference_scales), values_error), E4M3_MISMATCH_TOLERANCE
+        return max(_scales_error(scales, reference_scales), values_error), EIGHT_BIT_MISMATCH_TOLERANCE
     return check
 
 
@@ -193,7 +193,7 @@ def _joint_qkv_norm_rope_fp8(inputs: _Inputs) -> tuple[float, float]:
     slots = [fp8_qkv.DESCALE_Q, fp8_qkv.DESCALE_K, fp8_qkv.AMAX_V, fp8_qkv.DESCALE_V]
     errors = [_scales_error(work[slots], reference_work[slots])]
     errors += [e4m3_error(x8, r8) for x8, r8 in zip(ours, reference)]
-    return max(errors), E4M3_MISMATCH_TOLERANCE
+    return max(errors), EIGHT_BIT_MISMATCH_TOLERANCE
 
 
 def _quantize_qkv(inputs: _Inputs) -> tuple[float, float]:
@@ -205,7 +205,7 @@ def _quantize_qkv(inputs: _Inputs) -> tuple[float, float]:
     written = list(range(0, fp8_qkv.AMAX_S_OUT, 4))  # the slots cuDNN reads
     errors = [_scales_error(work[written], reference_work[written])]
     errors += [e4m3_error(x8, r8) for x8, r8 in zip(ours, reference)]
-    return max(errors), E4M3_MISMATCH_TOLERANCE
+    return max(errors), EIGHT_BIT_MISMATCH_TOLERANCE
 
 
 def _dequantize_output(inputs: _Inputs) -> tuple[float, float]:

@@ -167,13 +167,13 @@ _INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2
 
 
 @functools.cache
-def _hopper(device_index: int) -> bool:
-    return torch.version.hip is None and torch.cuda.get_device_capability(device_index) >= (9, 0)
+def _hopper(device: torch.device) -> bool:
+    return torch.version.hip is None and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 @functools.cache
-def _multiprocessors(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 _TMA_MIN_K = 128  # the configs' K tile
@@ -184,8 +184,7 @@ def _tma_ready(data: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype)
     # layer has them) failed on an H200 (tiles wider than the tensor), and the configs' shared memory is sized
     # for 2-byte outputs (float32 ones, which only tests ask for, need more than an SM has): the pointer
     # kernel takes those.
-    index = data.device.index if data.device.index is not None else torch.cuda.current_device()
-    return (_hopper(index) and out_dtype.itemsize == 2 and data.shape[1] >= _TMA_MIN_K and data.stride(0) % 16 == 0
+    return (_hopper(data.device) and out_dtype.itemsize == 2 and data.shape[1] >= _TMA_MIN_K and data.stride(0) % 16 == 0
             and weight.stride(0) % 16 == 0 and data.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0)
 
 
@@ -203,7 +202,7 @@ def _launch(data: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, weigh
     elif _tma_ready(data, weight, out_dtype):
         from triton.tools.tensor_descriptor import TensorDescriptor
 
-        programs = _multiprocessors(data.device.index if data.device.index is not None else torch.cuda.current_device())
+        programs = _multiprocessors(data.device)
 
         def grid(meta):
             return (min(programs, cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])),)

@@ -128,6 +128,7 @@ def quantize_rows(x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> 
 
 def _int8_linear(data: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                  bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    # Looked up per call, as fused.py's ops do: the tests rebuild the kernel modules for the interpreter or the GPU.
     return _int8_gemm.int8_linear(data, scale, weight, weight_scale, bias, out_dtype)
 
 

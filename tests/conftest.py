@@ -79,6 +79,36 @@ def eight_bit_kernels(mode: str):
             quant.set_fp8_matmul(True)
 
 
+def check_compiled_blocks(model, quantized, device: str, kernel: str, expected_launches: int) -> None:
+    """`quantized`'s blocks compiled ("aot_eager" on the CPU: traced as the compiler does, no code generated)
+    compute what its eager blocks do, the opaque `kernel` op launched `expected_launches` times inside them.
+    The compiler's own fusions round differently from eager bf16, which moves some 8-bit roundings: compiled
+    and eager are each measured against the float32 `model`."""
+    torch._dynamo.reset()
+    args = tiny_edit_args(1, torch.bfloat16, device)
+    graphs = compiled_graphs()
+    try:
+        with torch.no_grad():
+            exact = model.velocity(*as_float32(args))
+            eager = quantized.velocity(*args)
+            quantized.compile_blocks(backend="aot_eager" if device == "cpu" else "inductor")
+            before = launches_of(kernel)
+            compiled = quantized.velocity(*args)
+        assert compiled_graphs() - graphs == 2  # the blocks really ran compiled, the kernel inside
+        assert launches_of(kernel) - before == expected_launches
+    finally:
+        torch._dynamo.reset()
+    eager_error = rel_l2(eager, exact)
+    assert rel_l2(compiled, exact) <= 1.15 * eager_error
+    assert rel_l2(compiled, eager) <= eager_error
+
+
+def launches_of(kernel: str) -> int:
+    from kernels.runtime import launches
+
+    return launches[kernel]
+
+
 def tiny_quantized_pair(device: str, dtype: torch.dtype = torch.float8_e4m3fn):
     """(float32 model, its copy with 8-bit `dtype` block weights computing in bf16): one block of each kind keeps
     the interpreter quick."""

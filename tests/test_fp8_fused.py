@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import (as_float32, compiled_graphs, eight_bit_kernels, fp8_tensor_cores, kernels_off,
+from conftest import (as_float32, check_compiled_blocks, compiled_graphs, eight_bit_kernels, fp8_tensor_cores, kernels_off,
                       random_block_lora, rel_l2, tiny_edit_args, tiny_quantized_pair)
 from kernels.runtime import launches, triton_available
 from kontext_core import KontextTransformer
@@ -98,28 +98,9 @@ def test_hooked_fp8_layers_get_bf16_inputs(device):
 
 
 def test_compiled_blocks_trace_the_row_kernels(device):
-    # Regional compilation traces the row quantizers as opaque ops (their fake shapes must be right);
-    # "aot_eager" traces as the compiler does without generating code, so it runs on the CPU too. The
-    # compiler's own fusions round differently from eager bf16, which moves some e4m3 roundings: so, as
-    # above, compiled and eager are each measured against the float32 model.
-    torch._dynamo.reset()
+    # Regional compilation traces the row quantizers as opaque ops (their fake shapes must be right).
     model, fp8 = _models(device)
-    args = tiny_edit_args(1, torch.bfloat16, device)
-    graphs = compiled_graphs()
-    try:
-        with torch.no_grad():
-            exact = model.velocity(*as_float32(args))
-            eager = fp8.velocity(*args)
-            fp8.compile_blocks(backend="aot_eager" if device == "cpu" else "inductor")
-            before = launches["concat_gelu_quantize_rows"]
-            compiled = fp8.velocity(*args)
-        assert compiled_graphs() - graphs == 2  # the blocks really ran compiled, the row kernels inside
-        assert launches["concat_gelu_quantize_rows"] - before == len(fp8.single_blocks)
-    finally:
-        torch._dynamo.reset()
-    eager_error = rel_l2(eager, exact)
-    assert rel_l2(compiled, exact) <= 1.15 * eager_error
-    assert rel_l2(compiled, eager) <= eager_error
+    check_compiled_blocks(model, fp8, device, "concat_gelu_quantize_rows", len(fp8.single_blocks))
 
 
 def _row_fed_layers(model) -> list:

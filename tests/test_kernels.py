@@ -78,7 +78,7 @@ def _assert_e4m3_close(ours: torch.Tensor, reference: torch.Tensor, exact: bool)
     if exact:
         assert torch.equal(ours, reference)  # +0 and -0 alike
         return
-    assert kernel_check.e4m3_error(ours, reference) <= kernel_check.E4M3_MISMATCH_TOLERANCE
+    assert kernel_check.e4m3_error(ours, reference) <= kernel_check.EIGHT_BIT_MISMATCH_TOLERANCE
 
 
 def _assert_int8_close(ours: torch.Tensor, reference: torch.Tensor, exact: bool) -> None:
@@ -87,7 +87,7 @@ def _assert_int8_close(ours: torch.Tensor, reference: torch.Tensor, exact: bool)
     if exact:
         assert int(difference.max()) == 0
         return
-    assert int(difference.max()) <= 1 and float((difference > 0).float().mean()) <= kernel_check.E4M3_MISMATCH_TOLERANCE
+    assert int(difference.max()) <= 1 and float((difference > 0).float().mean()) <= kernel_check.EIGHT_BIT_MISMATCH_TOLERANCE
 
 
 def _check_rows(variant: str, args: tuple, rows: int, exact: bool, spare: int = 0,
