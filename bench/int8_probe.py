@@ -1,6 +1,6 @@
 """Would an int8 path beat the fp8 one? Its GEMMs' speed and the whole model's error, on a CUDA GPU.
 
-    python3 bench/int8_probe.py [--gemms] [--accuracy]
+    python3 bench/int8_probe.py [--gemms] [--accuracy] [--host]
 
 --gemms: at the edit step's shapes (8704 tokens), one layer's GEMM as bf16 (cuBLAS), fp8 (`torch._scaled_mm`,
 rowwise scales, fast accumulation, as our fp8 path runs), cuBLAS's int8 GEMM (`torch._int_mm`, int32 out, no
@@ -12,6 +12,9 @@ error vs bf16 when every block linear's operands are rounded to int8 or e4m3 wit
 float32 GEMMs of the rounded values), and of the real fp8 path, which the e4m3
 simulation should reproduce. The simulation's GEMMs run in float32 (TF32 off), as exact as the 8-bit GEMMs' own
 accumulators.
+
+--host: the host's time to enqueue one int8 GEMM (eager, no CUDA graph) through the autotuner's dispatch and
+launched directly with the config kept for its shape, and a profile of the direct calls.
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ def int8_tma(data, scale, weight, weight_scale, bias, config):
     int8_gemm._int8_linear_tma_kernel[(programs,)](
         TensorDescriptor.from_tensor(data, [block_m, block_k]),
         TensorDescriptor.from_tensor(weight, [block_n, block_k]),
-        scale, weight_scale, bias, out, M, N, K, out.stride(0), HAS_BIAS=True, BLOCK_M=block_m, BLOCK_N=block_n,
+        scale, weight_scale, bias, out, M, N, K, out.stride(0), int8_gemm._row_bucket(M), HAS_BIAS=True, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_K=block_k, GROUP_M=8, num_stages=stages, num_warps=warps)
     return out
 
@@ -188,12 +191,54 @@ def accuracy(sensitivity: bool) -> None:
         print(f"| {name} | {error:.2e} |")
 
 
+def host_time() -> None:
+    """Host time to enqueue one int8 GEMM of each edit shape: through the autotuner's dispatch (the launch path
+    before configs were kept per shape) and launched directly with the kept config; then a profile of the direct
+    calls' host work."""
+    import cProfile
+    import pstats
+    import time
+
+    device = torch.device("cuda")
+    calls = 50
+    print("\n| layer | autotuner dispatch: us / call | direct launch: us / call |\n| --- | ---: | ---: |")
+    operands = {}
+    for name, (k, n) in SHAPES.items():
+        data, scale = int8_rows(torch.randn(TOKENS, k, device=device))
+        weight, weight_scale = int8_rows(torch.randn(n, k, device=device) * k**-0.5)
+        bias = torch.randn(n, device=device, dtype=torch.bfloat16)
+        args = (data, scale, weight, weight_scale.reshape(-1), bias, torch.bfloat16)
+        operands[name] = args
+        int8_gemm.int8_linear(*args)  # tunes once
+        timings = []
+        for kept in (False, True):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(calls):
+                if not kept:
+                    int8_gemm._chosen.clear()
+                int8_gemm.int8_linear(*args)
+            timings.append((time.perf_counter() - start) / calls * 1e6)
+            torch.cuda.synchronize()
+        print(f"| {name} | {timings[0]:.1f} | {timings[1]:.1f} |", flush=True)
+    profile = cProfile.Profile()
+    torch.cuda.synchronize()
+    profile.enable()
+    for _ in range(10):
+        for args in operands.values():
+            int8_gemm.int8_linear(*args)
+    profile.disable()
+    torch.cuda.synchronize()
+    pstats.Stats(profile).sort_stats("tottime").print_stats(12)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gemms", action="store_true")
     parser.add_argument("--accuracy", action="store_true")
     parser.add_argument("--sensitivity", action="store_true",
                         help="with --accuracy: also each group of block linears left unrounded, one at a time")
+    parser.add_argument("--host", action="store_true", help="host time to enqueue one int8 GEMM, and its profile")
     args = parser.parse_args()
     import triton
 
@@ -202,6 +247,8 @@ def main() -> None:
         accuracy(args.sensitivity)
     if args.gemms:
         gemms()
+    if args.host:
+        host_time()
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import functools
 
 import torch
 
-from .runtime import cdiv, enabled_for, import_triton, interpreting, last_dim_contiguous, launches
+from .runtime import cdiv, enabled_for, import_triton, interpreting, last_dim_contiguous, launches, next_power_of_2
 from .tiles import grouped_tile
 
 triton, tl = import_triton()
@@ -71,11 +71,11 @@ def _scaled_tile(acc, offs_m, offs_n, M, N, scale_ptr, weight_scale_ptr, bias_pt
 @triton.jit
 def _int8_linear_kernel(
     data_ptr, weight_ptr, scale_ptr, weight_scale_ptr, bias_ptr, out_ptr,
-    M, N, K: tl.constexpr, stride_data, stride_weight, stride_out,
+    M, N, K: tl.constexpr, stride_data, stride_weight, stride_out, M_BUCKET,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    # Edge tiles read wrapped-around valid rows and columns, and the store drops them.
+    # M_BUCKET is only the autotuner's key (see _row_bucket). Edge tiles read wrapped-around valid rows and columns, and the store drops them.
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -107,7 +107,7 @@ def _int8_linear_kernel(
 
 @triton.jit
 def _int8_linear_tma_kernel(
-    data_desc, weight_desc, scale_ptr, weight_scale_ptr, bias_ptr, out_ptr, M, N, K, stride_out,
+    data_desc, weight_desc, scale_ptr, weight_scale_ptr, bias_ptr, out_ptr, M, N, K, stride_out, M_BUCKET,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -160,8 +160,10 @@ _TMA_CONFIGS = [
                   pre_hook=_tma_block_shapes),
 ]
 
-_int8_linear_tuned = triton.autotune(configs=_POINTER_CONFIGS, key=["M", "N", "K"])(_int8_linear_kernel)
-_int8_linear_tma_tuned = triton.autotune(configs=_TMA_CONFIGS, key=["M", "N", "K"])(_int8_linear_tma_kernel)
+# Keyed on a bucket of the row count, not the count itself: a new resolution (or batch) reuses the configs tuned
+# for the nearest power of two instead of tuning again mid-run.
+_int8_linear_tuned = triton.autotune(configs=_POINTER_CONFIGS, key=["M_BUCKET", "N", "K"])(_int8_linear_kernel)
+_int8_linear_tma_tuned = triton.autotune(configs=_TMA_CONFIGS, key=["M_BUCKET", "N", "K"])(_int8_linear_tma_kernel)
 
 _INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
 
@@ -188,31 +190,74 @@ def _tma_ready(data: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype)
             and weight.stride(0) % 16 == 0 and data.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0)
 
 
+def _row_bucket(rows: int) -> int:
+    """The power of two at or above `rows`: the tiles that suit 8704 rows suit 8192-16384 as well."""
+    return next_power_of_2(rows)
+
+
+# (kernel kind, device, row bucket, N, K, output dtype, bias or not) -> the config the autotuner chose. The
+# autotuner's own dispatch (argument dicts, cache key, the config's pre-hook) costs host time on every one of a
+# step's ~230 int8 GEMMs; once a shape has a config, the kernel is launched with it directly.
+_chosen: dict[tuple, object] = {}
+
+
 def _launch(data: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
             bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     M, K = data.shape
     N = weight.shape[0]
     out = torch.empty((M, N), dtype=out_dtype, device=data.device)
     bias_arg = out if bias is None else bias  # unread when HAS_BIAS is False
+    has_bias = bias is not None
+    bucket = _row_bucket(M)
     if interpreting():
         config = _INTERPRETER_CONFIG
         _int8_linear_kernel[(cdiv(M, config["BLOCK_M"]) * cdiv(N, config["BLOCK_N"]),)](
             data, weight, scale, weight_scale, bias_arg, out, M, N, K, data.stride(0), weight.stride(0), out.stride(0),
-            HAS_BIAS=bias is not None, **config)
+            bucket, HAS_BIAS=has_bias, **config)
     elif _tma_ready(data, weight, out_dtype):
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
+        key = ("tma", data.device, bucket, N, K, out_dtype, has_bias)
+        config = _chosen.get(key)
         programs = _multiprocessors(data.device)
-
-        def grid(meta):
-            return (min(programs, cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])),)
-        _int8_linear_tma_tuned[grid](
-            TensorDescriptor.from_tensor(data, [128, 128]), TensorDescriptor.from_tensor(weight, [128, 128]),
-            scale, weight_scale, bias_arg, out, M, N, K, out.stride(0), HAS_BIAS=bias is not None)
+        if config is None:
+            def grid(meta):
+                return (min(programs, cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])),)
+            _int8_linear_tma_tuned[grid](
+                _descriptor(data, 128, 128), _descriptor(weight, 128, 128), scale, weight_scale, bias_arg, out,
+                M, N, K, out.stride(0), bucket, HAS_BIAS=has_bias)
+            _chosen[key] = _int8_linear_tma_tuned.best_config
+        else:
+            block_m, block_n, block_k = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
+            grid = (min(programs, cdiv(M, block_m) * cdiv(N, block_n)),)
+            _int8_linear_tma_kernel[grid](
+                _descriptor(data, block_m, block_k), _descriptor(weight, block_n, block_k), scale, weight_scale,
+                bias_arg, out, M, N, K, out.stride(0), bucket, HAS_BIAS=has_bias, **_launch_kwargs(config))
     else:
-        def grid(meta):
-            return (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
-        _int8_linear_tuned[grid](data, weight, scale, weight_scale, bias_arg, out, M, N, K, data.stride(0),
-                                 weight.stride(0), out.stride(0), HAS_BIAS=bias is not None)
+        key = ("pointer", data.device, bucket, N, K, out_dtype, has_bias)
+        config = _chosen.get(key)
+        if config is None:
+            def grid(meta):
+                return (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
+            _int8_linear_tuned[grid](data, weight, scale, weight_scale, bias_arg, out, M, N, K, data.stride(0),
+                                     weight.stride(0), out.stride(0), bucket, HAS_BIAS=has_bias)
+            _chosen[key] = _int8_linear_tuned.best_config
+        else:
+            grid = (cdiv(M, config.kwargs["BLOCK_M"]) * cdiv(N, config.kwargs["BLOCK_N"]),)
+            _int8_linear_kernel[grid](data, weight, scale, weight_scale, bias_arg, out, M, N, K, data.stride(0),
+                                      weight.stride(0), out.stride(0), bucket, HAS_BIAS=has_bias,
+                                      **_launch_kwargs(config))
     launches["int8_linear"] += 1
     return out
+
+
+def _descriptor(tensor: torch.Tensor, block_rows: int, block_cols: int):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor.from_tensor(tensor, [block_rows, block_cols])
+
+
+def _launch_kwargs(config) -> dict:
+    """A chosen config's meta-parameters and launch options, less its pre-hook (the descriptors already have
+    its tile shapes)."""
+    kwargs = dict(config.kwargs)
+    kwargs.update(num_warps=config.num_warps, num_stages=config.num_stages)
+    return kwargs
