@@ -7,6 +7,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .attention import get_attention_backend, set_attention_backend
 from .checkpoints import inspect_model, load_autoencoder, load_transformer
 from .config import TransformerConfig
 from .lora import LoraWeights, apply_lora, load_lora
@@ -15,6 +16,7 @@ from .memory import (EDIT_TOKENS, TEXT_ENCODER_ACTIVATION_BYTES, TEXT_ENCODER_BY
 from .model_files import ModelFiles
 from .offload import BlockOffloader
 from .pipeline import KontextPipeline
+from .presets import apply_preset_options
 from .text_encoders import load_text_encoders
 
 
@@ -40,7 +42,7 @@ def load_pipeline(files: ModelFiles, *, dtype: str | None = None, device: str | 
                   text_dtype: str | None = None, ae_dtype: str | None = None, allow_download: bool = False,
                   memory: str | MemoryPlan = "auto", ae_tiling: str = "auto", cuda_graphs: bool = False,
                   loras: Sequence[tuple[LoraWeights | str | os.PathLike, float]] = (),
-                  log: Callable[[str], None] | None = print) -> KontextPipeline:
+                  log: Callable[[str], None] | None = print, preset: str | None = None) -> KontextPipeline:
     """Transformer, autoencoder and (when their files are known) the text encoders, placed on `device`.
 
     memory: "auto" chooses a plan from the device's free memory (see kontext_core.memory), a plan name
@@ -53,13 +55,24 @@ def load_pipeline(files: ModelFiles, *, dtype: str | None = None, device: str | 
     loras: (LoRA or its file, strength) pairs applied to the transformer as `apply_lora`'s "auto" mode does
         (merged, on the fly into fp8 weights); read before the model so a bad file fails first, and counted
         by the memory plan.
-    log: receives the one-line plan description (None: silent).
+    log: receives the one-line plan description and what a preset could not use here (None: silent).
+    preset: "exact" or "fast" (kontext_core.presets): fills in dtype where it is None, sets the attention
+        backend for the process, compiles the blocks, and turns on CUDA graphs; parts the device cannot run
+        fall back to the exact path, each said through `log`.
 
     The AE runs in bf16 on CUDA and float32 on the CPU unless told otherwise; the text encoders use the
     transformer's dtype (bf16 for fp8 and int8). The pipeline carries the plan as `memory_plan` and, when blocks
     are offloaded, the BlockOffloader as `offloader`.
     """
     device = torch.device(device)
+    compile_blocks = False
+    if preset is not None:
+        chosen, notes = apply_preset_options(preset, device, dtype=dtype, attention=get_attention_backend(),
+                                             compile=False, cuda_graphs=cuda_graphs)
+        dtype, cuda_graphs, compile_blocks = chosen["dtype"], chosen["cuda_graphs"], chosen["compile"]
+        set_attention_backend(chosen["attention"])
+        for note in notes if log is not None else ():
+            log(f"preset {preset}: {note}")
     if cuda_graphs and device.type != "cuda":
         raise ValueError(f"CUDA graphs need a CUDA device, not {device}; drop cuda_graphs (CLI: --cuda-graphs)")
     loras = [(lora if isinstance(lora, LoraWeights) else load_lora(lora), strength) for lora, strength in loras]
@@ -88,6 +101,8 @@ def load_pipeline(files: ModelFiles, *, dtype: str | None = None, device: str | 
             encoders = OffloadedTextEncoders(encoders, device, TEXT_ENCODER_BYTES + TEXT_ENCODER_ACTIVATION_BYTES)
     for lora, strength in loras:
         apply_lora(transformer, lora, strength=strength, mode="auto")
+    if compile_blocks:
+        transformer.compile_blocks()
     pipeline = KontextPipeline(transformer, autoencoder, encoders, cuda_graphs=cuda_graphs)
     pipeline.ae_tiling = ae_tiling
     pipeline.memory_plan = plan

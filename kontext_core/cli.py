@@ -23,6 +23,7 @@ from .checkpoints import CheckpointError, inspect_model, load_autoencoder, load_
 from .files_out import write_json_atomic, write_png_atomic
 from .image import FIT_MODES, RESIZE_MODES
 from .model_files import ModelFiles, ModelFilesNotFound, find_model_files
+from .presets import PRESETS
 from .sampling import SAMPLER_MODES, StepInfo
 from .tokens import PLACEMENTS, context_tokens, pack_latent, position_ids, text_position_ids
 
@@ -119,10 +120,12 @@ def _pipeline(args: argparse.Namespace):
     files = _files(args)
     # Merged, except into 8-bit weights (they would round most of a delta away): on the fly there, with the
     # memory that takes counted in the plan.
+    # --preset fills in what the flags left at their defaults (kontext_core.presets); the attention backend
+    # was set by main() from --attention, which the preset may then change.
     pipeline = load_pipeline(files, dtype=args.dtype, device=args.device, allow_download=args.download,
                              memory=args.memory, ae_tiling=args.ae_tiling, cuda_graphs=args.cuda_graphs,
-                             loras=[_lora_spec(spec) for spec in args.lora])
-    if args.compile:
+                             loras=[_lora_spec(spec) for spec in args.lora], preset=args.preset)
+    if args.compile and not pipeline.transformer.blocks_compiled:
         pipeline.transformer.compile_blocks()
     return pipeline, files
 
@@ -220,6 +223,10 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
     gen.add_argument("--placement", choices=PLACEMENTS, default="kontext", help="how reference images are placed")
     gen.add_argument("--batch", type=int, default=1)
     run = parser.add_argument_group("runtime")
+    run.add_argument("--preset", choices=tuple(PRESETS),
+                     help="fast: int8 GEMMs + 8-bit attention + compiled blocks + CUDA graphs (faster steps, a few "
+                          "percent of velocity error vs bf16: bench/RESULTS.md); exact: as by default. The flags "
+                          "below override the preset's parts; parts this machine cannot run fall back, said once")
     run.add_argument("--dtype", default=None,
                      help="transformer weights: bf16, fp16, fp32, fp8 or int8 (int8 GEMMs on Ampere and newer, "
                           "~3x less rounding than fp8; from a bf16 file) (default: what the memory plan picks)")

@@ -16,10 +16,17 @@ the graph is for.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
+from .attention import get_attention_backend
 from .fused import hooked, lora_factors
+
+
+# One graph per model, shared by the pipelines built around it (the nodes build one per queue run).
+_shared: "weakref.WeakKeyDictionary[nn.Module, GraphedVelocity]" = weakref.WeakKeyDictionary()
 
 
 class GraphedVelocity:
@@ -28,6 +35,19 @@ class GraphedVelocity:
     Call `prepare()` before each sampling run: it says whether the model can be replayed at all (no
     hooks) and forgets a graph whose weights moved. Steps then only compare their inputs' shapes.
     """
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "GraphedVelocity":
+        """The graph replaying `model`, made on first use and kept as long as the model lives."""
+        graphed = _shared.get(model)
+        if graphed is None:
+            graphed = _shared[model] = cls(model)
+        return graphed
+
+    @staticmethod
+    def release(model: nn.Module) -> None:
+        """Forget `model`'s graph and the memory it holds."""
+        _shared.pop(model, None)
 
     def __init__(self, model: nn.Module, warmup: int = 2):
         self.model = model
@@ -57,7 +77,8 @@ class GraphedVelocity:
 
     @staticmethod
     def _signature_of(args) -> tuple:
-        return tuple((tuple(a.shape), a.dtype, a.device) if isinstance(a, torch.Tensor) else ("const", a)
+        # The attention backend is read when the step is captured: another one needs another graph.
+        return (get_attention_backend(),) + tuple((tuple(a.shape), a.dtype, a.device) if isinstance(a, torch.Tensor) else ("const", a)
                      for a in args)
 
     def _capture(self, args) -> None:

@@ -82,7 +82,6 @@ class KontextPipeline:
         self.text_encoders = text_encoders
         # Steps replayed from a CUDA graph where the model allows (CUDA, no hooks): for launch-bound steps.
         self.cuda_graphs = cuda_graphs
-        self._graphed: GraphedVelocity | None = None
         self.ae_tiling = "auto"  # auto: tiles only when a full-size AE pass would not fit; always; never
 
     @property
@@ -201,14 +200,13 @@ class KontextPipeline:
 
     def _graphed_velocity(self) -> GraphedVelocity | None:
         if not self.cuda_graphs or self.device.type != "cuda":
-            self._graphed = None  # frees the graph's memory
+            GraphedVelocity.release(self.transformer)  # frees the graph's memory
             return None
-        if self._graphed is None or self._graphed.model is not self.transformer:
-            self._graphed = GraphedVelocity(self.transformer)
-        if (reason := self._graphed.prepare()) is not None:
+        graphed = GraphedVelocity.of(self.transformer)
+        if (reason := graphed.prepare()) is not None:
             warnings.warn(f"CUDA graphs not used for this run: {reason}", stacklevel=3)
             return None
-        return self._graphed
+        return graphed
 
     def _conditioning(self, prompt: str | list[str], conditioning: TextConditioning | None,
                       settings: GenerationSettings, batch: int) -> tuple[TextConditioning, TextConditioning | None]:

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from kontext_core import set_attention_backend
+from kontext_core.presets import PRESETS, apply_preset_options
 
 from . import comfy_adapter, model_cache, resolve
 from .model_cache import (AE_DTYPES, ATTENTION_BACKENDS, WEIGHT_DTYPES, AutoencoderRef, LoraRef, TextEncodersRef,
@@ -47,25 +48,42 @@ class KontextModelLoader(KontextNode):
                               "run takes about a minute longer, then steps are ~4% (bf16) to 5-20% (fp8) faster; "
                               "LoRAs still apply.",
                       optional=True),  # optional: API prompts written before this input still validate
+                Combo("preset", PRESET_CHOICES, "custom",
+                      tooltip="custom: the three inputs above as set. fast: int8 weights, 8-bit attention, "
+                              "compiled blocks and CUDA graphs, for inputs above left at default / auto / off "
+                              "(a few percent of velocity error vs bf16; judge it on your images). Parts this "
+                              "GPU cannot run fall back to the exact path, said in the console.",
+                      optional=True),
             ],
             [Output(MODEL, "model")],
         )
 
     @classmethod
     def run(cls, model_name: str, weight_dtype: str = "default", attention: str = "auto",
-            compile: str | None = None) -> NodeResult:
+            compile: str | None = None, preset: str | None = None) -> NodeResult:
         path = comfy_adapter.full_path("diffusion_models", model_name)
-        set_attention_backend(attention)  # refuses flash-attn when it is not installed, here rather than later
         device = comfy_adapter.compute_device()
+        cuda_graphs = False
+        if preset not in (None, "custom"):
+            chosen, notes = apply_preset_options(
+                preset, device, dtype=None if weight_dtype == "default" else weight_dtype, attention=attention,
+                compile=compile == "on", cuda_graphs=False)
+            for note in notes:
+                comfy_adapter.log.warning("comfyui-kontext: preset %s: %s", preset, note)
+            weight_dtype = chosen["dtype"] or "default"
+            attention, cuda_graphs = chosen["attention"], chosen["cuda_graphs"]
+            compile = "on" if chosen["compile"] else "off"
+        set_attention_backend(attention)  # refuses flash-attn when it is not installed, here rather than later
         if compile == "on":
             _check_compile(device)
         dtype = model_cache.resolve_weight_dtype(weight_dtype, path, device)
-        ref = TransformerRef(path, dtype, str(device), attention, compile=compile == "on")
+        ref = TransformerRef(path, dtype, str(device), attention, compile=compile == "on", cuda_graphs=cuda_graphs)
         resolve.transformer(ref)
         return NodeResult((ref,))
 
 
 COMPILE_MODES = ("off", "on")
+PRESET_CHOICES = ("custom", *(name for name in PRESETS if name != "exact"))
 
 
 def _check_compile(device) -> None:

@@ -47,6 +47,7 @@ class TransformerRef:
     attention: str = "auto"
     loras: tuple[LoraRef, ...] = ()
     compile: bool = False  # regional torch.compile of the blocks; not part of the key: the weights are shared
+    cuda_graphs: bool = False  # steps replayed from a CUDA graph (the fast preset); not part of the key either
 
     @property
     def key(self) -> tuple:

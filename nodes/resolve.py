@@ -155,7 +155,7 @@ def set_loras(model: torch.nn.Module, ref: TransformerRef) -> None:
 
 def pipeline(model: TransformerRef, vae: Any, text: TextEncodersRef | None = None) -> KontextPipeline:
     encoders = model_cache.text_encoders(text) if text is not None else None
-    return KontextPipeline(transformer(model), autoencoder(vae), encoders)
+    return KontextPipeline(transformer(model), autoencoder(vae), encoders, cuda_graphs=model.cuda_graphs)
 
 
 def encode_prompts(text: TextEncodersRef, prompts: Sequence[str]) -> TextConditioning:

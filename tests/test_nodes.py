@@ -326,6 +326,30 @@ def test_int8_weight_dtype_loads_int8_block_weights(comfy, tiny_transformer):
     assert type(loaded.single_blocks[0].modulation.lin) is torch.nn.Linear  # kept in the compute dtype
 
 
+def test_fast_preset_on_the_cpu_falls_back_and_says_so(comfy, tiny_transformer, caplog):
+    save_transformer(tiny_transformer, comfy.root / "diffusion_models" / "tiny.safetensors")
+    with caplog.at_level("WARNING"):
+        ref = nodes.KontextModelLoader.run("tiny.safetensors", preset="fast").outputs[0]
+    assert (ref.dtype, ref.attention, ref.compile, ref.cuda_graphs) == ("fp32", "auto", False, False)
+    assert "preset fast: int8 weights: int8 GEMMs need a CUDA GPU" in caplog.text
+
+
+def test_fast_preset_parts_reach_the_model_reference(comfy, tiny_transformer, monkeypatch):
+    from kontext_core import presets
+
+    # Where every part can run (faked here: CPU tensors through the int8 reference), the reference carries them.
+    monkeypatch.setattr(presets, "resolve_preset", lambda name, device: (presets.PRESETS[name], []))
+    monkeypatch.setattr(nodes_module("loaders"), "_check_compile", lambda device: None)
+    monkeypatch.setattr(nodes_module("loaders"), "set_attention_backend", lambda name: None)
+    monkeypatch.setattr(resolve, "set_attention_backend", lambda name: None)
+    save_transformer(tiny_transformer, comfy.root / "diffusion_models" / "tiny.safetensors")
+    ref = nodes.KontextModelLoader.run("tiny.safetensors", preset="fast").outputs[0]
+    fast = presets.PRESETS["fast"]
+    assert (ref.dtype, ref.attention, ref.compile, ref.cuda_graphs) == (fast.dtype, fast.attention, True, True)
+    explicit = nodes.KontextModelLoader.run("tiny.safetensors", weight_dtype="fp32", preset="fast").outputs[0]
+    assert explicit.dtype == "fp32" and explicit.cuda_graphs
+
+
 def test_loader_errors_speak_to_the_person(comfy):
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):
         nodes.KontextModelLoader.run("missing.safetensors")

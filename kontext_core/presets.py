@@ -1,0 +1,89 @@
+"""Runtime presets: one name for a combination of weight dtype, attention backend, compiled blocks and CUDA
+graphs, so that the node, the CLI and scripts ask for "fast" instead of four settings.
+
+`exact` is what runs when nothing is asked for: bf16 weights (or what the memory plan picks), exact
+attention, eager blocks. `fast` takes every opt-in speed path at once: int8 block GEMMs (~3% velocity error
+vs bf16 on random weights, bench/RESULTS.md), 8-bit attention (int8 Q.K, fp8 P.V), regional compilation and
+CUDA-graph replay. A part that cannot run on the device at hand falls back to `exact`'s choice, and
+`resolve_preset` says which and why, so a preset never fails where the exact path would run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, replace
+
+import torch
+
+
+@dataclass(frozen=True)
+class RuntimePreset:
+    name: str
+    dtype: str | None  # None: the memory plan chooses (bf16 when it fits)
+    attention: str
+    compile: bool
+    cuda_graphs: bool
+
+
+PRESETS = {
+    "exact": RuntimePreset("exact", None, "auto", False, False),
+    "fast": RuntimePreset("fast", "int8", "sage8", True, True),
+}
+
+
+def _int8_gemm_reason(device: torch.device) -> str | None:
+    from . import quant
+
+    if device.type != "cuda":
+        return "int8 GEMMs need a CUDA GPU"
+    if not quant.int8_weight_ok(torch.empty(0, dtype=torch.int8, device=device), torch.bfloat16):
+        return "int8 GEMMs need Triton and an Ampere or newer GPU"
+    return None
+
+
+def _attention_reason(backend: str, device: torch.device) -> str | None:
+    from .attention import ATTENTION_BACKENDS, get_attention_backend, set_attention_backend
+
+    if device.type != "cuda":
+        return "it needs a CUDA GPU"
+    if backend not in ATTENTION_BACKENDS:
+        return "this version has no such backend"
+    before = get_attention_backend()
+    try:  # set_attention_backend refuses a backend this machine cannot run, with the reason
+        set_attention_backend(backend)
+    except RuntimeError as error:
+        return str(error)
+    finally:
+        set_attention_backend(before)
+    return None
+
+
+def resolve_preset(name: str, device: str | torch.device) -> tuple[RuntimePreset, list[str]]:
+    """The preset `name` as it can run on `device`, and a line for each part that fell back (and why)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    device = torch.device(device)
+    preset, exact, notes = PRESETS[name], PRESETS["exact"], []
+    if preset.dtype == "int8" and (reason := _int8_gemm_reason(device)):
+        preset = replace(preset, dtype=exact.dtype)
+        notes.append(f"int8 weights: {reason}; the default weights instead")
+    if preset.attention != exact.attention and (reason := _attention_reason(preset.attention, device)):
+        preset = replace(preset, attention=exact.attention)
+        notes.append(f"{PRESETS[name].attention} attention: {reason}; exact attention instead")
+    if preset.compile and (device.type != "cuda" or importlib.util.find_spec("triton") is None):
+        preset = replace(preset, compile=False)
+        notes.append("compiled blocks: need a CUDA GPU and Triton; eager blocks instead")
+    if preset.cuda_graphs and device.type != "cuda":
+        preset = replace(preset, cuda_graphs=False)
+        notes.append("CUDA graphs: need a CUDA GPU; plain steps instead")
+    return preset, notes
+
+
+def apply_preset_options(name: str, device: str | torch.device, *, dtype: str | None, attention: str,
+                         compile: bool, cuda_graphs: bool) -> tuple[dict, list[str]]:
+    """Settings asked for one by one, completed by preset `name` where they were left at their defaults
+    (dtype None, attention "auto", compile and cuda_graphs off): an explicit setting wins over the preset."""
+    preset, notes = resolve_preset(name, device)
+    return dict(dtype=dtype if dtype is not None else preset.dtype,
+                attention=attention if attention != "auto" else preset.attention,
+                compile=compile or preset.compile, cuda_graphs=cuda_graphs or preset.cuda_graphs), notes

@@ -1,0 +1,67 @@
+"""Runtime presets (kontext_core/presets.py): what `fast` turns on, what falls back where, and that explicit
+settings win over a preset's parts, through the core, the CLI and the loader node."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from kontext_core import presets
+from kontext_core.presets import PRESETS, apply_preset_options, resolve_preset
+from test_cli import models_tree  # noqa: F401  (the fixture)
+
+
+def test_fast_on_the_cpu_falls_back_to_the_exact_path_part_by_part():
+    preset, notes = resolve_preset("fast", "cpu")
+    exact = PRESETS["exact"]
+    assert (preset.dtype, preset.attention, preset.compile, preset.cuda_graphs) == \
+        (exact.dtype, exact.attention, exact.compile, exact.cuda_graphs)
+    assert len(notes) == 4
+    assert any("int8" in note for note in notes) and any("CUDA graphs" in note for note in notes)
+
+
+def test_fast_where_every_part_runs_keeps_every_part(monkeypatch):
+    monkeypatch.setattr(presets, "_int8_gemm_reason", lambda device: None)
+    monkeypatch.setattr(presets, "_attention_reason", lambda backend, device: None)
+    monkeypatch.setattr(presets.importlib.util, "find_spec", lambda name: object())
+    preset, notes = resolve_preset("fast", torch.device("cuda", 0))
+    assert preset == PRESETS["fast"] and notes == []
+
+
+def test_fast_without_8_bit_attention_keeps_the_rest(monkeypatch):
+    monkeypatch.setattr(presets, "_int8_gemm_reason", lambda device: None)
+    monkeypatch.setattr(presets, "_attention_reason", lambda backend, device: "no Triton")
+    monkeypatch.setattr(presets.importlib.util, "find_spec", lambda name: object())
+    preset, notes = resolve_preset("fast", torch.device("cuda", 0))
+    assert preset.dtype == "int8" and preset.compile and preset.cuda_graphs and preset.attention == "auto"
+    assert notes == [f"{PRESETS['fast'].attention} attention: no Triton; exact attention instead"]
+
+
+def test_explicit_settings_win_over_the_preset(monkeypatch):
+    monkeypatch.setattr(presets, "_int8_gemm_reason", lambda device: None)
+    monkeypatch.setattr(presets, "_attention_reason", lambda backend, device: None)
+    monkeypatch.setattr(presets.importlib.util, "find_spec", lambda name: object())
+    chosen, _ = apply_preset_options("fast", "cuda", dtype="fp8", attention="sdpa", compile=False, cuda_graphs=False)
+    assert chosen == dict(dtype="fp8", attention="sdpa", compile=True, cuda_graphs=True)
+
+
+def test_unknown_preset_names_the_choices():
+    with pytest.raises(ValueError, match="exact, fast"):
+        resolve_preset("fastest", "cpu")
+
+
+def test_cli_fast_preset_on_the_cpu_says_what_fell_back_and_equals_the_exact_run(models_tree, capsys):
+    from kontext_core.cli import main
+
+    tmp_path, image, common = models_tree
+    outputs = {}
+    for preset in ("exact", "fast"):
+        out = tmp_path / f"{preset}.png"
+        assert main(["edit", str(image), "--prompt", "a red hat", "-o", str(out), "--resize", "keep",
+                     "--preset", preset, *common]) == 0
+        outputs[preset] = Image.open(out).tobytes()
+    printed = capsys.readouterr().out
+    assert "preset fast: int8 weights: int8 GEMMs need a CUDA GPU" in printed
+    assert "preset exact:" not in printed
+    assert outputs["fast"] == outputs["exact"]
