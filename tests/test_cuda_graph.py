@@ -151,4 +151,15 @@ def test_pipeline_runs_plainly_and_says_why_when_the_model_has_hooks(tiny_transf
     handle.remove()
     assert pipe._graphed_velocity() is graphed  # the same wrapper again once the hooks are gone
     pipe.cuda_graphs = False
-    assert pipe._graphed_velocity() is None and pipe._graphed is None  # switched off: the graph's memory freed
+    assert pipe._graphed_velocity() is None  # switched off: the graph (and its memory) forgotten
+    assert GraphedVelocity.of(tiny_transformer) is not graphed
+
+
+def test_pipelines_around_one_model_share_its_graph(tiny_transformer, tiny_autoencoder, monkeypatch):
+    # The nodes build a pipeline per queue run: a graph captured in one run is replayed by the next.
+    from kontext_core.pipeline import KontextPipeline
+
+    monkeypatch.setattr(KontextPipeline, "device", property(lambda self: torch.device("cuda")))
+    first = KontextPipeline(tiny_transformer, tiny_autoencoder, cuda_graphs=True)._graphed_velocity()
+    again = KontextPipeline(tiny_transformer, tiny_autoencoder, cuda_graphs=True)._graphed_velocity()
+    assert first is again and first.model is tiny_transformer
