@@ -220,6 +220,8 @@ MODIFIERS = {
     "exactaccum": "fp8 GEMMs without fast accumulation",
     "nokernels": "compiled blocks without our QK-norm+RoPE kernel (the compiler's own fusion)",
     "fp8attention": "attention through cuDNN's fp8 graph (needs nvidia-cudnn-frontend)",
+    "sage8": "attention through our 8-bit kernel (kernels/sage_attention.py: int8 Q.K, fp8 P.V); with "
+             "ours-int8-compiled+graphs it is the fast preset",
     "sdpa": "attention through PyTorch's SDPA (cuDNN first) even where flash-attn is installed (auto takes it)",
     "graphs": "each step replayed from a CUDA graph (kontext_core/cuda_graph.py)",
     "concat": "the single block's linear2 over a concatenation of its input's parts (not two GEMMs)",
@@ -242,7 +244,7 @@ def implementation(name: str) -> str:
                                          f"{', '.join('+' + m for m in MODIFIERS)}")
     if "cudnn" in modifiers and base.startswith("ours"):
         raise argparse.ArgumentTypeError(f"{name!r}: +cudnn is for the reference rows; ours always puts cuDNN first")
-    ours_only = [m for m in modifiers if m in ("lora", "lorafly", "thinlora", "autotune", "sdpa")]
+    ours_only = [m for m in modifiers if m in ("lora", "lorafly", "thinlora", "autotune", "sdpa", "sage8")]
     if ours_only and not base.startswith("ours"):
         raise argparse.ArgumentTypeError(f"{name!r}: +{ours_only[0]} applies to our rows only")
     if "autotune" in modifiers and not base.endswith("-compiled"):
@@ -263,7 +265,8 @@ def configure(impl: str) -> None:
     fused.set_cublas_epilogues("noepilogues" not in modifiers)
     fused.set_linear2_parts("concat" not in modifiers)
     quant.set_fp8_fast_accumulation("exactaccum" not in modifiers)
-    set_attention_backend("cudnn-fp8" if "fp8attention" in modifiers else "sdpa" if "sdpa" in modifiers else "auto")
+    set_attention_backend("cudnn-fp8" if "fp8attention" in modifiers else "sage8" if "sage8" in modifiers
+                          else "sdpa" if "sdpa" in modifiers else "auto")
     import torch._inductor.config
 
     torch._inductor.config.triton.enable_persistent_tma_matmul = "autotune" in modifiers
@@ -574,19 +577,22 @@ def main() -> None:
     if args.e2e is not None:
         fp8_attention_too = any("+fp8attention" in i for i in args.impls)
         graphs_too = any("+graphs" in i for i in args.impls)
+        sage8_too = any("+sage8" in i for i in args.impls)
         runs = [(label, target, graphs) for label, target in (("bf16", model), ("fp8", fp8_model),
-                                                               ("fp8+fp8attention", fp8_model), ("int8", int8_model))
+                                                               ("fp8+fp8attention", fp8_model), ("int8", int8_model),
+                                                               ("int8+sage8", int8_model))
                 for graphs in ((False, True) if graphs_too or args.e2e else (False,))]
         for label, target, graphs in runs:
             label += "+graphs" if graphs else ""
             if args.e2e and label not in args.e2e:
                 continue
-            if target is None or (not args.e2e and "fp8attention" in label and not fp8_attention_too):
+            if target is None or (not args.e2e and "fp8attention" in label and not fp8_attention_too) or \
+                    (not args.e2e and "sage8" in label and not sage8_too):
                 continue
             compiled = any("-compiled" in i for i in args.impls)
             # The product's settings: the kernels on, cuBLAS GEMMs, blocks compiled when any row was.
             configure(("ours-compiled" if compiled else "ours-rowkernels")
-                      + ("+fp8attention" if "fp8attention" in label else ""))
+                      + ("+fp8attention" if "fp8attention" in label else "") + ("+sage8" if "sage8" in label else ""))
             if compiled:
                 compile_blocks(target, "ours-compiled")
             seconds = end_to_end(target, cuda_graphs=graphs)
