@@ -136,8 +136,13 @@ def attention_rates(tokens: int, config: TransformerConfig) -> tuple[float, floa
     return flops / ours, flops / default, kernel
 
 
+# How random weights are drawn: "fan-in" (std 1/sqrt(fan_in), activations O(1) through every layer) or "std0.02"
+# (every matrix at std 0.02, as transformer training starts: small activations, larger relative rounding).
+WEIGHT_INIT = os.environ.get("KONTEXT_BENCH_INIT", "fan-in")
+
+
 def random_transformer(config: TransformerConfig) -> KontextTransformer:
-    """Full-size model with weights at a realistic scale (1/sqrt(fan_in)), norms near 1."""
+    """Full-size model with random weights (WEIGHT_INIT), norms at 1."""
     with torch.device("meta"):
         model = KontextTransformer(config)
     model = model.to_empty(device="cuda").to(torch.bfloat16)
@@ -145,7 +150,7 @@ def random_transformer(config: TransformerConfig) -> KontextTransformer:
     with torch.no_grad():
         for name, param in model.named_parameters():
             if param.ndim == 2:
-                param.normal_(0, param.shape[1] ** -0.5, generator=generator)
+                param.normal_(0, 0.02 if WEIGHT_INIT == "std0.02" else param.shape[1] ** -0.5, generator=generator)
             elif name.endswith("scale"):
                 param.fill_(1.0)
             else:
@@ -459,17 +464,21 @@ def main() -> None:
                              "default build/bfl)")
     parser.add_argument("--no-check", action="store_true",
                         help="skip the check step (every Triton kernel against its reference at full size)")
+    parser.add_argument("--init", choices=("fan-in", "std0.02"), default=WEIGHT_INIT,
+                        help="random weights' scale: 1/sqrt(fan_in) (default) or 0.02 for every matrix")
     parser.add_argument("--out", default=None)
     parser.add_argument("--profile", action="store_true", help="print the GPU time per kernel kind of one step")
     parser.add_argument("--append-results", metavar="MARKDOWN", default=None,
                         help="append this run's rows to a results file (e.g. bench/RESULTS.md)")
     args = parser.parse_args()
+    global WEIGHT_INIT
+    WEIGHT_INIT = args.init
 
     torch.backends.cuda.matmul.allow_tf32 = True
     config = TransformerConfig()
     gpu = torch.cuda.get_device_name()
     rate = matmul_rate()
-    record = {"gpu": gpu, "torch": torch.__version__, "matmul_tflops": rate / 1e12, "results": []}
+    record = {"gpu": gpu, "torch": torch.__version__, "matmul_tflops": rate / 1e12, "init": WEIGHT_INIT, "results": []}
     print(f"{gpu}, torch {torch.__version__}: bf16 matmul 8192^3 at {rate / 1e12:.0f} TFLOP/s; our rows' attention "
           f"(auto): {flash_attn_variant() or 'SDPA, cuDNN first'}", flush=True)
     if not args.no_check:
