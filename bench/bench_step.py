@@ -447,6 +447,7 @@ def end_to_end(model: KontextTransformer, steps: int = 28, cuda_graphs: bool = F
 
 
 def main() -> None:
+    global WEIGHT_INIT
     parser = argparse.ArgumentParser()
     parser.add_argument("--impls", nargs="+", default=["ours", "diffusers"], type=implementation,
                         help=f"each one of {', '.join(IMPLS)}, optionally with +MODIFIER suffixes: "
@@ -471,7 +472,6 @@ def main() -> None:
     parser.add_argument("--append-results", metavar="MARKDOWN", default=None,
                         help="append this run's rows to a results file (e.g. bench/RESULTS.md)")
     args = parser.parse_args()
-    global WEIGHT_INIT
     WEIGHT_INIT = args.init
 
     torch.backends.cuda.matmul.allow_tf32 = True
