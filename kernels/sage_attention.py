@@ -58,7 +58,8 @@ from .runtime import (cdiv, enabled_for, import_triton, interpreting, launches, 
 
 triton, tl = import_triton()
 
-# tl.reduce with Triton's own combines (runtime.reduction_combines says why).
+# tl.reduce with Triton's own combines and tl.full, not tl.zeros (runtime.reduction_combines says why: tl.zeros is
+# a jit function of the same kind).
 _max, _add = reduction_combines()
 
 LOG2E = 1.4426950408889634
@@ -276,8 +277,8 @@ def _column_stats_kernel(k_ptr, v_ptr, k_sum_ptr, v_amax_ptr, heads, length, hea
     cols = tl.arange(0, BLOCK_D)
     k_base = k_ptr + (bh // heads).to(tl.int64) * stride_kb + (bh % heads).to(tl.int64) * stride_kh
     v_base = v_ptr + (bh // heads).to(tl.int64) * stride_vb + (bh % heads).to(tl.int64) * stride_vh
-    k_sum = tl.zeros([BLOCK_L, BLOCK_D], dtype=tl.float64)
-    v_amax = tl.zeros([BLOCK_L, BLOCK_D], dtype=tl.float32)
+    k_sum = tl.full([BLOCK_L, BLOCK_D], 0.0, tl.float64)
+    v_amax = tl.full([BLOCK_L, BLOCK_D], 0.0, tl.float32)
     for i in range(0, tiles_per_program):
         rows = ((first_tile + i) * BLOCK_L + tl.arange(0, BLOCK_L)).to(tl.int64)
         mask = (rows < length)[:, None] & (cols < head_dim)[None, :]
@@ -470,8 +471,8 @@ def _attention_kernel(q_src, k_src, v_src, q_scale_ptr, k_scale_ptr, v_scale_ptr
     k_row0 = bh * padded_k
     v_row0 = bh * BLOCK_D
 
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
+    row_sum = tl.full([BLOCK_M], 0.0, tl.float32)
     row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     # Keys [0, full_end) fill whole blocks of any BLOCK_N (full_end: a multiple of 128, which they divide), the
     # rest (under 128 keys, 0-2 blocks) get their columns past the keys masked out.
