@@ -6,7 +6,7 @@ of compute capability 8.0+, Triton importable, not switched off by `set_enabled(
 Importing this package never needs Triton.
 """
 
-from . import int8_gemm, row_quant
+from . import int8_gemm, row_quant, sage_attention
 from .ffn import linear_gated_residual, linear_gated_residual_reference, linear_gelu, linear_gelu_reference
 from .modulation import layernorm_modulate, layernorm_modulate_reference
 from .qk_norm_rope import joint_qkv_norm_rope, qkv_norm_rope, qkv_norm_rope_reference
@@ -16,6 +16,7 @@ __all__ = [
     "enabled_for",
     "int8_gemm",
     "row_quant",
+    "sage_attention",
     "joint_qkv_norm_rope",
     "layernorm_modulate",
     "layernorm_modulate_reference",

@@ -12,6 +12,10 @@ measures its output against the reference's:
   another order, so a rare value lands on the neighbouring e4m3 number); int8 outputs (the int8 path) alike,
   one int8 step at most.
 
+The 8-bit attention (kernels/sage_attention.py) is checked in two parts: its quantization pass by the 8-bit
+measures (q, k int8, v e4m3 or fp16, scales), and its attention kernel on those very operands against the
+reference's arithmetic at the kernel's key-block width, by the float measure.
+
 bench/bench_step.py runs it before timing anything; tests run it at `SMALL` sizes under Triton's
 interpreter and at `FULL` size on a GPU.
 """
@@ -25,7 +29,7 @@ from typing import Callable
 import torch
 
 # Modules, not their functions: tests rebuild the kernel modules in place for the interpreter or the GPU.
-from . import ffn, fp8_qkv, int8_gemm, modulation, qk_norm_rope, row_quant, runtime
+from . import ffn, fp8_qkv, int8_gemm, modulation, qk_norm_rope, row_quant, runtime, sage_attention
 
 FLOAT_TOLERANCE = 2e-2
 EIGHT_BIT_MISMATCH_TOLERANCE = 1e-2
@@ -221,6 +225,37 @@ def _dequantize_output(inputs: _Inputs) -> tuple[float, float]:
     return float_error(out, fp8_qkv.dequantize_output_reference(o8, work, torch.bfloat16)), FLOAT_TOLERANCE
 
 
+def _attention_inputs(inputs: _Inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k (unit-RMS rows, as after QK-norm) and v as the blocks give attention: [B, H, L, D] views of
+    [B, L, H, D] memory."""
+    s = inputs.sizes
+    q, k, v = (torch.randn(1, s.tokens, s.heads, s.head_dim, device=inputs.device).transpose(1, 2) for _ in range(3))
+    q, k = (x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True)) for x in (q, k))
+    return q.bfloat16(), k.bfloat16(), v.bfloat16()
+
+
+def _sage_quantize(inputs: _Inputs) -> tuple[float, float]:
+    q, k, v = _attention_inputs(inputs)
+    fp8_pv = sage_attention.fp8_tensor_cores(torch.device(inputs.device))
+    ours = sage_attention.quantize_operands(q, k, v, fp8_pv=fp8_pv)
+    reference = sage_attention.quantize_operands_reference(q, k, v, fp8_pv=fp8_pv)
+    errors = [_scales_error(getattr(ours, name), getattr(reference, name)) for name in ("q_scale", "k_scale", "v_scale")]
+    errors += [int8_error(ours.q8, reference.q8), int8_error(ours.k8, reference.k8)]
+    if fp8_pv:
+        errors.append(e4m3_error(ours.v8t, reference.v8t))
+    else:
+        errors.append(0.0 if torch.equal(ours.v8t, reference.v8t) else math.inf)
+    return max(errors), EIGHT_BIT_MISMATCH_TOLERANCE
+
+
+def _sage_attention(inputs: _Inputs) -> tuple[float, float]:
+    q, k, v = _attention_inputs(inputs)
+    operands = sage_attention.quantize_operands(q, k, v, fp8_pv=sage_attention.fp8_tensor_cores(q.device))
+    out = sage_attention.attend(operands, torch.float32)
+    reference = sage_attention.attend_reference(operands, torch.float32, sage_attention.last_config.get("BLOCK_N", 128))
+    return float_error(out, reference), FLOAT_TOLERANCE
+
+
 # name -> (launch counter, check)
 CASES: dict[str, tuple[str, Callable[[_Inputs], tuple[float, float]]]] = {
     "layernorm_modulate": ("layernorm_modulate", _layernorm_modulate),
@@ -235,6 +270,8 @@ CASES: dict[str, tuple[str, Callable[[_Inputs], tuple[float, float]]]] = {
     "joint_qkv_norm_rope_fp8": ("joint_qkv_norm_rope_fp8", _joint_qkv_norm_rope_fp8),
     "quantize_qkv": ("quantize_qkv", _quantize_qkv),
     "dequantize_output": ("dequantize_output", _dequantize_output),
+    "sage_quantize": ("sage_quantize", _sage_quantize),
+    "sage_attention": ("sage_attention", _sage_attention),
 }
 
 

@@ -56,6 +56,11 @@ def _switched_on() -> bool:
     return _enabled and os.environ.get("KONTEXT_KERNELS", "1") != "0" and TRITON_PRESENT
 
 
+def switched_on() -> bool:
+    """Triton importable and the kernels not switched off (`set_enabled(False)`, `KONTEXT_KERNELS=0`)."""
+    return _switched_on()
+
+
 def enabled_for(tensor: torch.Tensor) -> bool:
     """True when the fused kernels should handle `tensor` rather than the PyTorch references."""
     if not _switched_on():

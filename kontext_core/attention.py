@@ -12,14 +12,24 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from . import fp8_attention as _fp8
 from . import fused, ops
 
-ATTENTION_BACKENDS = ("auto", "sdpa", "math", "flash-attn", "cudnn-fp8")
+try:  # this project's kernels/ (a foreign package of that name lacks sage_attention)
+    from kernels import runtime as _kernel_runtime
+    from kernels import sage_attention as _sage
+    _SAGE_IMPORT_ERROR = None
+except Exception as error:  # pragma: no cover
+    _kernel_runtime = _sage = None
+    _SAGE_IMPORT_ERROR = f"{type(error).__name__}: {error}"
+
+ATTENTION_BACKENDS = ("auto", "sdpa", "math", "flash-attn", "cudnn-fp8", "sage8")
 _backend = "auto"
 
 
 def set_attention_backend(name: str) -> None:
     """Choose how attention runs: 'auto' (fastest available: FlashAttention 3 or 4 on Hopper and newer where
     installed, else SDPA with cuDNN first), 'sdpa', 'math', 'flash-attn' (any installed version), or
-    'cudnn-fp8' (opt-in: cuDNN's fp8 flash attention on Hopper, ~1.4x faster in the model, ~6% error per call)."""
+    'cudnn-fp8' (opt-in: cuDNN's fp8 flash attention on Hopper, ~1.4x faster in the model, ~6% error per call), or
+    'sage8' (opt-in: our Triton kernel, q·k in int8 and P·V in fp8 on Ada / Hopper, fp16 on Ampere; ~3.7% error
+    per call with fp8, ~1% with fp16: kernels/sage_attention.py)."""
     global _backend
     if name not in ATTENTION_BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(ATTENTION_BACKENDS)}")
@@ -30,6 +40,8 @@ def set_attention_backend(name: str) -> None:
         )
     if name == "cudnn-fp8" and (reason := _fp8.unavailable_reason()) is not None:
         raise RuntimeError(f"attention backend 'cudnn-fp8' cannot run here: {reason}; or choose 'auto'")
+    if name == "sage8" and (reason := sage_unavailable_reason()) is not None:
+        raise RuntimeError(f"attention backend 'sage8' cannot run here: {reason}; or choose 'auto'")
     _backend = name
 
 
@@ -125,6 +137,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     if _backend == "cudnn-fp8" and q.is_cuda:
         out = _fp8.fp8_attention(q, k, v)
         return out.transpose(1, 2).reshape(batch, length, heads * head_dim)
+    if _backend == "sage8" and _kernel_runtime.enabled_for_traced(q):
+        out = torch.ops.kontext.sage_attention(q, k, v)  # opaque inside compiled blocks
+        return out.transpose(1, 2).reshape(batch, length, heads * head_dim)
     if _backend == "math":
         scores = (q @ k.transpose(-1, -2)) * head_dim**-0.5
         out = scores.softmax(dim=-1) @ v
@@ -147,6 +162,47 @@ def joint_attention(streams: list[tuple[torch.Tensor, torch.nn.Module, torch.nn.
         batch, heads, length, head_dim = out.shape
         return out.transpose(1, 2).reshape(batch, length, heads * head_dim)
     return attention(*fused.joint_qkv_heads(streams, cos, sin, num_heads))
+
+
+def sage_unavailable_reason(device: torch.device | str | None = None) -> str | None:
+    """None when attention backend 'sage8' can run on `device` (default: the current CUDA device), else why not
+    (one line): it needs this project's Triton kernels, switched on, and a CUDA GPU of compute capability 8.0
+    (Ampere) or newer, or Triton's interpreter (TRITON_INTERPRET=1: any device, slowly; that is how the tests
+    run it on a CPU)."""
+    if _sage is None:
+        return (f"this project's kernels/ package cannot be imported ({_SAGE_IMPORT_ERROR}); reinstall "
+                "comfyui-kontext, or check that no other package named `kernels` shadows it")
+    if not _kernel_runtime.triton_available():
+        return "Triton is not installed (pip install triton; on Windows, triton-windows)"
+    if not _kernel_runtime.switched_on():
+        return "the Triton kernels are switched off (KONTEXT_KERNELS=0 or kernels.set_enabled(False))"
+    if _kernel_runtime.interpreting():
+        return None
+    if torch.version.hip is not None:
+        return "this is a ROCm build of PyTorch; the sage8 kernel is written and tested for NVIDIA GPUs"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU here; sage8 needs an NVIDIA GPU of compute capability 8.0 (Ampere) or newer"
+    device = torch.device(device or "cuda")
+    if device.type != "cuda":
+        return f"device {device} is not CUDA"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        return f"this GPU is compute capability {major}.{minor}; sage8 needs 8.0 (Ampere) or newer"
+    return None
+
+
+def _sage_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        return _sage.sage_attention(q, k, v)
+
+
+def _sage_fake_output(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    batch, heads, length, head_dim = q.shape
+    return q.new_empty((batch, length, heads, head_dim)).transpose(1, 2)
+
+
+if _sage is not None:
+    ops.define("sage_attention(Tensor q, Tensor k, Tensor v) -> Tensor", _sage_attention_op, _sage_fake_output)
 
 
 # On Hopper, cuDNN's fused attention runs FLUX's shapes at about twice the rate of PyTorch's flash

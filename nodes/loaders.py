@@ -42,7 +42,9 @@ class KontextModelLoader(KontextNode):
                 Combo("attention", ATTENTION_BACKENDS, "auto",
                       tooltip="auto picks the fastest exact backend; flash-attn needs the flash-attn package. "
                               "cudnn-fp8 (Hopper GPUs, pip install nvidia-cudnn-frontend): ~1.4x faster "
-                              "attention, with fp8's rounding error."),
+                              "attention, with fp8's rounding error. sage8 (RTX 30/40, A100, H100/H200; "
+                              "Triton): our 8-bit attention kernel, q.k in int8, P.V in fp8 (fp16 on "
+                              "RTX 30 / A100), less rounding error than cudnn-fp8."),
                 Combo("compile", COMPILE_MODES, "off",
                       tooltip="on: torch.compile each transformer block (needs a CUDA GPU and Triton). The first "
                               "run takes about a minute longer, then steps are ~4% (bf16) to 5-20% (fp8) faster; "

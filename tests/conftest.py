@@ -22,7 +22,7 @@ REFERENCE = GOLDEN.parent
 
 # Modules whose @triton.jit decorators read TRITON_INTERPRET when they run, i.e. at import; helpers first.
 KERNEL_MODULES = ("kernels.e4m3", "kernels.tiles", "kernels.modulation", "kernels.qk_norm_rope", "kernels.ffn",
-                  "kernels.fp8_qkv", "kernels.row_quant", "kernels.int8_gemm")
+                  "kernels.fp8_qkv", "kernels.row_quant", "kernels.int8_gemm", "kernels.sage_attention")
 
 
 def reload_kernel_modules() -> None:

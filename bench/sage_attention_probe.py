@@ -1,0 +1,284 @@
+"""Probe our 8-bit attention (kernels/sage_attention.py) against cuDNN's bf16 attention at FLUX Kontext's shape.
+
+    python3 bench/sage_attention_probe.py               # on a CUDA GPU: [1, 24, 8704, 128], then batch 2
+    TRITON_INTERPRET=1 python3 bench/sage_attention_probe.py --tiny   # on a CPU, tiny sizes: that it runs
+
+Prints one table: for each path, ms per call and TFLOP/s (4*B*H*L*L*D flops), the speed-up over bf16 SDPA on
+cuDNN, and the relative L2 error against exact attention (float64) on two kinds of inputs:
+- "synthetic": q, k with unit-RMS rows (QK-norm with unit weights) rotated by RoPE at random angles, v ~ N(0, 1);
+- "block": q, k, v captured from one double block of the real configuration (kontext_core/layers.py) with
+  random weights at a realistic scale (bench_step.random_transformer's), run on random tokens with the edit
+  workload's position ids (512 text tokens, a 64x64 target and a 64x64 context).
+Paths: bf16 SDPA (cuDNN), ours as the model calls it (quantization + autotuned kernel), the quantization pass
+and the attention kernel alone, the kernel at each config of the GPU's list, variants of it (P·V in fp16, k
+scales per 128 tokens, one accumulator across key blocks, pointer loads instead of TMA), cudnn-fp8 where it
+runs, and SageAttention 1.0.6 from PyPI where it is installed (`pip install sageattention==1.0.6`: pure Python,
+Triton kernels; int8 Q·Kᵀ, fp16 P·V). A path that fails prints its error and the probe goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+if "--tiny" in sys.argv:  # before Triton is imported: the kernels are built for the interpreter at import
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from kernels import sage_attention as sa  # noqa: E402
+from kontext_core import TransformerConfig  # noqa: E402
+from kontext_core.layers import DoubleStreamBlock, RopeFrequencies, rope_frequencies  # noqa: E402
+from kontext_core.tokens import position_ids, text_position_ids  # noqa: E402
+
+
+def rel_l2(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((ours.double() - reference.double()).norm() / reference.double().norm()).item()
+
+
+def exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """float64 softmax(q kᵀ / sqrt(D)) v, one head at a time (an 8704² float64 score matrix is 0.6 GB)."""
+    out = torch.empty(q.shape, dtype=torch.float64, device=q.device)
+    scale = q.shape[-1] ** -0.5
+    for b in range(q.shape[0]):
+        for h in range(q.shape[1]):
+            scores = (q[b, h].double() @ k[b, h].double().T) * scale
+            out[b, h] = scores.softmax(dim=-1) @ v[b, h].double()
+    return out
+
+
+def rope_rotate(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """x [B, H, L, D] with each adjacent channel pair rotated by a random angle per token (as RoPE does)."""
+    angle = torch.rand(x.shape[0], 1, x.shape[2], x.shape[3] // 2, generator=generator, device=x.device) * 6.2832
+    pairs = x.float().unflatten(-1, (-1, 2))
+    even, odd = pairs[..., 0], pairs[..., 1]
+    return torch.stack((angle.cos() * even - angle.sin() * odd, angle.sin() * even + angle.cos() * odd),
+                       dim=-1).flatten(-2)
+
+
+def synthetic_inputs(batch: int, heads: int, length: int, head_dim: int, device: str, seed: int = 0):
+    generator = torch.Generator(device=device).manual_seed(seed)
+
+    def unit_rms(x):
+        return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True))
+
+    shape = (batch, heads, length, head_dim)
+    q = rope_rotate(unit_rms(torch.randn(shape, generator=generator, device=device)), generator)
+    k = rope_rotate(unit_rms(torch.randn(shape, generator=generator, device=device)), generator)
+    v = torch.randn(shape, generator=generator, device=device)
+    return q.bfloat16(), k.bfloat16(), v.bfloat16()
+
+
+def block_inputs(config: TransformerConfig, latent: int, text: int, device: str, dtype: torch.dtype, seed: int = 0):
+    """q, k, v [1, H, L, D] of one random double block of `config` on random tokens: text, target and context
+    tokens positioned as in an edit (the target at index 0, the context at index 1, both latent x latent)."""
+    from kontext_core import layers
+
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        block = DoubleStreamBlock(config.hidden_size, config.num_heads, config.mlp_hidden_dim, config.qkv_bias)
+    block = block.to_empty(device=device).to(dtype)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, param in block.named_parameters():  # bench_step.random_transformer's scales
+            if param.ndim == 2:
+                param.normal_(0, param.shape[1] ** -0.5, generator=generator)
+            elif name.endswith("scale"):
+                param.fill_(1.0)
+            else:
+                param.normal_(0, 0.02, generator=generator)
+    ids = torch.cat((text_position_ids(1, text, device=device), position_ids(latent, latent, device=device),
+                     position_ids(latent, latent, index=1, device=device)), dim=1)
+    rope = RopeFrequencies(*rope_frequencies(ids, config.axes_dim, config.theta))
+    image_tokens = ids.shape[1] - text
+    img = torch.randn(1, image_tokens, config.hidden_size, generator=generator, device=device).to(dtype)
+    txt = torch.randn(1, text, config.hidden_size, generator=generator, device=device).to(dtype)
+    vec = torch.randn(1, config.hidden_size, generator=generator, device=device).to(dtype)
+    captured = []
+    original = layers.joint_attention
+
+    def capture(streams, cos, sin, num_heads):
+        q, k, v = layers.fused.joint_qkv_heads(streams, cos, sin, num_heads)
+        captured.append((q, k, v))
+        raise StopIteration  # the rest of the block is not needed
+
+    layers.joint_attention = capture
+    try:
+        with torch.no_grad():
+            block(img, txt, vec, rope)
+    except StopIteration:
+        pass
+    finally:
+        layers.joint_attention = original
+    return captured[0]
+
+
+def load_pypi_sage():
+    try:
+        from sageattention import sageattn  # type: ignore[import-not-found]
+    except Exception as error:
+        return None, f"{type(error).__name__}: {error}"
+    import importlib.metadata
+
+    return sageattn, importlib.metadata.version("sageattention")
+
+
+class Table:
+    def __init__(self, flops: float, timed: bool):
+        self.flops, self.timed, self.rows, self.baseline = flops, timed, [], None
+
+    def add(self, label: str, ms: float | None, errors: dict[str, float | None]) -> None:
+        self.rows.append((label, ms, errors))
+        if self.baseline is None and ms is not None:
+            self.baseline = ms
+        parts = [f"{label:46s}"]
+        if ms is not None:
+            parts.append(f"{ms:7.3f} ms {self.flops / ms / 1e9:6.0f} TFLOP/s x{self.baseline / ms:4.2f}")
+        parts += [f"{name} {value * 100:6.3f}%" for name, value in errors.items() if value is not None]
+        print("  " + "  ".join(parts), flush=True)
+
+    def markdown(self, error_names: list[str]) -> str:
+        head = "| path | ms | TFLOP/s | vs cuDNN bf16 | " + " | ".join(f"rel L2 {n}" for n in error_names) + " |"
+        lines = [head, "|" + " --- |" * (4 + len(error_names))]
+        for label, ms, errors in self.rows:
+            timing = (f"{ms:.3f} | {self.flops / ms / 1e9:.0f} | {self.baseline / ms:.2f}x" if ms is not None
+                      else " | | ")
+            cells = [f"{errors[n] * 100:.3f}%" if errors.get(n) is not None else "" for n in error_names]
+            lines.append(f"| {label} | {timing} | " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+
+def attempt(label: str, fn):
+    try:
+        return fn()
+    except Exception:
+        print(f"!! {label} failed:", flush=True)
+        traceback.print_exc()
+        sys.stdout.flush()
+        return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="tiny sizes on the CPU through Triton's interpreter")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--no-variants", action="store_true", help="skip the per-config and variant rows")
+    args = parser.parse_args()
+
+    device = "cpu" if args.tiny else "cuda"
+    config = TransformerConfig.tiny() if args.tiny else TransformerConfig()
+    heads, head_dim = config.num_heads, config.head_dim
+    latent, text = (6, 7) if args.tiny else (64, 512)  # in tokens per side; the edit workload: 8704 tokens
+    length = text + 2 * latent * latent
+    import triton
+
+    print(f"torch {torch.__version__}, triton {triton.__version__}, "
+          + (f"{torch.cuda.get_device_name()} {torch.cuda.get_device_capability()}" if device == "cuda"
+             else "CPU (Triton's interpreter)"), flush=True)
+    if device == "cuda":
+        from bench_step import cuda_time
+        from kontext_core.attention import cudnn_first
+
+        def timed(fn):
+            return 1e3 * cuda_time(fn, warmup=3, iterations=10, repeat=5)
+    else:
+        def timed(fn):
+            fn()
+            return None
+
+    fp8 = sa.fp8_tensor_cores(torch.device(device))
+    sageattn, sage_version = load_pypi_sage()
+    print(f"P·V in {'e4m3' if fp8 else 'fp16'} here; SageAttention from PyPI: {sage_version}", flush=True)
+
+    t0 = time.perf_counter()
+    inputs = {"synthetic": synthetic_inputs(1, heads, length, head_dim, device),
+              "block": attempt("block inputs", lambda: block_inputs(config, latent, text, device, torch.bfloat16))}
+    inputs = {name: x for name, x in inputs.items() if x is not None}
+    exact = {name: exact_attention(*x) for name, x in inputs.items()}
+    print(f"inputs and float64 references: {time.perf_counter() - t0:.1f} s; block q/k RMS "
+          f"{inputs.get('block', inputs['synthetic'])[0].float().pow(2).mean().sqrt():.3f}", flush=True)
+
+    def errors_of(fn) -> dict[str, float | None]:
+        return {name: attempt(f"error on {name}", lambda x=x, name=name: rel_l2(fn(*x), exact[name]))
+                for name, x in inputs.items()}
+
+    def sdpa(q, k, v):
+        if device == "cuda":
+            with cudnn_first():
+                return F.scaled_dot_product_attention(q, k, v)
+        return F.scaled_dot_product_attention(q, k, v)
+
+    for batch in args.batches:
+        q, k, v = synthetic_inputs(batch, heads, length, head_dim, device, seed=batch)
+        flops = 4 * batch * heads * length * length * head_dim
+        print(f"\n[{batch}, {heads}, {length}, {head_dim}]", flush=True)
+        table = Table(flops, device == "cuda")
+        first = batch == args.batches[0]
+        table.add("bf16 SDPA (cuDNN first)", attempt("sdpa", lambda: timed(lambda: sdpa(q, k, v))),
+                  errors_of(sdpa) if first else {})
+        started = time.perf_counter()
+        attempt("sage8 first call", lambda: sa.sage_attention(q, k, v))
+        chosen = dict(sa.last_config)
+        print(f"  (first call, autotuning included: {time.perf_counter() - started:.1f} s; chose {chosen})", flush=True)
+        table.add("sage8 (quantize + attention, autotuned)",
+                  attempt("sage8", lambda: timed(lambda: sa.sage_attention(q, k, v))),
+                  errors_of(sa.sage_attention) if first else {})
+        operands = sa.quantize_operands(q, k, v, fp8_pv=fp8)
+        table.add("  quantization pass alone", attempt("quantize", lambda: timed(
+            lambda: sa.quantize_operands(q, k, v, fp8_pv=fp8))), {})
+        table.add("  attention kernel alone", attempt("attend", lambda: timed(lambda: sa.attend(operands, q.dtype))), {})
+
+        if first and not args.no_variants:
+            tma = bool(chosen.get("tma"))
+            configs = sa._TMA_CONFIGS if tma else sa._POINTER_CONFIGS
+            if device == "cpu":
+                configs = []
+            for cfg in configs:
+                pinned = {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+                label = (f"  kernel {pinned['BLOCK_M']}x{pinned['BLOCK_N']} w{pinned['num_warps']} "
+                         f"s{pinned['num_stages']}{' tma' if tma else ''}")
+                table.add(label, attempt(label, lambda pinned=pinned: timed(
+                    lambda: sa._launch_attention(operands, q.dtype, config=pinned, tma=tma))), {})
+            best = {key: chosen[key] for key in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages") if key in chosen}
+
+            def variant(label, fp8_pv=fp8, k_rows=sa.K_ROWS, split=None, use_tma=tma):
+                def run(q, k, v):
+                    ops = sa.quantize_operands(q, k, v, fp8_pv=fp8_pv, k_rows=k_rows)
+                    return sa._launch_attention(ops, q.dtype, config=best, tma=use_tma, split_accumulator=split)
+                table.add(label, attempt(label, lambda: timed(lambda: run(q, k, v))), errors_of(run))
+
+            if fp8:
+                variant("  variant: P·V in fp16", fp8_pv=False)
+                variant("  variant: one accumulator across key blocks", split=False)
+            variant("  variant: k scales per 128 tokens", k_rows=128)
+            if fp8:
+                variant("  variant: fp16 P·V, k per 128 tokens", fp8_pv=False, k_rows=128)
+            if tma:
+                variant("  variant: pointer loads (no TMA)", use_tma=False)
+
+        if device == "cuda":
+            from kontext_core import fp8_attention as fa
+
+            if fa.available():
+                table.add("cudnn-fp8 (kontext_core/fp8_attention.py)",
+                          attempt("cudnn-fp8", lambda: timed(lambda: fa.fp8_attention(q, k, v))),
+                          errors_of(fa.fp8_attention) if first else {})
+        if sageattn is not None:
+            def pypi(q, k, v):
+                return sageattn(q, k, v, tensor_layout="HND", is_causal=False)
+            table.add(f"SageAttention {sage_version} (PyPI)", attempt("sageattention", lambda: timed(
+                lambda: pypi(q, k, v))), errors_of(pypi) if first else {})
+        if first:
+            print("\n" + table.markdown(list(inputs)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,592 @@
+"""8-bit attention of our own (SageAttention-style): Q·Kᵀ in int8, P·V in e4m3 (or fp16), one Triton kernel.
+
+`sage_attention(q, k, v)` takes q, k, v [B, H, L, D] (any strides, bf16 / fp16 / fp32) and returns what
+`F.scaled_dot_product_attention(q, k, v)` returns (non-causal, no mask, softmax scale 1/sqrt(D), q's dtype,
+[B, H, Lq, D]), as a [B, H, Lq, D] view of a contiguous [B, Lq, H, D] buffer, so that the model's
+`out.transpose(1, 2).reshape(B, L, H * D)` is free. Two passes:
+
+1. Quantization (`quantize_operands`), three small memory-bound kernels:
+   - column statistics: K's sum over tokens (per batch, head and channel; float64, which holds every sum
+     of bf16 values exactly, so the order the programs add in cannot change it) and V's amax over tokens;
+   - q and k to int8 with one scale per `q_rows` / `k_rows` consecutive tokens (1: per token), K first
+     centred on its mean over tokens: softmax(q·(k_j - m)) = softmax(q·k_j), since q·m is the same for
+     every key j of a query, while the centred keys use int8's range for what differs between them;
+     the softmax scale 1/sqrt(D) and log2(e) go into q's scales, so that the kernel uses exp2;
+   - v to e4m3 with one scale per channel (amax over tokens / 448), written transposed, [B, H, D, L]:
+     P·V contracts over tokens, and Hopper's 8-bit tensor-core instruction (wgmma) wants both operands'
+     contraction dimension contiguous in memory. Where P·V runs in fp16 (no fp8 tensor cores: Ampere),
+     v / scale goes to fp16 instead, same layout.
+   Every quantized tensor is zero-padded to a multiple of 128 tokens (and of 32 channels, a power of two),
+   so the attention kernel reads whole tiles with no bounds checks, and through TMA on Hopper.
+2. Attention (`attend`): FlashAttention-2's loop over key blocks, online softmax in base 2.
+   S = q8·k8ᵀ is exact in the int32 accumulator (|S| <= 256 * 127² < 2^24, so exact in float32 too) and
+   is scaled by q's and k's scales. P = exp2(S - m + 8): the numerators times 256 (the running row max m
+   maps to 256, inside e4m3's range, where its normal numbers reach down to 2^-6 / 256 = 6e-5 relative
+   to the row max), rounded to e4m3 (fp16) for the tensor cores, while the row sums l add the unrounded
+   float32 values. With e4m3, each block's P·V goes into a fresh accumulator and is added to the running
+   one in float32 (`SPLIT_ACCUMULATOR`): Hopper's fp8 tensor cores keep only ~14 bits of their
+   accumulator's mantissa (DeepSeek-V3 report, sec. 3.3.2), which over 68 key blocks would add up.
+   O = acc / l * v_scale[channel].
+
+Numerics: `sage_attention_reference` does the same arithmetic in PyTorch, block by block with the same
+key-block width, so that the kernel can be checked close to it (the remaining differences: exp2's last
+bits, float32 summation order, and the rare e4m3 rounding they flip). Against exact attention, on q, k
+unit-RMS per row (as after QK-norm) and v ~ N(0, 1), [1, 2, 2048, 128] (PyTorch emulation, float64
+reference; bf16 SDPA itself: 0.23%):
+
+  q, k scales per token,     P·V fp16: 0.93%     P·V e4m3: 3.7%
+  q per token, k per 128,    P·V fp16: 1.13%     P·V e4m3: 3.7%
+  q, k per 128 tokens,       P·V fp16: 1.30%     P·V e4m3: 3.8%
+
+e4m3 keeps 3 mantissa bits: rounding P and V costs ~2.6% (relative RMS) each, and attention's weighted
+averages keep that ratio (the errors average down as fast as the output does), so P·V in e4m3 is ~3.7% on
+such inputs whatever Q·Kᵀ does. Per-token q scales cost the kernel nothing (a per-row factor it applies
+anyway); per-token k scales cost one multiply per score.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import torch
+
+from .e4m3 import round_to_e4m3, to_e4m3
+from .runtime import (cdiv, enabled_for, import_triton, interpreting, launches, next_power_of_2,
+                      reduction_combines)
+
+triton, tl = import_triton()
+
+# tl.reduce with Triton's own combines and tl.full, not tl.zeros (runtime.reduction_combines says why: tl.zeros is
+# a jit function of the same kind).
+_max, _add = reduction_combines()
+
+LOG2E = 1.4426950408889634
+INT8_MAX = 127.0
+E4M3_MAX = 448.0
+P_EXPONENT = 8.0  # P is stored as exp2(s - m + 8) = 256 * exp2(s - m), so the row max lands on 256 (module doc)
+TOKEN_TILE = 128  # quantized tensors are padded to whole tiles of this many tokens; the kernel's blocks divide it
+Q_ROWS = 1  # tokens per q scale: per token, free in the kernel (module docstring: its error)
+K_ROWS = 1  # tokens per k scale: 1, or a multiple of the kernel's key block (then one scale per block)
+# A rows-per-scale value must divide TOKEN_TILE and be a power of two.
+ROW_CHOICES = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class Operands(NamedTuple):
+    """q, k, v quantized for the attention kernel; the token and channel counts padded (module docstring).
+
+    q8 int8 [B, H, Lq_pad, D_pad]; q_scale float32 [B, H, Lq_pad / q_rows] (with 1/sqrt(D) * log2(e));
+    k8 int8 [B, H, Lk_pad, D_pad]; k_scale float32 [B, H, Lk_pad / k_rows];
+    v8t e4m3 or fp16 [B, H, D_pad, Lk_pad] (v / v_scale, transposed); v_scale float32 [B, H, D_pad].
+    """
+
+    q8: torch.Tensor
+    q_scale: torch.Tensor
+    k8: torch.Tensor
+    k_scale: torch.Tensor
+    v8t: torch.Tensor
+    v_scale: torch.Tensor
+    length_q: int
+    length_k: int
+    head_dim: int
+    q_rows: int
+    k_rows: int
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """The channel count of the quantized tensors: a power of two, at least 32 (an int8 dot's depth)."""
+    return max(32, next_power_of_2(head_dim))
+
+
+def _padded_tokens(length: int) -> int:
+    return cdiv(length, TOKEN_TILE) * TOKEN_TILE
+
+
+def fp8_tensor_cores(device: torch.device) -> bool:
+    """Whether P·V runs in e4m3 on `device`: CUDA GPUs of compute capability 8.9 (Ada) and newer; under Triton's
+    interpreter too (its tl.dot takes e4m3 operands and multiplies them exactly in float32)."""
+    if device.type != "cuda":
+        return interpreting()
+    return torch.version.hip is None and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def _check_rows(q_rows: int, k_rows: int) -> None:
+    if q_rows not in ROW_CHOICES or k_rows not in ROW_CHOICES:
+        raise ValueError(f"tokens per scale must be one of {ROW_CHOICES}, got q_rows={q_rows}, k_rows={k_rows}")
+
+
+# ----------------------------------------------------------------------------------------------
+# PyTorch references
+# ----------------------------------------------------------------------------------------------
+
+def _int8_groups_reference(x: torch.Tensor, rows: int, factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 x [B, H, L_pad, D_pad] -> int8 values and float32 scales [B, H, L_pad / rows] (times `factor`),
+    rounded to nearest, ties to even, as the kernel does."""
+    batch, heads, length, channels = x.shape
+    groups = x.view(batch, heads, length // rows, rows * channels)
+    amax = groups.abs().amax(dim=-1).clamp_min(1e-30)
+    # True divisions (a Python float over a tensor multiplies by a rounded reciprocal): the kernel's div_rn.
+    inverse = amax.new_tensor(INT8_MAX) / amax
+    scaled = (groups * inverse[..., None]).clamp(-INT8_MAX, INT8_MAX)
+    scale = (amax / amax.new_tensor(INT8_MAX)) * amax.new_tensor(factor)
+    return scaled.round().to(torch.int8).view(batch, heads, length, channels), scale
+
+
+def _padded(x: torch.Tensor, length: int, channels: int) -> torch.Tensor:
+    """float32 copy of x [B, H, L, D] zero-padded to [B, H, length, channels]."""
+    out = x.new_zeros((*x.shape[:2], length, channels), dtype=torch.float32)
+    out[:, :, :x.shape[2], :x.shape[3]] = x
+    return out
+
+
+def column_stats_reference(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """k, v [B, H, L, D] -> (k's sum over tokens, float64 [B, H, D_pad]; v's amax over tokens, float32
+    [B, H, D_pad]), zero in the padding channels."""
+    channels = padded_head_dim(k.shape[3])
+    k_sum = k.new_zeros((*k.shape[:2], channels), dtype=torch.float64)
+    k_sum[..., :k.shape[3]] = k.double().sum(dim=2)
+    v_amax = v.new_zeros((*v.shape[:2], channels), dtype=torch.float32)
+    v_amax[..., :v.shape[3]] = v.float().abs().amax(dim=2)
+    return k_sum, v_amax
+
+
+def quantize_operands_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, fp8_pv: bool = True,
+                                q_rows: int = Q_ROWS, k_rows: int = K_ROWS) -> Operands:
+    """q, k, v [B, H, L, D] (any strides) -> `Operands` (the module docstring says how)."""
+    _check_rows(q_rows, k_rows)
+    head_dim, channels = q.shape[3], padded_head_dim(q.shape[3])
+    length_q, length_k = q.shape[2], k.shape[2]
+    k_sum, v_amax = column_stats_reference(k, v)
+    k_mean = (k_sum / length_k).float()[:, :, None, :head_dim]
+    q8, q_scale = _int8_groups_reference(_padded(q.float(), _padded_tokens(length_q), channels), q_rows,
+                                         head_dim**-0.5 * LOG2E)
+    k8, k_scale = _int8_groups_reference(_padded(k.float() - k_mean, _padded_tokens(length_k), channels), k_rows, 1.0)
+    amax = v_amax.clamp_min(1e-30)[:, :, None, :]
+    scaled = (_padded(v.float(), _padded_tokens(length_k), channels) * (amax.new_tensor(E4M3_MAX) / amax))
+    scaled = scaled.clamp(-E4M3_MAX, E4M3_MAX)
+    v8 = scaled.to(torch.float8_e4m3fn if fp8_pv else torch.float16)
+    v_scale = (amax / amax.new_tensor(E4M3_MAX))[:, :, 0]
+    return Operands(q8, q_scale, k8, k_scale, v8.transpose(2, 3).contiguous(), v_scale, length_q, length_k,
+                    head_dim, q_rows, k_rows)
+
+
+def attend_reference(operands: Operands, out_dtype: torch.dtype, block_n: int = 128) -> torch.Tensor:
+    """`Operands` -> attention [B, H, Lq, D] in out_dtype: the kernel's arithmetic, key block by key block of
+    `block_n` tokens (the running row max decides how P rounds, so the block width matters)."""
+    o = operands
+    batch, heads, padded_q, channels = o.q8.shape
+    fp8_pv = o.v8t.dtype == torch.float8_e4m3fn
+    q_scale = o.q_scale.repeat_interleave(o.q_rows, dim=2)[:, :, :o.length_q]       # [B, H, Lq]
+    k_scale = o.k_scale.repeat_interleave(o.k_rows, dim=2)                            # [B, H, Lk_pad]
+    q8 = o.q8[:, :, :o.length_q].double()
+    v8 = o.v8t.transpose(2, 3).float()                                               # [B, H, Lk_pad, D_pad]
+    row_max = q8.new_full((batch, heads, o.length_q), -math.inf, dtype=torch.float32)
+    row_sum = torch.zeros_like(row_max)
+    acc = row_max.new_zeros((batch, heads, o.length_q, channels))
+    for start in range(0, o.length_k, block_n):
+        end = min(start + block_n, o.length_k)
+        scores = (q8 @ o.k8[:, :, start:end].double().transpose(2, 3)).float()     # exact integers
+        if o.k_rows < block_n:  # a scale per key column, then q's per row
+            scores = scores * k_scale[:, :, None, start:end]
+            factor = q_scale
+        else:
+            factor = q_scale * k_scale[:, :, start:start + 1]
+        new_max = torch.maximum(row_max, scores.amax(dim=-1) * factor)
+        p = torch.exp2(scores * factor[..., None] - (new_max - P_EXPONENT)[..., None])
+        alpha = torch.exp2(row_max - new_max)
+        row_sum = row_sum * alpha + p.sum(dim=-1)
+        rounded = p.to(torch.float8_e4m3fn if fp8_pv else torch.float16).float()
+        acc = acc * alpha[..., None] + rounded @ v8[:, :, start:end]
+        row_max = new_max
+    out = acc * (1.0 / row_sum)[..., None] * o.v_scale[:, :, None, :]
+    return out[..., :o.head_dim].to(out_dtype)
+
+
+def sage_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, fp8_pv: bool = True,
+                             q_rows: int = Q_ROWS, k_rows: int = K_ROWS, block_n: int = 128) -> torch.Tensor:
+    """softmax(q kᵀ / sqrt(D)) v computed as the kernels compute it (module docstring): q, k, v [B, H, L, D]
+    -> [B, H, Lq, D] in q's dtype."""
+    operands = quantize_operands_reference(q, k, v, fp8_pv=fp8_pv, q_rows=q_rows, k_rows=k_rows)
+    return attend_reference(operands, q.dtype, block_n)
+
+
+# ----------------------------------------------------------------------------------------------
+# Dispatch
+# ----------------------------------------------------------------------------------------------
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"sage_attention wants [B, H, L, D] tensors, got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if q.shape[:2] != k.shape[:2] or k.shape != v.shape or q.shape[3] != k.shape[3]:
+        raise ValueError(f"sage_attention: mismatched shapes q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)} (k and v alike, q's batch, heads and head dim theirs)")
+    if q.shape[3] > 256:
+        raise ValueError(f"sage_attention takes head dims up to 256, got {q.shape[3]}; choose attention "
+                         "backend 'auto' for this model")
+
+
+def _runs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    return enabled_for(q) and min(q.numel(), k.numel()) > 0 and q.device == k.device == v.device
+
+
+def quantize_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, fp8_pv: bool = True,
+                      q_rows: int = Q_ROWS, k_rows: int = K_ROWS) -> Operands:
+    """Same contract as `quantize_operands_reference`; the Triton kernels where they can run."""
+    _check_rows(q_rows, k_rows)
+    if not _runs(q, k, v):
+        return quantize_operands_reference(q, k, v, fp8_pv=fp8_pv, q_rows=q_rows, k_rows=k_rows)
+    return _quantize_triton(q, k, v, fp8_pv, q_rows, k_rows)
+
+
+def attend(operands: Operands, out_dtype: torch.dtype) -> torch.Tensor:
+    """Same contract as `attend_reference` at the key-block width the kernel chose (`last_config`), returning
+    a [B, H, Lq, D] view of a contiguous [B, Lq, H, D] buffer; the reference where the kernel cannot run."""
+    if not enabled_for(operands.q8):
+        return attend_reference(operands, out_dtype)
+    return _launch_attention(operands, out_dtype)
+
+
+def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, fp8_pv: bool | None = None,
+                   q_rows: int = Q_ROWS, k_rows: int = K_ROWS) -> torch.Tensor:
+    """Same contract as `sage_attention_reference`, P·V in e4m3 where the GPU has fp8 tensor cores (`fp8_pv`
+    None) or as `fp8_pv` says; the output is a [B, H, Lq, D] view of a contiguous [B, Lq, H, D] buffer.
+    Inference only (no backward)."""
+    _check_inputs(q, k, v)
+    if fp8_pv is None:
+        fp8_pv = fp8_tensor_cores(q.device)
+    if not _runs(q, k, v):
+        return sage_attention_reference(q, k, v, fp8_pv=fp8_pv, q_rows=q_rows, k_rows=k_rows)
+    return _launch_attention(_quantize_triton(q, k, v, fp8_pv, q_rows, k_rows), q.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Quantization kernels
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _column_stats_kernel(k_ptr, v_ptr, k_sum_ptr, v_amax_ptr, heads, length, head_dim,
+                         stride_kb, stride_kh, stride_kl, stride_kd, stride_vb, stride_vh, stride_vl, stride_vd,
+                         tiles_per_program, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    # One program sums a run of tiles of one head; programs meet in atomics. K's sums are float64: exact for
+    # bf16 values (and for any whose exponents span under ~30 binades), so the atomics' order cannot change
+    # them and the mean equals the reference's bit for bit.
+    bh = tl.program_id(0)
+    first_tile = tl.program_id(1) * tiles_per_program
+    cols = tl.arange(0, BLOCK_D)
+    k_base = k_ptr + (bh // heads).to(tl.int64) * stride_kb + (bh % heads).to(tl.int64) * stride_kh
+    v_base = v_ptr + (bh // heads).to(tl.int64) * stride_vb + (bh % heads).to(tl.int64) * stride_vh
+    k_sum = tl.full([BLOCK_L, BLOCK_D], 0.0, tl.float64)
+    v_amax = tl.full([BLOCK_L, BLOCK_D], 0.0, tl.float32)
+    for i in range(0, tiles_per_program):
+        rows = ((first_tile + i) * BLOCK_L + tl.arange(0, BLOCK_L)).to(tl.int64)
+        mask = (rows < length)[:, None] & (cols < head_dim)[None, :]
+        k = tl.load(k_base + rows[:, None] * stride_kl + cols[None, :] * stride_kd, mask=mask, other=0.0)
+        v = tl.load(v_base + rows[:, None] * stride_vl + cols[None, :] * stride_vd, mask=mask, other=0.0)
+        k_sum += k.to(tl.float64)
+        v_amax = tl.maximum(v_amax, tl.abs(v.to(tl.float32)))
+    tl.atomic_add(k_sum_ptr + bh * BLOCK_D + cols, tl.reduce(k_sum, 0, _add))
+    tl.atomic_max(v_amax_ptr + bh * BLOCK_D + cols, tl.reduce(v_amax, 0, _max))
+
+
+@triton.jit
+def _quantize_int8_kernel(x_ptr, k_sum_ptr, out_ptr, scale_ptr, heads, length, padded_length, head_dim, factor,
+                          stride_b, stride_h, stride_l, stride_d,
+                          CENTRE: tl.constexpr, ROWS: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr):
+    # One tile of TILE tokens of one head -> int8, one scale per ROWS tokens; the padding written as zeros.
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    rows = tile * TILE + tl.arange(0, TILE)
+    cols = tl.arange(0, BLOCK_D)
+    inside = (rows < length)[:, None] & (cols < head_dim)[None, :]
+    base = x_ptr + (bh // heads).to(tl.int64) * stride_b + (bh % heads).to(tl.int64) * stride_h
+    x = tl.load(base + rows.to(tl.int64)[:, None] * stride_l + cols[None, :] * stride_d, mask=inside,
+                other=0.0).to(tl.float32)
+    if CENTRE:
+        mean = (tl.load(k_sum_ptr + bh * BLOCK_D + cols) / length).to(tl.float32)
+        x = tl.where(inside, x - mean[None, :], 0.0)
+    groups: tl.constexpr = TILE // ROWS
+    amax = tl.reduce(tl.reshape(tl.abs(x), [groups, ROWS * BLOCK_D]), 1, _max)
+    amax = tl.maximum(amax, 1e-30)
+    inverse = tl.math.div_rn(tl.full([groups], 127.0, tl.float32), amax)
+    inverse_rows = tl.reshape(tl.broadcast_to(inverse[:, None], [groups, ROWS]), [TILE])
+    scaled = tl.minimum(tl.maximum(x * inverse_rows[:, None], -127.0), 127.0)
+    # Adding and removing 1.5 * 2**23 rounds to an integer, ties to even, as torch.round (kernels/row_quant.py).
+    values = ((scaled + 12582912.0) - 12582912.0).to(tl.int8)
+    out_rows = bh.to(tl.int64) * padded_length + rows
+    tl.store(out_ptr + out_rows[:, None] * BLOCK_D + cols[None, :], values)
+    scale = tl.math.div_rn(amax, tl.full([groups], 127.0, tl.float32)) * factor
+    tl.store(scale_ptr + bh.to(tl.int64) * (padded_length // ROWS) + tile * groups + tl.arange(0, groups), scale)
+
+
+@triton.jit
+def _quantize_v_kernel(v_ptr, v_amax_ptr, out_ptr, scale_ptr, heads, length, padded_length, head_dim,
+                       stride_b, stride_h, stride_l, stride_d,
+                       FP8: tl.constexpr, EXACT_ROUNDING: tl.constexpr, BLOCK_L: tl.constexpr,
+                       BLOCK_D: tl.constexpr):
+    # One tile of tokens of one head -> v / v_scale (per channel) in e4m3 or fp16, stored transposed.
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    rows = tile * BLOCK_L + tl.arange(0, BLOCK_L)
+    cols = tl.arange(0, BLOCK_D)
+    inside = (rows < length)[:, None] & (cols < head_dim)[None, :]
+    base = v_ptr + (bh // heads).to(tl.int64) * stride_b + (bh % heads).to(tl.int64) * stride_h
+    v = tl.load(base + rows.to(tl.int64)[:, None] * stride_l + cols[None, :] * stride_d, mask=inside,
+                other=0.0).to(tl.float32)
+    amax = tl.maximum(tl.load(v_amax_ptr + bh * BLOCK_D + cols), 1e-30)
+    inverse = tl.math.div_rn(tl.full([BLOCK_D], 448.0, tl.float32), amax)
+    if FP8:
+        values = to_e4m3(v, inverse[None, :], EXACT_ROUNDING)
+    else:
+        values = tl.minimum(tl.maximum(v * inverse[None, :], -448.0), 448.0).to(tl.float16)
+    out_cols = (bh * BLOCK_D + cols).to(tl.int64)
+    tl.store(out_ptr + out_cols[None, :] * padded_length + rows[:, None], values)
+    if tile == 0:
+        tl.store(scale_ptr + bh * BLOCK_D + cols, tl.math.div_rn(amax, tl.full([BLOCK_D], 448.0, tl.float32)))
+
+
+_STATS_BLOCK_L = 32
+_V_BLOCK_L = 64
+_STATS_PROGRAMS_PER_SM = 4
+
+
+@functools.cache
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _loop_count(n: int):
+    """A kernel's loop count: a plain int, except under Triton 3.6's interpreter, which cannot loop to a bound
+    passed at run time (its scalars are 1-element arrays, which NumPy 2 does not turn into an int) and gets
+    it as a constant."""
+    return tl.constexpr(n) if interpreting() else n
+
+
+def _quantize_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fp8_pv: bool, q_rows: int,
+                     k_rows: int) -> Operands:
+    batch, heads, length_q, head_dim = q.shape
+    length_k = k.shape[2]
+    channels = padded_head_dim(head_dim)
+    padded_q, padded_k = _padded_tokens(length_q), _padded_tokens(length_k)
+    device = q.device
+    k_sum = torch.zeros((batch, heads, channels), dtype=torch.float64, device=device)
+    v_amax = torch.zeros((batch, heads, channels), dtype=torch.float32, device=device)
+    tiles = cdiv(length_k, _STATS_BLOCK_L)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        splits = max(1, min(tiles, cdiv(_STATS_PROGRAMS_PER_SM * _multiprocessors(index), batch * heads)))
+    else:
+        splits = min(tiles, 2)
+    per_program = cdiv(tiles, splits)
+    _column_stats_kernel[(batch * heads, cdiv(tiles, per_program))](
+        k, v, k_sum, v_amax, heads, length_k, head_dim, *k.stride(), *v.stride(), _loop_count(per_program),
+        BLOCK_L=_STATS_BLOCK_L, BLOCK_D=channels, num_warps=4)
+
+    q8 = torch.empty((batch, heads, padded_q, channels), dtype=torch.int8, device=device)
+    k8 = torch.empty((batch, heads, padded_k, channels), dtype=torch.int8, device=device)
+    q_scale = torch.empty((batch, heads, padded_q // q_rows), dtype=torch.float32, device=device)
+    k_scale = torch.empty((batch, heads, padded_k // k_rows), dtype=torch.float32, device=device)
+    warps = 8 if channels >= 128 else 4
+    for x, out, scale, rows, factor, centre in ((q, q8, q_scale, q_rows, head_dim**-0.5 * LOG2E, False),
+                                               (k, k8, k_scale, k_rows, 1.0, True)):
+        _quantize_int8_kernel[(out.shape[2] // TOKEN_TILE, batch * heads)](
+            x, k_sum, out, scale, heads, x.shape[2], out.shape[2], head_dim, factor, *x.stride(),
+            CENTRE=centre, ROWS=rows, TILE=TOKEN_TILE, BLOCK_D=channels, num_warps=warps)
+
+    v8t = torch.empty((batch, heads, channels, padded_k), dtype=torch.float8_e4m3fn if fp8_pv else torch.float16,
+                      device=device)
+    v_scale = torch.empty((batch, heads, channels), dtype=torch.float32, device=device)
+    _quantize_v_kernel[(padded_k // _V_BLOCK_L, batch * heads)](
+        v, v_amax, v8t, v_scale, heads, length_k, padded_k, head_dim, *v.stride(), FP8=fp8_pv,
+        EXACT_ROUNDING=interpreting(), BLOCK_L=_V_BLOCK_L, BLOCK_D=channels, num_warps=4)
+    launches["sage_quantize"] += 1
+    return Operands(q8, q_scale, k8, k_scale, v8t, v_scale, length_q, length_k, head_dim, q_rows, k_rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# The attention kernel
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _load_tile(src, row, col, row_stride, ROWS: tl.constexpr, COLS: tl.constexpr, TMA: tl.constexpr):
+    """[ROWS, COLS] at (row, col) of a dense 2-D operand: through its TMA descriptor, or by pointer (every tile
+    lies inside the padded tensors: no mask)."""
+    if TMA:
+        tile = src.load([row, col])
+    else:
+        offsets = (row + tl.arange(0, ROWS)).to(tl.int64)[:, None] * row_stride + (col + tl.arange(0, COLS))[None, :]
+        tile = tl.load(src + offsets)
+    return tile
+
+
+@triton.jit
+def _key_block(acc, row_sum, row_max, q, q_factor, k_src, v_src, k_scale_ptr, start_n, k_row0, v_row0, length_k,
+               padded_k, MASK: tl.constexpr, K_ROWS: tl.constexpr, FP8_PV: tl.constexpr,
+               SPLIT_ACCUMULATOR: tl.constexpr, EXACT_ROUNDING: tl.constexpr, TMA: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One key block of the online softmax: (acc, row_sum, row_max) updated."""
+    k = _load_tile(k_src, k_row0 + start_n, 0, BLOCK_D, BLOCK_N, BLOCK_D, TMA)
+    scores = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32)  # exact (module docstring)
+    if K_ROWS < BLOCK_N:  # a scale per key column, then q's per row
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        scores = scores * tl.load(k_scale_ptr + offs_n // K_ROWS)[None, :]
+        factor = q_factor
+    else:
+        factor = q_factor * tl.load(k_scale_ptr + start_n // K_ROWS)
+    if MASK:
+        scores = tl.where((start_n + tl.arange(0, BLOCK_N) < length_k)[None, :], scores, float("-inf"))
+    new_max = tl.maximum(row_max, tl.reduce(scores, 1, _max) * factor)
+    p = tl.math.exp2(scores * factor[:, None] - (new_max - 8.0)[:, None])  # 8.0: P_EXPONENT
+    alpha = tl.math.exp2(row_max - new_max)
+    row_sum = row_sum * alpha + tl.reduce(p, 1, _add)
+    v = _load_tile(v_src, v_row0, start_n, padded_k, BLOCK_D, BLOCK_N, TMA)  # [D, N]: tokens contiguous
+    if FP8_PV:
+        if EXACT_ROUNDING:  # the interpreter's own e4m3 conversion mis-rounds (kernels/e4m3.py)
+            p = round_to_e4m3(p)
+        rounded = p.to(tl.float8e4nv)
+    else:
+        rounded = p.to(tl.float16)
+    if SPLIT_ACCUMULATOR:
+        acc = acc * alpha[:, None] + tl.dot(rounded, tl.trans(v), out_dtype=tl.float32)
+    else:
+        acc = tl.dot(rounded, tl.trans(v), acc * alpha[:, None], out_dtype=tl.float32)
+    return acc, row_sum, new_max
+
+
+@triton.jit
+def _attention_kernel(q_src, k_src, v_src, q_scale_ptr, k_scale_ptr, v_scale_ptr, out_ptr,
+                      heads, length_q, length_k, full_end, padded_q, padded_k, length_bucket,
+                      stride_ob, stride_oh, stride_ol,
+                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, Q_ROWS: tl.constexpr, K_ROWS: tl.constexpr,
+                      FP8_PV: tl.constexpr, SPLIT_ACCUMULATOR: tl.constexpr, EXACT_ROUNDING: tl.constexpr,
+                      TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # length_bucket: unused here, a key of the autotuner's.
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    q = _load_tile(q_src, bh * padded_q + start_m, 0, BLOCK_D, BLOCK_M, BLOCK_D, TMA)
+    q_factor = tl.load(q_scale_ptr + bh.to(tl.int64) * (padded_q // Q_ROWS) + offs_m // Q_ROWS)
+    k_scale_ptr += bh.to(tl.int64) * (padded_k // K_ROWS)
+    k_row0 = bh * padded_k
+    v_row0 = bh * BLOCK_D
+
+    acc = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
+    row_sum = tl.full([BLOCK_M], 0.0, tl.float32)
+    row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    # Keys [0, full_end) fill whole blocks of any BLOCK_N (full_end: a multiple of 128, which they divide), the
+    # rest (under 128 keys, 0-2 blocks) get their columns past the keys masked out.
+    for start_n in range(0, full_end, BLOCK_N):
+        acc, row_sum, row_max = _key_block(
+            acc, row_sum, row_max, q, q_factor, k_src, v_src, k_scale_ptr, start_n, k_row0, v_row0, length_k,
+            padded_k, False, K_ROWS, FP8_PV, SPLIT_ACCUMULATOR, EXACT_ROUNDING, TMA, BLOCK_N, BLOCK_D)
+    for start_n in range(full_end, length_k, BLOCK_N):
+        acc, row_sum, row_max = _key_block(
+            acc, row_sum, row_max, q, q_factor, k_src, v_src, k_scale_ptr, start_n, k_row0, v_row0, length_k,
+            padded_k, True, K_ROWS, FP8_PV, SPLIT_ACCUMULATOR, EXACT_ROUNDING, TMA, BLOCK_N, BLOCK_D)
+
+    cols = tl.arange(0, BLOCK_D)
+    v_scale = tl.load(v_scale_ptr + bh * BLOCK_D + cols)
+    out = acc * tl.math.div_rn(tl.full([BLOCK_M], 1.0, tl.float32), row_sum)[:, None] * v_scale[None, :]
+    out_base = out_ptr + (bh // heads).to(tl.int64) * stride_ob + (bh % heads).to(tl.int64) * stride_oh
+    mask = (offs_m < length_q)[:, None] & (cols < HEAD_DIM)[None, :]
+    tl.store(out_base + offs_m.to(tl.int64)[:, None] * stride_ol + cols[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _tma_block_shapes(nargs: dict) -> None:
+    # The descriptors are made before a config is chosen; each config sets the tiles it loads.
+    block_m, block_n, channels = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_D"]
+    nargs["q_src"].block_shape = [block_m, channels]
+    nargs["k_src"].block_shape = [block_n, channels]
+    nargs["v_src"].block_shape = [channels, block_n]
+
+
+def _config(block_m: int, block_n: int, warps: int, stages: int, tma: bool):
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages,
+                         pre_hook=_tma_block_shapes if tma else None)
+
+
+# Hopper (sm_90, TMA). NOT YET MEASURED: FlashAttention-style starting points (128-query tiles with 8 warps,
+# two to three stages), to be replaced by bench/sage_attention_probe.py's timings on an H200.
+_TMA_CONFIGS = [_config(128, 128, 8, 2, True), _config(128, 128, 8, 3, True), _config(128, 64, 8, 3, True),
+                _config(128, 64, 4, 3, True), _config(64, 128, 4, 3, True)]
+# Ampere / Ada (pointer loads, cp.async pipelining). NOT YET MEASURED (the device tool lends H200s only).
+_POINTER_CONFIGS = [_config(128, 64, 4, 3, False), _config(128, 128, 8, 2, False), _config(64, 64, 4, 3, False),
+                    _config(128, 64, 8, 3, False)]
+
+_AUTOTUNE_KEY = ["length_bucket", "BLOCK_D", "FP8_PV", "K_ROWS", "SPLIT_ACCUMULATOR"]
+_attention_tma_tuned = triton.autotune(configs=_TMA_CONFIGS, key=_AUTOTUNE_KEY)(_attention_kernel)
+_attention_pointer_tuned = triton.autotune(configs=_POINTER_CONFIGS, key=_AUTOTUNE_KEY)(_attention_kernel)
+
+# Small tiles keep the interpreter quick; BLOCK_M 64 also checks that q's scales need not align with the tile.
+_INTERPRETER_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64}
+
+# The launch parameters of the last attention launch in this process (tests and the check step read the key
+# block width, which the reference needs: module docstring).
+last_config: dict = {}
+
+
+@functools.cache
+def _hopper(device: torch.device) -> bool:
+    return torch.version.hip is None and torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+def split_accumulator_default(operands: Operands) -> bool:
+    """Whether each key block's P·V gets a fresh accumulator (module docstring): with e4m3 operands."""
+    return operands.v8t.dtype == torch.float8_e4m3fn
+
+
+def _launch_attention(operands: Operands, out_dtype: torch.dtype, config: dict | None = None,
+                      tma: bool | None = None, split_accumulator: bool | None = None) -> torch.Tensor:
+    """The attention kernel on quantized operands. `config` ({"BLOCK_M", "BLOCK_N", "num_warps",
+    "num_stages"}), `tma` and `split_accumulator` pin a variant (the probe times each); by default the
+    autotuner picks among the configs of the GPU's kind."""
+    o = operands
+    batch, heads, padded_q, channels = o.q8.shape
+    padded_k = o.k8.shape[2]
+    device = o.q8.device
+    out = torch.empty((batch, o.length_q, heads, o.head_dim), dtype=out_dtype, device=device)
+    if split_accumulator is None:
+        split_accumulator = split_accumulator_default(o)
+    args = dict(heads=heads, length_q=o.length_q, length_k=_loop_count(o.length_k),
+                full_end=_loop_count(o.length_k // TOKEN_TILE * TOKEN_TILE), padded_q=padded_q, padded_k=padded_k,
+                length_bucket=next_power_of_2(o.length_k), stride_ob=out.stride(0), stride_oh=out.stride(2),
+                stride_ol=out.stride(1), HEAD_DIM=o.head_dim, BLOCK_D=channels, Q_ROWS=o.q_rows, K_ROWS=o.k_rows,
+                FP8_PV=o.v8t.dtype == torch.float8_e4m3fn, SPLIT_ACCUMULATOR=split_accumulator,
+                EXACT_ROUNDING=interpreting())
+    scales = (o.q_scale, o.k_scale, o.v_scale, out)
+    if interpreting():
+        config = dict(_INTERPRETER_CONFIG) if config is None else config
+        tma = False
+    elif tma is None:
+        tma = _hopper(device)
+    if tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        # Block shapes here are placeholders: each config's pre-hook (or the pinned config below) sets them.
+        sources = (TensorDescriptor.from_tensor(o.q8.view(-1, channels), [64, channels]),
+                   TensorDescriptor.from_tensor(o.k8.view(-1, channels), [64, channels]),
+                   TensorDescriptor.from_tensor(o.v8t.view(-1, padded_k), [channels, 64]))
+    else:
+        sources = (o.q8, o.k8, o.v8t)
+
+    if config is not None:
+        block_m, block_n = config["BLOCK_M"], config["BLOCK_N"]
+        extra = {key: config[key] for key in ("num_warps", "num_stages") if key in config}
+        if tma:
+            _tma_block_shapes({"q_src": sources[0], "k_src": sources[1], "v_src": sources[2], "BLOCK_M": block_m,
+                               "BLOCK_N": block_n, "BLOCK_D": channels})
+        _attention_kernel[(cdiv(o.length_q, block_m), batch * heads)](
+            *sources, *scales, TMA=tma, BLOCK_M=block_m, BLOCK_N=block_n,
+            **args, **extra)
+        chosen = {"BLOCK_M": block_m, "BLOCK_N": block_n, **extra}
+    else:
+        tuned = _attention_tma_tuned if tma else _attention_pointer_tuned
+        tuned[lambda meta: (cdiv(o.length_q, meta["BLOCK_M"]), batch * heads)](*sources, *scales, TMA=tma, **args)
+        best = tuned.best_config
+        chosen = {**best.kwargs, "num_warps": best.num_warps, "num_stages": best.num_stages}
+    last_config.clear()
+    last_config.update(chosen, tma=tma, split_accumulator=split_accumulator)
+    launches["sage_attention"] += 1
+    return out.transpose(1, 2)
