@@ -3,6 +3,8 @@ compute floor.
 
     python3 bench/bench_step.py --impls ours diffusers --workloads edit t2i [--e2e] [--out DIR]
     python3 bench/bench_step.py --impls ours comfyui --comfyui ~/ComfyUI  # ComfyUI's own FLUX code (comfyui_native.py)
+    python3 bench/bench_step.py --impls ours comfyui-fp8scaled comfyui-fp8scaled-fast comfyui-fp8scaled-dequant \
+        --comfyui ~/ComfyUI  # ComfyUI loading our weights as flux1-dev-kontext_fp8_scaled.safetensors
     python3 bench/bench_step.py --impls ours bfl --bfl build/bfl          # BFL's reference code (bfl_native.py)
 
 Random weights at full size (bf16). Workloads: edit = 1024x1024 target + one 1024x1024 context + 512
@@ -10,6 +12,10 @@ text tokens (8704 tokens); t2i = 1024x1024 + 512 text (4608). The floor is the s
 the bf16 matmul rate measured in the same run. Every number of one run comes from the same process.
 The reference rows run as their code does (PyTorch's SDPA in its default backend order, flash first);
 their `+cudnn` variants put cuDNN's attention first, as ours does, to separate attention from the rest.
+The comfyui-fp8scaled rows are what most ComfyUI users run: the fp8-scaled file of ComfyUI's Kontext
+template (here: our weights in that layout), loaded by ComfyUI 0.8 into its mixed-precision operations;
+"-fast" is ComfyUI started with `--fast`, "-dequant" the same file with its marker asking for full-precision
+matmuls (what ComfyUI does on GPUs without fp8 compute). comfyui_native.py says what each computes.
 """
 
 from __future__ import annotations
@@ -55,10 +61,19 @@ def rel_l2(ours: torch.Tensor, reference: torch.Tensor) -> float:
     return ((ours.double() - reference.double()).norm() / reference.double().norm()).item()
 
 
+def _plain(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors holding a tensor's memory: a traceable tensor subclass's inner tensors (ComfyUI's
+    QuantizedTensor wraps its fp8 data and scale so), else the tensor itself."""
+    if hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        return [t for name in names for t in _plain(getattr(tensor, name))]
+    return [tensor]
+
+
 def _cuda_storages(module) -> dict[int, int]:
     if not isinstance(module, torch.nn.Module):
         return {}
-    tensors = itertools.chain(module.parameters(), module.buffers())
+    tensors = itertools.chain.from_iterable(_plain(t) for t in itertools.chain(module.parameters(), module.buffers()))
     return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t.is_cuda}
 
 
@@ -219,7 +234,9 @@ def diffusers_step(twin, x: dict):
 
 IMPLS = ("ours", "ours-kernels", "ours-rowkernels", "ours-compiled", "ours-fp8", "ours-fp8-kernels",
          "ours-fp8-compiled", "ours-int8-rowkernels", "ours-int8-compiled", "diffusers", "diffusers-compiled",
-         "comfyui", "comfyui-compiled", "bfl", "bfl-compiled")
+         "comfyui", "comfyui-compiled", "comfyui-fp8scaled", "comfyui-fp8scaled-compiled", "comfyui-fp8scaled-fast",
+         "comfyui-fp8scaled-fast-compiled", "comfyui-fp8scaled-dequant", "comfyui-fp8scaled-dequant-compiled", "bfl",
+         "bfl-compiled")
 MODIFIERS = {
     "noepilogues": "GELU as its own pass, not in cuBLASLt's epilogue; the single block's linear2 over a concatenation",
     "exactaccum": "fp8 GEMMs without fast accumulation",
@@ -240,6 +257,11 @@ MODIFIERS = {
     "autotune": "compiled blocks in inductor's max-autotune mode: each GEMM timed against Triton templates "
                 "(persistent TMA ones too) that can take the elementwise work after it into their epilogue",
 }
+
+
+def _comfy_variant(impl: str) -> str:
+    """The ComfyUI twin a comfyui row runs: its name without modifiers and "-compiled"."""
+    return impl.split("+")[0].removesuffix("-compiled")
 
 
 def implementation(name: str) -> str:
@@ -486,14 +508,22 @@ def main() -> None:
 
     model = random_transformer(config)
     twin = diffusers_twin(model) if any(i.startswith("diffusers") for i in args.impls) else None
-    comfy = None
+    comfy = {}  # ComfyUI twin by row name without "-compiled"
     if any(i.startswith("comfyui") for i in args.impls):
         if args.comfyui and Path(args.comfyui).expanduser().is_dir():
-            from comfyui_native import comfy_step, comfy_twin
+            from comfyui_native import FP8_SCALED_VARIANTS, comfy_fp8_scaled_twin, comfy_step, comfy_twin, describe
+            from comfyui_native import fp8_scaled_file_state
 
-            comfy = comfy_twin(model, args.comfyui)
-            print(f"ComfyUI {comfy.comfy.version} at {comfy.comfy.path}: {comfy.comfy_operations}, "
-                  f"attention {comfy.comfy.attention}, RoPE {comfy.comfy.apply_rope}", flush=True)
+            wanted = sorted({_comfy_variant(i) for i in args.impls if i.startswith("comfyui")})
+            fp8_state = fp8_scaled_file_state(model) if any(w in FP8_SCALED_VARIANTS for w in wanted) else None
+            for variant in wanted:
+                comfy[variant] = (comfy_fp8_scaled_twin(model, args.comfyui, state=fp8_state,
+                                                        **FP8_SCALED_VARIANTS[variant])
+                                  if variant in FP8_SCALED_VARIANTS else comfy_twin(model, args.comfyui))
+                loaded = comfy[variant].comfy
+                print(f"ComfyUI {loaded.version} at {loaded.path}, {variant}: {describe(comfy[variant])}; "
+                      f"attention {loaded.attention}, RoPE {loaded.apply_rope}", flush=True)
+            del fp8_state  # the twins hold the fp8 weights (one copy, shared)
         else:
             print(f"skipping the comfyui rows: no ComfyUI at {args.comfyui!r} (--comfyui PATH or $COMFYUI_PATH)",
                   flush=True)
@@ -534,7 +564,8 @@ def main() -> None:
             modifiers = impl.split("+")[1:]
             target = (fp8_model if impl.startswith("ours-fp8") else int8_model if impl.startswith("ours-int8")
                       else model if impl.startswith("ours")
-                      else comfy if impl.startswith("comfyui") else bfl if impl.startswith("bfl") else twin)
+                      else comfy[_comfy_variant(impl)] if impl.startswith("comfyui")
+                      else bfl if impl.startswith("bfl") else twin)
             lora = apply_row_lora(target, impl) if impl.startswith("ours") else None
             if "-compiled" in impl:
                 compile_blocks(target, impl)
@@ -551,7 +582,7 @@ def main() -> None:
             if "cudnn" in modifiers:
                 fn = with_cudnn_first(fn)
             # Other models held for other rows are in max_memory_allocated too: the row reports its own.
-            others = others_bytes(target, (model, fp8_model, int8_model, twin, comfy, bfl))
+            others = others_bytes(target, (model, fp8_model, int8_model, twin, *comfy.values(), bfl))
             torch.cuda.reset_peak_memory_stats()
             with torch.no_grad():
                 out = fn()

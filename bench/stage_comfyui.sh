@@ -6,17 +6,21 @@
 # DEST gets the part of ComfyUI's comfy/ package the FLUX model imports (comfy/*.py, comfy/ldm/*.py,
 # comfy/ldm/flux/, comfy/ldm/modules/; .py files only, about 1 MB), comfyui_version.py and LICENSE (GPL-3.0:
 # the copy is carried, never committed; stage into an ignored folder such as build/). No top-level ComfyUI
-# module (nodes.py, folder_paths.py, ...) is imported.
-# WHEELDIR gets the one wheel the target lacks: comfy-kitchen (ComfyUI's RoPE kernel for FLUX; fp8/fp4
-# kernels), at the version installed in the checkout's .venv (or $COMFY_KITCHEN_VERSION), for CPython 3.12
-# x86_64. Its AMD (HIP) extension, 154 MB unpacked and loaded only under a ROCm PyTorch, is removed from
-# the wheel to keep the copy small. The other packages comfy's FLUX path imports (torch, einops, numpy,
-# pillow, psutil) are in the device image. Install there with:
+# module (nodes.py, folder_paths.py, ...) is imported. The fp8-scaled twin needs nothing more: it loads the
+# file through comfy/utils.py (the scaled-fp8 conversion and detection), comfy/ops.py (the mixed-precision
+# operations) and comfy/quant_ops.py; comfy/sd.py's own loader, which imports ComfyUI's whole model registry
+# and transformers, is not staged (the self-check compares the two where ComfyUI's venv has it).
+# WHEELDIR gets the one wheel the target lacks: comfy-kitchen (ComfyUI's RoPE kernel for FLUX; its quantized
+# tensors, fp8 casts and GEMM dispatch for the fp8-scaled rows), at the version installed in the checkout's
+# .venv (or $COMFY_KITCHEN_VERSION), for CPython 3.12 x86_64. Its AMD (HIP) extension, 154 MB unpacked and
+# loaded only under a ROCm PyTorch, is removed from the wheel to keep the copy small. The other packages
+# comfy's FLUX path imports (torch, einops, numpy, pillow, psutil, safetensors) are in the device image.
+# Install there with:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site WHEELDIR/*.whl
 set -euo pipefail
 
 if [ $# -ne 3 ]; then
-    sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 src=$(cd "$1" && pwd)

@@ -29,14 +29,14 @@ def compile_each_block(twin) -> None:
         block.compile()
 
 
-def compare_with_ours(make_twin: Callable, step: Callable, seed: int = 0) -> tuple[object, dict[str, float]]:
-    """A tiny float32 model on the CPU, its twin `make_twin(model)`, and `step(twin, x)()` against our velocity
-    with and without a context image: (twin, {"edit": rel. error, "t2i": rel. error}), max|diff| / max|ours|."""
+def random_case(seed: int = 0, config=None) -> tuple[object, dict[str, dict]]:
+    """A random float32 model on the CPU (`config`, default the tiny one) and its inputs with and without a
+    context image: (model, {"edit": x, "t2i": x}), x as the bench's step functions take it."""
     from kontext_core import KontextTransformer, TransformerConfig
     from kontext_core.tokens import context_tokens, pack_latent, position_ids, text_position_ids
 
     torch.manual_seed(seed)
-    config = TransformerConfig.tiny()
+    config = config or TransformerConfig.tiny()
     model = KontextTransformer(config)
     with torch.no_grad():  # non-trivial norms and biases, matrices at a scale that keeps activations O(1)
         for name, p in model.named_parameters():
@@ -47,7 +47,6 @@ def compare_with_ours(make_twin: Callable, step: Callable, seed: int = 0) -> tup
             else:
                 p.normal_(0, 0.05)
     model.eval().requires_grad_(False)
-    twin = make_twin(model)
     generator = torch.Generator().manual_seed(seed)
     batch, (th, tw), (ch, cw) = 2, (6, 10), (8, 6)  # a non-square target and a context of another size
     x = {"img": pack_latent(torch.randn(batch, 16, th, tw, generator=generator)),
@@ -57,11 +56,23 @@ def compare_with_ours(make_twin: Callable, step: Callable, seed: int = 0) -> tup
          "y": torch.randn(batch, config.vec_in_dim, generator=generator),
          "g": 1.0 + 3.0 * torch.rand(batch, generator=generator)}
     ctx, ctx_ids = context_tokens([torch.randn(batch, 16, ch, cw, generator=generator)], (th, tw), "kontext")
+    return model, {"edit": {**x, "ctx": ctx, "ctx_ids": ctx_ids}, "t2i": {**x, "ctx": None, "ctx_ids": None}}
+
+
+def compare_with_ours(make_twin: Callable, step: Callable, seed: int = 0,
+                      reference: Callable | None = None) -> tuple[object, dict[str, float]]:
+    """A tiny float32 model on the CPU, its twin `make_twin(model)`, and `step(twin, x)()` against our velocity
+    with and without a context image: (twin, {"edit": rel. error, "t2i": rel. error}), max|diff| / max|ours|.
+    `reference(model)`: the model of ours to compare with instead (e.g. ours loaded from the file the twin
+    read), given the random one."""
+    model, cases = random_case(seed)
+    twin = make_twin(model)
+    ours_model = reference(model) if reference is not None else model
     errors = {}
     with torch.no_grad():
-        for case, (c, c_ids) in {"edit": (ctx, ctx_ids), "t2i": (None, None)}.items():
-            x.update(ctx=c, ctx_ids=c_ids)
-            ours = model.velocity(x["img"], x["img_ids"], x["txt"], x["txt_ids"], x["t"], x["y"], x["g"], c, c_ids)
+        for case, x in cases.items():
+            ours = ours_model.velocity(x["img"], x["img_ids"], x["txt"], x["txt_ids"], x["t"], x["y"], x["g"],
+                                       x["ctx"], x["ctx_ids"])
             theirs = step(twin, x)()
             assert theirs.shape == ours.shape, (theirs.shape, ours.shape)
             errors[case] = ((theirs - ours).abs().max() / ours.abs().max()).item()

@@ -1,7 +1,13 @@
-"""The bench's "ComfyUI native" twin (bench/comfyui_native.py) computes our model's velocity.
+"""The bench's "ComfyUI native" twins (bench/comfyui_native.py) compute our model's velocity.
 
 ComfyUI's FLUX model, built and called as the bench does, on a tiny random float32 model on the CPU, with
 and without a context image: relative error (max |diff| / max |ours|) < 1e-4 (seen: ~5e-7).
+
+The fp8-scaled twin (ComfyUI 0.8 loading our weights as flux1-dev-kontext_fp8_scaled.safetensors) against
+our loader's float32 upcast of the same file: < 1e-4 where ComfyUI dequantizes the weights (a CPU; the
+file's full-precision marker), < 0.1 where it casts activations to e4m3 for fp8 GEMMs (`--supports-fp8-
+compute`, the H200's default path; seen 3.7e-2); `--fast fp8_matrix_mult` changes nothing for that file.
+Where comfy.sd imports (ComfyUI's venv), ComfyUI's own loader builds the same model, bit for bit.
 
 The comparison runs in a fresh interpreter (ComfyUI's `comfy` package must not meet this session's
 modules): once with ComfyUI's own venv (<COMFYUI_PATH>/.venv/bin/python, with comfy_kitchen's RoPE) and
@@ -46,3 +52,19 @@ def test_comfyui_twin_matches_ours(python):
     assert result["operations"] == "comfy.ops.disable_weight_init"
     for case, error in result["rel_err"].items():
         assert error < TOLERANCE, f"{case}: ComfyUI vs ours rel. error {error:.2e} ({result})"
+
+    fp8 = result["fp8_scaled"]
+    block_linears = 2 * 2 * 5 + 2 * 3  # the tiny model's double (2 streams x 5) and single (3) block linears
+    for check, outcome in fp8.items():
+        assert "MixedPrecisionOps" in outcome["operations"], (check, outcome)
+        for case, error in outcome["rel_err"].items():
+            assert error < outcome["tolerance"], f"fp8 {check} {case}: rel. error {error:.2e} ({outcome})"
+    for check in ("as_here", "fp8_compute+full_precision_marker"):
+        assert fp8[check]["linear_paths"]["dequantized"] == block_linears, fp8[check]
+    for check in ("fp8_compute", "fp8_compute+fast_fp8_matrix_mult", "fp8_compute+fast"):
+        assert fp8[check]["linear_paths"]["fp8_gemm"] == block_linears, fp8[check]
+        assert not fp8[check]["comfy_kitchen_warnings"], fp8[check]
+    assert fp8["fp8_compute+fast_fp8_matrix_mult"]["rel_err"] == fp8["fp8_compute"]["rel_err"]
+    loader = result["fp8_scaled_loader_check"]
+    if "skipped" not in loader:
+        assert loader["same_build"] and loader["max_abs_diff"] == 0.0, loader

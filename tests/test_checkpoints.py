@@ -22,6 +22,7 @@ from kontext_core import (
     save_autoencoder,
     save_transformer,
 )
+from kontext_core.checkpoints.saving import transformer_file_state
 from kontext_core.quant import QuantizedLinear
 
 
@@ -107,6 +108,16 @@ def test_comfyui_fp8_file_layout(tiny_transformer, tmp_path, weights):
     assert ("model.diffusion_model.scaled_fp8" in stored) == weights.endswith("scaled")
     assert ("model.diffusion_model.double_blocks.0.img_attn.qkv.scale_weight" in stored) == weights.endswith("scaled")
     assert stored["model.diffusion_model.double_blocks.0.img_attn.qkv.bias"].dtype == torch.float32
+
+
+def test_file_state_is_what_the_saver_writes(tiny_transformer, tmp_path):
+    save_transformer(tiny_transformer, tmp_path / "m.safetensors", layout="comfy", weights="fp8_e4m3fn_scaled")
+    stored = load_file(tmp_path / "m.safetensors")
+    state = transformer_file_state(tiny_transformer, layout="comfy", weights="fp8_e4m3fn_scaled")
+    assert stored.keys() == state.keys()
+    assert all(torch.equal(stored[k].float(), state[k].float()) and stored[k].dtype == state[k].dtype for k in state)
+    with pytest.raises(CheckpointError, match="single-file"):
+        transformer_file_state(tiny_transformer, layout="diffusers")
 
 
 @pytest.mark.parametrize("weights", FP8_FORMATS)

@@ -89,6 +89,18 @@ def _diffusers_state(links, state: dict[str, torch.Tensor]) -> dict[str, torch.T
     return out
 
 
+def transformer_file_state(model: KontextTransformer, *, layout: str = "bfl",
+                           weights: str | None = None) -> dict[str, torch.Tensor]:
+    """The tensors `save_transformer` writes in a single-file layout ('bfl', or 'comfy' with ComfyUI's prefix),
+    without writing them: what a reader of that file gets (the bench hands ComfyUI's loader this state)."""
+    if layout not in ("bfl", "comfy"):
+        raise CheckpointError(f"{layout!r} is not a single-file layout; choose 'bfl' or 'comfy'")
+    if weights not in WEIGHT_FORMATS:
+        raise CheckpointError(f"unknown weight format {weights!r}; choose one of {WEIGHT_FORMATS}")
+    prefix = _COMFY_PREFIX if layout == "comfy" else ""
+    return {prefix + k: v for k, v in _fp8_state(model, weights).items()}
+
+
 def save_transformer(model: KontextTransformer, path: str | os.PathLike, *, layout: str = "bfl",
                      weights: str | None = None, max_shard_bytes: int = 10 * 1024**3) -> None:
     """Save in `layout` ('bfl' file, 'comfy' file with ComfyUI's prefix, 'diffusers' folder).
@@ -110,10 +122,8 @@ def save_transformer(model: KontextTransformer, path: str | os.PathLike, *, layo
         save_sharded(state, path, "diffusion_pytorch_model", max_shard_bytes)
         write_text_atomic(json.dumps(_diffusers_transformer_config(model), indent=2), path / "config.json")
         return
-    state = _fp8_state(model, weights)
-    prefix = _COMFY_PREFIX if layout == "comfy" else ""
     metadata = {"kontext_core.config": json.dumps(model.config.to_dict())}
-    save_atomic({prefix + k: v for k, v in state.items()}, path, metadata)
+    save_atomic(transformer_file_state(model, layout=layout, weights=weights), path, metadata)
 
 
 def save_autoencoder(model: Autoencoder, path: str | os.PathLike, *, layout: str = "bfl") -> None:
