@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import stat
 import sys
 import tempfile
 import threading
@@ -393,11 +394,47 @@ def _ctrl_c_between_steps():
         signal.signal(signal.SIGINT, previous)
 
 
+_umask_lock = threading.Lock()
+_umask_by_setting: int | None = None
+
+
+def _mode_for_replacing(path: Path) -> int:
+    """The mode `open(path, "wb")` would leave: an existing file's own, else 0o666 less the umask.
+
+    kontext_core.files_out does the same for the model's outputs; this client does not import kontext_core (it
+    would load torch), hence this twin, kept in step by tests/test_files_out.py.
+    """
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return 0o666 & ~_current_umask()
+
+
+def _current_umask() -> int:
+    try:  # Linux 4.7+ reports it without changing it
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    global _umask_by_setting
+    with _umask_lock:
+        # Elsewhere only setting it reads it, and for that instant other threads' files get 0o077: once only.
+        if _umask_by_setting is None:
+            _umask_by_setting = os.umask(0o077)
+            os.umask(_umask_by_setting)
+        return _umask_by_setting
+
+
 def write_atomic(path: Path, content: bytes) -> None:
+    """`content` into `path` through a temporary file beside it, synced before the rename: a crash leaves the
+    old file or the new one, never half of one; the new one has the mode a plain write would have given it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
+            os.chmod(tmp, _mode_for_replacing(path))
             handle.write(content)
             handle.flush()
             os.fsync(handle.fileno())
