@@ -31,6 +31,8 @@ T5_MAX_LENGTH = 512  # Kontext [dev] and FLUX.1 [dev]; [schnell] used 256
 CLIP_MAX_LENGTH = 77
 T5_TOKENIZER_REPO = "google/t5-v1_1-xxl"
 CLIP_TOKENIZER_REPO = "openai/clip-vit-large-patch14"
+# Copies of those two repos' tokenizers (data files with their licenses), for machines with an empty cache.
+BUNDLED_TOKENIZERS = Path(__file__).resolve().parent / "tokenizers"
 
 _FLOAT_STORAGE = {"F16", "BF16", "F32", "F64"}
 _FP8_STORAGE = {"F8_E4M3", "F8_E5M2"}
@@ -144,7 +146,7 @@ def _encoder_prefix(weights: _Weights, path: Path, wanted: _EncoderKind, other: 
     if other.prefixes(keys) and describe(keys) == f"a {other.short} text encoder":
         raise CheckpointError(
             f"{weights.name} is a {other.short} text encoder, not {wanted.name}. Pass it as the {other.short} file "
-            f"({other.argument}); the {wanted.short} file is {wanted.files} (in ComfyUI's models/text_encoders), "
+            f"(`{other.argument}`); the {wanted.short} file is {wanted.files} (in ComfyUI's models/text_encoders), "
             f"or a diffusers {wanted.diffusers_folder}/ folder."
         )
     refuse_lone_shard(path.name, "text encoder")
@@ -433,11 +435,18 @@ def _tokenizer_folders_near(weights_path: Path, component: str) -> list[Path]:
     return [weights_path.parent.parent / component]
 
 
-def _load_tokenizer(source, weights_path, *, component: str, repo: str, family_cls, what: str,
-                    allow_download: bool):
+def _from_hub(repo: str, allow_download: bool):
+    """The tokenizer of Hugging Face repo `repo`: from the cache, or from the hub when downloads are allowed."""
+    return AutoTokenizer.from_pretrained(repo, local_files_only=not allow_download)
+
+
+def _load_tokenizer(source, weights_path, *, component: str, repo: str, bundled: Path, argument: str,
+                    family_cls, what: str, allow_download: bool):
+    """`source` (a tokenizer, a folder, or a hub repo id), else the tokenizer beside the weights, else the
+    Hugging Face cache's copy of `repo`, else the copy in `bundled`: the same files, shipped with this package
+    so that a first run works offline."""
     if source is not None and not isinstance(source, (str, os.PathLike)):
         return source  # already a tokenizer
-    looked: list[str] = []
     if source is not None:
         folder = Path(source)
         if folder.is_file():
@@ -448,40 +457,45 @@ def _load_tokenizer(source, weights_path, *, component: str, repo: str, family_c
             raise CheckpointError(
                 f"no {what} tokenizer in {folder}: expected tokenizer.json, spiece.model (T5) or vocab.json + "
                 f"merges.txt (CLIP). Pass the tokenizer folder of a diffusers FLUX.1 Kontext download "
-                f"({component}/), or a Hugging Face repo id (e.g. {repo})."
+                f"({component}/), a Hugging Face repo id (e.g. {repo}), or leave `{argument}` unset for the "
+                "tokenizer that comes with kontext_core."
             )
-        looked.append(f"{folder} (no such folder, so taken as a Hugging Face repo id)")
-        repo = str(source)
-    elif weights_path is not None:
+        try:
+            return _from_hub(str(source), allow_download)
+        except Exception as exc:  # offline, not cached, gated, or no such repo
+            reason = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
+            where = "on the Hugging Face hub" if allow_download else "in the Hugging Face cache"
+            fix = "Check the repo id" if allow_download else "Allow downloads (`allow_download=True`) to fetch it"
+            raise CheckpointError(
+                f"the {what} tokenizer {source} is neither a folder nor a repo found {where} ({reason}). {fix}, "
+                f"or leave `{argument}` unset for the tokenizer that comes with kontext_core."
+            ) from exc
+    if weights_path is not None:
         for folder in _tokenizer_folders_near(Path(weights_path), component):
-            looked.append(str(folder))
             if _has_tokenizer_files(folder):
                 return _tokenizer_from_folder(folder, family_cls, what)
     try:
-        return AutoTokenizer.from_pretrained(repo, local_files_only=not allow_download)
-    except Exception as exc:  # offline, not cached, gated, or no such repo
-        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
-        where = "the Hugging Face hub" if allow_download else "the Hugging Face cache"
-        looked.append(f"{where} for {repo} ({reason})")
-        raise CheckpointError(
-            f"no {what} tokenizer found (looked in: {'; '.join(looked)}). "
-            f"Pass the tokenizer folder ({component}/ of a diffusers FLUX.1 Kontext download, or a folder with "
-            f"tokenizer.json / spiece.model / vocab.json + merges.txt), or allow_download=True to fetch {repo}."
-        ) from exc
+        return _from_hub(repo, allow_download=False)
+    except Exception:  # not cached (or a cached copy that cannot be read): the bundled copy is the same tokenizer
+        return _tokenizer_from_folder(bundled, family_cls, what)
 
 
 def load_t5_tokenizer(source: str | os.PathLike | None = None, *, weights_path: str | os.PathLike | None = None,
                       allow_download: bool = False):
-    """The T5 tokenizer from `source` (a folder, or a hub repo id when downloads are allowed), else from
-    `tokenizer_2/` beside the diffusers weights at `weights_path`, else google/t5-v1_1-xxl (cache or hub)."""
+    """The T5 tokenizer from `source` (a folder, or a hub repo id: from the cache, or the hub when downloads
+    are allowed), else from `tokenizer_2/` beside the diffusers weights at `weights_path`, else
+    google/t5-v1_1-xxl's from the Hugging Face cache, else the copy of it in kontext_core/tokenizers/t5/."""
     return _load_tokenizer(source, weights_path, component="tokenizer_2", repo=T5_TOKENIZER_REPO,
-                           family_cls=T5Tokenizer, what="T5", allow_download=allow_download)
+                           bundled=BUNDLED_TOKENIZERS / "t5", argument="t5_tokenizer", family_cls=T5Tokenizer,
+                           what="T5", allow_download=allow_download)
 
 
 def load_clip_tokenizer(source: str | os.PathLike | None = None, *, weights_path: str | os.PathLike | None = None,
                         allow_download: bool = False):
-    """The CLIP tokenizer, found like `load_t5_tokenizer` (`tokenizer/`, openai/clip-vit-large-patch14)."""
+    """The CLIP tokenizer, found like `load_t5_tokenizer` (`tokenizer/`, openai/clip-vit-large-patch14,
+    kontext_core/tokenizers/clip_l/)."""
     return _load_tokenizer(source, weights_path, component="tokenizer", repo=CLIP_TOKENIZER_REPO,
+                           bundled=BUNDLED_TOKENIZERS / "clip_l", argument="clip_tokenizer",
                            family_cls=CLIPTokenizer, what="CLIP", allow_download=allow_download)
 
 
@@ -489,14 +503,15 @@ def load_clip_tokenizer(source: str | os.PathLike | None = None, *, weights_path
 # The pair
 
 
-def _check_tokenizer(tokenizer, vocab_size: int, what: str, expected: str) -> None:
+def _check_tokenizer(tokenizer, vocab_size: int, what: str, expected: str, argument: str) -> None:
     if len(tokenizer) > vocab_size:
         raise CheckpointError(
-            f"the {what} tokenizer has {len(tokenizer)} tokens but the {what} model only {vocab_size}; it is the "
-            f"tokenizer of another model. Use {expected}."
+            f"the {what} tokenizer has {len(tokenizer)} tokens but the {what} model only {vocab_size}; they belong to "
+            f"different models. Pair {expected} with FLUX's {what} weights, or pass the tokenizer made for this "
+            f"model (`{argument}`)."
         )
     if tokenizer.pad_token_id is None:
-        raise CheckpointError(f"the {what} tokenizer has no padding token; use {expected}.")
+        raise CheckpointError(f"the {what} tokenizer has no padding token; use {expected} (`{argument}`).")
 
 
 class TextEncoders:
@@ -511,9 +526,10 @@ class TextEncoders:
                  device: str | torch.device | None = None):
         if t5_max_length < 1 or cache_size < 0:
             raise ValueError(f"t5_max_length must be >= 1 and cache_size >= 0 (got {t5_max_length}, {cache_size})")
-        _check_tokenizer(t5_tokenizer, t5.config.vocab_size, "T5", f"the T5 v1.1 tokenizer ({T5_TOKENIZER_REPO})")
+        _check_tokenizer(t5_tokenizer, t5.config.vocab_size, "T5", f"the T5 v1.1 tokenizer ({T5_TOKENIZER_REPO})",
+                         "t5_tokenizer")
         _check_tokenizer(clip_tokenizer, clip.config.vocab_size, "CLIP",
-                         f"the CLIP-L tokenizer ({CLIP_TOKENIZER_REPO})")
+                         f"the CLIP-L tokenizer ({CLIP_TOKENIZER_REPO})", "clip_tokenizer")
         self.t5, self.clip = t5, clip
         self.t5_tokenizer, self.clip_tokenizer = t5_tokenizer, clip_tokenizer
         self.t5_max_length = t5_max_length
@@ -598,8 +614,10 @@ def load_text_encoders(t5_path: str | os.PathLike, clip_path: str | os.PathLike 
 
     `t5_path` / `clip_path`: ComfyUI files (`t5xxl_fp16.safetensors`, `clip_l.safetensors`, fp8 variants,
     a bundled checkpoint) or a diffusers folder; `clip_path` defaults to `t5_path` (a diffusers root or a
-    bundle holds both). Tokenizers: a folder or tokenizer object, else the diffusers `tokenizer_2/` and
-    `tokenizer/` beside the weights, else the Hugging Face cache, else the hub when `allow_download`.
+    bundle holds both). Tokenizers: a folder, hub repo id or tokenizer object, else the diffusers `tokenizer_2/`
+    and `tokenizer/` beside the weights, else the Hugging Face cache, else the copies bundled in
+    kontext_core/tokenizers/ (so no download is ever needed); `allow_download` lets a repo id given as a
+    tokenizer come from the hub.
     """
     clip_path = t5_path if clip_path is None else clip_path
     t5 = load_t5_encoder(t5_path, dtype=dtype, device=device)

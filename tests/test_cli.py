@@ -128,6 +128,16 @@ def test_missing_model_files_fail_clearly(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "could not find the transformer, autoencoder, t5, clip" in err and "flux1-kontext-dev.safetensors" in err
+    assert "allow it (--download)" in err and "allow_download" not in err  # the command's flag, not Python's
+
+
+def test_errors_name_the_commands_flags_not_python_arguments(models_tree, capsys):
+    tmp_path, image, common = models_tree
+    common[common.index("--t5-tokenizer") + 1] = "kontext-tests/no-such-tokenizer"  # a repo id, not cached
+    assert main(["edit", str(image), "--prompt", "p", "-o", str(tmp_path / "o.png"), *common]) == 2
+    err = capsys.readouterr().err
+    assert "Allow downloads (--download)" in err and "leave --t5-tokenizer unset" in err
+    assert "allow_download" not in err and "`" not in err
 
 
 def test_unreadable_input_image(models_tree):

@@ -332,9 +332,9 @@ def test_offload_frees_the_gpu_and_encode_brings_the_models_back(files):
 
 
 def test_t5_and_clip_swapped(files):
-    with pytest.raises(CheckpointError, match=r"clip_l.safetensors is a CLIP text encoder, not T5-XXL.*clip_path"):
+    with pytest.raises(CheckpointError, match=r"clip_l.safetensors is a CLIP text encoder, not T5-XXL.*`clip_path`"):
         load_t5_encoder(files["root"] / "clip_l.safetensors")
-    with pytest.raises(CheckpointError, match=r"t5xxl_fp16.safetensors is a T5 text encoder, not CLIP-L.*t5_path"):
+    with pytest.raises(CheckpointError, match=r"t5xxl_fp16.safetensors is a T5 text encoder, not CLIP-L.*`t5_path`"):
         load_clip_encoder(files["root"] / "t5xxl_fp16.safetensors")
 
 
@@ -393,11 +393,62 @@ def test_config_that_does_not_match_the_file(files):
                           config=CLIPTextConfig(**{**CLIP_TINY, "hidden_size": 32}))
 
 
-def test_missing_tokenizer_says_where_it_looked(tmp_path, files, monkeypatch):
+def test_without_a_tokenizer_anywhere_the_bundled_copies_are_used(files, monkeypatch):
+    # Nothing beside the weights, nothing in the Hugging Face cache under these names: kontext_core's own copies.
     monkeypatch.setattr(text_encoders, "T5_TOKENIZER_REPO", "kontext-tests/no-such-tokenizer")
-    with pytest.raises(CheckpointError, match=r"no T5 tokenizer found \(looked in: .*tokenizer_2; .*Hugging Face cache "
-                                              r"for kontext-tests/no-such-tokenizer.*allow_download=True"):
-        load_t5_tokenizer(weights_path=files["root"] / "t5xxl_fp16.safetensors")
+    monkeypatch.setattr(text_encoders, "CLIP_TOKENIZER_REPO", "kontext-tests/no-such-tokenizer")
+    t5 = load_t5_tokenizer(weights_path=files["root"] / "t5xxl_fp16.safetensors")
+    clip = load_clip_tokenizer(weights_path=files["root"] / "clip_l.safetensors")
+    assert (len(t5), t5.pad_token_id, t5.eos_token_id, t5.unk_token_id) == (32100, 0, 1, 2)
+    assert (len(clip), clip.bos_token_id, clip.eos_token_id, clip.pad_token_id) == (49408, 49406, 49407, 49407)
+    # Ids published for these sentences: transformers' T5 documentation, and CLIP's widely quoted prompt.
+    assert t5("The <extra_id_0> walks in <extra_id_1> park").input_ids == [37, 32099, 10681, 16, 32098, 2447, 1]
+    assert t5("The house is wonderful.").input_ids == [37, 629, 19, 1627, 5, 1]
+    assert clip("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+
+
+def test_bundled_tokenizers_equal_the_transformers_classes_built_from_their_vocabularies(tmp_path):
+    """The configs shipped beside the vocabularies change nothing: T5TokenizerFast on tokenizer.json alone and
+    CLIPTokenizer on vocab.json + merges.txt alone give the same ids, padded and truncated as FLUX does."""
+    from transformers import CLIPTokenizer, T5TokenizerFast
+
+    bundled = text_encoders.BUNDLED_TOKENIZERS
+    t5, clip = load_t5_tokenizer(bundled / "t5"), load_clip_tokenizer(bundled / "clip_l")
+    t5_alone = T5TokenizerFast(tokenizer_file=str(bundled / "t5" / "tokenizer.json"))
+    vocabulary = tmp_path / "clip_vocabulary"
+    vocabulary.mkdir()
+    for name in ("vocab.json", "merges.txt"):
+        (vocabulary / name).write_bytes((bundled / "clip_l" / name).read_bytes())
+    clip_alone = CLIPTokenizer.from_pretrained(str(vocabulary))
+    prompts = PROMPTS + ["Make the sky  stormy, keep the café's sign; 3 cats & a dog!", "x " * 600]
+    for ours, alone, length in ((t5, t5_alone, 512), (clip, clip_alone, 77)):
+        encode = dict(padding="max_length", max_length=length, truncation=True)
+        assert ours(prompts, **encode).input_ids == alone(prompts, **encode).input_ids
+
+
+def test_bundled_copies_are_package_data_with_their_licenses():
+    bundled = text_encoders.BUNDLED_TOKENIZERS
+    for folder, vocabulary, license_text in (("t5", "tokenizer.json", "Apache License"),
+                                             ("clip_l", "vocab.json", "MIT License")):
+        assert (bundled / folder / vocabulary).stat().st_size < 4_000_000
+        assert license_text in (bundled / folder / "LICENSE").read_text()
+        assert "Origin:" in (bundled / folder / "NOTICE").read_text()
+
+
+def test_tokenizer_order_explicit_then_beside_the_weights_then_cache_then_bundled(files, monkeypatch):
+    cached = object()
+    monkeypatch.setattr(text_encoders, "_from_hub", lambda repo, allow_download: cached)
+    assert load_t5_tokenizer(weights_path=files["root"] / "t5xxl_fp16.safetensors") is cached
+    beside = load_t5_tokenizer(weights_path=files["diffusers"])  # tokenizer_2/ of the diffusers folder
+    assert beside is not cached and len(beside) == 3 + len(WORDS)
+    assert len(load_t5_tokenizer(files["t5_tok"], weights_path=files["diffusers"])) == 3 + len(WORDS)
+
+
+def test_tokenizer_named_by_an_uncached_repo_says_how_to_fetch_it(tmp_path):
+    with pytest.raises(CheckpointError, match=r"the T5 tokenizer kontext-tests/no-such-tokenizer is neither a folder "
+                                              r"nor a repo found in the Hugging Face cache .*`allow_download=True`.*"
+                                              r"leave `t5_tokenizer` unset"):
+        load_t5_tokenizer("kontext-tests/no-such-tokenizer")
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match=r"no CLIP tokenizer in .*empty: expected tokenizer.json"):
         load_clip_tokenizer(tmp_path / "empty")
@@ -407,8 +458,12 @@ def test_tokenizer_of_another_model_is_refused(files):
     t5 = load_t5_encoder(files["root"] / "t5xxl_fp16.safetensors", dtype="fp32")
     clip = load_clip_encoder(files["root"] / "clip_l.safetensors", dtype="fp32")
     clip_tokenizer = load_clip_tokenizer(files["clip_tok"])
-    with pytest.raises(CheckpointError, match=r"T5 tokenizer has 60 tokens but the T5 model only 40"):
+    with pytest.raises(CheckpointError, match=r"T5 tokenizer has 60 tokens but the T5 model only 40.*`t5_tokenizer`"):
         TextEncoders(t5, clip, clip_tokenizer, clip_tokenizer)
+    # The bundled T5 v1.1 tokenizer with a model of 40 tokens: the pairing is named, not an index error later.
+    with pytest.raises(CheckpointError, match=r"T5 tokenizer has 32100 tokens but the T5 model only 40; they belong "
+                                              r"to different models"):
+        TextEncoders(t5, clip, load_t5_tokenizer(text_encoders.BUNDLED_TOKENIZERS / "t5"), clip_tokenizer)
 
 
 def test_spiece_model_folder(tmp_path):

@@ -21,7 +21,11 @@ from ..files_out import replacing
 
 
 class CheckpointError(ValueError):
-    """A model file is missing, of the wrong kind, or damaged. The message says what to do."""
+    """A model file is missing, of the wrong kind, or damaged. The message says what to do.
+
+    Where the fix is an option, the message names it as a Python caller passes it, in backticks
+    (`allow_download=True`, `clip_path`); the command line puts its own flags in their place (cli.py).
+    """
 
 
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
