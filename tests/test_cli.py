@@ -140,6 +140,16 @@ def test_errors_name_the_commands_flags_not_python_arguments(models_tree, capsys
     assert "allow_download" not in err and "`" not in err
 
 
+def test_a_clip_of_another_width_is_named_before_anything_runs(models_tree, tiny_transformer, capsys):
+    tmp_path, image, common = models_tree
+    wide = tiny_clip(hidden_size=2 * tiny_transformer.config.vec_in_dim)
+    save_file(clip_tensors(wide), tmp_path / "ComfyUI" / "models" / "text_encoders" / "clip_l.safetensors")
+    assert main(["edit", str(image), "--prompt", "p", "-o", str(tmp_path / "w.png"), *common]) == 2
+    err = capsys.readouterr().err
+    assert f"clip_l.safetensors: CLIP with hidden size {2 * tiny_transformer.config.vec_in_dim}" in err
+    assert "mat1 and mat2" not in err and not (tmp_path / "w.png").exists()
+
+
 def test_unreadable_input_image(models_tree):
     tmp_path, _, common = models_tree
     (tmp_path / "bad.png").write_bytes(b"not an image")

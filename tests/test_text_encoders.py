@@ -20,6 +20,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
 from kontext_core.checkpoints.files import CheckpointError, save_sharded
+from kontext_core.config import TransformerConfig
 from kontext_core.quant import quantize_weight
 from kontext_core import text_encoders
 from kontext_core.text_encoders import (
@@ -391,6 +392,74 @@ def test_config_that_does_not_match_the_file(files):
     with pytest.raises(CheckpointError, match=r"has shape \[64, 64\] but the CLIP text encoder config needs"):
         load_clip_encoder(files["root"] / "clip_l.safetensors",
                           config=CLIPTextConfig(**{**CLIP_TINY, "hidden_size": 32}))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Encoders that do not fit the transformer: refused by what they are, before any weight is read
+
+
+def test_encoders_of_the_transformers_widths_load(files):
+    fits = TransformerConfig.tiny(context_in_dim=32, vec_in_dim=64)  # the tiny files' widths
+    encoders = load_text_encoders(files["root"] / "t5xxl_fp16.safetensors", files["root"] / "clip_l.safetensors",
+                                  t5_tokenizer=files["t5_tok"], clip_tokenizer=files["clip_tok"], dtype="fp32",
+                                  transformer_config=fits)
+    assert encoders.encode("a cat")[1].shape == (1, 64)
+
+
+def test_encoders_of_other_widths_are_named_against_the_transformer(files):
+    transformer = TransformerConfig.tiny(context_in_dim=48, vec_in_dim=32)
+    with pytest.raises(CheckpointError, match=r"t5xxl_fp16.safetensors: T5 with hidden size 32, that is a T5 32 "
+                                              r"wide; this transformer reads 48-wide text features .*t5xxl_fp16"):
+        load_t5_encoder(files["root"] / "t5xxl_fp16.safetensors", transformer_config=transformer)
+    with pytest.raises(CheckpointError, match=r"clip_l.safetensors: CLIP with hidden size 64, that is a CLIP 64 wide, "
+                                              r"not what this transformer reads: a 32-wide pooled vector"):
+        load_clip_encoder(files["root"] / "clip_l.safetensors", transformer_config=transformer)
+
+
+def test_a_clip_b_file_for_flux_is_named_before_its_weights_are_read(tmp_path):
+    # The issue's case: a 512-wide CLIP given as clip_l; FLUX reads CLIP-L's 768-wide pooled vector. Only the
+    # tensors whose shapes give the config are written: the check comes before the missing ones are noticed.
+    path = tmp_path / "clip_b.safetensors"
+    save_file({"text_model.embeddings.token_embedding.weight": torch.zeros(10, 512),
+               "text_model.embeddings.position_embedding.weight": torch.zeros(77, 512),
+               "text_model.encoder.layers.0.mlp.fc1.weight": torch.zeros(16, 512),
+               "text_model.encoder.layers.0.layer_norm1.weight": torch.zeros(512)}, path)
+    with pytest.raises(CheckpointError, match=r"clip_b.safetensors: CLIP with hidden size 512, that is the text tower "
+                                              r"of CLIP ViT-B, not what this transformer reads: a 768-wide pooled "
+                                              r"vector \(FLUX: CLIP-L, 768\). Use CLIP-L: clip_l.safetensors"):
+        load_clip_encoder(path, transformer_config=TransformerConfig())
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (dict(vocab_size=256384), r"vocabulary 256384 \(T5-XXL v1.1: 32128\): that is UMT5"),
+    (dict(vocab_size=250112), r"that is mT5"),
+    (dict(d_model=2048, d_ff=5120, num_heads=32), r"T5 with hidden size 2048, that is T5-XL; this transformer reads "
+                                                   r"4096-wide"),
+    (dict(feed_forward_proj="relu", d_ff=65536), r"feed_forward 65536 \(T5-XXL v1.1: 10240\), activation relu"),
+    (dict(num_layers=12), r"layers 12 \(T5-XXL v1.1: 24\)"),
+])
+def test_t5_layouts_flux_was_not_trained_with_are_refused(overrides, expected):
+    with pytest.raises(CheckpointError, match=expected + r".*Use T5-XXL v1.1: t5xxl_fp16.safetensors"):
+        text_encoders.check_t5_fits(t5_xxl_config(**overrides), TransformerConfig(), "t5.safetensors")
+
+
+def test_flux_sizes_accept_t5_xxl_and_clip_l_of_any_context_length():
+    flux = TransformerConfig()
+    text_encoders.check_t5_fits(t5_xxl_config(), flux)
+    text_encoders.check_clip_fits(clip_l_config(), flux)
+    text_encoders.check_clip_fits(clip_l_config(max_position_embeddings=248), flux)  # LongCLIP-L
+    with pytest.raises(CheckpointError, match=r"the CLIP text encoder: a CLIP with layers 6 \(CLIP-L: 12\)"):
+        text_encoders.check_clip_fits(clip_l_config(num_hidden_layers=6), flux)
+
+
+def test_a_pipeline_refuses_encoders_its_transformer_cannot_read(files, tiny_transformer, tiny_autoencoder):
+    from conftest import FakeEncoders
+    from kontext_core.pipeline import KontextPipeline
+
+    encoders = tiny_encoders(files)  # T5 32 wide, CLIP 64 wide; the tiny transformer reads 48 and 32
+    with pytest.raises(CheckpointError, match=r"t5xxl_fp16.safetensors: T5 with hidden size 32"):
+        KontextPipeline(tiny_transformer, tiny_autoencoder, encoders)
+    KontextPipeline(tiny_transformer, tiny_autoencoder, FakeEncoders(48, 32))  # stand-ins have no configs
 
 
 def test_without_a_tokenizer_anywhere_the_bundled_copies_are_used(files, monkeypatch):
