@@ -225,7 +225,8 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
     models.add_argument("--clip-tokenizer", help="folder (or Hugging Face repo id) of the CLIP tokenizer (found as "
                                                  "the T5 one)")
     models.add_argument("--download", action="store_true",
-                        help="download missing model files (and a tokenizer named by repo id) from the Hugging Face hub")
+                        help="download missing model files (and a tokenizer named by repo id) from the "
+                             "Hugging Face hub")
     models.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH]", help="apply a LoRA")
     gen = parser.add_argument_group("generation")
     gen.add_argument("--steps", type=int, default=28)

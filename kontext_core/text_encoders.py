@@ -453,8 +453,10 @@ def load_t5_encoder(path: str | os.PathLike, *, config: T5Config | None = None,
     compute_dtype = _check_dtype(dtype)
     weights = _open_weights(path, _T5.diffusers_folder)
     weights.prefix = _encoder_prefix(weights, path, _T5, _CLIP)
-    # A copy of a config given: it is about to be named after this file.
-    config = copy.deepcopy(config) if config is not None else _folder_config(weights, T5Config) or _infer_t5_config(weights)
+    if config is not None:
+        config = copy.deepcopy(config)  # about to be named after this file
+    else:
+        config = _folder_config(weights, T5Config) or _infer_t5_config(weights)
     config.name_or_path = weights.name  # what later messages call it
     if transformer_config is not None:
         check_t5_fits(config, transformer_config)
@@ -478,8 +480,10 @@ def load_clip_encoder(path: str | os.PathLike, *, config: CLIPTextConfig | None 
     compute_dtype = _check_dtype(dtype)
     weights = _open_weights(path, _CLIP.diffusers_folder)
     weights.prefix = _encoder_prefix(weights, path, _CLIP, _T5)
-    # A copy of a config given: it is about to be named after this file.
-    config = copy.deepcopy(config) if config is not None else _folder_config(weights, CLIPTextConfig) or _infer_clip_config(weights)
+    if config is not None:
+        config = copy.deepcopy(config)  # about to be named after this file
+    else:
+        config = _folder_config(weights, CLIPTextConfig) or _infer_clip_config(weights)
     config.name_or_path = weights.name
     if config.hidden_size == 1280:  # OpenCLIP ViT-bigG's text tower: never FLUX's, whatever the transformer
         raise CheckpointError(

@@ -146,7 +146,8 @@ class FakeComfy:
             self._events.append({"type": "progress", "data": {"prompt_id": prompt_id, "value": step, "max": STEPS}})
         error = self.behavior(graph, self.attempts[key], content)
         if error:
-            data = {"prompt_id": prompt_id, "node_id": "7", "node_type": "KontextEdit", "exception_type": "RuntimeError",
+            data = {"prompt_id": prompt_id, "node_id": "7", "node_type": "KontextEdit",
+                    "exception_type": "RuntimeError",
                     **(error if isinstance(error, dict) else {"exception_message": error})}
             self._events.append({"type": "execution_error", "data": data})
             entry = {"status": {"status_str": "error", "completed": False,
