@@ -158,10 +158,10 @@ class BatchRunner:
                 values[target] = coerce(target, value, job.source)
         return values
 
-    def _upload(self, path: Path, users: bool = True) -> str:
-        """`users`: the image is one of the user's, checked before it travels (an earlier turn's output is
+    def _upload(self, path: Path, from_user: bool = True) -> str:
+        """`from_user`: one of the user's images, checked before it travels (an earlier turn's output is
         ComfyUI's own)."""
-        problem = unreadable_image(path) if users else None
+        problem = unreadable_image(path) if from_user else None
         if problem is not None:
             raise UnreadableImage(problem)
         content = path.read_bytes()
@@ -259,7 +259,7 @@ class BatchRunner:
         started = time.monotonic()
         source = self._turn_input(job, turn)
         try:
-            values = self.values(job, turn, self._upload(source, users=turn == 0) if source is not None else None)
+            values = self.values(job, turn, self._upload(source, from_user=turn == 0) if source is not None else None)
         except UnreadableImage as unreadable:
             self._record_error(job, turn, attempt, None, f"{unreadable}; not queued: replace the file, then run "
                                                          "again with --retry-failed")
