@@ -53,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = parser.add_argument_group("running")
     run.add_argument("--max-queued", type=int, default=2,
                      help="jobs kept in ComfyUI's queue at once (default 2: one running, one waiting)")
-    run.add_argument("--retries", type=int, default=2, help="retries of a failed job before it is recorded (default 2)")
+    run.add_argument("--retries", type=int, default=2,
+                     help="retries of a failed job before it is recorded (default 2); failures a retry cannot "
+                          "change (an unreadable image, a rejected value) get none")
     run.add_argument("--retry-failed", action="store_true", help="run again the jobs the manifest records as failed")
     run.add_argument("--dry-run", action="store_true", help="check jobs and workflow against the server, queue nothing")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bars or per-job lines")

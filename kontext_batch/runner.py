@@ -3,6 +3,10 @@
 ComfyUI's history is the truth about a prompt; websocket events only say when to look (and drive the
 progress bars). Every finished turn is on disk and in the manifest before the next event is read, so an
 interruption at any point loses nothing that finished.
+
+A failed turn is queued again, up to `retries` times, unless another attempt could not change its outcome: an
+image that cannot be read (found here before uploading, or reported by ComfyUI's LoadImage), a value that
+ComfyUI's validation or a node rejects. Those are recorded at once.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import stat
 import sys
 import tempfile
 import threading
@@ -29,6 +34,44 @@ from .workflow import FieldMap, Target
 POLL_WITH_EVENTS_S = 5.0   # history is polled anyway, in case an event was missed
 POLL_WITHOUT_EVENTS_S = 1.0
 FINISHING_POLL_S = 0.2     # ComfyUI announces success a moment before the history entry exists
+
+# Exceptions that a node raises for its inputs: the same job fails the same way on every attempt. PIL's two say
+# the image cannot be read (LoadImage on a corrupt or unsupported file); ValueError and TypeError are how nodes
+# (ours included: CheckpointError is a ValueError) reject a value. Anything else (out of memory, a CUDA error,
+# an API node's lost connection or timeout) may pass on another attempt.
+UNREADABLE_IMAGE_EXCEPTIONS = {"UnidentifiedImageError", "DecompressionBombError"}
+REJECTED_VALUE_EXCEPTIONS = {"ValueError", "TypeError", "CheckpointError"}
+
+
+def lasting_failure(error: dict) -> str | None:
+    """Why the failure in ComfyUI's execution_error `error` will recur on a retry; None when a retry may help."""
+    exception = str(error.get("exception_type", "")).rpartition(".")[2]  # ComfyUI sends "module.Class"
+    message = str(error.get("exception_message", ""))
+    if exception in UNREADABLE_IMAGE_EXCEPTIONS or "cannot identify image file" in message:
+        return "ComfyUI cannot read the input image"
+    if exception in REJECTED_VALUE_EXCEPTIONS:
+        return f"{error.get('node_type', 'a node')} rejected its inputs"
+    return None
+
+
+def unreadable_image(path: Path) -> str | None:
+    """Why LoadImage will fail on `path` whatever the attempt, as far as this machine can tell: None when it
+    reads or cannot judge (no Pillow here, or a format this Pillow lacks and ComfyUI's may have, e.g. HEIC)."""
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError:
+        return None
+    if path.suffix.lower() not in Image.registered_extensions():
+        return None
+    try:
+        with Image.open(path):
+            return None  # identified; a truncated file still loads in ComfyUI, which allows truncated images
+    except (UnidentifiedImageError, Image.DecompressionBombError) as error:
+        return f"{path} is not a readable image ({error})"
+
+
+class UnreadableImage(Exception):
+    """A job's image that LoadImage could never read: the job fails without being queued."""
 
 
 @dataclass
@@ -115,7 +158,12 @@ class BatchRunner:
                 values[target] = coerce(target, value, job.source)
         return values
 
-    def _upload(self, path: Path) -> str:
+    def _upload(self, path: Path, from_user: bool = True) -> str:
+        """`from_user`: one of the user's images, checked before it travels (an earlier turn's output is
+        ComfyUI's own)."""
+        problem = unreadable_image(path) if from_user else None
+        if problem is not None:
+            raise UnreadableImage(problem)
         content = path.read_bytes()
         digest = hashlib.sha1(content).hexdigest()
         if digest not in self._uploaded:
@@ -210,7 +258,12 @@ class BatchRunner:
     def _submit(self, job: Job, turn: int, attempt: int) -> None:
         started = time.monotonic()
         source = self._turn_input(job, turn)
-        values = self.values(job, turn, self._upload(source) if source is not None else None)
+        try:
+            values = self.values(job, turn, self._upload(source, from_user=turn == 0) if source is not None else None)
+        except UnreadableImage as unreadable:
+            self._record_error(job, turn, attempt, None, f"{unreadable}; not queued: replace the file, then run "
+                                                         "again with --retry-failed")
+            return
         graph = self.workflow.filled(values)
         try:
             prompt_id = self.client.queue_prompt(graph)
@@ -237,9 +290,7 @@ class BatchRunner:
         elif kind == "progress":
             self.progress.step(data.get("value", 0), data.get("max", 0))
         elif kind == "execution_error":
-            message = (f"{data.get('node_type', '?')} (node {data.get('node_id', '?')}): "
-                       f"{data.get('exception_type', 'error')}: {str(data.get('exception_message', '')).strip()}")
-            self._failure(flight, message)
+            self._execution_error(flight, data)
         elif kind == "execution_interrupted" and not self._interrupting:
             self._failure(flight, "interrupted in ComfyUI (Cancel was pressed, or another client interrupted it)")
         elif kind == "execution_success" or (kind == "executing" and data.get("node") is None):
@@ -272,9 +323,7 @@ class BatchRunner:
         elif status.get("status_str") == "error":
             messages = {name: data for name, data in status.get("messages", [])}
             if "execution_error" in messages:
-                data = messages["execution_error"]
-                self._failure(flight, f"{data.get('node_type', '?')} (node {data.get('node_id', '?')}): "
-                                      f"{data.get('exception_type', 'error')}: {str(data.get('exception_message', '')).strip()}")
+                self._execution_error(flight, messages["execution_error"])
             elif not self._interrupting:
                 self._failure(flight, "interrupted in ComfyUI (Cancel was pressed, or another client interrupted it)")
         return True
@@ -314,9 +363,17 @@ class BatchRunner:
         if flight.turn + 1 < flight.job.turns:
             self.ready.appendleft((flight.job, flight.turn + 1, 1))  # finish chains before starting new images
 
-    def _failure(self, flight: Flight, message: str) -> None:
+    def _execution_error(self, flight: Flight, error: dict) -> None:
+        message = (f"{error.get('node_type', '?')} (node {error.get('node_id', '?')}): "
+                   f"{error.get('exception_type', 'error')}: {str(error.get('exception_message', '')).strip()}")
+        lasting = lasting_failure(error)
+        if lasting is not None:
+            message += f" (not retried: {lasting}, which another attempt would not change)"
+        self._failure(flight, message, retry=lasting is None)
+
+    def _failure(self, flight: Flight, message: str, retry: bool = True) -> None:
         del self.flights[flight.prompt_id]
-        if flight.attempt <= self.retries:
+        if retry and flight.attempt <= self.retries:
             self.progress.message(f"retry {self._label(flight)} (attempt {flight.attempt + 1} of "
                                   f"{self.retries + 1}): {message}")
             self.ready.appendleft((flight.job, flight.turn, flight.attempt + 1))
@@ -393,11 +450,47 @@ def _ctrl_c_between_steps():
         signal.signal(signal.SIGINT, previous)
 
 
+_umask_lock = threading.Lock()
+_umask_by_setting: int | None = None
+
+
+def _mode_for_replacing(path: Path) -> int:
+    """The mode `open(path, "wb")` would leave: an existing file's own, else 0o666 less the umask.
+
+    kontext_core.files_out does the same for the model's outputs; this client does not import kontext_core (it
+    would load torch), hence this twin, kept in step by tests/test_files_out.py.
+    """
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return 0o666 & ~_current_umask()
+
+
+def _current_umask() -> int:
+    try:  # Linux 4.7+ reports it without changing it
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    global _umask_by_setting
+    with _umask_lock:
+        # Elsewhere only setting it reads it, and for that instant other threads' files get 0o077: once only.
+        if _umask_by_setting is None:
+            _umask_by_setting = os.umask(0o077)
+            os.umask(_umask_by_setting)
+        return _umask_by_setting
+
+
 def write_atomic(path: Path, content: bytes) -> None:
+    """`content` into `path` through a temporary file beside it, synced before the rename: a crash leaves the
+    old file or the new one, never half of one; the new one has the mode a plain write would have given it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
+            os.chmod(tmp, _mode_for_replacing(path))
             handle.write(content)
             handle.flush()
             os.fsync(handle.fileno())

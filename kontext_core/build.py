@@ -96,7 +96,8 @@ def load_pipeline(files: ModelFiles, *, dtype: str | None = None, device: str | 
         encoders = load_text_encoders(files.t5, files.clip, t5_tokenizer=files.t5_tokenizer,
                                       clip_tokenizer=files.clip_tokenizer,
                                       dtype=text_dtype or ("bf16" if storage in ("fp8", "int8") else storage),
-                                      device=resting, allow_download=allow_download)
+                                      device=resting, allow_download=allow_download,
+                                      transformer_config=transformer.config)
         if plan.text_encoders == "offload":
             encoders = OffloadedTextEncoders(encoders, device, TEXT_ENCODER_BYTES + TEXT_ENCODER_ACTIVATION_BYTES)
     for lora, strength in loras:

@@ -28,6 +28,23 @@ from .sampling import SAMPLER_MODES, StepInfo
 from .tokens import PLACEMENTS, context_tokens, pack_latent, position_ids, text_position_ids
 
 
+# Core messages name the option that fixes a problem as Python callers pass it, in backticks; here the flag.
+FLAGS_FOR_ARGUMENTS = {
+    "`allow_download=True`": "--download",
+    "`t5_path`": "--t5",
+    "`clip_path`": "--clip",
+    "`t5_tokenizer`": "--t5-tokenizer",
+    "`clip_tokenizer`": "--clip-tokenizer",
+}
+
+
+def in_flags(message: str) -> str:
+    """A core error message with the command line's flags in place of the Python arguments it names."""
+    for argument, flag in FLAGS_FOR_ARGUMENTS.items():
+        message = message.replace(argument, flag)
+    return message
+
+
 def _inspect(args: argparse.Namespace) -> int:
     report = inspect_model(args.path)
     print(json.dumps(report, indent=2))
@@ -206,9 +223,13 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
     models.add_argument("--ae", help="the autoencoder file (ae.safetensors)")
     models.add_argument("--t5", help="T5-XXL file (t5xxl_fp16.safetensors) or diffusers text_encoder_2/")
     models.add_argument("--clip", help="CLIP-L file (clip_l.safetensors) or diffusers text_encoder/")
-    models.add_argument("--t5-tokenizer", help="folder of the T5 tokenizer")
-    models.add_argument("--clip-tokenizer", help="folder of the CLIP tokenizer")
-    models.add_argument("--download", action="store_true", help="download missing files from the Hugging Face hub")
+    models.add_argument("--t5-tokenizer", help="folder (or Hugging Face repo id) of the T5 tokenizer (default: one "
+                                               "beside the weights, else the HF cache's, else the one kontext ships)")
+    models.add_argument("--clip-tokenizer", help="folder (or Hugging Face repo id) of the CLIP tokenizer (found as "
+                                                 "the T5 one)")
+    models.add_argument("--download", action="store_true",
+                        help="download missing model files (and a tokenizer named by repo id) from the "
+                             "Hugging Face hub")
     models.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH]", help="apply a LoRA")
     gen = parser.add_argument_group("generation")
     gen.add_argument("--steps", type=int, default=28)
@@ -288,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except (CheckpointError, ModelFilesNotFound) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {in_flags(str(exc))}", file=sys.stderr)
         return 2
     finally:
         set_attention_backend(backend_before)  # main() is also called in-process (tests, scripts)

@@ -23,6 +23,7 @@ from .cuda_graph import GraphedVelocity
 from .lora import apply_lora
 from .image import FIT_MODES, RESIZE_MODES, prepare_image, to_pil
 from .sampling import SAMPLER_MODES, StepCallback, TextConditioning, denoise_schedule, noise_latent, sample_euler
+from .text_encoders import check_text_encoders_fit
 from .tokens import PLACEMENTS, context_tokens, pack_latent, position_ids, unpack_tokens
 from .transformer import KontextTransformer
 
@@ -77,6 +78,9 @@ class EditResult:
 class KontextPipeline:
     def __init__(self, transformer: KontextTransformer, autoencoder: Autoencoder,
                  text_encoders: PromptEncoder | None = None, cuda_graphs: bool = False):
+        if text_encoders is not None:
+            # A CLIP or T5 of another width would otherwise fail at the first step, deep in a matmul.
+            check_text_encoders_fit(text_encoders, transformer.config)
         self.transformer = transformer
         self.autoencoder = autoencoder
         self.text_encoders = text_encoders

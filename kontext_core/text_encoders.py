@@ -9,6 +9,7 @@ filled tensor by tensor from safetensors: ComfyUI single files (`t5xxl_fp16`, `t
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import os
@@ -31,6 +32,8 @@ T5_MAX_LENGTH = 512  # Kontext [dev] and FLUX.1 [dev]; [schnell] used 256
 CLIP_MAX_LENGTH = 77
 T5_TOKENIZER_REPO = "google/t5-v1_1-xxl"
 CLIP_TOKENIZER_REPO = "openai/clip-vit-large-patch14"
+# Copies of those two repos' tokenizers (data files with their licenses), for machines with an empty cache.
+BUNDLED_TOKENIZERS = Path(__file__).resolve().parent / "tokenizers"
 
 _FLOAT_STORAGE = {"F16", "BF16", "F32", "F64"}
 _FP8_STORAGE = {"F8_E4M3", "F8_E5M2"}
@@ -144,7 +147,7 @@ def _encoder_prefix(weights: _Weights, path: Path, wanted: _EncoderKind, other: 
     if other.prefixes(keys) and describe(keys) == f"a {other.short} text encoder":
         raise CheckpointError(
             f"{weights.name} is a {other.short} text encoder, not {wanted.name}. Pass it as the {other.short} file "
-            f"({other.argument}); the {wanted.short} file is {wanted.files} (in ComfyUI's models/text_encoders), "
+            f"(`{other.argument}`); the {wanted.short} file is {wanted.files} (in ComfyUI's models/text_encoders), "
             f"or a diffusers {wanted.diffusers_folder}/ folder."
         )
     refuse_lone_shard(path.name, "text encoder")
@@ -351,17 +354,112 @@ def _fill(model_cls, config, weights: _Weights, names: Callable[[str], tuple[str
     return model.eval()
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Do they fit the transformer?
+
+# Other text encoders that share these layouts, by what tells them apart, for messages that name the file.
+_T5_BY_WIDTH = {512: "T5-small", 768: "T5-base", 1024: "T5-large", 2048: "T5-XL", 4096: "T5-XXL"}
+_T5_BY_VOCABULARY = {250112: "mT5 (multilingual T5)", 256384: "UMT5 (Wan's and other video models' text encoder)",
+                     384: "ByT5"}
+_CLIP_BY_WIDTH = {512: "the text tower of CLIP ViT-B", 768: "CLIP-L", 1024: "OpenCLIP ViT-H (SD 2.x's CLIP)",
+                  1280: "CLIP-G (SDXL's / SD3's larger CLIP)"}
+
+
+def _t5_layout(config: T5Config) -> dict[str, object]:
+    return dict(vocabulary=config.vocab_size, width=config.d_model, layers=config.num_layers,
+                heads=config.num_heads, head_width=config.d_kv, feed_forward=config.d_ff,
+                activation=config.feed_forward_proj)
+
+
+def _clip_layout(config: CLIPTextConfig) -> dict[str, object]:
+    return dict(vocabulary=config.vocab_size, width=config.hidden_size, layers=config.num_hidden_layers,
+                feed_forward=config.intermediate_size)
+
+
+def _source_name(config, fallback: str) -> str:
+    return Path(config.name_or_path).name if getattr(config, "name_or_path", "") else fallback
+
+
+def check_t5_fits(config: T5Config, transformer_config, name: str | None = None) -> None:
+    """Refuse a T5 the transformer cannot read: its width against `context_in_dim`; for a full-size FLUX
+    transformer (4096-wide text features) also T5-XXL v1.1's vocabulary and layers. `name`: the file."""
+    name = name or _source_name(config, "the T5 text encoder")
+    width, wanted = config.d_model, transformer_config.context_in_dim
+    known = _T5_BY_VOCABULARY.get(config.vocab_size) or _T5_BY_WIDTH.get(width, f"a T5 {width} wide")
+    fix = f"Use T5-XXL v1.1: {_T5_FILES} (ComfyUI's models/text_encoders), or a diffusers text_encoder_2/ folder."
+    if width != wanted:
+        raise CheckpointError(
+            f"{name}: T5 with hidden size {width}, that is {known}; this transformer reads {wanted}-wide text "
+            f"features (FLUX: T5-XXL, 4096). {fix}"
+        )
+    if wanted != t5_xxl_config().d_model:
+        return  # a test-sized transformer: only the width is known to matter
+    flux = _t5_layout(t5_xxl_config())
+    differences = [f"{key} {value} (T5-XXL v1.1: {flux[key]})" for key, value in _t5_layout(config).items()
+                   if value != flux[key]]
+    if differences:
+        raise CheckpointError(
+            f"{name}: a T5 with {', '.join(differences)}: that is {known}, not the T5-XXL v1.1 FLUX was trained "
+            f"with. {fix}"
+        )
+
+
+def check_clip_fits(config: CLIPTextConfig, transformer_config, name: str | None = None) -> None:
+    """Refuse a CLIP the transformer cannot read: its width against `vec_in_dim`; for a full-size FLUX
+    transformer (a 768-wide pooled vector) also CLIP-L's vocabulary and layers (any context length: LongCLIP-L
+    is CLIP-L with 248 positions). `name`: the file."""
+    name = name or _source_name(config, "the CLIP text encoder")
+    width, wanted = config.hidden_size, transformer_config.vec_in_dim
+    known = _CLIP_BY_WIDTH.get(width, f"a CLIP {width} wide")
+    fix = f"Use CLIP-L: {_CLIP_FILES} (ComfyUI's models/text_encoders), or a diffusers text_encoder/ folder."
+    if width != wanted:
+        raise CheckpointError(
+            f"{name}: CLIP with hidden size {width}, that is {known}, not what this transformer reads: a "
+            f"{wanted}-wide pooled vector (FLUX: CLIP-L, 768). {fix}"
+        )
+    if wanted != clip_l_config().hidden_size:
+        return
+    flux = _clip_layout(clip_l_config())
+    differences = [f"{key} {value} (CLIP-L: {flux[key]})" for key, value in _clip_layout(config).items()
+                   if value != flux[key]]
+    if differences:
+        raise CheckpointError(f"{name}: a CLIP with {', '.join(differences)}: not the CLIP-L FLUX was trained with. "
+                              f"{fix}")
+
+
+def check_text_encoders_fit(encoders, transformer_config) -> None:
+    """Both encoders of a TextEncoders (or a wrapper of one) against the transformer they condition; objects
+    without transformers models (precomputed or stand-in encoders) pass."""
+    t5, clip = getattr(encoders, "t5", None), getattr(encoders, "clip", None)
+    if isinstance(getattr(t5, "config", None), T5Config):
+        check_t5_fits(t5.config, transformer_config)
+    if isinstance(getattr(clip, "config", None), CLIPTextConfig):
+        check_clip_fits(clip.config, transformer_config)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading
+
+
 def load_t5_encoder(path: str | os.PathLike, *, config: T5Config | None = None,
-                    dtype: str | torch.dtype | None = "bf16", device: str | torch.device = "cpu") -> T5EncoderModel:
+                    dtype: str | torch.dtype | None = "bf16", device: str | torch.device = "cpu",
+                    transformer_config=None) -> T5EncoderModel:
     """T5-XXL from a ComfyUI file (fp16, fp8, scaled fp8, bundle) or a diffusers folder (`text_encoder_2/`).
 
     The config: `config` if given, else the folder's config.json, else read from the tensor shapes.
+    `transformer_config`: the transformer it will condition, checked against before any weight is read.
     """
     path = Path(path)
     compute_dtype = _check_dtype(dtype)
     weights = _open_weights(path, _T5.diffusers_folder)
     weights.prefix = _encoder_prefix(weights, path, _T5, _CLIP)
-    config = config or _folder_config(weights, T5Config) or _infer_t5_config(weights)
+    if config is not None:
+        config = copy.deepcopy(config)  # about to be named after this file
+    else:
+        config = _folder_config(weights, T5Config) or _infer_t5_config(weights)
+    config.name_or_path = weights.name  # what later messages call it
+    if transformer_config is not None:
+        check_t5_fits(config, transformer_config)
     # Some files store only `shared.weight`, others only `encoder.embed_tokens.weight`: they are one tensor.
     embedding = ("shared.weight", "encoder.embed_tokens.weight")
     model = _fill(T5EncoderModel, config, weights, lambda key: embedding if key in embedding else (key,),
@@ -371,21 +469,29 @@ def load_t5_encoder(path: str | os.PathLike, *, config: T5Config | None = None,
 
 
 def load_clip_encoder(path: str | os.PathLike, *, config: CLIPTextConfig | None = None,
-                      dtype: str | torch.dtype | None = "bf16", device: str | torch.device = "cpu") -> CLIPTextModel:
+                      dtype: str | torch.dtype | None = "bf16", device: str | torch.device = "cpu",
+                      transformer_config=None) -> CLIPTextModel:
     """CLIP-L's text model from a ComfyUI file (`clip_l.safetensors`, bundle) or a diffusers `text_encoder/`.
 
     `text_projection.weight` and `logit_scale`, which some files carry, are not part of it and are ignored.
+    `transformer_config`: the transformer it will condition, checked against before any weight is read.
     """
     path = Path(path)
     compute_dtype = _check_dtype(dtype)
     weights = _open_weights(path, _CLIP.diffusers_folder)
     weights.prefix = _encoder_prefix(weights, path, _CLIP, _T5)
-    config = config or _folder_config(weights, CLIPTextConfig) or _infer_clip_config(weights)
-    if config.hidden_size == 1280:  # OpenCLIP ViT-bigG's text tower
+    if config is not None:
+        config = copy.deepcopy(config)  # about to be named after this file
+    else:
+        config = _folder_config(weights, CLIPTextConfig) or _infer_clip_config(weights)
+    config.name_or_path = weights.name
+    if config.hidden_size == 1280:  # OpenCLIP ViT-bigG's text tower: never FLUX's, whatever the transformer
         raise CheckpointError(
             f"{path.name} is CLIP-G (SDXL's / SD3's larger CLIP, 1280 wide); FLUX pairs T5-XXL with CLIP-L "
             "(clip_l.safetensors, 768 wide). Choose the CLIP-L file."
         )
+    if transformer_config is not None:
+        check_clip_fits(config, transformer_config)
     # transformers 4 nested the model under `text_model.`; files keep that name, and the prefix holds it.
     return _fill(CLIPTextModel, config, weights, lambda key: (key.removeprefix("text_model."),),
                  compute_dtype, torch.device(device), f"{_CLIP.short} text encoder", _CLIP.files)
@@ -433,11 +539,18 @@ def _tokenizer_folders_near(weights_path: Path, component: str) -> list[Path]:
     return [weights_path.parent.parent / component]
 
 
-def _load_tokenizer(source, weights_path, *, component: str, repo: str, family_cls, what: str,
-                    allow_download: bool):
+def _from_hub(repo: str, allow_download: bool):
+    """The tokenizer of Hugging Face repo `repo`: from the cache, or from the hub when downloads are allowed."""
+    return AutoTokenizer.from_pretrained(repo, local_files_only=not allow_download)
+
+
+def _load_tokenizer(source, weights_path, *, component: str, repo: str, bundled: Path, argument: str,
+                    family_cls, what: str, allow_download: bool):
+    """`source` (a tokenizer, a folder, or a hub repo id), else the tokenizer beside the weights, else the
+    Hugging Face cache's copy of `repo`, else the copy in `bundled`: the same files, shipped with this package
+    so that a first run works offline."""
     if source is not None and not isinstance(source, (str, os.PathLike)):
         return source  # already a tokenizer
-    looked: list[str] = []
     if source is not None:
         folder = Path(source)
         if folder.is_file():
@@ -448,40 +561,45 @@ def _load_tokenizer(source, weights_path, *, component: str, repo: str, family_c
             raise CheckpointError(
                 f"no {what} tokenizer in {folder}: expected tokenizer.json, spiece.model (T5) or vocab.json + "
                 f"merges.txt (CLIP). Pass the tokenizer folder of a diffusers FLUX.1 Kontext download "
-                f"({component}/), or a Hugging Face repo id (e.g. {repo})."
+                f"({component}/), a Hugging Face repo id (e.g. {repo}), or leave `{argument}` unset for the "
+                "tokenizer that comes with kontext_core."
             )
-        looked.append(f"{folder} (no such folder, so taken as a Hugging Face repo id)")
-        repo = str(source)
-    elif weights_path is not None:
+        try:
+            return _from_hub(str(source), allow_download)
+        except Exception as exc:  # offline, not cached, gated, or no such repo
+            reason = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
+            where = "on the Hugging Face hub" if allow_download else "in the Hugging Face cache"
+            fix = "Check the repo id" if allow_download else "Allow downloads (`allow_download=True`) to fetch it"
+            raise CheckpointError(
+                f"the {what} tokenizer {source} is neither a folder nor a repo found {where} ({reason}). {fix}, "
+                f"or leave `{argument}` unset for the tokenizer that comes with kontext_core."
+            ) from exc
+    if weights_path is not None:
         for folder in _tokenizer_folders_near(Path(weights_path), component):
-            looked.append(str(folder))
             if _has_tokenizer_files(folder):
                 return _tokenizer_from_folder(folder, family_cls, what)
     try:
-        return AutoTokenizer.from_pretrained(repo, local_files_only=not allow_download)
-    except Exception as exc:  # offline, not cached, gated, or no such repo
-        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
-        where = "the Hugging Face hub" if allow_download else "the Hugging Face cache"
-        looked.append(f"{where} for {repo} ({reason})")
-        raise CheckpointError(
-            f"no {what} tokenizer found (looked in: {'; '.join(looked)}). "
-            f"Pass the tokenizer folder ({component}/ of a diffusers FLUX.1 Kontext download, or a folder with "
-            f"tokenizer.json / spiece.model / vocab.json + merges.txt), or allow_download=True to fetch {repo}."
-        ) from exc
+        return _from_hub(repo, allow_download=False)
+    except Exception:  # not cached (or a cached copy that cannot be read): the bundled copy is the same tokenizer
+        return _tokenizer_from_folder(bundled, family_cls, what)
 
 
 def load_t5_tokenizer(source: str | os.PathLike | None = None, *, weights_path: str | os.PathLike | None = None,
                       allow_download: bool = False):
-    """The T5 tokenizer from `source` (a folder, or a hub repo id when downloads are allowed), else from
-    `tokenizer_2/` beside the diffusers weights at `weights_path`, else google/t5-v1_1-xxl (cache or hub)."""
+    """The T5 tokenizer from `source` (a folder, or a hub repo id: from the cache, or the hub when downloads
+    are allowed), else from `tokenizer_2/` beside the diffusers weights at `weights_path`, else
+    google/t5-v1_1-xxl's from the Hugging Face cache, else the copy of it in kontext_core/tokenizers/t5/."""
     return _load_tokenizer(source, weights_path, component="tokenizer_2", repo=T5_TOKENIZER_REPO,
-                           family_cls=T5Tokenizer, what="T5", allow_download=allow_download)
+                           bundled=BUNDLED_TOKENIZERS / "t5", argument="t5_tokenizer", family_cls=T5Tokenizer,
+                           what="T5", allow_download=allow_download)
 
 
 def load_clip_tokenizer(source: str | os.PathLike | None = None, *, weights_path: str | os.PathLike | None = None,
                         allow_download: bool = False):
-    """The CLIP tokenizer, found like `load_t5_tokenizer` (`tokenizer/`, openai/clip-vit-large-patch14)."""
+    """The CLIP tokenizer, found like `load_t5_tokenizer` (`tokenizer/`, openai/clip-vit-large-patch14,
+    kontext_core/tokenizers/clip_l/)."""
     return _load_tokenizer(source, weights_path, component="tokenizer", repo=CLIP_TOKENIZER_REPO,
+                           bundled=BUNDLED_TOKENIZERS / "clip_l", argument="clip_tokenizer",
                            family_cls=CLIPTokenizer, what="CLIP", allow_download=allow_download)
 
 
@@ -489,14 +607,15 @@ def load_clip_tokenizer(source: str | os.PathLike | None = None, *, weights_path
 # The pair
 
 
-def _check_tokenizer(tokenizer, vocab_size: int, what: str, expected: str) -> None:
+def _check_tokenizer(tokenizer, vocab_size: int, what: str, expected: str, argument: str) -> None:
     if len(tokenizer) > vocab_size:
         raise CheckpointError(
-            f"the {what} tokenizer has {len(tokenizer)} tokens but the {what} model only {vocab_size}; it is the "
-            f"tokenizer of another model. Use {expected}."
+            f"the {what} tokenizer has {len(tokenizer)} tokens but the {what} model only {vocab_size}; they belong to "
+            f"different models. Pair {expected} with FLUX's {what} weights, or pass the tokenizer made for this "
+            f"model (`{argument}`)."
         )
     if tokenizer.pad_token_id is None:
-        raise CheckpointError(f"the {what} tokenizer has no padding token; use {expected}.")
+        raise CheckpointError(f"the {what} tokenizer has no padding token; use {expected} (`{argument}`).")
 
 
 class TextEncoders:
@@ -511,9 +630,10 @@ class TextEncoders:
                  device: str | torch.device | None = None):
         if t5_max_length < 1 or cache_size < 0:
             raise ValueError(f"t5_max_length must be >= 1 and cache_size >= 0 (got {t5_max_length}, {cache_size})")
-        _check_tokenizer(t5_tokenizer, t5.config.vocab_size, "T5", f"the T5 v1.1 tokenizer ({T5_TOKENIZER_REPO})")
+        _check_tokenizer(t5_tokenizer, t5.config.vocab_size, "T5", f"the T5 v1.1 tokenizer ({T5_TOKENIZER_REPO})",
+                         "t5_tokenizer")
         _check_tokenizer(clip_tokenizer, clip.config.vocab_size, "CLIP",
-                         f"the CLIP-L tokenizer ({CLIP_TOKENIZER_REPO})")
+                         f"the CLIP-L tokenizer ({CLIP_TOKENIZER_REPO})", "clip_tokenizer")
         self.t5, self.clip = t5, clip
         self.t5_tokenizer, self.clip_tokenizer = t5_tokenizer, clip_tokenizer
         self.t5_max_length = t5_max_length
@@ -593,17 +713,21 @@ class TextEncoders:
 def load_text_encoders(t5_path: str | os.PathLike, clip_path: str | os.PathLike | None = None, *,
                        t5_tokenizer=None, clip_tokenizer=None, dtype: str | torch.dtype | None = "bf16",
                        device: str | torch.device = "cpu", allow_download: bool = False,
-                       t5_max_length: int = T5_MAX_LENGTH, cache_size: int = 16) -> TextEncoders:
+                       t5_max_length: int = T5_MAX_LENGTH, cache_size: int = 16,
+                       transformer_config=None) -> TextEncoders:
     """Both encoders and their tokenizers, ready to `encode`.
 
     `t5_path` / `clip_path`: ComfyUI files (`t5xxl_fp16.safetensors`, `clip_l.safetensors`, fp8 variants,
     a bundled checkpoint) or a diffusers folder; `clip_path` defaults to `t5_path` (a diffusers root or a
-    bundle holds both). Tokenizers: a folder or tokenizer object, else the diffusers `tokenizer_2/` and
-    `tokenizer/` beside the weights, else the Hugging Face cache, else the hub when `allow_download`.
+    bundle holds both). Tokenizers: a folder, hub repo id or tokenizer object, else the diffusers `tokenizer_2/`
+    and `tokenizer/` beside the weights, else the Hugging Face cache, else the copies bundled in
+    kontext_core/tokenizers/ (so no download is ever needed); `allow_download` lets a repo id given as a
+    tokenizer come from the hub. `transformer_config`: the transformer they will condition; each encoder is
+    checked against it (width, and for FLUX's real sizes vocabulary and layers) before its weights are read.
     """
     clip_path = t5_path if clip_path is None else clip_path
-    t5 = load_t5_encoder(t5_path, dtype=dtype, device=device)
-    clip = load_clip_encoder(clip_path, dtype=dtype, device=device)
+    t5 = load_t5_encoder(t5_path, dtype=dtype, device=device, transformer_config=transformer_config)
+    clip = load_clip_encoder(clip_path, dtype=dtype, device=device, transformer_config=transformer_config)
     t5_tokenizer = load_t5_tokenizer(t5_tokenizer, weights_path=t5_path, allow_download=allow_download)
     clip_tokenizer = load_clip_tokenizer(clip_tokenizer, weights_path=clip_path, allow_download=allow_download)
     return TextEncoders(t5, clip, t5_tokenizer, clip_tokenizer, t5_max_length=t5_max_length,

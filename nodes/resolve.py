@@ -11,6 +11,7 @@ import torch
 from kontext_core import KontextPipeline, TextConditioning, apply_lora, set_attention_backend
 from kontext_core.image import prepare_image
 from kontext_core.lora import active_loras, factor_bytes, on_the_fly_bytes, preferred_mode, remove_all_loras
+from kontext_core.text_encoders import check_text_encoders_fit
 
 from . import comfy_adapter, convert, model_cache
 from .model_cache import AutoencoderRef, TextEncodersRef, TransformerRef
@@ -158,12 +159,15 @@ def pipeline(model: TransformerRef, vae: Any, text: TextEncodersRef | None = Non
     return KontextPipeline(transformer(model), autoencoder(vae), encoders, cuda_graphs=model.cuda_graphs)
 
 
-def encode_prompts(text: TextEncodersRef, prompts: Sequence[str]) -> TextConditioning:
+def encode_prompts(text: TextEncodersRef, prompts: Sequence[str], transformer_config=None) -> TextConditioning:
     """Prompts -> T5 / CLIP conditioning; on a GPU the encoders make room for the transformer afterwards (ComfyUI
-    moves them out when it needs the memory; without ComfyUI they leave at once)."""
+    moves them out when it needs the memory; without ComfyUI they leave at once). `transformer_config`: the
+    model the conditioning is for, when known; encoders of other widths are refused before they run."""
     if not isinstance(text, TextEncodersRef):
         raise TypeError(f"expected text encoders from Load Kontext Text Encoders, got {type(text).__name__}")
     encoders = model_cache.text_encoders(text)
+    if transformer_config is not None:
+        check_text_encoders_fit(encoders, transformer_config)
     ready(encoders)
     txt, pooled = encoders.encode(list(prompts))
     # ComfyUI moves managed encoders out when the memory is needed; unmanaged ones (no ComfyUI) leave now.

@@ -84,7 +84,7 @@ def edit(state: SessionState, prompt: str = "", *, seed: int = 0, steps: int = 2
         if encoders is None:
             raise ValueError("no way to read the prompt: connect Load Kontext Text Encoders to this node or to Kontext "
                              "Start Session, or connect a CONDITIONING.")
-        text = resolve.encode_prompts(encoders, [prompt])
+        text = resolve.encode_prompts(encoders, [prompt], pipe.transformer.config)
 
     session = EditSession(pipe, state.turns[0].latent, state.settings, turns=list(state.turns), current=state.current)
     offset, total = progress if progress is not None else (0, None)

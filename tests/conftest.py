@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import math
 import os
 from pathlib import Path
 
@@ -190,6 +191,21 @@ def rel_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
     """max|ours - reference| / max|reference|, the golden README's measure."""
     ours, reference = ours.double(), reference.double()
     return ((ours - reference).abs().max() / reference.abs().max()).item()
+
+
+def reordering_tolerance(reference: torch.Tensor, terms: int, chained: int = 1) -> dict[str, float]:
+    """allclose's rtol and atol for two results that differ only in the order of their floating-point sums.
+
+    BLAS blocking and thread count choose that order, so a 16-core machine sums attention in other pieces
+    than a 2-core one. A sum of n terms rounded in another order moves by at most lambda * sqrt(n) * u times
+    its terms' magnitude, except with probability below 2 exp(-lambda^2 / 2) (Higham & Mary, "A new approach
+    to probabilistic rounding error analysis", SIAM J. Sci. Comput. 2019); lambda = 8 puts that under 1e-13.
+    `terms` is the longest sum on the way, `chained` how many such sums follow one another (layers); the
+    magnitude is the reference's largest value, and rtol leaves each value its own final rounding.
+    """
+    unit_roundoff = torch.finfo(reference.dtype).eps / 2
+    magnitude = reference.abs().max().item()
+    return dict(rtol=4 * unit_roundoff, atol=chained * 8 * math.sqrt(terms) * unit_roundoff * magnitude)
 
 
 def rel_l2(ours: torch.Tensor, reference: torch.Tensor) -> float:

@@ -2,7 +2,9 @@
 
 It runs one queued prompt per event call, in queue order, and emits what ComfyUI sends (execution_start,
 progress, execution_success / execution_error), writing history one poll after success as ComfyUI can.
-What a prompt produces is decided by `behavior(graph, attempt_of_that_input) -> bytes | Exception text`.
+What a prompt produces is decided by `behavior(graph, attempt_of_that_input, input_bytes)`: None for success,
+an error text (a RuntimeError in the Kontext Edit node, as out of memory would be), or a dict of the
+execution_error fields to send instead (LoadImage's PIL.UnidentifiedImageError, say).
 """
 
 from __future__ import annotations
@@ -144,8 +146,9 @@ class FakeComfy:
             self._events.append({"type": "progress", "data": {"prompt_id": prompt_id, "value": step, "max": STEPS}})
         error = self.behavior(graph, self.attempts[key], content)
         if error:
-            data = {"prompt_id": prompt_id, "node_id": "5", "node_type": "LoadImage",
-                    "exception_type": "PIL.UnidentifiedImageError", "exception_message": error}
+            data = {"prompt_id": prompt_id, "node_id": "7", "node_type": "KontextEdit",
+                    "exception_type": "RuntimeError",
+                    **(error if isinstance(error, dict) else {"exception_message": error})}
             self._events.append({"type": "execution_error", "data": data})
             entry = {"status": {"status_str": "error", "completed": False,
                                 "messages": [["execution_error", data]]}, "outputs": {}}

@@ -1,10 +1,16 @@
-"""The AE's own mechanics beyond the golden vectors: its attention in query chunks equals the whole."""
+"""The AE's own mechanics beyond the golden vectors: its attention in query chunks equals the whole.
+
+Chunked, whole and the plain reference sum in different orders (the chunks change BLAS's blocking, and
+thread counts change it further), so they agree to float32 reordering error (conftest.reordering_tolerance),
+not bit for bit.
+"""
 
 from __future__ import annotations
 
 import torch
 
 import kontext_core.autoencoder as autoencoder
+from conftest import reordering_tolerance
 
 
 def test_attention_in_query_chunks_equals_unchunked(monkeypatch):
@@ -28,5 +34,7 @@ def test_attention_in_query_chunks_equals_unchunked(monkeypatch):
             *(t.reshape(2, 1, 64, -1).transpose(-1, -2) for t in (block.q(block.norm(x)), block.k(block.norm(x)),
                                                                  block.v(block.norm(x))))
         ).transpose(-1, -2).reshape(2, 64, 40, 48))
-    assert torch.allclose(chunked, whole, rtol=0, atol=1e-6)
-    assert torch.allclose(whole, reference, rtol=0, atol=1e-6)
+    # Scores sum 64 channels, the attention 1920 keys, the projection 64 channels: three sums in a row.
+    tolerance = reordering_tolerance(whole, terms=1920, chained=3)
+    assert torch.allclose(chunked, whole, **tolerance)
+    assert torch.allclose(whole, reference, **tolerance)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 
 import pytest
+from PIL import Image
 
 import kontext_batch.cli as cli
 from fake_comfy import FakeComfy, object_info_for
@@ -15,7 +16,7 @@ from fake_comfy import FakeComfy, object_info_for
 def photos(tmp_path):
     folder = tmp_path / "photos"
     folder.mkdir()
-    (folder / "a.png").write_bytes(b"a")
+    Image.new("RGB", (8, 6)).save(folder / "a.png")
     return folder
 
 

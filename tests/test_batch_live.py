@@ -59,8 +59,10 @@ def test_batch_with_a_corrupt_image_then_a_rerun_that_does_nothing(comfyui, tmp_
     assert outputs == ["photo0.png", "photo1.png", "photo2.png"], (outputs, first.stderr)
     assert all(Image.open(out / name).size == (48, 32) for name in outputs)
     errors = _records(out, "error")
-    assert len(errors) == 1 and errors[0]["input"].endswith("broken.png") and errors[0]["attempt"] == 2
-    assert "LoadImage" in errors[0]["error"] and "cannot identify image file" in errors[0]["error"]  # ComfyUI's text
+    # Found unreadable before uploading: never queued, not retried (a retry cannot mend a file).
+    assert len(errors) == 1 and errors[0]["input"].endswith("broken.png") and errors[0]["attempt"] == 1
+    assert "broken.png is not a readable image (cannot identify image file" in errors[0]["error"]
+    assert errors[0]["prompt_id"] is None
     done = _records(out, "done")
     assert len(done) == 3 and all(r["seed"] == 5 and r["prompt"] == "make it night" for r in done)
     assert any(r["timings"]["queue_wait_s"] > 0 for r in done)  # followed over the websocket: start times known

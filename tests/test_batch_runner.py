@@ -1,5 +1,6 @@
 """kontext-batch's runner against an in-process fake of ComfyUI's queue API (tests/fake_comfy.py): outputs and
-manifest, resume, retries, the bounded queue, Ctrl-C, multi-turn chaining, rejected prompts, polling."""
+manifest, resume, retries (and the failures not worth one), the bounded queue, Ctrl-C, multi-turn chaining,
+rejected prompts, polling."""
 
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ import os
 import signal
 
 import pytest
+from PIL import Image
 
 from fake_comfy import FakeComfy, object_info_for, output_bytes
 from kontext_batch.errors import BatchError
 from kontext_batch.jobs import load_jobs
 from kontext_batch.manifest import Manifest
-from kontext_batch.runner import BatchRunner
+from kontext_batch.runner import BatchRunner, lasting_failure, unreadable_image
 from kontext_batch.workflow import FieldMap, load_workflow
 
 BAD = b"not an image"
@@ -23,13 +25,19 @@ BAD = b"not an image"
 def photos(tmp_path):
     folder = tmp_path / "photos"
     folder.mkdir()
-    for index in range(4):
-        (folder / f"img{index}.png").write_bytes(f"image {index} ".encode() + bytes(range(index, index + 40)))
+    for index in range(4):  # real PNGs: the runner checks that an image can be read before uploading it
+        Image.new("RGB", (8, 6), (40 * index, 90, 200)).save(folder / f"img{index}.png")
     return folder
 
 
-def corrupt_fails(graph, attempt, content):
-    return "cannot identify image file" if content == BAD else None
+def load_image_fails_on(bad: bytes):
+    """ComfyUI's LoadImage on a file its Pillow cannot identify (readable here: e.g. a format only ours has)."""
+    def behavior(graph, attempt, content):
+        if content != bad:
+            return None
+        return {"node_id": "5", "node_type": "LoadImage", "exception_type": "PIL.UnidentifiedImageError",
+                "exception_message": "cannot identify image file '/ComfyUI/input/kontext-batch/img2.png'"}
+    return behavior
 
 
 def make_runner(server, jobs, out, workflow="kontext_edit", needed=("image", "prompt", "seed"), **options):
@@ -62,28 +70,88 @@ def test_batch_writes_outputs_and_manifest_then_a_rerun_does_nothing(photos, tmp
     assert again.queued == [] and summary.done == 0 and summary.skipped_done == 4
 
 
-def test_failing_job_is_retried_then_recorded_with_comfyuis_error(photos, tmp_path):
+def test_an_unreadable_image_fails_here_without_being_queued_or_retried(photos, tmp_path):
     (photos / "img2.png").write_bytes(BAD)
     out = tmp_path / "out"
-    server = FakeComfy(object_info_for("kontext_edit"), behavior=corrupt_fails)
+    server = FakeComfy(object_info_for("kontext_edit"))
     jobs = load_jobs([photos], prompts=["x"])
     summary = make_runner(server, jobs, out, retries=2).run()
     assert summary.done == 3 and summary.failed == 1
-    bad_key = hashlib.sha1(BAD + b"x").hexdigest()
-    assert server.attempts[bad_key] == 3  # first try + 2 retries
+    assert len(server.queued) == 3 and BAD not in server.uploads.values()
     errors = [r for r in Manifest(out / "manifest.jsonl").records if r["event"] == "error"]
-    assert len(errors) == 1 and errors[0]["input"].endswith("img2.png") and errors[0]["attempt"] == 3
-    assert "cannot identify image file" in errors[0]["error"] and "LoadImage" in errors[0]["error"]
+    assert len(errors) == 1 and errors[0]["input"].endswith("img2.png") and errors[0]["attempt"] == 1
+    assert "img2.png is not a readable image (cannot identify image file" in errors[0]["error"]
+    assert "--retry-failed" in errors[0]["error"]
     assert not (out / "img2.png").exists() and len(list(out.glob("*.png"))) == 3
 
-    again = FakeComfy(object_info_for("kontext_edit"), behavior=corrupt_fails)
+    again = FakeComfy(object_info_for("kontext_edit"))
     summary = make_runner(again, jobs, out).run()
     assert again.queued == [] and summary.skipped_failed == 1 and summary.skipped_done == 3
 
-    (photos / "img2.png").write_bytes(b"a fixed image")
+    Image.new("RGB", (8, 6)).save(photos / "img2.png")
     fixed = FakeComfy(object_info_for("kontext_edit"))
     summary = make_runner(fixed, jobs, out, retry_failed=True).run()
     assert len(fixed.queued) == 1 and summary.done == 1 and (out / "img2.png").exists()
+
+
+@pytest.mark.parametrize("events", [True, False], ids=["websocket", "polling"])
+def test_comfyuis_load_image_error_is_recorded_at_once(photos, tmp_path, events):
+    out = tmp_path / "out"
+    bad = (photos / "img2.png").read_bytes()
+    server = FakeComfy(object_info_for("kontext_edit"), behavior=load_image_fails_on(bad))
+    server.has_events = events
+    summary = make_runner(server, load_jobs([photos], prompts=["x"]), out, retries=2).run()
+    assert summary.done == 3 and summary.failed == 1
+    assert server.attempts[hashlib.sha1(bad + b"x").hexdigest()] == 1
+    error = [r for r in Manifest(out / "manifest.jsonl").records if r["event"] == "error"][0]
+    assert error["attempt"] == 1 and "LoadImage (node 5): PIL.UnidentifiedImageError" in error["error"]
+    assert "cannot identify image file" in error["error"]
+    assert "not retried: ComfyUI cannot read the input image" in error["error"]
+
+
+def test_a_value_a_node_rejects_is_not_retried(photos, tmp_path):
+    out = tmp_path / "out"
+    server = FakeComfy(object_info_for("kontext_edit"), behavior=lambda graph, attempt, content: {
+        "exception_type": "ValueError", "exception_message": "sampler true_cfg needs a negative"})
+    summary = make_runner(server, load_jobs([photos / "img0.png"], prompts=["x"]), out, retries=2).run()
+    assert summary.failed == 1 and len(server.queued) == 1
+    assert "not retried: KontextEdit rejected its inputs" in summary.errors[0]
+
+
+@pytest.mark.parametrize("exception_type, message", [
+    ("torch.OutOfMemoryError", "CUDA out of memory. Tried to allocate 2.00 GiB"),
+    ("RuntimeError", "CUDA error: an illegal memory access was encountered"),
+    ("TimeoutError", "the API node's request timed out"),
+    ("ConnectionResetError", "[Errno 104] Connection reset by peer"),
+])
+def test_failures_that_may_pass_are_retried_until_the_retries_are_spent(photos, tmp_path, exception_type, message):
+    out = tmp_path / "out"
+    server = FakeComfy(object_info_for("kontext_edit"), behavior=lambda graph, attempt, content: {
+        "exception_type": exception_type, "exception_message": message})
+    summary = make_runner(server, load_jobs([photos / "img0.png"], prompts=["x"]), out, retries=2).run()
+    assert summary.failed == 1 and len(server.queued) == 3  # first try + 2 retries
+    error = [r for r in Manifest(out / "manifest.jsonl").records if r["event"] == "error"][0]
+    assert error["attempt"] == 3 and message in error["error"] and "not retried" not in error["error"]
+
+
+def test_which_failures_last():
+    assert lasting_failure({"exception_type": "PIL.Image.DecompressionBombError", "exception_message": "too big"})
+    assert lasting_failure({"exception_type": "OSError", "exception_message": "cannot identify image file 'x.png'"})
+    assert lasting_failure({"exception_type": "kontext_core.checkpoints.files.CheckpointError",
+                            "node_type": "KontextModelLoader"})
+    assert lasting_failure({"exception_type": "torch.OutOfMemoryError", "exception_message": "out of memory"}) is None
+    assert lasting_failure({}) is None
+
+
+def test_an_image_this_pillow_cannot_judge_is_left_to_comfyui(tmp_path):
+    from PIL import Image as PILImage
+
+    for suffix in (".heic", ".jxl"):
+        if suffix not in PILImage.registered_extensions():  # a plugin (pillow-heif) may give ComfyUI what we lack
+            (tmp_path / f"photo{suffix}").write_bytes(b"ftypheic....")
+            assert unreadable_image(tmp_path / f"photo{suffix}") is None
+    (tmp_path / "photo.png").write_bytes(BAD)
+    assert "photo.png is not a readable image" in unreadable_image(tmp_path / "photo.png")
 
 
 def test_a_flaky_failure_recovers_on_retry(photos, tmp_path):

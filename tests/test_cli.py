@@ -35,6 +35,12 @@ def test_inspect_bad_file_exits_2_with_the_reason(tmp_path, capsys):
 
 # --- edit / t2i end to end on tiny models in a ComfyUI models tree ----------------------------------
 
+import os  # noqa: E402
+import stat  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -128,6 +134,26 @@ def test_missing_model_files_fail_clearly(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "could not find the transformer, autoencoder, t5, clip" in err and "flux1-kontext-dev.safetensors" in err
+    assert "allow it (--download)" in err and "allow_download" not in err  # the command's flag, not Python's
+
+
+def test_errors_name_the_commands_flags_not_python_arguments(models_tree, capsys):
+    tmp_path, image, common = models_tree
+    common[common.index("--t5-tokenizer") + 1] = "kontext-tests/no-such-tokenizer"  # a repo id, not cached
+    assert main(["edit", str(image), "--prompt", "p", "-o", str(tmp_path / "o.png"), *common]) == 2
+    err = capsys.readouterr().err
+    assert "Allow downloads (--download)" in err and "leave --t5-tokenizer unset" in err
+    assert "allow_download" not in err and "`" not in err
+
+
+def test_a_clip_of_another_width_is_named_before_anything_runs(models_tree, tiny_transformer, capsys):
+    tmp_path, image, common = models_tree
+    wide = tiny_clip(hidden_size=2 * tiny_transformer.config.vec_in_dim)
+    save_file(clip_tensors(wide), tmp_path / "ComfyUI" / "models" / "text_encoders" / "clip_l.safetensors")
+    assert main(["edit", str(image), "--prompt", "p", "-o", str(tmp_path / "w.png"), *common]) == 2
+    err = capsys.readouterr().err
+    assert f"clip_l.safetensors: CLIP with hidden size {2 * tiny_transformer.config.vec_in_dim}" in err
+    assert "mat1 and mat2" not in err and not (tmp_path / "w.png").exists()
 
 
 def test_unreadable_input_image(models_tree):
@@ -166,3 +192,34 @@ def test_lora_spec_reads_a_strength_only_after_the_last_colon():
     for bad in ("nan", "inf"):
         with pytest.raises(SystemExit, match="strength must be a finite number"):
             _lora_spec(f"style.safetensors:{bad}")
+
+
+@pytest.mark.skipif(os.name != "posix", reason="sets the child's umask (POSIX)")
+def test_readme_command_from_a_comfyui_models_folder_with_an_empty_hugging_face_cache(
+        tiny_transformer, tiny_autoencoder, tmp_path):
+    """The README's main command as a user runs it: a ComfyUI models/ folder (the real file names and key
+    layouts, tiny), no tokenizer flags, nothing in the Hugging Face cache and no network: the tokenizers that
+    come with kontext_core are used, and the PNG gets the permissions the umask gives any new file."""
+    from comfyui_server import tiny_text_encoder_files  # T5 and CLIP with the real vocabularies, tiny widths
+
+    models = tmp_path / "ComfyUI" / "models"
+    save_transformer(tiny_transformer, models / "diffusion_models" / "flux1-kontext-dev.safetensors", layout="comfy")
+    save_autoencoder(tiny_autoencoder, models / "vae" / "ae.safetensors")
+    (models / "text_encoders").mkdir(parents=True)
+    tiny_text_encoder_files(models / "text_encoders", tiny_transformer.config)
+    Image.new("RGB", (40, 24), (200, 30, 90)).save(tmp_path / "photo.png")
+    (tmp_path / "hf-empty").mkdir()
+    environment = {name: value for name, value in os.environ.items()
+                   if not name.startswith(("HF_", "HUGGINGFACE_", "TRANSFORMERS_"))}
+    environment.update(HF_HOME=str(tmp_path / "hf-empty"), HF_HUB_OFFLINE="1")
+    command = [sys.executable, "-m", "kontext_core", "edit", str(tmp_path / "photo.png"), "--prompt",
+               "make it a snowy night", "-o", str(tmp_path / "night.png"), "--models", str(models),
+               "--steps", "2", "--resize", "keep", "--dtype", "fp32", "--device", "cpu"]
+    result = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], env=environment,
+                            preexec_fn=lambda: os.umask(0o027), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == str(tmp_path / "night.png")
+    assert stat.S_IMODE((tmp_path / "night.png").stat().st_mode) == 0o640  # 0o666 less the umask 027
+    with Image.open(tmp_path / "night.png") as night:
+        assert night.size == (40, 24) and json.loads(night.text["parameters"])["prompt"] == "make it a snowy night"
+    assert not any((tmp_path / "hf-empty").rglob("*.json"))  # nothing was fetched into the cache

@@ -49,4 +49,4 @@ def test_missing_files_list_what_and_where(tmp_path):
         find_model_files(tmp_path, use_hf_cache=False)
     message = str(error.value)
     assert "transformer, t5, clip" in message and "flux1-kontext-dev.safetensors" in message
-    assert "t5xxl_fp16.safetensors" in message and str(tmp_path) in message and "--download" in message
+    assert "t5xxl_fp16.safetensors" in message and str(tmp_path) in message and "`allow_download=True`" in message

@@ -762,6 +762,23 @@ def test_loop_node_returns_every_turn(models, comfy):
         nodes.KontextEditLoop.run(state0, " \n ")
 
 
+def test_turn_refuses_text_encoders_of_another_width_before_sampling(models, tmp_path):
+    # A CLIP twice as wide as the model reads: named at once, not a shape error inside the first block.
+    from kontext_core.text_encoders import TextEncoders, load_clip_tokenizer, load_t5_tokenizer
+    from test_text_encoders import clip_tokenizer_dir, t5_tokenizer_dir, tiny_clip, tiny_t5
+
+    config = models.pipeline.transformer.config
+    wrong = TextEncoders(tiny_t5(d_model=config.context_in_dim), tiny_clip(hidden_size=2 * config.vec_in_dim),
+                         load_t5_tokenizer(t5_tokenizer_dir(tmp_path / "t5")),
+                         load_clip_tokenizer(clip_tokenizer_dir(tmp_path / "clip")))
+    text = model_cache.TextEncodersRef("t5xxl_fp16.safetensors", "clip_b.safetensors", "fp32", "cpu")
+    model_cache.CACHE.put(text.key, wrong)
+    state = _start(models, text_encoders=text).outputs[0]
+    with pytest.raises(CheckpointError, match=rf"CLIP with hidden size {2 * config.vec_in_dim}, .*this transformer "
+                                              rf"reads: a {config.vec_in_dim}-wide pooled vector .*clip_l.safetensors"):
+        nodes.KontextEditTurn.run(state, "a", seed=1, steps=2)
+
+
 def test_turn_with_conditioning_and_without_text_encoders(models):
     state = _start(models, text_encoders=None).outputs[0]
     with pytest.raises(ValueError, match="Load Kontext Text Encoders"):

@@ -12,7 +12,7 @@ import copy
 import pytest
 import torch
 
-from conftest import compiled_graphs, randomize_
+from conftest import compiled_graphs, randomize_, reordering_tolerance
 from kontext_core.config import TransformerConfig
 from kontext_core.offload import BlockOffloader
 from kontext_core.quant import quantize_model
@@ -64,7 +64,10 @@ def test_compiled_blocks_run_under_the_offloader(model):
         with torch.no_grad():
             for seed in (1, 2):
                 inputs = _inputs(model.config, seed)
-                assert torch.allclose(model(*inputs), reference(*inputs), rtol=1e-5, atol=1e-6)
+                # aot_eager may decompose ops and so sum in another order: reordering error through every block.
+                expected = reference(*inputs)
+                assert torch.allclose(model(*inputs), expected, **reordering_tolerance(
+                    expected, terms=model.config.mlp_hidden_dim, chained=DOUBLE + SINGLE))
         assert compiled_graphs() - graphs == 2  # compiled, not run eagerly around the hooks
         assert offloader.bytes_copied > 0
     finally:

@@ -37,3 +37,18 @@ def test_core_never_unpickles_or_evaluates():
                 owner = getattr(func.value, "id", "") if isinstance(func, ast.Attribute) else ""
                 assert not (isinstance(func, ast.Name) and name in {"eval", "exec"}), f"{path}: {name}()"
                 assert not (owner == "torch" and name == "load"), f"{path}: torch.load unpickles"
+
+
+def test_bundled_tokenizers_are_package_data():
+    # A non-editable install (pip install .) carries only the data that pyproject.toml names.
+    import fnmatch
+
+    import pytest
+
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
+    config = tomllib.loads((CORE.parent / "pyproject.toml").read_text())
+    patterns = config["tool"]["setuptools"]["package-data"]["kontext_core"]
+    files = {p.relative_to(CORE).as_posix() for p in (CORE / "tokenizers").rglob("*") if p.is_file()}
+    assert {"tokenizers/t5/tokenizer.json", "tokenizers/t5/LICENSE", "tokenizers/clip_l/vocab.json",
+            "tokenizers/clip_l/merges.txt", "tokenizers/clip_l/LICENSE"} <= files
+    assert {f for f in files if not any(fnmatch.fnmatch(f, pattern) for pattern in patterns)} == set()

@@ -20,6 +20,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
 from kontext_core.checkpoints.files import CheckpointError, save_sharded
+from kontext_core.config import TransformerConfig
 from kontext_core.quant import quantize_weight
 from kontext_core import text_encoders
 from kontext_core.text_encoders import (
@@ -332,9 +333,9 @@ def test_offload_frees_the_gpu_and_encode_brings_the_models_back(files):
 
 
 def test_t5_and_clip_swapped(files):
-    with pytest.raises(CheckpointError, match=r"clip_l.safetensors is a CLIP text encoder, not T5-XXL.*clip_path"):
+    with pytest.raises(CheckpointError, match=r"clip_l.safetensors is a CLIP text encoder, not T5-XXL.*`clip_path`"):
         load_t5_encoder(files["root"] / "clip_l.safetensors")
-    with pytest.raises(CheckpointError, match=r"t5xxl_fp16.safetensors is a T5 text encoder, not CLIP-L.*t5_path"):
+    with pytest.raises(CheckpointError, match=r"t5xxl_fp16.safetensors is a T5 text encoder, not CLIP-L.*`t5_path`"):
         load_clip_encoder(files["root"] / "t5xxl_fp16.safetensors")
 
 
@@ -393,11 +394,130 @@ def test_config_that_does_not_match_the_file(files):
                           config=CLIPTextConfig(**{**CLIP_TINY, "hidden_size": 32}))
 
 
-def test_missing_tokenizer_says_where_it_looked(tmp_path, files, monkeypatch):
+# ---------------------------------------------------------------------------------------------------------
+# Encoders that do not fit the transformer: refused by what they are, before any weight is read
+
+
+def test_encoders_of_the_transformers_widths_load(files):
+    fits = TransformerConfig.tiny(context_in_dim=32, vec_in_dim=64)  # the tiny files' widths
+    encoders = load_text_encoders(files["root"] / "t5xxl_fp16.safetensors", files["root"] / "clip_l.safetensors",
+                                  t5_tokenizer=files["t5_tok"], clip_tokenizer=files["clip_tok"], dtype="fp32",
+                                  transformer_config=fits)
+    assert encoders.encode("a cat")[1].shape == (1, 64)
+
+
+def test_encoders_of_other_widths_are_named_against_the_transformer(files):
+    transformer = TransformerConfig.tiny(context_in_dim=48, vec_in_dim=32)
+    with pytest.raises(CheckpointError, match=r"t5xxl_fp16.safetensors: T5 with hidden size 32, that is a T5 32 "
+                                              r"wide; this transformer reads 48-wide text features .*t5xxl_fp16"):
+        load_t5_encoder(files["root"] / "t5xxl_fp16.safetensors", transformer_config=transformer)
+    with pytest.raises(CheckpointError, match=r"clip_l.safetensors: CLIP with hidden size 64, that is a CLIP 64 wide, "
+                                              r"not what this transformer reads: a 32-wide pooled vector"):
+        load_clip_encoder(files["root"] / "clip_l.safetensors", transformer_config=transformer)
+
+
+def test_a_clip_b_file_for_flux_is_named_before_its_weights_are_read(tmp_path):
+    # The issue's case: a 512-wide CLIP given as clip_l; FLUX reads CLIP-L's 768-wide pooled vector. Only the
+    # tensors whose shapes give the config are written: the check comes before the missing ones are noticed.
+    path = tmp_path / "clip_b.safetensors"
+    save_file({"text_model.embeddings.token_embedding.weight": torch.zeros(10, 512),
+               "text_model.embeddings.position_embedding.weight": torch.zeros(77, 512),
+               "text_model.encoder.layers.0.mlp.fc1.weight": torch.zeros(16, 512),
+               "text_model.encoder.layers.0.layer_norm1.weight": torch.zeros(512)}, path)
+    with pytest.raises(CheckpointError, match=r"clip_b.safetensors: CLIP with hidden size 512, that is the text tower "
+                                              r"of CLIP ViT-B, not what this transformer reads: a 768-wide pooled "
+                                              r"vector \(FLUX: CLIP-L, 768\). Use CLIP-L: clip_l.safetensors"):
+        load_clip_encoder(path, transformer_config=TransformerConfig())
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (dict(vocab_size=256384), r"vocabulary 256384 \(T5-XXL v1.1: 32128\): that is UMT5"),
+    (dict(vocab_size=250112), r"that is mT5"),
+    (dict(d_model=2048, d_ff=5120, num_heads=32), r"T5 with hidden size 2048, that is T5-XL; this transformer reads "
+                                                   r"4096-wide"),
+    (dict(feed_forward_proj="relu", d_ff=65536), r"feed_forward 65536 \(T5-XXL v1.1: 10240\), activation relu"),
+    (dict(num_layers=12), r"layers 12 \(T5-XXL v1.1: 24\)"),
+])
+def test_t5_layouts_flux_was_not_trained_with_are_refused(overrides, expected):
+    with pytest.raises(CheckpointError, match=expected + r".*Use T5-XXL v1.1: t5xxl_fp16.safetensors"):
+        text_encoders.check_t5_fits(t5_xxl_config(**overrides), TransformerConfig(), "t5.safetensors")
+
+
+def test_flux_sizes_accept_t5_xxl_and_clip_l_of_any_context_length():
+    flux = TransformerConfig()
+    text_encoders.check_t5_fits(t5_xxl_config(), flux)
+    text_encoders.check_clip_fits(clip_l_config(), flux)
+    text_encoders.check_clip_fits(clip_l_config(max_position_embeddings=248), flux)  # LongCLIP-L
+    with pytest.raises(CheckpointError, match=r"the CLIP text encoder: a CLIP with layers 6 \(CLIP-L: 12\)"):
+        text_encoders.check_clip_fits(clip_l_config(num_hidden_layers=6), flux)
+
+
+def test_a_pipeline_refuses_encoders_its_transformer_cannot_read(files, tiny_transformer, tiny_autoencoder):
+    from conftest import FakeEncoders
+    from kontext_core.pipeline import KontextPipeline
+
+    encoders = tiny_encoders(files)  # T5 32 wide, CLIP 64 wide; the tiny transformer reads 48 and 32
+    with pytest.raises(CheckpointError, match=r"t5xxl_fp16.safetensors: T5 with hidden size 32"):
+        KontextPipeline(tiny_transformer, tiny_autoencoder, encoders)
+    KontextPipeline(tiny_transformer, tiny_autoencoder, FakeEncoders(48, 32))  # stand-ins have no configs
+
+
+def test_without_a_tokenizer_anywhere_the_bundled_copies_are_used(files, monkeypatch):
+    # Nothing beside the weights, nothing in the Hugging Face cache under these names: kontext_core's own copies.
     monkeypatch.setattr(text_encoders, "T5_TOKENIZER_REPO", "kontext-tests/no-such-tokenizer")
-    with pytest.raises(CheckpointError, match=r"no T5 tokenizer found \(looked in: .*tokenizer_2; .*Hugging Face cache "
-                                              r"for kontext-tests/no-such-tokenizer.*allow_download=True"):
-        load_t5_tokenizer(weights_path=files["root"] / "t5xxl_fp16.safetensors")
+    monkeypatch.setattr(text_encoders, "CLIP_TOKENIZER_REPO", "kontext-tests/no-such-tokenizer")
+    t5 = load_t5_tokenizer(weights_path=files["root"] / "t5xxl_fp16.safetensors")
+    clip = load_clip_tokenizer(weights_path=files["root"] / "clip_l.safetensors")
+    assert (len(t5), t5.pad_token_id, t5.eos_token_id, t5.unk_token_id) == (32100, 0, 1, 2)
+    assert (len(clip), clip.bos_token_id, clip.eos_token_id, clip.pad_token_id) == (49408, 49406, 49407, 49407)
+    # Ids published for these sentences: transformers' T5 documentation, and CLIP's widely quoted prompt.
+    assert t5("The <extra_id_0> walks in <extra_id_1> park").input_ids == [37, 32099, 10681, 16, 32098, 2447, 1]
+    assert t5("The house is wonderful.").input_ids == [37, 629, 19, 1627, 5, 1]
+    assert clip("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+
+
+def test_bundled_tokenizers_equal_the_transformers_classes_built_from_their_vocabularies(tmp_path):
+    """The configs shipped beside the vocabularies change nothing: T5TokenizerFast on tokenizer.json alone and
+    CLIPTokenizer on vocab.json + merges.txt alone give the same ids, padded and truncated as FLUX does."""
+    from transformers import CLIPTokenizer, T5TokenizerFast
+
+    bundled = text_encoders.BUNDLED_TOKENIZERS
+    t5, clip = load_t5_tokenizer(bundled / "t5"), load_clip_tokenizer(bundled / "clip_l")
+    t5_alone = T5TokenizerFast(tokenizer_file=str(bundled / "t5" / "tokenizer.json"))
+    vocabulary = tmp_path / "clip_vocabulary"
+    vocabulary.mkdir()
+    for name in ("vocab.json", "merges.txt"):
+        (vocabulary / name).write_bytes((bundled / "clip_l" / name).read_bytes())
+    clip_alone = CLIPTokenizer.from_pretrained(str(vocabulary))
+    prompts = PROMPTS + ["Make the sky  stormy, keep the café's sign; 3 cats & a dog!", "x " * 600]
+    for ours, alone, length in ((t5, t5_alone, 512), (clip, clip_alone, 77)):
+        encode = dict(padding="max_length", max_length=length, truncation=True)
+        assert ours(prompts, **encode).input_ids == alone(prompts, **encode).input_ids
+
+
+def test_bundled_copies_are_package_data_with_their_licenses():
+    bundled = text_encoders.BUNDLED_TOKENIZERS
+    for folder, vocabulary, license_text in (("t5", "tokenizer.json", "Apache License"),
+                                             ("clip_l", "vocab.json", "MIT License")):
+        assert (bundled / folder / vocabulary).stat().st_size < 4_000_000
+        assert license_text in (bundled / folder / "LICENSE").read_text()
+        assert "Origin:" in (bundled / folder / "NOTICE").read_text()
+
+
+def test_tokenizer_order_explicit_then_beside_the_weights_then_cache_then_bundled(files, monkeypatch):
+    cached = object()
+    monkeypatch.setattr(text_encoders, "_from_hub", lambda repo, allow_download: cached)
+    assert load_t5_tokenizer(weights_path=files["root"] / "t5xxl_fp16.safetensors") is cached
+    beside = load_t5_tokenizer(weights_path=files["diffusers"])  # tokenizer_2/ of the diffusers folder
+    assert beside is not cached and len(beside) == 3 + len(WORDS)
+    assert len(load_t5_tokenizer(files["t5_tok"], weights_path=files["diffusers"])) == 3 + len(WORDS)
+
+
+def test_tokenizer_named_by_an_uncached_repo_says_how_to_fetch_it(tmp_path):
+    with pytest.raises(CheckpointError, match=r"the T5 tokenizer kontext-tests/no-such-tokenizer is neither a folder "
+                                              r"nor a repo found in the Hugging Face cache .*`allow_download=True`.*"
+                                              r"leave `t5_tokenizer` unset"):
+        load_t5_tokenizer("kontext-tests/no-such-tokenizer")
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match=r"no CLIP tokenizer in .*empty: expected tokenizer.json"):
         load_clip_tokenizer(tmp_path / "empty")
@@ -407,8 +527,12 @@ def test_tokenizer_of_another_model_is_refused(files):
     t5 = load_t5_encoder(files["root"] / "t5xxl_fp16.safetensors", dtype="fp32")
     clip = load_clip_encoder(files["root"] / "clip_l.safetensors", dtype="fp32")
     clip_tokenizer = load_clip_tokenizer(files["clip_tok"])
-    with pytest.raises(CheckpointError, match=r"T5 tokenizer has 60 tokens but the T5 model only 40"):
+    with pytest.raises(CheckpointError, match=r"T5 tokenizer has 60 tokens but the T5 model only 40.*`t5_tokenizer`"):
         TextEncoders(t5, clip, clip_tokenizer, clip_tokenizer)
+    # The bundled T5 v1.1 tokenizer with a model of 40 tokens: the pairing is named, not an index error later.
+    with pytest.raises(CheckpointError, match=r"T5 tokenizer has 32100 tokens but the T5 model only 40; they belong "
+                                              r"to different models"):
+        TextEncoders(t5, clip, load_t5_tokenizer(text_encoders.BUNDLED_TOKENIZERS / "t5"), clip_tokenizer)
 
 
 def test_spiece_model_folder(tmp_path):

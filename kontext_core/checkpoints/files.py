@@ -9,7 +9,6 @@ import json
 import os
 import re
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -18,9 +17,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..files_out import replacing
+
 
 class CheckpointError(ValueError):
-    """A model file is missing, of the wrong kind, or damaged. The message says what to do."""
+    """A model file is missing, of the wrong kind, or damaged. The message says what to do.
+
+    Where the fix is an option, the message names it as a Python caller passes it, in backticks
+    (`allow_download=True`, `clip_path`); the command line puts its own flags in their place (cli.py).
+    """
 
 
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -189,23 +194,13 @@ def open_sharded(index_path: Path) -> TensorSource:
 def save_atomic(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
                 metadata: Mapping[str, str] | None = None) -> None:
     """Write a safetensors file through a temporary file, so a crash never leaves a half file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=dict(metadata or {}))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with replacing(path) as temporary:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, temporary, metadata=dict(metadata or {}))
 
 
 def write_text_atomic(text: str, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
+    with replacing(path) as temporary:
+        temporary.write_text(text)
 
 
 def save_sharded(tensors: Mapping[str, torch.Tensor], folder: Path, stem: str,
