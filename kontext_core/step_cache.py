@@ -55,6 +55,9 @@ class CacheStats:
 
     computed: int = 0
     skipped_steps: list[int] = field(default_factory=list)  # 0-based step indexes
+    # What each judged step compared with the threshold (the largest over the branches): first-block's relative
+    # L1, teacache's running sum. What thresholds would skip on a given model can be read from it.
+    measures: dict[int, float] = field(default_factory=dict)
 
     @property
     def skipped(self) -> int:
@@ -167,6 +170,7 @@ class CacheRun:
         raise NotImplementedError
 
     def _may_skip(self, measures: list[float]) -> bool:
+        self.stats.measures[self._step - 1] = max(measures)
         # NaN (a measure against an all-zero reference) compares False: the step is computed.
         return all(measure < self.threshold for measure in measures)
 

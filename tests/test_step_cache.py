@@ -86,6 +86,7 @@ def test_a_high_threshold_skips_every_step_but_the_first_and_last(mode):
     cached = edit(pipeline, StepCache(mode, EVERY))
     stats = cached.cache_stats
     assert stats.computed == 2 and stats.skipped_steps == list(range(1, STEPS - 1))
+    assert sorted(stats.measures) == stats.skipped_steps  # every step but the first and last was judged
     assert stats.skip_ratio == pytest.approx((STEPS - 2) / STEPS)
     assert bool(torch.isfinite(cached.latents).all())
     assert 1e-3 < rel_error(cached.latents, uncached.latents) < 1.0  # approximate, not garbage
