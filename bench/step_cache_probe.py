@@ -142,7 +142,7 @@ def main() -> None:
               f"{cell(row['skipped_ms'], '.1f'):>9}{row['total_s']:>9.2f}{rows[0]['total_s'] / row['total_s']:>8.2f}x"
               f"{row['rel_diff']:>10.4f}")
     for row in rows:
-        if row["threshold"] == 0.0:  # every step computed: each judged step's measure is its own
+        if row["threshold"] == 0.0 and row["measures"]:  # every step computed: each judged step's own measure
             overhead = row["full_ms"] - plain_ms
             measures = row["measures"]
             print(f"{row['mode']}: decision overhead {overhead:+.2f} ms per full step "
