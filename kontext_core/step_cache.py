@@ -12,7 +12,8 @@ Two ways to decide, both watching something cheap at the start of the step:
   made at the last computed step is added to the input. A computed step resets the sum.
 
 What is cached is defined on what reaches the final layer: the image tokens (target, then any context) after
-the last single block. The text tokens leave the model there, so nothing of theirs is kept.
+the last single block. The text tokens leave the model there, so nothing of theirs is kept. Each mode keeps two
+such tensors between steps ([B, L_img, hidden]: ~50 MB each for a 1024x1024 edit with one reference, in bf16).
 
 The first and last steps are always computed. A run's state (`CacheRun`) is made when sampling starts and
 dropped when it ends: a new seed, prompt, turn, batch size or LoRA starts from nothing, as it must.
