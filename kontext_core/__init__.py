@@ -16,17 +16,20 @@ from .tokens import (
 from .transformer import KontextTransformer
 from .sampling import TextConditioning, flux_schedule, sample_euler
 from .pipeline import EditResult, EditSession, GenerationSettings, KontextPipeline
+from .step_cache import CacheStats, StepCache
 from .model_files import ModelFiles, find_model_files
 from .build import load_pipeline
 from .text_encoders import TextEncoders, load_text_encoders
 from .lora import apply_lora, load_lora
 
 __all__ = [
+    "CacheStats",
     "EditResult",
     "EditSession",
     "GenerationSettings",
     "KontextPipeline",
     "ModelFiles",
+    "StepCache",
     "TextConditioning",
     "TextEncoders",
     "apply_lora",

@@ -25,6 +25,7 @@ from .image import FIT_MODES, RESIZE_MODES
 from .model_files import ModelFiles, ModelFilesNotFound, find_model_files
 from .presets import PRESETS
 from .sampling import SAMPLER_MODES, StepInfo
+from .step_cache import CACHE_MODES, DEFAULT_THRESHOLDS, OFF, StepCache
 from .tokens import PLACEMENTS, context_tokens, pack_latent, position_ids, text_position_ids
 
 
@@ -99,7 +100,23 @@ def _settings(args: argparse.Namespace):
 
     return GenerationSettings(steps=args.steps, guidance=args.guidance, seed=args.seed, denoise=args.denoise,
                               sampler=args.sampler, true_cfg=args.true_cfg, negative_prompt=args.negative,
-                              placement=args.placement)
+                              placement=args.placement, cache=_step_cache(args))
+
+
+def _step_cache(args: argparse.Namespace) -> StepCache | None:
+    if args.cache == OFF:
+        if args.cache_threshold is not None:
+            raise SystemExit("error: --cache-threshold needs a cache: add --cache first-block or --cache teacache")
+        return None
+    try:
+        return StepCache(args.cache, args.cache_threshold)
+    except ValueError as exc:
+        raise SystemExit(f"error: --cache-threshold {args.cache_threshold}: {exc}")
+
+
+def _report_cache(stats, label: str = "") -> None:
+    if stats is not None:  # on stderr: stdout lists the written files
+        print(f"step cache{label}: {stats}", file=sys.stderr)
 
 
 def _progress(total_label: str):
@@ -172,8 +189,8 @@ def _edit(args: argparse.Namespace) -> int:
         raise SystemExit("error: give either --prompt (one edit) or --turns FILE (one prompt per line)")
     images = _open_images(args.images)
     size = (args.width, args.height) if args.width and args.height else None
+    settings = _settings(args)  # bad generation options fail before minutes of loading
     pipeline, files = _pipeline(args)
-    settings = _settings(args)
     output = Path(args.output)
     if args.turns:
         prompts = [line.strip() for line in Path(args.turns).read_text().splitlines() if line.strip()]
@@ -185,6 +202,7 @@ def _edit(args: argparse.Namespace) -> int:
         for number, prompt in enumerate(prompts, start=1):
             turn = session.edit(prompt, seed=settings.seed + number - 1, extra_references=extra,
                                 callback=_progress(f"turn {number}/{len(prompts)}"))
+            _report_cache(turn.cache_stats, f", turn {number}")
             image = pipeline.decode(turn.latent)[0]
             write_png_atomic(image, output / f"turn_{number:02d}.png", _metadata(prompt, turn.settings, files))
             write_json_atomic({"turns": session.history(), "current": session.current}, output / "session.json")
@@ -192,6 +210,7 @@ def _edit(args: argparse.Namespace) -> int:
         return 0
     result = pipeline.edit(images, args.prompt, settings=settings, size=size, resize=args.resize, fit=args.fit,
                            batch_size=args.batch, callback=_progress("edit"))
+    _report_cache(result.cache_stats)
     for path, image in zip(_outputs(output, len(result.images)), result.images):
         write_png_atomic(image, path, _metadata(args.prompt, result.settings, files))
         print(path)
@@ -205,10 +224,11 @@ def _outputs(output: Path, count: int) -> list[Path]:
 
 
 def _t2i(args: argparse.Namespace) -> int:
-    pipeline, files = _pipeline(args)
     settings = replace(_settings(args), placement="kontext")
+    pipeline, files = _pipeline(args)
     result = pipeline.text_to_image(args.prompt, width=args.width or 1024, height=args.height or 1024,
                                     settings=settings, batch_size=args.batch, callback=_progress("t2i"))
+    _report_cache(result.cache_stats)
     for path, image in zip(_outputs(Path(args.output), len(result.images)), result.images):
         write_png_atomic(image, path, _metadata(args.prompt, result.settings, files))
         print(path)
@@ -243,6 +263,13 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
     gen.add_argument("--negative", default="", help="negative prompt (with --sampler true_cfg)")
     gen.add_argument("--placement", choices=PLACEMENTS, default="kontext", help="how reference images are placed")
     gen.add_argument("--batch", type=int, default=1)
+    gen.add_argument("--cache", choices=(OFF, *CACHE_MODES), default=OFF,
+                     help="skip the blocks on steps whose input barely changed (approximate; compare with an "
+                          "uncached run on your weights): first-block (First-Block Cache) or teacache")
+    gen.add_argument("--cache-threshold", type=float, default=None,
+                     help="how much change still reuses the cache (0: every step computed, exactly as uncached; "
+                          f"default {', '.join(f'{m} {t}' for m, t in DEFAULT_THRESHOLDS.items())}; teacache never "
+                          "skips below 0.18)")
     run = parser.add_argument_group("runtime")
     run.add_argument("--preset", choices=tuple(PRESETS),
                      help="fast: int8 GEMMs + 8-bit attention + compiled blocks + CUDA graphs (faster steps, a few "

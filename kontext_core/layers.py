@@ -159,6 +159,12 @@ class DoubleStreamBlock(nn.Module):
         txt = self._mlp_residual(txt, txt_mlp_mod, self.txt_mlp)
         return img, txt
 
+    def image_attention_input(self, img: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
+        """The image stream's modulated input to attention, (1 + scale) * LayerNorm(img) + shift, unquantized:
+        what TeaCache watches from step to step (kontext_core/step_cache.py)."""
+        img_attn_mod, _ = self.img_mod(vec)
+        return fused.modulate(img, img_attn_mod.shift, img_attn_mod.scale)
+
     @staticmethod
     def _mlp_residual(x: torch.Tensor, mod: ModulationParams, mlp: MLP) -> torch.Tensor:
         up, down = mlp[0], mlp[2]

@@ -24,6 +24,7 @@ from .lora import apply_lora
 from .image import FIT_MODES, RESIZE_MODES, prepare_image, to_pil
 from .sampling import SAMPLER_MODES, StepCallback, TextConditioning, denoise_schedule, noise_latent, sample_euler
 from .text_encoders import check_text_encoders_fit
+from .step_cache import OFF, CacheStats, StepCache
 from .tokens import PLACEMENTS, context_tokens, pack_latent, position_ids, unpack_tokens
 from .transformer import KontextTransformer
 
@@ -52,8 +53,13 @@ class GenerationSettings:
     true_cfg: float = 1.0
     negative_prompt: str = ""
     placement: str = "kontext"
+    # Step caching (kontext_core/step_cache.py): "first-block:0.12", "teacache:0.4" or "off". A StepCache is
+    # accepted too and kept as its text, so the settings stay plain data (metadata, session history).
+    cache: str = OFF
 
     def __post_init__(self) -> None:
+        step_cache = StepCache.parse(self.cache)
+        self.cache = str(step_cache) if step_cache is not None else OFF
         if self.sampler not in SAMPLER_MODES:
             raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLER_MODES)}")
         if self.placement not in PLACEMENTS:
@@ -73,6 +79,7 @@ class EditResult:
     images: list[Image.Image]
     settings: GenerationSettings
     prompt: str
+    cache_stats: CacheStats | None = None  # steps computed and skipped, when settings.cache is on
 
 
 class KontextPipeline:
@@ -145,10 +152,12 @@ class KontextPipeline:
         noise: torch.Tensor | None = None,
         callback: StepCallback | None = None,
         loras: Sequence[LoraSpec] = (),
+        cache_stats: CacheStats | None = None,
     ) -> torch.Tensor:
         """The sampled target latent [B, 16, h, w]; batch size is the conditioning's.
 
-        `loras` are applied on the fly for this call only and removed afterwards.
+        `loras` are applied on the fly for this call only and removed afterwards. With settings.cache on, the
+        counts of computed and skipped steps are added to `cache_stats`.
         """
         batch = conditioning.txt.shape[0]
         if latent_size is None:
@@ -184,7 +193,7 @@ class KontextPipeline:
             for lora, strength in loras:
                 applied.enter_context(apply_lora(self.transformer, lora, strength, mode="on_the_fly"))
             out = self._sample(start, height, width, batch, conditioning, timesteps, settings, ctx, ctx_ids,
-                               negative if use_cfg else None, callback)
+                               negative if use_cfg else None, callback, cache_stats)
         if not bool(torch.isfinite(out).all()):  # one check per generation: a black image would say nothing
             raise FloatingPointError(
                 f"sampling produced NaN or infinite values (transformer in {self.transformer.dtype}). fp16 overflows "
@@ -193,13 +202,18 @@ class KontextPipeline:
         return unpack_tokens(out, height, width).float()
 
     def _sample(self, start, height, width, batch, conditioning, timesteps, settings, ctx, ctx_ids, negative,
-                callback) -> torch.Tensor:
+                callback, cache_stats=None) -> torch.Tensor:
         device = self.device
+        step_cache = StepCache.parse(settings.cache)
+        if step_cache is not None and self.cuda_graphs and device.type == "cuda":
+            warnings.warn("CUDA graphs not used for this run: step caching decides on the host at every step "
+                          "whether to run the blocks, which a graph replay cannot", stacklevel=3)
         return sample_euler(
             self.transformer, pack_latent(start).to(device), position_ids(height, width, batch=batch, device=device),
             conditioning, timesteps, guidance=settings.guidance, context=ctx, context_ids=ctx_ids,
             negative=negative, true_cfg=settings.true_cfg if negative is not None else 1.0, callback=callback,
-            velocity_fn=self._graphed_velocity(),
+            velocity_fn=self._graphed_velocity() if step_cache is None else None,
+            step_cache=step_cache, cache_stats=cache_stats,
         )
 
     def _graphed_velocity(self) -> GraphedVelocity | None:
@@ -244,8 +258,9 @@ class KontextPipeline:
         """Edit `images` (the first is the one edited; more are extra references) with `prompt`.
 
         Instead of images, `context_latents` may be given directly (multi-turn chaining). Keyword
-        overrides (steps, guidance, seed, denoise, sampler, true_cfg, negative_prompt, placement)
-        update `settings`.
+        overrides (steps, guidance, seed, denoise, sampler, true_cfg, negative_prompt, placement, cache)
+        update `settings`; cache="first-block:0.12" (or a StepCache) skips the blocks on steps whose input
+        barely changed, and the result's cache_stats then counts the skipped steps.
         """
         settings = _with_overrides(settings, overrides)
         batch_size = _batch(prompt, conditioning, batch_size)
@@ -259,10 +274,12 @@ class KontextPipeline:
         if len(context_latents) > 1 and settings.placement == "kontext":
             settings = _with_overrides(settings, {"placement": "offset"})
         latent_size = self.latent_size(*size) if size is not None else None
+        cache_stats = CacheStats() if settings.cache != OFF else None
         latents = self.generate(cond, settings, context_latents=context_latents, latent_size=latent_size,
                                 init_latent=context_latents[0] if settings.denoise < 1 else None,
-                                negative=negative, callback=callback, loras=loras)
-        return EditResult(latents, self.decode(latents) if decode else [], settings, _prompt_text(prompt))
+                                negative=negative, callback=callback, loras=loras, cache_stats=cache_stats)
+        return EditResult(latents, self.decode(latents) if decode else [], settings, _prompt_text(prompt),
+                          cache_stats)
 
     def text_to_image(self, prompt: str = "", *, width: int = 1024, height: int = 1024,
                       settings: GenerationSettings | None = None, conditioning: TextConditioning | None = None,
@@ -272,9 +289,11 @@ class KontextPipeline:
         latent_size = self.latent_size(width, height)
         batch_size = _batch(prompt, conditioning, batch_size)
         cond, negative = self._conditioning(prompt, conditioning, settings, batch_size)
+        cache_stats = CacheStats() if settings.cache != OFF else None
         latents = self.generate(cond, settings, latent_size=latent_size, negative=negative, callback=callback,
-                                loras=loras)
-        return EditResult(latents, self.decode(latents) if decode else [], settings, _prompt_text(prompt))
+                                loras=loras, cache_stats=cache_stats)
+        return EditResult(latents, self.decode(latents) if decode else [], settings, _prompt_text(prompt),
+                          cache_stats)
 
     def session(self, image: Image.Image | None = None, *, latent: torch.Tensor | None = None,
                 resize: str = "preferred", settings: GenerationSettings | None = None) -> "EditSession":
@@ -314,6 +333,7 @@ class Turn:
     prompt: str
     settings: GenerationSettings | None
     latent: torch.Tensor  # [1, 16, h, w]
+    cache_stats: CacheStats | None = None
 
 
 @dataclass
@@ -348,7 +368,8 @@ class EditSession:
             context = self.pipeline.encode_image(self.pipeline.decode(context)[0], resize="keep")
         result = self.pipeline.edit(None, prompt, settings=settings, context_latents=[context, *extra_references],
                                     conditioning=conditioning, callback=callback, decode=False)
-        turn = Turn(len(self.turns), self.current, prompt, result.settings, result.latents.cpu())
+        turn = Turn(len(self.turns), self.current, prompt, result.settings, result.latents.cpu(),
+                    result.cache_stats)
         self.turns.append(turn)
         self.current = turn.index
         return turn

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
 
+from .step_cache import CacheStats, StepCache
 from .transformer import KontextTransformer
 
 BASE_SEQ_LEN, MAX_SEQ_LEN = 256, 4096
@@ -102,13 +104,20 @@ def sample_euler(
     true_cfg: float = 1.0,
     callback: StepCallback | None = None,
     velocity_fn: Callable[..., torch.Tensor] | None = None,
+    step_cache: StepCache | str | None = None,
+    cache_stats: CacheStats | None = None,
 ) -> torch.Tensor:
     """Euler integration of the flow; the latent is kept in float32 (or float64) between steps.
 
     With `negative` and true_cfg > 1, positive and negative predictions come from one batched forward
     and are combined as v_neg + true_cfg * (v_pos - v_neg). `velocity_fn` stands in for
-    `model.velocity` (same arguments), e.g. a CUDA-graphed one.
+    `model.velocity` (same arguments), e.g. a CUDA-graphed one. `step_cache` skips the blocks on steps
+    whose input barely changed (kontext_core/step_cache.py); its counts are added to `cache_stats`.
     """
+    step_cache = StepCache.parse(step_cache)
+    if step_cache is not None and velocity_fn is not None:
+        raise ValueError("step caching decides on the host at every step whether to run the blocks, which a "
+                         "velocity_fn (a CUDA graph replay) cannot do; pass one or the other")
     batch = x.shape[0]
     device, dtype = model.device, model.dtype
     state_dtype = torch.promote_types(dtype, torch.float32)
@@ -124,14 +133,19 @@ def sample_euler(
     ctx_ids = context_ids.to(device).repeat(copies, 1, 1) if context_ids is not None else None
     guidance_vec = (torch.full((batch * copies,), float(guidance), device=device)
                     if model.config.guidance_embed else None)
+    velocity_of = velocity_fn or model.velocity
+    if step_cache is not None:
+        # The cache's state is made here and dropped on return: nothing cached outlives the run, whose seed,
+        # prompt, batch and LoRAs are fixed.
+        cache_run = step_cache.start(len(timesteps) - 1, branches=copies, stats=cache_stats)
+        velocity_of = partial(model.velocity, step_cache=cache_run)
 
     for step, (t, t_next) in enumerate(zip(timesteps[:-1], timesteps[1:])):
         t_vec = torch.full((batch * copies,), t, device=device)
         model_in = x.to(dtype)
         if copies > 1:  # true CFG: positive and negative rows in one batch
             model_in = model_in.repeat(copies, 1, 1)
-        velocity = (velocity_fn or model.velocity)(model_in, ids, txt, txt_ids, t_vec, y, guidance_vec, ctx,
-                                                   ctx_ids).to(state_dtype)
+        velocity = velocity_of(model_in, ids, txt, txt_ids, t_vec, y, guidance_vec, ctx, ctx_ids).to(state_dtype)
         if use_cfg:
             positive, negative_v = velocity.chunk(2)
             velocity = negative_v + true_cfg * (positive - negative_v)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from itertools import islice
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
@@ -18,6 +21,9 @@ from .layers import (
     rope_frequencies,
     timestep_embedding,
 )
+
+if TYPE_CHECKING:
+    from .step_cache import CacheRun
 
 
 class KontextTransformer(nn.Module):
@@ -99,8 +105,14 @@ class KontextTransformer(nn.Module):
         timesteps: torch.Tensor,  # [B] in [0, 1]
         y: torch.Tensor,  # [B, 768] CLIP pooled
         guidance: torch.Tensor | None = None,  # [B] distilled guidance scale
+        *,
+        step_cache: CacheRun | None = None,
     ) -> torch.Tensor:
-        """Velocity for every image token, [B, L_img, 64]; same meaning as the BFL forward."""
+        """Velocity for every image token, [B, L_img, 64]; same meaning as the BFL forward.
+
+        `step_cache` (a sampling run's state, kontext_core/step_cache.py) runs the blocks or reuses what they
+        computed at an earlier step.
+        """
         config = self.config
         dtype = self.dtype
         img = linear(self.img_in, img.to(dtype))
@@ -121,12 +133,22 @@ class KontextTransformer(nn.Module):
         rope = RopeFrequencies(*rope_frequencies(ids, config.axes_dim, config.theta, rope_dtype))
 
         with attention_scope(img.device):
-            for block in self.double_blocks:
-                img, txt = block(img, txt, vec, rope)
-            joint = torch.cat((txt, img), dim=1)
-            for block in self.single_blocks:
-                joint = block(joint, vec, rope)
-        return self.final_layer(joint[:, txt.shape[1]:], vec)
+            if step_cache is None:
+                img = self.run_blocks(img, txt, vec, rope)
+            else:
+                img = step_cache.run_blocks(self, img, txt, vec, rope)
+        return self.final_layer(img, vec)
+
+    def run_blocks(self, img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor, rope: RopeFrequencies,
+                   first: int = 0) -> torch.Tensor:
+        """The blocks from double block `first` on; returns the image tokens' hidden states [B, L_img, hidden]
+        that the final layer reads (the text tokens end here)."""
+        for block in islice(self.double_blocks, first, None):
+            img, txt = block(img, txt, vec, rope)
+        joint = torch.cat((txt, img), dim=1)
+        for block in self.single_blocks:
+            joint = block(joint, vec, rope)
+        return joint[:, txt.shape[1]:]
 
     def velocity(
         self,
@@ -139,16 +161,18 @@ class KontextTransformer(nn.Module):
         guidance: torch.Tensor | None = None,
         context: torch.Tensor | None = None,  # [B, L_context, 64] reference-image tokens
         context_ids: torch.Tensor | None = None,
+        *,
+        step_cache: CacheRun | None = None,
     ) -> torch.Tensor:
         """Velocity of the target tokens, with context tokens appended after them when given."""
         if context is None:
-            return self.forward(target, target_ids, txt, txt_ids, timesteps, y, guidance)
+            return self.forward(target, target_ids, txt, txt_ids, timesteps, y, guidance, step_cache=step_cache)
         if context_ids is None:
             raise ValueError("context tokens were given without their position ids (context_ids)")
         out = self.forward(
             torch.cat((target, context.to(target.dtype)), dim=1),
             torch.cat((target_ids, context_ids.to(target_ids.dtype)), dim=1),
-            txt, txt_ids, timesteps, y, guidance,
+            txt, txt_ids, timesteps, y, guidance, step_cache=step_cache,
         )
         return out[:, : target.shape[1]]
 

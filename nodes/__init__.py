@@ -6,6 +6,7 @@ from .edit import KontextEdit
 from .images import KontextDecode, KontextEncode, KontextImagePrep
 from .loaders import KontextLoRA, KontextModelLoader, KontextTextEncodersLoader, KontextVAELoader
 from .session import KontextEditLoop, KontextEditTurn, KontextPickTurn, KontextStartSession
+from .step_cache import KontextStepCache
 
 # In the order of the Add Node menu.
 NODES = [
@@ -16,6 +17,7 @@ NODES = [
     KontextPrompt,
     KontextImagePrep,
     KontextEdit,
+    KontextStepCache,
     KontextEncode,
     KontextDecode,
     KontextStartSession,

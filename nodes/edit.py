@@ -5,11 +5,13 @@ from __future__ import annotations
 from kontext_core import GenerationSettings, TextConditioning
 from kontext_core.pipeline import DEFAULT_GUIDANCE
 from kontext_core.sampling import SAMPLER_MODES
+from kontext_core.step_cache import CacheStats
 
 from . import convert, resolve
 from .images import RESIZE_CHOICES, RESIZE_TOOLTIP, _vae_socket
+from .step_cache import CACHE_TOOLTIP, report
 from .progress import step_callback
-from .schema import MODEL, Combo, Float, Int, KontextNode, NodeResult, Output, Seed, Socket, node_spec
+from .schema import MODEL, STEP_CACHE, Combo, Float, Int, KontextNode, NodeResult, Output, Seed, Socket, node_spec
 
 GUIDANCE_TOOLTIP = ("How strongly the result follows the prompt; 2.5 is Kontext [dev]'s. A FluxGuidance or CLIP Text "
                     "Encode (Flux) node upstream sets it on the conditioning instead, and then that value is used.")
@@ -47,6 +49,7 @@ class KontextEdit(KontextNode):
                        tooltip="Sets the output size (e.g. Empty SD3 Latent Image for text-to-image); with denoise "
                                "below 1 the sampler starts from it. Without it the output has the first image's size."),
                 Socket("negative", "CONDITIONING", optional=True, tooltip="The negative prompt, for sampler true_cfg."),
+                Socket("cache", STEP_CACHE, optional=True, tooltip=CACHE_TOOLTIP),
                 Seed(),
                 Int("steps", 28, 1, 10000, tooltip="28 for Kontext [dev]; 4-8 with a turbo LoRA and sampler distilled."),
                 Float("guidance", DEFAULT_GUIDANCE, 0.0, 100.0, step=0.1, tooltip=GUIDANCE_TOOLTIP),
@@ -66,7 +69,8 @@ class KontextEdit(KontextNode):
     @classmethod
     def run(cls, model, vae, conditioning, seed: int = 0, steps: int = 28, guidance: float = DEFAULT_GUIDANCE,
             denoise: float = 1.0, sampler: str = "dev", true_cfg: float = 4.0, resize: str = "preferred",
-            image=None, image_2=None, image_3=None, context=None, target=None, negative=None) -> NodeResult:
+            image=None, image_2=None, image_3=None, context=None, target=None, negative=None,
+            cache=None) -> NodeResult:
         pipe = resolve.pipeline(model, vae)
         features = pipe.transformer.config.context_in_dim, pipe.transformer.config.vec_in_dim
         cond = convert.conditioning_from_comfy(conditioning, "conditioning", *features)
@@ -97,12 +101,14 @@ class KontextEdit(KontextNode):
         placement = cond.reference_method or ("kontext" if len(references) <= 1 else "offset")
         settings = GenerationSettings(steps=steps, guidance=guidance if cond.guidance is None else cond.guidance,
                                       seed=seed, denoise=denoise, sampler=sampler, true_cfg=true_cfg,
-                                      placement=placement)
+                                      placement=placement, cache=cache)
         latent_size = tuple(start.shape[-2:])
         resolve.ready(pipe.transformer)  # encoding (with ComfyUI's VAE, say) may have moved it out
         resolve.set_loras(pipe.transformer, model)
+        cache_stats = CacheStats() if cache is not None else None
         with resolve.compile_failures_explained(model):
             latents = pipe.generate(text, settings, context_latents=references, latent_size=latent_size,
                                     init_latent=start if denoise < 1 else None, negative=negative_text,
-                                    callback=step_callback(latent_size))
+                                    callback=step_callback(latent_size), cache_stats=cache_stats)
+        report(cache_stats, settings.cache, "Kontext Edit")
         return NodeResult((convert.latent_to_comfy(latents), resolve.decode_image(pipe.autoencoder, latents)))

@@ -18,6 +18,7 @@ MODEL = "KONTEXT_MODEL"
 VAE = "KONTEXT_VAE"
 TEXT_ENCODERS = "KONTEXT_TEXT_ENCODERS"
 SESSION = "KONTEXT_SESSION"
+STEP_CACHE = "KONTEXT_STEP_CACHE"
 
 
 @dataclass(frozen=True)
@@ -134,5 +135,5 @@ def node_spec(node_id: str, display_name: str, description: str, inputs: Sequenc
 
 __all__ = [
     "CATEGORY", "Combo", "Float", "Input", "Int", "KontextNode", "MODEL", "NodeResult", "NodeSpec", "Output",
-    "SESSION", "Seed", "Socket", "String", "TEXT_ENCODERS", "VAE", "WIDGET_TYPES", "node_spec",
+    "SESSION", "STEP_CACHE", "Seed", "Socket", "String", "TEXT_ENCODERS", "VAE", "WIDGET_TYPES", "node_spec",
 ]

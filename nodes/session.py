@@ -16,13 +16,15 @@ import torch
 
 from kontext_core import EditSession, GenerationSettings
 from kontext_core.pipeline import DEFAULT_GUIDANCE, Turn
+from kontext_core.step_cache import StepCache
 
 from . import comfy_adapter, convert, resolve
 from .edit import GUIDANCE_TOOLTIP
 from .images import RESIZE_CHOICES, RESIZE_TOOLTIP, _vae_socket
 from .model_cache import TextEncodersRef, TransformerRef
+from .step_cache import CACHE_TOOLTIP, report
 from .progress import step_callback
-from .schema import (MODEL, SESSION, TEXT_ENCODERS, Combo, Float, Int, KontextNode, NodeResult, Output, Seed, Socket,
+from .schema import (MODEL, SESSION, STEP_CACHE, TEXT_ENCODERS, Combo, Float, Int, KontextNode, NodeResult, Output, Seed, Socket,
                      String, node_spec)
 
 SESSION_SAMPLERS = ("dev", "distilled")
@@ -64,11 +66,12 @@ def start(model: TransformerRef, vae: Any, image: torch.Tensor, *, text_encoders
 
 def edit(state: SessionState, prompt: str = "", *, seed: int = 0, steps: int = 28, guidance: float = DEFAULT_GUIDANCE,
          conditioning: Any = None, text_encoders: TextEncodersRef | None = None,
-         references: Sequence[torch.Tensor] = (), progress: tuple[int, int] | None = None) -> SessionState:
+         references: Sequence[torch.Tensor] = (), progress: tuple[int, int] | None = None,
+         cache: StepCache | None = None) -> SessionState:
     """One more turn from the current one; `references` are extra IMAGEs (a style, a character)."""
     state = _check_state(state)
     pipe = resolve.pipeline(state.model, state.vae)
-    overrides: dict[str, Any] = dict(seed=seed, steps=steps, guidance=guidance)
+    overrides: dict[str, Any] = dict(seed=seed, steps=steps, guidance=guidance, cache=cache)
     extra = resolve.encode_images(pipe.autoencoder, references, "preferred")
     if conditioning is not None:
         config = pipe.transformer.config
@@ -93,6 +96,7 @@ def edit(state: SessionState, prompt: str = "", *, seed: int = 0, steps: int = 2
     resolve.set_loras(pipe.transformer, state.model)
     with resolve.compile_failures_explained(state.model):
         turn = session.edit(prompt, conditioning=text, extra_references=extra, callback=callback, **overrides)
+    report(turn.cache_stats, turn.settings.cache, f"turn {turn.index}")
     image = resolve.decode_image(pipe.autoencoder, turn.latent)
     return replace(state, turns=(*state.turns, turn), current=turn.index, images=(*state.images, image))
 
@@ -105,14 +109,14 @@ def pick(state: SessionState, turn: int) -> SessionState:
 
 
 def loop(state: SessionState, prompts: str, *, seed: int = 0, steps: int = 28, guidance: float = DEFAULT_GUIDANCE,
-         text_encoders: TextEncodersRef | None = None) -> SessionState:
+         text_encoders: TextEncodersRef | None = None, cache: StepCache | None = None) -> SessionState:
     """One turn per non-empty line, each editing the one before; turn i uses seed + i."""
     lines = [line.strip() for line in prompts.splitlines() if line.strip()]
     if not lines:
         raise ValueError("no prompts: write one instruction per line.")
     for number, line in enumerate(lines):
         state = edit(state, line, seed=(seed + number) % 2**64, steps=steps, guidance=guidance,
-                     text_encoders=text_encoders, progress=(number * steps, len(lines) * steps))
+                     text_encoders=text_encoders, progress=(number * steps, len(lines) * steps), cache=cache)
     return state
 
 
@@ -180,6 +184,7 @@ class KontextEditTurn(KontextNode):
                 Socket("conditioning", "CONDITIONING", optional=True, tooltip="Used instead of the prompt."),
                 Socket("reference", "IMAGE", optional=True,
                        tooltip="Extra reference images for this turn (a style, a character, an object)."),
+                Socket("cache", STEP_CACHE, optional=True, tooltip=CACHE_TOOLTIP),
                 *_turn_widgets(),
             ],
             _SESSION_OUTPUTS,
@@ -187,9 +192,10 @@ class KontextEditTurn(KontextNode):
 
     @classmethod
     def run(cls, session, prompt: str = "", seed: int = 0, steps: int = 28, guidance: float = DEFAULT_GUIDANCE,
-            text_encoders=None, conditioning=None, reference=None) -> NodeResult:
+            text_encoders=None, conditioning=None, reference=None, cache=None) -> NodeResult:
         return _outputs(edit(session, prompt, seed=seed, steps=steps, guidance=guidance, conditioning=conditioning,
-                             text_encoders=text_encoders, references=[reference] if reference is not None else []))
+                             text_encoders=text_encoders, references=[reference] if reference is not None else [],
+                             cache=cache))
 
 
 class KontextPickTurn(KontextNode):
@@ -220,6 +226,7 @@ class KontextEditLoop(KontextNode):
                 String("prompts", multiline=True, tooltip="One instruction per line; empty lines are skipped."),
                 Socket("text_encoders", TEXT_ENCODERS, optional=True,
                        tooltip="Needed unless Kontext Start Session has them."),
+                Socket("cache", STEP_CACHE, optional=True, tooltip=CACHE_TOOLTIP),
                 *_turn_widgets(),
             ],
             [Output(SESSION, "session"), Output("IMAGE", "images")],
@@ -227,6 +234,7 @@ class KontextEditLoop(KontextNode):
 
     @classmethod
     def run(cls, session, prompts: str = "", seed: int = 0, steps: int = 28, guidance: float = DEFAULT_GUIDANCE,
-            text_encoders=None) -> NodeResult:
-        state = loop(session, prompts, seed=seed, steps=steps, guidance=guidance, text_encoders=text_encoders)
+            text_encoders=None, cache=None) -> NodeResult:
+        state = loop(session, prompts, seed=seed, steps=steps, guidance=guidance, text_encoders=text_encoders,
+                     cache=cache)
         return NodeResult((state, state.all_images()), ui=turns_ui(state))

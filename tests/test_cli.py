@@ -223,3 +223,28 @@ def test_readme_command_from_a_comfyui_models_folder_with_an_empty_hugging_face_
     with Image.open(tmp_path / "night.png") as night:
         assert night.size == (40, 24) and json.loads(night.text["parameters"])["prompt"] == "make it a snowy night"
     assert not any((tmp_path / "hf-empty").rglob("*.json"))  # nothing was fetched into the cache
+
+
+def test_step_cache_flags(models_tree, capsys):
+    # At threshold 0 the cache computes every step: the same bytes as the uncached run, the counts on stderr.
+    tmp_path, image, common = models_tree
+    common = [*common[:common.index("--steps")], "--steps", "3", *common[common.index("--steps") + 2:]]
+    edit = ["edit", str(image), "--prompt", "x", "--resize", "keep", *common]
+    assert main([*edit, "-o", str(tmp_path / "plain.png")]) == 0
+    assert main([*edit, "-o", str(tmp_path / "cached.png"), "--cache", "teacache", "--cache-threshold", "0"]) == 0
+    assert Image.open(tmp_path / "plain.png").tobytes() == Image.open(tmp_path / "cached.png").tobytes()
+    assert "step cache: 3 of 3 steps computed, 0 from the cache" in capsys.readouterr().err
+    assert json.loads(Image.open(tmp_path / "cached.png").text["parameters"])["cache"] == "teacache:0"
+    assert main([*edit, "-o", str(tmp_path / "fb.png"), "--cache", "first-block", "--cache-threshold", "1e9"]) == 0
+    assert "step cache: 2 of 3 steps computed, 1 from the cache (33% skipped)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--cache-threshold", "0.1"], "--cache-threshold needs a cache: add --cache first-block or --cache teacache"),
+    (["--cache", "first-block", "--cache-threshold", "-1"], "--cache-threshold -1.0: the step cache threshold must"),
+])
+def test_bad_step_cache_flags_fail_before_loading(tmp_path, flags, message):
+    Image.new("RGB", (16, 16)).save(tmp_path / "x.png")
+    with pytest.raises(SystemExit, match=message):  # no models anywhere: the flags are read first
+        main(["edit", str(tmp_path / "x.png"), "--prompt", "p", "-o", str(tmp_path / "o.png"),
+              "--models", str(tmp_path), *flags])

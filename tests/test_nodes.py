@@ -803,11 +803,49 @@ def test_session_turns_use_the_models_loras(models, comfy):
     assert [h.mode for h in active_loras(transformer)] == ["merge"]
 
 
+# --- Kontext Step Cache ----------------------------------------------------------------------------
+
+def test_step_cache_node_feeds_the_edit_node(models, caplog):
+    # At threshold 0 every step is computed: the node's output equals the uncached pipeline's bit for bit.
+    image = _image(1)
+    exact = nodes.KontextStepCache.run("teacache", 0.0).outputs[0]
+    with caplog.at_level("INFO", logger="comfyui-kontext"):
+        latent = nodes.KontextEdit.run(models.model, models.vae, _prompt(models, "make it red"), seed=3, image=image,
+                                       steps=4, resize="keep", cache=exact).outputs[0]
+    expected = models.pipeline.edit(_pil(image), "make it red", seed=3, steps=4, resize="keep", decode=False).latents
+    assert torch.equal(latent["samples"], convert.scaled_to_raw(expected))
+    assert "Kontext Edit, step cache teacache:0: 4 of 4 steps computed" in caplog.text
+
+    skipping = nodes.KontextStepCache.run("first-block", 10.0).outputs[0]
+    latent = nodes.KontextEdit.run(models.model, models.vae, _prompt(models, "make it red"), seed=3, image=image,
+                                   steps=4, resize="keep", cache=skipping).outputs[0]
+    cached = models.pipeline.edit(_pil(image), "make it red", seed=3, steps=4, resize="keep", decode=False,
+                                  cache="first-block:10")
+    assert cached.cache_stats.skipped == 2 and torch.equal(latent["samples"], convert.scaled_to_raw(cached.latents))
+
+
+def test_step_cache_on_session_turns_and_loops(models, caplog):
+    state0 = _start(models).outputs[0]
+    skipping = nodes.KontextStepCache.run("first-block", 10.0).outputs[0]
+    with caplog.at_level("INFO", logger="comfyui-kontext"):
+        turn = nodes.KontextEditTurn.run(state0, "a hat", seed=1, steps=3, cache=skipping).outputs[0]
+    assert turn.turns[-1].cache_stats.skipped == 1 and "turn 1, step cache first-block:10" in caplog.text
+    session = models.pipeline.session(_pil(_image(1)), resize="keep")
+    session.edit("a hat", seed=1, steps=3, cache="first-block:10")
+    assert torch.equal(turn.turns[-1].latent, session.latent)
+
+    looped = nodes.KontextEditLoop.run(state0, "a hat\nsnow", seed=1, steps=3, cache=skipping).outputs[0]
+    assert [t.cache_stats.skipped for t in looped.turns[1:]] == [1, 1]
+    assert torch.equal(looped.turns[1].latent, session.latent)
+    plain = nodes.KontextEditTurn.run(state0, "a hat", seed=1, steps=3).outputs[0]
+    assert plain.turns[-1].cache_stats is None and plain.turns[-1].settings.cache == "off"
+
+
 # --- declarations, package, ComfyUI adapter ------------------------------------------------------
 
 def test_every_node_declares_what_its_run_takes():
     ids = [node.spec().node_id for node in nodes.NODES]
-    assert len(set(ids)) == len(ids) == 13 and all(i.startswith("Kontext") for i in ids)
+    assert len(set(ids)) == len(ids) == 14 and all(i.startswith("Kontext") for i in ids)
     for node in nodes.NODES:
         spec = node.spec()
         assert spec.category == "Kontext" and spec.display_name and spec.description
