@@ -170,10 +170,16 @@ def _log_since(comfyui, offset: int) -> str:
     return comfyui["log"].read_text(errors="replace")[offset:]
 
 
-def _wait_for_log(comfyui, offset: int, text: str, seconds: float = 60) -> str:
+def _wait_for_log(comfyui, offset: int, text: str, seconds: float = 60, *, ask_again=None,
+                  every: float = 5.0) -> str:
+    """The log since `offset` once it holds `text`; `ask_again()` is called every `every` s until then."""
     deadline = time.time() + seconds
+    asked = time.time()
     while text not in (log := _log_since(comfyui, offset)):
         assert time.time() < deadline, f"no '{text}' in the log within {seconds} s:\n{log[-3000:]}"
+        if ask_again is not None and time.time() - asked > every:
+            ask_again()
+            asked = time.time()
         time.sleep(0.2)
     return log
 
@@ -196,8 +202,15 @@ def test_comfyui_unloads_our_models_and_we_reload_them(comfyui):
     offset = len(comfyui["log"].read_text(errors="replace"))
     free = urllib.request.Request(f"{comfyui['url']}/free", data=json.dumps({"unload_models": True}).encode(),
                                   method="POST", headers={"Content-Type": "application/json"})
-    urllib.request.urlopen(free, timeout=30).close()  # answers with an empty body
-    freed = _wait_for_log(comfyui, offset, "ComfyUI unloaded KontextTransformer")
+
+    def ask_to_free() -> None:
+        urllib.request.urlopen(free, timeout=30).close()  # answers with an empty body
+
+    # ComfyUI's worker reads /free's flag when its queue wakes it (PromptQueue.set_flag notifies the queue). A
+    # /free that lands while the worker is still collecting garbage after the last prompt wakes nobody, and its
+    # flag would wait for the next prompt: asked again until the log shows the unload.
+    ask_to_free()
+    freed = _wait_for_log(comfyui, offset, "ComfyUI unloaded KontextTransformer", ask_again=ask_to_free)
     assert "ComfyUI unloaded KontextAutoencoder" in freed
     again = run(9002)  # released from our cache too: loaded from the file and handed to ComfyUI again
     assert "Requested to load KontextTransformer" in again and "Requested to load KontextAutoencoder" in again
