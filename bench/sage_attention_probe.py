@@ -10,8 +10,9 @@ cuDNN, and the relative L2 error against exact attention (float64) on two kinds 
   random weights at a realistic scale (bench_step.random_transformer's), run on random tokens with the edit
   workload's position ids (512 text tokens, a 64x64 target and a 64x64 context).
 Paths: bf16 SDPA (cuDNN), ours as the model calls it (quantization + autotuned kernel), the quantization pass
-and the attention kernel alone, the kernel at each config of the GPU's list, variants of it (P·V in fp16, k
-scales per 128 tokens, one accumulator across key blocks, pointer loads instead of TMA), cudnn-fp8 where it
+and the attention kernel alone, the kernel at each config of the GPU's list, variants of it at the chosen config
+(k scales per token, one accumulator across key blocks, P·V in fp16 with k scales per token or per 128 tokens,
+pointer loads instead of TMA), cudnn-fp8 where it
 runs, and SageAttention 1.0.6 from PyPI where it is installed (`pip install sageattention==1.0.6`: pure Python,
 Triton kernels; int8 Q·Kᵀ, fp16 P·V). A path that fails prints its error and the probe goes on.
 """
@@ -249,18 +250,17 @@ def main() -> None:
                     lambda: sa._launch_attention(operands, q.dtype, config=pinned, tma=tma))), {})
             best = {key: chosen[key] for key in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages") if key in chosen}
 
-            def variant(label, fp8_pv=fp8, k_rows=sa.K_ROWS, split=None, use_tma=tma):
+            def variant(label, fp8_pv=fp8, k_rows=None, split=None, use_tma=tma):
                 def run(q, k, v):
                     ops = sa.quantize_operands(q, k, v, fp8_pv=fp8_pv, k_rows=k_rows)
                     return sa._launch_attention(ops, q.dtype, config=best, tma=use_tma, split_accumulator=split)
                 table.add(label, attempt(label, lambda: timed(lambda: run(q, k, v))), errors_of(run))
 
             if fp8:
-                variant("  variant: P·V in fp16", fp8_pv=False)
+                variant("  variant: k scales per token", k_rows=1)
                 variant("  variant: one accumulator across key blocks", split=False)
-            variant("  variant: k scales per 128 tokens", k_rows=128)
-            if fp8:
-                variant("  variant: fp16 P·V, k per 128 tokens", fp8_pv=False, k_rows=128)
+                variant("  variant: P·V in fp16 (k scales per token)", fp8_pv=False)
+            variant("  variant: P·V in fp16, k scales per 128 tokens", fp8_pv=False, k_rows=128)
             if tma:
                 variant("  variant: pointer loads (no TMA)", use_tma=False)
 
