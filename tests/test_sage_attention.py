@@ -153,25 +153,28 @@ class TestKernels:
         assert rel_l2(shifted, plain) < 1e-3
         assert rel_l2(plain, _exact(q, k, v)) <= FP16_BOUND
 
-    def test_attention_backend_sage8(self, device):
-        # attention.py's entry point with backend 'sage8': the registered op runs the kernel and the result is
-        # laid out [B, L, H*D] as the model's projection wants it.
+    @pytest.mark.parametrize("backend", ["sage8", "sage8-fp16"])
+    def test_attention_backends(self, device, backend):
+        # attention.py's entry point with backend 'sage8' / 'sage8-fp16': the registered op runs the kernel (P·V in
+        # e4m3 where the device has fp8 tensor cores, or in fp16) and the result is laid out [B, L, H*D] as the
+        # model's projection wants it.
         from kernels import sage_attention as sa
         from kontext_core import attention, get_attention_backend, set_attention_backend
 
         q, k, v = _inputs(2, 3, 100, 100, 64, device)
+        fp8_pv = backend == "sage8" and sa.fp8_tensor_cores(q.device)
         before_backend = get_attention_backend()
         try:
-            set_attention_backend("sage8")
+            set_attention_backend(backend)
             before = launches["sage_attention"]
             out = attention.attention(q, k, v)
             assert launches["sage_attention"] == before + 1
         finally:
             set_attention_backend(before_backend)
         assert out.shape == (2, 100, 3 * 64) and out.dtype == q.dtype
-        expected = sa.sage_attention(q, k, v).transpose(1, 2).reshape(2, 100, 3 * 64)
+        expected = sa.sage_attention(q, k, v, fp8_pv=fp8_pv).transpose(1, 2).reshape(2, 100, 3 * 64)
         assert torch.equal(out, expected)
-        bound = FP8_BOUND if sa.fp8_tensor_cores(q.device) else FP16_BOUND
+        bound = FP8_BOUND if fp8_pv else FP16_BOUND
         assert rel_l2(out, _exact(q, k, v).transpose(1, 2).reshape(2, 100, 3 * 64)) <= bound
 
     def test_tiny_model_with_sage8_compiled_and_eager(self, device):
@@ -247,8 +250,9 @@ def test_refusals_say_why_and_what_to_do(monkeypatch):
         assert reason is None
         return
     before = get_attention_backend()
-    with pytest.raises(RuntimeError, match="'sage8' cannot run here: .*(GPU|Triton|switched off).*; or choose 'auto'"):
-        set_attention_backend("sage8")
+    for backend in ("sage8", "sage8-fp16"):
+        with pytest.raises(RuntimeError, match=f"'{backend}' cannot run here: .*(GPU|Triton|switched off).*; or choose"):
+            set_attention_backend(backend)
     assert get_attention_backend() == before
 
 
@@ -260,7 +264,9 @@ def test_attention_calls_the_registered_op(monkeypatch):
     calls = []
     monkeypatch.setattr(attention, "_backend", "sage8")
     monkeypatch.setattr(attention._kernel_runtime, "enabled_for_traced", lambda tensor: True)
-    monkeypatch.setattr(torch.ops.kontext, "sage_attention", lambda q, k, v: calls.append(q) or q)
+    monkeypatch.setattr(torch.ops.kontext, "sage_attention", lambda q, k, v, fp16_pv: calls.append(fp16_pv) or q)
     q = torch.randn(1, 2, 16, 8)
     out = attention.attention(q, q, q)
-    assert calls == [q] and out.shape == (1, 16, 16)
+    monkeypatch.setattr(attention, "_backend", "sage8-fp16")
+    attention.attention(q, q, q)
+    assert calls == [False, True] and out.shape == (1, 16, 16)
