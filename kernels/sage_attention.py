@@ -587,7 +587,7 @@ def _launch_attention(operands: Operands, out_dtype: torch.dtype, config: dict |
     scales = (o.q_scale, o.k_scale, o.v_scale, out)
     if interpreting():
         config = dict(_INTERPRETER_CONFIG) if config is None else config
-        tma = False
+        tma = bool(tma)  # pointer loads unless asked: the interpreter reads TMA descriptors too (a test does)
     elif tma is None:
         tma = _hopper(device)
     if tma:

@@ -141,6 +141,29 @@ class TestKernels:
             print(f"{shape} P·V {'e4m3' if fp8_pv else 'fp16'}: rel L2 {error:.4f}")
             assert error <= (FP8_BOUND if fp8_pv else FP16_BOUND)
 
+    @pytest.mark.parametrize("block_m, block_n", [(64, 64), (128, 128), (128, 64), (64, 128)])
+    def test_tile_shapes_tma_and_accumulators_agree(self, device, block_m, block_n):
+        # The GPU configs' tile shapes, through TMA descriptors (Hopper's loads; the interpreter reads them too) and
+        # pointers, with a fresh accumulator per key block or one across them: all the same attention, each equal
+        # to the reference at its key-block width.
+        from kernels import sage_attention as sa
+
+        if device == "cuda" and torch.cuda.get_device_capability() < (9, 0):
+            pytest.skip("TMA needs a Hopper GPU")
+        q, k, v = _inputs(2, 3, 150, 150, 64, device)
+        for fp8_pv in _fp8_modes(device):
+            operands = sa.quantize_operands(q, k, v, fp8_pv=fp8_pv)
+            config = {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": 8 if block_m == 128 else 4}
+            outs = [sa._launch_attention(operands, torch.float32, config=config, tma=tma, split_accumulator=split)
+                    for tma, split in ((False, True), (True, True), (True, False))]
+            assert sa.last_config["tma"] and sa.last_config["BLOCK_N"] == block_n
+            reference = sa.attend_reference(operands, torch.float32, block_n=block_n)
+            for out in outs:
+                assert rel_error(out, reference) <= KERNEL_VS_REFERENCE, fp8_pv
+            # Under the interpreter the accumulations are exact float32 either way; Hopper's e4m3 MMAs accumulate in
+            # fewer bits (module docstring), so on a GPU the last bits differ.
+            assert rel_error(outs[1], outs[0]) <= (0 if device == "cpu" else KERNEL_VS_REFERENCE)
+
     def test_shared_key_offset_costs_no_precision(self, device):
         # softmax(q·(k + c)) = softmax(q·k): the kernel centres k on its mean, so a large offset common to every
         # key (float32 inputs: exact) gives the same int8 keys and the same attention.
