@@ -174,7 +174,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--no-variants", action="store_true", help="skip the per-config and variant rows")
     parser.add_argument("--error-heads", type=int, default=8,
-                        help="heads the errors are measured on (the float64 reference costs ~1 s a head at 8704 tokens)")
+                        help="heads the errors are measured on (the float64 reference: ~1 s a head at 8704 tokens)")
     args = parser.parse_args()
 
     device = "cpu" if args.tiny else "cuda"

@@ -5,28 +5,30 @@
 [B, H, Lq, D]), as a [B, H, Lq, D] view of a contiguous [B, Lq, H, D] buffer, so that the model's
 `out.transpose(1, 2).reshape(B, L, H * D)` is free. Two passes:
 
-1. Quantization (`quantize_operands`), three small memory-bound kernels:
+1. Quantization (`quantize_operands`), four launches of three small memory-bound kernels:
    - column statistics: K's sum over tokens (per batch, head and channel; float64, which holds every sum
      of bf16 values exactly, so the order the programs add in cannot change it) and V's amax over tokens;
    - q and k to int8 with one scale per `q_rows` / `k_rows` consecutive tokens (1: per token), K first
      centred on its mean over tokens: softmax(q·(k_j - m)) = softmax(q·k_j), since q·m is the same for
      every key j of a query, while the centred keys use int8's range for what differs between them;
      the softmax scale 1/sqrt(D) and log2(e) go into q's scales, so that the kernel uses exp2;
-   - v to e4m3 with one scale per channel (amax over tokens / 448), written transposed, [B, H, D, L]:
+   - v to e4m3 with one scale per channel (amax over tokens / 448), written transposed, [B, H, D, L] (this
+     kernel also finishes K's mean):
      P·V contracts over tokens, and Hopper's 8-bit tensor-core instruction (wgmma) wants both operands'
      contraction dimension contiguous in memory. Where P·V runs in fp16 (no fp8 tensor cores: Ampere),
      v / scale goes to fp16 instead, same layout.
    Every quantized tensor is zero-padded to a multiple of 128 tokens (and of 32 channels, a power of two),
    so the attention kernel reads whole tiles with no bounds checks, and through TMA on Hopper.
 2. Attention (`attend`): FlashAttention-2's loop over key blocks, online softmax in base 2.
-   S = q8·k8ᵀ is exact in the int32 accumulator (|S| <= 256 * 127² < 2^24, so exact in float32 too) and
-   is scaled by q's and k's scales. P = exp2(S - m + 8): the numerators times 256 (the running row max m
-   maps to 256, inside e4m3's range, where its normal numbers reach down to 2^-6 / 256 = 6e-5 relative
-   to the row max), rounded to e4m3 (fp16) for the tensor cores, while the row sums l add the unrounded
-   float32 values. With e4m3, each block's P·V goes into a fresh accumulator and is added to the running
+   S = q8·k8ᵀ is exact in the int32 accumulator (|S| <= 256 * 127² < 2^24 for head dims up to 256, so exact
+   in float32 too) and is scaled by q's and k's scales. P = exp2(S - m + 8): the numerators times 256 (the
+   running row max m maps to 256, inside e4m3's range, where its normal numbers reach down to 2^-6 / 256 =
+   6e-5 relative to the row max), rounded to e4m3 (fp16) for the tensor cores, while the row sums l add the
+   unrounded float32 values. With e4m3, each block's P·V goes into a fresh accumulator and is added to the running
    one in float32 (`SPLIT_ACCUMULATOR`): Hopper's fp8 tensor cores keep only ~14 bits of their
-   accumulator's mantissa (DeepSeek-V3 report, sec. 3.3.2), which over 68 key blocks would add up.
-   O = acc / l * v_scale[channel].
+   accumulator's mantissa (DeepSeek-V3 report, sec. 3.3.2), which over 68 key blocks could add up (not yet
+   measured here: the probe's "one accumulator" variant does). It costs nothing in instructions: the running
+   accumulator's rescale becomes the add's FFMA. O = acc / l * v_scale[channel].
 
 Numerics: `sage_attention_reference` does the same arithmetic in PyTorch, block by block with the same
 key-block width, so that the kernel can be checked close to it (the remaining differences: exp2's last
@@ -69,10 +71,12 @@ P_EXPONENT = 8.0  # P is stored as exp2(s - m + 8) = 256 * exp2(s - m), so the r
 TOKEN_TILE = 128  # quantized tensors are padded to whole tiles of this many tokens; the kernel's blocks divide it
 Q_ROWS = 1  # tokens per q scale: per token, free in the kernel (module docstring: its error)
 # Tokens per k scale (`default_k_rows`): 1, or a multiple of the kernel's key block (then one scale per block).
-# Per token costs the kernel a multiply per score and a gather of the block's scales: 106 of the 719 SASS
-# instructions of an e4m3 key block (sm_90, 128x128 tile, 8 warps; compiled offline), where the loop is bound by
-# issuing those instructions rather than by its 8-bit MMAs, and e4m3's P·V error dwarfs what it saves.
-# With fp16 P·V the MMAs run at half rate and hide the multiply, and per token takes the error from 1.13% to 0.93%.
+# Per token costs the kernel a multiply per score and a gather of the block's scales: 703 SASS instructions per
+# thread for an e4m3 key block instead of 614 (sm_90, 128x128 tile, 8 warps; built offline, not timed). There
+# 8 warps issue ~1200-1400 cycles of instructions against ~1000 cycles of 8-bit MMAs, so the issue rate bounds
+# the loop, and e4m3's P·V error dwarfs what per-token k saves. With fp16 P·V (657 instructions against ~1500
+# cycles of MMAs, fp16's at half the 8-bit rate) the multiply is hidden, and per token takes the error from
+# 1.13% to 0.93%.
 K_ROWS_FP8 = 128
 K_ROWS_FP16 = 1
 # A rows-per-scale value must divide TOKEN_TILE and be a power of two.
@@ -536,11 +540,11 @@ def _config(block_m: int, block_n: int, warps: int, stages: int, tma: bool):
 # NOT YET TIMED on any GPU. Chosen from builds for each target made without a GPU (triton.compile for sm_90 /
 # sm_89 / sm_80 with the launches' 16-byte alignments, read with cuobjdump): the configs whose registers do not
 # spill, for head dim 128, e4m3 and fp16 P·V. Their timings on an H200: bench/sage_attention_probe.py.
-# Hopper (sm_90, TMA; int8 and e4m3 wgmma): 160-215 registers, 49-166 KB of shared memory; 128-query tiles on
-# 4 warps spilled.
+# Hopper (sm_90, TMA; int8, e4m3 and fp16 wgmma): 152-212 registers, 66-166 KB of shared memory; 128-query tiles
+# on 4 warps spilled.
 _TMA_CONFIGS = [_config(128, 128, 8, 2, True), _config(128, 128, 8, 3, True), _config(128, 64, 8, 3, True),
                 _config(128, 64, 8, 4, True), _config(64, 128, 4, 3, True)]
-# Ampere / Ada (pointer loads, cp.async pipelining): 199-237 registers, 41-91 KB (128x128 tiles spilled there).
+# Ampere / Ada (pointer loads, cp.async pipelining): 199-237 registers, 33-91 KB (128x128 tiles spilled there).
 _POINTER_CONFIGS = [_config(128, 64, 8, 2, False), _config(128, 64, 8, 3, False), _config(128, 64, 8, 4, False),
                     _config(64, 64, 4, 3, False)]
 

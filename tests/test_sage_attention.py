@@ -243,7 +243,8 @@ def test_full_flux_shape_on_the_gpu():
         _launched("sage_attention", before)
         heads = slice(0, 4)
         exact = _exact(q[:, heads], k[:, heads], v[:, heads])
-        error, bf16_error = rel_l2(out[:, heads], exact), rel_l2(F.scaled_dot_product_attention(q, k, v)[:, heads], exact)
+        bf16 = F.scaled_dot_product_attention(q, k, v)
+        error, bf16_error = rel_l2(out[:, heads], exact), rel_l2(bf16[:, heads], exact)
         fp8_pv = sa.fp8_tensor_cores(q.device)
         print(f"full shape, P·V {'e4m3' if fp8_pv else 'fp16'}: rel L2 {error:.4f} (bf16 SDPA {bf16_error:.4f})")
         assert error <= (FP8_BOUND if fp8_pv else FP16_BOUND)
@@ -274,7 +275,8 @@ def test_refusals_say_why_and_what_to_do(monkeypatch):
         return
     before = get_attention_backend()
     for backend in ("sage8", "sage8-fp16"):
-        with pytest.raises(RuntimeError, match=f"'{backend}' cannot run here: .*(GPU|Triton|switched off).*; or choose"):
+        reason = f"'{backend}' cannot run here: .*(GPU|Triton|switched off).*; or choose"
+        with pytest.raises(RuntimeError, match=reason):
             set_attention_backend(backend)
     assert get_attention_backend() == before
 
