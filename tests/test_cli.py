@@ -86,7 +86,7 @@ def test_attention_backend_is_applied_for_the_run_and_restored(models_tree, monk
     assert get_attention_backend() == "auto"
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines with no GPU (these backends need one)")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines with no GPU")
 @pytest.mark.parametrize("backend", ["cudnn-fp8", "sage8"])
 def test_unavailable_attention_backend_is_refused_with_the_reason(models_tree, capsys, monkeypatch, backend):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # under the interpreter sage8 runs anywhere
