@@ -286,7 +286,8 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
                      help="compile each transformer block (faster steps after a minute of compilation)")
     run.add_argument("--attention", choices=ATTENTION_BACKENDS, default="auto",
                      help="attention backend; cudnn-fp8 (Hopper, nvidia-cudnn-frontend) is faster with fp8 error; "
-                          "sage8 (Ampere and newer, Triton) is our int8 / fp8 attention kernel")
+                          "sage8 (Ampere and newer, Triton) is our int8 / fp8 attention kernel, sage8-fp16 the same "
+                          "with fp16 P.V (~1%% error per call)")
     run.add_argument("--cuda-graphs", action="store_true",
                      help="replay each step from a CUDA graph (CUDA only; for steps the CPU cannot launch fast enough, "
                           "e.g. fp8 with fp8 attention)")

@@ -92,12 +92,14 @@ def test_attention_backend_is_applied_for_the_run_and_restored(models_tree, monk
     assert get_attention_backend() == "auto"
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines where cudnn-fp8 cannot run")
-def test_unavailable_attention_backend_is_refused_with_the_reason(models_tree, capsys):
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines with no GPU")
+@pytest.mark.parametrize("backend", ["cudnn-fp8", "sage8"])
+def test_unavailable_attention_backend_is_refused_with_the_reason(models_tree, capsys, monkeypatch, backend):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # under the interpreter sage8 runs anywhere
     tmp_path, image, common = models_tree
-    assert main(["edit", str(image), "--prompt", "x", "-o", str(tmp_path / "f.png"), "--resize", "keep", "--attention", "cudnn-fp8",
+    assert main(["edit", str(image), "--prompt", "x", "-o", str(tmp_path / "f.png"), "--resize", "keep", "--attention", backend,
                  *common]) == 2
-    assert "error: --attention cudnn-fp8: attention backend 'cudnn-fp8' cannot run here" in capsys.readouterr().err
+    assert f"error: --attention {backend}: attention backend '{backend}' cannot run here" in capsys.readouterr().err
     assert not (tmp_path / "f.png").exists()
 
 
