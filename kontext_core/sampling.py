@@ -102,12 +102,14 @@ def sample_euler(
     true_cfg: float = 1.0,
     callback: StepCallback | None = None,
     velocity_fn: Callable[..., torch.Tensor] | None = None,
+    blend: Callable[[torch.Tensor, float], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Euler integration of the flow; the latent is kept in float32 (or float64) between steps.
 
     With `negative` and true_cfg > 1, positive and negative predictions come from one batched forward
     and are combined as v_neg + true_cfg * (v_pos - v_neg). `velocity_fn` stands in for
-    `model.velocity` (same arguments), e.g. a CUDA-graphed one.
+    `model.velocity` (same arguments), e.g. a CUDA-graphed one. `blend(x, t_next)` rewrites the latent after
+    each step (a masked edit puts back the noised original outside its mask: masks.LatentInpaint).
     """
     batch = x.shape[0]
     device, dtype = model.device, model.dtype
@@ -136,6 +138,8 @@ def sample_euler(
             positive, negative_v = velocity.chunk(2)
             velocity = negative_v + true_cfg * (positive - negative_v)
         x = x + (t_next - t) * velocity
+        if blend is not None:
+            x = blend(x, t_next)
         if callback is not None:
             callback(StepInfo(step, len(timesteps) - 1, t, t_next, x, velocity))
     return x
