@@ -12,7 +12,7 @@ import warnings
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 from PIL import Image
@@ -21,8 +21,8 @@ from . import tiling
 from .autoencoder import Autoencoder
 from .cuda_graph import GraphedVelocity
 from .lora import apply_lora
-from .image import (FIT_MODES, RESIZE_MODES, from_unit_images, pixels_to_unit, prepare_image, stitch_images, to_pil,
-                    to_rgb_image, unit_images)
+from .image import (FIT_MODES, RESIZE_MODES, from_unit_images, pixels_to_unit, prepare_image, stitch_images,
+                    target_size, to_pil, unit_images)
 from .masks import DEFAULT_CONTEXT_MARGIN, LatentInpaint, MaskedEdit, composite
 from .sampling import SAMPLER_MODES, StepCallback, TextConditioning, denoise_schedule, noise_latent, sample_euler
 from .tokens import PLACEMENTS, STITCH_PLACEMENTS, context_tokens, pack_latent, position_ids, unpack_tokens
@@ -86,6 +86,13 @@ class KontextPipeline:
         self.cuda_graphs = cuda_graphs
         self._graphed: GraphedVelocity | None = None
         self.ae_tiling = "auto"  # auto: tiles only when a full-size AE pass would not fit; always; never
+        # Called with the transformer or the autoencoder right before it computes. A host that moves models out
+        # of the GPU while they are idle (ComfyUI lends their memory to other models) moves them back here.
+        self.before_use: Callable[[Any], None] | None = None
+
+    def _use(self, model: Any) -> None:
+        if self.before_use is not None:
+            self.before_use(model)
 
     @property
     def device(self) -> torch.device:
@@ -127,6 +134,7 @@ class KontextPipeline:
             raise ValueError(f"resize must be one of {RESIZE_MODES} and fit one of {FIT_MODES}")
         pixels = prepare_image(image, resize, size, fit, self.image_multiple)
         ae = self.autoencoder
+        self._use(ae)
         pixels = pixels.to(device=ae.device, dtype=ae.dtype)
         with torch.no_grad():
             # Tiling knows our Autoencoder's memory needs; another AE (ComfyUI's, in the nodes) runs as it is.
@@ -134,6 +142,7 @@ class KontextPipeline:
 
     def _decode_pixels(self, latents: torch.Tensor) -> torch.Tensor:
         ae = self.autoencoder
+        self._use(ae)
         latents = latents.to(device=ae.device, dtype=ae.dtype)
         with torch.no_grad():
             return tiling.decode(ae, latents, self.ae_tiling) if isinstance(ae, Autoencoder) else ae.decode(latents)
@@ -203,6 +212,7 @@ class KontextPipeline:
         use_cfg = settings.sampler == "true_cfg"
         if use_cfg and negative is None:
             raise ValueError("the true_cfg sampler needs a negative conditioning (negative prompt)")
+        self._use(self.transformer)
         with ExitStack() as applied:
             for lora, strength in loras:
                 applied.enter_context(apply_lora(self.transformer, lora, strength, mode="on_the_fly"))
@@ -299,18 +309,21 @@ class KontextPipeline:
         if mask is not None:
             plan = self._mask_plan(mask, pictures, context_latents, batch_size, size, fit, inpaint, grow=grow,
                                    feather=feather, crop_to_mask=crop_to_mask, context_margin=context_margin)
-            if plan.empty:
-                return self._unchanged(pictures, context_latents, batch_size, settings, prompt, resize, fit, decode)
             if plan.full:
                 plan = None
+        if plan is not None and plan.empty and pictures is None:
+            latent = context_latents[0].float().expand(batch_size, -1, -1, -1).clone()
+            return EditResult(latent, self.decode(latent) if decode else [], settings, _prompt_text(prompt))
         cond, negative = self._conditioning(prompt, conditioning, settings, batch_size)
+        if plan is not None and pictures is not None:
+            latents, edited, settings = self.edit_region(unit_images(pictures[:1]), plan, cond, settings,
+                                                         references=pictures[1:], resize=resize, negative=negative,
+                                                         callback=callback, loras=loras)
+            return EditResult(latents, from_unit_images(edited) if decode else [], settings, _prompt_text(prompt))
         first, references = (pictures[0], pictures[1:]) if pictures is not None else (context_latents[0],
                                                                                         list(context_latents[1:]))
-        if plan is not None and pictures is not None:
-            return self._edit_region(first, references, plan, cond, negative, settings, prompt, resize, callback,
-                                     decode, loras)
-        first_latent, context, settings = self._context(first, references, settings, resize, fit)
-        if plan is not None:  # latents only: the mask in latent space
+        first_latent, context, settings = self.context_latents(first, references, settings, resize, fit)
+        if plan is not None:  # latents only: the mask applies in latent space
             inpaint = LatentInpaint(plan.latent_mask(tuple(first_latent.shape[-2:])), first_latent)
         latent_size = self.latent_size(*size) if size is not None else tuple(first_latent.shape[-2:])
         latents = self.generate(cond, settings, context_latents=context, latent_size=latent_size,
@@ -318,9 +331,9 @@ class KontextPipeline:
                                 negative=negative, callback=callback, loras=loras, inpaint=inpaint)
         return EditResult(latents, self.decode(latents) if decode else [], settings, _prompt_text(prompt))
 
-    def _context(self, first: Image.Image | torch.Tensor, references: Sequence[Image.Image | torch.Tensor],
-                 settings: GenerationSettings, resize: str, fit: str
-                 ) -> tuple[torch.Tensor, list[torch.Tensor], GenerationSettings]:
+    def context_latents(self, first: Image.Image | torch.Tensor, references: Sequence[Image.Image | torch.Tensor],
+                        settings: GenerationSettings, resize: str = "preferred", fit: str = "stretch"
+                        ) -> tuple[torch.Tensor, list[torch.Tensor], GenerationSettings]:
         """(the edited image's latent, the context latents, the settings) for an edit of `first` with
         `references`, each an image or a latent. The stitch placements join them in pixel space (latents
         decoded first) into one context image; several references under 'kontext' are placed as 'offset'."""
@@ -338,6 +351,12 @@ class KontextPipeline:
         if len(context) > 1 and settings.placement == "kontext":
             settings = _with_overrides(settings, {"placement": "offset"})
         return first_latent, context, settings
+
+    def working_latent_size(self, width: int, height: int, resize: str = "preferred") -> tuple[int, int]:
+        """(h, w) of the latent an image of width x height is encoded to under `resize`."""
+        factor = self.autoencoder.config.downsample_factor
+        working_width, working_height = target_size(width, height, resize, None, self.image_multiple)
+        return working_height // factor, working_width // factor
 
     def _mask_plan(self, mask: Any, pictures: list[Image.Image] | None, context_latents, batch: int,
                    size: tuple[int, int] | None, fit: str, inpaint: LatentInpaint | None, **options: Any) -> MaskedEdit:
@@ -357,33 +376,39 @@ class KontextPipeline:
         plan.check_batch(batch)
         return plan
 
-    def _unchanged(self, pictures, context_latents, batch: int, settings: GenerationSettings, prompt, resize: str,
-                   fit: str, decode: bool) -> EditResult:
-        """An all-0 mask: nothing is sampled; the input comes back (and its latent as the latents)."""
-        if pictures is not None:
-            latent = self.encode_image(pictures[0], resize, None, fit)
-            images = [to_rgb_image(pictures[0]).copy() for _ in range(batch)] if decode else []
-        else:
-            latent = context_latents[0].float()
-            images = self.decode(latent.expand(batch, -1, -1, -1)) if decode else []
-        return EditResult(latent.expand(batch, -1, -1, -1).clone(), images, settings, _prompt_text(prompt))
+    def edit_region(self, source: torch.Tensor, plan: MaskedEdit, conditioning: TextConditioning,
+                    settings: GenerationSettings, *, references: Sequence[Image.Image | torch.Tensor] = (),
+                    resize: str = "preferred", negative: TextConditioning | None = None,
+                    callback: StepCallback | None = None, loras: Sequence[LoraSpec] = ()
+                    ) -> tuple[torch.Tensor, torch.Tensor, GenerationSettings]:
+        """A masked edit of `source` [1, H, W, 3] in [0, 1] (`references`: more images or latents) with
+        `plan` (made for the source's size) -> (latents, images [B, H, W, 3], settings); B is the
+        conditioning's batch.
 
-    def _edit_region(self, first: Image.Image, references, plan: MaskedEdit, cond: TextConditioning,
-                     negative: TextConditioning | None, settings: GenerationSettings, prompt, resize: str,
-                     callback: StepCallback | None, decode: bool, loras: Sequence[LoraSpec]) -> EditResult:
-        """A masked edit of an image: sampled at the working size of the image (or of its box), put back at
-        the input's size. With a crop the latents returned are the whole result's, encoded from it."""
-        source = unit_images([first])  # [1, H, W, 3]: the input's 8-bit levels, what the outside keeps
-        work = to_rgb_image(first).crop(plan.box.as_tuple()) if plan.cropped else first
-        original, context, settings = self._context(work, references, settings, resize, "stretch")
-        inpaint = LatentInpaint(plan.latent_mask(tuple(original.shape[-2:])), original)
-        latents = self.generate(cond, settings, context_latents=context, latent_size=tuple(original.shape[-2:]),
+        The images have the source's size and equal it wherever the plan's weights are 0 (the source's
+        own float values). The region (or the plan's box) is sampled at its working size under `resize`;
+        the latents are that sampling's, or with a box the whole result's, encoded from it. An empty plan
+        samples nothing and returns the source; a full one is a plain edit (at the working size)."""
+        batch = conditioning.txt.shape[0]
+        plan.check_batch(batch)
+        source = source[:1]
+        picture = from_unit_images(source)[0]
+        if plan.empty:
+            latent = self.encode_image(picture, resize)
+            return latent.expand(batch, -1, -1, -1).clone(), source.expand(batch, -1, -1, -1).clone(), settings
+        work = from_unit_images(plan.cut(source))[0] if plan.cropped else picture
+        original, context, settings = self.context_latents(work, references, settings, resize)
+        inpaint = None if plan.full else LatentInpaint(plan.latent_mask(tuple(original.shape[-2:])), original)
+        latents = self.generate(conditioning, settings, context_latents=context,
+                                latent_size=tuple(original.shape[-2:]),
                                 init_latent=original if settings.denoise < 1 else None, negative=negative,
                                 callback=callback, loras=loras, inpaint=inpaint)
-        images = from_unit_images(plan.paste(source, self.decode_unit(latents)))
+        if plan.full:
+            return latents, self.decode_unit(latents), settings
+        images = plan.paste(source, self.decode_unit(latents))
         if plan.cropped:
-            latents = torch.cat([self.encode_image(image, resize) for image in images])
-        return EditResult(latents, images if decode else [], settings, _prompt_text(prompt))
+            latents = torch.cat([self.encode_image(image, resize) for image in from_unit_images(images)])
+        return latents, images, settings
 
     def text_to_image(self, prompt: str = "", *, width: int = 1024, height: int = 1024,
                       settings: GenerationSettings | None = None, conditioning: TextConditioning | None = None,
