@@ -15,10 +15,11 @@ from typing import Any, Sequence
 import torch
 
 from kontext_core import EditSession, GenerationSettings
+from kontext_core.masks import composite
 from kontext_core.pipeline import DEFAULT_GUIDANCE, Turn
 
 from . import comfy_adapter, convert, resolve
-from .edit import GUIDANCE_TOOLTIP
+from .edit import GUIDANCE_TOOLTIP, MASK_TOOLTIP, PLACEMENT_CHOICES, PLACEMENT_TOOLTIP, mask_widgets
 from .images import RESIZE_CHOICES, RESIZE_TOOLTIP, _vae_socket
 from .model_cache import TextEncodersRef, TransformerRef
 from .progress import step_callback
@@ -37,6 +38,7 @@ class SessionState:
     turns: tuple[Turn, ...]
     current: int
     images: tuple[torch.Tensor, ...]  # IMAGE [1, H, W, 3] of each turn
+    resize: str = "preferred"  # the start's; also how images joined into a stitched context are sized
 
     @property
     def image(self) -> torch.Tensor:
@@ -59,13 +61,15 @@ def start(model: TransformerRef, vae: Any, image: torch.Tensor, *, text_encoders
     session = pipe.session(latent=latent, settings=GenerationSettings(sampler=sampler))
     first = session.turns[0]
     return SessionState(model, vae, text_encoders, session.settings, (first,), 0,
-                        (resolve.decode_image(pipe.autoencoder, first.latent),))
+                        (resolve.decode_image(pipe.autoencoder, first.latent),), resize)
 
 
 def edit(state: SessionState, prompt: str = "", *, seed: int = 0, steps: int = 28, guidance: float = DEFAULT_GUIDANCE,
          conditioning: Any = None, text_encoders: TextEncodersRef | None = None,
-         references: Sequence[torch.Tensor] = (), progress: tuple[int, int] | None = None) -> SessionState:
-    """One more turn from the current one; `references` are extra IMAGEs (a style, a character)."""
+         references: Sequence[torch.Tensor] = (), progress: tuple[int, int] | None = None, mask: Any = None,
+         grow: int = 0, feather: int = 0, placement: str = "auto") -> SessionState:
+    """One more turn from the current one; `references` are extra IMAGEs (a style, a character). With `mask`
+    only its region changes: the turn's image is the previous one's wherever the mask is 0."""
     state = _check_state(state)
     pipe = resolve.pipeline(state.model, state.vae)
     overrides: dict[str, Any] = dict(seed=seed, steps=steps, guidance=guidance)
@@ -85,15 +89,21 @@ def edit(state: SessionState, prompt: str = "", *, seed: int = 0, steps: int = 2
             raise ValueError("no way to read the prompt: connect Load Kontext Text Encoders to this node or to Kontext "
                              "Start Session, or connect a CONDITIONING.")
         text = resolve.encode_prompts(encoders, [prompt])
+    if placement != "auto":
+        overrides["placement"] = placement
 
-    session = EditSession(pipe, state.turns[0].latent, state.settings, turns=list(state.turns), current=state.current)
+    session = EditSession(pipe, state.turns[0].latent, state.settings, turns=list(state.turns), current=state.current,
+                          resize=state.resize)
     offset, total = progress if progress is not None else (0, None)
     callback = step_callback(tuple(state.turns[state.current].latent.shape[-2:]), offset=offset, total=total)
     resolve.ready(pipe.transformer)
     resolve.set_loras(pipe.transformer, state.model)
     with resolve.compile_failures_explained(state.model):
-        turn = session.edit(prompt, conditioning=text, extra_references=extra, callback=callback, **overrides)
+        turn = session.edit(prompt, conditioning=text, extra_references=extra, callback=callback, mask=mask,
+                            grow=grow, feather=feather, **overrides)
     image = resolve.decode_image(pipe.autoencoder, turn.latent)
+    if turn.mask is not None:  # the previous turn's pixels, exactly, wherever the mask is 0
+        image = composite(state.images[turn.parent], image, turn.mask)
     return replace(state, turns=(*state.turns, turn), current=turn.index, images=(*state.images, image))
 
 
@@ -105,14 +115,16 @@ def pick(state: SessionState, turn: int) -> SessionState:
 
 
 def loop(state: SessionState, prompts: str, *, seed: int = 0, steps: int = 28, guidance: float = DEFAULT_GUIDANCE,
-         text_encoders: TextEncodersRef | None = None) -> SessionState:
-    """One turn per non-empty line, each editing the one before; turn i uses seed + i."""
+         text_encoders: TextEncodersRef | None = None, mask: Any = None, grow: int = 0,
+         feather: int = 0) -> SessionState:
+    """One turn per non-empty line, each editing the one before; turn i uses seed + i; `mask` limits every turn."""
     lines = [line.strip() for line in prompts.splitlines() if line.strip()]
     if not lines:
         raise ValueError("no prompts: write one instruction per line.")
     for number, line in enumerate(lines):
         state = edit(state, line, seed=(seed + number) % 2**64, steps=steps, guidance=guidance,
-                     text_encoders=text_encoders, progress=(number * steps, len(lines) * steps))
+                     text_encoders=text_encoders, progress=(number * steps, len(lines) * steps), mask=mask, grow=grow,
+                     feather=feather)
     return state
 
 
@@ -180,16 +192,23 @@ class KontextEditTurn(KontextNode):
                 Socket("conditioning", "CONDITIONING", optional=True, tooltip="Used instead of the prompt."),
                 Socket("reference", "IMAGE", optional=True,
                        tooltip="Extra reference images for this turn (a style, a character, an object)."),
+                Socket("mask", "MASK", optional=True,
+                       tooltip=MASK_TOOLTIP.replace("the input", "the previous turn's image") + " Drawn on the "
+                               "session's images (the size Kontext Start Session chose)."),
                 *_turn_widgets(),
+                *mask_widgets(),
+                Combo("placement", PLACEMENT_CHOICES, "auto", tooltip=PLACEMENT_TOOLTIP),
             ],
             _SESSION_OUTPUTS,
         )
 
     @classmethod
     def run(cls, session, prompt: str = "", seed: int = 0, steps: int = 28, guidance: float = DEFAULT_GUIDANCE,
-            text_encoders=None, conditioning=None, reference=None) -> NodeResult:
+            grow: int = 0, feather: int = 0, placement: str = "auto", text_encoders=None, conditioning=None,
+            reference=None, mask=None) -> NodeResult:
         return _outputs(edit(session, prompt, seed=seed, steps=steps, guidance=guidance, conditioning=conditioning,
-                             text_encoders=text_encoders, references=[reference] if reference is not None else []))
+                             text_encoders=text_encoders, references=[reference] if reference is not None else [],
+                             mask=mask, grow=grow, feather=feather, placement=placement))
 
 
 class KontextPickTurn(KontextNode):
@@ -220,13 +239,18 @@ class KontextEditLoop(KontextNode):
                 String("prompts", multiline=True, tooltip="One instruction per line; empty lines are skipped."),
                 Socket("text_encoders", TEXT_ENCODERS, optional=True,
                        tooltip="Needed unless Kontext Start Session has them."),
+                Socket("mask", "MASK", optional=True,
+                       tooltip="Limits every turn to this region (white = edit); elsewhere each turn keeps the one "
+                               "before, pixel for pixel."),
                 *_turn_widgets(),
+                *mask_widgets(),
             ],
             [Output(SESSION, "session"), Output("IMAGE", "images")],
         )
 
     @classmethod
     def run(cls, session, prompts: str = "", seed: int = 0, steps: int = 28, guidance: float = DEFAULT_GUIDANCE,
-            text_encoders=None) -> NodeResult:
-        state = loop(session, prompts, seed=seed, steps=steps, guidance=guidance, text_encoders=text_encoders)
+            grow: int = 0, feather: int = 0, text_encoders=None, mask=None) -> NodeResult:
+        state = loop(session, prompts, seed=seed, steps=steps, guidance=guidance, text_encoders=text_encoders,
+                     mask=mask, grow=grow, feather=feather)
         return NodeResult((state, state.all_images()), ui=turns_ui(state))
