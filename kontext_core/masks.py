@@ -77,16 +77,18 @@ def as_mask(mask: Any, what: str = "mask") -> torch.Tensor:
     return mask
 
 
-def fit_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """[B, h, w] -> [B, H, W] for an image of `size` = (W, H): bilinear, as ComfyUI resizes masks."""
+def fit_mask(mask: torch.Tensor, size: tuple[int, int], warn: bool = True) -> torch.Tensor:
+    """[B, h, w] -> [B, H, W] for an image of `size` = (W, H): bilinear, as ComfyUI resizes masks; with a
+    warning unless the caller knows the mask belongs to the image at another size (`warn=False`)."""
     width, height = size
     if tuple(mask.shape[-2:]) == (height, width):
         return mask
-    warnings.warn(
-        f"the mask is {mask.shape[-1]}x{mask.shape[-2]} pixels but the image {width}x{height}: the mask is "
-        "resized bilinearly to the image (as ComfyUI does). Make it at the image's size to place it exactly.",
-        stacklevel=3,
-    )
+    if warn:
+        warnings.warn(
+            f"the mask is {mask.shape[-1]}x{mask.shape[-2]} pixels but the image {width}x{height}: the mask is "
+            "resized bilinearly to the image (as ComfyUI does). Make it at the image's size to place it exactly.",
+            stacklevel=3,
+        )
     fitted = F.interpolate(mask[:, None], size=(height, width), mode="bilinear", align_corners=False)
     return fitted[:, 0].clamp(0.0, 1.0)
 

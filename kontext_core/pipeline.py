@@ -23,7 +23,7 @@ from .cuda_graph import GraphedVelocity
 from .lora import apply_lora
 from .image import (FIT_MODES, RESIZE_MODES, from_unit_images, pixels_to_unit, prepare_image, stitch_images,
                     target_size, to_pil, unit_images)
-from .masks import DEFAULT_CONTEXT_MARGIN, LatentInpaint, MaskedEdit, composite
+from .masks import DEFAULT_CONTEXT_MARGIN, LatentInpaint, MaskedEdit, as_mask, composite, fit_mask
 from .sampling import SAMPLER_MODES, StepCallback, TextConditioning, denoise_schedule, noise_latent, sample_euler
 from .tokens import PLACEMENTS, STITCH_PLACEMENTS, context_tokens, pack_latent, position_ids, unpack_tokens
 from .transformer import KontextTransformer
@@ -428,7 +428,8 @@ class KontextPipeline:
             if image is None:
                 raise ValueError("a session starts from an image or a latent")
             latent = self.encode_image(image, resize)
-        return EditSession(self, latent, settings or GenerationSettings(), resize=resize)
+        return EditSession(self, latent, settings or GenerationSettings(), resize=resize,
+                           source_size=image.size if image is not None else None)
 
 
 def _batch(prompt: str | list[str], conditioning: TextConditioning | None, batch_size: int) -> int:
@@ -483,6 +484,7 @@ class EditSession:
     turns: list[Turn] = field(default_factory=list)
     current: int = 0
     resize: str = "preferred"  # how an image joined into a stitched context is sized
+    source_size: tuple[int, int] | None = None  # (W, H) of the image the session started from
 
     def __post_init__(self) -> None:
         if not self.turns:
@@ -502,12 +504,17 @@ class EditSession:
              mask: Any = None, grow: int = 0, feather: int = 0, **overrides: Any) -> Turn:
         """Edit the current turn; the result becomes a new turn and the current one.
 
-        `mask` (at `pixel_size`; another size is resized, with a warning), `grow` and `feather` limit the turn
-        to a region as `KontextPipeline.edit` does; an all-0 mask makes a turn equal to the current one."""
+        `mask`, `grow` and `feather` limit the turn to a region as `KontextPipeline.edit` does; an all-0 mask
+        makes a turn equal to the current one. The mask is drawn on the session's images (`pixel_size`) or on
+        the image the session started from (`source_size`, resized to fit); another size is resized with a
+        warning. grow and feather count the session's pixels."""
         settings = _with_overrides(self.settings, overrides)
         previous = self.latent
         plan = None
         if mask is not None:
+            mask = as_mask(mask)
+            if self.source_size is not None and (mask.shape[-1], mask.shape[-2]) == tuple(self.source_size):
+                mask = fit_mask(mask, self.pixel_size, warn=False)  # the start image's mask: the same picture
             plan = MaskedEdit.prepare(mask, self.pixel_size, grow=grow, feather=feather)
             plan.check_batch(1)
             if plan.empty:

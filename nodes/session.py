@@ -19,7 +19,7 @@ from kontext_core.masks import composite
 from kontext_core.pipeline import DEFAULT_GUIDANCE, Turn
 
 from . import comfy_adapter, convert, resolve
-from .edit import GUIDANCE_TOOLTIP, MASK_TOOLTIP, PLACEMENT_CHOICES, PLACEMENT_TOOLTIP, mask_widgets
+from .edit import GUIDANCE_TOOLTIP, PLACEMENT_CHOICES, PLACEMENT_TOOLTIP, mask_widgets
 from .images import RESIZE_CHOICES, RESIZE_TOOLTIP, _vae_socket
 from .model_cache import TextEncodersRef, TransformerRef
 from .progress import step_callback
@@ -39,6 +39,7 @@ class SessionState:
     current: int
     images: tuple[torch.Tensor, ...]  # IMAGE [1, H, W, 3] of each turn
     resize: str = "preferred"  # the start's; also how images joined into a stitched context are sized
+    source_size: tuple[int, int] | None = None  # (W, H) of the start image: masks drawn on it fit quietly
 
     @property
     def image(self) -> torch.Tensor:
@@ -57,11 +58,13 @@ def _check_state(session: Any) -> SessionState:
 def start(model: TransformerRef, vae: Any, image: torch.Tensor, *, text_encoders: TextEncodersRef | None = None,
           resize: str = "preferred", sampler: str = "dev") -> SessionState:
     pipe = resolve.pipeline(model, vae)
-    latent = resolve.encode_images(pipe.autoencoder, [convert.check_image(image)[:1]], resize)[0]
+    image = convert.check_image(image)[:1]
+    latent = resolve.encode_images(pipe.autoencoder, [image], resize)[0]
     session = pipe.session(latent=latent, settings=GenerationSettings(sampler=sampler))
     first = session.turns[0]
     return SessionState(model, vae, text_encoders, session.settings, (first,), 0,
-                        (resolve.decode_image(pipe.autoencoder, first.latent),), resize)
+                        (resolve.decode_image(pipe.autoencoder, first.latent),), resize,
+                        (image.shape[2], image.shape[1]))
 
 
 def edit(state: SessionState, prompt: str = "", *, seed: int = 0, steps: int = 28, guidance: float = DEFAULT_GUIDANCE,
@@ -93,7 +96,7 @@ def edit(state: SessionState, prompt: str = "", *, seed: int = 0, steps: int = 2
         overrides["placement"] = placement
 
     session = EditSession(pipe, state.turns[0].latent, state.settings, turns=list(state.turns), current=state.current,
-                          resize=state.resize)
+                          resize=state.resize, source_size=state.source_size)
     offset, total = progress if progress is not None else (0, None)
     callback = step_callback(tuple(state.turns[state.current].latent.shape[-2:]), offset=offset, total=total)
     resolve.ready(pipe.transformer)
@@ -193,8 +196,9 @@ class KontextEditTurn(KontextNode):
                 Socket("reference", "IMAGE", optional=True,
                        tooltip="Extra reference images for this turn (a style, a character, an object)."),
                 Socket("mask", "MASK", optional=True,
-                       tooltip=MASK_TOOLTIP.replace("the input", "the previous turn's image") + " Drawn on the "
-                               "session's images (the size Kontext Start Session chose)."),
+                       tooltip="Where this turn edits (white = edit), drawn on the start image (Load Image's mask) or "
+                               "on the session's images. Wherever it is 0 the turn's image is the previous turn's, "
+                               "pixel for pixel."),
                 *_turn_widgets(),
                 *mask_widgets(),
                 Combo("placement", PLACEMENT_CHOICES, "auto", tooltip=PLACEMENT_TOOLTIP),
