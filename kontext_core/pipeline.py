@@ -564,7 +564,7 @@ class EditSession:
     def history(self) -> list[dict[str, Any]]:
         return [{"turn": t.index, "parent": t.parent, "prompt": t.prompt,
                  "settings": asdict(t.settings) if t.settings else None,
-                 "latent_shape": list(t.latent.shape)} for t in self.turns]
+                 "latent_shape": list(t.latent.shape), "masked": t.mask is not None} for t in self.turns]
 
     def export(self, folder: str | Path) -> list[Path]:
         """Write every turn as turn_NN.png and the history as session.json (each file written atomically)."""

@@ -28,7 +28,7 @@ FEATHER_TOOLTIP = ("Pixels over which the edit fades in, inside the mask's borde
 
 
 def mask_widgets() -> list:
-    return [Int("grow", 0, 0, 4096, tooltip=GROW_TOOLTIP), Int("feather", 0, 0, 4096, tooltip=FEATHER_TOOLTIP)]
+    return [Int("grow", 0, 0, 1024, tooltip=GROW_TOOLTIP), Int("feather", 0, 0, 1024, tooltip=FEATHER_TOOLTIP)]
 
 
 def _batched(text: TextConditioning, batch: int, what: str) -> TextConditioning:
