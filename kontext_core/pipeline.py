@@ -138,7 +138,8 @@ class KontextPipeline:
         pixels = pixels.to(device=ae.device, dtype=ae.dtype)
         with torch.no_grad():
             # Tiling knows our Autoencoder's memory needs; another AE (ComfyUI's, in the nodes) runs as it is.
-            return (tiling.encode(ae, pixels, self.ae_tiling) if isinstance(ae, Autoencoder) else ae.encode(pixels)).float()
+            latent = tiling.encode(ae, pixels, self.ae_tiling) if isinstance(ae, Autoencoder) else ae.encode(pixels)
+        return latent.float()
 
     def _decode_pixels(self, latents: torch.Tensor) -> torch.Tensor:
         ae = self.autoencoder

@@ -2,9 +2,10 @@
 
 IMAGE: float [B, H, W, C] in [0, 1].  Core pixels: float [B, 3, H, W] in [-1, 1].
 LATENT: {"samples": [B, 16, h, w], optionally "noise_mask": [B, 1, H, W] from Set Latent Noise Mask} in
-ComfyUI's raw FLUX VAE space; the core works on the scaled latent the AE's `encode` returns.
-MASK: float [B, H, W] or [H, W] in [0, 1] (1 = edit); the core's masks.py takes it as it is. ComfyUI's `latent_formats.Flux.process_in` maps raw to scaled as
-(raw - 0.1159) * 0.3611, so every LATENT crossing the boundary goes through that formula.
+ComfyUI's raw FLUX VAE space; the core works on the scaled latent the AE's `encode` returns. ComfyUI's
+`latent_formats.Flux.process_in` maps raw to scaled as (raw - 0.1159) * 0.3611, so every LATENT crossing the
+boundary goes through that formula.
+MASK: float [B, H, W] or [H, W] in [0, 1] (1 = edit); the core's masks.py takes it as it is.
 CONDITIONING: [[t5_embeddings [B, L, 4096], {"pooled_output": [B, 768], "guidance": float,
 "reference_latents": [raw latents], "reference_latents_method": str}], ...].
 """

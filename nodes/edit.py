@@ -16,10 +16,10 @@ GUIDANCE_TOOLTIP = ("How strongly the result follows the prompt; 2.5 is Kontext 
                     "Encode (Flux) node upstream sets it on the conditioning instead, and then that value is used.")
 PLACEMENT_CHOICES = ("auto", *PLACEMENTS)
 PLACEMENT_TOOLTIP = ("Where the reference images sit in the model's context. auto: the conditioning's reference method "
-                     "(Edit Model Reference Method) if set, else kontext for one image and offset for several. stitch / "
-                     "stitch_down: the images joined side by side / one below the other into one context image (as "
-                     "ComfyUI's Kontext template does with Image Stitch), the others resized to the first's height / "
-                     "width.")
+                     "(Edit Model Reference Method) if set, else kontext for one image and offset for several. "
+                     "stitch / stitch_down: the images joined side by side / one below the other into one context "
+                     "image (as ComfyUI's Kontext template does with Image Stitch), the others resized to the "
+                     "first's height / width.")
 MASK_TOOLTIP = ("Where to edit (white = edit): from Load Image's mask (paint it in the Mask Editor) or any mask node. "
                 "Wherever it is 0 the output is the input, pixel for pixel. A mask of another size is resized.")
 GROW_TOOLTIP = "Pixels the mask is grown by before use."

@@ -129,7 +129,8 @@ def _assert_outside_the_mask_is_the_input(comfyui, prompt: dict, saved: dict) ->
     edit = next(v["inputs"] for v in prompt.values() if v["class_type"] == "KontextEdit")
     loaded = Image.open(comfyui["base"] / "input" / "example_masked.png")
     mask = 1.0 - np.asarray(loaded.getchannel("A"), dtype=np.float32) / 255.0
-    outside = (MaskedEdit.prepare(mask, loaded.size, grow=edit["grow"], feather=edit["feather"]).weights[0] == 0).numpy()
+    plan = MaskedEdit.prepare(mask, loaded.size, grow=edit["grow"], feather=edit["feather"])
+    outside = (plan.weights[0] == 0).numpy()
     expected = np.clip(255.0 * (np.asarray(loaded.convert("RGB")).astype(np.float32) / 255.0), 0, 255).astype(np.uint8)
     result = np.asarray(Image.open(comfyui["base"] / "output" / saved["subfolder"] / saved["filename"]))
     assert result.shape == expected.shape and outside.any() and not outside.all()

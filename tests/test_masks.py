@@ -154,7 +154,8 @@ def test_prepare_binarizes_grows_then_feathers():
     mask[0, 4:8, 4:8] = 0.6
     mask[0, 0, 0] = 0.4  # below the threshold: kept
     plan = MaskedEdit.prepare(mask, (12, 12), grow=1, feather=1)
-    assert plan.region[0, 0, 0] == 0 and plan.region.sum() == 16 + 4 * 4  # the 4x4 square grown by 1: its sides, not the corners
+    assert plan.region[0, 0, 0] == 0
+    assert plan.region.sum() == 16 + 4 * 4  # the 4x4 square grown by 1: its sides, not its corners
     assert (plan.weights <= plan.region.float()).all() and (plan.weights[plan.region] > 0).all()
     with pytest.raises(ValueError, match="grow is a number of pixels"):
         MaskedEdit.prepare(mask, (12, 12), grow=-1)
