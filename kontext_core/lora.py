@@ -1,7 +1,8 @@
 """LoRA adapters for the Kontext transformer: merged into the weights or added on the fly.
 
-Every file format is converted at the door (kontext_core/lora_layouts.py) into one form, `LoraWeights`:
-for each of our (BFL) linear layers, low-rank parts `up @ down` that update a row range of its weight.
+Every file layout is converted at the door (kontext_core/lora_layouts.py) into one form, `LoraWeights`:
+for each of our (BFL) linear layers, low-rank parts `up @ down` that update a row range of its weight, and
+the changes that are not low-rank (bias deltas, full differences, a control LoRA's norm scales).
 
 Two ways to apply (`apply_lora`; by default merged, except into 8-bit weights), both stackable and
 removable through the returned `LoraHandle`:
@@ -20,6 +21,10 @@ removable through the returned `LoraHandle`:
   the factors in place (no recompilation, no new graph capture). Works for `nn.Linear` and `QuantizedLinear`
   alike; on 8-bit layers the LoRA reads the same e4m3 or int8 activations as the layer's GEMM, and where
   fp8 GEMMs run it joins that GEMM as extra K columns instead of two GEMMs more (kontext_core/wide_lora.py).
+
+The changes that are not low-rank are written into their parameters in either mode (restored likewise on
+removal): biases and norm scales are small, and a full difference has no cheaper form. A "set" change at
+strength s moves the parameter that fraction of the way to its value.
 
 A model saved while LoRAs are merged is saved with them baked in. Apply LoRAs after copying a model
 (`copy.deepcopy` carries on-the-fly factors over to the copy, but not the handles that remove them).
@@ -76,39 +81,73 @@ class _Span:
     up: torch.Tensor
 
 
+@dataclass(eq=False)
+class _Change:
+    """A `TensorChange` resolved against one model: rows [start, stop) of the module's parameter `param`."""
+
+    param: str
+    start: int
+    stop: int
+    kind: str  # add | set
+    value: torch.Tensor  # float32, on the parameter's device
+
+
 @lru_cache(maxsize=8)
 def _fused_splits(config: TransformerConfig) -> dict[str, tuple[int, ...]]:
     return {link.ours.removesuffix(".weight"): link.split for link in transformer_links(config)
             if link.kind == "concat" and link.ours.endswith(".weight")}
 
 
+def _linear(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        return None
+    return module if isinstance(module, (nn.Linear, QuantizedLinear)) else None
+
+
+def _refuse_wider_input(lora: LoraWeights, layer_name: str, module: nn.Module, in_features: int) -> None:
+    """A FLUX.1 Canny / Depth control LoRA widens img_in for the control image's latent: say why it cannot apply."""
+    if layer_name == "img_in" and in_features > module.in_features:
+        raise LoraError(
+            f"{lora.name} widens img_in from {module.in_features} to {in_features} input channels: it is a FLUX.1 "
+            "Canny / Depth control LoRA, made for a model that reads a control image's latent beside the image's, "
+            "channel by channel. FLUX.1 Kontext takes its reference images as context tokens and has no such "
+            "input. Use this LoRA with FLUX.1 [dev] in a control workflow, or a Kontext LoRA here."
+        )
+
+
 def _resolve(model: nn.Module, lora: LoraWeights, dtype_for: Callable[[nn.Module], torch.dtype],
-             on_layer_devices: bool) -> dict[str, list[_Span]]:
-    """Check every target against the model; the parts in `dtype_for` their layer, on its device or left where
-    they are (on-the-fly ones: `_stack_factors` puts the stacked factors where the model computes)."""
+             on_layer_devices: bool) -> tuple[dict[str, list[_Span]], dict[str, list[_Change]]]:
+    """Check every target against the model. The parts in `dtype_for` their layer, on its device or left where
+    they are (on-the-fly ones: `_stack_factors` puts the stacked factors where the model computes); the changes
+    in float32 on their parameter's device, by module."""
     splits = _fused_splits(model.config)
     missing, mismatched = [], []
+
+    def rows(layer_name: str, part: int | None, total: int) -> tuple[int, int] | None:
+        if part is None:
+            return 0, total
+        split = splits.get(layer_name, ())
+        if part >= len(split):
+            return None
+        start = sum(split[:part])
+        return start, start + split[part]
+
     resolved: dict[str, list[_Span]] = {}
     for layer_name, parts in lora.layers.items():
-        try:
-            module = model.get_submodule(layer_name)
-        except AttributeError:
-            missing.append(layer_name)
-            continue
-        if not isinstance(module, (nn.Linear, QuantizedLinear)):
+        module = _linear(model, layer_name)
+        if module is None:
             missing.append(layer_name)
             continue
         spans = []
         for part in parts:
-            if part.part is None:
-                start, stop = 0, module.out_features
-            else:
-                split = splits.get(layer_name, ())
-                if part.part >= len(split):
-                    missing.append(f"{layer_name} (part {part.part})")
-                    continue
-                start = sum(split[:part.part])
-                stop = start + split[part.part]
+            _refuse_wider_input(lora, layer_name, module, part.down.shape[1])
+            found = rows(layer_name, part.part, module.out_features)
+            if found is None:
+                missing.append(f"{layer_name} (part {part.part})")
+                continue
+            start, stop = found
             if part.down.shape[1] != module.in_features or part.up.shape[0] != stop - start:
                 mismatched.append(f"{part.key}: LoRA {part.up.shape[0]}x{part.down.shape[1]}, layer {layer_name} "
                                   f"rows {start}:{stop} of {module.out_features}x{module.in_features}")
@@ -116,6 +155,43 @@ def _resolve(model: nn.Module, lora: LoraWeights, dtype_for: Callable[[nn.Module
             device, dtype = module.weight.device if on_layer_devices else part.down.device, dtype_for(module)
             spans.append(_Span(start, stop, part.down.to(device, dtype), part.up.to(device, dtype)))
         resolved[layer_name] = spans
+
+    for layer_name, shape in lora.shapes.items():
+        module = _linear(model, layer_name)
+        if module is None:
+            missing.append(layer_name)
+            continue
+        if len(shape) == 2:
+            _refuse_wider_input(lora, layer_name, module, shape[1])
+        if tuple(shape) != (module.out_features, module.in_features):
+            mismatched.append(f"{layer_name}: the LoRA reshapes it to {list(shape)}, the layer is "
+                              f"{module.out_features}x{module.in_features}")
+
+    changes: dict[str, list[_Change]] = {}
+    for parameter, entries in lora.changes.items():
+        module_name, _, param = parameter.rpartition(".")
+        try:
+            tensor = getattr(model.get_submodule(module_name), param)
+        except AttributeError:
+            tensor = None
+        if not isinstance(tensor, torch.Tensor):
+            missing.append(parameter)
+            continue
+        for entry in entries:
+            if module_name == "img_in" and param == "weight" and entry.value.ndim == 2:
+                _refuse_wider_input(lora, module_name, model.get_submodule(module_name), entry.value.shape[1])
+            found = rows(module_name, entry.part, tensor.shape[0])
+            if found is None:
+                missing.append(f"{parameter} (part {entry.part})")
+                continue
+            start, stop = found
+            if tuple(entry.value.shape) != (stop - start, *tensor.shape[1:]):
+                mismatched.append(f"{entry.key}: {list(entry.value.shape)}, {parameter} rows {start}:{stop} "
+                                  f"of {list(tensor.shape)}")
+                continue
+            changes.setdefault(module_name, []).append(
+                _Change(param, start, stop, entry.kind, entry.value.to(tensor.device, torch.float32)))
+
     if missing:
         raise LoraError(
             f"{lora.name} targets {len(missing)} layers this model does not have (first: {', '.join(missing[:3])}); "
@@ -128,19 +204,31 @@ def _resolve(model: nn.Module, lora: LoraWeights, dtype_for: Callable[[nn.Module
             f"(first: {'; '.join(mismatched[:2])}). "
             f"The model's hidden size is {model.config.hidden_size}; the LoRA was made for another model."
         )
-    return resolved
+    return resolved, changes
 
 
 def _accumulate_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
 
 
-def _merge_into(module: nn.Module, spans: list[_Span], strength: float) -> None:
-    """weight[rows] += strength * up @ down, rounded once to the weight's storage."""
+def _apply_change(rows: torch.Tensor, change: _Change, values: torch.Tensor, strength: float) -> None:
+    """rows (in the accumulation dtype) += strength * values, or moved that fraction of the way to them."""
+    values = values.to(rows.dtype)
+    if change.kind == "set":
+        rows += strength * (values - rows)
+    else:
+        rows += strength * values
+
+
+def _merge_into(module: nn.Module, spans: list[_Span], dense: list[_Change], strength: float) -> None:
+    """weight[rows] += strength * up @ down for each span, and each full change of the weight, rounded once to
+    the weight's storage."""
     if isinstance(module, QuantizedLinear):
         weight = module.dequantized_weight(torch.float32)
         for span in spans:
             weight[span.start:span.stop] += strength * (span.up.float() @ span.down.float())
+        for change in dense:
+            _apply_change(weight[change.start:change.stop], change, change.value, strength)
         quantized, scale = quantize_weight(weight, module.weight.dtype, per_row=module.weight_scale.ndim == 1)
         module.weight.copy_(quantized)
         module.weight_scale.copy_(scale)
@@ -148,13 +236,35 @@ def _merge_into(module: nn.Module, spans: list[_Span], strength: float) -> None:
     weight = module.weight
     compute = _accumulate_dtype(weight.device)
     rows_per_chunk = max(1, (1 << 22) // max(1, weight.shape[1]))  # bounds the float64 temporaries
-    for span in spans:
-        down = span.down.to(compute)
-        for first in range(span.start, span.stop, rows_per_chunk):
-            last = min(first + rows_per_chunk, span.stop)
-            delta = span.up[first - span.start:last - span.start].to(compute) @ down
-            rows = weight[first:last]
-            rows.copy_((rows.to(compute) + strength * delta).to(weight.dtype))
+    pieces = [*spans, *dense]
+    if not pieces:
+        return
+    downs = [span.down.to(compute) for span in spans]
+    for first in range(min(p.start for p in pieces), max(p.stop for p in pieces), rows_per_chunk):
+        last = min(first + rows_per_chunk, weight.shape[0])
+        rows = None
+        for span, down in zip(spans, downs):
+            low, high = max(first, span.start), min(last, span.stop)
+            if low < high:
+                rows = weight[first:last].to(compute) if rows is None else rows
+                rows[low - first:high - first] += strength * (
+                    span.up[low - span.start:high - span.start].to(compute) @ down)
+        for change in dense:
+            low, high = max(first, change.start), min(last, change.stop)
+            if low < high:
+                rows = weight[first:last].to(compute) if rows is None else rows
+                _apply_change(rows[low - first:high - first], change,
+                              change.value[low - change.start:high - change.start], strength)
+        if rows is not None:
+            weight[first:last].copy_(rows.to(weight.dtype))
+
+
+def _change_parameter(tensor: torch.Tensor, changes: list[_Change], strength: float) -> None:
+    """A bias or a norm's scale changed, rounded once to its dtype."""
+    values = tensor.detach().to(_accumulate_dtype(tensor.device))
+    for change in changes:
+        _apply_change(values[change.start:change.stop], change, change.value, strength)
+    tensor.detach().copy_(values.to(tensor.dtype))
 
 
 _STAGING_BYTES = 64 << 20
@@ -193,14 +303,30 @@ def _copy_to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 @dataclass
 class _MergedLayer:
-    """A layer's weights before any merge, and the handles merged into it, in order."""
+    """A module's parameters before any merge (those merges changed), and the handles merged into it, in order."""
 
-    weight: torch.Tensor
-    weight_scale: torch.Tensor | None
+    originals: dict[str, torch.Tensor]  # parameter name -> its copy
+    weight_scale: torch.Tensor | None = None  # a QuantizedLinear's, with its weight
     handles: list["LoraHandle"] = field(default_factory=list)
 
+    @property
+    def weight(self) -> torch.Tensor | None:
+        return self.originals.get("weight")
+
+    def keep(self, module: nn.Module, params: Iterable[str], backup_device: torch.device | None) -> None:
+        """Copy the parameters not kept yet: no merge has changed them so far."""
+        for param in params:
+            if param in self.originals:
+                continue
+            tensor = getattr(module, param).detach()
+            backup = backup_device or tensor.device
+            self.originals[param] = _copy_to(tensor, backup)
+            if param == "weight" and isinstance(module, QuantizedLinear):
+                self.weight_scale = module.weight_scale.detach().to(backup, copy=True)
+
     def restore(self, module: nn.Module) -> None:
-        _staged_copy(module.weight.detach(), self.weight)
+        for param, original in self.originals.items():
+            _staged_copy(getattr(module, param).detach(), original)
         if self.weight_scale is not None:
             module.weight_scale.copy_(self.weight_scale)
 
@@ -326,13 +452,14 @@ class LoraHandle:
     """
 
     def __init__(self, model: nn.Module, lora: LoraWeights, spans: dict[str, list[_Span]],
-                 strength: float, mode: str, backup_device: torch.device | None):
+                 changes: dict[str, list[_Change]], strength: float, mode: str, backup_device: torch.device | None):
         # Weak: the registries below must not keep a deleted model (or its layers) alive.
         self.model_ref = weakref.ref(model)
         self.lora = lora
         self.mode = mode
         self._strength = strength
         self._spans = spans
+        self._changes = changes
         self._backup_device = backup_device
         self.active = False
 
@@ -350,6 +477,26 @@ class LoraHandle:
     def __exit__(self, *exc) -> None:
         self.remove()
 
+    def _merged_names(self) -> list[str]:
+        """The modules this handle changes the parameters of: its layers when merged, and those of its changes
+        (written into the parameters in either mode)."""
+        return list(dict.fromkeys([*(self._spans if self.mode == "merge" else ()), *self._changes]))
+
+    def _merge(self, module: nn.Module, name: str) -> None:
+        """Add this handle's updates of one module into its parameters."""
+        spans = self._spans.get(name, []) if self.mode == "merge" else []
+        linear = isinstance(module, (nn.Linear, QuantizedLinear))
+        changes = self._changes.get(name, [])
+        dense = [c for c in changes if linear and c.param == "weight"]
+        if spans or dense:
+            _merge_into(module, spans, dense, self._strength)
+        others: dict[str, list[_Change]] = {}
+        for change in changes:
+            if not (linear and change.param == "weight"):
+                others.setdefault(change.param, []).append(change)
+        for param, entries in others.items():
+            _change_parameter(getattr(module, param), entries, self._strength)
+
     @torch.no_grad()
     def _attach(self) -> None:
         model = self.model_ref()
@@ -358,30 +505,30 @@ class LoraHandle:
                 module = model.get_submodule(name)
                 _ON_THE_FLY.setdefault(module, []).append(self)
                 _stack_factors(module, name, model)
-        else:
-            for name, spans in self._spans.items():
-                module = model.get_submodule(name)
-                record = _MERGED.get(module)
-                if record is None:
-                    backup = self._backup_device or module.weight.device
-                    scale = (module.weight_scale.detach().to(backup, copy=True)
-                             if isinstance(module, QuantizedLinear) else None)
-                    record = _MERGED[module] = _MergedLayer(_copy_to(module.weight.detach(), backup), scale)
-                record.handles.append(self)
-                _merge_into(module, spans, self._strength)
-                _refresh_columns(module, name, model)
+        for name in self._merged_names():
+            module = model.get_submodule(name)
+            params = {change.param for change in self._changes.get(name, [])}
+            if self.mode == "merge" and name in self._spans:
+                params.add("weight")
+            record = _MERGED.get(module)
+            if record is None:
+                record = _MERGED[module] = _MergedLayer({})
+            record.keep(module, sorted(params), self._backup_device)
+            record.handles.append(self)
+            self._merge(module, name)
+            _refresh_columns(module, name, model)
         self.active = True
         _HANDLES.setdefault(model, []).append(self)
 
     @torch.no_grad()
     def _rebuild(self, model: nn.Module) -> None:
-        """Restore each touched layer's original weights and re-merge the handles still on it, in order."""
-        for name in self._spans:
+        """Restore each module's original parameters and re-merge the handles still on it, in order."""
+        for name in self._merged_names():
             module = model.get_submodule(name)
             record = _MERGED[module]
             record.restore(module)
             for handle in record.handles:
-                _merge_into(module, handle._spans[name], handle._strength)
+                handle._merge(module, name)
             _refresh_columns(module, name, model)
             if not record.handles:
                 del _MERGED[module]
@@ -395,12 +542,12 @@ class LoraHandle:
         model = self.model_ref()
         if model is None:
             return
-        if self.mode == "merge":
-            self._rebuild(model)
-        else:
+        if self.mode == "on_the_fly":
             with torch.no_grad():
                 for name in self._spans:
                     _stack_factors(model.get_submodule(name), name, model)
+        if self._merged_names():
+            self._rebuild(model)
 
     def remove(self) -> None:
         """Take this LoRA off the model; removing every LoRA restores the original weights exactly."""
@@ -416,9 +563,10 @@ class LoraHandle:
                     _stack_factors(module, name, model)
                     if not _ON_THE_FLY[module]:
                         del _ON_THE_FLY[module]
-        else:
-            for name in self._spans:
-                _MERGED[model.get_submodule(name)].handles.remove(self)
+        merged = self._merged_names()
+        for name in merged:
+            _MERGED[model.get_submodule(name)].handles.remove(self)
+        if merged:
             self._rebuild(model)
         self.active = False
         if self in _HANDLES.get(model, []):
@@ -468,8 +616,8 @@ def apply_lora(model: nn.Module, lora: LoraWeights | str | os.PathLike, strength
             return torch.float32  # merged in float64 anyway; float32 keeps the LoRA's precision
         return module.compute_dtype if isinstance(module, QuantizedLinear) else module.weight.dtype
 
-    spans = _resolve(model, lora, dtype_for, on_layer_devices=mode == "merge")
-    handle = LoraHandle(model, lora, spans, strength, mode,
+    spans, changes = _resolve(model, lora, dtype_for, on_layer_devices=mode == "merge")
+    handle = LoraHandle(model, lora, spans, changes, strength, mode,
                         torch.device(backup_device) if backup_device is not None else None)
     handle._attach()
     return handle
