@@ -599,6 +599,8 @@ def apply_lora(model: nn.Module, lora: LoraWeights | str | os.PathLike, strength
         free; two thin GEMMs per layer, ~13% of a step for a rank-32 LoRA on every layer, ~7% on fp8 layers
         where it joins the layer's fp8 GEMM as extra columns); "auto"
         (`preferred_mode`) merges, except into 8-bit weights.
+    A LoRA's changes that are not low-rank (bias deltas, `.diff` differences, a control LoRA's norm scales) are
+    written into their parameters in either mode, and restored on removal.
     Several LoRAs stack in any mode. Apply after moving the model to its device and dtype.
     """
     if mode not in MODES:

@@ -398,21 +398,20 @@ def test_peft_transformer_names_match_diffusers(tmp_path):
 def _comfyui_with_differences(model, seed: int) -> dict[str, torch.Tensor]:
     """ComfyUI's layout (`diffusion_model.` + BFL names, lora_A / lora_B with alphas) with full differences:
     `.diff` of a weight and of a norm's scale, `.diff_b` of biases (one of them final_layer's), `.set_weight`."""
-    factors, tensors = Factors(seed), {}
-    for layer, shape in _linear_shapes(model.config).items():
+    factors, tensors, shapes = Factors(seed), {}, _linear_shapes(model.config)
+    for layer, shape in shapes.items():
         if layer.startswith("double_blocks.0.") or not layer.startswith(("double_blocks", "single_blocks")):
             down, up = factors.pair(shape, 4)
             tensors[f"diffusion_model.{layer}.lora_A.weight"], tensors[f"diffusion_model.{layer}.lora_B.weight"] = (
                 down, up)
             tensors[f"diffusion_model.{layer}.alpha"] = factors.alpha(4)
-    state = model.state_dict()
-    tensors["diffusion_model.double_blocks.1.txt_mlp.2.diff"] = 0.1 * torch.randn_like(
-        state["double_blocks.1.txt_mlp.2.weight"])
+    rows, columns = shapes["double_blocks.1.txt_mlp.2"]
+    tensors["diffusion_model.double_blocks.1.txt_mlp.2.diff"] = factors.vector(rows * columns).reshape(rows, columns)
     tensors["diffusion_model.single_blocks.0.norm.query_norm.scale.diff"] = factors.vector(model.config.head_dim)
     tensors["diffusion_model.double_blocks.1.img_attn.norm.key_norm.scale.set_weight"] = factors.vector(
         model.config.head_dim, offset=1.0)
     for layer in ("double_blocks.0.img_attn.qkv", "single_blocks.1.linear1", "final_layer.adaLN_modulation.1"):
-        tensors[f"diffusion_model.{layer}.diff_b"] = factors.vector(state[f"{layer}.bias"].shape[0])
+        tensors[f"diffusion_model.{layer}.diff_b"] = factors.vector(shapes[layer][0])
     return tensors
 
 
@@ -464,6 +463,33 @@ def test_comfyui_differences_are_applied_and_removed(tiny_transformer, mode):
     args = tiny_edit_args(1, torch.float32, "cpu")
     with torch.no_grad():
         assert rel_error(model.velocity(*args), merged.velocity(*args)) < 1e-5
+    handle.remove()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, original[key]), key
+
+
+def test_differences_on_an_fp8_model(tiny_transformer, tmp_path):
+    # On fp8 weights the low-rank parts go on the fly ("auto"); a weight's `.diff` is merged as a merge would be
+    # (dequantized, added, requantized), biases and norms as in any model; removal gives back every tensor.
+    from kontext_core import load_transformer, save_transformer
+    from kontext_core.quant import QuantizedLinear
+
+    save_transformer(tiny_transformer, tmp_path / "fp8.safetensors", weights="fp8_e4m3fn_scaled")
+    model = load_transformer(tmp_path / "fp8.safetensors", dtype="fp8")
+    assert isinstance(model.double_blocks[1].txt_mlp[2], QuantizedLinear)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    tensors = _comfyui_with_differences(model, seed=12)
+    handle = apply_lora(model, lora_from_state_dict(tensors, "comfy"), 1.0)
+    assert handle.mode == "on_the_fly"
+    state = model.state_dict()
+    assert torch.equal(state["double_blocks.0.img_attn.qkv.weight"], original["double_blocks.0.img_attn.qkv.weight"])
+    changed = model.double_blocks[1].txt_mlp[2].dequantized_weight(torch.float32)
+    expected = tiny_transformer.state_dict()["double_blocks.1.txt_mlp.2.weight"] + tensors[
+        "diffusion_model.double_blocks.1.txt_mlp.2.diff"]
+    assert rel_error(changed, expected) < 0.1  # e4m3 resolution
+    bias = "double_blocks.0.img_attn.qkv.bias"
+    assert rel_error(state[bias].float(), original[bias].float() + tensors[f"diffusion_model.{bias[:-5]}.diff_b"]) < 1e-2
+    handle.set_strength(0.5)
     handle.remove()
     for key, value in model.state_dict().items():
         assert torch.equal(value, original[key]), key
