@@ -1,21 +1,8 @@
-"""LoRA adapters for the Kontext transformer: files in, merged into the weights or added on the fly.
+"""LoRA adapters for the Kontext transformer: merged into the weights or added on the fly.
 
-Every file format is converted at the door into one form, `LoraWeights`: for each of our (BFL)
-linear layers, low-rank parts `up @ down` that update a row range of its weight. Formats read:
-
-- BFL / ComfyUI: `diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight` (or `lora_down` /
-  `lora_up`, optional `.alpha`), under `model.diffusion_model.`, `diffusion_model.`, `transformer.` or none;
-- diffusers / peft: `transformer.transformer_blocks.0.attn.to_q.lora_A.weight`, ... Parts of our fused
-  layers (q, k, v of `qkv`; q, k, v, mlp of a single block's `linear1`) become row ranges of the fused
-  layer, found from `key_maps.transformer_links`; `norm_out.linear` is (scale, shift) in diffusers and
-  (shift, scale) here, so its up-projection's halves are swapped. peft's `lora_alpha` is read from the
-  file's `lora_adapter_metadata` when there is no `.alpha` tensor;
-- kohya (sd-scripts): `lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight` and its diffusers-named
-  form `lora_transformer_transformer_blocks_0_attn_to_q.lora_down.weight`.
-
-Each part's update is `up @ down * alpha / rank` (scale 1 without alpha); `alpha / rank` is folded
-into `up` at load, and the strength is applied when the LoRA is applied. Text-encoder keys are skipped
-with a warning and listed in `LoraWeights.skipped`.
+Every file layout is converted at the door (kontext_core/lora_layouts.py) into one form, `LoraWeights`:
+for each of our (BFL) linear layers, low-rank parts `up @ down` that update a row range of its weight, and
+the changes that are not low-rank (bias deltas, full differences, a control LoRA's norm scales).
 
 Two ways to apply (`apply_lora`; by default merged, except into 8-bit weights), both stackable and
 removable through the returned `LoraHandle`:
@@ -35,32 +22,31 @@ removable through the returned `LoraHandle`:
   alike; on 8-bit layers the LoRA reads the same e4m3 or int8 activations as the layer's GEMM, and where
   fp8 GEMMs run it joins that GEMM as extra K columns instead of two GEMMs more (kontext_core/wide_lora.py).
 
+The changes that are not low-rank are written into their parameters in either mode (restored likewise on
+removal): biases and norm scales are small, and a full difference has no cheaper form. A "set" change at
+strength s moves the parameter that fraction of the way to its value.
+
 A model saved while LoRAs are merged is saved with them baked in. Apply LoRAs after copying a model
 (`copy.deepcopy` carries on-the-fly factors over to the copy, but not the handles that remove them).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import re
-import warnings
 import weakref
 from dataclasses import dataclass, field
 from functools import cache, lru_cache
-from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
-from .checkpoints.files import CheckpointError, open_file
 from .checkpoints.key_maps import transformer_links
-from .checkpoints.layouts import describe_file
 from .config import TransformerConfig
 from .fused import LORA_FACTORS, LoraFactors, factors_layout, lora_factors
 from . import wide_lora
+from .lora_layouts import LoraError, LoraPart, LoraWeights, load_lora, lora_from_state_dict
 from .quant import QuantizedLinear, quantize_weight
 
 MODES = ("auto", "merge", "on_the_fly")
@@ -82,320 +68,6 @@ __all__ = [
 ]
 
 
-class LoraError(CheckpointError):
-    """A LoRA file that cannot be read, or that does not fit the model. The message says what to do."""
-
-
-@dataclass(frozen=True)
-class LoraPart:
-    """One low-rank update of a linear layer: weight[rows] += up @ down (times the strength)."""
-
-    down: torch.Tensor  # [rank, in_features] (lora_A / lora_down), float32
-    up: torch.Tensor  # [rows, rank] (lora_B / lora_up) with alpha / rank folded in, float32
-    part: int | None  # index into the fused layer's split (q, k, v[, mlp]); None: every row
-    key: str  # the file's name for it, for messages
-
-    @property
-    def rank(self) -> int:
-        return self.down.shape[0]
-
-
-@dataclass
-class LoraWeights:
-    """A LoRA in our canonical form: our module name -> its parts. Nothing here knows the file format."""
-
-    layers: dict[str, list[LoraPart]]
-    name: str = ""
-    format: str = ""  # bfl | diffusers | kohya | mixed (what the file's names were)
-    skipped: list[str] = field(default_factory=list)  # text-encoder keys, not applied
-
-    @property
-    def targets(self) -> list[str]:
-        return sorted(self.layers)
-
-    @property
-    def rank(self) -> int:
-        """The largest rank of any part."""
-        return max((p.rank for parts in self.layers.values() for p in parts), default=0)
-
-    def __repr__(self) -> str:
-        return (f"LoraWeights({self.name!r}, format={self.format}, layers={len(self.layers)}, "
-                f"rank={self.rank}, skipped={len(self.skipped)})")
-
-
-# --- names: every format to our module names ------------------------------------------------------
-
-_BLOCK_PREFIXES = r"(double_blocks|single_blocks|transformer_blocks|single_transformer_blocks)"
-_DOTTED_BLOCK = re.compile(rf"^{_BLOCK_PREFIXES}\.(\d+)\.(.+)$")
-_KOHYA_BLOCK = re.compile(rf"^{_BLOCK_PREFIXES}_(\d+)_(.+)$")
-_DOTTED_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "base_model.model.", "transformer.",
-                    "model.", "unet.")
-_KOHYA_PREFIXES = ("lora_unet_", "lora_transformer_", "lycoris_")
-_TEXT_ENCODER_PREFIXES = ("lora_te", "text_encoder", "text_encoders.", "lora_clip", "te1.", "te2.")
-
-_WEIGHT_KEY = re.compile(r"^(?P<stem>.+)\.(?P<role>lora_A|lora_B|lora_down|lora_up)(?:\.[^.]+)?\.weight$")
-_ALPHA_KEY = re.compile(r"^(?P<stem>.+)\.alpha$")
-_ROLES = {"lora_A": "down", "lora_down": "down", "lora_B": "up", "lora_up": "up"}
-_UNSUPPORTED = {
-    "LyCORIS LoHa": (".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b", ".hada_t1", ".hada_t2"),
-    "LyCORIS LoKr": (".lokr_w1", ".lokr_w2", ".lokr_w1_a", ".lokr_w1_b", ".lokr_w2_a", ".lokr_w2_b", ".lokr_t2"),
-    "full weight or bias difference (.diff / .diff_b)": (".diff", ".diff_b"),
-    "DoRA": (".dora_scale", ".lora_magnitude_vector", ".lora_magnitude_vector.weight"),
-    "LoRA bias (peft lora_bias)": (".lora_B.bias", ".lora_up.bias"),
-    "LoCon mid weight (convolutional LoRA)": (".lora_mid.weight",),
-}
-
-
-@dataclass(frozen=True)
-class _Target:
-    layer: str  # our module name; "#" stands for the block index in the templates
-    part: int | None = None
-    swap_halves: bool = False  # diffusers' (scale, shift) -> our (shift, scale)
-    style: str = "bfl"
-
-
-def _template(name: str, pattern: re.Pattern, separator: str) -> tuple[str, int | None]:
-    """`double_blocks.3.img_attn.qkv` -> (`double_blocks.#.img_attn.qkv`, 3); other names unchanged."""
-    match = pattern.match(name)
-    if match is None:
-        return name, None
-    prefix, index, rest = match.groups()
-    return f"{prefix}{separator}#{separator}{rest}", int(index)
-
-
-@lru_cache(maxsize=1)
-def _name_tables() -> tuple[dict[str, _Target], dict[str, _Target]]:
-    """(dotted names, kohya names) of every linear layer in BFL and diffusers spelling -> our target.
-
-    Built from key_maps on a one-block config: only the names matter, the block index is a wildcard.
-    """
-    dotted: dict[str, _Target] = {}
-    for link in transformer_links(TransformerConfig.tiny(depth=1, depth_single_blocks=1)):
-        if not link.ours.endswith(".weight"):
-            continue  # norms (`.scale`) and biases carry no LoRA
-        ours = _template(link.ours.removesuffix(".weight"), _DOTTED_BLOCK, ".")[0]
-        dotted[ours] = _Target(ours)
-        for index, theirs in enumerate(link.theirs):
-            theirs = _template(theirs.removesuffix(".weight"), _DOTTED_BLOCK, ".")[0]
-            dotted[theirs] = _Target(ours, index if link.kind == "concat" else None,
-                                     link.kind == "swap_halves", "diffusers")
-    kohya = {name.replace(".", "_").lower(): target for name, target in dotted.items()}
-    return dotted, kohya
-
-
-def _resolve_stem(stem: str) -> _Target | None:
-    """Our target for one LoRA module name in any supported spelling, or None."""
-    dotted, kohya = _name_tables()
-    for prefix in _KOHYA_PREFIXES:
-        if stem.startswith(prefix):
-            template, index = _template(stem[len(prefix):].lower(), _KOHYA_BLOCK, "_")
-            target = kohya.get(template)
-            if target is None:
-                return None
-            return _with_index(target, index, "kohya")
-    candidates = [stem]
-    while candidates:
-        name = candidates.pop()
-        template, index = _template(name, _DOTTED_BLOCK, ".")
-        target = dotted.get(template)
-        if target is not None:
-            return _with_index(target, index, target.style)
-        candidates += [name[len(p):] for p in _DOTTED_PREFIXES if name.startswith(p)]
-    return None
-
-
-def _with_index(target: _Target, index: int | None, style: str) -> _Target:
-    layer = target.layer if index is None else target.layer.replace("#", str(index))
-    return _Target(layer, target.part, target.swap_halves, style)
-
-
-def _is_text_encoder(stem: str) -> bool:
-    return stem.startswith(_TEXT_ENCODER_PREFIXES)
-
-
-def _guess_model(keys: Iterable[str]) -> str:
-    """What a LoRA whose names we do not know was most likely made for."""
-    text = " ".join(keys)
-    if re.search(r"(input_blocks|output_blocks|middle_block|down_blocks|up_blocks|mid_block)", text):
-        if "lora_te2_" in text or "text_encoder_2" in text:
-            return "a Stable Diffusion XL LoRA"
-        return "a Stable Diffusion (1.x / 2.x / XL) UNet LoRA"
-    if "joint_blocks" in text or "context_block" in text:
-        return "a Stable Diffusion 3 LoRA"
-    if "processor.proj_lora" in text or "processor.qkv_lora" in text:
-        return ("an XLabs FLUX LoRA (its own key format, not supported here; convert it to the diffusers or "
-                "ComfyUI format first)")
-    if "double_stream_modulation" in text or "single_stream_modulation" in text:
-        return "a FLUX.2 LoRA"
-    if re.search(r"blocks[._]\d+[._](self_attn|cross_attn)", text):
-        return "a video-model LoRA (Wan / HunyuanVideo style)"
-    return "a LoRA for another model"
-
-
-# --- loading ---------------------------------------------------------------------------------------
-
-
-def load_lora(path: str | os.PathLike, name: str | None = None) -> LoraWeights:
-    """Read a FLUX LoRA `.safetensors` file in any supported key format (see the module docstring).
-
-    Raises `LoraError` (a `CheckpointError`) for files that are not FLUX LoRAs, naming what they look like.
-    """
-    path = Path(path)
-    source = open_file(path)
-    return _parse(source.keys(), source.get, source.metadata, name or path.name)
-
-
-def lora_from_state_dict(tensors: Mapping[str, torch.Tensor], name: str = "LoRA",
-                         metadata: Mapping[str, str] | None = None) -> LoraWeights:
-    """The same as `load_lora`, from tensors already in memory (file keys as names)."""
-    return _parse(list(tensors), tensors.__getitem__, dict(metadata or {}), name)
-
-
-def _parse(keys: list[str], get: Callable[[str], torch.Tensor], metadata: Mapping[str, str],
-           name: str) -> LoraWeights:
-    if not keys:
-        raise LoraError(f"{name} holds no tensors; it is not a LoRA. Download it again.")
-    for kind, suffixes in _UNSUPPORTED.items():
-        found = [k for k in keys if k.endswith(suffixes)]
-        if found:
-            raise LoraError(
-                f"{name} is a {kind} adapter ({found[0]}, ...); only plain LoRA (lora_A/lora_B, "
-                "lora_down/lora_up) is supported. Use a plain LoRA version of it."
-            )
-
-    pairs: dict[str, dict[str, str]] = {}  # stem -> {"down": key, "up": key, "alpha": key}
-    others: list[str] = []
-    for key in keys:
-        match = _WEIGHT_KEY.match(key) or _ALPHA_KEY.match(key)
-        if match is None:
-            others.append(key)
-            continue
-        role = _ROLES.get(match.groupdict().get("role") or "", "alpha")
-        roles = pairs.setdefault(match["stem"], {})
-        if role in roles:
-            raise LoraError(
-                f"{name}: {roles[role]} and {key} are both the {role} weight of {match['stem']}; the file holds "
-                "more than one adapter. Save each adapter to its own file."
-            )
-        roles[role] = key
-    # An alpha with no weights beside it changes nothing (some kohya files keep final_layer's this way).
-    pairs = {stem: roles for stem, roles in pairs.items() if set(roles) != {"alpha"}}
-
-    if not pairs:
-        raise LoraError(
-            f"{describe_file(set(keys), name)}, not a LoRA (no lora_A/lora_B or lora_down/lora_up tensors). "
-            "Model files load with Load Kontext Model (core: load_transformer); a LoRA file holds lora_A/lora_B "
-            "pairs and goes in models/loras."
-        )
-    if others:
-        raise LoraError(
-            f"{name} holds {len(others)} tensors that are not LoRA weights beside its LoRA pairs (first: "
-            f"{', '.join(others[:3])}); full replacement tensors (as in FLUX.1 Canny/Depth control LoRAs) "
-            "are not supported. Use a LoRA that holds only lora_A/lora_B (or lora_down/lora_up) pairs."
-        )
-
-    skipped = sorted(stem for stem in pairs if _is_text_encoder(stem))
-    targets = {stem: _resolve_stem(stem) for stem in pairs if stem not in skipped}
-    unknown = sorted(stem for stem, target in targets.items() if target is None)
-    if unknown:
-        raise LoraError(
-            f"{name} has {len(unknown)} LoRA modules that are not layers of the FLUX transformer (first: "
-            f"{', '.join(unknown[:3])}); it looks like {_guess_model(pairs)}. Use a LoRA made for "
-            "FLUX.1 (Kontext) [dev]."
-        )
-    if not targets:
-        raise LoraError(f"{name} only holds text-encoder LoRA weights ({skipped[0]}, ...); "
-                        "there is nothing to apply to the transformer.")
-    if skipped:
-        warnings.warn(f"{name}: {len(skipped)} text-encoder LoRA modules skipped (first: {skipped[0]}); "
-                      "only the transformer part is applied.", stacklevel=3)
-
-    peft_alpha = _PeftAlpha.from_metadata(metadata)
-    layers: dict[str, list[LoraPart]] = {}
-    seen: dict[tuple[str, int | None], str] = {}
-    styles = set()
-    for stem, target in targets.items():
-        roles = pairs[stem]
-        missing = [r for r in ("down", "up") if r not in roles]
-        if missing:
-            raise LoraError(
-                f"{name}: {stem} has no {missing[0]} weight (its lora_A/lora_down and lora_B/lora_up must come "
-                "in pairs); the file is incomplete. Download it again."
-            )
-        down, up = get(roles["down"]), get(roles["up"])
-        if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
-            raise LoraError(
-                f"{name}: {stem} has down {list(down.shape)} and up {list(up.shape)}; a linear LoRA needs "
-                "down [rank, in] and up [out, rank] (a convolutional LoRA is for another kind of model)."
-            )
-        rank = down.shape[0]
-        if "alpha" in roles:
-            scale = float(get(roles["alpha"]).float().reshape(-1)[0]) / rank
-        else:
-            scale = peft_alpha.scale(stem, rank)
-        up = up.float() * scale if scale != 1.0 else up.float()
-        if target.swap_halves:
-            if up.shape[0] % 2:
-                raise LoraError(f"{name}: {stem} should have an even number of rows (scale and shift), "
-                                f"has {up.shape[0]}.")
-            scale_rows, shift_rows = up.chunk(2, dim=0)
-            up = torch.cat((shift_rows, scale_rows), dim=0)
-        slot = (target.layer, target.part)
-        if slot in seen:
-            raise LoraError(f"{name}: {seen[slot]} and {stem} both target {target.layer}"
-                            f"{'' if target.part is None else f' (part {target.part})'}; the file mixes two copies "
-                            "of one LoRA. Keep one of them.")
-        seen[slot] = stem
-        styles.add(target.style)
-        layers.setdefault(target.layer, []).append(LoraPart(down.float().contiguous(), up.contiguous(),
-                                                            target.part, stem))
-    for layer, parts in layers.items():
-        whole = [p for p in parts if p.part is None]
-        if whole and len(parts) > 1:
-            other = next(p for p in parts if p is not whole[0])
-            raise LoraError(f"{name}: {whole[0].key} and {other.key} both target {layer}; the file mixes the "
-                            "fused and the split form of one layer. Keep one of them.")
-    style = styles.pop() if len(styles) == 1 else "mixed"
-    return LoraWeights(layers, name, style, skipped)
-
-
-@dataclass
-class _PeftAlpha:
-    """peft's `lora_alpha` (and `alpha_pattern`, `use_rslora`) from diffusers' `lora_adapter_metadata`."""
-
-    alpha: float | None = None
-    pattern: dict[str, float] = field(default_factory=dict)
-    rslora: bool = False
-
-    @classmethod
-    def from_metadata(cls, metadata: Mapping[str, str]) -> "_PeftAlpha":
-        raw = metadata.get("lora_adapter_metadata")
-        if not raw:
-            return cls()
-        try:
-            config = json.loads(raw)
-        except json.JSONDecodeError:
-            return cls()
-        # A pipeline's save prefixes each entry with the component ("transformer.lora_alpha").
-        if any(k.startswith("transformer.") for k in config):
-            config = {k[len("transformer."):]: v for k, v in config.items() if k.startswith("transformer.")}
-        alpha = config.get("lora_alpha")
-        return cls(float(alpha) if alpha is not None else None,
-                   {k: float(v) for k, v in (config.get("alpha_pattern") or {}).items()},
-                   bool(config.get("use_rslora", False)))
-
-    def scale(self, stem: str, rank: int) -> float:
-        alpha = self.alpha
-        module = stem.removeprefix("transformer.")
-        for pattern, value in self.pattern.items():
-            if module == pattern or re.match(rf"(.*\.)?({pattern})$", module):
-                alpha = value
-                break
-        if alpha is None:
-            return 1.0
-        return alpha / (math.sqrt(rank) if self.rslora else rank)
-
-
 # --- applying --------------------------------------------------------------------------------------
 
 
@@ -409,39 +81,73 @@ class _Span:
     up: torch.Tensor
 
 
+@dataclass(eq=False)
+class _Change:
+    """A `TensorChange` resolved against one model: rows [start, stop) of the module's parameter `param`."""
+
+    param: str
+    start: int
+    stop: int
+    kind: str  # add | set
+    value: torch.Tensor  # float32, on the parameter's device
+
+
 @lru_cache(maxsize=8)
 def _fused_splits(config: TransformerConfig) -> dict[str, tuple[int, ...]]:
     return {link.ours.removesuffix(".weight"): link.split for link in transformer_links(config)
             if link.kind == "concat" and link.ours.endswith(".weight")}
 
 
+def _linear(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        return None
+    return module if isinstance(module, (nn.Linear, QuantizedLinear)) else None
+
+
+def _refuse_wider_input(lora: LoraWeights, layer_name: str, module: nn.Module, in_features: int) -> None:
+    """A FLUX.1 Canny / Depth control LoRA widens img_in for the control image's latent: say why it cannot apply."""
+    if layer_name == "img_in" and in_features > module.in_features:
+        raise LoraError(
+            f"{lora.name} widens img_in from {module.in_features} to {in_features} input channels: it is a FLUX.1 "
+            "Canny / Depth control LoRA, made for a model that reads a control image's latent beside the image's, "
+            "channel by channel. FLUX.1 Kontext takes its reference images as context tokens and has no such "
+            "input. Use this LoRA with FLUX.1 [dev] in a control workflow, or a Kontext LoRA here."
+        )
+
+
 def _resolve(model: nn.Module, lora: LoraWeights, dtype_for: Callable[[nn.Module], torch.dtype],
-             on_layer_devices: bool) -> dict[str, list[_Span]]:
-    """Check every target against the model; the parts in `dtype_for` their layer, on its device or left where
-    they are (on-the-fly ones: `_stack_factors` puts the stacked factors where the model computes)."""
+             on_layer_devices: bool) -> tuple[dict[str, list[_Span]], dict[str, list[_Change]]]:
+    """Check every target against the model. The parts in `dtype_for` their layer, on its device or left where
+    they are (on-the-fly ones: `_stack_factors` puts the stacked factors where the model computes); the changes
+    in float32 on their parameter's device, by module."""
     splits = _fused_splits(model.config)
     missing, mismatched = [], []
+
+    def rows(layer_name: str, part: int | None, total: int) -> tuple[int, int] | None:
+        if part is None:
+            return 0, total
+        split = splits.get(layer_name, ())
+        if part >= len(split):
+            return None
+        start = sum(split[:part])
+        return start, start + split[part]
+
     resolved: dict[str, list[_Span]] = {}
     for layer_name, parts in lora.layers.items():
-        try:
-            module = model.get_submodule(layer_name)
-        except AttributeError:
-            missing.append(layer_name)
-            continue
-        if not isinstance(module, (nn.Linear, QuantizedLinear)):
+        module = _linear(model, layer_name)
+        if module is None:
             missing.append(layer_name)
             continue
         spans = []
         for part in parts:
-            if part.part is None:
-                start, stop = 0, module.out_features
-            else:
-                split = splits.get(layer_name, ())
-                if part.part >= len(split):
-                    missing.append(f"{layer_name} (part {part.part})")
-                    continue
-                start = sum(split[:part.part])
-                stop = start + split[part.part]
+            _refuse_wider_input(lora, layer_name, module, part.down.shape[1])
+            found = rows(layer_name, part.part, module.out_features)
+            if found is None:
+                missing.append(f"{layer_name} (part {part.part})")
+                continue
+            start, stop = found
             if part.down.shape[1] != module.in_features or part.up.shape[0] != stop - start:
                 mismatched.append(f"{part.key}: LoRA {part.up.shape[0]}x{part.down.shape[1]}, layer {layer_name} "
                                   f"rows {start}:{stop} of {module.out_features}x{module.in_features}")
@@ -449,6 +155,43 @@ def _resolve(model: nn.Module, lora: LoraWeights, dtype_for: Callable[[nn.Module
             device, dtype = module.weight.device if on_layer_devices else part.down.device, dtype_for(module)
             spans.append(_Span(start, stop, part.down.to(device, dtype), part.up.to(device, dtype)))
         resolved[layer_name] = spans
+
+    for layer_name, shape in lora.shapes.items():
+        module = _linear(model, layer_name)
+        if module is None:
+            missing.append(layer_name)
+            continue
+        if len(shape) == 2:
+            _refuse_wider_input(lora, layer_name, module, shape[1])
+        if tuple(shape) != (module.out_features, module.in_features):
+            mismatched.append(f"{layer_name}: the LoRA reshapes it to {list(shape)}, the layer is "
+                              f"{module.out_features}x{module.in_features}")
+
+    changes: dict[str, list[_Change]] = {}
+    for parameter, entries in lora.changes.items():
+        module_name, _, param = parameter.rpartition(".")
+        try:
+            tensor = getattr(model.get_submodule(module_name), param)
+        except AttributeError:
+            tensor = None
+        if not isinstance(tensor, torch.Tensor):
+            missing.append(parameter)
+            continue
+        for entry in entries:
+            if module_name == "img_in" and param == "weight" and entry.value.ndim == 2:
+                _refuse_wider_input(lora, module_name, model.get_submodule(module_name), entry.value.shape[1])
+            found = rows(module_name, entry.part, tensor.shape[0])
+            if found is None:
+                missing.append(f"{parameter} (part {entry.part})")
+                continue
+            start, stop = found
+            if tuple(entry.value.shape) != (stop - start, *tensor.shape[1:]):
+                mismatched.append(f"{entry.key}: {list(entry.value.shape)}, {parameter} rows {start}:{stop} "
+                                  f"of {list(tensor.shape)}")
+                continue
+            changes.setdefault(module_name, []).append(
+                _Change(param, start, stop, entry.kind, entry.value.to(tensor.device, torch.float32)))
+
     if missing:
         raise LoraError(
             f"{lora.name} targets {len(missing)} layers this model does not have (first: {', '.join(missing[:3])}); "
@@ -461,19 +204,31 @@ def _resolve(model: nn.Module, lora: LoraWeights, dtype_for: Callable[[nn.Module
             f"(first: {'; '.join(mismatched[:2])}). "
             f"The model's hidden size is {model.config.hidden_size}; the LoRA was made for another model."
         )
-    return resolved
+    return resolved, changes
 
 
 def _accumulate_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
 
 
-def _merge_into(module: nn.Module, spans: list[_Span], strength: float) -> None:
-    """weight[rows] += strength * up @ down, rounded once to the weight's storage."""
+def _apply_change(rows: torch.Tensor, change: _Change, values: torch.Tensor, strength: float) -> None:
+    """rows (in the accumulation dtype) += strength * values, or moved that fraction of the way to them."""
+    values = values.to(rows.dtype)
+    if change.kind == "set":
+        rows += strength * (values - rows)
+    else:
+        rows += strength * values
+
+
+def _merge_into(module: nn.Module, spans: list[_Span], dense: list[_Change], strength: float) -> None:
+    """weight[rows] += strength * up @ down for each span, and each full change of the weight, rounded once to
+    the weight's storage."""
     if isinstance(module, QuantizedLinear):
         weight = module.dequantized_weight(torch.float32)
         for span in spans:
             weight[span.start:span.stop] += strength * (span.up.float() @ span.down.float())
+        for change in dense:
+            _apply_change(weight[change.start:change.stop], change, change.value, strength)
         quantized, scale = quantize_weight(weight, module.weight.dtype, per_row=module.weight_scale.ndim == 1)
         module.weight.copy_(quantized)
         module.weight_scale.copy_(scale)
@@ -481,13 +236,35 @@ def _merge_into(module: nn.Module, spans: list[_Span], strength: float) -> None:
     weight = module.weight
     compute = _accumulate_dtype(weight.device)
     rows_per_chunk = max(1, (1 << 22) // max(1, weight.shape[1]))  # bounds the float64 temporaries
-    for span in spans:
-        down = span.down.to(compute)
-        for first in range(span.start, span.stop, rows_per_chunk):
-            last = min(first + rows_per_chunk, span.stop)
-            delta = span.up[first - span.start:last - span.start].to(compute) @ down
-            rows = weight[first:last]
-            rows.copy_((rows.to(compute) + strength * delta).to(weight.dtype))
+    pieces = [*spans, *dense]
+    if not pieces:
+        return
+    downs = [span.down.to(compute) for span in spans]
+    for first in range(min(p.start for p in pieces), max(p.stop for p in pieces), rows_per_chunk):
+        last = min(first + rows_per_chunk, weight.shape[0])
+        rows = None
+        for span, down in zip(spans, downs):
+            low, high = max(first, span.start), min(last, span.stop)
+            if low < high:
+                rows = weight[first:last].to(compute) if rows is None else rows
+                rows[low - first:high - first] += strength * (
+                    span.up[low - span.start:high - span.start].to(compute) @ down)
+        for change in dense:
+            low, high = max(first, change.start), min(last, change.stop)
+            if low < high:
+                rows = weight[first:last].to(compute) if rows is None else rows
+                _apply_change(rows[low - first:high - first], change,
+                              change.value[low - change.start:high - change.start], strength)
+        if rows is not None:
+            weight[first:last].copy_(rows.to(weight.dtype))
+
+
+def _change_parameter(tensor: torch.Tensor, changes: list[_Change], strength: float) -> None:
+    """A bias or a norm's scale changed, rounded once to its dtype."""
+    values = tensor.detach().to(_accumulate_dtype(tensor.device))
+    for change in changes:
+        _apply_change(values[change.start:change.stop], change, change.value, strength)
+    tensor.detach().copy_(values.to(tensor.dtype))
 
 
 _STAGING_BYTES = 64 << 20
@@ -526,14 +303,30 @@ def _copy_to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 @dataclass
 class _MergedLayer:
-    """A layer's weights before any merge, and the handles merged into it, in order."""
+    """A module's parameters before any merge (those merges changed), and the handles merged into it, in order."""
 
-    weight: torch.Tensor
-    weight_scale: torch.Tensor | None
+    originals: dict[str, torch.Tensor]  # parameter name -> its copy
+    weight_scale: torch.Tensor | None = None  # a QuantizedLinear's, with its weight
     handles: list["LoraHandle"] = field(default_factory=list)
 
+    @property
+    def weight(self) -> torch.Tensor | None:
+        return self.originals.get("weight")
+
+    def keep(self, module: nn.Module, params: Iterable[str], backup_device: torch.device | None) -> None:
+        """Copy the parameters not kept yet: no merge has changed them so far."""
+        for param in params:
+            if param in self.originals:
+                continue
+            tensor = getattr(module, param).detach()
+            backup = backup_device or tensor.device
+            self.originals[param] = _copy_to(tensor, backup)
+            if param == "weight" and isinstance(module, QuantizedLinear):
+                self.weight_scale = module.weight_scale.detach().to(backup, copy=True)
+
     def restore(self, module: nn.Module) -> None:
-        _staged_copy(module.weight.detach(), self.weight)
+        for param, original in self.originals.items():
+            _staged_copy(getattr(module, param).detach(), original)
         if self.weight_scale is not None:
             module.weight_scale.copy_(self.weight_scale)
 
@@ -659,13 +452,14 @@ class LoraHandle:
     """
 
     def __init__(self, model: nn.Module, lora: LoraWeights, spans: dict[str, list[_Span]],
-                 strength: float, mode: str, backup_device: torch.device | None):
+                 changes: dict[str, list[_Change]], strength: float, mode: str, backup_device: torch.device | None):
         # Weak: the registries below must not keep a deleted model (or its layers) alive.
         self.model_ref = weakref.ref(model)
         self.lora = lora
         self.mode = mode
         self._strength = strength
         self._spans = spans
+        self._changes = changes
         self._backup_device = backup_device
         self.active = False
 
@@ -683,6 +477,26 @@ class LoraHandle:
     def __exit__(self, *exc) -> None:
         self.remove()
 
+    def _merged_names(self) -> list[str]:
+        """The modules this handle changes the parameters of: its layers when merged, and those of its changes
+        (written into the parameters in either mode)."""
+        return list(dict.fromkeys([*(self._spans if self.mode == "merge" else ()), *self._changes]))
+
+    def _merge(self, module: nn.Module, name: str) -> None:
+        """Add this handle's updates of one module into its parameters."""
+        spans = self._spans.get(name, []) if self.mode == "merge" else []
+        linear = isinstance(module, (nn.Linear, QuantizedLinear))
+        changes = self._changes.get(name, [])
+        dense = [c for c in changes if linear and c.param == "weight"]
+        if spans or dense:
+            _merge_into(module, spans, dense, self._strength)
+        others: dict[str, list[_Change]] = {}
+        for change in changes:
+            if not (linear and change.param == "weight"):
+                others.setdefault(change.param, []).append(change)
+        for param, entries in others.items():
+            _change_parameter(getattr(module, param), entries, self._strength)
+
     @torch.no_grad()
     def _attach(self) -> None:
         model = self.model_ref()
@@ -691,30 +505,30 @@ class LoraHandle:
                 module = model.get_submodule(name)
                 _ON_THE_FLY.setdefault(module, []).append(self)
                 _stack_factors(module, name, model)
-        else:
-            for name, spans in self._spans.items():
-                module = model.get_submodule(name)
-                record = _MERGED.get(module)
-                if record is None:
-                    backup = self._backup_device or module.weight.device
-                    scale = (module.weight_scale.detach().to(backup, copy=True)
-                             if isinstance(module, QuantizedLinear) else None)
-                    record = _MERGED[module] = _MergedLayer(_copy_to(module.weight.detach(), backup), scale)
-                record.handles.append(self)
-                _merge_into(module, spans, self._strength)
-                _refresh_columns(module, name, model)
+        for name in self._merged_names():
+            module = model.get_submodule(name)
+            params = {change.param for change in self._changes.get(name, [])}
+            if self.mode == "merge" and name in self._spans:
+                params.add("weight")
+            record = _MERGED.get(module)
+            if record is None:
+                record = _MERGED[module] = _MergedLayer({})
+            record.keep(module, sorted(params), self._backup_device)
+            record.handles.append(self)
+            self._merge(module, name)
+            _refresh_columns(module, name, model)
         self.active = True
         _HANDLES.setdefault(model, []).append(self)
 
     @torch.no_grad()
     def _rebuild(self, model: nn.Module) -> None:
-        """Restore each touched layer's original weights and re-merge the handles still on it, in order."""
-        for name in self._spans:
+        """Restore each module's original parameters and re-merge the handles still on it, in order."""
+        for name in self._merged_names():
             module = model.get_submodule(name)
             record = _MERGED[module]
             record.restore(module)
             for handle in record.handles:
-                _merge_into(module, handle._spans[name], handle._strength)
+                handle._merge(module, name)
             _refresh_columns(module, name, model)
             if not record.handles:
                 del _MERGED[module]
@@ -728,12 +542,12 @@ class LoraHandle:
         model = self.model_ref()
         if model is None:
             return
-        if self.mode == "merge":
-            self._rebuild(model)
-        else:
+        if self.mode == "on_the_fly":
             with torch.no_grad():
                 for name in self._spans:
                     _stack_factors(model.get_submodule(name), name, model)
+        if self._merged_names():
+            self._rebuild(model)
 
     def remove(self) -> None:
         """Take this LoRA off the model; removing every LoRA restores the original weights exactly."""
@@ -749,9 +563,10 @@ class LoraHandle:
                     _stack_factors(module, name, model)
                     if not _ON_THE_FLY[module]:
                         del _ON_THE_FLY[module]
-        else:
-            for name in self._spans:
-                _MERGED[model.get_submodule(name)].handles.remove(self)
+        merged = self._merged_names()
+        for name in merged:
+            _MERGED[model.get_submodule(name)].handles.remove(self)
+        if merged:
             self._rebuild(model)
         self.active = False
         if self in _HANDLES.get(model, []):
@@ -784,6 +599,8 @@ def apply_lora(model: nn.Module, lora: LoraWeights | str | os.PathLike, strength
         free; two thin GEMMs per layer, ~13% of a step for a rank-32 LoRA on every layer, ~7% on fp8 layers
         where it joins the layer's fp8 GEMM as extra columns); "auto"
         (`preferred_mode`) merges, except into 8-bit weights.
+    A LoRA's changes that are not low-rank (bias deltas, `.diff` differences, a control LoRA's norm scales) are
+    written into their parameters in either mode, and restored on removal.
     Several LoRAs stack in any mode. Apply after moving the model to its device and dtype.
     """
     if mode not in MODES:
@@ -801,8 +618,8 @@ def apply_lora(model: nn.Module, lora: LoraWeights | str | os.PathLike, strength
             return torch.float32  # merged in float64 anyway; float32 keeps the LoRA's precision
         return module.compute_dtype if isinstance(module, QuantizedLinear) else module.weight.dtype
 
-    spans = _resolve(model, lora, dtype_for, on_layer_devices=mode == "merge")
-    handle = LoraHandle(model, lora, spans, strength, mode,
+    spans, changes = _resolve(model, lora, dtype_for, on_layer_devices=mode == "merge")
+    handle = LoraHandle(model, lora, spans, changes, strength, mode,
                         torch.device(backup_device) if backup_device is not None else None)
     handle._attach()
     return handle

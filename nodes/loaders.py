@@ -156,9 +156,10 @@ class KontextLoRA(KontextNode):
     def spec(cls):
         return node_spec(
             "KontextLoRA", "Kontext LoRA",
-            "Adds a LoRA (BFL/ComfyUI, diffusers or kohya format) to a Kontext model. Merged into bf16/fp16 "
-            "weights when a run first uses it and kept until a run asks for other LoRAs, so steps run at full "
-            "speed (compiled blocks stay compiled). On fp8 or int8 weights it is added on the fly instead (8 bits "
+            "Adds a FLUX LoRA (BFL/ComfyUI, kohya, diffusers/peft/ai-toolkit, fal, XLabs) to a Kontext model. "
+            "Merged into bf16/fp16 weights when a run first uses it and kept until a run asks for other LoRAs, so "
+            "steps run at full speed (compiled blocks stay compiled). On fp8 or int8 weights it is added on the fly "
+            "instead (8 bits "
             "would round a LoRA's small changes away): on fp8 as extra columns of each layer's own fp8 matrix "
             "product, ~7% a step, elsewhere as two thin products per layer, ~15%; with compile "
             "on, the first run with such a LoRA (or one of a much larger rank) compiles the blocks again. Chain "
