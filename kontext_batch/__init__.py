@@ -9,6 +9,7 @@ downloads the outputs and records every finished job in a JSONL manifest so that
   manifest.py  the JSONL manifest: what finished, what failed, what was queued
   client.py    ComfyUI's HTTP and websocket API
   runner.py    the loop: queue, follow, retry, download, interrupt
+  progress.py  the bars on stderr
   cli.py       the `kontext-batch` command
 """
 

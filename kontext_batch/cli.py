@@ -12,7 +12,8 @@ from .client import ComfyClient, server_url
 from .errors import BatchError
 from .jobs import NAMED_FIELDS, load_jobs, read_turns_file
 from .manifest import Manifest
-from .runner import BarProgress, BatchRunner
+from .progress import BarProgress
+from .runner import BatchRunner
 from .workflow import FIELDS, FieldMap, load_workflow
 
 EPILOG = """examples:
