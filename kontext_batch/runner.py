@@ -136,6 +136,7 @@ class BatchRunner:
         self._names = _output_names(jobs)
         self._interrupting = False
         self._started = False
+        self._first_reader = -1
         for job in jobs:  # every job's values are checked before anything is queued
             self.values(job, 0, image_name=None, check=True)
 
@@ -336,7 +337,7 @@ class BatchRunner:
             self._show_state(server)
             return
         server.orphans.clear()
-        came_back = server.checked
+        came_back, late = server.checked, server.down_reason != "not asked yet"
         server.checked = True
         problem = client.connect_events()
         server.had_events = client.has_events
@@ -345,8 +346,8 @@ class BatchRunner:
             self.progress.message(f"no websocket to ComfyUI at {server.label} ({problem}); following its jobs by "
                                   "polling its history, without step progress")
         self.pool.mark_up(server)
-        if came_back:
-            self.progress.message(f"{server.label} answers again; it takes jobs again")
+        if late:
+            self.progress.message(f"{server.label} answers {'again' if came_back else 'now'}; it takes jobs")
         self._show_state(server)
 
     @contextmanager
@@ -429,16 +430,17 @@ class BatchRunner:
                                            queued_at=time.monotonic(), upload_s=time.monotonic() - started)
 
     def _read_events(self) -> None:
-        for server in self.pool.usable:
-            if server.had_events and not server.client.has_events:
-                server.had_events = False
-                server.last_poll = 0.0  # its socket closed: ask now whether the server is still there
         listening = [s for s in self.pool.usable if s.client.has_events]
         if not listening:
             time.sleep(0.2)
             return
+        # Each read starts at the next server: returning early to refill the queues must not leave the last ones
+        # unread.
+        self._first_reader = (self._first_reader + 1) % len(listening)
+        listening = listening[self._first_reader:] + listening[:self._first_reader]
         wait = 0.5 / len(listening)
         for server in listening:
+            refill = False
             with self._answering(server):
                 for _ in range(EVENTS_PER_READ):  # what has arrived, bounded: one busy server cannot starve the rest
                     event = server.client.next_event(timeout=wait)
@@ -446,7 +448,14 @@ class BatchRunner:
                         break
                     self._on_event(server, event)
                     if self.ready and self.pool.with_room() is not None:
-                        return  # a turn finished: refill the queues before reading on
+                        refill = True  # a turn finished: refill the queues before reading on
+                        break
+                if server.up and not server.client.has_events:
+                    # Its socket closed: ask now whether the server is still there (and still has our prompts).
+                    server.had_events = False
+                    self._poll(server)
+            if refill:
+                return
 
     def _on_event(self, server: Server, event: dict) -> None:
         kind, data = event.get("type"), event.get("data") or {}
