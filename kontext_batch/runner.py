@@ -315,9 +315,9 @@ class BatchRunner:
         try:
             running, pending = client.queued_ids()
             if not server.checked:
-                client_info = client.object_info()
+                object_info = client.object_info()
                 try:
-                    self.fields.check_server(client_info)
+                    self.fields.check_server(object_info)
                 except BatchError as error:
                     if not self._started:  # a server that cannot run the batch is a mistake to fix first
                         raise BatchError(f"{server.label}: {error}") from None
@@ -333,7 +333,7 @@ class BatchRunner:
             self.pool.mark_down(server, error.reason)
             if first and len(self.pool) > 1:
                 self.progress.message(f"{server.label} does not answer ({error.reason}); going on with the others, "
-                                      f"asking it again in {self.pool.next_try_in():.0f} s")
+                                      f"asking it again in {server.retry_in:.0f} s")
             self._show_state(server)
             return
         server.orphans.clear()
@@ -367,9 +367,9 @@ class BatchRunner:
         for flight in reversed(flights):  # the same attempt: the server failed, not the job
             self.ready.appendleft((flight.job, flight.turn, flight.attempt))
         where = "the other servers" if len(self.pool) > 1 else "it"
+        waiting = f"; its {len(flights)} unfinished turn(s) wait for {where}" if flights else ""
         self.progress.message(f"{server.label} stopped answering ({reason}); asking it again in "
-                              f"{self.pool.next_try_in():.0f} s" + (f"; its {len(flights)} unfinished turn(s) "
-                                                                     f"wait for {where}" if flights else ""))
+                              f"{server.retry_in:.0f} s{waiting}")
         self._show_state(server)
 
     def _retire(self, server: Server, reason: str) -> None:

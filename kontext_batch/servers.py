@@ -41,6 +41,10 @@ class Server:
     def usable(self) -> bool:
         return self.up and self.retired is None
 
+    @property
+    def retry_in(self) -> float:
+        return max(0.0, self.retry_at - time.monotonic())
+
 
 class ServerPool:
     def __init__(self, clients: list, max_queued: int, first_backoff_s: float = 2.0, max_backoff_s: float = 60.0):
