@@ -12,6 +12,7 @@ class SilentProgress:
     def step(self, server: str, value: int, maximum: int) -> None: ...
     def server_status(self, server: str, text: str) -> None: ...
     def message(self, text: str) -> None: ...
+    def warning(self, text: str) -> None: ...
     def turn_finished(self, text: str, turns: int) -> None: ...
     def close(self) -> None: ...
 
@@ -66,6 +67,12 @@ class BarProgress(SilentProgress):
             from tqdm import tqdm
 
             tqdm.write(text, file=sys.stderr)
+
+    def warning(self, text: str) -> None:
+        """What changes the run (a server down or back), shown even with --quiet."""
+        from tqdm import tqdm
+
+        tqdm.write(f"kontext-batch: {text}", file=sys.stderr)
 
     def turn_finished(self, text: str, turns: int) -> None:
         self.message(text)

@@ -332,7 +332,7 @@ class BatchRunner:
             first = not server.checked and server.down_reason == "not asked yet"
             self.pool.mark_down(server, error.reason)
             if first and len(self.pool) > 1:
-                self.progress.message(f"{server.label} does not answer ({error.reason}); going on with the others, "
+                self.progress.warning(f"{server.label} does not answer ({error.reason}); going on with the others, "
                                       f"asking it again in {server.retry_in:.0f} s")
             self._show_state(server)
             return
@@ -343,11 +343,11 @@ class BatchRunner:
         server.had_events = client.has_events
         server.events_worked |= server.had_events
         if problem and not came_back:
-            self.progress.message(f"no websocket to ComfyUI at {server.label} ({problem}); following its jobs by "
+            self.progress.warning(f"no websocket to ComfyUI at {server.label} ({problem}); following its jobs by "
                                   "polling its history, without step progress")
         self.pool.mark_up(server)
         if late:
-            self.progress.message(f"{server.label} answers {'again' if came_back else 'now'}; it takes jobs")
+            self.progress.warning(f"{server.label} answers {'again' if came_back else 'now'}; it takes jobs")
         self._show_state(server)
 
     @contextmanager
@@ -368,7 +368,7 @@ class BatchRunner:
             self.ready.appendleft((flight.job, flight.turn, flight.attempt))
         where = "the other servers" if len(self.pool) > 1 else "it"
         waiting = f"; its {len(flights)} unfinished turn(s) wait for {where}" if flights else ""
-        self.progress.message(f"{server.label} stopped answering ({reason}); asking it again in "
+        self.progress.warning(f"{server.label} stopped answering ({reason}); asking it again in "
                               f"{server.retry_in:.0f} s{waiting}")
         self._show_state(server)
 
@@ -376,7 +376,7 @@ class BatchRunner:
         for flight in reversed(self.pool.retire(server, reason)):
             self.ready.appendleft((flight.job, flight.turn, flight.attempt))
         server.client.close()
-        self.progress.message(f"{server.label} takes no jobs of this batch: {reason}")
+        self.progress.warning(f"{server.label} takes no jobs of this batch: {reason}")
         self._show_state(server)
 
     def _show_state(self, server: Server) -> None:

@@ -15,6 +15,7 @@ from fake_comfy import FakeComfy, object_info_for, output_bytes
 from kontext_batch.errors import BatchError
 from kontext_batch.jobs import load_jobs
 from kontext_batch.manifest import Manifest
+from kontext_batch.progress import SilentProgress
 from kontext_batch.runner import BatchRunner, lasting_failure, unreadable_image
 from kontext_batch.workflow import FieldMap, load_workflow
 
@@ -324,7 +325,7 @@ def test_same_image_name_in_two_rows_gets_distinct_outputs(photos, tmp_path):
     assert len(names) == 2 and all(n.startswith("img0-") for n in names)
 
 
-class RecordingProgress:
+class RecordingProgress(SilentProgress):
     def __init__(self):
         self.calls = []
 

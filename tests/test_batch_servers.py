@@ -18,6 +18,7 @@ from kontext_batch.client import server_urls
 from kontext_batch.errors import BatchError
 from kontext_batch.jobs import load_jobs
 from kontext_batch.manifest import Manifest
+from kontext_batch.progress import SilentProgress
 from kontext_batch.runner import BatchRunner
 from kontext_batch.workflow import FieldMap, load_workflow
 
@@ -74,11 +75,11 @@ def assert_outputs(out, jobs, prompt):
         assert (out / f"{job.image.stem}.png").read_bytes() == output_bytes(job.image.read_bytes(), prompt), job.name
 
 
-class ServerLines:
-    """Progress that keeps which server each turn started on."""
+class ServerLines(SilentProgress):
+    """Progress that keeps which server each turn started on, and the warnings."""
 
     def __init__(self):
-        self.servers, self.started, self.states = [], [], []
+        self.servers, self.started, self.states, self.warnings = [], [], [], []
 
     def start(self, total, already, servers):
         self.servers = list(servers)
@@ -86,16 +87,11 @@ class ServerLines:
     def turn_started(self, server, label):
         self.started.append((server, label))
 
-    def step(self, server, value, maximum): ...
-
     def server_status(self, server, text):
         self.states.append((server, text))
 
-    def message(self, text): ...
-
-    def turn_finished(self, text, turns): ...
-
-    def close(self): ...
+    def warning(self, text):
+        self.warnings.append(text)
 
 
 @pytest.mark.parametrize("count", [2, 3])
@@ -280,11 +276,10 @@ def test_a_server_down_at_the_start_joins_once_it_answers(photos, tmp_path):
     gpu0, gpu1 = servers = fakes("gpu0", "gpu1")
     gpu1.kill()
     gpu0.on_event = lambda event: gpu1.revive() if event["type"] == "execution_success" else None
-    messages = []
     progress = ServerLines()
-    progress.message = messages.append
     summary = make_runner(servers, load_jobs([photos], prompts=["x"]), out, progress=progress).run()
     assert summary.done == 6 and gpu0.queued and gpu1.queued
+    messages = progress.warnings
     assert any(m.startswith("gpu1:8188 does not answer") for m in messages)
     assert "gpu1:8188 answers now; it takes jobs" in messages
 
@@ -303,11 +298,10 @@ def test_a_server_refusing_the_workflow_leaves_the_batch_to_the_others(photos, t
     gpu0.rejection = {"error": {"message": "Prompt outputs failed validation"},
                       "node_errors": {"2": {"class_type": "KontextModelLoader",
                                             "errors": [{"message": "Value not in list", "details": "model_name"}]}}}
-    messages = []
     progress = ServerLines()
-    progress.message = messages.append
     summary = make_runner(servers, load_jobs([photos], prompts=["x"]), out, progress=progress).run()
     assert summary.done == 6 and summary.failed == 0 and len(gpu1.queued) == 6
+    messages = progress.warnings
     assert any(m.startswith("gpu0:8188 takes no jobs of this batch: it rejected the workflow") for m in messages)
 
 
