@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         if common:
             jobs = [_with_overrides(job, common) for job in jobs]
         workflow = load_workflow(args.workflow)
+        if args.timeout <= 0:
+            raise BatchError(f"--timeout {args.timeout:g}: give the seconds a server may take to answer, above 0")
         clients = [ComfyClient(url, timeout=args.timeout) for url in server_urls(args.host, args.port, args.url)]
         object_info = _first_answer(clients)
         needed = {"prompt"}

@@ -75,10 +75,6 @@ class ServerPool:
     def all_down(self) -> bool:
         return not self.usable
 
-    @property
-    def all_retired(self) -> bool:
-        return all(s.retired is not None for s in self.servers)
-
     def with_room(self) -> Server | None:
         open_ = [s for s in self.usable if len(s.flights) < self.max_queued]
         return min(open_, key=lambda s: (len(s.flights), s.assigned), default=None)

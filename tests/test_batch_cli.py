@@ -63,6 +63,7 @@ def test_dry_run_prints_the_resolved_fields_and_queues_nothing(photos, tmp_path,
     assert code == 0 and server.queued == []
     assert "image     -> Load Image (node 5).image" in out and "prompt    -> Kontext Prompt (node 6).prompt" in out
     assert "steps     -> Kontext Edit (node 7).steps" in out and "outputs   <- Save Image (node 8)" in out
+    assert "server    http://fake:8188: answers, has the workflow's nodes" in out
 
 
 def test_full_run_through_the_command(photos, tmp_path, capsys, monkeypatch):

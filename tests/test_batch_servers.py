@@ -323,3 +323,16 @@ def test_hosts_and_ports_that_do_not_pair_are_refused():
         server_urls(["a", "b", "c"], [1, 2])
     with pytest.raises(BatchError, match="http://a:8188 is named twice"):
         server_urls(["a"], [], ["http://a:8188"])
+
+
+def test_dry_run_says_which_servers_answer(photos, tmp_path, capsys, monkeypatch):
+    gpu0, gpu1 = servers = fakes("gpu0", "gpu1")
+    gpu0.kill()
+    by_url = {server.base_url: server for server in servers}
+    monkeypatch.setattr(cli, "ComfyClient", lambda url, timeout: by_url[url])
+    code = cli.main([str(photos), "-o", str(tmp_path / "out"), "-p", "x", "--host", "gpu0", "--host", "gpu1",
+                     "--dry-run"])
+    out = capsys.readouterr().out
+    assert code == 0 and gpu1.queued == []
+    assert "server    http://gpu0:8188: does not answer ([Errno 111] Connection refused)" in out
+    assert "server    http://gpu1:8188: answers, has the workflow's nodes" in out
