@@ -418,8 +418,9 @@ class BatchRunner:
                 self._record_error(job, turn, attempt, None, f"ComfyUI rejected the job: {rejection}", server)
                 return
             if all(s.retired for s in self.pool if s is not server):
-                raise BatchError(f"ComfyUI rejected the workflow {self.workflow.source}: {rejection}. This is not a "
-                                 "problem of one job: fix the workflow (or the models it names) and run again") from None
+                raise BatchError(f"ComfyUI rejected the workflow {self.workflow.source}: {rejection}. This is not "
+                                 "a problem of one job: fix the workflow (or the models it names) and run "
+                                 "again") from None
             self.ready.appendleft((job, turn, attempt))
             self._retire(server, f"it rejected the workflow ({rejection}); its nodes or models may differ from "
                                  "the other servers'")
@@ -551,8 +552,9 @@ class BatchRunner:
         now = time.monotonic()
         run_s = now - (flight.started_at or flight.queued_at)
         self.manifest.append(
-            "done", key=flight.job.key, turn=flight.turn, turns=flight.job.turns, **self._describe(flight.job, flight.turn),
-            prompt_id=flight.prompt_id, attempt=flight.attempt, server=server.url, outputs=outputs,
+            "done", key=flight.job.key, turn=flight.turn, turns=flight.job.turns,
+            **self._describe(flight.job, flight.turn), prompt_id=flight.prompt_id, attempt=flight.attempt,
+            server=server.url, outputs=outputs,
             timings={"upload_s": round(flight.upload_s, 3),
                      "queue_wait_s": round((flight.started_at or flight.queued_at) - flight.queued_at, 3),
                      "run_s": round(run_s, 3), "download_s": round(now - started, 3),

@@ -1,7 +1,9 @@
 """kontext-batch against a real ComfyUI (tests/comfyui_server.py: ComfyUI 0.8 on the CPU with this pack and
 tiny random models; skipped, saying why, without it). The command runs as a user runs it, in a subprocess:
 a batch with a corrupt image, a re-run that does nothing, a run interrupted with Ctrl-C (SIGINT) that
-resumes, and a multi-turn batch whose every turn edits the previous turn's output."""
+resumes, and a multi-turn batch whose every turn edits the previous turn's output. Then one batch over two
+servers (comfyui_pair): both used, each job's image uploaded to the server that ran it, and one server killed
+mid-job leaving the batch to the other."""
 
 from __future__ import annotations
 
@@ -179,12 +181,12 @@ def test_batch_over_two_servers_uses_both_then_a_rerun_does_nothing(comfyui_pair
 
 
 def test_killing_one_server_mid_batch_finishes_the_batch_on_the_other(comfyui_pair, tmp_path):
-    photos = _images(tmp_path / "photos", 4, size=(64, 64), seed=5)
+    photos = _images(tmp_path / "photos", 4, seed=5)
     out = tmp_path / "out"
     survivor, victim = comfyui_pair
-    # One job queued per server and enough steps that the victim is caught running one.
-    args = (photos, "-o", out, "--prompt", "add a red hat", "--set", "Kontext Edit.resize=keep", "--set", "steps=8",
-            "--max-queued", 1, "--timeout", 20)
+    # One job queued per server: the victim is caught running its first (a CPU job lasts seconds, /queue is
+    # asked every 50 ms).
+    args = (photos, "-o", out, "--prompt", "add a red hat", *TINY, "--max-queued", 1, "--timeout", 20)
     process = subprocess.Popen(_command_over(comfyui_pair, *args), cwd=REPO, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     deadline = time.time() + RUN_SECONDS
