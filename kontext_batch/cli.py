@@ -1,5 +1,6 @@
 """`kontext-batch`: argument parsing, then the runner. Exit codes: 0 all done, 1 some jobs failed,
-2 bad input or an unreachable server (nothing queued), 130 interrupted (re-run the same command to resume)."""
+2 bad input, no server at the start (nothing queued) or none left answering (re-run the same command to
+resume), 130 interrupted (likewise)."""
 
 from __future__ import annotations
 
@@ -8,17 +9,20 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from .client import ComfyClient, server_url
-from .errors import BatchError
+from .client import ComfyClient, server_urls
+from .errors import BatchError, ServerUnreachable
 from .jobs import NAMED_FIELDS, load_jobs, read_turns_file
 from .manifest import Manifest
-from .runner import BarProgress, BatchRunner
+from .progress import BarProgress
+from .runner import BatchRunner
 from .workflow import FIELDS, FieldMap, load_workflow
 
 EPILOG = """examples:
   kontext-batch photos/ --prompt "make it a snowy night" -o out/
   kontext-batch jobs.csv -o out/ --workflow my_workflow_api.json --prompt-field "Positive" --seed-field 3.seed
   kontext-batch photos/ --turns turns.txt -o out/            (each line of turns.txt is one turn)
+  kontext-batch photos/ -p "..." -o out/ --url http://gpu0:8188 --url http://gpu1:8188   (two servers)
+  kontext-batch photos/ -p "..." -o out/ --port 8188 --port 8189                      (two on this machine)
 A re-run of the same command skips what out/manifest.jsonl records as done."""
 
 
@@ -36,10 +40,19 @@ def build_parser() -> argparse.ArgumentParser:
                             "edits the previous turn's output); fills CSV/JSONL rows without a prompt")
     turns.add_argument("--turns", type=Path, help="a text file of turns, one prompt per line (instead of --prompt)")
     turns.add_argument("--seed", type=int, help="seed for jobs without one (default: the workflow's)")
-    server = parser.add_argument_group("server (as comfy-cli names them)")
-    server.add_argument("--host", default="127.0.0.1")
-    server.add_argument("--port", type=int, default=8188)
-    server.add_argument("--url", help="the full address instead of --host/--port, e.g. http://gpu-box:8188")
+    server = parser.add_argument_group(
+        "servers (as comfy-cli names them; repeat them to spread the batch over several ComfyUI servers)")
+    server.add_argument("--host", action="append", default=[], help="ComfyUI's host (default 127.0.0.1)")
+    server.add_argument("--port", action="append", default=[], type=int,
+                        help="its port (default 8188): one --port applies to every --host; several pair with the "
+                             "--host in order, or with a single --host make one server per port")
+    server.add_argument("--url", action="append", default=[],
+                        help="a full address instead of --host/--port, e.g. http://gpu-box:8188")
+    server.add_argument("--timeout", type=float, default=60.0,
+                        help="seconds a server may take to answer before it counts as down (default 60)")
+    server.add_argument("--wait-for-servers", type=float, default=60.0, metavar="SECONDS",
+                        help="when no server answers, how long to wait for one to come back before stopping "
+                             "with exit code 2 (default 60); a re-run resumes")
     flow = parser.add_argument_group("workflow")
     flow.add_argument("-w", "--workflow", default="kontext_edit",
                       help="an API-format workflow file, or a pack workflow name (default kontext_edit)")
@@ -52,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="take images from this node only (default: every output node; saved images first)")
     run = parser.add_argument_group("running")
     run.add_argument("--max-queued", type=int, default=2,
-                     help="jobs kept in ComfyUI's queue at once (default 2: one running, one waiting)")
+                     help="jobs kept in each server's queue at once (default 2: one running, one waiting)")
     run.add_argument("--retries", type=int, default=2,
                      help="retries of a failed job before it is recorded (default 2); failures a retry cannot "
                           "change (an unreadable image, a rejected value) get none")
@@ -64,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    client = None
+    clients = []
     try:
         prompts = list(args.prompt)
         if args.turns is not None:
@@ -76,30 +89,29 @@ def main(argv: list[str] | None = None) -> int:
         if common:
             jobs = [_with_overrides(job, common) for job in jobs]
         workflow = load_workflow(args.workflow)
-        client = ComfyClient(server_url(args.host, args.port, args.url))
+        if args.timeout <= 0:
+            raise BatchError(f"--timeout {args.timeout:g}: give the seconds a server may take to answer, above 0")
+        clients = [ComfyClient(url, timeout=args.timeout) for url in server_urls(args.host, args.port, args.url)]
+        object_info = _first_answer(clients)
         needed = {"prompt"}
         needed |= {"image"} if any(j.image is not None or j.turns > 1 for j in jobs) else set()
         needed |= {"seed"} if any(j.seed is not None for j in jobs) else set()
         needed |= {k for j in jobs for k, _ in j.overrides if k in NAMED_FIELDS}
         named = {f: getattr(args, f"{f}_field") or [] for f in FIELDS}
-        fields = FieldMap(workflow, client.object_info(), named, needed, args.output_node)
+        fields = FieldMap(workflow, object_info, named, needed, args.output_node)
         manifest = Manifest(args.output / "manifest.jsonl")
-        runner = BatchRunner(client, fields, jobs, manifest, args.output, max_queued=args.max_queued,
+        runner = BatchRunner(clients, fields, jobs, manifest, args.output, max_queued=args.max_queued,
                              retries=args.retries, retry_failed=args.retry_failed,
-                             progress=BarProgress(quiet=args.quiet))
+                             progress=BarProgress(quiet=args.quiet), wait_for_servers_s=args.wait_for_servers)
         if args.dry_run:
-            _print_plan(fields, jobs)
+            _print_plan(fields, jobs, clients)
             return 0
-        problem = client.connect_events()
-        if problem:
-            print(f"kontext-batch: no websocket to ComfyUI ({problem}); following jobs by polling its history, "
-                  "without step progress", file=sys.stderr)
         summary = runner.run()
     except BatchError as error:
         print(f"kontext-batch: error: {error}", file=sys.stderr)
         return 2
     finally:
-        if client is not None:
+        for client in clients:
             client.close()
     print(f"kontext-batch: {summary.done} turn(s) done, {summary.failed} job(s) failed, "
           f"{summary.skipped_done} already done, {summary.skipped_failed} failed before (--retry-failed reruns them), "
@@ -107,7 +119,25 @@ def main(argv: list[str] | None = None) -> int:
     if summary.interrupted:
         print("kontext-batch: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    if summary.stopped:
+        print(f"kontext-batch: error: {summary.stopped}", file=sys.stderr)
+        return 2
     return 1 if summary.failed else 0
+
+
+def _first_answer(clients) -> dict:
+    """The node definitions of the first server that answers; the runner checks each of the others against
+    the workflow when it first answers (a server down now may come up during the batch)."""
+    unreachable = []
+    for client in clients:
+        try:
+            return client.object_info()
+        except ServerUnreachable as error:
+            unreachable.append(error)
+    if len(unreachable) == 1:
+        raise unreachable[0]
+    raise BatchError("no ComfyUI server answers: " + "; ".join(f"{e.url} ({e.reason})" for e in unreachable)
+                     + ". Start ComfyUI on them, or name others with --url or --host/--port")
 
 
 def _parse_setting(text: str) -> tuple[str, object]:
@@ -122,12 +152,21 @@ def _with_overrides(job, settings):
     return replace(job, overrides=tuple(s for s in settings if s[0] not in given) + job.overrides)
 
 
-def _print_plan(fields: FieldMap, jobs) -> None:
+def _print_plan(fields: FieldMap, jobs, clients) -> None:
     workflow = fields.workflow
     for name, targets in fields.targets.items():
         if targets:
             print(f"{name:9s} -> {', '.join(workflow.describe(t) for t in targets)}")
     print(f"outputs   <- {', '.join(f'{workflow.title(n)} (node {n})' for n in fields.output_nodes)}")
+    for client in clients:
+        try:  # a server down or lacking nodes is said here, not fatal: the run would go on with the others
+            fields.check_server(client.object_info())
+            verdict = "answers, has the workflow's nodes"
+        except ServerUnreachable as error:
+            verdict = f"does not answer ({error.reason})"
+        except BatchError as error:
+            verdict = f"cannot run the batch: {error}"
+        print(f"server    {client.base_url}: {verdict}")
     print(f"{len(jobs)} job(s), {sum(j.turns for j in jobs)} turn(s); checked, nothing queued (--dry-run)")
 
 

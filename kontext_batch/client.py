@@ -7,6 +7,7 @@ success, error, interrupted) to the client id that queued it, so the socket is o
 
 from __future__ import annotations
 
+import http.client
 import json
 import mimetypes
 import socket
@@ -16,7 +17,7 @@ import urllib.request
 import uuid
 from typing import Any
 
-from .errors import BatchError
+from .errors import BatchError, ServerUnreachable
 
 
 class QueueRejected(Exception):
@@ -37,11 +38,36 @@ class QueueRejected(Exception):
         return set((self.answer.get("node_errors") or {}).keys())
 
 
-def server_url(host: str = "127.0.0.1", port: int = 8188, url: str | None = None) -> str:
-    if url:
-        url = url if "://" in url else f"http://{url}"
-        return url.rstrip("/")
-    return f"http://{host}:{port}"
+def server_urls(hosts: list[str] = (), ports: list[int] = (), urls: list[str] = ()) -> list[str]:
+    """The servers a command line names: every --url, then every --host with its --port.
+
+    One --port (or none: 8188) applies to every host; several pair with the hosts in order, or, with a single
+    host (or none: 127.0.0.1), each is a server on that host (one ComfyUI per GPU of one machine). --host/--port
+    add servers to the --url ones only when given.
+    """
+    addresses = [(url if "://" in url else f"http://{url}").rstrip("/") for url in urls]
+    if hosts or ports or not urls:
+        hosts, ports = list(hosts) or ["127.0.0.1"], list(ports) or [8188]
+        if len(ports) == 1:
+            pairs = [(host, ports[0]) for host in hosts]
+        elif len(hosts) == 1:
+            pairs = [(hosts[0], port) for port in ports]
+        elif len(hosts) == len(ports):
+            pairs = list(zip(hosts, ports))
+        else:
+            raise BatchError(f"{len(hosts)} --host and {len(ports)} --port do not pair up: give one --port for every "
+                             "host, one --port per --host in the same order, or several --port for one --host")
+        addresses += [f"http://{host}:{port}" for host, port in pairs]
+    twice = sorted({a for a in addresses if addresses.count(a) > 1})
+    if twice:
+        raise BatchError(f"{', '.join(twice)} is named twice; name each server once")
+    return addresses
+
+
+def server_label(url: str) -> str:
+    """The short name progress lines and messages use: host:port (and a path, behind a proxy)."""
+    parts = urllib.parse.urlsplit(url)
+    return parts.netloc + parts.path.rstrip("/")
 
 
 class ComfyClient:
@@ -60,12 +86,12 @@ class ComfyClient:
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
                 return response.read()
-        except urllib.error.HTTPError:
+        except urllib.error.HTTPError as error:
+            if error.code in (502, 503, 504):  # a proxy in front of a ComfyUI that is gone
+                raise ServerUnreachable(self.base_url, f"HTTP {error.code} {error.reason}") from None
             raise
-        except (urllib.error.URLError, ConnectionError, socket.timeout, OSError) as error:
-            reason = getattr(error, "reason", error)
-            raise BatchError(f"cannot reach ComfyUI at {self.base_url} ({reason}). Start ComfyUI (python main.py, "
-                             "or comfy launch), or give its address with --host/--port or --url") from None
+        except (urllib.error.URLError, ConnectionError, socket.timeout, OSError, http.client.HTTPException) as error:
+            raise ServerUnreachable(self.base_url, getattr(error, "reason", None) or error) from None
 
     def _json(self, path: str, payload: Any = None) -> Any:
         return json.loads(self._call(path, payload) or b"null")

@@ -1,10 +1,11 @@
 """The batch's JSONL manifest: one line per event, appended and synced as it happens.
 
-Events: `queued` (a turn went to ComfyUI, with its prompt id), `done` (its outputs are on disk) and
-`error` (it failed for good, with ComfyUI's error text). A re-run reads the manifest and skips turns that
-are done; a turn that was queued but never finished is looked up in ComfyUI's history by its prompt id,
-so work ComfyUI finished after we stopped listening is collected instead of redone. Appending one synced
-line per event means a crash loses at most the line being written, which is ignored on reading.
+Events: `queued` (a turn went to ComfyUI, with its prompt id and the server's address), `done` (its outputs
+are on disk; the server that ran it) and `error` (it failed for good, with ComfyUI's error text). A re-run
+reads the manifest and skips turns that are done; a turn that was queued but never finished is looked up by
+its prompt id in the history of the server it went to, so work ComfyUI finished after we stopped listening
+is collected instead of redone. Appending one synced line per event means a crash loses at most the line
+being written, which is ignored on reading.
 """
 
 from __future__ import annotations
@@ -71,10 +72,14 @@ class Manifest:
         record = self.last(key, turn)
         return record if record and record["event"] == "error" else None
 
-    def unfinished_prompt(self, key: str, turn: int) -> str | None:
-        """The prompt id of a turn that was queued and never recorded as done or failed."""
+    def unfinished(self, key: str, turn: int) -> dict | None:
+        """The `queued` record of a turn that was queued and never recorded as done or failed."""
         record = self.last(key, turn)
-        return record["prompt_id"] if record and record["event"] == "queued" else None
+        return record if record and record["event"] == "queued" else None
+
+    def unfinished_prompt(self, key: str, turn: int) -> str | None:
+        record = self.unfinished(key, turn)
+        return record["prompt_id"] if record else None
 
     def next_turn(self, key: str, turns: int) -> int:
         """The first turn of a job that is not done (== turns when the job is complete)."""

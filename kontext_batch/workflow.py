@@ -169,6 +169,7 @@ class FieldMap:
                  needed: set[str], output_specs: list[str] = ()):
         self.workflow = workflow
         self.object_info = object_info
+        self._resolution = (named, needed, list(output_specs))
         check_node_types(workflow, object_info)
         self.targets: dict[str, list[Target]] = {}
         for field in FIELDS:
@@ -192,6 +193,11 @@ class FieldMap:
         if not self.output_nodes:
             raise BatchError(f"{workflow.source} has no output node (Save Image, Preview Image): nothing would "
                              "come back; add a Save Image node")
+
+    def check_server(self, object_info: Mapping) -> None:
+        """Raises BatchError when another server, with these node definitions, could not take the same fields
+        (a batch over several servers fills every server's workflow as resolved against the first)."""
+        FieldMap(self.workflow, object_info, *self._resolution)
 
     def _output_node(self, spec: str) -> str:
         node_id = self.workflow.find_node(spec)

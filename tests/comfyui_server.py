@@ -63,16 +63,19 @@ def request_json(url: str, payload: dict | None = None) -> dict:
         return json.loads(error.read() or b"{}") | {"http_status": error.code}
 
 
-@pytest.fixture(scope="session")
-def comfyui(tmp_path_factory):
+def _require_comfyui() -> None:
     if not (COMFYUI / "main.py").exists():
         pytest.skip(f"needs ComfyUI's source at {COMFYUI} (set COMFYUI_PATH)")
     if not PYTHON.exists():
         pytest.skip(f"needs ComfyUI's own environment at {PYTHON}: python3 -m venv {COMFYUI}/.venv, then pip install "
                     "torch torchvision, ComfyUI's requirements.txt and this pack's requirements.txt into it")
+
+
+def prepare_base(base: Path, comfy_vae: bool = True) -> None:
+    """A ComfyUI base directory: this pack in custom_nodes, tiny random models under the real file names, an
+    input image. `comfy_vae`: also a full-size (random) FLUX AE, the only kind ComfyUI's own Load VAE reads."""
     from conftest import random_block_lora_file, randomize_
 
-    base = tmp_path_factory.mktemp("comfyui")
     (base / "custom_nodes").mkdir()
     (base / "custom_nodes" / "comfyui-kontext").symlink_to(REPO, target_is_directory=True)
     models = base / "models"
@@ -83,10 +86,10 @@ def comfyui(tmp_path_factory):
     save_transformer(transformer, models / "diffusion_models" / "flux1-kontext-dev.safetensors")
     save_file(random_block_lora_file(transformer, seed=3), str(models / "loras" / "kontext_lora.safetensors"))
     save_autoencoder(randomize_(Autoencoder(AutoencoderConfig.tiny()), 2), models / "vae" / "ae.safetensors")
-    # A full-size (random) FLUX AE, the only kind ComfyUI's own Load VAE reads.
-    full_ae = randomize_(Autoencoder(AutoencoderConfig()), 5).to(torch.bfloat16)
-    save_autoencoder(full_ae, models / "vae" / "flux_ae_full.safetensors")
-    del full_ae
+    if comfy_vae:
+        full_ae = randomize_(Autoencoder(AutoencoderConfig()), 5).to(torch.bfloat16)
+        save_autoencoder(full_ae, models / "vae" / "flux_ae_full.safetensors")
+        del full_ae
     tiny_text_encoder_files(models / "text_encoders", config)
     (base / "input").mkdir()
     rng = np.random.default_rng(0)
@@ -98,33 +101,88 @@ def comfyui(tmp_path_factory):
     masked[6:16, 22:34, 3] = 0
     Image.fromarray(masked, "RGBA").save(base / "input" / "example_masked.png")
 
-    port = free_port()
-    log = open(base / "comfyui.log", "w")
-    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"}  # the log is read as it grows
-    process = subprocess.Popen(
-        [str(PYTHON), str(COMFYUI / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-         "--base-directory", str(base), "--disable-auto-launch", "--database-url", "sqlite:///:memory:",
-         "--preview-method", "latent2rgb"],
-        cwd=base, stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
+
+def share_models(base: Path, models_from: Path) -> None:
+    """A second base directory with the first one's pack and models, and input and output folders of its own."""
+    (base / "custom_nodes").mkdir()
+    (base / "custom_nodes" / "comfyui-kontext").symlink_to(REPO, target_is_directory=True)
+    (base / "models").symlink_to(models_from / "models", target_is_directory=True)
+    (base / "input").mkdir()
+
+
+class Server:
+    """One ComfyUI process on loopback with `base` as its base directory, logging to base/comfyui.log."""
+
+    def __init__(self, base: Path):
+        self.base = base
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = base / "comfyui.log"
+        self._log = open(self.log_path, "w")
+        env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"}  # the log is read as it grows
+        self.process = subprocess.Popen(
+            [str(PYTHON), str(COMFYUI / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+             "--base-directory", str(base), "--disable-auto-launch", "--database-url", "sqlite:///:memory:",
+             "--preview-method", "latent2rgb"],
+            cwd=base, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+
+    def wait_until_up(self) -> None:
         deadline = time.time() + STARTUP_SECONDS
         while True:
-            if process.poll() is not None:
-                pytest.fail(f"ComfyUI exited at start:\n{(base / 'comfyui.log').read_text()[-3000:]}")
+            if self.process.poll() is not None:
+                pytest.fail(f"ComfyUI exited at start:\n{self.log_path.read_text()[-3000:]}")
             try:
-                request_json(f"{url}/system_stats")
-                break
+                request_json(f"{self.url}/system_stats")
+                return
             except (urllib.error.URLError, ConnectionError, OSError):
                 if time.time() > deadline:
                     pytest.fail(f"ComfyUI did not answer in {STARTUP_SECONDS} s")
                 time.sleep(1)
-        yield {"url": url, "base": base, "object_info": request_json(f"{url}/object_info"),
-               "log": base / "comfyui.log"}
+
+    def kill(self) -> None:
+        """As a crash or a pulled plug would: no chance to answer anything more."""
+        self.process.kill()
+        self.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        self._log.close()
+
+    def describe(self) -> dict:
+        return {"url": self.url, "base": self.base, "log": self.log_path, "server": self}
+
+
+@pytest.fixture(scope="session")
+def comfyui(tmp_path_factory):
+    _require_comfyui()
+    base = tmp_path_factory.mktemp("comfyui")
+    prepare_base(base)
+    server = Server(base)
+    try:
+        server.wait_until_up()
+        yield {**server.describe(), "object_info": request_json(f"{server.url}/object_info")}
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def comfyui_pair(tmp_path_factory):
+    """Two ComfyUI servers with the same tiny models, each with its own port, input and output folders, for a
+    batch spread over both. Module-scoped: a test may kill one (the module's later tests get what is left)."""
+    _require_comfyui()
+    first, second = tmp_path_factory.mktemp("comfyui-a"), tmp_path_factory.mktemp("comfyui-b")
+    prepare_base(first, comfy_vae=False)
+    share_models(second, first)
+    servers = [Server(first), Server(second)]  # starting side by side
+    try:
+        for server in servers:
+            server.wait_until_up()
+        yield [server.describe() for server in servers]
+    finally:
+        for server in servers:
+            server.stop()

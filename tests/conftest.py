@@ -288,5 +288,6 @@ def golden_meta() -> dict:
     return json.loads((golden_dir() / "meta.json").read_text())
 
 
-# The live ComfyUI server (skips without one), one per session for every live test module.
-from comfyui_server import comfyui  # noqa: E402,F401
+# The live ComfyUI server (skips without one), one per session for every live test module; a pair of them for
+# batches over several servers.
+from comfyui_server import comfyui, comfyui_pair  # noqa: E402,F401

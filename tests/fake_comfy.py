@@ -5,6 +5,10 @@ progress, execution_success / execution_error), writing history one poll after s
 What a prompt produces is decided by `behavior(graph, attempt_of_that_input, input_bytes)`: None for success,
 an error text (a RuntimeError in the Kontext Edit node, as out of memory would be), or a dict of the
 execution_error fields to send instead (LoadImage's PIL.UnidentifiedImageError, say).
+
+Several fakes stand for several servers: each has its own address, queue, uploads and prompt ids. `kill()`
+makes one stop answering (every call raises ServerUnreachable, as the client does for a refused connection),
+losing its queue as a restart does, or keeping it as behind a broken network; `revive()` makes it answer again.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import itertools
 from collections import deque
 
 from kontext_batch.client import QueueRejected
+from kontext_batch.errors import ServerUnreachable
 from kontext_batch.workflow import load_workflow
 
 STEPS = 3
@@ -43,8 +48,9 @@ def output_bytes(input_content: bytes, prompt: str) -> bytes:
 
 
 class FakeComfy:
-    def __init__(self, object_info: dict, behavior=None, history_lag: int = 1):
+    def __init__(self, object_info: dict, behavior=None, history_lag: int = 1, name: str = ""):
         self.info = object_info
+        self.base_url = f"http://{name or 'fake'}:8188"
         self.behavior = behavior or (lambda graph, attempt, inputs: None)
         self.history_lag = history_lag
         self.uploads: dict[str, bytes] = {}
@@ -52,28 +58,49 @@ class FakeComfy:
         self.queue: deque[tuple[str, dict]] = deque()
         self.active: list[str] = []               # executing, or finished without a history entry yet
         self.histories: dict[str, dict] = {}
-        self._pending_history: list[list] = []   # [polls left, prompt id, entry]
+        self._pending_history: list[list] = []   # [polls left, prompt id, entry, input+prompt digest]
         self._events: deque[dict] = deque()
         self.queued: list[tuple[str, dict]] = []  # every prompt ever queued
         self.max_in_queue = 0
         self.deleted: list[str] = []
         self.interrupted: list[str] = []
         self.attempts: dict[str, int] = {}
-        self.has_events = True
+        self.finished: list[tuple[str, str]] = []  # (prompt id, input+prompt digest) of every success in history
+        self.websocket = True                     # it offers an event socket
+        self.has_events = False                   # the socket is open (connect_events opens it)
+        self.dead = False
         self.on_event = None                      # hook: called before each event is returned
-        self._ids = (f"pid-{i}" for i in itertools.count(1))
+        self._ids = (f"{name + '-' if name else ''}pid-{i}" for i in itertools.count(1))
         self.rejection = None                     # an answer dict /prompt refuses with
+
+    def _answer(self) -> None:
+        if self.dead:
+            raise ServerUnreachable(self.base_url, "[Errno 111] Connection refused")
+
+    def kill(self, lose_queue: bool = True) -> None:
+        """Stops answering; its socket closes. `lose_queue`: it went down (its queue is gone when it comes back,
+        its history kept); else only unreachable, queue intact."""
+        self.dead = True
+        self.has_events = False
+        if lose_queue:
+            self.restart()
+
+    def revive(self) -> None:
+        self.dead = False
 
     # the client's interface
     def object_info(self):
+        self._answer()
         return self.info
 
     def upload_image(self, content: bytes, filename: str, subfolder: str = "kontext-batch") -> str:
+        self._answer()
         name = f"{subfolder}/{filename}"
         self.uploads[name] = content
         return name
 
     def queue_prompt(self, graph: dict) -> str:
+        self._answer()
         if self.rejection is not None:
             raise QueueRejected(self.rejection)
         prompt_id = next(self._ids)
@@ -83,18 +110,22 @@ class FakeComfy:
         return prompt_id
 
     def history(self, prompt_id: str):
+        self._answer()
         if not self.has_events:  # no socket: a poll is when the fake gets to run the queue
             self._run_next()
             self._events.clear()
         for item in self._pending_history:
             item[0] -= 1
-        for polls, pid, entry in [i for i in self._pending_history if i[0] < 0]:
+        for polls, pid, entry, key in [i for i in self._pending_history if i[0] < 0]:
             self.histories[pid] = entry  # as in ComfyUI, leaving the queue and entering the history is one step
             self.active.remove(pid)
+            if entry["status"]["status_str"] == "success":
+                self.finished.append((pid, key))
         self._pending_history = [i for i in self._pending_history if i[0] >= 0]
         return self.histories.get(prompt_id)
 
     def queued_ids(self):
+        self._answer()
         return (list(self.active), [pid for pid, _ in self.queue])
 
     def restart(self):
@@ -105,22 +136,30 @@ class FakeComfy:
         self._events.clear()
 
     def view(self, filename: str, subfolder: str, folder_type: str) -> bytes:
+        self._answer()
         return self.files[f"{folder_type}/{subfolder}/{filename}"]
 
     def delete_queued(self, prompt_ids):
+        self._answer()
         self.deleted += list(prompt_ids)
         self.queue = deque(item for item in self.queue if item[0] not in prompt_ids)
 
     def interrupt(self, prompt_id):
+        self._answer()
         self.interrupted.append(prompt_id)
 
     def connect_events(self):
-        return None if self.has_events else "the fake has no websocket"
+        if self.dead:
+            return "connection refused"
+        self.has_events = self.websocket
+        return None if self.websocket else "the fake has no websocket"
 
     def close(self):
-        pass
+        self.has_events = False
 
     def next_event(self, timeout: float):
+        if self.dead or not self.has_events:
+            return None
         if not self._events:
             self._run_next()
         if not self._events:
@@ -128,7 +167,7 @@ class FakeComfy:
         event = self._events.popleft()
         if self.on_event is not None:
             self.on_event(event)
-        return event if self.has_events else None
+        return event if self.has_events and not self.dead else None
 
     # running a prompt
     def _run_next(self) -> None:
@@ -159,4 +198,4 @@ class FakeComfy:
             save_id = next(i for i, n in graph.items() if n["class_type"] == "SaveImage")
             entry = {"status": {"status_str": "success", "completed": True, "messages": []},
                      "outputs": {save_id: {"images": [{"filename": filename, "subfolder": "", "type": "output"}]}}}
-        self._pending_history.append([self.history_lag, prompt_id, entry])
+        self._pending_history.append([self.history_lag, prompt_id, entry, key])

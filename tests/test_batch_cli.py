@@ -56,18 +56,19 @@ def test_bad_set_is_explained(photos, tmp_path, capsys):
 
 def test_dry_run_prints_the_resolved_fields_and_queues_nothing(photos, tmp_path, capsys, monkeypatch):
     server = FakeComfy(object_info_for("kontext_edit"))
-    monkeypatch.setattr(cli, "ComfyClient", lambda url: server)
+    monkeypatch.setattr(cli, "ComfyClient", lambda url, timeout: server)
     code = cli.main([str(photos), "-o", str(tmp_path / "out"), "-p", "x", "--seed", "3", "--set", "steps=8",
                      "--dry-run"])
     out = capsys.readouterr().out
     assert code == 0 and server.queued == []
     assert "image     -> Load Image (node 5).image" in out and "prompt    -> Kontext Prompt (node 6).prompt" in out
     assert "steps     -> Kontext Edit (node 7).steps" in out and "outputs   <- Save Image (node 8)" in out
+    assert "server    http://fake:8188: answers, has the workflow's nodes" in out
 
 
 def test_full_run_through_the_command(photos, tmp_path, capsys, monkeypatch):
     server = FakeComfy(object_info_for("kontext_edit"))
-    monkeypatch.setattr(cli, "ComfyClient", lambda url: server)
+    monkeypatch.setattr(cli, "ComfyClient", lambda url, timeout: server)
     code = cli.main([str(photos), "-o", str(tmp_path / "out"), "-p", "x", "--set", "Kontext Edit.denoise=0.75", "-q"])
     assert code == 0 and (tmp_path / "out" / "a.png").exists()
     assert server.queued[0][1]["7"]["inputs"]["denoise"] == 0.75  # typed as the server declares it (FLOAT)

@@ -1,7 +1,9 @@
 """kontext-batch against a real ComfyUI (tests/comfyui_server.py: ComfyUI 0.8 on the CPU with this pack and
 tiny random models; skipped, saying why, without it). The command runs as a user runs it, in a subprocess:
 a batch with a corrupt image, a re-run that does nothing, a run interrupted with Ctrl-C (SIGINT) that
-resumes, and a multi-turn batch whose every turn edits the previous turn's output."""
+resumes, and a multi-turn batch whose every turn edits the previous turn's output. Then one batch over two
+servers (comfyui_pair): both used, each job's image uploaded to the server that ran it, and one server killed
+mid-job leaving the batch to the other."""
 
 from __future__ import annotations
 
@@ -137,3 +139,77 @@ def test_workflow_missing_nodes_and_bad_fields_are_refused_before_queueing(comfy
     result = _run(comfyui, photos, "-o", tmp_path / "out", "--prompt", "x", "--seed-field", "Kontext Edit.sed")
     assert result.returncode == 2 and "has no input 'sed'" in result.stderr
     assert not (tmp_path / "out" / "manifest.jsonl").exists()
+
+
+# --- one batch over two servers (tests/comfyui_server.py's comfyui_pair: same tiny models, own input folders) ---
+
+def _command_over(servers, *args):
+    urls = [item for server in servers for item in ("--url", server["url"])]
+    return [sys.executable, "-m", "kontext_batch", *map(str, args), *urls, "-q"]
+
+
+def _logs(servers):
+    return "\n".join(f"--- {s['url']}\n{s['log'].read_text(errors='replace')[-2000:]}" for s in servers)
+
+
+def _uploaded_to(server, image_name):
+    folder = server["base"] / "input" / "kontext-batch"
+    return folder.is_dir() and any(p.name.startswith(f"{image_name}-") for p in folder.iterdir())
+
+
+def test_batch_over_two_servers_uses_both_then_a_rerun_does_nothing(comfyui_pair, tmp_path):
+    photos = _images(tmp_path / "photos", 5, seed=4)
+    (photos / "broken.png").write_bytes(b"this file is not an image at all")
+    out = tmp_path / "out"
+    command = _command_over(comfyui_pair, photos, "-o", out, "--prompt", "make it night", "--seed", 5, *TINY)
+    first = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=RUN_SECONDS)
+    assert first.returncode == 1, (first.stdout, first.stderr, _logs(comfyui_pair))  # 1: the broken image failed
+    assert sorted(p.name for p in out.glob("*.png")) == [f"photo{i}.png" for i in range(5)]
+    errors = _records(out, "error")
+    assert len(errors) == 1 and errors[0]["input"].endswith("broken.png")
+    done = _records(out, "done")
+    servers = {server["url"]: server for server in comfyui_pair}
+    assert len(done) == 5 and {r["server"] for r in done} == set(servers)  # both used
+    for record in done:  # the image went to the server that ran the job
+        assert _uploaded_to(servers[record["server"]], record["outputs"][0].removesuffix(".png")), record
+
+    lines = len(_records(out))
+    second = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=RUN_SECONDS)
+    assert second.returncode == 0, second.stderr
+    assert "0 turn(s) done" in second.stdout and "5 already done, 1 failed before" in second.stdout
+    assert len(_records(out)) == lines
+
+
+def test_killing_one_server_mid_batch_finishes_the_batch_on_the_other(comfyui_pair, tmp_path):
+    photos = _images(tmp_path / "photos", 4, seed=5)
+    out = tmp_path / "out"
+    survivor, victim = comfyui_pair
+    # One job queued per server: the victim is caught running its first (a CPU job lasts seconds, /queue is
+    # asked every 50 ms).
+    args = (photos, "-o", out, "--prompt", "add a red hat", *TINY, "--max-queued", 1, "--timeout", 20)
+    process = subprocess.Popen(_command_over(comfyui_pair, *args), cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + RUN_SECONDS
+    killed = None
+    while killed is None:
+        assert process.poll() is None, (process.communicate(), _logs(comfyui_pair))
+        assert time.time() < deadline, _logs(comfyui_pair)
+        ours = {r["prompt_id"] for r in _records(out, "queued") if r["server"] == victim["url"]}
+        running = {item[1] for item in request_json(f"{victim['url']}/queue")["queue_running"]}
+        if ours & running:
+            killed = (ours & running).pop()
+            victim["server"].kill()
+        else:
+            time.sleep(0.05)
+    stdout, stderr = process.communicate(timeout=RUN_SECONDS)
+    assert process.returncode == 0, (stdout, stderr, _logs(comfyui_pair))
+    assert f"{victim['url'].removeprefix('http://')} stopped answering" in stderr
+    assert sorted(p.name for p in out.glob("*.png")) == [f"photo{i}.png" for i in range(4)]
+    lost_key = next(r["key"] for r in _records(out, "queued") if r["prompt_id"] == killed)
+    done = {r["key"]: r for r in _records(out, "done")}
+    assert len(done) == 4 and done[lost_key]["server"] == survivor["url"]  # the killed job ran on the survivor
+
+    rerun = subprocess.run(_command_over(comfyui_pair, *args), cwd=REPO, capture_output=True, text=True,
+                           timeout=RUN_SECONDS)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "0 turn(s) done" in rerun.stdout and "4 already done" in rerun.stdout

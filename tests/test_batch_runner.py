@@ -15,6 +15,7 @@ from fake_comfy import FakeComfy, object_info_for, output_bytes
 from kontext_batch.errors import BatchError
 from kontext_batch.jobs import load_jobs
 from kontext_batch.manifest import Manifest
+from kontext_batch.progress import SilentProgress
 from kontext_batch.runner import BatchRunner, lasting_failure, unreadable_image
 from kontext_batch.workflow import FieldMap, load_workflow
 
@@ -99,7 +100,7 @@ def test_comfyuis_load_image_error_is_recorded_at_once(photos, tmp_path, events)
     out = tmp_path / "out"
     bad = (photos / "img2.png").read_bytes()
     server = FakeComfy(object_info_for("kontext_edit"), behavior=load_image_fails_on(bad))
-    server.has_events = events
+    server.websocket = events
     summary = make_runner(server, load_jobs([photos], prompts=["x"]), out, retries=2).run()
     assert summary.done == 3 and summary.failed == 1
     assert server.attempts[hashlib.sha1(bad + b"x").hexdigest()] == 1
@@ -293,12 +294,13 @@ def test_values_are_checked_for_every_job_before_anything_is_queued(photos, tmp_
 def test_prompts_lost_by_a_comfyui_restart_are_queued_again(photos, tmp_path):
     out = tmp_path / "out"
     server = FakeComfy(object_info_for("kontext_edit"))
-    restarted = []
+    restarted, starts = [], []
 
     def restart_once(event):
-        if event["type"] == "execution_start" and len(server.queued) == 3 and not restarted:
+        starts.append(event["type"] == "execution_start")
+        if sum(starts) == 3 and not restarted:
             restarted.append(True)
-            server.restart()  # the running prompt and the waiting one vanish; their ids never reach the history
+            server.restart()  # the running prompt and any waiting one vanish; their ids never reach the history
 
     server.on_event = restart_once
     summary = make_runner(server, load_jobs([photos], prompts=["x"]), out, max_queued=2).run()
@@ -309,7 +311,7 @@ def test_prompts_lost_by_a_comfyui_restart_are_queued_again(photos, tmp_path):
 
 def test_without_a_websocket_jobs_are_followed_by_polling(photos, tmp_path):
     server = FakeComfy(object_info_for("kontext_edit"))
-    server.has_events = False
+    server.websocket = False
     summary = make_runner(server, load_jobs([photos], prompts=["x"]), tmp_path / "out").run()
     assert summary.done == 4 and len(list((tmp_path / "out").glob("*.png"))) == 4
 
@@ -323,18 +325,21 @@ def test_same_image_name_in_two_rows_gets_distinct_outputs(photos, tmp_path):
     assert len(names) == 2 and all(n.startswith("img0-") for n in names)
 
 
-class RecordingProgress:
+class RecordingProgress(SilentProgress):
     def __init__(self):
         self.calls = []
 
-    def start(self, total, already):
+    def start(self, total, already, servers):
         self.calls.append(("start", total, already))
 
-    def turn_started(self, label):
+    def turn_started(self, server, label):
         self.calls.append(("turn", label))
 
-    def step(self, value, maximum):
+    def step(self, server, value, maximum):
         self.calls.append(("step", value, maximum))
+
+    def server_status(self, server, text):
+        self.calls.append(("server", server, text))
 
     def message(self, text):
         self.calls.append(("message", text))
