@@ -61,7 +61,7 @@ def metadata_path(folder: str | Path) -> Path:
             return candidate
     raise FileNotFoundError(
         f"no KontextBench metadata in {folder}: expected test/metadata.jsonl (the layout of the Hugging Face "
-        f"dataset {REPO_ID}). Point at the dataset's folder, or add --download (download_dataset) to fetch it there")
+        f"dataset {REPO_ID}). Point at the dataset's folder, or fetch it there first (`download_dataset(folder)`)")
 
 
 def download_dataset(folder: str | Path) -> Path:

@@ -29,7 +29,7 @@ from PIL import Image
 from ..image import to_rgb_array
 from .colour import ciede2000, srgb_to_lab
 from .filters import gaussian_blur, laplacian, luminance, touched_by
-from .registration import edge_taper, log_polar_scale, mask_window, phase_correlation
+from .registration import log_polar_scale, mask_window, phase_correlation
 
 SSIM_SIGMA = 1.5
 SSIM_RADIUS = 5  # 11 taps: the window of Wang et al.
@@ -146,17 +146,12 @@ def sharpness_ratio(reference, other, mask=None) -> float:
     return other_sharpness / reference_sharpness
 
 
-def _registration_window(masked: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray:
-    taper = edge_taper(shape)
-    return taper if masked is None else taper * mask_window(masked)
-
-
 def shift(reference, other, mask=None) -> tuple[float, float]:
     """(dx, dy) in pixels: where `other`'s content sits against `reference`'s (+x right, +y down)."""
     reference, other = _pair(reference, other)
     masked = as_mask(mask, reference.shape[:2])
     dy, dx, _ = phase_correlation(luminance(reference), luminance(other),
-                                  _registration_window(masked, reference.shape[:2]))
+                                  keep=None if masked is None else mask_window(masked))
     return dx, dy
 
 

@@ -1,10 +1,15 @@
 """How far one image moved against another: translation by phase correlation (refined to a fraction of a
 pixel by a locally upsampled inverse DFT), scale by phase correlation of log-polar Fourier magnitudes.
 
-Both take [H, W] float arrays (luminance) and an optional weight window of the same shape: 0 where a pixel
-must not count (the part of an edit allowed to change), 1 where it counts, smooth in between. The window is
-applied to both images alike after the weighted mean is subtracted, so the cut-out region reads as flat grey
-and its edge, tapered, adds no sharp structure of its own.
+Both take [H, W] float arrays (luminance) and optionally `keep`, a weight of the same shape: 0 where a pixel
+must not count (the part of an edit allowed to change, which sits at the same place in both images), 1 where
+it counts, smooth in between (`mask_window`). Weights are applied after the weighted mean is subtracted, so a
+cut-out region reads as flat grey and its tapered edge adds no sharp structure of its own.
+
+A weight that stays put while the content moves under it pulls the estimate towards no motion (both weighted
+images then share the weight's own structure). So both functions estimate, then weight the two images as the
+same picture in the content's coordinates (the edge taper carried along with the content, the cut-out region
+of either image cut from both) and measure again, until the estimate settles.
 """
 
 from __future__ import annotations
@@ -101,29 +106,35 @@ def _correlate_once(reference: np.ndarray, moved: np.ndarray, reference_window: 
     return float(dy), float(dx), float(fine[i, j]) / cross_power.size
 
 
-def _shifted(window: np.ndarray, dy: float, dx: float) -> np.ndarray:
-    rows, cols = np.mgrid[:window.shape[0], :window.shape[1]].astype(np.float64)
-    return _bilinear(window, rows - dy, cols - dx)
+def _shifted(weight: np.ndarray, dy: float, dx: float) -> np.ndarray:
+    """`weight` with its content moved by (dy, dx); what comes in from outside reads as 0."""
+    rows, cols = np.mgrid[:weight.shape[0], :weight.shape[1]].astype(np.float64)
+    return _bilinear(weight, rows - dy, cols - dx)
 
 
-def phase_correlation(reference: np.ndarray, moved: np.ndarray, window: np.ndarray | None = None,
-                      upsample: int = _UPSAMPLE, rounds: int = 4) -> tuple[float, float, float]:
+def phase_correlation(reference: np.ndarray, moved: np.ndarray, keep: np.ndarray | None = None,
+                      taper: np.ndarray | None = None, upsample: int = _UPSAMPLE,
+                      rounds: int = 4) -> tuple[float, float, float]:
     """(dy, dx, peak): the translation taking `reference` onto `moved` (moved(y, x) ~ reference(y - dy, x - dx):
     positive dx is content moved right, positive dy moved down), and the correlation peak's height (1 for a
     pure circular shift, near 0 when nothing matches).
 
-    A window that stays put while the content moves under it pulls the estimate towards 0 (both windowed
-    images share the window's own structure). So the window is carried along: after a first estimate,
-    `moved` is weighted by the window shifted by it, and the correlation repeated until the estimate settles
-    (at most `rounds` times); at the true shift both windowed images are the same picture, shifted.
+    taper: the window against the FFT's wrap-around (default `edge_taper`), carried along with the content.
+    keep: the fixed weight of the module docstring. With an estimate d, the reference is weighted by
+    taper(x) keep(x) keep(x + d) and `moved` by the same moved by d, so at the true shift both weighted images
+    are one picture, shifted, and neither's cut-out region shows in the other. At most `rounds` measurements.
     """
     reference, moved = np.asarray(reference, np.float64), np.asarray(moved, np.float64)
     if reference.shape != moved.shape:
         raise ValueError(f"images of different sizes ({reference.shape} and {moved.shape}) cannot be registered")
-    window = edge_taper(reference.shape) if window is None else np.asarray(window, np.float64)
-    dy, dx, peak = _correlate_once(reference, moved, window, window, upsample)
+    taper = edge_taper(reference.shape) if taper is None else np.asarray(taper, np.float64)
+    keep = np.ones(reference.shape) if keep is None else np.asarray(keep, np.float64)
+    content_window = taper * keep
+    dy, dx, peak = _correlate_once(reference, moved, content_window, content_window, upsample)
     for _ in range(rounds - 1):
-        step_dy, step_dx, peak = _correlate_once(reference, moved, window, _shifted(window, dy, dx), upsample)
+        content_window = taper * keep * _shifted(keep, -dy, -dx)
+        step_dy, step_dx, peak = _correlate_once(reference, moved, content_window,
+                                                 _shifted(content_window, dy, dx), upsample)
         settled = abs(step_dy - dy) < 0.2 / upsample and abs(step_dx - dx) < 0.2 / upsample
         dy, dx = step_dy, step_dx
         if settled:
@@ -161,28 +172,30 @@ def _log_polar_magnitude(image: np.ndarray, window: np.ndarray, size: int, radii
     return _bilinear(magnitude, rows, cols)
 
 
-def _scaled(window: np.ndarray, scale: float) -> np.ndarray:
-    """`window` magnified by `scale` about the image centre."""
-    rows, cols = np.mgrid[:window.shape[0], :window.shape[1]].astype(np.float64)
-    centre_row, centre_col = (window.shape[0] - 1) / 2, (window.shape[1] - 1) / 2
-    return _bilinear(window, centre_row + (rows - centre_row) / scale, centre_col + (cols - centre_col) / scale)
+def _scaled(weight: np.ndarray, scale: float) -> np.ndarray:
+    """`weight` magnified by `scale` about the image centre; what comes in from outside reads as 0."""
+    rows, cols = np.mgrid[:weight.shape[0], :weight.shape[1]].astype(np.float64)
+    centre_row, centre_col = (weight.shape[0] - 1) / 2, (weight.shape[1] - 1) / 2
+    return _bilinear(weight, centre_row + (rows - centre_row) / scale, centre_col + (cols - centre_col) / scale)
 
 
-def log_polar_scale(reference: np.ndarray, moved: np.ndarray, window: np.ndarray | None = None,
+def log_polar_scale(reference: np.ndarray, moved: np.ndarray, keep: np.ndarray | None = None,
                     rounds: int = 4) -> float:
     """How much larger `moved`'s content is than `reference`'s (1.02: magnified 2%), translation-independent.
 
     Scaling an image by s scales its Fourier magnitude by 1/s; in log-polar coordinates that is a shift of
     -log(s) along the log-radius axis, which phase correlation measures. Radii from 2% to 45% of the sampling
-    rate are used: the lowest few frequencies carry the window's shape more than the image's. As with
-    translation, a window that keeps its size while the content grows pulls the estimate towards 1, so the
-    window on `moved` is magnified by the estimate and the measurement repeated until it settles.
+    rate are used: the lowest few frequencies carry the window's shape more than the image's. The weights
+    follow the content as in `phase_correlation`, magnified about the centre instead of shifted (at most
+    `rounds` measurements).
     """
     reference, moved = np.asarray(reference, np.float64), np.asarray(moved, np.float64)
     if reference.shape != moved.shape:
         raise ValueError(f"images of different sizes ({reference.shape} and {moved.shape}) cannot be compared")
     # A Hann-like taper over the whole frame: the magnitude must not carry the frame's edges as a cross.
-    window = edge_taper(reference.shape, 0.5) * (1.0 if window is None else np.asarray(window, np.float64))
+    taper = edge_taper(reference.shape, 0.5)
+    masked = keep is not None
+    keep = np.ones(reference.shape) if keep is None else np.asarray(keep, np.float64)
     # Zero-padded to twice the size: the magnitude is then sampled at half-bin spacing, which the bilinear
     # resampling below needs (at one sample per bin it biases the scale towards 1 by ~0.005 on 64 px images).
     size = 2 * int(2 ** np.ceil(np.log2(max(reference.shape))))
@@ -193,14 +206,16 @@ def log_polar_scale(reference: np.ndarray, moved: np.ndarray, window: np.ndarray
     inner, outer = 0.02 * size, 0.45 * size
     log_step = np.log(outer / inner) / (samples - 1)
     radii = inner * np.exp(log_step * np.arange(samples))
-    polar_reference = _log_polar_magnitude(reference, window, size, radii, angles)
     # The angle axis wraps round (half a turn is the whole circle of a symmetric magnitude); the log-radius
     # one does not, so only it is tapered.
-    radial_taper = np.broadcast_to(edge_taper((1, samples), 0.15), polar_reference.shape)
-    scale = 1.0
+    radial_taper = np.broadcast_to(edge_taper((1, samples), 0.15), (angles, samples))
+    scale, polar_reference = 1.0, None
     for _ in range(rounds):
-        polar_moved = _log_polar_magnitude(moved, _scaled(window, scale), size, radii, angles)
-        _, radius_shift, _ = phase_correlation(polar_reference, polar_moved, radial_taper)
+        content_window = taper * keep * _scaled(keep, 1 / scale)
+        if polar_reference is None or masked:  # unmasked, the reference's weight never changes
+            polar_reference = _log_polar_magnitude(reference, content_window, size, radii, angles)
+        polar_moved = _log_polar_magnitude(moved, _scaled(content_window, scale), size, radii, angles)
+        _, radius_shift, _ = phase_correlation(polar_reference, polar_moved, taper=radial_taper)
         # Each round measures the whole scale again (the content has not moved), now under a fitting window.
         estimate = float(np.exp(-radius_shift * log_step))
         settled = abs(estimate - scale) < 1e-4
