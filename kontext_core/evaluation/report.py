@@ -23,9 +23,9 @@ body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
 table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
 td, th { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; vertical-align: top; }
 th { background: #f3f3f3; }
-td.label, th.label { text-align: left; }
+td.label { text-align: left; }
 figure { display: inline-block; margin: 0.3em; text-align: center; }
-figure img { max-width: 256px; max-height: 256px; image-rendering: pixelated; border: 1px solid #ddd; }
+figure img { max-width: 256px; max-height: 256px; border: 1px solid #ddd; }
 figcaption { font-size: 0.8em; max-width: 256px; }
 .note { background: #fff6d6; padding: 0.4em 0.8em; border-left: 4px solid #e0b000; }
 pre { background: #f6f6f6; padding: 0.6em; overflow-x: auto; }
@@ -60,10 +60,10 @@ class HtmlReport:
         self.parts.append(f'<p class="note">{html.escape(text)}</p>')
 
     def table(self, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-        head = "".join(f'<th class="{"label" if i == 0 else ""}">{html.escape(h)}</th>' for i, h in enumerate(headers))
-        body = "".join(
-            "<tr>" + "".join(f'<td class="{"label" if i == 0 else ""}">{number(cell)}</td>'
-                             for i, cell in enumerate(row)) + "</tr>"
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+        body = "".join(  # text left-aligned, numbers right-aligned
+            "<tr>" + "".join(f'<td class="label">{html.escape(cell)}</td>' if isinstance(cell, str) else
+                             f"<td>{number(cell)}</td>" for cell in row) + "</tr>"
             for row in rows)
         self.parts.append(f"<table><tr>{head}</tr>{body}</table>")
 
@@ -118,7 +118,10 @@ def plot_lines(path: str | Path, x: Sequence[float], series: dict[str, dict[str,
     if made is None:
         return PLOTS_MISSING
     figure, axes = made
+    from matplotlib.ticker import MaxNLocator
+
     for axis, metric in zip(axes, metrics):
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         for label, values in series.items():
             points = [(position, value) for position, value in zip(x, values[metric]) if value is not None]
             if points:
@@ -132,17 +135,21 @@ def plot_lines(path: str | Path, x: Sequence[float], series: dict[str, dict[str,
 
 
 def plot_bars(path: str | Path, labels: Sequence[str], values: dict[str, Sequence[float | None]]) -> str | None:
-    """One panel per metric ({metric: one value per label}), a bar per label; None values are left out."""
+    """One panel per metric ({metric: one value per label}), a bar per label, every label in its place in each
+    panel; a None value (the reference itself, an infinite PSNR) gets no bar, a dash at its foot."""
     made = _figure(len(values))
     if made is None:
         return PLOTS_MISSING
     figure, axes = made
     for axis, (metric, column) in zip(axes, values.items()):
-        shown = [(label, value) for label, value in zip(labels, column) if value is not None]
-        if shown:
-            axis.bar(*zip(*shown))
+        positions = range(len(labels))
+        axis.bar([p for p, v in zip(positions, column) if v is not None], [v for v in column if v is not None])
+        for position, value in zip(positions, column):
+            if value is None:
+                axis.annotate("—", (position, 0), ha="center", va="bottom")
+        axis.set_xticks(list(positions), list(labels), rotation=30)
+        axis.set_xlim(-0.6, len(labels) - 0.4)
         axis.set_title(metric)
-        axis.tick_params(axis="x", labelrotation=30)
         axis.grid(alpha=0.3, axis="y")
     _save(figure, Path(path))
     return None
