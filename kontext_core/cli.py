@@ -402,7 +402,12 @@ def _eval_bench(args: argparse.Namespace) -> int:
     specs = _preset_specs(args)
     if args.download:
         _log(f"fetching black-forest-labs/kontext-bench into {args.dataset} (files already there are kept)")
-        download_dataset(args.dataset)
+        try:
+            download_dataset(args.dataset)
+        except Exception as exc:  # offline, no access, disk full: the hub client's own words, then what to do
+            raise SystemExit(f"error: could not fetch black-forest-labs/kontext-bench ({type(exc).__name__}: {exc}); "
+                             f"check the connection, or put the dataset in {args.dataset} another way and drop "
+                             "--download")
     try:
         entries = select(read_entries(args.dataset), args.category, args.limit)
     except FileNotFoundError as exc:
@@ -478,7 +483,8 @@ def _add_eval_commands(commands) -> None:
                       "per category, records.jsonl; resumable",
         description="DATASET_DIR holds the dataset as published (test/metadata.jsonl, test/images/); --download "
                     "fetches it there through huggingface-hub (and allows model downloads, as for edit). A rerun "
-                    "keeps every output recorded with the same settings and makes the rest.")
+                    "keeps every output recorded with the same settings and makes the rest. Exit status 1 when "
+                    "some images could not be read (recorded in records.jsonl, retried by the next run).")
     bench.add_argument("dataset", metavar="DATASET_DIR")
     bench.add_argument("--category", action="append", default=[],
                        help="only this category (repeatable): its name as in the dataset, or a word of it "

@@ -103,6 +103,7 @@ def test_drift_of_two_turns_writes_the_report(models_tree, no_matplotlib, capsys
     printed = capsys.readouterr().out.split()
     assert printed == [str(report / "metrics.json"), str(report / "report.html")]  # no plot without matplotlib
     metrics = json.loads((report / "metrics.json").read_text())
+    assert json.loads((report / "settings.json").read_text())["settings"] == metrics["settings"]
     assert set(metrics["chains"]) == {"latent", "roundtrip"}
     for chain in metrics["chains"].values():
         assert [t["turn"] for t in chain["turns"]] == [0, 1, 2]
@@ -326,3 +327,17 @@ def test_kontext_bench_names_the_categories_it_holds(tmp_path):
     assert [(e.category, e.key) for e in picked] == [
         ("Instruction Editing - Local", "0002"), ("Style Reference", "0003"),
         ("Instruction Editing - Local", "0007"), ("Style Reference", "0008")]
+
+
+def test_kontext_bench_download_failure_says_what_to_do(models_tree, monkeypatch):
+    import huggingface_hub
+
+    tmp_path, _, common = models_tree
+
+    def offline(**kwargs):
+        raise OSError("no route to huggingface.co")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(SystemExit, match="could not fetch black-forest-labs/kontext-bench .*no route.*drop --download"):
+        main(["eval", "bench", str(tmp_path / "kb"), "--download", "--presets", "fp32", "--out", str(tmp_path / "o"),
+              *common])

@@ -98,8 +98,8 @@ def run_drift(pipeline: KontextPipeline, image: Image.Image, turns: int, prompts
 
 
 def write_drift_report(run: DriftRun, folder: str | Path, settings: dict | None = None) -> dict[str, Path]:
-    """Images (images/reference.png, images/<chain>/turn_NN.png), metrics.json, the plot (metrics.png, when
-    matplotlib is installed) and report.html into `folder`. `settings`: what else the report should record
+    """Images (images/reference.png, images/<chain>/turn_NN.png), metrics.json, settings.json, the plot
+    (metrics.png, when matplotlib is installed) and report.html into `folder`. `settings`: what else the report should record
     (model files, dtype, command line...). Returns the paths written, by name."""
     folder = Path(folder)
     written = {"reference": write_png_atomic(run.reference, folder / "images" / "reference.png")}
@@ -120,6 +120,8 @@ def write_drift_report(run: DriftRun, folder: str | Path, settings: dict | None 
     record["plot"] = "metrics.png" if plot_note is None else None
     record["notes"] = [plot_note] if plot_note else []
     written["metrics"] = write_json_atomic(record, folder / "metrics.json")
+    written["settings"] = write_json_atomic({"settings": record["settings"], "prompts": run.prompts},
+                                            folder / "settings.json")
     if plot_note is None:
         written["plot"] = folder / "metrics.png"
     written["report"] = _html(record, plot_note).write(folder / "report.html")

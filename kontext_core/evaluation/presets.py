@@ -199,7 +199,8 @@ def run_presets(loader: PipelineLoader, specs: Sequence[PresetSpec], cases: Sequ
     against the first preset's output of the same case. Returns the record metrics.json holds."""
     folder = Path(folder)
     settings = settings or GenerationSettings()
-    meter, lpips_note = load_lpips(lpips_device)
+    # One preset has nothing to be compared with: no LPIPS network to load.
+    meter, lpips_note = load_lpips(lpips_device) if len(specs) > 1 else (None, None)
     first = specs[0]
 
     def work(spec: PresetSpec, pipeline: KontextPipeline) -> dict:

@@ -21,7 +21,7 @@ from .filters import gaussian_blur
 # Frequencies whose cross-power magnitude is above this share of the largest are whitened (phase only); weaker
 # ones keep weights in proportion to their magnitude. Where the images hold next to no energy, what the FFT
 # finds there is mostly leakage of strong low frequencies through the window, carrying their phase, not the
-# shift's: fully whitened, it would pull the peak towards 0 (measured: ~0.2 px on smooth 64 px textures).
+# shift's: fully whitened, it would pull the peak towards 0 (measured: up to 0.2 px on smooth 64 px textures).
 _WHITENING_FLOOR = 1e-2
 _UPSAMPLE = 50  # the refined peak is searched on a 1/50-pixel grid, then fitted between grid points
 _SEARCH_RADIUS = 0.75  # pixels either side of the integer peak searched on the fine grid
@@ -116,8 +116,8 @@ def phase_correlation(reference: np.ndarray, moved: np.ndarray, keep: np.ndarray
                       taper: np.ndarray | None = None, upsample: int = _UPSAMPLE,
                       rounds: int = 4) -> tuple[float, float, float]:
     """(dy, dx, peak): the translation taking `reference` onto `moved` (moved(y, x) ~ reference(y - dy, x - dx):
-    positive dx is content moved right, positive dy moved down), and the correlation peak's height (1 for a
-    pure circular shift, near 0 when nothing matches).
+    positive dx is content moved right, positive dy moved down), and the correlation peak's height (at most 1;
+    near 0 when nothing matches).
 
     taper: the window against the FFT's wrap-around (default `edge_taper`), carried along with the content.
     keep: the fixed weight of the module docstring. With an estimate d, the reference is weighted by
