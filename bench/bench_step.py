@@ -242,8 +242,9 @@ MODIFIERS = {
     "exactaccum": "fp8 GEMMs without fast accumulation",
     "nokernels": "compiled blocks without our QK-norm+RoPE kernel (the compiler's own fusion)",
     "fp8attention": "attention through cuDNN's fp8 graph (needs nvidia-cudnn-frontend)",
-    "sage8": "attention through our 8-bit kernel (kernels/sage_attention.py: int8 Q.K, fp8 P.V); with "
-             "ours-int8-compiled+graphs it is the fast preset",
+    "sage8": "attention through our 8-bit Triton kernel (kernels/sage_attention.py; int8 q.k, e4m3 P.V); "
+             "with ours-int8-compiled+graphs it is the fast preset",
+    "sage8fp16": "attention through our 8-bit Triton kernel with fp16 P.V",
     "sdpa": "attention through PyTorch's SDPA (cuDNN first) even where flash-attn is installed (auto takes it)",
     "graphs": "each step replayed from a CUDA graph (kontext_core/cuda_graph.py)",
     "concat": "the single block's linear2 over a concatenation of its input's parts (not two GEMMs)",
@@ -271,7 +272,7 @@ def implementation(name: str) -> str:
                                          f"{', '.join('+' + m for m in MODIFIERS)}")
     if "cudnn" in modifiers and base.startswith("ours"):
         raise argparse.ArgumentTypeError(f"{name!r}: +cudnn is for the reference rows; ours always puts cuDNN first")
-    ours_only = [m for m in modifiers if m in ("lora", "lorafly", "thinlora", "autotune", "sdpa", "sage8")]
+    ours_only = [m for m in modifiers if m in ("lora", "lorafly", "thinlora", "autotune", "sdpa", "sage8", "sage8fp16")]
     if ours_only and not base.startswith("ours"):
         raise argparse.ArgumentTypeError(f"{name!r}: +{ours_only[0]} applies to our rows only")
     if "autotune" in modifiers and not base.endswith("-compiled"):
@@ -292,8 +293,8 @@ def configure(impl: str) -> None:
     fused.set_cublas_epilogues("noepilogues" not in modifiers)
     fused.set_linear2_parts("concat" not in modifiers)
     quant.set_fp8_fast_accumulation("exactaccum" not in modifiers)
-    set_attention_backend("cudnn-fp8" if "fp8attention" in modifiers else "sage8" if "sage8" in modifiers
-                          else "sdpa" if "sdpa" in modifiers else "auto")
+    attention = {"fp8attention": "cudnn-fp8", "sage8": "sage8", "sage8fp16": "sage8-fp16", "sdpa": "sdpa"}
+    set_attention_backend(next((attention[m] for m in modifiers if m in attention), "auto"))
     import torch._inductor.config
 
     torch._inductor.config.triton.enable_persistent_tma_matmul = "autotune" in modifiers

@@ -372,6 +372,44 @@ def native_text_encoders(g: Graph, note: str) -> None:
     g.link(decode, "IMAGE", save, "images")
 
 
+MASK_NOTE = ("Paint the region to change: right-click Load Image > Open in MaskEditor, paint over it, save. Its MASK "
+             "output goes to Kontext Edit's mask (white = edit); any mask node works too, and a LATENT's noise mask "
+             "(Set Latent Noise Mask) on target as well.")
+
+
+def _masked_edit(g: Graph, prompt_text: str, seed: int, prefix: str, **edit_values) -> None:
+    """Load Image (its mask painted in the Mask Editor) + prompt -> Kontext Edit with the mask -> Save Image."""
+    model, vae, encoders = _loaders(g)
+    photo = g.add("LoadImage", (0, 450), image="example_masked.png")
+    prompt = g.add("KontextPrompt", (400, 0), prompt=prompt_text)
+    edit = g.add("KontextEdit", (800, 0), size=(360, 520), seed=seed, **edit_values)
+    save = g.add("SaveImage", (1200, 0), size=(500, 540), filename_prefix=prefix)
+    g.link(encoders, "text_encoders", prompt, "text_encoders")
+    g.link(model, "model", edit, "model")
+    g.link(vae, "vae", edit, "vae")
+    g.link(prompt, "conditioning", edit, "conditioning")
+    g.link(photo, "IMAGE", edit, "image")
+    g.link(photo, "MASK", edit, "mask")
+    g.link(edit, "image", save, "images")
+
+
+def masked_edit(g: Graph, note: str) -> None:
+    g.note((-500, 0), note + "\n\nA masked edit: only the painted region changes; everywhere else the saved image is "
+           "the loaded one, pixel for pixel, at its own size. grow widens the mask; feather fades the edit in over "
+           "that many pixels inside the mask's border. The sampler keeps the rest of the image in its latent at "
+           "every step, so the edit fits its surroundings.\n\n" + MASK_NOTE + "\n\n" + MODELS_NOTE, size=(460, 320))
+    _masked_edit(g, "replace the painted area with a bouquet of red tulips", 11, "kontext_masked", grow=4, feather=12)
+
+
+def crop_and_stitch(g: Graph, note: str) -> None:
+    g.note((-500, 0), note + "\n\nCrop and stitch: with crop_to_mask on, only the mask's box plus context_margin "
+           "pixels around it is cut out, edited at the Kontext size nearest its shape (a small region gets a whole "
+           "megapixel of detail), scaled back and pasted in through the feathered mask. Outside the mask the image "
+           "is unchanged, pixel for pixel.\n\n" + MASK_NOTE + "\n\n" + MODELS_NOTE, size=(460, 320))
+    _masked_edit(g, "add a small golden name tag with the word KONTEXT", 12, "kontext_crop_stitch", grow=4,
+                 feather=8, crop_to_mask=True, context_margin=96)
+
+
 WORKFLOWS = {
     "kontext_edit": (single_edit, "Kontext: single edit"),
     "kontext_edit_lora": (lora_edit, "Kontext: an edit with a LoRA"),
@@ -380,6 +418,8 @@ WORKFLOWS = {
     "kontext_text_to_image": (text_to_image, "Kontext: text to image"),
     "kontext_edit_loop": (edit_loop, "Kontext: loop of prompts"),
     "kontext_native_text_encoders": (native_text_encoders, "Kontext with ComfyUI's text encoders, VAE and Save Image"),
+    "kontext_masked_edit": (masked_edit, "Kontext: a masked edit"),
+    "kontext_crop_stitch": (crop_and_stitch, "Kontext: crop and stitch (a small region at full detail)"),
 }
 
 

@@ -5,28 +5,30 @@
 [B, H, Lq, D]), as a [B, H, Lq, D] view of a contiguous [B, Lq, H, D] buffer, so that the model's
 `out.transpose(1, 2).reshape(B, L, H * D)` is free. Two passes:
 
-1. Quantization (`quantize_operands`), three small memory-bound kernels:
+1. Quantization (`quantize_operands`), four launches of three small memory-bound kernels:
    - column statistics: K's sum over tokens (per batch, head and channel; float64, which holds every sum
      of bf16 values exactly, so the order the programs add in cannot change it) and V's amax over tokens;
    - q and k to int8 with one scale per `q_rows` / `k_rows` consecutive tokens (1: per token), K first
      centred on its mean over tokens: softmax(q·(k_j - m)) = softmax(q·k_j), since q·m is the same for
      every key j of a query, while the centred keys use int8's range for what differs between them;
      the softmax scale 1/sqrt(D) and log2(e) go into q's scales, so that the kernel uses exp2;
-   - v to e4m3 with one scale per channel (amax over tokens / 448), written transposed, [B, H, D, L]:
+   - v to e4m3 with one scale per channel (amax over tokens / 448), written transposed, [B, H, D, L] (this
+     kernel also finishes K's mean):
      P·V contracts over tokens, and Hopper's 8-bit tensor-core instruction (wgmma) wants both operands'
      contraction dimension contiguous in memory. Where P·V runs in fp16 (no fp8 tensor cores: Ampere),
      v / scale goes to fp16 instead, same layout.
    Every quantized tensor is zero-padded to a multiple of 128 tokens (and of 32 channels, a power of two),
    so the attention kernel reads whole tiles with no bounds checks, and through TMA on Hopper.
 2. Attention (`attend`): FlashAttention-2's loop over key blocks, online softmax in base 2.
-   S = q8·k8ᵀ is exact in the int32 accumulator (|S| <= 256 * 127² < 2^24, so exact in float32 too) and
-   is scaled by q's and k's scales. P = exp2(S - m + 8): the numerators times 256 (the running row max m
-   maps to 256, inside e4m3's range, where its normal numbers reach down to 2^-6 / 256 = 6e-5 relative
-   to the row max), rounded to e4m3 (fp16) for the tensor cores, while the row sums l add the unrounded
-   float32 values. With e4m3, each block's P·V goes into a fresh accumulator and is added to the running
+   S = q8·k8ᵀ is exact in the int32 accumulator (|S| <= 256 * 127² < 2^24 for head dims up to 256, so exact
+   in float32 too) and is scaled by q's and k's scales. P = exp2(S - m + 8): the numerators times 256 (the
+   running row max m maps to 256, inside e4m3's range, where its normal numbers reach down to 2^-6 / 256 =
+   6e-5 relative to the row max), rounded to e4m3 (fp16) for the tensor cores, while the row sums l add the
+   unrounded float32 values. With e4m3, each block's P·V goes into a fresh accumulator and is added to the running
    one in float32 (`SPLIT_ACCUMULATOR`): Hopper's fp8 tensor cores keep only ~14 bits of their
-   accumulator's mantissa (DeepSeek-V3 report, sec. 3.3.2), which over 68 key blocks would add up.
-   O = acc / l * v_scale[channel].
+   accumulator's mantissa (DeepSeek-V3 report, sec. 3.3.2), which over 68 key blocks could add up (not yet
+   measured here: the probe's "one accumulator" variant does). It costs nothing in instructions: the running
+   accumulator's rescale becomes the add's FFMA. O = acc / l * v_scale[channel].
 
 Numerics: `sage_attention_reference` does the same arithmetic in PyTorch, block by block with the same
 key-block width, so that the kernel can be checked close to it (the remaining differences: exp2's last
@@ -68,7 +70,15 @@ E4M3_MAX = 448.0
 P_EXPONENT = 8.0  # P is stored as exp2(s - m + 8) = 256 * exp2(s - m), so the row max lands on 256 (module doc)
 TOKEN_TILE = 128  # quantized tensors are padded to whole tiles of this many tokens; the kernel's blocks divide it
 Q_ROWS = 1  # tokens per q scale: per token, free in the kernel (module docstring: its error)
-K_ROWS = 1  # tokens per k scale: 1, or a multiple of the kernel's key block (then one scale per block)
+# Tokens per k scale (`default_k_rows`): 1, or a multiple of the kernel's key block (then one scale per block).
+# Per token costs the kernel a multiply per score and a gather of the block's scales: 703 SASS instructions per
+# thread for an e4m3 key block instead of 614 (sm_90, 128x128 tile, 8 warps; built offline, not timed). There
+# 8 warps issue ~1200-1400 cycles of instructions against ~1000 cycles of 8-bit MMAs, so the issue rate bounds
+# the loop, and e4m3's P·V error dwarfs what per-token k saves. With fp16 P·V (657 instructions against ~1500
+# cycles of MMAs, fp16's at half the 8-bit rate) the multiply is hidden, and per token takes the error from
+# 1.13% to 0.93%.
+K_ROWS_FP8 = 128
+K_ROWS_FP16 = 1
 # A rows-per-scale value must divide TOKEN_TILE and be a power of two.
 ROW_CHOICES = (1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -109,6 +119,11 @@ def fp8_tensor_cores(device: torch.device) -> bool:
     if device.type != "cuda":
         return interpreting()
     return torch.version.hip is None and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def default_k_rows(fp8_pv: bool) -> int:
+    """Tokens per k scale by default: one scale per 128 keys with e4m3 P·V, per key with fp16 (K_ROWS_FP8 says why)."""
+    return K_ROWS_FP8 if fp8_pv else K_ROWS_FP16
 
 
 def _check_rows(q_rows: int, k_rows: int) -> None:
@@ -152,13 +167,17 @@ def column_stats_reference(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tens
 
 
 def quantize_operands_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, fp8_pv: bool = True,
-                                q_rows: int = Q_ROWS, k_rows: int = K_ROWS) -> Operands:
-    """q, k, v [B, H, L, D] (any strides) -> `Operands` (the module docstring says how)."""
+                                q_rows: int = Q_ROWS, k_rows: int | None = None) -> Operands:
+    """q, k, v [B, H, L, D] (any strides) -> `Operands` (the module docstring says how); k_rows None:
+    `default_k_rows(fp8_pv)`."""
+    k_rows = default_k_rows(fp8_pv) if k_rows is None else k_rows
     _check_rows(q_rows, k_rows)
     head_dim, channels = q.shape[3], padded_head_dim(q.shape[3])
     length_q, length_k = q.shape[2], k.shape[2]
     k_sum, v_amax = column_stats_reference(k, v)
-    k_mean = (k_sum / length_k).float()[:, :, None, :head_dim]
+    # The float32 sum over a float32 length, a true division as the kernel's (PyTorch on CUDA would multiply by a
+    # rounded reciprocal of a Python number).
+    k_mean = (k_sum.float() / k_sum.new_tensor(length_k, dtype=torch.float32))[:, :, None, :head_dim]
     q8, q_scale = _int8_groups_reference(_padded(q.float(), _padded_tokens(length_q), channels), q_rows,
                                          head_dim**-0.5 * LOG2E)
     k8, k_scale = _int8_groups_reference(_padded(k.float() - k_mean, _padded_tokens(length_k), channels), k_rows, 1.0)
@@ -179,14 +198,16 @@ def attend_reference(operands: Operands, out_dtype: torch.dtype, block_n: int = 
     fp8_pv = o.v8t.dtype == torch.float8_e4m3fn
     q_scale = o.q_scale.repeat_interleave(o.q_rows, dim=2)[:, :, :o.length_q]       # [B, H, Lq]
     k_scale = o.k_scale.repeat_interleave(o.k_rows, dim=2)                            # [B, H, Lk_pad]
-    q8 = o.q8[:, :, :o.length_q].double()
+    # float32 products of int8 values and their sums (under 2^24) are exact, on TF32 tensor cores too (int8 values
+    # fit TF32's significand), so the scores equal the kernel's int32 ones whatever PyTorch's matmul settings.
+    q8 = o.q8[:, :, :o.length_q].float()
     v8 = o.v8t.transpose(2, 3).float()                                               # [B, H, Lk_pad, D_pad]
     row_max = q8.new_full((batch, heads, o.length_q), -math.inf, dtype=torch.float32)
     row_sum = torch.zeros_like(row_max)
     acc = row_max.new_zeros((batch, heads, o.length_q, channels))
     for start in range(0, o.length_k, block_n):
         end = min(start + block_n, o.length_k)
-        scores = (q8 @ o.k8[:, :, start:end].double().transpose(2, 3)).float()     # exact integers
+        scores = q8 @ o.k8[:, :, start:end].float().transpose(2, 3)
         if o.k_rows < block_n:  # a scale per key column, then q's per row
             scores = scores * k_scale[:, :, None, start:end]
             factor = q_scale
@@ -204,7 +225,7 @@ def attend_reference(operands: Operands, out_dtype: torch.dtype, block_n: int = 
 
 
 def sage_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, fp8_pv: bool = True,
-                             q_rows: int = Q_ROWS, k_rows: int = K_ROWS, block_n: int = 128) -> torch.Tensor:
+                             q_rows: int = Q_ROWS, k_rows: int | None = None, block_n: int = 128) -> torch.Tensor:
     """softmax(q kᵀ / sqrt(D)) v computed as the kernels compute it (module docstring): q, k, v [B, H, L, D]
     -> [B, H, Lq, D] in q's dtype."""
     operands = quantize_operands_reference(q, k, v, fp8_pv=fp8_pv, q_rows=q_rows, k_rows=k_rows)
@@ -232,8 +253,9 @@ def _runs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 
 
 def quantize_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, fp8_pv: bool = True,
-                      q_rows: int = Q_ROWS, k_rows: int = K_ROWS) -> Operands:
+                      q_rows: int = Q_ROWS, k_rows: int | None = None) -> Operands:
     """Same contract as `quantize_operands_reference`; the Triton kernels where they can run."""
+    k_rows = default_k_rows(fp8_pv) if k_rows is None else k_rows
     _check_rows(q_rows, k_rows)
     if not _runs(q, k, v):
         return quantize_operands_reference(q, k, v, fp8_pv=fp8_pv, q_rows=q_rows, k_rows=k_rows)
@@ -249,13 +271,15 @@ def attend(operands: Operands, out_dtype: torch.dtype) -> torch.Tensor:
 
 
 def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, fp8_pv: bool | None = None,
-                   q_rows: int = Q_ROWS, k_rows: int = K_ROWS) -> torch.Tensor:
+                   q_rows: int = Q_ROWS, k_rows: int | None = None) -> torch.Tensor:
     """Same contract as `sage_attention_reference`, P·V in e4m3 where the GPU has fp8 tensor cores (`fp8_pv`
     None) or as `fp8_pv` says; the output is a [B, H, Lq, D] view of a contiguous [B, Lq, H, D] buffer.
     Inference only (no backward)."""
     _check_inputs(q, k, v)
     if fp8_pv is None:
         fp8_pv = fp8_tensor_cores(q.device)
+    k_rows = default_k_rows(fp8_pv) if k_rows is None else k_rows
+    _check_rows(q_rows, k_rows)
     if not _runs(q, k, v):
         return sage_attention_reference(q, k, v, fp8_pv=fp8_pv, q_rows=q_rows, k_rows=k_rows)
     return _launch_attention(_quantize_triton(q, k, v, fp8_pv, q_rows, k_rows), q.dtype)
@@ -291,7 +315,7 @@ def _column_stats_kernel(k_ptr, v_ptr, k_sum_ptr, v_amax_ptr, heads, length, hea
 
 
 @triton.jit
-def _quantize_int8_kernel(x_ptr, k_sum_ptr, out_ptr, scale_ptr, heads, length, padded_length, head_dim, factor,
+def _quantize_int8_kernel(x_ptr, k_mean_ptr, out_ptr, scale_ptr, heads, length, padded_length, head_dim, factor,
                           stride_b, stride_h, stride_l, stride_d,
                           CENTRE: tl.constexpr, ROWS: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr):
     # One tile of TILE tokens of one head -> int8, one scale per ROWS tokens; the padding written as zeros.
@@ -304,8 +328,9 @@ def _quantize_int8_kernel(x_ptr, k_sum_ptr, out_ptr, scale_ptr, heads, length, p
     x = tl.load(base + rows.to(tl.int64)[:, None] * stride_l + cols[None, :] * stride_d, mask=inside,
                 other=0.0).to(tl.float32)
     if CENTRE:
-        mean = (tl.load(k_sum_ptr + bh * BLOCK_D + cols) / length).to(tl.float32)
-        x = tl.where(inside, x - mean[None, :], 0.0)
+        mean = tl.load(k_mean_ptr + bh * BLOCK_D + cols)
+        # Padding rows stay zero (the padding channels' mean is zero: their sums are).
+        x = tl.where((rows < length)[:, None], x - mean[None, :], 0.0)
     groups: tl.constexpr = TILE // ROWS
     amax = tl.reduce(tl.reshape(tl.abs(x), [groups, ROWS * BLOCK_D]), 1, _max)
     amax = tl.maximum(amax, 1e-30)
@@ -321,11 +346,14 @@ def _quantize_int8_kernel(x_ptr, k_sum_ptr, out_ptr, scale_ptr, heads, length, p
 
 
 @triton.jit
-def _quantize_v_kernel(v_ptr, v_amax_ptr, out_ptr, scale_ptr, heads, length, padded_length, head_dim,
-                       stride_b, stride_h, stride_l, stride_d,
+def _quantize_v_kernel(v_ptr, v_amax_ptr, out_ptr, scale_ptr, k_sum_ptr, k_mean_ptr, heads, length, padded_length,
+                       head_dim, stride_b, stride_h, stride_l, stride_d,
                        FP8: tl.constexpr, EXACT_ROUNDING: tl.constexpr, BLOCK_L: tl.constexpr,
                        BLOCK_D: tl.constexpr):
-    # One tile of tokens of one head -> v / v_scale (per channel) in e4m3 or fp16, stored transposed.
+    # One tile of tokens of one head -> v / v_scale (per channel) in e4m3 or fp16, stored transposed. Each head's
+    # first tile also writes v's scales and K's mean over tokens (float32 sum / float32 length): a division per
+    # channel, here once per head; in the int8 kernel's tile layout every thread would repeat it (its registers
+    # spilled on sm_90).
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     rows = tile * BLOCK_L + tl.arange(0, BLOCK_L)
@@ -344,6 +372,8 @@ def _quantize_v_kernel(v_ptr, v_amax_ptr, out_ptr, scale_ptr, heads, length, pad
     tl.store(out_ptr + out_cols[None, :] * padded_length + rows[:, None], values)
     if tile == 0:
         tl.store(scale_ptr + bh * BLOCK_D + cols, tl.math.div_rn(amax, tl.full([BLOCK_D], 448.0, tl.float32)))
+        k_sum = tl.load(k_sum_ptr + bh * BLOCK_D + cols).to(tl.float32)
+        tl.store(k_mean_ptr + bh * BLOCK_D + cols, tl.math.div_rn(k_sum, tl.full([BLOCK_D], 1.0, tl.float32) * length))
 
 
 _STATS_BLOCK_L = 32
@@ -381,7 +411,15 @@ def _quantize_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fp8_pv: 
     per_program = cdiv(tiles, splits)
     _column_stats_kernel[(batch * heads, cdiv(tiles, per_program))](
         k, v, k_sum, v_amax, heads, length_k, head_dim, *k.stride(), *v.stride(), _loop_count(per_program),
-        BLOCK_L=_STATS_BLOCK_L, BLOCK_D=channels, num_warps=4)
+        BLOCK_L=_STATS_BLOCK_L, BLOCK_D=channels, num_warps=8)
+
+    v8t = torch.empty((batch, heads, channels, padded_k), dtype=torch.float8_e4m3fn if fp8_pv else torch.float16,
+                      device=device)
+    v_scale = torch.empty((batch, heads, channels), dtype=torch.float32, device=device)
+    k_mean = torch.empty((batch, heads, channels), dtype=torch.float32, device=device)
+    _quantize_v_kernel[(padded_k // _V_BLOCK_L, batch * heads)](
+        v, v_amax, v8t, v_scale, k_sum, k_mean, heads, length_k, padded_k, head_dim, *v.stride(), FP8=fp8_pv,
+        EXACT_ROUNDING=interpreting(), BLOCK_L=_V_BLOCK_L, BLOCK_D=channels, num_warps=4)
 
     q8 = torch.empty((batch, heads, padded_q, channels), dtype=torch.int8, device=device)
     k8 = torch.empty((batch, heads, padded_k, channels), dtype=torch.int8, device=device)
@@ -391,15 +429,8 @@ def _quantize_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fp8_pv: 
     for x, out, scale, rows, factor, centre in ((q, q8, q_scale, q_rows, head_dim**-0.5 * LOG2E, False),
                                                (k, k8, k_scale, k_rows, 1.0, True)):
         _quantize_int8_kernel[(out.shape[2] // TOKEN_TILE, batch * heads)](
-            x, k_sum, out, scale, heads, x.shape[2], out.shape[2], head_dim, factor, *x.stride(),
+            x, k_mean, out, scale, heads, x.shape[2], out.shape[2], head_dim, factor, *x.stride(),
             CENTRE=centre, ROWS=rows, TILE=TOKEN_TILE, BLOCK_D=channels, num_warps=warps)
-
-    v8t = torch.empty((batch, heads, channels, padded_k), dtype=torch.float8_e4m3fn if fp8_pv else torch.float16,
-                      device=device)
-    v_scale = torch.empty((batch, heads, channels), dtype=torch.float32, device=device)
-    _quantize_v_kernel[(padded_k // _V_BLOCK_L, batch * heads)](
-        v, v_amax, v8t, v_scale, heads, length_k, padded_k, head_dim, *v.stride(), FP8=fp8_pv,
-        EXACT_ROUNDING=interpreting(), BLOCK_L=_V_BLOCK_L, BLOCK_D=channels, num_warps=4)
     launches["sage_quantize"] += 1
     return Operands(q8, q_scale, k8, k_scale, v8t, v_scale, length_q, length_k, head_dim, q_rows, k_rows)
 
@@ -440,7 +471,8 @@ def _key_block(acc, row_sum, row_max, q, q_factor, k_src, v_src, k_scale_ptr, st
     p = tl.math.exp2(scores * factor[:, None] - (new_max - 8.0)[:, None])  # 8.0: P_EXPONENT
     alpha = tl.math.exp2(row_max - new_max)
     row_sum = row_sum * alpha + tl.reduce(p, 1, _add)
-    v = _load_tile(v_src, v_row0, start_n, padded_k, BLOCK_D, BLOCK_N, TMA)  # [D, N]: tokens contiguous
+    # v8t's [D, N] tile: tokens, P·V's contraction dimension, contiguous, as 8-bit wgmma wants its B operand.
+    v = tl.trans(_load_tile(v_src, v_row0, start_n, padded_k, BLOCK_D, BLOCK_N, TMA))
     if FP8_PV:
         if EXACT_ROUNDING:  # the interpreter's own e4m3 conversion mis-rounds (kernels/e4m3.py)
             p = round_to_e4m3(p)
@@ -448,9 +480,9 @@ def _key_block(acc, row_sum, row_max, q, q_factor, k_src, v_src, k_scale_ptr, st
     else:
         rounded = p.to(tl.float16)
     if SPLIT_ACCUMULATOR:
-        acc = acc * alpha[:, None] + tl.dot(rounded, tl.trans(v), out_dtype=tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(rounded, v, out_dtype=tl.float32)
     else:
-        acc = tl.dot(rounded, tl.trans(v), acc * alpha[:, None], out_dtype=tl.float32)
+        acc = tl.dot(rounded, v, acc * alpha[:, None], out_dtype=tl.float32)
     return acc, row_sum, new_max
 
 
@@ -507,13 +539,16 @@ def _config(block_m: int, block_n: int, warps: int, stages: int, tma: bool):
                          pre_hook=_tma_block_shapes if tma else None)
 
 
-# Hopper (sm_90, TMA). NOT YET MEASURED: FlashAttention-style starting points (128-query tiles with 8 warps,
-# two to three stages), to be replaced by bench/sage_attention_probe.py's timings on an H200.
+# NOT YET TIMED on any GPU. Chosen from builds for each target made without a GPU (triton.compile for sm_90 /
+# sm_89 / sm_80 with the launches' 16-byte alignments, read with cuobjdump): the configs whose registers do not
+# spill, for head dim 128, e4m3 and fp16 P·V. Their timings on an H200: bench/sage_attention_probe.py.
+# Hopper (sm_90, TMA; int8, e4m3 and fp16 wgmma): 152-212 registers, 66-166 KB of shared memory; 128-query tiles
+# on 4 warps spilled.
 _TMA_CONFIGS = [_config(128, 128, 8, 2, True), _config(128, 128, 8, 3, True), _config(128, 64, 8, 3, True),
-                _config(128, 64, 4, 3, True), _config(64, 128, 4, 3, True)]
-# Ampere / Ada (pointer loads, cp.async pipelining). NOT YET MEASURED (the device tool lends H200s only).
-_POINTER_CONFIGS = [_config(128, 64, 4, 3, False), _config(128, 128, 8, 2, False), _config(64, 64, 4, 3, False),
-                    _config(128, 64, 8, 3, False)]
+                _config(128, 64, 8, 4, True), _config(64, 128, 4, 3, True)]
+# Ampere / Ada (pointer loads, cp.async pipelining): 199-237 registers, 33-91 KB (128x128 tiles spilled there).
+_POINTER_CONFIGS = [_config(128, 64, 8, 2, False), _config(128, 64, 8, 3, False), _config(128, 64, 8, 4, False),
+                    _config(64, 64, 4, 3, False)]
 
 _AUTOTUNE_KEY = ["length_bucket", "BLOCK_D", "FP8_PV", "K_ROWS", "SPLIT_ACCUMULATOR"]
 _attention_tma_tuned = triton.autotune(configs=_TMA_CONFIGS, key=_AUTOTUNE_KEY)(_attention_kernel)
@@ -558,7 +593,7 @@ def _launch_attention(operands: Operands, out_dtype: torch.dtype, config: dict |
     scales = (o.q_scale, o.k_scale, o.v_scale, out)
     if interpreting():
         config = dict(_INTERPRETER_CONFIG) if config is None else config
-        tma = False
+        tma = bool(tma)  # pointer loads unless asked: the interpreter reads TMA descriptors too (a test does)
     elif tma is None:
         tma = _hopper(device)
     if tma:

@@ -20,7 +20,8 @@ except Exception as error:  # pragma: no cover
     _kernel_runtime = _sage = None
     _SAGE_IMPORT_ERROR = f"{type(error).__name__}: {error}"
 
-ATTENTION_BACKENDS = ("auto", "sdpa", "math", "flash-attn", "cudnn-fp8", "sage8")
+ATTENTION_BACKENDS = ("auto", "sdpa", "math", "flash-attn", "cudnn-fp8", "sage8", "sage8-fp16")
+SAGE_BACKENDS = ("sage8", "sage8-fp16")
 _backend = "auto"
 
 
@@ -29,7 +30,8 @@ def set_attention_backend(name: str) -> None:
     installed, else SDPA with cuDNN first), 'sdpa', 'math', 'flash-attn' (any installed version), or
     'cudnn-fp8' (opt-in: cuDNN's fp8 flash attention on Hopper, ~1.4x faster in the model, ~6% error per call), or
     'sage8' (opt-in: our Triton kernel, q·k in int8 and P·V in fp8 on Ada / Hopper, fp16 on Ampere; ~3.7% error
-    per call with fp8, ~1% with fp16: kernels/sage_attention.py)."""
+    per call with fp8, ~1% with fp16: kernels/sage_attention.py), or 'sage8-fp16' (the same with P·V in fp16
+    everywhere: ~1% error, P·V's tensor cores at bf16's rate)."""
     global _backend
     if name not in ATTENTION_BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(ATTENTION_BACKENDS)}")
@@ -40,8 +42,8 @@ def set_attention_backend(name: str) -> None:
         )
     if name == "cudnn-fp8" and (reason := _fp8.unavailable_reason()) is not None:
         raise RuntimeError(f"attention backend 'cudnn-fp8' cannot run here: {reason}; or choose 'auto'")
-    if name == "sage8" and (reason := sage_unavailable_reason()) is not None:
-        raise RuntimeError(f"attention backend 'sage8' cannot run here: {reason}; or choose 'auto'")
+    if name in SAGE_BACKENDS and (reason := sage_unavailable_reason()) is not None:
+        raise RuntimeError(f"attention backend '{name}' cannot run here: {reason}; or choose 'auto'")
     _backend = name
 
 
@@ -137,8 +139,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     if _backend == "cudnn-fp8" and q.is_cuda:
         out = _fp8.fp8_attention(q, k, v)
         return out.transpose(1, 2).reshape(batch, length, heads * head_dim)
-    if _backend == "sage8" and _kernel_runtime.enabled_for_traced(q):
-        out = torch.ops.kontext.sage_attention(q, k, v)  # opaque inside compiled blocks
+    if _backend in SAGE_BACKENDS and _kernel_runtime.enabled_for_traced(q):
+        out = torch.ops.kontext.sage_attention(q, k, v, _backend == "sage8-fp16")  # opaque inside compiled blocks
         return out.transpose(1, 2).reshape(batch, length, heads * head_dim)
     if _backend == "math":
         scores = (q @ k.transpose(-1, -2)) * head_dim**-0.5
@@ -165,7 +167,8 @@ def joint_attention(streams: list[tuple[torch.Tensor, torch.nn.Module, torch.nn.
 
 
 def sage_unavailable_reason(device: torch.device | str | None = None) -> str | None:
-    """None when attention backend 'sage8' can run on `device` (default: the current CUDA device), else why not
+    """None when attention backends 'sage8' and 'sage8-fp16' can run on `device` (default: the current CUDA device),
+    else why not
     (one line): it needs this project's Triton kernels, switched on, and a CUDA GPU of compute capability 8.0
     (Ampere) or newer, or Triton's interpreter (TRITON_INTERPRET=1: any device, slowly; that is how the tests
     run it on a CPU)."""
@@ -191,18 +194,19 @@ def sage_unavailable_reason(device: torch.device | str | None = None) -> str | N
     return None
 
 
-def _sage_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def _sage_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fp16_pv: bool) -> torch.Tensor:
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        return _sage.sage_attention(q, k, v)
+        return _sage.sage_attention(q, k, v, fp8_pv=False if fp16_pv else None)
 
 
-def _sage_fake_output(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def _sage_fake_output(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fp16_pv: bool) -> torch.Tensor:
     batch, heads, length, head_dim = q.shape
     return q.new_empty((batch, length, heads, head_dim)).transpose(1, 2)
 
 
 if _sage is not None:
-    ops.define("sage_attention(Tensor q, Tensor k, Tensor v) -> Tensor", _sage_attention_op, _sage_fake_output)
+    ops.define("sage_attention(Tensor q, Tensor k, Tensor v, bool fp16_pv) -> Tensor", _sage_attention_op,
+               _sage_fake_output)
 
 
 # On Hopper, cuDNN's fused attention runs FLUX's shapes at about twice the rate of PyTorch's flash

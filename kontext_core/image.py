@@ -20,6 +20,7 @@ PREFERRED_KONTEXT_RESOLUTIONS = (
 MULTIPLE = 16  # 8x autoencoder downsampling times the 2x2 patch
 RESIZE_MODES = ("preferred", "keep", "exact")
 FIT_MODES = ("stretch", "crop")
+STITCH_DIRECTIONS = ("right", "down")
 
 
 def to_rgb_array(image: Image.Image) -> np.ndarray:
@@ -38,6 +39,58 @@ def to_rgb_array(image: Image.Image) -> np.ndarray:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
     return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+
+
+def to_rgb_image(image: Image.Image) -> Image.Image:
+    """The 8-bit RGB image the pipeline works from (by the rule in the module docstring); RGB images as they are."""
+    if image.mode == "RGB":
+        return image
+    return Image.fromarray((to_rgb_array(image) * 255.0 + 0.5).astype(np.uint8))
+
+
+def unit_images(images: list[Image.Image]) -> torch.Tensor:
+    """Images of one size -> float [B, H, W, 3] in [0, 1], each value an 8-bit level / 255."""
+    arrays = [np.asarray(to_rgb_image(i), dtype=np.float32) / 255.0 for i in images]
+    return torch.from_numpy(np.stack(arrays))
+
+
+def from_unit_images(images: torch.Tensor) -> list[Image.Image]:
+    """[B, H, W, 3] in [0, 1] -> 8-bit RGB images (rounded: k / 255 comes back as k)."""
+    array = (images.detach().float().cpu().clamp(0, 1) * 255.0).round().to(torch.uint8).numpy()
+    return [Image.fromarray(a) for a in array]
+
+
+def pixels_to_unit(pixels: torch.Tensor) -> torch.Tensor:
+    """The autoencoder's [B, 3, H, W] in about [-1, 1] -> [B, H, W, 3] in [0, 1] (float, not quantized)."""
+    return ((pixels.detach().float().cpu().clamp(-1, 1) + 1.0) / 2.0).permute(0, 2, 3, 1).contiguous()
+
+
+def stitch_images(images: list[Image.Image], direction: str = "right") -> Image.Image:
+    """Images joined into one, side by side ("right") or one below the other ("down"), the first as it is and
+    each other resized (aspect kept) to the first's height (right) or width (down), as ComfyUI's Image Stitch
+    node with match_image_size does; how its Kontext template puts several references into one context."""
+    if direction not in STITCH_DIRECTIONS:
+        raise ValueError(f"unknown stitch direction {direction!r}; choose one of {', '.join(STITCH_DIRECTIONS)}")
+    pictures = [to_rgb_image(i) for i in images]
+    first = pictures[0]
+    placed = [first]
+    for picture in pictures[1:]:
+        if direction == "right":
+            size = (max(1, round(picture.width * first.height / picture.height)), first.height)
+        else:
+            size = (first.width, max(1, round(picture.height * first.width / picture.width)))
+        placed.append(picture if picture.size == size else picture.resize(size, Image.Resampling.LANCZOS))
+    if direction == "right":
+        canvas = Image.new("RGB", (sum(p.width for p in placed), first.height))
+        offsets = np.cumsum([0] + [p.width for p in placed[:-1]])
+        for picture, offset in zip(placed, offsets):
+            canvas.paste(picture, (int(offset), 0))
+    else:
+        canvas = Image.new("RGB", (first.width, sum(p.height for p in placed)))
+        offsets = np.cumsum([0] + [p.height for p in placed[:-1]])
+        for picture, offset in zip(placed, offsets):
+            canvas.paste(picture, (0, int(offset)))
+    return canvas
 
 
 def preferred_size(width: int, height: int, multiple: int = MULTIPLE) -> tuple[int, int]:
@@ -90,8 +143,7 @@ def prepare_image(image: Image.Image, mode: str = "preferred", size: tuple[int, 
     if image.width < 1 or image.height < 1:
         raise ValueError(f"the image is empty ({image.width}x{image.height})")
     width, height = target_size(image.width, image.height, mode, size, multiple)
-    rgb = Image.fromarray((to_rgb_array(image) * 255.0 + 0.5).astype(np.uint8)) \
-        if image.mode not in ("RGB",) else image
+    rgb = to_rgb_image(image)
     if fit == "crop":
         rgb = _center_crop_to_ratio(rgb, width, height)
     if rgb.size != (width, height):

@@ -106,6 +106,7 @@ def sample_euler(
     velocity_fn: Callable[..., torch.Tensor] | None = None,
     step_cache: StepCache | str | None = None,
     cache_stats: CacheStats | None = None,
+    blend: Callable[[torch.Tensor, float], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Euler integration of the flow; the latent is kept in float32 (or float64) between steps.
 
@@ -113,6 +114,8 @@ def sample_euler(
     and are combined as v_neg + true_cfg * (v_pos - v_neg). `velocity_fn` stands in for
     `model.velocity` (same arguments), e.g. a CUDA-graphed one. `step_cache` skips the blocks on steps
     whose input barely changed (kontext_core/step_cache.py); its counts are added to `cache_stats`.
+    `blend(x, t_next)` rewrites the latent after each step (a masked edit puts back the noised original
+    outside its mask: masks.LatentInpaint).
     """
     step_cache = StepCache.parse(step_cache)
     if step_cache is not None and velocity_fn is not None:
@@ -150,6 +153,8 @@ def sample_euler(
             positive, negative_v = velocity.chunk(2)
             velocity = negative_v + true_cfg * (positive - negative_v)
         x = x + (t_next - t) * velocity
+        if blend is not None:
+            x = blend(x, t_next)
         if callback is not None:
             callback(StepInfo(step, len(timesteps) - 1, t, t_next, x, velocity))
     return x

@@ -1,9 +1,11 @@
 """ComfyUI's types <-> kontext_core's, and nothing else: no models, no ComfyUI import.
 
 IMAGE: float [B, H, W, C] in [0, 1].  Core pixels: float [B, 3, H, W] in [-1, 1].
-LATENT: {"samples": [B, 16, h, w]} in ComfyUI's raw FLUX VAE space; the core works on the scaled
-latent the AE's `encode` returns. ComfyUI's `latent_formats.Flux.process_in` maps raw to scaled as
-(raw - 0.1159) * 0.3611, so every LATENT crossing the boundary goes through that formula.
+LATENT: {"samples": [B, 16, h, w], optionally "noise_mask": [B, 1, H, W] from Set Latent Noise Mask} in
+ComfyUI's raw FLUX VAE space; the core works on the scaled latent the AE's `encode` returns. ComfyUI's
+`latent_formats.Flux.process_in` maps raw to scaled as (raw - 0.1159) * 0.3611, so every LATENT crossing the
+boundary goes through that formula.
+MASK: float [B, H, W] or [H, W] in [0, 1] (1 = edit); the core's masks.py takes it as it is.
 CONDITIONING: [[t5_embeddings [B, L, 4096], {"pooled_output": [B, 768], "guidance": float,
 "reference_latents": [raw latents], "reference_latents_method": str}], ...].
 """
@@ -27,6 +29,7 @@ COMFY_FLUX_SHIFT = 0.1159
 LATENT_CHANNELS = 16
 # ComfyUI's FluxKontextMultiReferenceLatentMethod names -> our placements.
 _METHOD_ALIASES = {"uxo/uno": "uxo", "uno": "uxo"}
+COMFY_METHODS = ("offset", "index", "uxo")  # what Edit Model Reference Method sets (any of PLACEMENTS is read)
 
 
 # --- IMAGE ---------------------------------------------------------------------------------------
@@ -73,6 +76,12 @@ def pixels_to_image(pixels: torch.Tensor) -> torch.Tensor:
     return ((pixels.detach().float().cpu().clamp(-1, 1) + 1.0) / 2.0).permute(0, 2, 3, 1).contiguous()
 
 
+def rgb_image(image: torch.Tensor) -> torch.Tensor:
+    """IMAGE [B, H, W, C] -> [B, H, W, 3], the values themselves (gray repeated, alpha dropped)."""
+    check_image(image)
+    return image[..., :3] if image.shape[-1] >= 3 else image.expand(-1, -1, -1, 3)
+
+
 def image_to_pixels(image: torch.Tensor) -> torch.Tensor:
     """IMAGE [B, H, W, C] -> core pixels [B, 3, H, W] in [-1, 1] (gray repeated, alpha dropped)."""
     check_image(image)
@@ -105,15 +114,22 @@ def check_latent_tensor(samples: Any, what: str = "latent") -> torch.Tensor:
     return samples
 
 
-def latent_from_comfy(latent: Any, what: str = "latent") -> torch.Tensor:
-    """A LATENT dict -> scaled latents [B, 16, h, w] (float32, on the CPU)."""
+def latent_from_comfy(latent: Any, what: str = "latent", *, honors_mask: bool = False) -> torch.Tensor:
+    """A LATENT dict -> scaled latents [B, 16, h, w] (float32, on the CPU).
+
+    A noise mask on it is reported as ignored unless the caller `honors_mask` (and reads it with `noise_mask`)."""
     if not isinstance(latent, dict) or "samples" not in latent:
         raise ValueError(f"{what}: expected a ComfyUI LATENT (a dict with 'samples'), got {type(latent).__name__}")
-    if latent.get("noise_mask") is not None:
+    if latent.get("noise_mask") is not None and not honors_mask:
         logging.getLogger("comfyui-kontext").warning(
-            "comfyui-kontext: the %s LATENT carries a noise mask (Set Latent Noise Mask); Kontext nodes edit the "
-            "whole image and ignore it: describe the region in the prompt instead", what)
+            "comfyui-kontext: the %s LATENT carries a noise mask (Set Latent Noise Mask), which is ignored here; "
+            "connect the mask to the node's mask input, or the masked LATENT to Kontext Edit's target", what)
     return raw_to_scaled(check_latent_tensor(latent["samples"], what).detach().cpu())
+
+
+def noise_mask(latent: Any) -> torch.Tensor | None:
+    """A LATENT's noise mask [B, 1, H, W] (pixel-sized, as Set Latent Noise Mask stores it) or None."""
+    return latent.get("noise_mask") if isinstance(latent, dict) else None
 
 
 def latent_to_comfy(scaled: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -188,7 +204,7 @@ def conditioning_from_comfy(conditioning: Any, what: str = "conditioning", text_
         if method not in PLACEMENTS:
             raise ValueError(
                 f"{what}: reference method {extras['reference_latents_method']!r} is not supported here; choose "
-                f"one of {', '.join(p for p in PLACEMENTS if p != 'kontext')} in Edit Model Reference Method."
+                f"one of {', '.join(COMFY_METHODS)} in Edit Model Reference Method."
             )
     references = []
     for index, raw in enumerate(extras.get("reference_latents") or []):

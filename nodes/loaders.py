@@ -44,7 +44,8 @@ class KontextModelLoader(KontextNode):
                               "cudnn-fp8 (Hopper GPUs, pip install nvidia-cudnn-frontend): ~1.4x faster "
                               "attention, with fp8's rounding error. sage8 (RTX 30/40, A100, H100/H200; "
                               "Triton): our 8-bit attention kernel, q.k in int8, P.V in fp8 (fp16 on "
-                              "RTX 30 / A100), less rounding error than cudnn-fp8."),
+                              "RTX 30 / A100), less rounding error than cudnn-fp8; sage8-fp16: P.V in fp16 "
+                              "everywhere, ~1% error per call."),
                 Combo("compile", COMPILE_MODES, "off",
                       tooltip="on: torch.compile each transformer block (needs a CUDA GPU and Triton). The first "
                               "run takes about a minute longer, then steps are ~4% (bf16) to 5-20% (fp8) faster; "

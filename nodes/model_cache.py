@@ -28,7 +28,7 @@ from . import comfy_adapter
 
 WEIGHT_DTYPES = ("default", "bf16", "fp16", "fp8", "int8", "fp32")
 AE_DTYPES = ("default", "bf16", "fp16", "fp32")
-ATTENTION_BACKENDS = ("auto", "sdpa", "flash-attn", "cudnn-fp8", "sage8")
+ATTENTION_BACKENDS = ("auto", "sdpa", "flash-attn", "cudnn-fp8", "sage8", "sage8-fp16")
 
 
 @dataclass(frozen=True)

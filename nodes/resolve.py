@@ -156,7 +156,9 @@ def set_loras(model: torch.nn.Module, ref: TransformerRef) -> None:
 
 def pipeline(model: TransformerRef, vae: Any, text: TextEncodersRef | None = None) -> KontextPipeline:
     encoders = model_cache.text_encoders(text) if text is not None else None
-    return KontextPipeline(transformer(model), autoencoder(vae), encoders, cuda_graphs=model.cuda_graphs)
+    pipe = KontextPipeline(transformer(model), autoencoder(vae), encoders, cuda_graphs=model.cuda_graphs)
+    pipe.before_use = ready  # ComfyUI may have lent a model's memory to another one since it was loaded
+    return pipe
 
 
 def encode_prompts(text: TextEncodersRef, prompts: Sequence[str], transformer_config=None) -> TextConditioning:

@@ -113,6 +113,10 @@ def Float(name: str, default: float, min: float, max: float, *, step: float = 0.
     return Input(name, "FLOAT", default=default, min=min, max=max, step=step, tooltip=tooltip)
 
 
+def Boolean(name: str, default: bool, *, tooltip: str | None = None) -> Input:
+    return Input(name, "BOOLEAN", default=default, tooltip=tooltip)
+
+
 def String(name: str, default: str = "", *, multiline: bool = False, tooltip: str | None = None) -> Input:
     return Input(name, "STRING", default=default, multiline=multiline, tooltip=tooltip)
 
@@ -134,6 +138,6 @@ def node_spec(node_id: str, display_name: str, description: str, inputs: Sequenc
 
 
 __all__ = [
-    "CATEGORY", "Combo", "Float", "Input", "Int", "KontextNode", "MODEL", "NodeResult", "NodeSpec", "Output",
+    "Boolean", "CATEGORY", "Combo", "Float", "Input", "Int", "KontextNode", "MODEL", "NodeResult", "NodeSpec", "Output",
     "SESSION", "STEP_CACHE", "Seed", "Socket", "String", "TEXT_ENCODERS", "VAE", "WIDGET_TYPES", "node_spec",
 ]

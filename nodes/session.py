@@ -15,11 +15,12 @@ from typing import Any, Sequence
 import torch
 
 from kontext_core import EditSession, GenerationSettings
+from kontext_core.masks import composite
 from kontext_core.pipeline import DEFAULT_GUIDANCE, Turn
 from kontext_core.step_cache import StepCache
 
 from . import comfy_adapter, convert, resolve
-from .edit import GUIDANCE_TOOLTIP
+from .edit import GUIDANCE_TOOLTIP, PLACEMENT_CHOICES, PLACEMENT_TOOLTIP, mask_widgets
 from .images import RESIZE_CHOICES, RESIZE_TOOLTIP, _vae_socket
 from .model_cache import TextEncodersRef, TransformerRef
 from .step_cache import CACHE_TOOLTIP, report
@@ -39,6 +40,8 @@ class SessionState:
     turns: tuple[Turn, ...]
     current: int
     images: tuple[torch.Tensor, ...]  # IMAGE [1, H, W, 3] of each turn
+    resize: str = "preferred"  # the start's; also how images joined into a stitched context are sized
+    source_size: tuple[int, int] | None = None  # (W, H) of the start image: masks drawn on it fit quietly
 
     @property
     def image(self) -> torch.Tensor:
@@ -57,18 +60,22 @@ def _check_state(session: Any) -> SessionState:
 def start(model: TransformerRef, vae: Any, image: torch.Tensor, *, text_encoders: TextEncodersRef | None = None,
           resize: str = "preferred", sampler: str = "dev") -> SessionState:
     pipe = resolve.pipeline(model, vae)
-    latent = resolve.encode_images(pipe.autoencoder, [convert.check_image(image)[:1]], resize)[0]
+    image = convert.check_image(image)[:1]
+    latent = resolve.encode_images(pipe.autoencoder, [image], resize)[0]
     session = pipe.session(latent=latent, settings=GenerationSettings(sampler=sampler))
     first = session.turns[0]
     return SessionState(model, vae, text_encoders, session.settings, (first,), 0,
-                        (resolve.decode_image(pipe.autoencoder, first.latent),))
+                        (resolve.decode_image(pipe.autoencoder, first.latent),), resize,
+                        (image.shape[2], image.shape[1]))
 
 
 def edit(state: SessionState, prompt: str = "", *, seed: int = 0, steps: int = 28, guidance: float = DEFAULT_GUIDANCE,
          conditioning: Any = None, text_encoders: TextEncodersRef | None = None,
-         references: Sequence[torch.Tensor] = (), progress: tuple[int, int] | None = None,
+         references: Sequence[torch.Tensor] = (), progress: tuple[int, int] | None = None, mask: Any = None,
+         grow: int = 0, feather: int = 0, placement: str = "auto",
          cache: StepCache | None = None) -> SessionState:
-    """One more turn from the current one; `references` are extra IMAGEs (a style, a character)."""
+    """One more turn from the current one; `references` are extra IMAGEs (a style, a character). With `mask`
+    only its region changes: the turn's image is the previous one's wherever the mask is 0."""
     state = _check_state(state)
     pipe = resolve.pipeline(state.model, state.vae)
     overrides: dict[str, Any] = dict(seed=seed, steps=steps, guidance=guidance, cache=cache)
@@ -88,16 +95,22 @@ def edit(state: SessionState, prompt: str = "", *, seed: int = 0, steps: int = 2
             raise ValueError("no way to read the prompt: connect Load Kontext Text Encoders to this node or to Kontext "
                              "Start Session, or connect a CONDITIONING.")
         text = resolve.encode_prompts(encoders, [prompt], pipe.transformer.config)
+    if placement != "auto":
+        overrides["placement"] = placement
 
-    session = EditSession(pipe, state.turns[0].latent, state.settings, turns=list(state.turns), current=state.current)
+    session = EditSession(pipe, state.turns[0].latent, state.settings, turns=list(state.turns), current=state.current,
+                          resize=state.resize, source_size=state.source_size)
     offset, total = progress if progress is not None else (0, None)
     callback = step_callback(tuple(state.turns[state.current].latent.shape[-2:]), offset=offset, total=total)
     resolve.ready(pipe.transformer)
     resolve.set_loras(pipe.transformer, state.model)
     with resolve.compile_failures_explained(state.model):
-        turn = session.edit(prompt, conditioning=text, extra_references=extra, callback=callback, **overrides)
+        turn = session.edit(prompt, conditioning=text, extra_references=extra, callback=callback, mask=mask,
+                            grow=grow, feather=feather, **overrides)
     report(turn.cache_stats, turn.settings.cache, f"turn {turn.index}")
     image = resolve.decode_image(pipe.autoencoder, turn.latent)
+    if turn.mask is not None:  # the previous turn's pixels, exactly, wherever the mask is 0
+        image = composite(state.images[turn.parent], image, turn.mask)
     return replace(state, turns=(*state.turns, turn), current=turn.index, images=(*state.images, image))
 
 
@@ -109,14 +122,16 @@ def pick(state: SessionState, turn: int) -> SessionState:
 
 
 def loop(state: SessionState, prompts: str, *, seed: int = 0, steps: int = 28, guidance: float = DEFAULT_GUIDANCE,
-         text_encoders: TextEncodersRef | None = None, cache: StepCache | None = None) -> SessionState:
-    """One turn per non-empty line, each editing the one before; turn i uses seed + i."""
+         text_encoders: TextEncodersRef | None = None, mask: Any = None, grow: int = 0,
+         feather: int = 0, cache: StepCache | None = None) -> SessionState:
+    """One turn per non-empty line, each editing the one before; turn i uses seed + i; `mask` limits every turn."""
     lines = [line.strip() for line in prompts.splitlines() if line.strip()]
     if not lines:
         raise ValueError("no prompts: write one instruction per line.")
     for number, line in enumerate(lines):
         state = edit(state, line, seed=(seed + number) % 2**64, steps=steps, guidance=guidance,
-                     text_encoders=text_encoders, progress=(number * steps, len(lines) * steps), cache=cache)
+                     text_encoders=text_encoders, progress=(number * steps, len(lines) * steps), mask=mask, grow=grow,
+                     feather=feather, cache=cache)
     return state
 
 
@@ -185,16 +200,24 @@ class KontextEditTurn(KontextNode):
                 Socket("reference", "IMAGE", optional=True,
                        tooltip="Extra reference images for this turn (a style, a character, an object)."),
                 Socket("cache", STEP_CACHE, optional=True, tooltip=CACHE_TOOLTIP),
+                Socket("mask", "MASK", optional=True,
+                       tooltip="Where this turn edits (white = edit), drawn on the start image (Load Image's mask) or "
+                               "on the session's images. Wherever it is 0 the turn's image is the previous turn's, "
+                               "pixel for pixel."),
                 *_turn_widgets(),
+                *mask_widgets(),
+                Combo("placement", PLACEMENT_CHOICES, "auto", tooltip=PLACEMENT_TOOLTIP),
             ],
             _SESSION_OUTPUTS,
         )
 
     @classmethod
     def run(cls, session, prompt: str = "", seed: int = 0, steps: int = 28, guidance: float = DEFAULT_GUIDANCE,
-            text_encoders=None, conditioning=None, reference=None, cache=None) -> NodeResult:
+            grow: int = 0, feather: int = 0, placement: str = "auto", text_encoders=None, conditioning=None,
+            reference=None, mask=None, cache=None) -> NodeResult:
         return _outputs(edit(session, prompt, seed=seed, steps=steps, guidance=guidance, conditioning=conditioning,
                              text_encoders=text_encoders, references=[reference] if reference is not None else [],
+                             mask=mask, grow=grow, feather=feather, placement=placement,
                              cache=cache))
 
 
@@ -227,14 +250,18 @@ class KontextEditLoop(KontextNode):
                 Socket("text_encoders", TEXT_ENCODERS, optional=True,
                        tooltip="Needed unless Kontext Start Session has them."),
                 Socket("cache", STEP_CACHE, optional=True, tooltip=CACHE_TOOLTIP),
+                Socket("mask", "MASK", optional=True,
+                       tooltip="Limits every turn to this region (white = edit); elsewhere each turn keeps the one "
+                               "before, pixel for pixel."),
                 *_turn_widgets(),
+                *mask_widgets(),
             ],
             [Output(SESSION, "session"), Output("IMAGE", "images")],
         )
 
     @classmethod
     def run(cls, session, prompts: str = "", seed: int = 0, steps: int = 28, guidance: float = DEFAULT_GUIDANCE,
-            text_encoders=None, cache=None) -> NodeResult:
+            grow: int = 0, feather: int = 0, text_encoders=None, mask=None, cache=None) -> NodeResult:
         state = loop(session, prompts, seed=seed, steps=steps, guidance=guidance, text_encoders=text_encoders,
-                     cache=cache)
+                     mask=mask, grow=grow, feather=feather, cache=cache)
         return NodeResult((state, state.all_images()), ui=turns_ui(state))

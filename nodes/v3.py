@@ -12,7 +12,7 @@ from . import NODES, comfy_adapter, model_cache
 from .schema import Input, KontextNode, Output
 
 _TYPES = {
-    "IMAGE": io.Image, "LATENT": io.Latent, "CONDITIONING": io.Conditioning, "VAE": io.Vae,
+    "IMAGE": io.Image, "MASK": io.Mask, "LATENT": io.Latent, "CONDITIONING": io.Conditioning, "VAE": io.Vae,
     "INT": io.Int, "FLOAT": io.Float, "STRING": io.String, "BOOLEAN": io.Boolean, "COMBO": io.Combo,
 }
 

@@ -91,6 +91,12 @@ def comfyui(tmp_path_factory):
     (base / "input").mkdir()
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)).save(base / "input" / "example.png")
+    # The masked examples' input: as the Mask Editor saves a painted image, the region erased to transparent
+    # (Load Image's MASK is 1 - alpha).
+    masked = rng.integers(0, 256, (24, 40, 4), dtype=np.uint8)
+    masked[..., 3] = 255
+    masked[6:16, 22:34, 3] = 0
+    Image.fromarray(masked, "RGBA").save(base / "input" / "example_masked.png")
 
     port = free_port()
     log = open(base / "comfyui.log", "w")

@@ -92,12 +92,14 @@ def test_attention_backend_is_applied_for_the_run_and_restored(models_tree, monk
     assert get_attention_backend() == "auto"
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines where cudnn-fp8 cannot run")
-def test_unavailable_attention_backend_is_refused_with_the_reason(models_tree, capsys):
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines with no GPU")
+@pytest.mark.parametrize("backend", ["cudnn-fp8", "sage8"])
+def test_unavailable_attention_backend_is_refused_with_the_reason(models_tree, capsys, monkeypatch, backend):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # under the interpreter sage8 runs anywhere
     tmp_path, image, common = models_tree
-    assert main(["edit", str(image), "--prompt", "x", "-o", str(tmp_path / "f.png"), "--resize", "keep", "--attention", "cudnn-fp8",
+    assert main(["edit", str(image), "--prompt", "x", "-o", str(tmp_path / "f.png"), "--resize", "keep", "--attention", backend,
                  *common]) == 2
-    assert "error: --attention cudnn-fp8: attention backend 'cudnn-fp8' cannot run here" in capsys.readouterr().err
+    assert f"error: --attention {backend}: attention backend '{backend}' cannot run here" in capsys.readouterr().err
     assert not (tmp_path / "f.png").exists()
 
 
@@ -248,3 +250,63 @@ def test_bad_step_cache_flags_fail_before_loading(tmp_path, flags, message):
     with pytest.raises(SystemExit, match=message):  # no models anywhere: the flags are read first
         main(["edit", str(tmp_path / "x.png"), "--prompt", "p", "-o", str(tmp_path / "o.png"),
               "--models", str(tmp_path), *flags])
+
+
+# --- masked edits ----------------------------------------------------------------------------------
+
+def _masked_inputs(tmp_path, size=(41, 35)):
+    import numpy as np
+
+    photo = tmp_path / "noisy.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(photo)
+    mask = Image.new("L", size, 0)
+    mask.paste(255, (0, 0, 18, 14))  # white = edit, at the top-left corner
+    mask.save(tmp_path / "mask.png")
+    return photo, tmp_path / "mask.png"
+
+
+@pytest.mark.parametrize("extra", [[], ["--crop-to-mask", "--context-margin", "6"]], ids=["whole", "crop"])
+def test_masked_edit_keeps_the_input_outside_the_mask(models_tree, extra):
+    import numpy as np
+
+    tmp_path, _, common = models_tree
+    photo, mask = _masked_inputs(tmp_path)
+    out = tmp_path / "masked.png"
+    assert main(["edit", str(photo), "--prompt", "make it red", "-o", str(out), "--resize", "keep", "--mask", str(mask),
+                 "--grow", "1", "--feather", "2", *extra, *common]) == 0
+    result, source = np.asarray(Image.open(out)), np.asarray(Image.open(photo))
+    assert result.shape == source.shape  # the input's size (41x35), not the working size
+    from kontext_core.masks import MaskedEdit
+
+    outside = (MaskedEdit.prepare(Image.open(mask), (41, 35), grow=1, feather=2).weights[0] == 0).numpy()
+    assert np.array_equal(result[outside], source[outside]) and not np.array_equal(result[~outside], source[~outside])
+    parameters = json.loads(Image.open(out).text["parameters"])
+    assert parameters["mask"] == str(mask) and parameters["feather"] == 2
+
+
+def test_masked_turns_keep_the_previous_turn_outside_the_mask(models_tree):
+    import numpy as np
+
+    tmp_path, _, common = models_tree
+    photo, mask = _masked_inputs(tmp_path, size=(40, 24))
+    (tmp_path / "turns.txt").write_text("make it red\nadd a hat\n")
+    assert main(["edit", str(photo), "--turns", str(tmp_path / "turns.txt"), "-o", str(tmp_path / "session"),
+                 "--resize", "keep", "--mask", str(mask), *common]) == 0
+    first, second = (np.asarray(Image.open(tmp_path / "session" / f"turn_0{i}.png")) for i in (1, 2))
+    outside = ~(np.asarray(Image.open(mask)) >= 128)
+    assert outside.any() and np.array_equal(first[outside], second[outside])
+    assert not np.array_equal(first[~outside], second[~outside])
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--grow", "3"], "--grow shape a mask: give --mask"),
+    (["--mask", "MASK", "--width", "32", "--height", "32"], "keeps the input's size: drop --width/--height"),
+    (["--mask", "MASK", "--fit", "crop"], "drop --fit crop"),
+    (["--mask", "MASK", "--feather", "-1"], "--feather is a number of pixels"),
+])
+def test_mask_options_are_checked_before_loading(tmp_path, arguments, message):
+    photo, mask = _masked_inputs(tmp_path)
+    arguments = [str(mask) if a == "MASK" else a for a in arguments]
+    with pytest.raises(SystemExit, match=message):
+        main(["edit", str(photo), "--prompt", "x", "-o", str(tmp_path / "o.png"), *arguments,
+              "--models", str(tmp_path / "nowhere")])

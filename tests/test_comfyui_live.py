@@ -56,6 +56,8 @@ def _for_tiny_models(prompt: dict) -> dict:
             inputs["steps"] = 2
         if node["class_type"] == "EmptySD3LatentImage":
             inputs.update(width=64, height=48)
+        if "context_margin" in inputs:
+            inputs["context_margin"] = 4  # a crop smaller than the 40x24 test image
     return prompt
 
 
@@ -98,7 +100,7 @@ def test_core_node_table_matches_comfyui(comfyui):
 
 
 RUNNABLE = ["kontext_edit", "kontext_edit_lora", "kontext_edit_chain", "kontext_multi_reference",
-            "kontext_text_to_image", "kontext_edit_loop"]
+            "kontext_text_to_image", "kontext_edit_loop", "kontext_masked_edit", "kontext_crop_stitch"]
 
 
 @pytest.mark.parametrize("name", RUNNABLE)
@@ -111,10 +113,28 @@ def test_example_workflow_runs(comfyui, name):
     saved = [image for output in result["outputs"].values() for image in output.get("images", [])
              if image.get("type") == "output"]
     assert saved and all((comfyui["base"] / "output" / i["subfolder"] / i["filename"]).exists() for i in saved)
+    if name in ("kontext_masked_edit", "kontext_crop_stitch"):
+        _assert_outside_the_mask_is_the_input(comfyui, prompt, saved[0])
     if name in ("kontext_edit_chain", "kontext_edit_loop"):
         turns = [o["kontext_turns"] for o in result["outputs"].values() if "kontext_turns" in o]
         assert turns and max(len(t) for t in turns) == (4 if name == "kontext_edit_chain" else 5)
         assert any(o.get("kontext_images") for o in result["outputs"].values())
+
+
+def _assert_outside_the_mask_is_the_input(comfyui, prompt: dict, saved: dict) -> None:
+    """Where the (grown) mask is 0 the saved image is the loaded one: Load Image's 8-bit levels / 255 through Save
+    Image's own conversion (255 * x, truncated to 8 bits), computed the same way here."""
+    from kontext_core.masks import MaskedEdit
+
+    edit = next(v["inputs"] for v in prompt.values() if v["class_type"] == "KontextEdit")
+    loaded = Image.open(comfyui["base"] / "input" / "example_masked.png")
+    mask = 1.0 - np.asarray(loaded.getchannel("A"), dtype=np.float32) / 255.0
+    plan = MaskedEdit.prepare(mask, loaded.size, grow=edit["grow"], feather=edit["feather"])
+    outside = (plan.weights[0] == 0).numpy()
+    expected = np.clip(255.0 * (np.asarray(loaded.convert("RGB")).astype(np.float32) / 255.0), 0, 255).astype(np.uint8)
+    result = np.asarray(Image.open(comfyui["base"] / "output" / saved["subfolder"] / saved["filename"]))
+    assert result.shape == expected.shape and outside.any() and not outside.all()
+    assert np.array_equal(result[outside], expected[outside])
 
 
 def test_native_text_encoder_workflow_validates(comfyui):
@@ -170,10 +190,16 @@ def _log_since(comfyui, offset: int) -> str:
     return comfyui["log"].read_text(errors="replace")[offset:]
 
 
-def _wait_for_log(comfyui, offset: int, text: str, seconds: float = 60) -> str:
+def _wait_for_log(comfyui, offset: int, text: str, seconds: float = 60, *, ask_again=None,
+                  every: float = 5.0) -> str:
+    """The log since `offset` once it holds `text`; `ask_again()` is called every `every` s until then."""
     deadline = time.time() + seconds
+    asked = time.time()
     while text not in (log := _log_since(comfyui, offset)):
         assert time.time() < deadline, f"no '{text}' in the log within {seconds} s:\n{log[-3000:]}"
+        if ask_again is not None and time.time() - asked > every:
+            ask_again()
+            asked = time.time()
         time.sleep(0.2)
     return log
 
@@ -196,8 +222,15 @@ def test_comfyui_unloads_our_models_and_we_reload_them(comfyui):
     offset = len(comfyui["log"].read_text(errors="replace"))
     free = urllib.request.Request(f"{comfyui['url']}/free", data=json.dumps({"unload_models": True}).encode(),
                                   method="POST", headers={"Content-Type": "application/json"})
-    urllib.request.urlopen(free, timeout=30).close()  # answers with an empty body
-    freed = _wait_for_log(comfyui, offset, "ComfyUI unloaded KontextTransformer")
+
+    def ask_to_free() -> None:
+        urllib.request.urlopen(free, timeout=30).close()  # answers with an empty body
+
+    # ComfyUI's worker reads /free's flag when its queue wakes it (PromptQueue.set_flag notifies the queue). A
+    # /free that lands while the worker is still collecting garbage after the last prompt wakes nobody, and its
+    # flag would wait for the next prompt: asked again until the log shows the unload.
+    ask_to_free()
+    freed = _wait_for_log(comfyui, offset, "ComfyUI unloaded KontextTransformer", ask_again=ask_to_free)
     assert "ComfyUI unloaded KontextAutoencoder" in freed
     again = run(9002)  # released from our cache too: loaded from the file and handed to ComfyUI again
     assert "Requested to load KontextTransformer" in again and "Requested to load KontextAutoencoder" in again

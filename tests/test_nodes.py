@@ -180,11 +180,15 @@ def test_latent_scaling_is_comfyuis_flux_formula_and_inverts():
     assert (convert.latent_from_comfy(latent) - scaled).abs().max() < 1e-6
 
 
-def test_a_latent_noise_mask_is_reported_as_ignored(caplog):
+def test_a_latent_noise_mask_is_reported_where_it_is_ignored(caplog):
     latent = {"samples": torch.randn(1, 16, 4, 4), "noise_mask": torch.ones(1, 1, 32, 32)}
     with caplog.at_level("WARNING", logger="comfyui-kontext"):
-        assert torch.equal(convert.latent_from_comfy(latent, "target"), convert.raw_to_scaled(latent["samples"]))
-    assert "noise mask" in caplog.text and "ignore" in caplog.text
+        assert torch.equal(convert.latent_from_comfy(latent, "context"), convert.raw_to_scaled(latent["samples"]))
+    assert "noise mask" in caplog.text and "ignored" in caplog.text and "mask input" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="comfyui-kontext"):
+        convert.latent_from_comfy(latent, "target", honors_mask=True)  # Kontext Edit's target: used as the mask
+    assert caplog.text == "" and convert.noise_mask(latent) is latent["noise_mask"]
 
 
 def test_latent_from_comfy_explains_wrong_latents():
@@ -839,6 +843,143 @@ def test_step_cache_on_session_turns_and_loops(models, caplog):
     assert torch.equal(looped.turns[1].latent, session.latent)
     plain = nodes.KontextEditTurn.run(state0, "a hat", seed=1, steps=3).outputs[0]
     assert plain.turns[-1].cache_stats is None and plain.turns[-1].settings.cache == "off"
+
+
+# --- masks ---------------------------------------------------------------------------------------
+
+def _mask(size, left, top, right, bottom, batch: int = 1) -> torch.Tensor:
+    """A MASK [B, H, W] (what Load Image's mask output and the mask nodes give)."""
+    mask = torch.zeros(batch, size[1], size[0])
+    mask[:, top:bottom, left:right] = 1.0
+    return mask
+
+
+def _outside(mask, size, **options) -> torch.Tensor:
+    from kontext_core.masks import MaskedEdit
+
+    return MaskedEdit.prepare(mask, size, **options).weights == 0  # [B, H, W]
+
+
+@pytest.mark.parametrize("size, rect, options", [
+    ((40, 24), (0, 0, 16, 12), dict(grow=1, feather=2)),  # touching the top-left borders
+    ((41, 35), (20, 18, 41, 35), dict(feather=3)),  # odd size, touching the bottom-right borders
+    ((41, 35), (6, 5, 30, 25), dict(crop_to_mask=True, context_margin=4)),
+])
+def test_edit_node_with_a_mask_keeps_the_image_outside_it_exactly(models, size, rect, options):
+    image, mask = _image(1, size), _mask(size, *rect)
+    latent, out = nodes.KontextEdit.run(models.model, models.vae, _prompt(models, "make it red"), seed=3,
+                                        image=image, mask=mask, **FAST, **options).outputs
+    assert out.shape == image.shape
+    outside = _outside(mask, size, **options)
+    assert torch.equal(out[outside], image[outside])  # the IMAGE's own float values
+    assert not torch.equal(out[~outside], image[~outside])
+    expected = models.pipeline.edit(_pil(image), "make it red", seed=3, mask=mask, **FAST, **options)
+    assert torch.equal(latent["samples"], convert.scaled_to_raw(expected.latents))
+    assert convert.image_to_pil(out)[0].tobytes() == expected.images[0].tobytes()
+
+
+def test_edit_node_mask_batch_of_two_and_a_gray_image(models):
+    image = _image(2, (41, 35))
+    gray = image.mean(-1, keepdim=True)  # a 1-channel IMAGE: its gray level repeated
+    masks = torch.cat([_mask((41, 35), 0, 0, 20, 20), _mask((41, 35), 15, 10, 41, 35)])
+    txt, pooled = models.encoders.encode(["red", "blue"])
+    cond = [[txt, {"pooled_output": pooled}]]
+    out = nodes.KontextEdit.run(models.model, models.vae, cond, seed=1, image=gray, mask=masks, feather=2,
+                                **FAST).outputs[1]
+    assert out.shape == (2, 35, 41, 3)
+    outside = _outside(masks, (41, 35), feather=2)
+    for index in range(2):
+        assert torch.equal(out[index][outside[index]], gray[0].expand(-1, -1, 3)[outside[index]])
+
+
+def test_edit_node_all_0_and_all_1_masks(models, monkeypatch):
+    image, cond = _image(3, (41, 35)), _prompt(models, "x")
+    plain = nodes.KontextEdit.run(models.model, models.vae, cond, seed=2, image=image, **FAST).outputs
+    full = nodes.KontextEdit.run(models.model, models.vae, cond, seed=2, image=image, mask=torch.ones(35, 41),
+                                 feather=4, **FAST).outputs
+    assert torch.equal(full[0]["samples"], plain[0]["samples"]) and torch.equal(full[1], plain[1])
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled")
+
+    monkeypatch.setattr(KontextPipeline, "generate", no_sampling)
+    latent, out = nodes.KontextEdit.run(models.model, models.vae, cond, seed=2, image=image,
+                                        mask=torch.zeros(1, 35, 41), **FAST).outputs
+    assert torch.equal(out, image)
+    assert torch.equal(latent["samples"], convert.scaled_to_raw(models.pipeline.encode_image(_pil(image), "keep")))
+
+
+def test_edit_node_takes_the_targets_noise_mask(models):
+    """Set Latent Noise Mask on the target: the same as connecting the mask."""
+    image, cond = _image(4), _prompt(models, "x")
+    mask = _mask((40, 24), 5, 5, 25, 20)
+    by_mask = nodes.KontextEdit.run(models.model, models.vae, cond, seed=1, image=image, mask=mask, **FAST).outputs
+    target = dict(convert.latent_to_comfy(models.pipeline.encode_image(_pil(image), "keep")),
+                  noise_mask=mask.reshape(-1, 1, 24, 40))  # what SetLatentNoiseMask stores
+    by_noise_mask = nodes.KontextEdit.run(models.model, models.vae, cond, seed=1, image=image, target=target,
+                                          **FAST).outputs
+    assert torch.equal(by_mask[1], by_noise_mask[1]) and torch.equal(by_mask[0]["samples"], by_noise_mask[0]["samples"])
+
+
+def test_edit_node_latent_mask_without_an_image(models):
+    """ComfyUI's latent workflow (VAE Encode -> Set Latent Noise Mask -> target, the image as a ReferenceLatent):
+    outside the latent mask the result is the target's latent, exactly."""
+    image = _image(5)
+    encoded = models.pipeline.encode_image(_pil(image), "keep")
+    txt, pooled = models.encoders.encode(["x"])
+    native = [[txt, {"pooled_output": pooled, "reference_latents": [convert.scaled_to_raw(encoded)]}]]
+    small = _mask((20, 12), 0, 0, 8, 6)  # another size than the 40x24 image: resized, with a warning
+    target = dict(convert.latent_to_comfy(encoded), noise_mask=small[:, None])
+    with pytest.warns(UserWarning, match="20x12 pixels but the image 40x24"):
+        latent = nodes.KontextEdit.run(models.model, models.vae, native, seed=1, target=target, **FAST).outputs[0]
+    from kontext_core.masks import MaskedEdit
+
+    with pytest.warns(UserWarning):
+        latent_mask = MaskedEdit.prepare(small, (40, 24)).latent_mask(tuple(encoded.shape[-2:]))
+    kept = (latent_mask == 0).expand_as(encoded)
+    result = convert.raw_to_scaled(latent["samples"])
+    assert kept.any() and (result[kept] - encoded[kept]).abs().max() < 1e-6  # raw <-> scaled rounding only
+    assert (result[~kept] - encoded[~kept]).abs().max() > 0.1
+    with pytest.raises(ValueError, match="crop_to_mask cuts the masked region out of the image"):
+        nodes.KontextEdit.run(models.model, models.vae, native, target=target, crop_to_mask=True, **FAST)
+
+
+def test_edit_node_stitch_placement_equals_the_core(models):
+    image, style = _image(6), _image(7, size=(24, 24))
+    latent = nodes.KontextEdit.run(models.model, models.vae, _prompt(models, "style"), seed=2, image=image,
+                                   image_2=style, placement="stitch_down", **FAST).outputs[0]
+    expected = models.pipeline.edit([_pil(image), _pil(style)], "style", seed=2, placement="stitch_down",
+                                    decode=False, **FAST).latents
+    assert torch.equal(latent["samples"], convert.scaled_to_raw(expected))
+
+
+def test_masked_turns_through_the_session_nodes(models):
+    image = _image(8, (41, 35))
+    state = _start(models, image).outputs[0]
+    first = nodes.KontextEditTurn.run(state, "a", seed=1, steps=2).outputs[0]
+    width, height = first.images[0].shape[2], first.images[0].shape[1]
+    mask = _mask((width, height), 0, 0, 20, 16)  # at the top-left corner
+    second, second_image, _ = nodes.KontextEditTurn.run(first, "b", seed=2, steps=2, mask=mask, feather=2).outputs
+    third = nodes.KontextEditTurn.run(second, "c", seed=3, steps=2).outputs[0]
+    outside = _outside(mask, (width, height), feather=2)[0]
+    assert torch.equal(second_image[0][outside], first.images[1][0][outside])  # turn 1's pixels, exactly
+    assert not torch.equal(second_image[0][~outside], first.images[1][0][~outside])
+
+    session = models.pipeline.session(_pil(image), resize="keep")
+    session.edit("a", seed=1, steps=2)
+    session.edit("b", seed=2, steps=2, mask=mask, feather=2)
+    session.edit("c", seed=3, steps=2)
+    assert all(torch.equal(ours.latent, theirs.latent) for ours, theirs in zip(third.turns, session.turns))
+    # Branch back to turn 1 with Pick Turn, then a masked turn from there: turn 1's pixels outside again.
+    picked = nodes.KontextPickTurn.run(third, turn=1).outputs[0]
+    other = _mask((width, height), 10, 10, 40, 32)
+    branched = nodes.KontextEditTurn.run(picked, "d", seed=4, steps=2, mask=other).outputs
+    outside = _outside(other, (width, height))[0]
+    assert branched[0].turns[-1].parent == 1
+    assert torch.equal(branched[1][0][outside], third.images[1][0][outside])
+    # The loop node takes one mask for every turn.
+    looped = nodes.KontextEditLoop.run(state, "e\nf", seed=5, steps=2, mask=other).outputs[1]
+    assert torch.equal(looped[2][outside], looped[1][outside]) and torch.equal(looped[1][outside], looped[0][outside])
 
 
 # --- declarations, package, ComfyUI adapter ------------------------------------------------------

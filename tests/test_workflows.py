@@ -88,7 +88,8 @@ def _api_twin(ui_path: Path) -> Path:
 def test_the_examples_are_there_each_with_its_api_twin():
     names = {p.stem for p in UI_FILES}
     assert {"kontext_edit", "kontext_edit_lora", "kontext_edit_chain", "kontext_multi_reference",
-            "kontext_text_to_image", "kontext_edit_loop", "kontext_native_text_encoders"} <= names
+            "kontext_text_to_image", "kontext_edit_loop", "kontext_native_text_encoders", "kontext_masked_edit",
+            "kontext_crop_stitch"} <= names
     assert {p.name for p in (WORKFLOWS / "api").glob("*.json")} == {f"{n}_api.json" for n in names}
 
 
