@@ -89,7 +89,7 @@ def run_drift(pipeline: KontextPipeline, image: Image.Image, turns: int, prompts
             began = time.perf_counter()
             turn = session.edit(prompt, roundtrip=chain == "roundtrip", seed=settings.seed + number - 1,
                                 callback=callback(chain, number) if callback else None)
-            picture = pipeline.decode(turn.latent)[0]
+            picture = session.image(turn.index)
             seconds = time.perf_counter() - began
             measured.append(DriftTurn(number, prompt, turn.settings.seed, picture,
                                       _with_distance(compare_images(reference, picture)), round(seconds, 3)))
