@@ -5,6 +5,8 @@
     python -m kontext_core edit photo.png --mask region.png --feather 8 --prompt "a red car" -o out.png --models ...
     python -m kontext_core t2i --prompt "a red fox" -o fox.png --models ...
     python -m kontext_core inspect flux1-kontext-dev.safetensors
+    python -m kontext_core eval compare before.png after.png --mask mask.png
+    python -m kontext_core eval drift photo.png --turns 8 --report drift/ --models ...
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ FLAGS_FOR_ARGUMENTS = {
     "`clip_path`": "--clip",
     "`t5_tokenizer`": "--t5-tokenizer",
     "`clip_tokenizer`": "--clip-tokenizer",
+    "`download_dataset(folder)`": "--download",
 }
 
 
@@ -150,7 +153,7 @@ def _lora_spec(spec: str) -> tuple[str, float]:
     return spec, 1.0
 
 
-def _pipeline(args: argparse.Namespace):
+def _pipeline(args: argparse.Namespace, log=print):
     from .build import load_pipeline
 
     files = _files(args)
@@ -160,7 +163,7 @@ def _pipeline(args: argparse.Namespace):
     # was set by main() from --attention, which the preset may then change.
     pipeline = load_pipeline(files, dtype=args.dtype, device=args.device, allow_download=args.download,
                              memory=args.memory, ae_tiling=args.ae_tiling, cuda_graphs=args.cuda_graphs,
-                             loras=[_lora_spec(spec) for spec in args.lora], preset=args.preset)
+                             loras=[_lora_spec(spec) for spec in args.lora], preset=args.preset, log=log)
     if args.compile and not pipeline.transformer.blocks_compiled:
         pipeline.transformer.compile_blocks()
     return pipeline, files
@@ -323,6 +326,208 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
                           "e.g. fp8 with fp8 attention)")
 
 
+# --- kontext eval: the work is in kontext_core.evaluation ----------------------------------------------
+
+def _log(line: str) -> None:
+    print(line, file=sys.stderr)  # stdout is kept for the command's result (JSON, the files written)
+
+
+def _prompt_lines(path: str) -> list[str]:
+    try:
+        prompts = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    except FileNotFoundError:
+        raise SystemExit(f"error: prompts file not found: {path}")
+    if not prompts:
+        raise SystemExit(f"error: {path} holds no prompts (one per line)")
+    return prompts
+
+
+def _run_record(args: argparse.Namespace, files: ModelFiles) -> dict:
+    """What a report records beside the generation settings: the model files and how they were run."""
+    return {"transformer": files.transformer.name, "autoencoder": files.autoencoder.name,
+            "t5": files.t5.name if files.t5 else None, "clip": files.clip.name if files.clip else None,
+            "loras": args.lora, "dtype": args.dtype, "runtime_preset": args.preset, "memory": args.memory,
+            "device": args.device, "attention": args.attention, "compile": args.compile,
+            "cuda_graphs": args.cuda_graphs, "resize": args.resize, "fit": args.fit}
+
+
+def _preset_specs(args: argparse.Namespace):
+    from .evaluation import parse_presets
+
+    try:
+        return parse_presets(args.presets)
+    except ValueError as exc:
+        raise SystemExit(f"error: --presets {args.presets}: {exc}")
+
+
+def _preset_loader(args: argparse.Namespace, files: ModelFiles):
+    from .evaluation import pipeline_loader
+
+    return pipeline_loader(files, dtype=args.dtype, preset=args.preset, compile=args.compile, device=args.device,
+                           allow_download=args.download, memory=args.memory, ae_tiling=args.ae_tiling,
+                           cuda_graphs=args.cuda_graphs, loras=[_lora_spec(spec) for spec in args.lora], log=_log)
+
+
+def _eval_compare(args: argparse.Namespace) -> int:
+    from .evaluation import compare_images
+
+    reference, other = _open_images([args.reference, args.other])
+    mask = _open_images([args.mask])[0] if args.mask else None
+    try:
+        result = compare_images(reference, other, mask)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}")
+    print(json.dumps(result))
+    return 0
+
+
+def _eval_drift(args: argparse.Namespace) -> int:
+    from .evaluation import run_drift, write_drift_report
+
+    if args.turns < 1:
+        raise SystemExit(f"error: --turns {args.turns}: a drift run needs at least 1 turn")
+    image = _open_images([args.image])[0]
+    prompts = _prompt_lines(args.prompts) if args.prompts else None
+    settings = _settings(args)
+    pipeline, files = _pipeline(args, log=_log)
+    run = run_drift(pipeline, image, args.turns, prompts, settings=settings, resize=args.resize, fit=args.fit,
+                    callback=lambda chain, turn: _progress(f"{chain}, turn {turn}/{args.turns}"))
+    written = write_drift_report(run, args.report, _run_record(args, files))
+    for name in ("metrics", "plot", "report"):
+        if name in written:
+            print(written[name])
+    return 0
+
+
+def _unique_names(paths: list[str]) -> list[str]:
+    names, seen = [], {}
+    for path in paths:
+        stem = Path(path).stem
+        seen[stem] = seen.get(stem, 0) + 1
+        names.append(stem if seen[stem] == 1 else f"{stem}_{seen[stem]}")
+    return names
+
+
+def _eval_presets(args: argparse.Namespace) -> int:
+    from .evaluation import cases_for, run_presets, write_presets_report
+
+    specs = _preset_specs(args)
+    images = dict(zip(_unique_names(args.images), _open_images(args.images)))
+    settings = _settings(args)
+    files = _files(args)
+    record = run_presets(_preset_loader(args, files), specs, cases_for(images, args.prompt), args.report,
+                         settings=settings, resize=args.resize, fit=args.fit, lpips_device=args.device,
+                         callback=lambda spec, case: _progress(f"{spec.name}: {case.stem}"))
+    for note in record["notes"]:
+        _log(note)
+    written = write_presets_report(record, args.report, _run_record(args, files))
+    for name in ("metrics", "plot", "report"):
+        if name in written:
+            print(written[name])
+    return 0
+
+
+def _eval_bench(args: argparse.Namespace) -> int:
+    from .evaluation import download_dataset, read_entries, run_bench, select
+
+    specs = _preset_specs(args)
+    if args.download:
+        _log(f"fetching black-forest-labs/kontext-bench into {args.dataset} (files already there are kept)")
+        try:
+            download_dataset(args.dataset)
+        except Exception as exc:  # offline, no access, disk full: the hub client's own words, then what to do
+            raise SystemExit(f"error: could not fetch black-forest-labs/kontext-bench ({type(exc).__name__}: {exc}); "
+                             f"check the connection, or put the dataset in {args.dataset} another way and drop "
+                             "--download")
+    try:
+        entries = select(read_entries(args.dataset), args.category, args.limit)
+    except FileNotFoundError as exc:
+        raise SystemExit(f"error: {in_flags(str(exc))}")
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}")
+    settings = _settings(args)
+    files = _files(args)
+    identity = {"transformer": files.transformer.name, "autoencoder": files.autoencoder.name, "loras": args.lora}
+    result = run_bench(_preset_loader(args, files), specs, entries, args.out, settings=settings, resize=args.resize,
+                       fit=args.fit, identity=identity, lpips_device=args.device, log=_log,
+                       callback=lambda spec, entry: _progress(f"{spec.name}: {entry.key}"))
+    _log(f"{len(entries)} pairs x {len(specs)} presets: {result['made']} outputs made, {result['kept']} already "
+         f"there, {result['failed']} images unreadable")
+    out = Path(args.out)
+    print(out / "records.jsonl")
+    print(out / "summary.json")
+    return 0 if result["failed"] == 0 else 1
+
+
+def _add_image_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--resize", choices=RESIZE_MODES[:2], default="preferred",
+                        help="preferred: nearest Kontext training resolution; keep: the input size, snapped to 16")
+    parser.add_argument("--fit", choices=FIT_MODES, default="stretch")
+
+
+def _add_eval_commands(commands) -> None:
+    evaluate = commands.add_parser("eval", help="judge edits and settings: compare images, drift over turns, "
+                                                "presets side by side, KontextBench")
+    tasks = evaluate.add_subparsers(dest="eval_command", required=True)
+
+    compare = tasks.add_parser(
+        "compare", help="print one JSON object: shift_px, scale, delta_e, ssim, psnr, sharpness_ratio of OTHER "
+                        "against REF",
+        description="psnr is null when the images are identical in 8 bits (infinite; JSON has no infinity). "
+                    "With --mask (white: the part allowed to change) everything is measured where the mask is "
+                    "black; shift and scale take the mask as a window, zero on it with a smooth edge.")
+    compare.add_argument("reference", metavar="REF")
+    compare.add_argument("other", metavar="OTHER")
+    compare.add_argument("--mask", help="image of the same size: white where the edit may change the image")
+    compare.set_defaults(handler=_eval_compare)
+
+    drift = tasks.add_parser(
+        "drift", help="run an N-turn session two ways (latent chaining, AE round trip per turn) and measure every "
+                      "turn against the start; writes metrics.json, report.html and a plot into --report")
+    drift.add_argument("image")
+    drift.add_argument("--turns", type=int, required=True, help="number of edit turns")
+    drift.add_argument("--prompts", help="text file, one prompt per turn (repeated when shorter); default: an "
+                                         "instruction to change nothing")
+    drift.add_argument("--report", required=True, help="folder for the report")
+    _add_image_options(drift)
+    _add_generation_options(drift)
+    drift.set_defaults(handler=_eval_drift)
+
+    presets = tasks.add_parser(
+        "presets", help="the same edits under several presets, each measured against the first preset's "
+                        "(PSNR, SSIM, ΔE, LPIPS when installed) and timed",
+        description="--presets: comma-separated; each a dtype (bf16, fp16, fp32, fp8, int8), a runtime preset "
+                    "(exact, fast), a step cache (cache=T for First-Block Cache at T, cache=first-block:T, "
+                    "cache=teacache:T), or such parts joined by '+' (fp8+cache=0.1). One model is loaded per "
+                    "preset, in turn.")
+    presets.add_argument("images", nargs="+")
+    presets.add_argument("--prompt", action="append", required=True, help="an edit instruction (repeatable)")
+    presets.add_argument("--presets", required=True, help="e.g. bf16,int8,fp8,fast,cache=0.1 (the first is the "
+                                                          "reference)")
+    presets.add_argument("--report", required=True, help="folder for the outputs and the report")
+    _add_image_options(presets)
+    _add_generation_options(presets)
+    presets.set_defaults(handler=_eval_presets)
+
+    bench = tasks.add_parser(
+        "bench", help="KontextBench (black-forest-labs/kontext-bench): every pair under every preset, outputs "
+                      "per category, records.jsonl; resumable",
+        description="DATASET_DIR holds the dataset as published (test/metadata.jsonl, test/images/); --download "
+                    "fetches it there through huggingface-hub (and allows model downloads, as for edit). A rerun "
+                    "keeps every output recorded with the same settings and makes the rest. Exit status 1 when "
+                    "some images could not be read (recorded in records.jsonl, retried by the next run).")
+    bench.add_argument("dataset", metavar="DATASET_DIR")
+    bench.add_argument("--category", action="append", default=[],
+                       help="only this category (repeatable): its name as in the dataset, or a word of it "
+                            "(local, global, text, style, character)")
+    bench.add_argument("--limit", type=int, help="at most N pairs per category (the first ones)")
+    bench.add_argument("--presets", required=True, help="as for eval presets; the first is the reference")
+    bench.add_argument("--out", required=True, help="output folder")
+    _add_image_options(bench)
+    _add_generation_options(bench)
+    bench.set_defaults(handler=_eval_bench)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kontext", description="FLUX.1 Kontext on kontext_core")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -363,6 +568,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--dtype", default="bf16", help="bf16, fp16, fp32, fp8 or int8 (transformer only)")
     inspect.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     inspect.set_defaults(handler=_inspect)
+
+    _add_eval_commands(commands)
     return parser
 
 
