@@ -44,7 +44,8 @@ def build(capability: int, tma: bool, fp8_pv: bool, block_m: int, block_n: int, 
     channels = sa.padded_head_dim(head_dim)
     v_type = "fp8e4nv" if fp8_pv else "fp16"
     if tma:
-        signature = {"q_src": f"tensordesc<i8[{block_m}, {channels}]>", "k_src": f"tensordesc<i8[{block_n}, {channels}]>",
+        signature = {"q_src": f"tensordesc<i8[{block_m}, {channels}]>",
+                     "k_src": f"tensordesc<i8[{block_n}, {channels}]>",
                      "v_src": f"tensordesc<{v_type}[{channels}, {block_n}]>"}
     else:
         signature = {"q_src": "*i8", "k_src": "*i8", "v_src": f"*{v_type}"}
