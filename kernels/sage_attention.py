@@ -72,11 +72,11 @@ TOKEN_TILE = 128  # quantized tensors are padded to whole tiles of this many tok
 Q_ROWS = 1  # tokens per q scale: per token, free in the kernel (module docstring: its error)
 # Tokens per k scale (`default_k_rows`): 1, or a multiple of the kernel's key block (then one scale per block).
 # Per token costs the kernel a multiply per score and a gather of the block's scales: 703 SASS instructions per
-# thread for an e4m3 key block instead of 614 (sm_90, 128x128 tile, 8 warps; built offline, not timed). There
-# 8 warps issue ~1200-1400 cycles of instructions against ~1000 cycles of 8-bit MMAs, so the issue rate bounds
-# the loop, and e4m3's P·V error dwarfs what per-token k saves. With fp16 P·V (657 instructions against ~1500
-# cycles of MMAs, fp16's at half the 8-bit rate) the multiply is hidden, and per token takes the error from
-# 1.13% to 0.93%.
+# thread for an e4m3 key block instead of 614 (sm_90, 128x128 tile, 8 warps; bench/sage_attention_builds.py
+# --loop; not timed). There 8 warps issue ~1200-1400 cycles of instructions against ~1000 cycles of 8-bit MMAs,
+# so the issue rate bounds the loop, and e4m3's P·V error dwarfs what per-token k saves. With fp16 P·V (657
+# instructions against ~1500 cycles of MMAs, fp16's at half the 8-bit rate) the multiply is hidden, and per
+# token takes the error from 1.13% to 0.93%.
 K_ROWS_FP8 = 128
 K_ROWS_FP16 = 1
 # A rows-per-scale value must divide TOKEN_TILE and be a power of two.
@@ -539,9 +539,9 @@ def _config(block_m: int, block_n: int, warps: int, stages: int, tma: bool):
                          pre_hook=_tma_block_shapes if tma else None)
 
 
-# NOT YET TIMED on any GPU. Chosen from builds for each target made without a GPU (triton.compile for sm_90 /
-# sm_89 / sm_80 with the launches' 16-byte alignments, read with cuobjdump): the configs whose registers do not
-# spill, for head dim 128, e4m3 and fp16 P·V. Their timings on an H200: bench/sage_attention_probe.py.
+# NOT YET TIMED on any GPU. Chosen from builds for sm_90 / sm_89 / sm_80 made without a GPU
+# (bench/sage_attention_builds.py): the configs whose registers do not spill, for head dim 128, e4m3 and fp16
+# P·V. Their timings on an H200: bench/sage_attention_probe.py.
 # Hopper (sm_90, TMA; int8, e4m3 and fp16 wgmma): 152-212 registers, 66-166 KB of shared memory; 128-query tiles
 # on 4 warps spilled.
 _TMA_CONFIGS = [_config(128, 128, 8, 2, True), _config(128, 128, 8, 3, True), _config(128, 64, 8, 3, True),
