@@ -3,6 +3,11 @@ browser) and as the queue API's format (api/, for `POST /prompt`), from one desc
 
     python example_workflows/build.py
 
+Names: the template browser shows a UI file's name as the template's title, so a UI file is named after its
+workflow's title (`Kontext - edit a photo with one instruction.json`; `ui_name` says which characters stay); its API
+twin keeps the short id that `kontext-batch --workflow` takes (`api/kontext_edit_api.json`). Each UI file has a
+same-name .jpg thumbnail beside it, from thumbnails.py.
+
 The pack's own nodes are laid out from their declarations (nodes/*.py spec()); ComfyUI's core nodes
 from the table below, which tests/test_workflows.py checks against ComfyUI itself.
 """
@@ -11,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -372,15 +378,28 @@ def native_text_encoders(g: Graph, note: str) -> None:
     g.link(decode, "IMAGE", save, "images")
 
 
+# id: (graph, title). The title heads the workflow's note and names its UI file.
 WORKFLOWS = {
-    "kontext_edit": (single_edit, "Kontext: single edit"),
-    "kontext_edit_lora": (lora_edit, "Kontext: an edit with a LoRA"),
-    "kontext_edit_chain": (edit_chain, "Kontext: three-turn edit chain"),
-    "kontext_multi_reference": (multi_reference, "Kontext: character + style references"),
-    "kontext_text_to_image": (text_to_image, "Kontext: text to image"),
-    "kontext_edit_loop": (edit_loop, "Kontext: loop of prompts"),
-    "kontext_native_text_encoders": (native_text_encoders, "Kontext with ComfyUI's text encoders, VAE and Save Image"),
+    "kontext_edit": (single_edit, "Kontext - edit a photo with one instruction"),
+    "kontext_edit_lora": (lora_edit, "Kontext - edit with a LoRA"),
+    "kontext_edit_chain": (edit_chain, "Kontext - three edits in a row (edit turns)"),
+    "kontext_multi_reference": (multi_reference, "Kontext - two references, a character and a style"),
+    "kontext_text_to_image": (text_to_image, "Kontext - text to image"),
+    "kontext_edit_loop": (edit_loop, "Kontext - a list of edits, one per line"),
+    "kontext_native_text_encoders": (native_text_encoders, "Kontext - with ComfyUI text encoders, VAE and Save Image"),
 }
+
+
+def ui_name(workflow_id: str) -> str:
+    """The UI file's name without .json: its title, kept to characters that are safe in a file name on every
+    system and in the URL the template browser builds from it (/api/workflow_templates/<pack>/<name>.json and
+    .jpg, not escaped): letters, digits, spaces and - , ( ); a colon becomes " -", anything else is dropped."""
+    title = WORKFLOWS[workflow_id][1].replace(":", " -")
+    return re.sub(r"\s+", " ", re.sub(r"[^A-Za-z0-9 ,()-]", "", title)).strip()
+
+
+def api_name(workflow_id: str) -> str:
+    return f"{workflow_id}_api"
 
 
 def build() -> dict[str, tuple[dict, dict]]:
@@ -395,10 +414,18 @@ def build() -> dict[str, tuple[dict, dict]]:
 
 def main() -> None:
     (HERE / "api").mkdir(exist_ok=True)
+    written = set()
     for name, (ui, api) in build().items():
-        (HERE / f"{name}.json").write_text(json.dumps(ui, indent=2) + "\n")
-        (HERE / "api" / f"{name}_api.json").write_text(json.dumps(api, indent=2) + "\n")
-        print(f"{name}.json, api/{name}_api.json")
+        ui_file, api_file = HERE / f"{ui_name(name)}.json", HERE / "api" / f"{api_name(name)}.json"
+        ui_file.write_text(json.dumps(ui, indent=2) + "\n")
+        api_file.write_text(json.dumps(api, indent=2) + "\n")
+        written |= {ui_file, api_file}
+        print(f"{ui_file.name}, api/{api_file.name}")
+    # Every workflow file here is one of these: one left from an old name would be listed as a template.
+    for stale in sorted({*HERE.glob("*.json"), *(HERE / "api").glob("*.json")} - written):
+        stale.unlink()
+        print(f"removed {stale.relative_to(HERE)} (not one of WORKFLOWS)")
+    print("thumbnails: python example_workflows/thumbnails.py")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 from comfyui_server import PYTHON, request_json
-from node_pack import COMFYUI, REPO, nodes_module
+from node_pack import COMFYUI, REPO, nodes_module, workflow_builder
 from test_workflows import CORE_NODES, UI_ONLY_WIDGETS, WORKFLOWS
 
 RUN_SECONDS = 300
@@ -333,10 +333,14 @@ const [workflow, done] = arguments;
 """
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in WORKFLOWS.glob("*.json")))
+def _ui_workflow(workflow_id: str) -> dict:
+    return json.loads((WORKFLOWS / f"{workflow_builder().ui_name(workflow_id)}.json").read_text())
+
+
+@pytest.mark.parametrize("name", list(workflow_builder().WORKFLOWS))
 def test_frontend_turns_each_ui_workflow_into_its_api_twin(page, name):
     """ComfyUI's frontend loads the UI file and writes exactly the API twin when it queues it."""
-    result = page.execute_async_script(_LOAD_AND_CONVERT, json.loads((WORKFLOWS / f"{name}.json").read_text()))
+    result = page.execute_async_script(_LOAD_AND_CONVERT, _ui_workflow(name))
     assert "error" not in result, result
     assert result["output"] == json.loads((WORKFLOWS / "api" / f"{name}_api.json").read_text())
 
@@ -370,7 +374,7 @@ const [workflow, done] = arguments;
 
 
 def test_turn_strip_in_the_page_picks_a_turn(page):
-    result = page.execute_async_script(_RUN_LOOP, json.loads((WORKFLOWS / "kontext_edit_loop.json").read_text()))
+    result = page.execute_async_script(_RUN_LOOP, _ui_workflow("kontext_edit_loop"))
     assert "error" not in result, result
     assert result["count"] == 5 and all(result["images"])  # turn 0 and the four prompts
     assert result["current"] == [False, False, False, False, True]
