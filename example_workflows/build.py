@@ -215,10 +215,14 @@ class Graph:
 
 # --- the workflows ---------------------------------------------------------------------------------
 
+# The loaders stack in the first column (as tall as the frontend draws them); images start below them.
+PHOTO_Y = 600
+
+
 def _loaders(g: Graph, text: bool = True):
     model = g.add("KontextModelLoader", (0, 0), model_name="flux1-kontext-dev.safetensors")
-    vae = g.add("KontextVAELoader", (0, 160), vae_name="ae.safetensors")
-    encoders = g.add("KontextTextEncodersLoader", (0, 290), t5_name="t5xxl_fp16.safetensors",
+    vae = g.add("KontextVAELoader", (0, 250), vae_name="ae.safetensors")
+    encoders = g.add("KontextTextEncodersLoader", (0, 400), t5_name="t5xxl_fp16.safetensors",
                      clip_name="clip_l.safetensors") if text else None
     return model, vae, encoders
 
@@ -226,7 +230,7 @@ def _loaders(g: Graph, text: bool = True):
 def _photo_edit(g: Graph, model: Node, model_output: str, encoders: Node, vae: Node, prompt_text: str, seed: int,
                 prefix: str) -> None:
     """Photo + prompt -> Kontext Edit (on `model`'s `model_output`) -> Save Image."""
-    photo = g.add("LoadImage", (0, 450))
+    photo = g.add("LoadImage", (0, PHOTO_Y))
     prompt = g.add("KontextPrompt", (400, 0), prompt=prompt_text)
     edit = g.add("KontextEdit", (800, 0), seed=seed)
     save = g.add("SaveImage", (1200, 0), size=(500, 540), filename_prefix=prefix)
@@ -264,7 +268,7 @@ def edit_chain(g: Graph, note: str) -> None:
            "latent space (no VAE round trip between turns). To branch, put a Kontext Pick Turn between two turns.\n\n"
            + MODELS_NOTE)
     model, vae, encoders = _loaders(g)
-    photo = g.add("LoadImage", (0, 450))
+    photo = g.add("LoadImage", (0, PHOTO_Y))
     start = g.add("KontextStartSession", (400, 0))
     g.link(model, "model", start, "model")
     g.link(vae, "vae", start, "vae")
@@ -288,9 +292,9 @@ def multi_reference(g: Graph, note: str) -> None:
            "output has its size); the second is placed beside it in the model's context. Kontext Image Prep shows "
            "the sizes chosen and crops instead of stretching.\n\n" + MODELS_NOTE)
     model, vae, encoders = _loaders(g)
-    character = g.add("LoadImage", (0, 450), title="Character")
-    style = g.add("LoadImage", (0, 820), title="Style")
-    prep = g.add("KontextImagePrep", (400, 450))
+    character = g.add("LoadImage", (0, PHOTO_Y), title="Character")
+    style = g.add("LoadImage", (0, PHOTO_Y + 370), title="Style")
+    prep = g.add("KontextImagePrep", (400, PHOTO_Y))
     prompt = g.add("KontextPrompt", (400, 0),
                    prompt="paint the person from the first image in the style of the second image")
     edit = g.add("KontextEdit", (800, 0), seed=7)
@@ -310,7 +314,7 @@ def text_to_image(g: Graph, note: str) -> None:
     g.note((-500, 0), note + "\n\nText to image: no image to edit, so an Empty SD3 Latent Image sets the size.\n\n"
            + MODELS_NOTE)
     model, vae, encoders = _loaders(g)
-    size = g.add("EmptySD3LatentImage", (0, 450))
+    size = g.add("EmptySD3LatentImage", (0, PHOTO_Y))
     prompt = g.add("KontextPrompt", (400, 0), prompt="a red fox sitting in fresh snow at dawn, soft light")
     edit = g.add("KontextEdit", (800, 0), seed=1)
     save = g.add("SaveImage", (1200, 0), size=(500, 540), filename_prefix="kontext_t2i")
@@ -327,7 +331,7 @@ def edit_loop(g: Graph, note: str) -> None:
            "turn is saved (turn 0 is the starting image). After a run, click a thumbnail on Kontext Pick Turn to "
            "continue from that turn.\n\n" + MODELS_NOTE)
     model, vae, encoders = _loaders(g)
-    photo = g.add("LoadImage", (0, 450))
+    photo = g.add("LoadImage", (0, PHOTO_Y))
     start = g.add("KontextStartSession", (400, 0))
     loop = g.add("KontextEditLoop", (800, 0), size=(400, 420), seed=10,
                  prompts="make it autumn\nadd falling leaves\nmake it dusk with warm street lights\n"
@@ -351,11 +355,11 @@ def native_text_encoders(g: Graph, note: str) -> None:
            "rides on the conditioning, as in ComfyUI's Kontext workflows), VAE Decode and Save Image for the output. "
            "The guidance set by FluxGuidance is the one used.\n\n" + MODELS_NOTE)
     model = g.add("KontextModelLoader", (0, 0), model_name="flux1-kontext-dev.safetensors")
-    clip = g.add("DualCLIPLoader", (0, 160))
-    vae = g.add("VAELoader", (0, 330))
-    photo = g.add("LoadImage", (0, 450))
-    scale = g.add("FluxKontextImageScale", (400, 450))
-    encode = g.add("VAEEncode", (400, 560))
+    clip = g.add("DualCLIPLoader", (0, 250))
+    vae = g.add("VAELoader", (0, 460))
+    photo = g.add("LoadImage", (0, PHOTO_Y))
+    scale = g.add("FluxKontextImageScale", (400, PHOTO_Y))
+    encode = g.add("VAEEncode", (400, PHOTO_Y + 120))
     text = g.add("CLIPTextEncodeFlux", (400, 0), clip_l="change the sky to a dramatic sunset",
                  t5xxl="change the sky to a dramatic sunset, keep the buildings and people unchanged")
     guidance = g.add("FluxGuidance", (800, 0), guidance=2.5)
@@ -378,6 +382,27 @@ def native_text_encoders(g: Graph, note: str) -> None:
     g.link(decode, "IMAGE", save, "images")
 
 
+def latent_round_trip(g: Graph, note: str) -> None:
+    """Kontext Encode Image and Kontext Decode Latent around an edit: encode once, edit the latent, decode."""
+    model, vae, encoders = _loaders(g)
+    photo = g.add("LoadImage", (0, PHOTO_Y))
+    encode = g.add("KontextEncode", (400, PHOTO_Y))
+    prompt = g.add("KontextPrompt", (400, 0), prompt="make it a snowy winter night, keep everything else the same")
+    edit = g.add("KontextEdit", (800, 0), seed=42)
+    decode = g.add("KontextDecode", (1200, 0))
+    preview = g.add("PreviewImage", (1200, 160), size=(400, 400))
+    g.link(vae, "vae", encode, "vae")
+    g.link(photo, "IMAGE", encode, "image")
+    g.link(encoders, "text_encoders", prompt, "text_encoders")
+    g.link(model, "model", edit, "model")
+    g.link(vae, "vae", edit, "vae")
+    g.link(prompt, "conditioning", edit, "conditioning")
+    g.link(encode, "latent", edit, "context")
+    g.link(vae, "vae", decode, "vae")
+    g.link(edit, "latent", decode, "latent")
+    g.link(decode, "image", preview, "images")
+
+
 # id: (graph, title). The title heads the workflow's note and names its UI file.
 WORKFLOWS = {
     "kontext_edit": (single_edit, "Kontext - edit a photo with one instruction"),
@@ -387,6 +412,11 @@ WORKFLOWS = {
     "kontext_text_to_image": (text_to_image, "Kontext - text to image"),
     "kontext_edit_loop": (edit_loop, "Kontext - a list of edits, one per line"),
     "kontext_native_text_encoders": (native_text_encoders, "Kontext - with ComfyUI text encoders, VAE and Save Image"),
+}
+
+# Graphs that are no template, drawn for the help pages of nodes no example uses (thumbnails.py).
+HELP_GRAPHS = {
+    "kontext_latent_round_trip": (latent_round_trip, "Kontext - encode, edit the latent, decode"),
 }
 
 
@@ -402,10 +432,11 @@ def api_name(workflow_id: str) -> str:
     return f"{workflow_id}_api"
 
 
-def build() -> dict[str, tuple[dict, dict]]:
+def build(graphs: dict | None = None) -> dict[str, tuple[dict, dict]]:
+    """{id: (UI format, API format)} of WORKFLOWS (or of `graphs`, such as HELP_GRAPHS)."""
     types = node_types()
     built = {}
-    for name, (make, title) in WORKFLOWS.items():
+    for name, (make, title) in (WORKFLOWS if graphs is None else graphs).items():
         graph = Graph(types)
         make(graph, title)
         built[name] = (graph.ui(), graph.api())

@@ -9,12 +9,15 @@ ComfyUI's requirements.txt and this pack's requirements.txt. Skipped, saying why
 from __future__ import annotations
 
 import copy
+import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -22,7 +25,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from comfyui_server import PYTHON, request_json
+from comfyui_server import PYTHON, chromium_paths, comfyui_page, request_json
 from node_pack import COMFYUI, REPO, nodes_module, workflow_builder
 from test_workflows import CORE_NODES, UI_ONLY_WIDGETS, WORKFLOWS
 
@@ -291,35 +294,57 @@ def test_frontend_extension_is_served(comfyui):
         assert b"registerExtension" in response.read()
 
 
+def _pack_folder(comfyui) -> str:
+    """The pack's folder name under custom_nodes/, as the frontend finds it: from a node's python_module."""
+    module = comfyui["object_info"]["KontextEdit"]["python_module"]
+    assert module.startswith("custom_nodes."), module
+    return module.split(".")[1]
+
+
+def _fetch(url: str) -> tuple[bytes, str]:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return response.read(), response.headers.get("Content-Type", "")
+
+
+def test_template_browser_lists_the_workflows_and_serves_their_thumbnails(comfyui):
+    """What the template browser asks for: /workflow_templates lists the pack's UI files by name, then each
+    template's .json and .jpg come from /api/workflow_templates/<pack>/<name> (the name is the title)."""
+    pack, build = _pack_folder(comfyui), workflow_builder()
+    listed = request_json(f"{comfyui['url']}/workflow_templates")
+    assert sorted(listed[pack]) == sorted(build.ui_name(i) for i in build.WORKFLOWS)
+    name = urllib.parse.quote(build.ui_name("kontext_edit"))  # spaces: the browser escapes them
+    workflow, _ = _fetch(f"{comfyui['url']}/api/workflow_templates/{pack}/{name}.json")
+    assert json.loads(workflow) == _ui_workflow("kontext_edit")
+    thumbnail, kind = _fetch(f"{comfyui['url']}/api/workflow_templates/{pack}/{name}.jpg")
+    assert kind == "image/jpeg"
+    with Image.open(io.BytesIO(thumbnail)) as picture:
+        assert picture.format == "JPEG" and picture.size == (512, 384)
+
+
+def test_help_panel_gets_each_nodes_page_and_picture(comfyui):
+    """The node help panel reads /extensions/<pack>/docs/<node id>.md (WEB_DIRECTORY is js/) and resolves a
+    relative picture against /extensions/<pack>/docs/."""
+    pack = _pack_folder(comfyui)
+    for node in nodes_module().NODES:
+        node_id = node.spec().node_id
+        page, kind = _fetch(f"{comfyui['url']}/extensions/{pack}/docs/{node_id}.md")
+        assert "text/html" not in kind, kind  # the panel takes an HTML answer for a missing page
+        page = page.decode()
+        assert page.startswith(f"# {node.spec().display_name}") and "## Inputs" in page
+    picture_path = re.search(r"!\[[^\]]*\]\(([^)]+)\)", page)[1]
+    picture, kind = _fetch(f"{comfyui['url']}/extensions/{pack}/docs/{picture_path}")
+    assert kind == "image/jpeg" and Image.open(io.BytesIO(picture)).format == "JPEG"
+
+
 # --- in the browser: ComfyUI's own frontend (needs selenium and Chromium with chromedriver) -----------------
 
 @pytest.fixture(scope="module")
 def page(comfyui):
-    webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium to drive ComfyUI's frontend")
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
-    chromium = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
-                     if Path(p).exists()), None)
-    driver_path = next((p for p in ("/usr/bin/chromedriver",) if Path(p).exists()), None)
-    if chromium is None or driver_path is None:
+    pytest.importorskip("selenium.webdriver", reason="needs selenium to drive ComfyUI's frontend")
+    if chromium_paths() is None:
         pytest.skip("needs Chromium and chromedriver (Debian: apt-get install chromium chromium-driver)")
-    options = Options()
-    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1600,1000"):
-        options.add_argument(argument)
-    options.binary_location = chromium
-    driver = webdriver.Chrome(service=Service(driver_path), options=options)
-    driver.set_script_timeout(120)
-    try:
-        driver.get(comfyui["url"] + "/")
-        deadline = time.time() + 120
-        while not driver.execute_script("return !!(window.app && window.app.graph)"):
-            if time.time() > deadline:
-                pytest.fail("ComfyUI's page did not start")
-            time.sleep(0.5)
+    with comfyui_page(comfyui["url"]) as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 _LOAD_AND_CONVERT = """
@@ -343,6 +368,23 @@ def test_frontend_turns_each_ui_workflow_into_its_api_twin(page, name):
     result = page.execute_async_script(_LOAD_AND_CONVERT, _ui_workflow(name))
     assert "error" not in result, result
     assert result["output"] == json.loads((WORKFLOWS / "api" / f"{name}_api.json").read_text())
+
+
+_LOAD_PICTURE = """
+const [url, done] = arguments;
+const picture = new Image();
+picture.onload = () => done({width: picture.naturalWidth, height: picture.naturalHeight});
+picture.onerror = () => done({error: `could not load ${picture.src}`});
+picture.src = url;
+"""
+
+
+def test_template_thumbnails_load_in_the_page(comfyui, page):
+    """The browser loads each thumbnail from the URL the template browser writes: the name as it is, unescaped."""
+    pack, build = _pack_folder(comfyui), workflow_builder()
+    for workflow_id in build.WORKFLOWS:
+        shown = page.execute_async_script(_LOAD_PICTURE, f"/api/workflow_templates/{pack}/{build.ui_name(workflow_id)}.jpg")
+        assert shown == {"width": 512, "height": 384}, (workflow_id, shown)
 
 
 _RUN_LOOP = """

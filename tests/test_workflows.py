@@ -97,6 +97,19 @@ def test_the_examples_are_there_each_with_its_api_twin():
     assert {p.stem for p in (WORKFLOWS / "api").glob("*.json")} == {build.api_name(i) for i in build.WORKFLOWS}, rerun
 
 
+def test_each_ui_workflow_has_a_thumbnail():
+    """The template browser shows <name>.jpg beside <name>.json (example_workflows/thumbnails.py takes them)."""
+    from PIL import Image
+
+    rerun = "run python example_workflows/thumbnails.py"
+    assert {p.stem for p in WORKFLOWS.glob("*.jpg")} == {p.stem for p in UI_FILES}, rerun
+    for path in UI_FILES:
+        thumbnail = path.with_suffix(".jpg")
+        with Image.open(thumbnail) as picture:
+            assert picture.format == "JPEG" and picture.width == 512, thumbnail.name
+        assert thumbnail.stat().st_size < 100_000, thumbnail.name
+
+
 def test_ui_file_names_are_titles_safe_in_urls():
     """The template browser titles a template with its file name and fetches it (and its .jpg) at a URL built
     from the name unescaped: descriptive names, nothing that a URL or a file system reads specially."""
