@@ -102,7 +102,7 @@ def _tests_helpers():
 
 
 def drawn_photo(size=(768, 512)) -> Image.Image:
-    """A street at dusk, drawn: Load Image's preview in the pictures."""
+    """A house on a hill in the evening sun, drawn: Load Image's preview in the pictures."""
     width, height = size
     picture = Image.new("RGB", size)
     draw = ImageDraw.Draw(picture)

@@ -387,7 +387,7 @@ def test_template_thumbnails_load_in_the_page(comfyui, page):
         assert shown == {"width": 512, "height": 384}, (workflow_id, shown)
 
 
-_RUN_LOOP = """
+_QUEUE_LOOP = """
 const [workflow, done] = arguments;
 (async () => {
   const app = window.app;
@@ -399,25 +399,33 @@ const [workflow, done] = arguments;
     }
   }
   await app.queuePrompt(0, 1);
-  const loop = app.graph._nodes.find((n) => n.comfyClass === "KontextEditLoop");
-  const pick = app.graph._nodes.find((n) => n.comfyClass === "KontextPickTurn");
-  const strip = () => loop.widgets.find((w) => w.name === "kontext_turn_strip");
-  for (let i = 0; i < 600 && !(strip() && strip().element.children.length); i++) {
-    await new Promise((r) => setTimeout(r, 200));
-  }
-  if (!strip()) { done({error: "no strip"}); return; }
-  const figures = [...strip().element.querySelectorAll("figure")];
-  figures[3].click();
-  done({count: figures.length, images: figures.map((f) => !!f.querySelector("img")),
-        current: figures.map((f) => f.classList.contains("current")),
-        turn: pick.widgets.find((w) => w.name === "turn").value});
+  done(true);
 })();
+"""
+_STRIP = """
+const loop = window.app.graph._nodes.find((n) => n.comfyClass === "KontextEditLoop");
+const strip = loop.widgets.find((w) => w.name === "kontext_turn_strip");
+return strip ? strip.element.children.length : 0;
+"""
+_CLICK_TURN_3 = """
+const app = window.app;
+const loop = app.graph._nodes.find((n) => n.comfyClass === "KontextEditLoop");
+const pick = app.graph._nodes.find((n) => n.comfyClass === "KontextPickTurn");
+const figures = [...loop.widgets.find((w) => w.name === "kontext_turn_strip").element.querySelectorAll("figure")];
+figures[3].click();
+return {count: figures.length, images: figures.map((f) => !!f.querySelector("img")),
+        current: figures.map((f) => f.classList.contains("current")),
+        turn: pick.widgets.find((w) => w.name === "turn").value};
 """
 
 
 def test_turn_strip_in_the_page_picks_a_turn(page):
-    result = page.execute_async_script(_RUN_LOOP, _ui_workflow("kontext_edit_loop"))
-    assert "error" not in result, result
+    page.execute_async_script(_QUEUE_LOOP, _ui_workflow("kontext_edit_loop"))
+    deadline = time.time() + RUN_SECONDS  # polled from here: one long script would outlast selenium's own timeout
+    while not page.execute_script(_STRIP):
+        assert time.time() < deadline, f"no turn strip on Kontext Edit Loop {RUN_SECONDS} s after queueing"
+        time.sleep(0.5)
+    result = page.execute_script(_CLICK_TURN_3)
     assert result["count"] == 5 and all(result["images"])  # turn 0 and the four prompts
     assert result["current"] == [False, False, False, False, True]
     assert result["turn"] == 3  # the click set Kontext Pick Turn's widget
