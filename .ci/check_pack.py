@@ -65,7 +65,8 @@ def problems(names: list[str]) -> list[str]:
     for unwanted in MUST_NOT_HOLD:
         leaked = [n for n in names if n.startswith(unwanted)]
         if leaked:
-            found.append(f"the package holds {unwanted} ({len(leaked)} files, e.g. {leaked[0]}): add it to .comfyignore")
+            found.append(f"the package holds {unwanted} ({len(leaked)} files, e.g. {leaked[0]}): "
+                         "add it to .comfyignore")
     return found
 
 

@@ -62,7 +62,8 @@ const pause = (ms) => new Promise((r) => setTimeout(r, ms));
   await app.loadGraphData(workflow);
   // Load Image grows by its preview once the picture has loaded.
   for (let i = 0; i < 50; i++) {
-    const loading = app.graph._nodes.some((n) => n.type === "LoadImage" && !(n.imgs?.length && n.imgs.every((m) => m.complete)));
+    const loaded = (n) => n.imgs?.length && n.imgs.every((m) => m.complete);
+    const loading = app.graph._nodes.some((n) => n.type === "LoadImage" && !loaded(n));
     if (!loading) break;
     await pause(100);
   }
@@ -77,7 +78,8 @@ const pause = (ms) => new Promise((r) => setTimeout(r, ms));
     x1 = Math.max(x1, node.pos[0] + node.size[0]); y1 = Math.max(y1, node.pos[1] + node.size[1]);
   }
   const rect = canvas.canvas.getBoundingClientRect();
-  const [bx, by, bw, bh] = [box[0] - rect.left, box[1] - rect.top, Math.min(box[2], rect.width), Math.min(box[3], rect.height)];
+  const [bx, by] = [box[0] - rect.left, box[1] - rect.top];
+  const [bw, bh] = [Math.min(box[2], rect.width), Math.min(box[3], rect.height)];
   const margin = 16;
   const scale = Math.min((bw - 2 * margin) / (x1 - x0), (bh - 2 * margin) / (y1 - y0), 1);
   const [gw, gh] = [(x1 - x0) * scale, (y1 - y0) * scale];

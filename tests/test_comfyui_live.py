@@ -19,7 +19,6 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -383,7 +382,8 @@ def test_template_thumbnails_load_in_the_page(comfyui, page):
     """The browser loads each thumbnail from the URL the template browser writes: the name as it is, unescaped."""
     pack, build = _pack_folder(comfyui), workflow_builder()
     for workflow_id in build.WORKFLOWS:
-        shown = page.execute_async_script(_LOAD_PICTURE, f"/api/workflow_templates/{pack}/{build.ui_name(workflow_id)}.jpg")
+        url = f"/api/workflow_templates/{pack}/{build.ui_name(workflow_id)}.jpg"
+        shown = page.execute_async_script(_LOAD_PICTURE, url)
         assert shown == {"width": 512, "height": 384}, (workflow_id, shown)
 
 

@@ -219,6 +219,7 @@ def test_ui_workflow_and_api_twin_are_the_same_graph(path):
 def test_files_are_what_build_py_writes():
     build = workflow_builder()
     for name, (ui, api) in build.build().items():
-        ui_file, api_file = WORKFLOWS / f"{build.ui_name(name)}.json", WORKFLOWS / "api" / f"{build.api_name(name)}.json"
+        ui_file = WORKFLOWS / f"{build.ui_name(name)}.json"
+        api_file = WORKFLOWS / "api" / f"{build.api_name(name)}.json"
         assert ui_file.exists() and _load(ui_file) == json.loads(json.dumps(ui)), f"run python {build.__file__}"
         assert _load(api_file) == json.loads(json.dumps(api)), f"run python {build.__file__}"

@@ -17,7 +17,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "js" / "docs"
-MARKER = "<!-- Inputs and outputs below are written by tools/help_pages.py from the node's spec(); do not edit them. -->"
+MARKER = ("<!-- Inputs and outputs below are written by tools/help_pages.py from the node's spec(); "
+          "do not edit them. -->")
 NEW_PAGE = """# {display_name}
 
 TODO: what the node does, in a typical graph; then `python tools/help_pages.py`.
@@ -96,6 +97,9 @@ def written_page(spec, specs: list) -> str:
     path = page_path(spec.node_id)
     text = path.read_text() if path.exists() else NEW_PAGE.format(display_name=spec.display_name,
                                                                    node_id=spec.node_id)
+    if MARKER not in text and "\n## Inputs\n" in text:
+        raise SystemExit(f"{path.relative_to(REPO)} has an inputs section but not the line that starts the generated "
+                         f"part; put it back above '## Inputs':\n{MARKER}")
     hand_written = text.split(MARKER)[0].rstrip() + "\n\n"
     return hand_written + generated_part(spec, specs)
 
