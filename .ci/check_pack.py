@@ -20,7 +20,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 MUST_HOLD = ("__init__.py", "pyproject.toml", "requirements.txt", "LICENSE", "nodes/", "kontext_core/", "kernels/",
-             "js/", "example_workflows/")
+             "js/", "js/docs/", "example_workflows/")
 MUST_NOT_HOLD = ("tests/", "bench/", ".ci/", "tools/")
 # What comfy-cli prints when it finds something wrong but carries on.
 COMPLAINTS = ("warning", "error", "invalid")
@@ -65,7 +65,8 @@ def problems(names: list[str]) -> list[str]:
     for unwanted in MUST_NOT_HOLD:
         leaked = [n for n in names if n.startswith(unwanted)]
         if leaked:
-            found.append(f"the package holds {unwanted} ({len(leaked)} files, e.g. {leaked[0]}): add it to .comfyignore")
+            found.append(f"the package holds {unwanted} ({len(leaked)} files, e.g. {leaked[0]}): "
+                         "add it to .comfyignore")
     return found
 
 

@@ -3,6 +3,11 @@ browser) and as the queue API's format (api/, for `POST /prompt`), from one desc
 
     python example_workflows/build.py
 
+Names: the template browser shows a UI file's name as the template's title, so a UI file is named after its
+workflow's title (`Kontext - edit a photo with one instruction.json`; `ui_name` says which characters stay); its API
+twin keeps the short id that `kontext-batch --workflow` takes (`api/kontext_edit_api.json`). Each UI file has a
+same-name .jpg thumbnail beside it, from thumbnails.py.
+
 The pack's own nodes are laid out from their declarations (nodes/*.py spec()); ComfyUI's core nodes
 from the table below, which tests/test_workflows.py checks against ComfyUI itself.
 """
@@ -11,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -209,10 +215,14 @@ class Graph:
 
 # --- the workflows ---------------------------------------------------------------------------------
 
+# The loaders stack in the first column (as tall as the frontend draws them); images start below them.
+PHOTO_Y = 600
+
+
 def _loaders(g: Graph, text: bool = True):
     model = g.add("KontextModelLoader", (0, 0), model_name="flux1-kontext-dev.safetensors")
-    vae = g.add("KontextVAELoader", (0, 160), vae_name="ae.safetensors")
-    encoders = g.add("KontextTextEncodersLoader", (0, 290), t5_name="t5xxl_fp16.safetensors",
+    vae = g.add("KontextVAELoader", (0, 250), vae_name="ae.safetensors")
+    encoders = g.add("KontextTextEncodersLoader", (0, 400), t5_name="t5xxl_fp16.safetensors",
                      clip_name="clip_l.safetensors") if text else None
     return model, vae, encoders
 
@@ -220,7 +230,7 @@ def _loaders(g: Graph, text: bool = True):
 def _photo_edit(g: Graph, model: Node, model_output: str, encoders: Node, vae: Node, prompt_text: str, seed: int,
                 prefix: str) -> None:
     """Photo + prompt -> Kontext Edit (on `model`'s `model_output`) -> Save Image."""
-    photo = g.add("LoadImage", (0, 450))
+    photo = g.add("LoadImage", (0, PHOTO_Y))
     prompt = g.add("KontextPrompt", (400, 0), prompt=prompt_text)
     edit = g.add("KontextEdit", (800, 0), seed=seed)
     save = g.add("SaveImage", (1200, 0), size=(500, 540), filename_prefix=prefix)
@@ -258,7 +268,7 @@ def edit_chain(g: Graph, note: str) -> None:
            "latent space (no VAE round trip between turns). To branch, put a Kontext Pick Turn between two turns.\n\n"
            + MODELS_NOTE)
     model, vae, encoders = _loaders(g)
-    photo = g.add("LoadImage", (0, 450))
+    photo = g.add("LoadImage", (0, PHOTO_Y))
     start = g.add("KontextStartSession", (400, 0))
     g.link(model, "model", start, "model")
     g.link(vae, "vae", start, "vae")
@@ -282,9 +292,9 @@ def multi_reference(g: Graph, note: str) -> None:
            "output has its size); the second is placed beside it in the model's context. Kontext Image Prep shows "
            "the sizes chosen and crops instead of stretching.\n\n" + MODELS_NOTE)
     model, vae, encoders = _loaders(g)
-    character = g.add("LoadImage", (0, 450), title="Character")
-    style = g.add("LoadImage", (0, 820), title="Style")
-    prep = g.add("KontextImagePrep", (400, 450))
+    character = g.add("LoadImage", (0, PHOTO_Y), title="Character")
+    style = g.add("LoadImage", (0, PHOTO_Y + 370), title="Style")
+    prep = g.add("KontextImagePrep", (400, PHOTO_Y))
     prompt = g.add("KontextPrompt", (400, 0),
                    prompt="paint the person from the first image in the style of the second image")
     edit = g.add("KontextEdit", (800, 0), seed=7)
@@ -304,7 +314,7 @@ def text_to_image(g: Graph, note: str) -> None:
     g.note((-500, 0), note + "\n\nText to image: no image to edit, so an Empty SD3 Latent Image sets the size.\n\n"
            + MODELS_NOTE)
     model, vae, encoders = _loaders(g)
-    size = g.add("EmptySD3LatentImage", (0, 450))
+    size = g.add("EmptySD3LatentImage", (0, PHOTO_Y))
     prompt = g.add("KontextPrompt", (400, 0), prompt="a red fox sitting in fresh snow at dawn, soft light")
     edit = g.add("KontextEdit", (800, 0), seed=1)
     save = g.add("SaveImage", (1200, 0), size=(500, 540), filename_prefix="kontext_t2i")
@@ -321,7 +331,7 @@ def edit_loop(g: Graph, note: str) -> None:
            "turn is saved (turn 0 is the starting image). After a run, click a thumbnail on Kontext Pick Turn to "
            "continue from that turn.\n\n" + MODELS_NOTE)
     model, vae, encoders = _loaders(g)
-    photo = g.add("LoadImage", (0, 450))
+    photo = g.add("LoadImage", (0, PHOTO_Y))
     start = g.add("KontextStartSession", (400, 0))
     loop = g.add("KontextEditLoop", (800, 0), size=(400, 420), seed=10,
                  prompts="make it autumn\nadd falling leaves\nmake it dusk with warm street lights\n"
@@ -345,11 +355,11 @@ def native_text_encoders(g: Graph, note: str) -> None:
            "rides on the conditioning, as in ComfyUI's Kontext workflows), VAE Decode and Save Image for the output. "
            "The guidance set by FluxGuidance is the one used.\n\n" + MODELS_NOTE)
     model = g.add("KontextModelLoader", (0, 0), model_name="flux1-kontext-dev.safetensors")
-    clip = g.add("DualCLIPLoader", (0, 160))
-    vae = g.add("VAELoader", (0, 330))
-    photo = g.add("LoadImage", (0, 450))
-    scale = g.add("FluxKontextImageScale", (400, 450))
-    encode = g.add("VAEEncode", (400, 560))
+    clip = g.add("DualCLIPLoader", (0, 250))
+    vae = g.add("VAELoader", (0, 460))
+    photo = g.add("LoadImage", (0, PHOTO_Y))
+    scale = g.add("FluxKontextImageScale", (400, PHOTO_Y))
+    encode = g.add("VAEEncode", (400, PHOTO_Y + 120))
     text = g.add("CLIPTextEncodeFlux", (400, 0), clip_l="change the sky to a dramatic sunset",
                  t5xxl="change the sky to a dramatic sunset, keep the buildings and people unchanged")
     guidance = g.add("FluxGuidance", (800, 0), guidance=2.5)
@@ -410,23 +420,63 @@ def crop_and_stitch(g: Graph, note: str) -> None:
                  feather=8, crop_to_mask=True, context_margin=96)
 
 
+def latent_round_trip(g: Graph, note: str) -> None:
+    """Kontext Encode Image and Kontext Decode Latent around an edit: encode once, edit the latent, decode."""
+    model, vae, encoders = _loaders(g)
+    photo = g.add("LoadImage", (0, PHOTO_Y))
+    encode = g.add("KontextEncode", (400, PHOTO_Y))
+    prompt = g.add("KontextPrompt", (400, 0), prompt="make it a snowy winter night, keep everything else the same")
+    edit = g.add("KontextEdit", (800, 0), seed=42)
+    decode = g.add("KontextDecode", (1200, 0))
+    preview = g.add("PreviewImage", (1200, 160), size=(400, 400))
+    g.link(vae, "vae", encode, "vae")
+    g.link(photo, "IMAGE", encode, "image")
+    g.link(encoders, "text_encoders", prompt, "text_encoders")
+    g.link(model, "model", edit, "model")
+    g.link(vae, "vae", edit, "vae")
+    g.link(prompt, "conditioning", edit, "conditioning")
+    g.link(encode, "latent", edit, "context")
+    g.link(vae, "vae", decode, "vae")
+    g.link(edit, "latent", decode, "latent")
+    g.link(decode, "image", preview, "images")
+
+
+# id: (graph, title). The title heads the workflow's note and names its UI file.
 WORKFLOWS = {
-    "kontext_edit": (single_edit, "Kontext: single edit"),
-    "kontext_edit_lora": (lora_edit, "Kontext: an edit with a LoRA"),
-    "kontext_edit_chain": (edit_chain, "Kontext: three-turn edit chain"),
-    "kontext_multi_reference": (multi_reference, "Kontext: character + style references"),
-    "kontext_text_to_image": (text_to_image, "Kontext: text to image"),
-    "kontext_edit_loop": (edit_loop, "Kontext: loop of prompts"),
-    "kontext_native_text_encoders": (native_text_encoders, "Kontext with ComfyUI's text encoders, VAE and Save Image"),
-    "kontext_masked_edit": (masked_edit, "Kontext: a masked edit"),
-    "kontext_crop_stitch": (crop_and_stitch, "Kontext: crop and stitch (a small region at full detail)"),
+    "kontext_edit": (single_edit, "Kontext - edit a photo with one instruction"),
+    "kontext_edit_lora": (lora_edit, "Kontext - edit with a LoRA"),
+    "kontext_edit_chain": (edit_chain, "Kontext - three edits in a row (edit turns)"),
+    "kontext_multi_reference": (multi_reference, "Kontext - two references, a character and a style"),
+    "kontext_text_to_image": (text_to_image, "Kontext - text to image"),
+    "kontext_edit_loop": (edit_loop, "Kontext - a list of edits, one per line"),
+    "kontext_native_text_encoders": (native_text_encoders, "Kontext - with ComfyUI text encoders, VAE and Save Image"),
+    "kontext_masked_edit": (masked_edit, "Kontext - a masked edit, the rest kept pixel for pixel"),
+    "kontext_crop_stitch": (crop_and_stitch, "Kontext - crop and stitch, a small region at full detail"),
+}
+
+# Graphs that are no template, drawn for the help pages of nodes no example uses (thumbnails.py).
+HELP_GRAPHS = {
+    "kontext_latent_round_trip": (latent_round_trip, "Kontext - encode, edit the latent, decode"),
 }
 
 
-def build() -> dict[str, tuple[dict, dict]]:
+def ui_name(workflow_id: str) -> str:
+    """The UI file's name without .json: its title, kept to characters that are safe in a file name on every
+    system and in the URL the template browser builds from it (/api/workflow_templates/<pack>/<name>.json and
+    .jpg, not escaped): letters, digits, spaces and - , ( ); a colon becomes " -", anything else is dropped."""
+    title = WORKFLOWS[workflow_id][1].replace(":", " -")
+    return re.sub(r"\s+", " ", re.sub(r"[^A-Za-z0-9 ,()-]", "", title)).strip()
+
+
+def api_name(workflow_id: str) -> str:
+    return f"{workflow_id}_api"
+
+
+def build(graphs: dict | None = None) -> dict[str, tuple[dict, dict]]:
+    """{id: (UI format, API format)} of WORKFLOWS (or of `graphs`, such as HELP_GRAPHS)."""
     types = node_types()
     built = {}
-    for name, (make, title) in WORKFLOWS.items():
+    for name, (make, title) in (WORKFLOWS if graphs is None else graphs).items():
         graph = Graph(types)
         make(graph, title)
         built[name] = (graph.ui(), graph.api())
@@ -435,10 +485,18 @@ def build() -> dict[str, tuple[dict, dict]]:
 
 def main() -> None:
     (HERE / "api").mkdir(exist_ok=True)
+    written = set()
     for name, (ui, api) in build().items():
-        (HERE / f"{name}.json").write_text(json.dumps(ui, indent=2) + "\n")
-        (HERE / "api" / f"{name}_api.json").write_text(json.dumps(api, indent=2) + "\n")
-        print(f"{name}.json, api/{name}_api.json")
+        ui_file, api_file = HERE / f"{ui_name(name)}.json", HERE / "api" / f"{api_name(name)}.json"
+        ui_file.write_text(json.dumps(ui, indent=2) + "\n")
+        api_file.write_text(json.dumps(api, indent=2) + "\n")
+        written |= {ui_file, api_file}
+        print(f"{ui_file.name}, api/{api_file.name}")
+    # Every workflow file here is one of these: one left from an old name would be listed as a template.
+    for stale in sorted({*HERE.glob("*.json"), *(HERE / "api").glob("*.json")} - written):
+        stale.unlink()
+        print(f"removed {stale.relative_to(HERE)} (not one of WORKFLOWS)")
+    print("thumbnails: python example_workflows/thumbnails.py")
 
 
 if __name__ == "__main__":

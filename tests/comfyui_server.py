@@ -7,10 +7,12 @@ requirements.txt and this pack's requirements.txt); the fixture skips, saying wh
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -113,7 +115,7 @@ def share_models(base: Path, models_from: Path) -> None:
 class Server:
     """One ComfyUI process on loopback with `base` as its base directory, logging to base/comfyui.log."""
 
-    def __init__(self, base: Path):
+    def __init__(self, base: Path, extra_arguments: tuple[str, ...] = ()):
         self.base = base
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -123,20 +125,20 @@ class Server:
         self.process = subprocess.Popen(
             [str(PYTHON), str(COMFYUI / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
              "--base-directory", str(base), "--disable-auto-launch", "--database-url", "sqlite:///:memory:",
-             "--preview-method", "latent2rgb"],
+             "--preview-method", "latent2rgb", *extra_arguments],
             cwd=base, stdout=self._log, stderr=subprocess.STDOUT, env=env)
 
     def wait_until_up(self) -> None:
         deadline = time.time() + STARTUP_SECONDS
         while True:
             if self.process.poll() is not None:
-                pytest.fail(f"ComfyUI exited at start:\n{self.log_path.read_text()[-3000:]}")
+                _fail(f"ComfyUI exited at start:\n{self.log_path.read_text()[-3000:]}")
             try:
                 request_json(f"{self.url}/system_stats")
                 return
             except (urllib.error.URLError, ConnectionError, OSError):
                 if time.time() > deadline:
-                    pytest.fail(f"ComfyUI did not answer in {STARTUP_SECONDS} s")
+                    _fail(f"ComfyUI did not answer in {STARTUP_SECONDS} s")
                 time.sleep(1)
 
     def kill(self) -> None:
@@ -186,3 +188,64 @@ def comfyui_pair(tmp_path_factory):
     finally:
         for server in servers:
             server.stop()
+
+
+@contextlib.contextmanager
+def running_comfyui(base: Path, extra_arguments: tuple[str, ...] = ()):
+    """ComfyUI on 127.0.0.1 (a free port) with `base` as its base directory (custom_nodes/, models/, input/,
+    user/ there), logging to base/comfyui.log; yields its URL and stops it after. Outside pytest (the
+    thumbnail script) its failures are RuntimeErrors."""
+    server = Server(base, extra_arguments)
+    try:
+        server.wait_until_up()
+        yield server.url
+    finally:
+        server.stop()
+
+
+def _fail(message: str):
+    if "PYTEST_CURRENT_TEST" in os.environ:
+        pytest.fail(message)
+    raise RuntimeError(message)
+
+
+CHROMIUM = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
+CHROMEDRIVER = ("/usr/bin/chromedriver",)
+
+
+def chromium_paths() -> tuple[str, str] | None:
+    """(browser, chromedriver), or None where either is missing."""
+    chromium = next((p for p in CHROMIUM if Path(p).exists()), None)
+    driver = next((p for p in CHROMEDRIVER if Path(p).exists()), None)
+    return (chromium, driver) if chromium and driver else None
+
+
+@contextlib.contextmanager
+def comfyui_page(url: str, width: int = 1600, height: int = 1000):
+    """ComfyUI's frontend in headless Chromium (selenium), with a fresh profile, once its graph exists."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    found = chromium_paths()
+    if found is None:
+        raise RuntimeError("needs Chromium and chromedriver (Debian: apt-get install chromium chromium-driver)")
+    with tempfile.TemporaryDirectory() as profile:
+        options = Options()
+        for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", f"--window-size={width},{height}",
+                         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                         "--no-first-run", f"--user-data-dir={profile}"):
+            options.add_argument(argument)
+        options.binary_location = found[0]
+        driver = webdriver.Chrome(service=Service(found[1]), options=options)
+        driver.set_script_timeout(120)
+        try:
+            driver.get(url + "/")
+            deadline = time.time() + 120
+            while not driver.execute_script("return !!(window.app && window.app.graph)"):
+                if time.time() > deadline:
+                    raise RuntimeError("ComfyUI's page did not start")
+                time.sleep(0.5)
+            yield driver
+        finally:
+            driver.quit()

@@ -9,21 +9,23 @@ ComfyUI's requirements.txt and this pack's requirements.txt. Skipped, saying why
 from __future__ import annotations
 
 import copy
+import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from comfyui_server import PYTHON, request_json
-from node_pack import COMFYUI, REPO, nodes_module
+from comfyui_server import PYTHON, chromium_paths, comfyui_page, request_json
+from node_pack import COMFYUI, REPO, nodes_module, workflow_builder
 from test_workflows import CORE_NODES, UI_ONLY_WIDGETS, WORKFLOWS
 
 RUN_SECONDS = 300
@@ -324,35 +326,57 @@ def test_frontend_extension_is_served(comfyui):
         assert b"registerExtension" in response.read()
 
 
+def _pack_folder(comfyui) -> str:
+    """The pack's folder name under custom_nodes/, as the frontend finds it: from a node's python_module."""
+    module = comfyui["object_info"]["KontextEdit"]["python_module"]
+    assert module.startswith("custom_nodes."), module
+    return module.split(".")[1]
+
+
+def _fetch(url: str) -> tuple[bytes, str]:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return response.read(), response.headers.get("Content-Type", "")
+
+
+def test_template_browser_lists_the_workflows_and_serves_their_thumbnails(comfyui):
+    """What the template browser asks for: /workflow_templates lists the pack's UI files by name, then each
+    template's .json and .jpg come from /api/workflow_templates/<pack>/<name> (the name is the title)."""
+    pack, build = _pack_folder(comfyui), workflow_builder()
+    listed = request_json(f"{comfyui['url']}/workflow_templates")
+    assert sorted(listed[pack]) == sorted(build.ui_name(i) for i in build.WORKFLOWS)
+    name = urllib.parse.quote(build.ui_name("kontext_edit"))  # spaces: the browser escapes them
+    workflow, _ = _fetch(f"{comfyui['url']}/api/workflow_templates/{pack}/{name}.json")
+    assert json.loads(workflow) == _ui_workflow("kontext_edit")
+    thumbnail, kind = _fetch(f"{comfyui['url']}/api/workflow_templates/{pack}/{name}.jpg")
+    assert kind == "image/jpeg"
+    with Image.open(io.BytesIO(thumbnail)) as picture:
+        assert picture.format == "JPEG" and picture.size == (512, 384)
+
+
+def test_help_panel_gets_each_nodes_page_and_picture(comfyui):
+    """The node help panel reads /extensions/<pack>/docs/<node id>.md (WEB_DIRECTORY is js/) and resolves a
+    relative picture against /extensions/<pack>/docs/."""
+    pack = _pack_folder(comfyui)
+    for node in nodes_module().NODES:
+        node_id = node.spec().node_id
+        page, kind = _fetch(f"{comfyui['url']}/extensions/{pack}/docs/{node_id}.md")
+        assert "text/html" not in kind, kind  # the panel takes an HTML answer for a missing page
+        page = page.decode()
+        assert page.startswith(f"# {node.spec().display_name}") and "## Inputs" in page
+    picture_path = re.search(r"!\[[^\]]*\]\(([^)]+)\)", page)[1]
+    picture, kind = _fetch(f"{comfyui['url']}/extensions/{pack}/docs/{picture_path}")
+    assert kind == "image/jpeg" and Image.open(io.BytesIO(picture)).format == "JPEG"
+
+
 # --- in the browser: ComfyUI's own frontend (needs selenium and Chromium with chromedriver) -----------------
 
 @pytest.fixture(scope="module")
 def page(comfyui):
-    webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium to drive ComfyUI's frontend")
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
-    chromium = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
-                     if Path(p).exists()), None)
-    driver_path = next((p for p in ("/usr/bin/chromedriver",) if Path(p).exists()), None)
-    if chromium is None or driver_path is None:
+    pytest.importorskip("selenium.webdriver", reason="needs selenium to drive ComfyUI's frontend")
+    if chromium_paths() is None:
         pytest.skip("needs Chromium and chromedriver (Debian: apt-get install chromium chromium-driver)")
-    options = Options()
-    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1600,1000"):
-        options.add_argument(argument)
-    options.binary_location = chromium
-    driver = webdriver.Chrome(service=Service(driver_path), options=options)
-    driver.set_script_timeout(120)
-    try:
-        driver.get(comfyui["url"] + "/")
-        deadline = time.time() + 120
-        while not driver.execute_script("return !!(window.app && window.app.graph)"):
-            if time.time() > deadline:
-                pytest.fail("ComfyUI's page did not start")
-            time.sleep(0.5)
+    with comfyui_page(comfyui["url"]) as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 _LOAD_AND_CONVERT = """
@@ -366,15 +390,37 @@ const [workflow, done] = arguments;
 """
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in WORKFLOWS.glob("*.json")))
+def _ui_workflow(workflow_id: str) -> dict:
+    return json.loads((WORKFLOWS / f"{workflow_builder().ui_name(workflow_id)}.json").read_text())
+
+
+@pytest.mark.parametrize("name", list(workflow_builder().WORKFLOWS))
 def test_frontend_turns_each_ui_workflow_into_its_api_twin(page, name):
     """ComfyUI's frontend loads the UI file and writes exactly the API twin when it queues it."""
-    result = page.execute_async_script(_LOAD_AND_CONVERT, json.loads((WORKFLOWS / f"{name}.json").read_text()))
+    result = page.execute_async_script(_LOAD_AND_CONVERT, _ui_workflow(name))
     assert "error" not in result, result
     assert result["output"] == json.loads((WORKFLOWS / "api" / f"{name}_api.json").read_text())
 
 
-_RUN_LOOP = """
+_LOAD_PICTURE = """
+const [url, done] = arguments;
+const picture = new Image();
+picture.onload = () => done({width: picture.naturalWidth, height: picture.naturalHeight});
+picture.onerror = () => done({error: `could not load ${picture.src}`});
+picture.src = url;
+"""
+
+
+def test_template_thumbnails_load_in_the_page(comfyui, page):
+    """The browser loads each thumbnail from the URL the template browser writes: the name as it is, unescaped."""
+    pack, build = _pack_folder(comfyui), workflow_builder()
+    for workflow_id in build.WORKFLOWS:
+        url = f"/api/workflow_templates/{pack}/{build.ui_name(workflow_id)}.jpg"
+        shown = page.execute_async_script(_LOAD_PICTURE, url)
+        assert shown == {"width": 512, "height": 384}, (workflow_id, shown)
+
+
+_QUEUE_LOOP = """
 const [workflow, done] = arguments;
 (async () => {
   const app = window.app;
@@ -386,25 +432,33 @@ const [workflow, done] = arguments;
     }
   }
   await app.queuePrompt(0, 1);
-  const loop = app.graph._nodes.find((n) => n.comfyClass === "KontextEditLoop");
-  const pick = app.graph._nodes.find((n) => n.comfyClass === "KontextPickTurn");
-  const strip = () => loop.widgets.find((w) => w.name === "kontext_turn_strip");
-  for (let i = 0; i < 600 && !(strip() && strip().element.children.length); i++) {
-    await new Promise((r) => setTimeout(r, 200));
-  }
-  if (!strip()) { done({error: "no strip"}); return; }
-  const figures = [...strip().element.querySelectorAll("figure")];
-  figures[3].click();
-  done({count: figures.length, images: figures.map((f) => !!f.querySelector("img")),
-        current: figures.map((f) => f.classList.contains("current")),
-        turn: pick.widgets.find((w) => w.name === "turn").value});
+  done(true);
 })();
+"""
+_STRIP = """
+const loop = window.app.graph._nodes.find((n) => n.comfyClass === "KontextEditLoop");
+const strip = loop.widgets.find((w) => w.name === "kontext_turn_strip");
+return strip ? strip.element.children.length : 0;
+"""
+_CLICK_TURN_3 = """
+const app = window.app;
+const loop = app.graph._nodes.find((n) => n.comfyClass === "KontextEditLoop");
+const pick = app.graph._nodes.find((n) => n.comfyClass === "KontextPickTurn");
+const figures = [...loop.widgets.find((w) => w.name === "kontext_turn_strip").element.querySelectorAll("figure")];
+figures[3].click();
+return {count: figures.length, images: figures.map((f) => !!f.querySelector("img")),
+        current: figures.map((f) => f.classList.contains("current")),
+        turn: pick.widgets.find((w) => w.name === "turn").value};
 """
 
 
 def test_turn_strip_in_the_page_picks_a_turn(page):
-    result = page.execute_async_script(_RUN_LOOP, json.loads((WORKFLOWS / "kontext_edit_loop.json").read_text()))
-    assert "error" not in result, result
+    page.execute_async_script(_QUEUE_LOOP, _ui_workflow("kontext_edit_loop"))
+    deadline = time.time() + RUN_SECONDS  # polled from here: one long script would outlast selenium's own timeout
+    while not page.execute_script(_STRIP):
+        assert time.time() < deadline, f"no turn strip on Kontext Edit Loop {RUN_SECONDS} s after queueing"
+        time.sleep(0.5)
+    result = page.execute_script(_CLICK_TURN_3)
     assert result["count"] == 5 and all(result["images"])  # turn 0 and the four prompts
     assert result["current"] == [False, False, False, False, True]
     assert result["turn"] == 3  # the click set Kontext Pick Turn's widget

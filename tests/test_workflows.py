@@ -82,15 +82,40 @@ def _load(path: Path) -> dict:
 
 
 def _api_twin(ui_path: Path) -> Path:
-    return WORKFLOWS / "api" / f"{ui_path.stem}_api.json"
+    build = workflow_builder()
+    ids = {build.ui_name(i): i for i in build.WORKFLOWS}
+    assert ui_path.stem in ids, f"{ui_path.name} is none of build.py's WORKFLOWS: run python {build.__file__}"
+    return WORKFLOWS / "api" / f"{build.api_name(ids[ui_path.stem])}.json"
 
 
 def test_the_examples_are_there_each_with_its_api_twin():
-    names = {p.stem for p in UI_FILES}
+    build = workflow_builder()
     assert {"kontext_edit", "kontext_edit_lora", "kontext_edit_chain", "kontext_multi_reference",
             "kontext_text_to_image", "kontext_edit_loop", "kontext_native_text_encoders", "kontext_masked_edit",
-            "kontext_crop_stitch"} <= names
-    assert {p.name for p in (WORKFLOWS / "api").glob("*.json")} == {f"{n}_api.json" for n in names}
+            "kontext_crop_stitch"} <= set(build.WORKFLOWS)
+    rerun = f"run python {build.__file__}"
+    assert {p.stem for p in UI_FILES} == {build.ui_name(i) for i in build.WORKFLOWS}, rerun
+    assert {p.stem for p in (WORKFLOWS / "api").glob("*.json")} == {build.api_name(i) for i in build.WORKFLOWS}, rerun
+
+
+def test_each_ui_workflow_has_a_thumbnail():
+    """The template browser shows <name>.jpg beside <name>.json (example_workflows/thumbnails.py takes them)."""
+    from PIL import Image
+
+    rerun = "run python example_workflows/thumbnails.py"
+    assert {p.stem for p in WORKFLOWS.glob("*.jpg")} == {p.stem for p in UI_FILES}, rerun
+    for path in UI_FILES:
+        thumbnail = path.with_suffix(".jpg")
+        with Image.open(thumbnail) as picture:
+            assert picture.format == "JPEG" and picture.width == 512, thumbnail.name
+        assert thumbnail.stat().st_size < 100_000, thumbnail.name
+
+
+def test_ui_file_names_are_titles_safe_in_urls():
+    """The template browser titles a template with its file name and fetches it (and its .jpg) at a URL built
+    from the name unescaped: descriptive names, nothing that a URL or a file system reads specially."""
+    for path in UI_FILES:
+        assert re.fullmatch(r"Kontext - [A-Za-z0-9 ,()-]+", path.stem), path.name
 
 
 def test_core_node_table_names_exist_in_comfyui():
@@ -195,5 +220,7 @@ def test_ui_workflow_and_api_twin_are_the_same_graph(path):
 def test_files_are_what_build_py_writes():
     build = workflow_builder()
     for name, (ui, api) in build.build().items():
-        assert _load(WORKFLOWS / f"{name}.json") == json.loads(json.dumps(ui)), f"run python {build.__file__}"
-        assert _load(WORKFLOWS / "api" / f"{name}_api.json") == json.loads(json.dumps(api))
+        ui_file = WORKFLOWS / f"{build.ui_name(name)}.json"
+        api_file = WORKFLOWS / "api" / f"{build.api_name(name)}.json"
+        assert ui_file.exists() and _load(ui_file) == json.loads(json.dumps(ui)), f"run python {build.__file__}"
+        assert _load(api_file) == json.loads(json.dumps(api)), f"run python {build.__file__}"
