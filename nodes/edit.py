@@ -8,7 +8,7 @@ from kontext_core.pipeline import DEFAULT_GUIDANCE
 from kontext_core.sampling import SAMPLER_MODES
 from kontext_core.step_cache import CacheStats
 
-from . import convert, resolve
+from . import comfy_adapter, convert, resolve
 from .images import RESIZE_CHOICES, RESIZE_TOOLTIP, _vae_socket
 from .step_cache import CACHE_TOOLTIP, report
 from .progress import step_callback
@@ -134,14 +134,16 @@ class KontextEdit(KontextNode):
         settings = GenerationSettings(steps=steps, guidance=guidance if cond.guidance is None else cond.guidance,
                                       seed=seed, denoise=denoise, sampler=sampler, true_cfg=true_cfg,
                                       placement=placement, cache=cache)
-        resolve.ready(pipe.transformer)  # encoding (with ComfyUI's VAE, say) may have moved it out
-        resolve.set_loras(pipe.transformer, model)
         cache_stats = CacheStats() if cache is not None else None
-        with resolve.compile_failures_explained(model):
+        with resolve.compile_failures_explained(model):  # the pipeline loads each model right before it runs
             if mask is not None and image is not None:
                 source = convert.rgb_image(image[:1])
                 plan = MaskedEdit.prepare(mask, (source.shape[2], source.shape[1]), grow=grow, feather=feather,
                                           crop_to_mask=crop_to_mask, context_margin=context_margin)
+                if plan.empty:  # Load Image without a painted mask gives an all-0 one
+                    comfy_adapter.log.warning("comfyui-kontext: the mask is empty, so nothing is edited and the image "
+                                              "passes through; paint the region to edit in Load Image's Mask Editor "
+                                              "(or connect another mask: white = edit)")
                 latent_size = pipe.working_latent_size(plan.box.width, plan.box.height, resize)
                 latents, images, _ = pipe.edit_region(source, plan, text, settings, references=items[1:],
                                                       resize=resize, negative=negative_text,

@@ -155,9 +155,18 @@ def set_loras(model: torch.nn.Module, ref: TransformerRef) -> None:
 
 
 def pipeline(model: TransformerRef, vae: Any, text: TextEncodersRef | None = None) -> KontextPipeline:
+    """The core pipeline on the loaded models. Right before the transformer or the AE computes (encoding,
+    sampling, decoding, in whatever order a core call does them) it is loaded again, ComfyUI having perhaps lent
+    its memory to another model since; the transformer gets the loader's LoRAs then too."""
     encoders = model_cache.text_encoders(text) if text is not None else None
     pipe = KontextPipeline(transformer(model), autoencoder(vae), encoders, cuda_graphs=model.cuda_graphs)
-    pipe.before_use = ready  # ComfyUI may have lent a model's memory to another one since it was loaded
+
+    def before_use(module: Any) -> None:
+        ready(module)
+        if module is pipe.transformer:
+            set_loras(module, model)
+
+    pipe.before_use = before_use
     return pipe
 
 

@@ -102,8 +102,6 @@ def edit(state: SessionState, prompt: str = "", *, seed: int = 0, steps: int = 2
                           resize=state.resize, source_size=state.source_size)
     offset, total = progress if progress is not None else (0, None)
     callback = step_callback(tuple(state.turns[state.current].latent.shape[-2:]), offset=offset, total=total)
-    resolve.ready(pipe.transformer)
-    resolve.set_loras(pipe.transformer, state.model)
     with resolve.compile_failures_explained(state.model):
         turn = session.edit(prompt, conditioning=text, extra_references=extra, callback=callback, mask=mask,
                             grow=grow, feather=feather, **overrides)
