@@ -441,6 +441,23 @@ def latent_round_trip(g: Graph, note: str) -> None:
     g.link(decode, "image", preview, "images")
 
 
+def cached_edit(g: Graph, note: str) -> None:
+    """Kontext Step Cache feeding Kontext Edit: an edit that skips the blocks on steps that barely change."""
+    model, vae, encoders = _loaders(g)
+    photo = g.add("LoadImage", (0, PHOTO_Y))
+    prompt = g.add("KontextPrompt", (400, 0), prompt="make it a snowy winter night, keep everything else the same")
+    cache = g.add("KontextStepCache", (400, PHOTO_Y))
+    edit = g.add("KontextEdit", (800, 0), seed=42)
+    preview = g.add("PreviewImage", (1200, 0), size=(400, 400))
+    g.link(encoders, "text_encoders", prompt, "text_encoders")
+    g.link(model, "model", edit, "model")
+    g.link(vae, "vae", edit, "vae")
+    g.link(prompt, "conditioning", edit, "conditioning")
+    g.link(photo, "IMAGE", edit, "image")
+    g.link(cache, "cache", edit, "cache")
+    g.link(edit, "image", preview, "images")
+
+
 # id: (graph, title). The title heads the workflow's note and names its UI file.
 WORKFLOWS = {
     "kontext_edit": (single_edit, "Kontext - edit a photo with one instruction"),
@@ -457,6 +474,7 @@ WORKFLOWS = {
 # Graphs that are no template, drawn for the help pages of nodes no example uses (thumbnails.py).
 HELP_GRAPHS = {
     "kontext_latent_round_trip": (latent_round_trip, "Kontext - encode, edit the latent, decode"),
+    "kontext_cached_edit": (cached_edit, "Kontext - an edit with step caching"),
 }
 
 
