@@ -674,19 +674,19 @@ def test_lora_node_on_fp8_weights_applies_on_the_fly_and_keeps_it(models, comfy,
     before = {k: v.clone() for k, v in transformer.state_dict().items()}
     image, cond = _image(1), _prompt(models, "x")
     seen = []
-    original_generate = KontextPipeline.generate
+    original_sample = KontextPipeline._sample
 
-    def generate(self, *args, **kwargs):
+    def sample(self, *args, **kwargs):  # the LoRAs sampling runs with
         seen.append([h.mode for h in active_loras(self.transformer)])
-        return original_generate(self, *args, **kwargs)
+        return original_sample(self, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(KontextPipeline, "generate", generate)
+        patch.setattr(KontextPipeline, "_sample", sample)
         latent = nodes.KontextEdit.run(with_lora, models.vae, cond, seed=1, image=image, **FAST).outputs[0]
     kept = active_loras(transformer)
     assert seen == [["on_the_fly"]] and [h.mode for h in kept] == ["on_the_fly"]  # kept for the next run
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(KontextPipeline, "generate", generate)
+        patch.setattr(KontextPipeline, "_sample", sample)
         again = nodes.KontextEdit.run(with_lora, models.vae, cond, seed=1, image=image, **FAST).outputs[0]
     assert active_loras(transformer) == kept and seen[-1] == ["on_the_fly"]  # the same handle, not re-applied
     assert torch.equal(again["samples"], latent["samples"])
