@@ -23,7 +23,9 @@ from kontext_batch.runner import BatchRunner
 from kontext_batch.workflow import FieldMap, load_workflow
 
 TEST_SECONDS = 60   # the runner's loops end by themselves; this catches one that would not
-FAST = {"backoff_s": (0.01, 0.05), "wait_for_servers_s": 0.0}
+# No pause before asking a down server again: the fakes finish jobs in microseconds, and a pause could let the
+# batch end before a revived server is asked (what several tests check).
+FAST = {"backoff_s": (0.0, 0.0), "wait_for_servers_s": 0.0}
 
 
 @pytest.fixture(autouse=True)
