@@ -228,17 +228,20 @@ def _loaders(g: Graph, text: bool = True):
 
 
 def _photo_edit(g: Graph, model: Node, model_output: str, encoders: Node, vae: Node, prompt_text: str, seed: int,
-                prefix: str) -> None:
-    """Photo + prompt -> Kontext Edit (on `model`'s `model_output`) -> Save Image."""
-    photo = g.add("LoadImage", (0, PHOTO_Y))
+                prefix: str, masked: bool = False, **edit_values) -> None:
+    """Photo + prompt -> Kontext Edit (on `model`'s `model_output`) -> Save Image; `masked`: the photo's mask
+    (painted in the Mask Editor) limits the edit."""
+    photo = g.add("LoadImage", (0, PHOTO_Y), **({"image": "example_masked.png"} if masked else {}))
     prompt = g.add("KontextPrompt", (400, 0), prompt=prompt_text)
-    edit = g.add("KontextEdit", (800, 0), seed=seed)
+    edit = g.add("KontextEdit", (800, 0), size=(360, 520) if masked else None, seed=seed, **edit_values)
     save = g.add("SaveImage", (1200, 0), size=(500, 540), filename_prefix=prefix)
     g.link(encoders, "text_encoders", prompt, "text_encoders")
     g.link(model, model_output, edit, "model")
     g.link(vae, "vae", edit, "vae")
     g.link(prompt, "conditioning", edit, "conditioning")
     g.link(photo, "IMAGE", edit, "image")
+    if masked:
+        g.link(photo, "MASK", edit, "mask")
     g.link(edit, "image", save, "images")
 
 
@@ -387,28 +390,14 @@ MASK_NOTE = ("Paint the region to change: right-click Load Image > Open in MaskE
              "(Set Latent Noise Mask) on target as well.")
 
 
-def _masked_edit(g: Graph, prompt_text: str, seed: int, prefix: str, **edit_values) -> None:
-    """Load Image (its mask painted in the Mask Editor) + prompt -> Kontext Edit with the mask -> Save Image."""
-    model, vae, encoders = _loaders(g)
-    photo = g.add("LoadImage", (0, 450), image="example_masked.png")
-    prompt = g.add("KontextPrompt", (400, 0), prompt=prompt_text)
-    edit = g.add("KontextEdit", (800, 0), size=(360, 520), seed=seed, **edit_values)
-    save = g.add("SaveImage", (1200, 0), size=(500, 540), filename_prefix=prefix)
-    g.link(encoders, "text_encoders", prompt, "text_encoders")
-    g.link(model, "model", edit, "model")
-    g.link(vae, "vae", edit, "vae")
-    g.link(prompt, "conditioning", edit, "conditioning")
-    g.link(photo, "IMAGE", edit, "image")
-    g.link(photo, "MASK", edit, "mask")
-    g.link(edit, "image", save, "images")
-
-
 def masked_edit(g: Graph, note: str) -> None:
     g.note((-500, 0), note + "\n\nA masked edit: only the painted region changes; everywhere else the saved image is "
            "the loaded one, pixel for pixel, at its own size. grow widens the mask; feather fades the edit in over "
            "that many pixels inside the mask's border. The sampler keeps the rest of the image in its latent at "
            "every step, so the edit fits its surroundings.\n\n" + MASK_NOTE + "\n\n" + MODELS_NOTE, size=(460, 320))
-    _masked_edit(g, "replace the painted area with a bouquet of red tulips", 11, "kontext_masked", grow=4, feather=12)
+    model, vae, encoders = _loaders(g)
+    _photo_edit(g, model, "model", encoders, vae, "replace the painted area with a bouquet of red tulips", 11,
+                "kontext_masked", masked=True, grow=4, feather=12)
 
 
 def crop_and_stitch(g: Graph, note: str) -> None:
@@ -416,8 +405,9 @@ def crop_and_stitch(g: Graph, note: str) -> None:
            "pixels around it is cut out, edited at the Kontext size nearest its shape (a small region gets a whole "
            "megapixel of detail), scaled back and pasted in through the feathered mask. Outside the mask the image "
            "is unchanged, pixel for pixel.\n\n" + MASK_NOTE + "\n\n" + MODELS_NOTE, size=(460, 320))
-    _masked_edit(g, "add a small golden name tag with the word KONTEXT", 12, "kontext_crop_stitch", grow=4,
-                 feather=8, crop_to_mask=True, context_margin=96)
+    model, vae, encoders = _loaders(g)
+    _photo_edit(g, model, "model", encoders, vae, "add a small golden name tag with the word KONTEXT", 12,
+                "kontext_crop_stitch", masked=True, grow=4, feather=8, crop_to_mask=True, context_margin=96)
 
 
 def latent_round_trip(g: Graph, note: str) -> None:

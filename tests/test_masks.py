@@ -15,24 +15,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import FakeEncoders
 from kontext_core.image import stitch_images, target_size, unit_images
 from kontext_core.masks import (Box, LatentInpaint, MaskedEdit, as_mask, composite, crop_box, distance_to,
                                 feather_weights, fit_mask, grow_region, mask_from_image)
-from kontext_core.pipeline import GenerationSettings, KontextPipeline
+from kontext_core.pipeline import GenerationSettings
+from test_pipeline import _image, pipeline  # noqa: F401 (the fixture)
 
 FAST = dict(steps=2, resize="keep")
-
-
-@pytest.fixture
-def pipeline(tiny_transformer, tiny_autoencoder):
-    config = tiny_transformer.config
-    return KontextPipeline(tiny_transformer, tiny_autoencoder, FakeEncoders(config.context_in_dim, config.vec_in_dim))
-
-
-def _image(seed: int, size=(40, 24)) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
 
 
 def _rect(size, left, top, right, bottom, batch: int = 1) -> torch.Tensor:

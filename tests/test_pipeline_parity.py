@@ -40,19 +40,24 @@ def test_golden_sampling_trajectory_is_reproduced():
     assert rel_error(out, sampling["final_packed"]) <= 1e-6
 
 
-@pytest.fixture
-def pipelines(tiny_transformer, tiny_autoencoder, tmp_path):
-    save_transformer(tiny_transformer, tmp_path / "transformer", layout="diffusers")
-    save_autoencoder(tiny_autoencoder, tmp_path / "vae", layout="diffusers")
+def _diffusers_pipeline(kind, transformer, autoencoder, folder):
+    """diffusers' pipeline `kind` on our tiny models, saved by our converter in the diffusers layout."""
+    save_transformer(transformer, folder / "transformer", layout="diffusers")
+    save_autoencoder(autoencoder, folder / "vae", layout="diffusers")
     scheduler = diffusers.FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
         base_image_seq_len=256, max_image_seq_len=4096)
-    theirs = diffusers.FluxKontextPipeline(
+    return kind(
         scheduler=scheduler,
-        vae=diffusers.AutoencoderKL.from_pretrained(tmp_path / "vae").eval(),
+        vae=diffusers.AutoencoderKL.from_pretrained(folder / "vae").eval(),
         text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
-        transformer=diffusers.FluxTransformer2DModel.from_pretrained(tmp_path / "transformer").eval(),
+        transformer=diffusers.FluxTransformer2DModel.from_pretrained(folder / "transformer").eval(),
     )
+
+
+@pytest.fixture
+def pipelines(tiny_transformer, tiny_autoencoder, tmp_path):
+    theirs = _diffusers_pipeline(diffusers.FluxKontextPipeline, tiny_transformer, tiny_autoencoder, tmp_path)
     return KontextPipeline(tiny_transformer, tiny_autoencoder), theirs
 
 
@@ -87,17 +92,7 @@ def test_masked_sampling_matches_flux_kontext_inpaint_pipeline(tiny_transformer,
     constant over each latent pixel's 2x2 block (the tiny AE downsamples 2x) gives both sides the same
     latent mask, which ours then takes directly. diffusers draws the noise itself from a seeded generator (given
     `latents=`, it re-packs the already packed noise it blends with), and so do we, from the same seed."""
-    save_transformer(tiny_transformer, tmp_path / "transformer", layout="diffusers")
-    save_autoencoder(tiny_autoencoder, tmp_path / "vae", layout="diffusers")
-    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-        base_image_seq_len=256, max_image_seq_len=4096)
-    theirs = diffusers.FluxKontextInpaintPipeline(
-        scheduler=scheduler,
-        vae=diffusers.AutoencoderKL.from_pretrained(tmp_path / "vae").eval(),
-        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
-        transformer=diffusers.FluxTransformer2DModel.from_pretrained(tmp_path / "transformer").eval(),
-    )
+    theirs = _diffusers_pipeline(diffusers.FluxKontextInpaintPipeline, tiny_transformer, tiny_autoencoder, tmp_path)
     ours = KontextPipeline(tiny_transformer, tiny_autoencoder)
     generator = torch.Generator().manual_seed(torch.seed() % 2**31)
     width, height, steps, guidance = 48, 32, 4, 2.5
