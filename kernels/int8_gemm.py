@@ -195,12 +195,6 @@ def _row_bucket(rows: int) -> int:
     return next_power_of_2(rows)
 
 
-# (kernel kind, device, row bucket, N, K, output dtype, bias or not) -> the config the autotuner chose. The
-# autotuner's own dispatch (argument dicts, cache key, the config's pre-hook) costs host time on every one of a
-# step's ~230 int8 GEMMs; once a shape has a config, the kernel is launched with it directly.
-_chosen: dict[tuple, object] = {}
-
-
 def _launch(data: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
             bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     M, K = data.shape
@@ -215,49 +209,19 @@ def _launch(data: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, weigh
             data, weight, scale, weight_scale, bias_arg, out, M, N, K, data.stride(0), weight.stride(0), out.stride(0),
             bucket, HAS_BIAS=has_bias, **config)
     elif _tma_ready(data, weight, out_dtype):
-        key = ("tma", data.device, bucket, N, K, out_dtype, has_bias)
-        config = _chosen.get(key)
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
         programs = _multiprocessors(data.device)
-        if config is None:
-            def grid(meta):
-                return (min(programs, cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])),)
-            _int8_linear_tma_tuned[grid](
-                _descriptor(data, 128, 128), _descriptor(weight, 128, 128), scale, weight_scale, bias_arg, out,
-                M, N, K, out.stride(0), bucket, HAS_BIAS=has_bias)
-            _chosen[key] = _int8_linear_tma_tuned.best_config
-        else:
-            block_m, block_n, block_k = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
-            grid = (min(programs, cdiv(M, block_m) * cdiv(N, block_n)),)
-            _int8_linear_tma_kernel[grid](
-                _descriptor(data, block_m, block_k), _descriptor(weight, block_n, block_k), scale, weight_scale,
-                bias_arg, out, M, N, K, out.stride(0), bucket, HAS_BIAS=has_bias, **_launch_kwargs(config))
+
+        def grid(meta):
+            return (min(programs, cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])),)
+        _int8_linear_tma_tuned[grid](
+            TensorDescriptor.from_tensor(data, [128, 128]), TensorDescriptor.from_tensor(weight, [128, 128]),
+            scale, weight_scale, bias_arg, out, M, N, K, out.stride(0), bucket, HAS_BIAS=has_bias)
     else:
-        key = ("pointer", data.device, bucket, N, K, out_dtype, has_bias)
-        config = _chosen.get(key)
-        if config is None:
-            def grid(meta):
-                return (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
-            _int8_linear_tuned[grid](data, weight, scale, weight_scale, bias_arg, out, M, N, K, data.stride(0),
-                                     weight.stride(0), out.stride(0), bucket, HAS_BIAS=has_bias)
-            _chosen[key] = _int8_linear_tuned.best_config
-        else:
-            grid = (cdiv(M, config.kwargs["BLOCK_M"]) * cdiv(N, config.kwargs["BLOCK_N"]),)
-            _int8_linear_kernel[grid](data, weight, scale, weight_scale, bias_arg, out, M, N, K, data.stride(0),
-                                      weight.stride(0), out.stride(0), bucket, HAS_BIAS=has_bias,
-                                      **_launch_kwargs(config))
+        def grid(meta):
+            return (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
+        _int8_linear_tuned[grid](data, weight, scale, weight_scale, bias_arg, out, M, N, K, data.stride(0),
+                                 weight.stride(0), out.stride(0), bucket, HAS_BIAS=has_bias)
     launches["int8_linear"] += 1
     return out
-
-
-def _descriptor(tensor: torch.Tensor, block_rows: int, block_cols: int):
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    return TensorDescriptor.from_tensor(tensor, [block_rows, block_cols])
-
-
-def _launch_kwargs(config) -> dict:
-    """A chosen config's meta-parameters and launch options, less its pre-hook (the descriptors already have
-    its tile shapes)."""
-    kwargs = dict(config.kwargs)
-    kwargs.update(num_warps=config.num_warps, num_stages=config.num_stages)
-    return kwargs
