@@ -131,9 +131,8 @@ def find_model_files(*folders: str | os.PathLike, use_hf_cache: bool = True, all
             searched.pop()
     missing = [k for k in kinds if found[k] is None]
     if missing:
-        hint = ("" if allow_download else " Downloading is off; allow it (`allow_download=True`) to fetch the BFL "
-                "files from "
-                f"{repo}, or put the files in one of those folders.")
+        hint = ("" if allow_download else "\nPut the files in one of those folders, or allow downloading "
+                f"(`allow_download=True`) to fetch the BFL files from {repo}.")
         raise ModelFilesNotFound(
             "could not find the " + ", ".join(missing) + " model files. Looked for:\n  " + "\n  ".join(searched) + hint
         )

@@ -136,7 +136,7 @@ def test_missing_model_files_fail_clearly(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "could not find the transformer, autoencoder, t5, clip" in err and "flux1-kontext-dev.safetensors" in err
-    assert "allow it (--download)" in err and "allow_download" not in err  # the command's flag, not Python's
+    assert "allow downloading (--download)" in err and "allow_download" not in err  # the command's flag, not Python's
 
 
 def test_errors_name_the_commands_flags_not_python_arguments(models_tree, capsys):
