@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import kernels  # noqa: E402
+import kontext_kernels  # noqa: E402
 from kontext_core import fused, quant  # noqa: E402
 from kontext_core import Autoencoder, KontextTransformer, TransformerConfig, set_attention_backend  # noqa: E402
 from kontext_core.attention import flash_attn_variant  # noqa: E402
@@ -242,7 +242,7 @@ MODIFIERS = {
     "exactaccum": "fp8 GEMMs without fast accumulation",
     "nokernels": "compiled blocks without our QK-norm+RoPE kernel (the compiler's own fusion)",
     "fp8attention": "attention through cuDNN's fp8 graph (needs nvidia-cudnn-frontend)",
-    "sage8": "attention through our 8-bit Triton kernel (kernels/sage_attention.py; int8 q.k, e4m3 P.V); "
+    "sage8": "attention through our 8-bit Triton kernel (kontext_kernels/sage_attention.py; int8 q.k, e4m3 P.V); "
              "with ours-int8-compiled+graphs it is the fast preset",
     "sage8fp16": "attention through our 8-bit Triton kernel with fp16 P.V",
     "sdpa": "attention through PyTorch's SDPA (cuDNN first) even where flash-attn is installed (auto takes it)",
@@ -288,7 +288,7 @@ def configure(impl: str) -> None:
     blocks; plain "ours" / "ours-fp8" rows are PyTorch alone (the int8 rows always have the kernels: without
     them int8 weights are upcast). Modifiers: MODIFIERS."""
     base, *modifiers = impl.split("+")
-    kernels.set_enabled((base.endswith("kernels") or base.endswith("-compiled")) and "nokernels" not in modifiers)
+    kontext_kernels.set_enabled((base.endswith("kernels") or base.endswith("-compiled")) and "nokernels" not in modifiers)
     fused.set_fused_gemms(base.endswith("-kernels"))
     fused.set_cublas_epilogues("noepilogues" not in modifiers)
     fused.set_linear2_parts("concat" not in modifiers)
@@ -302,11 +302,11 @@ def configure(impl: str) -> None:
 
 def check_kernels() -> list[dict]:
     """The check step: every Triton kernel against its PyTorch reference at the edit workload's full size
-    (kernels/check.py). A failure stops the run: timings of wrong kernels mean nothing."""
-    from kernels import check
+    (kontext_kernels/check.py). A failure stops the run: timings of wrong kernels mean nothing."""
+    from kontext_kernels import check
 
-    kernels.set_enabled(True)
-    if not kernels.enabled_for(torch.empty(1, device="cuda")):
+    kontext_kernels.set_enabled(True)
+    if not kontext_kernels.enabled_for(torch.empty(1, device="cuda")):
         # Triton absent, KONTEXT_KERNELS=0 or a pre-Ampere GPU: every row runs the references, nothing to check.
         print("check step skipped: the Triton kernels are off here (every row runs the PyTorch references)", flush=True)
         return []

@@ -23,7 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench_step import cuda_time, profile_step, rel_l2  # noqa: E402
-from kernels import fp8_qkv  # noqa: E402
+from kontext_kernels import fp8_qkv  # noqa: E402
 from kontext_core import fp8_attention as fa  # noqa: E402
 
 

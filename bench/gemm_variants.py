@@ -8,7 +8,7 @@ shape. qkv: the qkv projections (3072 -> 9216, the step's slowest large GEMMs) i
 might run faster: without the bias (which the QK-norm kernel could add), weight stored transposed,
 output transposed, per projection, under either cuBLAS library. attention: cuDNN's attention over [B, H, L, D] vs [B, L, H, D] inputs. fp8: torch._scaled_mm with per-row/per-token
 scales vs per-tensor scales, each with and without fast accumulation; the fp8 path's activation
-quantizers (kernels/row_quant.py) vs the compiler's fusion of their references. lorafp8 (not in the
+quantizers (kontext_kernels/row_quant.py) vs the compiler's fusion of their references. lorafp8 (not in the
 default set): an fp8 layer with a LoRA on the fly as the model runs it vs the LoRA as extra K columns of the
 layer's GEMM. Prints ms and TFLOP/s (TB/s for the quantizers).
 """
@@ -258,7 +258,7 @@ def fp8_lora_variants(rank: int = 32) -> None:
 
 def fp8_quantization_variants() -> None:
     """The fp8 path's activation quantizers: our row kernels vs the compiler's fusion of the references."""
-    from kernels import row_quant
+    from kontext_kernels import row_quant
 
     dev, dtype = "cuda", torch.bfloat16
     x = torch.randn(1, TOKENS, HIDDEN, device=dev, dtype=dtype)

@@ -4,7 +4,7 @@
 
 --gemms: at the edit step's shapes (8704 tokens), one layer's GEMM as bf16 (cuBLAS), fp8 (`torch._scaled_mm`,
 rowwise scales, fast accumulation, as our fp8 path runs), cuBLAS's int8 GEMM (`torch._int_mm`, int32 out, no
-scaling: a lower bound of what it would cost), our int8 kernel as the model calls it (kernels/int8_gemm.py,
+scaling: a lower bound of what it would cost), our int8 kernel as the model calls it (kontext_kernels/int8_gemm.py,
 autotuned), and its persistent TMA kernel at each of a few tile / stage / warp configs.
 
 --accuracy: the full-size model on random weights (bench_step's), the edit workload; the velocity's relative L2
@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_step import cuda_time, inputs, matmul_rate, random_transformer, rel_l2, WORKLOADS  # noqa: E402
 
-import kernels  # noqa: E402
-from kernels import int8_gemm  # noqa: E402
+import kontext_kernels  # noqa: E402
+from kontext_kernels import int8_gemm  # noqa: E402
 from kontext_core import TransformerConfig, quant  # noqa: E402
 
 SHAPES = {"qkv": (3072, 9216), "proj": (3072, 3072), "mlp up": (3072, 12288), "mlp down": (12288, 3072),
@@ -45,7 +45,7 @@ def int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x.float() / scale).round().clamp(-127, 127).to(torch.int8), scale
 
 
-# --- the persistent TMA kernel of kernels/int8_gemm.py launched at chosen configs, past its autotuner ----------
+# --- the persistent TMA kernel of kontext_kernels/int8_gemm.py launched at chosen configs, past its autotuner ----------
 # (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps). At 94d41b8 this probe also swept non-persistent and warp-specialised
 # variants of the kernel (bench/RESULTS.md, "An int8 path"): no faster.
 TMA_CONFIGS = [(256, 128, 128, 3, 8), (128, 256, 128, 3, 8), (256, 128, 128, 4, 8), (128, 256, 128, 4, 8),
@@ -90,7 +90,7 @@ def gemms() -> None:
             "fp8 _scaled_mm": lambda: torch._scaled_mm(x8.data, w8.t(), scale_a=x8.scale, scale_b=w8_scale_row,
                                                        bias=bias, out_dtype=torch.bfloat16, use_fast_accum=True),
             "int8 _int_mm (int32 out, unscaled)": lambda: torch._int_mm(data, w_data.t()),
-            "int8 ours (kernels/int8_gemm.py, autotuned)": lambda: int8_gemm.int8_linear(
+            "int8 ours (kontext_kernels/int8_gemm.py, autotuned)": lambda: int8_gemm.int8_linear(
                 data, scale, w_data, w_scale, bias, torch.bfloat16),
         }
         for config in TMA_CONFIGS:
@@ -158,7 +158,7 @@ def accuracy(sensitivity: bool) -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
     config = TransformerConfig()
     x = inputs(config, WORKLOADS["edit"])
-    kernels.set_enabled(True)
+    kontext_kernels.set_enabled(True)
     model = random_transformer(config)
 
     def velocity(m):

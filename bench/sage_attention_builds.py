@@ -1,4 +1,4 @@
-"""Build the 8-bit attention kernel (kernels/sage_attention.py) for sm_90 / sm_89 / sm_80 on a machine with no
+"""Build the 8-bit attention kernel (kontext_kernels/sage_attention.py) for sm_90 / sm_89 / sm_80 on a machine with no
 GPU, and say what each build holds: registers, spills, shared memory, its tensor-core instructions, and the
 instruction mix of its main loop.
 
@@ -30,7 +30,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from kernels import sage_attention as sa  # noqa: E402
+from kontext_kernels import sage_attention as sa  # noqa: E402
 
 TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 SIXTEEN = ("q_src", "k_src", "v_src", "q_scale_ptr", "k_scale_ptr", "v_scale_ptr", "out_ptr", "length_q", "length_k",

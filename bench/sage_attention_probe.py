@@ -1,4 +1,4 @@
-"""Probe our 8-bit attention (kernels/sage_attention.py) against cuDNN's bf16 attention at FLUX Kontext's shape.
+"""Probe our 8-bit attention (kontext_kernels/sage_attention.py) against cuDNN's bf16 attention at FLUX Kontext's shape.
 
     python3 bench/sage_attention_probe.py               # on a CUDA GPU: [1, 24, 8704, 128], then batch 2
     TRITON_INTERPRET=1 python3 bench/sage_attention_probe.py --tiny   # on a CPU, tiny sizes: that it runs
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kernels import sage_attention as sa  # noqa: E402
+from kontext_kernels import sage_attention as sa  # noqa: E402
 from kontext_core import TransformerConfig  # noqa: E402
 from kontext_core.layers import DoubleStreamBlock, RopeFrequencies, rope_frequencies  # noqa: E402
 from kontext_core.tokens import position_ids, text_position_ids  # noqa: E402

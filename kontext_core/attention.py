@@ -12,9 +12,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from . import fp8_attention as _fp8
 from . import fused, ops
 
-try:  # this project's kernels/ (a foreign package of that name lacks sage_attention)
-    from kernels import runtime as _kernel_runtime
-    from kernels import sage_attention as _sage
+try:  # kontext_kernels/ may be missing or broken (then sage_attention is unavailable and says why)
+    from kontext_kernels import runtime as _kernel_runtime
+    from kontext_kernels import sage_attention as _sage
     _SAGE_IMPORT_ERROR = None
 except Exception as error:  # pragma: no cover
     _kernel_runtime = _sage = None
@@ -30,7 +30,7 @@ def set_attention_backend(name: str) -> None:
     installed, else SDPA with cuDNN first), 'sdpa', 'math', 'flash-attn' (any installed version), or
     'cudnn-fp8' (opt-in: cuDNN's fp8 flash attention on Hopper, ~1.4x faster in the model, ~6% error per call), or
     'sage8' (opt-in: our Triton kernel, q·k in int8 and P·V in fp8 on Ada / Hopper, fp16 on Ampere; ~3.7% error
-    per call with fp8, ~1% with fp16: kernels/sage_attention.py), or 'sage8-fp16' (the same with P·V in fp16
+    per call with fp8, ~1% with fp16: kontext_kernels/sage_attention.py), or 'sage8-fp16' (the same with P·V in fp16
     everywhere: ~1% error, P·V's tensor cores at bf16's rate)."""
     global _backend
     if name not in ATTENTION_BACKENDS:
@@ -173,12 +173,12 @@ def sage_unavailable_reason(device: torch.device | str | None = None) -> str | N
     (Ampere) or newer, or Triton's interpreter (TRITON_INTERPRET=1: any device, slowly; that is how the tests
     run it on a CPU)."""
     if _sage is None:
-        return (f"this project's kernels/ package cannot be imported ({_SAGE_IMPORT_ERROR}); reinstall "
+        return (f"this project's kontext_kernels/ package cannot be imported ({_SAGE_IMPORT_ERROR}); reinstall "
                 "comfyui-kontext, or check that no other package named `kernels` shadows it")
     if not _kernel_runtime.triton_available():
         return "Triton is not installed (pip install triton; on Windows, triton-windows)"
     if not _kernel_runtime.switched_on():
-        return "the Triton kernels are switched off (KONTEXT_KERNELS=0 or kernels.set_enabled(False))"
+        return "the Triton kernels are switched off (KONTEXT_KERNELS=0 or kontext_kernels.set_enabled(False))"
     if _kernel_runtime.interpreting():
         return None
     if torch.version.hip is not None:

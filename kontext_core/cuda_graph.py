@@ -2,7 +2,7 @@
 
 A step makes ~1,500 kernel launches; a captured graph replays them all at once, so the CPU's share of a
 step drops to about a millisecond. Where the CPU issues the launches slower than the GPU runs them
-(a slow CPU, or the fp8 step with fp8 attention before the host-side work in kernels/ and ops.py) that
+(a slow CPU, or the fp8 step with fp8 attention before the host-side work in kontext_kernels/ and ops.py) that
 is the step's time; on the H100 of bench/RESULTS.md the host is now ahead, and graphs save 2-4 ms a
 step.
 

@@ -12,7 +12,7 @@ copies. So one cuDNN graph serves every input layout of a given shape. The outpu
 [B, H, L, D] view of a contiguous [B, L, H, D] buffer (`out.transpose(1, 2)` is contiguous), which
 makes the model's `out.transpose(1, 2).reshape(B, L, H * D)` free.
 
-Numerics. Per-tensor dynamic scales computed on the GPU (no host sync) by kernels/fp8_qkv.py, which
+Numerics. Per-tensor dynamic scales computed on the GPU (no host sync) by kontext_kernels/fp8_qkv.py, which
 documents them; on Hopper cuDNN's fp8 graph writes O only in fp8, so a last pass converts it back.
 Relative L2 error against exact attention is ~5.9% for unit-RMS q, k and Gaussian v (bf16 SDPA:
 0.23%); see tests/test_fp8_attention.py.
@@ -43,8 +43,8 @@ import torch
 
 from . import ops
 
-try:  # this project's kernels/ (a foreign package of that name lacks fp8_qkv)
-    from kernels import fp8_qkv as _qkv
+try:  # kontext_kernels/ may be missing or broken (then fp8_qkv is unavailable and says why)
+    from kontext_kernels import fp8_qkv as _qkv
     _QKV_IMPORT_ERROR = None
 except Exception as error:  # pragma: no cover
     _qkv = None
@@ -130,7 +130,7 @@ def _device_reason(index: int) -> str | None:
     if torch.version.hip is not None:
         return "this is a ROCm build of PyTorch; cuDNN's fp8 attention needs an NVIDIA Hopper GPU"
     if _qkv is None:
-        return (f"this project's kernels/ package cannot be imported ({_QKV_IMPORT_ERROR}); reinstall "
+        return (f"this project's kontext_kernels/ package cannot be imported ({_QKV_IMPORT_ERROR}); reinstall "
                 "comfyui-kontext, or check that no other package named `kernels` shadows it")
     major, minor = torch.cuda.get_device_capability(index)
     if major < 9:
@@ -252,7 +252,7 @@ def _graph_for(cudnn, handle: int, q8, k8, v8) -> _Fp8Graph:
     return entry
 
 
-# The graph's scalar tensors: which slot of the work buffer (kernels/fp8_qkv.py) each one is.
+# The graph's scalar tensors: which slot of the work buffer (kontext_kernels/fp8_qkv.py) each one is.
 _SCALAR_SLOTS = {} if _qkv is None else {
     _Uid.DESCALE_Q: _qkv.DESCALE_Q, _Uid.DESCALE_K: _qkv.DESCALE_K, _Uid.DESCALE_V: _qkv.DESCALE_V,
     _Uid.DESCALE_S: _qkv.DESCALE_S, _Uid.SCALE_S: _qkv.SCALE_S, _Uid.SCALE_O: _qkv.SCALE_O,
@@ -269,7 +269,7 @@ def _variant_pack(q8, k8, v8, o8, work: torch.Tensor) -> dict[int, int]:
 
 def sdpa_fp8_graph(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, work: torch.Tensor) -> torch.Tensor:
     """cuDNN's fp8 attention on quantized q8, k8, v8 [B, H, L, D] with the scales in `work`
-    (kernels.fp8_qkv.quantize_qkv): fp8 O, [B, H, L, D] view of a contiguous [B, L, H, D] buffer."""
+    (kontext_kernels.fp8_qkv.quantize_qkv): fp8 O, [B, H, L, D] view of a contiguous [B, L, H, D] buffer."""
     cudnn = _import_cudnn()
     device = q8.device
     handle_entry = _handle(cudnn, device)
@@ -349,8 +349,8 @@ ops.define("fp8_joint_attention(Tensor[] qkvs, Tensor[] query_scales, Tensor[] k
 def fp8_joint_attention(streams: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], cos: torch.Tensor,
                         sin: torch.Tensor, num_heads: int) -> torch.Tensor:
     """fp8 attention over the joint sequence of several streams' (qkv [B, L_i, 3*H*D], q_scale, k_scale), their
-    q and k RMS-normalised and rotated as kernels/qk_norm_rope.py does, quantized in that same pass
-    (kernels.fp8_qkv.joint_qkv_norm_rope_fp8): [B, H, sum L_i, D] in qkv's dtype, laid out as `fp8_attention`'s
+    q and k RMS-normalised and rotated as kontext_kernels/qk_norm_rope.py does, quantized in that same pass
+    (kontext_kernels.fp8_qkv.joint_qkv_norm_rope_fp8): [B, H, sum L_i, D] in qkv's dtype, laid out as `fp8_attention`'s
     output. Needs the Triton kernels and a CUDA device where `available()` holds."""
     head_dim = streams[0][0].shape[-1] // (3 * num_heads)
     _check_supported("fp8_joint_attention", head_dim, head_dim, streams[0][0].dtype)

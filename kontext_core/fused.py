@@ -1,4 +1,4 @@
-"""The blocks' fusable operations: the Triton kernels of `kernels/` where they run, PyTorch elsewhere.
+"""The blocks' fusable operations: the Triton kernels of `kontext_kernels/` where they run, PyTorch elsewhere.
 
 Each function here has one meaning; which implementation computes it is decided per call. Inside
 torch.compile'd blocks the compiler fuses the PyTorch forms itself, except where a kernel beats its
@@ -6,7 +6,7 @@ fusion: those kernels enter the graph as opaque custom ops (`kontext::*`).
 
 For 8-bit layers (`QuantizedLinear`) the activations a GEMM needs are e4m3 or int8 rows with per-row
 scales (`QuantizedRows`); the functions that produce a layer's input produce them in that form directly,
-the quantization fused with the producing op (kernels/row_quant.py), so no bf16 copy is written only
+the quantization fused with the producing op (kontext_kernels/row_quant.py), so no bf16 copy is written only
 to be read back and quantized.
 """
 
@@ -21,8 +21,8 @@ from torch import nn
 from . import ops
 from .quant import E4M3_MAX, QuantizedLinear, QuantizedRows, fp8_linear_rows, fp8_matmul_ok, rows_format
 
-try:  # kernels/ is optional; a foreign package of the same name is ignored
-    import kernels as _kernels
+try:  # kontext_kernels/ is optional: without it every op runs its PyTorch reference
+    import kontext_kernels as _kernels
 
     if not hasattr(_kernels, "qkv_norm_rope"):
         _kernels = None
@@ -378,7 +378,7 @@ if _kernels is not None:
                    list(zip(qkvs, query_scales, key_scales)), cos, sin, num_heads),
                _joint_qkv_norm_rope_fake)
 
-    # The 8-bit row quantizers (kernels/row_quant.py), opaque for the same reason: the compiler's fusion of
+    # The 8-bit row quantizers (kontext_kernels/row_quant.py), opaque for the same reason: the compiler's fusion of
     # their references ran at 0.75-1.7 TB/s on an H100 (a division per value, a second read of each row),
     # the kernels at 1.8-2.9 TB/s (bench/RESULTS.md).
     def _format(int8: bool) -> torch.dtype:

@@ -2,7 +2,7 @@
 
 Where the GPU has the units, a layer multiplies in 8 bits: e4m3 weights with e4m3 activation rows on fp8
 tensor cores (`torch._scaled_mm`, Ada and Hopper), int8 weights with int8 activation rows on int8 tensor
-cores (our Triton kernel, kernels/int8_gemm.py: Ampere and newer). Activations are quantized per token
+cores (our Triton kernel, kontext_kernels/int8_gemm.py: Ampere and newer). Activations are quantized per token
 with dynamic scales, weights per output row. Elsewhere the weights are upcast per call and the
 arithmetic stays in the compute dtype.
 
@@ -24,9 +24,9 @@ from torch import nn
 
 from . import ops
 
-try:  # kernels/ is optional (its int8 GEMM is the only int8 one): without it int8 weights are upcast
-    from kernels import int8_gemm as _int8_gemm
-    from kernels import runtime as _kernel_runtime
+try:  # kontext_kernels/ is optional (its int8 GEMM is the only int8 one): without it int8 weights are upcast
+    from kontext_kernels import int8_gemm as _int8_gemm
+    from kontext_kernels import runtime as _kernel_runtime
 
     if not hasattr(_int8_gemm, "int8_linear"):
         _int8_gemm = None
@@ -114,8 +114,8 @@ class QuantizedRows(NamedTuple):
 
 def quantize_rows(x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> QuantizedRows:
     """Per-token (row) dynamic scales amax/448 (e4m3) or amax/127 (int8, rounded to nearest), the rows then
-    in `dtype`: the plain form of what kernels/row_quant.py fuses with the op producing x. The same arithmetic
-    as its `quantize_rows_reference` (kontext_core runs without kernels/; tests/test_fp8_matmul.py holds them
+    in `dtype`: the plain form of what kontext_kernels/row_quant.py fuses with the op producing x. The same arithmetic
+    as its `quantize_rows_reference` (kontext_core runs without kontext_kernels/; tests/test_fp8_matmul.py holds them
     equal)."""
     top = INT8_MAX if dtype == torch.int8 else E4M3_MAX
     rows = x.reshape(-1, x.shape[-1]).float()

@@ -8,7 +8,7 @@ the product joins the layer's GEMM instead: with R more columns on both operands
 
 (`c` one divisor per rank column), so the layer's single fp8 GEMM over K + R columns computes both, R
 padded to a multiple of the GEMM's 128-wide K tile (~0-9% on those GEMMs instead of 20-50%). The e4m3 rows
-of x come from the fused quantizers with R spare columns after each row (kernels/row_quant.py); `a` fills
+of x come from the fused quantizers with R spare columns after each row (kontext_kernels/row_quant.py); `a` fills
 them (kontext_core/fused.py, `kontext::lora_columns_`). The weight lives in a wide [N, K + R] buffer whose
 first K columns are the layer's weight parameter (a view, no second copy); `b` is the rest.
 

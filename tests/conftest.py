@@ -22,8 +22,8 @@ REFERENCE = GOLDEN.parent
 
 
 # Modules whose @triton.jit decorators read TRITON_INTERPRET when they run, i.e. at import; helpers first.
-KERNEL_MODULES = ("kernels.e4m3", "kernels.tiles", "kernels.modulation", "kernels.qk_norm_rope", "kernels.ffn",
-                  "kernels.fp8_qkv", "kernels.row_quant", "kernels.int8_gemm", "kernels.sage_attention")
+KERNEL_MODULES = tuple(f"kontext_kernels.{name}" for name in (
+    "e4m3", "tiles", "modulation", "qk_norm_rope", "ffn", "fp8_qkv", "row_quant", "int8_gemm", "sage_attention"))
 
 
 def reload_kernel_modules() -> None:
@@ -35,7 +35,7 @@ def _import_inductor_helpers() -> None:
     """Import inductor's @triton.jit helpers while TRITON_INTERPRET is unset: imported first inside an
     interpreter block, they would stay interpreter functions for the process, and a later GPU test's
     inductor kernels, which call them, would fail to compile."""
-    from kernels.runtime import triton_available
+    from kontext_kernels.runtime import triton_available
 
     if triton_available():
         importlib.import_module("torch._inductor.runtime.triton_helpers")
@@ -45,11 +45,11 @@ def _import_inductor_helpers() -> None:
 def kernels_built_for(mode: str):
     """The kernel modules rebuilt for Triton's CPU interpreter ("interpreter") or the GPU ("cuda"),
     switched on; put back as they were afterwards."""
-    import kernels
+    import kontext_kernels
 
     if mode == "interpreter":
         _import_inductor_helpers()
-    was_enabled = kernels.runtime._enabled
+    was_enabled = kontext_kernels.runtime._enabled
     with pytest.MonkeyPatch.context() as patch:
         if mode == "interpreter":
             patch.setenv("TRITON_INTERPRET", "1")
@@ -57,13 +57,13 @@ def kernels_built_for(mode: str):
             patch.delenv("TRITON_INTERPRET", raising=False)
         patch.delenv("KONTEXT_KERNELS", raising=False)
         reload_kernel_modules()
-        kernels.set_enabled(True)
+        kontext_kernels.set_enabled(True)
         try:
             yield
         finally:
             patch.undo()
             reload_kernel_modules()
-            kernels.set_enabled(was_enabled)
+            kontext_kernels.set_enabled(was_enabled)
 
 
 @contextlib.contextmanager
@@ -105,7 +105,7 @@ def check_compiled_blocks(model, quantized, device: str, kernel: str, expected_l
 
 
 def launches_of(kernel: str) -> int:
-    from kernels.runtime import launches
+    from kontext_kernels.runtime import launches
 
     return launches[kernel]
 
@@ -125,14 +125,14 @@ def tiny_quantized_pair(device: str, dtype: torch.dtype = torch.float8_e4m3fn):
 @contextlib.contextmanager
 def kernels_off():
     """The PyTorch references instead of the kernels, for the block; the switch restored even on failure."""
-    import kernels
+    import kontext_kernels
 
-    was_enabled = kernels.runtime._enabled
-    kernels.set_enabled(False)
+    was_enabled = kontext_kernels.runtime._enabled
+    kontext_kernels.set_enabled(False)
     try:
         yield
     finally:
-        kernels.set_enabled(was_enabled)
+        kontext_kernels.set_enabled(was_enabled)
 
 
 def compiled_graphs() -> int:

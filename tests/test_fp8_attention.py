@@ -103,8 +103,8 @@ def test_joint_attention_from_projections(lengths, heads, head_dim):
     # Two streams' packed projections (text, image) with their own norm weights straight to fp8 attention,
     # q and k at the static scales of their norm bounds: as accurate as quantizing the finished bf16 q, k, v
     # with their amaxes (within 10%), and within the same bound of exact attention.
-    from kernels import fp8_qkv
-    from kernels.runtime import launches
+    from kontext_kernels import fp8_qkv
+    from kontext_kernels.runtime import launches
 
     generator = torch.Generator(device="cuda").manual_seed(torch.seed() % 2**31)
     width = 3 * heads * head_dim
@@ -146,7 +146,7 @@ def test_model_with_fp8_attention_backend():
     from conftest import randomize_, tiny_edit_args
     from kontext_core import KontextTransformer, TransformerConfig, set_attention_backend
 
-    from kernels.runtime import launches
+    from kontext_kernels.runtime import launches
 
     torch._dynamo.reset()
     model = randomize_(KontextTransformer(TransformerConfig.tiny()), seed=8).to("cuda", torch.bfloat16).eval()

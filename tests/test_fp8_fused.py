@@ -17,7 +17,7 @@ import torch
 
 from conftest import (as_float32, check_compiled_blocks, compiled_graphs, eight_bit_kernels, fp8_tensor_cores, kernels_off,
                       random_block_lora, rel_l2, tiny_edit_args, tiny_quantized_pair)
-from kernels.runtime import launches, triton_available
+from kontext_kernels.runtime import launches, triton_available
 from kontext_core import KontextTransformer
 
 ROW_KERNELS = ("layernorm_modulate_quantize", "gelu_quantize_rows", "concat_gelu_quantize_rows", "quantize_rows")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import kernels_off, randomize_, rel_error, tiny_edit_args
-from kernels.runtime import launches, triton_available
+from kontext_kernels.runtime import launches, triton_available
 from kontext_core import KontextTransformer, TransformerConfig
 
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and triton_available()),

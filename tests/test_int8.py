@@ -15,7 +15,7 @@ from torch import nn
 
 from conftest import (as_float32, check_compiled_blocks, eight_bit_kernels, kernels_off, random_block_lora, rel_l2,
                       tiny_edit_args, tiny_quantized_pair)
-from kernels.runtime import launches, triton_available
+from kontext_kernels.runtime import launches, triton_available
 from kontext_core import KontextTransformer, TransformerConfig, load_transformer, quant, save_transformer
 from kontext_core.quant import INT8_KEPT, QuantizedLinear
 

@@ -1,11 +1,11 @@
-"""The fused Triton kernels (kernels/) against their PyTorch references (`*_reference`, same module).
+"""The fused Triton kernels (kontext_kernels/) against their PyTorch references (`*_reference`, same module).
 
 On the CPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1) on small, awkward
 shapes (few tokens: the interpreter reduces rows one element at a time); every test checks the launch counter so that a silent fallback to the reference cannot
 pass. Tolerance: rel_error (max|ours - reference| / max|reference|) <= 1e-4 in float32, 2e-2 in
 bfloat16 (the kernels round once at the end, the references after every step). On a CUDA GPU,
 the compiled kernels are checked at the full FLUX sizes in bfloat16 by the benchmark's check step
-(kernels/check.py), which also runs here at small sizes.
+(kontext_kernels/check.py), which also runs here at small sizes.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernels
+import kontext_kernels
 from conftest import kernels_built_for, rel_error, rel_l2
-from kernels import check as kernel_check
-from kernels.runtime import launches, triton_available
+from kontext_kernels import check as kernel_check
+from kontext_kernels.runtime import launches, triton_available
 
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 DTYPES = [torch.float32, torch.bfloat16]
@@ -92,11 +92,11 @@ def _assert_int8_close(ours: torch.Tensor, reference: torch.Tensor, exact: bool)
 
 def _check_rows(variant: str, args: tuple, rows: int, exact: bool, spare: int = 0,
                 dtype: torch.dtype = torch.float8_e4m3fn) -> None:
-    """kernels.row_quant.<variant> launches its kernel and agrees with <variant>_reference: scales to 1e-5,
+    """kontext_kernels.row_quant.<variant> launches its kernel and agrees with <variant>_reference: scales to 1e-5,
     8-bit values (e4m3 or int8) exactly (or, where `exact` is False, as `_assert_e4m3_close` /
     `_assert_int8_close` allow). With `spare` columns after each row, the kernel leaves them as they were
     (filled with a sentinel here)."""
-    from kernels import row_quant
+    from kontext_kernels import row_quant
 
     before = launches[variant]
     sentinel = torch.full((), 7.0).to(dtype)
@@ -123,7 +123,7 @@ class TestAwkwardSizes:
     @pytest.mark.parametrize("dtype", DTYPES, ids=str)
     @pytest.mark.parametrize("channels", [100, 129])
     def test_layernorm_modulate(self, device, dtype, channels):
-        from kernels import modulation
+        from kontext_kernels import modulation
 
         x = _randn(2, 13, channels, dtype=dtype, device=device, scale=2.0, offset=0.5)
         shift, scale = _modulation_chunks(2, channels, dtype, device)
@@ -134,7 +134,7 @@ class TestAwkwardSizes:
         assert rel_error(out, modulation.layernorm_modulate_reference(x, shift, scale)) <= TOLERANCE[dtype]
 
     def test_layernorm_modulate_strided_rows_and_batch_one_modulation(self, device):
-        from kernels import modulation
+        from kontext_kernels import modulation
 
         # x as a slice of a wider tensor (rows not contiguous), shift/scale shared by the batch.
         x = _randn(3, 5, 160, device=device)[..., 30:130]
@@ -147,7 +147,7 @@ class TestAwkwardSizes:
     @pytest.mark.parametrize("dtype", DTYPES, ids=str)
     @pytest.mark.parametrize("rope_batch", [1, 2], ids=["rope-batch-1", "rope-batch-B"])
     def test_qkv_norm_rope(self, device, dtype, rope_batch):
-        from kernels import qk_norm_rope
+        from kontext_kernels import qk_norm_rope
 
         batch, length, heads, head_dim = 2, 13, 2, 64
         qkv = _randn(batch, length, 3 * heads * head_dim, dtype=dtype, device=device, scale=1.5)
@@ -165,7 +165,7 @@ class TestAwkwardSizes:
             assert rel_error(out, reference) <= TOLERANCE[dtype], name
 
     def test_qkv_norm_rope_padded_head_dim_and_strided_views(self, device):
-        from kernels import qk_norm_rope
+        from kontext_kernels import qk_norm_rope
 
         # head_dim 24 pads to a 32-wide tile; qkv is the front of a wider projection (the single
         # block's split) and cos/sin a slice along L (one stream of the joint sequence).
@@ -183,7 +183,7 @@ class TestAwkwardSizes:
 
     @pytest.mark.parametrize("dtype", DTYPES, ids=str)
     def test_joint_qkv_norm_rope_writes_each_stream_at_its_offset(self, device, dtype):
-        from kernels import qk_norm_rope
+        from kontext_kernels import qk_norm_rope
 
         # Two streams (text 5 tokens, image 11) with their own norm scales, batch 2, one RoPE table
         # over the joint 16 tokens: the result is the two streams' references concatenated along L.
@@ -226,7 +226,7 @@ class TestAwkwardSizes:
         assert real.stride() == fake.stride() and real[0].transpose(1, 2).is_contiguous()
 
     def test_joint_qkv_norm_rope_fp8(self, device):
-        from kernels import fp8_qkv
+        from kontext_kernels import fp8_qkv
 
         # Text 5 tokens and image 37 with their own norm weights (one weight of the image key norm far
         # larger: it sets k's bound), batch 2, head dim 48 (a padded 64-wide tile); the image projection a
@@ -265,7 +265,7 @@ class TestAwkwardSizes:
 
     def test_joint_qkv_norm_rope_fp8_zero_key_norm(self, device):
         # All-zero key-norm weights (k all zero): finite scales, k8 all zero, q unaffected.
-        from kernels import fp8_qkv
+        from kontext_kernels import fp8_qkv
 
         heads, head_dim = 2, 32
         qkv = _randn(1, 9, 3 * heads * head_dim, dtype=torch.bfloat16, device=device)
@@ -279,7 +279,7 @@ class TestAwkwardSizes:
         assert not k8.float().any() and q8.float().abs().max() > 1
 
     def test_quantize_qkv_for_fp8_attention(self, device):
-        from kernels import fp8_qkv
+        from kontext_kernels import fp8_qkv
 
         # q contiguous, k a [B, L, H, D]-ordered view, v a gapped view of a packed projection; head dim 48
         # pads to a 64-wide tile, 2 x 3 x 37 rows fill no 16-row tile.
@@ -317,7 +317,7 @@ class TestAwkwardSizes:
 
     def test_int8_rounding_ties_to_even(self, device):
         # Rows whose scaled values land exactly on .5 (amax 127 makes the scale 1): rounded as torch.round.
-        from kernels import row_quant
+        from kontext_kernels import row_quant
 
         x = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5, -126.5, 3.49, -3.51, 0.0]],
                          device=device)
@@ -332,7 +332,7 @@ class TestAwkwardSizes:
         # fewer than a tile, and (on Hopper) partial TMA tiles in every dimension (K 208 = 128 + 80); against
         # the exact reference, bf16 out (float32 out too, which on Hopper the pointer kernel computes), fresh
         # random operands.
-        from kernels import int8_gemm
+        from kontext_kernels import int8_gemm
 
         rows, k, n = shape
         data = torch.randint(-127, 128, (rows, k), dtype=torch.int8).to(device)
@@ -353,7 +353,7 @@ class TestAwkwardSizes:
         # 2700 rows make 22 row blocks of 128 (11 of 256): the last group of 8 row blocks is partial (6 or 3
         # rows), with 8 or 4 column blocks, which a walk that indexes the group from the tile number alone
         # gets wrong. GPU only: the interpreter's 32-row tiles would take minutes.
-        from kernels import int8_gemm
+        from kontext_kernels import int8_gemm
 
         if device == "cpu":
             pytest.skip("a GPU-sized problem (the interpreter runs the same pointer kernel at small sizes above)")
@@ -367,7 +367,7 @@ class TestAwkwardSizes:
 
     def test_int8_linear_batched_rows_and_strided_weight(self, device):
         # [B, L, K] activations, a weight given as a column slice (made contiguous), per-tensor weight scale.
-        from kernels import int8_gemm
+        from kontext_kernels import int8_gemm
 
         data = torch.randint(-127, 128, (2, 21, 96), dtype=torch.int8).to(device)
         weight = torch.randint(-127, 128, (40, 120), dtype=torch.int8).to(device)[:, 10:106]
@@ -378,7 +378,7 @@ class TestAwkwardSizes:
         assert out.shape == (2, 21, 40) and rel_error(out, reference) <= TOLERANCE[torch.float32]
 
     def test_dequantize_output(self, device):
-        from kernels import fp8_qkv
+        from kontext_kernels import fp8_qkv
 
         o8 = _randn(2, 9, 3, 32, device=device, scale=100.0).to(torch.float8_e4m3fn).transpose(1, 2)
         work = torch.zeros(fp8_qkv.WORK_FLOATS, device=device)
@@ -391,7 +391,7 @@ class TestAwkwardSizes:
 
     @pytest.mark.parametrize("dtype", DTYPES, ids=str)
     def test_linear_gelu(self, device, dtype):
-        from kernels import ffn
+        from kontext_kernels import ffn
 
         # M = 75, N = 129, K = 100: no dimension a multiple of any tile size.
         x = _randn(3, 25, 100, dtype=dtype, device=device)
@@ -404,7 +404,7 @@ class TestAwkwardSizes:
         assert rel_error(out, ffn.linear_gelu_reference(x, weight, bias)) <= TOLERANCE[dtype]
 
     def test_linear_gelu_even_k_transposed_weight_no_bias(self, device):
-        from kernels import ffn
+        from kontext_kernels import ffn
 
         # K = 64 takes the unmasked loop; a transposed weight view must be made contiguous.
         x = _randn(75, 64, device=device)
@@ -417,7 +417,7 @@ class TestAwkwardSizes:
     @pytest.mark.parametrize("dtype", DTYPES, ids=str)
     @pytest.mark.parametrize("gate_batch", [1, 3], ids=["gate-batch-1", "gate-batch-B"])
     def test_linear_gated_residual(self, device, dtype, gate_batch):
-        from kernels import ffn
+        from kontext_kernels import ffn
 
         x = _randn(3, 25, 100, dtype=dtype, device=device)
         weight = _randn(129, 100, dtype=dtype, device=device, scale=0.1)
@@ -432,7 +432,7 @@ class TestAwkwardSizes:
         assert rel_error(out, reference) <= TOLERANCE[dtype]
 
     def test_linear_gated_residual_strided_inputs(self, device):
-        from kernels import ffn
+        from kontext_kernels import ffn
 
         # x and residual as slices of wider tensors, gate a chunk of the modulation projection.
         x = _randn(2, 33, 150, device=device)[..., 10:110]
@@ -453,7 +453,7 @@ class TestAwkwardSizes:
         assert not failed, failed
 
     def test_check_step_reports_wrong_kernels_and_fallbacks(self, device, monkeypatch):
-        from kernels import ffn, modulation, row_quant
+        from kontext_kernels import ffn, modulation, row_quant
 
         # A kernel 5% off, a row quantizer with scales 1% off, and a "kernel" that is really its reference.
         real_modulate, real_quantize = modulation.layernorm_modulate, row_quant.quantize_rows
@@ -469,19 +469,19 @@ class TestAwkwardSizes:
         assert not any(r.passed for r in results.values())
 
     def test_switched_off_runs_the_reference(self, device, monkeypatch):
-        from kernels import modulation
+        from kontext_kernels import modulation
 
         x = _randn(2, 5, 100, device=device)
         shift, scale = _modulation_chunks(2, 100, torch.float32, device)
         before = launches["layernorm_modulate"]
         try:
-            kernels.set_enabled(False)
-            assert not kernels.enabled_for(x)
+            kontext_kernels.set_enabled(False)
+            assert not kontext_kernels.enabled_for(x)
             out = modulation.layernorm_modulate(x, shift, scale)
         finally:
-            kernels.set_enabled(True)
+            kontext_kernels.set_enabled(True)
         monkeypatch.setenv("KONTEXT_KERNELS", "0")
-        assert not kernels.enabled_for(x)
+        assert not kontext_kernels.enabled_for(x)
         modulation.layernorm_modulate(x, shift, scale)
         assert launches["layernorm_modulate"] == before
         torch.testing.assert_close(out, modulation.layernorm_modulate_reference(x, shift, scale), rtol=0, atol=0)
@@ -490,7 +490,7 @@ class TestAwkwardSizes:
 def test_row_kernel_launch_shapes(monkeypatch):
     # The interpreter ignores num_warps, so only a GPU would reveal a bad launch (3 warps once): the
     # shapes chosen for each row width are checked here. (block width, interpreting) -> (rows, warps).
-    from kernels import runtime
+    from kontext_kernels import runtime
 
     expected = {(64, False): (32, 4), (192, False): (8, 2), (4096, False): (1, 8), (20480, False): (1, 8),
                 (16384, False): (1, 8), (192, True): (64, 8), (20480, True): (1, 8)}
@@ -502,7 +502,7 @@ def test_row_kernel_launch_shapes(monkeypatch):
 
 def test_cpu_tensors_use_the_references_without_the_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert not kernels.enabled_for(torch.randn(4))
+    assert not kontext_kernels.enabled_for(torch.randn(4))
 
 
 def test_import_and_fallback_without_triton():
@@ -510,13 +510,13 @@ def test_import_and_fallback_without_triton():
     script = (
         "import sys; sys.modules['triton'] = None\n"
         "import torch, kernels\n"
-        "assert not kernels.triton_available()\n"
+        "assert not kontext_kernels.triton_available()\n"
         "x = torch.randn(2, 7, 16); shift, scale = torch.randn(2, 1, 16), torch.randn(2, 1, 16)\n"
-        "assert not kernels.enabled_for(x)\n"
-        "torch.testing.assert_close(kernels.layernorm_modulate(x, shift, scale),\n"
-        "                           kernels.layernorm_modulate_reference(x, shift, scale))\n"
+        "assert not kontext_kernels.enabled_for(x)\n"
+        "torch.testing.assert_close(kontext_kernels.layernorm_modulate(x, shift, scale),\n"
+        "                           kontext_kernels.layernorm_modulate_reference(x, shift, scale))\n"
         "w, b = torch.randn(24, 16), torch.randn(24)\n"
-        "torch.testing.assert_close(kernels.linear_gelu(x, w, b), kernels.linear_gelu_reference(x, w, b))\n"
+        "torch.testing.assert_close(kontext_kernels.linear_gelu(x, w, b), kontext_kernels.linear_gelu_reference(x, w, b))\n"
     )
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     result = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1],
@@ -528,6 +528,6 @@ def test_import_and_fallback_without_triton():
 @pytest.mark.usefixtures("compiled")
 @pytest.mark.parametrize("case", list(kernel_check.CASES))
 def test_full_size_on_the_gpu(case):
-    # The benchmark's check step for one kernel at FLUX.1 [dev]'s sizes (kernels/check.py states the measures).
+    # The benchmark's check step for one kernel at FLUX.1 [dev]'s sizes (kontext_kernels/check.py states the measures).
     (result,) = kernel_check.run("cuda", kernel_check.FULL, only=[case])
     assert result.passed, str(result)

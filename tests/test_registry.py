@@ -7,6 +7,7 @@ import importlib.util
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from urllib.parse import urlparse
@@ -71,7 +72,7 @@ def test_comfyignore_keeps_development_files_out():
                 if line.strip() and not line.startswith("#")}
     assert {"tests/", "bench/"} <= patterns
     # Nothing ComfyUI loads is ignored.
-    for needed in ("nodes", "kontext_core", "kernels", "js", "example_workflows", "__init__.py"):
+    for needed in ("nodes", "kontext_core", "kontext_kernels", "js", "example_workflows", "__init__.py"):
         assert not any(p.strip("/") == needed for p in patterns), needed
 
 
@@ -93,3 +94,19 @@ def test_comfy_cli_validates_and_packs_the_pack():
     with tempfile.TemporaryDirectory() as folder:
         names = check_pack.pack(comfy, Path(folder))
     assert not check_pack.problems(names), check_pack.problems(names)
+
+
+def test_top_level_packages_shadow_no_other_project():
+    """Our importable names all start with `kontext`: a plain name such as `kernels` is also a PyPI project
+    (Hugging Face's), which transformers imports when it finds it, so our folder of that name broke
+    `import transformers` from the pack's directory (transformers 5.25)."""
+    shipped = PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]
+    assert shipped and all(pattern.startswith("kontext") for pattern in shipped), shipped
+    top_level = {path.name for path in REPO.iterdir() if (path / "__init__.py").is_file()}
+    assert all(name.startswith("kontext") or name == "nodes" for name in top_level), top_level
+    # The import that failed, from the pack's own directory first on sys.path as ComfyUI and pytest put it.
+    probe = ("import sys; sys.path.insert(0, '.'); import kontext_core, kontext_kernels; "
+             "from transformers.activations import ACT2FN; print(kontext_kernels.__file__)")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert Path(done.stdout.strip()).parent == REPO / "kontext_kernels"

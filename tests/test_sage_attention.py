@@ -1,4 +1,4 @@
-"""Our 8-bit attention (kernels/sage_attention.py: int8 Q·Kᵀ, e4m3 or fp16 P·V) against its PyTorch reference and
+"""Our 8-bit attention (kontext_kernels/sage_attention.py: int8 Q·Kᵀ, e4m3 or fp16 P·V) against its PyTorch reference and
 against exact attention, and the attention backend 'sage8' that runs it.
 
 On the CPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1) at small awkward sizes (token counts
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import kernels_built_for, rel_error, rel_l2
-from kernels.runtime import launches, triton_available
+from kontext_kernels.runtime import launches, triton_available
 
 FP8_BOUND = 0.05
 FP16_BOUND = 0.02
@@ -78,7 +78,7 @@ def _launched(name: str, before: int) -> None:
 
 def _fp8_modes(device: str) -> list[bool]:
     """P·V modes this device runs: fp16 everywhere, e4m3 where there are fp8 tensor cores (or the interpreter)."""
-    from kernels import sage_attention as sa
+    from kontext_kernels import sage_attention as sa
 
     return [False, True] if sa.fp8_tensor_cores(torch.device(device)) else [False]
 
@@ -95,7 +95,7 @@ class TestKernels:
     @pytest.mark.parametrize("q_rows, k_rows", [(1, 1), (128, 128), (16, 64)])
     @pytest.mark.parametrize("shape", SHAPES, ids=str)
     def test_quantization_is_bit_exact(self, device, shape, q_rows, k_rows):
-        from kernels import sage_attention as sa
+        from kontext_kernels import sage_attention as sa
 
         batch, heads, length_q, length_k, head_dim = shape
         q, k, v = _inputs(batch, heads, length_q, length_k, head_dim, device)
@@ -115,7 +115,7 @@ class TestKernels:
 
     @pytest.mark.parametrize("shape", SHAPES, ids=str)
     def test_attention_kernel_matches_reference(self, device, shape):
-        from kernels import sage_attention as sa
+        from kontext_kernels import sage_attention as sa
 
         batch, heads, length_q, length_k, head_dim = shape
         q, k, v = _inputs(batch, heads, length_q, length_k, head_dim, device)
@@ -130,7 +130,7 @@ class TestKernels:
 
     @pytest.mark.parametrize("shape", SHAPES, ids=str)
     def test_error_against_exact_attention(self, device, shape):
-        from kernels import sage_attention as sa
+        from kontext_kernels import sage_attention as sa
 
         batch, heads, length_q, length_k, head_dim = shape
         q, k, v = _inputs(batch, heads, length_q, length_k, head_dim, device)
@@ -149,7 +149,7 @@ class TestKernels:
         # The GPU configs' tile shapes, through TMA descriptors (Hopper's loads; the interpreter reads them too) and
         # pointers, with a fresh accumulator per key block or one across them: all the same attention, each equal
         # to the reference at its key-block width.
-        from kernels import sage_attention as sa
+        from kontext_kernels import sage_attention as sa
 
         if device == "cuda" and torch.cuda.get_device_capability() < (9, 0):
             pytest.skip("TMA needs a Hopper GPU")
@@ -170,7 +170,7 @@ class TestKernels:
     def test_shared_key_offset_costs_no_precision(self, device):
         # softmax(q·(k + c)) = softmax(q·k): the kernel centres k on its mean, so a large offset common to every
         # key (float32 inputs: exact) gives the same int8 keys and the same attention.
-        from kernels import sage_attention as sa
+        from kontext_kernels import sage_attention as sa
 
         q, k, v = _inputs(1, 2, 150, 150, 64, device, dtype=torch.float32, packed=False)
         offset = 8.0 * torch.randn(1, 2, 1, 64).to(device)
@@ -184,7 +184,7 @@ class TestKernels:
         # attention.py's entry point with backend 'sage8' / 'sage8-fp16': the registered op runs the kernel (P·V in
         # e4m3 where the device has fp8 tensor cores, or in fp16) and the result is laid out [B, L, H*D] as the
         # model's projection wants it.
-        from kernels import sage_attention as sa
+        from kontext_kernels import sage_attention as sa
         from kontext_core import attention, get_attention_backend, set_attention_backend
 
         q, k, v = _inputs(2, 3, 100, 100, 64, device)
@@ -237,7 +237,7 @@ class TestKernels:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_full_flux_shape_on_the_gpu():
     # [1, 24, 8704, 128] as the edit step has it; the exact reference in float64 over four heads (0.6 GB each).
-    from kernels import sage_attention as sa
+    from kontext_kernels import sage_attention as sa
 
     with kernels_built_for("cuda"):
         q, k, v = _inputs(1, 24, 8704, 8704, 128, "cuda", packed=False)
@@ -258,7 +258,7 @@ def test_full_flux_shape_on_the_gpu():
 
 
 def test_refusals_say_why_and_what_to_do(monkeypatch):
-    from kernels import sage_attention as sa
+    from kontext_kernels import sage_attention as sa
     from kontext_core import get_attention_backend, set_attention_backend
     from kontext_core.attention import sage_unavailable_reason
 

@@ -1,7 +1,7 @@
 """Activations to 8-bit rows for the 8-bit GEMMs, in one pass with the operation that produces them.
 
 An fp8 GEMM (`torch._scaled_mm`) takes its activations as e4m3 rows, each with a float32 scale
-amax(row) / 448; the int8 GEMM (kernels/int8_gemm.py) as int8 rows with scales amax(row) / 127 (`dtype`
+amax(row) / 448; the int8 GEMM (kontext_kernels/int8_gemm.py) as int8 rows with scales amax(row) / 127 (`dtype`
 torch.int8, rounded to nearest, ties to even, as torch.round). Quantizing is a row reduction (the amax)
 and a rewrite; left to the compiler it reads the row twice and divides every value (0.75-1.7 TB/s on an
 H100). These kernels hold each row in registers and multiply by one reciprocal per row, so the producer's
@@ -19,7 +19,7 @@ Each returns (data, scale): data (e4m3 or int8) of x's leading shape and the row
 [rows, 1], data * scale ~= the float32 result. With `spare` > 0 each row of data has that many
 columns more, left unwritten, after the quantized values: room for a LoRA's columns that the layer's
 fp8 GEMM multiplies in the same pass (kontext_core/wide_lora.py). The `*_reference` functions compute the same in
-PyTorch, in float32 throughout; the kernels scale and round as they do (kernels/e4m3.py), so only
+PyTorch, in float32 throughout; the kernels scale and round as they do (kontext_kernels/e4m3.py), so only
 the last float32 bits of GELU and LayerNorm can tell them apart.
 """
 
@@ -146,7 +146,7 @@ def _row_scales(amax, INT8: tl.constexpr):
 @triton.jit
 def _store_8bit(ptr, values, inv_scale, mask, INT8: tl.constexpr, EXACT_ROUNDING: tl.constexpr):
     """Store values * inv_scale in the row format: int8 rounded to nearest, ties to even, or e4m3
-    (kernels/e4m3.py). (A store, not a returned value: Triton wants one return type from both branches.)"""
+    (kontext_kernels/e4m3.py). (A store, not a returned value: Triton wants one return type from both branches.)"""
     if INT8:
         scaled = tl.minimum(tl.maximum(values * inv_scale, -127.0), 127.0)
         # Adding and removing 1.5 * 2**23 (whose float32 spacing is 1) rounds |v| <= 2**22 to an integer,

@@ -4,7 +4,7 @@
 and every scale cuDNN's fp8 attention graph reads (slots below), and writes contiguous [B, H, L, D]
 e4m3 copies of q, k, v whatever their strides. `dequantize_output` turns the graph's fp8 O back
 into bf16/fp16 with O's descale. `joint_qkv_norm_rope_fp8` makes q8, k8, v8 and the scales straight
-from the blocks' qkv projections, in the QK-norm + RoPE kernel's pass (kernels/qk_norm_rope.py). Each
+from the blocks' qkv projections, in the QK-norm + RoPE kernel's pass (kontext_kernels/qk_norm_rope.py). Each
 has a plain PyTorch `*_reference` of the same contract.
 
 Numerics: scale = 448 / amax per tensor. The softmax numerator P in [0, 1] is stored in fp8 with a

@@ -1,4 +1,4 @@
-"""The order in which the GEMM kernels (kernels/ffn.py, kernels/int8_gemm.py) walk their output tiles."""
+"""The order in which the GEMM kernels (kontext_kernels/ffn.py, kontext_kernels/int8_gemm.py) walk their output tiles."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ def grouped_tile(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP
     """(row block, column block) of output tile number `tile`. Tiles walk GROUP_M row blocks down one column
     band before moving right, so the weight tiles a group shares are still in L2 when its next member asks
     for them; the last group may have fewer rows."""
-    # Builtins only, not tl.cdiv: see the note in kernels/modulation.py.
+    # Builtins only, not tl.cdiv: see the note in kontext_kernels/modulation.py.
     blocks_m = (M + BLOCK_M - 1) // BLOCK_M
     blocks_n = (N + BLOCK_N - 1) // BLOCK_N
     per_group = GROUP_M * blocks_n

@@ -117,7 +117,7 @@ def _qkv_norm_rope_kernel(
     tile = batch * stride_out_b + head * stride_out_h + token_rows * stride_out_l + dims[None, :]
     v_tile = batch * stride_v_b + head * stride_v_h + token_rows * stride_v_l + dims[None, :]
     if QK_FP8:
-        # Static per-tensor scales from the bounds (kernels/fp8_qkv.py derives them); v's amax for
+        # Static per-tensor scales from the bounds (kontext_kernels/fp8_qkv.py derives them); v's amax for
         # its own quantization pass, which needs the whole tensor's.
         bound_q = tl.load(bounds_ptr) * sqrt_head_dim
         bound_k = tl.load(bounds_ptr + 1) * sqrt_head_dim
@@ -188,7 +188,7 @@ def launch_stream(qkv: torch.Tensor, q_scale: torch.Tensor, k_scale: torch.Tenso
     """The kernel on one stream of a joint sequence: write q, k (into qk [2, B, H, L_out, D]) and v
     ([B, H, L_out, D]), any strides with the head dims contiguous, of qkv's tokens at tokens
     offset..offset+L. With `fp8` = (bounds, work, amax_v_slot, descale_q_slot, descale_k_slot), qk is
-    e4m3 at the static scales of `bounds` and v's amax goes to work's slot (kernels/fp8_qkv.py)."""
+    e4m3 at the static scales of `bounds` and v's amax goes to work's slot (kontext_kernels/fp8_qkv.py)."""
     batch, length, width = qkv.shape
     head_dim = width // (3 * num_heads)
     qkv = last_dim_contiguous(qkv)

@@ -3,7 +3,7 @@ applied to the int32 accumulator before it leaves registers.
 
     out[m, n] = (sum_k data[m, k] * weight[n, k]) * scale[m] * weight_scale[n] + bias[n]
 
-Activations come quantized per row (per token, `scale` [M, 1], kernels/row_quant.py), weights per output
+Activations come quantized per row (per token, `scale` [M, 1], kontext_kernels/row_quant.py), weights per output
 row (`weight_scale` [N]); the products are exact in the int32 accumulator, so the only rounding is the
 quantization itself and the final cast. On the roughly Gaussian activations and weights of FLUX's blocks
 int8 with per-row scales rounds ~3x less than e4m3 (3 mantissa bits), on tensor cores of the same 8-bit

@@ -2,7 +2,7 @@
 
 Unfused, `(1 + scale) * layer_norm(x) + shift` reads and writes the activations three times; the
 kernel reads each row once, keeps it in registers for both statistics, and writes it once. The row
-arithmetic (`layernorm_modulate_rows`) is shared with the fp8 quantizer of kernels/row_quant.py.
+arithmetic (`layernorm_modulate_rows`) is shared with the fp8 quantizer of kontext_kernels/row_quant.py.
 """
 
 from __future__ import annotations

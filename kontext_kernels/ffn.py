@@ -71,7 +71,7 @@ def _linear_epilogue_kernel(
     # K is a compile-time constant (3072 or 12288 in FLUX): the loop's trip count is known, the
     # tail mask disappears when BLOCK_K divides it, and the interpreter gets a plain Python range.
 
-    # Builtins only, not tl.zeros / tl.sigmoid: see the note in kernels/modulation.py.
+    # Builtins only, not tl.zeros / tl.sigmoid: see the note in kontext_kernels/modulation.py.
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)

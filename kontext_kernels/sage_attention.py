@@ -337,7 +337,7 @@ def _quantize_int8_kernel(x_ptr, k_mean_ptr, out_ptr, scale_ptr, heads, length, 
     inverse = tl.math.div_rn(tl.full([groups], 127.0, tl.float32), amax)
     inverse_rows = tl.reshape(tl.broadcast_to(inverse[:, None], [groups, ROWS]), [TILE])
     scaled = tl.minimum(tl.maximum(x * inverse_rows[:, None], -127.0), 127.0)
-    # Adding and removing 1.5 * 2**23 rounds to an integer, ties to even, as torch.round (kernels/row_quant.py).
+    # Adding and removing 1.5 * 2**23 rounds to an integer, ties to even, as torch.round (kontext_kernels/row_quant.py).
     values = ((scaled + 12582912.0) - 12582912.0).to(tl.int8)
     out_rows = bh.to(tl.int64) * padded_length + rows
     tl.store(out_ptr + out_rows[:, None] * BLOCK_D + cols[None, :], values)
@@ -474,7 +474,7 @@ def _key_block(acc, row_sum, row_max, q, q_factor, k_src, v_src, k_scale_ptr, st
     # v8t's [D, N] tile: tokens, P·V's contraction dimension, contiguous, as 8-bit wgmma wants its B operand.
     v = tl.trans(_load_tile(v_src, v_row0, start_n, padded_k, BLOCK_D, BLOCK_N, TMA))
     if FP8_PV:
-        if EXACT_ROUNDING:  # the interpreter's own e4m3 conversion mis-rounds (kernels/e4m3.py)
+        if EXACT_ROUNDING:  # the interpreter's own e4m3 conversion mis-rounds (kontext_kernels/e4m3.py)
             p = round_to_e4m3(p)
         rounded = p.to(tl.float8e4nv)
     else:

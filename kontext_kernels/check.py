@@ -12,7 +12,7 @@ measures its output against the reference's:
   another order, so a rare value lands on the neighbouring e4m3 number); int8 outputs (the int8 path) alike,
   one int8 step at most.
 
-The 8-bit attention (kernels/sage_attention.py) is checked in two parts: its quantization pass by the 8-bit
+The 8-bit attention (kontext_kernels/sage_attention.py) is checked in two parts: its quantization pass by the 8-bit
 measures (q, k int8, v e4m3 or fp16, scales), and its attention kernel on those very operands against the
 reference's arithmetic at the kernel's key-block width, by the float measure.
 
