@@ -509,7 +509,7 @@ def test_import_and_fallback_without_triton():
     # A fresh interpreter where `import triton` fails, as on a machine without it.
     script = (
         "import sys; sys.modules['triton'] = None\n"
-        "import torch, kernels\n"
+        "import torch, kontext_kernels\n"
         "assert not kontext_kernels.triton_available()\n"
         "x = torch.randn(2, 7, 16); shift, scale = torch.randn(2, 1, 16), torch.randn(2, 1, 16)\n"
         "assert not kontext_kernels.enabled_for(x)\n"
