@@ -127,27 +127,51 @@ def _flash_beats_cudnn(device_index: int) -> bool:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Scaled dot-product attention over [B, H, L, D] inputs, returned as [B, L, H*D]."""
+    """Scaled dot-product attention over [B, H, L, D] inputs, returned as [B, L, H*D]. Inside
+    `sequence_parallel_scope`, L is this process's share of the tokens and attention covers every process's."""
     batch, heads, length, head_dim = q.shape
+    if _sequence_layout is not None:
+        out = _sequence_layout.attend(q, k, v, heads_attention)
+    else:
+        out = heads_attention(q, k, v)
+    return out.transpose(1, 2).reshape(batch, length, heads * head_dim)
+
+
+def heads_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The chosen backend's attention over [B, H, L, D] inputs: [B, H, L, D], for some backends a view of a
+    [B, L, H, D] buffer (then `attention`'s reshape to [B, L, H*D] copies nothing)."""
+    head_dim = q.shape[-1]
     use_flash = _backend == "flash-attn" or (
         _backend == "auto" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
         and _auto_flash
     )
     if use_flash:
-        out = _flash_attn_func()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        return out.reshape(batch, length, heads * head_dim)
+        return _flash_attn_func()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
     if _backend == "cudnn-fp8" and q.is_cuda:
-        out = _fp8.fp8_attention(q, k, v)
-        return out.transpose(1, 2).reshape(batch, length, heads * head_dim)
+        return _fp8.fp8_attention(q, k, v)
     if _backend in SAGE_BACKENDS and _kernel_runtime.enabled_for_traced(q):
-        out = torch.ops.kontext.sage_attention(q, k, v, _backend == "sage8-fp16")  # opaque inside compiled blocks
-        return out.transpose(1, 2).reshape(batch, length, heads * head_dim)
+        return torch.ops.kontext.sage_attention(q, k, v, _backend == "sage8-fp16")  # opaque inside compiled blocks
     if _backend == "math":
         scores = (q @ k.transpose(-1, -2)) * head_dim**-0.5
-        out = scores.softmax(dim=-1) @ v
-    else:
-        out = F.scaled_dot_product_attention(q, k, v)
-    return out.transpose(1, 2).reshape(batch, length, heads * head_dim)
+        return scores.softmax(dim=-1) @ v
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+# The token layout of the forward under way when it is split over processes (kontext_core/sequence_parallel.py);
+# set by sequence_parallel_scope outside the blocks, read by `attention`.
+_sequence_layout = None
+
+
+@contextlib.contextmanager
+def sequence_parallel_scope(layout):
+    """Attention inside this block attends across the processes of `layout` (a sequence_parallel.ShardLayout;
+    None: this process's tokens only)."""
+    global _sequence_layout
+    before, _sequence_layout = _sequence_layout, layout
+    try:
+        yield
+    finally:
+        _sequence_layout = before
 
 
 def joint_attention(streams: list[tuple[torch.Tensor, torch.nn.Module, torch.nn.Module]], cos: torch.Tensor,
@@ -158,7 +182,9 @@ def joint_attention(streams: list[tuple[torch.Tensor, torch.nn.Module, torch.nn.
     With 'cudnn-fp8' and the kernels on, q, k and v go to fp8 in the QK-norm + RoPE pass itself (no
     bf16 copies, no amax passes for q and k)."""
     first = streams[0][0]
-    if _backend == "cudnn-fp8" and first.is_cuda and fused.qk_kernel_active(first):
+    # The fused fp8 path attends over this process's tokens only; split over processes, q, k, v go through
+    # `attention` (and its all-to-all) instead.
+    if _backend == "cudnn-fp8" and first.is_cuda and fused.qk_kernel_active(first) and _sequence_layout is None:
         tensors = [(qkv, query_norm.scale, key_norm.scale) for qkv, query_norm, key_norm in streams]
         out = _fp8.fp8_joint_attention(tensors, cos, sin, num_heads)
         batch, heads, length, head_dim = out.shape

@@ -42,7 +42,8 @@ def load_pipeline(files: ModelFiles, *, dtype: str | None = None, device: str | 
                   text_dtype: str | None = None, ae_dtype: str | None = None, allow_download: bool = False,
                   memory: str | MemoryPlan = "auto", ae_tiling: str = "auto", cuda_graphs: bool = False,
                   loras: Sequence[tuple[LoraWeights | str | os.PathLike, float]] = (),
-                  log: Callable[[str], None] | None = print, preset: str | None = None) -> KontextPipeline:
+                  log: Callable[[str], None] | None = print, preset: str | None = None,
+                  process_group=None) -> KontextPipeline:
     """Transformer, autoencoder and (when their files are known) the text encoders, placed on `device`.
 
     memory: "auto" chooses a plan from the device's free memory (see kontext_core.memory), a plan name
@@ -59,6 +60,8 @@ def load_pipeline(files: ModelFiles, *, dtype: str | None = None, device: str | 
     preset: "exact" or "fast" (kontext_core.presets): fills in dtype where it is None, sets the attention
         backend for the process, compiles the blocks, and turns on CUDA graphs; parts the device cannot run
         fall back to the exact path, each said through `log`.
+    process_group: split each transformer step over this torch.distributed group's processes (one per GPU;
+        KontextPipeline).
 
     The AE runs in bf16 on CUDA and float32 on the CPU unless told otherwise; the text encoders use the
     transformer's dtype (bf16 for fp8 and int8). The pipeline carries the plan as `memory_plan` and, when blocks
@@ -104,7 +107,8 @@ def load_pipeline(files: ModelFiles, *, dtype: str | None = None, device: str | 
         apply_lora(transformer, lora, strength=strength, mode="auto")
     if compile_blocks:
         transformer.compile_blocks()
-    pipeline = KontextPipeline(transformer, autoencoder, encoders, cuda_graphs=cuda_graphs)
+    pipeline = KontextPipeline(transformer, autoencoder, encoders, cuda_graphs=cuda_graphs,
+                               process_group=process_group)
     pipeline.ae_tiling = ae_tiling
     pipeline.memory_plan = plan
     pipeline.offloader = offloader

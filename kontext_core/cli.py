@@ -7,6 +7,7 @@
     python -m kontext_core inspect flux1-kontext-dev.safetensors
     python -m kontext_core eval compare before.png after.png --mask mask.png
     python -m kontext_core eval drift photo.png --turns 8 --report drift/ --models ...
+    torchrun --nproc-per-node 4 -m kontext_core edit photo.png --prompt "..." -o out.png --models ...  # 4 GPUs
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .attention import ATTENTION_BACKENDS, get_attention_backend, set_attention_
 from .checkpoints import CheckpointError, inspect_model, load_autoencoder, load_transformer
 from .files_out import write_json_atomic, write_png_atomic
 from .image import FIT_MODES, RESIZE_MODES
+from .launch import Launch, from_environment, process_device, process_group
 from .masks import DEFAULT_CONTEXT_MARGIN
 from .model_files import ModelFiles, ModelFilesNotFound, find_model_files
 from .presets import PRESETS
@@ -119,15 +121,20 @@ def _step_cache(args: argparse.Namespace) -> StepCache | None:
         raise SystemExit(f"error: --cache-threshold {args.cache_threshold}: {exc}")
 
 
+def _writes(args: argparse.Namespace) -> bool:
+    """Whether this process writes files and reports: the only one, or rank 0 of a torchrun launch."""
+    return getattr(args, "launch", Launch()).writes
+
+
 def _report_cache(stats, label: str = "") -> None:
     if stats is not None:  # on stderr: stdout lists the written files
         print(f"step cache{label}: {stats}", file=sys.stderr)
 
 
-def _progress(total_label: str):
+def _progress(total_label: str, shown: bool = True):
     from tqdm import tqdm
 
-    bar = tqdm(desc=total_label, unit="step", leave=False)
+    bar = tqdm(desc=total_label, unit="step", leave=False, disable=not shown)
 
     def on_step(info: StepInfo) -> None:
         bar.total = info.total
@@ -163,7 +170,8 @@ def _pipeline(args: argparse.Namespace, log=print):
     # was set by main() from --attention, which the preset may then change.
     pipeline = load_pipeline(files, dtype=args.dtype, device=args.device, allow_download=args.download,
                              memory=args.memory, ae_tiling=args.ae_tiling, cuda_graphs=args.cuda_graphs,
-                             loras=[_lora_spec(spec) for spec in args.lora], preset=args.preset, log=log)
+                             loras=[_lora_spec(spec) for spec in args.lora], preset=args.preset, log=log,
+                             process_group="world" if getattr(args, "launch", Launch()).parallel else None)
     if args.compile and not pipeline.transformer.blocks_compiled:
         pipeline.transformer.compile_blocks()
     return pipeline, files
@@ -229,10 +237,13 @@ def _edit(args: argparse.Namespace) -> int:
             raise SystemExit(f"error: {args.turns} holds no prompts (one per line)")
         session = pipeline.session(images[0], resize=args.resize, settings=settings)
         extra = [pipeline.encode_image(i, args.resize, None, args.fit) for i in images[1:]]
-        output.mkdir(parents=True, exist_ok=True)
+        if _writes(args):
+            output.mkdir(parents=True, exist_ok=True)
         for number, prompt in enumerate(prompts, start=1):
             turn = session.edit(prompt, seed=settings.seed + number - 1, extra_references=extra,
-                                callback=_progress(f"turn {number}/{len(prompts)}"), **masking)
+                                callback=_progress(f"turn {number}/{len(prompts)}", _writes(args)), **masking)
+            if not _writes(args):
+                continue
             _report_cache(turn.cache_stats, f", turn {number}")
             write_png_atomic(session.image(turn.index), output / f"turn_{number:02d}.png",
                              _metadata(prompt, turn.settings, files, recorded))
@@ -240,7 +251,9 @@ def _edit(args: argparse.Namespace) -> int:
             print(output / f"turn_{number:02d}.png")
         return 0
     result = pipeline.edit(images, args.prompt, settings=settings, size=size, resize=args.resize, fit=args.fit,
-                           batch_size=args.batch, callback=_progress("edit"), **masking)
+                           batch_size=args.batch, callback=_progress("edit", _writes(args)), **masking)
+    if not _writes(args):
+        return 0
     _report_cache(result.cache_stats)
     for path, image in zip(_outputs(output, len(result.images)), result.images):
         write_png_atomic(image, path, _metadata(args.prompt, result.settings, files, recorded))
@@ -258,7 +271,10 @@ def _t2i(args: argparse.Namespace) -> int:
     settings = replace(_settings(args), placement="kontext")
     pipeline, files = _pipeline(args)
     result = pipeline.text_to_image(args.prompt, width=args.width or 1024, height=args.height or 1024,
-                                    settings=settings, batch_size=args.batch, callback=_progress("t2i"))
+                                    settings=settings, batch_size=args.batch,
+                                    callback=_progress("t2i", _writes(args)))
+    if not _writes(args):
+        return 0
     _report_cache(result.cache_stats)
     for path, image in zip(_outputs(Path(args.output), len(result.images)), result.images):
         write_png_atomic(image, path, _metadata(args.prompt, result.settings, files))
@@ -573,6 +589,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _launch(args: argparse.Namespace) -> Launch:
+    """One process, or torchrun's several (each step split over them): checked before any model is loaded."""
+    launch = from_environment()
+    if not launch.parallel:
+        return launch
+    if args.handler not in (_edit, _t2i):
+        raise SystemExit("error: only edit and t2i run split over processes; run this command without torchrun")
+    if args.cache != OFF:
+        raise SystemExit("error: --cache does not run split over processes yet: drop it, or run one process")
+    args.device = process_device(launch, args.device)
+    return launch
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "cuda_graphs", False) and torch.device(args.device).type != "cuda":
@@ -585,7 +614,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --attention {args.attention}: {exc}", file=sys.stderr)
         return 2
     try:
-        return args.handler(args)
+        args.launch = _launch(args)
+        with process_group(args.launch, getattr(args, "device", "cpu")):
+            return args.handler(args)
     except (CheckpointError, ModelFilesNotFound) as exc:
         print(f"error: {in_flags(str(exc))}", file=sys.stderr)
         return 2

@@ -71,6 +71,9 @@ class GraphedVelocity:
         if hooked(self.model):
             self.reset()
             return "forward hooks (block offload) run Python a replay would skip"
+        if getattr(self.model, "sequence_parallel", None) is not None:
+            self.reset()
+            return "the step is split over processes, and capturing its collectives has not been tried on GPUs yet"
         if self._weights is not None and self._weights != self._weight_addresses():
             self.reset()  # the graph reads weights by address: replaced or moved ones need a new capture
         return None

@@ -86,12 +86,21 @@ class EditResult:
 
 class KontextPipeline:
     def __init__(self, transformer: KontextTransformer, autoencoder: Autoencoder,
-                 text_encoders: PromptEncoder | None = None, cuda_graphs: bool = False):
+                 text_encoders: PromptEncoder | None = None, cuda_graphs: bool = False,
+                 process_group: Any = None):
+        """`process_group`: a torch.distributed group (initialised) to split each transformer step over, one
+        process per GPU, each holding the whole model (kontext_core/sequence_parallel.py); "world" for the
+        default group. Every process runs the same calls with the same arguments and gets the same result."""
         if text_encoders is not None:
             # A CLIP or T5 of another width would otherwise fail at the first step, deep in a matmul.
             check_text_encoders_fit(text_encoders, transformer.config)
         self.transformer = transformer
         self.autoencoder = autoencoder
+        if process_group is not None:
+            from .sequence_parallel import SequenceParallel
+
+            transformer.sequence_parallel = SequenceParallel(None if process_group == "world" else process_group)
+            transformer.sequence_parallel.check_heads(transformer.config.num_heads)
         self.text_encoders = text_encoders
         # Steps replayed from a CUDA graph where the model allows (CUDA, no hooks): for launch-bound steps.
         self.cuda_graphs = cuda_graphs

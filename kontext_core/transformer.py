@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .attention import attention_scope
+from .attention import attention_scope, sequence_parallel_scope
 from . import wide_lora
 from .config import TransformerConfig
 from .fused import apply_to_lora_factors, hooked, linear
@@ -23,6 +23,7 @@ from .layers import (
 )
 
 if TYPE_CHECKING:
+    from .sequence_parallel import SequenceParallel
     from .step_cache import CacheRun
 
 
@@ -46,6 +47,8 @@ class KontextTransformer(nn.Module):
             for _ in range(config.depth_single_blocks)
         )
         self.final_layer = LastLayer(hidden, config.out_channels)
+        # Set (KontextPipeline's process_group) to split every forward over a process group's tokens.
+        self.sequence_parallel: SequenceParallel | None = None
 
     def compile_blocks(self, **options) -> "KontextTransformer":
         """Regional compilation: each block is compiled once and reused by its 18/37 siblings.
@@ -115,6 +118,17 @@ class KontextTransformer(nn.Module):
         """
         config = self.config
         dtype = self.dtype
+        layout = None
+        if self.sequence_parallel is not None:
+            if step_cache is not None:
+                # Each process would judge the change from its own tokens, and the processes could part ways.
+                raise ValueError("step caching does not run split over processes yet: turn the cache off "
+                                 "(cache='off') for a sequence-parallel pipeline")
+            self.sequence_parallel.check_heads(config.num_heads)
+            # Every token-wise layer runs on this process's chunk of the text and image tokens only.
+            layout = self.sequence_parallel.layout(txt.shape[1], img.shape[1], img.device)
+            img, img_ids = layout.shard_image(img), layout.shard_image(img_ids)
+            txt, txt_ids = layout.shard_text(txt), layout.shard_text(txt_ids)
         img = linear(self.img_in, img.to(dtype))
         vec = self.time_in(timestep_embedding(timesteps, 256).to(dtype))
         if config.guidance_embed:
@@ -132,12 +146,13 @@ class KontextTransformer(nn.Module):
         rope_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         rope = RopeFrequencies(*rope_frequencies(ids, config.axes_dim, config.theta, rope_dtype))
 
-        with attention_scope(img.device):
+        with attention_scope(img.device), sequence_parallel_scope(layout):
             if step_cache is None:
                 img = self.run_blocks(img, txt, vec, rope)
             else:
                 img = step_cache.run_blocks(self, img, txt, vec, rope)
-        return self.final_layer(img, vec)
+        out = self.final_layer(img, vec)
+        return out if layout is None else layout.gather_image(out)
 
     def run_blocks(self, img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor, rope: RopeFrequencies,
                    first: int = 0) -> torch.Tensor:
