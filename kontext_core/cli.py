@@ -596,8 +596,6 @@ def _launch(args: argparse.Namespace) -> Launch:
         return launch
     if args.handler not in (_edit, _t2i):
         raise SystemExit("error: only edit and t2i run split over processes; run this command without torchrun")
-    if args.cache != OFF:
-        raise SystemExit("error: --cache does not run split over processes yet: drop it, or run one process")
     args.device = process_device(launch, args.device)
     return launch
 

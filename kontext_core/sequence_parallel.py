@@ -108,6 +108,10 @@ class ShardLayout:
         _all_gather_single(gathered, chunks, group=self.parallel.group)
         return gathered.transpose(0, 1)[:, :self.image.length]
 
+    def all_reduce_sum(self, tensor: torch.Tensor) -> None:
+        """Sum `tensor` over the group, in place (step caching's change measures: one decision for all)."""
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.parallel.group)
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                heads_attention: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """Attention of this rank's tokens [B, H, L_local, D] over every rank's: [B, H, L_local, D].

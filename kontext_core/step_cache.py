@@ -129,12 +129,27 @@ class StepCache:
         return run_kind(self.threshold, steps, branches, stats if stats is not None else CacheStats())
 
 
-def relative_l1(current: torch.Tensor, previous: torch.Tensor, branches: int = 1) -> list[float]:
+def relative_l1(current: torch.Tensor, previous: torch.Tensor, branches: int = 1, layout=None) -> list[float]:
     """mean|current - previous| / mean|previous| of each branch (the batch cut into `branches` equal parts, in
-    order), accumulated in float32. One read back to the host."""
+    order), accumulated in float32. One read back to the host.
+
+    With `layout` (a sequence_parallel.ShardLayout: the tensors hold this process's chunk of the image tokens),
+    the sums run over every process's real tokens, so that all processes take the same decision."""
+    if layout is not None:
+        return _relative_l1_split(current, previous, branches, layout)
     current, previous = current.reshape(branches, -1), previous.reshape(branches, -1)
     change = (current - previous).abs().mean(dim=1, dtype=torch.float32)
     return (change / previous.abs().mean(dim=1, dtype=torch.float32)).tolist()
+
+
+def _relative_l1_split(current: torch.Tensor, previous: torch.Tensor, branches: int, layout) -> list[float]:
+    real = layout.image.real(layout.rank)  # the chunk's padding rows are not tokens
+    current = current[:, :real].reshape(branches, -1)
+    previous = previous[:, :real].reshape(branches, -1)
+    sums = torch.stack(((current - previous).abs().sum(dim=1, dtype=torch.float32),
+                        previous.abs().sum(dim=1, dtype=torch.float32)))
+    layout.all_reduce_sum(sums)
+    return (sums[0] / sums[1]).tolist()
 
 
 def teacache_rescale(distance: float) -> float:
@@ -156,10 +171,13 @@ class CacheRun:
         self.branches = branches
         self.stats = stats
         self._step = 0
+        self._layout = None
 
     def run_blocks(self, model: KontextTransformer, img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor,
-                   rope: RopeFrequencies) -> torch.Tensor:
-        """The image tokens' hidden states for the final layer [B, L_img, hidden], computed or from the cache."""
+                   rope: RopeFrequencies, layout=None) -> torch.Tensor:
+        """The image tokens' hidden states for the final layer [B, L_img, hidden], computed or from the cache.
+        `layout`: the forward's split over processes (sequence_parallel.ShardLayout), None in one process."""
+        self._layout = layout
         step = self._step
         self._step += 1
         must_compute = step == 0 or step >= self.steps - 1
@@ -186,7 +204,7 @@ class FirstBlockRun(CacheRun):
         first_img, first_txt = model.double_blocks[0](img, txt, vec, rope)
         first_change = first_img - img
         if (not must_compute and self._first_change is not None
-                and self._may_skip(relative_l1(first_change, self._first_change, self.branches))):
+                and self._may_skip(relative_l1(first_change, self._first_change, self.branches, self._layout))):
             return first_img + self._rest_change, True
         hidden = model.run_blocks(first_img, first_txt, vec, rope, first=1)
         self._first_change, self._rest_change = first_change, hidden - first_img
@@ -204,7 +222,7 @@ class TeaCacheRun(CacheRun):
         watched = _through_block_hooks(model.double_blocks[0], "image_attention_input", img, vec)
         previous, self._previous_input = self._previous_input, watched
         if not must_compute and previous is not None:
-            distances = relative_l1(watched, previous, self.branches)
+            distances = relative_l1(watched, previous, self.branches, self._layout)
             self._accumulated = [total + teacache_rescale(d) for total, d in zip(self._accumulated, distances)]
             if self._may_skip(self._accumulated):
                 return img + self._residual, True

@@ -120,10 +120,6 @@ class KontextTransformer(nn.Module):
         dtype = self.dtype
         layout = None
         if self.sequence_parallel is not None:
-            if step_cache is not None:
-                # Each process would judge the change from its own tokens, and the processes could part ways.
-                raise ValueError("step caching does not run split over processes yet: turn the cache off "
-                                 "(cache='off') for a sequence-parallel pipeline")
             self.sequence_parallel.check_heads(config.num_heads)
             # Every token-wise layer runs on this process's chunk of the text and image tokens only.
             layout = self.sequence_parallel.layout(txt.shape[1], img.shape[1], img.device)
@@ -150,7 +146,7 @@ class KontextTransformer(nn.Module):
             if step_cache is None:
                 img = self.run_blocks(img, txt, vec, rope)
             else:
-                img = step_cache.run_blocks(self, img, txt, vec, rope)
+                img = step_cache.run_blocks(self, img, txt, vec, rope, layout)
         out = self.final_layer(img, vec)
         return out if layout is None else layout.gather_image(out)
 

@@ -87,6 +87,45 @@ def test_two_gloo_processes_give_the_single_process_velocity(tmp_path, batch, co
     assert rel_l2(results[0], reference) < 1e-5
 
 
+def _cached_edit_worker(rank: int, world: int, store_file: str, spec: str, out_file: str) -> None:
+    from test_step_cache import edit, make_pipeline
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        pipeline = make_pipeline()
+        pipeline.transformer.sequence_parallel = SequenceParallel()
+        result = edit(pipeline, spec)
+        torch.save((result.latents, result.cache_stats), f"{out_file}.{rank}")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("mode", ["first-block", "teacache"])
+def test_step_caching_split_takes_the_single_process_decisions(tmp_path, mode):
+    """Each process measures the change on its own tokens; the sums are added over the group, so every
+    process skips the same steps as one process would, and the result matches."""
+    from test_step_cache import edit, make_pipeline
+
+    # A threshold between two of the uncached run's measures, so that some steps skip and none sits on it.
+    measures = sorted(edit(make_pipeline(), f"{mode}:0").cache_stats.measures.values())
+    middle = len(measures) // 2
+    spec = f"{mode}:{(measures[middle - 1] + measures[middle]) / 2}"
+    single = edit(make_pipeline(), spec)
+    assert single.cache_stats.skipped > 0
+
+    torch.multiprocessing.spawn(_cached_edit_worker, nprocs=2, join=True,
+                                args=(2, str(tmp_path / "store"), spec, str(tmp_path / "r")))
+    results = [torch.load(tmp_path / f"r.{rank}", weights_only=False) for rank in range(2)]
+    for latents, stats in results:
+        assert stats.skipped_steps == single.cache_stats.skipped_steps
+        assert stats.measures.keys() == single.cache_stats.measures.keys()
+        for step, measure in stats.measures.items():
+            assert measure == pytest.approx(single.cache_stats.measures[step], rel=1e-5)
+        assert rel_l2(latents, single.latents) < 1e-5  # float32: summation order only
+    assert torch.equal(results[0][0], results[1][0])
+
+
 @pytest.fixture
 def cli_models(tiny_transformer, tiny_autoencoder, tmp_path):
     """A tiny ComfyUI-style models folder, the tokenizers beside it, and a random photo: the edit's arguments."""
@@ -138,19 +177,6 @@ def test_torchrun_edit_writes_the_single_process_png_from_rank_0_only(cli_models
                       - torch.tensor(list(two.getdata()), dtype=torch.int16)).abs()
         assert difference.max().item() <= 1, f"{difference.max().item()} levels apart"
         assert json.loads(two.text["parameters"])["prompt"] == "make it a snowy night"
-
-
-@pytest.mark.parametrize("extra, message", [
-    (["--cache", "first-block"], "--cache does not run split over processes yet"),
-])
-def test_what_cannot_run_split_is_refused_before_loading(cli_models, tmp_path, monkeypatch, capsys, extra, message):
-    from kontext_core.cli import main
-
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "0")
-    with pytest.raises(SystemExit, match=message):
-        main([*cli_models, "-o", str(tmp_path / "x.png"), *extra])
-    assert not (tmp_path / "x.png").exists()
 
 
 def test_other_commands_are_refused_under_torchrun(tmp_path, monkeypatch):
