@@ -157,22 +157,41 @@ def _run(command: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=600)
 
 
-def test_torchrun_edit_writes_the_single_process_png_from_rank_0_only(cli_models, tmp_path):
+def _variant(arguments: list[str], variant: str, tmp_path: Path) -> list[str]:
     from PIL import Image
 
-    single = _run([sys.executable, "-m", "kontext_core", *cli_models, "-o", str(tmp_path / "one.png")], tmp_path)
+    if variant == "masked, cached":
+        mask = torch.zeros(24, 40, dtype=torch.uint8)
+        mask[4:20, 8:30] = 255
+        Image.fromarray(mask.numpy()).save(tmp_path / "mask.png")
+        return [*arguments, "--mask", str(tmp_path / "mask.png"), "--feather", "2", "--cache", "first-block",
+                "--steps", "4"]
+    if variant == "t2i":  # no context tokens: the target alone is split
+        without_image = [a for a in arguments[2:] if a not in ("--resize", "keep")]
+        return ["t2i", *without_image, "--width", "48", "--height", "32"]
+    return arguments
+
+
+@pytest.mark.parametrize("variant", ["edit", "masked, cached", "t2i"])
+def test_torchrun_writes_the_single_process_png_from_rank_0_only(cli_models, tmp_path, variant):
+    from PIL import Image
+
+    arguments = _variant(cli_models, variant, tmp_path)
+    single = _run([sys.executable, "-m", "kontext_core", *arguments, "-o", str(tmp_path / "one.png")], tmp_path)
     assert single.returncode == 0, single.stderr[-3000:]
     split_dir = tmp_path / "split"
     split_dir.mkdir()
     split = _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
-                  "-m", "kontext_core", *cli_models, "-o", str(split_dir / "two.png")], tmp_path)
+                  "-m", "kontext_core", *arguments, "-o", str(split_dir / "two.png")], tmp_path)
     assert split.returncode == 0, split.stderr[-3000:]
     assert sorted(p.name for p in split_dir.iterdir()) == ["two.png"]  # one file, no leftovers of a second writer
     # Printed once, by rank 0: the memory plan and the file written, as one process prints them.
     assert split.stdout.strip().splitlines() == single.stdout.strip().replace("one.png", "split/two.png").splitlines()
+    cache_lines = [[line for line in run.stderr.splitlines() if line.startswith("step cache")] for run in (single, split)]
+    assert cache_lines[0] == cache_lines[1] and len(cache_lines[0]) == (variant == "masked, cached")
 
     with Image.open(tmp_path / "one.png") as one, Image.open(split_dir / "two.png") as two:
-        assert one.size == two.size == (40, 24)
+        assert one.size == two.size
         difference = (torch.tensor(list(one.getdata()), dtype=torch.int16)
                       - torch.tensor(list(two.getdata()), dtype=torch.int16)).abs()
         assert difference.max().item() <= 1, f"{difference.max().item()} levels apart"
