@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 __all__ = ["SequenceParallel", "ShardLayout", "TokenChunks", "para_attn_unavailable_reason"]
 
-INSTALL_HINT = "pip install para-attn==0.3.38"
+INSTALL_HINT = "pip install para-attn==0.3.24"
 
 
 @functools.cache
