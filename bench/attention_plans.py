@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_step import cuda_time, rel_l2  # noqa: E402
 
-from kontext_core import fp8_attention  # noqa: E402
-from kontext_core.attention import cudnn_first  # noqa: E402
+from kontext_core.compute import fp8_attention  # noqa: E402
+from kontext_core.compute.attention import cudnn_first  # noqa: E402
 
 TOKENS, HEADS, HEAD_DIM = 8704, 24, 128
 FLOPS = 4 * TOKENS * TOKENS * HEADS * HEAD_DIM

@@ -4,7 +4,7 @@
 
 One transformer step of a 1024x1024 edit with a 1024x1024 context (8704 tokens), random full-size weights
 (bench_step.random_transformer). Baselines run uncapped: resident bf16 and resident fp8. Then, for each cap
-(GiB, through torch.cuda.set_per_process_memory_fraction), each plan is sized by kontext_core.memory
+(GiB, through torch.cuda.set_per_process_memory_fraction), each plan is sized by kontext_core.placement.memory
 (resident-bf16, resident-fp8, offload-bf16, offload-fp8; "auto" marks the one choose_plan picks) and run;
 a plan that cannot fit under the cap is skipped with the reason. Errors are max|out - ref| / max|ref|
 against the resident plan of the same storage and against resident bf16. --ae adds the AE: untiled and
@@ -31,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_step import WORKLOADS, inputs, ours_step, random_autoencoder, random_transformer  # noqa: E402
 from kontext_core import TransformerConfig  # noqa: E402
-from kontext_core.memory import EDIT_TOKENS, GIB, PLAN_NAMES, choose_plan  # noqa: E402
-from kontext_core.offload import BlockOffloader  # noqa: E402
-from kontext_core.quant import quantize_model  # noqa: E402
+from kontext_core.placement.memory import EDIT_TOKENS, GIB, PLAN_NAMES, choose_plan  # noqa: E402
+from kontext_core.placement.offload import BlockOffloader  # noqa: E402
+from kontext_core.compute.quant import quantize_model  # noqa: E402
 
 
 def rel_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
@@ -171,8 +171,8 @@ def bench_transformer(args, record) -> None:
 
 
 def bench_autoencoder(args, record) -> None:
-    from kontext_core import tiling
-    from kontext_core.memory import ae_decode_bytes, ae_encode_bytes
+    from kontext_core.placement import tiling
+    from kontext_core.placement.memory import ae_decode_bytes, ae_encode_bytes
 
     ae = random_autoencoder()
     generator = torch.Generator(device="cuda").manual_seed(0)

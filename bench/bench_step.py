@@ -34,14 +34,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import kontext_kernels  # noqa: E402
-from kontext_core import fused, quant  # noqa: E402
+from kontext_core.compute import fused, quant  # noqa: E402
 from kontext_core import Autoencoder, KontextTransformer, TransformerConfig, set_attention_backend  # noqa: E402
-from kontext_core.attention import flash_attn_variant  # noqa: E402
+from kontext_core.compute.attention import flash_attn_variant  # noqa: E402
 from kontext_core.checkpoints.key_maps import to_theirs, transformer_links  # noqa: E402
-from kontext_core.cuda_graph import GraphedVelocity  # noqa: E402
+from kontext_core.compute.cuda_graph import GraphedVelocity  # noqa: E402
 from kontext_core.pipeline import GenerationSettings, KontextPipeline  # noqa: E402
 from kontext_core.sampling import TextConditioning  # noqa: E402
-from kontext_core.tokens import context_tokens, pack_latent, position_ids, text_position_ids  # noqa: E402
+from kontext_core.model.tokens import context_tokens, pack_latent, position_ids, text_position_ids  # noqa: E402
 
 WORKLOADS = {"edit": {"latent": 128, "context": True, "text": 512}, "t2i": {"latent": 128, "context": False, "text": 512}}
 
@@ -131,7 +131,7 @@ def attention_rates(tokens: int, config: TransformerConfig) -> tuple[float, floa
     from torch.nn.functional import scaled_dot_product_attention
     from torch.profiler import ProfilerActivity, profile
 
-    from kontext_core.attention import cudnn_first
+    from kontext_core.compute.attention import cudnn_first
 
     q, k, v = (torch.randn(1, config.num_heads, tokens, config.head_dim, device="cuda", dtype=torch.bfloat16)
                for _ in range(3))
@@ -246,13 +246,13 @@ MODIFIERS = {
              "with ours-int8-compiled+graphs it is the fast preset",
     "sage8fp16": "attention through our 8-bit Triton kernel with fp16 P.V",
     "sdpa": "attention through PyTorch's SDPA (cuDNN first) even where flash-attn is installed (auto takes it)",
-    "graphs": "each step replayed from a CUDA graph (kontext_core/cuda_graph.py)",
+    "graphs": "each step replayed from a CUDA graph (kontext_core/compute/cuda_graph.py)",
     "concat": "the single block's linear2 over a concatenation of its input's parts (not two GEMMs)",
     "cudnn": "a reference row with PyTorch's SDPA priority cuDNN first (ours always is; default: flash first)",
     "lora": "a random rank-32 LoRA on every linear of every block, merged into the weights (as the nodes "
             "apply LoRAs to bf16 models); the row reports the merge's time",
     "lorafly": "the same LoRA applied on the fly (as the nodes apply LoRAs to fp8 models): on fp8 layers fed "
-               "by the fused quantizers as extra K columns of their own GEMM (kontext_core/wide_lora.py), "
+               "by the fused quantizers as extra K columns of their own GEMM (kontext_core/adapters/wide_lora.py), "
                "elsewhere two thin GEMMs more; traced into compiled blocks and replayed by CUDA graphs",
     "thinlora": "with +lorafly: the LoRA as two thin GEMMs on every layer, fp8 ones too (before GEMM columns)",
     "autotune": "compiled blocks in inductor's max-autotune mode: each GEMM timed against Triton templates "
@@ -323,8 +323,8 @@ def check_kernels() -> list[dict]:
 
 def random_lora(model: KontextTransformer, rank: int = 32):
     """A LoRA in BFL's key layout on every linear of every block, deltas ~1% of the weights (LoRA-sized)."""
-    from kontext_core.lora import lora_from_state_dict
-    from kontext_core.quant import QuantizedLinear
+    from kontext_core.adapters.lora import lora_from_state_dict
+    from kontext_core.compute.quant import QuantizedLinear
 
     generator = torch.Generator(device="cuda").manual_seed(1)
     tensors = {}
@@ -346,7 +346,7 @@ def apply_row_lora(model, impl: str):
     mode = "merge" if "lora" in modifiers else "on_the_fly" if "lorafly" in modifiers else None
     if mode is None:
         return None
-    from kontext_core import wide_lora
+    from kontext_core.adapters import wide_lora
 
     weights = random_lora(model)
     torch.cuda.synchronize()
@@ -357,7 +357,7 @@ def apply_row_lora(model, impl: str):
     finally:
         wide_lora.set_enabled(True)
     torch.cuda.synchronize()
-    from kontext_core.fused import lora_factors
+    from kontext_core.compute.fused import lora_factors
 
     columns = sum(1 for layer in model.modules() if (f := lora_factors(layer)) is not None and f.wide is not None)
     print(f"  ({impl}: {len(weights.targets)} layers, LoRA applied ({mode}) in {time.perf_counter() - started:.2f} s; "
@@ -382,7 +382,7 @@ def compile_blocks(model, impl: str) -> None:
 
 def with_cudnn_first(fn):
     """`fn` with SDPA's priority as ours has it, cuDNN first, for its calls (and for the compiler tracing them)."""
-    from kontext_core.attention import cudnn_first
+    from kontext_core.compute.attention import cudnn_first
 
     def run():
         with cudnn_first():
@@ -541,11 +541,11 @@ def main() -> None:
             args.impls = [i for i in args.impls if not i.startswith("bfl")]
     fp8_model = int8_model = None
     if any(i.startswith("ours-fp8") for i in args.impls):
-        from kontext_core.quant import quantize_model
+        from kontext_core.compute.quant import quantize_model
 
         fp8_model = quantize_model(random_transformer(config))  # same seed: the same weights, then e4m3
     if any(i.startswith("ours-int8") for i in args.impls):
-        from kontext_core.quant import quantize_model
+        from kontext_core.compute.quant import quantize_model
 
         int8_model = quantize_model(random_transformer(config), torch.int8)  # the same weights, int8 per row
     for name in args.workloads:

@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kontext_core.checkpoints import load_transformer, save_transformer  # noqa: E402
 from kontext_core.checkpoints.saving import transformer_file_state  # noqa: E402
-from kontext_core.tokens import pack_latent, unpack_tokens  # noqa: E402
+from kontext_core.model.tokens import pack_latent, unpack_tokens  # noqa: E402
 from twin_check import assign_weights, compare_with_ours, random_case, self_check_main  # noqa: E402
 
 _FLUX_FILE = Path("comfy") / "ldm" / "flux" / "model.py"

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_step import cuda_time, rel_l2  # noqa: E402
 
-from kontext_core.attention import cudnn_first, flash_attn_variant, load_flash_attn  # noqa: E402
+from kontext_core.compute.attention import cudnn_first, flash_attn_variant, load_flash_attn  # noqa: E402
 
 HEADS, HEAD_DIM = 24, 128
 

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench_step import cuda_time, profile_step, rel_l2  # noqa: E402
 from kontext_kernels import fp8_qkv  # noqa: E402
-from kontext_core import fp8_attention as fa  # noqa: E402
+from kontext_core.compute import fp8_attention as fa  # noqa: E402
 
 
 def timed(fn) -> float:

@@ -1,7 +1,7 @@
 """The error e4m3 rounding alone puts on one linear layer, the floor under the fp8 path's velocity error.
 
 One [dev]-sized linear (3072 -> 12288) on Gaussian weights and activations, quantized the way
-kontext_core.quant does (weights per output row, activations per token, scaled to e4m3's range), then
+kontext_core.compute.quant does (weights per output row, activations per token, scaled to e4m3's range), then
 dequantized and multiplied in fp32: relative L2 error against the fp32 product, beside bf16's. Runs on
 the CPU (the rounding is the same as on the GPU's fp8 tensor cores, which accumulate in fp32).
 

@@ -33,7 +33,8 @@ from bench_step import cuda_time, inputs, matmul_rate, random_transformer, rel_l
 
 import kontext_kernels  # noqa: E402
 from kontext_kernels import int8_gemm  # noqa: E402
-from kontext_core import TransformerConfig, quant  # noqa: E402
+from kontext_core import TransformerConfig  # noqa: E402
+from kontext_core.compute import quant
 
 SHAPES = {"qkv": (3072, 9216), "proj": (3072, 3072), "mlp up": (3072, 12288), "mlp down": (12288, 3072),
           "linear1": (3072, 21504), "linear2": (15360, 3072)}

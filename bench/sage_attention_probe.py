@@ -7,7 +7,7 @@ Prints one table: for each path, ms per call and TFLOP/s (4*B*H*L*L*D flops), th
 cuDNN, and the relative L2 error against exact attention (float64, over the first --error-heads heads) on two
 kinds of inputs:
 - "synthetic": q, k with unit-RMS rows (QK-norm with unit weights) rotated by RoPE at random angles, v ~ N(0, 1);
-- "block": q, k, v captured from one double block of the real configuration (kontext_core/layers.py) with
+- "block": q, k, v captured from one double block of the real configuration (kontext_core/model/layers.py) with
   random weights at a realistic scale (bench_step.random_transformer's), run on random tokens with the edit
   workload's position ids (512 text tokens, a 64x64 target and a 64x64 context).
 Paths: bf16 SDPA (cuDNN); ours as backends 'sage8' (P·V in e4m3 where the GPU has fp8) and 'sage8-fp16' call
@@ -38,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from kontext_kernels import sage_attention as sa  # noqa: E402
 from kontext_core import TransformerConfig  # noqa: E402
-from kontext_core.layers import DoubleStreamBlock, RopeFrequencies, rope_frequencies  # noqa: E402
-from kontext_core.tokens import position_ids, text_position_ids  # noqa: E402
+from kontext_core.model.layers import DoubleStreamBlock, RopeFrequencies, rope_frequencies  # noqa: E402
+from kontext_core.model.tokens import position_ids, text_position_ids  # noqa: E402
 
 
 def rel_l2(ours: torch.Tensor, reference: torch.Tensor) -> float:
@@ -82,7 +82,7 @@ def synthetic_inputs(batch: int, heads: int, length: int, head_dim: int, device:
 def block_inputs(config: TransformerConfig, latent: int, text: int, device: str, dtype: torch.dtype, seed: int = 0):
     """q, k, v [1, H, L, D] of one random double block of `config` on random tokens: text, target and context
     tokens positioned as in an edit (the target at index 0, the context at index 1, both latent x latent)."""
-    from kontext_core import layers
+    from kontext_core.model import layers
 
     torch.manual_seed(seed)
     with torch.device("meta"):
@@ -189,7 +189,7 @@ def main() -> None:
              else "CPU (Triton's interpreter)"), flush=True)
     if device == "cuda":
         from bench_step import cuda_time
-        from kontext_core.attention import cudnn_first
+        from kontext_core.compute.attention import cudnn_first
 
         def timed(fn):
             return 1e3 * cuda_time(fn, warmup=3, iterations=10, repeat=5)
@@ -278,10 +278,10 @@ def main() -> None:
                 variant("  variant: pointer loads (no TMA)", use_tma=False)
 
         if device == "cuda":
-            from kontext_core import fp8_attention as fa
+            from kontext_core.compute import fp8_attention as fa
 
             if fa.available():
-                table.add("cudnn-fp8 (kontext_core/fp8_attention.py)",
+                table.add("cudnn-fp8 (kontext_core/compute/fp8_attention.py)",
                           attempt("cudnn-fp8", lambda: timed(lambda: fa.fp8_attention(q, k, v))),
                           errors_of(fa.fp8_attention) if first else {})
         if sageattn is not None:

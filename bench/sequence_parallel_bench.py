@@ -1,4 +1,4 @@
-"""One edit step split over N GPUs (kontext_core/sequence_parallel.py) against the same step on one, in one run.
+"""One edit step split over N GPUs (kontext_core/compute/sequence_parallel.py) against the same step on one, in one run.
 
     torchrun --nproc-per-node 4 bench/sequence_parallel_bench.py --e2e --out bench-out/   # a 4-GPU machine
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 torchrun ...                   # as the device's KINDS.md asks
@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from kontext_core import KontextTransformer, TransformerConfig  # noqa: E402
-from kontext_core.sequence_parallel import SequenceParallel  # noqa: E402
+from kontext_core.compute.sequence_parallel import SequenceParallel  # noqa: E402
 
 
 def tiny_setup(rank_device: str):

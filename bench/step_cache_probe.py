@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kontext_core import KontextTransformer, TransformerConfig  # noqa: E402
 from kontext_core.sampling import TextConditioning, flux_schedule, sample_euler  # noqa: E402
 from kontext_core.step_cache import CacheStats, StepCache  # noqa: E402
-from kontext_core.tokens import context_tokens, pack_latent, position_ids  # noqa: E402
+from kontext_core.model.tokens import context_tokens, pack_latent, position_ids  # noqa: E402
 
 # TeaCache's polynomial is at least 0.18 a step, so its thresholds start above that (TeaCache4FLUX: 0.25-0.8).
 THRESHOLDS = {"first-block": [0.0, 0.05, 0.1, 0.2, 0.3], "teacache": [0.0, 0.25, 0.4, 0.6, 0.8]}

@@ -33,7 +33,7 @@ def random_case(seed: int = 0, config=None) -> tuple[object, dict[str, dict]]:
     """A random float32 model on the CPU (`config`, default the tiny one) and its inputs with and without a
     context image: (model, {"edit": x, "t2i": x}), x as the bench's step functions take it."""
     from kontext_core import KontextTransformer, TransformerConfig
-    from kontext_core.tokens import context_tokens, pack_latent, position_ids, text_position_ids
+    from kontext_core.model.tokens import context_tokens, pack_latent, position_ids, text_position_ids
 
     torch.manual_seed(seed)
     config = config or TransformerConfig.tiny()

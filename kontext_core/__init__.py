@@ -1,10 +1,10 @@
 """kontext_core: FLUX.1 Kontext [dev] on a self-contained core (no ComfyUI import anywhere here)."""
 
-from .attention import get_attention_backend, set_attention_backend
-from .autoencoder import Autoencoder
+from .compute.attention import get_attention_backend, set_attention_backend
+from .model.autoencoder import Autoencoder
 from .checkpoints import CheckpointError, load_autoencoder, load_transformer, save_autoencoder, save_transformer
-from .config import AutoencoderConfig, TransformerConfig
-from .tokens import (
+from .model.config import AutoencoderConfig, TransformerConfig
+from .model.tokens import (
     PLACEMENTS,
     context_tokens,
     pack_latent,
@@ -13,14 +13,14 @@ from .tokens import (
     text_position_ids,
     unpack_tokens,
 )
-from .transformer import KontextTransformer
+from .model.transformer import KontextTransformer
 from .sampling import TextConditioning, flux_schedule, sample_euler
 from .pipeline import EditResult, EditSession, GenerationSettings, KontextPipeline
 from .step_cache import CacheStats, StepCache
-from .model_files import ModelFiles, find_model_files
+from .checkpoints.model_files import ModelFiles, find_model_files
 from .build import load_pipeline
-from .text_encoders import TextEncoders, load_text_encoders
-from .lora import apply_lora, load_lora
+from .text.text_encoders import TextEncoders, load_text_encoders
+from .adapters.lora import apply_lora, load_lora
 
 __all__ = [
     "CacheStats",

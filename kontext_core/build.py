@@ -7,17 +7,17 @@ from typing import Callable, Sequence
 
 import torch
 
-from .attention import get_attention_backend, set_attention_backend
+from .compute.attention import get_attention_backend, set_attention_backend
 from .checkpoints import inspect_model, load_autoencoder, load_transformer
-from .config import TransformerConfig
-from .lora import LoraWeights, apply_lora, load_lora
-from .memory import (EDIT_TOKENS, TEXT_ENCODER_ACTIVATION_BYTES, TEXT_ENCODER_BYTES, MemoryPlan,
+from .model.config import TransformerConfig
+from .adapters.lora import LoraWeights, apply_lora, load_lora
+from .placement.memory import (EDIT_TOKENS, TEXT_ENCODER_ACTIVATION_BYTES, TEXT_ENCODER_BYTES, MemoryPlan,
                      OffloadedTextEncoders, choose_plan, free_device_memory)
-from .model_files import ModelFiles
-from .offload import BlockOffloader
+from .checkpoints.model_files import ModelFiles
+from .placement.offload import BlockOffloader
 from .pipeline import KontextPipeline
 from .presets import apply_preset_options
-from .text_encoders import load_text_encoders
+from .text.text_encoders import load_text_encoders
 
 
 def plan_memory(files: ModelFiles, device: str | torch.device, memory: str = "auto", dtype: str | None = None,
@@ -46,7 +46,7 @@ def load_pipeline(files: ModelFiles, *, dtype: str | None = None, device: str | 
                   process_group=None) -> KontextPipeline:
     """Transformer, autoencoder and (when their files are known) the text encoders, placed on `device`.
 
-    memory: "auto" chooses a plan from the device's free memory (see kontext_core.memory), a plan name
+    memory: "auto" chooses a plan from the device's free memory (see kontext_core.placement.memory), a plan name
         (resident-bf16, resident-fp8, offload-bf16, offload-fp8) forces one, or a MemoryPlan.
     dtype: the transformer's storage (bf16, fp16, fp32, fp8, int8); None lets the plan choose (bf16 when it fits,
         else fp8).

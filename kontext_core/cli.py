@@ -22,17 +22,17 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .attention import ATTENTION_BACKENDS, get_attention_backend, set_attention_backend
+from .compute.attention import ATTENTION_BACKENDS, get_attention_backend, set_attention_backend
 from .checkpoints import CheckpointError, inspect_model, load_autoencoder, load_transformer
 from .files_out import write_json_atomic, write_png_atomic
 from .image import FIT_MODES, RESIZE_MODES
 from .launch import Launch, from_environment, process_device, process_group
 from .masks import DEFAULT_CONTEXT_MARGIN
-from .model_files import ModelFiles, ModelFilesNotFound, find_model_files
+from .checkpoints.model_files import ModelFiles, ModelFilesNotFound, find_model_files
 from .presets import PRESETS
 from .sampling import SAMPLER_MODES, StepInfo
 from .step_cache import CACHE_MODES, DEFAULT_THRESHOLDS, OFF, StepCache
-from .tokens import PLACEMENTS, context_tokens, pack_latent, position_ids, text_position_ids
+from .model.tokens import PLACEMENTS, context_tokens, pack_latent, position_ids, text_position_ids
 
 
 # Core messages name the option that fixes a problem as Python callers pass it, in backticks; here the flag.

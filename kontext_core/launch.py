@@ -1,4 +1,4 @@
-"""The CLI under torchrun: one process per GPU, each step split over them (kontext_core/sequence_parallel.py).
+"""The CLI under torchrun: one process per GPU, each step split over them (kontext_core/compute/sequence_parallel.py).
 
     torchrun --nproc-per-node 4 -m kontext_core edit photo.png --prompt "..." -o out.png --models ~/ComfyUI/models
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .sampling import noise_latent
-from .tokens import pack_latent
+from .model.tokens import pack_latent
 
 THRESHOLD = 0.5  # mask values from here up are inside the region
 DEFAULT_CONTEXT_MARGIN = 64  # pixels of surroundings kept around the region when cropping to it

@@ -17,18 +17,18 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 from PIL import Image
 
-from . import tiling
-from .autoencoder import Autoencoder
-from .cuda_graph import GraphedVelocity
-from .lora import apply_lora
+from .placement import tiling
+from .model.autoencoder import Autoencoder
+from .compute.cuda_graph import GraphedVelocity
+from .adapters.lora import apply_lora
 from .image import (FIT_MODES, RESIZE_MODES, from_unit_images, pixels_to_unit, prepare_image, stitch_images,
                     target_size, to_pil, unit_images)
 from .masks import DEFAULT_CONTEXT_MARGIN, LatentInpaint, MaskedEdit, as_mask, composite, fit_mask
 from .sampling import SAMPLER_MODES, StepCallback, TextConditioning, denoise_schedule, noise_latent, sample_euler
-from .text_encoders import check_text_encoders_fit
+from .text.text_encoders import check_text_encoders_fit
 from .step_cache import OFF, CacheStats, StepCache
-from .tokens import PLACEMENTS, STITCH_PLACEMENTS, context_tokens, pack_latent, position_ids, unpack_tokens
-from .transformer import KontextTransformer
+from .model.tokens import PLACEMENTS, STITCH_PLACEMENTS, context_tokens, pack_latent, position_ids, unpack_tokens
+from .model.transformer import KontextTransformer
 
 DEFAULT_GUIDANCE = 2.5  # Kontext [dev]'s recommended distilled guidance
 
@@ -89,7 +89,7 @@ class KontextPipeline:
                  text_encoders: PromptEncoder | None = None, cuda_graphs: bool = False,
                  process_group: Any = None):
         """`process_group`: a torch.distributed group (initialised) to split each transformer step over, one
-        process per GPU, each holding the whole model (kontext_core/sequence_parallel.py); "world" for the
+        process per GPU, each holding the whole model (kontext_core/compute/sequence_parallel.py); "world" for the
         default group. Every process runs the same calls with the same arguments and gets the same result."""
         if text_encoders is not None:
             # A CLIP or T5 of another width would otherwise fail at the first step, deep in a matmul.
@@ -97,7 +97,7 @@ class KontextPipeline:
         self.transformer = transformer
         self.autoencoder = autoencoder
         if process_group is not None:
-            from .sequence_parallel import SequenceParallel
+            from .compute.sequence_parallel import SequenceParallel
 
             transformer.sequence_parallel = SequenceParallel(None if process_group == "world" else process_group)
             transformer.sequence_parallel.check_heads(transformer.config.num_heads)

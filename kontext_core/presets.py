@@ -32,7 +32,7 @@ PRESETS = {
 
 
 def _int8_gemm_reason(device: torch.device) -> str | None:
-    from . import quant
+    from .compute import quant
 
     if device.type != "cuda":
         return "int8 GEMMs need a CUDA GPU"
@@ -42,7 +42,7 @@ def _int8_gemm_reason(device: torch.device) -> str | None:
 
 
 def _attention_reason(backend: str, device: torch.device) -> str | None:
-    from .attention import ATTENTION_BACKENDS, get_attention_backend, set_attention_backend
+    from .compute.attention import ATTENTION_BACKENDS, get_attention_backend, set_attention_backend
 
     if device.type != "cuda":
         return "it needs a CUDA GPU"

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from .step_cache import CacheStats, StepCache
-from .transformer import KontextTransformer
+from .model.transformer import KontextTransformer
 
 BASE_SEQ_LEN, MAX_SEQ_LEN = 256, 4096
 BASE_SHIFT, MAX_SHIFT = 0.5, 1.15

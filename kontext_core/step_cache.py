@@ -34,8 +34,8 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from .layers import RopeFrequencies
-    from .transformer import KontextTransformer
+    from .model.layers import RopeFrequencies
+    from .model.transformer import KontextTransformer
 
 CACHE_MODES = ("first-block", "teacache")
 OFF = "off"

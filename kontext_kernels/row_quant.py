@@ -18,7 +18,7 @@ timed without the host in the way"):
 Each returns (data, scale): data (e4m3 or int8) of x's leading shape and the row width, scale float32
 [rows, 1], data * scale ~= the float32 result. With `spare` > 0 each row of data has that many
 columns more, left unwritten, after the quantized values: room for a LoRA's columns that the layer's
-fp8 GEMM multiplies in the same pass (kontext_core/wide_lora.py). The `*_reference` functions compute the same in
+fp8 GEMM multiplies in the same pass (kontext_core/adapters/wide_lora.py). The `*_reference` functions compute the same in
 PyTorch, in float32 throughout; the kernels scale and round as they do (kontext_kernels/e4m3.py), so only
 the last float32 bits of GELU and LayerNorm can tell them apart.
 """

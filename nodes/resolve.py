@@ -10,8 +10,8 @@ import torch
 
 from kontext_core import KontextPipeline, TextConditioning, apply_lora, set_attention_backend
 from kontext_core.image import prepare_image
-from kontext_core.lora import active_loras, factor_bytes, on_the_fly_bytes, preferred_mode, remove_all_loras
-from kontext_core.text_encoders import check_text_encoders_fit
+from kontext_core.adapters.lora import active_loras, factor_bytes, on_the_fly_bytes, preferred_mode, remove_all_loras
+from kontext_core.text.text_encoders import check_text_encoders_fit
 
 from . import comfy_adapter, convert, model_cache
 from .model_cache import AutoencoderRef, TextEncodersRef, TransformerRef
@@ -138,7 +138,7 @@ def set_loras(model: torch.nn.Module, ref: TransformerRef) -> None:
     to the CPU, the deltas added in float64) takes seconds, and removing the LoRAs restores the original
     weights bit for bit. fp8 or int8 weights (which would round a LoRA's delta away), or no memory for the merge's
     copies: on the fly, traced into compiled blocks like the rest of the model (fp8 layers take them as extra
-    columns of their own fp8 GEMM, kontext_core/wide_lora.py: ~7% a step for a rank-32 LoRA on every layer;
+    columns of their own fp8 GEMM, kontext_core/adapters/wide_lora.py: ~7% a step for a rank-32 LoRA on every layer;
     others as two thin GEMMs more, ~13-15%).
     """
     wanted = loras(ref)

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from kontext_core.autoencoder import Autoencoder
-from kontext_core.config import AutoencoderConfig, TransformerConfig
-from kontext_core.transformer import KontextTransformer
+from kontext_core.model.autoencoder import Autoencoder
+from kontext_core.model.config import AutoencoderConfig, TransformerConfig
+from kontext_core.model.transformer import KontextTransformer
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = Path(os.environ.get("KONTEXT_GOLDEN_DIR", REPO.parent / "shared" / "reference" / "golden"))
@@ -70,7 +70,7 @@ def kernels_built_for(mode: str):
 def eight_bit_kernels(mode: str):
     """`kernels_built_for(mode)` with fp8 GEMMs on, through PyTorch's CPU `_scaled_mm` under the interpreter;
     yields the device the tests run on."""
-    from kontext_core import quant
+    from kontext_core.compute import quant
 
     with kernels_built_for(mode):
         quant.set_fp8_matmul(True, on_cpu=mode == "interpreter")
@@ -115,7 +115,7 @@ def tiny_quantized_pair(device: str, dtype: torch.dtype = torch.float8_e4m3fn):
     the interpreter quick."""
     import copy
 
-    from kontext_core import quant
+    from kontext_core.compute import quant
 
     config = TransformerConfig.tiny(depth=1, depth_single_blocks=1)
     model = randomize_(KontextTransformer(config), seed=11).to(device).eval()
@@ -165,7 +165,7 @@ def random_linear(in_features: int, out_features: int, dtype: torch.dtype, devic
 
 def random_block_lora(model: torch.nn.Module, seed: int, rank: int = 8, scale: float = 0.5):
     """`random_block_lora_file`'s tensors as a LoraWeights."""
-    from kontext_core.lora import lora_from_state_dict
+    from kontext_core.adapters.lora import lora_from_state_dict
 
     return lora_from_state_dict(random_block_lora_file(model, seed, rank, scale), name=f"random rank-{rank}")
 
@@ -174,7 +174,7 @@ def random_block_lora_file(model: torch.nn.Module, seed: int, rank: int = 8, sca
                            ) -> dict[str, torch.Tensor]:
     """A LoRA file's tensors in BFL's key layout on every linear of the blocks (nn.Linear or QuantizedLinear), its
     delta ~`scale` times a unit-variance layer's weight."""
-    from kontext_core.quant import QuantizedLinear
+    from kontext_core.compute.quant import QuantizedLinear
 
     generator = torch.Generator().manual_seed(seed)
     tensors = {}

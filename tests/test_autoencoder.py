@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-import kontext_core.autoencoder as autoencoder
+import kontext_core.model.autoencoder as autoencoder
 from conftest import reordering_tolerance
 
 

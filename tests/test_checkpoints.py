@@ -23,7 +23,7 @@ from kontext_core import (
     save_transformer,
 )
 from kontext_core.checkpoints.saving import transformer_file_state
-from kontext_core.quant import QuantizedLinear
+from kontext_core.compute.quant import QuantizedLinear
 
 
 def _velocity(model: KontextTransformer, seed: int = 0) -> torch.Tensor:
@@ -273,7 +273,7 @@ def test_folder_without_weights_and_bad_dtype(tiny_transformer, tmp_path):
 def test_quantize_model_fp8_per_row(tiny_transformer):
     import copy
 
-    from kontext_core.quant import quantize_model
+    from kontext_core.compute.quant import quantize_model
 
     quantized = quantize_model(copy.deepcopy(tiny_transformer))
     qkv = quantized.double_blocks[0].img_attn.qkv

@@ -80,7 +80,8 @@ def test_edit_end_to_end_writes_png_with_parameters_deterministically(models_tre
 
 
 def test_attention_backend_is_applied_for_the_run_and_restored(models_tree, monkeypatch):
-    from kontext_core import attention, get_attention_backend
+    from kontext_core import get_attention_backend
+    from kontext_core.compute import attention
 
     tmp_path, image, common = models_tree
     seen = []

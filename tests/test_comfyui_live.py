@@ -294,7 +294,7 @@ fp8_handle = model_cache.CACHE.handle_of(fp8_model)
 model_cache.ready(fp8_model)
 fp8_weights = fp8_handle.model_size()
 resolve.set_loras(fp8_model, fp8_ref.with_lora(model_cache.LoraRef(lora_path, 1.0)))
-from kontext_core.lora import factor_bytes
+from kontext_core.adapters.lora import factor_bytes
 extra = factor_bytes(fp8_model)
 assert extra > 0 and fp8_handle.model_size() == fp8_handle.loaded_size() == fp8_weights + extra, (
     fp8_handle.model_size(), fp8_handle.loaded_size(), fp8_weights, extra)

@@ -1,4 +1,4 @@
-"""CUDA-graph replay of a step (kontext_core/cuda_graph.py) against the plain step.
+"""CUDA-graph replay of a step (kontext_core/compute/cuda_graph.py) against the plain step.
 
 On the GPU: replays equal eager steps for changing inputs with one capture, a new shape or a replaced
 weight captures again; LoRAs on the fly replay, a strength change without a new capture. Anywhere: a
@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from conftest import fp8_tensor_cores, random_block_lora, randomize_, rel_error, tiny_edit_args
-from kontext_core import KontextTransformer, TransformerConfig, apply_lora, quant
-from kontext_core.cuda_graph import GraphedVelocity
+from kontext_core import KontextTransformer, TransformerConfig, apply_lora
+from kontext_core.compute import quant
+from kontext_core.compute.cuda_graph import GraphedVelocity
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

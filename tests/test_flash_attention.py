@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import fresh_generator, rel_l2
-from kontext_core import attention
+from kontext_core.compute import attention
 
 
 def _qkv(batch: int, heads: int, length: int, head_dim: int, device: str, dtype=torch.bfloat16):

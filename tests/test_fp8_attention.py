@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import rel_l2
-from kontext_core import fp8_attention as fa
+from kontext_core.compute import fp8_attention as fa
 
 REL_L2_BOUND = 0.08
 # The tiny model's velocity moved 1.1-1.35% L2 over three H100 runs (4 blocks); 4% keeps a 3x margin.

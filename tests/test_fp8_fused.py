@@ -61,7 +61,7 @@ def test_fused_quantization_is_as_accurate_as_the_plain_fp8_path(device):
 def test_a_lora_on_the_fly_reads_the_fused_e4m3_rows(device):
     # On-the-fly LoRAs on fp8 layers take their input from the same e4m3 rows as the layer's GEMM, so the
     # fused quantizers keep running; the result must carry the LoRA as accurately as fp8 carries the model.
-    from kontext_core.lora import apply_lora
+    from kontext_core.adapters.lora import apply_lora
 
     model, fp8 = _models(device)
     lora = random_block_lora(model, seed=21)
@@ -104,18 +104,19 @@ def test_compiled_blocks_trace_the_row_kernels(device):
 
 
 def _row_fed_layers(model) -> list:
-    from kontext_core.wide_lora import ROW_FED
+    from kontext_core.adapters.wide_lora import ROW_FED
 
     return [(name, layer) for name, layer in model.named_modules() if name.endswith(ROW_FED)]
 
 
 def test_loras_as_columns_of_the_fp8_gemm(device, monkeypatch):
     # fp8 layers fed by the fused quantizers take their on-the-fly LoRAs as extra K columns of their own GEMM
-    # (kontext_core/wide_lora.py): one GEMM, the weight a view of the wide buffer, the result as accurate as
+    # (kontext_core/adapters/wide_lora.py): one GEMM, the weight a view of the wide buffer, the result as accurate as
     # the two thin GEMMs'; strength changes rewrite the columns in place; removal restores the weights.
-    from kontext_core import fused, wide_lora
-    from kontext_core.fused import lora_factors
-    from kontext_core.lora import apply_lora
+    from kontext_core.compute import fused
+    from kontext_core.adapters import wide_lora
+    from kontext_core.compute.fused import lora_factors
+    from kontext_core.adapters.lora import apply_lora
 
     model, fp8 = _models(device)
     original = {k: v.clone() for k, v in fp8.state_dict().items()}
@@ -164,8 +165,8 @@ def test_lora_columns_carry_a_strong_lora_without_clamping(device, scale):
     # A LoRA whose rank columns each carry more than the weight's range could: the columns' copies share
     # the product (each up divided by their count), so neither side of the columns saturates e4m3. One far
     # stronger than its layer (delta 6x the weight) stays in the two thin GEMMs.
-    from kontext_core.fused import lora_factors
-    from kontext_core.lora import apply_lora
+    from kontext_core.compute.fused import lora_factors
+    from kontext_core.adapters.lora import apply_lora
 
     model, fp8 = _models(device)
     lora = random_block_lora(model, seed=24, rank=8, scale=scale)  # delta ~scale x the layer's weight
@@ -185,7 +186,7 @@ def test_lora_columns_carry_a_strong_lora_without_clamping(device, scale):
 
 
 def fused_linear(layer, x):
-    from kontext_core.fused import linear
+    from kontext_core.compute.fused import linear
 
     return linear(layer, x)
 
@@ -194,9 +195,9 @@ def test_lora_columns_follow_moves_and_give_way_to_the_block_offloader(device):
     # A move narrows the layout and rebuilds it where the model lands (a no-op move keeps the buffers); the
     # block offloader packs weights into its own buffers, so it narrows them first and LoRAs applied to
     # streamed blocks keep thin GEMMs.
-    from kontext_core.fused import lora_factors
-    from kontext_core.lora import apply_lora
-    from kontext_core.offload import BlockOffloader
+    from kontext_core.compute.fused import lora_factors
+    from kontext_core.adapters.lora import apply_lora
+    from kontext_core.placement.offload import BlockOffloader
 
     model, fp8 = _models(device)
     original = {k: v.clone() for k, v in fp8.state_dict().items()}
@@ -236,7 +237,7 @@ def test_lora_columns_follow_moves_and_give_way_to_the_block_offloader(device):
 def test_compiled_blocks_trace_the_lora_columns(device):
     # The columns' fill is an opaque mutating op on the e4m3 rows; a new strength rewrites the columns in
     # place and needs no recompilation.
-    from kontext_core.lora import apply_lora
+    from kontext_core.adapters.lora import apply_lora
 
     torch._dynamo.reset()
     model, fp8 = _models(device)
@@ -264,8 +265,8 @@ def test_compiled_blocks_trace_the_lora_columns(device):
 def _columns_output(layer, inputs):
     """`layer`'s output for `inputs` through its LoRA columns, the same in float32 from its factors, the
     columns the fill wrote, and the LoRA's part of the float32 output."""
-    from kontext_core.fused import _fill_lora_columns, lora_factors
-    from kontext_core.quant import QuantizedRows, quantize_rows
+    from kontext_core.compute.fused import _fill_lora_columns, lora_factors
+    from kontext_core.compute.quant import QuantizedRows, quantize_rows
 
     factors = lora_factors(layer)
     rows = quantize_rows(inputs)
@@ -282,7 +283,7 @@ def _columns_output(layer, inputs):
 def test_lora_columns_follow_a_lora_merged_into_the_same_fp8_layers(device):
     # Merging into fp8 weights requantizes them with new row scales; the columns of a LoRA on the fly on the
     # same layers are made against those scales, so they are made again.
-    from kontext_core.lora import apply_lora
+    from kontext_core.adapters.lora import apply_lora
 
     model, fp8 = _models(device)
     on_the_fly, merged = random_block_lora(model, seed=27, scale=0.3), random_block_lora(model, seed=28, scale=1.0)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import fp8_tensor_cores, fresh_generator, random_linear, rel_l2
-from kontext_core import quant
+from kontext_core.compute import quant
 
 needs_fp8_tensor_cores = pytest.mark.skipif(not fp8_tensor_cores(),
                                             reason="needs a GPU with fp8 tensor cores (Ada or Hopper)")
@@ -21,7 +21,7 @@ needs_fp8_tensor_cores = pytest.mark.skipif(not fp8_tensor_cores(),
 
 @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.int8], ids=["e4m3", "int8"])
 def test_plain_row_quantization_is_the_kernels_reference(dtype):
-    # kontext_core.quant.quantize_rows (the unfused path, no kontext_kernels/ needed) and the row kernels' reference
+    # kontext_core.compute.quant.quantize_rows (the unfused path, no kontext_kernels/ needed) and the row kernels' reference
     # must quantize alike: the fused and plain 8-bit paths are compared on that assumption.
     from kontext_kernels.row_quant import quantize_rows_reference
 

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and triton_availa
 
 @pytest.fixture(params=[False, True], ids=["row-kernels", "all-kernels"])
 def fused_gemms(request):
-    from kontext_core import fused
+    from kontext_core.compute import fused
 
     fused.set_fused_gemms(request.param)
     yield request.param

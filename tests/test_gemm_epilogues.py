@@ -1,4 +1,4 @@
-"""cuBLASLt's GELU epilogue and the single block's linear2 over its input's two parts (kontext_core.fused)
+"""cuBLASLt's GELU epilogue and the single block's linear2 over its input's two parts (kontext_core.compute.fused)
 against the plain PyTorch forms they replace.
 
 `linear_gelu` / `linear_then_gelu_part` take the epilogue on CUDA only; on the CPU they must stay the
@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import fresh_generator, random_linear, randomize_, rel_error, tiny_edit_args
-from kontext_core import KontextTransformer, TransformerConfig, fused
+from kontext_core import KontextTransformer, TransformerConfig
+from kontext_core.compute import fused
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (cuBLASLt epilogues)")
 

@@ -16,8 +16,9 @@ from torch import nn
 from conftest import (as_float32, check_compiled_blocks, eight_bit_kernels, kernels_off, random_block_lora, rel_l2,
                       tiny_edit_args, tiny_quantized_pair)
 from kontext_kernels.runtime import launches, triton_available
-from kontext_core import KontextTransformer, TransformerConfig, load_transformer, quant, save_transformer
-from kontext_core.quant import INT8_KEPT, QuantizedLinear
+from kontext_core import KontextTransformer, TransformerConfig, load_transformer, save_transformer
+from kontext_core.compute import quant
+from kontext_core.compute.quant import INT8_KEPT, QuantizedLinear
 
 INT8_ROW_KERNELS = ("layernorm_modulate_quantize", "gelu_quantize_rows", "concat_gelu_quantize_rows", "quantize_rows")
 
@@ -106,7 +107,7 @@ def test_hooked_int8_layers_get_bf16_inputs(device):
 
 
 def test_a_lora_on_int8_weights_runs_on_the_fly(device):
-    from kontext_core.lora import apply_lora
+    from kontext_core.adapters.lora import apply_lora
 
     model, int8 = _models(device)
     lora = random_block_lora(model, seed=21)
@@ -179,7 +180,7 @@ def test_saving_an_int8_model_writes_its_weights_dequantized(tiny_transformer, t
 
 
 def test_memory_estimate_counts_modulation_in_bf16():
-    from kontext_core.memory import transformer_bytes
+    from kontext_core.placement.memory import transformer_bytes
 
     dev = TransformerConfig()
     outside, int8_blocks = transformer_bytes(dev, "int8")

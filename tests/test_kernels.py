@@ -208,7 +208,7 @@ class TestAwkwardSizes:
         # ([B, L, H, D] memory), or the attention after it would read a wrong layout.
         from torch._subclasses.fake_tensor import FakeTensorMode
 
-        from kontext_core import fused
+        from kontext_core.compute import fused
 
         if fused._kernels is None:
             pytest.skip("the kontext ops are registered only where Triton imports")

@@ -17,7 +17,7 @@ from torch import nn
 from conftest import compiled_graphs, rel_error
 from kontext_core import CheckpointError, load_transformer, pack_latent, position_ids, save_transformer
 from kontext_core.checkpoints.key_maps import transformer_links
-from kontext_core.lora import (
+from kontext_core.adapters.lora import (
     LoraError,
     active_loras,
     apply_lora,
@@ -28,7 +28,7 @@ from kontext_core.lora import (
     preferred_mode,
     remove_all_loras,
 )
-from kontext_core.quant import QuantizedLinear
+from kontext_core.compute.quant import QuantizedLinear
 
 RANK, ALPHA = 4, 6.0  # scale alpha / rank = 1.5
 
@@ -240,7 +240,7 @@ def test_compiled_blocks_apply_loras_on_the_fly_and_merged(tiny_transformer, tmp
 
 def test_on_the_fly_factors_follow_the_model_to_another_dtype_and_device(tiny_transformer, tmp_path):
     # ComfyUI moves a model off the GPU and back with .to(); the factors must go with the weights.
-    from kontext_core.fused import lora_factors
+    from kontext_core.compute.fused import lora_factors
 
     lora = load_lora(_write(tmp_path, "diffusers", _random_lora(tiny_transformer, seed=12), tiny_transformer.config))
     reference = copy.deepcopy(tiny_transformer).double()
@@ -266,8 +266,8 @@ def test_the_lora_is_added_from_every_input_form_of_a_layer(tiny_transformer, tm
     # The blocks hand a layer its input as a tensor, as e4m3 rows with per-row scales (fp8 layers) or as two
     # column parts never concatenated (the single block's linear2); the LoRA's delta, accumulated into the
     # layer's output in place, must be the same from each.
-    from kontext_core.fused import ColumnParts, _plus_lora, lora_factors
-    from kontext_core.quant import quantize_rows
+    from kontext_core.compute.fused import ColumnParts, _plus_lora, lora_factors
+    from kontext_core.compute.quant import quantize_rows
 
     model = tiny_transformer
     lora = load_lora(_write(tmp_path, "diffusers", _random_lora(model, seed=8), model.config))
@@ -296,7 +296,7 @@ def test_on_the_fly_factors_stack_part_loras_and_change_in_place(tiny_transforme
     # diffusers LoRAs on to_q / to_k / to_v are row ranges of our fused qkv: stacked into one pair of
     # factors, zero outside each part's rows; a strength change rewrites them in place (what keeps a
     # compiled graph and a captured CUDA graph valid), a removal drops them.
-    from kontext_core.fused import lora_factors
+    from kontext_core.compute.fused import lora_factors
 
     lora = load_lora(_write(tmp_path, "diffusers", _random_lora(tiny_transformer, seed=9), tiny_transformer.config))
     second = load_lora(_write(tmp_path, "bfl", _random_lora(tiny_transformer, seed=10, rank=2),
@@ -459,8 +459,10 @@ def test_on_the_fly_bytes_foretells_the_factors_memory(tiny_transformer, tmp_pat
     # The nodes make room for on-the-fly factors before making them (ComfyUI counts them with the model):
     # the estimate must equal what is then allocated, in bf16 and fp8, for part LoRAs and stacked ones; with
     # fp8 GEMMs (here through PyTorch's CPU _scaled_mm) fp8 layers take them as GEMM columns.
-    from kontext_core import memory, quant, wide_lora
-    from kontext_core.fused import lora_factors
+    from kontext_core.placement import memory
+    from kontext_core.compute import quant
+    from kontext_core.adapters import wide_lora
+    from kontext_core.compute.fused import lora_factors
 
     monkeypatch.setattr(quant, "_fp8_matmul_on_cpu", fp8_gemms)
     save_transformer(tiny_transformer, tmp_path / "fp8.safetensors", weights="fp8_e4m3fn_scaled")
@@ -552,7 +554,7 @@ def test_text_encoder_keys_are_skipped_with_a_warning(tiny_transformer, tmp_path
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU <-> CPU copies need a CUDA GPU")
 def test_merges_on_the_gpu_back_up_and_restore_through_the_staging_buffer_exactly(tiny_transformer, tmp_path,
                                                                                   monkeypatch):
-    from kontext_core import lora as lora_module
+    from kontext_core.adapters import lora as lora_module
 
     # A staging buffer smaller than most weights, of an odd size: every copy takes several chunks and a remainder.
     monkeypatch.setattr(lora_module, "_STAGING_BYTES", 1000)

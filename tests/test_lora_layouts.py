@@ -28,9 +28,9 @@ from torch import nn
 
 from conftest import rel_error, tiny_edit_args
 from kontext_core.checkpoints.key_maps import to_ours, transformer_links
-from kontext_core.config import TransformerConfig
-from kontext_core.lora import LoraError, LoraWeights, apply_lora, load_lora, lora_from_state_dict
-from kontext_core.transformer import KontextTransformer
+from kontext_core.model.config import TransformerConfig
+from kontext_core.adapters.lora import LoraError, LoraWeights, apply_lora, load_lora, lora_from_state_dict
+from kontext_core.model.transformer import KontextTransformer
 
 TOLERANCE = 1e-6
 DEV_WIDTHS = TransformerConfig(depth=2, depth_single_blocks=2)  # kohya: any blocks, [dev]'s widths
@@ -472,7 +472,7 @@ def test_differences_on_an_fp8_model(tiny_transformer, tmp_path):
     # On fp8 weights the low-rank parts go on the fly ("auto"); a weight's `.diff` is merged as a merge would be
     # (dequantized, added, requantized), biases and norms as in any model; removal gives back every tensor.
     from kontext_core import load_transformer, save_transformer
-    from kontext_core.quant import QuantizedLinear
+    from kontext_core.compute.quant import QuantizedLinear
 
     save_transformer(tiny_transformer, tmp_path / "fp8.safetensors", weights="fp8_e4m3fn_scaled")
     model = load_transformer(tmp_path / "fp8.safetensors", dtype="fp8")

@@ -203,7 +203,7 @@ def test_latent_inpaint_blends_the_noised_original_and_ends_on_it():
     mask = torch.zeros(1, 1, 4, 6)
     mask[..., 1:3, 2:5] = 1
     original, noise, tokens = torch.randn(1, 16, 4, 6), torch.randn(2, 16, 4, 6), torch.randn(2, 6, 64)
-    from kontext_core.tokens import pack_latent, unpack_tokens
+    from kontext_core.model.tokens import pack_latent, unpack_tokens
 
     blend = LatentInpaint(mask, original).step_blend(noise, torch.device("cpu"))
     half = unpack_tokens(blend(tokens, 0.5), 4, 6)
@@ -312,7 +312,7 @@ def test_the_sampler_blends_in_the_noised_original_at_each_step(pipeline, monkey
     latent_mask = MaskedEdit.prepare(mask, (40, 24)).latent_mask(tuple(original.shape[-2:]))
     noise = module.make_noise(9, 1, 16, *original.shape[-2:])
     seen = []
-    from kontext_core.tokens import unpack_tokens
+    from kontext_core.model.tokens import unpack_tokens
 
     pipeline.edit(image, "x", mask=mask, seed=9, steps=3, resize="keep",
                   callback=lambda info: seen.append((info.t_next, unpack_tokens(info.latent, *original.shape[-2:]))))

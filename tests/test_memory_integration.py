@@ -14,7 +14,7 @@ import torch
 
 from conftest import FakeEncoders
 from node_pack import nodes_module
-from kontext_core.lora import factor_bytes, on_the_fly_bytes
+from kontext_core.adapters.lora import factor_bytes, on_the_fly_bytes
 from test_nodes import FAST, FakeComfyVae, _image, _prompt, comfy, fp8_model_with_lora, models  # noqa: F401
 
 nodes = nodes_module()

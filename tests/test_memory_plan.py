@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from conftest import FakeEncoders
-from kontext_core import memory
-from kontext_core.config import TransformerConfig
-from kontext_core.memory import (EDIT_TOKENS, GIB, TEXT_ENCODER_BYTES, MemoryPlan, OffloadedTextEncoders,
+from kontext_core.placement import memory
+from kontext_core.model.config import TransformerConfig
+from kontext_core.placement.memory import (EDIT_TOKENS, GIB, TEXT_ENCODER_BYTES, MemoryPlan, OffloadedTextEncoders,
                                  activation_bytes, choose_plan, spread_resident, transformer_bytes)
-from kontext_core.offload import BlockOffloader
+from kontext_core.placement.offload import BlockOffloader
 from kontext_core.pipeline import KontextPipeline
 
 DEV = TransformerConfig()
@@ -87,8 +87,8 @@ def test_overrides_by_name_and_dtype():
 def _meta_lora(config: TransformerConfig, rank: int):
     """A LoRA of `rank` on every block linear of a full-size model, its factors on the meta device (only
     their shapes matter to the plan)."""
-    from kontext_core.lora import LoraPart, LoraWeights
-    from kontext_core.transformer import KontextTransformer
+    from kontext_core.adapters.lora import LoraPart, LoraWeights
+    from kontext_core.model.transformer import KontextTransformer
 
     with torch.device("meta"):
         model = KontextTransformer(config)
@@ -198,7 +198,7 @@ def test_a_plan_that_offloads_gives_the_resident_pipelines_edit(tiny_transformer
 def test_load_pipeline_follows_a_plan_and_reports_it_once(tiny_transformer, tiny_autoencoder, tmp_path):
     from kontext_core import save_autoencoder, save_transformer
     from kontext_core.build import load_pipeline, plan_memory
-    from kontext_core.model_files import ModelFiles
+    from kontext_core.checkpoints.model_files import ModelFiles
 
     save_transformer(tiny_transformer, tmp_path / "k.safetensors")
     save_autoencoder(tiny_autoencoder, tmp_path / "ae.safetensors")
@@ -221,8 +221,8 @@ def test_load_pipeline_applies_loras_after_reading_them_first(tiny_transformer, 
     from kontext_core import save_autoencoder, save_transformer
     from kontext_core.build import load_pipeline
     from kontext_core.checkpoints import CheckpointError
-    from kontext_core.lora import active_loras, load_lora
-    from kontext_core.model_files import ModelFiles
+    from kontext_core.adapters.lora import active_loras, load_lora
+    from kontext_core.checkpoints.model_files import ModelFiles
 
     save_transformer(tiny_transformer, tmp_path / "k.safetensors")
     save_autoencoder(tiny_autoencoder, tmp_path / "ae.safetensors")

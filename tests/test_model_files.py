@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kontext_core.model_files import ModelFilesNotFound, find_model_files
+from kontext_core.checkpoints.model_files import ModelFilesNotFound, find_model_files
 
 
 def _touch(path):

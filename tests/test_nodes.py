@@ -24,10 +24,10 @@ from conftest import FakeEncoders, rel_error
 from kontext_core import GenerationSettings, KontextPipeline, TextConditioning, save_autoencoder, save_transformer
 from kontext_core import CheckpointError, KontextTransformer, TransformerConfig, set_attention_backend
 from kontext_core.image import prepare_image
-from kontext_core.fused import hooked
-from kontext_core.lora import active_loras
+from kontext_core.compute.fused import hooked
+from kontext_core.adapters.lora import active_loras
 from kontext_core.sampling import StepInfo
-from kontext_core.tokens import pack_latent
+from kontext_core.model.tokens import pack_latent
 from node_pack import COMFYUI, load_pack, nodes_module
 
 nodes = nodes_module()
@@ -319,7 +319,7 @@ def test_default_weight_dtype_keeps_fp8_files_in_fp8(comfy, tiny_transformer):
 
 
 def test_int8_weight_dtype_loads_int8_block_weights(comfy, tiny_transformer):
-    from kontext_core.quant import QuantizedLinear
+    from kontext_core.compute.quant import QuantizedLinear
 
     save_transformer(tiny_transformer, comfy.root / "diffusion_models" / "tiny.safetensors")
     ref = nodes.KontextModelLoader.run("tiny.safetensors", weight_dtype="int8").outputs[0]
@@ -768,7 +768,7 @@ def test_loop_node_returns_every_turn(models, comfy):
 
 def test_turn_refuses_text_encoders_of_another_width_before_sampling(models, tmp_path):
     # A CLIP twice as wide as the model reads: named at once, not a shape error inside the first block.
-    from kontext_core.text_encoders import TextEncoders, load_clip_tokenizer, load_t5_tokenizer
+    from kontext_core.text.text_encoders import TextEncoders, load_clip_tokenizer, load_t5_tokenizer
     from test_text_encoders import clip_tokenizer_dir, t5_tokenizer_dir, tiny_clip, tiny_t5
 
     config = models.pipeline.transformer.config

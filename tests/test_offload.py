@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from conftest import compiled_graphs, randomize_, reordering_tolerance
-from kontext_core.config import TransformerConfig
-from kontext_core.offload import BlockOffloader
-from kontext_core.quant import quantize_model
-from kontext_core.tokens import pack_latent, position_ids, text_position_ids
-from kontext_core.transformer import KontextTransformer
+from kontext_core.model.config import TransformerConfig
+from kontext_core.placement.offload import BlockOffloader
+from kontext_core.compute.quant import quantize_model
+from kontext_core.model.tokens import pack_latent, position_ids, text_position_ids
+from kontext_core.model.transformer import KontextTransformer
 
 DOUBLE, SINGLE = 3, 4  # 7 blocks: enough for a ring to wrap around
 
@@ -250,7 +250,7 @@ def test_side_stream_offload_equals_the_resident_model_on_cuda(model, prefetch):
 def test_a_lora_on_the_fly_on_an_offloaded_model_keeps_its_factors_on_the_gpu(model):
     from conftest import random_block_lora
     from kontext_core import apply_lora
-    from kontext_core.fused import lora_factors
+    from kontext_core.compute.fused import lora_factors
 
     model = model.to(torch.bfloat16)
     reference = copy.deepcopy(model).cuda()

@@ -48,7 +48,7 @@ def test_bundled_tokenizers_are_package_data():
     tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
     config = tomllib.loads((CORE.parent / "pyproject.toml").read_text())
     patterns = config["tool"]["setuptools"]["package-data"]["kontext_core"]
-    files = {p.relative_to(CORE).as_posix() for p in (CORE / "tokenizers").rglob("*") if p.is_file()}
-    assert {"tokenizers/t5/tokenizer.json", "tokenizers/t5/LICENSE", "tokenizers/clip_l/vocab.json",
-            "tokenizers/clip_l/merges.txt", "tokenizers/clip_l/LICENSE"} <= files
+    files = {p.relative_to(CORE).as_posix() for p in (CORE / "text" / "tokenizers").rglob("*") if p.is_file()}
+    assert {"text/tokenizers/t5/tokenizer.json", "text/tokenizers/t5/LICENSE", "text/tokenizers/clip_l/vocab.json",
+            "text/tokenizers/clip_l/merges.txt", "text/tokenizers/clip_l/LICENSE"} <= files
     assert {f for f in files if not any(fnmatch.fnmatch(f, pattern) for pattern in patterns)} == set()

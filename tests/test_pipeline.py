@@ -12,7 +12,7 @@ from PIL import Image
 from conftest import FakeEncoders
 from kontext_core.image import preferred_size, prepare_image, to_rgb_array
 from kontext_core.pipeline import GenerationSettings, KontextPipeline, make_noise
-from kontext_core.sampling import TextConditioning, denoise_schedule, flux_schedule
+from kontext_core.sampling import denoise_schedule, flux_schedule
 
 
 @pytest.fixture
@@ -201,7 +201,7 @@ def test_roundtrip_option_reencodes_the_decoded_turn(pipeline):
 
 
 def test_compiled_blocks_give_the_eager_result(tiny_transformer):
-    from kontext_core.tokens import pack_latent, position_ids
+    from kontext_core.model.tokens import pack_latent, position_ids
 
     generator = torch.Generator().manual_seed(0)
     args = (pack_latent(torch.randn(1, 16, 4, 4, generator=generator)), position_ids(4, 4),

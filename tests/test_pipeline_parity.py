@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ from kontext_core import load_transformer, save_autoencoder, save_transformer
 from kontext_core.masks import LatentInpaint
 from kontext_core.pipeline import GenerationSettings, KontextPipeline
 from kontext_core.sampling import TextConditioning, flux_schedule, sample_euler
-from kontext_core.tokens import context_tokens, pack_latent
+from kontext_core.model.tokens import context_tokens, pack_latent
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is the test-time reference (pip install diffusers)")
 

@@ -185,7 +185,8 @@ class TestKernels:
         # e4m3 where the device has fp8 tensor cores, or in fp16) and the result is laid out [B, L, H*D] as the
         # model's projection wants it.
         from kontext_kernels import sage_attention as sa
-        from kontext_core import attention, get_attention_backend, set_attention_backend
+        from kontext_core import get_attention_backend, set_attention_backend
+        from kontext_core.compute import attention
 
         q, k, v = _inputs(2, 3, 100, 100, 64, device)
         fp8_pv = backend == "sage8" and sa.fp8_tensor_cores(q.device)
@@ -260,7 +261,7 @@ def test_full_flux_shape_on_the_gpu():
 def test_refusals_say_why_and_what_to_do(monkeypatch):
     from kontext_kernels import sage_attention as sa
     from kontext_core import get_attention_backend, set_attention_backend
-    from kontext_core.attention import sage_unavailable_reason
+    from kontext_core.compute.attention import sage_unavailable_reason
 
     with pytest.raises(ValueError, match="head dims up to 256, got 320; choose attention backend 'auto'"):
         sa.sage_attention(*(torch.randn(1, 2, 8, 320) for _ in range(3)))
@@ -287,7 +288,7 @@ def test_refusals_say_why_and_what_to_do(monkeypatch):
 def test_attention_calls_the_registered_op(monkeypatch):
     # The backend goes through `kontext::sage_attention`, so compiled blocks see one opaque op rather than tracing
     # into the Triton launches.
-    from kontext_core import attention
+    from kontext_core.compute import attention
 
     calls = []
     monkeypatch.setattr(attention, "_backend", "sage8")

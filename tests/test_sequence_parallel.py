@@ -1,4 +1,4 @@
-"""One step split over processes (kontext_core/sequence_parallel.py): two gloo processes on the CPU against one.
+"""One step split over processes (kontext_core/compute/sequence_parallel.py): two gloo processes on the CPU against one.
 
 The velocity must equal the single-process one up to float32 summation order (each process attends over the
 keys in another order); the CLI under torchrun must write the single-process PNG within one level per pixel,
@@ -18,7 +18,7 @@ import torch
 
 from conftest import randomize_, reordering_tolerance, rel_l2, tiny_edit_args
 from kontext_core import KontextTransformer, TransformerConfig
-from kontext_core.sequence_parallel import SequenceParallel, TokenChunks, para_attn_unavailable_reason
+from kontext_core.compute.sequence_parallel import SequenceParallel, TokenChunks, para_attn_unavailable_reason
 
 pytestmark = pytest.mark.skipif(para_attn_unavailable_reason() is not None or not torch.distributed.is_available(),
                                 reason=f"needs torch.distributed and para-attn ({para_attn_unavailable_reason()})")

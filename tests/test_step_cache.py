@@ -19,12 +19,12 @@ from PIL import Image
 
 from conftest import FakeEncoders, compiled_graphs, randomize_, random_block_lora, rel_error
 from kontext_core import Autoencoder, AutoencoderConfig, KontextTransformer, TransformerConfig
-from kontext_core.offload import BlockOffloader
+from kontext_core.placement.offload import BlockOffloader
 from kontext_core.pipeline import GenerationSettings, KontextPipeline
 from kontext_core.sampling import TextConditioning, flux_schedule, sample_euler
 from kontext_core.step_cache import (CacheStats, StepCache, TEACACHE_FLUX_POLYNOMIAL, relative_l1,
                                      teacache_rescale)
-from kontext_core.tokens import pack_latent, position_ids
+from kontext_core.model.tokens import pack_latent, position_ids
 
 MODES = ("first-block", "teacache")
 STEPS = 6

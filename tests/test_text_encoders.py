@@ -20,10 +20,10 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
 from kontext_core.checkpoints.files import CheckpointError, save_sharded
-from kontext_core.config import TransformerConfig
-from kontext_core.quant import quantize_weight
-from kontext_core import text_encoders
-from kontext_core.text_encoders import (
+from kontext_core.model.config import TransformerConfig
+from kontext_core.compute.quant import quantize_weight
+from kontext_core.text import text_encoders
+from kontext_core.text.text_encoders import (
     TextEncoders,
     clip_l_config,
     load_clip_encoder,

@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from conftest import randomize_, rel_error
-from kontext_core import tiling
-from kontext_core.autoencoder import Autoencoder
-from kontext_core.config import AutoencoderConfig
-from kontext_core.tiling import decode_tiled, encode_tiled, feather_weights, tile_starts
+from kontext_core.placement import tiling
+from kontext_core.model.autoencoder import Autoencoder
+from kontext_core.model.config import AutoencoderConfig
+from kontext_core.placement.tiling import decode_tiled, encode_tiled, feather_weights, tile_starts
 
 TILE, OVERLAP = 24, 8  # latent pixels
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kontext_core import context_tokens, pack_latent, position_ids, reference_placements, unpack_tokens
-from kontext_core.tokens import Placement
+from kontext_core.model.tokens import Placement
 
 
 @pytest.mark.parametrize("height,width", [(8, 12), (7, 9), (1, 1), (6, 5)])

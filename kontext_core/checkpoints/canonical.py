@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from ..config import AutoencoderConfig, TransformerConfig
+from ..model.config import AutoencoderConfig, TransformerConfig
 from .files import CheckpointError, TensorSource
 from .key_maps import KeyLink, autoencoder_links, to_ours, transformer_links
 from .layouts import QUANT_MARKERS, QUANT_SUFFIXES, Layout

@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from ..config import AutoencoderConfig, TransformerConfig
+from ..model.config import AutoencoderConfig, TransformerConfig
 
 
 @dataclass(frozen=True)

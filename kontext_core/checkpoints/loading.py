@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..autoencoder import Autoencoder
-from ..config import AutoencoderConfig, TransformerConfig
-from ..quant import FP8_DTYPES, quantize_weight, quantized_layers, replace_linears_with_quantized
-from ..transformer import KontextTransformer
+from ..model.autoencoder import Autoencoder
+from ..model.config import AutoencoderConfig, TransformerConfig
+from ..compute.quant import FP8_DTYPES, quantize_weight, quantized_layers, replace_linears_with_quantized
+from ..model.transformer import KontextTransformer
 from .canonical import (
     CanonicalTensors,
     canonical_autoencoder,

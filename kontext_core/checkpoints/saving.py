@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..autoencoder import Autoencoder
-from ..quant import FP8_DTYPES, QuantizedLinear, quantize_weight
-from ..transformer import KontextTransformer
+from ..model.autoencoder import Autoencoder
+from ..compute.quant import FP8_DTYPES, QuantizedLinear, quantize_weight
+from ..model.transformer import KontextTransformer
 from .files import CheckpointError, save_atomic, save_sharded, write_text_atomic
 from .key_maps import autoencoder_links, to_theirs, transformer_links
 
@@ -122,7 +122,7 @@ def save_transformer(model: KontextTransformer, path: str | os.PathLike, *, layo
         save_sharded(state, path, "diffusion_pytorch_model", max_shard_bytes)
         write_text_atomic(json.dumps(_diffusers_transformer_config(model), indent=2), path / "config.json")
         return
-    metadata = {"kontext_core.config": json.dumps(model.config.to_dict())}
+    metadata = {"kontext_core.model.config": json.dumps(model.config.to_dict())}
     save_atomic(transformer_file_state(model, layout=layout, weights=weights), path, metadata)
 
 

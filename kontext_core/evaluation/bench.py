@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 
 from ..files_out import write_json_atomic, write_png_atomic
 from ..pipeline import GenerationSettings, KontextPipeline

@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence, TypeVar
 import torch
 from PIL import Image
 
-from ..attention import get_attention_backend, set_attention_backend
+from ..compute.attention import get_attention_backend, set_attention_backend
 from ..files_out import write_json_atomic, write_png_atomic
 from ..pipeline import GenerationSettings, KontextPipeline
 from ..presets import PRESETS

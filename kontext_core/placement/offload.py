@@ -27,7 +27,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-from .wide_lora import narrow_all
+from ..adapters.wide_lora import narrow_all
 
 _ALIGN = 256  # bytes; every tensor in a block buffer starts on this boundary (cuBLAS, _scaled_mm, CPU SIMD)
 

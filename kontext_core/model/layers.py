@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import fused
-from .attention import joint_attention
-from .fused import apply_rope, layer_norm  # noqa: F401  (part of this module's vocabulary)
-from .quant import QuantizedRows
+from ..compute import fused
+from ..compute.attention import joint_attention
+from ..compute.fused import apply_rope, layer_norm  # noqa: F401  (part of this module's vocabulary)
+from ..compute.quant import QuantizedRows
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0,

@@ -1,6 +1,6 @@
 """LoRA adapters for the Kontext transformer: merged into the weights or added on the fly.
 
-Every file layout is converted at the door (kontext_core/lora_layouts.py) into one form, `LoraWeights`:
+Every file layout is converted at the door (kontext_core/adapters/lora_layouts.py) into one form, `LoraWeights`:
 for each of our (BFL) linear layers, low-rank parts `up @ down` that update a row range of its weight, and
 the changes that are not low-rank (bias deltas, full differences, a control LoRA's norm scales).
 
@@ -15,12 +15,12 @@ removable through the returned `LoraHandle`:
   result requantized (per-tensor, or per-row when the layer has per-row scales): small LoRA deltas can
   fall below 8-bit resolution, so fp8 and int8 models get "on_the_fly" unless "merge" is asked for.
 - "on_the_fly": `up @ (down @ x) * strength` is added to the layer's output rows where the model computes
-  the layer (kontext_core/fused.py); the weights are never touched. All on-the-fly LoRAs of a layer are
+  the layer (kontext_core/compute/fused.py); the weights are never touched. All on-the-fly LoRAs of a layer are
   stacked into one pair of factors, so a layer costs two thin GEMMs more however many LoRAs it has; being
   part of the model's own code, they run inside compiled blocks and CUDA graphs. Strength changes rewrite
   the factors in place (no recompilation, no new graph capture). Works for `nn.Linear` and `QuantizedLinear`
   alike; on 8-bit layers the LoRA reads the same e4m3 or int8 activations as the layer's GEMM, and where
-  fp8 GEMMs run it joins that GEMM as extra K columns instead of two GEMMs more (kontext_core/wide_lora.py).
+  fp8 GEMMs run it joins that GEMM as extra K columns instead of two GEMMs more (kontext_core/adapters/wide_lora.py).
 
 The changes that are not low-rank are written into their parameters in either mode (restored likewise on
 removal): biases and norm scales are small, and a full difference has no cheaper form. A "set" change at
@@ -42,12 +42,12 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from .checkpoints.key_maps import transformer_links
-from .config import TransformerConfig
-from .fused import LORA_FACTORS, LoraFactors, factors_layout, lora_factors
+from ..checkpoints.key_maps import transformer_links
+from ..model.config import TransformerConfig
+from ..compute.fused import LORA_FACTORS, LoraFactors, factors_layout, lora_factors
 from . import wide_lora
 from .lora_layouts import LoraError, LoraPart, LoraWeights, load_lora, lora_from_state_dict
-from .quant import QuantizedLinear, quantize_weight
+from ..compute.quant import QuantizedLinear, quantize_weight
 
 MODES = ("auto", "merge", "on_the_fly")
 
@@ -338,15 +338,15 @@ _HANDLES: "weakref.WeakKeyDictionary[nn.Module, list[LoraHandle]]" = weakref.Wea
 
 
 def _stack_factors(module: nn.Module, name: str, model: nn.Module) -> None:
-    """Set `module`'s on-the-fly factors (kontext_core/fused.py) from the handles on it: their downs stacked
+    """Set `module`'s on-the-fly factors (kontext_core/compute/fused.py) from the handles on it: their downs stacked
     [R, in], their ups times their strengths side by side [out, R], zero outside each part's rows (R padded
     with zeros, below).
 
     They are made where the model computes, in the layer's compute dtype: with blocks offloaded
-    (kontext_core/offload.py) a layer's weights live on the host while its arithmetic runs on the GPU. Factors
+    (kontext_core/placement/offload.py) a layer's weights live on the host while its arithmetic runs on the GPU. Factors
     laid out as the present ones are overwritten in place: compiled blocks then run on unchanged and a captured
     CUDA graph (which reads them by address) replays the new strengths. fp8 layers that can take them as
-    columns of their own GEMM get the wide layout (kontext_core/wide_lora.py)."""
+    columns of their own GEMM get the wide layout (kontext_core/adapters/wide_lora.py)."""
     device = model.device
     downs, ups = [], []
     for handle in _ON_THE_FLY.get(module, []):
@@ -391,7 +391,7 @@ def _stack_factors(module: nn.Module, name: str, model: nn.Module) -> None:
 
 def _refresh_columns(module: nn.Module, name: str, model: nn.Module) -> None:
     # Merging into fp8 weights changes their row scales, which the wide layout's columns are made against
-    # (kontext_core/wide_lora.py): on-the-fly LoRAs in that layout are stacked again.
+    # (kontext_core/adapters/wide_lora.py): on-the-fly LoRAs in that layout are stacked again.
     factors = lora_factors(module)
     if factors is not None and factors.wide is not None:
         _stack_factors(module, name, model)
@@ -417,7 +417,7 @@ def factor_bytes(model: nn.Module) -> int:
 def on_the_fly_bytes(model: nn.Module, loras: Iterable[LoraWeights], columns: bool | None = None) -> int:
     """What `factor_bytes(model)` will be with `loras` (and no others) applied on the fly: room to make before
     applying them. Layers `model` lacks are left out (applying such a LoRA raises). fp8 layers are counted
-    with GEMM columns (kontext_core/wide_lora.py); one whose LoRAs turn out too strong for them takes less.
+    with GEMM columns (kontext_core/adapters/wide_lora.py); one whose LoRAs turn out too strong for them takes less.
 
     columns: None counts the columns where the layer takes them now; True wherever a layer of that kind can
     (for a model not yet on its device, e.g. built on the meta device to plan memory: an upper bound)."""

@@ -9,7 +9,7 @@ the product joins the layer's GEMM instead: with R more columns on both operands
 (`c` one divisor per rank column), so the layer's single fp8 GEMM over K + R columns computes both, R
 padded to a multiple of the GEMM's 128-wide K tile (~0-9% on those GEMMs instead of 20-50%). The e4m3 rows
 of x come from the fused quantizers with R spare columns after each row (kontext_kernels/row_quant.py); `a` fills
-them (kontext_core/fused.py, `kontext::lora_columns_`). The weight lives in a wide [N, K + R] buffer whose
+them (kontext_core/compute/fused.py, `kontext::lora_columns_`). The weight lives in a wide [N, K + R] buffer whose
 first K columns are the layer's weight parameter (a view, no second copy); `b` is the rest.
 
 Both tails share the row scales of their operands (x's per-row activation scale, W's per-row weight scale),
@@ -32,10 +32,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .fused import LORA_FACTORS, LoraFactors, factors_layout, hooked, lora_factors
-from .quant import E4M3_MAX, QuantizedLinear, fp8_weight_ok, quantize_weight
+from ..compute.fused import LORA_FACTORS, LoraFactors, factors_layout, hooked, lora_factors
+from ..compute.quant import E4M3_MAX, QuantizedLinear, fp8_weight_ok, quantize_weight
 
-# Layers whose input the fused quantizers produce (kontext_core/fused.py); the modulation layers take
+# Layers whose input the fused quantizers produce (kontext_core/compute/fused.py); the modulation layers take
 # one row each and keep the two thin GEMMs.
 ROW_FED = ("img_attn.qkv", "txt_attn.qkv", "img_attn.proj", "txt_attn.proj", "img_mlp.0", "img_mlp.2",
            "txt_mlp.0", "txt_mlp.2", "linear1", "linear2")

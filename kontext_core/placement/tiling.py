@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .autoencoder import Autoencoder
+from ..model.autoencoder import Autoencoder
 from .memory import ae_decode_bytes, ae_encode_bytes, make_room
 
 TILING_MODES = ("auto", "always", "never")

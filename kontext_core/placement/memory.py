@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING, Protocol, Sequence
 import torch
 from torch import nn
 
-from .config import AutoencoderConfig, TransformerConfig
+from ..model.config import AutoencoderConfig, TransformerConfig
 
 if TYPE_CHECKING:
-    from .lora import LoraWeights
+    from ..adapters.lora import LoraWeights
 
 GIB = 1024**3
 MIB = 1024**2
@@ -145,8 +145,8 @@ def transformer_bytes(config: TransformerConfig, storage: str) -> tuple[int, tup
     everything outside the blocks stay in bf16.
     """
     _check_storage(storage)
-    from .quant import quantized_layers
-    from .transformer import KontextTransformer
+    from ..compute.quant import quantized_layers
+    from ..model.transformer import KontextTransformer
 
     with torch.device("meta"):
         model = KontextTransformer(config)
@@ -172,14 +172,14 @@ def transformer_bytes(config: TransformerConfig, storage: str) -> tuple[int, tup
 def lora_bytes(config: TransformerConfig, storage: str, loras: Sequence[LoraWeights]) -> int:
     """Device bytes that `loras`, applied as the loaders apply them (mode "auto"), hold beside a transformer
     stored in `storage`: none when merged (bf16, fp16, fp32 weights), their on-the-fly factors on 8-bit weights
-    and, on fp8 ones, their GEMM columns (kontext_core/lora.py; every layer that can take columns counted with
+    and, on fp8 ones, their GEMM columns (kontext_core/adapters/lora.py; every layer that can take columns counted with
     them)."""
     _check_storage(storage)
     if storage not in EIGHT_BIT_STORAGES or not loras:
         return 0
-    from .lora import on_the_fly_bytes
-    from .quant import quantized_layers, replace_linears_with_quantized
-    from .transformer import KontextTransformer
+    from ..adapters.lora import on_the_fly_bytes
+    from ..compute.quant import quantized_layers, replace_linears_with_quantized
+    from ..model.transformer import KontextTransformer
 
     weight_dtype = EIGHT_BIT_STORAGES[storage]
     with torch.device("meta"):
@@ -204,7 +204,7 @@ def ae_weight_bytes(config: AutoencoderConfig, element_bytes: int = 2) -> int:
 
 @functools.lru_cache(maxsize=8)
 def _ae_parameters(config: AutoencoderConfig) -> int:
-    from .autoencoder import Autoencoder
+    from ..model.autoencoder import Autoencoder
 
     with torch.device("meta"):
         return sum(p.numel() for p in Autoencoder(config).parameters())

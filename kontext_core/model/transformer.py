@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .attention import attention_scope, sequence_parallel_scope
-from . import wide_lora
+from ..compute.attention import attention_scope, sequence_parallel_scope
+from ..adapters import wide_lora
 from .config import TransformerConfig
-from .fused import apply_to_lora_factors, hooked, linear
+from ..compute.fused import apply_to_lora_factors, hooked, linear
 from .layers import (
     DoubleStreamBlock,
     LastLayer,
@@ -23,8 +23,8 @@ from .layers import (
 )
 
 if TYPE_CHECKING:
-    from .sequence_parallel import SequenceParallel
-    from .step_cache import CacheRun
+    from ..compute.sequence_parallel import SequenceParallel
+    from ..step_cache import CacheRun
 
 
 class KontextTransformer(nn.Module):

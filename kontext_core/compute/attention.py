@@ -157,7 +157,7 @@ def heads_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
     return F.scaled_dot_product_attention(q, k, v)
 
 
-# The token layout of the forward under way when it is split over processes (kontext_core/sequence_parallel.py);
+# The token layout of the forward under way when it is split over processes (kontext_core/compute/sequence_parallel.py);
 # set by sequence_parallel_scope outside the blocks, read by `attention`.
 _sequence_layout = None
 

@@ -215,7 +215,7 @@ class QuantizedLinear(nn.Module):
         return (self.weight.float() * scale).to(dtype or self.compute_dtype)
 
     def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
-        if isinstance(x, QuantizedRows):  # already quantized by a fused kernel (kontext_core/fused.py)
+        if isinstance(x, QuantizedRows):  # already quantized by a fused kernel (kontext_core/compute/fused.py)
             return linear_rows(x, self.weight, self.weight_scale, self.bias, self.compute_dtype)
         form = rows_format(x, self.weight)
         if form is not None:

@@ -47,10 +47,10 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 
-from .checkpoints.files import CheckpointError, open_file
-from .checkpoints.key_maps import transformer_links
-from .checkpoints.layouts import describe_file
-from .config import TransformerConfig
+from ..checkpoints.files import CheckpointError, open_file
+from ..checkpoints.key_maps import transformer_links
+from ..checkpoints.layouts import describe_file
+from ..model.config import TransformerConfig
 
 __all__ = ["LoraError", "LoraPart", "LoraWeights", "TensorChange", "load_lora", "lora_from_state_dict"]
 

@@ -24,9 +24,9 @@ from torch import nn
 from transformers import (AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel,
                           T5Tokenizer)
 
-from .checkpoints.files import CheckpointError, TensorSource, open_file, open_sharded, refuse_lone_shard
-from .checkpoints.layouts import describe, describe_file
-from .checkpoints.loading import resolve_dtype
+from ..checkpoints.files import CheckpointError, TensorSource, open_file, open_sharded, refuse_lone_shard
+from ..checkpoints.layouts import describe, describe_file
+from ..checkpoints.loading import resolve_dtype
 
 T5_MAX_LENGTH = 512  # Kontext [dev] and FLUX.1 [dev]; [schnell] used 256
 CLIP_MAX_LENGTH = 77
@@ -588,7 +588,7 @@ def load_t5_tokenizer(source: str | os.PathLike | None = None, *, weights_path: 
                       allow_download: bool = False):
     """The T5 tokenizer from `source` (a folder, or a hub repo id: from the cache, or the hub when downloads
     are allowed), else from `tokenizer_2/` beside the diffusers weights at `weights_path`, else
-    google/t5-v1_1-xxl's from the Hugging Face cache, else the copy of it in kontext_core/tokenizers/t5/."""
+    google/t5-v1_1-xxl's from the Hugging Face cache, else the copy of it in kontext_core/text/tokenizers/t5/."""
     return _load_tokenizer(source, weights_path, component="tokenizer_2", repo=T5_TOKENIZER_REPO,
                            bundled=BUNDLED_TOKENIZERS / "t5", argument="t5_tokenizer", family_cls=T5Tokenizer,
                            what="T5", allow_download=allow_download)
@@ -597,7 +597,7 @@ def load_t5_tokenizer(source: str | os.PathLike | None = None, *, weights_path: 
 def load_clip_tokenizer(source: str | os.PathLike | None = None, *, weights_path: str | os.PathLike | None = None,
                         allow_download: bool = False):
     """The CLIP tokenizer, found like `load_t5_tokenizer` (`tokenizer/`, openai/clip-vit-large-patch14,
-    kontext_core/tokenizers/clip_l/)."""
+    kontext_core/text/tokenizers/clip_l/)."""
     return _load_tokenizer(source, weights_path, component="tokenizer", repo=CLIP_TOKENIZER_REPO,
                            bundled=BUNDLED_TOKENIZERS / "clip_l", argument="clip_tokenizer",
                            family_cls=CLIPTokenizer, what="CLIP", allow_download=allow_download)
@@ -721,7 +721,7 @@ def load_text_encoders(t5_path: str | os.PathLike, clip_path: str | os.PathLike 
     a bundled checkpoint) or a diffusers folder; `clip_path` defaults to `t5_path` (a diffusers root or a
     bundle holds both). Tokenizers: a folder, hub repo id or tokenizer object, else the diffusers `tokenizer_2/`
     and `tokenizer/` beside the weights, else the Hugging Face cache, else the copies bundled in
-    kontext_core/tokenizers/ (so no download is ever needed); `allow_download` lets a repo id given as a
+    kontext_core/text/tokenizers/ (so no download is ever needed); `allow_download` lets a repo id given as a
     tokenizer come from the hub. `transformer_config`: the transformer they will condition; each encoder is
     checked against it (width, and for FLUX's real sizes vocabulary and layers) before its weights are read.
     """

@@ -93,7 +93,7 @@ def modulated_input(layer: nn.Module, x: torch.Tensor, shift: torch.Tensor,
 
 
 # --- LoRAs on the fly ---------------------------------------------------------------------------
-# A layer with on-the-fly LoRAs carries their low-rank factors as a plain attribute (kontext_core/lora.py
+# A layer with on-the-fly LoRAs carries their low-rank factors as a plain attribute (kontext_core/adapters/lora.py
 # sets it): every LoRA on the layer stacked into one `down` [R, in] and one `up` [out, R] (strengths folded
 # into `up`, rows a LoRA does not touch zero). The functions here add `up @ (down @ x)` where they compute
 # the layer, so compiled blocks trace the LoRA into their graph and CUDA graphs replay it; forward hooks
@@ -102,10 +102,10 @@ LORA_FACTORS = "kontext_lora_factors"
 
 
 class LoraFactors(NamedTuple):
-    """A layer's on-the-fly LoRAs stacked (R padded with zeros, kontext_core/lora.py says why). For fp8
+    """A layer's on-the-fly LoRAs stacked (R padded with zeros, kontext_core/adapters/lora.py says why). For fp8
     layers also `down` in e4m3 with one scale per row (`down_scales` [1, R]), so that the down-projection
     reads the layer's own e4m3 input rows instead of a bf16 copy written for it. In the wide layout
-    (kontext_core/wide_lora.py) also the columns' down factor in e4m3 `column_down` [C, in] and its GEMM's
+    (kontext_core/adapters/wide_lora.py) also the columns' down factor in e4m3 `column_down` [C, in] and its GEMM's
     scales `column_scale` [1, C], and `wide`, the [N, K + C] e4m3 buffer holding the layer's weight and the
     LoRA's columns."""
     down: torch.Tensor
@@ -211,7 +211,7 @@ def linear(layer: nn.Module, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
     """layer(x), with the layer's on-the-fly LoRAs."""
     factors = lora_factors(layer)
     if factors is not None and factors.wide is not None and isinstance(x, QuantizedRows):
-        # e4m3 rows made with the spare columns: one GEMM over [x | a] and [W | b] (kontext_core/wide_lora.py).
+        # e4m3 rows made with the spare columns: one GEMM over [x | a] and [W | b] (kontext_core/adapters/wide_lora.py).
         if torch.compiler.is_compiling():
             torch.ops.kontext.lora_columns_(x.data, x.scale, factors.column_down, factors.column_scale)
         else:
@@ -389,7 +389,7 @@ if _kernels is not None:
         return (x.new_empty((*x.shape[:-1], width), dtype=_format(int8)),
                 x.new_empty((rows, 1), dtype=torch.float32))
 
-    # `spare`: columns left after each row for a LoRA's (kontext_core/wide_lora.py); `int8`: int8 rows, not e4m3.
+    # `spare`: columns left after each row for a LoRA's (kontext_core/adapters/wide_lora.py); `int8`: int8 rows, not e4m3.
     ops.define("quantize_rows(Tensor x, int spare=0, bool int8=False) -> (Tensor, Tensor)",
                lambda x, spare=0, int8=False: _kernels.row_quant.quantize_rows(x, spare=spare, dtype=_format(int8)),
                lambda x, spare=0, int8=False: _quantized_fake(x, x.shape[-1] + spare, int8))
