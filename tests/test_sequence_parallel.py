@@ -63,6 +63,12 @@ def _velocity_worker(rank: int, world: int, store_file: str, inputs_file: str, o
         args = torch.load(inputs_file)
         with torch.no_grad():
             velocity = model.velocity(*args[:7], context=args[7], context_ids=args[8])
+            if compiled:  # a second step reuses the graphs: each forward's new token layout is no recompile
+                from torch._dynamo.utils import counters
+
+                graphs = counters["stats"]["unique_graphs"]
+                model.velocity(*args[:7], context=args[7], context_ids=args[8])
+                assert counters["stats"]["unique_graphs"] == graphs, "the second split step recompiled"
         torch.save(velocity, f"{out_file}.{rank}")
     finally:
         torch.distributed.destroy_process_group()
