@@ -122,7 +122,7 @@ def save_transformer(model: KontextTransformer, path: str | os.PathLike, *, layo
         save_sharded(state, path, "diffusion_pytorch_model", max_shard_bytes)
         write_text_atomic(json.dumps(_diffusers_transformer_config(model), indent=2), path / "config.json")
         return
-    metadata = {"kontext_core.model.config": json.dumps(model.config.to_dict())}
+    metadata = {"kontext_core.config": json.dumps(model.config.to_dict())}
     save_atomic(transformer_file_state(model, layout=layout, weights=weights), path, metadata)
 
 

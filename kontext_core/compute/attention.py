@@ -200,7 +200,7 @@ def sage_unavailable_reason(device: torch.device | str | None = None) -> str | N
     run it on a CPU)."""
     if _sage is None:
         return (f"this project's kontext_kernels/ package cannot be imported ({_SAGE_IMPORT_ERROR}); reinstall "
-                "comfyui-kontext, or check that no other package named `kernels` shadows it")
+                "comfyui-kontext (pip install -e . in its folder) so that its Triton kernels import")
     if not _kernel_runtime.triton_available():
         return "Triton is not installed (pip install triton; on Windows, triton-windows)"
     if not _kernel_runtime.switched_on():

@@ -131,7 +131,7 @@ def _device_reason(index: int) -> str | None:
         return "this is a ROCm build of PyTorch; cuDNN's fp8 attention needs an NVIDIA Hopper GPU"
     if _qkv is None:
         return (f"this project's kontext_kernels/ package cannot be imported ({_QKV_IMPORT_ERROR}); reinstall "
-                "comfyui-kontext, or check that no other package named `kernels` shadows it")
+                "comfyui-kontext (pip install -e . in its folder) so that its Triton kernels import")
     major, minor = torch.cuda.get_device_capability(index)
     if major < 9:
         return f"this GPU is compute capability {major}.{minor}; fp8 attention needs a Hopper (9.0) or newer GPU"

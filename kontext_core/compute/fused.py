@@ -23,9 +23,6 @@ from .quant import E4M3_MAX, QuantizedLinear, QuantizedRows, fp8_linear_rows, fp
 
 try:  # kontext_kernels/ is optional: without it every op runs its PyTorch reference
     import kontext_kernels as _kernels
-
-    if not hasattr(_kernels, "qkv_norm_rope"):
-        _kernels = None
 except Exception:  # pragma: no cover - absent or broken Triton install
     _kernels = None
 

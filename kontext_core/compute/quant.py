@@ -27,9 +27,6 @@ from . import ops
 try:  # kontext_kernels/ is optional (its int8 GEMM is the only int8 one): without it int8 weights are upcast
     from kontext_kernels import int8_gemm as _int8_gemm
     from kontext_kernels import runtime as _kernel_runtime
-
-    if not hasattr(_int8_gemm, "int8_linear"):
-        _int8_gemm = None
 except Exception:  # pragma: no cover - absent or broken Triton install
     _int8_gemm = None
 
