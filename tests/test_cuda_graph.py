@@ -164,3 +164,20 @@ def test_pipelines_around_one_model_share_its_graph(tiny_transformer, tiny_autoe
     first = KontextPipeline(tiny_transformer, tiny_autoencoder, cuda_graphs=True)._graphed_velocity()
     again = KontextPipeline(tiny_transformer, tiny_autoencoder, cuda_graphs=True)._graphed_velocity()
     assert first is again and first.model is tiny_transformer
+
+
+def test_the_shared_graph_dies_with_its_model():
+    """The cache of graphs per model must not keep a model (its weights, the graph's memory) alive once the
+    caller lets it go: a ComfyUI model switch or `kontext eval presets` loading the next preset."""
+    import gc
+    import weakref
+
+    model = KontextTransformer(TransformerConfig.tiny())
+    graphed = GraphedVelocity.of(model)
+    assert GraphedVelocity.of(model) is graphed and graphed.model is model
+    gone = weakref.ref(model)
+    del model
+    gc.collect()
+    assert gone() is None
+    with pytest.raises(RuntimeError, match="has been freed"):
+        graphed.model

@@ -50,10 +50,18 @@ class GraphedVelocity:
         _shared.pop(model, None)
 
     def __init__(self, model: nn.Module, warmup: int = 2):
-        self.model = model
+        # Weakly: `_shared`'s value must not keep its own key (the model, its weights, the graph's memory) alive.
+        self._model = weakref.ref(model)
         self.warmup = warmup
         self.captures = 0
         self.reset()
+
+    @property
+    def model(self) -> nn.Module:
+        model = self._model()
+        if model is None:
+            raise RuntimeError("the model this CUDA graph replayed has been freed")
+        return model
 
     def reset(self) -> None:
         """Forget the captured graph and its memory."""
