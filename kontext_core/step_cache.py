@@ -171,21 +171,19 @@ class CacheRun:
         self.branches = branches
         self.stats = stats
         self._step = 0
-        self._layout = None
 
     def run_blocks(self, model: KontextTransformer, img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor,
                    rope: RopeFrequencies, layout=None) -> torch.Tensor:
         """The image tokens' hidden states for the final layer [B, L_img, hidden], computed or from the cache.
         `layout`: the forward's split over processes (sequence_parallel.ShardLayout), None in one process."""
-        self._layout = layout
         step = self._step
         self._step += 1
         must_compute = step == 0 or step >= self.steps - 1
-        hidden, skipped = self._blocks_or_cache(model, img, txt, vec, rope, must_compute)
+        hidden, skipped = self._blocks_or_cache(model, img, txt, vec, rope, must_compute, layout)
         self.stats.record(step, skipped)
         return hidden
 
-    def _blocks_or_cache(self, model, img, txt, vec, rope, must_compute: bool) -> tuple[torch.Tensor, bool]:
+    def _blocks_or_cache(self, model, img, txt, vec, rope, must_compute: bool, layout) -> tuple[torch.Tensor, bool]:
         raise NotImplementedError
 
     def _may_skip(self, measures: list[float]) -> bool:
@@ -200,11 +198,11 @@ class FirstBlockRun(CacheRun):
         self._first_change: torch.Tensor | None = None  # first block's change to img at the last computed step
         self._rest_change: torch.Tensor | None = None  # the other blocks' change to img then
 
-    def _blocks_or_cache(self, model, img, txt, vec, rope, must_compute):
+    def _blocks_or_cache(self, model, img, txt, vec, rope, must_compute, layout):
         first_img, first_txt = model.double_blocks[0](img, txt, vec, rope)
         first_change = first_img - img
         if (not must_compute and self._first_change is not None
-                and self._may_skip(relative_l1(first_change, self._first_change, self.branches, self._layout))):
+                and self._may_skip(relative_l1(first_change, self._first_change, self.branches, layout))):
             return first_img + self._rest_change, True
         hidden = model.run_blocks(first_img, first_txt, vec, rope, first=1)
         self._first_change, self._rest_change = first_change, hidden - first_img
@@ -218,11 +216,11 @@ class TeaCacheRun(CacheRun):
         self._accumulated = [0.0] * self.branches
         self._residual: torch.Tensor | None = None  # the block stack's change to img at the last computed step
 
-    def _blocks_or_cache(self, model, img, txt, vec, rope, must_compute):
+    def _blocks_or_cache(self, model, img, txt, vec, rope, must_compute, layout):
         watched = _through_block_hooks(model.double_blocks[0], "image_attention_input", img, vec)
         previous, self._previous_input = self._previous_input, watched
         if not must_compute and previous is not None:
-            distances = relative_l1(watched, previous, self.branches, self._layout)
+            distances = relative_l1(watched, previous, self.branches, layout)
             self._accumulated = [total + teacache_rescale(d) for total, d in zip(self._accumulated, distances)]
             if self._may_skip(self._accumulated):
                 return img + self._residual, True

@@ -155,6 +155,7 @@ class SequenceParallel:
         self.group = group if group is not None else dist.group.WORLD
         self.world = dist.get_world_size(self.group)
         self.rank = dist.get_rank(self.group)
+        self._layouts: dict[tuple, ShardLayout] = {}
 
     def check_heads(self, num_heads: int) -> None:
         if num_heads % self.world:
@@ -163,8 +164,14 @@ class SequenceParallel:
                              f"processes; {self.world} does not divide {num_heads}: run on "
                              f"{', '.join(map(str, divisors))} processes")
 
-    def layout(self, text_length: int, image_length: int, device: torch.device) -> ShardLayout:
-        return ShardLayout(self, text_length, image_length, device)
+    def layout(self, text_length: int, image_length: int, device: torch.device, num_heads: int) -> ShardLayout:
+        """The layout of a forward with these token counts: made once per shape (every step of a run reuses it,
+        so no step waits on copying its indices to the GPU)."""
+        key = (text_length, image_length, torch.device(device))
+        if key not in self._layouts:
+            self.check_heads(num_heads)
+            self._layouts[key] = ShardLayout(self, text_length, image_length, device)
+        return self._layouts[key]
 
     def __repr__(self) -> str:
         return f"SequenceParallel(rank {self.rank} of {self.world}, {dist.get_backend(self.group)})"

@@ -120,9 +120,8 @@ class KontextTransformer(nn.Module):
         dtype = self.dtype
         layout = None
         if self.sequence_parallel is not None:
-            self.sequence_parallel.check_heads(config.num_heads)
             # Every token-wise layer runs on this process's chunk of the text and image tokens only.
-            layout = self.sequence_parallel.layout(txt.shape[1], img.shape[1], img.device)
+            layout = self.sequence_parallel.layout(txt.shape[1], img.shape[1], img.device, config.num_heads)
             img, img_ids = layout.shard_image(img), layout.shard_image(img_ids)
             txt, txt_ids = layout.shard_text(txt), layout.shard_text(txt_ids)
         img = linear(self.img_in, img.to(dtype))
