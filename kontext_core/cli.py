@@ -228,13 +228,11 @@ def _edit(args: argparse.Namespace) -> int:
     masking = _mask_options(args)
     size = (args.width, args.height) if args.width and args.height else None
     settings = _settings(args)  # bad generation options fail before minutes of loading
+    prompts = _prompt_lines(args.turns) if args.turns else []
     pipeline, files = _pipeline(args)
     output = Path(args.output)
     recorded = {key: (args.mask if key == "mask" else value) for key, value in masking.items()}
     if args.turns:
-        prompts = [line.strip() for line in Path(args.turns).read_text().splitlines() if line.strip()]
-        if not prompts:
-            raise SystemExit(f"error: {args.turns} holds no prompts (one per line)")
         session = pipeline.session(images[0], resize=args.resize, settings=settings)
         extra = [pipeline.encode_image(i, args.resize, None, args.fit) for i in images[1:]]
         if _writes(args):
@@ -553,9 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--prompt")
     edit.add_argument("--turns", help="a text file with one prompt per line, applied turn after turn")
     edit.add_argument("-o", "--output", required=True, help="output PNG (a folder with --turns)")
-    edit.add_argument("--resize", choices=RESIZE_MODES[:2], default="preferred",
-                      help="preferred: nearest Kontext training resolution; keep: the input size, snapped to 16")
-    edit.add_argument("--fit", choices=FIT_MODES, default="stretch")
+    _add_image_options(edit)
     masked = edit.add_argument_group("masked edits")
     masked.add_argument("--mask", metavar="MASK.png",
                         help="edit only where this image is white (gray: partly); elsewhere the output is the input, "

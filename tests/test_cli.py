@@ -122,6 +122,20 @@ def test_turns_file_saves_every_turn(models_tree):
     assert [t["prompt"] for t in history["turns"]] == ["", "make it red", "add a hat", "turn it into a painting"]
 
 
+@pytest.mark.parametrize("content, message", [(None, "prompts file not found"), ("\n \n", "holds no prompts")])
+def test_a_bad_turns_file_fails_before_the_models_load(tmp_path, monkeypatch, content, message):
+    import kontext_core.cli as cli
+
+    turns = tmp_path / "turns.txt"
+    if content is not None:
+        turns.write_text(content)
+    image = tmp_path / "photo.png"
+    Image.new("RGB", (40, 24)).save(image)
+    monkeypatch.setattr(cli, "_pipeline", lambda args: pytest.fail("the models were loaded first"))
+    with pytest.raises(SystemExit, match=message):
+        main(["edit", str(image), "--turns", str(turns), "-o", str(tmp_path / "session"), "--models", str(tmp_path)])
+
+
 def test_t2i_end_to_end(models_tree):
     tmp_path, _, common = models_tree
     assert main(["t2i", "--prompt", "a photo of a dog", "-o", str(tmp_path / "t.png"),
