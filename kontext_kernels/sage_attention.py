@@ -118,7 +118,13 @@ def fp8_tensor_cores(device: torch.device) -> bool:
     interpreter too (its tl.dot takes e4m3 operands and multiplies them exactly in float32)."""
     if device.type != "cuda":
         return interpreting()
-    return torch.version.hip is None and torch.cuda.get_device_capability(device) >= (8, 9)
+    return _fp8_capable(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _fp8_capable(device_index: int) -> bool:
+    # Cached: the 'sage8' backend asks on every attention call (57 a step).
+    return torch.version.hip is None and torch.cuda.get_device_capability(device_index) >= (8, 9)
 
 
 def default_k_rows(fp8_pv: bool) -> int:
