@@ -10,7 +10,6 @@ CUDA-graph replay. A part that cannot run on the device at hand falls back to `e
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass, replace
 
 import torch
@@ -42,20 +41,21 @@ def _int8_gemm_reason(device: torch.device) -> str | None:
 
 
 def _attention_reason(backend: str, device: torch.device) -> str | None:
-    from .compute.attention import ATTENTION_BACKENDS, get_attention_backend, set_attention_backend
+    from .compute.attention import ATTENTION_BACKENDS, backend_unavailable_reason
 
     if device.type != "cuda":
         return "it needs a CUDA GPU"
     if backend not in ATTENTION_BACKENDS:
         return "this version has no such backend"
-    before = get_attention_backend()
-    try:  # set_attention_backend refuses a backend this machine cannot run, with the reason
-        set_attention_backend(backend)
-    except RuntimeError as error:
-        return str(error)
-    finally:
-        set_attention_backend(before)
-    return None
+    return backend_unavailable_reason(backend, device)
+
+
+def _triton_available() -> bool:
+    try:
+        from kontext_kernels.runtime import triton_available
+    except ImportError:
+        return False
+    return triton_available()
 
 
 def resolve_preset(name: str, device: str | torch.device) -> tuple[RuntimePreset, list[str]]:
@@ -70,7 +70,7 @@ def resolve_preset(name: str, device: str | torch.device) -> tuple[RuntimePreset
     if preset.attention != exact.attention and (reason := _attention_reason(preset.attention, device)):
         preset = replace(preset, attention=exact.attention)
         notes.append(f"{PRESETS[name].attention} attention: {reason}; exact attention instead")
-    if preset.compile and (device.type != "cuda" or importlib.util.find_spec("triton") is None):
+    if preset.compile and (device.type != "cuda" or not _triton_available()):
         preset = replace(preset, compile=False)
         notes.append("compiled blocks: need a CUDA GPU and Triton; eager blocks instead")
     if preset.cuda_graphs and device.type != "cuda":

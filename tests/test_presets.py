@@ -24,7 +24,7 @@ def test_fast_on_the_cpu_falls_back_to_the_exact_path_part_by_part():
 def test_fast_where_every_part_runs_keeps_every_part(monkeypatch):
     monkeypatch.setattr(presets, "_int8_gemm_reason", lambda device: None)
     monkeypatch.setattr(presets, "_attention_reason", lambda backend, device: None)
-    monkeypatch.setattr(presets.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(presets, "_triton_available", lambda: True)
     preset, notes = resolve_preset("fast", torch.device("cuda", 0))
     assert preset == PRESETS["fast"] and notes == []
 
@@ -32,7 +32,7 @@ def test_fast_where_every_part_runs_keeps_every_part(monkeypatch):
 def test_fast_without_8_bit_attention_keeps_the_rest(monkeypatch):
     monkeypatch.setattr(presets, "_int8_gemm_reason", lambda device: None)
     monkeypatch.setattr(presets, "_attention_reason", lambda backend, device: "no Triton")
-    monkeypatch.setattr(presets.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(presets, "_triton_available", lambda: True)
     preset, notes = resolve_preset("fast", torch.device("cuda", 0))
     assert preset.dtype == "int8" and preset.compile and preset.cuda_graphs and preset.attention == "auto"
     assert notes == [f"{PRESETS['fast'].attention} attention: no Triton; exact attention instead"]
@@ -41,7 +41,7 @@ def test_fast_without_8_bit_attention_keeps_the_rest(monkeypatch):
 def test_explicit_settings_win_over_the_preset(monkeypatch):
     monkeypatch.setattr(presets, "_int8_gemm_reason", lambda device: None)
     monkeypatch.setattr(presets, "_attention_reason", lambda backend, device: None)
-    monkeypatch.setattr(presets.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(presets, "_triton_available", lambda: True)
     chosen, _ = apply_preset_options("fast", "cuda", dtype="fp8", attention="sdpa", compile=False, cuda_graphs=False)
     assert chosen == dict(dtype="fp8", attention="sdpa", compile=True, cuda_graphs=True)
 

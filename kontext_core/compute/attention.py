@@ -35,16 +35,20 @@ def set_attention_backend(name: str) -> None:
     global _backend
     if name not in ATTENTION_BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(ATTENTION_BACKENDS)}")
-    if name == "flash-attn" and _flash_attn_func() is None:
-        raise RuntimeError(
-            "attention backend 'flash-attn' was requested but the flash-attn package is not "
-            "installed; install flash-attn or choose 'auto'"
-        )
-    if name == "cudnn-fp8" and (reason := _fp8.unavailable_reason()) is not None:
-        raise RuntimeError(f"attention backend 'cudnn-fp8' cannot run here: {reason}; or choose 'auto'")
-    if name in SAGE_BACKENDS and (reason := sage_unavailable_reason()) is not None:
+    if (reason := backend_unavailable_reason(name)) is not None:
         raise RuntimeError(f"attention backend '{name}' cannot run here: {reason}; or choose 'auto'")
     _backend = name
+
+
+def backend_unavailable_reason(name: str, device: torch.device | str | None = None) -> str | None:
+    """None when attention backend `name` can run on `device` (default: the current CUDA device), else why not."""
+    if name == "flash-attn" and _flash_attn_func() is None:
+        return "the flash-attn package is not installed (install flash-attn)"
+    if name == "cudnn-fp8":
+        return _fp8.unavailable_reason(device)
+    if name in SAGE_BACKENDS:
+        return sage_unavailable_reason(device)
+    return None
 
 
 def get_attention_backend() -> str:
