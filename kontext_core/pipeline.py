@@ -519,6 +519,7 @@ class EditSession:
     current: int = 0
     resize: str = "preferred"  # how an image joined into a stitched context is sized
     source_size: tuple[int, int] | None = None  # (W, H) of the image the session started from
+    _images: dict[int, Image.Image] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.turns:
@@ -573,21 +574,23 @@ class EditSession:
         self.current = turn.index
         return turn
 
-    def image(self, turn_index: int | None = None, _made: dict[int, Image.Image] | None = None) -> Image.Image:
+    def image(self, turn_index: int | None = None) -> Image.Image:
         """A turn's image (the current one's by default): its decoded latent, or for a masked turn the parent's
         image with the decoded edit composited through the turn's mask, so the parent's pixels stay where
-        the mask is 0. The composite runs on the parent's 8-bit levels: those come back exactly."""
+        the mask is 0. The composite runs on the parent's 8-bit levels: those come back exactly.
+
+        Each turn's image is made once and kept (turns never change): a chain of masked turns builds on its
+        parents' images, which would otherwise be decoded again for every later turn."""
         index = self.current if turn_index is None else turn_index
-        made = {} if _made is None else _made
-        if index not in made:
+        if index not in self._images:
             turn = self.turns[index]
             if turn.mask is None:
-                made[index] = self.pipeline.decode(turn.latent)[0]
+                self._images[index] = self.pipeline.decode(turn.latent)[0]
             else:
-                parent = unit_images([self.image(turn.parent, made)])
-                made[index] = from_unit_images(composite(parent, self.pipeline.decode_unit(turn.latent),
-                                                         turn.mask))[0]
-        return made[index]
+                parent = unit_images([self.image(turn.parent)])
+                self._images[index] = from_unit_images(
+                    composite(parent, self.pipeline.decode_unit(turn.latent), turn.mask))[0]
+        return self._images[index]
 
     def branch(self, turn_index: int) -> Turn:
         """Make an earlier turn current: the next edit starts from it, later turns stay in the history."""
@@ -607,9 +610,9 @@ class EditSession:
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        paths, made = [], {}
+        paths = []
         for turn in self.turns:
-            image = self.image(turn.index, made)
+            image = self.image(turn.index)
             path = folder / f"turn_{turn.index:02d}.png"
             write_png_atomic(image, path, {"kontext": json.dumps(self.history()[turn.index])})
             paths.append(path)

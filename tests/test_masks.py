@@ -471,3 +471,19 @@ def test_session_turn_with_a_stitched_reference(pipeline):
 def test_source_pixels_are_the_8bit_levels():
     image = _image(24, (5, 3))
     assert np.array_equal((unit_images([image]) * 255).round().to(torch.uint8)[0].numpy(), np.asarray(image))
+
+
+def test_a_chain_of_masked_turns_decodes_each_turn_once(pipeline, monkeypatch):
+    """Each masked turn's image builds on its parent's: asking for every turn's image (the CLI does, turn by
+    turn) decodes each latent once, not the whole chain again for each turn."""
+    session = pipeline.session(_image(21, (40, 32)), resize="keep", settings=GenerationSettings(steps=1))
+    width, height = session.pixel_size
+    decodes = []
+    for original in ("decode", "decode_unit"):
+        monkeypatch.setattr(pipeline, original,
+                            lambda latents, _f=getattr(pipeline, original): decodes.append(1) or _f(latents))
+    for number in range(4):
+        turn = session.edit(f"turn {number}", seed=number, mask=_rect((width, height), 2 * number, 2, 30, 20))
+        first = session.image(turn.index)
+        assert session.image(turn.index) is first  # kept, not made again
+    assert len(decodes) == len(session.turns)  # the start image and each of the 4 turns, once
