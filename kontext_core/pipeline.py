@@ -84,6 +84,20 @@ class EditResult:
     cache_stats: CacheStats | None = None  # steps computed and skipped, when settings.cache is on
 
 
+def encode_image(ae: Any, image: Image.Image, resize: str = "preferred", size: tuple[int, int] | None = None,
+                 fit: str = "stretch", ae_tiling: str = "auto") -> torch.Tensor:
+    """One image -> its scaled latent [1, 16, h, w] at the working resolution, through `ae`: our Autoencoder
+    (tiled as `ae_tiling` says) or any AE with `config.downsample_factor` and `encode` (ComfyUI's, in the nodes)."""
+    if resize not in RESIZE_MODES or fit not in FIT_MODES:
+        raise ValueError(f"resize must be one of {RESIZE_MODES} and fit one of {FIT_MODES}")
+    pixels = prepare_image(image, resize, size, fit, ae.config.downsample_factor * 2)
+    pixels = pixels.to(device=ae.device, dtype=ae.dtype)
+    with torch.no_grad():
+        # Tiling knows our Autoencoder's memory needs; another AE runs as it is.
+        latent = tiling.encode(ae, pixels, ae_tiling) if isinstance(ae, Autoencoder) else ae.encode(pixels)
+    return latent.float()
+
+
 class KontextPipeline:
     def __init__(self, transformer: KontextTransformer, autoencoder: Autoencoder,
                  text_encoders: PromptEncoder | None = None, cuda_graphs: bool = False,
@@ -149,16 +163,8 @@ class KontextPipeline:
     def encode_image(self, image: Image.Image, resize: str = "preferred", size: tuple[int, int] | None = None,
                      fit: str = "stretch") -> torch.Tensor:
         """One image -> its scaled latent [1, 16, h, w] at the working resolution."""
-        if resize not in RESIZE_MODES or fit not in FIT_MODES:
-            raise ValueError(f"resize must be one of {RESIZE_MODES} and fit one of {FIT_MODES}")
-        pixels = prepare_image(image, resize, size, fit, self.image_multiple)
-        ae = self.autoencoder
-        self._use(ae)
-        pixels = pixels.to(device=ae.device, dtype=ae.dtype)
-        with torch.no_grad():
-            # Tiling knows our Autoencoder's memory needs; another AE (ComfyUI's, in the nodes) runs as it is.
-            latent = tiling.encode(ae, pixels, self.ae_tiling) if isinstance(ae, Autoencoder) else ae.encode(pixels)
-        return latent.float()
+        self._use(self.autoencoder)
+        return encode_image(self.autoencoder, image, resize, size, fit, self.ae_tiling)
 
     def _decode_pixels(self, latents: torch.Tensor) -> torch.Tensor:
         ae = self.autoencoder

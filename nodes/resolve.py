@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import torch
 
 from kontext_core import KontextPipeline, TextConditioning, apply_lora, set_attention_backend
-from kontext_core.image import prepare_image
+from kontext_core.pipeline import encode_image
 from kontext_core.adapters.lora import active_loras, factor_bytes, on_the_fly_bytes, preferred_mode, remove_all_loras
 from kontext_core.text.text_encoders import check_text_encoders_fit
 
@@ -198,14 +198,8 @@ def decode_image(ae: Any, scaled: torch.Tensor) -> torch.Tensor:
 
 
 def encode_images(ae: Any, images: Sequence[torch.Tensor], resize: str) -> list[torch.Tensor]:
-    """Every item of every IMAGE -> its scaled latent [1, 16, h, w], prepared as `KontextPipeline.encode_image`
-    prepares a file (so a node and the CLI given the same picture encode the same latent)."""
-    latents = []
+    """Every item of every IMAGE -> its scaled latent [1, 16, h, w], as `KontextPipeline.encode_image` encodes a
+    file (so a node and the CLI given the same picture encode the same latent, tiled where the core would)."""
     if images:
         ready(ae)
-    for image in images:
-        for picture in convert.image_to_pil(image):
-            pixels = prepare_image(picture, resize, None, "stretch", ae.config.downsample_factor * 2)
-            with torch.no_grad():
-                latents.append(ae.encode(pixels.to(device=ae.device, dtype=ae.dtype)).float().cpu())
-    return latents
+    return [encode_image(ae, picture, resize).cpu() for image in images for picture in convert.image_to_pil(image)]
