@@ -41,7 +41,7 @@ def plan_memory(files: ModelFiles, device: str | torch.device, memory: str = "au
 def load_pipeline(files: ModelFiles, *, dtype: str | None = None, device: str | torch.device = "cpu",
                   text_dtype: str | None = None, ae_dtype: str | None = None, allow_download: bool = False,
                   memory: str | MemoryPlan = "auto", ae_tiling: str = "auto", cuda_graphs: bool = False,
-                  loras: Sequence[tuple[LoraWeights | str | os.PathLike, float]] = (),
+                  compile: bool = False, loras: Sequence[tuple[LoraWeights | str | os.PathLike, float]] = (),
                   log: Callable[[str], None] | None = print, preset: str | None = None,
                   process_group=None) -> KontextPipeline:
     """Transformer, autoencoder and (when their files are known) the text encoders, placed on `device`.
@@ -51,6 +51,7 @@ def load_pipeline(files: ModelFiles, *, dtype: str | None = None, device: str | 
     dtype: the transformer's storage (bf16, fp16, fp32, fp8, int8); None lets the plan choose (bf16 when it fits,
         else fp8).
     ae_tiling: "auto" (tiles only when a full-size AE pass would not fit), "always" or "never".
+    compile: compile the transformer's blocks (`KontextTransformer.compile_blocks`); a preset may also.
     cuda_graphs: replay each sampling step from a CUDA graph (CUDA only; a run whose model carries hooks,
         such as offloaded blocks, runs plainly and says why: KontextPipeline).
     loras: (LoRA or its file, strength) pairs applied to the transformer as `apply_lora`'s "auto" mode does
@@ -68,10 +69,10 @@ def load_pipeline(files: ModelFiles, *, dtype: str | None = None, device: str | 
     are offloaded, the BlockOffloader as `offloader`.
     """
     device = torch.device(device)
-    compile_blocks = False
+    compile_blocks = compile
     if preset is not None:
         chosen, notes = apply_preset_options(preset, device, dtype=dtype, attention=get_attention_backend(),
-                                             compile=False, cuda_graphs=cuda_graphs)
+                                             compile=compile, cuda_graphs=cuda_graphs)
         dtype, cuda_graphs, compile_blocks = chosen["dtype"], chosen["cuda_graphs"], chosen["compile"]
         set_attention_backend(chosen["attention"])
         for note in notes if log is not None else ():

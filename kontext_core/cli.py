@@ -170,10 +170,9 @@ def _pipeline(args: argparse.Namespace, log=print):
     # was set by main() from --attention, which the preset may then change.
     pipeline = load_pipeline(files, dtype=args.dtype, device=args.device, allow_download=args.download,
                              memory=args.memory, ae_tiling=args.ae_tiling, cuda_graphs=args.cuda_graphs,
+                             compile=args.compile,
                              loras=[_lora_spec(spec) for spec in args.lora], preset=args.preset, log=log,
                              process_group="world" if getattr(args, "launch", Launch()).parallel else None)
-    if args.compile and not pipeline.transformer.blocks_compiled:
-        pipeline.transformer.compile_blocks()
     return pipeline, files
 
 

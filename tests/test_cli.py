@@ -325,3 +325,14 @@ def test_mask_options_are_checked_before_loading(tmp_path, arguments, message):
     with pytest.raises(SystemExit, match=message):
         main(["edit", str(photo), "--prompt", "x", "-o", str(tmp_path / "o.png"), *arguments,
               "--models", str(tmp_path / "nowhere")])
+
+
+def test_compile_flag_reaches_load_pipeline_and_compiles_once(models_tree, monkeypatch):
+    from kontext_core import KontextTransformer
+
+    tmp_path, image, common = models_tree
+    calls = []
+    monkeypatch.setattr(KontextTransformer, "compile_blocks", lambda self, **options: calls.append(self) or self)
+    assert main(["edit", str(image), "--prompt", "red", "-o", str(tmp_path / "c.png"), "--resize", "keep",
+                 "--compile", *common]) == 0
+    assert len(calls) == 1

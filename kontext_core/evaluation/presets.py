@@ -122,10 +122,7 @@ def pipeline_loader(files, *, dtype: str | None = None, preset: str | None = Non
 
     def load(spec: PresetSpec) -> KontextPipeline:
         options = spec.load_options(dtype, preset)
-        pipeline = load_pipeline(files, dtype=options["dtype"], preset=options["preset"], **load_kwargs)
-        if compile and not pipeline.transformer.blocks_compiled:
-            pipeline.transformer.compile_blocks()
-        return pipeline
+        return load_pipeline(files, dtype=options["dtype"], preset=options["preset"], compile=compile, **load_kwargs)
 
     return load
 
