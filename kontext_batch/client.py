@@ -17,7 +17,7 @@ import urllib.request
 import uuid
 from typing import Any
 
-from .errors import BatchError, ServerUnreachable
+from .errors import BatchError, ServerRefused, ServerUnreachable, UploadRefused
 
 
 class QueueRejected(Exception):
@@ -89,7 +89,7 @@ class ComfyClient:
         except urllib.error.HTTPError as error:
             if error.code in (502, 503, 504):  # a proxy in front of a ComfyUI that is gone
                 raise ServerUnreachable(self.base_url, f"HTTP {error.code} {error.reason}") from None
-            raise
+            raise ServerRefused(self.base_url, path, error.code, error.reason, error.read()) from None
         except (urllib.error.URLError, ConnectionError, socket.timeout, OSError, http.client.HTTPException) as error:
             raise ServerUnreachable(self.base_url, getattr(error, "reason", None) or error) from None
 
@@ -112,18 +112,19 @@ class ComfyClient:
         try:
             answer = json.loads(self._call("/upload/image", body=b"".join(parts),
                                            content_type=f"multipart/form-data; boundary={boundary}"))
-        except urllib.error.HTTPError as error:
-            raise BatchError(f"ComfyUI refused the upload of {filename} (HTTP {error.code})") from None
+        except ServerRefused as refusal:
+            raise UploadRefused(f"ComfyUI at {self.base_url} refused the upload of {filename} (HTTP {refusal.code}: "
+                                f"{refusal.body[:200].decode(errors='replace').strip() or 'no reason given'})") from None
         return f"{answer['subfolder']}/{answer['name']}" if answer.get("subfolder") else answer["name"]
 
     def queue_prompt(self, graph: dict) -> str:
         try:
             answer = self._json("/prompt", {"prompt": graph, "client_id": self.client_id})
-        except urllib.error.HTTPError as error:
+        except ServerRefused as refusal:
             try:
-                answer = json.loads(error.read() or b"{}")
+                answer = json.loads(refusal.body or b"{}")
             except json.JSONDecodeError:
-                answer = {"error": {"message": f"HTTP {error.code}"}}
+                answer = {"error": {"message": f"HTTP {refusal.code}"}}
             raise QueueRejected(answer) from None
         if "prompt_id" not in answer:
             raise QueueRejected(answer)

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from .client import QueueRejected
-from .errors import BatchError, ServerUnreachable
+from .errors import BatchError, ServerUnreachable, UploadRefused
 from .jobs import NAMED_FIELDS, Job
 from .manifest import Manifest
 from .progress import SilentProgress
@@ -406,6 +406,10 @@ class BatchRunner:
         except UnreadableImage as unreadable:
             self._record_error(job, turn, attempt, None, f"{unreadable}; not queued: replace the file, then run "
                                                          "again with --retry-failed")
+            return
+        except UploadRefused as refusal:
+            self._record_error(job, turn, attempt, None, f"{refusal}; not queued: check the file, then run again "
+                                                         "with --retry-failed", server)
             return
         except ServerUnreachable as error:
             self.ready.appendleft((job, turn, attempt))

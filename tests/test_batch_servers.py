@@ -338,3 +338,61 @@ def test_dry_run_says_which_servers_answer(photos, tmp_path, capsys, monkeypatch
     assert code == 0 and gpu1.queued == []
     assert "server    http://gpu0:8188: does not answer ([Errno 111] Connection refused)" in out
     assert "server    http://gpu1:8188: answers, has the workflow's nodes" in out
+
+
+def test_a_refused_upload_is_that_jobs_error_and_the_batch_goes_on(photos, tmp_path):
+    from kontext_batch.errors import UploadRefused
+
+    out = tmp_path / "out"
+    gpu0, gpu1 = servers = fakes("gpu0", "gpu1")
+    for server in servers:
+        original = server.upload_image
+
+        def refusing(content, filename, subfolder="kontext-batch", _original=original, _server=server):
+            if filename.startswith("img3-"):
+                raise UploadRefused(f"ComfyUI at {_server.base_url} refused the upload of {filename} (HTTP 413: too big)")
+            return _original(content, filename, subfolder)
+
+        server.upload_image = refusing
+    jobs = load_jobs([photos], prompts=["night"])
+    summary = make_runner(servers, jobs, out).run()
+    assert summary.done == 5 and summary.failed == 1
+    [error] = records(out, "error")
+    assert "refused the upload of img3-" in error["error"] and "--retry-failed" in error["error"]
+
+
+def test_http_refusals_name_the_server_and_the_request(tmp_path):
+    """Through real HTTP: an upload refused (413) is an UploadRefused naming the server and the answer; any
+    other error answer is a ServerRefused naming the server and the path, not a raw urllib traceback."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from kontext_batch.client import ComfyClient
+    from kontext_batch.errors import ServerRefused, UploadRefused
+
+    class Refusing(BaseHTTPRequestHandler):
+        def _refuse(self):
+            length = int(self.headers.get("Content-Length") or 0)
+            self.rfile.read(length)
+            code, text = (413, b"image too large") if self.path.startswith("/upload") else (500, b"boom")
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(text)))
+            self.end_headers()
+            self.wfile.write(text)
+
+        do_GET = do_POST = _refuse
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        client = ComfyClient(url, timeout=10)
+        with pytest.raises(UploadRefused, match=rf"ComfyUI at {url} refused the upload of a.png \(HTTP 413: image too large\)"):
+            client.upload_image(b"\x89PNG", "a.png")
+        with pytest.raises(ServerRefused, match=rf"ComfyUI at {url} answered /object_info with HTTP 500"):
+            client.object_info()
+    finally:
+        server.shutdown()
