@@ -595,3 +595,16 @@ def test_loras_for_other_models_are_refused_by_name(tmp_path, model):
 def test_lora_of_unknown_modules_only_is_refused():
     with pytest.raises(LoraError, match="none is a layer of the FLUX transformer.*another model"):
         lora_from_state_dict({**_pair("lora_unet_mystery_layer"), **_pair("adapter.proj")}, "mystery")
+
+
+def test_merging_in_chunks_that_cut_through_spans_and_differences(tiny_transformer, monkeypatch):
+    """At full size a merge runs a few thousand rows at a time, so fused layers' spans and `.diff` blocks are cut
+    by chunk borders; the tiny model's layers fit in one chunk, so here a chunk is made a single row."""
+    import kontext_core.adapters.lora as lora_module
+
+    monkeypatch.setattr(lora_module, "MERGE_CHUNK_ELEMENTS", 1)
+    tensors = _comfyui_with_differences(tiny_transformer, seed=8)
+    hand = _by_hand(tiny_transformer, tensors, 0.6)
+    apply_lora(tiny_transformer, lora_from_state_dict(tensors, "comfy"), 0.6, mode="merge")
+    for key, value in tiny_transformer.state_dict().items():
+        assert rel_error(value, hand[key]) < 1e-6, key

@@ -68,6 +68,11 @@ __all__ = [
 ]
 
 
+# Elements of a weight merged at a time (in float64 on CPUs): bounds the temporaries at full FLUX sizes, where one
+# layer's chunk holds only part of a fused layer's spans.
+MERGE_CHUNK_ELEMENTS = 1 << 22
+
+
 # --- applying --------------------------------------------------------------------------------------
 
 
@@ -235,7 +240,7 @@ def _merge_into(module: nn.Module, spans: list[_Span], dense: list[_Change], str
         return
     weight = module.weight
     compute = _accumulate_dtype(weight.device)
-    rows_per_chunk = max(1, (1 << 22) // max(1, weight.shape[1]))  # bounds the float64 temporaries
+    rows_per_chunk = max(1, MERGE_CHUNK_ELEMENTS // max(1, weight.shape[1]))
     pieces = [*spans, *dense]
     if not pieces:
         return
