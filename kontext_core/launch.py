@@ -10,6 +10,7 @@ the same images. Rank 0 writes the files and prints; the others stay quiet excep
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import os
 import warnings
@@ -83,4 +84,7 @@ def process_group(launch: Launch, device: str):
         with quiet:
             yield
     finally:
+        # What the command built is gone by now; collected before the group goes, since destroying a gloo
+        # group while tensors of its collectives live sometimes aborted the process on exit (torch 2.13).
+        gc.collect()
         dist.destroy_process_group()

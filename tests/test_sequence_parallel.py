@@ -7,6 +7,7 @@ from rank 0 only. Token counts are chosen so that both the text and the image st
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -51,27 +52,38 @@ def test_without_an_initialised_group_the_error_says_how_to_start_one():
         SequenceParallel()
 
 
-def _velocity_worker(rank: int, world: int, store_file: str, inputs_file: str, out_file: str,
-                     compiled: bool) -> None:
+def _in_group(rank: int, world: int, store_file: str, work, *args) -> None:
+    """`work(*args)` in a gloo group of `world` processes; what it made is freed before the group is destroyed
+    (destroying it while tensors of its collectives live sometimes aborted the process on exit, torch 2.13)."""
     torch.distributed.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
-        model = randomize_(KontextTransformer(TransformerConfig.tiny()), seed=1).eval()
-        model.sequence_parallel = SequenceParallel()
-        if compiled:  # the all-to-alls traced into each block's graph (fullgraph: no break around them)
-            model.compile_blocks()
-        args = torch.load(inputs_file)
-        with torch.no_grad():
-            velocity = model.velocity(*args[:7], context=args[7], context_ids=args[8])
-            if compiled:  # a second step reuses the graphs: each forward's new token layout is no recompile
-                from torch._dynamo.utils import counters
-
-                graphs = counters["stats"]["unique_graphs"]
-                model.velocity(*args[:7], context=args[7], context_ids=args[8])
-                assert counters["stats"]["unique_graphs"] == graphs, "the second split step recompiled"
-        torch.save(velocity, f"{out_file}.{rank}")
+        work(rank, *args)
     finally:
+        gc.collect()
         torch.distributed.destroy_process_group()
+
+
+def _velocity_worker(rank: int, world: int, store_file: str, inputs_file: str, out_file: str,
+                     compiled: bool) -> None:
+    _in_group(rank, world, store_file, _split_velocity, inputs_file, out_file, compiled)
+
+
+def _split_velocity(rank: int, inputs_file: str, out_file: str, compiled: bool) -> None:
+    model = randomize_(KontextTransformer(TransformerConfig.tiny()), seed=1).eval()
+    model.sequence_parallel = SequenceParallel()
+    if compiled:  # the all-to-alls traced into each block's graph (fullgraph: no break around them)
+        model.compile_blocks()
+    args = torch.load(inputs_file)
+    with torch.no_grad():
+        velocity = model.velocity(*args[:7], context=args[7], context_ids=args[8])
+        if compiled:  # a second step reuses the graphs: each forward's new token layout is no recompile
+            from torch._dynamo.utils import counters
+
+            graphs = counters["stats"]["unique_graphs"]
+            model.velocity(*args[:7], context=args[7], context_ids=args[8])
+            assert counters["stats"]["unique_graphs"] == graphs, "the second split step recompiled"
+    torch.save(velocity, f"{out_file}.{rank}")
 
 
 @pytest.mark.parametrize("batch, compiled", [(1, False), (2, False), (1, True)])
@@ -94,17 +106,16 @@ def test_two_gloo_processes_give_the_single_process_velocity(tmp_path, batch, co
 
 
 def _cached_edit_worker(rank: int, world: int, store_file: str, spec: str, out_file: str) -> None:
+    _in_group(rank, world, store_file, _split_cached_edit, spec, out_file)
+
+
+def _split_cached_edit(rank: int, spec: str, out_file: str) -> None:
     from test_step_cache import edit, make_pipeline
 
-    torch.distributed.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=world)
-    try:
-        torch.set_num_threads(1)
-        pipeline = make_pipeline()
-        pipeline.transformer.sequence_parallel = SequenceParallel()
-        result = edit(pipeline, spec)
-        torch.save((result.latents, result.cache_stats), f"{out_file}.{rank}")
-    finally:
-        torch.distributed.destroy_process_group()
+    pipeline = make_pipeline()
+    pipeline.transformer.sequence_parallel = SequenceParallel()
+    result = edit(pipeline, spec)
+    torch.save((result.latents, result.cache_stats), f"{out_file}.{rank}")
 
 
 @pytest.mark.parametrize("mode", ["first-block", "teacache"])
