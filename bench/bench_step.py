@@ -245,6 +245,9 @@ MODIFIERS = {
     "sage8": "attention through our 8-bit Triton kernel (kontext_kernels/sage_attention.py; int8 q.k, e4m3 P.V); "
              "with ours-int8-compiled+graphs it is the fast preset",
     "sage8fp16": "attention through our 8-bit Triton kernel with fp16 P.V",
+    "bitscores": "with +sage8: the kernel's scores through integer and float adders, not a conversion instruction "
+                 "(kontext_kernels/sage_attention.py, SCORES_EXACT_BITS)",
+    "foldedscores": "with +sage8: the scores' bias folded into the exponent's FFMA (SCORES_FOLDED)",
     "sdpa": "attention through PyTorch's SDPA (cuDNN first) even where flash-attn is installed (auto takes it)",
     "graphs": "each step replayed from a CUDA graph (kontext_core/compute/cuda_graph.py)",
     "concat": "the single block's linear2 over a concatenation of its input's parts (not two GEMMs)",
@@ -295,6 +298,11 @@ def configure(impl: str) -> None:
     quant.set_fp8_fast_accumulation("exactaccum" not in modifiers)
     attention = {"fp8attention": "cudnn-fp8", "sage8": "sage8", "sage8fp16": "sage8-fp16", "sdpa": "sdpa"}
     set_attention_backend(next((attention[m] for m in modifiers if m in attention), "auto"))
+    from kontext_kernels import sage_attention
+
+    sage_attention.SCORES_DEFAULT = (sage_attention.SCORES_FOLDED if "foldedscores" in modifiers else
+                                     sage_attention.SCORES_EXACT_BITS if "bitscores" in modifiers else
+                                     sage_attention.SCORES_CONVERT)
     import torch._inductor.config
 
     torch._inductor.config.triton.enable_persistent_tma_matmul = "autotune" in modifiers
@@ -621,7 +629,8 @@ def main() -> None:
         sage8_too = any("+sage8" in i for i in args.impls)
         runs = [(label, target, graphs) for label, target in (("bf16", model), ("fp8", fp8_model),
                                                                ("fp8+fp8attention", fp8_model), ("int8", int8_model),
-                                                               ("int8+sage8", int8_model))
+                                                               ("int8+sage8", int8_model),
+                                                               ("int8+sage8+foldedscores", int8_model))
                 for graphs in ((False, True) if graphs_too or args.e2e else (False,))]
         for label, target, graphs in runs:
             label += "+graphs" if graphs else ""
@@ -633,7 +642,8 @@ def main() -> None:
             compiled = any("-compiled" in i for i in args.impls)
             # The product's settings: the kernels on, cuBLAS GEMMs, blocks compiled when any row was.
             configure(("ours-compiled" if compiled else "ours-rowkernels")
-                      + ("+fp8attention" if "fp8attention" in label else "") + ("+sage8" if "sage8" in label else ""))
+                      + ("+fp8attention" if "fp8attention" in label else "") + ("+sage8" if "sage8" in label else "")
+                      + ("+foldedscores" if "foldedscores" in label else ""))
             if compiled:
                 compile_blocks(target, "ours-compiled")
             seconds = end_to_end(target, cuda_graphs=graphs)

@@ -39,7 +39,7 @@ COUNTED = ("IGMMA", "QGMMA", "HGMMA", "IMMA", "QMMA", "HMMA", "LDL", "STL", "UTM
 
 
 def build(capability: int, tma: bool, fp8_pv: bool, block_m: int, block_n: int, warps: int, stages: int,
-          k_rows: int | None = None, head_dim: int = 128):
+          k_rows: int | None = None, head_dim: int = 128, scores: int = sa.SCORES_DEFAULT):
     """The attention kernel compiled for `capability` (90, 89, 80) at one config; bf16 output."""
     channels = sa.padded_head_dim(head_dim)
     v_type = "fp8e4nv" if fp8_pv else "fp16"
@@ -54,7 +54,8 @@ def build(capability: int, tma: bool, fp8_pv: bool, block_m: int, block_n: int, 
                                            "length_bucket", "stride_ob", "stride_oh", "stride_ol")}
     constants = dict(HEAD_DIM=head_dim, BLOCK_D=channels, Q_ROWS=sa.Q_ROWS,
                      K_ROWS=sa.default_k_rows(fp8_pv) if k_rows is None else k_rows, FP8_PV=fp8_pv,
-                     SPLIT_ACCUMULATOR=fp8_pv, EXACT_ROUNDING=False, TMA=tma, BLOCK_M=block_m, BLOCK_N=block_n)
+                     SPLIT_ACCUMULATOR=fp8_pv, EXACT_ROUNDING=False, TMA=tma, SCORES=scores, BLOCK_M=block_m,
+                     BLOCK_N=block_n)
     signature |= {name: "constexpr" for name in constants}
     names = list(signature)
     attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in SIXTEEN
@@ -107,10 +108,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--loop", nargs=7, metavar=("CAP", "tma|ptr", "e4m3|fp16", "BM", "BN", "WARPS", "STAGES"),
                         help="one build, with its main loop's instruction mix")
+    parser.add_argument("--scores", type=int, default=sa.SCORES_DEFAULT, choices=(0, 1, 2),
+                        help="how the kernel makes float32 scores of the int32 dots (sage_attention.SCORES_*)")
     args = parser.parse_args()
     if args.loop:
         capability, loads, pv, *sizes = args.loop
-        kernel = build(int(capability), loads == "tma", pv == "e4m3", *map(int, sizes))
+        kernel = build(int(capability), loads == "tma", pv == "e4m3", *map(int, sizes), scores=args.scores)
         line, sass = describe(kernel)
         mix = main_loop_mix(sass)
         print(line)

@@ -42,6 +42,9 @@ from kontext_core.model.layers import DoubleStreamBlock, RopeFrequencies, rope_f
 from kontext_core.model.tokens import position_ids, text_position_ids  # noqa: E402
 
 
+SCORE_NAMES = {sa.SCORES_CONVERT: "converted", sa.SCORES_EXACT_BITS: "exact bits", sa.SCORES_FOLDED: "folded bias"}
+
+
 def rel_l2(ours: torch.Tensor, reference: torch.Tensor) -> float:
     return ((ours.double() - reference.double()).norm() / reference.double().norm()).item()
 
@@ -175,6 +178,9 @@ def main() -> None:
     parser.add_argument("--no-variants", action="store_true", help="skip the per-config and variant rows")
     parser.add_argument("--error-heads", type=int, default=8,
                         help="heads the errors are measured on (the float64 reference: ~1 s a head at 8704 tokens)")
+    parser.add_argument("--scores", type=int, nargs="+", default=[sa.SCORES_DEFAULT], choices=sorted(SCORE_NAMES),
+                        help="how the kernel makes scores of its int32 dots (sage_attention.SCORES_*), timed per "
+                             "config and as variants")
     args = parser.parse_args()
 
     device = "cpu" if args.tiny else "cuda"
@@ -253,10 +259,11 @@ def main() -> None:
             tma = bool(chosen[name].get("tma"))
             for cfg in sa._TMA_CONFIGS if tma else sa._POINTER_CONFIGS:
                 pinned = {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-                label = (f"  kernel {pinned['BLOCK_M']}x{pinned['BLOCK_N']} w{pinned['num_warps']} "
-                         f"s{pinned['num_stages']}{' tma' if tma else ''}")
-                table.add(label, attempt(label, lambda pinned=pinned: timed(
-                    lambda: sa._launch_attention(operands, q.dtype, config=pinned, tma=tma))), {})
+                for scores in args.scores:
+                    label = (f"  kernel {pinned['BLOCK_M']}x{pinned['BLOCK_N']} w{pinned['num_warps']} "
+                             f"s{pinned['num_stages']}{' tma' if tma else ''} scores {SCORE_NAMES[scores]}")
+                    table.add(label, attempt(label, lambda pinned=pinned, scores=scores: timed(
+                        lambda: sa._launch_attention(operands, q.dtype, config=pinned, tma=tma, scores=scores))), {})
 
         if first and not args.no_variants:
             # At sage8's chosen config (the interpreter's own on the CPU): one change each.
@@ -264,11 +271,16 @@ def main() -> None:
                                                                                     "num_stages")}
             tma = bool(chosen["sage8"].get("tma"))
 
-            def variant(label, fp8_pv=fp8, k_rows=None, split=None, use_tma=tma):
+            def variant(label, fp8_pv=fp8, k_rows=None, split=None, use_tma=tma, scores=None):
                 def run(q, k, v):
                     ops = sa.quantize_operands(q, k, v, fp8_pv=fp8_pv, k_rows=k_rows)
-                    return sa._launch_attention(ops, q.dtype, config=best, tma=use_tma, split_accumulator=split)
+                    return sa._launch_attention(ops, q.dtype, config=best, tma=use_tma, split_accumulator=split,
+                                                scores=scores)
                 table.add(label, attempt(label, lambda: timed(lambda: run(q, k, v))), errors_of(run))
+
+            for scores in args.scores:
+                if scores != sa.SCORES_DEFAULT:
+                    variant(f"  variant: scores {SCORE_NAMES[scores]}", scores=scores)
 
             if fp8:
                 variant("  variant: e4m3, k scales per token", k_rows=1)

@@ -79,6 +79,13 @@ Q_ROWS = 1  # tokens per q scale: per token, free in the kernel (module docstrin
 # token takes the error from 1.13% to 0.93%.
 K_ROWS_FP8 = 128
 K_ROWS_FP16 = 1
+# How the kernel turns the int32 dots into float32 scores. 0 (SCORES_CONVERT): a conversion instruction
+# (I2FP), one per score; 1 (SCORES_EXACT_BITS): the same value without one, through adders: the int32 dot plus
+# the bits of 1.5 * 2**23 read as a float32 is 1.5 * 2**23 + dot exactly (|dot| < 2**22, module docstring), less
+# 1.5 * 2**23; 2 (SCORES_FOLDED): that bias left in and removed by the exponent's FFMA (per-row constant),
+# which rounds the exponent by up to half an ulp of 1.5 * 2**23 * scale, less than one int8 step of the scores.
+SCORES_CONVERT, SCORES_EXACT_BITS, SCORES_FOLDED = 0, 1, 2
+SCORES_DEFAULT = SCORES_CONVERT
 # A rows-per-scale value must divide TOKEN_TILE and be a power of two.
 ROW_CHOICES = (1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -461,20 +468,31 @@ def _load_tile(src, row, col, row_stride, ROWS: tl.constexpr, COLS: tl.constexpr
 def _key_block(acc, row_sum, row_max, q, q_factor, k_src, v_src, k_scale_ptr, start_n, k_row0, v_row0, length_k,
                padded_k, MASK: tl.constexpr, K_ROWS: tl.constexpr, FP8_PV: tl.constexpr,
                SPLIT_ACCUMULATOR: tl.constexpr, EXACT_ROUNDING: tl.constexpr, TMA: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+               SCORES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """One key block of the online softmax: (acc, row_sum, row_max) updated."""
     k = _load_tile(k_src, k_row0 + start_n, 0, BLOCK_D, BLOCK_N, BLOCK_D, TMA)
-    scores = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32)  # exact (module docstring)
-    if K_ROWS < BLOCK_N:  # a scale per key column, then q's per row
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        scores = scores * tl.load(k_scale_ptr + offs_n // K_ROWS)[None, :]
-        factor = q_factor
-    else:
+    dots = tl.dot(q, tl.trans(k), out_dtype=tl.int32)  # exact (module docstring)
+    if SCORES == 2 and not MASK and K_ROWS >= BLOCK_N:
+        # The bias folded into the exponent's FFMA: one integer add per score and no conversion (SCORES_* say why).
         factor = q_factor * tl.load(k_scale_ptr + start_n // K_ROWS)
-    if MASK:
-        scores = tl.where((start_n + tl.arange(0, BLOCK_N) < length_k)[None, :], scores, float("-inf"))
-    new_max = tl.maximum(row_max, tl.reduce(scores, 1, _max) * factor)
-    p = tl.math.exp2(scores * factor[:, None] - (new_max - 8.0)[:, None])  # 8.0: P_EXPONENT
+        biased = (dots + 0x4B400000).to(tl.float32, bitcast=True)  # 1.5 * 2**23 + dot, exactly
+        new_max = tl.maximum(row_max, tl.reduce(dots, 1, _max).to(tl.float32) * factor)
+        p = tl.math.exp2(biased * factor[:, None] - (12582912.0 * factor + new_max - 8.0)[:, None])
+    else:
+        if SCORES == 0:
+            scores = dots.to(tl.float32)
+        else:  # the same value through the integer and float32 adders: 1.5 * 2**23 + dot, less 1.5 * 2**23
+            scores = (dots + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+        if K_ROWS < BLOCK_N:  # a scale per key column, then q's per row
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            scores = scores * tl.load(k_scale_ptr + offs_n // K_ROWS)[None, :]
+            factor = q_factor
+        else:
+            factor = q_factor * tl.load(k_scale_ptr + start_n // K_ROWS)
+        if MASK:
+            scores = tl.where((start_n + tl.arange(0, BLOCK_N) < length_k)[None, :], scores, float("-inf"))
+        new_max = tl.maximum(row_max, tl.reduce(scores, 1, _max) * factor)
+        p = tl.math.exp2(scores * factor[:, None] - (new_max - 8.0)[:, None])  # 8.0: P_EXPONENT
     alpha = tl.math.exp2(row_max - new_max)
     row_sum = row_sum * alpha + tl.reduce(p, 1, _add)
     # v8t's [D, N] tile: tokens, P·V's contraction dimension, contiguous, as 8-bit wgmma wants its B operand.
@@ -498,7 +516,7 @@ def _attention_kernel(q_src, k_src, v_src, q_scale_ptr, k_scale_ptr, v_scale_ptr
                       stride_ob, stride_oh, stride_ol,
                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, Q_ROWS: tl.constexpr, K_ROWS: tl.constexpr,
                       FP8_PV: tl.constexpr, SPLIT_ACCUMULATOR: tl.constexpr, EXACT_ROUNDING: tl.constexpr,
-                      TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                      TMA: tl.constexpr, SCORES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # length_bucket: unused here, a key of the autotuner's.
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
@@ -517,11 +535,11 @@ def _attention_kernel(q_src, k_src, v_src, q_scale_ptr, k_scale_ptr, v_scale_ptr
     for start_n in range(0, full_end, BLOCK_N):
         acc, row_sum, row_max = _key_block(
             acc, row_sum, row_max, q, q_factor, k_src, v_src, k_scale_ptr, start_n, k_row0, v_row0, length_k,
-            padded_k, False, K_ROWS, FP8_PV, SPLIT_ACCUMULATOR, EXACT_ROUNDING, TMA, BLOCK_N, BLOCK_D)
+            padded_k, False, K_ROWS, FP8_PV, SPLIT_ACCUMULATOR, EXACT_ROUNDING, TMA, SCORES, BLOCK_N, BLOCK_D)
     for start_n in range(full_end, length_k, BLOCK_N):
         acc, row_sum, row_max = _key_block(
             acc, row_sum, row_max, q, q_factor, k_src, v_src, k_scale_ptr, start_n, k_row0, v_row0, length_k,
-            padded_k, True, K_ROWS, FP8_PV, SPLIT_ACCUMULATOR, EXACT_ROUNDING, TMA, BLOCK_N, BLOCK_D)
+            padded_k, True, K_ROWS, FP8_PV, SPLIT_ACCUMULATOR, EXACT_ROUNDING, TMA, SCORES, BLOCK_N, BLOCK_D)
 
     cols = tl.arange(0, BLOCK_D)
     v_scale = tl.load(v_scale_ptr + bh * BLOCK_D + cols)
@@ -556,7 +574,7 @@ _TMA_CONFIGS = [_config(128, 128, 8, 2, True), _config(128, 128, 8, 3, True), _c
 _POINTER_CONFIGS = [_config(128, 64, 8, 2, False), _config(128, 64, 8, 3, False), _config(128, 64, 8, 4, False),
                     _config(64, 64, 4, 3, False)]
 
-_AUTOTUNE_KEY = ["length_bucket", "BLOCK_D", "FP8_PV", "K_ROWS", "SPLIT_ACCUMULATOR"]
+_AUTOTUNE_KEY = ["length_bucket", "BLOCK_D", "FP8_PV", "K_ROWS", "SPLIT_ACCUMULATOR", "SCORES"]
 _attention_tma_tuned = triton.autotune(configs=_TMA_CONFIGS, key=_AUTOTUNE_KEY)(_attention_kernel)
 _attention_pointer_tuned = triton.autotune(configs=_POINTER_CONFIGS, key=_AUTOTUNE_KEY)(_attention_kernel)
 
@@ -579,7 +597,8 @@ def split_accumulator_default(operands: Operands) -> bool:
 
 
 def _launch_attention(operands: Operands, out_dtype: torch.dtype, config: dict | None = None,
-                      tma: bool | None = None, split_accumulator: bool | None = None) -> torch.Tensor:
+                      tma: bool | None = None, split_accumulator: bool | None = None,
+                      scores: int | None = None) -> torch.Tensor:
     """The attention kernel on quantized operands. `config` ({"BLOCK_M", "BLOCK_N", "num_warps",
     "num_stages"}), `tma` and `split_accumulator` pin a variant (the probe times each); by default the
     autotuner picks among the configs of the GPU's kind."""
@@ -595,7 +614,7 @@ def _launch_attention(operands: Operands, out_dtype: torch.dtype, config: dict |
                 length_bucket=next_power_of_2(o.length_k), stride_ob=out.stride(0), stride_oh=out.stride(2),
                 stride_ol=out.stride(1), HEAD_DIM=o.head_dim, BLOCK_D=channels, Q_ROWS=o.q_rows, K_ROWS=o.k_rows,
                 FP8_PV=o.v8t.dtype == torch.float8_e4m3fn, SPLIT_ACCUMULATOR=split_accumulator,
-                EXACT_ROUNDING=interpreting())
+                EXACT_ROUNDING=interpreting(), SCORES=SCORES_DEFAULT if scores is None else scores)
     scales = (o.q_scale, o.k_scale, o.v_scale, out)
     if interpreting():
         config = dict(_INTERPRETER_CONFIG) if config is None else config
@@ -628,6 +647,6 @@ def _launch_attention(operands: Operands, out_dtype: torch.dtype, config: dict |
         best = tuned.best_config
         chosen = {**best.kwargs, "num_warps": best.num_warps, "num_stages": best.num_stages}
     last_config.clear()
-    last_config.update(chosen, tma=tma, split_accumulator=split_accumulator)
+    last_config.update(chosen, tma=tma, split_accumulator=split_accumulator, scores=args["SCORES"])
     launches["sage_attention"] += 1
     return out.transpose(1, 2)

@@ -173,6 +173,32 @@ class TestKernels:
             # fewer bits (module docstring), so on a GPU the last bits differ.
             assert rel_error(outs[1], outs[0]) <= (0 if device == "cpu" else kernel_bound(device))
 
+    @pytest.mark.parametrize("k_rows", [128, 1])
+    def test_score_conversions_agree(self, device, k_rows):
+        # The three ways the kernel turns its int32 dots into scores (sage_attention.SCORES_*). 300 keys: two whole
+        # 128-key blocks (where the folded bias applies) and a masked rest; k scales per block and per key (which
+        # takes the exact path). A large shared q factor (scores spanning ~40 in log2 units) would show an
+        # exponent rounded by more than the documented half ulp of 1.5 * 2**23 * scale.
+        from kontext_kernels import sage_attention as sa
+
+        q, k, v = _inputs(1, 2, 300, 300, 64, device)
+        q = q * 4.0
+        for fp8_pv in _fp8_modes(device):
+            operands = sa.quantize_operands(q, k, v, fp8_pv=fp8_pv, k_rows=k_rows)
+            config = {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4}
+            outs = {scores: sa._launch_attention(operands, torch.float32, config=config, scores=scores)
+                    for scores in (sa.SCORES_CONVERT, sa.SCORES_EXACT_BITS, sa.SCORES_FOLDED)}
+            assert sa.last_config["scores"] == sa.SCORES_FOLDED
+            reference = sa.attend_reference(operands, torch.float32, block_n=128)
+            for scores in (sa.SCORES_CONVERT, sa.SCORES_EXACT_BITS):
+                assert rel_error(outs[scores], reference) <= kernel_bound(device), (fp8_pv, scores)
+            # The exact bits give the converted scores bit for bit. The folded bias rounds exponents by up to
+            # ~5e-4 (log2 units) here, which moves a P now and then across an e4m3 rounding boundary (a step of
+            # 1/16 of that weight), as the GPU's approximate exp2 does: the GPU bound holds it.
+            assert torch.equal(outs[sa.SCORES_EXACT_BITS], outs[sa.SCORES_CONVERT])
+            assert rel_error(outs[sa.SCORES_FOLDED], reference) <= GPU_KERNEL_VS_REFERENCE, fp8_pv
+            assert rel_l2(outs[sa.SCORES_FOLDED], reference) <= 5e-3, fp8_pv
+
     def test_shared_key_offset_costs_no_precision(self, device):
         # softmax(q·(k + c)) = softmax(q·k): the kernel centres k on its mean, so a large offset common to every
         # key (float32 inputs: exact) gives the same int8 keys and the same attention.
