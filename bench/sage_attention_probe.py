@@ -45,6 +45,19 @@ from kontext_core.model.tokens import position_ids, text_position_ids  # noqa: E
 SCORE_NAMES = {sa.SCORES_CONVERT: "converted", sa.SCORES_EXACT_BITS: "exact bits", sa.SCORES_FOLDED: "folded bias"}
 
 
+def pinned_config(text: str) -> dict:
+    """'64x128:w4:s3[:r168]' -> a config for sage_attention._launch_attention."""
+    tile, *rest = text.split(":")
+    block_m, block_n = map(int, tile.split("x"))
+    config = {"BLOCK_M": block_m, "BLOCK_N": block_n}
+    names = {"w": "num_warps", "s": "num_stages", "r": "maxnreg"}
+    for part in rest:
+        if part[:1] not in names:
+            raise argparse.ArgumentTypeError(f"{text!r}: parts are wN (warps), sN (stages), rN (registers)")
+        config[names[part[0]]] = int(part[1:])
+    return config
+
+
 def rel_l2(ours: torch.Tensor, reference: torch.Tensor) -> float:
     return ((ours.double() - reference.double()).norm() / reference.double().norm()).item()
 
@@ -181,6 +194,8 @@ def main() -> None:
     parser.add_argument("--scores", type=int, nargs="+", default=[sa.SCORES_DEFAULT], choices=sorted(SCORE_NAMES),
                         help="how the kernel makes scores of its int32 dots (sage_attention.SCORES_*), timed per "
                              "config and as variants")
+    parser.add_argument("--configs", nargs="*", type=pinned_config, default=[], metavar="BMxBN:wW:sS[:rR]",
+                        help="more kernel configs to time beside the listed ones (r: a register cap per thread)")
     args = parser.parse_args()
 
     device = "cpu" if args.tiny else "cuda"
@@ -257,11 +272,13 @@ def main() -> None:
             if not first or args.no_variants or device == "cpu":
                 continue
             tma = bool(chosen[name].get("tma"))
-            for cfg in sa._TMA_CONFIGS if tma else sa._POINTER_CONFIGS:
-                pinned = {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+            listed = [{**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+                      for cfg in (sa._TMA_CONFIGS if tma else sa._POINTER_CONFIGS)]
+            for pinned in listed + args.configs:
                 for scores in args.scores:
                     label = (f"  kernel {pinned['BLOCK_M']}x{pinned['BLOCK_N']} w{pinned['num_warps']} "
-                             f"s{pinned['num_stages']}{' tma' if tma else ''} scores {SCORE_NAMES[scores]}")
+                             f"s{pinned['num_stages']}" + (f" r{pinned['maxnreg']}" if "maxnreg" in pinned else "")
+                             + f"{' tma' if tma else ''} scores {SCORE_NAMES[scores]}")
                     table.add(label, attempt(label, lambda pinned=pinned, scores=scores: timed(
                         lambda: sa._launch_attention(operands, q.dtype, config=pinned, tma=tma, scores=scores))), {})
 

@@ -189,15 +189,16 @@ class TestKernels:
             outs = {scores: sa._launch_attention(operands, torch.float32, config=config, scores=scores)
                     for scores in (sa.SCORES_CONVERT, sa.SCORES_EXACT_BITS, sa.SCORES_FOLDED)}
             assert sa.last_config["scores"] == sa.SCORES_FOLDED
-            reference = sa.attend_reference(operands, torch.float32, block_n=128)
-            for scores in (sa.SCORES_CONVERT, sa.SCORES_EXACT_BITS):
-                assert rel_error(outs[scores], reference) <= kernel_bound(device), (fp8_pv, scores)
-            # The exact bits give the converted scores bit for bit. The folded bias rounds exponents by up to
-            # ~5e-4 (log2 units) here, which moves a P now and then across an e4m3 rounding boundary (a step of
-            # 1/16 of that weight), as the GPU's approximate exp2 does: the GPU bound holds it.
+            for scores, out in outs.items():
+                reference = sa.attend_reference(operands, torch.float32, block_n=128, scores=scores)
+                assert rel_error(out, reference) <= kernel_bound(device), (fp8_pv, scores)
+            # The exact bits give the converted scores bit for bit. The folded bias moves each row's max by up to
+            # ~5e-4 (log2 units) here, which scales that row's P alike and moves some across an e4m3 rounding
+            # boundary: a different rounding of the same softmax, as close to exact attention.
             assert torch.equal(outs[sa.SCORES_EXACT_BITS], outs[sa.SCORES_CONVERT])
-            assert rel_error(outs[sa.SCORES_FOLDED], reference) <= GPU_KERNEL_VS_REFERENCE, fp8_pv
-            assert rel_l2(outs[sa.SCORES_FOLDED], reference) <= 5e-3, fp8_pv
+            exact = _exact(q, k, v)
+            converted_error = rel_l2(outs[sa.SCORES_CONVERT], exact)
+            assert rel_l2(outs[sa.SCORES_FOLDED], exact) <= converted_error * 1.05 + 1e-4, fp8_pv
 
     def test_shared_key_offset_costs_no_precision(self, device):
         # softmax(q·(k + c)) = softmax(q·k): the kernel centres k on its mean, so a large offset common to every
