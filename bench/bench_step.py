@@ -34,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import kontext_kernels  # noqa: E402
+from kontext_kernels import sage_attention  # noqa: E402
 from kontext_core.compute import fused, quant  # noqa: E402
 from kontext_core import Autoencoder, KontextTransformer, TransformerConfig, set_attention_backend  # noqa: E402
 from kontext_core.compute.attention import flash_attn_variant  # noqa: E402
@@ -245,9 +246,9 @@ MODIFIERS = {
     "sage8": "attention through our 8-bit Triton kernel (kontext_kernels/sage_attention.py; int8 q.k, e4m3 P.V); "
              "with ours-int8-compiled+graphs it is the fast preset",
     "sage8fp16": "attention through our 8-bit Triton kernel with fp16 P.V",
-    "bitscores": "with +sage8: the kernel's scores through integer and float adders, not a conversion instruction "
-                 "(kontext_kernels/sage_attention.py, SCORES_EXACT_BITS)",
-    "foldedscores": "with +sage8: the scores' bias folded into the exponent's FFMA (SCORES_FOLDED)",
+    "convertedscores": "with +sage8: the kernel's scores by a conversion instruction per score "
+                       "(kontext_kernels/sage_attention.py, SCORES_CONVERT; default: SCORES_FOLDED)",
+    "bitscores": "with +sage8: the kernel's scores through integer and float adders (SCORES_EXACT_BITS)",
     "sdpa": "attention through PyTorch's SDPA (cuDNN first) even where flash-attn is installed (auto takes it)",
     "graphs": "each step replayed from a CUDA graph (kontext_core/compute/cuda_graph.py)",
     "concat": "the single block's linear2 over a concatenation of its input's parts (not two GEMMs)",
@@ -261,6 +262,9 @@ MODIFIERS = {
     "autotune": "compiled blocks in inductor's max-autotune mode: each GEMM timed against Triton templates "
                 "(persistent TMA ones too) that can take the elementwise work after it into their epilogue",
 }
+
+
+PRODUCT_SCORES = sage_attention.SCORES_DEFAULT  # the product's, kept before a row changes it
 
 
 def _comfy_variant(impl: str) -> str:
@@ -298,11 +302,9 @@ def configure(impl: str) -> None:
     quant.set_fp8_fast_accumulation("exactaccum" not in modifiers)
     attention = {"fp8attention": "cudnn-fp8", "sage8": "sage8", "sage8fp16": "sage8-fp16", "sdpa": "sdpa"}
     set_attention_backend(next((attention[m] for m in modifiers if m in attention), "auto"))
-    from kontext_kernels import sage_attention
-
-    sage_attention.SCORES_DEFAULT = (sage_attention.SCORES_FOLDED if "foldedscores" in modifiers else
+    sage_attention.SCORES_DEFAULT = (sage_attention.SCORES_CONVERT if "convertedscores" in modifiers else
                                      sage_attention.SCORES_EXACT_BITS if "bitscores" in modifiers else
-                                     sage_attention.SCORES_CONVERT)
+                                     PRODUCT_SCORES)
     import torch._inductor.config
 
     torch._inductor.config.triton.enable_persistent_tma_matmul = "autotune" in modifiers
@@ -630,7 +632,7 @@ def main() -> None:
         runs = [(label, target, graphs) for label, target in (("bf16", model), ("fp8", fp8_model),
                                                                ("fp8+fp8attention", fp8_model), ("int8", int8_model),
                                                                ("int8+sage8", int8_model),
-                                                               ("int8+sage8+foldedscores", int8_model))
+                                                               ("int8+sage8+convertedscores", int8_model))
                 for graphs in ((False, True) if graphs_too or args.e2e else (False,))]
         for label, target, graphs in runs:
             label += "+graphs" if graphs else ""
@@ -643,7 +645,7 @@ def main() -> None:
             # The product's settings: the kernels on, cuBLAS GEMMs, blocks compiled when any row was.
             configure(("ours-compiled" if compiled else "ours-rowkernels")
                       + ("+fp8attention" if "fp8attention" in label else "") + ("+sage8" if "sage8" in label else "")
-                      + ("+foldedscores" if "foldedscores" in label else ""))
+                      + ("+convertedscores" if "convertedscores" in label else ""))
             if compiled:
                 compile_blocks(target, "ours-compiled")
             seconds = end_to_end(target, cuda_graphs=graphs)

@@ -594,9 +594,9 @@ def _tma_block_shapes(nargs: dict) -> None:
     nargs["v_src"].block_shape = [channels, block_n]
 
 
-def _config(block_m: int, block_n: int, warps: int, stages: int, tma: bool):
+def _config(block_m: int, block_n: int, warps: int, stages: int, tma: bool, registers: int | None = None):
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages,
-                         pre_hook=_tma_block_shapes if tma else None)
+                         maxnreg=registers, pre_hook=_tma_block_shapes if tma else None)
 
 
 # NOT YET TIMED on any GPU. Chosen from builds for sm_90 / sm_89 / sm_80 made without a GPU
@@ -604,8 +604,10 @@ def _config(block_m: int, block_n: int, warps: int, stages: int, tma: bool):
 # P·V. Their timings on an H200: bench/sage_attention_probe.py.
 # Hopper (sm_90, TMA; int8, e4m3 and fp16 wgmma): 152-212 registers, 66-166 KB of shared memory; 128-query tiles
 # on 4 warps spilled.
+# 64x128 on 4 warps, 2 stages, capped at 168 registers (3 programs an SM instead of 2): 1.20 ms at the edit shape
+# in two runs on an H200, the fastest (bench/RESULTS.md, "folded scores").
 _TMA_CONFIGS = [_config(128, 128, 8, 2, True), _config(128, 128, 8, 3, True), _config(128, 64, 8, 3, True),
-                _config(128, 64, 8, 4, True), _config(64, 128, 4, 3, True)]
+                _config(128, 64, 8, 4, True), _config(64, 128, 4, 3, True), _config(64, 128, 4, 2, True, 168)]
 # Ampere / Ada (pointer loads, cp.async pipelining): 199-237 registers, 33-91 KB (128x128 tiles spilled there).
 _POINTER_CONFIGS = [_config(128, 64, 8, 2, False), _config(128, 64, 8, 3, False), _config(128, 64, 8, 4, False),
                     _config(64, 64, 4, 3, False)]
