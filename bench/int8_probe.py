@@ -53,7 +53,10 @@ TMA_CONFIGS = [(256, 128, 128, 3, 8), (128, 256, 128, 3, 8), (256, 128, 128, 4, 
                (128, 128, 128, 4, 4)]
 
 
-def int8_tma(data, scale, weight, weight_scale, bias, config):
+STORES = {"pointer": int8_gemm._STORE_POINTER, "TMA": int8_gemm._STORE_TMA, "TMA halves": int8_gemm._STORE_TMA_HALVES}
+
+
+def int8_tma(data, scale, weight, weight_scale, bias, config, store="pointer"):
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     block_m, block_n, block_k, stages, warps = config
@@ -65,61 +68,10 @@ def int8_tma(data, scale, weight, weight_scale, bias, config):
     int8_gemm._int8_linear_tma_kernel[(programs,)](
         TensorDescriptor.from_tensor(data, [block_m, block_k]),
         TensorDescriptor.from_tensor(weight, [block_n, block_k]),
-        scale, weight_scale, bias, out, M, N, K, out.stride(0), int8_gemm._row_bucket(M), HAS_BIAS=True, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_K=block_k, GROUP_M=8, num_stages=stages, num_warps=warps)
-    return out
-
-
-# The same persistent kernel with its epilogue written through a TMA descriptor (asynchronous: the store of one tile
-# overlaps the next tile's first loads), whole or in two halves along N (half the registers and shared memory held
-# by the output in flight). Probe-only until it is measured faster.
-triton, tl = int8_gemm.triton, int8_gemm.tl
-grouped_tile, scaled_tile = int8_gemm.grouped_tile, int8_gemm._scaled_tile
-
-
-@triton.jit
-def _int8_linear_tma_store_kernel(
-    data_desc, weight_desc, out_desc, scale_ptr, weight_scale_ptr, bias_ptr, M, N, K,
-    HAS_BIAS: tl.constexpr, SUBTILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):
-    tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
-    k_tiles = tl.cdiv(K, BLOCK_K)
-    for tile in tl.range(tl.program_id(0), tiles, tl.num_programs(0), flatten=True):
-        pid_m, pid_n = grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-        for ki in range(k_tiles):
-            a = data_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])
-            b = weight_desc.load([pid_n * BLOCK_N, ki * BLOCK_K])
-            acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        out = scaled_tile(acc, offs_m, offs_n, M, N, scale_ptr, weight_scale_ptr, bias_ptr, HAS_BIAS)
-        out = out.to(out_desc.dtype)
-        if SUBTILE:
-            halves = tl.permute(tl.reshape(out, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
-            left, right = tl.split(halves)
-            out_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], left)
-            out_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N + BLOCK_N // 2], right)
-        else:
-            out_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], out)
-
-
-def int8_tma_store(data, scale, weight, weight_scale, bias, config, subtile):
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    block_m, block_n, block_k, stages, warps = config
-    M, K = data.shape
-    N = weight.shape[0]
-    out = torch.empty((M, N), dtype=torch.bfloat16, device=data.device)
-    tiles = -(-M // block_m) * -(-N // block_n)
-    programs = min(torch.cuda.get_device_properties(data.device).multi_processor_count, tiles)
-    _int8_linear_tma_store_kernel[(programs,)](
-        TensorDescriptor.from_tensor(data, [block_m, block_k]),
-        TensorDescriptor.from_tensor(weight, [block_n, block_k]),
-        TensorDescriptor.from_tensor(out, [block_m, block_n // 2 if subtile else block_n]),
-        scale, weight_scale, bias, M, N, K, HAS_BIAS=True, SUBTILE=subtile, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_K=block_k, GROUP_M=8, num_stages=stages, num_warps=warps)
+        TensorDescriptor.from_tensor(out, [block_m, block_n // 2 if store == "TMA halves" else block_n]),
+        scale, weight_scale, bias, out, M, N, K, out.stride(0), int8_gemm._row_bucket(M), HAS_BIAS=True,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, STORE=STORES[store], num_stages=stages,
+        num_warps=warps)
     return out
 
 
@@ -148,17 +100,14 @@ def gemms() -> None:
                 data, scale, w_data, w_scale, bias, torch.bfloat16),
         }
         for config in TMA_CONFIGS:
-            candidates[f"int8 ours (TMA {config})"] = (
-                lambda config=config: int8_tma(data, scale, w_data, w_scale, bias, config))
-            for subtile in (False, True):
-                candidates[f"int8 TMA store{' halves' if subtile else ''} {config}"] = (
-                    lambda config=config, subtile=subtile: int8_tma_store(data, scale, w_data, w_scale, bias, config,
-                                                                         subtile))
+            for store in STORES:
+                candidates[f"int8 ours (TMA {config}, {store} store)"] = (
+                    lambda config=config, store=store: int8_tma(data, scale, w_data, w_scale, bias, config, store))
         for label, fn in candidates.items():
             try:
                 seconds = cuda_time(fn, warmup=2, iterations=7, repeat=10, graphed=True)
                 error = ""
-                if label.startswith("int8 ours") or label.startswith("int8 TMA"):
+                if label.startswith("int8 ours"):
                     error = f"{rel_l2(fn(), reference):.1e}"
                 rows.append((name, label, seconds * 1e3, flops / seconds / 1e12, error))
             except Exception as exc:  # a variant that does not compile here is reported, not fatal

@@ -107,12 +107,14 @@ def _int8_linear_kernel(
 
 @triton.jit
 def _int8_linear_tma_kernel(
-    data_desc, weight_desc, scale_ptr, weight_scale_ptr, bias_ptr, out_ptr, M, N, K, stride_out, M_BUCKET,
+    data_desc, weight_desc, out_desc, scale_ptr, weight_scale_ptr, bias_ptr, out_ptr, M, N, K, stride_out, M_BUCKET,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    GROUP_M: tl.constexpr, STORE: tl.constexpr,
 ):
     # Persistent: one program per SM walks the output tiles, so a tile's epilogue overlaps the next tile's
-    # first loads; the TMA engine fetches the tiles (out-of-range parts as zeros).
+    # first loads; the TMA engine fetches the tiles (out-of-range parts as zeros). STORE (_STORE_*) says how the
+    # output tile leaves: by pointer, or through the TMA engine (asynchronously: it overlaps the next tile's
+    # loop), whole or in two halves along N (half the shared memory, which leaves room for a 4th stage).
     tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
     for tile in tl.range(tl.program_id(0), tiles, tl.num_programs(0), flatten=True):
@@ -125,9 +127,17 @@ def _int8_linear_tma_kernel(
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         out = _scaled_tile(acc, offs_m, offs_n, M, N, scale_ptr, weight_scale_ptr, bias_ptr, HAS_BIAS)
-        inside = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-        tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_out + offs_n[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=inside)
+        if STORE == 0:
+            inside = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+            tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_out + offs_n[None, :],
+                     out.to(out_ptr.dtype.element_ty), mask=inside)
+        elif STORE == 1:
+            out_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], out.to(out_desc.dtype))
+        else:
+            left, right = tl.split(tl.permute(tl.reshape(out.to(out_desc.dtype), (BLOCK_M, 2, BLOCK_N // 2)),
+                                              (0, 2, 1)))
+            out_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], left)
+            out_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N + BLOCK_N // 2], right)
 
 
 # Ampere / Ada (99-163 KB of shared memory; configs that do not fit are skipped by the autotuner) and
@@ -142,22 +152,35 @@ _POINTER_CONFIGS = [
 ]
 
 
+_STORE_POINTER, _STORE_TMA, _STORE_TMA_HALVES = 0, 1, 2
+
+
 def _tma_block_shapes(nargs: dict) -> None:
-    # The descriptors are made before a config is chosen; each config sets the tile it loads.
+    # The descriptors are made before a config is chosen; each config sets the tiles it loads and stores.
     nargs["data_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
     nargs["weight_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
+    halves = nargs["STORE"] == _STORE_TMA_HALVES
+    nargs["out_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_N"] // 2 if halves else nargs["BLOCK_N"]]
+
+
+def _tma_config(block_m: int, block_n: int, stages: int, store: int):
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": 128, "GROUP_M": 8, "STORE": store},
+                         num_stages=stages, num_warps=8, pre_hook=_tma_block_shapes)
 
 
 # Hopper (sm_90: 228 KB of shared memory, 8-bit wgmma taking K in steps of 32). Timed on an H200 on
-# 2026-12-03 with bench/int8_probe.py at FLUX's shapes (8704 tokens): these three persistent configs
-# were the fastest of nine (1040-1215 TOP/s; cuBLAS's fp8 GEMM 1380-1440 TFLOP/s on the same shapes).
+# 2026-12-03 with bench/int8_probe.py at FLUX's shapes (8704 tokens): the three pointer-store configs were the
+# fastest of nine (1040-1215 TOP/s; cuBLAS's fp8 GEMM 1270-1440 TFLOP/s on the same shapes); stores through
+# TMA then took 0-6% off qkv, proj, the MLP and linear1 (best 1100-1240 TOP/s), not off linear2 or every MLP
+# down. A whole 256x128 output tile through TMA needs 263 KB with 4 stages: in halves it fits.
 _TMA_CONFIGS = [
-    triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_stages=4, num_warps=8,
-                  pre_hook=_tma_block_shapes),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 8}, num_stages=4, num_warps=8,
-                  pre_hook=_tma_block_shapes),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 8}, num_stages=3, num_warps=8,
-                  pre_hook=_tma_block_shapes),
+    _tma_config(256, 128, 4, _STORE_POINTER),
+    _tma_config(128, 256, 4, _STORE_POINTER),
+    _tma_config(128, 256, 3, _STORE_POINTER),
+    _tma_config(256, 128, 4, _STORE_TMA_HALVES),
+    _tma_config(128, 256, 4, _STORE_TMA_HALVES),
+    _tma_config(256, 128, 3, _STORE_TMA),
+    _tma_config(128, 256, 3, _STORE_TMA),
 ]
 
 # Keyed on a bucket of the row count, not the count itself: a new resolution (or batch) reuses the configs tuned
@@ -186,8 +209,10 @@ def _tma_ready(data: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype)
     # layer has them) failed on an H200 (tiles wider than the tensor), and the configs' shared memory is sized
     # for 2-byte outputs (float32 ones, which only tests ask for, need more than an SM has): the pointer
     # kernel takes those.
+    # The output's rows must be 16-byte aligned too, for the stores through TMA (N a multiple of 8).
     return (_hopper(data.device) and out_dtype.itemsize == 2 and data.shape[1] >= _TMA_MIN_K and data.stride(0) % 16 == 0
-            and weight.stride(0) % 16 == 0 and data.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0)
+            and weight.stride(0) % 16 == 0 and data.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0
+            and weight.shape[0] % 8 == 0)
 
 
 def _row_bucket(rows: int) -> int:
@@ -217,7 +242,8 @@ def _launch(data: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, weigh
             return (min(programs, cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])),)
         _int8_linear_tma_tuned[grid](
             TensorDescriptor.from_tensor(data, [128, 128]), TensorDescriptor.from_tensor(weight, [128, 128]),
-            scale, weight_scale, bias_arg, out, M, N, K, out.stride(0), bucket, HAS_BIAS=has_bias)
+            TensorDescriptor.from_tensor(out, [128, 128]), scale, weight_scale, bias_arg, out, M, N, K, out.stride(0),
+            bucket, HAS_BIAS=has_bias)
     else:
         def grid(meta):
             return (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
