@@ -243,6 +243,50 @@ def test_wrong_model_kinds_are_named(tiny_transformer, tiny_autoencoder, tmp_pat
     _expect(tmp_path / "sd_vae.safetensors", "4 latent channels.*16-channel FLUX VAE", load_autoencoder)
 
 
+# Key layouts of Stable Diffusion files users have (a few real names each; tiny tensors).
+_LDM_UNET = ["input_blocks.0.0.weight", "input_blocks.1.0.in_layers.2.weight", "middle_block.1.proj_in.weight",
+             "output_blocks.0.0.in_layers.2.weight", "time_embed.0.weight", "out.2.weight"]
+_SDXL_UNET = _LDM_UNET + ["label_emb.0.0.weight", "label_emb.0.2.weight"]
+_DIFFUSERS_UNET = ["conv_in.weight", "time_embedding.linear_1.weight", "down_blocks.0.resnets.0.conv1.weight",
+                   "mid_block.resnets.0.conv1.weight", "up_blocks.0.resnets.0.conv1.weight", "conv_out.weight"]
+_SD_VAE = ["first_stage_model.encoder.conv_in.weight", "first_stage_model.decoder.conv_in.weight",
+           "first_stage_model.quant_conv.weight"]
+_SDXL_TEXT = ["conditioner.embedders.0.transformer.text_model.encoder.layers.0.mlp.fc1.weight",
+              "conditioner.embedders.1.model.transformer.resblocks.0.mlp.c_fc.weight"]
+_LONE_UNET = "a UNet of another model \\({}{}[a-z_/]*; no VAE or text encoders\\), not a FLUX transformer.*Kontext"
+
+
+@pytest.mark.parametrize("keys, what", [
+    (_SDXL_UNET, _LONE_UNET.format("Stable Diffusion XL", ": input_blocks")),
+    ([f"model.diffusion_model.{k}" for k in _SDXL_UNET], _LONE_UNET.format("Stable Diffusion XL", ": input_blocks")),
+    (_LDM_UNET, _LONE_UNET.format("Stable Diffusion 1.x/2.x", ": input_blocks")),
+    (_DIFFUSERS_UNET + ["add_embedding.linear_1.weight"],
+     _LONE_UNET.format("Stable Diffusion XL", ", diffusers layout: down_blocks")),
+    (_DIFFUSERS_UNET, _LONE_UNET.format("Stable Diffusion 1.x/2.x", ", diffusers layout: down_blocks")),
+], ids=["sdxl-unet", "sdxl-unet-prefixed", "sd1-unet", "sdxl-diffusers-unet", "sd1-diffusers-unet"])
+def test_lone_unet_of_another_model_is_not_called_a_whole_checkpoint(tmp_path, keys, what):
+    """A UNet saved on its own (ComfyUI's diffusion_models/ or unet/) is named as one, with what to use instead."""
+    save_file({k: torch.randn(2, 2) for k in keys}, tmp_path / "unet.safetensors")
+    with pytest.raises(CheckpointError, match=what) as error:
+        load_transformer(tmp_path / "unet.safetensors")
+    assert "whole" not in str(error.value) and "models/checkpoints" not in str(error.value)
+    assert "flux1-dev-kontext" in str(error.value) and "diffusion_models" in str(error.value)
+
+
+def test_whole_sd_checkpoint_is_still_called_whole(tmp_path):
+    keys = [f"model.diffusion_model.{k}" for k in _SDXL_UNET] + _SD_VAE + _SDXL_TEXT
+    save_file({k: torch.randn(2, 2) for k in keys}, tmp_path / "sd_xl_base_1.0.safetensors")
+    with pytest.raises(CheckpointError, match="a whole Stable Diffusion XL checkpoint \\(UNet, VAE and text encoders in "
+                       "one file\\), not a FLUX transformer. It goes in ComfyUI's models/checkpoints") as error:
+        load_transformer(tmp_path / "sd_xl_base_1.0.safetensors")
+    assert "UNet of another model" not in str(error.value)
+    sd1 = [f"model.diffusion_model.{k}" for k in _LDM_UNET] + _SD_VAE + \
+        ["cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight"]
+    save_file({k: torch.randn(2, 2) for k in sd1}, tmp_path / "v1-5-pruned-emaonly.safetensors")
+    _expect(tmp_path / "v1-5-pruned-emaonly.safetensors",
+            "a whole Stable Diffusion 1.x/2.x checkpoint \\(UNet, VAE and text encoders in one file\\)")
+
+
 def test_missing_and_unexpected_keys_are_listed(tiny_transformer, tmp_path):
     state = tiny_transformer.state_dict()
     save_file({k: v for k, v in state.items() if k != "single_blocks.1.linear2.weight"}, tmp_path / "missing.safetensors")

@@ -26,7 +26,7 @@ from .canonical import (
     infer_transformer_config,
 )
 from .files import CheckpointError, TensorSource, open_file, open_sharded, refuse_lone_shard
-from .layouts import describe_file, find_autoencoder, find_transformer
+from .layouts import describe_file, find_autoencoder, find_transformer, is_whole_checkpoint, other_diffusion_model
 
 _DTYPES = {
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
@@ -184,9 +184,11 @@ def load_transformer(path: str | os.PathLike, *, config: TransformerConfig | Non
     if layout is None:
         refuse_lone_shard(path.name)
         hint = ""
-        if any(key.startswith("model.diffusion_model.") for key in keys):
-            hint = (" It is a whole checkpoint of another model (UNet, VAE and text encoders in one file): it goes in "
-                    "ComfyUI's models/checkpoints, for Load Checkpoint.")
+        if is_whole_checkpoint(keys):
+            hint = " It goes in ComfyUI's models/checkpoints, for Load Checkpoint."
+        elif other_diffusion_model(keys):
+            hint = (" It does not run here: use a FLUX.1 Kontext transformer file instead (in ComfyUI, e.g. "
+                    "flux1-dev-kontext_fp8_scaled.safetensors in models/diffusion_models, for Load Kontext Model).")
         elif find_autoencoder(keys):
             hint = " Load it with load_autoencoder (in ComfyUI it belongs in models/vae, for Load Kontext VAE)."
         raise CheckpointError(
