@@ -121,6 +121,23 @@ def test_drift_of_two_turns_writes_the_report(models_tree, no_matplotlib, capsys
     assert Image.open(report / "images" / "reference.png").size == (48, 32)
 
 
+def test_drift_report_with_matplotlib_plots_every_metric(models_tree, capsys):
+    pytest.importorskip("matplotlib", reason="plots need matplotlib (the [eval] extra)")
+    tmp_path, _, common = models_tree
+    image = textured_png(tmp_path / "start.png")
+    report = tmp_path / "drift"
+    assert main(["eval", "drift", str(image), "--turns", "2", "--report", str(report), "--resize", "keep",
+                 *common]) == 0
+    printed = capsys.readouterr().out.split()
+    assert str(report / "metrics.png") in printed
+    plot = Image.open(report / "metrics.png")
+    assert plot.format == "PNG" and min(plot.size) > 100
+    # More than one colour: the lines were drawn, not an empty canvas.
+    assert len(set(plot.convert("RGB").getdata())) > 10
+    page = (report / "report.html").read_text()
+    assert "metrics.png" in page and "matplotlib is not installed" not in page
+
+
 def test_drift_prompts_repeat_in_turn():
     assert turn_prompts(3, ["make it red", " ", "add a hat"]) == ["make it red", "add a hat", "make it red"]
     assert turn_prompts(2) == [DEFAULT_PROMPT] * 2
