@@ -46,7 +46,7 @@ def int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x.float() / scale).round().clamp(-127, 127).to(torch.int8), scale
 
 
-# --- the persistent TMA kernel of kontext_kernels/int8_gemm.py launched at chosen configs, past its autotuner ----------
+# --- the persistent TMA kernel of kontext_kernels/int8_gemm.py at chosen configs, past its autotuner ---------------
 # (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps). At 94d41b8 this probe also swept non-persistent and warp-specialised
 # variants of the kernel (bench/RESULTS.md, "An int8 path"): no faster.
 TMA_CONFIGS = [(256, 128, 128, 3, 8), (128, 256, 128, 3, 8), (256, 128, 128, 4, 8), (128, 256, 128, 4, 8),

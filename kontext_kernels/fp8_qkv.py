@@ -20,14 +20,13 @@ below 2**-6 of the scale's unit). v has no such bound: it keeps its amax, taken 
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 
 from . import qk_norm_rope
 from .e4m3 import E4M3_MAX, to_e4m3
-from .runtime import (cdiv, enabled_for, import_triton, interpreting, launches, next_power_of_2,
+from .runtime import (cdiv, enabled_for, import_triton, interpreting, launches, multiprocessors, next_power_of_2,
                       reduction_combines)
 
 triton, tl = import_triton()
@@ -211,13 +210,7 @@ _DEQUANT_BLOCK = 4096
 def _programs_for_amax(device: torch.device) -> int:
     if interpreting():  # CPU tensors in tests
         return 4
-    return _AMAX_PROGRAMS_PER_SM * _multiprocessors(device.index if device.index is not None
-                                                    else torch.cuda.current_device())
-
-
-@functools.cache
-def _multiprocessors(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+    return _AMAX_PROGRAMS_PER_SM * multiprocessors(device)
 
 
 def _quantize_qkv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):

@@ -17,11 +17,10 @@ Ada, Triton's interpreter) a pointer-based one.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from .runtime import cdiv, enabled_for, import_triton, interpreting, last_dim_contiguous, launches, next_power_of_2
+from .runtime import (cdiv, enabled_for, hopper, import_triton, interpreting, last_dim_contiguous, launches,
+                      multiprocessors, next_power_of_2)
 from .tiles import grouped_tile
 
 triton, tl = import_triton()
@@ -75,7 +74,8 @@ def _int8_linear_kernel(
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    # M_BUCKET is only the autotuner's key (see _row_bucket). Edge tiles read wrapped-around valid rows and columns, and the store drops them.
+    # M_BUCKET is only the autotuner's key (see _row_bucket). Edge tiles read wrapped-around valid rows and
+    # columns, and the store drops them.
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -191,16 +191,6 @@ _int8_linear_tma_tuned = triton.autotune(configs=_TMA_CONFIGS, key=["M_BUCKET", 
 _INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
 
 
-@functools.cache
-def _hopper(device: torch.device) -> bool:
-    return torch.version.hip is None and torch.cuda.get_device_capability(device) >= (9, 0)
-
-
-@functools.cache
-def _multiprocessors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 _TMA_MIN_K = 128  # the configs' K tile
 
 
@@ -210,7 +200,7 @@ def _tma_ready(data: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype)
     # for 2-byte outputs (float32 ones, which only tests ask for, need more than an SM has): the pointer
     # kernel takes those.
     # The output's rows must be 16-byte aligned too, for the stores through TMA (N a multiple of 8).
-    return (_hopper(data.device) and out_dtype.itemsize == 2 and data.shape[1] >= _TMA_MIN_K and data.stride(0) % 16 == 0
+    return (hopper(data.device) and out_dtype.itemsize == 2 and data.shape[1] >= _TMA_MIN_K and data.stride(0) % 16 == 0
             and weight.stride(0) % 16 == 0 and data.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0
             and weight.shape[0] % 8 == 0)
 
@@ -236,7 +226,7 @@ def _launch(data: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, weigh
     elif _tma_ready(data, weight, out_dtype):
         from triton.tools.tensor_descriptor import TensorDescriptor
 
-        programs = _multiprocessors(data.device)
+        programs = multiprocessors(data.device)
 
         def grid(meta):
             return (min(programs, cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])),)

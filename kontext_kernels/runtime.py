@@ -118,6 +118,31 @@ def reduction_combines():
     return tl.standard._elementwise_max, tl.standard._sum_combine
 
 
+def multiprocessors(device: torch.device) -> int:
+    """The CUDA device's SM count, which persistent and split-reduction grids are sized by."""
+    return _multiprocessors(_device_index(device))
+
+
+def hopper(device: torch.device) -> bool:
+    """Whether the CUDA device is an NVIDIA Hopper or newer (TMA, wgmma)."""
+    return _hopper(_device_index(device))
+
+
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+# Cached per device: launches ask on every call, and a device query costs microseconds.
+@functools.cache
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+@functools.cache
+def _hopper(index: int) -> bool:
+    return torch.version.hip is None and torch.cuda.get_device_capability(index) >= (9, 0)
+
+
 # Host-side grid and block arithmetic in plain Python: triton.cdiv and triton.next_power_of_2 are
 # constexpr functions whose call wrapper costs microseconds, paid per launch on the step's critical
 # path once the GPU outruns the CPU.

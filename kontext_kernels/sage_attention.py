@@ -55,8 +55,8 @@ from typing import NamedTuple
 import torch
 
 from .e4m3 import round_to_e4m3, to_e4m3
-from .runtime import (cdiv, enabled_for, import_triton, interpreting, launches, next_power_of_2,
-                      reduction_combines)
+from .runtime import (cdiv, enabled_for, hopper, import_triton, interpreting, launches, multiprocessors,
+                      next_power_of_2, reduction_combines)
 
 triton, tl = import_triton()
 
@@ -418,11 +418,6 @@ _V_BLOCK_L = 64
 _STATS_PROGRAMS_PER_SM = 4
 
 
-@functools.cache
-def _multiprocessors(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _loop_count(n: int):
     """A kernel's loop count: a plain int, except under Triton 3.6's interpreter, which cannot loop to a bound
     passed at run time (its scalars are 1-element arrays, which NumPy 2 does not turn into an int) and gets
@@ -441,8 +436,7 @@ def _quantize_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fp8_pv: 
     v_amax = torch.zeros((batch, heads, channels), dtype=torch.float32, device=device)
     tiles = cdiv(length_k, _STATS_BLOCK_L)
     if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        splits = max(1, min(tiles, cdiv(_STATS_PROGRAMS_PER_SM * _multiprocessors(index), batch * heads)))
+        splits = max(1, min(tiles, cdiv(_STATS_PROGRAMS_PER_SM * multiprocessors(device), batch * heads)))
     else:
         splits = min(tiles, 2)
     per_program = cdiv(tiles, splits)
@@ -624,11 +618,6 @@ _INTERPRETER_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64}
 last_config: dict = {}
 
 
-@functools.cache
-def _hopper(device: torch.device) -> bool:
-    return torch.version.hip is None and torch.cuda.get_device_capability(device) >= (9, 0)
-
-
 def split_accumulator_default(operands: Operands) -> bool:
     """Whether each key block's P·V gets a fresh accumulator (module docstring): with e4m3 operands."""
     return operands.v8t.dtype == torch.float8_e4m3fn
@@ -658,7 +647,7 @@ def _launch_attention(operands: Operands, out_dtype: torch.dtype, config: dict |
         config = dict(_INTERPRETER_CONFIG) if config is None else config
         tma = bool(tma)  # pointer loads unless asked: the interpreter reads TMA descriptors too (a test does)
     elif tma is None:
-        tma = _hopper(device)
+        tma = hopper(device)
     if tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
