@@ -356,12 +356,16 @@ def _prompt_lines(path: str) -> list[str]:
 
 
 def _run_record(args: argparse.Namespace, files: ModelFiles) -> dict:
-    """What a report records beside the generation settings: the model files and how they were run."""
+    """What a report records beside the generation settings: the model files and how they were run. The
+    attention backend is the one in effect after the run (a preset or a fallback may have changed the one
+    asked for); `attention_asked` keeps the option."""
+    from .compute.attention import get_attention_backend
+
     return {"transformer": files.transformer.name, "autoencoder": files.autoencoder.name,
             "t5": files.t5.name if files.t5 else None, "clip": files.clip.name if files.clip else None,
             "loras": args.lora, "dtype": args.dtype, "runtime_preset": args.preset, "memory": args.memory,
-            "device": args.device, "attention": args.attention, "compile": args.compile,
-            "cuda_graphs": args.cuda_graphs, "resize": args.resize, "fit": args.fit}
+            "device": args.device, "attention": get_attention_backend(), "attention_asked": args.attention,
+            "compile": args.compile, "cuda_graphs": args.cuda_graphs, "resize": args.resize, "fit": args.fit}
 
 
 def _preset_specs(args: argparse.Namespace):

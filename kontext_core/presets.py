@@ -60,30 +60,41 @@ def _triton_available() -> bool:
 
 def resolve_preset(name: str, device: str | torch.device) -> tuple[RuntimePreset, list[str]]:
     """The preset `name` as it can run on `device`, and a line for each part that fell back (and why)."""
+    preset, notes = _resolve(name, device)
+    return preset, list(notes.values())
+
+
+def _resolve(name: str, device: str | torch.device) -> tuple[RuntimePreset, dict[str, str]]:
+    """`resolve_preset` with each fallback line keyed by the part it is about (dtype, attention, compile,
+    cuda_graphs)."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     device = torch.device(device)
-    preset, exact, notes = PRESETS[name], PRESETS["exact"], []
+    preset, exact, notes = PRESETS[name], PRESETS["exact"], {}
     if preset.dtype == "int8" and (reason := _int8_gemm_reason(device)):
         preset = replace(preset, dtype=exact.dtype)
-        notes.append(f"int8 weights: {reason}; the default weights instead")
+        notes["dtype"] = f"int8 weights: {reason}; the default weights instead"
     if preset.attention != exact.attention and (reason := _attention_reason(preset.attention, device)):
         preset = replace(preset, attention=exact.attention)
-        notes.append(f"{PRESETS[name].attention} attention: {reason}; exact attention instead")
+        notes["attention"] = f"{PRESETS[name].attention} attention: {reason}; exact attention instead"
     if preset.compile and (device.type != "cuda" or not _triton_available()):
         preset = replace(preset, compile=False)
-        notes.append("compiled blocks: need a CUDA GPU and Triton; eager blocks instead")
+        notes["compile"] = "compiled blocks: need a CUDA GPU and Triton; eager blocks instead"
     if preset.cuda_graphs and device.type != "cuda":
         preset = replace(preset, cuda_graphs=False)
-        notes.append("CUDA graphs: need a CUDA GPU; plain steps instead")
+        notes["cuda_graphs"] = "CUDA graphs: need a CUDA GPU; plain steps instead"
     return preset, notes
 
 
 def apply_preset_options(name: str, device: str | torch.device, *, dtype: str | None, attention: str,
                          compile: bool, cuda_graphs: bool) -> tuple[dict, list[str]]:
     """Settings asked for one by one, completed by preset `name` where they were left at their defaults
-    (dtype None, attention "auto", compile and cuda_graphs off): an explicit setting wins over the preset."""
-    preset, notes = resolve_preset(name, device)
-    return dict(dtype=dtype if dtype is not None else preset.dtype,
-                attention=attention if attention != "auto" else preset.attention,
-                compile=compile or preset.compile, cuda_graphs=cuda_graphs or preset.cuda_graphs), notes
+    (dtype None, attention "auto", compile and cuda_graphs off): an explicit setting wins over the preset, and
+    a fallback of a part the caller set is not reported (the preset's part was never used)."""
+    preset, notes = _resolve(name, device)
+    chosen_by_caller = {"dtype": dtype is not None, "attention": attention != "auto", "compile": compile,
+                        "cuda_graphs": cuda_graphs}
+    return (dict(dtype=dtype if dtype is not None else preset.dtype,
+                 attention=attention if attention != "auto" else preset.attention,
+                 compile=compile or preset.compile, cuda_graphs=cuda_graphs or preset.cuda_graphs),
+            [note for part, note in notes.items() if not chosen_by_caller[part]])

@@ -116,6 +116,11 @@ def test_drift_of_two_turns_writes_the_report(models_tree, no_matplotlib, capsys
     assert latent[0]["delta_e"] == roundtrip[0]["delta_e"] and latent[1]["seed"] == roundtrip[1]["seed"] == 0
     assert latent[2]["seed"] == 1
     assert metrics["settings"]["steps"] == 2 and metrics["settings"]["transformer"] == "flux1-kontext-dev.safetensors"
+    # The backend in effect is recorded beside the one asked for.
+    from kontext_core.compute.attention import get_attention_backend
+
+    assert metrics["settings"]["attention_asked"] == "auto"
+    assert metrics["settings"]["attention"] == get_attention_backend()
     page = (report / "report.html").read_text()
     assert "matplotlib is not installed" in page and "images/roundtrip/turn_02.png" in page
     assert Image.open(report / "images" / "reference.png").size == (48, 32)

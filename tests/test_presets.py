@@ -46,6 +46,18 @@ def test_explicit_settings_win_over_the_preset(monkeypatch):
     assert chosen == dict(dtype="fp8", attention="sdpa", compile=True, cuda_graphs=True)
 
 
+def test_fallbacks_of_parts_the_caller_set_are_not_reported():
+    # On a CPU every part of fast falls back; a caller who chose the weights and the attention backend gets the
+    # lines about the compiled blocks and CUDA graphs only.
+    chosen, notes = apply_preset_options("fast", "cpu", dtype="bf16", attention="sdpa", compile=False,
+                                         cuda_graphs=False)
+    assert chosen["dtype"] == "bf16" and chosen["attention"] == "sdpa"
+    assert len(notes) == 2 and not any("int8" in note or "attention" in note for note in notes)
+    _, all_notes = apply_preset_options("fast", "cpu", dtype=None, attention="auto", compile=False,
+                                        cuda_graphs=False)
+    assert all_notes == resolve_preset("fast", "cpu")[1] and len(all_notes) == 4
+
+
 def test_unknown_preset_names_the_choices():
     with pytest.raises(ValueError, match="exact, fast"):
         resolve_preset("fastest", "cpu")
@@ -62,6 +74,7 @@ def test_cli_fast_preset_on_the_cpu_says_what_fell_back_and_equals_the_exact_run
                      "--preset", preset, *common]) == 0
         outputs[preset] = Image.open(out).tobytes()
     printed = capsys.readouterr().out
-    assert "preset fast: int8 weights: int8 GEMMs need a CUDA GPU" in printed
+    # --dtype fp32 (the fixture's) was chosen over the preset's int8: no line about int8's fallback.
+    assert "preset fast: compiled blocks: need a CUDA GPU" in printed and "int8" not in printed
     assert "preset exact:" not in printed
     assert outputs["fast"] == outputs["exact"]
