@@ -15,6 +15,7 @@ from .jobs import NAMED_FIELDS, load_jobs, read_turns_file
 from .manifest import Manifest
 from .progress import BarProgress
 from .runner import BatchRunner
+from .servers import Server
 from .workflow import FIELDS, FieldMap, load_workflow
 
 EPILOG = """examples:
@@ -92,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.timeout <= 0:
             raise BatchError(f"--timeout {args.timeout:g}: give the seconds a server may take to answer, above 0")
         clients = [ComfyClient(url, timeout=args.timeout) for url in server_urls(args.host, args.port, args.url)]
-        object_info = _first_answer(clients)
+        servers = [Server.for_client(client) for client in clients]  # each keeps its /object_info for the run
+        object_info = _first_answer(servers)
         needed = {"prompt"}
         needed |= {"image"} if any(j.image is not None or j.turns > 1 for j in jobs) else set()
         needed |= {"seed"} if any(j.seed is not None for j in jobs) else set()
@@ -100,11 +102,11 @@ def main(argv: list[str] | None = None) -> int:
         named = {f: getattr(args, f"{f}_field") or [] for f in FIELDS}
         fields = FieldMap(workflow, object_info, named, needed, args.output_node)
         manifest = Manifest(args.output / "manifest.jsonl")
-        runner = BatchRunner(clients, fields, jobs, manifest, args.output, max_queued=args.max_queued,
+        runner = BatchRunner(servers, fields, jobs, manifest, args.output, max_queued=args.max_queued,
                              retries=args.retries, retry_failed=args.retry_failed,
                              progress=BarProgress(quiet=args.quiet), wait_for_servers_s=args.wait_for_servers)
         if args.dry_run:
-            _print_plan(fields, jobs, clients)
+            _print_plan(fields, jobs, servers)
             return 0
         summary = runner.run()
     except BatchError as error:
@@ -125,13 +127,13 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if summary.failed else 0
 
 
-def _first_answer(clients) -> dict:
+def _first_answer(servers: list[Server]) -> dict:
     """The node definitions of the first server that answers; the runner checks each of the others against
     the workflow when it first answers (a server down now may come up during the batch)."""
     unreachable = []
-    for client in clients:
+    for server in servers:
         try:
-            return client.object_info()
+            return server.object_info()
         except ServerUnreachable as error:
             unreachable.append(error)
     if len(unreachable) == 1:
@@ -152,21 +154,21 @@ def _with_overrides(job, settings):
     return replace(job, overrides=tuple(s for s in settings if s[0] not in given) + job.overrides)
 
 
-def _print_plan(fields: FieldMap, jobs, clients) -> None:
+def _print_plan(fields: FieldMap, jobs, servers: list[Server]) -> None:
     workflow = fields.workflow
     for name, targets in fields.targets.items():
         if targets:
             print(f"{name:9s} -> {', '.join(workflow.describe(t) for t in targets)}")
     print(f"outputs   <- {', '.join(f'{workflow.title(n)} (node {n})' for n in fields.output_nodes)}")
-    for client in clients:
+    for server in servers:
         try:  # a server down or lacking nodes is said here, not fatal: the run would go on with the others
-            fields.check_server(client.object_info())
+            fields.check_server(server.object_info())
             verdict = "answers, has the workflow's nodes"
         except ServerUnreachable as error:
             verdict = f"does not answer ({error.reason})"
         except BatchError as error:
             verdict = f"cannot run the batch: {error}"
-        print(f"server    {client.base_url}: {verdict}")
+        print(f"server    {server.url}: {verdict}")
     print(f"{len(jobs)} job(s), {sum(j.turns for j in jobs)} turn(s); checked, nothing queued (--dry-run)")
 
 

@@ -110,7 +110,8 @@ class Summary:
 
 
 class BatchRunner:
-    """Runs `jobs` on one ComfyUI server or several (`clients`: one client, or a list of them).
+    """Runs `jobs` on one ComfyUI server or several (`clients`: one client, or a list of them, or of
+    servers.Server objects made for them).
 
     A server that stops answering is asked again after `backoff_s[0]` seconds, the pause doubling on each
     failed try up to `backoff_s[1]`; while none answers, the run waits `wait_for_servers_s` for one to come
@@ -212,18 +213,21 @@ class BatchRunner:
             self._started = True
             for server in self.pool:
                 self._show_state(server)
-            all_down_since = None
+            give_up_at = None  # while every server is down: when the run stops waiting for one
             while self.ready or self._flying():
                 ctrl_c.check()
                 self._ask_servers()
                 if self.pool.all_down:
-                    all_down_since = all_down_since or time.monotonic()
-                    if time.monotonic() - all_down_since >= self.wait_for_servers_s:
+                    now = time.monotonic()
+                    if give_up_at is None:
+                        give_up_at = now + self.wait_for_servers_s
+                    if now >= give_up_at:
                         self.summary.stopped = self._all_down()
                         break
-                    time.sleep(min(0.2, self.pool.next_try_in()))
+                    # Short naps keep Ctrl-C prompt; none reaches past the next try or the end of the wait.
+                    time.sleep(min(0.2, self.pool.next_try_in(), give_up_at - now))
                     continue
-                all_down_since = None
+                give_up_at = None
                 while self.ready and (server := self.pool.with_room()) is not None:
                     self._submit(server, *self.ready.popleft())
                     ctrl_c.check()
@@ -315,7 +319,7 @@ class BatchRunner:
         try:
             running, pending = client.queued_ids()
             if not server.checked:
-                object_info = client.object_info()
+                object_info = server.object_info()
                 try:
                     self.fields.check_server(object_info)
                 except BatchError as error:
@@ -324,10 +328,7 @@ class BatchRunner:
                     self._retire(server, str(error))
                     return
             if server.orphans:
-                client.delete_queued([p for p in pending if p in server.orphans])
-                for prompt_id in running:
-                    if prompt_id in server.orphans:
-                        client.interrupt(prompt_id)
+                _withdraw(client, server.orphans, running, pending)
         except ServerUnreachable as error:
             first = not server.checked and server.down_reason == "not asked yet"
             self.pool.mark_down(server, error.reason)
@@ -340,8 +341,7 @@ class BatchRunner:
         came_back, late = server.checked, server.down_reason != "not asked yet"
         server.checked = True
         problem = client.connect_events()
-        server.had_events = client.has_events
-        server.events_worked |= server.had_events
+        server.events_worked |= client.has_events
         if problem and not came_back:
             self.progress.warning(f"no websocket to ComfyUI at {server.label} ({problem}); following its jobs by "
                                   "polling its history, without step progress")
@@ -457,7 +457,6 @@ class BatchRunner:
                         break
                 if server.up and not server.client.has_events:
                     # Its socket closed: ask now whether the server is still there (and still has our prompts).
-                    server.had_events = False
                     self._poll(server)
             if refill:
                 return
@@ -509,7 +508,7 @@ class BatchRunner:
                 self.ready.appendleft((flight.job, flight.turn, flight.attempt))
         if server.events_worked and not server.client.has_events:
             # It answers with its socket closed (it restarted between two polls, or a proxy dropped the socket).
-            server.had_events = server.client.connect_events() is None
+            server.client.connect_events()
 
     def _check_history(self, flight: Flight) -> bool:
         """Acts on the prompt's history entry; False when its server has none (yet)."""
@@ -616,11 +615,7 @@ class BatchRunner:
             if not ours:
                 continue
             try:
-                running, pending = server.client.queued_ids()
-                server.client.delete_queued([p for p in pending if p in ours])
-                for prompt_id in running:
-                    if prompt_id in ours:
-                        server.client.interrupt(prompt_id)
+                _withdraw(server.client, ours, *server.client.queued_ids())
             except ServerUnreachable:
                 server.flights.clear()  # the server went away: nothing of ours is left running there
         # Turns that finished a moment ago are collected now rather than on the next run.
@@ -635,6 +630,15 @@ class BatchRunner:
                 except ServerUnreachable:
                     flight.server.flights.pop(flight.prompt_id, None)
             time.sleep(FINISHING_POLL_S)
+
+
+def _withdraw(client, prompt_ids: set[str], running: list[str], pending: list[str]) -> None:
+    """Takes `prompt_ids` out of the server's queue (`running`, `pending` as it just listed them): the waiting
+    ones deleted, the running one interrupted."""
+    client.delete_queued([p for p in pending if p in prompt_ids])
+    for prompt_id in running:
+        if prompt_id in prompt_ids:
+            client.interrupt(prompt_id)
 
 
 class _CtrlC:

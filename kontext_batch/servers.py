@@ -34,8 +34,19 @@ class Server:
     uploads: dict[str, str] = field(default_factory=dict)  # content digest -> its LoadImage value there
     orphans: set[str] = field(default_factory=set)         # our prompts it held when it went down, run elsewhere since
     last_poll: float = 0.0
-    had_events: bool = False         # its event socket was open: losing it is a sign the server went away
     events_worked: bool = False      # a socket opened once: worth opening again after a restart
+    node_definitions: dict | None = field(default=None, repr=False)  # its /object_info, once it answered it
+
+    @classmethod
+    def for_client(cls, client) -> "Server":
+        return cls(client, client.base_url, server_label(client.base_url))
+
+    def object_info(self) -> dict:
+        """Its node definitions, asked once per run (the answer is large: every node type with every input);
+        a server that did not answer is asked again next time."""
+        if self.node_definitions is None:
+            self.node_definitions = self.client.object_info()
+        return self.node_definitions
 
     @property
     def usable(self) -> bool:
@@ -48,6 +59,8 @@ class Server:
 
 class ServerPool:
     def __init__(self, clients: list, max_queued: int, first_backoff_s: float = 2.0, max_backoff_s: float = 60.0):
+        """`clients`: a client per server, or Server objects already made for them (the command line makes
+        them to read the first one's /object_info, which they keep)."""
         if max_queued < 1:
             raise BatchError("--max-queued must be at least 1")
         if not clients:
@@ -55,8 +68,9 @@ class ServerPool:
         self.max_queued = max_queued
         self.first_backoff_s = first_backoff_s
         self.max_backoff_s = max(max_backoff_s, first_backoff_s)
-        self.servers = [Server(client, client.base_url, server_label(client.base_url), backoff_s=first_backoff_s)
-                        for client in clients]
+        self.servers = [c if isinstance(c, Server) else Server.for_client(c) for c in clients]
+        for server in self.servers:
+            server.backoff_s = first_backoff_s
 
     def __iter__(self):
         return iter(self.servers)
@@ -82,12 +96,9 @@ class ServerPool:
     def mark_down(self, server: Server, reason: str) -> list:
         """Marks `server` down (again) and takes its flights off it; returns them, oldest first."""
         now = time.monotonic()
-        flights = sorted(server.flights.values(), key=lambda f: f.queued_at)
         server.orphans |= set(server.flights)
-        server.flights.clear()
+        flights = self._take_flights(server)
         server.uploads.clear()  # a server that comes back may be a fresh one, with an empty input folder
-        server.up = False
-        server.had_events = False
         server.down_reason = reason
         server.retry_at = now + server.backoff_s
         server.backoff_s = min(server.backoff_s * 2, self.max_backoff_s)
@@ -95,10 +106,16 @@ class ServerPool:
 
     def retire(self, server: Server, reason: str) -> list:
         """Takes `server` out of this batch (it refused the workflow); returns its flights, oldest first."""
+        flights = self._take_flights(server)
+        server.retired = reason
+        return flights
+
+    @staticmethod
+    def _take_flights(server: Server) -> list:
+        """`server` takes no more turns for now; its flights, oldest first, are the caller's to queue again."""
         flights = sorted(server.flights.values(), key=lambda f: f.queued_at)
         server.flights.clear()
         server.up = False
-        server.retired = reason
         return flights
 
     def mark_up(self, server: Server) -> None:

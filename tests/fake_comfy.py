@@ -72,6 +72,7 @@ class FakeComfy:
         self.on_event = None                      # hook: called before each event is returned
         self._ids = (f"{name + '-' if name else ''}pid-{i}" for i in itertools.count(1))
         self.rejection = None                     # an answer dict /prompt refuses with
+        self.object_info_asked = 0                # /object_info requests, answered or not
 
     def _answer(self) -> None:
         if self.dead:
@@ -90,6 +91,7 @@ class FakeComfy:
 
     # the client's interface
     def object_info(self):
+        self.object_info_asked += 1
         self._answer()
         return self.info
 

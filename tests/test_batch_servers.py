@@ -13,6 +13,8 @@ import pytest
 from PIL import Image
 
 import kontext_batch.cli as cli
+import kontext_batch.runner
+import kontext_batch.servers
 from fake_comfy import FakeComfy, object_info_for, output_bytes
 from kontext_batch.client import server_urls
 from kontext_batch.errors import BatchError
@@ -217,6 +219,60 @@ def test_every_server_down_stops_with_exit_2_and_a_rerun_resumes(photos, tmp_pat
     jobs = load_jobs([photos], prompts=["night"])
     assert_outputs(out, jobs, "night")
     assert all(count == 1 for count in finished_per_job(servers).values())
+
+
+class FakeClock:
+    """time.monotonic and time.sleep for the runner and the server pool: a sleep moves the clock at once."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def monotonic(self):
+        return self.now
+
+    def sleep(self, seconds):
+        assert seconds >= 0
+        self.now += seconds
+
+
+def test_the_wait_for_a_server_to_come_back_ends_at_wait_for_servers(photos, tmp_path, capsys, monkeypatch):
+    """With every server down, the run stops once --wait-for-servers has passed, not at the end of the nap or
+    back-off under way then (the default back-off: 2 s, then 4 s; the limit falls between two tries)."""
+    clock = FakeClock()
+    monkeypatch.setattr(kontext_batch.runner, "time", clock)
+    monkeypatch.setattr(kontext_batch.servers, "time", clock)
+    servers = fakes("gpu0", "gpu1")
+    by_url = {server.base_url: server for server in servers}
+    monkeypatch.setattr(cli, "ComfyClient", lambda url, timeout: by_url[url])
+    down_at = []
+
+    def power_cut(event):
+        if event["type"] == "execution_success" and not down_at:
+            down_at.append(clock.now)
+            for server in servers:
+                server.kill()
+
+    for server in servers:
+        server.on_event = power_cut
+    wait_s = 2.5
+    code = cli.main([str(photos), "-o", str(tmp_path / "out"), "-p", "night", "--url", "http://gpu0:8188",
+                     "--url", "http://gpu1:8188", "--wait-for-servers", str(wait_s), "-q"])
+    assert code == 2
+    assert "no ComfyUI server answers (gpu0:8188: [Errno 111] Connection refused" in capsys.readouterr().err
+    waited = clock.now - down_at[0]
+    assert wait_s <= waited <= wait_s + 0.01
+
+
+def test_object_info_is_asked_once_per_server_in_a_run(photos, tmp_path, monkeypatch):
+    servers = fakes("gpu0", "gpu1")
+    by_url = {server.base_url: server for server in servers}
+    monkeypatch.setattr(cli, "ComfyClient", lambda url, timeout: by_url[url])
+    args = [str(photos), "-p", "x", "--url", "http://gpu0:8188", "--url", "http://gpu1:8188", "-q"]
+    assert cli.main(args + ["-o", str(tmp_path / "dry"), "--dry-run"]) == 0
+    assert [server.object_info_asked for server in servers] == [1, 1]
+    assert cli.main(args + ["-o", str(tmp_path / "out")]) == 0
+    assert [server.object_info_asked for server in servers] == [2, 2]  # one more each: a new run
+    assert all(server.queued for server in servers)
 
 
 def test_resume_asks_each_turn_of_the_server_it_went_to(photos, tmp_path):
