@@ -531,7 +531,7 @@ def test_bad_files_are_explained(tiny_transformer, tmp_path):
     # A LoRA for the full-size model (or another model) does not fit the tiny one.
     wide = {f"transformer.transformer_blocks.0.attn.to_q.lora_{n}.weight": torch.zeros(s) for n, s in
             (("A", (4, 3072)), ("B", (3072, 4)))}
-    with pytest.raises(LoraError, match="does not fit this model.*hidden size is 128"):
+    with pytest.raises(LoraError, match="does not fit this model.*hidden size is 128.*Use a LoRA made for this model"):
         apply_lora(tiny_transformer, lora_from_state_dict(wide, "wide"))
     deep = {f"transformer.single_transformer_blocks.30.proj_out.lora_{n}.weight": torch.zeros(4, 4) for n in "AB"}
     with pytest.raises(LoraError, match="layers this model does not have.*single_blocks.30.linear2"):

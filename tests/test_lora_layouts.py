@@ -597,6 +597,44 @@ def test_lora_of_unknown_modules_only_is_refused():
         lora_from_state_dict({**_pair("lora_unet_mystery_layer"), **_pair("adapter.proj")}, "mystery")
 
 
+# The next step of a refusal for tensors no FLUX.1 LoRA has: another LoRA, the file again, or a report.
+NEXT_STEP = (r"Use a LoRA made for FLUX.1 \(Kontext\) \[dev\]; if this file is one, download it again, and if it still "
+             r"fails while other tools load it, report it at https://github.com/comfyui-kontext/comfyui-kontext/issues")
+
+
+def test_rows_that_do_not_split_into_the_fused_parts_say_what_to_do():
+    xlabs = "single_blocks.0.processor.qkv_lora"  # q, k and v of linear1 stacked: rows a multiple of 3
+    tensors = {f"{xlabs}.down.weight": torch.zeros(4, 8), f"{xlabs}.up.weight": torch.zeros(8, 4)}
+    with pytest.raises(LoraError, match=r"has 8 rows, which do not split into 3 equal parts \(one for each "
+                                        r"projection of single_blocks.0.linear1 it updates\); the file is damaged "
+                                        r"or made for another model. " + NEXT_STEP):
+        lora_from_state_dict(tensors, "xlabs")
+
+
+def test_an_odd_norm_out_says_what_to_do():
+    # diffusers' norm_out.linear is (scale, shift): its rows swap halves, so there must be an even number.
+    tensors = _pair("transformer.norm_out.linear", rows=7)
+    with pytest.raises(LoraError, match=r"norm_out.linear should have an even number of rows \(scale and shift\), "
+                                        r"has 7; the file is damaged or made for another model. " + NEXT_STEP):
+        lora_from_state_dict(tensors, "odd")
+
+
+def test_a_bias_for_a_norm_says_what_to_do():
+    tensors = {"diffusion_model.double_blocks.0.img_attn.norm.query_norm.diff_b": torch.zeros(8)}
+    with pytest.raises(LoraError, match=r"changes a bias of double_blocks.0.img_attn.norm.query_norm, a norm without "
+                                        r"one; the file is not a FLUX.1 LoRA. " + NEXT_STEP):
+        lora_from_state_dict(tensors, "norm bias")
+
+
+def test_a_text_encoder_only_lora_says_what_to_do():
+    tensors = {**_pair("lora_te1_text_model_encoder_layers_0_mlp_fc1"),
+               **_pair("lora_te1_text_model_encoder_layers_1_mlp_fc1")}
+    with pytest.raises(LoraError, match=r"only holds text-encoder LoRA weights \(lora_te1_\w+ and 1 more\); LoRAs "
+                                        r"are applied to the transformer only, so there is nothing to apply. Use a "
+                                        r"LoRA that trains the FLUX.1 \(Kontext\) \[dev\] transformer"):
+        lora_from_state_dict(tensors, "text encoder only")
+
+
 def test_merging_in_chunks_that_cut_through_spans_and_differences(tiny_transformer, monkeypatch):
     """At full size a merge runs a few thousand rows at a time, so fused layers' spans and `.diff` blocks are cut
     by chunk borders; the tiny model's layers fit in one chunk, so here a chunk is made a single row."""

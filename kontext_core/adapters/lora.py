@@ -207,7 +207,8 @@ def _resolve(model: nn.Module, lora: LoraWeights, dtype_for: Callable[[nn.Module
         raise LoraError(
             f"{lora.name} does not fit this model: {len(mismatched)} shapes differ "
             f"(first: {'; '.join(mismatched[:2])}). "
-            f"The model's hidden size is {model.config.hidden_size}; the LoRA was made for another model."
+            f"The model's hidden size is {model.config.hidden_size}; the LoRA was made for another model. "
+            "Use a LoRA made for this model."
         )
     return resolved, changes
 

@@ -47,7 +47,7 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 
-from ..checkpoints.files import CheckpointError, open_file
+from ..checkpoints.files import CheckpointError, first_few, open_file
 from ..checkpoints.key_maps import transformer_links
 from ..checkpoints.layouts import describe_file
 from ..model.config import TransformerConfig
@@ -57,6 +57,14 @@ __all__ = ["LoraError", "LoraPart", "LoraWeights", "TensorChange", "load_lora", 
 
 class LoraError(CheckpointError):
     """A LoRA file that cannot be read, or that does not fit the model. The message says what to do."""
+
+
+_USE_A_FLUX_LORA = "Use a LoRA made for FLUX.1 (Kontext) [dev]."
+# For a file whose tensors no FLUX.1 LoRA could have: most likely one for another model, or damaged; if neither,
+# a layout this reader gets wrong, which only its user can show us.
+_FOREIGN_OR_DAMAGED = ("Use a LoRA made for FLUX.1 (Kontext) [dev]; if this file is one, download it again, and if "
+                       "it still fails while other tools load it, report it at "
+                       "https://github.com/comfyui-kontext/comfyui-kontext/issues.")
 
 
 @dataclass(frozen=True)
@@ -338,10 +346,6 @@ def _split_key(key: str) -> tuple[str, str]:
     return key, "other"
 
 
-def _first(names: list[str], count: int = 3) -> str:
-    return ", ".join(names[:count]) + (", ..." if len(names) > count else "")
-
-
 def _parse(keys: list[str], get: Callable[[str], torch.Tensor], metadata: Mapping[str, str],
            name: str) -> LoraWeights:
     if not keys:
@@ -377,8 +381,8 @@ def _parse(keys: list[str], get: Callable[[str], torch.Tensor], metadata: Mappin
     if other is not None:
         foreign = sorted(s for s in modules if not _is_text_encoder(s) and _resolve_module(s) is None)
         raise LoraError(
-            f"{name} is not a FLUX.1 LoRA: its modules ({_first(foreign or sorted(modules))}) look like {other}. "
-            "Use a LoRA made for FLUX.1 (Kontext) [dev]."
+            f"{name} is not a FLUX.1 LoRA: its modules ({first_few(foreign or sorted(modules), 3)}) look like "
+            f"{other}. {_USE_A_FLUX_LORA}"
         )
     skipped = sorted(stem for stem in modules if _is_text_encoder(stem))
     resolved = {stem: _resolve_module(stem) for stem in modules if stem not in skipped}
@@ -386,19 +390,19 @@ def _parse(keys: list[str], get: Callable[[str], torch.Tensor], metadata: Mappin
     resolved = {stem: found for stem, found in resolved.items() if found is not None}
     if not resolved:
         if not unmatched:
-            raise LoraError(f"{name} only holds text-encoder LoRA weights ({skipped[0]}, ...); "
-                            "there is nothing to apply to the transformer.")
+            raise LoraError(f"{name} only holds text-encoder LoRA weights ({first_few(skipped, 1)}); LoRAs are "
+                            "applied to the transformer only, so there is nothing to apply. Use a LoRA that trains "
+                            "the FLUX.1 (Kontext) [dev] transformer.")
         raise LoraError(
             f"{name} has {len(unmatched)} LoRA modules and none is a layer of the FLUX transformer (first: "
-            f"{_first(unmatched)}); it looks like a LoRA for another model. Use a LoRA made for "
-            "FLUX.1 (Kontext) [dev]."
+            f"{first_few(unmatched, 3)}); it looks like a LoRA for another model. {_USE_A_FLUX_LORA}"
         )
     if skipped:
         warnings.warn(f"{name}: {len(skipped)} text-encoder LoRA modules skipped (first: {skipped[0]}); "
                       "only the transformer part is applied.", stacklevel=3)
     if unmatched:
         warnings.warn(f"{name}: {len(unmatched)} modules are no part of the FLUX transformer and are not applied: "
-                      f"{_first(unmatched, 20)}", stacklevel=3)
+                      f"{first_few(unmatched, 20)}", stacklevel=3)
 
     builder = _Builder(name, get, _PeftAlpha.from_metadata(metadata))
     for stem, (targets, param) in resolved.items():
@@ -434,7 +438,8 @@ class _Builder:
             if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
                 raise LoraError(
                     f"{name}: {stem} has down {list(down.shape)} and up {list(up.shape)}; a linear LoRA needs "
-                    "down [rank, in] and up [out, rank] (a convolutional LoRA is for another kind of model)."
+                    "down [rank, in] and up [out, rank] (a convolutional LoRA is for another kind of model). "
+                    f"{_FOREIGN_OR_DAMAGED}"
                 )
             rank = down.shape[0]
             if "alpha" in roles:
@@ -447,7 +452,7 @@ class _Builder:
                 self._claim(target.layer, target.part, stem, "the LoRA")
                 if target.kind != "linear":
                     raise LoraError(f"{name}: {stem} is a LoRA on a norm ({target.layer}), which has no weight "
-                                    "matrix; the file is not a FLUX.1 LoRA.")
+                                    f"matrix; the file is not a FLUX.1 LoRA. {_FOREIGN_OR_DAMAGED}")
                 self.layers.setdefault(target.layer, []).append(
                     LoraPart(down, self._rows(up, target, stem).contiguous(), target.part, stem))
         for role, key in roles.items():
@@ -476,12 +481,14 @@ class _Builder:
             index, count = target.chunk
             if tensor.shape[0] % count:
                 raise LoraError(f"{self.name}: {stem} has {tensor.shape[0]} rows, which do not split into "
-                                f"{count} equal parts.")
+                                f"{count} equal parts (one for each projection of {target.layer} it updates); the "
+                                f"file is damaged or made for another model. {_FOREIGN_OR_DAMAGED}")
             tensor = tensor.chunk(count, dim=0)[index]
         if target.swap_halves:
             if tensor.shape[0] % 2:
                 raise LoraError(f"{self.name}: {stem} should have an even number of rows (scale and shift), "
-                                f"has {tensor.shape[0]}.")
+                                f"has {tensor.shape[0]}; the file is damaged or made for another model. "
+                                f"{_FOREIGN_OR_DAMAGED}")
             scale_rows, shift_rows = tensor.chunk(2, dim=0)
             tensor = torch.cat((shift_rows, scale_rows), dim=0)
         return tensor
@@ -489,7 +496,7 @@ class _Builder:
     def _change(self, target: _Target, param: str, value: torch.Tensor, kind: str, key: str) -> None:
         if param == "bias" and target.kind == "norm":
             raise LoraError(f"{self.name}: {key} changes a bias of {target.layer}, a norm without one; "
-                            "the file is not a FLUX.1 LoRA.")
+                            f"the file is not a FLUX.1 LoRA. {_FOREIGN_OR_DAMAGED}")
         parameter = f"{target.layer}.{param}"
         self._claim(parameter, target.part, key, "a change")
         self.changes.setdefault(parameter, []).append(
@@ -508,7 +515,7 @@ class _Builder:
         if self.whole:
             raise LoraError(
                 f"{name} holds {len(self.whole)} whole weights of linear layers beside its LoRA weights (first: "
-                f"{_first(sorted(self.whole))}); a LoRA holds lora_A/lora_B (lora_down/lora_up) pairs, .diff / "
+                f"{first_few(sorted(self.whole), 3)}); a LoRA holds lora_A/lora_B (lora_down/lora_up) pairs, .diff / "
                 ".diff_b differences and (control LoRAs) norm scales. Use the model file as a model, or a LoRA "
                 "that holds only those."
             )

@@ -51,6 +51,12 @@ def _refuse_other_formats(path: Path, head: bytes) -> None:
         )
 
 
+def first_few(names: list[str], count: int = 5) -> str:
+    """`a, b, c and 4 more`: the first `count` of a list of tensor or module names, for an error message."""
+    more = f" and {len(names) - count} more" if len(names) > count else ""
+    return ", ".join(names[:count]) + more
+
+
 def refuse_lone_shard(name: str, what: str = "model") -> None:
     """A file named like one shard of a sharded set cannot be loaded alone: say to pass the folder."""
     if _SHARD_NAME.search(name):

@@ -25,7 +25,7 @@ from .canonical import (
     infer_autoencoder_config,
     infer_transformer_config,
 )
-from .files import CheckpointError, TensorSource, open_file, open_sharded, refuse_lone_shard
+from .files import CheckpointError, TensorSource, first_few, open_file, open_sharded, refuse_lone_shard
 from .layouts import describe_file, find_autoencoder, find_transformer, is_whole_checkpoint, other_diffusion_model
 
 _DTYPES = {
@@ -75,12 +75,6 @@ def _model_files(path: Path, component: str) -> TensorSource:
     )
 
 
-def _first(items, count: int = 5) -> str:
-    items = sorted(items)
-    more = f" and {len(items) - count} more" if len(items) > count else ""
-    return ", ".join(items[:count]) + more
-
-
 def _check_keys(view: CanonicalTensors, expected: set[str], what: str, optional: set[str]) -> None:
     missing = sorted((expected - view.keys()) | set(view.missing))
     unexpected = sorted(set(view.unused) | (view.keys() - expected - optional))
@@ -88,13 +82,13 @@ def _check_keys(view: CanonicalTensors, expected: set[str], what: str, optional:
         refuse_lone_shard(view.name)
     if missing:
         raise CheckpointError(
-            f"{view.name} is missing {len(missing)} tensors a {what} needs (first: {_first(missing)}). "
+            f"{view.name} is missing {len(missing)} tensors a {what} needs (first: {first_few(missing)}). "
             f"{describe_file(view.keys(), view.name)}; the file may be truncated or a different model. "
             "Download the file again or pick the right one."
         )
     if unexpected:
         raise CheckpointError(
-            f"{view.name} has {len(unexpected)} tensors a {what} does not have (first: {_first(unexpected)}); "
+            f"{view.name} has {len(unexpected)} tensors a {what} does not have (first: {first_few(unexpected)}); "
             "it is a different model variant. Pick a FLUX.1 Kontext [dev] or FLUX.1 [dev] file."
         )
 

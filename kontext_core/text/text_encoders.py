@@ -24,7 +24,7 @@ from torch import nn
 from transformers import (AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel,
                           T5Tokenizer)
 
-from ..checkpoints.files import CheckpointError, TensorSource, open_file, open_sharded, refuse_lone_shard
+from ..checkpoints.files import CheckpointError, TensorSource, first_few, open_file, open_sharded, refuse_lone_shard
 from ..checkpoints.layouts import describe, describe_file
 from ..checkpoints.loading import resolve_dtype
 
@@ -124,18 +124,27 @@ def _clip_prefixes(keys: set[str]) -> list[str]:
 
 @dataclass(frozen=True)
 class _EncoderKind:
-    """What the loaders need to find one text encoder in a file and to name the other when it is that."""
+    """One text encoder as the shared loading and fit-check steps need it: how to find it in a file, build it
+    and check it, and what messages call it and the files to use instead (also when the other one is given)."""
 
     name: str  # "T5-XXL"
     short: str  # "T5"
+    trained_with: str  # "T5-XXL v1.1": the exact model FLUX was trained with
     prefixes: Callable[[set[str]], list[str]]
     files: str
     argument: str
     diffusers_folder: str
+    model_cls: type[nn.Module]
+    config_cls: type
+    infer_config: Callable[[_Weights], object]
+    file_names: Callable[[str], tuple[str, ...]]  # model key -> the names a file may store it under
+    check_fits: Callable[..., None]
 
-
-_T5 = _EncoderKind("T5-XXL", "T5", _t5_prefixes, _T5_FILES, "t5_path", "text_encoder_2")
-_CLIP = _EncoderKind("CLIP-L", "CLIP", _clip_prefixes, _CLIP_FILES, "clip_path", "text_encoder")
+    @property
+    def fix(self) -> str:
+        """The next step when a file is not the encoder FLUX reads."""
+        return (f"Use {self.trained_with}: {self.files} (ComfyUI's models/text_encoders), or a diffusers "
+                f"{self.diffusers_folder}/ folder.")
 
 
 def _encoder_prefix(weights: _Weights, path: Path, wanted: _EncoderKind, other: _EncoderKind) -> str:
@@ -258,12 +267,12 @@ def _sources_for(weights: _Weights, model: nn.Module,
 
 
 def _validate(weights: _Weights, model: nn.Module, needed: dict[str, str], missing: list[str], known: set[str],
-              what: str, usual_files: str) -> None:
+              kind: _EncoderKind) -> None:
+    what = f"{kind.short} text encoder"
     if missing:
         refuse_lone_shard(weights.name, "text encoder")
-        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise CheckpointError(
-            f"{weights.name} is missing {len(missing)} tensors a {what} needs (first: {', '.join(missing[:5])}{more}); "
+            f"{weights.name} is missing {len(missing)} tensors a {what} needs (first: {first_few(missing)}); "
             "the file is truncated or a different model. Download it again or pick the right file."
         )
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -273,7 +282,7 @@ def _validate(weights: _Weights, model: nn.Module, needed: dict[str, str], missi
             raise CheckpointError(
                 f"{weights.name}: tensor {file_key} is stored as {info.dtype}, which this loader does not read; "
                 f"text encoders load from float16 / bfloat16 / float32 or float8 (plain or scaled) safetensors. "
-                f"Use {usual_files}."
+                f"Use {kind.files}."
             )
         if info.shape != shapes[key]:
             raise CheckpointError(
@@ -324,13 +333,13 @@ def _read(weights: _Weights, file_key: str, dtype: torch.dtype, device: torch.de
     return tensor.clone() if tensor.data_ptr() == stored.data_ptr() else tensor
 
 
-def _fill(model_cls, config, weights: _Weights, names: Callable[[str], tuple[str, ...]], dtype: torch.dtype,
-          device: torch.device, what: str, usual_files: str) -> nn.Module:
-    """Build on the meta device, then read each tensor (found under `names(model_key)`) to dtype and device."""
+def _fill(kind: _EncoderKind, config, weights: _Weights, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """Build on the meta device, then read each tensor (found under `kind.file_names(model_key)`) to dtype and
+    device."""
     with torch.device("meta"):
-        model = model_cls(config)
-    needed, missing, known = _sources_for(weights, model, names)
-    _validate(weights, model, needed, missing, known, what, usual_files)
+        model = kind.model_cls(config)
+    needed, missing, known = _sources_for(weights, model, kind.file_names)
+    _validate(weights, model, needed, missing, known, kind)
     # transformers keeps these (T5's `wo`) in float32 when loading in float16: their activations overflow it.
     keep_fp32 = set(getattr(model, "_keep_in_fp32_modules", None) or ()) if dtype == torch.float16 else set()
     read: dict[str, torch.Tensor] = {}
@@ -345,7 +354,7 @@ def _fill(model_cls, config, weights: _Weights, names: Callable[[str], tuple[str
         if buffer.is_meta:
             # Non-persistent buffers are not in any file; CLIP's only one is its position index.
             if not name.endswith("position_ids"):
-                raise RuntimeError(f"{model_cls.__name__} has a buffer {name} this loader cannot fill")
+                raise RuntimeError(f"{kind.model_cls.__name__} has a buffer {name} this loader cannot fill")
             module_name, _, attr = name.rpartition(".")
             module = model.get_submodule(module_name)
             positions = torch.arange(buffer.shape[-1], device=device).expand(buffer.shape)
@@ -380,51 +389,41 @@ def _source_name(config, fallback: str) -> str:
     return Path(config.name_or_path).name if getattr(config, "name_or_path", "") else fallback
 
 
+def _check_fits(config, name: str | None, kind: _EncoderKind, layout: dict[str, object],
+                flux_layout: dict[str, object], wanted: int, *, wrong_width: str, not_flux: str) -> None:
+    """Refuse an encoder whose width is not the `wanted` one; against a full-size FLUX transformer also one whose
+    layout differs from FLUX's. `wrong_width` and `not_flux` say, for each refusal, what the encoder is instead."""
+    name = name or _source_name(config, f"the {kind.short} text encoder")
+    if layout["width"] != wanted:
+        raise CheckpointError(f"{name}: {kind.short} with hidden size {layout['width']}, {wrong_width}. {kind.fix}")
+    if wanted != flux_layout["width"]:
+        return  # a test-sized transformer: only the width is known to matter
+    differences = [f"{key} {value} ({kind.trained_with}: {flux_layout[key]})" for key, value in layout.items()
+                   if value != flux_layout[key]]
+    if differences:
+        raise CheckpointError(f"{name}: a {kind.short} with {', '.join(differences)}: {not_flux}. {kind.fix}")
+
+
 def check_t5_fits(config: T5Config, transformer_config, name: str | None = None) -> None:
     """Refuse a T5 the transformer cannot read: its width against `context_in_dim`; for a full-size FLUX
     transformer (4096-wide text features) also T5-XXL v1.1's vocabulary and layers. `name`: the file."""
-    name = name or _source_name(config, "the T5 text encoder")
-    width, wanted = config.d_model, transformer_config.context_in_dim
-    known = _T5_BY_VOCABULARY.get(config.vocab_size) or _T5_BY_WIDTH.get(width, f"a T5 {width} wide")
-    fix = f"Use T5-XXL v1.1: {_T5_FILES} (ComfyUI's models/text_encoders), or a diffusers text_encoder_2/ folder."
-    if width != wanted:
-        raise CheckpointError(
-            f"{name}: T5 with hidden size {width}, that is {known}; this transformer reads {wanted}-wide text "
-            f"features (FLUX: T5-XXL, 4096). {fix}"
-        )
-    if wanted != t5_xxl_config().d_model:
-        return  # a test-sized transformer: only the width is known to matter
-    flux = _t5_layout(t5_xxl_config())
-    differences = [f"{key} {value} (T5-XXL v1.1: {flux[key]})" for key, value in _t5_layout(config).items()
-                   if value != flux[key]]
-    if differences:
-        raise CheckpointError(
-            f"{name}: a T5 with {', '.join(differences)}: that is {known}, not the T5-XXL v1.1 FLUX was trained "
-            f"with. {fix}"
-        )
+    wanted = transformer_config.context_in_dim
+    known = _T5_BY_VOCABULARY.get(config.vocab_size) or _T5_BY_WIDTH.get(config.d_model, f"a T5 {config.d_model} wide")
+    _check_fits(config, name, _T5, _t5_layout(config), _t5_layout(t5_xxl_config()), wanted,
+                wrong_width=f"that is {known}; this transformer reads {wanted}-wide text features (FLUX: T5-XXL, 4096)",
+                not_flux=f"that is {known}, not the T5-XXL v1.1 FLUX was trained with")
 
 
 def check_clip_fits(config: CLIPTextConfig, transformer_config, name: str | None = None) -> None:
     """Refuse a CLIP the transformer cannot read: its width against `vec_in_dim`; for a full-size FLUX
     transformer (a 768-wide pooled vector) also CLIP-L's vocabulary and layers (any context length: LongCLIP-L
     is CLIP-L with 248 positions). `name`: the file."""
-    name = name or _source_name(config, "the CLIP text encoder")
-    width, wanted = config.hidden_size, transformer_config.vec_in_dim
-    known = _CLIP_BY_WIDTH.get(width, f"a CLIP {width} wide")
-    fix = f"Use CLIP-L: {_CLIP_FILES} (ComfyUI's models/text_encoders), or a diffusers text_encoder/ folder."
-    if width != wanted:
-        raise CheckpointError(
-            f"{name}: CLIP with hidden size {width}, that is {known}, not what this transformer reads: a "
-            f"{wanted}-wide pooled vector (FLUX: CLIP-L, 768). {fix}"
-        )
-    if wanted != clip_l_config().hidden_size:
-        return
-    flux = _clip_layout(clip_l_config())
-    differences = [f"{key} {value} (CLIP-L: {flux[key]})" for key, value in _clip_layout(config).items()
-                   if value != flux[key]]
-    if differences:
-        raise CheckpointError(f"{name}: a CLIP with {', '.join(differences)}: not the CLIP-L FLUX was trained with. "
-                              f"{fix}")
+    wanted = transformer_config.vec_in_dim
+    known = _CLIP_BY_WIDTH.get(config.hidden_size, f"a CLIP {config.hidden_size} wide")
+    _check_fits(config, name, _CLIP, _clip_layout(config), _clip_layout(clip_l_config()), wanted,
+                wrong_width=f"that is {known}, not what this transformer reads: a {wanted}-wide pooled vector "
+                            "(FLUX: CLIP-L, 768)",
+                not_flux="not the CLIP-L FLUX was trained with")
 
 
 def check_text_encoders_fit(encoders, transformer_config) -> None:
@@ -441,6 +440,51 @@ def check_text_encoders_fit(encoders, transformer_config) -> None:
 # Loading
 
 
+def _t5_file_names(key: str) -> tuple[str, ...]:
+    # Some files store only `shared.weight`, others only `encoder.embed_tokens.weight`: they are one tensor.
+    embedding = ("shared.weight", "encoder.embed_tokens.weight")
+    return embedding if key in embedding else (key,)
+
+
+def _clip_file_names(key: str) -> tuple[str, ...]:
+    # transformers 4 nested the model under `text_model.`; files keep that name, and the prefix holds it.
+    return (key.removeprefix("text_model."),)
+
+
+_T5 = _EncoderKind(
+    name="T5-XXL", short="T5", trained_with="T5-XXL v1.1", prefixes=_t5_prefixes, files=_T5_FILES,
+    argument="t5_path", diffusers_folder="text_encoder_2", model_cls=T5EncoderModel, config_cls=T5Config,
+    infer_config=_infer_t5_config, file_names=_t5_file_names, check_fits=check_t5_fits,
+)
+_CLIP = _EncoderKind(
+    name="CLIP-L", short="CLIP", trained_with="CLIP-L", prefixes=_clip_prefixes, files=_CLIP_FILES,
+    argument="clip_path", diffusers_folder="text_encoder", model_cls=CLIPTextModel, config_cls=CLIPTextConfig,
+    infer_config=_infer_clip_config, file_names=_clip_file_names, check_fits=check_clip_fits,
+)
+
+
+def _load_encoder(path: str | os.PathLike, kind: _EncoderKind, other: _EncoderKind, config,
+                  dtype: str | torch.dtype | None, device: str | torch.device, transformer_config,
+                  refuse: Callable[[object, Path], None] | None = None) -> nn.Module:
+    """The steps both encoders share: the dtype checked, the file read, the encoder found in it, its config
+    (given, the folder's config.json, or read from the shapes) named after the file, `refuse(config, path)` for
+    an encoder's own refusals, the fit with `transformer_config` checked, then the weights read."""
+    path = Path(path)
+    compute_dtype = _check_dtype(dtype)
+    weights = _open_weights(path, kind.diffusers_folder)
+    weights.prefix = _encoder_prefix(weights, path, kind, other)
+    if config is not None:
+        config = copy.deepcopy(config)  # about to be named after this file
+    else:
+        config = _folder_config(weights, kind.config_cls) or kind.infer_config(weights)
+    config.name_or_path = weights.name  # what later messages call it
+    if refuse is not None:
+        refuse(config, path)
+    if transformer_config is not None:
+        kind.check_fits(config, transformer_config)
+    return _fill(kind, config, weights, compute_dtype, torch.device(device))
+
+
 def load_t5_encoder(path: str | os.PathLike, *, config: T5Config | None = None,
                     dtype: str | torch.dtype | None = "bf16", device: str | torch.device = "cpu",
                     transformer_config=None) -> T5EncoderModel:
@@ -449,23 +493,17 @@ def load_t5_encoder(path: str | os.PathLike, *, config: T5Config | None = None,
     The config: `config` if given, else the folder's config.json, else read from the tensor shapes.
     `transformer_config`: the transformer it will condition, checked against before any weight is read.
     """
-    path = Path(path)
-    compute_dtype = _check_dtype(dtype)
-    weights = _open_weights(path, _T5.diffusers_folder)
-    weights.prefix = _encoder_prefix(weights, path, _T5, _CLIP)
-    if config is not None:
-        config = copy.deepcopy(config)  # about to be named after this file
-    else:
-        config = _folder_config(weights, T5Config) or _infer_t5_config(weights)
-    config.name_or_path = weights.name  # what later messages call it
-    if transformer_config is not None:
-        check_t5_fits(config, transformer_config)
-    # Some files store only `shared.weight`, others only `encoder.embed_tokens.weight`: they are one tensor.
-    embedding = ("shared.weight", "encoder.embed_tokens.weight")
-    model = _fill(T5EncoderModel, config, weights, lambda key: embedding if key in embedding else (key,),
-                  compute_dtype, torch.device(device), f"{_T5.short} text encoder", _T5.files)
+    model = _load_encoder(path, _T5, _CLIP, config, dtype, device, transformer_config)
     model.set_input_embeddings(model.shared)
     return model
+
+
+def _refuse_clip_g(config: CLIPTextConfig, path: Path) -> None:
+    if config.hidden_size == 1280:  # OpenCLIP ViT-bigG's text tower: never FLUX's, whatever the transformer
+        raise CheckpointError(
+            f"{path.name} is CLIP-G (SDXL's / SD3's larger CLIP, 1280 wide); FLUX pairs T5-XXL with CLIP-L "
+            "(clip_l.safetensors, 768 wide). Choose the CLIP-L file."
+        )
 
 
 def load_clip_encoder(path: str | os.PathLike, *, config: CLIPTextConfig | None = None,
@@ -476,25 +514,7 @@ def load_clip_encoder(path: str | os.PathLike, *, config: CLIPTextConfig | None 
     `text_projection.weight` and `logit_scale`, which some files carry, are not part of it and are ignored.
     `transformer_config`: the transformer it will condition, checked against before any weight is read.
     """
-    path = Path(path)
-    compute_dtype = _check_dtype(dtype)
-    weights = _open_weights(path, _CLIP.diffusers_folder)
-    weights.prefix = _encoder_prefix(weights, path, _CLIP, _T5)
-    if config is not None:
-        config = copy.deepcopy(config)  # about to be named after this file
-    else:
-        config = _folder_config(weights, CLIPTextConfig) or _infer_clip_config(weights)
-    config.name_or_path = weights.name
-    if config.hidden_size == 1280:  # OpenCLIP ViT-bigG's text tower: never FLUX's, whatever the transformer
-        raise CheckpointError(
-            f"{path.name} is CLIP-G (SDXL's / SD3's larger CLIP, 1280 wide); FLUX pairs T5-XXL with CLIP-L "
-            "(clip_l.safetensors, 768 wide). Choose the CLIP-L file."
-        )
-    if transformer_config is not None:
-        check_clip_fits(config, transformer_config)
-    # transformers 4 nested the model under `text_model.`; files keep that name, and the prefix holds it.
-    return _fill(CLIPTextModel, config, weights, lambda key: (key.removeprefix("text_model."),),
-                 compute_dtype, torch.device(device), f"{_CLIP.short} text encoder", _CLIP.files)
+    return _load_encoder(path, _CLIP, _T5, config, dtype, device, transformer_config, refuse=_refuse_clip_g)
 
 
 # ---------------------------------------------------------------------------------------------------------
