@@ -25,7 +25,7 @@ from PIL import Image, UnidentifiedImageError
 from .compute.attention import ATTENTION_BACKENDS, get_attention_backend, set_attention_backend
 from .checkpoints import CheckpointError, inspect_model, load_autoencoder, load_transformer
 from .files_out import write_json_atomic, write_png_atomic
-from .image import FIT_MODES, RESIZE_MODES
+from .image import FIT_MODES, RESIZE_MODES, STITCH_DIRECTIONS
 from .launch import Launch, from_environment, process_device, process_group
 from .masks import DEFAULT_CONTEXT_MARGIN
 from .checkpoints.model_files import ModelFiles, ModelFilesNotFound, find_model_files
@@ -107,7 +107,19 @@ def _settings(args: argparse.Namespace):
 
     return GenerationSettings(steps=args.steps, guidance=args.guidance, seed=args.seed, denoise=args.denoise,
                               sampler=args.sampler, true_cfg=args.true_cfg, negative_prompt=args.negative,
-                              placement=args.placement, cache=_step_cache(args))
+                              placement=args.placement, stitch_direction=_stitch_direction(args),
+                              cache=_step_cache(args))
+
+
+def _stitch_direction(args: argparse.Namespace) -> str:
+    """--stitch-direction, which only the stitch placement reads: beside another placement it would be silently
+    ignored, so it is refused (before any model loads) instead."""
+    if args.stitch_direction is None:
+        return STITCH_DIRECTIONS[0]
+    if args.placement != "stitch":
+        raise SystemExit(f"error: --stitch-direction only applies to --placement stitch (the placement is "
+                         f"{args.placement}): add --placement stitch or drop --stitch-direction")
+    return args.stitch_direction
 
 
 def _step_cache(args: argparse.Namespace) -> StepCache | None:
@@ -306,8 +318,12 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
     gen.add_argument("--true-cfg", type=float, default=1.0, help="true CFG scale (with --sampler true_cfg)")
     gen.add_argument("--negative", default="", help="negative prompt (with --sampler true_cfg)")
     gen.add_argument("--placement", choices=PLACEMENTS, default="kontext",
-                     help="how reference images are placed; stitch / stitch_down join them into one context image "
-                          "side by side / one below the other")
+                     help="how reference images are placed; stitch joins them into one context image (see "
+                          "--stitch-direction)")
+    gen.add_argument("--stitch-direction", choices=STITCH_DIRECTIONS, default=None,
+                     help="only with --placement stitch (refused with another placement): join the images side by "
+                          "side, the others resized to the first's height (right, the default), or one below the "
+                          "other, resized to its width (down)")
     gen.add_argument("--batch", type=int, default=1)
     gen.add_argument("--cache", choices=(OFF, *CACHE_MODES), default=OFF,
                      help="skip the blocks on steps whose input barely changed (approximate; compare with an "

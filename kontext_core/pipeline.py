@@ -21,13 +21,13 @@ from .placement import tiling
 from .model.autoencoder import Autoencoder
 from .compute.cuda_graph import GraphedVelocity
 from .adapters.lora import apply_lora
-from .image import (FIT_MODES, RESIZE_MODES, from_unit_images, pixels_to_unit, prepare_image, stitch_images,
-                    target_size, to_pil, unit_images)
+from .image import (FIT_MODES, RESIZE_MODES, STITCH_DIRECTIONS, from_unit_images, pixels_to_unit, prepare_image,
+                    stitch_images, target_size, to_pil, unit_images)
 from .masks import DEFAULT_CONTEXT_MARGIN, LatentInpaint, MaskedEdit, as_mask, composite, fit_mask
 from .sampling import SAMPLER_MODES, StepCallback, TextConditioning, denoise_schedule, noise_latent, sample_euler
 from .text.text_encoders import check_text_encoders_fit
 from .step_cache import OFF, CacheStats, StepCache
-from .model.tokens import PLACEMENTS, STITCH_PLACEMENTS, context_tokens, pack_latent, position_ids, unpack_tokens
+from .model.tokens import PLACEMENTS, context_tokens, pack_latent, position_ids, unpack_tokens
 from .model.transformer import KontextTransformer
 
 DEFAULT_GUIDANCE = 2.5  # Kontext [dev]'s recommended distilled guidance
@@ -55,6 +55,9 @@ class GenerationSettings:
     true_cfg: float = 1.0
     negative_prompt: str = ""
     placement: str = "kontext"
+    # How the 'stitch' placement joins the images: "right" (side by side) or "down" (one below the other). Other
+    # placements never read it; it stays in the settings so a record says how a stitched context was made.
+    stitch_direction: str = "right"
     # Step caching (kontext_core/step_cache.py): "first-block:0.12", "teacache:0.4" or "off". A StepCache is
     # accepted too and kept as its text, so the settings stay plain data (metadata, session history).
     cache: str = OFF
@@ -66,6 +69,9 @@ class GenerationSettings:
             raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLER_MODES)}")
         if self.placement not in PLACEMENTS:
             raise ValueError(f"unknown placement {self.placement!r}; choose one of {', '.join(PLACEMENTS)}")
+        if self.stitch_direction not in STITCH_DIRECTIONS:
+            raise ValueError(f"unknown stitch direction {self.stitch_direction!r}; choose one of "
+                             f"{', '.join(STITCH_DIRECTIONS)}")
         if self.steps < 1:
             raise ValueError(f"steps must be at least 1, got {self.steps}")
         for name in ("guidance", "true_cfg"):
@@ -317,9 +323,11 @@ class KontextPipeline:
         """Edit `images` (the first is the one edited; more are extra references) with `prompt`.
 
         Instead of images, `context_latents` may be given directly (multi-turn chaining). Keyword
-        overrides (steps, guidance, seed, denoise, sampler, true_cfg, negative_prompt, placement, cache)
-        update `settings`; cache="first-block:0.12" (or a StepCache) skips the blocks on steps whose input
-        barely changed, and the result's cache_stats then counts the skipped steps.
+        overrides (steps, guidance, seed, denoise, sampler, true_cfg, negative_prompt, placement, stitch_direction,
+        cache) update `settings`. placement="stitch" joins the images (or the decoded latents) into one context
+        image, side by side (stitch_direction="right", the default) or one below the other ("down").
+        cache="first-block:0.12" (or a StepCache) skips the blocks on steps whose input barely changed, and the
+        result's cache_stats then counts the skipped steps.
 
         `mask` (1 / white = edit; [H, W], [B, H, W], a Pillow image; see masks.py) limits the edit to a region
         of the first image, grown by `grow` and feathered over `feather` pixels inside its border. The result
@@ -372,17 +380,17 @@ class KontextPipeline:
                         settings: GenerationSettings, resize: str = "preferred", fit: str = "stretch"
                         ) -> tuple[torch.Tensor, list[torch.Tensor], GenerationSettings]:
         """(the edited image's latent, the context latents, the settings) for an edit of `first` with
-        `references`, each an image or a latent. The stitch placements join them in pixel space (latents
-        decoded first) into one context image; several references under 'kontext' are placed as 'offset'."""
+        `references`, each an image or a latent. The stitch placement joins them in pixel space (latents
+        decoded first) into one context image, in the settings' stitch_direction; several references under
+        'kontext' are placed as 'offset'."""
         def encoded(item):
             return item if torch.is_tensor(item) else self.encode_image(item, resize, None, fit)
 
         first_latent = encoded(first)
-        direction = STITCH_PLACEMENTS.get(settings.placement)
-        if direction is not None and references:
+        if settings.placement == "stitch" and references:
             pictures = [picture for item in (first, *references)
                         for picture in (self.decode(item) if torch.is_tensor(item) else [item])]
-            context = [self.encode_image(stitch_images(pictures, direction), resize, None, fit)]
+            context = [self.encode_image(stitch_images(pictures, settings.stitch_direction), resize, None, fit)]
         else:
             context = [first_latent, *(encoded(r) for r in references)]
         if len(context) > 1 and settings.placement == "kontext":
@@ -548,7 +556,9 @@ class EditSession:
         `mask`, `grow` and `feather` limit the turn to a region as `KontextPipeline.edit` does; an all-0 mask
         makes a turn equal to the current one. The mask is drawn on the session's images (`pixel_size`) or on
         the image the session started from (`source_size`, resized to fit); another size is resized with a
-        warning. grow and feather count the session's pixels."""
+        warning. grow and feather count the session's pixels. With placement="stitch" the current turn and the
+        `extra_references` are decoded and joined into one context image (stitch_direction "right" or "down"),
+        encoded at the session's `resize`."""
         settings = _with_overrides(self.settings, overrides)
         previous = self.latent
         plan = None

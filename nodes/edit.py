@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from kontext_core import PLACEMENTS, GenerationSettings, TextConditioning
+from kontext_core.image import STITCH_DIRECTIONS
 from kontext_core.masks import DEFAULT_CONTEXT_MARGIN, LatentInpaint, MaskedEdit
 from kontext_core.pipeline import DEFAULT_GUIDANCE
 from kontext_core.sampling import SAMPLER_MODES
@@ -20,9 +21,11 @@ GUIDANCE_TOOLTIP = ("How strongly the result follows the prompt; 2.5 is Kontext 
 PLACEMENT_CHOICES = ("auto", *PLACEMENTS)
 PLACEMENT_TOOLTIP = ("Where the reference images sit in the model's context. auto: the conditioning's reference method "
                      "(Edit Model Reference Method) if set, else kontext for one image and offset for several. "
-                     "stitch / stitch_down: the images joined side by side / one below the other into one context "
-                     "image (as ComfyUI's Kontext template does with Image Stitch), the others resized to the "
-                     "first's height / width.")
+                     "stitch: the images joined into one context image (as ComfyUI's Kontext template does with "
+                     "Image Stitch), in the direction stitch_direction says.")
+STITCH_DIRECTION_TOOLTIP = ("With placement stitch (ignored with any other): right joins the images side by side, the "
+                            "others resized to the first's height; down joins them one below the other, the others "
+                            "resized to the first's width.")
 MASK_TOOLTIP = ("Where to edit (white = edit): from Load Image's mask (paint it in the Mask Editor) or any mask node. "
                 "Wherever it is 0 the output is the input, pixel for pixel. A mask of another size is resized.")
 GROW_TOOLTIP = "Pixels the mask is grown by before use."
@@ -32,6 +35,13 @@ FEATHER_TOOLTIP = ("Pixels over which the edit fades in, inside the mask's borde
 
 def mask_widgets() -> list:
     return [Int("grow", 0, 0, 1024, tooltip=GROW_TOOLTIP), Int("feather", 0, 0, 1024, tooltip=FEATHER_TOOLTIP)]
+
+
+def placement_widgets() -> list:
+    """The placement and, read only by its stitch choice, the stitch direction: one pair wherever references are
+    placed, so every node offers the same choices."""
+    return [Combo("placement", PLACEMENT_CHOICES, "auto", tooltip=PLACEMENT_TOOLTIP),
+            Combo("stitch_direction", STITCH_DIRECTIONS, STITCH_DIRECTIONS[0], tooltip=STITCH_DIRECTION_TOOLTIP)]
 
 
 def _batched(text: TextConditioning, batch: int, what: str) -> TextConditioning:
@@ -85,7 +95,7 @@ class KontextEdit(KontextNode):
                               "work)."),
                 Float("true_cfg", 4.0, 1.0, 30.0, step=0.1, tooltip="The CFG scale of sampler true_cfg."),
                 Combo("resize", RESIZE_CHOICES, "preferred", tooltip=RESIZE_TOOLTIP),
-                Combo("placement", PLACEMENT_CHOICES, "auto", tooltip=PLACEMENT_TOOLTIP),
+                *placement_widgets(),
                 *mask_widgets(),
                 Boolean("crop_to_mask", False,
                         tooltip="Edit only the mask's box (plus context_margin) at the size resize picks for it, then "
@@ -100,9 +110,9 @@ class KontextEdit(KontextNode):
     @classmethod
     def run(cls, model, vae, conditioning, seed: int = 0, steps: int = 28, guidance: float = DEFAULT_GUIDANCE,
             denoise: float = 1.0, sampler: str = "dev", true_cfg: float = 4.0, resize: str = "preferred",
-            placement: str = "auto", grow: int = 0, feather: int = 0, crop_to_mask: bool = False,
-            context_margin: int = DEFAULT_CONTEXT_MARGIN, image=None, image_2=None, image_3=None, context=None,
-            target=None, negative=None, mask=None, cache=None) -> NodeResult:
+            placement: str = "auto", stitch_direction: str = "right", grow: int = 0, feather: int = 0,
+            crop_to_mask: bool = False, context_margin: int = DEFAULT_CONTEXT_MARGIN, image=None, image_2=None,
+            image_3=None, context=None, target=None, negative=None, mask=None, cache=None) -> NodeResult:
         pipe = resolve.pipeline(model, vae)
         features = pipe.transformer.config.context_in_dim, pipe.transformer.config.vec_in_dim
         cond = convert.conditioning_from_comfy(conditioning, "conditioning", *features)
@@ -133,7 +143,7 @@ class KontextEdit(KontextNode):
             placement = cond.reference_method or ("kontext" if len(items) <= 1 else "offset")
         settings = GenerationSettings(steps=steps, guidance=guidance if cond.guidance is None else cond.guidance,
                                       seed=seed, denoise=denoise, sampler=sampler, true_cfg=true_cfg,
-                                      placement=placement, cache=cache)
+                                      placement=placement, stitch_direction=stitch_direction, cache=cache)
         cache_stats = CacheStats() if cache is not None else None
         with resolve.compile_failures_explained(model):  # the pipeline loads each model right before it runs
             if mask is not None and image is not None:

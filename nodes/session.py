@@ -20,7 +20,7 @@ from kontext_core.pipeline import DEFAULT_GUIDANCE, Turn
 from kontext_core.step_cache import StepCache
 
 from . import comfy_adapter, convert, resolve
-from .edit import GUIDANCE_TOOLTIP, PLACEMENT_CHOICES, PLACEMENT_TOOLTIP, mask_widgets
+from .edit import GUIDANCE_TOOLTIP, mask_widgets, placement_widgets
 from .images import RESIZE_CHOICES, RESIZE_TOOLTIP, _vae_socket
 from .model_cache import TextEncodersRef, TransformerRef
 from .step_cache import CACHE_TOOLTIP, report
@@ -72,13 +72,16 @@ def start(model: TransformerRef, vae: Any, image: torch.Tensor, *, text_encoders
 def edit(state: SessionState, prompt: str = "", *, seed: int = 0, steps: int = 28, guidance: float = DEFAULT_GUIDANCE,
          conditioning: Any = None, text_encoders: TextEncodersRef | None = None,
          references: Sequence[torch.Tensor] = (), progress: tuple[int, int] | None = None, mask: Any = None,
-         grow: int = 0, feather: int = 0, placement: str = "auto",
+         grow: int = 0, feather: int = 0, placement: str = "auto", stitch_direction: str = "right",
          cache: StepCache | None = None) -> SessionState:
     """One more turn from the current one; `references` are extra IMAGEs (a style, a character). With `mask`
-    only its region changes: the turn's image is the previous one's wherever the mask is 0."""
+    only its region changes: the turn's image is the previous one's wherever the mask is 0. With placement
+    stitch the current turn's image and the references are joined into one context image, as `stitch_direction`
+    says."""
     state = _check_state(state)
     pipe = resolve.pipeline(state.model, state.vae)
-    overrides: dict[str, Any] = dict(seed=seed, steps=steps, guidance=guidance, cache=cache)
+    overrides: dict[str, Any] = dict(seed=seed, steps=steps, guidance=guidance, stitch_direction=stitch_direction,
+                                     cache=cache)
     extra = resolve.encode_images(pipe.autoencoder, references, "preferred")
     if conditioning is not None:
         config = pipe.transformer.config
@@ -204,19 +207,19 @@ class KontextEditTurn(KontextNode):
                                "pixel for pixel."),
                 *_turn_widgets(),
                 *mask_widgets(),
-                Combo("placement", PLACEMENT_CHOICES, "auto", tooltip=PLACEMENT_TOOLTIP),
+                *placement_widgets(),
             ],
             _SESSION_OUTPUTS,
         )
 
     @classmethod
     def run(cls, session, prompt: str = "", seed: int = 0, steps: int = 28, guidance: float = DEFAULT_GUIDANCE,
-            grow: int = 0, feather: int = 0, placement: str = "auto", text_encoders=None, conditioning=None,
-            reference=None, mask=None, cache=None) -> NodeResult:
+            grow: int = 0, feather: int = 0, placement: str = "auto", stitch_direction: str = "right",
+            text_encoders=None, conditioning=None, reference=None, mask=None, cache=None) -> NodeResult:
         return _outputs(edit(session, prompt, seed=seed, steps=steps, guidance=guidance, conditioning=conditioning,
                              text_encoders=text_encoders, references=[reference] if reference is not None else [],
                              mask=mask, grow=grow, feather=feather, placement=placement,
-                             cache=cache))
+                             stitch_direction=stitch_direction, cache=cache))
 
 
 class KontextPickTurn(KontextNode):

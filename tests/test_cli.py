@@ -327,6 +327,58 @@ def test_mask_options_are_checked_before_loading(tmp_path, arguments, message):
               "--models", str(tmp_path / "nowhere")])
 
 
+# --- stitched references --------------------------------------------------------------------------
+
+def _random_png(path: Path, seed: int, size: tuple[int, int]) -> Path:
+    import numpy as np
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def test_stitched_references_joined_downward_equal_the_core_edit(models_tree, monkeypatch):
+    import kontext_core.cli as cli
+
+    tmp_path, _, common = models_tree
+    photo = _random_png(tmp_path / "photo_noise.png", 40, (40, 24))
+    references = [_random_png(tmp_path / "ref_a.png", 41, (24, 32)), _random_png(tmp_path / "ref_b.png", 42, (32, 16))]
+    loaded = []
+    load = cli._pipeline
+    monkeypatch.setattr(cli, "_pipeline", lambda args, **kw: loaded.append(load(args, **kw)) or loaded[-1])
+    out = tmp_path / "stitched.png"
+    assert main(["edit", str(photo), *map(str, references), "--prompt", "in these styles", "-o", str(out),
+                 "--resize", "keep", "--seed", "9", "--placement", "stitch", "--stitch-direction", "down",
+                 *common]) == 0
+
+    # The same edit through the core, on the models the command loaded.
+    pipeline = loaded[0][0]
+    pictures = [Image.open(p).convert("RGB") for p in (photo, *references)]
+    core = {direction: pipeline.edit(pictures, "in these styles", seed=9, steps=2, resize="keep",
+                                     placement="stitch", stitch_direction=direction).images[0]
+            for direction in ("down", "right")}
+    with Image.open(out) as written:
+        assert written.size == core["down"].size and written.tobytes() == core["down"].tobytes()
+        parameters = json.loads(written.text["parameters"])
+    assert written.tobytes() != core["right"].tobytes()  # the direction is what made it
+    assert (parameters["placement"], parameters["stitch_direction"]) == ("stitch", "down")
+
+
+@pytest.mark.parametrize("placement", [None, "offset"])
+def test_a_stitch_direction_without_the_stitch_placement_is_refused_before_loading(tmp_path, monkeypatch,
+                                                                                   placement):
+    import kontext_core.cli as cli
+
+    photo, reference = _random_png(tmp_path / "a.png", 43, (16, 16)), _random_png(tmp_path / "b.png", 44, (16, 16))
+    monkeypatch.setattr(cli, "_pipeline", lambda *a, **k: pytest.fail("the models were loaded first"))
+    chosen = ["--placement", placement] if placement else []  # none: the default, kontext
+    with pytest.raises(SystemExit, match=f"--stitch-direction only applies to --placement stitch \\(the placement is "
+                                         f"{placement or 'kontext'}\\)"):
+        main(["edit", str(photo), str(reference), "--prompt", "x", "-o", str(tmp_path / "o.png"), *chosen,
+              "--stitch-direction", "down", "--models", str(tmp_path / "nowhere")])
+    assert not (tmp_path / "o.png").exists()
+
+
 def test_compile_flag_reaches_load_pipeline_and_compiles_once(models_tree, monkeypatch):
     from kontext_core import KontextTransformer
 

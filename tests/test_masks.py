@@ -7,6 +7,7 @@ comfy.utils.reshape_mask uses it for masks), the unmasked pipeline for all-1 mas
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -380,20 +381,39 @@ def test_stitch_images_matches_heights_or_widths():
         stitch_images([first], "left")
 
 
-@pytest.mark.parametrize("placement, direction", [("stitch", "right"), ("stitch_down", "down")])
-def test_stitch_placement_joins_the_images_into_one_context(pipeline, placement, direction):
+@pytest.mark.parametrize("direction", ["right", "down"])
+def test_stitch_placement_joins_the_images_into_one_context(pipeline, direction):
     image, style = _image(12, (40, 24)), _image(13, (20, 20))
-    result = pipeline.edit([image, style], "in this style", placement=placement, seed=5, decode=False, **FAST)
-    context = pipeline.encode_image(stitch_images([image, style], direction), resize="keep")
+    result = pipeline.edit([image, style], "in this style", placement="stitch", stitch_direction=direction, seed=5,
+                           decode=False, **FAST)
+    assert result.settings.placement == "stitch" and result.settings.stitch_direction == direction
+    stitched = stitch_images([image, style], direction)
+    assert stitched.size == ((40 + 24, 24) if direction == "right" else (40, 24 + 40))  # the style made 24 / 40 wide
+    context = pipeline.encode_image(stitched, resize="keep")
     first = pipeline.encode_image(image, resize="keep")
-    expected = pipeline.generate(pipeline.encode_prompt("in this style"),
-                                 GenerationSettings(steps=2, seed=5, placement=placement),
-                                 context_latents=[context], latent_size=tuple(first.shape[-2:]))
+    settings = GenerationSettings(steps=2, seed=5, placement="stitch", stitch_direction=direction)
+    expected = pipeline.generate(pipeline.encode_prompt("in this style"), settings, context_latents=[context],
+                                 latent_size=tuple(first.shape[-2:]))
     assert torch.equal(result.latents, expected) and result.latents.shape[-2:] == first.shape[-2:]
     # With latents instead of images, they are decoded, stitched and encoded again.
-    latents = pipeline.edit(None, "in this style", context_latents=[first, pipeline.encode_image(style, "keep")],
-                            placement=placement, seed=5, decode=False, **FAST).latents
-    assert latents.shape == result.latents.shape
+    style_latent = pipeline.encode_image(style, "keep")
+    latents = pipeline.edit(None, "in this style", context_latents=[first, style_latent], placement="stitch",
+                            stitch_direction=direction, seed=5, decode=False, **FAST).latents
+    decoded = [pipeline.decode(first)[0], pipeline.decode(style_latent)[0]]
+    context = pipeline.encode_image(stitch_images(decoded, direction), resize="keep")
+    expected = pipeline.generate(pipeline.encode_prompt("in this style"), settings, context_latents=[context],
+                                 latent_size=tuple(first.shape[-2:]))
+    assert torch.equal(latents, expected)
+
+
+def test_the_stitch_direction_changes_the_edit_and_other_placements_ignore_it(pipeline):
+    image, style = _image(16, (40, 24)), _image(17, (24, 32))
+    edits = {(placement, direction): pipeline.edit([image, style], "x", placement=placement,
+                                                   stitch_direction=direction, seed=3, decode=False,
+                                                   **FAST).latents
+             for placement in ("stitch", "offset") for direction in ("right", "down")}
+    assert not torch.equal(edits["stitch", "right"], edits["stitch", "down"])
+    assert torch.equal(edits["offset", "right"], edits["offset", "down"])
 
 
 def test_masked_edit_with_a_stitched_reference(pipeline):
@@ -461,11 +481,33 @@ def test_session_masks_all_0_all_1_and_roundtrip(pipeline):
     assert torch.equal(turn.latent[kept], start[kept])
 
 
-def test_session_turn_with_a_stitched_reference(pipeline):
+def test_session_turn_with_a_stitched_reference(pipeline, tmp_path):
+    """A stitched turn's context is the current turn's image and the reference, decoded and joined in the chosen
+    direction, encoded at the session's resize: the turn equals sampling with that hand-made context."""
     session = pipeline.session(_image(22, (40, 24)), resize="keep", settings=GenerationSettings(steps=2))
-    style = pipeline.encode_image(_image(23, (24, 24)), resize="keep")
-    turn = session.edit("in this style", seed=1, extra_references=[style], placement="stitch")
-    assert turn.latent.shape == session.start_latent.shape and turn.settings.placement == "stitch"
+    style = pipeline.encode_image(_image(23, (24, 32)), resize="keep")
+    start = session.latent
+    turns = {}
+    for direction in ("right", "down"):
+        session.branch(0)
+        turns[direction] = session.edit("in this style", seed=1, extra_references=[style], placement="stitch",
+                                        stitch_direction=direction)
+        stitched = stitch_images([pipeline.decode(start)[0], pipeline.decode(style)[0]], direction)
+        assert stitched.size == ((40 + 18, 24) if direction == "right" else (40, 24 + 53))  # heights / widths matched
+        context = pipeline.encode_image(stitched, resize="keep")
+        settings = GenerationSettings(steps=2, seed=1, placement="stitch", stitch_direction=direction)
+        expected = pipeline.generate(pipeline.encode_prompt("in this style"), settings, context_latents=[context],
+                                     latent_size=tuple(start.shape[-2:]))
+        turn = turns[direction]
+        assert turn.parent == 0 and turn.latent.shape == start.shape
+        assert torch.equal(turn.latent, expected.cpu())
+        assert turn.settings.placement == "stitch" and turn.settings.stitch_direction == direction
+    assert not torch.equal(turns["right"].latent, turns["down"].latent)
+    # The direction is part of each turn's record: the history and the exported files' metadata.
+    assert [t["settings"]["stitch_direction"] for t in session.history()[1:]] == ["right", "down"]
+    paths = session.export(tmp_path / "stitched")
+    recorded = [json.loads(Image.open(p).text["kontext"])["settings"] for p in paths[1:]]
+    assert [(r["placement"], r["stitch_direction"]) for r in recorded] == [("stitch", "right"), ("stitch", "down")]
 
 
 def test_source_pixels_are_the_8bit_levels():

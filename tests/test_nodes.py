@@ -945,13 +945,40 @@ def test_edit_node_latent_mask_without_an_image(models):
         nodes.KontextEdit.run(models.model, models.vae, native, target=target, crop_to_mask=True, **FAST)
 
 
-def test_edit_node_stitch_placement_equals_the_core(models):
+@pytest.mark.parametrize("direction", ["right", "down"])
+def test_edit_node_stitch_placement_equals_the_core(models, direction):
     image, style = _image(6), _image(7, size=(24, 24))
     latent = nodes.KontextEdit.run(models.model, models.vae, _prompt(models, "style"), seed=2, image=image,
-                                   image_2=style, placement="stitch_down", **FAST).outputs[0]
-    expected = models.pipeline.edit([_pil(image), _pil(style)], "style", seed=2, placement="stitch_down",
-                                    decode=False, **FAST).latents
+                                   image_2=style, placement="stitch", stitch_direction=direction, **FAST).outputs[0]
+    expected = models.pipeline.edit([_pil(image), _pil(style)], "style", seed=2, placement="stitch",
+                                    stitch_direction=direction, decode=False, **FAST).latents
     assert torch.equal(latent["samples"], convert.scaled_to_raw(expected))
+
+
+def test_edit_turn_stitch_placement_equals_the_session(models):
+    image, style = _image(30, (40, 32)), _image(31, (32, 48))
+    state = _start(models, image).outputs[0]
+    # The reference comes as a ReferenceLatent does, at its own size (the reference socket would encode it at the
+    # preferred ~1 megapixel size: far too big for the tiny autoencoder's attention on the CPU).
+    reference = models.pipeline.encode_image(_pil(style), "keep")
+    txt, pooled = models.encoders.encode(["in this style"])
+    native = [[txt, {"pooled_output": pooled, "reference_latents": [convert.scaled_to_raw(reference)]}]]
+    turned, turned_image, turned_latent = nodes.KontextEditTurn.run(
+        state, "", seed=4, steps=2, conditioning=native, placement="stitch", stitch_direction="down").outputs
+
+    session = models.pipeline.session(_pil(image), resize="keep")
+    received = convert.raw_to_scaled(convert.scaled_to_raw(reference))  # what the node reads off the wire
+    expected = session.edit("", seed=4, steps=2, conditioning=TextConditioning(txt, pooled),
+                            extra_references=[received], placement="stitch", stitch_direction="down")
+    assert torch.equal(turned.turns[-1].latent, expected.latent)
+    assert torch.equal(turned_latent["samples"], convert.scaled_to_raw(expected.latent))
+    assert torch.equal(turned_image, resolve.decode_image(models.pipeline.autoencoder, expected.latent))
+    settings = turned.turns[-1].settings
+    assert (settings.placement, settings.stitch_direction) == ("stitch", "down")
+    # The direction reached the stitching: joined side by side, the same turn is another one.
+    beside = nodes.KontextEditTurn.run(state, "", seed=4, steps=2, conditioning=native, placement="stitch",
+                                       stitch_direction="right").outputs[0]
+    assert not torch.equal(beside.turns[-1].latent, expected.latent)
 
 
 def test_masked_turns_through_the_session_nodes(models):

@@ -129,6 +129,10 @@ def test_bad_settings_are_explained(pipeline):
         denoise_schedule(4, 100, 1.5)
     with pytest.raises(ValueError, match="true_cfg must be a finite"):
         GenerationSettings(true_cfg=float("inf"))
+    with pytest.raises(ValueError, match="unknown stitch direction 'left'; choose one of right, down"):
+        GenerationSettings(placement="stitch", stitch_direction="left")
+    with pytest.raises(ValueError, match="unknown placement 'stitch_down'"):  # a direction now, not a placement
+        GenerationSettings(placement="stitch_down")
 
 
 def test_a_non_finite_result_is_an_error_not_a_black_image(pipeline):

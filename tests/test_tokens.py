@@ -63,3 +63,12 @@ def test_bad_placements_are_explained():
         reference_placements((8, 8), [(8, 8), (8, 8)], "kontext")
     with pytest.raises(ValueError, match="at least one reference"):
         context_tokens([], (8, 8))
+
+
+def test_the_stitch_placement_takes_its_one_joined_latent_where_kontext_puts_a_reference():
+    assert reference_placements((8, 12), [(10, 6)], "stitch") == reference_placements((8, 12), [(10, 6)], "kontext")
+    with pytest.raises(ValueError, match="'stitch' placement joins the images before encoding"):
+        reference_placements((8, 8), [(8, 8), (8, 8)], "stitch")
+    # The direction is a setting of the one stitch placement (GenerationSettings.stitch_direction), not a placement.
+    with pytest.raises(ValueError, match="unknown reference placement 'stitch_down'"):
+        reference_placements((8, 8), [(8, 8)], "stitch_down")

@@ -11,9 +11,9 @@ placement method:
 - 'index': each reference gets its own index (1, 2, ...), rows and columns from 0.
 - 'uxo': index 0 like the target, each reference shifted diagonally past the target and the
   references before it.
-- 'stitch' / 'stitch_down': the images are joined side by side (or one below the other) into one context
-  image before encoding (image.stitch_images, as ComfyUI's Kontext template does with Image Stitch); that
-  one image then sits where 'kontext' puts its reference.
+- 'stitch': the images are joined side by side or one below the other (the settings' stitch_direction)
+  into one context image before encoding (image.stitch_images, as ComfyUI's Kontext template does with Image
+  Stitch); that one image then sits where 'kontext' puts its reference.
 """
 
 from __future__ import annotations
@@ -24,8 +24,7 @@ import torch
 import torch.nn.functional as F
 
 PATCH = 2
-PLACEMENTS = ("offset", "index", "uxo", "kontext", "stitch", "stitch_down")
-STITCH_PLACEMENTS = {"stitch": "right", "stitch_down": "down"}  # placement -> image.stitch_images direction
+PLACEMENTS = ("offset", "index", "uxo", "kontext", "stitch")
 
 
 def pad_to_patch(latent: torch.Tensor) -> torch.Tensor:
@@ -94,13 +93,13 @@ def reference_placements(target_hw: tuple[int, int], reference_hws: list[tuple[i
         raise ValueError(f"unknown reference placement {method!r}; choose one of {', '.join(PLACEMENTS)}")
     if method == "kontext" and len(reference_hws) > 1:
         raise ValueError("the 'kontext' placement takes one reference image; use 'offset' or 'index' for several")
-    if method in STITCH_PLACEMENTS and len(reference_hws) > 1:
-        raise ValueError(f"the {method!r} placement joins the images before encoding: pass the one stitched latent "
+    if method == "stitch" and len(reference_hws) > 1:
+        raise ValueError("the 'stitch' placement joins the images before encoding: pass the one stitched latent "
                          "(KontextPipeline.edit stitches them), or place several latents with 'offset' or 'index'")
     placements = []
     used_h = used_w = 0  # extent already covered by earlier references
     for number, (height, width) in enumerate(reference_hws, start=1):
-        if method in ("kontext", "index") or method in STITCH_PLACEMENTS:
+        if method in ("kontext", "index", "stitch"):
             placements.append(Placement(number, 0, 0))
         elif method == "uxo":
             rows, cols = token_grid(*target_hw)
