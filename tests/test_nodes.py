@@ -342,7 +342,7 @@ def test_fast_preset_parts_reach_the_model_reference(comfy, tiny_transformer, mo
     from kontext_core import presets
 
     # Where every part can run (faked here: CPU tensors through the int8 reference), the reference carries them.
-    monkeypatch.setattr(presets, "resolve_preset", lambda name, device: (presets.PRESETS[name], []))
+    monkeypatch.setattr(presets, "_resolve", lambda name, device: (presets.PRESETS[name], {}))
     monkeypatch.setattr(nodes_module("loaders"), "_check_compile", lambda device: None)
     monkeypatch.setattr(nodes_module("loaders"), "set_attention_backend", lambda name: None)
     monkeypatch.setattr(resolve, "set_attention_backend", lambda name: None)
