@@ -151,9 +151,7 @@ class KontextEdit(KontextNode):
                 plan = MaskedEdit.prepare(mask, (source.shape[2], source.shape[1]), grow=grow, feather=feather,
                                           crop_to_mask=crop_to_mask, context_margin=context_margin)
                 if plan.empty:  # Load Image without a painted mask gives an all-0 one
-                    comfy_adapter.log.warning("comfyui-kontext: the mask is empty, so nothing is edited and the image "
-                                              "passes through; paint the region to edit in Load Image's Mask Editor "
-                                              "(or connect another mask: white = edit)")
+                    _warn_empty_mask("the image")
                 latent_size = pipe.working_latent_size(plan.box.width, plan.box.height, resize)
                 latents, images, _ = pipe.edit_region(source, plan, text, settings, references=items[1:],
                                                       resize=resize, negative=negative_text,
@@ -173,6 +171,7 @@ class KontextEdit(KontextNode):
                 plan = MaskedEdit.prepare(mask, pipe.pixel_size(start), grow=grow, feather=feather)
                 plan.check_batch(batch)
                 if plan.empty:
+                    _warn_empty_mask("the target latent")
                     kept = start.expand(batch, -1, -1, -1)
                     return NodeResult((convert.latent_to_comfy(kept), resolve.decode_image(pipe.autoencoder, kept)))
                 if not plan.full:
@@ -183,3 +182,9 @@ class KontextEdit(KontextNode):
                                     inpaint=inpaint)
         report(cache_stats, settings.cache, "Kontext Edit")
         return NodeResult((convert.latent_to_comfy(latents), resolve.decode_image(pipe.autoencoder, latents)))
+
+
+def _warn_empty_mask(kept: str) -> None:
+    comfy_adapter.log.warning("comfyui-kontext: the mask is empty, so nothing is edited and %s passes through; paint "
+                              "the region to edit in Load Image's Mask Editor (or connect another mask: white = edit)",
+                              kept)

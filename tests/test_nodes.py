@@ -945,6 +945,24 @@ def test_edit_node_latent_mask_without_an_image(models):
         nodes.KontextEdit.run(models.model, models.vae, native, target=target, crop_to_mask=True, **FAST)
 
 
+def test_edit_node_empty_latent_mask_passes_the_target_through_and_says_so(models, monkeypatch, caplog):
+    # The same warning as with an image: an empty mask edits nothing, on either path.
+    image = _image(5)
+    encoded = models.pipeline.encode_image(_pil(image), "keep")
+    txt, pooled = models.encoders.encode(["x"])
+    native = [[txt, {"pooled_output": pooled, "reference_latents": [convert.scaled_to_raw(encoded)]}]]
+    target = dict(convert.latent_to_comfy(encoded), noise_mask=torch.zeros(1, 1, 24, 40))
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled")
+
+    monkeypatch.setattr(KontextPipeline, "generate", no_sampling)
+    with caplog.at_level("WARNING", logger="comfyui-kontext"):
+        latent = nodes.KontextEdit.run(models.model, models.vae, native, seed=1, target=target, **FAST).outputs[0]
+    assert "the mask is empty" in caplog.text and "the target latent passes through" in caplog.text
+    assert torch.equal(latent["samples"], target["samples"])
+
+
 @pytest.mark.parametrize("direction", ["right", "down"])
 def test_edit_node_stitch_placement_equals_the_core(models, direction):
     image, style = _image(6), _image(7, size=(24, 24))
