@@ -7,8 +7,21 @@ from dataclasses import dataclass
 from typing import Any
 
 
+class _SavedConfig:
+    """A config as plain data, for files' metadata: keys a newer version added are ignored when read back, and
+    tuples are written as JSON lists."""
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]):
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
 @dataclass(frozen=True)
-class TransformerConfig:
+class TransformerConfig(_SavedConfig):
     in_channels: int = 64  # 16 latent channels x a 2x2 patch
     out_channels: int = 64
     vec_in_dim: int = 768  # CLIP-L pooled output
@@ -64,19 +77,10 @@ class TransformerConfig:
         values.update(overrides)
         return cls(**values)
 
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "TransformerConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
-
-    def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["axes_dim"] = list(self.axes_dim)
-        return out
 
 
 @dataclass(frozen=True)
-class AutoencoderConfig:
+class AutoencoderConfig(_SavedConfig):
     resolution: int = dataclasses.field(default=256, compare=False)  # nominal only; any size runs
     in_channels: int = 3
     ch: int = 128
@@ -101,12 +105,3 @@ class AutoencoderConfig:
         values.update(overrides)
         return cls(**values)
 
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "AutoencoderConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
-
-    def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["ch_mult"] = list(self.ch_mult)
-        return out
