@@ -248,7 +248,6 @@ MODIFIERS = {
     "sage8fp16": "attention through our 8-bit Triton kernel with fp16 P.V",
     "convertedscores": "with +sage8: the kernel's scores by a conversion instruction per score "
                        "(kontext_kernels/sage_attention.py, SCORES_CONVERT; default: SCORES_FOLDED)",
-    "bitscores": "with +sage8: the kernel's scores through integer and float adders (SCORES_EXACT_BITS)",
     "sdpa": "attention through PyTorch's SDPA (cuDNN first) even where flash-attn is installed (auto takes it)",
     "graphs": "each step replayed from a CUDA graph (kontext_core/compute/cuda_graph.py)",
     "concat": "the single block's linear2 over a concatenation of its input's parts (not two GEMMs)",
@@ -303,7 +302,6 @@ def configure(impl: str) -> None:
     attention = {"fp8attention": "cudnn-fp8", "sage8": "sage8", "sage8fp16": "sage8-fp16", "sdpa": "sdpa"}
     set_attention_backend(next((attention[m] for m in modifiers if m in attention), "auto"))
     sage_attention.SCORES_DEFAULT = (sage_attention.SCORES_CONVERT if "convertedscores" in modifiers else
-                                     sage_attention.SCORES_EXACT_BITS if "bitscores" in modifiers else
                                      PRODUCT_SCORES)
     import torch._inductor.config
 

@@ -108,7 +108,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--loop", nargs=7, metavar=("CAP", "tma|ptr", "e4m3|fp16", "BM", "BN", "WARPS", "STAGES"),
                         help="one build, with its main loop's instruction mix")
-    parser.add_argument("--scores", type=int, default=sa.SCORES_DEFAULT, choices=(0, 1, 2),
+    parser.add_argument("--scores", type=int, default=sa.SCORES_DEFAULT,
+                        choices=(sa.SCORES_CONVERT, sa.SCORES_FOLDED),
                         help="how the kernel makes float32 scores of the int32 dots (sage_attention.SCORES_*)")
     args = parser.parse_args()
     if args.loop:

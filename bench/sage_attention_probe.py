@@ -42,7 +42,7 @@ from kontext_core.model.layers import DoubleStreamBlock, RopeFrequencies, rope_f
 from kontext_core.model.tokens import position_ids, text_position_ids  # noqa: E402
 
 
-SCORE_NAMES = {sa.SCORES_CONVERT: "converted", sa.SCORES_EXACT_BITS: "exact bits", sa.SCORES_FOLDED: "folded bias"}
+SCORE_NAMES = {sa.SCORES_CONVERT: "converted", sa.SCORES_FOLDED: "folded bias"}
 
 
 def pinned_config(text: str) -> dict:

@@ -80,14 +80,14 @@ Q_ROWS = 1  # tokens per q scale: per token, free in the kernel (module docstrin
 K_ROWS_FP8 = 128
 K_ROWS_FP16 = 1
 # How the kernel turns the int32 dots into float32 scores. 0 (SCORES_CONVERT): a conversion instruction
-# (I2FP), one per score, on the same narrow pipe as exp2; 1 (SCORES_EXACT_BITS): the same value through adders:
-# the int32 dot plus the bits of 1.5 * 2**23, read as a float32, is 1.5 * 2**23 + dot exactly (|dot| < 2**22,
-# module docstring), less 1.5 * 2**23; 2 (SCORES_FOLDED): that bias left in and taken off by the exponent's FFMA
-# with the row max, in whole key blocks with one k scale (elsewhere: 0). The row max then moves by up to half an
-# ulp of 1.5 * 2**23 * scale (~1e-4 in log2 units), which the running max carries, so it cancels in the softmax
-# but for the e4m3 roundings of P it moves (~1e-4 of the output; H200, edit shape: the kernel 1.305 -> 1.202 ms,
-# the same error against exact attention; bench/RESULTS.md).
-SCORES_CONVERT, SCORES_EXACT_BITS, SCORES_FOLDED = 0, 1, 2
+# (I2FP), one per score, on the same narrow pipe as exp2. 1 (SCORES_FOLDED), in whole key blocks with one k scale
+# (elsewhere: 0): the int32 dot plus the bits of 1.5 * 2**23, read as a float32, is 1.5 * 2**23 + dot exactly
+# (|dot| < 2**22, module docstring), and the exponent's FFMA takes that bias off with the row max. The row max
+# then moves by up to half an ulp of 1.5 * 2**23 * scale (~1e-4 in log2 units), which the running max carries, so
+# it cancels in the softmax but for the e4m3 roundings of P it moves (~1e-4 of the output; H200, edit shape: the
+# kernel 1.305 -> 1.202 ms, the same error against exact attention; bench/RESULTS.md; taking the bias off by a
+# float add instead was no faster than the conversion).
+SCORES_CONVERT, SCORES_FOLDED = 0, 1
 SCORES_DEFAULT = SCORES_FOLDED
 # A rows-per-scale value must divide TOKEN_TILE and be a power of two.
 ROW_CHOICES = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -490,7 +490,7 @@ def _key_block(acc, row_sum, row_max, q, q_factor, k_src, v_src, k_scale_ptr, st
     """One key block of the online softmax: (acc, row_sum, row_max) updated."""
     k = _load_tile(k_src, k_row0 + start_n, 0, BLOCK_D, BLOCK_N, BLOCK_D, TMA)
     dots = tl.dot(q, tl.trans(k), out_dtype=tl.int32)  # exact (module docstring)
-    if SCORES == 2 and not MASK and K_ROWS >= BLOCK_N:
+    if SCORES == 1 and not MASK and K_ROWS >= BLOCK_N:
         # The bias folded into the exponent's FFMA: one integer add per score and no conversion (SCORES_* say why).
         # The scale cut to 22 significant bits, so that the bias, 1.5 * 2**23 (= 3 * 2**22) times it, is exact.
         factor = q_factor * tl.load(k_scale_ptr + start_n // K_ROWS)
@@ -509,10 +509,7 @@ def _key_block(acc, row_sum, row_max, q, q_factor, k_src, v_src, k_scale_ptr, st
             exponent = tl.math.fma(biased, factor[:, None], -shift[:, None])
         p = tl.math.exp2(exponent)
     else:
-        if SCORES == 1:  # the same value through the integer and float32 adders: 1.5 * 2**23 + dot, less 1.5 * 2**23
-            scores = (dots + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
-        else:
-            scores = dots.to(tl.float32)
+        scores = dots.to(tl.float32)
         if K_ROWS < BLOCK_N:  # a scale per key column, then q's per row
             offs_n = start_n + tl.arange(0, BLOCK_N)
             scores = scores * tl.load(k_scale_ptr + offs_n // K_ROWS)[None, :]
