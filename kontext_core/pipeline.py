@@ -303,7 +303,7 @@ class KontextPipeline:
         prompt: str | list[str] = "",
         *,
         settings: GenerationSettings | None = None,
-        context_latents: Sequence[torch.Tensor] | None = None,
+        context_latents: Sequence[torch.Tensor | Image.Image] | None = None,
         conditioning: TextConditioning | None = None,
         size: tuple[int, int] | None = None,  # (width, height) of the output in pixels
         resize: str = "preferred",
@@ -322,7 +322,8 @@ class KontextPipeline:
     ) -> EditResult:
         """Edit `images` (the first is the one edited; more are extra references) with `prompt`.
 
-        Instead of images, `context_latents` may be given directly (multi-turn chaining). Keyword
+        Instead of images, `context_latents` may be given directly (multi-turn chaining; after the first, images
+        are taken too, encoded as `resize` says, or joined as pixels by the stitch placement). Keyword
         overrides (steps, guidance, seed, denoise, sampler, true_cfg, negative_prompt, placement, stitch_direction,
         cache) update `settings`. placement="stitch" joins the images (or the decoded latents) into one context
         image, side by side (stitch_direction="right", the default) or one below the other ("down").
@@ -549,16 +550,17 @@ class EditSession:
         return self.pipeline.pixel_size(self.start_latent)
 
     def edit(self, prompt: str, *, roundtrip: bool = False, conditioning: TextConditioning | None = None,
-             extra_references: Sequence[torch.Tensor] = (), callback: StepCallback | None = None,
+             extra_references: Sequence[torch.Tensor | Image.Image] = (), callback: StepCallback | None = None,
              mask: Any = None, grow: int = 0, feather: int = 0, **overrides: Any) -> Turn:
         """Edit the current turn; the result becomes a new turn and the current one.
 
         `mask`, `grow` and `feather` limit the turn to a region as `KontextPipeline.edit` does; an all-0 mask
         makes a turn equal to the current one. The mask is drawn on the session's images (`pixel_size`) or on
         the image the session started from (`source_size`, resized to fit); another size is resized with a
-        warning. grow and feather count the session's pixels. With placement="stitch" the current turn and the
-        `extra_references` are decoded and joined into one context image (stitch_direction "right" or "down"),
-        encoded at the session's `resize`."""
+        warning. grow and feather count the session's pixels. `extra_references` are latents or images (images
+        are encoded at the session's `resize`). With placement="stitch" the current turn and the
+        `extra_references` (latents decoded) are joined into one context image (stitch_direction "right" or
+        "down"), encoded at the session's `resize`."""
         settings = _with_overrides(self.settings, overrides)
         previous = self.latent
         plan = None

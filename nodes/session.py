@@ -82,12 +82,12 @@ def edit(state: SessionState, prompt: str = "", *, seed: int = 0, steps: int = 2
     pipe = resolve.pipeline(state.model, state.vae)
     overrides: dict[str, Any] = dict(seed=seed, steps=steps, guidance=guidance, stitch_direction=stitch_direction,
                                      cache=cache)
-    extra = resolve.encode_images(pipe.autoencoder, references, "preferred")
+    reference_latents: list[torch.Tensor] = []
     if conditioning is not None:
         config = pipe.transformer.config
         cond = convert.conditioning_from_comfy(conditioning, "conditioning", config.context_in_dim, config.vec_in_dim)
         text = cond.text
-        extra += cond.reference_latents
+        reference_latents = cond.reference_latents
         if cond.guidance is not None:
             overrides["guidance"] = cond.guidance
         if cond.reference_method is not None:
@@ -100,6 +100,12 @@ def edit(state: SessionState, prompt: str = "", *, seed: int = 0, steps: int = 2
         text = resolve.encode_prompts(encoders, [prompt], pipe.transformer.config)
     if placement != "auto":
         overrides["placement"] = placement
+    if overrides.get("placement", state.settings.placement) == "stitch":
+        # Joined in pixels with the turn's image: encoding them first would only mean decoding them again.
+        extra = [picture for image in references for picture in convert.image_to_pil(image, "reference")]
+    else:
+        extra = resolve.encode_images(pipe.autoencoder, references, "preferred")
+    extra += reference_latents
 
     session = EditSession(pipe, state.turns[0].latent, state.settings, turns=list(state.turns), current=state.current,
                           resize=state.resize, source_size=state.source_size)

@@ -999,6 +999,26 @@ def test_edit_turn_stitch_placement_equals_the_session(models):
     assert not torch.equal(beside.turns[-1].latent, expected.latent)
 
 
+def test_edit_turn_stitches_a_reference_image_in_pixels(models, monkeypatch):
+    # A reference IMAGE under stitch joins the turn's image as it is: never encoded on its own (which the tiny AE
+    # would do at ~1 megapixel, then decode again for the stitching), the same turn as the session given the image.
+    image, style = _image(32, (40, 32)), _image(33, (24, 40))
+    state = _start(models, image).outputs[0]
+    txt, pooled = models.encoders.encode(["in this style"])
+    native = [[txt, {"pooled_output": pooled}]]
+
+    def not_encoded(*args, **kwargs):
+        raise AssertionError("a stitched reference was encoded on its own")
+
+    monkeypatch.setattr(resolve, "encode_images", not_encoded)
+    turned = nodes.KontextEditTurn.run(state, "", seed=5, steps=2, conditioning=native, reference=style,
+                                       placement="stitch", stitch_direction="down").outputs[0]
+    session = models.pipeline.session(_pil(image), resize="keep")
+    expected = session.edit("", seed=5, steps=2, conditioning=TextConditioning(txt, pooled),
+                            extra_references=[_pil(style)], placement="stitch", stitch_direction="down")
+    assert torch.equal(turned.turns[-1].latent, expected.latent)
+
+
 def test_masked_turns_through_the_session_nodes(models):
     image = _image(8, (41, 35))
     state = _start(models, image).outputs[0]
