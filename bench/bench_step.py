@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import kontext_kernels  # noqa: E402
-from kontext_kernels import sage_attention  # noqa: E402
+from kontext_kernels import int8_gemm, sage_attention  # noqa: E402
 from kontext_core.compute import fused, quant  # noqa: E402
 from kontext_core import Autoencoder, KontextTransformer, TransformerConfig, set_attention_backend  # noqa: E402
 from kontext_core.compute.attention import flash_attn_variant  # noqa: E402
@@ -248,6 +248,8 @@ MODIFIERS = {
     "sage8fp16": "attention through our 8-bit Triton kernel with fp16 P.V",
     "convertedscores": "with +sage8: the kernel's scores by a conversion instruction per score "
                        "(kontext_kernels/sage_attention.py, SCORES_CONVERT; default: SCORES_FOLDED)",
+    "tritongemm": "int8 GEMMs on Hopper by the Triton-language kernel (kontext_kernels/int8_gemm.py), not the "
+                  "warp-specialised Gluon one (kontext_kernels/int8_gemm_hopper.py)",
     "sdpa": "attention through PyTorch's SDPA (cuDNN first) even where flash-attn is installed (auto takes it)",
     "graphs": "each step replayed from a CUDA graph (kontext_core/compute/cuda_graph.py)",
     "concat": "the single block's linear2 over a concatenation of its input's parts (not two GEMMs)",
@@ -264,6 +266,7 @@ MODIFIERS = {
 
 
 PRODUCT_SCORES = sage_attention.SCORES_DEFAULT  # the product's, kept before a row changes it
+PRODUCT_HOPPER_GEMM = int8_gemm.HOPPER_KERNEL
 
 
 def _comfy_variant(impl: str) -> str:
@@ -278,7 +281,8 @@ def implementation(name: str) -> str:
                                          f"{', '.join('+' + m for m in MODIFIERS)}")
     if "cudnn" in modifiers and base.startswith("ours"):
         raise argparse.ArgumentTypeError(f"{name!r}: +cudnn is for the reference rows; ours always puts cuDNN first")
-    ours_only = [m for m in modifiers if m in ("lora", "lorafly", "thinlora", "autotune", "sdpa", "sage8", "sage8fp16")]
+    ours_only = [m for m in modifiers if m in ("lora", "lorafly", "thinlora", "autotune", "sdpa", "sage8", "sage8fp16",
+                                               "tritongemm")]
     if ours_only and not base.startswith("ours"):
         raise argparse.ArgumentTypeError(f"{name!r}: +{ours_only[0]} applies to our rows only")
     if "autotune" in modifiers and not base.endswith("-compiled"):
@@ -301,6 +305,7 @@ def configure(impl: str) -> None:
     quant.set_fp8_fast_accumulation("exactaccum" not in modifiers)
     attention = {"fp8attention": "cudnn-fp8", "sage8": "sage8", "sage8fp16": "sage8-fp16", "sdpa": "sdpa"}
     set_attention_backend(next((attention[m] for m in modifiers if m in attention), "auto"))
+    int8_gemm.HOPPER_KERNEL = "triton" if "tritongemm" in modifiers else PRODUCT_HOPPER_GEMM
     sage_attention.SCORES_DEFAULT = (sage_attention.SCORES_CONVERT if "convertedscores" in modifiers else
                                      PRODUCT_SCORES)
     import torch._inductor.config

@@ -1,11 +1,14 @@
 """Would an int8 path beat the fp8 one? Its GEMMs' speed and the whole model's error, on a CUDA GPU.
 
-    python3 bench/int8_probe.py [--gemms] [--accuracy] [--host]
+    python3 bench/int8_probe.py [--gemms] [--pingpong] [--accuracy] [--host]
 
 --gemms: at the edit step's shapes (8704 tokens), one layer's GEMM as bf16 (cuBLAS), fp8 (`torch._scaled_mm`,
 rowwise scales, fast accumulation, as our fp8 path runs), cuBLAS's int8 GEMM (`torch._int_mm`, int32 out, no
 scaling: a lower bound of what it would cost), our int8 kernel as the model calls it (kontext_kernels/int8_gemm.py,
 autotuned), and its persistent TMA kernel at each of a few tile / stage / warp configs.
+
+--pingpong: at the same shapes, cuBLAS's fp8 GEMM against our two int8 kernels on Hopper: the autotuned
+Triton-language one and the warp-specialised Gluon one (kontext_kernels/int8_gemm_hopper.py) at a few ring depths.
 
 --accuracy: the full-size model on random weights (bench_step's), the edit workload; the velocity's relative L2
 error vs bf16 when every block linear's operands are rounded to int8 or e4m3 with per-row scales (simulated:
@@ -32,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_step import cuda_time, inputs, matmul_rate, random_transformer, rel_l2, WORKLOADS  # noqa: E402
 
 import kontext_kernels  # noqa: E402
-from kontext_kernels import int8_gemm  # noqa: E402
+from kontext_kernels import int8_gemm, int8_gemm_hopper  # noqa: E402
 from kontext_core import TransformerConfig  # noqa: E402
 from kontext_core.compute import quant
 
@@ -117,6 +120,45 @@ def gemms() -> None:
     print("\n| shape | GEMM | ms | TFLOP/s (TOP/s) | rel. L2 error vs exact |\n| --- | --- | ---: | ---: | ---: |")
     for row in rows:
         print(f"| {row[0]} | {row[1]} | {row[2]:.3f} | {row[3]:.0f} | {row[4]} |")
+
+
+def pingpong() -> None:
+    print(f"bf16 matmul rate (8192^3): {matmul_rate() / 1e12:.0f} TFLOP/s", flush=True)
+    print("| shape | GEMM | ms | TFLOP/s (TOP/s) | of cuBLAS fp8 | rel. L2 error vs exact |\n"
+          "| --- | --- | ---: | ---: | ---: | ---: |")
+    for name, (k, n) in SHAPES.items():
+        x = torch.randn(TOKENS, k, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k ** -0.5
+        bias = torch.randn(n, device="cuda", dtype=torch.bfloat16) * 0.02
+        flops = 2 * TOKENS * k * n
+        data, scale = int8_rows(x)
+        w_data, w_scale = int8_rows(w)
+        w_scale = w_scale.reshape(-1).contiguous()
+        scale = scale.reshape(-1).contiguous()
+        reference = int8_gemm.int8_linear_reference(data, scale, w_data, w_scale, bias, torch.bfloat16)
+        x8 = quant.quantize_rows(x)
+        w8, w8_scale = quant.quantize_weight(w, per_row=True)
+        w8_scale_row = w8_scale.reshape(1, -1).contiguous()
+        candidates = {
+            "fp8 _scaled_mm": lambda: torch._scaled_mm(x8.data, w8.t(), scale_a=x8.scale, scale_b=w8_scale_row,
+                                                       bias=bias, out_dtype=torch.bfloat16, use_fast_accum=True),
+            "int8 Triton (autotuned)": lambda: int8_gemm._launch(data, scale, w_data, w_scale, bias, torch.bfloat16,
+                                                                 kernel="triton"),
+        }
+        for stages in (4, 5):
+            candidates[f"int8 Gluon ping-pong, {stages} stages"] = (
+                lambda stages=stages: int8_gemm_hopper.launch(data, scale, w_data, w_scale, bias, torch.bfloat16,
+                                                              stages=stages))
+        base = None
+        for label, fn in candidates.items():
+            try:
+                seconds = cuda_time(fn, warmup=2, iterations=7, repeat=10, graphed=True)
+                base = base or seconds
+                error = f"{rel_l2(fn(), reference):.1e}" if label.startswith("int8") else ""
+                print(f"| {name} | {label} | {seconds * 1e3:.3f} | {flops / seconds / 1e12:.0f} | "
+                      f"{base / seconds:.1%} | {error} |", flush=True)
+            except Exception as exc:  # a variant that does not build here is reported, not fatal
+                print(f"| {name} | {label} | failed: {type(exc).__name__}: {str(exc)[:300]} | | | |", flush=True)
 
 
 GROUPS = {"modulation": ("_mod.lin", "modulation.lin"), "qkv": ("attn.qkv",), "proj": ("attn.proj",),
@@ -238,6 +280,7 @@ def host_time() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gemms", action="store_true")
+    parser.add_argument("--pingpong", action="store_true", help="the warp-specialised int8 GEMM against the others")
     parser.add_argument("--accuracy", action="store_true")
     parser.add_argument("--sensitivity", action="store_true",
                         help="with --accuracy: also each group of block linears left unrounded, one at a time")
@@ -250,6 +293,8 @@ def main() -> None:
         accuracy(args.sensitivity)
     if args.gemms:
         gemms()
+    if args.pingpong:
+        pingpong()
     if args.host:
         host_time()
 

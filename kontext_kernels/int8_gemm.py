@@ -7,12 +7,13 @@ Activations come quantized per row (per token, `scale` [M, 1], kontext_kernels/r
 row (`weight_scale` [N]); the products are exact in the int32 accumulator, so the only rounding is the
 quantization itself and the final cast. On the roughly Gaussian activations and weights of FLUX's blocks
 int8 with per-row scales rounds ~3x less than e4m3 (3 mantissa bits), on tensor cores of the same 8-bit
-rate; this kernel reaches 80-85% of cuBLAS's fp8 GEMM on an H200 (bench/RESULTS.md, "An int8 path").
+rate (bench/RESULTS.md, "An int8 path").
 
 cuBLAS's int8 GEMM (`torch._int_mm`) writes the int32 accumulator out and leaves the scaling to a second
-pass, and on an H200 it ran at 580-790 TOP/s, under bf16's rate: hence a kernel of our own. On Hopper it
-is a persistent kernel reading its tiles through the tensor memory accelerator (TMA); elsewhere (Ampere,
-Ada, Triton's interpreter) a pointer-based one.
+pass, and on an H200 it ran at 580-790 TOP/s, under bf16's rate: hence kernels of our own. On Hopper the
+warp-specialised Gluon kernel of int8_gemm_hopper.py takes the product where it can (94-103% of cuBLAS's fp8
+rate at FLUX's shapes); this module's Triton kernels are the others: a persistent one reading its tiles through
+the tensor memory accelerator (TMA) on Hopper, a pointer-based one elsewhere (Ampere, Ada, Triton's interpreter).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 
 from .runtime import (cdiv, enabled_for, hopper, import_triton, interpreting, last_dim_contiguous, launches,
                       multiprocessors, next_power_of_2)
+from . import int8_gemm_hopper
 from .tiles import grouped_tile
 
 triton, tl = import_triton()
@@ -210,8 +212,18 @@ def _row_bucket(rows: int) -> int:
     return next_power_of_2(rows)
 
 
+# Which kernel takes a product on Hopper: "gluon" (the warp-specialised kernel of int8_gemm_hopper.py, where it
+# can run) or "triton" (this module's persistent TMA kernel).
+HOPPER_KERNEL = "gluon"
+
+
 def _launch(data: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-            bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+            bias: torch.Tensor | None, out_dtype: torch.dtype, kernel: str | None = None) -> torch.Tensor:
+    if (kernel or HOPPER_KERNEL) == "gluon" and not interpreting() and int8_gemm_hopper.ready_for(data, weight,
+                                                                                                   out_dtype):
+        out = int8_gemm_hopper.launch(data, scale, weight, weight_scale, bias, out_dtype)
+        launches["int8_linear"] += 1
+        return out
     M, K = data.shape
     N = weight.shape[0]
     out = torch.empty((M, N), dtype=out_dtype, device=data.device)

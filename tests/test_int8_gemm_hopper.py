@@ -1,0 +1,109 @@
+"""The warp-specialised int8 GEMM for Hopper (kontext_kernels/int8_gemm_hopper.py).
+
+Gluon kernels do not run under Triton's interpreter: on a machine with no GPU the kernel is compiled for sm_90
+(Triton ships ptxas) and its SASS checked for what the schedule needs. On a Hopper GPU it is checked against the
+exact product (int8_gemm.int8_linear_reference, float64 sums) on awkward shapes: rows and columns that are not
+whole tiles, a K tail that TMA fills with zeros, programs with an odd number of tiles (the second consumer takes
+one fewer), with and without a bias, bf16 and fp16 outputs. Tolerance: relative L2 error 1e-2 (the output's one
+rounding to 16 bits is ~2e-3).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import rel_l2
+from kontext_kernels import int8_gemm, int8_gemm_hopper
+from kontext_kernels.runtime import launches
+
+needs_gluon = pytest.mark.skipif(not int8_gemm_hopper.gluon_available(),
+                                 reason="this Triton has no Gluon with Hopper warp specialisation")
+
+
+def _sass(kernel) -> str:
+    import triton
+
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as file:
+        file.write(kernel.asm["cubin"])
+    try:
+        return subprocess.run([str(tools / "cuobjdump"), "-sass", file.name], capture_output=True, text=True,
+                              check=True).stdout
+    finally:
+        os.unlink(file.name)
+
+
+@needs_gluon
+@pytest.mark.parametrize("has_bias", [True, False])
+def test_builds_for_sm90_with_wgmma_tma_and_register_split(has_bias):
+    kernel = int8_gemm_hopper.build_offline(torch.bfloat16, has_bias)
+    sass = _sass(kernel)
+    # Two consumers, each a 128x128 tile of 64x128x32 int8 wgmmas over a 128-deep K step.
+    assert len(re.findall(r"IGMMA\.64x128x32\.S8\.S8", sass)) == 2 * 8
+    assert "UTMALDG" in sass and "UTMASTG" in sass
+    assert "SYNCS.PHASECHK" in sass  # mbarrier waits between the loader and the consumers
+    assert "USETMAXREG" in sass  # registers moved from the loader's warpgroup to the consumers
+    assert not re.search(r"\b(LDL|STL)\b", sass), "registers spill"
+    assert kernel.metadata.shared <= 227 * 1024
+
+
+def _operands(M: int, N: int, K: int, device: str):
+    data = torch.randint(-127, 128, (M, K), dtype=torch.int8, device=device)
+    weight = torch.randint(-127, 128, (N, K), dtype=torch.int8, device=device)
+    scale = torch.rand(M, device=device) * 1e-3 + 1e-4
+    weight_scale = torch.rand(N, device=device) * 1e-2 + 1e-3
+    return data, scale, weight, weight_scale
+
+
+hopper_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
+                                     and int8_gemm_hopper.gluon_available()), reason="needs a Hopper GPU and Gluon")
+
+
+@hopper_gpu
+@pytest.mark.parametrize("M, N, K", [(300, 200, 208), (128, 128, 128), (1000, 520, 3072), (8704, 3072, 384),
+                                     (77, 9216, 256), (4096, 4096, 3072)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+def test_matches_the_exact_product(M, N, K, bias, out_dtype):
+    torch.manual_seed(M + N + K)
+    data, scale, weight, weight_scale = _operands(M, N, K, "cuda")
+    bias_values = torch.randn(N, device="cuda", dtype=out_dtype) if bias else None
+    assert int8_gemm_hopper.ready_for(data, weight, out_dtype)
+    out = int8_gemm_hopper.launch(data, scale, weight, weight_scale, bias_values, out_dtype)
+    reference = int8_gemm.int8_linear_reference(data, scale, weight, weight_scale, bias_values, torch.float32)
+    assert out.dtype == out_dtype and out.shape == (M, N)
+    assert rel_l2(out.float(), reference) < 1e-2
+
+
+@hopper_gpu
+@pytest.mark.parametrize("stages", [3, 4, 5])
+def test_ring_depths_agree(stages):
+    torch.manual_seed(stages)
+    data, scale, weight, weight_scale = _operands(1100, 1024, 1536, "cuda")
+    out = int8_gemm_hopper.launch(data, scale, weight, weight_scale, None, torch.bfloat16, stages=stages)
+    reference = int8_gemm.int8_linear_reference(data, scale, weight, weight_scale, None, torch.float32)
+    assert rel_l2(out.float(), reference) < 1e-2
+
+
+@hopper_gpu
+def test_int8_linear_dispatches_to_it_on_hopper(monkeypatch):
+    data, scale, weight, weight_scale = _operands(512, 256, 256, "cuda")
+    before = launches["int8_linear_pingpong"]
+    out = int8_gemm.int8_linear(data, scale.reshape(-1, 1), weight, weight_scale, None, torch.bfloat16)
+    assert launches["int8_linear_pingpong"] == before + 1
+    monkeypatch.setattr(int8_gemm, "HOPPER_KERNEL", "triton")
+    other = int8_gemm.int8_linear(data, scale.reshape(-1, 1), weight, weight_scale, None, torch.bfloat16)
+    assert launches["int8_linear_pingpong"] == before + 1
+    assert rel_l2(out.float(), other.float()) < 1e-2
+
+
+def test_not_chosen_off_hopper():
+    data = torch.zeros(256, 256, dtype=torch.int8)
+    assert not int8_gemm_hopper.ready_for(data, data, torch.bfloat16)
