@@ -250,6 +250,8 @@ MODIFIERS = {
                        "(kontext_kernels/sage_attention.py, SCORES_CONVERT; default: SCORES_FOLDED)",
     "tritongemm": "int8 GEMMs on Hopper by the Triton-language kernel (kontext_kernels/int8_gemm.py), not the "
                   "warp-specialised Gluon one (kontext_kernels/int8_gemm_hopper.py)",
+    "tritonattention": "with +sage8 on Hopper: the Triton-language attention kernel (kontext_kernels/sage_attention.py), "
+                       "not the warp-specialised Gluon one (kontext_kernels/sage_attention_hopper.py)",
     "sdpa": "attention through PyTorch's SDPA (cuDNN first) even where flash-attn is installed (auto takes it)",
     "graphs": "each step replayed from a CUDA graph (kontext_core/compute/cuda_graph.py)",
     "concat": "the single block's linear2 over a concatenation of its input's parts (not two GEMMs)",
@@ -267,6 +269,7 @@ MODIFIERS = {
 
 PRODUCT_SCORES = sage_attention.SCORES_DEFAULT  # the product's, kept before a row changes it
 PRODUCT_HOPPER_GEMM = int8_gemm.HOPPER_KERNEL
+PRODUCT_HOPPER_ATTENTION = sage_attention.HOPPER_KERNEL
 
 
 def _comfy_variant(impl: str) -> str:
@@ -282,7 +285,7 @@ def implementation(name: str) -> str:
     if "cudnn" in modifiers and base.startswith("ours"):
         raise argparse.ArgumentTypeError(f"{name!r}: +cudnn is for the reference rows; ours always puts cuDNN first")
     ours_only = [m for m in modifiers if m in ("lora", "lorafly", "thinlora", "autotune", "sdpa", "sage8", "sage8fp16",
-                                               "tritongemm")]
+                                               "tritongemm", "tritonattention")]
     if ours_only and not base.startswith("ours"):
         raise argparse.ArgumentTypeError(f"{name!r}: +{ours_only[0]} applies to our rows only")
     if "autotune" in modifiers and not base.endswith("-compiled"):
@@ -306,6 +309,7 @@ def configure(impl: str) -> None:
     attention = {"fp8attention": "cudnn-fp8", "sage8": "sage8", "sage8fp16": "sage8-fp16", "sdpa": "sdpa"}
     set_attention_backend(next((attention[m] for m in modifiers if m in attention), "auto"))
     int8_gemm.HOPPER_KERNEL = "triton" if "tritongemm" in modifiers else PRODUCT_HOPPER_GEMM
+    sage_attention.HOPPER_KERNEL = "triton" if "tritonattention" in modifiers else PRODUCT_HOPPER_ATTENTION
     sage_attention.SCORES_DEFAULT = (sage_attention.SCORES_CONVERT if "convertedscores" in modifiers else
                                      PRODUCT_SCORES)
     import torch._inductor.config

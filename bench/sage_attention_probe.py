@@ -11,8 +11,10 @@ kinds of inputs:
   random weights at a realistic scale (bench_step.random_transformer's), run on random tokens with the edit
   workload's position ids (512 text tokens, a 64x64 target and a 64x64 context).
 Paths: bf16 SDPA (cuDNN); ours as backends 'sage8' (P·V in e4m3 where the GPU has fp8) and 'sage8-fp16' call
-it (quantization + autotuned kernel), each with its quantization pass and attention kernel alone and the kernel
-at each config of the GPU's list; variants at sage8's chosen config (e4m3 with k scales per token, e4m3 with one
+it (quantization + kernel: on Hopper the warp-specialised Gluon one, kontext_kernels/sage_attention_hopper.py,
+elsewhere the autotuned Triton-language one), each with its quantization pass and attention kernel alone (on
+Hopper: both kernels, the Gluon one at 2-4 ring stages) and the Triton-language kernel at each config of the
+GPU's list; variants at sage8's chosen config (e4m3 with k scales per token, e4m3 with one
 accumulator across key blocks, fp16 P·V with k scales per 128 tokens, pointer loads instead of TMA); cudnn-fp8 where it
 runs, and SageAttention 1.0.6 from PyPI where it is installed (`pip install sageattention==1.0.6`: pure Python,
 Triton kernels; int8 Q·Kᵀ, fp16 P·V). A path that fails prints its error and the probe goes on.
@@ -37,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from kontext_kernels import sage_attention as sa  # noqa: E402
+from kontext_kernels import sage_attention_hopper as hopper_kernel  # noqa: E402
 from kontext_core import TransformerConfig  # noqa: E402
 from kontext_core.model.layers import DoubleStreamBlock, RopeFrequencies, rope_frequencies  # noqa: E402
 from kontext_core.model.tokens import position_ids, text_position_ids  # noqa: E402
@@ -267,8 +270,17 @@ def main() -> None:
             operands = sa.quantize_operands(q, k, v, fp8_pv=fp8_pv)
             table.add("  quantization pass alone", attempt("quantize", lambda: timed(
                 lambda: sa.quantize_operands(q, k, v, fp8_pv=fp8_pv))), {})
-            table.add("  attention kernel alone (autotuned)", attempt("attend", lambda: timed(
+            table.add(f"  attention kernel alone ({chosen[name].get('kernel')})", attempt("attend", lambda: timed(
                 lambda: sa.attend(operands, q.dtype))), {})
+            if chosen[name].get("kernel") == "gluon":
+                # The Triton-language kernel beside it, autotuned; its choice is what the variants below pin.
+                table.add("  attention kernel alone (triton, autotuned)", attempt("attend triton", lambda: timed(
+                    lambda: sa._launch_attention(operands, q.dtype, kernel="triton"))), {})
+                chosen[name] = dict(sa.last_config)
+                out = torch.empty((batch, length, heads, head_dim), dtype=q.dtype, device=device)
+                for stages in (2, 3, 4):
+                    table.add(f"  gluon kernel, {stages} stages", attempt(f"gluon {stages}", lambda stages=stages: timed(
+                        lambda: hopper_kernel.launch(operands, out, stages=stages))), {})
             if not first or args.no_variants or device == "cpu":
                 continue
             tma = bool(chosen[name].get("tma"))

@@ -54,6 +54,7 @@ from typing import NamedTuple
 
 import torch
 
+from . import sage_attention_hopper
 from .e4m3 import round_to_e4m3, to_e4m3
 from .runtime import (cdiv, enabled_for, hopper, import_triton, interpreting, launches, multiprocessors,
                       next_power_of_2, reduction_combines)
@@ -620,17 +621,40 @@ def split_accumulator_default(operands: Operands) -> bool:
     return operands.v8t.dtype == torch.float8_e4m3fn
 
 
+# Which kernel takes sage8's attention on Hopper: "gluon" (the warp-specialised kernel of
+# sage_attention_hopper.py, where it can run and no variant is pinned) or "triton" (this module's kernel).
+HOPPER_KERNEL = "gluon"
+
+
+def _takes_gluon(operands: Operands, kernel: str | None, config: dict | None, tma: bool | None,
+                 split_accumulator: bool | None, scores: int | None) -> bool:
+    # The Gluon kernel has one schedule: TMA, 128x128 tiles, a fresh P·V accumulator per key block, folded scores.
+    default_variant = (config is None and tma is not False and split_accumulator is not False
+                       and (SCORES_DEFAULT if scores is None else scores) == SCORES_FOLDED)
+    return ((kernel or HOPPER_KERNEL) == "gluon" and default_variant and not interpreting()
+            and sage_attention_hopper.ready_for(operands))
+
+
 def _launch_attention(operands: Operands, out_dtype: torch.dtype, config: dict | None = None,
                       tma: bool | None = None, split_accumulator: bool | None = None,
-                      scores: int | None = None) -> torch.Tensor:
+                      scores: int | None = None, kernel: str | None = None) -> torch.Tensor:
     """The attention kernel on quantized operands. `config` ({"BLOCK_M", "BLOCK_N", "num_warps",
-    "num_stages"}), `tma` and `split_accumulator` pin a variant (the probe times each); by default the
-    autotuner picks among the configs of the GPU's kind."""
+    "num_stages"}), `tma`, `split_accumulator` and `scores` pin a variant of this module's kernel (the probe times
+    each); by default the autotuner picks among the configs of the GPU's kind. On Hopper the default variant runs
+    the Gluon kernel instead (`kernel`: "gluon" / "triton" overrides HOPPER_KERNEL)."""
     o = operands
     batch, heads, padded_q, channels = o.q8.shape
     padded_k = o.k8.shape[2]
     device = o.q8.device
     out = torch.empty((batch, o.length_q, heads, o.head_dim), dtype=out_dtype, device=device)
+    if _takes_gluon(o, kernel, config, tma, split_accumulator, scores):
+        sage_attention_hopper.launch(o, out)
+        last_config.clear()
+        last_config.update(BLOCK_M=sage_attention_hopper.BLOCK_M, BLOCK_N=sage_attention_hopper.BLOCK_N,
+                           num_stages=sage_attention_hopper.STAGES, kernel="gluon", tma=True,
+                           split_accumulator=True, scores=SCORES_FOLDED)
+        launches["sage_attention"] += 1
+        return out.transpose(1, 2)
     if split_accumulator is None:
         split_accumulator = split_accumulator_default(o)
     args = dict(heads=heads, length_q=o.length_q, length_k=_loop_count(o.length_k),
@@ -671,6 +695,6 @@ def _launch_attention(operands: Operands, out_dtype: torch.dtype, config: dict |
         best = tuned.best_config
         chosen = {**best.kwargs, "num_warps": best.num_warps, "num_stages": best.num_stages}
     last_config.clear()
-    last_config.update(chosen, tma=tma, split_accumulator=split_accumulator, scores=args["SCORES"])
+    last_config.update(chosen, kernel="triton", tma=tma, split_accumulator=split_accumulator, scores=args["SCORES"])
     launches["sage_attention"] += 1
     return out.transpose(1, 2)

@@ -187,6 +187,23 @@ def random_block_lora_file(model: torch.nn.Module, seed: int, rank: int = 8, sca
     return tensors
 
 
+def sass_of(kernel) -> str:
+    """The SASS of a compiled Triton / Gluon kernel (`triton.compile`'s result), by the cuobjdump Triton ships."""
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as file:
+        file.write(kernel.asm["cubin"])
+    try:
+        return subprocess.run([str(tools / "cuobjdump"), "-sass", file.name], capture_output=True, text=True,
+                              check=True).stdout
+    finally:
+        os.unlink(file.name)
+
+
 def rel_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
     """max|ours - reference| / max|reference|, the golden README's measure."""
     ours, reference = ours.double(), reference.double()

@@ -10,16 +10,12 @@ rounding to 16 bits is ~2e-3).
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import tempfile
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import rel_l2
+from conftest import rel_l2, sass_of
 from kontext_kernels import int8_gemm, int8_gemm_hopper
 from kontext_kernels.runtime import launches
 
@@ -27,24 +23,11 @@ needs_gluon = pytest.mark.skipif(not int8_gemm_hopper.gluon_available(),
                                  reason="this Triton has no Gluon with Hopper warp specialisation")
 
 
-def _sass(kernel) -> str:
-    import triton
-
-    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as file:
-        file.write(kernel.asm["cubin"])
-    try:
-        return subprocess.run([str(tools / "cuobjdump"), "-sass", file.name], capture_output=True, text=True,
-                              check=True).stdout
-    finally:
-        os.unlink(file.name)
-
-
 @needs_gluon
 @pytest.mark.parametrize("has_bias", [True, False])
 def test_builds_for_sm90_with_wgmma_tma_and_register_split(has_bias):
     kernel = int8_gemm_hopper.build_offline(torch.bfloat16, has_bias)
-    sass = _sass(kernel)
+    sass = sass_of(kernel)
     # Two consumers, each a 128x128 tile of 64x128x32 int8 wgmmas over a 128-deep K step.
     assert len(re.findall(r"IGMMA\.64x128x32\.S8\.S8", sass)) == 2 * 8
     assert "UTMALDG" in sass and "UTMASTG" in sass

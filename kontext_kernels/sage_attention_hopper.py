@@ -1,0 +1,239 @@
+"""sage8's attention kernel on Hopper, warp-specialised and software-pipelined (Gluon), FlashAttention-3's schedule.
+
+It computes what `sage_attention.attend_reference` computes (int8 Q·Kᵀ, folded scores, P·V in e4m3 into a fresh
+accumulator per key block; sage_attention.py's docstring), on the operands `sage_attention.quantize_operands`
+writes. The Triton-language kernel there waits on each key block's two MMAs before its softmax can start, and
+Triton 3.6 does not warp-specialise it on sm_90 (bench/RESULTS.md, "the attention kernel's score conversion").
+Here one program takes 128 queries of one head, in three partitions:
+- a loader warp: the two 64-query halves of Q once, then each key block's K and Vᵀ tiles through TMA into a ring
+  of stages;
+- two consumer warpgroups, a 64-query half each. Each issues block j's Q·Kᵀ and block j-1's P·V together, and
+  runs block j's softmax while that P·V is still on the tensor cores; the two warpgroups' softmaxes and MMAs
+  interleave on the SM besides.
+Both consumers read every key block, so a stage goes back to the loader when both have released it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Gluon's names, imported once there (None where this Triton has no Gluon: nothing here launches then).
+from .int8_gemm_hopper import (TensorDescriptor, gl, gluon, gluon_available, mbarrier, tma, warpgroup_mma,
+                               warpgroup_mma_wait)
+from .runtime import cdiv, hopper, launches, switched_on
+
+QUERY_ROWS = 64  # per consumer warpgroup: one 64-row wgmma
+BLOCK_M = 2 * QUERY_ROWS
+BLOCK_N = 128  # keys per block: sage8's k scales are per 128 keys (sage_attention.K_ROWS_FP8)
+STAGES = 3  # block j-1's V is still read while block j's K arrives: two stages in use, one loading
+P_EXPONENT = 8.0  # as sage_attention.P_EXPONENT
+# 3 warpgroups (the loader's warp rounds up to one) x 128 threads share 64K registers: 168 a thread on average
+# gives each consumer 240 and the loader's group 24.
+_MAXNREG, _CONSUMER_REGISTERS, _LOADER_REGISTERS = 168, 240, 24
+
+
+@gluon.jit
+def _loader(q_desc, k_desc, v_desc, q_halves, k_ring, v_ring, q_ready, kv_ready, kv_free, length_k, padded_q,
+            padded_k):
+    BLOCK_KEYS: gl.constexpr = k_desc.block_type.shape[0]
+    CHANNELS: gl.constexpr = k_desc.block_type.shape[1]
+    ROWS: gl.constexpr = q_desc.block_type.shape[0]
+    STAGES: gl.constexpr = k_ring.type.shape[0]
+    bh = gl.program_id(1)
+    q_row = bh * padded_q + gl.program_id(0) * (2 * ROWS)
+    mbarrier.expect(q_ready, 2 * q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [q_row, 0], q_ready, q_halves.index(0))
+    tma.async_copy_global_to_shared(q_desc, [q_row + ROWS, 0], q_ready, q_halves.index(1))
+    for block in range(gl.cdiv(length_k, BLOCK_KEYS)):
+        stage = block % STAGES
+        mbarrier.wait(kv_free.index(stage), ((block // STAGES) & 1) ^ 1)
+        arrived = kv_ready.index(stage)
+        mbarrier.expect(arrived, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [bh * padded_k + block * BLOCK_KEYS, 0], arrived, k_ring.index(stage))
+        tma.async_copy_global_to_shared(v_desc, [bh * CHANNELS, block * BLOCK_KEYS], arrived, v_ring.index(stage))
+
+
+@gluon.jit
+def _softmax(dots, q_factor, k_scale_ptr, block, row_max, length_k, BLOCK_KEYS: gl.constexpr,
+             layout: gl.constexpr):
+    """One key block's P (float32, x 2**8) and new running row max, as attend_reference makes them: folded scores
+    in whole blocks, converted and masked ones in a last, partial block."""
+    start_n = block * BLOCK_KEYS
+    factor = q_factor * gl.load(k_scale_ptr + block)
+    if start_n + BLOCK_KEYS <= length_k:
+        # sage_attention.SCORES_FOLDED: the int32 dot plus 1.5 * 2**23's bits is 1.5 * 2**23 + dot as a float32,
+        # the bias taken off in the exponent's FFMA, the scale cut to 22 bits so that the bias times it is exact.
+        factor = (factor.to(gl.int32, bitcast=True) & -4).to(gl.float32, bitcast=True)
+        biased = (dots + 0x4B400000).to(gl.float32, bitcast=True)
+        new_max = gl.maximum(row_max, gl.max(dots, axis=1).to(gl.float32) * factor)
+        bias = 12582912.0 * factor
+        shift = bias + (new_max - 8.0)  # 8.0: P_EXPONENT
+        new_max = (shift - bias) + 8.0  # the max the exponent really subtracts (Fast2Sum)
+        p = gl.exp2(gl.fma(biased, gl.expand_dims(factor, 1), -gl.expand_dims(shift, 1)))
+    else:
+        columns = start_n + gl.arange(0, BLOCK_KEYS, layout=gl.SliceLayout(0, layout))
+        scores = gl.where(gl.expand_dims(columns < length_k, 0), dots.to(gl.float32), float("-inf"))
+        new_max = gl.maximum(row_max, gl.max(scores, axis=1) * factor)
+        p = gl.exp2(scores * gl.expand_dims(factor, 1) - gl.expand_dims(new_max - 8.0, 1))
+    return p, new_max
+
+
+@gluon.jit
+def _consumer(q_halves, k_ring, v_ring, q_ready, kv_ready, kv_free, q_scale_ptr, k_scale_ptr, v_scale_ptr, out_ptr,
+              heads, length_q, length_k, padded_q, padded_k, stride_ob, stride_oh, stride_ol,
+              HEAD_DIM: gl.constexpr, WHICH: gl.constexpr):
+    ROWS: gl.constexpr = q_halves.type.shape[1]
+    CHANNELS: gl.constexpr = q_halves.type.shape[2]
+    BLOCK_KEYS: gl.constexpr = k_ring.type.shape[1]
+    STAGES: gl.constexpr = k_ring.type.shape[0]
+    # 8-bit wgmma, m16 x n x k32 per warp: n = the keys for Q·Kᵀ, the channels for P·V.
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_KEYS, 32])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, CHANNELS, 32])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
+    rows_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+
+    bh = gl.program_id(1)
+    start_m = gl.program_id(0) * (2 * ROWS) + WHICH * ROWS
+    q_factor = gl.load(q_scale_ptr + bh * padded_q + start_m + gl.arange(0, ROWS, layout=rows_layout))
+    k_scale_ptr += bh * (padded_k // BLOCK_KEYS)
+    q = q_halves.index(WHICH)
+    blocks = gl.cdiv(length_k, BLOCK_KEYS)
+    mbarrier.wait(q_ready, 0)
+
+    # Block 0: its scores, then its softmax; its P·V is issued with block 1's Q·Kᵀ.
+    mbarrier.wait(kv_ready.index(0), 0)
+    dots = warpgroup_mma(q, k_ring.index(0).permute((1, 0)), gl.zeros([ROWS, BLOCK_KEYS], gl.int32, s_layout),
+                         use_acc=False, is_async=True)
+    dots = warpgroup_mma_wait(num_outstanding=0, deps=(dots, ))
+    row_max = gl.full([ROWS], float("-inf"), gl.float32, rows_layout)
+    p, new_max = _softmax(dots, q_factor, k_scale_ptr, 0, row_max, length_k, BLOCK_KEYS, s_layout)
+    alpha = gl.exp2(row_max - new_max)
+    row_sum = gl.sum(p, axis=1)
+    row_max = new_max
+    p8 = gl.convert_layout(p.to(gl.float8e4nv), p_layout)
+    out = gl.zeros([ROWS, CHANNELS], gl.float32, o_layout)
+    products = gl.zeros([ROWS, CHANNELS], gl.float32, o_layout)
+
+    for block in range(1, blocks):
+        stage = block % STAGES
+        previous = (block + STAGES - 1) % STAGES
+        mbarrier.wait(kv_ready.index(stage), (block // STAGES) & 1)
+        dots = warpgroup_mma(q, k_ring.index(stage).permute((1, 0)), dots, use_acc=False, is_async=True)
+        products = warpgroup_mma(p8, v_ring.index(previous).permute((1, 0)), products, use_acc=False,
+                                 is_async=True)
+        dots = warpgroup_mma_wait(num_outstanding=1, deps=(dots, ))  # Q·Kᵀ was issued first
+        p, new_max = _softmax(dots, q_factor, k_scale_ptr, block, row_max, length_k, BLOCK_KEYS, s_layout)
+        block_alpha = gl.exp2(row_max - new_max)
+        row_sum = row_sum * block_alpha + gl.sum(p, axis=1)
+        row_max = new_max
+        p8_next = gl.convert_layout(p.to(gl.float8e4nv), p_layout)
+        products = warpgroup_mma_wait(num_outstanding=0, deps=(products, ))
+        mbarrier.arrive(kv_free.index(previous))
+        # The previous block's P·V joins the running sum under that block's rescale (attend_reference's order).
+        out = out * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1) + products
+        alpha = block_alpha
+        p8 = p8_next
+
+    last = (blocks + STAGES - 1) % STAGES
+    products = warpgroup_mma(p8, v_ring.index(last).permute((1, 0)), products, use_acc=False, is_async=True)
+    products = warpgroup_mma_wait(num_outstanding=0, deps=(products, ))
+    mbarrier.arrive(kv_free.index(last))
+    out = out * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1) + products
+
+    columns = gl.arange(0, CHANNELS, layout=gl.SliceLayout(0, o_layout))
+    offs_m = start_m + gl.arange(0, ROWS, layout=gl.SliceLayout(1, o_layout))
+    v_scale = gl.load(v_scale_ptr + bh * CHANNELS + columns)
+    inverse = gl.div_rn(gl.full([ROWS], 1.0, gl.float32, gl.SliceLayout(1, o_layout)),
+                        gl.convert_layout(row_sum, gl.SliceLayout(1, o_layout)))
+    out = out * gl.expand_dims(inverse, 1) * gl.expand_dims(v_scale, 0)
+    base = out_ptr + (bh // heads).to(gl.int64) * stride_ob + (bh % heads).to(gl.int64) * stride_oh
+    inside = gl.expand_dims(offs_m < length_q, 1) & gl.expand_dims(columns < HEAD_DIM, 0)
+    gl.store(base + gl.expand_dims(offs_m.to(gl.int64) * stride_ol, 1) + gl.expand_dims(columns, 0),
+             out.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+@gluon.jit
+def _attention_kernel(q_desc, k_desc, v_desc, q_scale_ptr, k_scale_ptr, v_scale_ptr, out_ptr, heads, length_q,
+                      length_k, padded_q, padded_k, stride_ob, stride_oh, stride_ol, HEAD_DIM: gl.constexpr,
+                      STAGES: gl.constexpr, LOADER_REGISTERS: gl.constexpr, CONSUMER_REGISTERS: gl.constexpr):
+    q_halves = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)
+    k_ring = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
+    v_ring = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
+    q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    kv_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    kv_free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_ready, count=1)
+    for stage in gl.static_range(STAGES):
+        mbarrier.init(kv_ready.index(stage), count=1)
+        mbarrier.init(kv_free.index(stage), count=2)  # both consumers release every stage
+    FIRST: gl.constexpr = 0
+    SECOND: gl.constexpr = 1
+    gl.warp_specialize([
+        (_consumer, (q_halves, k_ring, v_ring, q_ready, kv_ready, kv_free, q_scale_ptr, k_scale_ptr, v_scale_ptr,
+                     out_ptr, heads, length_q, length_k, padded_q, padded_k, stride_ob, stride_oh, stride_ol,
+                     HEAD_DIM, FIRST)),
+        (_consumer, (q_halves, k_ring, v_ring, q_ready, kv_ready, kv_free, q_scale_ptr, k_scale_ptr, v_scale_ptr,
+                     out_ptr, heads, length_q, length_k, padded_q, padded_k, stride_ob, stride_oh, stride_ol,
+                     HEAD_DIM, SECOND)),
+        (_loader, (q_desc, k_desc, v_desc, q_halves, k_ring, v_ring, q_ready, kv_ready, kv_free, length_k, padded_q,
+                   padded_k)),
+    ], [4, 1], [CONSUMER_REGISTERS, LOADER_REGISTERS])
+
+
+def ready_for(operands) -> bool:
+    """Whether this kernel takes sage8's attention: a Hopper GPU, Gluon, e4m3 P·V with a k scale per 128 keys and
+    a q scale per token (the defaults), and 64 or 128 channels."""
+    o = operands
+    return (switched_on() and gluon_available() and o.q8.is_cuda and hopper(o.q8.device)
+            and o.v8t.dtype == torch.float8_e4m3fn and o.q_rows == 1 and o.k_rows == BLOCK_N
+            and o.q8.shape[3] in (64, 128))
+
+
+def _layouts(channels: int):
+    return (gl.NVMMASharedLayout.get_default_for([QUERY_ROWS, channels], gl.int8),
+            gl.NVMMASharedLayout.get_default_for([BLOCK_N, channels], gl.int8),
+            gl.NVMMASharedLayout.get_default_for([channels, BLOCK_N], gl.float8e4nv))
+
+
+def launch(operands, out: torch.Tensor, stages: int = STAGES) -> None:
+    """The attention of quantized `operands` (sage_attention.Operands) into `out` [B, Lq, H, D]."""
+    o = operands
+    batch, heads, padded_q, channels = o.q8.shape
+    padded_k = o.k8.shape[2]
+    q_layout, k_layout, v_layout = _layouts(channels)
+    _attention_kernel[(cdiv(o.length_q, BLOCK_M), batch * heads)](
+        TensorDescriptor.from_tensor(o.q8.view(-1, channels), [QUERY_ROWS, channels], q_layout),
+        TensorDescriptor.from_tensor(o.k8.view(-1, channels), [BLOCK_N, channels], k_layout),
+        TensorDescriptor.from_tensor(o.v8t.view(-1, padded_k), [channels, BLOCK_N], v_layout),
+        o.q_scale, o.k_scale, o.v_scale, out, heads, o.length_q, o.length_k, padded_q, padded_k, out.stride(0),
+        out.stride(2), out.stride(1), HEAD_DIM=o.head_dim, STAGES=stages, LOADER_REGISTERS=_LOADER_REGISTERS,
+        CONSUMER_REGISTERS=_CONSUMER_REGISTERS, num_warps=4, maxnreg=_MAXNREG)
+    launches["sage_attention_hopper"] += 1
+
+
+def build_offline(channels: int = 128, stages: int = STAGES, out_dtype: torch.dtype = torch.bfloat16):
+    """The kernel compiled for sm_90 without a GPU, for the tests and for reading its SASS; the signature a launch
+    at FLUX's edit shape gets (16-divisible sizes and strides)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    q_layout, k_layout, v_layout = _layouts(channels)
+    signature = {"q_desc": f"tensordesc<i8[{QUERY_ROWS}, {channels}],{q_layout}>",
+                 "k_desc": f"tensordesc<i8[{BLOCK_N}, {channels}],{k_layout}>",
+                 "v_desc": f"tensordesc<fp8e4nv[{channels}, {BLOCK_N}],{v_layout}>",
+                 "q_scale_ptr": "*fp32", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32",
+                 "out_ptr": "*bf16" if out_dtype == torch.bfloat16 else "*fp16"}
+    signature |= {name: "i32" for name in ("heads", "length_q", "length_k", "padded_q", "padded_k", "stride_ob",
+                                           "stride_oh", "stride_ol")}
+    constants = dict(HEAD_DIM=channels, STAGES=stages, LOADER_REGISTERS=_LOADER_REGISTERS,
+                     CONSUMER_REGISTERS=_CONSUMER_REGISTERS)
+    signature |= {name: "constexpr" for name in constants}
+    names = list(signature)
+    attrs = {(names.index(name),): [["tt.divisibility", 16]]
+             for name in ("q_scale_ptr", "k_scale_ptr", "v_scale_ptr", "out_ptr", "length_q", "length_k", "padded_q",
+                          "padded_k", "stride_ob", "stride_oh", "stride_ol")}
+    source = GluonASTSource(fn=_attention_kernel, signature=signature, constexprs=constants, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=_MAXNREG))

@@ -1,0 +1,106 @@
+"""sage8's warp-specialised attention kernel for Hopper (kontext_kernels/sage_attention_hopper.py).
+
+Gluon kernels do not run under Triton's interpreter: without a GPU the kernel is compiled for sm_90 and its SASS
+checked for what the schedule needs. On a Hopper GPU it is checked, on fresh random q, k, v, against
+`sage_attention.attend_reference` (the same arithmetic in PyTorch, 128-key blocks) at awkward sizes: query and
+key counts that are not whole 128-token tiles (a masked last key block, a single partial one), batch 2, 3 heads,
+head dims 64, 128 and 96 (padded to 128); and against exact attention (float64).
+
+Tolerances, as tests/test_sage_attention.py states them: the kernel against the reference max|diff| / max|ref|
+<= 1e-2 (the GPU's exp2 approximation moves a few values of P across an e4m3 rounding, by an e4m3 step each),
+against exact attention rel L2 <= 5% (e4m3 P·V: ~3.7% measured on such inputs).
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from conftest import rel_error, rel_l2, sass_of
+from kontext_kernels import sage_attention as sa
+from kontext_kernels import sage_attention_hopper as hopper_kernel
+from kontext_kernels.runtime import launches
+from test_sage_attention import FP8_BOUND, GPU_KERNEL_VS_REFERENCE, _exact, _inputs
+
+needs_gluon = pytest.mark.skipif(not hopper_kernel.gluon_available(),
+                                 reason="this Triton has no Gluon with Hopper warp specialisation")
+hopper_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
+                                     and hopper_kernel.gluon_available()), reason="needs a Hopper GPU and Gluon")
+
+
+@needs_gluon
+@pytest.mark.parametrize("channels", [128, 64])
+def test_builds_for_sm90_with_8bit_wgmma_tma_and_register_split(channels):
+    kernel = hopper_kernel.build_offline(channels)
+    sass = sass_of(kernel)
+    # Each consumer: Q·Kᵀ as four 64x128x32 int8 wgmmas (128 channels: K = 128) or two (64), for block 0 and in the
+    # loop; P·V as four 64x{channels}x32 e4m3 wgmmas (128 keys) in the loop and after it.
+    assert len(re.findall(r"IGMMA\.64x128x32\.S8\.S8", sass)) == 2 * 2 * channels // 32
+    assert len(re.findall(rf"QGMMA\.64x{channels}x32\.F32\.E4M3\.E4M3", sass)) == 2 * 2 * 4
+    # The Q·Kᵀ of block j is waited on while block j-1's P·V may still run: a wait that leaves one group in flight.
+    assert "WARPGROUP.DEPBAR.LE gsb0, 0x1" in sass
+    assert "UTMALDG" in sass and "SYNCS.PHASECHK" in sass and "USETMAXREG" in sass
+    assert not re.search(r"\b(LDL|STL)\b", sass), "registers spill"
+    assert kernel.metadata.shared <= 227 * 1024
+
+
+SHAPES = [  # (batch, heads, length_q, length_k, head_dim)
+    (2, 3, 150, 300, 64),     # two whole key blocks and a masked one; a partial query tile
+    (1, 3, 300, 150, 128),
+    (1, 2, 200, 77, 128),     # one key block, partial
+    (2, 2, 256, 384, 128),    # whole tiles only: the folded scores everywhere
+    (1, 3, 129, 1100, 96),    # head dim 96 padded to 128; nine key blocks, more than the ring's stages
+]
+
+
+@hopper_gpu
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_matches_the_reference(shape, out_dtype):
+    batch, heads, length_q, length_k, head_dim = shape
+    q, k, v = _inputs(batch, heads, length_q, length_k, head_dim, "cuda")
+    operands = sa.quantize_operands(q, k, v, fp8_pv=True)
+    assert hopper_kernel.ready_for(operands)
+    out = torch.empty((batch, length_q, heads, head_dim), dtype=out_dtype, device="cuda")
+    before = launches["sage_attention_hopper"]
+    hopper_kernel.launch(operands, out)
+    assert launches["sage_attention_hopper"] == before + 1
+    reference = sa.attend_reference(operands, torch.float32, block_n=hopper_kernel.BLOCK_N)
+    assert rel_error(out.transpose(1, 2).float(), reference) <= GPU_KERNEL_VS_REFERENCE + (
+        0 if out_dtype == torch.float32 else 2**-8)  # bf16's one rounding of the output
+    assert rel_l2(out.transpose(1, 2).double(), _exact(q, k, v)) <= FP8_BOUND
+
+
+@hopper_gpu
+@pytest.mark.parametrize("stages", [2, 3, 4])
+def test_ring_depths_agree(stages):
+    q, k, v = _inputs(1, 2, 256, 1000, 128, "cuda")
+    operands = sa.quantize_operands(q, k, v, fp8_pv=True)
+    out = torch.empty((1, 256, 2, 128), dtype=torch.float32, device="cuda")
+    hopper_kernel.launch(operands, out, stages=stages)
+    reference = sa.attend_reference(operands, torch.float32, block_n=hopper_kernel.BLOCK_N)
+    assert rel_error(out.transpose(1, 2), reference) <= GPU_KERNEL_VS_REFERENCE
+
+
+@hopper_gpu
+def test_sage_attention_dispatches_to_it_on_hopper(monkeypatch):
+    q, k, v = _inputs(2, 3, 150, 150, 64, "cuda")
+    before = launches["sage_attention_hopper"]
+    out = sa.sage_attention(q, k, v)
+    assert launches["sage_attention_hopper"] == before + 1 and sa.last_config["kernel"] == "gluon"
+    # A pinned variant, or the switch, takes the Triton-language kernel: the same attention.
+    pinned = sa._launch_attention(sa.quantize_operands(q, k, v), q.dtype, config={"BLOCK_M": 64, "BLOCK_N": 128,
+                                                                                  "num_warps": 4})
+    monkeypatch.setattr(sa, "HOPPER_KERNEL", "triton")
+    switched = sa.sage_attention(q, k, v)
+    assert launches["sage_attention_hopper"] == before + 1 and sa.last_config["kernel"] == "triton"
+    for other in (pinned, switched):
+        assert rel_error(out.float(), other.float()) <= GPU_KERNEL_VS_REFERENCE + 2**-8
+
+
+def test_not_chosen_off_hopper_or_off_its_operands():
+    q, k, v = _inputs(1, 2, 130, 130, 64, "cpu")
+    assert not hopper_kernel.ready_for(sa.quantize_operands_reference(q, k, v, fp8_pv=True))
+    assert not hopper_kernel.ready_for(sa.quantize_operands_reference(q, k, v, fp8_pv=False))
