@@ -273,14 +273,16 @@ def main() -> None:
             table.add(f"  attention kernel alone ({chosen[name].get('kernel')})", attempt("attend", lambda: timed(
                 lambda: sa.attend(operands, q.dtype))), {})
             if chosen[name].get("kernel") == "gluon":
-                # The Triton-language kernel beside it, autotuned; its choice is what the variants below pin.
-                table.add("  attention kernel alone (triton, autotuned)", attempt("attend triton", lambda: timed(
-                    lambda: sa._launch_attention(operands, q.dtype, kernel="triton"))), {})
-                chosen[name] = dict(sa.last_config)
                 out = torch.empty((batch, length, heads, head_dim), dtype=q.dtype, device=device)
                 for stages in (2, 3, 4):
                     table.add(f"  gluon kernel, {stages} stages", attempt(f"gluon {stages}", lambda stages=stages: timed(
                         lambda: hopper_kernel.launch(operands, out, stages=stages))), {})
+                # The Triton-language kernel beside it, autotuned, on keys in token order (its own); its choice is
+                # what the rows below pin.
+                operands = sa.quantize_operands(q, k, v, fp8_pv=fp8_pv, permute_keys=False)
+                table.add("  attention kernel alone (triton, autotuned)", attempt("attend triton", lambda: timed(
+                    lambda: sa._launch_attention(operands, q.dtype, kernel="triton"))), {})
+                chosen[name] = dict(sa.last_config)
             if not first or args.no_variants or device == "cpu":
                 continue
             tma = bool(chosen[name].get("tma"))

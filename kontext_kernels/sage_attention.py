@@ -100,6 +100,8 @@ class Operands(NamedTuple):
     q8 int8 [B, H, Lq_pad, D_pad]; q_scale float32 [B, H, Lq_pad / q_rows] (with 1/sqrt(D) * log2(e));
     k8 int8 [B, H, Lk_pad, D_pad]; k_scale float32 [B, H, Lk_pad / k_rows];
     v8t e4m3 or fp16 [B, H, D_pad, Lk_pad] (v / v_scale, transposed); v_scale float32 [B, H, D_pad].
+    keys_permuted: k8's rows within each 128-token tile in the order of `key_tokens` (for the Hopper kernel), not
+    in token order.
     """
 
     q8: torch.Tensor
@@ -113,6 +115,33 @@ class Operands(NamedTuple):
     head_dim: int
     q_rows: int
     k_rows: int
+    keys_permuted: bool = False
+
+
+# The Hopper kernel's key order (kontext_kernels/sage_attention_hopper.py): row c of a 128-key tile of k8 holds token
+# key_tokens(c) of the tile. c's bits (i3 i2 i1 i0 q1 q0 e) give the token (i3 i2 i1 q1 q0 i0 e): then the scores
+# Q·Kᵀ's accumulator registers hold are, thread by thread, the P values P·V's register operand wants there.
+def key_tokens(positions: torch.Tensor) -> torch.Tensor:
+    return (positions & 0x71) | ((positions & 0x6) << 1) | ((positions & 0x8) >> 2)
+
+
+def key_positions(tokens: torch.Tensor) -> torch.Tensor:
+    """The inverse of `key_tokens`: where token t of a tile is stored."""
+    return (tokens & 0x71) | ((tokens & 0x2) << 2) | ((tokens & 0xC) >> 1)
+
+
+def _reorder_key_rows(k8: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    batch, heads, length, channels = k8.shape
+    tiles = k8.view(batch, heads, length // TOKEN_TILE, TOKEN_TILE, channels)
+    return tiles[:, :, :, order.to(k8.device)].reshape(k8.shape)
+
+
+def keys_in_token_order(operands: Operands) -> Operands:
+    """`operands` with k8's rows in token order (a copy where they were permuted)."""
+    if not operands.keys_permuted:
+        return operands
+    order = key_positions(torch.arange(TOKEN_TILE))  # token t's row
+    return operands._replace(k8=_reorder_key_rows(operands.k8, order), keys_permuted=False)
 
 
 def padded_head_dim(head_dim: int) -> int:
@@ -146,6 +175,12 @@ def default_k_rows(fp8_pv: bool) -> int:
 def _check_rows(q_rows: int, k_rows: int) -> None:
     if q_rows not in ROW_CHOICES or k_rows not in ROW_CHOICES:
         raise ValueError(f"tokens per scale must be one of {ROW_CHOICES}, got q_rows={q_rows}, k_rows={k_rows}")
+
+
+def _check_key_order(permute_keys: bool, k_rows: int) -> None:
+    if permute_keys and k_rows != TOKEN_TILE:
+        raise ValueError(f"keys are permuted within {TOKEN_TILE}-token tiles, which needs one k scale per tile "
+                         f"(k_rows={TOKEN_TILE}), got k_rows={k_rows}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -184,11 +219,13 @@ def column_stats_reference(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tens
 
 
 def quantize_operands_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, fp8_pv: bool = True,
-                                q_rows: int = Q_ROWS, k_rows: int | None = None) -> Operands:
+                                q_rows: int = Q_ROWS, k_rows: int | None = None,
+                                permute_keys: bool = False) -> Operands:
     """q, k, v [B, H, L, D] (any strides) -> `Operands` (the module docstring says how); k_rows None:
-    `default_k_rows(fp8_pv)`."""
+    `default_k_rows(fp8_pv)`; `permute_keys`: k8's rows in the Hopper kernel's order (`key_tokens`)."""
     k_rows = default_k_rows(fp8_pv) if k_rows is None else k_rows
     _check_rows(q_rows, k_rows)
+    _check_key_order(permute_keys, k_rows)
     head_dim, channels = q.shape[3], padded_head_dim(q.shape[3])
     length_q, length_k = q.shape[2], k.shape[2]
     k_sum, v_amax = column_stats_reference(k, v)
@@ -203,8 +240,10 @@ def quantize_operands_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     scaled = scaled.clamp(-E4M3_MAX, E4M3_MAX)
     v8 = scaled.to(torch.float8_e4m3fn if fp8_pv else torch.float16)
     v_scale = (amax / amax.new_tensor(E4M3_MAX))[:, :, 0]
+    if permute_keys:
+        k8 = _reorder_key_rows(k8, key_tokens(torch.arange(TOKEN_TILE)))
     return Operands(q8, q_scale, k8, k_scale, v8.transpose(2, 3).contiguous(), v_scale, length_q, length_k,
-                    head_dim, q_rows, k_rows)
+                    head_dim, q_rows, k_rows, permute_keys)
 
 
 def _folded_exponent(dots: torch.Tensor, factor: torch.Tensor, row_max: torch.Tensor):
@@ -226,7 +265,7 @@ def attend_reference(operands: Operands, out_dtype: torch.dtype, block_n: int = 
     `block_n` tokens (the running row max decides how P rounds, so the block width matters), its scores made as
     `scores` says (SCORES_*; None: SCORES_DEFAULT)."""
     scores_kind = SCORES_DEFAULT if scores is None else scores
-    o = operands
+    o = keys_in_token_order(operands)
     batch, heads, padded_q, channels = o.q8.shape
     fp8_pv = o.v8t.dtype == torch.float8_e4m3fn
     q_scale = o.q_scale.repeat_interleave(o.q_rows, dim=2)[:, :, :o.length_q]       # [B, H, Lq]
@@ -291,13 +330,19 @@ def _runs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 
 
 def quantize_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, fp8_pv: bool = True,
-                      q_rows: int = Q_ROWS, k_rows: int | None = None) -> Operands:
-    """Same contract as `quantize_operands_reference`; the Triton kernels where they can run."""
+                      q_rows: int = Q_ROWS, k_rows: int | None = None,
+                      permute_keys: bool | None = None) -> Operands:
+    """Same contract as `quantize_operands_reference`; the Triton kernels where they can run. `permute_keys` None:
+    in the Hopper kernel's key order where that kernel will take the operands."""
     k_rows = default_k_rows(fp8_pv) if k_rows is None else k_rows
     _check_rows(q_rows, k_rows)
+    if permute_keys is None:
+        permute_keys = _hopper_kernel_takes(q, fp8_pv, q_rows, k_rows)
+    _check_key_order(permute_keys, k_rows)
     if not _runs(q, k, v):
-        return quantize_operands_reference(q, k, v, fp8_pv=fp8_pv, q_rows=q_rows, k_rows=k_rows)
-    return _quantize_triton(q, k, v, fp8_pv, q_rows, k_rows)
+        return quantize_operands_reference(q, k, v, fp8_pv=fp8_pv, q_rows=q_rows, k_rows=k_rows,
+                                           permute_keys=permute_keys)
+    return _quantize_triton(q, k, v, fp8_pv, q_rows, k_rows, permute_keys)
 
 
 def attend(operands: Operands, out_dtype: torch.dtype) -> torch.Tensor:
@@ -320,7 +365,8 @@ def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, fp8_pv:
     _check_rows(q_rows, k_rows)
     if not _runs(q, k, v):
         return sage_attention_reference(q, k, v, fp8_pv=fp8_pv, q_rows=q_rows, k_rows=k_rows)
-    return _launch_attention(_quantize_triton(q, k, v, fp8_pv, q_rows, k_rows), q.dtype)
+    operands = _quantize_triton(q, k, v, fp8_pv, q_rows, k_rows, _hopper_kernel_takes(q, fp8_pv, q_rows, k_rows))
+    return _launch_attention(operands, q.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -355,8 +401,10 @@ def _column_stats_kernel(k_ptr, v_ptr, k_sum_ptr, v_amax_ptr, heads, length, hea
 @triton.jit
 def _quantize_int8_kernel(x_ptr, k_mean_ptr, out_ptr, scale_ptr, heads, length, padded_length, head_dim, factor,
                           stride_b, stride_h, stride_l, stride_d,
-                          CENTRE: tl.constexpr, ROWS: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr):
+                          CENTRE: tl.constexpr, PERMUTE: tl.constexpr, ROWS: tl.constexpr, TILE: tl.constexpr,
+                          BLOCK_D: tl.constexpr):
     # One tile of TILE tokens of one head -> int8, one scale per ROWS tokens; the padding written as zeros.
+    # PERMUTE (TILE = ROWS = 128): rows stored in the Hopper kernel's key order (key_positions).
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     rows = tile * TILE + tl.arange(0, TILE)
@@ -377,7 +425,12 @@ def _quantize_int8_kernel(x_ptr, k_mean_ptr, out_ptr, scale_ptr, heads, length, 
     scaled = tl.minimum(tl.maximum(x * inverse_rows[:, None], -127.0), 127.0)
     # Adding and removing 1.5 * 2**23 rounds to an integer, ties to even, as torch.round (kontext_kernels/row_quant.py).
     values = ((scaled + 12582912.0) - 12582912.0).to(tl.int8)
-    out_rows = bh.to(tl.int64) * padded_length + rows
+    if PERMUTE:
+        local = tl.arange(0, TILE)
+        out_rows = bh.to(tl.int64) * padded_length + tile * TILE + ((local & 0x71) | ((local & 0x2) << 2)
+                                                                    | ((local & 0xC) >> 1))
+    else:
+        out_rows = bh.to(tl.int64) * padded_length + rows
     tl.store(out_ptr + out_rows[:, None] * BLOCK_D + cols[None, :], values)
     scale = tl.math.div_rn(amax, tl.full([groups], 127.0, tl.float32)) * factor
     tl.store(scale_ptr + bh.to(tl.int64) * (padded_length // ROWS) + tile * groups + tl.arange(0, groups), scale)
@@ -427,7 +480,7 @@ def _loop_count(n: int):
 
 
 def _quantize_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fp8_pv: bool, q_rows: int,
-                     k_rows: int) -> Operands:
+                     k_rows: int, permute_keys: bool = False) -> Operands:
     batch, heads, length_q, head_dim = q.shape
     length_k = k.shape[2]
     channels = padded_head_dim(head_dim)
@@ -458,13 +511,15 @@ def _quantize_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fp8_pv: 
     q_scale = torch.empty((batch, heads, padded_q // q_rows), dtype=torch.float32, device=device)
     k_scale = torch.empty((batch, heads, padded_k // k_rows), dtype=torch.float32, device=device)
     warps = 8 if channels >= 128 else 4
-    for x, out, scale, rows, factor, centre in ((q, q8, q_scale, q_rows, head_dim**-0.5 * LOG2E, False),
-                                               (k, k8, k_scale, k_rows, 1.0, True)):
+    for x, out, scale, rows, factor, is_k in ((q, q8, q_scale, q_rows, head_dim**-0.5 * LOG2E, False),
+                                             (k, k8, k_scale, k_rows, 1.0, True)):
         _quantize_int8_kernel[(out.shape[2] // TOKEN_TILE, batch * heads)](
             x, k_mean, out, scale, heads, x.shape[2], out.shape[2], head_dim, factor, *x.stride(),
-            CENTRE=centre, ROWS=rows, TILE=TOKEN_TILE, BLOCK_D=channels, num_warps=warps)
+            CENTRE=is_k, PERMUTE=is_k and permute_keys, ROWS=rows, TILE=TOKEN_TILE, BLOCK_D=channels,
+            num_warps=warps)
     launches["sage_quantize"] += 1
-    return Operands(q8, q_scale, k8, k_scale, v8t, v_scale, length_q, length_k, head_dim, q_rows, k_rows)
+    return Operands(q8, q_scale, k8, k_scale, v8t, v_scale, length_q, length_k, head_dim, q_rows, k_rows,
+                    permute_keys)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -626,6 +681,12 @@ def split_accumulator_default(operands: Operands) -> bool:
 HOPPER_KERNEL = "gluon"
 
 
+def _hopper_kernel_takes(q: torch.Tensor, fp8_pv: bool, q_rows: int, k_rows: int) -> bool:
+    """Whether sage_attention_hopper.py's kernel will take these q's operands (then quantized in its key order)."""
+    return (HOPPER_KERNEL == "gluon" and not interpreting()
+            and sage_attention_hopper.takes(q.device, fp8_pv, q_rows, k_rows, padded_head_dim(q.shape[3])))
+
+
 def _takes_gluon(operands: Operands, kernel: str | None, config: dict | None, tma: bool | None,
                  split_accumulator: bool | None, scores: int | None) -> bool:
     # The Gluon kernel has one schedule: TMA, 128x128 tiles, a fresh P·V accumulator per key block, folded scores.
@@ -655,6 +716,7 @@ def _launch_attention(operands: Operands, out_dtype: torch.dtype, config: dict |
                            split_accumulator=True, scores=SCORES_FOLDED)
         launches["sage_attention"] += 1
         return out.transpose(1, 2)
+    o = keys_in_token_order(o)  # this module's kernel reads keys in token order
     if split_accumulator is None:
         split_accumulator = split_accumulator_default(o)
     args = dict(heads=heads, length_q=o.length_q, length_k=_loop_count(o.length_k),

@@ -71,11 +71,31 @@ def _softmax(dots, q_factor, k_scale_ptr, block, row_max, length_k, BLOCK_KEYS: 
         new_max = (shift - bias) + 8.0  # the max the exponent really subtracts (Fast2Sum)
         p = gl.exp2(gl.fma(biased, gl.expand_dims(factor, 1), -gl.expand_dims(shift, 1)))
     else:
-        columns = start_n + gl.arange(0, BLOCK_KEYS, layout=gl.SliceLayout(0, layout))
-        scores = gl.where(gl.expand_dims(columns < length_k, 0), dots.to(gl.float32), float("-inf"))
+        # Column c holds the scores of the tile's token key_tokens(c) (sage_attention.key_tokens).
+        columns = gl.arange(0, BLOCK_KEYS, layout=gl.SliceLayout(0, layout))
+        tokens = start_n + ((columns & 0x71) | ((columns & 0x6) << 1) | ((columns & 0x8) >> 2))
+        scores = gl.where(gl.expand_dims(tokens < length_k, 0), dots.to(gl.float32), float("-inf"))
         new_max = gl.maximum(row_max, gl.max(scores, axis=1) * factor)
         p = gl.exp2(scores * gl.expand_dims(factor, 1) - gl.expand_dims(new_max - 8.0, 1))
     return p, new_max
+
+
+@gluon.jit
+def _as_pv_operand(p, p_layout: gl.constexpr):
+    """P [64, 128] as Q·Kᵀ's accumulator holds it -> e4m3 in P·V's register-operand layout, its columns in token
+    order. Column c of P is the key stored at row c of the block's K tile, token key_tokens(c) (sage_attention.py);
+    the register operand's column key_tokens(c) is where that value already sits, so the reordering moves no
+    data."""
+    rows: gl.constexpr = p.type.shape[0]
+    # c's bits (i3 i2 i1 i0 q1 q0 e) -> key_tokens(c)'s (i3 i2 i1 q1 q0 i0 e)
+    bits = gl.reshape(p, [rows, 2, 2, 2, 2, 2, 2, 2])
+    in_token_order = gl.reshape(gl.permute(bits, [0, 1, 2, 3, 5, 6, 4, 7]), [rows, 128])
+    in_place = gl.convert_layout(in_token_order, p_layout)
+    # Four consecutive values of a thread (a 32-bit operand register) to e4m3 in two packing conversions, as Triton's
+    # own conversion does, without its unpacking into bytes and repacking (~100 byte permutes a block).
+    return gl.inline_asm_elementwise(
+        "{ .reg .b16 low, high; cvt.rn.satfinite.e4m3x2.f32 low, $2, $1; cvt.rn.satfinite.e4m3x2.f32 high, $4, $3; "
+        "mov.b32 $0, {low, high}; }", "=r,r,r,r,r", [in_place], dtype=gl.float8e4nv, is_pure=True, pack=4)
 
 
 @gluon.jit
@@ -102,44 +122,39 @@ def _consumer(q_halves, k_ring, v_ring, q_ready, kv_ready, kv_free, q_scale_ptr,
     blocks = gl.cdiv(length_k, BLOCK_KEYS)
     mbarrier.wait(q_ready, 0)
 
-    # Block 0: its scores, then its softmax; its P·V is issued with block 1's Q·Kᵀ.
+    # Each key block: its scores (issued with the previous block's P·V, both waited on together), its softmax,
+    # its P·V issued; the other consumer's MMAs run during this one's softmax. P is made and handed to its MMA in
+    # one iteration: carried over the loop's back edge, an 8-bit register tensor is taken apart into bytes.
     mbarrier.wait(kv_ready.index(0), 0)
     dots = warpgroup_mma(q, k_ring.index(0).permute((1, 0)), gl.zeros([ROWS, BLOCK_KEYS], gl.int32, s_layout),
                          use_acc=False, is_async=True)
     dots = warpgroup_mma_wait(num_outstanding=0, deps=(dots, ))
     row_max = gl.full([ROWS], float("-inf"), gl.float32, rows_layout)
-    p, new_max = _softmax(dots, q_factor, k_scale_ptr, 0, row_max, length_k, BLOCK_KEYS, s_layout)
-    alpha = gl.exp2(row_max - new_max)
+    p, row_max = _softmax(dots, q_factor, k_scale_ptr, 0, row_max, length_k, BLOCK_KEYS, s_layout)
     row_sum = gl.sum(p, axis=1)
-    row_max = new_max
-    p8 = gl.convert_layout(p.to(gl.float8e4nv), p_layout)
+    alpha = gl.zeros([ROWS], gl.float32, rows_layout)  # the first block's rescale of an empty sum
     out = gl.zeros([ROWS, CHANNELS], gl.float32, o_layout)
-    products = gl.zeros([ROWS, CHANNELS], gl.float32, o_layout)
+    products = warpgroup_mma(_as_pv_operand(p, p_layout), v_ring.index(0).permute((1, 0)),
+                             gl.zeros([ROWS, CHANNELS], gl.float32, o_layout), use_acc=False, is_async=True)
 
     for block in range(1, blocks):
         stage = block % STAGES
         previous = (block + STAGES - 1) % STAGES
         mbarrier.wait(kv_ready.index(stage), (block // STAGES) & 1)
         dots = warpgroup_mma(q, k_ring.index(stage).permute((1, 0)), dots, use_acc=False, is_async=True)
-        products = warpgroup_mma(p8, v_ring.index(previous).permute((1, 0)), products, use_acc=False,
-                                 is_async=True)
-        dots = warpgroup_mma_wait(num_outstanding=1, deps=(dots, ))  # Q·Kᵀ was issued first
-        p, new_max = _softmax(dots, q_factor, k_scale_ptr, block, row_max, length_k, BLOCK_KEYS, s_layout)
-        block_alpha = gl.exp2(row_max - new_max)
-        row_sum = row_sum * block_alpha + gl.sum(p, axis=1)
-        row_max = new_max
-        p8_next = gl.convert_layout(p.to(gl.float8e4nv), p_layout)
-        products = warpgroup_mma_wait(num_outstanding=0, deps=(products, ))
+        dots, products = warpgroup_mma_wait(num_outstanding=0, deps=(dots, products))
         mbarrier.arrive(kv_free.index(previous))
         # The previous block's P·V joins the running sum under that block's rescale (attend_reference's order).
         out = out * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1) + products
-        alpha = block_alpha
-        p8 = p8_next
+        p, new_max = _softmax(dots, q_factor, k_scale_ptr, block, row_max, length_k, BLOCK_KEYS, s_layout)
+        alpha = gl.exp2(row_max - new_max)
+        row_sum = row_sum * alpha + gl.sum(p, axis=1)
+        row_max = new_max
+        products = warpgroup_mma(_as_pv_operand(p, p_layout), v_ring.index(stage).permute((1, 0)), products,
+                                 use_acc=False, is_async=True)
 
-    last = (blocks + STAGES - 1) % STAGES
-    products = warpgroup_mma(p8, v_ring.index(last).permute((1, 0)), products, use_acc=False, is_async=True)
     products = warpgroup_mma_wait(num_outstanding=0, deps=(products, ))
-    mbarrier.arrive(kv_free.index(last))
+    mbarrier.arrive(kv_free.index((blocks + STAGES - 1) % STAGES))
     out = out * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1) + products
 
     columns = gl.arange(0, CHANNELS, layout=gl.SliceLayout(0, o_layout))
@@ -182,13 +197,18 @@ def _attention_kernel(q_desc, k_desc, v_desc, q_scale_ptr, k_scale_ptr, v_scale_
     ], [4, 1], [CONSUMER_REGISTERS, LOADER_REGISTERS])
 
 
+def takes(device: torch.device, fp8_pv: bool, q_rows: int, k_rows: int, channels: int) -> bool:
+    """Whether this kernel takes sage8's attention of such operands: a Hopper GPU, Gluon, e4m3 P·V with a k scale
+    per 128 keys and a q scale per token (the defaults), and 64 or 128 channels."""
+    return (switched_on() and gluon_available() and device.type == "cuda" and hopper(device) and fp8_pv
+            and q_rows == 1 and k_rows == BLOCK_N and channels in (64, 128))
+
+
 def ready_for(operands) -> bool:
-    """Whether this kernel takes sage8's attention: a Hopper GPU, Gluon, e4m3 P·V with a k scale per 128 keys and
-    a q scale per token (the defaults), and 64 or 128 channels."""
+    """Whether this kernel takes these quantized operands: as `takes` says, their keys in its order."""
     o = operands
-    return (switched_on() and gluon_available() and o.q8.is_cuda and hopper(o.q8.device)
-            and o.v8t.dtype == torch.float8_e4m3fn and o.q_rows == 1 and o.k_rows == BLOCK_N
-            and o.q8.shape[3] in (64, 128))
+    return (o.keys_permuted and takes(o.q8.device, o.v8t.dtype == torch.float8_e4m3fn, o.q_rows, o.k_rows,
+                                      o.q8.shape[3]))
 
 
 def _layouts(channels: int):

@@ -110,7 +110,8 @@ class TestKernels:
             before = launches["sage_quantize"]
             ours = sa.quantize_operands(q, k, v, fp8_pv=fp8_pv, q_rows=q_rows, k_rows=k_rows)
             _launched("sage_quantize", before)
-            reference = sa.quantize_operands_reference(q, k, v, fp8_pv=fp8_pv, q_rows=q_rows, k_rows=k_rows)
+            reference = sa.quantize_operands_reference(q, k, v, fp8_pv=fp8_pv, q_rows=q_rows, k_rows=k_rows,
+                                                       permute_keys=ours.keys_permuted)
             for name, mine, theirs in zip(sa.Operands._fields, ours, reference):
                 if torch.is_tensor(mine):
                     assert mine.shape == theirs.shape and mine.dtype == theirs.dtype, name
@@ -118,6 +119,33 @@ class TestKernels:
                 else:
                     assert mine == theirs, name
             assert ours.v8t.dtype == (torch.float8_e4m3fn if fp8_pv else torch.float16)
+
+    def test_keys_in_the_hopper_kernels_order(self, device):
+        # k8's rows permuted within each 128-token tile (sage_attention.key_tokens): bit-exact against the reference's
+        # permutation of its own operands, the same attention as keys in token order, and no other operand moved.
+        from kontext_kernels import sage_attention as sa
+
+        tile = torch.arange(128)
+        assert sorted(sa.key_tokens(tile).tolist()) == tile.tolist()
+        assert torch.equal(sa.key_positions(sa.key_tokens(tile)), tile)
+        q, k, v = _inputs(2, 3, 150, 300, 64, device)
+        permuted = sa.quantize_operands(q, k, v, permute_keys=True)
+        plain = sa.quantize_operands(q, k, v, permute_keys=False)
+        assert permuted.keys_permuted and not plain.keys_permuted
+        reference = sa.quantize_operands_reference(q, k, v, permute_keys=True)
+        assert torch.equal(permuted.k8, reference.k8)
+        assert not torch.equal(permuted.k8, plain.k8)
+        assert torch.equal(sa.keys_in_token_order(permuted).k8, plain.k8)
+        for name in ("q8", "q_scale", "k_scale", "v8t", "v_scale"):
+            assert torch.equal(getattr(permuted, name).float(), getattr(plain, name).float()), name
+        assert torch.equal(sa.attend_reference(permuted, torch.float32), sa.attend_reference(plain, torch.float32))
+        # Wherever the kernels run, permuted operands give the same attention (the Triton-language kernel reads them
+        # back in token order).
+        out = sa._launch_attention(permuted, torch.float32, kernel="triton")
+        assert rel_error(out, sa.attend_reference(plain, torch.float32, block_n=sa.last_config["BLOCK_N"])) <= \
+            kernel_bound(device)
+        with pytest.raises(ValueError, match="needs one k scale per tile"):
+            sa.quantize_operands(q, k, v, k_rows=1, permute_keys=True)
 
     @pytest.mark.parametrize("shape", SHAPES, ids=str)
     def test_attention_kernel_matches_reference(self, device, shape):

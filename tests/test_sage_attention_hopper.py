@@ -39,8 +39,10 @@ def test_builds_for_sm90_with_8bit_wgmma_tma_and_register_split(channels):
     # loop; P·V as four 64x{channels}x32 e4m3 wgmmas (128 keys) in the loop and after it.
     assert len(re.findall(r"IGMMA\.64x128x32\.S8\.S8", sass)) == 2 * 2 * channels // 32
     assert len(re.findall(rf"QGMMA\.64x{channels}x32\.F32\.E4M3\.E4M3", sass)) == 2 * 2 * 4
-    # The Q·Kᵀ of block j is waited on while block j-1's P·V may still run: a wait that leaves one group in flight.
-    assert "WARPGROUP.DEPBAR.LE gsb0, 0x1" in sass
+    # P reaches P·V's register operand with no data movement (the key order, sage_attention.key_tokens): no
+    # shuffles, and one byte permute per operand register (joining two packed conversions) at most.
+    assert "SHFL.IDX" not in sass
+    assert len(re.findall(r"\bPRMT\b", sass)) <= 2 * 2 * 16
     assert "UTMALDG" in sass and "SYNCS.PHASECHK" in sass and "USETMAXREG" in sass
     assert not re.search(r"\b(LDL|STL)\b", sass), "registers spill"
     assert kernel.metadata.shared <= 227 * 1024
@@ -102,5 +104,7 @@ def test_sage_attention_dispatches_to_it_on_hopper(monkeypatch):
 
 def test_not_chosen_off_hopper_or_off_its_operands():
     q, k, v = _inputs(1, 2, 130, 130, 64, "cpu")
-    assert not hopper_kernel.ready_for(sa.quantize_operands_reference(q, k, v, fp8_pv=True))
-    assert not hopper_kernel.ready_for(sa.quantize_operands_reference(q, k, v, fp8_pv=False))
+    for fp8_pv in (True, False):
+        operands = sa.quantize_operands_reference(q, k, v, fp8_pv=fp8_pv, k_rows=128, permute_keys=True)
+        assert not hopper_kernel.ready_for(operands)
+    assert not sa.quantize_operands(q, k, v).keys_permuted
