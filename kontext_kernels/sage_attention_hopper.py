@@ -1,16 +1,23 @@
-"""sage8's attention kernel on Hopper, warp-specialised and software-pipelined (Gluon), FlashAttention-3's schedule.
+"""sage8's attention kernel on Hopper, warp-specialised (Gluon).
 
 It computes what `sage_attention.attend_reference` computes (int8 Q·Kᵀ, folded scores, P·V in e4m3 into a fresh
 accumulator per key block; sage_attention.py's docstring), on the operands `sage_attention.quantize_operands`
-writes. The Triton-language kernel there waits on each key block's two MMAs before its softmax can start, and
-Triton 3.6 does not warp-specialise it on sm_90 (bench/RESULTS.md, "the attention kernel's score conversion").
-Here one program takes 128 queries of one head, in three partitions:
+writes with the keys in this kernel's order (`sage_attention.key_tokens`). The Triton-language kernel there runs
+every warp through the same instruction stream, and Triton 3.6 does not warp-specialise it on sm_90
+(bench/RESULTS.md, "the attention kernel's score conversion"). Here one program takes 128 queries of one head, in
+three partitions:
 - a loader warp: the two 64-query halves of Q once, then each key block's K and Vᵀ tiles through TMA into a ring
   of stages;
-- two consumer warpgroups, a 64-query half each. Each issues block j's Q·Kᵀ and block j-1's P·V together, and
-  runs block j's softmax while that P·V is still on the tensor cores; the two warpgroups' softmaxes and MMAs
-  interleave on the SM besides.
+- two consumer warpgroups, a 64-query half each, with 240 registers a thread. Each issues block j's Q·Kᵀ with
+  block j-1's P·V still running, waits on both, and runs block j's softmax; the other consumer's MMAs run during
+  it. P goes to P·V's register operand without moving: the keys' order puts each thread's scores where that
+  operand wants them.
 Both consumers read every key block, so a stage goes back to the loader when both have released it.
+
+What was tried and measured slower on an H200 (bench/RESULTS.md, 2026-12-04): the consumers taking turns to issue
+their MMAs (FlashAttention-3's ping-pong), and block j+1's Q·Kᵀ and block j-1's P·V running during block j's
+softmax, with 64-key blocks so that the accumulators fit and P through shared memory (ptxas serialises every wgmma
+when a register operand of one is in flight across the softmax).
 """
 
 from __future__ import annotations
@@ -99,7 +106,7 @@ def _as_pv_operand(p, p_layout: gl.constexpr):
 
 
 @gluon.jit
-def _consumer(q_halves, k_ring, v_ring, q_ready, kv_ready, kv_free, turns, q_scale_ptr, k_scale_ptr, v_scale_ptr, out_ptr,
+def _consumer(q_halves, k_ring, v_ring, q_ready, kv_ready, kv_free, q_scale_ptr, k_scale_ptr, v_scale_ptr, out_ptr,
               heads, length_q, length_k, padded_q, padded_k, stride_ob, stride_oh, stride_ol,
               HEAD_DIM: gl.constexpr, WHICH: gl.constexpr):
     ROWS: gl.constexpr = q_halves.type.shape[1]
@@ -122,14 +129,10 @@ def _consumer(q_halves, k_ring, v_ring, q_ready, kv_ready, kv_free, turns, q_sca
     blocks = gl.cdiv(length_k, BLOCK_KEYS)
     mbarrier.wait(q_ready, 0)
 
-    # Each key block: its scores and the previous block's P·V, waited on together; its softmax; then, in this
-    # consumer's turn, its P·V and the next block's Q·Kᵀ issued. The turns alternate the two consumers' MMAs on the
-    # tensor cores (FlashAttention-3's ping-pong), so that one's softmax runs while the other's MMAs do: the
-    # exponentials, the MMAs and the issue of the rest each take ~1000 cycles a block, and without the turns the
-    # two consumers fall into step and take them one after the other. P is made and handed to its MMA in one
-    # iteration: carried over the loop's back edge, an 8-bit register tensor is taken apart into bytes. The last
-    # iteration issues its own block's Q·Kᵀ again in place of a next one (its result unused), so that every
-    # iteration is alike.
+    # Each key block: its scores (issued with the previous block's P·V still running, both waited on together),
+    # its softmax, its P·V issued; the other consumer's MMAs run during this one's softmax. P is made and handed to
+    # its MMA in one iteration: carried over the loop's back edge, an 8-bit register tensor is taken apart into
+    # bytes (~100 byte permutes a block).
     mbarrier.wait(kv_ready.index(0), 0)
     dots = warpgroup_mma(q, k_ring.index(0).permute((1, 0)), gl.zeros([ROWS, BLOCK_KEYS], gl.int32, s_layout),
                          use_acc=False, is_async=True)
@@ -139,35 +142,26 @@ def _consumer(q_halves, k_ring, v_ring, q_ready, kv_ready, kv_free, turns, q_sca
     row_sum = gl.sum(p, axis=1)
     alpha = gl.zeros([ROWS], gl.float32, rows_layout)  # the first block's rescale of an empty sum
     out = gl.zeros([ROWS, CHANNELS], gl.float32, o_layout)
-    p8 = _as_pv_operand(p, p_layout)
-    mbarrier.wait(turns.index(WHICH), 1 - WHICH)  # the first consumer's first turn is free
-    products = warpgroup_mma(p8, v_ring.index(0).permute((1, 0)), gl.zeros([ROWS, CHANNELS], gl.float32, o_layout),
-                             use_acc=False, is_async=True)
-    following = gl.minimum(1, blocks - 1)
-    mbarrier.wait(kv_ready.index(following % STAGES), (following // STAGES) & 1)
-    dots = warpgroup_mma(q, k_ring.index(following % STAGES).permute((1, 0)), dots, use_acc=False, is_async=True)
-    mbarrier.arrive(turns.index(1 - WHICH))
+    products = warpgroup_mma(_as_pv_operand(p, p_layout), v_ring.index(0).permute((1, 0)),
+                             gl.zeros([ROWS, CHANNELS], gl.float32, o_layout), use_acc=False, is_async=True)
 
     for block in range(1, blocks):
         stage = block % STAGES
+        previous = (block + STAGES - 1) % STAGES
+        mbarrier.wait(kv_ready.index(stage), (block // STAGES) & 1)
+        dots = warpgroup_mma(q, k_ring.index(stage).permute((1, 0)), dots, use_acc=False, is_async=True)
         dots, products = warpgroup_mma_wait(num_outstanding=0, deps=(dots, products))
-        mbarrier.arrive(kv_free.index((block + STAGES - 1) % STAGES))
+        mbarrier.arrive(kv_free.index(previous))
         # The previous block's P·V joins the running sum under that block's rescale (attend_reference's order).
         out = out * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1) + products
         p, new_max = _softmax(dots, q_factor, k_scale_ptr, block, row_max, length_k, BLOCK_KEYS, s_layout)
         alpha = gl.exp2(row_max - new_max)
         row_sum = row_sum * alpha + gl.sum(p, axis=1)
         row_max = new_max
-        p8 = _as_pv_operand(p, p_layout)
-        mbarrier.wait(turns.index(WHICH), (block & 1) ^ (1 - WHICH))
-        products = warpgroup_mma(p8, v_ring.index(stage).permute((1, 0)), products, use_acc=False, is_async=True)
-        following = gl.minimum(block + 1, blocks - 1)
-        mbarrier.wait(kv_ready.index(following % STAGES), (following // STAGES) & 1)
-        dots = warpgroup_mma(q, k_ring.index(following % STAGES).permute((1, 0)), dots, use_acc=False,
-                             is_async=True)
-        mbarrier.arrive(turns.index(1 - WHICH))
+        products = warpgroup_mma(_as_pv_operand(p, p_layout), v_ring.index(stage).permute((1, 0)), products,
+                                 use_acc=False, is_async=True)
 
-    dots, products = warpgroup_mma_wait(num_outstanding=0, deps=(dots, products))
+    products = warpgroup_mma_wait(num_outstanding=0, deps=(products, ))
     mbarrier.arrive(kv_free.index((blocks + STAGES - 1) % STAGES))
     out = out * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1) + products
 
@@ -193,20 +187,17 @@ def _attention_kernel(q_desc, k_desc, v_desc, q_scale_ptr, k_scale_ptr, v_scale_
     q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     kv_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     kv_free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     mbarrier.init(q_ready, count=1)
     for stage in gl.static_range(STAGES):
         mbarrier.init(kv_ready.index(stage), count=1)
         mbarrier.init(kv_free.index(stage), count=2)  # both consumers release every stage
-    for consumer in gl.static_range(2):
-        mbarrier.init(turns.index(consumer), count=1)
     FIRST: gl.constexpr = 0
     SECOND: gl.constexpr = 1
     gl.warp_specialize([
-        (_consumer, (q_halves, k_ring, v_ring, q_ready, kv_ready, kv_free, turns, q_scale_ptr, k_scale_ptr, v_scale_ptr,
+        (_consumer, (q_halves, k_ring, v_ring, q_ready, kv_ready, kv_free, q_scale_ptr, k_scale_ptr, v_scale_ptr,
                      out_ptr, heads, length_q, length_k, padded_q, padded_k, stride_ob, stride_oh, stride_ol,
                      HEAD_DIM, FIRST)),
-        (_consumer, (q_halves, k_ring, v_ring, q_ready, kv_ready, kv_free, turns, q_scale_ptr, k_scale_ptr, v_scale_ptr,
+        (_consumer, (q_halves, k_ring, v_ring, q_ready, kv_ready, kv_free, q_scale_ptr, k_scale_ptr, v_scale_ptr,
                      out_ptr, heads, length_q, length_k, padded_q, padded_k, stride_ob, stride_oh, stride_ol,
                      HEAD_DIM, SECOND)),
         (_loader, (q_desc, k_desc, v_desc, q_halves, k_ring, v_ring, q_ready, kv_ready, kv_free, length_k, padded_q,

@@ -35,9 +35,9 @@ hopper_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.ge
 def test_builds_for_sm90_with_8bit_wgmma_tma_and_register_split(channels):
     kernel = hopper_kernel.build_offline(channels)
     sass = sass_of(kernel)
-    # Each consumer: Q·Kᵀ as four 64x128x32 int8 wgmmas (128 channels: K = 128) or two (64), for block 0, block 1
-    # and in the loop; P·V as four 64x{channels}x32 e4m3 wgmmas (128 keys) for block 0 and in the loop.
-    assert len(re.findall(r"IGMMA\.64x128x32\.S8\.S8", sass)) == 2 * 3 * channels // 32
+    # Each consumer: Q·Kᵀ as four 64x128x32 int8 wgmmas (128 channels: K = 128) or two (64), for block 0 and in the
+    # loop; P·V as four 64x{channels}x32 e4m3 wgmmas (128 keys) in the loop and after it.
+    assert len(re.findall(r"IGMMA\.64x128x32\.S8\.S8", sass)) == 2 * 2 * channels // 32
     assert len(re.findall(rf"QGMMA\.64x{channels}x32\.F32\.E4M3\.E4M3", sass)) == 2 * 2 * 4
     # P reaches P·V's register operand with no data movement (the key order, sage_attention.key_tokens): no
     # shuffles, and one byte permute per operand register (joining two packed conversions) at most.
