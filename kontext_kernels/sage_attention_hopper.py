@@ -33,9 +33,6 @@ QUERY_ROWS = 64  # per consumer warpgroup: one 64-row wgmma
 BLOCK_M = 2 * QUERY_ROWS
 BLOCK_N = 128  # keys per block: sage8's k scales are per 128 keys (sage_attention.K_ROWS_FP8)
 STAGES = 3  # block j-1's V is still read while block j's K arrives: two stages in use, one loading
-# The second consumer starts its first block when the first has finished that block's softmax: from then on each
-# one's softmax tends to run while the other's MMAs do (without a turn taken at every block).
-STAGGER = True
 P_EXPONENT = 8.0  # as sage_attention.P_EXPONENT
 # 3 warpgroups (the loader's warp rounds up to one) x 128 threads share 64K registers: 168 a thread on average
 # gives each consumer 240 and the loader's group 24.
@@ -109,9 +106,9 @@ def _as_pv_operand(p, p_layout: gl.constexpr):
 
 
 @gluon.jit
-def _consumer(q_halves, k_ring, v_ring, q_ready, kv_ready, kv_free, stagger, q_scale_ptr, k_scale_ptr, v_scale_ptr,
-              out_ptr, heads, length_q, length_k, padded_q, padded_k, stride_ob, stride_oh, stride_ol,
-              HEAD_DIM: gl.constexpr, WHICH: gl.constexpr, STAGGER: gl.constexpr):
+def _consumer(q_halves, k_ring, v_ring, q_ready, kv_ready, kv_free, q_scale_ptr, k_scale_ptr, v_scale_ptr, out_ptr,
+              heads, length_q, length_k, padded_q, padded_k, stride_ob, stride_oh, stride_ol,
+              HEAD_DIM: gl.constexpr, WHICH: gl.constexpr):
     ROWS: gl.constexpr = q_halves.type.shape[1]
     CHANNELS: gl.constexpr = q_halves.type.shape[2]
     BLOCK_KEYS: gl.constexpr = k_ring.type.shape[1]
@@ -131,8 +128,6 @@ def _consumer(q_halves, k_ring, v_ring, q_ready, kv_ready, kv_free, stagger, q_s
     q = q_halves.index(WHICH)
     blocks = gl.cdiv(length_k, BLOCK_KEYS)
     mbarrier.wait(q_ready, 0)
-    if STAGGER and WHICH == 1:
-        mbarrier.wait(stagger, 0)  # the first consumer's first softmax is done
 
     # Each key block: its scores (issued with the previous block's P·V still running, both waited on together),
     # its softmax, its P·V issued; the other consumer's MMAs run during this one's softmax. P is made and handed to
@@ -147,8 +142,6 @@ def _consumer(q_halves, k_ring, v_ring, q_ready, kv_ready, kv_free, stagger, q_s
     row_sum = gl.sum(p, axis=1)
     alpha = gl.zeros([ROWS], gl.float32, rows_layout)  # the first block's rescale of an empty sum
     out = gl.zeros([ROWS, CHANNELS], gl.float32, o_layout)
-    if STAGGER and WHICH == 0:
-        mbarrier.arrive(stagger)
     products = warpgroup_mma(_as_pv_operand(p, p_layout), v_ring.index(0).permute((1, 0)),
                              gl.zeros([ROWS, CHANNELS], gl.float32, o_layout), use_acc=False, is_async=True)
 
@@ -187,29 +180,26 @@ def _consumer(q_halves, k_ring, v_ring, q_ready, kv_ready, kv_free, stagger, q_s
 @gluon.jit
 def _attention_kernel(q_desc, k_desc, v_desc, q_scale_ptr, k_scale_ptr, v_scale_ptr, out_ptr, heads, length_q,
                       length_k, padded_q, padded_k, stride_ob, stride_oh, stride_ol, HEAD_DIM: gl.constexpr,
-                      STAGES: gl.constexpr, STAGGER: gl.constexpr, LOADER_REGISTERS: gl.constexpr,
-                      CONSUMER_REGISTERS: gl.constexpr):
+                      STAGES: gl.constexpr, LOADER_REGISTERS: gl.constexpr, CONSUMER_REGISTERS: gl.constexpr):
     q_halves = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)
     k_ring = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
     v_ring = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
     q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     kv_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     kv_free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    stagger = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     mbarrier.init(q_ready, count=1)
-    mbarrier.init(stagger, count=1)
     for stage in gl.static_range(STAGES):
         mbarrier.init(kv_ready.index(stage), count=1)
         mbarrier.init(kv_free.index(stage), count=2)  # both consumers release every stage
     FIRST: gl.constexpr = 0
     SECOND: gl.constexpr = 1
     gl.warp_specialize([
-        (_consumer, (q_halves, k_ring, v_ring, q_ready, kv_ready, kv_free, stagger, q_scale_ptr, k_scale_ptr,
-                     v_scale_ptr, out_ptr, heads, length_q, length_k, padded_q, padded_k, stride_ob, stride_oh,
-                     stride_ol, HEAD_DIM, FIRST, STAGGER)),
-        (_consumer, (q_halves, k_ring, v_ring, q_ready, kv_ready, kv_free, stagger, q_scale_ptr, k_scale_ptr,
-                     v_scale_ptr, out_ptr, heads, length_q, length_k, padded_q, padded_k, stride_ob, stride_oh,
-                     stride_ol, HEAD_DIM, SECOND, STAGGER)),
+        (_consumer, (q_halves, k_ring, v_ring, q_ready, kv_ready, kv_free, q_scale_ptr, k_scale_ptr, v_scale_ptr,
+                     out_ptr, heads, length_q, length_k, padded_q, padded_k, stride_ob, stride_oh, stride_ol,
+                     HEAD_DIM, FIRST)),
+        (_consumer, (q_halves, k_ring, v_ring, q_ready, kv_ready, kv_free, q_scale_ptr, k_scale_ptr, v_scale_ptr,
+                     out_ptr, heads, length_q, length_k, padded_q, padded_k, stride_ob, stride_oh, stride_ol,
+                     HEAD_DIM, SECOND)),
         (_loader, (q_desc, k_desc, v_desc, q_halves, k_ring, v_ring, q_ready, kv_ready, kv_free, length_k, padded_q,
                    padded_k)),
     ], [4, 1], [CONSUMER_REGISTERS, LOADER_REGISTERS])
@@ -235,7 +225,7 @@ def _layouts(channels: int):
             gl.NVMMASharedLayout.get_default_for([channels, BLOCK_N], gl.float8e4nv))
 
 
-def launch(operands, out: torch.Tensor, stages: int = STAGES, stagger: bool = STAGGER) -> None:
+def launch(operands, out: torch.Tensor, stages: int = STAGES) -> None:
     """The attention of quantized `operands` (sage_attention.Operands) into `out` [B, Lq, H, D]."""
     o = operands
     batch, heads, padded_q, channels = o.q8.shape
@@ -246,7 +236,7 @@ def launch(operands, out: torch.Tensor, stages: int = STAGES, stagger: bool = ST
         TensorDescriptor.from_tensor(o.k8.view(-1, channels), [BLOCK_N, channels], k_layout),
         TensorDescriptor.from_tensor(o.v8t.view(-1, padded_k), [channels, BLOCK_N], v_layout),
         o.q_scale, o.k_scale, o.v_scale, out, heads, o.length_q, o.length_k, padded_q, padded_k, out.stride(0),
-        out.stride(2), out.stride(1), HEAD_DIM=o.head_dim, STAGES=stages, STAGGER=stagger, LOADER_REGISTERS=_LOADER_REGISTERS,
+        out.stride(2), out.stride(1), HEAD_DIM=o.head_dim, STAGES=stages, LOADER_REGISTERS=_LOADER_REGISTERS,
         CONSUMER_REGISTERS=_CONSUMER_REGISTERS, num_warps=4, maxnreg=_MAXNREG)
     launches["sage_attention_hopper"] += 1
 
@@ -266,7 +256,7 @@ def build_offline(channels: int = 128, stages: int = STAGES, out_dtype: torch.dt
                  "out_ptr": "*bf16" if out_dtype == torch.bfloat16 else "*fp16"}
     signature |= {name: "i32" for name in ("heads", "length_q", "length_k", "padded_q", "padded_k", "stride_ob",
                                            "stride_oh", "stride_ol")}
-    constants = dict(HEAD_DIM=channels, STAGES=stages, STAGGER=STAGGER, LOADER_REGISTERS=_LOADER_REGISTERS,
+    constants = dict(HEAD_DIM=channels, STAGES=stages, LOADER_REGISTERS=_LOADER_REGISTERS,
                      CONSUMER_REGISTERS=_CONSUMER_REGISTERS)
     signature |= {name: "constexpr" for name in constants}
     names = list(signature)
