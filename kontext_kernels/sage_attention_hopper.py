@@ -33,7 +33,6 @@ QUERY_ROWS = 64  # per consumer warpgroup: one 64-row wgmma
 BLOCK_M = 2 * QUERY_ROWS
 BLOCK_N = 128  # keys per block: sage8's k scales are per 128 keys (sage_attention.K_ROWS_FP8)
 STAGES = 3  # block j-1's V is still read while block j's K arrives: two stages in use, one loading
-P_EXPONENT = 8.0  # as sage_attention.P_EXPONENT
 # 3 warpgroups (the loader's warp rounds up to one) x 128 threads share 64K registers: 168 a thread on average
 # gives each consumer 240 and the loader's group 24.
 _MAXNREG, _CONSUMER_REGISTERS, _LOADER_REGISTERS = 168, 240, 24
@@ -74,7 +73,7 @@ def _softmax(dots, q_factor, k_scale_ptr, block, row_max, length_k, BLOCK_KEYS: 
         biased = (dots + 0x4B400000).to(gl.float32, bitcast=True)
         new_max = gl.maximum(row_max, gl.max(dots, axis=1).to(gl.float32) * factor)
         bias = 12582912.0 * factor
-        shift = bias + (new_max - 8.0)  # 8.0: P_EXPONENT
+        shift = bias + (new_max - 8.0)  # 8.0: sage_attention.P_EXPONENT
         new_max = (shift - bias) + 8.0  # the max the exponent really subtracts (Fast2Sum)
         p = gl.exp2(gl.fma(biased, gl.expand_dims(factor, 1), -gl.expand_dims(shift, 1)))
     else:
