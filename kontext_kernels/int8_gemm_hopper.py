@@ -22,7 +22,7 @@ import functools
 
 import torch
 
-from .runtime import cdiv, hopper, launches, multiprocessors, switched_on
+from .runtime import cdiv, launches, multiprocessors, sm90, switched_on
 
 
 @functools.cache
@@ -190,7 +190,7 @@ _MAXNREG, _CONSUMER_REGISTERS, _LOADER_REGISTERS = 168, 232, 40
 def ready_for(data: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype) -> bool:
     """Whether the warp-specialised kernel takes this product: a Hopper GPU, Gluon, 2-byte outputs, and the
     16-byte alignments TMA needs (rows of at least one K tile, N a multiple of 8)."""
-    return (switched_on() and gluon_available() and data.is_cuda and hopper(data.device)
+    return (switched_on() and gluon_available() and data.is_cuda and sm90(data.device)
             and out_dtype in (torch.bfloat16, torch.float16) and data.dim() == 2 and data.shape[1] >= BLOCK_K
             and data.stride(1) == 1 and weight.stride(1) == 1 and data.stride(0) % 16 == 0
             and weight.stride(0) % 16 == 0 and data.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0

@@ -143,6 +143,17 @@ def _hopper(index: int) -> bool:
     return torch.version.hip is None and torch.cuda.get_device_capability(index) >= (9, 0)
 
 
+def sm90(device: torch.device) -> bool:
+    """Whether the CUDA device is a Hopper GPU itself (compute capability 9.x): wgmma, which the Gluon kernels
+    issue, exists there only (Blackwell has other tensor-core instructions)."""
+    return _sm90(_device_index(device))
+
+
+@functools.cache
+def _sm90(index: int) -> bool:
+    return torch.version.hip is None and torch.cuda.get_device_capability(index)[0] == 9
+
+
 # Host-side grid and block arithmetic in plain Python: triton.cdiv and triton.next_power_of_2 are
 # constexpr functions whose call wrapper costs microseconds, paid per launch on the step's critical
 # path once the GPU outruns the CPU.

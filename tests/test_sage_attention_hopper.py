@@ -114,3 +114,19 @@ def test_not_chosen_off_hopper_or_off_its_operands():
         operands = sa.quantize_operands_reference(q, k, v, fp8_pv=fp8_pv, k_rows=128, permute_keys=True)
         assert not hopper_kernel.ready_for(operands)
     assert not sa.quantize_operands(q, k, v).keys_permuted
+
+
+@needs_gluon
+@pytest.mark.parametrize("capability, taken", [((9, 0), True), ((10, 0), False), ((12, 0), False), ((8, 9), False)])
+def test_only_hopper_itself_takes_the_gluon_kernels(monkeypatch, capability, taken):
+    # wgmma exists on sm_90 only: a Blackwell GPU (10.x, 12.x) keeps the Triton-language kernels.
+    from kontext_kernels import runtime
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
+    monkeypatch.setattr(torch.version, "hip", None)
+    runtime._sm90.cache_clear()
+    try:
+        assert runtime.sm90(torch.device("cuda", 0)) is taken
+        assert hopper_kernel.takes(torch.device("cuda", 0), True, 1, 128, 128) is taken
+    finally:
+        runtime._sm90.cache_clear()
