@@ -8,7 +8,8 @@ scaling: a lower bound of what it would cost), our int8 kernel as the model call
 autotuned), and its persistent TMA kernel at each of a few tile / stage / warp configs.
 
 --pingpong: at the same shapes, cuBLAS's fp8 GEMM against our two int8 kernels on Hopper: the autotuned
-Triton-language one and the warp-specialised Gluon one (kontext_kernels/int8_gemm_hopper.py) at a few ring depths.
+Triton-language one and the warp-specialised Gluon one (kontext_kernels/int8_gemm_hopper.py) at a few ring depths and
+tile-group heights (GROUP_M: output row tiles that walk one column band together, sharing weight tiles in L2).
 
 --accuracy: the full-size model on random weights (bench_step's), the edit workload; the velocity's relative L2
 error vs bf16 when every block linear's operands are rounded to int8 or e4m3 with per-row scales (simulated:
@@ -145,10 +146,10 @@ def pingpong() -> None:
             "int8 Triton (autotuned)": lambda: int8_gemm._launch(data, scale, w_data, w_scale, bias, torch.bfloat16,
                                                                  kernel="triton"),
         }
-        for stages in (4, 5):
-            candidates[f"int8 Gluon ping-pong, {stages} stages"] = (
-                lambda stages=stages: int8_gemm_hopper.launch(data, scale, w_data, w_scale, bias, torch.bfloat16,
-                                                              stages=stages))
+        for stages, group_m in ((4, 8), (5, 8), (4, 4), (4, 16), (4, 32)):
+            candidates[f"int8 Gluon ping-pong, {stages} stages, GROUP_M {group_m}"] = (
+                lambda stages=stages, group_m=group_m: int8_gemm_hopper.launch(
+                    data, scale, w_data, w_scale, bias, torch.bfloat16, stages=stages, group_m=group_m))
         base = None
         for label, fn in candidates.items():
             try:

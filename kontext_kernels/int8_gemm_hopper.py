@@ -206,7 +206,8 @@ def _shared_layouts(out_dtype: torch.dtype):
 
 
 def launch(data: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-           bias: torch.Tensor | None, out_dtype: torch.dtype, stages: int = STAGES) -> torch.Tensor:
+           bias: torch.Tensor | None, out_dtype: torch.dtype, stages: int = STAGES,
+           group_m: int = GROUP_M) -> torch.Tensor:
     """data int8 [M, K], scale float32 [M], weight int8 [N, K], weight_scale float32 [N], bias [N] or None."""
     M, K = data.shape
     N = weight.shape[0]
@@ -218,7 +219,7 @@ def launch(data: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, weight
         TensorDescriptor.from_tensor(weight, [BLOCK_N, BLOCK_K], weight_layout),
         TensorDescriptor.from_tensor(out, [BLOCK_M, BLOCK_N], out_layout),
         scale, weight_scale, out if bias is None else bias, M, N, K,
-        HAS_BIAS=bias is not None, GROUP_M=GROUP_M, STAGES=stages, LOADER_REGISTERS=_LOADER_REGISTERS,
+        HAS_BIAS=bias is not None, GROUP_M=group_m, STAGES=stages, LOADER_REGISTERS=_LOADER_REGISTERS,
         CONSUMER_REGISTERS=_CONSUMER_REGISTERS, num_warps=4, maxnreg=_MAXNREG)
     launches["int8_linear_pingpong"] += 1
     return out
