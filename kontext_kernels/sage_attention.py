@@ -26,9 +26,12 @@
    6e-5 relative to the row max), rounded to e4m3 (fp16) for the tensor cores, while the row sums l add the
    unrounded float32 values. With e4m3, each block's P·V goes into a fresh accumulator and is added to the running
    one in float32 (`SPLIT_ACCUMULATOR`): Hopper's fp8 tensor cores keep only ~14 bits of their
-   accumulator's mantissa (DeepSeek-V3 report, sec. 3.3.2), which over 68 key blocks could add up (not yet
-   measured here: the probe's "one accumulator" variant does). It costs nothing in instructions: the running
-   accumulator's rescale becomes the add's FFMA. O = acc / l * v_scale[channel].
+   accumulator's mantissa (DeepSeek-V3 report, sec. 3.3.2), which over 68 key blocks adds up (on an H200 one
+   accumulator took the error on the model's own q, k, v from 0.41% to 2.1%: bench/RESULTS.md). It costs nothing
+   in instructions: the running accumulator's rescale becomes the add's FFMA. O = acc / l * v_scale[channel].
+   On Hopper, with e4m3 P·V and the default scales, a warp-specialised Gluon kernel takes this step instead
+   (sage_attention_hopper.py, `HOPPER_KERNEL`); for it k8's rows are stored in its key order (`key_tokens`,
+   `Operands.keys_permuted`), which this module's kernel and the reference read back in token order.
 
 Numerics: `sage_attention_reference` does the same arithmetic in PyTorch, block by block with the same
 key-block width, so that the kernel can be checked close to it (the remaining differences: exp2's last

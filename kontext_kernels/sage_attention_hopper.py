@@ -15,9 +15,10 @@ three partitions:
 Both consumers read every key block, so a stage goes back to the loader when both have released it.
 
 What was tried and measured slower on an H200 (bench/RESULTS.md, 2026-12-04): the consumers taking turns to issue
-their MMAs (FlashAttention-3's ping-pong), and block j+1's Q·Kᵀ and block j-1's P·V running during block j's
-softmax, with 64-key blocks so that the accumulators fit and P through shared memory (ptxas serialises every wgmma
-when a register operand of one is in flight across the softmax).
+their MMAs (FlashAttention-3's ping-pong); block j+1's Q·Kᵀ and block j-1's P·V running during block j's softmax,
+with 64-key blocks so that the accumulators fit and P through shared memory (ptxas serialises every wgmma when a
+register operand of one is in flight across the softmax); block j+1's Q·Kᵀ alone during the softmax, with P·V
+after it in two 64-channel parts.
 """
 
 from __future__ import annotations
