@@ -219,8 +219,7 @@ HOPPER_KERNEL = "gluon"
 
 def _launch(data: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
             bias: torch.Tensor | None, out_dtype: torch.dtype, kernel: str | None = None) -> torch.Tensor:
-    if (kernel or HOPPER_KERNEL) == "gluon" and not interpreting() and int8_gemm_hopper.ready_for(data, weight,
-                                                                                                   out_dtype):
+    if (kernel or HOPPER_KERNEL) == "gluon" and int8_gemm_hopper.ready_for(data, weight, out_dtype):
         out = int8_gemm_hopper.launch(data, scale, weight, weight_scale, bias, out_dtype)
         launches["int8_linear"] += 1
         return out

@@ -22,36 +22,9 @@ import functools
 
 import torch
 
-from .runtime import cdiv, launches, multiprocessors, sm90, switched_on
-
-
-@functools.cache
-def gluon_available() -> bool:
-    """Whether this Triton has Gluon with Hopper's TMA, mbarriers, wgmma and warp specialisation."""
-    try:
-        from triton.experimental import gluon  # noqa: F401
-        from triton.experimental.gluon import language as gl
-        from triton.experimental.gluon.language.nvidia.hopper import (  # noqa: F401
-            fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
-        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor  # noqa: F401
-        return hasattr(gl, "warp_specialize")
-    except Exception:  # an older or broken Triton: the Triton-language kernel serves
-        return False
-
-
-if gluon_available():
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
-                                                                  warpgroup_mma_wait)
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-else:  # the definitions below still parse; nothing launches them
-    from .runtime import _inert_triton
-
-    gluon = _inert_triton()[0]
-    gl = None
-    # Names sage_attention_hopper.py takes from here too.
-    fence_async_shared = mbarrier = tma = warpgroup_mma = warpgroup_mma_wait = TensorDescriptor = None
+from .gluon_hopper import (TensorDescriptor, fence_async_shared, gl, gluon, gluon_available,  # noqa: F401
+                           gluon_ready, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
+from .runtime import cdiv, launches, multiprocessors
 
 
 @gluon.jit
@@ -190,7 +163,7 @@ _MAXNREG, _CONSUMER_REGISTERS, _LOADER_REGISTERS = 168, 232, 40
 def ready_for(data: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype) -> bool:
     """Whether the warp-specialised kernel takes this product: a Hopper GPU, Gluon, 2-byte outputs, and the
     16-byte alignments TMA needs (rows of at least one K tile, N a multiple of 8)."""
-    return (switched_on() and gluon_available() and data.is_cuda and sm90(data.device)
+    return (gluon_ready(data.device)
             and out_dtype in (torch.bfloat16, torch.float16) and data.dim() == 2 and data.shape[1] >= BLOCK_K
             and data.stride(1) == 1 and weight.stride(1) == 1 and data.stride(0) % 16 == 0
             and weight.stride(0) % 16 == 0 and data.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0

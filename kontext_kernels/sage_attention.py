@@ -182,8 +182,8 @@ def _check_rows(q_rows: int, k_rows: int) -> None:
 
 def _check_key_order(permute_keys: bool, k_rows: int) -> None:
     if permute_keys and k_rows != TOKEN_TILE:
-        raise ValueError(f"keys are permuted within {TOKEN_TILE}-token tiles, which needs one k scale per tile "
-                         f"(k_rows={TOKEN_TILE}), got k_rows={k_rows}")
+        raise ValueError(f"keys are permuted within {TOKEN_TILE}-token tiles, which needs one k scale per tile, "
+                         f"got k_rows={k_rows}: pass k_rows={TOKEN_TILE}, or permute_keys=False")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -686,7 +686,7 @@ HOPPER_KERNEL = "gluon"
 
 def _hopper_kernel_takes(q: torch.Tensor, fp8_pv: bool, q_rows: int, k_rows: int) -> bool:
     """Whether sage_attention_hopper.py's kernel will take these q's operands (then quantized in its key order)."""
-    return (HOPPER_KERNEL == "gluon" and not interpreting()
+    return (HOPPER_KERNEL == "gluon"
             and sage_attention_hopper.takes(q.device, fp8_pv, q_rows, k_rows, padded_head_dim(q.shape[3])))
 
 
@@ -695,8 +695,7 @@ def _takes_gluon(operands: Operands, kernel: str | None, config: dict | None, tm
     # The Gluon kernel has one schedule: TMA, 128x128 tiles, a fresh P·V accumulator per key block, folded scores.
     default_variant = (config is None and tma is not False and split_accumulator is not False
                        and (SCORES_DEFAULT if scores is None else scores) == SCORES_FOLDED)
-    return ((kernel or HOPPER_KERNEL) == "gluon" and default_variant and not interpreting()
-            and sage_attention_hopper.ready_for(operands))
+    return (kernel or HOPPER_KERNEL) == "gluon" and default_variant and sage_attention_hopper.ready_for(operands)
 
 
 def _launch_attention(operands: Operands, out_dtype: torch.dtype, config: dict | None = None,

@@ -25,10 +25,9 @@ from __future__ import annotations
 
 import torch
 
-# Gluon's names, imported once there (None where this Triton has no Gluon: nothing here launches then).
-from .int8_gemm_hopper import (TensorDescriptor, gl, gluon, gluon_available, mbarrier, tma, warpgroup_mma,
-                               warpgroup_mma_wait)
-from .runtime import cdiv, launches, sm90, switched_on
+from .gluon_hopper import (TensorDescriptor, gl, gluon, gluon_available, gluon_ready, mbarrier, tma,  # noqa: F401
+                           warpgroup_mma, warpgroup_mma_wait)
+from .runtime import cdiv, launches
 
 QUERY_ROWS = 64  # per consumer warpgroup: one 64-row wgmma
 BLOCK_M = 2 * QUERY_ROWS
@@ -208,8 +207,7 @@ def _attention_kernel(q_desc, k_desc, v_desc, q_scale_ptr, k_scale_ptr, v_scale_
 def takes(device: torch.device, fp8_pv: bool, q_rows: int, k_rows: int, channels: int) -> bool:
     """Whether this kernel takes sage8's attention of such operands: a Hopper GPU, Gluon, e4m3 P·V with a k scale
     per 128 keys and a q scale per token (the defaults), and 64 or 128 channels."""
-    return (switched_on() and gluon_available() and device.type == "cuda" and sm90(device) and fp8_pv
-            and q_rows == 1 and k_rows == BLOCK_N and channels in (64, 128))
+    return (gluon_ready(device) and fp8_pv and q_rows == 1 and k_rows == BLOCK_N and channels in (64, 128))
 
 
 def ready_for(operands) -> bool:
