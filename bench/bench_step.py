@@ -509,6 +509,7 @@ def main() -> None:
                         help="random weights' scale: 1/sqrt(fan_in) (default) or 0.02 for every matrix")
     parser.add_argument("--out", default=None)
     parser.add_argument("--profile", action="store_true", help="print the GPU time per kernel kind of one step")
+    parser.add_argument("--profile-top", type=int, default=12, metavar="N", help="kernel kinds the profile lists")
     parser.add_argument("--append-results", metavar="MARKDOWN", default=None,
                         help="append this run's rows to a results file (e.g. bench/RESULTS.md)")
     args = parser.parse_args()
@@ -616,7 +617,7 @@ def main() -> None:
                 torch.cuda.synchronize()
             peak = (torch.cuda.max_memory_allocated() - others) / 2**30
             if args.profile:
-                profile_step(fn, impl, name)
+                profile_step(fn, impl, name, top=args.profile_top)
             row = {"workload": name, "impl": impl, "ms": seconds * 1e3, "floor_ms": floor * 1e3,
                    "x_floor": seconds / floor, "tflops": flops["total"] / seconds / 1e12, "peak_gib": peak,
                    "host_ms": host_seconds * 1e3, "rel_err_vs_first": error, "rel_l2_vs_first": l2_error, "attention_tflops": attn_rate / 1e12}

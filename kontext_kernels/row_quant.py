@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from .e4m3 import E4M3_MAX, to_e4m3
 from .modulation import layernorm_modulate_rows, modulation_operands
-from .runtime import (cdiv, enabled_for, import_triton, interpreting, last_dim_contiguous, launches,
+from .runtime import (cdiv, enabled_for, import_triton, interpreting, last_dim_contiguous, launches, loop_count,
                       next_power_of_2, reduction_combines, row_warps, rows_per_program)
 
 triton, tl = import_triton()
@@ -165,31 +165,65 @@ def _row_tile(ptr, rows, n_rows, stride, width, BLOCK: tl.constexpr):
     return tile, cols, mask
 
 
+# The largest |GELU(tanh)(x)| of any x < 0 is 0.17004 (at x = -0.7525), with margin: a row whose GELU of its
+# largest input is above this has that value as its amax, since GELU rises on x > 0.
+_NEGATIVE_GELU_BOUND = 0.171
+
+
 @triton.jit
 def _concat_quantize_kernel(
     first_ptr, second_ptr, out_ptr, scale_ptr,
-    n_rows, first_width, second_width, stride_first, stride_second, stride_out,
-    HAS_FIRST: tl.constexpr, GELU_SECOND: tl.constexpr, BLOCK_FIRST: tl.constexpr, BLOCK_SECOND: tl.constexpr,
-    ROWS: tl.constexpr, INT8: tl.constexpr, EXACT_ROUNDING: tl.constexpr,
+    n_rows, first_width, second_width, first_chunks, second_chunks, stride_first, stride_second, stride_out,
+    HAS_FIRST: tl.constexpr, GELU_SECOND: tl.constexpr, CHUNK: tl.constexpr,
+    ROWS: tl.constexpr, INT8: tl.constexpr, EXACT_ROUNDING: tl.constexpr, NEGATIVE_GELU_BOUND: tl.constexpr,
 ):
-    # ROWS rows per program (one for FLUX's widths); each row stays in registers between the amax
-    # and the rewrite.
+    # Two passes over chunks of ROWS rows: the amax, then the rewrite, which reads the rows again from the
+    # cache. Holding a whole 15k-wide row in registers instead left two programs per SM, each waiting on its
+    # loads before it could compute (2x the memory floor at FLUX's widths, bench/RESULTS.md).
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    second, cols, mask = _row_tile(second_ptr, rows, n_rows, stride_second, second_width, BLOCK_SECOND)
-    if GELU_SECOND:
-        second = _gelu_tanh(second)
-    amax = tl.reduce(tl.abs(second), 1, _max)
+    in_rows = rows < n_rows
+    cols = tl.arange(0, CHUNK)
+    amax = tl.full([ROWS], 0.0, tl.float32)
     if HAS_FIRST:
-        first, first_cols, first_mask = _row_tile(first_ptr, rows, n_rows, stride_first, first_width, BLOCK_FIRST)
-        amax = tl.maximum(amax, tl.reduce(tl.abs(first), 1, _max))
-        scale, inv_scale = _row_scales(amax, INT8)
-        _store_8bit(out_ptr + rows[:, None] * stride_out + first_cols[None, :], first, inv_scale, first_mask, INT8,
-                    EXACT_ROUNDING)
+        for start in range(0, first_chunks * CHUNK, CHUNK):
+            tile, _, _ = _row_tile(first_ptr + start, rows, n_rows, stride_first, first_width - start, CHUNK)
+            amax = tl.maximum(amax, tl.reduce(tl.abs(tile), 1, _max))
+    if GELU_SECOND:
+        # GELU rises on x > 0 and stays under the bound below 0: the amax is GELU(the largest input) unless that
+        # is under the bound, when the exact pass below takes every GELU's magnitude.
+        top = tl.full([ROWS], 0.0, tl.float32)
+        for start in range(0, second_chunks * CHUNK, CHUNK):
+            tile, _, _ = _row_tile(second_ptr + start, rows, n_rows, stride_second, second_width - start, CHUNK)
+            top = tl.maximum(top, tl.reduce(tile, 1, _max))
+        gelu_top = _gelu_tanh(top)
+        if tl.reduce(tl.where(in_rows & (gelu_top < NEGATIVE_GELU_BOUND), 1.0, 0.0), 0, _max) > 0.0:
+            gelu_top = tl.full([ROWS], 0.0, tl.float32)
+            for start in range(0, second_chunks * CHUNK, CHUNK):
+                tile, _, _ = _row_tile(second_ptr + start, rows, n_rows, stride_second, second_width - start,
+                                       CHUNK)
+                gelu_top = tl.maximum(gelu_top, tl.reduce(tl.abs(_gelu_tanh(tile)), 1, _max))
+        amax = tl.maximum(amax, gelu_top)
     else:
-        scale, inv_scale = _row_scales(amax, INT8)
-    _store_8bit(out_ptr + rows[:, None] * stride_out + first_width + cols[None, :], second, inv_scale, mask, INT8,
-                EXACT_ROUNDING)
-    tl.store(scale_ptr + rows[:, None], scale, mask=(rows < n_rows)[:, None])
+        for start in range(0, second_chunks * CHUNK, CHUNK):
+            tile, _, _ = _row_tile(second_ptr + start, rows, n_rows, stride_second, second_width - start, CHUNK)
+            amax = tl.maximum(amax, tl.reduce(tl.abs(tile), 1, _max))
+    scale, inv_scale = _row_scales(amax, INT8)
+    out_rows = out_ptr + rows[:, None] * stride_out
+    if HAS_FIRST:
+        for start in range(0, first_chunks * CHUNK, CHUNK):
+            tile, _, mask = _row_tile(first_ptr + start, rows, n_rows, stride_first, first_width - start, CHUNK)
+            _store_8bit(out_rows + start + cols[None, :], tile, inv_scale, mask, INT8, EXACT_ROUNDING)
+    for start in range(0, second_chunks * CHUNK, CHUNK):
+        tile, _, mask = _row_tile(second_ptr + start, rows, n_rows, stride_second, second_width - start, CHUNK)
+        if GELU_SECOND:
+            tile = _gelu_tanh(tile)
+        _store_8bit(out_rows + first_width + start + cols[None, :], tile, inv_scale, mask, INT8, EXACT_ROUNDING)
+    tl.store(scale_ptr + rows[:, None], scale, mask=in_rows[:, None])
+
+
+# Values per chunk of the two-pass row kernel: a power of two, as tl.arange needs (timed on an H200,
+# bench/row_quant_probe.py and bench/RESULTS.md).
+ROW_CHUNK = 4096
 
 
 def _as_rows(x: torch.Tensor) -> torch.Tensor:
@@ -210,15 +244,15 @@ def _concat_quantize_triton(first: torch.Tensor | None, second: torch.Tensor, ge
     width = first_width + second_width + spare
     data = torch.empty((*second.shape[:-1], width), dtype=dtype, device=second.device)
     scale = torch.empty((n_rows, 1), dtype=torch.float32, device=second.device)
-    block_second = next_power_of_2(second_width)
-    block_first = next_power_of_2(max(first_width, 1))
-    block = block_second + (block_first if first is not None else 0)
-    rows = rows_per_program(block)
+    chunk = min(ROW_CHUNK, next_power_of_2(max(first_width, second_width)))
+    rows = rows_per_program(chunk)
     _concat_quantize_kernel[(cdiv(n_rows, rows),)](
         first_rows, second_rows, data, scale,
-        n_rows, first_width, second_width, first_rows.stride(0), second_rows.stride(0), width,
-        HAS_FIRST=first is not None, GELU_SECOND=gelu, BLOCK_FIRST=block_first, BLOCK_SECOND=block_second,
-        ROWS=rows, INT8=dtype == torch.int8, EXACT_ROUNDING=interpreting(), num_warps=row_warps(rows * block),
+        n_rows, first_width, second_width, loop_count(cdiv(first_width, chunk)), loop_count(cdiv(second_width, chunk)),
+        first_rows.stride(0), second_rows.stride(0), width,
+        HAS_FIRST=first is not None, GELU_SECOND=gelu, CHUNK=chunk, ROWS=rows, INT8=dtype == torch.int8,
+        EXACT_ROUNDING=interpreting(), NEGATIVE_GELU_BOUND=_NEGATIVE_GELU_BOUND,
+        num_warps=row_warps(rows * chunk),
     )
     launches["concat_gelu_quantize_rows" if first is not None else
              "gelu_quantize_rows" if gelu else "quantize_rows"] += 1

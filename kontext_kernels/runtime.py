@@ -174,6 +174,15 @@ def _power_of_two_at_most(n: int) -> int:
     return 1 << (max(1, n).bit_length() - 1)
 
 
+def loop_count(n: int):
+    """A kernel's loop count: a plain int, except under Triton 3.6's interpreter, which cannot loop to a bound
+    passed at run time (its scalars are 1-element arrays, which NumPy 2 does not turn into an int) and gets
+    it as a constant."""
+    import triton.language as tl
+
+    return tl.constexpr(n) if interpreting() else n
+
+
 def rows_per_program(block: int) -> int:
     """Rows a row-kernel program takes, for rows padded to `block` values: narrow rows share a program,
     FLUX's (3072 and wider) get one each. Triton's interpreter pays per program, so under it programs
@@ -182,8 +191,8 @@ def rows_per_program(block: int) -> int:
 
 
 def row_warps(values: int) -> int:
-    """Warps for a program holding `values` float32 values: about 16 a thread, at most 8 (on an H100 8
-    beat 4 and 16 for FLUX's 3072- and 12288-wide rows, timed call by call, launch included: not yet
-    re-timed from CUDA graphs); a power of two, as Triton needs."""
-    return _power_of_two_at_most(min(8, values // 512))
+    """Warps for a program holding `values` float32 values: about 32 a thread, at most 8; a power of two, as
+    Triton needs. Timed from CUDA graphs on an H200 (bench/row_quant_probe.py): 4 warps for FLUX's 3072-wide
+    LayerNorm rows and 4096-value chunks beat 8 by 7-15%, more values a thread keeping more loads in flight."""
+    return _power_of_two_at_most(min(8, values // 1024))
 

@@ -315,6 +315,22 @@ class TestAwkwardSizes:
                 "layernorm_modulate_quantize": (x, shift, scale)}[variant]
         _check_rows(variant, args, rows=26, exact=variant == "quantize_rows", spare=spare, dtype=dtype)
 
+    @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.int8], ids=["e4m3", "int8"])
+    @pytest.mark.parametrize("variant", ["gelu_quantize_rows", "concat_gelu_quantize_rows"])
+    def test_row_quantization_in_chunks(self, device, variant, dtype, monkeypatch):
+        # 32-value chunks, so that rows of 37 and 100 take partial chunks and several passes; rows whose GELU
+        # amax is not GELU(their largest value): one all below zero (largest |GELU| near x = -0.75), one of
+        # small positive and negative values, for which the kernel takes its exact pass.
+        from kontext_kernels import row_quant
+
+        monkeypatch.setattr(row_quant, "ROW_CHUNK", 32)
+        x = _randn(2, 13, 100, dtype=torch.bfloat16, device=device, scale=3.0)
+        x[0, 2] = -x[0, 2].abs() - 0.2
+        x[0, 3] = _randn(100, dtype=torch.bfloat16, device=device, scale=0.05)
+        x[1, 5] = -0.75
+        args = (_randn(2, 13, 37, dtype=torch.bfloat16, device=device), x) if variant.startswith("concat") else (x,)
+        _check_rows(variant, args, rows=26, exact=False, dtype=dtype)
+
     def test_int8_rounding_ties_to_even(self, device):
         # Rows whose scaled values land exactly on .5 (amax 127 makes the scale 1): rounded as torch.round.
         from kontext_kernels import row_quant
@@ -492,7 +508,7 @@ def test_row_kernel_launch_shapes(monkeypatch):
     # shapes chosen for each row width are checked here. (block width, interpreting) -> (rows, warps).
     from kontext_kernels import runtime
 
-    expected = {(64, False): (32, 4), (192, False): (8, 2), (4096, False): (1, 8), (20480, False): (1, 8),
+    expected = {(64, False): (32, 2), (192, False): (8, 1), (4096, False): (1, 4), (8192, False): (1, 8),
                 (16384, False): (1, 8), (192, True): (64, 8), (20480, True): (1, 8)}
     for (block, interpreted), (rows, warps) in expected.items():
         monkeypatch.setenv("TRITON_INTERPRET", "1" if interpreted else "0")
