@@ -214,14 +214,22 @@ def inputs(config: TransformerConfig, workload: dict, seed: int = 0) -> dict[str
     return data
 
 
-def ours_step(model: KontextTransformer, x: dict, graphed: bool = False):
+def ours_step(model: KontextTransformer, x: dict, graphed: bool = False, modulation_table: bool = False):
     velocity = model.velocity
     if graphed:
         velocity = GraphedVelocity(model)
         if (reason := velocity.prepare()) is not None:
             raise RuntimeError(f"+graphs: this model cannot be replayed: {reason}")
+    extra = ()
+    if modulation_table:
+        # A 28-step run's table whose first row is this step's t, so that the row's output compares with the others.
+        times = torch.cat((x["t"][:1].float(), torch.linspace(0.96, 0.04, 27, device=x["t"].device)))
+        with torch.no_grad():
+            made = cuda_time(lambda: model.modulation_table(times, x["y"], x["g"]), warmup=1, iterations=3)
+            extra = (model.modulation_table(times, x["y"], x["g"])[0],)
+        print(f"    modulation table for 28 steps: {made * 1e3:.1f} ms once a run", flush=True)
     return lambda: velocity(x["img"], x["img_ids"], x["txt"], x["txt_ids"], x["t"], x["y"], x["g"],
-                            x["ctx"], x["ctx_ids"])
+                            x["ctx"], x["ctx_ids"], *extra)
 
 
 def diffusers_step(twin, x: dict):
@@ -254,6 +262,8 @@ MODIFIERS = {
                        "not the warp-specialised Gluon one (kontext_kernels/sage_attention_hopper.py)",
     "sdpa": "attention through PyTorch's SDPA (cuDNN first) even where flash-attn is installed (auto takes it)",
     "graphs": "each step replayed from a CUDA graph (kontext_core/compute/cuda_graph.py)",
+    "modtable": "the step's modulation vectors read from a table made before sampling (the fast preset's "
+                "batched_modulation, KontextTransformer.modulation_table) for 28 steps; its one-off time is printed",
     "concat": "the single block's linear2 over a concatenation of its input's parts (not two GEMMs)",
     "cudnn": "a reference row with PyTorch's SDPA priority cuDNN first (ours always is; default: flash first)",
     "lora": "a random rank-32 LoRA on every linear of every block, merged into the weights (as the nodes "
@@ -285,7 +295,7 @@ def implementation(name: str) -> str:
     if "cudnn" in modifiers and base.startswith("ours"):
         raise argparse.ArgumentTypeError(f"{name!r}: +cudnn is for the reference rows; ours always puts cuDNN first")
     ours_only = [m for m in modifiers if m in ("lora", "lorafly", "thinlora", "autotune", "sdpa", "sage8", "sage8fp16",
-                                               "tritongemm", "tritonattention")]
+                                               "tritongemm", "tritonattention", "modtable")]
     if ours_only and not base.startswith("ours"):
         raise argparse.ArgumentTypeError(f"{name!r}: +{ours_only[0]} applies to our rows only")
     if "autotune" in modifiers and not base.endswith("-compiled"):
@@ -463,10 +473,12 @@ def random_autoencoder() -> Autoencoder:
     return ae.eval()
 
 
-def end_to_end(model: KontextTransformer, steps: int = 28, cuda_graphs: bool = False) -> float:
+def end_to_end(model: KontextTransformer, steps: int = 28, cuda_graphs: bool = False,
+               batched_modulation: bool = False) -> float:
     """1024x1024 edit: AE encode of the context, `steps` steps, AE decode (prompt embeddings given)."""
     ae = random_autoencoder()
     pipe = KontextPipeline(model, ae, cuda_graphs=cuda_graphs)
+    pipe.batched_modulation = batched_modulation
     config = model.config
     cond = TextConditioning(torch.randn(1, 512, config.context_in_dim, device="cuda"),
                             torch.randn(1, config.vec_in_dim, device="cuda"))
@@ -589,7 +601,7 @@ def main() -> None:
             if "-compiled" in impl:
                 compile_blocks(target, impl)
             if impl.startswith("ours"):
-                fn = ours_step(target, x, "graphs" in modifiers)
+                fn = ours_step(target, x, "graphs" in modifiers, "modtable" in modifiers)
             elif impl.startswith("comfyui"):
                 fn = comfy_step(target, x)
             elif impl.startswith("bfl"):
@@ -640,6 +652,7 @@ def main() -> None:
         runs = [(label, target, graphs) for label, target in (("bf16", model), ("fp8", fp8_model),
                                                                ("fp8+fp8attention", fp8_model), ("int8", int8_model),
                                                                ("int8+sage8", int8_model),
+                                                               ("int8+sage8+modtable", int8_model),
                                                                ("int8+sage8+convertedscores", int8_model))
                 for graphs in ((False, True) if graphs_too or args.e2e else (False,))]
         for label, target, graphs in runs:
@@ -656,7 +669,7 @@ def main() -> None:
                       + ("+convertedscores" if "convertedscores" in label else ""))
             if compiled:
                 compile_blocks(target, "ours-compiled")
-            seconds = end_to_end(target, cuda_graphs=graphs)
+            seconds = end_to_end(target, cuda_graphs=graphs, batched_modulation="modtable" in label)
             record[f"e2e_edit_28_steps_{label}_s"] = seconds
             print(f"end-to-end 1024x1024 edit, 28 steps, AE encode+decode, {label}: {seconds:.2f} s", flush=True)
             uncompile(target)

@@ -59,7 +59,8 @@ def load_pipeline(files: ModelFiles, *, dtype: str | None = None, device: str | 
         by the memory plan.
     log: receives the one-line plan description and what a preset could not use here (None: silent).
     preset: "exact" or "fast" (kontext_core.presets): fills in dtype where it is None, sets the attention
-        backend for the process, compiles the blocks, and turns on CUDA graphs; parts the device cannot run
+        backend for the process, compiles the blocks, turns on CUDA graphs and (fast) computes the modulation
+        vectors of a run's steps ahead of it (KontextPipeline.batched_modulation); parts the device cannot run
         fall back to the exact path, each said through `log`.
     process_group: split each transformer step over this torch.distributed group's processes (one per GPU;
         KontextPipeline).
@@ -69,11 +70,12 @@ def load_pipeline(files: ModelFiles, *, dtype: str | None = None, device: str | 
     are offloaded, the BlockOffloader as `offloader`.
     """
     device = torch.device(device)
-    compile_blocks = compile
+    compile_blocks, batched_modulation = compile, False
     if preset is not None:
         chosen, notes = apply_preset_options(preset, device, dtype=dtype, attention=get_attention_backend(),
                                              compile=compile, cuda_graphs=cuda_graphs)
         dtype, cuda_graphs, compile_blocks = chosen["dtype"], chosen["cuda_graphs"], chosen["compile"]
+        batched_modulation = chosen["batched_modulation"]
         set_attention_backend(chosen["attention"])
         for note in notes if log is not None else ():
             log(f"preset {preset}: {note}")
@@ -111,6 +113,7 @@ def load_pipeline(files: ModelFiles, *, dtype: str | None = None, device: str | 
     pipeline = KontextPipeline(transformer, autoencoder, encoders, cuda_graphs=cuda_graphs,
                                process_group=process_group)
     pipeline.ae_tiling = ae_tiling
+    pipeline.batched_modulation = batched_modulation
     pipeline.memory_plan = plan
     pipeline.offloader = offloader
     return pipeline

@@ -125,6 +125,8 @@ class KontextPipeline:
         # Steps replayed from a CUDA graph where the model allows (CUDA, no hooks): for launch-bound steps.
         self.cuda_graphs = cuda_graphs
         self.ae_tiling = "auto"  # auto: tiles only when a full-size AE pass would not fit; always; never
+        # Every step's modulation vectors in one pass before sampling (sample_euler): the fast preset's.
+        self.batched_modulation = False
         # Called with the transformer or the autoencoder right before it computes. A host that moves models out
         # of the GPU while they are idle (ComfyUI lends their memory to other models) moves them back here.
         self.before_use: Callable[[Any], None] | None = None
@@ -272,7 +274,7 @@ class KontextPipeline:
             conditioning, timesteps, guidance=settings.guidance, context=ctx, context_ids=ctx_ids,
             negative=negative, true_cfg=settings.true_cfg if negative is not None else 1.0, callback=callback,
             velocity_fn=self._graphed_velocity() if step_cache is None else None,
-            step_cache=step_cache, cache_stats=cache_stats, blend=blend,
+            step_cache=step_cache, cache_stats=cache_stats, blend=blend, batched_modulation=self.batched_modulation,
         )
 
     def _graphed_velocity(self) -> GraphedVelocity | None:

@@ -22,11 +22,14 @@ class RuntimePreset:
     attention: str
     compile: bool
     cuda_graphs: bool
+    # Every step's modulation vectors computed before sampling (KontextTransformer.modulation_table): equal to
+    # the per-step ones up to the GEMMs' rounding, so not in `exact`.
+    batched_modulation: bool = False
 
 
 PRESETS = {
     "exact": RuntimePreset("exact", None, "auto", False, False),
-    "fast": RuntimePreset("fast", "int8", "sage8", True, True),
+    "fast": RuntimePreset("fast", "int8", "sage8", True, True, batched_modulation=True),
 }
 
 
@@ -83,6 +86,9 @@ def _resolve(name: str, device: str | torch.device) -> tuple[RuntimePreset, dict
     if preset.cuda_graphs and device.type != "cuda":
         preset = replace(preset, cuda_graphs=False)
         notes["cuda_graphs"] = "CUDA graphs: need a CUDA GPU; plain steps instead"
+    if preset.batched_modulation and device.type != "cuda":
+        # Off the GPU it saves nothing worth its last-bit differences: fast stays exact there, and says nothing.
+        preset = replace(preset, batched_modulation=False)
     return preset, notes
 
 
@@ -96,5 +102,6 @@ def apply_preset_options(name: str, device: str | torch.device, *, dtype: str | 
                         "cuda_graphs": cuda_graphs}
     return (dict(dtype=dtype if dtype is not None else preset.dtype,
                  attention=attention if attention != "auto" else preset.attention,
-                 compile=compile or preset.compile, cuda_graphs=cuda_graphs or preset.cuda_graphs),
+                 compile=compile or preset.compile, cuda_graphs=cuda_graphs or preset.cuda_graphs,
+                 batched_modulation=preset.batched_modulation),
             [note for part, note in notes.items() if not chosen_by_caller[part]])

@@ -160,6 +160,7 @@ def pipeline(model: TransformerRef, vae: Any, text: TextEncodersRef | None = Non
     its memory to another model since; the transformer gets the loader's LoRAs then too."""
     encoders = model_cache.text_encoders(text) if text is not None else None
     pipe = KontextPipeline(transformer(model), autoencoder(vae), encoders, cuda_graphs=model.cuda_graphs)
+    pipe.batched_modulation = model.batched_modulation
 
     def before_use(module: Any) -> None:
         ready(module)

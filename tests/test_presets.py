@@ -43,7 +43,7 @@ def test_explicit_settings_win_over_the_preset(monkeypatch):
     monkeypatch.setattr(presets, "_attention_reason", lambda backend, device: None)
     monkeypatch.setattr(presets, "_triton_available", lambda: True)
     chosen, _ = apply_preset_options("fast", "cuda", dtype="fp8", attention="sdpa", compile=False, cuda_graphs=False)
-    assert chosen == dict(dtype="fp8", attention="sdpa", compile=True, cuda_graphs=True)
+    assert chosen == dict(dtype="fp8", attention="sdpa", compile=True, cuda_graphs=True, batched_modulation=True)
 
 
 def test_fallbacks_of_parts_the_caller_set_are_not_reported():

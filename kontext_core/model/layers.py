@@ -94,7 +94,12 @@ class Modulation(nn.Module):
         self.lin = nn.Linear(dim, self.count * dim)
 
     def forward(self, vec: torch.Tensor) -> list[ModulationParams]:
-        chunks = fused.linear(self.lin, F.silu(vec))[:, None, :].chunk(self.count, dim=-1)
+        return self.params(fused.linear(self.lin, F.silu(vec)))
+
+    def params(self, projected: torch.Tensor) -> list[ModulationParams]:
+        """The shift, scale and gate sets of this layer's output [B, count * dim], computed here or ahead of
+        the step (KontextTransformer.modulation_table)."""
+        chunks = projected[:, None, :].chunk(self.count, dim=-1)
         return [ModulationParams(*chunks[i:i + 3]) for i in range(0, self.count, 3)]
 
 
@@ -140,10 +145,17 @@ class DoubleStreamBlock(nn.Module):
         self.txt_attn = SelfAttention(hidden_size, num_heads, qkv_bias)
         self.txt_mlp = MLP(hidden_size, mlp_hidden_dim)
 
-    def forward(self, img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor,
-                 rope: RopeFrequencies) -> tuple[torch.Tensor, torch.Tensor]:
-        img_attn_mod, img_mlp_mod = self.img_mod(vec)
-        txt_attn_mod, txt_mlp_mod = self.txt_mod(vec)
+    def forward(self, img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor | None, rope: RopeFrequencies,
+                modulation: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`modulation`, when given, is this block's two modulation outputs [B, 2 * 6 * hidden] (image, then
+        text) computed ahead of the step, and `vec` is not read."""
+        if modulation is None:
+            img_attn_mod, img_mlp_mod = self.img_mod(vec)
+            txt_attn_mod, txt_mlp_mod = self.txt_mod(vec)
+        else:
+            img_part, txt_part = modulation.chunk(2, dim=-1)
+            img_attn_mod, img_mlp_mod = self.img_mod.params(img_part)
+            txt_attn_mod, txt_mlp_mod = self.txt_mod.params(txt_part)
         text_length = txt.shape[1]
 
         # Text tokens come first in the joint sequence, as in the reference.
@@ -184,8 +196,11 @@ class SingleStreamBlock(nn.Module):
         self.norm = QKNorm(hidden_size // num_heads)
         self.modulation = Modulation(hidden_size, double=False)
 
-    def forward(self, x: torch.Tensor, vec: torch.Tensor, rope: RopeFrequencies) -> torch.Tensor:
-        (mod,) = self.modulation(vec)
+    def forward(self, x: torch.Tensor, vec: torch.Tensor | None, rope: RopeFrequencies,
+                modulation: torch.Tensor | None = None) -> torch.Tensor:
+        """`modulation`, when given, is this block's modulation output [B, 3 * hidden] computed ahead of the
+        step, and `vec` is not read."""
+        (mod,) = self.modulation(vec) if modulation is None else self.modulation.params(modulation)
 
         def attend(qkv: torch.Tensor) -> torch.Tensor:
             return joint_attention([(qkv, self.norm.query_norm, self.norm.key_norm)], rope.cos, rope.sin,
@@ -202,6 +217,9 @@ class LastLayer(nn.Module):
         self.linear = nn.Linear(hidden_size, out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
-    def forward(self, x: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
-        shift, scale = fused.linear(self.adaLN_modulation[1], F.silu(vec)).chunk(2, dim=1)
+    def forward(self, x: torch.Tensor, vec: torch.Tensor | None, modulation: torch.Tensor | None = None) -> torch.Tensor:
+        """`modulation`, when given, is the adaLN output [B, 2 * hidden] computed ahead of the step."""
+        if modulation is None:
+            modulation = fused.linear(self.adaLN_modulation[1], F.silu(vec))
+        shift, scale = modulation.chunk(2, dim=1)
         return fused.linear(self.linear, fused.modulate(x, shift[:, None, :], scale[:, None, :]))

@@ -6,6 +6,7 @@ from itertools import islice
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..compute.attention import attention_scope, sequence_parallel_scope
@@ -110,12 +111,17 @@ class KontextTransformer(nn.Module):
         guidance: torch.Tensor | None = None,  # [B] distilled guidance scale
         *,
         step_cache: CacheRun | None = None,
+        modulation: torch.Tensor | None = None,  # [B, modulation_width], one step of `modulation_table`
     ) -> torch.Tensor:
         """Velocity for every image token, [B, L_img, 64]; same meaning as the BFL forward.
 
         `step_cache` (a sampling run's state, kontext_core/step_cache.py) runs the blocks or reuses what they
-        computed at an earlier step.
+        computed at an earlier step. `modulation`, this step's row of `modulation_table`, stands in for the
+        timestep, guidance and pooled-text path (which then is not read).
         """
+        if modulation is not None and step_cache is not None:
+            raise ValueError("step caching reads the conditioning vector itself; pass modulation or step_cache, "
+                             "not both")
         config = self.config
         dtype = self.dtype
         layout = None
@@ -125,15 +131,7 @@ class KontextTransformer(nn.Module):
             img, img_ids = layout.shard_image(img), layout.shard_image(img_ids)
             txt, txt_ids = layout.shard_text(txt), layout.shard_text(txt_ids)
         img = linear(self.img_in, img.to(dtype))
-        vec = self.time_in(timestep_embedding(timesteps, 256).to(dtype))
-        if config.guidance_embed:
-            if guidance is None:
-                raise ValueError(
-                    "this model is guidance-distilled ([dev]) and needs a guidance value; "
-                    "pass guidance (Kontext [dev] default: 2.5)"
-                )
-            vec = vec + self.guidance_in(timestep_embedding(guidance, 256).to(dtype))
-        vec = vec + self.vector_in(y.to(dtype))
+        vec = self.conditioning_vector(timesteps, y, guidance) if modulation is None else None
         txt = linear(self.txt_in, txt.to(dtype))
 
         ids = torch.cat((txt_ids, img_ids), dim=1)
@@ -143,22 +141,68 @@ class KontextTransformer(nn.Module):
 
         with attention_scope(img.device), sequence_parallel_scope(layout):
             if step_cache is None:
-                img = self.run_blocks(img, txt, vec, rope)
+                img = self.run_blocks(img, txt, vec, rope, modulation=modulation)
             else:
                 img = step_cache.run_blocks(self, img, txt, vec, rope, layout)
-        out = self.final_layer(img, vec)
+        final = None if modulation is None else modulation[:, -self.final_layer.adaLN_modulation[1].out_features:]
+        out = self.final_layer(img, vec, final)
         return out if layout is None else layout.gather_image(out)
 
-    def run_blocks(self, img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor, rope: RopeFrequencies,
-                   first: int = 0) -> torch.Tensor:
+    def run_blocks(self, img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor | None, rope: RopeFrequencies,
+                   first: int = 0, modulation: torch.Tensor | None = None) -> torch.Tensor:
         """The blocks from double block `first` on; returns the image tokens' hidden states [B, L_img, hidden]
-        that the final layer reads (the text tokens end here)."""
-        for block in islice(self.double_blocks, first, None):
-            img, txt = block(img, txt, vec, rope)
+        that the final layer reads (the text tokens end here). `modulation`: as `forward`'s."""
+        parts = [None] * (len(self.double_blocks) + len(self.single_blocks))
+        if modulation is not None:
+            parts = modulation.split(self.modulation_widths(), dim=-1)
+        double_parts, single_parts = parts[:len(self.double_blocks)], parts[len(self.double_blocks):]
+        for block, part in islice(zip(self.double_blocks, double_parts), first, None):
+            img, txt = block(img, txt, vec, rope, part)
         joint = torch.cat((txt, img), dim=1)
-        for block in self.single_blocks:
-            joint = block(joint, vec, rope)
+        for block, part in zip(self.single_blocks, single_parts):
+            joint = block(joint, vec, rope, part)
         return joint[:, txt.shape[1]:]
+
+    def conditioning_vector(self, timesteps: torch.Tensor, y: torch.Tensor,
+                            guidance: torch.Tensor | None) -> torch.Tensor:
+        """The vector every modulation reads, [B, hidden]: timestep, distilled guidance and pooled text."""
+        dtype = self.dtype
+        vec = self.time_in(timestep_embedding(timesteps, 256).to(dtype))
+        if self.config.guidance_embed:
+            if guidance is None:
+                raise ValueError(
+                    "this model is guidance-distilled ([dev]) and needs a guidance value; "
+                    "pass guidance (Kontext [dev] default: 2.5)"
+                )
+            vec = vec + self.guidance_in(timestep_embedding(guidance, 256).to(dtype))
+        return vec + self.vector_in(y.to(dtype))
+
+    def modulation_widths(self) -> list[int]:
+        """Columns of each block's part of a `modulation_table` row, in block order (the final layer's
+        2 * hidden come last)."""
+        return ([2 * block.img_mod.lin.out_features for block in self.double_blocks]
+                + [block.modulation.lin.out_features for block in self.single_blocks]
+                + [self.final_layer.adaLN_modulation[1].out_features])
+
+    def modulation_table(self, timesteps: torch.Tensor, y: torch.Tensor,
+                         guidance: torch.Tensor | None) -> torch.Tensor:
+        """Every modulation output of a sampling run, [steps, B, sum(modulation_widths())], computed ahead of
+        it: each modulation layer runs once over all steps' conditioning vectors instead of once a step.
+
+        Those layers hold a quarter of FLUX's weights (3.2B), which a step would otherwise read for one row each.
+        The values are the per-step ones up to the GEMMs' rounding (a batch of rows may take another kernel).
+        `timesteps` [steps]; `y` [B, 768] and `guidance` [B] are the same at every step.
+        """
+        steps, batch = timesteps.shape[0], y.shape[0]
+        every_t = timesteps.to(self.device)[:, None].expand(steps, batch).reshape(-1)
+        every_guidance = guidance.repeat(steps) if guidance is not None else None
+        vec = F.silu(self.conditioning_vector(every_t, y.repeat(steps, 1), every_guidance))
+        parts = []
+        for block in self.double_blocks:
+            parts += [linear(block.img_mod.lin, vec), linear(block.txt_mod.lin, vec)]
+        parts += [linear(block.modulation.lin, vec) for block in self.single_blocks]
+        parts.append(linear(self.final_layer.adaLN_modulation[1], vec))
+        return torch.cat(parts, dim=-1).view(steps, batch, -1)
 
     def velocity(
         self,
@@ -171,18 +215,20 @@ class KontextTransformer(nn.Module):
         guidance: torch.Tensor | None = None,
         context: torch.Tensor | None = None,  # [B, L_context, 64] reference-image tokens
         context_ids: torch.Tensor | None = None,
+        modulation: torch.Tensor | None = None,  # [B, modulation_width]: see forward
         *,
         step_cache: CacheRun | None = None,
     ) -> torch.Tensor:
         """Velocity of the target tokens, with context tokens appended after them when given."""
         if context is None:
-            return self.forward(target, target_ids, txt, txt_ids, timesteps, y, guidance, step_cache=step_cache)
+            return self.forward(target, target_ids, txt, txt_ids, timesteps, y, guidance, step_cache=step_cache,
+                                modulation=modulation)
         if context_ids is None:
             raise ValueError("context tokens were given without their position ids (context_ids)")
         out = self.forward(
             torch.cat((target, context.to(target.dtype)), dim=1),
             torch.cat((target_ids, context_ids.to(target_ids.dtype)), dim=1),
-            txt, txt_ids, timesteps, y, guidance, step_cache=step_cache,
+            txt, txt_ids, timesteps, y, guidance, step_cache=step_cache, modulation=modulation,
         )
         return out[:, : target.shape[1]]
 
