@@ -41,6 +41,38 @@ def int8_linear_reference(data: torch.Tensor, scale: torch.Tensor, weight: torch
     return out.to(out_dtype).reshape(*data.shape[:-1], weight.shape[0])
 
 
+def int8_linear_gated_residual_reference(data: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor,
+                                         weight_scale: torch.Tensor, bias: torch.Tensor | None, gate: torch.Tensor,
+                                         residual: torch.Tensor) -> torch.Tensor:
+    """residual [B, L, N] + gate [B, 1, N] * the product of `int8_linear_reference` (not rounded between), in
+    residual's dtype: the block's gated add taken into the GEMM."""
+    product = int8_linear_reference(data, scale, weight, weight_scale, bias, torch.float32)
+    return (residual.float() + gate.float() * product.reshape(residual.shape)).to(residual.dtype)
+
+
+def int8_linear_gated_residual(data: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor,
+                               weight_scale: torch.Tensor, bias: torch.Tensor | None, gate: torch.Tensor,
+                               residual: torch.Tensor) -> torch.Tensor:
+    """Same contract as `int8_linear_gated_residual_reference`. The add happens in the GEMM's epilogue where the
+    Hopper kernel takes the product (a contiguous residual, a [B, 1, N] gate); elsewhere the product is rounded to
+    residual's dtype and added after it, as an unfused block does."""
+    batch, length, n = residual.shape
+    gate_rows = gate.reshape(gate.shape[0], n)
+    rows = last_dim_contiguous(data.reshape(-1, data.shape[-1])) if _runs(data, weight) else None
+    if (rows is not None and HOPPER_KERNEL == "gluon" and gate.shape[0] == batch
+            and int8_gemm_hopper.ready_for(rows, weight, residual.dtype)
+            and int8_gemm_hopper.gated_residual_fits(batch * length, n, residual.view(-1, n) if residual.is_contiguous()
+                                                     else residual, gate_rows)):
+        out = int8_gemm_hopper.launch(rows, scale.reshape(-1).float().contiguous(), weight,
+                                      weight_scale.float().reshape(-1).expand(n).contiguous(),
+                                      None if bias is None else bias.contiguous(), residual.dtype,
+                                      residual=residual.view(batch * length, n), gate=gate_rows)
+        launches["int8_linear"] += 1  # an int8 GEMM like any other, counted as one
+        launches["int8_linear_gated_residual"] += 1
+        return out.view(batch, length, n)
+    return residual + gate * int8_linear(data, scale, weight, weight_scale, bias, residual.dtype)
+
+
 def _runs(data: torch.Tensor, weight: torch.Tensor) -> bool:
     return (enabled_for(data) and data.dtype == torch.int8 and weight.dtype == torch.int8 and weight.dim() == 2
             and data.shape[-1] == weight.shape[1] and data.numel() > 0 and weight.numel() > 0)

@@ -66,8 +66,10 @@ def _loader(data_desc, weight_desc, data_ring, weight_ring, ready, free, M, N, K
 
 
 @gluon.jit
-def _consumer(data_ring, weight_ring, ready, free, turns, out_desc, out_buffers, scale_ptr, weight_scale_ptr, bias_ptr,
-              M, N, K, HAS_BIAS: gl.constexpr, GROUP_M: gl.constexpr, WHICH: gl.constexpr, WARPS: gl.constexpr):
+def _consumer(data_ring, weight_ring, ready, free, turns, loaded, out_desc, out_buffers, scale_ptr, weight_scale_ptr,
+              bias_ptr, residual_desc, gate_ptr, rows_per_batch, gate_stride, M, N, K, HAS_BIAS: gl.constexpr,
+              RESIDUAL: gl.constexpr, BATCHED: gl.constexpr, GROUP_M: gl.constexpr, WHICH: gl.constexpr,
+              WARPS: gl.constexpr):
     BLOCK_M: gl.constexpr = out_desc.block_type.shape[0]
     BLOCK_N: gl.constexpr = out_desc.block_type.shape[1]
     BLOCK_K: gl.constexpr = data_ring.type.shape[2]
@@ -113,6 +115,26 @@ def _consumer(data_ring, weight_ring, ready, free, turns, out_desc, out_buffers,
                 out = out + gl.expand_dims(bias, 0)
             # This consumer's previous store must have left the buffer before it is written again.
             tma.store_wait(pendings=0)
+            if RESIDUAL:
+                # residual + gate * out, the block's gated add, instead of a pass over the output after it. The
+                # residual tile comes through TMA into the output buffer (pointer loads spilled registers); a
+                # tile's rows span at most two batches (the launcher's condition), whose gate rows are loaded.
+                mbarrier.expect(loaded.index(WHICH), residual_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(residual_desc, [pid_m * BLOCK_M, pid_n * BLOCK_N],
+                                                loaded.index(WHICH), out_buffer)
+                first_batch = (pid_m * BLOCK_M) // rows_per_batch
+                first_gate = gl.load(gate_ptr + first_batch * gate_stride + offs_n, mask=offs_n < N, other=0.0)
+                if BATCHED:
+                    last_batch = (gl.minimum(pid_m * BLOCK_M + BLOCK_M, M) - 1) // rows_per_batch
+                    last_gate = gl.load(gate_ptr + last_batch * gate_stride + offs_n, mask=offs_n < N, other=0.0)
+                    in_last = gl.expand_dims(offs_m // rows_per_batch == last_batch, 1)
+                    gate = gl.where(in_last, gl.expand_dims(last_gate.to(gl.float32), 0),
+                                    gl.expand_dims(first_gate.to(gl.float32), 0))
+                else:
+                    gate = gl.expand_dims(first_gate.to(gl.float32), 0)
+                mbarrier.wait(loaded.index(WHICH), (mine // 2) & 1)
+                residual = out_buffer.load(layout)  # each thread reads the elements it writes below
+                out = residual.to(gl.float32) + gate * out
             out_buffer.store(out.to(out_desc.dtype))
             fence_async_shared()
             tma.async_copy_shared_to_global(out_desc, [pid_m * BLOCK_M, pid_n * BLOCK_N], out_buffer)
@@ -121,8 +143,11 @@ def _consumer(data_ring, weight_ring, ready, free, turns, out_desc, out_buffers,
 
 
 @gluon.jit
-def _int8_linear_pingpong_kernel(data_desc, weight_desc, out_desc, scale_ptr, weight_scale_ptr, bias_ptr, M, N, K,
-                                 HAS_BIAS: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
+def _int8_linear_pingpong_kernel(data_desc, weight_desc, out_desc, scale_ptr, weight_scale_ptr, bias_ptr,
+                                 residual_desc, gate_ptr, rows_per_batch, gate_stride, M, N, K,
+                                 HAS_BIAS: gl.constexpr, RESIDUAL: gl.constexpr, BATCHED: gl.constexpr,
+                                 GROUP_M: gl.constexpr,
+                                 STAGES: gl.constexpr,
                                  LOADER_REGISTERS: gl.constexpr, CONSUMER_REGISTERS: gl.constexpr):
     WARPS: gl.constexpr = gl.num_warps()
     data_ring = gl.allocate_shared_memory(data_desc.dtype, [STAGES] + data_desc.block_type.shape, data_desc.layout)
@@ -132,19 +157,23 @@ def _int8_linear_pingpong_kernel(data_desc, weight_desc, out_desc, scale_ptr, we
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    loaded = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # each consumer's residual
     for stage in gl.static_range(STAGES):
         mbarrier.init(ready.index(stage), count=1)
         mbarrier.init(free.index(stage), count=1)
     for consumer in gl.static_range(2):
         mbarrier.init(turns.index(consumer), count=1)
+        mbarrier.init(loaded.index(consumer), count=1)
 
     FIRST: gl.constexpr = 0
     SECOND: gl.constexpr = 1
     gl.warp_specialize([
-        (_consumer, (data_ring, weight_ring, ready, free, turns, out_desc, out_buffers, scale_ptr, weight_scale_ptr,
-                     bias_ptr, M, N, K, HAS_BIAS, GROUP_M, FIRST, WARPS)),
-        (_consumer, (data_ring, weight_ring, ready, free, turns, out_desc, out_buffers, scale_ptr, weight_scale_ptr,
-                     bias_ptr, M, N, K, HAS_BIAS, GROUP_M, SECOND, WARPS)),
+        (_consumer, (data_ring, weight_ring, ready, free, turns, loaded, out_desc, out_buffers, scale_ptr,
+                     weight_scale_ptr, bias_ptr, residual_desc, gate_ptr, rows_per_batch, gate_stride, M, N, K,
+                     HAS_BIAS, RESIDUAL, BATCHED, GROUP_M, FIRST, WARPS)),
+        (_consumer, (data_ring, weight_ring, ready, free, turns, loaded, out_desc, out_buffers, scale_ptr,
+                     weight_scale_ptr, bias_ptr, residual_desc, gate_ptr, rows_per_batch, gate_stride, M, N, K,
+                     HAS_BIAS, RESIDUAL, BATCHED, GROUP_M, SECOND, WARPS)),
         (_loader, (data_desc, weight_desc, data_ring, weight_ring, ready, free, M, N, K, GROUP_M)),
     ], [WARPS, 1], [CONSUMER_REGISTERS, LOADER_REGISTERS])
 
@@ -170,6 +199,14 @@ def ready_for(data: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype) 
             and weight.shape[0] % 8 == 0)
 
 
+def gated_residual_fits(M: int, N: int, residual: torch.Tensor, gate: torch.Tensor) -> bool:
+    """Whether the epilogue can add residual [M, N] + gate [B, N] * product: residual contiguous and 16-byte
+    aligned (TMA), the gate's columns unit-strided, and each output tile's rows within two batches."""
+    return (residual.shape == (M, N) and residual.is_contiguous() and residual.data_ptr() % 16 == 0
+            and gate.dim() == 2 and gate.shape[1] == N and gate.stride(1) == 1 and M % gate.shape[0] == 0
+            and (gate.shape[0] == 1 or M // gate.shape[0] >= BLOCK_M))
+
+
 @functools.cache
 def _shared_layouts(out_dtype: torch.dtype):
     element = gl.bfloat16 if out_dtype == torch.bfloat16 else gl.float16
@@ -180,25 +217,38 @@ def _shared_layouts(out_dtype: torch.dtype):
 
 def launch(data: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
            bias: torch.Tensor | None, out_dtype: torch.dtype, stages: int = STAGES,
-           group_m: int = GROUP_M) -> torch.Tensor:
-    """data int8 [M, K], scale float32 [M], weight int8 [N, K], weight_scale float32 [N], bias [N] or None."""
+           group_m: int = GROUP_M, residual: torch.Tensor | None = None,
+           gate: torch.Tensor | None = None) -> torch.Tensor:
+    """data int8 [M, K], scale float32 [M], weight int8 [N, K], weight_scale float32 [N], bias [N] or None.
+    With `residual` (contiguous [M, N]) and `gate` ([B, N], unit column stride; rows m of batch m // (M / B)):
+    residual + gate * the product, in one pass."""
     M, K = data.shape
     N = weight.shape[0]
     out = torch.empty((M, N), dtype=out_dtype, device=data.device)
+    fused = residual is not None
+    if fused and not gated_residual_fits(M, N, residual, gate):
+        raise ValueError(f"gated residual: residual {tuple(residual.shape)} (contiguous [M, N] wanted) and gate "
+                         f"{tuple(gate.shape)} ([B, N] wanted, B dividing M = {M}, one batch or >= {BLOCK_M} "
+                         f"rows each)")
     data_layout, weight_layout, out_layout = _shared_layouts(out_dtype)
     tiles = cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N)
     _int8_linear_pingpong_kernel[(min(multiprocessors(data.device), tiles),)](
         TensorDescriptor.from_tensor(data, [BLOCK_M, BLOCK_K], data_layout),
         TensorDescriptor.from_tensor(weight, [BLOCK_N, BLOCK_K], weight_layout),
         TensorDescriptor.from_tensor(out, [BLOCK_M, BLOCK_N], out_layout),
-        scale, weight_scale, out if bias is None else bias, M, N, K,
-        HAS_BIAS=bias is not None, GROUP_M=group_m, STAGES=stages, LOADER_REGISTERS=_LOADER_REGISTERS,
+        scale, weight_scale, out if bias is None else bias,
+        TensorDescriptor.from_tensor(residual if fused else out, [BLOCK_M, BLOCK_N], out_layout),
+        gate if fused else out,
+        M // gate.shape[0] if fused else 1, gate.stride(0) if fused else 0, M, N, K,
+        HAS_BIAS=bias is not None, RESIDUAL=fused, BATCHED=fused and gate.shape[0] > 1, GROUP_M=group_m,
+        STAGES=stages, LOADER_REGISTERS=_LOADER_REGISTERS,
         CONSUMER_REGISTERS=_CONSUMER_REGISTERS, num_warps=4, maxnreg=_MAXNREG)
     launches["int8_linear_pingpong"] += 1
     return out
 
 
-def build_offline(out_dtype: torch.dtype = torch.bfloat16, has_bias: bool = True, stages: int = STAGES):
+def build_offline(out_dtype: torch.dtype = torch.bfloat16, has_bias: bool = True, stages: int = STAGES,
+                  residual: bool = False):
     """The kernel compiled for sm_90 without a GPU (Triton ships ptxas): for the tests and for reading its SASS.
     The signature is the one a launch at FLUX's shapes gets (16-divisible sizes and pointers)."""
     import triton
@@ -211,12 +261,15 @@ def build_offline(out_dtype: torch.dtype = torch.bfloat16, has_bias: bool = True
                  "weight_desc": f"tensordesc<i8[{BLOCK_N}, {BLOCK_K}],{weight_layout}>",
                  "out_desc": f"tensordesc<{element}[{BLOCK_M}, {BLOCK_N}],{out_layout}>",
                  "scale_ptr": "*fp32", "weight_scale_ptr": "*fp32", "bias_ptr": f"*{element}",
-                 "M": "i32", "N": "i32", "K": "i32"}
-    constants = dict(HAS_BIAS=has_bias, GROUP_M=GROUP_M, STAGES=stages, LOADER_REGISTERS=_LOADER_REGISTERS,
+                 "residual_desc": f"tensordesc<{element}[{BLOCK_M}, {BLOCK_N}],{out_layout}>",
+                 "gate_ptr": f"*{element}", "rows_per_batch": "i32",
+                 "gate_stride": "i32", "M": "i32", "N": "i32", "K": "i32"}
+    constants = dict(HAS_BIAS=has_bias, RESIDUAL=residual, BATCHED=False, GROUP_M=GROUP_M, STAGES=stages,
+                     LOADER_REGISTERS=_LOADER_REGISTERS,
                      CONSUMER_REGISTERS=_CONSUMER_REGISTERS)
     signature |= {name: "constexpr" for name in constants}
     names = list(signature)
     attrs = {(names.index(name),): [["tt.divisibility", 16]]
-             for name in ("scale_ptr", "weight_scale_ptr", "bias_ptr", "N", "K")}
+             for name in ("scale_ptr", "weight_scale_ptr", "bias_ptr", "gate_ptr", "gate_stride", "N", "K")}
     source = GluonASTSource(fn=_int8_linear_pingpong_kernel, signature=signature, constexprs=constants, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=_MAXNREG))

@@ -24,9 +24,10 @@ needs_gluon = pytest.mark.skipif(not int8_gemm_hopper.gluon_available(),
 
 
 @needs_gluon
-@pytest.mark.parametrize("has_bias", [True, False])
-def test_builds_for_sm90_with_wgmma_tma_and_register_split(has_bias):
-    kernel = int8_gemm_hopper.build_offline(torch.bfloat16, has_bias)
+@pytest.mark.parametrize("has_bias, residual", [(True, False), (False, False), (True, True)],
+                         ids=["bias", "no-bias", "gated-residual"])
+def test_builds_for_sm90_with_wgmma_tma_and_register_split(has_bias, residual):
+    kernel = int8_gemm_hopper.build_offline(torch.bfloat16, has_bias, residual=residual)
     sass = sass_of(kernel)
     # Two consumers, each a 128x128 tile of 64x128x32 int8 wgmmas over a 128-deep K step.
     assert len(re.findall(r"IGMMA\.64x128x32\.S8\.S8", sass)) == 2 * 8
@@ -90,3 +91,44 @@ def test_int8_linear_dispatches_to_it_on_hopper(monkeypatch):
 def test_not_chosen_off_hopper():
     data = torch.zeros(256, 256, dtype=torch.int8)
     assert not int8_gemm_hopper.ready_for(data, data, torch.bfloat16)
+
+
+@hopper_gpu
+@pytest.mark.parametrize("batch, length, N, K", [(1, 8704, 3072, 384), (2, 150, 520, 208), (1, 77, 3072, 256)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_gated_residual_in_the_epilogue(batch, length, N, K, bias):
+    # residual + gate * product from the epilogue, against the float64 product: rows that fill no tile, two
+    # batches whose rows meet inside one tile (150 rows), a gate that is a strided chunk of a modulation output.
+    torch.manual_seed(batch * length + N)
+    data, scale, weight, weight_scale = _operands(batch * length, N, K, "cuda")
+    bias_values = torch.randn(N, device="cuda", dtype=torch.bfloat16) if bias else None
+    residual = torch.randn(batch, length, N, device="cuda", dtype=torch.bfloat16)
+    gate = torch.randn(batch, 1, 3 * N, device="cuda", dtype=torch.bfloat16)[..., N:2 * N]
+    rows = data.view(batch, length, K)
+    before = launches["int8_linear_gated_residual"]
+    out = int8_gemm.int8_linear_gated_residual(rows, scale[:, None], weight, weight_scale, bias_values, gate,
+                                               residual)
+    assert launches["int8_linear_gated_residual"] == before + 1  # the fused epilogue ran, not the fallback
+    exact = int8_gemm.int8_linear_gated_residual_reference(rows, scale[:, None], weight, weight_scale, bias_values,
+                                                           gate, residual.double()).float()
+    assert out.shape == residual.shape and out.dtype == torch.bfloat16
+    assert rel_l2(out.float(), exact) <= 4e-3  # bf16's rounding of the sum (2**-9 relative), with margin
+    # Each batch's gate applies to its own rows: batch 0's gate on every row would be far off.
+    if batch > 1:
+        wrong = int8_gemm.int8_linear_gated_residual_reference(rows, scale[:, None], weight, weight_scale, bias_values,
+                                                               gate[:1].expand_as(gate), residual.double()).float()
+        assert rel_l2(wrong, exact) > 0.05
+
+
+def test_the_gated_residual_elsewhere_rounds_the_product_then_adds():
+    # Without the Hopper kernel (here: the CPU) the product is rounded to residual's dtype and added after it,
+    # exactly as an unfused block computes residual + gate * linear.
+    torch.manual_seed(3)
+    data, scale, weight, weight_scale = _operands(2 * 21, 40, 96, "cpu")
+    residual = torch.randn(2, 21, 40, dtype=torch.bfloat16)
+    gate = torch.randn(2, 1, 40, dtype=torch.bfloat16)
+    bias = torch.randn(40, dtype=torch.bfloat16)
+    rows = data.view(2, 21, 96)
+    out = int8_gemm.int8_linear_gated_residual(rows, scale[:, None], weight, weight_scale, bias, gate, residual)
+    product = int8_gemm.int8_linear_reference(rows, scale[:, None], weight, weight_scale, bias, torch.bfloat16)
+    assert torch.equal(out, residual + gate * product)

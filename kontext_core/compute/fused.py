@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from .quant import E4M3_MAX, QuantizedLinear, QuantizedRows, fp8_linear_rows, fp8_matmul_ok, rows_format
+from .quant import (E4M3_MAX, QuantizedLinear, QuantizedRows, fp8_linear_rows, fp8_matmul_ok, int8_gated_residual,
+                    rows_format)
 
 try:  # kontext_kernels/ is optional: without it every op runs its PyTorch reference
     import kontext_kernels as _kernels
@@ -357,6 +358,11 @@ def gated_residual(residual: torch.Tensor, gate: torch.Tensor, x: torch.Tensor |
         form = _row_format(layer, x)
         if form is not None:
             x = QuantizedRows(*torch.ops.kontext.quantize_rows(x, lora_columns(layer), form == torch.int8))
+    if (isinstance(x, QuantizedRows) and x.data.dtype == torch.int8 and type(layer) is QuantizedLinear
+            and _unhooked(layer) and lora_factors(layer) is None and layer.compute_dtype == residual.dtype
+            and gate.dim() == 3 and gate.shape[1] == 1 and residual.dim() == 3):
+        # The add in the int8 GEMM's epilogue: the product is not rounded to bf16 and read back for it.
+        return int8_gated_residual(residual, gate, x, layer.weight, layer.weight_scale, layer.bias)
     return residual + gate * linear(layer, x)
 
 

@@ -137,6 +137,29 @@ if _int8_gemm is not None:
                    (*data.shape[:-1], weight.shape[0]), dtype=out_dtype))
 
 
+def _int8_linear_gated_residual(data: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor,
+                                weight_scale: torch.Tensor, bias: torch.Tensor | None, gate: torch.Tensor,
+                                residual: torch.Tensor) -> torch.Tensor:
+    return _int8_gemm.int8_linear_gated_residual(data, scale, weight, weight_scale, bias, gate, residual)
+
+
+if _int8_gemm is not None:
+    ops.define("int8_linear_gated_residual(Tensor data, Tensor scale, Tensor weight, Tensor weight_scale, "
+               "Tensor? bias, Tensor gate, Tensor residual) -> Tensor", _int8_linear_gated_residual,
+               lambda data, scale, weight, weight_scale, bias, gate, residual: torch.empty_like(residual))
+
+
+def int8_gated_residual(residual: torch.Tensor, gate: torch.Tensor, rows: QuantizedRows, weight: torch.Tensor,
+                        weight_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """residual + gate * (int8 rows @ weight.T ...), the add in the int8 GEMM's epilogue where it can be."""
+    if _int8_gemm is None:
+        return residual + gate * linear_rows(rows, weight, weight_scale, bias, residual.dtype)
+    if torch.compiler.is_compiling():
+        return torch.ops.kontext.int8_linear_gated_residual(rows.data, rows.scale, weight, weight_scale, bias, gate,
+                                                            residual)
+    return _int8_linear_gated_residual(rows.data, rows.scale, weight, weight_scale, bias, gate, residual)
+
+
 def linear_rows(rows: QuantizedRows, weight: torch.Tensor, weight_scale: torch.Tensor,
                 bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     """rows @ (weight * weight_scale).T + bias on the 8-bit tensor cores of rows' format, in out_dtype."""

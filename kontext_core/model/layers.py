@@ -217,7 +217,8 @@ class LastLayer(nn.Module):
         self.linear = nn.Linear(hidden_size, out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
-    def forward(self, x: torch.Tensor, vec: torch.Tensor | None, modulation: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, vec: torch.Tensor | None,
+                modulation: torch.Tensor | None = None) -> torch.Tensor:
         """`modulation`, when given, is the adaLN output [B, 2 * hidden] computed ahead of the step."""
         if modulation is None:
             modulation = fused.linear(self.adaLN_modulation[1], F.silu(vec))
