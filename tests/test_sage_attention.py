@@ -24,15 +24,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from attention_cases import (FP8_BOUND, FP16_BOUND, GPU_KERNEL_VS_REFERENCE, KERNEL_VS_REFERENCE,
+                             attention_inputs, exact_attention)
 from conftest import kernels_built_for, rel_error, rel_l2
 from kontext_kernels.runtime import launches, triton_available
 
-FP8_BOUND = 0.05
-FP16_BOUND = 0.02
-KERNEL_VS_REFERENCE = 2e-3
-# On a GPU the kernel's exp2 is the hardware approximation, not PyTorch's: the few values of P it moves across an
-# e4m3 rounding boundary change by an e4m3 step (1/16) each. Max-abs error seen at full size on an H200: 3.1e-3.
-GPU_KERNEL_VS_REFERENCE = 1e-2
 
 
 def kernel_bound(device: str) -> float:
@@ -51,31 +47,6 @@ def device(request) -> str:
         pytest.skip("needs a CUDA GPU")
     with kernels_built_for(request.param):
         yield "cpu" if request.param == "interpreter" else "cuda"
-
-
-def _unit_rms(x: torch.Tensor) -> torch.Tensor:
-    return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True))
-
-
-def _inputs(batch: int, heads: int, length_q: int, length_k: int, head_dim: int, device: str,
-            dtype: torch.dtype = torch.bfloat16, packed: bool = True):
-    """Fresh q, k (unit-RMS rows) and v ~ N(0, 1), [B, H, L, D]; with `packed` (and equal lengths) gapped views of
-    one [B, L, 3, H, D] projection, as the model's unfused path gives them."""
-    generator = torch.Generator().manual_seed(torch.seed() % 2**31)
-    if packed and length_q == length_k:
-        qkv = torch.randn(batch, length_q, 3, heads, head_dim, generator=generator)
-        qkv[:, :, :2] = _unit_rms(qkv[:, :, :2])
-        q, k, v = qkv.to(device, dtype).permute(2, 0, 3, 1, 4)
-        return q, k, v
-    q = _unit_rms(torch.randn(batch, heads, length_q, head_dim, generator=generator))
-    k = _unit_rms(torch.randn(batch, heads, length_k, head_dim, generator=generator))
-    v = torch.randn(batch, heads, length_k, head_dim, generator=generator)
-    return tuple(x.to(device, dtype) for x in (q, k, v))
-
-
-def _exact(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    scores = (q.double() @ k.double().transpose(-1, -2)) * q.shape[-1] ** -0.5
-    return scores.softmax(dim=-1) @ v.double()
 
 
 def _launched(name: str, before: int) -> None:
@@ -104,7 +75,7 @@ class TestKernels:
         from kontext_kernels import sage_attention as sa
 
         batch, heads, length_q, length_k, head_dim = shape
-        q, k, v = _inputs(batch, heads, length_q, length_k, head_dim, device)
+        q, k, v = attention_inputs(batch, heads, length_q, length_k, head_dim, device)
         k = k + 0.3  # an offset shared by every key, which the centring removes
         for fp8_pv in _fp8_modes(device):
             before = launches["sage_quantize"]
@@ -128,7 +99,7 @@ class TestKernels:
         tile = torch.arange(128)
         assert sorted(sa.key_tokens(tile).tolist()) == tile.tolist()
         assert torch.equal(sa.key_positions(sa.key_tokens(tile)), tile)
-        q, k, v = _inputs(2, 3, 150, 300, 64, device)
+        q, k, v = attention_inputs(2, 3, 150, 300, 64, device)
         permuted = sa.quantize_operands(q, k, v, permute_keys=True)
         plain = sa.quantize_operands(q, k, v, permute_keys=False)
         assert permuted.keys_permuted and not plain.keys_permuted
@@ -152,7 +123,7 @@ class TestKernels:
         from kontext_kernels import sage_attention as sa
 
         batch, heads, length_q, length_k, head_dim = shape
-        q, k, v = _inputs(batch, heads, length_q, length_k, head_dim, device)
+        q, k, v = attention_inputs(batch, heads, length_q, length_k, head_dim, device)
         for fp8_pv in _fp8_modes(device):
             operands = sa.quantize_operands(q, k, v, fp8_pv=fp8_pv)
             before = launches["sage_attention"]
@@ -167,8 +138,8 @@ class TestKernels:
         from kontext_kernels import sage_attention as sa
 
         batch, heads, length_q, length_k, head_dim = shape
-        q, k, v = _inputs(batch, heads, length_q, length_k, head_dim, device)
-        exact = _exact(q, k, v)
+        q, k, v = attention_inputs(batch, heads, length_q, length_k, head_dim, device)
+        exact = exact_attention(q, k, v)
         for fp8_pv in _fp8_modes(device):
             before = launches["sage_attention"]
             out = sa.sage_attention(q, k, v, fp8_pv=fp8_pv)
@@ -187,7 +158,7 @@ class TestKernels:
 
         if device == "cuda" and torch.cuda.get_device_capability() < (9, 0):
             pytest.skip("TMA needs a Hopper GPU")
-        q, k, v = _inputs(2, 3, 150, 150, 64, device)
+        q, k, v = attention_inputs(2, 3, 150, 150, 64, device)
         for fp8_pv in _fp8_modes(device):
             operands = sa.quantize_operands(q, k, v, fp8_pv=fp8_pv)
             config = {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": 8 if block_m == 128 else 4}
@@ -209,7 +180,7 @@ class TestKernels:
         # exponent rounded by more than the documented half ulp of 1.5 * 2**23 * scale.
         from kontext_kernels import sage_attention as sa
 
-        q, k, v = _inputs(1, 2, 300, 300, 64, device)
+        q, k, v = attention_inputs(1, 2, 300, 300, 64, device)
         q = q * 4.0
         for fp8_pv in _fp8_modes(device):
             operands = sa.quantize_operands(q, k, v, fp8_pv=fp8_pv, k_rows=k_rows)
@@ -223,7 +194,7 @@ class TestKernels:
             # The folded bias moves each row's max by up to ~5e-4 (log2 units) here, which scales that row's P alike
             # and moves some across an e4m3 rounding boundary: a different rounding of the same softmax, as close to
             # exact attention.
-            exact = _exact(q, k, v)
+            exact = exact_attention(q, k, v)
             converted_error = rel_l2(outs[sa.SCORES_CONVERT], exact)
             assert rel_l2(outs[sa.SCORES_FOLDED], exact) <= converted_error * 1.05 + 1e-4, fp8_pv
 
@@ -232,12 +203,12 @@ class TestKernels:
         # key (float32 inputs: exact) gives the same int8 keys and the same attention.
         from kontext_kernels import sage_attention as sa
 
-        q, k, v = _inputs(1, 2, 150, 150, 64, device, dtype=torch.float32, packed=False)
+        q, k, v = attention_inputs(1, 2, 150, 150, 64, device, dtype=torch.float32, packed=False)
         offset = 8.0 * torch.randn(1, 2, 1, 64).to(device)
         plain = sa.sage_attention(q, k, v, fp8_pv=False)
         shifted = sa.sage_attention(q, k + offset, v, fp8_pv=False)
         assert rel_l2(shifted, plain) < 1e-3
-        assert rel_l2(plain, _exact(q, k, v)) <= FP16_BOUND
+        assert rel_l2(plain, exact_attention(q, k, v)) <= FP16_BOUND
 
     @pytest.mark.parametrize("backend", ["sage8", "sage8-fp16"])
     def test_attention_backends(self, device, backend):
@@ -248,7 +219,7 @@ class TestKernels:
         from kontext_core import get_attention_backend, set_attention_backend
         from kontext_core.compute import attention
 
-        q, k, v = _inputs(2, 3, 100, 100, 64, device)
+        q, k, v = attention_inputs(2, 3, 100, 100, 64, device)
         fp8_pv = backend == "sage8" and sa.fp8_tensor_cores(q.device)
         before_backend = get_attention_backend()
         try:
@@ -262,7 +233,7 @@ class TestKernels:
         expected = sa.sage_attention(q, k, v, fp8_pv=fp8_pv).transpose(1, 2).reshape(2, 100, 3 * 64)
         assert torch.equal(out, expected)
         bound = FP8_BOUND if fp8_pv else FP16_BOUND
-        assert rel_l2(out, _exact(q, k, v).transpose(1, 2).reshape(2, 100, 3 * 64)) <= bound
+        assert rel_l2(out, exact_attention(q, k, v).transpose(1, 2).reshape(2, 100, 3 * 64)) <= bound
 
     def test_tiny_model_with_sage8_compiled_and_eager(self, device):
         # The whole tiny model (head dim 64, 82 tokens) with backend 'sage8': every block's attention runs the
@@ -301,12 +272,12 @@ def test_full_flux_shape_on_the_gpu():
     from kontext_kernels import sage_attention as sa
 
     with kernels_built_for("cuda"):
-        q, k, v = _inputs(1, 24, 8704, 8704, 128, "cuda", packed=False)
+        q, k, v = attention_inputs(1, 24, 8704, 8704, 128, "cuda", packed=False)
         before = launches["sage_attention"]
         out = sa.sage_attention(q, k, v)
         _launched("sage_attention", before)
         heads = slice(0, 4)
-        exact = _exact(q[:, heads], k[:, heads], v[:, heads])
+        exact = exact_attention(q[:, heads], k[:, heads], v[:, heads])
         bf16 = F.scaled_dot_product_attention(q, k, v)
         error, bf16_error = rel_l2(out[:, heads], exact), rel_l2(bf16[:, heads], exact)
         fp8_pv = sa.fp8_tensor_cores(q.device)

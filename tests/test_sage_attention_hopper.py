@@ -18,11 +18,11 @@ import re
 import pytest
 import torch
 
+from attention_cases import FP8_BOUND, GPU_KERNEL_VS_REFERENCE, attention_inputs, exact_attention
 from conftest import rel_error, rel_l2, sass_of
 from kontext_kernels import sage_attention as sa
 from kontext_kernels import sage_attention_hopper as hopper_kernel
 from kontext_kernels.runtime import launches
-from test_sage_attention import FP8_BOUND, GPU_KERNEL_VS_REFERENCE, _exact, _inputs
 
 needs_gluon = pytest.mark.skipif(not hopper_kernel.gluon_available(),
                                  reason="this Triton has no Gluon with Hopper warp specialisation")
@@ -62,7 +62,7 @@ SHAPES = [  # (batch, heads, length_q, length_k, head_dim)
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
 def test_matches_the_reference(shape, out_dtype):
     batch, heads, length_q, length_k, head_dim = shape
-    q, k, v = _inputs(batch, heads, length_q, length_k, head_dim, "cuda")
+    q, k, v = attention_inputs(batch, heads, length_q, length_k, head_dim, "cuda")
     operands = sa.quantize_operands(q, k, v, fp8_pv=True)
     assert hopper_kernel.ready_for(operands)
     out = torch.empty((batch, length_q, heads, head_dim), dtype=out_dtype, device="cuda")
@@ -72,13 +72,13 @@ def test_matches_the_reference(shape, out_dtype):
     reference = sa.attend_reference(operands, torch.float32, block_n=hopper_kernel.BLOCK_N)
     assert rel_error(out.transpose(1, 2).float(), reference) <= GPU_KERNEL_VS_REFERENCE + (
         0 if out_dtype == torch.float32 else 2**-8)  # bf16's one rounding of the output
-    assert rel_l2(out.transpose(1, 2).double(), _exact(q, k, v)) <= FP8_BOUND
+    assert rel_l2(out.transpose(1, 2).double(), exact_attention(q, k, v)) <= FP8_BOUND
 
 
 @hopper_gpu
 @pytest.mark.parametrize("stages", [2, 3, 4])
 def test_ring_depths_agree(stages):
-    q, k, v = _inputs(1, 2, 256, 1000, 128, "cuda")
+    q, k, v = attention_inputs(1, 2, 256, 1000, 128, "cuda")
     operands = sa.quantize_operands(q, k, v, fp8_pv=True)
     out = torch.empty((1, 256, 2, 128), dtype=torch.float32, device="cuda")
     hopper_kernel.launch(operands, out, stages=stages)
@@ -88,7 +88,7 @@ def test_ring_depths_agree(stages):
 
 @hopper_gpu
 def test_sage_attention_dispatches_to_it_on_hopper(monkeypatch):
-    q, k, v = _inputs(2, 3, 150, 150, 64, "cuda")
+    q, k, v = attention_inputs(2, 3, 150, 150, 64, "cuda")
     before = launches["sage_attention_hopper"]
     out = sa.sage_attention(q, k, v)
     assert launches["sage_attention_hopper"] == before + 1 and sa.last_config["kernel"] == "gluon"
@@ -109,7 +109,7 @@ def test_sage_attention_dispatches_to_it_on_hopper(monkeypatch):
 
 
 def test_not_chosen_off_hopper_or_off_its_operands():
-    q, k, v = _inputs(1, 2, 130, 130, 64, "cpu")
+    q, k, v = attention_inputs(1, 2, 130, 130, 64, "cpu")
     for fp8_pv in (True, False):
         operands = sa.quantize_operands_reference(q, k, v, fp8_pv=fp8_pv, k_rows=128, permute_keys=True)
         assert not hopper_kernel.ready_for(operands)
