@@ -124,17 +124,16 @@ def _consumer(data_ring, weight_ring, ready, free, turns, loaded, out_desc, out_
                                                 loaded.index(WHICH), out_buffer)
                 first_batch = (pid_m * BLOCK_M) // rows_per_batch
                 first_gate = gl.load(gate_ptr + first_batch * gate_stride + offs_n, mask=offs_n < N, other=0.0)
+                mbarrier.wait(loaded.index(WHICH), (mine // 2) & 1)
+                residual = out_buffer.load(layout).to(gl.float32)  # each thread reads the elements it writes below
+                gated = residual + gl.expand_dims(first_gate.to(gl.float32), 0) * out
                 if BATCHED:
+                    # The second batch's rows, with its own gate row: one gate row live at a time (two spilled).
                     last_batch = (gl.minimum(pid_m * BLOCK_M + BLOCK_M, M) - 1) // rows_per_batch
                     last_gate = gl.load(gate_ptr + last_batch * gate_stride + offs_n, mask=offs_n < N, other=0.0)
                     in_last = gl.expand_dims(offs_m // rows_per_batch == last_batch, 1)
-                    gate = gl.where(in_last, gl.expand_dims(last_gate.to(gl.float32), 0),
-                                    gl.expand_dims(first_gate.to(gl.float32), 0))
-                else:
-                    gate = gl.expand_dims(first_gate.to(gl.float32), 0)
-                mbarrier.wait(loaded.index(WHICH), (mine // 2) & 1)
-                residual = out_buffer.load(layout)  # each thread reads the elements it writes below
-                out = residual.to(gl.float32) + gate * out
+                    gated = gl.where(in_last, residual + gl.expand_dims(last_gate.to(gl.float32), 0) * out, gated)
+                out = gated
             out_buffer.store(out.to(out_desc.dtype))
             fence_async_shared()
             tma.async_copy_shared_to_global(out_desc, [pid_m * BLOCK_M, pid_n * BLOCK_N], out_buffer)
@@ -248,7 +247,7 @@ def launch(data: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, weight
 
 
 def build_offline(out_dtype: torch.dtype = torch.bfloat16, has_bias: bool = True, stages: int = STAGES,
-                  residual: bool = False):
+                  residual: bool = False, batched: bool = False):
     """The kernel compiled for sm_90 without a GPU (Triton ships ptxas): for the tests and for reading its SASS.
     The signature is the one a launch at FLUX's shapes gets (16-divisible sizes and pointers)."""
     import triton
@@ -264,7 +263,7 @@ def build_offline(out_dtype: torch.dtype = torch.bfloat16, has_bias: bool = True
                  "residual_desc": f"tensordesc<{element}[{BLOCK_M}, {BLOCK_N}],{out_layout}>",
                  "gate_ptr": f"*{element}", "rows_per_batch": "i32",
                  "gate_stride": "i32", "M": "i32", "N": "i32", "K": "i32"}
-    constants = dict(HAS_BIAS=has_bias, RESIDUAL=residual, BATCHED=False, GROUP_M=GROUP_M, STAGES=stages,
+    constants = dict(HAS_BIAS=has_bias, RESIDUAL=residual, BATCHED=batched, GROUP_M=GROUP_M, STAGES=stages,
                      LOADER_REGISTERS=_LOADER_REGISTERS,
                      CONSUMER_REGISTERS=_CONSUMER_REGISTERS)
     signature |= {name: "constexpr" for name in constants}

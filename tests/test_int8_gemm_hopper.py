@@ -24,10 +24,11 @@ needs_gluon = pytest.mark.skipif(not int8_gemm_hopper.gluon_available(),
 
 
 @needs_gluon
-@pytest.mark.parametrize("has_bias, residual", [(True, False), (False, False), (True, True)],
-                         ids=["bias", "no-bias", "gated-residual"])
-def test_builds_for_sm90_with_wgmma_tma_and_register_split(has_bias, residual):
-    kernel = int8_gemm_hopper.build_offline(torch.bfloat16, has_bias, residual=residual)
+@pytest.mark.parametrize("has_bias, residual, batched", [(True, False, False), (False, False, False),
+                                                          (True, True, False), (True, True, True)],
+                         ids=["bias", "no-bias", "gated-residual", "gated-residual-two-batches"])
+def test_builds_for_sm90_with_wgmma_tma_and_register_split(has_bias, residual, batched):
+    kernel = int8_gemm_hopper.build_offline(torch.bfloat16, has_bias, residual=residual, batched=batched)
     sass = sass_of(kernel)
     # Two consumers, each a 128x128 tile of 64x128x32 int8 wgmmas over a 128-deep K step.
     assert len(re.findall(r"IGMMA\.64x128x32\.S8\.S8", sass)) == 2 * 8
