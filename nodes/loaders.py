@@ -53,7 +53,8 @@ class KontextModelLoader(KontextNode):
                       optional=True),  # optional: API prompts written before this input still validate
                 Combo("preset", PRESET_CHOICES, "custom",
                       tooltip="custom: the three inputs above as set. fast: int8 weights, 8-bit attention, "
-                              "compiled blocks and CUDA graphs, for inputs above left at default / auto / off "
+                              "compiled blocks, CUDA graphs and modulation computed ahead of the steps, for inputs "
+                              "above left at default / auto / off "
                               "(a few percent of velocity error vs bf16; judge it on your images). Parts this "
                               "GPU cannot run fall back to the exact path, said in the console.",
                       optional=True),
