@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_step import cuda_time, rel_l2  # noqa: E402
+from bench_step import cuda_time  # noqa: E402
+from random_weights import rel_l2  # noqa: E402
 
 from kontext_core.compute import fp8_attention  # noqa: E402
 from kontext_core.compute.attention import cudnn_first  # noqa: E402

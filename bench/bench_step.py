@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import kontext_kernels  # noqa: E402
 from kontext_kernels import int8_gemm, sage_attention  # noqa: E402
@@ -43,6 +44,7 @@ from kontext_core.compute.cuda_graph import GraphedVelocity  # noqa: E402
 from kontext_core.pipeline import GenerationSettings, KontextPipeline  # noqa: E402
 from kontext_core.sampling import TextConditioning  # noqa: E402
 from kontext_core.model.tokens import context_tokens, pack_latent, position_ids, text_position_ids  # noqa: E402
+from random_weights import randomize_, rel_l2  # noqa: E402
 
 WORKLOADS = {"edit": {"latent": 128, "context": True, "text": 512}, "t2i": {"latent": 128, "context": False, "text": 512}}
 
@@ -55,11 +57,6 @@ def step_flops(config: TransformerConfig, image_tokens: int, text_tokens: int) -
     linear += 2 * image_tokens * h * (config.in_channels + config.out_channels) + 2 * text_tokens * h * config.context_in_dim
     attention = 4 * tokens * tokens * h * blocks
     return {"linear": float(linear), "attention": float(attention), "total": float(linear + attention)}
-
-
-def rel_l2(ours: torch.Tensor, reference: torch.Tensor) -> float:
-    """||ours - reference|| / ||reference||, in float64."""
-    return ((ours.double() - reference.double()).norm() / reference.double().norm()).item()
 
 
 def _plain(tensor: torch.Tensor) -> list[torch.Tensor]:
@@ -162,15 +159,7 @@ def random_transformer(config: TransformerConfig) -> KontextTransformer:
     with torch.device("meta"):
         model = KontextTransformer(config)
     model = model.to_empty(device="cuda").to(torch.bfloat16)
-    generator = torch.Generator(device="cuda").manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.ndim == 2:
-                param.normal_(0, 0.02 if WEIGHT_INIT == "std0.02" else param.shape[1] ** -0.5, generator=generator)
-            elif name.endswith("scale"):
-                param.fill_(1.0)
-            else:
-                param.normal_(0, 0.02, generator=generator)
+    randomize_(model, torch.Generator(device="cuda").manual_seed(0), WEIGHT_INIT)
     return model.eval().requires_grad_(False)
 
 

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_step import cuda_time, rel_l2  # noqa: E402
+from bench_step import cuda_time  # noqa: E402
+from random_weights import rel_l2  # noqa: E402
 
 from kontext_core.compute.attention import cudnn_first, flash_attn_variant, load_flash_attn  # noqa: E402
 

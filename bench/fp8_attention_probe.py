@@ -22,7 +22,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench_step import cuda_time, profile_step, rel_l2  # noqa: E402
+from bench_step import cuda_time, profile_step  # noqa: E402
+from random_weights import rel_l2  # noqa: E402
 from kontext_kernels import fp8_qkv  # noqa: E402
 from kontext_core.compute import fp8_attention as fa  # noqa: E402
 

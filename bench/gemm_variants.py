@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_step import cuda_time, rel_l2  # noqa: E402
+from bench_step import cuda_time  # noqa: E402
+from random_weights import rel_l2  # noqa: E402
 
 TOKENS, HIDDEN, MLP = 8704, 3072, 12288
 

@@ -33,7 +33,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_step import cuda_time, inputs, matmul_rate, random_transformer, rel_l2, WORKLOADS  # noqa: E402
+from bench_step import cuda_time, inputs, matmul_rate, random_transformer, WORKLOADS  # noqa: E402
+from random_weights import rel_l2  # noqa: E402
 
 import kontext_kernels  # noqa: E402
 from kontext_kernels import int8_gemm, int8_gemm_hopper  # noqa: E402

@@ -43,6 +43,7 @@ from kontext_kernels import sage_attention_hopper as hopper_kernel  # noqa: E402
 from kontext_core import TransformerConfig  # noqa: E402
 from kontext_core.model.layers import DoubleStreamBlock, RopeFrequencies, rope_frequencies  # noqa: E402
 from kontext_core.model.tokens import position_ids, text_position_ids  # noqa: E402
+from random_weights import randomize_, rel_l2  # noqa: E402
 
 
 SCORE_NAMES = {sa.SCORES_CONVERT: "converted", sa.SCORES_FOLDED: "folded bias"}
@@ -59,10 +60,6 @@ def pinned_config(text: str) -> dict:
             raise argparse.ArgumentTypeError(f"{text!r}: parts are wN (warps), sN (stages), rN (registers)")
         config[names[part[0]]] = int(part[1:])
     return config
-
-
-def rel_l2(ours: torch.Tensor, reference: torch.Tensor) -> float:
-    return ((ours.double() - reference.double()).norm() / reference.double().norm()).item()
 
 
 def exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -108,14 +105,7 @@ def block_inputs(config: TransformerConfig, latent: int, text: int, device: str,
         block = DoubleStreamBlock(config.hidden_size, config.num_heads, config.mlp_hidden_dim, config.qkv_bias)
     block = block.to_empty(device=device).to(dtype)
     generator = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, param in block.named_parameters():  # bench_step.random_transformer's scales
-            if param.ndim == 2:
-                param.normal_(0, param.shape[1] ** -0.5, generator=generator)
-            elif name.endswith("scale"):
-                param.fill_(1.0)
-            else:
-                param.normal_(0, 0.02, generator=generator)
+    randomize_(block, generator)
     ids = torch.cat((text_position_ids(1, text, device=device), position_ids(latent, latent, device=device),
                      position_ids(latent, latent, index=1, device=device)), dim=1)
     rope = RopeFrequencies(*rope_frequencies(ids, config.axes_dim, config.theta))

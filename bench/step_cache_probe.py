@@ -26,11 +26,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from kontext_core import KontextTransformer, TransformerConfig  # noqa: E402
 from kontext_core.sampling import TextConditioning, flux_schedule, sample_euler  # noqa: E402
 from kontext_core.step_cache import CacheStats, StepCache  # noqa: E402
 from kontext_core.model.tokens import context_tokens, pack_latent, position_ids  # noqa: E402
+from random_weights import randomize_  # noqa: E402
 
 # TeaCache's polynomial is at least 0.18 a step, so its thresholds start above that (TeaCache4FLUX: 0.25-0.8).
 THRESHOLDS = {"first-block": [0.0, 0.05, 0.1, 0.2, 0.3], "teacache": [0.0, 0.25, 0.4, 0.6, 0.8]}
@@ -41,15 +43,7 @@ def random_model(config: TransformerConfig, device: str, dtype: torch.dtype) -> 
     with torch.device("meta"):
         model = KontextTransformer(config)
     model = model.to_empty(device=device).to(dtype)
-    generator = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.ndim == 2:
-                param.normal_(0, param.shape[1] ** -0.5, generator=generator)
-            elif name.endswith("scale"):
-                param.fill_(1.0)
-            else:
-                param.normal_(0, 0.02, generator=generator)
+    randomize_(model, torch.Generator(device=device).manual_seed(0))
     return model.eval().requires_grad_(False)
 
 
