@@ -38,6 +38,7 @@ import kontext_kernels  # noqa: E402
 from kontext_kernels import int8_gemm, sage_attention  # noqa: E402
 from kontext_core.compute import fused, quant  # noqa: E402
 from kontext_core import Autoencoder, KontextTransformer, TransformerConfig, set_attention_backend  # noqa: E402
+from kontext_core.compute import attention as attention_module  # noqa: E402
 from kontext_core.compute.attention import flash_attn_variant  # noqa: E402
 from kontext_core.checkpoints.key_maps import to_theirs, transformer_links  # noqa: E402
 from kontext_core.compute.cuda_graph import GraphedVelocity  # noqa: E402
@@ -247,6 +248,8 @@ MODIFIERS = {
                        "(kontext_kernels/sage_attention.py, SCORES_CONVERT; default: SCORES_FOLDED)",
     "tritongemm": "int8 GEMMs on Hopper by the Triton-language kernel (kontext_kernels/int8_gemm.py), not the "
                   "warp-specialised Gluon one (kontext_kernels/int8_gemm_hopper.py)",
+    "fusedqkv": "with +sage8: q's int8 rows and K/V's column statistics made in the QK-norm + RoPE pass "
+                "(kontext_kernels/sage_qkv.py), not by separate passes",
     "tritonattention": "with +sage8 on Hopper: the Triton-language attention kernel (kontext_kernels/sage_attention.py), "
                        "not the warp-specialised Gluon one (kontext_kernels/sage_attention_hopper.py)",
     "sdpa": "attention through PyTorch's SDPA (cuDNN first) even where flash-attn is installed (auto takes it)",
@@ -284,7 +287,7 @@ def implementation(name: str) -> str:
     if "cudnn" in modifiers and base.startswith("ours"):
         raise argparse.ArgumentTypeError(f"{name!r}: +cudnn is for the reference rows; ours always puts cuDNN first")
     ours_only = [m for m in modifiers if m in ("lora", "lorafly", "thinlora", "autotune", "sdpa", "sage8", "sage8fp16",
-                                               "tritongemm", "tritonattention", "modtable")]
+                                               "tritongemm", "tritonattention", "modtable", "fusedqkv")]
     if ours_only and not base.startswith("ours"):
         raise argparse.ArgumentTypeError(f"{name!r}: +{ours_only[0]} applies to our rows only")
     if "autotune" in modifiers and not base.endswith("-compiled"):
@@ -309,6 +312,7 @@ def configure(impl: str) -> None:
     set_attention_backend(next((attention[m] for m in modifiers if m in attention), "auto"))
     int8_gemm.HOPPER_KERNEL = "triton" if "tritongemm" in modifiers else PRODUCT_HOPPER_GEMM
     sage_attention.HOPPER_KERNEL = "triton" if "tritonattention" in modifiers else PRODUCT_HOPPER_ATTENTION
+    attention_module.FUSED_SAGE_QKV = "fusedqkv" in modifiers
     sage_attention.SCORES_DEFAULT = (sage_attention.SCORES_CONVERT if "convertedscores" in modifiers else
                                      PRODUCT_SCORES)
     import torch._inductor.config

@@ -340,7 +340,7 @@ def quantize_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, fp8_
     k_rows = default_k_rows(fp8_pv) if k_rows is None else k_rows
     _check_rows(q_rows, k_rows)
     if permute_keys is None:
-        permute_keys = _hopper_kernel_takes(q, fp8_pv, q_rows, k_rows)
+        permute_keys = _hopper_kernel_takes(q.device, fp8_pv, q_rows, k_rows, q.shape[3])
     _check_key_order(permute_keys, k_rows)
     if not _runs(q, k, v):
         return quantize_operands_reference(q, k, v, fp8_pv=fp8_pv, q_rows=q_rows, k_rows=k_rows,
@@ -368,7 +368,8 @@ def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, fp8_pv:
     _check_rows(q_rows, k_rows)
     if not _runs(q, k, v):
         return sage_attention_reference(q, k, v, fp8_pv=fp8_pv, q_rows=q_rows, k_rows=k_rows)
-    operands = _quantize_triton(q, k, v, fp8_pv, q_rows, k_rows, _hopper_kernel_takes(q, fp8_pv, q_rows, k_rows))
+    permute_keys = _hopper_kernel_takes(q.device, fp8_pv, q_rows, k_rows, q.shape[3])
+    operands = _quantize_triton(q, k, v, fp8_pv, q_rows, k_rows, permute_keys)
     return _launch_attention(operands, q.dtype)
 
 
@@ -482,7 +483,7 @@ def _quantize_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fp8_pv: 
     batch, heads, length_q, head_dim = q.shape
     length_k = k.shape[2]
     channels = padded_head_dim(head_dim)
-    padded_q, padded_k = _padded_tokens(length_q), _padded_tokens(length_k)
+    padded_q = _padded_tokens(length_q)
     device = q.device
     k_sum = torch.zeros((batch, heads, channels), dtype=torch.float64, device=device)
     v_amax = torch.zeros((batch, heads, channels), dtype=torch.float32, device=device)
@@ -496,6 +497,32 @@ def _quantize_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fp8_pv: 
         k, v, k_sum, v_amax, heads, length_k, head_dim, *k.stride(), *v.stride(), loop_count(per_program),
         BLOCK_L=_STATS_BLOCK_L, BLOCK_D=channels, num_warps=8)
 
+    q8 = torch.empty((batch, heads, padded_q, channels), dtype=torch.int8, device=device)
+    q_scale = torch.empty((batch, heads, padded_q // q_rows), dtype=torch.float32, device=device)
+    _launch_int8(q, None, q8, q_scale, q_rows, head_dim**-0.5 * LOG2E, centre=False, permute=False)
+    return quantize_from_statistics(q8, q_scale, k, v, k_sum, v_amax, length_q, fp8_pv, k_rows, permute_keys,
+                                    q_rows=q_rows)
+
+
+def _launch_int8(x: torch.Tensor, k_mean: torch.Tensor | None, out: torch.Tensor, scale: torch.Tensor, rows: int,
+                 factor: float, centre: bool, permute: bool) -> None:
+    batch, heads, _, head_dim = x.shape
+    channels = out.shape[3]
+    _quantize_int8_kernel[(out.shape[2] // TOKEN_TILE, batch * heads)](
+        x, k_mean if k_mean is not None else scale, out, scale, heads, x.shape[2], out.shape[2], head_dim, factor,
+        *x.stride(), CENTRE=centre, PERMUTE=permute, ROWS=rows, TILE=TOKEN_TILE, BLOCK_D=channels,
+        num_warps=8 if channels >= 128 else 4)
+
+
+def quantize_from_statistics(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             k_sum: torch.Tensor, v_amax: torch.Tensor, length_q: int, fp8_pv: bool, k_rows: int,
+                             permute_keys: bool, q_rows: int = Q_ROWS) -> Operands:
+    """The operands from q already quantized (q8, q_scale) and k, v [B, H, L, D] with their column statistics
+    (K's float64 sums over tokens, V's amax over tokens, [B, H, D_pad]): V and the centred k quantized here."""
+    batch, heads, length_k, head_dim = k.shape
+    channels = padded_head_dim(head_dim)
+    padded_k = _padded_tokens(length_k)
+    device = k.device
     v8t = torch.empty((batch, heads, channels, padded_k), dtype=torch.float8_e4m3fn if fp8_pv else torch.float16,
                       device=device)
     v_scale = torch.empty((batch, heads, channels), dtype=torch.float32, device=device)
@@ -503,18 +530,9 @@ def _quantize_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fp8_pv: 
     _quantize_v_kernel[(padded_k // _V_BLOCK_L, batch * heads)](
         v, v_amax, v8t, v_scale, k_sum, k_mean, heads, length_k, padded_k, head_dim, *v.stride(), FP8=fp8_pv,
         EXACT_ROUNDING=interpreting(), BLOCK_L=_V_BLOCK_L, BLOCK_D=channels, num_warps=4)
-
-    q8 = torch.empty((batch, heads, padded_q, channels), dtype=torch.int8, device=device)
     k8 = torch.empty((batch, heads, padded_k, channels), dtype=torch.int8, device=device)
-    q_scale = torch.empty((batch, heads, padded_q // q_rows), dtype=torch.float32, device=device)
     k_scale = torch.empty((batch, heads, padded_k // k_rows), dtype=torch.float32, device=device)
-    warps = 8 if channels >= 128 else 4
-    for x, out, scale, rows, factor, is_k in ((q, q8, q_scale, q_rows, head_dim**-0.5 * LOG2E, False),
-                                             (k, k8, k_scale, k_rows, 1.0, True)):
-        _quantize_int8_kernel[(out.shape[2] // TOKEN_TILE, batch * heads)](
-            x, k_mean, out, scale, heads, x.shape[2], out.shape[2], head_dim, factor, *x.stride(),
-            CENTRE=is_k, PERMUTE=is_k and permute_keys, ROWS=rows, TILE=TOKEN_TILE, BLOCK_D=channels,
-            num_warps=warps)
+    _launch_int8(k, k_mean, k8, k_scale, k_rows, 1.0, centre=True, permute=permute_keys)
     launches["sage_quantize"] += 1
     return Operands(q8, q_scale, k8, k_scale, v8t, v_scale, length_q, length_k, head_dim, q_rows, k_rows,
                     permute_keys)
@@ -679,10 +697,11 @@ def split_accumulator_default(operands: Operands) -> bool:
 HOPPER_KERNEL = "gluon"
 
 
-def _hopper_kernel_takes(q: torch.Tensor, fp8_pv: bool, q_rows: int, k_rows: int) -> bool:
-    """Whether sage_attention_hopper.py's kernel will take these q's operands (then quantized in its key order)."""
+def _hopper_kernel_takes(device: torch.device, fp8_pv: bool, q_rows: int, k_rows: int, head_dim: int) -> bool:
+    """Whether sage_attention_hopper.py's kernel will take operands of this shape on `device` (then quantized in its
+    key order)."""
     return (HOPPER_KERNEL == "gluon"
-            and sage_attention_hopper.takes(q.device, fp8_pv, q_rows, k_rows, padded_head_dim(q.shape[3])))
+            and sage_attention_hopper.takes(device, fp8_pv, q_rows, k_rows, padded_head_dim(head_dim)))
 
 
 def _takes_gluon(operands: Operands, kernel: str | None, config: dict | None, tma: bool | None,

@@ -23,7 +23,8 @@ REFERENCE = GOLDEN.parent
 
 # Modules whose @triton.jit decorators read TRITON_INTERPRET when they run, i.e. at import; helpers first.
 KERNEL_MODULES = tuple(f"kontext_kernels.{name}" for name in (
-    "e4m3", "tiles", "modulation", "qk_norm_rope", "ffn", "fp8_qkv", "row_quant", "int8_gemm", "sage_attention"))
+    "e4m3", "tiles", "modulation", "qk_norm_rope", "ffn", "fp8_qkv", "row_quant", "int8_gemm", "sage_attention",
+    "sage_qkv"))
 
 
 def reload_kernel_modules() -> None:

@@ -15,9 +15,10 @@ from . import fused, ops
 try:  # kontext_kernels/ may be missing or broken (then sage_attention is unavailable and says why)
     from kontext_kernels import runtime as _kernel_runtime
     from kontext_kernels import sage_attention as _sage
+    from kontext_kernels import sage_qkv as _sage_qkv
     _SAGE_IMPORT_ERROR = None
 except Exception as error:  # pragma: no cover
-    _kernel_runtime = _sage = None
+    _kernel_runtime = _sage = _sage_qkv = None
     _SAGE_IMPORT_ERROR = f"{type(error).__name__}: {error}"
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "math", "flash-attn", "cudnn-fp8", "sage8", "sage8-fp16")
@@ -193,7 +194,22 @@ def joint_attention(streams: list[tuple[torch.Tensor, torch.nn.Module, torch.nn.
         out = _fp8.fp8_joint_attention(tensors, cos, sin, num_heads)
         batch, heads, length, head_dim = out.shape
         return out.transpose(1, 2).reshape(batch, length, heads * head_dim)
+    if (_backend in SAGE_BACKENDS and FUSED_SAGE_QKV and _sage_qkv is not None and _sequence_layout is None
+            and fused.qk_kernel_active(first) and _kernel_runtime.enabled_for_traced(first)):
+        tensors = [(qkv, query_norm.scale, key_norm.scale) for qkv, query_norm, key_norm in streams]
+        if _sage_qkv.runs_fused(tensors, num_heads):
+            out = torch.ops.kontext.sage_joint_attention([qkv for qkv, _, _ in tensors], [q for _, q, _ in tensors],
+                                                         [k for _, _, k in tensors], cos, sin, num_heads,
+                                                         _backend == "sage8-fp16")
+            batch, heads, length, head_dim = out.shape
+            return out.transpose(1, 2).reshape(batch, length, heads * head_dim)
     return attention(*fused.joint_qkv_heads(streams, cos, sin, num_heads))
+
+
+# sage8's q int8 rows and K/V column statistics made in the QK-norm + RoPE pass (kontext_kernels/sage_qkv.py): the
+# same operands bit for bit, two passes fewer over q, k and v. Off until timed on a GPU against the separate passes
+# (bench_step's +fusedqkv); a plain flag, which torch.compile guards on.
+FUSED_SAGE_QKV = False
 
 
 def sage_unavailable_reason(device: torch.device | str | None = None) -> str | None:
@@ -237,6 +253,28 @@ def _sage_fake_output(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fp16_pv
 if _sage is not None:
     ops.define("sage_attention(Tensor q, Tensor k, Tensor v, bool fp16_pv) -> Tensor", _sage_attention_op,
                _sage_fake_output)
+
+
+def _sage_joint_attention_op(qkvs: list[torch.Tensor], query_scales: list[torch.Tensor],
+                             key_scales: list[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
+                             fp16_pv: bool) -> torch.Tensor:
+    first = qkvs[0]
+    with torch.cuda.device(first.device) if first.is_cuda else contextlib.nullcontext():
+        return _sage_qkv.joint_sage_attention(list(zip(qkvs, query_scales, key_scales)), cos, sin, num_heads,
+                                              fp8_pv=False if fp16_pv else None)
+
+
+def _sage_joint_fake_output(qkvs, query_scales, key_scales, cos, sin, num_heads: int, fp16_pv: bool) -> torch.Tensor:
+    first = qkvs[0]
+    head_dim = first.shape[-1] // (3 * num_heads)
+    length = sum(qkv.shape[1] for qkv in qkvs)
+    return first.new_empty((first.shape[0], length, num_heads, head_dim)).transpose(1, 2)
+
+
+if _sage_qkv is not None:
+    ops.define("sage_joint_attention(Tensor[] qkvs, Tensor[] query_scales, Tensor[] key_scales, Tensor cos, "
+               "Tensor sin, int num_heads, bool fp16_pv) -> Tensor", _sage_joint_attention_op,
+               _sage_joint_fake_output)
 
 
 # On Hopper, cuDNN's fused attention runs FLUX's shapes at about twice the rate of PyTorch's flash

@@ -1,0 +1,144 @@
+"""sage8's operands from the QK-norm + RoPE pass itself: q as int8 rows, K's column sums and V's amax, in the pass
+that writes k and v.
+
+Unfused, the QK-norm + RoPE kernel writes q, k, v in bf16 and sage8's quantization (kontext_kernels/sage_attention.py)
+reads them back: a column-statistics pass over k and v, then one pass each for q, k and v. q's scales are per
+token (`sage_attention.Q_ROWS` = 1), so q can go to int8 as it is made; K's sums over tokens and V's amax over
+tokens can be gathered by atomics there too (the sums in float64, exact for bf16 values, so their order does not
+matter). k and v still need those statistics of every token before they are quantized, so they are written in
+bf16 as before and quantized by sage_attention's own kernels. The operands equal the unfused path's bit for bit
+(tests/test_sage_qkv.py); bench/RESULTS.md says what the fusion is worth.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import sage_attention as sa
+from .qk_norm_rope import RMS_EPS, _norm_rope_tile, stream_parts
+from .runtime import cdiv, import_triton, last_dim_contiguous, launches, next_power_of_2, reduction_combines
+
+triton, tl = import_triton()
+
+_max, _add = reduction_combines()
+
+# Tokens per program: 64 halves the atomics of the statistics against the plain kernel's 32, at 8 warps.
+BLOCK_L = 64
+
+
+@triton.jit
+def _qkv_norm_rope_sage_kernel(
+    qkv_ptr, q_scale_ptr, k_scale_ptr, cos_ptr, sin_ptr,
+    q8_ptr, q8_scale_ptr, k_ptr, v_ptr, k_sum_ptr, v_amax_ptr,
+    offset, length, num_heads, head_dim, padded_length, eps, factor,
+    stride_qkv_b, stride_qkv_l, stride_cos_b, stride_cos_l, stride_sin_b, stride_sin_l,
+    stride_kv_b, stride_kv_l, stride_kv_h,
+    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, CHANNELS: tl.constexpr,
+):
+    # One program per (block of tokens, head, batch) of one stream, whose tokens start at `offset` of the joint
+    # sequence.
+    block_l = tl.program_id(0)
+    head = tl.program_id(1)
+    batch = tl.program_id(2).to(tl.int64)
+    bh = batch * num_heads + head
+
+    tokens = block_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    dims = tl.arange(0, BLOCK_D)
+    pairs = tl.arange(0, BLOCK_D // 2)
+    token_inside = tokens < length
+    dim_inside = dims < head_dim
+    tile_inside = token_inside[:, None] & dim_inside[None, :]
+    pair_inside = token_inside[:, None] & (pairs[None, :] < head_dim // 2)
+
+    row = qkv_ptr + batch * stride_qkv_b + tokens[:, None].to(tl.int64) * stride_qkv_l + dims[None, :]
+    q = tl.load(row + head * head_dim, mask=tile_inside, other=0.0).to(tl.float32)
+    k = tl.load(row + (num_heads + head) * head_dim, mask=tile_inside, other=0.0).to(tl.float32)
+    v = tl.load(row + (2 * num_heads + head) * head_dim, mask=tile_inside, other=0.0)
+    cos = tl.load(cos_ptr + batch * stride_cos_b + tokens[:, None] * stride_cos_l + pairs[None, :],
+                  mask=pair_inside, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + batch * stride_sin_b + tokens[:, None] * stride_sin_l + pairs[None, :],
+                  mask=pair_inside, other=0.0).to(tl.float32)
+    q_scale = tl.load(q_scale_ptr + dims, mask=dim_inside, other=0.0).to(tl.float32)
+    k_scale = tl.load(k_scale_ptr + dims, mask=dim_inside, other=0.0).to(tl.float32)
+    element = k_ptr.dtype.element_ty
+    # Rounded to the activations' dtype first, as the unfused path stores them before quantizing.
+    q = _norm_rope_tile(q, q_scale, cos, sin, head_dim, eps, BLOCK_L, BLOCK_D).to(element).to(tl.float32)
+    k = _norm_rope_tile(k, k_scale, cos, sin, head_dim, eps, BLOCK_L, BLOCK_D).to(element)
+
+    # q -> int8, one scale per token (sage_attention's _quantize_int8_kernel, Q_ROWS = 1).
+    amax = tl.maximum(tl.reduce(tl.abs(q), 1, _max), 1e-30)
+    inverse = tl.math.div_rn(tl.full([BLOCK_L], 127.0, tl.float32), amax)
+    scaled = tl.minimum(tl.maximum(q * inverse[:, None], -127.0), 127.0)
+    q8_rows = bh * padded_length + offset + tokens.to(tl.int64)
+    tl.store(q8_ptr + q8_rows[:, None] * CHANNELS + dims[None, :],
+             ((scaled + 12582912.0) - 12582912.0).to(tl.int8), mask=token_inside[:, None])
+    tl.store(q8_scale_ptr + q8_rows, tl.math.div_rn(amax, tl.full([BLOCK_L], 127.0, tl.float32)) * factor,
+             mask=token_inside)
+
+    # k and v as the plain kernel writes them, [B, L, H, D] of the joint sequence; their statistics by atomics.
+    kv = (batch * stride_kv_b + (offset + tokens[:, None]).to(tl.int64) * stride_kv_l + head * stride_kv_h
+          + dims[None, :])
+    tl.store(k_ptr + kv, k, mask=tile_inside)
+    tl.store(v_ptr + kv, v, mask=tile_inside)
+    tl.atomic_add(k_sum_ptr + bh * CHANNELS + dims, tl.reduce(k.to(tl.float64), 0, _add), mask=dim_inside)
+    tl.atomic_max(v_amax_ptr + bh * CHANNELS + dims, tl.reduce(tl.abs(v.to(tl.float32)), 0, _max), mask=dim_inside)
+
+
+def runs_fused(streams: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], num_heads: int) -> bool:
+    """Whether the fused pass takes these streams: head dims whose pair count the kernel tiles (as the plain
+    kernel's), and a padded channel count equal to the tile's (head dims of 32 and more)."""
+    head_dim = streams[0][0].shape[-1] // (3 * num_heads)
+    return head_dim % 2 == 0 and next_power_of_2(head_dim) == sa.padded_head_dim(head_dim)
+
+
+def joint_sage_operands(streams: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], cos: torch.Tensor,
+                        sin: torch.Tensor, num_heads: int, fp8_pv: bool, permute_keys: bool | None = None,
+                        ) -> sa.Operands:
+    """The streams' (qkv [B, L_i, 3*H*D], q_scale, k_scale) -> sage8's operands of their joint sequence, the same
+    as `sage_attention.quantize_operands` of `qk_norm_rope.joint_qkv_norm_rope`'s q, k, v (per-token q scales,
+    the default k scales). `runs_fused` must hold."""
+    first = streams[0][0]
+    batch, device, dtype = first.shape[0], first.device, first.dtype
+    head_dim = first.shape[-1] // (3 * num_heads)
+    length = sum(qkv.shape[1] for qkv, _, _ in streams)
+    channels, padded = sa.padded_head_dim(head_dim), sa._padded_tokens(length)
+    k_rows = sa.default_k_rows(fp8_pv)
+    if permute_keys is None:
+        permute_keys = sa._hopper_kernel_takes(device, fp8_pv, sa.Q_ROWS, k_rows, head_dim)
+    q8 = torch.empty((batch, num_heads, padded, channels), dtype=torch.int8, device=device)
+    factor = head_dim ** -0.5 * sa.LOG2E
+    # Padding rows, which no program writes: zeros, with the scale the unfused quantizer gives an all-zero row.
+    q8[:, :, length:] = 0
+    q_scale = torch.empty((batch, num_heads, padded), dtype=torch.float32, device=device)
+    q_scale[:, :, length:] = (torch.tensor(1e-30) / 127.0) * torch.tensor(factor, dtype=torch.float32)
+    kv = torch.empty((2, batch, length, num_heads, head_dim), dtype=dtype, device=device)
+    k_sum = torch.zeros((batch, num_heads, channels), dtype=torch.float64, device=device)
+    v_amax = torch.zeros((batch, num_heads, channels), dtype=torch.float32, device=device)
+    for (qkv, query_scale, key_scale), offset, cos_part, sin_part in stream_parts(streams, cos, sin):
+        stream_length = qkv.shape[1]
+        qkv = last_dim_contiguous(qkv)
+        cos_part = last_dim_contiguous(cos_part.expand(batch, 1, stream_length, head_dim // 2))
+        sin_part = last_dim_contiguous(sin_part.expand(batch, 1, stream_length, head_dim // 2))
+        _qkv_norm_rope_sage_kernel[(cdiv(stream_length, BLOCK_L), num_heads, batch)](
+            qkv, query_scale.contiguous(), key_scale.contiguous(), cos_part, sin_part,
+            q8, q_scale, kv[0], kv[1], k_sum, v_amax,
+            offset, stream_length, num_heads, head_dim, padded, RMS_EPS, factor,
+            qkv.stride(0), qkv.stride(1), cos_part.stride(0), cos_part.stride(2), sin_part.stride(0),
+            sin_part.stride(2), kv.stride(1), kv.stride(2), kv.stride(3),
+            BLOCK_L=BLOCK_L, BLOCK_D=next_power_of_2(head_dim), CHANNELS=channels, num_warps=8,
+        )
+    launches["qkv_norm_rope_sage"] += 1
+    k, v = kv[0].transpose(1, 2), kv[1].transpose(1, 2)  # [B, H, L, D] views of [B, L, H, D]
+    return sa.quantize_from_statistics(q8, q_scale, k, v, k_sum, v_amax, length, fp8_pv, k_rows, permute_keys)
+
+
+def joint_sage_attention(streams: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], cos: torch.Tensor,
+                         sin: torch.Tensor, num_heads: int, fp8_pv: bool | None = None) -> torch.Tensor:
+    """sage8 attention over the streams' joint sequence from their projections: [B, H, L, D], a view of a
+    contiguous [B, L, H, D] buffer, equal to `sage_attention.sage_attention` of `qk_norm_rope.joint_qkv_norm_rope`'s
+    q, k, v. `runs_fused` must hold."""
+    first = streams[0][0]
+    if fp8_pv is None:
+        fp8_pv = sa.fp8_tensor_cores(first.device)
+    operands = joint_sage_operands(streams, cos, sin, num_heads, fp8_pv)
+    return sa._launch_attention(operands, first.dtype)
