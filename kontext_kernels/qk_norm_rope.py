@@ -74,6 +74,34 @@ def _norm_rope_tile(x, scale, cos, sin, head_dim, eps,
 
 
 @triton.jit
+def normed_qkv_tile(qkv_ptr, q_scale_ptr, k_scale_ptr, cos_ptr, sin_ptr, batch, head, tokens, length, num_heads,
+                    head_dim, eps, stride_qkv_b, stride_qkv_l, stride_cos_b, stride_cos_l, stride_sin_b, stride_sin_l,
+                    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One head's q and k (float32, RMS-normalised and rotated) and v (as stored) for `tokens` of a [B, L, 3*H*D]
+    projection: [BLOCK_L, BLOCK_D] tiles, zero outside the tokens and head dims."""
+    dims = tl.arange(0, BLOCK_D)
+    pairs = tl.arange(0, BLOCK_D // 2)
+    token_inside = tokens < length
+    dim_inside = dims < head_dim
+    tile_inside = token_inside[:, None] & dim_inside[None, :]
+    pair_inside = token_inside[:, None] & (pairs[None, :] < head_dim // 2)
+
+    row = qkv_ptr + batch * stride_qkv_b + tokens[:, None].to(tl.int64) * stride_qkv_l + dims[None, :]
+    q = tl.load(row + head * head_dim, mask=tile_inside, other=0.0).to(tl.float32)
+    k = tl.load(row + (num_heads + head) * head_dim, mask=tile_inside, other=0.0).to(tl.float32)
+    v = tl.load(row + (2 * num_heads + head) * head_dim, mask=tile_inside, other=0.0)
+    cos = tl.load(cos_ptr + batch * stride_cos_b + tokens[:, None] * stride_cos_l + pairs[None, :],
+                  mask=pair_inside, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + batch * stride_sin_b + tokens[:, None] * stride_sin_l + pairs[None, :],
+                  mask=pair_inside, other=0.0).to(tl.float32)
+    q_scale = tl.load(q_scale_ptr + dims, mask=dim_inside, other=0.0).to(tl.float32)
+    k_scale = tl.load(k_scale_ptr + dims, mask=dim_inside, other=0.0).to(tl.float32)
+    q = _norm_rope_tile(q, q_scale, cos, sin, head_dim, eps, BLOCK_L, BLOCK_D)
+    k = _norm_rope_tile(k, k_scale, cos, sin, head_dim, eps, BLOCK_L, BLOCK_D)
+    return q, k, v
+
+
+@triton.jit
 def _qkv_norm_rope_kernel(
     qkv_ptr, q_scale_ptr, k_scale_ptr, cos_ptr, sin_ptr, qk_ptr, v_ptr,
     stride_out_plane, stride_out_b, stride_out_h, stride_out_l, stride_v_b, stride_v_h, stride_v_l,
@@ -89,26 +117,10 @@ def _qkv_norm_rope_kernel(
 
     tokens = block_l * BLOCK_L + tl.arange(0, BLOCK_L)
     dims = tl.arange(0, BLOCK_D)
-    pairs = tl.arange(0, BLOCK_D // 2)
-    token_inside = tokens < length
-    tile_inside = token_inside[:, None] & (dims[None, :] < head_dim)
-    pair_inside = token_inside[:, None] & (pairs[None, :] < head_dim // 2)
-
-    row = qkv_ptr + batch * stride_qkv_b + tokens[:, None].to(tl.int64) * stride_qkv_l + dims[None, :]
-    q = tl.load(row + head * head_dim, mask=tile_inside, other=0.0).to(tl.float32)
-    k = tl.load(row + (num_heads + head) * head_dim, mask=tile_inside, other=0.0).to(tl.float32)
-    v = tl.load(row + (2 * num_heads + head) * head_dim, mask=tile_inside, other=0.0)
-
-    cos = tl.load(cos_ptr + batch * stride_cos_b + tokens[:, None] * stride_cos_l + pairs[None, :],
-                  mask=pair_inside, other=0.0).to(tl.float32)
-    sin = tl.load(sin_ptr + batch * stride_sin_b + tokens[:, None] * stride_sin_l + pairs[None, :],
-                  mask=pair_inside, other=0.0).to(tl.float32)
-    dim_inside = dims < head_dim
-    q_scale = tl.load(q_scale_ptr + dims, mask=dim_inside, other=0.0).to(tl.float32)
-    k_scale = tl.load(k_scale_ptr + dims, mask=dim_inside, other=0.0).to(tl.float32)
-
-    q = _norm_rope_tile(q, q_scale, cos, sin, head_dim, eps, BLOCK_L, BLOCK_D)
-    k = _norm_rope_tile(k, k_scale, cos, sin, head_dim, eps, BLOCK_L, BLOCK_D)
+    tile_inside = (tokens < length)[:, None] & (dims[None, :] < head_dim)
+    q, k, v = normed_qkv_tile(qkv_ptr, q_scale_ptr, k_scale_ptr, cos_ptr, sin_ptr, batch, head, tokens, length,
+                              num_heads, head_dim, eps, stride_qkv_b, stride_qkv_l, stride_cos_b, stride_cos_l,
+                              stride_sin_b, stride_sin_l, BLOCK_L, BLOCK_D)
 
     # qk is [2, B, H, L_out, D] and v [B, H, L_out, D] from this stream's first token, head dims
     # contiguous, the other strides as given.

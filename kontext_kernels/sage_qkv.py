@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from . import sage_attention as sa
-from .qk_norm_rope import RMS_EPS, _norm_rope_tile, stream_parts
+from .qk_norm_rope import RMS_EPS, normed_qkv_tile, stream_parts
 from .runtime import cdiv, import_triton, last_dim_contiguous, launches, next_power_of_2, reduction_combines
 
 triton, tl = import_triton()
@@ -44,26 +44,16 @@ def _qkv_norm_rope_sage_kernel(
 
     tokens = block_l * BLOCK_L + tl.arange(0, BLOCK_L)
     dims = tl.arange(0, BLOCK_D)
-    pairs = tl.arange(0, BLOCK_D // 2)
     token_inside = tokens < length
     dim_inside = dims < head_dim
     tile_inside = token_inside[:, None] & dim_inside[None, :]
-    pair_inside = token_inside[:, None] & (pairs[None, :] < head_dim // 2)
-
-    row = qkv_ptr + batch * stride_qkv_b + tokens[:, None].to(tl.int64) * stride_qkv_l + dims[None, :]
-    q = tl.load(row + head * head_dim, mask=tile_inside, other=0.0).to(tl.float32)
-    k = tl.load(row + (num_heads + head) * head_dim, mask=tile_inside, other=0.0).to(tl.float32)
-    v = tl.load(row + (2 * num_heads + head) * head_dim, mask=tile_inside, other=0.0)
-    cos = tl.load(cos_ptr + batch * stride_cos_b + tokens[:, None] * stride_cos_l + pairs[None, :],
-                  mask=pair_inside, other=0.0).to(tl.float32)
-    sin = tl.load(sin_ptr + batch * stride_sin_b + tokens[:, None] * stride_sin_l + pairs[None, :],
-                  mask=pair_inside, other=0.0).to(tl.float32)
-    q_scale = tl.load(q_scale_ptr + dims, mask=dim_inside, other=0.0).to(tl.float32)
-    k_scale = tl.load(k_scale_ptr + dims, mask=dim_inside, other=0.0).to(tl.float32)
+    q, k, v = normed_qkv_tile(qkv_ptr, q_scale_ptr, k_scale_ptr, cos_ptr, sin_ptr, batch, head, tokens, length,
+                              num_heads, head_dim, eps, stride_qkv_b, stride_qkv_l, stride_cos_b, stride_cos_l,
+                              stride_sin_b, stride_sin_l, BLOCK_L, BLOCK_D)
     element = k_ptr.dtype.element_ty
     # Rounded to the activations' dtype first, as the unfused path stores them before quantizing.
-    q = _norm_rope_tile(q, q_scale, cos, sin, head_dim, eps, BLOCK_L, BLOCK_D).to(element).to(tl.float32)
-    k = _norm_rope_tile(k, k_scale, cos, sin, head_dim, eps, BLOCK_L, BLOCK_D).to(element)
+    q = q.to(element).to(tl.float32)
+    k = k.to(element)
 
     # q -> int8, one scale per token (sage_attention's _quantize_int8_kernel, Q_ROWS = 1).
     amax = tl.maximum(tl.reduce(tl.abs(q), 1, _max), 1e-30)
