@@ -106,6 +106,8 @@ def joint_sage_operands(streams: list[tuple[torch.Tensor, torch.Tensor, torch.Te
     v_amax = torch.zeros((batch, num_heads, channels), dtype=torch.float32, device=device)
     for (qkv, query_scale, key_scale), offset, cos_part, sin_part in stream_parts(streams, cos, sin):
         stream_length = qkv.shape[1]
+        if stream_length == 0:
+            continue
         qkv = last_dim_contiguous(qkv)
         cos_part = last_dim_contiguous(cos_part.expand(batch, 1, stream_length, head_dim // 2))
         sin_part = last_dim_contiguous(sin_part.expand(batch, 1, stream_length, head_dim // 2))
