@@ -57,19 +57,15 @@ def int8_linear_gated_residual(data: torch.Tensor, scale: torch.Tensor, weight: 
     Hopper kernel takes the product (a contiguous residual, a [B, 1, N] gate); elsewhere the product is rounded to
     residual's dtype and added after it, as an unfused block does."""
     batch, length, n = residual.shape
-    gate_rows = gate.reshape(gate.shape[0], n)
-    rows = last_dim_contiguous(data.reshape(-1, data.shape[-1])) if _runs(data, weight) else None
-    if (rows is not None and HOPPER_KERNEL == "gluon" and gate.shape[0] == batch
-            and int8_gemm_hopper.ready_for(rows, weight, residual.dtype)
-            and int8_gemm_hopper.gated_residual_fits(batch * length, n, residual.view(-1, n) if residual.is_contiguous()
-                                                     else residual, gate_rows)):
-        out = int8_gemm_hopper.launch(rows, scale.reshape(-1).float().contiguous(), weight,
-                                      weight_scale.float().reshape(-1).expand(n).contiguous(),
-                                      None if bias is None else bias.contiguous(), residual.dtype,
-                                      residual=residual.view(batch * length, n), gate=gate_rows)
-        launches["int8_linear"] += 1  # an int8 GEMM like any other, counted as one
-        launches["int8_linear_gated_residual"] += 1
-        return out.view(batch, length, n)
+    if (_runs(data, weight) and HOPPER_KERNEL == "gluon" and gate.shape[0] == batch and residual.is_contiguous()):
+        operands = _kernel_operands(data, scale, weight, weight_scale, bias)
+        flat_residual, gate_rows = residual.view(batch * length, n), gate.reshape(batch, n)
+        if (int8_gemm_hopper.ready_for(operands[0], weight, residual.dtype)
+                and int8_gemm_hopper.gated_residual_fits(batch * length, n, flat_residual, gate_rows)):
+            out = int8_gemm_hopper.launch(*operands, residual.dtype, residual=flat_residual, gate=gate_rows)
+            launches["int8_linear"] += 1  # an int8 GEMM like any other, counted as one
+            launches["int8_linear_gated_residual"] += 1
+            return out.view(batch, length, n)
     return residual + gate * int8_linear(data, scale, weight, weight_scale, bias, residual.dtype)
 
 
@@ -83,11 +79,18 @@ def int8_linear(data: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, w
     """Same contract as `int8_linear_reference`; the Triton kernel where it can run."""
     if not _runs(data, weight):
         return int8_linear_reference(data, scale, weight, weight_scale, bias, out_dtype)
-    rows = last_dim_contiguous(data.reshape(-1, data.shape[-1]))
-    out = _launch(rows, scale.reshape(-1).float().contiguous(), weight.contiguous(),
-                  weight_scale.float().reshape(-1).expand(weight.shape[0]).contiguous(),
-                  None if bias is None else bias.contiguous(), out_dtype)
+    out = _launch(*_kernel_operands(data, scale, weight, weight_scale, bias), out_dtype)
     return out.view(*data.shape[:-1], weight.shape[0])
+
+
+def _kernel_operands(data: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                     bias: torch.Tensor | None) -> tuple:
+    """The product's operands as the kernels take them: data [M, K] rows with unit column stride, scale [M] and
+    weight_scale [N] float32, weight and bias contiguous."""
+    rows = last_dim_contiguous(data.reshape(-1, data.shape[-1]))
+    return (rows, scale.reshape(-1).float().contiguous(), weight.contiguous(),
+            weight_scale.float().reshape(-1).expand(weight.shape[0]).contiguous(),
+            None if bias is None else bias.contiguous())
 
 
 @triton.jit

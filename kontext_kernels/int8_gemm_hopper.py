@@ -145,8 +145,7 @@ def _consumer(data_ring, weight_ring, ready, free, turns, loaded, out_desc, out_
 def _int8_linear_pingpong_kernel(data_desc, weight_desc, out_desc, scale_ptr, weight_scale_ptr, bias_ptr,
                                  residual_desc, gate_ptr, rows_per_batch, gate_stride, M, N, K,
                                  HAS_BIAS: gl.constexpr, RESIDUAL: gl.constexpr, BATCHED: gl.constexpr,
-                                 GROUP_M: gl.constexpr,
-                                 STAGES: gl.constexpr,
+                                 GROUP_M: gl.constexpr, STAGES: gl.constexpr,
                                  LOADER_REGISTERS: gl.constexpr, CONSUMER_REGISTERS: gl.constexpr):
     WARPS: gl.constexpr = gl.num_warps()
     data_ring = gl.allocate_shared_memory(data_desc.dtype, [STAGES] + data_desc.block_type.shape, data_desc.layout)
@@ -231,12 +230,13 @@ def launch(data: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, weight
                          f"rows each)")
     data_layout, weight_layout, out_layout = _shared_layouts(out_dtype)
     tiles = cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N)
+    out_desc = TensorDescriptor.from_tensor(out, [BLOCK_M, BLOCK_N], out_layout)
     _int8_linear_pingpong_kernel[(min(multiprocessors(data.device), tiles),)](
         TensorDescriptor.from_tensor(data, [BLOCK_M, BLOCK_K], data_layout),
         TensorDescriptor.from_tensor(weight, [BLOCK_N, BLOCK_K], weight_layout),
-        TensorDescriptor.from_tensor(out, [BLOCK_M, BLOCK_N], out_layout),
-        scale, weight_scale, out if bias is None else bias,
-        TensorDescriptor.from_tensor(residual if fused else out, [BLOCK_M, BLOCK_N], out_layout),
+        out_desc, scale, weight_scale, out if bias is None else bias,
+        # Unfused, the output's own descriptor and tensor stand in, unread: no second descriptor a launch.
+        TensorDescriptor.from_tensor(residual, [BLOCK_M, BLOCK_N], out_layout) if fused else out_desc,
         gate if fused else out,
         M // gate.shape[0] if fused else 1, gate.stride(0) if fused else 0, M, N, K,
         HAS_BIAS=bias is not None, RESIDUAL=fused, BATCHED=fused and gate.shape[0] > 1, GROUP_M=group_m,

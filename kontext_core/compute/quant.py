@@ -129,14 +129,6 @@ def _int8_linear(data: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, 
     return _int8_gemm.int8_linear(data, scale, weight, weight_scale, bias, out_dtype)
 
 
-if _int8_gemm is not None:
-    # Opaque to the compiler, which would otherwise trace into the kernel's autotuner and descriptors.
-    ops.define("int8_linear(Tensor data, Tensor scale, Tensor weight, Tensor weight_scale, Tensor? bias, "
-               "ScalarType out_dtype) -> Tensor", _int8_linear,
-               lambda data, scale, weight, weight_scale, bias, out_dtype: data.new_empty(
-                   (*data.shape[:-1], weight.shape[0]), dtype=out_dtype))
-
-
 def _int8_linear_gated_residual(data: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor,
                                 weight_scale: torch.Tensor, bias: torch.Tensor | None, gate: torch.Tensor,
                                 residual: torch.Tensor) -> torch.Tensor:
@@ -144,6 +136,11 @@ def _int8_linear_gated_residual(data: torch.Tensor, scale: torch.Tensor, weight:
 
 
 if _int8_gemm is not None:
+    # Opaque to the compiler, which would otherwise trace into the kernel's autotuner and descriptors.
+    ops.define("int8_linear(Tensor data, Tensor scale, Tensor weight, Tensor weight_scale, Tensor? bias, "
+               "ScalarType out_dtype) -> Tensor", _int8_linear,
+               lambda data, scale, weight, weight_scale, bias, out_dtype: data.new_empty(
+                   (*data.shape[:-1], weight.shape[0]), dtype=out_dtype))
     ops.define("int8_linear_gated_residual(Tensor data, Tensor scale, Tensor weight, Tensor weight_scale, "
                "Tensor? bias, Tensor gate, Tensor residual) -> Tensor", _int8_linear_gated_residual,
                lambda data, scale, weight, weight_scale, bias, gate, residual: torch.empty_like(residual))
@@ -151,9 +148,8 @@ if _int8_gemm is not None:
 
 def int8_gated_residual(residual: torch.Tensor, gate: torch.Tensor, rows: QuantizedRows, weight: torch.Tensor,
                         weight_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """residual + gate * (int8 rows @ weight.T ...), the add in the int8 GEMM's epilogue where it can be."""
-    if _int8_gemm is None:
-        return residual + gate * linear_rows(rows, weight, weight_scale, bias, residual.dtype)
+    """residual + gate * (int8 rows @ weight.T ...), the add in the int8 GEMM's epilogue where it can be. (int8
+    rows exist only where the int8 kernels imported: `int8_weight_ok`.)"""
     if torch.compiler.is_compiling():
         return torch.ops.kontext.int8_linear_gated_residual(rows.data, rows.scale, weight, weight_scale, bias, gate,
                                                             residual)
