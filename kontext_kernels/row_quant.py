@@ -171,6 +171,34 @@ _NEGATIVE_GELU_BOUND = 0.171
 
 
 @triton.jit
+def _chunked_amax(ptr, rows, n_rows, stride, width, chunks, CHUNK: tl.constexpr, ROWS: tl.constexpr,
+                  GELU: tl.constexpr, SIGNED: tl.constexpr):
+    """Per row of a [M, width] matrix read in CHUNK-wide chunks: the largest |x| (|GELU(x)| with GELU), or with
+    SIGNED the largest x itself."""
+    top = tl.full([ROWS], 0.0, tl.float32)
+    for start in range(0, chunks * CHUNK, CHUNK):
+        tile, _, _ = _row_tile(ptr + start, rows, n_rows, stride, width - start, CHUNK)
+        if GELU:
+            tile = _gelu_tanh(tile)
+        if not SIGNED:
+            tile = tl.abs(tile)
+        top = tl.maximum(top, tl.reduce(tile, 1, _max))
+    return top
+
+
+@triton.jit
+def _store_chunks(ptr, out_rows, rows, n_rows, stride, width, chunks, inv_scale, CHUNK: tl.constexpr,
+                  GELU: tl.constexpr, INT8: tl.constexpr, EXACT_ROUNDING: tl.constexpr):
+    """A [M, width] matrix (GELU of it), read in chunks, stored 8-bit from `out_rows` on at `inv_scale` per row."""
+    cols = tl.arange(0, CHUNK)
+    for start in range(0, chunks * CHUNK, CHUNK):
+        tile, _, mask = _row_tile(ptr + start, rows, n_rows, stride, width - start, CHUNK)
+        if GELU:
+            tile = _gelu_tanh(tile)
+        _store_8bit(out_rows + start + cols[None, :], tile, inv_scale, mask, INT8, EXACT_ROUNDING)
+
+
+@triton.jit
 def _concat_quantize_kernel(
     first_ptr, second_ptr, out_ptr, scale_ptr,
     n_rows, first_width, second_width, first_chunks, second_chunks, stride_first, stride_second, stride_out,
@@ -181,44 +209,29 @@ def _concat_quantize_kernel(
     # cache. Holding a whole 15k-wide row in registers instead left two programs per SM, each waiting on its
     # loads before it could compute (2x the memory floor at FLUX's widths, bench/RESULTS.md).
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    in_rows = rows < n_rows
-    cols = tl.arange(0, CHUNK)
     amax = tl.full([ROWS], 0.0, tl.float32)
     if HAS_FIRST:
-        for start in range(0, first_chunks * CHUNK, CHUNK):
-            tile, _, _ = _row_tile(first_ptr + start, rows, n_rows, stride_first, first_width - start, CHUNK)
-            amax = tl.maximum(amax, tl.reduce(tl.abs(tile), 1, _max))
+        amax = _chunked_amax(first_ptr, rows, n_rows, stride_first, first_width, first_chunks, CHUNK, ROWS, False,
+                             False)
     if GELU_SECOND:
-        # GELU rises on x > 0 and stays under the bound below 0: the amax is GELU(the largest input) unless that
-        # is under the bound, when the exact pass below takes every GELU's magnitude.
-        top = tl.full([ROWS], 0.0, tl.float32)
-        for start in range(0, second_chunks * CHUNK, CHUNK):
-            tile, _, _ = _row_tile(second_ptr + start, rows, n_rows, stride_second, second_width - start, CHUNK)
-            top = tl.maximum(top, tl.reduce(tile, 1, _max))
-        gelu_top = _gelu_tanh(top)
-        if tl.reduce(tl.where(in_rows & (gelu_top < NEGATIVE_GELU_BOUND), 1.0, 0.0), 0, _max) > 0.0:
-            gelu_top = tl.full([ROWS], 0.0, tl.float32)
-            for start in range(0, second_chunks * CHUNK, CHUNK):
-                tile, _, _ = _row_tile(second_ptr + start, rows, n_rows, stride_second, second_width - start,
-                                       CHUNK)
-                gelu_top = tl.maximum(gelu_top, tl.reduce(tl.abs(_gelu_tanh(tile)), 1, _max))
-        amax = tl.maximum(amax, gelu_top)
+        # GELU rises on x > 0 and stays under the bound below 0: the amax is GELU(the largest input), found without
+        # a GELU per value, unless that is under the bound; then a pass takes every GELU's magnitude.
+        second_amax = _gelu_tanh(_chunked_amax(second_ptr, rows, n_rows, stride_second, second_width, second_chunks,
+                                               CHUNK, ROWS, False, True))
+        if tl.reduce(tl.where((rows < n_rows) & (second_amax < NEGATIVE_GELU_BOUND), 1.0, 0.0), 0, _max) > 0.0:
+            second_amax = _chunked_amax(second_ptr, rows, n_rows, stride_second, second_width, second_chunks, CHUNK,
+                                        ROWS, True, False)
     else:
-        for start in range(0, second_chunks * CHUNK, CHUNK):
-            tile, _, _ = _row_tile(second_ptr + start, rows, n_rows, stride_second, second_width - start, CHUNK)
-            amax = tl.maximum(amax, tl.reduce(tl.abs(tile), 1, _max))
-    scale, inv_scale = _row_scales(amax, INT8)
+        second_amax = _chunked_amax(second_ptr, rows, n_rows, stride_second, second_width, second_chunks, CHUNK,
+                                    ROWS, False, False)
+    scale, inv_scale = _row_scales(tl.maximum(amax, second_amax), INT8)
     out_rows = out_ptr + rows[:, None] * stride_out
     if HAS_FIRST:
-        for start in range(0, first_chunks * CHUNK, CHUNK):
-            tile, _, mask = _row_tile(first_ptr + start, rows, n_rows, stride_first, first_width - start, CHUNK)
-            _store_8bit(out_rows + start + cols[None, :], tile, inv_scale, mask, INT8, EXACT_ROUNDING)
-    for start in range(0, second_chunks * CHUNK, CHUNK):
-        tile, _, mask = _row_tile(second_ptr + start, rows, n_rows, stride_second, second_width - start, CHUNK)
-        if GELU_SECOND:
-            tile = _gelu_tanh(tile)
-        _store_8bit(out_rows + first_width + start + cols[None, :], tile, inv_scale, mask, INT8, EXACT_ROUNDING)
-    tl.store(scale_ptr + rows[:, None], scale, mask=in_rows[:, None])
+        _store_chunks(first_ptr, out_rows, rows, n_rows, stride_first, first_width, first_chunks, inv_scale, CHUNK,
+                      False, INT8, EXACT_ROUNDING)
+    _store_chunks(second_ptr, out_rows + first_width, rows, n_rows, stride_second, second_width, second_chunks,
+                  inv_scale, CHUNK, GELU_SECOND, INT8, EXACT_ROUNDING)
+    tl.store(scale_ptr + rows[:, None], scale, mask=(rows < n_rows)[:, None])
 
 
 # Values per chunk of the two-pass row kernel: a power of two, as tl.arange needs (timed on an H200,
