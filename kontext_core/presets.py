@@ -4,8 +4,9 @@ graphs, so that the node, the CLI and scripts ask for "fast" instead of four set
 `exact` is what runs when nothing is asked for: bf16 weights (or what the memory plan picks), exact
 attention, eager blocks. `fast` takes every opt-in speed path at once: int8 block GEMMs (~3% velocity error
 vs bf16 on random weights, bench/RESULTS.md), 8-bit attention (int8 Q.K, fp8 P.V), regional compilation,
-CUDA-graph replay, and a run's modulation vectors computed before its first step. A part that cannot run on the device at hand falls back to `exact`'s choice, and
-`resolve_preset` says which and why, so a preset never fails where the exact path would run.
+CUDA-graph replay, and a run's modulation vectors computed before its first step. A part that cannot run on the
+device at hand falls back to `exact`'s choice, and `resolve_preset` says which and why, so a preset never fails
+where the exact path would run.
 """
 
 from __future__ import annotations

@@ -118,7 +118,7 @@ def sample_euler(
     whose input barely changed (kontext_core/step_cache.py); its counts are added to `cache_stats`.
     `blend(x, t_next)` rewrites the latent after each step (a masked edit puts back the noised original
     outside its mask: masks.LatentInpaint). `batched_modulation` computes every step's modulation vectors
-    before the first step (`KontextTransformer.modulation_table`): ~2 ms a step less on an H200 at 1024², equal to
+    before the first step (`KontextTransformer.modulation_table`): ~3 ms a step less on an H200 at 1024², equal to
     the per-step values up to the GEMMs' rounding; not with step caching or a model with hooks (block
     offload), which then compute them each step.
     """

@@ -132,5 +132,4 @@ def joint_sage_attention(streams: list[tuple[torch.Tensor, torch.Tensor, torch.T
     first = streams[0][0]
     if fp8_pv is None:
         fp8_pv = sa.fp8_tensor_cores(first.device)
-    operands = joint_sage_operands(streams, cos, sin, num_heads, fp8_pv)
-    return sa._launch_attention(operands, first.dtype)
+    return sa.attend(joint_sage_operands(streams, cos, sin, num_heads, fp8_pv), first.dtype)

@@ -38,3 +38,26 @@ def exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
     """softmax(q kᵀ / sqrt(D)) v in float64, [B, H, L, D]."""
     scores = (q.double() @ k.double().transpose(-1, -2)) * q.shape[-1] ** -0.5
     return scores.softmax(dim=-1) @ v.double()
+
+
+def eager_and_compiled(model, args: tuple, device: str, kernel: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """`model.velocity(*args)` eagerly, then with its blocks compiled ("aot_eager" on the CPU), checking each time that
+    the launch counter `kernel` moved once a block (its op really ran, inside the compiled blocks too). The
+    blocks are uncompiled again after."""
+    from kontext_kernels.runtime import launches
+
+    blocks = len(model.double_blocks) + len(model.single_blocks)
+    outputs = []
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            for compiled in (False, True):
+                if compiled:
+                    model.compile_blocks(backend="aot_eager" if device == "cpu" else "inductor")
+                before = launches[kernel]
+                outputs.append(model.velocity(*args))
+                assert launches[kernel] - before == blocks, (kernel, compiled)
+    finally:
+        model.uncompile_blocks()
+        torch._dynamo.reset()
+    return outputs[0], outputs[1]

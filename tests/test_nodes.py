@@ -335,6 +335,7 @@ def test_fast_preset_on_the_cpu_falls_back_and_says_so(comfy, tiny_transformer, 
     with caplog.at_level("WARNING"):
         ref = nodes.KontextModelLoader.run("tiny.safetensors", preset="fast").outputs[0]
     assert (ref.dtype, ref.attention, ref.compile, ref.cuda_graphs) == ("fp32", "auto", False, False)
+    assert not ref.batched_modulation
     assert "preset fast: int8 weights: int8 GEMMs need a CUDA GPU" in caplog.text
 
 
@@ -350,6 +351,11 @@ def test_fast_preset_parts_reach_the_model_reference(comfy, tiny_transformer, mo
     ref = nodes.KontextModelLoader.run("tiny.safetensors", preset="fast").outputs[0]
     fast = presets.PRESETS["fast"]
     assert (ref.dtype, ref.attention, ref.compile, ref.cuda_graphs) == (fast.dtype, fast.attention, True, True)
+    assert ref.batched_modulation
+    # ... and the pipeline the sampling nodes build from it.
+    monkeypatch.setattr(resolve, "transformer", lambda model: tiny_transformer)
+    monkeypatch.setattr(resolve, "autoencoder", lambda vae: None)
+    assert resolve.pipeline(ref, vae=None).batched_modulation
     explicit = nodes.KontextModelLoader.run("tiny.safetensors", weight_dtype="fp32", preset="fast").outputs[0]
     assert explicit.dtype == "fp32" and explicit.cuda_graphs
 

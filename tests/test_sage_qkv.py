@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from attention_cases import eager_and_compiled
 from conftest import kernels_built_for, tiny_edit_args
 from kontext_kernels.runtime import launches, triton_available
 
@@ -75,26 +76,16 @@ def test_the_model_with_the_fused_pass_equals_the_unfused_one(device, tiny_trans
     from kontext_core import set_attention_backend
     from kontext_core.compute import attention
 
-    torch._dynamo.reset()
     model = tiny_transformer.to(device, torch.bfloat16)
     args = tiny_edit_args(1, torch.bfloat16, device)
-    calls = len(model.double_blocks) + len(model.single_blocks)
     previous = attention.get_attention_backend()
     set_attention_backend("sage8")
     try:
         with torch.no_grad():
             unfused = model.velocity(*args)
-            monkeypatch.setattr(attention, "FUSED_SAGE_QKV", True)
-            before = launches["qkv_norm_rope_sage"]
-            fused = model.velocity(*args)
-            assert launches["qkv_norm_rope_sage"] - before == calls
-            model.compile_blocks(backend="aot_eager" if device == "cpu" else "inductor")
-            before = launches["qkv_norm_rope_sage"]
-            compiled = model.velocity(*args)
-            assert launches["qkv_norm_rope_sage"] - before == calls
+        monkeypatch.setattr(attention, "FUSED_SAGE_QKV", True)
+        fused, compiled = eager_and_compiled(model, args, device, "qkv_norm_rope_sage")
     finally:
         set_attention_backend(previous)
-        model.uncompile_blocks()
-        torch._dynamo.reset()
     assert torch.equal(fused, unfused)
     assert (compiled.double() - fused.double()).norm() <= 2e-2 * fused.double().norm()

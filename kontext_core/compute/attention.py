@@ -179,6 +179,12 @@ def sequence_parallel_scope(layout):
         _sequence_layout = before
 
 
+# sage8's q int8 rows and K/V column statistics made in the QK-norm + RoPE pass (kontext_kernels/sage_qkv.py): the
+# same operands bit for bit, two passes fewer over q, k and v. Off until timed on a GPU against the separate passes
+# (bench_step's +fusedqkv); a plain flag, which torch.compile guards on.
+FUSED_SAGE_QKV = False
+
+
 def joint_attention(streams: list[tuple[torch.Tensor, torch.nn.Module, torch.nn.Module]], cos: torch.Tensor,
                     sin: torch.Tensor, num_heads: int) -> torch.Tensor:
     """Attention over the joint sequence of streams (qkv [B, L_i, 3*H*D], query_norm, key_norm), q and k
@@ -195,7 +201,7 @@ def joint_attention(streams: list[tuple[torch.Tensor, torch.nn.Module, torch.nn.
         batch, heads, length, head_dim = out.shape
         return out.transpose(1, 2).reshape(batch, length, heads * head_dim)
     if (_backend in SAGE_BACKENDS and FUSED_SAGE_QKV and _sage_qkv is not None and _sequence_layout is None
-            and fused.qk_kernel_active(first) and _kernel_runtime.enabled_for_traced(first)):
+            and fused.qk_kernel_active(first)):
         tensors = [(qkv, query_norm.scale, key_norm.scale) for qkv, query_norm, key_norm in streams]
         if _sage_qkv.runs_fused(tensors, num_heads):
             out = torch.ops.kontext.sage_joint_attention([qkv for qkv, _, _ in tensors], [q for _, q, _ in tensors],
@@ -204,12 +210,6 @@ def joint_attention(streams: list[tuple[torch.Tensor, torch.nn.Module, torch.nn.
             batch, heads, length, head_dim = out.shape
             return out.transpose(1, 2).reshape(batch, length, heads * head_dim)
     return attention(*fused.joint_qkv_heads(streams, cos, sin, num_heads))
-
-
-# sage8's q int8 rows and K/V column statistics made in the QK-norm + RoPE pass (kontext_kernels/sage_qkv.py): the
-# same operands bit for bit, two passes fewer over q, k and v. Off until timed on a GPU against the separate passes
-# (bench_step's +fusedqkv); a plain flag, which torch.compile guards on.
-FUSED_SAGE_QKV = False
 
 
 def sage_unavailable_reason(device: torch.device | str | None = None) -> str | None:
