@@ -29,7 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_step import WORKLOADS, inputs, ours_step, random_autoencoder, random_transformer  # noqa: E402
+from bench_step import WORKLOADS, inputs, ours_step, random_transformer  # noqa: E402
+from random_weights import random_autoencoder  # noqa: E402
 from kontext_core import TransformerConfig  # noqa: E402
 from kontext_core.placement.memory import EDIT_TOKENS, GIB, PLAN_NAMES, choose_plan  # noqa: E402
 from kontext_core.placement.offload import BlockOffloader  # noqa: E402

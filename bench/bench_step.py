@@ -35,9 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import kontext_kernels  # noqa: E402
-from kontext_kernels import int8_gemm, sage_attention  # noqa: E402
+from kontext_kernels import int8_gemm, row_quant, sage_attention  # noqa: E402
 from kontext_core.compute import fused, quant  # noqa: E402
-from kontext_core import Autoencoder, KontextTransformer, TransformerConfig, set_attention_backend  # noqa: E402
+from kontext_core import KontextTransformer, TransformerConfig, set_attention_backend  # noqa: E402
 from kontext_core.compute import attention as attention_module  # noqa: E402
 from kontext_core.compute.attention import flash_attn_variant  # noqa: E402
 from kontext_core.checkpoints.key_maps import to_theirs, transformer_links  # noqa: E402
@@ -45,7 +45,7 @@ from kontext_core.compute.cuda_graph import GraphedVelocity  # noqa: E402
 from kontext_core.pipeline import GenerationSettings, KontextPipeline  # noqa: E402
 from kontext_core.sampling import TextConditioning  # noqa: E402
 from kontext_core.model.tokens import context_tokens, pack_latent, position_ids, text_position_ids  # noqa: E402
-from random_weights import randomize_, rel_l2  # noqa: E402
+from random_weights import random_autoencoder, randomize_, rel_l2  # noqa: E402
 
 WORKLOADS = {"edit": {"latent": 128, "context": True, "text": 512}, "t2i": {"latent": 128, "context": False, "text": 512}}
 
@@ -250,6 +250,8 @@ MODIFIERS = {
                   "warp-specialised Gluon one (kontext_kernels/int8_gemm_hopper.py)",
     "fusedqkv": "with +sage8: q's int8 rows and K/V's column statistics made in the QK-norm + RoPE pass "
                 "(kontext_kernels/sage_qkv.py), not by separate passes",
+    "tanhgelu": "int8/fp8 rows: the row quantizers' GELU through the GPU's tanh.approx (kontext_kernels/row_quant.py, "
+                "GELU_TANH_APPROX; default: exp2 and a division)",
     "tritonattention": "with +sage8 on Hopper: the Triton-language attention kernel (kontext_kernels/sage_attention.py), "
                        "not the warp-specialised Gluon one (kontext_kernels/sage_attention_hopper.py)",
     "sdpa": "attention through PyTorch's SDPA (cuDNN first) even where flash-attn is installed (auto takes it)",
@@ -272,6 +274,7 @@ MODIFIERS = {
 PRODUCT_SCORES = sage_attention.SCORES_DEFAULT  # the product's, kept before a row changes it
 PRODUCT_HOPPER_GEMM = int8_gemm.HOPPER_KERNEL
 PRODUCT_HOPPER_ATTENTION = sage_attention.HOPPER_KERNEL
+PRODUCT_GELU = row_quant.GELU_ON_GPU
 
 
 def _comfy_variant(impl: str) -> str:
@@ -287,7 +290,8 @@ def implementation(name: str) -> str:
     if "cudnn" in modifiers and base.startswith("ours"):
         raise argparse.ArgumentTypeError(f"{name!r}: +cudnn is for the reference rows; ours always puts cuDNN first")
     ours_only = [m for m in modifiers if m in ("lora", "lorafly", "thinlora", "autotune", "sdpa", "sage8", "sage8fp16",
-                                               "tritongemm", "tritonattention", "modtable", "fusedqkv")]
+                                               "tritongemm", "tritonattention", "modtable", "fusedqkv",
+                                               "tanhgelu")]
     if ours_only and not base.startswith("ours"):
         raise argparse.ArgumentTypeError(f"{name!r}: +{ours_only[0]} applies to our rows only")
     if "autotune" in modifiers and not base.endswith("-compiled"):
@@ -313,6 +317,7 @@ def configure(impl: str) -> None:
     int8_gemm.HOPPER_KERNEL = "triton" if "tritongemm" in modifiers else PRODUCT_HOPPER_GEMM
     sage_attention.HOPPER_KERNEL = "triton" if "tritonattention" in modifiers else PRODUCT_HOPPER_ATTENTION
     attention_module.FUSED_SAGE_QKV = "fusedqkv" in modifiers
+    row_quant.GELU_ON_GPU = row_quant.GELU_TANH_APPROX if "tanhgelu" in modifiers else PRODUCT_GELU
     sage_attention.SCORES_DEFAULT = (sage_attention.SCORES_CONVERT if "convertedscores" in modifiers else
                                      PRODUCT_SCORES)
     import torch._inductor.config
@@ -451,19 +456,6 @@ def uncompile(model) -> None:
     for module in model.modules():
         if getattr(module, "_compiled_call_impl", None) is not None:
             module._compiled_call_impl = None
-
-
-def random_autoencoder() -> Autoencoder:
-    """The full-size FLUX AE in bf16 on the GPU, random weights at a scale that keeps activations O(1)."""
-    with torch.device("meta"):
-        ae = Autoencoder()
-    ae = ae.to_empty(device="cuda").to(torch.bfloat16)
-    with torch.no_grad():
-        for name, p in ae.named_parameters():
-            p.normal_(0, (p[0].numel() ** -0.5) if p.ndim > 1 else 0.02)
-            if "norm" in name and name.endswith("weight"):
-                p.fill_(1.0)
-    return ae.eval()
 
 
 def end_to_end(model: KontextTransformer, steps: int = 28, cuda_graphs: bool = False,

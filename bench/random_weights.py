@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kontext_core.model.autoencoder import Autoencoder, AutoencoderConfig
+
 INITS = ("fan-in", "std0.02")
 
 
@@ -26,6 +28,21 @@ def randomize_(module: nn.Module, generator: torch.Generator, init: str = "fan-i
             else:
                 param.normal_(0, 0.02, generator=generator)
     return module
+
+
+def random_autoencoder(config: AutoencoderConfig | None = None, device: str = "cuda",
+                       dtype: torch.dtype = torch.bfloat16) -> Autoencoder:
+    """The FLUX AE (full size by default) with random weights: kernels at std 1/sqrt(fan_in), which keeps
+    activations O(1); norm weights 1, other vectors N(0, 0.02^2)."""
+    with torch.device("meta"):
+        ae = Autoencoder(config)
+    ae = ae.to_empty(device=device).to(dtype)
+    with torch.no_grad():
+        for name, param in ae.named_parameters():
+            param.normal_(0, (param[0].numel() ** -0.5) if param.ndim > 1 else 0.02)
+            if "norm" in name and name.endswith("weight"):
+                param.fill_(1.0)
+    return ae.eval()
 
 
 def rel_l2(ours: torch.Tensor, reference: torch.Tensor) -> float:

@@ -114,6 +114,12 @@ def main() -> None:
                      else f"chunk {first}, {second} warps")
             print(f"| {name} | {label} | {seconds * 1e6:.1f} | {moved / seconds / 1e12:.2f} | "
                   f"{seconds * bandwidth / moved:.2f} | {seconds * calls * 1e3:.2f} |", flush=True)
+        if "GELU" in name and not args.tiny:  # the GPU's tanh.approx instead of exp2 and a division
+            row_quant.GELU_ON_GPU = row_quant.GELU_TANH_APPROX
+            seconds = timed(fn, args.tiny)
+            row_quant.GELU_ON_GPU = row_quant.GELU_EXP
+            print(f"| {name} | default, GELU through tanh.approx | {seconds * 1e6:.1f} | {moved / seconds / 1e12:.2f} | "
+                  f"{seconds * bandwidth / moved:.2f} | {seconds * calls * 1e3:.2f} |", flush=True)
 
     k, v = (torch.randn(1, tokens, heads, 128, device=device, dtype=torch.bfloat16).transpose(1, 2) for _ in range(2))
     q = torch.randn_like(k)

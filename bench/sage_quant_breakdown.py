@@ -1,6 +1,7 @@
 """Would fusing sage8's quantization into the QK-norm + RoPE pass pay? Each kernel's GPU time at the edit shape.
 
     python3 bench/sage_quant_breakdown.py          # on a CUDA GPU: one attention call of a 1024² edit (8704 tokens)
+    python3 bench/sage_quant_breakdown.py --fused 64x8 32x8   # and the fused pass (kontext_kernels/sage_qkv.py)
     TRITON_INTERPRET=1 python3 bench/sage_quant_breakdown.py --tiny   # on a CPU: that it runs
 
 The QK-norm + RoPE kernel writes q, k, v in bf16; sage8's quantization (kontext_kernels/sage_attention.py) then
@@ -28,7 +29,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kontext_core import TransformerConfig  # noqa: E402
-from kontext_kernels import qk_norm_rope, sage_attention  # noqa: E402
+from kontext_kernels import qk_norm_rope, sage_attention, sage_qkv  # noqa: E402
 
 ATTENTION_CALLS_PER_STEP = 57
 FUSABLE = ("_column_stats_kernel", "_quantize_int8_kernel[q]")
@@ -59,6 +60,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny sizes on the CPU through Triton's interpreter")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--fused", nargs="*", default=[], metavar="TOKENSxWARPS",
+                        help="also time sage_qkv's fused pass at these tiles (tokens per program x warps)")
     args = parser.parse_args()
 
     config = TransformerConfig.tiny() if args.tiny else TransformerConfig()
@@ -101,6 +104,15 @@ def main() -> None:
           f"({ATTENTION_CALLS_PER_STEP * quantization / 1e3:.2f} ms per step)")
     print(f"  fusable at most (stats + q)        {fusable:8.1f} us "
           f"({ATTENTION_CALLS_PER_STEP * fusable / 1e3:.2f} ms per step, an upper bound)")
+    unfused = sum(rows.values())
+    print(f"  unfused, every launch              {unfused:8.1f} us ({ATTENTION_CALLS_PER_STEP * unfused / 1e3:.2f} ms per step)")
+    for tile in args.fused:
+        sage_qkv.BLOCK_L, sage_qkv.WARPS = map(int, tile.split("x"))
+        fused = kernel_times(lambda: sage_qkv.joint_sage_operands([(qkv, q_scale, k_scale)], cos, sin, heads, fp8_pv),
+                             args.repeats)
+        total = sum(fused.values())
+        print(f"  fused {tile:6s} every launch         {total:8.1f} us ({ATTENTION_CALLS_PER_STEP * total / 1e3:.2f} ms "
+              f"per step): " + ", ".join(f"{name} {micros:.1f}" for name, micros in fused.items()), flush=True)
     print(f"  one bf16 q/k/v tensor: {bytes_per_tensor / 1e6:.1f} MB; at 4.0 TB/s a read takes "
           f"{bytes_per_tensor / 4.0e12 * 1e6:.1f} us")
 

@@ -163,7 +163,8 @@ def _amax_kernel(x_ptr, work_ptr, amax_slot, n_rows, heads, length, stride_b, st
         x, mask = _tile(x_ptr, rows, n_rows, heads, length, stride_b, stride_h, stride_l, stride_d, head_dim,
                         BLOCK_D)
         acc = tl.maximum(acc, tl.abs(x))
-    tl.atomic_max(work_ptr + amax_slot, tl.reduce(tl.reduce(acc, 1, _max), 0, _max))
+    tl.atomic_max(work_ptr + amax_slot, tl.reduce(tl.reduce(acc, 1, _max), 0, _max),
+                 sem="relaxed")  # read after the kernel ends: no barrier before the atomic
 
 
 @triton.jit

@@ -383,7 +383,8 @@ def _column_stats_kernel(k_ptr, v_ptr, k_sum_ptr, v_amax_ptr, heads, length, hea
                          tiles_per_program, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
     # One program sums a run of tiles of one head; programs meet in atomics. K's sums are float64: exact for
     # bf16 values (and for any whose exponents span under ~30 binades), so the atomics' order cannot change
-    # them and the mean equals the reference's bit for bit.
+    # them and the mean equals the reference's bit for bit. Relaxed atomics: they are read after the kernel ends, and
+    # the default acq_rel would put a GPU-wide barrier before each.
     bh = tl.program_id(0)
     first_tile = tl.program_id(1) * tiles_per_program
     cols = tl.arange(0, BLOCK_D)
@@ -398,8 +399,8 @@ def _column_stats_kernel(k_ptr, v_ptr, k_sum_ptr, v_amax_ptr, heads, length, hea
         v = tl.load(v_base + rows[:, None] * stride_vl + cols[None, :] * stride_vd, mask=mask, other=0.0)
         k_sum += k.to(tl.float64)
         v_amax = tl.maximum(v_amax, tl.abs(v.to(tl.float32)))
-    tl.atomic_add(k_sum_ptr + bh * BLOCK_D + cols, tl.reduce(k_sum, 0, _add))
-    tl.atomic_max(v_amax_ptr + bh * BLOCK_D + cols, tl.reduce(v_amax, 0, _max))
+    tl.atomic_add(k_sum_ptr + bh * BLOCK_D + cols, tl.reduce(k_sum, 0, _add), sem="relaxed")
+    tl.atomic_max(v_amax_ptr + bh * BLOCK_D + cols, tl.reduce(v_amax, 0, _max), sem="relaxed")
 
 
 @triton.jit

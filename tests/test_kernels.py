@@ -104,6 +104,8 @@ def _check_rows(variant: str, args: tuple, rows: int, exact: bool, spare: int = 
     with pytest.MonkeyPatch.context() as patch:  # the kernel's output buffer, pre-filled to see what it writes
         patch.setattr(torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(sentinel)
                       if k.get("dtype") == dtype else real_empty(*a, **k))
+        # GELU as the references compute it (test_gelu_through_tanh_approx checks the GPU's faster form).
+        patch.setattr(row_quant, "GELU_ON_GPU", row_quant.GELU_EXP)
         data, row_scale = getattr(row_quant, variant)(*args, spare=spare, dtype=dtype)
     _assert_launched(variant, before)
     ref_data, ref_scale = getattr(row_quant, variant + "_reference")(*args, dtype=dtype)
@@ -330,6 +332,41 @@ class TestAwkwardSizes:
         x[1, 5] = -0.75
         args = (_randn(2, 13, 37, dtype=torch.bfloat16, device=device), x) if variant.startswith("concat") else (x,)
         _check_rows(variant, args, rows=26, exact=False, dtype=dtype)
+
+    @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.int8], ids=["e4m3", "int8"])
+    @pytest.mark.parametrize("variant", ["gelu_quantize_rows", "concat_gelu_quantize_rows"])
+    def test_gelu_through_tanh_approx(self, device, variant, dtype, monkeypatch):
+        # The GPU's GELU form (row_quant.GELU_TANH_APPROX, inline PTX the interpreter cannot run), on rows long
+        # enough for a mismatch rate to mean something, with the chunk test's awkward rows among them: scales
+        # within TANH_APPROX_SCALE_RTOL, 8-bit values as the check step allows, and values no further from float64
+        # GELU than the exact form's.
+        from kontext_kernels import row_quant
+
+        if device != "cuda":
+            pytest.skip("tanh.approx is PTX: the interpreter runs the exp2 form")
+        monkeypatch.setattr(row_quant, "ROW_CHUNK", 256)
+        x = _randn(2, 64, 1000, dtype=torch.bfloat16, device=device, scale=2.0)
+        x[0, 2] = -x[0, 2].abs() - 0.2
+        x[0, 3] = _randn(1000, dtype=torch.bfloat16, device=device, scale=0.05)
+        first = _randn(2, 64, 300, dtype=torch.bfloat16, device=device)
+        args = (first, x) if variant.startswith("concat") else (x,)
+        quantize = getattr(row_quant, variant)
+        monkeypatch.setattr(row_quant, "GELU_ON_GPU", row_quant.GELU_TANH_APPROX)
+        before = launches[variant]
+        data, scale = quantize(*args, dtype=dtype)
+        _assert_launched(variant, before)
+        monkeypatch.setattr(row_quant, "GELU_ON_GPU", row_quant.GELU_EXP)
+        exact_data, exact_scale = quantize(*args, dtype=dtype)
+        ref_data, ref_scale = getattr(row_quant, variant + "_reference")(*args, dtype=dtype)
+
+        assert torch.allclose(scale, ref_scale, rtol=row_quant.TANH_APPROX_SCALE_RTOL, atol=0)
+        error = (kernel_check.int8_error if dtype == torch.int8 else kernel_check.e4m3_error)(data, ref_data)
+        assert error <= kernel_check.EIGHT_BIT_MISMATCH_TOLERANCE
+        parts = [t.double() for t in args]
+        truth = torch.cat(parts[:-1] + [torch.nn.functional.gelu(parts[-1], approximate="tanh")], dim=-1)
+        approx_error = rel_l2(data.double() * scale.view(*data.shape[:-1], 1).double(), truth)
+        exact_error = rel_l2(exact_data.double() * exact_scale.view(*data.shape[:-1], 1).double(), truth)
+        assert approx_error <= exact_error * 1.02 + 1e-6
 
     def test_int8_rounding_ties_to_even(self, device):
         # Rows whose scaled values land exactly on .5 (amax 127 makes the scale 1): rounded as torch.round.

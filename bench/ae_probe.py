@@ -1,0 +1,87 @@
+"""The AE's share of a 1024x1024 edit: encode of the context image and decode of the result, at a few settings.
+
+    python3 bench/ae_probe.py            # on a CUDA GPU
+    python3 bench/ae_probe.py --tiny     # on a CPU: that it runs
+
+bench_step.py's end-to-end edit is 28 transformer steps plus one AE encode and one AE decode; this times those two
+alone (CUDA events, median of 5), in bf16 with random full-size weights, as the pipeline runs them (eager,
+contiguous), and in channels-last memory and/or compiled by torch.compile. Each variant's output is compared with
+the eager one's (relative L2): a faster variant that is not the same computation would show there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from random_weights import random_autoencoder, rel_l2  # noqa: E402
+
+from kontext_core.model.autoencoder import AutoencoderConfig  # noqa: E402
+
+
+def timed(fn, device: str) -> float:
+    """Median seconds of one call (one plain call on the CPU)."""
+    fn()
+    if device != "cuda":
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="a tiny AE on the CPU: that the probe runs")
+    parser.add_argument("--size", type=int, default=1024, help="image side in pixels")
+    args = parser.parse_args()
+    device = "cpu" if args.tiny else "cuda"
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    config = AutoencoderConfig.tiny() if args.tiny else AutoencoderConfig()
+    size = 32 if args.tiny else args.size
+    ae = random_autoencoder(config, device, dtype)
+    image = torch.rand(1, 3, size, size, device=device, dtype=dtype) * 2 - 1
+    if device == "cuda":
+        print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}: AE at {size}x{size}, bf16")
+
+    with torch.no_grad():
+        latent = ae.encode(image)
+        reference = {"encode": latent.float(), "decode": ae.decode(latent).float()}
+        variants = [("eager", False, False), ("channels-last", True, False)]
+        if not args.tiny:
+            variants += [("compiled", False, True), ("channels-last, compiled", True, True)]
+        print("| variant | encode ms | decode ms | rel L2 vs eager (encode / decode) |\n| --- | ---: | ---: | --- |")
+        for label, channels_last, compiled in variants:
+            memory = torch.channels_last if channels_last else torch.contiguous_format
+            ae = ae.to(memory_format=memory)
+            encode, decode = ae.encode, ae.decode
+            if compiled:
+                torch._dynamo.reset()
+                encode, decode = torch.compile(ae.encode), torch.compile(ae.decode)
+            x = image.contiguous(memory_format=memory)
+            z = latent.contiguous(memory_format=memory)
+            encoded, decoded = encode(x), decode(z)
+            errors = (rel_l2(encoded.float(), reference["encode"]), rel_l2(decoded.float(), reference["decode"]))
+            seconds = (timed(lambda: encode(x), device), timed(lambda: decode(z), device))
+            print(f"| {label} | {seconds[0] * 1e3:.1f} | {seconds[1] * 1e3:.1f} | "
+                  f"{errors[0]:.2e} / {errors[1]:.2e} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
