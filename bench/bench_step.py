@@ -459,9 +459,11 @@ def uncompile(model) -> None:
 
 
 def end_to_end(model: KontextTransformer, steps: int = 28, cuda_graphs: bool = False,
-               batched_modulation: bool = False) -> float:
+               batched_modulation: bool = False, compile_autoencoder: bool = False) -> float:
     """1024x1024 edit: AE encode of the context, `steps` steps, AE decode (prompt embeddings given)."""
     ae = random_autoencoder()
+    if compile_autoencoder:  # as the fast preset's load_pipeline does
+        ae.compile_parts()
     pipe = KontextPipeline(model, ae, cuda_graphs=cuda_graphs)
     pipe.batched_modulation = batched_modulation
     config = model.config
@@ -493,7 +495,9 @@ def main() -> None:
     parser.add_argument("--e2e", nargs="*", metavar="RUN", default=None,
                         help="also time a full 28-step 1024x1024 edit; alone: with every model the rows hold (bf16, "
                              "fp8, fp8+fp8attention, int8; each also +graphs when a row has +graphs), or only the "
-                             "runs named (e.g. --e2e int8+graphs bf16)")
+                             "runs named (e.g. --e2e int8+graphs bf16); the fast preset's whole edit is "
+                             "int8+sage8+modtable+compiledae+graphs (compiledae: the AE compiled, as its "
+                             "load_pipeline does)")
     parser.add_argument("--comfyui", metavar="PATH", default=os.environ.get("COMFYUI_PATH"),
                         help="ComfyUI checkout or bench/stage_comfyui.sh copy, for the comfyui rows ($COMFYUI_PATH)")
     parser.add_argument("--bfl", metavar="PATH",
@@ -638,6 +642,7 @@ def main() -> None:
                                                                ("fp8+fp8attention", fp8_model), ("int8", int8_model),
                                                                ("int8+sage8", int8_model),
                                                                ("int8+sage8+modtable", int8_model),
+                                                               ("int8+sage8+modtable+compiledae", int8_model),
                                                                ("int8+sage8+convertedscores", int8_model))
                 for graphs in ((False, True) if graphs_too or args.e2e else (False,))]
         for label, target, graphs in runs:
@@ -654,7 +659,8 @@ def main() -> None:
                       + ("+convertedscores" if "convertedscores" in label else ""))
             if compiled:
                 compile_blocks(target, "ours-compiled")
-            seconds = end_to_end(target, cuda_graphs=graphs, batched_modulation="modtable" in label)
+            seconds = end_to_end(target, cuda_graphs=graphs, batched_modulation="modtable" in label,
+                                 compile_autoencoder="compiledae" in label)
             record[f"e2e_edit_28_steps_{label}_s"] = seconds
             print(f"end-to-end 1024x1024 edit, 28 steps, AE encode+decode, {label}: {seconds:.2f} s", flush=True)
             uncompile(target)

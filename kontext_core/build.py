@@ -60,7 +60,8 @@ def load_pipeline(files: ModelFiles, *, dtype: str | None = None, device: str | 
     log: receives the one-line plan description and what a preset could not use here (None: silent).
     preset: "exact" or "fast" (kontext_core.presets): fills in dtype where it is None, sets the attention
         backend for the process, compiles the blocks, turns on CUDA graphs and (fast) computes the modulation
-        vectors of a run's steps ahead of it (KontextPipeline.batched_modulation); parts the device cannot run
+        vectors of a run's steps ahead of it (KontextPipeline.batched_modulation) and compiles the AE
+        (Autoencoder.compile_parts); parts the device cannot run
         fall back to the exact path, each said through `log`.
     process_group: split each transformer step over this torch.distributed group's processes (one per GPU;
         KontextPipeline).
@@ -70,12 +71,12 @@ def load_pipeline(files: ModelFiles, *, dtype: str | None = None, device: str | 
     are offloaded, the BlockOffloader as `offloader`.
     """
     device = torch.device(device)
-    compile_blocks, batched_modulation = compile, False
+    compile_blocks, batched_modulation, compile_autoencoder = compile, False, False
     if preset is not None:
         chosen, notes = apply_preset_options(preset, device, dtype=dtype, attention=get_attention_backend(),
                                              compile=compile, cuda_graphs=cuda_graphs)
         dtype, cuda_graphs, compile_blocks = chosen["dtype"], chosen["cuda_graphs"], chosen["compile"]
-        batched_modulation = chosen["batched_modulation"]
+        batched_modulation, compile_autoencoder = chosen["batched_modulation"], chosen["compile_autoencoder"]
         set_attention_backend(chosen["attention"])
         for note in notes if log is not None else ():
             log(f"preset {preset}: {note}")
@@ -110,6 +111,8 @@ def load_pipeline(files: ModelFiles, *, dtype: str | None = None, device: str | 
         apply_lora(transformer, lora, strength=strength, mode="auto")
     if compile_blocks:
         transformer.compile_blocks()
+    if compile_autoencoder:
+        autoencoder.compile_parts()
     pipeline = KontextPipeline(transformer, autoencoder, encoders, cuda_graphs=cuda_graphs,
                                process_group=process_group)
     pipeline.ae_tiling = ae_tiling

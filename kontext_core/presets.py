@@ -4,7 +4,8 @@ graphs, so that the node, the CLI and scripts ask for "fast" instead of four set
 `exact` is what runs when nothing is asked for: bf16 weights (or what the memory plan picks), exact
 attention, eager blocks. `fast` takes every opt-in speed path at once: int8 block GEMMs (~3% velocity error
 vs bf16 on random weights, bench/RESULTS.md), 8-bit attention (int8 Q.K, fp8 P.V), regional compilation,
-CUDA-graph replay, and a run's modulation vectors computed before its first step. A part that cannot run on the
+CUDA-graph replay, a run's modulation vectors computed before its first step, and (in `load_pipeline`) a
+compiled AE. A part that cannot run on the
 device at hand falls back to `exact`'s choice, and `resolve_preset` says which and why, so a preset never fails
 where the exact path would run.
 """
@@ -26,11 +27,13 @@ class RuntimePreset:
     # Every step's modulation vectors computed before sampling (KontextTransformer.modulation_table): equal to
     # the per-step ones up to the GEMMs' rounding, so not in `exact`.
     batched_modulation: bool = False
+    # The AE's encoder and decoder compiled (Autoencoder.compile_parts): bf16 values rounded in another order.
+    compile_autoencoder: bool = False
 
 
 PRESETS = {
     "exact": RuntimePreset("exact", None, "auto", False, False),
-    "fast": RuntimePreset("fast", "int8", "sage8", True, True, batched_modulation=True),
+    "fast": RuntimePreset("fast", "int8", "sage8", True, True, batched_modulation=True, compile_autoencoder=True),
 }
 
 
@@ -81,9 +84,9 @@ def _resolve(name: str, device: str | torch.device) -> tuple[RuntimePreset, dict
     if preset.attention != exact.attention and (reason := _attention_reason(preset.attention, device)):
         preset = replace(preset, attention=exact.attention)
         notes["attention"] = f"{PRESETS[name].attention} attention: {reason}; exact attention instead"
-    if preset.compile and (device.type != "cuda" or not _triton_available()):
-        preset = replace(preset, compile=False)
-        notes["compile"] = "compiled blocks: need a CUDA GPU and Triton; eager blocks instead"
+    if (preset.compile or preset.compile_autoencoder) and (device.type != "cuda" or not _triton_available()):
+        preset = replace(preset, compile=False, compile_autoencoder=False)
+        notes["compile"] = "compiled blocks and AE: need a CUDA GPU and Triton; eager ones instead"
     if preset.cuda_graphs and device.type != "cuda":
         preset = replace(preset, cuda_graphs=False)
         notes["cuda_graphs"] = "CUDA graphs: need a CUDA GPU; plain steps instead"
@@ -104,5 +107,5 @@ def apply_preset_options(name: str, device: str | torch.device, *, dtype: str | 
     return (dict(dtype=dtype if dtype is not None else preset.dtype,
                  attention=attention if attention != "auto" else preset.attention,
                  compile=compile or preset.compile, cuda_graphs=cuda_graphs or preset.cuda_graphs,
-                 batched_modulation=preset.batched_modulation),
+                 batched_modulation=preset.batched_modulation, compile_autoencoder=preset.compile_autoencoder),
             [note for part, note in notes.items() if not chosen_by_caller[part]])

@@ -38,3 +38,21 @@ def test_attention_in_query_chunks_equals_unchunked(monkeypatch):
     tolerance = reordering_tolerance(whole, terms=1920, chained=3)
     assert torch.allclose(chunked, whole, **tolerance)
     assert torch.allclose(whole, reference, **tolerance)
+
+
+def test_compiled_parts_compute_what_the_eager_ae_does(tiny_autoencoder):
+    # compile_parts puts torch.compile on the encoder and the decoder; traced here with "aot_eager" (inductor's
+    # GPU build is timed and compared against float32 in bench/ae_probe.py). The compiled graph may decompose the
+    # norms and sum in another order: float32 reordering error, across the AE's ~20 convolutions in a row.
+    ae = tiny_autoencoder
+    image = torch.rand(1, 3, 32, 40, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    with torch.no_grad():
+        latent, decoded = ae.encode(image), ae.decode(ae.encode(image))
+        assert not ae.parts_compiled
+        ae.compile_parts(backend="aot_eager")
+        assert ae.parts_compiled
+        compiled_latent = ae.encode(image)
+        compiled_decoded = ae.decode(latent)
+    terms = 9 * max(ae.config.ch * m for m in ae.config.ch_mult)
+    assert torch.allclose(compiled_latent, latent, **reordering_tolerance(latent, terms=terms, chained=20))
+    assert torch.allclose(compiled_decoded, decoded, **reordering_tolerance(decoded, terms=terms, chained=20))

@@ -15,8 +15,8 @@ from test_cli import models_tree  # noqa: F401  (the fixture)
 def test_fast_on_the_cpu_falls_back_to_the_exact_path_part_by_part():
     preset, notes = resolve_preset("fast", "cpu")
     exact = PRESETS["exact"]
-    assert (preset.dtype, preset.attention, preset.compile, preset.cuda_graphs) == \
-        (exact.dtype, exact.attention, exact.compile, exact.cuda_graphs)
+    assert (preset.dtype, preset.attention, preset.compile, preset.cuda_graphs, preset.compile_autoencoder) == \
+        (exact.dtype, exact.attention, exact.compile, exact.cuda_graphs, exact.compile_autoencoder)
     assert len(notes) == 4
     assert any("int8" in note for note in notes) and any("CUDA graphs" in note for note in notes)
 
@@ -43,7 +43,8 @@ def test_explicit_settings_win_over_the_preset(monkeypatch):
     monkeypatch.setattr(presets, "_attention_reason", lambda backend, device: None)
     monkeypatch.setattr(presets, "_triton_available", lambda: True)
     chosen, _ = apply_preset_options("fast", "cuda", dtype="fp8", attention="sdpa", compile=False, cuda_graphs=False)
-    assert chosen == dict(dtype="fp8", attention="sdpa", compile=True, cuda_graphs=True, batched_modulation=True)
+    assert chosen == dict(dtype="fp8", attention="sdpa", compile=True, cuda_graphs=True, batched_modulation=True,
+                          compile_autoencoder=True)
 
 
 def test_fallbacks_of_parts_the_caller_set_are_not_reported():
@@ -75,6 +76,6 @@ def test_cli_fast_preset_on_the_cpu_says_what_fell_back_and_equals_the_exact_run
         outputs[preset] = Image.open(out).tobytes()
     printed = capsys.readouterr().out
     # --dtype fp32 (the fixture's) was chosen over the preset's int8: no line about int8's fallback.
-    assert "preset fast: compiled blocks: need a CUDA GPU" in printed and "int8" not in printed
+    assert "preset fast: compiled blocks and AE: need a CUDA GPU" in printed and "int8" not in printed
     assert "preset exact:" not in printed
     assert outputs["fast"] == outputs["exact"]

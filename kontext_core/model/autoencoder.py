@@ -192,6 +192,19 @@ class Autoencoder(nn.Module):
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
 
+    def compile_parts(self, **options) -> "Autoencoder":
+        """Compile the encoder and the decoder (each as one graph, torch.compile): ~2x faster at 1024x1024 on an
+        H200 (its norms, SiLUs and residual adds fused between the convolutions; bench/RESULTS.md), after ~a minute
+        of compilation at the first image size and a dynamic-shape one at the second. Tiled passes call the
+        parts' pieces and stay eager."""
+        self.encoder.compile(**options)
+        self.decoder.compile(**options)
+        return self
+
+    @property
+    def parts_compiled(self) -> bool:
+        return getattr(self.encoder, "_compiled_call_impl", None) is not None
+
     @property
     def dtype(self) -> torch.dtype:
         return self.encoder.conv_in.weight.dtype
