@@ -152,7 +152,8 @@ def padded_head_dim(head_dim: int) -> int:
     return max(32, next_power_of_2(head_dim))
 
 
-def _padded_tokens(length: int) -> int:
+def padded_tokens(length: int) -> int:
+    """Rows the quantized operands hold for `length` tokens: whole token tiles, the padding written as zeros."""
     return cdiv(length, TOKEN_TILE) * TOKEN_TILE
 
 
@@ -235,11 +236,11 @@ def quantize_operands_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     # The float32 sum over a float32 length, a true division as the kernel's (PyTorch on CUDA would multiply by a
     # rounded reciprocal of a Python number).
     k_mean = (k_sum.float() / k_sum.new_tensor(length_k, dtype=torch.float32))[:, :, None, :head_dim]
-    q8, q_scale = _int8_groups_reference(_padded(q.float(), _padded_tokens(length_q), channels), q_rows,
+    q8, q_scale = _int8_groups_reference(_padded(q.float(), padded_tokens(length_q), channels), q_rows,
                                          head_dim**-0.5 * LOG2E)
-    k8, k_scale = _int8_groups_reference(_padded(k.float() - k_mean, _padded_tokens(length_k), channels), k_rows, 1.0)
+    k8, k_scale = _int8_groups_reference(_padded(k.float() - k_mean, padded_tokens(length_k), channels), k_rows, 1.0)
     amax = v_amax.clamp_min(1e-30)[:, :, None, :]
-    scaled = (_padded(v.float(), _padded_tokens(length_k), channels) * (amax.new_tensor(E4M3_MAX) / amax))
+    scaled = (_padded(v.float(), padded_tokens(length_k), channels) * (amax.new_tensor(E4M3_MAX) / amax))
     scaled = scaled.clamp(-E4M3_MAX, E4M3_MAX)
     v8 = scaled.to(torch.float8_e4m3fn if fp8_pv else torch.float16)
     v_scale = (amax / amax.new_tensor(E4M3_MAX))[:, :, 0]
@@ -340,7 +341,7 @@ def quantize_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, fp8_
     k_rows = default_k_rows(fp8_pv) if k_rows is None else k_rows
     _check_rows(q_rows, k_rows)
     if permute_keys is None:
-        permute_keys = _hopper_kernel_takes(q.device, fp8_pv, q_rows, k_rows, q.shape[3])
+        permute_keys = hopper_kernel_takes(q.device, fp8_pv, q_rows, k_rows, q.shape[3])
     _check_key_order(permute_keys, k_rows)
     if not _runs(q, k, v):
         return quantize_operands_reference(q, k, v, fp8_pv=fp8_pv, q_rows=q_rows, k_rows=k_rows,
@@ -368,7 +369,7 @@ def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, fp8_pv:
     _check_rows(q_rows, k_rows)
     if not _runs(q, k, v):
         return sage_attention_reference(q, k, v, fp8_pv=fp8_pv, q_rows=q_rows, k_rows=k_rows)
-    permute_keys = _hopper_kernel_takes(q.device, fp8_pv, q_rows, k_rows, q.shape[3])
+    permute_keys = hopper_kernel_takes(q.device, fp8_pv, q_rows, k_rows, q.shape[3])
     operands = _quantize_triton(q, k, v, fp8_pv, q_rows, k_rows, permute_keys)
     return _launch_attention(operands, q.dtype)
 
@@ -484,7 +485,7 @@ def _quantize_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fp8_pv: 
     batch, heads, length_q, head_dim = q.shape
     length_k = k.shape[2]
     channels = padded_head_dim(head_dim)
-    padded_q = _padded_tokens(length_q)
+    padded_q = padded_tokens(length_q)
     device = q.device
     k_sum = torch.zeros((batch, heads, channels), dtype=torch.float64, device=device)
     v_amax = torch.zeros((batch, heads, channels), dtype=torch.float32, device=device)
@@ -522,7 +523,7 @@ def quantize_from_statistics(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.T
     (K's float64 sums over tokens, V's amax over tokens, [B, H, D_pad]): V and the centred k quantized here."""
     batch, heads, length_k, head_dim = k.shape
     channels = padded_head_dim(head_dim)
-    padded_k = _padded_tokens(length_k)
+    padded_k = padded_tokens(length_k)
     device = k.device
     v8t = torch.empty((batch, heads, channels, padded_k), dtype=torch.float8_e4m3fn if fp8_pv else torch.float16,
                       device=device)
@@ -698,7 +699,7 @@ def split_accumulator_default(operands: Operands) -> bool:
 HOPPER_KERNEL = "gluon"
 
 
-def _hopper_kernel_takes(device: torch.device, fp8_pv: bool, q_rows: int, k_rows: int, head_dim: int) -> bool:
+def hopper_kernel_takes(device: torch.device, fp8_pv: bool, q_rows: int, k_rows: int, head_dim: int) -> bool:
     """Whether sage_attention_hopper.py's kernel will take operands of this shape on `device` (then quantized in its
     key order)."""
     return (HOPPER_KERNEL == "gluon"

@@ -101,10 +101,10 @@ def joint_sage_operands(streams: list[tuple[torch.Tensor, torch.Tensor, torch.Te
     batch, device, dtype = first.shape[0], first.device, first.dtype
     head_dim = first.shape[-1] // (3 * num_heads)
     length = sum(qkv.shape[1] for qkv, _, _ in streams)
-    channels, padded = sa.padded_head_dim(head_dim), sa._padded_tokens(length)
+    channels, padded = sa.padded_head_dim(head_dim), sa.padded_tokens(length)
     k_rows = sa.default_k_rows(fp8_pv)
     if permute_keys is None:
-        permute_keys = sa._hopper_kernel_takes(device, fp8_pv, sa.Q_ROWS, k_rows, head_dim)
+        permute_keys = sa.hopper_kernel_takes(device, fp8_pv, sa.Q_ROWS, k_rows, head_dim)
     q8 = torch.empty((batch, num_heads, padded, channels), dtype=torch.int8, device=device)
     factor = head_dim ** -0.5 * sa.LOG2E
     # Padding rows, which no program writes: zeros, with the scale the unfused quantizer gives an all-zero row.
