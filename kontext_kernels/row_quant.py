@@ -135,7 +135,6 @@ GELU_NONE, GELU_EXP, GELU_TANH_APPROX = 0, 1, 2
 TANH_APPROX_SCALE_RTOL = 1e-3
 # The GPU kernels' GELU form (the interpreter has no inline assembly and always takes GELU_EXP).
 GELU_ON_GPU = GELU_TANH_APPROX
-_TANH_APPROX_MODE = tl.constexpr(GELU_TANH_APPROX)  # kernels read globals only as constexprs
 
 
 def gelu_mode() -> int:
@@ -147,7 +146,7 @@ def gelu_mode() -> int:
 def _gelu_tanh(x, MODE: tl.constexpr):
     # 0.5 x (1 + tanh(u)) = x * sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3).
     inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-    if MODE == _TANH_APPROX_MODE:
+    if MODE == 2:  # GELU_TANH_APPROX: kernels read module globals only as constexprs, which need Triton
         tanh = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [inner], dtype=tl.float32,
                                          is_pure=True, pack=1)
         half = 0.5 * x
