@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import kontext_kernels  # noqa: E402
-from kontext_kernels import int8_gemm, row_quant, sage_attention  # noqa: E402
+from kontext_kernels import int8_gemm, row_quant, sage_attention, sage_attention_hopper  # noqa: E402
 from kontext_core.compute import fused, quant  # noqa: E402
 from kontext_core import KontextTransformer, TransformerConfig, set_attention_backend  # noqa: E402
 from kontext_core.compute import attention as attention_module  # noqa: E402
@@ -252,6 +252,8 @@ MODIFIERS = {
                 "(kontext_kernels/sage_qkv.py), not by separate passes",
     "tanhgelu": "int8/fp8 rows: the row quantizers' GELU through the GPU's tanh.approx (kontext_kernels/row_quant.py, "
                 "GELU_TANH_APPROX; default: exp2 and a division)",
+    "mmarowsums": "with +sage8 on Hopper: P's row sums by a wgmma of P and ones, not the softmax's additions "
+                  "(kontext_kernels/sage_attention_hopper.py, ROW_SUMS_ON_TENSOR_CORES)",
     "tritonattention": "with +sage8 on Hopper: the Triton-language attention kernel (kontext_kernels/sage_attention.py), "
                        "not the warp-specialised Gluon one (kontext_kernels/sage_attention_hopper.py)",
     "sdpa": "attention through PyTorch's SDPA (cuDNN first) even where flash-attn is installed (auto takes it)",
@@ -275,6 +277,7 @@ PRODUCT_SCORES = sage_attention.SCORES_DEFAULT  # the product's, kept before a r
 PRODUCT_HOPPER_GEMM = int8_gemm.HOPPER_KERNEL
 PRODUCT_HOPPER_ATTENTION = sage_attention.HOPPER_KERNEL
 PRODUCT_GELU = row_quant.GELU_ON_GPU
+PRODUCT_ROW_SUMS = sage_attention_hopper.ROW_SUMS_ON_TENSOR_CORES
 
 
 def _comfy_variant(impl: str) -> str:
@@ -291,7 +294,7 @@ def implementation(name: str) -> str:
         raise argparse.ArgumentTypeError(f"{name!r}: +cudnn is for the reference rows; ours always puts cuDNN first")
     ours_only = [m for m in modifiers if m in ("lora", "lorafly", "thinlora", "autotune", "sdpa", "sage8", "sage8fp16",
                                                "tritongemm", "tritonattention", "modtable", "fusedqkv",
-                                               "tanhgelu")]
+                                               "tanhgelu", "mmarowsums")]
     if ours_only and not base.startswith("ours"):
         raise argparse.ArgumentTypeError(f"{name!r}: +{ours_only[0]} applies to our rows only")
     if "autotune" in modifiers and not base.endswith("-compiled"):
@@ -316,6 +319,7 @@ def configure(impl: str) -> None:
     set_attention_backend(next((attention[m] for m in modifiers if m in attention), "auto"))
     int8_gemm.HOPPER_KERNEL = "triton" if "tritongemm" in modifiers else PRODUCT_HOPPER_GEMM
     sage_attention.HOPPER_KERNEL = "triton" if "tritonattention" in modifiers else PRODUCT_HOPPER_ATTENTION
+    sage_attention_hopper.ROW_SUMS_ON_TENSOR_CORES = "mmarowsums" in modifiers or PRODUCT_ROW_SUMS
     attention_module.FUSED_SAGE_QKV = "fusedqkv" in modifiers
     row_quant.GELU_ON_GPU = row_quant.GELU_TANH_APPROX if "tanhgelu" in modifiers else PRODUCT_GELU
     sage_attention.SCORES_DEFAULT = (sage_attention.SCORES_CONVERT if "convertedscores" in modifiers else

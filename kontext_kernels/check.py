@@ -256,7 +256,9 @@ def _sage_attention(inputs: _Inputs) -> tuple[float, float]:
     q, k, v = _attention_inputs(inputs)
     operands = sage_attention.quantize_operands(q, k, v, fp8_pv=sage_attention.fp8_tensor_cores(q.device))
     out = sage_attention.attend(operands, torch.float32)
-    reference = sage_attention.attend_reference(operands, torch.float32, sage_attention.last_config.get("BLOCK_N", 128))
+    chosen = sage_attention.last_config
+    reference = sage_attention.attend_reference(operands, torch.float32, chosen.get("BLOCK_N", 128),
+                                                rounded_row_sums=chosen.get("rounded_row_sums", False))
     return float_error(out, reference), FLOAT_TOLERANCE
 
 

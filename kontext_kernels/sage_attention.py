@@ -264,10 +264,11 @@ def _folded_exponent(dots: torch.Tensor, factor: torch.Tensor, row_max: torch.Te
 
 
 def attend_reference(operands: Operands, out_dtype: torch.dtype, block_n: int = 128,
-                     scores: int | None = None) -> torch.Tensor:
+                     scores: int | None = None, rounded_row_sums: bool = False) -> torch.Tensor:
     """`Operands` -> attention [B, H, Lq, D] in out_dtype: the kernel's arithmetic, key block by key block of
     `block_n` tokens (the running row max decides how P rounds, so the block width matters), its scores made as
-    `scores` says (SCORES_*; None: SCORES_DEFAULT)."""
+    `scores` says (SCORES_*; None: SCORES_DEFAULT); P's row sums of P as P·V takes it (e4m3 or fp16) with
+    `rounded_row_sums`, as the Hopper kernel's tensor-core row sums make them, else of P in float32."""
     scores_kind = SCORES_DEFAULT if scores is None else scores
     o = keys_in_token_order(operands)
     batch, heads, padded_q, channels = o.q8.shape
@@ -297,8 +298,8 @@ def attend_reference(operands: Operands, out_dtype: torch.dtype, block_n: int = 
             new_max = torch.maximum(row_max, scores.amax(dim=-1) * factor)
             p = torch.exp2(scores * factor[..., None] - (new_max - P_EXPONENT)[..., None])
         alpha = torch.exp2(row_max - new_max)
-        row_sum = row_sum * alpha + p.sum(dim=-1)
         rounded = p.to(torch.float8_e4m3fn if fp8_pv else torch.float16).float()
+        row_sum = row_sum * alpha + (rounded if rounded_row_sums else p).sum(dim=-1)
         acc = acc * alpha[..., None] + rounded @ v8[:, :, start:end]
         row_max = new_max
     out = acc * (1.0 / row_sum)[..., None] * o.v_scale[:, :, None, :]
@@ -731,7 +732,8 @@ def _launch_attention(operands: Operands, out_dtype: torch.dtype, config: dict |
         last_config.clear()
         last_config.update(BLOCK_M=sage_attention_hopper.BLOCK_M, BLOCK_N=sage_attention_hopper.BLOCK_N,
                            num_stages=sage_attention_hopper.STAGES, kernel="gluon", tma=True,
-                           split_accumulator=True, scores=SCORES_FOLDED)
+                           split_accumulator=True, scores=SCORES_FOLDED,
+                           rounded_row_sums=sage_attention_hopper.ROW_SUMS_ON_TENSOR_CORES)
         launches["sage_attention"] += 1
         return out.transpose(1, 2)
     o = keys_in_token_order(o)  # this module's kernel reads keys in token order
@@ -775,6 +777,7 @@ def _launch_attention(operands: Operands, out_dtype: torch.dtype, config: dict |
         best = tuned.best_config
         chosen = {**best.kwargs, "num_warps": best.num_warps, "num_stages": best.num_stages}
     last_config.clear()
-    last_config.update(chosen, kernel="triton", tma=tma, split_accumulator=split_accumulator, scores=args["SCORES"])
+    last_config.update(chosen, kernel="triton", tma=tma, split_accumulator=split_accumulator, scores=args["SCORES"],
+                       rounded_row_sums=False)
     launches["sage_attention"] += 1
     return out.transpose(1, 2)

@@ -23,6 +23,8 @@ after it in two 64-channel parts.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .gluon_hopper import (TensorDescriptor, gl, gluon, gluon_available, gluon_ready, mbarrier, tma,  # noqa: F401
@@ -33,21 +35,32 @@ QUERY_ROWS = 64  # per consumer warpgroup: one 64-row wgmma
 BLOCK_M = 2 * QUERY_ROWS
 BLOCK_N = 128  # keys per block: sage8's k scales are per 128 keys (sage_attention.K_ROWS_FP8)
 STAGES = 3  # block j-1's V is still read while block j's K arrives: two stages in use, one loading
+# P's row sums on the tensor cores: P times a tile of ones (n = 8, wgmma's narrowest; shared memory and register
+# tensors are powers of two, so the ones cannot widen P·V's own n to channels + 8), issued after P·V. It takes the
+# softmax's 64 additions a thread per block off the issue slots, and sums P as P·V multiplies it (e4m3), so the
+# output's weights add up to one (sage_attention.attend_reference(rounded_row_sums=True)). Off until timed on a
+# GPU (bench/RESULTS.md, 2026-12-05 (morning)).
+ROW_SUMS_ON_TENSOR_CORES = False
+ONES_ROWS = 8
 # 3 warpgroups (the loader's warp rounds up to one) x 128 threads share 64K registers: 168 a thread on average
 # gives each consumer 240 and the loader's group 24.
 _MAXNREG, _CONSUMER_REGISTERS, _LOADER_REGISTERS = 168, 240, 24
 
 
 @gluon.jit
-def _loader(q_desc, k_desc, v_desc, q_halves, k_ring, v_ring, q_ready, kv_ready, kv_free, length_k, padded_q,
-            padded_k):
+def _loader(q_desc, k_desc, v_desc, ones_desc, q_halves, k_ring, v_ring, ones, q_ready, kv_ready, kv_free, length_k,
+            padded_q, padded_k, ROW_SUM_MMA: gl.constexpr):
     BLOCK_KEYS: gl.constexpr = k_desc.block_type.shape[0]
     CHANNELS: gl.constexpr = k_desc.block_type.shape[1]
     ROWS: gl.constexpr = q_desc.block_type.shape[0]
     STAGES: gl.constexpr = k_ring.type.shape[0]
     bh = gl.program_id(1)
     q_row = bh * padded_q + gl.program_id(0) * (2 * ROWS)
-    mbarrier.expect(q_ready, 2 * q_desc.block_type.nbytes)
+    if ROW_SUM_MMA:
+        mbarrier.expect(q_ready, 2 * q_desc.block_type.nbytes + ones_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(ones_desc, [0, 0], q_ready, ones)
+    else:
+        mbarrier.expect(q_ready, 2 * q_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(q_desc, [q_row, 0], q_ready, q_halves.index(0))
     tma.async_copy_global_to_shared(q_desc, [q_row + ROWS, 0], q_ready, q_halves.index(1))
     for block in range(gl.cdiv(length_k, BLOCK_KEYS)):
@@ -105,9 +118,24 @@ def _as_pv_operand(p, p_layout: gl.constexpr):
 
 
 @gluon.jit
-def _consumer(q_halves, k_ring, v_ring, q_ready, kv_ready, kv_free, q_scale_ptr, k_scale_ptr, v_scale_ptr, out_ptr,
-              heads, length_q, length_k, padded_q, padded_k, stride_ob, stride_oh, stride_ol,
-              HEAD_DIM: gl.constexpr, WHICH: gl.constexpr):
+def _row_sums(p8, ones, ROWS: gl.constexpr, layout: gl.constexpr, rows_layout: gl.constexpr):
+    """P's row sums as P·V multiplies P (e4m3), from P times ones, after this block's P·V: each of the 8 columns
+    holds them, so a row's max is any of its values.
+
+    The wgmma waits for itself and for P·V before the softmax goes on. Left in flight, or issued before P·V, or
+    with P through shared memory, ptxas serialises every wgmma of the kernel (C7512, "insufficient register
+    resources"; offline sm_90 builds, bench/RESULTS.md 2026-12-05 (morning))."""
+    a = gl.convert_layout(p8, gl.DotOperandLayout(operand_index=0, parent=layout, k_width=4))
+    COLUMNS: gl.constexpr = ones.type.shape[0]
+    sums = warpgroup_mma(a, ones.permute((1, 0)), gl.zeros([ROWS, COLUMNS], gl.float32, layout), use_acc=False,
+                         is_async=False)
+    return gl.convert_layout(gl.max(sums, axis=1), rows_layout)
+
+
+@gluon.jit
+def _consumer(q_halves, k_ring, v_ring, ones, q_ready, kv_ready, kv_free, q_scale_ptr, k_scale_ptr, v_scale_ptr,
+              out_ptr, heads, length_q, length_k, padded_q, padded_k, stride_ob, stride_oh, stride_ol,
+              HEAD_DIM: gl.constexpr, WHICH: gl.constexpr, ROW_SUM_MMA: gl.constexpr):
     ROWS: gl.constexpr = q_halves.type.shape[1]
     CHANNELS: gl.constexpr = q_halves.type.shape[2]
     BLOCK_KEYS: gl.constexpr = k_ring.type.shape[1]
@@ -118,6 +146,10 @@ def _consumer(q_halves, k_ring, v_ring, q_ready, kv_ready, kv_free, q_scale_ptr,
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, CHANNELS, 32])
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
+    # P times ones: its 8 columns each hold the row sums. P's operand layout for it is P·V's (the same registers).
+    SUM_COLUMNS: gl.constexpr = ones.type.shape[0]
+    sums_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                          instr_shape=[16, SUM_COLUMNS, 32])
     rows_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
 
     bh = gl.program_id(1)
@@ -138,11 +170,15 @@ def _consumer(q_halves, k_ring, v_ring, q_ready, kv_ready, kv_free, q_scale_ptr,
     dots = warpgroup_mma_wait(num_outstanding=0, deps=(dots, ))
     row_max = gl.full([ROWS], float("-inf"), gl.float32, rows_layout)
     p, row_max = _softmax(dots, q_factor, k_scale_ptr, 0, row_max, length_k, BLOCK_KEYS, s_layout)
-    row_sum = gl.sum(p, axis=1)
     alpha = gl.zeros([ROWS], gl.float32, rows_layout)  # the first block's rescale of an empty sum
     out = gl.zeros([ROWS, CHANNELS], gl.float32, o_layout)
-    products = warpgroup_mma(_as_pv_operand(p, p_layout), v_ring.index(0).permute((1, 0)),
+    p8 = _as_pv_operand(p, p_layout)
+    products = warpgroup_mma(p8, v_ring.index(0).permute((1, 0)),
                              gl.zeros([ROWS, CHANNELS], gl.float32, o_layout), use_acc=False, is_async=True)
+    if ROW_SUM_MMA:
+        row_sum = _row_sums(p8, ones, ROWS, sums_layout, rows_layout)
+    else:
+        row_sum = gl.sum(p, axis=1)
 
     for block in range(1, blocks):
         stage = block % STAGES
@@ -155,10 +191,13 @@ def _consumer(q_halves, k_ring, v_ring, q_ready, kv_ready, kv_free, q_scale_ptr,
         out = out * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1) + products
         p, new_max = _softmax(dots, q_factor, k_scale_ptr, block, row_max, length_k, BLOCK_KEYS, s_layout)
         alpha = gl.exp2(row_max - new_max)
-        row_sum = row_sum * alpha + gl.sum(p, axis=1)
+        if not ROW_SUM_MMA:
+            row_sum = row_sum * alpha + gl.sum(p, axis=1)
         row_max = new_max
-        products = warpgroup_mma(_as_pv_operand(p, p_layout), v_ring.index(stage).permute((1, 0)), products,
-                                 use_acc=False, is_async=True)
+        p8 = _as_pv_operand(p, p_layout)
+        products = warpgroup_mma(p8, v_ring.index(stage).permute((1, 0)), products, use_acc=False, is_async=True)
+        if ROW_SUM_MMA:
+            row_sum = row_sum * alpha + _row_sums(p8, ones, ROWS, sums_layout, rows_layout)
 
     products = warpgroup_mma_wait(num_outstanding=0, deps=(products, ))
     mbarrier.arrive(kv_free.index((blocks + STAGES - 1) % STAGES))
@@ -177,10 +216,12 @@ def _consumer(q_halves, k_ring, v_ring, q_ready, kv_ready, kv_free, q_scale_ptr,
 
 
 @gluon.jit
-def _attention_kernel(q_desc, k_desc, v_desc, q_scale_ptr, k_scale_ptr, v_scale_ptr, out_ptr, heads, length_q,
-                      length_k, padded_q, padded_k, stride_ob, stride_oh, stride_ol, HEAD_DIM: gl.constexpr,
-                      STAGES: gl.constexpr, LOADER_REGISTERS: gl.constexpr, CONSUMER_REGISTERS: gl.constexpr):
+def _attention_kernel(q_desc, k_desc, v_desc, ones_desc, q_scale_ptr, k_scale_ptr, v_scale_ptr, out_ptr, heads,
+                      length_q, length_k, padded_q, padded_k, stride_ob, stride_oh, stride_ol, HEAD_DIM: gl.constexpr,
+                      STAGES: gl.constexpr, LOADER_REGISTERS: gl.constexpr, CONSUMER_REGISTERS: gl.constexpr,
+                      ROW_SUM_MMA: gl.constexpr):
     q_halves = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)
+    ones = gl.allocate_shared_memory(ones_desc.dtype, ones_desc.block_type.shape, ones_desc.layout)
     k_ring = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
     v_ring = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
     q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -193,14 +234,14 @@ def _attention_kernel(q_desc, k_desc, v_desc, q_scale_ptr, k_scale_ptr, v_scale_
     FIRST: gl.constexpr = 0
     SECOND: gl.constexpr = 1
     gl.warp_specialize([
-        (_consumer, (q_halves, k_ring, v_ring, q_ready, kv_ready, kv_free, q_scale_ptr, k_scale_ptr, v_scale_ptr,
+        (_consumer, (q_halves, k_ring, v_ring, ones, q_ready, kv_ready, kv_free, q_scale_ptr, k_scale_ptr, v_scale_ptr,
                      out_ptr, heads, length_q, length_k, padded_q, padded_k, stride_ob, stride_oh, stride_ol,
-                     HEAD_DIM, FIRST)),
-        (_consumer, (q_halves, k_ring, v_ring, q_ready, kv_ready, kv_free, q_scale_ptr, k_scale_ptr, v_scale_ptr,
+                     HEAD_DIM, FIRST, ROW_SUM_MMA)),
+        (_consumer, (q_halves, k_ring, v_ring, ones, q_ready, kv_ready, kv_free, q_scale_ptr, k_scale_ptr, v_scale_ptr,
                      out_ptr, heads, length_q, length_k, padded_q, padded_k, stride_ob, stride_oh, stride_ol,
-                     HEAD_DIM, SECOND)),
-        (_loader, (q_desc, k_desc, v_desc, q_halves, k_ring, v_ring, q_ready, kv_ready, kv_free, length_k, padded_q,
-                   padded_k)),
+                     HEAD_DIM, SECOND, ROW_SUM_MMA)),
+        (_loader, (q_desc, k_desc, v_desc, ones_desc, q_halves, k_ring, v_ring, ones, q_ready, kv_ready, kv_free,
+                   length_k, padded_q, padded_k, ROW_SUM_MMA)),
     ], [4, 1], [CONSUMER_REGISTERS, LOADER_REGISTERS])
 
 
@@ -217,14 +258,25 @@ def ready_for(operands) -> bool:
                                       o.q8.shape[3]))
 
 
+def _ones_layout():
+    return gl.NVMMASharedLayout.get_default_for([ONES_ROWS, BLOCK_N], gl.float8e4nv)
+
+
 def _layouts(channels: int):
     return (gl.NVMMASharedLayout.get_default_for([QUERY_ROWS, channels], gl.int8),
             gl.NVMMASharedLayout.get_default_for([BLOCK_N, channels], gl.int8),
             gl.NVMMASharedLayout.get_default_for([channels, BLOCK_N], gl.float8e4nv))
 
 
-def launch(operands, out: torch.Tensor, stages: int = STAGES) -> None:
-    """The attention of quantized `operands` (sage_attention.Operands) into `out` [B, Lq, H, D]."""
+@functools.cache
+def _ones(device: torch.device) -> torch.Tensor:
+    """The e4m3 ones tile the loader copies for the row sums (kept for the process: CUDA graphs read it)."""
+    return torch.ones((ONES_ROWS, BLOCK_N), device=device).to(torch.float8_e4m3fn)
+
+
+def launch(operands, out: torch.Tensor, stages: int = STAGES, row_sums_on_tensor_cores: bool | None = None) -> None:
+    """The attention of quantized `operands` (sage_attention.Operands) into `out` [B, Lq, H, D]; P's row sums on
+    the tensor cores or not (None: ROW_SUMS_ON_TENSOR_CORES)."""
     o = operands
     batch, heads, padded_q, channels = o.q8.shape
     padded_k = o.k8.shape[2]
@@ -233,13 +285,17 @@ def launch(operands, out: torch.Tensor, stages: int = STAGES) -> None:
         TensorDescriptor.from_tensor(o.q8.view(-1, channels), [QUERY_ROWS, channels], q_layout),
         TensorDescriptor.from_tensor(o.k8.view(-1, channels), [BLOCK_N, channels], k_layout),
         TensorDescriptor.from_tensor(o.v8t.view(-1, padded_k), [channels, BLOCK_N], v_layout),
+        TensorDescriptor.from_tensor(_ones(o.v8t.device), [ONES_ROWS, BLOCK_N], _ones_layout()),
         o.q_scale, o.k_scale, o.v_scale, out, heads, o.length_q, o.length_k, padded_q, padded_k, out.stride(0),
         out.stride(2), out.stride(1), HEAD_DIM=o.head_dim, STAGES=stages, LOADER_REGISTERS=_LOADER_REGISTERS,
-        CONSUMER_REGISTERS=_CONSUMER_REGISTERS, num_warps=4, maxnreg=_MAXNREG)
+        CONSUMER_REGISTERS=_CONSUMER_REGISTERS,
+        ROW_SUM_MMA=ROW_SUMS_ON_TENSOR_CORES if row_sums_on_tensor_cores is None else row_sums_on_tensor_cores,
+        num_warps=4, maxnreg=_MAXNREG)
     launches["sage_attention_hopper"] += 1
 
 
-def build_offline(channels: int = 128, stages: int = STAGES, out_dtype: torch.dtype = torch.bfloat16):
+def build_offline(channels: int = 128, stages: int = STAGES, out_dtype: torch.dtype = torch.bfloat16,
+                  row_sums_on_tensor_cores: bool = ROW_SUMS_ON_TENSOR_CORES):
     """The kernel compiled for sm_90 without a GPU, for the tests and for reading its SASS; the signature a launch
     at FLUX's edit shape gets (16-divisible sizes and strides)."""
     import triton
@@ -250,12 +306,13 @@ def build_offline(channels: int = 128, stages: int = STAGES, out_dtype: torch.dt
     signature = {"q_desc": f"tensordesc<i8[{QUERY_ROWS}, {channels}],{q_layout}>",
                  "k_desc": f"tensordesc<i8[{BLOCK_N}, {channels}],{k_layout}>",
                  "v_desc": f"tensordesc<fp8e4nv[{channels}, {BLOCK_N}],{v_layout}>",
+                 "ones_desc": f"tensordesc<fp8e4nv[{ONES_ROWS}, {BLOCK_N}],{_ones_layout()}>",
                  "q_scale_ptr": "*fp32", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32",
                  "out_ptr": "*bf16" if out_dtype == torch.bfloat16 else "*fp16"}
     signature |= {name: "i32" for name in ("heads", "length_q", "length_k", "padded_q", "padded_k", "stride_ob",
                                            "stride_oh", "stride_ol")}
     constants = dict(HEAD_DIM=channels, STAGES=stages, LOADER_REGISTERS=_LOADER_REGISTERS,
-                     CONSUMER_REGISTERS=_CONSUMER_REGISTERS)
+                     CONSUMER_REGISTERS=_CONSUMER_REGISTERS, ROW_SUM_MMA=row_sums_on_tensor_cores)
     signature |= {name: "constexpr" for name in constants}
     names = list(signature)
     attrs = {(names.index(name),): [["tt.divisibility", 16]]

@@ -257,6 +257,28 @@ class TestKernels:
         assert rel_l2(compiled, eager) < 2e-2
 
 
+@pytest.mark.parametrize("fp8_pv", [True, False], ids=["e4m3", "fp16"])
+def test_rounded_row_sums_make_the_weights_add_up_to_one(fp8_pv):
+    # Every key has the same value row: exact attention returns that row. Normalised by the sums of P as P·V takes it
+    # (the Hopper kernel's tensor-core row sums), the weights add up to one and the reference returns the row as V's
+    # 8-bit form holds it, to float32's rounding; normalised by the float32 sums, P's rounding (~2.6% a value in
+    # e4m3) moves every output by the ratio of the two sums.
+    from kontext_kernels import sage_attention as sa
+
+    q, k, v = attention_inputs(2, 3, 150, 300, 64, "cpu", dtype=torch.float32, packed=False)
+    v = v[:, :, :1].expand_as(v).contiguous()
+    operands = sa.quantize_operands_reference(q, k, v, fp8_pv=fp8_pv)
+    held = (operands.v8t[..., :1].float() * operands.v_scale[..., None]).transpose(2, 3)[..., :64]  # [B, H, 1, D]
+    rounded = sa.attend_reference(operands, torch.float32, rounded_row_sums=True)
+    assert rel_error(rounded, held.expand_as(rounded)) <= 1e-5
+    unrounded = sa.attend_reference(operands, torch.float32)
+    if fp8_pv:
+        assert rel_error(unrounded, held.expand_as(unrounded)) > 1e-4
+    # Either way the reference stays as close to exact attention as test_error_against_exact_attention asks.
+    exact = exact_attention(q, k, v)
+    assert rel_l2(rounded, exact) <= (FP8_BOUND if fp8_pv else FP16_BOUND)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_full_flux_shape_on_the_gpu():
     # [1, 24, 8704, 128] as the edit step has it; the exact reference in float64 over four heads (0.6 GB each).

@@ -46,6 +46,35 @@ def test_builds_for_sm90_with_8bit_wgmma_tma_and_register_split(channels):
     assert "UTMALDG" in sass and "SYNCS.PHASECHK" in sass and "USETMAXREG" in sass
     assert not re.search(r"\b(LDL|STL)\b", sass), "registers spill"
     assert kernel.metadata.shared <= 227 * 1024
+    assert _wgmmas_pipelined(sass)
+
+
+def _wgmmas_pipelined(sass: str) -> bool:
+    """Whether ptxas kept each MMA's k steps in one group: only the group's last wgmma carries the scoreboard
+    (`gsb0`). Where ptxas serialises the kernel's wgmmas (its C7512 / C7514 notes) every wgmma carries it, each
+    waited on before the next."""
+    wgmmas = re.findall(r"\b[IQH]GMMA\.[^;]*;", sass)
+    return sum("gsb0" in line for line in wgmmas) < len(wgmmas) / 2
+
+
+def _fadds(sass: str) -> int:
+    return len(re.findall(r"\bFADD\b", sass))
+
+
+@needs_gluon
+@pytest.mark.parametrize("channels", [128, 64])
+def test_row_sums_on_the_tensor_cores_build_without_serialising_the_wgmmas(channels):
+    plain = sass_of(hopper_kernel.build_offline(channels, row_sums_on_tensor_cores=False))
+    kernel = hopper_kernel.build_offline(channels, row_sums_on_tensor_cores=True)
+    sass = sass_of(kernel)
+    # P times ones: four 64x8x32 e4m3 wgmmas a key block, per consumer, for block 0 and in the loop.
+    assert len(re.findall(r"QGMMA\.64x8x32\.F32\.E4M3\.E4M3", sass)) == 2 * 2 * 4
+    assert len(re.findall(rf"QGMMA\.64x{channels}x32\.F32\.E4M3\.E4M3", sass)) == 2 * 2 * 4
+    assert _wgmmas_pipelined(sass), "ptxas serialised the wgmmas"
+    assert not re.search(r"\b(LDL|STL)\b", sass), "registers spill"
+    # The softmax's row sums (63 additions a thread per row pair and block, whole and masked block paths, two
+    # consumers) are gone: at least 200 FADDs fewer.
+    assert _fadds(plain) - _fadds(sass) >= 200, (_fadds(plain), _fadds(sass))
 
 
 SHAPES = [  # (batch, heads, length_q, length_k, head_dim)
@@ -60,16 +89,18 @@ SHAPES = [  # (batch, heads, length_q, length_k, head_dim)
 @hopper_gpu
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
-def test_matches_the_reference(shape, out_dtype):
+@pytest.mark.parametrize("row_sums_on_tensor_cores", [False, True], ids=["row_sums_softmax", "row_sums_mma"])
+def test_matches_the_reference(shape, out_dtype, row_sums_on_tensor_cores):
     batch, heads, length_q, length_k, head_dim = shape
     q, k, v = attention_inputs(batch, heads, length_q, length_k, head_dim, "cuda")
     operands = sa.quantize_operands(q, k, v, fp8_pv=True)
     assert hopper_kernel.ready_for(operands)
     out = torch.empty((batch, length_q, heads, head_dim), dtype=out_dtype, device="cuda")
     before = launches["sage_attention_hopper"]
-    hopper_kernel.launch(operands, out)
+    hopper_kernel.launch(operands, out, row_sums_on_tensor_cores=row_sums_on_tensor_cores)
     assert launches["sage_attention_hopper"] == before + 1
-    reference = sa.attend_reference(operands, torch.float32, block_n=hopper_kernel.BLOCK_N)
+    reference = sa.attend_reference(operands, torch.float32, block_n=hopper_kernel.BLOCK_N,
+                                    rounded_row_sums=row_sums_on_tensor_cores)
     assert rel_error(out.transpose(1, 2).float(), reference) <= GPU_KERNEL_VS_REFERENCE + (
         0 if out_dtype == torch.float32 else 2**-8)  # bf16's one rounding of the output
     assert rel_l2(out.transpose(1, 2).double(), exact_attention(q, k, v)) <= FP8_BOUND
