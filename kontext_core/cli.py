@@ -143,10 +143,12 @@ def _report_cache(stats, label: str = "") -> None:
         print(f"step cache{label}: {stats}", file=sys.stderr)
 
 
-def _progress(total_label: str, shown: bool = True):
+def _progress(total_label: str, shown: bool = True, steps: int | None = None):
+    """A step progress bar; given `steps`, it shows them from the start (encoding the inputs comes first and can
+    take a while on a CPU), else from the first step on."""
     from tqdm import tqdm
 
-    bar = tqdm(desc=total_label, unit="step", leave=False, disable=not shown)
+    bar = tqdm(desc=total_label, total=steps, unit="step", leave=False, disable=not shown)
 
     def on_step(info: StepInfo) -> None:
         bar.total = info.total
@@ -250,7 +252,8 @@ def _edit(args: argparse.Namespace) -> int:
             output.mkdir(parents=True, exist_ok=True)
         for number, prompt in enumerate(prompts, start=1):
             turn = session.edit(prompt, seed=settings.seed + number - 1, extra_references=extra,
-                                callback=_progress(f"turn {number}/{len(prompts)}", _writes(args)), **masking)
+                                callback=_progress(f"turn {number}/{len(prompts)}", _writes(args), settings.steps),
+                                **masking)
             if not _writes(args):
                 continue
             _report_cache(turn.cache_stats, f", turn {number}")
@@ -260,7 +263,7 @@ def _edit(args: argparse.Namespace) -> int:
             print(output / f"turn_{number:02d}.png")
         return 0
     result = pipeline.edit(images, args.prompt, settings=settings, size=size, resize=args.resize, fit=args.fit,
-                           batch_size=args.batch, callback=_progress("edit", _writes(args)), **masking)
+                           batch_size=args.batch, callback=_progress("edit", _writes(args), settings.steps), **masking)
     if not _writes(args):
         return 0
     _report_cache(result.cache_stats)
@@ -281,7 +284,7 @@ def _t2i(args: argparse.Namespace) -> int:
     pipeline, files = _pipeline(args)
     result = pipeline.text_to_image(args.prompt, width=args.width or 1024, height=args.height or 1024,
                                     settings=settings, batch_size=args.batch,
-                                    callback=_progress("t2i", _writes(args)))
+                                    callback=_progress("t2i", _writes(args), settings.steps))
     if not _writes(args):
         return 0
     _report_cache(result.cache_stats)

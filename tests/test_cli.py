@@ -79,6 +79,16 @@ def test_edit_end_to_end_writes_png_with_parameters_deterministically(models_tre
     assert parameters["prompt"] == "make the cat red" and parameters["seed"] == 7 and parameters["steps"] == 2
 
 
+def test_the_progress_bar_shows_the_steps_before_the_first_one(models_tree, capsys):
+    # Encoding the inputs comes before the first step (minutes on a CPU at full size): the bar says how many steps
+    # will follow from the start, not "0step" with no total.
+    tmp_path, image, common = models_tree
+    assert main(["edit", str(image), "--prompt", "make the cat red", "-o", str(tmp_path / "a.png"), "--resize", "keep",
+                 *common]) == 0
+    shown = capsys.readouterr().err
+    assert "edit:   0%" in shown and "0/2" in shown
+
+
 def test_attention_backend_is_applied_for_the_run_and_restored(models_tree, monkeypatch):
     from kontext_core import get_attention_backend
     from kontext_core.compute import attention
