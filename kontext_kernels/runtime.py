@@ -65,8 +65,8 @@ def enabled_for(tensor: torch.Tensor) -> bool:
     """True when the fused kernels should handle `tensor` rather than the PyTorch references."""
     if not _switched_on():
         return False
-    if interpreting():
-        return True
+    if interpreting():  # any device the interpreter can read; a meta tensor has no data to run on
+        return tensor.device.type != "meta"
     return tensor.is_cuda and _capable(tensor.device.index if tensor.device.index is not None
                                        else torch.cuda.current_device())
 
@@ -100,7 +100,7 @@ def enabled_for_traced(tensor: torch.Tensor) -> bool:
     Coarser than `enabled_for` (no capability check, which is cached): the ops decide per call with
     `enabled_for` and run the reference where the kernel cannot.
     """
-    return _switched_on() and (tensor.is_cuda or interpreting())
+    return _switched_on() and (tensor.is_cuda or (interpreting() and tensor.device.type != "meta"))
 
 
 def reduction_combines():

@@ -558,6 +558,16 @@ def test_cpu_tensors_use_the_references_without_the_interpreter(monkeypatch):
     assert not kontext_kernels.enabled_for(torch.randn(4))
 
 
+def test_meta_tensors_never_go_to_the_interpreter(monkeypatch):
+    # Shapes on the meta device (the full-size tests) have no data to run a kernel on, interpreter or not.
+    from kontext_kernels import runtime
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert kontext_kernels.enabled_for(torch.randn(4)) == runtime.switched_on()
+    meta = torch.empty(4, device="meta")
+    assert not kontext_kernels.enabled_for(meta) and not runtime.enabled_for_traced(meta)
+
+
 def test_import_and_fallback_without_triton():
     # A fresh interpreter where `import triton` fails, as on a machine without it.
     script = (
