@@ -122,8 +122,8 @@ def _row_sums(p8, ones, ROWS: gl.constexpr, layout: gl.constexpr, rows_layout: g
     """P's row sums as P·V multiplies P (e4m3), from P times ones, after this block's P·V: each of the 8 columns
     holds them, so a row's max is any of its values.
 
-    The wgmma waits for itself and for P·V before the softmax goes on. Left in flight, or issued before P·V, or
-    with P through shared memory, ptxas serialises every wgmma of the kernel (C7512, "insufficient register
+    The wgmma waits for itself and for P·V before the softmax goes on. Left in flight (P's registers or P through
+    shared memory) or issued before P·V, ptxas serialises every wgmma of the kernel (C7512, "insufficient register
     resources"; offline sm_90 builds, bench/RESULTS.md 2026-12-05 (morning))."""
     a = gl.convert_layout(p8, gl.DotOperandLayout(operand_index=0, parent=layout, k_width=4))
     COLUMNS: gl.constexpr = ones.type.shape[0]
