@@ -23,6 +23,7 @@ import triton.language as tl
 CHAINS = 8  # independent chains per thread, so that each warp has instructions to issue while one waits
 REPEATS = 64  # instructions per chain per loop trip
 
+
 class Step(NamedTuple):
     ptx: str  # one step of chain {r}; steps that read the next chain {s} keep ptxas from folding a constant chain
     results: int  # values one step computes
@@ -93,21 +94,14 @@ def build_offline(steps: list[str], capability: int = 90):
 
 def time_steps(steps: list[str], trips: int, sms: int) -> float:
     """Seconds per loop trip of every thread, at 2048 threads per SM."""
+    from bench_step import cuda_time
+
     threads = 1024
-    asm = loop_asm(steps)
     out = torch.empty(sms * 2 * threads, dtype=torch.int32, device="cuda")
-    grid = (sms * 2, )
-    _probe_kernel[grid](out, 3, trips, THREADS=threads, ASM=asm, num_warps=32)  # build and warm up
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    best = float("inf")
-    for _ in range(5):
-        start.record()
-        _probe_kernel[grid](out, 3, trips, THREADS=threads, ASM=asm, num_warps=32)
-        end.record()
-        end.synchronize()
-        best = min(best, start.elapsed_time(end) / 1e3)
-    return best / trips
+    asm = loop_asm(steps)
+    seconds = cuda_time(lambda: _probe_kernel[(sms * 2, )](out, 3, trips, THREADS=threads, ASM=asm, num_warps=32),
+                        warmup=1, iterations=5)
+    return seconds / trips
 
 
 def main() -> None:
@@ -131,6 +125,7 @@ def main() -> None:
         seconds = time_steps([first, second], args.trips, sms)
         mean_alone = (alone[first] + alone[second]) / 2
         print(f"| {first} + {second} | {per_sm_thread_steps / seconds / clock_rate:.1f} | {seconds / mean_alone:.2f} |")
+
 
 if __name__ == "__main__":
     main()

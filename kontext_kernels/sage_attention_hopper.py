@@ -269,9 +269,11 @@ def _layouts(channels: int):
 
 
 @functools.cache
-def _ones(device: torch.device) -> torch.Tensor:
-    """The e4m3 ones tile the loader copies for the row sums (kept for the process: CUDA graphs read it)."""
-    return torch.ones((ONES_ROWS, BLOCK_N), device=device).to(torch.float8_e4m3fn)
+def _ones_descriptor(device: torch.device):
+    """The TMA descriptor of the e4m3 ones tile the loader copies for the row sums: one per device, made once (the
+    tile is kept for the process: CUDA graphs read it)."""
+    ones = torch.ones((ONES_ROWS, BLOCK_N), device=device).to(torch.float8_e4m3fn)
+    return TensorDescriptor.from_tensor(ones, [ONES_ROWS, BLOCK_N], _ones_layout())
 
 
 def launch(operands, out: torch.Tensor, stages: int = STAGES, row_sums_on_tensor_cores: bool | None = None) -> None:
@@ -285,7 +287,7 @@ def launch(operands, out: torch.Tensor, stages: int = STAGES, row_sums_on_tensor
         TensorDescriptor.from_tensor(o.q8.view(-1, channels), [QUERY_ROWS, channels], q_layout),
         TensorDescriptor.from_tensor(o.k8.view(-1, channels), [BLOCK_N, channels], k_layout),
         TensorDescriptor.from_tensor(o.v8t.view(-1, padded_k), [channels, BLOCK_N], v_layout),
-        TensorDescriptor.from_tensor(_ones(o.v8t.device), [ONES_ROWS, BLOCK_N], _ones_layout()),
+        _ones_descriptor(o.v8t.device),
         o.q_scale, o.k_scale, o.v_scale, out, heads, o.length_q, o.length_k, padded_q, padded_k, out.stride(0),
         out.stride(2), out.stride(1), HEAD_DIM=o.head_dim, STAGES=stages, LOADER_REGISTERS=_LOADER_REGISTERS,
         CONSUMER_REGISTERS=_CONSUMER_REGISTERS,

@@ -7,6 +7,7 @@ import importlib
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -203,6 +204,11 @@ def sass_of(kernel) -> str:
                               check=True).stdout
     finally:
         os.unlink(file.name)
+
+
+def spills(sass: str) -> bool:
+    """Whether a kernel's SASS touches local memory (LDL / STL): registers spilled to the stack."""
+    return re.search(r"\b(LDL|STL)\b", sass) is not None
 
 
 def rel_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
