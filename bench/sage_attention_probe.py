@@ -13,8 +13,9 @@ kinds of inputs:
 Paths: bf16 SDPA (cuDNN); ours as backends 'sage8' (P·V in e4m3 where the GPU has fp8) and 'sage8-fp16' call
 it (quantization + kernel: on Hopper the warp-specialised Gluon one, kontext_kernels/sage_attention_hopper.py,
 elsewhere the autotuned Triton-language one), each with its quantization pass and attention kernel alone (on
-Hopper: both kernels, the Gluon one at 2-4 ring stages and with P's row sums made the other way, on the tensor
-cores or in the softmax: `sage_attention_hopper.ROW_SUMS_ON_TENSOR_CORES`) and the Triton-language kernel at each
+Hopper: both kernels, the Gluon one at 2-4 ring stages and with each of its switches turned the other way alone:
+P's row sums on the tensor cores or in the softmax, `sage_attention_hopper.ROW_SUMS_ON_TENSOR_CORES`; block j-1's
+P·V during block j's softmax or not, `PV_DURING_SOFTMAX`) and the Triton-language kernel at each
 config of the GPU's list; variants at sage8's chosen config (e4m3 with k scales per token, e4m3 with one
 accumulator across key blocks, fp16 P·V with k scales per 128 tokens, pointer loads instead of TMA); cudnn-fp8 where it
 runs, and SageAttention 1.0.6 from PyPI where it is installed (`pip install sageattention==1.0.6`: pure Python,
@@ -268,20 +269,24 @@ def main() -> None:
                 for stages in (2, 3, 4):
                     table.add(f"  gluon kernel, {stages} stages", attempt(f"gluon {stages}", lambda stages=stages: timed(
                         lambda: hopper_kernel.launch(operands, out, stages=stages))), {})
-                # P's row sums as a wgmma of P and ones instead of the softmax's additions (the switch's other side).
-                row_sums_mma = not hopper_kernel.ROW_SUMS_ON_TENSOR_CORES
+                # The kernel's switches, each turned to its other side alone: P's row sums as a wgmma of P and ones
+                # instead of the softmax's additions; block j-1's P·V during block j's softmax.
+                others = [("row sums " + ("in the softmax" if hopper_kernel.ROW_SUMS_ON_TENSOR_CORES else
+                                          "on the tensor cores"),
+                           dict(row_sums_on_tensor_cores=not hopper_kernel.ROW_SUMS_ON_TENSOR_CORES)),
+                          ("P·V " + ("after" if hopper_kernel.PV_DURING_SOFTMAX else "during") + " the softmax",
+                           dict(pv_during_softmax=not hopper_kernel.PV_DURING_SOFTMAX))]
+                for label, switches in others:
+                    def switched(q, k, v, switches=switches):
+                        quantized = sa.quantize_operands(q, k, v, fp8_pv=fp8_pv)
+                        result = torch.empty((q.shape[0], q.shape[2], q.shape[1], q.shape[3]), dtype=q.dtype,
+                                             device=q.device)
+                        hopper_kernel.launch(quantized, result, **switches)
+                        return result.transpose(1, 2)
 
-                def other_row_sums(q, k, v):
-                    quantized = sa.quantize_operands(q, k, v, fp8_pv=fp8_pv)
-                    result = torch.empty((q.shape[0], q.shape[2], q.shape[1], q.shape[3]), dtype=q.dtype,
-                                         device=q.device)
-                    hopper_kernel.launch(quantized, result, row_sums_on_tensor_cores=row_sums_mma)
-                    return result.transpose(1, 2)
-
-                table.add(f"  gluon kernel, row sums {'on the tensor cores' if row_sums_mma else 'in the softmax'}",
-                          attempt("gluon row sums", lambda: timed(lambda: hopper_kernel.launch(
-                              operands, out, row_sums_on_tensor_cores=row_sums_mma))),
-                          errors_of(other_row_sums) if first else {})
+                    table.add(f"  gluon kernel, {label}", attempt(f"gluon {label}", lambda switches=switches: timed(
+                        lambda: hopper_kernel.launch(operands, out, **switches))),
+                        errors_of(switched) if first else {})
                 # The Triton-language kernel beside it, autotuned, on keys in token order (its own); its choice is
                 # what the rows below pin.
                 operands = sa.quantize_operands(q, k, v, fp8_pv=fp8_pv, permute_keys=False)

@@ -27,8 +27,8 @@ import functools
 
 import torch
 
-from .gluon_hopper import (TensorDescriptor, gl, gluon, gluon_available, gluon_ready, mbarrier, tma,  # noqa: F401
-                           warpgroup_mma, warpgroup_mma_wait)
+from .gluon_hopper import (TensorDescriptor, fence_async_shared, gl, gluon, gluon_available, gluon_ready,  # noqa: F401
+                           mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
 from .runtime import cdiv, launches
 
 QUERY_ROWS = 64  # per consumer warpgroup: one 64-row wgmma
@@ -42,6 +42,11 @@ STAGES = 3  # block j-1's V is still read while block j's K arrives: two stages 
 # GPU (bench/RESULTS.md, 2026-12-05 (morning)).
 ROW_SUMS_ON_TENSOR_CORES = False
 ONES_ROWS = 8
+# FlashAttention-3's in-warpgroup overlap with P through shared memory: block j-1's P·V runs during block j's softmax
+# (the consumer's own MMAs under its softmax, not only the other consumer's), and block j+1's Q·Kᵀ is issued before
+# block j's P·V so that the scores can be waited on alone. P goes to a shared tile because a register operand in flight
+# across the softmax makes ptxas serialise the kernel's wgmmas (bench/RESULTS.md, 2026-12-04). Off until timed.
+PV_DURING_SOFTMAX = False
 # 3 warpgroups (the loader's warp rounds up to one) x 128 threads share 64K registers: 168 a thread on average
 # gives each consumer 240 and the loader's group 24.
 _MAXNREG, _CONSUMER_REGISTERS, _LOADER_REGISTERS = 168, 240, 24
@@ -133,37 +138,21 @@ def _row_sums(p8, ones, ROWS: gl.constexpr, layout: gl.constexpr, rows_layout: g
 
 
 @gluon.jit
-def _consumer(q_halves, k_ring, v_ring, ones, q_ready, kv_ready, kv_free, q_scale_ptr, k_scale_ptr, v_scale_ptr,
-              out_ptr, heads, length_q, length_k, padded_q, padded_k, stride_ob, stride_oh, stride_ol,
-              HEAD_DIM: gl.constexpr, WHICH: gl.constexpr, ROW_SUM_MMA: gl.constexpr):
-    ROWS: gl.constexpr = q_halves.type.shape[1]
-    CHANNELS: gl.constexpr = q_halves.type.shape[2]
+def _blocks_in_turn(q, k_ring, v_ring, ones, kv_ready, kv_free, q_factor, k_scale_ptr, length_k, s_layout: gl.constexpr,
+                    o_layout: gl.constexpr, sums_layout: gl.constexpr, ROW_SUM_MMA: gl.constexpr):
+    """Every key block: its scores issued with the previous block's P·V still running, both waited on together, its
+    softmax, its P·V issued; the other consumer's MMAs run during this one's softmax. The running output (before
+    the last division by the row sums) and the row sums."""
+    ROWS: gl.constexpr = q.type.shape[0]
+    CHANNELS: gl.constexpr = q.type.shape[1]
     BLOCK_KEYS: gl.constexpr = k_ring.type.shape[1]
     STAGES: gl.constexpr = k_ring.type.shape[0]
-    # 8-bit wgmma, m16 x n x k32 per warp: n = the keys for Q·Kᵀ, the channels for P·V.
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_KEYS, 32])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, CHANNELS, 32])
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
-    # P times ones: its 8 columns each hold the row sums. P's operand layout for it is P·V's (the same registers).
-    SUM_COLUMNS: gl.constexpr = ones.type.shape[0]
-    sums_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                          instr_shape=[16, SUM_COLUMNS, 32])
     rows_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
-
-    bh = gl.program_id(1)
-    start_m = gl.program_id(0) * (2 * ROWS) + WHICH * ROWS
-    q_factor = gl.load(q_scale_ptr + bh * padded_q + start_m + gl.arange(0, ROWS, layout=rows_layout))
-    k_scale_ptr += bh * (padded_k // BLOCK_KEYS)
-    q = q_halves.index(WHICH)
     blocks = gl.cdiv(length_k, BLOCK_KEYS)
-    mbarrier.wait(q_ready, 0)
 
-    # Each key block: its scores (issued with the previous block's P·V still running, both waited on together),
-    # its softmax, its P·V issued; the other consumer's MMAs run during this one's softmax. P is made and handed to
-    # its MMA in one iteration: carried over the loop's back edge, an 8-bit register tensor is taken apart into
-    # bytes (~100 byte permutes a block).
+    # P is made and handed to its MMA in one iteration: carried over the loop's back edge, an 8-bit register tensor
+    # is taken apart into bytes (~100 byte permutes a block).
     mbarrier.wait(kv_ready.index(0), 0)
     dots = warpgroup_mma(q, k_ring.index(0).permute((1, 0)), gl.zeros([ROWS, BLOCK_KEYS], gl.int32, s_layout),
                          use_acc=False, is_async=True)
@@ -202,6 +191,99 @@ def _consumer(q_halves, k_ring, v_ring, ones, q_ready, kv_ready, kv_free, q_scal
     products = warpgroup_mma_wait(num_outstanding=0, deps=(products, ))
     mbarrier.arrive(kv_free.index((blocks + STAGES - 1) % STAGES))
     out = out * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1) + products
+    return out, row_sum
+
+
+@gluon.jit
+def _p_to_tile(p, p_tile, o_layout: gl.constexpr):
+    """P in e4m3 into the shared tile P·V reads, in token order, visible to the wgmma of the whole warpgroup."""
+    p_tile.store(_as_pv_operand(p, gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)))
+    fence_async_shared()
+    gl.thread_barrier()
+
+
+@gluon.jit
+def _blocks_pv_during_softmax(q, k_ring, v_ring, p_tile, kv_ready, kv_free, q_factor, k_scale_ptr, length_k,
+                              s_layout: gl.constexpr, o_layout: gl.constexpr):
+    """PV_DURING_SOFTMAX: block j's Q·Kᵀ issued, block j-1's P·V issued after it (P from the shared tile), the
+    scores waited on alone, block j's softmax with that P·V in flight; then the P·V waited on and added, and block
+    j's P put in the tile. Returns what _blocks_in_turn returns."""
+    ROWS: gl.constexpr = q.type.shape[0]
+    CHANNELS: gl.constexpr = q.type.shape[1]
+    BLOCK_KEYS: gl.constexpr = k_ring.type.shape[1]
+    STAGES: gl.constexpr = k_ring.type.shape[0]
+    rows_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    blocks = gl.cdiv(length_k, BLOCK_KEYS)
+
+    mbarrier.wait(kv_ready.index(0), 0)
+    dots = warpgroup_mma(q, k_ring.index(0).permute((1, 0)), gl.zeros([ROWS, BLOCK_KEYS], gl.int32, s_layout),
+                         use_acc=False, is_async=True)
+    dots = warpgroup_mma_wait(num_outstanding=0, deps=(dots, ))
+    row_max = gl.full([ROWS], float("-inf"), gl.float32, rows_layout)
+    p, row_max = _softmax(dots, q_factor, k_scale_ptr, 0, row_max, length_k, BLOCK_KEYS, s_layout)
+    row_sum = gl.sum(p, axis=1)
+    alpha = gl.zeros([ROWS], gl.float32, rows_layout)  # the first block's rescale of an empty sum
+    out = gl.zeros([ROWS, CHANNELS], gl.float32, o_layout)
+    products = gl.zeros([ROWS, CHANNELS], gl.float32, o_layout)
+    _p_to_tile(p, p_tile, o_layout)
+
+    for block in range(1, blocks):
+        stage = block % STAGES
+        previous = (block + STAGES - 1) % STAGES
+        mbarrier.wait(kv_ready.index(stage), (block // STAGES) & 1)
+        dots = warpgroup_mma(q, k_ring.index(stage).permute((1, 0)), dots, use_acc=False, is_async=True)
+        products = warpgroup_mma(p_tile, v_ring.index(previous).permute((1, 0)), products, use_acc=False,
+                                 is_async=True)
+        dots = warpgroup_mma_wait(num_outstanding=1, deps=(dots, ))
+        p, new_max = _softmax(dots, q_factor, k_scale_ptr, block, row_max, length_k, BLOCK_KEYS, s_layout)
+        new_alpha = gl.exp2(row_max - new_max)
+        row_sum = row_sum * new_alpha + gl.sum(p, axis=1)
+        row_max = new_max
+        products = warpgroup_mma_wait(num_outstanding=0, deps=(products, ))
+        mbarrier.arrive(kv_free.index(previous))
+        # The previous block's P·V joins the running sum under that block's rescale (attend_reference's order).
+        out = out * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1) + products
+        alpha = new_alpha
+        _p_to_tile(p, p_tile, o_layout)
+
+    last = (blocks + STAGES - 1) % STAGES
+    products = warpgroup_mma(p_tile, v_ring.index(last).permute((1, 0)), products, use_acc=False, is_async=True)
+    products = warpgroup_mma_wait(num_outstanding=0, deps=(products, ))
+    mbarrier.arrive(kv_free.index(last))
+    out = out * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1) + products
+    return out, row_sum
+
+
+@gluon.jit
+def _consumer(q_halves, k_ring, v_ring, ones, p_tiles, q_ready, kv_ready, kv_free, q_scale_ptr, k_scale_ptr,
+              v_scale_ptr, out_ptr, heads, length_q, length_k, padded_q, padded_k, stride_ob, stride_oh, stride_ol,
+              HEAD_DIM: gl.constexpr, WHICH: gl.constexpr, ROW_SUM_MMA: gl.constexpr, PV_UNDER: gl.constexpr):
+    ROWS: gl.constexpr = q_halves.type.shape[1]
+    CHANNELS: gl.constexpr = q_halves.type.shape[2]
+    BLOCK_KEYS: gl.constexpr = k_ring.type.shape[1]
+    # 8-bit wgmma, m16 x n x k32 per warp: n = the keys for Q·Kᵀ, the channels for P·V.
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_KEYS, 32])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, CHANNELS, 32])
+    # P times ones: its 8 columns each hold the row sums. P's operand layout for it is P·V's (the same registers).
+    SUM_COLUMNS: gl.constexpr = ones.type.shape[0]
+    sums_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                          instr_shape=[16, SUM_COLUMNS, 32])
+    rows_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+
+    bh = gl.program_id(1)
+    start_m = gl.program_id(0) * (2 * ROWS) + WHICH * ROWS
+    q_factor = gl.load(q_scale_ptr + bh * padded_q + start_m + gl.arange(0, ROWS, layout=rows_layout))
+    k_scale_ptr += bh * (padded_k // BLOCK_KEYS)
+    q = q_halves.index(WHICH)
+    mbarrier.wait(q_ready, 0)
+    if PV_UNDER:
+        out, row_sum = _blocks_pv_during_softmax(q, k_ring, v_ring, p_tiles.index(WHICH), kv_ready, kv_free, q_factor,
+                                                 k_scale_ptr, length_k, s_layout, o_layout)
+    else:
+        out, row_sum = _blocks_in_turn(q, k_ring, v_ring, ones, kv_ready, kv_free, q_factor, k_scale_ptr, length_k,
+                                       s_layout, o_layout, sums_layout, ROW_SUM_MMA)
 
     columns = gl.arange(0, CHANNELS, layout=gl.SliceLayout(0, o_layout))
     offs_m = start_m + gl.arange(0, ROWS, layout=gl.SliceLayout(1, o_layout))
@@ -219,11 +301,16 @@ def _consumer(q_halves, k_ring, v_ring, ones, q_ready, kv_ready, kv_free, q_scal
 def _attention_kernel(q_desc, k_desc, v_desc, ones_desc, q_scale_ptr, k_scale_ptr, v_scale_ptr, out_ptr, heads,
                       length_q, length_k, padded_q, padded_k, stride_ob, stride_oh, stride_ol, HEAD_DIM: gl.constexpr,
                       STAGES: gl.constexpr, LOADER_REGISTERS: gl.constexpr, CONSUMER_REGISTERS: gl.constexpr,
-                      ROW_SUM_MMA: gl.constexpr):
+                      ROW_SUM_MMA: gl.constexpr, PV_UNDER: gl.constexpr):
     q_halves = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)
     ones = gl.allocate_shared_memory(ones_desc.dtype, ones_desc.block_type.shape, ones_desc.layout)
     k_ring = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
     v_ring = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
+    # P's tile per consumer for PV_DURING_SOFTMAX (one row of it otherwise: unused)
+    P_TILE_ROWS: gl.constexpr = q_desc.block_type.shape[0] if PV_UNDER else 8
+    p_tiles = gl.allocate_shared_memory(gl.float8e4nv, [2, P_TILE_ROWS, k_desc.block_type.shape[0]],
+                                        gl.NVMMASharedLayout.get_default_for([P_TILE_ROWS, k_desc.block_type.shape[0]],
+                                                                             gl.float8e4nv))
     q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     kv_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     kv_free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -234,12 +321,12 @@ def _attention_kernel(q_desc, k_desc, v_desc, ones_desc, q_scale_ptr, k_scale_pt
     FIRST: gl.constexpr = 0
     SECOND: gl.constexpr = 1
     gl.warp_specialize([
-        (_consumer, (q_halves, k_ring, v_ring, ones, q_ready, kv_ready, kv_free, q_scale_ptr, k_scale_ptr, v_scale_ptr,
-                     out_ptr, heads, length_q, length_k, padded_q, padded_k, stride_ob, stride_oh, stride_ol,
-                     HEAD_DIM, FIRST, ROW_SUM_MMA)),
-        (_consumer, (q_halves, k_ring, v_ring, ones, q_ready, kv_ready, kv_free, q_scale_ptr, k_scale_ptr, v_scale_ptr,
-                     out_ptr, heads, length_q, length_k, padded_q, padded_k, stride_ob, stride_oh, stride_ol,
-                     HEAD_DIM, SECOND, ROW_SUM_MMA)),
+        (_consumer, (q_halves, k_ring, v_ring, ones, p_tiles, q_ready, kv_ready, kv_free, q_scale_ptr, k_scale_ptr,
+                     v_scale_ptr, out_ptr, heads, length_q, length_k, padded_q, padded_k, stride_ob, stride_oh,
+                     stride_ol, HEAD_DIM, FIRST, ROW_SUM_MMA, PV_UNDER)),
+        (_consumer, (q_halves, k_ring, v_ring, ones, p_tiles, q_ready, kv_ready, kv_free, q_scale_ptr, k_scale_ptr,
+                     v_scale_ptr, out_ptr, heads, length_q, length_k, padded_q, padded_k, stride_ob, stride_oh,
+                     stride_ol, HEAD_DIM, SECOND, ROW_SUM_MMA, PV_UNDER)),
         (_loader, (q_desc, k_desc, v_desc, ones_desc, q_halves, k_ring, v_ring, ones, q_ready, kv_ready, kv_free,
                    length_k, padded_q, padded_k, ROW_SUM_MMA)),
     ], [4, 1], [CONSUMER_REGISTERS, LOADER_REGISTERS])
@@ -276,9 +363,12 @@ def _ones_descriptor(device: torch.device):
     return TensorDescriptor.from_tensor(ones, [ONES_ROWS, BLOCK_N], _ones_layout())
 
 
-def launch(operands, out: torch.Tensor, stages: int = STAGES, row_sums_on_tensor_cores: bool | None = None) -> None:
+def launch(operands, out: torch.Tensor, stages: int = STAGES, row_sums_on_tensor_cores: bool | None = None,
+           pv_during_softmax: bool | None = None) -> None:
     """The attention of quantized `operands` (sage_attention.Operands) into `out` [B, Lq, H, D]; P's row sums on
-    the tensor cores or not (None: ROW_SUMS_ON_TENSOR_CORES)."""
+    the tensor cores or not, P·V during the softmax or not (None: the module's switches)."""
+    pv_under = PV_DURING_SOFTMAX if pv_during_softmax is None else pv_during_softmax
+    row_sum_mma = ROW_SUMS_ON_TENSOR_CORES if row_sums_on_tensor_cores is None else row_sums_on_tensor_cores
     o = operands
     batch, heads, padded_q, channels = o.q8.shape
     padded_k = o.k8.shape[2]
@@ -291,13 +381,12 @@ def launch(operands, out: torch.Tensor, stages: int = STAGES, row_sums_on_tensor
         o.q_scale, o.k_scale, o.v_scale, out, heads, o.length_q, o.length_k, padded_q, padded_k, out.stride(0),
         out.stride(2), out.stride(1), HEAD_DIM=o.head_dim, STAGES=stages, LOADER_REGISTERS=_LOADER_REGISTERS,
         CONSUMER_REGISTERS=_CONSUMER_REGISTERS,
-        ROW_SUM_MMA=ROW_SUMS_ON_TENSOR_CORES if row_sums_on_tensor_cores is None else row_sums_on_tensor_cores,
-        num_warps=4, maxnreg=_MAXNREG)
+        ROW_SUM_MMA=row_sum_mma and not pv_under, PV_UNDER=pv_under, num_warps=4, maxnreg=_MAXNREG)
     launches["sage_attention_hopper"] += 1
 
 
 def build_offline(channels: int = 128, stages: int = STAGES, out_dtype: torch.dtype = torch.bfloat16,
-                  row_sums_on_tensor_cores: bool = ROW_SUMS_ON_TENSOR_CORES):
+                  row_sums_on_tensor_cores: bool = ROW_SUMS_ON_TENSOR_CORES, pv_during_softmax: bool = PV_DURING_SOFTMAX):
     """The kernel compiled for sm_90 without a GPU, for the tests and for reading its SASS; the signature a launch
     at FLUX's edit shape gets (16-divisible sizes and strides)."""
     import triton
@@ -314,7 +403,8 @@ def build_offline(channels: int = 128, stages: int = STAGES, out_dtype: torch.dt
     signature |= {name: "i32" for name in ("heads", "length_q", "length_k", "padded_q", "padded_k", "stride_ob",
                                            "stride_oh", "stride_ol")}
     constants = dict(HEAD_DIM=channels, STAGES=stages, LOADER_REGISTERS=_LOADER_REGISTERS,
-                     CONSUMER_REGISTERS=_CONSUMER_REGISTERS, ROW_SUM_MMA=row_sums_on_tensor_cores)
+                     CONSUMER_REGISTERS=_CONSUMER_REGISTERS,
+                     ROW_SUM_MMA=row_sums_on_tensor_cores and not pv_during_softmax, PV_UNDER=pv_during_softmax)
     signature |= {name: "constexpr" for name in constants}
     names = list(signature)
     attrs = {(names.index(name),): [["tt.divisibility", 16]]

@@ -77,6 +77,20 @@ def test_row_sums_on_the_tensor_cores_build_without_serialising_the_wgmmas(chann
     assert _fadds(plain) - _fadds(sass) >= 200, (_fadds(plain), _fadds(sass))
 
 
+@needs_gluon
+@pytest.mark.parametrize("channels", [128, 64])
+def test_pv_during_the_softmax_builds_with_p_through_shared_memory(channels):
+    sass = sass_of(hopper_kernel.build_offline(channels, pv_during_softmax=True))
+    # P·V reads P from a shared tile: no register-operand wgmma, and P stored with stmatrix (four a thread and block,
+    # for block 0 and in the loop, two consumers).
+    assert len(re.findall(rf"QGMMA\.64x{channels}x32\.F32\.E4M3\.E4M3 R\d+, gdesc", sass)) == 2 * 2 * 4
+    assert len(re.findall(r"\bSTSM\.16\.M88\.4\b", sass)) == 2 * 2 * 4
+    # The scores are waited on with the P·V issued after them still in flight (wgmma groups retire in order).
+    assert "WARPGROUP.DEPBAR.LE gsb0, 0x1" in sass
+    assert _wgmmas_pipelined(sass), "ptxas serialised the wgmmas"
+    assert not spills(sass), "registers spill"
+
+
 SHAPES = [  # (batch, heads, length_q, length_k, head_dim)
     (2, 3, 150, 300, 64),     # two whole key blocks and a masked one; a partial query tile
     (1, 3, 300, 150, 128),
@@ -89,15 +103,17 @@ SHAPES = [  # (batch, heads, length_q, length_k, head_dim)
 @hopper_gpu
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("row_sums_on_tensor_cores", [False, True], ids=["row_sums_softmax", "row_sums_mma"])
-def test_matches_the_reference(shape, out_dtype, row_sums_on_tensor_cores):
+@pytest.mark.parametrize("row_sums_on_tensor_cores, pv_during_softmax", [(False, False), (True, False), (False, True)],
+                         ids=["in_turn", "row_sums_mma", "pv_during_softmax"])
+def test_matches_the_reference(shape, out_dtype, row_sums_on_tensor_cores, pv_during_softmax):
     batch, heads, length_q, length_k, head_dim = shape
     q, k, v = attention_inputs(batch, heads, length_q, length_k, head_dim, "cuda")
     operands = sa.quantize_operands(q, k, v, fp8_pv=True)
     assert hopper_kernel.ready_for(operands)
     out = torch.empty((batch, length_q, heads, head_dim), dtype=out_dtype, device="cuda")
     before = launches["sage_attention_hopper"]
-    hopper_kernel.launch(operands, out, row_sums_on_tensor_cores=row_sums_on_tensor_cores)
+    hopper_kernel.launch(operands, out, row_sums_on_tensor_cores=row_sums_on_tensor_cores,
+                         pv_during_softmax=pv_during_softmax)
     assert launches["sage_attention_hopper"] == before + 1
     reference = sa.attend_reference(operands, torch.float32, block_n=hopper_kernel.BLOCK_N,
                                     rounded_row_sums=row_sums_on_tensor_cores)
@@ -108,11 +124,12 @@ def test_matches_the_reference(shape, out_dtype, row_sums_on_tensor_cores):
 
 @hopper_gpu
 @pytest.mark.parametrize("stages", [2, 3, 4])
-def test_ring_depths_agree(stages):
+@pytest.mark.parametrize("pv_during_softmax", [False, True])
+def test_ring_depths_agree(stages, pv_during_softmax):
     q, k, v = attention_inputs(1, 2, 256, 1000, 128, "cuda")
     operands = sa.quantize_operands(q, k, v, fp8_pv=True)
     out = torch.empty((1, 256, 2, 128), dtype=torch.float32, device="cuda")
-    hopper_kernel.launch(operands, out, stages=stages)
+    hopper_kernel.launch(operands, out, stages=stages, pv_during_softmax=pv_during_softmax)
     reference = sa.attend_reference(operands, torch.float32, block_n=hopper_kernel.BLOCK_N)
     assert rel_error(out.transpose(1, 2), reference) <= GPU_KERNEL_VS_REFERENCE
 
