@@ -256,6 +256,8 @@ MODIFIERS = {
                   "(kontext_kernels/sage_attention_hopper.py, ROW_SUMS_ON_TENSOR_CORES)",
     "pvsoftmax": "with +sage8 on Hopper: block j-1's P·V during block j's softmax, P through shared memory "
                  "(kontext_kernels/sage_attention_hopper.py, PV_DURING_SOFTMAX)",
+    "turns": "with +pvsoftmax: the consumers take turns issuing their MMAs, through named barriers "
+             "(kontext_kernels/sage_attention_hopper.py, CONSUMERS_TAKE_TURNS)",
     "tritonattention": "with +sage8 on Hopper: the Triton-language attention kernel (kontext_kernels/sage_attention.py), "
                        "not the warp-specialised Gluon one (kontext_kernels/sage_attention_hopper.py)",
     "sdpa": "attention through PyTorch's SDPA (cuDNN first) even where flash-attn is installed (auto takes it)",
@@ -281,6 +283,7 @@ PRODUCT_HOPPER_ATTENTION = sage_attention.HOPPER_KERNEL
 PRODUCT_GELU = row_quant.GELU_ON_GPU
 PRODUCT_ROW_SUMS = sage_attention_hopper.ROW_SUMS_ON_TENSOR_CORES
 PRODUCT_PV_DURING_SOFTMAX = sage_attention_hopper.PV_DURING_SOFTMAX
+PRODUCT_TURNS = sage_attention_hopper.CONSUMERS_TAKE_TURNS
 
 
 def _comfy_variant(impl: str) -> str:
@@ -297,7 +300,7 @@ def implementation(name: str) -> str:
         raise argparse.ArgumentTypeError(f"{name!r}: +cudnn is for the reference rows; ours always puts cuDNN first")
     ours_only = [m for m in modifiers if m in ("lora", "lorafly", "thinlora", "autotune", "sdpa", "sage8", "sage8fp16",
                                                "tritongemm", "tritonattention", "modtable", "fusedqkv",
-                                               "tanhgelu", "mmarowsums", "pvsoftmax")]
+                                               "tanhgelu", "mmarowsums", "pvsoftmax", "turns")]
     if ours_only and not base.startswith("ours"):
         raise argparse.ArgumentTypeError(f"{name!r}: +{ours_only[0]} applies to our rows only")
     if "autotune" in modifiers and not base.endswith("-compiled"):
@@ -324,6 +327,7 @@ def configure(impl: str) -> None:
     sage_attention.HOPPER_KERNEL = "triton" if "tritonattention" in modifiers else PRODUCT_HOPPER_ATTENTION
     sage_attention_hopper.ROW_SUMS_ON_TENSOR_CORES = "mmarowsums" in modifiers or PRODUCT_ROW_SUMS
     sage_attention_hopper.PV_DURING_SOFTMAX = "pvsoftmax" in modifiers or PRODUCT_PV_DURING_SOFTMAX
+    sage_attention_hopper.CONSUMERS_TAKE_TURNS = "turns" in modifiers or PRODUCT_TURNS
     attention_module.FUSED_SAGE_QKV = "fusedqkv" in modifiers
     row_quant.GELU_ON_GPU = row_quant.GELU_TANH_APPROX if "tanhgelu" in modifiers else PRODUCT_GELU
     sage_attention.SCORES_DEFAULT = (sage_attention.SCORES_CONVERT if "convertedscores" in modifiers else

@@ -15,7 +15,8 @@ it (quantization + kernel: on Hopper the warp-specialised Gluon one, kontext_ker
 elsewhere the autotuned Triton-language one), each with its quantization pass and attention kernel alone (on
 Hopper: both kernels, the Gluon one at 2-4 ring stages and with each of its switches turned the other way alone:
 P's row sums on the tensor cores or in the softmax, `sage_attention_hopper.ROW_SUMS_ON_TENSOR_CORES`; block j-1's
-P·V during block j's softmax or not, `PV_DURING_SOFTMAX`) and the Triton-language kernel at each
+P·V during block j's softmax or not, `PV_DURING_SOFTMAX`, with the consumers taking turns or not,
+`CONSUMERS_TAKE_TURNS`, at 2 and 4 stages too) and the Triton-language kernel at each
 config of the GPU's list; variants at sage8's chosen config (e4m3 with k scales per token, e4m3 with one
 accumulator across key blocks, fp16 P·V with k scales per 128 tokens, pointer loads instead of TMA); cudnn-fp8 where it
 runs, and SageAttention 1.0.6 from PyPI where it is installed (`pip install sageattention==1.0.6`: pure Python,
@@ -275,7 +276,11 @@ def main() -> None:
                                           "on the tensor cores"),
                            dict(row_sums_on_tensor_cores=not hopper_kernel.ROW_SUMS_ON_TENSOR_CORES)),
                           ("P·V " + ("after" if hopper_kernel.PV_DURING_SOFTMAX else "during") + " the softmax",
-                           dict(pv_during_softmax=not hopper_kernel.PV_DURING_SOFTMAX))]
+                           dict(pv_during_softmax=not hopper_kernel.PV_DURING_SOFTMAX)),
+                          ("P·V during the softmax, consumers " + ("not " if hopper_kernel.CONSUMERS_TAKE_TURNS else "")
+                           + "taking turns", dict(pv_during_softmax=True, turns=not hopper_kernel.CONSUMERS_TAKE_TURNS)),
+                          ("P·V during the softmax, 4 stages", dict(pv_during_softmax=True, stages=4)),
+                          ("P·V during the softmax, 2 stages", dict(pv_during_softmax=True, stages=2))]
                 for label, switches in others:
                     def switched(q, k, v, switches=switches):
                         quantized = sa.quantize_operands(q, k, v, fp8_pv=fp8_pv)

@@ -47,6 +47,12 @@ ONES_ROWS = 8
 # block j's P·V so that the scores can be waited on alone. P goes to a shared tile because a register operand in flight
 # across the softmax makes ptxas serialise the kernel's wgmmas (bench/RESULTS.md, 2026-12-04). Off until timed.
 PV_DURING_SOFTMAX = False
+# With PV_DURING_SOFTMAX: the consumers take turns issuing each block's MMAs (FlashAttention-3's ping-pong), through
+# hardware named barriers (bar.sync / bar.arrive; the 2026-12-04 turns were mbarriers, whose waits poll). Off until
+# timed.
+CONSUMERS_TAKE_TURNS = False
+# Named barriers of the turns: Triton's warp specialisation takes the lowest ids for its partitions.
+_TURN_BARRIERS = (8, 9)
 # 3 warpgroups (the loader's warp rounds up to one) x 128 threads share 64K registers: 168 a thread on average
 # gives each consumer 240 and the loader's group 24.
 _MAXNREG, _CONSUMER_REGISTERS, _LOADER_REGISTERS = 168, 240, 24
@@ -203,8 +209,34 @@ def _p_to_tile(p, p_tile, o_layout: gl.constexpr):
 
 
 @gluon.jit
+def _named_barrier(instruction: gl.constexpr):
+    """One named-barrier instruction for the consumer warpgroup's 128 threads (a value a thread, so it runs once
+    each); both consumers take part, 256 threads a barrier."""
+    layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+    gl.inline_asm_elementwise(instruction + " mov.b32 $0, $1;", "=r,r", [gl.full([128], 0, gl.int32, layout)],
+                              dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _await_turn(WHICH: gl.constexpr):
+    if WHICH == 0:
+        _named_barrier("bar.sync 8, 256;")
+    else:
+        _named_barrier("bar.sync 9, 256;")
+
+
+@gluon.jit
+def _pass_turn(WHICH: gl.constexpr):
+    if WHICH == 0:
+        _named_barrier("bar.arrive 9, 256;")
+    else:
+        _named_barrier("bar.arrive 8, 256;")
+
+
+@gluon.jit
 def _blocks_pv_during_softmax(q, k_ring, v_ring, p_tile, kv_ready, kv_free, q_factor, k_scale_ptr, length_k,
-                              s_layout: gl.constexpr, o_layout: gl.constexpr):
+                              s_layout: gl.constexpr, o_layout: gl.constexpr, WHICH: gl.constexpr,
+                              TURNS: gl.constexpr):
     """PV_DURING_SOFTMAX: block j's Q·Kᵀ issued, block j-1's P·V issued after it (P from the shared tile), the
     scores waited on alone, block j's softmax with that P·V in flight; then the P·V waited on and added, and block
     j's P put in the tile. Returns what _blocks_in_turn returns."""
@@ -226,14 +258,21 @@ def _blocks_pv_during_softmax(q, k_ring, v_ring, p_tile, kv_ready, kv_free, q_fa
     out = gl.zeros([ROWS, CHANNELS], gl.float32, o_layout)
     products = gl.zeros([ROWS, CHANNELS], gl.float32, o_layout)
     _p_to_tile(p, p_tile, o_layout)
+    if TURNS:
+        if WHICH == 1:
+            _pass_turn(WHICH)  # the first consumer's first turn is free
 
     for block in range(1, blocks):
         stage = block % STAGES
         previous = (block + STAGES - 1) % STAGES
         mbarrier.wait(kv_ready.index(stage), (block // STAGES) & 1)
+        if TURNS:
+            _await_turn(WHICH)
         dots = warpgroup_mma(q, k_ring.index(stage).permute((1, 0)), dots, use_acc=False, is_async=True)
         products = warpgroup_mma(p_tile, v_ring.index(previous).permute((1, 0)), products, use_acc=False,
                                  is_async=True)
+        if TURNS:
+            _pass_turn(WHICH)
         dots = warpgroup_mma_wait(num_outstanding=1, deps=(dots, ))
         p, new_max = _softmax(dots, q_factor, k_scale_ptr, block, row_max, length_k, BLOCK_KEYS, s_layout)
         new_alpha = gl.exp2(row_max - new_max)
@@ -246,6 +285,9 @@ def _blocks_pv_during_softmax(q, k_ring, v_ring, p_tile, kv_ready, kv_free, q_fa
         alpha = new_alpha
         _p_to_tile(p, p_tile, o_layout)
 
+    if TURNS:
+        if WHICH == 0:
+            _await_turn(WHICH)  # the second consumer's last pass, so that no arrival is left on a barrier
     last = (blocks + STAGES - 1) % STAGES
     products = warpgroup_mma(p_tile, v_ring.index(last).permute((1, 0)), products, use_acc=False, is_async=True)
     products = warpgroup_mma_wait(num_outstanding=0, deps=(products, ))
@@ -257,7 +299,8 @@ def _blocks_pv_during_softmax(q, k_ring, v_ring, p_tile, kv_ready, kv_free, q_fa
 @gluon.jit
 def _consumer(q_halves, k_ring, v_ring, ones, p_tiles, q_ready, kv_ready, kv_free, q_scale_ptr, k_scale_ptr,
               v_scale_ptr, out_ptr, heads, length_q, length_k, padded_q, padded_k, stride_ob, stride_oh, stride_ol,
-              HEAD_DIM: gl.constexpr, WHICH: gl.constexpr, ROW_SUM_MMA: gl.constexpr, PV_UNDER: gl.constexpr):
+              HEAD_DIM: gl.constexpr, WHICH: gl.constexpr, ROW_SUM_MMA: gl.constexpr, PV_UNDER: gl.constexpr,
+              TURNS: gl.constexpr):
     ROWS: gl.constexpr = q_halves.type.shape[1]
     CHANNELS: gl.constexpr = q_halves.type.shape[2]
     BLOCK_KEYS: gl.constexpr = k_ring.type.shape[1]
@@ -280,7 +323,7 @@ def _consumer(q_halves, k_ring, v_ring, ones, p_tiles, q_ready, kv_ready, kv_fre
     mbarrier.wait(q_ready, 0)
     if PV_UNDER:
         out, row_sum = _blocks_pv_during_softmax(q, k_ring, v_ring, p_tiles.index(WHICH), kv_ready, kv_free, q_factor,
-                                                 k_scale_ptr, length_k, s_layout, o_layout)
+                                                 k_scale_ptr, length_k, s_layout, o_layout, WHICH, TURNS)
     else:
         out, row_sum = _blocks_in_turn(q, k_ring, v_ring, ones, kv_ready, kv_free, q_factor, k_scale_ptr, length_k,
                                        s_layout, o_layout, sums_layout, ROW_SUM_MMA)
@@ -301,7 +344,7 @@ def _consumer(q_halves, k_ring, v_ring, ones, p_tiles, q_ready, kv_ready, kv_fre
 def _attention_kernel(q_desc, k_desc, v_desc, ones_desc, q_scale_ptr, k_scale_ptr, v_scale_ptr, out_ptr, heads,
                       length_q, length_k, padded_q, padded_k, stride_ob, stride_oh, stride_ol, HEAD_DIM: gl.constexpr,
                       STAGES: gl.constexpr, LOADER_REGISTERS: gl.constexpr, CONSUMER_REGISTERS: gl.constexpr,
-                      ROW_SUM_MMA: gl.constexpr, PV_UNDER: gl.constexpr):
+                      ROW_SUM_MMA: gl.constexpr, PV_UNDER: gl.constexpr, TURNS: gl.constexpr):
     q_halves = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)
     ones = gl.allocate_shared_memory(ones_desc.dtype, ones_desc.block_type.shape, ones_desc.layout)
     k_ring = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
@@ -323,10 +366,10 @@ def _attention_kernel(q_desc, k_desc, v_desc, ones_desc, q_scale_ptr, k_scale_pt
     gl.warp_specialize([
         (_consumer, (q_halves, k_ring, v_ring, ones, p_tiles, q_ready, kv_ready, kv_free, q_scale_ptr, k_scale_ptr,
                      v_scale_ptr, out_ptr, heads, length_q, length_k, padded_q, padded_k, stride_ob, stride_oh,
-                     stride_ol, HEAD_DIM, FIRST, ROW_SUM_MMA, PV_UNDER)),
+                     stride_ol, HEAD_DIM, FIRST, ROW_SUM_MMA, PV_UNDER, TURNS)),
         (_consumer, (q_halves, k_ring, v_ring, ones, p_tiles, q_ready, kv_ready, kv_free, q_scale_ptr, k_scale_ptr,
                      v_scale_ptr, out_ptr, heads, length_q, length_k, padded_q, padded_k, stride_ob, stride_oh,
-                     stride_ol, HEAD_DIM, SECOND, ROW_SUM_MMA, PV_UNDER)),
+                     stride_ol, HEAD_DIM, SECOND, ROW_SUM_MMA, PV_UNDER, TURNS)),
         (_loader, (q_desc, k_desc, v_desc, ones_desc, q_halves, k_ring, v_ring, ones, q_ready, kv_ready, kv_free,
                    length_k, padded_q, padded_k, ROW_SUM_MMA)),
     ], [4, 1], [CONSUMER_REGISTERS, LOADER_REGISTERS])
@@ -364,10 +407,12 @@ def _ones_descriptor(device: torch.device):
 
 
 def launch(operands, out: torch.Tensor, stages: int = STAGES, row_sums_on_tensor_cores: bool | None = None,
-           pv_during_softmax: bool | None = None) -> None:
+           pv_during_softmax: bool | None = None, turns: bool | None = None) -> None:
     """The attention of quantized `operands` (sage_attention.Operands) into `out` [B, Lq, H, D]; P's row sums on
-    the tensor cores or not, P·V during the softmax or not (None: the module's switches)."""
+    the tensor cores or not, P·V during the softmax or not, the consumers taking turns or not (None: the module's
+    switches)."""
     pv_under = PV_DURING_SOFTMAX if pv_during_softmax is None else pv_during_softmax
+    turns = pv_under and (CONSUMERS_TAKE_TURNS if turns is None else turns)
     row_sum_mma = ROW_SUMS_ON_TENSOR_CORES if row_sums_on_tensor_cores is None else row_sums_on_tensor_cores
     o = operands
     batch, heads, padded_q, channels = o.q8.shape
@@ -381,12 +426,13 @@ def launch(operands, out: torch.Tensor, stages: int = STAGES, row_sums_on_tensor
         o.q_scale, o.k_scale, o.v_scale, out, heads, o.length_q, o.length_k, padded_q, padded_k, out.stride(0),
         out.stride(2), out.stride(1), HEAD_DIM=o.head_dim, STAGES=stages, LOADER_REGISTERS=_LOADER_REGISTERS,
         CONSUMER_REGISTERS=_CONSUMER_REGISTERS,
-        ROW_SUM_MMA=row_sum_mma and not pv_under, PV_UNDER=pv_under, num_warps=4, maxnreg=_MAXNREG)
+        ROW_SUM_MMA=row_sum_mma and not pv_under, PV_UNDER=pv_under, TURNS=turns, num_warps=4, maxnreg=_MAXNREG)
     launches["sage_attention_hopper"] += 1
 
 
 def build_offline(channels: int = 128, stages: int = STAGES, out_dtype: torch.dtype = torch.bfloat16,
-                  row_sums_on_tensor_cores: bool = ROW_SUMS_ON_TENSOR_CORES, pv_during_softmax: bool = PV_DURING_SOFTMAX):
+                  row_sums_on_tensor_cores: bool = ROW_SUMS_ON_TENSOR_CORES, pv_during_softmax: bool = PV_DURING_SOFTMAX,
+                  turns: bool = CONSUMERS_TAKE_TURNS):
     """The kernel compiled for sm_90 without a GPU, for the tests and for reading its SASS; the signature a launch
     at FLUX's edit shape gets (16-divisible sizes and strides)."""
     import triton
@@ -404,7 +450,8 @@ def build_offline(channels: int = 128, stages: int = STAGES, out_dtype: torch.dt
                                            "stride_oh", "stride_ol")}
     constants = dict(HEAD_DIM=channels, STAGES=stages, LOADER_REGISTERS=_LOADER_REGISTERS,
                      CONSUMER_REGISTERS=_CONSUMER_REGISTERS,
-                     ROW_SUM_MMA=row_sums_on_tensor_cores and not pv_during_softmax, PV_UNDER=pv_during_softmax)
+                     ROW_SUM_MMA=row_sums_on_tensor_cores and not pv_during_softmax, PV_UNDER=pv_during_softmax,
+                     TURNS=pv_during_softmax and turns)
     signature |= {name: "constexpr" for name in constants}
     names = list(signature)
     attrs = {(names.index(name),): [["tt.divisibility", 16]]

@@ -91,6 +91,18 @@ def test_pv_during_the_softmax_builds_with_p_through_shared_memory(channels):
     assert not spills(sass), "registers spill"
 
 
+@needs_gluon
+def test_turns_are_named_barriers_balanced_between_the_consumers():
+    sass = sass_of(hopper_kernel.build_offline(128, pv_during_softmax=True, turns=True))
+    first, second = hopper_kernel._TURN_BARRIERS
+    waits = {i: len(re.findall(rf"BAR\.SYNC\.DEFER_BLOCKING 0x{i:x}, 0x100\b", sass)) for i in (first, second)}
+    passes = {i: len(re.findall(rf"BAR\.ARV 0x{i:x}, 0x100\b", sass)) for i in (first, second)}
+    # The first consumer waits on its barrier in the loop and once after it; the second passes to it once before
+    # its loop and in it. The second consumer waits on its own in the loop only; the first passes to it in the loop.
+    assert waits == {first: 2, second: 1} and passes == {first: 2, second: 1}, (waits, passes)
+    assert _wgmmas_pipelined(sass) and not spills(sass)
+
+
 SHAPES = [  # (batch, heads, length_q, length_k, head_dim)
     (2, 3, 150, 300, 64),     # two whole key blocks and a masked one; a partial query tile
     (1, 3, 300, 150, 128),
@@ -103,9 +115,10 @@ SHAPES = [  # (batch, heads, length_q, length_k, head_dim)
 @hopper_gpu
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("row_sums_on_tensor_cores, pv_during_softmax", [(False, False), (True, False), (False, True)],
-                         ids=["in_turn", "row_sums_mma", "pv_during_softmax"])
-def test_matches_the_reference(shape, out_dtype, row_sums_on_tensor_cores, pv_during_softmax):
+@pytest.mark.parametrize("row_sums_on_tensor_cores, pv_during_softmax, turns",
+                         [(False, False, False), (True, False, False), (False, True, False), (False, True, True)],
+                         ids=["plain", "row_sums_mma", "pv_during_softmax", "pv_during_softmax_turns"])
+def test_matches_the_reference(shape, out_dtype, row_sums_on_tensor_cores, pv_during_softmax, turns):
     batch, heads, length_q, length_k, head_dim = shape
     q, k, v = attention_inputs(batch, heads, length_q, length_k, head_dim, "cuda")
     operands = sa.quantize_operands(q, k, v, fp8_pv=True)
@@ -113,7 +126,7 @@ def test_matches_the_reference(shape, out_dtype, row_sums_on_tensor_cores, pv_du
     out = torch.empty((batch, length_q, heads, head_dim), dtype=out_dtype, device="cuda")
     before = launches["sage_attention_hopper"]
     hopper_kernel.launch(operands, out, row_sums_on_tensor_cores=row_sums_on_tensor_cores,
-                         pv_during_softmax=pv_during_softmax)
+                         pv_during_softmax=pv_during_softmax, turns=turns)
     assert launches["sage_attention_hopper"] == before + 1
     reference = sa.attend_reference(operands, torch.float32, block_n=hopper_kernel.BLOCK_N,
                                     rounded_row_sums=row_sums_on_tensor_cores)
@@ -124,12 +137,12 @@ def test_matches_the_reference(shape, out_dtype, row_sums_on_tensor_cores, pv_du
 
 @hopper_gpu
 @pytest.mark.parametrize("stages", [2, 3, 4])
-@pytest.mark.parametrize("pv_during_softmax", [False, True])
-def test_ring_depths_agree(stages, pv_during_softmax):
+@pytest.mark.parametrize("pv_during_softmax, turns", [(False, False), (True, False), (True, True)])
+def test_ring_depths_agree(stages, pv_during_softmax, turns):
     q, k, v = attention_inputs(1, 2, 256, 1000, 128, "cuda")
     operands = sa.quantize_operands(q, k, v, fp8_pv=True)
     out = torch.empty((1, 256, 2, 128), dtype=torch.float32, device="cuda")
-    hopper_kernel.launch(operands, out, stages=stages, pv_during_softmax=pv_during_softmax)
+    hopper_kernel.launch(operands, out, stages=stages, pv_during_softmax=pv_during_softmax, turns=turns)
     reference = sa.attend_reference(operands, torch.float32, block_n=hopper_kernel.BLOCK_N)
     assert rel_error(out.transpose(1, 2), reference) <= GPU_KERNEL_VS_REFERENCE
 
