@@ -278,9 +278,14 @@ def main() -> None:
                           ("P·V " + ("after" if hopper_kernel.PV_DURING_SOFTMAX else "during") + " the softmax",
                            dict(pv_during_softmax=not hopper_kernel.PV_DURING_SOFTMAX)),
                           ("P·V during the softmax, consumers " + ("not " if hopper_kernel.CONSUMERS_TAKE_TURNS else "")
-                           + "taking turns", dict(pv_during_softmax=True, turns=not hopper_kernel.CONSUMERS_TAKE_TURNS)),
-                          ("P·V during the softmax, 4 stages", dict(pv_during_softmax=True, stages=4)),
-                          ("P·V during the softmax, 2 stages", dict(pv_during_softmax=True, stages=2))]
+                           + "taking turns", dict(pv_during_softmax=True, turns=not hopper_kernel.CONSUMERS_TAKE_TURNS))]
+                # Ring depths of the P·V-during-softmax schedule, with and without turns (timings only).
+                depths = [(f"P·V during the softmax{', turns' if turns else ''}, {stages} stages",
+                           dict(pv_during_softmax=True, turns=turns, stages=stages))
+                          for turns in (False, True) for stages in (3, 4, 5)]
+                for label, switches in depths:
+                    table.add(f"  gluon kernel, {label}", attempt(f"gluon {label}", lambda switches=switches: timed(
+                        lambda: hopper_kernel.launch(operands, out, **switches))), {})
                 for label, switches in others:
                     def switched(q, k, v, switches=switches):
                         quantized = sa.quantize_operands(q, k, v, fp8_pv=fp8_pv)

@@ -35,6 +35,9 @@ QUERY_ROWS = 64  # per consumer warpgroup: one 64-row wgmma
 BLOCK_M = 2 * QUERY_ROWS
 BLOCK_N = 128  # keys per block: sage8's k scales are per 128 keys (sage_attention.K_ROWS_FP8)
 STAGES = 3  # block j-1's V is still read while block j's K arrives: two stages in use, one loading
+# With PV_DURING_SOFTMAX block j-1's stage is held through block j's softmax: one more stage keeps a load ahead (an
+# H100: 1.19 ms at 4 stages, 1.34 at 3, 1.89 at 2; bench/RESULTS.md 2026-12-05 (afternoon session)).
+STAGES_PV_DURING_SOFTMAX = 4
 # P's row sums on the tensor cores: P times a tile of ones (n = 8, wgmma's narrowest; shared memory and register
 # tensors are powers of two, so the ones cannot widen P·V's own n to channels + 8), issued after P·V. It takes the
 # softmax's 64 additions a thread per block off the issue slots, and sums P as P·V multiplies it (e4m3), so the
@@ -406,12 +409,13 @@ def _ones_descriptor(device: torch.device):
     return TensorDescriptor.from_tensor(ones, [ONES_ROWS, BLOCK_N], _ones_layout())
 
 
-def launch(operands, out: torch.Tensor, stages: int = STAGES, row_sums_on_tensor_cores: bool | None = None,
+def launch(operands, out: torch.Tensor, stages: int | None = None, row_sums_on_tensor_cores: bool | None = None,
            pv_during_softmax: bool | None = None, turns: bool | None = None) -> None:
     """The attention of quantized `operands` (sage_attention.Operands) into `out` [B, Lq, H, D]; P's row sums on
     the tensor cores or not, P·V during the softmax or not, the consumers taking turns or not (None: the module's
-    switches)."""
+    switches; stages None: the ring depth for the schedule)."""
     pv_under = PV_DURING_SOFTMAX if pv_during_softmax is None else pv_during_softmax
+    stages = stages or (STAGES_PV_DURING_SOFTMAX if pv_under else STAGES)
     turns = pv_under and (CONSUMERS_TAKE_TURNS if turns is None else turns)
     row_sum_mma = ROW_SUMS_ON_TENSOR_CORES if row_sums_on_tensor_cores is None else row_sums_on_tensor_cores
     o = operands
