@@ -18,7 +18,10 @@ What was tried and measured slower on an H200 (bench/RESULTS.md, 2026-12-04): th
 their MMAs (FlashAttention-3's ping-pong); block j+1's Q·Kᵀ and block j-1's P·V running during block j's softmax,
 with 64-key blocks so that the accumulators fit and P through shared memory (ptxas serialises every wgmma when a
 register operand of one is in flight across the softmax); block j+1's Q·Kᵀ alone during the softmax, with P·V
-after it in two 64-channel parts.
+after it in two 64-channel parts; P's row sums as a wgmma of P and ones (18% slower on an H100, 2026-12-05).
+Built and tested, off until timed on an H200: FlashAttention-3's schedule, block j-1's P·V under block j's softmax
+with P through shared memory (`PV_DURING_SOFTMAX`, a 4-stage ring; 1% faster on an H100), with or without the
+consumers taking turns through named barriers (`CONSUMERS_TAKE_TURNS`).
 """
 
 from __future__ import annotations
