@@ -256,7 +256,7 @@ MODIFIERS = {
                   "(kontext_kernels/sage_attention_hopper.py, ROW_SUMS_ON_TENSOR_CORES)",
     "pvsoftmax": "with +sage8 on Hopper: block j-1's P·V during block j's softmax, P through shared memory "
                  "(kontext_kernels/sage_attention_hopper.py, PV_DURING_SOFTMAX)",
-    "turns": "with +pvsoftmax: the consumers take turns issuing their MMAs, through named barriers "
+    "turns": "with +sage8 on Hopper: the consumers take turns issuing their MMAs, through named barriers "
              "(kontext_kernels/sage_attention_hopper.py, CONSUMERS_TAKE_TURNS)",
     "tritonattention": "with +sage8 on Hopper: the Triton-language attention kernel (kontext_kernels/sage_attention.py), "
                        "not the warp-specialised Gluon one (kontext_kernels/sage_attention_hopper.py)",

@@ -15,8 +15,8 @@ it (quantization + kernel: on Hopper the warp-specialised Gluon one, kontext_ker
 elsewhere the autotuned Triton-language one), each with its quantization pass and attention kernel alone (on
 Hopper: both kernels, the Gluon one at 2-4 ring stages and with each of its switches turned the other way alone:
 P's row sums on the tensor cores or in the softmax, `sage_attention_hopper.ROW_SUMS_ON_TENSOR_CORES`; block j-1's
-P·V during block j's softmax or not, `PV_DURING_SOFTMAX`, with the consumers taking turns or not,
-`CONSUMERS_TAKE_TURNS`, at 2 and 4 stages too) and the Triton-language kernel at each
+P·V during block j's softmax or not, `PV_DURING_SOFTMAX`, in either schedule the consumers taking turns or not,
+`CONSUMERS_TAKE_TURNS`, at 3-5 ring stages too) and the Triton-language kernel at each
 config of the GPU's list; variants at sage8's chosen config (e4m3 with k scales per token, e4m3 with one
 accumulator across key blocks, fp16 P·V with k scales per 128 tokens, pointer loads instead of TMA); cudnn-fp8 where it
 runs, and SageAttention 1.0.6 from PyPI where it is installed (`pip install sageattention==1.0.6`: pure Python,
@@ -277,12 +277,15 @@ def main() -> None:
                            dict(row_sums_on_tensor_cores=not hopper_kernel.ROW_SUMS_ON_TENSOR_CORES)),
                           ("P·V " + ("after" if hopper_kernel.PV_DURING_SOFTMAX else "during") + " the softmax",
                            dict(pv_during_softmax=not hopper_kernel.PV_DURING_SOFTMAX)),
+                          ("consumers " + ("not " if hopper_kernel.CONSUMERS_TAKE_TURNS else "") + "taking turns",
+                           dict(turns=not hopper_kernel.CONSUMERS_TAKE_TURNS)),
                           ("P·V during the softmax, consumers " + ("not " if hopper_kernel.CONSUMERS_TAKE_TURNS else "")
                            + "taking turns", dict(pv_during_softmax=True, turns=not hopper_kernel.CONSUMERS_TAKE_TURNS))]
-                # Ring depths of the P·V-during-softmax schedule, with and without turns (timings only).
-                depths = [(f"P·V during the softmax{', turns' if turns else ''}, {stages} stages",
-                           dict(pv_during_softmax=True, turns=turns, stages=stages))
-                          for turns in (False, True) for stages in (3, 4, 5)]
+                # Ring depths of both schedules, with and without turns (timings only).
+                depths = [(f"P·V {'during' if pv else 'after'} the softmax{', turns' if turns else ''}, "
+                           f"{stages} stages", dict(pv_during_softmax=pv, turns=turns, stages=stages))
+                          for pv, depths in ((False, (3, 4)), (True, (3, 4, 5))) for turns in (False, True)
+                          for stages in depths]
                 for label, switches in depths:
                     table.add(f"  gluon kernel, {label}", attempt(f"gluon {label}", lambda switches=switches: timed(
                         lambda: hopper_kernel.launch(operands, out, **switches))), {})

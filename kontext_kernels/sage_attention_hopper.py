@@ -53,8 +53,9 @@ ONES_ROWS = 8
 # block j's P·V so that the scores can be waited on alone. P goes to a shared tile because a register operand in flight
 # across the softmax makes ptxas serialise the kernel's wgmmas (bench/RESULTS.md, 2026-12-04). Off until timed.
 PV_DURING_SOFTMAX = False
-# With PV_DURING_SOFTMAX: the consumers take turns issuing each block's MMAs (FlashAttention-3's ping-pong), through
-# hardware named barriers (bar.sync / bar.arrive; the 2026-12-04 turns were mbarriers, whose waits poll). Off until
+# The consumers take turns issuing their MMAs (FlashAttention-3's ping-pong), through hardware named barriers
+# (bar.sync / bar.arrive; the 2026-12-04 turns were mbarriers, whose waits poll), in either schedule: left alone, the
+# two consumers run in step (they share every stage), so their softmaxes coincide and so do their MMAs. Off until
 # timed.
 CONSUMERS_TAKE_TURNS = False
 # Named barriers of the turns: Triton's warp specialisation takes the lowest ids for its partitions.
@@ -151,10 +152,14 @@ def _row_sums(p8, ones, ROWS: gl.constexpr, layout: gl.constexpr, rows_layout: g
 
 @gluon.jit
 def _blocks_in_turn(q, k_ring, v_ring, ones, kv_ready, kv_free, q_factor, k_scale_ptr, length_k, s_layout: gl.constexpr,
-                    o_layout: gl.constexpr, sums_layout: gl.constexpr, ROW_SUM_MMA: gl.constexpr):
+                    o_layout: gl.constexpr, sums_layout: gl.constexpr, ROW_SUM_MMA: gl.constexpr, WHICH: gl.constexpr,
+                    TURNS: gl.constexpr):
     """Every key block: its scores issued with the previous block's P·V still running, both waited on together, its
     softmax, its P·V issued; the other consumer's MMAs run during this one's softmax. The running output (before
-    the last division by the row sums) and the row sums."""
+    the last division by the row sums) and the row sums.
+
+    With TURNS a consumer's turn spans block j's P·V and block j+1's Q·Kᵀ (issued back to back across the loop's
+    back edge), so that one consumer's MMAs run while the other's softmax does, rather than both at once."""
     ROWS: gl.constexpr = q.type.shape[0]
     CHANNELS: gl.constexpr = q.type.shape[1]
     BLOCK_KEYS: gl.constexpr = k_ring.type.shape[1]
@@ -174,6 +179,12 @@ def _blocks_in_turn(q, k_ring, v_ring, ones, kv_ready, kv_free, q_factor, k_scal
     alpha = gl.zeros([ROWS], gl.float32, rows_layout)  # the first block's rescale of an empty sum
     out = gl.zeros([ROWS, CHANNELS], gl.float32, o_layout)
     p8 = _as_pv_operand(p, p_layout)
+    if TURNS:
+        # Each consumer awaits a turn before every P·V and passes it after the next Q·Kᵀ; the second consumer's
+        # first pass and the first consumer's pass after its last P·V keep the barriers balanced at exit.
+        if WHICH == 1:
+            _pass_turn(WHICH)
+        _await_turn(WHICH)
     products = warpgroup_mma(p8, v_ring.index(0).permute((1, 0)),
                              gl.zeros([ROWS, CHANNELS], gl.float32, o_layout), use_acc=False, is_async=True)
     if ROW_SUM_MMA:
@@ -186,6 +197,8 @@ def _blocks_in_turn(q, k_ring, v_ring, ones, kv_ready, kv_free, q_factor, k_scal
         previous = (block + STAGES - 1) % STAGES
         mbarrier.wait(kv_ready.index(stage), (block // STAGES) & 1)
         dots = warpgroup_mma(q, k_ring.index(stage).permute((1, 0)), dots, use_acc=False, is_async=True)
+        if TURNS:
+            _pass_turn(WHICH)
         dots, products = warpgroup_mma_wait(num_outstanding=0, deps=(dots, products))
         mbarrier.arrive(kv_free.index(previous))
         # The previous block's P·V joins the running sum under that block's rescale (attend_reference's order).
@@ -196,10 +209,15 @@ def _blocks_in_turn(q, k_ring, v_ring, ones, kv_ready, kv_free, q_factor, k_scal
             row_sum = row_sum * alpha + gl.sum(p, axis=1)
         row_max = new_max
         p8 = _as_pv_operand(p, p_layout)
+        if TURNS:
+            _await_turn(WHICH)
         products = warpgroup_mma(p8, v_ring.index(stage).permute((1, 0)), products, use_acc=False, is_async=True)
         if ROW_SUM_MMA:
             row_sum = row_sum * alpha + _row_sums(p8, ones, ROWS, sums_layout, rows_layout)
 
+    if TURNS:
+        if WHICH == 0:
+            _pass_turn(WHICH)
     products = warpgroup_mma_wait(num_outstanding=0, deps=(products, ))
     mbarrier.arrive(kv_free.index((blocks + STAGES - 1) % STAGES))
     out = out * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1) + products
@@ -332,7 +350,7 @@ def _consumer(q_halves, k_ring, v_ring, ones, p_tiles, q_ready, kv_ready, kv_fre
                                                  k_scale_ptr, length_k, s_layout, o_layout, WHICH, TURNS)
     else:
         out, row_sum = _blocks_in_turn(q, k_ring, v_ring, ones, kv_ready, kv_free, q_factor, k_scale_ptr, length_k,
-                                       s_layout, o_layout, sums_layout, ROW_SUM_MMA)
+                                       s_layout, o_layout, sums_layout, ROW_SUM_MMA, WHICH, TURNS)
 
     columns = gl.arange(0, CHANNELS, layout=gl.SliceLayout(0, o_layout))
     offs_m = start_m + gl.arange(0, ROWS, layout=gl.SliceLayout(1, o_layout))
@@ -419,7 +437,7 @@ def launch(operands, out: torch.Tensor, stages: int | None = None, row_sums_on_t
     switches; stages None: the ring depth for the schedule)."""
     pv_under = PV_DURING_SOFTMAX if pv_during_softmax is None else pv_during_softmax
     stages = stages or (STAGES_PV_DURING_SOFTMAX if pv_under else STAGES)
-    turns = pv_under and (CONSUMERS_TAKE_TURNS if turns is None else turns)
+    turns = CONSUMERS_TAKE_TURNS if turns is None else turns
     row_sum_mma = ROW_SUMS_ON_TENSOR_CORES if row_sums_on_tensor_cores is None else row_sums_on_tensor_cores
     o = operands
     batch, heads, padded_q, channels = o.q8.shape
@@ -458,7 +476,7 @@ def build_offline(channels: int = 128, stages: int = STAGES, out_dtype: torch.dt
     constants = dict(HEAD_DIM=channels, STAGES=stages, LOADER_REGISTERS=_LOADER_REGISTERS,
                      CONSUMER_REGISTERS=_CONSUMER_REGISTERS,
                      ROW_SUM_MMA=row_sums_on_tensor_cores and not pv_during_softmax, PV_UNDER=pv_during_softmax,
-                     TURNS=pv_during_softmax and turns)
+                     TURNS=turns)
     signature |= {name: "constexpr" for name in constants}
     names = list(signature)
     attrs = {(names.index(name),): [["tt.divisibility", 16]]

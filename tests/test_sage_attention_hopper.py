@@ -92,14 +92,23 @@ def test_pv_during_the_softmax_builds_with_p_through_shared_memory(channels):
 
 
 @needs_gluon
-def test_turns_are_named_barriers_balanced_between_the_consumers():
-    sass = sass_of(hopper_kernel.build_offline(128, pv_during_softmax=True, turns=True))
+@pytest.mark.parametrize("pv_during_softmax", [True, False], ids=["pv_during_softmax", "in_turn"])
+def test_turns_are_named_barriers_balanced_between_the_consumers(pv_during_softmax):
+    sass = sass_of(hopper_kernel.build_offline(128, pv_during_softmax=pv_during_softmax, turns=True))
     first, second = hopper_kernel._TURN_BARRIERS
     waits = {i: len(re.findall(rf"BAR\.SYNC\.DEFER_BLOCKING 0x{i:x}, 0x100\b", sass)) for i in (first, second)}
     passes = {i: len(re.findall(rf"BAR\.ARV 0x{i:x}, 0x100\b", sass)) for i in (first, second)}
-    # The first consumer waits on its barrier in the loop and once after it; the second passes to it once before
-    # its loop and in it. The second consumer waits on its own in the loop only; the first passes to it in the loop.
-    assert waits == {first: 2, second: 1} and passes == {first: 2, second: 1}, (waits, passes)
+    if pv_during_softmax:
+        # The first consumer waits on its barrier in the loop and once after it; the second passes to it once
+        # before its loop and in it. The second consumer waits on its own in the loop only; the first passes to it
+        # in the loop.
+        expected = {first: 2, second: 1}, {first: 2, second: 1}
+    else:
+        # Each consumer waits before block 0's P·V and before each P·V in the loop; the second passes once before
+        # block 0's P·V and after each Q·Kᵀ in the loop, the first after each Q·Kᵀ in the loop and once after
+        # its last P·V.
+        expected = {first: 2, second: 2}, {first: 2, second: 2}
+    assert (waits, passes) == expected, (waits, passes)
     assert _wgmmas_pipelined(sass) and not spills(sass)
 
 
@@ -116,8 +125,9 @@ SHAPES = [  # (batch, heads, length_q, length_k, head_dim)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("row_sums_on_tensor_cores, pv_during_softmax, turns",
-                         [(False, False, False), (True, False, False), (False, True, False), (False, True, True)],
-                         ids=["plain", "row_sums_mma", "pv_during_softmax", "pv_during_softmax_turns"])
+                         [(False, False, False), (True, False, False), (False, False, True), (False, True, False),
+                          (False, True, True)],
+                         ids=["plain", "row_sums_mma", "turns", "pv_during_softmax", "pv_during_softmax_turns"])
 def test_matches_the_reference(shape, out_dtype, row_sums_on_tensor_cores, pv_during_softmax, turns):
     batch, heads, length_q, length_k, head_dim = shape
     q, k, v = attention_inputs(batch, heads, length_q, length_k, head_dim, "cuda")
@@ -137,7 +147,7 @@ def test_matches_the_reference(shape, out_dtype, row_sums_on_tensor_cores, pv_du
 
 @hopper_gpu
 @pytest.mark.parametrize("stages", [2, 3, 4])
-@pytest.mark.parametrize("pv_during_softmax, turns", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("pv_during_softmax, turns", [(False, False), (False, True), (True, False), (True, True)])
 def test_ring_depths_agree(stages, pv_during_softmax, turns):
     q, k, v = attention_inputs(1, 2, 256, 1000, 128, "cuda")
     operands = sa.quantize_operands(q, k, v, fp8_pv=True)
