@@ -204,7 +204,8 @@ def inputs(config: TransformerConfig, workload: dict, seed: int = 0) -> dict[str
     return data
 
 
-def ours_step(model: KontextTransformer, x: dict, graphed: bool = False, modulation_table: bool = False):
+def ours_step(model: KontextTransformer, x: dict, graphed: bool = False, modulation_table: bool = False,
+              frozen_statistics: bool = False):
     velocity = model.velocity
     if graphed:
         velocity = GraphedVelocity(model)
@@ -218,8 +219,24 @@ def ours_step(model: KontextTransformer, x: dict, graphed: bool = False, modulat
             made = cuda_time(lambda: model.modulation_table(times, x["y"], x["g"]), warmup=1, iterations=3)
             extra = (model.modulation_table(times, x["y"], x["g"])[0],)
         print(f"    modulation table for 28 steps: {made * 1e3:.1f} ms once a run", flush=True)
-    return lambda: velocity(x["img"], x["img_ids"], x["txt"], x["txt_ids"], x["t"], x["y"], x["g"],
+    mode = "off"
+    if frozen_statistics:
+        # Recorded on another input, as a run records on an earlier step: the latent plus 30% noise, at t = 0.6.
+        generator = torch.Generator(device=x["img"].device).manual_seed(1)
+        earlier = x["img"] + 0.3 * torch.randn(x["img"].shape, generator=generator, device=x["img"].device,
+                                               dtype=x["img"].dtype)
+        attention_module.forget_frozen_statistics()
+        with torch.no_grad(), attention_module.frozen_statistics("record"):
+            model.velocity(earlier, x["img_ids"], x["txt"], x["txt_ids"], torch.full_like(x["t"], 0.6), x["y"], x["g"],
+                           x["ctx"], x["ctx_ids"], *extra)
+        mode = "reuse"
+
+    def step():
+        with attention_module.frozen_statistics(mode):
+            return velocity(x["img"], x["img_ids"], x["txt"], x["txt_ids"], x["t"], x["y"], x["g"],
                             x["ctx"], x["ctx_ids"], *extra)
+
+    return step
 
 
 def diffusers_step(twin, x: dict):
@@ -256,6 +273,9 @@ MODIFIERS = {
                   "(kontext_kernels/sage_attention_hopper.py, ROW_SUMS_ON_TENSOR_CORES)",
     "pvsoftmax": "with +sage8 on Hopper: block j-1's P·V during block j's softmax, P through shared memory "
                  "(kontext_kernels/sage_attention_hopper.py, PV_DURING_SOFTMAX)",
+    "frozenstats": "with +sage8: q, k, v quantized in the QK-norm + RoPE pass with K's mean and V's amax recorded on "
+                   "an earlier step (kontext_kernels/sage_qkv.py; the fast preset's attention_statistics_refresh): "
+                   "recorded here on the latent plus 30% noise at t = 0.6; in --e2e, recorded every 7 steps",
     "turns": "with +sage8 on Hopper: the consumers take turns issuing their MMAs, through named barriers "
              "(kontext_kernels/sage_attention_hopper.py, CONSUMERS_TAKE_TURNS)",
     "tritonattention": "with +sage8 on Hopper: the Triton-language attention kernel (kontext_kernels/sage_attention.py), "
@@ -300,7 +320,7 @@ def implementation(name: str) -> str:
         raise argparse.ArgumentTypeError(f"{name!r}: +cudnn is for the reference rows; ours always puts cuDNN first")
     ours_only = [m for m in modifiers if m in ("lora", "lorafly", "thinlora", "autotune", "sdpa", "sage8", "sage8fp16",
                                                "tritongemm", "tritonattention", "modtable", "fusedqkv",
-                                               "tanhgelu", "mmarowsums", "pvsoftmax", "turns")]
+                                               "tanhgelu", "mmarowsums", "pvsoftmax", "turns", "frozenstats")]
     if ours_only and not base.startswith("ours"):
         raise argparse.ArgumentTypeError(f"{name!r}: +{ours_only[0]} applies to our rows only")
     if "autotune" in modifiers and not base.endswith("-compiled"):
@@ -471,13 +491,15 @@ def uncompile(model) -> None:
 
 
 def end_to_end(model: KontextTransformer, steps: int = 28, cuda_graphs: bool = False,
-               batched_modulation: bool = False, compile_autoencoder: bool = False) -> float:
+               batched_modulation: bool = False, compile_autoencoder: bool = False,
+               attention_statistics_refresh: int = 0) -> float:
     """1024x1024 edit: AE encode of the context, `steps` steps, AE decode (prompt embeddings given)."""
     ae = random_autoencoder()
     if compile_autoencoder:  # as the fast preset's load_pipeline does
         ae.compile_parts()
     pipe = KontextPipeline(model, ae, cuda_graphs=cuda_graphs)
     pipe.batched_modulation = batched_modulation
+    pipe.attention_statistics_refresh = attention_statistics_refresh
     config = model.config
     cond = TextConditioning(torch.randn(1, 512, config.context_in_dim, device="cuda"),
                             torch.randn(1, config.vec_in_dim, device="cuda"))
@@ -508,8 +530,8 @@ def main() -> None:
                         help="also time a full 28-step 1024x1024 edit; alone: with every model the rows hold (bf16, "
                              "fp8, fp8+fp8attention, int8; each also +graphs when a row has +graphs), or only the "
                              "runs named (e.g. --e2e int8+graphs bf16); the fast preset's whole edit is "
-                             "int8+sage8+modtable+compiledae+graphs (compiledae: the AE compiled, as its "
-                             "load_pipeline does)")
+                             "int8+sage8+modtable+compiledae+frozenstats+graphs (compiledae: the AE compiled, as "
+                             "its load_pipeline does; frozenstats: sage8's statistics recorded every 7 steps)")
     parser.add_argument("--comfyui", metavar="PATH", default=os.environ.get("COMFYUI_PATH"),
                         help="ComfyUI checkout or bench/stage_comfyui.sh copy, for the comfyui rows ($COMFYUI_PATH)")
     parser.add_argument("--bfl", metavar="PATH",
@@ -602,7 +624,7 @@ def main() -> None:
             if "-compiled" in impl:
                 compile_blocks(target, impl)
             if impl.startswith("ours"):
-                fn = ours_step(target, x, "graphs" in modifiers, "modtable" in modifiers)
+                fn = ours_step(target, x, "graphs" in modifiers, "modtable" in modifiers, "frozenstats" in modifiers)
             elif impl.startswith("comfyui"):
                 fn = comfy_step(target, x)
             elif impl.startswith("bfl"):
@@ -655,6 +677,8 @@ def main() -> None:
                                                                ("int8+sage8", int8_model),
                                                                ("int8+sage8+modtable", int8_model),
                                                                ("int8+sage8+modtable+compiledae", int8_model),
+                                                               ("int8+sage8+modtable+compiledae+frozenstats",
+                                                                int8_model),
                                                                ("int8+sage8+convertedscores", int8_model))
                 for graphs in ((False, True) if graphs_too or args.e2e else (False,))]
         for label, target, graphs in runs:
@@ -672,7 +696,8 @@ def main() -> None:
             if compiled:
                 compile_blocks(target, "ours-compiled")
             seconds = end_to_end(target, cuda_graphs=graphs, batched_modulation="modtable" in label,
-                                 compile_autoencoder="compiledae" in label)
+                                 compile_autoencoder="compiledae" in label,
+                                 attention_statistics_refresh=7 if "frozenstats" in label else 0)
             record[f"e2e_edit_28_steps_{label}_s"] = seconds
             print(f"end-to-end 1024x1024 edit, 28 steps, AE encode+decode, {label}: {seconds:.2f} s", flush=True)
             uncompile(target)

@@ -72,11 +72,13 @@ def load_pipeline(files: ModelFiles, *, dtype: str | None = None, device: str | 
     """
     device = torch.device(device)
     compile_blocks, batched_modulation, compile_autoencoder = compile, False, False
+    attention_statistics_refresh = 0
     if preset is not None:
         chosen, notes = apply_preset_options(preset, device, dtype=dtype, attention=get_attention_backend(),
                                              compile=compile, cuda_graphs=cuda_graphs)
         dtype, cuda_graphs, compile_blocks = chosen["dtype"], chosen["cuda_graphs"], chosen["compile"]
         batched_modulation, compile_autoencoder = chosen["batched_modulation"], chosen["compile_autoencoder"]
+        attention_statistics_refresh = chosen["attention_statistics_refresh"]
         set_attention_backend(chosen["attention"])
         for note in notes if log is not None else ():
             log(f"preset {preset}: {note}")
@@ -117,6 +119,7 @@ def load_pipeline(files: ModelFiles, *, dtype: str | None = None, device: str | 
                                process_group=process_group)
     pipeline.ae_tiling = ae_tiling
     pipeline.batched_modulation = batched_modulation
+    pipeline.attention_statistics_refresh = attention_statistics_refresh
     pipeline.memory_plan = plan
     pipeline.offloader = offloader
     return pipeline

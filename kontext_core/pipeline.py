@@ -127,6 +127,8 @@ class KontextPipeline:
         self.ae_tiling = "auto"  # auto: tiles only when a full-size AE pass would not fit; always; never
         # Every step's modulation vectors in one pass before sampling (sample_euler): the fast preset's.
         self.batched_modulation = False
+        # sage8's K mean / V amax recorded every this-many steps and reused between (sample_euler): the fast preset's.
+        self.attention_statistics_refresh = 0
         # Called with the transformer or the autoencoder right before it computes. A host that moves models out
         # of the GPU while they are idle (ComfyUI lends their memory to other models) moves them back here.
         self.before_use: Callable[[Any], None] | None = None
@@ -275,6 +277,7 @@ class KontextPipeline:
             negative=negative, true_cfg=settings.true_cfg if negative is not None else 1.0, callback=callback,
             velocity_fn=self._graphed_velocity() if step_cache is None else None,
             step_cache=step_cache, cache_stats=cache_stats, blend=blend, batched_modulation=self.batched_modulation,
+            attention_statistics_refresh=self.attention_statistics_refresh,
         )
 
     def _graphed_velocity(self) -> GraphedVelocity | None:

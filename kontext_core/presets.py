@@ -4,7 +4,8 @@ graphs, so that the node, the CLI and scripts ask for "fast" instead of four set
 `exact` is what runs when nothing is asked for: bf16 weights (or what the memory plan picks), exact
 attention, eager blocks. `fast` takes every opt-in speed path at once: int8 block GEMMs (~3% velocity error
 vs bf16 on random weights, bench/RESULTS.md), 8-bit attention (int8 Q.K, fp8 P.V), regional compilation,
-CUDA-graph replay, a run's modulation vectors computed before its first step, and (in `load_pipeline`) a
+CUDA-graph replay, a run's modulation vectors computed before its first step, sage8's K mean and V amax recorded
+every 7 steps and reused between (sample_euler's `attention_statistics_refresh`), and (in `load_pipeline`) a
 compiled AE. A part that cannot run on the
 device at hand falls back to `exact`'s choice, and `resolve_preset` says which and why, so a preset never fails
 where the exact path would run.
@@ -29,11 +30,14 @@ class RuntimePreset:
     batched_modulation: bool = False
     # The AE's encoder and decoder compiled (Autoencoder.compile_parts): bf16 values rounded in another order.
     compile_autoencoder: bool = False
+    # sage8's K mean and V amax recorded every this-many steps and reused between (sample_euler); 0: off.
+    attention_statistics_refresh: int = 0
 
 
 PRESETS = {
     "exact": RuntimePreset("exact", None, "auto", False, False),
-    "fast": RuntimePreset("fast", "int8", "sage8", True, True, batched_modulation=True, compile_autoencoder=True),
+    "fast": RuntimePreset("fast", "int8", "sage8", True, True, batched_modulation=True, compile_autoencoder=True,
+                          attention_statistics_refresh=7),
 }
 
 
@@ -93,6 +97,8 @@ def _resolve(name: str, device: str | torch.device) -> tuple[RuntimePreset, dict
     if preset.batched_modulation and device.type != "cuda":
         # Off the GPU it saves nothing worth its last-bit differences: fast stays exact there, and says nothing.
         preset = replace(preset, batched_modulation=False)
+    if preset.attention_statistics_refresh and preset.attention != "sage8":
+        preset = replace(preset, attention_statistics_refresh=0)  # only sage8 has statistics to keep
     return preset, notes
 
 
@@ -107,5 +113,6 @@ def apply_preset_options(name: str, device: str | torch.device, *, dtype: str | 
     return (dict(dtype=dtype if dtype is not None else preset.dtype,
                  attention=attention if attention != "auto" else preset.attention,
                  compile=compile or preset.compile, cuda_graphs=cuda_graphs or preset.cuda_graphs,
-                 batched_modulation=preset.batched_modulation, compile_autoencoder=preset.compile_autoencoder),
+                 batched_modulation=preset.batched_modulation, compile_autoencoder=preset.compile_autoencoder,
+                 attention_statistics_refresh=preset.attention_statistics_refresh if attention == "auto" else 0),
             [note for part, note in notes.items() if not chosen_by_caller[part]])

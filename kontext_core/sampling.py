@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from .compute.attention import frozen_statistics
 from .compute.fused import hooked
 from .step_cache import CacheStats, StepCache
 from .model.transformer import KontextTransformer
@@ -109,6 +110,7 @@ def sample_euler(
     cache_stats: CacheStats | None = None,
     blend: Callable[[torch.Tensor, float], torch.Tensor] | None = None,
     batched_modulation: bool = False,
+    attention_statistics_refresh: int = 0,
 ) -> torch.Tensor:
     """Euler integration of the flow; the latent is kept in float32 (or float64) between steps.
 
@@ -120,8 +122,15 @@ def sample_euler(
     outside its mask: masks.LatentInpaint). `batched_modulation` computes every step's modulation vectors
     before the first step (`KontextTransformer.modulation_table`): ~3 ms a step less on an H200 at 1024², equal to
     the per-step values up to the GEMMs' rounding; not with step caching or a model with hooks (block
-    offload), which then compute them each step.
+    offload), which then compute them each step. `attention_statistics_refresh` > 0: with the 'sage8' attention
+    backend on a GPU with fp8 tensor cores, every that-many steps (the first included) records each layer's K mean and
+    V amax, and the steps between quantize q, k and v with them in the QK-norm + RoPE pass
+    (kontext_kernels/sage_qkv.py: one pass instead of five a layer; softmax does not depend on the mean taken off K,
+    and V's scale keeps headroom for growth since the recording). 0: every step quantizes with its own statistics.
     """
+    if attention_statistics_refresh < 0:
+        raise ValueError(f"attention_statistics_refresh must be 0 (off) or a number of steps, not "
+                         f"{attention_statistics_refresh}")
     step_cache = StepCache.parse(step_cache)
     if step_cache is not None and velocity_fn is not None:
         raise ValueError("step caching decides on the host at every step whether to run the blocks, which a "
@@ -160,8 +169,13 @@ def sample_euler(
         if copies > 1:  # true CFG: positive and negative rows in one batch
             model_in = model_in.repeat(copies, 1, 1)
         extra = () if table is None else (table[step],)
-        velocity = velocity_of(model_in, ids, txt, txt_ids, t_vec, y, guidance_vec, ctx, ctx_ids,
-                               *extra).to(state_dtype)
+        if attention_statistics_refresh == 0:
+            statistics = "off"
+        else:
+            statistics = "record" if step % attention_statistics_refresh == 0 else "reuse"
+        with frozen_statistics(statistics):
+            velocity = velocity_of(model_in, ids, txt, txt_ids, t_vec, y, guidance_vec, ctx, ctx_ids,
+                                   *extra).to(state_dtype)
         if use_cfg:
             positive, negative_v = velocity.chunk(2)
             velocity = negative_v + true_cfg * (positive - negative_v)

@@ -222,20 +222,31 @@ def column_stats_reference(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tens
     return k_sum, v_amax
 
 
+def k_mean_from_sum(k_sum: torch.Tensor, length: int) -> torch.Tensor:
+    """K's mean over `length` tokens from its float64 sums: the float32 sum over a float32 length, a true division
+    as the kernels' (PyTorch on CUDA would multiply by a rounded reciprocal of a Python number)."""
+    return k_sum.float() / k_sum.new_tensor(length, dtype=torch.float32)
+
+
 def quantize_operands_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, fp8_pv: bool = True,
                                 q_rows: int = Q_ROWS, k_rows: int | None = None,
-                                permute_keys: bool = False) -> Operands:
+                                permute_keys: bool = False,
+                                statistics: tuple[torch.Tensor, torch.Tensor] | None = None) -> Operands:
     """q, k, v [B, H, L, D] (any strides) -> `Operands` (the module docstring says how); k_rows None:
-    `default_k_rows(fp8_pv)`; `permute_keys`: k8's rows in the Hopper kernel's order (`key_tokens`)."""
+    `default_k_rows(fp8_pv)`; `permute_keys`: k8's rows in the Hopper kernel's order (`key_tokens`);
+    `statistics`: (K's mean, V's amax) [B, H, D_pad] float32 to quantize with instead of k's and v's own (the frozen
+    statistics of kontext_kernels/sage_qkv.py)."""
     k_rows = default_k_rows(fp8_pv) if k_rows is None else k_rows
     _check_rows(q_rows, k_rows)
     _check_key_order(permute_keys, k_rows)
     head_dim, channels = q.shape[3], padded_head_dim(q.shape[3])
     length_q, length_k = q.shape[2], k.shape[2]
-    k_sum, v_amax = column_stats_reference(k, v)
-    # The float32 sum over a float32 length, a true division as the kernel's (PyTorch on CUDA would multiply by a
-    # rounded reciprocal of a Python number).
-    k_mean = (k_sum.float() / k_sum.new_tensor(length_k, dtype=torch.float32))[:, :, None, :head_dim]
+    if statistics is None:
+        k_sum, v_amax = column_stats_reference(k, v)
+        k_mean = k_mean_from_sum(k_sum, length_k)
+    else:
+        k_mean, v_amax = statistics
+    k_mean = k_mean[:, :, None, :head_dim]
     q8, q_scale = _int8_groups_reference(_padded(q.float(), padded_tokens(length_q), channels), q_rows,
                                          head_dim**-0.5 * LOG2E)
     k8, k_scale = _int8_groups_reference(_padded(k.float() - k_mean, padded_tokens(length_k), channels), k_rows, 1.0)
@@ -483,11 +494,15 @@ _V_BLOCK_L = 64
 
 def _quantize_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fp8_pv: bool, q_rows: int,
                      k_rows: int, permute_keys: bool = False) -> Operands:
-    batch, heads, length_q, head_dim = q.shape
-    length_k = k.shape[2]
+    k_sum, v_amax = column_statistics(k, v)
+    return quantize_with_statistics(q, k, v, k_sum, v_amax, fp8_pv, q_rows, k_rows, permute_keys)
+
+
+def column_statistics(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`column_stats_reference`'s values by the Triton kernel (k, v [B, H, L, D], any strides)."""
+    batch, heads, length_k, head_dim = k.shape
     channels = padded_head_dim(head_dim)
-    padded_q = padded_tokens(length_q)
-    device = q.device
+    device = k.device
     k_sum = torch.zeros((batch, heads, channels), dtype=torch.float64, device=device)
     v_amax = torch.zeros((batch, heads, channels), dtype=torch.float32, device=device)
     tiles = cdiv(length_k, _STATS_BLOCK_L)
@@ -499,7 +514,17 @@ def _quantize_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fp8_pv: 
     _column_stats_kernel[(batch * heads, cdiv(tiles, per_program))](
         k, v, k_sum, v_amax, heads, length_k, head_dim, *k.stride(), *v.stride(), loop_count(per_program),
         BLOCK_L=_STATS_BLOCK_L, BLOCK_D=channels, num_warps=8)
+    return k_sum, v_amax
 
+
+def quantize_with_statistics(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_sum: torch.Tensor,
+                             v_amax: torch.Tensor, fp8_pv: bool, q_rows: int, k_rows: int,
+                             permute_keys: bool) -> Operands:
+    """The operands of q, k, v [B, H, L, D] given k's and v's column statistics (`column_statistics`)."""
+    batch, heads, length_q, head_dim = q.shape
+    padded_q = padded_tokens(length_q)
+    channels = padded_head_dim(head_dim)
+    device = q.device
     q8 = torch.empty((batch, heads, padded_q, channels), dtype=torch.int8, device=device)
     q_scale = torch.empty((batch, heads, padded_q // q_rows), dtype=torch.float32, device=device)
     _launch_int8(q, None, q8, q_scale, q_rows, head_dim**-0.5 * LOG2E, centre=False, permute=False)

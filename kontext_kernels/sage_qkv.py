@@ -8,15 +8,27 @@ tokens can be gathered by atomics there too (the sums in float64, exact for bf16
 matter). k and v still need those statistics of every token before they are quantized, so they are written in
 bf16 as before and quantized by sage_attention's own kernels. The operands equal the unfused path's bit for bit
 (tests/test_sage_qkv.py); bench/RESULTS.md says what the fusion is worth.
+
+With frozen statistics (`frozen_sage_operands`) the pass makes all of sage8's operands itself, in one read of the
+projection: K's mean and V's amax come from an earlier step of the same layer (`FrozenStatistics`, recorded by
+`record_sage_operands`) instead of this call's tokens. Softmax is invariant to the mean taken off K, whatever it is
+(sage_attention's docstring), so a stale mean changes only how well int8 covers the centred keys; V's per-channel
+scale gets `V_MARGIN` of headroom against growth since the recording, and e4m3's saturating conversion bounds the
+rest. k's one scale per 128 tokens is the tile's own amax: each program covers one 128-token tile of a head, in
+sub-tiles, reading k twice (its amax first, then the int8 values, the second read from cache).
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from . import sage_attention as sa
-from .qk_norm_rope import RMS_EPS, normed_qkv_tile, stream_parts
-from .runtime import cdiv, import_triton, last_dim_contiguous, launches, next_power_of_2, reduction_combines
+from .e4m3 import to_e4m3
+from .qk_norm_rope import RMS_EPS, joint_qkv_norm_rope, normed_qkv_tile, stream_parts
+from .runtime import (cdiv, import_triton, interpreting, last_dim_contiguous, launches, next_power_of_2,
+                      reduction_combines)
 
 triton, tl = import_triton()
 
@@ -143,3 +155,176 @@ def joint_sage_attention(streams: list[tuple[torch.Tensor, torch.Tensor, torch.T
     if fp8_pv is None:
         fp8_pv = sa.fp8_tensor_cores(first.device)
     return sa.attend(joint_sage_operands(streams, cos, sin, num_heads, fp8_pv), first.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Frozen statistics: every operand in the one pass
+# ----------------------------------------------------------------------------------------------
+
+# Headroom of V's frozen scale: v / (V_MARGIN * amax at the recording) stays inside e4m3's range while a channel's
+# amax grows by up to this factor. It costs no precision (e4m3 is floating point) except for values under
+# 2**-6 / 448 * V_MARGIN of the amax, which go subnormal.
+V_MARGIN = 2.0
+# Tokens per sub-tile of the frozen pass and its warps: one sub-tile of q, k and v float32 is 3 x 32 registers a
+# thread at 4 warps.
+FROZEN_SUB_L = 32
+FROZEN_WARPS = 4
+FROZEN_UNROLL = 1  # sub-tiles unrolled together: their loads in flight at once, at the registers that costs
+
+
+class FrozenStatistics(NamedTuple):
+    """What the frozen pass quantizes with, [B, H, D_pad] float32 each, from the step that recorded them: K's mean
+    over tokens; V's amax times V_MARGIN, and from it V's scale (amax / 448) and its reciprocal."""
+
+    k_mean: torch.Tensor
+    v_amax: torch.Tensor
+    v_scale: torch.Tensor
+    v_inverse: torch.Tensor
+
+    @staticmethod
+    def of(k_sum: torch.Tensor, v_amax: torch.Tensor, length: int) -> "FrozenStatistics":
+        """From column statistics (`sage_attention.column_statistics`) of `length` tokens; true divisions, as the
+        unfused kernels' div_rn."""
+        amax = (v_amax * V_MARGIN).clamp_min(1e-30)
+        e4m3_max = amax.new_tensor(sa.E4M3_MAX)
+        return FrozenStatistics(sa.k_mean_from_sum(k_sum, length), amax, amax / e4m3_max, e4m3_max / amax)
+
+    def copy_(self, other: "FrozenStatistics") -> None:
+        for mine, theirs in zip(self, other):
+            mine.copy_(theirs)
+
+    def reference_statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K's mean, V's amax) as `sage_attention.quantize_operands_reference(statistics=)` takes them."""
+        return self.k_mean, self.v_amax
+
+
+@triton.jit
+def _frozen_sage_kernel(
+    qkv_ptr, q_scale_ptr, k_scale_ptr, cos_ptr, sin_ptr, k_mean_ptr, v_inverse_ptr,
+    q8_ptr, q8_scale_ptr, k8_ptr, k8_scale_ptr, v8t_ptr,
+    offset, length, num_heads, head_dim, padded_length, eps, factor,
+    stride_qkv_b, stride_qkv_l, stride_cos_b, stride_cos_l, stride_sin_b, stride_sin_l,
+    FP8: tl.constexpr, EXACT_ROUNDING: tl.constexpr, PERMUTE: tl.constexpr, TILE: tl.constexpr,
+    SUB_L: tl.constexpr, UNROLL: tl.constexpr, BLOCK_D: tl.constexpr, CHANNELS: tl.constexpr,
+):
+    # One program per (head, 128-token tile, batch) of one stream, which starts at `offset` (a whole number of
+    # tiles) of the joint sequence. Tokens past the stream's end are the operands' padding: written as zeros.
+    head = tl.program_id(0)
+    tile = tl.program_id(1)
+    batch = tl.program_id(2).to(tl.int64)
+    bh = batch * num_heads + head
+    dims = tl.arange(0, BLOCK_D)
+    element = qkv_ptr.dtype.element_ty
+    k_mean = tl.load(k_mean_ptr + bh * CHANNELS + dims)
+    v_inverse = tl.load(v_inverse_ptr + bh * CHANNELS + dims)
+    first = tile * TILE
+    k_amax = tl.full([SUB_L], 0.0, tl.float32)
+    for sub in tl.range(0, TILE // SUB_L, num_stages=1, loop_unroll_factor=UNROLL):
+        tokens = first + sub * SUB_L + tl.arange(0, SUB_L)
+        inside = tokens < length
+        q, k, v = normed_qkv_tile(qkv_ptr, q_scale_ptr, k_scale_ptr, cos_ptr, sin_ptr, batch, head, tokens, length,
+                                  num_heads, head_dim, eps, stride_qkv_b, stride_qkv_l, stride_cos_b, stride_cos_l,
+                                  stride_sin_b, stride_sin_l, SUB_L, BLOCK_D)
+        rows = (offset + tokens).to(tl.int64)
+        # q -> int8, one scale per token, rounded to the activations' dtype first as the unfused path stores it;
+        # padding rows come out zero with the scale the unfused quantizer gives an all-zero row.
+        q = q.to(element).to(tl.float32)
+        amax = tl.maximum(tl.reduce(tl.abs(q), 1, _max), 1e-30)
+        inverse = tl.math.div_rn(tl.full([SUB_L], 127.0, tl.float32), amax)
+        scaled = tl.minimum(tl.maximum(q * inverse[:, None], -127.0), 127.0)
+        tl.store(q8_ptr + (bh * padded_length + rows)[:, None] * CHANNELS + dims[None, :],
+                 ((scaled + 12582912.0) - 12582912.0).to(tl.int8))
+        tl.store(q8_scale_ptr + bh * padded_length + rows,
+                 tl.math.div_rn(amax, tl.full([SUB_L], 127.0, tl.float32)) * factor)
+        # v / its frozen scale, transposed ([B, H, D_pad, L_pad]).
+        v = v.to(tl.float32)
+        if FP8:
+            v_values = to_e4m3(v, v_inverse[None, :], EXACT_ROUNDING)
+        else:
+            v_values = tl.minimum(tl.maximum(v * v_inverse[None, :], -448.0), 448.0).to(tl.float16)
+        tl.store(v8t_ptr + (bh * CHANNELS + dims)[None, :].to(tl.int64) * padded_length + rows[:, None], v_values)
+        # k's amax once centred; the values come in the second loop.
+        centred = tl.where(inside[:, None], k.to(element).to(tl.float32) - k_mean[None, :], 0.0)
+        k_amax = tl.maximum(k_amax, tl.reduce(tl.abs(centred), 1, _max))
+    amax = tl.maximum(tl.reduce(k_amax, 0, _max), 1e-30)
+    inverse = tl.math.div_rn(tl.full([], 127.0, tl.float32), amax)
+    for sub in tl.range(0, TILE // SUB_L, num_stages=1, loop_unroll_factor=UNROLL):
+        local = sub * SUB_L + tl.arange(0, SUB_L)
+        tokens = first + local
+        _, k, _ = normed_qkv_tile(qkv_ptr, q_scale_ptr, k_scale_ptr, cos_ptr, sin_ptr, batch, head, tokens, length,
+                                  num_heads, head_dim, eps, stride_qkv_b, stride_qkv_l, stride_cos_b, stride_cos_l,
+                                  stride_sin_b, stride_sin_l, SUB_L, BLOCK_D)
+        centred = tl.where((tokens < length)[:, None], k.to(element).to(tl.float32) - k_mean[None, :], 0.0)
+        scaled = tl.minimum(tl.maximum(centred * inverse, -127.0), 127.0)
+        if PERMUTE:  # the Hopper kernel's key order (sage_attention.key_positions)
+            local = (local & 0x71) | ((local & 0x2) << 2) | ((local & 0xC) >> 1)
+        rows = bh * padded_length + offset + first + local
+        tl.store(k8_ptr + rows[:, None] * CHANNELS + dims[None, :], ((scaled + 12582912.0) - 12582912.0).to(tl.int8))
+    tl.store(k8_scale_ptr + bh * (padded_length // TILE) + (offset + first) // TILE,
+             tl.math.div_rn(amax, tl.full([], 127.0, tl.float32)))
+
+
+def runs_frozen(streams: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], num_heads: int, fp8_pv: bool) -> bool:
+    """Whether the frozen pass takes these streams: those `runs_fused` takes, with one k scale per 128 tokens (e4m3
+    P·V) and every stream but the last a whole number of 128-token tiles (a tile's k scale is one program's)."""
+    return (runs_fused(streams, num_heads) and sa.default_k_rows(fp8_pv) == sa.TOKEN_TILE
+            and all(qkv.shape[1] % sa.TOKEN_TILE == 0 for qkv, _, _ in streams[:-1]))
+
+
+def record_sage_operands(streams: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], cos: torch.Tensor,
+                         sin: torch.Tensor, num_heads: int, fp8_pv: bool, permute_keys: bool | None = None,
+                         ) -> tuple[sa.Operands, FrozenStatistics]:
+    """The unfused path's operands (QK-norm + RoPE, then sage8's quantization: the same bytes) and the
+    statistics they were quantized with, for `frozen_sage_operands` to reuse."""
+    q, k, v = joint_qkv_norm_rope(streams, cos, sin, num_heads)
+    k_rows = sa.default_k_rows(fp8_pv)
+    if permute_keys is None:
+        permute_keys = sa.hopper_kernel_takes(q.device, fp8_pv, sa.Q_ROWS, k_rows, q.shape[3])
+    k_sum, v_amax = sa.column_statistics(k, v)
+    operands = sa.quantize_with_statistics(q, k, v, k_sum, v_amax, fp8_pv, sa.Q_ROWS, k_rows, permute_keys)
+    return operands, FrozenStatistics.of(k_sum, v_amax, k.shape[2])
+
+
+def frozen_sage_operands(streams: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], cos: torch.Tensor,
+                         sin: torch.Tensor, num_heads: int, fp8_pv: bool, statistics: FrozenStatistics,
+                         permute_keys: bool | None = None) -> sa.Operands:
+    """sage8's operands of the streams' joint sequence in one pass, quantized with frozen `statistics` [B, H, D_pad]:
+    what `sage_attention.quantize_operands_reference(statistics=statistics.reference_statistics())` makes of
+    `qk_norm_rope.joint_qkv_norm_rope`'s q, k, v. `runs_frozen` must hold."""
+    first = streams[0][0]
+    batch, device = first.shape[0], first.device
+    head_dim = first.shape[-1] // (3 * num_heads)
+    length = sum(qkv.shape[1] for qkv, _, _ in streams)
+    channels, padded = sa.padded_head_dim(head_dim), sa.padded_tokens(length)
+    if permute_keys is None:
+        permute_keys = sa.hopper_kernel_takes(device, fp8_pv, sa.Q_ROWS, sa.TOKEN_TILE, head_dim)
+    expected = (batch, num_heads, channels)
+    if any(tuple(tensor.shape) != expected for tensor in statistics):
+        raise ValueError(f"frozen statistics of shape {tuple(statistics.k_mean.shape)} for operands {expected}: "
+                         "record them again for this batch and model")
+    q8 = torch.empty((batch, num_heads, padded, channels), dtype=torch.int8, device=device)
+    q_scale = torch.empty((batch, num_heads, padded), dtype=torch.float32, device=device)
+    k8 = torch.empty((batch, num_heads, padded, channels), dtype=torch.int8, device=device)
+    k_scale = torch.empty((batch, num_heads, padded // sa.TOKEN_TILE), dtype=torch.float32, device=device)
+    v8t = torch.empty((batch, num_heads, channels, padded), dtype=torch.float8_e4m3fn if fp8_pv else torch.float16,
+                      device=device)
+    factor = head_dim ** -0.5 * sa.LOG2E
+    for (qkv, query_scale, key_scale), offset, cos_part, sin_part in stream_parts(streams, cos, sin):
+        stream_length = qkv.shape[1]
+        if stream_length == 0:
+            continue
+        qkv = last_dim_contiguous(qkv)
+        cos_part = last_dim_contiguous(cos_part.expand(batch, 1, stream_length, head_dim // 2))
+        sin_part = last_dim_contiguous(sin_part.expand(batch, 1, stream_length, head_dim // 2))
+        _frozen_sage_kernel[(num_heads, cdiv(stream_length, sa.TOKEN_TILE), batch)](
+            qkv, query_scale.contiguous(), key_scale.contiguous(), cos_part, sin_part, statistics.k_mean,
+            statistics.v_inverse, q8, q_scale, k8, k_scale, v8t,
+            offset, stream_length, num_heads, head_dim, padded, RMS_EPS, factor,
+            qkv.stride(0), qkv.stride(1), cos_part.stride(0), cos_part.stride(2), sin_part.stride(0),
+            sin_part.stride(2),
+            FP8=fp8_pv, EXACT_ROUNDING=interpreting(), PERMUTE=permute_keys, TILE=sa.TOKEN_TILE,
+            SUB_L=FROZEN_SUB_L, UNROLL=FROZEN_UNROLL, BLOCK_D=next_power_of_2(head_dim), CHANNELS=channels, num_warps=FROZEN_WARPS,
+        )
+    launches["frozen_sage_qkv"] += 1
+    return sa.Operands(q8, q_scale, k8, k_scale, v8t, statistics.v_scale, length, length, head_dim, sa.Q_ROWS,
+                       sa.TOKEN_TILE, permute_keys)

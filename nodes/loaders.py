@@ -68,6 +68,7 @@ class KontextModelLoader(KontextNode):
         path = comfy_adapter.full_path("diffusion_models", model_name)
         device = comfy_adapter.compute_device()
         cuda_graphs = batched_modulation = False
+        attention_statistics_refresh = 0
         if preset not in (None, "custom"):
             chosen, notes = apply_preset_options(
                 preset, device, dtype=None if weight_dtype == "default" else weight_dtype, attention=attention,
@@ -77,13 +78,15 @@ class KontextModelLoader(KontextNode):
             weight_dtype = chosen["dtype"] or "default"
             attention, cuda_graphs = chosen["attention"], chosen["cuda_graphs"]
             batched_modulation = chosen["batched_modulation"]
+            attention_statistics_refresh = chosen["attention_statistics_refresh"]
             compile = "on" if chosen["compile"] else "off"
         set_attention_backend(attention)  # refuses flash-attn when it is not installed, here rather than later
         if compile == "on":
             _check_compile(device)
         dtype = model_cache.resolve_weight_dtype(weight_dtype, path, device)
         ref = TransformerRef(path, dtype, str(device), attention, compile=compile == "on", cuda_graphs=cuda_graphs,
-                             batched_modulation=batched_modulation)
+                             batched_modulation=batched_modulation,
+                             attention_statistics_refresh=attention_statistics_refresh)
         resolve.transformer(ref)
         return NodeResult((ref,))
 

@@ -49,6 +49,7 @@ class TransformerRef:
     compile: bool = False  # regional torch.compile of the blocks; not part of the key: the weights are shared
     cuda_graphs: bool = False  # steps replayed from a CUDA graph (the fast preset); not part of the key either
     batched_modulation: bool = False  # a run's modulation vectors computed ahead of it (the fast preset); nor this
+    attention_statistics_refresh: int = 0  # sage8's statistics reused between recordings (the fast preset); nor this
 
     @property
     def key(self) -> tuple:

@@ -161,6 +161,7 @@ def pipeline(model: TransformerRef, vae: Any, text: TextEncodersRef | None = Non
     encoders = model_cache.text_encoders(text) if text is not None else None
     pipe = KontextPipeline(transformer(model), autoencoder(vae), encoders, cuda_graphs=model.cuda_graphs)
     pipe.batched_modulation = model.batched_modulation
+    pipe.attention_statistics_refresh = model.attention_statistics_refresh
 
     def before_use(module: Any) -> None:
         ready(module)

@@ -181,3 +181,29 @@ def test_the_shared_graph_dies_with_its_model():
     assert gone() is None
     with pytest.raises(RuntimeError, match="has been freed"):
         graphed.model
+
+
+@pytest.mark.skipif(not fp8_tensor_cores(), reason="needs a GPU with fp8 tensor cores (Ada or Hopper)")
+def test_recording_and_reusing_steps_each_replay_their_own_graph():
+    # sage8's frozen statistics (sample_euler's attention_statistics_refresh): record steps and reuse steps run
+    # different kernels, so each has a graph; the run replayed equals the eager run, two captures for five steps.
+    from kontext_core import set_attention_backend
+    from kontext_core.compute import attention
+    from kontext_core.sampling import TextConditioning, sample_euler
+
+    model = _model("cuda").to(torch.bfloat16)
+    img, ids, txt, _, _, y, _, ctx, ctx_ids = tiny_edit_args(1, torch.bfloat16, "cuda")
+    steps = [1.0, 0.8, 0.6, 0.4, 0.2, 0.0]
+    graphed = GraphedVelocity(model)
+    previous = attention.get_attention_backend()
+    set_attention_backend("sage8")
+    try:
+        with torch.no_grad():
+            runs = [sample_euler(model, img.float(), ids, TextConditioning(txt, y), steps, context=ctx,
+                                 context_ids=ctx_ids, attention_statistics_refresh=2, velocity_fn=velocity_fn)
+                    for velocity_fn in (None, graphed)]
+    finally:
+        set_attention_backend(previous)
+        attention.forget_frozen_statistics()
+    assert graphed.captures == 2
+    assert rel_error(runs[1], runs[0]) < 1e-3

@@ -43,8 +43,11 @@ def test_explicit_settings_win_over_the_preset(monkeypatch):
     monkeypatch.setattr(presets, "_attention_reason", lambda backend, device: None)
     monkeypatch.setattr(presets, "_triton_available", lambda: True)
     chosen, _ = apply_preset_options("fast", "cuda", dtype="fp8", attention="sdpa", compile=False, cuda_graphs=False)
+    # The frozen attention statistics are sage8's: with the caller's sdpa they are off.
     assert chosen == dict(dtype="fp8", attention="sdpa", compile=True, cuda_graphs=True, batched_modulation=True,
-                          compile_autoencoder=True)
+                          compile_autoencoder=True, attention_statistics_refresh=0)
+    chosen, _ = apply_preset_options("fast", "cuda", dtype=None, attention="auto", compile=False, cuda_graphs=False)
+    assert chosen["attention"] == "sage8" and chosen["attention_statistics_refresh"] == 7
 
 
 def test_fallbacks_of_parts_the_caller_set_are_not_reported():
@@ -54,8 +57,9 @@ def test_fallbacks_of_parts_the_caller_set_are_not_reported():
                                          cuda_graphs=False)
     assert chosen["dtype"] == "bf16" and chosen["attention"] == "sdpa"
     assert len(notes) == 2 and not any("int8" in note or "attention" in note for note in notes)
-    _, all_notes = apply_preset_options("fast", "cpu", dtype=None, attention="auto", compile=False,
-                                        cuda_graphs=False)
+    everything, all_notes = apply_preset_options("fast", "cpu", dtype=None, attention="auto", compile=False,
+                                                 cuda_graphs=False)
+    assert everything["attention_statistics_refresh"] == 0  # sage8 fell back: no statistics to keep
     assert all_notes == resolve_preset("fast", "cpu")[1] and len(all_notes) == 4
 
 

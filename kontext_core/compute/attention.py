@@ -185,14 +185,49 @@ def sequence_parallel_scope(layout):
 FUSED_SAGE_QKV = False
 
 
+# sage8 with frozen statistics (kontext_kernels/sage_qkv.py): "record" quantizes as the unfused path does and keeps
+# each layer's K mean and V amax; "reuse" quantizes q, k and v in the QK-norm + RoPE pass with the kept ones. Set per
+# step by the sampler (`frozen_statistics`); a plain value, which torch.compile guards on and the CUDA graph's
+# signature includes, so each mode has its own compiled blocks and graph.
+STATISTICS_MODES = ("off", "record", "reuse")
+_statistics_mode = "off"
+
+
+def statistics_mode() -> str:
+    return _statistics_mode
+
+
+@contextlib.contextmanager
+def frozen_statistics(mode: str):
+    """Inside, sage8 attention records ("record") or reuses ("reuse") each layer's K mean and V amax, or neither
+    ("off"). Other backends ignore it."""
+    global _statistics_mode
+    if mode not in STATISTICS_MODES:
+        raise ValueError(f"unknown statistics mode {mode!r}; choose one of {', '.join(STATISTICS_MODES)}")
+    before, _statistics_mode = _statistics_mode, mode
+    try:
+        yield
+    finally:
+        _statistics_mode = before
+
+
 def joint_attention(streams: list[tuple[torch.Tensor, torch.nn.Module, torch.nn.Module]], cos: torch.Tensor,
                     sin: torch.Tensor, num_heads: int) -> torch.Tensor:
     """Attention over the joint sequence of streams (qkv [B, L_i, 3*H*D], query_norm, key_norm), q and k
     normalised and rotated as `fused.joint_qkv_heads` does: [B, sum L_i, H*D].
 
     With 'cudnn-fp8' and the kernels on, q, k and v go to fp8 in the QK-norm + RoPE pass itself (no
-    bf16 copies, no amax passes for q and k)."""
+    bf16 copies, no amax passes for q and k); with 'sage8' inside `frozen_statistics`, sage8's operands do."""
     first = streams[0][0]
+    if (_statistics_mode != "off" and _backend == "sage8" and _sage_qkv is not None and _sequence_layout is None
+            and fused.qk_kernel_active(first) and _sage.fp8_tensor_cores(first.device)):
+        tensors = [(qkv, query_norm.scale, key_norm.scale) for qkv, query_norm, key_norm in streams]
+        if _sage_qkv.runs_frozen(tensors, num_heads, fp8_pv=True):
+            out = torch.ops.kontext.sage_frozen_attention([qkv for qkv, _, _ in tensors],
+                                                          [q for _, q, _ in tensors], [k for _, _, k in tensors],
+                                                          cos, sin, num_heads, _statistics_mode == "record")
+            batch, heads, length, head_dim = out.shape
+            return out.transpose(1, 2).reshape(batch, length, heads * head_dim)
     # The fused fp8 path attends over this process's tokens only; split over processes, q, k, v go through
     # `attention` (and its all-to-all) instead.
     if _backend == "cudnn-fp8" and first.is_cuda and fused.qk_kernel_active(first) and _sequence_layout is None:
@@ -275,6 +310,46 @@ if _sage_qkv is not None:
     ops.define("sage_joint_attention(Tensor[] qkvs, Tensor[] query_scales, Tensor[] key_scales, Tensor cos, "
                "Tensor sin, int num_heads, bool fp16_pv) -> Tensor", _sage_joint_attention_op,
                _sage_joint_fake_output)
+
+
+# Each layer's frozen statistics, keyed by its query norm's scale (the layer's identity, by address, as the CUDA graph
+# knows its weights) and the operands' shape. Entries are made outside graph capture (the warm-up steps before it)
+# and then only written in place, so a captured graph keeps reading the tensors a record step writes.
+_frozen: dict[tuple, object] = {}
+
+
+def forget_frozen_statistics() -> None:
+    """Drop every layer's kept statistics (the next "reuse" step of a layer records first)."""
+    _frozen.clear()
+
+
+def _sage_frozen_attention_op(qkvs: list[torch.Tensor], query_scales: list[torch.Tensor],
+                              key_scales: list[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
+                              record: bool) -> torch.Tensor:
+    first = qkvs[0]
+    streams = list(zip(qkvs, query_scales, key_scales))
+    key = (query_scales[0].data_ptr(), first.device, first.shape[0], num_heads, first.shape[-1])
+    kept = _frozen.get(key)
+    with torch.cuda.device(first.device) if first.is_cuda else contextlib.nullcontext():
+        if record or kept is None:
+            operands, statistics = _sage_qkv.record_sage_operands(streams, cos, sin, num_heads, fp8_pv=True)
+            if kept is None:
+                _frozen[key] = statistics
+            else:
+                kept.copy_(statistics)
+        else:
+            operands = _sage_qkv.frozen_sage_operands(streams, cos, sin, num_heads, True, kept)
+        return _sage.attend(operands, first.dtype)
+
+
+def _sage_frozen_fake_output(qkvs, query_scales, key_scales, cos, sin, num_heads: int, record: bool) -> torch.Tensor:
+    return _sage_joint_fake_output(qkvs, query_scales, key_scales, cos, sin, num_heads, False)
+
+
+if _sage_qkv is not None:
+    ops.define("sage_frozen_attention(Tensor[] qkvs, Tensor[] query_scales, Tensor[] key_scales, Tensor cos, "
+               "Tensor sin, int num_heads, bool record) -> Tensor", _sage_frozen_attention_op,
+               _sage_frozen_fake_output)
 
 
 # On Hopper, cuDNN's fused attention runs FLUX's shapes at about twice the rate of PyTorch's flash

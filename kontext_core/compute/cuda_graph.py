@@ -8,7 +8,8 @@ step.
 
 Inputs are copied into static buffers, so every step of a sampling run (new latent, new timestep)
 replays one graph; a new shape, a moved or replaced weight (or on-the-fly LoRA factors) captures a new
-one. A model with forward hooks (block offload) is never captured: hooks run Python that a replay would
+one. Steps that differ in what they run, not in their inputs (sage8's frozen statistics recorded on some steps and
+reused on the others: kontext_core/compute/attention.py), each have a graph, the graphs sharing one memory pool. A model with forward hooks (block offload) is never captured: hooks run Python that a replay would
 skip.
 The model is checked once per sampling run (`prepare`), not per step: host time per step is what
 the graph is for.
@@ -21,7 +22,7 @@ import weakref
 import torch
 from torch import nn
 
-from .attention import get_attention_backend
+from .attention import get_attention_backend, statistics_mode
 from .fused import hooked, lora_factors
 
 
@@ -64,9 +65,11 @@ class GraphedVelocity:
         return model
 
     def reset(self) -> None:
-        """Forget the captured graph and its memory."""
+        """Forget the captured graphs and their memory."""
         self._signature = self._graph = self._output = self._weights = None
         self._inputs: list = []
+        self._graphs: dict[tuple, tuple] = {}  # signature -> (graph, static inputs, output)
+        self._pool = None
 
     def _weight_addresses(self) -> tuple:
         # LoRA factors with their shapes: freed factors' memory may be reused by new ones of another rank.
@@ -88,35 +91,47 @@ class GraphedVelocity:
 
     @staticmethod
     def _signature_of(args) -> tuple:
-        # The attention backend is read when the step is captured: another one needs another graph.
-        return (get_attention_backend(),) + tuple((tuple(a.shape), a.dtype, a.device) if isinstance(a, torch.Tensor) else ("const", a)
-                     for a in args)
+        # The attention backend and the statistics mode are read when the step is captured: another one needs
+        # another graph.
+        return (get_attention_backend(), statistics_mode()) + tuple(
+            (tuple(a.shape), a.dtype, a.device) if isinstance(a, torch.Tensor) else ("const", a) for a in args)
 
-    def _capture(self, args) -> None:
-        self.reset()
-        self._inputs = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+    def _same_shapes(self, signature: tuple) -> bool:
+        # Graphs kept side by side differ only in what the step runs; a new input shape starts over.
+        return all(kept[2:] == signature[2:] for kept in self._graphs)
+
+    def _capture(self, args, signature: tuple) -> None:
+        if not self._same_shapes(signature) or (self._weights is not None
+                                                and self._weights != self._weight_addresses()):
+            self.reset()
+        inputs = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(self.warmup):  # compilation, cuDNN plans and allocations happen outside the graph
-                self.model.velocity(*self._inputs)
+                self.model.velocity(*inputs)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._output = self.model.velocity(*self._inputs)
-        self._graph, self._weights = graph, self._weight_addresses()
+        # One pool for every graph of this model: they replay one at a time, and each output is copied out at once.
+        with torch.cuda.graph(graph, pool=self._pool):
+            output = self.model.velocity(*inputs)
+        if self._pool is None:
+            self._pool = graph.pool()
+        self._graphs[signature] = (graph, inputs, output)
+        self._weights = self._weight_addresses()
         self.captures += 1
 
     def __call__(self, *args) -> torch.Tensor:
         if torch.is_grad_enabled() or not all(a.is_cuda for a in args if isinstance(a, torch.Tensor)):
             return self.model.velocity(*args)
         signature = self._signature_of(args)
-        if signature != self._signature:
-            self._capture(args)
-            self._signature = signature
+        if signature not in self._graphs:
+            self._capture(args, signature)
         else:
-            for static, value in zip(self._inputs, args):
+            for static, value in zip(self._graphs[signature][1], args):
                 if isinstance(static, torch.Tensor):
                     static.copy_(value)
+        self._signature = signature
+        self._graph, self._inputs, self._output = self._graphs[signature]
         self._graph.replay()
         return self._output.clone()
