@@ -4,9 +4,9 @@ graphs, so that the node, the CLI and scripts ask for "fast" instead of four set
 `exact` is what runs when nothing is asked for: bf16 weights (or what the memory plan picks), exact
 attention, eager blocks. `fast` takes every opt-in speed path at once: int8 block GEMMs (~3% velocity error
 vs bf16 on random weights, bench/RESULTS.md), 8-bit attention (int8 Q.K, fp8 P.V), regional compilation,
-CUDA-graph replay, a run's modulation vectors computed before its first step, sage8's K mean and V amax recorded
-every 7 steps and reused between (sample_euler's `attention_statistics_refresh`), and (in `load_pipeline`) a
-compiled AE. A part that cannot run on the
+CUDA-graph replay, a run's modulation vectors computed before its first step, and (in `load_pipeline`) a
+compiled AE. A preset can also keep sage8's K mean and V amax between recordings every N steps (sample_euler's
+`attention_statistics_refresh`); `fast` does not yet. A part that cannot run on the
 device at hand falls back to `exact`'s choice, and `resolve_preset` says which and why, so a preset never fails
 where the exact path would run.
 """
@@ -36,8 +36,9 @@ class RuntimePreset:
 
 PRESETS = {
     "exact": RuntimePreset("exact", None, "auto", False, False),
-    "fast": RuntimePreset("fast", "int8", "sage8", True, True, batched_modulation=True, compile_autoencoder=True,
-                          attention_statistics_refresh=7),
+    # attention_statistics_refresh stays 0 (off) until a GPU has timed the whole edit with it and its error against
+    # bf16 (bench/RESULTS.md, 2026-12-05 evening); scripts can set KontextPipeline.attention_statistics_refresh.
+    "fast": RuntimePreset("fast", "int8", "sage8", True, True, batched_modulation=True, compile_autoencoder=True),
 }
 
 

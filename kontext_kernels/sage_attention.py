@@ -225,7 +225,8 @@ def column_stats_reference(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tens
 def k_mean_from_sum(k_sum: torch.Tensor, length: int) -> torch.Tensor:
     """K's mean over `length` tokens from its float64 sums: the float32 sum over a float32 length, a true division
     as the kernels' (PyTorch on CUDA would multiply by a rounded reciprocal of a Python number)."""
-    return k_sum.float() / k_sum.new_tensor(length, dtype=torch.float32)
+    # The length by a fill, not a host copy, so that this runs inside CUDA graph capture.
+    return k_sum.float() / torch.full((), length, dtype=torch.float32, device=k_sum.device)
 
 
 def quantize_operands_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, fp8_pv: bool = True,

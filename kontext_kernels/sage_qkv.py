@@ -186,7 +186,7 @@ class FrozenStatistics(NamedTuple):
         """From column statistics (`sage_attention.column_statistics`) of `length` tokens; true divisions, as the
         unfused kernels' div_rn."""
         amax = (v_amax * V_MARGIN).clamp_min(1e-30)
-        e4m3_max = amax.new_tensor(sa.E4M3_MAX)
+        e4m3_max = torch.full_like(amax, sa.E4M3_MAX)  # a fill, not a host copy: it runs in CUDA graph capture
         return FrozenStatistics(sa.k_mean_from_sum(k_sum, length), amax, amax / e4m3_max, e4m3_max / amax)
 
     def copy_(self, other: "FrozenStatistics") -> None:

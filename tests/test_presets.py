@@ -3,6 +3,8 @@ settings win over a preset's parts, through the core, the CLI and the loader nod
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from PIL import Image
@@ -46,17 +48,19 @@ def test_explicit_settings_win_over_the_preset(monkeypatch):
     # The frozen attention statistics are sage8's: with the caller's sdpa they are off.
     assert chosen == dict(dtype="fp8", attention="sdpa", compile=True, cuda_graphs=True, batched_modulation=True,
                           compile_autoencoder=True, attention_statistics_refresh=0)
+    monkeypatch.setitem(presets.PRESETS, "fast", replace(presets.PRESETS["fast"], attention_statistics_refresh=7))
     chosen, _ = apply_preset_options("fast", "cuda", dtype=None, attention="auto", compile=False, cuda_graphs=False)
     assert chosen["attention"] == "sage8" and chosen["attention_statistics_refresh"] == 7
 
 
-def test_fallbacks_of_parts_the_caller_set_are_not_reported():
+def test_fallbacks_of_parts_the_caller_set_are_not_reported(monkeypatch):
     # On a CPU every part of fast falls back; a caller who chose the weights and the attention backend gets the
     # lines about the compiled blocks and CUDA graphs only.
     chosen, notes = apply_preset_options("fast", "cpu", dtype="bf16", attention="sdpa", compile=False,
                                          cuda_graphs=False)
     assert chosen["dtype"] == "bf16" and chosen["attention"] == "sdpa"
     assert len(notes) == 2 and not any("int8" in note or "attention" in note for note in notes)
+    monkeypatch.setitem(presets.PRESETS, "fast", replace(presets.PRESETS["fast"], attention_statistics_refresh=7))
     everything, all_notes = apply_preset_options("fast", "cpu", dtype=None, attention="auto", compile=False,
                                                  cuda_graphs=False)
     assert everything["attention_statistics_refresh"] == 0  # sage8 fell back: no statistics to keep
