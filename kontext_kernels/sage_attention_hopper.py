@@ -19,9 +19,11 @@ their MMAs (FlashAttention-3's ping-pong); block j+1's Q·Kᵀ and block j-1's P
 with 64-key blocks so that the accumulators fit and P through shared memory (ptxas serialises every wgmma when a
 register operand of one is in flight across the softmax); block j+1's Q·Kᵀ alone during the softmax, with P·V
 after it in two 64-channel parts; P's row sums as a wgmma of P and ones (18% slower on an H100, 2026-12-05).
-Built and tested, off until timed on an H200: FlashAttention-3's schedule, block j-1's P·V under block j's softmax
-with P through shared memory (`PV_DURING_SOFTMAX`, a 4-stage ring; 1% faster on an H100), with or without the
-consumers taking turns through named barriers (`CONSUMERS_TAKE_TURNS`).
+Built and tested, off because on an H100 they are within 1% of the default (2026-12-05 evening: 1.165-1.189 ms
+against 1.176-1.190, the step unchanged at 183.5-183.9 ms): FlashAttention-3's schedule, block j-1's P·V under
+block j's softmax with P through shared memory (`PV_DURING_SOFTMAX`, a 4-stage ring), and the consumers taking
+turns through named barriers (`CONSUMERS_TAKE_TURNS`) in either schedule. Turns changing nothing means the two
+consumers were not waiting on each other's MMAs: the softmax's instruction issue bounds the loop.
 """
 
 from __future__ import annotations
@@ -51,12 +53,13 @@ ONES_ROWS = 8
 # FlashAttention-3's in-warpgroup overlap with P through shared memory: block j-1's P·V runs during block j's softmax
 # (the consumer's own MMAs under its softmax, not only the other consumer's), and block j+1's Q·Kᵀ is issued before
 # block j's P·V so that the scores can be waited on alone. P goes to a shared tile because a register operand in flight
-# across the softmax makes ptxas serialise the kernel's wgmmas (bench/RESULTS.md, 2026-12-04). Off until timed.
+# across the softmax makes ptxas serialise the kernel's wgmmas (bench/RESULTS.md, 2026-12-04). Within 1% of the
+# default on an H100 (module docstring). Off.
 PV_DURING_SOFTMAX = False
 # The consumers take turns issuing their MMAs (FlashAttention-3's ping-pong), through hardware named barriers
 # (bar.sync / bar.arrive; the 2026-12-04 turns were mbarriers, whose waits poll), in either schedule: left alone, the
-# two consumers run in step (they share every stage), so their softmaxes coincide and so do their MMAs. Off until
-# timed.
+# two consumers might run in step (they share every stage), their softmaxes and their MMAs coinciding. Timed on an
+# H100 it changes nothing in either schedule (module docstring), so that is not what bounds the loop. Off.
 CONSUMERS_TAKE_TURNS = False
 # Named barriers of the turns: Triton's warp specialisation takes the lowest ids for its partitions.
 _TURN_BARRIERS = (8, 9)
