@@ -96,12 +96,12 @@ class GraphedVelocity:
         return (get_attention_backend(), statistics_mode()) + tuple(
             (tuple(a.shape), a.dtype, a.device) if isinstance(a, torch.Tensor) else ("const", a) for a in args)
 
-    def _same_shapes(self, signature: tuple) -> bool:
-        # Graphs kept side by side differ only in what the step runs; a new input shape starts over.
-        return all(kept[2:] == signature[2:] for kept in self._graphs)
+    def _differs_in_mode_only(self, signature: tuple) -> bool:
+        # Graphs kept side by side differ only in the statistics mode; another backend or input shape starts over.
+        return all(kept[0] == signature[0] and kept[2:] == signature[2:] for kept in self._graphs)
 
     def _capture(self, args, signature: tuple) -> None:
-        if not self._same_shapes(signature) or (self._weights is not None
+        if not self._differs_in_mode_only(signature) or (self._weights is not None
                                                 and self._weights != self._weight_addresses()):
             self.reset()
         inputs = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
