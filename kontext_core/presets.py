@@ -98,8 +98,6 @@ def _resolve(name: str, device: str | torch.device) -> tuple[RuntimePreset, dict
     if preset.batched_modulation and device.type != "cuda":
         # Off the GPU it saves nothing worth its last-bit differences: fast stays exact there, and says nothing.
         preset = replace(preset, batched_modulation=False)
-    if preset.attention_statistics_refresh and preset.attention != "sage8":
-        preset = replace(preset, attention_statistics_refresh=0)  # only sage8 has statistics to keep
     return preset, notes
 
 
@@ -111,9 +109,10 @@ def apply_preset_options(name: str, device: str | torch.device, *, dtype: str | 
     preset, notes = _resolve(name, device)
     chosen_by_caller = {"dtype": dtype is not None, "attention": attention != "auto", "compile": compile,
                         "cuda_graphs": cuda_graphs}
-    return (dict(dtype=dtype if dtype is not None else preset.dtype,
-                 attention=attention if attention != "auto" else preset.attention,
+    attention = attention if attention != "auto" else preset.attention
+    return (dict(dtype=dtype if dtype is not None else preset.dtype, attention=attention,
                  compile=compile or preset.compile, cuda_graphs=cuda_graphs or preset.cuda_graphs,
                  batched_modulation=preset.batched_modulation, compile_autoencoder=preset.compile_autoencoder,
-                 attention_statistics_refresh=preset.attention_statistics_refresh if attention == "auto" else 0),
+                 # Only sage8 has statistics to keep (whoever chose it, or wherever it fell back).
+                 attention_statistics_refresh=preset.attention_statistics_refresh if attention == "sage8" else 0),
             [note for part, note in notes.items() if not chosen_by_caller[part]])

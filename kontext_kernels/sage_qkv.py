@@ -96,6 +96,19 @@ def _qkv_norm_rope_sage_kernel(
                   sem="relaxed")
 
 
+def _stream_inputs(streams: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], cos: torch.Tensor,
+                   sin: torch.Tensor, batch: int, head_dim: int):
+    """Each non-empty stream as its kernel takes it: (qkv, q_scale, k_scale, cos, sin, offset, length), the
+    tensors with their last dims contiguous and the batch-1 tables broadcast over the batch."""
+    for (qkv, query_scale, key_scale), offset, cos_part, sin_part in stream_parts(streams, cos, sin):
+        length = qkv.shape[1]
+        if length == 0:
+            continue
+        yield (last_dim_contiguous(qkv), query_scale.contiguous(), key_scale.contiguous(),
+               last_dim_contiguous(cos_part.expand(batch, 1, length, head_dim // 2)),
+               last_dim_contiguous(sin_part.expand(batch, 1, length, head_dim // 2)), offset, length)
+
+
 def runs_fused(streams: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], num_heads: int) -> bool:
     """Whether the fused pass takes these streams: head dims whose pair count the kernel tiles (as the plain
     kernel's), and a padded channel count equal to the tile's (head dims of 32 and more)."""
@@ -126,15 +139,10 @@ def joint_sage_operands(streams: list[tuple[torch.Tensor, torch.Tensor, torch.Te
     kv = torch.empty((2, batch, length, num_heads, head_dim), dtype=dtype, device=device)
     k_sum = torch.zeros((batch, num_heads, channels), dtype=torch.float64, device=device)
     v_amax = torch.zeros((batch, num_heads, channels), dtype=torch.float32, device=device)
-    for (qkv, query_scale, key_scale), offset, cos_part, sin_part in stream_parts(streams, cos, sin):
-        stream_length = qkv.shape[1]
-        if stream_length == 0:
-            continue
-        qkv = last_dim_contiguous(qkv)
-        cos_part = last_dim_contiguous(cos_part.expand(batch, 1, stream_length, head_dim // 2))
-        sin_part = last_dim_contiguous(sin_part.expand(batch, 1, stream_length, head_dim // 2))
+    for qkv, query_scale, key_scale, cos_part, sin_part, offset, stream_length in _stream_inputs(
+            streams, cos, sin, batch, head_dim):
         _qkv_norm_rope_sage_kernel[(num_heads, cdiv(stream_length, BLOCK_L), batch)](
-            qkv, query_scale.contiguous(), key_scale.contiguous(), cos_part, sin_part,
+            qkv, query_scale, key_scale, cos_part, sin_part,
             q8, q_scale, kv[0], kv[1], k_sum, v_amax.view(torch.int32),
             offset, stream_length, num_heads, head_dim, padded, RMS_EPS, factor,
             qkv.stride(0), qkv.stride(1), cos_part.stride(0), cos_part.stride(2), sin_part.stride(0),
@@ -174,12 +182,11 @@ FROZEN_UNROLL = 1  # sub-tiles unrolled together: their loads in flight at once,
 
 class FrozenStatistics(NamedTuple):
     """What the frozen pass quantizes with, [B, H, D_pad] float32 each, from the step that recorded them: K's mean
-    over tokens; V's amax times V_MARGIN, and from it V's scale (amax / 448) and its reciprocal."""
+    over tokens; V's amax times V_MARGIN, and V's scale (amax / 448), which the operands hand to attention."""
 
     k_mean: torch.Tensor
     v_amax: torch.Tensor
     v_scale: torch.Tensor
-    v_inverse: torch.Tensor
 
     @staticmethod
     def of(k_sum: torch.Tensor, v_amax: torch.Tensor, length: int) -> "FrozenStatistics":
@@ -187,7 +194,7 @@ class FrozenStatistics(NamedTuple):
         unfused kernels' div_rn."""
         amax = (v_amax * V_MARGIN).clamp_min(1e-30)
         e4m3_max = torch.full_like(amax, sa.E4M3_MAX)  # a fill, not a host copy: it runs in CUDA graph capture
-        return FrozenStatistics(sa.k_mean_from_sum(k_sum, length), amax, amax / e4m3_max, e4m3_max / amax)
+        return FrozenStatistics(sa.k_mean_from_sum(k_sum, length), amax, amax / e4m3_max)
 
     def copy_(self, other: "FrozenStatistics") -> None:
         for mine, theirs in zip(self, other):
@@ -200,7 +207,7 @@ class FrozenStatistics(NamedTuple):
 
 @triton.jit
 def _frozen_sage_kernel(
-    qkv_ptr, q_scale_ptr, k_scale_ptr, cos_ptr, sin_ptr, k_mean_ptr, v_inverse_ptr,
+    qkv_ptr, q_scale_ptr, k_scale_ptr, cos_ptr, sin_ptr, k_mean_ptr, v_amax_ptr,
     q8_ptr, q8_scale_ptr, k8_ptr, k8_scale_ptr, v8t_ptr,
     offset, length, num_heads, head_dim, padded_length, eps, factor,
     stride_qkv_b, stride_qkv_l, stride_cos_b, stride_cos_l, stride_sin_b, stride_sin_l,
@@ -216,7 +223,8 @@ def _frozen_sage_kernel(
     dims = tl.arange(0, BLOCK_D)
     element = qkv_ptr.dtype.element_ty
     k_mean = tl.load(k_mean_ptr + bh * CHANNELS + dims)
-    v_inverse = tl.load(v_inverse_ptr + bh * CHANNELS + dims)
+    # As sage_attention's V kernel: one IEEE division per channel, then a multiply per value.
+    v_inverse = tl.math.div_rn(tl.full([BLOCK_D], 448.0, tl.float32), tl.load(v_amax_ptr + bh * CHANNELS + dims))
     first = tile * TILE
     k_amax = tl.full([SUB_L], 0.0, tl.float32)
     for sub in tl.range(0, TILE // SUB_L, num_stages=1, loop_unroll_factor=UNROLL):
@@ -309,16 +317,11 @@ def frozen_sage_operands(streams: list[tuple[torch.Tensor, torch.Tensor, torch.T
     v8t = torch.empty((batch, num_heads, channels, padded), dtype=torch.float8_e4m3fn if fp8_pv else torch.float16,
                       device=device)
     factor = head_dim ** -0.5 * sa.LOG2E
-    for (qkv, query_scale, key_scale), offset, cos_part, sin_part in stream_parts(streams, cos, sin):
-        stream_length = qkv.shape[1]
-        if stream_length == 0:
-            continue
-        qkv = last_dim_contiguous(qkv)
-        cos_part = last_dim_contiguous(cos_part.expand(batch, 1, stream_length, head_dim // 2))
-        sin_part = last_dim_contiguous(sin_part.expand(batch, 1, stream_length, head_dim // 2))
+    for qkv, query_scale, key_scale, cos_part, sin_part, offset, stream_length in _stream_inputs(
+            streams, cos, sin, batch, head_dim):
         _frozen_sage_kernel[(num_heads, cdiv(stream_length, sa.TOKEN_TILE), batch)](
-            qkv, query_scale.contiguous(), key_scale.contiguous(), cos_part, sin_part, statistics.k_mean,
-            statistics.v_inverse, q8, q_scale, k8, k_scale, v8t,
+            qkv, query_scale, key_scale, cos_part, sin_part, statistics.k_mean,
+            statistics.v_amax, q8, q_scale, k8, k_scale, v8t,
             offset, stream_length, num_heads, head_dim, padded, RMS_EPS, factor,
             qkv.stride(0), qkv.stride(1), cos_part.stride(0), cos_part.stride(2), sin_part.stride(0),
             sin_part.stride(2),

@@ -34,6 +34,19 @@ def attention_inputs(batch: int, heads: int, length_q: int, length_k: int, head_
     return tuple(x.to(device, dtype) for x in (q, k, v))
 
 
+def assert_operands_equal(mine, theirs) -> None:
+    """Two sage_attention.Operands: every tensor of the same shape, dtype and values (+0 and -0 alike), every other
+    field equal."""
+    from kontext_kernels import sage_attention as sa
+
+    for name, a, b in zip(sa.Operands._fields, mine, theirs):
+        if torch.is_tensor(a):
+            assert a.shape == b.shape and a.dtype == b.dtype, name
+            assert torch.equal(a.float(), b.float()), name
+        else:
+            assert a == b, name
+
+
 def exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q kᵀ / sqrt(D)) v in float64, [B, H, L, D]."""
     scores = (q.double() @ k.double().transpose(-1, -2)) * q.shape[-1] ** -0.5

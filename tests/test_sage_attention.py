@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from attention_cases import (FP8_BOUND, FP16_BOUND, GPU_KERNEL_VS_REFERENCE, KERNEL_VS_REFERENCE,
-                             attention_inputs, eager_and_compiled, exact_attention)
+                             assert_operands_equal, attention_inputs, eager_and_compiled, exact_attention)
 from conftest import kernels_built_for, rel_error, rel_l2
 from kontext_kernels.runtime import launches, triton_available
 
@@ -83,12 +83,7 @@ class TestKernels:
             _launched("sage_quantize", before)
             reference = sa.quantize_operands_reference(q, k, v, fp8_pv=fp8_pv, q_rows=q_rows, k_rows=k_rows,
                                                        permute_keys=ours.keys_permuted)
-            for name, mine, theirs in zip(sa.Operands._fields, ours, reference):
-                if torch.is_tensor(mine):
-                    assert mine.shape == theirs.shape and mine.dtype == theirs.dtype, name
-                    assert torch.equal(mine.float(), theirs.float()), name  # +0 and -0 alike
-                else:
-                    assert mine == theirs, name
+            assert_operands_equal(ours, reference)
             assert ours.v8t.dtype == (torch.float8_e4m3fn if fp8_pv else torch.float16)
 
     def test_keys_in_the_hopper_kernels_order(self, device):

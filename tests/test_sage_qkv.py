@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attention_cases import eager_and_compiled
+from attention_cases import assert_operands_equal, eager_and_compiled
 from conftest import kernels_built_for, tiny_edit_args
 from kontext_kernels.runtime import launches, triton_available
 
@@ -52,13 +52,7 @@ def test_operands_equal_the_unfused_path(device, batch, lengths, heads, head_dim
             before = launches["qkv_norm_rope_sage"]
             fused = sage_qkv.joint_sage_operands(streams, cos, sin, heads, fp8_pv, permute_keys=permute)
             assert launches["qkv_norm_rope_sage"] == before + 1
-            unfused = sa.quantize_operands(q, k, v, fp8_pv=fp8_pv, permute_keys=permute)
-            for name, mine, theirs in zip(sa.Operands._fields, fused, unfused):
-                if torch.is_tensor(mine):
-                    assert mine.shape == theirs.shape and mine.dtype == theirs.dtype, name
-                    assert torch.equal(mine.float(), theirs.float()), name  # +0 and -0 alike
-                else:
-                    assert mine == theirs, name
+            assert_operands_equal(fused, sa.quantize_operands(q, k, v, fp8_pv=fp8_pv, permute_keys=permute))
 
 
 def test_head_dims_the_fused_pass_does_not_take(device):
@@ -93,17 +87,6 @@ def test_the_model_with_the_fused_pass_equals_the_unfused_one(device, tiny_trans
 
 # Frozen statistics: the whole of sage8's operands in the one pass, from K's mean and V's amax of an earlier step.
 
-def _assert_operands_equal(mine, theirs) -> None:
-    from kontext_kernels import sage_attention as sa
-
-    for name, a, b in zip(sa.Operands._fields, mine, theirs):
-        if torch.is_tensor(a):
-            assert a.shape == b.shape and a.dtype == b.dtype, name
-            assert torch.equal(a.float(), b.float()), name  # +0 and -0 alike
-        else:
-            assert a == b, name
-
-
 @pytest.mark.parametrize("batch, lengths, heads, head_dim", [(1, (128, 150), 3, 64), (2, (70,), 2, 128),
                                                              (1, (128, 256, 51), 2, 48)], ids=str)
 def test_frozen_operands_equal_the_reference_with_those_statistics(device, batch, lengths, heads, head_dim):
@@ -127,7 +110,7 @@ def test_frozen_operands_equal_the_reference_with_those_statistics(device, batch
         assert launches["frozen_sage_qkv"] == before + 1
         reference = sa.quantize_operands_reference(q, k, v, fp8_pv=True, permute_keys=permute,
                                                    statistics=statistics.reference_statistics())
-        _assert_operands_equal(frozen, reference)
+        assert_operands_equal(frozen, reference)
 
 
 def test_recording_gives_the_unfused_operands_and_their_statistics(device):
@@ -137,14 +120,14 @@ def test_recording_gives_the_unfused_operands_and_their_statistics(device):
     streams, cos, sin = _streams(2, (128, 77), heads, head_dim, device)
     q, k, v = qk_norm_rope.joint_qkv_norm_rope(streams, cos, sin, heads)
     operands, statistics = sage_qkv.record_sage_operands(streams, cos, sin, heads, fp8_pv=True, permute_keys=True)
-    _assert_operands_equal(operands, sa.quantize_operands(q, k, v, fp8_pv=True, permute_keys=True))
+    assert_operands_equal(operands, sa.quantize_operands(q, k, v, fp8_pv=True, permute_keys=True))
     k_sum, v_amax = sa.column_stats_reference(k, v)
     expected = sage_qkv.FrozenStatistics.of(k_sum.to(device), v_amax.to(device), k.shape[2])
     for name, mine, theirs in zip(sage_qkv.FrozenStatistics._fields, statistics, expected):
         assert torch.equal(mine, theirs), name
     # Statistics of the very tokens being quantized: only V's scale differs from the unfused operands (V_MARGIN).
     frozen = sage_qkv.frozen_sage_operands(streams, cos, sin, heads, True, statistics, permute_keys=True)
-    _assert_operands_equal(frozen._replace(v8t=operands.v8t, v_scale=operands.v_scale), operands)
+    assert_operands_equal(frozen._replace(v8t=operands.v8t, v_scale=operands.v_scale), operands)
 
 
 def test_frozen_attention_stays_within_sage8s_bound_on_a_later_step(device):
