@@ -66,8 +66,7 @@ class GraphedVelocity:
 
     def reset(self) -> None:
         """Forget the captured graphs and their memory."""
-        self._signature = self._graph = self._output = self._weights = None
-        self._inputs: list = []
+        self._weights = None
         self._graphs: dict[tuple, tuple] = {}  # signature -> (graph, static inputs, output)
         self._pool = None
 
@@ -101,9 +100,8 @@ class GraphedVelocity:
         return all(kept[0] == signature[0] and kept[2:] == signature[2:] for kept in self._graphs)
 
     def _capture(self, args, signature: tuple) -> None:
-        if not self._differs_in_mode_only(signature) or (self._weights is not None
-                                                and self._weights != self._weight_addresses()):
-            self.reset()
+        if not self._differs_in_mode_only(signature):
+            self.reset()  # moved weights are `prepare`'s to find, once a run
         inputs = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -131,7 +129,6 @@ class GraphedVelocity:
             for static, value in zip(self._graphs[signature][1], args):
                 if isinstance(static, torch.Tensor):
                     static.copy_(value)
-        self._signature = signature
-        self._graph, self._inputs, self._output = self._graphs[signature]
-        self._graph.replay()
-        return self._output.clone()
+        graph, _, output = self._graphs[signature]
+        graph.replay()
+        return output.clone()
