@@ -530,9 +530,9 @@ def main() -> None:
                         help="also time a full 28-step 1024x1024 edit; alone: with every model the rows hold (bf16, "
                              "fp8, fp8+fp8attention, int8; each also +graphs when a row has +graphs), or only the "
                              "runs named (e.g. --e2e int8+graphs bf16); the fast preset's whole edit is "
-                             "int8+sage8+modtable+compiledae+graphs (compiledae: the AE compiled, as its "
-                             "load_pipeline does); +frozenstats before +graphs: sage8's statistics recorded every 7 "
-                             "steps and reused between")
+                             "int8+sage8+modtable+compiledae+frozenstats+graphs (compiledae: the AE compiled, as its "
+                             "load_pipeline does; frozenstats: sage8's statistics recorded every 7 steps and reused "
+                             "between)")
     parser.add_argument("--comfyui", metavar="PATH", default=os.environ.get("COMFYUI_PATH"),
                         help="ComfyUI checkout or bench/stage_comfyui.sh copy, for the comfyui rows ($COMFYUI_PATH)")
     parser.add_argument("--bfl", metavar="PATH",

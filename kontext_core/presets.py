@@ -4,9 +4,9 @@ graphs, so that the node, the CLI and scripts ask for "fast" instead of four set
 `exact` is what runs when nothing is asked for: bf16 weights (or what the memory plan picks), exact
 attention, eager blocks. `fast` takes every opt-in speed path at once: int8 block GEMMs (~3% velocity error
 vs bf16 on random weights, bench/RESULTS.md), 8-bit attention (int8 Q.K, fp8 P.V), regional compilation,
-CUDA-graph replay, a run's modulation vectors computed before its first step, and (in `load_pipeline`) a
-compiled AE. A preset can also keep sage8's K mean and V amax between recordings every N steps (sample_euler's
-`attention_statistics_refresh`); `fast` does not yet. A part that cannot run on the
+CUDA-graph replay, a run's modulation vectors computed before its first step, sage8's K mean and V amax
+recorded every 7 steps and reused between (sample_euler's `attention_statistics_refresh`), and (in
+`load_pipeline`) a compiled AE. A part that cannot run on the
 device at hand falls back to `exact`'s choice, and `resolve_preset` says which and why, so a preset never fails
 where the exact path would run.
 """
@@ -36,9 +36,10 @@ class RuntimePreset:
 
 PRESETS = {
     "exact": RuntimePreset("exact", None, "auto", False, False),
-    # attention_statistics_refresh stays 0 (off) until a GPU has timed the whole edit with it and its error against
-    # bf16 (bench/RESULTS.md, 2026-12-05 evening); scripts can set KontextPipeline.attention_statistics_refresh.
-    "fast": RuntimePreset("fast", "int8", "sage8", True, True, batched_modulation=True, compile_autoencoder=True),
+    # The frozen attention statistics: 6 ms a step faster, velocity error vs bf16 unchanged on random weights
+    # (bench/RESULTS.md, 2026-12-06); 7 steps is four recordings in a 28-step edit.
+    "fast": RuntimePreset("fast", "int8", "sage8", True, True, batched_modulation=True, compile_autoencoder=True,
+                          attention_statistics_refresh=7),
 }
 
 
@@ -87,7 +88,8 @@ def _resolve(name: str, device: str | torch.device) -> tuple[RuntimePreset, dict
         preset = replace(preset, dtype=exact.dtype)
         notes["dtype"] = f"int8 weights: {reason}; the default weights instead"
     if preset.attention != exact.attention and (reason := _attention_reason(preset.attention, device)):
-        preset = replace(preset, attention=exact.attention)
+        # The statistics are sage8's: with exact attention there are none to keep.
+        preset = replace(preset, attention=exact.attention, attention_statistics_refresh=0)
         notes["attention"] = f"{PRESETS[name].attention} attention: {reason}; exact attention instead"
     if (preset.compile or preset.compile_autoencoder) and (device.type != "cuda" or not _triton_available()):
         preset = replace(preset, compile=False, compile_autoencoder=False)

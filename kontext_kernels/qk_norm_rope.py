@@ -74,30 +74,61 @@ def _norm_rope_tile(x, scale, cos, sin, head_dim, eps,
 
 
 @triton.jit
+def head_tile(qkv_ptr, batch, column, tokens, length, head_dim, stride_qkv_b, stride_qkv_l, BLOCK_D: tl.constexpr):
+    """One head's slice of a [B, L, 3*H*D] projection, from `column` on, for `tokens`: [BLOCK_L, BLOCK_D] as
+    stored, zero outside the tokens and head dims."""
+    dims = tl.arange(0, BLOCK_D)
+    inside = (tokens < length)[:, None] & (dims < head_dim)[None, :]
+    row = qkv_ptr + batch * stride_qkv_b + tokens[:, None].to(tl.int64) * stride_qkv_l + dims[None, :]
+    return tl.load(row + column, mask=inside, other=0.0)
+
+
+@triton.jit
+def rope_tables(cos_ptr, sin_ptr, batch, tokens, length, head_dim, stride_cos_b, stride_cos_l, stride_sin_b,
+                stride_sin_l, BLOCK_D: tl.constexpr):
+    """cos and sin of `tokens`' pairs: [BLOCK_L, BLOCK_D // 2] float32, zero outside."""
+    pairs = tl.arange(0, BLOCK_D // 2)
+    inside = (tokens < length)[:, None] & (pairs[None, :] < head_dim // 2)
+    cos = tl.load(cos_ptr + batch * stride_cos_b + tokens[:, None] * stride_cos_l + pairs[None, :],
+                  mask=inside, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + batch * stride_sin_b + tokens[:, None] * stride_sin_l + pairs[None, :],
+                  mask=inside, other=0.0).to(tl.float32)
+    return cos, sin
+
+
+@triton.jit
+def normed_head_tile(qkv_ptr, scale_ptr, cos_ptr, sin_ptr, batch, column, tokens, length, head_dim, eps,
+                     stride_qkv_b, stride_qkv_l, stride_cos_b, stride_cos_l, stride_sin_b, stride_sin_l,
+                     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One head's q or k (the slice from `column` on), RMS-normalised with `scale` and rotated: [BLOCK_L,
+    BLOCK_D] float32, the same values as `normed_qkv_tile` gives for it."""
+    dims = tl.arange(0, BLOCK_D)
+    x = head_tile(qkv_ptr, batch, column, tokens, length, head_dim, stride_qkv_b, stride_qkv_l, BLOCK_D)
+    cos, sin = rope_tables(cos_ptr, sin_ptr, batch, tokens, length, head_dim, stride_cos_b, stride_cos_l,
+                           stride_sin_b, stride_sin_l, BLOCK_D)
+    scale = tl.load(scale_ptr + dims, mask=dims < head_dim, other=0.0).to(tl.float32)
+    return _norm_rope_tile(x.to(tl.float32), scale, cos, sin, head_dim, eps, BLOCK_L, BLOCK_D)
+
+
+@triton.jit
 def normed_qkv_tile(qkv_ptr, q_scale_ptr, k_scale_ptr, cos_ptr, sin_ptr, batch, head, tokens, length, num_heads,
                     head_dim, eps, stride_qkv_b, stride_qkv_l, stride_cos_b, stride_cos_l, stride_sin_b, stride_sin_l,
                     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
     """One head's q and k (float32, RMS-normalised and rotated) and v (as stored) for `tokens` of a [B, L, 3*H*D]
     projection: [BLOCK_L, BLOCK_D] tiles, zero outside the tokens and head dims."""
     dims = tl.arange(0, BLOCK_D)
-    pairs = tl.arange(0, BLOCK_D // 2)
-    token_inside = tokens < length
     dim_inside = dims < head_dim
-    tile_inside = token_inside[:, None] & dim_inside[None, :]
-    pair_inside = token_inside[:, None] & (pairs[None, :] < head_dim // 2)
-
-    row = qkv_ptr + batch * stride_qkv_b + tokens[:, None].to(tl.int64) * stride_qkv_l + dims[None, :]
-    q = tl.load(row + head * head_dim, mask=tile_inside, other=0.0).to(tl.float32)
-    k = tl.load(row + (num_heads + head) * head_dim, mask=tile_inside, other=0.0).to(tl.float32)
-    v = tl.load(row + (2 * num_heads + head) * head_dim, mask=tile_inside, other=0.0)
-    cos = tl.load(cos_ptr + batch * stride_cos_b + tokens[:, None] * stride_cos_l + pairs[None, :],
-                  mask=pair_inside, other=0.0).to(tl.float32)
-    sin = tl.load(sin_ptr + batch * stride_sin_b + tokens[:, None] * stride_sin_l + pairs[None, :],
-                  mask=pair_inside, other=0.0).to(tl.float32)
+    q = head_tile(qkv_ptr, batch, head * head_dim, tokens, length, head_dim, stride_qkv_b, stride_qkv_l, BLOCK_D)
+    k = head_tile(qkv_ptr, batch, (num_heads + head) * head_dim, tokens, length, head_dim, stride_qkv_b,
+                  stride_qkv_l, BLOCK_D)
+    v = head_tile(qkv_ptr, batch, (2 * num_heads + head) * head_dim, tokens, length, head_dim, stride_qkv_b,
+                  stride_qkv_l, BLOCK_D)
+    cos, sin = rope_tables(cos_ptr, sin_ptr, batch, tokens, length, head_dim, stride_cos_b, stride_cos_l,
+                           stride_sin_b, stride_sin_l, BLOCK_D)
     q_scale = tl.load(q_scale_ptr + dims, mask=dim_inside, other=0.0).to(tl.float32)
     k_scale = tl.load(k_scale_ptr + dims, mask=dim_inside, other=0.0).to(tl.float32)
-    q = _norm_rope_tile(q, q_scale, cos, sin, head_dim, eps, BLOCK_L, BLOCK_D)
-    k = _norm_rope_tile(k, k_scale, cos, sin, head_dim, eps, BLOCK_L, BLOCK_D)
+    q = _norm_rope_tile(q.to(tl.float32), q_scale, cos, sin, head_dim, eps, BLOCK_L, BLOCK_D)
+    k = _norm_rope_tile(k.to(tl.float32), k_scale, cos, sin, head_dim, eps, BLOCK_L, BLOCK_D)
     return q, k, v
 
 

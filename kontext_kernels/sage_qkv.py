@@ -14,8 +14,7 @@ projection: K's mean and V's amax come from an earlier step of the same layer (`
 `record_sage_operands`) instead of this call's tokens. Softmax is invariant to the mean taken off K, whatever it is
 (sage_attention's docstring), so a stale mean changes only how well int8 covers the centred keys; V's per-channel
 scale gets `V_MARGIN` of headroom against growth since the recording, and e4m3's saturating conversion bounds the
-rest. k's one scale per 128 tokens is the tile's own amax: each program covers one 128-token tile of a head, in
-sub-tiles, reading k twice (its amax first, then the int8 values, the second read from cache).
+rest. k's one scale per 128 tokens is the tile's own amax: k's programs each hold one 128-token tile of a head.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ import torch
 
 from . import sage_attention as sa
 from .e4m3 import to_e4m3
-from .qk_norm_rope import RMS_EPS, joint_qkv_norm_rope, normed_qkv_tile, stream_parts
+from .qk_norm_rope import RMS_EPS, head_tile, joint_qkv_norm_rope, normed_head_tile, normed_qkv_tile, stream_parts
 from .runtime import (cdiv, import_triton, interpreting, last_dim_contiguous, launches, next_power_of_2,
                       reduction_combines)
 
@@ -173,13 +172,6 @@ def joint_sage_attention(streams: list[tuple[torch.Tensor, torch.Tensor, torch.T
 # amax grows by up to this factor. It costs no precision (e4m3 is floating point) except for values under
 # 2**-6 / 448 * V_MARGIN of the amax, which go subnormal.
 V_MARGIN = 2.0
-# Tokens per sub-tile of the frozen pass and its warps: one sub-tile of q, k and v float32 is 3 x 32 registers a
-# thread at 4 warps.
-FROZEN_SUB_L = 32
-FROZEN_WARPS = 4
-FROZEN_UNROLL = 1  # sub-tiles unrolled together: their loads in flight at once, at the registers that costs
-
-
 class FrozenStatistics(NamedTuple):
     """What the frozen pass quantizes with, [B, H, D_pad] float32 each, from the step that recorded them: K's mean
     over tokens; V's amax times V_MARGIN, and V's scale (amax / 448), which the operands hand to attention."""
@@ -205,71 +197,97 @@ class FrozenStatistics(NamedTuple):
         return self.k_mean, self.v_amax
 
 
+# The frozen pass is three kernels, one per operand, each reading only its own slice of the projection: a program
+# holds one tile (not q, k and v at once), so more of them share an SM (146 against 158 us for one kernel doing all
+# three, bench/RESULTS.md 2026-12-06). k's program holds its whole 128-token tile, whose amax is its scale, and reads
+# it once. Launch shapes: tokens per program and warps.
+FROZEN_Q = (32, 4)
+FROZEN_K_WARPS = 4
+FROZEN_V = (32, 4)
+
+
 @triton.jit
-def _frozen_sage_kernel(
-    qkv_ptr, q_scale_ptr, k_scale_ptr, cos_ptr, sin_ptr, k_mean_ptr, v_amax_ptr,
-    q8_ptr, q8_scale_ptr, k8_ptr, k8_scale_ptr, v8t_ptr,
+def _frozen_q_kernel(
+    qkv_ptr, q_scale_ptr, cos_ptr, sin_ptr, q8_ptr, q8_scale_ptr,
     offset, length, num_heads, head_dim, padded_length, eps, factor,
     stride_qkv_b, stride_qkv_l, stride_cos_b, stride_cos_l, stride_sin_b, stride_sin_l,
-    FP8: tl.constexpr, EXACT_ROUNDING: tl.constexpr, PERMUTE: tl.constexpr, TILE: tl.constexpr,
-    SUB_L: tl.constexpr, UNROLL: tl.constexpr, BLOCK_D: tl.constexpr, CHANNELS: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, CHANNELS: tl.constexpr,
 ):
-    # One program per (head, 128-token tile, batch) of one stream, which starts at `offset` (a whole number of
-    # tiles) of the joint sequence. Tokens past the stream's end are the operands' padding: written as zeros.
+    # One program per (head, BLOCK_L tokens, batch); tokens past the stream's end up to its last 128-token tile
+    # are padding, written as zero rows with the scale the unfused quantizer gives them.
     head = tl.program_id(0)
-    tile = tl.program_id(1)
     batch = tl.program_id(2).to(tl.int64)
     bh = batch * num_heads + head
     dims = tl.arange(0, BLOCK_D)
-    element = qkv_ptr.dtype.element_ty
+    tokens = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
+    q = normed_head_tile(qkv_ptr, q_scale_ptr, cos_ptr, sin_ptr, batch, head * head_dim, tokens, length, head_dim,
+                         eps, stride_qkv_b, stride_qkv_l, stride_cos_b, stride_cos_l, stride_sin_b, stride_sin_l,
+                         BLOCK_L, BLOCK_D)
+    # Rounded to the activations' dtype first, as the unfused path stores q.
+    q = q.to(qkv_ptr.dtype.element_ty).to(tl.float32)
+    amax = tl.maximum(tl.reduce(tl.abs(q), 1, _max), 1e-30)
+    inverse = tl.math.div_rn(tl.full([BLOCK_L], 127.0, tl.float32), amax)
+    scaled = tl.minimum(tl.maximum(q * inverse[:, None], -127.0), 127.0)
+    rows = bh * padded_length + (offset + tokens).to(tl.int64)
+    tl.store(q8_ptr + rows[:, None] * CHANNELS + dims[None, :], ((scaled + 12582912.0) - 12582912.0).to(tl.int8))
+    tl.store(q8_scale_ptr + rows, tl.math.div_rn(amax, tl.full([BLOCK_L], 127.0, tl.float32)) * factor)
+
+
+@triton.jit
+def _frozen_k_kernel(
+    qkv_ptr, k_scale_ptr, cos_ptr, sin_ptr, k_mean_ptr, k8_ptr, k8_scale_ptr,
+    offset, length, num_heads, head_dim, padded_length, eps,
+    stride_qkv_b, stride_qkv_l, stride_cos_b, stride_cos_l, stride_sin_b, stride_sin_l,
+    PERMUTE: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr, CHANNELS: tl.constexpr,
+):
+    # One program per (head, 128-token tile, batch): the tile centred on the frozen mean, scaled by its own amax.
+    head = tl.program_id(0)
+    batch = tl.program_id(2).to(tl.int64)
+    bh = batch * num_heads + head
+    dims = tl.arange(0, BLOCK_D)
+    first = tl.program_id(1) * TILE
+    local = tl.arange(0, TILE)
+    tokens = first + local
+    k = normed_head_tile(qkv_ptr, k_scale_ptr, cos_ptr, sin_ptr, batch, (num_heads + head) * head_dim, tokens,
+                         length, head_dim, eps, stride_qkv_b, stride_qkv_l, stride_cos_b, stride_cos_l, stride_sin_b,
+                         stride_sin_l, TILE, BLOCK_D)
     k_mean = tl.load(k_mean_ptr + bh * CHANNELS + dims)
-    # As sage_attention's V kernel: one IEEE division per channel, then a multiply per value.
-    v_inverse = tl.math.div_rn(tl.full([BLOCK_D], 448.0, tl.float32), tl.load(v_amax_ptr + bh * CHANNELS + dims))
-    first = tile * TILE
-    k_amax = tl.full([SUB_L], 0.0, tl.float32)
-    for sub in tl.range(0, TILE // SUB_L, num_stages=1, loop_unroll_factor=UNROLL):
-        tokens = first + sub * SUB_L + tl.arange(0, SUB_L)
-        inside = tokens < length
-        q, k, v = normed_qkv_tile(qkv_ptr, q_scale_ptr, k_scale_ptr, cos_ptr, sin_ptr, batch, head, tokens, length,
-                                  num_heads, head_dim, eps, stride_qkv_b, stride_qkv_l, stride_cos_b, stride_cos_l,
-                                  stride_sin_b, stride_sin_l, SUB_L, BLOCK_D)
-        rows = (offset + tokens).to(tl.int64)
-        # q -> int8, one scale per token, rounded to the activations' dtype first as the unfused path stores it;
-        # padding rows come out zero with the scale the unfused quantizer gives an all-zero row.
-        q = q.to(element).to(tl.float32)
-        amax = tl.maximum(tl.reduce(tl.abs(q), 1, _max), 1e-30)
-        inverse = tl.math.div_rn(tl.full([SUB_L], 127.0, tl.float32), amax)
-        scaled = tl.minimum(tl.maximum(q * inverse[:, None], -127.0), 127.0)
-        tl.store(q8_ptr + (bh * padded_length + rows)[:, None] * CHANNELS + dims[None, :],
-                 ((scaled + 12582912.0) - 12582912.0).to(tl.int8))
-        tl.store(q8_scale_ptr + bh * padded_length + rows,
-                 tl.math.div_rn(amax, tl.full([SUB_L], 127.0, tl.float32)) * factor)
-        # v / its frozen scale, transposed ([B, H, D_pad, L_pad]).
-        v = v.to(tl.float32)
-        if FP8:
-            v_values = to_e4m3(v, v_inverse[None, :], EXACT_ROUNDING)
-        else:
-            v_values = tl.minimum(tl.maximum(v * v_inverse[None, :], -448.0), 448.0).to(tl.float16)
-        tl.store(v8t_ptr + (bh * CHANNELS + dims)[None, :].to(tl.int64) * padded_length + rows[:, None], v_values)
-        # k's amax once centred; the values come in the second loop.
-        centred = tl.where(inside[:, None], k.to(element).to(tl.float32) - k_mean[None, :], 0.0)
-        k_amax = tl.maximum(k_amax, tl.reduce(tl.abs(centred), 1, _max))
-    amax = tl.maximum(tl.reduce(k_amax, 0, _max), 1e-30)
+    centred = tl.where((tokens < length)[:, None], k.to(qkv_ptr.dtype.element_ty).to(tl.float32) - k_mean[None, :],
+                       0.0)
+    amax = tl.maximum(tl.reduce(tl.reduce(tl.abs(centred), 1, _max), 0, _max), 1e-30)
     inverse = tl.math.div_rn(tl.full([], 127.0, tl.float32), amax)
-    for sub in tl.range(0, TILE // SUB_L, num_stages=1, loop_unroll_factor=UNROLL):
-        local = sub * SUB_L + tl.arange(0, SUB_L)
-        tokens = first + local
-        _, k, _ = normed_qkv_tile(qkv_ptr, q_scale_ptr, k_scale_ptr, cos_ptr, sin_ptr, batch, head, tokens, length,
-                                  num_heads, head_dim, eps, stride_qkv_b, stride_qkv_l, stride_cos_b, stride_cos_l,
-                                  stride_sin_b, stride_sin_l, SUB_L, BLOCK_D)
-        centred = tl.where((tokens < length)[:, None], k.to(element).to(tl.float32) - k_mean[None, :], 0.0)
-        scaled = tl.minimum(tl.maximum(centred * inverse, -127.0), 127.0)
-        if PERMUTE:  # the Hopper kernel's key order (sage_attention.key_positions)
-            local = (local & 0x71) | ((local & 0x2) << 2) | ((local & 0xC) >> 1)
-        rows = bh * padded_length + offset + first + local
-        tl.store(k8_ptr + rows[:, None] * CHANNELS + dims[None, :], ((scaled + 12582912.0) - 12582912.0).to(tl.int8))
+    scaled = tl.minimum(tl.maximum(centred * inverse, -127.0), 127.0)
+    if PERMUTE:  # the Hopper kernel's key order (sage_attention.key_positions)
+        local = (local & 0x71) | ((local & 0x2) << 2) | ((local & 0xC) >> 1)
+    rows = bh * padded_length + offset + first + local
+    tl.store(k8_ptr + rows[:, None] * CHANNELS + dims[None, :], ((scaled + 12582912.0) - 12582912.0).to(tl.int8))
     tl.store(k8_scale_ptr + bh * (padded_length // TILE) + (offset + first) // TILE,
              tl.math.div_rn(amax, tl.full([], 127.0, tl.float32)))
+
+
+@triton.jit
+def _frozen_v_kernel(
+    qkv_ptr, v_amax_ptr, v8t_ptr, offset, length, num_heads, head_dim, padded_length, stride_qkv_b, stride_qkv_l,
+    FP8: tl.constexpr, EXACT_ROUNDING: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+    CHANNELS: tl.constexpr,
+):
+    # One program per (head, BLOCK_L tokens, batch): v over its frozen per-channel scale, transposed
+    # ([B, H, D_pad, L_pad]).
+    head = tl.program_id(0)
+    batch = tl.program_id(2).to(tl.int64)
+    bh = batch * num_heads + head
+    dims = tl.arange(0, BLOCK_D)
+    tokens = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
+    v = head_tile(qkv_ptr, batch, (2 * num_heads + head) * head_dim, tokens, length, head_dim, stride_qkv_b,
+                  stride_qkv_l, BLOCK_D).to(tl.float32)
+    # As sage_attention's V kernel: one IEEE division per channel, then a multiply per value.
+    v_inverse = tl.math.div_rn(tl.full([BLOCK_D], 448.0, tl.float32), tl.load(v_amax_ptr + bh * CHANNELS + dims))
+    if FP8:
+        v_values = to_e4m3(v, v_inverse[None, :], EXACT_ROUNDING)
+    else:
+        v_values = tl.minimum(tl.maximum(v * v_inverse[None, :], -448.0), 448.0).to(tl.float16)
+    rows = (offset + tokens).to(tl.int64)
+    tl.store(v8t_ptr + (bh * CHANNELS + dims)[None, :].to(tl.int64) * padded_length + rows[:, None], v_values)
 
 
 def runs_frozen(streams: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], num_heads: int, fp8_pv: bool) -> bool:
@@ -317,16 +335,26 @@ def frozen_sage_operands(streams: list[tuple[torch.Tensor, torch.Tensor, torch.T
     v8t = torch.empty((batch, num_heads, channels, padded), dtype=torch.float8_e4m3fn if fp8_pv else torch.float16,
                       device=device)
     factor = head_dim ** -0.5 * sa.LOG2E
+    block_d = next_power_of_2(head_dim)
     for qkv, query_scale, key_scale, cos_part, sin_part, offset, stream_length in _stream_inputs(
             streams, cos, sin, batch, head_dim):
-        _frozen_sage_kernel[(num_heads, cdiv(stream_length, sa.TOKEN_TILE), batch)](
-            qkv, query_scale, key_scale, cos_part, sin_part, statistics.k_mean,
-            statistics.v_amax, q8, q_scale, k8, k_scale, v8t,
-            offset, stream_length, num_heads, head_dim, padded, RMS_EPS, factor,
-            qkv.stride(0), qkv.stride(1), cos_part.stride(0), cos_part.stride(2), sin_part.stride(0),
-            sin_part.stride(2),
-            FP8=fp8_pv, EXACT_ROUNDING=interpreting(), PERMUTE=permute_keys, TILE=sa.TOKEN_TILE,
-            SUB_L=FROZEN_SUB_L, UNROLL=FROZEN_UNROLL, BLOCK_D=next_power_of_2(head_dim), CHANNELS=channels, num_warps=FROZEN_WARPS,
+        tiles = cdiv(stream_length, sa.TOKEN_TILE)
+        tables = (cos_part.stride(0), cos_part.stride(2), sin_part.stride(0), sin_part.stride(2))
+        (q_tokens, q_warps), (v_tokens, v_warps) = FROZEN_Q, FROZEN_V
+        _frozen_q_kernel[(num_heads, tiles * (sa.TOKEN_TILE // q_tokens), batch)](
+            qkv, query_scale, cos_part, sin_part, q8, q_scale, offset, stream_length, num_heads, head_dim, padded,
+            RMS_EPS, factor, qkv.stride(0), qkv.stride(1), *tables,
+            BLOCK_L=q_tokens, BLOCK_D=block_d, CHANNELS=channels, num_warps=q_warps,
+        )
+        _frozen_k_kernel[(num_heads, tiles, batch)](
+            qkv, key_scale, cos_part, sin_part, statistics.k_mean, k8, k_scale, offset, stream_length, num_heads,
+            head_dim, padded, RMS_EPS, qkv.stride(0), qkv.stride(1), *tables,
+            PERMUTE=permute_keys, TILE=sa.TOKEN_TILE, BLOCK_D=block_d, CHANNELS=channels, num_warps=FROZEN_K_WARPS,
+        )
+        _frozen_v_kernel[(num_heads, tiles * (sa.TOKEN_TILE // v_tokens), batch)](
+            qkv, statistics.v_amax, v8t, offset, stream_length, num_heads, head_dim, padded, qkv.stride(0),
+            qkv.stride(1), FP8=fp8_pv, EXACT_ROUNDING=interpreting(), BLOCK_L=v_tokens, BLOCK_D=block_d,
+            CHANNELS=channels, num_warps=v_warps,
         )
     launches["frozen_sage_qkv"] += 1
     return sa.Operands(q8, q_scale, k8, k_scale, v8t, statistics.v_scale, length, length, head_dim, sa.Q_ROWS,
