@@ -88,8 +88,7 @@ def _resolve(name: str, device: str | torch.device) -> tuple[RuntimePreset, dict
         preset = replace(preset, dtype=exact.dtype)
         notes["dtype"] = f"int8 weights: {reason}; the default weights instead"
     if preset.attention != exact.attention and (reason := _attention_reason(preset.attention, device)):
-        # The statistics are sage8's: with exact attention there are none to keep.
-        preset = replace(preset, attention=exact.attention, attention_statistics_refresh=0)
+        preset = replace(preset, attention=exact.attention)
         notes["attention"] = f"{PRESETS[name].attention} attention: {reason}; exact attention instead"
     if (preset.compile or preset.compile_autoencoder) and (device.type != "cuda" or not _triton_available()):
         preset = replace(preset, compile=False, compile_autoencoder=False)

@@ -97,15 +97,12 @@ def rope_tables(cos_ptr, sin_ptr, batch, tokens, length, head_dim, stride_cos_b,
 
 
 @triton.jit
-def normed_head_tile(qkv_ptr, scale_ptr, cos_ptr, sin_ptr, batch, column, tokens, length, head_dim, eps,
-                     stride_qkv_b, stride_qkv_l, stride_cos_b, stride_cos_l, stride_sin_b, stride_sin_l,
-                     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One head's q or k (the slice from `column` on), RMS-normalised with `scale` and rotated: [BLOCK_L,
-    BLOCK_D] float32, the same values as `normed_qkv_tile` gives for it."""
+def normed_head_tile(qkv_ptr, scale_ptr, cos, sin, batch, column, tokens, length, head_dim, eps, stride_qkv_b,
+                     stride_qkv_l, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One head's q or k (the slice from `column` on), RMS-normalised with `scale` and rotated by `rope_tables`'
+    cos and sin: [BLOCK_L, BLOCK_D] float32, the same values as `normed_qkv_tile` gives for it."""
     dims = tl.arange(0, BLOCK_D)
     x = head_tile(qkv_ptr, batch, column, tokens, length, head_dim, stride_qkv_b, stride_qkv_l, BLOCK_D)
-    cos, sin = rope_tables(cos_ptr, sin_ptr, batch, tokens, length, head_dim, stride_cos_b, stride_cos_l,
-                           stride_sin_b, stride_sin_l, BLOCK_D)
     scale = tl.load(scale_ptr + dims, mask=dims < head_dim, other=0.0).to(tl.float32)
     return _norm_rope_tile(x.to(tl.float32), scale, cos, sin, head_dim, eps, BLOCK_L, BLOCK_D)
 

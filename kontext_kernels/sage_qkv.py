@@ -25,7 +25,8 @@ import torch
 
 from . import sage_attention as sa
 from .e4m3 import to_e4m3
-from .qk_norm_rope import RMS_EPS, head_tile, joint_qkv_norm_rope, normed_head_tile, normed_qkv_tile, stream_parts
+from .qk_norm_rope import (RMS_EPS, head_tile, joint_qkv_norm_rope, normed_head_tile, normed_qkv_tile, rope_tables,
+                           stream_parts)
 from .runtime import (cdiv, import_triton, interpreting, last_dim_contiguous, launches, next_power_of_2,
                       reduction_combines)
 
@@ -200,9 +201,11 @@ class FrozenStatistics(NamedTuple):
 # The frozen pass is three kernels, one per operand, each reading only its own slice of the projection: a program
 # holds one tile (not q, k and v at once), so more of them share an SM (146 against 158 us for one kernel doing all
 # three, bench/RESULTS.md 2026-12-06). k's program holds its whole 128-token tile, whose amax is its scale, and reads
-# it once. Launch shapes: tokens per program and warps.
-FROZEN_Q = (32, 4)
-FROZEN_K_WARPS = 4
+# it once. q's and k's programs can each work a group of heads for their tokens, loading the RoPE tables (float32,
+# twice q's bytes) once for the group rather than once a head (not yet timed: one head a program is the shape
+# measured). Launch shapes: tokens per program, warps, heads per program.
+FROZEN_Q = (32, 4, 1)
+FROZEN_K = (4, 1)  # warps, heads per program
 FROZEN_V = (32, 4)
 
 
@@ -211,26 +214,30 @@ def _frozen_q_kernel(
     qkv_ptr, q_scale_ptr, cos_ptr, sin_ptr, q8_ptr, q8_scale_ptr,
     offset, length, num_heads, head_dim, padded_length, eps, factor,
     stride_qkv_b, stride_qkv_l, stride_cos_b, stride_cos_l, stride_sin_b, stride_sin_l,
-    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, CHANNELS: tl.constexpr,
+    HEADS: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, CHANNELS: tl.constexpr,
 ):
-    # One program per (head, BLOCK_L tokens, batch); tokens past the stream's end up to its last 128-token tile
-    # are padding, written as zero rows with the scale the unfused quantizer gives them.
-    head = tl.program_id(0)
+    # One program per (HEADS heads, BLOCK_L tokens, batch); tokens past the stream's end up to its last 128-token
+    # tile are padding, written as zero rows with the scale the unfused quantizer gives them.
+    first_head = tl.program_id(0) * HEADS
     batch = tl.program_id(2).to(tl.int64)
-    bh = batch * num_heads + head
     dims = tl.arange(0, BLOCK_D)
     tokens = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
-    q = normed_head_tile(qkv_ptr, q_scale_ptr, cos_ptr, sin_ptr, batch, head * head_dim, tokens, length, head_dim,
-                         eps, stride_qkv_b, stride_qkv_l, stride_cos_b, stride_cos_l, stride_sin_b, stride_sin_l,
-                         BLOCK_L, BLOCK_D)
-    # Rounded to the activations' dtype first, as the unfused path stores q.
-    q = q.to(qkv_ptr.dtype.element_ty).to(tl.float32)
-    amax = tl.maximum(tl.reduce(tl.abs(q), 1, _max), 1e-30)
-    inverse = tl.math.div_rn(tl.full([BLOCK_L], 127.0, tl.float32), amax)
-    scaled = tl.minimum(tl.maximum(q * inverse[:, None], -127.0), 127.0)
-    rows = bh * padded_length + (offset + tokens).to(tl.int64)
-    tl.store(q8_ptr + rows[:, None] * CHANNELS + dims[None, :], ((scaled + 12582912.0) - 12582912.0).to(tl.int8))
-    tl.store(q8_scale_ptr + rows, tl.math.div_rn(amax, tl.full([BLOCK_L], 127.0, tl.float32)) * factor)
+    cos, sin = rope_tables(cos_ptr, sin_ptr, batch, tokens, length, head_dim, stride_cos_b, stride_cos_l,
+                           stride_sin_b, stride_sin_l, BLOCK_D)
+    for group_head in tl.range(0, HEADS):
+        head = first_head + group_head
+        if head < num_heads:  # the last group may be part of one
+            q = normed_head_tile(qkv_ptr, q_scale_ptr, cos, sin, batch, head * head_dim, tokens, length, head_dim,
+                                 eps, stride_qkv_b, stride_qkv_l, BLOCK_L, BLOCK_D)
+            # Rounded to the activations' dtype first, as the unfused path stores q.
+            q = q.to(qkv_ptr.dtype.element_ty).to(tl.float32)
+            amax = tl.maximum(tl.reduce(tl.abs(q), 1, _max), 1e-30)
+            inverse = tl.math.div_rn(tl.full([BLOCK_L], 127.0, tl.float32), amax)
+            scaled = tl.minimum(tl.maximum(q * inverse[:, None], -127.0), 127.0)
+            rows = (batch * num_heads + head) * padded_length + (offset + tokens).to(tl.int64)
+            tl.store(q8_ptr + rows[:, None] * CHANNELS + dims[None, :],
+                     ((scaled + 12582912.0) - 12582912.0).to(tl.int8))
+            tl.store(q8_scale_ptr + rows, tl.math.div_rn(amax, tl.full([BLOCK_L], 127.0, tl.float32)) * factor)
 
 
 @triton.jit
@@ -238,31 +245,37 @@ def _frozen_k_kernel(
     qkv_ptr, k_scale_ptr, cos_ptr, sin_ptr, k_mean_ptr, k8_ptr, k8_scale_ptr,
     offset, length, num_heads, head_dim, padded_length, eps,
     stride_qkv_b, stride_qkv_l, stride_cos_b, stride_cos_l, stride_sin_b, stride_sin_l,
-    PERMUTE: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr, CHANNELS: tl.constexpr,
+    PERMUTE: tl.constexpr, HEADS: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr, CHANNELS: tl.constexpr,
 ):
-    # One program per (head, 128-token tile, batch): the tile centred on the frozen mean, scaled by its own amax.
-    head = tl.program_id(0)
+    # One program per (HEADS heads, 128-token tile, batch): each head's tile centred on the frozen mean, scaled by
+    # its own amax.
+    first_head = tl.program_id(0) * HEADS
     batch = tl.program_id(2).to(tl.int64)
-    bh = batch * num_heads + head
     dims = tl.arange(0, BLOCK_D)
     first = tl.program_id(1) * TILE
     local = tl.arange(0, TILE)
     tokens = first + local
-    k = normed_head_tile(qkv_ptr, k_scale_ptr, cos_ptr, sin_ptr, batch, (num_heads + head) * head_dim, tokens,
-                         length, head_dim, eps, stride_qkv_b, stride_qkv_l, stride_cos_b, stride_cos_l, stride_sin_b,
-                         stride_sin_l, TILE, BLOCK_D)
-    k_mean = tl.load(k_mean_ptr + bh * CHANNELS + dims)
-    centred = tl.where((tokens < length)[:, None], k.to(qkv_ptr.dtype.element_ty).to(tl.float32) - k_mean[None, :],
-                       0.0)
-    amax = tl.maximum(tl.reduce(tl.reduce(tl.abs(centred), 1, _max), 0, _max), 1e-30)
-    inverse = tl.math.div_rn(tl.full([], 127.0, tl.float32), amax)
-    scaled = tl.minimum(tl.maximum(centred * inverse, -127.0), 127.0)
+    cos, sin = rope_tables(cos_ptr, sin_ptr, batch, tokens, length, head_dim, stride_cos_b, stride_cos_l,
+                           stride_sin_b, stride_sin_l, BLOCK_D)
     if PERMUTE:  # the Hopper kernel's key order (sage_attention.key_positions)
         local = (local & 0x71) | ((local & 0x2) << 2) | ((local & 0xC) >> 1)
-    rows = bh * padded_length + offset + first + local
-    tl.store(k8_ptr + rows[:, None] * CHANNELS + dims[None, :], ((scaled + 12582912.0) - 12582912.0).to(tl.int8))
-    tl.store(k8_scale_ptr + bh * (padded_length // TILE) + (offset + first) // TILE,
-             tl.math.div_rn(amax, tl.full([], 127.0, tl.float32)))
+    for group_head in tl.range(0, HEADS):
+        head = first_head + group_head
+        if head < num_heads:
+            bh = batch * num_heads + head
+            k = normed_head_tile(qkv_ptr, k_scale_ptr, cos, sin, batch, (num_heads + head) * head_dim, tokens,
+                                 length, head_dim, eps, stride_qkv_b, stride_qkv_l, TILE, BLOCK_D)
+            k_mean = tl.load(k_mean_ptr + bh * CHANNELS + dims)
+            centred = tl.where((tokens < length)[:, None],
+                               k.to(qkv_ptr.dtype.element_ty).to(tl.float32) - k_mean[None, :], 0.0)
+            amax = tl.maximum(tl.reduce(tl.reduce(tl.abs(centred), 1, _max), 0, _max), 1e-30)
+            inverse = tl.math.div_rn(tl.full([], 127.0, tl.float32), amax)
+            scaled = tl.minimum(tl.maximum(centred * inverse, -127.0), 127.0)
+            rows = bh * padded_length + offset + first + local
+            tl.store(k8_ptr + rows[:, None] * CHANNELS + dims[None, :],
+                     ((scaled + 12582912.0) - 12582912.0).to(tl.int8))
+            tl.store(k8_scale_ptr + bh * (padded_length // TILE) + (offset + first) // TILE,
+                     tl.math.div_rn(amax, tl.full([], 127.0, tl.float32)))
 
 
 @triton.jit
@@ -340,16 +353,17 @@ def frozen_sage_operands(streams: list[tuple[torch.Tensor, torch.Tensor, torch.T
             streams, cos, sin, batch, head_dim):
         tiles = cdiv(stream_length, sa.TOKEN_TILE)
         tables = (cos_part.stride(0), cos_part.stride(2), sin_part.stride(0), sin_part.stride(2))
-        (q_tokens, q_warps), (v_tokens, v_warps) = FROZEN_Q, FROZEN_V
-        _frozen_q_kernel[(num_heads, tiles * (sa.TOKEN_TILE // q_tokens), batch)](
+        (q_tokens, q_warps, q_heads), (k_warps, k_heads), (v_tokens, v_warps) = FROZEN_Q, FROZEN_K, FROZEN_V
+        _frozen_q_kernel[(cdiv(num_heads, q_heads), tiles * (sa.TOKEN_TILE // q_tokens), batch)](
             qkv, query_scale, cos_part, sin_part, q8, q_scale, offset, stream_length, num_heads, head_dim, padded,
             RMS_EPS, factor, qkv.stride(0), qkv.stride(1), *tables,
-            BLOCK_L=q_tokens, BLOCK_D=block_d, CHANNELS=channels, num_warps=q_warps,
+            HEADS=q_heads, BLOCK_L=q_tokens, BLOCK_D=block_d, CHANNELS=channels, num_warps=q_warps,
         )
-        _frozen_k_kernel[(num_heads, tiles, batch)](
+        _frozen_k_kernel[(cdiv(num_heads, k_heads), tiles, batch)](
             qkv, key_scale, cos_part, sin_part, statistics.k_mean, k8, k_scale, offset, stream_length, num_heads,
             head_dim, padded, RMS_EPS, qkv.stride(0), qkv.stride(1), *tables,
-            PERMUTE=permute_keys, TILE=sa.TOKEN_TILE, BLOCK_D=block_d, CHANNELS=channels, num_warps=FROZEN_K_WARPS,
+            PERMUTE=permute_keys, HEADS=k_heads, TILE=sa.TOKEN_TILE, BLOCK_D=block_d, CHANNELS=channels,
+            num_warps=k_warps,
         )
         _frozen_v_kernel[(num_heads, tiles * (sa.TOKEN_TILE // v_tokens), batch)](
             qkv, statistics.v_amax, v8t, offset, stream_length, num_heads, head_dim, padded, qkv.stride(0),
