@@ -108,6 +108,41 @@ def normed_head_tile(qkv_ptr, scale_ptr, cos, sin, batch, column, tokens, length
 
 
 @triton.jit
+def normed_head_pairs(qkv_ptr, scale_ptr, cos, sin, batch, column, tokens, length, head_dim, eps, stride_qkv_b,
+                      stride_qkv_l, BLOCK_D: tl.constexpr):
+    """`normed_head_tile`'s values as two [BLOCK_L, BLOCK_D // 2] float32 tiles, the even channels and the odd ones.
+
+    Each pair is read as one 32-bit word and split by bit operations, so RoPE pairs up values the thread already
+    holds: no split and join of the tile through a layout change. The norm's sum adds each pair's squares first,
+    so its last bit can differ from `normed_head_tile`'s. 16-bit activations, even strides and column."""
+    pairs = tl.arange(0, BLOCK_D // 2)
+    pair_inside = pairs < head_dim // 2
+    inside = (tokens < length)[:, None] & pair_inside[None, :]
+    words = qkv_ptr.to(tl.pointer_type(tl.uint32), bitcast=True)
+    offsets = batch * (stride_qkv_b // 2) + tokens[:, None].to(tl.int64) * (stride_qkv_l // 2) + column // 2
+    bits = tl.load(words + offsets + pairs[None, :], mask=inside, other=0)
+    element = qkv_ptr.dtype.element_ty
+    even = (bits & 0xFFFF).to(tl.uint16).to(element, bitcast=True).to(tl.float32)  # little-endian: low half first
+    odd = (bits >> 16).to(tl.uint16).to(element, bitcast=True).to(tl.float32)
+    scale_even = tl.load(scale_ptr + 2 * pairs, mask=pair_inside, other=0.0).to(tl.float32)
+    scale_odd = tl.load(scale_ptr + 2 * pairs + 1, mask=pair_inside, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.reduce(even * even + odd * odd, 1, _add) / head_dim + eps)
+    even = even * rstd[:, None] * scale_even[None, :]
+    odd = odd * rstd[:, None] * scale_odd[None, :]
+    return cos * even - sin * odd, sin * even + cos * odd
+
+
+@triton.jit
+def store_pairs(ptr, rows, even, odd, BLOCK_D: tl.constexpr):
+    """Integral float32 values in [-128, 127], two [BLOCK_L, BLOCK_D // 2] tiles of even and odd channels, stored
+    interleaved as int8 rows of BLOCK_D at `rows` of an int8 tensor: one 16-bit word a pair."""
+    pairs = tl.arange(0, BLOCK_D // 2)
+    words = ((even.to(tl.int32) & 0xFF) | ((odd.to(tl.int32) & 0xFF) << 8)).to(tl.uint16)
+    tl.store(ptr.to(tl.pointer_type(tl.uint16), bitcast=True) + rows[:, None] * (BLOCK_D // 2) + pairs[None, :],
+             words)
+
+
+@triton.jit
 def normed_qkv_tile(qkv_ptr, q_scale_ptr, k_scale_ptr, cos_ptr, sin_ptr, batch, head, tokens, length, num_heads,
                     head_dim, eps, stride_qkv_b, stride_qkv_l, stride_cos_b, stride_cos_l, stride_sin_b, stride_sin_l,
                     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):

@@ -25,8 +25,8 @@ import torch
 
 from . import sage_attention as sa
 from .e4m3 import to_e4m3
-from .qk_norm_rope import (RMS_EPS, head_tile, joint_qkv_norm_rope, normed_head_tile, normed_qkv_tile, rope_tables,
-                           stream_parts)
+from .qk_norm_rope import (RMS_EPS, head_tile, joint_qkv_norm_rope, normed_head_pairs, normed_head_tile,
+                           normed_qkv_tile, rope_tables, store_pairs, stream_parts)
 from .runtime import (cdiv, import_triton, interpreting, last_dim_contiguous, launches, next_power_of_2,
                       reduction_combines)
 
@@ -207,6 +207,9 @@ class FrozenStatistics(NamedTuple):
 FROZEN_Q = (32, 4, 1)
 FROZEN_K = (4, 1)  # warps, heads per program
 FROZEN_V = (32, 4)
+# q and k read as channel pairs (`qk_norm_rope.normed_head_pairs`; not yet timed). Their norms' sums then add
+# in another order than the unfused pass's, so a value can round to the neighbouring int8.
+FROZEN_PAIRS = False
 
 
 @triton.jit
@@ -214,7 +217,8 @@ def _frozen_q_kernel(
     qkv_ptr, q_scale_ptr, cos_ptr, sin_ptr, q8_ptr, q8_scale_ptr,
     offset, length, num_heads, head_dim, padded_length, eps, factor,
     stride_qkv_b, stride_qkv_l, stride_cos_b, stride_cos_l, stride_sin_b, stride_sin_l,
-    HEADS: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, CHANNELS: tl.constexpr,
+    PAIRS: tl.constexpr, HEADS: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+    CHANNELS: tl.constexpr,
 ):
     # One program per (HEADS heads, BLOCK_L tokens, batch); tokens past the stream's end up to its last 128-token
     # tile are padding, written as zero rows with the scale the unfused quantizer gives them.
@@ -227,16 +231,29 @@ def _frozen_q_kernel(
     for group_head in tl.range(0, HEADS):
         head = first_head + group_head
         if head < num_heads:  # the last group may be part of one
-            q = normed_head_tile(qkv_ptr, q_scale_ptr, cos, sin, batch, head * head_dim, tokens, length, head_dim,
-                                 eps, stride_qkv_b, stride_qkv_l, BLOCK_L, BLOCK_D)
-            # Rounded to the activations' dtype first, as the unfused path stores q.
-            q = q.to(qkv_ptr.dtype.element_ty).to(tl.float32)
-            amax = tl.maximum(tl.reduce(tl.abs(q), 1, _max), 1e-30)
-            inverse = tl.math.div_rn(tl.full([BLOCK_L], 127.0, tl.float32), amax)
-            scaled = tl.minimum(tl.maximum(q * inverse[:, None], -127.0), 127.0)
             rows = (batch * num_heads + head) * padded_length + (offset + tokens).to(tl.int64)
-            tl.store(q8_ptr + rows[:, None] * CHANNELS + dims[None, :],
-                     ((scaled + 12582912.0) - 12582912.0).to(tl.int8))
+            if PAIRS:
+                even, odd = normed_head_pairs(qkv_ptr, q_scale_ptr, cos, sin, batch, head * head_dim, tokens,
+                                              length, head_dim, eps, stride_qkv_b, stride_qkv_l, BLOCK_D)
+                # Rounded to the activations' dtype first, as the unfused path stores q.
+                even = even.to(qkv_ptr.dtype.element_ty).to(tl.float32)
+                odd = odd.to(qkv_ptr.dtype.element_ty).to(tl.float32)
+                amax = tl.maximum(tl.maximum(tl.reduce(tl.abs(even), 1, _max), tl.reduce(tl.abs(odd), 1, _max)),
+                                  1e-30)
+                inverse = tl.math.div_rn(tl.full([BLOCK_L], 127.0, tl.float32), amax)
+                even = tl.minimum(tl.maximum(even * inverse[:, None], -127.0), 127.0)
+                odd = tl.minimum(tl.maximum(odd * inverse[:, None], -127.0), 127.0)
+                store_pairs(q8_ptr, rows, (even + 12582912.0) - 12582912.0, (odd + 12582912.0) - 12582912.0,
+                            BLOCK_D)
+            else:
+                q = normed_head_tile(qkv_ptr, q_scale_ptr, cos, sin, batch, head * head_dim, tokens, length,
+                                     head_dim, eps, stride_qkv_b, stride_qkv_l, BLOCK_L, BLOCK_D)
+                q = q.to(qkv_ptr.dtype.element_ty).to(tl.float32)
+                amax = tl.maximum(tl.reduce(tl.abs(q), 1, _max), 1e-30)
+                inverse = tl.math.div_rn(tl.full([BLOCK_L], 127.0, tl.float32), amax)
+                scaled = tl.minimum(tl.maximum(q * inverse[:, None], -127.0), 127.0)
+                tl.store(q8_ptr + rows[:, None] * CHANNELS + dims[None, :],
+                         ((scaled + 12582912.0) - 12582912.0).to(tl.int8))
             tl.store(q8_scale_ptr + rows, tl.math.div_rn(amax, tl.full([BLOCK_L], 127.0, tl.float32)) * factor)
 
 
@@ -245,7 +262,8 @@ def _frozen_k_kernel(
     qkv_ptr, k_scale_ptr, cos_ptr, sin_ptr, k_mean_ptr, k8_ptr, k8_scale_ptr,
     offset, length, num_heads, head_dim, padded_length, eps,
     stride_qkv_b, stride_qkv_l, stride_cos_b, stride_cos_l, stride_sin_b, stride_sin_l,
-    PERMUTE: tl.constexpr, HEADS: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr, CHANNELS: tl.constexpr,
+    PERMUTE: tl.constexpr, PAIRS: tl.constexpr, HEADS: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr,
+    CHANNELS: tl.constexpr,
 ):
     # One program per (HEADS heads, 128-token tile, batch): each head's tile centred on the frozen mean, scaled by
     # its own amax.
@@ -263,17 +281,33 @@ def _frozen_k_kernel(
         head = first_head + group_head
         if head < num_heads:
             bh = batch * num_heads + head
-            k = normed_head_tile(qkv_ptr, k_scale_ptr, cos, sin, batch, (num_heads + head) * head_dim, tokens,
-                                 length, head_dim, eps, stride_qkv_b, stride_qkv_l, TILE, BLOCK_D)
-            k_mean = tl.load(k_mean_ptr + bh * CHANNELS + dims)
-            centred = tl.where((tokens < length)[:, None],
-                               k.to(qkv_ptr.dtype.element_ty).to(tl.float32) - k_mean[None, :], 0.0)
-            amax = tl.maximum(tl.reduce(tl.reduce(tl.abs(centred), 1, _max), 0, _max), 1e-30)
-            inverse = tl.math.div_rn(tl.full([], 127.0, tl.float32), amax)
-            scaled = tl.minimum(tl.maximum(centred * inverse, -127.0), 127.0)
             rows = bh * padded_length + offset + first + local
-            tl.store(k8_ptr + rows[:, None] * CHANNELS + dims[None, :],
-                     ((scaled + 12582912.0) - 12582912.0).to(tl.int8))
+            inside = (tokens < length)[:, None]
+            if PAIRS:
+                pairs = tl.arange(0, BLOCK_D // 2)
+                even, odd = normed_head_pairs(qkv_ptr, k_scale_ptr, cos, sin, batch, (num_heads + head) * head_dim,
+                                              tokens, length, head_dim, eps, stride_qkv_b, stride_qkv_l, BLOCK_D)
+                mean_even = tl.load(k_mean_ptr + bh * CHANNELS + 2 * pairs)
+                mean_odd = tl.load(k_mean_ptr + bh * CHANNELS + 2 * pairs + 1)
+                even = tl.where(inside, even.to(qkv_ptr.dtype.element_ty).to(tl.float32) - mean_even[None, :], 0.0)
+                odd = tl.where(inside, odd.to(qkv_ptr.dtype.element_ty).to(tl.float32) - mean_odd[None, :], 0.0)
+                amax = tl.maximum(tl.maximum(tl.reduce(tl.reduce(tl.abs(even), 1, _max), 0, _max),
+                                             tl.reduce(tl.reduce(tl.abs(odd), 1, _max), 0, _max)), 1e-30)
+                inverse = tl.math.div_rn(tl.full([], 127.0, tl.float32), amax)
+                even = tl.minimum(tl.maximum(even * inverse, -127.0), 127.0)
+                odd = tl.minimum(tl.maximum(odd * inverse, -127.0), 127.0)
+                store_pairs(k8_ptr, rows, (even + 12582912.0) - 12582912.0, (odd + 12582912.0) - 12582912.0,
+                            BLOCK_D)
+            else:
+                k = normed_head_tile(qkv_ptr, k_scale_ptr, cos, sin, batch, (num_heads + head) * head_dim, tokens,
+                                     length, head_dim, eps, stride_qkv_b, stride_qkv_l, TILE, BLOCK_D)
+                k_mean = tl.load(k_mean_ptr + bh * CHANNELS + dims)
+                centred = tl.where(inside, k.to(qkv_ptr.dtype.element_ty).to(tl.float32) - k_mean[None, :], 0.0)
+                amax = tl.maximum(tl.reduce(tl.reduce(tl.abs(centred), 1, _max), 0, _max), 1e-30)
+                inverse = tl.math.div_rn(tl.full([], 127.0, tl.float32), amax)
+                scaled = tl.minimum(tl.maximum(centred * inverse, -127.0), 127.0)
+                tl.store(k8_ptr + rows[:, None] * CHANNELS + dims[None, :],
+                         ((scaled + 12582912.0) - 12582912.0).to(tl.int8))
             tl.store(k8_scale_ptr + bh * (padded_length // TILE) + (offset + first) // TILE,
                      tl.math.div_rn(amax, tl.full([], 127.0, tl.float32)))
 
@@ -357,12 +391,14 @@ def frozen_sage_operands(streams: list[tuple[torch.Tensor, torch.Tensor, torch.T
         _frozen_q_kernel[(cdiv(num_heads, q_heads), tiles * (sa.TOKEN_TILE // q_tokens), batch)](
             qkv, query_scale, cos_part, sin_part, q8, q_scale, offset, stream_length, num_heads, head_dim, padded,
             RMS_EPS, factor, qkv.stride(0), qkv.stride(1), *tables,
-            HEADS=q_heads, BLOCK_L=q_tokens, BLOCK_D=block_d, CHANNELS=channels, num_warps=q_warps,
+            PAIRS=FROZEN_PAIRS, HEADS=q_heads, BLOCK_L=q_tokens, BLOCK_D=block_d, CHANNELS=channels,
+            num_warps=q_warps,
         )
         _frozen_k_kernel[(cdiv(num_heads, k_heads), tiles, batch)](
             qkv, key_scale, cos_part, sin_part, statistics.k_mean, k8, k_scale, offset, stream_length, num_heads,
             head_dim, padded, RMS_EPS, qkv.stride(0), qkv.stride(1), *tables,
-            PERMUTE=permute_keys, HEADS=k_heads, TILE=sa.TOKEN_TILE, BLOCK_D=block_d, CHANNELS=channels,
+            PERMUTE=permute_keys, PAIRS=FROZEN_PAIRS, HEADS=k_heads, TILE=sa.TOKEN_TILE, BLOCK_D=block_d,
+            CHANNELS=channels,
             num_warps=k_warps,
         )
         _frozen_v_kernel[(num_heads, tiles * (sa.TOKEN_TILE // v_tokens), batch)](
