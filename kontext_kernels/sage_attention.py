@@ -51,7 +51,6 @@ anyway); per-token k scales cost one multiply per score.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import NamedTuple
 
@@ -165,10 +164,16 @@ def fp8_tensor_cores(device: torch.device) -> bool:
     return _fp8_capable(device.index if device.index is not None else torch.cuda.current_device())
 
 
-@functools.cache
+_FP8_CAPABLE: dict[int, bool] = {}
+
+
 def _fp8_capable(device_index: int) -> bool:
-    # Cached: the 'sage8' backend asks on every attention call (57 a step).
-    return torch.version.hip is None and torch.cuda.get_device_capability(device_index) >= (8, 9)
+    # Cached, as the 'sage8' backend asks on every attention call (57 a step); in a plain dict, which the compiler
+    # traces without the warning it gives for a functools cache inside compiled blocks.
+    if device_index not in _FP8_CAPABLE:
+        _FP8_CAPABLE[device_index] = (torch.version.hip is None
+                                      and torch.cuda.get_device_capability(device_index) >= (8, 9))
+    return _FP8_CAPABLE[device_index]
 
 
 def default_k_rows(fp8_pv: bool) -> int:
