@@ -43,6 +43,7 @@ from kontext_core.compute.attention import flash_attn_variant  # noqa: E402
 from kontext_core.checkpoints.key_maps import to_theirs, transformer_links  # noqa: E402
 from kontext_core.compute.cuda_graph import GraphedVelocity  # noqa: E402
 from kontext_core.pipeline import GenerationSettings, KontextPipeline  # noqa: E402
+from kontext_core.presets import PRESETS  # noqa: E402
 from kontext_core.sampling import TextConditioning  # noqa: E402
 from kontext_core.model.tokens import context_tokens, pack_latent, position_ids, text_position_ids  # noqa: E402
 from random_weights import random_autoencoder, randomize_, rel_l2  # noqa: E402
@@ -275,7 +276,7 @@ MODIFIERS = {
                  "(kontext_kernels/sage_attention_hopper.py, PV_DURING_SOFTMAX)",
     "frozenstats": "with +sage8: q, k, v quantized in the QK-norm + RoPE pass with K's mean and V's amax recorded on "
                    "an earlier step (kontext_kernels/sage_qkv.py; the fast preset's attention_statistics_refresh): "
-                   "recorded here on the latent plus 30% noise at t = 0.6; in --e2e, recorded every 7 steps",
+                   "recorded here on the latent plus 30% noise at t = 0.6; in --e2e, recorded as the fast preset does",
     "turns": "with +sage8 on Hopper: the consumers take turns issuing their MMAs, through named barriers "
              "(kontext_kernels/sage_attention_hopper.py, CONSUMERS_TAKE_TURNS)",
     "tritonattention": "with +sage8 on Hopper: the Triton-language attention kernel (kontext_kernels/sage_attention.py), "
@@ -531,8 +532,8 @@ def main() -> None:
                              "fp8, fp8+fp8attention, int8; each also +graphs when a row has +graphs), or only the "
                              "runs named (e.g. --e2e int8+graphs bf16); the fast preset's whole edit is "
                              "int8+sage8+modtable+compiledae+frozenstats+graphs (compiledae: the AE compiled, as its "
-                             "load_pipeline does; frozenstats: sage8's statistics recorded every 7 steps and reused "
-                             "between)")
+                             "load_pipeline does; frozenstats: sage8's statistics recorded every few steps, as the "
+                             "fast preset does, and reused between)")
     parser.add_argument("--comfyui", metavar="PATH", default=os.environ.get("COMFYUI_PATH"),
                         help="ComfyUI checkout or bench/stage_comfyui.sh copy, for the comfyui rows ($COMFYUI_PATH)")
     parser.add_argument("--bfl", metavar="PATH",
@@ -698,7 +699,8 @@ def main() -> None:
                 compile_blocks(target, "ours-compiled")
             seconds = end_to_end(target, cuda_graphs=graphs, batched_modulation="modtable" in label,
                                  compile_autoencoder="compiledae" in label,
-                                 attention_statistics_refresh=7 if "frozenstats" in label else 0)
+                                 attention_statistics_refresh=(PRESETS["fast"].attention_statistics_refresh
+                                                               if "frozenstats" in label else 0))
             record[f"e2e_edit_28_steps_{label}_s"] = seconds
             print(f"end-to-end 1024x1024 edit, 28 steps, AE encode+decode, {label}: {seconds:.2f} s", flush=True)
             uncompile(target)

@@ -1,4 +1,4 @@
-"""Conversion to float8 e4m3 inside Triton kernels, bit-exact with PyTorch's.
+"""Conversion to float8 e4m3 (and int8's grid) inside Triton kernels, bit-exact with PyTorch's.
 
 Quantizing kernels scale by a reciprocal (one IEEE division per row or tensor, then a multiply per
 value: an IEEE division per value cost the row quantizers 2-3x their memory time on an H100) and
@@ -41,3 +41,13 @@ def to_e4m3(values, inv_scale, EXACT_ROUNDING: tl.constexpr):
     if EXACT_ROUNDING:
         scaled = round_to_e4m3(scaled)
     return scaled.to(tl.float8e4nv)
+
+
+@triton.jit
+def int8_grid(values, inv_scale):
+    """values * inv_scale clamped to [-127, 127] and rounded to an integer, ties to even as torch.round: float32
+    values that convert to int8 exactly."""
+    scaled = tl.minimum(tl.maximum(values * inv_scale, -127.0), 127.0)
+    # Adding and removing 1.5 * 2**23 (whose float32 spacing is 1) rounds |v| <= 2**22 to an integer, ties to
+    # even; the clamp before it keeps the multiply from fusing into the add.
+    return (scaled + 12582912.0) - 12582912.0

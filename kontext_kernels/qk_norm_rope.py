@@ -100,7 +100,7 @@ def rope_tables(cos_ptr, sin_ptr, batch, tokens, length, head_dim, stride_cos_b,
 def normed_head_tile(qkv_ptr, scale_ptr, cos, sin, batch, column, tokens, length, head_dim, eps, stride_qkv_b,
                      stride_qkv_l, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
     """One head's q or k (the slice from `column` on), RMS-normalised with `scale` and rotated by `rope_tables`'
-    cos and sin: [BLOCK_L, BLOCK_D] float32, the same values as `normed_qkv_tile` gives for it."""
+    cos and sin: [BLOCK_L, BLOCK_D] float32."""
     dims = tl.arange(0, BLOCK_D)
     x = head_tile(qkv_ptr, batch, column, tokens, length, head_dim, stride_qkv_b, stride_qkv_l, BLOCK_D)
     scale = tl.load(scale_ptr + dims, mask=dims < head_dim, other=0.0).to(tl.float32)
@@ -148,19 +148,14 @@ def normed_qkv_tile(qkv_ptr, q_scale_ptr, k_scale_ptr, cos_ptr, sin_ptr, batch, 
                     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
     """One head's q and k (float32, RMS-normalised and rotated) and v (as stored) for `tokens` of a [B, L, 3*H*D]
     projection: [BLOCK_L, BLOCK_D] tiles, zero outside the tokens and head dims."""
-    dims = tl.arange(0, BLOCK_D)
-    dim_inside = dims < head_dim
-    q = head_tile(qkv_ptr, batch, head * head_dim, tokens, length, head_dim, stride_qkv_b, stride_qkv_l, BLOCK_D)
-    k = head_tile(qkv_ptr, batch, (num_heads + head) * head_dim, tokens, length, head_dim, stride_qkv_b,
-                  stride_qkv_l, BLOCK_D)
-    v = head_tile(qkv_ptr, batch, (2 * num_heads + head) * head_dim, tokens, length, head_dim, stride_qkv_b,
-                  stride_qkv_l, BLOCK_D)
     cos, sin = rope_tables(cos_ptr, sin_ptr, batch, tokens, length, head_dim, stride_cos_b, stride_cos_l,
                            stride_sin_b, stride_sin_l, BLOCK_D)
-    q_scale = tl.load(q_scale_ptr + dims, mask=dim_inside, other=0.0).to(tl.float32)
-    k_scale = tl.load(k_scale_ptr + dims, mask=dim_inside, other=0.0).to(tl.float32)
-    q = _norm_rope_tile(q.to(tl.float32), q_scale, cos, sin, head_dim, eps, BLOCK_L, BLOCK_D)
-    k = _norm_rope_tile(k.to(tl.float32), k_scale, cos, sin, head_dim, eps, BLOCK_L, BLOCK_D)
+    q = normed_head_tile(qkv_ptr, q_scale_ptr, cos, sin, batch, head * head_dim, tokens, length, head_dim, eps,
+                         stride_qkv_b, stride_qkv_l, BLOCK_L, BLOCK_D)
+    k = normed_head_tile(qkv_ptr, k_scale_ptr, cos, sin, batch, (num_heads + head) * head_dim, tokens, length,
+                         head_dim, eps, stride_qkv_b, stride_qkv_l, BLOCK_L, BLOCK_D)
+    v = head_tile(qkv_ptr, batch, (2 * num_heads + head) * head_dim, tokens, length, head_dim, stride_qkv_b,
+                  stride_qkv_l, BLOCK_D)
     return q, k, v
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .e4m3 import E4M3_MAX, to_e4m3
+from .e4m3 import E4M3_MAX, int8_grid, to_e4m3
 from .modulation import layernorm_modulate_rows, modulation_operands
 from .runtime import (cdiv, enabled_for, import_triton, interpreting, last_dim_contiguous, launches, loop_count,
                       next_power_of_2, reduction_combines, row_warps, rows_per_program)
@@ -169,10 +169,7 @@ def _store_8bit(ptr, values, inv_scale, mask, INT8: tl.constexpr, EXACT_ROUNDING
     """Store values * inv_scale in the row format: int8 rounded to nearest, ties to even, or e4m3
     (kontext_kernels/e4m3.py). (A store, not a returned value: Triton wants one return type from both branches.)"""
     if INT8:
-        scaled = tl.minimum(tl.maximum(values * inv_scale, -127.0), 127.0)
-        # Adding and removing 1.5 * 2**23 (whose float32 spacing is 1) rounds |v| <= 2**22 to an integer,
-        # ties to even, as torch.round; the clamp before it keeps the multiply from fusing into the add.
-        tl.store(ptr, ((scaled + 12582912.0) - 12582912.0).to(tl.int8), mask=mask)
+        tl.store(ptr, int8_grid(values, inv_scale).to(tl.int8), mask=mask)
     else:
         tl.store(ptr, to_e4m3(values, inv_scale, EXACT_ROUNDING), mask=mask)
 

@@ -57,7 +57,7 @@ from typing import NamedTuple
 import torch
 
 from . import sage_attention_hopper
-from .e4m3 import round_to_e4m3, to_e4m3
+from .e4m3 import int8_grid, round_to_e4m3, to_e4m3
 from .runtime import (cdiv, enabled_for, hopper, import_triton, interpreting, launches, loop_count,
                       multiprocessors, next_power_of_2, reduction_combines)
 
@@ -446,9 +446,7 @@ def _quantize_int8_kernel(x_ptr, k_mean_ptr, out_ptr, scale_ptr, heads, length, 
     amax = tl.maximum(amax, 1e-30)
     inverse = tl.math.div_rn(tl.full([groups], 127.0, tl.float32), amax)
     inverse_rows = tl.reshape(tl.broadcast_to(inverse[:, None], [groups, ROWS]), [TILE])
-    scaled = tl.minimum(tl.maximum(x * inverse_rows[:, None], -127.0), 127.0)
-    # Adding and removing 1.5 * 2**23 rounds to an integer, ties to even, as torch.round (kontext_kernels/row_quant.py).
-    values = ((scaled + 12582912.0) - 12582912.0).to(tl.int8)
+    values = int8_grid(x, inverse_rows[:, None]).to(tl.int8)
     if PERMUTE:
         local = tl.arange(0, TILE)
         out_rows = bh.to(tl.int64) * padded_length + tile * TILE + ((local & 0x71) | ((local & 0x2) << 2)

@@ -19,12 +19,13 @@ rest. k's one scale per 128 tokens is the tile's own amax: k's programs each hol
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
 
 from . import sage_attention as sa
-from .e4m3 import to_e4m3
+from .e4m3 import int8_grid, to_e4m3
 from .qk_norm_rope import (RMS_EPS, head_tile, joint_qkv_norm_rope, normed_head_pairs, normed_head_tile,
                            normed_qkv_tile, rope_tables, store_pairs, stream_parts)
 from .runtime import (cdiv, import_triton, interpreting, last_dim_contiguous, launches, next_power_of_2,
@@ -73,10 +74,9 @@ def _qkv_norm_rope_sage_kernel(
     # q -> int8, one scale per token (sage_attention's _quantize_int8_kernel, Q_ROWS = 1).
     amax = tl.maximum(tl.reduce(tl.abs(q), 1, _max), 1e-30)
     inverse = tl.math.div_rn(tl.full([BLOCK_L], 127.0, tl.float32), amax)
-    scaled = tl.minimum(tl.maximum(q * inverse[:, None], -127.0), 127.0)
     q8_rows = bh * padded_length + offset + tokens.to(tl.int64)
-    tl.store(q8_ptr + q8_rows[:, None] * CHANNELS + dims[None, :],
-             ((scaled + 12582912.0) - 12582912.0).to(tl.int8), mask=token_inside[:, None])
+    tl.store(q8_ptr + q8_rows[:, None] * CHANNELS + dims[None, :], int8_grid(q, inverse[:, None]).to(tl.int8),
+             mask=token_inside[:, None])
     tl.store(q8_scale_ptr + q8_rows, tl.math.div_rn(amax, tl.full([BLOCK_L], 127.0, tl.float32)) * factor,
              mask=token_inside)
 
@@ -203,7 +203,8 @@ class FrozenStatistics(NamedTuple):
 # three, bench/RESULTS.md 2026-12-06). k's program holds its whole 128-token tile, whose amax is its scale, and reads
 # it once. q's and k's programs can each work a group of heads for their tokens, loading the RoPE tables (float32,
 # twice q's bytes) once for the group rather than once a head (not yet timed: one head a program is the shape
-# measured). Launch shapes: tokens per program, warps, heads per program.
+# measured; a group size that does not divide the heads falls to the largest one that does). Launch shapes: tokens
+# per program, warps, heads per program.
 FROZEN_Q = (32, 4, 1)
 FROZEN_K = (4, 1)  # warps, heads per program
 FROZEN_V = (32, 4)
@@ -221,40 +222,31 @@ def _frozen_q_kernel(
     CHANNELS: tl.constexpr,
 ):
     # One program per (HEADS heads, BLOCK_L tokens, batch); tokens past the stream's end up to its last 128-token
-    # tile are padding, written as zero rows with the scale the unfused quantizer gives them.
-    first_head = tl.program_id(0) * HEADS
+    # tile are padding, written as zero rows with the scale the unfused quantizer gives them. q is rounded to the
+    # activations' dtype before it is quantized, as the unfused path stores it.
     batch = tl.program_id(2).to(tl.int64)
     dims = tl.arange(0, BLOCK_D)
     tokens = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
     cos, sin = rope_tables(cos_ptr, sin_ptr, batch, tokens, length, head_dim, stride_cos_b, stride_cos_l,
                            stride_sin_b, stride_sin_l, BLOCK_D)
+    element = qkv_ptr.dtype.element_ty
     for group_head in tl.range(0, HEADS):
-        head = first_head + group_head
-        if head < num_heads:  # the last group may be part of one
-            rows = (batch * num_heads + head) * padded_length + (offset + tokens).to(tl.int64)
-            if PAIRS:
-                even, odd = normed_head_pairs(qkv_ptr, q_scale_ptr, cos, sin, batch, head * head_dim, tokens,
-                                              length, head_dim, eps, stride_qkv_b, stride_qkv_l, BLOCK_D)
-                # Rounded to the activations' dtype first, as the unfused path stores q.
-                even = even.to(qkv_ptr.dtype.element_ty).to(tl.float32)
-                odd = odd.to(qkv_ptr.dtype.element_ty).to(tl.float32)
-                amax = tl.maximum(tl.maximum(tl.reduce(tl.abs(even), 1, _max), tl.reduce(tl.abs(odd), 1, _max)),
-                                  1e-30)
-                inverse = tl.math.div_rn(tl.full([BLOCK_L], 127.0, tl.float32), amax)
-                even = tl.minimum(tl.maximum(even * inverse[:, None], -127.0), 127.0)
-                odd = tl.minimum(tl.maximum(odd * inverse[:, None], -127.0), 127.0)
-                store_pairs(q8_ptr, rows, (even + 12582912.0) - 12582912.0, (odd + 12582912.0) - 12582912.0,
-                            BLOCK_D)
-            else:
-                q = normed_head_tile(qkv_ptr, q_scale_ptr, cos, sin, batch, head * head_dim, tokens, length,
-                                     head_dim, eps, stride_qkv_b, stride_qkv_l, BLOCK_L, BLOCK_D)
-                q = q.to(qkv_ptr.dtype.element_ty).to(tl.float32)
-                amax = tl.maximum(tl.reduce(tl.abs(q), 1, _max), 1e-30)
-                inverse = tl.math.div_rn(tl.full([BLOCK_L], 127.0, tl.float32), amax)
-                scaled = tl.minimum(tl.maximum(q * inverse[:, None], -127.0), 127.0)
-                tl.store(q8_ptr + rows[:, None] * CHANNELS + dims[None, :],
-                         ((scaled + 12582912.0) - 12582912.0).to(tl.int8))
-            tl.store(q8_scale_ptr + rows, tl.math.div_rn(amax, tl.full([BLOCK_L], 127.0, tl.float32)) * factor)
+        head = tl.program_id(0) * HEADS + group_head
+        rows = (batch * num_heads + head) * padded_length + (offset + tokens).to(tl.int64)
+        if PAIRS:
+            even, odd = normed_head_pairs(qkv_ptr, q_scale_ptr, cos, sin, batch, head * head_dim, tokens, length,
+                                          head_dim, eps, stride_qkv_b, stride_qkv_l, BLOCK_D)
+            even, odd = even.to(element).to(tl.float32), odd.to(element).to(tl.float32)
+            amax = tl.maximum(tl.reduce(tl.maximum(tl.abs(even), tl.abs(odd)), 1, _max), 1e-30)
+            inverse = tl.math.div_rn(tl.full([BLOCK_L], 127.0, tl.float32), amax)[:, None]
+            store_pairs(q8_ptr, rows, int8_grid(even, inverse), int8_grid(odd, inverse), BLOCK_D)
+        else:
+            q = normed_head_tile(qkv_ptr, q_scale_ptr, cos, sin, batch, head * head_dim, tokens, length, head_dim,
+                                 eps, stride_qkv_b, stride_qkv_l, BLOCK_L, BLOCK_D).to(element).to(tl.float32)
+            amax = tl.maximum(tl.reduce(tl.abs(q), 1, _max), 1e-30)
+            inverse = tl.math.div_rn(tl.full([BLOCK_L], 127.0, tl.float32), amax)[:, None]
+            tl.store(q8_ptr + rows[:, None] * CHANNELS + dims[None, :], int8_grid(q, inverse).to(tl.int8))
+        tl.store(q8_scale_ptr + rows, tl.math.div_rn(amax, tl.full([BLOCK_L], 127.0, tl.float32)) * factor)
 
 
 @triton.jit
@@ -265,51 +257,45 @@ def _frozen_k_kernel(
     PERMUTE: tl.constexpr, PAIRS: tl.constexpr, HEADS: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr,
     CHANNELS: tl.constexpr,
 ):
-    # One program per (HEADS heads, 128-token tile, batch): each head's tile centred on the frozen mean, scaled by
-    # its own amax.
-    first_head = tl.program_id(0) * HEADS
+    # One program per (HEADS heads, 128-token tile, batch): each head's tile centred on the frozen mean (padding
+    # rows zero), scaled by its own amax.
     batch = tl.program_id(2).to(tl.int64)
     dims = tl.arange(0, BLOCK_D)
     first = tl.program_id(1) * TILE
     local = tl.arange(0, TILE)
     tokens = first + local
+    inside = (tokens < length)[:, None]
     cos, sin = rope_tables(cos_ptr, sin_ptr, batch, tokens, length, head_dim, stride_cos_b, stride_cos_l,
                            stride_sin_b, stride_sin_l, BLOCK_D)
     if PERMUTE:  # the Hopper kernel's key order (sage_attention.key_positions)
         local = (local & 0x71) | ((local & 0x2) << 2) | ((local & 0xC) >> 1)
+    element = qkv_ptr.dtype.element_ty
     for group_head in tl.range(0, HEADS):
-        head = first_head + group_head
-        if head < num_heads:
-            bh = batch * num_heads + head
-            rows = bh * padded_length + offset + first + local
-            inside = (tokens < length)[:, None]
-            if PAIRS:
-                pairs = tl.arange(0, BLOCK_D // 2)
-                even, odd = normed_head_pairs(qkv_ptr, k_scale_ptr, cos, sin, batch, (num_heads + head) * head_dim,
-                                              tokens, length, head_dim, eps, stride_qkv_b, stride_qkv_l, BLOCK_D)
-                mean_even = tl.load(k_mean_ptr + bh * CHANNELS + 2 * pairs)
-                mean_odd = tl.load(k_mean_ptr + bh * CHANNELS + 2 * pairs + 1)
-                even = tl.where(inside, even.to(qkv_ptr.dtype.element_ty).to(tl.float32) - mean_even[None, :], 0.0)
-                odd = tl.where(inside, odd.to(qkv_ptr.dtype.element_ty).to(tl.float32) - mean_odd[None, :], 0.0)
-                amax = tl.maximum(tl.maximum(tl.reduce(tl.reduce(tl.abs(even), 1, _max), 0, _max),
-                                             tl.reduce(tl.reduce(tl.abs(odd), 1, _max), 0, _max)), 1e-30)
-                inverse = tl.math.div_rn(tl.full([], 127.0, tl.float32), amax)
-                even = tl.minimum(tl.maximum(even * inverse, -127.0), 127.0)
-                odd = tl.minimum(tl.maximum(odd * inverse, -127.0), 127.0)
-                store_pairs(k8_ptr, rows, (even + 12582912.0) - 12582912.0, (odd + 12582912.0) - 12582912.0,
-                            BLOCK_D)
-            else:
-                k = normed_head_tile(qkv_ptr, k_scale_ptr, cos, sin, batch, (num_heads + head) * head_dim, tokens,
-                                     length, head_dim, eps, stride_qkv_b, stride_qkv_l, TILE, BLOCK_D)
-                k_mean = tl.load(k_mean_ptr + bh * CHANNELS + dims)
-                centred = tl.where(inside, k.to(qkv_ptr.dtype.element_ty).to(tl.float32) - k_mean[None, :], 0.0)
-                amax = tl.maximum(tl.reduce(tl.reduce(tl.abs(centred), 1, _max), 0, _max), 1e-30)
-                inverse = tl.math.div_rn(tl.full([], 127.0, tl.float32), amax)
-                scaled = tl.minimum(tl.maximum(centred * inverse, -127.0), 127.0)
-                tl.store(k8_ptr + rows[:, None] * CHANNELS + dims[None, :],
-                         ((scaled + 12582912.0) - 12582912.0).to(tl.int8))
-            tl.store(k8_scale_ptr + bh * (padded_length // TILE) + (offset + first) // TILE,
-                     tl.math.div_rn(amax, tl.full([], 127.0, tl.float32)))
+        head = tl.program_id(0) * HEADS + group_head
+        bh = batch * num_heads + head
+        rows = bh * padded_length + offset + first + local
+        column = (num_heads + head) * head_dim
+        if PAIRS:
+            even, odd = normed_head_pairs(qkv_ptr, k_scale_ptr, cos, sin, batch, column, tokens, length, head_dim,
+                                          eps, stride_qkv_b, stride_qkv_l, BLOCK_D)
+            pairs = tl.arange(0, BLOCK_D // 2)
+            even = tl.where(inside, even.to(element).to(tl.float32) - tl.load(k_mean_ptr + bh * CHANNELS + 2 * pairs),
+                            0.0)
+            odd = tl.where(inside, odd.to(element).to(tl.float32) - tl.load(k_mean_ptr + bh * CHANNELS + 2 * pairs + 1),
+                           0.0)
+            amax = tl.maximum(tl.reduce(tl.reduce(tl.maximum(tl.abs(even), tl.abs(odd)), 1, _max), 0, _max), 1e-30)
+            inverse = tl.math.div_rn(tl.full([], 127.0, tl.float32), amax)
+            store_pairs(k8_ptr, rows, int8_grid(even, inverse), int8_grid(odd, inverse), BLOCK_D)
+        else:
+            k = normed_head_tile(qkv_ptr, k_scale_ptr, cos, sin, batch, column, tokens, length, head_dim, eps,
+                                 stride_qkv_b, stride_qkv_l, TILE, BLOCK_D)
+            centred = tl.where(inside, k.to(element).to(tl.float32) - tl.load(k_mean_ptr + bh * CHANNELS + dims),
+                               0.0)
+            amax = tl.maximum(tl.reduce(tl.reduce(tl.abs(centred), 1, _max), 0, _max), 1e-30)
+            inverse = tl.math.div_rn(tl.full([], 127.0, tl.float32), amax)
+            tl.store(k8_ptr + rows[:, None] * CHANNELS + dims[None, :], int8_grid(centred, inverse).to(tl.int8))
+        tl.store(k8_scale_ptr + bh * (padded_length // TILE) + (offset + first) // TILE,
+                 tl.math.div_rn(amax, tl.full([], 127.0, tl.float32)))
 
 
 @triton.jit
@@ -383,23 +369,23 @@ def frozen_sage_operands(streams: list[tuple[torch.Tensor, torch.Tensor, torch.T
                       device=device)
     factor = head_dim ** -0.5 * sa.LOG2E
     block_d = next_power_of_2(head_dim)
+    (q_tokens, q_warps, q_heads), (k_warps, k_heads), (v_tokens, v_warps) = FROZEN_Q, FROZEN_K, FROZEN_V
+    q_heads, k_heads = math.gcd(q_heads, num_heads), math.gcd(k_heads, num_heads)  # whole groups only
     for qkv, query_scale, key_scale, cos_part, sin_part, offset, stream_length in _stream_inputs(
             streams, cos, sin, batch, head_dim):
         tiles = cdiv(stream_length, sa.TOKEN_TILE)
         tables = (cos_part.stride(0), cos_part.stride(2), sin_part.stride(0), sin_part.stride(2))
-        (q_tokens, q_warps, q_heads), (k_warps, k_heads), (v_tokens, v_warps) = FROZEN_Q, FROZEN_K, FROZEN_V
-        _frozen_q_kernel[(cdiv(num_heads, q_heads), tiles * (sa.TOKEN_TILE // q_tokens), batch)](
+        _frozen_q_kernel[(num_heads // q_heads, tiles * (sa.TOKEN_TILE // q_tokens), batch)](
             qkv, query_scale, cos_part, sin_part, q8, q_scale, offset, stream_length, num_heads, head_dim, padded,
             RMS_EPS, factor, qkv.stride(0), qkv.stride(1), *tables,
             PAIRS=FROZEN_PAIRS, HEADS=q_heads, BLOCK_L=q_tokens, BLOCK_D=block_d, CHANNELS=channels,
             num_warps=q_warps,
         )
-        _frozen_k_kernel[(cdiv(num_heads, k_heads), tiles, batch)](
+        _frozen_k_kernel[(num_heads // k_heads, tiles, batch)](
             qkv, key_scale, cos_part, sin_part, statistics.k_mean, k8, k_scale, offset, stream_length, num_heads,
             head_dim, padded, RMS_EPS, qkv.stride(0), qkv.stride(1), *tables,
             PERMUTE=permute_keys, PAIRS=FROZEN_PAIRS, HEADS=k_heads, TILE=sa.TOKEN_TILE, BLOCK_D=block_d,
-            CHANNELS=channels,
-            num_warps=k_warps,
+            CHANNELS=channels, num_warps=k_warps,
         )
         _frozen_v_kernel[(num_heads, tiles * (sa.TOKEN_TILE // v_tokens), batch)](
             qkv, statistics.v_amax, v8t, offset, stream_length, num_heads, head_dim, padded, qkv.stride(0),

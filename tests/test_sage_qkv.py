@@ -1,8 +1,8 @@
 """sage8's operands made in the QK-norm + RoPE pass (kontext_kernels/sage_qkv.py) against the unfused path: the
 QK-norm + RoPE kernel, then sage_attention.quantize_operands. Bit for bit: both round the same float32 values the
 same way, and K's sums are exact float64 sums, whatever the atomics' order. (The frozen pass reading q and k as
-channel pairs sums their norms in another order: one int8 step apart at most, at rounding boundaries.) Under Triton's interpreter on the CPU
-and compiled on a GPU; fresh random projections each run.
+channel pairs sums their norms in another order: one int8 step apart at most, at rounding boundaries.) Under
+Triton's interpreter on the CPU and compiled on a GPU; fresh random projections each run.
 """
 
 from __future__ import annotations
@@ -98,9 +98,10 @@ def test_frozen_operands_equal_the_reference_with_those_statistics(device, batch
     from kontext_kernels import qk_norm_rope, sage_attention as sa, sage_qkv
 
     monkeypatch.setattr(sage_qkv, "FROZEN_PAIRS", pairs)
-    if heads == 3:  # q's and k's programs each take two heads: a whole group and a part one
-        monkeypatch.setattr(sage_qkv, "FROZEN_Q", (*sage_qkv.FROZEN_Q[:2], 2))
-        monkeypatch.setattr(sage_qkv, "FROZEN_K", (sage_qkv.FROZEN_K[0], 2))
+    # q's and k's programs asked to take two heads each: with 2 heads one program does both, with 3 the group falls
+    # to one head.
+    monkeypatch.setattr(sage_qkv, "FROZEN_Q", (*sage_qkv.FROZEN_Q[:2], 2))
+    monkeypatch.setattr(sage_qkv, "FROZEN_K", (sage_qkv.FROZEN_K[0], 2))
     stale, cos, sin = _streams(batch, lengths, heads, head_dim, device)
     stale = [(qkv.unflatten(2, (3, heads, head_dim)) * torch.tensor([1.0, 1.0, 0.3], device=device)[:, None, None])
              .flatten(2).to(qkv.dtype) for qkv, _, _ in stale]
