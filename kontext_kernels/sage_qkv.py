@@ -26,8 +26,8 @@ import torch
 
 from . import sage_attention as sa
 from .e4m3 import int8_grid, to_e4m3
-from .qk_norm_rope import (RMS_EPS, head_tile, joint_qkv_norm_rope, normed_head_pairs, normed_head_tile,
-                           normed_qkv_tile, rope_tables, store_pairs, stream_parts)
+from .qk_norm_rope import (RMS_EPS, head_tile, joint_qkv_norm_rope, normed_head_pairs, normed_qkv_tile, rope_tables,
+                           store_pairs, stream_parts)
 from .runtime import (cdiv, import_triton, interpreting, last_dim_contiguous, launches, next_power_of_2,
                       reduction_combines)
 
@@ -201,16 +201,15 @@ class FrozenStatistics(NamedTuple):
 # The frozen pass is three kernels, one per operand, each reading only its own slice of the projection: a program
 # holds one tile (not q, k and v at once), so more of them share an SM (146 against 158 us for one kernel doing all
 # three, bench/RESULTS.md 2026-12-06). k's program holds its whole 128-token tile, whose amax is its scale, and reads
-# it once. q's and k's programs can each work a group of heads for their tokens, loading the RoPE tables (float32,
-# twice q's bytes) once for the group rather than once a head (not yet timed: one head a program is the shape
-# measured; a group size that does not divide the heads falls to the largest one that does). Launch shapes: tokens
-# per program, warps, heads per program.
+# it once. q and k are read as channel pairs, one 32-bit word a pair (`qk_norm_rope.normed_head_pairs`), so RoPE
+# needs no split and join of the tile: 138 -> 123 us a call. Their norms' sums then add in another order than the
+# unfused pass's, so a value can round to the neighbouring int8. q's and k's programs can each work a group of
+# heads for their tokens, loading the RoPE tables once for the group; the group falls to the largest size that
+# divides the heads. Launch shapes (tokens per program, warps, heads per program) as timed in RESULTS.md
+# 2026-12-06 (second session).
 FROZEN_Q = (32, 4, 1)
 FROZEN_K = (4, 1)  # warps, heads per program
 FROZEN_V = (32, 4)
-# q and k read as channel pairs (`qk_norm_rope.normed_head_pairs`; not yet timed). Their norms' sums then add
-# in another order than the unfused pass's, so a value can round to the neighbouring int8.
-FROZEN_PAIRS = False
 
 
 @triton.jit
@@ -218,14 +217,12 @@ def _frozen_q_kernel(
     qkv_ptr, q_scale_ptr, cos_ptr, sin_ptr, q8_ptr, q8_scale_ptr,
     offset, length, num_heads, head_dim, padded_length, eps, factor,
     stride_qkv_b, stride_qkv_l, stride_cos_b, stride_cos_l, stride_sin_b, stride_sin_l,
-    PAIRS: tl.constexpr, HEADS: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
-    CHANNELS: tl.constexpr,
+    HEADS: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # One program per (HEADS heads, BLOCK_L tokens, batch); tokens past the stream's end up to its last 128-token
     # tile are padding, written as zero rows with the scale the unfused quantizer gives them. q is rounded to the
     # activations' dtype before it is quantized, as the unfused path stores it.
     batch = tl.program_id(2).to(tl.int64)
-    dims = tl.arange(0, BLOCK_D)
     tokens = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
     cos, sin = rope_tables(cos_ptr, sin_ptr, batch, tokens, length, head_dim, stride_cos_b, stride_cos_l,
                            stride_sin_b, stride_sin_l, BLOCK_D)
@@ -233,19 +230,12 @@ def _frozen_q_kernel(
     for group_head in tl.range(0, HEADS):
         head = tl.program_id(0) * HEADS + group_head
         rows = (batch * num_heads + head) * padded_length + (offset + tokens).to(tl.int64)
-        if PAIRS:
-            even, odd = normed_head_pairs(qkv_ptr, q_scale_ptr, cos, sin, batch, head * head_dim, tokens, length,
-                                          head_dim, eps, stride_qkv_b, stride_qkv_l, BLOCK_D)
-            even, odd = even.to(element).to(tl.float32), odd.to(element).to(tl.float32)
-            amax = tl.maximum(tl.reduce(tl.maximum(tl.abs(even), tl.abs(odd)), 1, _max), 1e-30)
-            inverse = tl.math.div_rn(tl.full([BLOCK_L], 127.0, tl.float32), amax)[:, None]
-            store_pairs(q8_ptr, rows, int8_grid(even, inverse), int8_grid(odd, inverse), BLOCK_D)
-        else:
-            q = normed_head_tile(qkv_ptr, q_scale_ptr, cos, sin, batch, head * head_dim, tokens, length, head_dim,
-                                 eps, stride_qkv_b, stride_qkv_l, BLOCK_L, BLOCK_D).to(element).to(tl.float32)
-            amax = tl.maximum(tl.reduce(tl.abs(q), 1, _max), 1e-30)
-            inverse = tl.math.div_rn(tl.full([BLOCK_L], 127.0, tl.float32), amax)[:, None]
-            tl.store(q8_ptr + rows[:, None] * CHANNELS + dims[None, :], int8_grid(q, inverse).to(tl.int8))
+        even, odd = normed_head_pairs(qkv_ptr, q_scale_ptr, cos, sin, batch, head * head_dim, tokens, length,
+                                      head_dim, eps, stride_qkv_b, stride_qkv_l, BLOCK_D)
+        even, odd = even.to(element).to(tl.float32), odd.to(element).to(tl.float32)
+        amax = tl.maximum(tl.reduce(tl.maximum(tl.abs(even), tl.abs(odd)), 1, _max), 1e-30)
+        inverse = tl.math.div_rn(tl.full([BLOCK_L], 127.0, tl.float32), amax)[:, None]
+        store_pairs(q8_ptr, rows, int8_grid(even, inverse), int8_grid(odd, inverse), BLOCK_D)
         tl.store(q8_scale_ptr + rows, tl.math.div_rn(amax, tl.full([BLOCK_L], 127.0, tl.float32)) * factor)
 
 
@@ -254,13 +244,12 @@ def _frozen_k_kernel(
     qkv_ptr, k_scale_ptr, cos_ptr, sin_ptr, k_mean_ptr, k8_ptr, k8_scale_ptr,
     offset, length, num_heads, head_dim, padded_length, eps,
     stride_qkv_b, stride_qkv_l, stride_cos_b, stride_cos_l, stride_sin_b, stride_sin_l,
-    PERMUTE: tl.constexpr, PAIRS: tl.constexpr, HEADS: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr,
-    CHANNELS: tl.constexpr,
+    PERMUTE: tl.constexpr, HEADS: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr, CHANNELS: tl.constexpr,
 ):
     # One program per (HEADS heads, 128-token tile, batch): each head's tile centred on the frozen mean (padding
     # rows zero), scaled by its own amax.
     batch = tl.program_id(2).to(tl.int64)
-    dims = tl.arange(0, BLOCK_D)
+    pairs = tl.arange(0, BLOCK_D // 2)
     first = tl.program_id(1) * TILE
     local = tl.arange(0, TILE)
     tokens = first + local
@@ -275,25 +264,14 @@ def _frozen_k_kernel(
         bh = batch * num_heads + head
         rows = bh * padded_length + offset + first + local
         column = (num_heads + head) * head_dim
-        if PAIRS:
-            even, odd = normed_head_pairs(qkv_ptr, k_scale_ptr, cos, sin, batch, column, tokens, length, head_dim,
-                                          eps, stride_qkv_b, stride_qkv_l, BLOCK_D)
-            pairs = tl.arange(0, BLOCK_D // 2)
-            even = tl.where(inside, even.to(element).to(tl.float32) - tl.load(k_mean_ptr + bh * CHANNELS + 2 * pairs),
-                            0.0)
-            odd = tl.where(inside, odd.to(element).to(tl.float32) - tl.load(k_mean_ptr + bh * CHANNELS + 2 * pairs + 1),
-                           0.0)
-            amax = tl.maximum(tl.reduce(tl.reduce(tl.maximum(tl.abs(even), tl.abs(odd)), 1, _max), 0, _max), 1e-30)
-            inverse = tl.math.div_rn(tl.full([], 127.0, tl.float32), amax)
-            store_pairs(k8_ptr, rows, int8_grid(even, inverse), int8_grid(odd, inverse), BLOCK_D)
-        else:
-            k = normed_head_tile(qkv_ptr, k_scale_ptr, cos, sin, batch, column, tokens, length, head_dim, eps,
-                                 stride_qkv_b, stride_qkv_l, TILE, BLOCK_D)
-            centred = tl.where(inside, k.to(element).to(tl.float32) - tl.load(k_mean_ptr + bh * CHANNELS + dims),
-                               0.0)
-            amax = tl.maximum(tl.reduce(tl.reduce(tl.abs(centred), 1, _max), 0, _max), 1e-30)
-            inverse = tl.math.div_rn(tl.full([], 127.0, tl.float32), amax)
-            tl.store(k8_ptr + rows[:, None] * CHANNELS + dims[None, :], int8_grid(centred, inverse).to(tl.int8))
+        even, odd = normed_head_pairs(qkv_ptr, k_scale_ptr, cos, sin, batch, column, tokens, length, head_dim, eps,
+                                      stride_qkv_b, stride_qkv_l, BLOCK_D)
+        mean = k_mean_ptr + bh * CHANNELS + 2 * pairs
+        even = tl.where(inside, even.to(element).to(tl.float32) - tl.load(mean), 0.0)
+        odd = tl.where(inside, odd.to(element).to(tl.float32) - tl.load(mean + 1), 0.0)
+        amax = tl.maximum(tl.reduce(tl.reduce(tl.maximum(tl.abs(even), tl.abs(odd)), 1, _max), 0, _max), 1e-30)
+        inverse = tl.math.div_rn(tl.full([], 127.0, tl.float32), amax)
+        store_pairs(k8_ptr, rows, int8_grid(even, inverse), int8_grid(odd, inverse), BLOCK_D)
         tl.store(k8_scale_ptr + bh * (padded_length // TILE) + (offset + first) // TILE,
                  tl.math.div_rn(amax, tl.full([], 127.0, tl.float32)))
 
@@ -325,9 +303,19 @@ def _frozen_v_kernel(
 
 def runs_frozen(streams: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], num_heads: int, fp8_pv: bool) -> bool:
     """Whether the frozen pass takes these streams: those `runs_fused` takes, with one k scale per 128 tokens (e4m3
-    P·V) and every stream but the last a whole number of 128-token tiles (a tile's k scale is one program's)."""
+    P·V), every stream but the last a whole number of 128-token tiles (a tile's k scale is one program's), and
+    16-bit projections, whose q and k the kernels read as 32-bit channel pairs."""
     return (runs_fused(streams, num_heads) and sa.default_k_rows(fp8_pv) == sa.TOKEN_TILE
+            and all(qkv.element_size() == 2 for qkv, _, _ in streams)
             and all(qkv.shape[1] % sa.TOKEN_TILE == 0 for qkv, _, _ in streams[:-1]))
+
+
+def _readable_as_pairs(qkv: torch.Tensor) -> torch.Tensor:
+    """The projection itself where its channel pairs lie in aligned 32-bit words (always, for a layer's output);
+    otherwise a compact copy of it."""
+    if qkv.stride(0) % 2 == 0 and qkv.stride(1) % 2 == 0 and qkv.data_ptr() % 4 == 0:
+        return qkv
+    return qkv.clone(memory_format=torch.contiguous_format)
 
 
 def record_sage_operands(streams: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], cos: torch.Tensor,
@@ -373,18 +361,18 @@ def frozen_sage_operands(streams: list[tuple[torch.Tensor, torch.Tensor, torch.T
     q_heads, k_heads = math.gcd(q_heads, num_heads), math.gcd(k_heads, num_heads)  # whole groups only
     for qkv, query_scale, key_scale, cos_part, sin_part, offset, stream_length in _stream_inputs(
             streams, cos, sin, batch, head_dim):
+        qkv = _readable_as_pairs(qkv)
         tiles = cdiv(stream_length, sa.TOKEN_TILE)
         tables = (cos_part.stride(0), cos_part.stride(2), sin_part.stride(0), sin_part.stride(2))
         _frozen_q_kernel[(num_heads // q_heads, tiles * (sa.TOKEN_TILE // q_tokens), batch)](
             qkv, query_scale, cos_part, sin_part, q8, q_scale, offset, stream_length, num_heads, head_dim, padded,
             RMS_EPS, factor, qkv.stride(0), qkv.stride(1), *tables,
-            PAIRS=FROZEN_PAIRS, HEADS=q_heads, BLOCK_L=q_tokens, BLOCK_D=block_d, CHANNELS=channels,
-            num_warps=q_warps,
+            HEADS=q_heads, BLOCK_L=q_tokens, BLOCK_D=block_d, num_warps=q_warps,
         )
         _frozen_k_kernel[(num_heads // k_heads, tiles, batch)](
             qkv, key_scale, cos_part, sin_part, statistics.k_mean, k8, k_scale, offset, stream_length, num_heads,
             head_dim, padded, RMS_EPS, qkv.stride(0), qkv.stride(1), *tables,
-            PERMUTE=permute_keys, PAIRS=FROZEN_PAIRS, HEADS=k_heads, TILE=sa.TOKEN_TILE, BLOCK_D=block_d,
+            PERMUTE=permute_keys, HEADS=k_heads, TILE=sa.TOKEN_TILE, BLOCK_D=block_d,
             CHANNELS=channels, num_warps=k_warps,
         )
         _frozen_v_kernel[(num_heads, tiles * (sa.TOKEN_TILE // v_tokens), batch)](
