@@ -16,7 +16,7 @@ from .placement.memory import (EDIT_TOKENS, TEXT_ENCODER_ACTIVATION_BYTES, TEXT_
 from .checkpoints.model_files import ModelFiles
 from .placement.offload import BlockOffloader
 from .pipeline import KontextPipeline
-from .presets import apply_preset_options
+from .presets import apply_preset_options, attention_refresh_for
 from .text.text_encoders import load_text_encoders
 
 
@@ -43,7 +43,7 @@ def load_pipeline(files: ModelFiles, *, dtype: str | None = None, device: str | 
                   memory: str | MemoryPlan = "auto", ae_tiling: str = "auto", cuda_graphs: bool = False,
                   compile: bool = False, loras: Sequence[tuple[LoraWeights | str | os.PathLike, float]] = (),
                   log: Callable[[str], None] | None = print, preset: str | None = None,
-                  process_group=None) -> KontextPipeline:
+                  attention_refresh: int | None = None, process_group=None) -> KontextPipeline:
     """Transformer, autoencoder and (when their files are known) the text encoders, placed on `device`.
 
     memory: "auto" chooses a plan from the device's free memory (see kontext_core.placement.memory), a plan name
@@ -63,6 +63,9 @@ def load_pipeline(files: ModelFiles, *, dtype: str | None = None, device: str | 
         vectors of a run's steps ahead of it (KontextPipeline.batched_modulation) and compiles the AE
         (Autoencoder.compile_parts); parts the device cannot run
         fall back to the exact path, each said through `log`.
+    attention_refresh: with sage8 attention, record its K mean and V amax every this-many steps and reuse them
+        between (sample_euler's `attention_statistics_refresh`; approximate); 0: every step (exact sage8). None:
+        the preset's (fast: 7), else 0.
     process_group: split each transformer step over this torch.distributed group's processes (one per GPU;
         KontextPipeline).
 
@@ -72,16 +75,20 @@ def load_pipeline(files: ModelFiles, *, dtype: str | None = None, device: str | 
     """
     device = torch.device(device)
     compile_blocks, batched_modulation, compile_autoencoder = compile, False, False
-    attention_statistics_refresh = 0
     if preset is not None:
         chosen, notes = apply_preset_options(preset, device, dtype=dtype, attention=get_attention_backend(),
-                                             compile=compile, cuda_graphs=cuda_graphs)
+                                             compile=compile, cuda_graphs=cuda_graphs,
+                                             attention_refresh=attention_refresh)
         dtype, cuda_graphs, compile_blocks = chosen["dtype"], chosen["cuda_graphs"], chosen["compile"]
         batched_modulation, compile_autoencoder = chosen["batched_modulation"], chosen["compile_autoencoder"]
         attention_statistics_refresh = chosen["attention_statistics_refresh"]
         set_attention_backend(chosen["attention"])
         for note in notes if log is not None else ():
             log(f"preset {preset}: {note}")
+    else:
+        attention_statistics_refresh, note = attention_refresh_for(get_attention_backend(), attention_refresh)
+        if note is not None and log is not None:
+            log(note)
     if cuda_graphs and device.type != "cuda":
         raise ValueError(f"CUDA graphs need a CUDA device, not {device}; drop cuda_graphs (CLI: --cuda-graphs)")
     loras = [(lora if isinstance(lora, LoraWeights) else load_lora(lora), strength) for lora, strength in loras]

@@ -174,6 +174,16 @@ def _lora_spec(spec: str) -> tuple[str, float]:
     return spec, 1.0
 
 
+def _steps_between(text: str) -> int:
+    try:
+        steps = int(text)
+    except ValueError:
+        steps = -1
+    if steps < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give 0 (every step) or a number of steps, e.g. 7")
+    return steps
+
+
 def _pipeline(args: argparse.Namespace, log=print):
     from .build import load_pipeline
 
@@ -186,6 +196,7 @@ def _pipeline(args: argparse.Namespace, log=print):
                              memory=args.memory, ae_tiling=args.ae_tiling, cuda_graphs=args.cuda_graphs,
                              compile=args.compile,
                              loras=[_lora_spec(spec) for spec in args.lora], preset=args.preset, log=log,
+                             attention_refresh=args.attention_refresh,
                              process_group="world" if getattr(args, "launch", Launch()).parallel else None)
     return pipeline, files
 
@@ -354,6 +365,10 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
                      help="attention backend; cudnn-fp8 (Hopper, nvidia-cudnn-frontend) is faster with fp8 error; "
                           "sage8 (Ampere and newer, Triton) is our int8 / fp8 attention kernel, sage8-fp16 the same "
                           "with fp16 P.V (~1%% error per call)")
+    run.add_argument("--attention-refresh", type=_steps_between, default=None, metavar="N",
+                     help="with sage8 attention: record its K mean and V amax every N steps and reuse them between "
+                          "(faster; approximate: compare with 0 on your weights, `kontext eval presets "
+                          "--presets fast+refresh=0,fast`); 0: every step (default: the preset's, fast 7; else 0)")
     run.add_argument("--cuda-graphs", action="store_true",
                      help="replay each step from a CUDA graph (CUDA only; for steps the CPU cannot launch fast enough, "
                           "e.g. fp8 with fp8 attention)")
@@ -402,7 +417,8 @@ def _preset_loader(args: argparse.Namespace, files: ModelFiles):
 
     return pipeline_loader(files, dtype=args.dtype, preset=args.preset, compile=args.compile, device=args.device,
                            allow_download=args.download, memory=args.memory, ae_tiling=args.ae_tiling,
-                           cuda_graphs=args.cuda_graphs, loras=[_lora_spec(spec) for spec in args.lora], log=_log)
+                           cuda_graphs=args.cuda_graphs, loras=[_lora_spec(spec) for spec in args.lora], log=_log,
+                           attention_refresh=args.attention_refresh)
 
 
 def _eval_compare(args: argparse.Namespace) -> int:

@@ -102,18 +102,36 @@ def _resolve(name: str, device: str | torch.device) -> tuple[RuntimePreset, dict
     return preset, notes
 
 
+def attention_refresh_for(attention: str, asked: int | None, preset_refresh: int = 0) -> tuple[int, str | None]:
+    """The period at which sage8's K mean and V amax are recorded (0: every step, the exact sage8 path) for a run
+    whose attention backend is `attention`: `asked` where the caller gave one (None: the preset's), and a line
+    saying why an asked period is dropped (only sage8 keeps statistics)."""
+    if asked is not None and (isinstance(asked, bool) or not isinstance(asked, int) or asked < 0):
+        raise ValueError(f"attention refresh {asked!r}: give 0 (statistics of every step) or a number of steps "
+                         "between recordings, e.g. 7")
+    period = preset_refresh if asked is None else asked
+    if attention == "sage8":
+        return period, None
+    note = (f"attention refresh {asked}: only sage8 attention has statistics to reuse, not {attention}; off"
+            if asked else None)
+    return 0, note
+
+
 def apply_preset_options(name: str, device: str | torch.device, *, dtype: str | None, attention: str,
-                         compile: bool, cuda_graphs: bool) -> tuple[dict, list[str]]:
+                         compile: bool, cuda_graphs: bool, attention_refresh: int | None = None,
+                         ) -> tuple[dict, list[str]]:
     """Settings asked for one by one, completed by preset `name` where they were left at their defaults
-    (dtype None, attention "auto", compile and cuda_graphs off): an explicit setting wins over the preset, and
-    a fallback of a part the caller set is not reported (the preset's part was never used)."""
+    (dtype None, attention "auto", compile and cuda_graphs off, attention_refresh None): an explicit setting wins
+    over the preset, and a fallback of a part the caller set is not reported (the preset's part was never
+    used)."""
     preset, notes = _resolve(name, device)
     chosen_by_caller = {"dtype": dtype is not None, "attention": attention != "auto", "compile": compile,
                         "cuda_graphs": cuda_graphs}
     attention = attention if attention != "auto" else preset.attention
+    # Only sage8 has statistics to keep (whoever chose it, or wherever it fell back).
+    refresh, refresh_note = attention_refresh_for(attention, attention_refresh, preset.attention_statistics_refresh)
     return (dict(dtype=dtype if dtype is not None else preset.dtype, attention=attention,
                  compile=compile or preset.compile, cuda_graphs=cuda_graphs or preset.cuda_graphs,
                  batched_modulation=preset.batched_modulation, compile_autoencoder=preset.compile_autoencoder,
-                 # Only sage8 has statistics to keep (whoever chose it, or wherever it fell back).
-                 attention_statistics_refresh=preset.attention_statistics_refresh if attention == "sage8" else 0),
-            [note for part, note in notes.items() if not chosen_by_caller[part]])
+                 attention_statistics_refresh=refresh),
+            [note for part, note in notes.items() if not chosen_by_caller[part]] + [refresh_note] * bool(refresh_note))

@@ -103,9 +103,9 @@ def Socket(name: str, type: str, *, optional: bool = False, tooltip: str | None 
 
 
 def Int(name: str, default: int, min: int, max: int, *, step: int = 1, tooltip: str | None = None,
-        control_after_generate: bool = False) -> Input:
+        control_after_generate: bool = False, optional: bool = False) -> Input:
     return Input(name, "INT", default=default, min=min, max=max, step=step, tooltip=tooltip,
-                 control_after_generate=control_after_generate)
+                 control_after_generate=control_after_generate, optional=optional)
 
 
 def Float(name: str, default: float, min: float, max: float, *, step: float = 0.01,

@@ -227,6 +227,27 @@ def test_preset_lists_parse_into_their_parts():
             parse_presets(bad)
 
 
+def test_a_refresh_part_sets_sage8s_statistics_period_over_the_base(monkeypatch):
+    # "fast+refresh=0,fast": the fast preset with and without its reused attention statistics.
+    from kontext_core import build
+    from kontext_core.evaluation import pipeline_loader
+
+    specs = parse_presets("fast+refresh=0,fast,int8+refresh=7")
+    assert [s.refresh for s in specs] == [0, None, 7] and specs[0].slug == "fast+refresh-0"
+    assert specs[0].load_options(None, None) == {"dtype": None, "preset": "fast", "attention_refresh": 0}
+    assert "refresh" not in specs[1].describe() and specs[2].describe()["refresh"] == 7
+    asked = []
+    monkeypatch.setattr(build, "load_pipeline", lambda files, **options: asked.append(options))
+    load = pipeline_loader("files", dtype="bf16", attention_refresh=3, device="cpu")
+    for spec in specs:
+        load(spec)
+    assert [options["attention_refresh"] for options in asked] == [0, 3, 7]  # the base fills what is not named
+    assert asked[2]["dtype"] == "int8" and asked[1]["preset"] == "fast" and asked[1]["device"] == "cpu"
+    for bad in ("fast+refresh=-1", "fast+refresh=often", "refresh=1+refresh=2"):
+        with pytest.raises(ValueError, match="refresh"):
+            parse_presets(bad)
+
+
 def test_one_model_at_a_time():
     # Each preset's pipeline is gone before the next one loads.
     class Pipeline:

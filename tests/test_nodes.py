@@ -358,6 +358,21 @@ def test_fast_preset_parts_reach_the_model_reference(comfy, tiny_transformer, mo
     assert resolve.pipeline(ref, vae=None).batched_modulation
     explicit = nodes.KontextModelLoader.run("tiny.safetensors", weight_dtype="fp32", preset="fast").outputs[0]
     assert explicit.dtype == "fp32" and explicit.cuda_graphs
+    # sage8's statistics period: the preset's (-1), or the one set, which reaches the pipeline.
+    assert ref.attention_statistics_refresh == fast.attention_statistics_refresh > 0
+    every_step = nodes.KontextModelLoader.run("tiny.safetensors", preset="fast", attention_refresh=0).outputs[0]
+    assert every_step.attention_statistics_refresh == 0
+    custom = nodes.KontextModelLoader.run("tiny.safetensors", attention="sage8", attention_refresh=3).outputs[0]
+    assert custom.attention_statistics_refresh == 3
+    assert resolve.pipeline(custom, vae=None).attention_statistics_refresh == 3
+
+
+def test_attention_refresh_without_sage8_is_off_and_says_so(comfy, tiny_transformer, caplog):
+    save_transformer(tiny_transformer, comfy.root / "diffusion_models" / "tiny.safetensors")
+    with caplog.at_level("WARNING"):
+        ref = nodes.KontextModelLoader.run("tiny.safetensors", attention="sdpa", attention_refresh=5).outputs[0]
+    assert ref.attention_statistics_refresh == 0
+    assert "attention refresh 5: only sage8 attention has statistics to reuse, not sdpa" in caplog.text
 
 
 def test_loader_errors_speak_to_the_person(comfy):

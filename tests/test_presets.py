@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from kontext_core import presets
-from kontext_core.presets import PRESETS, apply_preset_options, resolve_preset
+from kontext_core.presets import PRESETS, apply_preset_options, attention_refresh_for, resolve_preset
 from test_cli import models_tree  # noqa: F401  (the fixture)
 
 
@@ -51,6 +51,25 @@ def test_explicit_settings_win_over_the_preset(monkeypatch):
     assert chosen["attention"] == "sage8" and chosen["attention_statistics_refresh"] == 7
 
 
+def test_an_asked_attention_refresh_wins_over_the_preset_where_sage8_runs(monkeypatch):
+    monkeypatch.setattr(presets, "_int8_gemm_reason", lambda device: None)
+    monkeypatch.setattr(presets, "_attention_reason", lambda backend, device: None)
+    monkeypatch.setattr(presets, "_triton_available", lambda: True)
+    options = dict(dtype=None, compile=False, cuda_graphs=False)
+    for asked, expected in ((None, PRESETS["fast"].attention_statistics_refresh), (0, 0), (3, 3)):
+        chosen, notes = apply_preset_options("fast", "cuda", attention="auto", attention_refresh=asked, **options)
+        assert chosen["attention_statistics_refresh"] == expected and notes == []
+    # The caller's sdpa has no statistics: an asked period is dropped and said; an asked 0 needs no line.
+    chosen, notes = apply_preset_options("fast", "cuda", attention="sdpa", attention_refresh=3, **options)
+    assert chosen["attention_statistics_refresh"] == 0
+    assert notes == ["attention refresh 3: only sage8 attention has statistics to reuse, not sdpa; off"]
+    assert apply_preset_options("fast", "cuda", attention="sdpa", attention_refresh=0, **options)[1] == []
+    assert attention_refresh_for("sage8", None) == (0, None)  # no preset: off unless asked
+    for bad in (-1, 2.5, True, "7"):
+        with pytest.raises(ValueError, match="attention refresh .*number of steps"):
+            attention_refresh_for("sage8", bad)
+
+
 def test_fallbacks_of_parts_the_caller_set_are_not_reported():
     # On a CPU every part of fast falls back; a caller who chose the weights and the attention backend gets the
     # lines about the compiled blocks and CUDA graphs only.
@@ -84,3 +103,28 @@ def test_cli_fast_preset_on_the_cpu_says_what_fell_back_and_equals_the_exact_run
     assert "preset fast: compiled blocks and AE: need a CUDA GPU" in printed and "int8" not in printed
     assert "preset exact:" not in printed
     assert outputs["fast"] == outputs["exact"]
+
+
+def test_cli_attention_refresh_reaches_the_sampler_with_sage8(models_tree, capsys, monkeypatch):
+    from kontext_core import build, pipeline
+    from kontext_core.cli import main
+
+    tmp_path, image, common = models_tree
+    edit = ["edit", str(image), "--prompt", "a red hat", "-o", str(tmp_path / "out.png"), "--resize", "keep"]
+    with pytest.raises(SystemExit) as refused:
+        main([*edit, "--attention-refresh", "-2", *common])
+    assert refused.value.code == 2 and "--attention-refresh: '-2': give 0" in capsys.readouterr().err
+    periods = []
+    real_sample = pipeline.sample_euler
+
+    def sample(*args, attention_statistics_refresh, **kwargs):
+        periods.append(attention_statistics_refresh)
+        return real_sample(*args, attention_statistics_refresh=attention_statistics_refresh, **kwargs)
+
+    monkeypatch.setattr(pipeline, "sample_euler", sample)
+    assert main([*edit, "--attention-refresh", "3", *common]) == 0  # the CPU's exact attention: off, and said
+    assert "attention refresh 3: only sage8 attention has statistics to reuse" in capsys.readouterr().out
+    # With sage8 in effect (faked: the sampler's attention on the CPU stays exact, so the run completes).
+    monkeypatch.setattr(build, "get_attention_backend", lambda: "sage8")
+    assert main([*edit, "--attention-refresh", "3", *common]) == 0
+    assert periods == [0, 3]

@@ -6,8 +6,10 @@ command's --dtype, --preset, --cache):
 - a weight dtype: bf16, fp16, fp32, fp8, int8 (load_pipeline's dtype);
 - a runtime preset of kontext_core.presets: exact, fast (its own weights choice, attention backend, compiled
   blocks, CUDA graphs; parts the device cannot run fall back, said in the log); a dtype part beside it wins;
-- a step cache: cache=T (First-Block Cache at threshold T), cache=first-block:T, cache=teacache:T, cache=off.
-So "fp8+cache=teacache:0.4" is fp8 weights with TeaCache. Every preset gets the same prompts and seeds.
+- a step cache: cache=T (First-Block Cache at threshold T), cache=first-block:T, cache=teacache:T, cache=off;
+- sage8's statistics period: refresh=N (load_pipeline's attention_refresh; refresh=0 is the exact sage8 path).
+So "fp8+cache=teacache:0.4" is fp8 weights with TeaCache, and "fast+refresh=0,fast" judges the fast preset's
+reused attention statistics. Every preset gets the same prompts and seeds.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class PresetSpec:
     dtype: str | None = None
     runtime: str | None = None  # "exact" | "fast"
     cache: str | None = None  # a StepCache's text, or "off"
+    refresh: int | None = None  # sage8's statistics recorded every this-many steps (0: every step)
 
     @property
     def slug(self) -> str:
@@ -50,15 +53,18 @@ class PresetSpec:
     def load_options(self, base_dtype: str | None = None, base_runtime: str | None = None) -> dict[str, Any]:
         """load_pipeline's dtype and preset for this preset over the base options. A runtime preset brings its
         own weights choice, so the base dtype does not apply to it; a dtype part of this preset always wins."""
+        refresh = {} if self.refresh is None else {"attention_refresh": self.refresh}
         if self.runtime is not None:
-            return {"dtype": self.dtype, "preset": self.runtime}
-        return {"dtype": self.dtype or base_dtype, "preset": base_runtime}
+            return {"dtype": self.dtype, "preset": self.runtime, **refresh}
+        return {"dtype": self.dtype or base_dtype, "preset": base_runtime, **refresh}
 
     def settings(self, base: GenerationSettings) -> GenerationSettings:
         return base if self.cache is None else replace(base, cache=self.cache)
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "dtype": self.dtype, "runtime": self.runtime, "cache": self.cache}
+        described = {"name": self.name, "dtype": self.dtype, "runtime": self.runtime, "cache": self.cache}
+        # Only where given: bench records written before this part existed keep their ids.
+        return described if self.refresh is None else described | {"refresh": self.refresh}
 
 
 def _cache_part(value: str, preset: str) -> str:
@@ -73,6 +79,13 @@ def _cache_part(value: str, preset: str) -> str:
     except ValueError as error:
         raise ValueError(f"preset {preset!r}: {error}") from None
     return str(step_cache) if step_cache is not None else OFF
+
+
+def _refresh_part(value: str, preset: str) -> int:
+    if not value.isdigit():
+        raise ValueError(f"preset {preset!r}: refresh={value} is not a number of steps; give 0 (every step) or "
+                         "e.g. refresh=7")
+    return int(value)
 
 
 def parse_presets(text: str | Sequence[str]) -> list[PresetSpec]:
@@ -94,11 +107,14 @@ def parse_presets(text: str | Sequence[str]) -> list[PresetSpec]:
                 kind, value = "runtime", lowered
             elif lowered.startswith("cache="):
                 kind, value = "cache", _cache_part(lowered.partition("=")[2], name)
+            elif lowered.startswith("refresh="):
+                kind, value = "refresh", _refresh_part(lowered.partition("=")[2], name)
             else:
                 raise ValueError(
                     f"preset {name!r}: {part!r} is not a dtype ({', '.join(DTYPES)}), a runtime preset "
-                    f"({', '.join(PRESETS)}) or a step cache (cache=0.1, cache=first-block:0.1, "
-                    f"cache=teacache:0.4); join parts with '+', e.g. fp8+cache=0.1")
+                    f"({', '.join(PRESETS)}), a step cache (cache=0.1, cache=first-block:0.1, "
+                    f"cache=teacache:0.4) or sage8's statistics period (refresh=7); join parts with '+', e.g. "
+                    f"fp8+cache=0.1")
             if kind in parts:
                 raise ValueError(f"preset {name!r} names its {kind} twice; give one {kind} per preset")
             parts[kind] = value
@@ -116,13 +132,14 @@ Result = TypeVar("Result")
 def pipeline_loader(files, *, dtype: str | None = None, preset: str | None = None, compile: bool = False,
                     **load_kwargs: Any) -> PipelineLoader:
     """A loader building each preset's pipeline from `files` (ModelFiles) with load_pipeline; dtype and preset
-    are the base options a preset's parts replace; load_kwargs go to load_pipeline as they are (device,
-    memory, loras, log...). compile: compile the blocks where the preset has not already."""
+    (and an attention_refresh among load_kwargs) are the base options a preset's parts replace; the other
+    load_kwargs go to load_pipeline as they are (device, memory, loras, log...). compile: compile the blocks where
+    the preset has not already."""
     from ..build import load_pipeline
 
     def load(spec: PresetSpec) -> KontextPipeline:
         options = spec.load_options(dtype, preset)
-        return load_pipeline(files, dtype=options["dtype"], preset=options["preset"], compile=compile, **load_kwargs)
+        return load_pipeline(files, compile=compile, **(load_kwargs | options))
 
     return load
 
