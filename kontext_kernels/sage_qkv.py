@@ -332,6 +332,25 @@ def record_sage_operands(streams: list[tuple[torch.Tensor, torch.Tensor, torch.T
     return operands, FrozenStatistics.of(k_sum, v_amax, k.shape[2])
 
 
+def empty_operands(batch: int, num_heads: int, length: int, head_dim: int, fp8_pv: bool,
+                   statistics: FrozenStatistics, permute_keys: bool, device: torch.device) -> sa.Operands:
+    """sage8's operand buffers of a joint sequence, for the frozen pass (or the projection's GEMM,
+    sage_projection_hopper) to fill: one k scale per 128 tokens, V's scale the recorded one."""
+    channels, padded = sa.padded_head_dim(head_dim), sa.padded_tokens(length)
+    expected = (batch, num_heads, channels)
+    if any(tuple(tensor.shape) != expected for tensor in statistics):
+        raise ValueError(f"frozen statistics of shape {tuple(statistics.k_mean.shape)} for operands {expected}: "
+                         "record them again for this batch and model")
+    q8 = torch.empty((batch, num_heads, padded, channels), dtype=torch.int8, device=device)
+    q_scale = torch.empty((batch, num_heads, padded), dtype=torch.float32, device=device)
+    k8 = torch.empty((batch, num_heads, padded, channels), dtype=torch.int8, device=device)
+    k_scale = torch.empty((batch, num_heads, padded // sa.TOKEN_TILE), dtype=torch.float32, device=device)
+    v8t = torch.empty((batch, num_heads, channels, padded), dtype=torch.float8_e4m3fn if fp8_pv else torch.float16,
+                      device=device)
+    return sa.Operands(q8, q_scale, k8, k_scale, v8t, statistics.v_scale, length, length, head_dim, sa.Q_ROWS,
+                       sa.TOKEN_TILE, permute_keys)
+
+
 def frozen_sage_operands(streams: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], cos: torch.Tensor,
                          sin: torch.Tensor, num_heads: int, fp8_pv: bool, statistics: FrozenStatistics,
                          permute_keys: bool | None = None) -> sa.Operands:
@@ -345,16 +364,8 @@ def frozen_sage_operands(streams: list[tuple[torch.Tensor, torch.Tensor, torch.T
     channels, padded = sa.padded_head_dim(head_dim), sa.padded_tokens(length)
     if permute_keys is None:
         permute_keys = sa.hopper_kernel_takes(device, fp8_pv, sa.Q_ROWS, sa.TOKEN_TILE, head_dim)
-    expected = (batch, num_heads, channels)
-    if any(tuple(tensor.shape) != expected for tensor in statistics):
-        raise ValueError(f"frozen statistics of shape {tuple(statistics.k_mean.shape)} for operands {expected}: "
-                         "record them again for this batch and model")
-    q8 = torch.empty((batch, num_heads, padded, channels), dtype=torch.int8, device=device)
-    q_scale = torch.empty((batch, num_heads, padded), dtype=torch.float32, device=device)
-    k8 = torch.empty((batch, num_heads, padded, channels), dtype=torch.int8, device=device)
-    k_scale = torch.empty((batch, num_heads, padded // sa.TOKEN_TILE), dtype=torch.float32, device=device)
-    v8t = torch.empty((batch, num_heads, channels, padded), dtype=torch.float8_e4m3fn if fp8_pv else torch.float16,
-                      device=device)
+    operands = empty_operands(batch, num_heads, length, head_dim, fp8_pv, statistics, permute_keys, device)
+    q8, q_scale, k8, k_scale, v8t = operands[:5]
     factor = head_dim ** -0.5 * sa.LOG2E
     block_d = next_power_of_2(head_dim)
     (q_tokens, q_warps, q_heads), (k_warps, k_heads), (v_tokens, v_warps) = FROZEN_Q, FROZEN_K, FROZEN_V
@@ -381,5 +392,4 @@ def frozen_sage_operands(streams: list[tuple[torch.Tensor, torch.Tensor, torch.T
             CHANNELS=channels, num_warps=v_warps,
         )
     launches["frozen_sage_qkv"] += 1
-    return sa.Operands(q8, q_scale, k8, k_scale, v8t, statistics.v_scale, length, length, head_dim, sa.Q_ROWS,
-                       sa.TOKEN_TILE, permute_keys)
+    return operands
