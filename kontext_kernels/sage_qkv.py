@@ -112,7 +112,10 @@ def _stream_inputs(streams: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 def runs_fused(streams: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], num_heads: int) -> bool:
     """Whether the fused pass takes these streams: head dims whose pair count the kernel tiles (as the plain
     kernel's), and a padded channel count equal to the tile's (head dims of 32 and more)."""
-    head_dim = streams[0][0].shape[-1] // (3 * num_heads)
+    return takes_head_dim(streams[0][0].shape[-1] // (3 * num_heads))
+
+
+def takes_head_dim(head_dim: int) -> bool:
     return head_dim % 2 == 0 and next_power_of_2(head_dim) == sa.padded_head_dim(head_dim)
 
 
@@ -305,9 +308,15 @@ def runs_frozen(streams: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], 
     """Whether the frozen pass takes these streams: those `runs_fused` takes, with one k scale per 128 tokens (e4m3
     P·V), every stream but the last a whole number of 128-token tiles (a tile's k scale is one program's), and
     16-bit projections, whose q and k the kernels read as 32-bit channel pairs."""
-    return (runs_fused(streams, num_heads) and sa.default_k_rows(fp8_pv) == sa.TOKEN_TILE
-            and all(qkv.element_size() == 2 for qkv, _, _ in streams)
-            and all(qkv.shape[1] % sa.TOKEN_TILE == 0 for qkv, _, _ in streams[:-1]))
+    first = streams[0][0]
+    return frozen_shapes(first.shape[-1] // (3 * num_heads), [qkv.shape[1] for qkv, _, _ in streams],
+                         first.element_size(), fp8_pv) and all(qkv.dtype == first.dtype for qkv, _, _ in streams)
+
+
+def frozen_shapes(head_dim: int, lengths: list[int], element_size: int, fp8_pv: bool) -> bool:
+    """`runs_frozen`'s conditions on the streams' shapes and element size alone."""
+    return (takes_head_dim(head_dim) and sa.default_k_rows(fp8_pv) == sa.TOKEN_TILE and element_size == 2
+            and all(length % sa.TOKEN_TILE == 0 for length in lengths[:-1]))
 
 
 def _readable_as_pairs(qkv: torch.Tensor) -> torch.Tensor:

@@ -17,8 +17,9 @@ import pytest
 import torch
 
 from attention_cases import assert_operands_close
-from conftest import sass_of, spills
+from conftest import eight_bit_kernels, sass_of, spills
 from kontext_kernels import int8_gemm_hopper, sage_projection_hopper, sage_qkv
+from kontext_kernels.runtime import triton_available
 
 needs_gluon = pytest.mark.skipif(not int8_gemm_hopper.gluon_available(),
                                  reason="this Triton has no Gluon with Hopper warp specialisation")
@@ -95,3 +96,83 @@ def test_streams_it_does_not_take():
         assert not sage_projection_hopper.takes(data, weight, 2, 128 + 64, 0)
         assert not sage_projection_hopper.takes(data, weight, 2, 256, 64)
         assert not sage_projection_hopper.takes(data, weight, 3, 256, 0)  # fewer columns than 3 heads' q, k, v
+
+
+@pytest.fixture(params=["interpreter", "cuda"])
+def eight_bit_device(request):
+    if not triton_available():
+        pytest.skip("needs Triton (pip install triton==3.6.0)")
+    if request.param == "cuda" and not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)):
+        pytest.skip("needs a CUDA GPU with fp8 tensor cores (sage8's e4m3 P·V)")
+    with eight_bit_kernels(request.param) as device:
+        yield device
+
+
+def _whole_tile_edit_args(device: str, context_in_dim: int, vec_in_dim: int) -> tuple:
+    """`velocity` arguments whose streams are whole 128-token tiles: 128 text tokens, a 32x16 target and a 32x16
+    context (128 tokens each), so that every projection can write the operands."""
+    from conftest import fresh_generator
+    from kontext_core import context_tokens, pack_latent, position_ids
+
+    generator = fresh_generator()
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator).to(device, torch.bfloat16)
+
+    img, ids = pack_latent(randn(1, 16, 32, 16)), position_ids(32, 16, batch=1, device=device)
+    ctx, ctx_ids = context_tokens([randn(1, 16, 32, 16)], (32, 16), "kontext")
+    return (img, ids, randn(1, 128, context_in_dim), torch.zeros(1, 128, 3, device=device),
+            torch.rand(1, device=device), randn(1, vec_in_dim), torch.full((1,), 2.5, device=device), ctx, ctx_ids)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_the_int8_model_projects_into_the_frozen_attention(eight_bit_device, head_dim, monkeypatch):
+    # An int8 model with sage8's frozen statistics: each block's q/k/v projections and its attention go through one
+    # op, kontext::sage_frozen_projected_attention. Where the GEMM cannot write the operands (the interpreter, a head
+    # dim other than 128) the op projects and attends as the separate layers do: the same velocity bit for bit. On
+    # Hopper at head dim 128 the GEMM writes them: the velocity within the int8 steps' rounding of it.
+    from conftest import randomize_
+    from kontext_core import KontextTransformer, TransformerConfig, set_attention_backend
+    from kontext_core.compute import attention, quant
+
+    device = eight_bit_device
+    if device == "cpu" and head_dim == 128:
+        pytest.skip("under the interpreter head dim 64 covers the same path (no GEMM writes operands there)")
+    config = TransformerConfig.tiny(depth=1, depth_single_blocks=1, hidden_size=2 * head_dim,
+                                    axes_dim=(8, 28, 28) if head_dim == 64 else (16, 56, 56))
+    model = quant.quantize_model(randomize_(KontextTransformer(config), seed=5).to(device, torch.bfloat16).eval(),
+                                 torch.int8)
+    first = _whole_tile_edit_args(device, config.context_in_dim, config.vec_in_dim)
+    later = (first[0] + 0.1 * torch.randn(first[0].shape).to(first[0]),) + first[1:]
+    monkeypatch.setattr(attention, "PROJECTION_WRITES_OPERANDS", True)
+    asked = []
+    real_takes = sage_projection_hopper.takes
+    monkeypatch.setattr(sage_projection_hopper, "takes", lambda *args: asked.append(args) or real_takes(*args))
+
+    def record_then_reuse() -> torch.Tensor:
+        attention.forget_frozen_statistics()
+        with attention.frozen_statistics("record"):
+            model.velocity(*first)
+        with attention.frozen_statistics("reuse"):
+            return model.velocity(*later)
+
+    previous = attention.get_attention_backend()
+    try:
+        set_attention_backend("sage8")
+        with torch.no_grad():
+            projected = record_then_reuse()
+            blocks_asked = len(asked)
+            monkeypatch.setattr(attention, "PROJECTION_WRITES_OPERANDS", False)  # the separate layers
+            separate = record_then_reuse()
+    finally:
+        set_attention_backend(previous)
+        attention.forget_frozen_statistics()
+    assert blocks_asked >= 2  # each block's op asked whether its GEMMs could write the operands
+    writes = all(real_takes(*args) for args in asked)
+    if writes:
+        assert (projected.double() - separate.double()).norm() <= 5e-3 * separate.double().norm()
+    else:
+        assert torch.equal(projected, separate)
+    if device == "cuda" and head_dim == 128 and int8_gemm_hopper.gluon_available() \
+            and torch.cuda.get_device_capability() == (9, 0):
+        assert writes  # on Hopper the kernel ran
