@@ -65,54 +65,6 @@ def _loader(data_desc, weight_desc, data_ring, weight_ring, ready, free, M, N, K
             filled += 1
 
 
-@gluon.constexpr_function
-def accumulator_layout(warps):
-    # 8-bit wgmma: m16 x n x k32 per warp, n at most 224 for integers; the tile's columns in 128-wide pieces.
-    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[warps, 1], instr_shape=[16, 128, 32])
-
-
-@gluon.jit
-def scaled_tile(acc, pid_m, pid_n, scale_ptr, weight_scale_ptr, bias_ptr, M, N, HAS_BIAS: gl.constexpr,
-                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, layout: gl.constexpr):
-    """The product tile in float32: acc * scale[m] * weight_scale[n] (+ bias[n])."""
-    offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
-    offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
-    row_scale = gl.load(scale_ptr + offs_m, mask=offs_m < M, other=0.0)
-    column_scale = gl.load(weight_scale_ptr + offs_n, mask=offs_n < N, other=0.0)
-    out = acc.to(gl.float32) * gl.expand_dims(row_scale, 1) * gl.expand_dims(column_scale, 0)
-    if HAS_BIAS:
-        bias = gl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(gl.float32)
-        out = out + gl.expand_dims(bias, 0)
-    return out
-
-
-@gluon.jit
-def accumulate_tile(data_ring, weight_ring, ready, free, turns, mine, k_tiles, WHICH: gl.constexpr,
-                    BLOCK_N: gl.constexpr, layout: gl.constexpr):
-    """A consumer's main loop for its `mine`-th tile of the program: the int32 product of the stages the loader
-    fills, taken in turn with the other consumer; every stage goes back to the loader."""
-    BLOCK_M: gl.constexpr = data_ring.type.shape[1]
-    STAGES: gl.constexpr = data_ring.type.shape[0]
-    taken = mine * k_tiles  # ring slots used by the program's earlier tiles
-    # My turn: the other consumer has seen all its stages arrive (the first consumer's first wait is on the
-    # barrier's initial, completed phase).
-    mbarrier.wait(turns.index(WHICH), ((mine // 2) & 1) ^ (1 - WHICH))
-    acc = gl.zeros((BLOCK_M, BLOCK_N), gl.int32, layout)
-    for ki in range(k_tiles):
-        slot = taken + ki
-        stage = slot % STAGES
-        mbarrier.wait(ready.index(stage), (slot // STAGES) & 1)
-        acc = warpgroup_mma(data_ring.index(stage), weight_ring.index(stage).permute((1, 0)), acc,
-                            use_acc=ki > 0, is_async=True)
-        # One wgmma in flight: the previous one has read its stage, which goes back to the loader.
-        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
-        mbarrier.arrive(free.index((slot + STAGES - 1) % STAGES), pred=ki > 0)
-    mbarrier.arrive(turns.index(1 - WHICH))  # its main loop may start while this one's last MMA drains
-    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-    mbarrier.arrive(free.index((taken + k_tiles - 1) % STAGES))
-    return acc
-
-
 @gluon.jit
 def _consumer(data_ring, weight_ring, ready, free, turns, loaded, out_desc, out_buffers, scale_ptr, weight_scale_ptr,
               bias_ptr, residual_desc, gate_ptr, rows_per_batch, gate_stride, M, N, K, HAS_BIAS: gl.constexpr,
@@ -121,7 +73,10 @@ def _consumer(data_ring, weight_ring, ready, free, turns, loaded, out_desc, out_
     BLOCK_M: gl.constexpr = out_desc.block_type.shape[0]
     BLOCK_N: gl.constexpr = out_desc.block_type.shape[1]
     BLOCK_K: gl.constexpr = data_ring.type.shape[2]
-    layout: gl.constexpr = accumulator_layout(WARPS)
+    STAGES: gl.constexpr = data_ring.type.shape[0]
+    # 8-bit wgmma: m16 x n x k32 per warp, n at most 224 for integers; the tile's columns in 128-wide pieces.
+    layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
+                                                     instr_shape=[16, 128, 32])
     rows_layout: gl.constexpr = gl.SliceLayout(1, layout)
     columns_layout: gl.constexpr = gl.SliceLayout(0, layout)
     out_buffer = out_buffers.index(WHICH)
@@ -132,12 +87,32 @@ def _consumer(data_ring, weight_ring, ready, free, turns, loaded, out_desc, out_
     for tile in range(gl.program_id(0), tiles, gl.num_programs(0)):
         if mine % 2 == WHICH:
             pid_m, pid_n = _tile_coordinates(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-            acc = accumulate_tile(data_ring, weight_ring, ready, free, turns, mine, k_tiles, WHICH, BLOCK_N, layout)
+            taken = mine * k_tiles  # ring slots used by the program's earlier tiles
+            # My turn: the other consumer has seen all its stages arrive (the first consumer's first wait is on
+            # the barrier's initial, completed phase).
+            mbarrier.wait(turns.index(WHICH), ((mine // 2) & 1) ^ (1 - WHICH))
+            acc = gl.zeros((BLOCK_M, BLOCK_N), gl.int32, layout)
+            for ki in range(k_tiles):
+                slot = taken + ki
+                stage = slot % STAGES
+                mbarrier.wait(ready.index(stage), (slot // STAGES) & 1)
+                acc = warpgroup_mma(data_ring.index(stage), weight_ring.index(stage).permute((1, 0)), acc,
+                                    use_acc=ki > 0, is_async=True)
+                # One wgmma in flight: the previous one has read its stage, which goes back to the loader.
+                acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+                mbarrier.arrive(free.index((slot + STAGES - 1) % STAGES), pred=ki > 0)
+            mbarrier.arrive(turns.index(1 - WHICH))  # its main loop may start while this one's last MMA drains
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            mbarrier.arrive(free.index((taken + k_tiles - 1) % STAGES))
 
-            out = scaled_tile(acc, pid_m, pid_n, scale_ptr, weight_scale_ptr, bias_ptr, M, N, HAS_BIAS, BLOCK_M,
-                              BLOCK_N, layout)
             offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=rows_layout)
             offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=columns_layout)
+            row_scale = gl.load(scale_ptr + offs_m, mask=offs_m < M, other=0.0)
+            column_scale = gl.load(weight_scale_ptr + offs_n, mask=offs_n < N, other=0.0)
+            out = acc.to(gl.float32) * gl.expand_dims(row_scale, 1) * gl.expand_dims(column_scale, 0)
+            if HAS_BIAS:
+                bias = gl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(gl.float32)
+                out = out + gl.expand_dims(bias, 0)
             # This consumer's previous store must have left the buffer before it is written again.
             tma.store_wait(pendings=0)
             if RESIDUAL:

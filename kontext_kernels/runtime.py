@@ -79,7 +79,7 @@ def _inert_triton() -> tuple[SimpleNamespace, SimpleNamespace]:
             return args[0]
         return lambda fn: fn
 
-    triton = SimpleNamespace(jit=decorator, autotune=decorator, heuristics=decorator, constexpr_function=decorator,
+    triton = SimpleNamespace(jit=decorator, autotune=decorator, heuristics=decorator,
                              Config=lambda *args, **kwargs: None)
     language = SimpleNamespace(constexpr=None)
     return triton, language

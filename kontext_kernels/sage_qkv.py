@@ -112,10 +112,7 @@ def _stream_inputs(streams: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 def runs_fused(streams: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], num_heads: int) -> bool:
     """Whether the fused pass takes these streams: head dims whose pair count the kernel tiles (as the plain
     kernel's), and a padded channel count equal to the tile's (head dims of 32 and more)."""
-    return takes_head_dim(streams[0][0].shape[-1] // (3 * num_heads))
-
-
-def takes_head_dim(head_dim: int) -> bool:
+    head_dim = streams[0][0].shape[-1] // (3 * num_heads)
     return head_dim % 2 == 0 and next_power_of_2(head_dim) == sa.padded_head_dim(head_dim)
 
 
@@ -308,15 +305,9 @@ def runs_frozen(streams: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], 
     """Whether the frozen pass takes these streams: those `runs_fused` takes, with one k scale per 128 tokens (e4m3
     P·V), every stream but the last a whole number of 128-token tiles (a tile's k scale is one program's), and
     16-bit projections, whose q and k the kernels read as 32-bit channel pairs."""
-    first = streams[0][0]
-    return frozen_shapes(first.shape[-1] // (3 * num_heads), [qkv.shape[1] for qkv, _, _ in streams],
-                         first.element_size(), fp8_pv) and all(qkv.dtype == first.dtype for qkv, _, _ in streams)
-
-
-def frozen_shapes(head_dim: int, lengths: list[int], element_size: int, fp8_pv: bool) -> bool:
-    """`runs_frozen`'s conditions on the streams' shapes and element size alone."""
-    return (takes_head_dim(head_dim) and sa.default_k_rows(fp8_pv) == sa.TOKEN_TILE and element_size == 2
-            and all(length % sa.TOKEN_TILE == 0 for length in lengths[:-1]))
+    return (runs_fused(streams, num_heads) and sa.default_k_rows(fp8_pv) == sa.TOKEN_TILE
+            and all(qkv.element_size() == 2 for qkv, _, _ in streams)
+            and all(qkv.shape[1] % sa.TOKEN_TILE == 0 for qkv, _, _ in streams[:-1]))
 
 
 def _readable_as_pairs(qkv: torch.Tensor) -> torch.Tensor:
@@ -341,25 +332,6 @@ def record_sage_operands(streams: list[tuple[torch.Tensor, torch.Tensor, torch.T
     return operands, FrozenStatistics.of(k_sum, v_amax, k.shape[2])
 
 
-def empty_operands(batch: int, num_heads: int, length: int, head_dim: int, fp8_pv: bool,
-                   statistics: FrozenStatistics, permute_keys: bool, device: torch.device) -> sa.Operands:
-    """sage8's operand buffers of a joint sequence, for the frozen pass (or the projection's GEMM,
-    sage_projection_hopper) to fill: one k scale per 128 tokens, V's scale the recorded one."""
-    channels, padded = sa.padded_head_dim(head_dim), sa.padded_tokens(length)
-    expected = (batch, num_heads, channels)
-    if any(tuple(tensor.shape) != expected for tensor in statistics):
-        raise ValueError(f"frozen statistics of shape {tuple(statistics.k_mean.shape)} for operands {expected}: "
-                         "record them again for this batch and model")
-    q8 = torch.empty((batch, num_heads, padded, channels), dtype=torch.int8, device=device)
-    q_scale = torch.empty((batch, num_heads, padded), dtype=torch.float32, device=device)
-    k8 = torch.empty((batch, num_heads, padded, channels), dtype=torch.int8, device=device)
-    k_scale = torch.empty((batch, num_heads, padded // sa.TOKEN_TILE), dtype=torch.float32, device=device)
-    v8t = torch.empty((batch, num_heads, channels, padded), dtype=torch.float8_e4m3fn if fp8_pv else torch.float16,
-                      device=device)
-    return sa.Operands(q8, q_scale, k8, k_scale, v8t, statistics.v_scale, length, length, head_dim, sa.Q_ROWS,
-                       sa.TOKEN_TILE, permute_keys)
-
-
 def frozen_sage_operands(streams: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], cos: torch.Tensor,
                          sin: torch.Tensor, num_heads: int, fp8_pv: bool, statistics: FrozenStatistics,
                          permute_keys: bool | None = None) -> sa.Operands:
@@ -373,8 +345,16 @@ def frozen_sage_operands(streams: list[tuple[torch.Tensor, torch.Tensor, torch.T
     channels, padded = sa.padded_head_dim(head_dim), sa.padded_tokens(length)
     if permute_keys is None:
         permute_keys = sa.hopper_kernel_takes(device, fp8_pv, sa.Q_ROWS, sa.TOKEN_TILE, head_dim)
-    operands = empty_operands(batch, num_heads, length, head_dim, fp8_pv, statistics, permute_keys, device)
-    q8, q_scale, k8, k_scale, v8t = operands[:5]
+    expected = (batch, num_heads, channels)
+    if any(tuple(tensor.shape) != expected for tensor in statistics):
+        raise ValueError(f"frozen statistics of shape {tuple(statistics.k_mean.shape)} for operands {expected}: "
+                         "record them again for this batch and model")
+    q8 = torch.empty((batch, num_heads, padded, channels), dtype=torch.int8, device=device)
+    q_scale = torch.empty((batch, num_heads, padded), dtype=torch.float32, device=device)
+    k8 = torch.empty((batch, num_heads, padded, channels), dtype=torch.int8, device=device)
+    k_scale = torch.empty((batch, num_heads, padded // sa.TOKEN_TILE), dtype=torch.float32, device=device)
+    v8t = torch.empty((batch, num_heads, channels, padded), dtype=torch.float8_e4m3fn if fp8_pv else torch.float16,
+                      device=device)
     factor = head_dim ** -0.5 * sa.LOG2E
     block_d = next_power_of_2(head_dim)
     (q_tokens, q_warps, q_heads), (k_warps, k_heads), (v_tokens, v_warps) = FROZEN_Q, FROZEN_K, FROZEN_V
@@ -401,4 +381,5 @@ def frozen_sage_operands(streams: list[tuple[torch.Tensor, torch.Tensor, torch.T
             CHANNELS=channels, num_warps=v_warps,
         )
     launches["frozen_sage_qkv"] += 1
-    return operands
+    return sa.Operands(q8, q_scale, k8, k_scale, v8t, statistics.v_scale, length, length, head_dim, sa.Q_ROWS,
+                       sa.TOKEN_TILE, permute_keys)

@@ -9,20 +9,16 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from torch import nn
-
 from . import fp8_attention as _fp8
 from . import fused, ops
-from .quant import QuantizedLinear, QuantizedRows, linear_rows
 
 try:  # kontext_kernels/ may be missing or broken (then sage_attention is unavailable and says why)
     from kontext_kernels import runtime as _kernel_runtime
     from kontext_kernels import sage_attention as _sage
     from kontext_kernels import sage_qkv as _sage_qkv
-    from kontext_kernels import sage_projection_hopper as _sage_projection
     _SAGE_IMPORT_ERROR = None
 except Exception as error:  # pragma: no cover
-    _kernel_runtime = _sage = _sage_qkv = _sage_projection = None
+    _kernel_runtime = _sage = _sage_qkv = None
     _SAGE_IMPORT_ERROR = f"{type(error).__name__}: {error}"
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "math", "flash-attn", "cudnn-fp8", "sage8", "sage8-fp16")
@@ -187,10 +183,6 @@ def sequence_parallel_scope(layout):
 # same operands bit for bit, two passes fewer over q, k and v. Off until timed on a GPU against the separate passes
 # (bench_step's +fusedqkv); a plain flag, which torch.compile guards on.
 FUSED_SAGE_QKV = False
-# With frozen statistics, the int8 q/k/v projections' GEMMs writing sage8's operands themselves
-# (`projected_joint_attention`). Off until it has run on a Hopper GPU (tests/test_sage_projection_hopper.py) and been
-# timed against the projection plus the frozen pass (bench/sage_projection_probe.py).
-PROJECTION_WRITES_OPERANDS = False
 
 
 # sage8 with frozen statistics (kontext_kernels/sage_qkv.py): "record" quantizes as the unfused path does and keeps
@@ -358,103 +350,6 @@ if _sage_qkv is not None:
     ops.define("sage_frozen_attention(Tensor[] qkvs, Tensor[] query_scales, Tensor[] key_scales, Tensor cos, "
                "Tensor sin, int num_heads, bool record) -> Tensor", _sage_frozen_attention_op,
                _sage_frozen_fake_output)
-
-
-def projected_joint_attention(projections: list[tuple[nn.Module, QuantizedRows, nn.Module, nn.Module]],
-                              cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
-                              qkv_columns: int) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
-    """`joint_attention` of streams whose q, k, v are the first `qkv_columns` of int8 projections: (layer, rows,
-    query_norm, key_norm) each, layer(rows) [B, L_i, N_i]. With sage8's frozen statistics in use, the projections'
-    GEMMs write sage8's operands themselves where they can (kontext_kernels/sage_projection_hopper.py): returns the
-    attention [B, sum L_i, H*D] and the products (only their columns past q, k, v are written there). None where
-    this path does not apply: the caller projects and calls `joint_attention`."""
-    if not _projection_writes_operands(projections, num_heads, qkv_columns):
-        return None
-    layers = [layer for layer, _, _, _ in projections]
-    outs = torch.ops.kontext.sage_frozen_projected_attention(
-        [rows.data for _, rows, _, _ in projections], [rows.scale for _, rows, _, _ in projections],
-        [layer.weight for layer in layers], [layer.weight_scale for layer in layers],
-        [layer.bias for layer in layers], [query.scale for _, _, query, _ in projections],
-        [key.scale for _, _, _, key in projections], cos, sin, num_heads, qkv_columns, layers[0].compute_dtype,
-        _statistics_mode == "record")
-    batch, heads, length, head_dim = outs[0].shape
-    return outs[0].transpose(1, 2).reshape(batch, length, heads * head_dim), list(outs[1:])
-
-
-def _projection_writes_operands(projections, num_heads: int, qkv_columns: int) -> bool:
-    """Whether `projected_joint_attention` runs: the frozen statistics on (as `joint_attention` takes them), and
-    plain int8 layers (no LoRA on the fly, no hooks) over int8 rows of 16-bit activations."""
-    if not (PROJECTION_WRITES_OPERANDS and _statistics_mode != "off" and _backend == "sage8"
-            and _sage_projection is not None and _sequence_layout is None):
-        return False
-    first_rows = projections[0][1]
-    if not (isinstance(first_rows, QuantizedRows) and fused.qk_kernel_active(first_rows.data)
-            and _sage.fp8_tensor_cores(first_rows.data.device)):
-        return False
-    for layer, rows, _, _ in projections:
-        if not (isinstance(layer, QuantizedLinear) and layer.weight.dtype == torch.int8
-                and isinstance(rows, QuantizedRows) and rows.data.dtype == torch.int8
-                and fused.lora_factors(layer) is None and not fused.hooked(layer)):
-            return False
-    lengths = [rows.data.shape[1] for _, rows, _, _ in projections]
-    return _sage_qkv.frozen_shapes(qkv_columns // (3 * num_heads), lengths, projections[0][0].compute_dtype.itemsize,
-                                   fp8_pv=True)
-
-
-def _sage_frozen_projected_attention_op(datas: list[torch.Tensor], data_scales: list[torch.Tensor],
-                                        weights: list[torch.Tensor], weight_scales: list[torch.Tensor],
-                                        biases: list[torch.Tensor | None], query_scales: list[torch.Tensor],
-                                        key_scales: list[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor,
-                                        num_heads: int, qkv_columns: int, dtype: torch.dtype,
-                                        record: bool) -> list[torch.Tensor]:
-    first = datas[0]
-    batch = first.shape[0]
-    lengths = [data.shape[1] for data in datas]
-    offsets = [sum(lengths[:index]) for index in range(len(lengths))]
-    key = (query_scales[0].data_ptr(), first.device, batch, num_heads, qkv_columns)  # as _sage_frozen_attention_op's
-    kept = _frozen.get(key)
-    rows = [data.reshape(-1, data.shape[-1]) for data in datas]
-    if (record or kept is None
-            or not all(_sage_projection.takes(data, weight, num_heads, length, offset)
-                       for data, weight, length, offset in zip(rows, weights, lengths, offsets))):
-        products = [linear_rows(QuantizedRows(data, scale), weight, weight_scale, bias, dtype)
-                    for data, scale, weight, weight_scale, bias in zip(datas, data_scales, weights, weight_scales,
-                                                                         biases)]
-        attended = _sage_frozen_attention_op([product[..., :qkv_columns] for product in products], query_scales,
-                                             key_scales, cos, sin, num_heads, record)
-        return [attended, *products]
-    head_dim = qkv_columns // (3 * num_heads)
-    with torch.cuda.device(first.device):
-        permute = _sage.hopper_kernel_takes(first.device, True, _sage.Q_ROWS, _sage.TOKEN_TILE, head_dim)
-        operands = _sage_qkv.empty_operands(batch, num_heads, sum(lengths), head_dim, True, kept, permute,
-                                            first.device)
-        products = []
-        for data, scale, weight, weight_scale, bias, query, key_scale, length, offset in zip(
-                rows, data_scales, weights, weight_scales, biases, query_scales, key_scales, lengths, offsets):
-            product = _sage_projection.project_to_operands(
-                data, scale.reshape(-1).float(), weight, weight_scale.float().reshape(-1), bias, operands, kept,
-                query, key_scale, cos[:, :, offset:offset + length], sin[:, :, offset:offset + length], num_heads,
-                length, offset, dtype)
-            products.append(product.view(batch, length, -1))
-        return [_sage.attend(operands, dtype), *products]
-
-
-def _sage_frozen_projected_fake_output(datas, data_scales, weights, weight_scales, biases, query_scales, key_scales,
-                                       cos, sin, num_heads: int, qkv_columns: int, dtype: torch.dtype,
-                                       record: bool) -> list[torch.Tensor]:
-    first = datas[0]
-    length = sum(data.shape[1] for data in datas)
-    head_dim = qkv_columns // (3 * num_heads)
-    attended = first.new_empty((first.shape[0], length, num_heads, head_dim), dtype=dtype).transpose(1, 2)
-    return [attended, *(data.new_empty((*data.shape[:-1], weight.shape[0]), dtype=dtype)
-                        for data, weight in zip(datas, weights))]
-
-
-if _sage_projection is not None:
-    ops.define("sage_frozen_projected_attention(Tensor[] datas, Tensor[] data_scales, Tensor[] weights, "
-               "Tensor[] weight_scales, Tensor?[] biases, Tensor[] query_scales, Tensor[] key_scales, Tensor cos, "
-               "Tensor sin, int num_heads, int qkv_columns, ScalarType dtype, bool record) -> Tensor[]",
-               _sage_frozen_projected_attention_op, _sage_frozen_projected_fake_output)
 
 
 # On Hopper, cuDNN's fused attention runs FLUX's shapes at about twice the rate of PyTorch's flash

@@ -327,20 +327,14 @@ def mlp_hidden(x: torch.Tensor | QuantizedRows, up: nn.Module, down: nn.Module) 
 
 
 def parallel_attention_mlp(x: torch.Tensor | QuantizedRows, linear1: nn.Module, linear2: nn.Module, split: int,
-                           attend, attend_projection=None) -> torch.Tensor | QuantizedRows | ColumnParts:
+                           attend) -> torch.Tensor | QuantizedRows | ColumnParts:
     """The single block's middle: y = linear1(x); [attend(y[..., :split]), GELU(tanh)(y[..., split:])] as
     linear2's input: 8-bit rows for an 8-bit linear2, the two parts unconcatenated where cuBLAS runs linear2,
-    else their concatenation. attend_projection(linear1, x), where given and not None, is (the attention, y)
-    made at once (attention.projected_joint_attention): y's first `split` columns are then not needed."""
+    else their concatenation."""
     if isinstance(x, QuantizedRows):
-        projected = attend_projection(linear1, x) if attend_projection is not None else None
-        if projected is not None:
-            attended, product = projected
-            mlp = product[..., split:]
-        else:
-            # One 8-bit GEMM; the attention and the quantizing concat read their parts of it as strided views.
-            qkv, mlp = linear(linear1, x).split([split, linear1.out_features - split], dim=-1)
-            attended = attend(qkv)
+        # One 8-bit GEMM; the attention and the quantizing concat read their parts of it as strided views.
+        qkv, mlp = linear(linear1, x).split([split, linear1.out_features - split], dim=-1)
+        attended = attend(qkv)
         form = _row_format(linear2, attended)
         if form is not None:
             return QuantizedRows(*torch.ops.kontext.concat_gelu_quantize_rows(attended, mlp, lora_columns(linear2),

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..compute import fused
-from ..compute.attention import joint_attention, projected_joint_attention
+from ..compute.attention import joint_attention
 from ..compute.fused import apply_rope, layer_norm  # noqa: F401  (part of this module's vocabulary)
 from ..compute.quant import QuantizedRows
 
@@ -159,16 +159,10 @@ class DoubleStreamBlock(nn.Module):
         text_length = txt.shape[1]
 
         # Text tokens come first in the joint sequence, as in the reference.
-        projections = [(stream.qkv, mod.input_for(stream.qkv, x), stream.norm.query_norm, stream.norm.key_norm)
-                       for stream, mod, x in ((self.txt_attn, txt_attn_mod, txt), (self.img_attn, img_attn_mod, img))]
-        projected = projected_joint_attention(projections, rope.cos, rope.sin, self.num_heads,
-                                              self.img_attn.qkv.out_features)
-        if projected is not None:  # the projections' GEMMs made the attention's operands themselves
-            joint, _ = projected
-        else:
-            streams = [(fused.linear(layer, rows), query_norm, key_norm)
-                       for layer, rows, query_norm, key_norm in projections]
-            joint = joint_attention(streams, rope.cos, rope.sin, self.num_heads)
+        streams = [(fused.linear(stream.qkv, mod.input_for(stream.qkv, x)), stream.norm.query_norm,
+                    stream.norm.key_norm)
+                   for stream, mod, x in ((self.txt_attn, txt_attn_mod, txt), (self.img_attn, img_attn_mod, img))]
+        joint = joint_attention(streams, rope.cos, rope.sin, self.num_heads)
         txt_out, img_out = joint[:, :text_length], joint[:, text_length:]
 
         img = fused.gated_residual(img, img_attn_mod.gate, img_out, self.img_attn.proj)
@@ -212,13 +206,8 @@ class SingleStreamBlock(nn.Module):
             return joint_attention([(qkv, self.norm.query_norm, self.norm.key_norm)], rope.cos, rope.sin,
                                    self.num_heads)
 
-        def attend_projection(layer: nn.Module, rows) -> tuple[torch.Tensor, torch.Tensor] | None:
-            projected = projected_joint_attention([(layer, rows, self.norm.query_norm, self.norm.key_norm)],
-                                                  rope.cos, rope.sin, self.num_heads, 3 * self.hidden_size)
-            return None if projected is None else (projected[0], projected[1][0])
-
         hidden = fused.parallel_attention_mlp(mod.input_for(self.linear1, x), self.linear1, self.linear2,
-                                              3 * self.hidden_size, attend, attend_projection)
+                                              3 * self.hidden_size, attend)
         return fused.gated_residual(x, mod.gate, hidden, self.linear2)
 
 
