@@ -2,7 +2,7 @@
 
     python3 bench/sage_quant_breakdown.py          # on a CUDA GPU: one attention call of a 1024² edit (8704 tokens)
     python3 bench/sage_quant_breakdown.py --fused 64x8 32x8   # and the fused pass (kontext_kernels/sage_qkv.py)
-    python3 bench/sage_quant_breakdown.py --frozen 32x4x1:4x1:32x4 32x4x2:4x2:32x4   # and the pass with frozen statistics
+    python3 bench/sage_quant_breakdown.py --frozen 32x4:4:32x4 64x4:8:64x4   # and the pass with frozen statistics
     TRITON_INTERPRET=1 python3 bench/sage_quant_breakdown.py --tiny   # on a CPU: that it runs
 
 The QK-norm + RoPE kernel writes q, k, v in bf16; sage8's quantization (kontext_kernels/sage_attention.py) then
@@ -63,9 +63,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--fused", nargs="*", default=[], metavar="TOKENSxWARPS",
                         help="also time sage_qkv's fused pass at these tiles (tokens per program x warps)")
-    parser.add_argument("--frozen", nargs="*", default=[], metavar="QxWARPSxHEADS:KWARPSxHEADS:VxWARPS",
+    parser.add_argument("--frozen", nargs="*", default=[], metavar="QxWARPS:KWARPS:VxWARPS",
                         help="also time sage_qkv's pass with frozen statistics at these launch shapes: q's tokens "
-                             "per program x warps x heads per program, k's warps x heads, v's tokens x warps")
+                             "per program x warps, k's warps, v's tokens x warps")
     args = parser.parse_args()
 
     config = TransformerConfig.tiny() if args.tiny else TransformerConfig()
@@ -122,7 +122,7 @@ def main() -> None:
     for shape in args.frozen:
         q_shape, k_shape, v_shape = shape.split(":")
         sage_qkv.FROZEN_Q = tuple(map(int, q_shape.split("x")))
-        sage_qkv.FROZEN_K = tuple(map(int, k_shape.split("x")))
+        sage_qkv.FROZEN_K_WARPS = int(k_shape)
         sage_qkv.FROZEN_V = tuple(map(int, v_shape.split("x")))
         frozen = kernel_times(lambda: sage_qkv.frozen_sage_operands([(qkv, q_scale, k_scale)], cos, sin, heads, fp8_pv,
                                                                     statistics), args.repeats)

@@ -130,8 +130,10 @@ def apply_preset_options(name: str, device: str | torch.device, *, dtype: str | 
     attention = attention if attention != "auto" else preset.attention
     # Only sage8 has statistics to keep (whoever chose it, or wherever it fell back).
     refresh, refresh_note = attention_refresh_for(attention, attention_refresh, preset.attention_statistics_refresh)
+    said = [note for part, note in notes.items() if not chosen_by_caller[part]]
+    if refresh_note is not None:
+        said.append(refresh_note)
     return (dict(dtype=dtype if dtype is not None else preset.dtype, attention=attention,
                  compile=compile or preset.compile, cuda_graphs=cuda_graphs or preset.cuda_graphs,
                  batched_modulation=preset.batched_modulation, compile_autoencoder=preset.compile_autoencoder,
-                 attention_statistics_refresh=refresh),
-            [note for part, note in notes.items() if not chosen_by_caller[part]] + [refresh_note] * bool(refresh_note))
+                 attention_statistics_refresh=refresh), said)

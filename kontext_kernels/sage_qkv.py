@@ -19,7 +19,6 @@ rest. k's one scale per 128 tokens is the tile's own amax: k's programs each hol
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -203,13 +202,11 @@ class FrozenStatistics(NamedTuple):
 # three, bench/RESULTS.md 2026-12-06). k's program holds its whole 128-token tile, whose amax is its scale, and reads
 # it once. q and k are read as channel pairs, one 32-bit word a pair (`qk_norm_rope.normed_head_pairs`), so RoPE
 # needs no split and join of the tile: 138 -> 123 us a call. Their norms' sums then add in another order than the
-# unfused pass's, so a value can round to the neighbouring int8. q's and k's programs can each work a group of
-# heads for their tokens, loading the RoPE tables once for the group; the group falls to the largest size that
-# divides the heads. Launch shapes (tokens per program, warps, heads per program) as timed in RESULTS.md
-# 2026-12-06 (second session).
-FROZEN_Q = (32, 4, 1)
-FROZEN_K = (4, 1)  # warps, heads per program
-FROZEN_V = (32, 4)
+# unfused pass's, so a value can round to the neighbouring int8. One head a program: programs working 2 or 4 heads
+# (the RoPE tables read once for them) took k from 52 to 74-77 us (RESULTS.md, 2026-12-06, second session).
+FROZEN_Q = (32, 4)  # tokens a program, warps
+FROZEN_K_WARPS = 4  # a program holds one 128-token tile
+FROZEN_V = (32, 4)  # tokens a program, warps
 
 
 @triton.jit
@@ -217,26 +214,25 @@ def _frozen_q_kernel(
     qkv_ptr, q_scale_ptr, cos_ptr, sin_ptr, q8_ptr, q8_scale_ptr,
     offset, length, num_heads, head_dim, padded_length, eps, factor,
     stride_qkv_b, stride_qkv_l, stride_cos_b, stride_cos_l, stride_sin_b, stride_sin_l,
-    HEADS: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    # One program per (HEADS heads, BLOCK_L tokens, batch); tokens past the stream's end up to its last 128-token
+    # One program per (head, BLOCK_L tokens, batch); tokens past the stream's end up to its last 128-token
     # tile are padding, written as zero rows with the scale the unfused quantizer gives them. q is rounded to the
     # activations' dtype before it is quantized, as the unfused path stores it.
+    head = tl.program_id(0)
     batch = tl.program_id(2).to(tl.int64)
     tokens = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
     cos, sin = rope_tables(cos_ptr, sin_ptr, batch, tokens, length, head_dim, stride_cos_b, stride_cos_l,
                            stride_sin_b, stride_sin_l, BLOCK_D)
     element = qkv_ptr.dtype.element_ty
-    for group_head in tl.range(0, HEADS):
-        head = tl.program_id(0) * HEADS + group_head
-        rows = (batch * num_heads + head) * padded_length + (offset + tokens).to(tl.int64)
-        even, odd = normed_head_pairs(qkv_ptr, q_scale_ptr, cos, sin, batch, head * head_dim, tokens, length,
-                                      head_dim, eps, stride_qkv_b, stride_qkv_l, BLOCK_D)
-        even, odd = even.to(element).to(tl.float32), odd.to(element).to(tl.float32)
-        amax = tl.maximum(tl.reduce(tl.maximum(tl.abs(even), tl.abs(odd)), 1, _max), 1e-30)
-        inverse = tl.math.div_rn(tl.full([BLOCK_L], 127.0, tl.float32), amax)[:, None]
-        store_pairs(q8_ptr, rows, int8_grid(even, inverse), int8_grid(odd, inverse), BLOCK_D)
-        tl.store(q8_scale_ptr + rows, tl.math.div_rn(amax, tl.full([BLOCK_L], 127.0, tl.float32)) * factor)
+    rows = (batch * num_heads + head) * padded_length + (offset + tokens).to(tl.int64)
+    even, odd = normed_head_pairs(qkv_ptr, q_scale_ptr, cos, sin, batch, head * head_dim, tokens, length, head_dim,
+                                  eps, stride_qkv_b, stride_qkv_l, BLOCK_D)
+    even, odd = even.to(element).to(tl.float32), odd.to(element).to(tl.float32)
+    amax = tl.maximum(tl.reduce(tl.maximum(tl.abs(even), tl.abs(odd)), 1, _max), 1e-30)
+    inverse = tl.math.div_rn(tl.full([BLOCK_L], 127.0, tl.float32), amax)[:, None]
+    store_pairs(q8_ptr, rows, int8_grid(even, inverse), int8_grid(odd, inverse), BLOCK_D)
+    tl.store(q8_scale_ptr + rows, tl.math.div_rn(amax, tl.full([BLOCK_L], 127.0, tl.float32)) * factor)
 
 
 @triton.jit
@@ -244,10 +240,11 @@ def _frozen_k_kernel(
     qkv_ptr, k_scale_ptr, cos_ptr, sin_ptr, k_mean_ptr, k8_ptr, k8_scale_ptr,
     offset, length, num_heads, head_dim, padded_length, eps,
     stride_qkv_b, stride_qkv_l, stride_cos_b, stride_cos_l, stride_sin_b, stride_sin_l,
-    PERMUTE: tl.constexpr, HEADS: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr, CHANNELS: tl.constexpr,
+    PERMUTE: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr, CHANNELS: tl.constexpr,
 ):
-    # One program per (HEADS heads, 128-token tile, batch): each head's tile centred on the frozen mean (padding
+    # One program per (head, 128-token tile, batch): the head's tile centred on the frozen mean (padding
     # rows zero), scaled by its own amax.
+    head = tl.program_id(0)
     batch = tl.program_id(2).to(tl.int64)
     pairs = tl.arange(0, BLOCK_D // 2)
     first = tl.program_id(1) * TILE
@@ -259,21 +256,19 @@ def _frozen_k_kernel(
     if PERMUTE:  # the Hopper kernel's key order (sage_attention.key_positions)
         local = (local & 0x71) | ((local & 0x2) << 2) | ((local & 0xC) >> 1)
     element = qkv_ptr.dtype.element_ty
-    for group_head in tl.range(0, HEADS):
-        head = tl.program_id(0) * HEADS + group_head
-        bh = batch * num_heads + head
-        rows = bh * padded_length + offset + first + local
-        column = (num_heads + head) * head_dim
-        even, odd = normed_head_pairs(qkv_ptr, k_scale_ptr, cos, sin, batch, column, tokens, length, head_dim, eps,
-                                      stride_qkv_b, stride_qkv_l, BLOCK_D)
-        mean = k_mean_ptr + bh * CHANNELS + 2 * pairs
-        even = tl.where(inside, even.to(element).to(tl.float32) - tl.load(mean), 0.0)
-        odd = tl.where(inside, odd.to(element).to(tl.float32) - tl.load(mean + 1), 0.0)
-        amax = tl.maximum(tl.reduce(tl.reduce(tl.maximum(tl.abs(even), tl.abs(odd)), 1, _max), 0, _max), 1e-30)
-        inverse = tl.math.div_rn(tl.full([], 127.0, tl.float32), amax)
-        store_pairs(k8_ptr, rows, int8_grid(even, inverse), int8_grid(odd, inverse), BLOCK_D)
-        tl.store(k8_scale_ptr + bh * (padded_length // TILE) + (offset + first) // TILE,
-                 tl.math.div_rn(amax, tl.full([], 127.0, tl.float32)))
+    bh = batch * num_heads + head
+    rows = bh * padded_length + offset + first + local
+    column = (num_heads + head) * head_dim
+    even, odd = normed_head_pairs(qkv_ptr, k_scale_ptr, cos, sin, batch, column, tokens, length, head_dim, eps,
+                                  stride_qkv_b, stride_qkv_l, BLOCK_D)
+    mean = k_mean_ptr + bh * CHANNELS + 2 * pairs
+    even = tl.where(inside, even.to(element).to(tl.float32) - tl.load(mean), 0.0)
+    odd = tl.where(inside, odd.to(element).to(tl.float32) - tl.load(mean + 1), 0.0)
+    amax = tl.maximum(tl.reduce(tl.reduce(tl.maximum(tl.abs(even), tl.abs(odd)), 1, _max), 0, _max), 1e-30)
+    inverse = tl.math.div_rn(tl.full([], 127.0, tl.float32), amax)
+    store_pairs(k8_ptr, rows, int8_grid(even, inverse), int8_grid(odd, inverse), BLOCK_D)
+    tl.store(k8_scale_ptr + bh * (padded_length // TILE) + (offset + first) // TILE,
+             tl.math.div_rn(amax, tl.full([], 127.0, tl.float32)))
 
 
 @triton.jit
@@ -357,23 +352,22 @@ def frozen_sage_operands(streams: list[tuple[torch.Tensor, torch.Tensor, torch.T
                       device=device)
     factor = head_dim ** -0.5 * sa.LOG2E
     block_d = next_power_of_2(head_dim)
-    (q_tokens, q_warps, q_heads), (k_warps, k_heads), (v_tokens, v_warps) = FROZEN_Q, FROZEN_K, FROZEN_V
-    q_heads, k_heads = math.gcd(q_heads, num_heads), math.gcd(k_heads, num_heads)  # whole groups only
+    (q_tokens, q_warps), (v_tokens, v_warps) = FROZEN_Q, FROZEN_V
     for qkv, query_scale, key_scale, cos_part, sin_part, offset, stream_length in _stream_inputs(
             streams, cos, sin, batch, head_dim):
         qkv = _readable_as_pairs(qkv)
         tiles = cdiv(stream_length, sa.TOKEN_TILE)
         tables = (cos_part.stride(0), cos_part.stride(2), sin_part.stride(0), sin_part.stride(2))
-        _frozen_q_kernel[(num_heads // q_heads, tiles * (sa.TOKEN_TILE // q_tokens), batch)](
+        _frozen_q_kernel[(num_heads, tiles * (sa.TOKEN_TILE // q_tokens), batch)](
             qkv, query_scale, cos_part, sin_part, q8, q_scale, offset, stream_length, num_heads, head_dim, padded,
             RMS_EPS, factor, qkv.stride(0), qkv.stride(1), *tables,
-            HEADS=q_heads, BLOCK_L=q_tokens, BLOCK_D=block_d, num_warps=q_warps,
+            BLOCK_L=q_tokens, BLOCK_D=block_d, num_warps=q_warps,
         )
-        _frozen_k_kernel[(num_heads // k_heads, tiles, batch)](
+        _frozen_k_kernel[(num_heads, tiles, batch)](
             qkv, key_scale, cos_part, sin_part, statistics.k_mean, k8, k_scale, offset, stream_length, num_heads,
             head_dim, padded, RMS_EPS, qkv.stride(0), qkv.stride(1), *tables,
-            PERMUTE=permute_keys, HEADS=k_heads, TILE=sa.TOKEN_TILE, BLOCK_D=block_d,
-            CHANNELS=channels, num_warps=k_warps,
+            PERMUTE=permute_keys, TILE=sa.TOKEN_TILE, BLOCK_D=block_d, CHANNELS=channels,
+            num_warps=FROZEN_K_WARPS,
         )
         _frozen_v_kernel[(num_heads, tiles * (sa.TOKEN_TILE // v_tokens), batch)](
             qkv, statistics.v_amax, v8t, offset, stream_length, num_heads, head_dim, padded, qkv.stride(0),
