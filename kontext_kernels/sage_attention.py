@@ -132,6 +132,12 @@ def key_positions(tokens: torch.Tensor) -> torch.Tensor:
     return (tokens & 0x71) | ((tokens & 0x2) << 2) | ((tokens & 0xC) >> 1)
 
 
+@triton.jit
+def key_rows_in_tile(local):
+    """`key_positions` inside a kernel: the row of its 128-key tile where token `local` of the tile is stored."""
+    return (local & 0x71) | ((local & 0x2) << 2) | ((local & 0xC) >> 1)
+
+
 def _reorder_key_rows(k8: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     batch, heads, length, channels = k8.shape
     tiles = k8.view(batch, heads, length // TOKEN_TILE, TOKEN_TILE, channels)
@@ -449,8 +455,7 @@ def _quantize_int8_kernel(x_ptr, k_mean_ptr, out_ptr, scale_ptr, heads, length, 
     values = int8_grid(x, inverse_rows[:, None]).to(tl.int8)
     if PERMUTE:
         local = tl.arange(0, TILE)
-        out_rows = bh.to(tl.int64) * padded_length + tile * TILE + ((local & 0x71) | ((local & 0x2) << 2)
-                                                                    | ((local & 0xC) >> 1))
+        out_rows = bh.to(tl.int64) * padded_length + tile * TILE + key_rows_in_tile(local)
     else:
         out_rows = bh.to(tl.int64) * padded_length + rows
     tl.store(out_ptr + out_rows[:, None] * BLOCK_D + cols[None, :], values)

@@ -240,7 +240,7 @@ def _frozen_k_kernel(
     qkv_ptr, k_scale_ptr, cos_ptr, sin_ptr, k_mean_ptr, k8_ptr, k8_scale_ptr,
     offset, length, num_heads, head_dim, padded_length, eps,
     stride_qkv_b, stride_qkv_l, stride_cos_b, stride_cos_l, stride_sin_b, stride_sin_l,
-    PERMUTE: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr, CHANNELS: tl.constexpr,
+    PERMUTE: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # One program per (head, 128-token tile, batch): the head's tile centred on the frozen mean (padding
     # rows zero), scaled by its own amax.
@@ -253,15 +253,15 @@ def _frozen_k_kernel(
     inside = (tokens < length)[:, None]
     cos, sin = rope_tables(cos_ptr, sin_ptr, batch, tokens, length, head_dim, stride_cos_b, stride_cos_l,
                            stride_sin_b, stride_sin_l, BLOCK_D)
-    if PERMUTE:  # the Hopper kernel's key order (sage_attention.key_positions)
-        local = (local & 0x71) | ((local & 0x2) << 2) | ((local & 0xC) >> 1)
+    if PERMUTE:  # the Hopper kernel's key order
+        local = sa.key_rows_in_tile(local)
     element = qkv_ptr.dtype.element_ty
     bh = batch * num_heads + head
     rows = bh * padded_length + offset + first + local
     column = (num_heads + head) * head_dim
     even, odd = normed_head_pairs(qkv_ptr, k_scale_ptr, cos, sin, batch, column, tokens, length, head_dim, eps,
                                   stride_qkv_b, stride_qkv_l, BLOCK_D)
-    mean = k_mean_ptr + bh * CHANNELS + 2 * pairs
+    mean = k_mean_ptr + bh * BLOCK_D + 2 * pairs
     even = tl.where(inside, even.to(element).to(tl.float32) - tl.load(mean), 0.0)
     odd = tl.where(inside, odd.to(element).to(tl.float32) - tl.load(mean + 1), 0.0)
     amax = tl.maximum(tl.reduce(tl.reduce(tl.maximum(tl.abs(even), tl.abs(odd)), 1, _max), 0, _max), 1e-30)
@@ -274,10 +274,9 @@ def _frozen_k_kernel(
 @triton.jit
 def _frozen_v_kernel(
     qkv_ptr, v_amax_ptr, v8t_ptr, offset, length, num_heads, head_dim, padded_length, stride_qkv_b, stride_qkv_l,
-    FP8: tl.constexpr, EXACT_ROUNDING: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
-    CHANNELS: tl.constexpr,
+    EXACT_ROUNDING: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    # One program per (head, BLOCK_L tokens, batch): v over its frozen per-channel scale, transposed
+    # One program per (head, BLOCK_L tokens, batch): v over its frozen per-channel scale to e4m3, transposed
     # ([B, H, D_pad, L_pad]).
     head = tl.program_id(0)
     batch = tl.program_id(2).to(tl.int64)
@@ -287,13 +286,10 @@ def _frozen_v_kernel(
     v = head_tile(qkv_ptr, batch, (2 * num_heads + head) * head_dim, tokens, length, head_dim, stride_qkv_b,
                   stride_qkv_l, BLOCK_D).to(tl.float32)
     # As sage_attention's V kernel: one IEEE division per channel, then a multiply per value.
-    v_inverse = tl.math.div_rn(tl.full([BLOCK_D], 448.0, tl.float32), tl.load(v_amax_ptr + bh * CHANNELS + dims))
-    if FP8:
-        v_values = to_e4m3(v, v_inverse[None, :], EXACT_ROUNDING)
-    else:
-        v_values = tl.minimum(tl.maximum(v * v_inverse[None, :], -448.0), 448.0).to(tl.float16)
+    v_inverse = tl.math.div_rn(tl.full([BLOCK_D], 448.0, tl.float32), tl.load(v_amax_ptr + bh * BLOCK_D + dims))
     rows = (offset + tokens).to(tl.int64)
-    tl.store(v8t_ptr + (bh * CHANNELS + dims)[None, :].to(tl.int64) * padded_length + rows[:, None], v_values)
+    tl.store(v8t_ptr + (bh * BLOCK_D + dims)[None, :].to(tl.int64) * padded_length + rows[:, None],
+             to_e4m3(v, v_inverse[None, :], EXACT_ROUNDING))
 
 
 def runs_frozen(streams: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], num_heads: int, fp8_pv: bool) -> bool:
@@ -328,18 +324,19 @@ def record_sage_operands(streams: list[tuple[torch.Tensor, torch.Tensor, torch.T
 
 
 def frozen_sage_operands(streams: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], cos: torch.Tensor,
-                         sin: torch.Tensor, num_heads: int, fp8_pv: bool, statistics: FrozenStatistics,
+                         sin: torch.Tensor, num_heads: int, statistics: FrozenStatistics,
                          permute_keys: bool | None = None) -> sa.Operands:
-    """sage8's operands of the streams' joint sequence in one pass, quantized with frozen `statistics` [B, H, D_pad]:
-    what `sage_attention.quantize_operands_reference(statistics=statistics.reference_statistics())` makes of
-    `qk_norm_rope.joint_qkv_norm_rope`'s q, k, v. `runs_frozen` must hold."""
+    """sage8's operands (e4m3 P·V) of the streams' joint sequence in one pass, quantized with frozen `statistics`
+    [B, H, D_pad]: what `sage_attention.quantize_operands_reference(fp8_pv=True,
+    statistics=statistics.reference_statistics())` makes of `qk_norm_rope.joint_qkv_norm_rope`'s q, k, v.
+    `runs_frozen(..., fp8_pv=True)` must hold."""
     first = streams[0][0]
     batch, device = first.shape[0], first.device
     head_dim = first.shape[-1] // (3 * num_heads)
     length = sum(qkv.shape[1] for qkv, _, _ in streams)
     channels, padded = sa.padded_head_dim(head_dim), sa.padded_tokens(length)
     if permute_keys is None:
-        permute_keys = sa.hopper_kernel_takes(device, fp8_pv, sa.Q_ROWS, sa.TOKEN_TILE, head_dim)
+        permute_keys = sa.hopper_kernel_takes(device, True, sa.Q_ROWS, sa.TOKEN_TILE, head_dim)
     expected = (batch, num_heads, channels)
     if any(tuple(tensor.shape) != expected for tensor in statistics):
         raise ValueError(f"frozen statistics of shape {tuple(statistics.k_mean.shape)} for operands {expected}: "
@@ -348,8 +345,7 @@ def frozen_sage_operands(streams: list[tuple[torch.Tensor, torch.Tensor, torch.T
     q_scale = torch.empty((batch, num_heads, padded), dtype=torch.float32, device=device)
     k8 = torch.empty((batch, num_heads, padded, channels), dtype=torch.int8, device=device)
     k_scale = torch.empty((batch, num_heads, padded // sa.TOKEN_TILE), dtype=torch.float32, device=device)
-    v8t = torch.empty((batch, num_heads, channels, padded), dtype=torch.float8_e4m3fn if fp8_pv else torch.float16,
-                      device=device)
+    v8t = torch.empty((batch, num_heads, channels, padded), dtype=torch.float8_e4m3fn, device=device)
     factor = head_dim ** -0.5 * sa.LOG2E
     block_d = next_power_of_2(head_dim)
     (q_tokens, q_warps), (v_tokens, v_warps) = FROZEN_Q, FROZEN_V
@@ -366,13 +362,11 @@ def frozen_sage_operands(streams: list[tuple[torch.Tensor, torch.Tensor, torch.T
         _frozen_k_kernel[(num_heads, tiles, batch)](
             qkv, key_scale, cos_part, sin_part, statistics.k_mean, k8, k_scale, offset, stream_length, num_heads,
             head_dim, padded, RMS_EPS, qkv.stride(0), qkv.stride(1), *tables,
-            PERMUTE=permute_keys, TILE=sa.TOKEN_TILE, BLOCK_D=block_d, CHANNELS=channels,
-            num_warps=FROZEN_K_WARPS,
+            PERMUTE=permute_keys, TILE=sa.TOKEN_TILE, BLOCK_D=block_d, num_warps=FROZEN_K_WARPS,
         )
         _frozen_v_kernel[(num_heads, tiles * (sa.TOKEN_TILE // v_tokens), batch)](
             qkv, statistics.v_amax, v8t, offset, stream_length, num_heads, head_dim, padded, qkv.stride(0),
-            qkv.stride(1), FP8=fp8_pv, EXACT_ROUNDING=interpreting(), BLOCK_L=v_tokens, BLOCK_D=block_d,
-            CHANNELS=channels, num_warps=v_warps,
+            qkv.stride(1), EXACT_ROUNDING=interpreting(), BLOCK_L=v_tokens, BLOCK_D=block_d, num_warps=v_warps,
         )
     launches["frozen_sage_qkv"] += 1
     return sa.Operands(q8, q_scale, k8, k_scale, v8t, statistics.v_scale, length, length, head_dim, sa.Q_ROWS,

@@ -107,7 +107,7 @@ def test_frozen_operands_match_the_reference_with_those_statistics(device, batch
     assert saturated > 0  # the clamp is exercised
     for permute in (False, True):
         before = launches["frozen_sage_qkv"]
-        frozen = sage_qkv.frozen_sage_operands(streams, cos, sin, heads, True, statistics, permute_keys=permute)
+        frozen = sage_qkv.frozen_sage_operands(streams, cos, sin, heads, statistics, permute_keys=permute)
         assert launches["frozen_sage_qkv"] == before + 1
         reference = sa.quantize_operands_reference(q, k, v, fp8_pv=True, permute_keys=permute,
                                                    statistics=statistics.reference_statistics())
@@ -129,7 +129,7 @@ def test_recording_gives_the_unfused_operands_and_their_statistics(device):
         assert torch.equal(mine, theirs), name
     # Statistics of the very tokens being quantized: only V's scale differs from the unfused operands (V_MARGIN),
     # up to the channel pairs' last-bit rounding in q and k.
-    frozen = sage_qkv.frozen_sage_operands(streams, cos, sin, heads, True, statistics, permute_keys=True)
+    frozen = sage_qkv.frozen_sage_operands(streams, cos, sin, heads, statistics, permute_keys=True)
     assert_operands_close(frozen._replace(v8t=operands.v8t, v_scale=operands.v_scale), operands)
 
 
@@ -143,7 +143,7 @@ def test_frozen_attention_stays_within_sage8s_bound_on_a_later_step(device):
     earlier, cos, sin = _streams(1, (128, 200), heads, head_dim, device)
     later = [(qkv + (0.2 * torch.randn(qkv.shape)).to(qkv), q_scale, k_scale) for qkv, q_scale, k_scale in earlier]
     _, statistics = sage_qkv.record_sage_operands(earlier, cos, sin, heads, fp8_pv=True)
-    out = sa.attend(sage_qkv.frozen_sage_operands(later, cos, sin, heads, True, statistics), torch.bfloat16)
+    out = sa.attend(sage_qkv.frozen_sage_operands(later, cos, sin, heads, statistics), torch.bfloat16)
     q, k, v = qk_norm_rope.joint_qkv_norm_rope(later, cos, sin, heads)
     exact = exact_attention(q, k, v)
     assert (out.double() - exact).norm() <= FP8_BOUND * exact.norm()
@@ -170,8 +170,8 @@ def test_frozen_pass_takes_a_projection_that_starts_mid_word(device):
     (qkv, *scales), last = streams
     shifted = torch.empty(qkv.numel() + 1, dtype=qkv.dtype, device=device)[1:].view(qkv.shape).copy_(qkv)
     assert shifted.storage_offset() == 1
-    aligned = sage_qkv.frozen_sage_operands(streams, cos, sin, 2, True, statistics)
-    assert_operands_equal(sage_qkv.frozen_sage_operands([(shifted, *scales), last], cos, sin, 2, True, statistics),
+    aligned = sage_qkv.frozen_sage_operands(streams, cos, sin, 2, statistics)
+    assert_operands_equal(sage_qkv.frozen_sage_operands([(shifted, *scales), last], cos, sin, 2, statistics),
                           aligned)
 
 

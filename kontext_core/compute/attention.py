@@ -338,7 +338,7 @@ def _sage_frozen_attention_op(qkvs: list[torch.Tensor], query_scales: list[torch
             else:
                 kept.copy_(statistics)
         else:
-            operands = _sage_qkv.frozen_sage_operands(streams, cos, sin, num_heads, True, kept)
+            operands = _sage_qkv.frozen_sage_operands(streams, cos, sin, num_heads, kept)
         return _sage.attend(operands, first.dtype)
 
 
