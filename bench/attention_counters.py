@@ -56,7 +56,6 @@ def launch_kernel(heads: int = 24, length: int = 8704, head_dim: int = 128, laun
 def time_variants(variants: list[str], heads: int = 24, length: int = 8704, head_dim: int = 128) -> None:
     """Median ms of the kernel with each set of launch keywords ('name=value,...'; '' for the default), each timed
     twice, interleaved, so that the spread of a repeat shows beside the differences."""
-    import torch
     import triton
 
     from kontext_kernels import sage_attention_hopper as hopper_kernel
@@ -68,12 +67,23 @@ def time_variants(variants: list[str], heads: int = 24, length: int = 8704, head
         for variant in variants:
             keywords = {name: int(value) if value.lstrip("-").isdigit() else value == "True"
                         for name, value in (part.split("=") for part in variant.split(",") if part)}
-            times[variant].append(triton.testing.do_bench(lambda keywords=keywords: hopper_kernel.launch(operands, out, **keywords),
-                                                          warmup=100, rep=500, return_mode="median"))
-    torch.cuda.synchronize()
-    print("| launch keywords | ms (two runs) | TFLOP/s |\n| --- | ---: | ---: |")
+            times[variant].append(triton.testing.do_bench(
+                lambda keywords=keywords: hopper_kernel.launch(operands, out, **keywords),
+                warmup=100, rep=500, return_mode="median"))
+    outputs = {}
+    for variant in variants:
+        keywords = {name: int(value) if value.lstrip("-").isdigit() else value == "True"
+                    for name, value in (part.split("=") for part in variant.split(",") if part)}
+        out.fill_(float("nan"))
+        hopper_kernel.launch(operands, out, **keywords)
+        outputs[variant] = out.float().clone()
+    first = outputs[variants[0]]
+    print(f"| launch keywords | ms (two runs) | TFLOP/s | rel. L2 vs {variants[0] or 'default'!r} |\n"
+          "| --- | ---: | ---: | ---: |")
     for variant, ms in times.items():
-        print(f"| {variant or 'default'} | {ms[0]:.4f} / {ms[1]:.4f} | {flops / min(ms) / 1e9:.0f} |")
+        difference = ((outputs[variant] - first).norm() / first.norm()).item()
+        print(f"| {variant or 'default'} | {ms[0]:.4f} / {ms[1]:.4f} | {flops / min(ms) / 1e9:.0f} | "
+              f"{difference:.2e} |")
 
 
 def _ncu_csv(report: Path, *page: str) -> list[list[str]]:
@@ -93,7 +103,8 @@ def _number(text: str) -> float | None:
 def summarize(report: Path) -> None:
     raw = _ncu_csv(report, "--page", "raw")
     names, units, values = raw[0], raw[1], raw[2]
-    wanted = re.compile(r"(pipe_(tensor|xu|fma|alu|fmaheavy|fp16|uniform)[a-z_]*cycles_active.*pct_of_peak_sustained_active"
+    wanted = re.compile(r"(pipe_(tensor|xu|fma|alu|fmaheavy|fp16|uniform)[a-z_]*cycles_active"
+                        r".*pct_of_peak_sustained_active"
                         r"|inst_executed_pipe_[a-z_]+\.avg\.pct_of_peak_sustained_active"
                         r"|issue_active\.avg\.pct_of_peak_sustained_active"
                         r"|warp_issue_stalled_[a-z_]+_per_warp_active\.pct"
