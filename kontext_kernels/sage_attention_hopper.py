@@ -106,10 +106,12 @@ _EXP2_BY_POLYNOMIAL = ("{ .reg .f32 x, t, j, p; .reg .b32 tb, pb; "
                        "sub.rn.f32 x, x, j; fma.rn.f32 p, x, 0f3D61FBA5, 0f3E786F10; fma.rn.f32 p, p, x, 0f3F31798E; "
                        "fma.rn.f32 p, p, x, 0f3F7FFB49; mov.b32 tb, t; mov.b32 pb, p; shl.b32 tb, tb, 23; "
                        "add.s32 pb, pb, tb; mov.b32 $OUT, pb; ")
-_EXP2_ONE_IN_FOUR = gl.constexpr(_EXP2_BY_POLYNOMIAL.replace("$LAST", "$7").replace("$OUT", "$3")
+# Gluon reads module globals only as constexprs; without Triton the strings stay plain (the kernel never builds).
+_as_constexpr = gl.constexpr if gl is not None else str
+_EXP2_ONE_IN_FOUR = _as_constexpr(_EXP2_BY_POLYNOMIAL.replace("$LAST", "$7").replace("$OUT", "$3")
                                   + "ex2.approx.ftz.f32 $0, $4; ex2.approx.ftz.f32 $1, $5; "
                                   "ex2.approx.ftz.f32 $2, $6; }")
-_EXP2_ONE_IN_TWO = gl.constexpr(_EXP2_BY_POLYNOMIAL.replace("$LAST", "$3").replace("$OUT", "$1")
+_EXP2_ONE_IN_TWO = _as_constexpr(_EXP2_BY_POLYNOMIAL.replace("$LAST", "$3").replace("$OUT", "$1")
                                 + "ex2.approx.ftz.f32 $0, $2; }")
 
 
