@@ -63,19 +63,18 @@ def time_variants(variants: list[str], heads: int = 24, length: int = 8704, head
     operands, out = _operands(heads, length, head_dim)
     flops = 4 * heads * length * length * head_dim
     times: dict[str, list[float]] = defaultdict(list)
+    keywords = {variant: {name: int(value) if value.lstrip("-").isdigit() else value == "True"
+                          for name, value in (part.split("=") for part in variant.split(",") if part)}
+                for variant in variants}
     for _ in range(2):
         for variant in variants:
-            keywords = {name: int(value) if value.lstrip("-").isdigit() else value == "True"
-                        for name, value in (part.split("=") for part in variant.split(",") if part)}
             times[variant].append(triton.testing.do_bench(
-                lambda keywords=keywords: hopper_kernel.launch(operands, out, **keywords),
+                lambda variant=variant: hopper_kernel.launch(operands, out, **keywords[variant]),
                 warmup=100, rep=500, return_mode="median"))
     outputs = {}
     for variant in variants:
-        keywords = {name: int(value) if value.lstrip("-").isdigit() else value == "True"
-                    for name, value in (part.split("=") for part in variant.split(",") if part)}
         out.fill_(float("nan"))
-        hopper_kernel.launch(operands, out, **keywords)
+        hopper_kernel.launch(operands, out, **keywords[variant])
         outputs[variant] = out.float().clone()
     first = outputs[variants[0]]
     print(f"| launch keywords | ms (two runs) | TFLOP/s | rel. L2 vs {variants[0] or 'default'!r} |\n"

@@ -129,7 +129,7 @@ def _exp2(x, EXP2_ON_FMA: gl.constexpr):
 
 @gluon.jit
 def _softmax(dots, q_factor, k_scale_ptr, block, row_max, length_k, BLOCK_KEYS: gl.constexpr,
-             layout: gl.constexpr, EXP2_ON_FMA: gl.constexpr = 0):
+             layout: gl.constexpr, EXP2_ON_FMA: gl.constexpr):
     """One key block's P (float32, x 2**8) and new running row max, as attend_reference makes them: folded scores
     in whole blocks, converted and masked ones in a last, partial block."""
     start_n = block * BLOCK_KEYS
@@ -212,7 +212,8 @@ def _blocks_in_turn(q, k_ring, v_ring, ones, kv_ready, kv_free, q_factor, k_scal
                          use_acc=False, is_async=True)
     dots = warpgroup_mma_wait(num_outstanding=0, deps=(dots, ))
     row_max = gl.full([ROWS], float("-inf"), gl.float32, rows_layout)
-    p, row_max = _softmax(dots, q_factor, k_scale_ptr, 0, row_max, length_k, BLOCK_KEYS, s_layout)
+    p, row_max = _softmax(dots, q_factor, k_scale_ptr, 0, row_max, length_k, BLOCK_KEYS, s_layout,
+                          EXP2_ON_FMA)
     alpha = gl.zeros([ROWS], gl.float32, rows_layout)  # the first block's rescale of an empty sum
     out = gl.zeros([ROWS, CHANNELS], gl.float32, o_layout)
     p8 = _as_pv_operand(p, p_layout)
@@ -318,7 +319,7 @@ def _blocks_pv_during_softmax(q, k_ring, v_ring, p_tile, kv_ready, kv_free, q_fa
                          use_acc=False, is_async=True)
     dots = warpgroup_mma_wait(num_outstanding=0, deps=(dots, ))
     row_max = gl.full([ROWS], float("-inf"), gl.float32, rows_layout)
-    p, row_max = _softmax(dots, q_factor, k_scale_ptr, 0, row_max, length_k, BLOCK_KEYS, s_layout)
+    p, row_max = _softmax(dots, q_factor, k_scale_ptr, 0, row_max, length_k, BLOCK_KEYS, s_layout, 0)
     row_sum = gl.sum(p, axis=1)
     alpha = gl.zeros([ROWS], gl.float32, rows_layout)  # the first block's rescale of an empty sum
     out = gl.zeros([ROWS, CHANNELS], gl.float32, o_layout)
@@ -340,7 +341,7 @@ def _blocks_pv_during_softmax(q, k_ring, v_ring, p_tile, kv_ready, kv_free, q_fa
         if TURNS:
             _pass_turn(WHICH)
         dots = warpgroup_mma_wait(num_outstanding=1, deps=(dots, ))
-        p, new_max = _softmax(dots, q_factor, k_scale_ptr, block, row_max, length_k, BLOCK_KEYS, s_layout)
+        p, new_max = _softmax(dots, q_factor, k_scale_ptr, block, row_max, length_k, BLOCK_KEYS, s_layout, 0)
         new_alpha = gl.exp2(row_max - new_max)
         row_sum = row_sum * new_alpha + gl.sum(p, axis=1)
         row_max = new_max
