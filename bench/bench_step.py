@@ -279,6 +279,9 @@ MODIFIERS = {
                    "recorded here on the latent plus 30% noise at t = 0.6; in --e2e, recorded as the fast preset does",
     "turns": "with +sage8 on Hopper: the consumers take turns issuing their MMAs, through named barriers "
              "(kontext_kernels/sage_attention_hopper.py, CONSUMERS_TAKE_TURNS)",
+    "exp2fma2": "with +sage8 on Hopper: one softmax exp2 in 2 by a polynomial on the FMA pipes "
+                "(kontext_kernels/sage_attention_hopper.py, EXP2_ON_FMA)",
+    "exp2fma4": "with +sage8 on Hopper: one softmax exp2 in 4 by a polynomial on the FMA pipes",
     "tritonattention": "with +sage8 on Hopper: the Triton-language attention kernel (kontext_kernels/sage_attention.py), "
                        "not the warp-specialised Gluon one (kontext_kernels/sage_attention_hopper.py)",
     "sdpa": "attention through PyTorch's SDPA (cuDNN first) even where flash-attn is installed (auto takes it)",
@@ -305,6 +308,7 @@ PRODUCT_GELU = row_quant.GELU_ON_GPU
 PRODUCT_ROW_SUMS = sage_attention_hopper.ROW_SUMS_ON_TENSOR_CORES
 PRODUCT_PV_DURING_SOFTMAX = sage_attention_hopper.PV_DURING_SOFTMAX
 PRODUCT_TURNS = sage_attention_hopper.CONSUMERS_TAKE_TURNS
+PRODUCT_EXP2_ON_FMA = sage_attention_hopper.EXP2_ON_FMA
 
 
 def _comfy_variant(impl: str) -> str:
@@ -321,7 +325,8 @@ def implementation(name: str) -> str:
         raise argparse.ArgumentTypeError(f"{name!r}: +cudnn is for the reference rows; ours always puts cuDNN first")
     ours_only = [m for m in modifiers if m in ("lora", "lorafly", "thinlora", "autotune", "sdpa", "sage8", "sage8fp16",
                                                "tritongemm", "tritonattention", "modtable", "fusedqkv",
-                                               "tanhgelu", "mmarowsums", "pvsoftmax", "turns", "frozenstats")]
+                                               "tanhgelu", "mmarowsums", "pvsoftmax", "turns", "frozenstats",
+                                               "exp2fma2", "exp2fma4")]
     if ours_only and not base.startswith("ours"):
         raise argparse.ArgumentTypeError(f"{name!r}: +{ours_only[0]} applies to our rows only")
     if "autotune" in modifiers and not base.endswith("-compiled"):
@@ -349,6 +354,8 @@ def configure(impl: str) -> None:
     sage_attention_hopper.ROW_SUMS_ON_TENSOR_CORES = "mmarowsums" in modifiers or PRODUCT_ROW_SUMS
     sage_attention_hopper.PV_DURING_SOFTMAX = "pvsoftmax" in modifiers or PRODUCT_PV_DURING_SOFTMAX
     sage_attention_hopper.CONSUMERS_TAKE_TURNS = "turns" in modifiers or PRODUCT_TURNS
+    sage_attention_hopper.EXP2_ON_FMA = next((int(m[-1]) for m in modifiers if m.startswith("exp2fma")),
+                                             PRODUCT_EXP2_ON_FMA)
     attention_module.FUSED_SAGE_QKV = "fusedqkv" in modifiers
     row_quant.GELU_ON_GPU = row_quant.GELU_TANH_APPROX if "tanhgelu" in modifiers else PRODUCT_GELU
     sage_attention.SCORES_DEFAULT = (sage_attention.SCORES_CONVERT if "convertedscores" in modifiers else
@@ -525,7 +532,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--impls", nargs="+", default=["ours", "diffusers"], type=implementation,
                         help=f"each one of {', '.join(IMPLS)}, optionally with +MODIFIER suffixes: "
-                             f"{'; '.join(f'+{k}: {v}' for k, v in MODIFIERS.items())}")
+                             f"{'; '.join(f'+{k}: {v}' for k, v in MODIFIERS.items())}".replace("%", "%%"))  # argparse formats help
     parser.add_argument("--workloads", nargs="+", default=["edit", "t2i"], choices=list(WORKLOADS))
     parser.add_argument("--e2e", nargs="*", metavar="RUN", default=None,
                         help="also time a full 28-step 1024x1024 edit; alone: with every model the rows hold (bf16, "
