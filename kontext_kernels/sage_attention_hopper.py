@@ -100,7 +100,9 @@ def _loader(q_desc, k_desc, v_desc, ones_desc, q_halves, k_ring, v_ring, ones, q
 EXP2_ON_FMA = 0
 # 2**x for the last of every EXP2_ON_FMA values on the FMA and integer pipes, the rest on MUFU (FlashAttention-4's
 # offload): round x to the nearest integer j with the 1.5 * 2**23 trick, a cubic for 2**(x - j) on [-0.5, 0.5]
-# (relative error 7.5e-5, fitted here), and j added to the exponent bits. Untimed (2026-12-06 (third session)).
+# (relative error 7.5e-5, fitted here), and j added to the exponent bits. Off: on an H100 one in four took the kernel
+# from 1.16 to 1.28 ms, since the softmax waits on its warps' dependent chains, not on MUFU's rate (bench/RESULTS.md,
+# 2026-12-06 (fourth session)).
 _EXP2_BY_POLYNOMIAL = ("{ .reg .f32 x, t, j, p; .reg .b32 tb, pb; "
                        "max.f32 x, $LAST, 0fC2FC0000; add.rn.f32 t, x, 0f4B400000; sub.rn.f32 j, t, 0f4B400000; "
                        "sub.rn.f32 x, x, j; fma.rn.f32 p, x, 0f3D61FBA5, 0f3E786F10; fma.rn.f32 p, p, x, 0f3F31798E; "
