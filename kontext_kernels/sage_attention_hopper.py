@@ -129,9 +129,36 @@ def _exp2(x, EXP2_ON_FMA: gl.constexpr):
         return gl.exp2(x)
 
 
+TREE_ROWS = False
+# A row's max and sum over the 32 values a thread holds of it: Triton's reduction combines them one after another,
+# a chain of 16 VIMNMX3 / 32 FADD whose latency the consumer's warp waits out every block. Folding column c onto
+# c + width/2 (the same thread's registers) four times first makes a tree of depth 4, with as many instructions.
+
+
+@gluon.jit
+def _fold_halves(x, IS_MAX: gl.constexpr):
+    rows: gl.constexpr = x.type.shape[0]
+    half: gl.constexpr = x.type.shape[1] // 2
+    upper, lower = gl.split(gl.permute(gl.reshape(x, [rows, 2, half]), [0, 2, 1]))
+    if IS_MAX:
+        return gl.maximum(upper, lower)
+    else:
+        return upper + lower
+
+
+@gluon.jit
+def _row_total(x, IS_MAX: gl.constexpr, TREE: gl.constexpr, rows_layout: gl.constexpr):
+    if TREE:
+        x = _fold_halves(_fold_halves(_fold_halves(_fold_halves(x, IS_MAX), IS_MAX), IS_MAX), IS_MAX)
+    if IS_MAX:
+        return gl.convert_layout(gl.max(x, axis=1), rows_layout)
+    else:
+        return gl.convert_layout(gl.sum(x, axis=1), rows_layout)
+
+
 @gluon.jit
 def _softmax(dots, q_factor, k_scale_ptr, block, row_max, length_k, BLOCK_KEYS: gl.constexpr,
-             layout: gl.constexpr, EXP2_ON_FMA: gl.constexpr):
+             layout: gl.constexpr, EXP2_ON_FMA: gl.constexpr, TREE_ROWS: gl.constexpr):
     """One key block's P (float32, x 2**8) and new running row max, as attend_reference makes them: folded scores
     in whole blocks, converted and masked ones in a last, partial block."""
     start_n = block * BLOCK_KEYS
@@ -141,7 +168,8 @@ def _softmax(dots, q_factor, k_scale_ptr, block, row_max, length_k, BLOCK_KEYS: 
         # the bias taken off in the exponent's FFMA, the scale cut to 22 bits so that the bias times it is exact.
         factor = (factor.to(gl.int32, bitcast=True) & -4).to(gl.float32, bitcast=True)
         biased = (dots + 0x4B400000).to(gl.float32, bitcast=True)
-        new_max = gl.maximum(row_max, gl.max(dots, axis=1).to(gl.float32) * factor)
+        new_max = gl.maximum(row_max, _row_total(dots, True, TREE_ROWS, gl.SliceLayout(1, layout)).to(gl.float32)
+                             * factor)
         bias = 12582912.0 * factor
         shift = bias + (new_max - 8.0)  # 8.0: sage_attention.P_EXPONENT
         new_max = (shift - bias) + 8.0  # the max the exponent really subtracts (Fast2Sum)
@@ -192,7 +220,8 @@ def _row_sums(p8, ones, ROWS: gl.constexpr, layout: gl.constexpr, rows_layout: g
 @gluon.jit
 def _blocks_in_turn(q, k_ring, v_ring, ones, kv_ready, kv_free, q_factor, k_scale_ptr, length_k, s_layout: gl.constexpr,
                     o_layout: gl.constexpr, sums_layout: gl.constexpr, ROW_SUM_MMA: gl.constexpr, WHICH: gl.constexpr,
-                    TURNS: gl.constexpr, ABLATE: gl.constexpr, EXP2_ON_FMA: gl.constexpr):
+                    TURNS: gl.constexpr, ABLATE: gl.constexpr, EXP2_ON_FMA: gl.constexpr,
+                    TREE_ROWS: gl.constexpr):
     """Every key block: its scores issued with the previous block's P·V still running, both waited on together, its
     softmax, its P·V issued; the other consumer's MMAs run during this one's softmax. The running output (before
     the last division by the row sums) and the row sums.
@@ -215,7 +244,7 @@ def _blocks_in_turn(q, k_ring, v_ring, ones, kv_ready, kv_free, q_factor, k_scal
     dots = warpgroup_mma_wait(num_outstanding=0, deps=(dots, ))
     row_max = gl.full([ROWS], float("-inf"), gl.float32, rows_layout)
     p, row_max = _softmax(dots, q_factor, k_scale_ptr, 0, row_max, length_k, BLOCK_KEYS, s_layout,
-                          EXP2_ON_FMA)
+                          EXP2_ON_FMA, TREE_ROWS)
     alpha = gl.zeros([ROWS], gl.float32, rows_layout)  # the first block's rescale of an empty sum
     out = gl.zeros([ROWS, CHANNELS], gl.float32, o_layout)
     p8 = _as_pv_operand(p, p_layout)
@@ -230,7 +259,7 @@ def _blocks_in_turn(q, k_ring, v_ring, ones, kv_ready, kv_free, q_factor, k_scal
     if ROW_SUM_MMA:
         row_sum = _row_sums(p8, ones, ROWS, sums_layout, rows_layout)
     else:
-        row_sum = gl.sum(p, axis=1)
+        row_sum = _row_total(p, False, TREE_ROWS, rows_layout)
 
     for block in range(1, blocks):
         stage = block % STAGES
@@ -248,10 +277,10 @@ def _blocks_in_turn(q, k_ring, v_ring, ones, kv_ready, kv_free, q_factor, k_scal
             new_max = row_max
         else:
             p, new_max = _softmax(dots, q_factor, k_scale_ptr, block, row_max, length_k, BLOCK_KEYS, s_layout,
-                                  EXP2_ON_FMA)
+                                  EXP2_ON_FMA, TREE_ROWS)
         alpha = gl.exp2(row_max - new_max)
         if not ROW_SUM_MMA:
-            row_sum = row_sum * alpha + gl.sum(p, axis=1)
+            row_sum = row_sum * alpha + _row_total(p, False, TREE_ROWS, rows_layout)
         row_max = new_max
         p8 = _as_pv_operand(p, p_layout)
         if TURNS:
@@ -321,7 +350,7 @@ def _blocks_pv_during_softmax(q, k_ring, v_ring, p_tile, kv_ready, kv_free, q_fa
                          use_acc=False, is_async=True)
     dots = warpgroup_mma_wait(num_outstanding=0, deps=(dots, ))
     row_max = gl.full([ROWS], float("-inf"), gl.float32, rows_layout)
-    p, row_max = _softmax(dots, q_factor, k_scale_ptr, 0, row_max, length_k, BLOCK_KEYS, s_layout, 0)
+    p, row_max = _softmax(dots, q_factor, k_scale_ptr, 0, row_max, length_k, BLOCK_KEYS, s_layout, 0, False)
     row_sum = gl.sum(p, axis=1)
     alpha = gl.zeros([ROWS], gl.float32, rows_layout)  # the first block's rescale of an empty sum
     out = gl.zeros([ROWS, CHANNELS], gl.float32, o_layout)
@@ -343,7 +372,7 @@ def _blocks_pv_during_softmax(q, k_ring, v_ring, p_tile, kv_ready, kv_free, q_fa
         if TURNS:
             _pass_turn(WHICH)
         dots = warpgroup_mma_wait(num_outstanding=1, deps=(dots, ))
-        p, new_max = _softmax(dots, q_factor, k_scale_ptr, block, row_max, length_k, BLOCK_KEYS, s_layout, 0)
+        p, new_max = _softmax(dots, q_factor, k_scale_ptr, block, row_max, length_k, BLOCK_KEYS, s_layout, 0, False)
         new_alpha = gl.exp2(row_max - new_max)
         row_sum = row_sum * new_alpha + gl.sum(p, axis=1)
         row_max = new_max
@@ -369,7 +398,7 @@ def _blocks_pv_during_softmax(q, k_ring, v_ring, p_tile, kv_ready, kv_free, q_fa
 def _consumer(q_halves, k_ring, v_ring, ones, p_tiles, q_ready, kv_ready, kv_free, q_scale_ptr, k_scale_ptr,
               v_scale_ptr, out_ptr, heads, length_q, length_k, padded_q, padded_k, stride_ob, stride_oh, stride_ol,
               HEAD_DIM: gl.constexpr, WHICH: gl.constexpr, ROW_SUM_MMA: gl.constexpr, PV_UNDER: gl.constexpr,
-              TURNS: gl.constexpr, ABLATE: gl.constexpr, EXP2_ON_FMA: gl.constexpr):
+              TURNS: gl.constexpr, ABLATE: gl.constexpr, EXP2_ON_FMA: gl.constexpr, TREE_ROWS: gl.constexpr):
     ROWS: gl.constexpr = q_halves.type.shape[1]
     CHANNELS: gl.constexpr = q_halves.type.shape[2]
     BLOCK_KEYS: gl.constexpr = k_ring.type.shape[1]
@@ -396,7 +425,7 @@ def _consumer(q_halves, k_ring, v_ring, ones, p_tiles, q_ready, kv_ready, kv_fre
     else:
         out, row_sum = _blocks_in_turn(q, k_ring, v_ring, ones, kv_ready, kv_free, q_factor, k_scale_ptr, length_k,
                                        s_layout, o_layout, sums_layout, ROW_SUM_MMA, WHICH, TURNS, ABLATE,
-                                       EXP2_ON_FMA)
+                                       EXP2_ON_FMA, TREE_ROWS)
 
     columns = gl.arange(0, CHANNELS, layout=gl.SliceLayout(0, o_layout))
     offs_m = start_m + gl.arange(0, ROWS, layout=gl.SliceLayout(1, o_layout))
@@ -415,7 +444,7 @@ def _attention_kernel(q_desc, k_desc, v_desc, ones_desc, q_scale_ptr, k_scale_pt
                       length_q, length_k, padded_q, padded_k, stride_ob, stride_oh, stride_ol, HEAD_DIM: gl.constexpr,
                       STAGES: gl.constexpr, LOADER_REGISTERS: gl.constexpr, CONSUMER_REGISTERS: gl.constexpr,
                       ROW_SUM_MMA: gl.constexpr, PV_UNDER: gl.constexpr, TURNS: gl.constexpr,
-                      ABLATE: gl.constexpr, EXP2_ON_FMA: gl.constexpr):
+                      ABLATE: gl.constexpr, EXP2_ON_FMA: gl.constexpr, TREE_ROWS: gl.constexpr):
     q_halves = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)
     ones = gl.allocate_shared_memory(ones_desc.dtype, ones_desc.block_type.shape, ones_desc.layout)
     k_ring = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
@@ -437,10 +466,12 @@ def _attention_kernel(q_desc, k_desc, v_desc, ones_desc, q_scale_ptr, k_scale_pt
     gl.warp_specialize([
         (_consumer, (q_halves, k_ring, v_ring, ones, p_tiles, q_ready, kv_ready, kv_free, q_scale_ptr, k_scale_ptr,
                      v_scale_ptr, out_ptr, heads, length_q, length_k, padded_q, padded_k, stride_ob, stride_oh,
-                     stride_ol, HEAD_DIM, FIRST, ROW_SUM_MMA, PV_UNDER, TURNS, ABLATE, EXP2_ON_FMA)),
+                     stride_ol, HEAD_DIM, FIRST, ROW_SUM_MMA, PV_UNDER, TURNS, ABLATE, EXP2_ON_FMA,
+                     TREE_ROWS)),
         (_consumer, (q_halves, k_ring, v_ring, ones, p_tiles, q_ready, kv_ready, kv_free, q_scale_ptr, k_scale_ptr,
                      v_scale_ptr, out_ptr, heads, length_q, length_k, padded_q, padded_k, stride_ob, stride_oh,
-                     stride_ol, HEAD_DIM, SECOND, ROW_SUM_MMA, PV_UNDER, TURNS, ABLATE, EXP2_ON_FMA)),
+                     stride_ol, HEAD_DIM, SECOND, ROW_SUM_MMA, PV_UNDER, TURNS, ABLATE, EXP2_ON_FMA,
+                     TREE_ROWS)),
         (_loader, (q_desc, k_desc, v_desc, ones_desc, q_halves, k_ring, v_ring, ones, q_ready, kv_ready, kv_free,
                    length_k, padded_q, padded_k, ROW_SUM_MMA, ABLATE)),
     ], [4, 1], [CONSUMER_REGISTERS, LOADER_REGISTERS])
@@ -479,7 +510,7 @@ def _ones_descriptor(device: torch.device):
 
 def launch(operands, out: torch.Tensor, stages: int | None = None, row_sums_on_tensor_cores: bool | None = None,
            pv_during_softmax: bool | None = None, turns: bool | None = None, exp2_on_fma: int | None = None,
-           diagnostic_ablation: int = 0) -> None:
+           tree_rows: bool | None = None, diagnostic_ablation: int = 0) -> None:
     """The attention of quantized `operands` (sage_attention.Operands) into `out` [B, Lq, H, D]; P's row sums on
     the tensor cores or not, P·V during the softmax or not, the consumers taking turns or not, one exp2 in
     `exp2_on_fma` (0, 2 or 4) by a polynomial (None: the module's switches; stages None: the ring depth for the
@@ -505,13 +536,14 @@ def launch(operands, out: torch.Tensor, stages: int | None = None, row_sums_on_t
         out.stride(2), out.stride(1), HEAD_DIM=o.head_dim, STAGES=stages, LOADER_REGISTERS=_LOADER_REGISTERS,
         CONSUMER_REGISTERS=_CONSUMER_REGISTERS,
         ROW_SUM_MMA=row_sum_mma and not pv_under, PV_UNDER=pv_under, TURNS=turns, ABLATE=diagnostic_ablation,
-        EXP2_ON_FMA=exp2_on_fma, num_warps=4, maxnreg=_MAXNREG)
+        EXP2_ON_FMA=exp2_on_fma, TREE_ROWS=TREE_ROWS if tree_rows is None else tree_rows, num_warps=4,
+        maxnreg=_MAXNREG)
     launches["sage_attention_hopper"] += 1
 
 
 def build_offline(channels: int = 128, stages: int = STAGES, out_dtype: torch.dtype = torch.bfloat16,
                   row_sums_on_tensor_cores: bool = ROW_SUMS_ON_TENSOR_CORES, pv_during_softmax: bool = PV_DURING_SOFTMAX,
-                  turns: bool = CONSUMERS_TAKE_TURNS, exp2_on_fma: int = 0):
+                  turns: bool = CONSUMERS_TAKE_TURNS, exp2_on_fma: int = 0, tree_rows: bool = TREE_ROWS):
     """The kernel compiled for sm_90 without a GPU, for the tests and for reading its SASS; the signature a launch
     at FLUX's edit shape gets (16-divisible sizes and strides)."""
     import triton
@@ -530,7 +562,7 @@ def build_offline(channels: int = 128, stages: int = STAGES, out_dtype: torch.dt
     constants = dict(HEAD_DIM=channels, STAGES=stages, LOADER_REGISTERS=_LOADER_REGISTERS,
                      CONSUMER_REGISTERS=_CONSUMER_REGISTERS,
                      ROW_SUM_MMA=row_sums_on_tensor_cores and not pv_during_softmax, PV_UNDER=pv_during_softmax,
-                     TURNS=turns, ABLATE=0, EXP2_ON_FMA=exp2_on_fma)
+                     TURNS=turns, ABLATE=0, EXP2_ON_FMA=exp2_on_fma, TREE_ROWS=tree_rows)
     signature |= {name: "constexpr" for name in constants}
     names = list(signature)
     attrs = {(names.index(name),): [["tt.divisibility", 16]]

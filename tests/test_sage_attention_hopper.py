@@ -117,6 +117,36 @@ def test_the_polynomial_exp2_matches_exp2_over_the_softmax_range():
     assert (ours[~normal] < 2.0 ** -125).all() and (ours >= 0).all()
 
 
+def _longest_fadd_chain(sass: str) -> int:
+    """The most FADDs in a row, each taking the one before's result, in straight-line SASS order (a register
+    written by any other instruction starts again)."""
+    depth, longest = {}, 0
+    for line in sass.splitlines():
+        match = re.search(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)\s+(R\d+)\s*,(.*?);", line)
+        if not match:
+            continue
+        opcode, target, sources = match.groups()
+        if opcode == "FADD":
+            depth[target] = 1 + max((depth.get(r, 0) for r in re.findall(r"R\d+", sources)), default=0)
+            longest = max(longest, depth[target])
+        else:
+            depth.pop(target, None)
+    return longest
+
+
+@needs_gluon
+def test_tree_rows_cut_the_row_sums_chain_with_as_many_additions():
+    plain = sass_of(hopper_kernel.build_offline(128, tree_rows=False))
+    tree = sass_of(hopper_kernel.build_offline(128, tree_rows=True))
+    # A row's 32 values a thread: a chain of ~32 additions, against the tree's 4 folds, one reduction and shuffles.
+    assert _longest_fadd_chain(plain) >= 30
+    assert _longest_fadd_chain(tree) <= 12, _longest_fadd_chain(tree)
+    assert _fadds(tree) == _fadds(plain)
+    assert "SHFL.IDX" not in tree  # the folds move no data between threads
+    assert _wgmmas_pipelined(tree), "ptxas serialised the wgmmas"
+    assert not spills(tree), "registers spill"
+
+
 @needs_gluon
 @pytest.mark.parametrize("one_in", [4, 2])
 def test_exp2_on_fma_takes_exp2s_off_mufu_without_spills(one_in):
@@ -180,6 +210,21 @@ def test_matches_the_reference(shape, out_dtype, row_sums_on_tensor_cores, pv_du
                                     rounded_row_sums=row_sums_on_tensor_cores)
     assert rel_error(out.transpose(1, 2).float(), reference) <= GPU_KERNEL_VS_REFERENCE + (
         0 if out_dtype == torch.float32 else 2**-8)  # bf16's one rounding of the output
+    assert rel_l2(out.transpose(1, 2).double(), exact_attention(q, k, v)) <= FP8_BOUND
+
+
+@hopper_gpu
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("turns", [False, True])
+def test_tree_rows_match_the_reference(shape, turns):
+    batch, heads, length_q, length_k, head_dim = shape
+    q, k, v = attention_inputs(batch, heads, length_q, length_k, head_dim, "cuda")
+    operands = sa.quantize_operands(q, k, v, fp8_pv=True)
+    out = torch.empty((batch, length_q, heads, head_dim), dtype=torch.float32, device="cuda")
+    hopper_kernel.launch(operands, out, pv_during_softmax=False, turns=turns, tree_rows=True)
+    reference = sa.attend_reference(operands, torch.float32, block_n=hopper_kernel.BLOCK_N)
+    # The tree adds the row's values in another order: float32 rounding, far inside the kernel's bound.
+    assert rel_error(out.transpose(1, 2), reference) <= GPU_KERNEL_VS_REFERENCE
     assert rel_l2(out.transpose(1, 2).double(), exact_attention(q, k, v)) <= FP8_BOUND
 
 
