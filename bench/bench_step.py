@@ -283,7 +283,7 @@ MODIFIERS = {
                 "(kontext_kernels/sage_attention_hopper.py, EXP2_ON_FMA)",
     "exp2fma4": "with +sage8 on Hopper: one softmax exp2 in 4 by a polynomial on the FMA pipes",
     "treerows": "with +sage8 on Hopper: the softmax's row max and row sum as trees, not chains "
-                "(kontext_kernels/sage_attention_hopper.py, TREE_ROWS)",
+                "(kontext_kernels/sage_attention_hopper.py, TREE_ROWS; the product's since 5fc3b2b)",
     "tritonattention": "with +sage8 on Hopper: the Triton-language attention kernel (kontext_kernels/sage_attention.py), "
                        "not the warp-specialised Gluon one (kontext_kernels/sage_attention_hopper.py)",
     "sdpa": "attention through PyTorch's SDPA (cuDNN first) even where flash-attn is installed (auto takes it)",
@@ -536,7 +536,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--impls", nargs="+", default=["ours", "diffusers"], type=implementation,
                         help=f"each one of {', '.join(IMPLS)}, optionally with +MODIFIER suffixes: "
-                             f"{'; '.join(f'+{k}: {v}' for k, v in MODIFIERS.items())}".replace("%", "%%"))  # argparse formats help
+                             # argparse %-formats its help
+                             f"{'; '.join(f'+{k}: {v}' for k, v in MODIFIERS.items())}".replace("%", "%%"))
     parser.add_argument("--workloads", nargs="+", default=["edit", "t2i"], choices=list(WORKLOADS))
     parser.add_argument("--e2e", nargs="*", metavar="RUN", default=None,
                         help="also time a full 28-step 1024x1024 edit; alone: with every model the rows hold (bf16, "

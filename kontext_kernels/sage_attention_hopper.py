@@ -514,7 +514,8 @@ def launch(operands, out: torch.Tensor, stages: int | None = None, row_sums_on_t
            tree_rows: bool | None = None, diagnostic_ablation: int = 0) -> None:
     """The attention of quantized `operands` (sage_attention.Operands) into `out` [B, Lq, H, D]; P's row sums on
     the tensor cores or not, P·V during the softmax or not, the consumers taking turns or not, one exp2 in
-    `exp2_on_fma` (0, 2 or 4) by a polynomial (None: the module's switches; stages None: the ring depth for the
+    `exp2_on_fma` (0, 2 or 4) by a polynomial, the row max and sum as trees or chains (`tree_rows`; the default
+    schedule only) (None: the module's switches; stages None: the ring depth for the
     schedule). `diagnostic_ablation`, for timing what a part costs (the output is then wrong): bit 1 stops the
     loader after the ring's first fill, bit 2 replaces the softmax by a bitcast of the scores."""
     exp2_on_fma = EXP2_ON_FMA if exp2_on_fma is None else exp2_on_fma
