@@ -282,8 +282,8 @@ MODIFIERS = {
     "exp2fma2": "with +sage8 on Hopper: one softmax exp2 in 2 by a polynomial on the FMA pipes "
                 "(kontext_kernels/sage_attention_hopper.py, EXP2_ON_FMA)",
     "exp2fma4": "with +sage8 on Hopper: one softmax exp2 in 4 by a polynomial on the FMA pipes",
-    "treerows": "with +sage8 on Hopper: the softmax's row max and row sum as trees, not chains "
-                "(kontext_kernels/sage_attention_hopper.py, TREE_ROWS; the product's since 5fc3b2b)",
+    "chainrows": "with +sage8 on Hopper: the softmax's row max and row sum as Triton's chains, not the product's "
+                 "trees (kontext_kernels/sage_attention_hopper.py, TREE_ROWS)",
     "tritonattention": "with +sage8 on Hopper: the Triton-language attention kernel (kontext_kernels/sage_attention.py), "
                        "not the warp-specialised Gluon one (kontext_kernels/sage_attention_hopper.py)",
     "sdpa": "attention through PyTorch's SDPA (cuDNN first) even where flash-attn is installed (auto takes it)",
@@ -329,7 +329,7 @@ def implementation(name: str) -> str:
     ours_only = [m for m in modifiers if m in ("lora", "lorafly", "thinlora", "autotune", "sdpa", "sage8", "sage8fp16",
                                                "tritongemm", "tritonattention", "modtable", "fusedqkv",
                                                "tanhgelu", "mmarowsums", "pvsoftmax", "turns", "frozenstats",
-                                               "exp2fma2", "exp2fma4", "treerows")]
+                                               "exp2fma2", "exp2fma4", "chainrows")]
     if ours_only and not base.startswith("ours"):
         raise argparse.ArgumentTypeError(f"{name!r}: +{ours_only[0]} applies to our rows only")
     if "autotune" in modifiers and not base.endswith("-compiled"):
@@ -359,7 +359,7 @@ def configure(impl: str) -> None:
     sage_attention_hopper.CONSUMERS_TAKE_TURNS = "turns" in modifiers or PRODUCT_TURNS
     sage_attention_hopper.EXP2_ON_FMA = next((int(m[-1]) for m in modifiers if m.startswith("exp2fma")),
                                              PRODUCT_EXP2_ON_FMA)
-    sage_attention_hopper.TREE_ROWS = "treerows" in modifiers or PRODUCT_TREE_ROWS
+    sage_attention_hopper.TREE_ROWS = PRODUCT_TREE_ROWS and "chainrows" not in modifiers
     attention_module.FUSED_SAGE_QKV = "fusedqkv" in modifiers
     row_quant.GELU_ON_GPU = row_quant.GELU_TANH_APPROX if "tanhgelu" in modifiers else PRODUCT_GELU
     sage_attention.SCORES_DEFAULT = (sage_attention.SCORES_CONVERT if "convertedscores" in modifiers else
