@@ -284,10 +284,6 @@ MODIFIERS = {
     "exp2fma4": "with +sage8 on Hopper: one softmax exp2 in 4 by a polynomial on the FMA pipes",
     "chainrows": "with +sage8 on Hopper: the softmax's row max and row sum as Triton's chains, not the product's "
                  "trees (kontext_kernels/sage_attention_hopper.py, TREE_ROWS)",
-    "peel": "with +sage8 on Hopper: the whole key blocks in a loop of their own, the partial one after it "
-            "(kontext_kernels/sage_attention_hopper.py, PEEL_PARTIAL_BLOCK)",
-    "laterescale": "with +sage8 on Hopper: the output's rescale written after the exponentials "
-                   "(kontext_kernels/sage_attention_hopper.py, RESCALE_AFTER_EXP2)",
     "tritonattention": "with +sage8 on Hopper: the Triton-language attention kernel (kontext_kernels/sage_attention.py), "
                        "not the warp-specialised Gluon one (kontext_kernels/sage_attention_hopper.py)",
     "sdpa": "attention through PyTorch's SDPA (cuDNN first) even where flash-attn is installed (auto takes it)",
@@ -316,8 +312,6 @@ PRODUCT_PV_DURING_SOFTMAX = sage_attention_hopper.PV_DURING_SOFTMAX
 PRODUCT_TURNS = sage_attention_hopper.CONSUMERS_TAKE_TURNS
 PRODUCT_EXP2_ON_FMA = sage_attention_hopper.EXP2_ON_FMA
 PRODUCT_TREE_ROWS = sage_attention_hopper.TREE_ROWS
-PRODUCT_PEEL = sage_attention_hopper.PEEL_PARTIAL_BLOCK
-PRODUCT_LATE_RESCALE = sage_attention_hopper.RESCALE_AFTER_EXP2
 
 
 def _comfy_variant(impl: str) -> str:
@@ -335,7 +329,7 @@ def implementation(name: str) -> str:
     ours_only = [m for m in modifiers if m in ("lora", "lorafly", "thinlora", "autotune", "sdpa", "sage8", "sage8fp16",
                                                "tritongemm", "tritonattention", "modtable", "fusedqkv",
                                                "tanhgelu", "mmarowsums", "pvsoftmax", "turns", "frozenstats",
-                                               "exp2fma2", "exp2fma4", "chainrows", "peel", "laterescale")]
+                                               "exp2fma2", "exp2fma4", "chainrows")]
     if ours_only and not base.startswith("ours"):
         raise argparse.ArgumentTypeError(f"{name!r}: +{ours_only[0]} applies to our rows only")
     if "autotune" in modifiers and not base.endswith("-compiled"):
@@ -366,8 +360,6 @@ def configure(impl: str) -> None:
     sage_attention_hopper.EXP2_ON_FMA = next((int(m[-1]) for m in modifiers if m.startswith("exp2fma")),
                                              PRODUCT_EXP2_ON_FMA)
     sage_attention_hopper.TREE_ROWS = PRODUCT_TREE_ROWS and "chainrows" not in modifiers
-    sage_attention_hopper.PEEL_PARTIAL_BLOCK = "peel" in modifiers or PRODUCT_PEEL
-    sage_attention_hopper.RESCALE_AFTER_EXP2 = "laterescale" in modifiers or PRODUCT_LATE_RESCALE
     attention_module.FUSED_SAGE_QKV = "fusedqkv" in modifiers
     row_quant.GELU_ON_GPU = row_quant.GELU_TANH_APPROX if "tanhgelu" in modifiers else PRODUCT_GELU
     sage_attention.SCORES_DEFAULT = (sage_attention.SCORES_CONVERT if "convertedscores" in modifiers else

@@ -23,7 +23,10 @@ Built and tested, off because on an H100 they are within 1% of the default (2026
 against 1.176-1.190, the step unchanged at 183.5-183.9 ms): FlashAttention-3's schedule, block j-1's P·V under
 block j's softmax with P through shared memory (`PV_DURING_SOFTMAX`, a 4-stage ring), and the consumers taking
 turns through named barriers (`CONSUMERS_TAKE_TURNS`) in either schedule. Turns changing nothing means the two
-consumers were not waiting on each other's MMAs: the softmax's instruction issue bounds the loop.
+consumers were not waiting on each other's MMAs: the softmax's instruction issue bounds the loop. Also slower, on
+an H100 (2026-12-06, fifth session; the code at 914bb0d): the whole key blocks in a loop of their own, which lets
+ptxas interleave the exp2s with the row sums and P's packing rather than issue the last 37 back to back (11% slower:
+one consumer's exp2 run meeting the other's ALU work seems to be what the loop lives on).
 """
 
 from __future__ import annotations
@@ -135,18 +138,6 @@ TREE_ROWS = True
 # c + width/2 (the same thread's registers) four times first makes a tree of depth 4, with as many instructions.
 # On an H100 the kernel went 1.163 -> 1.121-1.129 ms at the edit shape (bench/RESULTS.md, 2026-12-06 (fourth session)).
 
-PEEL_PARTIAL_BLOCK = False
-# The default schedule's loop over whole key blocks, with the partial last block (if any) after it, rather than one loop
-# that checks every block. The check's branch ends the softmax's basic block before the row sums and P's packing, so
-# ptxas issues the block's last ~37 exp2s back to back, 8 cycles apart; peeled, they interleave (offline: the loop's
-# stall counts 1040 -> 929 cycles a warp and block). Measured 11% slower on an H100 (1.255 against 1.125 ms): the
-# two consumers' warps on a scheduler seem to gain from one's exp2 run meeting the other's ALU work. Off.
-RESCALE_AFTER_EXP2 = False
-# The running output's rescale-and-add of the previous block's P·V written after the block's exponentials rather than
-# before its row max (ptxas keeps the source's order within a basic block): its 64 FFMAs then sit between exp2s.
-# Same arithmetic; 1.136-1.150 against 1.121-1.129 ms on an H100, alone or with the peel (bench/RESULTS.md,
-# 2026-12-06 (fifth session)). Off.
-
 
 @gluon.jit
 def _fold_halves(x, IS_MAX: gl.constexpr):
@@ -170,56 +161,30 @@ def _row_total(x, IS_MAX: gl.constexpr, TREE: gl.constexpr, rows_layout: gl.cons
 
 
 @gluon.jit
-def _whole_block_softmax(dots, factor, row_max, layout: gl.constexpr, EXP2_ON_FMA: gl.constexpr,
-                         TREE_ROWS: gl.constexpr):
-    # sage_attention.SCORES_FOLDED: the int32 dot plus 1.5 * 2**23's bits is 1.5 * 2**23 + dot as a float32,
-    # the bias taken off in the exponent's FFMA, the scale cut to 22 bits so that the bias times it is exact.
-    factor = (factor.to(gl.int32, bitcast=True) & -4).to(gl.float32, bitcast=True)
-    biased = (dots + 0x4B400000).to(gl.float32, bitcast=True)
-    new_max = gl.maximum(row_max, _row_total(dots, True, TREE_ROWS, gl.SliceLayout(1, layout)).to(gl.float32)
-                         * factor)
-    bias = 12582912.0 * factor
-    shift = bias + (new_max - 8.0)  # 8.0: sage_attention.P_EXPONENT
-    new_max = (shift - bias) + 8.0  # the max the exponent really subtracts (Fast2Sum)
-    p = _exp2(gl.fma(biased, gl.expand_dims(factor, 1), -gl.expand_dims(shift, 1)), EXP2_ON_FMA)
-    return p, new_max
-
-
-@gluon.jit
-def _masked_block_softmax(dots, factor, start_n, row_max, length_k, BLOCK_KEYS: gl.constexpr,
-                          layout: gl.constexpr):
-    # Column c holds the scores of the tile's token key_tokens(c) (sage_attention.key_tokens).
-    columns = gl.arange(0, BLOCK_KEYS, layout=gl.SliceLayout(0, layout))
-    tokens = start_n + ((columns & 0x71) | ((columns & 0x6) << 1) | ((columns & 0x8) >> 2))
-    scores = gl.where(gl.expand_dims(tokens < length_k, 0), dots.to(gl.float32), float("-inf"))
-    new_max = gl.maximum(row_max, gl.max(scores, axis=1) * factor)
-    p = gl.exp2(scores * gl.expand_dims(factor, 1) - gl.expand_dims(new_max - 8.0, 1))
-    return p, new_max
-
-
-# What a loop's key blocks are known to be: checked at run time, all whole (BLOCK_N keys inside length_k), or the
-# last, partial one (keys past length_k masked).
-_as_int_constexpr = gl.constexpr if gl is not None else int
-BLOCKS_CHECKED, BLOCKS_WHOLE, BLOCK_PARTIAL = (_as_int_constexpr(kind) for kind in range(3))
-
-
-@gluon.jit
 def _softmax(dots, q_factor, k_scale_ptr, block, row_max, length_k, BLOCK_KEYS: gl.constexpr,
-             layout: gl.constexpr, EXP2_ON_FMA: gl.constexpr, TREE_ROWS: gl.constexpr,
-             KIND: gl.constexpr):
+             layout: gl.constexpr, EXP2_ON_FMA: gl.constexpr, TREE_ROWS: gl.constexpr):
     """One key block's P (float32, x 2**8) and new running row max, as attend_reference makes them: folded scores
     in whole blocks, converted and masked ones in a last, partial block."""
     start_n = block * BLOCK_KEYS
     factor = q_factor * gl.load(k_scale_ptr + block)
-    if KIND == BLOCKS_WHOLE:
-        p, new_max = _whole_block_softmax(dots, factor, row_max, layout, EXP2_ON_FMA, TREE_ROWS)
-    elif KIND == BLOCK_PARTIAL:
-        p, new_max = _masked_block_softmax(dots, factor, start_n, row_max, length_k, BLOCK_KEYS, layout)
+    if start_n + BLOCK_KEYS <= length_k:
+        # sage_attention.SCORES_FOLDED: the int32 dot plus 1.5 * 2**23's bits is 1.5 * 2**23 + dot as a float32,
+        # the bias taken off in the exponent's FFMA, the scale cut to 22 bits so that the bias times it is exact.
+        factor = (factor.to(gl.int32, bitcast=True) & -4).to(gl.float32, bitcast=True)
+        biased = (dots + 0x4B400000).to(gl.float32, bitcast=True)
+        new_max = gl.maximum(row_max, _row_total(dots, True, TREE_ROWS, gl.SliceLayout(1, layout)).to(gl.float32)
+                             * factor)
+        bias = 12582912.0 * factor
+        shift = bias + (new_max - 8.0)  # 8.0: sage_attention.P_EXPONENT
+        new_max = (shift - bias) + 8.0  # the max the exponent really subtracts (Fast2Sum)
+        p = _exp2(gl.fma(biased, gl.expand_dims(factor, 1), -gl.expand_dims(shift, 1)), EXP2_ON_FMA)
     else:
-        if start_n + BLOCK_KEYS <= length_k:
-            p, new_max = _whole_block_softmax(dots, factor, row_max, layout, EXP2_ON_FMA, TREE_ROWS)
-        else:
-            p, new_max = _masked_block_softmax(dots, factor, start_n, row_max, length_k, BLOCK_KEYS, layout)
+        # Column c holds the scores of the tile's token key_tokens(c) (sage_attention.key_tokens).
+        columns = gl.arange(0, BLOCK_KEYS, layout=gl.SliceLayout(0, layout))
+        tokens = start_n + ((columns & 0x71) | ((columns & 0x6) << 1) | ((columns & 0x8) >> 2))
+        scores = gl.where(gl.expand_dims(tokens < length_k, 0), dots.to(gl.float32), float("-inf"))
+        new_max = gl.maximum(row_max, gl.max(scores, axis=1) * factor)
+        p = gl.exp2(scores * gl.expand_dims(factor, 1) - gl.expand_dims(new_max - 8.0, 1))
     return p, new_max
 
 
@@ -257,55 +222,10 @@ def _row_sums(p8, ones, ROWS: gl.constexpr, layout: gl.constexpr, rows_layout: g
 
 
 @gluon.jit
-def _next_block(block, q, k_ring, v_ring, ones, kv_ready, kv_free, dots, products, out, alpha, row_max, row_sum,
-                q_factor, k_scale_ptr, length_k, s_layout: gl.constexpr, o_layout: gl.constexpr,
-                sums_layout: gl.constexpr, ROW_SUM_MMA: gl.constexpr, WHICH: gl.constexpr, TURNS: gl.constexpr,
-                ABLATE: gl.constexpr, EXP2_ON_FMA: gl.constexpr, TREE_ROWS: gl.constexpr, KIND: gl.constexpr,
-                LATE_RESCALE: gl.constexpr):
-    """One iteration of _blocks_in_turn's loop (block >= 1): the state it carries, updated."""
-    ROWS: gl.constexpr = q.type.shape[0]
-    BLOCK_KEYS: gl.constexpr = k_ring.type.shape[1]
-    STAGES: gl.constexpr = k_ring.type.shape[0]
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
-    rows_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
-    stage = block % STAGES
-    previous = (block + STAGES - 1) % STAGES
-    mbarrier.wait(kv_ready.index(stage), (block // STAGES) & 1)
-    dots = warpgroup_mma(q, k_ring.index(stage).permute((1, 0)), dots, use_acc=False, is_async=True)
-    if TURNS:
-        _pass_turn(WHICH)
-    dots, products = warpgroup_mma_wait(num_outstanding=0, deps=(dots, products))
-    mbarrier.arrive(kv_free.index(previous))
-    if not LATE_RESCALE:
-        # The previous block's P·V joins the running sum under that block's rescale (attend_reference's order).
-        out = out * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1) + products
-    if ABLATE & 2:
-        p = dots.to(gl.float32, bitcast=True)
-        new_max = row_max
-    else:
-        p, new_max = _softmax(dots, q_factor, k_scale_ptr, block, row_max, length_k, BLOCK_KEYS, s_layout,
-                              EXP2_ON_FMA, TREE_ROWS, KIND)
-    if LATE_RESCALE:
-        # The same addition after the exponentials in the source, so that ptxas issues its FFMAs between them.
-        out = out * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1) + products
-    alpha = gl.exp2(row_max - new_max)
-    if not ROW_SUM_MMA:
-        row_sum = row_sum * alpha + _row_total(p, False, TREE_ROWS, rows_layout)
-    row_max = new_max
-    p8 = _as_pv_operand(p, p_layout)
-    if TURNS:
-        _await_turn(WHICH)
-    products = warpgroup_mma(p8, v_ring.index(stage).permute((1, 0)), products, use_acc=False, is_async=True)
-    if ROW_SUM_MMA:
-        row_sum = row_sum * alpha + _row_sums(p8, ones, ROWS, sums_layout, rows_layout)
-    return dots, products, out, alpha, row_max, row_sum
-
-
-@gluon.jit
 def _blocks_in_turn(q, k_ring, v_ring, ones, kv_ready, kv_free, q_factor, k_scale_ptr, length_k, s_layout: gl.constexpr,
                     o_layout: gl.constexpr, sums_layout: gl.constexpr, ROW_SUM_MMA: gl.constexpr, WHICH: gl.constexpr,
                     TURNS: gl.constexpr, ABLATE: gl.constexpr, EXP2_ON_FMA: gl.constexpr,
-                    TREE_ROWS: gl.constexpr, PEEL: gl.constexpr, LATE_RESCALE: gl.constexpr):
+                    TREE_ROWS: gl.constexpr):
     """Every key block: its scores issued with the previous block's P·V still running, both waited on together, its
     softmax, its P·V issued; the other consumer's MMAs run during this one's softmax. The running output (before
     the last division by the row sums) and the row sums.
@@ -328,7 +248,7 @@ def _blocks_in_turn(q, k_ring, v_ring, ones, kv_ready, kv_free, q_factor, k_scal
     dots = warpgroup_mma_wait(num_outstanding=0, deps=(dots, ))
     row_max = gl.full([ROWS], float("-inf"), gl.float32, rows_layout)
     p, row_max = _softmax(dots, q_factor, k_scale_ptr, 0, row_max, length_k, BLOCK_KEYS, s_layout,
-                          EXP2_ON_FMA, TREE_ROWS, BLOCKS_CHECKED)
+                          EXP2_ON_FMA, TREE_ROWS)
     alpha = gl.zeros([ROWS], gl.float32, rows_layout)  # the first block's rescale of an empty sum
     out = gl.zeros([ROWS, CHANNELS], gl.float32, o_layout)
     p8 = _as_pv_operand(p, p_layout)
@@ -345,26 +265,33 @@ def _blocks_in_turn(q, k_ring, v_ring, ones, kv_ready, kv_free, q_factor, k_scal
     else:
         row_sum = _row_total(p, False, TREE_ROWS, rows_layout)
 
-    if PEEL:
-        # The whole blocks in a loop of their own and the partial one after it: with no branch left in the loop's
-        # body, its softmax, row sums and P's packing are one basic block, which ptxas can interleave.
-        whole = length_k // BLOCK_KEYS
-        for block in range(1, whole):
-            dots, products, out, alpha, row_max, row_sum = _next_block(
-                block, q, k_ring, v_ring, ones, kv_ready, kv_free, dots, products, out, alpha, row_max, row_sum,
-                q_factor, k_scale_ptr, length_k, s_layout, o_layout, sums_layout, ROW_SUM_MMA, WHICH, TURNS,
-                ABLATE, EXP2_ON_FMA, TREE_ROWS, BLOCKS_WHOLE, LATE_RESCALE)
-        for block in range(gl.maximum(whole, 1), blocks):
-            dots, products, out, alpha, row_max, row_sum = _next_block(
-                block, q, k_ring, v_ring, ones, kv_ready, kv_free, dots, products, out, alpha, row_max, row_sum,
-                q_factor, k_scale_ptr, length_k, s_layout, o_layout, sums_layout, ROW_SUM_MMA, WHICH, TURNS,
-                ABLATE, EXP2_ON_FMA, TREE_ROWS, BLOCK_PARTIAL, LATE_RESCALE)
-    else:
-        for block in range(1, blocks):
-            dots, products, out, alpha, row_max, row_sum = _next_block(
-                block, q, k_ring, v_ring, ones, kv_ready, kv_free, dots, products, out, alpha, row_max, row_sum,
-                q_factor, k_scale_ptr, length_k, s_layout, o_layout, sums_layout, ROW_SUM_MMA, WHICH, TURNS,
-                ABLATE, EXP2_ON_FMA, TREE_ROWS, BLOCKS_CHECKED, LATE_RESCALE)
+    for block in range(1, blocks):
+        stage = block % STAGES
+        previous = (block + STAGES - 1) % STAGES
+        mbarrier.wait(kv_ready.index(stage), (block // STAGES) & 1)
+        dots = warpgroup_mma(q, k_ring.index(stage).permute((1, 0)), dots, use_acc=False, is_async=True)
+        if TURNS:
+            _pass_turn(WHICH)
+        dots, products = warpgroup_mma_wait(num_outstanding=0, deps=(dots, products))
+        mbarrier.arrive(kv_free.index(previous))
+        # The previous block's P·V joins the running sum under that block's rescale (attend_reference's order).
+        out = out * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1) + products
+        if ABLATE & 2:
+            p = dots.to(gl.float32, bitcast=True)
+            new_max = row_max
+        else:
+            p, new_max = _softmax(dots, q_factor, k_scale_ptr, block, row_max, length_k, BLOCK_KEYS, s_layout,
+                                  EXP2_ON_FMA, TREE_ROWS)
+        alpha = gl.exp2(row_max - new_max)
+        if not ROW_SUM_MMA:
+            row_sum = row_sum * alpha + _row_total(p, False, TREE_ROWS, rows_layout)
+        row_max = new_max
+        p8 = _as_pv_operand(p, p_layout)
+        if TURNS:
+            _await_turn(WHICH)
+        products = warpgroup_mma(p8, v_ring.index(stage).permute((1, 0)), products, use_acc=False, is_async=True)
+        if ROW_SUM_MMA:
+            row_sum = row_sum * alpha + _row_sums(p8, ones, ROWS, sums_layout, rows_layout)
 
     if TURNS:
         if WHICH == 0:
@@ -427,8 +354,7 @@ def _blocks_pv_during_softmax(q, k_ring, v_ring, p_tile, kv_ready, kv_free, q_fa
                          use_acc=False, is_async=True)
     dots = warpgroup_mma_wait(num_outstanding=0, deps=(dots, ))
     row_max = gl.full([ROWS], float("-inf"), gl.float32, rows_layout)
-    p, row_max = _softmax(dots, q_factor, k_scale_ptr, 0, row_max, length_k, BLOCK_KEYS, s_layout, 0, False,
-                          BLOCKS_CHECKED)
+    p, row_max = _softmax(dots, q_factor, k_scale_ptr, 0, row_max, length_k, BLOCK_KEYS, s_layout, 0, False)
     row_sum = gl.sum(p, axis=1)
     alpha = gl.zeros([ROWS], gl.float32, rows_layout)  # the first block's rescale of an empty sum
     out = gl.zeros([ROWS, CHANNELS], gl.float32, o_layout)
@@ -450,8 +376,7 @@ def _blocks_pv_during_softmax(q, k_ring, v_ring, p_tile, kv_ready, kv_free, q_fa
         if TURNS:
             _pass_turn(WHICH)
         dots = warpgroup_mma_wait(num_outstanding=1, deps=(dots, ))
-        p, new_max = _softmax(dots, q_factor, k_scale_ptr, block, row_max, length_k, BLOCK_KEYS, s_layout, 0, False,
-                              BLOCKS_CHECKED)
+        p, new_max = _softmax(dots, q_factor, k_scale_ptr, block, row_max, length_k, BLOCK_KEYS, s_layout, 0, False)
         new_alpha = gl.exp2(row_max - new_max)
         row_sum = row_sum * new_alpha + gl.sum(p, axis=1)
         row_max = new_max
@@ -477,8 +402,7 @@ def _blocks_pv_during_softmax(q, k_ring, v_ring, p_tile, kv_ready, kv_free, q_fa
 def _consumer(q_halves, k_ring, v_ring, ones, p_tiles, q_ready, kv_ready, kv_free, q_scale_ptr, k_scale_ptr,
               v_scale_ptr, out_ptr, heads, length_q, length_k, padded_q, padded_k, stride_ob, stride_oh, stride_ol,
               HEAD_DIM: gl.constexpr, WHICH: gl.constexpr, ROW_SUM_MMA: gl.constexpr, PV_UNDER: gl.constexpr,
-              TURNS: gl.constexpr, ABLATE: gl.constexpr, EXP2_ON_FMA: gl.constexpr, TREE_ROWS: gl.constexpr,
-              PEEL: gl.constexpr, LATE_RESCALE: gl.constexpr):
+              TURNS: gl.constexpr, ABLATE: gl.constexpr, EXP2_ON_FMA: gl.constexpr, TREE_ROWS: gl.constexpr):
     ROWS: gl.constexpr = q_halves.type.shape[1]
     CHANNELS: gl.constexpr = q_halves.type.shape[2]
     BLOCK_KEYS: gl.constexpr = k_ring.type.shape[1]
@@ -505,7 +429,7 @@ def _consumer(q_halves, k_ring, v_ring, ones, p_tiles, q_ready, kv_ready, kv_fre
     else:
         out, row_sum = _blocks_in_turn(q, k_ring, v_ring, ones, kv_ready, kv_free, q_factor, k_scale_ptr, length_k,
                                        s_layout, o_layout, sums_layout, ROW_SUM_MMA, WHICH, TURNS, ABLATE,
-                                       EXP2_ON_FMA, TREE_ROWS, PEEL, LATE_RESCALE)
+                                       EXP2_ON_FMA, TREE_ROWS)
 
     columns = gl.arange(0, CHANNELS, layout=gl.SliceLayout(0, o_layout))
     offs_m = start_m + gl.arange(0, ROWS, layout=gl.SliceLayout(1, o_layout))
@@ -524,8 +448,7 @@ def _attention_kernel(q_desc, k_desc, v_desc, ones_desc, q_scale_ptr, k_scale_pt
                       length_q, length_k, padded_q, padded_k, stride_ob, stride_oh, stride_ol, HEAD_DIM: gl.constexpr,
                       STAGES: gl.constexpr, LOADER_REGISTERS: gl.constexpr, CONSUMER_REGISTERS: gl.constexpr,
                       ROW_SUM_MMA: gl.constexpr, PV_UNDER: gl.constexpr, TURNS: gl.constexpr,
-                      ABLATE: gl.constexpr, EXP2_ON_FMA: gl.constexpr, TREE_ROWS: gl.constexpr,
-                      PEEL: gl.constexpr, LATE_RESCALE: gl.constexpr):
+                      ABLATE: gl.constexpr, EXP2_ON_FMA: gl.constexpr, TREE_ROWS: gl.constexpr):
     q_halves = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)
     ones = gl.allocate_shared_memory(ones_desc.dtype, ones_desc.block_type.shape, ones_desc.layout)
     k_ring = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
@@ -548,11 +471,11 @@ def _attention_kernel(q_desc, k_desc, v_desc, ones_desc, q_scale_ptr, k_scale_pt
         (_consumer, (q_halves, k_ring, v_ring, ones, p_tiles, q_ready, kv_ready, kv_free, q_scale_ptr, k_scale_ptr,
                      v_scale_ptr, out_ptr, heads, length_q, length_k, padded_q, padded_k, stride_ob, stride_oh,
                      stride_ol, HEAD_DIM, FIRST, ROW_SUM_MMA, PV_UNDER, TURNS, ABLATE, EXP2_ON_FMA,
-                     TREE_ROWS, PEEL, LATE_RESCALE)),
+                     TREE_ROWS)),
         (_consumer, (q_halves, k_ring, v_ring, ones, p_tiles, q_ready, kv_ready, kv_free, q_scale_ptr, k_scale_ptr,
                      v_scale_ptr, out_ptr, heads, length_q, length_k, padded_q, padded_k, stride_ob, stride_oh,
                      stride_ol, HEAD_DIM, SECOND, ROW_SUM_MMA, PV_UNDER, TURNS, ABLATE, EXP2_ON_FMA,
-                     TREE_ROWS, PEEL, LATE_RESCALE)),
+                     TREE_ROWS)),
         (_loader, (q_desc, k_desc, v_desc, ones_desc, q_halves, k_ring, v_ring, ones, q_ready, kv_ready, kv_free,
                    length_k, padded_q, padded_k, ROW_SUM_MMA, ABLATE)),
     ], [4, 1], [CONSUMER_REGISTERS, LOADER_REGISTERS])
@@ -591,8 +514,7 @@ def _ones_descriptor(device: torch.device):
 
 def launch(operands, out: torch.Tensor, stages: int | None = None, row_sums_on_tensor_cores: bool | None = None,
            pv_during_softmax: bool | None = None, turns: bool | None = None, exp2_on_fma: int | None = None,
-           tree_rows: bool | None = None, peel: bool | None = None, late_rescale: bool | None = None,
-           diagnostic_ablation: int = 0) -> None:
+           tree_rows: bool | None = None, diagnostic_ablation: int = 0) -> None:
     """The attention of quantized `operands` (sage_attention.Operands) into `out` [B, Lq, H, D]; P's row sums on
     the tensor cores or not, P·V during the softmax or not, the consumers taking turns or not, one exp2 in
     `exp2_on_fma` (0, 2 or 4) by a polynomial, the row max and sum as trees or chains (`tree_rows`; the default
@@ -619,17 +541,14 @@ def launch(operands, out: torch.Tensor, stages: int | None = None, row_sums_on_t
         out.stride(2), out.stride(1), HEAD_DIM=o.head_dim, STAGES=stages, LOADER_REGISTERS=_LOADER_REGISTERS,
         CONSUMER_REGISTERS=_CONSUMER_REGISTERS,
         ROW_SUM_MMA=row_sum_mma and not pv_under, PV_UNDER=pv_under, TURNS=turns, ABLATE=diagnostic_ablation,
-        EXP2_ON_FMA=exp2_on_fma, TREE_ROWS=TREE_ROWS if tree_rows is None else tree_rows,
-        PEEL=PEEL_PARTIAL_BLOCK if peel is None else peel,
-        LATE_RESCALE=RESCALE_AFTER_EXP2 if late_rescale is None else late_rescale, num_warps=4,
+        EXP2_ON_FMA=exp2_on_fma, TREE_ROWS=TREE_ROWS if tree_rows is None else tree_rows, num_warps=4,
         maxnreg=_MAXNREG)
     launches["sage_attention_hopper"] += 1
 
 
 def build_offline(channels: int = 128, stages: int = STAGES, out_dtype: torch.dtype = torch.bfloat16,
                   row_sums_on_tensor_cores: bool = ROW_SUMS_ON_TENSOR_CORES, pv_during_softmax: bool = PV_DURING_SOFTMAX,
-                  turns: bool = CONSUMERS_TAKE_TURNS, exp2_on_fma: int = 0, tree_rows: bool = TREE_ROWS,
-                  peel: bool | None = None, late_rescale: bool | None = None):
+                  turns: bool = CONSUMERS_TAKE_TURNS, exp2_on_fma: int = 0, tree_rows: bool = TREE_ROWS):
     """The kernel compiled for sm_90 without a GPU, for the tests and for reading its SASS; the signature a launch
     at FLUX's edit shape gets (16-divisible sizes and strides)."""
     import triton
@@ -648,9 +567,7 @@ def build_offline(channels: int = 128, stages: int = STAGES, out_dtype: torch.dt
     constants = dict(HEAD_DIM=channels, STAGES=stages, LOADER_REGISTERS=_LOADER_REGISTERS,
                      CONSUMER_REGISTERS=_CONSUMER_REGISTERS,
                      ROW_SUM_MMA=row_sums_on_tensor_cores and not pv_during_softmax, PV_UNDER=pv_during_softmax,
-                     TURNS=turns, ABLATE=0, EXP2_ON_FMA=exp2_on_fma, TREE_ROWS=tree_rows,
-                     PEEL=PEEL_PARTIAL_BLOCK if peel is None else peel,
-                     LATE_RESCALE=RESCALE_AFTER_EXP2 if late_rescale is None else late_rescale)
+                     TURNS=turns, ABLATE=0, EXP2_ON_FMA=exp2_on_fma, TREE_ROWS=tree_rows)
     signature |= {name: "constexpr" for name in constants}
     names = list(signature)
     attrs = {(names.index(name),): [["tt.divisibility", 16]]
