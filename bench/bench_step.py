@@ -279,9 +279,6 @@ MODIFIERS = {
                    "recorded here on the latent plus 30% noise at t = 0.6; in --e2e, recorded as the fast preset does",
     "turns": "with +sage8 on Hopper: the consumers take turns issuing their MMAs, through named barriers "
              "(kontext_kernels/sage_attention_hopper.py, CONSUMERS_TAKE_TURNS)",
-    "exp2fma2": "with +sage8 on Hopper: one softmax exp2 in 2 by a polynomial on the FMA pipes "
-                "(kontext_kernels/sage_attention_hopper.py, EXP2_ON_FMA)",
-    "exp2fma4": "with +sage8 on Hopper: one softmax exp2 in 4 by a polynomial on the FMA pipes",
     "chainrows": "with +sage8 on Hopper: the softmax's row max and row sum as Triton's chains, not the product's "
                  "trees (kontext_kernels/sage_attention_hopper.py, TREE_ROWS)",
     "tritonattention": "with +sage8 on Hopper: the Triton-language attention kernel (kontext_kernels/sage_attention.py), "
@@ -310,7 +307,6 @@ PRODUCT_GELU = row_quant.GELU_ON_GPU
 PRODUCT_ROW_SUMS = sage_attention_hopper.ROW_SUMS_ON_TENSOR_CORES
 PRODUCT_PV_DURING_SOFTMAX = sage_attention_hopper.PV_DURING_SOFTMAX
 PRODUCT_TURNS = sage_attention_hopper.CONSUMERS_TAKE_TURNS
-PRODUCT_EXP2_ON_FMA = sage_attention_hopper.EXP2_ON_FMA
 PRODUCT_TREE_ROWS = sage_attention_hopper.TREE_ROWS
 
 
@@ -329,7 +325,7 @@ def implementation(name: str) -> str:
     ours_only = [m for m in modifiers if m in ("lora", "lorafly", "thinlora", "autotune", "sdpa", "sage8", "sage8fp16",
                                                "tritongemm", "tritonattention", "modtable", "fusedqkv",
                                                "tanhgelu", "mmarowsums", "pvsoftmax", "turns", "frozenstats",
-                                               "exp2fma2", "exp2fma4", "chainrows")]
+                                               "chainrows")]
     if ours_only and not base.startswith("ours"):
         raise argparse.ArgumentTypeError(f"{name!r}: +{ours_only[0]} applies to our rows only")
     if "autotune" in modifiers and not base.endswith("-compiled"):
@@ -357,8 +353,6 @@ def configure(impl: str) -> None:
     sage_attention_hopper.ROW_SUMS_ON_TENSOR_CORES = "mmarowsums" in modifiers or PRODUCT_ROW_SUMS
     sage_attention_hopper.PV_DURING_SOFTMAX = "pvsoftmax" in modifiers or PRODUCT_PV_DURING_SOFTMAX
     sage_attention_hopper.CONSUMERS_TAKE_TURNS = "turns" in modifiers or PRODUCT_TURNS
-    sage_attention_hopper.EXP2_ON_FMA = next((int(m[-1]) for m in modifiers if m.startswith("exp2fma")),
-                                             PRODUCT_EXP2_ON_FMA)
     sage_attention_hopper.TREE_ROWS = PRODUCT_TREE_ROWS and "chainrows" not in modifiers
     attention_module.FUSED_SAGE_QKV = "fusedqkv" in modifiers
     row_quant.GELU_ON_GPU = row_quant.GELU_TANH_APPROX if "tanhgelu" in modifiers else PRODUCT_GELU

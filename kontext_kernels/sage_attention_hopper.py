@@ -26,7 +26,9 @@ turns through named barriers (`CONSUMERS_TAKE_TURNS`) in either schedule. Turns 
 consumers were not waiting on each other's MMAs: the softmax's instruction issue bounds the loop. Also slower, on
 an H100 (2026-12-06, fifth session; the code at 914bb0d): the whole key blocks in a loop of their own, which lets
 ptxas interleave the exp2s with the row sums and P's packing rather than issue the last 37 back to back (11% slower:
-one consumer's exp2 run meeting the other's ALU work seems to be what the loop lives on).
+one consumer's exp2 run meeting the other's ALU work seems to be what the loop lives on); and one exp2 in four or two
+on the FMA pipes by a cubic, FlashAttention-4's offload (9.5% and 14% slower on an H100, 2026-12-06 (fourth
+session); the code at cc3b99d).
 """
 
 from __future__ import annotations
@@ -100,38 +102,6 @@ def _loader(q_desc, k_desc, v_desc, ones_desc, q_halves, k_ring, v_ring, ones, q
             tma.async_copy_global_to_shared(v_desc, [bh * CHANNELS, block * BLOCK_KEYS], arrived, v_ring.index(stage))
 
 
-EXP2_ON_FMA = 0
-# 2**x for the last of every EXP2_ON_FMA values on the FMA and integer pipes, the rest on MUFU (FlashAttention-4's
-# offload): round x to the nearest integer j with the 1.5 * 2**23 trick, a cubic for 2**(x - j) on [-0.5, 0.5]
-# (relative error 7.5e-5, fitted here), and j added to the exponent bits. Off: on an H100 one in four took the kernel
-# from 1.16 to 1.28 ms, since the softmax waits on its warps' dependent chains, not on MUFU's rate (bench/RESULTS.md,
-# 2026-12-06 (fourth session)).
-_EXP2_BY_POLYNOMIAL = ("{ .reg .f32 x, t, j, p; .reg .b32 tb, pb; "
-                       "max.f32 x, $LAST, 0fC2FC0000; add.rn.f32 t, x, 0f4B400000; sub.rn.f32 j, t, 0f4B400000; "
-                       "sub.rn.f32 x, x, j; fma.rn.f32 p, x, 0f3D61FBA5, 0f3E786F10; fma.rn.f32 p, p, x, 0f3F31798E; "
-                       "fma.rn.f32 p, p, x, 0f3F7FFB49; mov.b32 tb, t; mov.b32 pb, p; shl.b32 tb, tb, 23; "
-                       "add.s32 pb, pb, tb; mov.b32 $OUT, pb; ")
-# Gluon reads module globals only as constexprs; without Triton the strings stay plain (the kernel never builds).
-_as_constexpr = gl.constexpr if gl is not None else str
-_EXP2_ONE_IN_FOUR = _as_constexpr(_EXP2_BY_POLYNOMIAL.replace("$LAST", "$7").replace("$OUT", "$3")
-                                  + "ex2.approx.ftz.f32 $0, $4; ex2.approx.ftz.f32 $1, $5; "
-                                  "ex2.approx.ftz.f32 $2, $6; }")
-_EXP2_ONE_IN_TWO = _as_constexpr(_EXP2_BY_POLYNOMIAL.replace("$LAST", "$3").replace("$OUT", "$1")
-                                + "ex2.approx.ftz.f32 $0, $2; }")
-
-
-@gluon.jit
-def _exp2(x, EXP2_ON_FMA: gl.constexpr):
-    if EXP2_ON_FMA == 4:
-        return gl.inline_asm_elementwise(_EXP2_ONE_IN_FOUR, "=r,=r,=r,=r,r,r,r,r", [x], dtype=gl.float32,
-                                         is_pure=True, pack=4)
-    elif EXP2_ON_FMA == 2:
-        return gl.inline_asm_elementwise(_EXP2_ONE_IN_TWO, "=r,=r,r,r", [x], dtype=gl.float32, is_pure=True,
-                                         pack=2)
-    else:
-        return gl.exp2(x)
-
-
 TREE_ROWS = True
 # A row's max and sum over the 32 values a thread holds of it: Triton's reduction combines them one after another,
 # a chain of 16 VIMNMX3 / 32 FADD whose latency the consumer's warp waits out every block. Folding column c onto
@@ -162,7 +132,7 @@ def _row_total(x, IS_MAX: gl.constexpr, TREE: gl.constexpr, rows_layout: gl.cons
 
 @gluon.jit
 def _softmax(dots, q_factor, k_scale_ptr, block, row_max, length_k, BLOCK_KEYS: gl.constexpr,
-             layout: gl.constexpr, EXP2_ON_FMA: gl.constexpr, TREE_ROWS: gl.constexpr):
+             layout: gl.constexpr, TREE_ROWS: gl.constexpr):
     """One key block's P (float32, x 2**8) and new running row max, as attend_reference makes them: folded scores
     in whole blocks, converted and masked ones in a last, partial block."""
     start_n = block * BLOCK_KEYS
@@ -177,7 +147,7 @@ def _softmax(dots, q_factor, k_scale_ptr, block, row_max, length_k, BLOCK_KEYS: 
         bias = 12582912.0 * factor
         shift = bias + (new_max - 8.0)  # 8.0: sage_attention.P_EXPONENT
         new_max = (shift - bias) + 8.0  # the max the exponent really subtracts (Fast2Sum)
-        p = _exp2(gl.fma(biased, gl.expand_dims(factor, 1), -gl.expand_dims(shift, 1)), EXP2_ON_FMA)
+        p = gl.exp2(gl.fma(biased, gl.expand_dims(factor, 1), -gl.expand_dims(shift, 1)))
     else:
         # Column c holds the scores of the tile's token key_tokens(c) (sage_attention.key_tokens).
         columns = gl.arange(0, BLOCK_KEYS, layout=gl.SliceLayout(0, layout))
@@ -224,7 +194,7 @@ def _row_sums(p8, ones, ROWS: gl.constexpr, layout: gl.constexpr, rows_layout: g
 @gluon.jit
 def _blocks_in_turn(q, k_ring, v_ring, ones, kv_ready, kv_free, q_factor, k_scale_ptr, length_k, s_layout: gl.constexpr,
                     o_layout: gl.constexpr, sums_layout: gl.constexpr, ROW_SUM_MMA: gl.constexpr, WHICH: gl.constexpr,
-                    TURNS: gl.constexpr, ABLATE: gl.constexpr, EXP2_ON_FMA: gl.constexpr,
+                    TURNS: gl.constexpr, ABLATE: gl.constexpr,
                     TREE_ROWS: gl.constexpr):
     """Every key block: its scores issued with the previous block's P·V still running, both waited on together, its
     softmax, its P·V issued; the other consumer's MMAs run during this one's softmax. The running output (before
@@ -248,7 +218,7 @@ def _blocks_in_turn(q, k_ring, v_ring, ones, kv_ready, kv_free, q_factor, k_scal
     dots = warpgroup_mma_wait(num_outstanding=0, deps=(dots, ))
     row_max = gl.full([ROWS], float("-inf"), gl.float32, rows_layout)
     p, row_max = _softmax(dots, q_factor, k_scale_ptr, 0, row_max, length_k, BLOCK_KEYS, s_layout,
-                          EXP2_ON_FMA, TREE_ROWS)
+                          TREE_ROWS)
     alpha = gl.zeros([ROWS], gl.float32, rows_layout)  # the first block's rescale of an empty sum
     out = gl.zeros([ROWS, CHANNELS], gl.float32, o_layout)
     p8 = _as_pv_operand(p, p_layout)
@@ -281,7 +251,7 @@ def _blocks_in_turn(q, k_ring, v_ring, ones, kv_ready, kv_free, q_factor, k_scal
             new_max = row_max
         else:
             p, new_max = _softmax(dots, q_factor, k_scale_ptr, block, row_max, length_k, BLOCK_KEYS, s_layout,
-                                  EXP2_ON_FMA, TREE_ROWS)
+                                  TREE_ROWS)
         alpha = gl.exp2(row_max - new_max)
         if not ROW_SUM_MMA:
             row_sum = row_sum * alpha + _row_total(p, False, TREE_ROWS, rows_layout)
@@ -354,7 +324,7 @@ def _blocks_pv_during_softmax(q, k_ring, v_ring, p_tile, kv_ready, kv_free, q_fa
                          use_acc=False, is_async=True)
     dots = warpgroup_mma_wait(num_outstanding=0, deps=(dots, ))
     row_max = gl.full([ROWS], float("-inf"), gl.float32, rows_layout)
-    p, row_max = _softmax(dots, q_factor, k_scale_ptr, 0, row_max, length_k, BLOCK_KEYS, s_layout, 0, False)
+    p, row_max = _softmax(dots, q_factor, k_scale_ptr, 0, row_max, length_k, BLOCK_KEYS, s_layout, False)
     row_sum = gl.sum(p, axis=1)
     alpha = gl.zeros([ROWS], gl.float32, rows_layout)  # the first block's rescale of an empty sum
     out = gl.zeros([ROWS, CHANNELS], gl.float32, o_layout)
@@ -376,7 +346,7 @@ def _blocks_pv_during_softmax(q, k_ring, v_ring, p_tile, kv_ready, kv_free, q_fa
         if TURNS:
             _pass_turn(WHICH)
         dots = warpgroup_mma_wait(num_outstanding=1, deps=(dots, ))
-        p, new_max = _softmax(dots, q_factor, k_scale_ptr, block, row_max, length_k, BLOCK_KEYS, s_layout, 0, False)
+        p, new_max = _softmax(dots, q_factor, k_scale_ptr, block, row_max, length_k, BLOCK_KEYS, s_layout, False)
         new_alpha = gl.exp2(row_max - new_max)
         row_sum = row_sum * new_alpha + gl.sum(p, axis=1)
         row_max = new_max
@@ -402,7 +372,7 @@ def _blocks_pv_during_softmax(q, k_ring, v_ring, p_tile, kv_ready, kv_free, q_fa
 def _consumer(q_halves, k_ring, v_ring, ones, p_tiles, q_ready, kv_ready, kv_free, q_scale_ptr, k_scale_ptr,
               v_scale_ptr, out_ptr, heads, length_q, length_k, padded_q, padded_k, stride_ob, stride_oh, stride_ol,
               HEAD_DIM: gl.constexpr, WHICH: gl.constexpr, ROW_SUM_MMA: gl.constexpr, PV_UNDER: gl.constexpr,
-              TURNS: gl.constexpr, ABLATE: gl.constexpr, EXP2_ON_FMA: gl.constexpr, TREE_ROWS: gl.constexpr):
+              TURNS: gl.constexpr, ABLATE: gl.constexpr, TREE_ROWS: gl.constexpr):
     ROWS: gl.constexpr = q_halves.type.shape[1]
     CHANNELS: gl.constexpr = q_halves.type.shape[2]
     BLOCK_KEYS: gl.constexpr = k_ring.type.shape[1]
@@ -429,7 +399,7 @@ def _consumer(q_halves, k_ring, v_ring, ones, p_tiles, q_ready, kv_ready, kv_fre
     else:
         out, row_sum = _blocks_in_turn(q, k_ring, v_ring, ones, kv_ready, kv_free, q_factor, k_scale_ptr, length_k,
                                        s_layout, o_layout, sums_layout, ROW_SUM_MMA, WHICH, TURNS, ABLATE,
-                                       EXP2_ON_FMA, TREE_ROWS)
+                                       TREE_ROWS)
 
     columns = gl.arange(0, CHANNELS, layout=gl.SliceLayout(0, o_layout))
     offs_m = start_m + gl.arange(0, ROWS, layout=gl.SliceLayout(1, o_layout))
@@ -448,7 +418,7 @@ def _attention_kernel(q_desc, k_desc, v_desc, ones_desc, q_scale_ptr, k_scale_pt
                       length_q, length_k, padded_q, padded_k, stride_ob, stride_oh, stride_ol, HEAD_DIM: gl.constexpr,
                       STAGES: gl.constexpr, LOADER_REGISTERS: gl.constexpr, CONSUMER_REGISTERS: gl.constexpr,
                       ROW_SUM_MMA: gl.constexpr, PV_UNDER: gl.constexpr, TURNS: gl.constexpr,
-                      ABLATE: gl.constexpr, EXP2_ON_FMA: gl.constexpr, TREE_ROWS: gl.constexpr):
+                      ABLATE: gl.constexpr, TREE_ROWS: gl.constexpr):
     q_halves = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)
     ones = gl.allocate_shared_memory(ones_desc.dtype, ones_desc.block_type.shape, ones_desc.layout)
     k_ring = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
@@ -470,12 +440,10 @@ def _attention_kernel(q_desc, k_desc, v_desc, ones_desc, q_scale_ptr, k_scale_pt
     gl.warp_specialize([
         (_consumer, (q_halves, k_ring, v_ring, ones, p_tiles, q_ready, kv_ready, kv_free, q_scale_ptr, k_scale_ptr,
                      v_scale_ptr, out_ptr, heads, length_q, length_k, padded_q, padded_k, stride_ob, stride_oh,
-                     stride_ol, HEAD_DIM, FIRST, ROW_SUM_MMA, PV_UNDER, TURNS, ABLATE, EXP2_ON_FMA,
-                     TREE_ROWS)),
+                     stride_ol, HEAD_DIM, FIRST, ROW_SUM_MMA, PV_UNDER, TURNS, ABLATE, TREE_ROWS)),
         (_consumer, (q_halves, k_ring, v_ring, ones, p_tiles, q_ready, kv_ready, kv_free, q_scale_ptr, k_scale_ptr,
                      v_scale_ptr, out_ptr, heads, length_q, length_k, padded_q, padded_k, stride_ob, stride_oh,
-                     stride_ol, HEAD_DIM, SECOND, ROW_SUM_MMA, PV_UNDER, TURNS, ABLATE, EXP2_ON_FMA,
-                     TREE_ROWS)),
+                     stride_ol, HEAD_DIM, SECOND, ROW_SUM_MMA, PV_UNDER, TURNS, ABLATE, TREE_ROWS)),
         (_loader, (q_desc, k_desc, v_desc, ones_desc, q_halves, k_ring, v_ring, ones, q_ready, kv_ready, kv_free,
                    length_k, padded_q, padded_k, ROW_SUM_MMA, ABLATE)),
     ], [4, 1], [CONSUMER_REGISTERS, LOADER_REGISTERS])
@@ -513,17 +481,13 @@ def _ones_descriptor(device: torch.device):
 
 
 def launch(operands, out: torch.Tensor, stages: int | None = None, row_sums_on_tensor_cores: bool | None = None,
-           pv_during_softmax: bool | None = None, turns: bool | None = None, exp2_on_fma: int | None = None,
-           tree_rows: bool | None = None, diagnostic_ablation: int = 0) -> None:
+           pv_during_softmax: bool | None = None, turns: bool | None = None, tree_rows: bool | None = None,
+           diagnostic_ablation: int = 0) -> None:
     """The attention of quantized `operands` (sage_attention.Operands) into `out` [B, Lq, H, D]; P's row sums on
-    the tensor cores or not, P·V during the softmax or not, the consumers taking turns or not, one exp2 in
-    `exp2_on_fma` (0, 2 or 4) by a polynomial, the row max and sum as trees or chains (`tree_rows`; the default
-    schedule only) (None: the module's switches; stages None: the ring depth for the
-    schedule). `diagnostic_ablation`, for timing what a part costs (the output is then wrong): bit 1 stops the
+    the tensor cores or not, P·V during the softmax or not, the consumers taking turns or not, the row max and sum
+    as trees or chains (`tree_rows`; the default schedule only) (None: the module's switches; stages None: the
+    ring depth for the schedule). `diagnostic_ablation`, for timing what a part costs (the output is then wrong): bit 1 stops the
     loader after the ring's first fill, bit 2 replaces the softmax by a bitcast of the scores."""
-    exp2_on_fma = EXP2_ON_FMA if exp2_on_fma is None else exp2_on_fma
-    if exp2_on_fma not in (0, 2, 4):
-        raise ValueError(f"exp2_on_fma is 0 (off), 2 or 4 (one exp2 in that many by a polynomial), not {exp2_on_fma}")
     pv_under = PV_DURING_SOFTMAX if pv_during_softmax is None else pv_during_softmax
     stages = stages or (STAGES_PV_DURING_SOFTMAX if pv_under else STAGES)
     turns = CONSUMERS_TAKE_TURNS if turns is None else turns
@@ -541,14 +505,13 @@ def launch(operands, out: torch.Tensor, stages: int | None = None, row_sums_on_t
         out.stride(2), out.stride(1), HEAD_DIM=o.head_dim, STAGES=stages, LOADER_REGISTERS=_LOADER_REGISTERS,
         CONSUMER_REGISTERS=_CONSUMER_REGISTERS,
         ROW_SUM_MMA=row_sum_mma and not pv_under, PV_UNDER=pv_under, TURNS=turns, ABLATE=diagnostic_ablation,
-        EXP2_ON_FMA=exp2_on_fma, TREE_ROWS=TREE_ROWS if tree_rows is None else tree_rows, num_warps=4,
-        maxnreg=_MAXNREG)
+        TREE_ROWS=TREE_ROWS if tree_rows is None else tree_rows, num_warps=4, maxnreg=_MAXNREG)
     launches["sage_attention_hopper"] += 1
 
 
 def build_offline(channels: int = 128, stages: int = STAGES, out_dtype: torch.dtype = torch.bfloat16,
                   row_sums_on_tensor_cores: bool = ROW_SUMS_ON_TENSOR_CORES, pv_during_softmax: bool = PV_DURING_SOFTMAX,
-                  turns: bool = CONSUMERS_TAKE_TURNS, exp2_on_fma: int = 0, tree_rows: bool = TREE_ROWS):
+                  turns: bool = CONSUMERS_TAKE_TURNS, tree_rows: bool = TREE_ROWS):
     """The kernel compiled for sm_90 without a GPU, for the tests and for reading its SASS; the signature a launch
     at FLUX's edit shape gets (16-divisible sizes and strides)."""
     import triton
@@ -567,7 +530,7 @@ def build_offline(channels: int = 128, stages: int = STAGES, out_dtype: torch.dt
     constants = dict(HEAD_DIM=channels, STAGES=stages, LOADER_REGISTERS=_LOADER_REGISTERS,
                      CONSUMER_REGISTERS=_CONSUMER_REGISTERS,
                      ROW_SUM_MMA=row_sums_on_tensor_cores and not pv_during_softmax, PV_UNDER=pv_during_softmax,
-                     TURNS=turns, ABLATE=0, EXP2_ON_FMA=exp2_on_fma, TREE_ROWS=tree_rows)
+                     TURNS=turns, ABLATE=0, TREE_ROWS=tree_rows)
     signature |= {name: "constexpr" for name in constants}
     names = list(signature)
     attrs = {(names.index(name),): [["tt.divisibility", 16]]

@@ -91,32 +91,6 @@ def test_pv_during_the_softmax_builds_with_p_through_shared_memory(channels):
     assert not spills(sass), "registers spill"
 
 
-def _exp2_by_polynomial_like_the_kernel(x: torch.Tensor) -> torch.Tensor:
-    """The steps of sage_attention_hopper._EXP2_BY_POLYNOMIAL in float32 and int32, with its constants."""
-    def constant(text: str) -> torch.Tensor:
-        return torch.tensor([int(text, 16)], dtype=torch.int64).to(torch.int32).view(torch.float32)
-
-    source = hopper_kernel._EXP2_BY_POLYNOMIAL
-    c3, c2, c1, c0 = (constant(t) for t in re.findall(r"0f([0-9A-F]{8})", source)[3:])
-    magic = constant("4B400000")
-    x = torch.maximum(x, constant("C2FC0000"))
-    rounded = x + magic
-    fraction = x - (rounded - magic)
-    p = ((fraction * c3 + c2) * fraction + c1) * fraction + c0
-    return (p.view(torch.int32) + (rounded.view(torch.int32) << 23)).view(torch.float32)
-
-
-def test_the_polynomial_exp2_matches_exp2_over_the_softmax_range():
-    # Exponents as the folded softmax makes them: at most 8 (sage_attention.P_EXPONENT), down past float32's
-    # normal range. Bound: the cubic's fitted relative error 7.5e-5 plus float32 rounding, where 2**x is normal.
-    x = torch.cat([torch.rand(200_000) * 134.0 - 126.0, torch.rand(1000) * -100.0 - 126.0])
-    exact = torch.exp2(x.double())
-    ours = _exp2_by_polynomial_like_the_kernel(x).double()
-    normal = x > -125.5
-    assert ((ours[normal] - exact[normal]).abs() / exact[normal]).max() < 1e-4
-    assert (ours[~normal] < 2.0 ** -125).all() and (ours >= 0).all()
-
-
 def _longest_fadd_chain(sass: str) -> int:
     """The most FADDs in a row, each taking the one before's result, in straight-line SASS order (a register
     written by any other instruction starts again)."""
@@ -145,18 +119,6 @@ def test_tree_rows_cut_the_row_sums_chain_with_as_many_additions():
     assert "SHFL.IDX" not in tree  # the folds move no data between threads
     assert _wgmmas_pipelined(tree), "ptxas serialised the wgmmas"
     assert not spills(tree), "registers spill"
-
-
-@needs_gluon
-@pytest.mark.parametrize("one_in", [4, 2])
-def test_exp2_on_fma_takes_exp2s_off_mufu_without_spills(one_in):
-    plain = sass_of(hopper_kernel.build_offline(128))
-    sass = sass_of(hopper_kernel.build_offline(128, exp2_on_fma=one_in))
-    # The whole-block softmax of each consumer loses 64 / one_in of its 64 MUFU.EX2s a thread and block.
-    mufu = len(re.findall(r"MUFU\.EX2", plain)) - len(re.findall(r"MUFU\.EX2", sass))
-    assert mufu >= 2 * 64 // one_in, mufu
-    assert _wgmmas_pipelined(sass), "ptxas serialised the wgmmas"
-    assert not spills(sass), "registers spill"
 
 
 @needs_gluon
