@@ -7,9 +7,10 @@ FlashAttention-3 is found as `flash_attn_interface` (a build of flash-attention'
 `fa3_fwd_interface` (the `fa3-fwd` wheel on PyPI: the same forward kernels, built against PyTorch's stable ABI).
 Its e4m3 path takes q, k, v in e4m3 with one descale per (batch, head) and writes bf16. Rows:
 - FA3 e4m3 with each head's amax scale, as a user would call it;
-- the same with K's mean over tokens taken off each head first (softmax does not see a per-row constant, so the
+- the same with K's mean over tokens taken off each head first (that takes a constant off each query row's scores, so the
   result is unchanged in exact arithmetic; SageAttention's smoothing, here for e4m3 rather than int8).
-Each row gives ms per call (kernel alone, operands prepared beforehand; and with the PyTorch quantization ops),
+Each row gives ms per call (the whole call from bf16 q, k, v: sage8 with its fused quantization pass, FA3's e4m3 rows
+with an unfused per-head amax and cast in PyTorch; and the kernel alone, its operands prepared beforehand),
 TFLOP/s (4*B*H*L*L*D) and the relative L2 error against float64 attention on the probe's two inputs
 (sage_attention_probe.py: "synthetic" unit-RMS q, k, and "block": q, k, v of a random full-size double block).
 """
@@ -122,7 +123,7 @@ def main() -> None:
                 kernel_alone)
 
     print(f"\n[1, {heads}, {length}, {head_dim}], errors over the first {args.error_heads} heads\n")
-    print("| path | ms (with PyTorch quantization) | kernel alone ms | TFLOP/s (kernel) | rel. L2 synthetic | "
+    print("| path | ms, whole call | kernel alone ms | TFLOP/s (kernel) | rel. L2 synthetic | "
           "rel. L2 block |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for label, ms, alone, errors in rows:
