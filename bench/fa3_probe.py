@@ -7,8 +7,8 @@ FlashAttention-3 is found as `flash_attn_interface` (a build of flash-attention'
 `fa3_fwd_interface` (the `fa3-fwd` wheel on PyPI: the same forward kernels, built against PyTorch's stable ABI).
 Its e4m3 path takes q, k, v in e4m3 with one descale per (batch, head) and writes bf16. Rows:
 - FA3 e4m3 with each head's amax scale, as a user would call it;
-- the same with K's mean over tokens taken off each head first (that takes a constant off each query row's scores, so the
-  result is unchanged in exact arithmetic; SageAttention's smoothing, here for e4m3 rather than int8).
+- the same with K's mean over tokens taken off each head first (that takes a constant off each query row's
+  scores, so the result is unchanged in exact arithmetic; SageAttention's smoothing, here for e4m3, not int8).
 Each row gives ms per call (the whole call from bf16 q, k, v: sage8 with its fused quantization pass, FA3's e4m3 rows
 with an unfused per-head amax and cast in PyTorch; and the kernel alone, its operands prepared beforehand),
 TFLOP/s (4*B*H*L*L*D) and the relative L2 error against float64 attention on the probe's two inputs
