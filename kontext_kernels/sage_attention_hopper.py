@@ -194,8 +194,7 @@ def _row_sums(p8, ones, ROWS: gl.constexpr, layout: gl.constexpr, rows_layout: g
 @gluon.jit
 def _blocks_in_turn(q, k_ring, v_ring, ones, kv_ready, kv_free, q_factor, k_scale_ptr, length_k, s_layout: gl.constexpr,
                     o_layout: gl.constexpr, sums_layout: gl.constexpr, ROW_SUM_MMA: gl.constexpr, WHICH: gl.constexpr,
-                    TURNS: gl.constexpr, ABLATE: gl.constexpr,
-                    TREE_ROWS: gl.constexpr):
+                    TURNS: gl.constexpr, ABLATE: gl.constexpr, TREE_ROWS: gl.constexpr):
     """Every key block: its scores issued with the previous block's P·V still running, both waited on together, its
     softmax, its P·V issued; the other consumer's MMAs run during this one's softmax. The running output (before
     the last division by the row sums) and the row sums.
@@ -486,8 +485,8 @@ def launch(operands, out: torch.Tensor, stages: int | None = None, row_sums_on_t
     """The attention of quantized `operands` (sage_attention.Operands) into `out` [B, Lq, H, D]; P's row sums on
     the tensor cores or not, P·V during the softmax or not, the consumers taking turns or not, the row max and sum
     as trees or chains (`tree_rows`; the default schedule only) (None: the module's switches; stages None: the
-    ring depth for the schedule). `diagnostic_ablation`, for timing what a part costs (the output is then wrong): bit 1 stops the
-    loader after the ring's first fill, bit 2 replaces the softmax by a bitcast of the scores."""
+    ring depth for the schedule). `diagnostic_ablation`, for timing what a part costs (the output is then wrong):
+    bit 1 stops the loader after the ring's first fill, bit 2 replaces the softmax by a bitcast of the scores."""
     pv_under = PV_DURING_SOFTMAX if pv_during_softmax is None else pv_during_softmax
     stages = stages or (STAGES_PV_DURING_SOFTMAX if pv_under else STAGES)
     turns = CONSUMERS_TAKE_TURNS if turns is None else turns

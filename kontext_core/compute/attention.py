@@ -124,11 +124,11 @@ _auto_flash = False
 
 @functools.cache
 def _flash_beats_cudnn(device_index: int) -> bool:
-    # On Hopper and newer, FA3 / FA4 run FLUX's attention faster than SDPA's cuDNN kernel (H100: 693 vs 647
-    # TFLOP/s at the edit shape, bench/RESULTS.md); FA2 runs it at about half cuDNN's rate on Hopper and
-    # like SDPA's own flash kernel before it, so "auto" takes it nowhere (choose 'flash-attn' for it).
-    return _FLASH_NAME in ("FlashAttention-3", "FlashAttention-4") and \
-        torch.cuda.get_device_capability(device_index)[0] >= 9
+    # On Hopper and newer, FA4 runs FLUX's attention faster than SDPA's cuDNN kernel (H100: 693 vs 647 TFLOP/s at
+    # the edit shape, bench/RESULTS.md). FA3's bf16 kernel runs it at cuDNN's speed (H100: 1.42 vs 1.41 ms,
+    # 2026-12-06), and FA2 at about half cuDNN's rate on Hopper and like SDPA's own flash kernel before it, so
+    # "auto" takes neither (choose 'flash-attn' for them).
+    return _FLASH_NAME == "FlashAttention-4" and torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
