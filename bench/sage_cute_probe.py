@@ -1,0 +1,119 @@
+"""sage8's CuTe DSL attention kernel (kontext_kernels/sage_attention_cute.py) against the Gluon kernel it would
+replace, sage8's reference and cuDNN's bf16 attention: agreement at awkward sizes, then time at the edit shape.
+
+    python3 bench/sage_cute_probe.py                      # CuTe DSL installed: compiles the kernel here
+    python3 bench/sage_cute_probe.py --module sage8.so    # exported ahead of time (sage_attention_cute.export)
+
+The exported module is what runs on a machine without the DSL's compiler: `export` writes an object file on any
+machine, linked there against the DSL's runtime library and TVM-FFI's (bench/RESULTS.md says how it was run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from random_weights import rel_l2
+from sage_attention_probe import block_inputs, exact_attention, synthetic_inputs
+
+from kontext_core import TransformerConfig
+from kontext_kernels import sage_attention as sa
+from kontext_kernels import sage_attention_hopper as gluon_kernel
+
+
+def kernel_views(operands: sa.Operands, out: torch.Tensor):
+    """The operands as the CuTe kernel's tensors take them (sage_attention_cute.Sage8Hopper): batch and heads last."""
+    o = operands
+    batch, heads, padded_q, channels = o.q8.shape
+    padded_k = o.k8.shape[2]
+    return (o.q8.view(batch * heads, padded_q, channels).permute(1, 2, 0),
+            o.k8.view(batch * heads, padded_k, channels).permute(1, 2, 0),
+            o.v8t.view(batch * heads, channels, padded_k).permute(1, 2, 0),
+            o.q_scale.view(batch * heads, -1).permute(1, 0), o.k_scale.view(batch * heads, -1).permute(1, 0),
+            o.v_scale.view(batch * heads, channels).permute(1, 0), out.permute(1, 3, 2, 0),
+            o.length_q, o.length_k)
+
+
+def load_kernel(module: str | None):
+    if module:
+        import tvm_ffi
+
+        return tvm_ffi.load_module(module)["sage8_attention"]
+    from kontext_kernels import sage_attention_cute
+
+    return sage_attention_cute.compiled(128)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--module", help="an exported kernel (.so), else compiled here")
+    parser.add_argument("--iterations", type=int, default=20)
+    args = parser.parse_args()
+    from bench_step import cuda_time
+
+    kernel = load_kernel(args.module)
+
+    def cute_attention(operands, out):
+        kernel(*kernel_views(operands, out))
+        return out
+
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}", flush=True)
+    torch.manual_seed(0)
+    print("agreement with the Gluon kernel and sage8's reference (relative L2; max abs difference):")
+    for batch, heads, length_q, length_k in ((1, 3, 256, 256), (2, 3, 200, 333), (1, 2, 1000, 8704 - 37),
+                                             (2, 1, 77, 130), (1, 4, 4608, 4608)):
+        q, k, v = (torch.randn(batch, heads, n, 128, device="cuda", dtype=torch.bfloat16) * s
+                   for n, s in ((length_q, 1.5), (length_k, 1.5), (length_k, 1.0)))
+        k = k + 0.5 * torch.randn(1, heads, 1, 128, device="cuda", dtype=torch.bfloat16)
+        operands = sa.quantize_operands(q, k, v, fp8_pv=True, permute_keys=True)
+        ours = cute_attention(operands, torch.empty(batch, length_q, heads, 128, device="cuda", dtype=torch.bfloat16))
+        gluon = torch.empty_like(ours)
+        gluon_kernel.launch(operands, gluon)
+        reference = sa.attend_reference(operands, torch.bfloat16)
+        exact = exact_attention(q, k, v).transpose(1, 2)
+        torch.cuda.synchronize()
+        print(f"  [{batch}, {heads}, {length_q} x {length_k}]: vs Gluon {rel_l2(ours, gluon):.3e} "
+              f"(max {(ours.float() - gluon.float()).abs().max().item():.3e}), vs reference "
+              f"{rel_l2(ours, reference):.3e}, vs float64 {rel_l2(ours, exact):.3%} (Gluon {rel_l2(gluon, exact):.3%})",
+              flush=True)
+
+    config = TransformerConfig()
+    heads, length = config.num_heads, 512 + 2 * 64 * 64
+    flops = 4 * heads * length * length * config.head_dim
+    for name, (q, k, v) in (("block", block_inputs(config, 64, 512, "cuda", torch.bfloat16)),
+                            ("synthetic", synthetic_inputs(1, heads, length, config.head_dim, "cuda"))):
+        operands = sa.quantize_operands(q, k, v, fp8_pv=True, permute_keys=True)
+        ours = torch.empty(1, length, heads, config.head_dim, device="cuda", dtype=torch.bfloat16)
+        gluon = torch.empty_like(ours)
+        exact = exact_attention(*(t[:, :4] for t in (q, k, v))).transpose(1, 2)
+        cute_attention(operands, ours)
+        gluon_kernel.launch(operands, gluon)
+        print(f"{name} q, k, v [1, {heads}, {length}, 128], error vs float64 over 4 heads: CuTe "
+              f"{rel_l2(ours[:, :, :4], exact):.3%}, Gluon {rel_l2(gluon[:, :, :4], exact):.3%}", flush=True)
+
+    def timed(fn):
+        return 1e3 * cuda_time(fn, warmup=3, iterations=args.iterations, repeat=5)
+
+    from kontext_core.compute.attention import cudnn_first
+
+    def sdpa():
+        with cudnn_first():
+            return F.scaled_dot_product_attention(q, k, v)
+
+    times = {"cuDNN bf16": timed(sdpa), "sage8 Gluon": timed(lambda: gluon_kernel.launch(operands, gluon)),
+             "sage8 CuTe DSL": timed(lambda: cute_attention(operands, ours))}
+    times["cuDNN bf16 again"] = timed(sdpa)
+    print(f"\nkernel alone at [1, {heads}, {length}, 128] ({torch.cuda.get_device_name()}):")
+    for label, ms in times.items():
+        print(f"  {label}: {ms:.3f} ms, {flops / ms / 1e9:.0f} TFLOP/s, {times['cuDNN bf16'] / ms:.2f}x cuDNN")
+
+
+if __name__ == "__main__":
+    main()

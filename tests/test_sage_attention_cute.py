@@ -1,0 +1,118 @@
+"""sage8's attention kernel in CuTe DSL (kontext_kernels/sage_attention_cute.py).
+
+Without a GPU the kernel is compiled for sm_90a (CuTe DSL compiles without one) and its SASS checked for what its
+schedule is for: block j-1's P·V in flight during block j's softmax (a wgmma wait that leaves one group running),
+each MMA's k steps kept in one wgmma group (not serialised), no spills. On a Hopper GPU it is checked, on fresh
+random q, k, v, against `sage_attention.attend_reference` at awkward sizes (query and key counts that are not whole
+128-token tiles, batch 2, 3 heads), with the Gluon kernel's tolerances (tests/test_sage_attention_hopper.py).
+Skipped where `nvidia-cutlass-dsl` is not installed (the `hopper` extra).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from attention_cases import (
+    FP8_BOUND,
+    GPU_KERNEL_VS_REFERENCE,
+    attention_inputs,
+    exact_attention,
+)
+from conftest import rel_error, rel_l2, spills
+
+from kontext_kernels import sage_attention as sa
+
+try:
+    import cutlass  # noqa: F401
+    has_cute_dsl = True
+except Exception:  # noqa: BLE001 - the DSL's import loads a large native library
+    has_cute_dsl = False
+
+needs_cute_dsl = pytest.mark.skipif(not has_cute_dsl, reason="nvidia-cutlass-dsl is not installed")
+hopper_gpu = pytest.mark.skipif(not (has_cute_dsl and torch.cuda.is_available()
+                                     and torch.cuda.get_device_capability() >= (9, 0)), reason="needs a Hopper GPU")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def sass(tmp_path_factory) -> str:
+    """The kernel built for sm_90a in a fresh process (the DSL reads its dump settings at import), as SASS."""
+    import triton
+
+    dump = tmp_path_factory.mktemp("cute_dump")
+    env = dict(os.environ, CUTE_DSL_ARCH="sm_90a", CUTE_DSL_KEEP="cubin", CUTE_DSL_DUMP_DIR=str(dump))
+    subprocess.run([sys.executable, "-c", "from kontext_kernels import sage_attention_cute as k; k.compiled(128)"],
+                   cwd=ROOT, env=env, check=True, capture_output=True, text=True)
+    cubins = list(dump.rglob("*.cubin"))
+    assert len(cubins) == 1, cubins
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return subprocess.run([str(cuobjdump), "-sass", str(cubins[0])], capture_output=True, text=True,
+                          check=True).stdout
+
+
+@needs_cute_dsl
+def test_builds_with_pv_in_flight_during_the_softmax(sass):
+    # Q·Kᵀ: four 64x128x32 int8 wgmmas (128 channels) for block 0 and in the loop; P·V: four 64x128x32 e4m3 ones
+    # (128 keys) in the loop and after it.
+    assert len(re.findall(r"IGMMA\.64x128x32\.S8\.S8", sass)) == 2 * 4
+    assert len(re.findall(r"QGMMA\.64x128x32\.F32\.E4M3\.E4M3", sass)) == 2 * 4
+    # The loop waits for the scores with P·V's group still running, then for P·V after the softmax.
+    assert "WARPGROUP.DEPBAR.LE gsb0, 0x1" in sass
+    wgmmas = re.findall(r"\b[IQ]GMMA\.[^;]*;", sass)
+    assert sum("gsb0" in line for line in wgmmas) < len(wgmmas) / 2, "ptxas serialised the wgmmas"
+    # P reaches P·V's register operand without moving between threads (the keys' order).
+    assert "SHFL.IDX" not in sass
+    assert "UTMALDG" in sass and "USETMAXREG" in sass
+    assert not spills(_key_block_loop(sass)), "registers spill in the key-block loop"
+
+
+def _key_block_loop(sass: str) -> str:
+    """The SASS of the consumers' loop over key blocks: from the target of the backward branch that closes it to
+    that branch, the loop being the one that holds the wait leaving P·V in flight. (ptxas may spill a value or
+    two outside it, set once and read in the epilogue; it depends on its version.)"""
+    lines = [(int(m.group(1), 16), line) for line in sass.splitlines()
+             if (m := re.search(r"/\*([0-9a-f]{4,})\*/", line))]
+    overlap = next(address for address, line in lines if "WARPGROUP.DEPBAR.LE gsb0, 0x1" in line)
+    for address, line in lines:
+        branch = re.search(r"\bBRA (0x[0-9a-f]+)", line)
+        if branch and int(branch.group(1), 16) <= overlap <= address:
+            start = int(branch.group(1), 16)
+            return "\n".join(text for at, text in lines if start <= at <= address)
+    raise AssertionError("no loop around the overlapped wait")
+
+
+def _views(operands: sa.Operands, out: torch.Tensor):
+    sys.path.insert(0, str(ROOT / "bench"))
+    from sage_cute_probe import kernel_views
+
+    return kernel_views(operands, out)
+
+
+SHAPES = [  # (batch, heads, length_q, length_k)
+    (2, 3, 150, 300),   # two whole key blocks and a masked one; a partial query tile
+    (1, 2, 200, 77),    # one key block, partial
+    (2, 2, 256, 384),   # whole tiles only: the folded scores everywhere
+    (1, 3, 129, 1100),  # nine key blocks, more than the ring's stages
+]
+
+
+@hopper_gpu
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_matches_the_reference(shape):
+    from kontext_kernels import sage_attention_cute
+
+    batch, heads, length_q, length_k = shape
+    q, k, v = attention_inputs(batch, heads, length_q, length_k, 128, "cuda")
+    operands = sa.quantize_operands(q, k, v, fp8_pv=True, permute_keys=True)
+    out = torch.empty((batch, length_q, heads, 128), dtype=torch.bfloat16, device="cuda")
+    sage_attention_cute.compiled(128)(*_views(operands, out))
+    reference = sa.attend_reference(operands, torch.float32, block_n=128)
+    assert rel_error(out.transpose(1, 2).float(), reference) <= GPU_KERNEL_VS_REFERENCE + 2**-8
+    assert rel_l2(out.transpose(1, 2).double(), exact_attention(q, k, v)) <= FP8_BOUND
