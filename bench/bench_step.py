@@ -283,6 +283,8 @@ MODIFIERS = {
                  "trees (kontext_kernels/sage_attention_hopper.py, TREE_ROWS)",
     "tritonattention": "with +sage8 on Hopper: the Triton-language attention kernel (kontext_kernels/sage_attention.py), "
                        "not the warp-specialised Gluon one (kontext_kernels/sage_attention_hopper.py)",
+    "cuteattention": "with +sage8 on Hopper: the CuTe DSL attention kernel with FlashAttention-3's in-warpgroup "
+                     "overlap (kontext_kernels/sage_attention_cute.py, through cute_runtime.py), not the Gluon one",
     "sdpa": "attention through PyTorch's SDPA (cuDNN first) even where flash-attn is installed (auto takes it)",
     "graphs": "each step replayed from a CUDA graph (kontext_core/compute/cuda_graph.py)",
     "modtable": "the step's modulation vectors read from a table made before sampling (the fast preset's "
@@ -325,7 +327,7 @@ def implementation(name: str) -> str:
     ours_only = [m for m in modifiers if m in ("lora", "lorafly", "thinlora", "autotune", "sdpa", "sage8", "sage8fp16",
                                                "tritongemm", "tritonattention", "modtable", "fusedqkv",
                                                "tanhgelu", "mmarowsums", "pvsoftmax", "turns", "frozenstats",
-                                               "chainrows")]
+                                               "chainrows", "cuteattention")]
     if ours_only and not base.startswith("ours"):
         raise argparse.ArgumentTypeError(f"{name!r}: +{ours_only[0]} applies to our rows only")
     if "autotune" in modifiers and not base.endswith("-compiled"):
@@ -349,7 +351,8 @@ def configure(impl: str) -> None:
     attention = {"fp8attention": "cudnn-fp8", "sage8": "sage8", "sage8fp16": "sage8-fp16", "sdpa": "sdpa"}
     set_attention_backend(next((attention[m] for m in modifiers if m in attention), "auto"))
     int8_gemm.HOPPER_KERNEL = "triton" if "tritongemm" in modifiers else PRODUCT_HOPPER_GEMM
-    sage_attention.HOPPER_KERNEL = "triton" if "tritonattention" in modifiers else PRODUCT_HOPPER_ATTENTION
+    sage_attention.HOPPER_KERNEL = ("triton" if "tritonattention" in modifiers else
+                                    "cute" if "cuteattention" in modifiers else PRODUCT_HOPPER_ATTENTION)
     sage_attention_hopper.ROW_SUMS_ON_TENSOR_CORES = "mmarowsums" in modifiers or PRODUCT_ROW_SUMS
     sage_attention_hopper.PV_DURING_SOFTMAX = "pvsoftmax" in modifiers or PRODUCT_PV_DURING_SOFTMAX
     sage_attention_hopper.CONSUMERS_TAKE_TURNS = "turns" in modifiers or PRODUCT_TURNS

@@ -2,15 +2,15 @@
 replace, sage8's reference and cuDNN's bf16 attention: agreement at awkward sizes, then time at the edit shape.
 
     python3 bench/sage_cute_probe.py                      # CuTe DSL installed: compiles the kernel here
-    python3 bench/sage_cute_probe.py --module sage8.so    # exported ahead of time (sage_attention_cute.export)
+    python3 bench/sage_cute_probe.py --module sage8.so    # exported ahead of time (kontext_kernels/cute_runtime.py)
 
-The exported module is what runs on a machine without the DSL's compiler: `export` writes an object file on any
-machine, linked there against the DSL's runtime library and TVM-FFI's (bench/RESULTS.md says how it was run).
+The exported module is what runs on a machine without the DSL's compiler (bench/RESULTS.md says how it was run).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -24,31 +24,9 @@ from random_weights import rel_l2
 from sage_attention_probe import block_inputs, exact_attention, synthetic_inputs
 
 from kontext_core import TransformerConfig
+from kontext_kernels import cute_runtime
 from kontext_kernels import sage_attention as sa
 from kontext_kernels import sage_attention_hopper as gluon_kernel
-
-
-def kernel_views(operands: sa.Operands, out: torch.Tensor):
-    """The operands as the CuTe kernel's tensors take them (sage_attention_cute.Sage8Hopper): batch and heads last."""
-    o = operands
-    batch, heads, padded_q, channels = o.q8.shape
-    padded_k = o.k8.shape[2]
-    return (o.q8.view(batch * heads, padded_q, channels).permute(1, 2, 0),
-            o.k8.view(batch * heads, padded_k, channels).permute(1, 2, 0),
-            o.v8t.view(batch * heads, channels, padded_k).permute(1, 2, 0),
-            o.q_scale.view(batch * heads, -1).permute(1, 0), o.k_scale.view(batch * heads, -1).permute(1, 0),
-            o.v_scale.view(batch * heads, channels).permute(1, 0), out.permute(1, 3, 2, 0),
-            o.length_q, o.length_k)
-
-
-def load_kernel(module: str | None):
-    if module:
-        import tvm_ffi
-
-        return tvm_ffi.load_module(module)["sage8_attention"]
-    from kontext_kernels import sage_attention_cute
-
-    return sage_attention_cute.compiled(128)
 
 
 def main() -> None:
@@ -58,10 +36,11 @@ def main() -> None:
     args = parser.parse_args()
     from bench_step import cuda_time
 
-    kernel = load_kernel(args.module)
+    if args.module:
+        os.environ[cute_runtime.MODULE_VARIABLE] = args.module
 
     def cute_attention(operands, out):
-        kernel(*kernel_views(operands, out))
+        cute_runtime.launch(operands, out)
         return out
 
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}", flush=True)

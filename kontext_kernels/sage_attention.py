@@ -52,11 +52,12 @@ anyway); per-token k scales cost one multiply per score.
 from __future__ import annotations
 
 import math
+import os
 from typing import NamedTuple
 
 import torch
 
-from . import sage_attention_hopper
+from . import cute_runtime, sage_attention_hopper
 from .e4m3 import int8_grid, round_to_e4m3, to_e4m3
 from .runtime import (cdiv, enabled_for, hopper, import_triton, interpreting, launches, loop_count,
                       multiprocessors, next_power_of_2, reduction_combines)
@@ -730,14 +731,16 @@ def split_accumulator_default(operands: Operands) -> bool:
 
 
 # Which kernel takes sage8's attention on Hopper: "gluon" (the warp-specialised kernel of
-# sage_attention_hopper.py, where it can run and no variant is pinned) or "triton" (this module's kernel).
-HOPPER_KERNEL = "gluon"
+# sage_attention_hopper.py, where it can run and no variant is pinned), "cute" (sage_attention_cute.py's, with
+# FlashAttention-3's in-warpgroup overlap, where cute_runtime finds it and the output is bf16 with 128 channels;
+# else the Gluon kernel) or "triton" (this module's kernel). KONTEXT_SAGE_HOPPER_KERNEL sets it for a process.
+HOPPER_KERNEL = os.environ.get("KONTEXT_SAGE_HOPPER_KERNEL", "gluon")
 
 
 def hopper_kernel_takes(device: torch.device, fp8_pv: bool, q_rows: int, k_rows: int, head_dim: int) -> bool:
-    """Whether sage_attention_hopper.py's kernel will take operands of this shape on `device` (then quantized in its
-    key order)."""
-    return (HOPPER_KERNEL == "gluon"
+    """Whether a Hopper kernel (sage_attention_hopper.py's or sage_attention_cute.py's; they read the same operands)
+    will take operands of this shape on `device` (then quantized in their key order)."""
+    return (HOPPER_KERNEL in ("gluon", "cute")
             and sage_attention_hopper.takes(device, fp8_pv, q_rows, k_rows, padded_head_dim(head_dim)))
 
 
@@ -746,7 +749,8 @@ def _takes_gluon(operands: Operands, kernel: str | None, config: dict | None, tm
     # The Gluon kernel has one schedule: TMA, 128x128 tiles, a fresh P·V accumulator per key block, folded scores.
     default_variant = (config is None and tma is not False and split_accumulator is not False
                        and (SCORES_DEFAULT if scores is None else scores) == SCORES_FOLDED)
-    return (kernel or HOPPER_KERNEL) == "gluon" and default_variant and sage_attention_hopper.ready_for(operands)
+    return ((kernel or HOPPER_KERNEL) in ("gluon", "cute") and default_variant
+            and sage_attention_hopper.ready_for(operands))
 
 
 def _launch_attention(operands: Operands, out_dtype: torch.dtype, config: dict | None = None,
@@ -762,10 +766,15 @@ def _launch_attention(operands: Operands, out_dtype: torch.dtype, config: dict |
     device = o.q8.device
     out = torch.empty((batch, o.length_q, heads, o.head_dim), dtype=out_dtype, device=device)
     if _takes_gluon(o, kernel, config, tma, split_accumulator, scores):
-        sage_attention_hopper.launch(o, out)
+        cute = ((kernel or HOPPER_KERNEL) == "cute" and out_dtype == torch.bfloat16
+                and cute_runtime.takes(device, channels))
+        if cute:
+            cute_runtime.launch(o, out)
+        else:
+            sage_attention_hopper.launch(o, out)
         last_config.clear()
         last_config.update(BLOCK_M=sage_attention_hopper.BLOCK_M, BLOCK_N=sage_attention_hopper.BLOCK_N,
-                           num_stages=sage_attention_hopper.STAGES, kernel="gluon", tma=True,
+                           num_stages=sage_attention_hopper.STAGES, kernel="cute" if cute else "gluon", tma=True,
                            split_accumulator=True, scores=SCORES_FOLDED,
                            rounded_row_sums=(sage_attention_hopper.ROW_SUMS_ON_TENSOR_CORES
                                              and not sage_attention_hopper.PV_DURING_SOFTMAX),

@@ -88,13 +88,6 @@ def _key_block_loop(sass: str) -> str:
     raise AssertionError("no loop around the overlapped wait")
 
 
-def _views(operands: sa.Operands, out: torch.Tensor):
-    sys.path.insert(0, str(ROOT / "bench"))
-    from sage_cute_probe import kernel_views
-
-    return kernel_views(operands, out)
-
-
 SHAPES = [  # (batch, heads, length_q, length_k)
     (2, 3, 150, 300),   # two whole key blocks and a masked one; a partial query tile
     (1, 2, 200, 77),    # one key block, partial
@@ -106,13 +99,25 @@ SHAPES = [  # (batch, heads, length_q, length_k)
 @hopper_gpu
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_matches_the_reference(shape):
-    from kontext_kernels import sage_attention_cute
+    from kontext_kernels import cute_runtime
 
     batch, heads, length_q, length_k = shape
     q, k, v = attention_inputs(batch, heads, length_q, length_k, 128, "cuda")
     operands = sa.quantize_operands(q, k, v, fp8_pv=True, permute_keys=True)
     out = torch.empty((batch, length_q, heads, 128), dtype=torch.bfloat16, device="cuda")
-    sage_attention_cute.compiled(128)(*_views(operands, out))
+    cute_runtime.launch(operands, out)
     reference = sa.attend_reference(operands, torch.float32, block_n=128)
     assert rel_error(out.transpose(1, 2).float(), reference) <= GPU_KERNEL_VS_REFERENCE + 2**-8
     assert rel_l2(out.transpose(1, 2).double(), exact_attention(q, k, v)) <= FP8_BOUND
+
+
+@hopper_gpu
+def test_sage_attention_dispatches_to_it_when_chosen(monkeypatch):
+    from kontext_kernels.runtime import launches
+
+    monkeypatch.setattr(sa, "HOPPER_KERNEL", "cute")
+    q, k, v = attention_inputs(1, 2, 300, 300, 128, "cuda")
+    before = launches["sage_attention_cute"]
+    out = sa.sage_attention(q, k, v)
+    assert launches["sage_attention_cute"] == before + 1 and sa.last_config["kernel"] == "cute"
+    assert rel_l2(out.double(), exact_attention(q, k, v)) <= FP8_BOUND

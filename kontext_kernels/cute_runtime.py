@@ -1,0 +1,76 @@
+"""Calling sage8's CuTe DSL attention kernel (sage_attention_cute.py) from PyTorch, without importing the DSL here.
+
+The kernel is found, once a process, as
+- an object file exported ahead of time (`sage_attention_cute.export`), linked into a shared library against the
+  DSL's runtime library and TVM-FFI's, named by KONTEXT_SAGE_CUTE_MODULE: for a machine where the DSL's compiler is
+  not installed (it is ~190 MB);
+- else compiled here by the DSL (`nvidia-cutlass-dsl`, the `hopper` extra).
+Either way it is a TVM-FFI function taking torch tensors; it runs on PyTorch's current stream (CUDA graphs too).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from .runtime import launches
+
+MODULE_VARIABLE = "KONTEXT_SAGE_CUTE_MODULE"
+CHANNELS = 128  # the head dims it is built for
+
+
+@functools.cache
+def _kernel():
+    path = os.environ.get(MODULE_VARIABLE)
+    if path:
+        import tvm_ffi
+
+        return tvm_ffi.load_module(path)["sage8_attention"]
+    from . import sage_attention_cute
+
+    return sage_attention_cute.compiled(CHANNELS)
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the kernel can be had here: an exported module named, or the DSL and TVM-FFI importable."""
+    if os.environ.get(MODULE_VARIABLE):
+        return True
+    try:
+        import cutlass  # noqa: F401
+        import tvm_ffi  # noqa: F401
+    except Exception:  # noqa: BLE001 - the DSL's import loads a large native library; any failure means no
+        return False
+    return True
+
+
+def takes(device: torch.device, channels: int) -> bool:
+    return (device.type == "cuda" and channels == CHANNELS and torch.cuda.get_device_capability(device) >= (9, 0)
+            and available())
+
+
+def kernel_views(operands, out: torch.Tensor):
+    """The operands (sage_attention.Operands, keys permuted) and out [B, Lq, H, D] as the kernel's arguments
+    (sage_attention_cute.Sage8Hopper): views with batch and heads last, no copies."""
+    o = operands
+    batch, heads, padded_q, channels = o.q8.shape
+    padded_k = o.k8.shape[2]
+    return (o.q8.view(batch * heads, padded_q, channels).permute(1, 2, 0),
+            o.k8.view(batch * heads, padded_k, channels).permute(1, 2, 0),
+            o.v8t.view(batch * heads, channels, padded_k).permute(1, 2, 0),
+            o.q_scale.view(batch * heads, -1).permute(1, 0), o.k_scale.view(batch * heads, -1).permute(1, 0),
+            o.v_scale.view(batch * heads, channels).permute(1, 0), out.permute(1, 3, 2, 0),
+            o.length_q, o.length_k)
+
+
+def launch(operands, out: torch.Tensor) -> None:
+    """The attention of quantized `operands` (keys in the Hopper kernels' order) into `out` [B, Lq, H, D] bf16."""
+    import tvm_ffi
+
+    if not operands.keys_permuted:
+        raise ValueError("the CuTe DSL kernel reads keys in sage_attention.key_tokens order (permute_keys=True)")
+    with tvm_ffi.use_torch_stream():
+        _kernel()(*kernel_views(operands, out))
+    launches["sage_attention_cute"] += 1
