@@ -10,7 +10,6 @@ The exported module is what runs on a machine without the DSL's compiler (bench/
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -31,16 +30,24 @@ from kontext_kernels import sage_attention_hopper as gluon_kernel
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--module", help="an exported kernel (.so), else compiled here")
+    parser.add_argument("--module", nargs="*", default=[],
+                        help="exported kernels (.so), each checked and timed (label: the file's name); none: "
+                             "the kernel compiled here")
     parser.add_argument("--iterations", type=int, default=20)
     args = parser.parse_args()
+    import tvm_ffi
     from bench_step import cuda_time
 
     if args.module:
-        os.environ[cute_runtime.MODULE_VARIABLE] = args.module
+        kernels = {Path(path).stem: tvm_ffi.load_module(path)["sage8_attention"] for path in args.module}
+    else:
+        from kontext_kernels import sage_attention_cute
 
-    def cute_attention(operands, out):
-        cute_runtime.launch(operands, out)
+        kernels = {"compiled here": sage_attention_cute.compiled(128)}
+
+    def cute_attention(kernel, operands, out):
+        with tvm_ffi.use_torch_stream():
+            kernel(*cute_runtime.kernel_views(operands, out))
         return out
 
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}", flush=True)
@@ -52,16 +59,17 @@ def main() -> None:
                    for n, s in ((length_q, 1.5), (length_k, 1.5), (length_k, 1.0)))
         k = k + 0.5 * torch.randn(1, heads, 1, 128, device="cuda", dtype=torch.bfloat16)
         operands = sa.quantize_operands(q, k, v, fp8_pv=True, permute_keys=True)
-        ours = cute_attention(operands, torch.empty(batch, length_q, heads, 128, device="cuda", dtype=torch.bfloat16))
-        gluon = torch.empty_like(ours)
+        gluon = torch.empty(batch, length_q, heads, 128, device="cuda", dtype=torch.bfloat16)
         gluon_kernel.launch(operands, gluon)
-        reference = sa.attend_reference(operands, torch.bfloat16)
+        reference = sa.attend_reference(operands, torch.bfloat16).transpose(1, 2)
         exact = exact_attention(q, k, v).transpose(1, 2)
-        torch.cuda.synchronize()
-        print(f"  [{batch}, {heads}, {length_q} x {length_k}]: vs Gluon {rel_l2(ours, gluon):.3e} "
-              f"(max {(ours.float() - gluon.float()).abs().max().item():.3e}), vs reference "
-              f"{rel_l2(ours, reference):.3e}, vs float64 {rel_l2(ours, exact):.3%} (Gluon {rel_l2(gluon, exact):.3%})",
-              flush=True)
+        for label, kernel in kernels.items():
+            ours = cute_attention(kernel, operands, torch.empty_like(gluon))
+            torch.cuda.synchronize()
+            print(f"  {label} [{batch}, {heads}, {length_q} x {length_k}]: vs Gluon {rel_l2(ours, gluon):.3e} "
+                  f"(max {(ours.float() - gluon.float()).abs().max().item():.3e}), vs reference "
+                  f"{rel_l2(ours, reference):.3e}, vs float64 {rel_l2(ours, exact):.3%} "
+                  f"(Gluon {rel_l2(gluon, exact):.3%})", flush=True)
 
     config = TransformerConfig()
     heads, length = config.num_heads, 512 + 2 * 64 * 64
@@ -69,13 +77,14 @@ def main() -> None:
     for name, (q, k, v) in (("block", block_inputs(config, 64, 512, "cuda", torch.bfloat16)),
                             ("synthetic", synthetic_inputs(1, heads, length, config.head_dim, "cuda"))):
         operands = sa.quantize_operands(q, k, v, fp8_pv=True, permute_keys=True)
-        ours = torch.empty(1, length, heads, config.head_dim, device="cuda", dtype=torch.bfloat16)
-        gluon = torch.empty_like(ours)
+        gluon = torch.empty(1, q.shape[2], heads, config.head_dim, device="cuda", dtype=torch.bfloat16)
         exact = exact_attention(*(t[:, :4] for t in (q, k, v))).transpose(1, 2)
-        cute_attention(operands, ours)
         gluon_kernel.launch(operands, gluon)
-        print(f"{name} q, k, v [1, {heads}, {length}, 128], error vs float64 over 4 heads: CuTe "
-              f"{rel_l2(ours[:, :, :4], exact):.3%}, Gluon {rel_l2(gluon[:, :, :4], exact):.3%}", flush=True)
+        outputs = {label: cute_attention(kernel, operands, torch.empty_like(gluon))
+                   for label, kernel in kernels.items()}
+        errors = ", ".join(f"{label} {rel_l2(out[:, :, :4], exact):.3%}" for label, out in outputs.items())
+        print(f"{name} q, k, v {list(q.shape)}, error vs float64 over 4 heads: {errors}, Gluon "
+              f"{rel_l2(gluon[:, :, :4], exact):.3%}", flush=True)
 
     def timed(fn):
         return 1e3 * cuda_time(fn, warmup=3, iterations=args.iterations, repeat=5)
@@ -86,8 +95,11 @@ def main() -> None:
         with cudnn_first():
             return F.scaled_dot_product_attention(q, k, v)
 
-    times = {"cuDNN bf16": timed(sdpa), "sage8 Gluon": timed(lambda: gluon_kernel.launch(operands, gluon)),
-             "sage8 CuTe DSL": timed(lambda: cute_attention(operands, ours))}
+    ours = torch.empty_like(gluon)
+    times = {"cuDNN bf16": timed(sdpa), "sage8 Gluon": timed(lambda: gluon_kernel.launch(operands, gluon))}
+    for label, kernel in kernels.items():
+        times[f"sage8 CuTe DSL {label}"] = timed(lambda kernel=kernel: cute_attention(kernel, operands, ours))
+    times["sage8 Gluon again"] = timed(lambda: gluon_kernel.launch(operands, gluon))
     times["cuDNN bf16 again"] = timed(sdpa)
     print(f"\nkernel alone at [1, {heads}, {length}, 128] ({torch.cuda.get_device_name()}):")
     for label, ms in times.items():

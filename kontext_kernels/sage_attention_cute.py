@@ -26,7 +26,7 @@ from __future__ import annotations
 import cuda.bindings.driver as cuda
 import cutlass
 import cutlass.utils.hopper_helpers as hopper
-from cutlass import Float32, Int32, cute, pipeline
+from cutlass import Float32, Int32, const_expr, cute, pipeline
 from cutlass._mlir.dialects import llvm
 from cutlass.cute.nvgpu import cpasync, warpgroup
 from cutlass.cutlass_dsl import T, dsl_user_op
@@ -39,6 +39,13 @@ STAGES = 3
 P_EXPONENT = 8.0  # sage_attention.P_EXPONENT: P is scaled by 2**8 so that e4m3 keeps small weights
 SCORE_BIAS_BITS = 0x4B400000  # 1.5 * 2**23 as float32 bits: int + these bits = 1.5 * 2**23 + int as a float32
 SCORE_BIAS = 12582912.0
+# A row's max and sum over a thread's 32 values as trees of depth 5 rather than chains of 31 (the Gluon kernel's
+# TREE_ROWS): integer maxima ptxas may reassociate itself, float additions it may not.
+TREE_ROWS = True
+# The consumers take turns issuing their MMAs (FlashAttention-3's warp-scheduler barriers): one's Q·Kᵀ and P·V go
+# to the tensor cores while the other runs its softmax, rather than both consumers' MMAs at once.
+CONSUMERS_TAKE_TURNS = False
+_TURN_BARRIERS = (1, 2)  # named barriers; 0 is the CTA-wide one
 _CONSUMER_REGISTERS, _LOADER_REGISTERS = 240, 24
 _THREADS = 3 * 128
 
@@ -68,6 +75,11 @@ def _e4m3x4(a: Float32, b: Float32, c: Float32, d: Float32, *, loc=None, ip=None
 @dsl_user_op
 def _fmax(a: Float32, b: Float32, *, loc=None, ip=None) -> Float32:
     return _ptx(Float32, "max.f32 $0, $1, $2;", "=f,f,f", [(a, Float32), (b, Float32)], loc, ip)
+
+
+@dsl_user_op
+def _fadd(a: Float32, b: Float32, *, loc=None, ip=None) -> Float32:
+    return _ptx(Float32, "add.f32 $0, $1, $2;", "=f,f,f", [(a, Float32), (b, Float32)], loc, ip)
 
 
 @dsl_user_op
@@ -102,11 +114,14 @@ class Sage8Hopper:
     q_scale (Lq_pad, B*H), k_scale (Lk_pad / 128, B*H), v_scale (D, B*H) float32, out (Lq, D, H, B),
     length_q, length_k and the stream."""
 
-    def __init__(self, channels: int = 128, out_dtype=cutlass.BFloat16, stages: int = STAGES):
+    def __init__(self, channels: int = 128, out_dtype=cutlass.BFloat16, stages: int = STAGES,
+                 tree_rows: bool = TREE_ROWS, turns: bool = CONSUMERS_TAKE_TURNS):
         assert channels in (64, 128)
         self.channels = channels
         self.out_dtype = out_dtype
         self.stages = stages
+        self.tree_rows = tree_rows
+        self.turns = turns
 
     @cute.jit
     def __call__(self, q8: cute.Tensor, k8: cute.Tensor, v8t: cute.Tensor, q_scale: cute.Tensor,
@@ -239,7 +254,13 @@ class Sage8Hopper:
         q_pipe.consumer_wait(q_state)
         state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
         kv_pipe.consumer_wait(state)
+        if const_expr(self.turns):
+            if which == 1:
+                self.pass_turn(which)  # the first consumer's first turn is free
+            self.await_turn(which)
         self.issue(mma_qk, dots, q_frag, k_frag[None, None, None, state.index])
+        if const_expr(self.turns):
+            self.pass_turn(which)
         warpgroup.wait_group(0)
         self.softmax(dots, s_coords, q_factor, k_scale, bh, 0, row_max, row_sum, alpha, length_k)
         self.to_operand(dots, p_frag)
@@ -247,8 +268,12 @@ class Sage8Hopper:
         state.advance()
         for block in cutlass.range(1, blocks, unroll=1):
             kv_pipe.consumer_wait(state)
+            if const_expr(self.turns):
+                self.await_turn(which)
             self.issue(mma_qk, dots, q_frag, k_frag[None, None, None, state.index])
             self.issue(mma_pv, products, p_frag, v_frag[None, None, None, previous.index])
+            if const_expr(self.turns):
+                self.pass_turn(which)
             warpgroup.wait_group(1)
             old_alpha = cute.make_rmem_tensor((2,), Float32)
             for half in cutlass.range_constexpr(2):
@@ -260,11 +285,24 @@ class Sage8Hopper:
             self.to_operand(dots, p_frag)
             previous = state.clone()
             state.advance()
+        if const_expr(self.turns):
+            self.await_turn(which)
         self.issue(mma_pv, products, p_frag, v_frag[None, None, None, previous.index])
+        if const_expr(self.turns):  # noqa: SIM102 - a compile-time branch around a runtime one
+            if which == 0:
+                self.pass_turn(which)  # the second consumer's last turn: its own last pass is not awaited
         warpgroup.wait_group(0)
         kv_pipe.consumer_release(previous)
         self.accumulate(total, products, alpha)
         self.store(total, row_sum, o_coords, v_scale, out, start_m, length_q, bh)
+
+    @cute.jit
+    def await_turn(self, which):
+        cute.arch.barrier(barrier_id=_TURN_BARRIERS[0] + which, number_of_threads=256)
+
+    @cute.jit
+    def pass_turn(self, which):
+        cute.arch.barrier_arrive(barrier_id=_TURN_BARRIERS[0] + 1 - which, number_of_threads=256)
 
     @cute.jit
     def issue(self, mma: cute.TiledMma, acc: cute.Tensor, a: cute.Tensor, b: cute.Tensor):
@@ -292,20 +330,17 @@ class Sage8Hopper:
             for half in cutlass.range_constexpr(2):
                 factor = q_factor[half] * k_factor
                 factor = _bits_to_float(_float_to_bits(factor) & -4)  # 22 bits: the bias times it is exact
-                top = dots[2 * half]
-                for i in cutlass.range_constexpr(1, per_row):
-                    top = _imax(top, dots[(i // 2) * 4 + 2 * half + i % 2])
+                top = self.row_total([dots[(i // 2) * 4 + 2 * half + i % 2] for i in range(per_row)], _imax)
                 top = _imax(top, cute.arch.shuffle_sync_bfly(top, offset=1))
                 top = _imax(top, cute.arch.shuffle_sync_bfly(top, offset=2))
                 new_max = _fmax(row_max[half], Float32(top) * factor)
                 bias = SCORE_BIAS * factor
                 shift = bias + (new_max - P_EXPONENT)
                 new_max = (shift - bias) + P_EXPONENT  # the max the exponent really subtracts (Fast2Sum)
-                total = Float32(0.0)
                 for i in cutlass.range_constexpr(per_row):
                     j = (i // 2) * 4 + 2 * half + i % 2
                     p[j] = _ex2(_fma(_bits_to_float(dots[j] + SCORE_BIAS_BITS), factor, -shift))
-                    total += p[j]
+                total = self.row_total([p[(i // 2) * 4 + 2 * half + i % 2] for i in range(per_row)], _fadd)
                 alpha[half] = _ex2(row_max[half] - new_max)
                 row_sum[half] = row_sum[half] * alpha[half] + total
                 row_max[half] = new_max
@@ -333,6 +368,17 @@ class Sage8Hopper:
                 alpha[half] = _ex2(row_max[half] - new_max)
                 row_sum[half] = row_sum[half] * alpha[half] + total
                 row_max[half] = new_max
+
+    def row_total(self, values: list, combine):
+        """A row's values of this thread combined (max or sum) as a tree, or a chain without tree_rows."""
+        if not self.tree_rows:
+            total = values[0]
+            for value in values[1:]:
+                total = combine(total, value)
+            return total
+        while len(values) > 1:
+            values = [combine(values[i], values[i + 1]) for i in range(0, len(values), 2)]
+        return values[0]
 
     @cute.jit
     def to_operand(self, dots: cute.Tensor, p_frag: cute.Tensor):
@@ -396,18 +442,20 @@ def _placeholders(channels: int, out_dtype):
 _COMPILED = {}
 
 
-def compiled(channels: int = 128, out_dtype=cutlass.BFloat16):
+def compiled(channels: int = 128, out_dtype=cutlass.BFloat16, **variant):
     """The kernel compiled for this machine's GPU (or CUTE_DSL_ARCH, e.g. sm_90a, without one), called with torch
-    tensors through TVM-FFI on the current stream; compiled once a process."""
-    key = (channels, out_dtype)
+    tensors through TVM-FFI on its environment stream (cute_runtime.launch sets it to PyTorch's); compiled once a
+    process. `variant`: Sage8Hopper's stages, tree_rows, turns (None: the module's)."""
+    variant = {name: value for name, value in variant.items() if value is not None}
+    key = (channels, out_dtype, tuple(sorted(variant.items())))
     if key not in _COMPILED:
-        _COMPILED[key] = cute.compile(Sage8Hopper(channels, out_dtype), *_placeholders(channels, out_dtype),
-                                      options="--enable-tvm-ffi")
+        _COMPILED[key] = cute.compile(Sage8Hopper(channels, out_dtype, **variant),
+                                      *_placeholders(channels, out_dtype), options="--enable-tvm-ffi")
     return _COMPILED[key]
 
 
-def export(path: str, channels: int = 128, out_dtype=cutlass.BFloat16) -> None:
+def export(path: str, channels: int = 128, out_dtype=cutlass.BFloat16, **variant) -> None:
     """The kernel as an object file (with CUTE_DSL_ARCH=sm_90a, on any machine), its TVM-FFI function named
     sage8_attention: linked against the DSL's runtime library and TVM-FFI's, it runs where the DSL's compiler is
-    not installed."""
-    compiled(channels, out_dtype).export_to_c(path, function_name="sage8_attention")
+    not installed (cute_runtime.py)."""
+    compiled(channels, out_dtype, **variant).export_to_c(path, function_name="sage8_attention")
