@@ -744,9 +744,9 @@ def hopper_kernel_takes(device: torch.device, fp8_pv: bool, q_rows: int, k_rows:
             and sage_attention_hopper.takes(device, fp8_pv, q_rows, k_rows, padded_head_dim(head_dim)))
 
 
-def _takes_gluon(operands: Operands, kernel: str | None, config: dict | None, tma: bool | None,
+def _takes_hopper_kernel(operands: Operands, kernel: str | None, config: dict | None, tma: bool | None,
                  split_accumulator: bool | None, scores: int | None) -> bool:
-    # The Gluon kernel has one schedule: TMA, 128x128 tiles, a fresh P·V accumulator per key block, folded scores.
+    # The Hopper kernels have one schedule: TMA, 128x128 tiles, a fresh P·V accumulator per key block, folded scores.
     default_variant = (config is None and tma is not False and split_accumulator is not False
                        and (SCORES_DEFAULT if scores is None else scores) == SCORES_FOLDED)
     return ((kernel or HOPPER_KERNEL) in ("gluon", "cute") and default_variant
@@ -765,8 +765,9 @@ def _launch_attention(operands: Operands, out_dtype: torch.dtype, config: dict |
     padded_k = o.k8.shape[2]
     device = o.q8.device
     out = torch.empty((batch, o.length_q, heads, o.head_dim), dtype=out_dtype, device=device)
-    if _takes_gluon(o, kernel, config, tma, split_accumulator, scores):
-        cute = ((kernel or HOPPER_KERNEL) == "cute" and out_dtype == torch.bfloat16
+    if _takes_hopper_kernel(o, kernel, config, tma, split_accumulator, scores):
+        # The CuTe DSL kernel writes whole 128-channel bf16 rows: head dim 128 only.
+        cute = ((kernel or HOPPER_KERNEL) == "cute" and out_dtype == torch.bfloat16 and o.head_dim == channels
                 and cute_runtime.takes(device, channels))
         if cute:
             cute_runtime.launch(o, out)
@@ -776,9 +777,9 @@ def _launch_attention(operands: Operands, out_dtype: torch.dtype, config: dict |
         last_config.update(BLOCK_M=sage_attention_hopper.BLOCK_M, BLOCK_N=sage_attention_hopper.BLOCK_N,
                            num_stages=sage_attention_hopper.STAGES, kernel="cute" if cute else "gluon", tma=True,
                            split_accumulator=True, scores=SCORES_FOLDED,
-                           rounded_row_sums=(sage_attention_hopper.ROW_SUMS_ON_TENSOR_CORES
+                           rounded_row_sums=(not cute and sage_attention_hopper.ROW_SUMS_ON_TENSOR_CORES
                                              and not sage_attention_hopper.PV_DURING_SOFTMAX),
-                           pv_during_softmax=sage_attention_hopper.PV_DURING_SOFTMAX)
+                           pv_during_softmax=cute or sage_attention_hopper.PV_DURING_SOFTMAX)
         launches["sage_attention"] += 1
         return out.transpose(1, 2)
     o = keys_in_token_order(o)  # this module's kernel reads keys in token order

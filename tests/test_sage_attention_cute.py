@@ -121,3 +121,8 @@ def test_sage_attention_dispatches_to_it_when_chosen(monkeypatch):
     out = sa.sage_attention(q, k, v)
     assert launches["sage_attention_cute"] == before + 1 and sa.last_config["kernel"] == "cute"
     assert rel_l2(out.double(), exact_attention(q, k, v)) <= FP8_BOUND
+    # Head dim 96 (padded to 128): the kernel would write whole 128-channel rows; the Gluon kernel takes it.
+    q, k, v = attention_inputs(1, 2, 300, 300, 96, "cuda")
+    out = sa.sage_attention(q, k, v)
+    assert launches["sage_attention_cute"] == before + 1 and sa.last_config["kernel"] == "gluon"
+    assert rel_l2(out.double(), exact_attention(q, k, v)) <= FP8_BOUND
