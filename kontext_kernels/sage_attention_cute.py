@@ -18,7 +18,11 @@ float32 by its bits, the bias taken off in the exponent's FFMA), converted and m
 block, P scaled by 2**8 (P_EXPONENT), P·V per block into a fresh accumulator added under the block's rescale.
 A row's sum is kept per thread and summed over the row's four threads once, at the end.
 
-Building needs `nvidia-cutlass-dsl` (the `hopper` extra); compiling needs no GPU (`build`, `export`).
+Measured on an H100 (bench/RESULTS.md, 2026-12-06 (sixth session)): the Gluon kernel's output (bit-identical at
+small shapes) at the Gluon kernel's speed, 1.168 against 1.172 ms at the edit shape. The overlap is not what bounds
+the loop; the softmax's issue is. So the Gluon kernel stays the default (`sage_attention.HOPPER_KERNEL`).
+
+Building needs `nvidia-cutlass-dsl` (the `hopper` extra); compiling needs no GPU (`compiled`, `export`).
 """
 
 from __future__ import annotations
