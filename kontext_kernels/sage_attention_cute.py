@@ -44,10 +44,12 @@ P_EXPONENT = 8.0  # sage_attention.P_EXPONENT: P is scaled by 2**8 so that e4m3 
 SCORE_BIAS_BITS = 0x4B400000  # 1.5 * 2**23 as float32 bits: int + these bits = 1.5 * 2**23 + int as a float32
 SCORE_BIAS = 12582912.0
 # A row's max and sum over a thread's 32 values as trees of depth 5 rather than chains of 31 (the Gluon kernel's
-# TREE_ROWS): integer maxima ptxas may reassociate itself, float additions it may not.
-TREE_ROWS = True
+# TREE_ROWS): integer maxima ptxas may reassociate itself, float additions it may not. Off: the H100 run had chains;
+# trees are built (offline, no spill in the loop) but were not run on a GPU (no device time left).
+TREE_ROWS = False
 # The consumers take turns issuing their MMAs (FlashAttention-3's warp-scheduler barriers): one's Q·Kᵀ and P·V go
-# to the tensor cores while the other runs its softmax, rather than both consumers' MMAs at once.
+# to the tensor cores while the other runs its softmax, rather than both consumers' MMAs at once. Built, not run on
+# a GPU; the Gluon kernel's turns changed nothing (sage_attention_hopper.py). Off.
 CONSUMERS_TAKE_TURNS = False
 _TURN_BARRIERS = (1, 2)  # named barriers; 0 is the CTA-wide one
 _CONSUMER_REGISTERS, _LOADER_REGISTERS = 240, 24
@@ -341,10 +343,14 @@ class Sage8Hopper:
                 bias = SCORE_BIAS * factor
                 shift = bias + (new_max - P_EXPONENT)
                 new_max = (shift - bias) + P_EXPONENT  # the max the exponent really subtracts (Fast2Sum)
+                total = Float32(0.0)
                 for i in cutlass.range_constexpr(per_row):
                     j = (i // 2) * 4 + 2 * half + i % 2
                     p[j] = _ex2(_fma(_bits_to_float(dots[j] + SCORE_BIAS_BITS), factor, -shift))
-                total = self.row_total([p[(i // 2) * 4 + 2 * half + i % 2] for i in range(per_row)], _fadd)
+                    if const_expr(not self.tree_rows):
+                        total += p[j]
+                if const_expr(self.tree_rows):
+                    total = self.row_total([p[(i // 2) * 4 + 2 * half + i % 2] for i in range(per_row)], _fadd)
                 alpha[half] = _ex2(row_max[half] - new_max)
                 row_sum[half] = row_sum[half] * alpha[half] + total
                 row_max[half] = new_max
