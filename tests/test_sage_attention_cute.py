@@ -44,27 +44,40 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def sass(tmp_path_factory) -> str:
-    """The kernel built for sm_90a in a fresh process (the DSL reads its dump settings at import), as SASS."""
+def build(tmp_path_factory):
+    """SASS of the kernel built for sm_90a with Sage8Hopper's switches, each in a fresh process (the DSL reads its
+    dump settings at import)."""
     import triton
 
-    dump = tmp_path_factory.mktemp("cute_dump")
-    env = dict(os.environ, CUTE_DSL_ARCH="sm_90a", CUTE_DSL_KEEP="cubin", CUTE_DSL_DUMP_DIR=str(dump))
-    subprocess.run([sys.executable, "-c", "from kontext_kernels import sage_attention_cute as k; k.compiled(128)"],
-                   cwd=ROOT, env=env, check=True, capture_output=True, text=True)
-    cubins = list(dump.rglob("*.cubin"))
-    assert len(cubins) == 1, cubins
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    return subprocess.run([str(cuobjdump), "-sass", str(cubins[0])], capture_output=True, text=True,
-                          check=True).stdout
+    built = {}
+
+    def sass_of_variant(**variant) -> str:
+        key = tuple(sorted(variant.items()))
+        if key not in built:
+            dump = tmp_path_factory.mktemp("cute_dump")
+            env = dict(os.environ, CUTE_DSL_ARCH="sm_90a", CUTE_DSL_KEEP="cubin", CUTE_DSL_DUMP_DIR=str(dump))
+            code = f"from kontext_kernels import sage_attention_cute as k; k.compiled(128, **{variant!r})"
+            subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True, capture_output=True,
+                           text=True)
+            cubins = list(dump.rglob("*.cubin"))
+            assert len(cubins) == 1, cubins
+            built[key] = subprocess.run([str(cuobjdump), "-sass", str(cubins[0])], capture_output=True, text=True,
+                                        check=True).stdout
+        return built[key]
+
+    return sass_of_variant
 
 
 @needs_cute_dsl
-def test_builds_with_pv_in_flight_during_the_softmax(sass):
-    # Q·Kᵀ: four 64x128x32 int8 wgmmas (128 channels) for block 0 and in the loop; P·V: four 64x128x32 e4m3 ones
-    # (128 keys) in the loop and after it.
+@pytest.mark.parametrize("row_sums_in_pv", [False, True], ids=["softmax_row_sums", "row_sums_in_pv"])
+def test_builds_with_pv_in_flight_during_the_softmax(build, row_sums_in_pv):
+    sass = build(row_sums_in_pv=row_sums_in_pv)
+    # Q·Kᵀ: four 64x128x32 int8 wgmmas (128 channels) for block 0 and in the loop; P·V: four e4m3 ones (128 keys) in
+    # the loop and after it, 128 channels wide, or 136 with the ones' 8 columns.
+    columns = 136 if row_sums_in_pv else 128
     assert len(re.findall(r"IGMMA\.64x128x32\.S8\.S8", sass)) == 2 * 4
-    assert len(re.findall(r"QGMMA\.64x128x32\.F32\.E4M3\.E4M3", sass)) == 2 * 4
+    assert len(re.findall(rf"QGMMA\.64x{columns}x32\.F32\.E4M3\.E4M3", sass)) == 2 * 4
     # The loop waits for the scores with P·V's group still running, then for P·V after the softmax.
     assert "WARPGROUP.DEPBAR.LE gsb0, 0x1" in sass
     wgmmas = re.findall(r"\b[IQ]GMMA\.[^;]*;", sass)
@@ -72,7 +85,12 @@ def test_builds_with_pv_in_flight_during_the_softmax(sass):
     # P reaches P·V's register operand without moving between threads (the keys' order).
     assert "SHFL.IDX" not in sass
     assert "UTMALDG" in sass and "USETMAXREG" in sass
-    assert not spills(_key_block_loop(sass)), "registers spill in the key-block loop"
+    loop = _key_block_loop(sass)
+    assert not spills(loop), "registers spill in the key-block loop"
+    # The softmax adds up P (64 a row pair a block, in both the whole and the masked block's paths), unless the
+    # tensor cores do.
+    additions = len(re.findall(r"\bFADD\b", loop))
+    assert additions < 32 if row_sums_in_pv else additions >= 2 * 64, additions
 
 
 def _key_block_loop(sass: str) -> str:
@@ -126,3 +144,23 @@ def test_sage_attention_dispatches_to_it_when_chosen(monkeypatch):
     out = sa.sage_attention(q, k, v)
     assert launches["sage_attention_cute"] == before + 1 and sa.last_config["kernel"] == "gluon"
     assert rel_l2(out.double(), exact_attention(q, k, v)) <= FP8_BOUND
+
+
+@hopper_gpu
+@needs_cute_dsl
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_row_sums_in_pv_match_the_reference(shape):
+    # P's row sums from the tensor cores sum P as P·V multiplies it (e4m3): the reference's rounded_row_sums.
+    import tvm_ffi
+
+    from kontext_kernels import sage_attention_cute
+
+    batch, heads, length_q, length_k = shape
+    q, k, v = attention_inputs(batch, heads, length_q, length_k, 128, "cuda")
+    operands = sa.quantize_operands(q, k, v, fp8_pv=True, permute_keys=True)
+    out = torch.empty((batch, length_q, heads, 128), dtype=torch.bfloat16, device="cuda")
+    with tvm_ffi.use_torch_stream():
+        sage_attention_cute.compiled(128, row_sums_in_pv=True)(*cute_runtime.kernel_views(operands, out))
+    reference = sa.attend_reference(operands, torch.float32, block_n=128, rounded_row_sums=True)
+    assert rel_error(out.transpose(1, 2).float(), reference) <= GPU_KERNEL_VS_REFERENCE + 2**-8
+    assert rel_l2(out.transpose(1, 2).double(), exact_attention(q, k, v)) <= FP8_BOUND
