@@ -118,13 +118,26 @@ SHAPES = [  # (batch, heads, length_q, length_k)
 
 @hopper_gpu
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_matches_the_reference(shape):
+@pytest.mark.parametrize("row_sums_in_pv", [False, True], ids=["default", "row_sums_in_pv"])
+def test_matches_the_reference(shape, row_sums_in_pv):
+    # The default kernel as cute_runtime finds it (exported or compiled here); the row-sums variant compiled here.
+    # P's row sums from the tensor cores sum P as P·V multiplies it (e4m3): the reference's rounded_row_sums.
+    if row_sums_in_pv and not has_cute_dsl:
+        pytest.skip("the variant is compiled here: nvidia-cutlass-dsl is not installed")
     batch, heads, length_q, length_k = shape
     q, k, v = attention_inputs(batch, heads, length_q, length_k, 128, "cuda")
     operands = sa.quantize_operands(q, k, v, fp8_pv=True, permute_keys=True)
     out = torch.empty((batch, length_q, heads, 128), dtype=torch.bfloat16, device="cuda")
-    cute_runtime.launch(operands, out)
-    reference = sa.attend_reference(operands, torch.float32, block_n=128)
+    if row_sums_in_pv:
+        import tvm_ffi
+
+        from kontext_kernels import sage_attention_cute
+
+        with tvm_ffi.use_torch_stream():
+            sage_attention_cute.compiled(128, row_sums_in_pv=True)(*cute_runtime.kernel_views(operands, out))
+    else:
+        cute_runtime.launch(operands, out)
+    reference = sa.attend_reference(operands, torch.float32, block_n=128, rounded_row_sums=row_sums_in_pv)
     assert rel_error(out.transpose(1, 2).float(), reference) <= GPU_KERNEL_VS_REFERENCE + 2**-8
     assert rel_l2(out.transpose(1, 2).double(), exact_attention(q, k, v)) <= FP8_BOUND
 
@@ -145,22 +158,3 @@ def test_sage_attention_dispatches_to_it_when_chosen(monkeypatch):
     assert launches["sage_attention_cute"] == before + 1 and sa.last_config["kernel"] == "gluon"
     assert rel_l2(out.double(), exact_attention(q, k, v)) <= FP8_BOUND
 
-
-@hopper_gpu
-@needs_cute_dsl
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_row_sums_in_pv_match_the_reference(shape):
-    # P's row sums from the tensor cores sum P as P·V multiplies it (e4m3): the reference's rounded_row_sums.
-    import tvm_ffi
-
-    from kontext_kernels import sage_attention_cute
-
-    batch, heads, length_q, length_k = shape
-    q, k, v = attention_inputs(batch, heads, length_q, length_k, 128, "cuda")
-    operands = sa.quantize_operands(q, k, v, fp8_pv=True, permute_keys=True)
-    out = torch.empty((batch, length_q, heads, 128), dtype=torch.bfloat16, device="cuda")
-    with tvm_ffi.use_torch_stream():
-        sage_attention_cute.compiled(128, row_sums_in_pv=True)(*cute_runtime.kernel_views(operands, out))
-    reference = sa.attend_reference(operands, torch.float32, block_n=128, rounded_row_sums=True)
-    assert rel_error(out.transpose(1, 2).float(), reference) <= GPU_KERNEL_VS_REFERENCE + 2**-8
-    assert rel_l2(out.transpose(1, 2).double(), exact_attention(q, k, v)) <= FP8_BOUND
