@@ -35,19 +35,17 @@ def main() -> None:
                              "the kernel compiled here")
     parser.add_argument("--iterations", type=int, default=20)
     args = parser.parse_args()
-    import tvm_ffi
     from bench_step import cuda_time
 
     if args.module:
-        kernels = {Path(path).stem: tvm_ffi.load_module(path)["sage8_attention"] for path in args.module}
+        kernels = {Path(path).stem: cute_runtime.load_module(path) for path in args.module}
     else:
         from kontext_kernels import sage_attention_cute
 
         kernels = {"compiled here": sage_attention_cute.compiled(128)}
 
     def cute_attention(kernel, operands, out):
-        with tvm_ffi.use_torch_stream():
-            kernel(*cute_runtime.kernel_views(operands, out))
+        cute_runtime.launch(operands, out, kernel)
         return out
 
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}", flush=True)

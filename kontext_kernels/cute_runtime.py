@@ -3,7 +3,7 @@
 The kernel is found, once a process, as
 - an object file exported ahead of time (`sage_attention_cute.export`), linked into a shared library against the
   DSL's runtime library and TVM-FFI's, named by KONTEXT_SAGE_CUTE_MODULE: for a machine where the DSL's compiler is
-  not installed (it is ~190 MB);
+  not installed (it is ~190 MB; bench/cute_on_device.sh links one);
 - else compiled here by the DSL (`nvidia-cutlass-dsl`, the `hopper` extra).
 Either way it is a TVM-FFI function taking torch tensors; it runs on PyTorch's current stream (CUDA graphs too).
 """
@@ -12,22 +12,34 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
+from pathlib import Path
 
 import torch
 
 from .runtime import launches
 
 MODULE_VARIABLE = "KONTEXT_SAGE_CUTE_MODULE"
-CHANNELS = 128  # the head dims it is built for
+CHANNELS = 128  # the head dim it is built for: it writes whole 128-channel rows
+FUNCTION = "sage8_attention"  # the exported function's name (sage_attention_cute.export)
+
+
+def load_module(path: str):
+    """The kernel exported to `path` (a shared library linked from `sage_attention_cute.export`'s object file)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no exported CuTe DSL kernel there. Export one with "
+                                f"kontext_kernels.sage_attention_cute.export and link it (bench/cute_on_device.sh), "
+                                f"or unset {MODULE_VARIABLE} to compile the kernel here")
+    import tvm_ffi
+
+    return tvm_ffi.load_module(path)[FUNCTION]
 
 
 @functools.cache
 def _kernel():
     path = os.environ.get(MODULE_VARIABLE)
     if path:
-        import tvm_ffi
-
-        return tvm_ffi.load_module(path)["sage8_attention"]
+        return load_module(path)
     from . import sage_attention_cute
 
     return sage_attention_cute.compiled(CHANNELS)
@@ -46,9 +58,24 @@ def available() -> bool:
     return True
 
 
-def takes(device: torch.device, channels: int) -> bool:
-    return (device.type == "cuda" and channels == CHANNELS and torch.cuda.get_device_capability(device) >= (9, 0)
-            and available())
+@functools.cache
+def _warn_unavailable() -> None:
+    warnings.warn("sage8's CuTe DSL kernel was chosen (HOPPER_KERNEL 'cute') but cannot be had here: install it "
+                  f"with pip install -e '.[hopper]' or name an exported one in {MODULE_VARIABLE}; the Gluon kernel "
+                  "runs instead", stacklevel=3)
+
+
+def takes(operands, out_dtype: torch.dtype) -> bool:
+    """Whether the kernel takes these quantized operands (keys in the Hopper kernels' order, a Hopper GPU) into an
+    output of `out_dtype`: bf16, head dim 128."""
+    o = operands
+    if not (o.keys_permuted and out_dtype == torch.bfloat16 and o.head_dim == CHANNELS and o.q8.shape[3] == CHANNELS
+            and o.q8.is_cuda and torch.cuda.get_device_capability(o.q8.device) >= (9, 0)):
+        return False
+    if not available():
+        _warn_unavailable()
+        return False
+    return True
 
 
 def kernel_views(operands, out: torch.Tensor):
@@ -65,12 +92,20 @@ def kernel_views(operands, out: torch.Tensor):
             o.length_q, o.length_k)
 
 
-def launch(operands, out: torch.Tensor) -> None:
-    """The attention of quantized `operands` (keys in the Hopper kernels' order) into `out` [B, Lq, H, D] bf16."""
+def launch(operands, out: torch.Tensor, kernel=None) -> None:
+    """The attention of quantized `operands` (keys in the Hopper kernels' order) into `out` [B, Lq, H, D] bf16, by
+    `kernel` (a compiled or loaded variant; None: the one this module finds)."""
+    if not operands.keys_permuted:
+        raise ValueError("the CuTe DSL kernel reads keys in sage_attention.key_tokens order: quantize with "
+                         "permute_keys=True")
+    with _torch_stream()():
+        (kernel or _kernel())(*kernel_views(operands, out))
+    launches["sage_attention_cute"] += 1
+
+
+@functools.cache
+def _torch_stream():
+    """TVM-FFI's context that sets its environment stream to PyTorch's current one (imported once, not per call)."""
     import tvm_ffi
 
-    if not operands.keys_permuted:
-        raise ValueError("the CuTe DSL kernel reads keys in sage_attention.key_tokens order (permute_keys=True)")
-    with tvm_ffi.use_torch_stream():
-        _kernel()(*kernel_views(operands, out))
-    launches["sage_attention_cute"] += 1
+    return tvm_ffi.use_torch_stream

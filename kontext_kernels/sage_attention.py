@@ -734,7 +734,11 @@ def split_accumulator_default(operands: Operands) -> bool:
 # sage_attention_hopper.py, where it can run and no variant is pinned), "cute" (sage_attention_cute.py's, with
 # FlashAttention-3's in-warpgroup overlap, where cute_runtime finds it and the output is bf16 with 128 channels;
 # else the Gluon kernel) or "triton" (this module's kernel). KONTEXT_SAGE_HOPPER_KERNEL sets it for a process.
+HOPPER_KERNELS = ("gluon", "cute", "triton")
 HOPPER_KERNEL = os.environ.get("KONTEXT_SAGE_HOPPER_KERNEL", "gluon")
+if HOPPER_KERNEL not in HOPPER_KERNELS:
+    raise ValueError(f"KONTEXT_SAGE_HOPPER_KERNEL={HOPPER_KERNEL!r}: choose one of {', '.join(HOPPER_KERNELS)} "
+                     f"(or unset it for the default, gluon)")
 
 
 def hopper_kernel_takes(device: torch.device, fp8_pv: bool, q_rows: int, k_rows: int, head_dim: int) -> bool:
@@ -766,9 +770,7 @@ def _launch_attention(operands: Operands, out_dtype: torch.dtype, config: dict |
     device = o.q8.device
     out = torch.empty((batch, o.length_q, heads, o.head_dim), dtype=out_dtype, device=device)
     if _takes_hopper_kernel(o, kernel, config, tma, split_accumulator, scores):
-        # The CuTe DSL kernel writes whole 128-channel bf16 rows: head dim 128 only.
-        cute = ((kernel or HOPPER_KERNEL) == "cute" and out_dtype == torch.bfloat16 and o.head_dim == channels
-                and cute_runtime.takes(device, channels))
+        cute = (kernel or HOPPER_KERNEL) == "cute" and cute_runtime.takes(o, out_dtype)
         if cute:
             cute_runtime.launch(o, out)
         else:

@@ -36,11 +36,12 @@ from cutlass.cute.nvgpu import cpasync, warpgroup
 from cutlass.cutlass_dsl import T, dsl_user_op
 from cutlass.utils import LayoutEnum
 
+from .sage_attention import P_EXPONENT, key_tokens
+
 QUERY_ROWS = 64  # per consumer warpgroup: one 64-row wgmma
 BLOCK_M = 2 * QUERY_ROWS
 BLOCK_N = 128  # keys per block: sage8's k scales are per 128 keys
 STAGES = 3
-P_EXPONENT = 8.0  # sage_attention.P_EXPONENT: P is scaled by 2**8 so that e4m3 keeps small weights
 SCORE_BIAS_BITS = 0x4B400000  # 1.5 * 2**23 as float32 bits: int + these bits = 1.5 * 2**23 + int as a float32
 SCORE_BIAS = 12582912.0
 # A row's max and sum over a thread's 32 values as trees of depth 5 rather than chains of 31 (the Gluon kernel's
@@ -61,6 +62,12 @@ ROW_SUMS_IN_PV = False
 ONES_ROWS = 8
 _CONSUMER_REGISTERS, _LOADER_REGISTERS = 240, 24
 _THREADS = 3 * 128
+
+
+def _row_value(i: int, half: int) -> int:
+    """The accumulator value holding a thread's i-th value of row half `half`: the values go (column pair, row
+    half, 8-column group)."""
+    return (i // 2) * 4 + 2 * half + i % 2
 
 
 def _smem_layout(dtype, rows: int, columns: int, stages: int):
@@ -349,12 +356,11 @@ class Sage8Hopper:
         p = cute.recast_tensor(dots, Float32)
         k_factor = k_scale[block, bh]
         start_n = block * BLOCK_N
-        # The accumulator's values go (column pair, row half, 8-column group): value i is in row half (i // 2) % 2.
         if start_n + BLOCK_N <= length_k:
             for half in cutlass.range_constexpr(2):
                 factor = q_factor[half] * k_factor
                 factor = _bits_to_float(_float_to_bits(factor) & -4)  # 22 bits: the bias times it is exact
-                top = self.row_total([dots[(i // 2) * 4 + 2 * half + i % 2] for i in range(per_row)], _imax)
+                top = self.row_total([dots[_row_value(i, half)] for i in range(per_row)], _imax)
                 top = _imax(top, cute.arch.shuffle_sync_bfly(top, offset=1))
                 top = _imax(top, cute.arch.shuffle_sync_bfly(top, offset=2))
                 new_max = _fmax(row_max[half], Float32(top) * factor)
@@ -363,23 +369,20 @@ class Sage8Hopper:
                 new_max = (shift - bias) + P_EXPONENT  # the max the exponent really subtracts (Fast2Sum)
                 total = Float32(0.0)
                 for i in cutlass.range_constexpr(per_row):
-                    j = (i // 2) * 4 + 2 * half + i % 2
+                    j = _row_value(i, half)
                     p[j] = _ex2(_fma(_bits_to_float(dots[j] + SCORE_BIAS_BITS), factor, -shift))
                     if const_expr(not self.tree_rows and not self.row_sums_in_pv):
                         total += p[j]
                 if const_expr(self.tree_rows and not self.row_sums_in_pv):
-                    total = self.row_total([p[(i // 2) * 4 + 2 * half + i % 2] for i in range(per_row)], _fadd)
-                alpha[half] = _ex2(row_max[half] - new_max)
-                row_sum[half] = row_sum[half] * alpha[half] + total
-                row_max[half] = new_max
+                    total = self.row_total([p[_row_value(i, half)] for i in range(per_row)], _fadd)
+                self.advance_row(half, new_max, total, row_max, row_sum, alpha)
         else:
             for half in cutlass.range_constexpr(2):
                 factor = q_factor[half] * k_factor
                 top = -Float32.inf
                 for i in cutlass.range_constexpr(per_row):
-                    j = (i // 2) * 4 + 2 * half + i % 2
-                    c = s_coords[j][1]
-                    token = start_n + ((c & 0x71) | ((c & 0x6) << 1) | ((c & 0x8) >> 2))
+                    j = _row_value(i, half)
+                    token = start_n + key_tokens(s_coords[j][1])  # column c holds the tile's token key_tokens(c)
                     score = Float32(dots[j])
                     if token >= length_k:
                         score = -Float32.inf
@@ -390,12 +393,17 @@ class Sage8Hopper:
                 new_max = _fmax(row_max[half], top * factor)
                 total = Float32(0.0)
                 for i in cutlass.range_constexpr(per_row):
-                    j = (i // 2) * 4 + 2 * half + i % 2
+                    j = _row_value(i, half)
                     p[j] = _ex2(p[j] * factor - (new_max - P_EXPONENT))
                     total += p[j]
-                alpha[half] = _ex2(row_max[half] - new_max)
-                row_sum[half] = row_sum[half] * alpha[half] + total
-                row_max[half] = new_max
+                self.advance_row(half, new_max, total, row_max, row_sum, alpha)
+
+    @cute.jit
+    def advance_row(self, half, new_max, total, row_max, row_sum, alpha):
+        """The row's running state after a block: alpha rescales what was summed under the old max."""
+        alpha[half] = _ex2(row_max[half] - new_max)
+        row_sum[half] = row_sum[half] * alpha[half] + total
+        row_max[half] = new_max
 
     def row_total(self, values: list, combine):
         """A row's values of this thread combined (max or sum) as a tree, or a chain without tree_rows."""
@@ -418,8 +426,8 @@ class Sage8Hopper:
         for r in cutlass.range_constexpr(cute.size(packed)):
             # operand register r holds (j 0..3, h = r % 2, kh = r // 2 % 2, kb = r // 4)
             h, kh, kb = r % 2, (r // 2) % 2, r // 4
-            i0 = 2 * (2 * kb + kh)  # i with i % 2 == 0; j = e + 2 (i % 2)
-            v = [(i0 + j // 2) * 4 + 2 * h + j % 2 for j in range(4)]
+            group = 2 * (2 * kb + kh)  # its bytes come from 8-column groups `group` and `group` + 1, pair by pair
+            v = [_row_value(2 * group + j, h) for j in range(4)]
             packed[r] = _e4m3x4(p[v[0]], p[v[1]], p[v[2]], p[v[3]])
 
     @cute.jit
@@ -489,7 +497,7 @@ _COMPILED = {}
 def compiled(channels: int = 128, out_dtype=cutlass.BFloat16, **variant):
     """The kernel compiled for this machine's GPU (or CUTE_DSL_ARCH, e.g. sm_90a, without one), called with torch
     tensors through TVM-FFI on its environment stream (cute_runtime.launch sets it to PyTorch's); compiled once a
-    process. `variant`: Sage8Hopper's stages, tree_rows, turns (None: the module's)."""
+    process. `variant`: Sage8Hopper's stages, tree_rows, turns, row_sums_in_pv (None: the module's)."""
     variant = {name: value for name, value in variant.items() if value is not None}
     key = (channels, out_dtype, tuple(sorted(variant.items())))
     if key not in _COMPILED:

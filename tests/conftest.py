@@ -211,6 +211,14 @@ def spills(sass: str) -> bool:
     return re.search(r"\b(LDL|STL)\b", sass) is not None
 
 
+def wgmmas_pipelined(sass: str) -> bool:
+    """Whether ptxas kept each MMA's k steps in one group: only the group's last wgmma carries the scoreboard
+    (`gsb0`). Where ptxas serialises the kernel's wgmmas (its C7512 / C7514 notes) every wgmma carries it, each
+    waited on before the next."""
+    wgmmas = re.findall(r"\b[IQH]GMMA\.[^;]*;", sass)
+    return sum("gsb0" in line for line in wgmmas) < len(wgmmas) / 2
+
+
 def rel_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
     """max|ours - reference| / max|reference|, the golden README's measure."""
     ours, reference = ours.double(), reference.double()

@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ from attention_cases import (
     attention_inputs,
     exact_attention,
 )
-from conftest import rel_error, rel_l2, spills
+from conftest import rel_error, rel_l2, spills, wgmmas_pipelined
 
 from kontext_kernels import cute_runtime
 from kontext_kernels import sage_attention as sa
@@ -80,8 +81,7 @@ def test_builds_with_pv_in_flight_during_the_softmax(build, row_sums_in_pv):
     assert len(re.findall(rf"QGMMA\.64x{columns}x32\.F32\.E4M3\.E4M3", sass)) == 2 * 4
     # The loop waits for the scores with P·V's group still running, then for P·V after the softmax.
     assert "WARPGROUP.DEPBAR.LE gsb0, 0x1" in sass
-    wgmmas = re.findall(r"\b[IQ]GMMA\.[^;]*;", sass)
-    assert sum("gsb0" in line for line in wgmmas) < len(wgmmas) / 2, "ptxas serialised the wgmmas"
+    assert wgmmas_pipelined(sass), "ptxas serialised the wgmmas"
     # P reaches P·V's register operand without moving between threads (the keys' order).
     assert "SHFL.IDX" not in sass
     assert "UTMALDG" in sass and "USETMAXREG" in sass
@@ -129,12 +129,9 @@ def test_matches_the_reference(shape, row_sums_in_pv):
     operands = sa.quantize_operands(q, k, v, fp8_pv=True, permute_keys=True)
     out = torch.empty((batch, length_q, heads, 128), dtype=torch.bfloat16, device="cuda")
     if row_sums_in_pv:
-        import tvm_ffi
-
         from kontext_kernels import sage_attention_cute
 
-        with tvm_ffi.use_torch_stream():
-            sage_attention_cute.compiled(128, row_sums_in_pv=True)(*cute_runtime.kernel_views(operands, out))
+        cute_runtime.launch(operands, out, sage_attention_cute.compiled(128, row_sums_in_pv=True))
     else:
         cute_runtime.launch(operands, out)
     reference = sa.attend_reference(operands, torch.float32, block_n=128, rounded_row_sums=row_sums_in_pv)
@@ -158,3 +155,32 @@ def test_sage_attention_dispatches_to_it_when_chosen(monkeypatch):
     assert launches["sage_attention_cute"] == before + 1 and sa.last_config["kernel"] == "gluon"
     assert rel_l2(out.double(), exact_attention(q, k, v)) <= FP8_BOUND
 
+
+
+def test_a_wrong_kernel_choice_or_module_path_names_the_fix(tmp_path):
+    env = dict(os.environ, KONTEXT_SAGE_HOPPER_KERNEL="cutlass")
+    chosen = subprocess.run([sys.executable, "-c", "import kontext_kernels.sage_attention"], cwd=ROOT, env=env,
+                            check=False, capture_output=True, text=True)
+    assert chosen.returncode != 0 and "choose one of gluon, cute, triton" in chosen.stderr
+    with pytest.raises(FileNotFoundError, match="sage_attention_cute.export"):
+        cute_runtime.load_module(str(tmp_path / "sage8.so"))
+    q, k, v = attention_inputs(1, 1, 20, 20, 128, "cpu")
+    with pytest.raises(ValueError, match="permute_keys=True"):
+        cute_runtime.launch(sa.quantize_operands_reference(q, k, v), torch.empty(1, 20, 1, 128))
+
+
+def test_choosing_it_where_it_cannot_be_had_warns_and_leaves_it(monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(cute_runtime, "available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    cute_runtime._warn_unavailable.cache_clear()
+    q8 = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0), shape=(1, 2, 128, 128))
+    operands = SimpleNamespace(keys_permuted=True, head_dim=128, q8=q8)
+    # Shapes it does not take are no reason to warn: the Gluon kernel is the one meant for them.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not cute_runtime.takes(SimpleNamespace(keys_permuted=True, head_dim=96, q8=q8), torch.bfloat16)
+        assert not cute_runtime.takes(operands, torch.float32)
+    with pytest.warns(UserWarning, match=r"pip install -e '\.\[hopper\]'"):
+        assert not cute_runtime.takes(operands, torch.bfloat16)

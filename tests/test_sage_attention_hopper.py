@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from attention_cases import FP8_BOUND, GPU_KERNEL_VS_REFERENCE, attention_inputs, exact_attention
-from conftest import rel_error, rel_l2, sass_of, spills
+from conftest import rel_error, rel_l2, sass_of, spills, wgmmas_pipelined
 from kontext_kernels import sage_attention as sa
 from kontext_kernels import sage_attention_hopper as hopper_kernel
 from kontext_kernels.runtime import launches
@@ -46,15 +46,7 @@ def test_builds_for_sm90_with_8bit_wgmma_tma_and_register_split(channels):
     assert "UTMALDG" in sass and "SYNCS.PHASECHK" in sass and "USETMAXREG" in sass
     assert not spills(sass), "registers spill"
     assert kernel.metadata.shared <= 227 * 1024
-    assert _wgmmas_pipelined(sass)
-
-
-def _wgmmas_pipelined(sass: str) -> bool:
-    """Whether ptxas kept each MMA's k steps in one group: only the group's last wgmma carries the scoreboard
-    (`gsb0`). Where ptxas serialises the kernel's wgmmas (its C7512 / C7514 notes) every wgmma carries it, each
-    waited on before the next."""
-    wgmmas = re.findall(r"\b[IQH]GMMA\.[^;]*;", sass)
-    return sum("gsb0" in line for line in wgmmas) < len(wgmmas) / 2
+    assert wgmmas_pipelined(sass)
 
 
 def _fadds(sass: str) -> int:
@@ -70,7 +62,7 @@ def test_row_sums_on_the_tensor_cores_build_without_serialising_the_wgmmas(chann
     # P times ones: four 64x8x32 e4m3 wgmmas a key block, per consumer, for block 0 and in the loop.
     assert len(re.findall(r"QGMMA\.64x8x32\.F32\.E4M3\.E4M3", sass)) == 2 * 2 * 4
     assert len(re.findall(rf"QGMMA\.64x{channels}x32\.F32\.E4M3\.E4M3", sass)) == 2 * 2 * 4
-    assert _wgmmas_pipelined(sass), "ptxas serialised the wgmmas"
+    assert wgmmas_pipelined(sass), "ptxas serialised the wgmmas"
     assert not spills(sass), "registers spill"
     # The softmax's row sums (63 additions a thread per row pair and block, whole and masked block paths, two
     # consumers) are gone: at least 200 FADDs fewer.
@@ -87,7 +79,7 @@ def test_pv_during_the_softmax_builds_with_p_through_shared_memory(channels):
     assert len(re.findall(r"\bSTSM\.16\.M88\.4\b", sass)) == 2 * 2 * 4
     # The scores are waited on with the P·V issued after them still in flight (wgmma groups retire in order).
     assert "WARPGROUP.DEPBAR.LE gsb0, 0x1" in sass
-    assert _wgmmas_pipelined(sass), "ptxas serialised the wgmmas"
+    assert wgmmas_pipelined(sass), "ptxas serialised the wgmmas"
     assert not spills(sass), "registers spill"
 
 
@@ -117,7 +109,7 @@ def test_tree_rows_cut_the_row_sums_chain_with_as_many_additions():
     assert _longest_fadd_chain(tree) <= 12, _longest_fadd_chain(tree)
     assert _fadds(tree) == _fadds(plain)
     assert "SHFL.IDX" not in tree  # the folds move no data between threads
-    assert _wgmmas_pipelined(tree), "ptxas serialised the wgmmas"
+    assert wgmmas_pipelined(tree), "ptxas serialised the wgmmas"
     assert not spills(tree), "registers spill"
 
 
@@ -139,7 +131,7 @@ def test_turns_are_named_barriers_balanced_between_the_consumers(pv_during_softm
         # its last P·V.
         expected = {first: 2, second: 2}, {first: 2, second: 2}
     assert (waits, passes) == expected, (waits, passes)
-    assert _wgmmas_pipelined(sass) and not spills(sass)
+    assert wgmmas_pipelined(sass) and not spills(sass)
 
 
 SHAPES = [  # (batch, heads, length_q, length_k, head_dim)
