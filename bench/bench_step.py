@@ -690,6 +690,8 @@ def main() -> None:
                                                                ("int8+sage8+modtable+compiledae", int8_model),
                                                                ("int8+sage8+modtable+compiledae+frozenstats",
                                                                 int8_model),
+                                                               ("int8+sage8+modtable+compiledae+frozenstats"
+                                                                "+cuteattention", int8_model),
                                                                ("int8+sage8+convertedscores", int8_model))
                 for graphs in ((False, True) if graphs_too or args.e2e else (False,))]
         for label, target, graphs in runs:
@@ -703,7 +705,8 @@ def main() -> None:
             # The product's settings: the kernels on, cuBLAS GEMMs, blocks compiled when any row was.
             configure(("ours-compiled" if compiled else "ours-rowkernels")
                       + ("+fp8attention" if "fp8attention" in label else "") + ("+sage8" if "sage8" in label else "")
-                      + ("+convertedscores" if "convertedscores" in label else ""))
+                      + ("+convertedscores" if "convertedscores" in label else "")
+                      + ("+cuteattention" if "cuteattention" in label else ""))
             if compiled:
                 compile_blocks(target, "ours-compiled")
             seconds = end_to_end(target, cuda_graphs=graphs, batched_modulation="modtable" in label,

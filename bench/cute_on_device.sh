@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # Runs sage8's CuTe DSL kernel on a GPU machine that has no CuTe DSL compiler (bench/RESULTS.md, 2026-12-06 (sixth
 # session)). DIR (default .whl/rt) holds what was prepared on a machine with the DSL:
-#   *.o                           kernels exported by kontext_kernels/sage_attention_cute.export (CUTE_DSL_ARCH=sm_90a);
-#                                 sage8.o is the one cute_runtime loads
+#   *.o                           builds exported by bench/cute_export.py (CUTE_DSL_ARCH=sm_90a), one per
+#                                 cute_runtime.VARIANTS name; sage8.o is the default build
 #   libcute_dsl_runtime.so.xz     the DSL's runtime library (nvidia_cutlass_dsl/cu13/lib), xz-compressed
 #   apache_tvm_ffi-*.whl          TVM-FFI for the GPU machine's Python
-# Then: the probe over every exported kernel, the CuTe tests, and the fast step with and without the CuTe kernel.
+# Then: the probe over every build (its times and errors to $OUT/cute_probe.json when OUT is set), the CuTe tests
+# (every build), and the fast step and whole edit with the Gluon kernel and with the fastest build within the
+# Gluon kernel's error.
 set -o pipefail
 dir="${1:-.whl/rt}"
+out="${OUT:-/tmp/cute_out}"
+mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     "$dir"/*.whl || exit 1
@@ -20,8 +24,13 @@ for object in "$dir"/*.o; do
     kernels+=("/tmp/rt/$(basename "$object" .o).so")
     g++ -shared -o "${kernels[-1]}" "$object" -L/tmp/rt -lcute_dsl_runtime -L"$tvm" -ltvm_ffi || exit 1
 done
-export KONTEXT_SAGE_CUTE_MODULE=/tmp/rt/sage8.so
-timeout 150 python3 bench/sage_cute_probe.py --module "${kernels[@]}" || exit 1
-timeout 100 python3 -m pytest -q tests/test_sage_attention_cute.py -p no:cacheprovider
-fast=ours-int8-compiled+graphs+sage8+modtable
-timeout 200 python3 bench/bench_step.py --no-check --workloads edit --impls $fast $fast+cuteattention
+export KONTEXT_SAGE_CUTE_MODULE=/tmp/rt/sage8.so  # the other builds are found beside it
+timeout 170 python3 bench/sage_cute_probe.py --module "${kernels[@]}" --json "$out/cute_probe.json" || exit 1
+timeout 90 python3 -m pytest -q tests/test_sage_attention_cute.py -p no:cacheprovider
+best=$(cat "$out/cute_probe.best" 2>/dev/null || echo sage8)
+echo "the step's CuTe build: $best"
+export KONTEXT_SAGE_CUTE_MODULE=/tmp/rt/$best.so
+fast=ours-int8-compiled+graphs+sage8+modtable+frozenstats
+edit=int8+sage8+modtable+compiledae+frozenstats
+timeout 330 python3 bench/bench_step.py --no-check --workloads edit --impls $fast $fast+cuteattention \
+    --e2e $edit+graphs $edit+cuteattention+graphs --out "$out"

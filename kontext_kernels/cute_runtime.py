@@ -22,6 +22,19 @@ from .runtime import launches
 MODULE_VARIABLE = "KONTEXT_SAGE_CUTE_MODULE"
 CHANNELS = 128  # the head dim it is built for: it writes whole 128-channel rows
 FUNCTION = "sage8_attention"  # the exported function's name (sage_attention_cute.export)
+# The kernel's builds that are timed against each other (sage_attention_cute.Sage8Hopper's switches), by the name
+# their exported files take (bench/cute_export.py): "sage8" is the default build, the one _kernel finds.
+VARIANTS = {
+    "sage8": {},
+    "tree_rows": {"tree_rows": True},
+    "turns": {"turns": True},
+    "row_sums_in_pv": {"row_sums_in_pv": True},
+    "row_sums_in_pv_tree": {"row_sums_in_pv": True, "tree_rows": True},
+    "pv_into_output": {"pv_into_output": True},
+    "pv_into_output_row_sums": {"pv_into_output": True, "row_sums_in_pv": True},
+    "pv_into_output_row_sums_tree": {"pv_into_output": True, "row_sums_in_pv": True, "tree_rows": True},
+    "pv_into_output_row_sums_margin0": {"pv_into_output": True, "row_sums_in_pv": True, "rescale_margin": 0.0},
+}
 
 
 def load_module(path: str):
@@ -43,6 +56,22 @@ def _kernel():
     from . import sage_attention_cute
 
     return sage_attention_cute.compiled(CHANNELS)
+
+
+@functools.cache
+def variant_kernel(name: str):
+    """The build `name` of VARIANTS: exported beside the module KONTEXT_SAGE_CUTE_MODULE names (as `name`.so), else
+    compiled here; None where neither can be had."""
+    if name not in VARIANTS:
+        raise ValueError(f"{name!r} is not one of sage8's CuTe DSL builds: {', '.join(VARIANTS)}")
+    path = os.environ.get(MODULE_VARIABLE)
+    if path and (Path(path).parent / f"{name}.so").is_file():
+        return load_module(str(Path(path).parent / f"{name}.so"))
+    try:
+        from . import sage_attention_cute
+    except Exception:  # noqa: BLE001 - the DSL's import loads a large native library; any failure means no DSL
+        return None
+    return sage_attention_cute.compiled(CHANNELS, **VARIANTS[name])
 
 
 @functools.cache

@@ -60,6 +60,15 @@ _TURN_BARRIERS = (1, 2)  # named barriers; 0 is the CTA-wide one
 # not); the Gluon kernel's separate P-times-ones wgmma was 18% slower. Built and checked offline, not run on a GPU.
 ROW_SUMS_IN_PV = False
 ONES_ROWS = 8
+# P·V accumulates into the running output itself (FlashAttention-3's way) rather than into a fresh accumulator that
+# an FFMA a value then adds in: the output is rescaled in place, and only where a row's max grew by more than
+# RESCALE_MARGIN (log2 units) since the max its sum is kept under (FlashAttention-4's lazy rescale), which after the
+# first blocks is rare. The 64 FFMAs a block per thread become a few FMULs, and the fresh accumulator's registers
+# are freed. P stays under 2**(P_EXPONENT + margin) (362 at 0.5, e4m3 reaches 448). The cost: the tensor cores'
+# fp8 accumulation keeps fewer bits than an FFMA, over the whole key length rather than one block. Off; built for
+# a GPU run, not yet run on one.
+PV_INTO_OUTPUT = False
+RESCALE_MARGIN = 0.5
 _CONSUMER_REGISTERS, _LOADER_REGISTERS = 240, 24
 _THREADS = 3 * 128
 
@@ -136,14 +145,17 @@ class Sage8Hopper:
 
     def __init__(self, channels: int = 128, out_dtype=cutlass.BFloat16, stages: int = STAGES,
                  tree_rows: bool = TREE_ROWS, turns: bool = CONSUMERS_TAKE_TURNS,
-                 row_sums_in_pv: bool = ROW_SUMS_IN_PV):
-        assert channels in (64, 128)
+                 row_sums_in_pv: bool = ROW_SUMS_IN_PV, pv_into_output: bool = PV_INTO_OUTPUT,
+                 rescale_margin: float = RESCALE_MARGIN):
+        assert channels in (64, 128) and 0.0 <= rescale_margin <= 0.8  # P under 2**8.8: e4m3's largest is 448
         self.channels = channels
         self.out_dtype = out_dtype
         self.stages = stages
         self.tree_rows = tree_rows
         self.turns = turns
         self.row_sums_in_pv = row_sums_in_pv
+        self.pv_into_output = pv_into_output
+        self.rescale_margin = rescale_margin if pv_into_output else 0.0
         self.pv_columns = channels + (ONES_ROWS if row_sums_in_pv else 0)  # P·V's n
 
     @cute.jit
@@ -264,9 +276,11 @@ class Sage8Hopper:
         v_frag = thr_pv.make_fragment_B(thr_pv.partition_B(sv))
         p_frag = thr_pv.make_fragment_A(thr_pv.partition_shape_A((QUERY_ROWS, BLOCK_N)))
         dots = cute.make_rmem_tensor(thr_qk.partition_shape_C((QUERY_ROWS, BLOCK_N)), Int32)
-        products = cute.make_rmem_tensor(thr_pv.partition_shape_C((QUERY_ROWS, self.pv_columns)), Float32)
         total = cute.make_rmem_tensor(thr_pv.partition_shape_C((QUERY_ROWS, self.pv_columns)), Float32)
         total.fill(0.0)
+        products = total
+        if const_expr(not self.pv_into_output):
+            products = cute.make_rmem_tensor(thr_pv.partition_shape_C((QUERY_ROWS, self.pv_columns)), Float32)
         # Each thread holds two rows (g and g + 8 of its warp's 16): their coordinates from an identity tile.
         s_coords = thr_qk.partition_C(cute.make_identity_tensor((QUERY_ROWS, BLOCK_N)))
         o_coords = thr_pv.partition_C(cute.make_identity_tensor((QUERY_ROWS, self.pv_columns)))
@@ -302,7 +316,7 @@ class Sage8Hopper:
             if const_expr(self.turns):
                 self.await_turn(which)
             self.issue(mma_qk, dots, q_frag, k_frag[None, None, None, state.index])
-            self.issue(mma_pv, products, p_frag, v_frag[None, None, None, previous.index])
+            self.issue(mma_pv, products, p_frag, v_frag[None, None, None, previous.index], self.pv_into_output)
             if const_expr(self.turns):
                 self.pass_turn(which)
             warpgroup.wait_group(1)
@@ -312,19 +326,23 @@ class Sage8Hopper:
             self.softmax(dots, s_coords, q_factor, k_scale, bh, block, row_max, row_sum, alpha, length_k)
             warpgroup.wait_group(0)
             kv_pipe.consumer_release(previous)
-            self.accumulate(total, products, old_alpha)
+            if const_expr(self.pv_into_output):
+                self.rescale(total, alpha)  # under block j's max before P_j·V_j adds to it
+            else:
+                self.accumulate(total, products, old_alpha)
             self.to_operand(dots, p_frag)
             previous = state.clone()
             state.advance()
         if const_expr(self.turns):
             self.await_turn(which)
-        self.issue(mma_pv, products, p_frag, v_frag[None, None, None, previous.index])
+        self.issue(mma_pv, products, p_frag, v_frag[None, None, None, previous.index], self.pv_into_output)
         if const_expr(self.turns):  # noqa: SIM102 - a compile-time branch around a runtime one
             if which == 0:
                 self.pass_turn(which)  # the second consumer's last turn: its own last pass is not awaited
         warpgroup.wait_group(0)
         kv_pipe.consumer_release(previous)
-        self.accumulate(total, products, alpha)
+        if const_expr(not self.pv_into_output):
+            self.accumulate(total, products, alpha)
         self.store(total, row_sum, o_coords, v_scale, out, start_m, length_q, bh)
 
     @cute.jit
@@ -336,11 +354,12 @@ class Sage8Hopper:
         cute.arch.barrier_arrive(barrier_id=_TURN_BARRIERS[0] + 1 - which, number_of_threads=256)
 
     @cute.jit
-    def issue(self, mma: cute.TiledMma, acc: cute.Tensor, a: cute.Tensor, b: cute.Tensor):
-        """acc = A·B over the whole k extent, issued and committed as one wgmma group (not waited on)."""
+    def issue(self, mma: cute.TiledMma, acc: cute.Tensor, a: cute.Tensor, b: cute.Tensor, add_to: bool = False):
+        """acc = A·B (acc += A·B with `add_to`) over the whole k extent, issued and committed as one wgmma group (not
+        waited on)."""
         warpgroup.fence()
         atom = cute.make_mma_atom(mma.op)
-        atom.set(warpgroup.Field.ACCUMULATE, False)
+        atom.set(warpgroup.Field.ACCUMULATE, add_to)
         for k in cutlass.range_constexpr(cute.size(a.shape[2])):
             cute.gemm(atom, acc, a[None, None, k], b[None, None, k], acc)
             atom.set(warpgroup.Field.ACCUMULATE, True)
@@ -363,7 +382,7 @@ class Sage8Hopper:
                 top = self.row_total([dots[_row_value(i, half)] for i in range(per_row)], _imax)
                 top = _imax(top, cute.arch.shuffle_sync_bfly(top, offset=1))
                 top = _imax(top, cute.arch.shuffle_sync_bfly(top, offset=2))
-                new_max = _fmax(row_max[half], Float32(top) * factor)
+                new_max, grows = self.next_max(row_max[half], Float32(top) * factor)
                 bias = SCORE_BIAS * factor
                 shift = bias + (new_max - P_EXPONENT)
                 new_max = (shift - bias) + P_EXPONENT  # the max the exponent really subtracts (Fast2Sum)
@@ -375,7 +394,7 @@ class Sage8Hopper:
                         total += p[j]
                 if const_expr(self.tree_rows and not self.row_sums_in_pv):
                     total = self.row_total([p[_row_value(i, half)] for i in range(per_row)], _fadd)
-                self.advance_row(half, new_max, total, row_max, row_sum, alpha)
+                self.advance_row(half, new_max, grows, total, row_max, row_sum, alpha)
         else:
             for half in cutlass.range_constexpr(2):
                 factor = q_factor[half] * k_factor
@@ -390,20 +409,38 @@ class Sage8Hopper:
                     top = _fmax(top, score)
                 top = _fmax(top, cute.arch.shuffle_sync_bfly(top, offset=1))
                 top = _fmax(top, cute.arch.shuffle_sync_bfly(top, offset=2))
-                new_max = _fmax(row_max[half], top * factor)
+                new_max, grows = self.next_max(row_max[half], top * factor)
                 total = Float32(0.0)
                 for i in cutlass.range_constexpr(per_row):
                     j = _row_value(i, half)
                     p[j] = _ex2(p[j] * factor - (new_max - P_EXPONENT))
                     total += p[j]
-                self.advance_row(half, new_max, total, row_max, row_sum, alpha)
+                self.advance_row(half, new_max, grows, total, row_max, row_sum, alpha)
 
     @cute.jit
-    def advance_row(self, half, new_max, total, row_max, row_sum, alpha):
-        """The row's running state after a block: alpha rescales what was summed under the old max."""
-        alpha[half] = _ex2(row_max[half] - new_max)
+    def next_max(self, row_max, block_max):
+        """The max a block's P is taken under, and (with pv_into_output) whether the row's max moves on to it: only
+        where the block's max is over the kept one by more than the margin (else P may reach 2**margin over its
+        usual range). Without pv_into_output the max moves on whenever it grows, and no flag is made."""
+        new_max = _fmax(row_max, block_max)
+        grows = None
+        if const_expr(self.pv_into_output):
+            grows = block_max > row_max + self.rescale_margin
+            new_max = cutlass.select_(grows, new_max, row_max)
+        return new_max, grows
+
+    @cute.jit
+    def advance_row(self, half, new_max, grows, total, row_max, row_sum, alpha):
+        """The row's running state after a block: alpha rescales what was summed under the old max. With
+        pv_into_output a kept max leaves alpha exactly 1, which `rescale` skips (the Fast2Sum max of a kept one is
+        within an ulp of the bias of it: a weight off by under 1e-4, against e4m3's 2**-4 steps in P)."""
+        if const_expr(self.pv_into_output):
+            alpha[half] = cutlass.select_(grows, _ex2(row_max[half] - new_max), Float32(1.0))
+            row_max[half] = cutlass.select_(grows, new_max, row_max[half])
+        else:
+            alpha[half] = _ex2(row_max[half] - new_max)
+            row_max[half] = new_max
         row_sum[half] = row_sum[half] * alpha[half] + total
-        row_max[half] = new_max
 
     def row_total(self, values: list, combine):
         """A row's values of this thread combined (max or sum) as a tree, or a chain without tree_rows."""
@@ -434,6 +471,16 @@ class Sage8Hopper:
     def accumulate(self, total: cute.Tensor, products: cute.Tensor, alpha: cute.Tensor):
         for i in cutlass.range_constexpr(cute.size(total)):
             total[i] = total[i] * alpha[(i // 2) % 2] + products[i]
+
+    @cute.jit
+    def rescale(self, total: cute.Tensor, alpha: cute.Tensor):
+        """The running output (P·V's accumulator) times alpha, row half by row half, only where alpha is not 1: in
+        later blocks most rows keep their max, and a warp skips the multiplies unless one of its rows moved on."""
+        for half in cutlass.range_constexpr(2):
+            if alpha[half] != Float32(1.0):
+                for i in cutlass.range_constexpr(cute.size(total)):
+                    if const_expr((i // 2) % 2 == half):
+                        total[i] = total[i] * alpha[half]
 
     @cute.jit
     def write_ones(self, sv: cute.Tensor, tidx):
@@ -497,7 +544,8 @@ _COMPILED = {}
 def compiled(channels: int = 128, out_dtype=cutlass.BFloat16, **variant):
     """The kernel compiled for this machine's GPU (or CUTE_DSL_ARCH, e.g. sm_90a, without one), called with torch
     tensors through TVM-FFI on its environment stream (cute_runtime.launch sets it to PyTorch's); compiled once a
-    process. `variant`: Sage8Hopper's stages, tree_rows, turns, row_sums_in_pv (None: the module's)."""
+    process. `variant`: Sage8Hopper's stages, tree_rows, turns, row_sums_in_pv, pv_into_output, rescale_margin (None:
+    the module's)."""
     variant = {name: value for name, value in variant.items() if value is not None}
     key = (channels, out_dtype, tuple(sorted(variant.items())))
     if key not in _COMPILED:
