@@ -178,6 +178,8 @@ def test_a_wrong_kernel_choice_or_module_path_names_the_fix(tmp_path):
     assert chosen.returncode != 0 and "choose one of gluon, cute, triton" in chosen.stderr
     with pytest.raises(FileNotFoundError, match="sage_attention_cute.export"):
         cute_runtime.load_module(str(tmp_path / "sage8.so"))
+    with pytest.raises(ValueError, match="not one of sage8's CuTe DSL builds: sage8, tree_rows"):
+        cute_runtime.variant_kernel("pv_in_output")
     q, k, v = attention_inputs(1, 1, 20, 20, 128, "cpu")
     with pytest.raises(ValueError, match="permute_keys=True"):
         cute_runtime.launch(sa.quantize_operands_reference(q, k, v), torch.empty(1, 20, 1, 128))
