@@ -39,7 +39,7 @@ from cutlass.utils import LayoutEnum
 from .sage_attention import P_EXPONENT, key_tokens
 
 QUERY_ROWS = 64  # per consumer warpgroup: one 64-row wgmma
-BLOCK_M = 2 * QUERY_ROWS  # the operands' query rows are padded to a multiple of it (sage_attention.py)
+BLOCK_M = 2 * QUERY_ROWS
 BLOCK_N = 128  # keys per block: sage8's k scales are per 128 keys
 STAGES = 3
 SCORE_BIAS_BITS = 0x4B400000  # 1.5 * 2**23 as float32 bits: int + these bits = 1.5 * 2**23 + int as a float32
@@ -69,13 +69,8 @@ ONES_ROWS = 8
 # a GPU run, not yet run on one.
 PV_INTO_OUTPUT = False
 RESCALE_MARGIN = 0.5
-# Consumer warpgroups of a CTA, each with 64 query rows: two (FlashAttention-3's count) with 240 registers a thread,
-# or three with 160, so that each SM sub-partition has three warps issuing softmax rather than two. Three fit only
-# where P·V adds into the running output (pv_into_output: the fresh accumulator's registers freed). Built, not yet
-# run on a GPU.
-CONSUMERS = 2
-_CONSUMER_REGISTERS = {2: 240, 3: 160}
-_LOADER_REGISTERS = 24
+_CONSUMER_REGISTERS, _LOADER_REGISTERS = 240, 24
+_THREADS = 3 * 128
 
 
 def _row_value(i: int, half: int) -> int:
@@ -151,9 +146,8 @@ class Sage8Hopper:
     def __init__(self, channels: int = 128, out_dtype=cutlass.BFloat16, stages: int = STAGES,
                  tree_rows: bool = TREE_ROWS, turns: bool = CONSUMERS_TAKE_TURNS,
                  row_sums_in_pv: bool = ROW_SUMS_IN_PV, pv_into_output: bool = PV_INTO_OUTPUT,
-                 rescale_margin: float = RESCALE_MARGIN, consumers: int = CONSUMERS):
+                 rescale_margin: float = RESCALE_MARGIN):
         assert channels in (64, 128) and 0.0 <= rescale_margin <= 0.8  # P under 2**8.8: e4m3's largest is 448
-        assert consumers in _CONSUMER_REGISTERS and (consumers == 2 or not turns)
         self.channels = channels
         self.out_dtype = out_dtype
         self.stages = stages
@@ -163,16 +157,13 @@ class Sage8Hopper:
         self.pv_into_output = pv_into_output
         self.rescale_margin = rescale_margin if pv_into_output else 0.0
         self.pv_columns = channels + (ONES_ROWS if row_sums_in_pv else 0)  # P·V's n
-        self.consumers = consumers
-        self.block_m = consumers * QUERY_ROWS  # query rows a CTA
-        self.threads = (consumers + 1) * 128  # and the loader's warpgroup
 
     @cute.jit
     def __call__(self, q8: cute.Tensor, k8: cute.Tensor, v8t: cute.Tensor, q_scale: cute.Tensor,
                  k_scale: cute.Tensor, v_scale: cute.Tensor, out: cute.Tensor, length_q: Int32, length_k: Int32,
                  stream: cuda.CUstream):
         D = self.channels
-        sq_layout = _smem_layout(cutlass.Int8, QUERY_ROWS, D, self.consumers)
+        sq_layout = _smem_layout(cutlass.Int8, QUERY_ROWS, D, 2)
         sk_layout = _smem_layout(cutlass.Int8, BLOCK_N, D, self.stages)
         # Vᵀ's stages, with the ones' rows after the channels where P·V makes the row sums.
         sv_layout = _smem_layout(cutlass.Float8E4M3FN, self.pv_columns, BLOCK_N, self.stages)
@@ -199,7 +190,7 @@ class Sage8Hopper:
 
         self.kernel(tma_q, tma_k, tma_v, q_tma, k_tma, v_tma, q_scale, k_scale, v_scale, out, length_q, length_k,
                     sq_layout, sk_layout, sv_layout, mma_qk, mma_pv, Storage).launch(
-            grid=(cute.ceil_div(length_q, self.block_m), cute.size(q8.shape[2]), 1), block=(self.threads, 1, 1),
+            grid=(cute.ceil_div(length_q, BLOCK_M), cute.size(q8.shape[2]), 1), block=(_THREADS, 1, 1),
             stream=stream, min_blocks_per_mp=1)
 
     @cute.kernel
@@ -218,10 +209,10 @@ class Sage8Hopper:
 
         storage = cutlass.utils.SmemAllocator().allocate(Storage)
         one_thread = pipeline.CooperativeGroup(pipeline.Agent.Thread, 1)
-        consumer_warps = pipeline.CooperativeGroup(pipeline.Agent.Thread, 4 * self.consumers)
+        consumer_warps = pipeline.CooperativeGroup(pipeline.Agent.Thread, 8)
         q_pipe = pipeline.PipelineTmaAsync.create(
             barrier_storage=storage.q_bars.data_ptr(), num_stages=1, producer_group=one_thread,
-            consumer_group=consumer_warps, tx_count=self.consumers * QUERY_ROWS * D, defer_sync=True)
+            consumer_group=consumer_warps, tx_count=2 * QUERY_ROWS * D, defer_sync=True)
         kv_pipe = pipeline.PipelineTmaAsync.create(
             barrier_storage=storage.kv_bars.data_ptr(), num_stages=self.stages, producer_group=one_thread,
             consumer_group=consumer_warps, tx_count=2 * BLOCK_N * D, defer_sync=True)
@@ -241,7 +232,7 @@ class Sage8Hopper:
                 self.load(tma_q, tma_k, tma_v, q_tma, k_tma, v_tma, sq, sk, sv, q_pipe, kv_pipe, m_block, bh,
                           blocks)
         else:
-            cute.arch.setmaxregister_increase(_CONSUMER_REGISTERS[self.consumers])
+            cute.arch.setmaxregister_increase(_CONSUMER_REGISTERS)
             which = warp // 4 - 1
             self.consume(sq, sk, sv, q_pipe, kv_pipe, mma_qk, mma_pv, q_scale, k_scale, v_scale, out, length_q,
                          length_k, blocks, m_block, bh, which, tidx % 128)
@@ -264,8 +255,8 @@ class Sage8Hopper:
                                                 cute.group_modes(v_tiles, 0, 2))
         q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, 1)
         q_pipe.producer_acquire(q_state)
-        for part in cutlass.range_constexpr(self.consumers):  # past the padded rows, TMA fills zeros
-            cute.copy(tma_q, q_part[None, self.consumers * m_block + part], sq_part[None, part],
+        for half in cutlass.range_constexpr(2):
+            cute.copy(tma_q, q_part[None, 2 * m_block + half], sq_part[None, half],
                       tma_bar_ptr=q_pipe.producer_get_barrier(q_state))
         state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
         for block in cutlass.range(blocks, unroll=1):
@@ -293,18 +284,13 @@ class Sage8Hopper:
         # Each thread holds two rows (g and g + 8 of its warp's 16): their coordinates from an identity tile.
         s_coords = thr_qk.partition_C(cute.make_identity_tensor((QUERY_ROWS, BLOCK_N)))
         o_coords = thr_pv.partition_C(cute.make_identity_tensor((QUERY_ROWS, self.pv_columns)))
-        start_m = m_block * self.block_m + which * QUERY_ROWS
+        start_m = m_block * BLOCK_M + which * QUERY_ROWS
         q_factor = cute.make_rmem_tensor((2,), Float32)
         row_max = cute.make_rmem_tensor((2,), Float32)
         row_sum = cute.make_rmem_tensor((2,), Float32)
         alpha = cute.make_rmem_tensor((2,), Float32)
         for half in cutlass.range_constexpr(2):
-            if const_expr(self.block_m == BLOCK_M):
-                q_factor[half] = q_scale[start_m + s_coords[2 * half][0], bh]
-            else:  # q_scale's rows end at a multiple of BLOCK_M, which a CTA's rows may pass
-                q_factor[half] = 0.0
-                if start_m + s_coords[2 * half][0] < length_q:
-                    q_factor[half] = q_scale[start_m + s_coords[2 * half][0], bh]
+            q_factor[half] = q_scale[start_m + s_coords[2 * half][0], bh]
             row_max[half] = -Float32.inf
             row_sum[half] = 0.0
             alpha[half] = 0.0  # the first block's rescale of an empty sum
@@ -502,8 +488,8 @@ class Sage8Hopper:
         the loader's copies never touch them."""
         ones = ONES_ROWS * BLOCK_N * self.stages
         bytes_view = cute.recast_tensor(sv, cutlass.Uint8)
-        for k in cutlass.range_constexpr((ones + self.threads - 1) // self.threads):
-            e = tidx + k * self.threads
+        for k in cutlass.range_constexpr((ones + _THREADS - 1) // _THREADS):
+            e = tidx + k * _THREADS
             if e < ones:
                 bytes_view[self.channels + (e // BLOCK_N) % ONES_ROWS, e % BLOCK_N, e // (ONES_ROWS * BLOCK_N)] = \
                     cutlass.Uint8(0x38)
