@@ -7,7 +7,7 @@
 #   apache_tvm_ffi-*.whl          TVM-FFI for the GPU machine's Python
 # Then: the probe over every build (its times and errors to $OUT/cute_probe.json when OUT is set), the CuTe tests
 # (every build), and the fast step and whole edit with the Gluon kernel and with the fastest build within the
-# Gluon kernel's error.
+# Gluon kernel's error (E2E=0: the step alone).
 set -o pipefail
 dir="${1:-.whl/rt}"
 out="${OUT:-/tmp/cute_out}"
@@ -32,5 +32,7 @@ echo "the step's CuTe build: $best"
 export KONTEXT_SAGE_CUTE_MODULE=/tmp/rt/$best.so
 fast=ours-int8-compiled+graphs+sage8+modtable+frozenstats
 edit=int8+sage8+modtable+compiledae+frozenstats
+whole_edit=(--e2e $edit+graphs $edit+cuteattention+graphs)
+[ "${E2E:-1}" = 0 ] && whole_edit=()  # E2E=0: the step pair alone, where device time is short
 timeout 330 python3 bench/bench_step.py --no-check --workloads edit --impls $fast $fast+cuteattention \
-    --e2e $edit+graphs $edit+cuteattention+graphs --out "$out"
+    "${whole_edit[@]}" --out "$out"
