@@ -22,19 +22,15 @@ from .runtime import launches
 MODULE_VARIABLE = "KONTEXT_SAGE_CUTE_MODULE"
 CHANNELS = 128  # the head dim it is built for: it writes whole 128-channel rows
 FUNCTION = "sage8_attention"  # the exported function's name (sage_attention_cute.export)
-# The kernel's builds that are timed against each other (sage_attention_cute.Sage8Hopper's switches), by the name
-# their exported files take (bench/cute_export.py): "sage8" is the default build, the one _kernel finds.
+# The kernel's builds, by the name their exported files take (bench/cute_export.py): "sage8" is the default build
+# (P's row sums from P·V), the one _kernel finds; "softmax_row_sums" sums P in the softmax, as the Gluon kernel does.
 VARIANTS = {
     "sage8": {},
-    "tree_rows": {"tree_rows": True},
-    "turns": {"turns": True},
-    "row_sums_in_pv": {"row_sums_in_pv": True},
-    "row_sums_in_pv_tree": {"row_sums_in_pv": True, "tree_rows": True},
-    "pv_into_output": {"pv_into_output": True},
-    "pv_into_output_row_sums": {"pv_into_output": True, "row_sums_in_pv": True},
-    "pv_into_output_row_sums_tree": {"pv_into_output": True, "row_sums_in_pv": True, "tree_rows": True},
-    "pv_into_output_row_sums_margin0": {"pv_into_output": True, "row_sums_in_pv": True, "rescale_margin": 0.0},
+    "softmax_row_sums": {"row_sums_in_pv": False},
 }
+# Whether the default build's row sums are P's as P·V multiplies it (sage_attention.attend_reference's
+# rounded_row_sums): its ROW_SUMS_IN_PV, restated here so that the DSL need not be imported to know it.
+ROUNDED_ROW_SUMS = True
 
 
 def load_module(path: str):

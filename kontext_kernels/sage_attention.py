@@ -779,7 +779,8 @@ def _launch_attention(operands: Operands, out_dtype: torch.dtype, config: dict |
         last_config.update(BLOCK_M=sage_attention_hopper.BLOCK_M, BLOCK_N=sage_attention_hopper.BLOCK_N,
                            num_stages=sage_attention_hopper.STAGES, kernel="cute" if cute else "gluon", tma=True,
                            split_accumulator=True, scores=SCORES_FOLDED,
-                           rounded_row_sums=(not cute and sage_attention_hopper.ROW_SUMS_ON_TENSOR_CORES
+                           rounded_row_sums=(cute_runtime.ROUNDED_ROW_SUMS if cute else
+                                             sage_attention_hopper.ROW_SUMS_ON_TENSOR_CORES
                                              and not sage_attention_hopper.PV_DURING_SOFTMAX),
                            pv_during_softmax=cute or sage_attention_hopper.PV_DURING_SOFTMAX)
         launches["sage_attention"] += 1

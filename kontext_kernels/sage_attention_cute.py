@@ -16,11 +16,14 @@ through TMA into a ring of stages; two consumer warpgroups take a half each with
 The softmax is `sage_attention.attend_reference`'s: folded scores in whole blocks (the int32 dot biased into a
 float32 by its bits, the bias taken off in the exponent's FFMA), converted and masked scores in a partial last
 block, P scaled by 2**8 (P_EXPONENT), P·V per block into a fresh accumulator added under the block's rescale.
-A row's sum is kept per thread and summed over the row's four threads once, at the end.
+A row's sum comes from P·V itself (ROW_SUMS_IN_PV: the reference's rounded_row_sums), or with that off is kept per
+thread and summed over the row's four threads once, at the end (then its output is the Gluon kernel's).
 
-Measured on an H100 (bench/RESULTS.md, 2026-12-06 (sixth session)): the Gluon kernel's output (bit-identical at
-small shapes) at the Gluon kernel's speed, 1.168 against 1.172 ms at the edit shape. The overlap is not what bounds
-the loop; the softmax's issue is. So the Gluon kernel stays the default (`sage_attention.HOPPER_KERNEL`).
+Measured on an H100 (bench/RESULTS.md, 2026-12-06 (sixth session) and 2026-12-07): with the softmax's own sums, the
+Gluon kernel's output (bit-identical at small shapes) at the Gluon kernel's speed (1.161-1.168 against 1.172-1.199
+ms at the edit shape); with the row sums from P·V, 1.147 ms. The overlap is not what bounds the loop; the softmax's
+issue is. In the fast step it is no faster than the Gluon kernel (175.7 against 175.4 ms), so the Gluon kernel stays
+the default (`sage_attention.HOPPER_KERNEL`).
 
 Building needs `nvidia-cutlass-dsl` (the `hopper` extra); compiling needs no GPU (`compiled`, `export`).
 """
@@ -44,31 +47,17 @@ BLOCK_N = 128  # keys per block: sage8's k scales are per 128 keys
 STAGES = 3
 SCORE_BIAS_BITS = 0x4B400000  # 1.5 * 2**23 as float32 bits: int + these bits = 1.5 * 2**23 + int as a float32
 SCORE_BIAS = 12582912.0
-# A row's max and sum over a thread's 32 values as trees of depth 5 rather than chains of 31 (the Gluon kernel's
-# TREE_ROWS): integer maxima ptxas may reassociate itself, float additions it may not. Off: the H100 run had chains;
-# trees are built (offline, no spill in the loop) but were not run on a GPU (no device time left).
-TREE_ROWS = False
-# The consumers take turns issuing their MMAs (FlashAttention-3's warp-scheduler barriers): one's Q·Kᵀ and P·V go
-# to the tensor cores while the other runs its softmax, rather than both consumers' MMAs at once. Built, not run on
-# a GPU; the Gluon kernel's turns changed nothing (sage_attention_hopper.py). Off.
-CONSUMERS_TAKE_TURNS = False
-_TURN_BARRIERS = (1, 2)  # named barriers; 0 is the CTA-wide one
 # P's row sums from the tensor cores: each stage's Vᵀ tile has 8 rows of ones after its channels, P·V runs with
 # n = channels + 8, and the 8 extra output columns hold the sums of P as P·V multiplies it (e4m3; the reference's
 # rounded_row_sums), rescaled with the output. It takes the softmax's 64 additions a block per thread (13% of the
 # loop's instructions) for 6% more P·V work. Gluon could not build it (its tensors are powers of two: n = 136 is
-# not); the Gluon kernel's separate P-times-ones wgmma was 18% slower. Built and checked offline, not run on a GPU.
-ROW_SUMS_IN_PV = False
+# not); the Gluon kernel's separate P-times-ones wgmma was 18% slower. On an H100 (bench/RESULTS.md, 2026-12-07):
+# 1.147 against 1.161 ms at the edit shape, error against float64 0.382% against 0.414%. On; False keeps the
+# softmax's own sums. (Tried and removed, slower on the same run: row max and sum as trees, 1.231 ms; the consumers
+# taking turns through named barriers, 1.187; P·V adding into the running output, FlashAttention-3's way, with a
+# lazy rescale: 5x the error on the model's q, k, v, and its row sums drift at long key lengths.)
+ROW_SUMS_IN_PV = True
 ONES_ROWS = 8
-# P·V accumulates into the running output itself (FlashAttention-3's way) rather than into a fresh accumulator that
-# an FFMA a value then adds in: the output is rescaled in place, and only where a row's max grew by more than
-# RESCALE_MARGIN (log2 units) since the max its sum is kept under (FlashAttention-4's lazy rescale), which after the
-# first blocks is rare. The 64 FFMAs a block per thread become a few FMULs, and the fresh accumulator's registers
-# are freed. P stays under 2**(P_EXPONENT + margin) (362 at 0.5, e4m3 reaches 448). The cost: the tensor cores'
-# fp8 accumulation keeps fewer bits than an FFMA, over the whole key length rather than one block. Off; built for
-# a GPU run, not yet run on one.
-PV_INTO_OUTPUT = False
-RESCALE_MARGIN = 0.5
 _CONSUMER_REGISTERS, _LOADER_REGISTERS = 240, 24
 _THREADS = 3 * 128
 
@@ -107,11 +96,6 @@ def _fmax(a: Float32, b: Float32, *, loc=None, ip=None) -> Float32:
 
 
 @dsl_user_op
-def _fadd(a: Float32, b: Float32, *, loc=None, ip=None) -> Float32:
-    return _ptx(Float32, "add.f32 $0, $1, $2;", "=f,f,f", [(a, Float32), (b, Float32)], loc, ip)
-
-
-@dsl_user_op
 def _imax(a: Int32, b: Int32, *, loc=None, ip=None) -> Int32:
     return _ptx(Int32, "max.s32 $0, $1, $2;", "=r,r,r", [(a, Int32), (b, Int32)], loc, ip)
 
@@ -144,18 +128,12 @@ class Sage8Hopper:
     length_q, length_k and the stream."""
 
     def __init__(self, channels: int = 128, out_dtype=cutlass.BFloat16, stages: int = STAGES,
-                 tree_rows: bool = TREE_ROWS, turns: bool = CONSUMERS_TAKE_TURNS,
-                 row_sums_in_pv: bool = ROW_SUMS_IN_PV, pv_into_output: bool = PV_INTO_OUTPUT,
-                 rescale_margin: float = RESCALE_MARGIN):
-        assert channels in (64, 128) and 0.0 <= rescale_margin <= 0.8  # P under 2**8.8: e4m3's largest is 448
+                 row_sums_in_pv: bool = ROW_SUMS_IN_PV):
+        assert channels in (64, 128)
         self.channels = channels
         self.out_dtype = out_dtype
         self.stages = stages
-        self.tree_rows = tree_rows
-        self.turns = turns
         self.row_sums_in_pv = row_sums_in_pv
-        self.pv_into_output = pv_into_output
-        self.rescale_margin = rescale_margin if pv_into_output else 0.0
         self.pv_columns = channels + (ONES_ROWS if row_sums_in_pv else 0)  # P·V's n
 
     @cute.jit
@@ -276,11 +254,9 @@ class Sage8Hopper:
         v_frag = thr_pv.make_fragment_B(thr_pv.partition_B(sv))
         p_frag = thr_pv.make_fragment_A(thr_pv.partition_shape_A((QUERY_ROWS, BLOCK_N)))
         dots = cute.make_rmem_tensor(thr_qk.partition_shape_C((QUERY_ROWS, BLOCK_N)), Int32)
+        products = cute.make_rmem_tensor(thr_pv.partition_shape_C((QUERY_ROWS, self.pv_columns)), Float32)
         total = cute.make_rmem_tensor(thr_pv.partition_shape_C((QUERY_ROWS, self.pv_columns)), Float32)
         total.fill(0.0)
-        products = total
-        if const_expr(not self.pv_into_output):
-            products = cute.make_rmem_tensor(thr_pv.partition_shape_C((QUERY_ROWS, self.pv_columns)), Float32)
         # Each thread holds two rows (g and g + 8 of its warp's 16): their coordinates from an identity tile.
         s_coords = thr_qk.partition_C(cute.make_identity_tensor((QUERY_ROWS, BLOCK_N)))
         o_coords = thr_pv.partition_C(cute.make_identity_tensor((QUERY_ROWS, self.pv_columns)))
@@ -299,13 +275,7 @@ class Sage8Hopper:
         q_pipe.consumer_wait(q_state)
         state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
         kv_pipe.consumer_wait(state)
-        if const_expr(self.turns):
-            if which == 1:
-                self.pass_turn(which)  # the first consumer's first turn is free
-            self.await_turn(which)
         self.issue(mma_qk, dots, q_frag, k_frag[None, None, None, state.index])
-        if const_expr(self.turns):
-            self.pass_turn(which)
         warpgroup.wait_group(0)
         self.softmax(dots, s_coords, q_factor, k_scale, bh, 0, row_max, row_sum, alpha, length_k)
         self.to_operand(dots, p_frag)
@@ -313,12 +283,8 @@ class Sage8Hopper:
         state.advance()
         for block in cutlass.range(1, blocks, unroll=1):
             kv_pipe.consumer_wait(state)
-            if const_expr(self.turns):
-                self.await_turn(which)
             self.issue(mma_qk, dots, q_frag, k_frag[None, None, None, state.index])
-            self.issue(mma_pv, products, p_frag, v_frag[None, None, None, previous.index], self.pv_into_output)
-            if const_expr(self.turns):
-                self.pass_turn(which)
+            self.issue(mma_pv, products, p_frag, v_frag[None, None, None, previous.index])
             warpgroup.wait_group(1)
             old_alpha = cute.make_rmem_tensor((2,), Float32)
             for half in cutlass.range_constexpr(2):
@@ -326,40 +292,22 @@ class Sage8Hopper:
             self.softmax(dots, s_coords, q_factor, k_scale, bh, block, row_max, row_sum, alpha, length_k)
             warpgroup.wait_group(0)
             kv_pipe.consumer_release(previous)
-            if const_expr(self.pv_into_output):
-                self.rescale(total, alpha)  # under block j's max before P_j·V_j adds to it
-            else:
-                self.accumulate(total, products, old_alpha)
+            self.accumulate(total, products, old_alpha)
             self.to_operand(dots, p_frag)
             previous = state.clone()
             state.advance()
-        if const_expr(self.turns):
-            self.await_turn(which)
-        self.issue(mma_pv, products, p_frag, v_frag[None, None, None, previous.index], self.pv_into_output)
-        if const_expr(self.turns):  # noqa: SIM102 - a compile-time branch around a runtime one
-            if which == 0:
-                self.pass_turn(which)  # the second consumer's last turn: its own last pass is not awaited
+        self.issue(mma_pv, products, p_frag, v_frag[None, None, None, previous.index])
         warpgroup.wait_group(0)
         kv_pipe.consumer_release(previous)
-        if const_expr(not self.pv_into_output):
-            self.accumulate(total, products, alpha)
+        self.accumulate(total, products, alpha)
         self.store(total, row_sum, o_coords, v_scale, out, start_m, length_q, bh)
 
     @cute.jit
-    def await_turn(self, which):
-        cute.arch.barrier(barrier_id=_TURN_BARRIERS[0] + which, number_of_threads=256)
-
-    @cute.jit
-    def pass_turn(self, which):
-        cute.arch.barrier_arrive(barrier_id=_TURN_BARRIERS[0] + 1 - which, number_of_threads=256)
-
-    @cute.jit
-    def issue(self, mma: cute.TiledMma, acc: cute.Tensor, a: cute.Tensor, b: cute.Tensor, add_to: bool = False):
-        """acc = A·B (acc += A·B with `add_to`) over the whole k extent, issued and committed as one wgmma group (not
-        waited on)."""
+    def issue(self, mma: cute.TiledMma, acc: cute.Tensor, a: cute.Tensor, b: cute.Tensor):
+        """acc = A·B over the whole k extent, issued and committed as one wgmma group (not waited on)."""
         warpgroup.fence()
         atom = cute.make_mma_atom(mma.op)
-        atom.set(warpgroup.Field.ACCUMULATE, add_to)
+        atom.set(warpgroup.Field.ACCUMULATE, False)
         for k in cutlass.range_constexpr(cute.size(a.shape[2])):
             cute.gemm(atom, acc, a[None, None, k], b[None, None, k], acc)
             atom.set(warpgroup.Field.ACCUMULATE, True)
@@ -379,10 +327,12 @@ class Sage8Hopper:
             for half in cutlass.range_constexpr(2):
                 factor = q_factor[half] * k_factor
                 factor = _bits_to_float(_float_to_bits(factor) & -4)  # 22 bits: the bias times it is exact
-                top = self.row_total([dots[_row_value(i, half)] for i in range(per_row)], _imax)
+                top = dots[_row_value(0, half)]
+                for i in cutlass.range_constexpr(1, per_row):
+                    top = _imax(top, dots[_row_value(i, half)])
                 top = _imax(top, cute.arch.shuffle_sync_bfly(top, offset=1))
                 top = _imax(top, cute.arch.shuffle_sync_bfly(top, offset=2))
-                new_max, grows = self.next_max(row_max[half], Float32(top) * factor)
+                new_max = _fmax(row_max[half], Float32(top) * factor)
                 bias = SCORE_BIAS * factor
                 shift = bias + (new_max - P_EXPONENT)
                 new_max = (shift - bias) + P_EXPONENT  # the max the exponent really subtracts (Fast2Sum)
@@ -390,11 +340,9 @@ class Sage8Hopper:
                 for i in cutlass.range_constexpr(per_row):
                     j = _row_value(i, half)
                     p[j] = _ex2(_fma(_bits_to_float(dots[j] + SCORE_BIAS_BITS), factor, -shift))
-                    if const_expr(not self.tree_rows and not self.row_sums_in_pv):
+                    if const_expr(not self.row_sums_in_pv):
                         total += p[j]
-                if const_expr(self.tree_rows and not self.row_sums_in_pv):
-                    total = self.row_total([p[_row_value(i, half)] for i in range(per_row)], _fadd)
-                self.advance_row(half, new_max, grows, total, row_max, row_sum, alpha)
+                self.advance_row(half, new_max, total, row_max, row_sum, alpha)
         else:
             for half in cutlass.range_constexpr(2):
                 factor = q_factor[half] * k_factor
@@ -409,49 +357,20 @@ class Sage8Hopper:
                     top = _fmax(top, score)
                 top = _fmax(top, cute.arch.shuffle_sync_bfly(top, offset=1))
                 top = _fmax(top, cute.arch.shuffle_sync_bfly(top, offset=2))
-                new_max, grows = self.next_max(row_max[half], top * factor)
+                new_max = _fmax(row_max[half], top * factor)
                 total = Float32(0.0)
                 for i in cutlass.range_constexpr(per_row):
                     j = _row_value(i, half)
                     p[j] = _ex2(p[j] * factor - (new_max - P_EXPONENT))
                     total += p[j]
-                self.advance_row(half, new_max, grows, total, row_max, row_sum, alpha)
+                self.advance_row(half, new_max, total, row_max, row_sum, alpha)
 
     @cute.jit
-    def next_max(self, row_max, block_max):
-        """The max a block's P is taken under, and (with pv_into_output) whether the row's max moves on to it: only
-        where the block's max is over the kept one by more than the margin (else P may reach 2**margin over its
-        usual range). Without pv_into_output the max moves on whenever it grows, and no flag is made."""
-        new_max = _fmax(row_max, block_max)
-        grows = None
-        if const_expr(self.pv_into_output):
-            grows = block_max > row_max + self.rescale_margin
-            new_max = cutlass.select_(grows, new_max, row_max)
-        return new_max, grows
-
-    @cute.jit
-    def advance_row(self, half, new_max, grows, total, row_max, row_sum, alpha):
-        """The row's running state after a block: alpha rescales what was summed under the old max. With
-        pv_into_output a kept max leaves alpha exactly 1, which `rescale` skips (the Fast2Sum max of a kept one is
-        within an ulp of the bias of it: a weight off by under 1e-4, against e4m3's 2**-4 steps in P)."""
-        if const_expr(self.pv_into_output):
-            alpha[half] = cutlass.select_(grows, _ex2(row_max[half] - new_max), Float32(1.0))
-            row_max[half] = cutlass.select_(grows, new_max, row_max[half])
-        else:
-            alpha[half] = _ex2(row_max[half] - new_max)
-            row_max[half] = new_max
+    def advance_row(self, half, new_max, total, row_max, row_sum, alpha):
+        """The row's running state after a block: alpha rescales what was summed under the old max."""
+        alpha[half] = _ex2(row_max[half] - new_max)
         row_sum[half] = row_sum[half] * alpha[half] + total
-
-    def row_total(self, values: list, combine):
-        """A row's values of this thread combined (max or sum) as a tree, or a chain without tree_rows."""
-        if not self.tree_rows:
-            total = values[0]
-            for value in values[1:]:
-                total = combine(total, value)
-            return total
-        while len(values) > 1:
-            values = [combine(values[i], values[i + 1]) for i in range(0, len(values), 2)]
-        return values[0]
+        row_max[half] = new_max
 
     @cute.jit
     def to_operand(self, dots: cute.Tensor, p_frag: cute.Tensor):
@@ -471,16 +390,6 @@ class Sage8Hopper:
     def accumulate(self, total: cute.Tensor, products: cute.Tensor, alpha: cute.Tensor):
         for i in cutlass.range_constexpr(cute.size(total)):
             total[i] = total[i] * alpha[(i // 2) % 2] + products[i]
-
-    @cute.jit
-    def rescale(self, total: cute.Tensor, alpha: cute.Tensor):
-        """The running output (P·V's accumulator) times alpha, row half by row half, only where alpha is not 1: in
-        later blocks most rows keep their max, and a warp skips the multiplies unless one of its rows moved on."""
-        for half in cutlass.range_constexpr(2):
-            if alpha[half] != Float32(1.0):
-                for i in cutlass.range_constexpr(cute.size(total)):
-                    if const_expr((i // 2) % 2 == half):
-                        total[i] = total[i] * alpha[half]
 
     @cute.jit
     def write_ones(self, sv: cute.Tensor, tidx):
@@ -544,8 +453,7 @@ _COMPILED = {}
 def compiled(channels: int = 128, out_dtype=cutlass.BFloat16, **variant):
     """The kernel compiled for this machine's GPU (or CUTE_DSL_ARCH, e.g. sm_90a, without one), called with torch
     tensors through TVM-FFI on its environment stream (cute_runtime.launch sets it to PyTorch's); compiled once a
-    process. `variant`: Sage8Hopper's stages, tree_rows, turns, row_sums_in_pv, pv_into_output, rescale_margin (None:
-    the module's)."""
+    process. `variant`: Sage8Hopper's stages, row_sums_in_pv (None: the module's)."""
     variant = {name: value for name, value in variant.items() if value is not None}
     key = (channels, out_dtype, tuple(sorted(variant.items())))
     if key not in _COMPILED:
