@@ -23,9 +23,10 @@ MODULE_VARIABLE = "KONTEXT_SAGE_CUTE_MODULE"
 CHANNELS = 128  # the head dim it is built for: it writes whole 128-channel rows
 FUNCTION = "sage8_attention"  # the exported function's name (sage_attention_cute.export)
 # The kernel's builds, by the name their exported files take (bench/cute_export.py): "sage8" is the default build
-# (P's row sums from P·V), the one _kernel finds; "softmax_row_sums" sums P in the softmax, as the Gluon kernel does.
+# (P's row sums from P·V), the one launch takes; "softmax_row_sums" sums P in the softmax, as the Gluon kernel does.
+DEFAULT_BUILD = "sage8"
 VARIANTS = {
-    "sage8": {},
+    DEFAULT_BUILD: {},
     "softmax_row_sums": {"row_sums_in_pv": False},
 }
 # Whether the default build's row sums are P's as P·V multiplies it (sage_attention.attend_reference's
@@ -45,24 +46,16 @@ def load_module(path: str):
 
 
 @functools.cache
-def _kernel():
-    path = os.environ.get(MODULE_VARIABLE)
-    if path:
-        return load_module(path)
-    from . import sage_attention_cute
-
-    return sage_attention_cute.compiled(CHANNELS)
-
-
-@functools.cache
-def variant_kernel(name: str):
-    """The build `name` of VARIANTS: exported beside the module KONTEXT_SAGE_CUTE_MODULE names (as `name`.so), else
-    compiled here; None where neither can be had."""
+def variant_kernel(name: str = DEFAULT_BUILD):
+    """The build `name` of VARIANTS: where KONTEXT_SAGE_CUTE_MODULE names an exported module, that module for the
+    default build and `name`.so beside it for the others; else compiled here. None where neither can be had."""
     if name not in VARIANTS:
         raise ValueError(f"{name!r} is not one of sage8's CuTe DSL builds: {', '.join(VARIANTS)}")
     path = os.environ.get(MODULE_VARIABLE)
-    if path and (Path(path).parent / f"{name}.so").is_file():
-        return load_module(str(Path(path).parent / f"{name}.so"))
+    if path:
+        exported = path if name == DEFAULT_BUILD else str(Path(path).parent / f"{name}.so")
+        if name == DEFAULT_BUILD or Path(exported).is_file():
+            return load_module(exported)
     try:
         from . import sage_attention_cute
     except Exception:  # noqa: BLE001 - the DSL's import loads a large native library; any failure means no DSL
@@ -124,7 +117,11 @@ def launch(operands, out: torch.Tensor, kernel=None) -> None:
         raise ValueError("the CuTe DSL kernel reads keys in sage_attention.key_tokens order: quantize with "
                          "permute_keys=True")
     with _torch_stream()():
-        (kernel or _kernel())(*kernel_views(operands, out))
+        kernel = kernel or variant_kernel()
+        if kernel is None:
+            raise RuntimeError(f"sage8's CuTe DSL kernel cannot be had here: pip install -e '.[hopper]', or name an "
+                               f"exported one in {MODULE_VARIABLE}")
+        kernel(*kernel_views(operands, out))
     launches["sage_attention_cute"] += 1
 
 

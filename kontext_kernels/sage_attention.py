@@ -735,6 +735,7 @@ def split_accumulator_default(operands: Operands) -> bool:
 # FlashAttention-3's in-warpgroup overlap, where cute_runtime finds it and the output is bf16 with 128 channels;
 # else the Gluon kernel) or "triton" (this module's kernel). KONTEXT_SAGE_HOPPER_KERNEL sets it for a process.
 HOPPER_KERNELS = ("gluon", "cute", "triton")
+_READ_PERMUTED_KEYS = ("gluon", "cute")  # the Hopper kernels proper: one schedule, keys in key_tokens order
 HOPPER_KERNEL = os.environ.get("KONTEXT_SAGE_HOPPER_KERNEL", "gluon")
 if HOPPER_KERNEL not in HOPPER_KERNELS:
     raise ValueError(f"KONTEXT_SAGE_HOPPER_KERNEL={HOPPER_KERNEL!r}: choose one of {', '.join(HOPPER_KERNELS)} "
@@ -744,16 +745,16 @@ if HOPPER_KERNEL not in HOPPER_KERNELS:
 def hopper_kernel_takes(device: torch.device, fp8_pv: bool, q_rows: int, k_rows: int, head_dim: int) -> bool:
     """Whether a Hopper kernel (sage_attention_hopper.py's or sage_attention_cute.py's; they read the same operands)
     will take operands of this shape on `device` (then quantized in their key order)."""
-    return (HOPPER_KERNEL in ("gluon", "cute")
+    return (HOPPER_KERNEL in _READ_PERMUTED_KEYS
             and sage_attention_hopper.takes(device, fp8_pv, q_rows, k_rows, padded_head_dim(head_dim)))
 
 
 def _takes_hopper_kernel(operands: Operands, kernel: str | None, config: dict | None, tma: bool | None,
-                 split_accumulator: bool | None, scores: int | None) -> bool:
+                         split_accumulator: bool | None, scores: int | None) -> bool:
     # The Hopper kernels have one schedule: TMA, 128x128 tiles, a fresh P·V accumulator per key block, folded scores.
     default_variant = (config is None and tma is not False and split_accumulator is not False
                        and (SCORES_DEFAULT if scores is None else scores) == SCORES_FOLDED)
-    return ((kernel or HOPPER_KERNEL) in ("gluon", "cute") and default_variant
+    return ((kernel or HOPPER_KERNEL) in _READ_PERMUTED_KEYS and default_variant
             and sage_attention_hopper.ready_for(operands))
 
 

@@ -362,14 +362,17 @@ class Sage8Hopper:
                 for i in cutlass.range_constexpr(per_row):
                     j = _row_value(i, half)
                     p[j] = _ex2(p[j] * factor - (new_max - P_EXPONENT))
-                    total += p[j]
+                    if const_expr(not self.row_sums_in_pv):
+                        total += p[j]
                 self.advance_row(half, new_max, total, row_max, row_sum, alpha)
 
     @cute.jit
     def advance_row(self, half, new_max, total, row_max, row_sum, alpha):
-        """The row's running state after a block: alpha rescales what was summed under the old max."""
+        """The row's running state after a block: alpha rescales what was summed under the old max (the row sum here
+        only where P·V does not make it)."""
         alpha[half] = _ex2(row_max[half] - new_max)
-        row_sum[half] = row_sum[half] * alpha[half] + total
+        if const_expr(not self.row_sums_in_pv):
+            row_sum[half] = row_sum[half] * alpha[half] + total
         row_max[half] = new_max
 
     @cute.jit
