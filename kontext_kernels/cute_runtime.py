@@ -116,11 +116,11 @@ def launch(operands, out: torch.Tensor, kernel=None) -> None:
     if not operands.keys_permuted:
         raise ValueError("the CuTe DSL kernel reads keys in sage_attention.key_tokens order: quantize with "
                          "permute_keys=True")
+    kernel = kernel or variant_kernel()
+    if kernel is None:
+        raise RuntimeError(f"sage8's CuTe DSL kernel cannot be had here: pip install -e '.[hopper]', or name an "
+                           f"exported one in {MODULE_VARIABLE}")
     with _torch_stream()():
-        kernel = kernel or variant_kernel()
-        if kernel is None:
-            raise RuntimeError(f"sage8's CuTe DSL kernel cannot be had here: pip install -e '.[hopper]', or name an "
-                               f"exported one in {MODULE_VARIABLE}")
         kernel(*kernel_views(operands, out))
     launches["sage_attention_cute"] += 1
 

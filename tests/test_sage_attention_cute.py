@@ -187,6 +187,14 @@ def test_a_wrong_kernel_choice_or_module_path_names_the_fix(tmp_path):
         cute_runtime.launch(sa.quantize_operands_reference(q, k, v), torch.empty(1, 20, 1, 128))
 
 
+def test_launching_where_no_build_can_be_had_names_the_install(monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(cute_runtime, "variant_kernel", lambda name=cute_runtime.DEFAULT_BUILD: None)
+    with pytest.raises(RuntimeError, match=r"pip install -e '\.\[hopper\]'"):
+        cute_runtime.launch(SimpleNamespace(keys_permuted=True), torch.empty(1, 20, 1, 128))
+
+
 def test_choosing_it_where_it_cannot_be_had_warns_and_leaves_it(monkeypatch):
     from types import SimpleNamespace
 
