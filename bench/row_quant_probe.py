@@ -29,6 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from kontext_kernels import row_quant, sage_attention  # noqa: E402
+from kontext_kernels.runtime import import_triton  # noqa: E402
+
+triton, tl = import_triton()
 
 TOKENS, TXT, WIDTH, MLP, HEADS = 8704, 512, 3072, 12288, 24
 
@@ -80,6 +83,63 @@ def row_cases(tokens: int, txt: int, width: int, mlp: int, device: str):
     ]
 
 
+@triton.jit
+def _layernorm_quantize_loop_kernel(
+    x_ptr, shift_ptr, scale_ptr, out_ptr, row_scale_ptr, length, channels, eps,
+    stride_xb, stride_xl, stride_shift_b, stride_scale_b, stride_out,
+    BLOCK_C: tl.constexpr, ROWS: tl.constexpr,
+):
+    # A candidate for the LayerNorm + modulation + int8 kernel: a program walks ROWS rows of one batch one at a time,
+    # each row a 1-D tile (its reductions stay in the program's warps), and loads the batch's shift and scale once
+    # instead of once a row.
+    batch = tl.program_id(1).to(tl.int64)
+    cols = tl.arange(0, BLOCK_C)
+    inside = cols < channels
+    shift = tl.load(shift_ptr + batch * stride_shift_b + cols, mask=inside, other=0.0).to(tl.float32)
+    factor = 1.0 + tl.load(scale_ptr + batch * stride_scale_b + cols, mask=inside, other=0.0).to(tl.float32)
+    for i in range(ROWS):
+        token = tl.program_id(0) * ROWS + i
+        if token < length:
+            x = tl.load(x_ptr + batch * stride_xb + token * stride_xl + cols, mask=inside, other=0.0).to(tl.float32)
+            mean = tl.sum(x, 0) / channels
+            centred = tl.where(inside, x - mean, 0.0)
+            normed = centred * tl.rsqrt(tl.sum(centred * centred, 0) / channels + eps)
+            out = tl.where(inside, factor * normed + shift, 0.0)
+            amax = tl.maximum(tl.max(tl.abs(out), 0), 1e-12)
+            row = batch * length + token
+            inverse = tl.math.div_rn(127.0, amax)
+            tl.store(out_ptr + row * stride_out + cols, row_quant.int8_grid(out, inverse).to(tl.int8), mask=inside)
+            tl.store(row_scale_ptr + row, tl.math.div_rn(amax, 127.0))
+
+
+def layernorm_quantize_loop(x, shift, scale, rows: int, warps: int):
+    batch, length, channels = x.shape
+    x, shift, scale = row_quant.modulation_operands(x, shift, scale)
+    data = torch.empty((batch, length, channels), dtype=torch.int8, device=x.device)
+    row_scale = torch.empty((batch * length, 1), dtype=torch.float32, device=x.device)
+    _layernorm_quantize_loop_kernel[(row_quant.cdiv(length, rows), batch)](
+        x, shift, scale, data, row_scale, length, channels, 1e-6,
+        x.stride(0), x.stride(1), shift.stride(0), scale.stride(0), channels,
+        BLOCK_C=row_quant.next_power_of_2(channels), ROWS=rows, num_warps=warps)
+    return data, row_scale
+
+
+def layernorm_loop_rows(tokens: int, width: int, device: str, tiny: bool, bandwidth: float) -> None:
+    """The looping LayerNorm + modulation + int8 candidate against the kernel in use, and how far its output is."""
+    x = torch.randn(1, tokens, width, device=device, dtype=torch.bfloat16)
+    shift, scale = (torch.randn(1, 1, width, device=device, dtype=torch.bfloat16) for _ in range(2))
+    data, row_scale = row_quant.layernorm_modulate_quantize(x, shift, scale, dtype=torch.int8)
+    moved = tokens * width * 3
+    for rows, warps in ((1, 1), (4, 1), (8, 1), (16, 1), (4, 2), (8, 2), (16, 2), (8, 4), (32, 1)):
+        candidate, candidate_scale = layernorm_quantize_loop(x, shift, scale, rows, warps)
+        steps = (candidate.int() - data.int()).abs().max().item()
+        scales = ((candidate_scale - row_scale).abs() / row_scale).max().item()
+        seconds = timed(lambda rows=rows, warps=warps: layernorm_quantize_loop(x, shift, scale, rows, warps), tiny)
+        print(f"| LayerNorm + modulation, looping over {rows} rows, {warps} warps (int8 steps from the kernel in use "
+              f"{steps}, scales {scales:.1e}) | | {seconds * 1e6:.1f} | {moved / seconds / 1e12:.2f} | "
+              f"{seconds * bandwidth / moved:.2f} | {seconds * 76e3:.2f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny sizes on the CPU through Triton's interpreter")
@@ -93,12 +153,12 @@ def main() -> None:
 
     print("\n| kernel | setting | us / call | TB/s | x floor | ms / step |\n| --- | --- | ---: | ---: | ---: | ---: |")
     chunks = (32,) if args.tiny else (2048, 4096, 8192, 16384)
-    warps = (4, 8)
+    warps = (2, 4, 8)
     default = row_quant.ROW_CHUNK
     plan = (row_quant.rows_per_program, row_quant.row_warps)
     for name, calls, fn, moved in row_cases(tokens, txt, width, mlp, device):
         layernorm = "LayerNorm" in name
-        settings = [(None, None)] + list(itertools.product((1, 2, 4), (4, 8)) if layernorm
+        settings = [(None, None)] + list(itertools.product((1, 2, 4), (1, 2, 4, 8)) if layernorm
                                          else itertools.product(chunks, warps))
         for first, second in settings:
             if first is not None:  # rows per program or values per chunk; warps
@@ -120,6 +180,8 @@ def main() -> None:
             row_quant.GELU_ON_GPU = row_quant.GELU_EXP
             print(f"| {name} | default, GELU through tanh.approx | {seconds * 1e6:.1f} | {moved / seconds / 1e12:.2f} | "
                   f"{seconds * bandwidth / moved:.2f} | {seconds * calls * 1e3:.2f} |", flush=True)
+
+    layernorm_loop_rows(tokens, width, device, args.tiny, bandwidth)
 
     k, v = (torch.randn(1, tokens, heads, 128, device=device, dtype=torch.bfloat16).transpose(1, 2) for _ in range(2))
     q = torch.randn_like(k)

@@ -69,6 +69,49 @@ def int8_linear_gated_residual(data: torch.Tensor, scale: torch.Tensor, weight: 
     return residual + gate * int8_linear(data, scale, weight, weight_scale, bias, residual.dtype)
 
 
+def _paired(products: list[int8_gemm_hopper.Product], out_dtype: torch.dtype) -> tuple | None:
+    """Both products from one launch of the Hopper kernel, or None where it does not take them together."""
+    if not (HOPPER_KERNEL == "gluon" and int8_gemm_hopper.pair_fits(*products)
+            and all(int8_gemm_hopper.ready_for(product.data, product.weight, out_dtype)
+                    and (product.residual is None or int8_gemm_hopper.gated_residual_fits(
+                        product.data.shape[0], product.weight.shape[0], product.residual, product.gate))
+                    for product in products)):
+        return None
+    launches["int8_linear"] += 2  # two int8 GEMMs, as unpaired calls count them
+    launches["int8_linear_pair"] += 1
+    return int8_gemm_hopper.launch_pair(*products, out_dtype)
+
+
+def int8_linear_pair(first: tuple, second: tuple, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two products of the same N and K, each (data, scale, weight, weight_scale, bias) as `int8_linear` takes them
+    and its result: the double block's text and image streams, each with its own weights. One launch of the Hopper
+    kernel where it takes both (the text stream's 512 rows then fill the image stream's last round of tiles
+    instead of leaving most of the GPU idle for a launch of their own); two calls of `int8_linear` elsewhere."""
+    if all(_runs(operands[0], operands[2]) for operands in (first, second)):
+        products = [int8_gemm_hopper.Product(*_kernel_operands(*operands)) for operands in (first, second)]
+        outs = _paired(products, out_dtype)
+        if outs is not None:
+            return tuple(out.view(*operands[0].shape[:-1], out.shape[1]) for out, operands in zip(outs, (first, second)))
+    return int8_linear(*first, out_dtype), int8_linear(*second, out_dtype)
+
+
+def int8_linear_gated_residual_pair(first: tuple, second: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """`int8_linear_gated_residual` of two operand tuples (data, scale, weight, weight_scale, bias, gate, residual)
+    of the same N and K: one launch of the Hopper kernel where it takes both, as `int8_linear_pair`."""
+    if HOPPER_KERNEL == "gluon" and all(_runs(operands[0], operands[2]) and operands[5].shape[0] == operands[6].shape[0]
+                                        and operands[6].is_contiguous() for operands in (first, second)):
+        products = []
+        for data, scale, weight, weight_scale, bias, gate, residual in (first, second):
+            batch, length, n = residual.shape
+            products.append(int8_gemm_hopper.Product(*_kernel_operands(data, scale, weight, weight_scale, bias),
+                                                     residual.view(batch * length, n), gate.reshape(batch, n)))
+        outs = _paired(products, residual.dtype)
+        if outs is not None:
+            launches["int8_linear_gated_residual"] += 2
+            return tuple(out.view(operands[6].shape) for out, operands in zip(outs, (first, second)))
+    return int8_linear_gated_residual(*first), int8_linear_gated_residual(*second)
+
+
 def _runs(data: torch.Tensor, weight: torch.Tensor) -> bool:
     return (enabled_for(data) and data.dtype == torch.int8 and weight.dtype == torch.int8 and weight.dim() == 2
             and data.shape[-1] == weight.shape[1] and data.numel() > 0 and weight.numel() > 0)

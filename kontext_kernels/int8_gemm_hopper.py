@@ -19,6 +19,7 @@ parity cannot tell this lap's arrival from an earlier one (on an H200 that read 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 
@@ -41,52 +42,122 @@ def _tile_coordinates(tile, M, N, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, 
 
 
 @gluon.jit
-def _loader(data_desc, weight_desc, data_ring, weight_ring, ready, free, M, N, K, GROUP_M: gl.constexpr):
+def _load_tile(data_desc, weight_desc, data_ring, weight_ring, ready, free, pid_m, pid_n, k_tiles, filled):
+    """Issue one output tile's K steps into the ring; returns the count of ring slots filled so far."""
     BLOCK_M: gl.constexpr = data_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = data_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = weight_desc.block_type.shape[0]
     STAGES: gl.constexpr = data_ring.type.shape[0]
-    tiles = gl.cdiv(M, BLOCK_M) * gl.cdiv(N, BLOCK_N)
-    k_tiles = gl.cdiv(K, BLOCK_K)
-    filled = 0
-    for tile in range(gl.program_id(0), tiles, gl.num_programs(0)):
-        pid_m, pid_n = _tile_coordinates(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        for ki in range(k_tiles):
-            stage = filled % STAGES
-            # A stage's "free" barrier starts as if its previous phase had completed: the first pass waits
-            # on nothing.
-            mbarrier.wait(free.index(stage), ((filled // STAGES) & 1) ^ 1)
-            arrived = ready.index(stage)
-            mbarrier.expect(arrived, data_desc.block_type.nbytes + weight_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(data_desc, [pid_m * BLOCK_M, ki * BLOCK_K], arrived,
-                                            data_ring.index(stage))
-            tma.async_copy_global_to_shared(weight_desc, [pid_n * BLOCK_N, ki * BLOCK_K], arrived,
-                                            weight_ring.index(stage))
-            filled += 1
+    for ki in range(k_tiles):
+        stage = filled % STAGES
+        # A stage's "free" barrier starts as if its previous phase had completed: the first pass waits on nothing.
+        mbarrier.wait(free.index(stage), ((filled // STAGES) & 1) ^ 1)
+        arrived = ready.index(stage)
+        mbarrier.expect(arrived, data_desc.block_type.nbytes + weight_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(data_desc, [pid_m * BLOCK_M, ki * BLOCK_K], arrived, data_ring.index(stage))
+        tma.async_copy_global_to_shared(weight_desc, [pid_n * BLOCK_N, ki * BLOCK_K], arrived,
+                                        weight_ring.index(stage))
+        filled += 1
+    return filled
 
 
 @gluon.jit
-def _consumer(data_ring, weight_ring, ready, free, turns, loaded, out_desc, out_buffers, scale_ptr, weight_scale_ptr,
-              bias_ptr, residual_desc, gate_ptr, rows_per_batch, gate_stride, M, N, K, HAS_BIAS: gl.constexpr,
-              RESIDUAL: gl.constexpr, BATCHED: gl.constexpr, GROUP_M: gl.constexpr, WHICH: gl.constexpr,
-              WARPS: gl.constexpr):
+def _loader(data_desc, weight_desc, data_desc2, weight_desc2, data_ring, weight_ring, ready, free, M, M2, N, K,
+            GROUP_M: gl.constexpr, PAIRED: gl.constexpr):
+    BLOCK_M: gl.constexpr = data_desc.block_type.shape[0]
+    BLOCK_K: gl.constexpr = data_desc.block_type.shape[1]
+    BLOCK_N: gl.constexpr = weight_desc.block_type.shape[0]
+    first_tiles = gl.cdiv(M, BLOCK_M) * gl.cdiv(N, BLOCK_N)
+    tiles = first_tiles
+    if PAIRED:
+        tiles += gl.cdiv(M2, BLOCK_M) * gl.cdiv(N, BLOCK_N)
+    k_tiles = gl.cdiv(K, BLOCK_K)
+    filled = 0
+    for tile in range(gl.program_id(0), tiles, gl.num_programs(0)):
+        if PAIRED:
+            # The second product's tiles follow the first's in one list, so its tiles fill the first's last round.
+            if tile < first_tiles:
+                pid_m, pid_n = _tile_coordinates(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+                filled = _load_tile(data_desc, weight_desc, data_ring, weight_ring, ready, free, pid_m, pid_n,
+                                    k_tiles, filled)
+            else:
+                pid_m, pid_n = _tile_coordinates(tile - first_tiles, M2, N, BLOCK_M, BLOCK_N, GROUP_M)
+                filled = _load_tile(data_desc2, weight_desc2, data_ring, weight_ring, ready, free, pid_m, pid_n,
+                                    k_tiles, filled)
+        else:
+            pid_m, pid_n = _tile_coordinates(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+            filled = _load_tile(data_desc, weight_desc, data_ring, weight_ring, ready, free, pid_m, pid_n, k_tiles,
+                                filled)
+
+
+@gluon.jit
+def _epilogue(acc, pid_m, pid_n, out_desc, out_buffer, scale_ptr, weight_scale_ptr, bias_ptr, residual_desc,
+              gate_ptr, rows_per_batch, gate_stride, loaded, loaded_phase, M, N, HAS_BIAS: gl.constexpr,
+              RESIDUAL: gl.constexpr, BATCHED: gl.constexpr):
+    """Scale, convert and store one finished tile (with the gated residual where asked) through TMA."""
     BLOCK_M: gl.constexpr = out_desc.block_type.shape[0]
     BLOCK_N: gl.constexpr = out_desc.block_type.shape[1]
+    layout: gl.constexpr = acc.type.layout
+    rows_layout: gl.constexpr = gl.SliceLayout(1, layout)
+    columns_layout: gl.constexpr = gl.SliceLayout(0, layout)
+    offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=rows_layout)
+    offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=columns_layout)
+    row_scale = gl.load(scale_ptr + offs_m, mask=offs_m < M, other=0.0)
+    column_scale = gl.load(weight_scale_ptr + offs_n, mask=offs_n < N, other=0.0)
+    out = acc.to(gl.float32) * gl.expand_dims(row_scale, 1) * gl.expand_dims(column_scale, 0)
+    if HAS_BIAS:
+        bias = gl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(gl.float32)
+        out = out + gl.expand_dims(bias, 0)
+    # This consumer's previous store must have left the buffer before it is written again.
+    tma.store_wait(pendings=0)
+    if RESIDUAL:
+        # residual + gate * out, the block's gated add, instead of a pass over the output after it. The residual
+        # tile comes through TMA into the output buffer (pointer loads spilled registers); a tile's rows span at
+        # most two batches (the launcher's condition), whose gate rows are loaded.
+        mbarrier.expect(loaded, residual_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(residual_desc, [pid_m * BLOCK_M, pid_n * BLOCK_N], loaded, out_buffer)
+        first_batch = (pid_m * BLOCK_M) // rows_per_batch
+        first_gate = gl.load(gate_ptr + first_batch * gate_stride + offs_n, mask=offs_n < N, other=0.0)
+        mbarrier.wait(loaded, loaded_phase)
+        residual = out_buffer.load(layout).to(gl.float32)  # each thread reads the elements it writes below
+        gated = residual + gl.expand_dims(first_gate.to(gl.float32), 0) * out
+        if BATCHED:
+            # The second batch's rows, with its own gate row: one gate row live at a time (two spilled).
+            last_batch = (gl.minimum(pid_m * BLOCK_M + BLOCK_M, M) - 1) // rows_per_batch
+            last_gate = gl.load(gate_ptr + last_batch * gate_stride + offs_n, mask=offs_n < N, other=0.0)
+            in_last = gl.expand_dims(offs_m // rows_per_batch == last_batch, 1)
+            gated = gl.where(in_last, residual + gl.expand_dims(last_gate.to(gl.float32), 0) * out, gated)
+        out = gated
+    out_buffer.store(out.to(out_desc.dtype))
+    fence_async_shared()
+    tma.async_copy_shared_to_global(out_desc, [pid_m * BLOCK_M, pid_n * BLOCK_N], out_buffer)
+
+
+@gluon.jit
+def _consumer(data_ring, weight_ring, ready, free, turns, loaded, out_buffers, first, second, N, K,
+              HAS_BIAS: gl.constexpr, RESIDUAL: gl.constexpr, BATCHED: gl.constexpr, GROUP_M: gl.constexpr,
+              PAIRED: gl.constexpr, WHICH: gl.constexpr, WARPS: gl.constexpr):
+    # `first` and `second`: each product's (out_desc, scale_ptr, weight_scale_ptr, bias_ptr, residual_desc,
+    # gate_ptr, rows_per_batch, gate_stride, M); the second only read when PAIRED.
+    BLOCK_M: gl.constexpr = first[0].block_type.shape[0]
+    BLOCK_N: gl.constexpr = first[0].block_type.shape[1]
     BLOCK_K: gl.constexpr = data_ring.type.shape[2]
     STAGES: gl.constexpr = data_ring.type.shape[0]
     # 8-bit wgmma: m16 x n x k32 per warp, n at most 224 for integers; the tile's columns in 128-wide pieces.
     layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                      instr_shape=[16, 128, 32])
-    rows_layout: gl.constexpr = gl.SliceLayout(1, layout)
-    columns_layout: gl.constexpr = gl.SliceLayout(0, layout)
     out_buffer = out_buffers.index(WHICH)
+    loaded_here = loaded.index(WHICH)
 
-    tiles = gl.cdiv(M, BLOCK_M) * gl.cdiv(N, BLOCK_N)
+    M = first[8]
+    first_tiles = gl.cdiv(M, BLOCK_M) * gl.cdiv(N, BLOCK_N)
+    tiles = first_tiles
+    if PAIRED:
+        tiles += gl.cdiv(second[8], BLOCK_M) * gl.cdiv(N, BLOCK_N)
     k_tiles = gl.cdiv(K, BLOCK_K)
     mine = 0  # the program's tiles are numbered in order; this consumer takes every other one
     for tile in range(gl.program_id(0), tiles, gl.num_programs(0)):
         if mine % 2 == WHICH:
-            pid_m, pid_n = _tile_coordinates(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
             taken = mine * k_tiles  # ring slots used by the program's earlier tiles
             # My turn: the other consumer has seen all its stages arrive (the first consumer's first wait is on
             # the barrier's initial, completed phase).
@@ -105,48 +176,35 @@ def _consumer(data_ring, weight_ring, ready, free, turns, loaded, out_desc, out_
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
             mbarrier.arrive(free.index((taken + k_tiles - 1) % STAGES))
 
-            offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=rows_layout)
-            offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=columns_layout)
-            row_scale = gl.load(scale_ptr + offs_m, mask=offs_m < M, other=0.0)
-            column_scale = gl.load(weight_scale_ptr + offs_n, mask=offs_n < N, other=0.0)
-            out = acc.to(gl.float32) * gl.expand_dims(row_scale, 1) * gl.expand_dims(column_scale, 0)
-            if HAS_BIAS:
-                bias = gl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(gl.float32)
-                out = out + gl.expand_dims(bias, 0)
-            # This consumer's previous store must have left the buffer before it is written again.
-            tma.store_wait(pendings=0)
-            if RESIDUAL:
-                # residual + gate * out, the block's gated add, instead of a pass over the output after it. The
-                # residual tile comes through TMA into the output buffer (pointer loads spilled registers); a
-                # tile's rows span at most two batches (the launcher's condition), whose gate rows are loaded.
-                mbarrier.expect(loaded.index(WHICH), residual_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(residual_desc, [pid_m * BLOCK_M, pid_n * BLOCK_N],
-                                                loaded.index(WHICH), out_buffer)
-                first_batch = (pid_m * BLOCK_M) // rows_per_batch
-                first_gate = gl.load(gate_ptr + first_batch * gate_stride + offs_n, mask=offs_n < N, other=0.0)
-                mbarrier.wait(loaded.index(WHICH), (mine // 2) & 1)
-                residual = out_buffer.load(layout).to(gl.float32)  # each thread reads the elements it writes below
-                gated = residual + gl.expand_dims(first_gate.to(gl.float32), 0) * out
-                if BATCHED:
-                    # The second batch's rows, with its own gate row: one gate row live at a time (two spilled).
-                    last_batch = (gl.minimum(pid_m * BLOCK_M + BLOCK_M, M) - 1) // rows_per_batch
-                    last_gate = gl.load(gate_ptr + last_batch * gate_stride + offs_n, mask=offs_n < N, other=0.0)
-                    in_last = gl.expand_dims(offs_m // rows_per_batch == last_batch, 1)
-                    gated = gl.where(in_last, residual + gl.expand_dims(last_gate.to(gl.float32), 0) * out, gated)
-                out = gated
-            out_buffer.store(out.to(out_desc.dtype))
-            fence_async_shared()
-            tma.async_copy_shared_to_global(out_desc, [pid_m * BLOCK_M, pid_n * BLOCK_N], out_buffer)
+            phase = (mine // 2) & 1
+            if PAIRED:
+                if tile < first_tiles:
+                    pid_m, pid_n = _tile_coordinates(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+                    _epilogue(acc, pid_m, pid_n, first[0], out_buffer, first[1], first[2], first[3], first[4],
+                              first[5], first[6], first[7], loaded_here, phase, M, N, HAS_BIAS, RESIDUAL, BATCHED)
+                else:
+                    pid_m, pid_n = _tile_coordinates(tile - first_tiles, second[8], N, BLOCK_M, BLOCK_N, GROUP_M)
+                    _epilogue(acc, pid_m, pid_n, second[0], out_buffer, second[1], second[2], second[3], second[4],
+                              second[5], second[6], second[7], loaded_here, phase, second[8], N, HAS_BIAS, RESIDUAL,
+                              BATCHED)
+            else:
+                pid_m, pid_n = _tile_coordinates(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+                _epilogue(acc, pid_m, pid_n, first[0], out_buffer, first[1], first[2], first[3], first[4], first[5],
+                          first[6], first[7], loaded_here, phase, M, N, HAS_BIAS, RESIDUAL, BATCHED)
         mine += 1
     tma.store_wait(pendings=0)
 
 
 @gluon.jit
 def _int8_linear_pingpong_kernel(data_desc, weight_desc, out_desc, scale_ptr, weight_scale_ptr, bias_ptr,
-                                 residual_desc, gate_ptr, rows_per_batch, gate_stride, M, N, K,
+                                 residual_desc, gate_ptr, rows_per_batch, gate_stride, M,
+                                 data_desc2, weight_desc2, out_desc2, scale_ptr2, weight_scale_ptr2, bias_ptr2,
+                                 residual_desc2, gate_ptr2, rows_per_batch2, gate_stride2, M2, N, K,
                                  HAS_BIAS: gl.constexpr, RESIDUAL: gl.constexpr, BATCHED: gl.constexpr,
-                                 GROUP_M: gl.constexpr, STAGES: gl.constexpr,
+                                 GROUP_M: gl.constexpr, STAGES: gl.constexpr, PAIRED: gl.constexpr,
                                  LOADER_REGISTERS: gl.constexpr, CONSUMER_REGISTERS: gl.constexpr):
+    # With PAIRED, two products of the same N and K (the double block's text and image streams, each with its own
+    # weights) share one launch; the second's arguments end in 2. Without it they are not read.
     WARPS: gl.constexpr = gl.num_warps()
     data_ring = gl.allocate_shared_memory(data_desc.dtype, [STAGES] + data_desc.block_type.shape, data_desc.layout)
     weight_ring = gl.allocate_shared_memory(weight_desc.dtype, [STAGES] + weight_desc.block_type.shape,
@@ -163,16 +221,18 @@ def _int8_linear_pingpong_kernel(data_desc, weight_desc, out_desc, scale_ptr, we
         mbarrier.init(turns.index(consumer), count=1)
         mbarrier.init(loaded.index(consumer), count=1)
 
+    first = (out_desc, scale_ptr, weight_scale_ptr, bias_ptr, residual_desc, gate_ptr, rows_per_batch, gate_stride, M)
+    second = (out_desc2, scale_ptr2, weight_scale_ptr2, bias_ptr2, residual_desc2, gate_ptr2, rows_per_batch2,
+              gate_stride2, M2)
     FIRST: gl.constexpr = 0
     SECOND: gl.constexpr = 1
     gl.warp_specialize([
-        (_consumer, (data_ring, weight_ring, ready, free, turns, loaded, out_desc, out_buffers, scale_ptr,
-                     weight_scale_ptr, bias_ptr, residual_desc, gate_ptr, rows_per_batch, gate_stride, M, N, K,
-                     HAS_BIAS, RESIDUAL, BATCHED, GROUP_M, FIRST, WARPS)),
-        (_consumer, (data_ring, weight_ring, ready, free, turns, loaded, out_desc, out_buffers, scale_ptr,
-                     weight_scale_ptr, bias_ptr, residual_desc, gate_ptr, rows_per_batch, gate_stride, M, N, K,
-                     HAS_BIAS, RESIDUAL, BATCHED, GROUP_M, SECOND, WARPS)),
-        (_loader, (data_desc, weight_desc, data_ring, weight_ring, ready, free, M, N, K, GROUP_M)),
+        (_consumer, (data_ring, weight_ring, ready, free, turns, loaded, out_buffers, first, second, N, K,
+                     HAS_BIAS, RESIDUAL, BATCHED, GROUP_M, PAIRED, FIRST, WARPS)),
+        (_consumer, (data_ring, weight_ring, ready, free, turns, loaded, out_buffers, first, second, N, K,
+                     HAS_BIAS, RESIDUAL, BATCHED, GROUP_M, PAIRED, SECOND, WARPS)),
+        (_loader, (data_desc, weight_desc, data_desc2, weight_desc2, data_ring, weight_ring, ready, free, M, M2, N, K,
+                   GROUP_M, PAIRED)),
     ], [WARPS, 1], [CONSUMER_REGISTERS, LOADER_REGISTERS])
 
 
@@ -213,41 +273,90 @@ def _shared_layouts(out_dtype: torch.dtype):
             gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], element))
 
 
-def launch(data: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-           bias: torch.Tensor | None, out_dtype: torch.dtype, stages: int = STAGES,
-           group_m: int = GROUP_M, residual: torch.Tensor | None = None,
-           gate: torch.Tensor | None = None) -> torch.Tensor:
-    """data int8 [M, K], scale float32 [M], weight int8 [N, K], weight_scale float32 [N], bias [N] or None.
-    With `residual` (contiguous [M, N]) and `gate` ([B, N], unit column stride; rows m of batch m // (M / B)):
-    residual + gate * the product, in one pass."""
-    M, K = data.shape
-    N = weight.shape[0]
-    out = torch.empty((M, N), dtype=out_dtype, device=data.device)
+class Product(NamedTuple):
+    """One int8 GEMM's operands, as `launch` takes them: data int8 [M, K], scale float32 [M], weight int8 [N, K],
+    weight_scale float32 [N], bias [N] or None; with `residual` (contiguous [M, N]) and `gate` ([B, N], unit column
+    stride; rows m of batch m // (M / B)), residual + gate * the product."""
+
+    data: torch.Tensor
+    scale: torch.Tensor
+    weight: torch.Tensor
+    weight_scale: torch.Tensor
+    bias: torch.Tensor | None
+    residual: torch.Tensor | None = None
+    gate: torch.Tensor | None = None
+
+
+def pair_fits(first: Product, second: Product) -> bool:
+    """Whether two products can share one launch: the same N and K, and the same epilogue (bias or not, gated
+    residual or not), of one batch where the residual is gated."""
+    def form(product: Product):
+        gate_rows = 0 if product.gate is None else product.gate.shape[0]
+        return (product.weight.shape, product.bias is None, product.residual is None, gate_rows > 1)
+    # Two gate rows live in each of the paired epilogue's two branches spill registers (offline sm_90 build): a
+    # batch of several keeps its two launches.
+    several_batches = first.gate is not None and first.gate.shape[0] > 1
+    return form(first) == form(second) and not several_batches
+
+
+def _kernel_arguments(product: Product, out: torch.Tensor) -> list:
+    """One product's arguments of the kernel, from `data_desc` to `M`."""
+    data, scale, weight, weight_scale, bias, residual, gate = product
+    M, N = out.shape
     fused = residual is not None
     if fused and not gated_residual_fits(M, N, residual, gate):
         raise ValueError(f"gated residual: residual {tuple(residual.shape)} (contiguous [M, N] wanted) and gate "
                          f"{tuple(gate.shape)} ([B, N] wanted, B dividing M = {M}, one batch or >= {BLOCK_M} "
                          f"rows each)")
-    data_layout, weight_layout, out_layout = _shared_layouts(out_dtype)
-    tiles = cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N)
+    data_layout, weight_layout, out_layout = _shared_layouts(out.dtype)
     out_desc = TensorDescriptor.from_tensor(out, [BLOCK_M, BLOCK_N], out_layout)
-    _int8_linear_pingpong_kernel[(min(multiprocessors(data.device), tiles),)](
-        TensorDescriptor.from_tensor(data, [BLOCK_M, BLOCK_K], data_layout),
-        TensorDescriptor.from_tensor(weight, [BLOCK_N, BLOCK_K], weight_layout),
-        out_desc, scale, weight_scale, out if bias is None else bias,
-        # Unfused, the output's own descriptor and tensor stand in, unread: no second descriptor a launch.
-        TensorDescriptor.from_tensor(residual, [BLOCK_M, BLOCK_N], out_layout) if fused else out_desc,
-        gate if fused else out,
-        M // gate.shape[0] if fused else 1, gate.stride(0) if fused else 0, M, N, K,
-        HAS_BIAS=bias is not None, RESIDUAL=fused, BATCHED=fused and gate.shape[0] > 1, GROUP_M=group_m,
-        STAGES=stages, LOADER_REGISTERS=_LOADER_REGISTERS,
-        CONSUMER_REGISTERS=_CONSUMER_REGISTERS, num_warps=4, maxnreg=_MAXNREG)
+    return [TensorDescriptor.from_tensor(data, [BLOCK_M, BLOCK_K], data_layout),
+            TensorDescriptor.from_tensor(weight, [BLOCK_N, BLOCK_K], weight_layout),
+            out_desc, scale, weight_scale, out if bias is None else bias,
+            # Unfused, the output's own descriptor and tensor stand in, unread: no second descriptor a launch.
+            TensorDescriptor.from_tensor(residual, [BLOCK_M, BLOCK_N], out_layout) if fused else out_desc,
+            gate if fused else out, M // gate.shape[0] if fused else 1, gate.stride(0) if fused else 0, M]
+
+
+def _launch(products: list[Product], out_dtype: torch.dtype, stages: int, group_m: int) -> list[torch.Tensor]:
+    first = products[0]
+    K = first.data.shape[1]
+    N = first.weight.shape[0]
+    outs = [torch.empty((product.data.shape[0], N), dtype=out_dtype, device=first.data.device)
+            for product in products]
+    arguments = [_kernel_arguments(product, out) for product, out in zip(products, outs)]
+    paired = len(products) == 2
+    tiles = sum(cdiv(out.shape[0], BLOCK_M) for out in outs) * cdiv(N, BLOCK_N)
+    _int8_linear_pingpong_kernel[(min(multiprocessors(first.data.device), tiles),)](
+        *arguments[0], *arguments[-1], N, K,
+        HAS_BIAS=first.bias is not None, RESIDUAL=first.residual is not None,
+        BATCHED=first.gate is not None and first.gate.shape[0] > 1, GROUP_M=group_m, STAGES=stages, PAIRED=paired,
+        LOADER_REGISTERS=_LOADER_REGISTERS, CONSUMER_REGISTERS=_CONSUMER_REGISTERS, num_warps=4, maxnreg=_MAXNREG)
     launches["int8_linear_pingpong"] += 1
-    return out
+    return outs
+
+
+def launch(data: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+           bias: torch.Tensor | None, out_dtype: torch.dtype, stages: int = STAGES,
+           group_m: int = GROUP_M, residual: torch.Tensor | None = None,
+           gate: torch.Tensor | None = None) -> torch.Tensor:
+    """The product of `Product`'s operands (residual + gate * it with `residual` and `gate`), in out_dtype."""
+    return _launch([Product(data, scale, weight, weight_scale, bias, residual, gate)], out_dtype, stages, group_m)[0]
+
+
+def launch_pair(first: Product, second: Product, out_dtype: torch.dtype, stages: int = STAGES,
+                group_m: int = GROUP_M) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two products in one launch, their tiles in one list (`pair_fits` must hold; each as `launch`'s): a product
+    too small to fill the GPU, as the double block's 512 text tokens, runs in the other's last round of tiles
+    instead of a round of its own."""
+    if not pair_fits(first, second):
+        raise ValueError("launch_pair: the two products differ in N, K or epilogue")
+    out_first, out_second = _launch([first, second], out_dtype, stages, group_m)
+    return out_first, out_second
 
 
 def build_offline(out_dtype: torch.dtype = torch.bfloat16, has_bias: bool = True, stages: int = STAGES,
-                  residual: bool = False, batched: bool = False):
+                  residual: bool = False, batched: bool = False, paired: bool = False):
     """The kernel compiled for sm_90 without a GPU (Triton ships ptxas): for the tests and for reading its SASS.
     The signature is the one a launch at FLUX's shapes gets (16-divisible sizes and pointers)."""
     import triton
@@ -256,19 +365,23 @@ def build_offline(out_dtype: torch.dtype = torch.bfloat16, has_bias: bool = True
 
     data_layout, weight_layout, out_layout = _shared_layouts(out_dtype)
     element = "bf16" if out_dtype == torch.bfloat16 else "fp16"
-    signature = {"data_desc": f"tensordesc<i8[{BLOCK_M}, {BLOCK_K}],{data_layout}>",
-                 "weight_desc": f"tensordesc<i8[{BLOCK_N}, {BLOCK_K}],{weight_layout}>",
-                 "out_desc": f"tensordesc<{element}[{BLOCK_M}, {BLOCK_N}],{out_layout}>",
-                 "scale_ptr": "*fp32", "weight_scale_ptr": "*fp32", "bias_ptr": f"*{element}",
-                 "residual_desc": f"tensordesc<{element}[{BLOCK_M}, {BLOCK_N}],{out_layout}>",
-                 "gate_ptr": f"*{element}", "rows_per_batch": "i32",
-                 "gate_stride": "i32", "M": "i32", "N": "i32", "K": "i32"}
+    signature = {}
+    for suffix in ("", "2"):
+        signature |= {f"data_desc{suffix}": f"tensordesc<i8[{BLOCK_M}, {BLOCK_K}],{data_layout}>",
+                      f"weight_desc{suffix}": f"tensordesc<i8[{BLOCK_N}, {BLOCK_K}],{weight_layout}>",
+                      f"out_desc{suffix}": f"tensordesc<{element}[{BLOCK_M}, {BLOCK_N}],{out_layout}>",
+                      f"scale_ptr{suffix}": "*fp32", f"weight_scale_ptr{suffix}": "*fp32",
+                      f"bias_ptr{suffix}": f"*{element}",
+                      f"residual_desc{suffix}": f"tensordesc<{element}[{BLOCK_M}, {BLOCK_N}],{out_layout}>",
+                      f"gate_ptr{suffix}": f"*{element}", f"rows_per_batch{suffix}": "i32",
+                      f"gate_stride{suffix}": "i32", f"M{suffix}": "i32"}
+    signature |= {"N": "i32", "K": "i32"}
     constants = dict(HAS_BIAS=has_bias, RESIDUAL=residual, BATCHED=batched, GROUP_M=GROUP_M, STAGES=stages,
-                     LOADER_REGISTERS=_LOADER_REGISTERS,
-                     CONSUMER_REGISTERS=_CONSUMER_REGISTERS)
+                     PAIRED=paired, LOADER_REGISTERS=_LOADER_REGISTERS, CONSUMER_REGISTERS=_CONSUMER_REGISTERS)
     signature |= {name: "constexpr" for name in constants}
     names = list(signature)
-    attrs = {(names.index(name),): [["tt.divisibility", 16]]
-             for name in ("scale_ptr", "weight_scale_ptr", "bias_ptr", "gate_ptr", "gate_stride", "N", "K")}
+    attrs = {(names.index(f"{name}{suffix}"),): [["tt.divisibility", 16]]
+             for name in ("scale_ptr", "weight_scale_ptr", "bias_ptr", "gate_ptr", "gate_stride") for suffix in ("", "2")}
+    attrs |= {(names.index(name),): [["tt.divisibility", 16]] for name in ("N", "K")}
     source = GluonASTSource(fn=_int8_linear_pingpong_kernel, signature=signature, constexprs=constants, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=_MAXNREG))

@@ -24,11 +24,14 @@ needs_gluon = pytest.mark.skipif(not int8_gemm_hopper.gluon_available(),
 
 
 @needs_gluon
-@pytest.mark.parametrize("has_bias, residual, batched", [(True, False, False), (False, False, False),
-                                                          (True, True, False), (True, True, True)],
-                         ids=["bias", "no-bias", "gated-residual", "gated-residual-two-batches"])
-def test_builds_for_sm90_with_wgmma_tma_and_register_split(has_bias, residual, batched):
-    kernel = int8_gemm_hopper.build_offline(torch.bfloat16, has_bias, residual=residual, batched=batched)
+@pytest.mark.parametrize("has_bias, residual, batched, paired",
+                         [(True, False, False, False), (False, False, False, False), (True, True, False, False),
+                          (True, True, True, False), (True, False, False, True), (True, True, False, True)],
+                         ids=["bias", "no-bias", "gated-residual", "gated-residual-two-batches", "paired",
+                              "paired-gated-residual"])
+def test_builds_for_sm90_with_wgmma_tma_and_register_split(has_bias, residual, batched, paired):
+    kernel = int8_gemm_hopper.build_offline(torch.bfloat16, has_bias, residual=residual, batched=batched,
+                                            paired=paired)
     sass = sass_of(kernel)
     # Two consumers, each a 128x128 tile of 64x128x32 int8 wgmmas over a 128-deep K step.
     assert len(re.findall(r"IGMMA\.64x128x32\.S8\.S8", sass)) == 2 * 8
@@ -133,3 +136,74 @@ def test_the_gated_residual_elsewhere_rounds_the_product_then_adds():
     out = int8_gemm.int8_linear_gated_residual(rows, scale[:, None], weight, weight_scale, bias, gate, residual)
     product = int8_gemm.int8_linear_reference(rows, scale[:, None], weight, weight_scale, bias, torch.bfloat16)
     assert torch.equal(out, residual + gate * product)
+
+
+def _pair_operands(rows: tuple[int, int], N: int, K: int, bias: bool, residual: bool, batch: int = 1):
+    """Two products of the same N and K with their own weights, as int8_linear(_gated_residual) takes them."""
+    products = []
+    for length in rows:
+        data, scale, weight, weight_scale = _operands(batch * length, N, K, "cuda")
+        bias_values = torch.randn(N, device="cuda", dtype=torch.bfloat16) if bias else None
+        if residual:
+            gate = torch.randn(batch, 1, 2 * N, device="cuda", dtype=torch.bfloat16)[..., N:]
+            products.append((data.view(batch, length, K), scale[:, None], weight, weight_scale, bias_values, gate,
+                             torch.randn(batch, length, N, device="cuda", dtype=torch.bfloat16)))
+        else:
+            products.append((data, scale[:, None], weight, weight_scale, bias_values))
+    return products
+
+
+@hopper_gpu
+@pytest.mark.parametrize("rows, N, K", [((512, 8192), 3072, 384), ((77, 300), 520, 208), ((128, 1000), 9216, 256),
+                                        ((300, 128), 256, 3072)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "gated-residual"])
+def test_a_paired_launch_equals_two_launches(rows, N, K, bias, residual):
+    # The paired launch computes each product exactly as its own launch does (the same tiles, the same epilogue),
+    # so the outputs are equal bit for bit; and both match the float64 product. Row counts that fill no tile, a
+    # first product larger than the second, a tile list whose split falls inside a program's turn.
+    torch.manual_seed(sum(rows) + N + K)
+    first, second = _pair_operands(rows, N, K, bias, residual)
+    before = launches["int8_linear_pair"]
+    if residual:
+        paired = int8_gemm.int8_linear_gated_residual_pair(first, second)
+        apart = [int8_gemm.int8_linear_gated_residual(*operands) for operands in (first, second)]
+        exact = [int8_gemm.int8_linear_gated_residual_reference(*operands[:6], operands[6].double()).float()
+                 for operands in (first, second)]
+    else:
+        paired = int8_gemm.int8_linear_pair(first, second, torch.bfloat16)
+        apart = [int8_gemm.int8_linear(*operands, torch.bfloat16) for operands in (first, second)]
+        exact = [int8_gemm.int8_linear_reference(*operands, torch.float32) for operands in (first, second)]
+    assert launches["int8_linear_pair"] == before + 1  # one launch for both
+    for out, alone, reference in zip(paired, apart, exact):
+        assert out.shape == alone.shape and torch.equal(out, alone)
+        assert rel_l2(out.float(), reference) < 1e-2
+
+
+@hopper_gpu
+def test_pairs_that_do_not_fit_take_two_launches():
+    # Different N: no shared tile list. Several batches with a gated residual: the paired epilogue would spill.
+    torch.manual_seed(5)
+    first, _ = _pair_operands((256, 256), 512, 256, True, False)
+    _, second = _pair_operands((256, 256), 384, 256, True, False)
+    before = launches["int8_linear_pair"]
+    outs = int8_gemm.int8_linear_pair(first, second, torch.bfloat16)
+    assert [out.shape[-1] for out in outs] == [512, 384]
+    first, second = _pair_operands((256, 512), 256, 256, True, True, batch=2)
+    outs = int8_gemm.int8_linear_gated_residual_pair(first, second)
+    assert launches["int8_linear_pair"] == before
+    for out, operands in zip(outs, (first, second)):
+        exact = int8_gemm.int8_linear_gated_residual_reference(*operands[:6], operands[6].double()).float()
+        assert rel_l2(out.float(), exact) <= 4e-3
+
+
+def test_a_pair_elsewhere_is_two_products():
+    # Without the Hopper kernel (the CPU here) a pair is each product on its own.
+    torch.manual_seed(6)
+    data, scale, weight, weight_scale = _operands(40, 24, 64, "cpu")
+    other_data, other_scale, other_weight, other_weight_scale = _operands(9, 24, 64, "cpu")
+    first = (data, scale[:, None], weight, weight_scale, None)
+    second = (other_data, other_scale[:, None], other_weight, other_weight_scale, None)
+    outs = int8_gemm.int8_linear_pair(first, second, torch.bfloat16)
+    for out, operands in zip(outs, (first, second)):
+        assert torch.equal(out, int8_gemm.int8_linear_reference(*operands, torch.bfloat16))

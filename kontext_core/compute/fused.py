@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from .quant import (E4M3_MAX, QuantizedLinear, QuantizedRows, fp8_linear_rows, fp8_matmul_ok, int8_gated_residual,
-                    rows_format)
+from .quant import (E4M3_MAX, Int8Product, QuantizedLinear, QuantizedRows, fp8_linear_rows, fp8_matmul_ok,
+                    int8_gated_residual, int8_gated_residual_pair, int8_linear_pair, rows_format)
 
 try:  # kontext_kernels/ is optional: without it every op runs its PyTorch reference
     import kontext_kernels as _kernels
@@ -318,12 +318,66 @@ def linear_then_gelu_part(x: torch.Tensor, layer: nn.Module, split: int) -> tupl
 def mlp_hidden(x: torch.Tensor | QuantizedRows, up: nn.Module, down: nn.Module) -> torch.Tensor | QuantizedRows:
     """GELU(tanh)(up(x)), as the input of the down-projection `down`: e4m3 rows for an fp8 layer."""
     if isinstance(x, QuantizedRows):
-        hidden = linear(up, x)
-        form = _row_format(down, hidden)
-        if form is not None:
-            return QuantizedRows(*torch.ops.kontext.gelu_quantize_rows(hidden, lora_columns(down), form == torch.int8))
-        return F.gelu(hidden, approximate="tanh")
+        return _gelu_input(linear(up, x), down)
     return linear_gelu(x, up)
+
+
+def _gelu_input(hidden: torch.Tensor, down: nn.Module) -> torch.Tensor | QuantizedRows:
+    # GELU(tanh)(hidden) as `down`'s input: 8-bit rows for an 8-bit layer.
+    form = _row_format(down, hidden)
+    if form is not None:
+        return QuantizedRows(*torch.ops.kontext.gelu_quantize_rows(hidden, lora_columns(down), form == torch.int8))
+    return F.gelu(hidden, approximate="tanh")
+
+
+# --- The double block's two streams, op by op ------------------------------------------------------------------
+# Its text (512 tokens) and image streams run the same ops with their own weights. The text stream's int8 GEMMs
+# are too small to fill the GPU (four 128-row tiles); the pair forms below give both streams' GEMMs one launch of
+# the Hopper kernel (kontext_kernels/int8_gemm_hopper.py, `launch_pair`), and compute each stream as its single form
+# does elsewhere: the same values either way.
+
+def _int8_product(layer: nn.Module, x) -> Int8Product | None:
+    # A plain int8 layer's product of int8 rows (no hooks, no LoRA on the fly), as the pair ops take it.
+    if (isinstance(x, QuantizedRows) and x.data.dtype == torch.int8 and type(layer) is QuantizedLinear
+            and _unhooked(layer) and lora_factors(layer) is None):
+        return Int8Product(x, layer.weight, layer.weight_scale, layer.bias)
+    return None
+
+
+def _pairable(first: tuple[nn.Module, object], second: tuple[nn.Module, object]) -> tuple | None:
+    products = (_int8_product(*first), _int8_product(*second))
+    if None in products or first[0].compute_dtype != second[0].compute_dtype:
+        return None
+    return products
+
+
+def linear_pair(first: tuple[nn.Module, torch.Tensor | QuantizedRows],
+                second: tuple[nn.Module, torch.Tensor | QuantizedRows]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`linear` of two (layer, x) pairs."""
+    products = _pairable(first, second)
+    if products is not None:
+        return int8_linear_pair(*products, first[0].compute_dtype)
+    return linear(*first), linear(*second)
+
+
+def mlp_hidden_pair(first: tuple, second: tuple) -> tuple:
+    """`mlp_hidden` of two (x, up, down) triples."""
+    (x, up, down), (x2, up2, down2) = first, second
+    if isinstance(x, QuantizedRows) and isinstance(x2, QuantizedRows):
+        hidden, hidden2 = linear_pair((up, x), (up2, x2))
+        return _gelu_input(hidden, down), _gelu_input(hidden2, down2)
+    return mlp_hidden(*first), mlp_hidden(*second)
+
+
+def gated_residual_pair(first: tuple, second: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """`gated_residual` of two (residual, gate, x, layer) quadruples."""
+    inputs = [_layer_input(layer, x) for _, _, x, layer in (first, second)]
+    products = _pairable((first[3], inputs[0]), (second[3], inputs[1]))
+    if products is not None and all(_epilogue_gated(residual, gate, layer)
+                                    for (residual, gate, _, layer) in (first, second)):
+        return int8_gated_residual_pair((first[0], first[1], products[0]), (second[0], second[1], products[1]))
+    return (gated_residual(first[0], first[1], inputs[0], first[3]),
+            gated_residual(second[0], second[1], inputs[1], second[3]))
 
 
 def parallel_attention_mlp(x: torch.Tensor | QuantizedRows, linear1: nn.Module, linear2: nn.Module, split: int,
@@ -355,15 +409,26 @@ def gated_residual(residual: torch.Tensor, gate: torch.Tensor, x: torch.Tensor |
     if isinstance(x, torch.Tensor):
         if _fused_gemms and _plain_linear(layer) and _epilogue_free(layer) and _active(x):
             return _kernels.linear_gated_residual(x, layer.weight, layer.bias, gate, residual)
-        form = _row_format(layer, x)
-        if form is not None:
-            x = QuantizedRows(*torch.ops.kontext.quantize_rows(x, lora_columns(layer), form == torch.int8))
-    if (isinstance(x, QuantizedRows) and x.data.dtype == torch.int8 and type(layer) is QuantizedLinear
-            and _unhooked(layer) and lora_factors(layer) is None and layer.compute_dtype == residual.dtype
-            and gate.dim() == 3 and gate.shape[1] == 1 and residual.dim() == 3):
+        x = _layer_input(layer, x)
+    if _int8_product(layer, x) is not None and _epilogue_gated(residual, gate, layer):
         # The add in the int8 GEMM's epilogue: the product is not rounded to bf16 and read back for it.
         return int8_gated_residual(residual, gate, x, layer.weight, layer.weight_scale, layer.bias)
     return residual + gate * linear(layer, x)
+
+
+def _layer_input(layer: nn.Module, x):
+    # A bf16 input of an 8-bit layer as its 8-bit rows; anything else as it is.
+    if isinstance(x, torch.Tensor):
+        form = _row_format(layer, x)
+        if form is not None:
+            return QuantizedRows(*torch.ops.kontext.quantize_rows(x, lora_columns(layer), form == torch.int8))
+    return x
+
+
+def _epilogue_gated(residual: torch.Tensor, gate: torch.Tensor, layer: nn.Module) -> bool:
+    # Where the int8 GEMM's epilogue can add residual + gate * product: a [B, 1, N] gate, residual in the layer's dtype.
+    return (layer.compute_dtype == residual.dtype and gate.dim() == 3 and gate.shape[1] == 1
+            and residual.dim() == 3)
 
 
 if _kernels is not None:

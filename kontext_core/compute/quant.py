@@ -146,6 +146,69 @@ if _int8_gemm is not None:
                lambda data, scale, weight, weight_scale, bias, gate, residual: torch.empty_like(residual))
 
 
+def _int8_linear_pair(data: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                      bias: torch.Tensor | None, data2: torch.Tensor, scale2: torch.Tensor, weight2: torch.Tensor,
+                      weight_scale2: torch.Tensor, bias2: torch.Tensor | None,
+                      out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    return _int8_gemm.int8_linear_pair((data, scale, weight, weight_scale, bias),
+                                       (data2, scale2, weight2, weight_scale2, bias2), out_dtype)
+
+
+def _int8_linear_gated_residual_pair(data: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor,
+                                     weight_scale: torch.Tensor, bias: torch.Tensor | None, gate: torch.Tensor,
+                                     residual: torch.Tensor, data2: torch.Tensor, scale2: torch.Tensor,
+                                     weight2: torch.Tensor, weight_scale2: torch.Tensor, bias2: torch.Tensor | None,
+                                     gate2: torch.Tensor, residual2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _int8_gemm.int8_linear_gated_residual_pair((data, scale, weight, weight_scale, bias, gate, residual),
+                                                      (data2, scale2, weight2, weight_scale2, bias2, gate2, residual2))
+
+
+if _int8_gemm is not None:
+    ops.define("int8_linear_pair(Tensor data, Tensor scale, Tensor weight, Tensor weight_scale, Tensor? bias, "
+               "Tensor data2, Tensor scale2, Tensor weight2, Tensor weight_scale2, Tensor? bias2, "
+               "ScalarType out_dtype) -> (Tensor, Tensor)", _int8_linear_pair,
+               lambda data, scale, weight, weight_scale, bias, data2, scale2, weight2, weight_scale2, bias2, out_dtype: (
+                   data.new_empty((*data.shape[:-1], weight.shape[0]), dtype=out_dtype),
+                   data2.new_empty((*data2.shape[:-1], weight2.shape[0]), dtype=out_dtype)))
+    ops.define("int8_linear_gated_residual_pair(Tensor data, Tensor scale, Tensor weight, Tensor weight_scale, "
+               "Tensor? bias, Tensor gate, Tensor residual, Tensor data2, Tensor scale2, Tensor weight2, "
+               "Tensor weight_scale2, Tensor? bias2, Tensor gate2, Tensor residual2) -> (Tensor, Tensor)",
+               _int8_linear_gated_residual_pair,
+               lambda *operands: (torch.empty_like(operands[6]), torch.empty_like(operands[13])))
+
+
+class Int8Product(NamedTuple):
+    """One int8 layer's product as a pair op takes it: int8 rows and the layer's weight, scales and bias."""
+
+    rows: QuantizedRows
+    weight: torch.Tensor
+    weight_scale: torch.Tensor
+    bias: torch.Tensor | None
+
+    def operands(self) -> tuple:
+        return (self.rows.data, self.rows.scale, self.weight, self.weight_scale, self.bias)
+
+
+def int8_linear_pair(first: Int8Product, second: Int8Product,
+                     out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both products in out_dtype, from one launch where the kernel takes them (kontext_kernels/int8_gemm.py,
+    `int8_linear_pair`): the double block's text and image streams."""
+    if torch.compiler.is_compiling():
+        return torch.ops.kontext.int8_linear_pair(*first.operands(), *second.operands(), out_dtype)
+    return _int8_linear_pair(*first.operands(), *second.operands(), out_dtype)
+
+
+def int8_gated_residual_pair(first: tuple[torch.Tensor, torch.Tensor, Int8Product],
+                             second: tuple[torch.Tensor, torch.Tensor, Int8Product]
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`int8_gated_residual` of two (residual, gate, product) triples, one launch where the kernel takes both."""
+    (residual, gate, product), (residual2, gate2, product2) = first, second
+    operands = (*product.operands(), gate, residual, *product2.operands(), gate2, residual2)
+    if torch.compiler.is_compiling():
+        return torch.ops.kontext.int8_linear_gated_residual_pair(*operands)
+    return _int8_linear_gated_residual_pair(*operands)
+
+
 def int8_gated_residual(residual: torch.Tensor, gate: torch.Tensor, rows: QuantizedRows, weight: torch.Tensor,
                         weight_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """residual + gate * (int8 rows @ weight.T ...), the add in the int8 GEMM's epilogue where it can be. (int8

@@ -158,17 +158,24 @@ class DoubleStreamBlock(nn.Module):
             txt_attn_mod, txt_mlp_mod = self.txt_mod.params(txt_part)
         text_length = txt.shape[1]
 
-        # Text tokens come first in the joint sequence, as in the reference.
-        streams = [(fused.linear(stream.qkv, mod.input_for(stream.qkv, x)), stream.norm.query_norm,
-                    stream.norm.key_norm)
-                   for stream, mod, x in ((self.txt_attn, txt_attn_mod, txt), (self.img_attn, img_attn_mod, img))]
+        # Each op runs for both streams together (fused's pair forms: one launch for both where the kernels take
+        # them). Text tokens come first in the joint sequence, as in the reference.
+        txt_qkv, img_qkv = fused.linear_pair(
+            (self.txt_attn.qkv, txt_attn_mod.input_for(self.txt_attn.qkv, txt)),
+            (self.img_attn.qkv, img_attn_mod.input_for(self.img_attn.qkv, img)))
+        streams = [(qkv, stream.norm.query_norm, stream.norm.key_norm)
+                   for qkv, stream in ((txt_qkv, self.txt_attn), (img_qkv, self.img_attn))]
         joint = joint_attention(streams, rope.cos, rope.sin, self.num_heads)
         txt_out, img_out = joint[:, :text_length], joint[:, text_length:]
 
-        img = fused.gated_residual(img, img_attn_mod.gate, img_out, self.img_attn.proj)
-        img = self._mlp_residual(img, img_mlp_mod, self.img_mlp)
-        txt = fused.gated_residual(txt, txt_attn_mod.gate, txt_out, self.txt_attn.proj)
-        txt = self._mlp_residual(txt, txt_mlp_mod, self.txt_mlp)
+        txt, img = fused.gated_residual_pair((txt, txt_attn_mod.gate, txt_out, self.txt_attn.proj),
+                                             (img, img_attn_mod.gate, img_out, self.img_attn.proj))
+        txt_up, txt_down = self.txt_mlp[0], self.txt_mlp[2]
+        img_up, img_down = self.img_mlp[0], self.img_mlp[2]
+        txt_hidden, img_hidden = fused.mlp_hidden_pair((txt_mlp_mod.input_for(txt_up, txt), txt_up, txt_down),
+                                                       (img_mlp_mod.input_for(img_up, img), img_up, img_down))
+        txt, img = fused.gated_residual_pair((txt, txt_mlp_mod.gate, txt_hidden, txt_down),
+                                             (img, img_mlp_mod.gate, img_hidden, img_down))
         return img, txt
 
     def image_attention_input(self, img: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
@@ -177,10 +184,6 @@ class DoubleStreamBlock(nn.Module):
         img_attn_mod, _ = self.img_mod(vec)
         return fused.modulate(img, img_attn_mod.shift, img_attn_mod.scale)
 
-    @staticmethod
-    def _mlp_residual(x: torch.Tensor, mod: ModulationParams, mlp: MLP) -> torch.Tensor:
-        up, down = mlp[0], mlp[2]
-        return fused.gated_residual(x, mod.gate, fused.mlp_hidden(mod.input_for(up, x), up, down), down)
 
 
 class SingleStreamBlock(nn.Module):
