@@ -69,9 +69,14 @@ def int8_linear_gated_residual(data: torch.Tensor, scale: torch.Tensor, weight: 
     return residual + gate * int8_linear(data, scale, weight, weight_scale, bias, residual.dtype)
 
 
+# Whether `int8_linear_pair` and `int8_linear_gated_residual_pair` give a pair one launch where the Hopper kernel
+# takes it (False: a launch each, as before them; bench_step's +unpaired).
+PAIR_STREAMS = True
+
+
 def _paired(products: list[int8_gemm_hopper.Product], out_dtype: torch.dtype) -> tuple | None:
     """Both products from one launch of the Hopper kernel, or None where it does not take them together."""
-    if not (HOPPER_KERNEL == "gluon" and int8_gemm_hopper.pair_fits(*products)
+    if not (PAIR_STREAMS and HOPPER_KERNEL == "gluon" and int8_gemm_hopper.pair_fits(*products)
             and all(int8_gemm_hopper.ready_for(product.data, product.weight, out_dtype)
                     and (product.residual is None or int8_gemm_hopper.gated_residual_fits(
                         product.data.shape[0], product.weight.shape[0], product.residual, product.gate))
