@@ -110,7 +110,7 @@ def int8_linear_gated_residual_pair(first: tuple, second: tuple) -> tuple[torch.
             batch, length, n = residual.shape
             products.append(int8_gemm_hopper.Product(*_kernel_operands(data, scale, weight, weight_scale, bias),
                                                      residual.view(batch * length, n), gate.reshape(batch, n)))
-        outs = _paired(products, residual.dtype)
+        outs = _paired(products, first[6].dtype)
         if outs is not None:
             launches["int8_linear_gated_residual"] += 2
             return tuple(out.view(operands[6].shape) for out, operands in zip(outs, (first, second)))
