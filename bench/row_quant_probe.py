@@ -143,6 +143,8 @@ def layernorm_loop_rows(tokens: int, width: int, device: str, tiny: bool, bandwi
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny sizes on the CPU through Triton's interpreter")
+    parser.add_argument("--layernorm", action="store_true",
+                        help="the LayerNorm + modulation + int8 kernel and its looping candidate only")
     args = parser.parse_args()
     device = "cpu" if args.tiny else "cuda"
     sizes = (40, 8, 48, 96, 2) if args.tiny else (TOKENS, TXT, WIDTH, MLP, HEADS)
@@ -158,6 +160,8 @@ def main() -> None:
     plan = (row_quant.rows_per_program, row_quant.row_warps)
     for name, calls, fn, moved in row_cases(tokens, txt, width, mlp, device):
         layernorm = "LayerNorm" in name
+        if args.layernorm and not layernorm:
+            continue
         settings = [(None, None)] + list(itertools.product((1, 2, 4), (1, 2, 4, 8)) if layernorm
                                          else itertools.product(chunks, warps))
         for first, second in settings:
@@ -182,6 +186,8 @@ def main() -> None:
                   f"{seconds * bandwidth / moved:.2f} | {seconds * calls * 1e3:.2f} |", flush=True)
 
     layernorm_loop_rows(tokens, width, device, args.tiny, bandwidth)
+    if args.layernorm:
+        return
 
     k, v = (torch.randn(1, tokens, heads, 128, device=device, dtype=torch.bfloat16).transpose(1, 2) for _ in range(2))
     q = torch.randn_like(k)
