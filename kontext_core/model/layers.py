@@ -185,7 +185,6 @@ class DoubleStreamBlock(nn.Module):
         return fused.modulate(img, img_attn_mod.shift, img_attn_mod.scale)
 
 
-
 class SingleStreamBlock(nn.Module):
     """One weight set over the joint sequence; attention and MLP run in parallel from one linear."""
 
