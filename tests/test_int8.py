@@ -136,6 +136,28 @@ def test_compiled_blocks_trace_the_int8_gemm(device):
     check_compiled_blocks(model, int8, device, "int8_linear", len(_int8_layers(int8)))
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_double_blocks_give_both_streams_one_launch_with_the_same_result(device, batch, monkeypatch):
+    # On Hopper the double block's text and image GEMMs share a launch (int8_gemm.int8_linear_pair); each
+    # product is computed as its own launch computes it, so the velocity is the same bit for bit. Elsewhere (the
+    # interpreter here) the pair falls back to two launches. Two batches: the gated residuals keep two launches.
+    from kontext_kernels import int8_gemm, int8_gemm_hopper
+
+    _, int8 = _models(device)
+    args = tiny_edit_args(batch, torch.bfloat16, device)
+    hopper = device == "cuda" and torch.cuda.get_device_capability() >= (9, 0) and int8_gemm_hopper.gluon_available()
+    with torch.no_grad():
+        before = launches["int8_linear_pair"]
+        paired = int8.velocity(*args)
+        pairs = launches["int8_linear_pair"] - before
+        monkeypatch.setattr(int8_gemm, "PAIR_STREAMS", False)
+        apart = int8.velocity(*args)
+    assert launches["int8_linear_pair"] - before == pairs
+    # One double block: qkv and mlp up always paired on Hopper, proj and mlp down (gated residuals) for one batch.
+    assert pairs == ((4 if batch == 1 else 2) if hopper else 0)
+    assert torch.equal(paired, apart)
+
+
 def test_load_int8_from_a_bf16_file(tiny_transformer, tmp_path):
     bf16 = copy.deepcopy(tiny_transformer).to(torch.bfloat16)
     save_transformer(bf16, tmp_path / "flux1-kontext-dev.safetensors")
