@@ -285,6 +285,8 @@ MODIFIERS = {
                        "not the warp-specialised Gluon one (kontext_kernels/sage_attention_hopper.py)",
     "unpaired": "the double blocks' text and image int8 GEMMs as a launch each, not one paired launch "
                 "(kontext_kernels/int8_gemm.py, PAIR_STREAMS)",
+    "paired": "the double blocks' text and image int8 GEMMs in one launch on Hopper (kontext_kernels/int8_gemm.py, "
+              "PAIR_STREAMS), whatever the product's default",
     "cuteattention": "with +sage8 on Hopper: the CuTe DSL attention kernel with FlashAttention-3's in-warpgroup "
                      "overlap (kontext_kernels/sage_attention_cute.py, through cute_runtime.py), not the Gluon one",
     "sdpa": "attention through PyTorch's SDPA (cuDNN first) even where flash-attn is installed (auto takes it)",
@@ -306,6 +308,7 @@ MODIFIERS = {
 
 PRODUCT_SCORES = sage_attention.SCORES_DEFAULT  # the product's, kept before a row changes it
 PRODUCT_HOPPER_GEMM = int8_gemm.HOPPER_KERNEL
+PRODUCT_PAIR_STREAMS = int8_gemm.PAIR_STREAMS
 PRODUCT_HOPPER_ATTENTION = sage_attention.HOPPER_KERNEL
 PRODUCT_GELU = row_quant.GELU_ON_GPU
 PRODUCT_ROW_SUMS = sage_attention_hopper.ROW_SUMS_ON_TENSOR_CORES
@@ -329,7 +332,7 @@ def implementation(name: str) -> str:
     ours_only = [m for m in modifiers if m in ("lora", "lorafly", "thinlora", "autotune", "sdpa", "sage8", "sage8fp16",
                                                "tritongemm", "tritonattention", "modtable", "fusedqkv",
                                                "tanhgelu", "mmarowsums", "pvsoftmax", "turns", "frozenstats",
-                                               "chainrows", "cuteattention", "unpaired")]
+                                               "chainrows", "cuteattention", "unpaired", "paired")]
     if ours_only and not base.startswith("ours"):
         raise argparse.ArgumentTypeError(f"{name!r}: +{ours_only[0]} applies to our rows only")
     if "autotune" in modifiers and not base.endswith("-compiled"):
@@ -353,7 +356,7 @@ def configure(impl: str) -> None:
     attention = {"fp8attention": "cudnn-fp8", "sage8": "sage8", "sage8fp16": "sage8-fp16", "sdpa": "sdpa"}
     set_attention_backend(next((attention[m] for m in modifiers if m in attention), "auto"))
     int8_gemm.HOPPER_KERNEL = "triton" if "tritongemm" in modifiers else PRODUCT_HOPPER_GEMM
-    int8_gemm.PAIR_STREAMS = "unpaired" not in modifiers
+    int8_gemm.PAIR_STREAMS = "paired" in modifiers or (PRODUCT_PAIR_STREAMS and "unpaired" not in modifiers)
     sage_attention.HOPPER_KERNEL = ("triton" if "tritonattention" in modifiers else
                                     "cute" if "cuteattention" in modifiers else PRODUCT_HOPPER_ATTENTION)
     sage_attention_hopper.ROW_SUMS_ON_TENSOR_CORES = "mmarowsums" in modifiers or PRODUCT_ROW_SUMS
@@ -697,6 +700,8 @@ def main() -> None:
                                                                 "+cuteattention", int8_model),
                                                                ("int8+sage8+modtable+compiledae+frozenstats"
                                                                 "+unpaired", int8_model),
+                                                               ("int8+sage8+modtable+compiledae+frozenstats"
+                                                                "+paired", int8_model),
                                                                ("int8+sage8+convertedscores", int8_model))
                 for graphs in ((False, True) if graphs_too or args.e2e else (False,))]
         for label, target, graphs in runs:
@@ -712,7 +717,8 @@ def main() -> None:
                       + ("+fp8attention" if "fp8attention" in label else "") + ("+sage8" if "sage8" in label else "")
                       + ("+convertedscores" if "convertedscores" in label else "")
                       + ("+cuteattention" if "cuteattention" in label else "")
-                      + ("+unpaired" if "unpaired" in label else ""))
+                      + ("+unpaired" if "unpaired" in label else "")
+                      + ("+paired" if "+paired" in label else ""))
             if compiled:
                 compile_blocks(target, "ours-compiled")
             seconds = end_to_end(target, cuda_graphs=graphs, batched_modulation="modtable" in label,

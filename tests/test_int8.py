@@ -146,6 +146,7 @@ def test_double_blocks_give_both_streams_one_launch_with_the_same_result(device,
     _, int8 = _models(device)
     args = tiny_edit_args(batch, torch.bfloat16, device)
     hopper = device == "cuda" and torch.cuda.get_device_capability() >= (9, 0) and int8_gemm_hopper.gluon_available()
+    monkeypatch.setattr(int8_gemm, "PAIR_STREAMS", True)
     with torch.no_grad():
         before = launches["int8_linear_pair"]
         paired = int8.velocity(*args)

@@ -158,10 +158,11 @@ def _pair_operands(rows: tuple[int, int], N: int, K: int, bias: bool, residual: 
                                         ((300, 128), 256, 3072)])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "gated-residual"])
-def test_a_paired_launch_equals_two_launches(rows, N, K, bias, residual):
+def test_a_paired_launch_equals_two_launches(rows, N, K, bias, residual, monkeypatch):
     # The paired launch computes each product exactly as its own launch does (the same tiles, the same epilogue),
     # so the outputs are equal bit for bit; and both match the float64 product. Row counts that fill no tile, a
     # first product larger than the second, a tile list whose split falls inside a program's turn.
+    monkeypatch.setattr(int8_gemm, "PAIR_STREAMS", True)
     torch.manual_seed(sum(rows) + N + K)
     first, second = _pair_operands(rows, N, K, bias, residual)
     before = launches["int8_linear_pair"]
@@ -181,8 +182,9 @@ def test_a_paired_launch_equals_two_launches(rows, N, K, bias, residual):
 
 
 @hopper_gpu
-def test_pairs_that_do_not_fit_take_two_launches():
+def test_pairs_that_do_not_fit_take_two_launches(monkeypatch):
     # Different N: no shared tile list. Several batches with a gated residual: the paired epilogue would spill.
+    monkeypatch.setattr(int8_gemm, "PAIR_STREAMS", True)
     torch.manual_seed(5)
     first, _ = _pair_operands((256, 256), 512, 256, True, False)
     _, second = _pair_operands((256, 256), 384, 256, True, False)
