@@ -97,7 +97,8 @@ def int8_linear_pair(first: tuple, second: tuple, out_dtype: torch.dtype) -> tup
         products = [int8_gemm_hopper.Product(*_kernel_operands(*operands)) for operands in (first, second)]
         outs = _paired(products, out_dtype)
         if outs is not None:
-            return tuple(out.view(*operands[0].shape[:-1], out.shape[1]) for out, operands in zip(outs, (first, second)))
+            return tuple(out.view(*operands[0].shape[:-1], out.shape[1])
+                         for out, operands in zip(outs, (first, second)))
     return int8_linear(*first, out_dtype), int8_linear(*second, out_dtype)
 
 

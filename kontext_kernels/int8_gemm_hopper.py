@@ -381,7 +381,8 @@ def build_offline(out_dtype: torch.dtype = torch.bfloat16, has_bias: bool = True
     signature |= {name: "constexpr" for name in constants}
     names = list(signature)
     attrs = {(names.index(f"{name}{suffix}"),): [["tt.divisibility", 16]]
-             for name in ("scale_ptr", "weight_scale_ptr", "bias_ptr", "gate_ptr", "gate_stride") for suffix in ("", "2")}
+             for name in ("scale_ptr", "weight_scale_ptr", "bias_ptr", "gate_ptr", "gate_stride")
+             for suffix in ("", "2")}
     attrs |= {(names.index(name),): [["tt.divisibility", 16]] for name in ("N", "K")}
     source = GluonASTSource(fn=_int8_linear_pingpong_kernel, signature=signature, constexprs=constants, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=_MAXNREG))

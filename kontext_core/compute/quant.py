@@ -167,9 +167,9 @@ if _int8_gemm is not None:
     ops.define("int8_linear_pair(Tensor data, Tensor scale, Tensor weight, Tensor weight_scale, Tensor? bias, "
                "Tensor data2, Tensor scale2, Tensor weight2, Tensor weight_scale2, Tensor? bias2, "
                "ScalarType out_dtype) -> (Tensor, Tensor)", _int8_linear_pair,
-               lambda data, scale, weight, weight_scale, bias, data2, scale2, weight2, weight_scale2, bias2, out_dtype: (
-                   data.new_empty((*data.shape[:-1], weight.shape[0]), dtype=out_dtype),
-                   data2.new_empty((*data2.shape[:-1], weight2.shape[0]), dtype=out_dtype)))
+               lambda data, scale, weight, weight_scale, bias, data2, scale2, weight2, weight_scale2, bias2,
+               out_dtype: (data.new_empty((*data.shape[:-1], weight.shape[0]), dtype=out_dtype),
+                           data2.new_empty((*data2.shape[:-1], weight2.shape[0]), dtype=out_dtype)))
     ops.define("int8_linear_gated_residual_pair(Tensor data, Tensor scale, Tensor weight, Tensor weight_scale, "
                "Tensor? bias, Tensor gate, Tensor residual, Tensor data2, Tensor scale2, Tensor weight2, "
                "Tensor weight_scale2, Tensor? bias2, Tensor gate2, Tensor residual2) -> (Tensor, Tensor)",
