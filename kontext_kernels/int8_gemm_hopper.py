@@ -91,10 +91,10 @@ def _loader(data_desc, weight_desc, data_desc2, weight_desc2, data_ring, weight_
 
 
 @gluon.jit
-def _epilogue(acc, pid_m, pid_n, out_desc, out_buffer, scale_ptr, weight_scale_ptr, bias_ptr, residual_desc,
-              gate_ptr, rows_per_batch, gate_stride, loaded, loaded_phase, M, N, HAS_BIAS: gl.constexpr,
+def _epilogue(acc, pid_m, pid_n, product, out_buffer, loaded, loaded_phase, N, HAS_BIAS: gl.constexpr,
               RESIDUAL: gl.constexpr, BATCHED: gl.constexpr):
-    """Scale, convert and store one finished tile (with the gated residual where asked) through TMA."""
+    """Scale, convert and store one finished tile of `product` (with the gated residual where asked) through TMA."""
+    out_desc, scale_ptr, weight_scale_ptr, bias_ptr, residual_desc, gate_ptr, rows_per_batch, gate_stride, M = product
     BLOCK_M: gl.constexpr = out_desc.block_type.shape[0]
     BLOCK_N: gl.constexpr = out_desc.block_type.shape[1]
     layout: gl.constexpr = acc.type.layout
@@ -149,11 +149,12 @@ def _consumer(data_ring, weight_ring, ready, free, turns, loaded, out_buffers, f
     out_buffer = out_buffers.index(WHICH)
     loaded_here = loaded.index(WHICH)
 
-    M = first[8]
+    M = first[8]  # each product's rows: the last of its tuple
+    M2 = second[8]
     first_tiles = gl.cdiv(M, BLOCK_M) * gl.cdiv(N, BLOCK_N)
     tiles = first_tiles
     if PAIRED:
-        tiles += gl.cdiv(second[8], BLOCK_M) * gl.cdiv(N, BLOCK_N)
+        tiles += gl.cdiv(M2, BLOCK_M) * gl.cdiv(N, BLOCK_N)
     k_tiles = gl.cdiv(K, BLOCK_K)
     mine = 0  # the program's tiles are numbered in order; this consumer takes every other one
     for tile in range(gl.program_id(0), tiles, gl.num_programs(0)):
@@ -180,17 +181,15 @@ def _consumer(data_ring, weight_ring, ready, free, turns, loaded, out_buffers, f
             if PAIRED:
                 if tile < first_tiles:
                     pid_m, pid_n = _tile_coordinates(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-                    _epilogue(acc, pid_m, pid_n, first[0], out_buffer, first[1], first[2], first[3], first[4],
-                              first[5], first[6], first[7], loaded_here, phase, M, N, HAS_BIAS, RESIDUAL, BATCHED)
+                    _epilogue(acc, pid_m, pid_n, first, out_buffer, loaded_here, phase, N, HAS_BIAS, RESIDUAL,
+                              BATCHED)
                 else:
-                    pid_m, pid_n = _tile_coordinates(tile - first_tiles, second[8], N, BLOCK_M, BLOCK_N, GROUP_M)
-                    _epilogue(acc, pid_m, pid_n, second[0], out_buffer, second[1], second[2], second[3], second[4],
-                              second[5], second[6], second[7], loaded_here, phase, second[8], N, HAS_BIAS, RESIDUAL,
+                    pid_m, pid_n = _tile_coordinates(tile - first_tiles, M2, N, BLOCK_M, BLOCK_N, GROUP_M)
+                    _epilogue(acc, pid_m, pid_n, second, out_buffer, loaded_here, phase, N, HAS_BIAS, RESIDUAL,
                               BATCHED)
             else:
                 pid_m, pid_n = _tile_coordinates(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-                _epilogue(acc, pid_m, pid_n, first[0], out_buffer, first[1], first[2], first[3], first[4], first[5],
-                          first[6], first[7], loaded_here, phase, M, N, HAS_BIAS, RESIDUAL, BATCHED)
+                _epilogue(acc, pid_m, pid_n, first, out_buffer, loaded_here, phase, N, HAS_BIAS, RESIDUAL, BATCHED)
         mine += 1
     tma.store_wait(pendings=0)
 
