@@ -9,7 +9,8 @@ autotuned), and its persistent TMA kernel at each of a few tile / stage / warp c
 
 --pingpong: at the same shapes, cuBLAS's fp8 GEMM against our two int8 kernels on Hopper: the autotuned
 Triton-language one and the warp-specialised Gluon one (kontext_kernels/int8_gemm_hopper.py) at a few ring depths and
-tile-group heights (GROUP_M: output row tiles that walk one column band together, sharing weight tiles in L2).
+tile-group heights (GROUP_M: output row tiles that walk one column band together, sharing weight tiles in L2), and
+its cooperative schedule (128x256 tiles, both consumers on each).
 
 --accuracy: the full-size model on random weights (bench_step's), the edit workload; the velocity's relative L2
 error vs bf16 when every block linear's operands are rounded to int8 or e4m3 with per-row scales (simulated:
@@ -151,6 +152,11 @@ def pingpong() -> None:
             candidates[f"int8 Gluon ping-pong, {stages} stages, GROUP_M {group_m}"] = (
                 lambda stages=stages, group_m=group_m: int8_gemm_hopper.launch(
                     data, scale, w_data, w_scale, bias, torch.bfloat16, stages=stages, group_m=group_m))
+        for stages, group_m in ((3, 8), (2, 8), (3, 16)):
+            candidates[f"int8 Gluon cooperative 128x256, {stages} stages, GROUP_M {group_m}"] = (
+                lambda stages=stages, group_m=group_m: int8_gemm_hopper.launch(
+                    data, scale, w_data, w_scale, bias, torch.bfloat16, stages=stages, group_m=group_m,
+                    schedule="cooperative"))
         base = None
         for label, fn in candidates.items():
             try:

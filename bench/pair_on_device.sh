@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# One device call for the double block's paired int8 GEMM launch (bench/RESULTS.md, 2026-12-07, second session),
+# One device call for the double block's paired int8 GEMM launch and the GEMM's cooperative schedule (bench/RESULTS.md, 2026-12-07, second session),
 # in order of what decides it, each part bounded so that the whole fits one call:
 #   1. the fast step with each stream's GEMMs launched apart and paired (their outputs must agree: "rel. error");
 #   2. the GPU tests of the paired launch;
 #   3. bench/pair_probe.py: each double-block op, text and image apart, paired, and as one 8704-row launch;
-#   4. the LayerNorm + modulation + int8 kernel against its looping candidate (bench/row_quant_probe.py);
-#   5. Nsight Compute's counters of the int8 GEMM beside cuBLAS's fp8 one at linear1 (bench/gemm_counters.py);
-#   6. with E2E=1, the whole 28-step edit with the GEMMs apart and paired.
+#   4. the int8 GEMM's ping-pong and cooperative (128x256) schedules beside cuBLAS's fp8 GEMM (bench/int8_probe.py);
+#   5. the LayerNorm + modulation + int8 kernel against its looping candidate (bench/row_quant_probe.py);
+#   6. Nsight Compute's counters of the int8 GEMM beside cuBLAS's fp8 one at linear1 (bench/gemm_counters.py);
+#   7. with E2E=1, the whole 28-step edit with the GEMMs apart and paired.
 # Usage (from the repository root, on the device): OUT=$OUT [E2E=1] bash bench/pair_on_device.sh
 set -u
 OUT=${OUT:-/tmp/pair_out}
@@ -21,6 +22,10 @@ timeout 110 python3 -m pytest -q tests/test_int8_gemm_hopper.py tests/test_int8.
     -k "not builds and (hopper or one_launch or pair)" 2>&1 | tail -4
 timeout 80 python3 bench/pair_probe.py > "$OUT/pair_probe.txt" 2>&1
 tail -9 "$OUT/pair_probe.txt"
+if [ "$SECONDS" -lt 330 ]; then  # the int8 GEMM's schedules (ping-pong, cooperative 128x256) beside cuBLAS fp8
+    timeout 80 python3 bench/int8_probe.py --pingpong > "$OUT/int8_probe.txt" 2>&1
+    grep -E "^\| (qkv|proj|mlp|linear)" "$OUT/int8_probe.txt"
+fi
 if [ "$SECONDS" -lt 400 ]; then
     timeout 60 python3 bench/row_quant_probe.py --layernorm > "$OUT/row_quant_probe.txt" 2>&1
     grep "LayerNorm" "$OUT/row_quant_probe.txt"

@@ -91,17 +91,18 @@ def _loader(data_desc, weight_desc, data_desc2, weight_desc2, data_ring, weight_
 
 
 @gluon.jit
-def _epilogue(acc, pid_m, pid_n, product, out_buffer, loaded, loaded_phase, N, HAS_BIAS: gl.constexpr,
+def _epilogue(acc, first_row, first_column, product, out_buffer, loaded, loaded_phase, N, HAS_BIAS: gl.constexpr,
               RESIDUAL: gl.constexpr, BATCHED: gl.constexpr):
-    """Scale, convert and store one finished tile of `product` (with the gated residual where asked) through TMA."""
+    """Scale, convert and store one consumer's finished part of a tile of `product`, from (first_row, first_column)
+    on, with the gated residual where asked, through TMA."""
     out_desc, scale_ptr, weight_scale_ptr, bias_ptr, residual_desc, gate_ptr, rows_per_batch, gate_stride, M = product
-    BLOCK_M: gl.constexpr = out_desc.block_type.shape[0]
+    ROWS: gl.constexpr = out_desc.block_type.shape[0]
     BLOCK_N: gl.constexpr = out_desc.block_type.shape[1]
     layout: gl.constexpr = acc.type.layout
     rows_layout: gl.constexpr = gl.SliceLayout(1, layout)
     columns_layout: gl.constexpr = gl.SliceLayout(0, layout)
-    offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=rows_layout)
-    offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=columns_layout)
+    offs_m = first_row + gl.arange(0, ROWS, layout=rows_layout)
+    offs_n = first_column + gl.arange(0, BLOCK_N, layout=columns_layout)
     row_scale = gl.load(scale_ptr + offs_m, mask=offs_m < M, other=0.0)
     column_scale = gl.load(weight_scale_ptr + offs_n, mask=offs_n < N, other=0.0)
     out = acc.to(gl.float32) * gl.expand_dims(row_scale, 1) * gl.expand_dims(column_scale, 0)
@@ -115,81 +116,108 @@ def _epilogue(acc, pid_m, pid_n, product, out_buffer, loaded, loaded_phase, N, H
         # tile comes through TMA into the output buffer (pointer loads spilled registers); a tile's rows span at
         # most two batches (the launcher's condition), whose gate rows are loaded.
         mbarrier.expect(loaded, residual_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(residual_desc, [pid_m * BLOCK_M, pid_n * BLOCK_N], loaded, out_buffer)
-        first_batch = (pid_m * BLOCK_M) // rows_per_batch
+        tma.async_copy_global_to_shared(residual_desc, [first_row, first_column], loaded, out_buffer)
+        first_batch = first_row // rows_per_batch
         first_gate = gl.load(gate_ptr + first_batch * gate_stride + offs_n, mask=offs_n < N, other=0.0)
         mbarrier.wait(loaded, loaded_phase)
         residual = out_buffer.load(layout).to(gl.float32)  # each thread reads the elements it writes below
         gated = residual + gl.expand_dims(first_gate.to(gl.float32), 0) * out
         if BATCHED:
             # The second batch's rows, with its own gate row: one gate row live at a time (two spilled).
-            last_batch = (gl.minimum(pid_m * BLOCK_M + BLOCK_M, M) - 1) // rows_per_batch
+            last_batch = (gl.minimum(first_row + ROWS, M) - 1) // rows_per_batch
             last_gate = gl.load(gate_ptr + last_batch * gate_stride + offs_n, mask=offs_n < N, other=0.0)
             in_last = gl.expand_dims(offs_m // rows_per_batch == last_batch, 1)
             gated = gl.where(in_last, residual + gl.expand_dims(last_gate.to(gl.float32), 0) * out, gated)
         out = gated
     out_buffer.store(out.to(out_desc.dtype))
     fence_async_shared()
-    tma.async_copy_shared_to_global(out_desc, [pid_m * BLOCK_M, pid_n * BLOCK_N], out_buffer)
+    tma.async_copy_shared_to_global(out_desc, [first_row, first_column], out_buffer)
+
+
+@gluon.jit
+def _main_loop(data_ring, weight_ring, ready, free, taken, k_tiles, part, acc):
+    """One tile's K steps from the ring into `acc`, from ring slot `taken` on; the consumer's rows of each data stage
+    from row `part` x acc's rows. Each stage goes back to the loader once its wgmma has read it."""
+    ROWS: gl.constexpr = acc.type.shape[0]
+    STAGES: gl.constexpr = data_ring.type.shape[0]
+    for ki in range(k_tiles):
+        slot = taken + ki
+        stage = slot % STAGES
+        mbarrier.wait(ready.index(stage), (slot // STAGES) & 1)
+        acc = warpgroup_mma(data_ring.index(stage).slice(part * ROWS, ROWS),
+                            weight_ring.index(stage).permute((1, 0)), acc, use_acc=ki > 0, is_async=True)
+        # One wgmma in flight: the previous one has read its stage, which goes back to the loader.
+        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+        mbarrier.arrive(free.index((slot + STAGES - 1) % STAGES), pred=ki > 0)
+    return acc
+
+
+@gluon.jit
+def _finish_tile(acc, tile, first_tiles, part, first, second, out_buffer, loaded, phase, N,
+                 HAS_BIAS: gl.constexpr, RESIDUAL: gl.constexpr, BATCHED: gl.constexpr, GROUP_M: gl.constexpr,
+                 PAIRED: gl.constexpr, TILE_M: gl.constexpr):
+    # The epilogue of the product the tile belongs to (with PAIRED, the second's tiles follow the first's).
+    ROWS: gl.constexpr = acc.type.shape[0]
+    BLOCK_N: gl.constexpr = acc.type.shape[1]
+    if PAIRED:
+        if tile < first_tiles:
+            pid_m, pid_n = _tile_coordinates(tile, first[8], N, TILE_M, BLOCK_N, GROUP_M)
+            _epilogue(acc, pid_m * TILE_M + part * ROWS, pid_n * BLOCK_N, first, out_buffer, loaded, phase, N,
+                      HAS_BIAS, RESIDUAL, BATCHED)
+        else:
+            pid_m, pid_n = _tile_coordinates(tile - first_tiles, second[8], N, TILE_M, BLOCK_N, GROUP_M)
+            _epilogue(acc, pid_m * TILE_M + part * ROWS, pid_n * BLOCK_N, second, out_buffer, loaded, phase, N,
+                      HAS_BIAS, RESIDUAL, BATCHED)
+    else:
+        pid_m, pid_n = _tile_coordinates(tile, first[8], N, TILE_M, BLOCK_N, GROUP_M)
+        _epilogue(acc, pid_m * TILE_M + part * ROWS, pid_n * BLOCK_N, first, out_buffer, loaded, phase, N, HAS_BIAS,
+                  RESIDUAL, BATCHED)
 
 
 @gluon.jit
 def _consumer(data_ring, weight_ring, ready, free, turns, loaded, out_buffers, first, second, N, K,
               HAS_BIAS: gl.constexpr, RESIDUAL: gl.constexpr, BATCHED: gl.constexpr, GROUP_M: gl.constexpr,
-              PAIRED: gl.constexpr, WHICH: gl.constexpr, WARPS: gl.constexpr):
+              PAIRED: gl.constexpr, COOPERATIVE: gl.constexpr, WHICH: gl.constexpr, WARPS: gl.constexpr):
     # `first` and `second`: each product's (out_desc, scale_ptr, weight_scale_ptr, bias_ptr, residual_desc,
     # gate_ptr, rows_per_batch, gate_stride, M); the second only read when PAIRED.
-    BLOCK_M: gl.constexpr = first[0].block_type.shape[0]
+    # Ping-pong: the two consumers take the program's tiles in turn, each a whole tile. COOPERATIVE: both work on
+    # every tile at once, each its half of the rows, against the same weight stage.
+    TILE_M: gl.constexpr = data_ring.type.shape[1]
+    ROWS: gl.constexpr = first[0].block_type.shape[0]  # this consumer's rows of a tile
     BLOCK_N: gl.constexpr = first[0].block_type.shape[1]
     BLOCK_K: gl.constexpr = data_ring.type.shape[2]
-    STAGES: gl.constexpr = data_ring.type.shape[0]
     # 8-bit wgmma: m16 x n x k32 per warp, n at most 224 for integers; the tile's columns in 128-wide pieces.
     layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                      instr_shape=[16, 128, 32])
     out_buffer = out_buffers.index(WHICH)
     loaded_here = loaded.index(WHICH)
 
-    M = first[8]  # each product's rows: the last of its tuple
-    M2 = second[8]
-    first_tiles = gl.cdiv(M, BLOCK_M) * gl.cdiv(N, BLOCK_N)
+    first_tiles = gl.cdiv(first[8], TILE_M) * gl.cdiv(N, BLOCK_N)
     tiles = first_tiles
     if PAIRED:
-        tiles += gl.cdiv(M2, BLOCK_M) * gl.cdiv(N, BLOCK_N)
+        tiles += gl.cdiv(second[8], TILE_M) * gl.cdiv(N, BLOCK_N)
     k_tiles = gl.cdiv(K, BLOCK_K)
-    mine = 0  # the program's tiles are numbered in order; this consumer takes every other one
+    mine = 0  # the program's tiles are numbered in order
     for tile in range(gl.program_id(0), tiles, gl.num_programs(0)):
-        if mine % 2 == WHICH:
-            taken = mine * k_tiles  # ring slots used by the program's earlier tiles
+        taken = mine * k_tiles  # ring slots used by the program's earlier tiles
+        if COOPERATIVE:
+            acc = _main_loop(data_ring, weight_ring, ready, free, taken, k_tiles, WHICH,
+                             gl.zeros((ROWS, BLOCK_N), gl.int32, layout))
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            mbarrier.arrive(free.index((taken + k_tiles - 1) % data_ring.type.shape[0]))
+            _finish_tile(acc, tile, first_tiles, WHICH, first, second, out_buffer, loaded_here, mine & 1, N,
+                         HAS_BIAS, RESIDUAL, BATCHED, GROUP_M, PAIRED, TILE_M)
+        elif mine % 2 == WHICH:
             # My turn: the other consumer has seen all its stages arrive (the first consumer's first wait is on
             # the barrier's initial, completed phase).
             mbarrier.wait(turns.index(WHICH), ((mine // 2) & 1) ^ (1 - WHICH))
-            acc = gl.zeros((BLOCK_M, BLOCK_N), gl.int32, layout)
-            for ki in range(k_tiles):
-                slot = taken + ki
-                stage = slot % STAGES
-                mbarrier.wait(ready.index(stage), (slot // STAGES) & 1)
-                acc = warpgroup_mma(data_ring.index(stage), weight_ring.index(stage).permute((1, 0)), acc,
-                                    use_acc=ki > 0, is_async=True)
-                # One wgmma in flight: the previous one has read its stage, which goes back to the loader.
-                acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
-                mbarrier.arrive(free.index((slot + STAGES - 1) % STAGES), pred=ki > 0)
+            acc = _main_loop(data_ring, weight_ring, ready, free, taken, k_tiles, 0,
+                             gl.zeros((ROWS, BLOCK_N), gl.int32, layout))
             mbarrier.arrive(turns.index(1 - WHICH))  # its main loop may start while this one's last MMA drains
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-            mbarrier.arrive(free.index((taken + k_tiles - 1) % STAGES))
-
-            phase = (mine // 2) & 1
-            if PAIRED:
-                if tile < first_tiles:
-                    pid_m, pid_n = _tile_coordinates(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-                    _epilogue(acc, pid_m, pid_n, first, out_buffer, loaded_here, phase, N, HAS_BIAS, RESIDUAL,
-                              BATCHED)
-                else:
-                    pid_m, pid_n = _tile_coordinates(tile - first_tiles, M2, N, BLOCK_M, BLOCK_N, GROUP_M)
-                    _epilogue(acc, pid_m, pid_n, second, out_buffer, loaded_here, phase, N, HAS_BIAS, RESIDUAL,
-                              BATCHED)
-            else:
-                pid_m, pid_n = _tile_coordinates(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-                _epilogue(acc, pid_m, pid_n, first, out_buffer, loaded_here, phase, N, HAS_BIAS, RESIDUAL, BATCHED)
+            mbarrier.arrive(free.index((taken + k_tiles - 1) % data_ring.type.shape[0]))
+            _finish_tile(acc, tile, first_tiles, 0, first, second, out_buffer, loaded_here, (mine // 2) & 1, N,
+                         HAS_BIAS, RESIDUAL, BATCHED, GROUP_M, PAIRED, TILE_M)
         mine += 1
     tma.store_wait(pendings=0)
 
@@ -201,9 +229,11 @@ def _int8_linear_pingpong_kernel(data_desc, weight_desc, out_desc, scale_ptr, we
                                  residual_desc2, gate_ptr2, rows_per_batch2, gate_stride2, M2, N, K,
                                  HAS_BIAS: gl.constexpr, RESIDUAL: gl.constexpr, BATCHED: gl.constexpr,
                                  GROUP_M: gl.constexpr, STAGES: gl.constexpr, PAIRED: gl.constexpr,
-                                 LOADER_REGISTERS: gl.constexpr, CONSUMER_REGISTERS: gl.constexpr):
+                                 COOPERATIVE: gl.constexpr, LOADER_REGISTERS: gl.constexpr,
+                                 CONSUMER_REGISTERS: gl.constexpr):
     # With PAIRED, two products of the same N and K (the double block's text and image streams, each with its own
-    # weights) share one launch; the second's arguments end in 2. Without it they are not read.
+    # weights) share one launch; the second's arguments end in 2. Without it they are not read. COOPERATIVE: the
+    # schedule of `_consumer`'s comment.
     WARPS: gl.constexpr = gl.num_warps()
     data_ring = gl.allocate_shared_memory(data_desc.dtype, [STAGES] + data_desc.block_type.shape, data_desc.layout)
     weight_ring = gl.allocate_shared_memory(weight_desc.dtype, [STAGES] + weight_desc.block_type.shape,
@@ -215,7 +245,7 @@ def _int8_linear_pingpong_kernel(data_desc, weight_desc, out_desc, scale_ptr, we
     loaded = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # each consumer's residual
     for stage in gl.static_range(STAGES):
         mbarrier.init(ready.index(stage), count=1)
-        mbarrier.init(free.index(stage), count=1)
+        mbarrier.init(free.index(stage), count=2 if COOPERATIVE else 1)  # both consumers read each cooperative stage
     for consumer in gl.static_range(2):
         mbarrier.init(turns.index(consumer), count=1)
         mbarrier.init(loaded.index(consumer), count=1)
@@ -227,9 +257,9 @@ def _int8_linear_pingpong_kernel(data_desc, weight_desc, out_desc, scale_ptr, we
     SECOND: gl.constexpr = 1
     gl.warp_specialize([
         (_consumer, (data_ring, weight_ring, ready, free, turns, loaded, out_buffers, first, second, N, K,
-                     HAS_BIAS, RESIDUAL, BATCHED, GROUP_M, PAIRED, FIRST, WARPS)),
+                     HAS_BIAS, RESIDUAL, BATCHED, GROUP_M, PAIRED, COOPERATIVE, FIRST, WARPS)),
         (_consumer, (data_ring, weight_ring, ready, free, turns, loaded, out_buffers, first, second, N, K,
-                     HAS_BIAS, RESIDUAL, BATCHED, GROUP_M, PAIRED, SECOND, WARPS)),
+                     HAS_BIAS, RESIDUAL, BATCHED, GROUP_M, PAIRED, COOPERATIVE, SECOND, WARPS)),
         (_loader, (data_desc, weight_desc, data_desc2, weight_desc2, data_ring, weight_ring, ready, free, M, M2, N, K,
                    GROUP_M, PAIRED)),
     ], [WARPS, 1], [CONSUMER_REGISTERS, LOADER_REGISTERS])
@@ -240,6 +270,25 @@ def _int8_linear_pingpong_kernel(data_desc, weight_desc, out_desc, scale_ptr, we
 # 227: on an H200 at FLUX's shapes 4 were faster on five of six, bench/RESULTS.md).
 BLOCK_M, BLOCK_N, BLOCK_K = 128, 128, 128
 STAGES = 4
+
+
+class Schedule(NamedTuple):
+    """How the two consumers share the output tiles: `columns` of a tile, the `rows` each consumer stores of it,
+    the ring's depth, and whether both consumers work on every tile (`cooperative`) or take turns (ping-pong)."""
+
+    columns: int
+    rows: int
+    stages: int
+    cooperative: bool
+
+
+# "cooperative": 128x256 tiles, each consumer 64 rows of every tile against the same 256-row weight stage. A
+# K step then reads 48 KB from L2 for 8.4M multiply-adds, a quarter less than two 128x128 tiles (64 KB), but the
+# consumers' epilogues no longer hide under each other's main loop. 3 stages x 48 KB + two 32 KB output halves
+# = 208 KB. Built offline, not yet timed: the default stays ping-pong (bench/RESULTS.md, 2026-12-07, second session).
+# Its gated-residual epilogue spills (a consumer holds 64x256 products and residuals): plain products are its trial.
+SCHEDULES = {"pingpong": Schedule(BLOCK_N, BLOCK_M, STAGES, False), "cooperative": Schedule(256, 64, 3, True)}
+SCHEDULE = "pingpong"
 GROUP_M = 8
 # Registers: 3 warpgroups (the loader's warp rounds up to one) x 128 threads share 64K; 168 a thread on
 # average lets each consumer have 232 and the loader's group 40.
@@ -265,11 +314,11 @@ def gated_residual_fits(M: int, N: int, residual: torch.Tensor, gate: torch.Tens
 
 
 @functools.cache
-def _shared_layouts(out_dtype: torch.dtype):
+def _shared_layouts(out_dtype: torch.dtype, schedule: Schedule):
     element = gl.bfloat16 if out_dtype == torch.bfloat16 else gl.float16
     return (gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], gl.int8),
-            gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], gl.int8),
-            gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], element))
+            gl.NVMMASharedLayout.get_default_for([schedule.columns, BLOCK_K], gl.int8),
+            gl.NVMMASharedLayout.get_default_for([schedule.rows, schedule.columns], element))
 
 
 class Product(NamedTuple):
@@ -298,7 +347,7 @@ def pair_fits(first: Product, second: Product) -> bool:
     return form(first) == form(second) and not several_batches
 
 
-def _kernel_arguments(product: Product, out: torch.Tensor) -> list:
+def _kernel_arguments(product: Product, out: torch.Tensor, schedule: Schedule) -> list:
     """One product's arguments of the kernel, from `data_desc` to `M`."""
     data, scale, weight, weight_scale, bias, residual, gate = product
     M, N = out.shape
@@ -307,76 +356,84 @@ def _kernel_arguments(product: Product, out: torch.Tensor) -> list:
         raise ValueError(f"gated residual: residual {tuple(residual.shape)} (contiguous [M, N] wanted) and gate "
                          f"{tuple(gate.shape)} ([B, N] wanted, B dividing M = {M}, one batch or >= {BLOCK_M} "
                          f"rows each)")
-    data_layout, weight_layout, out_layout = _shared_layouts(out.dtype)
-    out_desc = TensorDescriptor.from_tensor(out, [BLOCK_M, BLOCK_N], out_layout)
+    data_layout, weight_layout, out_layout = _shared_layouts(out.dtype, schedule)
+    out_block = [schedule.rows, schedule.columns]
+    out_desc = TensorDescriptor.from_tensor(out, out_block, out_layout)
     return [TensorDescriptor.from_tensor(data, [BLOCK_M, BLOCK_K], data_layout),
-            TensorDescriptor.from_tensor(weight, [BLOCK_N, BLOCK_K], weight_layout),
+            TensorDescriptor.from_tensor(weight, [schedule.columns, BLOCK_K], weight_layout),
             out_desc, scale, weight_scale, out if bias is None else bias,
             # Unfused, the output's own descriptor and tensor stand in, unread: no second descriptor a launch.
-            TensorDescriptor.from_tensor(residual, [BLOCK_M, BLOCK_N], out_layout) if fused else out_desc,
+            TensorDescriptor.from_tensor(residual, out_block, out_layout) if fused else out_desc,
             gate if fused else out, M // gate.shape[0] if fused else 1, gate.stride(0) if fused else 0, M]
 
 
-def _launch(products: list[Product], out_dtype: torch.dtype, stages: int, group_m: int) -> list[torch.Tensor]:
+def _launch(products: list[Product], out_dtype: torch.dtype, stages: int | None, group_m: int,
+            schedule_name: str | None) -> list[torch.Tensor]:
+    schedule = SCHEDULES[schedule_name or SCHEDULE]
     first = products[0]
     K = first.data.shape[1]
     N = first.weight.shape[0]
     outs = [torch.empty((product.data.shape[0], N), dtype=out_dtype, device=first.data.device)
             for product in products]
-    arguments = [_kernel_arguments(product, out) for product, out in zip(products, outs)]
+    arguments = [_kernel_arguments(product, out, schedule) for product, out in zip(products, outs)]
     paired = len(products) == 2
-    tiles = sum(cdiv(out.shape[0], BLOCK_M) for out in outs) * cdiv(N, BLOCK_N)
+    tiles = sum(cdiv(out.shape[0], BLOCK_M) for out in outs) * cdiv(N, schedule.columns)
     _int8_linear_pingpong_kernel[(min(multiprocessors(first.data.device), tiles),)](
         *arguments[0], *arguments[-1], N, K,
         HAS_BIAS=first.bias is not None, RESIDUAL=first.residual is not None,
-        BATCHED=first.gate is not None and first.gate.shape[0] > 1, GROUP_M=group_m, STAGES=stages, PAIRED=paired,
+        BATCHED=first.gate is not None and first.gate.shape[0] > 1, GROUP_M=group_m,
+        STAGES=stages or schedule.stages, PAIRED=paired, COOPERATIVE=schedule.cooperative,
         LOADER_REGISTERS=_LOADER_REGISTERS, CONSUMER_REGISTERS=_CONSUMER_REGISTERS, num_warps=4, maxnreg=_MAXNREG)
     launches["int8_linear_pingpong"] += 1
     return outs
 
 
 def launch(data: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-           bias: torch.Tensor | None, out_dtype: torch.dtype, stages: int = STAGES,
+           bias: torch.Tensor | None, out_dtype: torch.dtype, stages: int | None = None,
            group_m: int = GROUP_M, residual: torch.Tensor | None = None,
-           gate: torch.Tensor | None = None) -> torch.Tensor:
+           gate: torch.Tensor | None = None, schedule: str | None = None) -> torch.Tensor:
     """The product of `Product`'s operands (residual + gate * it with `residual` and `gate`), in out_dtype."""
-    return _launch([Product(data, scale, weight, weight_scale, bias, residual, gate)], out_dtype, stages, group_m)[0]
+    return _launch([Product(data, scale, weight, weight_scale, bias, residual, gate)], out_dtype, stages, group_m,
+                   schedule)[0]
 
 
-def launch_pair(first: Product, second: Product, out_dtype: torch.dtype, stages: int = STAGES,
-                group_m: int = GROUP_M) -> tuple[torch.Tensor, torch.Tensor]:
+def launch_pair(first: Product, second: Product, out_dtype: torch.dtype, stages: int | None = None,
+                group_m: int = GROUP_M, schedule: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Two products in one launch, their tiles in one list (`pair_fits` must hold; each as `launch`'s): a product
     too small to fill the GPU, as the double block's 512 text tokens, runs in the other's last round of tiles
     instead of a round of its own."""
     if not pair_fits(first, second):
         raise ValueError("launch_pair: the two products differ in N, K or epilogue")
-    out_first, out_second = _launch([first, second], out_dtype, stages, group_m)
+    out_first, out_second = _launch([first, second], out_dtype, stages, group_m, schedule)
     return out_first, out_second
 
 
-def build_offline(out_dtype: torch.dtype = torch.bfloat16, has_bias: bool = True, stages: int = STAGES,
-                  residual: bool = False, batched: bool = False, paired: bool = False):
+def build_offline(out_dtype: torch.dtype = torch.bfloat16, has_bias: bool = True, stages: int | None = None,
+                  residual: bool = False, batched: bool = False, paired: bool = False, schedule: str = SCHEDULE):
     """The kernel compiled for sm_90 without a GPU (Triton ships ptxas): for the tests and for reading its SASS.
     The signature is the one a launch at FLUX's shapes gets (16-divisible sizes and pointers)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    data_layout, weight_layout, out_layout = _shared_layouts(out_dtype)
+    plan = SCHEDULES[schedule]
+    data_layout, weight_layout, out_layout = _shared_layouts(out_dtype, plan)
     element = "bf16" if out_dtype == torch.bfloat16 else "fp16"
+    out_block = f"{element}[{plan.rows}, {plan.columns}]"
     signature = {}
     for suffix in ("", "2"):
         signature |= {f"data_desc{suffix}": f"tensordesc<i8[{BLOCK_M}, {BLOCK_K}],{data_layout}>",
-                      f"weight_desc{suffix}": f"tensordesc<i8[{BLOCK_N}, {BLOCK_K}],{weight_layout}>",
-                      f"out_desc{suffix}": f"tensordesc<{element}[{BLOCK_M}, {BLOCK_N}],{out_layout}>",
+                      f"weight_desc{suffix}": f"tensordesc<i8[{plan.columns}, {BLOCK_K}],{weight_layout}>",
+                      f"out_desc{suffix}": f"tensordesc<{out_block},{out_layout}>",
                       f"scale_ptr{suffix}": "*fp32", f"weight_scale_ptr{suffix}": "*fp32",
                       f"bias_ptr{suffix}": f"*{element}",
-                      f"residual_desc{suffix}": f"tensordesc<{element}[{BLOCK_M}, {BLOCK_N}],{out_layout}>",
+                      f"residual_desc{suffix}": f"tensordesc<{out_block},{out_layout}>",
                       f"gate_ptr{suffix}": f"*{element}", f"rows_per_batch{suffix}": "i32",
                       f"gate_stride{suffix}": "i32", f"M{suffix}": "i32"}
     signature |= {"N": "i32", "K": "i32"}
-    constants = dict(HAS_BIAS=has_bias, RESIDUAL=residual, BATCHED=batched, GROUP_M=GROUP_M, STAGES=stages,
-                     PAIRED=paired, LOADER_REGISTERS=_LOADER_REGISTERS, CONSUMER_REGISTERS=_CONSUMER_REGISTERS)
+    constants = dict(HAS_BIAS=has_bias, RESIDUAL=residual, BATCHED=batched, GROUP_M=GROUP_M,
+                     STAGES=stages or plan.stages, PAIRED=paired, COOPERATIVE=plan.cooperative,
+                     LOADER_REGISTERS=_LOADER_REGISTERS, CONSUMER_REGISTERS=_CONSUMER_REGISTERS)
     signature |= {name: "constexpr" for name in constants}
     names = list(signature)
     attrs = {(names.index(f"{name}{suffix}"),): [["tt.divisibility", 16]]

@@ -32,8 +32,22 @@ needs_gluon = pytest.mark.skipif(not int8_gemm_hopper.gluon_available(),
 def test_builds_for_sm90_with_wgmma_tma_and_register_split(has_bias, residual, batched, paired):
     kernel = int8_gemm_hopper.build_offline(torch.bfloat16, has_bias, residual=residual, batched=batched,
                                             paired=paired)
+    _check_build(kernel)
+
+
+@needs_gluon
+@pytest.mark.parametrize("paired", [False, True], ids=["one", "paired"])
+def test_the_cooperative_schedule_builds_for_sm90(paired):
+    # 128x256 tiles, each consumer 64 rows of each against the same weight stage: per consumer and K step, 4 k32
+    # steps x two 128-wide wgmmas. Plain epilogues only: its gated residual spills (64x256 values a consumer).
+    kernel = int8_gemm_hopper.build_offline(torch.bfloat16, True, paired=paired, schedule="cooperative")
+    _check_build(kernel)
+
+
+def _check_build(kernel) -> None:
     sass = sass_of(kernel)
-    # Two consumers, each a 128x128 tile of 64x128x32 int8 wgmmas over a 128-deep K step.
+    # Two consumers, each 128x128 of output (a ping-pong tile, or half a cooperative 128x256 one) of 64x128x32 int8
+    # wgmmas over a 128-deep K step.
     assert len(re.findall(r"IGMMA\.64x128x32\.S8\.S8", sass)) == 2 * 8
     assert "UTMALDG" in sass and "UTMASTG" in sass
     assert "SYNCS.PHASECHK" in sass  # mbarrier waits between the loader and the consumers
@@ -59,12 +73,13 @@ hopper_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.ge
                                      (77, 9216, 256), (4096, 4096, 3072)])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
-def test_matches_the_exact_product(M, N, K, bias, out_dtype):
+@pytest.mark.parametrize("schedule", ["pingpong", "cooperative"])
+def test_matches_the_exact_product(M, N, K, bias, out_dtype, schedule):
     torch.manual_seed(M + N + K)
     data, scale, weight, weight_scale = _operands(M, N, K, "cuda")
     bias_values = torch.randn(N, device="cuda", dtype=out_dtype) if bias else None
     assert int8_gemm_hopper.ready_for(data, weight, out_dtype)
-    out = int8_gemm_hopper.launch(data, scale, weight, weight_scale, bias_values, out_dtype)
+    out = int8_gemm_hopper.launch(data, scale, weight, weight_scale, bias_values, out_dtype, schedule=schedule)
     reference = int8_gemm.int8_linear_reference(data, scale, weight, weight_scale, bias_values, torch.float32)
     assert out.dtype == out_dtype and out.shape == (M, N)
     assert rel_l2(out.float(), reference) < 1e-2
