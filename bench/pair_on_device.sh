@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call for the double block's paired int8 GEMM launch and the GEMM's cooperative schedule
-# (bench/RESULTS.md, 2026-12-07, second session), in order of what decides it, each part bounded so that the whole fits one call:
+# (bench/RESULTS.md, 2026-12-07, second session), in order of what decides it, each part bounded so that the
+# whole fits one call:
 #   1. the fast step with each stream's GEMMs launched apart and paired (their outputs must agree: "rel. error");
 #   2. the GPU tests of the paired launch;
 #   3. bench/pair_probe.py: each double-block op, text and image apart, paired, and as one 8704-row launch;
