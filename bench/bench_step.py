@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import kontext_kernels  # noqa: E402
-from kontext_kernels import int8_gemm, row_quant, sage_attention, sage_attention_hopper  # noqa: E402
+from kontext_kernels import int8_gemm, int8_gemm_hopper, row_quant, sage_attention, sage_attention_hopper  # noqa: E402
 from kontext_core.compute import fused, quant  # noqa: E402
 from kontext_core import KontextTransformer, TransformerConfig, set_attention_backend  # noqa: E402
 from kontext_core.compute import attention as attention_module  # noqa: E402
@@ -287,6 +287,8 @@ MODIFIERS = {
                 "(kontext_kernels/int8_gemm.py, PAIR_STREAMS)",
     "paired": "the double blocks' text and image int8 GEMMs in one launch on Hopper (kontext_kernels/int8_gemm.py, "
               "PAIR_STREAMS), whatever the product's default",
+    "cooperative": "the Hopper int8 GEMM's cooperative 128x256 schedule for products without a gated residual "
+                   "(kontext_kernels/int8_gemm_hopper.py, SCHEDULE), not ping-pong",
     "cuteattention": "with +sage8 on Hopper: the CuTe DSL attention kernel with FlashAttention-3's in-warpgroup "
                      "overlap (kontext_kernels/sage_attention_cute.py, through cute_runtime.py), not the Gluon one",
     "sdpa": "attention through PyTorch's SDPA (cuDNN first) even where flash-attn is installed (auto takes it)",
@@ -309,6 +311,7 @@ MODIFIERS = {
 PRODUCT_SCORES = sage_attention.SCORES_DEFAULT  # the product's, kept before a row changes it
 PRODUCT_HOPPER_GEMM = int8_gemm.HOPPER_KERNEL
 PRODUCT_PAIR_STREAMS = int8_gemm.PAIR_STREAMS
+PRODUCT_GEMM_SCHEDULE = int8_gemm_hopper.SCHEDULE
 PRODUCT_HOPPER_ATTENTION = sage_attention.HOPPER_KERNEL
 PRODUCT_GELU = row_quant.GELU_ON_GPU
 PRODUCT_ROW_SUMS = sage_attention_hopper.ROW_SUMS_ON_TENSOR_CORES
@@ -332,7 +335,7 @@ def implementation(name: str) -> str:
     ours_only = [m for m in modifiers if m in ("lora", "lorafly", "thinlora", "autotune", "sdpa", "sage8", "sage8fp16",
                                                "tritongemm", "tritonattention", "modtable", "fusedqkv",
                                                "tanhgelu", "mmarowsums", "pvsoftmax", "turns", "frozenstats",
-                                               "chainrows", "cuteattention", "unpaired", "paired")]
+                                               "chainrows", "cuteattention", "unpaired", "paired", "cooperative")]
     if ours_only and not base.startswith("ours"):
         raise argparse.ArgumentTypeError(f"{name!r}: +{ours_only[0]} applies to our rows only")
     if "autotune" in modifiers and not base.endswith("-compiled"):
@@ -357,6 +360,7 @@ def configure(impl: str) -> None:
     set_attention_backend(next((attention[m] for m in modifiers if m in attention), "auto"))
     int8_gemm.HOPPER_KERNEL = "triton" if "tritongemm" in modifiers else PRODUCT_HOPPER_GEMM
     int8_gemm.PAIR_STREAMS = "paired" in modifiers or (PRODUCT_PAIR_STREAMS and "unpaired" not in modifiers)
+    int8_gemm_hopper.SCHEDULE = "cooperative" if "cooperative" in modifiers else PRODUCT_GEMM_SCHEDULE
     sage_attention.HOPPER_KERNEL = ("triton" if "tritonattention" in modifiers else
                                     "cute" if "cuteattention" in modifiers else PRODUCT_HOPPER_ATTENTION)
     sage_attention_hopper.ROW_SUMS_ON_TENSOR_CORES = "mmarowsums" in modifiers or PRODUCT_ROW_SUMS

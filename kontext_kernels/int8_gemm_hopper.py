@@ -370,6 +370,8 @@ def _kernel_arguments(product: Product, out: torch.Tensor, schedule: Schedule) -
 def _launch(products: list[Product], out_dtype: torch.dtype, stages: int | None, group_m: int,
             schedule_name: str | None) -> list[torch.Tensor]:
     schedule = SCHEDULES[schedule_name or SCHEDULE]
+    if schedule.cooperative and products[0].residual is not None:
+        schedule = SCHEDULES["pingpong"]  # the cooperative gated-residual epilogue spills (SCHEDULES' comment)
     first = products[0]
     K = first.data.shape[1]
     N = first.weight.shape[0]
