@@ -14,6 +14,11 @@ The loader fills the ring in tile order, and the consumers take turns at it thro
 one starts waiting on its tile's stages only when the other has seen its own last stage arrive. Without the
 turns the second consumer would wait on stages more than one lap of the ring ahead, where an mbarrier's phase
 parity cannot tell this lap's arrival from an earlier one (on an H200 that read unloaded stages and faulted).
+
+Two options, both off by default until timed on a GPU: `SCHEDULES["cooperative"]`, where both consumers work on
+every 128x256 tile at once (64 rows each) against one weight stage, for less L2 traffic per multiply-add; and a
+paired launch (`launch_pair`), two products of the same N and K in one tile list, for the double block's text
+stream, too small to fill the GPU alone.
 """
 
 from __future__ import annotations
