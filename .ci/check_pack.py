@@ -19,8 +19,8 @@ import zipfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-MUST_HOLD = ("__init__.py", "pyproject.toml", "requirements.txt", "LICENSE", "nodes/", "kontext_core/", "kontext_kernels/",
-             "js/", "js/docs/", "example_workflows/")
+MUST_HOLD = ("__init__.py", "pyproject.toml", "requirements.txt", "LICENSE", "nodes/", "kontext_core/",
+             "kontext_kernels/", "js/", "js/docs/", "example_workflows/")
 MUST_NOT_HOLD = ("tests/", "bench/", ".ci/", "tools/")
 # What comfy-cli prints when it finds something wrong but carries on.
 COMPLAINTS = ("warning", "error", "invalid")

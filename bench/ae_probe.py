@@ -88,7 +88,8 @@ def main() -> None:
         del exact
         variants = [("eager", False, False)] + ([] if args.tiny else [("compiled", False, True)])
         if args.channels_last:
-            variants += [("channels-last", True, False)] + ([] if args.tiny else [("channels-last, compiled", True, True)])
+            variants += [("channels-last", True, False)] + ([] if args.tiny
+                                                            else [("channels-last, compiled", True, True)])
         print("| variant | encode ms | decode ms | rel L2 vs float32 (encode / decode) |\n| --- | ---: | ---: | --- |")
         for label, channels_last, compiled in variants:
             memory = torch.channels_last if channels_last else torch.contiguous_format

@@ -143,7 +143,8 @@ def bench_transformer(args, record) -> None:
             try:
                 result = run_plan(models[storage], plan, x, args.warmup, args.iterations)
             except torch.cuda.OutOfMemoryError as error:
-                row["failed"] = f"out of memory under the cap (expected peak {plan.expected_peak_gib:.1f} GiB): {error}"[:300]
+                row["failed"] = (f"out of memory under the cap (expected peak {plan.expected_peak_gib:.1f} GiB): "
+                                 f"{error}")[:300]
                 record["results"].append(row)
                 print(f"cap {cap_gib:4.0f}  {name:14s} FAILED: {row['failed']}", flush=True)
                 clean()
@@ -183,7 +184,8 @@ def bench_autoencoder(args, record) -> None:
     latent = torch.randn(1, 16, 128, 128, device="cuda", generator=generator, dtype=torch.bfloat16)
     for label, full, tiled, source, estimate in (
             ("decode", ae.decode, lambda s: tiling.decode_tiled(ae, s), latent, ae_decode_bytes(ae.config, 1024, 1024)),
-            ("encode", ae.encode, lambda s: tiling.encode_tiled(ae, s), gradient, ae_encode_bytes(ae.config, 1024, 1024))):
+            ("encode", ae.encode, lambda s: tiling.encode_tiled(ae, s), gradient,
+             ae_encode_bytes(ae.config, 1024, 1024))):
         rows = {}
         for kind, fn in (("full", full), ("tiled", tiled)):
             clean()

@@ -48,7 +48,8 @@ from kontext_core.sampling import TextConditioning  # noqa: E402
 from kontext_core.model.tokens import context_tokens, pack_latent, position_ids, text_position_ids  # noqa: E402
 from random_weights import random_autoencoder, randomize_, rel_l2  # noqa: E402
 
-WORKLOADS = {"edit": {"latent": 128, "context": True, "text": 512}, "t2i": {"latent": 128, "context": False, "text": 512}}
+WORKLOADS = {"edit": {"latent": 128, "context": True, "text": 512},
+             "t2i": {"latent": 128, "context": False, "text": 512}}
 
 
 def step_flops(config: TransformerConfig, image_tokens: int, text_tokens: int) -> dict[str, float]:
@@ -56,7 +57,8 @@ def step_flops(config: TransformerConfig, image_tokens: int, text_tokens: int) -
     h, blocks = config.hidden_size, config.depth + config.depth_single_blocks
     tokens = image_tokens + text_tokens
     linear = 24 * h * h * tokens * blocks
-    linear += 2 * image_tokens * h * (config.in_channels + config.out_channels) + 2 * text_tokens * h * config.context_in_dim
+    linear += (2 * image_tokens * h * (config.in_channels + config.out_channels)
+               + 2 * text_tokens * h * config.context_in_dim)
     attention = 4 * tokens * tokens * h * blocks
     return {"linear": float(linear), "attention": float(attention), "total": float(linear + attention)}
 
@@ -179,7 +181,8 @@ def diffusers_twin(model: KontextTransformer):
     ours = model.state_dict()
     state = {}
     for link in transformer_links(c):
-        state.update({k: v.contiguous() for k, v in to_theirs(link, ours[link.ours], lambda n, t: tuple(t.shape)).items()})
+        state.update({k: v.contiguous()
+                      for k, v in to_theirs(link, ours[link.ours], lambda n, t: tuple(t.shape)).items()})
     twin.load_state_dict(state, assign=True, strict=True)
     return twin.eval().requires_grad_(False)
 
@@ -281,8 +284,9 @@ MODIFIERS = {
              "(kontext_kernels/sage_attention_hopper.py, CONSUMERS_TAKE_TURNS)",
     "chainrows": "with +sage8 on Hopper: the softmax's row max and row sum as Triton's chains, not the product's "
                  "trees (kontext_kernels/sage_attention_hopper.py, TREE_ROWS)",
-    "tritonattention": "with +sage8 on Hopper: the Triton-language attention kernel (kontext_kernels/sage_attention.py), "
-                       "not the warp-specialised Gluon one (kontext_kernels/sage_attention_hopper.py)",
+    "tritonattention": "with +sage8 on Hopper: the Triton-language attention kernel "
+                       "(kontext_kernels/sage_attention.py), not the warp-specialised Gluon one "
+                       "(kontext_kernels/sage_attention_hopper.py)",
     "unpaired": "the double blocks' text and image int8 GEMMs as a launch each, not one paired launch "
                 "(kontext_kernels/int8_gemm.py, PAIR_STREAMS)",
     "paired": "the double blocks' text and image int8 GEMMs in one launch on Hopper (kontext_kernels/int8_gemm.py, "
@@ -351,7 +355,8 @@ def configure(impl: str) -> None:
     blocks; plain "ours" / "ours-fp8" rows are PyTorch alone (the int8 rows always have the kernels: without
     them int8 weights are upcast). Modifiers: MODIFIERS."""
     base, *modifiers = impl.split("+")
-    kontext_kernels.set_enabled((base.endswith("kernels") or base.endswith("-compiled")) and "nokernels" not in modifiers)
+    kontext_kernels.set_enabled((base.endswith("kernels") or base.endswith("-compiled"))
+                                and "nokernels" not in modifiers)
     fused.set_fused_gemms(base.endswith("-kernels"))
     fused.set_cublas_epilogues("noepilogues" not in modifiers)
     fused.set_linear2_parts("concat" not in modifiers)
@@ -405,7 +410,8 @@ def random_lora(model: KontextTransformer, rank: int = 32):
     generator = torch.Generator(device="cuda").manual_seed(1)
     tensors = {}
     for name, module in model.named_modules():
-        if isinstance(module, (torch.nn.Linear, QuantizedLinear)) and name.startswith(("double_blocks.", "single_blocks.")):
+        if (isinstance(module, (torch.nn.Linear, QuantizedLinear))
+                and name.startswith(("double_blocks.", "single_blocks."))):
             tensors[f"diffusion_model.{name}.lora_A.weight"] = torch.randn(
                 rank, module.in_features, device="cuda", generator=generator, dtype=torch.bfloat16)
             tensors[f"diffusion_model.{name}.lora_B.weight"] = torch.randn(
@@ -676,10 +682,12 @@ def main() -> None:
                 profile_step(fn, impl, name, top=args.profile_top)
             row = {"workload": name, "impl": impl, "ms": seconds * 1e3, "floor_ms": floor * 1e3,
                    "x_floor": seconds / floor, "tflops": flops["total"] / seconds / 1e12, "peak_gib": peak,
-                   "host_ms": host_seconds * 1e3, "rel_err_vs_first": error, "rel_l2_vs_first": l2_error, "attention_tflops": attn_rate / 1e12}
+                   "host_ms": host_seconds * 1e3, "rel_err_vs_first": error, "rel_l2_vs_first": l2_error,
+                   "attention_tflops": attn_rate / 1e12}
             record["results"].append(row)
             print(f"  {impl:28s} {seconds * 1e3:8.1f} ms  {seconds / floor:5.2f}x floor  "
-                  f"{row['tflops']:5.0f} TFLOP/s  host {host_seconds * 1e3:5.1f} ms  peak {peak:5.1f} GiB  vs {args.impls[0]}: max {error:.2e} L2 {l2_error:.2e}",
+                  f"{row['tflops']:5.0f} TFLOP/s  host {host_seconds * 1e3:5.1f} ms  peak {peak:5.1f} GiB  "
+                  f"vs {args.impls[0]}: max {error:.2e} L2 {l2_error:.2e}",
                   flush=True)
             if "-compiled" in impl:
                 uncompile(target)

@@ -127,7 +127,8 @@ def main() -> None:
         attempt("profile", lambda: profile_step(lambda: fa.fp8_attention(q, k, v), "fp8_attention", "probe"))
         print("quantize_qkv in plain PyTorch ops:")
         attempt("profile torch quant",
-                lambda: profile_step(lambda: fp8_qkv.quantize_qkv_reference(q, k, v), "quantize_qkv_reference", "probe"))
+                lambda: profile_step(lambda: fp8_qkv.quantize_qkv_reference(q, k, v), "quantize_qkv_reference",
+                                     "probe"))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ bf16: GEMM then GELU vs cuBLASLt's GELU epilogue; the single block's linear1 as 
 its linear2 over a concat vs two accumulating GEMMs. shapes: every bf16 linear of an edit step at its own
 shape. qkv: the qkv projections (3072 -> 9216, the step's slowest large GEMMs) in the forms cuBLAS
 might run faster: without the bias (which the QK-norm kernel could add), weight stored transposed,
-output transposed, per projection, under either cuBLAS library. attention: cuDNN's attention over [B, H, L, D] vs [B, L, H, D] inputs. fp8: torch._scaled_mm with per-row/per-token
+output transposed, per projection, under either cuBLAS library. attention: cuDNN's attention over [B, H, L, D] vs
+[B, L, H, D] inputs. fp8: torch._scaled_mm with per-row/per-token
 scales vs per-tensor scales, each with and without fast accumulation; the fp8 path's activation
 quantizers (kontext_kernels/row_quant.py) vs the compiler's fusion of their references. lorafp8 (not in the
 default set): an fp8 layer with a LoRA on the fly as the model runs it vs the LoRA as extra K columns of the
@@ -96,7 +97,8 @@ def bf16_variants() -> None:
 
     expected = split(x, attn)[1]
     error = rel_l2(into_buffer(x, attn)[1], expected)
-    print(f"  (GEMM into the buffer vs concat: relative L2 {error:.1e}; kernels: {kernel_names(lambda: into_buffer(x, attn))})")
+    print(f"  (GEMM into the buffer vs concat: relative L2 {error:.1e}; "
+          f"kernels: {kernel_names(lambda: into_buffer(x, attn))})")
     report("eager: two GEMMs, the GELU one into linear2's input buffer", flops, lambda: into_buffer(x, attn))
     report("eager: two GEMMs, GELU epilogue, then the concat", flops, lambda: split(x, attn))
     print("bf16, single block linear2 (3072 + 12288) -> 3072:")
@@ -141,7 +143,8 @@ def model_shapes() -> None:
         seconds = cuda_time(fn, warmup=3, iterations=20, repeat=10, graphed=True)
         total += seconds * calls
         print(f"  {label:42s} {rows:5d}x{k:5d}->{n:5d} {seconds * 1e3:7.3f} ms  "
-              f"{2 * rows * k * n / seconds / 1e12:5.0f} TFLOP/s  x{calls} = {seconds * calls * 1e3:6.1f} ms", flush=True)
+              f"{2 * rows * k * n / seconds / 1e12:5.0f} TFLOP/s  x{calls} = {seconds * calls * 1e3:6.1f} ms",
+              flush=True)
     print(f"  all linears of a step: {total * 1e3:.1f} ms", flush=True)
 
 

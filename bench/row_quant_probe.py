@@ -182,8 +182,9 @@ def main() -> None:
             row_quant.GELU_ON_GPU = row_quant.GELU_TANH_APPROX
             seconds = timed(fn, args.tiny)
             row_quant.GELU_ON_GPU = row_quant.GELU_EXP
-            print(f"| {name} | default, GELU through tanh.approx | {seconds * 1e6:.1f} | {moved / seconds / 1e12:.2f} | "
-                  f"{seconds * bandwidth / moved:.2f} | {seconds * calls * 1e3:.2f} |", flush=True)
+            print(f"| {name} | default, GELU through tanh.approx | {seconds * 1e6:.1f} | "
+                  f"{moved / seconds / 1e12:.2f} | {seconds * bandwidth / moved:.2f} | {seconds * calls * 1e3:.2f} |",
+                  flush=True)
 
     layernorm_loop_rows(tokens, width, device, args.tiny, bandwidth)
     if args.layernorm:

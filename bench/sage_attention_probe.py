@@ -268,8 +268,9 @@ def main() -> None:
             if chosen[name].get("kernel") == "gluon":
                 out = torch.empty((batch, length, heads, head_dim), dtype=q.dtype, device=device)
                 for stages in (2, 3, 4):
-                    table.add(f"  gluon kernel, {stages} stages", attempt(f"gluon {stages}", lambda stages=stages: timed(
-                        lambda: hopper_kernel.launch(operands, out, stages=stages))), {})
+                    table.add(f"  gluon kernel, {stages} stages",
+                              attempt(f"gluon {stages}", lambda stages=stages: timed(
+                                  lambda: hopper_kernel.launch(operands, out, stages=stages))), {})
                 # The kernel's switches, each turned to its other side alone: P's row sums as a wgmma of P and ones
                 # instead of the softmax's additions; block j-1's P·V during block j's softmax.
                 others = [("row sums " + ("in the softmax" if hopper_kernel.ROW_SUMS_ON_TENSOR_CORES else
@@ -279,8 +280,9 @@ def main() -> None:
                            dict(pv_during_softmax=not hopper_kernel.PV_DURING_SOFTMAX)),
                           ("consumers " + ("not " if hopper_kernel.CONSUMERS_TAKE_TURNS else "") + "taking turns",
                            dict(turns=not hopper_kernel.CONSUMERS_TAKE_TURNS)),
-                          ("P·V during the softmax, consumers " + ("not " if hopper_kernel.CONSUMERS_TAKE_TURNS else "")
-                           + "taking turns", dict(pv_during_softmax=True, turns=not hopper_kernel.CONSUMERS_TAKE_TURNS))]
+                          ("P·V during the softmax, consumers "
+                           + ("not " if hopper_kernel.CONSUMERS_TAKE_TURNS else "") + "taking turns",
+                           dict(pv_during_softmax=True, turns=not hopper_kernel.CONSUMERS_TAKE_TURNS))]
                 # Ring depths of both schedules, with and without turns (timings only).
                 depths = [(f"P·V {'during' if pv else 'after'} the softmax{', turns' if turns else ''}, "
                            f"{stages} stages", dict(pv_during_softmax=pv, turns=turns, stages=stages))

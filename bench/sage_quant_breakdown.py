@@ -109,13 +109,15 @@ def main() -> None:
     print(f"  fusable at most (stats + q)        {fusable:8.1f} us "
           f"({ATTENTION_CALLS_PER_STEP * fusable / 1e3:.2f} ms per step, an upper bound)")
     unfused = sum(rows.values())
-    print(f"  unfused, every launch              {unfused:8.1f} us ({ATTENTION_CALLS_PER_STEP * unfused / 1e3:.2f} ms per step)")
+    print(f"  unfused, every launch              {unfused:8.1f} us "
+          f"({ATTENTION_CALLS_PER_STEP * unfused / 1e3:.2f} ms per step)")
     for tile in args.fused:
         sage_qkv.BLOCK_L, sage_qkv.WARPS = map(int, tile.split("x"))
         fused = kernel_times(lambda: sage_qkv.joint_sage_operands([(qkv, q_scale, k_scale)], cos, sin, heads, fp8_pv),
                              args.repeats)
         total = sum(fused.values())
-        print(f"  fused {tile:6s} every launch         {total:8.1f} us ({ATTENTION_CALLS_PER_STEP * total / 1e3:.2f} ms "
+        print(f"  fused {tile:6s} every launch         {total:8.1f} us "
+              f"({ATTENTION_CALLS_PER_STEP * total / 1e3:.2f} ms "
               f"per step): " + ", ".join(f"{name} {micros:.1f}" for name, micros in fused.items()), flush=True)
     if args.frozen:  # the frozen pass is e4m3 P·V's
         _, statistics = sage_qkv.record_sage_operands([(qkv, q_scale, k_scale)], cos, sin, heads, fp8_pv=True)

@@ -26,7 +26,8 @@ class QueueRejected(Exception):
     def __init__(self, answer: dict):
         self.answer = answer
         error = answer.get("error") or {}
-        lines = [error.get("message", "the prompt was rejected") + (f": {error['details']}" if error.get("details") else "")]
+        lines = [error.get("message", "the prompt was rejected")
+                 + (f": {error['details']}" if error.get("details") else "")]
         for node_id, node_error in (answer.get("node_errors") or {}).items():
             for item in node_error.get("errors", []):
                 lines.append(f"node {node_id} ({node_error.get('class_type', '?')}): {item.get('message', '')}"
@@ -113,8 +114,9 @@ class ComfyClient:
             answer = json.loads(self._call("/upload/image", body=b"".join(parts),
                                            content_type=f"multipart/form-data; boundary={boundary}"))
         except ServerRefused as refusal:
-            raise UploadRefused(f"ComfyUI at {self.base_url} refused the upload of {filename} (HTTP {refusal.code}: "
-                                f"{refusal.body[:200].decode(errors='replace').strip() or 'no reason given'})") from None
+            raise UploadRefused(
+                f"ComfyUI at {self.base_url} refused the upload of {filename} (HTTP {refusal.code}: "
+                f"{refusal.body[:200].decode(errors='replace').strip() or 'no reason given'})") from None
         return f"{answer['subfolder']}/{answer['name']}" if answer.get("subfolder") else answer["name"]
 
     def queue_prompt(self, graph: dict) -> str:

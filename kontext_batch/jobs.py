@@ -60,7 +60,8 @@ def load_jobs(inputs: Iterable[Path | str], prompts: Iterable[str] = (), seed: i
     for item in inputs:
         path = Path(item).expanduser()
         if not path.exists():
-            raise BatchError(f"{path} does not exist; give a folder of images, image files, or a .csv / .jsonl job list")
+            raise BatchError(f"{path} does not exist; give a folder of images, image files, "
+                             "or a .csv / .jsonl job list")
         if path.is_dir():
             found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
             if not found:
@@ -122,7 +123,8 @@ def _jsonl_rows(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
                 row = json.loads(line)
             except json.JSONDecodeError as error:
                 raise BatchError(f"{path} line {number}: not valid JSON ({error.msg}); "
-                                 "each line must be one object like {\"image\": \"a.png\", \"prompt\": \"...\"}") from None
+                                 "each line must be one object like "
+                                 "{\"image\": \"a.png\", \"prompt\": \"...\"}") from None
             if not isinstance(row, dict):
                 raise BatchError(f"{path} line {number}: each line must be a JSON object, found {type(row).__name__}")
             for name in row:
@@ -146,7 +148,8 @@ def _rows_to_jobs(rows, path: Path, default_prompts: tuple[str, ...], default_se
             image = Path(str(row["image"])).expanduser()
             image = (image if image.is_absolute() else base / image).resolve()
             if not image.is_file():
-                raise BatchError(f"{where}: the image {row['image']} does not exist (relative paths start at {path.parent})")
+                raise BatchError(f"{where}: the image {row['image']} does not exist "
+                                 f"(relative paths start at {path.parent})")
         prompts = _row_prompts(row, where) or default_prompts
         if not prompts:
             raise BatchError(f"{where}: no prompt; fill the prompt column or give --prompt for rows without one")

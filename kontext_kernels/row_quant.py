@@ -18,8 +18,8 @@ timed without the host in the way"):
 Each returns (data, scale): data (e4m3 or int8) of x's leading shape and the row width, scale float32
 [rows, 1], data * scale ~= the float32 result. With `spare` > 0 each row of data has that many
 columns more, left unwritten, after the quantized values: room for a LoRA's columns that the layer's
-fp8 GEMM multiplies in the same pass (kontext_core/adapters/wide_lora.py). The `*_reference` functions compute the same in
-PyTorch, in float32 throughout; the kernels scale and round as they do (kontext_kernels/e4m3.py), so only
+fp8 GEMM multiplies in the same pass (kontext_core/adapters/wide_lora.py). The `*_reference` functions compute the same
+in PyTorch, in float32 throughout; the kernels scale and round as they do (kontext_kernels/e4m3.py), so only
 the last float32 bits of GELU and LayerNorm can tell them apart.
 """
 
@@ -281,8 +281,8 @@ def _concat_quantize_triton(first: torch.Tensor | None, second: torch.Tensor, ge
         first_rows, second_rows, data, scale,
         n_rows, first_width, second_width, loop_count(cdiv(first_width, chunk)), loop_count(cdiv(second_width, chunk)),
         first_rows.stride(0), second_rows.stride(0), width,
-        HAS_FIRST=first is not None, GELU_SECOND=gelu_mode() if gelu else GELU_NONE, CHUNK=chunk, ROWS=rows, INT8=dtype == torch.int8,
-        EXACT_ROUNDING=interpreting(), NEGATIVE_GELU_BOUND=_NEGATIVE_GELU_BOUND,
+        HAS_FIRST=first is not None, GELU_SECOND=gelu_mode() if gelu else GELU_NONE, CHUNK=chunk, ROWS=rows,
+        INT8=dtype == torch.int8, EXACT_ROUNDING=interpreting(), NEGATIVE_GELU_BOUND=_NEGATIVE_GELU_BOUND,
         num_warps=row_warps(rows * chunk),
     )
     launches["concat_gelu_quantize_rows" if first is not None else

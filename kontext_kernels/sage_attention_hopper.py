@@ -509,8 +509,9 @@ def launch(operands, out: torch.Tensor, stages: int | None = None, row_sums_on_t
 
 
 def build_offline(channels: int = 128, stages: int = STAGES, out_dtype: torch.dtype = torch.bfloat16,
-                  row_sums_on_tensor_cores: bool = ROW_SUMS_ON_TENSOR_CORES, pv_during_softmax: bool = PV_DURING_SOFTMAX,
-                  turns: bool = CONSUMERS_TAKE_TURNS, tree_rows: bool = TREE_ROWS):
+                  row_sums_on_tensor_cores: bool = ROW_SUMS_ON_TENSOR_CORES,
+                  pv_during_softmax: bool = PV_DURING_SOFTMAX, turns: bool = CONSUMERS_TAKE_TURNS,
+                  tree_rows: bool = TREE_ROWS):
     """The kernel compiled for sm_90 without a GPU, for the tests and for reading its SASS; the signature a launch
     at FLUX's edit shape gets (16-divisible sizes and strides)."""
     import triton

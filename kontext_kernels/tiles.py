@@ -1,4 +1,5 @@
-"""The order in which the GEMM kernels (kontext_kernels/ffn.py, kontext_kernels/int8_gemm.py) walk their output tiles."""
+"""The order in which the GEMM kernels (kontext_kernels/ffn.py, kontext_kernels/int8_gemm.py) walk their output
+tiles."""
 
 from __future__ import annotations
 

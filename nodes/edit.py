@@ -84,7 +84,8 @@ class KontextEdit(KontextNode):
                        tooltip=MASK_TOOLTIP + " With an image the output keeps the image's size; without one the "
                                "mask applies in latent space to target (or the first context)."),
                 Seed(),
-                Int("steps", 28, 1, 10000, tooltip="28 for Kontext [dev]; 4-8 with a turbo LoRA and sampler distilled."),
+                Int("steps", 28, 1, 10000,
+                    tooltip="28 for Kontext [dev]; 4-8 with a turbo LoRA and sampler distilled."),
                 Float("guidance", DEFAULT_GUIDANCE, 0.0, 100.0, step=0.1, tooltip=GUIDANCE_TOOLTIP),
                 Float("denoise", 1.0, 0.01, 1.0,
                       tooltip="Below 1 the sampler starts from the noised image instead of pure noise: keeps more "

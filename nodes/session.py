@@ -25,8 +25,8 @@ from .images import RESIZE_CHOICES, RESIZE_TOOLTIP, _vae_socket
 from .model_cache import TextEncodersRef, TransformerRef
 from .step_cache import CACHE_TOOLTIP, report
 from .progress import step_callback
-from .schema import (MODEL, SESSION, STEP_CACHE, TEXT_ENCODERS, Combo, Float, Int, KontextNode, NodeResult, Output, Seed, Socket,
-                     String, node_spec)
+from .schema import (MODEL, SESSION, STEP_CACHE, TEXT_ENCODERS, Combo, Float, Int, KontextNode, NodeResult, Output,
+                     Seed, Socket, String, node_spec)
 
 SESSION_SAMPLERS = ("dev", "distilled")
 

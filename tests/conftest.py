@@ -181,7 +181,8 @@ def random_block_lora_file(model: torch.nn.Module, seed: int, rank: int = 8, sca
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
     for name, module in model.named_modules():
-        if isinstance(module, (torch.nn.Linear, QuantizedLinear)) and name.startswith(("double_blocks.", "single_blocks.")):
+        if (isinstance(module, (torch.nn.Linear, QuantizedLinear))
+                and name.startswith(("double_blocks.", "single_blocks."))):
             tensors[f"diffusion_model.{name}.lora_A.weight"] = (
                 torch.randn(rank, module.in_features, generator=generator) / module.in_features**0.5)
             tensors[f"diffusion_model.{name}.lora_B.weight"] = (

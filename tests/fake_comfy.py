@@ -35,8 +35,9 @@ def object_info_for(*workflow_names: str) -> dict:
     info = {}
     for name in workflow_names:
         for node in load_workflow(name).graph.values():
-            entry = info.setdefault(node["class_type"], {"input": {"required": {}, "optional": {}},
-                                                         "output_node": node["class_type"] in ("SaveImage", "PreviewImage")})
+            entry = info.setdefault(node["class_type"],
+                                    {"input": {"required": {}, "optional": {}},
+                                     "output_node": node["class_type"] in ("SaveImage", "PreviewImage")})
             for input_name, value in node["inputs"].items():
                 spec = ["LINK"] if isinstance(value, list) else known.get(input_name, ["STRING", {}])
                 entry["input"]["required"][input_name] = spec

@@ -18,7 +18,8 @@ def test_attention_in_query_chunks_equals_unchunked(monkeypatch):
     block = autoencoder.AttnBlock(64).eval()
     with torch.no_grad():
         for name, param in block.named_parameters():
-            param.copy_(torch.randn_like(param) * (0.2 if param.ndim > 1 else 0.05) + (1.0 if "norm.weight" in name else 0))
+            param.copy_(torch.randn_like(param) * (0.2 if param.ndim > 1 else 0.05)
+                        + (1.0 if "norm.weight" in name else 0))
     x = torch.randn(2, 64, 40, 48)
     with torch.no_grad():
         whole = block(x)  # 2 x 1920 x 1920 scores: one chunk under the default budget

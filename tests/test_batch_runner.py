@@ -157,7 +157,8 @@ def test_an_image_this_pillow_cannot_judge_is_left_to_comfyui(tmp_path):
 
 def test_a_flaky_failure_recovers_on_retry(photos, tmp_path):
     out = tmp_path / "out"
-    server = FakeComfy(object_info_for("kontext_edit"), behavior=lambda g, attempt, c: "CUDA hiccup" if attempt == 1 else None)
+    server = FakeComfy(object_info_for("kontext_edit"),
+                       behavior=lambda g, attempt, c: "CUDA hiccup" if attempt == 1 else None)
     summary = make_runner(server, load_jobs([photos], prompts=["x"]), out, retries=1).run()
     assert summary.done == 4 and summary.failed == 0
     assert sorted(r["attempt"] for r in done_records(out)) == [2, 2, 2, 2]
@@ -229,7 +230,8 @@ def test_resume_collects_a_turn_comfyui_finished_after_we_stopped(photos, tmp_pa
     Manifest(out / "manifest.jsonl").append("queued", key=jobs[0].key, turn=0, prompt_id="old-1", attempt=1)
     server.files["output//old.png"] = b"finished while we were away"
     server.histories["old-1"] = {"status": {"status_str": "success", "completed": True, "messages": []},
-                                 "outputs": {"8": {"images": [{"filename": "old.png", "subfolder": "", "type": "output"}]}}}
+                                 "outputs": {"8": {"images": [{"filename": "old.png", "subfolder": "",
+                                                               "type": "output"}]}}}
     summary = make_runner(server, jobs, out).run()
     assert summary.done == 4 and len(server.queued) == 3
     assert (out / "img0.png").read_bytes() == b"finished while we were away"
@@ -286,7 +288,8 @@ def test_values_are_checked_for_every_job_before_anything_is_queued(photos, tmp_
     table = tmp_path / "jobs.csv"
     table.write_text("image,prompt,Kontext Edit.denoise\nphotos/img0.png,a,0.5\nphotos/img1.png,b,1.5\n")
     server = FakeComfy(object_info_for("kontext_edit"))
-    with pytest.raises(BatchError, match="jobs.csv line 3: Kontext Edit \\(node 7\\).denoise must be between 0.0 and 1.0"):
+    with pytest.raises(BatchError,
+                       match="jobs.csv line 3: Kontext Edit \\(node 7\\).denoise must be between 0.0 and 1.0"):
         make_runner(server, load_jobs([table]), tmp_path / "out")
     assert server.queued == []
 

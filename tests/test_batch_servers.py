@@ -406,7 +406,8 @@ def test_a_refused_upload_is_that_jobs_error_and_the_batch_goes_on(photos, tmp_p
 
         def refusing(content, filename, subfolder="kontext-batch", _original=original, _server=server):
             if filename.startswith("img3-"):
-                raise UploadRefused(f"ComfyUI at {_server.base_url} refused the upload of {filename} (HTTP 413: too big)")
+                raise UploadRefused(f"ComfyUI at {_server.base_url} refused the upload of {filename} "
+                                    "(HTTP 413: too big)")
             return _original(content, filename, subfolder)
 
         server.upload_image = refusing
@@ -446,7 +447,8 @@ def test_http_refusals_name_the_server_and_the_request(tmp_path):
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}"
         client = ComfyClient(url, timeout=10)
-        with pytest.raises(UploadRefused, match=rf"ComfyUI at {url} refused the upload of a.png \(HTTP 413: image too large\)"):
+        with pytest.raises(UploadRefused,
+                           match=rf"ComfyUI at {url} refused the upload of a.png \(HTTP 413: image too large\)"):
             client.upload_image(b"\x89PNG", "a.png")
         with pytest.raises(ServerRefused, match=rf"ComfyUI at {url} answered /object_info with HTTP 500"):
             client.object_info()

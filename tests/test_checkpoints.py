@@ -228,10 +228,12 @@ def test_wrong_model_kinds_are_named(tiny_transformer, tiny_autoencoder, tmp_pat
     save_transformer(tiny_transformer, tmp_path / "t.safetensors")
     _expect(tmp_path / "t.safetensors", "FLUX transformer.*not a FLUX autoencoder.*load_transformer", load_autoencoder)
     fakes = {
-        "sdxl.safetensors": (["model.diffusion_model.input_blocks.0.0.weight", "model.diffusion_model.output_blocks.0.0.weight",
+        "sdxl.safetensors": (["model.diffusion_model.input_blocks.0.0.weight",
+                              "model.diffusion_model.output_blocks.0.0.weight",
                               "model.diffusion_model.label_emb.0.0.weight"], "Stable Diffusion XL"),
         "sd3.safetensors": (["model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight"], "Stable Diffusion 3"),
-        "t5xxl_fp16.safetensors": (["encoder.block.0.layer.0.SelfAttention.q.weight", "shared.weight"], "T5 text encoder"),
+        "t5xxl_fp16.safetensors": (["encoder.block.0.layer.0.SelfAttention.q.weight", "shared.weight"],
+                                   "T5 text encoder"),
         "clip_l.safetensors": (["text_model.encoder.layers.0.mlp.fc1.weight"], "CLIP text encoder"),
         "lora.safetensors": (["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"], "LoRA"),
     }
@@ -276,8 +278,9 @@ def test_lone_unet_of_another_model_is_not_called_a_whole_checkpoint(tmp_path, k
 def test_whole_sd_checkpoint_is_still_called_whole(tmp_path):
     keys = [f"model.diffusion_model.{k}" for k in _SDXL_UNET] + _SD_VAE + _SDXL_TEXT
     save_file({k: torch.randn(2, 2) for k in keys}, tmp_path / "sd_xl_base_1.0.safetensors")
-    with pytest.raises(CheckpointError, match="a whole Stable Diffusion XL checkpoint \\(UNet, VAE and text encoders in "
-                       "one file\\), not a FLUX transformer. It goes in ComfyUI's models/checkpoints") as error:
+    with pytest.raises(CheckpointError, match="a whole Stable Diffusion XL checkpoint \\(UNet, VAE and text "
+                       "encoders in one file\\), not a FLUX transformer. It goes in ComfyUI's "
+                       "models/checkpoints") as error:
         load_transformer(tmp_path / "sd_xl_base_1.0.safetensors")
     assert "UNet of another model" not in str(error.value)
     sd1 = [f"model.diffusion_model.{k}" for k in _LDM_UNET] + _SD_VAE + \
@@ -289,7 +292,8 @@ def test_whole_sd_checkpoint_is_still_called_whole(tmp_path):
 
 def test_missing_and_unexpected_keys_are_listed(tiny_transformer, tmp_path):
     state = tiny_transformer.state_dict()
-    save_file({k: v for k, v in state.items() if k != "single_blocks.1.linear2.weight"}, tmp_path / "missing.safetensors")
+    save_file({k: v for k, v in state.items() if k != "single_blocks.1.linear2.weight"},
+              tmp_path / "missing.safetensors")
     _expect(tmp_path / "missing.safetensors", "missing 1 tensors .*single_blocks.1.linear2.weight")
     save_file({**state, "double_blocks.0.img_attn.extra.weight": torch.zeros(2)}, tmp_path / "extra.safetensors")
     _expect(tmp_path / "extra.safetensors", "1 tensors a FLUX transformer does not have .*img_attn.extra.weight")
@@ -322,5 +326,6 @@ def test_quantize_model_fp8_per_row(tiny_transformer):
     quantized = quantize_model(copy.deepcopy(tiny_transformer))
     qkv = quantized.double_blocks[0].img_attn.qkv
     assert isinstance(qkv, QuantizedLinear) and qkv.weight_scale.shape == (qkv.out_features,)
-    assert rel_error(qkv.dequantized_weight(torch.float32), tiny_transformer.double_blocks[0].img_attn.qkv.weight) < 0.07
+    assert rel_error(qkv.dequantized_weight(torch.float32),
+                     tiny_transformer.double_blocks[0].img_attn.qkv.weight) < 0.07
     assert rel_error(_velocity(quantized), _velocity(tiny_transformer)) < FP8_TOLERANCE["fp8_e4m3fn"]

@@ -15,7 +15,8 @@ def test_inspect_reports_layout_and_config_and_runs(tiny_transformer, capsys, tm
     report = json.loads(out[: out.rindex("}") + 1])
     assert report["kind"] == "transformer" and report["layout"] == "bfl"
     assert report["prefix"] == "model.diffusion_model." and report["scaled_fp8"] is True
-    assert report["config"]["hidden_size"] == 128 and report["storage_dtypes"]["F8_E4M3"] == 26 + 1  # block linears + the scaled_fp8 marker
+    assert (report["config"]["hidden_size"] == 128
+            and report["storage_dtypes"]["F8_E4M3"] == 26 + 1)  # block linears + the scaled_fp8 marker
     assert "finite=True" in out
 
 
@@ -46,7 +47,8 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from test_text_encoders import clip_tensors, clip_tokenizer_dir, t5_tensors, t5_tokenizer_dir, tiny_clip, tiny_t5  # noqa: E402
+from test_text_encoders import (clip_tensors, clip_tokenizer_dir, t5_tensors, t5_tokenizer_dir,  # noqa: E402
+                                tiny_clip, tiny_t5)
 
 
 @pytest.fixture
@@ -97,8 +99,8 @@ def test_attention_backend_is_applied_for_the_run_and_restored(models_tree, monk
     seen = []
     plain = attention.attention
     monkeypatch.setattr(attention, "attention", lambda q, k, v: seen.append(get_attention_backend()) or plain(q, k, v))
-    assert main(["edit", str(image), "--prompt", "x", "-o", str(tmp_path / "m.png"), "--resize", "keep", "--attention", "math",
-                 *common]) == 0
+    assert main(["edit", str(image), "--prompt", "x", "-o", str(tmp_path / "m.png"), "--resize", "keep", "--attention",
+                 "math", *common]) == 0
     assert seen and set(seen) == {"math"}
     assert get_attention_backend() == "auto"
 
@@ -108,8 +110,8 @@ def test_attention_backend_is_applied_for_the_run_and_restored(models_tree, monk
 def test_unavailable_attention_backend_is_refused_with_the_reason(models_tree, capsys, monkeypatch, backend):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # under the interpreter sage8 runs anywhere
     tmp_path, image, common = models_tree
-    assert main(["edit", str(image), "--prompt", "x", "-o", str(tmp_path / "f.png"), "--resize", "keep", "--attention", backend,
-                 *common]) == 2
+    assert main(["edit", str(image), "--prompt", "x", "-o", str(tmp_path / "f.png"), "--resize", "keep", "--attention",
+                 backend, *common]) == 2
     assert f"error: --attention {backend}: attention backend '{backend}' cannot run here" in capsys.readouterr().err
     assert not (tmp_path / "f.png").exists()
 

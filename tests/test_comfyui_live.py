@@ -470,7 +470,8 @@ def test_wrong_model_file_gives_a_clear_node_error(comfyui):
                 comfyui["base"] / "models" / "diffusion_models" / "not_a_transformer.safetensors")
     prompt = _for_tiny_models(json.loads((WORKFLOWS / "api" / "kontext_edit_api.json").read_text()))
     loader = next(k for k, v in prompt.items() if v["class_type"] == "KontextModelLoader")
-    name_input = next(k for k, v in prompt[loader]["inputs"].items() if isinstance(v, str) and v.endswith(".safetensors"))
+    name_input = next(k for k, v in prompt[loader]["inputs"].items()
+                      if isinstance(v, str) and v.endswith(".safetensors"))
     prompt[loader]["inputs"][name_input] = "not_a_transformer.safetensors"
     result = _queue(comfyui, prompt)
     assert "validation" not in result, result

@@ -15,8 +15,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import (as_float32, check_compiled_blocks, compiled_graphs, eight_bit_kernels, fp8_tensor_cores, kernels_off,
-                      random_block_lora, rel_l2, tiny_edit_args, tiny_quantized_pair)
+from conftest import (as_float32, check_compiled_blocks, compiled_graphs, eight_bit_kernels, fp8_tensor_cores,
+                      kernels_off, random_block_lora, rel_l2, tiny_edit_args, tiny_quantized_pair)
 from kontext_kernels.runtime import launches, triton_available
 from kontext_core import KontextTransformer
 
@@ -133,7 +133,8 @@ def test_loras_as_columns_of_the_fp8_gemm(device, monkeypatch):
         for name, layer in layers:
             factors = lora_factors(layer)
             assert factors.wide is not None, name
-            assert layer.weight.data_ptr() == factors.wide.data_ptr() and layer.weight.stride(0) == factors.wide.shape[1]
+            assert (layer.weight.data_ptr() == factors.wide.data_ptr()
+                    and layer.weight.stride(0) == factors.wide.shape[1])
             assert factors.wide.shape[1] == layer.in_features + wide_lora.TILE  # rank 8 -> one 128-wide tile
         assert lora_factors(fp8.double_blocks[0].img_mod.lin).wide is None  # one row: the thin GEMMs
         wide = fp8.velocity(*args)
@@ -176,7 +177,8 @@ def test_lora_columns_carry_a_strong_lora_without_clamping(device, scale):
         if scale > 2:
             assert factors.wide is None and layer.weight.is_contiguous()
             return
-        inputs = torch.randn(96, layer.in_features, generator=torch.Generator().manual_seed(5)).to(device, torch.bfloat16)
+        inputs = torch.randn(96, layer.in_features,
+                             generator=torch.Generator().manual_seed(5)).to(device, torch.bfloat16)
         inputs[3] *= 30  # an outlier row
         ours, exact, columns, lora_part = _columns_output(layer, inputs)
         tail = factors.wide[:, layer.in_features:].float()

@@ -21,8 +21,8 @@ needs_fp8_tensor_cores = pytest.mark.skipif(not fp8_tensor_cores(),
 
 @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.int8], ids=["e4m3", "int8"])
 def test_plain_row_quantization_is_the_kernels_reference(dtype):
-    # kontext_core.compute.quant.quantize_rows (the unfused path, no kontext_kernels/ needed) and the row kernels' reference
-    # must quantize alike: the fused and plain 8-bit paths are compared on that assumption.
+    # kontext_core.compute.quant.quantize_rows (the unfused path, no kontext_kernels/ needed) and the row kernels'
+    # reference must quantize alike: the fused and plain 8-bit paths are compared on that assumption.
     from kontext_kernels.row_quant import quantize_rows_reference
 
     x = (torch.randn(3, 17, 96, generator=fresh_generator()) * 5).bfloat16()

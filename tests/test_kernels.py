@@ -1,8 +1,9 @@
 """The fused Triton kernels (kontext_kernels/) against their PyTorch references (`*_reference`, same module).
 
 On the CPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1) on small, awkward
-shapes (few tokens: the interpreter reduces rows one element at a time); every test checks the launch counter so that a silent fallback to the reference cannot
-pass. Tolerance: rel_error (max|ours - reference| / max|reference|) <= 1e-4 in float32, 2e-2 in
+shapes (few tokens: the interpreter reduces rows one element at a time); every test checks the launch counter so
+that a silent fallback to the reference cannot pass.
+Tolerance: rel_error (max|ours - reference| / max|reference|) <= 1e-4 in float32, 2e-2 in
 bfloat16 (the kernels round once at the end, the references after every step). On a CUDA GPU,
 the compiled kernels are checked at the full FLUX sizes in bfloat16 by the benchmark's check step
 (kontext_kernels/check.py), which also runs here at small sizes.
@@ -87,7 +88,8 @@ def _assert_int8_close(ours: torch.Tensor, reference: torch.Tensor, exact: bool)
     if exact:
         assert int(difference.max()) == 0
         return
-    assert int(difference.max()) <= 1 and float((difference > 0).float().mean()) <= kernel_check.EIGHT_BIT_MISMATCH_TOLERANCE
+    assert (int(difference.max()) <= 1
+            and float((difference > 0).float().mean()) <= kernel_check.EIGHT_BIT_MISMATCH_TOLERANCE)
 
 
 def _check_rows(variant: str, args: tuple, rows: int, exact: bool, spare: int = 0,
@@ -297,7 +299,8 @@ class TestAwkwardSizes:
         written = [slot for slot in range(0, fp8_qkv.AMAX_S_OUT, 4)]  # the slots cuDNN reads; it writes the rest
         assert torch.allclose(work[written], reference_work[written], rtol=1e-6, atol=0)
         for name, x8, r8 in zip("qkv", ours, reference):
-            assert x8.dtype == torch.float8_e4m3fn and x8.is_contiguous() and x8.shape == (batch, heads, length, head_dim)
+            assert (x8.dtype == torch.float8_e4m3fn and x8.is_contiguous()
+                    and x8.shape == (batch, heads, length, head_dim))
             assert torch.equal(x8.float(), r8.float()), name  # +0 and -0 alike
 
     @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.int8], ids=["e4m3", "int8"])
@@ -579,7 +582,8 @@ def test_import_and_fallback_without_triton():
         "torch.testing.assert_close(kontext_kernels.layernorm_modulate(x, shift, scale),\n"
         "                           kontext_kernels.layernorm_modulate_reference(x, shift, scale))\n"
         "w, b = torch.randn(24, 16), torch.randn(24)\n"
-        "torch.testing.assert_close(kontext_kernels.linear_gelu(x, w, b), kontext_kernels.linear_gelu_reference(x, w, b))\n"
+        "torch.testing.assert_close(kontext_kernels.linear_gelu(x, w, b), "
+        "kontext_kernels.linear_gelu_reference(x, w, b))\n"
     )
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     result = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1],

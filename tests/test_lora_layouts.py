@@ -456,7 +456,8 @@ def test_comfyui_differences_are_applied_and_removed(tiny_transformer, mode):
     handle.set_strength(0.7)
     if mode == "on_the_fly":  # low-rank parts stay off the weights; the differences are written into them
         state = model.state_dict()
-        assert torch.equal(state["double_blocks.0.img_attn.qkv.weight"], original["double_blocks.0.img_attn.qkv.weight"])
+        assert torch.equal(state["double_blocks.0.img_attn.qkv.weight"],
+                           original["double_blocks.0.img_attn.qkv.weight"])
         assert rel_error(state["double_blocks.1.txt_mlp.2.weight"], hand["double_blocks.1.txt_mlp.2.weight"]) < 1e-6
         assert rel_error(state["final_layer.adaLN_modulation.1.bias"],
                          hand["final_layer.adaLN_modulation.1.bias"]) < 1e-6
@@ -488,7 +489,8 @@ def test_differences_on_an_fp8_model(tiny_transformer, tmp_path):
         "diffusion_model.double_blocks.1.txt_mlp.2.diff"]
     assert rel_error(changed, expected) < 0.1  # e4m3 resolution
     bias = "double_blocks.0.img_attn.qkv.bias"
-    assert rel_error(state[bias].float(), original[bias].float() + tensors[f"diffusion_model.{bias[:-5]}.diff_b"]) < 1e-2
+    assert rel_error(state[bias].float(),
+                     original[bias].float() + tensors[f"diffusion_model.{bias[:-5]}.diff_b"]) < 1e-2
     handle.set_strength(0.5)
     handle.remove()
     for key, value in model.state_dict().items():

@@ -178,7 +178,8 @@ def test_offloaded_text_encoders_visit_the_device_only_to_encode(monkeypatch):
 
 
 def test_a_plan_that_offloads_gives_the_resident_pipelines_edit(tiny_transformer, tiny_autoencoder):
-    """The offload plan's transformer (blocks streamed through a ring, some cached) edits exactly as the resident one."""
+    """The offload plan's transformer (blocks streamed through a ring, some cached) edits exactly as the resident
+    one."""
     import copy
 
     from PIL import Image

@@ -110,7 +110,8 @@ def test_distilled_sampler_uses_the_unshifted_schedule(pipeline, monkeypatch):
 def test_true_cfg_batches_positive_and_negative(pipeline, tiny_transformer, monkeypatch):
     batches = []
     original = tiny_transformer.forward
-    monkeypatch.setattr(tiny_transformer, "forward", lambda img, *a, **k: batches.append(img.shape[0]) or original(img, *a, **k))
+    monkeypatch.setattr(tiny_transformer, "forward",
+                        lambda img, *a, **k: batches.append(img.shape[0]) or original(img, *a, **k))
     cfg = pipeline.text_to_image("x", width=32, height=32, sampler="true_cfg", true_cfg=3.0,
                                  negative_prompt="blurry", steps=2, decode=False).latents
     assert batches == [2, 2]

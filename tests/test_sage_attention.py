@@ -1,5 +1,5 @@
-"""Our 8-bit attention (kontext_kernels/sage_attention.py: int8 Q·Kᵀ, e4m3 or fp16 P·V) against its PyTorch reference and
-against exact attention, and the attention backend 'sage8' that runs it.
+"""Our 8-bit attention (kontext_kernels/sage_attention.py: int8 Q·Kᵀ, e4m3 or fp16 P·V) against its PyTorch
+reference and against exact attention, and the attention backend 'sage8' that runs it.
 
 On the CPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1) at small awkward sizes (token counts
 no tile divides, batch 2, 3 heads, head dims 64, 128 and 48); on a GPU the same tests run compiled, plus one at

@@ -4,9 +4,9 @@ Without a GPU the kernel is compiled for sm_90a (CuTe DSL compiles without one) 
 schedule is for: block j-1's P·V in flight during block j's softmax (a wgmma wait that leaves one group running),
 each MMA's k steps kept in one wgmma group (not serialised), no spills. On a Hopper GPU it is checked, on fresh
 random q, k, v, against `sage_attention.attend_reference` at awkward sizes (query and key counts that are not whole
-128-token tiles, batch 2, 3 heads), with the Gluon kernel's tolerances (tests/test_sage_attention_hopper.py), every build of it
-(cute_runtime.VARIANTS). Skipped where `nvidia-cutlass-dsl` is not installed (the `hopper` extra) and no build is
-exported.
+128-token tiles, batch 2, 3 heads), with the Gluon kernel's tolerances (tests/test_sage_attention_hopper.py), every
+build of it (cute_runtime.VARIANTS). Skipped where `nvidia-cutlass-dsl` is not installed (the `hopper` extra) and no
+build is exported.
 """
 
 from __future__ import annotations

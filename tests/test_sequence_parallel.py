@@ -96,7 +96,8 @@ def test_two_gloo_processes_give_the_single_process_velocity(tmp_path, batch, co
         reference = model.velocity(*args[:7], context=args[7], context_ids=args[8])
 
     torch.multiprocessing.spawn(_velocity_worker, nprocs=2, join=True,
-                                args=(2, str(tmp_path / "store"), str(tmp_path / "inputs.pt"), str(tmp_path / "v"), compiled))
+                                args=(2, str(tmp_path / "store"), str(tmp_path / "inputs.pt"), str(tmp_path / "v"),
+                                      compiled))
     results = [torch.load(tmp_path / f"v.{rank}") for rank in range(2)]
     assert torch.equal(results[0], results[1])  # every process ends with the same velocity
     # Only summation order differs: the longest sums are the MLP's (4x hidden = 512 terms), 8 of them chained
@@ -204,7 +205,8 @@ def test_torchrun_writes_the_single_process_png_from_rank_0_only(cli_models, tmp
     assert sorted(p.name for p in split_dir.iterdir()) == ["two.png"]  # one file, no leftovers of a second writer
     # Printed once, by rank 0: the memory plan and the file written, as one process prints them.
     assert split.stdout.strip().splitlines() == single.stdout.strip().replace("one.png", "split/two.png").splitlines()
-    cache_lines = [[line for line in run.stderr.splitlines() if line.startswith("step cache")] for run in (single, split)]
+    cache_lines = [[line for line in run.stderr.splitlines() if line.startswith("step cache")]
+                   for run in (single, split)]
     assert cache_lines[0] == cache_lines[1] and len(cache_lines[0]) == (variant == "masked, cached")
 
     with Image.open(tmp_path / "one.png") as one, Image.open(split_dir / "two.png") as two:

@@ -161,7 +161,8 @@ def test_pipeline_decodes_in_tiles_on_request(tiny_transformer, tiny_autoencoder
     from kontext_core.pipeline import KontextPipeline
 
     config = tiny_transformer.config
-    pipeline = KontextPipeline(tiny_transformer, tiny_autoencoder, FakeEncoders(config.context_in_dim, config.vec_in_dim))
+    pipeline = KontextPipeline(tiny_transformer, tiny_autoencoder,
+                               FakeEncoders(config.context_in_dim, config.vec_in_dim))
     image = Image.new("RGB", (96, 64), (30, 120, 200))
     untiled = pipeline.edit(image, "x", steps=1, seed=1, resize="keep")
     pipeline.ae_tiling = "always"

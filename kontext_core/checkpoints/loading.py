@@ -163,7 +163,8 @@ def _quantized_layers(model: nn.Module, view: CanonicalTensors, storage: torch.d
 
 
 def load_transformer(path: str | os.PathLike, *, config: TransformerConfig | None = None,
-                     dtype: str | torch.dtype | None = "bf16", device: str | torch.device = "cpu") -> KontextTransformer:
+                     dtype: str | torch.dtype | None = "bf16",
+                     device: str | torch.device = "cpu") -> KontextTransformer:
     """A FLUX.1 Kontext (or FLUX.1 [dev]) transformer from a BFL, ComfyUI (incl. fp8) or diffusers file/folder.
 
     dtype: bf16, fp16, fp32, fp8 (float8 weights kept; fp8 GEMMs on Ada/Hopper, else upcast per layer; bf16
@@ -274,13 +275,15 @@ def load_autoencoder(path: str | os.PathLike, *, config: AutoencoderConfig | Non
 def inspect_model(path: str | os.PathLike) -> dict:
     """What a model file or folder holds, read from its headers only (nothing is loaded)."""
     path = Path(path)
-    component = "vae" if path.is_dir() and not (path / "transformer").is_dir() and (path / "vae").is_dir() else "transformer"
+    component = ("vae" if path.is_dir() and not (path / "transformer").is_dir() and (path / "vae").is_dir()
+                 else "transformer")
     source = _model_files(path, component)
     keys = set(source.keys())
     storage: dict[str, int] = {}
     for info in source.tensors.values():
         storage[info.dtype] = storage.get(info.dtype, 0) + 1
-    report = {"file": path.name, "tensors": len(keys), "storage_dtypes": storage, "what": describe_file(keys, path.name)}
+    report = {"file": path.name, "tensors": len(keys), "storage_dtypes": storage,
+              "what": describe_file(keys, path.name)}
     transformer, autoencoder = find_transformer(keys), find_autoencoder(keys)
     if transformer:
         view = canonical_transformer(source, transformer, path.name, _transformer_shapes)

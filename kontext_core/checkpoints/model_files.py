@@ -79,7 +79,8 @@ def _diffusers_part(kind: str, roots: list[Path]) -> Path | None:
 
 def hf_snapshot_folders(repo: str = HF_REPO) -> list[Path]:
     """Snapshot folders of `repo` in the local Hugging Face cache (none if the cache has no copy)."""
-    cache = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub")
+    cache = Path(os.environ.get("HF_HUB_CACHE")
+                 or Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub")
     snapshots = cache / f"models--{repo.replace('/', '--')}" / "snapshots"
     return sorted((p for p in snapshots.iterdir() if p.is_dir()), reverse=True) if snapshots.is_dir() else []
 
@@ -136,6 +137,7 @@ def find_model_files(*folders: str | os.PathLike, use_hf_cache: bool = True, all
         raise ModelFilesNotFound(
             "could not find the " + ", ".join(missing) + " model files. Looked for:\n  " + "\n  ".join(searched) + hint
         )
-    tokenizers = {name: next((r / name for r in roots if (r / name).is_dir()), None) for name in ("tokenizer", "tokenizer_2")}
+    tokenizers = {name: next((r / name for r in roots if (r / name).is_dir()), None)
+                  for name in ("tokenizer", "tokenizer_2")}
     return ModelFiles(found["transformer"], found["autoencoder"], found.get("t5"), found.get("clip"),
                       tokenizers["tokenizer_2"], tokenizers["tokenizer"], searched)

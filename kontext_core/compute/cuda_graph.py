@@ -9,8 +9,8 @@ step.
 Inputs are copied into static buffers, so every step of a sampling run (new latent, new timestep)
 replays one graph; a new shape, a moved or replaced weight (or on-the-fly LoRA factors) captures a new
 one. Steps that differ in what they run, not in their inputs (sage8's frozen statistics recorded on some steps and
-reused on the others: kontext_core/compute/attention.py), each have a graph, the graphs sharing one memory pool. A model with forward hooks (block offload) is never captured: hooks run Python that a replay would
-skip.
+reused on the others: kontext_core/compute/attention.py), each have a graph, the graphs sharing one memory pool. A
+model with forward hooks (block offload) is never captured: hooks run Python that a replay would skip.
 The model is checked once per sampling run (`prepare`), not per step: host time per step is what
 the graph is for.
 """

@@ -24,8 +24,9 @@ The model's blocks call `fp8_joint_attention` instead, from their qkv projection
 kernel writes q and k in fp8 at static scales and takes v's amax, leaving a v cast and O's conversion,
 ~0.05 ms a call (bench/RESULTS.md).
 
-`torch.compile`: each entry point is one opaque operator (kontext_core/compute/ops.py), `torch.ops.kontext.fp8_attention`
-and `torch.ops.kontext.fp8_joint_attention`, with fake implementations giving the output's shape and strides.
+`torch.compile`: each entry point is one opaque operator (kontext_core/compute/ops.py),
+`torch.ops.kontext.fp8_attention` and `torch.ops.kontext.fp8_joint_attention`, with fake implementations giving the
+output's shape and strides.
 
 cuDNN is reached through the cuDNN frontend's Python package (`pip install nvidia-cudnn-frontend`);
 it is imported on first use only, so importing this module never needs it. `available(device)`

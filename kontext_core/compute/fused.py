@@ -457,7 +457,8 @@ if _kernels is not None:
         return (x.new_empty((*x.shape[:-1], width), dtype=_format(int8)),
                 x.new_empty((rows, 1), dtype=torch.float32))
 
-    # `spare`: columns left after each row for a LoRA's (kontext_core/adapters/wide_lora.py); `int8`: int8 rows, not e4m3.
+    # `spare`: columns left after each row for a LoRA's (kontext_core/adapters/wide_lora.py); `int8`: int8 rows,
+    # not e4m3.
     ops.define("quantize_rows(Tensor x, int spare=0, bool int8=False) -> (Tensor, Tensor)",
                lambda x, spare=0, int8=False: _kernels.row_quant.quantize_rows(x, spare=spare, dtype=_format(int8)),
                lambda x, spare=0, int8=False: _quantized_fake(x, x.shape[-1] + spare, int8))

@@ -99,8 +99,8 @@ def run_drift(pipeline: KontextPipeline, image: Image.Image, turns: int, prompts
 
 def write_drift_report(run: DriftRun, folder: str | Path, settings: dict | None = None) -> dict[str, Path]:
     """Images (images/reference.png, images/<chain>/turn_NN.png), metrics.json, settings.json, the plot
-    (metrics.png, when matplotlib is installed) and report.html into `folder`. `settings`: what else the report should record
-    (model files, dtype, command line...). Returns the paths written, by name."""
+    (metrics.png, when matplotlib is installed) and report.html into `folder`. `settings`: what else the report should
+    record (model files, dtype, command line...). Returns the paths written, by name."""
     folder = Path(folder)
     written = {"reference": write_png_atomic(run.reference, folder / "images" / "reference.png")}
     record = {"settings": {**asdict(run.settings), **(settings or {})}, "prompts": run.prompts,

@@ -98,7 +98,8 @@ def ssim_map(reference_luma: np.ndarray, other_luma: np.ndarray) -> np.ndarray:
     var_x = local_mean(reference_luma ** 2) - mean_x ** 2
     var_y = local_mean(other_luma ** 2) - mean_y ** 2
     covariance = local_mean(reference_luma * other_luma) - mean_x * mean_y
-    return ((2 * mean_x * mean_y + c1) * (2 * covariance + c2)) / ((mean_x ** 2 + mean_y ** 2 + c1) * (var_x + var_y + c2))
+    return (((2 * mean_x * mean_y + c1) * (2 * covariance + c2))
+            / ((mean_x ** 2 + mean_y ** 2 + c1) * (var_x + var_y + c2)))
 
 
 def ssim(reference, other, mask=None) -> float:

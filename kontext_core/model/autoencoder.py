@@ -13,8 +13,8 @@ def _group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
 
 
-# Scores held at once by the AE's attention, over the whole batch. Its single 512-wide head is beyond the fused SDPA kernels, so
-# PyTorch runs it as plain matmuls: unchunked, a 1024x1024 image's 16384x16384 scores took ~2.3 GiB, more
+# Scores held at once by the AE's attention, over the whole batch. Its single 512-wide head is beyond the fused SDPA
+# kernels, so PyTorch runs it as plain matmuls: unchunked, a 1024x1024 image's 16384x16384 scores took ~2.3 GiB, more
 # than the rest of the AE, tiled or not (measured on an H100).
 ATTENTION_SCORE_BUDGET = 1 << 24
 

@@ -329,8 +329,8 @@ def choose_plan(free_bytes: int | None, config: TransformerConfig | None = None,
     if name != "auto":
         mode, forced_storage = _parse_name(name)
         if storage is not None and storage != forced_storage:
-            raise ValueError(f"memory plan {name!r} stores weights in {forced_storage}, but dtype {storage!r} was asked "
-                             f"for; drop one of the two or choose a {mode}-{storage} plan")
+            raise ValueError(f"memory plan {name!r} stores weights in {forced_storage}, but dtype {storage!r} "
+                             f"was asked for; drop one of the two or choose a {mode}-{storage} plan")
         plan = sizing.plan(mode, forced_storage, forced=not strict)
         if plan is None:
             raise MemoryError(f"memory plan {name} needs about {sizing.need(mode, forced_storage) / GIB:.1f} GiB; "

@@ -376,7 +376,8 @@ class BlockOffloader:
             entry.owner._buffers[entry.name] = view
 
     def _adopt_replaced(self, block: _Block) -> None:
-        """A parameter replaced since attach (e.g. `layer.weight = nn.Parameter(...)`) is copied into the host buffer."""
+        """A parameter replaced since attach (e.g. `layer.weight = nn.Parameter(...)`) is copied into the host
+        buffer."""
         for entry, home in zip(block.entries, block.home_views):
             current = entry.current()
             if current is entry.tensor or not entry.is_param:

@@ -241,7 +241,8 @@ def encode_tiled(ae: Autoencoder, image: torch.Tensor, tile: int = DEFAULT_TILE,
     """
     factor = ae.config.downsample_factor
     if image.shape[-2] % factor or image.shape[-1] % factor:
-        raise ValueError(f"tiled encoding needs image sides that are multiples of {factor}, got {list(image.shape[-2:])}")
+        raise ValueError(f"tiled encoding needs image sides that are multiples of {factor}, "
+                         f"got {list(image.shape[-2:])}")
     encoder = ae.encoder
     image = image.to(ae.dtype)
     if image.shape[-2] // factor <= tile and image.shape[-1] // factor <= tile:
