@@ -14,17 +14,14 @@ stall reasons.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from attention_counters import _number  # noqa: E402  (ncu's numbers: "1,234.5" and non-numbers)
+from attention_counters import _ncu_csv, _number  # noqa: E402  (an ncu report's CSV pages; its "1,234.5" numbers)
 
 SHAPES = {"qkv": (8192, 3072, 9216), "proj": (8192, 3072, 3072), "mlp up": (8192, 3072, 12288),
           "mlp down": (8192, 12288, 3072), "linear1": (8704, 3072, 21504), "linear2": (8704, 15360, 3072),
@@ -69,10 +66,7 @@ WANTED = re.compile(
 
 
 def summarize(report: Path) -> None:
-    text = subprocess.run(["ncu", "--import", str(report), "--csv", "--page", "raw"], check=True,
-                          capture_output=True, text=True).stdout
-    (report.parent / f"{report.stem}.raw.csv").write_text(text)
-    rows = [row for row in csv.reader(io.StringIO(text)) if row]
+    rows = _ncu_csv(report, "--page", "raw")
     names, units, kernels = rows[0], rows[1], rows[2:]
     name_column = names.index("Kernel Name")
     labels = [kernel[name_column][:60] for kernel in kernels]

@@ -76,11 +76,14 @@ def available() -> bool:
     return True
 
 
+# What to do where the kernel cannot be had: the warning's and the error's fix.
+_HOW_TO_GET_IT = f"install it with pip install -e '.[hopper]', or name an exported one in {MODULE_VARIABLE}"
+
+
 @functools.cache
 def _warn_unavailable() -> None:
-    warnings.warn("sage8's CuTe DSL kernel was chosen (HOPPER_KERNEL 'cute') but cannot be had here: install it "
-                  f"with pip install -e '.[hopper]' or name an exported one in {MODULE_VARIABLE}; the Gluon kernel "
-                  "runs instead", stacklevel=3)
+    warnings.warn("sage8's CuTe DSL kernel was chosen (HOPPER_KERNEL 'cute') but cannot be had here: "
+                  f"{_HOW_TO_GET_IT}; the Gluon kernel runs instead", stacklevel=3)
 
 
 def takes(operands, out_dtype: torch.dtype) -> bool:
@@ -118,8 +121,7 @@ def launch(operands, out: torch.Tensor, kernel=None) -> None:
                          "permute_keys=True")
     kernel = kernel or variant_kernel()
     if kernel is None:
-        raise RuntimeError(f"sage8's CuTe DSL kernel cannot be had here: pip install -e '.[hopper]', or name an "
-                           f"exported one in {MODULE_VARIABLE}")
+        raise RuntimeError(f"sage8's CuTe DSL kernel cannot be had here: {_HOW_TO_GET_IT}")
     with _torch_stream()():
         kernel(*kernel_views(operands, out))
     launches["sage_attention_cute"] += 1

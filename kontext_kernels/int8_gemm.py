@@ -75,9 +75,16 @@ def int8_linear_gated_residual(data: torch.Tensor, scale: torch.Tensor, weight: 
 PAIR_STREAMS = False
 
 
+def _may_pair(first: tuple, second: tuple) -> bool:
+    # Checked before any operand is prepared: with pairing off (the default) a pair costs the host nothing more
+    # than its two single calls.
+    return (PAIR_STREAMS and HOPPER_KERNEL == "gluon"
+            and all(_runs(operands[0], operands[2]) for operands in (first, second)))
+
+
 def _paired(products: list[int8_gemm_hopper.Product], out_dtype: torch.dtype) -> tuple | None:
     """Both products from one launch of the Hopper kernel, or None where it does not take them together."""
-    if not (PAIR_STREAMS and HOPPER_KERNEL == "gluon" and int8_gemm_hopper.pair_fits(*products)
+    if not (int8_gemm_hopper.pair_fits(*products)
             and all(int8_gemm_hopper.ready_for(product.data, product.weight, out_dtype)
                     and (product.residual is None or int8_gemm_hopper.gated_residual_fits(
                         product.data.shape[0], product.weight.shape[0], product.residual, product.gate))
@@ -93,7 +100,7 @@ def int8_linear_pair(first: tuple, second: tuple, out_dtype: torch.dtype) -> tup
     and its result: the double block's text and image streams, each with its own weights. One launch of the Hopper
     kernel where it takes both (the text stream's 512 rows then fill the image stream's last round of tiles
     instead of leaving most of the GPU idle for a launch of their own); two calls of `int8_linear` elsewhere."""
-    if all(_runs(operands[0], operands[2]) for operands in (first, second)):
+    if _may_pair(first, second):
         products = [int8_gemm_hopper.Product(*_kernel_operands(*operands)) for operands in (first, second)]
         outs = _paired(products, out_dtype)
         if outs is not None:
@@ -105,8 +112,8 @@ def int8_linear_pair(first: tuple, second: tuple, out_dtype: torch.dtype) -> tup
 def int8_linear_gated_residual_pair(first: tuple, second: tuple) -> tuple[torch.Tensor, torch.Tensor]:
     """`int8_linear_gated_residual` of two operand tuples (data, scale, weight, weight_scale, bias, gate, residual)
     of the same N and K: one launch of the Hopper kernel where it takes both, as `int8_linear_pair`."""
-    if HOPPER_KERNEL == "gluon" and all(_runs(operands[0], operands[2]) and operands[5].shape[0] == operands[6].shape[0]
-                                        and operands[6].is_contiguous() for operands in (first, second)):
+    if _may_pair(first, second) and all(operands[5].shape[0] == operands[6].shape[0] and operands[6].is_contiguous()
+                                        for operands in (first, second)):
         products = []
         for data, scale, weight, weight_scale, bias, gate, residual in (first, second):
             batch, length, n = residual.shape

@@ -410,7 +410,8 @@ def launch_pair(first: Product, second: Product, out_dtype: torch.dtype, stages:
     too small to fill the GPU, as the double block's 512 text tokens, runs in the other's last round of tiles
     instead of a round of its own."""
     if not pair_fits(first, second):
-        raise ValueError("launch_pair: the two products differ in N, K or epilogue")
+        raise ValueError("launch_pair: the two products differ in N, K or epilogue (bias, gated residual), or have "
+                         "a gated residual over several batches; launch each on its own")
     out_first, out_second = _launch([first, second], out_dtype, stages, group_m, schedule)
     return out_first, out_second
 
