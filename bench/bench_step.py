@@ -714,6 +714,8 @@ def main() -> None:
                                                                 "+unpaired", int8_model),
                                                                ("int8+sage8+modtable+compiledae+frozenstats"
                                                                 "+paired", int8_model),
+                                                               ("int8+sage8+modtable+compiledae+frozenstats"
+                                                                "+paired+cooperative", int8_model),
                                                                ("int8+sage8+convertedscores", int8_model))
                 for graphs in ((False, True) if graphs_too or args.e2e else (False,))]
         for label, target, graphs in runs:
@@ -730,7 +732,8 @@ def main() -> None:
                       + ("+convertedscores" if "convertedscores" in label else "")
                       + ("+cuteattention" if "cuteattention" in label else "")
                       + ("+unpaired" if "unpaired" in label else "")
-                      + ("+paired" if "+paired" in label else ""))
+                      + ("+paired" if "+paired" in label else "")
+                      + ("+cooperative" if "+cooperative" in label else ""))
             if compiled:
                 compile_blocks(target, "ours-compiled")
             seconds = end_to_end(target, cuda_graphs=graphs, batched_modulation="modtable" in label,
