@@ -2,6 +2,7 @@
 
     python3 bench/ae_probe.py            # on a CUDA GPU
     python3 bench/ae_probe.py --tiny     # on a CPU: that it runs
+    python3 bench/ae_probe.py --attention   # the decoder's attention alone, through each SDPA backend
 
 bench_step.py's end-to-end edit is 28 transformer steps plus one AE encode and one AE decode; this times those two
 alone (CUDA events, median of 5), in bf16 with random full-size weights, as the pipeline runs them (eager,
@@ -63,6 +64,55 @@ def profile_kernels(fn, label: str, top: int = 8) -> None:
         f"{ms:.1f} {name}" for name, ms in sorted(totals.items(), key=lambda kv: -kv[1])[:top]), flush=True)
 
 
+def _decoder_attention_operands(ae, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v [1, 1, H*W, C] of the decoder's mid-block attention on `latent`, as AttnBlock forms them."""
+    block = ae.decoder.mid.attn_1
+    seen = []
+    handle = block.register_forward_pre_hook(lambda _, inputs: seen.append(inputs[0]))
+    try:
+        ae.decode(latent)
+    finally:
+        handle.remove()
+    x = seen[0]
+    batch, channels, height, width = x.shape
+    h = block.norm(x)
+    return tuple(conv(h).reshape(batch, 1, channels, height * width).transpose(-1, -2).contiguous()
+                 for conv in (block.q, block.k, block.v))
+
+
+def attention_backends(ae, latent: torch.Tensor, device: str) -> None:
+    """The AE's single 512-wide head through each SDPA backend that takes it, in bf16, against float64."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = _decoder_attention_operands(ae, latent)
+    exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    print(f"decoder attention: q/k/v {list(q.shape)} {q.dtype}")
+    print("| SDPA backend | ms | rel L2 vs float64 |\n| --- | ---: | ---: |")
+    backends = [("default choice", None), ("math", SDPBackend.MATH), ("efficient", SDPBackend.EFFICIENT_ATTENTION),
+                ("cuDNN", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)]
+    def tensor_core_matmuls():
+        # bf16 products on the tensor cores with float32 outputs (cuBLAS), softmax in float32, P in bf16.
+        scores = torch.bmm(q[0], k[0].transpose(-1, -2), out_dtype=torch.float32) * q.shape[-1] ** -0.5
+        return torch.bmm(scores.softmax(dim=-1).to(v.dtype), v[0])[None]
+
+    backends.append(("bf16 matmuls, float32 scores", tensor_core_matmuls))
+    for label, backend in backends:
+        def call():
+            if callable(backend):
+                return backend()
+            if backend is None:
+                return F.scaled_dot_product_attention(q, k, v)
+            with sdpa_kernel([backend]):
+                return F.scaled_dot_product_attention(q, k, v)
+        try:
+            out = call()
+        except (RuntimeError, NotImplementedError) as error:  # the backend refuses this head size or device
+            print(f"| {label} | refused: {str(error).splitlines()[0][:100]} | |", flush=True)
+            continue
+        print(f"| {label} | {timed(call, device) * 1e3:.2f} | {rel_l2(out, exact):.2e} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="a tiny AE on the CPU: that the probe runs")
@@ -70,6 +120,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="each variant's decode, kernel by kernel")
     parser.add_argument("--channels-last", action="store_true",
                         help="also channels-last memory (slower than contiguous on an H200: 88 / 149 ms eager)")
+    parser.add_argument("--attention", action="store_true",
+                        help="only the decoder's attention, through each SDPA backend, against float64")
     args = parser.parse_args()
     device = "cpu" if args.tiny else "cuda"
     dtype = torch.float32 if args.tiny else torch.bfloat16
@@ -82,6 +134,9 @@ def main() -> None:
 
     with torch.no_grad():
         latent = ae.encode(image)
+        if args.attention:
+            attention_backends(ae, latent, device)
+            return
         # The same weights in float32: what each bf16 variant's rounding is measured against.
         exact = copy.deepcopy(ae).float()
         reference = {"encode": exact.encode(image.float()), "decode": exact.decode(latent.float())}

@@ -9,7 +9,8 @@
 #   4. the int8 GEMM's ping-pong and cooperative (128x256) schedules beside cuBLAS's fp8 GEMM (bench/int8_probe.py);
 #   5. the LayerNorm + modulation + int8 kernel against its looping candidate (bench/row_quant_probe.py);
 #   6. Nsight Compute's counters of the int8 GEMM beside cuBLAS's fp8 one at linear1 (bench/gemm_counters.py);
-#   7. with E2E=1, the whole 28-step edit with the GEMMs apart and paired.
+#   7. the AE's 512-wide attention through each SDPA backend (bench/ae_probe.py --attention);
+#   8. with E2E=1, the whole 28-step edit with the GEMMs apart and paired.
 # Usage (from the repository root, on the device): OUT=$OUT [E2E=1] bash bench/pair_on_device.sh
 set -u
 OUT=${OUT:-/tmp/pair_out}
@@ -38,6 +39,10 @@ if [ "$SECONDS" -lt 460 ]; then
         python3 bench/gemm_counters.py --shape linear1 > "$OUT/ncu_log.txt" 2>&1 \
         && python3 bench/gemm_counters.py --summarize "$OUT/gemm_linear1.ncu-rep" > "$OUT/gemm_counters.md" 2>&1
     head -c 4000 "$OUT/gemm_counters.md" 2>/dev/null
+fi
+if [ "$SECONDS" -lt 520 ]; then
+    timeout 50 python3 bench/ae_probe.py --attention > "$OUT/ae_attention.txt" 2>&1
+    tail -9 "$OUT/ae_attention.txt"
 fi
 if [ "${E2E:-0}" = 1 ]; then
     E=int8+sage8+modtable+compiledae+frozenstats
