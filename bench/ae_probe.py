@@ -96,7 +96,12 @@ def attention_backends(ae, latent: torch.Tensor, device: str) -> None:
         scores = torch.bmm(q[0], k[0].transpose(-1, -2), out_dtype=torch.float32) * q.shape[-1] ** -0.5
         return torch.bmm(scores.softmax(dim=-1).to(v.dtype), v[0])[None]
 
-    backends.append(("bf16 matmuls, float32 scores", tensor_core_matmuls))
+    def bf16_scores():
+        # The same with the scores rounded to bf16 (the matmul's own output type), softmax in float32.
+        scores = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+        return torch.matmul(scores.float().softmax(dim=-1).to(v.dtype), v)
+
+    backends += [("bf16 matmuls, float32 scores", tensor_core_matmuls), ("bf16 matmuls, bf16 scores", bf16_scores)]
     for label, backend in backends:
         def call():
             if callable(backend):
