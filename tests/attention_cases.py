@@ -50,7 +50,10 @@ def assert_operands_equal(mine, theirs) -> None:
 def assert_operands_close(mine, theirs, changed_at_most: float = 0.01) -> None:
     """Two sage_attention.Operands from float32 values that may differ in their last bits: 8-bit integer tensors
     one step apart at most, and in at most `changed_at_most` of their entries (a value that sat on a rounding
-    boundary); float tensors within 1e-6 relative; the e4m3 tensors and every other field equal."""
+    boundary); float tensors within 1e-6 relative, except in at most `changed_at_most` of their entries, which may
+    be one bf16 step apart (2**-7 relative at most: q is rounded to the activations' dtype before its row's amax is
+    taken, so a last-bit difference can move that amax to the neighbouring bf16 value); the e4m3 tensors and every
+    other field equal."""
     from kontext_kernels import sage_attention as sa
 
     for name, a, b in zip(sa.Operands._fields, mine, theirs):
@@ -62,7 +65,9 @@ def assert_operands_close(mine, theirs, changed_at_most: float = 0.01) -> None:
             steps = (a.int() - b.int()).abs()
             assert steps.max().item() <= 1 and steps.bool().float().mean().item() <= changed_at_most, name
         elif a.dtype == torch.float32:
-            torch.testing.assert_close(a, b, rtol=1e-6, atol=0, msg=name)
+            relative = (a - b).abs() / b.abs()
+            assert relative.max().item() <= 2**-7, name
+            assert (relative > 1e-6).float().mean().item() <= changed_at_most, name
         else:
             assert torch.equal(a.float(), b.float()), name
 
