@@ -293,6 +293,9 @@ MODIFIERS = {
               "PAIR_STREAMS), whatever the product's default",
     "cooperative": "the Hopper int8 GEMM's cooperative 128x256 schedule for products without a gated residual "
                    "(kontext_kernels/int8_gemm_hopper.py, SCHEDULE), not ping-pong",
+    "shapeplans": "the Hopper int8 GEMM's per-shape schedule and GROUP_M (kontext_kernels/int8_gemm_hopper.py, "
+                  "SHAPE_PLANS: linear1 cooperative, 16 row blocks a band), whatever the product's default",
+    "noshapeplans": "every Hopper int8 GEMM with the default schedule and GROUP_M, not SHAPE_PLANS",
     "cuteattention": "with +sage8 on Hopper: the CuTe DSL attention kernel with FlashAttention-3's in-warpgroup "
                      "overlap (kontext_kernels/sage_attention_cute.py, through cute_runtime.py), not the Gluon one",
     "sdpa": "attention through PyTorch's SDPA (cuDNN first) even where flash-attn is installed (auto takes it)",
@@ -316,6 +319,7 @@ PRODUCT_SCORES = sage_attention.SCORES_DEFAULT  # the product's, kept before a r
 PRODUCT_HOPPER_GEMM = int8_gemm.HOPPER_KERNEL
 PRODUCT_PAIR_STREAMS = int8_gemm.PAIR_STREAMS
 PRODUCT_GEMM_SCHEDULE = int8_gemm_hopper.SCHEDULE
+PRODUCT_SHAPE_PLANS = int8_gemm_hopper.USE_SHAPE_PLANS
 PRODUCT_HOPPER_ATTENTION = sage_attention.HOPPER_KERNEL
 PRODUCT_GELU = row_quant.GELU_ON_GPU
 PRODUCT_ROW_SUMS = sage_attention_hopper.ROW_SUMS_ON_TENSOR_CORES
@@ -339,7 +343,8 @@ def implementation(name: str) -> str:
     ours_only = [m for m in modifiers if m in ("lora", "lorafly", "thinlora", "autotune", "sdpa", "sage8", "sage8fp16",
                                                "tritongemm", "tritonattention", "modtable", "fusedqkv",
                                                "tanhgelu", "mmarowsums", "pvsoftmax", "turns", "frozenstats",
-                                               "chainrows", "cuteattention", "unpaired", "paired", "cooperative")]
+                                               "chainrows", "cuteattention", "unpaired", "paired", "cooperative",
+                                               "shapeplans", "noshapeplans")]
     if ours_only and not base.startswith("ours"):
         raise argparse.ArgumentTypeError(f"{name!r}: +{ours_only[0]} applies to our rows only")
     if "autotune" in modifiers and not base.endswith("-compiled"):
@@ -366,6 +371,8 @@ def configure(impl: str) -> None:
     int8_gemm.HOPPER_KERNEL = "triton" if "tritongemm" in modifiers else PRODUCT_HOPPER_GEMM
     int8_gemm.PAIR_STREAMS = "paired" in modifiers or (PRODUCT_PAIR_STREAMS and "unpaired" not in modifiers)
     int8_gemm_hopper.SCHEDULE = "cooperative" if "cooperative" in modifiers else PRODUCT_GEMM_SCHEDULE
+    int8_gemm_hopper.USE_SHAPE_PLANS = ("shapeplans" in modifiers
+                                        or (PRODUCT_SHAPE_PLANS and "noshapeplans" not in modifiers))
     sage_attention.HOPPER_KERNEL = ("triton" if "tritonattention" in modifiers else
                                     "cute" if "cuteattention" in modifiers else PRODUCT_HOPPER_ATTENTION)
     sage_attention_hopper.ROW_SUMS_ON_TENSOR_CORES = "mmarowsums" in modifiers or PRODUCT_ROW_SUMS
@@ -716,6 +723,8 @@ def main() -> None:
                                                                 "+paired", int8_model),
                                                                ("int8+sage8+modtable+compiledae+frozenstats"
                                                                 "+paired+cooperative", int8_model),
+                                                               ("int8+sage8+modtable+compiledae+frozenstats"
+                                                                "+paired+shapeplans", int8_model),
                                                                ("int8+sage8+convertedscores", int8_model))
                 for graphs in ((False, True) if graphs_too or args.e2e else (False,))]
         for label, target, graphs in runs:
@@ -733,7 +742,8 @@ def main() -> None:
                       + ("+cuteattention" if "cuteattention" in label else "")
                       + ("+unpaired" if "unpaired" in label else "")
                       + ("+paired" if "+paired" in label else "")
-                      + ("+cooperative" if "+cooperative" in label else ""))
+                      + ("+cooperative" if "+cooperative" in label else "")
+                      + ("+shapeplans" if "+shapeplans" in label else ""))
             if compiled:
                 compile_blocks(target, "ours-compiled")
             seconds = end_to_end(target, cuda_graphs=graphs, batched_modulation="modtable" in label,

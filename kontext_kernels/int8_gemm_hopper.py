@@ -15,10 +15,11 @@ one starts waiting on its tile's stages only when the other has seen its own las
 turns the second consumer would wait on stages more than one lap of the ring ahead, where an mbarrier's phase
 parity cannot tell this lap's arrival from an earlier one (on an H200 that read unloaded stages and faulted).
 
-Two options, both off by default until timed on a GPU: `SCHEDULES["cooperative"]`, where both consumers work on
-every 128x256 tile at once (64 rows each) against one weight stage, for less L2 traffic per multiply-add; and a
-paired launch (`launch_pair`), two products of the same N and K in one tile list, for the double block's text
-stream, too small to fill the GPU alone.
+A paired launch (`launch_pair`) takes two products of the same N and K in one tile list, for the double block's
+text stream, too small to fill the GPU alone (on by default in kontext_kernels/int8_gemm.py, PAIR_STREAMS).
+`SCHEDULES["cooperative"]` has both consumers work on every 128x256 tile at once (64 rows each) against one weight
+stage, for less L2 traffic per multiply-add: slower than ping-pong at most of FLUX's shapes, faster at linear1
+with 16 row blocks a band (`SHAPE_PLANS`, off until timed in the step).
 """
 
 from __future__ import annotations
@@ -290,11 +291,19 @@ class Schedule(NamedTuple):
 # "cooperative": 128x256 tiles, each consumer 64 rows of every tile against the same 256-row weight stage. A
 # K step then reads 48 KB from L2 for 8.4M multiply-adds, a quarter less than two 128x128 tiles (64 KB), but the
 # consumers' epilogues no longer hide under each other's main loop. 3 stages x 48 KB + two 32 KB output halves
-# = 208 KB. Built offline, not yet timed: the default stays ping-pong (bench/RESULTS.md, 2026-12-07, second session).
+# = 208 KB. Timed on an H200 (bench/RESULTS.md, 2026-12-07, third session): with GROUP_M 8, 3-16% slower than
+# ping-pong at FLUX's six shapes, and the fast step 2 ms slower with it for every plain product; the default stays
+# ping-pong.
 # Its gated-residual epilogue spills (a consumer holds 64x256 products and residuals): plain products are its trial.
 SCHEDULES = {"pingpong": Schedule(BLOCK_N, BLOCK_M, STAGES, False), "cooperative": Schedule(256, 64, 3, True)}
 SCHEDULE = "pingpong"
 GROUP_M = 8
+# Shapes (N, K) whose own schedule and GROUP_M beat the defaults, used where the caller names neither. The single
+# blocks' linear1 (N 21504, 168 column tiles): cooperative 128x256 tiles walking 16 row blocks a band took 0.763 ms
+# against ping-pong's 0.858 (GROUP_M 8) and cuBLAS fp8's 0.772 on an H200 (bench/RESULTS.md, 2026-12-07, third
+# session); at the other five shapes the defaults were best or within 2%. Off until the step confirms it.
+SHAPE_PLANS: dict[tuple[int, int], tuple[str, int]] = {(21504, 3072): ("cooperative", 16)}
+USE_SHAPE_PLANS = False
 # Registers: 3 warpgroups (the loader's warp rounds up to one) x 128 threads share 64K; 168 a thread on
 # average lets each consumer have 232 and the loader's group 40.
 _MAXNREG, _CONSUMER_REGISTERS, _LOADER_REGISTERS = 168, 232, 40
@@ -372,9 +381,18 @@ def _kernel_arguments(product: Product, out: torch.Tensor, schedule: Schedule) -
             gate if fused else out, M // gate.shape[0] if fused else 1, gate.stride(0) if fused else 0, M]
 
 
-def _launch(products: list[Product], out_dtype: torch.dtype, stages: int | None, group_m: int,
+def _plan(N: int, K: int, group_m: int | None, schedule_name: str | None) -> tuple[int, str]:
+    """GROUP_M and the schedule of a launch: the caller's, else the shape's from SHAPE_PLANS (where on), else the
+    defaults."""
+    if group_m is None and schedule_name is None and USE_SHAPE_PLANS and (N, K) in SHAPE_PLANS:
+        schedule_name, group_m = SHAPE_PLANS[N, K]
+    return group_m or GROUP_M, schedule_name or SCHEDULE
+
+
+def _launch(products: list[Product], out_dtype: torch.dtype, stages: int | None, group_m: int | None,
             schedule_name: str | None) -> list[torch.Tensor]:
-    schedule = SCHEDULES[schedule_name or SCHEDULE]
+    group_m, schedule_name = _plan(products[0].weight.shape[0], products[0].data.shape[1], group_m, schedule_name)
+    schedule = SCHEDULES[schedule_name]
     if schedule.cooperative and products[0].residual is not None:
         schedule = SCHEDULES["pingpong"]  # the cooperative gated-residual epilogue spills (SCHEDULES' comment)
     first = products[0]
@@ -397,7 +415,7 @@ def _launch(products: list[Product], out_dtype: torch.dtype, stages: int | None,
 
 def launch(data: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
            bias: torch.Tensor | None, out_dtype: torch.dtype, stages: int | None = None,
-           group_m: int = GROUP_M, residual: torch.Tensor | None = None,
+           group_m: int | None = None, residual: torch.Tensor | None = None,
            gate: torch.Tensor | None = None, schedule: str | None = None) -> torch.Tensor:
     """The product of `Product`'s operands (residual + gate * it with `residual` and `gate`), in out_dtype."""
     return _launch([Product(data, scale, weight, weight_scale, bias, residual, gate)], out_dtype, stages, group_m,
@@ -405,7 +423,7 @@ def launch(data: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, weight
 
 
 def launch_pair(first: Product, second: Product, out_dtype: torch.dtype, stages: int | None = None,
-                group_m: int = GROUP_M, schedule: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                group_m: int | None = None, schedule: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Two products in one launch, their tiles in one list (`pair_fits` must hold; each as `launch`'s): a product
     too small to fill the GPU, as the double block's 512 text tokens, runs in the other's last round of tiles
     instead of a round of its own."""

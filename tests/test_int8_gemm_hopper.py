@@ -228,3 +228,30 @@ def test_a_pair_elsewhere_is_two_products():
     outs = int8_gemm.int8_linear_pair(first, second, torch.bfloat16)
     for out, operands in zip(outs, (first, second)):
         assert torch.equal(out, int8_gemm.int8_linear_reference(*operands, torch.bfloat16))
+
+
+def test_a_shape_plan_applies_only_where_on_and_the_caller_names_nothing(monkeypatch):
+    # Pure lookup, no GPU: the caller's GROUP_M or schedule wins, then the shape's plan (when on), then the defaults.
+    monkeypatch.setattr(int8_gemm_hopper, "SHAPE_PLANS", {(512, 256): ("cooperative", 16)})
+    defaults = (int8_gemm_hopper.GROUP_M, int8_gemm_hopper.SCHEDULE)
+    monkeypatch.setattr(int8_gemm_hopper, "USE_SHAPE_PLANS", False)
+    assert int8_gemm_hopper._plan(512, 256, None, None) == defaults
+    monkeypatch.setattr(int8_gemm_hopper, "USE_SHAPE_PLANS", True)
+    assert int8_gemm_hopper._plan(512, 256, None, None) == (16, "cooperative")
+    assert int8_gemm_hopper._plan(512, 384, None, None) == defaults
+    assert int8_gemm_hopper._plan(512, 256, 4, None) == (4, int8_gemm_hopper.SCHEDULE)
+    assert int8_gemm_hopper._plan(512, 256, None, "pingpong") == (int8_gemm_hopper.GROUP_M, "pingpong")
+
+
+@hopper_gpu
+def test_the_linear1_shape_plan_gives_the_default_launchs_product(monkeypatch):
+    # Another schedule and tile order, the same int32 sums and epilogue: equal bit for bit.
+    N, K = next(iter(int8_gemm_hopper.SHAPE_PLANS))
+    torch.manual_seed(7)
+    data, scale, weight, weight_scale = _operands(1000, N, K, "cuda")
+    bias = torch.randn(N, device="cuda", dtype=torch.bfloat16)
+    monkeypatch.setattr(int8_gemm_hopper, "USE_SHAPE_PLANS", False)
+    default = int8_gemm_hopper.launch(data, scale, weight, weight_scale, bias, torch.bfloat16)
+    monkeypatch.setattr(int8_gemm_hopper, "USE_SHAPE_PLANS", True)
+    planned = int8_gemm_hopper.launch(data, scale, weight, weight_scale, bias, torch.bfloat16)
+    assert torch.equal(planned, default)
