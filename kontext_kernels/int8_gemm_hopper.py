@@ -381,23 +381,25 @@ def _kernel_arguments(product: Product, out: torch.Tensor, schedule: Schedule) -
             gate if fused else out, M // gate.shape[0] if fused else 1, gate.stride(0) if fused else 0, M]
 
 
-def _plan(N: int, K: int, group_m: int | None, schedule_name: str | None) -> tuple[int, str]:
-    """GROUP_M and the schedule of a launch: the caller's, else the shape's from SHAPE_PLANS (where on), else the
-    defaults."""
-    if group_m is None and schedule_name is None and USE_SHAPE_PLANS and (N, K) in SHAPE_PLANS:
-        schedule_name, group_m = SHAPE_PLANS[N, K]
-    return group_m or GROUP_M, schedule_name or SCHEDULE
+def _plan(N: int, K: int, gated_residual: bool, group_m: int | None,
+          schedule_name: str | None) -> tuple[int, Schedule]:
+    """GROUP_M and the schedule of a launch: the caller's, else the shape's from SHAPE_PLANS (where on, for plain
+    products), else the defaults; a gated residual always takes ping-pong's epilogue (the cooperative one spills,
+    SCHEDULES' comment)."""
+    if group_m is None and schedule_name is None and USE_SHAPE_PLANS and not gated_residual:
+        schedule_name, group_m = SHAPE_PLANS.get((N, K), (None, None))
+    schedule = SCHEDULES[schedule_name or SCHEDULE]
+    if schedule.cooperative and gated_residual:
+        schedule = SCHEDULES["pingpong"]
+    return GROUP_M if group_m is None else group_m, schedule
 
 
 def _launch(products: list[Product], out_dtype: torch.dtype, stages: int | None, group_m: int | None,
             schedule_name: str | None) -> list[torch.Tensor]:
-    group_m, schedule_name = _plan(products[0].weight.shape[0], products[0].data.shape[1], group_m, schedule_name)
-    schedule = SCHEDULES[schedule_name]
-    if schedule.cooperative and products[0].residual is not None:
-        schedule = SCHEDULES["pingpong"]  # the cooperative gated-residual epilogue spills (SCHEDULES' comment)
     first = products[0]
     K = first.data.shape[1]
     N = first.weight.shape[0]
+    group_m, schedule = _plan(N, K, first.residual is not None, group_m, schedule_name)
     outs = [torch.empty((product.data.shape[0], N), dtype=out_dtype, device=first.data.device)
             for product in products]
     arguments = [_kernel_arguments(product, out, schedule) for product, out in zip(products, outs)]

@@ -231,16 +231,21 @@ def test_a_pair_elsewhere_is_two_products():
 
 
 def test_a_shape_plan_applies_only_where_on_and_the_caller_names_nothing(monkeypatch):
-    # Pure lookup, no GPU: the caller's GROUP_M or schedule wins, then the shape's plan (when on), then the defaults.
-    monkeypatch.setattr(int8_gemm_hopper, "SHAPE_PLANS", {(512, 256): ("cooperative", 16)})
-    defaults = (int8_gemm_hopper.GROUP_M, int8_gemm_hopper.SCHEDULE)
-    monkeypatch.setattr(int8_gemm_hopper, "USE_SHAPE_PLANS", False)
-    assert int8_gemm_hopper._plan(512, 256, None, None) == defaults
-    monkeypatch.setattr(int8_gemm_hopper, "USE_SHAPE_PLANS", True)
-    assert int8_gemm_hopper._plan(512, 256, None, None) == (16, "cooperative")
-    assert int8_gemm_hopper._plan(512, 384, None, None) == defaults
-    assert int8_gemm_hopper._plan(512, 256, 4, None) == (4, int8_gemm_hopper.SCHEDULE)
-    assert int8_gemm_hopper._plan(512, 256, None, "pingpong") == (int8_gemm_hopper.GROUP_M, "pingpong")
+    # Pure lookup, no GPU: the caller's GROUP_M or schedule wins, then the shape's plan (when on, for a plain
+    # product), then the defaults; a gated residual never takes the cooperative epilogue.
+    hopper = int8_gemm_hopper
+    monkeypatch.setattr(hopper, "SHAPE_PLANS", {(512, 256): ("cooperative", 16)})
+    defaults = (hopper.GROUP_M, hopper.SCHEDULES[hopper.SCHEDULE])
+    cooperative, pingpong = hopper.SCHEDULES["cooperative"], hopper.SCHEDULES["pingpong"]
+    monkeypatch.setattr(hopper, "USE_SHAPE_PLANS", False)
+    assert hopper._plan(512, 256, False, None, None) == defaults
+    monkeypatch.setattr(hopper, "USE_SHAPE_PLANS", True)
+    assert hopper._plan(512, 256, False, None, None) == (16, cooperative)
+    assert hopper._plan(512, 384, False, None, None) == defaults
+    assert hopper._plan(512, 256, True, None, None) == defaults
+    assert hopper._plan(512, 256, False, 4, None) == (4, hopper.SCHEDULES[hopper.SCHEDULE])
+    assert hopper._plan(512, 256, False, None, "pingpong") == (hopper.GROUP_M, pingpong)
+    assert hopper._plan(512, 256, True, None, "cooperative") == (hopper.GROUP_M, pingpong)
 
 
 @hopper_gpu
