@@ -7,8 +7,9 @@
 #   2. the GPU tests of the plan and of the schedules it uses;
 #   3. the six GEMM shapes' schedules beside cuBLAS's fp8 GEMM again (bench/int8_probe.py --pingpong);
 #   4. unless E2E=0, and while the call is under 300 s, the whole 28-step edit without and with the plan (the
-#      last session's call of this size took 109 s for two step rows and three edits).
-# Usage (from the repository root, on the device): OUT=$OUT [E2E=0] bash bench/shape_plans_on_device.sh
+#      last session's call of this size took 109 s for two step rows and three edits);
+#   5. unless PROFILE=0, and while the call is under 440 s, the step with the plan by kernel kind.
+# Usage (from the repository root, on the device): OUT=$OUT [E2E=0] [PROFILE=0] bash bench/shape_plans_on_device.sh
 set -u
 OUT=${OUT:-/tmp/shape_plans_out}
 mkdir -p "$OUT"
@@ -28,5 +29,11 @@ if [ "${E2E:-1}" = 1 ] && [ "$SECONDS" -lt 300 ]; then
     timeout 300 python3 bench/bench_step.py --no-check --workloads edit --impls "$FAST" \
         --e2e "$E+graphs" "$E+shapeplans+graphs" > "$OUT/e2e.txt" 2>&1
     grep "end-to-end" "$OUT/e2e.txt"
+fi
+if [ "${PROFILE:-1}" = 1 ] && [ "$SECONDS" -lt 440 ]; then
+    # Where the step's GPU time goes with the plan: the breakdown the next lever is chosen from.
+    timeout 100 python3 bench/bench_step.py --no-check --workloads edit --impls "$FAST+shapeplans" --profile \
+        --profile-top 30 > "$OUT/profile.txt" 2>&1
+    grep -A32 "profile " "$OUT/profile.txt"
 fi
 echo "shape_plans_on_device: $SECONDS s"
