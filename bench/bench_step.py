@@ -293,9 +293,9 @@ MODIFIERS = {
               "PAIR_STREAMS), whatever the product's default",
     "cooperative": "the Hopper int8 GEMM's cooperative 128x256 schedule for products without a gated residual "
                    "(kontext_kernels/int8_gemm_hopper.py, SCHEDULE), not ping-pong",
-    "shapeplans": "the Hopper int8 GEMM's per-shape schedule and GROUP_M (kontext_kernels/int8_gemm_hopper.py, "
-                  "SHAPE_PLANS: linear1 cooperative, 16 row blocks a band), whatever the product's default",
-    "noshapeplans": "every Hopper int8 GEMM with the default schedule and GROUP_M, not SHAPE_PLANS",
+    "tunedplans": "each plain Hopper int8 GEMM with the fastest of PLAN_CANDIDATES for its shape, timed on the card at "
+                  "its first launch (kontext_kernels/int8_gemm_hopper.py, TUNE_PLANS), whatever the product's default",
+    "untunedplans": "every Hopper int8 GEMM with the default schedule and GROUP_M, not TUNE_PLANS",
     "cuteattention": "with +sage8 on Hopper: the CuTe DSL attention kernel with FlashAttention-3's in-warpgroup "
                      "overlap (kontext_kernels/sage_attention_cute.py, through cute_runtime.py), not the Gluon one",
     "sdpa": "attention through PyTorch's SDPA (cuDNN first) even where flash-attn is installed (auto takes it)",
@@ -319,7 +319,7 @@ PRODUCT_SCORES = sage_attention.SCORES_DEFAULT  # the product's, kept before a r
 PRODUCT_HOPPER_GEMM = int8_gemm.HOPPER_KERNEL
 PRODUCT_PAIR_STREAMS = int8_gemm.PAIR_STREAMS
 PRODUCT_GEMM_SCHEDULE = int8_gemm_hopper.SCHEDULE
-PRODUCT_SHAPE_PLANS = int8_gemm_hopper.USE_SHAPE_PLANS
+PRODUCT_TUNE_PLANS = int8_gemm_hopper.TUNE_PLANS
 PRODUCT_HOPPER_ATTENTION = sage_attention.HOPPER_KERNEL
 PRODUCT_GELU = row_quant.GELU_ON_GPU
 PRODUCT_ROW_SUMS = sage_attention_hopper.ROW_SUMS_ON_TENSOR_CORES
@@ -344,7 +344,7 @@ def implementation(name: str) -> str:
                                                "tritongemm", "tritonattention", "modtable", "fusedqkv",
                                                "tanhgelu", "mmarowsums", "pvsoftmax", "turns", "frozenstats",
                                                "chainrows", "cuteattention", "unpaired", "paired", "cooperative",
-                                               "shapeplans", "noshapeplans")]
+                                               "tunedplans", "untunedplans")]
     if ours_only and not base.startswith("ours"):
         raise argparse.ArgumentTypeError(f"{name!r}: +{ours_only[0]} applies to our rows only")
     if "autotune" in modifiers and not base.endswith("-compiled"):
@@ -371,8 +371,7 @@ def configure(impl: str) -> None:
     int8_gemm.HOPPER_KERNEL = "triton" if "tritongemm" in modifiers else PRODUCT_HOPPER_GEMM
     int8_gemm.PAIR_STREAMS = "paired" in modifiers or (PRODUCT_PAIR_STREAMS and "unpaired" not in modifiers)
     int8_gemm_hopper.SCHEDULE = "cooperative" if "cooperative" in modifiers else PRODUCT_GEMM_SCHEDULE
-    int8_gemm_hopper.USE_SHAPE_PLANS = ("shapeplans" in modifiers
-                                        or (PRODUCT_SHAPE_PLANS and "noshapeplans" not in modifiers))
+    int8_gemm_hopper.TUNE_PLANS = "tunedplans" in modifiers or (PRODUCT_TUNE_PLANS and "untunedplans" not in modifiers)
     sage_attention.HOPPER_KERNEL = ("triton" if "tritonattention" in modifiers else
                                     "cute" if "cuteattention" in modifiers else PRODUCT_HOPPER_ATTENTION)
     sage_attention_hopper.ROW_SUMS_ON_TENSOR_CORES = "mmarowsums" in modifiers or PRODUCT_ROW_SUMS
@@ -696,6 +695,10 @@ def main() -> None:
                   f"{row['tflops']:5.0f} TFLOP/s  host {host_seconds * 1e3:5.1f} ms  peak {peak:5.1f} GiB  "
                   f"vs {args.impls[0]}: max {error:.2e} L2 {l2_error:.2e}",
                   flush=True)
+            if int8_gemm_hopper.TUNE_PLANS:
+                for (_, n, k, rows, products, *_), plan in int8_gemm_hopper.tuned_plans().items():
+                    print(f"    tuned plan N {n} K {k} rows <= {rows} x{products}: {plan[0]}, GROUP_M {plan[1]}",
+                          flush=True)
             if "-compiled" in impl:
                 uncompile(target)
             if lora is not None:
@@ -724,7 +727,7 @@ def main() -> None:
                                                                ("int8+sage8+modtable+compiledae+frozenstats"
                                                                 "+paired+cooperative", int8_model),
                                                                ("int8+sage8+modtable+compiledae+frozenstats"
-                                                                "+paired+shapeplans", int8_model),
+                                                                "+paired+tunedplans", int8_model),
                                                                ("int8+sage8+convertedscores", int8_model))
                 for graphs in ((False, True) if graphs_too or args.e2e else (False,))]
         for label, target, graphs in runs:
@@ -743,7 +746,7 @@ def main() -> None:
                       + ("+unpaired" if "unpaired" in label else "")
                       + ("+paired" if "+paired" in label else "")
                       + ("+cooperative" if "+cooperative" in label else "")
-                      + ("+shapeplans" if "+shapeplans" in label else ""))
+                      + ("+tunedplans" if "+tunedplans" in label else ""))
             if compiled:
                 compile_blocks(target, "ours-compiled")
             seconds = end_to_end(target, cuda_graphs=graphs, batched_modulation="modtable" in label,

@@ -18,8 +18,8 @@ parity cannot tell this lap's arrival from an earlier one (on an H200 that read 
 A paired launch (`launch_pair`) takes two products of the same N and K in one tile list, for the double block's
 text stream, too small to fill the GPU alone (on by default in kontext_kernels/int8_gemm.py, PAIR_STREAMS).
 `SCHEDULES["cooperative"]` has both consumers work on every 128x256 tile at once (64 rows each) against one weight
-stage, for less L2 traffic per multiply-add: slower than ping-pong at most of FLUX's shapes, faster at linear1
-with 16 row blocks a band (`SHAPE_PLANS`, off until timed in the step).
+stage, for less L2 traffic per multiply-add: slower than ping-pong at most of FLUX's shapes, faster at some, by
+card (`PLAN_CANDIDATES`; `TUNE_PLANS` picks among them per shape, off until timed in the step).
 """
 
 from __future__ import annotations
@@ -298,12 +298,29 @@ class Schedule(NamedTuple):
 SCHEDULES = {"pingpong": Schedule(BLOCK_N, BLOCK_M, STAGES, False), "cooperative": Schedule(256, 64, 3, True)}
 SCHEDULE = "pingpong"
 GROUP_M = 8
-# Shapes (N, K) whose own schedule and GROUP_M beat the defaults, used where the caller names neither. The single
-# blocks' linear1 (N 21504, 168 column tiles): cooperative 128x256 tiles walking 16 row blocks a band took 0.763 ms
-# against ping-pong's 0.858 (GROUP_M 8) and cuBLAS fp8's 0.772 on an H200 (bench/RESULTS.md, 2026-12-07, third
-# session); at the other five shapes the defaults were best or within 2%. Off until the step confirms it.
-SHAPE_PLANS: dict[tuple[int, int], tuple[str, int]] = {(21504, 3072): ("cooperative", 16)}
-USE_SHAPE_PLANS = False
+# The plans a plain product may take, (schedule, GROUP_M). Each sums a tile's int32 products in the same order and
+# runs the same epilogue, so all give the same bits (tests/test_int8_gemm_hopper.py); they differ only in the
+# order tiles are taken and how the consumers share them. Which is fastest depends on the shape and the card
+# (bench/RESULTS.md, 2026-12-07, third and fourth sessions): linear1 on an H200 favoured cooperative GROUP_M 16
+# (0.763 against ping-pong's 0.858 ms), on an H100 cooperative GROUP_M 32 (0.791 against 0.839), which there also
+# won at qkv and the MLP's up-projection and lost at the other three shapes.
+PLAN_CANDIDATES: tuple[tuple[str, int], ...] = (("pingpong", 8), ("cooperative", 16), ("cooperative", 32))
+# Whether a plain product whose caller names no plan takes the candidate that ran fastest for its shape on this
+# card, timed at the shape's first launch outside CUDA graph capture and kept for the process (`tuned_plans`).
+# Off until the step confirms it.
+TUNE_PLANS = False
+# Each candidate's time is its best of TUNING_ROUNDS rounds of TUNING_LAUNCHES launches, the candidates
+# interleaved so clock and thermal drift fall on all of them: about 50 ms once per shape at FLUX's sizes.
+TUNING_ROUNDS, TUNING_LAUNCHES = 3, 5
+_tuned_plans: dict[tuple, tuple[str, int]] = {}
+
+
+def tuned_plans() -> dict[tuple, tuple[str, int]]:
+    """The plans chosen so far: (device index, N, K, rows rounded up to a power of two, products in the launch,
+    bias, output dtype) -> (schedule, GROUP_M)."""
+    return dict(_tuned_plans)
+
+
 # Registers: 3 warpgroups (the loader's warp rounds up to one) x 128 threads share 64K; 168 a thread on
 # average lets each consumer have 232 and the loader's group 40.
 _MAXNREG, _CONSUMER_REGISTERS, _LOADER_REGISTERS = 168, 232, 40
@@ -381,37 +398,80 @@ def _kernel_arguments(product: Product, out: torch.Tensor, schedule: Schedule) -
             gate if fused else out, M // gate.shape[0] if fused else 1, gate.stride(0) if fused else 0, M]
 
 
-def _plan(N: int, K: int, gated_residual: bool, group_m: int | None,
-          schedule_name: str | None) -> tuple[int, Schedule]:
-    """GROUP_M and the schedule of a launch: the caller's, else the shape's from SHAPE_PLANS (where on, for plain
-    products), else the defaults; a gated residual always takes ping-pong's epilogue (the cooperative one spills,
-    SCHEDULES' comment)."""
-    if group_m is None and schedule_name is None and USE_SHAPE_PLANS and not gated_residual:
-        schedule_name, group_m = SHAPE_PLANS.get((N, K), (None, None))
+def _plan(gated_residual: bool, group_m: int | None, schedule_name: str | None) -> tuple[int, Schedule]:
+    """GROUP_M and the schedule of a launch from what was asked (None: the defaults); a gated residual always takes
+    ping-pong's epilogue (the cooperative one spills, SCHEDULES' comment)."""
     schedule = SCHEDULES[schedule_name or SCHEDULE]
     if schedule.cooperative and gated_residual:
         schedule = SCHEDULES["pingpong"]
     return GROUP_M if group_m is None else group_m, schedule
 
 
-def _launch(products: list[Product], out_dtype: torch.dtype, stages: int | None, group_m: int | None,
-            schedule_name: str | None) -> list[torch.Tensor]:
+def _tuning_key(products: list[Product], out_dtype: torch.dtype) -> tuple:
     first = products[0]
-    K = first.data.shape[1]
-    N = first.weight.shape[0]
-    group_m, schedule = _plan(N, K, first.residual is not None, group_m, schedule_name)
-    outs = [torch.empty((product.data.shape[0], N), dtype=out_dtype, device=first.data.device)
-            for product in products]
+    rows = sum(product.data.shape[0] for product in products)
+    return (first.data.device.index, *first.weight.shape, 1 << (rows - 1).bit_length(), len(products),
+            first.bias is not None, out_dtype)
+
+
+def _time_launches(run, launches_per_round: int) -> float:
+    """Milliseconds of `launches_per_round` calls of run() on the current stream."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(launches_per_round):
+        run()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def _tuned_plan(products: list[Product], outs: list[torch.Tensor], stages: int | None) -> tuple[str | None,
+                                                                                                int | None]:
+    """The fastest of PLAN_CANDIDATES for these products' shape on this card, timed on the products themselves at
+    the shape's first launch (a plain product only writes its outputs, so running it again changes nothing).
+    During CUDA graph capture nothing can be timed: an untimed shape takes the defaults there."""
+    key = _tuning_key(products, outs[0].dtype)
+    if key not in _tuned_plans:
+        if torch.cuda.is_current_stream_capturing():
+            return None, None
+        runs = {candidate: functools.partial(_run, products, outs, SCHEDULES[candidate[0]], candidate[1], stages)
+                for candidate in PLAN_CANDIDATES}
+        for run in runs.values():  # builds each candidate before any is timed
+            run()
+        best = dict.fromkeys(runs, float("inf"))
+        for _ in range(TUNING_ROUNDS):
+            for candidate, run in runs.items():
+                best[candidate] = min(best[candidate], _time_launches(run, TUNING_LAUNCHES))
+        _tuned_plans[key] = min(best, key=best.__getitem__)
+    return _tuned_plans[key]
+
+
+def _run(products: list[Product], outs: list[torch.Tensor], schedule: Schedule, group_m: int,
+         stages: int | None) -> None:
+    first = products[0]
+    N, K = first.weight.shape[0], first.data.shape[1]
     arguments = [_kernel_arguments(product, out, schedule) for product, out in zip(products, outs)]
-    paired = len(products) == 2
     tiles = sum(cdiv(out.shape[0], BLOCK_M) for out in outs) * cdiv(N, schedule.columns)
     _int8_linear_pingpong_kernel[(min(multiprocessors(first.data.device), tiles),)](
         *arguments[0], *arguments[-1], N, K,
         HAS_BIAS=first.bias is not None, RESIDUAL=first.residual is not None,
         BATCHED=first.gate is not None and first.gate.shape[0] > 1, GROUP_M=group_m,
-        STAGES=stages or schedule.stages, PAIRED=paired, COOPERATIVE=schedule.cooperative,
+        STAGES=stages or schedule.stages, PAIRED=len(products) == 2, COOPERATIVE=schedule.cooperative,
         LOADER_REGISTERS=_LOADER_REGISTERS, CONSUMER_REGISTERS=_CONSUMER_REGISTERS, num_warps=4, maxnreg=_MAXNREG)
     launches["int8_linear_pingpong"] += 1
+
+
+def _launch(products: list[Product], out_dtype: torch.dtype, stages: int | None, group_m: int | None,
+            schedule_name: str | None) -> list[torch.Tensor]:
+    first = products[0]
+    N = first.weight.shape[0]
+    outs = [torch.empty((product.data.shape[0], N), dtype=out_dtype, device=first.data.device)
+            for product in products]
+    gated_residual = first.residual is not None
+    if TUNE_PLANS and group_m is None and schedule_name is None and not gated_residual:
+        schedule_name, group_m = _tuned_plan(products, outs, stages)
+    group_m, schedule = _plan(gated_residual, group_m, schedule_name)
+    _run(products, outs, schedule, group_m, stages)
     return outs
 
 

@@ -230,33 +230,114 @@ def test_a_pair_elsewhere_is_two_products():
         assert torch.equal(out, int8_gemm.int8_linear_reference(*operands, torch.bfloat16))
 
 
-def test_a_shape_plan_applies_only_where_on_and_the_caller_names_nothing(monkeypatch):
-    # Pure lookup, no GPU: the caller's GROUP_M or schedule wins, then the shape's plan (when on, for a plain
-    # product), then the defaults; a gated residual never takes the cooperative epilogue.
+def test_a_plan_asked_for_wins_and_a_gated_residual_keeps_ping_pong():
     hopper = int8_gemm_hopper
-    monkeypatch.setattr(hopper, "SHAPE_PLANS", {(512, 256): ("cooperative", 16)})
     defaults = (hopper.GROUP_M, hopper.SCHEDULES[hopper.SCHEDULE])
     cooperative, pingpong = hopper.SCHEDULES["cooperative"], hopper.SCHEDULES["pingpong"]
-    monkeypatch.setattr(hopper, "USE_SHAPE_PLANS", False)
-    assert hopper._plan(512, 256, False, None, None) == defaults
-    monkeypatch.setattr(hopper, "USE_SHAPE_PLANS", True)
-    assert hopper._plan(512, 256, False, None, None) == (16, cooperative)
-    assert hopper._plan(512, 384, False, None, None) == defaults
-    assert hopper._plan(512, 256, True, None, None) == defaults
-    assert hopper._plan(512, 256, False, 4, None) == (4, hopper.SCHEDULES[hopper.SCHEDULE])
-    assert hopper._plan(512, 256, False, None, "pingpong") == (hopper.GROUP_M, pingpong)
-    assert hopper._plan(512, 256, True, None, "cooperative") == (hopper.GROUP_M, pingpong)
+    assert hopper._plan(False, None, None) == defaults
+    assert hopper._plan(False, 4, None) == (4, hopper.SCHEDULES[hopper.SCHEDULE])
+    assert hopper._plan(False, 0, "cooperative") == (0, cooperative)  # GROUP_M 0 is asked for, not unset
+    assert hopper._plan(True, None, "cooperative") == (hopper.GROUP_M, pingpong)
+
+
+class _TimedCandidates:
+    """Stands in for the GPU: each candidate's launches take the given milliseconds a round (after any slower
+    first rounds), and every launch is logged."""
+
+    def __init__(self, monkeypatch, per_round: dict, first_rounds: dict | None = None):
+        self.per_round, self.first_rounds, self.launched, self.capturing = per_round, first_rounds or {}, [], False
+        hopper = int8_gemm_hopper
+        monkeypatch.setattr(hopper, "_run", lambda products, outs, schedule, group_m, stages:
+                            self.launched.append((schedule, group_m)))
+        monkeypatch.setattr(hopper, "_time_launches", self._time)
+        monkeypatch.setattr(hopper, "_tuned_plans", {})
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: self.capturing)
+
+    def _time(self, run, launches_per_round):
+        schedule_name, group_m = run.args[2:4]
+        candidate = (next(name for name, plan in int8_gemm_hopper.SCHEDULES.items() if plan is schedule_name), group_m)
+        pending = self.first_rounds.get(candidate, [])
+        return pending.pop(0) if pending else self.per_round[candidate]
+
+
+def _plain_products(M: int, N: int, K: int, bias: bool = True, count: int = 1):
+    torch.manual_seed(11)
+    data, scale, weight, weight_scale = _operands(M, N, K, "cpu")
+    product = int8_gemm_hopper.Product(data, scale, weight, weight_scale, torch.randn(N) if bias else None)
+    return [product] * count
+
+
+def test_tuning_takes_the_fastest_candidate_once_per_shape(monkeypatch):
+    hopper = int8_gemm_hopper
+    monkeypatch.setattr(hopper, "TUNE_PLANS", True)
+    pingpong, cooperative16, cooperative32 = hopper.PLAN_CANDIDATES
+    # cooperative 32 is slowest in its first round (drift), fastest in its best: the best round decides.
+    fake = _TimedCandidates(monkeypatch, {pingpong: 4.0, cooperative16: 4.2, cooperative32: 3.9},
+                            first_rounds={cooperative32: [9.0]})
+    hopper._launch(_plain_products(300, 64, 96), torch.bfloat16, None, None, None)
+    chosen = (hopper.SCHEDULES["cooperative"], 32)
+    expected_launches = len(hopper.PLAN_CANDIDATES) + 1  # each candidate built once, then the chosen one
+    assert len(fake.launched) == expected_launches and fake.launched[-1] == chosen
+    assert list(hopper.tuned_plans().values()) == [cooperative32]
+    # The same shape bucket again (300 and 400 rows both round up to 512): no timing, the kept plan.
+    hopper._launch(_plain_products(400, 64, 96), torch.bfloat16, None, None, None)
+    assert len(fake.launched) == expected_launches + 1 and fake.launched[-1] == chosen
+    # Another bucket, another K, no bias, or a paired launch: a shape of its own, timed again.
+    for products in (_plain_products(600, 64, 96), _plain_products(300, 64, 128), _plain_products(300, 64, 96, False),
+                     _plain_products(300, 64, 96, count=2)):
+        hopper._launch(products, torch.bfloat16, None, None, None)
+    assert len(hopper.tuned_plans()) == 5
+
+
+def test_tuning_stands_aside_when_asked_off_named_gated_or_captured(monkeypatch):
+    hopper = int8_gemm_hopper
+    pingpong, cooperative16, _ = hopper.PLAN_CANDIDATES
+    fake = _TimedCandidates(monkeypatch, dict.fromkeys(hopper.PLAN_CANDIDATES, 1.0) | {cooperative16: 0.5})
+    defaults = (hopper.SCHEDULES[hopper.SCHEDULE], hopper.GROUP_M)
+    monkeypatch.setattr(hopper, "TUNE_PLANS", False)
+    hopper._launch(_plain_products(300, 64, 96), torch.bfloat16, None, None, None)
+    assert fake.launched == [defaults]
+    monkeypatch.setattr(hopper, "TUNE_PLANS", True)
+    fake.launched.clear()
+    hopper._launch(_plain_products(300, 64, 96), torch.bfloat16, None, 4, None)  # the caller's GROUP_M
+    hopper._launch(_plain_products(300, 64, 96), torch.bfloat16, None, None, "pingpong")  # the caller's schedule
+    assert fake.launched == [(hopper.SCHEDULES[hopper.SCHEDULE], 4), (hopper.SCHEDULES["pingpong"], hopper.GROUP_M)]
+    fake.launched.clear()
+    data, scale, weight, weight_scale = _operands(256, 64, 96, "cpu")
+    gated = hopper.Product(data, scale, weight, weight_scale, None, torch.randn(256, 64), torch.randn(1, 64))
+    hopper._launch([gated], torch.bfloat16, None, None, None)
+    assert fake.launched == [(hopper.SCHEDULES["pingpong"], hopper.GROUP_M)]
+    # In CUDA graph capture an untimed shape takes the defaults and stays untimed; a timed one keeps its plan.
+    fake.launched.clear()
+    fake.capturing = True
+    hopper._launch(_plain_products(300, 64, 96), torch.bfloat16, None, None, None)
+    assert fake.launched == [defaults] and not hopper.tuned_plans()
+    fake.capturing = False
+    hopper._launch(_plain_products(300, 64, 96), torch.bfloat16, None, None, None)
+    fake.capturing = True
+    hopper._launch(_plain_products(300, 64, 96), torch.bfloat16, None, None, None)
+    assert fake.launched[-1] == (hopper.SCHEDULES["cooperative"], 16)
+    assert list(hopper.tuned_plans().values()) == [cooperative16]
 
 
 @hopper_gpu
-def test_the_linear1_shape_plan_gives_the_default_launchs_product(monkeypatch):
-    # Another schedule and tile order, the same int32 sums and epilogue: equal bit for bit.
-    N, K = next(iter(int8_gemm_hopper.SHAPE_PLANS))
+@pytest.mark.parametrize("paired", [False, True], ids=["one", "paired"])
+def test_every_plan_candidate_and_the_tuned_launch_give_the_default_launchs_product(monkeypatch, paired):
+    # Another schedule and tile order, the same int32 sums and epilogue: equal bit for bit, at linear1's shape.
+    hopper = int8_gemm_hopper
+    N, K = 21504, 3072
     torch.manual_seed(7)
     data, scale, weight, weight_scale = _operands(1000, N, K, "cuda")
     bias = torch.randn(N, device="cuda", dtype=torch.bfloat16)
-    monkeypatch.setattr(int8_gemm_hopper, "USE_SHAPE_PLANS", False)
-    default = int8_gemm_hopper.launch(data, scale, weight, weight_scale, bias, torch.bfloat16)
-    monkeypatch.setattr(int8_gemm_hopper, "USE_SHAPE_PLANS", True)
-    planned = int8_gemm_hopper.launch(data, scale, weight, weight_scale, bias, torch.bfloat16)
-    assert torch.equal(planned, default)
+    first = hopper.Product(data, scale, weight, weight_scale, bias)
+    products = [first, hopper.Product(data[:300], scale[:300], weight, weight_scale, bias)][:1 + paired]
+    monkeypatch.setattr(hopper, "TUNE_PLANS", False)
+    default = hopper._launch(products, torch.bfloat16, None, None, None)
+    for name, group_m in hopper.PLAN_CANDIDATES:
+        planned = hopper._launch(products, torch.bfloat16, None, group_m, name)
+        assert all(torch.equal(a, b) for a, b in zip(planned, default)), (name, group_m)
+    monkeypatch.setattr(hopper, "TUNE_PLANS", True)
+    monkeypatch.setattr(hopper, "_tuned_plans", {})
+    tuned = hopper._launch(products, torch.bfloat16, None, None, None)
+    assert all(torch.equal(a, b) for a, b in zip(tuned, default))
+    assert list(hopper.tuned_plans().values())[0] in hopper.PLAN_CANDIDATES
