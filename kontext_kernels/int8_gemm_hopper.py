@@ -425,8 +425,7 @@ def _time_launches(run, launches_per_round: int) -> float:
     return start.elapsed_time(end)
 
 
-def _tuned_plan(products: list[Product], outs: list[torch.Tensor], stages: int | None) -> tuple[str | None,
-                                                                                                int | None]:
+def _tuned_plan(products: list[Product], outs: list[torch.Tensor]) -> tuple[str | None, int | None]:
     """The fastest of PLAN_CANDIDATES for these products' shape on this card, timed on the products themselves at
     the shape's first launch (a plain product only writes its outputs, so running it again changes nothing).
     During CUDA graph capture nothing can be timed: an untimed shape takes the defaults there."""
@@ -434,14 +433,15 @@ def _tuned_plan(products: list[Product], outs: list[torch.Tensor], stages: int |
     if key not in _tuned_plans:
         if torch.cuda.is_current_stream_capturing():
             return None, None
-        runs = {candidate: functools.partial(_run, products, outs, SCHEDULES[candidate[0]], candidate[1], stages)
+        runs = {candidate: functools.partial(_run, products, outs, SCHEDULES[candidate[0]], candidate[1], None)
                 for candidate in PLAN_CANDIDATES}
-        for run in runs.values():  # builds each candidate before any is timed
-            run()
-        best = dict.fromkeys(runs, float("inf"))
-        for _ in range(TUNING_ROUNDS):
-            for candidate, run in runs.items():
-                best[candidate] = min(best[candidate], _time_launches(run, TUNING_LAUNCHES))
+        with torch.cuda.device(outs[0].device):  # the events on the products' card, whichever is current
+            for run in runs.values():  # builds each candidate before any is timed
+                run()
+            best = dict.fromkeys(runs, float("inf"))
+            for _ in range(TUNING_ROUNDS):
+                for candidate, run in runs.items():
+                    best[candidate] = min(best[candidate], _time_launches(run, TUNING_LAUNCHES))
         _tuned_plans[key] = min(best, key=best.__getitem__)
     return _tuned_plans[key]
 
@@ -468,8 +468,10 @@ def _launch(products: list[Product], out_dtype: torch.dtype, stages: int | None,
     outs = [torch.empty((product.data.shape[0], N), dtype=out_dtype, device=first.data.device)
             for product in products]
     gated_residual = first.residual is not None
-    if TUNE_PLANS and group_m is None and schedule_name is None and not gated_residual:
-        schedule_name, group_m = _tuned_plan(products, outs, stages)
+    # A caller's stages, GROUP_M or schedule is a plan of its own (a ring deeper than the cooperative one's 3
+    # stages would not fit its shared memory).
+    if TUNE_PLANS and stages is None and group_m is None and schedule_name is None and not gated_residual:
+        schedule_name, group_m = _tuned_plan(products, outs)
     group_m, schedule = _plan(gated_residual, group_m, schedule_name)
     _run(products, outs, schedule, group_m, stages)
     return outs

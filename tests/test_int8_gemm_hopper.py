@@ -10,6 +10,7 @@ rounding to 16 bits is ~2e-3).
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 import pytest
@@ -252,6 +253,7 @@ class _TimedCandidates:
         monkeypatch.setattr(hopper, "_time_launches", self._time)
         monkeypatch.setattr(hopper, "_tuned_plans", {})
         monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: self.capturing)
+        monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
 
     def _time(self, run, launches_per_round):
         schedule_name, group_m = run.args[2:4]
@@ -301,7 +303,9 @@ def test_tuning_stands_aside_when_asked_off_named_gated_or_captured(monkeypatch)
     fake.launched.clear()
     hopper._launch(_plain_products(300, 64, 96), torch.bfloat16, None, 4, None)  # the caller's GROUP_M
     hopper._launch(_plain_products(300, 64, 96), torch.bfloat16, None, None, "pingpong")  # the caller's schedule
-    assert fake.launched == [(hopper.SCHEDULES[hopper.SCHEDULE], 4), (hopper.SCHEDULES["pingpong"], hopper.GROUP_M)]
+    hopper._launch(_plain_products(300, 64, 96), torch.bfloat16, 5, None, None)  # the caller's ring depth
+    assert fake.launched == [(hopper.SCHEDULES[hopper.SCHEDULE], 4), (hopper.SCHEDULES["pingpong"], hopper.GROUP_M),
+                             defaults]
     fake.launched.clear()
     data, scale, weight, weight_scale = _operands(256, 64, 96, "cpu")
     gated = hopper.Product(data, scale, weight, weight_scale, None, torch.randn(256, 64), torch.randn(1, 64))
