@@ -31,7 +31,7 @@ import torch
 
 from .gluon_hopper import (TensorDescriptor, fence_async_shared, gl, gluon, gluon_available,  # noqa: F401
                            gluon_ready, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
-from .runtime import cdiv, launches, multiprocessors
+from .runtime import cdiv, launches, multiprocessors, next_power_of_2
 
 
 @gluon.jit
@@ -408,9 +408,11 @@ def _plan(gated_residual: bool, group_m: int | None, schedule_name: str | None) 
 
 
 def _tuning_key(products: list[Product], out_dtype: torch.dtype) -> tuple:
+    # Rows in the power-of-two buckets of the Triton GEMM's autotuning (int8_gemm._row_bucket): a new resolution
+    # reuses its bucket's plan.
     first = products[0]
     rows = sum(product.data.shape[0] for product in products)
-    return (first.data.device.index, *first.weight.shape, 1 << (rows - 1).bit_length(), len(products),
+    return (first.data.device.index, *first.weight.shape, next_power_of_2(rows), len(products),
             first.bias is not None, out_dtype)
 
 

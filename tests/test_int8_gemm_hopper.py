@@ -256,8 +256,8 @@ class _TimedCandidates:
         monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
 
     def _time(self, run, launches_per_round):
-        schedule_name, group_m = run.args[2:4]
-        candidate = (next(name for name, plan in int8_gemm_hopper.SCHEDULES.items() if plan is schedule_name), group_m)
+        schedule, group_m = run.args[2:4]
+        candidate = (next(name for name, plan in int8_gemm_hopper.SCHEDULES.items() if plan is schedule), group_m)
         pending = self.first_rounds.get(candidate, [])
         return pending.pop(0) if pending else self.per_round[candidate]
 
