@@ -25,6 +25,7 @@ card (`PLAN_CANDIDATES`; `TUNE_PLANS` picks among them per shape).
 from __future__ import annotations
 
 import functools
+import statistics
 from typing import NamedTuple
 
 import torch
@@ -310,16 +311,24 @@ PLAN_CANDIDATES: tuple[tuple[str, int], ...] = (("pingpong", 8), ("cooperative",
 # The fast step on an H100: 173.7 ms tuned against 177.0 and 178.2 untuned, equal bit for bit (bench/RESULTS.md,
 # 2026-12-07, fifth session).
 TUNE_PLANS = True
-# Each candidate's time is its best of TUNING_ROUNDS rounds of TUNING_LAUNCHES launches, the candidates
-# interleaved so clock and thermal drift fall on all of them: about 50 ms once per shape at FLUX's sizes.
-TUNING_ROUNDS, TUNING_LAUNCHES = 3, 5
+# Each candidate's time is the median of TUNING_LAUNCHES launches, the candidates taking turns launch by launch
+# after TUNING_WARMUP turns untimed: clock and power drift then fall on all alike. (Best-of-rounds timing, each
+# candidate's launches back to back, once chose ping-pong for linear1 on an H100 where the cooperative plan is 8%
+# faster: bench/RESULTS.md, 2026-12-07, fifth session.) About 50 ms once per shape at FLUX's sizes.
+TUNING_WARMUP, TUNING_LAUNCHES = 3, 15
 _tuned_plans: dict[tuple, tuple[str, int]] = {}
+_tuning_times: dict[tuple, dict[tuple[str, int], float]] = {}
 
 
 def tuned_plans() -> dict[tuple, tuple[str, int]]:
     """The plans chosen so far: (device index, N, K, rows rounded up to a power of two, products in the launch,
     bias, output dtype) -> (schedule, GROUP_M)."""
     return dict(_tuned_plans)
+
+
+def tuning_times() -> dict[tuple, dict[tuple[str, int], float]]:
+    """Each tuned shape's candidates with their median milliseconds a launch, keyed as `tuned_plans`."""
+    return {key: dict(times) for key, times in _tuning_times.items()}
 
 
 # Registers: 3 warpgroups (the loader's warp rounds up to one) x 128 threads share 64K; 168 a thread on
@@ -417,15 +426,20 @@ def _tuning_key(products: list[Product], out_dtype: torch.dtype) -> tuple:
             first.bias is not None, out_dtype)
 
 
-def _time_launches(run, launches_per_round: int) -> float:
-    """Milliseconds of `launches_per_round` calls of run() on the current stream."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(launches_per_round):
-        run()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end)
+def _launch_times(runs: list, turns: int) -> list[list[float]]:
+    """Milliseconds of each launch of every run over `turns` turns, the runs taking turns launch by launch (the
+    order rotated each turn), on the current stream."""
+    events = [[(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(turns)]
+              for _ in runs]
+    for turn in range(turns):
+        for offset in range(len(runs)):
+            index = (turn + offset) % len(runs)
+            start, end = events[index][turn]
+            start.record()
+            runs[index]()
+            end.record()
+    torch.cuda.current_stream().synchronize()
+    return [[start.elapsed_time(end) for start, end in run_events] for run_events in events]
 
 
 def _tuned_plan(products: list[Product], outs: list[torch.Tensor]) -> tuple[str | None, int | None]:
@@ -436,16 +450,16 @@ def _tuned_plan(products: list[Product], outs: list[torch.Tensor]) -> tuple[str 
     if key not in _tuned_plans:
         if torch.cuda.is_current_stream_capturing():
             return None, None
-        runs = {candidate: functools.partial(_run, products, outs, SCHEDULES[candidate[0]], candidate[1], None)
-                for candidate in PLAN_CANDIDATES}
+        runs = [functools.partial(_run, products, outs, SCHEDULES[name], group_m, None)
+                for name, group_m in PLAN_CANDIDATES]
         with torch.cuda.device(outs[0].device):  # the events on the products' card, whichever is current
-            for run in runs.values():  # builds each candidate before any is timed
+            for run in runs:  # builds each candidate before any is timed
                 run()
-            best = dict.fromkeys(runs, float("inf"))
-            for _ in range(TUNING_ROUNDS):
-                for candidate, run in runs.items():
-                    best[candidate] = min(best[candidate], _time_launches(run, TUNING_LAUNCHES))
-        _tuned_plans[key] = min(best, key=best.__getitem__)
+            _launch_times(runs, TUNING_WARMUP)
+            times = _launch_times(runs, TUNING_LAUNCHES)
+        medians = {candidate: statistics.median(run_times) for candidate, run_times in zip(PLAN_CANDIDATES, times)}
+        _tuning_times[key] = medians
+        _tuned_plans[key] = min(medians, key=medians.__getitem__)
     return _tuned_plans[key]
 
 

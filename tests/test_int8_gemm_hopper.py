@@ -242,24 +242,30 @@ def test_a_plan_asked_for_wins_and_a_gated_residual_keeps_ping_pong():
 
 
 class _TimedCandidates:
-    """Stands in for the GPU: each candidate's launches take the given milliseconds a round (after any slower
-    first rounds), and every launch is logged."""
+    """Stands in for the GPU: each candidate's launches take the given milliseconds, but for any slower ones
+    given first (drift, outliers); every launch outside the timing is logged."""
 
-    def __init__(self, monkeypatch, per_round: dict, first_rounds: dict | None = None):
-        self.per_round, self.first_rounds, self.launched, self.capturing = per_round, first_rounds or {}, [], False
+    def __init__(self, monkeypatch, per_launch: dict, first_launches: dict | None = None):
+        self.per_launch, self.first_launches, self.launched, self.capturing = per_launch, first_launches or {}, [], False
+        self.timed_turns = []
         hopper = int8_gemm_hopper
         monkeypatch.setattr(hopper, "_run", lambda products, outs, schedule, group_m, stages:
                             self.launched.append((schedule, group_m)))
-        monkeypatch.setattr(hopper, "_time_launches", self._time)
+        monkeypatch.setattr(hopper, "_launch_times", self._times)
         monkeypatch.setattr(hopper, "_tuned_plans", {})
+        monkeypatch.setattr(hopper, "_tuning_times", {})
         monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: self.capturing)
         monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
 
-    def _time(self, run, launches_per_round):
-        schedule, group_m = run.args[2:4]
-        candidate = (next(name for name, plan in int8_gemm_hopper.SCHEDULES.items() if plan is schedule), group_m)
-        pending = self.first_rounds.get(candidate, [])
-        return pending.pop(0) if pending else self.per_round[candidate]
+    def _times(self, runs, turns):
+        self.timed_turns.append(turns)
+        times = []
+        for run in runs:
+            schedule, group_m = run.args[2:4]
+            candidate = (next(name for name, plan in int8_gemm_hopper.SCHEDULES.items() if plan is schedule), group_m)
+            slow = self.first_launches.get(candidate, [])[:turns]
+            times.append(slow + [self.per_launch[candidate]] * (turns - len(slow)))
+        return times
 
 
 def _plain_products(M: int, N: int, K: int, bias: bool = True, count: int = 1):
@@ -273,22 +279,29 @@ def test_tuning_takes_the_fastest_candidate_once_per_shape(monkeypatch):
     hopper = int8_gemm_hopper
     monkeypatch.setattr(hopper, "TUNE_PLANS", True)
     pingpong, cooperative16, cooperative32 = hopper.PLAN_CANDIDATES
-    # cooperative 32 is slowest in its first round (drift), fastest in its best: the best round decides.
+    # cooperative 32 is slow in some launches (drift, outliers), the fastest in most: the median decides.
+    outliers = [9.0] * (hopper.TUNING_LAUNCHES // 2)
     fake = _TimedCandidates(monkeypatch, {pingpong: 4.0, cooperative16: 4.2, cooperative32: 3.9},
-                            first_rounds={cooperative32: [9.0]})
+                            first_launches={cooperative32: outliers})
     hopper._launch(_plain_products(300, 64, 96), torch.bfloat16, None, None, None)
     chosen = (hopper.SCHEDULES["cooperative"], 32)
     expected_launches = len(hopper.PLAN_CANDIDATES) + 1  # each candidate built once, then the chosen one
     assert len(fake.launched) == expected_launches and fake.launched[-1] == chosen
+    assert fake.timed_turns == [hopper.TUNING_WARMUP, hopper.TUNING_LAUNCHES]
     assert list(hopper.tuned_plans().values()) == [cooperative32]
+    assert list(hopper.tuning_times().values()) == [{pingpong: 4.0, cooperative16: 4.2, cooperative32: 3.9}]
+    # Slow in most launches: the median is slow, and ping-pong wins that shape.
+    fake.first_launches = {cooperative32: outliers + [9.0]}
+    hopper._launch(_plain_products(300, 64, 160), torch.bfloat16, None, None, None)
+    assert fake.launched[-1] == (hopper.SCHEDULES["pingpong"], 8)
     # The same shape bucket again (300 and 400 rows both round up to 512): no timing, the kept plan.
     hopper._launch(_plain_products(400, 64, 96), torch.bfloat16, None, None, None)
-    assert len(fake.launched) == expected_launches + 1 and fake.launched[-1] == chosen
+    assert len(fake.launched) == 2 * expected_launches + 1 and fake.launched[-1] == chosen
     # Another bucket, another K, no bias, or a paired launch: a shape of its own, timed again.
     for products in (_plain_products(600, 64, 96), _plain_products(300, 64, 128), _plain_products(300, 64, 96, False),
                      _plain_products(300, 64, 96, count=2)):
         hopper._launch(products, torch.bfloat16, None, None, None)
-    assert len(hopper.tuned_plans()) == 5
+    assert len(hopper.tuned_plans()) == 6
 
 
 def test_tuning_stands_aside_when_asked_off_named_gated_or_captured(monkeypatch):
