@@ -9,7 +9,8 @@
 #      (unless E2E=0);
 #   4. while the call is under 400 s, the six GEMM shapes' schedules beside cuBLAS's fp8 GEMM
 #      (bench/int8_probe.py --pingpong; PROBE=0 skips it).
-# Usage (from the repository root, on the device): OUT=$OUT [E2E=0] [PROBE=0] bash bench/tuned_plans_on_device.sh
+# Usage (from the repository root, on the device):
+#   OUT=$OUT [E2E=0] [PROBE=0] [TESTS_K=<pytest -k expression>] bash bench/tuned_plans_on_device.sh
 set -u
 OUT=${OUT:-/tmp/tuned_plans_out}
 mkdir -p "$OUT"
@@ -20,7 +21,7 @@ timeout 240 python3 bench/bench_step.py --no-check --workloads edit \
     --impls "$FAST" "$FAST+untunedplans" "$FAST" > "$OUT/step.txt" 2>&1
 grep -E "ms .*floor|tuned plan" "$OUT/step.txt"
 # The offline sm_90 builds are CI's (and take most of the file's time): here the launches only.
-timeout 170 python3 -m pytest -q tests/test_int8_gemm_hopper.py tests/test_cuda_graph.py -k "not builds" 2>&1 | tail -4
+timeout 170 python3 -m pytest -q tests/test_int8_gemm_hopper.py tests/test_cuda_graph.py -k "${TESTS_K:-not builds}" 2>&1 | tail -4
 if [ "${E2E:-1}" = 1 ] && [ "$SECONDS" -lt 330 ]; then
     E=int8+sage8+modtable+compiledae+frozenstats
     timeout 240 python3 bench/bench_step.py --no-check --workloads edit --impls "$FAST" \
