@@ -308,7 +308,7 @@ GROUP_M = 8
 PLAN_CANDIDATES: tuple[tuple[str, int], ...] = (("pingpong", 8), ("cooperative", 16), ("cooperative", 32))
 # Whether a plain product whose caller names no plan takes the candidate that ran fastest for its shape on this
 # card, timed at the shape's first launch outside CUDA graph capture and kept for the process (`tuned_plans`).
-# The fast step on an H100: 173.7 ms tuned against 177.0 and 178.2 untuned, equal bit for bit (bench/RESULTS.md,
+# The fast step on an H100: 173.6 and 175.5 ms tuned against 178.5 untuned, equal bit for bit (bench/RESULTS.md,
 # 2026-12-07, fifth session).
 TUNE_PLANS = True
 # Each candidate's time is the median of TUNING_LAUNCHES launches, the candidates taking turns launch by launch

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import types
 
 import pytest
 import torch
@@ -246,8 +247,8 @@ class _TimedCandidates:
     given first (drift, outliers); every launch outside the timing is logged."""
 
     def __init__(self, monkeypatch, per_launch: dict, first_launches: dict | None = None):
-        self.per_launch, self.first_launches, self.launched, self.capturing = per_launch, first_launches or {}, [], False
-        self.timed_turns = []
+        self.per_launch, self.first_launches = per_launch, first_launches or {}
+        self.launched, self.timed_turns, self.capturing = [], [], False
         hopper = int8_gemm_hopper
         monkeypatch.setattr(hopper, "_run", lambda products, outs, schedule, group_m, stages:
                             self.launched.append((schedule, group_m)))
@@ -266,6 +267,38 @@ class _TimedCandidates:
             slow = self.first_launches.get(candidate, [])[:turns]
             times.append(slow + [self.per_launch[candidate]] * (turns - len(slow)))
         return times
+
+
+def test_launch_times_take_turns_in_rotated_order_and_time_each_launch(monkeypatch):
+    # Stand-in events on a clock that each launch advances by its run's duration: every run launches once a turn,
+    # the first of each turn rotating, and each launch's time comes back under its own run.
+    log, clock = [], [0.0]
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            self.at = None
+
+        def record(self):
+            self.at = clock[0]
+
+        def elapsed_time(self, end):
+            return end.at - self.at
+
+    durations = {"a": 1.0, "b": 2.0, "c": 4.0}
+
+    def launcher(name):
+        def run():
+            log.append(name)
+            clock[0] += durations[name] + len(log) / 1000  # drift: each launch a little slower than the last
+        return run
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: types.SimpleNamespace(synchronize=lambda: None))
+    times = int8_gemm_hopper._launch_times([launcher(name) for name in "abc"], 3)
+    assert log == list("abc" "bca" "cab")
+    for name, run_times in zip("abc", times):
+        positions = [index + 1 for index, launched in enumerate(log) if launched == name]
+        assert run_times == pytest.approx([durations[name] + position / 1000 for position in positions])
 
 
 def _plain_products(M: int, N: int, K: int, bias: bool = True, count: int = 1):
