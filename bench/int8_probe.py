@@ -152,7 +152,7 @@ def pingpong() -> None:
             candidates[f"int8 Gluon ping-pong, {stages} stages, GROUP_M {group_m}"] = (
                 lambda stages=stages, group_m=group_m: int8_gemm_hopper.launch(
                     data, scale, w_data, w_scale, bias, torch.bfloat16, stages=stages, group_m=group_m))
-        for stages, group_m in ((3, 8), (3, 16), (3, 32)):
+        for stages, group_m in ((3, 8), (3, 16), (3, 32), (3, 64)):
             candidates[f"int8 Gluon cooperative 128x256, {stages} stages, GROUP_M {group_m}"] = (
                 lambda stages=stages, group_m=group_m: int8_gemm_hopper.launch(
                     data, scale, w_data, w_scale, bias, torch.bfloat16, stages=stages, group_m=group_m,
