@@ -699,11 +699,14 @@ def main() -> None:
                   f"vs {args.impls[0]}: max {error:.2e} L2 {l2_error:.2e}",
                   flush=True)
             if int8_gemm_hopper.TUNE_PLANS:
+                def named(plan) -> str:
+                    return f"{plan.schedule} GM {plan.group_m}" + (f" {plan.stages} stages" if plan.stages else "")
+
                 times = int8_gemm_hopper.tuning_times()
                 for key, plan in int8_gemm_hopper.tuned_plans().items():
                     _, n, k, rows, products, *_ = key
-                    medians = ", ".join(f"{name} {group_m} {ms:.3f}" for (name, group_m), ms in times[key].items())
-                    print(f"    tuned plan N {n} K {k} rows <= {rows} x{products}: {plan[0]}, GROUP_M {plan[1]} "
+                    medians = ", ".join(f"{named(candidate)} {ms:.3f}" for candidate, ms in times[key].items())
+                    print(f"    tuned plan N {n} K {k} rows <= {rows} x{products}: {named(plan)} "
                           f"(median ms: {medians})", flush=True)
             if "-compiled" in impl:
                 uncompile(target)

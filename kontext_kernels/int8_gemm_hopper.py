@@ -299,13 +299,25 @@ class Schedule(NamedTuple):
 SCHEDULES = {"pingpong": Schedule(BLOCK_N, BLOCK_M, STAGES, False), "cooperative": Schedule(256, 64, 3, True)}
 SCHEDULE = "pingpong"
 GROUP_M = 8
-# The plans a plain product may take, (schedule, GROUP_M). Each sums a tile's int32 products in the same order and
-# runs the same epilogue, so all give the same bits (tests/test_int8_gemm_hopper.py); they differ only in the
-# order tiles are taken and how the consumers share them. Which is fastest depends on the shape and the card
-# (bench/RESULTS.md, 2026-12-07, third and fourth sessions): linear1 on an H200 favoured cooperative GROUP_M 16
-# (0.763 against ping-pong's 0.858 ms), on an H100 cooperative GROUP_M 32 (0.791 against 0.839), which there also
-# won at qkv and the MLP's up-projection and lost at the other three shapes.
-PLAN_CANDIDATES: tuple[tuple[str, int], ...] = (("pingpong", 8), ("cooperative", 16), ("cooperative", 32))
+
+
+class Plan(NamedTuple):
+    """A launch's schedule (a SCHEDULES name), GROUP_M, and ring depth (None: the schedule's own)."""
+
+    schedule: str
+    group_m: int
+    stages: int | None = None
+
+
+# The plans a plain product may take. Each sums a tile's int32 products in the same order and runs the same
+# epilogue, so all give the same bits (tests/test_int8_gemm_hopper.py); they differ only in the order tiles are
+# taken, how the consumers share them and how far the loader runs ahead. Which is fastest depends on the shape and
+# the card (bench/RESULTS.md, 2026-12-07, third to fifth sessions): linear1 on an H200 favoured cooperative GROUP_M
+# 16 (0.763 against ping-pong's 0.858 ms), on an H100 cooperative GROUP_M 32 (0.758 against 0.814 in the tuning),
+# which there also won at qkv and the MLP's up-projection; on an H200 ping-pong with a 5-stage ring was 4% faster
+# at qkv (0.320 against 0.333 ms), on an H100 not.
+PLAN_CANDIDATES: tuple[Plan, ...] = (Plan("pingpong", 8), Plan("pingpong", 8, 5), Plan("cooperative", 16),
+                                     Plan("cooperative", 32))
 # Whether a plain product whose caller names no plan takes the candidate that ran fastest for its shape on this
 # card, timed at the shape's first launch outside CUDA graph capture and kept for the process (`tuned_plans`).
 # The fast step on an H100: 173.6 and 175.5 ms tuned against 178.5 untuned, equal bit for bit (bench/RESULTS.md,
@@ -314,19 +326,19 @@ TUNE_PLANS = True
 # Each candidate's time is the median of TUNING_LAUNCHES launches, the candidates taking turns launch by launch
 # after TUNING_WARMUP turns untimed: clock and power drift then fall on all alike. (Best-of-rounds timing, each
 # candidate's launches back to back, once chose ping-pong for linear1 on an H100 where the cooperative plan is 8%
-# faster: bench/RESULTS.md, 2026-12-07, fifth session.) About 50 ms once per shape at FLUX's sizes.
+# faster: bench/RESULTS.md, 2026-12-07, fifth session.) Up to about 60 ms once per shape at FLUX's sizes.
 TUNING_WARMUP, TUNING_LAUNCHES = 3, 15
-_tuned_plans: dict[tuple, tuple[str, int]] = {}
-_tuning_times: dict[tuple, dict[tuple[str, int], float]] = {}
+_tuned_plans: dict[tuple, Plan] = {}
+_tuning_times: dict[tuple, dict[Plan, float]] = {}
 
 
-def tuned_plans() -> dict[tuple, tuple[str, int]]:
+def tuned_plans() -> dict[tuple, Plan]:
     """The plans chosen so far: (device index, N, K, rows rounded up to a power of two, products in the launch,
-    bias, output dtype) -> (schedule, GROUP_M)."""
+    bias, output dtype) -> Plan."""
     return dict(_tuned_plans)
 
 
-def tuning_times() -> dict[tuple, dict[tuple[str, int], float]]:
+def tuning_times() -> dict[tuple, dict[Plan, float]]:
     """Each tuned shape's candidates with their median milliseconds a launch, keyed as `tuned_plans`."""
     return {key: dict(times) for key, times in _tuning_times.items()}
 
@@ -442,16 +454,16 @@ def _launch_times(runs: list, turns: int) -> list[list[float]]:
     return [[start.elapsed_time(end) for start, end in run_events] for run_events in events]
 
 
-def _tuned_plan(products: list[Product], outs: list[torch.Tensor]) -> tuple[str | None, int | None]:
+def _tuned_plan(products: list[Product], outs: list[torch.Tensor]) -> Plan | None:
     """The fastest of PLAN_CANDIDATES for these products' shape on this card, timed on the products themselves at
     the shape's first launch (a plain product only writes its outputs, so running it again changes nothing).
-    During CUDA graph capture nothing can be timed: an untimed shape takes the defaults there."""
+    During CUDA graph capture nothing can be timed: an untimed shape takes the defaults there (None)."""
     key = _tuning_key(products, outs[0].dtype)
     if key not in _tuned_plans:
         if torch.cuda.is_current_stream_capturing():
-            return None, None
-        runs = [functools.partial(_run, products, outs, SCHEDULES[name], group_m, None)
-                for name, group_m in PLAN_CANDIDATES]
+            return None
+        runs = [functools.partial(_run, products, outs, SCHEDULES[plan.schedule], plan.group_m, plan.stages)
+                for plan in PLAN_CANDIDATES]
         with torch.cuda.device(outs[0].device):  # the events on the products' card, whichever is current
             for run in runs:  # builds each candidate before any is timed
                 run()
@@ -487,7 +499,9 @@ def _launch(products: list[Product], out_dtype: torch.dtype, stages: int | None,
     # A caller's stages, GROUP_M or schedule is a plan of its own (a ring deeper than the cooperative one's 3
     # stages would not fit its shared memory).
     if TUNE_PLANS and stages is None and group_m is None and schedule_name is None and not gated_residual:
-        schedule_name, group_m = _tuned_plan(products, outs)
+        plan = _tuned_plan(products, outs)
+        if plan is not None:
+            schedule_name, group_m, stages = plan
     group_m, schedule = _plan(gated_residual, group_m, schedule_name)
     _run(products, outs, schedule, group_m, stages)
     launches["int8_linear_pingpong"] += 1  # the product's launch; the tuning's timed runs are not counted

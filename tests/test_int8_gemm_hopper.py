@@ -244,26 +244,30 @@ def test_a_plan_asked_for_wins_and_a_gated_residual_keeps_ping_pong():
 
 class _TimedCandidates:
     """Stands in for the GPU: each candidate's launches take the given milliseconds, but for any slower ones
-    given first (drift, outliers); every launch outside the timing is logged."""
+    given first (drift, outliers); every launch outside the timing is logged as the Plan it ran."""
 
     def __init__(self, monkeypatch, per_launch: dict, first_launches: dict | None = None):
         self.per_launch, self.first_launches = per_launch, first_launches or {}
         self.launched, self.timed_turns, self.capturing = [], [], False
         hopper = int8_gemm_hopper
         monkeypatch.setattr(hopper, "_run", lambda products, outs, schedule, group_m, stages:
-                            self.launched.append((schedule, group_m)))
+                            self.launched.append(self._plan(schedule, group_m, stages)))
         monkeypatch.setattr(hopper, "_launch_times", self._times)
         monkeypatch.setattr(hopper, "_tuned_plans", {})
         monkeypatch.setattr(hopper, "_tuning_times", {})
         monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: self.capturing)
         monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
 
+    @staticmethod
+    def _plan(schedule, group_m, stages):
+        name = next(name for name, known in int8_gemm_hopper.SCHEDULES.items() if known is schedule)
+        return int8_gemm_hopper.Plan(name, group_m, stages)
+
     def _times(self, runs, turns):
         self.timed_turns.append(turns)
         times = []
         for run in runs:
-            schedule, group_m = run.args[2:4]
-            candidate = (next(name for name, plan in int8_gemm_hopper.SCHEDULES.items() if plan is schedule), group_m)
+            candidate = self._plan(*run.args[2:5])
             slow = self.first_launches.get(candidate, [])[:turns]
             times.append(slow + [self.per_launch[candidate]] * (turns - len(slow)))
         return times
@@ -311,37 +315,40 @@ def _plain_products(M: int, N: int, K: int, bias: bool = True, count: int = 1):
 def test_tuning_takes_the_fastest_candidate_once_per_shape(monkeypatch):
     hopper = int8_gemm_hopper
     monkeypatch.setattr(hopper, "TUNE_PLANS", True)
-    pingpong, cooperative16, cooperative32 = hopper.PLAN_CANDIDATES
+    pingpong, pingpong5, cooperative16, cooperative32 = hopper.PLAN_CANDIDATES
+    assert pingpong5 == ("pingpong", 8, 5) and cooperative32 == ("cooperative", 32, None)
     # cooperative 32 is slow in some launches (drift, outliers), the fastest in most: the median decides.
     outliers = [9.0] * (hopper.TUNING_LAUNCHES // 2)
-    fake = _TimedCandidates(monkeypatch, {pingpong: 4.0, cooperative16: 4.2, cooperative32: 3.9},
-                            first_launches={cooperative32: outliers})
+    medians = {pingpong: 4.0, pingpong5: 4.1, cooperative16: 4.2, cooperative32: 3.9}
+    fake = _TimedCandidates(monkeypatch, medians, first_launches={cooperative32: outliers})
     hopper._launch(_plain_products(300, 64, 96), torch.bfloat16, None, None, None)
-    chosen = (hopper.SCHEDULES["cooperative"], 32)
     expected_launches = len(hopper.PLAN_CANDIDATES) + 1  # each candidate built once, then the chosen one
-    assert len(fake.launched) == expected_launches and fake.launched[-1] == chosen
+    assert fake.launched == [*hopper.PLAN_CANDIDATES, cooperative32]
     assert fake.timed_turns == [hopper.TUNING_WARMUP, hopper.TUNING_LAUNCHES]
     assert list(hopper.tuned_plans().values()) == [cooperative32]
-    assert list(hopper.tuning_times().values()) == [{pingpong: 4.0, cooperative16: 4.2, cooperative32: 3.9}]
-    # Slow in most launches: the median is slow, and ping-pong wins that shape.
+    assert list(hopper.tuning_times().values()) == [medians]
+    # Slow in most launches: the median is slow, and ping-pong wins that shape; a deeper ring wins another.
     fake.first_launches = {cooperative32: outliers + [9.0]}
     hopper._launch(_plain_products(300, 64, 160), torch.bfloat16, None, None, None)
-    assert fake.launched[-1] == (hopper.SCHEDULES["pingpong"], 8)
+    assert fake.launched[-1] == pingpong
+    fake.per_launch = medians | {pingpong5: 3.0}
+    hopper._launch(_plain_products(300, 64, 192), torch.bfloat16, None, None, None)
+    assert fake.launched[-1] == pingpong5
     # The same shape bucket again (300 and 400 rows both round up to 512): no timing, the kept plan.
     hopper._launch(_plain_products(400, 64, 96), torch.bfloat16, None, None, None)
-    assert len(fake.launched) == 2 * expected_launches + 1 and fake.launched[-1] == chosen
+    assert len(fake.launched) == 3 * expected_launches + 1 and fake.launched[-1] == cooperative32
     # Another bucket, another K, no bias, or a paired launch: a shape of its own, timed again.
     for products in (_plain_products(600, 64, 96), _plain_products(300, 64, 128), _plain_products(300, 64, 96, False),
                      _plain_products(300, 64, 96, count=2)):
         hopper._launch(products, torch.bfloat16, None, None, None)
-    assert len(hopper.tuned_plans()) == 6
+    assert len(hopper.tuned_plans()) == 7
 
 
 def test_tuning_stands_aside_when_asked_off_named_gated_or_captured(monkeypatch):
     hopper = int8_gemm_hopper
-    pingpong, cooperative16, _ = hopper.PLAN_CANDIDATES
+    cooperative16 = hopper.Plan("cooperative", 16)
     fake = _TimedCandidates(monkeypatch, dict.fromkeys(hopper.PLAN_CANDIDATES, 1.0) | {cooperative16: 0.5})
-    defaults = (hopper.SCHEDULES[hopper.SCHEDULE], hopper.GROUP_M)
+    defaults = hopper.Plan(hopper.SCHEDULE, hopper.GROUP_M)
     monkeypatch.setattr(hopper, "TUNE_PLANS", False)
     hopper._launch(_plain_products(300, 64, 96), torch.bfloat16, None, None, None)
     assert fake.launched == [defaults]
@@ -350,13 +357,13 @@ def test_tuning_stands_aside_when_asked_off_named_gated_or_captured(monkeypatch)
     hopper._launch(_plain_products(300, 64, 96), torch.bfloat16, None, 4, None)  # the caller's GROUP_M
     hopper._launch(_plain_products(300, 64, 96), torch.bfloat16, None, None, "pingpong")  # the caller's schedule
     hopper._launch(_plain_products(300, 64, 96), torch.bfloat16, 5, None, None)  # the caller's ring depth
-    assert fake.launched == [(hopper.SCHEDULES[hopper.SCHEDULE], 4), (hopper.SCHEDULES["pingpong"], hopper.GROUP_M),
-                             defaults]
+    assert fake.launched == [(hopper.SCHEDULE, 4, None), ("pingpong", hopper.GROUP_M, None),
+                             (hopper.SCHEDULE, hopper.GROUP_M, 5)]
     fake.launched.clear()
     data, scale, weight, weight_scale = _operands(256, 64, 96, "cpu")
     gated = hopper.Product(data, scale, weight, weight_scale, None, torch.randn(256, 64), torch.randn(1, 64))
     hopper._launch([gated], torch.bfloat16, None, None, None)
-    assert fake.launched == [(hopper.SCHEDULES["pingpong"], hopper.GROUP_M)]
+    assert fake.launched == [("pingpong", hopper.GROUP_M, None)]
     # In CUDA graph capture an untimed shape takes the defaults and stays untimed; a timed one keeps its plan.
     fake.launched.clear()
     fake.capturing = True
@@ -366,7 +373,7 @@ def test_tuning_stands_aside_when_asked_off_named_gated_or_captured(monkeypatch)
     hopper._launch(_plain_products(300, 64, 96), torch.bfloat16, None, None, None)
     fake.capturing = True
     hopper._launch(_plain_products(300, 64, 96), torch.bfloat16, None, None, None)
-    assert fake.launched[-1] == (hopper.SCHEDULES["cooperative"], 16)
+    assert fake.launched[-1] == cooperative16
     assert list(hopper.tuned_plans().values()) == [cooperative16]
 
 
@@ -383,9 +390,9 @@ def test_every_plan_candidate_and_the_tuned_launch_give_the_default_launchs_prod
     products = [first, hopper.Product(data[:300], scale[:300], weight, weight_scale, bias)][:1 + paired]
     monkeypatch.setattr(hopper, "TUNE_PLANS", False)
     default = hopper._launch(products, torch.bfloat16, None, None, None)
-    for name, group_m in hopper.PLAN_CANDIDATES:
-        planned = hopper._launch(products, torch.bfloat16, None, group_m, name)
-        assert all(torch.equal(a, b) for a, b in zip(planned, default)), (name, group_m)
+    for plan in hopper.PLAN_CANDIDATES:
+        planned = hopper._launch(products, torch.bfloat16, plan.stages, plan.group_m, plan.schedule)
+        assert all(torch.equal(a, b) for a, b in zip(planned, default)), plan
     monkeypatch.setattr(hopper, "TUNE_PLANS", True)
     monkeypatch.setattr(hopper, "_tuned_plans", {})
     tuned = hopper._launch(products, torch.bfloat16, None, None, None)
