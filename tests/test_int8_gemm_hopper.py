@@ -46,6 +46,17 @@ def test_the_cooperative_schedule_builds_for_sm90(paired):
     _check_build(kernel)
 
 
+@needs_gluon
+@pytest.mark.parametrize("paired", [False, True], ids=["one", "paired"])
+def test_every_plan_candidate_builds_for_sm90_within_shared_memory(paired):
+    # The tuner launches every candidate on a shape's first product: none may fail to build or launch for want of
+    # shared memory (a 5-stage ping-pong ring takes ~224 KB of the 227).
+    for plan in int8_gemm_hopper.PLAN_CANDIDATES:
+        kernel = int8_gemm_hopper.build_offline(torch.bfloat16, True, stages=plan.stages, paired=paired,
+                                                schedule=plan.schedule)
+        _check_build(kernel)
+
+
 def _check_build(kernel) -> None:
     sass = sass_of(kernel)
     # Two consumers, each 128x128 of output (a ping-pong tile, or half a cooperative 128x256 one) of 64x128x32 int8
