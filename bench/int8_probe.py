@@ -39,6 +39,7 @@ from random_weights import rel_l2  # noqa: E402
 
 import kontext_kernels  # noqa: E402
 from kontext_kernels import int8_gemm, int8_gemm_hopper  # noqa: E402
+from kontext_kernels.runtime import row_bucket  # noqa: E402
 from kontext_core import TransformerConfig  # noqa: E402
 from kontext_core.compute import quant
 
@@ -75,7 +76,7 @@ def int8_tma(data, scale, weight, weight_scale, bias, config, store="pointer"):
         TensorDescriptor.from_tensor(data, [block_m, block_k]),
         TensorDescriptor.from_tensor(weight, [block_n, block_k]),
         TensorDescriptor.from_tensor(out, [block_m, block_n // 2 if store == "TMA halves" else block_n]),
-        scale, weight_scale, bias, out, M, N, K, out.stride(0), int8_gemm._row_bucket(M), HAS_BIAS=True,
+        scale, weight_scale, bias, out, M, N, K, out.stride(0), row_bucket(M), HAS_BIAS=True,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, STORE=STORES[store], num_stages=stages,
         num_warps=warps)
     return out

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from .runtime import (cdiv, enabled_for, hopper, import_triton, interpreting, last_dim_contiguous, launches,
-                      multiprocessors, next_power_of_2)
+                      multiprocessors, row_bucket)
 from . import int8_gemm_hopper
 from .tiles import grouped_tile
 
@@ -169,7 +169,7 @@ def _int8_linear_kernel(
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    # M_BUCKET is only the autotuner's key (see _row_bucket). Edge tiles read wrapped-around valid rows and
+    # M_BUCKET is only the autotuner's key (see runtime.row_bucket). Edge tiles read wrapped-around valid rows and
     # columns, and the store drops them.
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
@@ -300,11 +300,6 @@ def _tma_ready(data: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype)
             and weight.shape[0] % 8 == 0)
 
 
-def _row_bucket(rows: int) -> int:
-    """The power of two at or above `rows`: the tiles that suit 8704 rows suit 8192-16384 as well."""
-    return next_power_of_2(rows)
-
-
 # Which kernel takes a product on Hopper: "gluon" (the warp-specialised kernel of int8_gemm_hopper.py, where it
 # can run) or "triton" (this module's persistent TMA kernel).
 HOPPER_KERNEL = "gluon"
@@ -321,7 +316,7 @@ def _launch(data: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, weigh
     out = torch.empty((M, N), dtype=out_dtype, device=data.device)
     bias_arg = out if bias is None else bias  # unread when HAS_BIAS is False
     has_bias = bias is not None
-    bucket = _row_bucket(M)
+    bucket = row_bucket(M)
     if interpreting():
         config = _INTERPRETER_CONFIG
         _int8_linear_kernel[(cdiv(M, config["BLOCK_M"]) * cdiv(N, config["BLOCK_N"]),)](

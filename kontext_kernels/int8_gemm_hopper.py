@@ -32,7 +32,7 @@ import torch
 
 from .gluon_hopper import (TensorDescriptor, fence_async_shared, gl, gluon, gluon_available,  # noqa: F401
                            gluon_ready, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
-from .runtime import cdiv, launches, multiprocessors, next_power_of_2
+from .runtime import cdiv, launches, multiprocessors, row_bucket
 
 
 @gluon.jit
@@ -319,7 +319,7 @@ class Plan(NamedTuple):
 PLAN_CANDIDATES: tuple[Plan, ...] = (Plan("pingpong", 8), Plan("pingpong", 8, 5), Plan("cooperative", 16),
                                      Plan("cooperative", 32))
 # Whether a plain product whose caller names no plan takes the candidate that ran fastest for its shape on this
-# card, timed at the shape's first launch outside CUDA graph capture and kept for the process (`tuned_plans`).
+# card, timed at the shape's first launch outside CUDA graph capture and kept for the process (`tunings`).
 # The fast step on an H100: 173.6 and 175.5 ms tuned against 178.5 untuned, equal bit for bit (bench/RESULTS.md,
 # 2026-12-07, fifth session).
 TUNE_PLANS = True
@@ -328,19 +328,22 @@ TUNE_PLANS = True
 # candidate's launches back to back, once chose ping-pong for linear1 on an H100 where the cooperative plan is 8%
 # faster: bench/RESULTS.md, 2026-12-07, fifth session.) Up to about 60 ms once per shape at FLUX's sizes.
 TUNING_WARMUP, TUNING_LAUNCHES = 3, 15
-_tuned_plans: dict[tuple, Plan] = {}
-_tuning_times: dict[tuple, dict[Plan, float]] = {}
 
 
-def tuned_plans() -> dict[tuple, Plan]:
-    """The plans chosen so far: (device index, N, K, rows rounded up to a power of two, products in the launch,
-    bias, output dtype) -> Plan."""
-    return dict(_tuned_plans)
+class Tuning(NamedTuple):
+    """One shape's tuning: the plan taken, and every candidate's median milliseconds a launch."""
+
+    plan: Plan
+    medians: dict[Plan, float]
 
 
-def tuning_times() -> dict[tuple, dict[Plan, float]]:
-    """Each tuned shape's candidates with their median milliseconds a launch, keyed as `tuned_plans`."""
-    return {key: dict(times) for key, times in _tuning_times.items()}
+# (device index, N, K, row bucket, products in the launch, bias, output dtype) -> its Tuning.
+_tunings: dict[tuple, Tuning] = {}
+
+
+def tunings() -> dict[tuple, Tuning]:
+    """The shapes tuned so far in this process, keyed as `_tuning_key` makes them."""
+    return dict(_tunings)
 
 
 # Registers: 3 warpgroups (the loader's warp rounds up to one) x 128 threads share 64K; 168 a thread on
@@ -430,12 +433,10 @@ def _plan(gated_residual: bool, group_m: int | None, schedule_name: str | None) 
 
 
 def _tuning_key(products: list[Product], out_dtype: torch.dtype) -> tuple:
-    # Rows in the power-of-two buckets of the Triton GEMM's autotuning (int8_gemm._row_bucket): a new resolution
-    # reuses its bucket's plan.
     first = products[0]
     rows = sum(product.data.shape[0] for product in products)
-    return (first.data.device.index, *first.weight.shape, next_power_of_2(rows), len(products),
-            first.bias is not None, out_dtype)
+    return (first.data.device.index, *first.weight.shape, row_bucket(rows), len(products), first.bias is not None,
+            out_dtype)
 
 
 def _launch_times(runs: list, turns: int) -> list[list[float]]:
@@ -459,7 +460,8 @@ def _tuned_plan(products: list[Product], outs: list[torch.Tensor]) -> Plan | Non
     the shape's first launch (a plain product only writes its outputs, so running it again changes nothing).
     During CUDA graph capture nothing can be timed: an untimed shape takes the defaults there (None)."""
     key = _tuning_key(products, outs[0].dtype)
-    if key not in _tuned_plans:
+    tuning = _tunings.get(key)
+    if tuning is None:
         if torch.cuda.is_current_stream_capturing():
             return None
         runs = [functools.partial(_run, products, outs, SCHEDULES[plan.schedule], plan.group_m, plan.stages)
@@ -470,9 +472,8 @@ def _tuned_plan(products: list[Product], outs: list[torch.Tensor]) -> Plan | Non
             _launch_times(runs, TUNING_WARMUP)
             times = _launch_times(runs, TUNING_LAUNCHES)
         medians = {candidate: statistics.median(run_times) for candidate, run_times in zip(PLAN_CANDIDATES, times)}
-        _tuning_times[key] = medians
-        _tuned_plans[key] = min(medians, key=medians.__getitem__)
-    return _tuned_plans[key]
+        tuning = _tunings[key] = Tuning(min(medians, key=medians.__getitem__), medians)
+    return tuning.plan
 
 
 def _run(products: list[Product], outs: list[torch.Tensor], schedule: Schedule, group_m: int,

@@ -165,6 +165,13 @@ def next_power_of_2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+def row_bucket(rows: int) -> int:
+    """The int8 GEMMs' key for a product's row count (autotuned configs, tuned plans): the power of two at or
+    above `rows`, since the tiles that suit 8704 rows suit 8192-16384 as well. A new resolution reuses its bucket's
+    choice."""
+    return next_power_of_2(rows)
+
+
 def last_dim_contiguous(tensor: torch.Tensor) -> torch.Tensor:
     """`tensor`, copied only if its last dimension is strided (the kernels take any other strides)."""
     return tensor if tensor.stride(-1) == 1 else tensor.contiguous()

@@ -264,8 +264,7 @@ class _TimedCandidates:
         monkeypatch.setattr(hopper, "_run", lambda products, outs, schedule, group_m, stages:
                             self.launched.append(self._plan(schedule, group_m, stages)))
         monkeypatch.setattr(hopper, "_launch_times", self._times)
-        monkeypatch.setattr(hopper, "_tuned_plans", {})
-        monkeypatch.setattr(hopper, "_tuning_times", {})
+        monkeypatch.setattr(hopper, "_tunings", {})
         monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: self.capturing)
         monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
 
@@ -336,8 +335,7 @@ def test_tuning_takes_the_fastest_candidate_once_per_shape(monkeypatch):
     expected_launches = len(hopper.PLAN_CANDIDATES) + 1  # each candidate built once, then the chosen one
     assert fake.launched == [*hopper.PLAN_CANDIDATES, cooperative32]
     assert fake.timed_turns == [hopper.TUNING_WARMUP, hopper.TUNING_LAUNCHES]
-    assert list(hopper.tuned_plans().values()) == [cooperative32]
-    assert list(hopper.tuning_times().values()) == [medians]
+    assert list(hopper.tunings().values()) == [(cooperative32, medians)]
     # Slow in most launches: the median is slow, and ping-pong wins that shape; a deeper ring wins another.
     fake.first_launches = {cooperative32: outliers + [9.0]}
     hopper._launch(_plain_products(300, 64, 160), torch.bfloat16, None, None, None)
@@ -352,7 +350,7 @@ def test_tuning_takes_the_fastest_candidate_once_per_shape(monkeypatch):
     for products in (_plain_products(600, 64, 96), _plain_products(300, 64, 128), _plain_products(300, 64, 96, False),
                      _plain_products(300, 64, 96, count=2)):
         hopper._launch(products, torch.bfloat16, None, None, None)
-    assert len(hopper.tuned_plans()) == 7
+    assert len(hopper.tunings()) == 7
 
 
 def test_tuning_stands_aside_when_asked_off_named_gated_or_captured(monkeypatch):
@@ -379,13 +377,13 @@ def test_tuning_stands_aside_when_asked_off_named_gated_or_captured(monkeypatch)
     fake.launched.clear()
     fake.capturing = True
     hopper._launch(_plain_products(300, 64, 96), torch.bfloat16, None, None, None)
-    assert fake.launched == [defaults] and not hopper.tuned_plans()
+    assert fake.launched == [defaults] and not hopper.tunings()
     fake.capturing = False
     hopper._launch(_plain_products(300, 64, 96), torch.bfloat16, None, None, None)
     fake.capturing = True
     hopper._launch(_plain_products(300, 64, 96), torch.bfloat16, None, None, None)
     assert fake.launched[-1] == cooperative16
-    assert list(hopper.tuned_plans().values()) == [cooperative16]
+    assert [tuning.plan for tuning in hopper.tunings().values()] == [cooperative16]
 
 
 @hopper_gpu
@@ -405,7 +403,7 @@ def test_every_plan_candidate_and_the_tuned_launch_give_the_default_launchs_prod
         planned = hopper._launch(products, torch.bfloat16, plan.stages, plan.group_m, plan.schedule)
         assert all(torch.equal(a, b) for a, b in zip(planned, default)), plan
     monkeypatch.setattr(hopper, "TUNE_PLANS", True)
-    monkeypatch.setattr(hopper, "_tuned_plans", {})
+    monkeypatch.setattr(hopper, "_tunings", {})
     tuned = hopper._launch(products, torch.bfloat16, None, None, None)
     assert all(torch.equal(a, b) for a, b in zip(tuned, default))
-    assert list(hopper.tuned_plans().values())[0] in hopper.PLAN_CANDIDATES
+    assert [tuning.plan for tuning in hopper.tunings().values()][0] in hopper.PLAN_CANDIDATES
