@@ -354,6 +354,37 @@ def implementation(name: str) -> str:
     return name
 
 
+# A whole edit (--e2e) is named as a model and modifiers, e.g. int8+sage8+modtable+compiledae+frozenstats+graphs:
+# MODIFIERS' kernel switches as configure() reads them, +graphs, +modtable and +frozenstats as the pipeline runs
+# them, and +compiledae, the AE compiled as the fast preset's load_pipeline does. The row-only modifiers have no
+# whole-edit form.
+E2E_MODELS = ("bf16", "fp8", "int8")
+E2E_ROW_ONLY = ("cudnn", "lora", "lorafly", "thinlora", "autotune")
+FAST_EDIT = "int8+sage8+modtable+compiledae+frozenstats"
+
+
+def e2e_run(label: str) -> str:
+    model, *modifiers = label.split("+")
+    known = [m for m in MODIFIERS if m not in E2E_ROW_ONLY] + ["compiledae"]
+    if model not in E2E_MODELS or any(m not in known for m in modifiers):
+        raise argparse.ArgumentTypeError(f"{label!r}: a whole edit is one of {', '.join(E2E_MODELS)}, plus any of "
+                                         f"{', '.join('+' + m for m in known)}")
+    return label
+
+
+def default_e2e_runs(impls: list[str]) -> list[str]:
+    """What a bare --e2e times: each model, fp8 attention and the fast preset's edit where a row has them, and each
+    again with CUDA graphs where a row has them."""
+    runs = list(E2E_MODELS)
+    runs += ["fp8+fp8attention"] if any("+fp8attention" in impl for impl in impls) else []
+    runs += [FAST_EDIT] if any("+sage8" in impl for impl in impls) else []
+    return runs + ([run + "+graphs" for run in runs] if any("+graphs" in impl for impl in impls) else [])
+
+
+def _plan_name(plan: int8_gemm_hopper.Plan) -> str:
+    return f"{plan.schedule} GM {plan.group_m}" + (f" {plan.stages} stages" if plan.stages else "")
+
+
 def configure(impl: str) -> None:
     """The switches of one implementation row. Our Triton kernels run in the "kernels" rows (the Triton
     GEMMs too; "rowkernels": norms and RoPE fused, GEMMs by cuBLAS) and, as the product does, in compiled
@@ -561,13 +592,13 @@ def main() -> None:
                              # argparse %-formats its help
                              f"{'; '.join(f'+{k}: {v}' for k, v in MODIFIERS.items())}".replace("%", "%%"))
     parser.add_argument("--workloads", nargs="+", default=["edit", "t2i"], choices=list(WORKLOADS))
-    parser.add_argument("--e2e", nargs="*", metavar="RUN", default=None,
-                        help="also time a full 28-step 1024x1024 edit; alone: with every model the rows hold (bf16, "
-                             "fp8, fp8+fp8attention, int8; each also +graphs when a row has +graphs), or only the "
-                             "runs named (e.g. --e2e int8+graphs bf16); the fast preset's whole edit is "
-                             "int8+sage8+modtable+compiledae+frozenstats+graphs (compiledae: the AE compiled, as its "
-                             "load_pipeline does; frozenstats: sage8's statistics recorded every few steps, as the "
-                             "fast preset does, and reused between)")
+    parser.add_argument("--e2e", nargs="*", metavar="RUN", default=None, type=e2e_run,
+                        help="also time a full 28-step 1024x1024 edit, in the order named: a model (bf16, fp8, int8) "
+                             "and modifiers, e.g. --e2e int8+graphs bf16; the fast preset's whole edit is "
+                             f"{FAST_EDIT}+graphs (compiledae: the AE compiled, as its load_pipeline does; "
+                             "frozenstats: sage8's statistics recorded every few steps, as the fast preset does, and "
+                             "reused between). Alone: each model, fp8+fp8attention and the fast preset's edit where a "
+                             "row has them, and each also +graphs where a row has +graphs")
     parser.add_argument("--comfyui", metavar="PATH", default=os.environ.get("COMFYUI_PATH"),
                         help="ComfyUI checkout or bench/stage_comfyui.sh copy, for the comfyui rows ($COMFYUI_PATH)")
     parser.add_argument("--bfl", metavar="PATH",
@@ -699,14 +730,9 @@ def main() -> None:
                   f"vs {args.impls[0]}: max {error:.2e} L2 {l2_error:.2e}",
                   flush=True)
             if int8_gemm_hopper.TUNE_PLANS:
-                def named(plan) -> str:
-                    return f"{plan.schedule} GM {plan.group_m}" + (f" {plan.stages} stages" if plan.stages else "")
-
-                times = int8_gemm_hopper.tuning_times()
-                for key, plan in int8_gemm_hopper.tuned_plans().items():
-                    _, n, k, rows, products, *_ = key
-                    medians = ", ".join(f"{named(candidate)} {ms:.3f}" for candidate, ms in times[key].items())
-                    print(f"    tuned plan N {n} K {k} rows <= {rows} x{products}: {named(plan)} "
+                for (_, n, k, rows, products, *_), tuning in int8_gemm_hopper.tunings().items():
+                    medians = ", ".join(f"{_plan_name(plan)} {ms:.3f}" for plan, ms in tuning.medians.items())
+                    print(f"    tuned plan N {n} K {k} rows <= {rows} x{products}: {_plan_name(tuning.plan)} "
                           f"(median ms: {medians})", flush=True)
             if "-compiled" in impl:
                 uncompile(target)
@@ -717,54 +743,23 @@ def main() -> None:
                 print(f"  ({impl}: LoRA removed in {time.perf_counter() - started:.2f} s)", flush=True)
                 torch._dynamo.reset()
     if args.e2e is not None:
-        fp8_attention_too = any("+fp8attention" in i for i in args.impls)
-        graphs_too = any("+graphs" in i for i in args.impls)
-        sage8_too = any("+sage8" in i for i in args.impls)
-        runs = [(label, target, graphs) for label, target in (("bf16", model), ("fp8", fp8_model),
-                                                               ("fp8+fp8attention", fp8_model), ("int8", int8_model),
-                                                               ("int8+sage8", int8_model),
-                                                               ("int8+sage8+modtable", int8_model),
-                                                               ("int8+sage8+modtable+compiledae", int8_model),
-                                                               ("int8+sage8+modtable+compiledae+frozenstats",
-                                                                int8_model),
-                                                               ("int8+sage8+modtable+compiledae+frozenstats"
-                                                                "+cuteattention", int8_model),
-                                                               ("int8+sage8+modtable+compiledae+frozenstats"
-                                                                "+unpaired", int8_model),
-                                                               ("int8+sage8+modtable+compiledae+frozenstats"
-                                                                "+paired", int8_model),
-                                                               ("int8+sage8+modtable+compiledae+frozenstats"
-                                                                "+paired+cooperative", int8_model),
-                                                               ("int8+sage8+modtable+compiledae+frozenstats"
-                                                                "+paired+tunedplans", int8_model),
-                                                               ("int8+sage8+modtable+compiledae+frozenstats"
-                                                                "+paired+untunedplans", int8_model),
-                                                               ("int8+sage8+convertedscores", int8_model))
-                for graphs in ((False, True) if graphs_too or args.e2e else (False,))]
-        for label, target, graphs in runs:
-            label += "+graphs" if graphs else ""
-            if args.e2e and label not in args.e2e:
+        models = {"bf16": model, "fp8": fp8_model, "int8": int8_model}
+        compiled = any("-compiled" in i for i in args.impls)
+        for label in args.e2e or default_e2e_runs(args.impls):
+            name, *modifiers = label.split("+")
+            target = models[name]
+            if target is None:
+                print(f"end-to-end {label}: skipped, no row of this run uses the {name} model", flush=True)
                 continue
-            if target is None or (not args.e2e and "fp8attention" in label and not fp8_attention_too) or \
-                    (not args.e2e and "sage8" in label and not sage8_too):
-                continue
-            compiled = any("-compiled" in i for i in args.impls)
-            # The product's settings: the kernels on, cuBLAS GEMMs, blocks compiled when any row was.
-            configure(("ours-compiled" if compiled else "ours-rowkernels")
-                      + ("+fp8attention" if "fp8attention" in label else "") + ("+sage8" if "sage8" in label else "")
-                      + ("+convertedscores" if "convertedscores" in label else "")
-                      + ("+cuteattention" if "cuteattention" in label else "")
-                      + ("+unpaired" if "unpaired" in label else "")
-                      + ("+paired" if "+paired" in label else "")
-                      + ("+cooperative" if "+cooperative" in label else "")
-                      + ("+tunedplans" if "+tunedplans" in label else "")
-                      + ("+untunedplans" if "+untunedplans" in label else ""))
+            # The product's settings: the kernels on, cuBLAS GEMMs, blocks compiled when any row was; the run's
+            # kernel switches as a row's.
+            configure(("ours-compiled" if compiled else "ours-rowkernels") + "".join(f"+{m}" for m in modifiers))
             if compiled:
                 compile_blocks(target, "ours-compiled")
-            seconds = end_to_end(target, cuda_graphs=graphs, batched_modulation="modtable" in label,
-                                 compile_autoencoder="compiledae" in label,
+            seconds = end_to_end(target, cuda_graphs="graphs" in modifiers, batched_modulation="modtable" in modifiers,
+                                 compile_autoencoder="compiledae" in modifiers,
                                  attention_statistics_refresh=(PRESETS["fast"].attention_statistics_refresh
-                                                               if "frozenstats" in label else 0))
+                                                               if "frozenstats" in modifiers else 0))
             record[f"e2e_edit_28_steps_{label}_s"] = seconds
             print(f"end-to-end 1024x1024 edit, 28 steps, AE encode+decode, {label}: {seconds:.2f} s", flush=True)
             uncompile(target)

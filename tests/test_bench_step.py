@@ -1,0 +1,32 @@
+"""bench/bench_step.py's naming of whole edits (--e2e): checked at parse time, so a misspelt run fails at once
+instead of being skipped after the rows have run."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+bench_step = pytest.importorskip("bench_step")
+
+
+def test_a_whole_edit_is_a_model_with_kernel_switches_and_edit_options():
+    fast = bench_step.FAST_EDIT + "+paired+untunedplans+graphs"
+    assert bench_step.e2e_run(fast) == fast
+    for bad, named in (("int4", "'int4'"), ("int8+lora", "'int8+lora'"), ("int8+sage9", "'int8+sage9'")):
+        with pytest.raises(argparse.ArgumentTypeError, match=re.escape(named) + ".*one of bf16, fp8, int8"):
+            bench_step.e2e_run(bad)
+
+
+def test_a_bare_e2e_times_what_the_rows_have():
+    assert bench_step.default_e2e_runs(["ours-compiled"]) == ["bf16", "fp8", "int8"]
+    runs = bench_step.default_e2e_runs(["ours-compiled+graphs", "ours-int8-compiled+graphs+sage8",
+                                        "ours-fp8-compiled+fp8attention"])
+    plain = ["bf16", "fp8", "int8", "fp8+fp8attention", bench_step.FAST_EDIT]
+    assert runs == plain + [run + "+graphs" for run in plain]
+    assert all(bench_step.e2e_run(run) == run for run in runs)
