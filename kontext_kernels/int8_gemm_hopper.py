@@ -423,7 +423,7 @@ def _kernel_arguments(product: Product, out: torch.Tensor, schedule: Schedule) -
             gate if fused else out, M // gate.shape[0] if fused else 1, gate.stride(0) if fused else 0, M]
 
 
-def _plan(gated_residual: bool, group_m: int | None, schedule_name: str | None) -> tuple[int, Schedule]:
+def _group_and_schedule(gated_residual: bool, group_m: int | None, schedule_name: str | None) -> tuple[int, Schedule]:
     """GROUP_M and the schedule of a launch from what was asked (None: the defaults); a gated residual always takes
     ping-pong's epilogue (the cooperative one spills, SCHEDULES' comment)."""
     schedule = SCHEDULES[schedule_name or SCHEDULE]
@@ -503,7 +503,7 @@ def _launch(products: list[Product], out_dtype: torch.dtype, stages: int | None,
         plan = _tuned_plan(products, outs)
         if plan is not None:
             schedule_name, group_m, stages = plan
-    group_m, schedule = _plan(gated_residual, group_m, schedule_name)
+    group_m, schedule = _group_and_schedule(gated_residual, group_m, schedule_name)
     _run(products, outs, schedule, group_m, stages)
     launches["int8_linear_pingpong"] += 1  # the product's launch; the tuning's timed runs are not counted
     return outs

@@ -247,10 +247,10 @@ def test_a_plan_asked_for_wins_and_a_gated_residual_keeps_ping_pong():
     hopper = int8_gemm_hopper
     defaults = (hopper.GROUP_M, hopper.SCHEDULES[hopper.SCHEDULE])
     cooperative, pingpong = hopper.SCHEDULES["cooperative"], hopper.SCHEDULES["pingpong"]
-    assert hopper._plan(False, None, None) == defaults
-    assert hopper._plan(False, 4, None) == (4, hopper.SCHEDULES[hopper.SCHEDULE])
-    assert hopper._plan(False, 0, "cooperative") == (0, cooperative)  # GROUP_M 0 is asked for, not unset
-    assert hopper._plan(True, None, "cooperative") == (hopper.GROUP_M, pingpong)
+    assert hopper._group_and_schedule(False, None, None) == defaults
+    assert hopper._group_and_schedule(False, 4, None) == (4, hopper.SCHEDULES[hopper.SCHEDULE])
+    assert hopper._group_and_schedule(False, 0, "cooperative") == (0, cooperative)  # GROUP_M 0 is asked for, not unset
+    assert hopper._group_and_schedule(True, None, "cooperative") == (hopper.GROUP_M, pingpong)
 
 
 class _TimedCandidates:
