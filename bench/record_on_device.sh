@@ -5,7 +5,8 @@
 #      untuned, then the fast preset's whole 28-step 1024² edit with the AE. The fast rows' "rel. error vs first"
 #      is the velocity error against bf16; "attention alone ... (cuDNN first)" is cuDNN bf16's rate at the edit
 #      shape;
-#   2. the GPU tests of every GEMM plan candidate (bit for bit against the default launch) and the dispatch;
+#   2. the GPU tests of every GEMM plan candidate (bit for bit against the default launch), the dispatch, and the
+#      CUDA graphs of the steps that record and reuse sage8's statistics;
 #   3. while the call is under 420 s, sage8's attention kernel alone at the edit shape (bench/attention_counters.py
 #      --time ''), for its ratio to cuDNN.
 # Usage (from the repository root, on the device): OUT=$OUT bash bench/record_on_device.sh
@@ -18,7 +19,8 @@ timeout 330 python3 bench/bench_step.py --no-check --workloads edit \
     --impls ours-compiled+graphs "$FAST" "$FAST+untunedplans" \
     --e2e int8+sage8+modtable+compiledae+frozenstats+paired+graphs > "$OUT/record.txt" 2>&1
 grep -E "matmul|floor|tuned plan|end-to-end" "$OUT/record.txt"
-timeout 120 python3 -m pytest -q tests/test_int8_gemm_hopper.py -k "plan_candidate or dispatches" 2>&1 | tail -3
+timeout 120 python3 -m pytest -q tests/test_int8_gemm_hopper.py tests/test_cuda_graph.py \
+    -k "plan_candidate or dispatches or recording" 2>&1 | tail -3
 if [ "$SECONDS" -lt 420 ]; then
     timeout 90 python3 bench/attention_counters.py --time '' > "$OUT/attention.txt" 2>&1
     tail -5 "$OUT/attention.txt"
