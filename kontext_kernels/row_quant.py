@@ -290,6 +290,131 @@ def _concat_quantize_triton(first: torch.Tensor | None, second: torch.Tensor, ge
     return data, scale
 
 
+# --- Rows whose largest values their producer already found --------------------------------------------------------
+# The single block's linear1 GEMM can note, in its epilogue, each row's largest value per tile of the MLP's columns
+# (`row_maxima`: float32 [rows, parts], the values as stored in bf16). With those, quantizing [attention, GELU(mlp)]
+# no longer needs the row-by-row two-pass kernel above: a small pass finds each row's scale (the attention part's
+# amax, GELU of the MLP part's largest value) and an elementwise pass, free to split rows into column chunks,
+# rewrites every value once. The bytes equal the two-pass kernel's: the same amax, the same scale arithmetic.
+
+
+def row_maxima_reference(x: torch.Tensor, parts: int) -> torch.Tensor:
+    """x [..., K] -> float32 [rows, parts]: each row's largest value in each of `parts` equal column ranges."""
+    rows = x.reshape(-1, x.shape[-1]).float()
+    if rows.shape[1] % parts:
+        raise ValueError(f"row_maxima: {rows.shape[1]} columns do not split into {parts} equal parts")
+    return rows.view(rows.shape[0], parts, -1).amax(dim=-1)
+
+
+@triton.jit
+def _given_maxima_scales_kernel(
+    first_ptr, second_ptr, maxima_ptr, scale_ptr, inverse_ptr,
+    n_rows, first_width, second_width, first_chunks, second_chunks, parts,
+    stride_first, stride_second, stride_maxima,
+    HAS_FIRST: tl.constexpr, GELU_SECOND: tl.constexpr, CHUNK: tl.constexpr, ROWS: tl.constexpr,
+    PARTS: tl.constexpr, INT8: tl.constexpr, NEGATIVE_GELU_BOUND: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    inside = rows < n_rows
+    amax = tl.full([ROWS], 0.0, tl.float32)
+    if HAS_FIRST:
+        amax = _chunked_amax(first_ptr, rows, n_rows, stride_first, first_width, first_chunks, CHUNK, ROWS, False,
+                             False)
+    part = tl.arange(0, PARTS)
+    maxima = tl.load(maxima_ptr + rows[:, None] * stride_maxima + part[None, :],
+                     mask=inside[:, None] & (part < parts)[None, :], other=float("-inf"))
+    second_amax = tl.reduce(maxima, 1, _max)
+    if GELU_SECOND:
+        # As the two-pass kernel: GELU of the largest input, unless that is under the bound below which a negative
+        # input's GELU could be larger in magnitude; then every GELU's magnitude (rows that rarely occur).
+        second_amax = _gelu_tanh(second_amax, GELU_SECOND)
+        if tl.reduce(tl.where(inside & (second_amax < NEGATIVE_GELU_BOUND), 1.0, 0.0), 0, _max) > 0.0:
+            second_amax = _chunked_amax(second_ptr, rows, n_rows, stride_second, second_width, second_chunks, CHUNK,
+                                        ROWS, GELU_SECOND, False)
+    scale, inverse = _row_scales(tl.maximum(amax, second_amax), INT8)
+    tl.store(scale_ptr + rows[:, None], scale, mask=inside[:, None])
+    tl.store(inverse_ptr + rows[:, None], inverse, mask=inside[:, None])
+
+
+@triton.jit
+def _scaled_rows_store_kernel(
+    first_ptr, second_ptr, inverse_ptr, out_ptr,
+    n_rows, first_width, second_width, first_chunks, stride_first, stride_second, stride_out,
+    GELU_SECOND: tl.constexpr, CHUNK: tl.constexpr, ROWS: tl.constexpr, INT8: tl.constexpr,
+    EXACT_ROUNDING: tl.constexpr,
+):
+    # One [ROWS, CHUNK] tile a program: the first part's chunks come first in the grid, then the second's.
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    chunk = tl.program_id(1)
+    inverse = tl.load(inverse_ptr + rows, mask=rows < n_rows, other=0.0)[:, None]
+    out_rows = out_ptr + rows[:, None] * stride_out
+    if chunk < first_chunks:
+        start = chunk * CHUNK
+        tile, cols, mask = _row_tile(first_ptr + start, rows, n_rows, stride_first, first_width - start, CHUNK)
+        _store_8bit(out_rows + start + cols[None, :], tile, inverse, mask, INT8, EXACT_ROUNDING)
+    else:
+        start = (chunk - first_chunks) * CHUNK
+        tile, cols, mask = _row_tile(second_ptr + start, rows, n_rows, stride_second, second_width - start, CHUNK)
+        if GELU_SECOND:
+            tile = _gelu_tanh(tile, GELU_SECOND)
+        _store_8bit(out_rows + first_width + start + cols[None, :], tile, inverse, mask, INT8, EXACT_ROUNDING)
+
+
+# The elementwise pass's tile: rows x columns a program, and its warps (bench/row_quant_probe.py).
+GIVEN_MAXIMA_TILE = (4, 1024, 4)
+
+
+def concat_gelu_quantize_rows_given_maxima(first: torch.Tensor | None, second: torch.Tensor,
+                                           second_maxima: torch.Tensor, spare: int = 0,
+                                           dtype: torch.dtype = E4M3) -> Quantized:
+    """`concat_gelu_quantize_rows(first, second)` (`gelu_quantize_rows(second)` when first is None), given each
+    row's largest values of `second` as bf16 stores them: float32 [rows, parts], each part one column range's
+    largest, the ranges covering the row (`row_maxima_reference`). The same bytes as without the maxima."""
+    if second_maxima.dim() != 2 or second_maxima.dtype != torch.float32:
+        raise ValueError(f"row maxima: float32 [rows, parts] wanted, not {second_maxima.dtype} "
+                         f"{tuple(second_maxima.shape)}")
+    if not (enabled_for(second) and second.numel() > 0 and (first is None or first.shape[-1] > 0)):
+        if first is None:
+            return gelu_quantize_rows_reference(second, spare, dtype)
+        return concat_gelu_quantize_rows_reference(first, second, spare, dtype)
+    format_max(dtype)  # refuses other dtypes
+    second_rows = _as_rows(second)
+    first_rows = _as_rows(first) if first is not None else second_rows
+    first_width = first.shape[-1] if first is not None else 0
+    n_rows, second_width = second_rows.shape
+    if first_rows.shape[0] != n_rows or second_maxima.shape[0] != n_rows:
+        raise ValueError(f"concat_gelu_quantize_rows_given_maxima: {n_rows} rows in second, "
+                         f"{first_rows.shape[0]} in first, {second_maxima.shape[0]} in the maxima")
+    maxima = last_dim_contiguous(second_maxima)
+    width = first_width + second_width + spare
+    data = torch.empty((*second.shape[:-1], width), dtype=dtype, device=second.device)
+    scale = torch.empty((n_rows, 1), dtype=torch.float32, device=second.device)
+    inverse = torch.empty((n_rows,), dtype=torch.float32, device=second.device)
+    chunk = min(ROW_CHUNK, next_power_of_2(max(first_width, second_width)))
+    rows = rows_per_program(chunk)
+    gelu = gelu_mode()
+    _given_maxima_scales_kernel[(cdiv(n_rows, rows),)](
+        first_rows, second_rows, maxima, scale, inverse,
+        n_rows, first_width, second_width, loop_count(cdiv(first_width, chunk)), loop_count(cdiv(second_width, chunk)),
+        maxima.shape[1], first_rows.stride(0), second_rows.stride(0), maxima.stride(0),
+        HAS_FIRST=first is not None, GELU_SECOND=gelu, CHUNK=chunk, ROWS=rows,
+        PARTS=next_power_of_2(maxima.shape[1]), INT8=dtype == torch.int8, NEGATIVE_GELU_BOUND=_NEGATIVE_GELU_BOUND,
+        num_warps=row_warps(rows * chunk),
+    )
+    tile_rows, tile_columns, warps = GIVEN_MAXIMA_TILE
+    if interpreting():  # the interpreter pays per program
+        tile_rows, tile_columns = max(tile_rows, 16), min(tile_columns, next_power_of_2(second_width))
+    first_chunks = cdiv(first_width, tile_columns)
+    _scaled_rows_store_kernel[(cdiv(n_rows, tile_rows), first_chunks + cdiv(second_width, tile_columns))](
+        first_rows, second_rows, inverse, data,
+        n_rows, first_width, second_width, first_chunks, first_rows.stride(0), second_rows.stride(0), width,
+        GELU_SECOND=gelu, CHUNK=tile_columns, ROWS=tile_rows, INT8=dtype == torch.int8,
+        EXACT_ROUNDING=interpreting(), num_warps=warps,
+    )
+    launches["quantize_rows_given_maxima"] += 1
+    return data, scale
+
+
 @triton.jit
 def _layernorm_modulate_quantize_kernel(
     x_ptr, shift_ptr, scale_ptr, out_ptr, row_scale_ptr,
