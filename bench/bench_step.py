@@ -296,10 +296,6 @@ MODIFIERS = {
     "tunedplans": "each plain Hopper int8 GEMM with the fastest of PLAN_CANDIDATES for its shape, timed on the card at "
                   "its first launch (kontext_kernels/int8_gemm_hopper.py, TUNE_PLANS), whatever the product's default",
     "untunedplans": "every Hopper int8 GEMM with the default schedule and GROUP_M, not TUNE_PLANS",
-    "gemmmaxima": "the single blocks' linear1 notes each row's largest MLP values in the Hopper int8 GEMM's epilogue, "
-                  "and linear2's int8 rows are quantized elementwise from them (kontext_kernels/int8_gemm.py, "
-                  "NOTE_ROW_MAXIMA), whatever the product's default",
-    "twopassrows": "linear2's int8 rows by the two-pass row kernel, not from linear1's row maxima",
     "cuteattention": "with +sage8 on Hopper: the CuTe DSL attention kernel with FlashAttention-3's in-warpgroup "
                      "overlap (kontext_kernels/sage_attention_cute.py, through cute_runtime.py), not the Gluon one",
     "sdpa": "attention through PyTorch's SDPA (cuDNN first) even where flash-attn is installed (auto takes it)",
@@ -324,7 +320,6 @@ PRODUCT_HOPPER_GEMM = int8_gemm.HOPPER_KERNEL
 PRODUCT_PAIR_STREAMS = int8_gemm.PAIR_STREAMS
 PRODUCT_GEMM_SCHEDULE = int8_gemm_hopper.SCHEDULE
 PRODUCT_TUNE_PLANS = int8_gemm_hopper.TUNE_PLANS
-PRODUCT_NOTE_ROW_MAXIMA = int8_gemm.NOTE_ROW_MAXIMA
 PRODUCT_HOPPER_ATTENTION = sage_attention.HOPPER_KERNEL
 PRODUCT_GELU = row_quant.GELU_ON_GPU
 PRODUCT_ROW_SUMS = sage_attention_hopper.ROW_SUMS_ON_TENSOR_CORES
@@ -349,7 +344,7 @@ def implementation(name: str) -> str:
                                                "tritongemm", "tritonattention", "modtable", "fusedqkv",
                                                "tanhgelu", "mmarowsums", "pvsoftmax", "turns", "frozenstats",
                                                "chainrows", "cuteattention", "unpaired", "paired", "cooperative",
-                                               "tunedplans", "untunedplans", "gemmmaxima", "twopassrows")]
+                                               "tunedplans", "untunedplans")]
     if ours_only and not base.startswith("ours"):
         raise argparse.ArgumentTypeError(f"{name!r}: +{ours_only[0]} applies to our rows only")
     if "autotune" in modifiers and not base.endswith("-compiled"):
@@ -408,7 +403,6 @@ def configure(impl: str) -> None:
     int8_gemm.PAIR_STREAMS = "paired" in modifiers or (PRODUCT_PAIR_STREAMS and "unpaired" not in modifiers)
     int8_gemm_hopper.SCHEDULE = "cooperative" if "cooperative" in modifiers else PRODUCT_GEMM_SCHEDULE
     int8_gemm_hopper.TUNE_PLANS = "tunedplans" in modifiers or (PRODUCT_TUNE_PLANS and "untunedplans" not in modifiers)
-    int8_gemm.NOTE_ROW_MAXIMA = "gemmmaxima" in modifiers or (PRODUCT_NOTE_ROW_MAXIMA and "twopassrows" not in modifiers)
     sage_attention.HOPPER_KERNEL = ("triton" if "tritonattention" in modifiers else
                                     "cute" if "cuteattention" in modifiers else PRODUCT_HOPPER_ATTENTION)
     sage_attention_hopper.ROW_SUMS_ON_TENSOR_CORES = "mmarowsums" in modifiers or PRODUCT_ROW_SUMS

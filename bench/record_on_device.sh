@@ -2,12 +2,11 @@
 # One device call for #20's run of record (bench/RESULTS.md keeps each one with its date, card and commit), in
 # order of what the targets need:
 #   1. one process: our bf16 step (compiled + CUDA graphs), the fast step (tuned plans, the default), the fast step
-#      with linear2's rows quantized from linear1's row maxima (+gemmmaxima), the fast step untuned, then the fast
-#      preset's whole 28-step 1024² edit with the AE, without and with +gemmmaxima. The fast rows' "rel. error vs first"
+#      untuned, then the fast preset's whole 28-step 1024² edit with the AE. The fast rows' "rel. error vs first"
 #      is the velocity error against bf16; "attention alone ... (cuDNN first)" is cuDNN bf16's rate at the edit
 #      shape;
-#   2. the GPU tests of every GEMM plan candidate (bit for bit against the default launch), the dispatch, the CUDA
-#      graphs of the steps that record and reuse sage8's statistics, and the row maxima (epilogue, quantizer, model);
+#   2. the GPU tests of every GEMM plan candidate (bit for bit against the default launch), the dispatch, and the
+#      CUDA graphs of the steps that record and reuse sage8's statistics;
 #   3. while the call is under 420 s, sage8's attention kernel alone at the edit shape (bench/attention_counters.py
 #      --time ''), for its ratio to cuDNN.
 # Usage (from the repository root, on the device): OUT=$OUT bash bench/record_on_device.sh
@@ -16,15 +15,13 @@ OUT=${OUT:-/tmp/record_out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv,noheader
 FAST=ours-int8-compiled+graphs+sage8+modtable+frozenstats+paired
-timeout 360 python3 bench/bench_step.py --no-check --workloads edit \
-    --impls ours-compiled+graphs "$FAST" "$FAST+gemmmaxima" "$FAST+untunedplans" \
-    --e2e int8+sage8+modtable+compiledae+frozenstats+paired+graphs \
-    int8+sage8+modtable+compiledae+frozenstats+paired+graphs+gemmmaxima > "$OUT/record.txt" 2>&1
+timeout 330 python3 bench/bench_step.py --no-check --workloads edit \
+    --impls ours-compiled+graphs "$FAST" "$FAST+untunedplans" \
+    --e2e int8+sage8+modtable+compiledae+frozenstats+paired+graphs > "$OUT/record.txt" 2>&1
 grep -E "matmul|floor|tuned plan|end-to-end" "$OUT/record.txt"
-timeout 150 python3 -m pytest -q tests/test_int8_gemm_hopper.py tests/test_cuda_graph.py tests/test_kernels.py \
-    tests/test_int8.py -k "plan_candidate or dispatches or recording or row_maxima or given_maxima and cuda" 2>&1 \
-    | tail -4
-if [ "$SECONDS" -lt 440 ]; then
+timeout 120 python3 -m pytest -q tests/test_int8_gemm_hopper.py tests/test_cuda_graph.py \
+    -k "plan_candidate or dispatches or recording" 2>&1 | tail -3
+if [ "$SECONDS" -lt 420 ]; then
     timeout 90 python3 bench/attention_counters.py --time '' > "$OUT/attention.txt" 2>&1
     tail -5 "$OUT/attention.txt"
 fi

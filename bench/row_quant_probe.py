@@ -2,15 +2,12 @@
 GPU's copy bandwidth, at a few launch settings each.
 
     python3 bench/row_quant_probe.py            # on a CUDA GPU
-    python3 bench/row_quant_probe.py --given-maxima   # the GELU rows only, with and without given maxima
     TRITON_INTERPRET=1 python3 bench/row_quant_probe.py --tiny   # on a CPU: that it runs
 
 Each kernel is timed from a CUDA graph of 10 calls (no host in the way), as the compiled step replays it:
 - the 8-bit row quantizers of kontext_kernels/row_quant.py, as the int8 step calls them (8704 tokens: the single
   block's [attention, GELU(mlp)] rows, the double block's GELU rows and attention rows for each stream, and
   every block's LayerNorm + modulation rows), at chunk sizes and warps per program;
-- the same GELU rows quantized given each row's largest values per 256-column tile, as the GEMM's epilogue would
-  note them (`--given-maxima`: these and the two-pass kernels they would replace), at tiles and warps per program;
 - sage8's column statistics (K's sums over tokens, V's amax) at token tiles and programs per SM.
 "Floor" is the bytes a call must move at the bandwidth of a device-to-device copy measured in the same run.
 """
@@ -71,22 +68,12 @@ def row_cases(tokens: int, txt: int, width: int, mlp: int, device: str):
     x = bf16(1, tokens, width)
     shift, scale = bf16(1, 1, width), bf16(1, 1, width)
     int8 = torch.int8
-    mlp_part = linear1[..., 3 * width:]
-    parts = max(1, mlp // 256)
-    maxima = row_quant.row_maxima_reference(mlp_part, parts)
-    maxima_img, maxima_txt = (row_quant.row_maxima_reference(up, parts) for up in (up_img, up_txt))
-    given = row_quant.concat_gelu_quantize_rows_given_maxima
     return [
         ("single: [attention, GELU(mlp)] (concat_gelu_quantize_rows)", 38,
-         lambda: row_quant.concat_gelu_quantize_rows(attended, mlp_part, dtype=int8),
+         lambda: row_quant.concat_gelu_quantize_rows(attended, linear1[..., 3 * width:], dtype=int8),
          tokens * (width + mlp) * 3),
-        ("single: [attention, GELU(mlp)] given row maxima", 38,
-         lambda: given(attended, mlp_part, maxima, dtype=int8), tokens * (width + mlp) * 3),
         ("double: GELU(mlp up), image + text", 19,
          lambda: (row_quant.gelu_quantize_rows(up_img, dtype=int8), row_quant.gelu_quantize_rows(up_txt, dtype=int8)),
-         tokens * mlp * 3),
-        ("double: GELU(mlp up), image + text, given row maxima", 19,
-         lambda: (given(None, up_img, maxima_img, dtype=int8), given(None, up_txt, maxima_txt, dtype=int8)),
          tokens * mlp * 3),
         ("double: attention rows, image + text", 19,
          lambda: (row_quant.quantize_rows(att_img, dtype=int8), row_quant.quantize_rows(att_txt, dtype=int8)),
@@ -158,8 +145,6 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny sizes on the CPU through Triton's interpreter")
     parser.add_argument("--layernorm", action="store_true",
                         help="the LayerNorm + modulation + int8 kernel and its looping candidate only")
-    parser.add_argument("--given-maxima", action="store_true",
-                        help="the GELU rows only: the two-pass kernels' default and the given-maxima passes' tiles")
     args = parser.parse_args()
     device = "cpu" if args.tiny else "cuda"
     sizes = (40, 8, 48, 96, 2) if args.tiny else (TOKENS, TXT, WIDTH, MLP, HEADS)
@@ -173,24 +158,12 @@ def main() -> None:
     warps = (2, 4, 8)
     default = row_quant.ROW_CHUNK
     plan = (row_quant.rows_per_program, row_quant.row_warps)
-    default_tile = row_quant.GIVEN_MAXIMA_TILE
     for name, calls, fn, moved in row_cases(tokens, txt, width, mlp, device):
         layernorm = "LayerNorm" in name
-        given = "given" in name
-        if (args.layernorm and not layernorm) or (args.given_maxima and "GELU" not in name):
-            continue
-        if given:
-            tiles = [(1, 4096, 4), (2, 2048, 4), (4, 1024, 4), (8, 1024, 8), (8, 512, 4), (16, 256, 4), (4, 2048, 8)]
-            for tile in ([default_tile] if args.tiny else tiles):
-                row_quant.GIVEN_MAXIMA_TILE = tile
-                seconds = timed(fn, args.tiny)
-                print(f"| {name} | {tile[0]} rows x {tile[1]} columns, {tile[2]} warps | {seconds * 1e6:.1f} | "
-                      f"{moved / seconds / 1e12:.2f} | {seconds * bandwidth / moved:.2f} | "
-                      f"{seconds * calls * 1e3:.2f} |", flush=True)
-            row_quant.GIVEN_MAXIMA_TILE = default_tile
+        if args.layernorm and not layernorm:
             continue
         settings = [(None, None)] + list(itertools.product((1, 2, 4), (1, 2, 4, 8)) if layernorm
-                                         else [] if args.given_maxima else itertools.product(chunks, warps))
+                                         else itertools.product(chunks, warps))
         for first, second in settings:
             if first is not None:  # rows per program or values per chunk; warps
                 row_quant.row_warps = lambda _, w=second: w
@@ -205,7 +178,7 @@ def main() -> None:
                      else f"chunk {first}, {second} warps")
             print(f"| {name} | {label} | {seconds * 1e6:.1f} | {moved / seconds / 1e12:.2f} | "
                   f"{seconds * bandwidth / moved:.2f} | {seconds * calls * 1e3:.2f} |", flush=True)
-        if "GELU" in name and not args.tiny and not args.given_maxima:
+        if "GELU" in name and not args.tiny:
             # The GELU form that tanh.approx replaced as the default: exp2 and a division.
             row_quant.GELU_ON_GPU = row_quant.GELU_EXP
             seconds = timed(fn, args.tiny)
@@ -214,8 +187,6 @@ def main() -> None:
                   f"{moved / seconds / 1e12:.2f} | {seconds * bandwidth / moved:.2f} | {seconds * calls * 1e3:.2f} |",
                   flush=True)
 
-    if args.given_maxima:
-        return
     layernorm_loop_rows(tokens, width, device, args.tiny, bandwidth)
     if args.layernorm:
         return

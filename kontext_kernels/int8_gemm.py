@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from .runtime import (cdiv, enabled_for, enabled_for_traced, hopper, import_triton, interpreting, last_dim_contiguous,
-                      launches, multiprocessors, row_bucket)
+from .runtime import (cdiv, enabled_for, hopper, import_triton, interpreting, last_dim_contiguous, launches,
+                      multiprocessors, row_bucket)
 from . import int8_gemm_hopper
 from .tiles import grouped_tile
 
@@ -125,52 +125,6 @@ def int8_linear_gated_residual_pair(first: tuple, second: tuple) -> tuple[torch.
             launches["int8_linear_gated_residual"] += 2
             return tuple(out.view(operands[6].shape) for out, operands in zip(outs, (first, second)))
     return int8_linear_gated_residual(*first), int8_linear_gated_residual(*second)
-
-
-# Whether the single block's linear1 notes each row's largest values of its MLP columns in its epilogue, so that
-# their GELU is quantized by an elementwise pass instead of the two-pass row kernel (kontext_kernels/row_quant.py,
-# "Rows whose largest values their producer already found"; the same bytes either way). bench_step's +gemmmaxima
-# and +twopassrows choose.
-NOTE_ROW_MAXIMA = False
-
-
-_GLUON = int8_gemm_hopper.gluon_available()
-
-
-def notes_row_maxima(data: torch.Tensor, weight: torch.Tensor, maxima_from: int) -> bool:
-    """Whether the Hopper kernel's epilogue would note these operands' row maxima: decided from state that
-    torch.compile's tracing can read (dtypes, shapes, the card's compute capability), as the caller chooses
-    between `int8_linear_noting_maxima` and a plain product when it is traced."""
-    return (NOTE_ROW_MAXIMA and HOPPER_KERNEL == "gluon" and _GLUON and enabled_for_traced(data) and data.is_cuda
-            and not interpreting() and data.dtype == torch.int8 and weight.dtype == torch.int8
-            and torch.cuda.get_device_capability(data.device)[0] == 9
-            and int8_gemm_hopper.row_maxima_fit(weight.shape[0], maxima_from))
-
-
-def row_maxima_of(out: torch.Tensor, maxima_from: int) -> torch.Tensor:
-    """float32 [rows, parts]: each row's largest value of `out` [..., N] per 128 columns from `maxima_from` on, as
-    the Hopper kernel's epilogue notes them (a shorter last part where N - maxima_from is not a multiple of 128)."""
-    rows = out.reshape(-1, out.shape[-1])[:, maxima_from:].float()
-    parts = int8_gemm_hopper.row_maxima_parts(out.shape[-1], maxima_from)
-    padded = torch.nn.functional.pad(rows, (0, parts * 128 - rows.shape[1]), value=float("-inf"))
-    return padded.view(rows.shape[0], parts, 128).amax(dim=-1)
-
-
-def int8_linear_noting_maxima(data: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor,
-                              weight_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
-                              maxima_from: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`int8_linear`'s product and its row maxima from column `maxima_from` on (`row_maxima_of`): from the Hopper
-    kernel's epilogue where it takes the product, else read back from the output."""
-    operands = _kernel_operands(data, scale, weight, weight_scale, bias)
-    if (notes_row_maxima(data, weight, maxima_from) and _runs(data, weight)
-            and int8_gemm_hopper.ready_for(operands[0], operands[2], out_dtype)):
-        out, maxima = int8_gemm_hopper.launch_noting_maxima(
-            int8_gemm_hopper.Product(*operands, maxima_from=maxima_from), out_dtype)
-        launches["int8_linear"] += 1
-        launches["int8_linear_noting_maxima"] += 1
-        return out.view(*data.shape[:-1], weight.shape[0]), maxima
-    out = int8_linear(data, scale, weight, weight_scale, bias, out_dtype)
-    return out, row_maxima_of(out, maxima_from)
 
 
 def _runs(data: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -97,34 +97,12 @@ def _loader(data_desc, weight_desc, data_desc2, weight_desc2, data_ring, weight_
                                 filled)
 
 
-# The column parts of `row_maxima` (`Product.maxima_from`): one per 128 columns, whatever the schedule's tile width,
-# so that a caller (and a compiler's fake tensor) knows the maxima's shape before the plan is chosen.
-MAXIMA_COLUMNS = gl.constexpr(128)
-
-
-@gluon.jit
-def _note_row_maxima(stored, offs_m, offs_n, first_column, M, N, maxima_ptr, maxima_from, maxima_parts,
-                     MAXIMA_COLUMNS: gl.constexpr):
-    """Each row's largest stored value of this tile, into maxima [M, maxima_parts] at the part of its columns
-    (MAXIMA_COLUMNS each, from column maxima_from on): a tile wider than a part writes its largest into each of its
-    parts, which leaves every row's largest over all parts the same."""
-    BLOCK_N: gl.constexpr = stored.type.shape[1]
-    values = gl.where(gl.expand_dims(offs_n < N, 0), stored.to(gl.float32), float("-inf"))
-    largest = gl.max(values, axis=1)
-    part = (first_column - maxima_from) // MAXIMA_COLUMNS
-    for piece in gl.static_range(BLOCK_N // MAXIMA_COLUMNS):
-        gl.store(maxima_ptr + offs_m * maxima_parts + part + piece, largest,
-                 mask=(offs_m < M) & (part + piece < maxima_parts))
-
-
 @gluon.jit
 def _epilogue(acc, first_row, first_column, product, out_buffer, loaded, loaded_phase, N, HAS_BIAS: gl.constexpr,
-              RESIDUAL: gl.constexpr, BATCHED: gl.constexpr, ROW_MAXIMA: gl.constexpr):
+              RESIDUAL: gl.constexpr, BATCHED: gl.constexpr):
     """Scale, convert and store one consumer's finished part of a tile of `product`, from (first_row, first_column)
-    on, with the gated residual where asked, through TMA; with ROW_MAXIMA (plain products), each row's largest
-    stored value of the tile too, where its columns are past the product's `maxima_from`."""
-    (out_desc, scale_ptr, weight_scale_ptr, bias_ptr, residual_desc, gate_ptr, rows_per_batch, gate_stride, M,
-     maxima_ptr, maxima_from, maxima_parts) = product
+    on, with the gated residual where asked, through TMA."""
+    out_desc, scale_ptr, weight_scale_ptr, bias_ptr, residual_desc, gate_ptr, rows_per_batch, gate_stride, M = product
     ROWS: gl.constexpr = out_desc.block_type.shape[0]
     BLOCK_N: gl.constexpr = out_desc.block_type.shape[1]
     layout: gl.constexpr = acc.type.layout
@@ -158,12 +136,7 @@ def _epilogue(acc, first_row, first_column, product, out_buffer, loaded, loaded_
             in_last = gl.expand_dims(offs_m // rows_per_batch == last_batch, 1)
             gated = gl.where(in_last, residual + gl.expand_dims(last_gate.to(gl.float32), 0) * out, gated)
         out = gated
-    stored = out.to(out_desc.dtype)
-    if ROW_MAXIMA:
-        if first_column >= maxima_from:
-            _note_row_maxima(stored, offs_m, offs_n, first_column, M, N, maxima_ptr, maxima_from, maxima_parts,
-                             MAXIMA_COLUMNS)
-    out_buffer.store(stored)
+    out_buffer.store(out.to(out_desc.dtype))
     fence_async_shared()
     tma.async_copy_shared_to_global(out_desc, [first_row, first_column], out_buffer)
 
@@ -189,7 +162,7 @@ def _main_loop(data_ring, weight_ring, ready, free, taken, k_tiles, part, acc):
 @gluon.jit
 def _finish_tile(acc, tile, first_tiles, part, first, second, out_buffer, loaded, phase, N,
                  HAS_BIAS: gl.constexpr, RESIDUAL: gl.constexpr, BATCHED: gl.constexpr, GROUP_M: gl.constexpr,
-                 PAIRED: gl.constexpr, TILE_M: gl.constexpr, ROW_MAXIMA: gl.constexpr):
+                 PAIRED: gl.constexpr, TILE_M: gl.constexpr):
     # The epilogue of the product the tile belongs to (with PAIRED, the second's tiles follow the first's).
     ROWS: gl.constexpr = acc.type.shape[0]
     BLOCK_N: gl.constexpr = acc.type.shape[1]
@@ -197,25 +170,23 @@ def _finish_tile(acc, tile, first_tiles, part, first, second, out_buffer, loaded
         if tile < first_tiles:
             pid_m, pid_n = _tile_coordinates(tile, first[8], N, TILE_M, BLOCK_N, GROUP_M)
             _epilogue(acc, pid_m * TILE_M + part * ROWS, pid_n * BLOCK_N, first, out_buffer, loaded, phase, N,
-                      HAS_BIAS, RESIDUAL, BATCHED, ROW_MAXIMA)
+                      HAS_BIAS, RESIDUAL, BATCHED)
         else:
             pid_m, pid_n = _tile_coordinates(tile - first_tiles, second[8], N, TILE_M, BLOCK_N, GROUP_M)
             _epilogue(acc, pid_m * TILE_M + part * ROWS, pid_n * BLOCK_N, second, out_buffer, loaded, phase, N,
-                      HAS_BIAS, RESIDUAL, BATCHED, ROW_MAXIMA)
+                      HAS_BIAS, RESIDUAL, BATCHED)
     else:
         pid_m, pid_n = _tile_coordinates(tile, first[8], N, TILE_M, BLOCK_N, GROUP_M)
         _epilogue(acc, pid_m * TILE_M + part * ROWS, pid_n * BLOCK_N, first, out_buffer, loaded, phase, N, HAS_BIAS,
-                  RESIDUAL, BATCHED, ROW_MAXIMA)
+                  RESIDUAL, BATCHED)
 
 
 @gluon.jit
 def _consumer(data_ring, weight_ring, ready, free, turns, loaded, out_buffers, first, second, N, K,
               HAS_BIAS: gl.constexpr, RESIDUAL: gl.constexpr, BATCHED: gl.constexpr, GROUP_M: gl.constexpr,
-              PAIRED: gl.constexpr, COOPERATIVE: gl.constexpr, ROW_MAXIMA: gl.constexpr, WHICH: gl.constexpr,
-              WARPS: gl.constexpr):
+              PAIRED: gl.constexpr, COOPERATIVE: gl.constexpr, WHICH: gl.constexpr, WARPS: gl.constexpr):
     # `first` and `second`: each product's (out_desc, scale_ptr, weight_scale_ptr, bias_ptr, residual_desc,
-    # gate_ptr, rows_per_batch, gate_stride, M, maxima_ptr, maxima_from, maxima_parts); the second only read when
-    # PAIRED.
+    # gate_ptr, rows_per_batch, gate_stride, M); the second only read when PAIRED.
     # Ping-pong: the two consumers take the program's tiles in turn, each a whole tile. COOPERATIVE: both work on
     # every tile at once, each its half of the rows, against the same weight stage.
     TILE_M: gl.constexpr = data_ring.type.shape[1]
@@ -242,7 +213,7 @@ def _consumer(data_ring, weight_ring, ready, free, turns, loaded, out_buffers, f
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
             mbarrier.arrive(free.index((taken + k_tiles - 1) % data_ring.type.shape[0]))
             _finish_tile(acc, tile, first_tiles, WHICH, first, second, out_buffer, loaded_here, mine & 1, N,
-                         HAS_BIAS, RESIDUAL, BATCHED, GROUP_M, PAIRED, TILE_M, ROW_MAXIMA)
+                         HAS_BIAS, RESIDUAL, BATCHED, GROUP_M, PAIRED, TILE_M)
         elif mine % 2 == WHICH:
             # My turn: the other consumer has seen all its stages arrive (the first consumer's first wait is on
             # the barrier's initial, completed phase).
@@ -253,7 +224,7 @@ def _consumer(data_ring, weight_ring, ready, free, turns, loaded, out_buffers, f
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
             mbarrier.arrive(free.index((taken + k_tiles - 1) % data_ring.type.shape[0]))
             _finish_tile(acc, tile, first_tiles, 0, first, second, out_buffer, loaded_here, (mine // 2) & 1, N,
-                         HAS_BIAS, RESIDUAL, BATCHED, GROUP_M, PAIRED, TILE_M, ROW_MAXIMA)
+                         HAS_BIAS, RESIDUAL, BATCHED, GROUP_M, PAIRED, TILE_M)
         mine += 1
     tma.store_wait(pendings=0)
 
@@ -261,18 +232,15 @@ def _consumer(data_ring, weight_ring, ready, free, turns, loaded, out_buffers, f
 @gluon.jit
 def _int8_linear_pingpong_kernel(data_desc, weight_desc, out_desc, scale_ptr, weight_scale_ptr, bias_ptr,
                                  residual_desc, gate_ptr, rows_per_batch, gate_stride, M,
-                                 maxima_ptr, maxima_from, maxima_parts,
                                  data_desc2, weight_desc2, out_desc2, scale_ptr2, weight_scale_ptr2, bias_ptr2,
-                                 residual_desc2, gate_ptr2, rows_per_batch2, gate_stride2, M2,
-                                 maxima_ptr2, maxima_from2, maxima_parts2, N, K,
+                                 residual_desc2, gate_ptr2, rows_per_batch2, gate_stride2, M2, N, K,
                                  HAS_BIAS: gl.constexpr, RESIDUAL: gl.constexpr, BATCHED: gl.constexpr,
                                  GROUP_M: gl.constexpr, STAGES: gl.constexpr, PAIRED: gl.constexpr,
-                                 COOPERATIVE: gl.constexpr, ROW_MAXIMA: gl.constexpr, LOADER_REGISTERS: gl.constexpr,
+                                 COOPERATIVE: gl.constexpr, LOADER_REGISTERS: gl.constexpr,
                                  CONSUMER_REGISTERS: gl.constexpr):
     # With PAIRED, two products of the same N and K (the double block's text and image streams, each with its own
     # weights) share one launch; the second's arguments end in 2. Without it they are not read. COOPERATIVE: the
-    # schedule of `_consumer`'s comment. ROW_MAXIMA: the epilogue also notes each row's largest values
-    # (`_note_row_maxima`).
+    # schedule of `_consumer`'s comment.
     WARPS: gl.constexpr = gl.num_warps()
     data_ring = gl.allocate_shared_memory(data_desc.dtype, [STAGES] + data_desc.block_type.shape, data_desc.layout)
     weight_ring = gl.allocate_shared_memory(weight_desc.dtype, [STAGES] + weight_desc.block_type.shape,
@@ -289,17 +257,16 @@ def _int8_linear_pingpong_kernel(data_desc, weight_desc, out_desc, scale_ptr, we
         mbarrier.init(turns.index(consumer), count=1)
         mbarrier.init(loaded.index(consumer), count=1)
 
-    first = (out_desc, scale_ptr, weight_scale_ptr, bias_ptr, residual_desc, gate_ptr, rows_per_batch, gate_stride, M,
-             maxima_ptr, maxima_from, maxima_parts)
+    first = (out_desc, scale_ptr, weight_scale_ptr, bias_ptr, residual_desc, gate_ptr, rows_per_batch, gate_stride, M)
     second = (out_desc2, scale_ptr2, weight_scale_ptr2, bias_ptr2, residual_desc2, gate_ptr2, rows_per_batch2,
-              gate_stride2, M2, maxima_ptr2, maxima_from2, maxima_parts2)
+              gate_stride2, M2)
     FIRST: gl.constexpr = 0
     SECOND: gl.constexpr = 1
     gl.warp_specialize([
         (_consumer, (data_ring, weight_ring, ready, free, turns, loaded, out_buffers, first, second, N, K,
-                     HAS_BIAS, RESIDUAL, BATCHED, GROUP_M, PAIRED, COOPERATIVE, ROW_MAXIMA, FIRST, WARPS)),
+                     HAS_BIAS, RESIDUAL, BATCHED, GROUP_M, PAIRED, COOPERATIVE, FIRST, WARPS)),
         (_consumer, (data_ring, weight_ring, ready, free, turns, loaded, out_buffers, first, second, N, K,
-                     HAS_BIAS, RESIDUAL, BATCHED, GROUP_M, PAIRED, COOPERATIVE, ROW_MAXIMA, SECOND, WARPS)),
+                     HAS_BIAS, RESIDUAL, BATCHED, GROUP_M, PAIRED, COOPERATIVE, SECOND, WARPS)),
         (_loader, (data_desc, weight_desc, data_desc2, weight_desc2, data_ring, weight_ring, ready, free, M, M2, N, K,
                    GROUP_M, PAIRED)),
     ], [WARPS, 1], [CONSUMER_REGISTERS, LOADER_REGISTERS])
@@ -413,9 +380,7 @@ def _shared_layouts(out_dtype: torch.dtype, schedule: Schedule):
 class Product(NamedTuple):
     """One int8 GEMM's operands, as `launch` takes them: data int8 [M, K], scale float32 [M], weight int8 [N, K],
     weight_scale float32 [N], bias [N] or None; with `residual` (contiguous [M, N]) and `gate` ([B, N], unit column
-    stride; rows m of batch m // (M / B)), residual + gate * the product. With `maxima_from` (a plain product's
-    column, a multiple of 256), the launch also returns each row's largest output value per 128 columns from there
-    on (`row_maxima_parts`), as the output stores it: what row_quant's given-maxima quantizer takes."""
+    stride; rows m of batch m // (M / B)), residual + gate * the product."""
 
     data: torch.Tensor
     scale: torch.Tensor
@@ -424,18 +389,6 @@ class Product(NamedTuple):
     bias: torch.Tensor | None
     residual: torch.Tensor | None = None
     gate: torch.Tensor | None = None
-    maxima_from: int | None = None
-
-
-def row_maxima_parts(N: int, maxima_from: int) -> int:
-    """The column parts of a product's row maxima: one per 128 output columns from `maxima_from` on."""
-    return cdiv(N - maxima_from, int(MAXIMA_COLUMNS))
-
-
-def row_maxima_fit(N: int, maxima_from: int) -> bool:
-    """Whether the epilogue can note row maxima from this column: inside the output, at a tile's edge in every
-    schedule (256 columns)."""
-    return 0 <= maxima_from < N and maxima_from % 256 == 0
 
 
 def pair_fits(first: Product, second: Product) -> bool:
@@ -443,17 +396,16 @@ def pair_fits(first: Product, second: Product) -> bool:
     residual or not), of one batch where the residual is gated."""
     def form(product: Product):
         gate_rows = 0 if product.gate is None else product.gate.shape[0]
-        return (product.weight.shape, product.bias is None, product.residual is None, gate_rows > 1,
-                product.maxima_from is None)
+        return (product.weight.shape, product.bias is None, product.residual is None, gate_rows > 1)
     # Two gate rows live in each of the paired epilogue's two branches spill registers (offline sm_90 build): a
     # batch of several keeps its two launches.
     several_batches = first.gate is not None and first.gate.shape[0] > 1
     return form(first) == form(second) and not several_batches
 
 
-def _kernel_arguments(product: Product, out: torch.Tensor, maxima: torch.Tensor | None, schedule: Schedule) -> list:
-    """One product's arguments of the kernel, from `data_desc` to `maxima_parts`."""
-    data, scale, weight, weight_scale, bias, residual, gate, maxima_from = product
+def _kernel_arguments(product: Product, out: torch.Tensor, schedule: Schedule) -> list:
+    """One product's arguments of the kernel, from `data_desc` to `M`."""
+    data, scale, weight, weight_scale, bias, residual, gate = product
     M, N = out.shape
     fused = residual is not None
     if fused and not gated_residual_fits(M, N, residual, gate):
@@ -468,8 +420,7 @@ def _kernel_arguments(product: Product, out: torch.Tensor, maxima: torch.Tensor 
             out_desc, scale, weight_scale, out if bias is None else bias,
             # Unfused, the output's own descriptor and tensor stand in, unread: no second descriptor a launch.
             TensorDescriptor.from_tensor(residual, out_block, out_layout) if fused else out_desc,
-            gate if fused else out, M // gate.shape[0] if fused else 1, gate.stride(0) if fused else 0, M,
-            scale if maxima is None else maxima, maxima_from or 0, 0 if maxima is None else maxima.shape[1]]
+            gate if fused else out, M // gate.shape[0] if fused else 1, gate.stride(0) if fused else 0, M]
 
 
 def _group_and_schedule(gated_residual: bool, group_m: int | None, schedule_name: str | None) -> tuple[int, Schedule]:
@@ -485,7 +436,7 @@ def _tuning_key(products: list[Product], out_dtype: torch.dtype) -> tuple:
     first = products[0]
     rows = sum(product.data.shape[0] for product in products)
     return (first.data.device.index, *first.weight.shape, row_bucket(rows), len(products), first.bias is not None,
-            out_dtype, first.maxima_from is not None)
+            out_dtype)
 
 
 def _launch_times(runs: list, turns: int) -> list[list[float]]:
@@ -504,7 +455,7 @@ def _launch_times(runs: list, turns: int) -> list[list[float]]:
     return [[start.elapsed_time(end) for start, end in run_events] for run_events in events]
 
 
-def _tuned_plan(products: list[Product], outs: list[torch.Tensor], maxima: list) -> Plan | None:
+def _tuned_plan(products: list[Product], outs: list[torch.Tensor]) -> Plan | None:
     """The fastest of PLAN_CANDIDATES for these products' shape on this card, timed on the products themselves at
     the shape's first launch (a plain product only writes its outputs, so running it again changes nothing).
     During CUDA graph capture nothing can be timed: an untimed shape takes the defaults there (None)."""
@@ -513,7 +464,7 @@ def _tuned_plan(products: list[Product], outs: list[torch.Tensor], maxima: list)
     if tuning is None:
         if torch.cuda.is_current_stream_capturing():
             return None
-        runs = [functools.partial(_run, products, outs, maxima, SCHEDULES[plan.schedule], plan.group_m, plan.stages)
+        runs = [functools.partial(_run, products, outs, SCHEDULES[plan.schedule], plan.group_m, plan.stages)
                 for plan in PLAN_CANDIDATES]
         with torch.cuda.device(outs[0].device):  # the events on the products' card, whichever is current
             for run in runs:  # builds each candidate before any is timed
@@ -525,47 +476,37 @@ def _tuned_plan(products: list[Product], outs: list[torch.Tensor], maxima: list)
     return tuning.plan
 
 
-def _run(products: list[Product], outs: list[torch.Tensor], maxima: list, schedule: Schedule, group_m: int,
+def _run(products: list[Product], outs: list[torch.Tensor], schedule: Schedule, group_m: int,
          stages: int | None) -> None:
     first = products[0]
     N, K = first.weight.shape[0], first.data.shape[1]
-    arguments = [_kernel_arguments(product, out, product_maxima, schedule)
-                 for product, out, product_maxima in zip(products, outs, maxima)]
+    arguments = [_kernel_arguments(product, out, schedule) for product, out in zip(products, outs)]
     tiles = sum(cdiv(out.shape[0], BLOCK_M) for out in outs) * cdiv(N, schedule.columns)
     _int8_linear_pingpong_kernel[(min(multiprocessors(first.data.device), tiles),)](
         *arguments[0], *arguments[-1], N, K,
         HAS_BIAS=first.bias is not None, RESIDUAL=first.residual is not None,
         BATCHED=first.gate is not None and first.gate.shape[0] > 1, GROUP_M=group_m,
         STAGES=stages or schedule.stages, PAIRED=len(products) == 2, COOPERATIVE=schedule.cooperative,
-        ROW_MAXIMA=first.maxima_from is not None, LOADER_REGISTERS=_LOADER_REGISTERS,
-        CONSUMER_REGISTERS=_CONSUMER_REGISTERS, num_warps=4, maxnreg=_MAXNREG)
+        LOADER_REGISTERS=_LOADER_REGISTERS, CONSUMER_REGISTERS=_CONSUMER_REGISTERS, num_warps=4, maxnreg=_MAXNREG)
 
 
 def _launch(products: list[Product], out_dtype: torch.dtype, stages: int | None, group_m: int | None,
-            schedule_name: str | None) -> tuple[list[torch.Tensor], list]:
-    """Each product's output, and its row maxima where it asks for them (else None)."""
+            schedule_name: str | None) -> list[torch.Tensor]:
     first = products[0]
     N = first.weight.shape[0]
     outs = [torch.empty((product.data.shape[0], N), dtype=out_dtype, device=first.data.device)
             for product in products]
     gated_residual = first.residual is not None
-    for product in products:
-        if product.maxima_from is not None and (gated_residual or not row_maxima_fit(N, product.maxima_from)):
-            raise ValueError(f"row maxima from column {product.maxima_from}: a plain product's column below N = {N}, "
-                             f"a multiple of 256, wanted")
-    maxima = [None if product.maxima_from is None else
-              torch.empty((product.data.shape[0], row_maxima_parts(N, product.maxima_from)), dtype=torch.float32,
-                          device=first.data.device) for product in products]
     # A caller's stages, GROUP_M or schedule is a plan of its own (a ring deeper than the cooperative one's 3
     # stages would not fit its shared memory).
     if TUNE_PLANS and stages is None and group_m is None and schedule_name is None and not gated_residual:
-        plan = _tuned_plan(products, outs, maxima)
+        plan = _tuned_plan(products, outs)
         if plan is not None:
             schedule_name, group_m, stages = plan
     group_m, schedule = _group_and_schedule(gated_residual, group_m, schedule_name)
-    _run(products, outs, maxima, schedule, group_m, stages)
+    _run(products, outs, schedule, group_m, stages)
     launches["int8_linear_pingpong"] += 1  # the product's launch; the tuning's timed runs are not counted
-    return outs, maxima
+    return outs
 
 
 def launch(data: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
@@ -574,16 +515,7 @@ def launch(data: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, weight
            gate: torch.Tensor | None = None, schedule: str | None = None) -> torch.Tensor:
     """The product of `Product`'s operands (residual + gate * it with `residual` and `gate`), in out_dtype."""
     return _launch([Product(data, scale, weight, weight_scale, bias, residual, gate)], out_dtype, stages, group_m,
-                   schedule)[0][0]
-
-
-def launch_noting_maxima(product: Product, out_dtype: torch.dtype, stages: int | None = None,
-                         group_m: int | None = None, schedule: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """A plain product with `maxima_from` set: its output and its row maxima (`Product`)."""
-    if product.maxima_from is None:
-        raise ValueError("launch_noting_maxima: the product names no maxima_from column")
-    outs, maxima = _launch([product], out_dtype, stages, group_m, schedule)
-    return outs[0], maxima[0]
+                   schedule)[0]
 
 
 def launch_pair(first: Product, second: Product, out_dtype: torch.dtype, stages: int | None = None,
@@ -594,22 +526,12 @@ def launch_pair(first: Product, second: Product, out_dtype: torch.dtype, stages:
     if not pair_fits(first, second):
         raise ValueError("launch_pair: the two products differ in N, K or epilogue (bias, gated residual), or have "
                          "a gated residual over several batches; launch each on its own")
-    outs, _ = _launch([first, second], out_dtype, stages, group_m, schedule)
-    return outs[0], outs[1]
-
-
-def launch_pair_noting_maxima(first: Product, second: Product, out_dtype: torch.dtype, stages: int | None = None,
-                              group_m: int | None = None, schedule: str | None = None) -> tuple:
-    """`launch_pair` of two products that both set `maxima_from`: (out, maxima, out2, maxima2)."""
-    if first.maxima_from is None or not pair_fits(first, second):
-        raise ValueError("launch_pair_noting_maxima: both products must name a maxima_from column and fit a pair")
-    outs, maxima = _launch([first, second], out_dtype, stages, group_m, schedule)
-    return outs[0], maxima[0], outs[1], maxima[1]
+    out_first, out_second = _launch([first, second], out_dtype, stages, group_m, schedule)
+    return out_first, out_second
 
 
 def build_offline(out_dtype: torch.dtype = torch.bfloat16, has_bias: bool = True, stages: int | None = None,
-                  residual: bool = False, batched: bool = False, paired: bool = False, schedule: str = SCHEDULE,
-                  row_maxima: bool = False):
+                  residual: bool = False, batched: bool = False, paired: bool = False, schedule: str = SCHEDULE):
     """The kernel compiled for sm_90 without a GPU (Triton ships ptxas): for the tests and for reading its SASS.
     The signature is the one a launch at FLUX's shapes gets (16-divisible sizes and pointers)."""
     import triton
@@ -629,16 +551,15 @@ def build_offline(out_dtype: torch.dtype = torch.bfloat16, has_bias: bool = True
                       f"bias_ptr{suffix}": f"*{element}",
                       f"residual_desc{suffix}": f"tensordesc<{out_block},{out_layout}>",
                       f"gate_ptr{suffix}": f"*{element}", f"rows_per_batch{suffix}": "i32",
-                      f"gate_stride{suffix}": "i32", f"M{suffix}": "i32", f"maxima_ptr{suffix}": "*fp32",
-                      f"maxima_from{suffix}": "i32", f"maxima_parts{suffix}": "i32"}
+                      f"gate_stride{suffix}": "i32", f"M{suffix}": "i32"}
     signature |= {"N": "i32", "K": "i32"}
     constants = dict(HAS_BIAS=has_bias, RESIDUAL=residual, BATCHED=batched, GROUP_M=GROUP_M,
-                     STAGES=stages or plan.stages, PAIRED=paired, COOPERATIVE=plan.cooperative, ROW_MAXIMA=row_maxima,
+                     STAGES=stages or plan.stages, PAIRED=paired, COOPERATIVE=plan.cooperative,
                      LOADER_REGISTERS=_LOADER_REGISTERS, CONSUMER_REGISTERS=_CONSUMER_REGISTERS)
     signature |= {name: "constexpr" for name in constants}
     names = list(signature)
     attrs = {(names.index(f"{name}{suffix}"),): [["tt.divisibility", 16]]
-             for name in ("scale_ptr", "weight_scale_ptr", "bias_ptr", "gate_ptr", "gate_stride", "maxima_ptr")
+             for name in ("scale_ptr", "weight_scale_ptr", "bias_ptr", "gate_ptr", "gate_stride")
              for suffix in ("", "2")}
     attrs |= {(names.index(name),): [["tt.divisibility", 16]] for name in ("N", "K")}
     source = GluonASTSource(fn=_int8_linear_pingpong_kernel, signature=signature, constexprs=constants, attrs=attrs)

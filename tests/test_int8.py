@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import (as_float32, check_compiled_blocks, eight_bit_kernels, kernels_off, random_block_lora, randomize_,
-                      rel_l2, tiny_edit_args, tiny_quantized_pair)
+from conftest import (as_float32, check_compiled_blocks, eight_bit_kernels, kernels_off, random_block_lora, rel_l2,
+                      tiny_edit_args, tiny_quantized_pair)
 from kontext_kernels.runtime import launches, triton_available
 from kontext_core import KontextTransformer, TransformerConfig, load_transformer, save_transformer
 from kontext_core.compute import quant
@@ -157,39 +157,6 @@ def test_double_blocks_give_both_streams_one_launch_with_the_same_result(device,
     # One double block: qkv and mlp up always paired on Hopper, proj and mlp down (gated residuals) for one batch.
     assert pairs == ((4 if batch == 1 else 2) if hopper else 0)
     assert torch.equal(paired, apart)
-
-
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_single_blocks_quantize_the_mlp_from_the_gemms_row_maxima_with_the_same_result(device, compiled,
-                                                                                       monkeypatch):
-    # On Hopper, with int8_gemm.NOTE_ROW_MAXIMA, the single block's linear1 notes each row's largest MLP values in
-    # its epilogue and linear2's input rows are quantized by the elementwise pass: the velocity must equal the
-    # two-pass kernel's bit for bit, eager and in compiled blocks (where the ops' fake shapes must be right).
-    # A hidden size of 256 puts the MLP's columns (from 3 x 256 on) at a tile's edge, as FLUX's 9216.
-    from kontext_kernels import int8_gemm, int8_gemm_hopper
-
-    if not (device == "cuda" and torch.cuda.get_device_capability() >= (9, 0) and int8_gemm_hopper.gluon_available()):
-        pytest.skip("row maxima come from the Hopper GEMM's epilogue")
-    config = TransformerConfig.tiny(hidden_size=256, num_heads=2, axes_dim=(16, 56, 56), depth=1,
-                                    depth_single_blocks=1)
-    model = randomize_(KontextTransformer(config), seed=11).to(device).eval()
-    int8 = quant.quantize_model(copy.deepcopy(model).to(torch.bfloat16), torch.int8)
-    args = tiny_edit_args(1, torch.bfloat16, device)
-    torch._dynamo.reset()
-    try:
-        if compiled:
-            int8.compile_blocks(backend="inductor")
-        with torch.no_grad():
-            monkeypatch.setattr(int8_gemm, "NOTE_ROW_MAXIMA", False)
-            two_pass = int8.velocity(*args)
-            monkeypatch.setattr(int8_gemm, "NOTE_ROW_MAXIMA", True)
-            noted, quantized = launches["int8_linear_noting_maxima"], launches["quantize_rows_given_maxima"]
-            given = int8.velocity(*args)
-    finally:
-        torch._dynamo.reset()
-    assert launches["int8_linear_noting_maxima"] - noted == 1
-    assert launches["quantize_rows_given_maxima"] - quantized == 1
-    assert torch.equal(given, two_pass)
 
 
 def test_load_int8_from_a_bf16_file(tiny_transformer, tmp_path):

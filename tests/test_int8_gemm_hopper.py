@@ -57,16 +57,6 @@ def test_every_plan_candidate_builds_for_sm90_within_shared_memory(paired):
         _check_build(kernel)
 
 
-@needs_gluon
-@pytest.mark.parametrize("paired", [False, True], ids=["one", "paired"])
-@pytest.mark.parametrize("schedule", ["pingpong", "cooperative"])
-def test_the_row_maxima_epilogue_builds_for_sm90(schedule, paired):
-    # The epilogue that also notes each row's largest value per tile (for the given-maxima quantizer): it must
-    # build, spill-free and within shared memory, in both schedules, single and paired.
-    kernel = int8_gemm_hopper.build_offline(torch.bfloat16, True, paired=paired, schedule=schedule, row_maxima=True)
-    _check_build(kernel)
-
-
 def _check_build(kernel) -> None:
     sass = sass_of(kernel)
     # Two consumers, each 128x128 of output (a ping-pong tile, or half a cooperative 128x256 one) of 64x128x32 int8
@@ -271,7 +261,7 @@ class _TimedCandidates:
         self.per_launch, self.first_launches = per_launch, first_launches or {}
         self.launched, self.timed_turns, self.capturing = [], [], False
         hopper = int8_gemm_hopper
-        monkeypatch.setattr(hopper, "_run", lambda products, outs, maxima, schedule, group_m, stages:
+        monkeypatch.setattr(hopper, "_run", lambda products, outs, schedule, group_m, stages:
                             self.launched.append(self._plan(schedule, group_m, stages)))
         monkeypatch.setattr(hopper, "_launch_times", self._times)
         monkeypatch.setattr(hopper, "_tunings", {})
@@ -287,7 +277,7 @@ class _TimedCandidates:
         self.timed_turns.append(turns)
         times = []
         for run in runs:
-            candidate = self._plan(*run.args[3:6])
+            candidate = self._plan(*run.args[2:5])
             slow = self.first_launches.get(candidate, [])[:turns]
             times.append(slow + [self.per_launch[candidate]] * (turns - len(slow)))
         return times
@@ -408,69 +398,12 @@ def test_every_plan_candidate_and_the_tuned_launch_give_the_default_launchs_prod
     first = hopper.Product(data, scale, weight, weight_scale, bias)
     products = [first, hopper.Product(data[:300], scale[:300], weight, weight_scale, bias)][:1 + paired]
     monkeypatch.setattr(hopper, "TUNE_PLANS", False)
-    default = hopper._launch(products, torch.bfloat16, None, None, None)[0]
+    default = hopper._launch(products, torch.bfloat16, None, None, None)
     for plan in hopper.PLAN_CANDIDATES:
-        planned = hopper._launch(products, torch.bfloat16, plan.stages, plan.group_m, plan.schedule)[0]
+        planned = hopper._launch(products, torch.bfloat16, plan.stages, plan.group_m, plan.schedule)
         assert all(torch.equal(a, b) for a, b in zip(planned, default)), plan
     monkeypatch.setattr(hopper, "TUNE_PLANS", True)
     monkeypatch.setattr(hopper, "_tunings", {})
-    tuned = hopper._launch(products, torch.bfloat16, None, None, None)[0]
+    tuned = hopper._launch(products, torch.bfloat16, None, None, None)
     assert all(torch.equal(a, b) for a, b in zip(tuned, default))
     assert [tuning.plan for tuning in hopper.tunings().values()][0] in hopper.PLAN_CANDIDATES
-
-
-def test_row_maxima_are_refused_where_the_epilogue_cannot_note_them():
-    hopper = int8_gemm_hopper
-    assert hopper.row_maxima_fit(21504, 9216) and hopper.row_maxima_fit(512, 0)
-    assert not hopper.row_maxima_fit(21504, 9216 + 128) and not hopper.row_maxima_fit(512, 512)
-    assert hopper.row_maxima_parts(21504, 9216) == 96 and hopper.row_maxima_parts(300, 0) == 3
-    data, scale, weight, weight_scale = _operands(256, 512, 128, "cpu")
-    with pytest.raises(ValueError, match="row maxima from column 128"):
-        hopper._launch([hopper.Product(data, scale, weight, weight_scale, None, maxima_from=128)], torch.bfloat16,
-                       None, None, None)
-    gated = hopper.Product(data, scale, weight, weight_scale, None, torch.randn(256, 512), torch.randn(1, 512), 0)
-    with pytest.raises(ValueError, match="a plain product's column"):
-        hopper._launch([gated], torch.bfloat16, None, None, None)
-    plain = hopper.Product(data, scale, weight, weight_scale, None)
-    assert not hopper.pair_fits(plain, plain._replace(maxima_from=0))
-    with pytest.raises(ValueError, match="maxima_from"):
-        hopper.launch_noting_maxima(plain, torch.bfloat16)
-
-
-@hopper_gpu
-@pytest.mark.parametrize("paired", [False, True], ids=["one", "paired"])
-def test_row_maxima_are_the_stored_outputs_largest_values_in_every_plan(monkeypatch, paired):
-    # linear1's shape with the maxima from the MLP's columns on (9216), and a shape whose last tile is partial in
-    # rows and, for the cooperative schedule's 256-wide tiles, in columns (N = 640): in every plan the output
-    # equals the launch without maxima bit for bit, and the maxima equal the largest stored values per 128 columns.
-    from kontext_kernels import row_quant
-
-    hopper = int8_gemm_hopper
-    monkeypatch.setattr(hopper, "TUNE_PLANS", False)
-    for M, N, K, start in ((1000, 21504, 3072, 9216), (300, 640, 256, 0)):
-        torch.manual_seed(N)
-        data, scale, weight, weight_scale = _operands(M, N, K, "cuda")
-        bias = torch.randn(N, device="cuda", dtype=torch.bfloat16)
-        products = [hopper.Product(data, scale, weight, weight_scale, bias, maxima_from=start),
-                    hopper.Product(data[:200], scale[:200], weight, weight_scale, bias, maxima_from=start)]
-        products = products[:1 + paired]
-        plain = hopper._launch([product._replace(maxima_from=None) for product in products], torch.bfloat16,
-                               None, None, None)[0]
-        for plan in hopper.PLAN_CANDIDATES:
-            outs, maxima = hopper._launch(products, torch.bfloat16, plan.stages, plan.group_m, plan.schedule)
-            for out, expected_out, product_maxima in zip(outs, plain, maxima):
-                assert torch.equal(out, expected_out), plan
-                columns = out[:, start:].float()
-                padded = torch.nn.functional.pad(columns, (0, product_maxima.shape[1] * 128 - columns.shape[1]),
-                                                 value=float("-inf"))
-                expected = padded.view(out.shape[0], -1, 128).amax(-1)
-                if plan.schedule == "cooperative":  # a 256-wide tile notes its largest in both its parts
-                    expected = torch.nn.functional.pad(expected, (0, expected.shape[1] % 2), value=float("-inf"))
-                    expected = expected.view(out.shape[0], -1, 2).amax(-1).repeat_interleave(2, 1)
-                    expected = expected[:, :product_maxima.shape[1]]
-                assert torch.equal(product_maxima, expected), plan
-                assert torch.equal(product_maxima.amax(1), columns.amax(1))
-        quantized = row_quant.concat_gelu_quantize_rows_given_maxima(None, outs[0][:, start:], maxima[0],
-                                                                     dtype=torch.int8)
-        two_pass = row_quant.gelu_quantize_rows(outs[0][:, start:], dtype=torch.int8)
-        assert torch.equal(quantized[0], two_pass[0]) and torch.equal(quantized[1], two_pass[1])

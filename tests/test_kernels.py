@@ -337,47 +337,6 @@ class TestAwkwardSizes:
         _check_rows(variant, args, rows=26, exact=False, dtype=dtype)
 
     @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.int8], ids=["e4m3", "int8"])
-    @pytest.mark.parametrize("with_first", [True, False], ids=["concat", "gelu"])
-    @pytest.mark.parametrize("chunk", [32, 1024])
-    def test_rows_given_maxima_equal_the_two_pass_kernel(self, device, with_first, chunk, dtype, monkeypatch):
-        # Given each row's largest values per column part (as linear1's epilogue notes them), the scale pass and
-        # the elementwise pass must write the two-pass kernel's bytes and scales exactly: rows of 37 + 100 values
-        # in 32-wide chunks (partial chunks at both parts' ends), the second a strided column slice, and the rows
-        # for which GELU's amax is not GELU(largest): all negative, small of both signs, one at -0.75.
-        from kontext_kernels import row_quant
-
-        monkeypatch.setattr(row_quant, "GIVEN_MAXIMA_TILE", (2, chunk, 1))
-        projection = _randn(2, 13, 160, dtype=torch.bfloat16, device=device, scale=3.0)
-        x = projection[..., 60:]
-        x[0, 2] = -x[0, 2].abs() - 0.2
-        x[0, 3] = _randn(100, dtype=torch.bfloat16, device=device, scale=0.05)
-        x[1, 5] = -0.75
-        x[1, 6] *= 40
-        first = _randn(2, 13, 37, dtype=torch.bfloat16, device=device) if with_first else None
-        maxima = row_quant.row_maxima_reference(x, parts=4)
-        before = launches["quantize_rows_given_maxima"]
-        data, scale = row_quant.concat_gelu_quantize_rows_given_maxima(first, x, maxima, spare=5, dtype=dtype)
-        _assert_launched("quantize_rows_given_maxima", before)
-        if with_first:
-            two_pass, two_pass_scale = row_quant.concat_gelu_quantize_rows(first, x, spare=5, dtype=dtype)
-        else:
-            two_pass, two_pass_scale = row_quant.gelu_quantize_rows(x, spare=5, dtype=dtype)
-        written = data.shape[-1] - 5
-        assert data.shape == two_pass.shape and torch.equal(scale, two_pass_scale)
-        assert torch.equal(data[..., :written].view(torch.uint8), two_pass[..., :written].view(torch.uint8))
-
-    def test_rows_given_maxima_refuse_wrong_maxima(self, device):
-        from kontext_kernels import row_quant
-
-        x = _randn(3, 64, dtype=torch.bfloat16, device=device)
-        with pytest.raises(ValueError, match="float32 \\[rows, parts\\]"):
-            row_quant.concat_gelu_quantize_rows_given_maxima(None, x, torch.zeros(3, 2, dtype=torch.bfloat16,
-                                                                                   device=device))
-        with pytest.raises(ValueError, match="4 in the maxima"):
-            row_quant.concat_gelu_quantize_rows_given_maxima(None, x, row_quant.row_maxima_reference(
-                torch.cat((x, x[:1])), parts=2))
-
-    @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.int8], ids=["e4m3", "int8"])
     @pytest.mark.parametrize("variant", ["gelu_quantize_rows", "concat_gelu_quantize_rows"])
     def test_gelu_through_tanh_approx(self, device, variant, dtype, monkeypatch):
         # The GPU's GELU form (row_quant.GELU_TANH_APPROX, inline PTX the interpreter cannot run), on rows long

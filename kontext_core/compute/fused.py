@@ -20,8 +20,7 @@ from torch import nn
 
 from . import ops
 from .quant import (E4M3_MAX, Int8Product, QuantizedLinear, QuantizedRows, fp8_linear_rows, fp8_matmul_ok,
-                    int8_gated_residual, int8_gated_residual_pair, int8_linear_noting_maxima, int8_linear_pair,
-                    rows_format)
+                    int8_gated_residual, int8_gated_residual_pair, int8_linear_pair, rows_format)
 
 try:  # kontext_kernels/ is optional: without it every op runs its PyTorch reference
     import kontext_kernels as _kernels
@@ -387,18 +386,10 @@ def parallel_attention_mlp(x: torch.Tensor | QuantizedRows, linear1: nn.Module, 
     linear2's input: 8-bit rows for an 8-bit linear2, the two parts unconcatenated where cuBLAS runs linear2,
     else their concatenation."""
     if isinstance(x, QuantizedRows):
-        # One 8-bit GEMM; the attention and the quantizing concat read their parts of it as strided views. An int8
-        # GEMM on Hopper can note each row's largest MLP values as it stores them: the concat is then quantized
-        # by an elementwise pass (the same bytes).
-        product = _int8_product(linear1, x)
-        noted = None if product is None else int8_linear_noting_maxima(product, linear1.compute_dtype, split)
-        y, maxima = noted if noted is not None else (linear(linear1, x), None)
-        qkv, mlp = y.split([split, linear1.out_features - split], dim=-1)
+        # One 8-bit GEMM; the attention and the quantizing concat read their parts of it as strided views.
+        qkv, mlp = linear(linear1, x).split([split, linear1.out_features - split], dim=-1)
         attended = attend(qkv)
         form = _row_format(linear2, attended)
-        if form is not None and maxima is not None:
-            return QuantizedRows(*torch.ops.kontext.concat_gelu_quantize_rows_given_maxima(
-                attended, mlp, maxima, lora_columns(linear2), form == torch.int8))
         if form is not None:
             return QuantizedRows(*torch.ops.kontext.concat_gelu_quantize_rows(attended, mlp, lora_columns(linear2),
                                                                              form == torch.int8))
@@ -480,13 +471,6 @@ if _kernels is not None:
                lambda first, second, spare=0, int8=False: _kernels.row_quant.concat_gelu_quantize_rows(
                    first, second, spare=spare, dtype=_format(int8)),
                lambda first, second, spare=0, int8=False: _quantized_fake(
-                   second, first.shape[-1] + second.shape[-1] + spare, int8))
-    ops.define("concat_gelu_quantize_rows_given_maxima(Tensor first, Tensor second, Tensor second_maxima, "
-               "int spare=0, bool int8=False) -> (Tensor, Tensor)",
-               lambda first, second, second_maxima, spare=0, int8=False:
-               _kernels.row_quant.concat_gelu_quantize_rows_given_maxima(first, second, second_maxima, spare=spare,
-                                                                         dtype=_format(int8)),
-               lambda first, second, second_maxima, spare=0, int8=False: _quantized_fake(
                    second, first.shape[-1] + second.shape[-1] + spare, int8))
     ops.define("layernorm_modulate_quantize(Tensor x, Tensor shift, Tensor scale, int spare=0, bool int8=False) "
                "-> (Tensor, Tensor)",

@@ -177,22 +177,6 @@ if _int8_gemm is not None:
                lambda *operands: (torch.empty_like(operands[6]), torch.empty_like(operands[13])))
 
 
-def _int8_linear_noting_maxima(data: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor,
-                               weight_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
-                               maxima_from: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return _int8_gemm.int8_linear_noting_maxima(data, scale, weight, weight_scale, bias, out_dtype, maxima_from)
-
-
-if _int8_gemm is not None:
-    ops.define("int8_linear_noting_maxima(Tensor data, Tensor scale, Tensor weight, Tensor weight_scale, "
-               "Tensor? bias, ScalarType out_dtype, int maxima_from) -> (Tensor, Tensor)", _int8_linear_noting_maxima,
-               lambda data, scale, weight, weight_scale, bias, out_dtype, maxima_from: (
-                   data.new_empty((*data.shape[:-1], weight.shape[0]), dtype=out_dtype),
-                   data.new_empty((data.numel() // data.shape[-1],
-                                   _int8_gemm.int8_gemm_hopper.row_maxima_parts(weight.shape[0], maxima_from)),
-                                  dtype=torch.float32)))
-
-
 class Int8Product(NamedTuple):
     """One int8 layer's product as a pair op takes it: int8 rows and the layer's weight, scales and bias."""
 
@@ -212,17 +196,6 @@ def int8_linear_pair(first: Int8Product, second: Int8Product,
     if torch.compiler.is_compiling():
         return torch.ops.kontext.int8_linear_pair(*first.operands(), *second.operands(), out_dtype)
     return _int8_linear_pair(*first.operands(), *second.operands(), out_dtype)
-
-
-def int8_linear_noting_maxima(product: Int8Product, out_dtype: torch.dtype,
-                              maxima_from: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The product in out_dtype and each row's largest output values per 128 columns from `maxima_from` on, where
-    the Hopper kernel notes them in its epilogue (kontext_kernels/int8_gemm.py, `notes_row_maxima`); else None."""
-    if _int8_gemm is None or not _int8_gemm.notes_row_maxima(product.rows.data, product.weight, maxima_from):
-        return None
-    if torch.compiler.is_compiling():
-        return torch.ops.kontext.int8_linear_noting_maxima(*product.operands(), out_dtype, maxima_from)
-    return _int8_linear_noting_maxima(*product.operands(), out_dtype, maxima_from)
 
 
 def int8_gated_residual_pair(first: tuple[torch.Tensor, torch.Tensor, Int8Product],
