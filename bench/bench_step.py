@@ -296,6 +296,8 @@ MODIFIERS = {
     "tunedplans": "each plain Hopper int8 GEMM with the fastest of PLAN_CANDIDATES for its shape, timed on the card at "
                   "its first launch (kontext_kernels/int8_gemm_hopper.py, TUNE_PLANS), whatever the product's default",
     "untunedplans": "every Hopper int8 GEMM with the default schedule and GROUP_M, not TUNE_PLANS",
+    "unpairedrows": "the double blocks' text and image 8-bit rows (attention outputs, GELU rows) quantized in a "
+                    "launch each, not one launch for both (kontext_core/compute/fused.py, set_paired_row_quantizers)",
     "cuteattention": "with +sage8 on Hopper: the CuTe DSL attention kernel with FlashAttention-3's in-warpgroup "
                      "overlap (kontext_kernels/sage_attention_cute.py, through cute_runtime.py), not the Gluon one",
     "sdpa": "attention through PyTorch's SDPA (cuDNN first) even where flash-attn is installed (auto takes it)",
@@ -344,7 +346,7 @@ def implementation(name: str) -> str:
                                                "tritongemm", "tritonattention", "modtable", "fusedqkv",
                                                "tanhgelu", "mmarowsums", "pvsoftmax", "turns", "frozenstats",
                                                "chainrows", "cuteattention", "unpaired", "paired", "cooperative",
-                                               "tunedplans", "untunedplans")]
+                                               "tunedplans", "untunedplans", "unpairedrows")]
     if ours_only and not base.startswith("ours"):
         raise argparse.ArgumentTypeError(f"{name!r}: +{ours_only[0]} applies to our rows only")
     if "autotune" in modifiers and not base.endswith("-compiled"):
@@ -396,6 +398,7 @@ def configure(impl: str) -> None:
     fused.set_fused_gemms(base.endswith("-kernels"))
     fused.set_cublas_epilogues("noepilogues" not in modifiers)
     fused.set_linear2_parts("concat" not in modifiers)
+    fused.set_paired_row_quantizers("unpairedrows" not in modifiers)
     quant.set_fp8_fast_accumulation("exactaccum" not in modifiers)
     attention = {"fp8attention": "cudnn-fp8", "sage8": "sage8", "sage8fp16": "sage8-fp16", "sdpa": "sdpa"}
     set_attention_backend(next((attention[m] for m in modifiers if m in attention), "auto"))

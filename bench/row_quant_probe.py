@@ -2,6 +2,7 @@
 GPU's copy bandwidth, at a few launch settings each.
 
     python3 bench/row_quant_probe.py            # on a CUDA GPU
+    python3 bench/row_quant_probe.py --defaults # each kernel at its default setting only
     TRITON_INTERPRET=1 python3 bench/row_quant_probe.py --tiny   # on a CPU: that it runs
 
 Each kernel is timed from a CUDA graph of 10 calls (no host in the way), as the compiled step replays it:
@@ -75,9 +76,15 @@ def row_cases(tokens: int, txt: int, width: int, mlp: int, device: str):
         ("double: GELU(mlp up), image + text", 19,
          lambda: (row_quant.gelu_quantize_rows(up_img, dtype=int8), row_quant.gelu_quantize_rows(up_txt, dtype=int8)),
          tokens * mlp * 3),
+        ("double: GELU(mlp up), image + text in one launch", 19,
+         lambda: row_quant.gelu_quantize_rows_pair(up_img, up_txt, dtype=int8), tokens * mlp * 3),
+        ("double: GELU(mlp up), image alone", 19, lambda: row_quant.gelu_quantize_rows(up_img, dtype=int8),
+         image * mlp * 3),
         ("double: attention rows, image + text", 19,
          lambda: (row_quant.quantize_rows(att_img, dtype=int8), row_quant.quantize_rows(att_txt, dtype=int8)),
          tokens * width * 3),
+        ("double: attention rows, image + text in one launch", 19,
+         lambda: row_quant.quantize_rows_pair(att_img, att_txt, dtype=int8), tokens * width * 3),
         ("LayerNorm + modulation (114 calls a step, as 76 of 8704 rows)", 76,
          lambda: row_quant.layernorm_modulate_quantize(x, shift, scale, dtype=int8), tokens * width * 3),
     ]
@@ -145,6 +152,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny sizes on the CPU through Triton's interpreter")
     parser.add_argument("--layernorm", action="store_true",
                         help="the LayerNorm + modulation + int8 kernel and its looping candidate only")
+    parser.add_argument("--defaults", action="store_true", help="the row quantizers at their default settings only")
     args = parser.parse_args()
     device = "cpu" if args.tiny else "cuda"
     sizes = (40, 8, 48, 96, 2) if args.tiny else (TOKENS, TXT, WIDTH, MLP, HEADS)
@@ -162,8 +170,9 @@ def main() -> None:
         layernorm = "LayerNorm" in name
         if args.layernorm and not layernorm:
             continue
-        settings = [(None, None)] + list(itertools.product((1, 2, 4), (1, 2, 4, 8)) if layernorm
-                                         else itertools.product(chunks, warps))
+        settings = [(None, None)] + ([] if args.defaults else
+                                     list(itertools.product((1, 2, 4), (1, 2, 4, 8)) if layernorm
+                                          else itertools.product(chunks, warps)))
         for first, second in settings:
             if first is not None:  # rows per program or values per chunk; warps
                 row_quant.row_warps = lambda _, w=second: w
@@ -178,7 +187,7 @@ def main() -> None:
                      else f"chunk {first}, {second} warps")
             print(f"| {name} | {label} | {seconds * 1e6:.1f} | {moved / seconds / 1e12:.2f} | "
                   f"{seconds * bandwidth / moved:.2f} | {seconds * calls * 1e3:.2f} |", flush=True)
-        if "GELU" in name and not args.tiny:
+        if "GELU" in name and not args.tiny and not args.defaults:
             # The GELU form that tanh.approx replaced as the default: exp2 and a division.
             row_quant.GELU_ON_GPU = row_quant.GELU_EXP
             seconds = timed(fn, args.tiny)
@@ -187,6 +196,8 @@ def main() -> None:
                   f"{moved / seconds / 1e12:.2f} | {seconds * bandwidth / moved:.2f} | {seconds * calls * 1e3:.2f} |",
                   flush=True)
 
+    if args.defaults:
+        return
     layernorm_loop_rows(tokens, width, device, args.tiny, bandwidth)
     if args.layernorm:
         return

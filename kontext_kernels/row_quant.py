@@ -114,6 +114,38 @@ def concat_gelu_quantize_rows(first: torch.Tensor, second: torch.Tensor, spare: 
     return concat_gelu_quantize_rows_reference(first, second, spare, dtype)
 
 
+def _split_stacked(stacked: Quantized, x: torch.Tensor, other: torch.Tensor) -> tuple[Quantized, Quantized]:
+    # The stacked launch's rows back as each input's (views of one buffer).
+    data, scale = stacked
+    rows = x.numel() // x.shape[-1]
+    return ((data[:rows].view(*x.shape[:-1], data.shape[-1]), scale[:rows]),
+            (data[rows:].view(*other.shape[:-1], data.shape[-1]), scale[rows:]))
+
+
+def _stackable(x: torch.Tensor, other: torch.Tensor) -> bool:
+    return (enabled_for(x) and x.numel() > 0 and other.numel() > 0 and other.device == x.device
+            and other.dtype == x.dtype and other.shape[-1] == x.shape[-1])
+
+
+def quantize_rows_pair(x: torch.Tensor, other: torch.Tensor, spare: int = 0,
+                       dtype: torch.dtype = E4M3) -> tuple[Quantized, Quantized]:
+    """(`quantize_rows(x)`, `quantize_rows(other)`) of two inputs of one width, in one launch where the kernel
+    runs: the double block's image and text streams, whose text rows alone leave most of the GPU idle."""
+    if _stackable(x, other):
+        return _split_stacked(_concat_quantize_triton(None, x, gelu=False, spare=spare, dtype=dtype, other=other),
+                              x, other)
+    return quantize_rows(x, spare, dtype), quantize_rows(other, spare, dtype)
+
+
+def gelu_quantize_rows_pair(x: torch.Tensor, other: torch.Tensor, spare: int = 0,
+                            dtype: torch.dtype = E4M3) -> tuple[Quantized, Quantized]:
+    """(`gelu_quantize_rows(x)`, `gelu_quantize_rows(other)`), in one launch where the kernel runs."""
+    if _stackable(x, other):
+        return _split_stacked(_concat_quantize_triton(None, x, gelu=True, spare=spare, dtype=dtype, other=other),
+                              x, other)
+    return gelu_quantize_rows(x, spare, dtype), gelu_quantize_rows(other, spare, dtype)
+
+
 def layernorm_modulate_quantize(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
                                 eps: float = 1e-6, spare: int = 0, dtype: torch.dtype = E4M3) -> Quantized:
     """Same contract as `layernorm_modulate_quantize_reference`; the Triton kernel where it can run."""
@@ -220,13 +252,21 @@ def _store_chunks(ptr, out_rows, rows, n_rows, stride, width, chunks, inv_scale,
 def _concat_quantize_kernel(
     first_ptr, second_ptr, out_ptr, scale_ptr,
     n_rows, first_width, second_width, first_chunks, second_chunks, stride_first, stride_second, stride_out,
+    other_ptr, other_from, stride_other,
     HAS_FIRST: tl.constexpr, GELU_SECOND: tl.constexpr, CHUNK: tl.constexpr,
     ROWS: tl.constexpr, INT8: tl.constexpr, EXACT_ROUNDING: tl.constexpr, NEGATIVE_GELU_BOUND: tl.constexpr,
+    STACKED: tl.constexpr,
 ):
     # Two passes over chunks of ROWS rows: the amax, then the rewrite, which reads the rows again from the
     # cache. Holding a whole 15k-wide row in registers instead left two programs per SM, each waiting on its
     # loads before it could compute (2x the memory floor at FLUX's widths, bench/RESULTS.md).
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    if STACKED:
+        # Rows from `other_from` on come from another tensor (the double block's other stream): each row's own
+        # base pointer, the row stride then 0.
+        second_ptr = tl.where(rows < other_from, second_ptr + rows * stride_second,
+                              other_ptr + (rows - other_from) * stride_other)[:, None]
+        stride_second = 0
     amax = tl.full([ROWS], 0.0, tl.float32)
     if HAS_FIRST:
         amax = _chunked_amax(first_ptr, rows, n_rows, stride_first, first_width, first_chunks, CHUNK, ROWS, False,
@@ -263,31 +303,37 @@ def _as_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def _concat_quantize_triton(first: torch.Tensor | None, second: torch.Tensor, gelu: bool, spare: int,
-                            dtype: torch.dtype) -> Quantized:
+                            dtype: torch.dtype, other: torch.Tensor | None = None) -> Quantized:
+    # With `other` (no `first`), other's rows are quantized after second's in the same launch, into one [rows of
+    # both, width] buffer; the caller splits it.
     format_max(dtype)  # refuses other dtypes
     second_rows = _as_rows(second)
     first_rows = _as_rows(first) if first is not None else second_rows
+    other_rows = _as_rows(other) if other is not None else second_rows
     first_width = first.shape[-1] if first is not None else 0
     if first is not None and first_rows.shape[0] != second_rows.shape[0]:
         raise ValueError(f"concat_gelu_quantize_rows: {first_rows.shape[0]} rows in first, "
                          f"{second_rows.shape[0]} in second")
-    n_rows, second_width = second_rows.shape
+    stacked_rows, second_width = second_rows.shape
+    n_rows = stacked_rows + (other_rows.shape[0] if other is not None else 0)
     width = first_width + second_width + spare
-    data = torch.empty((*second.shape[:-1], width), dtype=dtype, device=second.device)
+    data = torch.empty((n_rows, width), dtype=dtype, device=second.device)
     scale = torch.empty((n_rows, 1), dtype=torch.float32, device=second.device)
     chunk = min(ROW_CHUNK, next_power_of_2(max(first_width, second_width)))
     rows = rows_per_program(chunk)
     _concat_quantize_kernel[(cdiv(n_rows, rows),)](
         first_rows, second_rows, data, scale,
         n_rows, first_width, second_width, loop_count(cdiv(first_width, chunk)), loop_count(cdiv(second_width, chunk)),
-        first_rows.stride(0), second_rows.stride(0), width,
+        first_rows.stride(0), second_rows.stride(0), width, other_rows, stacked_rows, other_rows.stride(0),
         HAS_FIRST=first is not None, GELU_SECOND=gelu_mode() if gelu else GELU_NONE, CHUNK=chunk, ROWS=rows,
         INT8=dtype == torch.int8, EXACT_ROUNDING=interpreting(), NEGATIVE_GELU_BOUND=_NEGATIVE_GELU_BOUND,
-        num_warps=row_warps(rows * chunk),
+        STACKED=other is not None, num_warps=row_warps(rows * chunk),
     )
     launches["concat_gelu_quantize_rows" if first is not None else
              "gelu_quantize_rows" if gelu else "quantize_rows"] += 1
-    return data, scale
+    if other is not None:
+        launches["row_quantizer_pair"] += 1
+    return data.view(*second.shape[:-1], width) if other is None else data, scale
 
 
 @triton.jit

@@ -159,6 +159,33 @@ def test_double_blocks_give_both_streams_one_launch_with_the_same_result(device,
     assert torch.equal(paired, apart)
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_double_blocks_quantize_both_streams_rows_in_one_launch_with_the_same_result(device, compiled):
+    # The double block's attention rows and GELU rows of both streams, each kind in one launch of the row kernel
+    # (fused.set_paired_row_quantizers): the velocity equal bit for bit to a launch per stream, eager and in
+    # compiled blocks (where the pair ops' fake shapes must be right).
+    from kontext_core.compute import fused
+
+    _, int8 = _models(device)
+    args = tiny_edit_args(1, torch.bfloat16, device)
+    torch._dynamo.reset()
+    try:
+        if compiled:
+            int8.compile_blocks(backend="aot_eager" if device == "cpu" else "inductor")
+        with torch.no_grad():
+            fused.set_paired_row_quantizers(False)
+            before = launches["row_quantizer_pair"]
+            apart = int8.velocity(*args)
+            assert launches["row_quantizer_pair"] == before
+            fused.set_paired_row_quantizers(True)
+            paired = int8.velocity(*args)
+    finally:
+        fused.set_paired_row_quantizers(True)
+        torch._dynamo.reset()
+    assert launches["row_quantizer_pair"] - before == 2  # one double block: attention rows, GELU rows
+    assert torch.equal(paired, apart)
+
+
 def test_load_int8_from_a_bf16_file(tiny_transformer, tmp_path):
     bf16 = copy.deepcopy(tiny_transformer).to(torch.bfloat16)
     save_transformer(bf16, tmp_path / "flux1-kontext-dev.safetensors")

@@ -337,6 +337,34 @@ class TestAwkwardSizes:
         _check_rows(variant, args, rows=26, exact=False, dtype=dtype)
 
     @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.int8], ids=["e4m3", "int8"])
+    @pytest.mark.parametrize("variant", ["quantize_rows", "gelu_quantize_rows"])
+    def test_a_pair_of_inputs_in_one_launch_equals_two_launches(self, device, variant, dtype, monkeypatch):
+        # The double block's two streams in one launch: 26 rows of a strided view and 7 rows of another tensor,
+        # 100 values wide in 32-value chunks, with spare columns, the rows whose GELU amax needs the exact pass among
+        # them; each stream's bytes and scales must equal its own launch's.
+        from kontext_kernels import row_quant
+
+        monkeypatch.setattr(row_quant, "ROW_CHUNK", 32)
+        projection = _randn(2, 13, 160, dtype=torch.bfloat16, device=device, scale=3.0)
+        x = projection[..., 60:]
+        x[0, 2] = -x[0, 2].abs() - 0.2
+        x[1, 5] = -0.75
+        other = _randn(1, 7, 100, dtype=torch.bfloat16, device=device, scale=2.0)
+        other[0, 3] *= 40
+        before = launches[variant], launches["row_quantizer_pair"]
+        pair = getattr(row_quant, variant + "_pair")(x, other, spare=3, dtype=dtype)
+        assert (launches[variant], launches["row_quantizer_pair"]) == (before[0] + 1, before[1] + 1)
+        for (data, scale), alone in zip(pair, (x, other)):
+            expected, expected_scale = getattr(row_quant, variant)(alone, spare=3, dtype=dtype)
+            assert data.shape == expected.shape and scale.shape == expected_scale.shape
+            assert torch.equal(scale, expected_scale)
+            assert torch.equal(data[..., :100].view(torch.uint8), expected[..., :100].view(torch.uint8))
+        # Inputs of two widths cannot share a buffer: two launches.
+        narrow = _randn(1, 7, 64, dtype=torch.bfloat16, device=device)
+        getattr(row_quant, variant + "_pair")(x, narrow, dtype=dtype)
+        assert launches["row_quantizer_pair"] == before[1] + 1
+
+    @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.int8], ids=["e4m3", "int8"])
     @pytest.mark.parametrize("variant", ["gelu_quantize_rows", "concat_gelu_quantize_rows"])
     def test_gelu_through_tanh_approx(self, device, variant, dtype, monkeypatch):
         # The GPU's GELU form (row_quant.GELU_TANH_APPROX, inline PTX the interpreter cannot run), on rows long

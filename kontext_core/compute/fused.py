@@ -64,6 +64,18 @@ def set_linear2_parts(enabled: bool) -> None:
     _linear2_parts = bool(enabled)
 
 
+# The double block's two streams' 8-bit rows of one kind (its attention outputs, its GELU rows) quantized in one
+# launch of the row kernel rather than one a stream: the text stream's 512 rows alone leave most of the GPU idle.
+# The same bytes either way; a separate switch so the bench can time both in one run.
+_paired_row_quantizers = True
+
+
+def set_paired_row_quantizers(enabled: bool) -> None:
+    """Both streams' row quantizers in one launch (True) or a launch each."""
+    global _paired_row_quantizers
+    _paired_row_quantizers = bool(enabled)
+
+
 def _active(x: torch.Tensor) -> bool:
     return _kernels is not None and not torch.compiler.is_compiling() and _kernels.enabled_for(x)
 
@@ -360,18 +372,32 @@ def linear_pair(first: tuple[nn.Module, torch.Tensor | QuantizedRows],
     return linear(*first), linear(*second)
 
 
+def _row_form_pair(x: torch.Tensor, layer: nn.Module, x2: torch.Tensor, layer2: nn.Module) -> torch.dtype | None:
+    # The one 8-bit row format both layers' inputs take, where one launch can quantize both (same width, no LoRA
+    # columns), else None.
+    form = _row_format(layer, x)
+    if (not _paired_row_quantizers or form is None or form != _row_format(layer2, x2) or x.shape[-1] != x2.shape[-1]
+            or x.dtype != x2.dtype or lora_columns(layer) or lora_columns(layer2)):
+        return None
+    return form
+
+
 def mlp_hidden_pair(first: tuple, second: tuple) -> tuple:
     """`mlp_hidden` of two (x, up, down) triples."""
     (x, up, down), (x2, up2, down2) = first, second
     if isinstance(x, QuantizedRows) and isinstance(x2, QuantizedRows):
         hidden, hidden2 = linear_pair((up, x), (up2, x2))
+        form = _row_form_pair(hidden, down, hidden2, down2)
+        if form is not None:
+            data, scale, data2, scale2 = torch.ops.kontext.gelu_quantize_rows_pair(hidden, hidden2, form == torch.int8)
+            return QuantizedRows(data, scale), QuantizedRows(data2, scale2)
         return _gelu_input(hidden, down), _gelu_input(hidden2, down2)
     return mlp_hidden(*first), mlp_hidden(*second)
 
 
 def gated_residual_pair(first: tuple, second: tuple) -> tuple[torch.Tensor, torch.Tensor]:
     """`gated_residual` of two (residual, gate, x, layer) quadruples."""
-    inputs = [_layer_input(layer, x) for _, _, x, layer in (first, second)]
+    inputs = _layer_input_pair(first[2], first[3], second[2], second[3])
     products = _pairable((first[3], inputs[0]), (second[3], inputs[1]))
     if products is not None and all(_epilogue_gated(residual, gate, layer)
                                     for (residual, gate, _, layer) in (first, second)):
@@ -414,6 +440,16 @@ def gated_residual(residual: torch.Tensor, gate: torch.Tensor, x: torch.Tensor |
         # The add in the int8 GEMM's epilogue: the product is not rounded to bf16 and read back for it.
         return int8_gated_residual(residual, gate, x, layer.weight, layer.weight_scale, layer.bias)
     return residual + gate * linear(layer, x)
+
+
+def _layer_input_pair(x, layer: nn.Module, x2, layer2: nn.Module) -> list:
+    # `_layer_input` of two (x, layer) pairs, both quantized in one launch where they can be.
+    if isinstance(x, torch.Tensor) and isinstance(x2, torch.Tensor):
+        form = _row_form_pair(x, layer, x2, layer2)
+        if form is not None:
+            data, scale, data2, scale2 = torch.ops.kontext.quantize_rows_pair(x, x2, form == torch.int8)
+            return [QuantizedRows(data, scale), QuantizedRows(data2, scale2)]
+    return [_layer_input(layer, x), _layer_input(layer2, x2)]
 
 
 def _layer_input(layer: nn.Module, x):
@@ -472,6 +508,22 @@ if _kernels is not None:
                    first, second, spare=spare, dtype=_format(int8)),
                lambda first, second, spare=0, int8=False: _quantized_fake(
                    second, first.shape[-1] + second.shape[-1] + spare, int8))
+    # Two streams' rows of one width in one launch (kontext_kernels/row_quant.py, `*_pair`): data, scale, data2,
+    # scale2.
+    def _pair_fake(x: torch.Tensor, x2: torch.Tensor, int8: bool) -> tuple[torch.Tensor, ...]:
+        return (*_quantized_fake(x, x.shape[-1], int8), *_quantized_fake(x2, x2.shape[-1], int8))
+
+    def _pair_of(quantizer):
+        def run(x: torch.Tensor, x2: torch.Tensor, int8: bool = False) -> tuple[torch.Tensor, ...]:
+            (data, scale), (data2, scale2) = quantizer(x, x2, dtype=_format(int8))
+            return data, scale, data2, scale2
+        return run
+
+    ops.define("quantize_rows_pair(Tensor x, Tensor x2, bool int8=False) -> (Tensor, Tensor, Tensor, Tensor)",
+               lambda x, x2, int8=False: _pair_of(_kernels.row_quant.quantize_rows_pair)(x, x2, int8), _pair_fake)
+    ops.define("gelu_quantize_rows_pair(Tensor x, Tensor x2, bool int8=False) -> (Tensor, Tensor, Tensor, Tensor)",
+               lambda x, x2, int8=False: _pair_of(_kernels.row_quant.gelu_quantize_rows_pair)(x, x2, int8),
+               _pair_fake)
     ops.define("layernorm_modulate_quantize(Tensor x, Tensor shift, Tensor scale, int spare=0, bool int8=False) "
                "-> (Tensor, Tensor)",
                lambda x, shift, scale, spare=0, int8=False: _kernels.row_quant.layernorm_modulate_quantize(
