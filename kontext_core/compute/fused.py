@@ -373,11 +373,11 @@ def linear_pair(first: tuple[nn.Module, torch.Tensor | QuantizedRows],
 
 
 def _row_form_pair(x: torch.Tensor, layer: nn.Module, x2: torch.Tensor, layer2: nn.Module) -> torch.dtype | None:
-    # The one 8-bit row format both layers' inputs take, where one launch can quantize both (same width, no LoRA
-    # columns), else None.
+    # The one 8-bit row format both layers' inputs take, where one launch can quantize both (same width, as many
+    # LoRA columns), else None.
     form = _row_format(layer, x)
     if (not _paired_row_quantizers or form is None or form != _row_format(layer2, x2) or x.shape[-1] != x2.shape[-1]
-            or x.dtype != x2.dtype or lora_columns(layer) or lora_columns(layer2)):
+            or x.dtype != x2.dtype or lora_columns(layer) != lora_columns(layer2)):
         return None
     return form
 
@@ -389,7 +389,8 @@ def mlp_hidden_pair(first: tuple, second: tuple) -> tuple:
         hidden, hidden2 = linear_pair((up, x), (up2, x2))
         form = _row_form_pair(hidden, down, hidden2, down2)
         if form is not None:
-            data, scale, data2, scale2 = torch.ops.kontext.gelu_quantize_rows_pair(hidden, hidden2, form == torch.int8)
+            data, scale, data2, scale2 = torch.ops.kontext.gelu_quantize_rows_pair(hidden, hidden2, lora_columns(down),
+                                                                                   form == torch.int8)
             return QuantizedRows(data, scale), QuantizedRows(data2, scale2)
         return _gelu_input(hidden, down), _gelu_input(hidden2, down2)
     return mlp_hidden(*first), mlp_hidden(*second)
@@ -447,7 +448,8 @@ def _layer_input_pair(x, layer: nn.Module, x2, layer2: nn.Module) -> list:
     if isinstance(x, torch.Tensor) and isinstance(x2, torch.Tensor):
         form = _row_form_pair(x, layer, x2, layer2)
         if form is not None:
-            data, scale, data2, scale2 = torch.ops.kontext.quantize_rows_pair(x, x2, form == torch.int8)
+            data, scale, data2, scale2 = torch.ops.kontext.quantize_rows_pair(x, x2, lora_columns(layer),
+                                                                              form == torch.int8)
             return [QuantizedRows(data, scale), QuantizedRows(data2, scale2)]
     return [_layer_input(layer, x), _layer_input(layer2, x2)]
 
@@ -510,20 +512,21 @@ if _kernels is not None:
                    second, first.shape[-1] + second.shape[-1] + spare, int8))
     # Two streams' rows of one width in one launch (kontext_kernels/row_quant.py, `*_pair`): data, scale, data2,
     # scale2.
-    def _pair_fake(x: torch.Tensor, x2: torch.Tensor, int8: bool) -> tuple[torch.Tensor, ...]:
-        return (*_quantized_fake(x, x.shape[-1], int8), *_quantized_fake(x2, x2.shape[-1], int8))
+    def _pair_fake(x: torch.Tensor, x2: torch.Tensor, spare: int = 0, int8: bool = False) -> tuple[torch.Tensor, ...]:
+        return (*_quantized_fake(x, x.shape[-1] + spare, int8), *_quantized_fake(x2, x2.shape[-1] + spare, int8))
 
-    def _pair_of(quantizer):
-        def run(x: torch.Tensor, x2: torch.Tensor, int8: bool = False) -> tuple[torch.Tensor, ...]:
-            (data, scale), (data2, scale2) = quantizer(x, x2, dtype=_format(int8))
+    def _pair_of(name: str):
+        def run(x: torch.Tensor, x2: torch.Tensor, spare: int = 0, int8: bool = False) -> tuple[torch.Tensor, ...]:
+            # Looked up per call, as the ops above: the tests rebuild the kernel modules.
+            (data, scale), (data2, scale2) = getattr(_kernels.row_quant, name)(x, x2, spare=spare,
+                                                                               dtype=_format(int8))
             return data, scale, data2, scale2
         return run
 
-    ops.define("quantize_rows_pair(Tensor x, Tensor x2, bool int8=False) -> (Tensor, Tensor, Tensor, Tensor)",
-               lambda x, x2, int8=False: _pair_of(_kernels.row_quant.quantize_rows_pair)(x, x2, int8), _pair_fake)
-    ops.define("gelu_quantize_rows_pair(Tensor x, Tensor x2, bool int8=False) -> (Tensor, Tensor, Tensor, Tensor)",
-               lambda x, x2, int8=False: _pair_of(_kernels.row_quant.gelu_quantize_rows_pair)(x, x2, int8),
-               _pair_fake)
+    for _name in ("quantize_rows_pair", "gelu_quantize_rows_pair"):
+        ops.define(f"{_name}(Tensor x, Tensor x2, int spare=0, bool int8=False) -> (Tensor, Tensor, Tensor, Tensor)",
+                   _pair_of(_name), _pair_fake)
+    del _name
     ops.define("layernorm_modulate_quantize(Tensor x, Tensor shift, Tensor scale, int spare=0, bool int8=False) "
                "-> (Tensor, Tensor)",
                lambda x, shift, scale, spare=0, int8=False: _kernels.row_quant.layernorm_modulate_quantize(
