@@ -168,6 +168,7 @@ def test_double_blocks_quantize_both_streams_rows_in_one_launch_with_the_same_re
 
     _, int8 = _models(device)
     args = tiny_edit_args(1, torch.bfloat16, device)
+    product_default = fused._paired_row_quantizers
     torch._dynamo.reset()
     try:
         if compiled:
@@ -180,7 +181,7 @@ def test_double_blocks_quantize_both_streams_rows_in_one_launch_with_the_same_re
             fused.set_paired_row_quantizers(True)
             paired = int8.velocity(*args)
     finally:
-        fused.set_paired_row_quantizers(True)
+        fused.set_paired_row_quantizers(product_default)
         torch._dynamo.reset()
     assert launches["row_quantizer_pair"] - before == 2  # one double block: attention rows, GELU rows
     assert torch.equal(paired, apart)

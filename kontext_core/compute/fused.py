@@ -66,8 +66,9 @@ def set_linear2_parts(enabled: bool) -> None:
 
 # The double block's two streams' 8-bit rows of one kind (its attention outputs, its GELU rows) quantized in one
 # launch of the row kernel rather than one a stream: the text stream's 512 rows alone leave most of the GPU idle.
-# The same bytes either way; a separate switch so the bench can time both in one run.
-_paired_row_quantizers = True
+# The same bytes either way (tests under Triton's interpreter; the kernel builds for sm_90). Off until it has run
+# and been timed on a GPU (bench_step's +pairedrows; bench/RESULTS.md, 2026-12-07, sixth session).
+_paired_row_quantizers = False
 
 
 def set_paired_row_quantizers(enabled: bool) -> None:
