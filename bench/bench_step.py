@@ -318,6 +318,12 @@ MODIFIERS = {
                 "(persistent TMA ones too) that can take the elementwise work after it into their epilogue",
 }
 
+# The modifiers that switch our own code (kernels, attention backends, LoRA forms, presets' parts): a reference row
+# (diffusers, ComfyUI, BFL) refuses them. The rest ("graphs", "concat", "cudnn", ...) name how any row is run.
+OURS_ONLY = frozenset(("lora", "lorafly", "thinlora", "autotune", "sdpa", "sage8", "sage8fp16", "tritongemm",
+                       "tritonattention", "modtable", "fusedqkv", "tanhgelu", "mmarowsums", "pvsoftmax", "turns",
+                       "frozenstats", "chainrows", "cuteattention", "unpaired", "paired", "cooperative", "tunedplans",
+                       "untunedplans", "pairedrows", "unpairedrows"))
 
 PRODUCT_SCORES = sage_attention.SCORES_DEFAULT  # the product's, kept before a row changes it
 PRODUCT_HOPPER_GEMM = int8_gemm.HOPPER_KERNEL
@@ -345,11 +351,7 @@ def implementation(name: str) -> str:
                                          f"{', '.join('+' + m for m in MODIFIERS)}")
     if "cudnn" in modifiers and base.startswith("ours"):
         raise argparse.ArgumentTypeError(f"{name!r}: +cudnn is for the reference rows; ours always puts cuDNN first")
-    ours_only = [m for m in modifiers if m in ("lora", "lorafly", "thinlora", "autotune", "sdpa", "sage8", "sage8fp16",
-                                               "tritongemm", "tritonattention", "modtable", "fusedqkv",
-                                               "tanhgelu", "mmarowsums", "pvsoftmax", "turns", "frozenstats",
-                                               "chainrows", "cuteattention", "unpaired", "paired", "cooperative",
-                                               "tunedplans", "untunedplans", "pairedrows", "unpairedrows")]
+    ours_only = [m for m in modifiers if m in OURS_ONLY]
     if ours_only and not base.startswith("ours"):
         raise argparse.ArgumentTypeError(f"{name!r}: +{ours_only[0]} applies to our rows only")
     if "autotune" in modifiers and not base.endswith("-compiled"):

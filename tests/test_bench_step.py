@@ -1,5 +1,5 @@
-"""bench/bench_step.py's naming of whole edits (--e2e): checked at parse time, so a misspelt run fails at once
-instead of being skipped after the rows have run."""
+"""bench/bench_step.py's naming of rows and whole edits (--e2e): checked at parse time, so a misspelt run fails at
+once instead of being skipped after the rows have run."""
 
 from __future__ import annotations
 
@@ -30,3 +30,11 @@ def test_a_bare_e2e_times_what_the_rows_have():
     plain = ["bf16", "fp8", "int8", "fp8+fp8attention", bench_step.FAST_EDIT]
     assert runs == plain + [run + "+graphs" for run in plain]
     assert all(bench_step.e2e_run(run) == run for run in runs)
+
+
+def test_our_rows_only_modifiers_are_modifiers_and_refused_on_reference_rows():
+    assert bench_step.OURS_ONLY <= set(bench_step.MODIFIERS)
+    assert bench_step.implementation("ours-int8-compiled+graphs+sage8+pairedrows")
+    for modifier in sorted(bench_step.OURS_ONLY):
+        with pytest.raises(argparse.ArgumentTypeError, match=re.escape(f"+{modifier} applies to our rows only")):
+            bench_step.implementation(f"diffusers+{modifier}")
