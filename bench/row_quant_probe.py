@@ -68,6 +68,8 @@ def row_cases(tokens: int, txt: int, width: int, mlp: int, device: str):
     att_img, att_txt = bf16(1, image, width), bf16(1, text, width)
     x = bf16(1, tokens, width)
     shift, scale = bf16(1, 1, width), bf16(1, 1, width)
+    shift_txt, scale_txt = bf16(1, 1, width), bf16(1, 1, width)
+    x_img, x_txt = bf16(1, image, width), bf16(1, text, width)
     int8 = torch.int8
     return [
         ("single: [attention, GELU(mlp)] (concat_gelu_quantize_rows)", 38,
@@ -87,6 +89,12 @@ def row_cases(tokens: int, txt: int, width: int, mlp: int, device: str):
          lambda: row_quant.quantize_rows_pair(att_img, att_txt, dtype=int8), tokens * width * 3),
         ("LayerNorm + modulation (114 calls a step, as 76 of 8704 rows)", 76,
          lambda: row_quant.layernorm_modulate_quantize(x, shift, scale, dtype=int8), tokens * width * 3),
+        ("double: LayerNorm + modulation, image + text", 38,
+         lambda: (row_quant.layernorm_modulate_quantize(x_img, shift, scale, dtype=int8),
+                  row_quant.layernorm_modulate_quantize(x_txt, shift_txt, scale_txt, dtype=int8)), tokens * width * 3),
+        ("double: LayerNorm + modulation, image + text in one launch", 38,
+         lambda: row_quant.layernorm_modulate_quantize_pair(x_img, shift, scale, x_txt, shift_txt, scale_txt,
+                                                            dtype=int8), tokens * width * 3),
     ]
 
 

@@ -41,17 +41,25 @@ def layernorm_modulate_rows(x_ptr, shift_ptr, scale_ptr, rows, n_rows, length, c
     is read once and stays in registers for both statistics."""
     batch = rows // length
     token = rows % length
-    cols = tl.arange(0, BLOCK_C)
-    mask = (rows < n_rows)[:, None] & (cols < channels)[None, :]
+    return layernorm_modulate_tile(x_ptr, batch * stride_xb + token * stride_xl, shift_ptr, batch * stride_shift_b,
+                                   scale_ptr, batch * stride_scale_b, rows < n_rows, channels, eps, BLOCK_C)
 
-    x = tl.load(x_ptr + (batch * stride_xb + token * stride_xl)[:, None] + cols[None, :], mask=mask,
-                other=0.0).to(tl.float32)
+
+@triton.jit
+def layernorm_modulate_tile(x_base, x_offsets, shift_base, shift_offsets, scale_base, scale_offsets, inside,
+                            channels, eps, BLOCK_C: tl.constexpr):
+    """`layernorm_modulate_rows`' tile for rows at base + offsets ([ROWS] offsets; a base is one pointer, or a
+    [ROWS, 1] tensor of them where rows come from different tensors); `inside` masks rows past the end."""
+    cols = tl.arange(0, BLOCK_C)
+    mask = inside[:, None] & (cols < channels)[None, :]
+
+    x = tl.load(x_base + x_offsets[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     mean = tl.reduce(x, 1, _add) / channels
     centred = tl.where(mask, x - mean[:, None], 0.0)
     variance = tl.reduce(centred * centred, 1, _add) / channels
     normed = centred * tl.rsqrt(variance + eps)[:, None]
-    shift = tl.load(shift_ptr + (batch * stride_shift_b)[:, None] + cols[None, :], mask=mask, other=0.0)
-    scale = tl.load(scale_ptr + (batch * stride_scale_b)[:, None] + cols[None, :], mask=mask, other=0.0)
+    shift = tl.load(shift_base + shift_offsets[:, None] + cols[None, :], mask=mask, other=0.0)
+    scale = tl.load(scale_base + scale_offsets[:, None] + cols[None, :], mask=mask, other=0.0)
     out = tl.where(mask, (1.0 + scale.to(tl.float32)) * normed + shift.to(tl.float32), 0.0)
     return out, cols, mask
 

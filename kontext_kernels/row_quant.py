@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .e4m3 import E4M3_MAX, int8_grid, to_e4m3
-from .modulation import layernorm_modulate_rows, modulation_operands
+from .modulation import layernorm_modulate_rows, layernorm_modulate_tile, modulation_operands
 from .runtime import (cdiv, enabled_for, import_triton, interpreting, last_dim_contiguous, launches, loop_count,
                       next_power_of_2, reduction_combines, row_warps, rows_per_program)
 
@@ -144,6 +144,19 @@ def gelu_quantize_rows_pair(x: torch.Tensor, other: torch.Tensor, spare: int = 0
         return _split_stacked(_concat_quantize_triton(None, x, gelu=True, spare=spare, dtype=dtype, other=other),
                               x, other)
     return gelu_quantize_rows(x, spare, dtype), gelu_quantize_rows(other, spare, dtype)
+
+
+def layernorm_modulate_quantize_pair(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, other: torch.Tensor,
+                                     other_shift: torch.Tensor, other_scale: torch.Tensor, eps: float = 1e-6,
+                                     spare: int = 0, dtype: torch.dtype = E4M3) -> tuple[Quantized, Quantized]:
+    """(`layernorm_modulate_quantize(x, shift, scale)`, the same of `other` with its own shift and scale), in one
+    launch where the kernel runs: the double block's two streams' LayerNorm + modulation rows."""
+    if _stackable(x, other) and x.dim() == 3 and other.dim() == 3:
+        stacked = _layernorm_modulate_quantize_triton(x, shift, scale, eps, spare, dtype,
+                                                      other=(other, other_shift, other_scale))
+        return _split_stacked(stacked, x, other)
+    return (layernorm_modulate_quantize(x, shift, scale, eps, spare, dtype),
+            layernorm_modulate_quantize(other, other_shift, other_scale, eps, spare, dtype))
 
 
 def layernorm_modulate_quantize(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
@@ -341,31 +354,61 @@ def _layernorm_modulate_quantize_kernel(
     x_ptr, shift_ptr, scale_ptr, out_ptr, row_scale_ptr,
     n_rows, length, channels, eps,
     stride_xb, stride_xl, stride_shift_b, stride_scale_b, stride_out,
+    other_x_ptr, other_shift_ptr, other_scale_ptr, other_from, other_length,
+    stride_other_xb, stride_other_xl, stride_other_shift_b, stride_other_scale_b,
     BLOCK_C: tl.constexpr, ROWS: tl.constexpr, INT8: tl.constexpr, EXACT_ROUNDING: tl.constexpr,
+    STACKED: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    out, cols, mask = layernorm_modulate_rows(x_ptr, shift_ptr, scale_ptr, rows, n_rows, length, channels, eps,
-                                              stride_xb, stride_xl, stride_shift_b, stride_scale_b, BLOCK_C)
+    if STACKED:
+        # Rows from `other_from` on are another stream's, with its own x, shift and scale: each row's base pointers
+        # chosen, the offsets then 0.
+        first_stream = rows < other_from
+        batch, token = rows // length, rows % length
+        other = tl.maximum(rows - other_from, 0)
+        other_batch, other_token = other // other_length, other % other_length
+        x_base = tl.where(first_stream, x_ptr + batch * stride_xb + token * stride_xl,
+                          other_x_ptr + other_batch * stride_other_xb + other_token * stride_other_xl)
+        shift_base = tl.where(first_stream, shift_ptr + batch * stride_shift_b,
+                              other_shift_ptr + other_batch * stride_other_shift_b)
+        scale_base = tl.where(first_stream, scale_ptr + batch * stride_scale_b,
+                              other_scale_ptr + other_batch * stride_other_scale_b)
+        zero = rows * 0
+        out, cols, mask = layernorm_modulate_tile(x_base[:, None], zero, shift_base[:, None], zero,
+                                                  scale_base[:, None], zero, rows < n_rows, channels, eps, BLOCK_C)
+    else:
+        out, cols, mask = layernorm_modulate_rows(x_ptr, shift_ptr, scale_ptr, rows, n_rows, length, channels, eps,
+                                                  stride_xb, stride_xl, stride_shift_b, stride_scale_b, BLOCK_C)
     row_scale, inv_scale = _row_scales(tl.reduce(tl.abs(out), 1, _max), INT8)
     _store_8bit(out_ptr + rows[:, None] * stride_out + cols[None, :], out, inv_scale, mask, INT8, EXACT_ROUNDING)
     tl.store(row_scale_ptr + rows[:, None], row_scale, mask=(rows < n_rows)[:, None])
 
 
 def _layernorm_modulate_quantize_triton(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
-                                        eps: float, spare: int, dtype: torch.dtype) -> Quantized:
+                                        eps: float, spare: int, dtype: torch.dtype,
+                                        other: tuple | None = None) -> Quantized:
+    # With `other` (x2, shift2, scale2 of the same width), its rows are quantized after x's in the same launch,
+    # into one [rows of both, width] buffer; the caller splits it.
     format_max(dtype)  # refuses other dtypes
     batch, length, channels = x.shape
     x, shift, scale = modulation_operands(x, shift, scale)
-    data = torch.empty((batch, length, channels + spare), dtype=dtype, device=x.device)
-    row_scale = torch.empty((batch * length, 1), dtype=torch.float32, device=x.device)
+    x2, shift2, scale2 = modulation_operands(*other) if other is not None else (x, shift, scale)
+    first_rows = batch * length
+    n_rows = first_rows + (x2.shape[0] * x2.shape[1] if other is not None else 0)
+    data = torch.empty((n_rows, channels + spare), dtype=dtype, device=x.device)
+    row_scale = torch.empty((n_rows, 1), dtype=torch.float32, device=x.device)
     block = next_power_of_2(channels)
     rows = rows_per_program(block)
-    _layernorm_modulate_quantize_kernel[(cdiv(batch * length, rows),)](
+    _layernorm_modulate_quantize_kernel[(cdiv(n_rows, rows),)](
         x, shift, scale, data, row_scale,
-        batch * length, length, channels, eps,
+        n_rows, length, channels, eps,
         x.stride(0), x.stride(1), shift.stride(0), scale.stride(0), channels + spare,
-        BLOCK_C=block, ROWS=rows, INT8=dtype == torch.int8, EXACT_ROUNDING=interpreting(),
+        x2, shift2, scale2, first_rows, x2.shape[1], x2.stride(0), x2.stride(1), shift2.stride(0), scale2.stride(0),
+        BLOCK_C=block, ROWS=rows, INT8=dtype == torch.int8, EXACT_ROUNDING=interpreting(), STACKED=other is not None,
         num_warps=row_warps(rows * block),
     )
     launches["layernorm_modulate_quantize"] += 1
-    return data, row_scale
+    if other is not None:
+        launches["row_quantizer_pair"] += 1
+        return data, row_scale
+    return data.view(batch, length, channels + spare), row_scale

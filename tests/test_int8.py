@@ -161,9 +161,9 @@ def test_double_blocks_give_both_streams_one_launch_with_the_same_result(device,
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_double_blocks_quantize_both_streams_rows_in_one_launch_with_the_same_result(device, compiled):
-    # The double block's attention rows and GELU rows of both streams, each kind in one launch of the row kernel
-    # (fused.set_paired_row_quantizers): the velocity equal bit for bit to a launch per stream, eager and in
-    # compiled blocks (where the pair ops' fake shapes must be right).
+    # The double block's 8-bit rows of both streams (LayerNorm + modulation, attention, GELU rows), each kind in
+    # one launch of the row kernel (fused.set_paired_row_quantizers): the velocity equal bit for bit to a launch
+    # per stream, eager and in compiled blocks (where the pair ops' fake shapes must be right).
     from kontext_core.compute import fused
 
     _, int8 = _models(device)
@@ -183,7 +183,8 @@ def test_double_blocks_quantize_both_streams_rows_in_one_launch_with_the_same_re
     finally:
         fused.set_paired_row_quantizers(product_default)
         torch._dynamo.reset()
-    assert launches["row_quantizer_pair"] - before == 2  # one double block: attention rows, GELU rows
+    # One double block: the two LayerNorm + modulation inputs, the attention rows and the GELU rows.
+    assert launches["row_quantizer_pair"] - before == 4
     assert torch.equal(paired, apart)
 
 

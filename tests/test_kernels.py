@@ -365,6 +365,28 @@ class TestAwkwardSizes:
         assert launches["row_quantizer_pair"] == before[1] + 1
 
     @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.int8], ids=["e4m3", "int8"])
+    def test_a_pair_of_layernorm_modulations_in_one_launch_equals_two_launches(self, device, dtype):
+        # Two streams' LayerNorm + modulation rows, each with its own shift and scale: two batches of 13 tokens
+        # with a modulation row each (chunked views, as the model's), and one batch of 7 with a broadcast one;
+        # spare columns; each stream's bytes and scales must equal its own launch's.
+        from kontext_kernels import row_quant
+
+        x = _randn(2, 13, 100, dtype=torch.bfloat16, device=device, scale=3.0)
+        x[1, 4] *= 40
+        shift, scale = _modulation_chunks(2, 100, torch.bfloat16, device)
+        other = _randn(1, 7, 100, dtype=torch.bfloat16, device=device)
+        other_shift, other_scale = _modulation_chunks(1, 100, torch.bfloat16, device)
+        before = launches["layernorm_modulate_quantize"], launches["row_quantizer_pair"]
+        pair = row_quant.layernorm_modulate_quantize_pair(x, shift, scale, other, other_shift, other_scale, spare=3,
+                                                          dtype=dtype)
+        assert (launches["layernorm_modulate_quantize"], launches["row_quantizer_pair"]) == (before[0] + 1,
+                                                                                               before[1] + 1)
+        for (data, row_scale), args in zip(pair, ((x, shift, scale), (other, other_shift, other_scale))):
+            expected, expected_scale = row_quant.layernorm_modulate_quantize(*args, spare=3, dtype=dtype)
+            assert data.shape == expected.shape and torch.equal(row_scale, expected_scale)
+            assert torch.equal(data[..., :100].view(torch.uint8), expected[..., :100].view(torch.uint8))
+
+    @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.int8], ids=["e4m3", "int8"])
     @pytest.mark.parametrize("variant", ["gelu_quantize_rows", "concat_gelu_quantize_rows"])
     def test_gelu_through_tanh_approx(self, device, variant, dtype, monkeypatch):
         # The GPU's GELU form (row_quant.GELU_TANH_APPROX, inline PTX the interpreter cannot run), on rows long

@@ -103,6 +103,18 @@ def modulated_input(layer: nn.Module, x: torch.Tensor, shift: torch.Tensor,
     return modulate(x, shift, scale)
 
 
+def modulated_input_pair(first: tuple, second: tuple) -> tuple:
+    """`modulated_input` of two (layer, x, shift, scale) quadruples: the double block's two streams, in one launch
+    of the row kernel where it can take both (`set_paired_row_quantizers`)."""
+    (layer, x, shift, scale), (layer2, x2, shift2, scale2) = first, second
+    form = _row_form_pair(x, layer, x2, layer2)
+    if form is not None:
+        data, row_scale, data2, row_scale2 = torch.ops.kontext.layernorm_modulate_quantize_pair(
+            x, shift, scale, x2, shift2, scale2, lora_columns(layer), form == torch.int8)
+        return QuantizedRows(data, row_scale), QuantizedRows(data2, row_scale2)
+    return modulated_input(layer, x, shift, scale), modulated_input(layer2, x2, shift2, scale2)
+
+
 # --- LoRAs on the fly ---------------------------------------------------------------------------
 # A layer with on-the-fly LoRAs carries their low-rank factors as a plain attribute (kontext_core/adapters/lora.py
 # sets it): every LoRA on the layer stacked into one `down` [R, in] and one `up` [out, R] (strengths folded
@@ -528,6 +540,12 @@ if _kernels is not None:
         ops.define(f"{_name}(Tensor x, Tensor x2, int spare=0, bool int8=False) -> (Tensor, Tensor, Tensor, Tensor)",
                    _pair_of(_name), _pair_fake)
     del _name
+    ops.define("layernorm_modulate_quantize_pair(Tensor x, Tensor shift, Tensor scale, Tensor x2, Tensor shift2, "
+               "Tensor scale2, int spare=0, bool int8=False) -> (Tensor, Tensor, Tensor, Tensor)",
+               lambda x, shift, scale, x2, shift2, scale2, spare=0, int8=False: tuple(
+                   tensor for quantized in _kernels.row_quant.layernorm_modulate_quantize_pair(
+                       x, shift, scale, x2, shift2, scale2, spare=spare, dtype=_format(int8)) for tensor in quantized),
+               lambda x, shift, scale, x2, shift2, scale2, spare=0, int8=False: _pair_fake(x, x2, spare, int8))
     ops.define("layernorm_modulate_quantize(Tensor x, Tensor shift, Tensor scale, int spare=0, bool int8=False) "
                "-> (Tensor, Tensor)",
                lambda x, shift, scale, spare=0, int8=False: _kernels.row_quant.layernorm_modulate_quantize(
