@@ -296,9 +296,9 @@ MODIFIERS = {
     "tunedplans": "each plain Hopper int8 GEMM with the fastest of PLAN_CANDIDATES for its shape, timed on the card at "
                   "its first launch (kontext_kernels/int8_gemm_hopper.py, TUNE_PLANS), whatever the product's default",
     "untunedplans": "every Hopper int8 GEMM with the default schedule and GROUP_M, not TUNE_PLANS",
-    "pairedrows": "the double blocks' text and image 8-bit rows (attention outputs, GELU rows) quantized in one "
-                  "launch for both (kontext_core/compute/fused.py, set_paired_row_quantizers), whatever the "
-                  "product's default",
+    "pairedrows": "the double blocks' text and image 8-bit rows (LayerNorm + modulation, attention outputs, GELU "
+                  "rows) quantized in one launch for both (kontext_core/compute/fused.py, "
+                  "set_paired_row_quantizers), whatever the product's default",
     "unpairedrows": "the double blocks' text and image 8-bit rows quantized in a launch each",
     "cuteattention": "with +sage8 on Hopper: the CuTe DSL attention kernel with FlashAttention-3's in-warpgroup "
                      "overlap (kontext_kernels/sage_attention_cute.py, through cute_runtime.py), not the Gluon one",

@@ -3,11 +3,11 @@
 # order of what the targets need:
 #   1. one process: our bf16 step (compiled + CUDA graphs), the fast step (tuned plans, the default), the fast step
 #      untuned, the fast step with both streams' row quantizers in one launch (+pairedrows, off by default), then
-#      the fast preset's whole 28-step 1024² edit with the AE, without and with +pairedrows. The fast rows' "rel. error vs first"
-#      is the velocity error against bf16; "attention alone ... (cuDNN first)" is cuDNN bf16's rate at the edit
-#      shape;
-#   2. the GPU tests of every GEMM plan candidate (bit for bit against the default launch), the dispatch, and the
-#      CUDA graphs of the steps that record and reuse sage8's statistics;
+#      the fast preset's whole 28-step 1024² edit with the AE, without and with +pairedrows. The fast rows' "rel.
+#      error vs first" is the velocity error against bf16; "attention alone ... (cuDNN first)" is cuDNN bf16's rate
+#      at the edit shape;
+#   2. the GPU tests of every GEMM plan candidate (bit for bit against the default launch), the dispatch, the CUDA
+#      graphs of the steps that record and reuse sage8's statistics, and the paired row quantizers (bytes, model);
 #   3. while the call is under 420 s, sage8's attention kernel alone at the edit shape (bench/attention_counters.py
 #      --time ''), for its ratio to cuDNN.
 # Usage (from the repository root, on the device): OUT=$OUT bash bench/record_on_device.sh

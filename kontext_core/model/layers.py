@@ -160,10 +160,10 @@ class DoubleStreamBlock(nn.Module):
 
         # Each op runs for both streams together (fused's pair forms: one launch for both where the kernels take
         # them). Text tokens come first in the joint sequence, as in the reference.
-        txt_input, img_input = fused.modulated_input_pair(
+        txt_attn_input, img_attn_input = fused.modulated_input_pair(
             (self.txt_attn.qkv, txt, txt_attn_mod.shift, txt_attn_mod.scale),
             (self.img_attn.qkv, img, img_attn_mod.shift, img_attn_mod.scale))
-        txt_qkv, img_qkv = fused.linear_pair((self.txt_attn.qkv, txt_input), (self.img_attn.qkv, img_input))
+        txt_qkv, img_qkv = fused.linear_pair((self.txt_attn.qkv, txt_attn_input), (self.img_attn.qkv, img_attn_input))
         streams = [(qkv, stream.norm.query_norm, stream.norm.key_norm)
                    for qkv, stream in ((txt_qkv, self.txt_attn), (img_qkv, self.img_attn))]
         joint = joint_attention(streams, rope.cos, rope.sin, self.num_heads)
@@ -173,9 +173,10 @@ class DoubleStreamBlock(nn.Module):
                                              (img, img_attn_mod.gate, img_out, self.img_attn.proj))
         txt_up, txt_down = self.txt_mlp[0], self.txt_mlp[2]
         img_up, img_down = self.img_mlp[0], self.img_mlp[2]
-        txt_input, img_input = fused.modulated_input_pair((txt_up, txt, txt_mlp_mod.shift, txt_mlp_mod.scale),
-                                                          (img_up, img, img_mlp_mod.shift, img_mlp_mod.scale))
-        txt_hidden, img_hidden = fused.mlp_hidden_pair((txt_input, txt_up, txt_down), (img_input, img_up, img_down))
+        txt_mlp_input, img_mlp_input = fused.modulated_input_pair((txt_up, txt, txt_mlp_mod.shift, txt_mlp_mod.scale),
+                                                                  (img_up, img, img_mlp_mod.shift, img_mlp_mod.scale))
+        txt_hidden, img_hidden = fused.mlp_hidden_pair((txt_mlp_input, txt_up, txt_down),
+                                                       (img_mlp_input, img_up, img_down))
         txt, img = fused.gated_residual_pair((txt, txt_mlp_mod.gate, txt_hidden, txt_down),
                                              (img, img_mlp_mod.gate, img_hidden, img_down))
         return img, txt
