@@ -114,8 +114,8 @@ def concat_gelu_quantize_rows(first: torch.Tensor, second: torch.Tensor, spare: 
     return concat_gelu_quantize_rows_reference(first, second, spare, dtype)
 
 
-def _split_stacked(stacked: Quantized, x: torch.Tensor, other: torch.Tensor) -> tuple[Quantized, Quantized]:
-    # The stacked launch's rows back as each input's (views of one buffer).
+def split_stacked(stacked: Quantized, x: torch.Tensor, other: torch.Tensor) -> tuple[Quantized, Quantized]:
+    """A `*_stacked` result back as (x's rows, other's rows): views of its one buffer, shaped as each input."""
     data, scale = stacked
     rows = x.numel() // x.shape[-1]
     return ((data[:rows].view(*x.shape[:-1], data.shape[-1]), scale[:rows]),
@@ -127,34 +127,76 @@ def _stackable(x: torch.Tensor, other: torch.Tensor) -> bool:
             and other.dtype == x.dtype and other.shape[-1] == x.shape[-1])
 
 
+def _stack(first: Quantized, second: Quantized) -> Quantized:
+    # Where no kernel runs both: each stream quantized alone, then copied into one buffer.
+    (data, scale), (data2, scale2) = first, second
+    if data.shape[-1] != data2.shape[-1]:
+        raise ValueError(f"stacked row quantizers take rows of one width, not {data.shape[-1]} and "
+                         f"{data2.shape[-1]}: quantize each stream alone")
+    return (torch.cat((data.reshape(-1, data.shape[-1]), data2.reshape(-1, data2.shape[-1]))),
+            torch.cat((scale, scale2)))
+
+
+# The `*_stacked` functions quantize two streams' rows of one width, x's then other's, into one [rows of both,
+# width] buffer and one [rows of both, 1] scale: one launch where the kernel runs (the double block's text rows
+# alone leave most of the GPU idle). Two tensors, not four views of them, so that a custom op can return them:
+# an op's outputs may not alias each other (`split_stacked` makes the views outside it). The `*_pair` functions
+# return the views, or two launches' results where one launch cannot take both.
+def quantize_rows_stacked(x: torch.Tensor, other: torch.Tensor, spare: int = 0,
+                          dtype: torch.dtype = E4M3) -> Quantized:
+    """`quantize_rows` of x and of other, stacked."""
+    if _stackable(x, other):
+        return _concat_quantize_triton(None, x, gelu=False, spare=spare, dtype=dtype, other=other)
+    return _stack(quantize_rows(x, spare, dtype), quantize_rows(other, spare, dtype))
+
+
+def gelu_quantize_rows_stacked(x: torch.Tensor, other: torch.Tensor, spare: int = 0,
+                               dtype: torch.dtype = E4M3) -> Quantized:
+    """`gelu_quantize_rows` of x and of other, stacked."""
+    if _stackable(x, other):
+        return _concat_quantize_triton(None, x, gelu=True, spare=spare, dtype=dtype, other=other)
+    return _stack(gelu_quantize_rows(x, spare, dtype), gelu_quantize_rows(other, spare, dtype))
+
+
+def _layernorm_stackable(x: torch.Tensor, other: torch.Tensor) -> bool:
+    return _stackable(x, other) and x.dim() == 3 and other.dim() == 3
+
+
+def layernorm_modulate_quantize_stacked(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                                        other: torch.Tensor, other_shift: torch.Tensor, other_scale: torch.Tensor,
+                                        eps: float = 1e-6, spare: int = 0, dtype: torch.dtype = E4M3) -> Quantized:
+    """`layernorm_modulate_quantize(x, shift, scale)` and the same of other with its own shift and scale, stacked."""
+    if _layernorm_stackable(x, other):
+        return _layernorm_modulate_quantize_triton(x, shift, scale, eps, spare, dtype,
+                                                   other=(other, other_shift, other_scale))
+    return _stack(layernorm_modulate_quantize(x, shift, scale, eps, spare, dtype),
+                  layernorm_modulate_quantize(other, other_shift, other_scale, eps, spare, dtype))
+
+
 def quantize_rows_pair(x: torch.Tensor, other: torch.Tensor, spare: int = 0,
                        dtype: torch.dtype = E4M3) -> tuple[Quantized, Quantized]:
-    """(`quantize_rows(x)`, `quantize_rows(other)`) of two inputs of one width, in one launch where the kernel
-    runs: the double block's image and text streams, whose text rows alone leave most of the GPU idle."""
+    """(`quantize_rows(x)`, `quantize_rows(other)`), in one launch where the kernel can take both."""
     if _stackable(x, other):
-        return _split_stacked(_concat_quantize_triton(None, x, gelu=False, spare=spare, dtype=dtype, other=other),
-                              x, other)
+        return split_stacked(quantize_rows_stacked(x, other, spare, dtype), x, other)
     return quantize_rows(x, spare, dtype), quantize_rows(other, spare, dtype)
 
 
 def gelu_quantize_rows_pair(x: torch.Tensor, other: torch.Tensor, spare: int = 0,
                             dtype: torch.dtype = E4M3) -> tuple[Quantized, Quantized]:
-    """(`gelu_quantize_rows(x)`, `gelu_quantize_rows(other)`), in one launch where the kernel runs."""
+    """(`gelu_quantize_rows(x)`, `gelu_quantize_rows(other)`), in one launch where the kernel can take both."""
     if _stackable(x, other):
-        return _split_stacked(_concat_quantize_triton(None, x, gelu=True, spare=spare, dtype=dtype, other=other),
-                              x, other)
+        return split_stacked(gelu_quantize_rows_stacked(x, other, spare, dtype), x, other)
     return gelu_quantize_rows(x, spare, dtype), gelu_quantize_rows(other, spare, dtype)
 
 
 def layernorm_modulate_quantize_pair(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, other: torch.Tensor,
                                      other_shift: torch.Tensor, other_scale: torch.Tensor, eps: float = 1e-6,
                                      spare: int = 0, dtype: torch.dtype = E4M3) -> tuple[Quantized, Quantized]:
-    """(`layernorm_modulate_quantize(x, shift, scale)`, the same of `other` with its own shift and scale), in one
-    launch where the kernel runs: the double block's two streams' LayerNorm + modulation rows."""
-    if _stackable(x, other) and x.dim() == 3 and other.dim() == 3:
-        stacked = _layernorm_modulate_quantize_triton(x, shift, scale, eps, spare, dtype,
-                                                      other=(other, other_shift, other_scale))
-        return _split_stacked(stacked, x, other)
+    """(`layernorm_modulate_quantize(x, shift, scale)`, the same of other), in one launch where the kernel can take
+    both."""
+    if _layernorm_stackable(x, other):
+        return split_stacked(layernorm_modulate_quantize_stacked(x, shift, scale, other, other_shift, other_scale,
+                                                                 eps, spare, dtype), x, other)
     return (layernorm_modulate_quantize(x, shift, scale, eps, spare, dtype),
             layernorm_modulate_quantize(other, other_shift, other_scale, eps, spare, dtype))
 

@@ -109,9 +109,8 @@ def modulated_input_pair(first: tuple, second: tuple) -> tuple:
     (layer, x, shift, scale), (layer2, x2, shift2, scale2) = first, second
     form = _row_form_pair(x, layer, x2, layer2)
     if form is not None:
-        data, row_scale, data2, row_scale2 = torch.ops.kontext.layernorm_modulate_quantize_pair(
-            x, shift, scale, x2, shift2, scale2, lora_columns(layer), form == torch.int8)
-        return QuantizedRows(data, row_scale), QuantizedRows(data2, row_scale2)
+        return _quantized_pair(torch.ops.kontext.layernorm_modulate_quantize_stacked(
+            x, shift, scale, x2, shift2, scale2, lora_columns(layer), form == torch.int8), x, x2)
     return modulated_input(layer, x, shift, scale), modulated_input(layer2, x2, shift2, scale2)
 
 
@@ -404,9 +403,8 @@ def mlp_hidden_pair(first: tuple, second: tuple) -> tuple:
         hidden, hidden2 = linear_pair((up, x), (up2, x2))
         form = _row_form_pair(hidden, down, hidden2, down2)
         if form is not None:
-            data, scale, data2, scale2 = torch.ops.kontext.gelu_quantize_rows_pair(hidden, hidden2, lora_columns(down),
-                                                                                   form == torch.int8)
-            return QuantizedRows(data, scale), QuantizedRows(data2, scale2)
+            return _quantized_pair(torch.ops.kontext.gelu_quantize_rows_stacked(hidden, hidden2, lora_columns(down),
+                                                                                form == torch.int8), hidden, hidden2)
         return _gelu_input(hidden, down), _gelu_input(hidden2, down2)
     return mlp_hidden(*first), mlp_hidden(*second)
 
@@ -458,14 +456,21 @@ def gated_residual(residual: torch.Tensor, gate: torch.Tensor, x: torch.Tensor |
     return residual + gate * linear(layer, x)
 
 
+def _quantized_pair(stacked: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor,
+                    x2: torch.Tensor) -> tuple[QuantizedRows, QuantizedRows]:
+    # A stacked op's one buffer as each stream's rows: views made here, outside the op, whose outputs may not
+    # alias each other.
+    first, second = _kernels.row_quant.split_stacked(stacked, x, x2)
+    return QuantizedRows(*first), QuantizedRows(*second)
+
+
 def _layer_input_pair(x, layer: nn.Module, x2, layer2: nn.Module) -> list:
     # `_layer_input` of two (x, layer) pairs, both quantized in one launch where they can be.
     if isinstance(x, torch.Tensor) and isinstance(x2, torch.Tensor):
         form = _row_form_pair(x, layer, x2, layer2)
         if form is not None:
-            data, scale, data2, scale2 = torch.ops.kontext.quantize_rows_pair(x, x2, lora_columns(layer),
-                                                                              form == torch.int8)
-            return [QuantizedRows(data, scale), QuantizedRows(data2, scale2)]
+            return list(_quantized_pair(torch.ops.kontext.quantize_rows_stacked(x, x2, lora_columns(layer),
+                                                                                form == torch.int8), x, x2))
     return [_layer_input(layer, x), _layer_input(layer2, x2)]
 
 
@@ -525,29 +530,29 @@ if _kernels is not None:
                    first, second, spare=spare, dtype=_format(int8)),
                lambda first, second, spare=0, int8=False: _quantized_fake(
                    second, first.shape[-1] + second.shape[-1] + spare, int8))
-    # Two streams' rows of one width in one launch (kontext_kernels/row_quant.py, `*_pair`): data, scale, data2,
-    # scale2.
-    def _pair_fake(x: torch.Tensor, x2: torch.Tensor, spare: int = 0, int8: bool = False) -> tuple[torch.Tensor, ...]:
-        return (*_quantized_fake(x, x.shape[-1] + spare, int8), *_quantized_fake(x2, x2.shape[-1] + spare, int8))
+    # Two streams' rows of one width in one launch (kontext_kernels/row_quant.py, `*_stacked`): x's rows then x2's,
+    # in one [rows of both, width] buffer and one [rows of both, 1] scale.
+    def _stacked_fake(x: torch.Tensor, x2: torch.Tensor, spare: int = 0, int8: bool = False) -> tuple[torch.Tensor, ...]:
+        rows = x.numel() // x.shape[-1] + x2.numel() // x2.shape[-1]
+        return (x.new_empty((rows, x.shape[-1] + spare), dtype=_format(int8)),
+                x.new_empty((rows, 1), dtype=torch.float32))
 
-    def _pair_of(name: str):
+    def _stacked_of(name: str):
         def run(x: torch.Tensor, x2: torch.Tensor, spare: int = 0, int8: bool = False) -> tuple[torch.Tensor, ...]:
             # Looked up per call, as the ops above: the tests rebuild the kernel modules.
-            (data, scale), (data2, scale2) = getattr(_kernels.row_quant, name)(x, x2, spare=spare,
-                                                                               dtype=_format(int8))
-            return data, scale, data2, scale2
+            return getattr(_kernels.row_quant, name)(x, x2, spare=spare, dtype=_format(int8))
         return run
 
-    for _name in ("quantize_rows_pair", "gelu_quantize_rows_pair"):
-        ops.define(f"{_name}(Tensor x, Tensor x2, int spare=0, bool int8=False) -> (Tensor, Tensor, Tensor, Tensor)",
-                   _pair_of(_name), _pair_fake)
+    for _name in ("quantize_rows_stacked", "gelu_quantize_rows_stacked"):
+        ops.define(f"{_name}(Tensor x, Tensor x2, int spare=0, bool int8=False) -> (Tensor, Tensor)",
+                   _stacked_of(_name), _stacked_fake)
     del _name
-    ops.define("layernorm_modulate_quantize_pair(Tensor x, Tensor shift, Tensor scale, Tensor x2, Tensor shift2, "
-               "Tensor scale2, int spare=0, bool int8=False) -> (Tensor, Tensor, Tensor, Tensor)",
-               lambda x, shift, scale, x2, shift2, scale2, spare=0, int8=False: tuple(
-                   tensor for quantized in _kernels.row_quant.layernorm_modulate_quantize_pair(
-                       x, shift, scale, x2, shift2, scale2, spare=spare, dtype=_format(int8)) for tensor in quantized),
-               lambda x, shift, scale, x2, shift2, scale2, spare=0, int8=False: _pair_fake(x, x2, spare, int8))
+    ops.define("layernorm_modulate_quantize_stacked(Tensor x, Tensor shift, Tensor scale, Tensor x2, Tensor shift2, "
+               "Tensor scale2, int spare=0, bool int8=False) -> (Tensor, Tensor)",
+               lambda x, shift, scale, x2, shift2, scale2, spare=0, int8=False:
+                   _kernels.row_quant.layernorm_modulate_quantize_stacked(x, shift, scale, x2, shift2, scale2,
+                                                                          spare=spare, dtype=_format(int8)),
+               lambda x, shift, scale, x2, shift2, scale2, spare=0, int8=False: _stacked_fake(x, x2, spare, int8))
     ops.define("layernorm_modulate_quantize(Tensor x, Tensor shift, Tensor scale, int spare=0, bool int8=False) "
                "-> (Tensor, Tensor)",
                lambda x, shift, scale, spare=0, int8=False: _kernels.row_quant.layernorm_modulate_quantize(
