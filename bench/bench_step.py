@@ -33,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent / "peers"))  # the reference twins, imported per row
 
 import kontext_kernels  # noqa: E402
 from kontext_kernels import int8_gemm, int8_gemm_hopper, row_quant, sage_attention, sage_attention_hopper  # noqa: E402
@@ -609,10 +610,11 @@ def main() -> None:
                              "reused between). Alone: each model, fp8+fp8attention and the fast preset's edit where a "
                              "row has them, and each also +graphs where a row has +graphs")
     parser.add_argument("--comfyui", metavar="PATH", default=os.environ.get("COMFYUI_PATH"),
-                        help="ComfyUI checkout or bench/stage_comfyui.sh copy, for the comfyui rows ($COMFYUI_PATH)")
+                        help="ComfyUI checkout or bench/peers/stage_comfyui.sh copy, for the comfyui rows "
+                             "($COMFYUI_PATH)")
     parser.add_argument("--bfl", metavar="PATH",
                         default=os.environ.get("KONTEXT_BFL_PATH", str(Path(__file__).parents[1] / "build" / "bfl")),
-                        help="BFL's code staged by bench/stage_bfl.sh, for the bfl rows ($KONTEXT_BFL_PATH; "
+                        help="BFL's code staged by bench/peers/stage_bfl.sh, for the bfl rows ($KONTEXT_BFL_PATH; "
                              "default build/bfl)")
     parser.add_argument("--no-check", action="store_true",
                         help="skip the check step (every Triton kernel against its reference at full size)")
@@ -666,7 +668,8 @@ def main() -> None:
             bfl = bfl_twin(model, args.bfl)
             print(f"BFL reference code at {bfl.bfl.path}", flush=True)
         else:
-            print(f"skipping the bfl rows: no BFL code at {args.bfl!r} (bench/stage_bfl.sh; --bfl PATH)", flush=True)
+            print(f"skipping the bfl rows: no BFL code at {args.bfl!r} (bench/peers/stage_bfl.sh; --bfl PATH)",
+                  flush=True)
             args.impls = [i for i in args.impls if not i.startswith("bfl")]
     fp8_model = int8_model = None
     if any(i.startswith("ours-fp8") for i in args.impls):

@@ -8,8 +8,8 @@
 #      at the edit shape;
 #   2. the GPU tests of every GEMM plan candidate (bit for bit against the default launch), the dispatch, the CUDA
 #      graphs of the steps that record and reuse sage8's statistics, and the paired row quantizers (bytes, model);
-#   3. while the call is under 420 s, sage8's attention kernel alone at the edit shape (bench/attention_counters.py
-#      --time ''), for its ratio to cuDNN.
+#   3. while the call is under 420 s, sage8's attention kernel alone at the edit shape
+#      (bench/attention/attention_counters.py --time ''), for its ratio to cuDNN.
 # Usage (from the repository root, on the device): OUT=$OUT bash bench/record_on_device.sh
 set -u
 OUT=${OUT:-/tmp/record_out}
@@ -26,7 +26,7 @@ timeout 120 python3 -m pytest -q tests/test_int8_gemm_hopper.py tests/test_cuda_
 timeout 100 python3 -m pytest -q tests/test_kernels.py tests/test_int8.py -k "cuda and (pair_of_inputs or one_launch)" \
     2>&1 | tail -3
 if [ "$SECONDS" -lt 420 ]; then
-    timeout 90 python3 bench/attention_counters.py --time '' > "$OUT/attention.txt" 2>&1
+    timeout 90 python3 bench/attention/attention_counters.py --time '' > "$OUT/attention.txt" 2>&1
     tail -5 "$OUT/attention.txt"
 fi
 echo "record_on_device: $SECONDS s"

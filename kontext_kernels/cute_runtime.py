@@ -3,7 +3,7 @@
 The kernel is found, once a process, as
 - an object file exported ahead of time (`sage_attention_cute.export`), linked into a shared library against the
   DSL's runtime library and TVM-FFI's, named by KONTEXT_SAGE_CUTE_MODULE: for a machine where the DSL's compiler is
-  not installed (it is ~190 MB; bench/cute_on_device.sh links one);
+  not installed (it is ~190 MB; bench/attention/cute_on_device.sh links one);
 - else compiled here by the DSL (`nvidia-cutlass-dsl`, the `hopper` extra).
 Either way it is a TVM-FFI function taking torch tensors; it runs on PyTorch's current stream (CUDA graphs too).
 """
@@ -22,8 +22,8 @@ from .runtime import launches
 MODULE_VARIABLE = "KONTEXT_SAGE_CUTE_MODULE"
 CHANNELS = 128  # the head dim it is built for: it writes whole 128-channel rows
 FUNCTION = "sage8_attention"  # the exported function's name (sage_attention_cute.export)
-# The kernel's builds, by the name their exported files take (bench/cute_export.py): "sage8" is the default build
-# (P's row sums from P·V), the one launch takes; "softmax_row_sums" sums P in the softmax, as the Gluon kernel does.
+# The kernel's builds, by the name their exported files take (bench/attention/cute_export.py): "sage8" is the default
+# build (P's row sums from P·V), the one launch takes; "softmax_row_sums" sums P in the softmax, as the Gluon kernel does.
 DEFAULT_BUILD = "sage8"
 VARIANTS = {
     DEFAULT_BUILD: {},
@@ -38,7 +38,8 @@ def load_module(path: str):
     """The kernel exported to `path` (a shared library linked from `sage_attention_cute.export`'s object file)."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: no exported CuTe DSL kernel there. Export one with "
-                                f"kontext_kernels.sage_attention_cute.export and link it (bench/cute_on_device.sh), "
+                                f"kontext_kernels.sage_attention_cute.export and link it "
+                                f"(bench/attention/cute_on_device.sh), "
                                 f"or unset {MODULE_VARIABLE} to compile the kernel here")
     import tvm_ffi
 

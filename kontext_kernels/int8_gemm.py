@@ -264,7 +264,7 @@ def _tma_config(block_m: int, block_n: int, stages: int, store: int):
 
 
 # Hopper (sm_90: 228 KB of shared memory, 8-bit wgmma taking K in steps of 32). Timed on an H200 on
-# 2026-12-03 with bench/int8_probe.py at FLUX's shapes (8704 tokens): the three pointer-store configs were the
+# 2026-12-03 with bench/linear/int8_probe.py at FLUX's shapes (8704 tokens): the three pointer-store configs were the
 # fastest of nine (1040-1215 TOP/s; cuBLAS's fp8 GEMM 1270-1440 TFLOP/s on the same shapes); stores through
 # TMA then took 0-6% off qkv, proj, the MLP and linear1 (best 1100-1240 TOP/s), not off linear2 or every MLP
 # down. A whole 256x128 output tile through TMA needs 263 KB with 4 stages: in halves it fits.

@@ -348,7 +348,7 @@ def _concat_quantize_kernel(
 
 
 # Values per chunk of the two-pass row kernel: a power of two, as tl.arange needs (timed on an H200,
-# bench/row_quant_probe.py and bench/RESULTS.md).
+# bench/linear/row_quant_probe.py and bench/RESULTS.md).
 ROW_CHUNK = 4096
 
 

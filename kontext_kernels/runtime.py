@@ -199,7 +199,7 @@ def rows_per_program(block: int) -> int:
 
 def row_warps(values: int) -> int:
     """Warps for a program holding `values` float32 values: about 32 a thread, at most 8; a power of two, as
-    Triton needs. Timed from CUDA graphs on an H200 (bench/row_quant_probe.py): 4 warps for FLUX's 3072-wide
+    Triton needs. Timed from CUDA graphs on an H200 (bench/linear/row_quant_probe.py): 4 warps for FLUX's 3072-wide
     LayerNorm rows and 4096-value chunks beat 8 by 7-15%, more values a thread keeping more loads in flight."""
     return _power_of_two_at_most(min(8, values // 1024))
 

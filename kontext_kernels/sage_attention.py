@@ -76,7 +76,7 @@ TOKEN_TILE = 128  # quantized tensors are padded to whole tiles of this many tok
 Q_ROWS = 1  # tokens per q scale: per token, free in the kernel (module docstring: its error)
 # Tokens per k scale (`default_k_rows`): 1, or a multiple of the kernel's key block (then one scale per block).
 # Per token costs the kernel a multiply per score and a gather of the block's scales: 703 SASS instructions per
-# thread for an e4m3 key block instead of 614 (sm_90, 128x128 tile, 8 warps; bench/sage_attention_builds.py
+# thread for an e4m3 key block instead of 614 (sm_90, 128x128 tile, 8 warps; bench/attention/sage_attention_builds.py
 # --loop; not timed). There 8 warps issue ~1200-1400 cycles of instructions against ~1000 cycles of 8-bit MMAs,
 # so the issue rate bounds the loop, and e4m3's P·V error dwarfs what per-token k saves. With fp16 P·V (657
 # instructions against ~1500 cycles of MMAs, fp16's at half the 8-bit rate) the multiply is hidden, and per
@@ -496,7 +496,7 @@ def _quantize_v_kernel(v_ptr, v_amax_ptr, out_ptr, scale_ptr, k_sum_ptr, k_mean_
 
 
 # Column statistics: 64-token tiles, two programs an SM (per head, programs meet in atomics). On an H200 these
-# beat 32 tokens and four programs by ~15% of the quantization pass (bench/row_quant_probe.py).
+# beat 32 tokens and four programs by ~15% of the quantization pass (bench/linear/row_quant_probe.py).
 _STATS_BLOCK_L = 64
 _STATS_PROGRAMS_PER_SM = 2
 _V_BLOCK_L = 64
@@ -701,8 +701,8 @@ def _config(block_m: int, block_n: int, warps: int, stages: int, tma: bool, regi
 
 
 # NOT YET TIMED on any GPU. Chosen from builds for sm_90 / sm_89 / sm_80 made without a GPU
-# (bench/sage_attention_builds.py): the configs whose registers do not spill, for head dim 128, e4m3 and fp16
-# P·V. Their timings on an H200: bench/sage_attention_probe.py.
+# (bench/attention/sage_attention_builds.py): the configs whose registers do not spill, for head dim 128, e4m3 and fp16
+# P·V. Their timings on an H200: bench/attention/sage_attention_probe.py.
 # Hopper (sm_90, TMA; int8, e4m3 and fp16 wgmma): 152-212 registers, 66-166 KB of shared memory; 128-query tiles
 # on 4 warps spilled.
 # 64x128 on 4 warps, 2 stages, capped at 168 registers (3 programs an SM instead of 2): 1.20 ms at the edit shape

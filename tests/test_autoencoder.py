@@ -43,8 +43,8 @@ def test_attention_in_query_chunks_equals_unchunked(monkeypatch):
 
 def test_compiled_parts_compute_what_the_eager_ae_does(tiny_autoencoder):
     # compile_parts puts torch.compile on the encoder and the decoder; traced here with "aot_eager" (inductor's
-    # GPU build is timed and compared against float32 in bench/ae_probe.py). The compiled graph may decompose the
-    # norms and sum in another order: float32 reordering error, across the AE's ~20 convolutions in a row.
+    # GPU build is timed and compared against float32 in bench/pipeline/ae_probe.py). The compiled graph may decompose
+    # the norms and sum in another order: float32 reordering error, across the AE's ~20 convolutions in a row.
     ae = tiny_autoencoder
     image = torch.rand(1, 3, 32, 40, generator=torch.Generator().manual_seed(3)) * 2 - 1
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""The bench's "ComfyUI native" twins (bench/comfyui_native.py) compute our model's velocity.
+"""The bench's "ComfyUI native" twins (bench/peers/comfyui_native.py) compute our model's velocity.
 
 ComfyUI's FLUX model, built and called as the bench does, on a tiny random float32 model on the CPU, with
 and without a context image: relative error (max |diff| / max |ours|) < 1e-4 (seen: ~5e-7).
@@ -43,7 +43,7 @@ def test_comfyui_twin_matches_ours(python):
     if not python.exists():
         pytest.skip(f"no Python at {python} (set COMFYUI_PYTHON)")
     env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
-    run = subprocess.run([str(python), str(REPO / "bench" / "comfyui_native.py"), "--comfyui", str(COMFYUI)],
+    run = subprocess.run([str(python), str(REPO / "bench" / "peers" / "comfyui_native.py"), "--comfyui", str(COMFYUI)],
                          capture_output=True, text=True, env=env, timeout=600)
     if run.returncode == 3:
         pytest.skip(f"ComfyUI cannot be imported by {python}: {json.loads(run.stdout)['import_error']}")

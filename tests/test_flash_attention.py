@@ -59,7 +59,7 @@ def test_auto_takes_flash_only_on_cuda_where_the_scope_chose_it(fake_flash):
 
 @pytest.mark.parametrize("variant, major, expected", [
     ("FlashAttention-4", 9, True), ("FlashAttention-4", 10, True),
-    ("FlashAttention-3", 9, False),  # cuDNN's speed on Hopper (bench/fa3_probe.py)
+    ("FlashAttention-3", 9, False),  # cuDNN's speed on Hopper (bench/attention/fa3_probe.py)
     ("FlashAttention-2", 9, False),  # about half cuDNN's rate on Hopper
     ("FlashAttention-4", 8, False),  # before Hopper SDPA's own kernels are as fast
     (None, 9, False),

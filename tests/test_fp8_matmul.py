@@ -2,7 +2,7 @@
 
 The reference is F.linear in float64 with the dequantized weight, so the only error measured is the
 per-token e4m3 quantization of the activations (and the accumulation): for one Gaussian layer that is
-about 3% relative L2 (bench/fp8_noise_floor.py), hence the bound of 6%.
+about 3% relative L2 (bench/linear/fp8_noise_floor.py), hence the bound of 6%.
 """
 
 from __future__ import annotations

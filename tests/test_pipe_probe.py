@@ -1,5 +1,5 @@
-"""bench/pipe_probe.py times loops of single instructions; these tests check, on the SASS of offline sm_90 builds,
-that each loop is made of the instruction `STEPS` names for it (ptxas folds or rewrites some PTX), so that a rate
+"""bench/pipeline/pipe_probe.py times loops of single instructions; these tests check, on the SASS of offline sm_90
+builds, that each loop is made of the instruction `STEPS` names for it (ptxas folds or rewrites some PTX), so that a rate
 the probe prints is that instruction's."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench" / "pipeline"))
 
 from conftest import sass_of, spills
 

@@ -226,9 +226,10 @@ def test_other_commands_are_refused_under_torchrun(tmp_path, monkeypatch):
 
 
 def test_the_benchmark_runs_split_on_two_cpu_processes(tmp_path):
-    """bench/sequence_parallel_bench.py as the multi-GPU machines will run it, on its tiny CPU setting."""
+    """bench/pipeline/sequence_parallel_bench.py as the multi-GPU machines will run it, on its tiny CPU setting."""
     done = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                 "bench/sequence_parallel_bench.py", "--tiny", "--iterations", "1", "--out", str(tmp_path)], tmp_path)
+                 "bench/pipeline/sequence_parallel_bench.py", "--tiny", "--iterations", "1", "--out", str(tmp_path)],
+                tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     record = json.loads((tmp_path / "sequence_parallel.json").read_text())
     assert record["world"] == 2 and record["split_ms"] > 0 and record["single_ms"] > 0

@@ -19,7 +19,7 @@ Relative L2 error against exact attention is ~5.9% for unit-RMS q, k and Gaussia
 
 Speed (H100, cuDNN 9.19, [1, 24, 8704, 128]): the cuDNN fp8 kernel runs in 0.94 ms (~990 TFLOP/s)
 against 1.40 ms for bf16 SDPA on cuDNN; quantizing q, k, v (an amax pass and a cast pass each)
-and converting O back add ~0.18 ms of GPU time: 1.12 ms in all (bench/fp8_attention_probe.py).
+and converting O back add ~0.18 ms of GPU time: 1.12 ms in all (bench/attention/fp8_attention_probe.py).
 The model's blocks call `fp8_joint_attention` instead, from their qkv projections: the QK-norm + RoPE
 kernel writes q and k in fp8 at static scales and takes v's amax, leaving a v cast and O's conversion,
 ~0.05 ms a call (bench/RESULTS.md).

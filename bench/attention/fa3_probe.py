@@ -1,7 +1,7 @@
 """FlashAttention-3's Hopper kernels (bf16 and e4m3) beside sage8's attention and cuDNN's bf16 attention, at the
 edit shape: the peer that issue #20's "the way FlashAttention-3's fp8 kernel does" names.
 
-    python3 bench/fa3_probe.py        # on a Hopper GPU with FlashAttention-3 importable
+    python3 bench/attention/fa3_probe.py        # on a Hopper GPU with FlashAttention-3 importable
 
 FlashAttention-3 is found as `flash_attn_interface` (a build of flash-attention's hopper/ folder) or as
 `fa3_fwd_interface` (the `fa3-fwd` wheel on PyPI: the same forward kernels, built against PyTorch's stable ABI).
@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: bench_step, random_weights
 
 from random_weights import rel_l2
 from sage_attention_probe import attempt, block_inputs, exact_attention, synthetic_inputs

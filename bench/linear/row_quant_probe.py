@@ -1,9 +1,9 @@
 """The memory-bound kernels around the fast preset's GEMMs and attention, at the edit step's shapes, against the
 GPU's copy bandwidth, at a few launch settings each.
 
-    python3 bench/row_quant_probe.py            # on a CUDA GPU
-    python3 bench/row_quant_probe.py --defaults # each kernel at its default setting only
-    TRITON_INTERPRET=1 python3 bench/row_quant_probe.py --tiny   # on a CPU: that it runs
+    python3 bench/linear/row_quant_probe.py            # on a CUDA GPU
+    python3 bench/linear/row_quant_probe.py --defaults # each kernel at its default setting only
+    TRITON_INTERPRET=1 python3 bench/linear/row_quant_probe.py --tiny   # on a CPU: that it runs
 
 Each kernel is timed from a CUDA graph of 10 calls (no host in the way), as the compiled step replays it:
 - the 8-bit row quantizers of kontext_kernels/row_quant.py, as the int8 step calls them (8704 tokens: the single
@@ -26,8 +26,8 @@ if "--tiny" in sys.argv:  # before Triton is imported: the kernels are built for
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: bench_step, random_weights
 
 from kontext_kernels import row_quant, sage_attention  # noqa: E402
 from kontext_kernels.runtime import import_triton  # noqa: E402

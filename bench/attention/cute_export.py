@@ -1,7 +1,7 @@
 """Exports every build of sage8's CuTe DSL kernel (kontext_kernels/cute_runtime.VARIANTS) as an object file,
-DIR/<name>.o, for a GPU machine without the DSL's compiler (bench/cute_on_device.sh links and times them).
+DIR/<name>.o, for a GPU machine without the DSL's compiler (bench/attention/cute_on_device.sh links and times them).
 
-    CUTE_DSL_ARCH=sm_90a python3 bench/cute_export.py .whl/rt
+    CUTE_DSL_ARCH=sm_90a python3 bench/attention/cute_export.py .whl/rt
 
 Needs `nvidia-cutlass-dsl` and `apache-tvm-ffi` (the `hopper` extra); no GPU.
 """
@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository
 
 from kontext_kernels import cute_runtime, sage_attention_cute
 

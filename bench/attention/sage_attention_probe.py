@@ -1,7 +1,7 @@
 """Probe our 8-bit attention (kontext_kernels/sage_attention.py) against cuDNN's bf16 attention at FLUX Kontext's shape.
 
-    python3 bench/sage_attention_probe.py               # on a CUDA GPU: [1, 24, 8704, 128], then batch 2
-    TRITON_INTERPRET=1 python3 bench/sage_attention_probe.py --tiny   # on a CPU, tiny sizes: that it runs
+    python3 bench/attention/sage_attention_probe.py               # on a CUDA GPU: [1, 24, 8704, 128], then batch 2
+    TRITON_INTERPRET=1 python3 bench/attention/sage_attention_probe.py --tiny   # on a CPU, tiny sizes: that it runs
 
 Prints one table: for each path, ms per call and TFLOP/s (4*B*H*L*L*D flops), the speed-up over bf16 SDPA on
 cuDNN, and the relative L2 error against exact attention (float64, over the first --error-heads heads) on two
@@ -38,8 +38,8 @@ if "--tiny" in sys.argv:  # before Triton is imported: the kernels are built for
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: bench_step, random_weights
 
 from kontext_kernels import sage_attention as sa  # noqa: E402
 from kontext_kernels import sage_attention_hopper as hopper_kernel  # noqa: E402

@@ -1,8 +1,9 @@
 """sage8's CuTe DSL attention kernel (kontext_kernels/sage_attention_cute.py) against the Gluon kernel it would
 replace, sage8's reference and cuDNN's bf16 attention: agreement at awkward sizes, then time at the edit shape.
 
-    python3 bench/sage_cute_probe.py                      # CuTe DSL installed: compiles the kernel here
-    python3 bench/sage_cute_probe.py --module sage8.so    # exported ahead of time (kontext_kernels/cute_runtime.py)
+    python3 bench/attention/sage_cute_probe.py                      # CuTe DSL installed: compiles the kernel here
+    python3 bench/attention/sage_cute_probe.py --module sage8.so    # exported ahead of time
+                                                                    # (kontext_kernels/cute_runtime.py)
 
 The exported module is what runs on a machine without the DSL's compiler (bench/RESULTS.md says how it was run).
 """
@@ -17,8 +18,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: bench_step, random_weights
 
 from random_weights import rel_l2
 from sage_attention_probe import block_inputs, exact_attention, synthetic_inputs
@@ -85,7 +86,7 @@ def main() -> None:
     for name, (q, k, v) in (("block", block_inputs(config, 64, 512, "cuda", torch.bfloat16)),
                             ("synthetic", synthetic_inputs(1, heads, length, config.head_dim, "cuda"))):
         operands = sa.quantize_operands(q, k, v, fp8_pv=True, permute_keys=True)
-        tokens = q.shape[2]  # the block inputs are a smaller image's (bench/sage_attention_probe.py)
+        tokens = q.shape[2]  # the block inputs are a smaller image's (bench/attention/sage_attention_probe.py)
         flops = 4 * heads * tokens * tokens * config.head_dim
         gluon = torch.empty(1, tokens, heads, config.head_dim, device="cuda", dtype=torch.bfloat16)
         exact = exact_attention(*(t[:, :4] for t in (q, k, v))).transpose(1, 2)

@@ -1,9 +1,9 @@
 """Hardware counters of sage8's Hopper attention kernel at FLUX Kontext's edit shape, through Nsight Compute.
 
     ncu --clock-control none -k regex:_attention_kernel --launch-skip 3 --launch-count 1 --set full \
-        --import-source no -o OUT/attention python3 bench/attention_counters.py
-    python3 bench/attention_counters.py --summarize OUT/attention.ncu-rep
-    python3 bench/attention_counters.py --time '' turns=True
+        --import-source no -o OUT/attention python3 bench/attention/attention_counters.py
+    python3 bench/attention/attention_counters.py --summarize OUT/attention.ncu-rep
+    python3 bench/attention/attention_counters.py --time '' turns=True
 
 The first form launches the Gluon kernel (kontext_kernels/sage_attention_hopper.py) on synthetic operands of
 [1, 24, 8704, 128] a few times, for ncu to profile one launch. The second reads the report back with ncu's CLI and
@@ -15,16 +15,15 @@ opcode) the warps waited. The full CSVs are written beside the report.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import re
-import subprocess
 import sys
 from collections import defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: ncu_report
+
+from ncu_report import ncu_csv, ncu_number  # noqa: E402
 
 
 def _operands(heads: int, length: int, head_dim: int):
@@ -85,22 +84,8 @@ def time_variants(variants: list[str], heads: int = 24, length: int = 8704, head
               f"{difference:.2e} |")
 
 
-def _ncu_csv(report: Path, *page: str) -> list[list[str]]:
-    text = subprocess.run(["ncu", "--import", str(report), "--csv", *page], check=True, capture_output=True,
-                          text=True).stdout
-    (report.parent / f"{report.stem}.{page[1]}.csv").write_text(text)
-    return [row for row in csv.reader(io.StringIO(text)) if row]
-
-
-def _number(text: str) -> float | None:
-    try:
-        return float(text.replace(",", ""))
-    except ValueError:
-        return None
-
-
 def summarize(report: Path) -> None:
-    raw = _ncu_csv(report, "--page", "raw")
+    raw = ncu_csv(report, "--page", "raw")
     names, units, values = raw[0], raw[1], raw[2]
     wanted = re.compile(r"(pipe_(tensor|xu|fma|alu|fmaheavy|fp16|uniform)[a-z_]*cycles_active"
                         r".*pct_of_peak_sustained_active"
@@ -114,15 +99,15 @@ def summarize(report: Path) -> None:
                         r"|^smsp__inst_executed\.sum$|^sm__warps_active\.avg\.pct_of_peak_sustained_active$)")
     print("## counters (ncu --page raw)")
     for name, unit, value in zip(names, units, values):
-        number = _number(value)
+        number = ncu_number(value)
         if wanted.search(name) and number is not None and number > 0.05:
             print(f"{name:90s} {value:>14s} {unit}")
 
-    rows = _ncu_csv(report, "--page", "source", "--print-source", "sass")
+    rows = ncu_csv(report, "--page", "source", "--print-source", "sass")
     header_index = next(i for i, row in enumerate(rows) if "Source" in row)
     header, body = rows[header_index], rows[header_index + 1:]
     source = header.index("Source")
-    numeric = [i for i, name in enumerate(header) if i != source and any(_number(r[i]) for r in body[:2000]
+    numeric = [i for i, name in enumerate(header) if i != source and any(ncu_number(r[i]) for r in body[:2000]
                                                                           if len(r) > i)]
     by_opcode: dict[str, list[float]] = defaultdict(lambda: [0.0] * len(header))
     for row in body:
@@ -132,7 +117,7 @@ def summarize(report: Path) -> None:
         opcode = words[0].split(".")[0] if words else "?"
         totals = by_opcode[opcode]
         for i in numeric:
-            totals[i] += _number(row[i]) or 0.0
+            totals[i] += ncu_number(row[i]) or 0.0
     sampled = [i for i in numeric if "Sampl" in header[i]]
     key = sampled[0] if sampled else numeric[0]
     print(f"\n## by opcode (ncu --page source), sorted by {header[key]!r}")

@@ -1,6 +1,6 @@
 """What the double blocks' text stream costs apart from the image stream, at the edit step's shapes, on a CUDA GPU.
 
-    python3 bench/pair_probe.py
+    python3 bench/linear/pair_probe.py
 
 A double block runs every op twice: once over the 512 text tokens with the text weights, once over the 8192 image
 tokens with the image weights. The text launches are small (four row tiles of an int8 GEMM for 132 SMs), so each
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: bench_step, random_weights
 
 from bench_step import cuda_time  # noqa: E402
 from int8_probe import int8_rows  # noqa: E402

@@ -1,6 +1,6 @@
 """cuDNN's bf16 attention at the edit workload's shape, every execution plan cuDNN offers, on a CUDA GPU.
 
-    python3 bench/attention_plans.py
+    python3 bench/attention/attention_plans.py
 
 PyTorch's SDPA takes the first plan of cuDNN's heuristic. Through the cuDNN frontend (the package the fp8
 attention uses) this builds the same bf16 graph with each attention implementation cuDNN has (AUTO,
@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: bench_step, random_weights
 
 from bench_step import cuda_time  # noqa: E402
 from random_weights import rel_l2  # noqa: E402

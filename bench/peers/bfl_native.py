@@ -1,12 +1,12 @@
 """Black Forest Labs' reference FLUX transformer on our weights: the "bfl" rows of bench/bench_step.py.
 
 BFL's code (github.com/black-forest-labs/flux, `src/flux/model.py` and `modules/layers.py`) is imported at
-runtime from a copy staged by bench/stage_bfl.sh; none of it is in this repo. The twin is `flux.model.Flux`
+runtime from a copy staged by bench/peers/stage_bfl.sh; none of it is in this repo. The twin is `flux.model.Flux`
 with FLUX.1 [dev]'s parameters, holding our model's tensors (our checkpoint keys are BFL's), and it is called
 as BFL's Kontext sampler (`flux.sampling.denoise`) calls it: the context tokens appended to the target
 tokens, timestep and guidance vectors in the image's dtype, the prediction cut back to the target tokens.
 
-    python3 bench/bfl_native.py --bfl build/bfl     # CPU self-check against our model, tiny config
+    python3 bench/peers/bfl_native.py --bfl build/bfl     # CPU self-check against our model, tiny config
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository
 
 from twin_check import assign_weights, compare_with_ours, self_check_main  # noqa: E402
 
@@ -30,7 +30,7 @@ def load_bfl(bfl_path) -> types.SimpleNamespace:
     if not (path / _MODEL_FILE).is_file() and (path / "src" / _MODEL_FILE).is_file():
         path = path / "src"
     if not (path / _MODEL_FILE).is_file():
-        raise FileNotFoundError(f"{path} has no {_MODEL_FILE}: stage BFL's code with bench/stage_bfl.sh "
+        raise FileNotFoundError(f"{path} has no {_MODEL_FILE}: stage BFL's code with bench/peers/stage_bfl.sh "
                                 "(give --bfl PATH or set KONTEXT_BFL_PATH)")
     loaded = sys.modules.get("flux.model")
     if loaded is not None and Path(loaded.__file__).resolve() != path / _MODEL_FILE:

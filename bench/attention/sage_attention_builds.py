@@ -2,14 +2,14 @@
 GPU, and say what each build holds: registers, spills, shared memory, its tensor-core instructions, and the
 instruction mix of its main loop.
 
-    python3 bench/sage_attention_builds.py                  # every config of the kernel's lists
-    python3 bench/sage_attention_builds.py --loop 90 tma e4m3 128 128 8 2
+    python3 bench/attention/sage_attention_builds.py                  # every config of the kernel's lists
+    python3 bench/attention/sage_attention_builds.py --loop 90 tma e4m3 128 128 8 2
 
 Triton compiles for a target it is told (triton.compile with a GPUTarget) and ships ptxas and cuobjdump, so the
 SASS of a build can be read without the GPU: whether Q·Kᵀ and P·V became wgmma (IGMMA / QGMMA / HGMMA on
 Hopper) or mma.sync (IMMA / QMMA / HMMA), whether registers spill (LDL / STL, a stack frame), and how many
-instructions one key block issues. What it cannot say is how fast the kernel runs: bench/sage_attention_probe.py
-times it on a GPU. The builds get the alignments the launches give (16-byte pointers, sizes divisible by 16, as
+instructions one key block issues. What it cannot say is how fast the kernel runs:
+bench/attention/sage_attention_probe.py times it on a GPU. The builds get the alignments the launches give (16-byte pointers, sizes divisible by 16, as
 at FLUX's 8704 tokens); without them Triton's pipeliner does not multi-buffer the pointer loads.
 """
 
@@ -24,7 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository
 
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402

@@ -1,6 +1,6 @@
 """Probe cuDNN's fp8 attention against bf16 SDPA (cuDNN backend) at FLUX Kontext's shape.
 
-    python bench/fp8_attention_probe.py [--batch 1 --heads 24 --length 8704 --head-dim 128]
+    python bench/attention/fp8_attention_probe.py [--batch 1 --heads 24 --length 8704 --head-dim 128]
 
 Prints versions, then for each path ms per call and TFLOP/s (4*L*L*H*D flops per batch): bf16 SDPA
 on cuDNN, fp8_attention (quantization + cuDNN fp8 graph + conversion back to bf16), and its parts
@@ -11,16 +11,17 @@ Every failure is printed in full and the probe goes on with what is left.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 import traceback
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: bench_step, random_weights
 
 from bench_step import cuda_time, profile_step  # noqa: E402
 from random_weights import rel_l2  # noqa: E402

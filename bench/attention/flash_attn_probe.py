@@ -1,6 +1,6 @@
 """FlashAttention (4's CuTe interface, 3's Hopper interface or 2) against SDPA on cuDNN, at the workloads' shapes.
 
-    python3 bench/flash_attn_probe.py
+    python3 bench/attention/flash_attn_probe.py
 
 bf16 [1, L, 24, 128] (the layout the QK-norm kernel writes), L = 8704 (edit) and 4608 (t2i): ms per call
 (5 calls back to back in a CUDA graph, so capture is tested too), TFLOP/s, and the relative L2 error of each
@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: bench_step, random_weights
 
 from bench_step import cuda_time  # noqa: E402
 from random_weights import rel_l2  # noqa: E402

@@ -1,6 +1,6 @@
 """Would an int8 path beat the fp8 one? Its GEMMs' speed and the whole model's error, on a CUDA GPU.
 
-    python3 bench/int8_probe.py [--gemms] [--pingpong] [--accuracy] [--host]
+    python3 bench/linear/int8_probe.py [--gemms] [--pingpong] [--accuracy] [--host]
 
 --gemms: at the edit step's shapes (8704 tokens), one layer's GEMM as bf16 (cuBLAS), fp8 (`torch._scaled_mm`,
 rowwise scales, fast accumulation, as our fp8 path runs), cuBLAS's int8 GEMM (`torch._int_mm`, int32 out, no
@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: bench_step, random_weights
 
 from bench_step import cuda_time, inputs, matmul_rate, random_transformer, WORKLOADS  # noqa: E402
 from random_weights import rel_l2  # noqa: E402

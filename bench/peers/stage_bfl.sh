@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Stage what bench/bfl_native.py needs of Black Forest Labs' reference code, for a machine without internet.
+# Stage what bench/peers/bfl_native.py needs of Black Forest Labs' reference code, for a machine without internet.
 #
-#   bench/stage_bfl.sh SOURCE DEST
+#   bench/peers/stage_bfl.sh SOURCE DEST
 #
 # SOURCE: a checkout of github.com/black-forest-labs/flux (a directory with src/flux/model.py), or a git
 # directory of it (a bare clone or mirror: its HEAD is read). DEST gets the five modules the transformer

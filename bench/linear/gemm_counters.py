@@ -1,8 +1,8 @@
 """Hardware counters of the int8 GEMM beside cuBLAS's fp8 GEMM at one of FLUX's shapes, through Nsight Compute.
 
     ncu --clock-control none --set full --import-source no -k regex:'int8_linear_pingpong|gemm|xmma|sm90' \
-        --launch-skip 4 --launch-count 2 -o OUT/gemm python3 bench/gemm_counters.py [--shape linear1]
-    python3 bench/gemm_counters.py --summarize OUT/gemm.ncu-rep
+        --launch-skip 4 --launch-count 2 -o OUT/gemm python3 bench/linear/gemm_counters.py [--shape linear1]
+    python3 bench/linear/gemm_counters.py --summarize OUT/gemm.ncu-rep
 
 The first form launches our warp-specialised int8 GEMM (kontext_kernels/int8_gemm_hopper.py) and cuBLAS's fp8
 `_scaled_mm` alternately on the shape's operands, for ncu to profile one launch of each. The second prints the two
@@ -18,10 +18,10 @@ import re
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: ncu_report
 
-from attention_counters import _ncu_csv, _number  # noqa: E402  (an ncu report's CSV pages; its "1,234.5" numbers)
+from ncu_report import ncu_csv, ncu_number  # noqa: E402
 
 SHAPES = {"qkv": (8192, 3072, 9216), "proj": (8192, 3072, 3072), "mlp up": (8192, 3072, 12288),
           "mlp down": (8192, 12288, 3072), "linear1": (8704, 3072, 21504), "linear2": (8704, 15360, 3072),
@@ -66,7 +66,7 @@ WANTED = re.compile(
 
 
 def summarize(report: Path) -> None:
-    rows = _ncu_csv(report, "--page", "raw")
+    rows = ncu_csv(report, "--page", "raw")
     names, units, kernels = rows[0], rows[1], rows[2:]
     name_column = names.index("Kernel Name")
     labels = [kernel[name_column][:60] for kernel in kernels]
@@ -74,7 +74,7 @@ def summarize(report: Path) -> None:
     print("| --- | --- | " + " | ".join("---:" for _ in labels) + " |")
     for i, (name, unit) in enumerate(zip(names, units)):
         values = [kernel[i] if i < len(kernel) else "" for kernel in kernels]
-        numbers = [_number(value) for value in values]
+        numbers = [ncu_number(value) for value in values]
         if WANTED.match(name) and any(number is not None and abs(number) > 0.05 for number in numbers):
             print(f"| {name} | {unit} | " + " | ".join(values) + " |")
     for label, kernel in zip(labels, kernels):

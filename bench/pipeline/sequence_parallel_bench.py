@@ -1,8 +1,8 @@
 """One edit step split over N GPUs (kontext_core/compute/sequence_parallel.py) against the same step on one, in one run.
 
-    torchrun --nproc-per-node 4 bench/sequence_parallel_bench.py --e2e --out bench-out/   # a 4-GPU machine
+    torchrun --nproc-per-node 4 bench/pipeline/sequence_parallel_bench.py --e2e --out bench-out/   # a 4-GPU machine
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 torchrun ...                   # as the device's KINDS.md asks
-    torchrun --nproc-per-node 2 bench/sequence_parallel_bench.py --tiny                   # CPU, gloo: that it runs
+    torchrun --nproc-per-node 2 bench/pipeline/sequence_parallel_bench.py --tiny          # CPU, gloo: that it runs
 
 Every process builds the same full-size random bf16 model (bench_step.random_transformer, seeded) and the edit
 workload's inputs (8704 tokens: 512 text, a 64x64 target, a 64x64 context). First rank 0 alone times the
@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: bench_step, random_weights
 
 from kontext_core import KontextTransformer, TransformerConfig  # noqa: E402
 from kontext_core.compute.sequence_parallel import SequenceParallel  # noqa: E402

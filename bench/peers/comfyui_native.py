@@ -1,6 +1,6 @@
 """ComfyUI's own FLUX model on our weights: the "ComfyUI native" rows of bench/bench_step.py.
 
-ComfyUI is imported at runtime from a checkout (or a copy staged by bench/stage_comfyui.sh); none of its
+ComfyUI is imported at runtime from a checkout (or a copy staged by bench/peers/stage_comfyui.sh); none of its
 code is in this repo. Two kinds of twin, each called as ComfyUI's sampler calls the model: the unpacked
 latent [B, 16, H, W], sigma as the timestep, the reference latents as `ref_latents` (ComfyUI patchifies and
 places them itself).
@@ -23,7 +23,7 @@ places them itself).
   in the compute dtype. Not reproduced: ComfyUI's main.py also switches PyTorch to the cudaMallocAsync
   allocator (unless `--fast` autotunes); the bench's one process keeps PyTorch's own allocator for every row.
 
-    python3 bench/comfyui_native.py --comfyui ~/ComfyUI     # CPU self-check against our model, tiny config
+    python3 bench/peers/comfyui_native.py --comfyui ~/ComfyUI     # CPU self-check against our model, tiny config
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository
 
 from kontext_core.checkpoints import load_transformer, save_transformer  # noqa: E402
 from kontext_core.checkpoints.saving import transformer_file_state  # noqa: E402

@@ -1,8 +1,8 @@
 """The AE's share of a 1024x1024 edit: encode of the context image and decode of the result, at a few settings.
 
-    python3 bench/ae_probe.py            # on a CUDA GPU
-    python3 bench/ae_probe.py --tiny     # on a CPU: that it runs
-    python3 bench/ae_probe.py --attention   # the decoder's attention alone, through each SDPA backend
+    python3 bench/pipeline/ae_probe.py            # on a CUDA GPU
+    python3 bench/pipeline/ae_probe.py --tiny     # on a CPU: that it runs
+    python3 bench/pipeline/ae_probe.py --attention   # the decoder's attention alone, through each SDPA backend
 
 bench_step.py's end-to-end edit is 28 transformer steps plus one AE encode and one AE decode; this times those two
 alone (CUDA events, median of 5), in bf16 with random full-size weights, as the pipeline runs them (eager,
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: bench_step, random_weights
 
 from random_weights import random_autoencoder, rel_l2  # noqa: E402
 

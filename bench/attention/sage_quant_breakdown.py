@@ -1,9 +1,9 @@
 """Would fusing sage8's quantization into the QK-norm + RoPE pass pay? Each kernel's GPU time at the edit shape.
 
-    python3 bench/sage_quant_breakdown.py          # on a CUDA GPU: one attention call of a 1024² edit (8704 tokens)
-    python3 bench/sage_quant_breakdown.py --fused 64x8 32x8   # and the fused pass (kontext_kernels/sage_qkv.py)
-    python3 bench/sage_quant_breakdown.py --frozen 32x4:4:32x4 64x4:8:64x4   # and the pass with frozen statistics
-    TRITON_INTERPRET=1 python3 bench/sage_quant_breakdown.py --tiny   # on a CPU: that it runs
+    python3 bench/attention/sage_quant_breakdown.py    # on a CUDA GPU: one attention call of a 1024² edit (8704 tokens)
+    python3 bench/attention/sage_quant_breakdown.py --fused 64x8 32x8    # and the fused pass (kontext_kernels/sage_qkv.py)
+    python3 bench/attention/sage_quant_breakdown.py --frozen 32x4:4:32x4 64x4:8:64x4    # and the frozen-statistics pass
+    TRITON_INTERPRET=1 python3 bench/attention/sage_quant_breakdown.py --tiny   # on a CPU: that it runs
 
 The QK-norm + RoPE kernel writes q, k, v in bf16; sage8's quantization (kontext_kernels/sage_attention.py) then
 reads them back in four launches: K's column sums and V's amax, V to e4m3, q to int8, k (centred) to int8.
@@ -27,7 +27,7 @@ if "--tiny" in sys.argv:  # before Triton is imported: the kernels are built for
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository
 
 from kontext_core import TransformerConfig  # noqa: E402
 from kontext_kernels import qk_norm_rope, sage_attention, sage_qkv  # noqa: E402

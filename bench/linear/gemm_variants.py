@@ -1,6 +1,6 @@
 """The FFN's GEMMs in their candidate forms, timed alone on a CUDA GPU (edit workload, 8704 tokens).
 
-    python3 bench/gemm_variants.py [bf16] [shapes] [qkv] [attention] [fp8] [quantization] [lorafp8]
+    python3 bench/linear/gemm_variants.py [bf16] [shapes] [qkv] [attention] [fp8] [quantization] [lorafp8]
 
 bf16: GEMM then GELU vs cuBLASLt's GELU epilogue; the single block's linear1 as one GEMM vs two;
 its linear2 over a concat vs two accumulating GEMMs. shapes: every bf16 linear of an edit step at its own
@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: bench_step, random_weights
 
 from bench_step import cuda_time  # noqa: E402
 from random_weights import rel_l2  # noqa: E402

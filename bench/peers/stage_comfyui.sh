@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Stage what bench/comfyui_native.py needs of a ComfyUI checkout, for a machine without ComfyUI or internet.
+# Stage what bench/peers/comfyui_native.py needs of a ComfyUI checkout, for a machine without ComfyUI or internet.
 #
-#   bench/stage_comfyui.sh COMFYUI_CHECKOUT DEST WHEELDIR
+#   bench/peers/stage_comfyui.sh COMFYUI_CHECKOUT DEST WHEELDIR
 #
 # DEST gets the part of ComfyUI's comfy/ package the FLUX model imports (comfy/*.py, comfy/ldm/*.py,
 # comfy/ldm/flux/, comfy/ldm/modules/; .py files only, about 1 MB), comfyui_version.py and LICENSE (GPL-3.0:

@@ -1,6 +1,6 @@
 """How many results per clock an SM gives for the instructions of sage8's softmax, on this GPU.
 
-    python3 bench/pipe_probe.py            # on a CUDA GPU
+    python3 bench/pipeline/pipe_probe.py            # on a CUDA GPU
 
 The attention kernel's softmax makes each score's probability through exp2 and packs it to e4m3; the CUDA guide's
 throughput table lumps conversions together, so this measures them. Each thread runs a loop of independent
@@ -14,6 +14,8 @@ tests/test_pipe_probe.py checks that on offline sm_90 builds.
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -94,6 +96,7 @@ def build_offline(steps: list[str], capability: int = 90):
 
 def time_steps(steps: list[str], trips: int, sms: int) -> float:
     """Seconds per loop trip of every thread, at 2048 threads per SM."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: bench_step
     from bench_step import cuda_time
 
     threads = 1024

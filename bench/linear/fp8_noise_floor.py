@@ -5,7 +5,7 @@ kontext_core.compute.quant does (weights per output row, activations per token, 
 dequantized and multiplied in fp32: relative L2 error against the fp32 product, beside bf16's. Runs on
 the CPU (the rounding is the same as on the GPU's fp8 tensor cores, which accumulate in fp32).
 
-    python3 bench/fp8_noise_floor.py
+    python3 bench/linear/fp8_noise_floor.py
 """
 
 from __future__ import annotations

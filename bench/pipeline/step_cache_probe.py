@@ -1,9 +1,9 @@
 """Step caching on a 28-step edit: what a full step costs with the cache's decision in it, what a skipped step
 costs, and how many steps each threshold skips (kontext_core/step_cache.py).
 
-    python3 bench/step_cache_probe.py                 # CUDA: full-size random weights in bf16, 1024x1024 edit
-    python3 bench/step_cache_probe.py --compile       # the same with compiled blocks (a minute more)
-    python3 bench/step_cache_probe.py --tiny          # the tests' tiny model on the CPU: checks the script runs
+    python3 bench/pipeline/step_cache_probe.py                 # CUDA: full-size random weights in bf16, 1024x1024 edit
+    python3 bench/pipeline/step_cache_probe.py --compile       # the same with compiled blocks (a minute more)
+    python3 bench/pipeline/step_cache_probe.py --tiny          # the tests' tiny model on the CPU: that it runs
 
 One uncached run, then one run per mode and threshold, all on the same weights and inputs. Every step is
 timed on its own (a synchronisation after each, in every run alike). The threshold-0 rows compute every step,
@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: bench_step, random_weights
 
 from kontext_core import KontextTransformer, TransformerConfig  # noqa: E402
 from kontext_core.sampling import TextConditioning, flux_schedule, sample_euler  # noqa: E402

@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository
 
 
 def assign_weights(twin: torch.nn.Module, state: dict[str, torch.Tensor], name: str) -> None:

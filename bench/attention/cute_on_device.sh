@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs sage8's CuTe DSL kernel on a GPU machine that has no CuTe DSL compiler (bench/RESULTS.md, 2026-12-06 (sixth
 # session)). DIR (default .whl/rt) holds what was prepared on a machine with the DSL:
-#   *.o                           builds exported by bench/cute_export.py (CUTE_DSL_ARCH=sm_90a), one per
+#   *.o                           builds exported by bench/attention/cute_export.py (CUTE_DSL_ARCH=sm_90a), one per
 #                                 cute_runtime.VARIANTS name; sage8.o is the default build
 #   libcute_dsl_runtime.so.xz     the DSL's runtime library (nvidia_cutlass_dsl/cu13/lib), xz-compressed
 #   apache_tvm_ffi-*.whl          TVM-FFI for the GPU machine's Python
@@ -25,7 +25,7 @@ for object in "$dir"/*.o; do
     g++ -shared -o "${kernels[-1]}" "$object" -L/tmp/rt -lcute_dsl_runtime -L"$tvm" -ltvm_ffi || exit 1
 done
 export KONTEXT_SAGE_CUTE_MODULE=/tmp/rt/sage8.so  # the other builds are found beside it
-timeout 170 python3 bench/sage_cute_probe.py --module "${kernels[@]}" --json "$out/cute_probe.json" || exit 1
+timeout 170 python3 bench/attention/sage_cute_probe.py --module "${kernels[@]}" --json "$out/cute_probe.json" || exit 1
 timeout 90 python3 -m pytest -q tests/test_sage_attention_cute.py -p no:cacheprovider
 best=$(cat "$out/cute_probe.best" 2>/dev/null || echo sage8)
 echo "the step's CuTe build: $best"
