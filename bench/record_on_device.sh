@@ -21,10 +21,10 @@ timeout 330 python3 bench/bench_step.py --no-check --workloads edit \
     --e2e int8+sage8+modtable+compiledae+frozenstats+paired+graphs \
     int8+sage8+modtable+compiledae+frozenstats+paired+graphs+pairedrows > "$OUT/record.txt" 2>&1
 grep -E "matmul|floor|tuned plan|end-to-end" "$OUT/record.txt"
-timeout 120 python3 -m pytest -q tests/test_int8_gemm_hopper.py tests/test_cuda_graph.py \
+timeout 120 python3 -m pytest -q tests/kernels/test_int8_gemm_hopper.py tests/compute/test_cuda_graph.py \
     -k "plan_candidate or dispatches or recording" 2>&1 | tail -3
-timeout 100 python3 -m pytest -q tests/test_kernels.py tests/test_int8.py -k "cuda and (pair_of_inputs or one_launch)" \
-    2>&1 | tail -3
+timeout 100 python3 -m pytest -q tests/kernels/test_kernels.py tests/compute/test_int8.py \
+    -k "cuda and (pair_of_inputs or one_launch)" 2>&1 | tail -3
 if [ "$SECONDS" -lt 420 ]; then
     timeout 90 python3 bench/attention/attention_counters.py --time '' > "$OUT/attention.txt" 2>&1
     tail -5 "$OUT/attention.txt"

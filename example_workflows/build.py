@@ -9,7 +9,7 @@ twin keeps the short id that `kontext-batch --workflow` takes (`api/kontext_edit
 same-name .jpg thumbnail beside it, from thumbnails.py.
 
 The pack's own nodes are laid out from their declarations (nodes/*.py spec()); ComfyUI's core nodes
-from the table below, which tests/test_workflows.py checks against ComfyUI itself.
+from the table below, which tests/comfyui/test_workflows.py checks against ComfyUI itself.
 """
 
 from __future__ import annotations

@@ -682,7 +682,7 @@ def _mode_for_replacing(path: Path) -> int:
     """The mode `open(path, "wb")` would leave: an existing file's own, else 0o666 less the umask.
 
     kontext_core.files_out does the same for the model's outputs; this client does not import kontext_core (it
-    would load torch), hence this twin, kept in step by tests/test_files_out.py.
+    would load torch), hence this twin, kept in step by tests/files/test_files_out.py.
     """
     try:
         return stat.S_IMODE(os.stat(path).st_mode)

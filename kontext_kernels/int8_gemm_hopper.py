@@ -310,7 +310,7 @@ class Plan(NamedTuple):
 
 
 # The plans a plain product may take. Each sums a tile's int32 products in the same order and runs the same
-# epilogue, so all give the same bits (tests/test_int8_gemm_hopper.py); they differ only in the order tiles are
+# epilogue, so all give the same bits (tests/kernels/test_int8_gemm_hopper.py); they differ only in the order tiles are
 # taken, how the consumers share them and how far the loader runs ahead. Which is fastest depends on the shape and
 # the card (bench/RESULTS.md, 2026-12-07, third to fifth sessions): linear1 on an H200 favoured cooperative GROUP_M
 # 16 (0.763 against ping-pong's 0.858 ms), on an H100 cooperative GROUP_M 32 (0.758 against 0.814 in the tuning),

@@ -7,7 +7,7 @@ token (`sage_attention.Q_ROWS` = 1), so q can go to int8 as it is made; K's sums
 tokens can be gathered by atomics there too (the sums in float64, exact for bf16 values, so their order does not
 matter). k and v still need those statistics of every token before they are quantized, so they are written in
 bf16 as before and quantized by sage_attention's own kernels. The operands equal the unfused path's bit for bit
-(tests/test_sage_qkv.py); bench/RESULTS.md says what the fusion is worth.
+(tests/kernels/test_sage_qkv.py); bench/RESULTS.md says what the fusion is worth.
 
 With frozen statistics (`frozen_sage_operands`) the pass makes all of sage8's operands itself, in one read of the
 projection: K's mean and V's amax come from an earlier step of the same layer (`FrozenStatistics`, recorded by

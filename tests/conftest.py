@@ -72,6 +72,23 @@ def kernels_built_for(mode: str):
             kontext_kernels.set_enabled(was_enabled)
 
 
+NO_TRITON = "triton is not installed (pip install triton==3.6.0); the kernels fall back to their references"
+
+
+@contextlib.contextmanager
+def kernel_device(mode: str):
+    """For a fixture parametrised over "interpreter" and "cuda": the device the kernels run on ("cpu" under
+    Triton's interpreter), with the kernel modules built for it; skips where Triton or a CUDA GPU is missing."""
+    from kontext_kernels.runtime import triton_available
+
+    if not triton_available():
+        pytest.skip(NO_TRITON)
+    if mode == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    with kernels_built_for(mode):
+        yield "cpu" if mode == "interpreter" else "cuda"
+
+
 @contextlib.contextmanager
 def eight_bit_kernels(mode: str):
     """`kernels_built_for(mode)` with fp8 GEMMs on, through PyTorch's CPU `_scaled_mm` under the interpreter;

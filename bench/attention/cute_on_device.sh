@@ -26,7 +26,7 @@ for object in "$dir"/*.o; do
 done
 export KONTEXT_SAGE_CUTE_MODULE=/tmp/rt/sage8.so  # the other builds are found beside it
 timeout 170 python3 bench/attention/sage_cute_probe.py --module "${kernels[@]}" --json "$out/cute_probe.json" || exit 1
-timeout 90 python3 -m pytest -q tests/test_sage_attention_cute.py -p no:cacheprovider
+timeout 90 python3 -m pytest -q tests/kernels/test_sage_attention_cute.py -p no:cacheprovider
 best=$(cat "$out/cute_probe.best" 2>/dev/null || echo sage8)
 echo "the step's CuTe build: $best"
 export KONTEXT_SAGE_CUTE_MODULE=/tmp/rt/$best.so

@@ -22,7 +22,7 @@ FAST=ours-int8-compiled+graphs+sage8+modtable+frozenstats
 timeout 260 python3 bench/bench_step.py --no-check --workloads edit \
     --impls "$FAST+unpaired" "$FAST+paired" "$FAST+paired+cooperative" > "$OUT/step.txt" 2>&1
 grep -v "^\s*$" "$OUT/step.txt" | tail -12
-timeout 110 python3 -m pytest -q tests/test_int8_gemm_hopper.py tests/test_int8.py \
+timeout 110 python3 -m pytest -q tests/kernels/test_int8_gemm_hopper.py tests/compute/test_int8.py \
     -k "not builds and (hopper or one_launch or pair)" 2>&1 | tail -4
 timeout 80 python3 bench/linear/pair_probe.py > "$OUT/pair_probe.txt" 2>&1
 tail -9 "$OUT/pair_probe.txt"

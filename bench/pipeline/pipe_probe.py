@@ -8,7 +8,7 @@ chains of one instruction (inline PTX, enough warps to hide latency), and the ti
 FFMAs, whose rate is known (128 results a clock per SM on sm_80/sm_90): a row's "per clock" is its results per
 clock per SM at that ratio. Rows that mix two instructions say whether they share a pipe: if they do, the mix
 takes as long as both alone together. `STEPS` says which SASS instruction each step becomes, and how many;
-tests/test_pipe_probe.py checks that on offline sm_90 builds.
+tests/benchmarks/test_pipe_probe.py checks that on offline sm_90 builds.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ makes the model's `out.transpose(1, 2).reshape(B, L, H * D)` free.
 Numerics. Per-tensor dynamic scales computed on the GPU (no host sync) by kontext_kernels/fp8_qkv.py, which
 documents them; on Hopper cuDNN's fp8 graph writes O only in fp8, so a last pass converts it back.
 Relative L2 error against exact attention is ~5.9% for unit-RMS q, k and Gaussian v (bf16 SDPA:
-0.23%); see tests/test_fp8_attention.py.
+0.23%); see tests/compute/test_fp8_attention.py.
 
 Speed (H100, cuDNN 9.19, [1, 24, 8704, 128]): the cuDNN fp8 kernel runs in 0.94 ms (~990 TFLOP/s)
 against 1.40 ms for bf16 SDPA on cuDNN; quantizing q, k, v (an amax pass and a cast pass each)

@@ -112,8 +112,8 @@ class QuantizedRows(NamedTuple):
 def quantize_rows(x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> QuantizedRows:
     """Per-token (row) dynamic scales amax/448 (e4m3) or amax/127 (int8, rounded to nearest), the rows then
     in `dtype`: the plain form of what kontext_kernels/row_quant.py fuses with the op producing x. The same arithmetic
-    as its `quantize_rows_reference` (kontext_core runs without kontext_kernels/; tests/test_fp8_matmul.py holds them
-    equal)."""
+    as its `quantize_rows_reference` (kontext_core runs without kontext_kernels/; tests/compute/test_fp8_matmul.py holds
+    them equal)."""
     top = INT8_MAX if dtype == torch.int8 else E4M3_MAX
     rows = x.reshape(-1, x.shape[-1]).float()
     amax = rows.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12)

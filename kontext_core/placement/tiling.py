@@ -9,7 +9,7 @@ latent-resolution feature map: decoding runs conv_in and the mid block untiled a
 path; encoding tiles the downsampling path, blends its latent-resolution features and runs the mid block
 and the output layers untiled. GroupNorm statistics are made whole-image too, gathered norm by norm over
 the tiles (see _GlobalGroupNorm). What remains different from the untiled pass is the zero padding at
-tile edges, which the feathering fades out (tests/test_tiling.py states the tolerance).
+tile edges, which the feathering fades out (tests/pipeline/test_tiling.py states the tolerance).
 
 `encode` / `decode` pick: the full-size pass when its estimated memory fits (after asking reclaimable
 caches, such as offloaded transformer blocks, to make room), tiles otherwise, or as asked.

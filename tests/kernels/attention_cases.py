@@ -1,4 +1,4 @@
-"""Attention test cases shared by tests/test_sage_attention.py and tests/test_sage_attention_hopper.py: inputs as
+"""Attention test cases shared by test_sage_attention.py and test_sage_attention_hopper.py (both here): inputs as
 the model makes them, exact attention, and the error bounds those tests state (test_sage_attention.py's
 docstring says where each comes from)."""
 

@@ -1,4 +1,4 @@
-"""kontext-batch's runner against an in-process fake of ComfyUI's queue API (tests/fake_comfy.py): outputs and
+"""kontext-batch's runner against an in-process fake of ComfyUI's queue API (tests/batch/fake_comfy.py): outputs and
 manifest, resume, retries (and the failures not worth one), the bounded queue, Ctrl-C, multi-turn chaining,
 rejected prompts, polling."""
 

@@ -2,7 +2,7 @@
 
 What is checked here is the bookkeeping, which needs no GPU: one compiled graph per block class shared by
 all its instances, outputs equal to the eager model, a deep copy computing with its own weights, and
-uncompile_blocks. (The speed and the GPU kernels inside compiled blocks: tests/test_fused_model.py.)
+uncompile_blocks. (The speed and the GPU kernels inside compiled blocks: tests/compute/test_fused_model.py.)
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from kontext_core.compute.sequence_parallel import SequenceParallel, TokenChunks
 pytestmark = pytest.mark.skipif(para_attn_unavailable_reason() is not None or not torch.distributed.is_available(),
                                 reason=f"needs torch.distributed and para-attn ({para_attn_unavailable_reason()})")
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("length, world", [(7, 2), (75, 2), (8, 4), (5, 8), (4096, 3)])

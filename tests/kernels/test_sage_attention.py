@@ -26,27 +26,19 @@ import torch.nn.functional as F
 
 from attention_cases import (FP8_BOUND, FP16_BOUND, GPU_KERNEL_VS_REFERENCE, KERNEL_VS_REFERENCE,
                              assert_operands_equal, attention_inputs, eager_and_compiled, exact_attention)
-from conftest import kernels_built_for, rel_error, rel_l2
+from conftest import kernel_device, kernels_built_for, rel_error, rel_l2
 from kontext_kernels.runtime import launches, triton_available
-
 
 
 def kernel_bound(device: str) -> float:
     return KERNEL_VS_REFERENCE if device == "cpu" else GPU_KERNEL_VS_REFERENCE
 
 
-NO_TRITON = "triton is not installed (pip install triton==3.6.0); the kernels fall back to their references"
-
-
 @pytest.fixture(scope="module", params=["interpreter", "cuda"])
 def device(request) -> str:
     """Where the kernels run: Triton's CPU interpreter, and compiled on a GPU (kernel modules rebuilt for each)."""
-    if not triton_available():
-        pytest.skip(NO_TRITON)
-    if request.param == "cuda" and not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    with kernels_built_for(request.param):
-        yield "cpu" if request.param == "interpreter" else "cuda"
+    with kernel_device(request.param) as device:
+        yield device
 
 
 def _launched(name: str, before: int) -> None:

@@ -20,13 +20,12 @@ import pytest
 import torch
 
 import kontext_kernels
-from conftest import kernels_built_for, rel_error, rel_l2
+from conftest import NO_TRITON, kernel_device, kernels_built_for, rel_error, rel_l2
 from kontext_kernels import check as kernel_check
 from kontext_kernels.runtime import launches, triton_available
 
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 DTYPES = [torch.float32, torch.bfloat16]
-NO_TRITON = "triton is not installed (pip install triton==3.6.0); the kernels fall back to their references"
 
 
 @pytest.fixture(scope="class", params=["interpreter", "cuda"])
@@ -36,12 +35,8 @@ def device(request) -> str:
     The kernel modules are rebuilt for the mode (their @triton.jit reads TRITON_INTERPRET at
     import) and put back as they were afterwards.
     """
-    if not triton_available():
-        pytest.skip(NO_TRITON)
-    if request.param == "cuda" and not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    with kernels_built_for(request.param):
-        yield "cpu" if request.param == "interpreter" else "cuda"
+    with kernel_device(request.param) as device:
+        yield device
 
 
 @pytest.fixture(scope="class")
@@ -685,7 +680,7 @@ def test_import_and_fallback_without_triton():
         "kontext_kernels.linear_gelu_reference(x, w, b))\n"
     )
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1],
+    result = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[2],
                             env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
 

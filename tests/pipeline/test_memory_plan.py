@@ -15,7 +15,7 @@ from kontext_core.placement.offload import BlockOffloader
 from kontext_core.pipeline import KontextPipeline
 
 DEV = TransformerConfig()
-DEV_PARAMETERS = 11_901_408_320  # tests/test_full_size.py
+DEV_PARAMETERS = 11_901_408_320  # tests/model/test_full_size.py
 
 
 def test_weight_bytes_of_the_real_model():

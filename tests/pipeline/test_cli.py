@@ -244,7 +244,7 @@ def test_readme_command_from_a_comfyui_models_folder_with_an_empty_hugging_face_
     command = [sys.executable, "-m", "kontext_core", "edit", str(tmp_path / "photo.png"), "--prompt",
                "make it a snowy night", "-o", str(tmp_path / "night.png"), "--models", str(models),
                "--steps", "2", "--resize", "keep", "--dtype", "fp32", "--device", "cpu"]
-    result = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], env=environment,
+    result = subprocess.run(command, cwd=Path(__file__).resolve().parents[2], env=environment,
                             preexec_fn=lambda: os.umask(0o027), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == str(tmp_path / "night.png")

@@ -1,4 +1,4 @@
-"""Rewrite the full-size shape files from our own models: `python tests/data/regenerate_shapes.py`.
+"""Rewrite the full-size shape files from our own models: `python tests/model/data/regenerate_shapes.py`.
 
 The files pin our model's structure; tests compare them with the model and with the manifests
 of the real release.

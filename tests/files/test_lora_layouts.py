@@ -131,7 +131,7 @@ def _kohya_diffusers(config, seed: int) -> dict[str, torch.Tensor]:
     """OneTrainer's kohya-style names for diffusers' modules (`lora_transformer_transformer_blocks_0_attn_to_q`),
     alphas per module, and a text-encoder module. diffusers reads this layout's attention projections and
     non-block layers (it maps a block's other modules onto the block itself), so the file holds those;
-    tests/test_lora.py checks the layout on every layer against a hand-made reference."""
+    tests/files/test_lora.py checks the layout on every layer against a hand-made reference."""
     factors, tensors = Factors(seed), {}
     for module, shape in _diffusers_shapes(config).items():
         if "blocks." in module and ".attn." not in module:

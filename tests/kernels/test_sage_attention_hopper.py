@@ -6,7 +6,7 @@ checked for what the schedule needs. On a Hopper GPU it is checked, on fresh ran
 key counts that are not whole 128-token tiles (a masked last key block, a single partial one), batch 2, 3 heads,
 head dims 64, 128 and 96 (padded to 128); and against exact attention (float64).
 
-Tolerances, as tests/test_sage_attention.py states them: the kernel against the reference max|diff| / max|ref|
+Tolerances, as tests/kernels/test_sage_attention.py states them: the kernel against the reference max|diff| / max|ref|
 <= 1e-2 (the GPU's exp2 approximation moves a few values of P across an e4m3 rounding, by an e4m3 step each),
 against exact attention rel L2 <= 5% (e4m3 P·V: ~3.7% measured on such inputs).
 """

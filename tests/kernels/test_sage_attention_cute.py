@@ -4,7 +4,7 @@ Without a GPU the kernel is compiled for sm_90a (CuTe DSL compiles without one) 
 schedule is for: block j-1's P·V in flight during block j's softmax (a wgmma wait that leaves one group running),
 each MMA's k steps kept in one wgmma group (not serialised), no spills. On a Hopper GPU it is checked, on fresh
 random q, k, v, against `sage_attention.attend_reference` at awkward sizes (query and key counts that are not whole
-128-token tiles, batch 2, 3 heads), with the Gluon kernel's tolerances (tests/test_sage_attention_hopper.py), every
+128-token tiles, batch 2, 3 heads), with the Gluon kernel's tolerances (test_sage_attention_hopper.py), every
 build of it (cute_runtime.VARIANTS). Skipped where `nvidia-cutlass-dsl` is not installed (the `hopper` extra) and no
 build is exported.
 """
@@ -42,7 +42,7 @@ needs_cute_dsl = pytest.mark.skipif(not has_cute_dsl, reason="nvidia-cutlass-dsl
 hopper_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
                                      and cute_runtime.available()), reason="needs a Hopper GPU and the kernel")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

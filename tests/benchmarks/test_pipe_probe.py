@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench" / "pipeline"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench" / "pipeline"))
 
 from conftest import sass_of, spills
 

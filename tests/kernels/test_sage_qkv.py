@@ -11,18 +11,14 @@ import pytest
 import torch
 
 from attention_cases import assert_operands_close, assert_operands_equal, eager_and_compiled
-from conftest import kernels_built_for, tiny_edit_args
-from kontext_kernels.runtime import launches, triton_available
+from conftest import kernel_device, tiny_edit_args
+from kontext_kernels.runtime import launches
 
 
 @pytest.fixture(scope="module", params=["interpreter", "cuda"])
 def device(request) -> str:
-    if not triton_available():
-        pytest.skip("triton is not installed")
-    if request.param == "cuda" and not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    with kernels_built_for(request.param):
-        yield "cpu" if request.param == "interpreter" else "cuda"
+    with kernel_device(request.param) as device:
+        yield device
 
 
 def _streams(batch: int, lengths: tuple[int, ...], heads: int, head_dim: int, device: str):
@@ -67,7 +63,7 @@ def test_head_dims_the_fused_pass_does_not_take(device):
 def test_the_model_with_the_fused_pass_equals_the_unfused_one(device, tiny_transformer, monkeypatch):
     # The sage8 backend in every block of a tiny model, the fused pass on (it is off by default) and off; and in
     # compiled blocks, where the pass is one opaque op (the compiler's own fusions elsewhere round differently on
-    # the GPU: bounded as tests/test_sage_attention.py bounds compiled against eager).
+    # the GPU: bounded as tests/kernels/test_sage_attention.py bounds compiled against eager).
     from kontext_core import set_attention_backend
     from kontext_core.compute import attention
 

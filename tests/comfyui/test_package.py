@@ -5,7 +5,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-CORE = Path(__file__).resolve().parents[1] / "kontext_core"
+CORE = Path(__file__).resolve().parents[2] / "kontext_core"
 FORBIDDEN_MODULES = {"comfy", "comfy_extras", "comfy_api", "folder_paths", "nodes", "server", "pickle"}
 
 

@@ -1,4 +1,4 @@
-"""kontext-batch over several ComfyUI servers, against two or three in-process fakes (tests/fake_comfy.py):
+"""kontext-batch over several ComfyUI servers, against two or three in-process fakes (tests/batch/fake_comfy.py):
 how jobs spread, a server dying mid-batch (its turns run elsewhere, nothing finished runs twice, it is used
 again once it answers), every server down (exit 2, a re-run resumes), resuming across the set, multi-turn
 chains crossing servers, and how --host/--port/--url name the servers. Pauses are made short and every test
