@@ -7,7 +7,8 @@
 #      error vs first" is the velocity error against bf16; "attention alone ... (cuDNN first)" is cuDNN bf16's rate
 #      at the edit shape;
 #   2. the GPU tests of every GEMM plan candidate (bit for bit against the default launch), the dispatch, the CUDA
-#      graphs of the steps that record and reuse sage8's statistics, and the paired row quantizers (bytes, model);
+#      graphs of the steps that record and reuse sage8's statistics, the paired row quantizers (bytes, model), and
+#      every kontext:: operator against torch.compile's contract (opcheck) with its GPU kernels;
 #   3. while the call is under 420 s, sage8's attention kernel alone at the edit shape
 #      (bench/attention/attention_counters.py --time ''), for its ratio to cuDNN.
 # Usage (from the repository root, on the device): OUT=$OUT bash bench/record_on_device.sh
@@ -24,7 +25,7 @@ grep -E "matmul|floor|tuned plan|end-to-end" "$OUT/record.txt"
 timeout 120 python3 -m pytest -q tests/kernels/test_int8_gemm_hopper.py tests/compute/test_cuda_graph.py \
     -k "plan_candidate or dispatches or recording" 2>&1 | tail -3
 timeout 100 python3 -m pytest -q tests/kernels/test_kernels.py tests/compute/test_int8.py \
-    -k "cuda and (pair_of_inputs or one_launch)" 2>&1 | tail -3
+    tests/compute/test_op_contracts.py -k "cuda and (pair_of_inputs or one_launch or stacked or contract)" 2>&1 | tail -3
 if [ "$SECONDS" -lt 420 ]; then
     timeout 90 python3 bench/attention/attention_counters.py --time '' > "$OUT/attention.txt" 2>&1
     tail -5 "$OUT/attention.txt"

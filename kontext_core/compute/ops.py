@@ -14,6 +14,8 @@ from typing import Callable
 import torch
 
 _LIBRARY = torch.library.Library("kontext", "FRAGMENT")
+# Every operator's name, in the order registered (the tests hold each to torch.compile's contract).
+REGISTERED: list[str] = []
 
 
 def define(schema: str, impl: Callable, fake: Callable) -> None:
@@ -22,3 +24,4 @@ def define(schema: str, impl: Callable, fake: Callable) -> None:
     _LIBRARY.define(schema)
     _LIBRARY.impl(name, impl, "CompositeExplicitAutograd")
     torch.library.register_fake(f"kontext::{name}", fake, lib=_LIBRARY)
+    REGISTERED.append(name)
