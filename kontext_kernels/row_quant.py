@@ -25,6 +25,8 @@ the last float32 bits of GELU and LayerNorm can tell them apart.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -117,7 +119,7 @@ def concat_gelu_quantize_rows(first: torch.Tensor, second: torch.Tensor, spare: 
 def split_stacked(stacked: Quantized, x: torch.Tensor, other: torch.Tensor) -> tuple[Quantized, Quantized]:
     """A `*_stacked` result back as (x's rows, other's rows): views of its one buffer, shaped as each input."""
     data, scale = stacked
-    rows = x.numel() // x.shape[-1]
+    rows = math.prod(x.shape[:-1])
     return ((data[:rows].view(*x.shape[:-1], data.shape[-1]), scale[:rows]),
             (data[rows:].view(*other.shape[:-1], data.shape[-1]), scale[rows:]))
 

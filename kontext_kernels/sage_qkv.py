@@ -121,6 +121,9 @@ def joint_sage_operands(streams: list[tuple[torch.Tensor, torch.Tensor, torch.Te
     """The streams' (qkv [B, L_i, 3*H*D], q_scale, k_scale) -> sage8's operands of their joint sequence, the same
     as `sage_attention.quantize_operands` of `qk_norm_rope.joint_qkv_norm_rope`'s q, k, v (per-token q scales,
     the default k scales). `runs_fused` must hold."""
+    if not runs_fused(streams, num_heads):  # the kernel's tiles would write past the operands' channels
+        raise ValueError(f"joint_sage_operands: head dim {streams[0][0].shape[-1] // (3 * num_heads)} is not one the "
+                         "fused pass tiles (check runs_fused first; joint_qkv_norm_rope and quantize_operands take it)")
     first = streams[0][0]
     batch, device, dtype = first.shape[0], first.device, first.dtype
     head_dim = first.shape[-1] // (3 * num_heads)
@@ -330,6 +333,9 @@ def frozen_sage_operands(streams: list[tuple[torch.Tensor, torch.Tensor, torch.T
     [B, H, D_pad]: what `sage_attention.quantize_operands_reference(fp8_pv=True,
     statistics=statistics.reference_statistics())` makes of `qk_norm_rope.joint_qkv_norm_rope`'s q, k, v.
     `runs_frozen(..., fp8_pv=True)` must hold."""
+    if not runs_frozen(streams, num_heads, fp8_pv=True):  # a stream's tiles would write past its part of the operands
+        raise ValueError("frozen_sage_operands: these streams' lengths or head dim are not the frozen pass's (check "
+                         "runs_frozen first; record_sage_operands takes any)")
     first = streams[0][0]
     batch, device = first.shape[0], first.device
     head_dim = first.shape[-1] // (3 * num_heads)

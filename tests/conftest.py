@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch._functorch.config
 
 from kontext_core.model.autoencoder import Autoencoder
 from kontext_core.model.config import AutoencoderConfig, TransformerConfig
@@ -19,7 +20,8 @@ from kontext_core.model.transformer import KontextTransformer
 
 # A custom op whose outputs alias its inputs or each other is an error here, as it is where CI=1 is set, not the
 # warning it is elsewhere: the compiled tests then fail on every machine, not only on CI's.
-torch._functorch.config.error_on_custom_op_aliasing = True
+if hasattr(torch._functorch.config, "error_on_custom_op_aliasing"):  # a recent setting; older torch does not check
+    torch._functorch.config.error_on_custom_op_aliasing = True
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = Path(os.environ.get("KONTEXT_GOLDEN_DIR", REPO.parent / "shared" / "reference" / "golden"))
@@ -87,6 +89,31 @@ def kernel_device(mode: str):
         pytest.skip("needs a CUDA GPU")
     with kernels_built_for(mode):
         yield "cpu" if mode == "interpreter" else "cuda"
+
+
+def velocity_apart_and_paired(model, args: tuple, compiled: bool,
+                              device: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The 8-bit model's velocity with a row-quantizer launch per stream, then with both double-block streams' rows
+    in one launch (fused.set_paired_row_quantizers), eager or in compiled blocks; and the paired launches made."""
+    from kontext_core.compute import fused
+    from kontext_kernels.runtime import launches
+
+    pairing_default = fused._paired_row_quantizers
+    torch._dynamo.reset()
+    try:
+        if compiled:
+            model.compile_blocks(backend="aot_eager" if device == "cpu" else "inductor")
+        with torch.no_grad():
+            fused.set_paired_row_quantizers(False)
+            before = launches["row_quantizer_pair"]
+            apart = model.velocity(*args)
+            assert launches["row_quantizer_pair"] == before, "a paired launch while pairing was off"
+            fused.set_paired_row_quantizers(True)
+            paired = model.velocity(*args)
+    finally:
+        fused.set_paired_row_quantizers(pairing_default)
+        torch._dynamo.reset()
+    return apart, paired, launches["row_quantizer_pair"] - before
 
 
 @contextlib.contextmanager

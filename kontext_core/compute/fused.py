@@ -12,6 +12,7 @@ to be read back and quantized.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -391,7 +392,7 @@ def _row_form_pair(x: torch.Tensor, layer: nn.Module, x2: torch.Tensor, layer2: 
         return None
     form = _row_format(layer, x)
     if (form is None or form != _row_format(layer2, x2) or x.shape[-1] != x2.shape[-1] or x.dtype != x2.dtype
-            or lora_columns(layer) != lora_columns(layer2)):
+            or x.device != x2.device or lora_columns(layer) != lora_columns(layer2)):
         return None
     return form
 
@@ -532,8 +533,9 @@ if _kernels is not None:
                    second, first.shape[-1] + second.shape[-1] + spare, int8))
     # Two streams' rows of one width in one launch (kontext_kernels/row_quant.py, `*_stacked`): x's rows then x2's,
     # in one [rows of both, width] buffer and one [rows of both, 1] scale.
-    def _stacked_fake(x: torch.Tensor, x2: torch.Tensor, spare: int = 0, int8: bool = False) -> tuple[torch.Tensor, ...]:
-        rows = x.numel() // x.shape[-1] + x2.numel() // x2.shape[-1]
+    def _stacked_fake(x: torch.Tensor, x2: torch.Tensor, spare: int = 0,
+                      int8: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = math.prod(x.shape[:-1]) + math.prod(x2.shape[:-1])
         return (x.new_empty((rows, x.shape[-1] + spare), dtype=_format(int8)),
                 x.new_empty((rows, 1), dtype=torch.float32))
 

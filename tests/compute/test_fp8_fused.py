@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from conftest import (as_float32, check_compiled_blocks, compiled_graphs, eight_bit_kernels, fp8_tensor_cores,
-                      kernels_off, random_block_lora, rel_l2, tiny_edit_args, tiny_quantized_pair)
+                      kernels_off, random_block_lora, rel_l2, tiny_edit_args, tiny_quantized_pair,
+                      velocity_apart_and_paired)
 from kontext_kernels.runtime import launches, triton_available
 from kontext_core import KontextTransformer
 
@@ -298,3 +299,21 @@ def test_lora_columns_follow_a_lora_merged_into_the_same_fp8_layers(device):
         after = rel_l2(*_columns_output(layer, inputs)[:2])
     # e4m3 rounding of the columns (~1%); made against stale scales they were off by ~11% here
     assert before < 0.03 and merged_error < 0.03 and after < 0.03, (before, merged_error, after)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_paired_row_quantizers_carry_the_lora_columns(device, compiled):
+    # Both streams' e4m3 rows in one launch (fused.set_paired_row_quantizers) with the spare columns of a LoRA in
+    # the wide layout: each stream's columns are filled in place on its view of the stacked buffer, in compiled
+    # blocks too, and the velocity equals a launch per stream bit for bit.
+    from kontext_core.adapters.lora import apply_lora
+    from kontext_core.compute import fused
+
+    model, fp8 = _models(device)
+    with torch.no_grad(), apply_lora(fp8, random_block_lora(model, seed=25), 0.8, mode="on_the_fly"):
+        assert fused.lora_columns(fp8.double_blocks[0].img_attn.qkv) > 0  # the rows carry spare columns
+        apart, paired, pairs = velocity_apart_and_paired(fp8, tiny_edit_args(1, torch.bfloat16, device), compiled,
+                                                         device)
+    # Each double block: the two LayerNorm + modulation inputs, the attention rows and the GELU rows.
+    assert pairs == 4 * len(fp8.double_blocks)
+    assert torch.equal(paired, apart)

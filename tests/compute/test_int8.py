@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from conftest import (as_float32, check_compiled_blocks, eight_bit_kernels, kernels_off, random_block_lora, rel_l2,
-                      tiny_edit_args, tiny_quantized_pair)
+                      tiny_edit_args, tiny_quantized_pair, velocity_apart_and_paired)
 from kontext_kernels.runtime import launches, triton_available
 from kontext_core import KontextTransformer, TransformerConfig, load_transformer, save_transformer
 from kontext_core.compute import quant
@@ -164,27 +164,10 @@ def test_double_blocks_quantize_both_streams_rows_in_one_launch_with_the_same_re
     # The double block's 8-bit rows of both streams (LayerNorm + modulation, attention, GELU rows), each kind in
     # one launch of the row kernel (fused.set_paired_row_quantizers): the velocity equal bit for bit to a launch
     # per stream, eager and in compiled blocks (where the pair ops' fake shapes must be right).
-    from kontext_core.compute import fused
-
     _, int8 = _models(device)
-    args = tiny_edit_args(1, torch.bfloat16, device)
-    product_default = fused._paired_row_quantizers
-    torch._dynamo.reset()
-    try:
-        if compiled:
-            int8.compile_blocks(backend="aot_eager" if device == "cpu" else "inductor")
-        with torch.no_grad():
-            fused.set_paired_row_quantizers(False)
-            before = launches["row_quantizer_pair"]
-            apart = int8.velocity(*args)
-            assert launches["row_quantizer_pair"] == before
-            fused.set_paired_row_quantizers(True)
-            paired = int8.velocity(*args)
-    finally:
-        fused.set_paired_row_quantizers(product_default)
-        torch._dynamo.reset()
-    # One double block: the two LayerNorm + modulation inputs, the attention rows and the GELU rows.
-    assert launches["row_quantizer_pair"] - before == 4
+    apart, paired, pairs = velocity_apart_and_paired(int8, tiny_edit_args(1, torch.bfloat16, device), compiled, device)
+    # Each double block: the two LayerNorm + modulation inputs, the attention rows and the GELU rows.
+    assert pairs == 4 * len(int8.double_blocks)
     assert torch.equal(paired, apart)
 
 

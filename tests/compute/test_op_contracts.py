@@ -56,6 +56,12 @@ def _cases(device: str) -> dict[str, list[tuple]]:
     angle = torch.randn(1, 1, sum(lengths), head_dim // 2, device=device) * 3
     rope = (torch.cos(angle), torch.sin(angle))
     q, k, v = (_randn(2, heads, 37, 64, device=device) for _ in range(3))
+    # sage8's fused passes tile head dims of 32 and more; the frozen one whole 128-token tiles but in the last stream.
+    sage_dim, sage_lengths = 32, (128, 5)
+    sage_qkvs = [_randn(1, length, 3 * heads * sage_dim, device=device) for length in sage_lengths]
+    sage_scales = [[_randn(sage_dim, device=device, scale=0.2) + 1 for _ in sage_lengths] for _ in range(2)]
+    sage_angle = torch.randn(1, 1, sum(sage_lengths), sage_dim // 2, device=device) * 3
+    sage = (sage_qkvs, *sage_scales, torch.cos(sage_angle), torch.sin(sage_angle), heads)
     rows = _randn(10, 40, device=device, dtype=torch.float32)
     e4m3_rows = torch.cat((rows.clamp(-448, 448).to(torch.float8_e4m3fn),
                            torch.zeros(10, 4, device=device).to(torch.float8_e4m3fn)), dim=1)
@@ -64,10 +70,11 @@ def _cases(device: str) -> dict[str, list[tuple]]:
         "gelu_quantize_rows": [(x, 0, int8) for int8 in (True, False)],
         "concat_gelu_quantize_rows": [(x2, x[:1, :3], 0, int8) for int8 in (True, False)],
         "layernorm_modulate_quantize": [(x, shift, scale, 0, int8) for int8 in (True, False)],
-        "quantize_rows_stacked": [(x, x2, 0, int8) for int8 in (True, False)],
-        "gelu_quantize_rows_stacked": [(x, x2, 0, int8) for int8 in (True, False)],
-        "layernorm_modulate_quantize_stacked": [(x, shift, scale, x2, shift2, scale2, 0, int8)
-                                                for int8 in (True, False)],
+        # Stacked: one launch, and (other dtypes) each stream quantized alone then copied into one buffer.
+        "quantize_rows_stacked": [(x, other, 0, int8) for other in (x2, x2.float()) for int8 in (True, False)],
+        "gelu_quantize_rows_stacked": [(x, other, 0, int8) for other in (x2, x2.float()) for int8 in (True, False)],
+        "layernorm_modulate_quantize_stacked": [(x, shift, scale, other, shift2, scale2, 0, int8)
+                                                for other in (x2, x2.float()) for int8 in (True, False)],
         "int8_linear": [(data, row_scale, weight, weight_scale, bias, torch.bfloat16)],
         "int8_linear_gated_residual": [(data, row_scale, weight, weight_scale, bias, gate, residual)],
         "int8_linear_pair": [(data, row_scale, weight, weight_scale, bias, data2, row_scale2, weight2,
@@ -83,12 +90,12 @@ def _cases(device: str) -> dict[str, list[tuple]]:
                            torch.rand(1, 4, device=device) + 0.5)],
         "joint_qkv_norm_rope": [(qkvs, query_scales, key_scales, *rope, heads)],
         "sage_attention": [(q, k, v, True)],
-        "sage_joint_attention": [(qkvs, query_scales, key_scales, *rope, heads, True)],
-        "sage_frozen_attention": [(qkvs, query_scales, key_scales, *rope, heads, True)],
+        "sage_joint_attention": [(*sage, True)],
+        "sage_frozen_attention": [(*sage, record) for record in (True, False)],  # records, then reuses
     }
     if device == "cuda":
         cases["sage_attention"].append((q, k, v, False))
-        cases["sage_joint_attention"].append((qkvs, query_scales, key_scales, *rope, heads, False))
+        cases["sage_joint_attention"].append((*sage, False))
     return cases
 
 
@@ -107,17 +114,41 @@ def test_operators_keep_torch_compiles_contract(device):
     import kontext_core.compute.attention  # noqa: F401
     import kontext_core.compute.fused  # noqa: F401
 
-    for name, calls in _cases(device).items():
-        if name not in ops.REGISTERED:
-            continue  # not registered where its kernels cannot import
-        operator = getattr(torch.ops.kontext, name).default
-        checks = tuple(check for check in ALL_CHECKS if check not in SKIPPED_CHECKS.get(name, ()))
-        for args in calls:
-            try:
-                torch.library.opcheck(operator, args, test_utils=checks)
-            except Exception as error:
-                raise AssertionError(f"kontext::{name}: {error}") from error
-    kontext_core.compute.attention.forget_frozen_statistics()  # sage_frozen_attention's records, kept by address
+    try:
+        for name, calls in _cases(device).items():
+            if name not in ops.REGISTERED:
+                continue  # not registered where its kernels cannot import
+            operator = getattr(torch.ops.kontext, name).default
+            checks = tuple(check for check in ALL_CHECKS if check not in SKIPPED_CHECKS.get(name, ()))
+            for args in calls:
+                _opcheck(name, operator, args, checks)
+    finally:
+        kontext_core.compute.attention.forget_frozen_statistics()  # sage_frozen_attention's records, by address
+
+
+def _opcheck(name: str, operator, args: tuple, checks: tuple[str, ...]) -> None:
+    try:
+        torch.library.opcheck(operator, args, test_utils=checks)
+    except Exception as error:
+        raise AssertionError(f"kontext::{name}: {error}") from error
+
+
+def test_row_operators_fakes_count_the_spare_columns(device):
+    # With spare (LoRA) columns, which the operators leave unwritten: the schema and the fakes' shapes only (the
+    # traced-values check would compare the unwritten bytes).
+    import kontext_core.compute.fused  # noqa: F401
+
+    x, x2 = _randn(2, 5, 64, device=device), _randn(1, 3, 64, device=device)
+    shift, scale, _ = _randn(2, 1, 192, device=device).chunk(3, dim=-1)
+    kontext = torch.ops.kontext
+    for name, args in (("quantize_rows", (x, 3, True)), ("gelu_quantize_rows", (x, 3, False)),
+                       ("concat_gelu_quantize_rows", (x2, x[:1, :3], 3, True)),
+                       ("layernorm_modulate_quantize", (x, shift, scale, 3, True)),
+                       ("quantize_rows_stacked", (x, x2, 3, True)), ("quantize_rows_stacked", (x, x2.float(), 3, True)),
+                       ("gelu_quantize_rows_stacked", (x, x2, 3, False)),
+                       ("layernorm_modulate_quantize_stacked", (x, shift, scale, x2, shift[:1], scale[:1], 3, True))):
+        if name in ops.REGISTERED:
+            _opcheck(name, getattr(kontext, name).default, args, ("test_schema", "test_faketensor"))
 
 
 def test_in_place_operators_declare_what_they_write():

@@ -393,6 +393,7 @@ class TestAwkwardSizes:
         other_shift, other_scale = _modulation_chunks(1, 64, torch.bfloat16, device)
         if not kernel:
             monkeypatch.setattr(row_quant, "enabled_for", lambda _x: False)
+        before = launches["row_quantizer_pair"]
         cases = [(row_quant.quantize_rows_stacked(x, other, spare=2, dtype=torch.int8),
                   [row_quant.quantize_rows(rows, spare=2, dtype=torch.int8) for rows in (x, other)]),
                  (row_quant.gelu_quantize_rows_stacked(x, other, spare=2, dtype=torch.int8),
@@ -401,6 +402,7 @@ class TestAwkwardSizes:
                                                                 spare=2, dtype=torch.int8),
                   [row_quant.layernorm_modulate_quantize(*args, spare=2, dtype=torch.int8)
                    for args in ((x, shift, scale), (other, other_shift, other_scale))])]
+        assert launches["row_quantizer_pair"] - before == (3 if kernel else 0)
         for stacked, alone in cases:
             assert stacked[0].shape == (13, 66) and stacked[1].shape == (13, 1)
             for (data, row_scale), (expected, expected_scale) in zip(row_quant.split_stacked(stacked, x, other),

@@ -248,3 +248,17 @@ def test_sampler_records_every_refresh_steps(device, tiny_transformer):
     assert (runs[2] - runs[0]).norm() <= 2e-2 * runs[0].norm()
     with pytest.raises(ValueError, match="attention_statistics_refresh"):
         sample_euler(model, img.float(), ids, cond, steps, attention_statistics_refresh=-1)
+
+
+def test_the_one_pass_kernels_refuse_streams_they_do_not_tile(device):
+    # Called past their `runs_*` checks, the passes would write outside their operands: they refuse instead.
+    from kontext_kernels import sage_qkv
+
+    streams, cos, sin = _streams(1, (5, 7), 2, 16, device)  # head dim 16: under the fused tile's 32 channels
+    with pytest.raises(ValueError, match="runs_fused"):
+        sage_qkv.joint_sage_operands(streams, cos, sin, 2, fp8_pv=True)
+    streams, cos, sin = _streams(1, (37, 150), 2, 64, device)  # the first stream not whole 128-token tiles
+    assert sage_qkv.runs_fused(streams, 2) and not sage_qkv.runs_frozen(streams, 2, fp8_pv=True)
+    _, statistics = sage_qkv.record_sage_operands(streams, cos, sin, 2, fp8_pv=True)
+    with pytest.raises(ValueError, match="runs_frozen"):
+        sage_qkv.frozen_sage_operands(streams, cos, sin, 2, statistics)
