@@ -82,26 +82,36 @@ def int8_tma(data, scale, weight, weight_scale, bias, config, store="pointer"):
     return out
 
 
+def _shape_operands(k: int, n: int) -> tuple:
+    """One GEMM shape's random operands: x [TOKENS, K] and w [N, K] in bf16 with a bias; their int8 rows and scales
+    (the activation's [rows, 1], the weight's [N]); the exact product of those; and cuBLAS's fp8 GEMM of the same x
+    and w, ready to time."""
+    x = torch.randn(TOKENS, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k ** -0.5
+    bias = torch.randn(n, device="cuda", dtype=torch.bfloat16) * 0.02
+    data, scale = int8_rows(x)
+    w_data, w_scale = int8_rows(w)
+    scale, w_scale = scale.contiguous(), w_scale.reshape(-1).contiguous()
+    reference = int8_gemm.int8_linear_reference(data, scale, w_data, w_scale, bias, torch.bfloat16)
+    x8 = quant.quantize_rows(x)
+    w8, w8_scale = quant.quantize_weight(w, per_row=True)
+    w8_scale_row = w8_scale.reshape(1, -1).contiguous()
+
+    def fp8():
+        return torch._scaled_mm(x8.data, w8.t(), scale_a=x8.scale, scale_b=w8_scale_row, bias=bias,
+                                out_dtype=torch.bfloat16, use_fast_accum=True)
+
+    return x, w, bias, 2 * TOKENS * k * n, data, scale, w_data, w_scale, reference, fp8
+
+
 def gemms() -> None:
     print(f"bf16 matmul rate (8192^3): {matmul_rate() / 1e12:.0f} TFLOP/s", flush=True)
     rows = []
     for name, (k, n) in SHAPES.items():
-        x = torch.randn(TOKENS, k, device="cuda", dtype=torch.bfloat16)
-        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k ** -0.5
-        bias = torch.randn(n, device="cuda", dtype=torch.bfloat16) * 0.02
-        flops = 2 * TOKENS * k * n
-        data, scale = int8_rows(x)
-        w_data, w_scale = int8_rows(w)
-        w_scale = w_scale.reshape(-1).contiguous()
-        scale = scale.contiguous()
-        reference = int8_gemm.int8_linear_reference(data, scale, w_data, w_scale, bias, torch.bfloat16)
-        x8 = quant.quantize_rows(x)
-        w8, w8_scale = quant.quantize_weight(w, per_row=True)
-        w8_scale_row = w8_scale.reshape(1, -1).contiguous()
+        x, w, bias, flops, data, scale, w_data, w_scale, reference, fp8 = _shape_operands(k, n)
         candidates = {
             "bf16 cuBLAS": lambda: F.linear(x, w, bias),
-            "fp8 _scaled_mm": lambda: torch._scaled_mm(x8.data, w8.t(), scale_a=x8.scale, scale_b=w8_scale_row,
-                                                       bias=bias, out_dtype=torch.bfloat16, use_fast_accum=True),
+            "fp8 _scaled_mm": fp8,
             "int8 _int_mm (int32 out, unscaled)": lambda: torch._int_mm(data, w_data.t()),
             "int8 ours (kontext_kernels/int8_gemm.py, autotuned)": lambda: int8_gemm.int8_linear(
                 data, scale, w_data, w_scale, bias, torch.bfloat16),
@@ -131,21 +141,10 @@ def pingpong() -> None:
     print("| shape | GEMM | ms | TFLOP/s (TOP/s) | of cuBLAS fp8 | rel. L2 error vs exact |\n"
           "| --- | --- | ---: | ---: | ---: | ---: |")
     for name, (k, n) in SHAPES.items():
-        x = torch.randn(TOKENS, k, device="cuda", dtype=torch.bfloat16)
-        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k ** -0.5
-        bias = torch.randn(n, device="cuda", dtype=torch.bfloat16) * 0.02
-        flops = 2 * TOKENS * k * n
-        data, scale = int8_rows(x)
-        w_data, w_scale = int8_rows(w)
-        w_scale = w_scale.reshape(-1).contiguous()
-        scale = scale.reshape(-1).contiguous()
-        reference = int8_gemm.int8_linear_reference(data, scale, w_data, w_scale, bias, torch.bfloat16)
-        x8 = quant.quantize_rows(x)
-        w8, w8_scale = quant.quantize_weight(w, per_row=True)
-        w8_scale_row = w8_scale.reshape(1, -1).contiguous()
+        _, _, bias, flops, data, scale, w_data, w_scale, reference, fp8 = _shape_operands(k, n)
+        scale = scale.reshape(-1)  # the Gluon launch's own form, as `int8_gemm._kernel_operands` passes it
         candidates = {
-            "fp8 _scaled_mm": lambda: torch._scaled_mm(x8.data, w8.t(), scale_a=x8.scale, scale_b=w8_scale_row,
-                                                       bias=bias, out_dtype=torch.bfloat16, use_fast_accum=True),
+            "fp8 _scaled_mm": fp8,
             "int8 Triton (autotuned)": lambda: int8_gemm._launch(data, scale, w_data, w_scale, bias, torch.bfloat16,
                                                                  kernel="triton"),
         }
