@@ -62,9 +62,9 @@ def _cases(device: str) -> dict[str, list[tuple]]:
     sage_scales = [[_randn(sage_dim, device=device, scale=0.2) + 1 for _ in sage_lengths] for _ in range(2)]
     sage_angle = torch.randn(1, 1, sum(sage_lengths), sage_dim // 2, device=device) * 3
     sage = (sage_qkvs, *sage_scales, torch.cos(sage_angle), torch.sin(sage_angle), heads)
-    rows = _randn(10, 40, device=device, dtype=torch.float32)
-    e4m3_rows = torch.cat((rows.clamp(-448, 448).to(torch.float8_e4m3fn),
-                           torch.zeros(10, 4, device=device).to(torch.float8_e4m3fn)), dim=1)
+    # e4m3 rows [16, 64] with 16 spare columns (sizes cuBLAS's fp8 GEMM takes, for the GPU's form of the op).
+    e4m3_rows = torch.cat((_randn(16, 64, device=device, dtype=torch.float32).to(torch.float8_e4m3fn),
+                           torch.zeros(16, 16, device=device).to(torch.float8_e4m3fn)), dim=1)
     cases = {
         "quantize_rows": [(x, 0, int8) for int8 in (True, False)],
         "gelu_quantize_rows": [(x, 0, int8) for int8 in (True, False)],
@@ -85,9 +85,9 @@ def _cases(device: str) -> dict[str, list[tuple]]:
         "add_low_rank_": [(_randn(10, 32, device=device, dtype=torch.float32),
                            _randn(10, 4, device=device, dtype=torch.float32),
                            _randn(32, 4, device=device, dtype=torch.float32))],
-        "lora_columns_": [(e4m3_rows, torch.rand(10, 1, device=device) + 0.5,
-                           _randn(4, 40, device=device, dtype=torch.float32).to(torch.float8_e4m3fn),
-                           torch.rand(1, 4, device=device) + 0.5)],
+        "lora_columns_": [(e4m3_rows, torch.rand(16, 1, device=device) + 0.5,
+                           _randn(16, 64, device=device, dtype=torch.float32).to(torch.float8_e4m3fn),
+                           torch.rand(1, 16, device=device) + 0.5)],
         "joint_qkv_norm_rope": [(qkvs, query_scales, key_scales, *rope, heads)],
         "sage_attention": [(q, k, v, True)],
         "sage_joint_attention": [(*sage, True)],
