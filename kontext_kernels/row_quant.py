@@ -142,8 +142,7 @@ def _stack(first: Quantized, second: Quantized) -> Quantized:
 # The `*_stacked` functions quantize two streams' rows of one width, x's then other's, into one [rows of both,
 # width] buffer and one [rows of both, 1] scale: one launch where the kernel runs (the double block's text rows
 # alone leave most of the GPU idle). Two tensors, not four views of them, so that a custom op can return them:
-# an op's outputs may not alias each other (`split_stacked` makes the views outside it). The `*_pair` functions
-# return the views, or two launches' results where one launch cannot take both.
+# an op's outputs may not alias each other (`split_stacked` makes the views outside it).
 def quantize_rows_stacked(x: torch.Tensor, other: torch.Tensor, spare: int = 0,
                           dtype: torch.dtype = E4M3) -> Quantized:
     """`quantize_rows` of x and of other, stacked."""
@@ -160,47 +159,15 @@ def gelu_quantize_rows_stacked(x: torch.Tensor, other: torch.Tensor, spare: int 
     return _stack(gelu_quantize_rows(x, spare, dtype), gelu_quantize_rows(other, spare, dtype))
 
 
-def _layernorm_stackable(x: torch.Tensor, other: torch.Tensor) -> bool:
-    return _stackable(x, other) and x.dim() == 3 and other.dim() == 3
-
-
 def layernorm_modulate_quantize_stacked(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
                                         other: torch.Tensor, other_shift: torch.Tensor, other_scale: torch.Tensor,
                                         eps: float = 1e-6, spare: int = 0, dtype: torch.dtype = E4M3) -> Quantized:
     """`layernorm_modulate_quantize(x, shift, scale)` and the same of other with its own shift and scale, stacked."""
-    if _layernorm_stackable(x, other):
+    if _stackable(x, other) and x.dim() == 3 and other.dim() == 3:
         return _layernorm_modulate_quantize_triton(x, shift, scale, eps, spare, dtype,
                                                    other=(other, other_shift, other_scale))
     return _stack(layernorm_modulate_quantize(x, shift, scale, eps, spare, dtype),
                   layernorm_modulate_quantize(other, other_shift, other_scale, eps, spare, dtype))
-
-
-def quantize_rows_pair(x: torch.Tensor, other: torch.Tensor, spare: int = 0,
-                       dtype: torch.dtype = E4M3) -> tuple[Quantized, Quantized]:
-    """(`quantize_rows(x)`, `quantize_rows(other)`), in one launch where the kernel can take both."""
-    if _stackable(x, other):
-        return split_stacked(quantize_rows_stacked(x, other, spare, dtype), x, other)
-    return quantize_rows(x, spare, dtype), quantize_rows(other, spare, dtype)
-
-
-def gelu_quantize_rows_pair(x: torch.Tensor, other: torch.Tensor, spare: int = 0,
-                            dtype: torch.dtype = E4M3) -> tuple[Quantized, Quantized]:
-    """(`gelu_quantize_rows(x)`, `gelu_quantize_rows(other)`), in one launch where the kernel can take both."""
-    if _stackable(x, other):
-        return split_stacked(gelu_quantize_rows_stacked(x, other, spare, dtype), x, other)
-    return gelu_quantize_rows(x, spare, dtype), gelu_quantize_rows(other, spare, dtype)
-
-
-def layernorm_modulate_quantize_pair(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, other: torch.Tensor,
-                                     other_shift: torch.Tensor, other_scale: torch.Tensor, eps: float = 1e-6,
-                                     spare: int = 0, dtype: torch.dtype = E4M3) -> tuple[Quantized, Quantized]:
-    """(`layernorm_modulate_quantize(x, shift, scale)`, the same of other), in one launch where the kernel can take
-    both."""
-    if _layernorm_stackable(x, other):
-        return split_stacked(layernorm_modulate_quantize_stacked(x, shift, scale, other, other_shift, other_scale,
-                                                                 eps, spare, dtype), x, other)
-    return (layernorm_modulate_quantize(x, shift, scale, eps, spare, dtype),
-            layernorm_modulate_quantize(other, other_shift, other_scale, eps, spare, dtype))
 
 
 def layernorm_modulate_quantize(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,

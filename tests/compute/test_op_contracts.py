@@ -17,6 +17,9 @@ from kontext_kernels.runtime import triton_available
 # test_flash_attention.py run them in compiled blocks there).
 GPU_ONLY = {"fp8_attention", "fp8_joint_attention", "flash_attention_4"}
 
+# The 8-bit row operators, whose calls end in (spare columns, int8).
+ROW_OPERATORS = ("quantize_rows", "gelu_quantize_rows", "concat_gelu_quantize_rows", "layernorm_modulate_quantize",
+                 "quantize_rows_stacked", "gelu_quantize_rows_stacked", "layernorm_modulate_quantize_stacked")
 ALL_CHECKS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
 # opcheck's schema check compares the mutated input by arithmetic torch lacks for e4m3; the op returns nothing, so
 # no output can alias, and its schema's write to `data` is asserted below instead.
@@ -134,21 +137,16 @@ def _opcheck(name: str, operator, args: tuple, checks: tuple[str, ...]) -> None:
 
 
 def test_row_operators_fakes_count_the_spare_columns(device):
-    # With spare (LoRA) columns, which the operators leave unwritten: the schema and the fakes' shapes only (the
-    # traced-values check would compare the unwritten bytes).
+    # The row operators' cases above again with 3 spare (LoRA) columns, which the operators leave unwritten: the
+    # schema and the fakes' shapes only (the traced-values check would compare the unwritten bytes).
     import kontext_core.compute.fused  # noqa: F401
 
-    x, x2 = _randn(2, 5, 64, device=device), _randn(1, 3, 64, device=device)
-    shift, scale, _ = _randn(2, 1, 192, device=device).chunk(3, dim=-1)
-    kontext = torch.ops.kontext
-    for name, args in (("quantize_rows", (x, 3, True)), ("gelu_quantize_rows", (x, 3, False)),
-                       ("concat_gelu_quantize_rows", (x2, x[:1, :3], 3, True)),
-                       ("layernorm_modulate_quantize", (x, shift, scale, 3, True)),
-                       ("quantize_rows_stacked", (x, x2, 3, True)), ("quantize_rows_stacked", (x, x2.float(), 3, True)),
-                       ("gelu_quantize_rows_stacked", (x, x2, 3, False)),
-                       ("layernorm_modulate_quantize_stacked", (x, shift, scale, x2, shift[:1], scale[:1], 3, True))):
+    cases = _cases(device)
+    for name in ROW_OPERATORS:
         if name in ops.REGISTERED:
-            _opcheck(name, getattr(kontext, name).default, args, ("test_schema", "test_faketensor"))
+            for *operands, _spare, int8 in cases[name]:
+                _opcheck(name, getattr(torch.ops.kontext, name).default, (*operands, 3, int8),
+                         ("test_schema", "test_faketensor"))
 
 
 def test_in_place_operators_declare_what_they_write():
