@@ -38,23 +38,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def tiny_text_encoder_files(folder: Path, config: TransformerConfig) -> None:
-    """t5xxl_fp16 / clip_l stand-ins: the real tokenizers' vocabularies, tiny widths (the tiny model's)."""
-    from conftest import randomize_
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
-
-    t5 = randomize_(T5EncoderModel(T5Config(
-        vocab_size=32128, d_model=config.context_in_dim, d_kv=8, d_ff=64, num_layers=1,
-        num_heads=config.context_in_dim // 8, feed_forward_proj="gated-gelu", dropout_rate=0.0)), 3).eval()
-    clip = randomize_(CLIPTextModel(CLIPTextConfig(
-        vocab_size=49408, hidden_size=config.vec_in_dim, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=1, max_position_embeddings=77)), 4).eval()
-    save_file({k: v.detach().clone().contiguous() for k, v in t5.state_dict().items()},
-              str(folder / "t5xxl_fp16.safetensors"))
-    save_file({f"text_model.{k}": v.detach().clone().contiguous() for k, v in clip.state_dict().items()},
-              str(folder / "clip_l.safetensors"))
-
-
 def request_json(url: str, payload: dict | None = None) -> dict:
     data = json.dumps(payload).encode() if payload is not None else None
     request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
@@ -76,7 +59,9 @@ def _require_comfyui() -> None:
 def prepare_base(base: Path, comfy_vae: bool = True) -> None:
     """A ComfyUI base directory: this pack in custom_nodes, tiny random models under the real file names, an
     input image. `comfy_vae`: also a full-size (random) FLUX AE, the only kind ComfyUI's own Load VAE reads."""
+    # Imported here, not at the top: conftest imports this module (for its fixtures) and tiny_encoders imports conftest.
     from conftest import random_block_lora_file, randomize_
+    from tiny_encoders import tiny_text_encoder_files
 
     (base / "custom_nodes").mkdir()
     (base / "custom_nodes" / "comfyui-kontext").symlink_to(REPO, target_is_directory=True)

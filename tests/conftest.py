@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random models, the golden vectors, relative-error helper."""
+"""Shared fixtures: tiny random models (also as a ComfyUI models folder), the golden vectors, relative-error helper."""
 
 from __future__ import annotations
 
@@ -13,7 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch._functorch.config
+from PIL import Image
+from safetensors.torch import save_file
 
+from kontext_core import save_autoencoder, save_transformer
 from kontext_core.model.autoencoder import Autoencoder
 from kontext_core.model.config import AutoencoderConfig, TransformerConfig
 from kontext_core.model.transformer import KontextTransformer
@@ -358,6 +361,28 @@ def tiny_autoencoder() -> Autoencoder:
     return randomize_(Autoencoder(AutoencoderConfig.tiny()), seed=2).eval()
 
 
+@pytest.fixture
+def models_tree(tiny_transformer, tiny_autoencoder, tmp_path):
+    """The tiny models in a ComfyUI models/ folder under the real file names, tokenizers beside it and a photo:
+    (tmp_path, the photo, the CLI options that point at them) for `kontext edit`, `t2i` and `eval` runs."""
+    # Imported here, not at the top: tiny_encoders imports conftest.
+    from tiny_encoders import clip_tensors, clip_tokenizer_dir, t5_tensors, t5_tokenizer_dir, tiny_clip, tiny_t5
+
+    folder = tmp_path / "ComfyUI" / "models"  # not named `models`: that is a fixture in this module
+    config = tiny_transformer.config
+    save_transformer(tiny_transformer, folder / "diffusion_models" / "flux1-kontext-dev.safetensors", layout="comfy")
+    save_autoencoder(tiny_autoencoder, folder / "vae" / "ae.safetensors")
+    (folder / "text_encoders").mkdir(parents=True)
+    save_file(t5_tensors(tiny_t5(d_model=config.context_in_dim)), folder / "text_encoders" / "t5xxl_fp16.safetensors")
+    save_file(clip_tensors(tiny_clip(hidden_size=config.vec_in_dim)), folder / "text_encoders" / "clip_l.safetensors")
+    tokenizers = ["--t5-tokenizer", str(t5_tokenizer_dir(tmp_path / "t5tok")),
+                  "--clip-tokenizer", str(clip_tokenizer_dir(tmp_path / "cliptok"))]
+    image = tmp_path / "photo.png"
+    Image.new("RGB", (40, 24), (200, 30, 90)).save(image)
+    common = ["--models", str(tmp_path / "ComfyUI"), *tokenizers, "--steps", "2", "--dtype", "fp32", "--device", "cpu"]
+    return tmp_path, image, common
+
+
 def golden_dir() -> Path:
     if not (GOLDEN / "meta.json").exists():
         pytest.skip(f"golden vectors not found at {GOLDEN} (set KONTEXT_GOLDEN_DIR)")
@@ -372,3 +397,7 @@ def golden_meta() -> dict:
 # The live ComfyUI server (skips without one), one per session for every live test module; a pair of them for
 # batches over several servers.
 from comfyui_server import comfyui, comfyui_pair  # noqa: E402,F401
+
+# ComfyUI's side of the nodes, faked (`comfy`), and the tiny models loaded by the loader nodes (`models`): the
+# node tests without ComfyUI share them.
+from fake_comfy_adapter import comfy, models  # noqa: E402,F401

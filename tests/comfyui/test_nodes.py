@@ -1,8 +1,9 @@
 """The ComfyUI nodes without ComfyUI: type conversions, the model cache, and every node's run() on tiny models.
 
 ComfyUI's side (model folders, progress bar, Cancel, previews) is the `comfy` fixture, which replaces the
-functions of nodes/comfy_adapter.py. References: the core's KontextPipeline and EditSession run on the
-same loaded models (bit-exact on the CPU), ComfyUI's latent_formats.Flux for the LATENT scaling.
+functions of nodes/comfy_adapter.py (tests/fake_comfy_adapter.py, with `models`). References: the core's
+KontextPipeline and EditSession run on the same loaded models (bit-exact on the CPU), ComfyUI's
+latent_formats.Flux for the LATENT scaling.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import sys
 import types
 import weakref
 from dataclasses import replace
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -21,13 +21,14 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import FakeEncoders, rel_error
-from kontext_core import GenerationSettings, KontextPipeline, TextConditioning, save_autoencoder, save_transformer
-from kontext_core import CheckpointError, KontextTransformer, TransformerConfig, set_attention_backend
+from kontext_core import GenerationSettings, KontextPipeline, TextConditioning, save_transformer
+from kontext_core import CheckpointError, KontextTransformer, TransformerConfig
 from kontext_core.image import prepare_image
 from kontext_core.compute.fused import hooked
 from kontext_core.adapters.lora import active_loras
 from kontext_core.sampling import StepInfo
 from kontext_core.model.tokens import pack_latent
+from fake_comfy_adapter import Interrupted  # and the fixtures `comfy` and `models`, which conftest registers
 from node_pack import COMFYUI, load_pack, nodes_module
 
 nodes = nodes_module()
@@ -38,10 +39,6 @@ resolve = nodes_module("resolve")
 progress = nodes_module("progress")
 
 FAST = dict(steps=2, resize="keep")
-
-
-class Interrupted(Exception):
-    pass
 
 
 class FakeComfyVae:
@@ -60,60 +57,6 @@ class FakeComfyVae:
     def decode(self, raw):
         with torch.no_grad():
             return convert.pixels_to_image(self.ae.decode(convert.raw_to_scaled(raw)))
-
-
-@pytest.fixture
-def comfy(tmp_path, monkeypatch):
-    """ComfyUI as the nodes see it: model folders under tmp_path, a recording progress bar and previews."""
-    host = SimpleNamespace(root=tmp_path / "models", bars=[], checks=0, interrupt_at=None)
-    for folder in ("diffusion_models", "vae", "text_encoders", "loras"):
-        (host.root / folder).mkdir(parents=True)
-
-    def full_path(folder, name):
-        path = host.root / folder / name
-        if not path.exists():
-            raise FileNotFoundError(f"{name} is not in {folder}")
-        return str(path)
-
-    def check_interrupted():
-        host.checks += 1
-        if host.interrupt_at is not None and host.checks >= host.interrupt_at:
-            raise Interrupted()
-
-    class Bar:
-        def __init__(self, total):
-            self.total = total
-
-        def update_absolute(self, value, total=None, preview=None):
-            host.bars.append((value, total, preview))
-
-    monkeypatch.setattr(adapter, "filenames", lambda folder: sorted(p.name for p in (host.root / folder).iterdir()))
-    monkeypatch.setattr(adapter, "full_path", full_path)
-    monkeypatch.setattr(adapter, "compute_device", lambda: torch.device("cpu"))
-    monkeypatch.setattr(adapter, "check_interrupted", check_interrupted)
-    monkeypatch.setattr(adapter, "progress_bar", Bar)
-    monkeypatch.setattr(adapter, "latent_previewer", lambda: (lambda latent: tuple(latent.shape)))
-    monkeypatch.setattr(adapter, "preview_images",
-                        lambda images: {"images": [f"preview_{i}" for i in range(images.shape[0])]})
-    monkeypatch.setattr(adapter, "tokenizer_folders", lambda: (None, None))
-    yield host
-    model_cache.CACHE.release()
-    set_attention_backend("auto")
-
-
-@pytest.fixture
-def models(comfy, tiny_transformer, tiny_autoencoder):
-    """The tiny models saved as files in the model folders and loaded by the loader nodes."""
-    save_transformer(tiny_transformer, comfy.root / "diffusion_models" / "kontext_tiny.safetensors")
-    save_autoencoder(tiny_autoencoder, comfy.root / "vae" / "ae_tiny.safetensors")
-    model = nodes.KontextModelLoader.run("kontext_tiny.safetensors").outputs[0]
-    vae = nodes.KontextVAELoader.run("ae_tiny.safetensors").outputs[0]
-    config = tiny_transformer.config
-    encoders = FakeEncoders(config.context_in_dim, config.vec_in_dim)
-    text = model_cache.TextEncodersRef("t5.safetensors", "clip.safetensors", "fp32", "cpu")
-    model_cache.CACHE.put(text.key, encoders)
-    pipeline = KontextPipeline(resolve.transformer(model), resolve.autoencoder(vae), encoders)
-    return SimpleNamespace(model=model, vae=vae, text=text, encoders=encoders, pipeline=pipeline)
 
 
 def _image(seed: int, size=(40, 24), batch: int = 1) -> torch.Tensor:
@@ -790,7 +733,7 @@ def test_loop_node_returns_every_turn(models, comfy):
 def test_turn_refuses_text_encoders_of_another_width_before_sampling(models, tmp_path):
     # A CLIP twice as wide as the model reads: named at once, not a shape error inside the first block.
     from kontext_core.text.text_encoders import TextEncoders, load_clip_tokenizer, load_t5_tokenizer
-    from test_text_encoders import clip_tokenizer_dir, t5_tokenizer_dir, tiny_clip, tiny_t5
+    from tiny_encoders import clip_tokenizer_dir, t5_tokenizer_dir, tiny_clip, tiny_t5
 
     config = models.pipeline.transformer.config
     wrong = TextEncoders(tiny_t5(d_model=config.context_in_dim), tiny_clip(hidden_size=2 * config.vec_in_dim),

@@ -111,7 +111,7 @@ def _cached_edit_worker(rank: int, world: int, store_file: str, spec: str, out_f
 
 
 def _split_cached_edit(rank: int, spec: str, out_file: str) -> None:
-    from test_step_cache import edit, make_pipeline
+    from tiny_pipeline import edit, make_pipeline
 
     pipeline = make_pipeline()
     pipeline.transformer.sequence_parallel = SequenceParallel()
@@ -123,7 +123,7 @@ def _split_cached_edit(rank: int, spec: str, out_file: str) -> None:
 def test_step_caching_split_takes_the_single_process_decisions(tmp_path, mode):
     """Each process measures the change on its own tokens; the sums are added over the group, so every
     process skips the same steps as one process would, and the result matches."""
-    from test_step_cache import edit, make_pipeline
+    from tiny_pipeline import edit, make_pipeline
 
     # A threshold between two of the uncached run's measures, so that some steps skip and none sits on it.
     measures = sorted(edit(make_pipeline(), f"{mode}:0").cache_stats.measures.values())
@@ -151,7 +151,7 @@ def cli_models(tiny_transformer, tiny_autoencoder, tmp_path):
     from safetensors.torch import save_file
 
     from kontext_core import save_autoencoder, save_transformer
-    from test_text_encoders import clip_tensors, clip_tokenizer_dir, t5_tensors, t5_tokenizer_dir, tiny_clip, tiny_t5
+    from tiny_encoders import clip_tensors, clip_tokenizer_dir, t5_tensors, t5_tokenizer_dir, tiny_clip, tiny_t5
 
     models = tmp_path / "ComfyUI" / "models"
     save_transformer(tiny_transformer, models / "diffusion_models" / "flux1-kontext-dev.safetensors", layout="comfy")

@@ -1,4 +1,4 @@
-"""`kontext eval` end to end on tiny models in a ComfyUI models tree (test_cli's `models_tree`): compare, a 2-turn
+"""`kontext eval` end to end on tiny models in a ComfyUI models tree (conftest's `models_tree`): compare, a 2-turn
 drift report, a presets report, and KontextBench on a fixture folder in the published layout (resume
 included). Runs use 2 steps on 48x32 images."""
 
@@ -18,7 +18,6 @@ from kontext_core.evaluation.drift import DEFAULT_PROMPT, turn_prompts
 from kontext_core.evaluation.presets import PresetSpec, for_each_preset
 from kontext_core.evaluation.report import PLOTS_MISSING, plot_lines
 
-from test_cli import models_tree  # noqa: F401  (the fixture: tiny models saved as ComfyUI keeps them)
 from test_eval_metrics import smooth_texture
 
 CATEGORIES = ("Character Reference", "Instruction Editing - Global", "Instruction Editing - Local",
@@ -32,7 +31,7 @@ def textured_png(path, width: int = 48, height: int = 32, seed: int = 0):
 
 
 def with_args(common: list[str], **changes: str) -> list[str]:
-    """test_cli's common options with some values replaced."""
+    """models_tree's common options with some values replaced."""
     common = list(common)
     for flag, value in changes.items():
         common[common.index(f"--{flag}") + 1] = value

@@ -10,14 +10,10 @@ by up to 25 % (Frobenius; 16 % measured).
 
 from __future__ import annotations
 
-import json
-import string
-
 import pytest
 import torch
 from safetensors.torch import save_file
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast, T5Config, T5EncoderModel
+from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 from kontext_core.checkpoints.files import CheckpointError, save_sharded
 from kontext_core.model.config import TransformerConfig
@@ -34,44 +30,15 @@ from kontext_core.text.text_encoders import (
     t5_xxl_config,
 )
 
-from conftest import randomize_, rel_error
+from conftest import rel_error
+from tiny_encoders import (CLIP_TINY, T5_TINY, WORDS, clip_tensors, clip_tokenizer_dir, t5_tensors, t5_tokenizer_dir,
+                           tiny_clip, tiny_t5)
 
-T5_TINY = dict(vocab_size=40, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu",
-               relative_attention_num_buckets=32, relative_attention_max_distance=128, dropout_rate=0.0)
-CLIP_TINY = dict(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=1,
-                 max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=0, eos_token_id=2, pad_token_id=1)
-WORDS = "a photo of cat dog the red blue sky make it into painting turn city over green hat on".split()
 PROMPTS = ["a photo of a cat", "make the dog red", "turn it into a painting"]
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Tiny models, files and tokenizers
-
-
-def tiny_t5(seed: int = 3, **overrides) -> T5EncoderModel:
-    return randomize_(T5EncoderModel(T5Config(**{**T5_TINY, **overrides})), seed).eval()
-
-
-def tiny_clip(seed: int = 4, **overrides) -> CLIPTextModel:
-    return randomize_(CLIPTextModel(CLIPTextConfig(**{**CLIP_TINY, **overrides})), seed).eval()
-
-
-def t5_tensors(model: T5EncoderModel, prefix: str = "", embed_tokens: bool = True) -> dict[str, torch.Tensor]:
-    """The HF key layout of t5xxl_fp16.safetensors (tied embeddings written twice, as the release does)."""
-    tensors = {prefix + k: v.detach().clone() for k, v in model.state_dict().items()}
-    if not embed_tokens:
-        del tensors[prefix + "encoder.embed_tokens.weight"]
-    return tensors
-
-
-def clip_tensors(model: CLIPTextModel, prefix: str = "") -> dict[str, torch.Tensor]:
-    """clip_l.safetensors: `text_model.` names, plus the tensors such files carry that the text model has not."""
-    tensors = {f"{prefix}text_model.{k}": v.detach().clone() for k, v in model.state_dict().items()}
-    hidden = model.config.hidden_size
-    tensors[f"{prefix}text_projection.weight"] = torch.randn(hidden, hidden)
-    tensors[f"{prefix}logit_scale"] = torch.tensor(4.6)
-    tensors[f"{prefix}text_model.embeddings.position_ids"] = torch.arange(77)[None]
-    return tensors
+# Files in more layouts (the tiny models, their files and tokenizers are tiny_encoders.py's)
 
 
 def scaled_fp8(tensors: dict[str, torch.Tensor], scaled: bool = True) -> dict[str, torch.Tensor]:
@@ -107,30 +74,6 @@ def dequantized(tensors: dict[str, torch.Tensor], prefix: str = "") -> dict[str,
 def with_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
     model.load_state_dict(weights, strict=False)
     return model
-
-
-def t5_tokenizer_dir(folder):
-    """A T5-like tokenizer: pad 0, </s> 1 appended to every sequence, unk 2."""
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>",
-                            unk_token="<unk>").save_pretrained(str(folder))
-    return folder
-
-
-def clip_tokenizer_dir(folder):
-    """A CLIP BPE tokenizer in the diffusers `tokenizer/` files (vocab.json, merges.txt); end-of-text is the
-    highest id, as in CLIP, since the pooled output is taken at the highest id."""
-    letters = list(string.ascii_lowercase)
-    merges = ["c a", "ca t</w>", "p h", "ph o", "pho t", "phot o</w>"]
-    vocab = letters + [c + "</w>" for c in letters] + ["ca", "cat</w>", "ph", "pho", "phot", "photo</w>"]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -47,25 +47,9 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from test_text_encoders import (clip_tensors, clip_tokenizer_dir, t5_tensors, t5_tokenizer_dir,  # noqa: E402
-                                tiny_clip, tiny_t5)
+from tiny_encoders import clip_tensors, tiny_clip, tiny_text_encoder_files  # noqa: E402
 
-
-@pytest.fixture
-def models_tree(tiny_transformer, tiny_autoencoder, tmp_path):
-    models = tmp_path / "ComfyUI" / "models"
-    config = tiny_transformer.config
-    save_transformer(tiny_transformer, models / "diffusion_models" / "flux1-kontext-dev.safetensors", layout="comfy")
-    save_autoencoder(tiny_autoencoder, models / "vae" / "ae.safetensors")
-    (models / "text_encoders").mkdir(parents=True)
-    save_file(t5_tensors(tiny_t5(d_model=config.context_in_dim)), models / "text_encoders" / "t5xxl_fp16.safetensors")
-    save_file(clip_tensors(tiny_clip(hidden_size=config.vec_in_dim)), models / "text_encoders" / "clip_l.safetensors")
-    tokenizers = ["--t5-tokenizer", str(t5_tokenizer_dir(tmp_path / "t5tok")),
-                  "--clip-tokenizer", str(clip_tokenizer_dir(tmp_path / "cliptok"))]
-    image = tmp_path / "photo.png"
-    Image.new("RGB", (40, 24), (200, 30, 90)).save(image)
-    common = ["--models", str(tmp_path / "ComfyUI"), *tokenizers, "--steps", "2", "--dtype", "fp32", "--device", "cpu"]
-    return tmp_path, image, common
+# models_tree, the fixture these tests run on, is conftest's: the presets and eval CLI tests run on it too.
 
 
 def test_edit_end_to_end_writes_png_with_parameters_deterministically(models_tree, capsys):
@@ -229,8 +213,6 @@ def test_readme_command_from_a_comfyui_models_folder_with_an_empty_hugging_face_
     """The README's main command as a user runs it: a ComfyUI models/ folder (the real file names and key
     layouts, tiny), no tokenizer flags, nothing in the Hugging Face cache and no network: the tokenizers that
     come with kontext_core are used, and the PNG gets the permissions the umask gives any new file."""
-    from comfyui_server import tiny_text_encoder_files  # T5 and CLIP with the real vocabularies, tiny widths
-
     models = tmp_path / "ComfyUI" / "models"
     save_transformer(tiny_transformer, models / "diffusion_models" / "flux1-kontext-dev.safetensors", layout="comfy")
     save_autoencoder(tiny_autoencoder, models / "vae" / "ae.safetensors")

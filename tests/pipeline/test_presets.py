@@ -10,7 +10,6 @@ from PIL import Image
 
 from kontext_core import presets
 from kontext_core.presets import PRESETS, apply_preset_options, attention_refresh_for, resolve_preset
-from test_cli import models_tree  # noqa: F401  (the fixture)
 
 
 def test_fast_on_the_cpu_falls_back_to_the_exact_path_part_by_part():

@@ -15,44 +15,22 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from conftest import FakeEncoders, compiled_graphs, randomize_, random_block_lora, rel_error
-from kontext_core import Autoencoder, AutoencoderConfig, KontextTransformer, TransformerConfig
+from conftest import compiled_graphs, randomize_, random_block_lora, rel_error
+from kontext_core import KontextTransformer, TransformerConfig
 from kontext_core.placement.offload import BlockOffloader
-from kontext_core.pipeline import GenerationSettings, KontextPipeline
+from kontext_core.pipeline import GenerationSettings
 from kontext_core.sampling import TextConditioning, flux_schedule, sample_euler
 from kontext_core.step_cache import (CacheStats, StepCache, TEACACHE_FLUX_POLYNOMIAL, relative_l1,
                                      teacache_rescale)
 from kontext_core.model.tokens import pack_latent, position_ids
+from tiny_pipeline import STEPS, edit, make_pipeline, picture
 
 MODES = ("first-block", "teacache")
-STEPS = 6
 # Thresholds at which the tiny model skips some steps but not all (its measures: first-block 0.55-0.85,
 # teacache's rescaled distance 0.3-0.5 a step).
 SOME = {"first-block": 0.75, "teacache": 0.6}
 EVERY = 1e9  # every step may skip: only the first and last are computed
-
-
-def make_pipeline(depth: int = 2, single: int = 2) -> KontextPipeline:
-    """The same tiny pipeline each call (fixed seeds), so a fresh one is a run with no history."""
-    config = TransformerConfig.tiny(depth=depth, depth_single_blocks=single)
-    transformer = randomize_(KontextTransformer(config), seed=1).eval()
-    autoencoder = randomize_(Autoencoder(AutoencoderConfig.tiny()), seed=2).eval()
-    return KontextPipeline(transformer, autoencoder, FakeEncoders(config.context_in_dim, config.vec_in_dim))
-
-
-def picture(seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8))
-
-
-def edit(pipeline: KontextPipeline, cache="off", **overrides):
-    options = dict(steps=STEPS, resize="keep", decode=False, seed=3)
-    options.update(overrides)
-    prompt = options.pop("prompt", "make it red")
-    with torch.no_grad():
-        return pipeline.edit(picture(), prompt, cache=cache, **options)
 
 
 # --- exactness and skipping ----------------------------------------------------------------------

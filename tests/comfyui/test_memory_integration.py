@@ -15,7 +15,7 @@ import torch
 from conftest import FakeEncoders
 from node_pack import nodes_module
 from kontext_core.adapters.lora import factor_bytes, on_the_fly_bytes
-from test_nodes import FAST, FakeComfyVae, _image, _prompt, comfy, fp8_model_with_lora, models  # noqa: F401
+from test_nodes import FAST, FakeComfyVae, _image, _prompt, fp8_model_with_lora
 
 nodes = nodes_module()
 adapter = nodes_module("comfy_adapter")
