@@ -145,27 +145,14 @@ def test_step_caching_split_takes_the_single_process_decisions(tmp_path, mode):
 
 
 @pytest.fixture
-def cli_models(tiny_transformer, tiny_autoencoder, tmp_path):
-    """A tiny ComfyUI-style models folder, the tokenizers beside it, and a random photo: the edit's arguments."""
+def cli_models(models_tree):
+    """conftest's tiny models folder with a random photo in place of its flat one (a flat photo would hide a rank
+    that misplaces its rows): the edit's arguments."""
     from PIL import Image
-    from safetensors.torch import save_file
 
-    from kontext_core import save_autoencoder, save_transformer
-    from tiny_encoders import clip_tensors, clip_tokenizer_dir, t5_tensors, t5_tokenizer_dir, tiny_clip, tiny_t5
-
-    models = tmp_path / "ComfyUI" / "models"
-    save_transformer(tiny_transformer, models / "diffusion_models" / "flux1-kontext-dev.safetensors", layout="comfy")
-    save_autoencoder(tiny_autoencoder, models / "vae" / "ae.safetensors")
-    (models / "text_encoders").mkdir(parents=True)
-    config = tiny_transformer.config
-    save_file(t5_tensors(tiny_t5(d_model=config.context_in_dim)), models / "text_encoders" / "t5xxl_fp16.safetensors")
-    save_file(clip_tensors(tiny_clip(hidden_size=config.vec_in_dim)), models / "text_encoders" / "clip_l.safetensors")
-    image = tmp_path / "photo.png"
+    tmp_path, image, common = models_tree
     Image.fromarray(torch.randint(0, 256, (24, 40, 3), dtype=torch.uint8).numpy()).save(image)
-    return ["edit", str(image), "--prompt", "make it a snowy night", "--models", str(tmp_path / "ComfyUI"),
-            "--t5-tokenizer", str(t5_tokenizer_dir(tmp_path / "t5tok")),
-            "--clip-tokenizer", str(clip_tokenizer_dir(tmp_path / "cliptok")),
-            "--steps", "2", "--dtype", "fp32", "--device", "cpu", "--resize", "keep", "--seed", "5"]
+    return ["edit", str(image), "--prompt", "make it a snowy night", *common, "--resize", "keep", "--seed", "5"]
 
 
 def _run(command: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
