@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # One device call for #20's run of record (bench/RESULTS.md keeps each one with its date, card and commit), in
 # order of what the targets need:
-#   1. one process: our bf16 step (compiled + CUDA graphs), the fast step (tuned plans, the default), the fast step
-#      untuned, the fast step with both streams' row quantizers in one launch (+pairedrows, off by default), then
-#      the fast preset's whole 28-step 1024² edit with the AE, without and with +pairedrows. The fast rows' "rel.
-#      error vs first" is the velocity error against bf16; "attention alone ... (cuDNN first)" is cuDNN bf16's rate
-#      at the edit shape;
+#   1. one process: our bf16 step (compiled + CUDA graphs), the fast step (tuned plans and paired row
+#      quantizers, the defaults), the fast step untuned, the fast step with a row-quantizer launch per stream
+#      (+unpairedrows), then the fast preset's whole 28-step 1024² edit with the AE, with and without
+#      +unpairedrows. The fast rows' "rel. error vs first" is the velocity error against bf16; "attention alone ...
+#      (cuDNN first)" is cuDNN bf16's rate at the edit shape;
 #   2. the GPU tests of every GEMM plan candidate (bit for bit against the default launch), the dispatch, the CUDA
 #      graphs of the steps that record and reuse sage8's statistics, the paired row quantizers (bytes, model), and
 #      every kontext:: operator against torch.compile's contract (opcheck) with its GPU kernels;
@@ -18,13 +18,13 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv,noheader
 FAST=ours-int8-compiled+graphs+sage8+modtable+frozenstats+paired
 timeout 330 python3 bench/bench_step.py --no-check --workloads edit \
-    --impls ours-compiled+graphs "$FAST" "$FAST+untunedplans" "$FAST+pairedrows" \
+    --impls ours-compiled+graphs "$FAST" "$FAST+untunedplans" "$FAST+unpairedrows" \
     --e2e int8+sage8+modtable+compiledae+frozenstats+paired+graphs \
-    int8+sage8+modtable+compiledae+frozenstats+paired+graphs+pairedrows > "$OUT/record.txt" 2>&1
+    int8+sage8+modtable+compiledae+frozenstats+paired+graphs+unpairedrows > "$OUT/record.txt" 2>&1
 grep -E "matmul|floor|tuned plan|end-to-end" "$OUT/record.txt"
 timeout 120 python3 -m pytest -q tests/kernels/test_int8_gemm_hopper.py tests/compute/test_cuda_graph.py \
     -k "plan_candidate or dispatches or recording" 2>&1 | tail -3
-timeout 100 python3 -m pytest -q tests/kernels/test_kernels.py tests/compute/test_int8.py \
+timeout 160 python3 -m pytest -q tests/kernels/test_kernels.py tests/compute/test_int8.py \
     tests/compute/test_op_contracts.py -k "cuda and (pair_of_inputs or one_launch or stacked or contract)" 2>&1 | tail -3
 if [ "$SECONDS" -lt 420 ]; then
     timeout 90 python3 bench/attention/attention_counters.py --time '' > "$OUT/attention.txt" 2>&1

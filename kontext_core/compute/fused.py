@@ -67,9 +67,9 @@ def set_linear2_parts(enabled: bool) -> None:
 
 # The double block's two streams' 8-bit rows of one kind (LayerNorm + modulation, attention outputs, GELU rows)
 # quantized in one launch of the row kernel rather than one a stream: the text stream's 512 rows alone leave most
-# of the GPU idle. The same bytes either way (tests under Triton's interpreter; the kernels build for sm_90). Off
-# until it has run and been timed on a GPU (bench_step's +pairedrows; bench/RESULTS.md, 2026-12-07, sixth session).
-_paired_row_quantizers = False
+# of the GPU idle. The same bytes either way (tested under Triton's interpreter and on an H100), and 1.6 ms a step
+# faster on an H100 (bench_step's +unpairedrows times the other form; bench/RESULTS.md, 2026-12-07, eighth session).
+_paired_row_quantizers = True
 
 
 def set_paired_row_quantizers(enabled: bool) -> None:
@@ -388,7 +388,7 @@ def linear_pair(first: tuple[nn.Module, torch.Tensor | QuantizedRows],
 def _row_form_pair(x: torch.Tensor, layer: nn.Module, x2: torch.Tensor, layer2: nn.Module) -> torch.dtype | None:
     # The one 8-bit row format both layers' inputs take, where one launch can quantize both (same width, as many
     # LoRA columns), else None.
-    if not _paired_row_quantizers:  # the default: nothing more to look at on every block's call
+    if not _paired_row_quantizers:  # a launch a stream: nothing more to look at on every block's call
         return None
     form = _row_format(layer, x)
     if (form is None or form != _row_format(layer2, x2) or x.shape[-1] != x2.shape[-1] or x.dtype != x2.dtype
