@@ -7,8 +7,9 @@
 #      +unpairedrows. The fast rows' "rel. error vs first" is the velocity error against bf16; "attention alone ...
 #      (cuDNN first)" is cuDNN bf16's rate at the edit shape;
 #   2. the GPU tests of every GEMM plan candidate (bit for bit against the default launch), the dispatch, the CUDA
-#      graphs of the steps that record and reuse sage8's statistics, the paired row quantizers (bytes, model), and
-#      every kontext:: operator against torch.compile's contract (opcheck) with its GPU kernels;
+#      graphs of the steps that record and reuse sage8's statistics, the paired row quantizers (bytes; the int8 and
+#      e4m3 models, the latter with a LoRA's columns), and every kontext:: operator against torch.compile's
+#      contract (opcheck) with its GPU kernels;
 #   3. while the call is under 420 s, sage8's attention kernel alone at the edit shape
 #      (bench/attention/attention_counters.py --time ''), for its ratio to cuDNN.
 # Usage (from the repository root, on the device): OUT=$OUT bash bench/record_on_device.sh
@@ -24,8 +25,9 @@ timeout 330 python3 bench/bench_step.py --no-check --workloads edit \
 grep -E "matmul|floor|tuned plan|end-to-end" "$OUT/record.txt"
 timeout 120 python3 -m pytest -q tests/kernels/test_int8_gemm_hopper.py tests/compute/test_cuda_graph.py \
     -k "plan_candidate or dispatches or recording" 2>&1 | tail -3
-timeout 160 python3 -m pytest -q tests/kernels/test_kernels.py tests/compute/test_int8.py \
-    tests/compute/test_op_contracts.py -k "cuda and (pair_of_inputs or one_launch or stacked or contract)" 2>&1 | tail -3
+timeout 160 python3 -m pytest -q tests/kernels/test_kernels.py tests/compute/test_int8.py tests/compute/test_fp8_fused.py \
+    tests/compute/test_op_contracts.py \
+    -k "cuda and (pair_of_inputs or one_launch or stacked or paired_row_quantizers or contract)" 2>&1 | tail -3
 if [ "$SECONDS" -lt 420 ]; then
     timeout 90 python3 bench/attention/attention_counters.py --time '' > "$OUT/attention.txt" 2>&1
     tail -5 "$OUT/attention.txt"
