@@ -362,6 +362,15 @@ def tiny_autoencoder() -> Autoencoder:
 
 
 @pytest.fixture
+def pipeline(tiny_transformer, tiny_autoencoder):
+    """The tiny models as a KontextPipeline, with FakeEncoders for the text encoders."""
+    from kontext_core.pipeline import KontextPipeline
+
+    config = tiny_transformer.config
+    return KontextPipeline(tiny_transformer, tiny_autoencoder, FakeEncoders(config.context_in_dim, config.vec_in_dim))
+
+
+@pytest.fixture
 def models_tree(tiny_transformer, tiny_autoencoder, tmp_path):
     """The tiny models in a ComfyUI models/ folder under the real file names, tokenizers beside it and a photo:
     (tmp_path, the photo, the CLI options that point at them) for `kontext edit`, `t2i` and `eval` runs."""

@@ -20,7 +20,7 @@ from kontext_core.image import stitch_images, target_size, unit_images
 from kontext_core.masks import (Box, LatentInpaint, MaskedEdit, as_mask, composite, crop_box, distance_to,
                                 feather_weights, fit_mask, grow_region, mask_from_image)
 from kontext_core.pipeline import GenerationSettings
-from test_pipeline import _image, pipeline  # noqa: F401 (the fixture)
+from test_pipeline import _image
 
 FAST = dict(steps=2, resize="keep")
 

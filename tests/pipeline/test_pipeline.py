@@ -9,16 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import FakeEncoders
 from kontext_core.image import preferred_size, prepare_image, to_rgb_array
-from kontext_core.pipeline import GenerationSettings, KontextPipeline, make_noise
+from kontext_core.pipeline import GenerationSettings, make_noise
 from kontext_core.sampling import denoise_schedule, flux_schedule
-
-
-@pytest.fixture
-def pipeline(tiny_transformer, tiny_autoencoder):
-    config = tiny_transformer.config
-    return KontextPipeline(tiny_transformer, tiny_autoencoder, FakeEncoders(config.context_in_dim, config.vec_in_dim))
 
 
 def _image(seed: int, size=(40, 24)) -> Image.Image:
