@@ -299,7 +299,7 @@ MODIFIERS = {
     "untunedplans": "every Hopper int8 GEMM with the default schedule and GROUP_M, not TUNE_PLANS",
     "pairedrows": "the double blocks' text and image 8-bit rows (LayerNorm + modulation, attention outputs, GELU "
                   "rows) quantized in one launch for both (kontext_core/compute/fused.py, "
-                  "set_paired_row_quantizers), whatever the product's default",
+                  "set_paired_row_quantizers), int8 and e4m3 alike; the product pairs int8 rows only",
     "unpairedrows": "the double blocks' text and image 8-bit rows quantized in a launch each",
     "cuteattention": "with +sage8 on Hopper: the CuTe DSL attention kernel with FlashAttention-3's in-warpgroup "
                      "overlap (kontext_kernels/sage_attention_cute.py, through cute_runtime.py), not the Gluon one",
@@ -331,7 +331,6 @@ PRODUCT_HOPPER_GEMM = int8_gemm.HOPPER_KERNEL
 PRODUCT_PAIR_STREAMS = int8_gemm.PAIR_STREAMS
 PRODUCT_GEMM_SCHEDULE = int8_gemm_hopper.SCHEDULE
 PRODUCT_TUNE_PLANS = int8_gemm_hopper.TUNE_PLANS
-PRODUCT_PAIRED_ROWS = fused._paired_row_quantizers
 PRODUCT_HOPPER_ATTENTION = sage_attention.HOPPER_KERNEL
 PRODUCT_GELU = row_quant.GELU_ON_GPU
 PRODUCT_ROW_SUMS = sage_attention_hopper.ROW_SUMS_ON_TENSOR_CORES
@@ -404,8 +403,8 @@ def configure(impl: str) -> None:
     fused.set_fused_gemms(base.endswith("-kernels"))
     fused.set_cublas_epilogues("noepilogues" not in modifiers)
     fused.set_linear2_parts("concat" not in modifiers)
-    fused.set_paired_row_quantizers("pairedrows" in modifiers
-                                    or (PRODUCT_PAIRED_ROWS and "unpairedrows" not in modifiers))
+    fused.set_paired_row_quantizers(True if "pairedrows" in modifiers else False if "unpairedrows" in modifiers
+                                    else None)
     quant.set_fp8_fast_accumulation("exactaccum" not in modifiers)
     attention = {"fp8attention": "cudnn-fp8", "sage8": "sage8", "sage8fp16": "sage8-fp16", "sdpa": "sdpa"}
     set_attention_backend(next((attention[m] for m in modifiers if m in attention), "auto"))

@@ -25,9 +25,10 @@ timeout 330 python3 bench/bench_step.py --no-check --workloads edit \
 grep -E "matmul|floor|tuned plan|end-to-end" "$OUT/record.txt"
 timeout 120 python3 -m pytest -q tests/kernels/test_int8_gemm_hopper.py tests/compute/test_cuda_graph.py \
     -k "plan_candidate or dispatches or recording" 2>&1 | tail -3
-timeout 160 python3 -m pytest -q tests/kernels/test_kernels.py tests/compute/test_int8.py tests/compute/test_fp8_fused.py \
-    tests/compute/test_op_contracts.py \
-    -k "cuda and (pair_of_inputs or one_launch or stacked or paired_row_quantizers or contract)" 2>&1 | tail -3
+timeout 160 python3 -m pytest -q tests/kernels/test_kernels.py tests/compute/test_int8.py \
+    tests/compute/test_fp8_fused.py tests/compute/test_op_contracts.py \
+    -k "cuda and (pair_of_inputs or one_launch or stacked or paired_row_quantizers or by_default or contract)" \
+    2>&1 | tail -3
 if [ "$SECONDS" -lt 420 ]; then
     timeout 90 python3 bench/attention/attention_counters.py --time '' > "$OUT/attention.txt" 2>&1
     tail -5 "$OUT/attention.txt"

@@ -101,7 +101,7 @@ def velocity_apart_and_paired(model, args: tuple, compiled: bool,
     from kontext_core.compute import fused
     from kontext_kernels.runtime import launches
 
-    pairing_default = fused._paired_row_quantizers
+    pairing_default = fused._paired_row_formats
     torch._dynamo.reset()
     try:
         if compiled:
@@ -114,7 +114,7 @@ def velocity_apart_and_paired(model, args: tuple, compiled: bool,
             fused.set_paired_row_quantizers(True)
             paired = model.velocity(*args)
     finally:
-        fused.set_paired_row_quantizers(pairing_default)
+        fused._paired_row_formats = pairing_default
         torch._dynamo.reset()
     return apart, paired, launches["row_quantizer_pair"] - before
 

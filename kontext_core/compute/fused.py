@@ -67,15 +67,20 @@ def set_linear2_parts(enabled: bool) -> None:
 
 # The double block's two streams' 8-bit rows of one kind (LayerNorm + modulation, attention outputs, GELU rows)
 # quantized in one launch of the row kernel rather than one a stream: the text stream's 512 rows alone leave most
-# of the GPU idle. The same bytes either way (tested under Triton's interpreter and on an H100), and 1.6 ms a step
-# faster on an H100 (bench_step's +unpairedrows times the other form; bench/RESULTS.md, 2026-12-07, eighth session).
-_paired_row_quantizers = True
+# of the GPU idle. The same bytes either way (tests under Triton's interpreter). The int8 rows of the fast preset
+# are paired by default: 1.6 ms a step faster on an H100, their model tests passed there (bench/RESULTS.md,
+# 2026-12-07, eighth session). The fp8 path's e4m3 rows pair only when asked until their model tests have run on
+# a GPU: paired, the second stream's scales reach torch._scaled_mm as a view at a row offset.
+PAIRED_ROW_FORMATS_DEFAULT = frozenset({torch.int8})
+_paired_row_formats = PAIRED_ROW_FORMATS_DEFAULT
 
 
-def set_paired_row_quantizers(enabled: bool) -> None:
-    """Both streams' row quantizers in one launch (True) or a launch each."""
-    global _paired_row_quantizers
-    _paired_row_quantizers = bool(enabled)
+def set_paired_row_quantizers(enabled: bool | None) -> None:
+    """Both streams' row quantizers in one launch for every 8-bit row format (True), a launch a stream (False),
+    or the default (None: int8 rows paired, e4m3 rows not)."""
+    global _paired_row_formats
+    _paired_row_formats = (PAIRED_ROW_FORMATS_DEFAULT if enabled is None
+                           else frozenset({torch.int8, torch.float8_e4m3fn}) if enabled else frozenset())
 
 
 def _active(x: torch.Tensor) -> bool:
@@ -388,11 +393,11 @@ def linear_pair(first: tuple[nn.Module, torch.Tensor | QuantizedRows],
 def _row_form_pair(x: torch.Tensor, layer: nn.Module, x2: torch.Tensor, layer2: nn.Module) -> torch.dtype | None:
     # The one 8-bit row format both layers' inputs take, where one launch can quantize both (same width, as many
     # LoRA columns), else None.
-    if not _paired_row_quantizers:  # a launch a stream: nothing more to look at on every block's call
+    if not _paired_row_formats:  # a launch a stream: nothing more to look at on every block's call
         return None
     form = _row_format(layer, x)
-    if (form is None or form != _row_format(layer2, x2) or x.shape[-1] != x2.shape[-1] or x.dtype != x2.dtype
-            or x.device != x2.device or lora_columns(layer) != lora_columns(layer2)):
+    if (form not in _paired_row_formats or form != _row_format(layer2, x2) or x.shape[-1] != x2.shape[-1]
+            or x.dtype != x2.dtype or x.device != x2.device or lora_columns(layer) != lora_columns(layer2)):
         return None
     return form
 

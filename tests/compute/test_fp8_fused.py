@@ -40,7 +40,10 @@ def _models(device: str) -> tuple[KontextTransformer, KontextTransformer]:
     return tiny_quantized_pair(device)
 
 
-def test_fused_quantization_is_as_accurate_as_the_plain_fp8_path(device):
+@pytest.mark.parametrize("paired", [False, True], ids=["a_launch_a_stream", "paired_streams"])
+def test_fused_quantization_is_as_accurate_as_the_plain_fp8_path(device, paired, monkeypatch):
+    monkeypatch.setattr(fused_ops, "_paired_row_formats", fused_ops._paired_row_formats)  # restored after the test
+    fused_ops.set_paired_row_quantizers(paired)
     model, fp8 = _models(device)
     args = tiny_edit_args(2, torch.bfloat16, device)
     with torch.no_grad():
@@ -51,7 +54,7 @@ def test_fused_quantization_is_as_accurate_as_the_plain_fp8_path(device):
         fused = fp8.velocity(*args)
     double, single = len(fp8.double_blocks), len(fp8.single_blocks)
     # A double block quantizes each kind of row for its two streams in one launch where they are paired.
-    streams_a_launch = 2 if fused_ops._paired_row_quantizers else 1
+    streams_a_launch = 2 if paired else 1
     made = {name: launches[name] - before[name] for name in ROW_KERNELS}
     assert made["layernorm_modulate_quantize"] == 4 * double // streams_a_launch + single
     assert made["gelu_quantize_rows"] == 2 * double // streams_a_launch

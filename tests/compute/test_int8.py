@@ -159,16 +159,36 @@ def test_double_blocks_give_both_streams_one_launch_with_the_same_result(device,
     assert torch.equal(paired, apart)
 
 
+@pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_double_blocks_quantize_both_streams_rows_in_one_launch_with_the_same_result(device, compiled):
+def test_double_blocks_quantize_both_streams_rows_in_one_launch_with_the_same_result(device, compiled, batch):
     # The double block's 8-bit rows of both streams (LayerNorm + modulation, attention, GELU rows), each kind in
     # one launch of the row kernel (fused.set_paired_row_quantizers): the velocity equal bit for bit to a launch
-    # per stream, eager and in compiled blocks (where the pair ops' fake shapes must be right).
+    # per stream, eager and in compiled blocks (where the pair ops' fake shapes must be right), for one image and
+    # for two (each with its own modulation rows).
     _, int8 = _models(device)
-    apart, paired, pairs = velocity_apart_and_paired(int8, tiny_edit_args(1, torch.bfloat16, device), compiled, device)
+    apart, paired, pairs = velocity_apart_and_paired(int8, tiny_edit_args(batch, torch.bfloat16, device), compiled,
+                                                     device)
     # Each double block: the two LayerNorm + modulation inputs, the attention rows and the GELU rows.
     assert pairs == 4 * len(int8.double_blocks)
     assert torch.equal(paired, apart)
+
+
+def test_by_default_the_int8_rows_are_paired_and_the_e4m3_rows_are_not(device, monkeypatch):
+    # The fp8 path's paired rows wait for their model tests on a GPU (fused.PAIRED_ROW_FORMATS_DEFAULT).
+    from kontext_core.compute import fused
+
+    monkeypatch.setattr(fused, "_paired_row_formats", fused._paired_row_formats)  # restored after the test
+    fused.set_paired_row_quantizers(None)
+    args = tiny_edit_args(1, torch.bfloat16, device)
+    pairs = {}
+    for dtype in (torch.int8, torch.float8_e4m3fn):
+        _, quantized = tiny_quantized_pair(device, dtype)
+        before = launches["row_quantizer_pair"]
+        with torch.no_grad():
+            quantized.velocity(*args)
+        pairs[dtype] = launches["row_quantizer_pair"] - before
+    assert pairs == {torch.int8: 4 * len(quantized.double_blocks), torch.float8_e4m3fn: 0}
 
 
 def test_load_int8_from_a_bf16_file(tiny_transformer, tmp_path):
