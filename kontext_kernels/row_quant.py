@@ -124,9 +124,14 @@ def split_stacked(stacked: Quantized, x: torch.Tensor, other: torch.Tensor) -> t
             (data[rows:].view(*other.shape[:-1], data.shape[-1]), scale[rows:]))
 
 
+def can_stack(x: torch.Tensor, other: torch.Tensor) -> bool:
+    """Whether one launch can take x's and other's rows: one device, dtype and width (what callers check before
+    a `*_stacked` call, where a mismatch would cost copies)."""
+    return other.device == x.device and other.dtype == x.dtype and other.shape[-1] == x.shape[-1]
+
+
 def _stackable(x: torch.Tensor, other: torch.Tensor) -> bool:
-    return (enabled_for(x) and x.numel() > 0 and other.numel() > 0 and other.device == x.device
-            and other.dtype == x.dtype and other.shape[-1] == x.shape[-1])
+    return enabled_for(x) and x.numel() > 0 and other.numel() > 0 and can_stack(x, other)
 
 
 def _stack(first: Quantized, second: Quantized) -> Quantized:

@@ -13,14 +13,18 @@ REPO = Path(__file__).resolve().parents[1]
 COMFYUI = Path(os.environ.get("COMFYUI_PATH") or os.environ.get("COMFYUI_DIR") or Path.home() / "ComfyUI")
 
 
-def workflow_builder():
-    name = "example_workflows_build"
+def module_from_file(name: str, path: Path):
+    """The Python file at `path` (a tool or script outside any package) imported once, as module `name`."""
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "example_workflows" / "build.py")
+        spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # its dataclasses look themselves up there
+        sys.modules[name] = module  # registered before it runs: dataclasses look their module up there
         spec.loader.exec_module(module)
     return sys.modules[name]
+
+
+def workflow_builder():
+    return module_from_file("example_workflows_build", REPO / "example_workflows" / "build.py")
 
 
 PACK = workflow_builder().PACK

@@ -391,13 +391,13 @@ def linear_pair(first: tuple[nn.Module, torch.Tensor | QuantizedRows],
 
 
 def _row_form_pair(x: torch.Tensor, layer: nn.Module, x2: torch.Tensor, layer2: nn.Module) -> torch.dtype | None:
-    # The one 8-bit row format both layers' inputs take, where one launch can quantize both (same width, as many
-    # LoRA columns), else None.
+    # The one 8-bit row format both layers' inputs take, where one launch can quantize both (rows it can stack,
+    # as many LoRA columns), else None.
     if not _paired_row_formats:  # a launch a stream: nothing more to look at on every block's call
         return None
-    form = _row_format(layer, x)
-    if (form not in _paired_row_formats or form != _row_format(layer2, x2) or x.shape[-1] != x2.shape[-1]
-            or x.dtype != x2.dtype or x.device != x2.device or lora_columns(layer) != lora_columns(layer2)):
+    form = _row_format(layer, x)  # None without the kernels
+    if (form not in _paired_row_formats or form != _row_format(layer2, x2) or not _kernels.row_quant.can_stack(x, x2)
+            or lora_columns(layer) != lora_columns(layer2)):
         return None
     return form
 

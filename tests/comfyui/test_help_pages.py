@@ -4,25 +4,17 @@ inputs and outputs below it that match the node's spec(), and a picture of the n
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
 
 import pytest
 
-from node_pack import REPO, nodes_module
+from node_pack import REPO, module_from_file, nodes_module
 
 DOCS = REPO / "js" / "docs"
 
 
 def _generator():
-    name = "kontext_help_pages"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "tools" / "help_pages.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return module_from_file("kontext_help_pages", REPO / "tools" / "help_pages.py")
 
 
 SPECS = [node.spec() for node in nodes_module().NODES]

@@ -3,7 +3,6 @@ package `comfy node pack` builds (that last one only where comfy-cli is installe
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import shutil
 import subprocess
@@ -15,7 +14,7 @@ from urllib.parse import urlparse
 import pytest
 from PIL import Image
 
-from node_pack import REPO
+from node_pack import REPO, module_from_file
 
 tomllib = pytest.importorskip("tomllib", reason="needs Python 3.11's tomllib to read pyproject.toml")
 
@@ -87,9 +86,7 @@ def test_comfy_cli_validates_and_packs_the_pack():
         pytest.skip("needs comfy-cli (pip install comfy-cli==1.23.0; .ci/run installs it in .venv-comfycli)")
     if subprocess.run(["git", "-C", str(REPO), "rev-parse"], capture_output=True).returncode != 0:
         pytest.skip("needs a git checkout: comfy node pack packs git-tracked files")
-    spec = importlib.util.spec_from_file_location("check_pack", REPO / ".ci" / "check_pack.py")
-    check_pack = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(check_pack)
+    check_pack = module_from_file("check_pack", REPO / ".ci" / "check_pack.py")
     check_pack.validate(comfy)
     with tempfile.TemporaryDirectory() as folder:
         names = check_pack.pack(comfy, Path(folder))

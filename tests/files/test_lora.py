@@ -105,9 +105,10 @@ def _diffusers_modules(lora, config, fold_alpha: bool) -> dict[str, tuple[torch.
     return out
 
 
-def _diffusers(lora, config) -> dict[str, torch.Tensor]:
+def _diffusers(lora, config, fold_alpha: bool = True) -> dict[str, torch.Tensor]:
+    """PEFT/diffusers keys; alpha folded into the weights, or left to the file's metadata (`fold_alpha=False`)."""
     out = {}
-    for module, (down, up) in _diffusers_modules(lora, config, fold_alpha=True).items():
+    for module, (down, up) in _diffusers_modules(lora, config, fold_alpha=fold_alpha).items():
         out[f"transformer.{module}.lora_A.weight"] = down
         out[f"transformer.{module}.lora_B.weight"] = up
     return out
@@ -118,14 +119,6 @@ def _peft_metadata(lora, config) -> dict[str, str]:
     adapter = {"r": RANK, "lora_alpha": ALPHA, "target_modules": modules, "lora_dropout": 0.0,
                "init_lora_weights": True, "use_dora": False, "use_rslora": False, "bias": "none"}
     return {"format": "pt", "lora_adapter_metadata": json.dumps({f"transformer.{k}": v for k, v in adapter.items()})}
-
-
-def _diffusers_with_alpha_metadata(lora, config) -> dict[str, torch.Tensor]:
-    out = {}
-    for module, (down, up) in _diffusers_modules(lora, config, fold_alpha=False).items():
-        out[f"transformer.{module}.lora_A.weight"] = down
-        out[f"transformer.{module}.lora_B.weight"] = up
-    return out
 
 
 def _kohya_diffusers(lora, config) -> dict[str, torch.Tensor]:
@@ -144,7 +137,7 @@ FORMATS = {
     "bfl_no_prefix": lambda lora, config: _bfl(lora, ""),
     "kohya": lambda lora, config: _kohya(lora),
     "diffusers": _diffusers,
-    "diffusers_alpha_metadata": _diffusers_with_alpha_metadata,
+    "diffusers_alpha_metadata": lambda lora, config: _diffusers(lora, config, fold_alpha=False),
     "kohya_diffusers": _kohya_diffusers,
 }
 
