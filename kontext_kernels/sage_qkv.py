@@ -160,10 +160,13 @@ def joint_sage_attention(streams: list[tuple[torch.Tensor, torch.Tensor, torch.T
                          sin: torch.Tensor, num_heads: int, fp8_pv: bool | None = None) -> torch.Tensor:
     """sage8 attention over the streams' joint sequence from their projections: [B, H, L, D], a view of a
     contiguous [B, L, H, D] buffer, equal to `sage_attention.sage_attention` of `qk_norm_rope.joint_qkv_norm_rope`'s
-    q, k, v. `runs_fused` must hold."""
+    q, k, v. Head dims the fused pass does not tile (`runs_fused`) take that unfused route, with the same result."""
     first = streams[0][0]
     if fp8_pv is None:
         fp8_pv = sa.fp8_tensor_cores(first.device)
+    if not runs_fused(streams, num_heads):
+        q, k, v = joint_qkv_norm_rope(streams, cos, sin, num_heads)
+        return sa.sage_attention(q, k, v, fp8_pv=fp8_pv)
     return sa.attend(joint_sage_operands(streams, cos, sin, num_heads, fp8_pv), first.dtype)
 
 

@@ -53,11 +53,20 @@ def test_operands_equal_the_unfused_path(device, batch, lengths, heads, head_dim
 
 
 def test_head_dims_the_fused_pass_does_not_take(device):
-    from kontext_kernels import sage_qkv
+    # 16 channels pad to 32 in the operands (an int8 dot's depth): wider than the kernel's tile. The joint attention
+    # and its operator then take the unfused route (QK-norm + RoPE, then sage8), with its result bit for bit.
+    from kontext_core.compute import attention  # noqa: F401  (defines the kontext:: operators)
+    from kontext_kernels import qk_norm_rope, sage_attention as sa, sage_qkv
 
-    # 16 channels pad to 32 in the operands (an int8 dot's depth): wider than the kernel's tile.
-    streams, _, _ = _streams(1, (8,), 2, 16, device)
+    streams, cos, sin = _streams(1, (8, 21), 2, 16, device)
     assert not sage_qkv.runs_fused(streams, 2)
+    q, k, v = qk_norm_rope.joint_qkv_norm_rope(streams, cos, sin, 2)
+    for fp8_pv in (True, False):
+        unfused = sa.sage_attention(q, k, v, fp8_pv=fp8_pv)
+        assert torch.equal(sage_qkv.joint_sage_attention(streams, cos, sin, 2, fp8_pv=fp8_pv), unfused)
+        through_op = torch.ops.kontext.sage_joint_attention([s[0] for s in streams], [s[1] for s in streams],
+                                                            [s[2] for s in streams], cos, sin, 2, not fp8_pv)
+        assert torch.equal(through_op, unfused)
 
 
 def test_the_model_with_the_fused_pass_equals_the_unfused_one(device, tiny_transformer, monkeypatch):
