@@ -116,12 +116,23 @@ def concat_gelu_quantize_rows(first: torch.Tensor, second: torch.Tensor, spare: 
     return concat_gelu_quantize_rows_reference(first, second, spare, dtype)
 
 
+# cuBLASLt's row-wise scaled fp8 GEMM (torch._scaled_mm) refuses a scale vector that does not start on a 16-byte
+# boundary (CUBLAS_STATUS_NOT_SUPPORTED on an H100, bench/RESULTS.md, 2026-12-07 ninth session).
+SCALE_ALIGNMENT_BYTES = 16
+
+
 def split_stacked(stacked: Quantized, x: torch.Tensor, other: torch.Tensor) -> tuple[Quantized, Quantized]:
-    """A `*_stacked` result back as (x's rows, other's rows): views of its one buffer, shaped as each input."""
+    """A `*_stacked` result back as (x's rows, other's rows): views of its one buffer, shaped as each input; other's
+    scales copied out where the row offset leaves them off a 16-byte boundary (x with a row count not a multiple
+    of 4: never FLUX's 512 text rows, which come first)."""
     data, scale = stacked
     rows = math.prod(x.shape[:-1])
+    other_scale = scale[rows:]
+    # From the offset, not data_ptr(), which torch.compile cannot trace: the op allocated the scale itself, aligned.
+    if rows * scale.stride(0) * scale.element_size() % SCALE_ALIGNMENT_BYTES:
+        other_scale = other_scale.clone()
     return ((data[:rows].view(*x.shape[:-1], data.shape[-1]), scale[:rows]),
-            (data[rows:].view(*other.shape[:-1], data.shape[-1]), scale[rows:]))
+            (data[rows:].view(*other.shape[:-1], data.shape[-1]), other_scale))
 
 
 def can_stack(x: torch.Tensor, other: torch.Tensor) -> bool:

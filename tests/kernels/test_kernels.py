@@ -352,6 +352,9 @@ class TestAwkwardSizes:
         for (data, scale), alone in zip(row_quant.split_stacked(stacked, x, other), (x, other)):
             expected, expected_scale = getattr(row_quant, variant)(alone, spare=3, dtype=dtype)
             assert data.shape == expected.shape and scale.shape == expected_scale.shape
+            # 26 rows before other's: its scales start 104 bytes in, so the split copies them to where
+            # torch._scaled_mm's row-wise scaling takes them.
+            assert scale.data_ptr() % row_quant.SCALE_ALIGNMENT_BYTES == 0
             assert torch.equal(scale, expected_scale)
             assert torch.equal(data[..., :100].view(torch.uint8), expected[..., :100].view(torch.uint8))
 
