@@ -68,9 +68,11 @@ def set_linear2_parts(enabled: bool) -> None:
 # The double block's two streams' 8-bit rows of one kind (LayerNorm + modulation, attention outputs, GELU rows)
 # quantized in one launch of the row kernel rather than one a stream: the text stream's 512 rows alone leave most
 # of the GPU idle. The same bytes either way (tests under Triton's interpreter). The int8 rows of the fast preset
-# are paired by default: 1.6 ms a step faster on an H100, their model tests passed there (bench/RESULTS.md,
-# 2026-12-07, eighth session). The fp8 path's e4m3 rows pair only when asked until their model tests have run on
-# a GPU: paired, the second stream's scales reach torch._scaled_mm as a view at a row offset.
+# are paired by default: 76 launches fewer a step, within the run-to-run spread of the step's time on an H100
+# (-1.6 and +0.4 ms in two processes), their model tests passed there (bench/RESULTS.md, 2026-12-07, eighth and
+# ninth sessions). The fp8 path's e4m3 rows pair only when asked until their model tests pass on a GPU: paired, the
+# second stream's scales reach torch._scaled_mm at a row offset, which cuBLASLt refused off a 16-byte boundary
+# (now copied out there: row_quant.split_stacked).
 PAIRED_ROW_FORMATS_DEFAULT = frozenset({torch.int8})
 _paired_row_formats = PAIRED_ROW_FORMATS_DEFAULT
 
