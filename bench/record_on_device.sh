@@ -8,7 +8,8 @@
 #      (cuDNN first)" is cuDNN bf16's rate at the edit shape;
 #   2. the GPU tests of every GEMM plan candidate (bit for bit against the default launch), the dispatch, the CUDA
 #      graphs of the steps that record and reuse sage8's statistics, the paired row quantizers (bytes; the int8 and
-#      e4m3 models, the latter with a LoRA's columns), and every kontext:: operator against torch.compile's
+#      e4m3 models, the latter with a LoRA's columns and against the unpaired fp8 path's error), and every
+#      kontext:: operator against torch.compile's
 #      contract (opcheck) with its GPU kernels;
 #   3. while the call is under 420 s, sage8's attention kernel alone at the edit shape
 #      (bench/attention/attention_counters.py --time ''), for its ratio to cuDNN.
@@ -27,7 +28,7 @@ timeout 120 python3 -m pytest -q tests/kernels/test_int8_gemm_hopper.py tests/co
     -k "plan_candidate or dispatches or recording" 2>&1 | tail -3
 timeout 160 python3 -m pytest -q tests/kernels/test_kernels.py tests/compute/test_int8.py \
     tests/compute/test_fp8_fused.py tests/compute/test_op_contracts.py \
-    -k "cuda and (pair_of_inputs or one_launch or stacked or paired_row_quantizers or by_default or contract)" \
+    -k "cuda and (pair_of_inputs or one_launch or stacked or paired_row_quantizers or by_default or as_accurate or contract)" \
     2>&1 | tail -3
 if [ "$SECONDS" -lt 420 ]; then
     timeout 90 python3 bench/attention/attention_counters.py --time '' > "$OUT/attention.txt" 2>&1
