@@ -61,7 +61,7 @@ def test_head_dims_the_fused_pass_does_not_take(device):
     streams, cos, sin = _streams(1, (8, 21), 2, 16, device)
     assert not sage_qkv.runs_fused(streams, 2)
     q, k, v = qk_norm_rope.joint_qkv_norm_rope(streams, cos, sin, 2)
-    for fp8_pv in (True, False):
+    for fp8_pv in ([True, False] if device == "cpu" or sa.fp8_tensor_cores(torch.device(device)) else [False]):
         unfused = sa.sage_attention(q, k, v, fp8_pv=fp8_pv)
         assert torch.equal(sage_qkv.joint_sage_attention(streams, cos, sin, 2, fp8_pv=fp8_pv), unfused)
         through_op = torch.ops.kontext.sage_joint_attention([s[0] for s in streams], [s[1] for s in streams],
