@@ -25,7 +25,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from kontext_core import Autoencoder, AutoencoderConfig, KontextTransformer, TransformerConfig
-from kontext_core import save_autoencoder, save_transformer
+from kontext_core import save_autoencoder
 from node_pack import COMFYUI, REPO
 
 PYTHON = COMFYUI / ".venv" / "bin" / "python"
@@ -60,8 +60,7 @@ def prepare_base(base: Path, comfy_vae: bool = True) -> None:
     """A ComfyUI base directory: this pack in custom_nodes, tiny random models under the real file names, an
     input image. `comfy_vae`: also a full-size (random) FLUX AE, the only kind ComfyUI's own Load VAE reads."""
     # Imported here, not at the top: conftest imports this module (for its fixtures) and tiny_encoders imports conftest.
-    from conftest import random_block_lora_file, randomize_
-    from tiny_encoders import tiny_text_encoder_files
+    from conftest import random_block_lora_file, randomize_, write_models_folder
 
     (base / "custom_nodes").mkdir()
     (base / "custom_nodes" / "comfyui-kontext").symlink_to(REPO, target_is_directory=True)
@@ -70,14 +69,13 @@ def prepare_base(base: Path, comfy_vae: bool = True) -> None:
         (models / folder).mkdir(parents=True)
     config = TransformerConfig.tiny()
     transformer = randomize_(KontextTransformer(config), 1)
-    save_transformer(transformer, models / "diffusion_models" / "flux1-kontext-dev.safetensors")
+    write_models_folder(models, transformer, randomize_(Autoencoder(AutoencoderConfig.tiny()), 2),
+                        real_vocabularies=True, layout="bfl")
     save_file(random_block_lora_file(transformer, seed=3), str(models / "loras" / "kontext_lora.safetensors"))
-    save_autoencoder(randomize_(Autoencoder(AutoencoderConfig.tiny()), 2), models / "vae" / "ae.safetensors")
     if comfy_vae:
         full_ae = randomize_(Autoencoder(AutoencoderConfig()), 5).to(torch.bfloat16)
         save_autoencoder(full_ae, models / "vae" / "flux_ae_full.safetensors")
         del full_ae
-    tiny_text_encoder_files(models / "text_encoders", config)
     (base / "input").mkdir()
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)).save(base / "input" / "example.png")

@@ -14,7 +14,6 @@ import pytest
 import torch
 import torch._functorch.config
 from PIL import Image
-from safetensors.torch import save_file
 
 from kontext_core import save_autoencoder, save_transformer
 from kontext_core.model.autoencoder import Autoencoder
@@ -370,20 +369,25 @@ def pipeline(tiny_transformer, tiny_autoencoder):
     return KontextPipeline(tiny_transformer, tiny_autoencoder, FakeEncoders(config.context_in_dim, config.vec_in_dim))
 
 
+def write_models_folder(folder: Path, transformer: KontextTransformer, autoencoder: Autoencoder, *,
+                        real_vocabularies: bool, layout: str = "comfy") -> None:
+    """The models in a ComfyUI models/ folder under the real file names and key layouts: the transformer (in
+    `layout`) in diffusion_models/, the AE in vae/, tiny T5 and CLIP (`tiny_encoders.tiny_text_encoder_files`) in
+    text_encoders/."""
+    from tiny_encoders import tiny_text_encoder_files  # here: tiny_encoders imports conftest
+
+    save_transformer(transformer, folder / "diffusion_models" / "flux1-kontext-dev.safetensors", layout=layout)
+    save_autoencoder(autoencoder, folder / "vae" / "ae.safetensors")
+    tiny_text_encoder_files(folder / "text_encoders", transformer.config, real_vocabularies)
+
+
 @pytest.fixture
 def models_tree(tiny_transformer, tiny_autoencoder, tmp_path):
     """The tiny models in a ComfyUI models/ folder under the real file names, tokenizers beside it and a photo:
     (tmp_path, the photo, the CLI options that point at them) for `kontext edit`, `t2i` and `eval` runs."""
-    # Imported here, not at the top: tiny_encoders imports conftest.
-    from tiny_encoders import clip_tensors, clip_tokenizer_dir, t5_tensors, t5_tokenizer_dir, tiny_clip, tiny_t5
+    from tiny_encoders import clip_tokenizer_dir, t5_tokenizer_dir  # here: tiny_encoders imports conftest
 
-    folder = tmp_path / "ComfyUI" / "models"  # not named `models`: that is a fixture in this module
-    config = tiny_transformer.config
-    save_transformer(tiny_transformer, folder / "diffusion_models" / "flux1-kontext-dev.safetensors", layout="comfy")
-    save_autoencoder(tiny_autoencoder, folder / "vae" / "ae.safetensors")
-    (folder / "text_encoders").mkdir(parents=True)
-    save_file(t5_tensors(tiny_t5(d_model=config.context_in_dim)), folder / "text_encoders" / "t5xxl_fp16.safetensors")
-    save_file(clip_tensors(tiny_clip(hidden_size=config.vec_in_dim)), folder / "text_encoders" / "clip_l.safetensors")
+    write_models_folder(tmp_path / "ComfyUI" / "models", tiny_transformer, tiny_autoencoder, real_vocabularies=False)
     tokenizers = ["--t5-tokenizer", str(t5_tokenizer_dir(tmp_path / "t5tok")),
                   "--clip-tokenizer", str(clip_tokenizer_dir(tmp_path / "cliptok"))]
     image = tmp_path / "photo.png"

@@ -72,15 +72,15 @@ def clip_tokenizer_dir(folder):
     return folder
 
 
-def tiny_text_encoder_files(folder: Path, config: TransformerConfig) -> None:
-    """t5xxl_fp16 / clip_l stand-ins: the real tokenizers' vocabularies, tiny widths (the tiny model's)."""
-    t5 = randomize_(T5EncoderModel(T5Config(
-        vocab_size=32128, d_model=config.context_in_dim, d_kv=8, d_ff=64, num_layers=1,
-        num_heads=config.context_in_dim // 8, feed_forward_proj="gated-gelu", dropout_rate=0.0)), 3).eval()
-    clip = randomize_(CLIPTextModel(CLIPTextConfig(
-        vocab_size=49408, hidden_size=config.vec_in_dim, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=1, max_position_embeddings=77)), 4).eval()
-    save_file({k: v.detach().clone().contiguous() for k, v in t5.state_dict().items()},
-              str(folder / "t5xxl_fp16.safetensors"))
-    save_file({f"text_model.{k}": v.detach().clone().contiguous() for k, v in clip.state_dict().items()},
-              str(folder / "clip_l.safetensors"))
+def tiny_text_encoder_files(folder: Path, config: TransformerConfig, real_vocabularies: bool = True) -> None:
+    """t5xxl_fp16 / clip_l stand-ins in `folder`, in the released files' key layouts, as wide as `config` needs.
+    `real_vocabularies`: the vocabularies of the tokenizers kontext_core ships (what the README command runs);
+    else the tiny ones of `t5_tokenizer_dir` / `clip_tokenizer_dir`."""
+    t5_options = dict(d_model=config.context_in_dim)
+    clip_options = dict(hidden_size=config.vec_in_dim)
+    if real_vocabularies:  # one layer each: a 32k / 49k-token embedding is most of these files
+        t5_options.update(vocab_size=32128, num_layers=1, num_heads=config.context_in_dim // 8)
+        clip_options.update(vocab_size=49408, intermediate_size=64, num_hidden_layers=1)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(t5_tensors(tiny_t5(**t5_options)), folder / "t5xxl_fp16.safetensors")
+    save_file(clip_tensors(tiny_clip(**clip_options)), folder / "clip_l.safetensors")

@@ -47,7 +47,8 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from tiny_encoders import clip_tensors, tiny_clip, tiny_text_encoder_files  # noqa: E402
+from conftest import write_models_folder  # noqa: E402
+from tiny_encoders import clip_tensors, tiny_clip  # noqa: E402
 
 # models_tree, the fixture these tests run on, is conftest's: the presets and eval CLI tests run on it too.
 
@@ -214,10 +215,7 @@ def test_readme_command_from_a_comfyui_models_folder_with_an_empty_hugging_face_
     layouts, tiny), no tokenizer flags, nothing in the Hugging Face cache and no network: the tokenizers that
     come with kontext_core are used, and the PNG gets the permissions the umask gives any new file."""
     models = tmp_path / "ComfyUI" / "models"
-    save_transformer(tiny_transformer, models / "diffusion_models" / "flux1-kontext-dev.safetensors", layout="comfy")
-    save_autoencoder(tiny_autoencoder, models / "vae" / "ae.safetensors")
-    (models / "text_encoders").mkdir(parents=True)
-    tiny_text_encoder_files(models / "text_encoders", tiny_transformer.config)
+    write_models_folder(models, tiny_transformer, tiny_autoencoder, real_vocabularies=True)
     Image.new("RGB", (40, 24), (200, 30, 90)).save(tmp_path / "photo.png")
     (tmp_path / "hf-empty").mkdir()
     environment = {name: value for name, value in os.environ.items()
