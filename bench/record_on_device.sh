@@ -9,8 +9,7 @@
 #   2. the GPU tests of every GEMM plan candidate (bit for bit against the default launch), the dispatch, the CUDA
 #      graphs of the steps that record and reuse sage8's statistics, the paired row quantizers (bytes; the int8 and
 #      e4m3 models, the latter with a LoRA's columns and against the unpaired fp8 path's error), and every
-#      kontext:: operator against torch.compile's
-#      contract (opcheck) with its GPU kernels;
+#      kontext:: operator against torch.compile's contract (opcheck) with its GPU kernels;
 #   3. while the call is under 420 s, sage8's attention kernel alone at the edit shape
 #      (bench/attention/attention_counters.py --time ''), for its ratio to cuDNN.
 # Usage (from the repository root, on the device): OUT=$OUT bash bench/record_on_device.sh

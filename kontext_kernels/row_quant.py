@@ -123,8 +123,8 @@ SCALE_ALIGNMENT_BYTES = 16
 
 def split_stacked(stacked: Quantized, x: torch.Tensor, other: torch.Tensor) -> tuple[Quantized, Quantized]:
     """A `*_stacked` result back as (x's rows, other's rows): views of its one buffer, shaped as each input; other's
-    scales copied out where the row offset leaves them off a 16-byte boundary (x with a row count not a multiple
-    of 4: never FLUX's 512 text rows, which come first)."""
+    scales copied out (4 bytes a row) where x's row count, not a multiple of 4, leaves them off a 16-byte boundary:
+    never with the pipeline's 512 text tokens an image, which come first."""
     data, scale = stacked
     rows = math.prod(x.shape[:-1])
     other_scale = scale[rows:]
