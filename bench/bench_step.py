@@ -363,16 +363,16 @@ def implementation(name: str) -> str:
 
 # A whole edit (--e2e) is named as a model and modifiers, e.g. int8+sage8+modtable+compiledae+frozenstats+graphs:
 # MODIFIERS' kernel switches as configure() reads them, +graphs, +modtable and +frozenstats as the pipeline runs
-# them, and +compiledae, the AE compiled as the fast preset's load_pipeline does. The row-only modifiers have no
-# whole-edit form.
+# them, +compiledae, the AE compiled as the fast preset's load_pipeline does, and +fusedae, its attention on SDPA's
+# fused kernels, as the same preset runs it. The row-only modifiers have no whole-edit form.
 E2E_MODELS = ("bf16", "fp8", "int8")
 E2E_ROW_ONLY = ("cudnn", "lora", "lorafly", "thinlora", "autotune")
-FAST_EDIT = "int8+sage8+modtable+compiledae+frozenstats"
+FAST_EDIT = "int8+sage8+modtable+compiledae+fusedae+frozenstats"
 
 
 def e2e_run(label: str) -> str:
     model, *modifiers = label.split("+")
-    known = [m for m in MODIFIERS if m not in E2E_ROW_ONLY] + ["compiledae"]
+    known = [m for m in MODIFIERS if m not in E2E_ROW_ONLY] + ["compiledae", "fusedae"]
     if model not in E2E_MODELS or any(m not in known for m in modifiers):
         raise argparse.ArgumentTypeError(f"{label!r}: a whole edit is one of {', '.join(E2E_MODELS)}, plus any of "
                                          f"{', '.join('+' + m for m in known)}")
@@ -563,9 +563,11 @@ def uncompile(model) -> None:
 
 def end_to_end(model: KontextTransformer, steps: int = 28, cuda_graphs: bool = False,
                batched_modulation: bool = False, compile_autoencoder: bool = False,
-               attention_statistics_refresh: int = 0) -> float:
+               fused_autoencoder_attention: bool = False, attention_statistics_refresh: int = 0) -> float:
     """1024x1024 edit: AE encode of the context, `steps` steps, AE decode (prompt embeddings given)."""
     ae = random_autoencoder()
+    if fused_autoencoder_attention:  # as the fast preset's load_pipeline does, before compiling
+        ae.use_fused_attention()
     if compile_autoencoder:  # as the fast preset's load_pipeline does
         ae.compile_parts()
     # The pipeline replays the model's shared graph, which a run before this one in the process may have captured
@@ -604,7 +606,8 @@ def main() -> None:
     parser.add_argument("--e2e", nargs="*", metavar="RUN", default=None, type=e2e_run,
                         help="also time a full 28-step 1024x1024 edit, in the order named: a model (bf16, fp8, int8) "
                              "and modifiers, e.g. --e2e int8+graphs bf16; the fast preset's whole edit is "
-                             f"{FAST_EDIT}+graphs (compiledae: the AE compiled, as its load_pipeline does; "
+                             f"{FAST_EDIT}+graphs (compiledae: the AE compiled, as its load_pipeline does; fusedae: "
+                             "the AE's attention on SDPA's fused kernels, as that preset runs it; "
                              "frozenstats: sage8's statistics recorded every few steps, as the fast preset does, and "
                              "reused between). Alone: each model, fp8+fp8attention and the fast preset's edit where a "
                              "row has them, and each also +graphs where a row has +graphs")
@@ -769,6 +772,7 @@ def main() -> None:
                 compile_blocks(target, "ours-compiled")
             seconds = end_to_end(target, cuda_graphs="graphs" in modifiers, batched_modulation="modtable" in modifiers,
                                  compile_autoencoder="compiledae" in modifiers,
+                                 fused_autoencoder_attention="fusedae" in modifiers,
                                  attention_statistics_refresh=(PRESETS["fast"].attention_statistics_refresh
                                                                if "frozenstats" in modifiers else 0))
             record[f"e2e_edit_28_steps_{label}_s"] = seconds

@@ -61,7 +61,8 @@ def load_pipeline(files: ModelFiles, *, dtype: str | None = None, device: str | 
     preset: "exact" or "fast" (kontext_core.presets): fills in dtype where it is None, sets the attention
         backend for the process, compiles the blocks, turns on CUDA graphs and (fast) computes the modulation
         vectors of a run's steps ahead of it (KontextPipeline.batched_modulation) and compiles the AE
-        (Autoencoder.compile_parts); parts the device cannot run
+        (Autoencoder.compile_parts) with its attention on SDPA's fused kernels (use_fused_attention); parts the
+        device cannot run
         fall back to the exact path, each said through `log`.
     attention_refresh: with sage8 attention, record its K mean and V amax every this-many steps and reuse them
         between (sample_euler's `attention_statistics_refresh`; approximate); 0: every step (exact sage8). None:
@@ -74,13 +75,14 @@ def load_pipeline(files: ModelFiles, *, dtype: str | None = None, device: str | 
     are offloaded, the BlockOffloader as `offloader`.
     """
     device = torch.device(device)
-    compile_blocks, batched_modulation, compile_autoencoder = compile, False, False
+    compile_blocks, batched_modulation, compile_autoencoder, fused_autoencoder_attention = compile, False, False, False
     if preset is not None:
         chosen, notes = apply_preset_options(preset, device, dtype=dtype, attention=get_attention_backend(),
                                              compile=compile, cuda_graphs=cuda_graphs,
                                              attention_refresh=attention_refresh)
         dtype, cuda_graphs, compile_blocks = chosen["dtype"], chosen["cuda_graphs"], chosen["compile"]
         batched_modulation, compile_autoencoder = chosen["batched_modulation"], chosen["compile_autoencoder"]
+        fused_autoencoder_attention = chosen["fused_autoencoder_attention"]
         attention_statistics_refresh = chosen["attention_statistics_refresh"]
         set_attention_backend(chosen["attention"])
         for note in notes if log is not None else ():
@@ -120,6 +122,8 @@ def load_pipeline(files: ModelFiles, *, dtype: str | None = None, device: str | 
         apply_lora(transformer, lora, strength=strength, mode="auto")
     if compile_blocks:
         transformer.compile_blocks()
+    if fused_autoencoder_attention:  # before compile_parts: its graphs keep the choice they were traced with
+        autoencoder.use_fused_attention()
     if compile_autoencoder:
         autoencoder.compile_parts()
     pipeline = KontextPipeline(transformer, autoencoder, encoders, cuda_graphs=cuda_graphs,

@@ -6,7 +6,7 @@ attention, eager blocks. `fast` takes every opt-in speed path at once: int8 bloc
 vs bf16 on random weights, bench/RESULTS.md), 8-bit attention (int8 Q.K, fp8 P.V), regional compilation,
 CUDA-graph replay, a run's modulation vectors computed before its first step, sage8's K mean and V amax
 recorded every 7 steps and reused between (sample_euler's `attention_statistics_refresh`), and (in
-`load_pipeline`) a compiled AE. A part that cannot run on the
+`load_pipeline`) a compiled AE whose attention runs through SDPA's fused kernels. A part that cannot run on the
 device at hand falls back to `exact`'s choice, and `resolve_preset` says which and why, so a preset never fails
 where the exact path would run.
 """
@@ -30,6 +30,10 @@ class RuntimePreset:
     batched_modulation: bool = False
     # The AE's encoder and decoder compiled (Autoencoder.compile_parts): bf16 values rounded in another order.
     compile_autoencoder: bool = False
+    # The AE's attention through SDPA's fused kernels (Autoencoder.use_fused_attention): bf16 tensor cores instead
+    # of float32 matmuls, ~10 ms off each of a 1024² edit's encode and decode on an H100 (bench/pipeline/ae_probe.py
+    # --attention); bf16 values rounded in another order.
+    fused_autoencoder_attention: bool = False
     # sage8's K mean and V amax recorded every this-many steps and reused between (sample_euler); 0: off.
     attention_statistics_refresh: int = 0
 
@@ -39,7 +43,7 @@ PRESETS = {
     # The frozen attention statistics: 6 ms a step faster, velocity error vs bf16 unchanged on random weights
     # (bench/RESULTS.md, 2026-12-06); 7 steps is four recordings in a 28-step edit.
     "fast": RuntimePreset("fast", "int8", "sage8", True, True, batched_modulation=True, compile_autoencoder=True,
-                          attention_statistics_refresh=7),
+                          fused_autoencoder_attention=True, attention_statistics_refresh=7),
 }
 
 
@@ -99,6 +103,9 @@ def _resolve(name: str, device: str | torch.device) -> tuple[RuntimePreset, dict
     if preset.batched_modulation and device.type != "cuda":
         # Off the GPU it saves nothing worth its last-bit differences: fast stays exact there, and says nothing.
         preset = replace(preset, batched_modulation=False)
+    if preset.fused_autoencoder_attention and device.type != "cuda":
+        # The CPU's fused SDPA kernel saves nothing there either: the AE stays on the exact path, silently.
+        preset = replace(preset, fused_autoencoder_attention=False)
     return preset, notes
 
 
@@ -136,4 +143,5 @@ def apply_preset_options(name: str, device: str | torch.device, *, dtype: str | 
     return (dict(dtype=dtype if dtype is not None else preset.dtype, attention=attention,
                  compile=compile or preset.compile, cuda_graphs=cuda_graphs or preset.cuda_graphs,
                  batched_modulation=preset.batched_modulation, compile_autoencoder=preset.compile_autoencoder,
+                 fused_autoencoder_attention=preset.fused_autoencoder_attention,
                  attention_statistics_refresh=refresh), said)

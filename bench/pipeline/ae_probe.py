@@ -81,7 +81,8 @@ def _decoder_attention_operands(ae, latent: torch.Tensor) -> tuple[torch.Tensor,
 
 
 def attention_backends(ae, latent: torch.Tensor, device: str) -> None:
-    """The AE's single 512-wide head through each SDPA backend that takes it, in bf16, against float64."""
+    """The AE's single 512-wide head through each SDPA backend that takes it, in bf16, against float64; and
+    PyTorch's default choice on the strided operands the exact path's AttnBlock hands it."""
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -102,8 +103,14 @@ def attention_backends(ae, latent: torch.Tensor, device: str) -> None:
         return torch.matmul(scores.float().softmax(dim=-1).to(v.dtype), v)
 
     backends += [("bf16 matmuls, float32 scores", tensor_core_matmuls), ("bf16 matmuls, bf16 scores", bf16_scores)]
+    # The exact path's operands: AttnBlock's transposed views, whose strided last dimension the fused kernels
+    # refuse (the fast preset's AttnBlock.fused_attention hands over the contiguous ones above instead).
+    strided = tuple(t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in (q, k, v))
+    backends.insert(1, ("default choice, strided as the exact path", strided))
     for label, backend in backends:
         def call():
+            if isinstance(backend, tuple):
+                return F.scaled_dot_product_attention(*backend)
             if callable(backend):
                 return backend()
             if backend is None:

@@ -20,10 +20,17 @@ ATTENTION_SCORE_BUDGET = 1 << 24
 
 
 class AttnBlock(nn.Module):
-    """Single-head self-attention over all pixels, with 1x1-conv projections."""
+    """Single-head self-attention over all pixels, with 1x1-conv projections.
+
+    `fused_attention` (off: the exact path) hands SDPA contiguous q/k/v. The transposed views it gets otherwise have
+    a strided last dimension, which every fused kernel refuses, so PyTorch runs its math path: float32 matmuls
+    without tensor cores. Contiguous, the memory-efficient kernel takes the 512-wide head in bf16 with float32
+    scores, ~3.6 instead of ~13.6 ms at 1024x1024 on an H100 and the same error against float64
+    (bench/RESULTS.md), and holds no score matrix, so it needs no query chunks."""
 
     def __init__(self, channels: int):
         super().__init__()
+        self.fused_attention = False
         self.norm = _group_norm(channels)
         self.q = nn.Conv2d(channels, channels, 1)
         self.k = nn.Conv2d(channels, channels, 1)
@@ -38,6 +45,10 @@ class AttnBlock(nn.Module):
             return t.reshape(batch, 1, channels, height * width).transpose(-1, -2)
 
         q, k, v = as_sequence(self.q(h)), as_sequence(self.k(h)), as_sequence(self.v(h))
+        if self.fused_attention:
+            out = F.scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous())
+            out = out.transpose(-1, -2).reshape(batch, channels, height, width)
+            return x + self.proj_out(out)
         # Query rows are independent, so chunks of them give the same result in bounded memory.
         chunk = max(1, ATTENTION_SCORE_BUDGET // (batch * k.shape[-2]))
         if chunk >= q.shape[-2]:
@@ -199,6 +210,15 @@ class Autoencoder(nn.Module):
         parts' pieces and stay eager."""
         self.encoder.compile(**options)
         self.decoder.compile(**options)
+        return self
+
+    def use_fused_attention(self, enabled: bool = True) -> "Autoencoder":
+        """Run the encoder's and the decoder's attention through SDPA's fused kernels (AttnBlock.fused_attention):
+        the fast preset's choice; bf16 values rounded in another order than the exact path's. Set it before
+        compile_parts, whose graphs hold the choice made at their first call."""
+        for block in self.modules():
+            if isinstance(block, AttnBlock):
+                block.fused_attention = enabled
         return self
 
     @property

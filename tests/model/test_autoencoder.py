@@ -1,4 +1,5 @@
-"""The AE's own mechanics beyond the golden vectors: its attention in query chunks equals the whole.
+"""The AE's own mechanics beyond the golden vectors: its attention in query chunks equals the whole, and through
+SDPA's fused kernels (the fast preset's) equals the exact path's.
 
 Chunked, whole and the plain reference sum in different orders (the chunks change BLAS's blocking, and
 thread counts change it further), so they agree to float32 reordering error (conftest.reordering_tolerance),
@@ -57,3 +58,32 @@ def test_compiled_parts_compute_what_the_eager_ae_does(tiny_autoencoder):
     terms = 9 * max(ae.config.ch * m for m in ae.config.ch_mult)
     assert torch.allclose(compiled_latent, latent, **reordering_tolerance(latent, terms=terms, chained=20))
     assert torch.allclose(compiled_decoded, decoded, **reordering_tolerance(decoded, terms=terms, chained=20))
+
+
+def test_fused_attention_computes_what_the_exact_path_does(tiny_autoencoder, monkeypatch):
+    # The exact path hands SDPA strided views (its math path); fused_attention hands it contiguous q/k/v, which a
+    # fused kernel takes (the CPU's flash kernel here, the memory-efficient one on a GPU): the same attention
+    # summed in another order, so float32 reordering error across the AE's ~20 layers in a row.
+    ae = tiny_autoencoder
+    blocks = [m for m in ae.modules() if isinstance(m, autoencoder.AttnBlock)]
+    assert len(blocks) == 2 and not any(block.fused_attention for block in blocks)  # off unless asked
+    generator = torch.Generator().manual_seed(5)
+    image = torch.rand(2, 3, 32, 40, generator=generator) * 2 - 1
+    latent = torch.randn(2, ae.config.z_channels, 6, 4, generator=generator)
+    with torch.no_grad():
+        exact_latent, exact_decoded = ae.encode(image), ae.decode(latent)
+        calls = []
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        monkeypatch.setattr(autoencoder.F, "scaled_dot_product_attention",
+                            lambda *a: calls.append(all(t.is_contiguous() for t in a)) or sdpa(*a))
+        ae.use_fused_attention()
+        try:
+            assert all(block.fused_attention for block in blocks)
+            fused_latent, fused_decoded = ae.encode(image), ae.decode(latent)
+        finally:
+            ae.use_fused_attention(False)
+    assert calls == [True, True]  # one whole call each for the encoder and the decoder, on contiguous operands
+    terms = 9 * max(ae.config.ch * m for m in ae.config.ch_mult)
+    assert torch.allclose(fused_latent, exact_latent, **reordering_tolerance(exact_latent, terms=terms, chained=20))
+    assert torch.allclose(fused_decoded, exact_decoded,
+                          **reordering_tolerance(exact_decoded, terms=terms, chained=20))

@@ -15,8 +15,9 @@ from kontext_core.presets import PRESETS, apply_preset_options, attention_refres
 def test_fast_on_the_cpu_falls_back_to_the_exact_path_part_by_part():
     preset, notes = resolve_preset("fast", "cpu")
     exact = PRESETS["exact"]
-    assert (preset.dtype, preset.attention, preset.compile, preset.cuda_graphs, preset.compile_autoencoder) == \
-        (exact.dtype, exact.attention, exact.compile, exact.cuda_graphs, exact.compile_autoencoder)
+    assert (preset.dtype, preset.attention, preset.compile, preset.cuda_graphs, preset.compile_autoencoder,
+            preset.fused_autoencoder_attention) == \
+        (exact.dtype, exact.attention, exact.compile, exact.cuda_graphs, exact.compile_autoencoder, False)
     assert len(notes) == 4
     assert any("int8" in note for note in notes) and any("CUDA graphs" in note for note in notes)
 
@@ -45,7 +46,7 @@ def test_explicit_settings_win_over_the_preset(monkeypatch):
     chosen, _ = apply_preset_options("fast", "cuda", dtype="fp8", attention="sdpa", compile=False, cuda_graphs=False)
     # The frozen attention statistics are sage8's: with the caller's sdpa they are off.
     assert chosen == dict(dtype="fp8", attention="sdpa", compile=True, cuda_graphs=True, batched_modulation=True,
-                          compile_autoencoder=True, attention_statistics_refresh=0)
+                          compile_autoencoder=True, fused_autoencoder_attention=True, attention_statistics_refresh=0)
     chosen, _ = apply_preset_options("fast", "cuda", dtype=None, attention="auto", compile=False, cuda_graphs=False)
     assert chosen["attention"] == "sage8" and chosen["attention_statistics_refresh"] == 7
 
