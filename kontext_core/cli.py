@@ -349,7 +349,7 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
     run = parser.add_argument_group("runtime")
     run.add_argument("--preset", choices=tuple(PRESETS),
                      help="fast: int8 GEMMs + 8-bit attention + compiled blocks + CUDA graphs + modulation computed "
-                          "ahead of the steps + a compiled AE (faster steps, a few "
+                          "ahead of the steps + a compiled AE with its attention on fused kernels (faster steps, a few "
                           "percent of velocity error vs bf16: bench/RESULTS.md); exact: as by default. The flags "
                           "below override the preset's parts; parts this machine cannot run fall back, said once")
     run.add_argument("--dtype", default=None,
