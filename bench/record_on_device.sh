@@ -16,13 +16,14 @@
 #   4. while the call is under 480 s, the AE's attention alone through each SDPA backend, with the operands as
 #      the exact path and as the fast preset hand them (bench/pipeline/ae_probe.py --attention).
 # Usage (from the repository root, on the device): OUT=$OUT bash bench/record_on_device.sh
+# SHORT=1 leaves out the untuned and unpaired rows (~70 s) where the session's device time is short.
 set -u
 OUT=${OUT:-/tmp/record_out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv,noheader
 FAST=ours-int8-compiled+graphs+sage8+modtable+frozenstats+paired
 timeout 330 python3 bench/bench_step.py --no-check --workloads edit \
-    --impls ours-compiled+graphs "$FAST" "$FAST+untunedplans" "$FAST+unpairedrows" \
+    --impls ours-compiled+graphs "$FAST" $([ "${SHORT:-0}" = 1 ] || echo "$FAST+untunedplans $FAST+unpairedrows") \
     --e2e int8+sage8+modtable+compiledae+fusedae+frozenstats+paired+graphs \
     int8+sage8+modtable+compiledae+frozenstats+paired+graphs > "$OUT/record.txt" 2>&1
 grep -E "matmul|floor|tuned plan|end-to-end" "$OUT/record.txt"
