@@ -31,7 +31,7 @@ class RuntimePreset:
     # The AE's encoder and decoder compiled (Autoencoder.compile_parts): bf16 values rounded in another order.
     compile_autoencoder: bool = False
     # The AE's attention through SDPA's fused kernels (Autoencoder.use_fused_attention): bf16 tensor cores instead
-    # of float32 matmuls, ~10 ms off each of a 1024² edit's encode and decode on an H100 (bench/pipeline/ae_probe.py
+    # of float32 matmuls, ~10 ms off each of a 1024² edit's encode and decode on an H200 (bench/pipeline/ae_probe.py
     # --attention); bf16 values rounded in another order.
     fused_autoencoder_attention: bool = False
     # sage8's K mean and V amax recorded every this-many steps and reused between (sample_euler); 0: off.

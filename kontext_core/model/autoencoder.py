@@ -25,7 +25,7 @@ class AttnBlock(nn.Module):
     `fused_attention` (off: the exact path) hands SDPA contiguous q/k/v. The transposed views it gets otherwise have
     a strided last dimension, which every fused kernel refuses, so PyTorch runs its math path: float32 matmuls
     without tensor cores. Contiguous, the memory-efficient kernel takes the 512-wide head in bf16 with float32
-    scores, ~3.6 instead of ~13.6 ms at 1024x1024 on an H100 and the same error against float64
+    scores, ~3.6 instead of ~13.6 ms at 1024x1024 on an H200 and the same error against float64
     (bench/RESULTS.md), and holds no score matrix, so it needs no query chunks."""
 
     def __init__(self, channels: int):
