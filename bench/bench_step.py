@@ -563,8 +563,10 @@ def uncompile(model) -> None:
 
 def end_to_end(model: KontextTransformer, steps: int = 28, cuda_graphs: bool = False,
                batched_modulation: bool = False, compile_autoencoder: bool = False,
-               fused_autoencoder_attention: bool = False, attention_statistics_refresh: int = 0) -> float:
-    """1024x1024 edit: AE encode of the context, `steps` steps, AE decode (prompt embeddings given)."""
+               fused_autoencoder_attention: bool = False, attention_statistics_refresh: int = 0,
+               ) -> tuple[float, dict[str, float]]:
+    """1024x1024 edit: AE encode of the context, `steps` steps, AE decode (prompt embeddings given). Seconds of
+    the whole, and milliseconds of its parts (encode, steps, decode; CUDA events, which add no synchronisation)."""
     ae = random_autoencoder()
     if fused_autoencoder_attention:  # as the fast preset's load_pipeline does, before compiling
         ae.use_fused_attention()
@@ -581,18 +583,27 @@ def end_to_end(model: KontextTransformer, steps: int = 28, cuda_graphs: bool = F
                             torch.randn(1, config.vec_in_dim, device="cuda"))
     image = torch.rand(1, 3, 1024, 1024, device="cuda", dtype=torch.bfloat16) * 2 - 1
 
+    marks = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+
     def run():
         with torch.no_grad():
+            marks[0].record()
             context = ae.encode(image).float()
+            marks[1].record()
             latent = pipe.generate(cond, GenerationSettings(steps=steps), context_latents=[context])
-            return ae.decode(latent.to(torch.bfloat16))
+            marks[2].record()
+            decoded = ae.decode(latent.to(torch.bfloat16))
+            marks[3].record()
+            return decoded
 
     run()  # warm-up (compilation, cuDNN plans)
     torch.cuda.synchronize()
     start = time.perf_counter()
     run()
     torch.cuda.synchronize()
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    parts = {name: marks[i].elapsed_time(marks[i + 1]) for i, name in enumerate(("encode", "steps", "decode"))}
+    return seconds, parts
 
 
 def main() -> None:
@@ -770,13 +781,16 @@ def main() -> None:
             configure(("ours-compiled" if compiled else "ours-rowkernels") + "".join(f"+{m}" for m in modifiers))
             if compiled:
                 compile_blocks(target, "ours-compiled")
-            seconds = end_to_end(target, cuda_graphs="graphs" in modifiers, batched_modulation="modtable" in modifiers,
-                                 compile_autoencoder="compiledae" in modifiers,
-                                 fused_autoencoder_attention="fusedae" in modifiers,
-                                 attention_statistics_refresh=(PRESETS["fast"].attention_statistics_refresh
-                                                               if "frozenstats" in modifiers else 0))
+            seconds, parts = end_to_end(
+                target, cuda_graphs="graphs" in modifiers, batched_modulation="modtable" in modifiers,
+                compile_autoencoder="compiledae" in modifiers, fused_autoencoder_attention="fusedae" in modifiers,
+                attention_statistics_refresh=(PRESETS["fast"].attention_statistics_refresh
+                                              if "frozenstats" in modifiers else 0))
             record[f"e2e_edit_28_steps_{label}_s"] = seconds
-            print(f"end-to-end 1024x1024 edit, 28 steps, AE encode+decode, {label}: {seconds:.2f} s", flush=True)
+            record.setdefault("edit_parts_ms", {})[label] = parts
+            print(f"end-to-end 1024x1024 edit, 28 steps, AE encode+decode, {label}: {seconds:.2f} s (encode "
+                  f"{parts['encode']:.1f} ms, steps {parts['steps']:.0f} ms, {parts['steps'] / 28:.1f} a step, "
+                  f"decode {parts['decode']:.1f} ms)", flush=True)
             uncompile(target)
             torch._dynamo.reset()
     if args.out:
@@ -825,6 +839,8 @@ def results_markdown(record: dict, command: str) -> str:
     for key, value in record.items():
         if key.startswith("e2e_"):
             lines.append(f"\n{key}: {value:.2f} s")
+    for label, parts in record.get("edit_parts_ms", {}).items():
+        lines.append(f"\n{label}: " + ", ".join(f"{name} {ms:.1f} ms" for name, ms in parts.items()))
     return "\n".join(lines) + "\n"
 
 

@@ -113,7 +113,7 @@ def measure(args: argparse.Namespace, device: str) -> None:
         if args.e2e and device == "cuda":
             from bench_step import end_to_end
 
-            record["single_e2e_s"] = end_to_end(model)
+            record["single_e2e_s"] = end_to_end(model)[0]
     dist.barrier()
 
     model.sequence_parallel = SequenceParallel()
@@ -124,7 +124,7 @@ def measure(args: argparse.Namespace, device: str) -> None:
     if args.e2e and device == "cuda":
         from bench_step import end_to_end
 
-        record["split_e2e_s"] = end_to_end(model)
+        record["split_e2e_s"] = end_to_end(model)[0]
     peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0],
                         device=split.device)
     peaks = [torch.zeros_like(peak) for _ in range(world)]
