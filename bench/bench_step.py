@@ -568,7 +568,7 @@ def end_to_end(model: KontextTransformer, steps: int = 28, cuda_graphs: bool = F
     """1024x1024 edit: AE encode of the context, `steps` steps, AE decode (prompt embeddings given). Seconds of
     the whole, and milliseconds of its parts (encode, steps, decode; CUDA events, which add no synchronisation)."""
     ae = random_autoencoder()
-    if fused_autoencoder_attention:  # as the fast preset's load_pipeline does, before compiling
+    if fused_autoencoder_attention:  # as the fast preset's load_pipeline does
         ae.use_fused_attention()
     if compile_autoencoder:  # as the fast preset's load_pipeline does
         ae.compile_parts()

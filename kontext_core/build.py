@@ -122,7 +122,7 @@ def load_pipeline(files: ModelFiles, *, dtype: str | None = None, device: str | 
         apply_lora(transformer, lora, strength=strength, mode="auto")
     if compile_blocks:
         transformer.compile_blocks()
-    if fused_autoencoder_attention:  # before compile_parts: its graphs keep the choice they were traced with
+    if fused_autoencoder_attention:
         autoencoder.use_fused_attention()
     if compile_autoencoder:
         autoencoder.compile_parts()

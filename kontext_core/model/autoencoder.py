@@ -214,8 +214,8 @@ class Autoencoder(nn.Module):
 
     def use_fused_attention(self, enabled: bool = True) -> "Autoencoder":
         """Run the encoder's and the decoder's attention through SDPA's fused kernels (AttnBlock.fused_attention):
-        the fast preset's choice; bf16 values rounded in another order than the exact path's. Set it before
-        compile_parts, whose graphs hold the choice made at their first call."""
+        the fast preset's choice; bf16 values rounded in another order than the exact path's. torch.compile
+        guards on the flag: a change after the first compiled call costs a recompilation."""
         for block in self.modules():
             if isinstance(block, AttnBlock):
                 block.fused_attention = enabled
