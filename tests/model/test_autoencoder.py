@@ -87,3 +87,37 @@ def test_fused_attention_computes_what_the_exact_path_does(tiny_autoencoder, mon
     assert torch.allclose(fused_latent, exact_latent, **reordering_tolerance(exact_latent, terms=terms, chained=20))
     assert torch.allclose(fused_decoded, exact_decoded,
                           **reordering_tolerance(exact_decoded, terms=terms, chained=20))
+
+
+def test_the_fused_attention_flag_is_read_by_compiled_parts_too(tiny_autoencoder):
+    # load_pipeline sets the flag before compile_parts; one set later must not meet a graph traced without it.
+    # torch.compile guards on the flag: the other setting traces its own graph, and off again reuses the first.
+    from torch._dynamo.utils import counters
+
+    ae = tiny_autoencoder
+    image = torch.rand(1, 3, 32, 40, generator=torch.Generator().manual_seed(7)) * 2 - 1
+    with torch.no_grad():
+        exact = ae.encode(image)
+        ae.use_fused_attention()
+        fused = ae.encode(image)
+        ae.use_fused_attention(False)
+        torch._dynamo.reset()
+        counters.clear()
+        ae.compile_parts(backend="aot_eager")
+        try:
+            compiled_exact = ae.encode(image)
+            traced_exact = counters["stats"]["unique_graphs"]
+            ae.use_fused_attention()
+            compiled_fused = ae.encode(image)
+            traced_both = counters["stats"]["unique_graphs"]
+            ae.use_fused_attention(False)
+            compiled_exact_again = ae.encode(image)
+            traced_after = counters["stats"]["unique_graphs"]
+        finally:
+            ae.use_fused_attention(False)
+            torch._dynamo.reset()
+    assert traced_exact >= 1 and traced_both > traced_exact and traced_after == traced_both
+    assert torch.equal(compiled_exact_again, compiled_exact)
+    terms = 9 * max(ae.config.ch * m for m in ae.config.ch_mult)
+    tolerance = reordering_tolerance(exact, terms=terms, chained=20)
+    assert torch.allclose(compiled_exact, exact, **tolerance) and torch.allclose(compiled_fused, fused, **tolerance)
