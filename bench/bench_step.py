@@ -344,7 +344,14 @@ def _comfy_variant(impl: str) -> str:
     return impl.split("+")[0].removesuffix("-compiled")
 
 
+# The fast preset's step as a row (what `--preset fast` runs; the modifiers that are the product's defaults left
+# implicit): `--impls fast` and `fast+MODIFIER` stand for it, so the device scripts name it in one place.
+FAST_ROW = "ours-int8-compiled+graphs+sage8+modtable+frozenstats"
+
+
 def implementation(name: str) -> str:
+    if name == "fast" or name.startswith("fast+"):
+        name = FAST_ROW + name.removeprefix("fast")
     base, *modifiers = name.split("+")
     if base not in IMPLS or any(m not in MODIFIERS for m in modifiers):
         raise argparse.ArgumentTypeError(f"{name!r}: choose one of {', '.join(IMPLS)}, plus any of "
@@ -610,7 +617,8 @@ def main() -> None:
     global WEIGHT_INIT
     parser = argparse.ArgumentParser()
     parser.add_argument("--impls", nargs="+", default=["ours", "diffusers"], type=implementation,
-                        help=f"each one of {', '.join(IMPLS)}, optionally with +MODIFIER suffixes: "
+                        help=f"each one of {', '.join(IMPLS)}, optionally with +MODIFIER suffixes, or fast "
+                             f"({FAST_ROW}, the fast preset's step), also with suffixes: "
                              # argparse %-formats its help
                              f"{'; '.join(f'+{k}: {v}' for k, v in MODIFIERS.items())}".replace("%", "%%"))
     parser.add_argument("--workloads", nargs="+", default=["edit", "t2i"], choices=list(WORKLOADS))

@@ -22,9 +22,8 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
     .whl/*.whl build/comfy-wheels/*.whl || exit 1
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv,noheader
-FAST=ours-int8-compiled+graphs+sage8+modtable+frozenstats+paired
 timeout 540 python3 bench/bench_step.py --workloads edit --comfyui build/comfyui \
-    --impls "$FAST" ours-compiled+graphs diffusers diffusers-compiled comfyui+cudnn comfyui-fp8scaled \
+    --impls fast ours-compiled+graphs diffusers diffusers-compiled comfyui+cudnn comfyui-fp8scaled \
     comfyui-fp8scaled-fast ours-fp8-compiled+graphs ours-int8-compiled+graphs > "$OUT/peers.txt" 2>&1
 grep -E "matmul|floor|ours|diffusers|comfyui|check" "$OUT/peers.txt"
 echo "peers_on_device: $SECONDS s"

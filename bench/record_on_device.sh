@@ -21,9 +21,8 @@ set -u
 OUT=${OUT:-/tmp/record_out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv,noheader
-FAST=ours-int8-compiled+graphs+sage8+modtable+frozenstats+paired
 timeout 330 python3 bench/bench_step.py --no-check --workloads edit \
-    --impls ours-compiled+graphs "$FAST" $([ "${SHORT:-0}" = 1 ] || echo "$FAST+untunedplans $FAST+unpairedrows") \
+    --impls ours-compiled+graphs fast $([ "${SHORT:-0}" = 1 ] || echo "fast+untunedplans fast+unpairedrows") \
     --e2e int8+sage8+modtable+compiledae+fusedae+frozenstats+paired+graphs \
     int8+sage8+modtable+compiledae+frozenstats+paired+graphs > "$OUT/record.txt" 2>&1
 grep -E "matmul|floor|tuned plan|end-to-end" "$OUT/record.txt"

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: bench_st
 
 from random_weights import random_autoencoder, rel_l2  # noqa: E402
 
-from kontext_core.model.autoencoder import ATTENTION_SCORE_BUDGET, AutoencoderConfig  # noqa: E402
+from kontext_core.model.autoencoder import AutoencoderConfig  # noqa: E402
 
 
 def timed(fn, device: str) -> float:
@@ -105,16 +105,12 @@ def attention_backends(ae, latent: torch.Tensor, device: str) -> None:
 
     backends += [("bf16 matmuls, float32 scores", tensor_core_matmuls), ("bf16 matmuls, bf16 scores", bf16_scores)]
     # The exact path's operands: AttnBlock's transposed views, whose strided last dimension the fused kernels
-    # refuse, in its query chunks (the fast preset's AttnBlock.fused_attention hands over the contiguous ones
-    # above, in one call).
-    strided_q, strided_k, strided_v = (t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in (q, k, v))
-    chunk = max(1, ATTENTION_SCORE_BUDGET // (q.shape[0] * q.shape[-2]))
-
-    def as_the_exact_path():
-        return torch.cat([F.scaled_dot_product_attention(strided_q[..., start:start + chunk, :], strided_k, strided_v)
-                          for start in range(0, q.shape[-2], chunk)], dim=-2)
-
-    backends.insert(1, ("default choice, strided and chunked as the exact path", as_the_exact_path))
+    # refuse, through the block's own attention (query chunks included; the fast preset's fused_attention hands
+    # SDPA the contiguous ones above, in one call).
+    block = ae.decoder.mid.attn_1
+    strided = [t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in (q, k, v)]
+    assert not block.fused_attention  # the exact path's setting, as random_autoencoder builds it
+    backends.insert(1, ("default choice, strided and chunked as the exact path", lambda: block.attend(*strided)))
     for label, backend in backends:
         def call():
             if callable(backend):

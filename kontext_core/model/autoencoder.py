@@ -44,20 +44,19 @@ class AttnBlock(nn.Module):
         def as_sequence(t: torch.Tensor) -> torch.Tensor:  # [B, 1, H*W, C]
             return t.reshape(batch, 1, channels, height * width).transpose(-1, -2)
 
-        q, k, v = as_sequence(self.q(h)), as_sequence(self.k(h)), as_sequence(self.v(h))
+        out = self.attend(as_sequence(self.q(h)), as_sequence(self.k(h)), as_sequence(self.v(h)))
+        return x + self.proj_out(out.transpose(-1, -2).reshape(batch, channels, height, width))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attention of q, k, v [B, 1, H*W, C] as this block runs it (`fused_attention` or not)."""
         if self.fused_attention:
-            out = F.scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous())
-            out = out.transpose(-1, -2).reshape(batch, channels, height, width)
-            return x + self.proj_out(out)
+            return F.scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous())
         # Query rows are independent, so chunks of them give the same result in bounded memory.
-        chunk = max(1, ATTENTION_SCORE_BUDGET // (batch * k.shape[-2]))
+        chunk = max(1, ATTENTION_SCORE_BUDGET // (q.shape[0] * k.shape[-2]))
         if chunk >= q.shape[-2]:
-            out = F.scaled_dot_product_attention(q, k, v)
-        else:
-            out = torch.cat([F.scaled_dot_product_attention(q[..., start:start + chunk, :], k, v)
-                             for start in range(0, q.shape[-2], chunk)], dim=-2)
-        out = out.transpose(-1, -2).reshape(batch, channels, height, width)
-        return x + self.proj_out(out)
+            return F.scaled_dot_product_attention(q, k, v)
+        return torch.cat([F.scaled_dot_product_attention(q[..., start:start + chunk, :], k, v)
+                          for start in range(0, q.shape[-2], chunk)], dim=-2)
 
 
 class ResnetBlock(nn.Module):

@@ -38,3 +38,27 @@ def test_our_rows_only_modifiers_are_modifiers_and_refused_on_reference_rows():
     for modifier in sorted(bench_step.OURS_ONLY):
         with pytest.raises(argparse.ArgumentTypeError, match=re.escape(f"+{modifier} applies to our rows only")):
             bench_step.implementation(f"diffusers+{modifier}")
+
+
+def test_fast_names_the_fast_presets_step_row_with_any_modifiers():
+    assert bench_step.implementation("fast") == bench_step.FAST_ROW
+    assert bench_step.implementation("fast+untunedplans") == bench_step.FAST_ROW + "+untunedplans"
+    with pytest.raises(argparse.ArgumentTypeError, match="'ours-int8-compiled.*\\+nosuch'"):
+        bench_step.implementation("fast+nosuch")
+
+
+def test_the_fast_row_and_edit_take_what_the_fast_preset_turns_on():
+    from kontext_core.presets import PRESETS
+
+    preset = PRESETS["fast"]
+    base, *row = bench_step.FAST_ROW.split("+")
+    _, *edit = bench_step.FAST_EDIT.split("+")
+    assert base == f"ours-{preset.dtype}-compiled" and preset.compile
+    for modifier, part in (("sage8", preset.attention == "sage8"), ("graphs", preset.cuda_graphs),
+                           ("modtable", preset.batched_modulation),
+                           ("frozenstats", preset.attention_statistics_refresh > 0)):
+        assert (modifier in row) == part
+    for modifier, part in (("compiledae", preset.compile_autoencoder), ("fusedae", preset.fused_autoencoder_attention),
+                           ("modtable", preset.batched_modulation),
+                           ("frozenstats", preset.attention_statistics_refresh > 0)):
+        assert (modifier in edit) == part
