@@ -104,7 +104,7 @@ def _resolve(name: str, device: str | torch.device) -> tuple[RuntimePreset, dict
         # Off the GPU it saves nothing worth its last-bit differences: fast stays exact there, and says nothing.
         preset = replace(preset, batched_modulation=False)
     if preset.fused_autoencoder_attention and device.type != "cuda":
-        # The CPU's fused SDPA kernel saves nothing there either: the AE stays on the exact path, silently.
+        # As batched_modulation: off the GPU, fast keeps the exact path's AE bits, and says nothing.
         preset = replace(preset, fused_autoencoder_attention=False)
     return preset, notes
 
