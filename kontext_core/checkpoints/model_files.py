@@ -93,8 +93,10 @@ def find_file(kind: str, roots: list[Path], searched: list[str]) -> Path | None:
     found = _diffusers_part(kind, roots)
     if found:
         return found
+    # The subfolders too: a file in a ComfyUI folder of another kind (a transformer in vae/) is not found.
+    subfolders = ", ".join(f"{f.as_posix()}/" for f in _candidate_folders(kind, [Path()])[1:])
     searched.append(f"{kind}: {' or '.join(NAMES[kind])} (or a diffusers {DIFFUSERS_FOLDERS[kind]}/ folder) in "
-                    + ", ".join(str(f) for f in roots))
+                    + ", ".join(str(f) for f in roots) + f" and in their {subfolders}")
     return None
 
 

@@ -50,3 +50,4 @@ def test_missing_files_list_what_and_where(tmp_path):
     message = str(error.value)
     assert "transformer, t5, clip" in message and "flux1-kontext-dev.safetensors" in message
     assert "t5xxl_fp16.safetensors" in message and str(tmp_path) in message and "`allow_download=True`" in message
+    assert "in their diffusion_models/, unet/, models/, models/diffusion_models/" in message  # the ComfyUI folders
